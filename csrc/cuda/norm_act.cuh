@@ -1,0 +1,28 @@
+// Launch functions of csrc/cuda/norm_act.cu (no torch headers on either side of this line).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace ganengine {
+namespace cuda {
+
+struct NormActShape {
+  int64_t N, C, HW;
+  int64_t sN, sC, sHW;  // strides of x (and y / dx), in elements
+  int64_t gN, gC, gHW;  // strides of grad_y (backward)
+  int64_t chunk;        // hw elements per (plane, split) block
+  int split;            // chunks per plane
+};
+
+// dtype: 0 fp32, 1 fp16, 2 bf16, 3 fp64. Statistics / weights / partials are fp32 (fp64 for fp64).
+// Workspace `part` holds 2 * N * C * split accumulators.
+cudaError_t norm_act_forward(int dtype, const void* x, void* y, const void* w, const void* b, void* mean,
+                             void* rstd, void* part, const NormActShape& s, double eps, bool act, double slope,
+                             cudaStream_t stream);
+
+cudaError_t norm_act_backward(int dtype, const void* g, const void* x, void* dx, const void* w, const void* b,
+                              const void* mean, const void* rstd, void* dw, void* db, void* part,
+                              const NormActShape& s, bool act, double slope, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ganengine

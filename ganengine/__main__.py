@@ -1,0 +1,6 @@
+"""``python -m ganengine ...`` (also ``torchrun -m ganengine train ...``)."""
+import sys
+
+from ganengine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""Loads the compiled extension ``ganengine._C`` if it was built, and says why not otherwise.
+
+Importing ganengine never fails because of the extension: the torch backend always works.
+The C++ ops register themselves in the ``ganengine_C`` torch.library namespace on import
+(one TORCH_LIBRARY_FRAGMENT per op family), with CPU and, when built, CUDA kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+_C = None
+load_error: str | None = None
+try:  # noqa: SIM105 - we want the message
+    from ganengine import _C  # type: ignore[attr-defined, no-redef]
+except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    load_error = (
+        f"ganengine._C is not importable ({type(exc).__name__}: {exc}). "
+        "Build it with `pip install -e .` (or `python setup.py build_ext --inplace`) "
+        "against the torch you run with."
+    )
+
+NAMESPACE = "ganengine_C"
+
+
+def loaded() -> bool:
+    return _C is not None
+
+
+def build_info() -> dict:
+    """Flags the extension was built with (empty dict if it is not loaded)."""
+    if _C is None:
+        return {}
+    return dict(_C.build_info())
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True if ``ganengine_C::op`` exists and has a kernel for ``dispatch_key`` ("CPU"/"CUDA")."""
+    if _C is None:
+        return False
+    name = f"{NAMESPACE}::{op}"
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key))
+    except RuntimeError:  # op not registered at all
+        return False
+
+
+def op(name: str):
+    """The ``torch.ops.ganengine_C.<name>`` overload packet."""
+    return getattr(getattr(torch.ops, NAMESPACE), name)

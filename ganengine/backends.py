@@ -1,0 +1,160 @@
+"""Which kernel backends exist in this process, and which one the ops should use.
+
+Backends:
+  torch   plain PyTorch composition: ground truth and benchmark baseline; always available.
+  triton  Triton kernels (``ganengine.kernels``): CUDA tensors, and CPU tensors only when
+          ``TRITON_INTERPRET=1`` was set before triton was imported.
+  cpu     C++ kernels in ``ganengine._C`` for CPU tensors.
+  cuda    CUDA C++ kernels in ``ganengine._C`` for CUDA tensors (built when nvcc and a CUDA
+          torch were present at build time).
+
+Selection: ``use_backend(name)`` sets the backend (and, used as a context manager, restores the
+previous one on exit); ``GANENGINE_BACKEND`` sets the default; ``"auto"`` (the default) picks
+per call from the tensor's device. A backend that cannot serve a call falls back to torch:
+silently by default, with a warning when ``GANENGINE_DEBUG=1``, and with an error in strict mode
+(``strict()`` or ``GANENGINE_STRICT=1``), which the tests use to prove a backend really ran.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import os
+
+import torch
+
+from ganengine import _ext
+
+NAMES = ("torch", "triton", "cpu", "cuda")
+CHOICES = ("auto",) + NAMES
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_backend", default=None)
+_strict: contextvars.ContextVar[bool | None] = contextvars.ContextVar("ganengine_strict", default=None)
+
+
+def _check_name(name: str, what: str = "backend") -> str:
+    if not isinstance(name, str) or name.lower() not in CHOICES:
+        raise ValueError(f"{what} must be one of {CHOICES}, got {name!r}")
+    return name.lower()
+
+
+def current() -> str:
+    """The backend requested now: set by use_backend(), else $GANENGINE_BACKEND, else 'auto'."""
+    name = _requested.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("GANENGINE_BACKEND", "auto"), "GANENGINE_BACKEND")
+
+
+class use_backend:
+    """Select a backend. ``use_backend("cpu")`` sets it; ``with use_backend("cpu"):`` scopes it."""
+
+    def __init__(self, name: str):
+        self.name = _check_name(name)
+        self._token = _requested.set(self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _requested.reset(self._token)
+        return False
+
+    def __repr__(self):
+        return f"use_backend({self.name!r})"
+
+
+class strict:
+    """``with strict():`` makes a fallback away from an explicitly requested backend an error."""
+
+    def __init__(self, enabled: bool = True):
+        self._token = _strict.set(bool(enabled))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _strict.reset(self._token)
+        return False
+
+
+def is_strict() -> bool:
+    value = _strict.get()
+    if value is not None:
+        return value
+    return os.environ.get("GANENGINE_STRICT", "0") not in ("", "0", "false", "False")
+
+
+def debug() -> bool:
+    return os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+    return None
+
+
+def _cuda_runtime() -> bool:
+    return torch.cuda.is_available()
+
+
+def status() -> dict[str, str]:
+    """{backend: reason} in words: why each backend can or cannot serve tensors here."""
+    out = {"torch": f"available: PyTorch {torch.__version__} composition (reference)"}
+
+    err = _triton_import_error()
+    if err:
+        out["triton"] = f"unavailable: {err}"
+    elif _cuda_runtime() and triton_interpret():
+        out["triton"] = "available: CUDA tensors, and CPU tensors through the interpreter (TRITON_INTERPRET=1)"
+    elif _cuda_runtime():
+        out["triton"] = "available: CUDA tensors"
+    elif triton_interpret():
+        out["triton"] = "available: CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)"
+    else:
+        out["triton"] = ("unavailable: no CUDA device, and TRITON_INTERPRET=1 was not set before "
+                         "triton was imported (set it to run the kernels on CPU tensors)")
+
+    if not _ext.loaded():
+        out["cpu"] = f"unavailable: {_ext.load_error}"
+        out["cuda"] = f"unavailable: {_ext.load_error}"
+        return out
+    info = _ext.build_info()
+    out["cpu"] = f"available: C++ kernels ({info.get('cpu_flags', 'built')})"
+    if not info.get("with_cuda", False):
+        out["cuda"] = ("unavailable: ganengine._C was built without CUDA kernels "
+                       f"({info.get('cuda_reason', 'no nvcc or CPU-only torch at build time')})")
+    elif not _cuda_runtime():
+        out["cuda"] = (f"unavailable: CUDA kernels are built (arch {info.get('cuda_arch', '?')}) "
+                       "but no CUDA device is visible")
+    else:
+        out["cuda"] = f"available: CUDA kernels built for {info.get('cuda_arch', '?')}"
+    return out
+
+
+def available() -> dict[str, bool]:
+    """{backend: bool}: whether that backend can serve CPU or CUDA tensors in this process."""
+    return {name: reason.startswith("available") for name, reason in status().items()}
+
+
+def serves(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` can run on tensors of ``device`` in this process."""
+    if name == "torch":
+        return True
+    if name == "triton":
+        if _triton_import_error():
+            return False
+        return (device.type == "cuda" and _cuda_runtime()) or (device.type == "cpu" and triton_interpret())
+    if name == "cpu":
+        return device.type == "cpu" and _ext.loaded()
+    if name == "cuda":
+        return device.type == "cuda" and _ext.loaded() and bool(_ext.build_info().get("with_cuda", False))
+    raise ValueError(f"unknown backend {name!r}")

@@ -1,0 +1,95 @@
+"""``InstanceNormAct2d``: nn.InstanceNorm2d followed by an activation, as one fused op.
+
+State dict keys are those of ``nn.InstanceNorm2d`` (weight, bias, running_mean, running_var,
+num_batches_tracked, as configured), so checkpoints move between the two unchanged. Also
+registers the ``ganengine.fuse`` rule InstanceNorm2d -> LeakyReLU/ReLU.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ganengine.fuse import register_pair_rule
+from ganengine.ops.norm_act import ACTIVATIONS, instance_norm_act
+
+
+class InstanceNormAct2d(nn.InstanceNorm2d):
+    """``activation(InstanceNorm2d(x))`` on the fused op.
+
+    Args are ``nn.InstanceNorm2d``'s plus ``activation`` ("leaky_relu", "relu", "none") and
+    ``negative_slope``. Training/eval behaviour follows ``nn.InstanceNorm2d`` exactly: input
+    statistics in training or when ``track_running_stats=False``, running statistics in eval.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False,
+                 activation: str = "leaky_relu", negative_slope: float = 0.2,
+                 device=None, dtype=None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"InstanceNormAct2d: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4):
+            raise ValueError(f"InstanceNormAct2d: expected a 3-D or 4-D input, got shape {tuple(x.shape)}")
+        channels = x.shape[-3]
+        if channels != self.num_features:
+            # as nn.InstanceNorm2d: an error when the channel count matters, else a warning
+            if self.affine or self.track_running_stats:
+                raise ValueError(f"InstanceNormAct2d: expected {self.num_features} channels, got input of "
+                                 f"shape {tuple(x.shape)} ({channels} channels)")
+            warnings.warn(f"InstanceNormAct2d: input has {channels} channels but num_features is "
+                          f"{self.num_features} (unused because affine=False)", stacklevel=2)
+        # exactly nn.InstanceNorm2d's rule: input statistics when training or not tracking;
+        # momentum None means no running-stat update (instance norm keeps no batch count)
+        return instance_norm_act(
+            x, self.weight, self.bias, self.running_mean, self.running_var,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps,
+            self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
+        return f"{super().extra_repr()}, activation={act}"
+
+    @classmethod
+    def from_modules(cls, norm: nn.InstanceNorm2d, act: nn.Module | None) -> "InstanceNormAct2d":
+        """A fused module sharing ``norm``'s parameters and buffers (same tensors, same keys)."""
+        if isinstance(act, nn.LeakyReLU):
+            activation, slope = "leaky_relu", act.negative_slope
+        elif isinstance(act, nn.ReLU):
+            activation, slope = "relu", 0.0
+        elif act is None or isinstance(act, nn.Identity):
+            activation, slope = "none", 0.0
+        else:
+            raise TypeError(f"InstanceNormAct2d.from_modules: unsupported activation {type(act).__name__}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(fused, attr, getattr(norm, attr))
+        for name, p in norm._parameters.items():
+            fused._parameters[name] = p
+        for name, b in norm._buffers.items():
+            fused._buffers[name] = b
+        fused._non_persistent_buffers_set = set(norm._non_persistent_buffers_set)
+        fused.activation, fused.negative_slope = activation, float(slope)
+        fused.train(norm.training)
+        return fused
+
+
+def _is_plain_instance_norm(m: nn.Module) -> bool:
+    # exact type: subclasses may override forward
+    return type(m) is nn.InstanceNorm2d
+
+
+def _build(norm: nn.Module, act: nn.Module):
+    return InstanceNormAct2d.from_modules(norm, act)
+
+
+register_pair_rule("instance_norm+act", _is_plain_instance_norm,
+                   lambda m: type(m) in (nn.LeakyReLU, nn.ReLU), _build)

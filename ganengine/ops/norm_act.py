@@ -1,0 +1,281 @@
+"""Fused instance norm + activation: custom ops, fake impls, autograd, autocast, dispatch.
+
+Ops (namespace ``ganengine``):
+  instance_norm_act_fwd(x, weight?, bias?, eps, activation, slope) -> (y, mean, rstd)
+  instance_norm_act_bwd(grad_y, x, weight?, bias?, mean, rstd, activation, slope)
+      -> (grad_x, grad_weight_per_instance, grad_bias_per_instance)
+
+``mean``/``rstd`` are per (n, c) statistics in the accumulation dtype (fp32; fp64 for fp64
+input); the per-instance weight/bias gradients (N, C) are summed over N here, in a fixed order,
+so every backend is deterministic. The activation is applied to ``z = x_hat * w + b``; its
+derivative needs only the sign of z, which the backward recomputes from x (no y is saved).
+
+Autocast rule: like ``F.instance_norm`` (which autocast leaves alone), the op runs in x's own
+dtype, with statistics accumulated in fp32 and weight/bias read in fp32 whatever their dtype;
+so no autocast kernel is registered (autocast falls through) and no cast is inserted.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ganengine.ops import _dispatch
+
+ACTIVATIONS = ("leaky_relu", "relu", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- helpers
+def act_slope(activation: str, negative_slope: float) -> tuple[bool, float]:
+    """(apply_activation, slope): relu is leaky_relu with slope 0."""
+    if activation == "none":
+        return False, 1.0
+    if activation == "relu":
+        return True, 0.0
+    return True, float(negative_slope)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _torch_fwd(x, weight, bias, eps, activation, slope):
+    acc = stat_dtype(x.dtype)
+    xf = x.to(acc)
+    var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    z = (xf - mean[:, :, None, None]) * rstd[:, :, None, None]
+    if weight is not None:
+        z = z * weight.to(acc)[None, :, None, None]
+    if bias is not None:
+        z = z + bias.to(acc)[None, :, None, None]
+    apply, s = act_slope(activation, slope)
+    if apply:
+        z = F.leaky_relu(z, s) if s != 0.0 else F.relu(z)
+    y = torch.empty_like(x)
+    y.copy_(z)
+    return y, mean, rstd
+
+
+def _torch_bwd(grad_y, x, weight, bias, mean, rstd, activation, slope):
+    acc = mean.dtype
+    xf = x.to(acc)
+    g = grad_y.to(acc)
+    xhat = (xf - mean[:, :, None, None]) * rstd[:, :, None, None]
+    apply, s = act_slope(activation, slope)
+    if apply:
+        z = xhat
+        if weight is not None:
+            z = z * weight.to(acc)[None, :, None, None]
+        if bias is not None:
+            z = z + bias.to(acc)[None, :, None, None]
+        g = torch.where(z > 0, g, g * s)
+    db_nc = g.sum(dim=(2, 3))
+    dw_nc = (g * xhat).sum(dim=(2, 3))
+    hw = x.shape[2] * x.shape[3]
+    k = rstd if weight is None else rstd * weight.to(acc)[None, :]
+    dx = k[:, :, None, None] * (g - (db_nc / hw)[:, :, None, None] - xhat * (dw_nc / hw)[:, :, None, None])
+    out = torch.empty_like(x)
+    out.copy_(dx)
+    return out, dw_nc, db_nc
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _triton_verdict(x: torch.Tensor) -> str | None:
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"dtype {x.dtype} is not supported"
+    return None
+
+
+def _backend_for(x: torch.Tensor, op: str) -> str:
+    return _dispatch.choose("instance_norm_act", x, {
+        "triton": _triton_verdict(x),
+        "cpu": _dispatch.ext_reason(op, x.device),
+        "cuda": _dispatch.ext_reason(op, x.device),
+    })
+
+
+def _dense_4d(t: torch.Tensor) -> torch.Tensor:
+    """Native kernels need NCHW- or NHWC-dense memory; anything else is copied once."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+@torch.library.custom_op("ganengine::instance_norm_act_fwd", mutates_args=())
+def instance_norm_act_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          eps: float, activation: str, negative_slope: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend_for(x, "norm_act_fwd")
+    if backend == "torch":
+        return _torch_fwd(x, weight, bias, eps, activation, negative_slope)
+    x = _dense_4d(x)
+    apply, slope = act_slope(activation, negative_slope)
+    if backend == "triton":
+        from ganengine.kernels import norm_act as tk
+
+        return tk.forward(x, weight, bias, eps, apply, slope)
+    from ganengine import _ext
+
+    y, mean, rstd = _ext.op("norm_act_fwd")(x, weight, bias, eps, apply, slope)
+    return y, mean, rstd
+
+
+@instance_norm_act_fwd.register_fake
+def _(x, weight, bias, eps, activation, negative_slope):
+    n, c = x.shape[0], x.shape[1]
+    acc = stat_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
+
+
+@torch.library.custom_op("ganengine::instance_norm_act_bwd", mutates_args=())
+def instance_norm_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                          bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                          activation: str, negative_slope: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend_for(x, "norm_act_bwd")
+    if backend == "torch":
+        return _torch_bwd(grad_y, x, weight, bias, mean, rstd, activation, negative_slope)
+    x = _dense_4d(x)
+    apply, slope = act_slope(activation, negative_slope)
+    if backend == "triton":
+        from ganengine.kernels import norm_act as tk
+
+        return tk.backward(grad_y, x, weight, bias, mean, rstd, apply, slope)
+    from ganengine import _ext
+
+    # the C++/CUDA kernels bring grad_y into x's layout (a stride-0 grad becomes dense once)
+    dx, dw_nc, db_nc = _ext.op("norm_act_bwd")(grad_y, x, weight, bias, mean, rstd, apply, slope)
+    return dx, dw_nc, db_nc
+
+
+@instance_norm_act_bwd.register_fake
+def _(grad_y, x, weight, bias, mean, rstd, activation, negative_slope):
+    return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, activation, negative_slope = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.eps, ctx.activation, ctx.negative_slope = eps, activation, negative_slope
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _reference_forward(x, weight, bias, eps, activation, negative_slope):
+    """Differentiable composition used for double backward (create_graph=True)."""
+    acc = stat_dtype(x.dtype)
+    xf = x.to(acc)
+    var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False, keepdim=True)
+    z = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        z = z * weight.to(acc)[None, :, None, None]
+    if bias is not None:
+        z = z + bias.to(acc)[None, :, None, None]
+    apply, s = act_slope(activation, negative_slope)
+    if apply:
+        z = F.leaky_relu(z, s)
+    return z.to(x.dtype)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate the reference composition so that second
+        # derivatives (gradient penalties) are exact.
+        inputs = [t for t, need in zip((x, weight, bias), needs[:3]) if need and t is not None]
+        with torch.enable_grad():
+            y = _reference_forward(x, weight, bias, ctx.eps, ctx.activation, ctx.negative_slope)
+            grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True, allow_unused=True))
+        return tuple(next(grads) if (need and t is not None) else None
+                     for t, need in zip((x, weight, bias), needs[:3])) + (None, None, None)
+    dx, dw_nc, db_nc = instance_norm_act_bwd(grad_y, x, weight, bias, mean, rstd,
+                                             ctx.activation, ctx.negative_slope)
+    dw = dw_nc.sum(0).to(weight.dtype) if weight is not None and needs[1] else None
+    db = db_nc.sum(0).to(bias.dtype) if bias is not None and needs[2] else None
+    return (dx if needs[0] else None), dw, db, None, None, None
+
+
+torch.library.register_autograd("ganengine::instance_norm_act_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+def _check_param(name: str, t, c: int, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"instance_norm_act: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.shape != (c,):
+        raise ValueError(f"instance_norm_act: {name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"instance_norm_act: {name} is on {t.device} but x is on {x.device}")
+    if not t.is_floating_point():
+        raise TypeError(f"instance_norm_act: {name} must be floating point, got {t.dtype}")
+
+
+def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+                      use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                      activation: str = "leaky_relu", negative_slope: float = 0.2) -> torch.Tensor:
+    """``activation(F.instance_norm(x, ...))`` in one fused pass.
+
+    Same arguments and numbers as ``F.instance_norm`` followed by the activation
+    (``"leaky_relu"`` with ``negative_slope``, ``"relu"``, or ``"none"``), including the
+    running-statistics update when ``running_mean``/``running_var`` are given and
+    ``use_input_stats`` is true. ``x`` is (N, C, H, W) or unbatched (C, H, W); contiguous,
+    channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
+    so the output is ``activation(bias)`` (PyTorch raises there).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"instance_norm_act: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() == 3:
+        return instance_norm_act(x.unsqueeze(0), weight, bias, running_mean, running_var, use_input_stats,
+                                 momentum, eps, activation, negative_slope).squeeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"instance_norm_act: x must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"instance_norm_act: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
+    _check_activation(activation)
+    n, c, h, w = x.shape
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_param(name, t, c, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("instance_norm_act: running_mean and running_var must be given together")
+
+    if not use_input_stats:
+        if running_mean is None:
+            raise ValueError("instance_norm_act: use_input_stats=False needs running_mean and running_var")
+        # eval with running statistics: a per-channel affine map + activation
+        acc = stat_dtype(x.dtype)
+        scale = torch.rsqrt(running_var.to(acc) + eps)
+        if weight is not None:
+            scale = scale * weight.to(acc)
+        shift = -running_mean.to(acc) * scale
+        if bias is not None:
+            shift = shift + bias.to(acc)
+        z = x.to(acc) * scale[None, :, None, None] + shift[None, :, None, None]
+        apply, s = act_slope(activation, negative_slope)
+        return (F.leaky_relu(z, s) if apply else z).to(x.dtype)
+
+    if running_mean is not None and h * w == 1:
+        raise ValueError(
+            "instance_norm_act: updating running statistics needs more than 1 spatial element per "
+            f"instance (got input of shape {tuple(x.shape)}); the unbiased variance is undefined")
+    if n * c == 0:
+        return torch.empty_like(x)
+    y, mean, rstd = instance_norm_act_fwd(x, weight, bias, float(eps), activation, float(negative_slope))
+    if running_mean is not None:
+        with torch.no_grad():
+            hw = h * w
+            var = (rstd.double().pow(-2) - eps).clamp_min(0) * (hw / (hw - 1))
+            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
+    return y

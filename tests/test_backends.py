@@ -1,0 +1,112 @@
+"""Backend registry, selection and fallback rules."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import ganengine
+import ganengine.functional as GF
+from ganengine import backends
+from ganengine.ops import _dispatch
+
+
+def test_available_and_status_cover_every_backend():
+    avail, status = backends.available(), backends.status()
+    assert set(avail) == set(status) == {"torch", "triton", "cpu", "cuda"}
+    assert avail["torch"] is True
+    for name in avail:
+        assert isinstance(status[name], str) and status[name]
+        assert status[name].startswith("available") == avail[name]
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="CI must build every backend it can test")
+def test_ci_has_the_cpu_extension_and_the_triton_interpreter():
+    avail = backends.available()
+    assert avail["cpu"], backends.status()["cpu"]
+    assert avail["triton"], backends.status()["triton"]
+    assert ganengine._ext.build_info().get("with_cuda"), "CI builds the CUDA kernels with nvcc"
+
+
+def test_use_backend_is_a_setter_and_a_context_manager():
+    before = backends.current()
+    with ganengine.use_backend("torch"):
+        assert backends.current() == "torch"
+        with ganengine.use_backend("auto"):
+            assert backends.current() == "auto"
+        assert backends.current() == "torch"
+    assert backends.current() == before
+    token = ganengine.use_backend("torch")
+    try:
+        assert backends.current() == "torch"
+    finally:
+        token.__exit__(None, None, None)
+    assert backends.current() == before
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("GANENGINE_BACKEND", "torch")
+    assert backends.current() == "torch"
+    GF.instance_norm_act(torch.randn(1, 2, 3, 3))
+    assert _dispatch.last_used["instance_norm_act"] == "torch"
+    monkeypatch.setenv("GANENGINE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="GANENGINE_BACKEND"):
+        backends.current()
+
+
+def test_environment_variable_in_a_fresh_process():
+    code = ("import torch, ganengine.functional as GF; from ganengine.ops import _dispatch;"
+            "GF.instance_norm_act(torch.randn(1,2,3,3)); print(_dispatch.last_used['instance_norm_act'])")
+    env = dict(os.environ, GANENGINE_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+
+
+def test_auto_picks_the_cpu_extension_for_cpu_tensors():
+    with ganengine.use_backend("auto"):
+        GF.instance_norm_act(torch.randn(1, 2, 3, 3))
+    expected = "cpu" if backends.available()["cpu"] else "torch"
+    assert _dispatch.last_used["instance_norm_act"] == expected
+
+
+def test_fallback_is_correct_loud_in_debug_and_an_error_in_strict(monkeypatch):
+    x = torch.randn(1, 2, 3, 3)
+    with ganengine.use_backend("torch"):
+        want = GF.instance_norm_act(x)
+    with ganengine.use_backend("cuda"):  # cannot serve CPU tensors
+        got = GF.instance_norm_act(x)
+        assert _dispatch.last_used["instance_norm_act"] == "torch"
+        torch.testing.assert_close(got, want)
+        monkeypatch.setenv("GANENGINE_DEBUG", "1")
+        with pytest.warns(RuntimeWarning, match="cannot serve"):
+            GF.instance_norm_act(x)
+        with backends.strict(), pytest.raises(_dispatch.BackendFallbackError, match="cuda"):
+            GF.instance_norm_act(x)
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="must be one of"):
+        ganengine.use_backend("metal")
+
+
+def test_info_command_prints_every_backend(capsys):
+    from ganengine.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch", "triton", "cpu", "cuda"):
+        assert name in out
+
+
+def test_import_without_extension_keeps_torch_backend():
+    code = ("import sys; sys.modules['ganengine._C'] = None\n"
+            "import torch, ganengine, ganengine.functional as GF\n"
+            "from ganengine import backends\n"
+            "assert not backends.available()['cpu'], backends.status()\n"
+            "assert 'not importable' in backends.status()['cpu']\n"
+            "GF.instance_norm_act(torch.randn(1, 2, 3, 3)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
