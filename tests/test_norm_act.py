@@ -396,3 +396,38 @@ def test_fuse_keeps_affine_running_stats_and_inplace_option():
     fused.load_state_dict(original.state_dict())  # keys interchangeable
     same = ganengine.fuse(net, inplace=True)
     assert same is net and isinstance(net[1], gnn.InstanceNormAct2d)
+
+
+# ------------------------------------------------------------------ CUDA tensors (need a GPU)
+GPU_SHAPES = [(2, 3, 5, 7), (1, 1, 1, 1), (1, 64, 256, 256), (4, 128, 64, 64), (64, 1024, 2, 2), (1, 3, 512, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gpu_backends(backend, shape, dtype, channels_last):
+    x, w, b = make(shape, dtype=dtype, channels_last=channels_last)
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
+    g = torch.randn(shape, device="cuda").to(dtype)
+    y_ref, dref = grads_of(lambda *a: reference(*a), x.double(), w.double(), b.double(), g.double())
+    with on_backend(backend):
+        y, d = grads_of(GF.instance_norm_act, x, w, b, g)
+    t = tol(dtype)
+    torch.testing.assert_close(y.double(), y_ref, **t)
+    torch.testing.assert_close(d[0].double(), dref[0], atol=t["atol"] * 4, rtol=t["rtol"] * 4)
+    for got, want in zip(d[1:], dref[1:]):
+        torch.testing.assert_close(got.double(), want, atol=t["atol"] * 50 + 1e-3, rtol=t["rtol"] * 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_opcheck_and_compile(backend):
+    x = torch.randn(2, 3, 9, 9, device="cuda", requires_grad=True)
+    w = torch.randn(3, device="cuda", requires_grad=True)
+    b = torch.randn(3, device="cuda", requires_grad=True)
+    with on_backend(backend):
+        torch.library.opcheck(ops.instance_norm_act_fwd, (x, w, b, 1e-5, "leaky_relu", 0.2))
+        net = _SmallNet().cuda()
+        torch.testing.assert_close(torch.compile(net, fullgraph=True)(x), net(x), atol=1e-4, rtol=1e-4)
