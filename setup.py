@@ -160,14 +160,16 @@ setup(
     description="Fused Triton / C++ / CUDA kernels for GAN training, and pix2pix, CycleGAN, StarGAN, StackGAN on them",
     python_requires=">=3.10",
     packages=["ganengine", "ganengine.kernels"] + [
-        "ganengine." + p for p in ("ops", "nn", "tools", "models", "data", "train", "metrics", "cli")
+        "ganengine." + p for p in ("ops", "nn", "tools", "models", "data", "train", "metrics", "cli", "bench")
         if os.path.isdir(os.path.join(ROOT, "ganengine", p))
     ],
     package_dir={"ganengine": "ganengine", "ganengine.kernels": "kernels"},
     package_data={"ganengine": ["data/sample/*", "data/sample/**/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch", "triton", "numpy"],
+    install_requires=["torch", "triton", "numpy", "pillow", "tqdm"],
+    extras_require={"bench": ["matplotlib"], "export": ["onnx"], "test": ["pytest", "pytest-xdist", "scipy", "onnx", "onnxruntime"],
+                    "logging": ["tensorboard"]},
     entry_points={"console_scripts": ["ganengine=ganengine.cli:main"]},
     zip_safe=False,
 )

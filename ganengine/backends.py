@@ -8,17 +8,17 @@ Backends:
   cuda    CUDA C++ kernels in ``ganengine._C`` for CUDA tensors (built when nvcc and a CUDA
           torch were present at build time).
 
-Selection: ``use_backend(name)`` sets the backend (and, used as a context manager, restores the
-previous one on exit); ``GANENGINE_BACKEND`` sets the default; ``"auto"`` (the default) picks
+Selection: ``use_backend(name)`` sets the backend for the whole process (and, used as a context
+manager, restores the previous one on exit); ``GANENGINE_BACKEND`` sets the default; ``"auto"`` (the default) picks
 per call from the tensor's device. A backend that cannot serve a call falls back to torch:
 silently by default, with a warning when ``GANENGINE_DEBUG=1``, and with an error in strict mode
 (``strict()`` or ``GANENGINE_STRICT=1``), which the tests use to prove a backend really ran.
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import os
+import threading
 
 import torch
 
@@ -27,8 +27,28 @@ from ganengine import _ext
 NAMES = ("torch", "triton", "cpu", "cuda")
 CHOICES = ("auto",) + NAMES
 
-_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_backend", default=None)
-_strict: contextvars.ContextVar[bool | None] = contextvars.ContextVar("ganengine_strict", default=None)
+class _Setting:
+    """A process-wide setting with nested, restorable scopes.
+
+    Process-wide on purpose: autograd runs CUDA backward passes on its own worker threads, which
+    would not see a thread- or context-local choice, so a backward would silently use "auto".
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.value = None
+
+    def set(self, value):
+        with self._lock:
+            previous, self.value = self.value, value
+        return previous
+
+    def get(self):
+        return self.value
+
+
+_requested = _Setting()
+_strict = _Setting()
 
 
 def _check_name(name: str, what: str = "backend") -> str:
@@ -50,13 +70,13 @@ class use_backend:
 
     def __init__(self, name: str):
         self.name = _check_name(name)
-        self._token = _requested.set(self.name)
+        self._previous = _requested.set(self.name)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        _requested.reset(self._token)
+        _requested.set(self._previous)
         return False
 
     def __repr__(self):
@@ -67,13 +87,13 @@ class strict:
     """``with strict():`` makes a fallback away from an explicitly requested backend an error."""
 
     def __init__(self, enabled: bool = True):
-        self._token = _strict.set(bool(enabled))
+        self._previous = _strict.set(bool(enabled))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        _strict.reset(self._token)
+        _strict.set(self._previous)
         return False
 
 

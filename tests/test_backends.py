@@ -110,3 +110,15 @@ def test_import_without_extension_keeps_torch_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_backend_choice_is_seen_by_other_threads():
+    # CUDA backward passes run on autograd worker threads: they must see the requested backend
+    import threading
+
+    seen = {}
+    with ganengine.use_backend("torch"), backends.strict():
+        t = threading.Thread(target=lambda: seen.update(name=backends.current(), strict=backends.is_strict()))
+        t.start()
+        t.join()
+    assert seen == {"name": "torch", "strict": True}

@@ -1,0 +1,121 @@
+"""One full training step (all networks forward + backward + optimiser steps) per model:
+ganengine's fused ops vs the same model on the torch backend, eager, and (``--compile``) the
+torch backend with every network wrapped in ``torch.compile``.
+
+    python benchmarks/bench_models.py                       # CPU-sized defaults, table to stdout
+    python benchmarks/bench_models.py --models cyclegan --size 256 --batch 1 --repeats 5
+    python benchmarks/bench_models.py --reference-sizes     # the papers' resolutions and batches
+
+Each variant builds the model from the same seed; after ``--warmup`` rounds, ``--repeats``
+rounds each time one step of every variant (interleaved, so load changes hit all alike); the
+table shows the medians and the speed-up over the torch-backend eager step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import statistics
+import time
+
+import torch
+
+import ganengine
+from ganengine.models import build_model
+
+# (model, options, image size, batch): reference setting and a size this 2-core CPU runs in seconds
+REFERENCE = {
+    "cyclegan": (dict(), 256, 1),
+    "pix2pix": (dict(), 256, 1),
+    "stargan": (dict(n_critic=1), 128, 16),
+    "stackgan1": (dict(stage=1), 64, 64),
+    "stackgan2": (dict(stage=2), 256, 16),
+}
+CPU_DEFAULT = {
+    "cyclegan": (dict(), 128, 1),
+    "pix2pix": (dict(), 256, 1),
+    "stargan": (dict(n_critic=1), 128, 2),
+    "stackgan1": (dict(stage=1), 64, 16),
+    "stackgan2": (dict(stage=2), 256, 2),
+}
+
+
+def make_batch(name: str, model, size: int, batch: int) -> dict:
+    img = lambda: torch.rand(batch, 3, size, size) * 2 - 1  # noqa: E731
+    if name in ("cyclegan", "pix2pix"):
+        return {"A": img(), "B": img()}
+    if name == "stargan":
+        return {"image": img(), "label": (torch.rand(batch, model.options["c_dim"]) > 0.5).float()}
+    return {"image": img(), "embedding": torch.randn(batch, model.options["text_dim"])}
+
+
+def build(name: str, opts: dict, size: int):
+    model_name = "stackgan" if name.startswith("stackgan") else name
+    extra = {}
+    if model_name in ("cyclegan", "pix2pix"):
+        extra["crop_size"] = size
+        if model_name == "pix2pix":
+            if size not in (128, 256):
+                raise SystemExit(f"pix2pix's U-Nets take 256x256 (unet_256) or 128x128 (unet_128) images, not {size}")
+            extra["netG"] = "unet_128" if size == 128 else "unet_256"
+    if model_name == "stargan":
+        extra["image_size"] = size
+    torch.manual_seed(0)
+    return build_model(model_name, **opts, **extra)
+
+
+def setup_variant(name, opts, size, batch, variant):
+    model = build(name, opts, size)
+    data = make_batch(name, model, size, batch)
+    if variant == "compile":
+        for net_name in model.network_names:
+            setattr(model, net_name, torch.compile(getattr(model, net_name)))
+    return model, data, model.make_optimizers(), ("auto" if variant == "ganengine" else "torch")
+
+
+def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=False) -> dict:
+    """Median step time per variant. The variants' steps are interleaved (one of each per round),
+    so a change in machine load affects all of them alike."""
+    setups = {v: setup_variant(name, opts, size, batch, v) for v in variants}
+    times = {v: [] for v in variants}
+    for r in range(warmup + repeats):
+        for v, (model, data, optimizers, backend) in setups.items():
+            with ganengine.use_backend(backend):
+                t0 = time.perf_counter()
+                model.train_step(data, optimizers)
+                dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[v].append(dt)
+            if verbose:
+                print(f"  {name} {v} round {r}: {dt:.3f} s", file=sys.stderr, flush=True)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(CPU_DEFAULT), choices=list(CPU_DEFAULT))
+    p.add_argument("--reference-sizes", action="store_true", help="the reference resolutions and batch sizes")
+    p.add_argument("--size", type=int, help="override the image size for every model")
+    p.add_argument("--batch", type=int, help="override the batch size for every model")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--verbose", action="store_true", help="print every step's time to stderr")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    args = p.parse_args(argv)
+    table = REFERENCE if args.reference_sizes else CPU_DEFAULT
+    variants = ["torch", "ganengine"] + (["compile"] if args.compile else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f}, backends: "
+          f"{ {k: v for k, v in ganengine.backends.available().items() if v} }")
+    print("| model | image | batch | " + " | ".join(f"{v} (s)" for v in variants) + " | ganengine speed-up |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in variants) + " | --- |")
+    for name in args.models:
+        opts, size, batch = table[name]
+        size, batch = args.size or size, args.batch or batch
+        res = time_variants(name, opts, size, batch, variants, args.warmup, args.repeats, args.verbose)
+        cells = " | ".join(f"{res[v]:.3f}" for v in variants)
+        print(f"| {name} | {size}x{size} | {batch} | {cells} | {res['torch'] / res['ganengine']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

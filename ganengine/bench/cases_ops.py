@@ -1,0 +1,259 @@
+"""Benchmark cases for the fused ops, at the reference models' shapes.
+
+Each family registers only if its module exists in this build, so the suite grows as op
+families land. ``reference`` is the plain PyTorch a user writes without ganengine (the eager and
+``torch.compile`` baseline); ``fused`` is the public ganengine function.
+
+Reference shapes (where the op runs in the reference models):
+  norm_act   CycleGAN ResnetGenerator at 256x256: 64 ch at 256^2 (first block), 256 ch at 64^2
+             (9 residual blocks); StarGAN at 128x128, batch 16: 256 ch at 32^2 (bottleneck).
+  attention  SAGAN 64x64 model: attention on 32x32 (N = 1024) feature maps, 64/128 channels.
+  conv_act   PatchGAN (pix2pix, 6 input channels): 4x4 stride-2 convs at 256^2 and 128^2.
+  losses     PatchGAN logits (1, 1, 30, 30); cycle loss over four 1x3x256x256 images.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from ganengine.bench.registry import BenchCase, Workload, register
+
+
+# family -> why its cases are not registered in this build (shown by `ganengine bench --list`)
+unavailable: dict[str, str] = {}
+
+
+def _op_module(family: str):
+    """ganengine.ops.<family> if it exists and imports, else None (reason in ``unavailable``)."""
+    name = f"ganengine.ops.{family}"
+    try:
+        if importlib.util.find_spec(name) is None:
+            unavailable[family] = f"{name} does not exist in this build"
+            return None
+        return importlib.import_module(name)
+    except Exception as exc:  # a family mid-development must not break the benchmark of the others
+        unavailable[family] = f"{name} failed to import: {type(exc).__name__}: {exc}"
+        return None
+
+
+def _randn(shape, device, dtype, scale=1.0):
+    return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- norm_act
+def _norm_act(mod):
+    def setup(p, device, dtype):
+        x = _randn((p["n"], p["c"], p["h"], p["w"]), device, dtype)
+        if p.get("affine"):
+            w = 1.0 + 0.1 * _randn((p["c"],), device, dtype)
+            b = 0.1 * _randn((p["c"],), device, dtype)
+            args, grad = (x, w, b), (0, 1, 2)
+        else:
+            args, grad = (x, None, None), (0,)
+
+        def reference(x, w, b):
+            return F.leaky_relu(F.instance_norm(x, weight=w, bias=b, eps=1e-5), 0.2)
+
+        def fused(x, w, b):
+            return mod.instance_norm_act(x, w, b, eps=1e-5, activation="leaky_relu", negative_slope=0.2)
+
+        return Workload(args=args, reference=reference, fused=fused, grad_args=grad)
+
+    register(BenchCase(
+        name="instance_norm_act", family="norm_act", kind="op", setup=setup,
+        description="InstanceNorm2d + LeakyReLU(0.2)",
+        shapes={
+            "ref": [dict(n=1, c=64, h=256, w=256, affine=False),
+                    dict(n=1, c=256, h=64, w=64, affine=False),
+                    dict(n=16, c=256, h=32, w=32, affine=True)],
+            "quick": [dict(n=2, c=16, h=32, w=32, affine=False),
+                      dict(n=2, c=8, h=16, w=16, affine=True)],
+        },
+        traffic_shape=dict(n=2, c=8, h=64, w=64, affine=True),
+    ))
+
+
+# ----------------------------------------------------------------------------- attention
+def _attention(mod):
+    def setup(p, device, dtype):
+        b, c, h, w = p["n"], p["c"], p["h"], p["w"]
+        d = max(1, c // 8)
+        x = _randn((b, c, h, w), device, dtype)
+        qw = _randn((d, c, 1, 1), device, dtype, c ** -0.5)
+        kw = _randn((d, c, 1, 1), device, dtype, c ** -0.5)
+        vw = _randn((c, c, 1, 1), device, dtype, c ** -0.5)
+        qb, kb, vb = (_randn((n,), device, dtype, 0.1) for n in (d, d, c))
+        gamma = torch.full((1,), 0.5, device=device, dtype=dtype)
+
+        def reference(x, qw, qb, kw, kb, vw, vb, gamma):  # heykeetae Self_Attn.forward
+            bb, cc, hh, ww = x.shape
+            q = F.conv2d(x, qw, qb).view(bb, -1, hh * ww).permute(0, 2, 1)
+            k = F.conv2d(x, kw, kb).view(bb, -1, hh * ww)
+            attn = torch.softmax(torch.bmm(q, k), dim=-1)
+            v = F.conv2d(x, vw, vb).view(bb, -1, hh * ww)
+            out = torch.bmm(v, attn.permute(0, 2, 1)).view(bb, cc, hh, ww)
+            return gamma * out + x
+
+        def fused(x, qw, qb, kw, kb, vw, vb, gamma):
+            return mod.self_attention2d(x, qw, qb, kw, kb, vw, vb, gamma)
+
+        return Workload(args=(x, qw, qb, kw, kb, vw, vb, gamma), reference=reference, fused=fused,
+                        grad_args=(0, 1, 2, 3, 4, 5, 6, 7))
+
+    register(BenchCase(
+        name="self_attention2d", family="attention", kind="op", setup=setup,
+        description="SAGAN self-attention block, gamma * attn(x) + x",
+        shapes={
+            "ref": [dict(n=4, c=64, h=32, w=32), dict(n=4, c=128, h=32, w=32)],
+            "quick": [dict(n=2, c=16, h=8, w=8)],
+        },
+        traffic_shape=dict(n=1, c=32, h=16, w=16),
+    ))
+
+
+# ----------------------------------------------------------------------------- conv_act
+def _conv_act(mod):
+    def setup(p, device, dtype):
+        x = _randn((p["n"], p["cin"], p["h"], p["w"]), device, dtype)
+        k = p["k"]
+        wt = _randn((p["cout"], p["cin"], k, k), device, dtype, (p["cin"] * k * k) ** -0.5)
+        b = _randn((p["cout"],), device, dtype, 0.1)
+        s, pad = p["stride"], p["padding"]
+
+        def reference(x, wt, b):
+            return F.leaky_relu(F.conv2d(x, wt, b, stride=s, padding=pad), 0.2)
+
+        def fused(x, wt, b):
+            return mod.conv2d_act(x, wt, b, stride=s, padding=pad, negative_slope=0.2)
+
+        return Workload(args=(x, wt, b), reference=reference, fused=fused, grad_args=(0, 1, 2))
+
+    register(BenchCase(
+        name="conv2d_act", family="conv_act", kind="op", setup=setup,
+        description="Conv2d 4x4/2 + LeakyReLU(0.2) (PatchGAN)",
+        shapes={
+            "ref": [dict(n=1, cin=6, cout=64, h=256, w=256, k=4, stride=2, padding=1),
+                    dict(n=1, cin=64, cout=128, h=128, w=128, k=4, stride=2, padding=1)],
+            "quick": [dict(n=1, cin=3, cout=8, h=32, w=32, k=4, stride=2, padding=1)],
+        },
+        traffic_shape=dict(n=1, cin=3, cout=8, h=16, w=16, k=4, stride=2, padding=1),
+    ))
+    if not hasattr(mod, "conv2d_instance_norm_act"):
+        return
+
+    def setup_in(p, device, dtype):
+        x = _randn((p["n"], p["cin"], p["h"], p["w"]), device, dtype)
+        k = p["k"]
+        wt = _randn((p["cout"], p["cin"], k, k), device, dtype, (p["cin"] * k * k) ** -0.5)
+        s, pad = p["stride"], p["padding"]
+
+        def reference(x, wt):  # PatchGAN block: conv (no bias before a norm) -> IN -> LeakyReLU
+            return F.leaky_relu(F.instance_norm(F.conv2d(x, wt, None, stride=s, padding=pad), eps=1e-5), 0.2)
+
+        def fused(x, wt):
+            return mod.conv2d_instance_norm_act(x, wt, None, stride=s, padding=pad, eps=1e-5,
+                                                activation="leaky_relu", negative_slope=0.2)
+
+        return Workload(args=(x, wt), reference=reference, fused=fused, grad_args=(0, 1))
+
+    register(BenchCase(
+        name="conv2d_instance_norm_act", family="conv_act", kind="op", setup=setup_in,
+        description="Conv2d 4x4/2 + InstanceNorm + LeakyReLU(0.2) (PatchGAN inner layers)",
+        shapes={
+            "ref": [dict(n=1, cin=64, cout=128, h=128, w=128, k=4, stride=2, padding=1),
+                    dict(n=1, cin=128, cout=256, h=64, w=64, k=4, stride=2, padding=1)],
+            "quick": [dict(n=1, cin=8, cout=16, h=16, w=16, k=4, stride=2, padding=1)],
+        },
+        traffic_shape=dict(n=1, cin=4, cout=8, h=16, w=16, k=4, stride=2, padding=1),
+    ))
+
+
+# ----------------------------------------------------------------------------- losses
+def _losses(mod):
+    if hasattr(mod, "gan_loss"):
+        def setup_g(p, device, dtype):
+            logits = _randn((p["n"], 1, p["h"], p["w"]), device, dtype)
+
+            def reference(logits):  # CycleGAN GANLoss('vanilla'), target real
+                return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+            def fused(logits):
+                return mod.gan_loss(logits, True, mode="vanilla")
+
+            return Workload(args=(logits,), reference=reference, fused=fused, grad_args=(0,))
+
+        register(BenchCase(
+            name="gan_loss", family="losses", kind="op", setup=setup_g,
+            description="vanilla (BCE-with-logits) GAN loss against 'real'",
+            shapes={"ref": [dict(n=1, h=30, w=30), dict(n=16, h=30, w=30)],
+                    "quick": [dict(n=2, h=30, w=30)]},
+            traffic_shape=dict(n=2, h=30, w=30),
+        ))
+    if hasattr(mod, "discriminator_loss"):
+        def setup_d(p, device, dtype):
+            shape = (p["n"], 1, p["h"], p["w"])
+            real, fake = _randn(shape, device, dtype), _randn(shape, device, dtype)
+
+            def reference(real, fake):  # CycleGAN GANLoss('lsgan') for D: 0.5 * (real + fake)
+                return 0.5 * (F.mse_loss(real, torch.ones_like(real)) + F.mse_loss(fake, torch.zeros_like(fake)))
+
+            def fused(real, fake):
+                return mod.discriminator_loss(real, fake, "lsgan")
+
+            return Workload(args=(real, fake), reference=reference, fused=fused, grad_args=(0, 1))
+
+        register(BenchCase(
+            name="discriminator_loss", family="losses", kind="op", setup=setup_d,
+            description="LSGAN discriminator loss, real + fake in one pass",
+            shapes={"ref": [dict(n=1, h=30, w=30), dict(n=16, h=30, w=30)],
+                    "quick": [dict(n=2, h=30, w=30)]},
+            traffic_shape=dict(n=2, h=30, w=30),
+        ))
+    if hasattr(mod, "cycle_loss"):
+        def setup_c(p, device, dtype):
+            shape = (p["n"], 3, p["h"], p["w"])
+            ra, rec_a, rb, rec_b, ia, ib = (_randn(shape, device, dtype) for _ in range(6))
+
+            def reference(ra, rec_a, rb, rec_b, ia, ib):  # CycleGAN: L1 terms, lambda 10, idt 0.5
+                l1 = F.l1_loss
+                return (l1(rec_a, ra) * 10.0 + l1(rec_b, rb) * 10.0
+                        + l1(ia, rb) * 10.0 * 0.5 + l1(ib, ra) * 10.0 * 0.5)
+
+            def fused(ra, rec_a, rb, rec_b, ia, ib):
+                return mod.cycle_loss(ra, rec_a, rb, rec_b, ia, ib)[0]
+
+            return Workload(args=(ra, rec_a, rb, rec_b, ia, ib), reference=reference, fused=fused,
+                            grad_args=(1, 3, 4, 5))
+
+        register(BenchCase(
+            name="cycle_loss", family="losses", kind="op", setup=setup_c,
+            description="CycleGAN cycle + identity L1 losses in one pass",
+            shapes={"ref": [dict(n=1, h=256, w=256)], "quick": [dict(n=1, h=32, w=32)]},
+            traffic_shape=dict(n=1, h=32, w=32),
+        ))
+
+
+_FAMILIES = {
+    "norm_act": (_norm_act, "instance_norm_act"),
+    "attention": (_attention, "self_attention2d"),
+    "conv_act": (_conv_act, "conv2d_act"),
+    "losses": (_losses, None),
+}
+
+
+def register_all() -> list[str]:
+    """Register the cases of every op family present in this build; returns the families."""
+    found = []
+    for family, (fn, required) in _FAMILIES.items():
+        mod = _op_module(family)
+        if mod is not None and required and not hasattr(mod, required):
+            unavailable[family] = f"ganengine.ops.{family} has no {required}()"
+            continue
+        if mod is None:
+            continue
+        fn(mod)
+        found.append(family)
+    return found

@@ -1,0 +1,326 @@
+"""Runs benchmark cases under every runner and collects one record per measurement.
+
+Runners:
+  eager              the case's plain PyTorch reference (for models: the model built with
+                     ``fused=False``, i.e. the reference's plain nn modules)
+  compile            ``torch.compile`` of the same reference code (op cases)
+  ganengine:<name>   the ganengine function under backend <name> in strict mode (a backend
+                     that cannot serve the call is reported as skipped, never silently timed
+                     as a fallback)
+
+Modes: ``forward`` (under ``torch.no_grad``), ``forward_backward`` (forward + ``autograd.grad``
+with respect to every input that is trained, random upstream gradients), ``step`` (models).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from typing import Callable, Iterable
+
+import torch
+
+from ganengine import backends
+from ganengine.bench import memory, timing
+from ganengine.bench.registry import BenchCase, Workload, all_cases, shape_label
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float64": torch.float64, "fp64": torch.float64}
+
+
+class Skip(Exception):
+    """A runner that does not apply to a case (reported with its reason, not as an error)."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def default_runners(device: torch.device, with_compile: bool = True) -> list[str]:
+    """eager, compile, and every ganengine native backend that serves ``device`` here.
+
+    The Triton interpreter on CPU is left out (it is a correctness tool, not a speed figure);
+    ask for it explicitly with ``ganengine:triton``.
+    """
+    names = ["eager"] + (["compile"] if with_compile else [])
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for b in order:
+        if backends.serves(b, device):
+            names.append(f"ganengine:{b}")
+    return names
+
+
+def check_runner(name: str) -> str:
+    if name in ("eager", "compile"):
+        return name
+    if name.startswith("ganengine:") and name.split(":", 1)[1] in backends.NAMES:
+        return name
+    raise ValueError(f"runner must be 'eager', 'compile' or 'ganengine:<backend>' with backend in "
+                     f"{backends.NAMES}, got {name!r}")
+
+
+@contextlib.contextmanager
+def backend_scope(name: str):
+    """Select backend ``name`` strictly, in this thread (use_backend) and in autograd's device
+    threads (they do not inherit context variables, so the environment is set too)."""
+    saved = {k: os.environ.get(k) for k in ("GANENGINE_BACKEND", "GANENGINE_STRICT")}
+    os.environ["GANENGINE_BACKEND"] = name
+    os.environ["GANENGINE_STRICT"] = "1"
+    try:
+        with backends.use_backend(name), backends.strict():
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int | None):
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _float_tensors(obj) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def make_call(case: BenchCase, work: Workload, mode: str, runner: str) -> Callable[[], object]:
+    """The zero-argument callable to time for (case, mode, runner)."""
+    if case.kind == "model":
+        if runner == "compile":
+            raise Skip("torch.compile of a whole training step is not benchmarked")
+        if runner == "eager" and work.reference_step is not None:
+            return work.reference_step
+        return work.step
+    if runner == "compile":
+        if not case.compile_ok:
+            raise Skip("torch.compile does not apply to this case")
+        fn = torch.compile(work.reference, dynamic=False)
+    elif runner == "eager":
+        fn = work.reference
+    else:
+        fn = work.fused
+    args = work.args
+    if mode == "forward":
+        def call():
+            with torch.no_grad():
+                return fn(*args)
+        return call
+    if mode != "forward_backward":
+        raise ValueError(f"mode {mode!r} does not apply to op cases")
+    leaves = list(args)
+    for i in work.grad_args:
+        leaves[i] = args[i].detach().requires_grad_(True)
+    inputs = [leaves[i] for i in work.grad_args]
+    with torch.no_grad():
+        outs = _float_tensors(work.reference(*args))
+    grads = [torch.randn_like(o) for o in outs]
+
+    def call_fb():
+        out = _float_tensors(fn(*leaves))
+        return torch.autograd.grad(out, inputs, grads, allow_unused=True)
+
+    return call_fb
+
+
+def _max_abs_err(a, b) -> float | None:
+    ta, tb = _float_tensors(a), _float_tensors(b)
+    if not ta or len(ta) != len(tb):
+        return None
+    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(ta, tb))
+
+
+def child_call(case_name: str, params: dict, mode: str, runner: str, device: str, dtype: str):
+    """Rebuild one measurement's call in a fresh process (memory.cpu_peak_bytes_in_child)."""
+    case = all_cases()[case_name]
+    work = case.setup(params, torch.device(device), parse_dtype(dtype))
+    call = make_call(case, work, mode, runner)
+    if runner.startswith("ganengine:"):
+        name = runner.split(":", 1)[1]
+
+        def scoped():
+            with backend_scope(name):
+                return call()
+        return scoped
+    if case.kind == "model" and work.reference_step is None:
+        def torch_scoped():
+            with backend_scope("torch"):
+                return call()
+        return torch_scoped
+    return call
+
+
+def _record(case: BenchCase, params: dict, mode, runner, device, dtype) -> dict:
+    """One measurement's record with every field present (None until measured)."""
+    return {"case": case.name, "family": case.family, "kind": case.kind, "mode": mode,
+            "shape": params, "shape_label": shape_label(params), "device": device.type,
+            "dtype": str(dtype).replace("torch.", ""), "runner": runner, "status": "ok", "reason": None,
+            "time_ms": None, "peak_mem_bytes": None, "max_abs_err": None, "first_call_s": None,
+            "speedup_vs_eager": None, "speedup_vs_compile": None}
+
+
+def _scope_for(case: BenchCase, work: Workload, runner: str):
+    backend = runner.split(":", 1)[1] if runner.startswith("ganengine:") else None
+    if backend is None and case.kind == "model" and work.reference_step is None:
+        backend = "torch"  # no plain model: the fused model on the torch backend is the baseline
+    return (lambda: backend_scope(backend)) if backend else contextlib.nullcontext
+
+
+def _fail(rec: dict, exc: BaseException) -> None:
+    if isinstance(exc, Skip):
+        rec.update(status="skipped", reason=str(exc))
+    elif isinstance(exc, backends_fallback_error()):
+        rec.update(status="skipped", reason=f"backend cannot serve this call: {exc}")
+    else:
+        rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+        if os.environ.get("GANENGINE_DEBUG"):
+            traceback.print_exc()
+
+
+def run_group(case: BenchCase, params: dict, work: Workload, mode: str, runners: list[str],
+              device: torch.device, dtype: torch.dtype, cfg: dict) -> list[dict]:
+    """Measure every runner on one (case, shape, mode).
+
+    On CPU the runners' timed calls are interleaved (one call of each per round), so a change
+    in machine load hits all of them alike and the speedup ratios stay fair.
+    """
+    recs, live = [], []
+    for runner in runners:
+        rec = _record(case, params, mode, runner, device, dtype)
+        if runner == "ganengine:triton" and device.type == "cpu":
+            rec["note"] = "Triton interpreter: a correctness path, its times are not performance figures"
+        recs.append(rec)
+        try:
+            call = make_call(case, work, mode, runner)
+            scope = _scope_for(case, work, runner)
+            with scope():
+                t0 = time.perf_counter()
+                result = call()  # first call: compilation / autotuning / lazy init, not timed
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rec["first_call_s"] = time.perf_counter() - t0
+                if mode == "forward" and case.kind == "op":
+                    with torch.no_grad():
+                        rec["max_abs_err"] = _max_abs_err(result, work.reference(*work.args))
+                if device.type == "cuda":
+                    rec["time_ms"] = timing.time_cuda(call, warmup_ms=cfg["warmup_ms"], rep_ms=cfg["rep_ms"])
+                else:
+                    for _ in range(cfg["warmup"]):
+                        call()
+            live.append((rec, call, scope))
+        except Exception as exc:
+            _fail(rec, exc)
+    if device.type == "cpu" and live:
+        samples = {id(rec): [] for rec, _, _ in live}
+        start = time.perf_counter()
+        for i in range(cfg["repeats"]):
+            for rec, call, scope in live:
+                if rec["status"] != "ok":
+                    continue
+                try:
+                    with scope():
+                        t0 = time.perf_counter()
+                        call()
+                        samples[id(rec)].append((time.perf_counter() - t0) * 1e3)
+                except Exception as exc:
+                    _fail(rec, exc)
+            if i + 1 >= cfg["min_repeats"] and time.perf_counter() - start > cfg["budget_s"] * len(live):
+                break
+        for rec, _, _ in live:
+            if rec["status"] == "ok":
+                rec["time_ms"] = timing.summarize(samples[id(rec)])
+    for rec, call, scope in live:
+        if rec["status"] != "ok" or not cfg["memory"]:
+            continue
+        try:
+            with scope():
+                rec["peak_mem_bytes"] = memory.peak_bytes(call, device)
+            rec["peak_mem_method"] = "cuda_allocator" if device.type == "cuda" else "rss_hwm"
+            if rec["peak_mem_bytes"] is None and device.type == "cpu":
+                rec["peak_mem_bytes"] = memory.cpu_peak_bytes_in_child(
+                    child_call, (case.name, params, mode, rec["runner"], device.type, rec["dtype"]))
+                rec["peak_mem_method"] = "rss_child_process"
+        except Exception as exc:
+            _fail(rec, exc)
+    return recs
+
+
+def backends_fallback_error():
+    from ganengine.ops._dispatch import BackendFallbackError
+
+    return BackendFallbackError
+
+
+def add_speedups(records: list[dict]) -> None:
+    """speedup_vs_eager / speedup_vs_compile (median time ratios) on every ok record."""
+    key = lambda r: (r["case"], r["shape_label"], r["mode"], r["device"], r["dtype"])
+    base: dict = {}
+    for r in records:
+        if r["status"] == "ok" and r["runner"] in ("eager", "compile"):
+            base[key(r) + (r["runner"],)] = r["time_ms"]["median"]
+    for r in records:
+        for ref in ("eager", "compile"):
+            b = base.get(key(r) + (ref,))
+            ok = r["status"] == "ok" and b is not None and r["time_ms"]["median"] > 0
+            r[f"speedup_vs_{ref}"] = (b / r["time_ms"]["median"]) if ok else None
+
+
+def run(cases: Iterable[BenchCase], device: str | torch.device = "cpu", dtype="float32",
+        quick: bool = False, runners: list[str] | None = None, modes: list[str] | None = None,
+        threads: int | None = None, repeats: int | None = None, warmup: int | None = None,
+        budget_s: float | None = None, measure_memory: bool = True,
+        progress: Callable[[str], None] | None = None) -> dict:
+    """Benchmark ``cases``; returns ``{"settings": ..., "records": [...]}``."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available (use --device cpu)")
+    dtype = parse_dtype(dtype)
+    runners = [check_runner(r) for r in (runners or default_runners(device))]
+    size = "quick" if quick else "ref"
+    cfg = {"warmup": 1 if quick else 5, "repeats": repeats or (10 if quick else 30),
+           "min_repeats": min(3 if quick else 5, repeats or 5),
+           "budget_s": budget_s or (1.0 if quick else 10.0), "memory": measure_memory,
+           "warmup_ms": 10 if quick else 25, "rep_ms": 30 if quick else 100}
+    if warmup is not None:
+        cfg["warmup"] = warmup
+    records: list[dict] = []
+    n_threads = threads or (memory.physical_cores() if device.type == "cpu" else None)
+    with pinned_threads(n_threads) as used_threads:
+        for case in cases:
+            for params in case.shape_list(size):
+                try:
+                    work = case.setup(params, device, dtype)
+                except Exception as exc:
+                    rec = _record(case, params, None, None, device, dtype)
+                    rec.update(status="error", reason=f"setup failed: {type(exc).__name__}: {exc}")
+                    records.append(rec)
+                    continue
+                for mode in case.modes:
+                    if modes and mode not in modes and not (case.kind == "model"):
+                        continue
+                    if progress:
+                        progress(f"{case.name} [{shape_label(params)}] {mode}: {', '.join(runners)}")
+                    records.extend(run_group(case, params, work, mode, runners, device, dtype, cfg))
+                del work
+    add_speedups(records)
+    settings = {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "size": size,
+                "runners": runners, "threads": used_threads if device.type == "cpu" else None,
+                "timer": "triton.testing.do_bench" if device.type == "cuda" else "time.perf_counter",
+                **{k: v for k, v in cfg.items()}}
+    return {"settings": settings, "records": records}

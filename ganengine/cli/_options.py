@@ -1,0 +1,134 @@
+"""Shared option handling for the training-side commands (train, translate, sample).
+
+Model options are generated from each model class's ``DEFAULTS`` (the reference flags with their
+reference defaults), so ``ganengine train MODEL --help`` lists exactly what that model takes.
+Every option's argparse default is ``None`` ("not given"): only options the user typed reach the
+model, everything else keeps the model's reference default, and the built-in sample data can
+fill in small-data defaults without overriding anything the user chose.
+"""
+from __future__ import annotations
+
+import argparse
+
+MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan")
+
+# help texts for the reference flags (the reference implementations' wording, shortened)
+MODEL_HELP = {
+    "input_nc": "input image channels (3 RGB, 1 grayscale)",
+    "output_nc": "output image channels (3 RGB, 1 grayscale)",
+    "ngf": "generator filters in the last conv layer",
+    "ndf": "discriminator filters in the first conv layer",
+    "netG": "generator architecture",
+    "netD": "discriminator architecture (basic = 70x70 PatchGAN)",
+    "n_layers_D": "discriminator layers (netD n_layers)",
+    "norm": "normalisation: instance, batch or none",
+    "init_type": "weight initialisation",
+    "init_gain": "scale of the initialisation",
+    "use_dropout": "dropout in the generator",
+    "gan_mode": "GAN loss: vanilla, lsgan, hinge or wgangp",
+    "lambda_L1": "weight of the L1 loss (pix2pix)",
+    "lambda_A": "weight of the cycle loss A -> B -> A",
+    "lambda_B": "weight of the cycle loss B -> A -> B",
+    "lambda_identity": "weight of the identity loss, relative to lambda_A/B",
+    "pool_size": "size of the image history buffer (0: none)",
+    "lr": "initial Adam learning rate",
+    "beta1": "Adam beta1",
+    "beta2": "Adam beta2",
+    "c_dim": "number of domain labels (default: from the data)",
+    "image_size": "image resolution",
+    "g_conv_dim": "generator filters in the first conv layer",
+    "d_conv_dim": "discriminator filters in the first conv layer",
+    "g_repeat_num": "generator residual blocks",
+    "d_repeat_num": "discriminator strided conv layers",
+    "lambda_cls": "weight of the domain classification loss",
+    "lambda_rec": "weight of the reconstruction loss",
+    "lambda_gp": "weight of the gradient penalty",
+    "n_critic": "discriminator updates per generator update",
+    "g_lr": "generator learning rate",
+    "d_lr": "discriminator learning rate",
+    "gf_dim": "generator base filters (GAN.GF_DIM)",
+    "df_dim": "discriminator base filters (GAN.DF_DIM)",
+    "condition_dim": "conditioning augmentation size (GAN.CONDITION_DIM)",
+    "text_dim": "text embedding size (TEXT.DIMENSION; default: from the data)",
+    "z_dim": "noise size (Z_DIM)",
+    "r_num": "residual blocks in stage II (GAN.R_NUM)",
+}
+
+
+def str2bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def scalar(value: str):
+    """For options whose reference default is None: int, float, 'none' or a string."""
+    if value.lower() == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def nonneg_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def model_class(name: str):
+    from ganengine import models
+
+    return {"pix2pix": models.Pix2Pix, "cyclegan": models.CycleGAN, "stargan": models.StarGAN,
+            "stackgan": models.StackGAN}[name]
+
+
+def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=()) -> list[str]:
+    """One option per model option not already defined by ``parser``; returns all model option names."""
+    group = parser.add_argument_group("model options (reference flags; defaults are the reference's)")
+    added = []
+    for name, default in defaults.items():
+        added.append(name)  # the value passes to the model even when a data option defines the flag
+        if name in skip or f"--{name}" in parser._option_string_actions:
+            continue
+        help_text = MODEL_HELP.get(name, name.replace("_", " "))
+        help_text = f"{help_text} (default: {default!r})".replace("%", "%%")
+        if isinstance(default, bool):
+            group.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                               help=help_text)
+        elif isinstance(default, int):
+            group.add_argument(f"--{name}", type=int, default=None, help=help_text)
+        elif isinstance(default, float):
+            group.add_argument(f"--{name}", type=float, default=None, help=help_text)
+        elif isinstance(default, (list, tuple)):
+            group.add_argument(f"--{name}", nargs="+", default=None, help=help_text)
+        elif isinstance(default, str):
+            group.add_argument(f"--{name}", type=str, default=None, help=help_text)
+        else:
+            group.add_argument(f"--{name}", type=scalar, default=None, help=help_text)
+    if "use_dropout" in defaults and "use_dropout" not in skip:  # the reference's spelling
+        group.add_argument("--no_dropout", dest="use_dropout", action="store_false", default=None,
+                           help="no dropout in the generator (same as --use_dropout false)")
+    return added

@@ -1,0 +1,109 @@
+"""``ganengine bench``: time every op and model step against eager PyTorch and torch.compile."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark the fused ops and model training steps",
+        description="Times every op (forward, forward+backward) and model training step for every "
+                    "available backend against eager PyTorch and torch.compile; writes bench.json, "
+                    "bench.md and bench.png to --output.")
+    p.add_argument("--ops", nargs="*", default=None, metavar="OP",
+                   help="op cases or families to run (default: all; give the flag with no names "
+                        "for all ops and no models)")
+    p.add_argument("--models", nargs="*", default=None, metavar="MODEL",
+                   help="models whose training step to time (default: all; flag alone: all models)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | float64")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a couple of minutes on CPU)")
+    p.add_argument("--output", default="bench_results", metavar="DIR", help="output folder (default: bench_results)")
+    p.add_argument("--runners", nargs="+", default=None, metavar="RUNNER",
+                   help="eager, compile, ganengine:<backend> (default: eager, compile and every "
+                        "native backend serving the device)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile runner")
+    p.add_argument("--modes", nargs="+", default=None, choices=("forward", "forward_backward"),
+                   help="op modes (default: both)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads to pin (default: the number of physical cores)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--traffic", action="store_true",
+                   help="also count the Triton kernels' memory traffic (needs TRITON_INTERPRET=1)")
+    p.add_argument("--no-chart", action="store_true", help="do not draw bench.png")
+    p.add_argument("--list", action="store_true", help="list the cases in this build and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ganengine.bench import machine, registry, report, runner
+
+    if args.list:
+        for case in registry.all_cases().values():
+            shapes = "; ".join(registry.shape_label(s) for s in case.shapes.get("ref", []))
+            print(f"{case.kind:5s} {case.name:24s} {case.family:10s} {case.description}  [{shapes}]")
+        from ganengine.bench import cases_ops
+
+        for family, why in cases_ops.unavailable.items():
+            print(f"(op family {family} not benchmarked: {why})")
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        cases = registry.select(args.ops, args.models)
+        runners = args.runners
+        if runners is None:
+            runners = runner.default_runners(torch.device(device), with_compile=not args.no_compile)
+        elif args.no_compile:
+            runners = [r for r in runners if r != "compile"]
+        os.makedirs(args.output, exist_ok=True)
+        result = runner.run(cases, device=device, dtype=args.dtype, quick=args.quick, runners=runners,
+                            modes=args.modes, threads=args.threads, repeats=args.repeats,
+                            measure_memory=not args.no_memory,
+                            progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    except ValueError as exc:
+        print(f"ganengine bench: error: {exc}", file=sys.stderr)
+        return 2
+    traffic = []
+    if args.traffic:
+        from ganengine.bench import traffic_table
+
+        try:
+            traffic = traffic_table.measure(cases, dtype=args.dtype)
+        except RuntimeError as exc:
+            print(f"ganengine bench: error: {exc}", file=sys.stderr)
+            return 2
+    rep = report.build_report(result, machine.machine_info(), command=_command_line(args), traffic=traffic)
+    paths = [report.write_json(rep, os.path.join(args.output, "bench.json")),
+             report.write_markdown(rep, os.path.join(args.output, "bench.md"))]
+    if not args.no_chart:
+        paths.append(report.write_chart(rep, os.path.join(args.output, "bench.png")))
+    print(report.markdown(rep))
+    print("wrote " + ", ".join(paths))
+    errors = [r for r in rep["records"] if r["status"] == "error"]
+    return 1 if errors else 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The equivalent command line, recorded with the figures."""
+    parts = ["ganengine", "bench"]
+    for name in ("ops", "models", "runners", "modes"):
+        value = getattr(args, name)
+        if value is not None:
+            parts += [f"--{name}", *value]
+    for name in ("device", "threads", "repeats"):
+        if getattr(args, name) is not None:
+            parts += [f"--{name}", str(getattr(args, name))]
+    if args.dtype != "float32":
+        parts += ["--dtype", args.dtype]
+    for flag in ("quick", "no_compile", "no_memory", "traffic", "no_chart"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    parts += ["--output", args.output]
+    return " ".join(shlex.quote(p) for p in parts)

@@ -1,0 +1,142 @@
+"""``ganengine evaluate``: FID/KID/L1/PSNR/SSIM/accuracy of a trained checkpoint's generator.
+
+    ganengine evaluate --checkpoint run/latest.pt [--dataroot DIR] [--phase test]
+        [--metrics fid,kid] [--inception_weights pt_inception-2015-12-05-6726825d.pth |
+         --feature_extractor module:attr] [--classifier module:attr] [--output metrics.json]
+
+Nothing is downloaded: FID/KID use the Inception weights file you pass, or your own extractor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="compute FID/KID/L1/PSNR/SSIM/accuracy of a checkpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder (its newest checkpoint)")
+    p.add_argument("--dataroot", default=None, help="data folder in the reference layout (default: built-in sample data)")
+    p.add_argument("--phase", default=None, help="split to evaluate on (default: test, else val)")
+    p.add_argument("--metrics", default="fid", help="comma-separated subset of fid,kid,l1,psnr,ssim,acc (default: fid)")
+    p.add_argument("--inception_weights", default=None, metavar="PATH",
+                   help="FID Inception weights file pt_inception-2015-12-05-6726825d.pth (for fid/kid)")
+    p.add_argument("--feature_extractor", default=None, metavar="MODULE:ATTR",
+                   help="your own feature extractor instead of Inception: 'pkg.module:attr' or 'file.py:attr' "
+                        "(an nn.Module, or a class/factory called without arguments; images in [0, 1])")
+    p.add_argument("--inception_resize", default="pytorch-fid", choices=("pytorch-fid", "tf1"),
+                   help="resize to 299x299 as pytorch-fid/torchmetrics (default) or as TF1/torch-fidelity")
+    p.add_argument("--classifier", default=None, metavar="MODULE:ATTR",
+                   help="attribute classifier for acc (images in [-1, 1] -> (N, c_dim) logits)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_images", type=int, default=None, help="evaluate at most this many images")
+    p.add_argument("--kid_subsets", type=int, default=100)
+    p.add_argument("--kid_subset_size", type=int, default=1000)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------- checkpoint -> model
+def load_checkpoint(path: str, device: torch.device | str = "cpu"):
+    """(model, data_options) from a ganengine training checkpoint or run folder (docs/INTERFACES.md):
+    the GANModel on ``device`` and the data options it was trained with (may be empty)."""
+    try:
+        from ganengine.train.checkpoint import load_model
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("ganengine.train"):
+            raise
+        load_model = None
+    if load_model is not None:
+        model, state = load_model(path, map_location="cpu")
+    else:  # the same recipe, for builds without the training engine
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--checkpoint: no such file {path!r}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != "ganengine-checkpoint":
+            raise ValueError(f"--checkpoint {path!r} is not a ganengine training checkpoint "
+                             "(expected a dict with format='ganengine-checkpoint')")
+        from ganengine.models import build_model
+
+        model = build_model(state["model"], **state.get("options", {}))
+        for name, net_state in state["networks"].items():
+            getattr(model, name).load_state_dict(net_state)
+    return model.to(device), dict(state.get("data") or {})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def _default_phase(model_name: str, root: str) -> str:
+    if model_name == "pix2pix":
+        return "test" if os.path.isdir(os.path.join(root, "test")) else "val"
+    if model_name == "cyclegan":
+        return "test" if os.path.isdir(os.path.join(root, "testA")) else "val"
+    return "test"
+
+
+def make_eval_loader(model, data_options: dict, dataroot: str | None, phase: str | None, batch_size: int,
+                     device: torch.device):
+    """A deterministic, unshuffled loader over ``phase`` of the data the model was trained on
+    (``data_options`` from the checkpoint; ``dataroot`` overrides its folder)."""
+    from ganengine import data
+
+    name = model.MODEL_NAME
+    root = dataroot or data_options.get("dataroot") or data.sample_root(name)
+    phase = phase or _default_phase(name, root)
+    options = {**(getattr(model, "options", {}) or {}), **data_options}
+    options.update(dataroot=root, phase=phase, serial_batches=True, no_flip=True)
+    dataset = data.build_dataset(name, options, phase)
+    loader, _ = data.make_loader(dataset, batch_size, device, shuffle=False, drop_last=False, num_workers=0)
+    return loader, phase, root
+
+
+def run(args) -> int:
+    from ganengine.metrics import evaluate_generator, parse_metrics, resolve_feature_extractor
+    from ganengine.metrics.features import load_object
+
+    try:
+        metrics = parse_metrics(args.metrics)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+        device = resolve_device(args.device)
+        extractor = classifier = None
+        if {"fid", "kid"} & set(metrics):
+            if args.feature_extractor and args.inception_weights:
+                raise ValueError("give --inception_weights or --feature_extractor, not both")
+            if args.feature_extractor:
+                extractor = resolve_feature_extractor(args.feature_extractor, device=device)
+            else:
+                from ganengine.metrics import load_fid_inception
+
+                extractor = load_fid_inception(args.inception_weights, device, resize=args.inception_resize)
+        if "acc" in metrics:
+            if not args.classifier:
+                raise ValueError("the acc metric needs --classifier module:attr")
+            obj = load_object(args.classifier)
+            classifier = (obj if isinstance(obj, torch.nn.Module) else obj()).to(device).eval()
+        model, data_options = load_checkpoint(args.checkpoint, device)
+        loader, phase, root = make_eval_loader(model, data_options, args.dataroot, args.phase, args.batch_size,
+                                               device)
+        results = evaluate_generator(model, loader, metrics, extractor, classifier, max_images=args.max_images,
+                                     kid_options={"subsets": args.kid_subsets, "subset_size": args.kid_subset_size})
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, AttributeError, ImportError) as exc:
+        print(f"ganengine evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    results = {"checkpoint": os.path.abspath(args.checkpoint), "dataroot": root, "phase": phase, **results}
+    for key, value in results.items():
+        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

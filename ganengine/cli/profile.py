@@ -1,0 +1,42 @@
+"""``ganengine profile``: where a training step spends its time, fused vs plain PyTorch."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="profile training steps with torch.profiler",
+        description="Runs training steps of MODEL (or forward+backward of an op) under "
+                    "torch.profiler; writes trace.json (open in chrome://tracing or Perfetto), "
+                    "profile.md and profile.json with the top operators by self time, grouped by "
+                    "whether ganengine's fused ops or plain PyTorch ran them.")
+    p.add_argument("model", metavar="MODEL",
+                   help="pix2pix | cyclegan | stargan | stackgan, or an op case/family "
+                        "(see `ganengine bench --list`)")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default: 1)")
+    p.add_argument("--output", default="profile_results", metavar="DIR",
+                   help="output folder (default: profile_results)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("--backend", default="auto", help="ganengine backend: auto | torch | triton | cpu | cuda")
+    p.add_argument("--quick", action="store_true", help="tiny model widths / shapes")
+    p.add_argument("--top", type=int, default=25, help="rows in the operator table (default: 25)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ganengine.bench.profile import markdown, run_profile
+
+    try:
+        result = run_profile(args.model, steps=args.steps, warmup=args.warmup, output=args.output,
+                             device=args.device, quick=args.quick, backend=args.backend, top=args.top)
+    except ValueError as exc:
+        print(f"ganengine profile: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    print("wrote " + ", ".join(os.path.join(args.output, f) for f in ("trace.json", "profile.json", "profile.md")))
+    return 0

@@ -1,0 +1,277 @@
+"""ganengine train MODEL: train pix2pix, CycleGAN, StarGAN or StackGAN.
+
+Without --dataroot it trains on the built-in sample data (shipped with the package, made from
+scikit-image's and scikit-learn's bundled images) with small-data defaults, so the command works
+offline on a laptop CPU. Multi-GPU / multi-process: torchrun --nproc_per_node N -m ganengine
+train ...; --batch_size is per process, as in the reference implementations.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ganengine.cli._options import (MODEL_NAMES, add_model_options, model_class, nonneg_int, positive_int,
+                                    str2bool)
+
+DESCRIPTIONS = {
+    "pix2pix": "pix2pix: paired image-to-image translation (DATAROOT/train/*.jpg, A|B side by side).",
+    "cyclegan": "CycleGAN: unpaired translation (DATAROOT/trainA, DATAROOT/trainB).",
+    "stargan": "StarGAN: multi-domain translation (CelebA: DATAROOT/images + list_attr_celeba.txt; "
+               "or folder per domain: DATAROOT/train/<domain>/).",
+    "stackgan": "StackGAN: text-to-image (DATAROOT/images + captions.txt, text/*.txt or embeddings.pt).",
+}
+
+# engine / data defaults of the reference implementations (model options live in the model classes)
+REFERENCE = {
+    "pix2pix": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
+    "cyclegan": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
+    "stargan": dict(batch_size=16, crop_size=178, image_size=128, n_epochs=20, n_epochs_decay=10),
+    "stackgan": dict(batch_size=64, image_size=64, n_epochs=600, n_epochs_decay=0),
+}
+
+# small-data defaults used with the built-in sample data (no --dataroot), for options the user did
+# not give: 64x64 images and slimmer networks so that a few hundred steps on a 2-core CPU take a
+# few minutes and visibly learn. Every one can be overridden on the command line.
+SAMPLE = {
+    "pix2pix": dict(load_size=143, crop_size=128, batch_size=4, netG="unet_128", ngf=32, ndf=32,
+                    max_steps=300, sample_every=50, save_every=100),
+    "cyclegan": dict(load_size=72, crop_size=64, batch_size=2, netG="resnet_6blocks", ngf=16, ndf=32,
+                     max_steps=300, sample_every=50, save_every=100),
+    "stargan": dict(crop_size=32, image_size=32, batch_size=16, g_conv_dim=32, d_conv_dim=32,
+                    g_repeat_num=4, d_repeat_num=5, n_critic=1,
+                    selected_attrs=["Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine"],
+                    max_steps=300, sample_every=50, save_every=100),
+    "stackgan": dict(image_size=64, batch_size=16, gf_dim=32, df_dim=16, condition_dim=32, z_dim=32,
+                     max_steps=300, sample_every=50, save_every=100),
+}
+
+ENGINE_OPTIONS = ("batch_size", "n_epochs", "n_epochs_decay", "max_steps", "sample_every", "save_every")
+DATA_OPTIONS = ("dataroot", "phase", "direction", "load_size", "crop_size", "preprocess", "no_flip",
+                "serial_batches", "cache_images", "dataset", "selected_attrs", "attr_path", "image_size",
+                "input_nc", "output_nc", "text_dim")
+
+
+def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--name", default=None, help="experiment name: checkpoints go to CHECKPOINTS_DIR/NAME "
+                   f"(default: {model}_<dataroot folder name>, or {model}_sample)")
+    g.add_argument("--checkpoints_dir", default="./checkpoints", help="where runs are saved (default: %(default)s)")
+    g.add_argument("--log_dir", default=None, help="loss CSV, sample grids and TensorBoard logs (default: the run folder)")
+    g.add_argument("--batch_size", type=positive_int, default=None,
+                   help=f"images per batch PER PROCESS, as in the reference; under torchrun the global batch is "
+                        f"batch_size x processes (default: {REFERENCE[model]['batch_size']})")
+    g.add_argument("--n_epochs", type=nonneg_int, default=None,
+                   help=f"epochs at the initial learning rate (default: {REFERENCE[model]['n_epochs']})")
+    g.add_argument("--n_epochs_decay", type=nonneg_int, default=None,
+                   help=f"epochs of linear decay to zero (default: {REFERENCE[model]['n_epochs_decay']})")
+    g.add_argument("--max_steps", "--num_iters", dest="max_steps", type=positive_int, default=None,
+                   help="stop after this many steps (one step = one batch on every process); overrides the epochs")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue a run: a checkpoint file, a run folder, or nothing for the newest checkpoint "
+                        "of this --name. Networks, optimisers, schedulers, scalers, image pools, step and RNG "
+                        "states are restored (bit-exact on CPU with --deterministic)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bit-exact reruns and resumes on CPU; slower on GPU)")
+    g.add_argument("--sample_every", type=nonneg_int, default=None,
+                   help="write a PNG sample grid every N steps, 0 = never (default: 500; sample data: 50)")
+    g.add_argument("--save_every", type=nonneg_int, default=None,
+                   help="checkpoint every N steps, 0 = only at the end (default: 5000; sample data: 100)")
+    g.add_argument("--keep_checkpoints", type=positive_int, default=3,
+                   help="keep the newest N checkpoints (default: %(default)s)")
+    g.add_argument("--print_freq", type=positive_int, default=10,
+                   help="log losses (CSV, TensorBoard, progress bar) every N steps (default: %(default)s)")
+    g.add_argument("--num_samples", type=positive_int, default=4, help="images per sample grid row (default: %(default)s)")
+    g.add_argument("--tensorboard", choices=("auto", "on", "off"), default="auto",
+                   help="TensorBoard logs: auto = when the tensorboard package is installed (default: %(default)s)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    e = p.add_argument_group("engine")
+    from ganengine.backends import CHOICES
+
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda when available (default: %(default)s)")
+    e.add_argument("--backend", choices=CHOICES, default=None,
+                   help="kernel backend for the fused ops (default: $GANENGINE_BACKEND or auto)")
+    e.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler per optimiser; "
+                        "losses stay fp32 (default: %(default)s)")
+    e.add_argument("--channels_last", action="store_true", help="NHWC memory format for networks and batches")
+    e.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    e.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    e.add_argument("--num_threads", type=nonneg_int, default=None,
+                   help="DataLoader worker processes (default: 0 when the decoded images are cached and "
+                        "training runs on CPU, else 4)")
+
+
+def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: dict) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataroot", default=None,
+                   help="dataset folder (default: the built-in sample data, with small-data defaults)")
+    g.add_argument("--cache_images", choices=("auto", "on", "off"), default="auto",
+                   help="keep decoded images in memory: auto = when they fit in 1 GiB (default: %(default)s)")
+    g.add_argument("--no_flip", action="store_true", help="no random horizontal flip")
+    ref = REFERENCE[model]
+    if model in ("pix2pix", "cyclegan"):
+        g.add_argument("--phase", default="train", help="split folder: train, val, test (default: %(default)s)")
+        g.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="(default: %(default)s)")
+        g.add_argument("--preprocess", default="resize_and_crop",
+                       choices=("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"),
+                       help="(default: %(default)s)")
+        g.add_argument("--load_size", type=positive_int, default=None, help=f"resize to this size (default: {ref['load_size']})")
+        g.add_argument("--crop_size", type=positive_int, default=None, help=f"then crop to this size (default: {ref['crop_size']})")
+        if model == "cyclegan":
+            g.add_argument("--serial_batches", action="store_true", help="take B images in order, not at random")
+    elif model == "stargan":
+        g.add_argument("--dataset", choices=("auto", "CelebA", "RaFD"), default="auto",
+                       help="CelebA = attribute file, RaFD = folder per domain; auto detects (default: %(default)s)")
+        g.add_argument("--selected_attrs", nargs="+", default=None,
+                       help="CelebA attributes to use as labels (default: Black_Hair Blond_Hair Brown_Hair Male Young)")
+        g.add_argument("--attr_path", default=None, help="attribute file (default: DATAROOT/list_attr_celeba.txt)")
+        g.add_argument("--crop_size", "--celeba_crop_size", dest="crop_size", type=positive_int, default=None,
+                       help=f"centre crop before resizing (default: {ref['crop_size']})")
+        g.add_argument("--phase", default="train", help="split (default: %(default)s)")
+    else:
+        g.add_argument("--phase", default="train", help=argparse.SUPPRESS)
+    if "image_size" not in model_defaults and model in ("stargan", "stackgan"):
+        g.add_argument("--image_size", type=positive_int, default=None,
+                       help=f"image resolution (default: {ref['image_size']})")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan or stackgan",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="model", metavar="MODEL", required=True)
+    for name in MODEL_NAMES:
+        try:
+            defaults = dict(model_class(name).DEFAULTS)
+        except (ImportError, AttributeError):  # models not built in this install: data-only help
+            defaults = {}
+        mp = sub.add_parser(name, help=DESCRIPTIONS[name].split(": ", 1)[1].split(" (")[0], description=DESCRIPTIONS[name] + " "
+                            + __doc__.split("\n\n")[1].replace("\n", " "))
+        _add_data_options(mp, name, defaults)
+        _add_run_options(mp, name)
+        model_opts = add_model_options(mp, defaults)
+        mp.set_defaults(func=run, _model_options=model_opts)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _given(args, name):
+    return getattr(args, name, None)
+
+
+def resolve(args) -> tuple[dict, dict, dict, list[str]]:
+    """-> (model options, data options, engine options, notes) after sample/reference defaults."""
+    model = args.model
+    notes = []
+    known = set(args._model_options)
+    if args.dataroot is None:
+        filled = {}
+        for k, v in SAMPLE[model].items():
+            if (k in known or hasattr(args, k) or k in ENGINE_OPTIONS) and getattr(args, k, None) is None:
+                setattr(args, k, v)
+                filled[k] = v
+        from ganengine.data import SAMPLE_DATA
+
+        notes.append(f"no --dataroot: training on the built-in sample data '{SAMPLE_DATA[model]}' with small-data "
+                     "defaults " + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                            for k, v in filled.items()) + " (override any of them)")
+    for k, v in REFERENCE[model].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if model == "stackgan" and getattr(args, "image_size", None) is None:
+        args.image_size = 64 if int(getattr(args, "stage", None) or 1) == 1 else 256
+    model_opts = {k: getattr(args, k) for k in args._model_options if getattr(args, k, None) is not None}
+    data = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+    engine = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    engine.setdefault("sample_every", 500)
+    engine.setdefault("save_every", 5000)
+    return model_opts, data, engine, notes
+
+
+def _derive_from_data(model: str, model_opts: dict, data_opts: dict, known: list[str]) -> None:
+    """c_dim (StarGAN) and text_dim (StackGAN) follow the dataset unless given; a mismatch is an error."""
+    from ganengine.data import build_dataset
+
+    if model == "stargan" and "c_dim" in known:
+        ds = build_dataset(model, data_opts)
+        if "c_dim" in model_opts and model_opts["c_dim"] != ds.c_dim:
+            raise ValueError(f"--c_dim {model_opts['c_dim']} does not match the data: {ds.c_dim} labels "
+                             f"({'--selected_attrs' if hasattr(ds, 'selected_attrs') else 'domain folders'}). "
+                             "Leave --c_dim out to take it from the data.")
+        model_opts["c_dim"] = ds.c_dim
+        model_opts["dataset"] = "CelebA" if hasattr(ds, "selected_attrs") else "RaFD"  # label semantics
+        if hasattr(ds, "selected_attrs"):
+            data_opts["selected_attrs"] = ds.selected_attrs
+        else:
+            data_opts["domains"] = ds.domains  # label names, for translate --target_attrs
+    if model == "stackgan" and "text_dim" in known:
+        ds = build_dataset(model, data_opts)
+        if "text_dim" in model_opts and model_opts["text_dim"] != ds.text_dim:
+            raise ValueError(f"--text_dim {model_opts['text_dim']} does not match the embeddings in the data "
+                             f"({ds.text_dim}); leave it out to take it from the data.")
+        model_opts["text_dim"] = ds.text_dim
+        data_opts["text_embedder"] = "precomputed" if ds.precomputed else "ganengine-hash-v1"
+
+
+def make_config(args):
+    from ganengine.train import TrainConfig
+
+    model_opts, data_opts, engine, notes = resolve(args)
+    _derive_from_data(args.model, model_opts, data_opts, args._model_options)
+    name = args.name or f"{args.model}_" + (os.path.basename(os.path.normpath(args.dataroot)) if args.dataroot else "sample")
+    run_dir = os.path.join(args.checkpoints_dir, name)
+    cfg = TrainConfig(
+        model=args.model, model_options=model_opts, data_options=data_opts, run_dir=run_dir, log_dir=args.log_dir,
+        batch_size=engine["batch_size"], n_epochs=engine["n_epochs"], n_epochs_decay=engine["n_epochs_decay"],
+        max_steps=engine.get("max_steps"), amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        seed=args.seed, deterministic=args.deterministic, resume=args.resume, sample_every=engine["sample_every"],
+        save_every=engine["save_every"], print_freq=args.print_freq, keep_checkpoints=args.keep_checkpoints,
+        num_workers=args.num_threads, device=args.device, sync_bn=args.sync_bn, backend=args.backend,
+        tensorboard=args.tensorboard, num_samples=args.num_samples, progress=not args.no_progress)
+    return cfg, notes
+
+
+def run(args) -> int:
+    from ganengine.data import DataError
+    from ganengine.train import CheckpointError, NonFiniteLossError, Trainer
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        cfg, notes = make_config(args)
+        if rank0:
+            for n in notes:
+                print(f"ganengine: {n}", file=sys.stderr)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg)
+        try:
+            result = trainer.train()
+        except KeyboardInterrupt:
+            if rank0:
+                saved = trainer.interrupted_checkpoint
+                print(f"\nganengine train {args.model}: interrupted at step {trainer.step}"
+                      + (f"; checkpoint saved: {saved} (continue with --resume)" if saved else ""), file=sys.stderr)
+            return 130
+        finally:
+            trainer.close()
+    except (DataError, CheckpointError, ValueError) as exc:
+        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"ganengine train {args.model}: error: {exc}\n(set GANENGINE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"ganengine train {args.model}: stopped: {exc}", file=sys.stderr)
+        return 3
+    if rank0:
+        dt = time.perf_counter() - t0
+        losses = " ".join(f"{k}={v:.4g}" for k, v in result["losses"].items())
+        print(f"ganengine: trained {cfg.model} to step {result['step']} in {dt:.1f} s ({losses})\n"
+              f"  checkpoint: {result['checkpoint']}\n"
+              f"  samples:    {os.path.join(result['log_dir'], 'samples')}\n"
+              f"  loss log:   {os.path.join(result['log_dir'], 'loss_log.csv')}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["register", "run", "str2bool"]

@@ -1,0 +1,124 @@
+"""StackGAN data: images with captions, or with precomputed text embeddings.
+
+Layout (DATAROOT)::
+
+    images/**/*.jpg|png      the images (sub-folders allowed; names below are relative to images/)
+    captions.txt             "relative/name.jpg<TAB>a caption" lines, any number per image, or
+    text/**/<name>.txt       one file per image (same relative path, .txt), one caption per line
+                             (the CUB ``text_c10`` layout), or
+    embeddings.pt            precomputed embeddings, read with torch.load(weights_only=True):
+                             {"filenames": [relative names], "embeddings": Tensor (N, T) or (N, E, T)}
+                             (E embeddings per image, e.g. the reference's 10 char-CNN-RNN vectors;
+                             convert the reference pickles once with a few lines of Python)
+
+Captions are embedded once, at start-up, by ``ganengine.data.text`` (offline hashing embedder).
+Each item returns a random one of its image's embeddings, the image (resized to 76/64 of
+``image_size``, random crop, flip, as in the reference) and a "wrong" image of another file
+for the matching-aware discriminator loss.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+
+from ganengine.data import transforms as T
+from ganengine.data.images import DataError, ImageStore, find_images
+from ganengine.data.sampler import SeededDataset
+from ganengine.data.text import CaptionEmbedder
+
+
+def _read_captions(dataroot: str, names: list[str]) -> dict[str, list[str]]:
+    table = os.path.join(dataroot, "captions.txt")
+    text_dir = os.path.join(dataroot, "text")
+    caps: dict[str, list[str]] = defaultdict(list)
+    if os.path.isfile(table):
+        with open(table, encoding="utf-8") as f:
+            for k, line in enumerate(f, start=1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise DataError(f"{table}:{k}: expected 'file<TAB>caption', got {line[:60]!r}")
+                name, caption = line.split("\t", 1)
+                caps[name.strip()].append(caption.strip())
+        unknown = sorted(set(caps) - set(names))
+        if unknown:
+            raise DataError(f"{table} has captions for {len(unknown)} file(s) not in {dataroot}/images "
+                            f"(first: {unknown[:3]}). The caption file must match the images.")
+    elif os.path.isdir(text_dir):
+        for name in names:
+            path = os.path.join(text_dir, os.path.splitext(name)[0] + ".txt")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    caps[name] = [ln.strip() for ln in f if ln.strip()]
+    else:
+        raise DataError(f"no captions for {dataroot!r}: expected captions.txt, a text/ folder or embeddings.pt "
+                        "there (see `ganengine train stackgan --help` and docs/training.md).")
+    missing = [n for n in names if not caps.get(n)]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) in {dataroot}/images have no caption (first: {missing[:3]}). "
+                        "Add captions for them or remove the images.")
+    return caps
+
+
+class CaptionedDataset(SeededDataset):
+    def __init__(self, dataroot: str, image_size: int = 64, text_dim: int = 1024, flip: bool = True,
+                 cache="auto"):
+        image_dir = os.path.join(dataroot, "images")
+        paths = find_images(image_dir, "StackGAN image folder")
+        names = [os.path.relpath(p, image_dir) for p in paths]
+        if len(paths) < 2:
+            raise DataError(f"{image_dir!r} has one image; StackGAN needs at least two (it pairs each with a wrong one).")
+        emb_path = os.path.join(dataroot, "embeddings.pt")
+        self.precomputed = os.path.isfile(emb_path)
+        if self.precomputed:
+            self.embeddings, self.counts = self._load_embeddings(emb_path, names)
+        else:
+            caps = _read_captions(dataroot, names)
+            embed = CaptionEmbedder(text_dim)
+            most = max(len(caps[n]) for n in names)
+            self.embeddings = torch.zeros(len(names), most, text_dim)
+            self.counts = torch.tensor([len(caps[n]) for n in names])
+            for i, n in enumerate(names):
+                self.embeddings[i, : len(caps[n])] = embed(caps[n])
+            self.captions = [caps[n] for n in names]
+        self.images = ImageStore(paths, cache=cache)
+        self.image_size, self.flip = image_size, flip
+
+    @staticmethod
+    def _load_embeddings(path: str, names: list[str]):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            files, emb = list(data["filenames"]), data["embeddings"]
+        except Exception as exc:
+            raise DataError(f"cannot read {path!r} ({exc}); expected torch.save({{'filenames': [...], "
+                            "'embeddings': Tensor (N, T) or (N, E, T)}})") from exc
+        if emb.dim() == 2:
+            emb = emb[:, None]
+        if emb.dim() != 3 or emb.shape[0] != len(files):
+            raise DataError(f"{path}: 'embeddings' has shape {tuple(emb.shape)} for {len(files)} filenames; "
+                            "expected (N, T) or (N, E, T) with N = len(filenames).")
+        index = {f: i for i, f in enumerate(files)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise DataError(f"{path} has no embedding for {len(missing)} image(s) (first: {missing[:3]}).")
+        order = torch.tensor([index[n] for n in names])
+        return emb[order].float(), torch.full((len(names),), emb.shape[1])
+
+    @property
+    def text_dim(self) -> int:
+        return self.embeddings.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: int, g: torch.Generator) -> dict:
+        k = T.randint(g, int(self.counts[index]) - 1)
+        wrong = T.randint(g, len(self) - 2)
+        wrong += wrong >= index  # any other image
+        return {"image": T.stackgan(self.images[index], self.image_size, self.flip, g),
+                "embedding": self.embeddings[index, k].clone(),
+                "wrong_image": T.stackgan(self.images[wrong], self.image_size, self.flip, g),
+                "paths": self.images.paths[index]}

@@ -1,0 +1,104 @@
+"""Image files: listing a folder, decoding with clear errors, and an in-memory decoded-image cache.
+
+Image I/O uses Pillow: it is well kept, decodes every format the reference datasets use
+(JPEG, PNG, BMP, ...), and the reference implementations use it too, so images decode to the
+same pixels as there.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# decoded-image cache: on by default when the decoded images fit in this many bytes
+CACHE_AUTO_BYTES = 1 << 30
+# a dataset with more files than this is not header-checked up front (it would take too long)
+CHECK_ALL_LIMIT = 20000
+
+
+class DataError(ValueError):
+    """A dataset problem found before training: names the file or folder and the fix."""
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def find_images(folder: str, what: str = "image folder", recursive: bool = True) -> list[str]:
+    """Sorted image paths under ``folder``; a DataError if it is missing or has no images."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{what} {folder!r} does not exist. Check --dataroot (and --phase), "
+                        "or leave --dataroot out to train on the built-in sample data.")
+    paths = []
+    if recursive:
+        for root, _, files in sorted(os.walk(folder, followlinks=True)):
+            paths += [os.path.join(root, f) for f in sorted(files) if is_image(f)]
+    else:
+        paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_image(f)]
+    if not paths:
+        raise DataError(f"{what} {folder!r} contains no images (looked for {', '.join(IMG_EXTENSIONS)}). "
+                        "Put the images there or point --dataroot at the folder that holds them.")
+    return paths
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as exc:  # PIL raises several types for broken files
+        raise DataError(f"cannot read image {path!r} ({type(exc).__name__}: {exc}). "
+                        "Replace or delete the file.") from exc
+    return img
+
+
+def check_readable(paths: list[str]) -> None:
+    """Parse every header (cheap) so a broken file is reported before training starts."""
+    todo = paths if len(paths) <= CHECK_ALL_LIMIT else paths[:: max(1, len(paths) // 1000)]
+    for p in todo:
+        try:
+            with Image.open(p) as img:
+                img.size  # noqa: B018 - forces the header parse
+        except Exception as exc:
+            raise DataError(f"cannot read image {p!r} ({type(exc).__name__}: {exc}). "
+                            "Replace or delete the file.") from exc
+
+
+def decoded_bytes(paths: list[str]) -> int:
+    total = 0
+    for p in paths:
+        with Image.open(p) as img:
+            total += img.size[0] * img.size[1] * 3
+    return total
+
+
+class ImageStore:
+    """Loads images by index as RGB (or L) PIL images, keeping decoded pixels when ``cache``.
+
+    The cache is filled in the constructing process, so DataLoader workers (forked) share it
+    copy-on-write instead of each decoding the files again.
+    """
+
+    def __init__(self, paths: list[str], mode: str = "RGB", cache: bool | str = "auto"):
+        self.paths = list(paths)
+        self.mode = mode
+        check_readable(self.paths)
+        if cache == "auto":
+            cache = len(self.paths) <= CHECK_ALL_LIMIT and decoded_bytes(self.paths) <= CACHE_AUTO_BYTES
+        self.cached: list[np.ndarray] | None = None
+        if cache:
+            self.cached = [np.asarray(self._decode(p)) for p in self.paths]
+
+    def _decode(self, path: str) -> Image.Image:
+        img = _open(path)
+        return img.convert(self.mode) if img.mode != self.mode else img
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        if self.cached is not None:
+            return Image.fromarray(self.cached[index])
+        return self._decode(self.paths[index])

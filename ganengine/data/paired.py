@@ -1,0 +1,46 @@
+"""pix2pix aligned pairs: ``DATAROOT/PHASE/*.jpg`` with A and B side by side (A|B), as in the
+reference ``aligned_dataset.py``. Items always hold the left half as "A" and the right half as
+"B"; the model applies ``direction`` (as the reference's set_input does), and the dataset only
+uses it for the channel counts (with BtoA, A has output_nc channels)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ganengine.data import transforms as T
+from ganengine.data.images import DataError, ImageStore, find_images
+from ganengine.data.sampler import SeededDataset
+
+
+class AlignedDataset(SeededDataset):
+    def __init__(self, dataroot: str, phase: str = "train", transform: T.TransformOptions | None = None,
+                 direction: str = "AtoB", input_nc: int = 3, output_nc: int = 3, cache="auto"):
+        if direction not in ("AtoB", "BtoA"):
+            raise ValueError(f"--direction must be AtoB or BtoA, got {direction!r}")
+        self.root = os.path.join(dataroot, phase)
+        paths = find_images(self.root, f"pix2pix {phase} folder (A|B pairs side by side)")
+        self.images = ImageStore(paths, cache=cache)
+        self.transform = (transform or T.TransformOptions()).check()
+        self.direction, self.input_nc, self.output_nc = direction, input_nc, output_nc
+        w, h = self.images[0].size
+        if w < 2:
+            raise DataError(f"{paths[0]!r} is {w}x{h}: an aligned pair must hold A and B side by side (width 2*height).")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: int, g: torch.Generator) -> dict:
+        ab = self.images[index]
+        w, h = ab.size
+        half = w // 2
+        a, b = ab.crop((0, 0, half, h)), ab.crop((half, 0, 2 * half, h))
+        params = T.get_params(a.size, self.transform, g)  # one set of parameters for both halves
+        a_nc, b_nc = (self.input_nc, self.output_nc) if self.direction == "AtoB" else (self.output_nc, self.input_nc)
+        if a_nc == 1:
+            a = a.convert("L")
+        if b_nc == 1:
+            b = b.convert("L")
+        path = self.images.paths[index]
+        return {"A": T.apply(a, self.transform, params), "B": T.apply(b, self.transform, params),
+                "A_paths": path, "B_paths": path}

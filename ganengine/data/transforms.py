@@ -1,0 +1,123 @@
+"""The reference implementations' image transforms, written with Pillow and torch.
+
+pix2pix/CycleGAN (``--preprocess``): ``resize_and_crop`` (resize to load_size, random crop to
+crop_size), ``crop``, ``scale_width``, ``scale_width_and_crop``, ``none`` (round to a multiple of
+4), then a random horizontal flip unless ``no_flip``, then normalise to [-1, 1]. Aligned pairs
+share one set of random parameters, as in the reference. StarGAN: flip, centre crop, resize.
+StackGAN: resize to 76/64 of the image size, random crop, flip.
+
+Random choices come from a ``torch.Generator`` handed in by the dataset (seeded per item from
+the run seed, the epoch and the index), so augmentation does not depend on the number of
+DataLoader workers and an interrupted run resumes with the same crops and flips.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+PREPROCESS = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
+
+
+def randint(g: torch.Generator, high: int) -> int:
+    """Uniform integer in [0, high] (inclusive, like random.randint(0, high))."""
+    return int(torch.randint(0, high + 1, (1,), generator=g)) if high > 0 else 0
+
+
+def coin(g: torch.Generator) -> bool:
+    return bool(torch.rand((), generator=g) > 0.5)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> float (C, H, W) in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
+    return t.div_(127.5).sub_(1.0)
+
+
+def to_image(t: torch.Tensor) -> Image.Image:
+    """(C, H, W) tensor in [-1, 1] -> PIL RGB/L image."""
+    arr = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    arr = arr.permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], "L")
+    return Image.fromarray(arr[:, :, :3], "RGB")
+
+
+@dataclass
+class TransformOptions:
+    preprocess: str = "resize_and_crop"
+    load_size: int = 286
+    crop_size: int = 256
+    flip: bool = True
+
+    def check(self) -> "TransformOptions":
+        if self.preprocess not in PREPROCESS:
+            raise ValueError(f"--preprocess must be one of {PREPROCESS}, got {self.preprocess!r}")
+        if self.load_size < 1 or self.crop_size < 1:
+            raise ValueError(f"--load_size and --crop_size must be positive, got {self.load_size}, {self.crop_size}")
+        if "crop" in self.preprocess and self.preprocess != "crop" and self.crop_size > self.load_size:
+            raise ValueError(f"--crop_size ({self.crop_size}) must not exceed --load_size ({self.load_size}) "
+                             f"with --preprocess {self.preprocess}")
+        return self
+
+
+def _resized_size(w: int, h: int, o: TransformOptions) -> tuple[int, int]:
+    if o.preprocess == "resize_and_crop":
+        return o.load_size, o.load_size
+    if o.preprocess.startswith("scale_width"):  # width to load_size, height kept >= crop_size
+        if w == o.load_size and h >= o.crop_size:
+            return w, h
+        return o.load_size, max(int(o.load_size * h / w), o.crop_size)
+    return w, h
+
+
+def get_params(size: tuple[int, int], o: TransformOptions, g: torch.Generator) -> dict:
+    """Random crop position and flip for an image of ``size`` (w, h), as the reference get_params."""
+    w, h = _resized_size(*size, o)
+    x = randint(g, max(0, w - o.crop_size))
+    y = randint(g, max(0, h - o.crop_size))
+    return {"crop_pos": (x, y), "flip": coin(g) if o.flip else False}
+
+
+def apply(img: Image.Image, o: TransformOptions, params: dict) -> torch.Tensor:
+    w, h = img.size
+    nw, nh = _resized_size(w, h, o)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    if "crop" in o.preprocess:
+        x, y = params["crop_pos"]
+        cs = o.crop_size
+        if nw > cs or nh > cs:
+            img = img.crop((x, y, x + min(cs, nw), y + min(cs, nh)))
+    if o.preprocess == "none":  # the reference rounds to a multiple of 4 so the U-Net/ResNet shapes work
+        rw, rh = max(4, round(nw / 4) * 4), max(4, round(nh / 4) * 4)
+        if (rw, rh) != (nw, nh):
+            img = img.resize((rw, rh), Image.BICUBIC)
+    if params.get("flip"):
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img)
+
+
+def stargan(img: Image.Image, crop_size: int, image_size: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """StarGAN: RandomHorizontalFlip, CenterCrop(crop_size), Resize(image_size), Normalize."""
+    if flip and coin(g):
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    w, h = img.size
+    cs = min(crop_size, w, h)
+    left, top = int(round((w - cs) / 2.0)), int(round((h - cs) / 2.0))
+    img = img.crop((left, top, left + cs, top + cs))
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    return to_tensor(img)
+
+
+def stackgan(img: Image.Image, image_size: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """StackGAN: Resize(image_size * 76 / 64), RandomCrop(image_size), RandomHorizontalFlip."""
+    load = int(image_size * 76 / 64)
+    o = TransformOptions("resize_and_crop", load, image_size, flip)
+    return apply(img, o, get_params(img.size, o, g))

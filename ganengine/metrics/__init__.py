@@ -1,0 +1,23 @@
+"""Evaluation metrics that work offline (``import ganengine.metrics``).
+
+* ``frechet_distance(a, b)`` (FID on Inception features), ``kernel_inception_distance(a, b)``
+  (KID) on (N, D) feature tensors or arrays; ``FeatureStats`` streaming mean/covariance.
+* ``FIDInceptionV3`` / ``load_fid_inception(path)``: the standard FID feature network from the
+  user's weights file (nothing is downloaded); any nn.Module works as a feature extractor.
+* ``l1_error``, ``psnr``, ``ssim`` (pix2pix), ``attribute_accuracy`` (StarGAN).
+* ``evaluate_generator(model, loader, metrics, feature_extractor)``: all of it over a loader,
+  for ``ganengine evaluate`` and for training-time evaluation.
+"""
+from ganengine.metrics.accuracy import AttributeAccuracy, attribute_accuracy
+from ganengine.metrics.evaluate import METRICS, MODES, evaluate_generator, is_better, parse_metrics
+from ganengine.metrics.features import extract_features, load_object, resolve_feature_extractor
+from ganengine.metrics.frechet import frechet_distance, frechet_distance_from_stats
+from ganengine.metrics.inception import FIDInceptionV3, load_fid_inception
+from ganengine.metrics.kid import kernel_inception_distance
+from ganengine.metrics.paired import l1_error, psnr, ssim
+from ganengine.metrics.stats import FeatureStats
+
+__all__ = ["AttributeAccuracy", "attribute_accuracy", "METRICS", "MODES", "evaluate_generator", "is_better",
+           "parse_metrics", "extract_features", "load_object", "resolve_feature_extractor", "frechet_distance",
+           "frechet_distance_from_stats", "FIDInceptionV3", "load_fid_inception", "kernel_inception_distance",
+           "l1_error", "psnr", "ssim", "FeatureStats"]

@@ -1,0 +1,155 @@
+"""Evaluate a generator over a data loader: FID, KID, L1/PSNR/SSIM, attribute accuracy.
+
+``evaluate_generator`` is what ``ganengine evaluate`` runs and what the training engine calls
+every N steps on a held-out split. Everything streams batch by batch: FID keeps only running
+mean/covariance (float64), the paired metrics running sums; KID keeps the features (it needs
+pairs of samples), as float32 on the CPU. Computation happens on the model's device.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ganengine.metrics.accuracy import AttributeAccuracy
+from ganengine.metrics.features import extract_features
+from ganengine.metrics.frechet import frechet_distance
+from ganengine.metrics.kid import kernel_inception_distance
+from ganengine.metrics.paired import l1_error, psnr, ssim
+from ganengine.metrics.stats import FeatureStats
+
+METRICS = ("fid", "kid", "l1", "psnr", "ssim", "acc")
+# "min": lower is better; "max": higher is better (for keeping the best checkpoint)
+MODES = {"fid": "min", "kid": "min", "l1": "min", "psnr": "max", "ssim": "max", "acc": "max"}
+
+
+def parse_metrics(metrics) -> tuple[str, ...]:
+    """'fid,kid' or ['fid', 'kid'] -> ('fid', 'kid'), validated."""
+    names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {metrics!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` improves on ``best`` (None: nothing yet)."""
+    if best is None:
+        return True
+    return value < best if MODES[metric] == "min" else value > best
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _generate(model, batch: dict, device: torch.device) -> torch.Tensor:
+    if hasattr(model, "translate"):  # a ganengine.models GANModel
+        return model.translate(batch)
+    if "A" not in batch:
+        raise ValueError("evaluate_generator: a plain generator module needs batches with an 'A' input "
+                         f"(pix2pix/CycleGAN layout); got keys {sorted(batch)}. Pass a GANModel instead.")
+    return model(batch["A"].to(device))
+
+
+def _with_targets(model, batch: dict) -> dict:
+    """StarGAN batches from the data loader carry the images' own labels; translate each image to
+    another image's labels instead (the batch rolled by one: deterministic, and the same
+    distribution as the reference's random permutation of the batch labels)."""
+    if getattr(model, "MODEL_NAME", "") == "stargan" and "target_label" not in batch and "label" in batch:
+        return {**batch, "target_label": batch["label"].roll(1, 0)}
+    return batch
+
+
+def _real(batch: dict) -> torch.Tensor:
+    for key in ("B", "image"):
+        if key in batch:
+            return batch[key]
+    raise ValueError(f"evaluate_generator: batches need real images under 'B' or 'image', got keys {sorted(batch)}")
+
+
+@torch.no_grad()
+def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_extractor: nn.Module | None = None,
+                       classifier: nn.Module | None = None, max_images: int | None = None,
+                       kid_options: dict | None = None, data_range: float = 2.0) -> dict[str, float]:
+    """Run the generator over ``loader`` and compute ``metrics``; returns {metric: value, ..., "images": n}.
+
+    ``model``: a ganengine GANModel (its ``translate(batch)`` makes the images) or a plain generator
+    module (called on ``batch["A"]``). Real images: ``batch["B"]`` (pix2pix/CycleGAN) or
+    ``batch["image"]`` (StarGAN/StackGAN). Images in [-1, 1].
+    fid/kid need ``feature_extractor`` (``ganengine.metrics.resolve_feature_extractor``);
+    l1/psnr/ssim compare output and ``batch["B"]`` pairwise (pix2pix: paired data only);
+    acc needs ``classifier`` (images -> (N, c_dim) logits) and targets in ``batch["target_label"]``
+    (else ``batch["label"]``). A StarGAN model without ``target_label`` in the batch translates
+    each image to the labels of the previous image in the batch (``label.roll(1, 0)``).
+    The model's train/eval mode is left as the caller set it (``translate`` sets its own).
+    """
+    names = parse_metrics(metrics)
+    if {"fid", "kid"} & set(names) and feature_extractor is None:
+        from ganengine.metrics.inception import WEIGHTS_HELP
+
+        raise ValueError("fid/kid need a feature extractor. " + WEIGHTS_HELP)
+    if "acc" in names and classifier is None:
+        raise ValueError("the acc metric needs a classifier module (images -> (N, c_dim) logits)")
+    device = _device_of(model)
+    real_stats, fake_stats = FeatureStats(), FeatureStats()
+    real_feats, fake_feats = [], []
+    sums = {m: 0.0 for m in ("l1", "psnr", "ssim")}
+    acc = AttributeAccuracy()
+    n = 0
+    for batch in loader:
+        if not isinstance(batch, dict):
+            raise TypeError(f"evaluate_generator: batches must be dicts (see docs/INTERFACES.md), got {type(batch).__name__}")
+        batch = _with_targets(model, batch)
+        fake = _generate(model, batch, device).float()
+        real = _real(batch).to(fake.device).float()
+        if max_images is not None:
+            keep = max_images - n
+            if keep <= 0:
+                break
+            fake, real = fake[:keep], real[:keep]
+            batch = {k: (v[:keep] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        if {"fid", "kid"} & set(names):
+            ff = extract_features(feature_extractor, fake)
+            fr = extract_features(feature_extractor, real)
+            fake_stats.update(ff)
+            real_stats.update(fr)
+            if "kid" in names:
+                fake_feats.append(ff.float().cpu())
+                real_feats.append(fr.float().cpu())
+        if {"l1", "psnr", "ssim"} & set(names):
+            if "B" not in batch:
+                raise ValueError("l1/psnr/ssim need paired targets (batch['B'], pix2pix data)")
+            if fake.shape != real.shape:
+                raise ValueError(f"l1/psnr/ssim: generated {tuple(fake.shape)} and target {tuple(real.shape)} differ")
+            if "l1" in names:
+                sums["l1"] += float(l1_error(fake, real).sum())
+            if "psnr" in names:
+                sums["psnr"] += float(psnr(fake, real, data_range).sum())
+            if "ssim" in names:
+                sums["ssim"] += float(ssim(fake, real, data_range).sum())
+        if "acc" in names:
+            targets = batch.get("target_label", batch.get("label"))
+            if targets is None:
+                raise ValueError("acc needs target labels in batch['target_label'] or batch['label']")
+            acc.update(classifier(fake.to(_device_of(classifier))), targets)
+        n += fake.shape[0]
+    if n == 0:
+        raise ValueError("evaluate_generator: the loader produced no images")
+    out: dict[str, float] = {}
+    if "fid" in names:
+        out["fid"] = frechet_distance(real_stats, fake_stats)
+    if "kid" in names:
+        kid, kid_std = kernel_inception_distance(torch.cat(real_feats), torch.cat(fake_feats), return_std=True,
+                                                 **(kid_options or {}))
+        out["kid"], out["kid_std"] = kid, kid_std
+    for m in ("l1", "psnr", "ssim"):
+        if m in names:
+            out[m] = sums[m] / n
+    if "acc" in names:
+        out["acc"] = acc.compute()
+    out["images"] = n
+    return out

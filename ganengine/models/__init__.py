@@ -1,0 +1,38 @@
+"""pix2pix, CycleGAN, StarGAN and StackGAN: the reference architectures on ganengine's fused ops.
+
+Networks keep the reference implementations' module trees (identical state_dict keys, parameter
+counts, initialisation), so reference checkpoints load with ``load_reference_checkpoint`` and
+ganengine weights go back with ``save_reference_checkpoint``. See docs/models.md.
+"""
+from ganengine.models.base import GANModel, StepContext, set_requires_grad
+from ganengine.models.checkpoints import (ARCHS, CheckpointMismatchError, build_network, load_reference_checkpoint,
+                                          save_reference_checkpoint)
+from ganengine.models.cyclegan import CycleGAN
+from ganengine.models.image_pool import ImagePool
+from ganengine.models.networks_cyclegan import (PixelDiscriminator, ResnetBlock, ResnetGenerator, UnetGenerator,
+                                                UnetSkipConnectionBlock, define_D, define_G, get_norm_layer,
+                                                init_weights, patch_discriminator)
+from ganengine.models.networks_stackgan import (CANet, Stage1Discriminator, Stage1Generator, Stage2Discriminator,
+                                                Stage2Generator)
+from ganengine.models.networks_stargan import StarGANDiscriminator, StarGANGenerator
+from ganengine.models.pix2pix import Pix2Pix
+from ganengine.models.stackgan import StackGAN
+from ganengine.models.stargan import StarGAN
+from ganengine.nn import PatchDiscriminator  # the reference NLayerDiscriminator, on fused conv ops
+
+MODELS = {"pix2pix": Pix2Pix, "cyclegan": CycleGAN, "stargan": StarGAN, "stackgan": StackGAN}
+
+
+def build_model(name: str, **options) -> GANModel:
+    """A model by name ("pix2pix", "cyclegan", "stargan", "stackgan") with reference-named options."""
+    if name not in MODELS:
+        raise ValueError(f"model name must be one of {tuple(MODELS)}, got {name!r}")
+    return MODELS[name](**options)
+
+
+__all__ = ["GANModel", "StepContext", "set_requires_grad", "ARCHS", "CheckpointMismatchError", "build_network",
+           "load_reference_checkpoint", "save_reference_checkpoint", "CycleGAN", "Pix2Pix", "StarGAN", "StackGAN",
+           "ImagePool", "ResnetGenerator", "ResnetBlock", "UnetGenerator", "UnetSkipConnectionBlock",
+           "PatchDiscriminator", "PixelDiscriminator", "define_G", "define_D", "get_norm_layer", "init_weights",
+           "patch_discriminator", "StarGANGenerator", "StarGANDiscriminator", "Stage1Generator",
+           "Stage1Discriminator", "Stage2Generator", "Stage2Discriminator", "CANet", "MODELS", "build_model"]

@@ -1,0 +1,355 @@
+"""Build networks by reference architecture name, and read/write the reference implementations'
+checkpoints (pix2pix/CycleGAN ``latest_net_G.pth``, StarGAN ``*-G.ckpt``/``*-D.ckpt``, StackGAN
+``netG_epoch_*.pth``: all plain state dicts).
+
+Loading is ``torch.load(..., weights_only=True)``: a checkpoint cannot run code. Accepted the way
+the reference accepts them: ``module.`` prefixes (DataParallel), and InstanceNorm
+running_mean/running_var/num_batches_tracked entries written by older reference versions for
+norms that no longer track running statistics (the reference's
+``__patch_instance_norm_state_dict`` deletes them). Anything else that does not fit raises
+``CheckpointMismatchError`` naming the key or shape that disagreed and the arguments the
+checkpoint's shapes imply.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ganengine.models import networks_cyclegan as ncg
+from ganengine.models import networks_stackgan as nsk
+from ganengine.models import networks_stargan as nsg
+
+ARCHS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128", "patchgan", "pixel", "stargan_G", "stargan_D",
+         "stackgan_stage1_G", "stackgan_stage1_D", "stackgan_stage2_G", "stackgan_stage2_D")
+
+_STACKGAN_ARGS = dict(gf_dim=128, df_dim=64, condition_dim=128, text_dim=1024, z_dim=100, r_num=4)
+
+# arch -> (defaults of its architecture arguments, builder(**args, fused=..., init_type=...))
+_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "resnet_9blocks": dict(input_nc=3, output_nc=3, ngf=64, norm="instance", use_dropout=False),
+    "resnet_6blocks": dict(input_nc=3, output_nc=3, ngf=64, norm="instance", use_dropout=False),
+    "unet_256": dict(input_nc=3, output_nc=3, ngf=64, norm="batch", use_dropout=False),
+    "unet_128": dict(input_nc=3, output_nc=3, ngf=64, norm="batch", use_dropout=False),
+    "patchgan": dict(input_nc=3, ndf=64, n_layers=3, norm="instance"),
+    "pixel": dict(input_nc=3, ndf=64, norm="instance"),
+    "stargan_G": dict(conv_dim=64, c_dim=5, repeat_num=6),
+    "stargan_D": dict(image_size=128, conv_dim=64, c_dim=5, repeat_num=6),
+    "stackgan_stage1_G": dict(_STACKGAN_ARGS),
+    "stackgan_stage1_D": dict(_STACKGAN_ARGS),
+    "stackgan_stage2_G": dict(_STACKGAN_ARGS),
+    "stackgan_stage2_D": dict(_STACKGAN_ARGS),
+}
+
+
+def _pick(d, *names):
+    return {n: d[n] for n in names}
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet_9blocks": lambda a, **k: ncg.ResnetGenerator(**a, n_blocks=9, **k),
+    "resnet_6blocks": lambda a, **k: ncg.ResnetGenerator(**a, n_blocks=6, **k),
+    "unet_256": lambda a, **k: ncg.UnetGenerator(num_downs=8, **a, **k),
+    "unet_128": lambda a, **k: ncg.UnetGenerator(num_downs=7, **a, **k),
+    "patchgan": lambda a, **k: ncg.patch_discriminator(**a, **k),
+    "pixel": lambda a, **k: ncg.PixelDiscriminator(**a, **k),
+    "stargan_G": lambda a, init_type=None, **k: nsg.StarGANGenerator(**a, **k),
+    "stargan_D": lambda a, init_type=None, **k: nsg.StarGANDiscriminator(**a, **k),
+    "stackgan_stage1_G": lambda a, **k: nsk.Stage1Generator(
+        **_pick(a, "gf_dim", "condition_dim", "text_dim", "z_dim"), **k),
+    "stackgan_stage1_D": lambda a, **k: nsk.Stage1Discriminator(**_pick(a, "df_dim", "condition_dim"), **k),
+    "stackgan_stage2_G": lambda a, **k: nsk.Stage2Generator(
+        None, **_pick(a, "gf_dim", "condition_dim", "text_dim", "z_dim", "r_num"), **k),
+    "stackgan_stage2_D": lambda a, **k: nsk.Stage2Discriminator(**_pick(a, "df_dim", "condition_dim"), **k),
+}
+
+_DEFAULT_INIT = {"stackgan": "stackgan", "stargan": None}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the network built from the given arguments."""
+
+
+def _check_arch(arch: str) -> str:
+    if arch not in _ARCH_DEFAULTS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return arch
+
+
+def _arch_args(arch: str, kwargs: dict) -> dict:
+    defaults = _ARCH_DEFAULTS[arch]
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"arch {arch!r} takes the architecture arguments {sorted(defaults)}; unknown: {unknown}")
+    return {**defaults, **kwargs}
+
+
+def build_network(arch: str, fused: bool = True, init_type: str | None = "default", **kwargs) -> nn.Module:
+    """A ganengine network for a reference architecture name (see ``ARCHS``).
+
+    ``kwargs`` are the reference constructors' arguments (e.g. ``ngf``, ``norm``, ``conv_dim``,
+    ``gf_dim``); missing ones take the reference defaults. ``init_type="default"`` applies the
+    reference's own initialisation for that family (pix2pix/CycleGAN: normal 0.02; StarGAN:
+    PyTorch default; StackGAN: its weights_init); ``None`` skips it.
+    """
+    _check_arch(arch)
+    args = _arch_args(arch, kwargs)
+    if init_type == "default":
+        init_type = "stackgan" if arch.startswith("stackgan") else (None if arch.startswith("stargan") else "normal")
+    return _BUILDERS[arch](args, fused=fused, init_type=init_type)
+
+
+# ------------------------------------------------------------------ reading state dicts
+def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_state_dict)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_reference_checkpoint: no checkpoint file at {path!r}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"load_reference_checkpoint: {path!r} is not a checkpoint that can be read safely "
+                             f"with torch.load(weights_only=True): {exc}") from exc
+    else:
+        obj = path_or_state_dict
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("load_reference_checkpoint: expected a state dict (a mapping of names to tensors) as the "
+                         "reference code saves with torch.save(net.state_dict(), path); got "
+                         f"{type(obj).__name__}")
+    return dict(obj)
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    # DataParallel / DDP wrap the network as `.module`
+    out = {}
+    for k, v in sd.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def _patch_instance_norm(sd: dict, net: nn.Module) -> dict:
+    """Drop running stats that older reference versions saved for InstanceNorm layers which do
+    not track them (what the reference's loader does)."""
+    out = dict(sd)
+    for key in sd:
+        module_path, _, name = key.rpartition(".")
+        if name not in ("running_mean", "running_var", "num_batches_tracked"):
+            continue
+        try:
+            module = net.get_submodule(module_path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and getattr(module, name, None) is None:
+            del out[key]
+    return out
+
+
+def _fmt_shape(t):
+    return tuple(t.shape)
+
+
+def _infer(arch: str, sd: dict) -> tuple[str | None, dict]:
+    """Architecture name and arguments implied by a state dict (best effort)."""
+    try:
+        return _INFER[_family(arch)](sd)
+    except Exception:  # a state dict too foreign to read: no suggestion
+        return None, {}
+
+
+def _family(arch):
+    if arch.startswith("resnet"):
+        return "resnet"
+    if arch.startswith("unet"):
+        return "unet"
+    if arch.startswith("stackgan"):
+        return arch
+    return arch
+
+
+def _indices(sd, pattern):
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
+
+
+def _norm_of(sd, batch_key, bias_key):
+    if batch_key in sd:
+        return "batch"
+    return "instance" if bias_key in sd else "none"
+
+
+def _infer_resnet(sd):
+    w = sd["model.1.weight"]
+    blocks = _indices(sd, r"model\.(\d+)\.conv_block\.")
+    last = max(_indices(sd, r"model\.(\d+)\.weight$"))
+    args = dict(input_nc=w.shape[1], output_nc=sd[f"model.{last}.weight"].shape[0], ngf=w.shape[0],
+                norm=_norm_of(sd, "model.2.weight", "model.1.bias"))
+    if blocks:
+        args["use_dropout"] = f"model.{blocks[0]}.conv_block.6.weight" in sd
+    n = len(blocks)
+    arch = {9: "resnet_9blocks", 6: "resnet_6blocks"}.get(n)
+    if arch is None:
+        args["n_blocks"] = n  # not one of the named archs: say so
+    return arch, args
+
+
+def _infer_unet(sd):
+    w = sd["model.model.0.weight"]
+    depth, prefix = 1, "model.model.1.model."
+    while any(k.startswith(prefix) for k in sd):
+        depth += 1
+        prefix += "3.model."
+    args = dict(input_nc=w.shape[1], output_nc=sd["model.model.3.weight"].shape[1], ngf=w.shape[0],
+                norm=_norm_of(sd, "model.model.1.model.2.weight", "model.model.0.bias"))
+    arch = {8: "unet_256", 7: "unet_128"}.get(depth)
+    if arch is None:
+        args["num_downs"] = depth
+    return arch, args
+
+
+def _infer_patch(sd):
+    w = sd["model.0.weight"]
+    convs = [i for i in _indices(sd, r"model\.(\d+)\.weight$") if sd[f"model.{i}.weight"].dim() == 4]
+    return "patchgan", dict(input_nc=w.shape[1], ndf=w.shape[0], n_layers=len(convs) - 2,
+                            norm=_norm_of(sd, "model.3.weight", "model.2.bias"))
+
+
+def _infer_pixel(sd):
+    w = sd["net.0.weight"]
+    return "pixel", dict(input_nc=w.shape[1], ndf=w.shape[0], norm=_norm_of(sd, "net.3.weight", "net.2.bias"))
+
+
+def _infer_star_g(sd):
+    w = sd["main.0.weight"]
+    return "stargan_G", dict(conv_dim=w.shape[0], c_dim=w.shape[1] - 3,
+                             repeat_num=len(_indices(sd, r"main\.(\d+)\.main\.")))
+
+
+def _infer_star_d(sd):
+    w, c = sd["main.0.weight"], sd["conv2.weight"]
+    repeat = len(_indices(sd, r"main\.(\d+)\.weight$"))
+    return "stargan_D", dict(image_size=c.shape[-1] * 2 ** repeat, conv_dim=w.shape[0], c_dim=c.shape[0],
+                             repeat_num=repeat)
+
+
+def _infer_stack_g1(sd, prefix=""):
+    fc, ca = sd[prefix + "fc.0.weight"], sd[prefix + "ca_net.fc.weight"]
+    cond = ca.shape[0] // 2
+    return "stackgan_stage1_G", dict(gf_dim=fc.shape[0] // 16 // 8, condition_dim=cond, text_dim=ca.shape[1],
+                                     z_dim=fc.shape[1] - cond)
+
+
+def _infer_stack_g2(sd):
+    _, args = _infer_stack_g1(sd, "STAGE1_G.")
+    args.update(gf_dim=sd["encoder.0.weight"].shape[0], r_num=len(_indices(sd, r"residual\.(\d+)\.")))
+    return "stackgan_stage2_G", args
+
+
+def _infer_stack_d(stage):
+    def infer(sd):
+        ndf = sd["encode_img.0.weight"].shape[0]
+        cond = sd["get_cond_logits.outlogits.0.weight"].shape[1] - ndf * 8
+        return f"stackgan_stage{stage}_D", dict(df_dim=ndf, condition_dim=cond)
+    return infer
+
+
+_INFER = {"resnet": _infer_resnet, "unet": _infer_unet, "patchgan": _infer_patch, "pixel": _infer_pixel,
+          "stargan_G": _infer_star_g, "stargan_D": _infer_star_d, "stackgan_stage1_G": _infer_stack_g1,
+          "stackgan_stage2_G": _infer_stack_g2, "stackgan_stage1_D": _infer_stack_d(1),
+          "stackgan_stage2_D": _infer_stack_d(2)}
+
+
+def _mismatch_message(arch, args, sd, expected) -> str | None:
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [(k, _fmt_shape(sd[k]), _fmt_shape(expected[k])) for k in expected
+              if k in sd and sd[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    given = ", ".join(f"{k}={v!r}" for k, v in args.items())
+    parts = [f"load_reference_checkpoint: the checkpoint does not fit arch={arch!r} with {given}:"]
+    if shapes:
+        k, got, want = shapes[0]
+        parts.append(f"key {k!r} has shape {got} in the checkpoint but {want} in the network"
+                     + (f" (and {len(shapes) - 1} more shape mismatches)" if len(shapes) > 1 else "") + ";")
+    if missing:
+        parts.append(f"{len(missing)} network keys are missing from the checkpoint, e.g. {missing[:3]};")
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint keys are not in the network, e.g. {unexpected[:3]};")
+    inferred_arch, inferred = _infer(arch, sd)
+    differing = {k: v for k, v in inferred.items() if args.get(k) != v}
+    if inferred_arch is not None and (differing or inferred_arch != arch):
+        call = ", ".join([repr(inferred_arch)] + [f"{k}={v!r}" for k, v in differing.items()])
+        parts.append(f"its shapes fit load_reference_checkpoint(path, {call})")
+    elif inferred and differing:
+        parts.append("its shapes imply " + ", ".join(f"{k}={v!r}" for k, v in differing.items())
+                     + ", which no arch name provides")
+    else:
+        parts.append("it may be a checkpoint of another architecture")
+    return " ".join(parts)
+
+
+def load_reference_checkpoint(path_or_state_dict, arch: str, fused: bool = True, strict: bool = True,
+                              **arch_kwargs) -> nn.Module:
+    """Load a checkpoint written by the reference implementation of ``arch``.
+
+    Returns a ganengine network (fused ops unless ``fused=False``) in eval mode that computes the
+    same outputs as the reference network with those weights. ``arch_kwargs`` are the reference
+    constructor arguments (``input_nc, output_nc, ngf, ndf, n_layers, norm, use_dropout``;
+    StarGAN ``conv_dim, c_dim, repeat_num, image_size``; StackGAN ``gf_dim, df_dim,
+    condition_dim, text_dim, z_dim, r_num``). With ``strict=False`` missing/unexpected keys are
+    tolerated (shapes must still agree).
+    """
+    _check_arch(arch)
+    args = _arch_args(arch, arch_kwargs)
+    sd = _strip_prefixes(_read(path_or_state_dict))
+    net = build_network(arch, fused=fused, init_type=None, **args)
+    sd = _patch_instance_norm(sd, net)
+    expected = net.state_dict()
+    msg = _mismatch_message(arch, args, sd, expected)
+    if msg is not None and (strict or any(k in sd and sd[k].shape != expected[k].shape for k in expected)):
+        raise CheckpointMismatchError(msg)
+    # old checkpoints (torch < 0.4.1) lack num_batches_tracked: keep the network's value
+    for k, v in expected.items():
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = v
+    net.load_state_dict(sd, strict=strict)
+    return net.eval()
+
+
+def save_reference_checkpoint(net: nn.Module, path, arch: str) -> None:
+    """Write ``net``'s weights as the reference code of ``arch`` saves them (a plain CPU state dict
+    with the reference's keys), so the reference can load it with ``load_state_dict``."""
+    _check_arch(arch)
+    if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        net = net.module
+    net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
+    if any(getattr(m, "attention_scale", None) is not None for m in net.modules()):
+        raise ValueError("save_reference_checkpoint: this network has SAGAN attention blocks, which the reference "
+                         "architecture does not have; it cannot be saved as a reference checkpoint")
+    sd = {k: v.detach().to("cpu").clone() for k, v in _strip_prefixes(net.state_dict()).items()}
+    # the reference builds the same arch from the same arguments: check the keys fit it
+    inferred_arch, inferred = _infer(arch, sd)
+    try:
+        if inferred_arch is None and not inferred:
+            raise ValueError("its keys are not this architecture's")
+        with torch.device("meta"):  # keys and shapes only
+            reference = build_network(arch, fused=False, init_type=None,
+                                      **{k: v for k, v in inferred.items() if k in _ARCH_DEFAULTS[arch]})
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"save_reference_checkpoint: the network ({type(net).__name__}) does not look like "
+                         f"arch={arch!r}: {exc}") from exc
+    msg = _mismatch_message(arch, inferred, sd, reference.state_dict())
+    if msg is not None:
+        raise ValueError(f"save_reference_checkpoint: the network's keys are not those of arch={arch!r}: {msg}")
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(sd, tmp)
+    os.replace(tmp, os.fspath(path))

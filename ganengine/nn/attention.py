@@ -1,0 +1,215 @@
+"""SAGAN and BigGAN self-attention modules on the fused attention op, and their fuse rules.
+
+``SelfAttention2d`` has the SAGAN reference's (heykeetae ``Self_Attn``) state_dict keys
+``query_conv.{weight,bias}``, ``key_conv.{weight,bias}``, ``value_conv.{weight,bias}``,
+``gamma`` (shape (1,), zeros), so a SAGAN checkpoint loads as is.
+
+``BigGANSelfAttention2d`` has BigGAN-PyTorch ``layers.Attention``'s keys ``theta``, ``phi``,
+``g``, ``o`` (1x1 convs without bias) and ``gamma`` (a 0-dim tensor). The reference builds them
+with its ``SNConv2d``; here they are plain ``nn.Conv2d`` by default, and any 1x1 conv module
+works in their place (``which_conv=``, torch's ``spectral_norm`` parametrization, or the
+reference's own SN convs moved in by ``ganengine.fuse``), because the convs run as modules.
+The output conv ``o`` is applied to the pooled values before the attention, not after: ``o``
+is affine and every attention row sums to 1, so ``o(attn(g)) == attn(o(g))`` exactly in exact
+arithmetic, and it then works on N/4 positions instead of N and lets the residual fuse.
+
+Fuse rules (``ganengine.fuse``): any module with ``query_conv``/``key_conv``/``value_conv`` and
+a one-element ``gamma`` parameter (SAGAN), or ``theta``/``phi``/``g``/``o`` and ``gamma``
+(BigGAN), is swapped for the module above, reusing its conv submodules and its gamma
+Parameter (same keys, same Parameter objects). The swap is verified: both modules run on a
+probe input (eval mode, gamma temporarily 0.5, state restored afterwards) and the rule declines
+unless the outputs match; a module that returned ``(out, attention)`` gets a replacement that
+does too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ganengine.fuse import register_module_rule
+from ganengine.ops.attention import attention, attention_map
+
+
+class SelfAttention2d(nn.Module):
+    """SAGAN self-attention ``gamma * attn(x) + x`` without the N x N map.
+
+    Args:
+        in_channels: C.
+        reduction: query/key channels are ``in_channels // reduction`` (8 in SAGAN).
+        return_attention: if True, ``forward`` returns ``(out, attention)`` like the reference
+            ``Self_Attn`` (attention (B, N, N), built only then); ``forward(x,
+            return_attention=...)`` overrides it per call.
+    """
+
+    def __init__(self, in_channels: int, reduction: int = 8, return_attention: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if int(in_channels) < 1 or int(reduction) < 1 or in_channels // reduction < 1:
+            raise ValueError(f"SelfAttention2d: need in_channels >= reduction >= 1, got in_channels="
+                             f"{in_channels}, reduction={reduction}")
+        kw = dict(device=device, dtype=dtype)
+        self.in_channels, self.reduction = int(in_channels), int(reduction)
+        d = self.in_channels // self.reduction
+        self.query_conv = nn.Conv2d(in_channels, d, kernel_size=1, **kw)
+        self.key_conv = nn.Conv2d(in_channels, d, kernel_size=1, **kw)
+        self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1, **kw)
+        self.gamma = nn.Parameter(torch.zeros(1, **kw))
+        self.return_attention = bool(return_attention)
+
+    @classmethod
+    def from_modules(cls, query_conv: nn.Module, key_conv: nn.Module, value_conv: nn.Module,
+                     gamma: nn.Parameter, return_attention: bool = False) -> "SelfAttention2d":
+        """Wrap existing conv modules and gamma (used by ``ganengine.fuse``)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.query_conv, self.key_conv, self.value_conv, self.gamma = query_conv, key_conv, value_conv, gamma
+        self.in_channels = _in_channels(value_conv)
+        self.reduction = 0  # unknown for wrapped modules
+        self.return_attention = bool(return_attention)
+        return self
+
+    def forward(self, x: torch.Tensor, return_attention: bool | None = None):
+        if x.dim() != 4:
+            raise ValueError(f"SelfAttention2d: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        q = self.query_conv(x).flatten(2)
+        k = self.key_conv(x).flatten(2)
+        v = self.value_conv(x).flatten(2)
+        out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
+        want = self.return_attention if return_attention is None else return_attention
+        return (out, attention_map(q, k)) if want else out
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, return_attention={self.return_attention}"
+
+
+class BigGANSelfAttention2d(nn.Module):
+    """BigGAN's attention block (BigGAN-PyTorch ``layers.Attention``): theta/phi C/8, g C/2,
+    2x2 max-pooled phi and g, output 1x1 conv ``o`` (C/2 -> C), ``gamma`` (0-dim, zero), no
+    scale; ``gamma * o(attn) + x``. Keys ``theta``, ``phi``, ``g``, ``o``, ``gamma``.
+
+    ``which_conv`` builds the convs (``nn.Conv2d`` by default; pass a spectral-norm conv
+    constructor, e.g. BigGAN's ``SNConv2d``, to match a reference checkpoint with SN buffers).
+    Odd H or W: the pooled maps use floor sizes, as ``F.max_pool2d`` does.
+    """
+
+    def __init__(self, in_channels: int, which_conv=nn.Conv2d):
+        super().__init__()
+        ch = int(in_channels)
+        if ch < 8:
+            raise ValueError(f"BigGANSelfAttention2d: in_channels must be >= 8 (theta/phi have C/8), got {ch}")
+        self.in_channels = ch
+        self.theta = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.phi = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.g = which_conv(ch, ch // 2, kernel_size=1, padding=0, bias=False)
+        self.o = which_conv(ch // 2, ch, kernel_size=1, padding=0, bias=False)
+        self.gamma = nn.Parameter(torch.tensor(0.0))
+
+    @classmethod
+    def from_modules(cls, theta, phi, g, o, gamma) -> "BigGANSelfAttention2d":
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.theta, self.phi, self.g, self.o, self.gamma = theta, phi, g, o, gamma
+        self.in_channels = _in_channels(theta)
+        return self
+
+    def forward(self, x: torch.Tensor, y=None) -> torch.Tensor:  # y: the reference's unused arg
+        if x.dim() != 4:
+            raise ValueError(f"BigGANSelfAttention2d: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[2] < 2 or x.shape[3] < 2:
+            raise ValueError(f"BigGANSelfAttention2d: H and W must be >= 2 (2x2 pooling), got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        theta = self.theta(x).flatten(2)
+        phi = F.max_pool2d(self.phi(x), [2, 2]).flatten(2)
+        value = self.o(F.max_pool2d(self.g(x), [2, 2])).flatten(2)   # o before attn: see module doc
+        return attention(theta, phi, value, x.flatten(2), self.gamma).view(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}"
+
+
+# ----------------------------------------------------------------------------- fuse rules
+def _in_channels(conv: nn.Module) -> int | None:
+    for m in (conv, getattr(conv, "module", None)):  # plain conv, or a wrapper holding .module
+        if m is not None and isinstance(getattr(m, "in_channels", None), int):
+            return m.in_channels
+    return None
+
+
+def _is_param1(p) -> bool:
+    return isinstance(p, nn.Parameter) and p.numel() == 1
+
+
+def _probe_matches(original: nn.Module, replacement: nn.Module, channels: int):
+    """Run both on one input; return (matches, original returned a tuple). State restored."""
+    params = list(original.parameters())
+    if not params:
+        return False, False
+    ref = params[0]
+    saved = {k: v.detach().clone() for k, v in original.state_dict().items()}
+    was_training = original.training
+    gamma = original.gamma
+    try:
+        original.eval()
+        replacement.eval()
+        with torch.no_grad():
+            gamma.fill_(0.5)
+            x = torch.randn(2, channels, 4, 6, device=ref.device, dtype=ref.dtype)
+            want = original(x)
+            got = replacement(x) if not isinstance(want, tuple) else replacement(x, return_attention=True)
+            is_tuple = isinstance(want, tuple)
+            if is_tuple:
+                if not isinstance(got, tuple) or len(want) != len(got):
+                    return False, is_tuple
+                pairs = list(zip(want, got))
+            else:
+                pairs = [(want, got)]
+            tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            ok = all(isinstance(a, torch.Tensor) and a.shape == b.shape
+                     and torch.allclose(a.float(), b.float(), rtol=tol * 10, atol=tol) for a, b in pairs)
+            return ok, is_tuple
+    except Exception:  # a module we do not understand: leave it alone
+        return False, False
+    finally:
+        with torch.no_grad():
+            original.load_state_dict(saved)
+        original.train(was_training)
+        replacement.train(was_training)
+
+
+def _match_sagan(m: nn.Module) -> bool:
+    return (not isinstance(m, SelfAttention2d)
+            and all(isinstance(getattr(m, n, None), nn.Module) for n in ("query_conv", "key_conv", "value_conv"))
+            and _is_param1(getattr(m, "gamma", None)))
+
+
+def _build_sagan(m: nn.Module):
+    channels = _in_channels(m.value_conv)
+    if channels is None:
+        return None
+    new = SelfAttention2d.from_modules(m.query_conv, m.key_conv, m.value_conv, m.gamma)
+    ok, is_tuple = _probe_matches(m, new, channels)
+    if not ok:
+        return None
+    new.return_attention = is_tuple
+    return new
+
+
+def _match_biggan(m: nn.Module) -> bool:
+    return (not isinstance(m, BigGANSelfAttention2d)
+            and all(isinstance(getattr(m, n, None), nn.Module) for n in ("theta", "phi", "g", "o"))
+            and _is_param1(getattr(m, "gamma", None)))
+
+
+def _build_biggan(m: nn.Module):
+    channels = _in_channels(m.theta)
+    if channels is None:
+        return None
+    new = BigGANSelfAttention2d.from_modules(m.theta, m.phi, m.g, m.o, m.gamma)
+    ok, is_tuple = _probe_matches(m, new, channels)
+    return new if ok and not is_tuple else None
+
+
+register_module_rule("sagan_self_attention", _match_sagan, _build_sagan)
+register_module_rule("biggan_self_attention", _match_biggan, _build_biggan)

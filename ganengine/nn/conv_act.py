@@ -1,0 +1,108 @@
+"""``Conv2dAct`` and ``Conv2dInstanceNormAct``: PatchGAN conv blocks on the fused ops.
+
+Both subclass ``nn.Conv2d`` (so ``weight``/``bias`` keys, ``isinstance`` checks and the
+reference ``init_weights`` keep working). Also registers the ``ganengine.fuse`` pair rule
+Conv2d -> LeakyReLU (-> ``Conv2dAct`` at the conv's index, ``nn.Identity`` at the activation's).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ganengine.fuse import register_pair_rule
+from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
+
+
+def _check_supported(name: str, groups, dilation, padding_mode, padding) -> None:
+    if groups != 1:
+        raise ValueError(f"{name}: only groups=1 is supported, got {groups}")
+    if tuple(dilation) != (1, 1):
+        raise ValueError(f"{name}: only dilation=1 is supported, got {dilation}")
+    if padding_mode != "zeros":
+        raise ValueError(f"{name}: only padding_mode='zeros' is supported, got {padding_mode!r}")
+    if isinstance(padding, str):
+        raise ValueError(f"{name}: give padding as ints, got {padding!r}")
+
+
+class Conv2dAct(nn.Conv2d):
+    """``LeakyReLU(negative_slope)(Conv2d(x))`` as one fused op (0 = ReLU).
+
+    Arguments are ``nn.Conv2d``'s (groups=1, dilation=1, zero padding only) plus
+    ``negative_slope``. State dict keys: ``weight`` and, with ``bias=True``, ``bias``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, negative_slope: float = 0.2, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+                         device=device, dtype=dtype)
+        _check_supported("Conv2dAct", self.groups, self.dilation, self.padding_mode, self.padding)
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_act(x, self.weight, self.bias, self.stride, self.padding, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, negative_slope={self.negative_slope}"
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, act: nn.Module) -> "Conv2dAct":
+        """A fused module sharing ``conv``'s parameters (same tensors, same names)."""
+        slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None, negative_slope=slope, device="meta")
+        fused.weight = conv.weight
+        fused.bias = conv.bias
+        fused.train(conv.training)
+        return fused
+
+
+class Conv2dInstanceNormAct(nn.Conv2d):
+    """``act(InstanceNorm2d(Conv2d(x)))``, instance statistics from the conv's output.
+
+    ``nn.Conv2d``'s arguments (groups=1, dilation=1, zero padding) plus the norm's ``eps`` and
+    ``affine`` (no running statistics: the CycleGAN/pix2pix discriminator setting) and
+    ``activation`` ("leaky_relu", "relu", "none") with ``negative_slope``. Keys: ``weight``,
+    ``bias`` (if ``bias=True``; it cancels in the normalisation, as in the reference model),
+    ``norm_weight`` and ``norm_bias`` (if ``affine=True``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, eps: float = 1e-5, affine: bool = False, activation: str = "leaky_relu",
+                 negative_slope: float = 0.2, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+                         device=device, dtype=dtype)
+        _check_supported("Conv2dInstanceNormAct", self.groups, self.dilation, self.padding_mode, self.padding)
+        if activation not in ("leaky_relu", "relu", "none"):
+            raise ValueError(f"Conv2dInstanceNormAct: activation must be 'leaky_relu', 'relu' or 'none', "
+                             f"got {activation!r}")
+        self.eps, self.affine = float(eps), bool(affine)
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        if affine:
+            self.norm_weight = nn.Parameter(torch.ones(out_channels, device=device, dtype=dtype))
+            self.norm_bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("norm_weight", None)
+            self.register_parameter("norm_bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_instance_norm_act(x, self.weight, self.bias, self.stride, self.padding, self.norm_weight,
+                                        self.norm_bias, self.eps, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, eps={self.eps}, affine={self.affine}, activation={self.activation}"
+                + (f"({self.negative_slope})" if self.activation == "leaky_relu" else ""))
+
+
+def _fusable_conv(m: nn.Module) -> bool:
+    # exact type: a subclass may override forward
+    return (type(m) is nn.Conv2d and m.groups == 1 and tuple(m.dilation) == (1, 1)
+            and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
+def _build(conv: nn.Module, act: nn.Module):
+    if not _fusable_conv(conv) or act.negative_slope < 0:
+        return None  # keep the original modules: the fused op only covers this configuration
+    return Conv2dAct.from_modules(conv, act)
+
+
+register_pair_rule("conv2d+leaky_relu", lambda m: type(m) is nn.Conv2d, lambda m: type(m) is nn.LeakyReLU, _build)

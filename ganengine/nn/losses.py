@@ -1,0 +1,64 @@
+"""Loss modules on the fused loss reductions: GANLoss (the CycleGAN reference's interface) and
+CycleLoss."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ganengine.ops.losses import MODES, cycle_loss, discriminator_loss, gan_loss
+
+
+class GANLoss(nn.Module):
+    """Drop-in for the CycleGAN reference's ``GANLoss(gan_mode, target_real_label, target_fake_label)``.
+
+    ``loss(prediction, target_is_real)`` is the mean loss of ``prediction`` against the real or
+    fake label expanded to its shape (vanilla: BCE with logits, lsgan: MSE), or
+    ``-mean``/``+mean`` for wgangp. ``gan_mode="hinge"`` adds the hinge loss; pass
+    ``for_discriminator=False`` for the generator's -mean(x). ``real_label``/``fake_label`` are
+    buffers as in the reference, so its state_dicts load here.
+    """
+
+    def __init__(self, gan_mode: str = "lsgan", target_real_label: float = 1.0, target_fake_label: float = 0.0):
+        super().__init__()
+        if not isinstance(gan_mode, str) or gan_mode.lower() not in MODES:
+            raise ValueError(f"gan_mode must be one of {MODES}, got {gan_mode!r}")
+        self.gan_mode = gan_mode.lower()
+        self.register_buffer("real_label", torch.tensor(float(target_real_label)))
+        self.register_buffer("fake_label", torch.tensor(float(target_fake_label)))
+        # Python copies: reading the buffers per call would synchronise a GPU
+        self._labels = (float(target_real_label), float(target_fake_label))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._labels = (float(self.real_label), float(self.fake_label))
+
+    def forward(self, prediction: torch.Tensor, target_is_real: bool, for_discriminator: bool = True) -> torch.Tensor:
+        return gan_loss(prediction, target_is_real, self.gan_mode, for_discriminator,
+                        real_label=self._labels[0], fake_label=self._labels[1])
+
+    def discriminator(self, real_prediction: torch.Tensor, fake_prediction: torch.Tensor) -> torch.Tensor:
+        """0.5 * (loss(real, True) + loss(fake, False)) in one pass (the reference's backward_D)."""
+        return discriminator_loss(real_prediction, fake_prediction, self.gan_mode,
+                                  real_label=self._labels[0], fake_label=self._labels[1])
+
+    def extra_repr(self) -> str:
+        return f"gan_mode={self.gan_mode!r}, target_real_label={self._labels[0]}, target_fake_label={self._labels[1]}"
+
+
+class CycleLoss(nn.Module):
+    """CycleGAN's cycle-consistency and identity L1 terms, all in one pass.
+
+    ``loss(real_a, rec_a, real_b, rec_b, idt_a=None, idt_b=None)`` returns ``(total, terms)``
+    with terms ``cycle_a``, ``cycle_b`` (and ``idt_a``, ``idt_b``), weighted as the reference:
+    lambda_a, lambda_b, lambda_b * lambda_identity, lambda_a * lambda_identity.
+    """
+
+    def __init__(self, lambda_a: float = 10.0, lambda_b: float = 10.0, lambda_identity: float = 0.5):
+        super().__init__()
+        self.lambda_a, self.lambda_b, self.lambda_identity = float(lambda_a), float(lambda_b), float(lambda_identity)
+
+    def forward(self, real_a, rec_a, real_b, rec_b, idt_a=None, idt_b=None):
+        return cycle_loss(real_a, rec_a, real_b, rec_b, idt_a, idt_b, self.lambda_a, self.lambda_b, self.lambda_identity)
+
+    def extra_repr(self) -> str:
+        return f"lambda_a={self.lambda_a}, lambda_b={self.lambda_b}, lambda_identity={self.lambda_identity}"

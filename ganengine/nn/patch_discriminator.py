@@ -1,0 +1,122 @@
+"""``PatchDiscriminator``: the pix2pix / CycleGAN 70x70 PatchGAN on the fused conv ops.
+
+Same module tree as the reference ``NLayerDiscriminator`` (``self.model = nn.Sequential`` of
+Conv2d / norm / LeakyReLU at the same indices), so state_dict keys, parameter counts and
+reference checkpoints carry over unchanged. The forward walks those children and runs each
+Conv2d -> [norm] -> LeakyReLU group as one fused op:
+  Conv2d -> LeakyReLU                            ganengine conv2d_act
+  Conv2d -> InstanceNorm2d (no running stats)    ganengine conv2d_instance_norm_act
+  Conv2d -> BatchNorm2d -> LeakyReLU             oneDNN/cuDNN conv, F.batch_norm, in-place act
+  Conv2d (the 1-channel head)                    F.conv2d
+Anything it does not recognise (a module swapped in by the user) simply runs as a module.
+``channels_last=True`` (the default) runs the convolutions in NHWC, which oneDNN and cuDNN run
+faster than NCHW (measured on CPU: docs/conv_act.md), and keeps the conv weights in
+channels_last memory (same shapes, keys and values; only the strides differ). The 1-channel
+output is returned in the usual contiguous layout.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
+
+NORMS = ("instance", "batch", "none")
+
+
+def _norm_layer(norm: str):
+    if norm == "batch":
+        return functools.partial(nn.BatchNorm2d, affine=True, track_running_stats=True)
+    if norm == "instance":
+        return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    return lambda channels: nn.Identity()
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator, ``NLayerDiscriminator(input_nc, ndf, n_layers, norm_layer)``.
+
+    ``norm``: "instance" (CycleGAN: affine=False, no running stats, conv bias on),
+    "batch" (pix2pix: BatchNorm2d, bias-free convs before it) or "none" (Identity layers and, as
+    in the current reference code, bias-free middle convs). Weights use PyTorch's default init
+    like the reference constructor; ``init_weights()`` applies the reference normal(0, 0.02).
+    """
+
+    def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
+                 channels_last: bool = True):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"PatchDiscriminator: norm must be one of {NORMS}, got {norm!r}")
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"PatchDiscriminator: n_layers must be an int >= 1, got {n_layers!r}")
+        if input_nc < 1 or ndf < 1:
+            raise ValueError(f"PatchDiscriminator: input_nc and ndf must be >= 1, got {input_nc}, {ndf}")
+        self.input_nc, self.ndf, self.n_layers, self.norm = input_nc, ndf, n_layers, norm
+        self.channels_last = bool(channels_last)
+        norm_layer = _norm_layer(norm)
+        use_bias = norm == "instance"  # the reference's rule: bias only when the norm is InstanceNorm2d
+        seq = [nn.Conv2d(input_nc, ndf, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2 ** n, 8)
+            seq += [nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=2, padding=1, bias=use_bias),
+                    norm_layer(ndf * mult), nn.LeakyReLU(0.2, True)]
+        prev, mult = mult, min(2 ** n_layers, 8)
+        seq += [nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=1, padding=1, bias=use_bias),
+                norm_layer(ndf * mult), nn.LeakyReLU(0.2, True)]
+        seq += [nn.Conv2d(ndf * mult, 1, kernel_size=4, stride=1, padding=1)]
+        self.model = nn.Sequential(*seq)
+        if self.channels_last:
+            # NHWC weights too: oneDNN then reads them as they are and writes dW in the
+            # parameter's own layout (NCHW weights cost 4 weight-sized copies per step)
+            self.model.to(memory_format=torch.channels_last)
+
+    def init_weights(self, gain: float = 0.02) -> "PatchDiscriminator":
+        """The reference ``init_weights(net, 'normal', gain)``: conv weights N(0, gain), biases 0,
+        BatchNorm weights N(1, gain), BatchNorm biases 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, gain)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, gain)
+                nn.init.zeros_(m.bias)
+        return self
+
+    @staticmethod
+    def _fusable_conv(m) -> bool:
+        return (type(m) in (nn.Conv2d,) and m.groups == 1 and tuple(m.dilation) == (1, 1)
+                and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.input_nc:
+            raise ValueError(f"PatchDiscriminator: expected input (N, {self.input_nc}, H, W), got {tuple(x.shape)}")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        mods = list(self.model)
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            nxt2 = mods[i + 2] if i + 2 < len(mods) else None
+            if self._fusable_conv(m):
+                if type(nxt) is nn.LeakyReLU and nxt.negative_slope >= 0:
+                    x = conv2d_act(x, m.weight, m.bias, m.stride, m.padding, nxt.negative_slope)
+                    i += 2
+                    continue
+                if type(nxt) is nn.Identity and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0:
+                    x = conv2d_act(x, m.weight, m.bias, m.stride, m.padding, nxt2.negative_slope)
+                    i += 3
+                    continue
+                if (type(nxt) is nn.InstanceNorm2d and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0
+                        and nxt.running_mean is None and nxt.num_features == m.out_channels):
+                    x = conv2d_instance_norm_act(x, m.weight, m.bias, m.stride, m.padding, nxt.weight, nxt.bias,
+                                                 nxt.eps, "leaky_relu", nxt2.negative_slope)
+                    i += 3
+                    continue
+            x = m(x)
+            i += 1
+        return x.contiguous() if self.channels_last else x

@@ -1,0 +1,319 @@
+"""SAGAN self-attention without the N x N map: custom ops, fake impls, autograd, dispatch.
+
+The block is ``out = gamma * attn(x) + x`` with (SAGAN, heykeetae ``Self_Attn``)::
+
+    q = conv1x1(x) (B, d, N), k = conv1x1(x) (B, d, M), v = conv1x1(x) (B, C, M)
+    P = softmax_over_keys(q^T k)          # no 1/sqrt(d) scale, (B, N, M)
+    o = v P^T                             # (B, C, N)
+    out = gamma * o + x
+
+The 1x1 convolutions are GEMMs that cuBLAS/oneDNN already do optimally, so they run as
+``F.conv2d``; the fused op is the flash-attention core with unequal head dims (d = C/8 for
+q/k, C for v) and the residual in its epilogue. M may differ from N (BigGAN pools k and v).
+
+Ops (namespace ``ganengine``), all tensors "channel-major" 3-D views of any strides:
+  attention_fwd(q (B,d,N), k (B,d,M), v (B,C,M), x (B,C,N), gamma (numel 1))
+      -> (out like x, o like x in v's dtype, lse (B,N))
+  attention_bwd(grad_out, q, k, v, lse, delta, gamma) -> (dq, dk, dv)
+where ``lse`` is the natural-log sum-exp of each query row (fp32; fp64 for fp64 input) and
+``delta = gamma * rowsum(grad_out * o)``. Only O(N * C) is saved for the backward; P is
+recomputed from ``lse``. dgamma = sum(grad_out * o) and dx = grad_out are done with torch.
+
+Double backward (gradient penalties): when the backward runs with grad mode on
+(``create_graph=True``), it uses differentiable torch ops (the reference math, which builds
+the N x N map for that call only), so second derivatives are exact.
+
+dtypes: q, k, v share one dtype; x and out share one (they may differ, as under autocast,
+where the convs produce fp16/bf16 q, k, v and x stays fp32: the residual keeps x's precision);
+gamma is read in fp32. Autocast rule: none registered (autocast falls through), on purpose:
+the convs in front of the op already follow autocast, and casting x down would lose the
+residual's precision. Accumulation is fp32 (fp64 for fp64 input) in every backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ganengine.ops import _dispatch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch backend: query rows per chunk are chosen so a score chunk stays near this many elements
+_TORCH_CHUNK_ELEMS = 1 << 24
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _like(template: Tensor, value: Tensor) -> Tensor:
+    """``value`` with ``template``'s dtype and strides (what the fake impl promises)."""
+    out = torch.empty_like(template)
+    if out.stride() == value.stride() and out.dtype == value.dtype:
+        return value
+    out.copy_(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+def check_core(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("x", x)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"attention: {name} must be a 3-D (batch, channels, positions) tensor, "
+                             f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} must be a floating tensor, got {t.dtype}")
+    b, d, n = q.shape
+    if k.shape[0] != b or k.shape[1] != d:
+        raise ValueError(f"attention: k must be (B={b}, d={d}, M), got {tuple(k.shape)}")
+    m = k.shape[2]
+    if v.shape[0] != b or v.shape[2] != m:
+        raise ValueError(f"attention: v must be (B={b}, C, M={m}), got {tuple(v.shape)}")
+    if tuple(x.shape) != (b, v.shape[1], n):
+        raise ValueError(f"attention: x must be (B={b}, C={v.shape[1]}, N={n}), got {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(gamma, Tensor) or gamma.numel() != 1:
+        raise ValueError(f"attention: gamma must be a tensor with one element, got "
+                         f"{tuple(gamma.shape) if isinstance(gamma, Tensor) else type(gamma).__name__}")
+    devs = {t.device for t in (q, k, v, x, gamma)}
+    if len(devs) != 1:
+        raise ValueError(f"attention: all tensors must be on one device, got {sorted(map(str, devs))}")
+    if n == 0 or m == 0 or b == 0 or d == 0:
+        raise ValueError(f"attention: empty input (B={b}, d={d}, N={n}, M={m})")
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _chunk_rows(b: int, m: int) -> int:
+    return max(1, _TORCH_CHUNK_ELEMS // max(1, b * m))
+
+
+def _torch_fwd(q, k, v, x, gamma):
+    ct = acc_dtype(q.dtype)
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+    g = gamma.to(ct).reshape(())
+    b, _, n = q.shape
+    out = torch.empty_like(x)
+    o = torch.empty_like(x, dtype=v.dtype)
+    lse = x.new_empty((b, n), dtype=ct)
+    step = _chunk_rows(b, k.shape[2])
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        s = torch.bmm(qf[:, :, i0:i1].transpose(1, 2), kf)          # (B, c, M)
+        l = torch.logsumexp(s, dim=-1)
+        oc = torch.bmm(vf, torch.exp(s - l[..., None]).transpose(1, 2))  # (B, C, c)
+        o[:, :, i0:i1] = oc
+        out[:, :, i0:i1] = g * oc + x[:, :, i0:i1].to(ct)
+        lse[:, i0:i1] = l
+    return out, o, lse
+
+
+def _torch_bwd(grad, q, k, v, lse, delta, gamma):
+    ct = acc_dtype(q.dtype)
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
+    d_o = grad.to(ct) * gamma.to(ct).reshape(())
+    lse, delta = lse.to(ct), delta.to(ct)
+    dq = torch.empty_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    n = q.shape[2]
+    step = _chunk_rows(q.shape[0], k.shape[2])
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        qc, doc = qf[:, :, i0:i1], d_o[:, :, i0:i1]
+        p = torch.exp(torch.bmm(qc.transpose(1, 2), kf) - lse[:, i0:i1, None])  # (B, c, M)
+        dv += torch.bmm(doc, p)
+        dp = torch.bmm(doc.transpose(1, 2), vf)
+        ds = p * (dp - delta[:, i0:i1, None])
+        dq[:, :, i0:i1] = torch.bmm(kf, ds.transpose(1, 2))
+        dk += torch.bmm(qc, ds)
+    return _like(q, dq.to(q.dtype)), _like(k, dk.to(k.dtype)), _like(v, dv.to(v.dtype))
+
+
+def reference_attention(q, k, v, x, gamma, return_attention=False):
+    """Differentiable reference (builds the (B, N, M) map): the ground truth of the tests."""
+    ct = acc_dtype(q.dtype)
+    p = torch.softmax(torch.bmm(q.to(ct).transpose(1, 2), k.to(ct)), dim=-1)
+    o = torch.bmm(v.to(ct), p.transpose(1, 2))
+    out = (gamma.to(ct).reshape(()) * o + x.to(ct)).to(x.dtype)
+    return (out, p.to(q.dtype)) if return_attention else out
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _triton_verdict(q: Tensor) -> str | None:
+    if q.dtype == torch.float64:
+        return "the Triton kernels support float16/bfloat16/float32, got float64"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "bfloat16 tl.dot is wrong under the Triton interpreter"
+    return None
+
+
+def _backend_for(q: Tensor, op: str) -> str:
+    return _dispatch.choose("attention", q, {
+        "triton": _triton_verdict(q),
+        "cpu": _dispatch.ext_reason(op, q.device),
+    })
+
+
+def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the C++ kernels run in fp32/fp64; half inputs are widened (O(N*C) copies)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("ganengine::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    backend = _backend_for(q, "attention_fwd")
+    if backend == "triton":
+        from ganengine.kernels import attention as tk
+
+        return tk.forward(q, k, v, x, gamma)
+    if backend == "cpu":
+        from ganengine import _ext
+
+        ct = _cpu_dtype(q.dtype)
+        out, o, lse = _ext.op("attention_fwd")(
+            q.to(ct).contiguous(), k.to(ct).contiguous(), v.to(ct).contiguous(),
+            x.to(ct).contiguous(), gamma.to(ct).reshape(1))
+        return _like(x, out.to(x.dtype)), _like(torch.empty_like(x, dtype=v.dtype), o.to(v.dtype)), lse
+    return _torch_fwd(q, k, v, x, gamma)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, x, gamma):
+    return (torch.empty_like(x), torch.empty_like(x, dtype=v.dtype),
+            x.new_empty((q.shape[0], q.shape[2]), dtype=acc_dtype(q.dtype)))
+
+
+@torch.library.custom_op("ganengine::attention_bwd", mutates_args=())
+def attention_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+                  gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    backend = _backend_for(q, "attention_bwd")
+    if backend == "triton":
+        from ganengine.kernels import attention as tk
+
+        return tk.backward(grad, q, k, v, lse, delta, gamma)
+    if backend == "cpu":
+        from ganengine import _ext
+
+        ct = _cpu_dtype(q.dtype)
+        dq, dk, dv = _ext.op("attention_bwd")(
+            grad.to(ct).contiguous(), q.to(ct).contiguous(), k.to(ct).contiguous(),
+            v.to(ct).contiguous(), lse.to(ct).contiguous(), delta.to(ct).contiguous(),
+            gamma.to(ct).reshape(1))
+        return _like(q, dq.to(q.dtype)), _like(k, dk.to(k.dtype)), _like(v, dv.to(v.dtype))
+    return _torch_bwd(grad, q, k, v, lse, delta, gamma)
+
+
+@attention_bwd.register_fake
+def _(grad, q, k, v, lse, delta, gamma):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    q, k, v, _x, gamma = inputs
+    _, o, lse = output
+    ctx.save_for_backward(q, k, v, gamma, o, lse)
+
+
+def _grads_differentiable(g, q, k, v, gamma):
+    """dq, dk, dv, dgamma with differentiable torch ops (double backward; builds P)."""
+    ct = acc_dtype(q.dtype)
+    qf, kf, vf, gf = q.to(ct), k.to(ct), v.to(ct), g.to(ct)
+    gam = gamma.to(ct).reshape(())
+    p = torch.softmax(torch.bmm(qf.transpose(1, 2), kf), dim=-1)   # (B, N, M)
+    o = torch.bmm(vf, p.transpose(1, 2))
+    dgamma = (gf * o).sum()
+    d_o = gam * gf
+    dv = torch.bmm(d_o, p)
+    dp = torch.bmm(d_o.transpose(1, 2), vf)
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    dq = torch.bmm(kf, ds.transpose(1, 2))
+    dk = torch.bmm(qf, ds)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgamma
+
+
+def _backward(ctx, grad_out, grad_o, grad_lse):
+    # o and lse are internal outputs; the public functions never hand them out
+    q, k, v, gamma, o, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        dq, dk, dv, dgamma = _grads_differentiable(grad_out, q, k, v, gamma)
+    else:
+        ct = lse.dtype
+        rowdot = (grad_out.to(ct) * o.to(ct)).sum(dim=1)           # (B, N)
+        dgamma = rowdot.sum()
+        delta = rowdot * gamma.to(ct).reshape(())
+        dq, dk, dv = attention_bwd(grad_out, q, k, v, lse, delta, gamma)
+    return dq, dk, dv, grad_out, dgamma.to(gamma.dtype).reshape(gamma.shape)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public
+def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tensor:
+    """``gamma * (v softmax(q^T k)^T) + x`` on channel-major (B, d, N) / (B, d, M) / (B, C, M) /
+    (B, C, N) tensors, without the N x M map. The core under both attention modules."""
+    if not isinstance(gamma, Tensor):
+        gamma = torch.tensor(float(gamma), device=x.device)
+    check_core(q, k, v, x, gamma)
+    return attention_fwd(q, k, v, x, gamma)[0]
+
+
+def _conv_weight(name: str, w: Tensor, out_ch: int | None, in_ch: int) -> Tensor:
+    if not isinstance(w, Tensor):
+        raise TypeError(f"self_attention2d: {name} must be a tensor, got {type(w).__name__}")
+    if w.dim() == 2:  # accept a (out, in) matrix too
+        w = w[:, :, None, None]
+    if w.dim() != 4 or w.shape[1] != in_ch or w.shape[2:] != (1, 1) or (out_ch is not None and w.shape[0] != out_ch):
+        want = f"({out_ch if out_ch is not None else 'd'}, {in_ch}, 1, 1)"
+        raise ValueError(f"self_attention2d: {name} must be a 1x1 conv weight {want}, got {tuple(w.shape)}")
+    return w
+
+
+def _conv_bias(name: str, b: Tensor | None, out_ch: int) -> Tensor | None:
+    if b is not None and (not isinstance(b, Tensor) or tuple(b.shape) != (out_ch,)):
+        raise ValueError(f"self_attention2d: {name} must be None or a ({out_ch},) tensor, got "
+                         f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+    return b
+
+
+def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
+                     key_weight: Tensor, key_bias: Tensor | None,
+                     value_weight: Tensor, value_bias: Tensor | None,
+                     gamma: Tensor, return_attention: bool = False):
+    """The SAGAN block ``gamma * attn(x) + x`` (heykeetae ``Self_Attn``), never building the
+    N x N attention map unless ``return_attention=True``; then returns ``(out, attention)``
+    with ``attention`` of shape (B, N, N) as the reference does.
+
+    Weights are 1x1 conv weights: query/key (d, C, 1, 1), value (C, C, 1, 1); biases (d,) /
+    (C,) or None; ``gamma`` a one-element tensor (the reference's ``(1,)`` parameter).
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"self_attention2d: x must be a 4-D (B, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    b, c, h, w = x.shape
+    query_weight = _conv_weight("query_weight", query_weight, None, c)
+    d = query_weight.shape[0]
+    key_weight = _conv_weight("key_weight", key_weight, d, c)
+    value_weight = _conv_weight("value_weight", value_weight, c, c)
+    query_bias = _conv_bias("query_bias", query_bias, d)
+    key_bias = _conv_bias("key_bias", key_bias, d)
+    value_bias = _conv_bias("value_bias", value_bias, c)
+    if not isinstance(gamma, Tensor):
+        gamma = torch.tensor([float(gamma)], device=x.device)
+    q = F.conv2d(x, query_weight, query_bias).flatten(2)
+    k = F.conv2d(x, key_weight, key_bias).flatten(2)
+    v = F.conv2d(x, value_weight, value_bias).flatten(2)
+    x3 = x.flatten(2)
+    out = attention(q, k, v, x3, gamma).view(b, c, h, w)
+    return (out, attention_map(q, k)) if return_attention else out
+
+
+def attention_map(q: Tensor, k: Tensor) -> Tensor:
+    """The (B, N, M) map softmax(q^T k) the reference returns, differentiable. Only built on
+    request: ``out`` still comes from the fused op, so the (B, C, N) x (B, N, M) product
+    and its backward never run through the map."""
+    ct = acc_dtype(q.dtype)
+    return torch.softmax(torch.bmm(q.to(ct).transpose(1, 2), k.to(ct)), dim=-1).to(q.dtype)

@@ -1,0 +1,492 @@
+"""PatchGAN convolutions with fused epilogues: custom ops, fake impls, autograd, dispatch.
+
+Ops (namespace ``ganengine``):
+  conv2d_act_fwd(x, weight, bias?, stride, padding, slope) -> y
+      y = leaky_relu(conv2d(x, weight, bias), slope)
+  conv2d_act_bwd(grad_y, x, weight, y, stride, padding, slope, mask) -> (dx, dw, db)
+      needs only the sign of y (slope >= 0), so autograd saves the output, not the conv result
+  conv2d_in_act_fwd(x, weight, gamma?, beta?, stride, padding, eps, slope) -> (y, c, mean, rstd)
+      c = conv2d(x, weight) (no bias: instance norm removes it exactly),
+      y = leaky_relu((c - mean) * rstd * gamma + beta, slope); mean/rstd per (n, c) in fp32
+  conv2d_in_act_bwd(grad_y, x, weight, c, mean, rstd, gamma?, beta?, stride, padding, slope, mask)
+      -> (dx, dw, dgamma, dbeta)
+Entries of ``mask`` say which gradients are wanted; an unwanted one comes back as an empty
+tensor. "relu" is slope 0 and "none" is slope 1, so one kernel serves every activation.
+
+Layout: outputs and dx are channels_last when x is (NHWC-dense and not NCHW-contiguous),
+NCHW-contiguous otherwise; dw follows weight the same way.
+
+Backends: torch (F.conv2d composition, the reference), cpu (oneDNN conv + fused C++ epilogues,
+csrc/cpu/conv_act.cpp), triton (kernels/conv_act.py). The triton backend has two convolution
+implementations: "vendor" (cuDNN / oneDNN convolution + Triton epilogue kernels) and "igemm"
+(Triton implicit-GEMM convolutions with the epilogue fused, data and weight gradients as
+implicit GEMMs too). ``triton_conv_impl(name)`` / ``GANENGINE_CONV_IMPL`` pick one; "auto" is
+vendor on CUDA (cuDNN is expected to beat a hand-written conv; not measured here, no GPU) and
+igemm on CPU tensors under the interpreter, where the point is exercising our kernels.
+
+Autocast rule: like F.conv2d, the convolution runs in the autocast dtype (inputs are cast in
+the public functions); statistics accumulate in fp32 and gamma/beta are read in fp32.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ganengine.ops import _dispatch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CONV_IMPLS = ("auto", "vendor", "igemm")
+_conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
+
+
+class triton_conv_impl:
+    """Pick the triton backend's convolution: ``"vendor"``, ``"igemm"`` or ``"auto"``.
+
+    ``triton_conv_impl("igemm")`` sets it; ``with triton_conv_impl("igemm"):`` scopes it.
+    """
+
+    def __init__(self, name: str):
+        if name not in CONV_IMPLS:
+            raise ValueError(f"triton_conv_impl: name must be one of {CONV_IMPLS}, got {name!r}")
+        self._token = _conv_impl.set(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _conv_impl.reset(self._token)
+        return False
+
+
+def _resolved_conv_impl(device: torch.device) -> str:
+    name = _conv_impl.get() or os.environ.get("GANENGINE_CONV_IMPL", "auto")
+    if name not in CONV_IMPLS:
+        raise ValueError(f"GANENGINE_CONV_IMPL must be one of {CONV_IMPLS}, got {name!r}")
+    if name == "auto":
+        return "vendor" if device.type == "cuda" else "igemm"
+    return name
+
+
+# ----------------------------------------------------------------------------- helpers
+def out_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout this family writes for outputs shaped like ``t`` (see module docstring)."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _out_shape(x, w, stride, padding):
+    n, _, h, wd = x.shape
+    oh = (h + 2 * padding[0] - w.shape[2]) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - w.shape[3]) // stride[1] + 1
+    return (n, w.shape[0], oh, ow)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_or(t_like, shape, fmt, wanted):
+    if not wanted:
+        return t_like.new_empty((0,))
+    return torch.empty(shape, dtype=t_like.dtype, device=t_like.device, memory_format=fmt)
+
+
+def _conv_bwd(gz, x, w, stride, padding, mask):
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        gz, x, w, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [mask[0], mask[1], False])
+    dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
+    dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
+    return dx, dw
+
+
+def _vendor_conv(x, w, bias, stride, padding):
+    y = torch.ops.aten.convolution(x, w, bias, list(stride), list(padding), [1, 1], False, [0, 0], 1)
+    return y.contiguous(memory_format=out_format(x))
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _torch_act_fwd(x, w, b, stride, padding, slope):
+    y = F.leaky_relu(_vendor_conv(x, w, b, stride, padding), slope)
+    return y.contiguous(memory_format=out_format(x))
+
+
+def _torch_act_bwd(grad, x, w, y, stride, padding, slope, mask):
+    gz = torch.where(y > 0, grad, grad * slope).contiguous(memory_format=out_format(y))
+    dx, dw = _conv_bwd(gz, x, w, stride, padding, mask)
+    db = gz.sum(dim=(0, 2, 3), dtype=_acc(gz.dtype)).to(gz.dtype) if mask[2] else gz.new_empty((0,))
+    return dx, dw, db
+
+
+def _in_act_apply(c, gamma, beta, eps, slope):
+    acc = _acc(c.dtype)
+    cf = c.to(acc)
+    var, mean = torch.var_mean(cf, dim=(2, 3), unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    z = (cf - mean[:, :, None, None]) * rstd[:, :, None, None]
+    if gamma is not None:
+        z = z * gamma.to(acc)[None, :, None, None]
+    if beta is not None:
+        z = z + beta.to(acc)[None, :, None, None]
+    y = F.leaky_relu(z, slope).to(c.dtype).contiguous(memory_format=out_format(c))
+    return y, mean, rstd
+
+
+def _torch_in_fwd(x, w, gamma, beta, stride, padding, eps, slope):
+    c = _vendor_conv(x, w, None, stride, padding)
+    y, mean, rstd = _in_act_apply(c, gamma, beta, eps, slope)
+    return y, c, mean, rstd
+
+
+def _in_act_grad(grad, c, mean, rstd, gamma, beta, slope):
+    """dc and the per-(n, c) sums A = sum dz, B = sum dz * xhat (torch composition)."""
+    acc = mean.dtype
+    xhat = (c.to(acc) - mean[:, :, None, None]) * rstd[:, :, None, None]
+    z = xhat
+    if gamma is not None:
+        z = z * gamma.to(acc)[None, :, None, None]
+    if beta is not None:
+        z = z + beta.to(acc)[None, :, None, None]
+    g = grad.to(acc)
+    dz = torch.where(z > 0, g, g * slope)
+    a = dz.sum(dim=(2, 3))
+    b = (dz * xhat).sum(dim=(2, 3))
+    hw = c.shape[2] * c.shape[3]
+    k = rstd if gamma is None else rstd * gamma.to(acc)[None, :]
+    dc = k[:, :, None, None] * (dz - (a / hw)[:, :, None, None] - xhat * (b / hw)[:, :, None, None])
+    return dc.to(c.dtype).contiguous(memory_format=out_format(c)), a, b
+
+
+def _torch_in_bwd(grad, x, w, c, mean, rstd, gamma, beta, stride, padding, slope, mask):
+    dc, a, b = _in_act_grad(grad, c, mean, rstd, gamma, beta, slope)
+    dx, dw = _conv_bwd(dc, x, w, stride, padding, mask)
+    return dx, dw, b.sum(0), a.sum(0)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _triton_verdict(x: torch.Tensor) -> str | None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} is not supported (fp16, bf16, fp32)"
+    if _resolved_conv_impl(x.device) == "igemm":
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return "tl.dot on bf16 is broken in the Triton interpreter"
+    return None
+
+
+def _backend(op: str, ext_op: str, x: torch.Tensor) -> str:
+    cpu_reason = _dispatch.ext_reason(ext_op, x.device)
+    if cpu_reason is None and x.dtype not in _FLOATS:
+        cpu_reason = f"dtype {x.dtype} is not supported"
+    return _dispatch.choose(op, x, {"triton": _triton_verdict(x), "cpu": cpu_reason})
+
+
+def _tk():
+    from ganengine.kernels import conv_act as tk
+
+    return tk
+
+
+@torch.library.custom_op("ganengine::conv2d_act_fwd", mutates_args=())
+def conv2d_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                   padding: list[int], negative_slope: float) -> torch.Tensor:
+    backend = _backend("conv2d_act", "conv_act_fwd", x)
+    if backend == "torch":
+        return _torch_act_fwd(x, weight, bias, stride, padding, negative_slope)
+    x = _dense(x)
+    if backend == "cpu":
+        from ganengine import _ext
+
+        return _ext.op("conv_act_fwd")(x, weight, bias, stride, padding, negative_slope)
+    tk = _tk()
+    if _resolved_conv_impl(x.device) == "igemm":
+        return tk.conv2d(x, weight, bias, stride, padding, slope=negative_slope, fmt=out_format(x))
+    y = _vendor_conv(x, weight, None, stride, padding)
+    tk.bias_act_(y, bias, negative_slope)
+    return y
+
+
+@conv2d_act_fwd.register_fake
+def _(x, weight, bias, stride, padding, negative_slope):
+    return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
+                       memory_format=out_format(x))
+
+
+@torch.library.custom_op("ganengine::conv2d_act_bwd", mutates_args=())
+def conv2d_act_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                   stride: list[int], padding: list[int], negative_slope: float, mask: list[bool]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend("conv2d_act", "conv_act_bwd", x)
+    if backend == "torch":
+        return _torch_act_bwd(grad, x, weight, y, stride, padding, negative_slope, mask)
+    x = _dense(x)
+    if backend == "cpu":
+        from ganengine import _ext
+
+        return _ext.op("conv_act_bwd")(grad, x, weight, y, stride, padding, negative_slope, mask)
+    tk = _tk()
+    gz, db = tk.act_grad(grad, y, negative_slope)
+    db = db.to(y.dtype) if mask[2] else y.new_empty((0,))
+    if _resolved_conv_impl(x.device) == "vendor":
+        dx, dw = _conv_bwd(gz, x, weight, stride, padding, mask)
+        return dx, dw, db
+    dx = tk.conv2d_grad_input(gz, weight, x.shape, stride, padding, out_format(x)) if mask[0] else x.new_empty((0,))
+    dw = tk.conv2d_grad_weight(gz, x, weight.shape, stride, padding).contiguous(
+        memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
+    return dx, dw, db
+
+
+@conv2d_act_bwd.register_fake
+def _(grad, x, weight, y, stride, padding, negative_slope, mask):
+    return (_empty_or(x, x.shape, out_format(x), mask[0]), _empty_or(weight, weight.shape, out_format(weight), mask[1]),
+            _empty_or(y, (y.shape[1],), torch.contiguous_format, mask[2]))
+
+
+@torch.library.custom_op("ganengine::conv2d_in_act_fwd", mutates_args=())
+def conv2d_in_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
+                      beta: torch.Tensor | None, stride: list[int], padding: list[int], eps: float,
+                      negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend("conv2d_instance_norm_act", "conv_in_act_fwd", x)
+    if backend == "torch":
+        return _torch_in_fwd(x, weight, gamma, beta, stride, padding, eps, negative_slope)
+    x = _dense(x)
+    if backend == "cpu":
+        from ganengine import _ext
+
+        return _ext.op("conv_in_act_fwd")(x, weight, gamma, beta, stride, padding, eps, negative_slope)
+    tk = _tk()
+    if _resolved_conv_impl(x.device) == "igemm":
+        c, mean, rstd = tk.conv2d(x, weight, None, stride, padding, fmt=out_format(x), stats_eps=eps)
+    else:
+        c = _vendor_conv(x, weight, None, stride, padding)
+        mean, rstd = tk.instance_stats(c, eps)
+    y = tk.norm_act(c, mean, rstd, gamma, beta, negative_slope)
+    acc = _acc(x.dtype)  # the kernels keep statistics in fp32
+    return y, c, mean.to(acc), rstd.to(acc)
+
+
+@conv2d_in_act_fwd.register_fake
+def _(x, weight, bias, gamma, beta, stride, padding, eps, negative_slope):
+    shape = _out_shape(x, weight, stride, padding)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
+    stats = x.new_empty(shape[:2], dtype=_acc(x.dtype))
+    return y, torch.empty_like(y), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("ganengine::conv2d_in_act_bwd", mutates_args=())
+def conv2d_in_act_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: torch.Tensor,
+                      mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor | None,
+                      beta: torch.Tensor | None, stride: list[int], padding: list[int],
+                      negative_slope: float, mask: list[bool]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend("conv2d_instance_norm_act", "conv_in_act_bwd", x)
+    if backend == "torch":
+        return _torch_in_bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slope, mask)
+    x = _dense(x)
+    if backend == "cpu":
+        from ganengine import _ext
+
+        return _ext.op("conv_in_act_bwd")(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding,
+                                          negative_slope, mask[:2])
+    tk = _tk()
+    dc, a, b = tk.norm_act_grad(grad, c, mean.float().contiguous(), rstd.float().contiguous(), gamma, beta,
+                                negative_slope)
+    if _resolved_conv_impl(x.device) == "vendor":
+        dx, dw = _conv_bwd(dc, x, weight, stride, padding, mask)
+    else:
+        dx = tk.conv2d_grad_input(dc, weight, x.shape, stride, padding, out_format(x)) if mask[0] else x.new_empty((0,))
+        dw = tk.conv2d_grad_weight(dc, x, weight.shape, stride, padding).contiguous(
+            memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
+    return dx, dw, b.sum(0), a.sum(0)
+
+
+@conv2d_in_act_bwd.register_fake
+def _(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slope, mask):
+    ch = torch.empty_like(mean[0])
+    return (_empty_or(x, x.shape, out_format(x), mask[0]), _empty_or(weight, weight.shape, out_format(weight), mask[1]),
+            ch, torch.empty_like(ch))
+
+
+# ----------------------------------------------------------------------------- autograd
+def reference_conv2d_act(x, weight, bias, stride, padding, negative_slope):
+    """The differentiable torch composition (double backward, and slope < 0)."""
+    return F.leaky_relu(F.conv2d(x, weight, bias, stride, padding), negative_slope)
+
+
+def reference_conv2d_in_act(x, weight, bias, stride, padding, gamma, beta, eps, negative_slope):
+    c = F.conv2d(x, weight, bias, stride, padding)
+    acc = _acc(c.dtype)
+    var, mean = torch.var_mean(c.to(acc), dim=(2, 3), unbiased=False, keepdim=True)
+    z = (c.to(acc) - mean) * torch.rsqrt(var + eps)
+    if gamma is not None:
+        z = z * gamma.to(acc)[None, :, None, None]
+    if beta is not None:
+        z = z + beta.to(acc)[None, :, None, None]
+    return F.leaky_relu(z, negative_slope).to(c.dtype)
+
+
+def _grads_by_reference(fn, tensors, needs, grad):
+    """Gradients of ``fn(*tensors)`` with create_graph=True, for second derivatives."""
+    wanted = [t for t, n in zip(tensors, needs) if n and t is not None]
+    with torch.enable_grad():
+        out = fn(*tensors)
+        got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(got) if (n and t is not None) else None for t, n in zip(tensors, needs)]
+
+
+def _act_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, slope = inputs
+    ctx.save_for_backward(x, weight, bias, output)
+    ctx.conf = (list(stride), list(padding), slope)
+
+
+def _act_backward(ctx, grad):
+    x, weight, bias, y = ctx.saved_tensors
+    stride, padding, slope = ctx.conf
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        dx, dw, db = _grads_by_reference(
+            lambda a, b, c: reference_conv2d_act(a, b, c, stride, padding, slope), (x, weight, bias), needs, grad)
+        return dx, dw, db, None, None, None
+    mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
+    dx, dw, db = conv2d_act_bwd(grad, x, weight, y, stride, padding, slope, mask)
+    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None, None
+
+
+torch.library.register_autograd("ganengine::conv2d_act_fwd", _act_backward, setup_context=_act_setup)
+
+
+def _in_setup(ctx, inputs, output):
+    x, weight, bias, gamma, beta, stride, padding, eps, slope = inputs
+    _, c, mean, rstd = output
+    ctx.save_for_backward(x, weight, gamma, beta, c, mean, rstd)
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype, bias.device)
+    ctx.conf = (list(stride), list(padding), eps, slope)
+    ctx.mark_non_differentiable(c, mean, rstd)
+
+
+def _in_backward(ctx, grad, _gc, _gm, _gr):
+    x, weight, gamma, beta, c, mean, rstd = ctx.saved_tensors
+    stride, padding, eps, slope = ctx.conf
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + tuple(ctx.needs_input_grad[3:5])
+    # the conv bias is removed exactly by the normalisation: its gradient is exactly zero
+    db = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=ctx.bias_meta[2]) if ctx.bias_meta is not None and ctx.needs_input_grad[2] else None
+    if torch.is_grad_enabled():
+        dx, dw, dg, dbt = _grads_by_reference(
+            lambda a, b, g, bt: reference_conv2d_in_act(a, b, None, stride, padding, g, bt, eps, slope),
+            (x, weight, gamma, beta), needs, grad)
+        return dx, dw, db, dg, dbt, None, None, None, None
+    mask = [bool(needs[0]), bool(needs[1])]
+    dx, dw, dg, dbt = conv2d_in_act_bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, slope, mask)
+    dg = dg.to(gamma.dtype) if gamma is not None and needs[2] else None
+    dbt = dbt.to(beta.dtype) if beta is not None and needs[3] else None
+    return (dx if mask[0] else None), (dw if mask[1] else None), db, dg, dbt, None, None, None, None
+
+
+torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _in_backward, setup_context=_in_setup)
+
+
+# ----------------------------------------------------------------------------- public functions
+def _pair(name: str, v, minimum: int) -> list[int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
+    return [int(v[0]), int(v[1])]
+
+
+def _check_conv(fn: str, x, weight, bias):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: x and weight must be Tensors")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{fn}: weight must be (C_out, C_in, kH, kW), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{fn}: weight expects {weight.shape[1]} input channels (groups=1) but x has "
+                         f"{x.shape[1]} (shape {tuple(x.shape)})")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"{fn}: bias must be None or a ({weight.shape[0]},) tensor, got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+
+
+def _autocast(x, *tensors):
+    """F.conv2d's autocast rule: run in the autocast dtype when autocast is on for x's device."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [t.to(dt) if t is not None and t.is_floating_point() else t for t in (x, *tensors)]
+    if tensors and tensors[0] is not None and tensors[0].dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {tensors[0].dtype}: they must match (outside autocast)")
+    return [x, *tensors]
+
+
+def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+               negative_slope: float = 0.2) -> torch.Tensor:
+    """``F.leaky_relu(F.conv2d(x, weight, bias, stride, padding), negative_slope)``, fused.
+
+    groups=1, dilation=1, zero padding. ``negative_slope=0`` is ReLU and 1 the identity.
+    x: (N, C, H, W), contiguous / channels_last / strided, fp32 / fp16 / bf16 / fp64.
+    Twice differentiable (the double backward differentiates the torch composition).
+    A negative slope runs the plain torch composition (the fused backward reads only the sign of
+    the output, which needs slope >= 0).
+    """
+    _check_conv("conv2d_act", x, weight, bias)
+    stride, padding = _pair("conv2d_act: stride", stride, 1), _pair("conv2d_act: padding", padding, 0)
+    x, weight, bias = _autocast(x, weight, bias)
+    slope = float(negative_slope)
+    if slope < 0:
+        return reference_conv2d_act(x, weight, bias, stride, padding, slope)
+    return conv2d_act_fwd(x, weight, bias, stride, padding, slope)
+
+
+def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                             padding=0, norm_weight: torch.Tensor | None = None,
+                             norm_bias: torch.Tensor | None = None, eps: float = 1e-5,
+                             activation: str = "leaky_relu", negative_slope: float = 0.2) -> torch.Tensor:
+    """``act(F.instance_norm(F.conv2d(x, weight, bias, stride, padding), weight=norm_weight,
+    bias=norm_bias, eps=eps))``, fused: the instance statistics are taken from the conv output
+    (in the conv's epilogue on the implicit-GEMM path) and one pass normalises and activates.
+
+    Instance norm with input statistics only (``track_running_stats=False``, as in the CycleGAN
+    and pix2pix references; a module with running statistics keeps its separate norm layer).
+    ``activation`` is "leaky_relu" (with ``negative_slope``), "relu" or "none". The conv
+    ``bias`` cancels exactly in the normalisation: it is not added, and its gradient is exactly
+    zero (torch's is rounding noise around zero).
+    """
+    fn = "conv2d_instance_norm_act"
+    _check_conv(fn, x, weight, bias)
+    stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
+    c_out = weight.shape[0]
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (c_out,)):
+            raise ValueError(f"{fn}: {name} must be None or a ({c_out},) tensor")
+    if activation == "leaky_relu":
+        slope = float(negative_slope)
+    elif activation == "relu":
+        slope = 0.0
+    elif activation == "none":
+        slope = 1.0
+    else:
+        raise ValueError(f"{fn}: activation must be one of ('leaky_relu', 'relu', 'none'), got {activation!r}")
+    x, weight = _autocast(x, weight)
+    n_out = _out_shape(x, weight, stride, padding)
+    if slope < 0 or n_out[2] * n_out[3] == 0:
+        return reference_conv2d_in_act(x, weight, bias, stride, padding, norm_weight, norm_bias, eps, slope)
+    y, _, _, _ = conv2d_in_act_fwd(x, weight, bias, norm_weight, norm_bias, stride, padding, float(eps), slope)
+    return y

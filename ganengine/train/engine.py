@@ -1,0 +1,358 @@
+"""The training loop: one code path for one process or many (torchrun), eager or AMP.
+
+Order of one step: ``model.train_step`` (all networks, all losses, optimiser steps), then logs,
+then the sample grid (under ``fork_rng``, so sampling never changes the training's random
+numbers), then the checkpoint. Schedulers step once per step (they encode the reference's per-epoch
+schedule through ``steps_per_epoch``).
+Non-finite losses are detected without a device sync per step (a flag accumulates on the
+device and is read at each log / sample / checkpoint point), so a NaN is always found before a
+checkpoint could be written from bad weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ganengine.data import build_dataset, make_loader
+from ganengine.data.sampler import mix
+from ganengine.train import checkpoint as ckpt
+from ganengine.train import distributed as D
+from ganengine.train import rng
+from ganengine.train.context import AmpContext
+from ganengine.train.logger import TrainLogger
+from ganengine.train.visuals import rows as visual_rows
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    model_options: dict = field(default_factory=dict)   # -> build_model(model, **model_options)
+    data_options: dict = field(default_factory=dict)    # -> ganengine.data.build_dataset
+    run_dir: str = "checkpoints/run"                    # checkpoints go here
+    log_dir: str | None = None                          # logs, samples (default: run_dir)
+    batch_size: int = 1                                 # per process
+    n_epochs: int = 100
+    n_epochs_decay: int = 100
+    max_steps: int | None = None
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    resume: str | None = None                           # a checkpoint, a run folder, or "latest"
+    sample_every: int = 100
+    save_every: int = 500
+    print_freq: int = 10
+    keep_checkpoints: int = 3
+    num_workers: int | None = None
+    device: str = "auto"
+    sync_bn: bool = False
+    backend: str | None = None
+    tensorboard: str = "auto"
+    num_samples: int = 4
+    progress: bool = True
+
+
+def _configure_determinism(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    net = getattr(net, "_orig_mod", net)  # torch.compile
+    return getattr(net, "module", net)    # DDP
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from ganengine.models import build_model
+
+        self.cfg = cfg
+        self.dist = D.setup(cfg.device)
+        self.device = self.dist.device
+        self.log_dir = cfg.log_dir or cfg.run_dir
+        if cfg.backend:
+            import ganengine
+
+            ganengine.use_backend(cfg.backend)
+        _configure_determinism(cfg, self.device)
+
+        # data first: a bad dataset is reported before any model is built
+        self.dataset = build_dataset(cfg.model, cfg.data_options)
+        self.loader, self.sampler = make_loader(self.dataset, cfg.batch_size, self.device, cfg.seed, self.dist.rank,
+                                                self.dist.world_size, cfg.num_workers)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        epochs = cfg.n_epochs + cfg.n_epochs_decay
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else epochs * self.steps_per_epoch
+        if self.total_steps <= 0:
+            raise ValueError(f"nothing to train: --max_steps / --n_epochs + --n_epochs_decay give {self.total_steps} steps")
+
+        rng.seed_all(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg.model, **cfg.model_options).to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.networks = {n: getattr(self.model, n) for n in self.model.network_names}  # unwrapped, for checkpoints
+        self.optimizers = self.model.make_optimizers()
+        self.schedulers = self.model.make_schedulers(self.optimizers, cfg.n_epochs, cfg.n_epochs_decay,
+                                                     self.steps_per_epoch) or {}
+        self.ctx = AmpContext(cfg.amp, self.device, list(self.optimizers))
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+
+        resume_state = None
+        if cfg.resume:
+            path = ckpt.latest(cfg.run_dir) if cfg.resume == "latest" else ckpt.resolve(cfg.resume)
+            if path is None:
+                raise ckpt.CheckpointError(f"--resume: no checkpoint in {cfg.run_dir!r} to resume from "
+                                           "(run without --resume to start training)")
+            resume_state = self._load(path)
+            self.resume_path = path
+        else:
+            rng.seed_all(mix(cfg.seed, self.dist.rank, 1))  # per-rank noise / dropout / pool draws
+
+        for name, net in self.networks.items():  # DDP (and compile) wrappers for the step function
+            wrapped = D.wrap(net, self.dist, cfg.sync_bn)
+            if cfg.compile:
+                wrapped = torch.compile(wrapped)
+            if wrapped is not net:
+                setattr(self.model, name, wrapped)
+        if cfg.sync_bn and self.dist.enabled:  # convert_sync_batchnorm may return new modules
+            self.networks = {n: _unwrap(getattr(self.model, n)) for n in self.model.network_names}
+        if resume_state is not None:
+            rng.set_state(resume_state)
+
+        self.logger = None
+        if self.dist.is_main:
+            self.logger = TrainLogger(self.log_dir, cfg.tensorboard, self.step if cfg.resume else None)
+        self.sample_batch = self._sample_batch()
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._sums: dict[str, tuple] = {}
+        self.interrupted_checkpoint = None
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        rngs = D.gather_objects(rng.get_state(), self.dist)
+        return {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION, "model": self.cfg.model,
+            "options": json.loads(json.dumps(self.model.options)),
+            "data": json.loads(json.dumps(self.cfg.data_options)),  # for translate / sample
+            "networks": {n: net.state_dict() for n, net in self.networks.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "scalers": self.ctx.state_dict(),
+            "extra": self.model.extra_state(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.dist.world_size, "seed": self.cfg.seed,
+            "rng": {"per_rank": rngs},
+        }
+
+    def save(self) -> str | None:
+        state = self._state()  # collective (RNG gather): every rank takes part
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save(state, self.cfg.run_dir, self.step, self.cfg.keep_checkpoints)
+        D.barrier(self.dist)
+        return path
+
+    def _load(self, path: str) -> dict:
+        state = ckpt.load(path, map_location=self.device)
+        if state["model"] != self.cfg.model:
+            raise ckpt.CheckpointError(f"--resume {path!r} holds a {state['model']} checkpoint, not {self.cfg.model}")
+        now = json.loads(json.dumps(self.model.options))
+        diff = {k: (state["options"].get(k), now.get(k)) for k in set(now) | set(state["options"])
+                if state["options"].get(k) != now.get(k)}
+        if diff:
+            listed = ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in sorted(diff.items()))
+            raise ckpt.CheckpointError(f"--resume {path!r} was trained with different model options: {listed}. "
+                                       "Resume with the options the run was started with.")
+        for name, net in self.networks.items():
+            net.load_state_dict(state["networks"][name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sch in self.schedulers.items():
+            if name in state["schedulers"]:
+                sch.load_state_dict(state["schedulers"][name])
+        self.ctx.load_state_dict(state.get("scalers", {}))
+        self.model.load_extra_state(state.get("extra", {}))
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
+        per_rank = state["rng"]["per_rank"]
+        if len(per_rank) == self.dist.world_size:
+            return per_rank[self.dist.rank]
+        if self.dist.is_main:
+            print(f"ganengine: resuming a {len(per_rank)}-process checkpoint on {self.dist.world_size} processes: "
+                  "random streams restart (the run is not bit-exact)", file=sys.stderr)
+        rng.seed_all(mix(self.cfg.seed, self.dist.rank, self.step))
+        return rng.get_state()
+
+    # ---------------------------------------------------------------- samples
+    def _sample_batch(self) -> dict | None:
+        # every rank builds and runs the sample batch (a SyncBatchNorm network would otherwise wait
+        # for the others in its forward); rank 0 alone writes the grid
+        if self.cfg.sample_every <= 0:
+            return None
+        ds = self.dataset
+        try:  # held-out images when the layout has them
+            opts = dict(self.cfg.data_options)
+            ds = build_dataset(self.cfg.model, opts, phase="test" if self.cfg.model != "pix2pix" else "val")
+        except Exception:
+            pass
+        n = min(self.cfg.num_samples, len(ds))
+        items = [ds[i * len(ds) // n] for i in range(n)]
+        batch = torch.utils.data.default_collate(items)
+        return _to_device(batch, self.device, self.cfg.channels_last)
+
+    def write_samples(self) -> str | None:
+        if self.sample_batch is None:
+            return None
+        attrs = self.cfg.data_options.get("selected_attrs")
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.ctx.autocast():
+            rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
+        if self.logger is None:
+            return None
+        return self.logger.images(self.step, [r.float() for r in rows])
+
+    # ---------------------------------------------------------------- loop
+    def _check_finite(self) -> None:
+        bad = D.any_true(bool(self._bad.item()), self.dist, self.device)
+        if bad:
+            last = ckpt.latest(self.cfg.run_dir)
+            first = int(self._bad_step)
+            where = f"step {first}" if first >= 0 else f"a step before {self.step} (on another process)"
+            raise NonFiniteLossError(
+                f"a loss became NaN or infinite at {where}; training stopped without writing a checkpoint from "
+                f"the bad weights. Last good checkpoint: {last or 'none yet'}. Try a lower --lr, --amp bf16 "
+                "instead of fp16, or --amp off; resume with --resume.")
+
+    def _record(self, losses: dict) -> None:
+        vals = [v.detach().float().reshape(()) for v in losses.values()]
+        if vals:  # device-side bookkeeping: no sync here
+            bad_now = ~torch.stack(vals).isfinite().all()
+            self._bad_step = torch.where(bad_now & (self._bad_step < 0), self.step, self._bad_step)
+            self._bad |= bad_now
+        for k, v in zip(losses, vals):  # per-key counts: some losses exist only every n-th step
+            total, n = self._sums.get(k, (0, 0))
+            self._sums[k] = (total + v, n + 1)
+
+    def _flush(self) -> dict[str, float]:
+        means = {k: float(total) / n for k, (total, n) in self._sums.items()}
+        self._sums = {}
+        return means
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        bar = None
+        if self.dist.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            tty = sys.stderr.isatty()
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       mininterval=0.5 if tty else 10.0, desc=f"{cfg.model}", file=sys.stderr)
+            if self.logger.note:
+                bar.write(self.logger.note)
+        images_per_step = cfg.batch_size * self.dist.world_size
+        t_last, steps_last = time.perf_counter(), self.step
+        last_losses: dict[str, float] = {}
+        try:
+            while self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                for batch in self.loader:
+                    batch = _to_device(batch, self.device, cfg.channels_last)
+                    self.ctx.step_index = self.step
+                    losses = self.model.train_step(batch, self.optimizers, self.ctx)
+                    with warnings.catch_warnings():
+                        # a skipped optimiser step (StarGAN's G between critic steps, an fp16
+                        # overflow) is expected here; the schedule still follows the step count
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                        for sch in self.schedulers.values():  # per-iteration schedules (models/base.py)
+                            sch.step()
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self._record(losses)
+                    log_now = self.step % cfg.print_freq == 0 or self.step == self.total_steps
+                    sample_now = cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == self.total_steps)
+                    save_now = (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == self.total_steps
+                    if log_now or sample_now or save_now:
+                        self._check_finite()
+                    if log_now:
+                        last_losses = self._flush()
+                        now = time.perf_counter()
+                        ips = (self.step - steps_last) * images_per_step / max(now - t_last, 1e-9)
+                        t_last, steps_last = now, self.step
+                        if self.logger is not None:
+                            self.logger.scalars(self.step, self.epoch, {**last_losses, "images_per_s": ips})
+                        if bar is not None:
+                            bar.set_postfix({**{k: f"{v:.3g}" for k, v in last_losses.items()}, "img/s": f"{ips:.1f}"},
+                                            refresh=False)
+                    if bar is not None:
+                        bar.update(1)
+                    if sample_now:
+                        self.write_samples()
+                    if self.step >= self.total_steps:
+                        break
+                    if save_now:
+                        self.save()
+                    if self.batch_in_epoch >= self.steps_per_epoch:
+                        break
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                if self.step >= self.total_steps:
+                    break
+            final = self.save()
+        except KeyboardInterrupt:
+            # one process: keep the work done so far (unless the losses went bad); under DDP the
+            # ranks stop at different points, so a collective save could hang: just stop
+            if not self.dist.enabled and not bool(self._bad.item()) and self.step > 0:
+                self.interrupted_checkpoint = self.save()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.logger is not None:
+                self.logger.close()
+        return {"step": self.step, "epoch": self.epoch, "checkpoint": final, "losses": last_losses,
+                "run_dir": cfg.run_dir, "log_dir": self.log_dir}
+
+    def close(self) -> None:
+        D.teardown(self.dist)
+
+
+def train(cfg: TrainConfig) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})

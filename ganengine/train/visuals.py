@@ -1,0 +1,51 @@
+"""The image rows of a sample grid, per model (inputs, outputs, targets)."""
+from __future__ import annotations
+
+import torch
+
+HAIR = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
+
+
+def stargan_targets(label: torch.Tensor, selected_attrs: list[str] | None) -> list[torch.Tensor]:
+    """The reference's create_labels: one-hot labels for folder domains; for CelebA attributes,
+    each attribute flipped in turn (hair colours exclusive)."""
+    c_dim = label.shape[1]
+    one_hot = bool(((label.sum(1) == 1) & ((label == 0) | (label == 1)).all(1)).all()) and not selected_attrs
+    out = []
+    for i in range(c_dim):
+        if one_hot or selected_attrs is None:
+            t = torch.zeros_like(label)
+            t[:, i] = 1
+        else:
+            t = label.clone()
+            if selected_attrs[i] in HAIR:
+                t[:, i] = 1
+                for j, name in enumerate(selected_attrs):
+                    if j != i and name in HAIR:
+                        t[:, j] = 0
+            else:
+                t[:, i] = 1 - t[:, i]
+        out.append(t)
+    return out
+
+
+@torch.no_grad()
+def rows(model_name: str, model, batch: dict, selected_attrs=None, max_rows: int = 10) -> list[torch.Tensor]:
+    # translate() sets the modes the model is evaluated in (pix2pix keeps dropout on, as the
+    # reference does without --eval); restore the training modes afterwards
+    modes = {m: m.training for m in model.modules()}
+    try:
+        if model_name in ("pix2pix", "cyclegan"):  # input, output, target (or the other domain)
+            a, b = ("A", "B") if getattr(model, "options", {}).get("direction", "AtoB") == "AtoB" else ("B", "A")
+            return [batch[a], model.translate(batch), batch[b]]
+        if model_name == "stargan":
+            out = [batch["image"]]
+            for t in stargan_targets(batch["label"], selected_attrs)[:max_rows]:
+                out.append(model.translate({"image": batch["image"], "label": t}))
+            return out
+        if model_name == "stackgan":
+            return [batch["image"], model.translate(batch), model.translate(batch)]
+        raise ValueError(f"unknown model {model_name!r}")
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

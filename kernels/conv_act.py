@@ -1,0 +1,473 @@
+"""Triton kernels of the conv_act family (PatchGAN convolutions with fused epilogues).
+
+Implicit-GEMM convolutions (groups=1, dilation=1, zero padding, any kernel size / stride):
+  _conv_fwd      y[n, co, p] = sum_k x[n, ci, ih, iw] * w[co, ci, kh, kw], tiles of
+                 (BLOCK_M pixels of one image) x (BLOCK_N output channels); epilogue: bias +
+                 LeakyReLU, or (STATS) per-tile per-channel (mean, M2) partials of the stored
+                 values for instance norm, combined in a fixed order (Chan's formula): no atomics.
+  _conv_dgrad    dx as an implicit GEMM over (co, kh, kw), masking taps whose output position
+                 is not an integer (stride > 1) or out of range.
+  _conv_wgrad    dw as a GEMM of gz^T (co x pixels) and the im2col of x (pixels x ci*kh*kw);
+                 one program owns a dw tile and walks every pixel: deterministic.
+Epilogue-only kernels (used after a vendor convolution, and by the backward passes), on
+(N, C, P=H*W) views given by strides, so NCHW and NHWC both work:
+  _bias_act, _act_grad (+ bias-gradient partials), _stats, _norm_act, _norm_act_grad_reduce,
+  _norm_act_grad_apply.
+Launchers take tensors; no autograd here (ganengine/ops/conv_act.py owns that).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# interpreter (CPU tensors): small tiles keep the Python-level programs cheap; CUDA: the
+# config listed in AOT_SPECS (checked for spills on sm_80 / sm_90)
+_GEMM_CPU = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+_GEMM_CUDA = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+
+
+def _gemm_config(t: torch.Tensor) -> dict:
+    return _GEMM_CUDA if t.is_cuda else _GEMM_CPU
+ELEM = dict(BLOCK_P=32, BLOCK_C=32, num_warps=4)
+
+
+@triton.jit
+def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+              H, W, CI, OH, OW, CO, n_ptiles,
+              sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+              stride_h, stride_w, pad_h, pad_w, slope,
+              KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+              STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    P = OH * OW
+    m_mask = offs_m < P
+    n_mask = offs_n < CO
+    oh = offs_m // OW
+    ow = offs_m % OW
+    K = CI * KH * KW
+    x_base = x_ptr + n.to(tl.int64) * sxn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        # k = (kh * KW + kw) * CI + ci: ci fastest, contiguous for NHWC input
+        ci = offs_k % CI
+        tap = offs_k // CI
+        kh = tap // KW
+        kw = tap % KW
+        ih = oh[:, None] * stride_h - pad_h + kh[None, :]
+        iw = ow[:, None] * stride_w - pad_w + kw[None, :]
+        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_base + ci[None, :] * sxc + ih * sxh + iw * sxw, mask=a_mask, other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :] * swo + ci[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(a, b)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACT:
+        acc = tl.where(acc > 0, acc, acc * slope)
+    out = acc.to(y_ptr.dtype.element_ty)
+    mask2 = m_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + n.to(tl.int64) * syn + offs_n[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
+             out, mask=mask2)
+    if STATS:
+        # statistics of the values as stored, so the normalising pass sees the same numbers
+        v = tl.where(mask2, out.to(tl.float32), 0.0)
+        cnt = tl.minimum(P - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean_t = tl.sum(v, axis=0) / cnt
+        d = tl.where(mask2, v - mean_t[None, :], 0.0)
+        m2_t = tl.sum(d * d, axis=0)
+        base = part_ptr + ((n * n_ptiles + pid_m) * 2) * CO
+        tl.store(base + offs_n, mean_t, mask=n_mask)
+        tl.store(base + CO + offs_n, m2_t, mask=n_mask)
+
+
+@triton.jit
+def _conv_dgrad(g_ptr, w_ptr, dx_ptr,
+                H, W, CI, OH, OW, CO,
+                sgn, sgc, sgh, sgw, swo, swi, swh, sww, sdn, sdc, sdh, sdw,
+                stride_h, stride_w, pad_h, pad_w,
+                KH: tl.constexpr, KW: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel
+    m_mask = offs_m < H * W
+    n_mask = offs_n < CI
+    ih = offs_m // W
+    iw = offs_m % W
+    K = CO * KH * KW
+    g_base = g_ptr + n.to(tl.int64) * sgn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        co = offs_k % CO
+        tap = offs_k // CO
+        kh = tap // KW
+        kw = tap % KW
+        th = ih[:, None] + pad_h - kh[None, :]
+        tw = iw[:, None] + pad_w - kw[None, :]
+        oh = th // stride_h
+        ow = tw // stride_w
+        ok = (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < OH) & (ow < OW)
+        a_mask = m_mask[:, None] & k_mask[None, :] & ok
+        a = tl.load(g_base + co[None, :] * sgc + oh * sgh + ow * sgw, mask=a_mask, other=0.0)
+        b = tl.load(w_ptr + co[:, None] * swo + offs_n[None, :] * swi + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(a, b)
+    tl.store(dx_ptr + n.to(tl.int64) * sdn + offs_n[None, :] * sdc + ih[:, None] * sdh + iw[:, None] * sdw,
+             acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _conv_wgrad(g_ptr, x_ptr, dw_ptr,
+                NB, H, W, CI, OH, OW, CO,
+                sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                stride_h, stride_w, pad_h, pad_w,
+                KH: tl.constexpr, KW: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (kh, kw, ci), ci fastest
+    J = CI * KH * KW
+    m_mask = offs_m < CO
+    n_mask = offs_n < J
+    ci = offs_n % CI
+    tap = offs_n // CI
+    kh = tap // KW
+    kw = tap % KW
+    P = OH * OW
+    R = NB * P
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_K):
+        offs_r = r0 + tl.arange(0, BLOCK_K)
+        r_mask = offs_r < R
+        nn_ = (offs_r // P).to(tl.int64)
+        p = offs_r % P
+        oh = p // OW
+        ow = p % OW
+        a = tl.load(g_ptr + nn_[None, :] * sgn + offs_m[:, None] * sgc + oh[None, :] * sgh + ow[None, :] * sgw,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        ih = oh[:, None] * stride_h - pad_h + kh[None, :]
+        iw = ow[:, None] * stride_w - pad_w + kw[None, :]
+        b_mask = r_mask[:, None] & n_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(x_ptr + nn_[:, None] * sxn + ci[None, :] * sxc + ih * sxh + iw * sxw, mask=b_mask, other=0.0)
+        acc += tl.dot(a, b)
+    # dw is (CO, CI, KH, KW) contiguous
+    dst = dw_ptr + offs_m[:, None] * J + ci[None, :] * (KH * KW) + kh[None, :] * KW + kw[None, :]
+    tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ------------------------------------------------------------------------- epilogue kernels
+@triton.jit
+def _tile(C, HW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_p < HW)[:, None] & (offs_c < C)[None, :]
+    return n, offs_p, offs_c, mask
+
+
+@triton.jit
+def _bias_act(y_ptr, b_ptr, C, HW, sn, sc, sp, slope,
+              HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    ptr = y_ptr + n.to(tl.int64) * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
+    v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    v = tl.where(v > 0, v, v * slope)
+    tl.store(ptr, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_grad(g_ptr, sgn, sgc, sgp, y_ptr, sn, sc, sp, gz_ptr, part_ptr, C, HW, n_ptiles, slope,
+              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    n64 = n.to(tl.int64)
+    g = tl.load(g_ptr + n64 * sgn + offs_p[:, None] * sgp + offs_c[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
+    off = n64 * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
+    y = tl.load(y_ptr + off, mask=mask, other=0.0)
+    gz = tl.where(y > 0, g, g * slope)
+    tl.store(gz_ptr + off, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    part = tl.sum(tl.where(mask, gz, 0.0), axis=0)
+    tl.store(part_ptr + (n * n_ptiles + tl.program_id(1)) * C + offs_c, part, mask=offs_c < C)
+
+
+@triton.jit
+def _stats(c_ptr, sn, sc, sp, part_ptr, C, HW, n_ptiles, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    v = tl.load(c_ptr + n.to(tl.int64) * sn + offs_p[:, None] * sp + offs_c[None, :] * sc,
+                mask=mask, other=0.0).to(tl.float32)
+    cnt = tl.minimum(HW - tl.program_id(1) * BLOCK_P, BLOCK_P).to(tl.float32)
+    mean_t = tl.sum(v, axis=0) / cnt
+    d = tl.where(mask, v - mean_t[None, :], 0.0)
+    base = part_ptr + ((n * n_ptiles + tl.program_id(1)) * 2) * C
+    tl.store(base + offs_c, mean_t, mask=offs_c < C)
+    tl.store(base + C + offs_c, tl.sum(d * d, axis=0), mask=offs_c < C)
+
+
+@triton.jit
+def _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C,
+            HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    cm = offs_c < C
+    mean = tl.load(mean_ptr + n * C + offs_c, mask=cm, other=0.0)
+    rstd = tl.load(rstd_ptr + n * C + offs_c, mask=cm, other=0.0)
+    gamma = tl.full(mean.shape, 1.0, tl.float32)
+    beta = tl.zeros(mean.shape, tl.float32)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + offs_c, mask=cm, other=1.0).to(tl.float32)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + offs_c, mask=cm, other=0.0).to(tl.float32)
+    return mean, rstd, gamma, beta
+
+
+@triton.jit
+def _norm_act(c_ptr, y_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
+              HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    mean, rstd, gamma, beta = _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C, HAS_GAMMA, HAS_BETA)
+    off = n.to(tl.int64) * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
+    v = tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    a = rstd * gamma
+    z = v * a[None, :] + (beta - mean * a)[None, :]
+    z = tl.where(z > 0, z, z * slope)
+    tl.store(y_ptr + off, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dz_xhat(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
+             HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    mean, rstd, gamma, beta = _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C, HAS_GAMMA, HAS_BETA)
+    n64 = n.to(tl.int64)
+    g = tl.load(g_ptr + n64 * sgn + offs_p[:, None] * sgp + offs_c[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
+    off = n64 * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
+    xhat = (tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+    z = xhat * gamma[None, :] + beta[None, :]
+    dz = tl.where(mask, tl.where(z > 0, g, g * slope), 0.0)
+    return n, offs_p, offs_c, mask, off, dz, xhat, rstd * gamma
+
+
+@triton.jit
+def _norm_act_grad_reduce(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                          part_ptr, C, HW, n_ptiles, slope,
+                          HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask, off, dz, xhat, k = _dz_xhat(
+        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
+        HAS_GAMMA, HAS_BETA, BLOCK_P, BLOCK_C)
+    base = part_ptr + ((n * n_ptiles + tl.program_id(1)) * 2) * C
+    tl.store(base + offs_c, tl.sum(dz, axis=0), mask=offs_c < C)
+    tl.store(base + C + offs_c, tl.sum(dz * xhat, axis=0), mask=offs_c < C)
+
+
+@triton.jit
+def _norm_act_grad_apply(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                         a_ptr, b_ptr, dc_ptr, C, HW, slope,
+                         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, offs_p, offs_c, mask, off, dz, xhat, k = _dz_xhat(
+        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
+        HAS_GAMMA, HAS_BETA, BLOCK_P, BLOCK_C)
+    cm = offs_c < C
+    inv = 1.0 / HW.to(tl.float32)
+    ma = tl.load(a_ptr + n * C + offs_c, mask=cm, other=0.0) * inv
+    mb = tl.load(b_ptr + n * C + offs_c, mask=cm, other=0.0) * inv
+    dc = k[None, :] * (dz - ma[None, :] - xhat * mb[None, :])
+    tl.store(dc_ptr + off, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ launchers
+def _ncp(t: torch.Tensor):
+    """(sn, sc, sp) strides of a 4-d tensor whose H, W are dense together (NCHW or NHWC)."""
+    if t.shape[2] * t.shape[3] > 1 and t.stride(2) != t.stride(3) * t.shape[3]:
+        raise ValueError("conv_act kernels need H and W dense together (NCHW or NHWC layouts)")
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _gspec(g: torch.Tensor):
+    """Strides of a gradient; a stride-0 (expanded) gradient is read in place."""
+    if g.shape[2] * g.shape[3] > 1 and g.stride(2) != g.stride(3) * g.shape[3]:
+        g = g.contiguous()
+    return g, _ncp(g)
+
+
+def _combine(part: torch.Tensor, hw: int, block: int, eps: float):
+    """(N, T, 2, C) per-tile (mean, M2) -> mean, rstd (Chan's parallel formula, fixed order)."""
+    n_t = part.shape[1]
+    cnt = torch.full((n_t,), float(block), dtype=torch.float32, device=part.device)
+    cnt[-1] = hw - block * (n_t - 1)
+    mean_t, m2_t = part[:, :, 0], part[:, :, 1]
+    mean = (mean_t * cnt[None, :, None]).sum(1) / hw
+    m2 = m2_t.sum(1) + ((mean_t - mean[:, None]) ** 2 * cnt[None, :, None]).sum(1)
+    return mean, torch.rsqrt(m2 / hw + eps)
+
+
+def conv2d(x, w, bias, stride, padding, slope=None, fmt=torch.contiguous_format, stats_eps=None):
+    """Implicit-GEMM conv. With ``slope`` the bias + LeakyReLU epilogue runs; with
+    ``stats_eps`` returns (c, mean, rstd) with the instance statistics from the epilogue."""
+    n, ci, h, wd = x.shape
+    co, _, kh, kw = w.shape
+    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - kw) // stride[1] + 1
+    y = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    GEMM = _gemm_config(x)
+    bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
+    n_pt = triton.cdiv(oh * ow, bm)
+    stats = stats_eps is not None
+    part = torch.empty((n, n_pt, 2, co) if stats else (1,), dtype=torch.float32, device=x.device)
+    grid = (n, n_pt, triton.cdiv(co, bn))
+    _conv_fwd[grid](x, w, bias if bias is not None else x, y, part, h, wd, ci, oh, ow, co, n_pt,
+                    *x.stride(), *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
+                    float(slope if slope is not None else 1.0), KH=kh, KW=kw, HAS_BIAS=bias is not None,
+                    ACT=slope is not None, STATS=stats, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    num_warps=GEMM["num_warps"], num_stages=GEMM["num_stages"])
+    if not stats:
+        return y
+    mean, rstd = _combine(part, oh * ow, bm, stats_eps)
+    return y, mean, rstd
+
+
+def conv2d_grad_input(gz, w, x_shape, stride, padding, fmt=torch.contiguous_format):
+    n, ci, h, wd = x_shape
+    co, _, kh, kw = w.shape
+    gz, _ = _gspec(gz)
+    dx = torch.empty((n, ci, h, wd), dtype=gz.dtype, device=gz.device, memory_format=fmt)
+    GEMM = _gemm_config(gz)
+    bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
+    grid = (n, triton.cdiv(h * wd, bm), triton.cdiv(ci, bn))
+    _conv_dgrad[grid](gz, w, dx, h, wd, ci, gz.shape[2], gz.shape[3], co, *gz.stride(), *w.stride(), *dx.stride(),
+                      stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
+                      num_stages=GEMM["num_stages"])
+    return dx
+
+
+def conv2d_grad_weight(gz, x, w_shape, stride, padding):
+    co, ci, kh, kw = w_shape
+    gz, _ = _gspec(gz)
+    dw = torch.empty((co, ci, kh, kw), dtype=x.dtype, device=x.device)
+    GEMM = _gemm_config(x)
+    bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
+    grid = (triton.cdiv(co, bm), triton.cdiv(ci * kh * kw, bn))
+    _conv_wgrad[grid](gz, x, dw, x.shape[0], x.shape[2], x.shape[3], ci, gz.shape[2], gz.shape[3], co,
+                      *gz.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
+                      num_stages=GEMM["num_stages"])
+    return dw
+
+
+def _egrid(t):
+    return (t.shape[0], triton.cdiv(t.shape[2] * t.shape[3], ELEM["BLOCK_P"]), triton.cdiv(t.shape[1], ELEM["BLOCK_C"]))
+
+
+def bias_act_(y, bias, slope):
+    """y = leaky_relu(y + bias, slope), in place."""
+    _bias_act[_egrid(y)](y, bias if bias is not None else y, y.shape[1], y.shape[2] * y.shape[3], *_ncp(y),
+                         float(slope), HAS_BIAS=bias is not None, BLOCK_P=ELEM["BLOCK_P"],
+                         BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    return y
+
+
+def act_grad(grad, y, slope):
+    """gz = grad * (y > 0 ? 1 : slope) in y's layout, and the bias gradient sum(gz) in fp32."""
+    grad, gs = _gspec(grad)
+    gz = torch.empty_like(y)
+    grid = _egrid(y)
+    part = torch.empty((y.shape[0], grid[1], y.shape[1]), dtype=torch.float32, device=y.device)
+    _act_grad[grid](grad, *gs, y, *_ncp(y), gz, part, y.shape[1], y.shape[2] * y.shape[3], grid[1], float(slope),
+                    BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    return gz, part.sum(dim=(0, 1))
+
+
+def instance_stats(c, eps):
+    grid = _egrid(c)
+    part = torch.empty((c.shape[0], grid[1], 2, c.shape[1]), dtype=torch.float32, device=c.device)
+    _stats[grid](c, *_ncp(c), part, c.shape[1], c.shape[2] * c.shape[3], grid[1],
+                 BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    return _combine(part, c.shape[2] * c.shape[3], ELEM["BLOCK_P"], eps)
+
+
+def norm_act(c, mean, rstd, gamma, beta, slope):
+    y = torch.empty_like(c)
+    _norm_act[_egrid(c)](c, y, *_ncp(c), mean, rstd, gamma if gamma is not None else mean,
+                         beta if beta is not None else mean, c.shape[1], c.shape[2] * c.shape[3], float(slope),
+                         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, BLOCK_P=ELEM["BLOCK_P"],
+                         BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    return y
+
+
+def norm_act_grad(grad, c, mean, rstd, gamma, beta, slope):
+    """dc, and per-(n, c) A = sum dz, B = sum dz * xhat (fp32)."""
+    grad, gs = _gspec(grad)
+    grid = _egrid(c)
+    C, hw = c.shape[1], c.shape[2] * c.shape[3]
+    part = torch.empty((c.shape[0], grid[1], 2, C), dtype=torch.float32, device=c.device)
+    g_arg = gamma if gamma is not None else mean
+    b_arg = beta if beta is not None else mean
+    common = dict(HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, BLOCK_P=ELEM["BLOCK_P"],
+                  BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    _norm_act_grad_reduce[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, part, C, hw, grid[1],
+                                float(slope), **common)
+    sums = part.sum(1)
+    a, b = sums[:, 0].contiguous(), sums[:, 1].contiguous()
+    dc = torch.empty_like(c)
+    _norm_act_grad_apply[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, a, b, dc, C, hw,
+                               float(slope), **common)
+    return dc, a, b
+
+
+# ------------------------------------------------------------------------- AOT (sm_80 / sm_90)
+_FP32_PTRS = {"part_ptr", "mean_ptr", "rstd_ptr", "gamma_ptr", "beta_ptr", "a_ptr", "b_ptr"}
+_I64 = {"sxn", "syn", "sgn", "sdn", "sn"}
+
+
+def _signature(kernel, ty: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            continue
+        if name.endswith("_ptr"):
+            # b_ptr is the conv bias in _conv_fwd (data dtype), the B sums elsewhere (fp32)
+            fp32 = name in _FP32_PTRS and not (kernel is _conv_fwd and name == "b_ptr")
+            sig[name] = "*fp32" if fp32 else ty
+        elif name == "slope":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if name in _I64 else "i32"
+    return sig
+
+
+def _aot_specs():
+    specs = []
+    gemm = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)  # the CUDA launch config (see _gemm_config)
+    for dt, ty in (("fp32", "*fp32"), ("fp16", "*fp16"), ("bf16", "*bf16")):
+        variants = [(_conv_fwd, "bias+act", dict(KH=4, KW=4, HAS_BIAS=True, ACT=True, STATS=False, **gemm)),
+                    (_conv_fwd, "stats", dict(KH=4, KW=4, HAS_BIAS=False, ACT=False, STATS=True, **gemm)),
+                    (_conv_dgrad, "dgrad", dict(KH=4, KW=4, **gemm)),
+                    (_conv_wgrad, "wgrad", dict(KH=4, KW=4, **gemm))]
+        for kernel, what, const in variants:
+            specs.append(dict(kernel=kernel, config=f"{dt},{what},4x4,BM=64,BN=64,BK=32,warps=8,stages=3",
+                              signature=_signature(kernel, ty, const), constexprs=const, num_warps=8, num_stages=3))
+        elem = dict(BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"])
+        for kernel, extra in ((_bias_act, dict(HAS_BIAS=True)), (_act_grad, {}), (_stats, {}),
+                              (_norm_act, dict(HAS_GAMMA=True, HAS_BETA=True)),
+                              (_norm_act_grad_reduce, dict(HAS_GAMMA=True, HAS_BETA=True)),
+                              (_norm_act_grad_apply, dict(HAS_GAMMA=True, HAS_BETA=True))):
+            const = {**elem, **extra}
+            specs.append(dict(kernel=kernel, config=f"{dt},BLOCK_P={ELEM['BLOCK_P']},BLOCK_C={ELEM['BLOCK_C']},warps=4",
+                              signature=_signature(kernel, ty, const), constexprs=const, num_warps=4, num_stages=1))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

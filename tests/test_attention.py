@@ -1,0 +1,503 @@
+"""attention family: every backend vs an fp64 reference of the SAGAN formula, forward and all
+gradients; layouts, return_attention, double backward, opcheck, compile, modules, fuse."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ganengine
+import ganengine.functional as GF
+import ganengine.nn as gnn
+from ganengine import _ext
+from ganengine.ops import _dispatch
+from ganengine.ops import attention as A
+
+BACKENDS = ["torch", "triton", "cpu"]
+
+
+def _skip_unless(backend):
+    if backend == "cpu" and not _ext.has_kernel("attention_fwd", "CPU"):
+        pytest.skip("ganengine._C is not built with the attention CPU kernels")
+    if backend == "triton" and not ganengine.backends.serves("triton", torch.device("cpu")):
+        pytest.skip("triton cannot run on CPU tensors here (TRITON_INTERPRET unset)")
+
+
+class Self_Attn(nn.Module):
+    """Copy of the SAGAN reference block (heykeetae/Self-Attention-GAN sagan_models.py)."""
+
+    def __init__(self, in_dim, activation="relu"):
+        super().__init__()
+        self.chanel_in = in_dim
+        self.activation = activation
+        self.query_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        m_batchsize, C, width, height = x.size()
+        proj_query = self.query_conv(x).view(m_batchsize, -1, width * height).permute(0, 2, 1)
+        proj_key = self.key_conv(x).view(m_batchsize, -1, width * height)
+        energy = torch.bmm(proj_query, proj_key)
+        attention = self.softmax(energy)
+        proj_value = self.value_conv(x).view(m_batchsize, -1, width * height)
+        out = torch.bmm(proj_value, attention.permute(0, 2, 1))
+        out = out.view(m_batchsize, C, width, height)
+        out = self.gamma * out + x
+        return out, attention
+
+
+class BigGANAttention(nn.Module):
+    """Copy of BigGAN-PyTorch layers.Attention with plain convs (the reference uses SNConv2d)."""
+
+    def __init__(self, ch, which_conv=nn.Conv2d):
+        super().__init__()
+        self.ch = ch
+        self.theta = which_conv(self.ch, self.ch // 8, kernel_size=1, padding=0, bias=False)
+        self.phi = which_conv(self.ch, self.ch // 8, kernel_size=1, padding=0, bias=False)
+        self.g = which_conv(self.ch, self.ch // 2, kernel_size=1, padding=0, bias=False)
+        self.o = which_conv(self.ch // 2, self.ch, kernel_size=1, padding=0, bias=False)
+        self.gamma = nn.Parameter(torch.tensor(0.), requires_grad=True)
+
+    def forward(self, x, y=None):
+        theta = self.theta(x)
+        phi = F.max_pool2d(self.phi(x), [2, 2])
+        g = F.max_pool2d(self.g(x), [2, 2])
+        theta = theta.view(-1, self.ch // 8, x.shape[2] * x.shape[3])
+        phi = phi.view(-1, self.ch // 8, x.shape[2] * x.shape[3] // 4)
+        g = g.view(-1, self.ch // 2, x.shape[2] * x.shape[3] // 4)
+        beta = F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
+        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(-1, self.ch // 2, x.shape[2], x.shape[3]))
+        return self.gamma * o + x
+
+
+def _params(c, d, gamma, dtype=torch.float64):
+    s = c ** -0.5
+    return [torch.randn(d, c, 1, 1, dtype=dtype) * s, torch.randn(d, dtype=dtype) * 0.1,
+            torch.randn(d, c, 1, 1, dtype=dtype) * s, torch.randn(d, dtype=dtype) * 0.1,
+            torch.randn(c, c, 1, 1, dtype=dtype) * s, torch.randn(c, dtype=dtype) * 0.1,
+            torch.tensor([gamma], dtype=dtype)]
+
+
+def _sagan_reference(x, qw, qb, kw, kb, vw, vb, gamma):
+    b, c, h, w = x.shape
+    q = F.conv2d(x, qw, qb).view(b, -1, h * w).permute(0, 2, 1)
+    k = F.conv2d(x, kw, kb).view(b, -1, h * w)
+    attn = torch.softmax(torch.bmm(q, k), dim=-1)
+    v = F.conv2d(x, vw, vb).view(b, -1, h * w)
+    out = torch.bmm(v, attn.permute(0, 2, 1)).view(b, c, h, w)
+    return gamma * out + x, attn
+
+
+def _close(got, want, tol, what):
+    got, want = got.double(), want.double()
+    scale = max(want.abs().max().item(), 1.0)  # O(1) inputs: cancellation noise is O(eps)
+    err = (got - want).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} (tol {tol})"
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.float64: 1e-10}
+
+
+def _run_case(backend, b, c, h, w, gamma, dtype, channels_last=False, sum_grad=False):
+    _skip_unless(backend)
+    d = max(1, c // 8)
+    x64 = torch.randn(b, c, h, w, dtype=torch.float64)
+    p64 = _params(c, d, gamma)
+    ins64 = [t.clone().requires_grad_() for t in [x64] + p64]
+    ref, _ = _sagan_reference(*ins64)
+    go = torch.randn_like(ref)
+    if sum_grad:
+        ref_grads = torch.autograd.grad(ref.sum(), ins64)
+    else:
+        ref_grads = torch.autograd.grad(ref, ins64, go)
+
+    x = x64.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ins = [x.requires_grad_()] + [t.to(dtype).requires_grad_() for t in p64]
+    with ganengine.backends.strict(), ganengine.use_backend(backend):
+        out = GF.self_attention2d(*ins)
+        assert _dispatch.last_used["attention"] == backend
+        loss = out.sum() if sum_grad else (out * go.to(dtype)).sum()
+        grads = torch.autograd.grad(loss, ins)
+    assert out.dtype == dtype and out.shape == ref.shape
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    tol = TOL[dtype]
+    _close(out, ref, tol, "out")
+    names = ["x", "query_weight", "query_bias", "key_weight", "key_bias", "value_weight", "value_bias", "gamma"]
+    # the key bias adds a per-query constant to every score: softmax ignores it, so its exact
+    # gradient is 0 and what a backend returns is rounding noise of the other terms' size
+    noise_scale = max(r.abs().max().item() for r in ref_grads)
+    for name, g, r in zip(names, grads, ref_grads):
+        if name == "key_bias":
+            bound = tol * (5 if dtype == torch.float16 else 1) * noise_scale
+            assert g.abs().max().item() <= bound, f"key_bias: {g.abs().max().item():.3g} > {bound:.3g}"
+            continue
+        if gamma == 0.0 and name in ("query_weight", "query_bias", "key_weight", "key_bias",
+                                     "value_weight", "value_bias"):
+            assert g.abs().max().item() == 0.0, f"{name}: gradient must vanish at gamma=0"
+            continue
+        _close(g, r, tol * (5 if dtype == torch.float16 else 1), name)
+
+
+SHAPES = [(2, 16, 1, 1), (2, 24, 3, 5), (1, 80, 7, 9), (2, 24, 16, 16)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_fp32(backend, shape):
+    _run_case(backend, *shape, gamma=0.7, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gamma_zero(backend):
+    _run_case(backend, 2, 24, 3, 5, gamma=0.0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 24, 3, 5), (1, 32, 9, 9)], ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_fp16(backend, shape):
+    _run_case(backend, *shape, gamma=0.7, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_forward_backward_fp64(backend):
+    _run_case(backend, 2, 16, 5, 3, gamma=-0.4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_and_expanded_grad(backend):
+    _run_case(backend, 2, 24, 7, 5, gamma=0.5, dtype=torch.float32, channels_last=True, sum_grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,m", [(15, 4), (70, 17), (1, 9)])
+def test_core_unequal_lengths(backend, n, m):
+    """k/v shorter than q (BigGAN pools them): M != N, tails on both."""
+    _skip_unless(backend)
+    b, d, c = 2, 5, 40
+    ts = [torch.randn(b, d, n), torch.randn(b, d, m), torch.randn(b, c, m), torch.randn(b, c, n), torch.tensor(0.3)]
+    ts64 = [t.double().requires_grad_() for t in ts]
+    ref = A.reference_attention(*ts64)
+    go = torch.randn_like(ref)
+    ref_g = torch.autograd.grad(ref, ts64, go)
+    ins = [t.clone().requires_grad_() for t in ts]
+    with ganengine.backends.strict(), ganengine.use_backend(backend):
+        out = A.attention(*ins)
+        grads = torch.autograd.grad(out, ins, go.float())
+    _close(out, ref, 2e-5, "out")
+    for name, g, r in zip("q k v x gamma".split(), grads, ref_g):
+        assert g.shape == r.shape, name
+        _close(g, r, 2e-5, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_like_autocast(backend):
+    """fp16 q/k/v (autocast convs) with an fp32 residual: out and dx stay fp32."""
+    _skip_unless(backend)
+    b, d, c, n = 2, 4, 32, 20
+    ts = [torch.randn(b, d, n), torch.randn(b, d, n), torch.randn(b, c, n), torch.randn(b, c, n), torch.tensor([0.6])]
+    ts64 = [t.double().requires_grad_() for t in ts]
+    ref = A.reference_attention(*ts64)
+    ref_g = torch.autograd.grad(ref.sum(), ts64)
+    ins = [t.half() for t in ts[:3]] + ts[3:]
+    ins = [t.clone().requires_grad_() for t in ins]
+    with ganengine.backends.strict(), ganengine.use_backend(backend):
+        out = A.attention(*ins)
+        grads = torch.autograd.grad(out.sum(), ins)
+    assert out.dtype == torch.float32 and grads[3].dtype == torch.float32 and grads[0].dtype == torch.float16
+    _close(out, ref, 1e-2, "out")
+    for name, g, r in zip("q k v x gamma".split(), grads, ref_g):
+        _close(g, r, 2e-2, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_attention(backend):
+    _skip_unless(backend)
+    x = torch.randn(2, 16, 3, 4, dtype=torch.float64)
+    p = _params(16, 2, 0.6)
+    ins64 = [t.clone().requires_grad_() for t in [x] + p]
+    ref_out, ref_attn = _sagan_reference(*ins64)
+    ref_g = torch.autograd.grad(ref_out.sum() + (ref_attn ** 2).sum(), ins64)
+    ins = [t.float().requires_grad_() for t in [x] + p]
+    with ganengine.backends.strict(), ganengine.use_backend(backend):
+        out, attn = GF.self_attention2d(*ins, return_attention=True)
+        grads = torch.autograd.grad(out.sum() + (attn ** 2).sum(), ins)
+    assert attn.shape == (2, 12, 12)
+    _close(out, ref_out, 2e-5, "out")
+    _close(attn, ref_attn, 2e-5, "attention")
+    for g, r in zip(grads, ref_g):
+        _close(g, r, 2e-5, "grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck_and_gradgradcheck(backend):
+    _skip_unless(backend)
+    # the whole block, first order (tiny: gradcheck perturbs every element)
+    x = torch.randn(1, 8, 2, 2, dtype=torch.float64, requires_grad=True)
+    p = [t.requires_grad_() for t in _params(8, 1, 0.8)]
+    # the attention core (the convs are torch's own), first and second order
+    ts = [torch.randn(1, 2, 3, dtype=torch.float64), torch.randn(1, 2, 2, dtype=torch.float64),
+          torch.randn(1, 3, 2, dtype=torch.float64), torch.randn(1, 3, 3, dtype=torch.float64),
+          torch.tensor([0.8], dtype=torch.float64)]
+    ts = [t.requires_grad_() for t in ts]
+    with ganengine.backends.strict(), ganengine.use_backend(backend):
+        assert torch.autograd.gradcheck(GF.self_attention2d, (x, *p), fast_mode=True)
+        assert torch.autograd.gradcheck(A.attention, ts)
+        assert torch.autograd.gradgradcheck(A.attention, ts)
+        assert _dispatch.last_used["attention"] == backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_penalty_matches_reference(backend):
+    """R1-style penalty through the op (create_graph=True) in fp32, vs the reference."""
+    _skip_unless(backend)
+    x = torch.randn(2, 16, 4, 5)
+    p = _params(16, 2, 0.9, dtype=torch.float32)
+
+    def penalty(fn):
+        xs = x.clone().requires_grad_()
+        ps = [t.clone().requires_grad_() for t in p]
+        y = fn(xs, *ps)
+        y = y[0] if isinstance(y, tuple) else y
+        (gx,) = torch.autograd.grad((y ** 2).sum(), xs, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), [xs] + ps)
+
+    want = penalty(_sagan_reference)
+    with ganengine.backends.strict(), ganengine.use_backend(backend):
+        got = penalty(GF.self_attention2d)
+    # one scale for all: the key-bias gradient is exactly 0 in exact arithmetic (softmax is
+    # shift invariant), so fp32 leaves only rounding noise of the other terms' size there
+    scale = max(r.abs().max().item() for r in want)
+    for g, r in zip(got, want):
+        assert (g - r).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    _skip_unless(backend)
+    b, d, c, n, m = 2, 3, 16, 11, 7
+    q, k, v, x = torch.randn(b, d, n), torch.randn(b, d, m), torch.randn(b, c, m), torch.randn(b, c, n)
+    gamma = torch.tensor([0.5])
+    with ganengine.backends.strict(), ganengine.use_backend(backend):
+        torch.library.opcheck(torch.ops.ganengine.attention_fwd.default,
+                              (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+                               x.requires_grad_(), gamma.requires_grad_()))
+        _, o, lse = A.attention_fwd(q, k, v, x, gamma)
+        g = torch.randn(b, c, n).expand(b, c, n)
+        delta = (g * o).sum(1) * 0.5
+        args = [t.detach() for t in (g, q, k, v, lse, delta, gamma)]
+        torch.library.opcheck(torch.ops.ganengine.attention_bwd.default, tuple(args))
+
+
+def test_compile_fullgraph():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), gnn.SelfAttention2d(16), nn.Conv2d(16, 1, 1))
+    with torch.no_grad():
+        model[1].gamma.fill_(0.4)
+    x = torch.randn(2, 3, 6, 5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    want = model(x)
+    want.sum().backward()
+    want_g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = compiled(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    for p, g in zip(model.parameters(), want_g):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_module_matches_reference_and_loads_checkpoint():
+    ref = Self_Attn(32)
+    mod = gnn.SelfAttention2d(32)
+    assert set(mod.state_dict()) == set(ref.state_dict())
+    assert mod.gamma.shape == (1,) and mod.gamma.abs().sum() == 0
+    with torch.no_grad():
+        ref.gamma.fill_(0.7)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 5, 6)
+    want_out, want_attn = ref(x)
+    torch.testing.assert_close(mod(x), want_out, rtol=1e-5, atol=1e-5)
+    m2 = gnn.SelfAttention2d(32, return_attention=True)
+    m2.load_state_dict(ref.state_dict())
+    out, attn = m2(x)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn, want_attn, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(6, 10), (5, 7)])
+def test_biggan_module_matches_reference(hw):
+    torch.manual_seed(1)
+    ref = BigGANAttention(32).double()
+    mod = gnn.BigGANSelfAttention2d(32).double()
+    assert set(mod.state_dict()) == set(ref.state_dict())
+    assert mod.gamma.shape == ()
+    with torch.no_grad():
+        ref.gamma.fill_(0.8)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, *hw, dtype=torch.float64, requires_grad=True)
+    if hw[0] % 2 == 0 and hw[1] % 2 == 0:
+        want = ref(x)
+    else:  # the reference's view(H*W//4) needs even sizes; use the pooled size instead
+        theta = ref.theta(x).flatten(2)
+        phi = F.max_pool2d(ref.phi(x), 2).flatten(2)
+        g = F.max_pool2d(ref.g(x), 2).flatten(2)
+        beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
+        want = ref.gamma * ref.o(torch.bmm(g, beta.transpose(1, 2)).view(2, 16, *hw)) + x
+    got = mod(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    gw = torch.autograd.grad(want.sum(), [x] + list(ref.parameters()))
+    gg = torch.autograd.grad(got.sum(), [x] + list(mod.parameters()))
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+class _ScaledAttn(Self_Attn):
+    """Same attributes as Self_Attn but a different formula: fuse must not touch it."""
+
+    def forward(self, x):
+        out, attn = super().forward(x * 2.0)
+        return out, attn
+
+
+def test_fuse_swaps_sagan_and_biggan_blocks():
+    torch.manual_seed(2)
+    model = nn.ModuleDict({"sagan": Self_Attn(32), "biggan": BigGANAttention(32), "decoy": _ScaledAttn(32)})
+    for m in model.values():
+        with torch.no_grad():
+            m.gamma.fill_(0.6)
+    keys = set(model.state_dict())
+    fused, report = ganengine.fuse(model, return_report=True)
+    assert isinstance(fused["sagan"], gnn.SelfAttention2d)
+    assert isinstance(fused["biggan"], gnn.BigGANSelfAttention2d)
+    assert type(fused["decoy"]) is _ScaledAttn
+    assert report.get("sagan_self_attention") == 1 and report.get("biggan_self_attention") == 1
+    assert set(fused.state_dict()) == keys
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, rtol=0, atol=0)
+    x = torch.randn(2, 32, 4, 6, requires_grad=True)
+    want_out, want_attn = model["sagan"](x)
+    got = fused["sagan"](x)
+    assert isinstance(got, tuple) and len(got) == 2, "a tuple-returning block must stay tuple-returning"
+    torch.testing.assert_close(got[0], want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want_attn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused["biggan"](x), model["biggan"](x), rtol=1e-5, atol=1e-5)
+    # same training behaviour: parameter gradients agree
+    gw = torch.autograd.grad(model["sagan"](x)[0].square().sum(), list(model["sagan"].parameters()))
+    gg = torch.autograd.grad(fused["sagan"](x)[0].square().sum(), list(fused["sagan"].parameters()))
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(1, 16, 3, 3)
+    p = _params(16, 2, 0.1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="value_weight"):
+        GF.self_attention2d(x, *p[:4], torch.randn(8, 16, 1, 1), *p[5:])
+    with pytest.raises(ValueError, match="key_bias"):
+        GF.self_attention2d(x, p[0], p[1], p[2], torch.randn(3), *p[4:])
+    with pytest.raises(ValueError, match="x must be a 4-D"):
+        GF.self_attention2d(x[0], *p)
+    with pytest.raises(ValueError, match="gamma"):
+        GF.self_attention2d(x, *p[:6], torch.ones(2))
+    with pytest.raises(ValueError, match="in_channels"):
+        gnn.SelfAttention2d(4)
+
+
+def test_cpu_autocast_bf16_keeps_residual_dtype():
+    mod = gnn.SelfAttention2d(16)
+    with torch.no_grad():
+        mod.gamma.fill_(0.5)
+    x = torch.randn(2, 16, 4, 4)
+    want = mod(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mod(x)
+    assert got.dtype == torch.float32
+    _close(got, want, 3e-2, "autocast out")
+
+
+def test_cpu_kernel_without_blas():
+    """The C++ kernel's plain-loop GEMM fallback (used when no BLAS symbol is found)."""
+    _skip_unless("cpu")
+    code = (
+        "import torch, ganengine\n"
+        "from ganengine.ops import attention as A\n"
+        "torch.manual_seed(0)\n"
+        "ts = [torch.randn(2, 3, 70, dtype=torch.float64), torch.randn(2, 3, 300, dtype=torch.float64),\n"
+        "      torch.randn(2, 20, 300, dtype=torch.float64), torch.randn(2, 20, 70, dtype=torch.float64),\n"
+        "      torch.tensor([0.7], dtype=torch.float64)]\n"
+        "ins = [t.clone().requires_grad_() for t in ts]\n"
+        "with ganengine.backends.strict(), ganengine.use_backend('cpu'):\n"
+        "    out = A.attention(*ins); g = torch.autograd.grad(out.square().sum(), ins)\n"
+        "ref_in = [t.clone().requires_grad_() for t in ts]\n"
+        "ref = A.reference_attention(*ref_in); rg = torch.autograd.grad(ref.square().sum(), ref_in)\n"
+        "assert torch.allclose(out, ref, atol=1e-10), 'out'\n"
+        "assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g, rg)), 'grads'\n"
+        "print('ok')\n")
+    env = dict(os.environ, GANENGINE_ATTENTION_NO_BLAS="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hw", [(64, 64), (45, 51)])
+def test_large_n(backend, hw):
+    if backend == "triton" and hw == (64, 64):
+        pytest.skip("N=4096 under the interpreter takes minutes; 45x51 covers the same paths")
+    _run_case(backend, 2, 64, *hw, gamma=0.3, dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_compile_inductor():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), gnn.SelfAttention2d(16))
+    with torch.no_grad():
+        model[1].gamma.fill_(0.4)
+    x = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 64, 16, 16), (1, 128, 33, 31), (2, 512, 8, 8)])
+def test_triton_cuda(dtype, shape):
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w, device="cuda", dtype=torch.float64)
+    p = [t.cuda() for t in _params(c, c // 8, 0.7)]
+    ins64 = [t.clone().requires_grad_() for t in [x] + p]
+    ref, _ = _sagan_reference(*ins64)
+    ref_g = torch.autograd.grad(ref.sum(), ins64)
+    ins = [t.to(dtype).requires_grad_() for t in [x] + p]
+    with ganengine.backends.strict(), ganengine.use_backend("triton"):
+        out = GF.self_attention2d(*ins)
+        grads = torch.autograd.grad(out.sum(), ins)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    _close(out, ref, tol, "out")
+    for g, r in zip(grads, ref_g):
+        _close(g, r, tol * 5, "grad")
+
+
+def test_fuse_keeps_spectral_norm_convs():
+    """BigGAN uses spectral-norm convs: the fused module runs them as modules, so SN stays."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    def sn_conv(*args, **kwargs):
+        return spectral_norm(nn.Conv2d(*args, **kwargs))
+
+    torch.manual_seed(3)
+    ref = BigGANAttention(32, which_conv=sn_conv)
+    with torch.no_grad():
+        ref.gamma.fill_(0.7)
+    ref.eval()
+    keys = set(ref.state_dict())
+    fused = ganengine.fuse(ref)
+    assert isinstance(fused, gnn.BigGANSelfAttention2d) and set(fused.state_dict()) == keys
+    x = torch.randn(2, 32, 6, 4)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)

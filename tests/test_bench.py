@@ -1,0 +1,211 @@
+"""`ganengine bench`: registry, timing/memory helpers, and the CLI writing JSON/Markdown/PNG."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ganengine.bench import memory, registry, runner, timing
+from ganengine.bench.registry import BenchCase, Workload
+from ganengine.cli import main
+
+
+def _toy_setup(p, device, dtype):
+    x = torch.randn(p["n"], p["c"], device=device, dtype=dtype)
+    b = torch.randn(p["c"], device=device, dtype=dtype)
+
+    def reference(x, b):
+        return F.leaky_relu(x + b, 0.2)
+
+    def fused(x, b):  # same math, another formulation: what a backend would run
+        z = x + b
+        return torch.where(z > 0, z, z * 0.2)
+
+    return Workload(args=(x, b), reference=reference, fused=fused, grad_args=(0, 1))
+
+
+@pytest.fixture
+def toy_cases():
+    op = registry.register(BenchCase(
+        name="toy_bias_act", family="toy", kind="op", setup=_toy_setup, description="toy",
+        shapes={"ref": [dict(n=64, c=32)], "quick": [dict(n=16, c=8)]}), replace=True)
+    steps = []
+
+    def model_setup(p, device, dtype):
+        net = torch.nn.Linear(8, 8)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x = torch.randn(4, 8)
+
+        def step():
+            opt.zero_grad()
+            loss = net(x).square().mean()
+            loss.backward()
+            opt.step()
+            steps.append(1)
+            return {"loss": loss.detach()}
+
+        return Workload(step=step)
+
+    model = registry.register(BenchCase(
+        name="toy_model", family="models", kind="model", setup=model_setup, modes=("step",),
+        compile_ok=False, shapes={"ref": [dict(size="ref")], "quick": [dict(size="quick")]}), replace=True)
+    yield op, model, steps
+    registry.unregister("toy_bias_act")
+    registry.unregister("toy_model")
+
+
+def test_summarize_exact():
+    s = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["repeats"]) == (3.0, 2.0, 4.0, 2.0, 1.0, 5.0, 5)
+    with pytest.raises(ValueError):
+        timing.summarize([])
+
+
+def test_time_cpu_respects_repeats():
+    calls = []
+    s = timing.time_cpu(lambda: calls.append(1), warmup=2, repeats=7)
+    assert s["repeats"] == 7 and len(calls) == 9 and s["min"] <= s["median"] <= s["max"]
+
+
+@pytest.mark.skipif(not memory.hwm_resettable(), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_memory_sees_a_64mib_buffer():
+    def alloc():
+        t = torch.ones(16 * 2**20)  # 64 MiB, touched
+        return float(t[-1])
+
+    peak = memory.cpu_peak_bytes(alloc)
+    assert 60 * 2**20 <= peak <= 200 * 2**20
+    assert memory.cpu_peak_bytes(lambda: None) < 8 * 2**20
+
+
+def _alloc_builder(mib):
+    def call():
+        t = torch.ones(mib * 2**18)
+        return float(t[-1])
+    return call
+
+
+def test_cpu_peak_memory_in_child_process():
+    # large enough to rise above the child's import-time peak (the ru_maxrss baseline)
+    peak = memory.cpu_peak_bytes_in_child(_alloc_builder, (768,), timeout_s=120)
+    assert peak is not None and 512 * 2**20 <= peak <= 1024 * 2**20
+
+
+def test_select_and_errors(toy_cases):
+    assert [c.name for c in registry.select(["toy"], None)] == ["toy_bias_act"]
+    assert [c.name for c in registry.select(None, ["toy_model"])] == ["toy_model"]
+    assert all(c.kind == "op" for c in registry.select([], None))
+    with pytest.raises(ValueError, match="unknown op 'nope'.*toy_bias_act"):
+        registry.select(["nope"], None)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(toy_cases[0])
+    with pytest.raises(ValueError, match="runner must be"):
+        runner.check_runner("fast")
+    with pytest.raises(ValueError, match="dtype must be"):
+        runner.parse_dtype("float8")
+
+
+def test_runner_records(toy_cases):
+    op, model, steps = toy_cases
+    res = runner.run([op, model], device="cpu", quick=True, runners=["eager", "ganengine:torch"],
+                     repeats=5, warmup=1)
+    recs = res["records"]
+    assert len(recs) == 2 * 2 + 2  # op: 2 modes x 2 runners; model: 1 mode x 2 runners
+    assert all(r["status"] == "ok" for r in recs), [r["reason"] for r in recs]
+    for r in recs:
+        assert r["time_ms"]["repeats"] == 5 and r["time_ms"]["median"] > 0
+        assert r["speedup_vs_eager"] == pytest.approx(
+            next(e for e in recs if e["runner"] == "eager" and e["case"] == r["case"]
+                 and e["mode"] == r["mode"])["time_ms"]["median"] / r["time_ms"]["median"])
+    fwd = [r for r in recs if r["mode"] == "forward" and r["runner"] == "ganengine:torch"][0]
+    assert fwd["max_abs_err"] < 1e-6
+    assert len(steps) >= 2 * (1 + 1 + 5)  # first call + warm-up + repeats, per runner
+    assert res["settings"]["threads"] == torch.get_num_threads() or res["settings"]["threads"] >= 1
+
+
+def test_backend_that_cannot_serve_is_skipped_not_timed(toy_cases):
+    from ganengine import backends
+
+    cases = registry.all_cases()
+    if "instance_norm_act" not in cases or backends.serves("cuda", torch.device("cpu")):
+        pytest.skip("needs the norm_act case")
+    res = runner.run([cases["instance_norm_act"]], device="cpu", quick=True,
+                     runners=["ganengine:cuda"], modes=["forward"], repeats=3, measure_memory=False)
+    assert {r["status"] for r in res["records"]} == {"skipped"}
+    assert "cannot serve" in res["records"][0]["reason"]
+
+
+EXPECTED_RECORD_FIELDS = {"case", "family", "kind", "mode", "shape", "shape_label", "device", "dtype",
+                          "runner", "status", "reason", "time_ms", "peak_mem_bytes", "max_abs_err",
+                          "first_call_s", "speedup_vs_eager", "speedup_vs_compile"}
+
+
+def test_cli_quick_writes_json_markdown_png(toy_cases, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["bench", "--ops", "toy_bias_act", "--models", "toy_model", "--quick", "--device", "cpu",
+               "--runners", "eager", "compile", "ganengine:torch", "--repeats", "5", "--output", str(out)])
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["format"] == "ganengine-bench" and report["version"] == 1
+    m = report["machine"]
+    for key in ("cpu_model", "cpu_logical_cores", "cpu_physical_cores", "python", "torch", "triton",
+                "git", "backends", "platform", "load_average_1m"):
+        assert key in m
+    assert report["settings"]["size"] == "quick" and report["settings"]["runners"] == ["eager", "compile", "ganengine:torch"]
+    assert "--quick" in report["command"]
+    recs = report["records"]
+    assert len(recs) == 2 * 3 + 3
+    for r in recs:
+        assert EXPECTED_RECORD_FIELDS <= set(r), EXPECTED_RECORD_FIELDS - set(r)
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert {r["runner"] for r in ok} == {"eager", "compile", "ganengine:torch"}
+    comp = [r for r in recs if r["runner"] == "compile" and r["kind"] == "model"]
+    assert comp and comp[0]["status"] == "skipped"
+    for r in ok:
+        assert {"median", "q1", "q3", "iqr", "min", "max", "mean", "repeats"} <= set(r["time_ms"])
+        assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
+    md = (out / "bench.md").read_text()
+    assert "| case | shape | mode | eager ms | compile ms | ganengine:torch ms |" in md
+    assert "toy_bias_act" in md and "forward_backward" in md and "Machine:" in md
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(out / "bench.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    assert "bench.json" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["bench", "--ops", "no_such_op", "--output", str(tmp_path)]) == 2
+    assert "unknown op 'no_such_op'" in capsys.readouterr().err
+    assert main(["bench", "--list"]) == 0
+
+
+def test_cli_norm_act_quick(tmp_path):
+    if "instance_norm_act" not in registry.all_cases():
+        pytest.skip("norm_act is not in this build")
+    out = tmp_path / "b"
+    rc = main(["bench", "--ops", "norm_act", "--quick", "--no-compile", "--repeats", "3",
+               "--output", str(out)])
+    report = json.loads((out / "bench.json").read_text())
+    recs = [r for r in report["records"] if r["case"] == "instance_norm_act"]
+    assert rc == 0, [r["reason"] for r in recs if r["status"] == "error"]
+    assert {r["mode"] for r in recs} == {"forward", "forward_backward"}
+    assert all(r["max_abs_err"] < 1e-4 for r in recs if r["mode"] == "forward" and r["status"] == "ok")
+    assert os.path.getsize(out / "bench.png") > 1000
+
+
+def test_bench_tables_writes_generated_markdown(toy_cases, tmp_path):
+    from ganengine.tools import bench_tables
+
+    out = tmp_path / "docs" / "benchmarks_generated.md"
+    assert bench_tables.main(["--output", str(out), "--ops", "toy_bias_act", "--quick", "--no-compile",
+                              "--repeats", "3", "--skip-traffic", "--skip-aot"]) == 0
+    text = out.read_text()
+    assert text.startswith("<!-- generated by ganengine.tools.bench_tables")
+    assert "## Timing (cpu, quick shapes)" in text and "toy_bias_act" in text and "Machine:" in text
+    data = json.loads((tmp_path / "docs" / "benchmarks_generated.json").read_text())
+    assert data["timing"]["records"] and data["machine"]["cpu_model"]
+    assert (tmp_path / "docs" / "benchmarks_generated.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,180 @@
+"""`ganengine train | translate | sample` end to end on the built-in sample data (tiny networks),
+bad-input errors, and DDP with gloo on 2 processes."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ganengine.cli import main
+from tests._train_utils import TINY_FLAGS, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(model, tmp_path, extra="", steps=2):
+    argv = (["train", model] + TINY_FLAGS[model].split() + ["--checkpoints_dir", str(tmp_path), "--name", "run",
+            "--max_steps", str(steps), "--no_progress", "--tensorboard", "off"] + extra.split())
+    return main(argv)
+
+
+@pytest.mark.parametrize("model", ["pix2pix", "cyclegan", "stargan", "stackgan"])
+def test_train_from_command_line(model, tmp_path, capsys):
+    assert _train(model, tmp_path, "--sample_every 2 --save_every 1 --print_freq 1") == 0
+    run = tmp_path / "run"
+    assert sorted(f for f in os.listdir(run) if f.endswith(".pt")) == ["step_00000001.pt", "step_00000002.pt"]
+    assert os.listdir(run / "samples") == ["step_00000002.png"]
+    with open(run / "loss_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(v) == float(v) for v in rows[-1].values() if v)
+    err = capsys.readouterr().err
+    assert "built-in sample data" in err and "checkpoint:" in err
+
+
+def test_translate_and_sample_commands(tmp_path):
+    sample = os.path.join(ROOT, "ganengine", "data", "sample")
+    assert _train("pix2pix", tmp_path / "p") == 0
+    out = tmp_path / "out"
+    assert main(["translate", "--checkpoint", str(tmp_path / "p" / "run"), "--aligned",
+                 "--input", os.path.join(sample, "photos_paired", "val"), "--output", str(out)]) == 0
+    from PIL import Image
+
+    files = sorted(os.listdir(out))
+    assert len(files) == 20 and Image.open(out / files[0]).size == (32, 32)
+    assert main(["sample", "--checkpoint", str(tmp_path / "p" / "run"), "--output", str(tmp_path / "g.png"),
+                 "--n", "5"]) == 0
+    assert Image.open(tmp_path / "g.png").size[0] > Image.open(tmp_path / "g.png").size[1]
+
+    assert _train("stargan", tmp_path / "s") == 0
+    img = os.path.join(sample, "digits", "images", "0000.png")
+    assert main(["translate", "--checkpoint", str(tmp_path / "s" / "run"), "--input", img,
+                 "--output", str(tmp_path / "s_out"), "--target_attrs", "Two"]) == 0
+    assert Image.open(tmp_path / "s_out" / "0000.png").size == (32, 32)
+    assert main(["translate", "--checkpoint", str(tmp_path / "s" / "run"), "--input", img,
+                 "--output", str(tmp_path / "s_all")]) == 0  # a row: input + every domain
+    assert Image.open(tmp_path / "s_all" / "0000.png").size[0] > 4 * 32
+    assert main(["translate", "--checkpoint", str(tmp_path / "s" / "run"), "--input", img,
+                 "--output", str(tmp_path / "x"), "--target_attrs", "Blond_Hair"]) == 2
+
+    assert _train("stackgan", tmp_path / "k") == 0
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a handwritten digit seven\nthe number 3 written by hand\n")
+    assert main(["translate", "--checkpoint", str(tmp_path / "k" / "run"), "--captions", str(caps),
+                 "--output", str(tmp_path / "k_out"), "--n_per_caption", "2"]) == 0
+    assert len([f for f in os.listdir(tmp_path / "k_out") if f.endswith(".png")]) == 4
+
+
+def test_real_subprocess(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "ganengine", "train", "cyclegan"] + TINY_FLAGS["cyclegan"].split() + [
+        "--checkpoints_dir", str(tmp_path), "--max_steps", "2", "--sample_every", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained cyclegan to step 2" in proc.stderr
+    assert os.path.isfile(tmp_path / "cyclegan_sample" / "step_00000002.pt")
+    assert len(os.listdir(tmp_path / "cyclegan_sample" / "samples")) == 2
+
+
+def test_help_says_batch_size_is_per_process(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "cyclegan", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "PER PROCESS" in out and "--lambda_identity" in out and "--amp {off,bf16,fp16}" in out
+    assert "--lambda_L1" not in out  # pix2pix's option is not offered for CycleGAN
+
+
+# ------------------------------------------------------------------ bad input: each names the problem
+@pytest.mark.parametrize("argv, message", [
+    (["train", "cyclegan", "--batch_size", "0"], "--batch_size: expected a positive integer"),
+    (["train", "cyclegan", "--amp", "fp8"], "invalid choice: 'fp8'"),
+    (["train", "gan"], "invalid choice: 'gan'"),
+    (["train", "pix2pix", "--ngf", "many"], "--ngf: invalid int value"),
+])
+def test_bad_arguments_exit_with_usage(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("pix2pix", "--load_size 16 --crop_size 32", "--crop_size (32) must not exceed --load_size (16)"),
+    ("cyclegan", "--dataroot /nonexistent/data", "'/nonexistent/data/trainA' does not exist"),
+    ("stargan", "--selected_attrs Zero Bald", "--selected_attrs ['Bald'] not in"),
+    ("stargan", "--c_dim 7", "--c_dim 7 does not match the data: 3 labels"),
+    ("cyclegan", "--resume", "no checkpoint in"),
+    ("cyclegan", "--netG resnet_5blocks", "netG"),
+])
+def test_bad_values_give_clear_errors(model, extra, message, tmp_path, capsys):
+    assert _train(model, tmp_path, extra) == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ DDP (gloo, 2 processes)
+def _ddp_worker(rank, world, port, runs, out_dir):
+    """One process of the group: several trainings in one process group (one spawn: fast)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ganengine.cli import build_parser
+    from ganengine.cli.train import make_config
+    from ganengine.train import Trainer
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for tag, argv in runs:
+            cfg, _ = make_config(build_parser().parse_args(argv))
+            trainer = Trainer(cfg)
+            trainer.train()
+            # parameters only: running statistics are rank-local buffers (broadcast_buffers=False)
+            torch.save({n: {k: v.detach().clone() for k, v in net.named_parameters()}
+                        for n, net in trainer.networks.items()}, os.path.join(out_dir, f"{tag}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _same(a, b):
+    return all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
+
+
+def test_ddp_gloo_two_processes_stay_in_sync_and_resume(tmp_path):
+    common = ["--checkpoints_dir", str(tmp_path), "--no_progress", "--tensorboard", "off", "--deterministic",
+              "--print_freq", "1"]
+    sg = ["train", "stargan"] + TINY_FLAGS["stargan"].split() + common + ["--sample_every", "0"]
+    px = ["train", "pix2pix"] + TINY_FLAGS["pix2pix"].split() + common + ["--sample_every", "2"]
+    runs = [("full", sg + ["--name", "full", "--max_steps", "4"]),
+            ("part", sg + ["--name", "part", "--max_steps", "2"]),
+            ("resumed", sg + ["--name", "part", "--max_steps", "4", "--resume"]),
+            ("bn", px + ["--name", "bn", "--max_steps", "2"])]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), runs, str(tmp_path)), nprocs=2, join=True)
+    r = {tag: [torch.load(tmp_path / f"{tag}_rank{k}.pt", weights_only=True) for k in range(2)] for tag, _ in runs}
+    # the gradient all-reduce keeps ranks identical, with StarGAN's gradient penalty (autograd.grad
+    # inside the process) and with pix2pix's BatchNorm discriminator called on fakes and reals
+    for tag in r:
+        assert _same(*r[tag]), tag
+    assert not _same(r["part"][0], r["full"][0])
+    assert _same(r["resumed"][0], r["full"][0])  # resuming a 2-process run is exact
+    state = torch.load(tmp_path / "full" / "step_00000004.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2
+    assert os.listdir(tmp_path / "bn" / "samples") == ["step_00000002.png"]  # rank 0 alone writes
+
+
+def test_sync_bn_needs_cuda():
+    from ganengine.train import distributed as D
+
+    info = D.DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="--sync_bn needs CUDA"):
+        D.wrap(torch.nn.BatchNorm2d(3), info, sync_bn=True)

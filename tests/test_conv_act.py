@@ -1,0 +1,325 @@
+"""conv_act family: every backend vs the fp64 torch composition, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ganengine
+import ganengine.functional as GF
+import ganengine.nn as gnn
+from ganengine.backends import strict
+from ganengine.ops import _dispatch
+from ganengine.ops import conv_act as ops
+
+# (backend, triton conv implementation)
+BACKENDS = [("torch", None), ("cpu", None), ("triton", "igemm"), ("triton", "vendor")]
+IDS = ["torch", "cpu", "triton-igemm", "triton-vendor"]
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.float64: (1e-10, 1e-10)}
+
+
+def _skip_unavailable(backend):
+    if not ganengine.backends.available()[backend]:
+        pytest.skip(f"backend {backend} unavailable: {ganengine.backends.status()[backend]}")
+
+
+def _layout(x, kind):
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # a non-dense view
+        return torch.cat([x, x], dim=3)[:, :, :, ::2]
+    return x
+
+
+def _run(backend, impl, fn, tensors, grad_fn, **kw):
+    """Forward + backward of fn on copies of ``tensors``; returns (out, grads)."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+    ctx = ops.triton_conv_impl(impl) if impl else ops.triton_conv_impl("auto")
+    with ganengine.use_backend(backend), strict(), ctx:
+        out = fn(*leaves, **kw)
+        grad_fn(out).backward()
+    return out, [t.grad if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _compare(out, grads, ref_out, ref_grads, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            continue
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(g.double(), r, atol=atol * scale * 10, rtol=rtol * 10)
+
+
+@pytest.fixture
+def one_thread():
+    # hundreds of tiny calls: OpenMP start-up dominates, and on an oversubscribed machine it
+    # costs tens of ms per call
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SHAPES = [  # (N, C_in, H, W, C_out, stride, padding)
+    (1, 3, 9, 11, 5, 2, 1),
+    (3, 5, 7, 6, 7, 1, 1),
+    (2, 4, 8, 9, 3, 2, 0),
+]
+
+
+@pytest.mark.parametrize("backend,impl", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_conv2d_act_matches_reference(backend, impl, shape, layout):
+    _skip_unavailable(backend)
+    n, ci, h, w, co, s, p = shape
+    x = _layout(torch.randn(n, ci, h, w), layout).requires_grad_()
+    wt = (torch.randn(co, ci, 4, 4) * 0.2).requires_grad_()
+    b = torch.randn(co).requires_grad_()
+    g = torch.randn(n, co, (h + 2 * p - 4) // s + 1, (w + 2 * p - 4) // s + 1)
+    out, grads = _run(backend, impl, GF.conv2d_act, (x, wt, b), lambda y: (y * g).sum(), stride=s, padding=p)
+    assert _dispatch.last_used["conv2d_act"] == backend
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    ref_out, ref_grads = _run("torch", None, ops.reference_conv2d_act,
+                              [t.double() for t in (x, wt, b)], lambda y: (y * g.double()).sum(),
+                              stride=s, padding=p, negative_slope=0.2)
+    _compare(out, grads, ref_out, ref_grads, torch.float32)
+
+
+@pytest.mark.parametrize("backend,impl", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_conv2d_instance_norm_act_matches_reference(backend, impl, affine, shape):
+    _skip_unavailable(backend)
+    n, ci, h, w, co, s, p = shape
+    x = _layout(torch.randn(n, ci, h, w), "channels_last" if affine else "contiguous").requires_grad_()
+    wt = (torch.randn(co, ci, 4, 4) * 0.2).requires_grad_()
+    b = torch.randn(co).requires_grad_()
+    gam = (torch.rand(co) + 0.5).requires_grad_() if affine else None
+    bet = torch.randn(co).requires_grad_() if affine else None
+    g = torch.randn(n, co, (h + 2 * p - 4) // s + 1, (w + 2 * p - 4) // s + 1)
+
+    def fn(x, wt, b, gam, bet, **kw):
+        return GF.conv2d_instance_norm_act(x, wt, b, s, p, gam, bet, **kw)
+
+    def ref(x, wt, b, gam, bet):
+        return ops.reference_conv2d_in_act(x, wt, b, s, p, gam, bet, 1e-5, 0.2)
+
+    out, grads = _run(backend, impl, fn, (x, wt, b, gam, bet), lambda y: (y * g).sum())
+    assert _dispatch.last_used["conv2d_instance_norm_act"] == backend
+    ref_out, ref_grads = _run("torch", None, ref, [t.double() if t is not None else None for t in (x, wt, b, gam, bet)],
+                              lambda y: (y * g.double()).sum())
+    # the conv bias cancels exactly: our gradient is exactly 0, torch's is rounding noise
+    assert torch.equal(grads[2], torch.zeros_like(b))
+    ref_grads[2] = None
+    _compare(out, grads, ref_out, ref_grads, torch.float32)
+
+
+@pytest.mark.parametrize("backend,impl", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("norm", [False, True])
+def test_sum_backward_stride0_grad(backend, impl, norm):
+    """``y.sum().backward()`` hands the backward an expanded (stride-0) gradient."""
+    _skip_unavailable(backend)
+    x = torch.randn(2, 3, 9, 9).requires_grad_()
+    wt = (torch.randn(4, 3, 4, 4) * 0.3).requires_grad_()
+    b = torch.randn(4).requires_grad_()
+    fn = GF.conv2d_instance_norm_act if norm else GF.conv2d_act
+    ref = (lambda x, w, b, **k: ops.reference_conv2d_in_act(x, w, b, 2, 1, None, None, 1e-5, 0.2)) if norm else \
+        (lambda x, w, b, **k: ops.reference_conv2d_act(x, w, b, 2, 1, 0.2))
+    out, grads = _run(backend, impl, fn, (x, wt, b), lambda y: y.sum(), stride=2, padding=1)
+    ref_out, ref_grads = _run("torch", None, ref, [t.double() for t in (x, wt, b)], lambda y: y.sum())
+    if norm:
+        ref_grads[2] = None
+    _compare(out, grads, ref_out, ref_grads, torch.float32)
+
+
+@pytest.mark.parametrize("backend,impl", [("cpu", None), ("triton", "igemm")], ids=["cpu", "triton-igemm"])
+def test_fp16(backend, impl):
+    _skip_unavailable(backend)
+    x = torch.randn(2, 4, 9, 8).half().requires_grad_()
+    wt = (torch.randn(6, 4, 4, 4) * 0.2).half().requires_grad_()
+    b = torch.randn(6).half().requires_grad_()
+    for fn in (GF.conv2d_act, GF.conv2d_instance_norm_act):
+        out, grads = _run(backend, impl, fn, (x, wt, b), lambda y: (y.float() ** 2).sum() * 0.01, stride=2, padding=1)
+        assert out.dtype == torch.float16
+        f = ops.reference_conv2d_act if fn is GF.conv2d_act else (
+            lambda x, w, b, s, p, sl: ops.reference_conv2d_in_act(x, w, b, s, p, None, None, 1e-5, sl))
+        ref_out, ref_grads = _run("torch", None, f, [t.double() for t in (x, wt, b)],
+                                  lambda y: (y ** 2).sum() * 0.01, s=2, p=1, sl=0.2) if fn is not GF.conv2d_act else \
+            _run("torch", None, f, [t.double() for t in (x, wt, b)], lambda y: (y ** 2).sum() * 0.01,
+                 stride=2, padding=1, negative_slope=0.2)
+        if fn is not GF.conv2d_act:
+            ref_grads[2] = None
+        _compare(out, grads, ref_out, ref_grads, torch.float16)
+
+
+def test_fp64_gradcheck_and_gradgradcheck(one_thread):
+    """Double backward (WGAN-GP) through both ops: exact second derivatives. Tiny fp64 shapes."""
+    backend = "cpu" if ganengine.backends.available()["cpu"] else "torch"
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(2, 2, 3, 3, dtype=torch.float64) * 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    gam = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    with ganengine.use_backend(backend), strict():
+        f = lambda x, w, b: GF.conv2d_act(x, w, b, 2, 1)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, w, b))
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+        f = lambda x, w, g: GF.conv2d_instance_norm_act(x, w, None, 1, 1, g, None)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, w, gam))
+        assert torch.autograd.gradgradcheck(f, (x, w, gam))
+
+
+def test_gradient_penalty_matches_torch():
+    """The WGAN-GP pattern: grad of D wrt its input with create_graph, then backward to weights."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 10, 10, requires_grad=True)
+    w = (torch.randn(4, 3, 4, 4) * 0.3).requires_grad_()
+    b = torch.randn(4).requires_grad_()
+
+    def penalty(fn):
+        w.grad = b.grad = None
+        y = fn(x, w, b, 2, 1)
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        ((gx.flatten(1).norm(dim=1) - 1) ** 2).mean().backward()
+        return w.grad.clone(), b.grad.clone()
+
+    with ganengine.use_backend("cpu" if ganengine.backends.available()["cpu"] else "torch"):
+        got = penalty(GF.conv2d_act)
+    ref = penalty(lambda x, w, b, s, p: F.leaky_relu(F.conv2d(x, w, b, s, p), 0.2))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,impl", [("cpu", None), ("triton", "igemm"), ("triton", "vendor")],
+                         ids=["cpu", "triton-igemm", "triton-vendor"])
+def test_opcheck(backend, impl, one_thread):
+    _skip_unavailable(backend)
+    x = torch.randn(2, 3, 7, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 3, 4, 4) * 0.3
+    b = torch.randn(4)
+    y = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    with ganengine.use_backend(backend), strict(), ops.triton_conv_impl(impl or "auto"):
+        torch.library.opcheck(ops.conv2d_act_fwd, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(),
+                                                   [2, 2], [1, 1], 0.2))
+        torch.library.opcheck(ops.conv2d_in_act_fwd, (x, w, b, torch.rand(4).requires_grad_(), None,
+                                                      [2, 2], [1, 1], 1e-5, 0.2))
+        torch.library.opcheck(ops.conv2d_act_bwd, (y.abs(), x.detach(), w.detach(), y, [2, 2], [1, 1], 0.2,
+                                                   [True, True, True]), test_utils=("test_schema", "test_faketensor"))
+        _, c, mean, rstd = ops.conv2d_in_act_fwd(x.detach(), w.detach(), None, None, None, [2, 2], [1, 1], 1e-5, 0.2)
+        torch.library.opcheck(ops.conv2d_in_act_bwd, (y, x.detach(), w.detach(), c, mean, rstd, torch.rand(4), None,
+                                                      [2, 2], [1, 1], 0.2, [True, False]),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 3, 9, 9).requires_grad_()
+    w = (torch.randn(4, 3, 4, 4) * 0.3).requires_grad_()
+    b = torch.randn(4).requires_grad_()
+
+    def f(x, w, b):
+        y = GF.conv2d_act(x, w, b, 2, 1)
+        return GF.conv2d_instance_norm_act(y, w.new_ones(5, 4, 4, 4) * 0.1, None, 1, 1).sum()
+
+    backend = "cpu" if ganengine.backends.available()["cpu"] else "torch"
+    with ganengine.use_backend(backend):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        out = compiled(x, w, b)
+        out.backward()
+        gx = x.grad.clone()
+        x.grad = None
+        ref = f(x, w, b)
+        ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, x.grad)
+
+
+def test_autocast_runs_conv_in_autocast_dtype():
+    x = torch.randn(1, 3, 8, 8)
+    w = torch.randn(4, 3, 4, 4) * 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = GF.conv2d_act(x, w, None, 2, 1)
+        ref = F.leaky_relu(F.conv2d(x, w, None, 2, 1), 0.2)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_negative_slope_and_activations():
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64)
+    w = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(GF.conv2d_act(x, w, None, 1, 1, negative_slope=-0.5),
+                               F.leaky_relu(F.conv2d(x, w, None, 1, 1), -0.5))
+    c = F.conv2d(x, w, None, 1, 1)
+    torch.testing.assert_close(GF.conv2d_instance_norm_act(x, w, None, 1, 1, activation="relu"),
+                               F.relu(F.instance_norm(c)))
+    torch.testing.assert_close(GF.conv2d_instance_norm_act(x, w, None, 1, 1, activation="none"), F.instance_norm(c))
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="input channels"):
+        GF.conv2d_act(x, torch.randn(4, 2, 4, 4))
+    with pytest.raises(ValueError, match="x must be"):
+        GF.conv2d_act(x[0], torch.randn(4, 3, 4, 4))
+    with pytest.raises(ValueError, match="stride"):
+        GF.conv2d_act(x, torch.randn(4, 3, 4, 4), stride=0)
+    with pytest.raises(ValueError, match="bias"):
+        GF.conv2d_act(x, torch.randn(4, 3, 4, 4), torch.randn(5))
+    with pytest.raises(ValueError, match="activation"):
+        GF.conv2d_instance_norm_act(x, torch.randn(4, 3, 4, 4), activation="gelu")
+    from ganengine.nn.conv_act import _check_supported
+
+    with pytest.raises(ValueError, match="groups"):
+        _check_supported("Conv2dAct", 2, (1, 1), "zeros", 0)
+    with pytest.raises(ValueError, match="padding_mode"):
+        _check_supported("Conv2dAct", 1, (1, 1), "reflect", 0)
+
+
+def test_modules_and_fuse():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(8, 4, 3, 1, 1, groups=2),
+                        nn.LeakyReLU(0.2), nn.Conv2d(4, 2, 4, 1, 1), nn.LeakyReLU(0.1))
+    fused, report = ganengine.fuse(seq, return_report=True)
+    assert report.get("conv2d+leaky_relu") == 2  # the grouped conv is declined
+    assert isinstance(fused[0], gnn.Conv2dAct) and isinstance(fused[1], nn.Identity)
+    assert type(fused[2]) is nn.Conv2d
+    assert isinstance(fused[4], gnn.Conv2dAct) and fused[4].negative_slope == 0.1
+    assert list(fused.state_dict()) == list(seq.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fused(x), seq(x.clone()))
+
+    m = gnn.Conv2dInstanceNormAct(3, 5, 4, 2, 1, affine=True)
+    assert set(m.state_dict()) == {"weight", "bias", "norm_weight", "norm_bias"}
+    torch.testing.assert_close(m(x), F.leaky_relu(F.instance_norm(F.conv2d(x, m.weight, m.bias, 2, 1),
+                                                                  weight=m.norm_weight, bias=m.norm_bias), 0.2),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["igemm", "vendor"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_triton(impl, dtype):
+    """On a GPU: both triton convolution paths (bf16 tl.dot only works there) vs fp64 torch."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 33, 31, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 16, 4, 4, device="cuda") * 0.1
+    b = torch.randn(32, device="cuda")
+    tol = {torch.float16: 3e-2, torch.bfloat16: 1e-1, torch.float32: 2e-2}[dtype]  # tf32 allowed
+    for stride in (1, 2):
+        for fn in (GF.conv2d_act, GF.conv2d_instance_norm_act):
+            ins = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+            with ganengine.use_backend("triton"), strict(), ops.triton_conv_impl(impl):
+                y = fn(*ins, stride=stride, padding=1)
+                g = torch.randn_like(y)
+                (y * g).sum().backward()
+            refs = [t.detach().double().requires_grad_() for t in ins]
+            if fn is GF.conv2d_act:
+                yr = ops.reference_conv2d_act(*refs, stride, 1, 0.2)
+            else:
+                yr = ops.reference_conv2d_in_act(*refs, stride, 1, None, None, 1e-5, 0.2)
+            (yr * g.double()).sum().backward()
+            torch.testing.assert_close(y.double(), yr, atol=tol, rtol=tol)
+            for a, r in zip(ins[:2], refs[:2]):
+                scale = max(1.0, r.grad.abs().max().item())
+                torch.testing.assert_close(a.grad.double(), r.grad, atol=tol * scale, rtol=tol)

@@ -1,0 +1,246 @@
+"""ganengine.data: reference layouts, transforms, sampler, built-in sample data, clear errors."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ganengine.data import (AlignedDataset, CaptionedDataset, CelebADataset, DataError, DomainFolderDataset,
+                            ResumableSampler, SAMPLE_DIR, TransformOptions, UnalignedDataset, build_dataset,
+                            make_loader, sample_root)
+from ganengine.data import transforms as T
+from ganengine.data.text import CaptionEmbedder, embed
+
+
+def _img(path, w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return arr
+
+
+# ------------------------------------------------------------------ built-in sample data
+@pytest.mark.parametrize("model", ["pix2pix", "cyclegan", "stargan", "stackgan"])
+def test_sample_data_loads(model):
+    opts = {"load_size": 36, "crop_size": 32, "image_size": 32 if model == "stargan" else 64,
+            "selected_attrs": ["Zero", "One", "Two"]}
+    ds = build_dataset(model, opts)
+    assert len(ds) >= 100
+    item = ds[(3, 1234)]
+    for k, v in item.items():
+        if torch.is_tensor(v) and v.dim() == 3:
+            assert v.dtype == torch.float32 and -1.0 <= v.min() and v.max() <= 1.0
+            assert v.shape[0] == 3
+    if model in ("pix2pix", "cyclegan"):
+        assert item["A"].shape == item["B"].shape == (3, 32, 32)
+    if model == "stargan":
+        assert item["label"].shape == (3,) and set(item["label"].tolist()) <= {0.0, 1.0}
+    if model == "stackgan":
+        assert item["embedding"].shape == (1024,) and item["wrong_image"].shape == (3, 64, 64)
+
+
+def test_sample_data_is_small_and_in_reference_layouts():
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(SAMPLE_DIR) for f in fs)
+    assert total < 4 * 1024 * 1024
+    assert os.path.isdir(os.path.join(sample_root("pix2pix"), "train"))
+    assert os.path.isdir(os.path.join(sample_root("pix2pix"), "val"))
+    for d in ("trainA", "trainB", "testA", "testB"):
+        assert os.path.isdir(os.path.join(sample_root("cyclegan"), d))
+    assert os.path.isfile(os.path.join(sample_root("stargan"), "list_attr_celeba.txt"))
+    assert os.path.isfile(os.path.join(sample_root("stackgan"), "captions.txt"))
+
+
+# ------------------------------------------------------------------ transforms
+def test_aligned_pair_shares_crop_and_flip(tmp_path):
+    half = _img(str(tmp_path / "h.png"), 40, 40, seed=1)
+    ab = np.concatenate([half, half], axis=1)
+    os.makedirs(tmp_path / "train")
+    Image.fromarray(ab).save(tmp_path / "train" / "0.png")
+    ds = AlignedDataset(str(tmp_path), "train", TransformOptions("resize_and_crop", 36, 32, True))
+    for seed in range(12):
+        item = ds[(0, seed)]
+        assert item["A"].shape == (3, 32, 32)
+        torch.testing.assert_close(item["A"], item["B"])  # same crop and flip on both halves
+        assert torch.equal(item["A"], ds[(0, seed)]["A"])  # an item's seed fixes its augmentation
+    crops = {tuple(ds[(0, s)]["A"][:, 0, 0].tolist()) for s in range(12)}
+    assert len(crops) > 1  # random crops differ between items
+
+
+def test_direction_and_channels(tmp_path):
+    a = _img(str(tmp_path / "a.png"), 16, 16, seed=2)
+    b = _img(str(tmp_path / "b.png"), 16, 16, seed=3)
+    os.makedirs(tmp_path / "train")
+    Image.fromarray(np.concatenate([a, b], 1)).save(tmp_path / "train" / "0.png")
+    o = TransformOptions("none", 16, 16, False)
+    ds = AlignedDataset(str(tmp_path), "train", o, direction="AtoB", input_nc=1)
+    item = ds[0]
+    assert item["A"].shape == (1, 16, 16) and item["B"].shape == (3, 16, 16)
+    torch.testing.assert_close(item["B"], T.to_tensor(Image.fromarray(b)))  # halves are not swapped by the data
+    ds = AlignedDataset(str(tmp_path), "train", o, direction="BtoA", input_nc=1)
+    assert ds[0]["A"].shape == (3, 16, 16) and ds[0]["B"].shape == (1, 16, 16)
+
+
+def test_preprocess_modes():
+    img = Image.fromarray(np.zeros((30, 60, 3), np.uint8))
+    g = torch.Generator().manual_seed(0)
+    for mode, shape in [("resize_and_crop", (3, 16, 16)), ("crop", (3, 16, 16)), ("scale_width", (3, 16, 20)),
+                        ("scale_width_and_crop", (3, 16, 16)), ("none", (3, 32, 60))]:
+        o = TransformOptions(mode, 20, 16, True).check()
+        assert T.apply(img, o, T.get_params(img.size, o, g)).shape == shape, mode
+    with pytest.raises(ValueError, match="--crop_size"):
+        TransformOptions("resize_and_crop", 16, 32).check()
+    with pytest.raises(ValueError, match="--preprocess"):
+        TransformOptions("zoom", 16, 16).check()
+
+
+def test_tensor_image_round_trip():
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    t = T.to_tensor(Image.fromarray(arr))
+    assert t.shape == (3, 5, 7) and t.min() >= -1 and t.max() <= 1
+    assert np.array_equal(np.asarray(T.to_image(t)), arr)
+
+
+# ------------------------------------------------------------------ sampler
+def test_sampler_is_deterministic_and_resumes_mid_epoch():
+    s = ResumableSampler(10, 3, shuffle=True, seed=7)
+    s.set_epoch(2)
+    full = list(s)
+    assert len(full) == s.batches_per_epoch * 3 == 9
+    s.set_epoch(2, start_batch=2)
+    assert list(s) == full[6:]
+    s.set_epoch(3)
+    assert [i for i, _ in s] != [i for i, _ in full]  # a new order per epoch
+
+
+def test_sampler_partitions_across_ranks():
+    parts = []
+    for rank in range(3):
+        s = ResumableSampler(12, 2, shuffle=True, seed=1, rank=rank, world_size=3)
+        s.set_epoch(0)
+        parts.append([i for i, _ in s])
+    assert all(len(p) == 4 for p in parts)
+    assert sorted(sum(parts, [])) == list(range(12))
+
+
+def test_loader_same_batches_with_and_without_workers():
+    ds = build_dataset("cyclegan", {"load_size": 36, "crop_size": 32})
+    out = []
+    for workers in (0, 2):
+        loader, sampler = make_loader(ds, 4, seed=3, num_workers=workers)
+        sampler.set_epoch(1)
+        it = iter(loader)
+        out.append([next(it) for _ in range(2)])
+    for b0, b1 in zip(*out):
+        assert torch.equal(b0["A"], b1["A"]) and torch.equal(b0["B"], b1["B"])
+
+
+def test_cache_gives_same_pixels(tmp_path):
+    for i in range(3):
+        _img(str(tmp_path / "trainA" / f"{i}.png"), 20, 20, seed=i)
+        _img(str(tmp_path / "trainB" / f"{i}.jpg"), 24, 20, seed=10 + i)
+    o = TransformOptions("resize_and_crop", 20, 16)
+    on = UnalignedDataset(str(tmp_path), "train", o, cache=True)
+    off = UnalignedDataset(str(tmp_path), "train", o, cache=False)
+    assert on.A.cached is not None and off.A.cached is None
+    for i in range(3):
+        a, b = on[(i, 99)], off[(i, 99)]
+        assert torch.equal(a["A"], b["A"]) and torch.equal(a["B"], b["B"]) and a["B_paths"] == b["B_paths"]
+
+
+# ------------------------------------------------------------------ StarGAN / StackGAN layouts
+def test_celeba_layout(tmp_path):
+    names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    for i, n in enumerate(names):
+        _img(str(tmp_path / "images" / n), 20, 24, seed=i)
+    rows = ["a.jpg 1 -1 1", "b.jpg -1 1 1", "c.jpg 1 1 -1", "d.jpg -1 -1 -1"]
+    (tmp_path / "list_attr_celeba.txt").write_text("4\nBlack_Hair Male Young\n" + "\n".join(rows) + "\n")
+    ds = CelebADataset(str(tmp_path), ["Young", "Black_Hair"], crop_size=16, image_size=8, test_size=0)
+    assert len(ds) == 4 and ds.c_dim == 2
+    by_name = {os.path.basename(ds.images.paths[i]): ds[i]["label"].tolist() for i in range(4)}
+    assert by_name == {"a.jpg": [1.0, 1.0], "b.jpg": [1.0, 0.0], "c.jpg": [0.0, 1.0], "d.jpg": [0.0, 0.0]}
+    assert ds[0]["image"].shape == (3, 8, 8)
+    test = CelebADataset(str(tmp_path), ["Young"], mode="test", crop_size=16, image_size=8, test_size=1)
+    assert len(test) == 1
+
+
+def test_domain_folder_layout(tmp_path):
+    for d, n in (("angry", 2), ("happy", 3)):
+        for i in range(n):
+            _img(str(tmp_path / "train" / d / f"{i}.png"), 12, 12, seed=i)
+    ds = build_dataset("stargan", {"dataroot": str(tmp_path), "crop_size": 12, "image_size": 8})
+    assert isinstance(ds, DomainFolderDataset) and ds.domains == ["angry", "happy"]
+    labels = torch.stack([ds[i]["label"] for i in range(5)])
+    assert labels.tolist() == [[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]]
+
+
+def test_captions_and_embeddings(tmp_path):
+    for i in range(3):
+        _img(str(tmp_path / "images" / f"{i}.png"), 16, 16, seed=i)
+    (tmp_path / "captions.txt").write_text("0.png\ta red bird\n0.png\ta small red bird\n1.png\ta blue bird\n2.png\ta cat\n")
+    ds = CaptionedDataset(str(tmp_path), image_size=16, text_dim=64)
+    assert ds.counts.tolist() == [2, 1, 1] and ds.text_dim == 64
+    item = ds[(0, 5)]
+    assert item["image"].shape == item["wrong_image"].shape == (3, 16, 16)
+    assert not torch.equal(item["image"], item["wrong_image"])
+    torch.save({"filenames": ["0.png", "1.png", "2.png"], "embeddings": torch.randn(3, 4, 10)},
+               tmp_path / "embeddings.pt")
+    ds = CaptionedDataset(str(tmp_path), image_size=16)
+    assert ds.text_dim == 10 and ds.precomputed
+
+
+def test_text_embedder_is_stable_and_meaningful():
+    e = CaptionEmbedder(256)
+    a, b, c = e(["a small red bird", "a red bird", "the number 7 written by hand"])
+    assert torch.allclose(a.norm(), torch.tensor(1.0))
+    assert (a @ b) > 0.3 > abs(float(a @ c))
+    torch.testing.assert_close(embed(["a small red bird"], 256)[0], a)  # deterministic across instances
+    with pytest.raises(ValueError, match="no words"):
+        e(["..."])
+
+
+# ------------------------------------------------------------------ errors name the file and the fix
+def test_error_missing_folder(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*--dataroot"):
+        build_dataset("pix2pix", {"dataroot": str(tmp_path / "nope")})
+
+
+def test_error_empty_split(tmp_path):
+    os.makedirs(tmp_path / "trainA")
+    os.makedirs(tmp_path / "trainB")
+    _img(str(tmp_path / "trainA" / "x.png"), 8, 8)
+    (tmp_path / "trainB" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match=r"trainB.*contains no images"):
+        build_dataset("cyclegan", {"dataroot": str(tmp_path)})
+
+
+def test_error_unreadable_image(tmp_path):
+    _img(str(tmp_path / "train" / "good.png"), 16, 8)
+    (tmp_path / "train" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match=r"broken\.jpg.*Replace or delete"):
+        build_dataset("pix2pix", {"dataroot": str(tmp_path)})
+
+
+def test_error_label_file_mismatch(tmp_path):
+    _img(str(tmp_path / "images" / "a.jpg"), 8, 8)
+    (tmp_path / "list_attr_celeba.txt").write_text("2\nMale Young\na.jpg 1 -1\nmissing.jpg -1 1\n")
+    with pytest.raises(DataError, match=r"missing\.jpg.*must match the images"):
+        CelebADataset(str(tmp_path), ["Male"], test_size=0)
+    (tmp_path / "list_attr_celeba.txt").write_text("1\nMale Young\na.jpg 1\n")
+    with pytest.raises(DataError, match=r"list_attr_celeba.txt:3"):
+        CelebADataset(str(tmp_path), ["Male"], test_size=0)
+    (tmp_path / "list_attr_celeba.txt").write_text("1\nMale Young\na.jpg 1 -1\n")
+    with pytest.raises(DataError, match=r"--selected_attrs \['Bald'\].*Male Young"):
+        CelebADataset(str(tmp_path), ["Bald"], test_size=0)
+
+
+def test_error_missing_captions(tmp_path):
+    for i in range(2):
+        _img(str(tmp_path / "images" / f"{i}.png"), 8, 8, seed=i)
+    (tmp_path / "captions.txt").write_text("0.png\ta caption\n")
+    with pytest.raises(DataError, match=r"have no caption.*1\.png"):
+        CaptionedDataset(str(tmp_path))
+    (tmp_path / "captions.txt").write_text("0.png\ta\n1.png\tb\n9.png\tc\n")
+    with pytest.raises(DataError, match=r"9\.png"):
+        CaptionedDataset(str(tmp_path))

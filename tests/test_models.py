@@ -1,0 +1,531 @@
+"""ganengine.models networks and models against the reference implementations (tests/reference_nets.py).
+
+Per network (small widths): parameter count and state_dict shapes equal to the reference, the same
+initial weights from the same seed, eval outputs equal to the reference with the same weights,
+and fused ops (every CPU backend) equal to the torch backend. Per model: one full train_step gives
+the same losses on every CPU backend as on the torch backend from the same seed.
+"""
+import copy
+import io
+
+import pytest
+import torch
+
+import ganengine
+from tests import reference_nets as R
+from ganengine import backends
+from ganengine.models import (CycleGAN, Pix2Pix, StackGAN, StarGAN, build_model, build_network)
+from tests._backends import on_backend
+
+CPU_BACKENDS = [b for b in ("cpu", "triton") if backends.available()[b]]
+
+
+def _has_patch():
+    import ganengine.nn as gnn
+
+    return hasattr(gnn, "PatchDiscriminator")
+
+
+needs_patch = pytest.mark.skipif(not _has_patch(), reason="ganengine.nn.PatchDiscriminator not available yet")
+
+
+def nparams(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------- reference parameter counts
+# (computed by running the reference code at its defaults; see docs/models.md)
+DEFAULT_COUNTS = [
+    ("resnet_9blocks", dict(norm="instance"), 11_378_179),
+    ("unet_256", dict(norm="batch", use_dropout=True), 54_413_955),
+    ("patchgan", dict(input_nc=6, norm="batch"), 2_768_705),
+    ("patchgan", dict(input_nc=3, norm="instance"), 2_764_737),
+    ("stargan_G", {}, 8_430_528),
+    ("stargan_D", {}, 44_762_048),
+    ("stackgan_stage1_G", {}, 10_301_248),
+    ("stackgan_stage1_D", {}, 5_715_713),
+    ("stackgan_stage2_G", {}, 36_591_328),
+    ("stackgan_stage2_D", {}, 71_269_122),
+]
+
+
+@pytest.mark.parametrize("arch,kwargs,count", DEFAULT_COUNTS, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(DEFAULT_COUNTS)])
+def test_parameter_count_at_default_size(arch, kwargs, count):
+    if arch == "patchgan" and not _has_patch():
+        pytest.skip("ganengine.nn.PatchDiscriminator not available yet")
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        net = build_network(arch, **kwargs)
+    assert nparams(net) == count
+
+
+# ---------------------------------------------------------------------------- small networks vs reference
+def _ref_resnet(n_blocks, norm, dropout, ngf=8):
+    def build():
+        return R.define_G(3, 3, ngf, f"resnet_{n_blocks}blocks", norm, dropout)
+    return build
+
+
+def _stack_g1():
+    net = R.STAGE1_G(gf_dim=8, condition_dim=8, text_dim=16, z_dim=10)
+    return net.apply(R.stackgan_weights_init)
+
+
+def _stack_g2():
+    net = R.STAGE2_G(R.STAGE1_G(gf_dim=8, condition_dim=8, text_dim=16, z_dim=10), gf_dim=8, condition_dim=8,
+                     text_dim=16, z_dim=10, r_num=2)
+    return net.apply(R.stackgan_weights_init)
+
+
+# (name, arch, arch kwargs, reference builder, input maker)
+def _img(n, c, s):
+    return lambda: (torch.randn(n, c, s, s),)
+
+
+def _star_in():
+    return torch.randn(2, 3, 32, 32), torch.tensor([[1., 0, 0, 1, 0], [0, 1, 0, 0, 1]])
+
+
+def _text(z=10):
+    return lambda: (torch.randn(2, 16), torch.randn(2, z))
+
+
+NETS = [
+    ("resnet9_instance", "resnet_9blocks", dict(ngf=4, norm="instance"), _ref_resnet(9, "instance", False, 4), _img(2, 3, 16)),
+    ("resnet6_batch_dropout", "resnet_6blocks", dict(ngf=8, norm="batch", use_dropout=True),
+     _ref_resnet(6, "batch", True), _img(2, 3, 32)),
+    ("resnet6_none", "resnet_6blocks", dict(ngf=8, norm="none"), _ref_resnet(6, "none", False), _img(1, 3, 32)),
+    ("unet128_batch", "unet_128", dict(ngf=4, norm="batch", use_dropout=True),
+     lambda: R.define_G(3, 3, 4, "unet_128", "batch", True), _img(2, 3, 128)),
+    ("unet256_instance", "unet_256", dict(ngf=2, norm="instance"),
+     lambda: R.define_G(3, 3, 2, "unet_256", "instance", False), _img(1, 3, 256)),
+    ("patchgan_instance", "patchgan", dict(input_nc=3, ndf=8, norm="instance"),
+     lambda: R.define_D(3, 8, "basic", norm="instance"), _img(2, 3, 32)),
+    ("patchgan_batch_n2", "patchgan", dict(input_nc=6, ndf=8, n_layers=2, norm="batch"),
+     lambda: R.define_D(6, 8, "n_layers", 2, norm="batch"), _img(2, 6, 32)),
+    ("pixel_instance", "pixel", dict(input_nc=3, ndf=8, norm="instance"),
+     lambda: R.define_D(3, 8, "pixel", norm="instance"), _img(2, 3, 16)),
+    ("stargan_G", "stargan_G", dict(conv_dim=8, c_dim=5, repeat_num=2), lambda: R.StarGenerator(8, 5, 2), _star_in),
+    ("stargan_D", "stargan_D", dict(image_size=32, conv_dim=8, c_dim=5, repeat_num=3),
+     lambda: R.StarDiscriminator(32, 8, 5, 3), _img(2, 3, 32)),
+    ("stackgan_stage1_G", "stackgan_stage1_G", dict(gf_dim=8, condition_dim=8, text_dim=16, z_dim=10), _stack_g1, _text()),
+    ("stackgan_stage1_D", "stackgan_stage1_D", dict(df_dim=8, condition_dim=8),
+     lambda: R.STAGE1_D(8, 8).apply(R.stackgan_weights_init), _img(2, 3, 64)),
+    ("stackgan_stage2_G", "stackgan_stage2_G", dict(gf_dim=8, condition_dim=8, text_dim=16, z_dim=10, r_num=2),
+     _stack_g2, _text()),
+    ("stackgan_stage2_D", "stackgan_stage2_D", dict(df_dim=4, condition_dim=8),
+     lambda: R.STAGE2_D(4, 8).apply(R.stackgan_weights_init), _img(2, 3, 256)),
+]
+NET_IDS = [n[0] for n in NETS]
+# the networks made mostly of fused ops, small enough for the Triton interpreter
+TRITON_NETS = tuple(n[0] for n in NETS if n[0] != "stackgan_stage2_D")  # that one: ~20 s, slow-marked
+
+
+def _skip_missing(arch):
+    if arch == "patchgan" and not _has_patch():
+        pytest.skip("ganengine.nn.PatchDiscriminator not available yet")
+
+
+def _run(net, inputs, seed=1):
+    torch.manual_seed(seed)  # StackGAN's conditioning augmentation draws noise
+    with torch.no_grad():
+        out = net(*inputs)
+    if isinstance(out, tuple):
+        return [o for o in out if o is not None]
+    return [out]
+
+
+def _close(a, b, atol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,arch,kwargs,ref_builder,make_inputs", NETS, ids=NET_IDS)
+def test_network_matches_reference(name, arch, kwargs, ref_builder, make_inputs):
+    _skip_missing(arch)
+    torch.manual_seed(123)
+    ref = ref_builder()
+    torch.manual_seed(123)
+    net = build_network(arch, **kwargs)
+    # same tree: keys, shapes, parameter count; same init from the same seed
+    ref_sd, sd = ref.state_dict(), net.state_dict()
+    assert list(sd) == list(ref_sd)
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+    assert nparams(net) == nparams(ref)
+    for k in sd:
+        torch.testing.assert_close(sd[k], ref_sd[k], atol=0, rtol=0, msg=f"initial value of {k}")
+    # same function (eval mode): ganengine (fused, default backend) vs the reference
+    ref.eval()
+    net.eval()
+    torch.manual_seed(7)
+    inputs = make_inputs()
+    _close(_run(net, inputs), _run(ref, inputs))
+
+
+def _net_backend_params():
+    out = []
+    for backend in CPU_BACKENDS:
+        for net in NETS:
+            slow = backend == "triton" and net[0] not in TRITON_NETS
+            out.append(pytest.param(*net, backend, id=f"{net[0]}-{backend}", marks=[pytest.mark.slow] if slow else []))
+    return out
+
+
+@pytest.mark.parametrize("name,arch,kwargs,ref_builder,make_inputs,backend", _net_backend_params())
+def test_fused_backends_match_torch_backend(name, arch, kwargs, ref_builder, make_inputs, backend):
+    _skip_missing(arch)
+    net = build_network(arch, **kwargs)
+    torch.manual_seed(7)
+    inputs = make_inputs()
+    for mode in ("eval", "train"):
+        getattr(net, mode)()
+        if mode == "train" and ("dropout" in name):
+            continue  # dropout draws: compared in eval mode only
+        state = copy.deepcopy(net.state_dict())
+        with ganengine.use_backend("torch"):
+            want = _run(net, inputs)
+        net.load_state_dict(state)  # undo running-stat updates of train mode
+        with on_backend(backend):  # strict: a silent fallback to torch fails the test
+            got = _run(net, inputs)
+        _close(got, want)
+
+
+def test_fuse_actually_rewrites_instance_norm_pairs():
+    net = build_network("resnet_9blocks", ngf=8)
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert "InstanceNormAct2d" in kinds
+    # every instance norm runs fused: the pairs with their ReLU, the residual blocks' second norm alone
+    assert not any(type(m) is torch.nn.InstanceNorm2d for m in net.modules())
+    plain = build_network("resnet_9blocks", ngf=8, fused=False)
+    assert "InstanceNormAct2d" not in {type(m).__name__ for m in plain.modules()}
+    assert list(plain.state_dict()) == list(net.state_dict())
+
+
+def test_unet_skip_structure_and_dropout_semantics():
+    net = build_network("unet_256", ngf=2, use_dropout=True, fused=False)
+    keys = list(net.state_dict())
+    # outermost block: downconv (0), submodule (1), ReLU, upconv (3); nested blocks' submodule is index 3
+    assert keys[0] == "model.model.0.weight"
+    assert "model.model.1.model.3.model.3.model.1.weight" in keys
+    drops = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 8 - 5 and all(d.p == 0.5 for d in drops)
+    x = torch.randn(1, 3, 256, 256)
+    net.train()
+    torch.manual_seed(0)
+    a = net(x)
+    torch.manual_seed(1)
+    b = net(x)
+    assert not torch.allclose(a, b)  # dropout active in training mode (the reference's test mode)
+    net.eval()
+    torch.testing.assert_close(net(x), net(x))
+
+
+def test_stargan_instance_norm_is_affine_with_running_stats():
+    net = build_network("stargan_G", conv_dim=8, repeat_num=1)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert norms and all(m.affine and m.track_running_stats for m in norms)
+    before = norms[0].running_mean.clone()
+    net.train()
+    net(torch.randn(2, 3, 16, 16), torch.zeros(2, 5))
+    assert not torch.equal(before, norms[0].running_mean)
+
+
+def test_stage2_generator_holds_frozen_stage1():
+    net = build_network("stackgan_stage2_G", gf_dim=8, condition_dim=8, text_dim=16, z_dim=10, r_num=1)
+    assert type(net.STAGE1_G).__name__ == "Stage1Generator"
+    assert all(not p.requires_grad for p in net.STAGE1_G.parameters())
+    assert any(k.startswith("STAGE1_G.ca_net.fc.") for k in net.state_dict())
+
+
+def test_conditioning_augmentation():
+    from ganengine.models import CANet
+
+    ca = CANet(text_dim=6, condition_dim=3)
+    t = torch.randn(4, 6)
+    torch.manual_seed(0)
+    c, mu, logvar = ca(t)
+    x = torch.relu(ca.fc(t))
+    torch.testing.assert_close(mu, x[:, :3])
+    torch.testing.assert_close(logvar, x[:, 3:])
+    torch.manual_seed(0)
+    eps = torch.randn(4, 3)
+    torch.testing.assert_close(c, mu + eps * torch.exp(0.5 * logvar))
+    with pytest.raises(ValueError, match="text_dim"):
+        ca(torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("arch,kwargs,scale,size", [
+    ("resnet_6blocks", dict(ngf=8), 4, 32), ("unet_128", dict(ngf=4), 8, 128)])
+def test_attention_option_extends_reference_keys(arch, kwargs, scale, size):
+    import ganengine.nn as gnn
+
+    if not hasattr(gnn, "SelfAttention2d"):
+        pytest.skip("ganengine.nn.SelfAttention2d not available yet")
+    plain = build_network(arch, **kwargs)
+    ctor = {"resnet_6blocks": lambda: ganengine.models.ResnetGenerator(3, 3, n_blocks=6, attention_scale=scale, **kwargs),
+            "unet_128": lambda: ganengine.models.UnetGenerator(3, 3, 7, attention_scale=scale, **kwargs)}[arch]
+    net = ctor()
+    extra = [k for k in net.state_dict() if k not in plain.state_dict()]
+    assert set(plain.state_dict()) <= set(net.state_dict())
+    assert extra and all(".attn." in k or k.startswith("attn.") for k in extra)
+    # gamma starts at 0: the attention block is the identity at init, so outputs equal the plain net's
+    net.load_state_dict({**net.state_dict(), **plain.state_dict()})
+    net.eval()
+    plain.eval()
+    x = torch.randn(1, 3, size, size)
+    torch.testing.assert_close(net(x), plain(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_scale"):
+        ganengine.models.ResnetGenerator(3, 3, ngf=8, attention_scale=8)
+
+
+# ---------------------------------------------------------------------------- models: one training step
+def _pix2pix():
+    return Pix2Pix(ngf=4, ndf=4, netG="unet_128", crop_size=128), \
+        {"A": torch.rand(1, 3, 128, 128) * 2 - 1, "B": torch.rand(1, 3, 128, 128) * 2 - 1}
+
+
+def _cyclegan():
+    return CycleGAN(ngf=4, ndf=4, netG="resnet_6blocks", netD="n_layers", n_layers_D=2, crop_size=16), \
+        {"A": torch.rand(1, 3, 16, 16) * 2 - 1, "B": torch.rand(1, 3, 16, 16) * 2 - 1}
+
+
+def _stargan_celeba():
+    return StarGAN(g_conv_dim=4, d_conv_dim=4, g_repeat_num=1, d_repeat_num=2, image_size=16, n_critic=1), \
+        {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.tensor([[1., 0, 0, 1, 0], [0, 1, 0, 0, 1]])}
+
+
+def _stargan_rafd():
+    return StarGAN(dataset="RaFD", c_dim=3, g_conv_dim=4, d_conv_dim=4, g_repeat_num=1, d_repeat_num=2,
+                   image_size=16, n_critic=1), \
+        {"image": torch.rand(3, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 2, 1])}
+
+
+def _stackgan1():
+    return StackGAN(gf_dim=8, df_dim=4, condition_dim=8, text_dim=16, z_dim=10), \
+        {"image": torch.rand(3, 3, 64, 64) * 2 - 1, "embedding": torch.randn(3, 16)}
+
+
+def _stackgan2():
+    return StackGAN(stage=2, gf_dim=8, df_dim=2, condition_dim=8, text_dim=16, z_dim=10, r_num=1), \
+        {"image": torch.rand(2, 3, 256, 256) * 2 - 1, "embedding": torch.randn(2, 16)}
+
+
+MODELS = [("pix2pix", _pix2pix), ("cyclegan", _cyclegan), ("stargan_celeba", _stargan_celeba),
+          ("stargan_rafd", _stargan_rafd), ("stackgan_stage1", _stackgan1), ("stackgan_stage2", _stackgan2)]
+# Under the Triton interpreter the batch-norm models' steps (larger images, few fused ops) take
+# 10-90 s on 2 cores: slow-marked (run with -m slow). CycleGAN and StarGAN, built mostly of fused
+# ops, run on triton in CI.
+def _slow_step(name, backend):
+    return backend == "triton" and name in ("pix2pix", "stackgan_stage1", "stackgan_stage2")
+
+
+def _model_params():
+    out = []
+    for backend in CPU_BACKENDS:
+        for name, make in MODELS:
+            marks = [pytest.mark.slow] if _slow_step(name, backend) else []
+            out.append(pytest.param(name, make, backend, id=f"{name}-{backend}", marks=marks))
+    return out
+
+
+def _one_step(make, backend, seed=5):
+    torch.manual_seed(seed)
+    model, batch = make()
+    opts = model.make_optimizers()
+    torch.manual_seed(seed + 1)
+    with on_backend(backend):
+        losses = model.train_step(batch, opts)
+    return model, losses
+
+
+@pytest.mark.parametrize("name,make,backend", _model_params())
+def test_train_step_backends_agree(name, make, backend):
+    ref_model, want = _one_step(make, "torch")
+    model, got = _one_step(make, backend)
+    assert set(got) == set(want) and len(got) >= 4
+    for k in want:
+        assert got[k].requires_grad is False and got[k].dim() == 0
+        assert torch.isfinite(got[k]), k
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
+    # every network got the same gradients (compared rather than the updated weights: Adam's first
+    # step is ~lr * sign(grad), which flips on gradients that are 0 up to rounding, e.g. the conv
+    # biases in front of an instance norm)
+    grads = {k: p.grad for k, p in ref_model.named_parameters() if p.grad is not None}
+    assert grads
+    # tolerance relative to the network's largest gradient: gradients that are 0 in exact
+    # arithmetic (conv bias before an instance norm) are rounding noise on both sides
+    scale = {}
+    for k, g in grads.items():
+        net = k.split(".")[0]
+        scale[net] = max(scale.get(net, 0.0), g.abs().max().item())
+    for k, p in model.named_parameters():
+        if k in grads:
+            torch.testing.assert_close(p.grad, grads[k], atol=1e-4 * scale[k.split(".")[0]] + 1e-7, rtol=1e-3, msg=k)
+
+
+def test_train_step_updates_all_networks():
+    model, batch = _cyclegan()
+    before = copy.deepcopy(model.state_dict())
+    losses = model.train_step(batch, model.make_optimizers())
+    assert {"D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B"} == set(losses)
+    for name in model.network_names:
+        net = getattr(model, name)
+        changed = any(not torch.equal(v, before[f"{name}.{k}"]) for k, v in net.state_dict().items())
+        assert changed, name
+    assert len(model.fake_A_pool) == 1 and len(model.fake_B_pool) == 1
+    # translate: images in [-1, 1] of the input's shape
+    out = model.translate(batch)
+    assert out.shape == batch["A"].shape and out.abs().max() <= 1
+
+
+def test_stargan_n_critic_and_extra_state():
+    model, batch = _stargan_celeba()
+    model.options["n_critic"] = 2
+    opts = model.make_optimizers()
+    first = model.train_step(batch, opts)
+    second = model.train_step(batch, opts)
+    assert not any(k.startswith("G/") for k in first)
+    assert {"G/loss_fake", "G/loss_rec", "G/loss_cls"} <= set(second)
+    assert model.extra_state() == {"num_steps": 2}
+    out = model.translate({"image": batch["image"], "label": batch["label"]})
+    assert out.shape == batch["image"].shape
+
+
+def test_cyclegan_pool_state_roundtrip():
+    model, batch = _cyclegan()
+    model.train_step(batch, model.make_optimizers())
+    buf = io.BytesIO()
+    torch.save(model.extra_state(), buf)  # checkpoints are read back with weights_only=True
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    other, _ = _cyclegan()
+    other.load_extra_state(state)
+    x = torch.randn(1, 3, 16, 16)
+    for _ in range(60):  # past the pool size: both pools draw the same way
+        torch.testing.assert_close(model.fake_A_pool.query(x), other.fake_A_pool.query(x))
+        x = torch.randn(1, 3, 16, 16)
+
+
+def test_schedulers_follow_reference_linear_rule():
+    model, _ = _cyclegan()
+    opts = model.make_optimizers()
+    scheds = model.make_schedulers(opts, n_epochs=2, n_epochs_decay=2, steps_per_epoch=3)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opts["G"].param_groups[0]["lr"])
+        opts["G"].step()  # (no gradients: a no-op that keeps the scheduler's order check quiet)
+        scheds["G"].step()
+    # epochs 0,1 at full lr; epoch e>=2: 1 - (e + 1 - 2) / 3
+    want = [2e-4] * 6 + [2e-4 * (1 - 1 / 3)] * 3 + [2e-4 * (1 - 2 / 3)] * 3
+    assert lrs == pytest.approx(want)
+
+
+def test_options_are_reference_named_and_checked():
+    m = build_model("pix2pix", ngf=4, ndf=4, netG="unet_128")
+    assert m.options["lambda_L1"] == 100.0 and m.options["gan_mode"] == "vanilla" and m.options["use_dropout"]
+    assert CycleGAN.DEFAULTS["lambda_identity"] == 0.5 and CycleGAN.DEFAULTS["pool_size"] == 50
+    assert StarGAN.DEFAULTS["n_critic"] == 5 and StarGAN.DEFAULTS["lambda_gp"] == 10.0
+    import json
+
+    json.dumps(m.options)
+    with pytest.raises(TypeError, match="lambda_l1"):
+        build_model("pix2pix", lambda_l1=10)
+    with pytest.raises(ValueError, match="gan_mode"):
+        Pix2Pix(gan_mode="wasserstein", ngf=4, ndf=4, netG="unet_128")
+    with pytest.raises(ValueError, match="model name"):
+        build_model("dcgan")
+
+
+# ---------------------------------------------------------------------------- models vs the reference step
+def _ref_nets_pix2pix(model):
+    G = R.define_G(3, 3, 4, "unet_128", "batch", True)
+    D = R.define_D(6, 4, "basic", norm="batch")
+    return [G, D]
+
+
+def _ref_nets_cyclegan(model):
+    return [R.define_G(3, 3, 4, "resnet_6blocks", "instance"), R.define_G(3, 3, 4, "resnet_6blocks", "instance"),
+            R.define_D(3, 4, "n_layers", 2, norm="instance"), R.define_D(3, 4, "n_layers", 2, norm="instance")]
+
+
+def _ref_nets_stargan(model):
+    o = model.options
+    return [R.StarGenerator(o["g_conv_dim"], o["c_dim"], o["g_repeat_num"]),
+            R.StarDiscriminator(o["image_size"], o["d_conv_dim"], o["c_dim"], o["d_repeat_num"])]
+
+
+def _ref_nets_stackgan(model):
+    o = model.options
+    g = dict(gf_dim=o["gf_dim"], condition_dim=o["condition_dim"], text_dim=o["text_dim"], z_dim=o["z_dim"])
+    if o["stage"] == 1:
+        return [R.STAGE1_G(**g), R.STAGE1_D(o["df_dim"], o["condition_dim"])]
+    return [R.STAGE2_G(R.STAGE1_G(**g), r_num=o["r_num"], **g), R.STAGE2_D(o["df_dim"], o["condition_dim"])]
+
+
+def _ref_step(name, nets, opts, batch, i, model):
+    o = model.options
+    if name == "pix2pix":
+        return R.pix2pix_step(*nets, *opts, batch["A"], batch["B"])
+    if name == "cyclegan":
+        return R.cyclegan_step(*nets, *opts, batch["A"], batch["B"])
+    if name.startswith("stargan"):
+        return R.stargan_step(*nets, *opts, batch["image"], batch["label"], i, dataset=o["dataset"], c_dim=o["c_dim"],
+                              n_critic=o["n_critic"])
+    return R.stackgan_step(*nets, *opts, batch["image"], batch["embedding"], o["z_dim"])
+
+
+def _ref_opts(name, nets, model):
+    if name == "pix2pix":
+        return [R.adam(nets[0].parameters(), 2e-4), R.adam(nets[1].parameters(), 2e-4)]
+    if name == "cyclegan":
+        return [R.adam(R.chain(nets[0], nets[1]), 2e-4), R.adam(R.chain(nets[2], nets[3]), 2e-4)]
+    if name.startswith("stargan"):
+        return [R.adam(nets[0].parameters(), 1e-4), R.adam(nets[1].parameters(), 1e-4)]
+    return [R.adam([p for p in nets[0].parameters() if p.requires_grad], 2e-4), R.adam(nets[1].parameters(), 2e-4)]
+
+
+REF_STEP_MODELS = [("pix2pix", _pix2pix, _ref_nets_pix2pix, 2), ("cyclegan", _cyclegan, _ref_nets_cyclegan, 2),
+                   ("stargan_celeba", _stargan_celeba, _ref_nets_stargan, 2),
+                   ("stargan_rafd", _stargan_rafd, _ref_nets_stargan, 2),
+                   ("stackgan_stage1", _stackgan1, _ref_nets_stackgan, 2),
+                   ("stackgan_stage2", _stackgan2, _ref_nets_stackgan, 1)]
+
+
+@pytest.mark.parametrize("name,make,make_ref,steps", REF_STEP_MODELS, ids=[m[0] for m in REF_STEP_MODELS])
+def test_train_step_matches_reference_training_step(name, make, make_ref, steps):
+    """ganengine's fused model and the reference's own update code give the same losses, step
+    after step (so the same update order, losses, optimisers and weights)."""
+    torch.manual_seed(5)
+    model, batch = make()
+    if name.startswith("stargan"):
+        model.options["n_critic"] = 2  # the second step also trains G
+    ref_nets = make_ref(model)
+    for net, net_name in zip(ref_nets, model.network_names):
+        net.load_state_dict(getattr(model, net_name).state_dict())
+        net.train()
+    opts, ref_opts = model.make_optimizers(), _ref_opts(name, ref_nets, model)
+    for i in range(steps):
+        torch.manual_seed(100 + i)
+        got = model.train_step(batch, opts)
+        torch.manual_seed(100 + i)
+        want = _ref_step(name, ref_nets, ref_opts, batch, i, model)
+        assert set(got) == set(want), (sorted(got), sorted(want))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k].detach(), atol=2e-4, rtol=2e-4, msg=f"step {i}: {k}")
+
+
+def test_stargan_with_attention_trains_through_the_gradient_penalty():
+    import ganengine.nn as gnn
+
+    if not hasattr(gnn, "SelfAttention2d"):
+        pytest.skip("ganengine.nn.SelfAttention2d not available yet")
+    torch.manual_seed(0)
+    model = StarGAN(g_conv_dim=8, d_conv_dim=8, g_repeat_num=1, d_repeat_num=2, image_size=16, n_critic=1,
+                    attention_resolution=4)
+    assert isinstance(model.G.attn, gnn.SelfAttention2d) and isinstance(model.D.attn, gnn.SelfAttention2d)
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.tensor([[1., 0, 0, 1, 0], [0, 1, 0, 0, 1]])}
+    opts = model.make_optimizers()
+    losses = model.train_step(batch, opts)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # gamma starts at 0; a step moves it, so the attention blocks are in both graphs
+    assert model.D.attn.gamma.abs().item() > 0 and model.G.attn.gamma.abs().item() > 0

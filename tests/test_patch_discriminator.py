@@ -1,0 +1,120 @@
+"""gnn.PatchDiscriminator vs the reference NLayerDiscriminator (tests/reference_nets.py)."""
+import pytest
+import torch
+from tests.reference_nets import NLayerDiscriminator, get_norm_layer, init_weights
+
+import ganengine
+import ganengine.nn as gnn
+from ganengine.backends import strict
+from ganengine.ops import _dispatch
+from ganengine.ops import conv_act as ops
+
+
+def _pair(input_nc, ndf, n_layers, norm, seed=0):
+    torch.manual_seed(seed)
+    ref = init_weights(NLayerDiscriminator(input_nc, ndf, n_layers, get_norm_layer(norm)), "normal", 0.02)
+    ours = gnn.PatchDiscriminator(input_nc, ndf, n_layers, norm=norm)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _nparams(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_reference_parameter_counts():
+    # the reference values (NOTES.md): pix2pix D with batch norm, CycleGAN D with instance norm
+    assert _nparams(gnn.PatchDiscriminator(6, 64, 3, norm="batch")) == 2_768_705
+    assert _nparams(gnn.PatchDiscriminator(3, 64, 3, norm="instance")) == 2_764_737
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "none"])
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_keys_shapes_counts_match_reference(norm, n_layers):
+    ref = NLayerDiscriminator(3, 8, n_layers, get_norm_layer(norm))
+    ours = gnn.PatchDiscriminator(3, 8, n_layers, norm=norm)
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
+    assert _nparams(ours) == _nparams(ref)
+    assert [type(m).__name__ for m in ours.model] == [
+        "Identity" if type(m).__name__ == "Identity" else type(m).__name__ for m in ref.model]
+
+
+BACKENDS = [("torch", None), ("cpu", None), ("triton", "igemm"), ("triton", "vendor")]
+
+
+@pytest.mark.parametrize("backend,impl", BACKENDS, ids=["torch", "cpu", "triton-igemm", "triton-vendor"])
+@pytest.mark.parametrize("norm,n_layers", [("instance", 3), ("batch", 2), ("none", 1), ("instance", 1)])
+def test_outputs_and_grads_match_reference(backend, impl, norm, n_layers):
+    if not ganengine.backends.available()[backend]:
+        pytest.skip(ganengine.backends.status()[backend])
+    ref, ours = _pair(3, 4, n_layers, norm)
+    # n_layers=3 needs >= 24 pixels for the 4x4 stride-1 tail; keep it tiny for the interpreter
+    x = torch.randn(2, 3, 24 if n_layers == 3 else 13, 26 if n_layers == 3 else 15)
+    x_ref = x.clone().requires_grad_()
+    x_our = x.clone().requires_grad_()
+    y_ref = ref(x_ref)
+    with ganengine.use_backend(backend), strict(), ops.triton_conv_impl(impl or "auto"):
+        y = ours(x_our)
+        assert _dispatch.last_used["conv2d_act"] == backend
+        g = torch.randn_like(y_ref)
+        (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert y.shape == y_ref.shape and y.is_contiguous()
+    torch.testing.assert_close(y, y_ref, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(x_our.grad, x_ref.grad, atol=2e-4, rtol=2e-3)
+    for (name, p), (_, pr) in zip(ours.named_parameters(), ref.named_parameters()):
+        scale = max(1.0, pr.grad.abs().max().item())
+        if norm == "instance" and name.endswith("bias") and name != f"model.{len(ref.model) - 1}.bias" \
+                and name != "model.0.bias":
+            assert torch.equal(p.grad, torch.zeros_like(p))  # cancelled by the norm: exactly zero
+            continue
+        torch.testing.assert_close(p.grad, pr.grad, atol=2e-4 * scale, rtol=2e-3, msg=name)
+    # BatchNorm running statistics updated exactly like the reference
+    for (k, v), (_, vr) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        if "running" in k:
+            torch.testing.assert_close(v, vr)
+
+
+def test_eval_mode_batch_norm_and_channels_last_off():
+    ref, ours = _pair(6, 4, 2, "batch")
+    ours.channels_last = False
+    x = torch.randn(1, 6, 16, 16)
+    ref(x), ours(x)  # one training step of running stats on both
+    ref.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_reference_discriminator():
+    torch.manual_seed(0)
+    ref = init_weights(NLayerDiscriminator(3, 8, 3, get_norm_layer("instance")), "normal", 0.02)
+    fused, report = ganengine.fuse(ref, return_report=True)
+    assert report.get("conv2d+leaky_relu") == 1  # the first block; the others are conv -> norm -> act
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
+    ref_none = NLayerDiscriminator(3, 8, 2, get_norm_layer("none"))
+    fused_none, report = ganengine.fuse(ref_none, return_report=True)
+    # Identity between conv and LeakyReLU: those pairs are not adjacent, only the first is fused
+    assert report.get("conv2d+leaky_relu") == 1
+    torch.testing.assert_close(fused_none(x), ref_none(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="norm"):
+        gnn.PatchDiscriminator(3, norm="group")
+    with pytest.raises(ValueError, match="n_layers"):
+        gnn.PatchDiscriminator(3, n_layers=0)
+    with pytest.raises(ValueError, match="expected input"):
+        gnn.PatchDiscriminator(3, 8, 1)(torch.randn(1, 4, 16, 16))
+
+
+def test_torch_compile_fullgraph_no_breaks():
+    torch.manual_seed(0)
+    d = gnn.PatchDiscriminator(3, 8, 2, norm="instance")
+    x = torch.randn(2, 3, 32, 32)
+    backend = "cpu" if ganengine.backends.available()["cpu"] else "torch"
+    with ganengine.use_backend(backend):
+        torch._dynamo.reset()
+        y = torch.compile(d, fullgraph=True, backend="aot_eager")(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, d(x))
