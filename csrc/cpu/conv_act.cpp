@@ -21,6 +21,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "vec_utils.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -78,14 +80,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
 // is a correctness path, not a speed target).
 using at::vec::Vectorized;
 
-template <typename T>
-inline T hsum(const Vectorized<T>& v) {
-  alignas(64) T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = 0;
-  for (int i = 0; i < Vectorized<T>::size(); ++i) s += buf[i];
-  return s;
-}
+using ganengine::cpu::hsum;
 
 // leaky(v) = v > 0 ? v : v * s, as a blend (and the scalar form for tails)
 template <typename T>

@@ -20,6 +20,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "vec_utils.h"
+
 #include <cmath>
 #include <vector>
 
@@ -35,17 +37,8 @@ constexpr int64_t kGrain = 4;      // chunks per thread at least: waking a threa
 
 enum Mode : int64_t { BCE = 0, MSE = 1, HINGE_REAL = 2, HINGE_FAKE = 3, LINEAR = 4 };
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-template <typename acc_t>
-inline acc_t hsum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-  v.store(buf);
-  acc_t s = 0;
-  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) s += buf[i];
-  return s;
-}
+using cpu::AccOf;
+using cpu::hsum;
 
 // ---------------------------------------------------------------- elementwise loss and gradient
 template <int MODE, typename T>

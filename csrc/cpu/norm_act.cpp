@@ -14,6 +14,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "vec_utils.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -23,17 +25,8 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-template <typename acc_t>
-inline acc_t hsum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-  v.store(buf);
-  acc_t s = 0;
-  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) s += buf[i];
-  return s;
-}
+using cpu::AccOf;
+using cpu::hsum;
 
 template <typename acc_t>
 inline Vectorized<acc_t> activate(const Vectorized<acc_t>& z, const Vectorized<acc_t>& slope, bool act) {
