@@ -169,22 +169,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _reference_forward(x, weight, bias, eps, activation, negative_slope):
-    """Differentiable composition used for double backward (create_graph=True)."""
-    acc = stat_dtype(x.dtype)
-    xf = x.to(acc)
-    var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False, keepdim=True)
-    z = (xf - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        z = z * weight.to(acc)[None, :, None, None]
-    if bias is not None:
-        z = z + bias.to(acc)[None, :, None, None]
-    apply, s = act_slope(activation, negative_slope)
-    if apply:
-        z = F.leaky_relu(z, s)
-    return z.to(x.dtype)
-
-
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -193,7 +177,8 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
         # derivatives (gradient penalties) are exact.
         inputs = [t for t, need in zip((x, weight, bias), needs[:3]) if need and t is not None]
         with torch.enable_grad():
-            y = _reference_forward(x, weight, bias, ctx.eps, ctx.activation, ctx.negative_slope)
+            # the torch backend is plain differentiable ops (copy_ included)
+            y, _, _ = _torch_fwd(x, weight, bias, ctx.eps, ctx.activation, ctx.negative_slope)
             grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True, allow_unused=True))
         return tuple(next(grads) if (need and t is not None) else None
                      for t, need in zip((x, weight, bias), needs[:3])) + (None, None, None)
