@@ -5,7 +5,9 @@ Two kinds of rewrite rules, registered by the op families' module files (ganengi
 * pair rules: inside an ``nn.Sequential``, a child ``a`` immediately followed by ``b`` (for
   example InstanceNorm2d -> LeakyReLU) becomes ``fused(a, b)`` at a's index and ``nn.Identity()``
   at b's index. Indices, and so state_dict keys, stay the same: the fused module owns a's
-  parameters and buffers under the same names, and Identity owns none.
+  parameters and buffers under the same names, and Identity owns none. A rule whose parameters
+  live in ``b`` (ReflectionPad2d -> Conv2d) registers ``place="second"``: the fused module goes
+  to b's index and Identity to a's.
 * module rules: a module that matches (for example a SAGAN ``Self_Attn``) is swapped for a
   fused module with the same parameter names.
 
@@ -28,6 +30,7 @@ class PairRule:
     first: Callable[[nn.Module], bool]
     second: Callable[[nn.Module], bool]
     build: Callable[[nn.Module, nn.Module], Optional[nn.Module]]
+    place: str = "first"
 
 
 @dataclass
@@ -41,8 +44,10 @@ PAIR_RULES: list[PairRule] = []
 MODULE_RULES: list[ModuleRule] = []
 
 
-def register_pair_rule(name, first, second, build) -> None:
-    PAIR_RULES.append(PairRule(name, first, second, build))
+def register_pair_rule(name, first, second, build, place: str = "first") -> None:
+    if place not in ("first", "second"):
+        raise ValueError(f"register_pair_rule: place must be 'first' or 'second', got {place!r}")
+    PAIR_RULES.append(PairRule(name, first, second, build, place))
 
 
 def register_module_rule(name, match, build) -> None:
@@ -76,8 +81,10 @@ def _fuse_children(module: nn.Module, counts: dict[str, int]) -> None:
                 if rule.first(a) and rule.second(b):
                     fused = rule.build(a, b)
                     if fused is not None:
-                        module._modules[names[i]] = _copy_training_state(fused, a)
-                        module._modules[names[i + 1]] = nn.Identity()
+                        owner = a if rule.place == "first" else b
+                        keep, drop = (names[i], names[i + 1]) if rule.place == "first" else (names[i + 1], names[i])
+                        module._modules[keep] = _copy_training_state(fused, owner)
+                        module._modules[drop] = nn.Identity()
                         counts[rule.name] = counts.get(rule.name, 0) + 1
                         break
             i += 2 if fused is not None else 1

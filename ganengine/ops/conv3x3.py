@@ -1,0 +1,204 @@
+"""3x3 stride-1 convolutions (ResNet blocks, U-Net/StackGAN up-blocks): custom ops, dispatch.
+
+Ops (namespace ``ganengine``):
+  conv3x3_fwd(x, weight, bias?, padding, reflect) -> y
+      y = conv2d(pad(x, padding, "reflect" if reflect else "zeros"), weight, bias)
+  conv3x3_bwd(grad, x, weight, padding, reflect, mask) -> (dx, dw, db)
+
+Backends: torch (F.pad + F.conv2d, the reference) and cpu: Winograd F(2x2, 3x3) (C++ input /
+output transforms and the 16 GEMMs per call as one at::bmm, csrc/cpu/winograd.cpp). oneDNN's direct
+convolution already runs at the FMA peak of this CPU class; Winograd does 2.25x fewer
+multiplies, so it wins where the GEMMs dominate (enough channels and tiles, see
+``winograd_profitable``) and the cpu backend runs oneDNN's direct convolution elsewhere.
+``GANENGINE_WINOGRAD_TILE=4`` switches to F(4x4, 3x3) (4x fewer multiplies, ~30x the fp32
+rounding error of the direct convolution: 8e-6 of the output's range at 256 channels).
+Reflect padding is read through index maps inside the input transform, so
+``ReflectionPad2d(1) -> Conv2d(3x3)`` never writes the padded tensor.
+The triton and cuda backends run the vendor convolution (cuDNN picks Winograd / FFT / implicit
+GEMM per shape itself).
+
+Layout: y and dx follow ``conv_act.out_format(x)`` (channels_last in, channels_last out).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ganengine.ops import _dispatch
+from ganengine.ops.conv_act import _autocast, _check_conv, _grads_by_reference, _pair, out_format
+
+# Winograd pays off once the GEMMs dominate its memory-bound transforms: measured on this
+# project's 2-core AVX-512 machine (benchmarks/bench_conv3x3.py), F(2, 3) beats oneDNN's direct
+# convolution from 128 input and output channels on >= 16x16 maps.
+MIN_CHANNELS = int(os.environ.get("GANENGINE_WINOGRAD_MIN_CHANNELS", "128"))
+MIN_TILES = 64
+
+
+def winograd_tile() -> int:
+    tile = int(os.environ.get("GANENGINE_WINOGRAD_TILE", "2"))
+    if tile not in (2, 4):
+        raise ValueError(f"GANENGINE_WINOGRAD_TILE must be 2 or 4, got {tile}")
+    return tile
+
+
+def winograd_profitable(x_shape, w_shape, padding: int, tile: int = 2) -> bool:
+    n, c, h, w = x_shape
+    k = w_shape[0]
+    tiles = n * -(-(h + 2 * padding - 2) // tile) * -(-(w + 2 * padding - 2) // tile)
+    return min(c, k) >= MIN_CHANNELS and tiles >= MIN_TILES
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _pad(x, padding: int, reflect: bool):
+    if reflect and padding:
+        return F.pad(x, (padding,) * 4, mode="reflect"), 0
+    return x, padding
+
+
+def reference_conv3x3(x, weight, bias, padding: int, reflect: bool):
+    """The differentiable torch composition."""
+    xp, p = _pad(x, padding, reflect)
+    return F.conv2d(xp, weight, bias, 1, p)
+
+
+def _torch_fwd(x, weight, bias, padding, reflect):
+    return reference_conv3x3(x, weight, bias, padding, reflect).contiguous(memory_format=out_format(x))
+
+
+def _torch_bwd(grad, x, weight, padding, reflect, mask):
+    # custom op bodies run below autograd: call the backward kernels directly
+    xp, p = _pad(x, padding, reflect)
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        grad, xp, weight, [weight.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1,
+        [bool(mask[0]), bool(mask[1]), bool(mask[2])])
+    if mask[0]:
+        if xp is not x:
+            dx = torch.ops.aten.reflection_pad2d_backward(dx, x, [padding] * 4)
+        dx = dx.contiguous(memory_format=out_format(x))
+    return (dx if mask[0] else x.new_empty((0,))), (dw.contiguous() if mask[1] else x.new_empty((0,))), (
+        db if mask[2] else x.new_empty((0,)))
+
+
+# ----------------------------------------------------------------------------- cpu backend (Winograd)
+def _cpu_fwd(x, weight, bias, padding, reflect, tile):
+    from ganengine import _ext
+
+    y = _ext.op("conv3x3_fwd")(x, weight, bias, padding, reflect, tile)
+    return y.contiguous(memory_format=out_format(x))
+
+
+def _cpu_bwd(grad, x, weight, padding, reflect, mask, tile):
+    from ganengine import _ext
+
+    dx, dw, db = _ext.op("conv3x3_bwd")(grad, x, weight, padding, reflect, tile, [int(m) for m in mask])
+    if mask[0]:
+        dx = dx.contiguous(memory_format=out_format(x))
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _backend(x: torch.Tensor) -> str:
+    reason = _dispatch.ext_reason("conv3x3_fwd", x.device)
+    if reason is None and x.dtype != torch.float32:
+        reason = f"the Winograd kernel is fp32 only, got {x.dtype}"
+    # GPU backends (triton, cuda) run the vendor convolution: cuDNN already chooses Winograd /
+    # FFT / implicit GEMM per shape, so there is nothing for us to add to a bare 3x3 conv there
+    return _dispatch.choose("conv3x3", x, {"cpu": reason, "triton": None, "cuda": None})
+
+
+def _use_winograd(x, weight, padding):
+    tile = winograd_tile()
+    return tile if winograd_profitable(x.shape, weight.shape, padding, tile) else None
+
+
+@torch.library.custom_op("ganengine::conv3x3_fwd", mutates_args=())
+def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+                reflect: bool) -> torch.Tensor:
+    if _backend(x) == "cpu":
+        tile = _use_winograd(x, weight, padding)
+        if tile is not None:
+            return _cpu_fwd(x, weight, bias, padding, reflect, tile)
+    return _torch_fwd(x, weight, bias, padding, reflect)
+
+
+@conv3x3_fwd.register_fake
+def _(x, weight, bias, padding, reflect):
+    n, _, h, w = x.shape
+    return torch.empty((n, weight.shape[0], h + 2 * padding - 2, w + 2 * padding - 2), dtype=x.dtype,
+                       device=x.device, memory_format=out_format(x))
+
+
+@torch.library.custom_op("ganengine::conv3x3_bwd", mutates_args=())
+def conv3x3_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, reflect: bool,
+                mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _backend(x) == "cpu":
+        tile = _use_winograd(x, weight, padding)
+        if tile is not None:
+            return _cpu_bwd(grad, x, weight, padding, reflect, mask, tile)
+    return _torch_bwd(grad, x, weight, padding, reflect, mask)
+
+
+@conv3x3_bwd.register_fake
+def _(grad, x, weight, padding, reflect, mask):
+    def maybe(t, shape, fmt):
+        return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+
+    return (maybe(x, x.shape, out_format(x)) if mask[0] else x.new_empty((0,)),
+            maybe(weight, weight.shape, torch.contiguous_format) if mask[1] else weight.new_empty((0,)),
+            maybe(x, (weight.shape[0],), torch.contiguous_format) if mask[2] else x.new_empty((0,)))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, padding, reflect = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.conf = (padding, reflect)
+
+
+def _backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    padding, reflect = ctx.conf
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # double backward: differentiate the torch composition
+        dx, dw, db = _grads_by_reference(lambda a, b, c: reference_conv3x3(a, b, c, padding, reflect),
+                                         (x, weight, bias), needs, grad)
+        return dx, dw, db, None, None
+    mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
+    dx, dw, db = conv3x3_bwd(grad, x, weight, padding, reflect, mask)
+    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None
+
+
+torch.library.register_autograd("ganengine::conv3x3_fwd", _backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- public function
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
+            padding_mode: str = "zeros") -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` for 3x3 kernels, with
+    ``padding_mode`` "zeros" or "reflect" (= ``F.pad(x, (p,)*4, mode="reflect")`` first).
+
+    On the cpu backend, fp32 calls with enough channels run as a Winograd F(2x2, 3x3)
+    convolution (2.25x fewer multiplies than the direct one, fp32 error within 2x of it).
+    x: (N, C, H, W) contiguous / channels_last / strided; weight (K, C, 3, 3); groups=1.
+    Twice differentiable (the double backward differentiates the torch composition).
+    """
+    fn = "conv3x3"
+    _check_conv(fn, x, weight, bias)
+    if tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"{fn}: weight must be (K, C, 3, 3), got {tuple(weight.shape)}")
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        padding = _pair(f"{fn}: padding", padding, 0)
+        if padding[0] != padding[1]:
+            raise ValueError(f"{fn}: padding must be the same on both axes, got {tuple(padding)}")
+        padding = padding[0]
+    if padding_mode not in ("zeros", "reflect"):
+        raise ValueError(f"{fn}: padding_mode must be 'zeros' or 'reflect', got {padding_mode!r}")
+    reflect = padding_mode == "reflect" and padding > 0
+    if reflect and (padding >= x.shape[2] or padding >= x.shape[3]):
+        raise ValueError(f"{fn}: reflect padding {padding} must be smaller than the input's H and W, "
+                         f"got {tuple(x.shape)}")
+    if x.shape[2] + 2 * padding < 3 or x.shape[3] + 2 * padding < 3:
+        raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {padding} is smaller than the 3x3 kernel")
+    x, weight, bias = _autocast(x, weight, bias)
+    return conv3x3_fwd(x, weight, bias, padding, reflect)
