@@ -6,22 +6,25 @@
 // 36 vs 144 for F(4, 3) (4x). oneDNN's direct convolution already runs at the FMA peak on
 // this CPU class, so fewer multiplies is the only way to be faster. Layout of the work:
 //
-//   V[xi, t, c] = (B^T d_t B)[xi]    input transform   (per tile t, 8 channels per vector)
-//   U[xi, c, k] = (G w G^T)[xi]      weight transform  (tiny, ATen ops)
-//   M[xi]       = V[xi] @ U[xi]      a*a batched GEMMs (at::bmm -> MKL / oneDNN, near peak)
-//   y_t         = A^T M_t A + bias   output transform
+//   V[xi, c, t]  = (B^T d_t B)[xi]    input transform   (per (n, c) plane, 8 tiles per vector)
+//   Ut[xi, k, c] = (G w G^T)[xi]      weight transform  (tiny)
+//   M[xi]        = Ut[xi] @ V[xi]     a*a GEMMs (MKL, near peak)
+//   y_t          = A^T M_t A + bias   output transform
 //
-// Backward is the adjoint of each step: dM = A dy A^T; dV = dM @ U^T and dx = B dV B^T
-// accumulated over overlapping tiles; dU = V^T @ dM and dw = G^T dU G. No step needs more
+// Backward is the adjoint of each step: dM = A dy A^T; dV = Ut^T @ dM and dx = B dV B^T
+// accumulated over overlapping tiles; dUt = dM @ V^T and dw = G^T dU G. No step needs more
 // than the GEMMs and memory-bound transforms, so forward and backward both gain the GEMM ratio.
 //
 // Accuracy: F(2, 3) uses the points 0, +-1 (coefficients 0, +-1, 1/2): its fp32 error is within
 // 2x of the direct convolution's. F(4, 3) (points 0, +-1, +-2) is ~30x less accurate in fp32
 // (8e-6 of the output's max at 256 channels) and is opt-in (tile=4).
 //
-// Padding: zeros (any p) or reflect (p < H, W), read through per-tile index maps, so
-// ReflectionPad2d + Conv2d runs without writing the padded tensor. Tensors are NHWC-dense
-// (the Python layer converts), vectors run along channels.
+// Padding: zeros (any p) or reflect (p < H, W), applied while a plane is copied into the
+// transform's phase layout, so ReflectionPad2d + Conv2d runs without writing the padded tensor.
+// Layout: NCHW in and out (what the models use; no layout conversions), one (n, c) plane per
+// task, vectors along 8 neighbouring tiles of a tile row. Transformed tensors are (a*a, C, T)
+// with T = N * tiles; the a*a GEMMs are split across threads whole (single-threaded MKL each:
+// measured faster than one threaded at::bmm on 2 cores, see GANENGINE_WINOGRAD_GEMM).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>

@@ -9,6 +9,7 @@ Reference shapes (where the op runs in the reference models):
              (9 residual blocks); StarGAN at 128x128, batch 16: 256 ch at 32^2 (bottleneck).
   attention  SAGAN 64x64 model: attention on 32x32 (N = 1024) feature maps, 64/128 channels.
   conv_act   PatchGAN (pix2pix, 6 input channels): 4x4 stride-2 convs at 256^2 and 128^2.
+  conv3x3    CycleGAN residual block (reflect pad + 3x3 conv, 256 ch at 64^2); StarGAN's at 32^2.
   losses     PatchGAN logits (1, 1, 30, 30); cycle loss over four 1x3x256x256 images.
 """
 from __future__ import annotations
@@ -171,6 +172,33 @@ def _conv_act(mod):
     ))
 
 
+# ----------------------------------------------------------------------------- conv3x3
+def _conv3x3(mod):
+    def setup(p, device, dtype):
+        x = _randn((p["n"], p["c"], p["h"], p["w"]), device, dtype)
+        wt = _randn((p["c"], p["c"], 3, 3), device, dtype, (p["c"] * 9) ** -0.5)
+        b = _randn((p["c"],), device, dtype, 0.1)
+        mode = p["mode"]
+
+        def reference(x, wt, b):  # the reference ResnetBlock: ReflectionPad2d(1) -> Conv2d(3x3)
+            xp = F.pad(x, (1, 1, 1, 1), mode="reflect") if mode == "reflect" else x
+            return F.conv2d(xp, wt, b, 1, 0 if mode == "reflect" else 1)
+
+        def fused(x, wt, b):
+            return mod.conv3x3(x, wt, b, 1, mode)
+
+        return Workload(args=(x, wt, b), reference=reference, fused=fused, grad_args=(0, 1, 2))
+
+    register(BenchCase(
+        name="conv3x3", family="conv3x3", kind="op", setup=setup,
+        description="ReflectionPad2d(1) + Conv2d 3x3 (Winograd F(2x2,3x3) on the cpu backend)",
+        shapes={
+            "ref": [dict(n=1, c=256, h=64, w=64, mode="reflect"), dict(n=16, c=256, h=32, w=32, mode="zeros")],
+            "quick": [dict(n=1, c=128, h=16, w=16, mode="reflect")],
+        },
+    ))
+
+
 # ----------------------------------------------------------------------------- losses
 def _losses(mod):
     if hasattr(mod, "gan_loss"):
@@ -240,6 +268,7 @@ _FAMILIES = {
     "norm_act": (_norm_act, "instance_norm_act"),
     "attention": (_attention, "self_attention2d"),
     "conv_act": (_conv_act, "conv2d_act"),
+    "conv3x3": (_conv3x3, "conv3x3"),
     "losses": (_losses, None),
 }
 

@@ -31,9 +31,9 @@ from ganengine.ops.conv_act import _autocast, _check_conv, _grads_by_reference, 
 
 # Winograd pays off once the GEMMs dominate its memory-bound transforms: measured on this
 # project's 2-core AVX-512 machine (benchmarks/bench_conv3x3.py), F(2, 3) beats oneDNN's direct
-# convolution from 128 input and output channels on >= 16x16 maps.
+# convolution from 128 input and output channels and 256 output tiles (2x2) per call.
 MIN_CHANNELS = int(os.environ.get("GANENGINE_WINOGRAD_MIN_CHANNELS", "128"))
-MIN_TILES = 64
+MIN_TILES = 256
 
 
 def winograd_tile() -> int:

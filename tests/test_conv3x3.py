@@ -1,0 +1,208 @@
+"""conv3x3 (Winograd F(2x2, 3x3) / F(4x4, 3x3) on the cpu backend) vs the torch composition in fp64,
+forward and backward; the fuse rules; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ganengine
+from ganengine import _ext
+from ganengine.nn import Conv3x3
+from ganengine.ops import _dispatch
+from ganengine.ops import conv3x3 as cm
+
+from tests._backends import backend_params, on_backend
+
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("conv3x3_fwd", "CPU"), reason="ganengine._C not built")
+
+
+@pytest.fixture
+def always_winograd(monkeypatch):
+    """Run Winograd whatever the size (the profitability threshold would skip small shapes)."""
+    monkeypatch.setattr(cm, "MIN_CHANNELS", 0)
+    monkeypatch.setattr(cm, "MIN_TILES", 0)
+
+
+def _ref64(x, w, b, padding, mode):
+    x, w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b = None if b is None else b.detach().double().requires_grad_()
+    xp = F.pad(x, (padding,) * 4, mode="reflect") if mode == "reflect" and padding else x
+    y = F.conv2d(xp, w, b, 1, 0 if mode == "reflect" else padding)
+    return y, (x, w, b)
+
+
+SHAPES = [  # N, C, K, H, W, padding, mode
+    (2, 5, 7, 9, 11, 1, "zeros"), (1, 8, 8, 1, 1, 1, "zeros"), (1, 3, 9, 6, 5, 2, "zeros"),
+    (2, 16, 12, 7, 8, 1, "reflect"), (1, 4, 4, 3, 3, 0, "zeros"), (1, 9, 17, 5, 13, 2, "reflect"),
+    (3, 12, 10, 2, 2, 1, "reflect"), (1, 11, 6, 19, 3, 1, "zeros"), (1, 6, 6, 33, 35, 1, "reflect"),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-p{s[5]}-{s[6]}")
+def test_winograd_matches_fp64_reference(shape, tile, always_winograd, monkeypatch):
+    monkeypatch.setenv("GANENGINE_WINOGRAD_TILE", str(tile))
+    n, c, k, h, w, p, mode = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    wt = torch.randn(k, c, 3, 3, requires_grad=True)
+    b = torch.randn(k, requires_grad=True)
+    with on_backend("cpu"):
+        y = ganengine.functional.conv3x3(x, wt, b, p, mode)
+        assert _dispatch.last_used["conv3x3"] == "cpu"
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, wt, b), g)
+    y64, leaves = _ref64(x, wt, b, p, mode)
+    grads64 = torch.autograd.grad(y64, leaves, g.double())
+    # relative to each tensor's range: F(2,3) is within 2x of a direct fp32 conv, F(4,3) ~30x
+    rel = 2e-6 if tile == 2 else 2e-5
+    for got, want in zip((y,) + grads, (y64,) + grads64):
+        assert got.shape == want.shape
+        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
+        assert err < rel, err
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts(layout, always_winograd):
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, 10, 12)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else torch.randn(2, 6, 10, 24)[..., ::2]
+    x.requires_grad_()
+    w = torch.randn(5, 6, 3, 3, requires_grad=True)
+    with on_backend("cpu"):
+        y = ganengine.functional.conv3x3(x, w, None, 1, "reflect")
+        dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+    y64, (x64, w64, _) = _ref64(x, w, None, 1, "reflect")
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), torch.ones_like(y64))
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx.double(), dx64, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(dw.double(), dw64, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_backend_and_dtype_matches_torch(backend, dtype, always_winograd):
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 7, 6, dtype=dtype, requires_grad=True)
+    w = (torch.randn(3, 4, 3, 3) * 0.3).to(dtype).requires_grad_()
+    b = torch.randn(3, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 3, 7, 6, dtype=dtype)
+    outs = {}
+    for name in ("torch", backend):
+        # the Winograd kernel is fp32 only: other dtypes on "cpu" run the torch composition
+        ctx = on_backend(name) if (name != "cpu" or dtype == torch.float32) else ganengine.use_backend(name)
+        with ctx:
+            y = ganengine.functional.conv3x3(x, w, b, 1, "reflect")
+            outs[name] = (y,) + torch.autograd.grad(y, (x, w, b), g)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for a, r in zip(outs[backend], outs["torch"]):
+        torch.testing.assert_close(a, r, **tol)
+
+
+def test_profitability_threshold_sends_small_convs_to_onednn():
+    small = cm.winograd_profitable((1, 32, 64, 64), (32, 32, 3, 3), 1)
+    big = cm.winograd_profitable((1, 256, 64, 64), (256, 256, 3, 3), 1)
+    assert big and not small
+
+
+@needs_ext
+def test_opcheck(always_winograd):
+    x = torch.randn(1, 4, 6, 5, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    with ganengine.use_backend("cpu"):
+        torch.library.opcheck(cm.conv3x3_fwd, (x, w, b, 1, True))
+        torch.library.opcheck(cm.conv3x3_fwd, (x, w, None, 0, False))
+        torch.library.opcheck(cm.conv3x3_bwd, (torch.randn(1, 3, 6, 5), x.detach(), w.detach(), 1, True,
+                                               [True, True, True]))
+        torch.library.opcheck(cm.conv3x3_bwd, (torch.randn(1, 3, 6, 5), x.detach(), w.detach(), 1, False,
+                                               [False, True, False]))
+
+
+def test_gradcheck_and_double_backward(always_winograd):
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: ganengine.functional.conv3x3(x, w, b, 1, "reflect")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@needs_ext
+def test_double_backward_fp32_matches_reference(always_winograd):
+    """R1 / WGAN-GP style: grad of a function of the input gradient."""
+    torch.manual_seed(3)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    res = []
+    for f in (lambda x, w: ganengine.functional.conv3x3(x, w, None, 1, "zeros"),
+              lambda x, w: F.conv2d(x, w, None, 1, 1)):
+        with ganengine.use_backend("cpu"):
+            (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
+            res.append(torch.autograd.grad(gx.square().sum(), w)[0])
+    torch.testing.assert_close(res[0], res[1], atol=1e-4, rtol=1e-4)
+
+
+def _resnet_block(dim):
+    return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True), nn.InstanceNorm2d(dim), nn.ReLU(True),
+                         nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True), nn.InstanceNorm2d(dim))
+
+
+def test_fuse_rules_keep_keys_and_outputs(always_winograd):
+    torch.manual_seed(4)
+    ref = nn.Sequential(_resnet_block(8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"))
+    fused, report = ganengine.fuse(ref, return_report=True)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    block = fused[0]
+    assert isinstance(block[0], nn.Identity) and isinstance(block[1], Conv3x3)
+    assert block[1].padding_mode == "reflect" and block[1].padding == (1, 1)
+    assert isinstance(fused[1], Conv3x3)
+    assert type(fused[2]) is nn.Conv2d and type(fused[3]) is nn.Conv2d and type(fused[4]) is nn.Conv2d
+    assert report["conv3x3"] == 3 and report["reflection_pad+conv3x3"] == 2
+    x = torch.randn(2, 8, 9, 10)
+    with ganengine.use_backend("cpu"):
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="weight must be"):
+        ganengine.functional.conv3x3(x, torch.randn(4, 4, 4, 4))
+    with pytest.raises(ValueError, match="padding_mode"):
+        ganengine.functional.conv3x3(x, torch.randn(4, 4, 3, 3), padding_mode="circular")
+    with pytest.raises(ValueError, match="reflect padding"):
+        ganengine.functional.conv3x3(x, torch.randn(4, 4, 3, 3), padding=5, padding_mode="reflect")
+    with pytest.raises(ValueError, match="input channels"):
+        ganengine.functional.conv3x3(x, torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
+        ganengine.functional.conv3x3(torch.randn(1, 4, 1, 1), torch.randn(4, 4, 3, 3), padding=0)
+    with pytest.raises(ValueError, match="padding_mode"):
+        Conv3x3(4, 4, padding_mode="replicate")
+
+
+@needs_ext
+def test_resnet_generator_on_winograd_matches_torch_backend(always_winograd):
+    """CycleGAN's generator with every 3x3 conv on Winograd: outputs and weight gradients."""
+    from ganengine.models.networks_cyclegan import ResnetGenerator
+
+    torch.manual_seed(5)
+    net = ResnetGenerator(3, 3, ngf=8, n_blocks=2)
+    assert sum(isinstance(m, Conv3x3) for m in net.modules()) == 4
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    res = {}
+    for name in ("torch", "cpu"):
+        net.zero_grad()
+        with on_backend(name):
+            y = net(x)
+            y.square().mean().backward()
+        res[name] = (y.detach(), [p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(res["cpu"][0], res["torch"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(res["cpu"][1], res["torch"][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
