@@ -1,8 +1,9 @@
 """Profile training steps (or an op's forward+backward) with torch.profiler.
 
 Writes a Chrome trace and a table of the top operators by self time, each tagged with who ran
-it: ``ganengine`` (the fused custom ops in the ``ganengine::`` / ``ganengine_C::`` namespaces and
-ganengine's Triton kernels) or ``pytorch`` (everything else: what is left to fuse).
+it: ``ganengine`` (the fused custom ops in the ``ganengine::`` / ``ganengine_C::`` namespaces,
+ganengine's Triton kernels, and aten ops those call, such as the Winograd conv's GEMMs) or
+``pytorch`` (everything else: what is left to fuse).
 """
 from __future__ import annotations
 
@@ -84,19 +85,40 @@ def resolve_target(target: str) -> tuple[str, str]:
     raise ValueError(f"unknown profile target {target!r}; expected a model or op, one of {available}")
 
 
+def _group_of(evt, kernel_names: set[str], cache: dict) -> str:
+    """An event's group; an aten op called from inside a ganengine op (the Winograd conv's GEMMs,
+    say) belongs to ganengine: it is work ganengine chose to do, not something left to fuse."""
+    group = classify(evt.name, kernel_names)
+    if group != "pytorch":
+        return group
+    parent = getattr(evt, "cpu_parent", None)
+    while parent is not None:
+        pid = id(parent)
+        if pid not in cache:
+            cache[pid] = classify(parent.name, kernel_names)
+        if cache[pid] == "ganengine":
+            return "ganengine"
+        parent = getattr(parent, "cpu_parent", None)
+    return "pytorch"
+
+
 def top_table(prof, kernel_names: set[str], use_device: bool, top: int = 25) -> dict:
-    rows = []
-    for evt in prof.key_averages():
-        group = classify(evt.key, kernel_names)
+    agg: dict[tuple[str, str], dict] = {}
+    cache: dict = {}
+    for evt in prof.events():
+        group = _group_of(evt, kernel_names, cache)
         if group == "profiler":
             continue
-        self_us = evt.self_device_time_total if use_device else evt.self_cpu_time_total
-        if self_us <= 0 and evt.count == 0:
-            continue
-        rows.append({"name": evt.key, "group": group, "calls": int(evt.count),
-                     "self_time_us": float(self_us),
-                     "self_cpu_time_us": float(evt.self_cpu_time_total),
-                     "self_device_time_us": float(getattr(evt, "self_device_time_total", 0.0))})
+        row = agg.setdefault((evt.name, group), {"name": evt.name, "group": group, "calls": 0, "self_time_us": 0.0,
+                                                 "self_cpu_time_us": 0.0, "self_device_time_us": 0.0})
+        row["calls"] += 1
+        row["self_cpu_time_us"] += float(evt.self_cpu_time_total)
+        row["self_device_time_us"] += float(getattr(evt, "self_device_time_total", 0.0) or 0.0)
+    rows = []
+    for row in agg.values():
+        row["self_time_us"] = row["self_device_time_us"] if use_device else row["self_cpu_time_us"]
+        if row["self_time_us"] > 0 or row["calls"] > 0:
+            rows.append(row)
     rows.sort(key=lambda r: r["self_time_us"], reverse=True)
     total = sum(r["self_time_us"] for r in rows) or 1.0
     groups: dict[str, dict] = {}
