@@ -207,17 +207,3 @@ def test_resnet_generator_on_winograd_matches_torch_backend(always_winograd):
     for a, b in zip(res["cpu"][1], res["torch"][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
-
-def test_profile_attributes_gemms_inside_ganengine_ops_to_ganengine():
-    """The profiler table counts aten ops called from inside a ganengine op as ganengine's."""
-    from types import SimpleNamespace
-
-    from ganengine.bench.profile import _group_of
-
-    top = SimpleNamespace(name="ganengine_C::conv3x3_fwd", cpu_parent=None)
-    step = SimpleNamespace(name="ProfilerStep#1", cpu_parent=None)
-    inner = SimpleNamespace(name="aten::mm", cpu_parent=SimpleNamespace(name="aten::matmul", cpu_parent=top))
-    outer = SimpleNamespace(name="aten::mm", cpu_parent=step)
-    assert _group_of(inner, set(), {}) == "ganengine"
-    assert _group_of(outer, set(), {}) == "pytorch"
-    assert _group_of(top, set(), {}) == "ganengine"

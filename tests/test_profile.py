@@ -85,3 +85,18 @@ def test_profile_errors(tmp_path, capsys):
     assert main(["profile", "no_such_model", "--output", str(tmp_path)]) == 2
     assert "unknown profile target 'no_such_model'" in capsys.readouterr().err
     assert main(["profile", "norm_act", "--steps", "0", "--output", str(tmp_path)]) == 2
+
+
+def test_profile_attributes_gemms_inside_ganengine_ops_to_ganengine():
+    """The profiler table counts aten ops called from inside a ganengine op as ganengine's."""
+    from types import SimpleNamespace
+
+    from ganengine.bench.profile import _group_of
+
+    top = SimpleNamespace(name="ganengine_C::conv3x3_fwd", cpu_parent=None)
+    step = SimpleNamespace(name="ProfilerStep#1", cpu_parent=None)
+    inner = SimpleNamespace(name="aten::mm", cpu_parent=SimpleNamespace(name="aten::matmul", cpu_parent=top))
+    outer = SimpleNamespace(name="aten::mm", cpu_parent=step)
+    assert _group_of(inner, set(), {}) == "ganengine"
+    assert _group_of(outer, set(), {}) == "pytorch"
+    assert _group_of(top, set(), {}) == "ganengine"
