@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from ganengine.bench.timing import time_cpu
 
 SHAPES = [  # CycleGAN resnet block, StarGAN block (b16), StackGAN blocks, U-Net-ish widths
     (1, 256, 256, 64, 64, "reflect"), (16, 256, 256, 32, 32, "zeros"), (4, 512, 512, 16, 16, "zeros"),
@@ -24,14 +24,8 @@ SHAPES = [  # CycleGAN resnet block, StarGAN block (b16), StackGAN blocks, U-Net
 
 
 def _median_ms(fn, repeats):
-    fn()
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    # the project's CPU timer, held to exactly `repeats` timed calls (no time budget)
+    return time_cpu(fn, warmup=2, repeats=repeats, budget_s=float("inf"), min_repeats=repeats)["median"]
 
 
 def main(argv=None):

@@ -129,6 +129,13 @@ inline int64_t source_index(int64_t r, int64_t L, int64_t pad, bool reflect) {
   return r < 0 ? -r : 2 * (L - 1) - r;
 }
 
+// source_index for every padded coordinate 0..n-1 along an axis of length L
+std::vector<int64_t> source_map(int64_t n, int64_t L, const Geometry& g) {
+  std::vector<int64_t> map(n);
+  for (int64_t i = 0; i < n; ++i) map[i] = source_index(i, L, g.pad, g.reflect);
+  return map;
+}
+
 inline Vec load(const float* p, int64_t n) { return n == kVec ? Vec::loadu(p) : Vec::loadu(p, n); }
 inline void store(const Vec& v, float* p, int64_t n) {
   if (n == kVec) v.store(p);
@@ -160,9 +167,9 @@ Planes planes_of(const at::Tensor& t, int64_t a2, int64_t rows, int64_t T, const
 // contiguous load of buf[row][j % m][tx0 + j / m ...].
 template <int M>
 struct PhasePlane {
-  int64_t rows, q;  // padded rows, entries per phase row (with a vector of slack)
+  int64_t q;  // entries per phase row (with a vector of slack)
   std::vector<float> buf;
-  PhasePlane(int64_t rows_, int64_t tx) : rows(rows_), q(tx + 1 + kVec), buf(rows_ * M * q) {}
+  PhasePlane(int64_t rows, int64_t tx) : q(tx + 1 + kVec), buf(rows * M * q) {}
   float* at(int64_t r, int64_t ph) { return buf.data() + (r * M + ph) * q; }
 };
 
@@ -174,9 +181,7 @@ at::Tensor input_transform(const at::Tensor& x, const Geometry& g, at::Tensor V)
   const int64_t T = g.tiles(), tpn = g.TY * g.TX, Hp = g.TY * M + 2;
   const Planes vp = planes_of(V, A * A, g.C, T, "V");
   const float* xp = x.const_data_ptr<float>();
-  std::vector<int64_t> colmap((g.TX + 1) * M), rowmap(Hp);
-  for (int64_t pc = 0; pc < (g.TX + 1) * M; ++pc) colmap[pc] = source_index(pc, g.W, g.pad, g.reflect);
-  for (int64_t r = 0; r < Hp; ++r) rowmap[r] = source_index(r, g.H, g.pad, g.reflect);
+  const std::vector<int64_t> rowmap = source_map(Hp, g.H, g), colmap = source_map((g.TX + 1) * M, g.W, g);
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t p0, int64_t p1) {
     PhasePlane<M> pl(Hp, g.TX);
     for (int64_t p = p0; p < p1; ++p) {
@@ -294,9 +299,7 @@ at::Tensor input_transform_adjoint(const Planes& vp, const Geometry& g, const at
   const int64_t Hp = g.TY * M + 2, tpn = g.TY * g.TX;
   auto dx = at::empty({g.N, g.C, g.H, g.W}, opt);
   float* xp = dx.data_ptr<float>();
-  std::vector<int64_t> colmap((g.TX + 1) * M), rowmap(Hp);
-  for (int64_t pc = 0; pc < (g.TX + 1) * M; ++pc) colmap[pc] = source_index(pc, g.W, g.pad, g.reflect);
-  for (int64_t r = 0; r < Hp; ++r) rowmap[r] = source_index(r, g.H, g.pad, g.reflect);
+  const std::vector<int64_t> rowmap = source_map(Hp, g.H, g), colmap = source_map((g.TX + 1) * M, g.W, g);
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t p0, int64_t p1) {
     PhasePlane<M> pl(Hp, g.TX);
     for (int64_t p = p0; p < p1; ++p) {

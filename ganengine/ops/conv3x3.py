@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.ops import _dispatch
-from ganengine.ops.conv_act import _autocast, _check_conv, _grads_by_reference, _pair, out_format
+from ganengine.ops.conv_act import _acc, _autocast, _check_conv, _conv_bwd, _grads_by_reference, _pair, out_format
 
 # Winograd pays off once the GEMMs dominate its memory-bound transforms: measured on this
 # project's 2-core AVX-512 machine (benchmarks/bench_conv3x3.py), F(2, 3) beats oneDNN's direct
@@ -70,15 +70,13 @@ def _torch_fwd(x, weight, bias, padding, reflect):
 def _torch_bwd(grad, x, weight, padding, reflect, mask):
     # custom op bodies run below autograd: call the backward kernels directly
     xp, p = _pad(x, padding, reflect)
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        grad, xp, weight, [weight.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1,
-        [bool(mask[0]), bool(mask[1]), bool(mask[2])])
-    if mask[0]:
-        if xp is not x:
-            dx = torch.ops.aten.reflection_pad2d_backward(dx, x, [padding] * 4)
-        dx = dx.contiguous(memory_format=out_format(x))
-    return (dx if mask[0] else x.new_empty((0,))), (dw.contiguous() if mask[1] else x.new_empty((0,))), (
-        db if mask[2] else x.new_empty((0,)))
+    dx, dw = _conv_bwd(grad, xp, weight, [1, 1], [p, p], mask)
+    if mask[0] and xp is not x:
+        dx = torch.ops.aten.reflection_pad2d_backward(dx, x, [padding] * 4).contiguous(memory_format=out_format(x))
+    if mask[1]:
+        dw = dw.contiguous()  # this op's dw is NCHW-contiguous on every backend (see the fake)
+    db = grad.sum(dim=(0, 2, 3), dtype=_acc(grad.dtype)).to(grad.dtype) if mask[2] else x.new_empty((0,))
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------- cpu backend (Winograd)
