@@ -1,6 +1,7 @@
 """One full training step (all networks forward + backward + optimiser steps) per model:
-ganengine's fused ops vs the same model on the torch backend, eager, and (``--compile``) the
-torch backend with every network wrapped in ``torch.compile``.
+ganengine (fused ops, fused Adam) vs the reference's step (the same model on the torch backend
+with the reference's per-parameter Adam), eager, and (``--compile``) the torch backend with every
+network wrapped in ``torch.compile``; ``--split`` adds the torch backend with only the fused Adam.
 
     python benchmarks/bench_models.py                       # CPU-sized defaults, table to stdout
     python benchmarks/bench_models.py --models cyclegan --size 256 --batch 1 --repeats 5
@@ -64,13 +65,24 @@ def build(name: str, opts: dict, size: int):
     return build_model(model_name, **opts, **extra)
 
 
+# variant -> (kernel backend, model options): "torch" is the reference's step (torch ops, the
+# reference's per-parameter Adam); "torch+fused-adam" isolates what the optimiser alone gives
+VARIANTS = {
+    "torch": ("torch", dict(fused_optimizer=False)),
+    "ganengine": ("auto", dict()),
+    "torch+fused-adam": ("torch", dict(fused_optimizer=True)),
+    "compile": ("torch", dict(fused_optimizer=False)),
+}
+
+
 def setup_variant(name, opts, size, batch, variant):
-    model = build(name, opts, size)
+    backend, extra = VARIANTS[variant]
+    model = build(name, {**opts, **extra}, size)
     data = make_batch(name, model, size, batch)
     if variant == "compile":
         for net_name in model.network_names:
             setattr(model, net_name, torch.compile(getattr(model, net_name)))
-    return model, data, model.make_optimizers(), ("auto" if variant == "ganengine" else "torch")
+    return model, data, model.make_optimizers(), backend
 
 
 def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=False) -> dict:
@@ -101,9 +113,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--verbose", action="store_true", help="print every step's time to stderr")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    p.add_argument("--split", action="store_true",
+                   help="also time the torch backend with the fused Adam alone (what the optimiser contributes)")
     args = p.parse_args(argv)
     table = REFERENCE if args.reference_sizes else CPU_DEFAULT
-    variants = ["torch", "ganengine"] + (["compile"] if args.compile else [])
+    variants = ["torch", "ganengine"] + (["torch+fused-adam"] if args.split else []) + (["compile"] if args.compile else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f}, backends: "
           f"{ {k: v for k, v in ganengine.backends.available().items() if v} }")

@@ -77,6 +77,7 @@ def _make_setup(models, name: str):
         options = dict(spec[p_size[0]])
         if fused is not None:
             options["fused"] = fused
+            options["fused_optimizer"] = fused  # the reference step: torch ops and the reference's Adam
         model = models.build_model(name, **options)
         return model
 

@@ -24,7 +24,7 @@ class CycleGAN(GANModel):
     DEFAULTS = dict(input_nc=3, output_nc=3, ngf=64, ndf=64, netG="resnet_9blocks", netD="basic", n_layers_D=3,
                     norm="instance", init_type="normal", init_gain=0.02, use_dropout=False, gan_mode="lsgan",
                     lambda_A=10.0, lambda_B=10.0, lambda_identity=0.5, pool_size=50, lr=0.0002, beta1=0.5,
-                    direction="AtoB", epoch_count=1, crop_size=256, eval=False, fused=True,
+                    direction="AtoB", epoch_count=1, crop_size=256, eval=False, fused=True, fused_optimizer=True,
                     attention_resolution=None)
     network_names = ["netG_A", "netG_B", "netD_A", "netD_B"]
     generator_name = "netG_A"

@@ -23,7 +23,7 @@ class Pix2Pix(GANModel):
     DEFAULTS = dict(input_nc=3, output_nc=3, ngf=64, ndf=64, netG="unet_256", netD="basic", n_layers_D=3,
                     norm="batch", init_type="normal", init_gain=0.02, use_dropout=True, gan_mode="vanilla",
                     lambda_L1=100.0, lr=0.0002, beta1=0.5, direction="AtoB", epoch_count=1, crop_size=256,
-                    eval=False, fused=True, attention_resolution=None)
+                    eval=False, fused=True, fused_optimizer=True, attention_resolution=None)
     network_names = ["netG", "netD"]
     generator_name = "netG"
 

@@ -41,7 +41,7 @@ class StackGAN(GANModel):
     MODEL_NAME = "stackgan"
     DEFAULTS = dict(stage=1, gf_dim=128, df_dim=64, condition_dim=128, text_dim=1024, z_dim=100, r_num=4,
                     generator_lr=0.0002, discriminator_lr=0.0002, beta1=0.5, lr_decay_epoch=600, kl_coeff=2.0,
-                    wrong_pairs="shift", stage1_g="", fused=True)
+                    wrong_pairs="shift", stage1_g="", fused=True, fused_optimizer=True)
     network_names = ["netG", "netD"]
     generator_name = "netG"
 

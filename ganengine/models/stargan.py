@@ -29,7 +29,7 @@ class StarGAN(GANModel):
     MODEL_NAME = "stargan"
     DEFAULTS = dict(c_dim=5, image_size=128, g_conv_dim=64, d_conv_dim=64, g_repeat_num=6, d_repeat_num=6,
                     lambda_cls=1.0, lambda_rec=10.0, lambda_gp=10.0, dataset="CelebA", g_lr=0.0001, d_lr=0.0001,
-                    n_critic=5, beta1=0.5, beta2=0.999, fused=True, attention_resolution=None)
+                    n_critic=5, beta1=0.5, beta2=0.999, fused=True, fused_optimizer=True, attention_resolution=None)
     network_names = ["G", "D"]
     generator_name = "G"
 
