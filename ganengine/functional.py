@@ -2,8 +2,9 @@
 from ganengine.ops.norm_act import instance_norm_act
 from ganengine.ops.losses import cycle_loss, discriminator_loss, gan_loss, gradient_penalty
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
+from ganengine.ops.conv import conv2d, conv_transpose2d
 from ganengine.ops.conv3x3 import conv3x3
 from ganengine.ops.attention import self_attention2d
 
 __all__ = ["instance_norm_act", "gan_loss", "discriminator_loss", "cycle_loss", "gradient_penalty",
-           "conv2d_act", "conv2d_instance_norm_act", "conv3x3", "self_attention2d"]
+           "conv2d_act", "conv2d_instance_norm_act", "conv3x3", "conv2d", "conv_transpose2d", "self_attention2d"]

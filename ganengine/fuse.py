@@ -9,7 +9,9 @@ Two kinds of rewrite rules, registered by the op families' module files (ganengi
   live in ``b`` (ReflectionPad2d -> Conv2d) registers ``place="second"``: the fused module goes
   to b's index and Identity to a's.
 * module rules: a module that matches (for example a SAGAN ``Self_Attn``) is swapped for a
-  fused module with the same parameter names.
+  fused module with the same parameter names. A rule registered ``after_pairs=True`` (the plain
+  Conv2d / ConvTranspose2d rules) runs after the pair rules, on what they left, so that a
+  Conv2d -> LeakyReLU pair still fuses as a pair.
 
 A rule's builder returns None to decline a match it cannot represent exactly (an activation
 with ``inplace`` semantics it cannot keep, a module in a state it does not understand...);
@@ -38,6 +40,7 @@ class ModuleRule:
     name: str
     match: Callable[[nn.Module], bool]
     build: Callable[[nn.Module], Optional[nn.Module]]
+    after_pairs: bool = False
 
 
 PAIR_RULES: list[PairRule] = []
@@ -50,8 +53,8 @@ def register_pair_rule(name, first, second, build, place: str = "first") -> None
     PAIR_RULES.append(PairRule(name, first, second, build, place))
 
 
-def register_module_rule(name, match, build) -> None:
-    MODULE_RULES.append(ModuleRule(name, match, build))
+def register_module_rule(name, match, build, after_pairs: bool = False) -> None:
+    MODULE_RULES.append(ModuleRule(name, match, build, after_pairs))
 
 
 def _copy_training_state(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -59,17 +62,20 @@ def _copy_training_state(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _fuse_children(module: nn.Module, counts: dict[str, int]) -> None:
-    # module rules first, on every child
+def _apply_module_rules(module: nn.Module, counts: dict[str, int], after_pairs: bool) -> None:
     for child_name, child in list(module.named_children()):
         for rule in MODULE_RULES:
-            if rule.match(child):
+            if rule.after_pairs == after_pairs and rule.match(child):
                 new = rule.build(child)
                 if new is not None:
                     setattr(module, child_name, _copy_training_state(new, child))
                     counts[rule.name] = counts.get(rule.name, 0) + 1
-                    child = new
                 break
+
+
+def _fuse_children(module: nn.Module, counts: dict[str, int]) -> None:
+    # module rules first, on every child
+    _apply_module_rules(module, counts, after_pairs=False)
     # pair rules inside Sequential containers
     if isinstance(module, nn.Sequential):
         names = list(module._modules.keys())
@@ -88,6 +94,7 @@ def _fuse_children(module: nn.Module, counts: dict[str, int]) -> None:
                         counts[rule.name] = counts.get(rule.name, 0) + 1
                         break
             i += 2 if fused is not None else 1
+    _apply_module_rules(module, counts, after_pairs=True)
     for child in module.children():
         _fuse_children(child, counts)
 
@@ -106,7 +113,7 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False):
     target = module if inplace else copy.deepcopy(module)
     counts: dict[str, int] = {}
     # the root itself may match a module rule
-    for rule in MODULE_RULES:
+    for rule in sorted(MODULE_RULES, key=lambda r: r.after_pairs):
         if rule.match(target):
             new = rule.build(target)
             if new is not None:

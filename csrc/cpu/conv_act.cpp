@@ -21,6 +21,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "conv_gemm.h"
 #include "vec_utils.h"
 
 #include <algorithm>
@@ -67,8 +68,9 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                 at::IntArrayRef stride, at::IntArrayRef padding) {
-  std::vector<int64_t> dil{1, 1}, outpad{0, 0};
-  at::Tensor y = at::convolution(x, w, b, stride, padding, dil, false, outpad, 1);
+  std::vector<int64_t> outpad{0, 0};
+  // (small output maps run as one GEMM, see conv_gemm.cpp)
+  at::Tensor y = ganengine::conv_gemm::convolution(x, w, b, stride, padding, false, outpad);
   // oneDNN picks its layout from x and weight; keep the op's contract (x's layout)
   return y.contiguous(format_of(x));
 }
@@ -210,11 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(
   at::Tensor db = at::empty({y.size(1)}, yd.options());
   AT_DISPATCH_FLOATING_TYPES(work, "conv_act_bwd", [&] { act_grad<scalar_t>(g, yd, gz, db, slope); });
   if (reduced) gz = gz.to(y.scalar_type());
-  std::vector<int64_t> dil{1, 1}, outpad{0, 0};
+  std::vector<int64_t> outpad{0, 0};
   at::Tensor dx, dw;
   if (m0 || m1) {
-    auto r = at::convolution_backward(gz, x, w, c10::nullopt, stride, padding, dil, false, outpad, 1,
-                                      {m0, m1, false});
+    auto r = ganengine::conv_gemm::convolution_backward(gz, x, w, stride, padding, false, outpad, {m0, m1, false});
     dx = std::get<0>(r);
     dw = std::get<1>(r);
   }
@@ -483,11 +484,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_bwd(
     in_act_backward<scalar_t>(g, cd, mw, rw, gm, bt, dc, A, B, slope);
   });
   if (reduced) dc = dc.to(c.scalar_type()).contiguous(fmt);
-  std::vector<int64_t> dil{1, 1}, outpad{0, 0};
+  std::vector<int64_t> outpad{0, 0};
   at::Tensor dx, dw;
   if (m0 || m1) {
-    auto r = at::convolution_backward(dc, x, w, c10::nullopt, stride, padding, dil, false, outpad, 1,
-                                      {m0, m1, false});
+    auto r = ganengine::conv_gemm::convolution_backward(dc, x, w, stride, padding, false, outpad, {m0, m1, false});
     dx = std::get<0>(r);
     dw = std::get<1>(r);
   }

@@ -6,7 +6,10 @@ from ganengine.nn.norm_act import InstanceNormAct2d
 from ganengine.nn.losses import CycleLoss, GANLoss
 from ganengine.nn.conv_act import Conv2dAct, Conv2dInstanceNormAct
 from ganengine.nn.conv3x3 import Conv3x3
+from ganengine.nn.conv import Conv2d, ConvTranspose2d
 from ganengine.nn.patch_discriminator import PatchDiscriminator
 from ganengine.nn.attention import BigGANSelfAttention2d, SelfAttention2d
 
-__all__ = ["InstanceNormAct2d", "GANLoss", "CycleLoss", "Conv2dAct", "Conv2dInstanceNormAct", "Conv3x3", "PatchDiscriminator", "SelfAttention2d", "BigGANSelfAttention2d"]
+__all__ = ["InstanceNormAct2d", "GANLoss", "CycleLoss", "Conv2dAct", "Conv2dInstanceNormAct", "Conv3x3",
+           "Conv2d", "ConvTranspose2d",
+           "PatchDiscriminator", "SelfAttention2d", "BigGANSelfAttention2d"]

@@ -1,0 +1,73 @@
+"""Plain and transposed convolutions with small output maps, forward and forward+backward:
+oneDNN (eager PyTorch) vs ganengine's GEMM form (csrc/cpu/conv_gemm.cpp), at the shapes of the
+U-Net bottleneck (pix2pix), StarGAN's and StackGAN's last discriminator blocks.
+
+    python benchmarks/bench_conv.py [--repeats 7] [--threads 2]
+
+Both columns run the same call through ganengine.functional with the GEMM form forced on
+("gemm") or off ("oneDNN"); "auto" says which one the cpu backend's threshold picks (how the
+threshold in csrc/cpu/conv_gemm.cpp was chosen). Rows: kind, N, C_in -> C_out, input H=W,
+4x4 kernel, stride 2, padding 1 (the models' layers).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import ganengine
+import ganengine.functional as GF
+from ganengine.bench.timing import time_cpu
+from ganengine.ops.conv import gemm_policy
+
+SHAPES = [  # (transposed, N, C_in, C_out, H)
+    (False, 1, 512, 512, 16), (False, 1, 512, 512, 8), (False, 1, 512, 512, 4), (False, 1, 512, 512, 2),
+    (True, 1, 512, 512, 1), (True, 1, 1024, 512, 2), (True, 1, 1024, 512, 4), (True, 1, 1024, 512, 8),
+    (True, 1, 1024, 256, 16),
+    (False, 16, 1024, 2048, 4), (False, 16, 512, 1024, 8), (False, 2, 1024, 2048, 4), (False, 2, 512, 1024, 8),
+    (False, 16, 512, 1024, 4), (False, 64, 256, 512, 8),
+]
+
+
+def _median_ms(fn, repeats):
+    return time_cpu(fn, warmup=2, repeats=repeats, budget_s=float("inf"), min_repeats=repeats)["median"]
+
+
+def _used(tr, n, ci, co, h):
+    # the rule in csrc/cpu/conv_gemm.cpp use_gemm
+    cols, weight = n * (h if tr else h // 2) ** 2, ci * co * 16
+    gemm = (cols <= 64 and weight >= 1 << 16) or (not tr and cols <= 256 and weight >= 1 << 22)
+    return "gemm" if gemm else "oneDNN"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads={torch.get_num_threads()} repeats={args.repeats} (ms, median)")
+    print("| kind | N | C_in -> C_out | H | pass | oneDNN | gemm | speed-up | auto picks |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for tr, n, ci, co, h in SHAPES:
+        x = torch.randn(n, ci, h, h, requires_grad=True)
+        w = (torch.randn(*((ci, co) if tr else (co, ci)), 4, 4) * 0.02).requires_grad_()
+
+        def run(backward):
+            y = GF.conv_transpose2d(x, w, None, 2, 1) if tr else GF.conv2d(x, w, None, 2, 1)
+            if backward:
+                torch.autograd.grad(y, (x, w), torch.ones_like(y))
+
+        for backward in (False, True):
+            times = {}
+            for policy in ("never", "always"):
+                with ganengine.use_backend("cpu"), gemm_policy(policy):
+                    times[policy] = _median_ms(lambda: run(backward), args.repeats)
+            print(f"| {'convT' if tr else 'conv'} | {n} | {ci} -> {co} | {h} | {'fwd+bwd' if backward else 'fwd'} | "
+                  f"{times['never']:.2f} | {times['always']:.2f} | {times['never'] / times['always']:.2f}x | "
+                  f"{_used(tr, n, ci, co, h)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``Conv2d`` and ``ConvTranspose2d``: ``nn.Conv2d`` / ``nn.ConvTranspose2d`` on
+``ganengine.functional.conv2d`` / ``conv_transpose2d`` (small output maps run as one GEMM on the
+cpu backend; see ganengine/ops/conv.py). Same parameters, same keys, same constructor.
+
+Registers two ``ganengine.fuse`` module rules, run after the pair rules (so Conv2d -> LeakyReLU
+pairs and ReflectionPad2d -> 3x3 conv pairs still fuse as pairs): a plain ``nn.Conv2d`` /
+``nn.ConvTranspose2d`` with groups 1, dilation 1 and zero padding becomes the ganengine module
+sharing its parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ganengine.fuse import register_module_rule
+from ganengine.ops.conv import conv2d, conv_transpose2d
+
+
+def _legal(m) -> bool:
+    return (m.groups == 1 and tuple(m.dilation) == (1, 1) and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (groups 1, dilation 1, zero padding) on ``ganengine.functional.conv2d``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not _legal(self):
+            raise ValueError(f"ganengine.nn.Conv2d: supports groups=1, dilation=1, padding_mode='zeros' and "
+                             f"numeric padding; got groups={self.groups}, dilation={self.dilation}, "
+                             f"padding_mode={self.padding_mode!r}, padding={self.padding!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d) -> "Conv2d":
+        """A ``Conv2d`` sharing ``conv``'s parameters (same tensors, same names)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  bias=conv.bias is not None, device="meta")
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (groups 1, dilation 1) on ``ganengine.functional.conv_transpose2d``;
+    ``forward(x, output_size=None)`` as in PyTorch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not _legal(self):
+            raise ValueError(f"ganengine.nn.ConvTranspose2d: supports groups=1 and dilation=1; got "
+                             f"groups={self.groups}, dilation={self.dilation}")
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"ganengine.nn.ConvTranspose2d: expected an (N, C, H, W) input, got {tuple(x.shape)}")
+        output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
+                                              list(self.kernel_size), 2, list(self.dilation))
+        return conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, tuple(output_padding))
+
+    @classmethod
+    def from_module(cls, conv: nn.ConvTranspose2d) -> "ConvTranspose2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  output_padding=conv.output_padding, bias=conv.bias is not None, device="meta")
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+
+# exact types: a subclass may override forward
+register_module_rule("conv2d", lambda m: type(m) is nn.Conv2d and _legal(m), Conv2d.from_module, after_pairs=True)
+register_module_rule("conv_transpose2d", lambda m: type(m) is nn.ConvTranspose2d and _legal(m),
+                     ConvTranspose2d.from_module, after_pairs=True)

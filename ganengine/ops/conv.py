@@ -1,0 +1,215 @@
+"""Plain convolutions and transposed convolutions (the U-Net's 4x4 stride-2 layers, StackGAN's
+and StarGAN's discriminator blocks): custom ops, dispatch.
+
+Ops (namespace ``ganengine``):
+  conv_fwd(x, weight, bias?, stride, padding, output_padding, transposed) -> y
+      y = conv2d(x, weight, bias, stride, padding)                       (transposed=False)
+      y = conv_transpose2d(x, weight, bias, stride, padding, output_padding)  (transposed=True)
+  conv_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask) -> (dx, dw, db)
+
+Backends: torch (ATen's convolution, the reference) and cpu (csrc/cpu/conv_gemm.cpp): a call
+whose output map is small (at most 64 output pixels x batch for a conv, 64 input pixels x
+batch for a transposed conv, with a weight of 64 K+ elements) runs as one GEMM over im2col
+columns, which reads the weight in place; oneDNN's direct convolution reorders the weight into
+its blocked layout on every call and runs these weight-bound shapes at 3-50 GFLOP/s on this
+project's CPU. Everything else runs oneDNN. ``gemm_policy("always" | "never" | "auto")`` (or
+``GANENGINE_CONV_GEMM``) overrides the choice, for tests and benchmarks. The triton and cuda
+backends run the vendor convolution (cuDNN). groups = 1, dilation = 1, zero padding.
+
+Layout: y and dx follow ``conv_act.out_format(x)``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ganengine.ops import _dispatch
+from ganengine.ops.conv_act import _FLOATS, _acc, _autocast, _grads_by_reference, _pair, out_format
+
+_POLICIES = {"auto": 0, "always": 1, "never": 2}
+
+
+@contextlib.contextmanager
+def gemm_policy(policy: str):
+    """Process-wide override of the cpu backend's choice between the GEMM form and oneDNN:
+    "auto" (measured threshold), "always" (every fp32 call), "never"."""
+    if policy not in _POLICIES:
+        raise ValueError(f"gemm_policy: policy must be one of {tuple(_POLICIES)}, got {policy!r}")
+    from ganengine import _ext
+
+    if not _ext.loaded():
+        yield
+        return
+    prev = _ext.op("conv_gemm_policy")(_POLICIES[policy])
+    try:
+        yield
+    finally:
+        _ext.op("conv_gemm_policy")(prev)
+
+
+def _out_size(x_shape, w_shape, stride, padding, output_padding, transposed):
+    n, _, h, w = x_shape
+    kh, kw = w_shape[2:]
+    if transposed:
+        return (n, w_shape[1], (h - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0],
+                (w - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1])
+    return (n, w_shape[0], (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1)
+
+
+# ----------------------------------------------------------------------------- torch backend
+def reference_conv(x, weight, bias, stride, padding, output_padding, transposed):
+    """The differentiable torch composition."""
+    if transposed:
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def _torch_fwd(x, weight, bias, stride, padding, output_padding, transposed):
+    y = torch.ops.aten.convolution(x, weight, bias, list(stride), list(padding), [1, 1], transposed,
+                                   list(output_padding), 1)
+    return y.contiguous(memory_format=out_format(x))
+
+
+def _torch_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask):
+    dx, dw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), [1, 1],
+                                                    transposed, list(output_padding), 1, [mask[0], mask[1], False])
+    dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
+    dw = dw.contiguous() if mask[1] else weight.new_empty((0,))
+    db = grad.sum(dim=(0, 2, 3), dtype=_acc(grad.dtype)).to(grad.dtype) if mask[2] else x.new_empty((0,))
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    reason = _dispatch.ext_reason("conv_fwd", x.device)
+    if reason is None and x.dtype != torch.float32:
+        reason = f"the GEMM convolution is fp32 only, got {x.dtype}"
+    # GPU backends run cuDNN, which already picks its algorithm per shape
+    return _dispatch.choose("conv", x, {"cpu": reason, "triton": None, "cuda": None})
+
+
+@torch.library.custom_op("ganengine::conv_fwd", mutates_args=())
+def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+             padding: list[int], output_padding: list[int], transposed: bool) -> torch.Tensor:
+    if _backend(x, weight) == "cpu":
+        from ganengine import _ext
+
+        y = _ext.op("conv_fwd")(x, weight, bias, stride, padding, output_padding, transposed)
+        return y.contiguous(memory_format=out_format(x))
+    return _torch_fwd(x, weight, bias, stride, padding, output_padding, transposed)
+
+
+@conv_fwd.register_fake
+def _(x, weight, bias, stride, padding, output_padding, transposed):
+    return torch.empty(_out_size(x.shape, weight.shape, stride, padding, output_padding, transposed),
+                       dtype=x.dtype, device=x.device, memory_format=out_format(x))
+
+
+@torch.library.custom_op("ganengine::conv_bwd", mutates_args=())
+def conv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+             output_padding: list[int], transposed: bool, mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    if _backend(x, weight) == "cpu":
+        from ganengine import _ext
+
+        dx, dw, db = _ext.op("conv_bwd")(grad, x, weight, stride, padding, output_padding, transposed,
+                                         [int(m) for m in mask])
+        if mask[0]:
+            dx = dx.contiguous(memory_format=out_format(x))
+        if mask[1]:
+            dw = dw.contiguous()
+        return dx, dw, db
+    return _torch_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask)
+
+
+@conv_bwd.register_fake
+def _(grad, x, weight, stride, padding, output_padding, transposed, mask):
+    def maybe(t, shape, fmt):
+        return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+
+    return (maybe(x, x.shape, out_format(x)) if mask[0] else x.new_empty((0,)),
+            maybe(weight, weight.shape, torch.contiguous_format) if mask[1] else weight.new_empty((0,)),
+            maybe(x, (grad.shape[1],), torch.contiguous_format) if mask[2] else x.new_empty((0,)))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, output_padding, transposed = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.conf = (list(stride), list(padding), list(output_padding), transposed)
+
+
+def _backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    stride, padding, output_padding, transposed = ctx.conf
+    needs = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # double backward (WGAN-GP, R1): differentiate the torch composition
+        dx, dw, db = _grads_by_reference(
+            lambda a, b, c: reference_conv(a, b, c, stride, padding, output_padding, transposed),
+            (x, weight, bias), needs, grad)
+        return dx, dw, db, None, None, None, None
+    mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
+    dx, dw, db = conv_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask)
+    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None, None, None
+
+
+torch.library.register_autograd("ganengine::conv_fwd", _backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- public functions
+def _check(fn: str, x, weight, bias, transposed: bool):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: x and weight must be Tensors")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    layout = "(C_in, C_out, kH, kW)" if transposed else "(C_out, C_in, kH, kW)"
+    if weight.dim() != 4:
+        raise ValueError(f"{fn}: weight must be {layout}, got shape {tuple(weight.shape)}")
+    c_in = weight.shape[0] if transposed else weight.shape[1]
+    if c_in != x.shape[1]:
+        raise ValueError(f"{fn}: weight {layout} = {tuple(weight.shape)} expects {c_in} input channels (groups=1) "
+                         f"but x has {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
+    c_out = weight.shape[1] if transposed else weight.shape[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,)):
+        raise ValueError(f"{fn}: bias must be None or a ({c_out},) tensor, got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+           padding=0) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, dilation 1, zero padding).
+
+    On the cpu backend, fp32 calls with a small output map run as one GEMM over im2col columns
+    (see the module docstring); the rest as oneDNN. Twice differentiable.
+    """
+    fn = "conv2d"
+    _check(fn, x, weight, bias, transposed=False)
+    stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
+    if x.shape[2] + 2 * padding[0] < weight.shape[2] or x.shape[3] + 2 * padding[1] < weight.shape[3]:
+        raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
+                         f"{tuple(weight.shape[2:])} kernel")
+    x, weight, bias = _autocast(x, weight, bias)
+    return conv_fwd(x, weight, bias, list(stride), list(padding), [0, 0], False)
+
+
+def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                     padding=0, output_padding=0) -> torch.Tensor:
+    """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)`` (groups 1,
+    dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
+    by col2im. Twice differentiable."""
+    fn = "conv_transpose2d"
+    _check(fn, x, weight, bias, transposed=True)
+    stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
+    output_padding = _pair(f"{fn}: output_padding", output_padding, 0)
+    if any(op >= s for op, s in zip(output_padding, stride)):
+        raise ValueError(f"{fn}: output_padding {tuple(output_padding)} must be smaller than the stride "
+                         f"{tuple(stride)}")
+    if any(s <= 0 for s in _out_size(x.shape, weight.shape, stride, padding, output_padding, True)[2:]):
+        raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} gives an empty output")
+    x, weight, bias = _autocast(x, weight, bias)
+    return conv_fwd(x, weight, bias, list(stride), list(padding), list(output_padding), True)

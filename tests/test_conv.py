@@ -1,0 +1,257 @@
+"""conv2d / conv_transpose2d (the GEMM form for small output maps on the cpu backend) vs fp64
+references and the torch backend, forward and backward; the threshold; the fuse rules; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ganengine
+import ganengine.functional as GF
+from ganengine import _ext
+from ganengine.ops import _dispatch
+from ganengine.ops import conv as cv
+
+from tests._backends import backend_params, on_backend
+
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("conv_fwd", "CPU"), reason="ganengine._C not built")
+
+# transposed, N, C_in, C_out, H, W, kernel, stride, padding, output_padding
+SHAPES = [
+    (False, 2, 5, 7, 9, 7, 4, 2, 1, 0), (False, 1, 3, 4, 1, 1, 3, 1, 1, 0), (False, 3, 6, 5, 2, 2, 4, 2, 1, 0),
+    (False, 1, 8, 16, 6, 6, 1, 1, 0, 0), (False, 2, 4, 3, 11, 5, 3, 2, 2, 0), (False, 1, 7, 9, 4, 4, 4, 1, 0, 0),
+    (True, 2, 5, 7, 3, 5, 4, 2, 1, 0), (True, 3, 4, 6, 2, 3, 3, 2, 1, 1), (True, 1, 9, 4, 1, 1, 4, 2, 1, 0),
+    (True, 1, 6, 6, 5, 4, 3, 1, 1, 0), (True, 2, 3, 8, 4, 7, 4, 2, 0, 0),
+]
+
+
+def _ids(s):
+    return f"{'convT' if s[0] else 'conv'}-{s[1]}x{s[2]}x{s[4]}x{s[5]}-k{s[6]}s{s[7]}p{s[8]}op{s[9]}"
+
+
+def _make(shape, dtype=torch.float32, seed=0):
+    tr, n, ci, co, h, w, k, s, p, op = shape
+    torch.manual_seed(seed)
+    x = torch.randn(n, ci, h, w).to(dtype).requires_grad_()
+    wt = (torch.randn(*((ci, co) if tr else (co, ci)), k, k) * 0.3).to(dtype).requires_grad_()
+    b = torch.randn(co).to(dtype).requires_grad_()
+    return x, wt, b
+
+
+def _call(shape, x, w, b):
+    tr, *_, s, p, op = shape
+    return GF.conv_transpose2d(x, w, b, s, p, op) if tr else GF.conv2d(x, w, b, s, p)
+
+
+def _ref(shape, x, w, b):
+    tr, *_, s, p, op = shape
+    return F.conv_transpose2d(x, w, b, s, p, op) if tr else F.conv2d(x, w, b, s, p)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_gemm_form_matches_fp64_reference(shape):
+    x, w, b = _make(shape)
+    with on_backend("cpu"), cv.gemm_policy("always"):
+        y = _call(shape, x, w, b)
+        assert _dispatch.last_used["conv"] == "cpu"
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), g)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = _ref(shape, *leaves)
+    grads64 = torch.autograd.grad(y64, leaves, g.double())
+    for got, want in zip((y,) + grads, (y64,) + grads64):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
+        assert err < 2e-6, err
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[6]], ids=_ids)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts(shape, layout):
+    x, w, b = _make(shape, seed=1)
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    else:
+        x = torch.cat([x.detach(), x.detach()], dim=3)[..., ::2].requires_grad_()
+        assert not x.is_contiguous()
+    with on_backend("cpu"), cv.gemm_policy("always"):
+        y = _call(shape, x, w, b)
+        dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w)]
+    y64 = _ref(shape, leaves[0], leaves[1], b.detach().double())
+    dx64, dw64 = torch.autograd.grad(y64, leaves, torch.ones_like(y64))
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx.double(), dx64, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(dw.double(), dw64, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[7]], ids=_ids)
+def test_every_backend_and_dtype_matches_torch(shape, backend, dtype):
+    x, w, b = _make(shape, dtype, seed=2)
+    outs = {}
+    for name in ("torch", backend):
+        # the GEMM form is fp32 only: other dtypes on "cpu" run the torch composition
+        ctx = on_backend(name) if (name != "cpu" or dtype == torch.float32) else ganengine.use_backend(name)
+        with ctx, cv.gemm_policy("always"):
+            y = _call(shape, x, w, b)
+            outs[name] = (y,) + torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
+    for a, r in zip(outs[backend], outs["torch"]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, r, **tol)
+
+
+@needs_ext
+def test_threshold_picks_gemm_only_for_small_maps():
+    """The 'auto' policy: the C++ threshold (use_gemm) agrees with the documented rule, and both
+    sides of it give the reference's numbers."""
+    policy = _ext.op("conv_gemm_policy")
+    assert policy(-1) == 0  # auto by default
+    cases = [  # (transposed, x shape, w shape, expect gemm)
+        (False, (1, 512, 4, 4), (512, 512, 4, 4), True),     # 2x2 output
+        (False, (1, 64, 64, 64), (128, 64, 4, 4), False),    # 32x32 output
+        (True, (1, 1024, 4, 4), (1024, 512, 4, 4), True),    # 16 input pixels
+        (True, (1, 1024, 16, 16), (1024, 256, 4, 4), False),  # 256 input pixels, transposed
+        (False, (16, 512, 8, 8), (1024, 512, 4, 4), True),   # 256 columns, 8M weight
+        (False, (1, 3, 4, 4), (8, 3, 4, 4), False),          # small weight
+    ]
+    for tr, xs, ws, gemm in cases:
+        x, w = torch.randn(xs), torch.randn(ws) * 0.02
+        with on_backend("cpu"), torch.autograd.profiler.profile() as prof:
+            y = GF.conv_transpose2d(x, w, None, 2, 1) if tr else GF.conv2d(x, w, None, 2, 1)
+        names = {e.name for e in prof.function_events}
+        used_onednn = any("convolution" in n and "ganengine" not in n for n in names)
+        assert used_onednn != gemm, (xs, ws, sorted(names))
+        ref = F.conv_transpose2d(x, w, None, 2, 1) if tr else F.conv2d(x, w, None, 2, 1)
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+def test_policy_context_restores_and_checks():
+    policy = _ext.op("conv_gemm_policy")
+    with cv.gemm_policy("never"):
+        assert policy(-1) == 2
+        with cv.gemm_policy("always"):
+            assert policy(-1) == 1
+        assert policy(-1) == 2
+    assert policy(-1) == 0
+    with pytest.raises(ValueError, match="policy must be one of"):
+        with cv.gemm_policy("sometimes"):
+            pass
+
+
+@needs_ext
+def test_opcheck():
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    w = torch.randn(3, 4, 4, 4, requires_grad=True)
+    wt = torch.randn(4, 3, 4, 4, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    with ganengine.use_backend("cpu"), cv.gemm_policy("always"):
+        torch.library.opcheck(cv.conv_fwd, (x, w, b, [2, 2], [1, 1], [0, 0], False))
+        torch.library.opcheck(cv.conv_fwd, (x, wt, None, [2, 2], [1, 1], [1, 1], True))
+        torch.library.opcheck(cv.conv_bwd, (torch.randn(2, 3, 3, 2), x.detach(), w.detach(), [2, 2], [1, 1], [0, 0],
+                                            False, [True, True, True]))
+        torch.library.opcheck(cv.conv_bwd, (torch.randn(2, 3, 12, 10), x.detach(), wt.detach(), [2, 2], [1, 1],
+                                            [0, 0], True, [False, True, False]))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gradcheck_and_double_backward(transposed):
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*((2, 3) if transposed else (3, 2)), 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    if transposed:
+        fn = lambda x, w, b: GF.conv_transpose2d(x, w, b, 2, 1)  # noqa: E731
+    else:
+        fn = lambda x, w, b: GF.conv2d(x, w, b, 2, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@needs_ext
+@pytest.mark.parametrize("transposed", [False, True])
+def test_double_backward_fp32_matches_reference(transposed):
+    """WGAN-GP / R1 style: the gradient of a function of the input gradient, GEMM form first."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 4, 4, requires_grad=True)
+    w = torch.randn(4, 4, 4, 4, requires_grad=True)
+    ours = (lambda x, w: GF.conv_transpose2d(x, w, None, 2, 1)) if transposed else (lambda x, w: GF.conv2d(x, w, None, 2, 1))
+    ref = (lambda x, w: F.conv_transpose2d(x, w, None, 2, 1)) if transposed else (lambda x, w: F.conv2d(x, w, None, 2, 1))
+    res = []
+    for f in (ours, ref):
+        with ganengine.use_backend("cpu"), cv.gemm_policy("always"):
+            (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
+            res.append(torch.autograd.grad(gx.square().sum(), w)[0])
+    torch.testing.assert_close(res[0], res[1], atol=2e-5 * res[1].abs().max().item(), rtol=1e-4)
+
+
+@needs_ext
+def test_conv_act_uses_the_gemm_form_for_small_maps():
+    """StarGAN's discriminator blocks (Conv2d -> LeakyReLU, fused) run the GEMM form too."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    w = torch.randn(32, 16, 4, 4, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    g = torch.randn(2, 32, 2, 2)
+    res = {}
+    for policy in ("always", "never"):
+        with on_backend("cpu"), cv.gemm_policy(policy):
+            y = GF.conv2d_act(x, w, b, 2, 1, 0.01)
+            res[policy] = (y,) + torch.autograd.grad(y, (x, w, b), g)
+    for a, r in zip(res["always"], res["never"]):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+
+
+def test_fuse_rules_run_after_the_pair_rules():
+    torch.manual_seed(4)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2, True),        # pair: Conv2dAct
+                        nn.Conv2d(8, 8, 4, 2, 1, bias=False), nn.BatchNorm2d(8),  # plain conv rule
+                        nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.ReLU(),              # transposed rule
+                        nn.Conv2d(4, 4, 3, 1, 1, groups=2),                        # declined: groups
+                        nn.ConvTranspose2d(4, 4, 3, 2, 1, output_padding=1, dilation=1))
+    fused, report = ganengine.fuse(ref, return_report=True)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    assert type(fused[0]).__name__ == "Conv2dAct" and isinstance(fused[1], nn.Identity)
+    assert type(fused[2]) is ganengine.nn.Conv2d and type(fused[4]) is ganengine.nn.ConvTranspose2d
+    assert type(fused[6]) is nn.Conv2d and type(fused[7]) is ganengine.nn.ConvTranspose2d
+    assert fused[7].output_padding == (1, 1)
+    assert report["conv2d"] == 1 and report["conv_transpose2d"] == 2
+    x = torch.randn(2, 3, 16, 12)
+    with ganengine.use_backend("cpu"), cv.gemm_policy("always"):
+        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
+
+
+def test_conv_transpose_output_size_argument():
+    torch.manual_seed(7)
+    ref = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+    ours = ganengine.nn.ConvTranspose2d.from_module(ref)
+    x = torch.randn(1, 4, 5, 5)
+    for size in ([9, 9], [10, 10], [1, 3, 10, 9]):
+        torch.testing.assert_close(ours(x, output_size=size), ref(x, output_size=size))
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="input channels"):
+        GF.conv2d(x, torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"\(C_in, C_out, kH, kW\)"):
+        GF.conv_transpose2d(x, torch.randn(3, 4, 3, 3))
+    with pytest.raises(ValueError, match="bias must be None or a \\(6,\\) tensor"):
+        GF.conv_transpose2d(x, torch.randn(4, 6, 3, 3), torch.randn(4))
+    with pytest.raises(ValueError, match="output_padding"):
+        GF.conv_transpose2d(x, torch.randn(4, 6, 3, 3), stride=2, output_padding=2)
+    with pytest.raises(ValueError, match="smaller than the"):
+        GF.conv2d(torch.randn(1, 4, 2, 2), torch.randn(4, 4, 4, 4))
+    with pytest.raises(TypeError, match="stride must be an int or a pair"):
+        GF.conv2d(x, torch.randn(4, 4, 3, 3), stride="2")
+    with pytest.raises(TypeError, match="fp16, bf16, fp32 or fp64"):
+        GF.conv2d(x.long(), torch.randn(4, 4, 3, 3).long())
+    with pytest.raises(ValueError, match="groups=1"):
+        ganengine.nn.Conv2d(4, 4, 3, groups=2)
