@@ -10,6 +10,8 @@ Reference shapes (where the op runs in the reference models):
   attention  SAGAN 64x64 model: attention on 32x32 (N = 1024) feature maps, 64/128 channels.
   conv_act   PatchGAN (pix2pix, 6 input channels): 4x4 stride-2 convs at 256^2 and 128^2.
   conv3x3    CycleGAN residual block (reflect pad + 3x3 conv, 256 ch at 64^2); StarGAN's at 32^2.
+  conv       pix2pix U-Net bottleneck: 4x4 stride-2 conv 512 ch 8^2 -> 4^2, transposed conv
+             1024 -> 512 ch 4^2 -> 8^2; StarGAN's last discriminator block (b16, 1024 -> 2048, 4^2).
   losses     PatchGAN logits (1, 1, 30, 30); cycle loss over four 1x3x256x256 images.
 """
 from __future__ import annotations
@@ -199,6 +201,32 @@ def _conv3x3(mod):
     ))
 
 
+# ----------------------------------------------------------------------------- conv
+def _conv(mod):
+    def setup(p, device, dtype):
+        tr, n, ci, co, h = p["transposed"], p["n"], p["ci"], p["co"], p["h"]
+        x = _randn((n, ci, h, h), device, dtype)
+        wt = _randn(((ci, co) if tr else (co, ci)) + (4, 4), device, dtype, (ci * 16) ** -0.5)
+
+        def reference(x, wt):  # the reference U-Net's / StarGAN's layer
+            return F.conv_transpose2d(x, wt, None, 2, 1) if tr else F.conv2d(x, wt, None, 2, 1)
+
+        def fused(x, wt):
+            return mod.conv_transpose2d(x, wt, None, 2, 1) if tr else mod.conv2d(x, wt, None, 2, 1)
+
+        return Workload(args=(x, wt), reference=reference, fused=fused, grad_args=(0, 1))
+
+    register(BenchCase(
+        name="conv", family="conv", kind="op", setup=setup,
+        description="4x4 stride-2 conv / transposed conv on small maps (one GEMM on the cpu backend)",
+        shapes={
+            "ref": [dict(transposed=False, n=1, ci=512, co=512, h=8), dict(transposed=True, n=1, ci=1024, co=512, h=4),
+                    dict(transposed=False, n=16, ci=1024, co=2048, h=4)],
+            "quick": [dict(transposed=False, n=1, ci=256, co=256, h=4), dict(transposed=True, n=1, ci=256, co=128, h=2)],
+        },
+    ))
+
+
 # ----------------------------------------------------------------------------- losses
 def _losses(mod):
     if hasattr(mod, "gan_loss"):
@@ -269,6 +297,7 @@ _FAMILIES = {
     "attention": (_attention, "self_attention2d"),
     "conv_act": (_conv_act, "conv2d_act"),
     "conv3x3": (_conv3x3, "conv3x3"),
+    "conv": (_conv, "conv_transpose2d"),
     "losses": (_losses, None),
 }
 
