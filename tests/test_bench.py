@@ -209,3 +209,32 @@ def test_bench_tables_writes_generated_markdown(toy_cases, tmp_path):
     data = json.loads((tmp_path / "docs" / "benchmarks_generated.json").read_text())
     assert data["timing"]["records"] and data["machine"]["cpu_model"]
     assert (tmp_path / "docs" / "benchmarks_generated.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmarks_md_generator_renders_every_section(tmp_path):
+    """benchmarks/make_benchmarks_md.py: the page has every section with its command, the
+    machine, cleaned tables (progress rows dropped, a blank line after each table) and failures
+    said plainly."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_benchmarks_md.py"
+    spec = importlib.util.spec_from_file_location("make_benchmarks_md", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = "# header line\n  row 1 | progress\n| a | b |\n| --- | --- |\n| 1 | 2 |\nunits: ms\n"
+    assert mod.clean_output(out) == "header line\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\nunits: ms"
+    keys = [s[0] for s in mod.SECTIONS]
+    assert {"models", "conv", "conv3x3", "norm_act", "attention", "losses", "conv_act"} <= set(keys)
+    results = {k: dict(command=f"python bench_{k}.py", returncode=0, stdout=out, stderr_tail="", seconds=1.0,
+                       load_before=0.1, load_after=0.2) for k in keys[1:]}
+    results["conv"] = dict(results["conv"], returncode=2, stderr_tail="Traceback: boom")
+    info = dict(cpu="Test CPU", cores=2, memory_gib=24.0, gpu=None, torch="2.x", threads=2, capability="AVX2",
+                python="3.11", git="abc123", date="today")
+    page = mod.build_markdown(results, info)
+    assert "Test CPU, 2 cores, 24.0 GiB, no GPU" in page and "git abc123" in page
+    for key, title, _cmd, _text in mod.SECTIONS:
+        assert f"## {title}" in page
+    assert "Not measured in this run." in page  # models: no result
+    assert "python bench_conv3x3.py" in page and "progress" not in page
+    assert "**The command failed (exit 2)**" in page and "boom" in page
