@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup main test aot bench clean
+.PHONY: setup main test aot bench benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 	MAX_JOBS=2 $(BIN)/pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 5
 	$(BIN)/python -c "import ganengine, ganengine.backends as b; print(b.status())"
 	touch $@
@@ -34,6 +34,11 @@ main: setup
 
 test: setup aot
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# regenerate BENCHMARKS.md: every table measured now, on this machine (~40 min on 2 cores; keep
+# the machine otherwise idle)
+benchmarks: setup
+	$(BIN)/python benchmarks/make_benchmarks_md.py
 
 # compile every Triton kernel for sm_80 and sm_90 (no GPU needed); fails on register spills
 aot: setup

@@ -7,7 +7,7 @@ can be re-measured by hand), captures its Markdown output and writes the page wi
 the versions, the git revision, the load average before and after each section and the time it
 took. Sections run one after another; nothing else should share the cores meanwhile (the load
 average printed per section shows whether something did). ``--only`` re-measures some sections
-and keeps the others' last output from ``<output>.sections.json``. Takes ~40 min on the 2-core
+and keeps the others' last output from ``docs/benchmarks_sections.json``. Takes ~40 min on the 2-core
 CI-class machine (most of it compiling with torch.compile and the model steps).
 """
 from __future__ import annotations
@@ -158,6 +158,8 @@ def build_markdown(results: dict, info: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--store", default=str(ROOT / "docs" / "benchmarks_sections.json"),
+                    help="every section's raw output (commands, stdout, load, time), read back by --only")
     ap.add_argument("--only", nargs="+", choices=[s[0] for s in SECTIONS], help="re-measure only these sections")
     ap.add_argument("--list", action="store_true", help="print the sections and their commands, run nothing")
     args = ap.parse_args(argv)
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
         for key, title, cmd, _ in SECTIONS:
             print(f"{key:10s} {title}\n           python {' '.join(cmd[1:])}")
         return 0
-    store = Path(args.output).with_suffix(".sections.json")
+    store = Path(args.store)
     results = json.loads(store.read_text()) if (args.only and store.exists()) else {}
     for key, _title, cmd, _text in SECTIONS:
         if args.only and key not in args.only:
