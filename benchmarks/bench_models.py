@@ -91,17 +91,29 @@ def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=Fa
     so a change in machine load affects all of them alike."""
     setups = {v: setup_variant(name, opts, size, batch, v) for v in variants}
     times = {v: [] for v in variants}
+    failed = {}
     for r in range(warmup + repeats):
         for v, (model, data, optimizers, backend) in setups.items():
-            with ganengine.use_backend(backend):
-                t0 = time.perf_counter()
-                model.train_step(data, optimizers)
-                dt = time.perf_counter() - t0
+            if v in failed:
+                continue
+            try:
+                with ganengine.use_backend(backend):
+                    t0 = time.perf_counter()
+                    model.train_step(data, optimizers)
+                    dt = time.perf_counter() - t0
+            except Exception as exc:  # torch.compile cannot run every step (double backward in WGAN-GP)
+                if v == "torch":
+                    raise
+                failed[v] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                print(f"  {name} {v} failed: {failed[v]}", file=sys.stderr, flush=True)
+                continue
             if r >= warmup:
                 times[v].append(dt)
             if verbose:
                 print(f"  {name} {v} round {r}: {dt:.3f} s", file=sys.stderr, flush=True)
-    return {v: statistics.median(t) for v, t in times.items()}
+    res = {v: (statistics.median(t) if v not in failed else None) for v, t in times.items()}
+    res["_failed"] = failed
+    return res
 
 
 def main(argv=None):
@@ -148,8 +160,10 @@ def main(argv=None):
         opts, size, batch = table[name]
         size, batch = args.size or size, args.batch or batch
         res = time_variants(name, opts, size, batch, variants, args.warmup, args.repeats, args.verbose)
-        cells = " | ".join(f"{res[v]:.3f}" for v in variants)
+        cells = " | ".join(f"{res[v]:.3f}" if res[v] is not None else "failed" for v in variants)
         print(f"| {name} | {size}x{size} | {batch} | {cells} | {res['torch'] / res['ganengine']:.2f}x |", flush=True)
+        for v, why in res["_failed"].items():
+            print(f"\n{name}, {v}: {why}", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ PY = sys.executable
 SECTIONS = [
     ("models", "One training step per model",
      [PY, "benchmarks/bench_models.py", "--models", "cyclegan", "pix2pix", "stargan", "stackgan1", "stackgan2",
-      "--warmup", "3", "--repeats", "3", "--split"],
+      "--warmup", "3", "--repeats", "3", "--split", "--compile"],
      "One full training step (every network forward + backward, every optimiser step). `torch`: the reference's "
      "step (the same module tree on the torch backend, the reference's per-parameter Adam); `ganengine`: fused ops "
      "and the fused Adam; `torch+fused-adam`: the torch backend with only the fused Adam, to show what the optimiser "
-     "alone contributes. CycleGAN and pix2pix at their reference size (256x256, batch 1); StarGAN, StackGAN at "
+     "alone contributes; `compile`: the torch backend with every network wrapped in `torch.compile` (inductor; "
+     "the reference's Adam, uncompiled). CycleGAN and pix2pix at their reference size (256x256, batch 1); StarGAN, StackGAN at "
      "CPU-sized batches (StarGAN 128x128 b2 instead of b16, StackGAN I 64x64 b16 instead of 64, II 256x256 b2 "
      "instead of 16: the reference batches take minutes per step on 2 cores). Each model runs in its own process, "
      "3 warm-up rounds first (the eager step's allocations settle over ~4 steps: pix2pix 1.1 s -> 0.75 s). Target (issue 5): >= 1.3x the eager "
