@@ -14,6 +14,7 @@ table shows the medians and the speed-up over the torch-backend eager step.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import statistics
@@ -127,6 +128,7 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true", help="print every step's time to stderr")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     p.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--only-variant", help=argparse.SUPPRESS)
     p.add_argument("--split", action="store_true",
                    help="also time the torch backend with the fused Adam alone (what the optimiser contributes)")
     args = p.parse_args(argv)
@@ -138,6 +140,7 @@ def main(argv=None):
               f"{ {k: v for k, v in ganengine.backends.available().items() if v} }; one process per model")
         print("| model | image | batch | " + " | ".join(f"{v} (s)" for v in variants) + " | ganengine speed-up |")
         print("| --- | --- | --- | " + " | ".join("---" for _ in variants) + " | --- |", flush=True)
+    notes = []
     for name in args.models:
         if len(args.models) > 1:
             # one process per model: glibc's heap after one model's steps (large freed chunks
@@ -155,15 +158,33 @@ def main(argv=None):
             out = subprocess.run([sys.executable, __file__] + argv_one, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{name}: benchmark failed\n{out.stderr[-3000:]}")
-            print(out.stdout.strip(), flush=True)
+            lines = out.stdout.strip().splitlines()
+            print("\n".join(l for l in lines if not l.startswith("NOTE ")), flush=True)
+            notes += [l[5:] for l in lines if l.startswith("NOTE ")]
             continue
         opts, size, batch = table[name]
         size, batch = args.size or size, args.batch or batch
-        res = time_variants(name, opts, size, batch, variants, args.warmup, args.repeats, args.verbose)
+        if args.only_variant:
+            res = time_variants(name, opts, size, batch, [args.only_variant], args.warmup, args.repeats, args.verbose)
+            print(json.dumps(res))
+            return
+        # one process per variant too: the variants' allocations (and torch.compile's) change the
+        # heap the others run on; a user trains one of them per process
+        res = {"_failed": {}}
+        for v in variants:
+            argv_v = list(argv if argv is not None else sys.argv[1:]) + ["--only-variant", v]
+            out = subprocess.run([sys.executable, __file__] + argv_v, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{name} {v}: benchmark failed\n{out.stderr[-3000:]}")
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            res[v] = got[v]
+            res["_failed"].update(got["_failed"])
         cells = " | ".join(f"{res[v]:.3f}" if res[v] is not None else "failed" for v in variants)
         print(f"| {name} | {size}x{size} | {batch} | {cells} | {res['torch'] / res['ganengine']:.2f}x |", flush=True)
         for v, why in res["_failed"].items():
-            print(f"\n{name}, {v}: {why}", flush=True)
+            print(f"NOTE {name}, {v}: {why}", flush=True)
+    if notes:
+        print("\n" + "\n".join(f"{n}  " for n in notes), flush=True)
 
 
 if __name__ == "__main__":
