@@ -18,7 +18,7 @@ import torch
 import ganengine
 import ganengine.functional as GF
 from ganengine.bench.timing import time_cpu
-from ganengine.ops.conv import gemm_policy
+from ganengine.ops.conv import gemm_policy, uses_gemm
 
 SHAPES = [  # (transposed, N, C_in, C_out, H)
     (False, 1, 512, 512, 16), (False, 1, 512, 512, 8), (False, 1, 512, 512, 4), (False, 1, 512, 512, 2),
@@ -31,13 +31,6 @@ SHAPES = [  # (transposed, N, C_in, C_out, H)
 
 def _median_ms(fn, repeats):
     return time_cpu(fn, warmup=2, repeats=repeats, budget_s=float("inf"), min_repeats=repeats)["median"]
-
-
-def _used(tr, n, ci, co, h):
-    # the rule in csrc/cpu/conv_gemm.cpp use_gemm
-    cols, weight = n * (h if tr else h // 2) ** 2, ci * co * 16
-    gemm = (cols <= 64 and weight >= 1 << 16) or (not tr and cols <= 256 and weight >= 1 << 22)
-    return "gemm" if gemm else "oneDNN"
 
 
 def main(argv=None):
@@ -59,6 +52,8 @@ def main(argv=None):
             if backward:
                 torch.autograd.grad(y, (x, w), torch.ones_like(y))
 
+        with ganengine.use_backend("cpu"):
+            used = "gemm" if uses_gemm(x, w, (2, 2), (1, 1), tr) else "oneDNN"
         for backward in (False, True):
             times = {}
             for policy in ("never", "always"):
@@ -66,7 +61,7 @@ def main(argv=None):
                     times[policy] = _median_ms(lambda: run(backward), args.repeats)
             print(f"| {'convT' if tr else 'conv'} | {n} | {ci} -> {co} | {h} | {'fwd+bwd' if backward else 'fwd'} | "
                   f"{times['never']:.2f} | {times['always']:.2f} | {times['never'] / times['always']:.2f}x | "
-                  f"{_used(tr, n, ci, co, h)} |", flush=True)
+                  f"{used} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ network wrapped in ``torch.compile``; ``--split`` adds the torch backend with on
     python benchmarks/bench_models.py --models cyclegan --size 256 --batch 1 --repeats 5
     python benchmarks/bench_models.py --reference-sizes     # the papers' resolutions and batches
 
-Each variant builds the model from the same seed; after ``--warmup`` rounds, ``--repeats``
-rounds each time one step of every variant (interleaved, so load changes hit all alike); the
-table shows the medians and the speed-up over the torch-backend eager step.
+Each (model, variant) runs in its own process and builds the model from the same seed; after
+``--warmup`` steps, ``--repeats`` timed steps; the table shows the medians and the speed-up over
+the torch-backend eager step. Keep the machine otherwise idle: variants are timed one after
+another, not interleaved.
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ def setup_variant(name, opts, size, batch, variant):
 
 
 def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=False) -> dict:
-    """Median step time per variant. The variants' steps are interleaved (one of each per round),
-    so a change in machine load affects all of them alike."""
+    """Median step time per variant (main passes one variant per process; with several, their
+    steps are interleaved, one of each per round)."""
     setups = {v: setup_variant(name, opts, size, batch, v) for v in variants}
     times = {v: [] for v in variants}
     failed = {}
@@ -137,42 +138,31 @@ def main(argv=None):
     if not args.no_header:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
               f"{os.getloadavg()[0]:.1f}, backends: "
-              f"{ {k: v for k, v in ganengine.backends.available().items() if v} }; one process per model")
+              f"{ {k: v for k, v in ganengine.backends.available().items() if v} }; one process per model and variant")
         print("| model | image | batch | " + " | ".join(f"{v} (s)" for v in variants) + " | ganengine speed-up |")
         print("| --- | --- | --- | " + " | ".join("---" for _ in variants) + " | --- |", flush=True)
     notes = []
     for name in args.models:
-        if len(args.models) > 1:
-            # one process per model: glibc's heap after one model's steps (large freed chunks
-            # ready for reuse) makes the next model's eager allocations page-fault-free, which a
-            # user training that model alone does not get (measured: pix2pix's eager step 1.0 s
-            # alone, 0.66 s after CycleGAN in the same process)
-            argv_one = list(argv if argv is not None else sys.argv[1:])
-            if "--models" in argv_one:
-                i = j = argv_one.index("--models")
-                j += 1
-                while j < len(argv_one) and not argv_one[j].startswith("--"):
-                    j += 1
-                del argv_one[i:j]
-            argv_one += ["--models", name, "--no-header"]
-            out = subprocess.run([sys.executable, __file__] + argv_one, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"{name}: benchmark failed\n{out.stderr[-3000:]}")
-            lines = out.stdout.strip().splitlines()
-            print("\n".join(l for l in lines if not l.startswith("NOTE ")), flush=True)
-            notes += [l[5:] for l in lines if l.startswith("NOTE ")]
-            continue
         opts, size, batch = table[name]
         size, batch = args.size or size, args.batch or batch
-        if args.only_variant:
+        if args.only_variant:  # (the child process of the loop below)
             res = time_variants(name, opts, size, batch, [args.only_variant], args.warmup, args.repeats, args.verbose)
             print(json.dumps(res))
             return
-        # one process per variant too: the variants' allocations (and torch.compile's) change the
-        # heap the others run on; a user trains one of them per process
+        # one process per model and variant: glibc's heap left by other steps (another model's,
+        # another variant's, torch.compile's) makes the eager step's allocations cheaper than a
+        # user training that one model alone gets (pix2pix's eager step was 1.19-1.40x
+        # ganengine's across runs before this)
         res = {"_failed": {}}
         for v in variants:
-            argv_v = list(argv if argv is not None else sys.argv[1:]) + ["--only-variant", v]
+            argv_v = list(argv if argv is not None else sys.argv[1:])
+            if "--models" in argv_v:  # this model only
+                i = j = argv_v.index("--models")
+                j += 1
+                while j < len(argv_v) and not argv_v[j].startswith("--"):
+                    j += 1
+                del argv_v[i:j]
+            argv_v += ["--models", name, "--no-header", "--only-variant", v]
             out = subprocess.run([sys.executable, __file__] + argv_v, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{name} {v}: benchmark failed\n{out.stderr[-3000:]}")
@@ -181,11 +171,9 @@ def main(argv=None):
             res["_failed"].update(got["_failed"])
         cells = " | ".join(f"{res[v]:.3f}" if res[v] is not None else "failed" for v in variants)
         print(f"| {name} | {size}x{size} | {batch} | {cells} | {res['torch'] / res['ganengine']:.2f}x |", flush=True)
-        for v, why in res["_failed"].items():
-            print(f"NOTE {name}, {v}: {why}", flush=True)
-    if notes:
+        notes += [f"{name}, {v}: {why}" for v, why in res["_failed"].items()]
+    if notes:  # after the table: a text line inside it would end it
         print("\n" + "\n".join(f"{n}  " for n in notes), flush=True)
-
 
 if __name__ == "__main__":
     main()

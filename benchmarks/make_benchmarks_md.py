@@ -35,8 +35,8 @@ SECTIONS = [
      "alone contributes; `compile`: the torch backend with every network wrapped in `torch.compile` (inductor; "
      "the reference's Adam, uncompiled). CycleGAN and pix2pix at their reference size (256x256, batch 1); StarGAN, StackGAN at "
      "CPU-sized batches (StarGAN 128x128 b2 instead of b16, StackGAN I 64x64 b16 instead of 64, II 256x256 b2 "
-     "instead of 16: the reference batches take minutes per step on 2 cores). Each model runs in its own process, "
-     "3 warm-up rounds first (the eager step's allocations settle over ~4 steps: pix2pix 1.1 s -> 0.75 s). Target (issue 5): >= 1.3x the eager "
+     "instead of 16: the reference batches take minutes per step on 2 cores). Each model and variant runs in its own process, "
+     "3 warm-up steps first (the eager step's allocations settle over its first few steps). Target (issue 5): >= 1.3x the eager "
      "step for CycleGAN and pix2pix, never slower for any model. [docs/models.md](docs/models.md)"),
     ("conv", "Small-map convolutions: one GEMM vs oneDNN (cpu backend)",
      [PY, "benchmarks/bench_conv.py", "--repeats", "5"],

@@ -125,6 +125,7 @@ def test_threshold_picks_gemm_only_for_small_maps():
     for tr, xs, ws, gemm in cases:
         x, w = torch.randn(xs), torch.randn(ws) * 0.02
         with on_backend("cpu"), torch.autograd.profiler.profile() as prof:
+            assert cv.uses_gemm(x, w, (2, 2), (1, 1), tr) == gemm, (xs, ws)
             y = GF.conv_transpose2d(x, w, None, 2, 1) if tr else GF.conv2d(x, w, None, 2, 1)
         names = {e.name for e in prof.function_events}
         used_onednn = any("convolution" in n and "ganengine" not in n for n in names)

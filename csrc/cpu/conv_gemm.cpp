@@ -4,7 +4,8 @@
 // StarGAN's and StackGAN's last discriminator blocks), a convolution is a weight-bandwidth-bound
 // matrix product: every multiply reads one weight once and there are only a few output columns
 // to share it. oneDNN reorders the weights into its blocked layout on every call (a fresh buffer
-// of the weight's size, 16-34 MB here, paid in page faults) and runs these shapes at 3-50 GFLOP/s
+// of the weight's size, 16-34 MB here, paid in page faults: our reading) and runs these shapes
+// far below its large-map throughput (~3 GFLOP/s for the 512-channel 2x2 -> 1x1 conv)
 // on this project's 2-core CPU. The GEMM form reads the weight in place:
 //
 //   conv        Y2 (Co, N*P)     = W2 (Co, C*k*k) @ cols (C*k*k, N*P)      cols = im2col(x)
@@ -35,9 +36,9 @@ namespace {
 // measured crossover (benchmarks/bench_conv.py, 2 threads, fp32): the GEMM form wins while the
 // GEMM's narrow side (output or input pixels times batch) stays at or below this, for weights
 // big enough that reading them is the cost
-// (conv 1x512x8x8 -> 4x4: 2.4x forward; transposed 1x1024x4x4: 4x), and up to 256 for a plain
-// conv with a 4M+ element weight (16x512x8x8 -> 1024 channels: 1.25x forward, 1.5x with
-// backward); at 1024 columns oneDNN is 1.5x faster (64x256x8x8)
+// (conv 1x512x8x8 -> 4x4: 2.5x forward; transposed 1x1024x4x4: 2.4x forward+backward), and up
+// to 256 for a plain conv with a 4M+ element weight (16x512x8x8 -> 1024 channels: 1.1x forward,
+// 1.3x with backward); at 1024 columns the GEMM form is 0.64x oneDNN (64x256x8x8)
 constexpr int64_t kMaxColumns = 64;
 constexpr int64_t kMinWeight = 1 << 16;
 constexpr int64_t kMaxColumnsBigWeight = 256;
@@ -60,7 +61,8 @@ std::atomic<int64_t>& policy_ref() {
 
 // out (M, N) = a (M, K) @ b (K, N) (+ bias (M) per row): rows split across threads.
 // For the weight-sized operand MKL is fast when it is a row-major A or B; as a transposed A with
-// a narrow B (4 columns) it measured 10-20x slower, so the products are arranged to avoid that.
+// a narrow B (4 columns) it made the whole op several times slower, so the products are arranged
+// to avoid that.
 void mm_rows(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
   const int64_t M = out.size(0);
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
@@ -273,6 +275,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd_op(const at::Tensor& gra
   return {fill(std::get<0>(r), x), fill(std::get<1>(r), w), fill(std::get<2>(r), grad)};
 }
 
+bool conv_uses_gemm_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                       bool transposed) {
+  return conv_gemm::use_gemm(x, w, stride, padding, transposed);
+}
+
 // sets the policy (0 auto, 1 always, 2 never; -1 only reads it); returns the previous one
 int64_t conv_gemm_policy_op(int64_t p) {
   const int64_t prev = conv_gemm::policy();
@@ -287,10 +294,12 @@ TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
         "bool transposed) -> Tensor");
   m.def("conv_bwd(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] output_padding, "
         "bool transposed, int[] mask) -> (Tensor, Tensor, Tensor)");
+  m.def("conv_uses_gemm(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed) -> bool");
   m.def("conv_gemm_policy(int policy) -> int", &conv_gemm_policy_op);
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
   m.impl("conv_fwd", &conv_fwd_op);
   m.impl("conv_bwd", &conv_bwd_op);
+  m.impl("conv_uses_gemm", &conv_uses_gemm_op);
 }

@@ -7,12 +7,11 @@ Ops (namespace ``ganengine``):
       y = conv_transpose2d(x, weight, bias, stride, padding, output_padding)  (transposed=True)
   conv_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask) -> (dx, dw, db)
 
-Backends: torch (ATen's convolution, the reference) and cpu (csrc/cpu/conv_gemm.cpp): a call
-whose output map is small (at most 64 output pixels x batch for a conv, 64 input pixels x
-batch for a transposed conv, with a weight of 64 K+ elements) runs as one GEMM over im2col
-columns, which reads the weight in place; oneDNN's direct convolution reorders the weight into
-its blocked layout on every call and runs these weight-bound shapes at 3-50 GFLOP/s on this
-project's CPU. Everything else runs oneDNN. ``gemm_policy("always" | "never" | "auto")`` (or
+Backends: torch (ATen's convolution, the reference) and cpu (csrc/cpu/conv_gemm.cpp): an fp32
+call whose output map is small (few GEMM columns, a large weight: the rule is ``use_gemm`` in
+conv_gemm.cpp, queried by ``uses_gemm``) runs as one GEMM over im2col columns, which reads the
+weight in place, where oneDNN's direct convolution runs far below its large-map throughput
+(docs/conv.md). Everything else runs oneDNN. ``gemm_policy("always" | "never" | "auto")`` (or
 ``GANENGINE_CONV_GEMM``) overrides the choice, for tests and benchmarks. The triton and cuda
 backends run the vendor convolution (cuDNN). groups = 1, dilation = 1, zero padding.
 
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.ops import _dispatch
-from ganengine.ops.conv_act import _FLOATS, _acc, _autocast, _grads_by_reference, _pair, out_format
+from ganengine.ops.conv_act import (_acc, _autocast, _check_conv, _conv_bwd, _grads_by_reference, _pair,
+                                    _vendor_conv, out_format)
 
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
 
@@ -49,6 +49,16 @@ def gemm_policy(policy: str):
         _ext.op("conv_gemm_policy")(prev)
 
 
+def uses_gemm(x: torch.Tensor, weight: torch.Tensor, stride, padding, transposed: bool = False) -> bool:
+    """Whether the cpu backend runs this call as the GEMM form under the current policy (the
+    rule itself lives in csrc/cpu/conv_gemm.cpp)."""
+    from ganengine import _ext
+
+    if _backend(x, weight) != "cpu":
+        return False
+    return bool(_ext.op("conv_uses_gemm")(x, weight, list(stride), list(padding), transposed))
+
+
 def _out_size(x_shape, w_shape, stride, padding, output_padding, transposed):
     n, _, h, w = x_shape
     kh, kw = w_shape[2:]
@@ -67,16 +77,13 @@ def reference_conv(x, weight, bias, stride, padding, output_padding, transposed)
 
 
 def _torch_fwd(x, weight, bias, stride, padding, output_padding, transposed):
-    y = torch.ops.aten.convolution(x, weight, bias, list(stride), list(padding), [1, 1], transposed,
-                                   list(output_padding), 1)
-    return y.contiguous(memory_format=out_format(x))
+    return _vendor_conv(x, weight, bias, stride, padding, transposed, output_padding)
 
 
 def _torch_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask):
-    dx, dw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), [1, 1],
-                                                    transposed, list(output_padding), 1, [mask[0], mask[1], False])
-    dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
-    dw = dw.contiguous() if mask[1] else weight.new_empty((0,))
+    dx, dw = _conv_bwd(grad, x, weight, stride, padding, mask, transposed, output_padding)
+    if mask[1]:
+        dw = dw.contiguous()  # this op's dw is NCHW-contiguous on every backend (see the fake)
     db = grad.sum(dim=(0, 2, 3), dtype=_acc(grad.dtype)).to(grad.dtype) if mask[2] else x.new_empty((0,))
     return dx, dw, db
 
@@ -158,28 +165,6 @@ torch.library.register_autograd("ganengine::conv_fwd", _backward, setup_context=
 
 
 # ----------------------------------------------------------------------------- public functions
-def _check(fn: str, x, weight, bias, transposed: bool):
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{fn}: x and weight must be Tensors")
-    if x.dim() != 4:
-        raise ValueError(f"{fn}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    layout = "(C_in, C_out, kH, kW)" if transposed else "(C_out, C_in, kH, kW)"
-    if weight.dim() != 4:
-        raise ValueError(f"{fn}: weight must be {layout}, got shape {tuple(weight.shape)}")
-    c_in = weight.shape[0] if transposed else weight.shape[1]
-    if c_in != x.shape[1]:
-        raise ValueError(f"{fn}: weight {layout} = {tuple(weight.shape)} expects {c_in} input channels (groups=1) "
-                         f"but x has {x.shape[1]} (shape {tuple(x.shape)})")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{fn}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
-    c_out = weight.shape[1] if transposed else weight.shape[0]
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,)):
-        raise ValueError(f"{fn}: bias must be None or a ({c_out},) tensor, got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-
-
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
            padding=0) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, dilation 1, zero padding).
@@ -188,7 +173,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (see the module docstring); the rest as oneDNN. Twice differentiable.
     """
     fn = "conv2d"
-    _check(fn, x, weight, bias, transposed=False)
+    _check_conv(fn, x, weight, bias)
     stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
     if x.shape[2] + 2 * padding[0] < weight.shape[2] or x.shape[3] + 2 * padding[1] < weight.shape[3]:
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
@@ -203,7 +188,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
     fn = "conv_transpose2d"
-    _check(fn, x, weight, bias, transposed=True)
+    _check_conv(fn, x, weight, bias, transposed=True)
     stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
     output_padding = _pair(f"{fn}: output_padding", output_padding, 0)
     if any(op >= s for op, s in zip(output_padding, stride)):

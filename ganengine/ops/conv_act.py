@@ -101,16 +101,17 @@ def _empty_or(t_like, shape, fmt, wanted):
     return torch.empty(shape, dtype=t_like.dtype, device=t_like.device, memory_format=fmt)
 
 
-def _conv_bwd(gz, x, w, stride, padding, mask):
+def _conv_bwd(gz, x, w, stride, padding, mask, transposed=False, output_padding=(0, 0)):
     dx, dw, _ = torch.ops.aten.convolution_backward(
-        gz, x, w, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [mask[0], mask[1], False])
+        gz, x, w, None, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1,
+        [mask[0], mask[1], False])
     dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
     dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
     return dx, dw
 
 
-def _vendor_conv(x, w, bias, stride, padding):
-    y = torch.ops.aten.convolution(x, w, bias, list(stride), list(padding), [1, 1], False, [0, 0], 1)
+def _vendor_conv(x, w, bias, stride, padding, transposed=False, output_padding=(0, 0)):
+    y = torch.ops.aten.convolution(x, w, bias, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1)
     return y.contiguous(memory_format=out_format(x))
 
 
@@ -406,22 +407,26 @@ def _pair(name: str, v, minimum: int) -> list[int]:
     return [int(v[0]), int(v[1])]
 
 
-def _check_conv(fn: str, x, weight, bias):
+def _check_conv(fn: str, x, weight, bias, transposed: bool = False):
+    """x (N, C, H, W); weight (C_out, C_in, kH, kW), or (C_in, C_out, kH, kW) when transposed."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"{fn}: x and weight must be Tensors")
     if x.dim() != 4:
         raise ValueError(f"{fn}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    layout = "(C_in, C_out, kH, kW)" if transposed else "(C_out, C_in, kH, kW)"
     if weight.dim() != 4:
-        raise ValueError(f"{fn}: weight must be (C_out, C_in, kH, kW), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"{fn}: weight expects {weight.shape[1]} input channels (groups=1) but x has "
+        raise ValueError(f"{fn}: weight must be {layout}, got shape {tuple(weight.shape)}")
+    c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    if c_in != x.shape[1]:
+        where = f" {layout} = {tuple(weight.shape)}" if transposed else ""
+        raise ValueError(f"{fn}: weight{where} expects {c_in} input channels (groups=1) but x has "
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{fn}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"{fn}: bias must be None or a ({weight.shape[0]},) tensor, got "
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c_out,)):
+        raise ValueError(f"{fn}: bias must be None or a ({c_out},) tensor, got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
 
 
