@@ -112,8 +112,8 @@ class GANModel(nn.Module):
     def _adam(self, params, lr: float, beta1: float, beta2: float = 0.999):
         """The reference's Adam. With ``fused_optimizer`` (default) it runs as PyTorch's fused
         implementation (``fused=True``: one multi-tensor kernel per step, the same update to fp32
-        rounding); the reference's default is the per-parameter loop, which on CPU spends
-        ~170-600 ms per pix2pix generator step allocating temporaries (measured: docs/models.md)."""
+        rounding); the reference's default is the per-parameter loop, which allocates weight-sized
+        temporaries per parameter per step (what it costs: docs/models.md, BENCHMARKS.md)."""
         params = list(params)
         return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), fused=self._fused_adam_ok(params) or None)
 
