@@ -110,26 +110,34 @@ def test_every_backend_and_dtype_matches_torch(shape, backend, dtype):
 
 @needs_ext
 def test_threshold_picks_gemm_only_for_small_maps():
-    """The 'auto' policy: the C++ threshold (use_gemm) agrees with the documented rule, and both
-    sides of it give the reference's numbers."""
+    """The 'auto' policies: the C++ thresholds (use_gemm in conv_gemm.cpp, use in
+    conv_winograd.cpp) agree with the documented rules, the profiler sees the route they name,
+    and every route gives the reference's numbers."""
     policy = _ext.op("conv_gemm_policy")
     assert policy(-1) == 0  # auto by default
-    cases = [  # (transposed, x shape, w shape, expect gemm)
-        (False, (1, 512, 4, 4), (512, 512, 4, 4), True),     # 2x2 output
-        (False, (1, 64, 64, 64), (128, 64, 4, 4), False),    # 32x32 output
-        (True, (1, 1024, 4, 4), (1024, 512, 4, 4), True),    # 16 input pixels
-        (True, (1, 1024, 16, 16), (1024, 256, 4, 4), False),  # 256 input pixels, transposed
-        (False, (16, 512, 8, 8), (1024, 512, 4, 4), True),   # 256 columns, 8M weight
-        (False, (1, 3, 4, 4), (8, 3, 4, 4), False),          # small weight
+    assert _ext.op("conv_winograd_config")(-1, -1, -1)[0] == 0
+    cases = [  # (transposed, x shape, w shape, expected route)
+        (False, (1, 512, 4, 4), (512, 512, 4, 4), "gemm"),        # 2x2 output
+        (False, (1, 64, 64, 64), (128, 64, 4, 4), "winograd"),    # 32x32 output: 121 F(3, 2) tiles
+        (False, (1, 256, 32, 32), (512, 256, 4, 4), "oneDNN"),    # 16x16 output: 36 tiles
+        (True, (1, 1024, 4, 4), (1024, 512, 4, 4), "gemm"),       # 16 input pixels
+        (True, (1, 1024, 16, 16), (1024, 256, 4, 4), "oneDNN"),   # 256 input pixels: 36 tiles
+        (True, (1, 128, 32, 32), (128, 64, 4, 4), "winograd"),    # 1024 input pixels
+        (False, (16, 512, 8, 8), (1024, 512, 4, 4), "gemm"),      # 256 columns, 8M weight
+        (False, (1, 3, 4, 4), (8, 3, 4, 4), "oneDNN"),            # small weight
+        (False, (1, 3, 64, 64), (64, 3, 4, 4), "oneDNN"),         # 3 input channels
     ]
-    for tr, xs, ws, gemm in cases:
+    for tr, xs, ws, route in cases:
         x, w = torch.randn(xs), torch.randn(ws) * 0.02
         with on_backend("cpu"), torch.autograd.profiler.profile() as prof:
-            assert cv.uses_gemm(x, w, (2, 2), (1, 1), tr) == gemm, (xs, ws)
+            assert cv.uses_gemm(x, w, (2, 2), (1, 1), tr) == (route == "gemm"), (xs, ws)
+            assert cv.uses_winograd(x, w, (2, 2), (1, 1), tr) == (route == "winograd"), (xs, ws)
             y = GF.conv_transpose2d(x, w, None, 2, 1) if tr else GF.conv2d(x, w, None, 2, 1)
         names = {e.name for e in prof.function_events}
-        used_onednn = any("convolution" in n and "ganengine" not in n for n in names)
-        assert used_onednn != gemm, (xs, ws, sorted(names))
+        used = {"oneDNN": any("convolution" in n and "ganengine" not in n for n in names),
+                "winograd": any(n.startswith("ganengine::winograd") for n in names)}
+        assert used["oneDNN"] == (route == "oneDNN"), (xs, ws, sorted(names))
+        assert used["winograd"] == (route == "winograd"), (xs, ws, sorted(names))
         ref = F.conv_transpose2d(x, w, None, 2, 1) if tr else F.conv2d(x, w, None, 2, 1)
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 

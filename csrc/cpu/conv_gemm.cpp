@@ -20,6 +20,8 @@
 // the call (threshold in use_gemm, from benchmarks/bench_conv.py).
 #include "conv_gemm.h"
 
+#include "conv_winograd.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -216,8 +218,11 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
 at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                        at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
                        at::IntArrayRef output_padding) {
-  if (!use_gemm(x, w, stride, padding, transposed))
+  if (!use_gemm(x, w, stride, padding, transposed)) {
+    if (conv_winograd::use(x, w, stride, padding, transposed, output_padding))
+      return conv_winograd::convolution(x, w, b, stride, padding, transposed, output_padding);
     return at::convolution(x, w, b, stride, padding, kDil, transposed, output_padding, 1);
+  }
   // kernels run below autograd (the callers are custom ops with their own backward); without
   // this the out= GEMMs refuse inputs that require grad
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -229,6 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
     at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, std::array<bool, 3> mask) {
   if (!use_gemm(x, w, stride, padding, transposed)) {
+    if (conv_winograd::use(x, w, stride, padding, transposed, output_padding))
+      return conv_winograd::convolution_backward(grad, x, w, stride, padding, transposed, output_padding, mask);
     std::vector<int64_t> bias_sizes{transposed ? w.size(1) : w.size(0)};
     return at::convolution_backward(grad, x, w, bias_sizes, stride, padding, kDil, transposed, output_padding, 1,
                                     mask);
@@ -275,6 +282,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd_op(const at::Tensor& gra
   return {fill(std::get<0>(r), x), fill(std::get<1>(r), w), fill(std::get<2>(r), grad)};
 }
 
+bool conv_uses_winograd_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                           at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding) {
+  return !conv_gemm::use_gemm(x, w, stride, padding, transposed) &&
+         conv_winograd::use(x, w, stride, padding, transposed, output_padding);
+}
+
+// sets the Winograd configuration (policy 0 auto / 1 always / 2 never, stride-1 tile, stride-2
+// tile; a negative entry keeps that one); returns the previous one
+std::vector<int64_t> conv_winograd_config_op(int64_t policy, int64_t s1_tile, int64_t s2_tile) {
+  const conv_winograd::Config prev = conv_winograd::config();
+  conv_winograd::Config c = prev;
+  if (policy >= 0) c.policy = policy;
+  if (s1_tile >= 0) c.s1_tile = s1_tile;
+  if (s2_tile >= 0) c.s2_tile = s2_tile;
+  conv_winograd::set_config(c);
+  return {prev.policy, prev.s1_tile, prev.s2_tile};
+}
+
 bool conv_uses_gemm_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                        bool transposed) {
   return conv_gemm::use_gemm(x, w, stride, padding, transposed);
@@ -296,10 +321,14 @@ TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
         "bool transposed, int[] mask) -> (Tensor, Tensor, Tensor)");
   m.def("conv_uses_gemm(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed) -> bool");
   m.def("conv_gemm_policy(int policy) -> int", &conv_gemm_policy_op);
+  m.def("conv_uses_winograd(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed, "
+        "int[] output_padding) -> bool");
+  m.def("conv_winograd_config(int policy, int s1_tile, int s2_tile) -> int[]", &conv_winograd_config_op);
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
   m.impl("conv_fwd", &conv_fwd_op);
   m.impl("conv_bwd", &conv_bwd_op);
   m.impl("conv_uses_gemm", &conv_uses_gemm_op);
+  m.impl("conv_uses_winograd", &conv_uses_winograd_op);
 }

@@ -6,13 +6,14 @@ reference checkpoints carry over unchanged. The forward walks those children and
 Conv2d -> [norm] -> LeakyReLU group as one fused op:
   Conv2d -> LeakyReLU                            ganengine conv2d_act
   Conv2d -> InstanceNorm2d (no running stats)    ganengine conv2d_instance_norm_act
-  Conv2d -> BatchNorm2d -> LeakyReLU             oneDNN/cuDNN conv, F.batch_norm, in-place act
-  Conv2d (the 1-channel head)                    F.conv2d
+  Conv2d -> BatchNorm2d -> LeakyReLU             ganengine conv2d, F.batch_norm, in-place act
+  Conv2d (the 1-channel head)                    ganengine conv2d
 Anything it does not recognise (a module swapped in by the user) simply runs as a module.
-``channels_last=True`` (the default) runs the convolutions in NHWC, which oneDNN and cuDNN run
-faster than NCHW (measured on CPU: docs/conv_act.md), and keeps the conv weights in
-channels_last memory (same shapes, keys and values; only the strides differ). The 1-channel
-output is returned in the usual contiguous layout.
+Layout: ``channels_last=None`` (the default) runs NHWC on CUDA tensors (cuDNN's fast layout) and
+NCHW on CPU tensors, where the cpu backend runs the 4x4 convolutions as NCHW Winograd
+convolutions (faster than oneDNN in either layout: docs/conv4x4.md). ``True`` / ``False`` force
+one; ``True`` also keeps the conv weights in channels_last memory (same shapes, keys and values;
+only the strides differ). The 1-channel output is returned in the usual contiguous layout.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ganengine.ops.conv import conv2d
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
 
 NORMS = ("instance", "batch", "none")
@@ -45,7 +47,7 @@ class PatchDiscriminator(nn.Module):
     """
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
-                 channels_last: bool = True):
+                 channels_last: bool | None = None):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"PatchDiscriminator: norm must be one of {NORMS}, got {norm!r}")
@@ -54,7 +56,9 @@ class PatchDiscriminator(nn.Module):
         if input_nc < 1 or ndf < 1:
             raise ValueError(f"PatchDiscriminator: input_nc and ndf must be >= 1, got {input_nc}, {ndf}")
         self.input_nc, self.ndf, self.n_layers, self.norm = input_nc, ndf, n_layers, norm
-        self.channels_last = bool(channels_last)
+        if channels_last not in (None, True, False):
+            raise ValueError(f"PatchDiscriminator: channels_last must be None, True or False, got {channels_last!r}")
+        self.channels_last = channels_last
         norm_layer = _norm_layer(norm)
         use_bias = norm == "instance"  # the reference's rule: bias only when the norm is InstanceNorm2d
         seq = [nn.Conv2d(input_nc, ndf, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
@@ -94,7 +98,8 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.input_nc:
             raise ValueError(f"PatchDiscriminator: expected input (N, {self.input_nc}, H, W), got {tuple(x.shape)}")
-        if self.channels_last:
+        nhwc = x.is_cuda if self.channels_last is None else self.channels_last
+        if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         mods = list(self.model)
         i = 0
@@ -117,6 +122,9 @@ class PatchDiscriminator(nn.Module):
                                                  nxt.eps, "leaky_relu", nxt2.negative_slope)
                     i += 3
                     continue
+                x = conv2d(x, m.weight, m.bias, m.stride, m.padding)  # (the norm, if any, runs next)
+                i += 1
+                continue
             x = m(x)
             i += 1
-        return x.contiguous() if self.channels_last else x
+        return x.contiguous() if nhwc else x

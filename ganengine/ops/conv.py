@@ -11,8 +11,13 @@ Backends: torch (ATen's convolution, the reference) and cpu (csrc/cpu/conv_gemm.
 call whose output map is small (few GEMM columns, a large weight: the rule is ``use_gemm`` in
 conv_gemm.cpp, queried by ``uses_gemm``) runs as one GEMM over im2col columns, which reads the
 weight in place, where oneDNN's direct convolution runs far below its large-map throughput
-(docs/conv.md). Everything else runs oneDNN. ``gemm_policy("always" | "never" | "auto")`` (or
-``GANENGINE_CONV_GEMM``) overrides the choice, for tests and benchmarks. The triton and cuda
+(docs/conv.md). 4x4 kernels at stride 1 or 2 (PatchGAN, the U-Net, StarGAN) with enough channels
+run as Winograd convolutions (csrc/cpu/conv_winograd.cpp: F(2, 4) at stride 1, F(3, 2) over the
+polyphase form at stride 2; transposed convs as their adjoint; the rule is ``use`` there, queried
+by ``uses_winograd``; docs/conv4x4.md). Everything else runs oneDNN.
+``gemm_policy("always" | "never" | "auto")`` (or ``GANENGINE_CONV_GEMM``) and
+``winograd_policy(...)`` (or ``GANENGINE_CONV_WINOGRAD``) override the choices, for tests and
+benchmarks. The triton and cuda
 backends run the vendor convolution (cuDNN). groups = 1, dilation = 1, zero padding.
 
 Layout: y and dx follow ``conv_act.out_format(x)``.
@@ -47,6 +52,43 @@ def gemm_policy(policy: str):
         yield
     finally:
         _ext.op("conv_gemm_policy")(prev)
+
+
+@contextlib.contextmanager
+def winograd_policy(policy: str = "auto", s1_tile: int | None = None, s2_tile: int | None = None):
+    """Process-wide override of the cpu backend's Winograd 4x4 convolutions: policy "auto"
+    (measured threshold), "always" (every legal fp32 call: 4x4 kernel, stride 1 or 2) or "never";
+    ``s1_tile`` the output tile of F(m, 4) at stride 1 (2 or 3), ``s2_tile`` of F(m, 2) at stride 2
+    (2, 3 or 4). The GEMM form keeps the calls it takes under gemm_policy."""
+    if policy not in _POLICIES:
+        raise ValueError(f"winograd_policy: policy must be one of {tuple(_POLICIES)}, got {policy!r}")
+    if s1_tile not in (None, 2, 3):
+        raise ValueError(f"winograd_policy: s1_tile must be 2 or 3, got {s1_tile!r}")
+    if s2_tile not in (None, 2, 3, 4):
+        raise ValueError(f"winograd_policy: s2_tile must be 2, 3 or 4, got {s2_tile!r}")
+    from ganengine import _ext
+
+    if not _ext.loaded():
+        yield
+        return
+    config = _ext.op("conv_winograd_config")
+    prev = config(_POLICIES[policy], -1 if s1_tile is None else s1_tile, -1 if s2_tile is None else s2_tile)
+    try:
+        yield
+    finally:
+        config(*prev)
+
+
+def uses_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, transposed: bool = False,
+                  output_padding=(0, 0)) -> bool:
+    """Whether the cpu backend runs this call as a Winograd convolution under the current
+    policies (the rule itself lives in csrc/cpu/conv_winograd.cpp)."""
+    from ganengine import _ext
+
+    if _backend(x, weight) != "cpu":
+        return False
+    return bool(_ext.op("conv_uses_winograd")(x, weight, list(stride), list(padding), transposed,
+                                              list(output_padding)))
 
 
 def uses_gemm(x: torch.Tensor, weight: torch.Tensor, stride, padding, transposed: bool = False) -> bool:

@@ -1,0 +1,205 @@
+// 4x4 convolutions (PatchGAN, the U-Net's encoder, StarGAN's discriminator) and 4x4 transposed
+// convolutions (the U-Net's decoder, StarGAN's generator) as Winograd convolutions on the CPU.
+//
+//   stride 1   F(2, 4): 25 multiplies per 2x2 outputs instead of 64 (2.56x fewer)
+//   stride 2   polyphase: four 2x2 stride-1 convs over 4C channels, F(3, 2): 16 multiplies per
+//              3x3 outputs of the 2x2 conv instead of 36 (2.25x fewer)
+//   transposed the data gradient of the convolution with the same weight (y = conv^T(x)), so
+//              forward = the engine's backward-data pass, backward = its forward and weight passes
+//
+// Accuracy (fp32 error against an fp64 reference, as a multiple of the direct convolution's own;
+// ganengine/tools/winograd_matrices.py): F(3, 2) 1.6-2.4x, F(2, 4) 3.5-4x; the opt-in larger tiles
+// F(4, 2) 13-17x, F(3, 4) 8-12x. All well inside what fp32 training tolerates; bf16 rounding is ~1000x larger.
+#include "conv_winograd.h"
+
+#include "winograd_engine.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <type_traits>
+
+namespace ganengine {
+namespace conv_winograd {
+
+namespace {
+
+using namespace ganengine::winograd;
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e ? std::atoll(e) : fallback;
+}
+
+int64_t policy_from_env() {
+  const char* e = std::getenv("GANENGINE_CONV_WINOGRAD");
+  if (!e) return 0;
+  const std::string s(e);
+  if (s == "always") return 1;
+  if (s == "never") return 2;
+  TORCH_CHECK(s == "auto", "GANENGINE_CONV_WINOGRAD must be auto, always or never, got '", s, "'");
+  return 0;
+}
+
+void check_config(const Config& c) {
+  TORCH_CHECK(c.policy >= 0 && c.policy <= 2, "ganengine conv winograd: policy must be 0 (auto), 1 (always) or 2 "
+              "(never), got ", c.policy);
+  TORCH_CHECK(c.s1_tile == 2 || c.s1_tile == 3, "ganengine conv winograd: the stride-1 tile must be 2 or 3, got ",
+              c.s1_tile);
+  TORCH_CHECK(c.s2_tile >= 2 && c.s2_tile <= 4, "ganengine conv winograd: the stride-2 tile must be 2, 3 or 4, got ",
+              c.s2_tile);
+}
+
+std::mutex& config_mutex() {
+  static std::mutex m;
+  return m;
+}
+Config& config_ref() {
+  static Config c = [] {
+    Config d{policy_from_env(), env_int("GANENGINE_WINOGRAD_S1_TILE", 2), env_int("GANENGINE_WINOGRAD_S2_TILE", 3)};
+    check_config(d);
+    return d;
+  }();
+  return c;
+}
+
+// auto: at least this many output tiles (N * TY * TX) per call
+constexpr int64_t kMinTiles = 100;
+
+template <int M_, int R_>
+struct Tile {
+  static constexpr int M = M_, R = R_;
+};
+
+// f(Tile<m, r>{}) for the configured tile of this stride
+template <class F>
+auto with_tile(int64_t stride, const Config& c, F&& f) {
+  if (stride == 2) {
+    if (c.s2_tile == 2) return f(Tile<2, 2>{});
+    if (c.s2_tile == 4) return f(Tile<4, 2>{});
+    return f(Tile<3, 2>{});
+  }
+  if (c.s1_tile == 3) return f(Tile<3, 4>{});
+  return f(Tile<2, 4>{});
+}
+
+bool legal(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+           bool transposed, at::IntArrayRef output_padding) {
+  if (!(x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 4 &&
+        w.dim() == 4 && w.size(2) == 4 && w.size(3) == 4 && x.numel() > 0 && w.numel() > 0))
+    return false;
+  if (stride.size() != 2 || padding.size() != 2 || stride[0] != stride[1] || (stride[0] != 1 && stride[0] != 2))
+    return false;
+  if (padding[0] < 0 || padding[1] < 0 || w.size(transposed ? 0 : 1) != x.size(1)) return false;
+  if (transposed) {
+    return output_padding.size() == 2 && output_padding[0] >= 0 && output_padding[1] >= 0 &&
+           output_padding[0] < stride[0] && output_padding[1] < stride[1] &&
+           (x.size(2) - 1) * stride[0] - 2 * padding[0] + 4 + output_padding[0] > 0 &&
+           (x.size(3) - 1) * stride[1] - 2 * padding[1] + 4 + output_padding[1] > 0;
+  }
+  return x.size(2) + 2 * padding[0] >= 4 && x.size(3) + 2 * padding[1] >= 4;
+}
+
+// The convolution the engine runs: for a transposed call, the convolution whose data gradient
+// it is (input = the transposed call's output, (N, Co, Ho, Wo); output = its input).
+Geometry geometry_of(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                     bool transposed, at::IntArrayRef output_padding, int64_t tile) {
+  const int64_t S = stride[0], R = 4 / S;
+  if (!transposed)
+    return geometry(x.size(0), x.size(1), x.size(2), x.size(3), S, R, padding[0], padding[1], false, tile);
+  const int64_t Ho = (x.size(2) - 1) * S - 2 * padding[0] + 4 + output_padding[0];
+  const int64_t Wo = (x.size(3) - 1) * S - 2 * padding[1] + 4 + output_padding[1];
+  Geometry g = geometry(x.size(0), w.size(1), Ho, Wo, S, R, padding[0], padding[1], false, tile);
+  TORCH_CHECK(g.Ho == x.size(2) && g.Wo == x.size(3), "ganengine conv winograd: transposed geometry mismatch");
+  return g;
+}
+
+}  // namespace
+
+Config config() {
+  std::lock_guard<std::mutex> lock(config_mutex());
+  return config_ref();
+}
+
+void set_config(const Config& c) {
+  check_config(c);
+  std::lock_guard<std::mutex> lock(config_mutex());
+  config_ref() = c;
+}
+
+bool use(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
+         at::IntArrayRef output_padding) {
+  const Config c = config();
+  if (c.policy == 2 || !legal(x, w, stride, padding, transposed, output_padding)) return false;
+  if (c.policy == 1) return true;
+  // auto, from benchmarks/bench_conv4x4.py (2 threads, fp32): the engine's GEMMs are
+  // (K x Cv) @ (Cv x T) per transform point, and the weight transforms (twice per training step,
+  // plus one adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
+  // 256 -> 512 stride-1 layer at 32x32 (T = 256), the 64 -> 128 and 128 -> 256 stride-2 layers,
+  // the U-Net's 512 -> 128 and 256 -> 64 transposed layers; losses: 3-channel first layers
+  // (Cv = 12: the transforms of the 64-channel side dominate), the 1-channel PatchGAN head, and
+  // maps of 16x16 outputs or fewer (T = 36 at batch 1: the U-Net's 256 -> 512 at 32x32 and its
+  // 1024 -> 256 transposed layer at 16x16 went 0.5-0.8x).
+  const int64_t K = w.size(0), Cv = w.size(1) * stride[0] * stride[0];  // (transposed: w is the engine conv's)
+  if (K < 64 || Cv < 64) return false;
+  const int64_t tile = stride[0] == 2 ? c.s2_tile : c.s1_tile;
+  const Geometry g = geometry_of(x, w, stride, padding, transposed, output_padding, tile);
+  return g.tiles() >= kMinTiles;
+}
+
+at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
+                       at::IntArrayRef output_padding) {
+  const Config c = config();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto xc = x.contiguous();
+  const auto wc = w.contiguous();
+  at::Tensor bias;
+  if (b.has_value() && b->defined()) bias = b->contiguous();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  return with_tile(stride[0], c, [&](auto t) {
+    using T = decltype(t);
+    const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
+    if (!transposed) return forward<T::M, T::R>(xc, wc, bp, g);
+    return backward<T::M, T::R>(xc, at::Tensor(), wc, g, true, false, bp).first;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+    at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, std::array<bool, 3> mask) {
+  const Config c = config();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto xc = x.contiguous();
+  const auto wc = w.contiguous();
+  const auto gc = grad.contiguous();
+  TORCH_CHECK(gc.scalar_type() == at::kFloat, "ganengine conv winograd: grad must be fp32, got ", gc.scalar_type());
+  at::Tensor dx, dw, db;
+  with_tile(stride[0], c, [&](auto t) {
+    using T = decltype(t);
+    const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
+    // the engine's convolution: input (N, C, H, W), output (N, K, Ho, Wo)
+    const at::Tensor& conv_in = transposed ? gc : xc;
+    const at::Tensor& conv_out_grad = transposed ? xc : gc;
+    TORCH_CHECK(conv_in.size(0) == g.N && conv_in.size(1) == g.C && conv_in.size(2) == g.H && conv_in.size(3) == g.W &&
+                    conv_out_grad.size(1) == wc.size(0) && conv_out_grad.size(2) == g.Ho &&
+                    conv_out_grad.size(3) == g.Wo,
+                "ganengine conv winograd: grad has shape ", gc.sizes(), ", which does not fit x ", xc.sizes(),
+                " and weight ", wc.sizes());
+    if (!transposed) {
+      auto r = backward<T::M, T::R>(gc, xc, wc, g, mask[0], mask[1]);
+      dx = r.first;
+      dw = r.second;
+    } else {
+      if (mask[0]) dx = forward<T::M, T::R>(gc, wc, nullptr, g);  // dx = conv(dy, w)
+      if (mask[1]) dw = backward<T::M, T::R>(xc, gc, wc, g, false, true).second;
+    }
+    return 0;
+  });
+  if (mask[2]) db = gc.sum({0, 2, 3});
+  return {dx, dw, db};
+}
+
+}  // namespace conv_winograd
+}  // namespace ganengine

@@ -1,0 +1,255 @@
+"""4x4 convolutions and transposed convolutions as Winograd convolutions on the cpu backend
+(csrc/cpu/conv_winograd.cpp, winograd_engine.h): every tile vs an fp64 reference, forward and
+backward, on odd shapes; layouts; the fused conv_act / conv_in_act ops and the PatchGAN on the
+Winograd route; opcheck; double backward; the policy context; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ganengine
+import ganengine.functional as GF
+from ganengine import _ext
+from ganengine.nn import PatchDiscriminator
+from ganengine.ops import _dispatch
+from ganengine.ops import conv as cv
+
+from tests._backends import on_backend
+
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("conv_fwd", "CPU") or not _ext.has_kernel(
+    "conv_uses_winograd", "CPU"), reason="ganengine._C not built")
+
+# transposed, N, C_in, C_out, H, W, stride, padding, output_padding: odd maps, a single pixel,
+# maps smaller than a tile, non-square, padding 0..3, output_padding 1
+SHAPES = [
+    (False, 2, 5, 7, 9, 7, 2, 1, 0), (False, 1, 3, 4, 13, 6, 2, 0, 0), (False, 1, 6, 5, 33, 35, 2, 3, 0),
+    (False, 2, 4, 3, 8, 8, 2, 1, 0), (False, 1, 3, 5, 7, 9, 1, 1, 0), (False, 1, 2, 3, 4, 4, 1, 0, 0),
+    (False, 1, 2, 3, 1, 1, 1, 2, 0), (False, 1, 6, 5, 33, 35, 1, 2, 0), (False, 1, 4, 4, 19, 3, 1, 1, 0),
+    (True, 1, 3, 5, 7, 9, 2, 1, 0), (True, 2, 4, 3, 8, 8, 2, 1, 1), (True, 1, 2, 3, 1, 1, 2, 1, 0),
+    (True, 1, 4, 4, 6, 9, 2, 0, 1), (True, 1, 5, 2, 5, 3, 1, 1, 0), (True, 1, 3, 3, 11, 10, 1, 2, 0),
+]
+TILES = [(2, 3), (3, 2), (3, 4), (2, 2)]  # (stride-1 tile, stride-2 tile): every F(m, r) built
+
+
+def _ids(s):
+    return f"{'convT' if s[0] else 'conv'}-{s[1]}x{s[2]}->{s[3]}x{s[4]}x{s[5]}-s{s[6]}p{s[7]}op{s[8]}"
+
+
+def _make(shape, seed=0):
+    tr, n, ci, co, h, w, *_ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, ci, h, w, generator=g).requires_grad_()
+    wt = (torch.randn(*((ci, co) if tr else (co, ci)), 4, 4, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(co, generator=g).requires_grad_()
+    return x, wt, b
+
+
+def _call(shape, x, w, b, fn=None):
+    tr, *_, s, p, op = shape
+    if tr:
+        return (fn or GF.conv_transpose2d)(x, w, b, s, p, op)
+    return (fn or GF.conv2d)(x, w, b, s, p)
+
+
+def _ref(shape, x, w, b):
+    return _call(shape, x, w, b, F.conv_transpose2d if shape[0] else F.conv2d)
+
+
+def _rel_err(a, r):
+    return ((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+
+
+@needs_ext
+@pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"s1F{t[0]}-s2F{t[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_winograd_matches_fp64_reference(shape, tiles):
+    x, w, b = _make(shape)
+    with on_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always", *tiles):
+        assert cv.uses_winograd(x, w, (shape[6],) * 2, (shape[7],) * 2, shape[0], (shape[8],) * 2)
+        y = _call(shape, x, w, b)
+        assert _dispatch.last_used["conv"] == "cpu"
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = _ref(shape, x64, w64, b64)
+    grads64 = torch.autograd.grad(y64, (x64, w64, b64), g.double())
+    assert y.shape == y64.shape and y.dtype == torch.float32
+    # F(2, 4) / F(3, 2): within a few times the direct conv's fp32 error (~1e-7 of the range);
+    # the larger tiles F(3, 4) / F(4, 2) up to ~15x it
+    bound = 2e-6 if tiles in ((2, 3), (2, 2)) else 1e-5
+    for name, a, r in zip(("y", "dx", "dw", "db"), (y,) + grads, (y64,) + grads64):
+        assert _rel_err(a, r) < bound, (name, _rel_err(a, r))
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[10]], ids=_ids)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts(shape, layout):
+    x, w, b = _make(shape)
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        w = w.detach().to(memory_format=torch.channels_last).requires_grad_()
+    else:  # every other column of a wider tensor
+        tr, n, ci, co, h, wd, *_ = shape
+        x = torch.randn(n, ci, h, 2 * wd)[..., ::2].requires_grad_()
+    with on_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always"):
+        y = _call(shape, x, w, b)
+        g = torch.randn_like(y)
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), g)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    ref = _ref(shape, x.detach().double(), w.detach().double(), b.detach().double())
+    assert _rel_err(y, ref) < 2e-6
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rdx, rdw = torch.autograd.grad(_ref(shape, xr, wr, b.detach().double()), (xr, wr), g.double())
+    assert _rel_err(dx, rdx) < 2e-6 and _rel_err(dw, rdw) < 2e-6
+
+
+@needs_ext
+def test_sum_backward_expanded_grad():
+    """y.sum().backward() hands the op a stride-0 gradient."""
+    shape = SHAPES[3]
+    x, w, b = _make(shape)
+    with on_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always"):
+        _call(shape, x, w, b).sum().backward()
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    _ref(shape, xr, wr, br).sum().backward()
+    for a, r in ((x, xr), (w, wr), (b, br)):
+        assert _rel_err(a.grad, r.grad) < 2e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("norm", ["in", "act"])
+def test_fused_conv_ops_on_the_winograd_route(norm):
+    """PatchGAN's fused blocks (conv + bias + LeakyReLU, conv + instance norm + LeakyReLU) run
+    their convolution as Winograd and keep the torch backend's numbers."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 17, 15, requires_grad=True)
+    w = (torch.randn(12, 8, 4, 4) * 0.2).requires_grad_()
+    b = torch.randn(12, requires_grad=True)
+
+    def run():
+        if norm == "in":
+            y = GF.conv2d_instance_norm_act(x, w, b, 2, 1)
+        else:
+            y = GF.conv2d_act(x, w, b, 1, 1, 0.2)
+        return (y,) + torch.autograd.grad(y, (x, w), torch.linspace(-1, 1, y.numel()).view_as(y))
+
+    with on_backend("cpu"), cv.winograd_policy("always"), torch.autograd.profiler.profile() as prof:
+        ours = run()
+    assert any(e.name.startswith("ganengine::winograd") for e in prof.function_events)
+    with on_backend("torch"):
+        ref = run()
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, atol=3e-5 * max(1.0, r.abs().max().item()), rtol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("norm", ["instance", "batch", "none"])
+def test_patch_discriminator_on_winograd_matches_reference(norm):
+    """The 70x70 PatchGAN at a size where the auto rule picks Winograd for its middle layers:
+    outputs and parameter gradients as the reference module tree on the torch backend."""
+    torch.manual_seed(7)
+    d = PatchDiscriminator(3, ndf=32, n_layers=3, norm=norm).init_weights()
+    x = torch.randn(1, 3, 128, 128)  # layer 2: 121 F(3, 2) tiles
+    with on_backend("cpu"), torch.autograd.profiler.profile() as prof:
+        out = d(x)
+        out.square().mean().backward()
+    assert any(e.name.startswith("ganengine::winograd") for e in prof.function_events)
+    ours = [out.detach()] + [p.grad.clone() for p in d.parameters()]
+    d.zero_grad()
+    with ganengine.use_backend("torch"):
+        ref_out = d.model(x)
+        ref_out.square().mean().backward()
+    ref = [ref_out.detach()] + [p.grad.clone() for p in d.parameters()]
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, atol=5e-5 * max(1.0, r.abs().max().item()), rtol=1e-3)
+
+
+@needs_ext
+def test_opcheck():
+    x = torch.randn(2, 4, 7, 6, requires_grad=True)
+    w = torch.randn(3, 4, 4, 4, requires_grad=True)
+    wt = torch.randn(4, 3, 4, 4, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    with ganengine.use_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always"):
+        for s in (1, 2):
+            torch.library.opcheck(cv.conv_fwd, (x, w, b, [s, s], [1, 1], [0, 0], False))
+            torch.library.opcheck(cv.conv_fwd, (x, wt, None, [s, s], [1, 1], [s - 1, s - 1], True))
+
+
+@needs_ext
+@pytest.mark.parametrize("transposed", [False, True])
+def test_double_backward_fp32_on_winograd(transposed):
+    """WGAN-GP / R1: the gradient of a function of the input gradient, Winograd first pass."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    w = torch.randn(4, 4, 4, 4, requires_grad=True)
+    ours = (lambda x, w: GF.conv_transpose2d(x, w, None, 2, 1)) if transposed else (lambda x, w: GF.conv2d(x, w, None, 2, 1))
+    ref = (lambda x, w: F.conv_transpose2d(x, w, None, 2, 1)) if transposed else (lambda x, w: F.conv2d(x, w, None, 2, 1))
+    res = []
+    for f in (ours, ref):
+        with ganengine.use_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always"):
+            (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
+            res.append(torch.autograd.grad(gx.square().sum(), w)[0])
+    torch.testing.assert_close(res[0], res[1], atol=2e-5 * res[1].abs().max().item(), rtol=1e-4)
+
+
+@needs_ext
+def test_rule_declines_what_it_cannot_serve():
+    x = torch.randn(1, 64, 32, 32)
+    with on_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always"):
+        assert cv.uses_winograd(x, torch.randn(64, 64, 4, 4), (2, 2), (1, 1))
+        assert not cv.uses_winograd(x, torch.randn(64, 64, 3, 3), (1, 1), (1, 1))       # 3x3: conv3x3's
+        assert not cv.uses_winograd(x, torch.randn(64, 64, 4, 4), (2, 1), (1, 1))       # unequal strides
+        assert not cv.uses_winograd(x, torch.randn(64, 64, 4, 4), (3, 3), (1, 1))       # stride 3
+    with ganengine.use_backend("cpu"), cv.winograd_policy("always"):  # (fp64 falls back to torch)
+        assert not cv.uses_winograd(x.double(), torch.randn(64, 64, 4, 4).double(), (2, 2), (1, 1))
+    with on_backend("cpu"), cv.winograd_policy("never"):
+        assert not cv.uses_winograd(x, torch.randn(64, 64, 4, 4), (2, 2), (1, 1))
+    with on_backend("torch"):
+        assert not cv.uses_winograd(x, torch.randn(64, 64, 4, 4), (2, 2), (1, 1))
+
+
+@needs_ext
+def test_policy_context_restores_and_checks():
+    config = _ext.op("conv_winograd_config")
+    before = config(-1, -1, -1)
+    assert list(before) == [0, 2, 3]  # auto, F(2, 4), F(3, 2) by default
+    with cv.winograd_policy("never"):
+        assert config(-1, -1, -1)[0] == 2
+        with cv.winograd_policy("always", 3, 4):
+            assert list(config(-1, -1, -1)) == [1, 3, 4]
+        assert list(config(-1, -1, -1)) == [2, 2, 3]
+    assert list(config(-1, -1, -1)) == list(before)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        with cv.winograd_policy("sometimes"):
+            pass
+    with pytest.raises(ValueError, match="s1_tile must be 2 or 3"):
+        with cv.winograd_policy("auto", s1_tile=4):
+            pass
+    with pytest.raises(ValueError, match="s2_tile must be 2, 3 or 4"):
+        with cv.winograd_policy("auto", s2_tile=5):
+            pass
+    with pytest.raises(RuntimeError, match="stride-1 tile must be 2 or 3"):
+        config(-1, 7, -1)
+    assert list(config(-1, -1, -1)) == list(before)
+
+
+def test_transform_matrices_are_exact():
+    """Every Wino<m, r> struct in csrc/cpu/winograd_engine.h satisfies the Winograd identity in
+    exact rational arithmetic, and the generated ones are what the Toom-Cook construction gives."""
+    from ganengine.tools import winograd_matrices as wm
+
+    found = wm.parse_header()
+    assert set(found) == {(m, r) for m, r, _ in wm.CHOICES}
+    for (m, r), (AT, G, BT) in found.items():
+        assert wm.identity_holds(AT, G, BT, m, r), (m, r)
+    for m, r, pts in wm.CHOICES:
+        if r != 3:  # (F(m, 3) keep Lavin & Gray's published signs)
+            assert found[(m, r)] == wm.toom_cook(m, r, pts), (m, r)
+    AT, G, BT = found[(3, 2)]
+    BT[0][0] += 1  # a typo must be caught
+    assert not wm.identity_holds(AT, G, BT, 3, 2)
