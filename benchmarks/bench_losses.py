@@ -2,7 +2,7 @@
 
 Two adversarial lsgan terms on 30x30 PatchGAN maps (batch 1), two cycle and two identity L1
 terms on 1x3x256x256 images, summed and backpropagated, as in the CycleGAN reference's
-``backward_G``: ganengine (``GF.gan_loss`` x2 + ``GF.cycle_loss``) vs eager PyTorch (the
+``backward_G``: ganengine (``GF.gan_loss`` on both maps + ``GF.cycle_loss``) vs eager PyTorch (the
 reference's GANLoss/L1Loss composition) vs ``torch.compile`` of that composition.
 
     python -m benchmarks.bench_losses [--backend cpu] [--device cpu|cuda] [--repeats 200] [--threads N] [--json F]
@@ -53,7 +53,7 @@ def eager_block(pred_a, pred_b, real_a, rec_a, real_b, rec_b, idt_a, idt_b):
 
 def ganengine_block(pred_a, pred_b, real_a, rec_a, real_b, rec_b, idt_a, idt_b):
     total, _terms = GF.cycle_loss(real_a, rec_a, real_b, rec_b, idt_a, idt_b, LAMBDA_A, LAMBDA_B, LAMBDA_IDT)
-    return GF.gan_loss(pred_a, True, "lsgan") + GF.gan_loss(pred_b, True, "lsgan") + total
+    return GF.gan_loss([pred_a, pred_b], True, "lsgan") + total  # both adversarial terms in one pass
 
 
 def step(fn, inputs):

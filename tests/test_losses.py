@@ -117,6 +117,30 @@ def test_gan_loss_matches_torch(backend, mode, shape):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", MODES)
+def test_gan_loss_on_several_maps_is_the_sum_of_their_means(backend, mode):
+    """CycleGAN's generator step: both discriminator maps in one call (different sizes)."""
+    xs = [logits((1, 1, 30, 30)), logits((2, 1, 7, 5)), logits((1,))]
+    for real in (True, False):
+        xg = [x.clone().requires_grad_() for x in xs]
+        with run_on(backend):
+            loss = GF.gan_loss(xg, real, mode, for_discriminator=False)
+            grads = torch.autograd.grad(loss * 2.0, xg)
+        assert _dispatch.last_used["gan_loss"] == backend
+        x64 = [x.double().requires_grad_() for x in xs]
+        ref = sum(torch_gan_loss(x, real, mode, False) for x in x64)
+        refs = torch.autograd.grad(ref * 2.0, x64)
+        assert loss.shape == () and loss.dtype == torch.float32
+        assert_close(loss, ref, torch.float32)
+        for g, r, x in zip(grads, refs, xs):
+            assert_close(g, r, torch.float32, scale=2.0 / x.numel())
+    with run_on(backend):  # a tuple works too, and a one-map list equals the plain call
+        a = GF.gan_loss(tuple(xs[:1]), True, mode)
+        b = GF.gan_loss(xs[0], True, mode)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 def test_gan_loss_dtypes(backend, dtype, mode):
@@ -311,6 +335,10 @@ def test_errors_name_the_argument():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="logits is empty"):
         GF.gan_loss(torch.empty(0, 1), True)
+    with pytest.raises(ValueError, match=r"logits\[1\] is empty"):
+        GF.gan_loss([x, torch.empty(0)], True)
+    with pytest.raises(ValueError, match="logits is an empty list"):
+        GF.gan_loss([], True)
     with pytest.raises(ValueError, match="fake_logits is empty"):
         GF.discriminator_loss(x, torch.empty(3, 0))
     with pytest.raises(ValueError, match="mode must be one of"):

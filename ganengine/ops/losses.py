@@ -152,11 +152,18 @@ def _contig(ts):
 
 def adv_fwd(xs, modes, targets, scales, want_grad):
     """Backend forward for the adversarial group: (0-d total, grads list)."""
-    backend = _dispatch.choose("gan_loss", xs[0], _verdicts(xs[0], len(xs), "losses_adv_fwd", MAX_TRITON_ADV_TERMS))
+    # (Triton takes the terms MAX_TRITON_ADV_TERMS at a time, summed in a fixed order)
+    backend = _dispatch.choose("gan_loss", xs[0], _verdicts(xs[0], len(xs), "losses_adv_fwd", len(xs)))
     if backend == "triton":
         from ganengine.kernels import losses as K
 
-        return K.adv_fwd(_contig(xs), modes, targets, scales, want_grad)
+        xs, step = _contig(xs), MAX_TRITON_ADV_TERMS
+        total, grads = None, []
+        for i in range(0, len(xs), step):
+            t, g = K.adv_fwd(xs[i:i + step], modes[i:i + step], targets[i:i + step], scales[i:i + step], want_grad)
+            total = t if total is None else total + t
+            grads += list(g)
+        return total, grads
     if backend in ("cpu", "cuda"):
         total, grads = _ext.op("losses_adv_fwd")(list(xs), list(modes), list(targets), list(scales), want_grad)
         return total, list(grads)
@@ -439,8 +446,8 @@ def _common(tensors: list[Tensor], fn: str, names: list[str]) -> list[Tensor]:
     return tensors
 
 
-def gan_loss(logits: Tensor, target_is_real: bool, mode: str = "lsgan", for_discriminator: bool = True,
-             *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
+def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real: bool, mode: str = "lsgan",
+             for_discriminator: bool = True, *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
     """Mean-reduced adversarial loss of ``logits`` towards the real (or fake) target.
 
     vanilla: BCE-with-logits against ``real_label``/``fake_label``; lsgan: MSE against them;
@@ -448,12 +455,26 @@ def gan_loss(logits: Tensor, target_is_real: bool, mode: str = "lsgan", for_disc
     mean(relu(1 + x)) for fake when ``for_discriminator``, -mean(x) for the generator
     (``target_is_real=True``; +mean(x) for ``False``). Labels apply to vanilla and lsgan only,
     as in the CycleGAN reference's GANLoss.
+
+    ``logits`` may be a list or tuple of maps (CycleGAN's generator step scores both
+    generators' outputs, ``[D_A(fake_B), D_B(fake_A)]``): the result is the sum of each map's
+    mean loss, computed in one pass, one autograd node instead of one per map.
     """
+    fn = "gan_loss"
     mode = _check_mode(mode)
-    _check_logits(logits, "logits", "gan_loss")
     code, target = _term_code(mode, target_is_real, for_discriminator, real_label, fake_label)
-    total = run_adv([logits], [code], [target], [1.0 / logits.numel()])
-    return _finish(total, logits.dtype, logits.device)
+    if isinstance(logits, (list, tuple)):
+        if not logits:
+            raise ValueError(f"{fn}: logits is an empty {type(logits).__name__}; give at least one map")
+        names = [f"logits[{i}]" for i in range(len(logits))]
+        for n, x in zip(names, logits):
+            _check_logits(x, n, fn)
+        xs = _common(list(logits), fn, names)
+    else:
+        _check_logits(logits, "logits", fn)
+        xs = [logits]
+    total = run_adv(xs, [code] * len(xs), [target] * len(xs), [1.0 / x.numel() for x in xs])
+    return _finish(total, xs[0].dtype, xs[0].device)
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "lsgan",
