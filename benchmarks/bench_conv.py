@@ -5,8 +5,8 @@ U-Net bottleneck (pix2pix), StarGAN's and StackGAN's last discriminator blocks.
     python benchmarks/bench_conv.py [--repeats 7] [--threads 2]
 
 Both columns run the same call through ganengine.functional with the GEMM form forced on
-("gemm") or off ("oneDNN"); "auto" says which one the cpu backend's threshold picks (how the
-threshold in csrc/cpu/conv_gemm.cpp was chosen). Rows: kind, N, C_in -> C_out, input H=W,
+("gemm") or off ("oneDNN"), the Winograd route (bench_conv4x4.py) off in both; "auto" says which one
+the cpu backend's threshold picks (how the threshold in csrc/cpu/conv_gemm.cpp was chosen). Rows: kind, N, C_in -> C_out, input H=W,
 4x4 kernel, stride 2, padding 1 (the models' layers).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import ganengine
 import ganengine.functional as GF
 from ganengine.bench.timing import time_cpu
-from ganengine.ops.conv import gemm_policy, uses_gemm
+from ganengine.ops.conv import gemm_policy, uses_gemm, winograd_policy
 
 SHAPES = [  # (transposed, N, C_in, C_out, H)
     (False, 1, 512, 512, 16), (False, 1, 512, 512, 8), (False, 1, 512, 512, 4), (False, 1, 512, 512, 2),
@@ -57,7 +57,7 @@ def main(argv=None):
         for backward in (False, True):
             times = {}
             for policy in ("never", "always"):
-                with ganengine.use_backend("cpu"), gemm_policy(policy):
+                with ganengine.use_backend("cpu"), gemm_policy(policy), winograd_policy("never"):
                     times[policy] = _median_ms(lambda: run(backward), args.repeats)
             print(f"| {'convT' if tr else 'conv'} | {n} | {ci} -> {co} | {h} | {'fwd+bwd' if backward else 'fwd'} | "
                   f"{times['never']:.2f} | {times['always']:.2f} | {times['never'] / times['always']:.2f}x | "

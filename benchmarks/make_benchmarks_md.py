@@ -41,7 +41,14 @@ SECTIONS = [
     ("conv", "Small-map convolutions: one GEMM vs oneDNN (cpu backend)",
      [PY, "benchmarks/bench_conv.py", "--repeats", "5"],
      "4x4 stride-2 convs and transposed convs at the U-Net bottleneck and StarGAN's last discriminator blocks; both "
-     "columns are the same ganengine call with the choice forced. [docs/conv.md](docs/conv.md)"),
+     "columns are the same ganengine call with the choice forced (the Winograd route off in both). "
+     "[docs/conv.md](docs/conv.md)"),
+    ("conv4x4", "4x4 convolutions: Winograd vs oneDNN (cpu backend)",
+     [PY, "benchmarks/bench_conv4x4.py", "--repeats", "5"],
+     "The 4x4 layers of the PatchGAN discriminator, pix2pix's U-Net and StarGAN at their models' shapes: oneDNN in NCHW "
+     "and in NHWC vs the Winograd route (F(2, 4) at stride 1, F(3, 2) over the polyphase form at stride 2; transposed "
+     "convs as the adjoint), the same ganengine call with the choice forced; `auto picks` is the router's rule. "
+     "[docs/conv4x4.md](docs/conv4x4.md)"),
     ("conv3x3", "3x3 convolutions: Winograd F(2x2, 3x3) vs oneDNN (cpu backend)",
      [PY, "benchmarks/bench_conv3x3.py", "--all", "--no-compile", "--repeats", "5"],
      "`--all` runs Winograd on every shape (the `winograd used` column says what the threshold picks). "

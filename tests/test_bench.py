@@ -225,7 +225,7 @@ def test_benchmarks_md_generator_renders_every_section(tmp_path):
     out = "# header line\n  row 1 | progress\n| a | b |\n| --- | --- |\n| 1 | 2 |\nunits: ms\n"
     assert mod.clean_output(out) == "header line\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\nunits: ms"
     keys = [s[0] for s in mod.SECTIONS]
-    assert {"models", "conv", "conv3x3", "norm_act", "attention", "losses", "conv_act"} <= set(keys)
+    assert {"models", "conv", "conv4x4", "conv3x3", "norm_act", "attention", "losses", "conv_act"} <= set(keys)
     results = {k: dict(command=f"python bench_{k}.py", returncode=0, stdout=out, stderr_tail="", seconds=1.0,
                        load_before=0.1, load_after=0.2) for k in keys[1:]}
     results["conv"] = dict(results["conv"], returncode=2, stderr_tail="Traceback: boom")
