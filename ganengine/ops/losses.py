@@ -268,11 +268,17 @@ class _L1Fn(torch.autograd.Function):
         ctx.scales = scales
         ctx.bufs = bufs if write_grad else None
         ctx.set_materialize_grads(False)  # the terms are for logging: usually no gradient
-        return total, terms
+        # the terms as k separate outputs: split here, untracked, rather than by an unbind
+        # node after the Function (one autograd node and k views less per call)
+        return (total, *terms.unbind(0))
 
     @staticmethod
-    def backward(ctx, g_total, g_terms):
+    def backward(ctx, g_total, *g_term):
         k = len(ctx.scales)
+        g_terms = None
+        if any(g is not None for g in g_term):
+            ref = next(g for g in g_term if g is not None)
+            g_terms = torch.stack([g if g is not None else torch.zeros_like(ref) for g in g_term])
         saved = ctx.saved_tensors
         preds, targets = list(saved[:k]), list(saved[k:])
         bufs, ctx.bufs = ctx.bufs, None  # handed out: a second backward recomputes
@@ -380,8 +386,9 @@ def run_adv(xs, modes, targets, scales) -> Tensor:
     return _AdvFn.apply(tuple(modes), tuple(targets), tuple(scales), want_grad, *xs)
 
 
-def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor]:
-    """(0-d total, terms [k]) in the accumulation dtype, differentiable."""
+def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor | list[Tensor]]:
+    """(0-d total, terms) in the accumulation dtype, differentiable: terms a [k] tensor under
+    torch.compile, a list of k 0-d tensors in eager mode."""
     if _compiling():
         return l1_loss_multi_op(list(preds), list(targets), list(scales))
     # On the CPU the forward writes scale * sign(p - t) as it reads p and t (one pass instead of
@@ -390,7 +397,8 @@ def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor]:
     # no gradient buffers held between the passes).
     write_grad = (preds[0].device.type == "cpu" and torch.is_grad_enabled()
                   and any(p.requires_grad for p in preds))
-    return _L1Fn.apply(tuple(scales), write_grad, *preds, *targets)
+    total, *terms = _L1Fn.apply(tuple(scales), write_grad, *preds, *targets)
+    return total, terms
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,10 +533,11 @@ def cycle_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b: Tensor, idt
         names += ("idt_a", "idt_b")
     na, nb = real_a.numel(), real_b.numel()
     scales = [float(w) / n for w, n in zip(weights, (na, nb, nb, na))]
-    total, terms = run_l1(preds, targets, scales)
+    total, terms = run_l1(preds, targets, scales)  # terms: [k] tensor (compiled) or k 0-d tensors (eager)
     dtype, device = real_a.dtype, real_a.device
-    total, terms = _finish(total, dtype, device), _finish(terms, dtype, device)
-    return total, dict(zip(names, terms.unbind(0)))
+    if isinstance(terms, Tensor):
+        terms = terms.unbind(0)
+    return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
 
 
 def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 10.0, *,
