@@ -185,17 +185,21 @@ def test_gradcheck_and_double_backward(transposed):
 
 
 @needs_ext
+@pytest.mark.parametrize("route", ["gemm", "winograd"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_double_backward_fp32_matches_reference(transposed):
-    """WGAN-GP / R1 style: the gradient of a function of the input gradient, GEMM form first."""
+def test_double_backward_fp32_matches_reference(transposed, route):
+    """WGAN-GP / R1 style: the gradient of a function of the input gradient, the GEMM form or the
+    4x4 Winograd route (tests/test_conv4x4.py) first."""
     torch.manual_seed(3)
-    x = torch.randn(2, 4, 4, 4, requires_grad=True)
+    x = torch.randn(2, 4, 9 if route == "winograd" else 4, 9 if route == "winograd" else 4, requires_grad=True)
     w = torch.randn(4, 4, 4, 4, requires_grad=True)
     ours = (lambda x, w: GF.conv_transpose2d(x, w, None, 2, 1)) if transposed else (lambda x, w: GF.conv2d(x, w, None, 2, 1))
     ref = (lambda x, w: F.conv_transpose2d(x, w, None, 2, 1)) if transposed else (lambda x, w: F.conv2d(x, w, None, 2, 1))
     res = []
     for f in (ours, ref):
-        with ganengine.use_backend("cpu"), cv.gemm_policy("always"):
+        policies = ((cv.gemm_policy("always"), cv.winograd_policy("never")) if route == "gemm"
+                    else (cv.gemm_policy("never"), cv.winograd_policy("always")))
+        with ganengine.use_backend("cpu"), policies[0], policies[1]:
             (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
             res.append(torch.autograd.grad(gx.square().sum(), w)[0])
     torch.testing.assert_close(res[0], res[1], atol=2e-5 * res[1].abs().max().item(), rtol=1e-4)

@@ -46,18 +46,8 @@ constexpr int64_t kMinWeight = 1 << 16;
 constexpr int64_t kMaxColumnsBigWeight = 256;
 constexpr int64_t kBigWeight = 1 << 22;
 
-int64_t policy_from_env() {
-  const char* e = std::getenv("GANENGINE_CONV_GEMM");
-  if (!e) return 0;
-  const std::string s(e);
-  if (s == "always") return 1;
-  if (s == "never") return 2;
-  TORCH_CHECK(s == "auto", "GANENGINE_CONV_GEMM must be auto, always or never, got '", s, "'");
-  return 0;
-}
-
 std::atomic<int64_t>& policy_ref() {
-  static std::atomic<int64_t> p{policy_from_env()};
+  static std::atomic<int64_t> p{policy_from_env("GANENGINE_CONV_GEMM")};
   return p;
 }
 
@@ -189,6 +179,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convT_bwd(const at::Tensor& grad,
 }
 
 }  // namespace
+
+int64_t policy_from_env(const char* var) {
+  const char* e = std::getenv(var);
+  if (!e) return 0;
+  const std::string s(e);
+  if (s == "always") return 1;
+  if (s == "never") return 2;
+  TORCH_CHECK(s == "auto", var, " must be auto, always or never, got '", s, "'");
+  return 0;
+}
 
 void set_policy(int64_t p) {
   TORCH_CHECK(p >= 0 && p <= 2, "ganengine conv: policy must be 0 (auto), 1 (always) or 2 (never), got ", p);

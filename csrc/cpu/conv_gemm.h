@@ -13,6 +13,8 @@ namespace conv_gemm {
 
 // policy: 0 = auto (by the measured threshold), 1 = always the GEMM form where legal, 2 = never
 void set_policy(int64_t policy);
+// a policy from environment variable `var` ("auto" | "always" | "never"; unset: auto)
+int64_t policy_from_env(const char* var);
 int64_t policy();
 
 // true when this call runs as the GEMM form (fp32 CPU, groups 1, dilation 1, small output map)

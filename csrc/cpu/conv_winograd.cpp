@@ -12,13 +12,11 @@
 // F(4, 2) 13-17x, F(3, 4) 8-12x. All well inside what fp32 training tolerates; bf16 rounding is ~1000x larger.
 #include "conv_winograd.h"
 
+#include "conv_gemm.h"
 #include "winograd_engine.h"
 
-#include <atomic>
 #include <cstdlib>
 #include <mutex>
-#include <string>
-#include <type_traits>
 
 namespace ganengine {
 namespace conv_winograd {
@@ -30,16 +28,6 @@ using namespace ganengine::winograd;
 int64_t env_int(const char* name, int64_t fallback) {
   const char* e = std::getenv(name);
   return e ? std::atoll(e) : fallback;
-}
-
-int64_t policy_from_env() {
-  const char* e = std::getenv("GANENGINE_CONV_WINOGRAD");
-  if (!e) return 0;
-  const std::string s(e);
-  if (s == "always") return 1;
-  if (s == "never") return 2;
-  TORCH_CHECK(s == "auto", "GANENGINE_CONV_WINOGRAD must be auto, always or never, got '", s, "'");
-  return 0;
 }
 
 void check_config(const Config& c) {
@@ -57,7 +45,8 @@ std::mutex& config_mutex() {
 }
 Config& config_ref() {
   static Config c = [] {
-    Config d{policy_from_env(), env_int("GANENGINE_WINOGRAD_S1_TILE", 2), env_int("GANENGINE_WINOGRAD_S2_TILE", 3)};
+    Config d{conv_gemm::policy_from_env("GANENGINE_CONV_WINOGRAD"), env_int("GANENGINE_WINOGRAD_S1_TILE", 2),
+             env_int("GANENGINE_WINOGRAD_S2_TILE", 3)};
     check_config(d);
     return d;
   }();

@@ -10,8 +10,9 @@ Conv2d -> [norm] -> LeakyReLU group as one fused op:
   Conv2d (the 1-channel head)                    ganengine conv2d
 Anything it does not recognise (a module swapped in by the user) simply runs as a module.
 Layout: ``channels_last=None`` (the default) runs NHWC on CUDA tensors (cuDNN's fast layout) and
-NCHW on CPU tensors, where the cpu backend runs the 4x4 convolutions as NCHW Winograd
-convolutions (faster than oneDNN in either layout: docs/conv4x4.md). ``True`` / ``False`` force
+NCHW on CPU tensors, where the cpu backend runs the middle 4x4 convolutions as NCHW Winograd
+convolutions (docs/conv4x4.md; the discriminator's forward+backward went from 0.99-1.07x eager
+with oneDNN in NHWC to 1.32-1.54x: BENCHMARKS.md). ``True`` / ``False`` force
 one; ``True`` also keeps the conv weights in channels_last memory (same shapes, keys and values;
 only the strides differ). The 1-channel output is returned in the usual contiguous layout.
 """
