@@ -156,15 +156,25 @@ def test_policy_context_restores_and_checks():
             pass
 
 
+def _route(route: str):
+    """The policies that force one cpu conv route: the GEMM form or the 4x4 Winograd one."""
+    if route == "gemm":
+        return cv.gemm_policy("always"), cv.winograd_policy("never")
+    return cv.gemm_policy("never"), cv.winograd_policy("always")
+
+
 @needs_ext
-def test_opcheck():
+@pytest.mark.parametrize("route", ["gemm", "winograd"])
+def test_opcheck(route):
     x = torch.randn(2, 4, 6, 5, requires_grad=True)
     w = torch.randn(3, 4, 4, 4, requires_grad=True)
     wt = torch.randn(4, 3, 4, 4, requires_grad=True)
     b = torch.randn(3, requires_grad=True)
-    with ganengine.use_backend("cpu"), cv.gemm_policy("always"):
-        torch.library.opcheck(cv.conv_fwd, (x, w, b, [2, 2], [1, 1], [0, 0], False))
-        torch.library.opcheck(cv.conv_fwd, (x, wt, None, [2, 2], [1, 1], [1, 1], True))
+    gemm, winograd = _route(route)
+    with ganengine.use_backend("cpu"), gemm, winograd:
+        for s in (1, 2):
+            torch.library.opcheck(cv.conv_fwd, (x, w, b, [s, s], [1, 1], [0, 0], False))
+            torch.library.opcheck(cv.conv_fwd, (x, wt, None, [s, s], [1, 1], [s - 1, s - 1], True))
         torch.library.opcheck(cv.conv_bwd, (torch.randn(2, 3, 3, 2), x.detach(), w.detach(), [2, 2], [1, 1], [0, 0],
                                             False, [True, True, True]))
         torch.library.opcheck(cv.conv_bwd, (torch.randn(2, 3, 12, 10), x.detach(), wt.detach(), [2, 2], [1, 1],
@@ -197,9 +207,8 @@ def test_double_backward_fp32_matches_reference(transposed, route):
     ref = (lambda x, w: F.conv_transpose2d(x, w, None, 2, 1)) if transposed else (lambda x, w: F.conv2d(x, w, None, 2, 1))
     res = []
     for f in (ours, ref):
-        policies = ((cv.gemm_policy("always"), cv.winograd_policy("never")) if route == "gemm"
-                    else (cv.gemm_policy("never"), cv.winograd_policy("always")))
-        with ganengine.use_backend("cpu"), policies[0], policies[1]:
+        gemm, winograd = _route(route)
+        with ganengine.use_backend("cpu"), gemm, winograd:
             (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
             res.append(torch.autograd.grad(gx.square().sum(), w)[0])
     torch.testing.assert_close(res[0], res[1], atol=2e-5 * res[1].abs().max().item(), rtol=1e-4)

@@ -1,8 +1,8 @@
 """4x4 convolutions and transposed convolutions as Winograd convolutions on the cpu backend
 (csrc/cpu/conv_winograd.cpp, winograd_engine.h): every tile vs an fp64 reference, forward and
 backward, on odd shapes; layouts; the fused conv_act / conv_in_act ops and the PatchGAN on the
-Winograd route; opcheck; the policy context; bad input. (Double backward with a Winograd first
-pass: tests/test_conv.py::test_double_backward_fp32_matches_reference.)"""
+Winograd route; the policy context; bad input. (opcheck and double backward with a Winograd
+first pass: tests/test_conv.py, parametrized over both cpu routes.)"""
 from __future__ import annotations
 
 import pytest
@@ -167,18 +167,6 @@ def test_patch_discriminator_on_winograd_matches_reference(norm):
     ref = [ref_out.detach()] + [p.grad.clone() for p in d.parameters()]
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, atol=5e-5 * max(1.0, r.abs().max().item()), rtol=1e-3)
-
-
-@needs_ext
-def test_opcheck():
-    x = torch.randn(2, 4, 7, 6, requires_grad=True)
-    w = torch.randn(3, 4, 4, 4, requires_grad=True)
-    wt = torch.randn(4, 3, 4, 4, requires_grad=True)
-    b = torch.randn(3, requires_grad=True)
-    with ganengine.use_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always"):
-        for s in (1, 2):
-            torch.library.opcheck(cv.conv_fwd, (x, w, b, [s, s], [1, 1], [0, 0], False))
-            torch.library.opcheck(cv.conv_fwd, (x, wt, None, [s, s], [1, 1], [s - 1, s - 1], True))
 
 
 @needs_ext
