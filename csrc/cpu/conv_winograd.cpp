@@ -129,7 +129,7 @@ bool use(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::I
   // the U-Net's 512 -> 128 and 256 -> 64 transposed layers; losses: 3-channel first layers
   // (Cv = 12: the transforms of the 64-channel side dominate), the 1-channel PatchGAN head, and
   // maps of 16x16 outputs or fewer (T = 36 at batch 1: the U-Net's 256 -> 512 at 32x32 and its
-  // 1024 -> 256 transposed layer at 16x16 went 0.5-0.8x).
+  // 1024 -> 256 transposed layer at 16x16: 0.37-0.76x in BENCHMARKS.md's run).
   const int64_t K = w.size(0), Cv = w.size(1) * stride[0] * stride[0];  // (transposed: w is the engine conv's)
   if (K < 64 || Cv < 64) return false;
   const int64_t tile = stride[0] == 2 ? c.s2_tile : c.s1_tile;

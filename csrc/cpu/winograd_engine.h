@@ -167,7 +167,6 @@ struct Geometry {
   int64_t N, C, H, W, S, R, pad_h, pad_w;
   bool reflect;
   int64_t Ho, Wo, M, TY, TX;
-  int64_t A() const { return M + R - 1; }
   int64_t phases() const { return S * S; }
   int64_t virtual_channels() const { return C * S * S; }  // the GEMMs' inner dimension (forward)
   int64_t tiles() const { return N * TY * TX; }
