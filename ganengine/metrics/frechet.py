@@ -87,12 +87,12 @@ def intra_class_frechet_distance(real_features, real_labels, fake_features, fake
                              f"feature row ({feats.shape[0]}), got shape {arr.shape}")
         labels[name] = arr
     per_class = {}
-    for c in np.unique(labels["real_labels"]):
+    for c in np.unique(labels["real_labels"]).tolist():
         r, f = real[labels["real_labels"] == c], fake[labels["fake_labels"] == c]
         if r.shape[0] < 2 or f.shape[0] < 2:
             raise ValueError(f"intra_class_frechet_distance: class {c!r} has {r.shape[0]} real and {f.shape[0]} "
                              "generated samples; each class needs at least 2 of both")
-        per_class[c.item() if hasattr(c, "item") else c] = frechet_distance(r, f)
+        per_class[c] = frechet_distance(r, f)
     mean = float(np.mean(list(per_class.values())))
     return (mean, per_class) if return_per_class else mean
 
