@@ -74,6 +74,7 @@ def _norm_act(mod):
                     dict(n=16, c=256, h=32, w=32, affine=True)],
             "quick": [dict(n=2, c=16, h=32, w=32, affine=False),
                       dict(n=2, c=8, h=16, w=16, affine=True)],
+            "tiny": [dict(n=1, c=4, h=4, w=4, affine=True)],
         },
         traffic_shape=dict(n=2, c=8, h=64, w=64, affine=True),
     ))
@@ -112,6 +113,7 @@ def _attention(mod):
         shapes={
             "ref": [dict(n=4, c=64, h=32, w=32), dict(n=4, c=128, h=32, w=32)],
             "quick": [dict(n=2, c=16, h=8, w=8)],
+            "tiny": [dict(n=1, c=16, h=4, w=4)],
         },
         traffic_shape=dict(n=1, c=32, h=16, w=16),
     ))
@@ -141,6 +143,7 @@ def _conv_act(mod):
             "ref": [dict(n=1, cin=6, cout=64, h=256, w=256, k=4, stride=2, padding=1),
                     dict(n=1, cin=64, cout=128, h=128, w=128, k=4, stride=2, padding=1)],
             "quick": [dict(n=1, cin=3, cout=8, h=32, w=32, k=4, stride=2, padding=1)],
+            "tiny": [dict(n=1, cin=3, cout=4, h=8, w=8, k=4, stride=2, padding=1)],
         },
         traffic_shape=dict(n=1, cin=3, cout=8, h=16, w=16, k=4, stride=2, padding=1),
     ))
@@ -169,6 +172,7 @@ def _conv_act(mod):
             "ref": [dict(n=1, cin=64, cout=128, h=128, w=128, k=4, stride=2, padding=1),
                     dict(n=1, cin=128, cout=256, h=64, w=64, k=4, stride=2, padding=1)],
             "quick": [dict(n=1, cin=8, cout=16, h=16, w=16, k=4, stride=2, padding=1)],
+            "tiny": [dict(n=1, cin=4, cout=4, h=8, w=8, k=4, stride=2, padding=1)],
         },
         traffic_shape=dict(n=1, cin=4, cout=8, h=16, w=16, k=4, stride=2, padding=1),
     ))
@@ -197,6 +201,7 @@ def _conv3x3(mod):
         shapes={
             "ref": [dict(n=1, c=256, h=64, w=64, mode="reflect"), dict(n=16, c=256, h=32, w=32, mode="zeros")],
             "quick": [dict(n=1, c=128, h=16, w=16, mode="reflect")],
+            "tiny": [dict(n=1, c=4, h=4, w=4, mode="reflect")],
         },
     ))
 
@@ -223,6 +228,7 @@ def _conv(mod):
             "ref": [dict(transposed=False, n=1, ci=512, co=512, h=8), dict(transposed=True, n=1, ci=1024, co=512, h=4),
                     dict(transposed=False, n=16, ci=1024, co=2048, h=4)],
             "quick": [dict(transposed=False, n=1, ci=256, co=256, h=4), dict(transposed=True, n=1, ci=256, co=128, h=2)],
+            "tiny": [dict(transposed=False, n=1, ci=4, co=4, h=4)],
         },
     ))
 
@@ -245,7 +251,7 @@ def _losses(mod):
             name="gan_loss", family="losses", kind="op", setup=setup_g,
             description="vanilla (BCE-with-logits) GAN loss against 'real'",
             shapes={"ref": [dict(n=1, h=30, w=30), dict(n=16, h=30, w=30)],
-                    "quick": [dict(n=2, h=30, w=30)]},
+                    "quick": [dict(n=2, h=30, w=30)], "tiny": [dict(n=1, h=4, w=4)]},
             traffic_shape=dict(n=2, h=30, w=30),
         ))
     if hasattr(mod, "discriminator_loss"):
@@ -265,7 +271,7 @@ def _losses(mod):
             name="discriminator_loss", family="losses", kind="op", setup=setup_d,
             description="LSGAN discriminator loss, real + fake in one pass",
             shapes={"ref": [dict(n=1, h=30, w=30), dict(n=16, h=30, w=30)],
-                    "quick": [dict(n=2, h=30, w=30)]},
+                    "quick": [dict(n=2, h=30, w=30)], "tiny": [dict(n=1, h=4, w=4)]},
             traffic_shape=dict(n=2, h=30, w=30),
         ))
     if hasattr(mod, "cycle_loss"):
@@ -287,7 +293,7 @@ def _losses(mod):
         register(BenchCase(
             name="cycle_loss", family="losses", kind="op", setup=setup_c,
             description="CycleGAN cycle + identity L1 losses in one pass",
-            shapes={"ref": [dict(n=1, h=256, w=256)], "quick": [dict(n=1, h=32, w=32)]},
+            shapes={"ref": [dict(n=1, h=256, w=256)], "quick": [dict(n=1, h=32, w=32)], "tiny": [dict(n=1, h=4, w=4)]},
             traffic_shape=dict(n=1, h=32, w=32),
         ))
 
