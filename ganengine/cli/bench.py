@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -58,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"(op family {family} not benchmarked: {why})")
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.no_chart and importlib.util.find_spec("matplotlib") is None:
+        # say it before the long work, not with a traceback after it
+        print("ganengine bench: matplotlib is not installed, so no bench.png "
+              "(pip install 'ganengine[bench]' or matplotlib); writing the tables only", file=sys.stderr)
+        args.no_chart = True
     try:
         cases = registry.select(args.ops, args.models)
         runners = args.runners
