@@ -27,6 +27,7 @@ from ganengine.train import distributed as D
 from ganengine.train import rng
 from ganengine.train.context import AmpContext
 from ganengine.train.logger import TrainLogger
+from ganengine.train.visuals import row_labels
 from ganengine.train.visuals import rows as visual_rows
 
 
@@ -237,7 +238,8 @@ class Trainer:
             rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
         if self.logger is None:
             return None
-        return self.logger.images(self.step, [r.float() for r in rows])
+        return self.logger.images(self.step, [r.float() for r in rows],
+                                  row_labels(self.cfg.model, self.model, len(rows), attrs))
 
     # ---------------------------------------------------------------- loop
     def _check_finite(self) -> None:
