@@ -190,3 +190,21 @@ def test_stackgan_batch_of_one_is_one_clear_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "at least 2 images" in err and "--batch_size 2" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_with_compile_on_cpu(tmp_path):
+    """--compile: every network under torch.compile with the fused ops inside (fake impls and
+    registered autograd); the step runs and the losses stay finite (issue 16)."""
+    assert _train("pix2pix", tmp_path, "--compile --print_freq 1") == 0
+    with open(tmp_path / "run" / "loss_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(v) == float(v) for v in rows[-1].values() if v)
+
+
+def test_cuda_graphs_needs_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert _train("pix2pix", tmp_path, "--cuda_graphs") == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "Traceback" not in err
