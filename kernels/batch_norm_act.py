@@ -34,8 +34,14 @@ _TARGET_PROGRAMS = 512
 # Under the interpreter (CPU tensors) every program runs in Python: split much less.
 _TARGET_PROGRAMS_INTERPRETED = 4
 _MAX_CHUNKS = 1024
-_TILE = 1024  # elements per [BLOCK_C, BLOCK_N, BLOCK_S] tile (4 warps x 32 lanes x 8)
-_BLOCK_K = 64  # partials combined per step
+_TILE = 1024  # elements per [BLOCK_C, BLOCK_N, BLOCK_S] tile, NCHW (4 warps x 32 lanes x 8)
+_TILE_CL = 256  # channels-last: [32 channels, 8] tiles; larger ones spill in the backward kernels (aot_report)
+_MAX_BLOCK_C = 32
+
+
+def block_k(block_c: int) -> int:
+    """Partials (or images) combined per step: [BLOCK_C, BLOCK_K] stays within 256 values."""
+    return max(8, min(64, 256 // block_c))
 
 
 @triton.jit
@@ -57,17 +63,27 @@ def _activate(z, slope, ACT: tl.constexpr):
 
 
 @triton.jit
-def _coefs(W, B, c, cmask, n, nmask, wsN, mean, rstd, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
-           HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK_C, BLOCK_N] scale and shift of z = (x - mz) * scale + shift; mz [BLOCK_C]."""
-    m2d = cmask[:, None] & nmask[None, :]
-    woffs = c.to(tl.int64)[:, None] + n.to(tl.int64)[None, :] * wsN
-    g = tl.full([BLOCK_C, BLOCK_N], 1.0, ACC)
-    if HAS_W:
-        g = tl.load(W + woffs, mask=m2d, other=1.0).to(ACC)
-    sh = tl.zeros([BLOCK_C, BLOCK_N], ACC)
-    if HAS_B:
-        sh = tl.load(B + woffs, mask=m2d, other=0.0).to(ACC)
+def _coefs(W, B, c, cmask, n, nmask, wsN, mean, rstd, TRAINING: tl.constexpr, PER_SAMPLE: tl.constexpr,
+           HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+           ACC: tl.constexpr):
+    """scale and shift of z = (x - mz) * scale + shift: [BLOCK_C, BLOCK_N] per sample, else
+    [BLOCK_C, 1] (fewer live registers); mz [BLOCK_C]; g the gain/weight, shaped like scale."""
+    if PER_SAMPLE:
+        m2d = cmask[:, None] & nmask[None, :]
+        woffs = c.to(tl.int64)[:, None] + n.to(tl.int64)[None, :] * wsN
+        g = tl.full([BLOCK_C, BLOCK_N], 1.0, ACC)
+        if HAS_W:
+            g = tl.load(W + woffs, mask=m2d, other=1.0).to(ACC)
+        sh = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+        if HAS_B:
+            sh = tl.load(B + woffs, mask=m2d, other=0.0).to(ACC)
+    else:
+        g = tl.full([BLOCK_C, 1], 1.0, ACC)
+        if HAS_W:
+            g = tl.load(W + c, mask=cmask, other=1.0).to(ACC)[:, None]
+        sh = tl.zeros([BLOCK_C, 1], ACC)
+        if HAS_B:
+            sh = tl.load(B + c, mask=cmask, other=0.0).to(ACC)[:, None]
     scale = rstd[:, None] * g
     if TRAINING:
         mz = mean
@@ -88,7 +104,7 @@ def _chunk_stats(X, K, c, cmask, n_lo, n_hi, s_lo, s_hi, sN, sC, sS, BLOCK_C: tl
     count = tl.zeros([1], dtype=ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask, _, _ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+            offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             d = tl.where(mask, x - K[:, None, None], 0.0)
             cnt = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC)
@@ -114,8 +130,8 @@ def _chunk_count(kk, N, S, NPER, SPER, SCH):
 def _fwd_kernel(X, Y, W, B, RM, RV, STATS, PM, PQ,
                 N, C, S, sN, sC, sS, wsN, sRM, sRV, n_cblocks, NPER, SPER, SCH, CHUNKS,
                 factor, eps, slope,
-                PHASE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr,
-                ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                PHASE: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                UPDATE: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     # PHASE 0: statistics + apply in one program (CHUNKS == 1); 1: partial statistics of a chunk;
     # 2: combine the partials + apply to the chunk; 3: eval (running statistics) apply.
@@ -180,10 +196,10 @@ def _fwd_kernel(X, Y, W, B, RM, RV, STATS, PM, PQ,
                          (factor * (m2 / (M - 1)) + (1 - factor) * rv).to(RV.dtype.element_ty), mask=first)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
-            scale, shift, mz, _ = _coefs(W, B, c, cmask, nn, nn < n_hi, wsN, mean, rstd, PHASE != 3, HAS_W,
-                                         HAS_B, BLOCK_C, BLOCK_N, ACC)
+            scale, shift, mz, gw_ = _coefs(W, B, c, cmask, nn, nn < n_hi, wsN, mean, rstd, PHASE != 3, PER_SAMPLE,
+                                           HAS_W, HAS_B, BLOCK_C, BLOCK_N, ACC)
             for s0 in range(s_lo, s_hi, BLOCK_S):
-                offs, mask, _, _ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+                offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
                 x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
                 z = (x - mz[:, None, None]) * scale[:, :, None] + shift[:, :, None]
                 tl.store(Y + offs, _activate(z, slope, ACT).to(Y.dtype.element_ty), mask=mask)
@@ -229,13 +245,13 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
         for n0 in range(n_lo, n_hi, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             nmask = nn < n_hi
-            scale, shift, mz, gw = _coefs(W, B, c, cmask, nn, nmask, wsN, mean, rstd, TRAINING, HAS_W, HAS_B,
-                                          BLOCK_C, BLOCK_N, ACC)
+            scale, shift, mz, gw = _coefs(W, B, c, cmask, nn, nmask, wsN, mean, rstd, TRAINING, PER_SAMPLE, HAS_W,
+                                          HAS_B, BLOCK_C, BLOCK_N, ACC)
             sg = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
             sgx = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
             for s0 in range(s_lo, s_hi, BLOCK_S):
-                offs, mask, _, _ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
-                goffs, _, _, _ = _tile(c, cmask, n0, s0, n_hi, s_hi, gN, gC, gS, BLOCK_N, BLOCK_S)
+                offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+                goffs, gm_, gn_, gnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, gN, gC, gS, BLOCK_N, BLOCK_S)
                 ga, xhat = _grad_tile(X, G, offs, goffs, mask, mz, scale, shift, mean, rstd, slope, ACT, ACC)
                 sg += tl.sum(ga, axis=2)
                 sgx += tl.sum(ga * xhat, axis=2)
@@ -248,7 +264,7 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
                     a += tl.sum(tl.where(m2d, gw * sg, 0.0), axis=1)
                     b += tl.sum(tl.where(m2d, gw * sgx, 0.0), axis=1)
                 else:
-                    po = (c.to(tl.int64)[:, None] * N + nn[None, :]) * SCH + k % SCH
+                    po = c.to(tl.int64)[:, None] * N + nn[None, :]
                     tl.store(P1 + po, sg, mask=m2d)
                     tl.store(P2 + po, sgx, mask=m2d)
             else:
@@ -268,24 +284,22 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
                 tl.store(P2 + c * CHUNKS + k, tot_gx, mask=cmask)
     else:
         # combine the partial sums of this channel block, in a fixed order
-        if PER_SAMPLE:
+        if PER_SAMPLE:  # chunks split n only (_plan): one partial per (c, n)
             for n0 in range(0, N, BLOCK_K):
                 nn = n0 + tl.arange(0, BLOCK_K)
                 m2d = cmask[:, None] & (nn < N)[None, :]
-                sg = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC)
-                sgx = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC)
-                for ks in range(0, SCH):
-                    po = (c.to(tl.int64)[:, None] * N + nn[None, :]) * SCH + ks
-                    sg += tl.load(P1 + po, mask=m2d, other=0.0)
-                    sgx += tl.load(P2 + po, mask=m2d, other=0.0)
+                po = c.to(tl.int64)[:, None] * N + nn[None, :]
+                sg = tl.load(P1 + po, mask=m2d, other=0.0)
+                sgx = tl.load(P2 + po, mask=m2d, other=0.0)
                 gw = tl.full([BLOCK_C, BLOCK_K], 1.0, ACC)
                 if HAS_W:
                     gw = tl.load(W + nn.to(tl.int64)[None, :] * wsN + c[:, None], mask=m2d, other=1.0).to(ACC)
-                a += tl.sum(tl.where(m2d, gw * sg, 0.0), axis=1)
-                b += tl.sum(tl.where(m2d, gw * sgx, 0.0), axis=1)
-                po = nn.to(tl.int64)[None, :] * C + c[:, None]
-                tl.store(DB + po, sg, mask=m2d & (k == 0))
-                tl.store(DW + po, sgx, mask=m2d & (k == 0))
+                a += tl.sum(gw * sg, axis=1)  # masked entries are 0
+                b += tl.sum(gw * sgx, axis=1)
+                if k == 0:
+                    po = nn.to(tl.int64)[None, :] * C + c[:, None]
+                    tl.store(DB + po, sg, mask=m2d)
+                    tl.store(DW + po, sgx, mask=m2d)
         else:
             tot_g = tl.zeros([BLOCK_C], dtype=ACC)
             tot_gx = tl.zeros([BLOCK_C], dtype=ACC)
@@ -309,11 +323,11 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
             Q = rstd * (a / M)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
-            scale, shift, mz, _ = _coefs(W, B, c, cmask, nn, nn < n_hi, wsN, mean, rstd, TRAINING, HAS_W, HAS_B,
-                                         BLOCK_C, BLOCK_N, ACC)
+            scale, shift, mz, gw_ = _coefs(W, B, c, cmask, nn, nn < n_hi, wsN, mean, rstd, TRAINING, PER_SAMPLE,
+                                           HAS_W, HAS_B, BLOCK_C, BLOCK_N, ACC)
             for s0 in range(s_lo, s_hi, BLOCK_S):
-                offs, mask, _, _ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
-                goffs, _, _, _ = _tile(c, cmask, n0, s0, n_hi, s_hi, gN, gC, gS, BLOCK_N, BLOCK_S)
+                offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+                goffs, gm_, gn_, gnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, gN, gC, gS, BLOCK_N, BLOCK_S)
                 ga, xhat = _grad_tile(X, G, offs, goffs, mask, mz, scale, shift, mean, rstd, slope, ACT, ACC)
                 dx = ga * scale[:, :, None] - (xhat * P[:, None, None] + Q[:, None, None])
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -347,17 +361,20 @@ def pick_config(x: torch.Tensor) -> dict:
     s = x.numel() // max(n * c, 1)
     channels_inner = c > 1 and x.stride(1) == 1
     if channels_inner:
-        block_c = min(triton.next_power_of_2(c), 64)
-        block_s = min(triton.next_power_of_2(max(s, 1)), max(1, _TILE // block_c))
+        tile = _TILE_CL
+        block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
+        block_s = min(triton.next_power_of_2(max(s, 1)), max(1, tile // block_c))
     else:
+        tile = _TILE
         block_c = 1
-        block_s = min(triton.next_power_of_2(max(s, 1)), _TILE)
-    block_n = min(triton.next_power_of_2(max(n, 1)), max(1, _TILE // (block_c * block_s)))
-    return dict(BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4)
+        block_s = min(triton.next_power_of_2(max(s, 1)), tile)
+    block_n = min(triton.next_power_of_2(max(n, 1)), max(1, tile // (block_c * block_s)))
+    return dict(BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_K=block_k(block_c), num_warps=4)
 
 
-def _plan(x: torch.Tensor, split: int | None):
-    """(config, channel blocks, NPER, SPER, n-chunks, s-chunks)."""
+def _plan(x: torch.Tensor, split: int | None, per_sample: bool = False):
+    """(config, channel blocks, NPER, SPER, n-chunks, s-chunks). Per-sample (conditional) calls
+    split along n only, so every (n, c) sum is one chunk's (the backward combine has no s loop)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     cfg = pick_config(x)
@@ -366,9 +383,9 @@ def _plan(x: torch.Tensor, split: int | None):
     if split is None:
         target = _TARGET_PROGRAMS if x.is_cuda else _TARGET_PROGRAMS_INTERPRETED
         split = 1 if (n_cblocks >= target or tiles_n * tiles_s <= 2) else triton.cdiv(target, n_cblocks)
-    split = max(1, min(int(split), tiles_n * tiles_s, _MAX_CHUNKS))
+    split = max(1, min(int(split), (tiles_n if per_sample else tiles_n * tiles_s), _MAX_CHUNKS))
     nch = min(tiles_n, split)
-    sch = min(tiles_s, triton.cdiv(split, nch))
+    sch = 1 if per_sample else min(tiles_s, triton.cdiv(split, nch))
     nper = triton.cdiv(tiles_n, nch) * cfg["BLOCK_N"]
     sper = triton.cdiv(tiles_s, sch) * cfg["BLOCK_S"]
     return cfg, n_cblocks, nper, sper, triton.cdiv(n, nper), triton.cdiv(s, sper)
@@ -395,7 +412,7 @@ def forward(x, weight, bias, running_mean, running_var, factor: float, eps: floa
             stats.copy_(torch.stack([running_mean.to(acc_t), torch.rsqrt(running_var.to(acc_t) + eps),
                                      running_var.to(acc_t)]))
         return y, stats
-    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split)
+    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split, bool(flags & 4))
     chunks = nch * sch
     update = training and update_running and running_mean is not None
     dummy = stats
@@ -404,8 +421,9 @@ def forward(x, weight, bias, running_mean, running_var, factor: float, eps: floa
     rm = running_mean if running_mean is not None else dummy
     rv = running_var if running_var is not None else dummy
     wsn = c if (flags & 4) else 0
-    common = dict(HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update, ACT=bool(flags & 2),
-                  BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], BLOCK_K=_BLOCK_K,
+    common = dict(PER_SAMPLE=bool(flags & 4), HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update,
+                  ACT=bool(flags & 2),
+                  BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"],
                   ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
     srm = rm.stride(0) if running_mean is not None else 0
     srv = rv.stride(0) if running_var is not None else 0
@@ -444,19 +462,19 @@ def backward(grad_y, x, weight, bias, stats, slope: float, flags: int, split: in
     db = torch.empty_like(dw)
     if x.numel() == 0:
         return dx, dw.zero_(), db.zero_()
-    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split)
+    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split, per_sample)
     chunks = nch * sch
     wt = weight if weight is not None else stats
     bt = bias if bias is not None else stats
     common = dict(TRAINING=bool(flags & 1), PER_SAMPLE=per_sample, HAS_W=weight is not None,
                   HAS_B=bias is not None, ACT=bool(flags & 2), BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_S=cfg["BLOCK_S"], BLOCK_K=_BLOCK_K, ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
+                  BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"], ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
     args = (n, c, s, *strides, *gstrides, c if per_sample else 0, n_cblocks, nper, sper, sch, chunks, float(slope))
     grid = (n_cblocks * chunks,)
     if chunks == 1:
         _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, stats, stats, *args, PHASE=0, **common)
         return dx, dw, db
-    psize = c * n * sch if per_sample else c * chunks
+    psize = c * n if per_sample else c * chunks
     p1 = torch.empty(psize, device=x.device, dtype=stats.dtype)
     p2 = torch.empty_like(p1)
     _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=1, **common)
@@ -467,9 +485,12 @@ def backward(grad_y, x, weight, bias, stats, slope: float, flags: int, split: in
 # ----------------------------------------------------------------------------- AOT specs
 def _aot_specs():
     specs = []
-    layouts = (("NCHW", dict(BLOCK_C=1, BLOCK_N=64, BLOCK_S=16), {"sS": 1}),
-               ("NCHW-large", dict(BLOCK_C=1, BLOCK_N=1, BLOCK_S=1024), {"sS": 1}),
-               ("NHWC", dict(BLOCK_C=64, BLOCK_N=1, BLOCK_S=16), {"sC": 1}))
+    # the configurations pick_config gives at the reference shapes: 64x512x4x4 and 1x64x128x128
+    # NCHW, 16x128x32x32 and (256, 1024) channels-last
+    layouts = (("NCHW", dict(BLOCK_C=1, BLOCK_N=64, BLOCK_S=16, BLOCK_K=block_k(1)), {"sS": 1}),
+               ("NCHW-large", dict(BLOCK_C=1, BLOCK_N=1, BLOCK_S=1024, BLOCK_K=block_k(1)), {"sS": 1}),
+               ("NHWC", dict(BLOCK_C=32, BLOCK_N=1, BLOCK_S=8, BLOCK_K=block_k(32)), {"sC": 1}),
+               ("NC", dict(BLOCK_C=32, BLOCK_N=8, BLOCK_S=1, BLOCK_K=block_k(32)), {"sC": 1}))
     for dt, ty in (("fp32", "*fp32"), ("bf16", "*bf16"), ("fp16", "*fp16")):
         for lname, blocks, unit in layouts:
             fsig = {"X": ty, "Y": ty, "W": "*fp32", "B": "*fp32", "RM": "*fp32", "RV": "*fp32", "STATS": "*fp32",
@@ -477,10 +498,11 @@ def _aot_specs():
                     "sS": "i32", "wsN": "i32", "sRM": "i32", "sRV": "i32", "n_cblocks": "i32", "NPER": "i32",
                     "SPER": "i32", "SCH": "i32", "CHUNKS": "i32", "factor": "fp32", "eps": "fp32", "slope": "fp32"}
             for phase in (0, 1, 2, 3):
-                const = dict(PHASE=phase, HAS_W=True, HAS_B=True, UPDATE=phase in (0, 2), ACT=True, BLOCK_K=_BLOCK_K,
-                             ACC=tl.float32, **blocks, **unit)
-                specs.append(dict(kernel=_fwd_kernel, config=f"{dt},{lname},fwd PHASE={phase}", signature=fsig,
-                                  constexprs=const, num_warps=4))
+                for per_sample in ((False, True) if phase != 1 else (False,)):
+                    const = dict(PHASE=phase, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, UPDATE=phase in (0, 2),
+                                 ACT=True, ACC=tl.float32, **blocks, **unit)
+                    specs.append(dict(kernel=_fwd_kernel, signature=fsig, constexprs=const, num_warps=4,
+                                      config=f"{dt},{lname},fwd PHASE={phase},per_sample={per_sample}"))
             bsig = {"X": ty, "G": ty, "DX": ty, "W": "*fp32", "B": "*fp32", "STATS": "*fp32", "DW": "*fp32",
                     "DB": "*fp32", "P1": "*fp32", "P2": "*fp32", "N": "i32", "C": "i32", "S": "i32", "sN": "i64",
                     "sC": "i32", "sS": "i32", "gN": "i64", "gC": "i32", "gS": "i32", "wsN": "i32", "n_cblocks": "i32",
@@ -488,7 +510,7 @@ def _aot_specs():
             for phase in (0, 1, 2):
                 for per_sample in (False, True):
                     const = dict(PHASE=phase, TRAINING=True, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, ACT=True,
-                                 BLOCK_K=_BLOCK_K, ACC=tl.float32, **blocks, **unit)
+                                 ACC=tl.float32, **blocks, **unit)
                     specs.append(dict(kernel=_bwd_kernel, signature=bsig, constexprs=const, num_warps=4,
                                       config=f"{dt},{lname},bwd PHASE={phase},per_sample={per_sample}"))
     return specs

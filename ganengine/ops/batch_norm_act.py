@@ -246,18 +246,26 @@ def _ext_reason(device_type: str) -> str | None:
     return _dispatch.ext_reason("batch_norm_act_fwd", torch.device(device_type))
 
 
-@functools.lru_cache(maxsize=None)
-def _fast_cpu() -> bool:
-    """Whether an 'auto' call on a CPU tensor goes to the C++ op (checked once per process)."""
-    return backends.serves("cpu", torch.device("cpu")) and _ext_reason("cpu") is None
+_CPU_READY: list = []  # [bool] once known: the C++ op serves CPU tensors in this process
+
+
+def _cpu_route(op: str, x) -> bool:
+    """The per-call fast check: 'auto' (or 'cpu') on a CPU tensor goes to the C++ op. Kept to a few
+    attribute reads: at small shapes this function's cost is part of what is compared with eager."""
+    requested = backends._requested.value
+    if requested is None:
+        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
+    if requested not in ("auto", "cpu") or not isinstance(x, torch.Tensor) or not x.is_cpu:
+        return False
+    if not _CPU_READY:
+        _CPU_READY.append(backends.serves("cpu", torch.device("cpu")) and _ext_reason("cpu") is None)
+    if _CPU_READY[0]:
+        _dispatch.last_used[op] = "cpu"
+        return True
+    return False
 
 
 def _backend(op: str, x: torch.Tensor) -> str:
-    requested = backends._requested.value
-    if (requested is None and os.environ.get("GANENGINE_BACKEND", "auto") == "auto") or requested == "auto":
-        if x.device.type == "cpu" and _fast_cpu():
-            _dispatch.last_used[op] = "cpu"
-            return "cpu"
     dev = x.device.type
     return _dispatch.choose(op, x, {"triton": None, "cpu": _ext_reason(dev), "cuda": _ext_reason(dev)})
 
@@ -396,7 +404,10 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
     apply, slope = _act(activation, negative_slope)
     flags = (TRAINING if training else 0) | (APPLY_ACT if apply else 0) | (PER_SAMPLE if per_sample else 0)
     if not torch.compiler.is_compiling():
-        backend = _backend(op, x) if isinstance(x, torch.Tensor) else "torch"
+        if _cpu_route(op, x):
+            backend = "cpu"
+        else:
+            backend = _backend(op, x) if isinstance(x, torch.Tensor) else "torch"
         if backend in ("cpu", "cuda"):
             try:
                 return _c_op()(x, w, b, rm, rv, nbt, momentum, eps, slope, flags)
@@ -460,3 +471,25 @@ def conditional_batch_norm_act(x: torch.Tensor, gain: torch.Tensor | None, bias:
     """
     return _run("conditional_batch_norm_act", x, gain, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps, activation, negative_slope, True)
+
+
+# ----------------------------------------------------------------------------- fake impls of the C++ ops
+def _fake_y(x: torch.Tensor) -> torch.Tensor:
+    """The output layout of the C++ kernels: x's when x is NCHW- or channels-last-dense, else NCHW."""
+    return torch.empty_like(x) if _dense(x) is x else torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+if _ext.loaded() and _ext.has_kernel("batch_norm_act_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::batch_norm_act")
+    def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, slope, flags):
+        return _fake_y(x)
+
+    @torch.library.register_fake("ganengine_C::batch_norm_act_fwd")
+    def _(x, weight, bias, running_mean, running_var, momentum, eps, slope, flags):
+        return _fake_y(x), x.new_empty((3, x.shape[1]), dtype=stat_dtype(x.dtype))
+
+    @torch.library.register_fake("ganengine_C::batch_norm_act_bwd")
+    def _(grad_y, x, weight, bias, stats, slope, flags):
+        n, c = x.shape[0], x.shape[1]
+        shape = (n, c) if flags & PER_SAMPLE else (c,)
+        return _fake_y(x), stats.new_empty(shape, dtype=stat_dtype(x.dtype)), stats.new_empty(shape, dtype=stat_dtype(x.dtype))
