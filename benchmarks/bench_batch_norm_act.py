@@ -178,11 +178,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--no-host", action="store_true", help="leave the host-time table out")
     parser.add_argument("--json", help="write rows and machine facts to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this Markdown file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (5 if args.quick else 15)

@@ -48,6 +48,7 @@ using cpu::hsum;
 
 constexpr int64_t kUnit = 4096;         // elements per unit and channel (NCHW) / per unit (NHWC)
 constexpr int64_t kParallelMin = 32768;  // below this many elements one thread does it all
+constexpr int64_t kRow = 256;            // NCHW: a channel block's run in one image has >= kRow elements
 
 enum class Act { None, Relu, Leaky };
 
@@ -76,6 +77,12 @@ std::vector<Unit> make_units(const Geo& g, bool single_image) {
     for (int64_t n0 = 0; n0 < g.N; n0 += grp) units.push_back({n0, std::min(g.N, n0 + grp), 0, g.S});
   }
   return units;
+}
+
+// NCHW channels per block: small images are walked image by image across a block of channels, so
+// the memory is read in order (a channel alone would be one short run per image, a cache miss each)
+inline int64_t channel_block(const Geo& g) {
+  return g.S >= kRow ? 1 : std::min<int64_t>(g.C, (kRow + g.S - 1) / g.S);
 }
 
 // grain for parallel_for over `tasks` of `elems` elements each: small calls stay on one thread
@@ -114,47 +121,45 @@ inline A act_bwd(A g, A z, A slope, Act act) {
   return g;
 }
 
-// exact mean and M2 of d = x - K over `nseg` runs of `len` values, run i at p + i * stride
+// acc (one vector) += sum of (x - K) over n contiguous values; the tail goes to `tail`
 template <typename A>
-void runs_stats(const A* p, int64_t stride, int64_t nseg, int64_t len, A K, A& mean_d, A& m2) {
+inline void seg_sum(const A* x, int64_t n, A K, A* acc, A& tail) {
   using Vec = Vectorized<A>;
   constexpr int64_t V = Vec::size();
   const Vec vk(K);
   Vec s0(0), s1(0);
-  A s = 0;
-  for (int64_t r = 0; r < nseg; ++r) {
-    const A* q = p + r * stride;
-    int64_t i = 0;
-    for (; i + 2 * V <= len; i += 2 * V) {
-      s0 += Vec::loadu(q + i) - vk;
-      s1 += Vec::loadu(q + i + V) - vk;
-    }
-    for (; i + V <= len; i += V) s0 += Vec::loadu(q + i) - vk;
-    for (; i < len; ++i) s += q[i] - K;
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    s0 += Vec::loadu(x + i) - vk;
+    s1 += Vec::loadu(x + i + V) - vk;
   }
-  const A cnt = static_cast<A>(nseg * len);
-  mean_d = (hsum<A>(s0 + s1) + s) / cnt;
-  const Vec vm(mean_d);
+  for (; i + V <= n; i += V) s0 += Vec::loadu(x + i) - vk;
+  (Vec::loadu(acc) + (s0 + s1)).store(acc);
+  for (; i < n; ++i) tail += x[i] - K;
+}
+
+// acc += sum of ((x - K) - md)^2 over n contiguous values
+template <typename A>
+inline void seg_sq(const A* x, int64_t n, A K, A md, A* acc, A& tail) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t V = Vec::size();
+  const Vec vk(K), vm(md);
   Vec q0(0), q1(0);
-  A q = 0;
-  for (int64_t r = 0; r < nseg; ++r) {
-    const A* xr = p + r * stride;
-    int64_t i = 0;
-    for (; i + 2 * V <= len; i += 2 * V) {
-      const Vec d0 = (Vec::loadu(xr + i) - vk) - vm, d1 = (Vec::loadu(xr + i + V) - vk) - vm;
-      q0 = at::vec::fmadd(d0, d0, q0);
-      q1 = at::vec::fmadd(d1, d1, q1);
-    }
-    for (; i + V <= len; i += V) {
-      const Vec d0 = (Vec::loadu(xr + i) - vk) - vm;
-      q0 = at::vec::fmadd(d0, d0, q0);
-    }
-    for (; i < len; ++i) {
-      const A d = (xr[i] - K) - mean_d;
-      q += d * d;
-    }
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const Vec d0 = (Vec::loadu(x + i) - vk) - vm, d1 = (Vec::loadu(x + i + V) - vk) - vm;
+    q0 = at::vec::fmadd(d0, d0, q0);
+    q1 = at::vec::fmadd(d1, d1, q1);
   }
-  m2 = hsum<A>(q0 + q1) + q;
+  for (; i + V <= n; i += V) {
+    const Vec d0 = (Vec::loadu(x + i) - vk) - vm;
+    q0 = at::vec::fmadd(d0, d0, q0);
+  }
+  (Vec::loadu(acc) + (q0 + q1)).store(acc);
+  for (; i < n; ++i) {
+    const A d = (x[i] - K) - md;
+    tail += d * d;
+  }
 }
 
 // y = act((x - m) * sc + sh) over n contiguous values
@@ -314,36 +319,64 @@ struct Forward {
   int64_t U() const { return static_cast<int64_t>(units.size()); }
   int64_t pidx(int64_t u, int64_t c) const { return g.nhwc ? u * g.C + c : c * U() + u; }
 
-  // --- NCHW
-  void nchw_stats(int64_t c, int64_t u, std::vector<A>& buf) {
-    const Unit& t = units[u];
-    const int64_t L = t.s1 - t.s0, nseg = t.n1 - t.n0, base = (t.n0 * g.C + c) * g.S + t.s0;
-    A md, q;
-    if constexpr (std::is_same_v<scalar_t, A>) {
-      runs_stats<A>(x + base, g.C * g.S, nseg, L, K[c], md, q);
-    } else {
-      buf.resize(nseg * L);
-      for (int64_t r = 0; r < nseg; ++r) at::vec::convert(x + base + r * g.C * g.S, buf.data() + r * L, L);
-      runs_stats<A>(buf.data(), L, nseg, L, K[c], md, q);
-    }
-    pm[pidx(u, c)] = md;
-    pq[pidx(u, c)] = q;
-  }
-  void nchw_apply(int64_t c, int64_t u, std::vector<A>& xb, std::vector<A>& yb) {
-    const Unit& t = units[u];
-    const int64_t L = t.s1 - t.s0;
-    for (int64_t n = t.n0; n < t.n1; ++n) {
-      const int64_t off = (n * g.C + c) * g.S + t.s0, i = n * k.sn + c;
-      if constexpr (std::is_same_v<scalar_t, A>) {
-        apply_run<A>(x + off, y + off, L, k.mz[c], k.scale[i], k.shift[i], act, slope);
-      } else {
-        xb.resize(L);
-        yb.resize(L);
-        at::vec::convert(x + off, xb.data(), L);
-        apply_run<A>(xb.data(), yb.data(), L, k.mz[c], k.scale[i], k.shift[i], act, slope);
-        at::vec::convert(yb.data(), y + off, L);
+  // --- NCHW, one (channel block, unit): images outer, the block's channels inner (memory order)
+  int64_t CB = 1;
+  int64_t NB() const { return (g.C + CB - 1) / CB; }
+
+  template <typename F>
+  void for_segments(int64_t blk, const Unit& t, std::vector<A>& buf, F&& f) const {
+    const int64_t c0 = blk * CB, c1 = std::min(g.C, c0 + CB), L = t.s1 - t.s0;
+    for (int64_t n = t.n0; n < t.n1; ++n)
+      for (int64_t c = c0; c < c1; ++c) {
+        const scalar_t* xs = x + (n * g.C + c) * g.S + t.s0;
+        if constexpr (std::is_same_v<scalar_t, A>) {
+          f(n, c, xs, L);
+        } else {
+          buf.resize(L);
+          at::vec::convert(xs, buf.data(), L);
+          f(n, c, static_cast<const A*>(buf.data()), L);
+        }
       }
+  }
+
+  void nchw_stats(int64_t blk, int64_t u, std::vector<A>& buf, std::vector<A>& acc) {
+    constexpr int64_t V = Vectorized<A>::size();
+    const Unit& t = units[u];
+    const int64_t c0 = blk * CB, nc = std::min(g.C, c0 + CB) - c0;
+    const A cnt = static_cast<A>(t.count());
+    acc.assign(nc * (V + 1), A(0));  // per channel: V lanes + a scalar tail
+    for_segments(blk, t, buf, [&](int64_t, int64_t c, const A* xs, int64_t L) {
+      seg_sum<A>(xs, L, K[c], acc.data() + (c - c0) * (V + 1), acc[(c - c0) * (V + 1) + V]);
+    });
+    for (int64_t j = 0; j < nc; ++j) {
+      A* a = acc.data() + j * (V + 1);
+      pm[pidx(u, c0 + j)] = (hsum<A>(Vectorized<A>::loadu(a)) + a[V]) / cnt;
     }
+    acc.assign(nc * (V + 1), A(0));
+    for_segments(blk, t, buf, [&](int64_t, int64_t c, const A* xs, int64_t L) {
+      seg_sq<A>(xs, L, K[c], pm[pidx(u, c)], acc.data() + (c - c0) * (V + 1), acc[(c - c0) * (V + 1) + V]);
+    });
+    for (int64_t j = 0; j < nc; ++j) {
+      A* a = acc.data() + j * (V + 1);
+      pq[pidx(u, c0 + j)] = hsum<A>(Vectorized<A>::loadu(a)) + a[V];
+    }
+  }
+  void nchw_apply(int64_t blk, int64_t u, std::vector<A>& xb, std::vector<A>& yb) {
+    const Unit& t = units[u];
+    const int64_t c0 = blk * CB, c1 = std::min(g.C, c0 + CB), L = t.s1 - t.s0;
+    for (int64_t n = t.n0; n < t.n1; ++n)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t off = (n * g.C + c) * g.S + t.s0, i = n * k.sn + c;
+        if constexpr (std::is_same_v<scalar_t, A>) {
+          apply_run<A>(x + off, y + off, L, k.mz[c], k.scale[i], k.shift[i], act, slope);
+        } else {
+          xb.resize(L);
+          yb.resize(L);
+          at::vec::convert(x + off, xb.data(), L);
+          apply_run<A>(xb.data(), yb.data(), L, k.mz[c], k.scale[i], k.shift[i], act, slope);
+          at::vec::convert(yb.data(), y + off, L);
+        }
+      }
   }
 
   // --- NHWC: rows [r0, r1) of C channels
@@ -454,14 +487,15 @@ struct Forward {
     pm.assign(U() * g.C, A(0));
     pq.assign(U() * g.C, A(0));
     const int64_t per_channel = g.N * g.S;
-    if (!g.nhwc && g.C >= 2 * at::get_num_threads()) {
-      // one task per channel: statistics, then apply while the channel is in cache
-      at::parallel_for(0, g.C, grain_for(per_channel), [&](int64_t b, int64_t e) {
+    CB = g.nhwc ? 1 : channel_block(g);
+    if (!g.nhwc && NB() >= 2 * at::get_num_threads()) {
+      // one task per channel block: statistics, then apply while the block is in cache
+      at::parallel_for(0, NB(), grain_for(per_channel * CB), [&](int64_t b, int64_t e) {
         std::vector<A> b0, b1;
-        for (int64_t c = b; c < e; ++c) {
-          for (int64_t u = 0; u < U(); ++u) nchw_stats(c, u, b0);
-          finalize(c);
-          for (int64_t u = 0; u < U(); ++u) nchw_apply(c, u, b0, b1);
+        for (int64_t blk = b; blk < e; ++blk) {
+          for (int64_t u = 0; u < U(); ++u) nchw_stats(blk, u, b0, b1);
+          for (int64_t c = blk * CB; c < std::min(g.C, (blk + 1) * CB); ++c) finalize(c);
+          for (int64_t u = 0; u < U(); ++u) nchw_apply(blk, u, b0, b1);
         }
       });
       return;
@@ -479,13 +513,13 @@ struct Forward {
       });
       return;
     }
-    const int64_t per_unit = std::max<int64_t>(1, per_channel / U());
-    at::parallel_for(0, g.C * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
-      std::vector<A> buf;
-      for (int64_t t = b; t < e; ++t) nchw_stats(t / U(), t % U(), buf);
+    const int64_t per_unit = std::max<int64_t>(1, per_channel * CB / U());
+    at::parallel_for(0, NB() * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
+      std::vector<A> b0, b1;
+      for (int64_t t = b; t < e; ++t) nchw_stats(t / U(), t % U(), b0, b1);
     });
     for (int64_t c = 0; c < g.C; ++c) finalize(c);
-    at::parallel_for(0, g.C * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, NB() * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
       std::vector<A> b0, b1;
       for (int64_t t = b; t < e; ++t) nchw_apply(t / U(), t % U(), b0, b1);
     });
@@ -501,8 +535,9 @@ struct Forward {
       });
       return;
     }
-    const int64_t per_unit = std::max<int64_t>(1, g.N * g.S / U());
-    at::parallel_for(0, g.C * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
+    CB = channel_block(g);
+    const int64_t per_unit = std::max<int64_t>(1, g.N * g.S * CB / U());
+    at::parallel_for(0, NB() * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
       std::vector<A> b0, b1;
       for (int64_t t = b; t < e; ++t) nchw_apply(t / U(), t % U(), b0, b1);
     });
@@ -537,41 +572,57 @@ struct Backward {
     }
   }
 
-  // --- NCHW, one (channel, unit)
-  void nchw_unit(int64_t c, int64_t u, int pass, std::vector<A>& bx, std::vector<A>& bg, std::vector<A>& bd) {
+  // --- NCHW, one (channel block, unit): images outer, the block's channels inner (memory order).
+  // Per channel one vector + one scalar accumulator for each of sum(ga), sum(ga * xhat).
+  int64_t CB = 1;
+  int64_t NB() const { return (g.C + CB - 1) / CB; }
+
+  void nchw_unit(int64_t blk, int64_t u, int pass, std::vector<A>& bx, std::vector<A>& bg, std::vector<A>& bd,
+                 std::vector<A>& acc) {
     using Vec = Vectorized<A>;
+    constexpr int64_t V = Vec::size(), W = 2 * V + 2;
     const Unit& t = units[u];
-    const int64_t L = t.s1 - t.s0;
-    Vec vsg(0), vsgx(0);
-    A ssg = 0, ssgx = 0;
-    for (int64_t n = t.n0; n < t.n1; ++n) {
-      const int64_t off = (n * g.C + c) * g.S + t.s0;
-      const BwdRun<A> r = k.run(n, c);
-      with_acc(x + off, L, bx, [&](const A* xa) {
-        with_acc(gy + off, L, bg, [&](const A* ga) {
-          if (pass == 0) {
-            sums_run<A>(xa, ga, L, r, act, slope, vsg, vsgx, ssg, ssgx);
-            return;
-          }
-          A* out = nullptr;
-          if constexpr (std::is_same_v<scalar_t, A>) {
-            out = dx + off;
-          } else {
-            bd.resize(L);
-            out = bd.data();
-          }
-          if (pass == 1) {
-            dx_run<A>(xa, ga, out, L, r, P[c], Q[c], act, slope);
-          } else {
-            eval_bwd_run<A>(xa, ga, out, L, r, act, slope, vsg, vsgx, ssg, ssgx);
-          }
-          if constexpr (!std::is_same_v<scalar_t, A>) at::vec::convert(static_cast<const A*>(out), dx + off, L);
+    const int64_t c0 = blk * CB, c1 = std::min(g.C, c0 + CB), L = t.s1 - t.s0;
+    if (pass != 1) acc.assign((c1 - c0) * W, A(0));
+    for (int64_t n = t.n0; n < t.n1; ++n)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t off = (n * g.C + c) * g.S + t.s0;
+        const BwdRun<A> r = k.run(n, c);
+        A* a = pass != 1 ? acc.data() + (c - c0) * W : nullptr;
+        with_acc(x + off, L, bx, [&](const A* xa) {
+          with_acc(gy + off, L, bg, [&](const A* ga) {
+            if (pass == 0) {
+              Vec vsg = Vec::loadu(a), vsgx = Vec::loadu(a + V);
+              sums_run<A>(xa, ga, L, r, act, slope, vsg, vsgx, a[2 * V], a[2 * V + 1]);
+              vsg.store(a);
+              vsgx.store(a + V);
+              return;
+            }
+            A* out = nullptr;
+            if constexpr (std::is_same_v<scalar_t, A>) {
+              out = dx + off;
+            } else {
+              bd.resize(L);
+              out = bd.data();
+            }
+            if (pass == 1) {
+              dx_run<A>(xa, ga, out, L, r, P[c], Q[c], act, slope);
+            } else {
+              Vec vsg = Vec::loadu(a), vsgx = Vec::loadu(a + V);
+              eval_bwd_run<A>(xa, ga, out, L, r, act, slope, vsg, vsgx, a[2 * V], a[2 * V + 1]);
+              vsg.store(a);
+              vsgx.store(a + V);
+            }
+            if constexpr (!std::is_same_v<scalar_t, A>) at::vec::convert(static_cast<const A*>(out), dx + off, L);
+          });
         });
-      });
-    }
+      }
     if (pass != 1) {
-      psg[pidx(u, c)] = hsum<A>(vsg) + ssg;
-      psgx[pidx(u, c)] = hsum<A>(vsgx) + ssgx;
+      for (int64_t c = c0; c < c1; ++c) {
+        const A* a = acc.data() + (c - c0) * W;
+        psg[pidx(u, c)] = hsum<A>(Vec::loadu(a)) + a[2 * V];
+        psgx[pidx(u, c)] = hsum<A>(Vec::loadu(a + V)) + a[2 * V + 1];
+      }
     }
   }
 
@@ -696,28 +747,29 @@ struct Backward {
       return;
     }
     const int64_t per_channel = g.N * g.S;
-    if (g.C >= 2 * at::get_num_threads()) {
-      at::parallel_for(0, g.C, grain_for(per_channel), [&](int64_t b, int64_t e) {
-        std::vector<A> bx, bg, bd;
-        for (int64_t c = b; c < e; ++c) {
-          for (int64_t u = 0; u < U(); ++u) nchw_unit(c, u, first, bx, bg, bd);
-          combine(c, dgw, dgb);
+    CB = channel_block(g);
+    if (NB() >= 2 * at::get_num_threads()) {
+      at::parallel_for(0, NB(), grain_for(per_channel * CB), [&](int64_t b, int64_t e) {
+        std::vector<A> bx, bg, bd, acc;
+        for (int64_t blk = b; blk < e; ++blk) {
+          for (int64_t u = 0; u < U(); ++u) nchw_unit(blk, u, first, bx, bg, bd, acc);
+          for (int64_t c = blk * CB; c < std::min(g.C, (blk + 1) * CB); ++c) combine(c, dgw, dgb);
           if (k.training)
-            for (int64_t u = 0; u < U(); ++u) nchw_unit(c, u, 1, bx, bg, bd);
+            for (int64_t u = 0; u < U(); ++u) nchw_unit(blk, u, 1, bx, bg, bd, acc);
         }
       });
       return;
     }
-    const int64_t per_unit = std::max<int64_t>(1, per_channel / U());
-    at::parallel_for(0, g.C * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
-      std::vector<A> bx, bg, bd;
-      for (int64_t t = b; t < e; ++t) nchw_unit(t / U(), t % U(), first, bx, bg, bd);
+    const int64_t per_unit = std::max<int64_t>(1, per_channel * CB / U());
+    at::parallel_for(0, NB() * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
+      std::vector<A> bx, bg, bd, acc;
+      for (int64_t t = b; t < e; ++t) nchw_unit(t / U(), t % U(), first, bx, bg, bd, acc);
     });
     for (int64_t c = 0; c < g.C; ++c) combine(c, dgw, dgb);
     if (!k.training) return;
-    at::parallel_for(0, g.C * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
-      std::vector<A> bx, bg, bd;
-      for (int64_t t = b; t < e; ++t) nchw_unit(t / U(), t % U(), 1, bx, bg, bd);
+    at::parallel_for(0, NB() * U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
+      std::vector<A> bx, bg, bd, acc;
+      for (int64_t t = b; t < e; ++t) nchw_unit(t / U(), t % U(), 1, bx, bg, bd, acc);
     });
   }
 };
