@@ -142,7 +142,7 @@ SHAPES = [
     (2, 3, 5, 7),      # N*H*W odd
     (3, 4, 1, 1),      # one pixel, N > 1
     (1, 3, 5, 7),      # N = 1
-    (2, 70, 3, 3),     # more channels than a channel block
+    (2, 40, 3, 3),     # more channels than a channel block (32 in Triton's channels-last tiles)
     (5, 6),            # BatchNorm1d after a Linear
     (4, 3, 9),         # (N, C, L)
 ]
@@ -375,7 +375,7 @@ def test_triton_grids_respect_cuda_limits():
 @pytest.mark.parametrize("per_sample", [False, True], ids=["bn", "cond"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_and_gradgradcheck(backend, per_sample, training):
-    x = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 2, 2, 1, dtype=torch.float64, requires_grad=True)
     pshape = (3, 2) if per_sample else (2,)
     w = torch.randn(pshape, dtype=torch.float64, requires_grad=True)
     b = torch.randn(pshape, dtype=torch.float64, requires_grad=True)
@@ -646,7 +646,8 @@ def _ddp_worker(rank, world, init_file, out_dir, backend):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "triton"])
+# one backend: the C++ op when it is built (the eager route a DDP user takes), else the composition
+@pytest.mark.parametrize("backend", ["cpu" if ganengine.backends.serves("cpu", torch.device("cpu")) else "torch"])
 def test_ddp_gloo_statistics_per_process(backend):
     """Under DDP each process normalises with its own batch's statistics (no SyncBatchNorm);
     gradients are all-reduced and rank 0's buffers broadcast: the fused model ends where the
