@@ -251,7 +251,12 @@ _CPU_READY: list = []  # [bool] once known: the C++ op serves CPU tensors in thi
 
 def _cpu_route(op: str, x) -> bool:
     """The per-call fast check: 'auto' (or 'cpu') on a CPU tensor goes to the C++ op. Kept to a few
-    attribute reads: at small shapes this function's cost is part of what is compared with eager."""
+    attribute reads: at small shapes this function's cost is part of what is compared with eager.
+
+    No size rule routes small calls to the torch composition: the C++ op costs less host time than
+    eager's F.batch_norm + F.relu already at 2x4x4x4 (one thread, `python -m ganengine.bench.host_cost
+    --ops batch_norm_act`: 0.68-0.75x forward, 0.67-0.89x forward+backward; conditional 0.25-0.40x /
+    0.31-0.47x), and more so at larger sizes (docs/batch_norm_act.md)."""
     requested = backends._requested.value
     if requested is None:
         requested = os.environ.get("GANENGINE_BACKEND") or "auto"
