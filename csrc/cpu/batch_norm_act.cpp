@@ -800,7 +800,7 @@ Act act_of(bool apply_act, double slope) {
 
 Geo geometry(const at::Tensor& x, bool nhwc) {
   const int64_t N = x.size(0), C = x.size(1);
-  return {N, C, (N * C) ? x.numel() / (N * C) : 0, nhwc};
+  return {N, C, N * C != 0 ? x.numel() / (N * C) : 0, nhwc};
 }
 
 // ------------------------------------------------------------------ entry points

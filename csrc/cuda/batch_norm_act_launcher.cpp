@@ -34,7 +34,7 @@ cuda::BnShape make_shape(const at::Tensor& x, bool nhwc, bool per_sample) {
   cuda::BnShape s{};
   s.N = x.size(0);
   s.C = x.size(1);
-  s.S = (s.N * s.C) ? x.numel() / (s.N * s.C) : 0;
+  s.S = s.N * s.C != 0 ? x.numel() / (s.N * s.C) : 0;
   if (nhwc) {
     s.sN = s.S * s.C, s.sC = 1, s.sS = s.C;
   } else {
