@@ -6,7 +6,8 @@ state_dict keys and parameter counts), applies the reference initialisation (``i
 ``init_gain``; "normal" 0.02 by default) on that tree, and then rewrites itself with
 ``ganengine.fuse`` (``fused=True``) so InstanceNorm->ReLU and Conv->LeakyReLU pairs run as one op.
 Because the reference tree is built first with the reference layer order, the same seed gives
-the same initial weights as the reference code.
+the same initial weights as the reference code. The U-Net's batch norms, whose activations sit in
+the neighbouring blocks, run fused in its own forward (``UnetSkipConnectionBlock._forward_fused``).
 
 Optional SAGAN attention (``attention_scale``): a ``SelfAttention2d`` block on the feature map
 downsampled by that factor (generators: on the decoder side). Its keys (``attn.*``) extend the
@@ -285,7 +286,11 @@ class UnetSkipConnectionBlock(nn.Module):
 class UnetGenerator(nn.Module):
     """pix2pix's U-Net: ``num_downs`` stride-2 downsamplings (8 for unet_256, 7 for unet_128) with
     skip connections; ``use_dropout`` puts Dropout(0.5) in the ``num_downs - 5`` innermost
-    ngf*8 decoder blocks (not the innermost one), as the reference does."""
+    ngf*8 decoder blocks (not the innermost one), as the reference does.
+
+    With ``fused`` every batch norm runs as one ``batch_norm_act`` call with the activation after
+    it (see ``UnetSkipConnectionBlock._forward_fused``); ``fused_batch_norm = False`` on the
+    instance runs the reference's module-by-module forward instead (same numbers)."""
 
     def __init__(self, input_nc: int = 3, output_nc: int = 3, num_downs: int = 8, ngf: int = 64,
                  norm: str = "batch", use_dropout: bool = False, init_type: str | None = "normal",
