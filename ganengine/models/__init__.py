@@ -7,6 +7,7 @@ ganengine weights go back with ``save_reference_checkpoint``. See docs/models.md
 from ganengine.models.base import GANModel, StepContext, set_requires_grad
 from ganengine.models.checkpoints import (ARCHS, CheckpointMismatchError, build_network, load_reference_checkpoint,
                                           save_reference_checkpoint)
+from ganengine.models.csgan import CSGAN
 from ganengine.models.cyclegan import CycleGAN
 from ganengine.models.image_pool import ImagePool
 from ganengine.models.networks_cyclegan import (PixelDiscriminator, ResnetBlock, ResnetGenerator, UnetGenerator,
@@ -21,6 +22,7 @@ from ganengine.models.stargan import StarGAN
 from ganengine.nn import PatchDiscriminator  # the reference NLayerDiscriminator, on fused conv ops
 
 MODELS = {"pix2pix": Pix2Pix, "cyclegan": CycleGAN, "stargan": StarGAN, "stackgan": StackGAN}
+MODELS.update(csgan=CSGAN)
 
 
 def build_model(name: str, **options) -> GANModel:
@@ -31,7 +33,7 @@ def build_model(name: str, **options) -> GANModel:
 
 
 __all__ = ["GANModel", "StepContext", "set_requires_grad", "ARCHS", "CheckpointMismatchError", "build_network",
-           "load_reference_checkpoint", "save_reference_checkpoint", "CycleGAN", "Pix2Pix", "StarGAN", "StackGAN",
+           "load_reference_checkpoint", "save_reference_checkpoint", "CSGAN", "CycleGAN", "Pix2Pix", "StarGAN", "StackGAN",
            "ImagePool", "ResnetGenerator", "ResnetBlock", "UnetGenerator", "UnetSkipConnectionBlock",
            "PatchDiscriminator", "PixelDiscriminator", "define_G", "define_D", "get_norm_layer", "init_weights",
            "patch_discriminator", "StarGANGenerator", "StarGANDiscriminator", "Stage1Generator",

@@ -167,21 +167,81 @@ def apply_conv(m: nn.Module, x, negative_slope: float | None = None):
     return out if negative_slope is None else F.relu(out)
 
 
+# ----------------------------------------------------------------------------- resampling folded into convs
+# nearest 2x upsampling then a 3x3 conv (padding 1) == a 4x4 stride-2 transposed conv (padding 1)
+# whose kernel, per axis, is M @ k3: output phase 0 reads rows (i-1, i, i) of x, phase 1 rows
+# (i, i, i+1), so the taps that land on the same input row are summed. 4 instead of 9
+# multiply-adds per output pixel (2.25x fewer), exactly the same function up to rounding.
+_UP = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+# a 3x3 conv (padding 1) then 2x2 average pooling == a 4x4 stride-2 conv (padding 1) whose
+# kernel, per axis, is 0.5 * (k3 convolved with [1, 1]): again 2.25x fewer multiplies, and the
+# full-resolution conv output is never written.
+_POOL = ((0.5, 0.0, 0.0), (0.5, 0.5, 0.0), (0.0, 0.5, 0.5), (0.0, 0.0, 0.5))
+_MATS: dict = {}
+
+
+def _mat(rows, like):
+    key = (rows, like.dtype, like.device)
+    m = _MATS.get(key)
+    if m is None:
+        m = _MATS[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
+    return m
+
+
+def upsample_conv_weight(w3):
+    """(Cout, Cin, 3, 3) conv weight -> (Cin, Cout, 4, 4) transposed-conv weight of up2x+conv."""
+    m = _mat(_UP, w3)
+    return torch.einsum("st,oitv,pv->iosp", m, w3, m)
+
+
+def conv_pool_weight(w3):
+    """(Cout, Cin, 3, 3) conv weight -> (Cout, Cin, 4, 4) stride-2 conv weight of conv+avgpool2."""
+    m = _mat(_POOL, w3)
+    return torch.einsum("st,oitv,pv->oisp", m, w3, m)
+
+
+def _is_conv3x3(m) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
+def _weight(m):
+    return m.W_() if hasattr(m, "W_") else m.weight
+
+
+def upsample_then_conv(up, m, h):
+    """``m(up(h))`` for the nearest 2x upsampling; folded into one transposed conv when m is a
+    plain 3x3 conv."""
+    if up is upsample2x and _is_conv3x3(m) and getattr(m, "fused", True):
+        return _gf().conv_transpose2d(h, upsample_conv_weight(_weight(m)), m.bias, 2, 1)
+    return apply_conv(m, up(h) if up else h)
+
+
+def _is_pool2(p) -> bool:
+    return (isinstance(p, nn.AvgPool2d) and p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2))
+            and p.padding in (0, (0, 0)) and not p.ceil_mode and p.divisor_override is None)
+
+
+def conv_then_pool(m, pool, h):
+    """``pool(m(h))``; folded into one stride-2 conv for a 3x3 conv and 2x2 average pooling."""
+    if pool is not None and _is_pool2(pool) and _is_conv3x3(m) and getattr(m, "fused", True):
+        return _gf().conv2d(h, conv_pool_weight(_weight(m)), m.bias, 2, 1)
+    h = apply_conv(m, h)
+    return pool(h) if pool is not None else h
+
+
 # ----------------------------------------------------------------------------- blocks
 def upsample2x(x):
     return F.interpolate(x, scale_factor=2)
 
 
 def gblock_forward(m, x, y):
-    """BigGAN GBlock: the norms run with their ReLU as one op; the shortcut's 1x1 conv runs on
-    the low-resolution input before the nearest upsampling (a 1x1 conv and nearest
-    replication commute exactly: each output pixel is the same dot product), 4x fewer
-    multiplies."""
+    """BigGAN GBlock: the norms run with their ReLU as one op; upsampling + conv1 is one
+    transposed conv (above); the shortcut's 1x1 conv runs on the low-resolution input before
+    the upsampling (a 1x1 conv and nearest replication commute exactly), 4x fewer multiplies."""
     act = m.activation
     h = m.bn1(x, y, activation=act)
-    if m.upsample:
-        h = m.upsample(h)
-    h = apply_conv(m.conv1, h)
+    h = upsample_then_conv(m.upsample, m.conv1, h)
     h = m.bn2(h, y, activation=act)
     h = apply_conv(m.conv2, h)
     if m.learnable_sc:
@@ -192,13 +252,11 @@ def gblock_forward(m, x, y):
 
 
 def dblock_forward(m, x):
-    """BigGAN DBlock: conv1 + ReLU as one op; the shortcut pools before its 1x1 conv when
-    pre-activated (average pooling and a 1x1 conv commute: both linear, bias unchanged)."""
+    """BigGAN DBlock: conv1 + ReLU as one op; conv2 + average pooling as one stride-2 conv; the
+    shortcut pools before its 1x1 conv when pre-activated (pooling and a 1x1 conv commute)."""
     h = F.relu(x) if m.preactivation else x
     h = apply_conv(m.conv1, h, negative_slope=0.0)
-    h = apply_conv(m.conv2, h)
-    if m.downsample:
-        h = m.downsample(h)
+    h = conv_then_pool(m.conv2, m.downsample, h)
     s = x
     if m.downsample:
         s = m.downsample(s)
@@ -214,9 +272,8 @@ def deep_gblock_forward(m, x, y):
     if m.in_channels != m.out_channels:
         x = x[:, :m.out_channels]
     if m.upsample:
-        h = m.upsample(h)
         x = m.upsample(x)
-    h = apply_conv(m.conv2, h)
+    h = upsample_then_conv(m.upsample, m.conv2, h)
     h = apply_conv(m.conv3, m.bn3(h, y, activation=act))
     h = apply_conv(m.conv4, m.bn4(h, y, activation=act))
     return h + x
