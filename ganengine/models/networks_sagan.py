@@ -37,6 +37,30 @@ def l2normalize(v, eps=1e-12):
     return v / (v.norm() + eps)
 
 
+class _DivBySigma(torch.autograd.Function):
+    """``w / sigma`` with sigma = u . (W v) computed in forward, and the gradient through sigma,
+    ``-(<g, w> / sigma^2) u v^T``, taken with the values u and v hold when backward runs.
+
+    That is what the reference computes: its u and v are Parameters whose ``.data`` every
+    forward replaces, and autograd's saved references to them see the replacement, so a
+    backward after several forwards (D on real, then on fake images) uses the last forward's
+    u and v for every pass (checked against the reference code). Written with torch ops on w,
+    so it is differentiable again (gradient penalties)."""
+
+    @staticmethod
+    def forward(ctx, w, sigma, u, v):
+        ctx.save_for_backward(w, sigma)
+        ctx.uv = (u, v)  # the live Parameters, read at backward time
+        return w / sigma
+
+    @staticmethod
+    def backward(ctx, g):
+        w, sigma = ctx.saved_tensors
+        u, v = ctx.uv
+        c = (g * w).sum() / (sigma * sigma)
+        return g / sigma - c * torch.outer(u, v).view_as(w), None, None, None
+
+
 class SpectralNorm(nn.Module):
     """The reference ``SpectralNorm(module, name='weight', power_iterations=1)`` wrapper."""
 
@@ -77,8 +101,8 @@ class SpectralNorm(nn.Module):
             for _ in range(self.power_iterations):
                 v.copy_(l2normalize(torch.mv(w2.t(), u)))
                 u.copy_(l2normalize(torch.mv(w2, v)))
-        sigma = u.dot(w2.mv(v))
-        return w / sigma.expand_as(w)
+            sigma = u.dot(w2.mv(v))
+        return _DivBySigma.apply(w, sigma, u, v)
 
     def forward(self, *args):
         m = self.module
