@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ganengine.models as gm
 from ganengine.models import (CheckpointMismatchError, build_network, load_reference_checkpoint,
@@ -264,3 +265,192 @@ def test_mismatch_names_a_fitting_call():
 def test_bad_arguments_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ============================================================================ training steps
+def _ortho_ref(model, strength, blacklist=()):
+    # BigGAN-PyTorch utils.ortho, as written there
+    with torch.no_grad():
+        for param in model.parameters():
+            if len(param.shape) < 2 or any(param is item for item in blacklist):
+                continue
+            w = param.view(param.shape[0], -1)
+            grad = 2 * torch.mm(torch.mm(w, w.t()) * (1. - torch.eye(w.shape[0])), w)
+            param.grad.data += strength * grad.view(param.shape)
+
+
+def _toggle(net, flag):
+    for p in net.parameters():
+        p.requires_grad = flag
+
+
+def _biggan_ref_step(G, D, G_ema, oG, oD, x, y, o, itr):
+    """BigGAN-PyTorch train_fns.GAN_training_function (hinge, no split_D) and utils.ema."""
+    k = o["num_D_steps"] * o["num_D_accumulations"]
+    bs = x.shape[0] // k
+    xs, ys = torch.split(x, bs), torch.split(y, bs)
+    _toggle(D, True)
+    _toggle(G, False)
+    counter = 0
+    for _ in range(o["num_D_steps"]):
+        oD.zero_grad()
+        for _ in range(o["num_D_accumulations"]):
+            z = torch.randn(bs, G.dim_z) * o["z_var"]
+            gy = torch.randint(0, o["n_classes"], (bs,))
+            with torch.no_grad():
+                G_z = G(z, G.shared(gy))
+            d_out = D(torch.cat([G_z, xs[counter]]), torch.cat([gy, ys[counter]]))
+            D_fake, D_real = torch.split(d_out, [bs, bs])
+            loss_real, loss_fake = torch.mean(F.relu(1. - D_real)), torch.mean(F.relu(1. + D_fake))
+            ((loss_real + loss_fake) / o["num_D_accumulations"]).backward()
+            counter += 1
+        if o["D_ortho"] > 0:
+            _ortho_ref(D, o["D_ortho"])
+        oD.step()
+    _toggle(D, False)
+    _toggle(G, True)
+    oG.zero_grad()
+    z = torch.randn(bs, G.dim_z) * o["z_var"]
+    gy = torch.randint(0, o["n_classes"], (bs,))
+    G_loss = -torch.mean(D(G(z, G.shared(gy)), gy))
+    G_loss.backward()
+    if o["G_ortho"] > 0:
+        _ortho_ref(G, o["G_ortho"], blacklist=list(G.shared.parameters()))
+    oG.step()
+    decay = 0.0 if itr < o["ema_start"] else o["ema_decay"]
+    with torch.no_grad():
+        src, tgt = G.state_dict(), G_ema.state_dict()
+        for key in src:
+            tgt[key].copy_(tgt[key] * decay + src[key] * (1 - decay))
+    return {"D_loss_real": loss_real, "D_loss_fake": loss_fake, "G_loss": G_loss}
+
+
+def test_biggan_step_matches_the_reference_step():
+    from ganengine.models import BigGAN
+
+    torch.manual_seed(3)
+    o = dict(resolution=32, n_classes=5, G_ch=8, D_ch=8, G_attn="16", D_attn="16", G_shared=True, hier=True,
+             dim_z=20, shared_dim=6, num_D_steps=2, G_ortho=1e-3, D_ortho=1e-3, ema=True, ema_start=2,
+             ema_decay=0.9)
+    model = BigGAN(**o)
+    o = model.options
+    arch = dict(G_ch=8, dim_z=20, resolution=32, G_attn="16", n_classes=5, hier=True, shared_dim=6, SN_eps=1e-8)
+    G, G_ema = R.BigGANGenerator(**arch), R.BigGANGenerator(**arch)
+    D = R.BigGANDiscriminator(D_ch=8, resolution=32, D_attn="16", n_classes=5, SN_eps=1e-8)
+    for net, name in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
+        net.load_state_dict(getattr(model, name).state_dict())
+    opts = model.make_optimizers()
+    oG = torch.optim.Adam(G.parameters(), o["G_lr"], betas=(0.0, 0.999), eps=1e-8)
+    oD = torch.optim.Adam(D.parameters(), o["D_lr"], betas=(0.0, 0.999), eps=1e-8)
+    batch = {"image": torch.rand(4, 3, 32, 32) * 2 - 1, "label": torch.tensor([0, 3, 1, 4])}
+    for itr in (1, 2, 3):
+        torch.manual_seed(100 + itr)
+        got = model.train_step(batch, opts)
+        torch.manual_seed(100 + itr)
+        want = _biggan_ref_step(G, D, G_ema, oG, oD, batch["image"], batch["label"], o, itr)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k].detach(), atol=2e-4 * (1 + abs(float(want[k].detach()))), rtol=0,
+                                       msg=f"step {itr}: {k}")
+    # Adam turns gradients that are zero in exact arithmetic (a conv bias in front of batch
+    # norm) into steps of +-lr from either side's rounding noise: weights agree to 3 steps x lr
+    drift = 3 * 3 * max(o["G_lr"], o["D_lr"])
+    for net, name in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
+        got_sd = getattr(model, name).state_dict()
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(got_sd[k], v, atol=drift, rtol=1e-3, msg=f"{name}.{k}")
+
+
+def _sagan_ref_step(G, D, oG, oD, real, z_dim):
+    """heykeetae trainer.py's step with adv_loss='hinge'."""
+    d_out_real, _, _ = D(real)
+    d_loss_real = F.relu(1.0 - d_out_real).mean()
+    z = torch.randn(real.size(0), z_dim)
+    fake, _, _ = G(z)
+    d_out_fake, _, _ = D(fake)
+    d_loss_fake = F.relu(1.0 + d_out_fake).mean()
+    oD.zero_grad()
+    oG.zero_grad()
+    (d_loss_real + d_loss_fake).backward()
+    oD.step()
+    z = torch.randn(real.size(0), z_dim)
+    fake, _, _ = G(z)
+    g_out_fake, _, _ = D(fake)
+    g_loss_fake = -g_out_fake.mean()
+    oD.zero_grad()
+    oG.zero_grad()
+    g_loss_fake.backward()
+    oG.step()
+    return {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake, "G/loss_fake": g_loss_fake}
+
+
+def test_sagan_step_matches_the_reference_step():
+    from ganengine.models import SAGAN
+
+    torch.manual_seed(4)
+    model = SAGAN(g_conv_dim=8, d_conv_dim=8, z_dim=8)
+    G, D = R.SAGANGenerator(2, 64, 8, 8), R.SAGANDiscriminator(2, 64, 8)
+    G.load_state_dict(model.G.state_dict())
+    D.load_state_dict(model.D.state_dict())
+    opts = model.make_optimizers()
+    oG = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], 1e-4, betas=(0.0, 0.9))
+    oD = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], 4e-4, betas=(0.0, 0.9))
+    real = torch.rand(2, 3, 64, 64) * 2 - 1
+    for step in range(2):
+        torch.manual_seed(50 + step)
+        got = model.train_step({"image": real}, opts)
+        torch.manual_seed(50 + step)
+        want = _sagan_ref_step(G, D, oG, oD, real, 8)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k].detach(), atol=2e-4 * (1 + abs(float(want[k].detach()))), rtol=0,
+                                       msg=f"step {step}: {k}")
+    got_sd = model.D.state_dict()
+    for k, v in D.state_dict().items():
+        torch.testing.assert_close(got_sd[k], v, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_sagan_reference_backward_reads_the_last_u_and_v():
+    """Two D passes then one backward: the reference's sigma gradient uses the u and v of the
+    last pass for both (its Parameters' .data is replaced); ours reproduces it."""
+    torch.manual_seed(0)
+    ref = _randomize(R.SAGANDiscriminator(2, 64, 8))
+    ours = load_reference_checkpoint(ref.state_dict(), "sagan_D", conv_dim=8, fused=False).train()
+    x1, x2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    (ref(x1)[0].sum() - ref(x2)[0].sum()).backward()
+    (ours(x1)[0].sum() - ours(x2)[0].sum()).backward()
+    for k, p in ours.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, dict(ref.named_parameters())[k].grad, atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_latent_optimisation_is_the_natural_gradient_step():
+    from ganengine.models.synthesis_tools import latent_optimise
+
+    w = torch.tensor([[0.5, -1.0, 2.0]])
+    z = torch.tensor([[0.1, 0.2, -0.3], [0.0, 0.5, 0.5]])
+    out = latent_optimise(z, lambda zz: zz @ w.t(), rate=1.0, alpha=0.9, beta=5.0, steps=1, differentiable=False)
+    g = w.expand(2, 3)
+    want = torch.clamp(z + 0.9 * g / (5.0 + (g ** 2).sum(1, keepdim=True)), -1, 1)
+    torch.testing.assert_close(out, want)
+    same = latent_optimise(z, lambda zz: zz @ w.t(), rate=0.0, alpha=0.9, beta=5.0, steps=1, differentiable=False)
+    torch.testing.assert_close(same, z)
+
+
+def test_biggan_and_sagan_resume_exactly(tmp_path):
+    from ganengine.train import TrainConfig, train
+
+    def cfg(model, opts, run, steps, **kw):
+        return TrainConfig(model=model, model_options=opts, data_options=dict(image_size=opts.get("resolution", 64)),
+                           run_dir=str(run), batch_size=2, max_steps=steps, sample_every=0, save_every=0,
+                           print_freq=1, progress=False, tensorboard="off", seed=0, deterministic=True, **kw)
+
+    for model, opts in (("biggan", dict(resolution=32, n_classes=10, G_ch=4, D_ch=4, G_attn="0", D_attn="16",
+                                       G_shared=True, hier=True, dim_z=16, num_D_steps=1, ema=True, ema_start=2)),
+                        ("sagan", dict(g_conv_dim=8, d_conv_dim=8, z_dim=8))):
+        full = train(cfg(model, opts, tmp_path / model / "full", 4))
+        train(cfg(model, opts, tmp_path / model / "part", 2))
+        resumed = train(cfg(model, opts, tmp_path / model / "part", 4, resume="latest"))
+        a, b = (torch.load(r["checkpoint"], weights_only=True) for r in (full, resumed))
+        for net in a["networks"]:
+            for k, v in a["networks"][net].items():
+                torch.testing.assert_close(b["networks"][net][k], v, atol=0, rtol=0, msg=f"{model} {net}.{k}")
+        assert b["extra"] == a["extra"]

@@ -4,6 +4,8 @@ CSGAN's step is checked against a compact re-write of the reference's update
 (KishanKancharagunta/CSGAN ``csgan.py``: CycleGAN's step with
 ``L1(fake_A, rec_A.detach()) * k + L1(fake_B, rec_B.detach()) * k`` in the generators' loss).
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 import ganengine.functional as GF
 from ganengine.models import CSGAN, build_model
 from tests import reference_nets as R
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
 
 # ---------------------------------------------------------------------------- cycle_synthesized_loss
@@ -104,3 +107,136 @@ def test_csgan_options():
     assert m.options["lambda_CS"] == 5.0 and m.options["lambda_A"] == 10.0
     with pytest.raises(ValueError, match="lambda_CS"):
         CSGAN(ngf=4, ndf=4, netG="resnet_6blocks", lambda_CS=-1.0)
+
+
+# ---------------------------------------------------------------------------- U-Net GAN
+def test_unet_discriminator_reference_sizes():
+    """Parameter and state-dict entry counts of boschresearch/unetgan's Unet_Discriminator (run
+    here at these settings; skip_init)."""
+    from ganengine.models.networks_unetgan import UNetDiscriminator
+
+    for kw, params, keys in ((dict(D_ch=64, resolution=128, D_attn="64", n_classes=1000), 32_574_788, 149),
+                             (dict(D_ch=64, resolution=128, D_attn="0", n_classes=1, unconditional=True), 31_481_667, 130),
+                             (dict(D_ch=64, resolution=256, D_attn="0", n_classes=1, unconditional=True), 44_067_651, 154)):
+        with torch.device("meta"):
+            net = UNetDiscriminator(skip_init=True, **kw)
+        assert (sum(p.numel() for p in net.parameters()), len(net.state_dict())) == (params, keys), kw
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_unet_discriminator_outputs(fused):
+    from ganengine.models.networks_unetgan import UNetDiscriminator
+
+    torch.manual_seed(0)
+    D = UNetDiscriminator(D_ch=8, resolution=32, D_attn="16", n_classes=3, fused=fused)
+    pix, glob = D(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+    assert pix.shape == (2, 1, 32, 32) and glob.shape == (2, 1)
+    if fused:
+        plain = UNetDiscriminator(D_ch=8, resolution=32, D_attn="16", n_classes=3, fused=False, skip_init=True)
+        plain.load_state_dict(D.state_dict())
+        D.eval()
+        plain.eval()
+        x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 0])
+        for a, b in zip(D(x, y), plain(x, y)):
+            torch.testing.assert_close(a, b, atol=2e-4 * float(b.detach().abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="y \\(class labels"):
+        D(torch.randn(1, 3, 32, 32))
+
+
+def test_cutmix_maps():
+    from ganengine.models.unetgan import cutmix_maps
+
+    torch.manual_seed(0)
+    m = cutmix_maps(64, 16)
+    assert m.shape == (64, 1, 16, 16) and set(m.unique().tolist()) <= {0.0, 1.0}
+    # every map is a box of one value in a field of the other: the ones or the zeros fill a rectangle
+    def rectangle(b):
+        r, c = b.any(1).nonzero(), b.any(0).nonzero()
+        return len(r) == 0 or b.sum() == len(r) * len(c)
+
+    for x in m[:, 0]:
+        assert rectangle(x) or rectangle(1 - x)
+    assert 0.2 < m.mean() < 0.8
+
+
+def test_unetgan_discriminator_losses_are_the_reference_terms(monkeypatch):
+    """D's loss terms recomputed from copies of the networks taken before the step, with the
+    same z and a fixed CutMix map (hinge: the per-pixel and global terms, the augmentation and
+    the consistency terms)."""
+    import copy
+
+    from ganengine.models import unetgan as U
+
+    torch.manual_seed(0)
+    model = U.UNetGAN(resolution=32, n_classes=3, G_ch=4, D_ch=4, G_attn="0", D_attn="0", G_shared=True,
+                      dim_z=8)
+    maps = torch.zeros(2, 1, 32, 32)
+    maps[0, :, :16] = 1
+    maps[1, :, :, 8:] = 1
+    monkeypatch.setattr(U, "cutmix_maps", lambda n, size, device=None: maps)
+    G, D = copy.deepcopy(model.G), copy.deepcopy(model.D)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([2, 0])
+    torch.manual_seed(7)
+    got = model.train_step({"image": x, "label": y}, model.make_optimizers())
+    torch.manual_seed(7)
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        fake = G(z, y)
+        mixed = maps * x + (1 - maps) * fake
+        pix, glob = D(torch.cat([fake, x, mixed]), torch.cat([y, y, y]))
+    pf, pr, pm = pix.split(2)
+    gf, gr, gm = glob.split(2)
+    want = {"D_loss_real_2d": F.relu(1 - pr).mean(), "D_loss_fake_2d": F.relu(1 + pf).mean(),
+            "D_loss_real_middle": F.relu(1 - gr).mean(), "D_loss_fake_middle": F.relu(1 + gf).mean(),
+            "consistency": F.mse_loss(pm, maps * pr + (1 - maps) * pf),
+            "D_loss_mixed_2d": (maps * F.relu(1 - pm) + (1 - maps) * F.relu(1 + pm)).mean(),
+            "mixed_middle_loss": F.relu(1 + gm).mean()}
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=1e-4 * (1 + float(v.abs())), rtol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------- command line
+TINY_SYNTH = {
+    "csgan": "--netG resnet_6blocks --ngf 4 --ndf 4 --n_layers_D 2 --load_size 36 --crop_size 32 --batch_size 2",
+    "sagan": "--g_conv_dim 8 --d_conv_dim 8 --z_dim 8 --batch_size 2",
+    "biggan": "--image_size 32 --G_ch 4 --D_ch 4 --G_attn 0 --D_attn 16 --dim_z 16 --batch_size 2 --num_D_steps 2",
+    "biggan_deep": "--image_size 32 --G_ch 8 --D_ch 8 --G_attn 0 --D_attn 0 --dim_z 8 --batch_size 2",
+    "unetgan": "--image_size 32 --G_ch 4 --D_ch 4 --G_attn 0 --D_attn 0 --dim_z 16 --batch_size 2 "
+               "--latent_optimisation",
+}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("model", list(TINY_SYNTH))
+def test_train_from_command_line(model, tmp_path, capsys):
+    from ganengine.cli import main
+
+    argv = (["train", model] + TINY_SYNTH[model].split() + ["--checkpoints_dir", str(tmp_path), "--name", "run",
+            "--max_steps", "1", "--sample_every", "1", "--no_progress", "--tensorboard", "off"])
+    assert main(argv) == 0
+    run = tmp_path / "run"
+    assert os.listdir(run / "samples") == ["step_00000001.png"]
+    ck = torch.load(run / "step_00000001.pt", weights_only=True)
+    if model in ("biggan", "biggan_deep", "unetgan"):
+        assert ck["options"]["n_classes"] == 10 and ck["options"]["resolution"] == 32  # from the digits
+    assert "built-in sample data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("sagan", "--image_size 32", "image_size must be 64"),
+    ("biggan", "--n_classes 3", "--n_classes 3 is smaller than the 10 classes"),
+    ("biggan", "--resolution 64", "--resolution 64 and --image_size 32 disagree"),
+    ("biggan", "--batch_size 3 --num_D_accumulations 2 --num_D_steps 1", None),
+    ("unetgan", "--gan_loss wasserstein", "gan_loss must be one of"),
+])
+@pytest.mark.usefixtures("one_thread")
+def test_bad_values_give_clear_errors(model, extra, message, tmp_path, capsys):
+    from ganengine.cli import main
+
+    argv = (["train", model] + TINY_SYNTH[model].split() + extra.split() + ["--checkpoints_dir", str(tmp_path),
+            "--max_steps", "1", "--no_progress", "--tensorboard", "off", "--sample_every", "0"])
+    rc = main(argv)
+    if message is None:  # the loader batch is batch_size x steps x accumulations: always divisible
+        assert rc == 0
+    else:
+        assert rc == 2 and message in capsys.readouterr().err

@@ -28,7 +28,7 @@ from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, set_re
 from ganengine.models.networks_biggan import BigGANDiscriminator, BigGANGenerator
 from ganengine.models.networks_biggan_deep import BigGANDeepDiscriminator, BigGANDeepGenerator
 from ganengine.models.sagan import LATENT_OPTIONS, check_latent_options
-from ganengine.models.synthesis_tools import StateEMA, class_indices, latent_optimise, ortho_
+from ganengine.models.synthesis_tools import StateEMA, class_indices, latent_optimise, ortho_, unwrap
 
 _ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=False), "inplace_relu": lambda: nn.ReLU(inplace=True),
                 "ir": lambda: nn.ReLU(inplace=True)}
@@ -69,6 +69,7 @@ class BigGAN(GANModel):
         self._ema = None
         if o["ema"]:
             self.G_ema = self._make_G(skip_init=True)
+            self.G_ema.requires_grad_(False)  # follows G through the EMA only (and DDP leaves it unwrapped)
             self.network_names = ["G", "D", "G_ema"]
             self._ema = StateEMA(self.G, self.G_ema, o["ema_decay"], o["ema_start"])
         self.num_steps = 0  # the reference's state_dict['itr'] before the step
@@ -101,17 +102,17 @@ class BigGAN(GANModel):
     # -- sampling --------------------------------------------------------------------------------
     def sample_z(self, n: int) -> torch.Tensor:
         """z ~ N(0, z_var^2) (the reference's ``normal_(0, z_var)``)."""
-        return torch.randn(n, self.G.dim_z, device=self.device) * self.options["z_var"]
+        return torch.randn(n, unwrap(self.G).dim_z, device=self.device) * self.options["z_var"]
+
+    def latent_dim(self) -> int:
+        return int(unwrap(self.G).dim_z)
 
     def sample_y(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.options["n_classes"], (n,), device=self.device)
 
-    def _embed(self, G, y):
-        return G.shared(y)
-
     def _score(self, z, y, G=None):
         G = self.G if G is None else G
-        return self.D(G(z, self._embed(G, y)), y)
+        return self.D(G(z, y), y)  # G embeds integer labels itself (shared embedding)
 
     def _optimise(self, z, y, differentiable: bool):
         o = self.options
@@ -157,7 +158,7 @@ class BigGAN(GANModel):
                     z, gy = self.sample_z(n), self.sample_y(n)
                     z = self._optimise(z, gy, differentiable=False)
                     with torch.no_grad():
-                        fake = self.G(z, self._embed(self.G, gy))
+                        fake = self.G(z, gy)
                     d_out = self.D(torch.cat([fake.to(real.dtype), real]), torch.cat([gy, real_y]))
                     d_fake, d_real = torch.split(d_out, [n, n])
                     loss_real, loss_fake = self._d_losses(d_fake, d_real)
@@ -180,7 +181,7 @@ class BigGAN(GANModel):
                 g_loss = GF.gan_loss(self._score(z, gy), True, "hinge", for_discriminator=False)
             ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
         if o["G_ortho"] > 0:
-            ortho_(self.G, o["G_ortho"], blacklist=list(self.G.shared.parameters()))
+            ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
         ctx.step(opt_G, "G")
         if o["toggle_grads"]:
             set_requires_grad(self.D, True)
@@ -209,7 +210,7 @@ class BigGAN(GANModel):
         was = G.training
         G.train(not self.options["G_eval_mode"])
         try:
-            return G(z, self._embed(G, labels))
+            return G(z, labels)
         finally:
             G.train(was)
 

@@ -154,6 +154,12 @@ class BigGANGenerator(nn.Module):
         L.set_fused(self, fused)
 
     def forward(self, z, y):
+        """``y`` is the shared embedding of the labels (``G.shared(labels)``, the reference's
+        convention; class indices without ``G_shared``); with ``G_shared``, integer class
+        indices are embedded here (so wrappers such as DDP, which hide ``G.shared``, can pass
+        labels)."""
+        if self.G_shared and not y.is_floating_point():
+            y = self.shared(y)
         if self.hier:
             zs = torch.split(z, self.z_chunk_size, 1)
             z = zs[0]

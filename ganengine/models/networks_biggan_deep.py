@@ -209,6 +209,11 @@ class BigGANDeepGenerator(nn.Module):
         L.set_fused(self, fused)
 
     def forward(self, z, y):
+        """``y`` is the shared embedding of the labels (``G.shared(labels)``, the reference's
+        convention); integer class indices are embedded here (so wrappers such as DDP, which
+        hide ``G.shared``, can pass labels)."""
+        if not y.is_floating_point():
+            y = self.shared(y)
         if self.hier:
             z = torch.cat([y, z], 1)
             y = z

@@ -115,6 +115,9 @@ class SAGAN(GANModel):
         losses["G/loss_fake"] = g_loss_fake
         return self._detached(losses)
 
+    def latent_dim(self) -> int:
+        return int(self.options["z_dim"])
+
     @torch.no_grad()
     def generate(self, n: int | None = None, z: torch.Tensor | None = None, labels=None) -> torch.Tensor:
         """Images G(z) in [-1, 1] (training mode, as the reference's sample step)."""

@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 
+def unwrap(net: nn.Module) -> nn.Module:
+    """The network inside DDP / torch.compile wrappers (for its attributes)."""
+    net = getattr(net, "_orig_mod", net)
+    return getattr(net, "module", net)
+
+
 def class_indices(label: torch.Tensor, n_classes: int, owner: str) -> torch.Tensor:
     """(N,) int64 class indices from indices or one-hot rows, checked against ``n_classes`` (on
     the CPU; a device check would synchronise every step)."""

@@ -31,7 +31,7 @@ import ganengine.functional as GF
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.biggan import BIGGAN_DEFAULTS, BigGAN
 from ganengine.models.networks_unetgan import UNetDiscriminator
-from ganengine.models.synthesis_tools import class_indices, ortho_
+from ganengine.models.synthesis_tools import class_indices, ortho_, unwrap
 
 
 def cutmix_maps(n: int, size: int, device=None) -> torch.Tensor:
@@ -63,12 +63,9 @@ class UNetGAN(BigGAN):
         super().__init__(**options)
         self._choice("gan_loss", ("hinge", "vanilla"))
 
-    def _embed(self, G, y):
-        return G.shared(y)
-
     def _score(self, z, y, G=None):
         G = self.G if G is None else G
-        pix, glob = self.D(G(z, self._embed(G, y)), y)
+        pix, glob = self.D(G(z, y), y)
         return glob  # LOGAN optimises z for the global score
 
     def _real_fake(self, x, real: bool):
@@ -107,7 +104,7 @@ class UNetGAN(BigGAN):
                     gy = real_y if o["unet_mixup"] else self.sample_y(n)  # mixup: fakes of the real labels
                     z = self._optimise(z, gy, differentiable=False)
                     with torch.no_grad():
-                        fake = self.G(z, self._embed(self.G, gy)).to(real.dtype)
+                        fake = self.G(z, gy).to(real.dtype)
                     inputs, labels = [fake, real], [gy, real_y]
                     if o["unet_mixup"]:
                         maps = cutmix_maps(n, real.shape[-1], real.device).to(real.dtype)
@@ -150,7 +147,7 @@ class UNetGAN(BigGAN):
                 z = self.sample_z(n)
                 gy = torch.zeros_like(ys[0][:1]).expand(n) if o["unconditional"] else self.sample_y(n)
                 z = self._optimise(z, gy, differentiable=True)
-                pix, glob = self.D(self.G(z, self._embed(self.G, gy)), gy)
+                pix, glob = self.D(self.G(z, gy), gy)
                 if o["gan_loss"] == "hinge":
                     g_2d = GF.gan_loss(pix, True, "hinge", for_discriminator=False)
                     g_mid = GF.gan_loss(glob, True, "hinge", for_discriminator=False)
@@ -159,7 +156,7 @@ class UNetGAN(BigGAN):
                 g_loss = 0.5 * g_mid + 0.5 * g_2d
             ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
         if o["G_ortho"] > 0:
-            ortho_(self.G, o["G_ortho"], blacklist=list(self.G.shared.parameters()))
+            ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
         ctx.step(opt_G, "G")
         if o["toggle_grads"]:
             set_requires_grad(self.D, True)
