@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan")
+MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan", "csgan", "sagan", "biggan", "biggan_deep", "unetgan")
 
 # help texts for the reference flags (the reference implementations' wording, shortened)
 MODEL_HELP = {
@@ -52,6 +52,38 @@ MODEL_HELP = {
     "text_dim": "text embedding size (TEXT.DIMENSION; default: from the data)",
     "z_dim": "noise size (Z_DIM)",
     "r_num": "residual blocks in stage II (GAN.R_NUM)",
+    # SAGAN / BigGAN / U-Net GAN / CSGAN / LOGAN
+    "imsize": "image resolution (SAGAN runs at 64 only, as the reference)",
+    "g_conv_dim": "generator filters in the first conv layer",
+    "adv_loss": "SAGAN loss: hinge or wgan-gp",
+    "resolution": "BigGAN image resolution (default: --image_size)",
+    "n_classes": "number of classes (default: from the data)",
+    "G_ch": "BigGAN generator channel multiplier",
+    "D_ch": "BigGAN discriminator channel multiplier",
+    "G_attn": "resolutions with attention in G, e.g. 64 or 32_64 (0: none)",
+    "D_attn": "resolutions with attention in D, e.g. 64 or 32_64 (0: none)",
+    "G_shared": "shared class embedding in G",
+    "hier": "hierarchical z (a chunk of z to every block)",
+    "dim_z": "latent size",
+    "shared_dim": "shared embedding size (0: dim_z)",
+    "G_lr": "generator learning rate",
+    "D_lr": "discriminator learning rate",
+    "num_D_steps": "discriminator steps per generator step",
+    "G_ortho": "orthogonal regularisation strength in G",
+    "D_ortho": "orthogonal regularisation strength in D",
+    "ema": "keep an exponential moving average of G",
+    "use_ema": "sample with the EMA of G",
+    "ema_start": "step at which the EMA starts averaging (before it copies G)",
+    "ema_decay": "EMA decay",
+    "latent_optimisation": "LOGAN: one natural-gradient step on z before the G and D updates",
+    "lo_alpha": "LOGAN step size alpha",
+    "lo_beta": "LOGAN damping beta",
+    "lo_rate": "LOGAN: fraction of the samples whose z is optimised",
+    "lo_steps": "LOGAN: optimisation steps on z",
+    "lambda_CS": "weight of the cycle-synthesized L1 terms (CSGAN)",
+    "gan_loss": "U-Net GAN loss: hinge or vanilla (the reference code's BCE)",
+    "unet_mixup": "CutMix regularisation of the U-Net discriminator",
+    "unconditional": "ignore class labels",
 }
 
 
@@ -101,8 +133,7 @@ def nonneg_int(value: str) -> int:
 def model_class(name: str):
     from ganengine import models
 
-    return {"pix2pix": models.Pix2Pix, "cyclegan": models.CycleGAN, "stargan": models.StarGAN,
-            "stackgan": models.StackGAN}[name]
+    return models.MODELS[name]
 
 
 def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=()) -> list[str]:

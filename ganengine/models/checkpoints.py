@@ -82,7 +82,7 @@ def _check_arch(arch: str) -> str:
 def _arch_args(arch: str, kwargs: dict) -> dict:
     defaults = _ARCH_DEFAULTS[arch]
     unknown = sorted(set(kwargs) - set(defaults))
-    if unknown:
+    if unknown and arch not in _OPEN_ARCHS:  # (BigGAN's constructors take **kwargs: extra config keys)
         raise TypeError(f"arch {arch!r} takes the architecture arguments {sorted(defaults)}; unknown: {unknown}")
     return {**defaults, **kwargs}
 
@@ -265,6 +265,12 @@ _INFER = {"resnet": _infer_resnet, "unet": _infer_unet, "patchgan": _infer_patch
           "stargan_G": _infer_star_g, "stargan_D": _infer_star_d, "stackgan_stage1_G": _infer_stack_g1,
           "stackgan_stage2_G": _infer_stack_g2, "stackgan_stage1_D": _infer_stack_d(1),
           "stackgan_stage2_D": _infer_stack_d(2)}
+
+# SAGAN / BigGAN / BigGAN-deep (attention, spectral norm): ganengine/models/archs_attention.py
+from ganengine.models.archs_attention import OPEN_ARCHS as _OPEN_ARCHS, SPECS as _ATTN_SPECS  # noqa: E402
+ARCHS += tuple(_ATTN_SPECS)
+for _arch, _spec in _ATTN_SPECS.items():
+    _ARCH_DEFAULTS[_arch], _BUILDERS[_arch], _INFER[_arch] = _spec
 
 
 def _mismatch_message(arch, args, sd, expected) -> str | None:
