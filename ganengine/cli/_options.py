@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan", "csgan", "sagan", "biggan", "biggan_deep", "unetgan")
+MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan", "csgan", "sagan", "biggan", "biggan_deep", "unetgan",
+               "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")
 
 # help texts for the reference flags (the reference implementations' wording, shortened)
 MODEL_HELP = {
@@ -84,6 +85,21 @@ MODEL_HELP = {
     "gan_loss": "U-Net GAN loss: hinge or vanilla (the reference code's BCE)",
     "unet_mixup": "CutMix regularisation of the U-Net discriminator",
     "unconditional": "ignore class labels",
+    # DCGAN (pytorch/examples) and PyTorch-GAN's wgan / wgan_gp / cgan / acgan / infogan
+    "nz": "size of the latent z vector",
+    "nc": "image channels (the reference takes them from its dataset: 3 for image folders, 1 for MNIST)",
+    "latent_dim": "dimensionality of the latent space",
+    "code_dim": "InfoGAN: continuous latent codes",
+    "img_size": "size of each image dimension",
+    "channels": "number of image channels",
+    "b1": "adam: decay of first order momentum of gradient",
+    "b2": "adam: decay of second order momentum of gradient",
+    "clip_value": "WGAN: lower and upper clip value for the critic's weights",
+    "lambda_adc": "ADC-GAN: weight of the discriminative classifier's losses",
+    "lambda_cat": "InfoGAN: weight of the categorical code loss",
+    "lambda_con": "InfoGAN: weight of the continuous code loss",
+    "fused": "run the networks on ganengine's fused ops (false: plain PyTorch layers)",
+    "fused_optimizer": "PyTorch's fused / multi-tensor optimiser implementation (false: the per-parameter loop)",
 }
 
 

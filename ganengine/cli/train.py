@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from ganengine.cli import _synthesis_models as _basic
 from ganengine.cli._options import (MODEL_NAMES, add_model_options, model_class, nonneg_int, positive_int,
                                     str2bool)
 
@@ -70,6 +71,11 @@ SAMPLE = {
                     hier=True, dim_z=64, shared_dim=32, G_lr=1e-4, D_lr=4e-4, max_steps=300, sample_every=50,
                     save_every=100),
 }
+
+# DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN, ADC-GAN, InfoGAN: cli/_synthesis_models.py
+DESCRIPTIONS.update(_basic.DESCRIPTIONS)
+REFERENCE.update(_basic.REFERENCE)
+SAMPLE.update(_basic.SAMPLE)
 
 ENGINE_OPTIONS = ("batch_size", "n_epochs", "n_epochs_decay", "max_steps", "sample_every", "save_every")
 DATA_OPTIONS = ("dataroot", "phase", "direction", "load_size", "crop_size", "preprocess", "no_flip",
@@ -165,14 +171,16 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
         g.add_argument("--phase", default="train", help="split (default: %(default)s)")
     else:
         g.add_argument("--phase", default="train", help=argparse.SUPPRESS)
+    if model in _basic.MODELS:
+        _basic.add_data_options(g, model)
     if "image_size" not in model_defaults and model in ("stargan", "stackgan") + SYNTHESIS:
         g.add_argument("--image_size", type=positive_int, default=None,
                        help=f"image resolution (default: {ref['image_size']})")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan, stackgan, csgan, sagan, biggan, "
-                              "biggan_deep or unetgan",
+    p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan, stackgan, csgan, dcgan, wgan, wgan_gp, "
+                              "cgan, acgan, adcgan, infogan, sagan, biggan, biggan_deep or unetgan",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="model", metavar="MODEL", required=True)
     for name in MODEL_NAMES:
@@ -184,6 +192,8 @@ def register(subparsers) -> None:
                             + __doc__.split("\n\n")[1].replace("\n", " "))
         _add_data_options(mp, name, defaults)
         _add_run_options(mp, name)
+        if name in _basic.MODELS:
+            _basic.add_aliases(mp, name)
         model_opts = add_model_options(mp, defaults)
         mp.set_defaults(func=run, _model_options=model_opts)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -278,6 +288,8 @@ def make_config(args):
     model_opts, data_opts, engine, notes = resolve(args)
     if args.model in SYNTHESIS:
         _derive_synthesis(args.model, model_opts, data_opts, engine)
+    if args.model in _basic.MODELS:
+        _basic.derive(args.model, model_opts, data_opts, args.flip)
     _derive_from_data(args.model, model_opts, data_opts, args._model_options)
     name = args.name or f"{args.model}_" + (os.path.basename(os.path.normpath(args.dataroot)) if args.dataroot else "sample")
     run_dir = os.path.join(args.checkpoints_dir, name)

@@ -22,7 +22,8 @@ from ganengine.data.unpaired import UnalignedDataset
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 SAMPLE_DATA = {"pix2pix": "photos_paired", "cyclegan": "photos_unpaired", "stargan": "digits", "stackgan": "digits"}
-CLASS_MODELS = ("sagan", "biggan", "biggan_deep", "unetgan")  # class-conditional image synthesis (data/classes.py)
+CLASS_MODELS = ("sagan", "biggan", "biggan_deep", "unetgan",
+                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")  # class-conditional image synthesis (data/classes.py)
 SAMPLE_DATA.update(csgan="photos_unpaired", **{m: "digits" for m in CLASS_MODELS})
 MODELS = tuple(SAMPLE_DATA)
 
@@ -61,7 +62,8 @@ def build_dataset(model: str, options, phase: str | None = None):
         from ganengine.data.classes import class_dataset
 
         return class_dataset(_get(options, "dataroot"), sample_root(model) if not _get(options, "dataroot") else None,
-                             _get(options, "image_size", 64), flip, phase, cache=cache)
+                             _get(options, "image_size", 64), flip, phase, cache=cache,
+                             channels=_get(options, "channels", 3))
     if model in ("pix2pix", "cyclegan", "csgan"):
         transform = TransformOptions(_get(options, "preprocess", "resize_and_crop"), _get(options, "load_size", 286),
                                      _get(options, "crop_size", 256), flip)

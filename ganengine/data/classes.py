@@ -41,8 +41,15 @@ def square_resize(img: Image.Image, image_size: int, flip: bool, g: torch.Genera
     return T.to_tensor(img)
 
 
+def _mode(channels: int) -> str:
+    if channels not in (1, 3):
+        raise DataError(f"images can be read with 1 (grayscale) or 3 (RGB) channels, got channels={channels!r}")
+    return "L" if channels == 1 else "RGB"
+
+
 class ClassFolderDataset(SeededDataset):
-    def __init__(self, dataroot: str, image_size: int = 128, flip: bool = True, phase: str = "train", cache="auto"):
+    def __init__(self, dataroot: str, image_size: int = 128, flip: bool = True, phase: str = "train", cache="auto",
+                 channels: int = 3):
         root = os.path.join(dataroot, phase) if os.path.isdir(os.path.join(dataroot, phase)) else dataroot
         if not os.path.isdir(root):
             raise DataError(f"class-per-folder root {root!r} does not exist. Expected DATAROOT/<class>/*.png")
@@ -57,7 +64,7 @@ class ClassFolderDataset(SeededDataset):
             found = find_images(os.path.join(root, c), f"class folder {c!r}")
             paths += found
             labels += [k] * len(found)
-        self.images = ImageStore(paths, cache=cache)
+        self.images = ImageStore(paths, mode=_mode(channels), cache=cache)
         self.labels = torch.tensor(labels)
         self.image_size, self.flip = image_size, flip
 
@@ -76,7 +83,7 @@ class ClassFolderDataset(SeededDataset):
 class DigitsDataset(ClassFolderDataset):
     """The built-in digits (``ganengine/data/sample/digits``) as a 10-class dataset."""
 
-    def __init__(self, root: str, image_size: int = 32, flip: bool = False, cache="auto"):
+    def __init__(self, root: str, image_size: int = 32, flip: bool = False, cache="auto", channels: int = 3):
         from ganengine.data.labelled import read_attr_file
 
         names, rows = read_attr_file(os.path.join(root, "list_attr_celeba.txt"))
@@ -86,7 +93,7 @@ class DigitsDataset(ClassFolderDataset):
             paths.append(os.path.join(root, "images", fname))
             labels.append(max(range(10), key=lambda k: values[cols[k]]))
         self.classes = list(DIGIT_NAMES)
-        self.images = ImageStore(paths, cache=cache)
+        self.images = ImageStore(paths, mode=_mode(channels), cache=cache)
         self.labels = torch.tensor(labels)
         self.image_size, self.flip = image_size, flip
 
@@ -94,7 +101,7 @@ class DigitsDataset(ClassFolderDataset):
 class HDF5Dataset(SeededDataset):
     """BigGAN-PyTorch's ``ILSVRC*.hdf5``: ``imgs`` (N, 3, H, W) uint8, ``labels`` (N,)."""
 
-    def __init__(self, path: str, image_size: int | None = None, flip: bool = False):
+    def __init__(self, path: str, image_size: int | None = None, flip: bool = False, channels: int = 3):
         try:
             import h5py
         except ImportError:
@@ -116,7 +123,7 @@ class HDF5Dataset(SeededDataset):
                 raise DataError(f"{path!r}: {imgs.shape[0]} images but {f['labels'].shape[0]} labels")
             self.imgs = torch.from_numpy(imgs[...])
             self.labels = torch.from_numpy(f["labels"][...].astype("int64"))
-        self.path, self.flip = path, flip
+        self.path, self.flip, self.gray = path, flip, _mode(channels) == "L"
         self.image_size = image_size or self.imgs.shape[-1]
         self.classes = [str(k) for k in range(int(self.labels.max()) + 1)] if len(self.labels) else []
         self.paths = [f"{path}[{i}]" for i in range(len(self.labels))]
@@ -129,7 +136,10 @@ class HDF5Dataset(SeededDataset):
         return self.imgs.shape[0]
 
     def get(self, index: int, g: torch.Generator) -> dict:
-        img = self.imgs[index].float() / 127.5 - 1
+        img = self.imgs[index].float()
+        if self.gray:  # ITU-R 601-2 luma, as Pillow's convert("L")
+            img = (img[0] * 299 + img[1] * 587 + img[2] * 114).div_(1000).round_()[None]
+        img = img / 127.5 - 1
         if img.shape[-1] != self.image_size or img.shape[-2] != self.image_size:
             img = torch.nn.functional.interpolate(img[None], size=(self.image_size, self.image_size),
                                                   mode="bilinear", align_corners=False, antialias=True)[0]
@@ -139,10 +149,10 @@ class HDF5Dataset(SeededDataset):
 
 
 def class_dataset(dataroot: str | None, sample_root: str, image_size: int, flip: bool, phase: str = "train",
-                  cache="auto"):
+                  cache="auto", channels: int = 3):
     if dataroot is None:
-        return DigitsDataset(sample_root, image_size, flip=False, cache=cache)
+        return DigitsDataset(sample_root, image_size, flip=False, cache=cache, channels=channels)
     if os.path.isfile(dataroot) or (os.path.isdir(dataroot) and any(
             f.endswith((".hdf5", ".h5")) for f in os.listdir(dataroot))):
-        return HDF5Dataset(dataroot, image_size, flip)
-    return ClassFolderDataset(dataroot, image_size, flip, phase, cache=cache)
+        return HDF5Dataset(dataroot, image_size, flip, channels=channels)
+    return ClassFolderDataset(dataroot, image_size, flip, phase, cache=cache, channels=channels)
