@@ -1,6 +1,8 @@
-"""Class-conditional image datasets for the synthesis models (SAGAN, BigGAN, BigGAN-deep, U-Net GAN).
+"""Class-conditional image datasets for the synthesis models (DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN,
+ADC-GAN, InfoGAN, SAGAN, BigGAN, BigGAN-deep, U-Net GAN).
 
-Layouts (items ``{"image": (3, S, S) in [-1, 1], "label": int64 class index, "paths": str}``):
+Layouts (items ``{"image": (C, S, S) in [-1, 1], "label": int64 class index, "paths": str}``, C =
+``channels``, 1 (grayscale, Pillow's ``convert("L")``) or 3):
 
 * class per folder (ImageNet's and most class-conditional sets' layout)::
 
@@ -50,6 +52,7 @@ def _mode(channels: int) -> str:
 class ClassFolderDataset(SeededDataset):
     def __init__(self, dataroot: str, image_size: int = 128, flip: bool = True, phase: str = "train", cache="auto",
                  channels: int = 3):
+        mode = _mode(channels)  # the arguments first, then the files
         root = os.path.join(dataroot, phase) if os.path.isdir(os.path.join(dataroot, phase)) else dataroot
         if not os.path.isdir(root):
             raise DataError(f"class-per-folder root {root!r} does not exist. Expected DATAROOT/<class>/*.png")
@@ -64,7 +67,7 @@ class ClassFolderDataset(SeededDataset):
             found = find_images(os.path.join(root, c), f"class folder {c!r}")
             paths += found
             labels += [k] * len(found)
-        self.images = ImageStore(paths, mode=_mode(channels), cache=cache)
+        self.images = ImageStore(paths, mode=mode, cache=cache)
         self.labels = torch.tensor(labels)
         self.image_size, self.flip = image_size, flip
 

@@ -8,8 +8,9 @@ indices, so the same state_dict keys), convolutions have no bias, the generator 
 reference's ``weights_init`` (conv weights N(0, 0.02), batch-norm weights N(1, 0.02), biases 0).
 
 Fused (default): BatchNorm2d -> ReLU / LeakyReLU pairs run as one ``BatchNormAct2d``, the first
-discriminator conv and its LeakyReLU as one ``Conv2dAct``, the other (transposed) convolutions on
-ganengine's conv ops; keys unchanged.
+discriminator conv and its LeakyReLU as one ``Conv2dAct``, the generator's first transposed conv
+(on a 1x1 input) on ganengine's GEMM form, the other convolutions on oneDNN / cuDNN
+(``synthesis_layers``); keys unchanged.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class DCGANGenerator(nn.Module):
             nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
             nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
         _init(self, init_type)
-        finish_synthesis(self, fused)
+        # ganengine's conv op for the first layer only: its GEMM form on the 1x1 input beats oneDNN
+        finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4 or input.shape[1] != self.nz:
@@ -76,7 +78,8 @@ class DCGANDiscriminator(nn.Module):
             nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid())
         _init(self, init_type)
-        finish_synthesis(self, fused)
+        # the first conv + LeakyReLU as ganengine's fused op (it beats oneDNN + LeakyReLU there)
+        finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4 or input.shape[1] != self.nc:

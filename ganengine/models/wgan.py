@@ -21,6 +21,7 @@ import torch
 
 import ganengine.functional as GF
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.fused_rmsprop import FusedRMSprop
 from ganengine.models.networks_pytorch_gan import WGANGPDiscriminator, WGANGPGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN, check_fraction
 
@@ -48,9 +49,15 @@ class _Wasserstein(SynthesisGAN):
         return (z,)
 
     def _wasserstein(self, real, fake):
-        """-mean D(x) + mean D(G(z)), the scores in fp32."""
-        return (GF.gan_loss(self.D(real).float(), True, "wgangp")
-                + GF.gan_loss(self.D(fake).float(), False, "wgangp"))
+        """-mean D(x) + mean D(G(z)), the scores in fp32. The critic has no batch-dependent layer
+        (no norm, no dropout), so with ``fused`` it scores both batches in one pass (the same
+        numbers up to rounding, half the calls)."""
+        if self.options["fused"]:
+            scores = self.D(torch.cat([real, fake.to(real.dtype)])).float()
+            real_scores, fake_scores = scores[:real.shape[0]], scores[real.shape[0]:]
+        else:
+            real_scores, fake_scores = self.D(real).float(), self.D(fake).float()
+        return GF.gan_loss(real_scores, True, "wgangp") + GF.gan_loss(fake_scores, False, "wgangp")
 
     def _critic_loss(self, real, fake) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -126,12 +133,17 @@ class WGAN(_Wasserstein):
         check_fraction(type(self).__name__, "clip_value", self.options["clip_value"])
 
     def make_optimizers(self):
+        # the reference's torch.optim.RMSprop (alpha 0.99, eps 1e-8, no momentum); with
+        # fused_optimizer the same update as one fused kernel (models/fused_rmsprop.py)
         lr = self.options["lr"]
-        # torch.optim.RMSprop's defaults are the reference's (alpha 0.99, eps 1e-8, no momentum);
-        # foreach: one multi-tensor update instead of the per-parameter loop the CPU default runs
-        foreach = True if self.options["fused_optimizer"] else None
-        return {"G": torch.optim.RMSprop(self.G.parameters(), lr=lr, foreach=foreach),
-                "D": torch.optim.RMSprop(self.D.parameters(), lr=lr, foreach=foreach)}
+
+        def rmsprop(params):
+            params = list(params)
+            if self.options["fused_optimizer"] and FusedRMSprop.supported(params):
+                return FusedRMSprop(params, lr=lr)
+            return torch.optim.RMSprop(params, lr=lr)
+
+        return {"G": rmsprop(self.G.parameters()), "D": rmsprop(self.D.parameters())}
 
     def _critic_loss(self, real, fake):
         return self._wasserstein(real, fake), {}
