@@ -2,7 +2,6 @@
 compact re-writes of the references (tests/reference_nets_synthesis.py), reference checkpoints,
 the shared SynthesisGAN pieces, FusedRMSprop, resume and the command line."""
 import copy
-import os
 
 import pytest
 import torch
@@ -527,3 +526,18 @@ def test_cli_help_lists_the_reference_options(capsys):
         assert rc == 0
         for f in flags:
             assert f in out, (model, f)
+
+
+def test_ddp_gloo_two_processes_stay_in_sync(tmp_path):
+    """InfoGAN's heads sit out some passes (find_unused_parameters), WGAN-GP's penalty takes a
+    gradient inside each process; the all-reduce keeps the ranks identical."""
+    from tests.test_cli_train import _ddp_worker, _free_port, _same
+
+    common = ["--checkpoints_dir", str(tmp_path), "--no_progress", "--tensorboard", "off", "--deterministic",
+              "--sample_every", "0", "--batch_size", "4", "--max_steps", "3", "--latent_dim", "8", "--img_size", "16"]
+    runs = [("infogan", ["train", "infogan", "--name", "infogan"] + common),
+            ("wgan_gp", ["train", "wgan_gp", "--name", "wgan_gp", "--n_critic", "2"] + common)]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), runs, str(tmp_path)), nprocs=2, join=True)
+    for tag, _ in runs:
+        r = [torch.load(tmp_path / f"{tag}_rank{k}.pt", weights_only=True) for k in range(2)]
+        assert _same(*r), tag
