@@ -60,12 +60,10 @@ class DCGAN(SynthesisGAN):
         # (1) D: maximise log D(x) + log(1 - D(G(z)))
         ctx.zero_grad(opt_D)
         with ctx.autocast():
+            out_real = self.D(real)
             noise = self.sample_z(real.shape[0]).view(real.shape[0], -1, 1, 1)
             fake = self.G(noise)
-            if self.options["fused"] and isinstance(self.D, DCGANDiscriminator):  # not under DDP / compile
-                out_real, out_fake = self.D.forward_pair(real, fake.detach())
-            else:
-                out_real, out_fake = self.D(real), self.D(fake.detach())
+            out_fake = self.D(fake.detach())
         err_real, err_fake = bce(out_real, 1.0), bce(out_fake, 0.0)
         ctx.backward(err_real + err_fake, "D")
         ctx.step(opt_D, "D")

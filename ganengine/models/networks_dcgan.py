@@ -87,20 +87,6 @@ class DCGANDiscriminator(nn.Module):
                              f"got {tuple(input.shape)}")
         return self.main(input).view(-1, 1).squeeze(1)
 
-    def forward_pair(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(self(a), self(b))`` as two calls give them (batch norm over each batch on its own,
-        running statistics updated for a, then for b), with each convolution run once over both
-        batches: half the convolution calls and weight reorders of the discriminator step."""
-        n = a.shape[0]
-        h = torch.cat([a, b.to(a.dtype)])
-        for m in self.main:
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                h = torch.cat([m(h[:n]), m(h[n:])])
-            else:
-                h = m(h)
-        out = h.view(-1, 1).squeeze(1)
-        return out[:n], out[n:]
-
 
 # ----------------------------------------------------------------------------- reference checkpoints
 # arch -> (defaults of the reference's architecture globals, builder, infer): registered by
