@@ -545,7 +545,7 @@ def test_options_are_reference_named_and_checked():
     with pytest.raises(ValueError, match="gan_mode"):
         Pix2Pix(gan_mode="wasserstein", ngf=4, ndf=4, netG="unet_128")
     with pytest.raises(ValueError, match="model name"):
-        build_model("dcgan")
+        build_model("no_such_gan")
 
 
 # ---------------------------------------------------------------------------- models vs the reference step

@@ -36,7 +36,7 @@ MODELS.update(csgan=CSGAN, sagan=SAGAN, biggan=BigGAN, biggan_deep=BigGANDeep, u
 
 
 def build_model(name: str, **options) -> GANModel:
-    """A model by name ("pix2pix", "cyclegan", "stargan", "stackgan") with reference-named options."""
+    """A model by name (see MODELS: the image-to-image and the synthesis models) with reference-named options."""
     if name not in MODELS:
         raise ValueError(f"model name must be one of {tuple(MODELS)}, got {name!r}")
     return MODELS[name](**options)
