@@ -1,0 +1,129 @@
+"""Normwise error bounds of whole networks (generators, discriminators, training steps).
+
+Carrying elementwise worst-case bounds through many layers (tests/_chain_bounds.py) makes them
+vacuous: every conv's |w| ignores the cancellation of signs and every norm divides by a plane's
+spread, so the bound grows ~10x per layer while the error does not. For a network the tests use
+the normwise form of the same analysis instead (Higham 3.5, normwise):
+
+    |fl(y) - y|_max <= c * gamma~_n(acc) * scale,    c = D (forward), 2 D (backward),
+
+with gamma~ the probabilistic gamma of Higham & Mary (tests/_tolerance.gamma_prob, lam = 8:
+~8 sqrt(n) u, failing with probability < 3e-14 n; the worst-case n u, compounded over a network,
+would let a dropped term through), n the longest reduction a layer performs (forward: a conv's
+C_in k^2, a norm's plane, a linear layer's width; backward also C_out k^2 for dx, N H_out W_out
+for dw, the batch for a linear weight), D the number of layers
+with a reduction (the depth of the chain of rounding errors: each layer's own error is at most
+gamma_n of the values it produces, normalisation layers keep activations O(1) and pass relative
+errors on with a gain of about 1, and to first order the layers' errors add) and scale the
+largest magnitude of the compared quantity (the network's output, or its largest parameter
+gradient: a gradient that is 0 in exact arithmetic, a conv bias before an instance norm, is
+rounding noise of that size). Both sides of a comparison of two fp32 computations are within it
+of the exact value, so they are apart by at most twice it (``sides=2``).
+
+The census of n and D is taken with forward hooks during a forward pass the test runs anyway.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tests._tolerance import assert_below, gamma_prob
+
+
+class Census:
+    """Longest forward reduction ``n_fwd``, longest of all (with the backward's) ``n`` and the
+    number of reducing layers ``depth`` seen in forward passes."""
+
+    def __init__(self):
+        self.n_fwd, self.n, self.depth, self._seen = 1, 1, 0, set()
+        self.extra = 0.0  # stages added for Winograd layers (census(..., winograd=True))
+
+    def add(self, key, fwd, bwd=()):
+        if key not in self._seen:
+            self._seen.add(key)
+            self.depth += 1
+        self.n_fwd = max([self.n_fwd] + [int(v) for v in fwd])
+        self.n = max([self.n, self.n_fwd] + [int(v) for v in bwd])
+
+
+def _lengths(m, inp, out):
+    """(forward, backward) reduction lengths of one call of a leaf module, or None."""
+    x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
+    y = out[0] if isinstance(out, (tuple, list)) else out
+    if x is None or not isinstance(y, torch.Tensor):
+        return None
+    name = type(m).__name__
+    w = getattr(m, "weight", None)
+    fwd, bwd = [], []
+    if isinstance(w, torch.Tensor) and w.dim() == 4:  # conv / transposed conv (ganengine's fused ones too)
+        k = w.shape[2] * w.shape[3]
+        tr = "Transpose" in name  # weight (C_in, C_out, k, k); dw sums over its input's pixels
+        fwd.append((w.shape[0] if tr else w.shape[1]) * k)
+        bwd += [(w.shape[1] if tr else w.shape[0]) * k, (x.numel() // x.shape[1]) if tr else (y.numel() // y.shape[1])]
+    elif isinstance(w, torch.Tensor) and w.dim() == 2:  # linear
+        fwd.append(w.shape[1])
+        bwd += [w.shape[0], x.numel() // max(x.shape[-1], 1)]
+    if "Norm" in name:  # instance/batch norm: a plane, at most the channel across the batch
+        fwd.append(y.numel() // max(y.shape[1], 1) if y.dim() > 1 else y.numel())
+    return (fwd, bwd) if fwd else None
+
+
+@contextlib.contextmanager
+def census(*modules, winograd=False):
+    """Hooks on every leaf module (and attention blocks, whose bmm reductions have no module:
+    n includes their H*W and C) of ``modules`` during the with-block. ``winograd``: a 4x4 conv
+    the cpu backend would run as Winograd counts alpha stages (alpha from the exact transform
+    matrices, tests/_conv_bounds.winograd_amplification: 9 for F(3, 2), 49 for F(2, 4))."""
+    cen = Census()
+    handles = []
+    for root in modules:
+        for m in root.modules():
+            attn = "Attention" in type(m).__name__ or "Attn" in type(m).__name__
+            if next(m.children(), None) is not None and not attn:
+                continue
+
+            def hook(mod, inp, out, attn=attn):
+                if attn:
+                    x = inp[0]
+                    if id(mod) not in cen._seen:
+                        cen.depth += 1  # two products and a softmax: one more stage than a conv
+                    cen.add(id(mod), [x.shape[1], x.numel() // (x.shape[0] * x.shape[1])])
+                    return
+                lengths = _lengths(mod, inp, out)
+                if lengths:
+                    if winograd and id(mod) not in cen._seen:
+                        _winograd_extra(cen, mod, inp[0])
+                    cen.add(id(mod), *lengths)
+
+            handles.append(m.register_forward_hook(hook))
+    try:
+        yield cen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def assert_normwise(actual, ref, cen: Census, scale=None, backward=False, sides=2, acc_dtype=torch.float32,
+                    name="", extra_depth=0, out_round=1.0):
+    """|actual - ref| <= sides * c * gamma~_n(acc) * scale (+ u(out)|ref|), c = D, or 2 D with n
+    over the backward's reductions too (above); ``extra_depth``: stated extra stages."""
+    if scale is None:
+        scale = ref.detach().double().abs().max().item()
+    c = sides * (cen.depth + cen.extra + extra_depth) * (2 if backward else 1)
+    n = cen.n if backward else cen.n_fwd
+    return assert_below(actual, ref, max(c, 1) * gamma_prob(n, acc_dtype) * scale, name=name, out_round=out_round)
+
+
+def _winograd_extra(cen, mod, x):
+    """Count (alpha - 1) more stages for a 4x4 conv the cpu backend would run as Winograd here."""
+    import ganengine
+    from tests._conv_bounds import cpu_winograd_route, winograd_amplification
+
+    w = getattr(mod, "weight", None)
+    if not (isinstance(w, torch.Tensor) and w.dim() == 4 and tuple(w.shape[-2:]) == (4, 4)):
+        return
+    with ganengine.use_backend("cpu"):
+        route = cpu_winograd_route(mod, x)
+    if route is not None:
+        cen.extra += winograd_amplification(mod.stride[0]) - 1
