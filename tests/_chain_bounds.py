@@ -134,7 +134,7 @@ class ChainBounds:
     references are looked up by the original parameter: ``param_errs[id(p)]``, ``param_refs``."""
 
     def __init__(self, layers, x, grad=None, acc_dtype=torch.float32, winograd=None, x_err=None, grad_err=None,
-                 running_stat_err=None):
+                 running_stat_err=None, store_dtype=None):
         self.layers = list(layers)
         mods = [copy.deepcopy(m).double() for m in self.layers]
         for sub in (s for m in mods for s in m.modules()):
@@ -164,6 +164,8 @@ class ChainBounds:
                 own[i] = _conv_own(m, xs[i], gs[i + 1] if grad is not None else torch.zeros_like(xs[i + 1]),
                                    acc_dtype, winograd)
             es.append(self._fwd_err(m, xs[i], es[i], gs[i + 1], own.get(i), self.stat_err.get(i)))
+            if store_dtype is not None:  # every layer's output stored in a narrower format
+                es[-1] = es[-1] + unit_roundoff(store_dtype) * xs[i + 1].abs()
         self.e_y = es[-1]
         self.inputs, self.errs = xs, es  # every layer's input (fp64) and the bound of its error
         self.param_refs, self.param_errs = {}, {}
@@ -172,6 +174,8 @@ class ChainBounds:
         e_g = torch.zeros_like(self.y) if grad_err is None else grad_err.double()
         for i in reversed(range(len(mods))):
             e_g, perr = self._bwd_err(mods[i], xs[i], es[i], gs[i + 1], e_g, own.get(i))
+            if store_dtype is not None and i > 0:
+                e_g = e_g + unit_roundoff(store_dtype) * gs[i].abs()
             for p, e in zip(self.layers[i].parameters(), perr):
                 self.param_errs[id(p)] = e
         self.e_dx = e_g
