@@ -15,9 +15,10 @@ for dw, the batch for a linear weight), D the number of layers
 with a reduction (the depth of the chain of rounding errors: each layer's own error is at most
 gamma_n of the values it produces, normalisation layers keep activations O(1) and pass relative
 errors on with a gain of about 1, and to first order the layers' errors add) and scale the
-largest magnitude of the compared quantity (the network's output, or its largest parameter
-gradient: a gradient that is 0 in exact arithmetic, a conv bias before an instance norm, is
-rounding noise of that size). Both sides of a comparison of two fp32 computations are within it
+largest magnitude of the compared quantity (the network's output, or its last layer's sum of
+|terms| where that layer cancels, bounded by ||w_row||_1 max|x|; for gradients the network's
+largest parameter gradient: a gradient that is 0 in exact arithmetic, a conv bias before an
+instance norm, is rounding noise of that size). Both sides of a comparison of two fp32 computations are within it
 of the exact value, so they are apart by at most twice it (``sides=2``).
 
 The census of n and D is taken with forward hooks during a forward pass the test runs anyway.
@@ -38,6 +39,7 @@ class Census:
     def __init__(self):
         self.n_fwd, self.n, self.depth, self._seen = 1, 1, 0, set()
         self.extra = 0.0  # stages added for Winograd layers (census(..., winograd=True))
+        self.last_scale = 0.0  # sum|terms| bound of the last conv/linear layer called (Hoelder)
 
     @classmethod
     def of(cls, n_fwd, n, depth):
@@ -81,16 +83,29 @@ def census(*modules, winograd=False):
     """Hooks on every leaf module (and attention blocks, whose bmm reductions have no module:
     n includes their H*W and C) of ``modules`` during the with-block. ``winograd``: a 4x4 conv
     the cpu backend would run as Winograd counts alpha stages (alpha from the exact transform
-    matrices, tests/_conv_bounds.winograd_amplification: 9 for F(3, 2), 49 for F(2, 4))."""
+    matrices, tests/_conv_bounds.winograd_amplification: 9 for F(3, 2), 49 for F(2, 4)).
+    Leaves whose hooks never fire (a module whose forward calls fused functions with its
+    children's parameters, like ganengine's PatchDiscriminator) are counted from their shapes,
+    with the largest N H W seen at the roots' inputs and outputs for their pixel sums."""
     cen = Census()
-    handles = []
+    handles, fired, leaves, pixels = [], set(), [], [1]
+
+    def io_pixels(mod, inp, out=None):
+        for t in list(inp) + ([out] if isinstance(out, torch.Tensor) else list(out or [])):
+            if isinstance(t, torch.Tensor) and t.dim() == 4:
+                pixels[0] = max(pixels[0], t.numel() // t.shape[1])
+
     for root in modules:
+        handles.append(root.register_forward_pre_hook(lambda m, inp: io_pixels(m, inp)))
+        handles.append(root.register_forward_hook(lambda m, inp, out: io_pixels(m, inp, out)))
         for m in root.modules():
             attn = "Attention" in type(m).__name__ or "Attn" in type(m).__name__
             if next(m.children(), None) is not None and not attn:
                 continue
+            leaves.append(m)
 
             def hook(mod, inp, out, attn=attn):
+                fired.add(id(mod))
                 if attn:
                     x = inp[0]
                     if id(mod) not in cen._seen:
@@ -98,6 +113,13 @@ def census(*modules, winograd=False):
                     cen.add(id(mod), [x.shape[1], x.numel() // (x.shape[0] * x.shape[1])])
                     return
                 lengths = _lengths(mod, inp, out)
+                w = getattr(mod, "weight", None)
+                if lengths and isinstance(w, torch.Tensor) and w.dim() in (2, 4):
+                    # sum_j |w_j x_j| <= ||w_row||_1 max|x| (+ |b|): the scale of this layer's result
+                    rows = w.detach().abs().transpose(0, 1) if "Transpose" in type(mod).__name__ else w.detach().abs()
+                    b = getattr(mod, "bias", None)
+                    cen.last_scale = float(rows.flatten(1).sum(1).max()) * float(inp[0].detach().abs().max()) + (
+                        float(b.detach().abs().max()) if isinstance(b, torch.Tensor) else 0.0)
                 if lengths:
                     if winograd and id(mod) not in cen._seen:
                         _winograd_extra(cen, mod, inp[0])
@@ -109,14 +131,31 @@ def census(*modules, winograd=False):
     finally:
         for h in handles:
             h.remove()
+        for m in leaves:  # counted from shapes where the forward bypassed the module
+            if id(m) in fired:
+                continue
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 4:
+                k = w.shape[2] * w.shape[3]
+                tr = "Transpose" in type(m).__name__
+                cen.add(id(m), [(w.shape[0] if tr else w.shape[1]) * k], [(w.shape[1] if tr else w.shape[0]) * k, pixels[0]])
+                stride = getattr(m, "stride", None)
+                if winograd and tuple(w.shape[-2:]) == (4, 4) and stride in ((1, 1), (2, 2)):
+                    from tests._conv_bounds import winograd_amplification
+
+                    cen.extra += winograd_amplification(stride[0]) - 1
+            elif isinstance(w, torch.Tensor) and w.dim() == 2:
+                cen.add(id(m), [w.shape[1]], [w.shape[0]])
+            elif "Norm" in type(m).__name__:
+                cen.add(id(m), [pixels[0]])
 
 
 def assert_normwise(actual, ref, cen: Census, scale=None, backward=False, sides=2, acc_dtype=torch.float32,
                     name="", extra_depth=0, out_round=1.0):
     """|actual - ref| <= sides * c * gamma~_n(acc) * scale (+ u(out)|ref|), c = D, or 2 D with n
     over the backward's reductions too (above); ``extra_depth``: stated extra stages."""
-    if scale is None:
-        scale = ref.detach().double().abs().max().item()
+    if scale is None:  # the output's magnitude, or its last layer's sum|terms| where that cancels
+        scale = max(ref.detach().double().abs().max().item(), cen.last_scale)
     c = sides * (cen.depth + cen.extra + extra_depth) * (2 if backward else 1)
     n = cen.n if backward else cen.n_fwd
     return assert_below(actual, ref, max(c, 1) * gamma_prob(n, acc_dtype) * scale, name=name, out_round=out_round)
@@ -127,10 +166,33 @@ def _winograd_extra(cen, mod, x):
     import ganengine
     from tests._conv_bounds import cpu_winograd_route, winograd_amplification
 
+    from ganengine.ops import conv3x3 as cm
+    from tests._conv_bounds import amplification
+
     w = getattr(mod, "weight", None)
-    if not (isinstance(w, torch.Tensor) and w.dim() == 4 and tuple(w.shape[-2:]) == (4, 4)):
+    if not (isinstance(w, torch.Tensor) and w.dim() == 4):
+        return
+    if type(mod).__name__ == "Conv3x3":  # ganengine's 3x3 family: F(tile, 3) above its threshold
+        pad = mod.padding[0] if isinstance(mod.padding, tuple) else mod.padding
+        tile = cm._use_winograd(x, w, pad)
+        if tile is not None:
+            cen.extra += amplification(tile, 3) - 1
+        return
+    if tuple(w.shape[-2:]) != (4, 4):
         return
     with ganengine.use_backend("cpu"):
         route = cpu_winograd_route(mod, x)
     if route is not None:
         cen.extra += winograd_amplification(mod.stride[0]) - 1
+
+
+def assert_losses_close(got: dict, want: dict, cen: Census, steps: int = 1, sides: int = 2, msg=""):
+    """A training step's losses, normwise over the step's loss values (the largest |loss| as the
+    scale: a loss is a mean of terms of the networks' output size), with the backward's n and
+    2 D per step: after the first step the weights carry the previous steps' rounding (Adam
+    turns rounding-noise gradients into +-lr moves, but those weights change the losses only
+    through the same noise-sized gradients, to first order)."""
+    scale = max(float(v.detach().abs().max()) for v in want.values())
+    for k in want:
+        assert_normwise(got[k], want[k].detach(), cen, scale=scale, backward=True, sides=sides,
+                        extra_depth=(steps - 1) * cen.depth, name=f"{msg}{k}")
