@@ -26,7 +26,7 @@ from tests._tolerance import gamma, unit_roundoff
 POINTWISE_ULPS = 4  # tanh/sigmoid/exp: a few ulps (libm and SIMD versions are within 1-4)
 
 
-def _conv_own(layer, x, g, acc, winograd):
+def _conv_own(layer, x, g, acc, winograd, product_u=0.0):
     """Own rounding bounds [y, dx, dw, db] of a conv layer at input x, upstream grad g: the direct
     form's, and where ``winograd`` (a callable (layer, x) -> (m, r) or None) names a Winograd
     route, the larger of the two (so the bound holds for a backend on either route)."""
@@ -38,7 +38,8 @@ def _conv_own(layer, x, g, acc, winograd):
     for route in routes:
         sc = _grouped(conv_scales, layer.groups, x, layer.weight, g, layer.bias, stride=layer.stride,
                       padding=layer.padding, transposed=tr, winograd=route)
-        b = [gamma(n, acc) * t for _, t, n in sc.items()]
+        # (product_u: the products' inputs rounded to a narrower format first, TF32: 2 u each)
+        b = [(gamma(n, acc) + 2 * product_u) * t for _, t, n in sc.items()]
         out = b if out is None else [torch.maximum(o, t) for o, t in zip(out, b)]
     return out
 
@@ -134,7 +135,7 @@ class ChainBounds:
     references are looked up by the original parameter: ``param_errs[id(p)]``, ``param_refs``."""
 
     def __init__(self, layers, x, grad=None, acc_dtype=torch.float32, winograd=None, x_err=None, grad_err=None,
-                 running_stat_err=None, store_dtype=None):
+                 running_stat_err=None, store_dtype=None, product_u=0.0):
         self.layers = list(layers)
         mods = [copy.deepcopy(m).double() for m in self.layers]
         for sub in (s for m in mods for s in m.modules()):
@@ -162,7 +163,7 @@ class ChainBounds:
         for i, m in enumerate(mods):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 own[i] = _conv_own(m, xs[i], gs[i + 1] if grad is not None else torch.zeros_like(xs[i + 1]),
-                                   acc_dtype, winograd)
+                                   acc_dtype, winograd, product_u)
             es.append(self._fwd_err(m, xs[i], es[i], gs[i + 1], own.get(i), self.stat_err.get(i)))
             if store_dtype is not None:  # every layer's output stored in a narrower format
                 es[-1] = es[-1] + unit_roundoff(store_dtype) * xs[i + 1].abs()

@@ -630,7 +630,9 @@ def test_gpu_backends(backend, dtype, n):
         with run_on(backend, "cuda"):
             loss = GF.discriminator_loss(xg, xg.flip(0), mode)
             loss.backward()
-        x64 = x.double().requires_grad_()
+        # (clone: for fp64, .double() returns x itself, which would then require grad and make
+        # the next mode's xg a non-leaf without .grad)
+        x64 = x.double().clone().requires_grad_()
         ref = 0.5 * (torch_gan_loss(x64, True, mode) + torch_gan_loss(x64.flip(0), False, mode))
         ref.backward()
         (sr, gr), (sf, gf) = elem_scales(x, True, mode), elem_scales(x.flip(0), False, mode)
@@ -641,7 +643,7 @@ def test_gpu_backends(backend, dtype, n):
         total, _ = GF.cycle_loss(*ours)
         total.backward()
         again, _ = GF.cycle_loss(*imgs)
-    refs = [i.double().requires_grad_() for i in imgs]
+    refs = [i.double().clone().requires_grad_() for i in imgs]
     rtotal, _ = torch_cycle_loss(*refs)
     rtotal.backward()
     assert torch.equal(total.detach(), again)  # deterministic
