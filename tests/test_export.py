@@ -1,6 +1,7 @@
 """ganengine.export and the evaluate/export commands.
 
-ONNX files are run with onnxruntime on CPU and compared with the ganengine output (atol 1e-4);
+ONNX files are run with onnxruntime on CPU and compared with the ganengine output (normwise
+network bounds, tests/_model_bounds.py);
 TorchScript files are loaded in a fresh process that never imports ganengine. The generators
 use the fused ops, so the tests also prove that no ganengine:: op survives the export.
 """

@@ -17,7 +17,7 @@ from tests._backends import backend_params, on_backend, out_round
 from tests._chain_bounds import ChainBounds
 from tests._model_bounds import assert_normwise, census
 from tests._norm_bounds import instance_norm_act_bounds, instance_stat_bounds
-from tests._tolerance import assert_below, assert_within_bound, gamma, unit_roundoff
+from tests._tolerance import assert_below, assert_within_bound, unit_roundoff
 
 BACKENDS = backend_params()
 
