@@ -25,10 +25,12 @@ def _bmm(a, b):
 
 
 def core_bounds(q, k, v, x, gamma, go, acc=torch.float32, e_q=None, e_k=None, e_v=None, store_dtype=None,
-                u_gamma=0.0):
+                u_gamma=0.0, product_u=0.0):
     """dict of fp64 bounds: out, attn, q, k, v (their gradients), gamma (its gradient); plus the
     fp64 intermediates the block needs ("_dq", "_dk", "_dv", "out_ref"). ``u_gamma``: a relative
-    error in gamma itself (its rounding to the input format)."""
+    error in gamma itself (its rounding to the input format); ``product_u``: the products' inputs
+    rounded to a narrower format first (TF32 on a GPU: 2^-11), 2 product_u per product."""
+    pu = 2 * product_u
     q, k, v, x = (t.detach().double() for t in (q, k, v, x))
     go = None if go is None else go.detach().double()
     gm = gamma.detach().double().reshape(())
@@ -42,11 +44,11 @@ def core_bounds(q, k, v, x, gamma, go, acc=torch.float32, e_q=None, e_k=None, e_
     e_v = z(v) if e_v is None else e_v
     qa, ka, va = q.abs(), k.abs(), v.abs()
     S = _bmm(q.transpose(1, 2), k)
-    E_S = g_(d, acc) * _bmm(qa.transpose(1, 2), ka) + _bmm(e_q.transpose(1, 2), ka) + _bmm(qa.transpose(1, 2), e_k)
+    E_S = (g_(d, acc) + pu) * _bmm(qa.transpose(1, 2), ka) + _bmm(e_q.transpose(1, 2), ka) + _bmm(qa.transpose(1, 2), e_k)
     P = torch.softmax(S, -1)
     E_P = P * (E_S + (P * E_S).sum(-1, keepdim=True) + g_(2 * M + 8, acc))
     O = _bmm(v, P.transpose(1, 2))
-    E_O = (g_(2 * M + 8, acc) * _bmm(va, P.transpose(1, 2)) + _bmm(e_v, P.transpose(1, 2))
+    E_O = ((g_(2 * M + 8, acc) + pu) * _bmm(va, P.transpose(1, 2)) + _bmm(e_v, P.transpose(1, 2))
            + _bmm(va, E_P.transpose(1, 2)))
     out = gm * O + x
     E_out = gm.abs() * E_O + 2 * u * ((gm * O).abs() + out.abs()) + us * out.abs()
@@ -58,26 +60,26 @@ def core_bounds(q, k, v, x, gamma, go, acc=torch.float32, e_q=None, e_k=None, e_
     E_dO = (u + u_gamma) * dOa
     res["gamma"] = (g_(B * C * N, acc) * (goa * O.abs()).sum() + (goa * E_O).sum()).reshape(gamma.shape)
     dv = _bmm(dO, P)
-    E_dv = g_(N + 2, acc) * _bmm(dOa, P) + _bmm(dOa, E_P) + _bmm(E_dO, P)
+    E_dv = (g_(N + 2, acc) + pu) * _bmm(dOa, P) + _bmm(dOa, E_P) + _bmm(E_dO, P)
     dP = _bmm(dO.transpose(1, 2), v)  # (B, N, M)
-    E_dP = (g_(C, acc) * _bmm(dOa.transpose(1, 2), va) + _bmm(dOa.transpose(1, 2), e_v)
+    E_dP = ((g_(C, acc) + pu) * _bmm(dOa.transpose(1, 2), va) + _bmm(dOa.transpose(1, 2), e_v)
             + _bmm(E_dO.transpose(1, 2), va))
     D = (dO * O).sum(1).unsqueeze(-1)  # (B, N, 1)
-    E_D = (g_(C, acc) * (dOa * O.abs()).sum(1) + (dOa * E_O).sum(1) + (E_dO * O.abs()).sum(1)).unsqueeze(-1)
+    E_D = ((g_(C, acc) + pu) * (dOa * O.abs()).sum(1) + (dOa * E_O).sum(1) + (E_dO * O.abs()).sum(1)).unsqueeze(-1)
     E_D = E_D + (E_P * dP.abs() + P * E_dP).sum(-1, keepdim=True) + g_(M, acc) * (P * dP.abs()).sum(-1, keepdim=True)
     dS = P * (dP - D)
     E_dS = E_P * (dP.abs() + D.abs()) + P * (E_dP + E_D) + g_(4, acc) * P * (dP.abs() + D.abs())
     dSa = dS.abs()
     dq = _bmm(k, dS.transpose(1, 2))
-    E_dq = g_(M + 2, acc) * _bmm(ka, dSa.transpose(1, 2)) + _bmm(e_k, dSa.transpose(1, 2)) + _bmm(ka, E_dS.transpose(1, 2))
+    E_dq = (g_(M + 2, acc) + pu) * _bmm(ka, dSa.transpose(1, 2)) + _bmm(e_k, dSa.transpose(1, 2)) + _bmm(ka, E_dS.transpose(1, 2))
     dk = _bmm(q, dS)
-    E_dk = g_(N + 2, acc) * _bmm(qa, dSa) + _bmm(e_q, dSa) + _bmm(qa, E_dS)
+    E_dk = (g_(N + 2, acc) + pu) * _bmm(qa, dSa) + _bmm(e_q, dSa) + _bmm(qa, E_dS)
     res.update(q=E_dq + us * dq.abs(), k=E_dk + us * dk.abs(), v=E_dv + us * dv.abs(), _dq=dq, _dk=dk, _dv=dv)
     return res
 
 
 def self_attention_bounds(x, qw, qb, kw, kb, vw, vb, gamma, go, acc=torch.float32, store_dtype=None,
-                          input_dtype=None):
+                          input_dtype=None, product_u=0.0):
     """Bounds of out and of the gradients of (x, qw, qb, kw, kb, vw, vb, gamma), in that order
     (a list; out first), for ganengine.functional.self_attention2d and upstream ``go``.
     ``input_dtype``: the inputs are that format's rounding of the values given (the reference
@@ -88,6 +90,7 @@ def self_attention_bounds(x, qw, qb, kw, kb, vw, vb, gamma, go, acc=torch.float3
     xa = x2.abs()
     us = 0.0 if store_dtype is None else unit_roundoff(store_dtype)
     ui = 0.0 if input_dtype is None else unit_roundoff(input_dtype)
+    ui = ui + product_u  # (TF32 products: like inputs rounded to 2^-11, for the 1x1 convs too)
     proj, errs, wts = [], [], []
     for w, b in ((qw, qb), (kw, kb), (vw, vb)):
         w2, b2 = w.detach().double().flatten(1), b.detach().double()
@@ -97,7 +100,7 @@ def self_attention_bounds(x, qw, qb, kw, kb, vw, vb, gamma, go, acc=torch.float3
         errs.append((g_(C + 1, acc) + 2 * ui) * ta + us * t.abs())
         wts.append(w2)
     go2 = None if go is None else go.detach().double().flatten(2)
-    core = core_bounds(*proj, x2, gamma, go2, acc, *errs, store_dtype=store_dtype, u_gamma=ui)
+    core = core_bounds(*proj, x2, gamma, go2, acc, *errs, store_dtype=store_dtype, u_gamma=ui, product_u=product_u)
     o_abs = (core["out_ref"] - x2).abs()  # |gamma O|
     out = [(core["out"] + ui * (xa + o_abs)).view(x.shape)]
     if go is None:
