@@ -18,6 +18,13 @@ two-pass variance, an exp...), with a comment saying where c comes from. Then
 
 holds on every x86 machine; a wrong index or a dropped term still fails it by orders of
 magnitude, because it gives errors of the size of the values themselves.
+
+Scales of the ops (fp64, from the tests' own inputs): tests/_conv_bounds.py (direct and Winograd
+convolutions, forward and both gradients), tests/_norm_bounds.py (instance/batch norm +
+activation), tests/_attention_bounds.py (SAGAN attention), tests/_chain_bounds.py (a block of
+layers, errors carried elementwise); whole networks: tests/_model_bounds.py (normwise, with
+Higham & Mary's probabilistic gamma_prob, since worst-case bounds compound over depth).
+``assert_below`` takes a bound assembled by those helpers.
 """
 from __future__ import annotations
 
