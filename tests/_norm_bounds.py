@@ -65,8 +65,10 @@ def instance_norm_act_bounds(x, weight=None, bias=None, grad=None, activation="l
     wa, ba = wd.abs()[None, :, None, None], bd.abs()[None, :, None, None]
     u = unit_roundoff(acc_dtype)
     g_ = gamma_prob(L + 8, acc_dtype)
-    if L == 1:  # xh = 0 exactly, y = act(b): the kernels special-case it
-        mu, r, xh = xd, torch.zeros_like(xd), torch.zeros_like(xd)
+    if L == 1:  # xh = 0 in exact arithmetic, r = 1/sqrt(eps): the same formulas (a kernel that
+        # computes x - mean or a - mean(a) with a rounded mean leaves u-sized noise times r)
+        mu, xh = xd, torch.zeros_like(xd)
+        r = torch.full_like(xd, eps ** -0.5)
     else:
         mu = _pmean(xd)
         r = (_pmean((xd - mu) ** 2) + eps).rsqrt()
@@ -76,7 +78,7 @@ def instance_norm_act_bounds(x, weight=None, bias=None, grad=None, activation="l
     ki = (xd.abs() + _pmean(xd.abs())) * r
     rho = C_NORM * g_ * (1 + kbar)  # relative error of rstd
     e_xh = C_NORM * g_ * (ki + (1 + kbar) * axh)
-    if x_err is not None and L > 1:  # d xh = r (e - mean e - xh mean(xh e)), |.| bounded
+    if x_err is not None:  # d xh = r (e - mean e - xh mean(xh e)), |.| bounded
         e = x_err.double()
         e_xh = e_xh + r * (e + _pmean(e) + axh * _pmean(axh * e))
         rho = rho + r * _pmean(axh * e)
@@ -95,13 +97,10 @@ def instance_norm_act_bounds(x, weight=None, bias=None, grad=None, activation="l
     if grad_err is not None:
         kink = kink + grad_err.double() * max(1.0, abs(s))
     a = wa * gp.abs()
-    if L == 1:
-        out.dx = wa * 0 * gd.abs()  # exactly 0
-    else:
-        s_dx = r * (a + _pmean(a) + axh * _pmean(a * axh))
-        out.dx = (C_NORM * g_ * s_dx + rho * s_dx
-                  + r * (axh * _pmean(a * e_xh) + e_xh * _pmean(a * axh))
-                  + r * wa * (kink + _pmean(kink) + axh * _pmean(kink * axh)))
+    s_dx = r * (a + _pmean(a) + axh * _pmean(a * axh))
+    out.dx = (C_NORM * g_ * s_dx + rho * s_dx
+              + r * (axh * _pmean(a * e_xh) + e_xh * _pmean(a * axh))
+              + r * wa * (kink + _pmean(kink) + axh * _pmean(kink * axh)))
     if weight is not None:
         g2 = gamma_prob(N * L + 8, acc_dtype)
         out.dw = (g2 * (gp.abs() * axh) + gp.abs() * e_xh + kink * axh).sum((0, 2, 3))
