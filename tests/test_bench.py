@@ -183,6 +183,23 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["bench", "--list"]) == 0
 
 
+def test_cli_without_matplotlib_says_so_first_and_writes_tables(toy_cases, tmp_path, capsys, monkeypatch):
+    """No matplotlib: one line before the work starts, then the tables without the chart (issue 16)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    out = tmp_path / "bench"
+    rc = main(["bench", "--ops", "toy_bias_act", "--quick", "--device", "cpu", "--runners", "eager",
+               "--repeats", "3", "--output", str(out)])
+    assert rc == 0
+    assert (out / "bench.json").exists() and (out / "bench.md").exists() and not (out / "bench.png").exists()
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and "Traceback" not in err
+    assert err.index("matplotlib is not installed") < err.index("toy_bias_act")
+
+
 def test_cli_norm_act_quick(tmp_path):
     if "instance_norm_act" not in registry.all_cases():
         pytest.skip("norm_act is not in this build")

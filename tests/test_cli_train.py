@@ -178,3 +178,33 @@ def test_sync_bn_needs_cuda():
     info = D.DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="--sync_bn needs CUDA"):
         D.wrap(torch.nn.BatchNorm2d(3), info, sync_bn=True)
+
+
+def test_stackgan_batch_of_one_is_one_clear_line(tmp_path, capsys):
+    """StackGAN's reference networks batch-normalise over the batch (BatchNorm1d after the text
+    projection), so a batch of one cannot train: one line saying so and what to pass, not torch's
+    "Expected more than 1 value per channel" (issue 16)."""
+    flags = TINY_FLAGS["stackgan"].replace("--batch_size 4", "").split()
+    argv = (["train", "stackgan"] + flags + ["--batch_size", "1", "--checkpoints_dir", str(tmp_path), "--name", "b1",
+            "--max_steps", "2", "--no_progress", "--tensorboard", "off"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "at least 2 images" in err and "--batch_size 2" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_with_compile_on_cpu(tmp_path):
+    """--compile: every network under torch.compile with the fused ops inside (fake impls and
+    registered autograd); the step runs and the losses stay finite (issue 16)."""
+    assert _train("pix2pix", tmp_path, "--compile --print_freq 1") == 0
+    with open(tmp_path / "run" / "loss_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(v) == float(v) for v in rows[-1].values() if v)
+
+
+def test_cuda_graphs_needs_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert _train("pix2pix", tmp_path, "--cuda_graphs") == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "Traceback" not in err

@@ -195,3 +195,25 @@ def test_tensorboard_is_optional(tmp_path):
         assert f.read().splitlines() == ["step,epoch,a,b", "1,0,1,", "2,0,2,3"]
     with pytest.raises(ValueError, match="pip install tensorboard"):
         TrainLogger(str(tmp_path), "on")
+
+
+def test_sample_grid_rows_are_labelled(tmp_path):
+    """The sample grids name their rows (real / translated / target...) in a strip on the left."""
+    from PIL import Image
+
+    from ganengine.train.logger import save_grid
+    from ganengine.train.visuals import row_labels
+
+    class _M:
+        options = {"direction": "AtoB"}
+
+    labels = row_labels("pix2pix", _M(), 3)
+    assert labels == ["input A", "output G(A)", "target B"]
+    assert row_labels("stargan", _M(), 3, ["Blond_Hair", "Male"]) == ["real", "flip Blond_Hair", "flip Male"]
+    rows = [torch.zeros(2, 3, 8, 8) for _ in range(3)]
+    save_grid(rows, str(tmp_path / "plain.png"))
+    save_grid(rows, str(tmp_path / "labelled.png"), labels)
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "labelled.png") as b:
+        assert b.height == a.height and b.width > a.width + 20
+        strip = torch.tensor(list(b.convert("L").getdata())).view(b.height, b.width)[:, :b.width - a.width]
+        assert (strip < 128).any(), "no text drawn in the label strip"

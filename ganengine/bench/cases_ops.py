@@ -74,6 +74,7 @@ def _norm_act(mod):
                     dict(n=16, c=256, h=32, w=32, affine=True)],
             "quick": [dict(n=2, c=16, h=32, w=32, affine=False),
                       dict(n=2, c=8, h=16, w=16, affine=True)],
+            "tiny": [dict(n=1, c=4, h=4, w=4, affine=True)],
         },
         traffic_shape=dict(n=2, c=8, h=64, w=64, affine=True),
     ))
@@ -112,6 +113,7 @@ def _attention(mod):
         shapes={
             "ref": [dict(n=4, c=64, h=32, w=32), dict(n=4, c=128, h=32, w=32)],
             "quick": [dict(n=2, c=16, h=8, w=8)],
+            "tiny": [dict(n=1, c=16, h=4, w=4)],
         },
         traffic_shape=dict(n=1, c=32, h=16, w=16),
     ))
@@ -141,6 +143,7 @@ def _conv_act(mod):
             "ref": [dict(n=1, cin=6, cout=64, h=256, w=256, k=4, stride=2, padding=1),
                     dict(n=1, cin=64, cout=128, h=128, w=128, k=4, stride=2, padding=1)],
             "quick": [dict(n=1, cin=3, cout=8, h=32, w=32, k=4, stride=2, padding=1)],
+            "tiny": [dict(n=1, cin=3, cout=4, h=8, w=8, k=4, stride=2, padding=1)],
         },
         traffic_shape=dict(n=1, cin=3, cout=8, h=16, w=16, k=4, stride=2, padding=1),
     ))
@@ -169,6 +172,7 @@ def _conv_act(mod):
             "ref": [dict(n=1, cin=64, cout=128, h=128, w=128, k=4, stride=2, padding=1),
                     dict(n=1, cin=128, cout=256, h=64, w=64, k=4, stride=2, padding=1)],
             "quick": [dict(n=1, cin=8, cout=16, h=16, w=16, k=4, stride=2, padding=1)],
+            "tiny": [dict(n=1, cin=4, cout=4, h=8, w=8, k=4, stride=2, padding=1)],
         },
         traffic_shape=dict(n=1, cin=4, cout=8, h=16, w=16, k=4, stride=2, padding=1),
     ))
@@ -197,6 +201,7 @@ def _conv3x3(mod):
         shapes={
             "ref": [dict(n=1, c=256, h=64, w=64, mode="reflect"), dict(n=16, c=256, h=32, w=32, mode="zeros")],
             "quick": [dict(n=1, c=128, h=16, w=16, mode="reflect")],
+            "tiny": [dict(n=1, c=4, h=4, w=4, mode="reflect")],
         },
     ))
 
@@ -223,6 +228,7 @@ def _conv(mod):
             "ref": [dict(transposed=False, n=1, ci=512, co=512, h=8), dict(transposed=True, n=1, ci=1024, co=512, h=4),
                     dict(transposed=False, n=16, ci=1024, co=2048, h=4)],
             "quick": [dict(transposed=False, n=1, ci=256, co=256, h=4), dict(transposed=True, n=1, ci=256, co=128, h=2)],
+            "tiny": [dict(transposed=False, n=1, ci=4, co=4, h=4)],
         },
     ))
 
@@ -245,7 +251,7 @@ def _losses(mod):
             name="gan_loss", family="losses", kind="op", setup=setup_g,
             description="vanilla (BCE-with-logits) GAN loss against 'real'",
             shapes={"ref": [dict(n=1, h=30, w=30), dict(n=16, h=30, w=30)],
-                    "quick": [dict(n=2, h=30, w=30)]},
+                    "quick": [dict(n=2, h=30, w=30)], "tiny": [dict(n=1, h=4, w=4)]},
             traffic_shape=dict(n=2, h=30, w=30),
         ))
     if hasattr(mod, "discriminator_loss"):
@@ -265,7 +271,7 @@ def _losses(mod):
             name="discriminator_loss", family="losses", kind="op", setup=setup_d,
             description="LSGAN discriminator loss, real + fake in one pass",
             shapes={"ref": [dict(n=1, h=30, w=30), dict(n=16, h=30, w=30)],
-                    "quick": [dict(n=2, h=30, w=30)]},
+                    "quick": [dict(n=2, h=30, w=30)], "tiny": [dict(n=1, h=4, w=4)]},
             traffic_shape=dict(n=2, h=30, w=30),
         ))
     if hasattr(mod, "cycle_loss"):
@@ -287,9 +293,61 @@ def _losses(mod):
         register(BenchCase(
             name="cycle_loss", family="losses", kind="op", setup=setup_c,
             description="CycleGAN cycle + identity L1 losses in one pass",
-            shapes={"ref": [dict(n=1, h=256, w=256)], "quick": [dict(n=1, h=32, w=32)]},
+            shapes={"ref": [dict(n=1, h=256, w=256)], "quick": [dict(n=1, h=32, w=32)], "tiny": [dict(n=1, h=4, w=4)]},
             traffic_shape=dict(n=1, h=32, w=32),
         ))
+
+
+# ----------------------------------------------------------------------------- batch_norm_act
+def _batch_norm_act(mod):
+    # BN + ReLU at DCGAN / BigGAN / U-Net shapes: 64x512x4x4 (DCGAN G first block, batch 64),
+    # 64x256x8x8, 16x128x32x32 (BigGAN-128 G block), 1x64x128x128 (pix2pix U-Net, batch 1)
+    shapes = {
+        "ref": [dict(n=64, c=512, h=4, w=4), dict(n=64, c=256, h=8, w=8), dict(n=16, c=128, h=32, w=32),
+                dict(n=1, c=64, h=128, w=128)],
+        "quick": [dict(n=16, c=64, h=8, w=8)],
+        "tiny": [dict(n=2, c=4, h=4, w=4)],
+    }
+
+    def setup(p, device, dtype):
+        x = _randn((p["n"], p["c"], p["h"], p["w"]), device, dtype)
+        w = 1.0 + 0.1 * _randn((p["c"],), device, torch.float32)
+        b = 0.1 * _randn((p["c"],), device, torch.float32)
+        rm = torch.zeros(p["c"], device=device)
+        rv = torch.ones(p["c"], device=device)
+
+        def reference(x, w, b, rm, rv):  # nn.BatchNorm2d (train) -> nn.ReLU
+            return F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
+
+        def fused(x, w, b, rm, rv):
+            return mod.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, "relu")
+
+        return Workload(args=(x, w, b, rm, rv), reference=reference, fused=fused, grad_args=(0, 1, 2))
+
+    register(BenchCase(name="batch_norm_act", family="batch_norm_act", kind="op", setup=setup, shapes=shapes,
+                       description="BatchNorm2d (training, running statistics) + ReLU",
+                       traffic_shape=dict(n=4, c=16, h=8, w=8)))
+
+    def setup_cond(p, device, dtype):
+        n, c = p["n"], p["c"]
+        x = _randn((n, c, p["h"], p["w"]), device, dtype)
+        gain = 1.0 + 0.1 * _randn((n, c), device, dtype)
+        bias = 0.1 * _randn((n, c), device, dtype)
+        rm = torch.zeros(c, device=device)
+        rv = torch.ones(c, device=device)
+
+        def reference(x, gain, bias, rm, rv):  # BigGAN ccbn: F.batch_norm(...) * gain + bias, then ReLU
+            out = F.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
+            return F.relu(out * gain[:, :, None, None] + bias[:, :, None, None])
+
+        def fused(x, gain, bias, rm, rv):
+            return mod.conditional_batch_norm_act(x, gain, bias, rm, rv, True, 0.1, 1e-5, "relu")
+
+        return Workload(args=(x, gain, bias, rm, rv), reference=reference, fused=fused, grad_args=(0, 1, 2))
+
+    register(BenchCase(name="conditional_batch_norm_act", family="batch_norm_act", kind="op", setup=setup_cond,
+                       shapes=shapes, description="BigGAN class-conditional batch norm (per-sample gain/bias) + ReLU",
+                       traffic_shape=dict(n=4, c=16, h=8, w=8)))
 
 
 _FAMILIES = {
@@ -299,6 +357,7 @@ _FAMILIES = {
     "conv3x3": (_conv3x3, "conv3x3"),
     "conv": (_conv, "conv_transpose2d"),
     "losses": (_losses, None),
+    "batch_norm_act": (_batch_norm_act, "batch_norm_act"),
 }
 
 

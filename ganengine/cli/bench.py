@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--traffic", action="store_true",
                    help="also count the Triton kernels' memory traffic (needs TRITON_INTERPRET=1)")
+    p.add_argument("--host", action="store_true",
+                   help="also measure host time and kernels per call of every op at a tiny shape "
+                        "(kernel counts need TRITON_INTERPRET=1)")
     p.add_argument("--no-chart", action="store_true", help="do not draw bench.png")
     p.add_argument("--list", action="store_true", help="list the cases in this build and exit")
     p.set_defaults(func=run)
@@ -55,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"(op family {family} not benchmarked: {why})")
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.no_chart and importlib.util.find_spec("matplotlib") is None:
+        # say it before the long work, not with a traceback after it
+        print("ganengine bench: matplotlib is not installed, so no bench.png "
+              "(pip install 'ganengine[bench]' or matplotlib); writing the tables only", file=sys.stderr)
+        args.no_chart = True
     try:
         cases = registry.select(args.ops, args.models)
         runners = args.runners
@@ -79,12 +88,26 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"ganengine bench: error: {exc}", file=sys.stderr)
             return 2
+    host = []
+    if args.host:
+        from ganengine.bench import host_cost
+
+        host = host_cost.measure(cases, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     rep = report.build_report(result, machine.machine_info(), command=_command_line(args), traffic=traffic)
     paths = [report.write_json(rep, os.path.join(args.output, "bench.json")),
              report.write_markdown(rep, os.path.join(args.output, "bench.md"))]
     if not args.no_chart:
         paths.append(report.write_chart(rep, os.path.join(args.output, "bench.png")))
     print(report.markdown(rep))
+    if host:
+        from ganengine.bench import host_cost
+
+        text = ("## Host time and kernels per call (tiny shapes, 1 thread, auto backend)\n\n"
+                + host_cost.markdown(host))
+        with open(os.path.join(args.output, "host_cost.md"), "w") as f:
+            f.write(text)
+        paths.append(os.path.join(args.output, "host_cost.md"))
+        print(text)
     print("wrote " + ", ".join(paths))
     errors = [r for r in rep["records"] if r["status"] == "error"]
     return 1 if errors else 0
@@ -102,7 +125,7 @@ def _command_line(args: argparse.Namespace) -> str:
             parts += [f"--{name}", str(getattr(args, name))]
     if args.dtype != "float32":
         parts += ["--dtype", args.dtype]
-    for flag in ("quick", "no_compile", "no_memory", "traffic", "no_chart"):
+    for flag in ("quick", "no_compile", "no_memory", "traffic", "host", "no_chart"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
     parts += ["--output", args.output]

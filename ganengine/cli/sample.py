@@ -33,7 +33,7 @@ def run(args) -> int:
     from ganengine.data import DataError, build_dataset
     from ganengine.train.checkpoint import CheckpointError, load_model
     from ganengine.train.logger import save_grid
-    from ganengine.train.visuals import rows
+    from ganengine.train.visuals import row_labels, rows
 
     try:
         if args.n < 1:
@@ -60,7 +60,8 @@ def run(args) -> int:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         torch.manual_seed(args.seed)
         grid_rows = rows(name, model, batch, data.get("selected_attrs"))
-        save_grid([r.float() for r in grid_rows], args.output)
+        save_grid([r.float() for r in grid_rows], args.output,
+                  row_labels(name, model, len(grid_rows), data.get("selected_attrs")))
     except (DataError, CheckpointError, ValueError) as exc:
         if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
             raise

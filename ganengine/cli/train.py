@@ -99,7 +99,13 @@ def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
                    help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler per optimiser; "
                         "losses stay fp32 (default: %(default)s)")
     e.add_argument("--channels_last", action="store_true", help="NHWC memory format for networks and batches")
-    e.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    e.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the networks (the fused ops compile through their fake impls); MODE "
+                        "reduce-overhead replays each network's step as a CUDA graph on a GPU, which removes the "
+                        "per-op host cost (default mode: %(const)s)")
+    e.add_argument("--cuda_graphs", action="store_true",
+                   help="shorthand for --compile reduce-overhead: CUDA-graph replay of every network (CUDA only)")
     e.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     e.add_argument("--num_threads", type=nonneg_int, default=None,
                    help="DataLoader worker processes (default: 0 when the decoded images are cached and "
@@ -226,7 +232,7 @@ def make_config(args):
     cfg = TrainConfig(
         model=args.model, model_options=model_opts, data_options=data_opts, run_dir=run_dir, log_dir=args.log_dir,
         batch_size=engine["batch_size"], n_epochs=engine["n_epochs"], n_epochs_decay=engine["n_epochs_decay"],
-        max_steps=engine.get("max_steps"), amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        max_steps=engine.get("max_steps"), amp=args.amp, channels_last=args.channels_last, compile=("reduce-overhead" if args.cuda_graphs else args.compile) or False,
         seed=args.seed, deterministic=args.deterministic, resume=args.resume, sample_every=engine["sample_every"],
         save_every=engine["save_every"], print_freq=args.print_freq, keep_checkpoints=args.keep_checkpoints,
         num_workers=args.num_threads, device=args.device, sync_bn=args.sync_bn, backend=args.backend,

@@ -67,3 +67,34 @@ def frechet_distance(features_a, features_b) -> float:
 
 
 __all__ = ["frechet_distance", "frechet_distance_from_stats", "trace_sqrt_product"]
+
+
+def intra_class_frechet_distance(real_features, real_labels, fake_features, fake_labels,
+                                 return_per_class: bool = False):
+    """Intra-class FID (Miyato & Koyama, cGANs with projection discriminator, 2018): the
+    Frechet distance between real and generated features of each class, averaged over the
+    classes present in ``real_labels``. Every such class needs at least 2 samples on both sides.
+
+    Returns the mean, or ``(mean, {label: distance})`` with ``return_per_class=True``.
+    """
+    real = as_features(real_features, "real_features")
+    fake = as_features(fake_features, "fake_features")
+    labels = {}
+    for name, lab, feats in (("real_labels", real_labels, real), ("fake_labels", fake_labels, fake)):
+        arr = lab.detach().cpu().numpy() if hasattr(lab, "detach") else np.asarray(lab)
+        if arr.ndim != 1 or arr.shape[0] != feats.shape[0]:
+            raise ValueError(f"intra_class_frechet_distance: {name} must be a 1-D array with one label per "
+                             f"feature row ({feats.shape[0]}), got shape {arr.shape}")
+        labels[name] = arr
+    per_class = {}
+    for c in np.unique(labels["real_labels"]).tolist():
+        r, f = real[labels["real_labels"] == c], fake[labels["fake_labels"] == c]
+        if r.shape[0] < 2 or f.shape[0] < 2:
+            raise ValueError(f"intra_class_frechet_distance: class {c!r} has {r.shape[0]} real and {f.shape[0]} "
+                             "generated samples; each class needs at least 2 of both")
+        per_class[c] = frechet_distance(r, f)
+    mean = float(np.mean(list(per_class.values())))
+    return (mean, per_class) if return_per_class else mean
+
+
+__all__ += ["intra_class_frechet_distance"]

@@ -27,6 +27,7 @@ from ganengine.train import distributed as D
 from ganengine.train import rng
 from ganengine.train.context import AmpContext
 from ganengine.train.logger import TrainLogger
+from ganengine.train.visuals import row_labels
 from ganengine.train.visuals import rows as visual_rows
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
     max_steps: int | None = None
     amp: str = "off"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str = False                         # True / a torch.compile mode
     seed: int = 0
     deterministic: bool = False
     resume: str | None = None                           # a checkpoint, a run folder, or "latest"
@@ -88,6 +89,20 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     net = getattr(net, "_orig_mod", net)  # torch.compile
     return getattr(net, "module", net)    # DDP
+
+
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(mode, device: torch.device) -> str | None:
+    """torch.compile's mode for ``--compile [MODE]`` (True means the default mode)."""
+    mode = "default" if mode is True else mode
+    if mode not in _COMPILE_MODES:
+        raise ValueError(f"--compile: mode must be one of {_COMPILE_MODES}, got {mode!r}")
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ValueError(f"--compile reduce-overhead / --cuda_graphs replays CUDA graphs and needs a CUDA device; "
+                         f"training runs on {device.type}: use --compile (default mode) there")
+    return None if mode == "default" else mode
 
 
 class Trainer:
@@ -139,7 +154,7 @@ class Trainer:
         for name, net in self.networks.items():  # DDP (and compile) wrappers for the step function
             wrapped = D.wrap(net, self.dist, cfg.sync_bn)
             if cfg.compile:
-                wrapped = torch.compile(wrapped)
+                wrapped = torch.compile(wrapped, mode=_compile_mode(cfg.compile, self.device))
             if wrapped is not net:
                 setattr(self.model, name, wrapped)
         if cfg.sync_bn and self.dist.enabled:  # convert_sync_batchnorm may return new modules
@@ -237,7 +252,8 @@ class Trainer:
             rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
         if self.logger is None:
             return None
-        return self.logger.images(self.step, [r.float() for r in rows])
+        return self.logger.images(self.step, [r.float() for r in rows],
+                                  row_labels(self.cfg.model, self.model, len(rows), attrs))
 
     # ---------------------------------------------------------------- loop
     def _check_finite(self) -> None:

@@ -30,9 +30,33 @@ def make_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
     return grid
 
 
-def save_grid(rows: list[torch.Tensor], path: str) -> None:
+def label_rows(image, labels: list[str], n_rows: int, pad: int = 2):
+    """The grid image with a white strip on the left naming each row (PIL's built-in font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(labels) != n_rows:
+        raise ValueError(f"label_rows: {len(labels)} labels for {n_rows} rows")
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(image)
+    width = max(int(draw.textlength(t, font=font)) for t in labels) + 2 * pad + 4
+    out = Image.new("RGB", (image.width + width, image.height), "white")
+    out.paste(image, (width, 0))
+    draw = ImageDraw.Draw(out)
+    row_h = (image.height - pad) / n_rows
+    for i, text in enumerate(labels):
+        top, bottom = pad + i * row_h, pad + (i + 1) * row_h - pad
+        box = draw.textbbox((0, 0), text, font=font)
+        draw.text((pad + 2, (top + bottom - (box[3] - box[1])) / 2 - box[1]), text, fill="black", font=font)
+    return out
+
+
+def save_grid(rows: list[torch.Tensor], path: str, labels: list[str] | None = None) -> None:
+    """Write the rows as one PNG; ``labels`` (one per row) name the rows in a strip on the left."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    to_image(make_grid(rows)).save(path)
+    image = to_image(make_grid(rows))
+    if labels:
+        image = label_rows(image, labels, len(rows))
+    image.save(path)
 
 
 class TrainLogger:
@@ -88,9 +112,9 @@ class TrainLogger:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
 
-    def images(self, step: int, rows: list[torch.Tensor]) -> str:
+    def images(self, step: int, rows: list[torch.Tensor], labels: list[str] | None = None) -> str:
         path = os.path.join(self.log_dir, "samples", f"step_{step:08d}.png")
-        save_grid(rows, path)
+        save_grid(rows, path, labels)
         if self.tb is not None:
             self.tb.add_image("samples", (make_grid(rows) + 1) / 2, step)
         return path

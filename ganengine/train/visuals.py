@@ -29,6 +29,23 @@ def stargan_targets(label: torch.Tensor, selected_attrs: list[str] | None) -> li
     return out
 
 
+def row_labels(model_name: str, model, n_rows: int, selected_attrs=None) -> list[str]:
+    """What each row of :func:`rows` shows, for the label strip of the sample grids."""
+    options = getattr(model, "options", {}) or {}
+    if model_name in ("pix2pix", "cyclegan"):
+        a, b = ("A", "B") if options.get("direction", "AtoB") == "AtoB" else ("B", "A")
+        if model_name == "pix2pix":
+            return [f"input {a}", f"output G({a})", f"target {b}"][:n_rows]
+        return [f"real {a}", f"translated G({a})", f"real {b} (unpaired)"][:n_rows]
+    if model_name == "stargan":
+        names = list(selected_attrs) if selected_attrs else [f"domain {i}" for i in range(n_rows - 1)]
+        flip = "set" if not selected_attrs else "flip"
+        return ["real"] + [f"{flip} {n}" for n in names][:n_rows - 1]
+    if model_name == "stackgan":
+        return ["real", "generated", "generated (new z)"][:n_rows]
+    return [f"row {i}" for i in range(n_rows)]
+
+
 @torch.no_grad()
 def rows(model_name: str, model, batch: dict, selected_attrs=None, max_rows: int = 10) -> list[torch.Tensor]:
     # translate() sets the modes the model is evaluated in (pix2pix keeps dropout on, as the

@@ -1,0 +1,183 @@
+"""Per-call cost of every fused op at a tiny shape: host time and kernels per call.
+
+At GAN batch sizes a GPU spends microseconds per op, so a fused call pays off only if it costs no
+more host time, and launches no more kernels, than the eager ops it replaces (the cost rule).
+At a tiny shape the arithmetic is negligible and what is left is exactly that per-call cost.
+
+* host time: the fused op (on the CPU, through the backend ``auto`` picks: the path a user's
+  call takes) against the plain PyTorch composition it replaces, forward and forward+backward,
+  measured interleaved (rounds of ``calls`` calls of one, then the other, so drift and
+  frequency changes hit both alike) with one thread; the median over rounds, per call.
+* kernels per call on the CUDA path: counted without a GPU, under the Triton interpreter: every
+  Triton launch of the fused op plus every aten op issued around it (each one kernel on a GPU),
+  against the aten ops of the eager composition (``ganengine.bench.traffic_table``).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ganengine.bench.registry import BenchCase, shape_label
+from ganengine.bench.runner import pinned_threads
+from ganengine.bench.traffic import _tensors
+
+
+def tiny_shape(case: BenchCase) -> dict:
+    """The case's ``tiny`` shape if it registers one, else its smallest traffic/quick shape."""
+    if "tiny" in case.shapes:
+        return case.shapes["tiny"][0]
+    return case.traffic_shape or case.shape_list("quick")[0]
+
+
+def _calls(work, grads):
+    """(reference, fused) zero-argument callables for forward and forward+backward."""
+    args = work.args
+
+    def fb(fn):
+        leaves = list(args)
+        for i in work.grad_args:
+            leaves[i] = args[i].detach().requires_grad_(True)
+        inputs = [leaves[i] for i in work.grad_args]
+
+        def call():
+            outs = [t for t in _tensors(fn(*leaves)) if t.is_floating_point()]
+            return torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+
+        return call
+
+    def fwd(fn):
+        def call():
+            with torch.no_grad():
+                return fn(*args)
+
+        return call
+
+    return {"forward": (fwd(work.reference), fwd(work.fused)),
+            "forward_backward": (fb(work.reference), fb(work.fused))}
+
+
+def _per_call_us(fn, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def interleaved_us(reference, fused, calls: int = 200, rounds: int = 9, warmup: int = 20) -> tuple[float, float]:
+    """Median per-call microseconds of (reference, fused), measured in alternating rounds."""
+    for _ in range(warmup):
+        reference()
+        fused()
+    ref, fus = [], []
+    for r in range(rounds):
+        # alternate which goes first, so neither always runs on a warmer cache
+        order = ((reference, ref), (fused, fus)) if r % 2 == 0 else ((fused, fus), (reference, ref))
+        for fn, out in order:
+            out.append(_per_call_us(fn, calls))
+    return statistics.median(ref), statistics.median(fus)
+
+
+def measure_case(case: BenchCase, params: dict | None = None, calls: int = 200, rounds: int = 9,
+                 modes=None) -> list[dict]:
+    """Host-time records (one per mode) for one op case, CPU tensors, one thread, auto backend."""
+    from ganengine import backends
+    from ganengine.ops import _dispatch
+
+    params = params or tiny_shape(case)
+    work = case.setup(params, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        ref_out = [t for t in _tensors(work.reference(*work.args)) if t.is_floating_point()]
+    grads = [torch.randn_like(t) for t in ref_out]
+    out = []
+    with pinned_threads(1), backends.use_backend("auto"):
+        for mode, (reference, fused) in _calls(work, grads).items():
+            if mode not in (modes or case.modes):
+                continue
+            rec = {"case": case.name, "family": case.family, "mode": mode, "shape": params,
+                   "shape_label": shape_label(params), "status": "ok", "reason": None}
+            try:
+                _dispatch.last_used.clear()
+                fused()
+                rec["backends"] = dict(_dispatch.last_used)
+                ref_us, fused_us = interleaved_us(reference, fused, calls, rounds)
+                rec.update(eager_us=ref_us, ganengine_us=fused_us, ratio=fused_us / ref_us)
+            except Exception as exc:  # one failing case must not end the table
+                rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            out.append(rec)
+    return out
+
+
+def measure(cases, calls: int = 200, rounds: int = 9, progress=None, with_kernels: bool = True) -> list[dict]:
+    """Host-time records of every op case, joined with the kernel counts of the CUDA path when
+    the Triton interpreter is on (``TRITON_INTERPRET=1`` before triton is imported)."""
+    from ganengine import backends
+
+    counts = {}
+    if with_kernels and backends.triton_interpret():
+        from ganengine.bench import traffic_table
+
+        for case in cases:
+            if case.kind != "op":
+                continue
+            if progress:
+                progress(f"kernels {case.name}")
+            for r in traffic_table.measure_case(case, params=tiny_shape(case)):
+                if r["status"] == "ok":
+                    counts[(r["case"], r["mode"])] = (r["eager_kernels"], r["ganengine_kernels"])
+    out = []
+    for case in cases:
+        if case.kind != "op":
+            continue
+        if progress:
+            progress(f"host time {case.name}")
+        for rec in measure_case(case, calls=calls, rounds=rounds):
+            eager_k, gan_k = counts.get((rec["case"], rec["mode"]), (None, None))
+            rec.update(eager_kernels=eager_k, ganengine_kernels=gan_k)
+            out.append(rec)
+    return out
+
+
+def markdown(records: list[dict]) -> str:
+    head = ["op", "tiny shape", "mode", "backend", "eager us/call", "ganengine us/call", "ganengine / eager",
+            "kernels eager", "kernels ganengine (CUDA path)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for r in records:
+        if r["status"] != "ok":
+            notes.append(f"- {r['case']} {r['mode']}: {r['reason']}")
+            continue
+        k = lambda v: "" if v is None else str(v)  # noqa: E731
+        used = ",".join(sorted(set(r.get("backends", {}).values()))) or "?"
+        lines.append("| " + " | ".join([
+            r["case"], r["shape_label"], r["mode"], used, f"{r['eager_us']:.1f}", f"{r['ganengine_us']:.1f}",
+            f"{r['ratio']:.2f}x", k(r["eager_kernels"]), k(r["ganengine_kernels"])]) + " |")
+    if notes:
+        lines += ["", "Not measured:", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from ganengine.bench import registry
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", nargs="*", default=[], help="op cases or families (default: all)")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--json", default=None, help="also write the records here")
+    a = p.parse_args(argv)
+    cases = registry.select(a.ops or [], None)
+    recs = measure(cases, a.calls, a.rounds, progress=lambda s: print(f"  {s}", flush=True))
+    print(markdown(recs))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(recs, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

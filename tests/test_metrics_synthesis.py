@@ -1,0 +1,136 @@
+"""Synthesis metrics on features and logits: precision/recall, density/coverage, Inception Score.
+
+Each is checked against a direct numpy transcription of the paper's definition (all pairwise
+distances at once, ``np.partition`` for the k-th neighbour, the conventions of the authors'
+prdc code: Euclidean, self excluded, strict ``<``), against cases with known answers, and for
+chunked evaluation equal to unchunked.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ganengine.metrics as gm
+from ganengine.metrics import manifold
+
+
+def _pairwise(a, b):
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+
+def _prdc_numpy(real, fake, k):
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    r_rad = np.partition(_pairwise(real, real), k, axis=1)[:, k]
+    f_rad = np.partition(_pairwise(fake, fake), k, axis=1)[:, k]
+    d_rf = _pairwise(real, fake)
+    precision = (d_rf < r_rad[:, None]).any(axis=0).mean()
+    recall = (d_rf < f_rad[None, :]).any(axis=1).mean()
+    density = (1.0 / k) * (d_rf < r_rad[:, None]).sum(axis=0).mean()
+    coverage = (d_rf.min(axis=1) < r_rad).mean()
+    return precision, recall, density, coverage
+
+
+def _features(seed, n_real=120, n_fake=90, d=7, shift=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_real, d, generator=g), torch.randn(n_fake, d, generator=g) * 1.2 + shift
+
+
+@pytest.mark.parametrize("seed,k", [(0, 3), (1, 5), (2, 1)])
+def test_matches_definition(seed, k):
+    real, fake = _features(seed)
+    p, r, d, c = _prdc_numpy(real.numpy(), fake.numpy(), k)
+    pr = gm.precision_recall(real, fake, k=k)
+    dc = gm.density_coverage(real, fake, k=k)
+    # counts of strict comparisons on float64 distances: equal up to ties, which random data has none of
+    assert pr == (p, r) and pr.precision == pr["precision"] == p and pr["recall"] == r
+    assert dc.density == pytest.approx(d, rel=1e-12) and dc.coverage == c
+    assert dict(pr.items()) == {"precision": p, "recall": r}
+
+
+def test_chunking_is_exact(monkeypatch):
+    real, fake = _features(3)
+    whole = (gm.precision_recall(real, fake), gm.density_coverage(real, fake))
+    monkeypatch.setattr(manifold, "_CHUNK_ELEMENTS", 50)  # a few rows per chunk, odd tails
+    assert (gm.precision_recall(real, fake), gm.density_coverage(real, fake)) == whole
+
+
+def test_known_answers():
+    real, _ = _features(4)
+    same = gm.precision_recall(real, real.clone(), k=3)
+    assert same == (1.0, 1.0)
+    assert gm.density_coverage(real, real.clone(), k=5).coverage == 1.0
+    far = gm.precision_recall(real, real + 1e3, k=3)
+    assert far == (0.0, 0.0)
+    assert gm.density_coverage(real, real + 1e3, k=5) == (0.0, 0.0)
+    # fakes collapsed onto one real sample: high precision, recall of a single ball
+    collapsed = real[:1].repeat(50, 1)
+    pr = gm.precision_recall(real, collapsed + 1e-9, k=3)
+    assert pr.precision == 1.0 and pr.recall < 0.2
+
+
+def test_numpy_input_and_errors():
+    real, fake = _features(5)
+    assert gm.precision_recall(real.numpy(), fake.numpy()) == gm.precision_recall(real, fake)
+    with pytest.raises(ValueError, match="feature dimension"):
+        gm.precision_recall(real, fake[:, :3])
+    with pytest.raises(ValueError, match="k="):
+        gm.density_coverage(real[:4], fake, k=5)
+    with pytest.raises(ValueError, match="k must be"):
+        gm.precision_recall(real, fake, k=0)
+    with pytest.raises(ValueError, match="NaN"):
+        gm.precision_recall(real, torch.full_like(fake, float("nan")))
+    with pytest.raises(ValueError, match="N, D"):
+        gm.density_coverage(real[0], fake)
+
+
+def _is_numpy(logits, splits):
+    """Transcription of openai/improved-gan inception_score.py on softmax(logits)."""
+    x = np.asarray(logits, np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for i in range(splits):
+        part = p[i * p.shape[0] // splits:(i + 1) * p.shape[0] // splits]
+        kl = part * (np.log(part) - np.log(np.expand_dims(part.mean(0), 0)))
+        scores.append(np.exp(kl.sum(1).mean()))
+    return np.mean(scores), np.std(scores)
+
+
+@pytest.mark.parametrize("n,splits", [(1000, 10), (97, 4), (10, 10)])
+def test_inception_score_matches_reference(n, splits):
+    logits = torch.randn(n, 13, generator=torch.Generator().manual_seed(n)) * 2.5
+    mean, std = _is_numpy(logits.numpy(), splits)
+    s = gm.inception_score(logits, splits=splits)
+    # float64 throughout, a softmax and a log over 13 classes: agreement to ~1e-13 relative
+    assert float(s) == pytest.approx(mean, rel=1e-12) and s.std == pytest.approx(std, rel=1e-9, abs=1e-12)
+    m2, s2 = s
+    assert (m2, s2) == (float(s), s.std) and len(s.scores) == splits
+
+
+def test_inception_score_bounds_and_errors():
+    confident = torch.eye(10).repeat(20, 1) * 200.0     # one-hot, spread evenly: IS = classes
+    assert gm.inception_score(confident, splits=5) == pytest.approx(10.0, rel=1e-12)
+    same = torch.zeros(50, 10)
+    same[:, 3] = 200.0                                   # every sample the same class: IS = 1
+    assert gm.inception_score(same, splits=5) == pytest.approx(1.0, abs=1e-12)
+    assert np.isfinite(float(gm.inception_score(torch.randn(40, 6) * 1e3, splits=4)))
+    with pytest.raises(ValueError, match="splits"):
+        gm.inception_score(torch.randn(5, 10), splits=10)
+    with pytest.raises(ValueError, match="classes"):
+        gm.inception_score(torch.randn(5), splits=1)
+    with pytest.raises(ValueError, match="NaN"):
+        gm.inception_score(torch.full((20, 4), float("nan")), splits=2)
+
+
+def test_intra_class_fid():
+    g = torch.Generator().manual_seed(7)
+    real = torch.randn(60, 5, generator=g)
+    labels = torch.arange(60) % 3
+    fake = real + 0.5 * (labels[:, None] == 1)            # only class 1 moves
+    mean, per = gm.intra_class_frechet_distance(real, labels, fake, labels, return_per_class=True)
+    assert per[0] == pytest.approx(0.0, abs=1e-9) and per[2] == pytest.approx(0.0, abs=1e-9)
+    assert per[1] == pytest.approx(gm.frechet_distance(real[labels == 1], fake[labels == 1]), rel=1e-12)
+    assert mean == pytest.approx(per[1] / 3, rel=1e-12)
+    with pytest.raises(ValueError, match="class 2"):
+        gm.intra_class_frechet_distance(real, labels, fake[:-3], labels[:-3] % 2)
