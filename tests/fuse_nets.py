@@ -30,8 +30,8 @@ def _normalize_rows(v, eps):
 class SN:
     """BigGAN-style spectral norm mixin: ``W_()`` runs the power iteration on every call."""
 
-    def _init_sn(self, num_svs, num_itrs, num_outputs, eps=1e-12):
-        self.num_itrs, self.num_svs, self.sn_eps = num_itrs, num_svs, eps
+    def _init_sn(self, num_svs, num_itrs, num_outputs, transpose=False, eps=1e-12):
+        self.num_itrs, self.num_svs, self.transpose, self.eps = num_itrs, num_svs, transpose, eps
         for i in range(num_svs):
             self.register_buffer(f"u{i}", torch.randn(1, num_outputs))
             self.register_buffer(f"sv{i}", torch.ones(1))
@@ -46,6 +46,8 @@ class SN:
 
     def W_(self):
         w = self.weight.view(self.weight.size(0), -1)
+        if self.transpose:
+            w = w.t()
         for _ in range(self.num_itrs):
             us, vs, svs = [], [], []
             for i, u in enumerate(self.u):
@@ -53,12 +55,12 @@ class SN:
                     v = torch.matmul(u, w)
                     for other in vs:
                         v = v - torch.mm(other, v.t()) * other / torch.mm(other, other.t())
-                    v = _normalize_rows(v, self.sn_eps)
+                    v = _normalize_rows(v, self.eps)
                     vs.append(v)
                     u = torch.matmul(v, w.t())
                     for other in us:
                         u = u - torch.mm(other, u.t()) * other / torch.mm(other, other.t())
-                    u = _normalize_rows(u, self.sn_eps)
+                    u = _normalize_rows(u, self.eps)
                     us.append(u)
                     if self.training:
                         self.u[i][:] = u
@@ -74,7 +76,7 @@ class SNConv2d(nn.Conv2d, SN):
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=True, num_svs=1,
                  num_itrs=1, eps=1e-12):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=bias)
-        self._init_sn(num_svs, num_itrs, out_channels, eps)
+        self._init_sn(num_svs, num_itrs, out_channels, eps=eps)
 
     def forward(self, x):
         return F.conv2d(x, self.W_(), self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -83,7 +85,7 @@ class SNConv2d(nn.Conv2d, SN):
 class SNLinear(nn.Linear, SN):
     def __init__(self, in_features, out_features, bias=True, num_svs=1, num_itrs=1, eps=1e-12):
         nn.Linear.__init__(self, in_features, out_features, bias)
-        self._init_sn(num_svs, num_itrs, out_features, eps)
+        self._init_sn(num_svs, num_itrs, out_features, eps=eps)
 
     def forward(self, x):
         return F.linear(x, self.W_(), self.bias)

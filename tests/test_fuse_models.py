@@ -46,7 +46,15 @@ def _images(n, c, s):
     return lambda step: (torch.randn(n, c, s, s, generator=torch.Generator().manual_seed(step)),)
 
 
-def test_cyclegan_resnet_generator_and_patchgan():
+@pytest.fixture
+def always_winograd(monkeypatch):
+    import ganengine.ops.conv3x3 as cm
+
+    monkeypatch.setattr(cm, "MIN_CHANNELS", 0)
+    monkeypatch.setattr(cm, "MIN_TILES", 0)
+
+
+def test_cyclegan_resnet_generator_and_patchgan(always_winograd):
     g, report = _trajectory(lambda: ref.define_G(3, 3, 4, "resnet_6blocks", norm="instance"), _images(1, 3, 32))
     assert not any(type(m) in (nn.InstanceNorm2d, nn.Conv2d) for m in g.modules()), "all norms and convs fused"
     assert report["reflection_pad+conv3x3"] == 12 and report["instance_norm"] == 6

@@ -86,7 +86,16 @@ def test_lone_norms_run_on_the_fused_norm():
     _compare(fused, ref, _x(3, 3, 8, 8), steps=3)
 
 
-def test_reflection_pad_pairs():
+@pytest.fixture
+def always_winograd(monkeypatch):
+    """3x3 convs below the Winograd channel threshold stay PyTorch's; tiny tests lower it."""
+    import ganengine.ops.conv3x3 as cm
+
+    monkeypatch.setattr(cm, "MIN_CHANNELS", 0)
+    monkeypatch.setattr(cm, "MIN_TILES", 0)
+
+
+def test_reflection_pad_pairs(always_winograd):
     net = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 4, 7), nn.ReflectionPad2d(1), nn.Conv2d(4, 4, 3))
     fused, report = ganengine.fuse(net, return_report=True)
     assert report["reflection_pad+conv3x3"] == 1
@@ -94,6 +103,13 @@ def test_reflection_pad_pairs():
     assert declined.where == "0" and "7x7" in declined.reason
     assert type(fused[0]) is nn.ReflectionPad2d
     _compare(fused, net, _x(2, 3, 12, 12))
+
+
+def test_small_3x3_convs_stay_off_winograd():
+    net = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, 1, 1))
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert "conv3x3" not in report and "reflection_pad+conv3x3" not in report
+    assert type(fused[2]) is gnn.Conv2d
 
 
 def test_biggan_batch_norm_and_conditional_batch_norm_are_recognised():

@@ -22,27 +22,45 @@ def _act_slope(activation: str, negative_slope: float):
     return None if activation == "none" else (0.0 if activation == "relu" else float(negative_slope))
 
 
-def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None) -> torch.Tensor:
-    """``leaky_relu(conv2d(x, w, m.bias, m.stride, m.padding), slope)`` (no activation when
-    ``slope`` is None) on the fused conv ops, honouring ``m.padding_mode`` ("zeros", or
-    "reflect" for 3x3 stride-1 convs)."""
+def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
+               sigma: torch.Tensor | None = None, side: str = "auto") -> torch.Tensor:
+    """``leaky_relu(conv2d(x, w / sigma, m.bias, m.stride, m.padding), slope)`` (no activation
+    when ``slope`` is None, no division when ``sigma`` is None) on the fused conv ops, honouring
+    ``m.padding_mode`` ("zeros", or "reflect" for 3x3 stride-1 convs). With ``sigma``, the
+    division goes to whichever is smaller, the weight or the output (ganengine/fusion/spectral.py)."""
+    if sigma is not None:
+        if side == "auto" and x.dim() == 4:
+            kh, kw = w.shape[-2:]
+            (sh, sw), (ph, pw) = tuple(m.stride), tuple(m.padding)
+            out = x.shape[0] * w.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+            side = "weight" if w.numel() <= out else "output"
+        if x.dim() != 4 or side == "weight":
+            return _conv(m, x, w / sigma, m.bias, slope)
+        y = _conv(m, x, w, None, None) / sigma
+        if m.bias is not None:
+            y = y + m.bias.view(1, -1, 1, 1)
+        return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+    return _conv(m, x, w, m.bias, slope)
+
+
+def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
     from ganengine.ops.conv import conv2d
     from ganengine.ops.conv3x3 import conv3x3, winograd_profitable
     from ganengine.ops.conv_act import conv2d_act
 
     stride, padding, mode = tuple(m.stride), tuple(m.padding), m.padding_mode
     if x.dim() != 4:  # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W))
-        y = m._conv_forward(x, w, m.bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, m.bias, stride, padding)
+        y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, stride, padding)
         return y if slope is None else F.leaky_relu(y, slope)
     if tuple(w.shape[-2:]) == (3, 3) and stride == (1, 1) and padding[0] == padding[1]:
         # Winograd where it pays (and for reflect padding, read in place); the activation, if
         # any, then runs in place on the conv's fresh output (nothing else holds it)
         if mode == "reflect" or winograd_profitable(x.shape, w.shape, padding[0]):
-            y = conv3x3(x, w, m.bias, padding[0], mode)
+            y = conv3x3(x, w, bias, padding[0], mode)
             return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     if slope is None:
-        return conv2d(x, w, m.bias, stride, padding)
-    return conv2d_act(x, w, m.bias, stride, padding, slope)
+        return conv2d(x, w, bias, stride, padding)
+    return conv2d_act(x, w, bias, stride, padding, slope)
 
 
 class ConvMixin(FusedModule):
@@ -54,6 +72,8 @@ class ConvMixin(FusedModule):
     _ganengine_weight: str | None = None
     _ganengine_weight_call: bool = False
     _ganengine_slope: float | None = None
+    _ganengine_sigma: str | None = None   # "biggan": weight = self.weight / biggan_sigma(self)
+    _ganengine_sigma_side: str = "auto"   # where the division goes (forced only by the probes)
 
     @property
     def fused_name(self) -> str:
@@ -66,13 +86,20 @@ class ConvMixin(FusedModule):
         w = getattr(self, self._ganengine_weight)
         return w() if self._ganengine_weight_call else w
 
+    def _apply(self, x, slope):
+        if self._ganengine_sigma == "biggan":
+            from ganengine.fusion.spectral import biggan_sigma
+
+            return conv_apply(self, x, self.weight, slope, biggan_sigma(self), self._ganengine_sigma_side)
+        return conv_apply(self, x, self._fused_weight(), slope)
+
     def forward(self, x):
-        return conv_apply(self, x, self._fused_weight(), self._ganengine_slope)
+        return self._apply(x, self._ganengine_slope)
 
     def _ganengine_act_forward(self, activation: str, negative_slope: float, x):
         if self._ganengine_slope is not None:
             raise RuntimeError("_ganengine_act_forward on a conv that already has an activation")
-        return conv_apply(self, x, self._fused_weight(), _act_slope(activation, negative_slope))
+        return self._apply(x, _act_slope(activation, negative_slope))
 
 
 class ConvTransposeMixin(ConvMixin):

@@ -26,6 +26,7 @@ from ganengine.fusion import checks
 from ganengine.fusion.copying import FusedModule, clone, retype
 from ganengine.fusion.mixins import (BatchNormLikeMixin, ConditionalBatchNormMixin, ConvMixin,
                                      ConvTransposeMixin)
+from ganengine.fusion.spectral import biggan_like
 from ganengine.fusion.verify import probe_like, same_function
 
 
@@ -189,8 +190,23 @@ def build_conv(m: nn.Module, slope: float | None = None, act: nn.Module | None =
     if not isinstance(getattr(m, "in_channels", None), int):
         return Decline("cannot tell its input channels to probe it")
     original = m if act is None else (lambda x: act(m(x)))
-    why = same_function(original, new, [m, new] + ([act] if act is not None else []), _conv_probe(m))
-    return Decline(why) if why else new
+    candidates = [new]
+    if called and mixin is ConvMixin and biggan_like(m):
+        # BigGAN's SN: the same sigma, dividing the output where that is the smaller tensor
+        candidates.insert(0, retype(m, mixin, _ganengine_weight=name, _ganengine_weight_call=called,
+                                    _ganengine_slope=slope, _ganengine_sigma="biggan"))
+    why = None
+    for cand in candidates:
+        sides = ("output", "weight") if cand.__dict__.get("_ganengine_sigma") else ("auto",)
+        for side in sides:  # each path the sigma candidate can take at run time
+            object.__setattr__(cand, "_ganengine_sigma_side", side)
+            why = same_function(original, cand, [m, cand] + ([act] if act is not None else []), _conv_probe(m))
+            if why:
+                break
+        if why is None:
+            object.__setattr__(cand, "_ganengine_sigma_side", "auto")
+            return cand
+    return Decline(why)
 
 
 def conv_kind(m: nn.Module) -> str:

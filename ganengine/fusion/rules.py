@@ -109,7 +109,10 @@ def _attention(kind: str):
 
 def _match_conv3x3(m):
     from ganengine.nn import conv3x3
-    return conv3x3._is_plain_conv3x3(m)
+    from ganengine.ops import conv3x3 as ops
+
+    # below the Winograd threshold the op runs PyTorch's conv behind a custom op: only its cost
+    return conv3x3._is_plain_conv3x3(m) and min(m.in_channels, m.out_channels) >= ops.MIN_CHANNELS
 
 
 def _build_conv3x3(m):
