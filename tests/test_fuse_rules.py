@@ -57,6 +57,17 @@ def _fused_pair(make):
     return fused, ref, report
 
 
+
+@pytest.fixture(autouse=True)
+def conv_routes_always():
+    """The conv rules rewrite a conv only where the conv op has a faster route for it (GEMM
+    form, Winograd), which these tiny test convs would not get under the measured thresholds:
+    force the GEMM form so the rewrites (and their numbers) are exercised."""
+    import ganengine.ops.conv as cv
+
+    with cv.gemm_policy("always"):
+        yield
+
 # ------------------------------------------------------------------ sequence rules
 def test_patchgan_conv_instance_norm_act_runs_as_one_op():
     fused, ref, report = _fused_pair(lambda: NLayerDiscriminator(3, 4, 3, get_norm_layer("instance")))
@@ -239,3 +250,18 @@ def test_graph_rules_decline_forwards_fx_would_not_record_faithfully(cls, reason
     assert where == "" and reason in why
     assert report == {"instance_norm": 1}        # the child still runs the fused norm
     _compare(fused, ref, _x(2, 4, 5, 5), steps=1)
+
+
+def test_convs_without_a_faster_route_stay_pytorch():
+    """Under the measured route thresholds a small conv has no faster route in the conv op:
+    conv + act and conv + norm + act are declined (the pair norm + act still fuses)."""
+    import ganengine.ops.conv as cv
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 4, 2, 1), nn.InstanceNorm2d(8),
+                        nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4))
+    with cv.gemm_policy("auto"), cv.winograd_policy("auto"):
+        fused, report = ganengine.fuse(net, return_report=True)
+    assert dict(report) == {"instance_norm+act": 1}
+    assert all("no faster route" in d.reason for d in report.declined) and len(report.declined) == 2
+    assert type(fused[0]) is nn.Conv2d and type(fused[5]) is nn.Conv2d
+    _compare(fused, net, _x(2, 3, 16, 16))

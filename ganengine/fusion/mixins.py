@@ -58,9 +58,27 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
         if mode == "reflect" or winograd_profitable(x.shape, w.shape, padding[0]):
             y = conv3x3(x, w, bias, padding[0], mode)
             return y if slope is None else F.leaky_relu(y, slope, inplace=True)
-    if slope is None:
-        return conv2d(x, w, bias, stride, padding)
-    return conv2d_act(x, w, bias, stride, padding, slope)
+    if mode == "zeros" and _route_pays(m, x, w):
+        return conv2d(x, w, bias, stride, padding) if slope is None else conv2d_act(x, w, bias, stride, padding, slope)
+    # no faster route for this call: PyTorch's conv (the fused ops would only add their cost)
+    y = m._conv_forward(x, w, bias)
+    return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+
+
+def _route_pays(m, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the conv op runs this call on its GEMM form or Winograd (asked of the op's rules
+    once per input shape and cached on the module)."""
+    from ganengine.ops.conv import uses_gemm, uses_winograd
+
+    key = (tuple(x.shape), x.dtype, x.device, tuple(w.shape))
+    cache = m.__dict__.setdefault("_ganengine_routes", {})
+    hit = cache.get(key)
+    if hit is None:
+        stride, padding = list(m.stride), list(m.padding)
+        hit = bool(uses_gemm(x, w, stride, padding) or uses_winograd(x, w, stride, padding))
+        if len(cache) < 64:
+            cache[key] = hit
+    return hit
 
 
 class ConvMixin(FusedModule):

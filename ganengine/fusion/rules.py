@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -128,10 +129,35 @@ def _match_plain_conv(kind):
     return match
 
 
+def conv_route_may_pay(m: nn.Module) -> bool:
+    """Whether the conv op could run this conv on its own route (GEMM form, Winograd 4x4) for
+    some input size, asked of the op's rules themselves (ganengine.ops.conv.uses_gemm /
+    uses_winograd, on stride-0 stand-in inputs: the smallest map for the GEMM form, a large one
+    for Winograd). If not, every call would run PyTorch's conv behind the op: only its cost."""
+    from ganengine.ops import conv as ops
+
+    w = m.weight
+    if w.is_meta:
+        return True
+    transposed = isinstance(m, nn.ConvTranspose2d)
+    stride, padding = list(m.stride), list(m.padding)
+    one = torch.zeros((), dtype=w.dtype, device=w.device)
+    k = tuple(m.kernel_size)
+    small = 1 if transposed else max(k[0] - 2 * padding[0], k[1] - 2 * padding[1], 1)
+    try:
+        return bool(ops.uses_gemm(one.expand(1, m.in_channels, small, small), w, stride, padding, transposed)
+                    or ops.uses_winograd(one.expand(1, m.in_channels, 128, 128), w, stride, padding, transposed,
+                                         list(getattr(m, "output_padding", (0, 0)))))
+    except Exception:  # the route rules could not answer: keep PyTorch's conv
+        return False
+
+
 def _build_plain_conv(m):
     from ganengine.nn.conv import Conv2d, ConvTranspose2d
     if not _own_weight(m) or _why_not_plain(m):
         return None  # left to the computed-weight rule below, which knows hooks and wrappers
+    if not conv_route_may_pay(m):
+        return None
     return (Conv2d if type(m) is nn.Conv2d else ConvTranspose2d).from_module(m)
 
 
@@ -184,10 +210,16 @@ def _build_pad_conv(pad, conv):
                    f"kernel: the pad stays a separate op (docs/fuse.md measures its share)")
 
 
+_NO_ROUTE = ("the conv op has no faster route for this conv (GEMM form, Winograd): the fused op would only "
+             "add its per-call cost, measured in docs/fuse.md")
+
+
 def _build_conv_in_act(conv, norm, act):
     from ganengine.nn.conv_act import Conv2dInstanceNormAct
     if not _legal_zero_conv(conv) or not _own_weight(conv):
         return None
+    if not conv_route_may_pay(conv):
+        return Decline(_NO_ROUTE + "; the norm and activation fuse as a pair")
     slope = activation_slope(act)
     why = _why_not_plain(conv, norm, act)
     if why is None and norm.affine:
@@ -244,6 +276,8 @@ def _build_conv_act(conv, act):
         if not _legal_zero_conv(conv):
             return Decline(f"groups={conv.groups}, dilation={tuple(conv.dilation)}, padding_mode="
                            f"{conv.padding_mode!r} (the fused conv takes groups 1, dilation 1, zero padding)")
+        if not conv_route_may_pay(conv):
+            return Decline(_NO_ROUTE)
         fused = Conv2dAct.from_modules(conv, act)
         fused.negative_slope = slope
         return [fused, nn.Identity()]
