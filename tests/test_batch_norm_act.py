@@ -632,7 +632,7 @@ def _ddp_worker(rank, world, init_file, out_dir, backend):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
-    fused = ganengine.fuse(plain)
+    fused = ganengine.fuse(copy.deepcopy(plain))  # fuse() shares plain's Parameters: train a copy
     results = {}
     for name, model in (("plain", plain), ("fused", fused)):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
