@@ -211,7 +211,7 @@ def _weight(m):
 
 # Folding pays from this input side on (measured on the 2-core CPU, fwd+bwd, batch 8, oneDNN's
 # deconvolution: 4 -> 8 at 512 channels 2.3x slower folded, 8 -> 16 1.3x faster, 16 -> 32 2x,
-# 32 -> 64 2.8x; docs/synthesis_attention.md). The folded convs run oneDNN / cuDNN directly:
+# 32 -> 64 2.8x). The folded convs run oneDNN / cuDNN directly:
 # ganengine's 4x4 Winograd rule picked slower paths than oneDNN at these shapes (1.1-1.9x).
 FOLD_UPSAMPLE_MIN_SIZE = 8
 
