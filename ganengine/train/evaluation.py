@@ -56,9 +56,13 @@ def check_options(options: dict) -> dict:
 def load_extractor(o: dict, device: torch.device):
     from ganengine.metrics import load_fid_inception, resolve_feature_extractor
 
-    if o["feature_extractor"] is not None:
-        return resolve_feature_extractor(o["feature_extractor"], device=device)
-    return load_fid_inception(o["inception_weights"], device, resize=o["inception_resize"])
+    try:
+        if o["feature_extractor"] is not None:
+            return resolve_feature_extractor(o["feature_extractor"], device=device)
+        return load_fid_inception(o["inception_weights"], device, resize=o["inception_resize"])
+    except (FileNotFoundError, ImportError, AttributeError, TypeError) as exc:  # one clear line from the CLI
+        option = "--feature_extractor" if o["feature_extractor"] is not None else "--inception_weights"
+        raise ValueError(f"{option}: {exc}") from exc
 
 
 def write_atomic_json(obj, path: str) -> None:
