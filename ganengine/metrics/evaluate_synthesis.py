@@ -156,13 +156,16 @@ def _networks(model) -> list[nn.Module]:
     return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
 
 
+def _cuda_devices(model) -> list:
+    device = torch.device(getattr(model, "device", "cpu"))
+    return [device] if device.type == "cuda" else []
+
+
 @contextlib.contextmanager
 def _model_state_kept(model, seed: int):
     """Seeded draws that leave the training's RNG streams and the networks' buffers as they were."""
-    device = getattr(model, "device", torch.device("cpu"))
-    devices = [device] if torch.device(device).type == "cuda" else []
     saved = [(b, b.detach().clone()) for net in _networks(model) for b in net.buffers()]
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
         torch.manual_seed(seed)
         try:
             yield
@@ -199,6 +202,24 @@ def fake_features(model, extractor: nn.Module, num_samples: int, batch_size: int
     return (torch.cat(feats), torch.cat(labs) if labs else None, torch.cat(logs) if logs else None)
 
 
+def check_request(model, metrics, num_samples: int) -> None:
+    """Errors that can be told before anything is generated: a non-synthesis model, intra_fid on an
+    unconditional model or with fewer than 2 generated images per class."""
+    names = parse_synthesis_metrics(metrics)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if not is_synthesis_model(model):
+        raise TypeError(f"synthesis evaluation needs a ganengine synthesis model (with generate()), got "
+                        f"{type(model).__name__}; use evaluate_generator for image-to-image models")
+    if "intra_fid" in names:
+        n_classes = class_count(model)
+        if n_classes is None:
+            raise ValueError(f"intra_fid is for class-conditional models; {model.MODEL_NAME} is unconditional")
+        if num_samples < 2 * n_classes:
+            raise ValueError(f"intra_fid needs at least 2 generated images per class: num_samples >= 2 x {n_classes} "
+                             f"classes = {2 * n_classes}, got {num_samples}")
+
+
 def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Module | None = None,
                        num_samples: int = 10000, batch_size: int = 50, seed: int = 0, max_real: int | None = None,
                        is_splits: int = 10, pr_k: int = 3, dc_k: int = 5, kid_options: dict | None = None) -> dict:
@@ -217,12 +238,7 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
         from ganengine.metrics.inception import WEIGHTS_HELP
 
         raise ValueError("synthesis metrics need a feature extractor. " + WEIGHTS_HELP)
-    if not is_synthesis_model(model):
-        raise TypeError(f"evaluate_synthesis needs a ganengine synthesis model (with generate()), got "
-                        f"{type(model).__name__}; use evaluate_generator for image-to-image models")
-    n_classes = class_count(model)
-    if "intra_fid" in names and n_classes is None:
-        raise ValueError(f"intra_fid is for class-conditional models; {model.MODEL_NAME} is unconditional")
+    check_request(model, names, num_samples)
     need_labels = "intra_fid" in names
     if "is" in names:
         check_logits(feature_extractor)  # before anything is generated
@@ -231,7 +247,8 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
             raise ValueError("intra_fid needs the real images' labels: these RealFeatures were computed without "
                              "them (real_features(..., labels=True))")
     else:
-        real = real_features(real, feature_extractor, max_real, need_labels)
+        with torch.random.fork_rng(devices=_cuda_devices(model)):  # a DataLoader draws a seed when iterated
+            real = real_features(real, feature_extractor, max_real, need_labels)
     fake, fake_labels, logits = fake_features(model, feature_extractor, num_samples, batch_size, seed,
                                               logits="is" in names)
     out: dict = {}
@@ -256,5 +273,5 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
 
 
 __all__ = ["evaluate_synthesis", "real_features", "fake_features", "RealFeatures", "inception_logits", "check_logits",
-           "is_synthesis_model", "class_count", "parse_synthesis_metrics", "is_better_synthesis",
+           "is_synthesis_model", "class_count", "check_request", "parse_synthesis_metrics", "is_better_synthesis",
            "SYNTHESIS_METRICS", "SYNTHESIS_MODES"]

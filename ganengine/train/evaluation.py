@@ -77,12 +77,13 @@ class SynthesisEvaluator:
 
     def __init__(self, options: dict, model, model_name: str, data_options: dict, device: torch.device,
                  log_dir: str):
-        from ganengine.metrics.evaluate_synthesis import check_logits, is_synthesis_model
+        from ganengine.metrics.evaluate_synthesis import check_logits, check_request, is_synthesis_model
 
         if not is_synthesis_model(model):
             raise ValueError(f"--eval_every evaluates the synthesis models (dcgan, wgan, ..., biggan); {model_name} "
                              "is not one: evaluate its checkpoints with ganengine evaluate")
         self.o = check_options(options)
+        check_request(model, self.o["metrics"], self.o["num_samples"])
         self.extractor = load_extractor(self.o, device)
         if "is" in self.o["metrics"].split(","):
             check_logits(self.extractor)  # now, not at the first evaluation
