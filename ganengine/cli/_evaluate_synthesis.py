@@ -53,12 +53,14 @@ def run(args) -> int:
     from ganengine.cli.evaluate import load_checkpoint, resolve_device
     from ganengine.data import build_dataset
     from ganengine.metrics import load_fid_inception, resolve_feature_extractor
-    from ganengine.metrics.evaluate_synthesis import check_logits, evaluate_synthesis, parse_synthesis_metrics
+    from ganengine.metrics.evaluate_synthesis import check_logits, evaluate_synthesis, parse_synthesis_metrics, real_loader
 
     try:
         metrics = parse_synthesis_metrics(args.metrics)
         for name in ("batch_size", "num_samples", "is_splits", "pr_k", "dc_k"):
             _positive(name, getattr(args, name))
+        if args.max_images is not None:
+            _positive("max_images", args.max_images)
         device = resolve_device(args.device)
         if args.feature_extractor and args.inception_weights:
             raise ValueError("give --inception_weights or --feature_extractor, not both")
@@ -72,7 +74,7 @@ def run(args) -> int:
         root = args.dataroot or data_options.get("dataroot")
         phase = args.phase or "train"
         dataset = build_dataset(model.MODEL_NAME, {**data_options, "dataroot": root, "no_flip": True}, phase)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0)
+        loader = real_loader(dataset, args.batch_size, args.max_images)
         results = evaluate_synthesis(model, loader, metrics, extractor, num_samples=args.num_samples,
                                      batch_size=args.batch_size, seed=args.seed, max_real=args.max_images,
                                      is_splits=args.is_splits, pr_k=args.pr_k, dc_k=args.dc_k,

@@ -61,7 +61,7 @@ def is_synthesis_model(model) -> bool:
 def class_count(model) -> int | None:
     """The number of classes a conditional model generates, None for an unconditional one
     (InfoGAN's categorical code is not a class label: unconditional here)."""
-    conditional = getattr(type(model), "CONDITIONAL", None)
+    conditional = getattr(model, "CONDITIONAL", None)
     if conditional is None:  # models without the SynthesisGAN flag (BigGAN family): by their options
         conditional = "n_classes" in (getattr(model, "options", None) or {})
     return int(model.options["n_classes"]) if conditional else None
@@ -120,6 +120,14 @@ class RealFeatures:
     @property
     def count(self) -> int:
         return int(self.features.shape[0])
+
+
+def real_loader(dataset, batch_size: int = 50, max_images: int | None = None):
+    """An unshuffled loader over ``dataset``, or over ``max_images`` of its images spread evenly
+    through it (index ``i * len // max_images``: every class of a class-sorted dataset is in)."""
+    if max_images is not None and max_images < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, [i * len(dataset) // max_images for i in range(max_images)])
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
 @torch.no_grad()
@@ -224,7 +232,8 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
                        num_samples: int = 10000, batch_size: int = 50, seed: int = 0, max_real: int | None = None,
                        is_splits: int = 10, pr_k: int = 3, dc_k: int = 5, kid_options: dict | None = None) -> dict:
     """Generate ``num_samples`` images with ``model`` and compare them with ``real``: a loader of
-    ``{"image", "label"}`` batches (at most ``max_real`` images are read) or a ``RealFeatures``
+    ``{"image", "label"}`` batches (its first ``max_real`` images are read: ``real_loader`` spreads
+    them over a dataset) or a ``RealFeatures``
     from an earlier call. Returns {"fid": ..., "is": ..., "is_std": ..., "precision": ...,
     "recall": ..., "density": ..., "coverage": ..., "intra_fid": ..., "kid": ..., "kid_std":
     ..., "images": n_generated, "real_images": n_real} for the requested ``metrics`` (see
@@ -272,6 +281,6 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
     return out
 
 
-__all__ = ["evaluate_synthesis", "real_features", "fake_features", "RealFeatures", "inception_logits", "check_logits",
+__all__ = ["evaluate_synthesis", "real_loader", "real_features", "fake_features", "RealFeatures", "inception_logits", "check_logits",
            "is_synthesis_model", "class_count", "check_request", "parse_synthesis_metrics", "is_better_synthesis",
            "SYNTHESIS_METRICS", "SYNTHESIS_MODES"]

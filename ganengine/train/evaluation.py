@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 from ganengine.metrics.evaluate_synthesis import (SYNTHESIS_METRICS, SYNTHESIS_MODES, evaluate_synthesis,
-                                                  is_better_synthesis, parse_synthesis_metrics)
+                                                  is_better_synthesis, parse_synthesis_metrics, real_loader)
 
 DEFAULTS = dict(metrics="fid", num_samples=5000, batch_size=50, seed=0, max_real=None, best_metric="fid",
                 inception_weights=None, inception_resize="pytorch-fid", feature_extractor=None)
@@ -40,6 +40,9 @@ def check_options(options: dict) -> dict:
     for key in ("num_samples", "batch_size"):
         if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
             raise ValueError(f"--eval_{key}: expected a positive int, got {o[key]!r}")
+    if o["max_real"] is not None and (isinstance(o["max_real"], bool) or not isinstance(o["max_real"], int)
+                                      or o["max_real"] < 2):
+        raise ValueError(f"--eval_max_real: expected an int >= 2, got {o['max_real']!r}")
     produced = {k for m in o["metrics"].split(",") for k in SYNTHESIS_METRICS[m]}
     if o["best_metric"] not in SYNTHESIS_MODES or o["best_metric"] not in produced:
         raise ValueError(f"--eval_best {o['best_metric']!r}: must be one of the computed results that rank "
@@ -96,7 +99,7 @@ class SynthesisEvaluator:
 
         # the training images as they are: no random flips (the metric must not depend on the draws)
         dataset = build_dataset(self.model_name, {**self.data_options, "no_flip": True})
-        return torch.utils.data.DataLoader(dataset, batch_size=self.o["batch_size"], shuffle=False, num_workers=0)
+        return real_loader(dataset, self.o["batch_size"], self.o["max_real"])
 
     def evaluate(self, model) -> dict:
         o = self.o
