@@ -254,3 +254,24 @@ def test_command_line_train_with_eval_then_evaluate_the_best(tmp_path, capsys):
     assert rc == 2 and "logits" in capsys.readouterr().err
     rc = main(["train", "acgan", "--max_steps", "1", "--eval_every", "1", "--checkpoints_dir", str(tmp_path)])
     assert rc == 2 and "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_evaluate_on_rank0_and_stay_in_sync(tmp_path):
+    """Rank 0 evaluates on the unwrapped networks while rank 1 waits; both write best.pt's state
+    together (the RNG gather is collective); the training is the same as without evaluation."""
+    from tests.test_cli_train import _ddp_worker, _free_port, _same
+
+    common = ["train", "acgan", "--latent_dim", "8", "--img_size", "16", "--batch_size", "4", "--max_steps", "2",
+              "--sample_every", "0", "--checkpoints_dir", str(tmp_path), "--no_progress", "--tensorboard", "off",
+              "--deterministic"]
+    runs = [("eval", common + ["--name", "eval", "--eval_every", "1", "--eval_num_samples", "20",
+                               "--eval_batch_size", "20", "--eval_max_real", "40", "--eval_metrics", "fid,intra_fid",
+                               "--feature_extractor", f"{FEATURES}:SmallFeatureExtractor"]),
+            ("plain", common + ["--name", "plain"])]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), runs, str(tmp_path)), nprocs=2, join=True)
+    r = {tag: [torch.load(tmp_path / f"{tag}_rank{k}.pt", weights_only=True) for k in range(2)] for tag, _ in runs}
+    assert _same(*r["eval"]) and _same(r["eval"][0], r["plain"][0])
+    assert [int(row["step"]) for row in _log(tmp_path / "eval")] == [1, 2]
+    best = json.loads((tmp_path / "eval" / "best.json").read_text())
+    state = torch.load(tmp_path / "eval" / "best.pt", weights_only=True)
+    assert state["step"] == best["step"] and state["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2
