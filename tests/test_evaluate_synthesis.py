@@ -275,3 +275,16 @@ def test_ddp_two_processes_evaluate_on_rank0_and_stay_in_sync(tmp_path):
     best = json.loads((tmp_path / "eval" / "best.json").read_text())
     state = torch.load(tmp_path / "eval" / "best.pt", weights_only=True)
     assert state["step"] == best["step"] and state["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2
+
+
+def test_best_tracking_rules():
+    from ganengine.train.evaluation import SynthesisEvaluator
+
+    ev = SynthesisEvaluator.__new__(SynthesisEvaluator)  # the rule alone, no feature network
+    ev.o = {"best_metric": "fid"}
+    assert ev.improves(3.0, None) and not ev.improves(float("nan"), None)
+    assert ev.improves(2.0, {"metric": "fid", "value": 3.0, "step": 1})
+    assert not ev.improves(3.0, {"metric": "fid", "value": 3.0, "step": 1})  # ties keep the earlier one
+    assert ev.improves(9.0, {"metric": "is", "value": 1.0, "step": 1})  # resumed with another --eval_best
+    ev.o = {"best_metric": "recall"}
+    assert ev.improves(0.5, {"metric": "recall", "value": 0.4, "step": 1})

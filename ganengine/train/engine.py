@@ -385,7 +385,10 @@ class Trainer:
                         if results is not None:
                             line = f"step {self.step}: " + " ".join(
                                 f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
-                            bar.write(line) if bar is not None else print(f"ganengine: {line}", file=sys.stderr)
+                            if bar is not None:
+                                bar.write(line)
+                            else:
+                                print(f"ganengine: {line}", file=sys.stderr)
                     if self.step >= self.total_steps:
                         break
                     if save_now:

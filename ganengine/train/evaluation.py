@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import tempfile
 
@@ -115,6 +116,8 @@ class SynthesisEvaluator:
         return out
 
     def improves(self, value: float, best: dict | None) -> bool:
+        if not math.isfinite(value):
+            return False  # a NaN never becomes the best (and would block every later comparison)
         if best and best.get("metric") not in (None, self.o["best_metric"]):
             return True  # the run was resumed tracking another metric: start over with this one
         return is_better_synthesis(self.o["best_metric"], value, best.get("value") if best else None)
