@@ -110,6 +110,16 @@ def test_generated_labels_are_class_balanced():
     assert labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
 
 
+def test_no_batch_of_one_image():
+    assert es.batch_sizes(7, 3) == [3, 4] and es.batch_sizes(6, 3) == [3, 3] and es.batch_sizes(8, 3) == [3, 3, 2]
+    assert es.batch_sizes(1, 50) == [1] and es.batch_sizes(101, 50) == [50, 51] and es.batch_sizes(3, 1) == [1, 2]
+    from ganengine.models import build_model
+
+    cgan = build_model("cgan", latent_dim=4, img_size=8, n_classes=3)  # BatchNorm1d in training mode
+    feats, labels, _ = es.fake_features(cgan, SmallFeatureExtractor().eval(), 7, batch_size=3)
+    assert feats.shape[0] == 7 and labels.tolist() == [0, 1, 2, 0, 1, 2, 0]  # batches of 3 and 4
+
+
 def test_a_better_generator_scores_better():
     """Generated classes that match the real ones beat generated images of one class only."""
     fx = SmallFeatureExtractor().eval()

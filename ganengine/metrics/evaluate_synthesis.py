@@ -183,6 +183,16 @@ def _model_state_kept(model, seed: int):
                     b.copy_(v)
 
 
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """``n`` split in batches of ``batch_size``, with no batch of one image when n > 1 (batch-norm
+    generators sampling in training mode cannot normalise a single image): a remainder of 1
+    joins the batch before it."""
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    return sizes
+
+
 @torch.no_grad()
 def fake_features(model, extractor: nn.Module, num_samples: int, batch_size: int = 50, seed: int = 0,
                   logits: bool = False):
@@ -196,8 +206,8 @@ def fake_features(model, extractor: nn.Module, num_samples: int, batch_size: int
     device = getattr(model, "device", torch.device("cpu"))
     feats, labs, logs = [], [], []
     with _model_state_kept(model, seed):
-        for start in range(0, num_samples, batch_size):
-            b = min(batch_size, num_samples - start)
+        start = 0
+        for b in batch_sizes(num_samples, batch_size):
             labels = None
             if n_classes is not None:
                 labels = torch.arange(start, start + b, device=device) % n_classes
@@ -207,6 +217,7 @@ def fake_features(model, extractor: nn.Module, num_samples: int, batch_size: int
             feats.append(f.float().cpu())
             if logits:
                 logs.append(inception_logits(extractor, f).float().cpu())
+            start += b
     return (torch.cat(feats), torch.cat(labs) if labs else None, torch.cat(logs) if logs else None)
 
 
