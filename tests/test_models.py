@@ -306,7 +306,8 @@ def test_unet_fused_batch_norm_paths():
 
     x = torch.randn(1, 3, 64, 64)
     _, net = _unet_pair(True, None)
-    norms = [m for m in net.modules() if type(m) is torch.nn.BatchNorm2d]
+    # (fuse()'s lone-norm rule made them activation-free BatchNormAct2d: same parameters and rules)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(norms) == 9  # 4 downnorms, 5 upnorms
     with ganengine.use_backend("torch"):  # the composition: countable aten ops
         # the activations left follow a conv, not a norm: the outermost downconv's LeakyReLU and
