@@ -62,8 +62,18 @@ def _copy_training_state(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    # forward (pre-)hooks (e.g. the hook-based torch.nn.utils.spectral_norm recomputing `weight`
+    # before each call) cannot be carried over exactly: such modules are declined
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
 def _apply_module_rules(module: nn.Module, counts: dict[str, int], after_pairs: bool) -> None:
     for child_name, child in list(module.named_children()):
+        if _has_hooks(child):
+            if not after_pairs:
+                counts["declined: forward hooks"] = counts.get("declined: forward hooks", 0) + 1
+            continue
         for rule in MODULE_RULES:
             if rule.after_pairs == after_pairs and rule.match(child):
                 new = rule.build(child)
@@ -84,7 +94,7 @@ def _fuse_children(module: nn.Module, counts: dict[str, int]) -> None:
             a, b = module._modules[names[i]], module._modules[names[i + 1]]
             fused = None
             for rule in PAIR_RULES:
-                if rule.first(a) and rule.second(b):
+                if rule.first(a) and rule.second(b) and not (_has_hooks(a) or _has_hooks(b)):
                     fused = rule.build(a, b)
                     if fused is not None:
                         owner = a if rule.place == "first" else b
@@ -114,7 +124,7 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False):
     counts: dict[str, int] = {}
     # the root itself may match a module rule
     for rule in sorted(MODULE_RULES, key=lambda r: r.after_pairs):
-        if rule.match(target):
+        if rule.match(target) and not _has_hooks(target):
             new = rule.build(target)
             if new is not None:
                 target = _copy_training_state(new, target)
