@@ -10,6 +10,9 @@ layer: pointers, sizes, strides, offsets into the flat work/output buffers) and 
 runs over the blocks of all layers together (``BLK``: program -> (layer, block)); pointers are
 read from the table (int64 -> pointer casts, as in Triton's grouped-GEMM tutorial).
 
+The output (``W / sigma`` and dW, contiguous in the weight's shape) has its own split
+(K_out, o_r, o_1, o_2), and so does each gradient (GT table: pointer, K, s_r, s_1, s_2).
+
 A power iteration is a sequence of half steps, alternating:
   U step  t = M x   (x = the v side: the state v, or the previous s normalised)   row blocks
   V step  s = M^T y (y = the u side: the state u, or the previous t normalised)   column blocks
@@ -37,7 +40,7 @@ import triton.language as tl
 NMETA = 24
 # META columns
 _W, _UP, _VP, _H, _WD, _K, _SR, _S1, _S2, _OR, _O1, _O2 = range(12)
-_OFF_U, _OFF_V, _OFF_W, _OFF_RB, _N_RB, _OFF_CB, _N_CB, _OFF_EB, _N_EB = range(12, 21)
+_OFF_U, _OFF_V, _OFF_W, _OFF_RB, _N_RB, _OFF_CB, _N_CB, _OFF_EB, _N_EB, _K_OUT = range(12, 22)
 
 STEP, DIRECT = 0, 1          # row-kernel modes
 LAST_U, LAST_V, LAST_DIRECT = 0, 1, 2
@@ -211,7 +214,7 @@ def _final_kernel(META, BLK, n_prog, T, PT, S, PS, UOUT, VOUT, WOUT, SIGMA, eps,
     c = e % Wd
     w = tl.load(w_ptr + _maddr(r, c, K, tl.load(m + 6), tl.load(m + 7), tl.load(m + 8)), mask=emask,
                 other=0.0).to(ACC)
-    out = WOUT + tl.load(m + 14) + _maddr(r, c, K, tl.load(m + 9), tl.load(m + 10), tl.load(m + 11))
+    out = WOUT + tl.load(m + 14) + _maddr(r, c, tl.load(m + 21), tl.load(m + 9), tl.load(m + 10), tl.load(m + 11))
     tl.store(out, (w / sigma).to(WOUT.dtype.element_ty), mask=emask)
     if blk == 0:
         tl.store(SIGMA + layer, sigma)
@@ -243,7 +246,7 @@ def _bwd_dot_kernel(META, GT, BLK, n_prog, PE, W_TY: tl.constexpr, G_TY: tl.cons
     layer = tl.load(BLK + pid)
     blk = tl.load(BLK + n_prog + pid)
     m = META + layer * 24
-    gm = GT + layer * 4
+    gm = GT + layer * 5
     w_ptr = tl.load(m + 0).to(tl.pointer_type(W_TY))
     g_ptr = tl.load(gm + 0).to(tl.pointer_type(G_TY))
     H = tl.load(m + 3)
@@ -255,38 +258,39 @@ def _bwd_dot_kernel(META, GT, BLK, n_prog, PE, W_TY: tl.constexpr, G_TY: tl.cons
     c = e % Wd
     w = tl.load(w_ptr + _maddr(r, c, K, tl.load(m + 6), tl.load(m + 7), tl.load(m + 8)), mask=emask,
                 other=0.0).to(ACC)
-    g = tl.load(g_ptr + _maddr(r, c, K, tl.load(gm + 1), tl.load(gm + 2), tl.load(gm + 3)), mask=emask,
-                other=0.0).to(ACC)
+    g = tl.load(g_ptr + _maddr(r, c, tl.load(gm + 1), tl.load(gm + 2), tl.load(gm + 3), tl.load(gm + 4)),
+                mask=emask, other=0.0).to(ACC)
     tl.store(PE + tl.load(m + 19) + blk, tl.sum(g * w, axis=0))
 
 
 @triton.jit
 def _bwd_apply_kernel(META, GT, BLK, n_prog, PE, GSIG, SIGMA, UOUT, VOUT, DW,
-                      W_TY: tl.constexpr, G_TY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
-                      ACC: tl.constexpr):
+                      W_TY: tl.constexpr, G_TY: tl.constexpr, HAS_GSIG: tl.constexpr, BLOCK_E: tl.constexpr,
+                      BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     """dW = g / sigma + (g_sigma - <g, W> / sigma^2) u v^T for BLOCK_E elements."""
     pid = tl.program_id(0)
     layer = tl.load(BLK + pid)
     blk = tl.load(BLK + n_prog + pid)
     m = META + layer * 24
-    gm = GT + layer * 4
+    gm = GT + layer * 5
     g_ptr = tl.load(gm + 0).to(tl.pointer_type(G_TY))
     H = tl.load(m + 3)
     Wd = tl.load(m + 4)
-    K = tl.load(m + 5)
     gw = _sum_partials(PE + tl.load(m + 19), tl.load(m + 20), BLOCK_P, ACC)
     sigma = tl.load(SIGMA + layer).to(ACC)
-    coef = tl.load(GSIG + layer).to(ACC) - gw / (sigma * sigma)
+    coef = -gw / (sigma * sigma)
+    if HAS_GSIG:
+        coef += tl.load(GSIG + layer).to(ACC)
     e = blk * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = e < H * Wd
     r = e // Wd
     c = e % Wd
-    g = tl.load(g_ptr + _maddr(r, c, K, tl.load(gm + 1), tl.load(gm + 2), tl.load(gm + 3)), mask=emask,
-                other=0.0).to(ACC)
+    g = tl.load(g_ptr + _maddr(r, c, tl.load(gm + 1), tl.load(gm + 2), tl.load(gm + 3), tl.load(gm + 4)),
+                mask=emask, other=0.0).to(ACC)
     u = tl.load(UOUT + tl.load(m + 12) + r, mask=emask, other=0.0).to(ACC)
     v = tl.load(VOUT + tl.load(m + 13) + c, mask=emask, other=0.0).to(ACC)
     dw = g / sigma + coef * u * v
-    out = DW + tl.load(m + 14) + _maddr(r, c, K, tl.load(m + 9), tl.load(m + 10), tl.load(m + 11))
+    out = DW + tl.load(m + 14) + _maddr(r, c, tl.load(m + 21), tl.load(m + 9), tl.load(m + 10), tl.load(m + 11))
     tl.store(out, dw.to(DW.dtype.element_ty), mask=emask)
 
 
@@ -306,14 +310,14 @@ class Layout:
     """Device tables for a list of layers: META, the block tables, flat-buffer sizes."""
 
     def __init__(self, layouts, ptrs, device):
-        # layouts: per layer (H, Wd, K, s_r, s_1, s_2, o_r, o_1, o_2); ptrs: (w, u, v) addresses
+        # layouts: per layer (H, Wd, K, s_r, s_1, s_2, K_out, o_r, o_1, o_2); ptrs: (w, u, v) addresses
         meta, rb, cb, eb = [], ([], []), ([], []), ([], [])
         off_u = off_v = off_w = off_rb = off_cb = off_eb = 0
         self.offsets = []
-        for i, ((h, wd, k, sr, s1, s2, o_r, o1, o2), (wp, up, vp)) in enumerate(zip(layouts, ptrs)):
+        for i, ((h, wd, k, sr, s1, s2, k_out, o_r, o1, o2), (wp, up, vp)) in enumerate(zip(layouts, ptrs)):
             n_rb, n_cb, n_eb = _cdiv(h, BLOCK_R), _cdiv(wd, VBLOCK_C), _cdiv(h * wd, BLOCK_E)
             row = [wp, up, vp, h, wd, k, sr, s1, s2, o_r, o1, o2, off_u, off_v, off_w, off_rb, n_rb, off_cb, n_cb,
-                   off_eb, n_eb]
+                   off_eb, n_eb, k_out]
             meta.append(row + [0] * (NMETA - len(row)))
             for table, n in ((rb, n_rb), (cb, n_cb), (eb, n_eb)):
                 table[0].extend([i] * n)
@@ -377,7 +381,8 @@ def forward(layout: Layout, dtype, device, first: int, steps: int, eps: float, w
 
 
 def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype):
-    """dW for every layer, flat (weight dtype). ``grad_layouts``: (s_r, s_1, s_2) per grad."""
+    # gsig: [L] gradients of the sigmas (accumulation dtype), or None when no sigma had one
+    """dW for every layer, flat (weight dtype). ``grad_layouts``: (K, s_r, s_1, s_2) per grad."""
     device = uout.device
     acc = _acc(dtype)
     gdtype = grads[0].dtype
@@ -386,8 +391,9 @@ def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype
     dw = torch.empty(layout.sum_w, dtype=dtype, device=device)
     common = dict(W_TY=_TL[dtype], G_TY=_TL[gdtype], BLOCK_E=BLOCK_E, ACC=_TL[acc])
     _bwd_dot_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe, **common)
-    _bwd_apply_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe, gsig, sigma, uout, vout, dw,
-                                      BLOCK_P=BLOCK_P, **common)
+    _bwd_apply_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe,
+                                      gsig if gsig is not None else sigma, sigma, uout, vout, dw,
+                                      HAS_GSIG=gsig is not None, BLOCK_P=BLOCK_P, **common)
     return dw
 
 
@@ -421,8 +427,8 @@ def _aot_specs():
         specs.append(dict(kernel=_bwd_apply_kernel, config=f"{dt},backward apply",
                           signature={**bsig, "GSIG": "*fp32", "SIGMA": "*fp32", "UOUT": pty, "VOUT": pty,
                                      "DW": pty},
-                          constexprs=dict(W_TY=ty, G_TY=ty, BLOCK_E=BLOCK_E, BLOCK_P=BLOCK_P, ACC=tl.float32),
-                          num_warps=4))
+                          constexprs=dict(W_TY=ty, G_TY=ty, HAS_GSIG=True, BLOCK_E=BLOCK_E, BLOCK_P=BLOCK_P,
+                                          ACC=tl.float32), num_warps=4))
     return specs
 
 

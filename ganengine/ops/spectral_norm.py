@@ -210,8 +210,8 @@ class _TritonLayoutCache:
             layouts, ptrs = [], []
             for w, d, u, v in zip(weights, dims, us, vs):
                 h, wd, k, sr, s1, s2 = matrix_layout(w.shape, w.stride(), d)
-                _, _, _, o_r, o1, o2 = matrix_layout(w.shape, _contig_strides(w.shape), d)
-                layouts.append((h, wd, k, sr, s1, s2, o_r, o1, o2))
+                _, _, k_out, o_r, o1, o2 = matrix_layout(w.shape, _contig_strides(w.shape), d)
+                layouts.append((h, wd, k, sr, s1, s2, k_out, o_r, o1, o2))
                 ptrs.append((w.data_ptr(), u.data_ptr(), (v if v is not None else u).data_ptr()))
             hit = K.Layout(layouts, ptrs, weights[0].device)
             if len(self.entries) >= self.size:
@@ -259,7 +259,10 @@ def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, g
     out = [None] * len(weights)
     if not live:
         return out
-    gs_vec = torch.stack([gs.to(sigma.dtype) if gs is not None else sigma.new_zeros(()) for gs in gsigs])
+    if all(gs is None for gs in gsigs):  # the usual case
+        gs_vec = None if backend == "triton" else sigma.new_zeros(len(gsigs))
+    else:
+        gs_vec = torch.stack([gs.to(sigma.dtype) if gs is not None else sigma.new_zeros(()) for gs in gsigs])
     full = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)]
     if backend == "triton":
         from ganengine.kernels import spectral_norm as K
@@ -271,7 +274,7 @@ def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, g
             if lay is None:
                 full[i] = g = g.to(full[0].dtype).contiguous()
                 lay = matrix_layout(g.shape, g.stride(), d)
-            gl.append(lay[3:])
+            gl.append(lay[2:])
         dw = K.backward(layout, full, gl, gs_vec, sigma, uout, vout, weights[0].dtype)
         dws = _split(dw, layout.offsets, 2, [w.shape for w in weights])
     else:
