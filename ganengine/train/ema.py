@@ -24,6 +24,13 @@ What is averaged:
     (``_u``/``_v`` of PyTorch's or ganengine's parametrization): always copied; an average of
     unit vectors is not a unit vector, and the parametrization's eval mode uses them as they are.
 
+``target=G_ema`` (BigGAN's layout, used by the synthesis models): the averages live in a second
+instance of the network instead of private shadows: it is loaded with the model's state at
+construction and every update writes into its parameters and buffers (so it is checkpointed and
+sampled from as an ordinary network). Its tensors keep their own dtypes (give an fp32 target for
+a low-precision model). With ``target`` the update is ``torch._foreach_lerp_`` over the same
+tensors as ``ganengine.models.synthesis_tools.StateEMA``, so it gives the same bits.
+
 The model may be wrapped in DistributedDataParallel / DataParallel / ``torch.compile`` (the
 inner module is used) or rewritten by ``ganengine.fuse`` (same keys: an EMA of the plain model
 applies to the fused one and back). ``state_dict()`` / ``load_state_dict()`` carry the shadows,
@@ -106,9 +113,12 @@ class EMA:
         decay: weight of the old average per update, in [0, 1].
         start_step: ``update(step)`` copies instead of averaging while ``step < start_step``.
         buffers: ``"average"`` (default) or ``"copy"`` for floating buffers.
+        target: a second instance of the network that holds the averages (``G_ema``), loaded
+            with the model's state now; default: private shadows (fp32 for fp16/bf16 entries).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, start_step: int = 0, *, buffers: str = "average"):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, start_step: int = 0, *, buffers: str = "average",
+                 target: nn.Module | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"EMA: model must be an nn.Module, got {type(model).__name__}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
@@ -117,33 +127,61 @@ class EMA:
             raise ValueError(f"EMA: start_step must be an int >= 0, got {start_step!r}")
         if buffers not in _BUFFER_MODES:
             raise ValueError(f"EMA: buffers must be one of {_BUFFER_MODES}, got {buffers!r}")
+        if target is not None and not isinstance(target, nn.Module):
+            raise TypeError(f"EMA: target must be an nn.Module or None, got {type(target).__name__}")
         self.decay, self.start_step, self.buffers = float(decay), int(start_step), buffers
         self.num_updates = 0
         self.model = _unwrap(model)
-        self.shadow: dict[str, torch.Tensor] = {}
+        self.target = _unwrap(target) if target is not None else None
+        if self.target is self.model:
+            raise ValueError("EMA: target must be a second instance of the network, not the model itself")
+        live = _slots(self.model)
         self._averaged: dict[str, bool] = {}
+        for key, (slot, t) in live.items():
+            self._averaged[key] = t.is_floating_point() and (
+                slot.kind == "param"
+                or (buffers == "average" and not (_is_sn_module(slot.owner) and slot.local in _SN_VECTORS)))
+        self._shadow: dict[str, torch.Tensor] = {}
+        self._target_slots: dict[str, _Slot] | None = None
         with torch.no_grad():
-            for key, (slot, t) in _slots(self.model).items():
-                averaged = t.is_floating_point() and (
-                    slot.kind == "param"
-                    or (buffers == "average" and not (_is_sn_module(slot.owner) and slot.local in _SN_VECTORS)))
-                dtype = _shadow_dtype(t.dtype) if averaged else t.dtype
-                self.shadow[key] = t.detach().to(dtype=dtype, copy=True)
-                self._averaged[key] = averaged
+            if self.target is not None:
+                held = _slots(self.target)
+                self._check_keys(live, held, "the target's")
+                for key, (slot, t) in held.items():
+                    if t.shape != live[key][1].shape:
+                        raise ValueError(f"EMA: {key!r} has shape {tuple(t.shape)} in the target but "
+                                         f"{tuple(live[key][1].shape)} in the model")
+                    t.copy_(live[key][1])
+                self._target_slots = {k: s for k, (s, _) in held.items()}
+            else:
+                for key, (_, t) in live.items():
+                    dtype = _shadow_dtype(t.dtype) if self._averaged[key] else t.dtype
+                    self._shadow[key] = t.detach().to(dtype=dtype, copy=True)
         self._plans: dict[int, tuple] = {}
 
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """{state-dict key: averaged tensor} (the target's own tensors when there is a target)."""
+        if self._target_slots is not None:
+            return {k: s.get() for k, s in self._target_slots.items()}
+        return self._shadow
+
     # ------------------------------------------------------------------ plumbing
+    def _check_keys(self, have: dict, other: dict, what: str) -> None:
+        missing = [k for k in self._averaged if k not in other]
+        unexpected = [k for k in other if k not in self._averaged]
+        if missing or unexpected:
+            raise ValueError(f"EMA: {what} state-dict keys differ from the averaged model's "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
     def _plan(self, model: nn.Module):
-        """Per model: ([(shadows, slots, cast)] groups to average, same to copy), cached."""
+        """Per model: ([(shadow keys, slots)] groups to average, same to copy), cached; a group
+        has one (device, shadow dtype, live dtype) so each is one multi-tensor call."""
         cached = self._plans.get(id(model))
         if cached is not None and cached[0] is model:
             return cached[1]
         slots = _slots(model)
-        missing = [k for k in self.shadow if k not in slots]
-        unexpected = [k for k in slots if k not in self.shadow]
-        if missing or unexpected:
-            raise ValueError(f"EMA: the model's state-dict keys differ from the averaged ones "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        self._check_keys(self._averaged, slots, "the model's")
         groups = {True: defaultdict(lambda: ([], [])), False: defaultdict(lambda: ([], []))}
         for key, shadow in self.shadow.items():
             slot, live = slots[key]
@@ -151,17 +189,22 @@ class EMA:
                 raise ValueError(f"EMA: {key!r} has shape {tuple(live.shape)} in the model but "
                                  f"{tuple(shadow.shape)} in the average")
             g = groups[self._averaged[key]][(shadow.device, shadow.dtype, live.dtype)]
-            g[0].append(shadow)
+            g[0].append(key)
             g[1].append(slot)
-        plan = tuple([(sh, sl, k[2]) for k, (sh, sl) in groups[flag].items()] for flag in (True, False))
+        plan = tuple(list(groups[flag].values()) for flag in (True, False))
         self._plans[id(model)] = (model, plan)
         return plan
 
+    def _shadows(self, keys) -> list[torch.Tensor]:
+        if self._target_slots is not None:  # looked up per call: the target may have been moved
+            return [self._target_slots[k].get() for k in keys]
+        return [self._shadow[k] for k in keys]
+
     @staticmethod
-    def _lives(slots, dtype, device):
+    def _lives(slots, like: torch.Tensor):
         lives = [s.get() for s in slots]
-        if lives and (lives[0].dtype != dtype or lives[0].device != device):
-            lives = [t.to(device=device, dtype=dtype) for t in lives]
+        if lives and (lives[0].dtype != like.dtype or lives[0].device != like.device):
+            lives = [t.to(device=like.device, dtype=like.dtype) for t in lives]
         return lives
 
     # ------------------------------------------------------------------ public API
@@ -173,14 +216,16 @@ class EMA:
         step = self.num_updates if step is None else int(step)
         peg = step < self.start_step
         averaged, copied = self._plan(self.model)
-        for shadows, slots, _ in averaged:
-            lives = self._lives(slots, shadows[0].dtype, shadows[0].device)
+        for keys, slots in averaged:
+            shadows = self._shadows(keys)
+            lives = self._lives(slots, shadows[0])
             if peg or self.decay == 0.0:
                 torch._foreach_copy_(shadows, lives)
             elif self.decay != 1.0:
                 torch._foreach_lerp_(shadows, lives, 1.0 - self.decay)
-        for shadows, slots, _ in copied:
-            torch._foreach_copy_(shadows, [s.get() for s in slots])
+        for keys, slots in copied:
+            shadows = self._shadows(keys)
+            torch._foreach_copy_(shadows, self._lives(slots, shadows[0]))
         self.num_updates += 1
 
     @torch.no_grad()
@@ -189,9 +234,9 @@ class EMA:
         the same state-dict keys (another instance, a ``ganengine.fuse``d copy). Returns it."""
         target = _unwrap(model) if model is not None else self.model
         for groups in self._plan(target):
-            for shadows, slots, live_dtype in groups:
+            for keys, slots in groups:
                 lives = [s.get() for s in slots]
-                torch._foreach_copy_(lives, shadows)
+                torch._foreach_copy_(lives, self._shadows(keys))
         return model if model is not None else self.model
 
     @contextlib.contextmanager
@@ -201,7 +246,7 @@ class EMA:
         target = _unwrap(model) if model is not None else self.model
         plan = self._plan(target)
         with torch.no_grad():
-            backup = [[s.get().clone() for s in slots] for groups in plan for _, slots, _ in groups]
+            backup = [[s.get().clone() for s in slots] for groups in plan for _, slots in groups]
             self.copy_to(target)
         try:
             yield target
@@ -209,47 +254,50 @@ class EMA:
             with torch.no_grad():
                 i = 0
                 for groups in plan:
-                    for _, slots, _ in groups:
+                    for _, slots in groups:
                         torch._foreach_copy_([s.get() for s in slots], backup[i])
                         i += 1
 
     def to(self, device=None) -> "EMA":
-        """Move the shadows (e.g. after moving the model)."""
-        for key in self.shadow:
-            self.shadow[key] = self.shadow[key].to(device)
+        """Move the private shadows (e.g. after moving the model); a target is moved as a module."""
+        for key in self._shadow:
+            self._shadow[key] = self._shadow[key].to(device)
         self._plans.clear()
         return self
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "start_step": self.start_step, "buffers": self.buffers,
-                "num_updates": self.num_updates, "shadow": dict(self.shadow),
-                "averaged": sorted(k for k, a in self._averaged.items() if a)}
+        """Settings, update count and (without a target) the shadows; with a target the averages
+        are the target network's own state dict, checkpointed with it."""
+        state = {"decay": self.decay, "start_step": self.start_step, "buffers": self.buffers,
+                 "num_updates": self.num_updates, "averaged": sorted(k for k, a in self._averaged.items() if a)}
+        if self._target_slots is None:
+            state["shadow"] = dict(self._shadow)
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict` (values copied bit for bit into the shadows)."""
-        if not isinstance(state, dict) or "shadow" not in state:
+        if not isinstance(state, dict) or ("shadow" not in state and self._target_slots is None):
             raise ValueError("EMA.load_state_dict: expected a dict from EMA.state_dict() (with a 'shadow' entry)")
-        shadow = state["shadow"]
-        missing = [k for k in self.shadow if k not in shadow]
-        unexpected = [k for k in shadow if k not in self.shadow]
-        if missing or unexpected:
-            raise ValueError(f"EMA.load_state_dict: keys differ from this model's (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-        for key, t in shadow.items():
-            if t.shape != self.shadow[key].shape:
-                raise ValueError(f"EMA.load_state_dict: {key!r} has shape {tuple(t.shape)}, expected "
-                                 f"{tuple(self.shadow[key].shape)}")
-        for key, t in shadow.items():
-            self.shadow[key].copy_(t)
-        self.decay = float(state.get("decay", self.decay))
-        self.start_step = int(state.get("start_step", self.start_step))
-        self.num_updates = int(state.get("num_updates", 0))
         if state.get("buffers", self.buffers) != self.buffers:
             raise ValueError(f"EMA.load_state_dict: saved with buffers={state['buffers']!r}, this EMA averages "
                              f"buffers={self.buffers!r}")
+        shadow = state.get("shadow")
+        if shadow is not None:
+            own = self.shadow
+            self._check_keys(self._averaged, shadow, "the saved")
+            for key, t in shadow.items():
+                if t.shape != own[key].shape:
+                    raise ValueError(f"EMA.load_state_dict: {key!r} has shape {tuple(t.shape)}, expected "
+                                     f"{tuple(own[key].shape)}")
+            for key, t in shadow.items():
+                own[key].copy_(t)
+        self.decay = float(state.get("decay", self.decay))
+        self.start_step = int(state.get("start_step", self.start_step))
+        self.num_updates = int(state.get("num_updates", 0))
 
     def __repr__(self) -> str:
         n_avg = sum(self._averaged.values())
-        return (f"EMA(decay={self.decay}, start_step={self.start_step}, buffers={self.buffers!r}, "
-                f"updates={self.num_updates}, {n_avg} averaged / {len(self.shadow) - n_avg} copied tensors)")
+        where = ", target" if self.target is not None else ""
+        return (f"EMA(decay={self.decay}, start_step={self.start_step}, buffers={self.buffers!r}{where}, "
+                f"updates={self.num_updates}, {n_avg} averaged / {len(self._averaged) - n_avg} copied tensors)")
