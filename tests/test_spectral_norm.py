@@ -140,6 +140,39 @@ def test_eval_classic_and_iterations(backend):
         _bound(u_c, ru, w, rs, 2, "classic u")
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classic_order_serves_the_models_own_layers(backend):
+    """SAGAN's SpectralNorm wrapper (weight_u/_v/_bar) and BigGAN's SNConv2d (u0, num_svs=1) keep
+    their reference keys, but their step is the classic order: GF.spectral_norm_weight(...,
+    order="classic") from their state gives their weight, u and sigma (SAGAN's ``v / (||v|| +
+    eps)`` equals F.normalize's ``v / max(||v||, eps)`` for any norm above eps / unit roundoff)."""
+    from ganengine.models.layers_biggan import SNConv2d
+    from ganengine.models.networks_sagan import SpectralNorm as SaganSN
+
+    torch.manual_seed(4)
+    sagan = SaganSN(nn.Conv2d(8, 16, 4))
+    biggan = SNConv2d(8, 16, 3, num_svs=1, num_itrs=1, eps=1e-8)
+    w_s, u_s = sagan.module.weight_bar.detach().clone(), sagan.module.weight_u.clone()
+    w_b, u_b = biggan.weight.detach().clone(), biggan.u0.view(-1).clone()
+    want_s = sagan.normalized_weight().detach()
+    want_b = biggan.W_().detach()
+    with on_backend(backend):
+        got_s, gu_s, gs_s = GF.spectral_norm_weight(w_s, u_s, 1, 1e-12, order="classic")
+        got_b, gu_b, gs_b = GF.spectral_norm_weight(w_b, u_b, 1, 1e-8, order="classic")
+    if backend == "torch":  # the same GEMVs and norms as SAGAN's layer
+        assert torch.equal(got_s, want_s) and torch.equal(gu_s, sagan.module.weight_u)
+    for got, gu, gs, want, w, u, new_u, sv, eps, name in (
+            (got_s, gu_s, gs_s, want_s, w_s, u_s, sagan.module.weight_u, None, 1e-12, "sagan"),
+            (got_b, gu_b, gs_b, want_b, w_b, u_b, biggan.u0.view(-1), biggan.sv0, 1e-8, "biggan")):
+        r, ru, _, rs, _ = _ref64(w, u, None, 1, 2, eps=eps, order="classic")
+        for actual in (got, want):  # ganengine and the layer, both within the bound of fp64
+            _bound(actual, r.detach(), w, rs, 2, name)
+        _bound(gu, ru, w, rs, 2, f"{name} u")
+        _bound(new_u, ru, w, rs, 2, f"{name} layer u")
+        if sv is not None:
+            _bound(gs, sv.double().view(()), w, rs, 2, f"{name} sigma vs sv0")
+
 @pytest.mark.parametrize("backend", backend_params(["triton"]))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(backend, dtype):
