@@ -49,6 +49,7 @@ BLOCK_R, BLOCK_C = 16, 128     # U step tile (rows x columns)
 VBLOCK_R, VBLOCK_C = 32, 64    # V step tile
 BLOCK_E = 1024                 # element blocks (W / sigma, backward)
 BLOCK_P = 128                  # partial sums read per iteration
+APPLY_WARPS = 8                # backward apply: two int64 addresses per element spill at 4 warps
 
 
 @triton.jit
@@ -393,7 +394,7 @@ def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype
     _bwd_dot_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe, **common)
     _bwd_apply_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe,
                                       gsig if gsig is not None else sigma, sigma, uout, vout, dw,
-                                      HAS_GSIG=gsig is not None, BLOCK_P=BLOCK_P, **common)
+                                      HAS_GSIG=gsig is not None, BLOCK_P=BLOCK_P, num_warps=APPLY_WARPS, **common)
     return dw
 
 
@@ -424,11 +425,12 @@ def _aot_specs():
         bsig = {"META": "*i64", "GT": "*i64", "BLK": "*i32", "n_prog": "i32", "PE": "*fp32"}
         specs.append(dict(kernel=_bwd_dot_kernel, config=f"{dt},backward dot", signature=bsig,
                           constexprs=dict(W_TY=ty, G_TY=ty, BLOCK_E=BLOCK_E, ACC=tl.float32), num_warps=4))
-        specs.append(dict(kernel=_bwd_apply_kernel, config=f"{dt},backward apply",
-                          signature={**bsig, "GSIG": "*fp32", "SIGMA": "*fp32", "UOUT": pty, "VOUT": pty,
-                                     "DW": pty},
-                          constexprs=dict(W_TY=ty, G_TY=ty, HAS_GSIG=True, BLOCK_E=BLOCK_E, BLOCK_P=BLOCK_P,
-                                          ACC=tl.float32), num_warps=4))
+        for has_gsig in (False, True):
+            specs.append(dict(kernel=_bwd_apply_kernel, config=f"{dt},backward apply,HAS_GSIG={has_gsig}",
+                              signature={**bsig, "GSIG": "*fp32", "SIGMA": "*fp32", "UOUT": pty, "VOUT": pty,
+                                         "DW": pty},
+                              constexprs=dict(W_TY=ty, G_TY=ty, HAS_GSIG=has_gsig, BLOCK_E=BLOCK_E, BLOCK_P=BLOCK_P,
+                                              ACC=tl.float32), num_warps=APPLY_WARPS))
     return specs
 
 
