@@ -146,7 +146,7 @@ class EMA:
         with torch.no_grad():
             if self.target is not None:
                 held = _slots(self.target)
-                self._check_keys(live, held, "the target's")
+                self._check_keys(held, "the target's")
                 for key, (slot, t) in held.items():
                     if t.shape != live[key][1].shape:
                         raise ValueError(f"EMA: {key!r} has shape {tuple(t.shape)} in the target but "
@@ -167,7 +167,7 @@ class EMA:
         return self._shadow
 
     # ------------------------------------------------------------------ plumbing
-    def _check_keys(self, have: dict, other: dict, what: str) -> None:
+    def _check_keys(self, other: dict, what: str) -> None:
         missing = [k for k in self._averaged if k not in other]
         unexpected = [k for k in other if k not in self._averaged]
         if missing or unexpected:
@@ -181,7 +181,7 @@ class EMA:
         if cached is not None and cached[0] is model:
             return cached[1]
         slots = _slots(model)
-        self._check_keys(self._averaged, slots, "the model's")
+        self._check_keys(slots, "the model's")
         groups = {True: defaultdict(lambda: ([], [])), False: defaultdict(lambda: ([], []))}
         for key, shadow in self.shadow.items():
             slot, live = slots[key]
@@ -285,7 +285,7 @@ class EMA:
         shadow = state.get("shadow")
         if shadow is not None:
             own = self.shadow
-            self._check_keys(self._averaged, shadow, "the saved")
+            self._check_keys(shadow, "the saved")
             for key, t in shadow.items():
                 if t.shape != own[key].shape:
                     raise ValueError(f"EMA.load_state_dict: {key!r} has shape {tuple(t.shape)}, expected "
