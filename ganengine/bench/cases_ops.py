@@ -13,6 +13,8 @@ Reference shapes (where the op runs in the reference models):
   conv       pix2pix U-Net bottleneck: 4x4 stride-2 conv 512 ch 8^2 -> 4^2, transposed conv
              1024 -> 512 ch 4^2 -> 8^2; StarGAN's last discriminator block (b16, 1024 -> 2048, 4^2).
   losses     PatchGAN logits (1, 1, 30, 30); cycle loss over four 1x3x256x256 images.
+  spectral_norm  SAGAN D's 4x4 convs (512 x 256 x 4 x 4), BigGAN-128 D's 3x3 convs (1536^2 x 3 x 3);
+             grouped: every SN conv of SAGAN's / BigGAN's discriminator in one call.
 """
 from __future__ import annotations
 
@@ -350,6 +352,75 @@ def _batch_norm_act(mod):
                        traffic_shape=dict(n=4, c=16, h=8, w=8)))
 
 
+# ----------------------------------------------------------------------------- spectral_norm
+def _sn_weights(p):
+    """Weight shapes of a discriminator's spectral-normed layers (``layers``: sagan, biggan)."""
+    k = p.get("scale", 1)
+    if p["layers"] == "sagan":  # heykeetae SAGAN D, image_size 64: four 4x4 stride-2 convs
+        c = [3] + [64 * m // k for m in (1, 2, 4, 8)]
+        return [(c[i + 1], c[i], 4, 4) for i in range(4)]
+    c = [96 * m // k for m in (1, 2, 4, 8, 16)]  # BigGAN-128 D: the 3x3 convs of its DBlocks
+    return [(co, ci, 3, 3) for ci, co in zip([3] + c, c)] + [(co, co, 3, 3) for co in c]
+
+
+def _spectral_norm(mod):
+    eps = 1e-12
+
+    def state(shape, device, dtype):
+        w = _randn(shape, device, dtype, 0.05)
+        u = F.normalize(_randn((shape[0],), device, dtype), dim=0, eps=eps)
+        v = F.normalize(_randn((w[0].numel(),), device, dtype), dim=0, eps=eps)
+        return w, u, v
+
+    def torch_sn(w, u, v):  # torch.nn.utils.parametrizations.spectral_norm, train mode, 1 iteration
+        m = w.flatten(1)
+        with torch.no_grad():
+            u = F.normalize(torch.mv(m, v), dim=0, eps=eps)
+            v = F.normalize(torch.mv(m.H, u), dim=0, eps=eps)
+        return w / torch.vdot(u, torch.mv(m, v))
+
+    def setup(p, device, dtype):
+        w, u, v = state((p["co"], p["ci"], p["k"], p["k"]), device, dtype)
+
+        def fused(w, u, v):
+            return mod.spectral_norm_weight(w, u, 1, eps, v=v)[0]
+
+        return Workload(args=(w, u, v), reference=torch_sn, fused=fused, grad_args=(0,))
+
+    register(BenchCase(
+        name="spectral_norm_weight", family="spectral_norm", kind="op", setup=setup,
+        description="spectral norm of one conv weight (train: 1 power iteration, sigma, W / sigma)",
+        shapes={"ref": [dict(co=512, ci=256, k=4), dict(co=1536, ci=1536, k=3)],
+                "quick": [dict(co=64, ci=32, k=4)], "tiny": [dict(co=8, ci=4, k=3)]},
+        traffic_shape=dict(co=16, ci=8, k=3),
+    ))
+
+    def setup_group(p, device, dtype):
+        states = [state(s, device, dtype) for s in _sn_weights(p)]
+        n = len(states)
+        args = tuple(t for trio in zip(*states) for t in trio)  # weights, then us, then vs
+
+        def reference(*a):
+            return [torch_sn(a[i], a[n + i], a[2 * n + i]) for i in range(n)]
+
+        def fused(*a):  # one grouped call on a native backend (what gnn.SpectralNormGroup runs)
+            ws, us, vs = a[:n], a[n:2 * n], a[2 * n:]
+            backend = mod.choose_backend(ws[0], 0)
+            if backend == "torch":
+                return [mod.spectral_norm_weight(w, u, 1, eps, v=v)[0] for w, u, v in zip(ws, us, vs)]
+            return mod.run_group(ws, [0] * n, us, vs, mod.U_STEP, 2, eps, False, backend)[0]
+
+        return Workload(args=args, reference=reference, fused=fused, grad_args=tuple(range(n)))
+
+    register(BenchCase(
+        name="spectral_norm_group", family="spectral_norm", kind="op", setup=setup_group,
+        description="spectral norm of every SN conv of a discriminator in one grouped call",
+        shapes={"ref": [dict(layers="sagan"), dict(layers="biggan")], "quick": [dict(layers="sagan", scale=4)],
+                "tiny": [dict(layers="sagan", scale=16)]},
+        traffic_shape=dict(layers="sagan", scale=8),
+    ))
+
+
 _FAMILIES = {
     "norm_act": (_norm_act, "instance_norm_act"),
     "attention": (_attention, "self_attention2d"),
@@ -358,6 +429,7 @@ _FAMILIES = {
     "conv": (_conv, "conv_transpose2d"),
     "losses": (_losses, None),
     "batch_norm_act": (_batch_norm_act, "batch_norm_act"),
+    "spectral_norm": (_spectral_norm, "spectral_norm_weight"),
 }
 
 

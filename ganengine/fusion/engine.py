@@ -140,7 +140,19 @@ class Fuser:
         if why:
             self.report.decline("*", "", why)
             return root
+        self.parametrizations(root)
         for stage in ("early", "late"):
             root = self.single(root, "", stage)
         return self.walk(root, "")
+
+    def parametrizations(self, root: nn.Module) -> None:
+        """Module rules on the parametrizations themselves (PyTorch's spectral norm -> ganengine's,
+        ganengine/nn/spectral_norm.py), first: a conv the sequence rules then fuse keeps the
+        swapped parametrization (their fused modules are not walked into)."""
+        from torch.nn.utils import parametrize
+
+        for where, m in list(root.named_modules()):
+            if parametrize.is_parametrized(m) and not _skip(m):
+                for name, plist in m.parametrizations.items():
+                    self.children_rules(plist, join(where, f"parametrizations.{name}"), "early")
 

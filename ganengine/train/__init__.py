@@ -5,6 +5,7 @@ rebuilds a trained model from a checkpoint.
 """
 from ganengine.train.checkpoint import CheckpointError, load_model
 from ganengine.train.context import AMP_MODES, AmpContext
+from ganengine.train.ema import EMA
 from ganengine.train.engine import NonFiniteLossError, TrainConfig, Trainer, train
 
 __all__ = ["AMP_MODES", "AmpContext", "CheckpointError", "NonFiniteLossError", "TrainConfig", "Trainer",

@@ -1,0 +1,298 @@
+// Spectral normalisation, CPU kernels: the power iteration, sigma and W / sigma of a LIST of
+// weights in one call (one layer, or every spectral-normed layer of a model).
+//
+// spectral_norm_fwd(weights, us, vs, first, steps, eps, write_state)
+//     -> (w_sn[], u_out[], v_out[], sigma[L] (fp32; fp64 for fp64))
+//   Each weight is the matrix M = weight.view(H, -1) (dim 0, contiguous). A power iteration is a
+//   sequence of `steps` half steps starting with `first` (0: U, 1: V), alternating:
+//     U: u = normalize(M v)      V: v = normalize(M^T u)     normalize(x) = x / max(||x||, eps)
+//   starting from the state vectors us/vs (PyTorch's parametrization: first U, steps 2n; the
+//   state v derived from u: first V, steps 2n + 1). sigma = u . M v, from the last half step
+//   without another pass (last V: v = s / m with s = M^T u, so u . M v = ||s||^2 / m; same for
+//   U), or directly when steps == 0 (eval). u_out / v_out are the vectors sigma was computed
+//   with; with write_state they are also copied into us / vs (the in-place buffer update).
+// spectral_norm_bwd(grads, gsig, weights, u_out, v_out, sigma) -> dW[]
+//   dW = g / sigma + (gsig - <g, W> / sigma^2) u v^T  (u, v constants: PyTorch's graph).
+//
+// Every reduction has a fixed order that does not depend on the thread count: a row dot product
+// is one vectorised loop, a column sum runs over the rows in order for a fixed chunk of
+// columns, norms are sequential, <g, W> sums fixed chunks of kChunk elements in order. So one
+// layer gives the same bits alone or in a group. fp32 and fp64 (accumulated in their own type).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "vec_utils.h"
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace ganengine {
+namespace spectral_norm_cpu {
+namespace {
+
+using at::vec::Vectorized;
+using cpu::hsum;
+
+constexpr int64_t kWork = 32768;   // elements per parallel task at least (smaller: run inline)
+constexpr int64_t kChunk = 32768;  // elements per partial sum of <g, W>
+
+// sum_i a[i] * x[i]
+template <typename T>
+inline T dot(const T* a, const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  Vec s0(T(0)), s1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(x + i), s0);
+    s1 = at::vec::fmadd(Vec::loadu(a + i + L), Vec::loadu(x + i + L), s1);
+  }
+  for (; i + L <= n; i += L) s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(x + i), s0);
+  T s = hsum<T>(s0 + s1);
+  for (; i < n; ++i) s += a[i] * x[i];
+  return s;
+}
+
+template <typename T>
+inline T sumsq(const T* x, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += x[i] * x[i];
+  return s;
+}
+
+// t = M x (H rows of length Wd, row stride ld)
+template <typename T>
+void matvec(const T* M, int64_t H, int64_t Wd, int64_t ld, const T* x, T* t) {
+  at::parallel_for(0, H, std::max<int64_t>(1, kWork / std::max<int64_t>(Wd, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) t[r] = dot(M + r * ld, x, Wd);
+  });
+}
+
+// s = M^T y: each task owns a chunk of columns and runs over the rows in order
+template <typename T>
+void matvec_t(const T* M, int64_t H, int64_t Wd, int64_t ld, const T* y, T* s) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  constexpr int64_t CW = 4 * L;  // columns per register block
+  const int64_t nblk = (Wd + CW - 1) / CW;
+  at::parallel_for(0, nblk, std::max<int64_t>(1, kWork / std::max<int64_t>(H * CW, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * CW;
+      if (c0 + CW <= Wd) {
+        Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+        for (int64_t r = 0; r < H; ++r) {
+          const T* row = M + r * ld + c0;
+          const Vec yr(y[r]);
+          a0 = at::vec::fmadd(Vec::loadu(row), yr, a0);
+          a1 = at::vec::fmadd(Vec::loadu(row + L), yr, a1);
+          a2 = at::vec::fmadd(Vec::loadu(row + 2 * L), yr, a2);
+          a3 = at::vec::fmadd(Vec::loadu(row + 3 * L), yr, a3);
+        }
+        a0.store(s + c0);
+        a1.store(s + c0 + L);
+        a2.store(s + c0 + 2 * L);
+        a3.store(s + c0 + 3 * L);
+      } else {
+        const int64_t n = Wd - c0;
+        T acc[CW] = {};
+        for (int64_t r = 0; r < H; ++r) {
+          const T* row = M + r * ld + c0;
+          const T yr = y[r];
+          for (int64_t j = 0; j < n; ++j) acc[j] += row[j] * yr;
+        }
+        for (int64_t j = 0; j < n; ++j) s[c0 + j] = acc[j];
+      }
+    }
+  });
+}
+
+// out[i] = in[i] / den (F.normalize's division)
+template <typename T>
+inline void scale_into(const T* in, T den, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = in[i] / den;
+}
+
+template <typename T>
+T layer_forward(const at::Tensor& weight, at::Tensor& u_state, at::Tensor& v_state, at::Tensor& w_sn,
+                at::Tensor& u_out, at::Tensor& v_out, int64_t first, int64_t steps, double eps_d,
+                bool write_state) {
+  const int64_t H = weight.size(0);
+  const int64_t Wd = weight.numel() / H;
+  const T* M = weight.data_ptr<T>();
+  const T eps = static_cast<T>(eps_d);
+  T* uo = u_out.data_ptr<T>();
+  T* vo = v_out.data_ptr<T>();
+  std::vector<T> t(H), s(Wd);
+  T sigma;
+  if (steps == 0) {  // eval: sigma = u . M v from the state, nothing written back
+    std::copy_n(u_state.data_ptr<T>(), H, uo);
+    std::copy_n(v_state.data_ptr<T>(), Wd, vo);
+    matvec(M, H, Wd, Wd, vo, t.data());
+    sigma = 0;
+    for (int64_t r = 0; r < H; ++r) sigma += uo[r] * t[r];
+  } else {
+    int64_t side = first;
+    T den = 1;
+    for (int64_t k = 0; k < steps; ++k) {
+      if (side == 0) {  // U: x = state v or normalize(s); t = M x
+        if (k == 0) std::copy_n(v_state.data_ptr<T>(), Wd, vo);
+        else scale_into(s.data(), den, vo, Wd);
+        matvec(M, H, Wd, Wd, vo, t.data());
+        den = std::max(std::sqrt(sumsq(t.data(), H)), eps);
+      } else {          // V: y = state u or normalize(t); s = M^T y
+        if (k == 0) std::copy_n(u_state.data_ptr<T>(), H, uo);
+        else scale_into(t.data(), den, uo, H);
+        matvec_t(M, H, Wd, Wd, uo, s.data());
+        den = std::max(std::sqrt(sumsq(s.data(), Wd)), eps);
+      }
+      side ^= 1;
+    }
+    // the last step's result, normalised; sigma = ||.||^2 / den
+    if ((side ^ 1) == 0) {
+      scale_into(t.data(), den, uo, H);
+      sigma = sumsq(t.data(), H) / den;
+    } else {
+      scale_into(s.data(), den, vo, Wd);
+      sigma = sumsq(s.data(), Wd) / den;
+    }
+    if (write_state) {
+      std::copy_n(uo, H, u_state.data_ptr<T>());
+      std::copy_n(vo, Wd, v_state.data_ptr<T>());
+    }
+  }
+  // W / sigma
+  T* out = w_sn.data_ptr<T>();
+  const int64_t n = H * Wd;
+  at::parallel_for(0, n, kWork, [&](int64_t e0, int64_t e1) {
+    using Vec = Vectorized<T>;
+    const Vec sv(sigma);
+    int64_t e = e0;
+    for (; e + Vec::size() <= e1; e += Vec::size()) (Vec::loadu(M + e) / sv).store(out + e);
+    for (; e < e1; ++e) out[e] = M[e] / sigma;
+  });
+  return sigma;
+}
+
+// v is read only when the plan starts with U or does not iterate; otherwise (v derived from u)
+// the caller may pass any placeholder, and v_out is allocated here.
+void check_layer(const at::Tensor& w, const at::Tensor& u, const at::Tensor& v, int64_t i, bool v_used = true) {
+  TORCH_CHECK(w.dim() >= 2, "spectral_norm_fwd: weights[", i, "] must have at least 2 dims, got ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "spectral_norm_fwd: weights[", i, "] must be contiguous");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+              "spectral_norm_fwd: weights[", i, "] must be fp32 or fp64, got ", w.scalar_type());
+  const int64_t H = w.size(0);
+  TORCH_CHECK(H > 0 && w.numel() > 0, "spectral_norm_fwd: weights[", i, "] is empty");
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == H && u.is_contiguous() && u.scalar_type() == w.scalar_type(),
+              "spectral_norm_fwd: us[", i, "] must be a contiguous (", H, ",) vector of the weight's dtype");
+  TORCH_CHECK(!v_used || (v.dim() == 1 && v.size(0) == w.numel() / H && v.is_contiguous() && v.scalar_type() == w.scalar_type()),
+              "spectral_norm_fwd: vs[", i, "] must be a contiguous (", w.numel() / H,
+              ",) vector of the weight's dtype");
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> sn_fwd(
+    at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t first, int64_t steps, double eps,
+    bool write_state) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(us.size()) == L && static_cast<int64_t>(vs.size()) == L,
+              "spectral_norm_fwd: weights, us and vs must be non-empty lists of one length");
+  TORCH_CHECK(first == 0 || first == 1, "spectral_norm_fwd: first must be 0 (U) or 1 (V)");
+  TORCH_CHECK(steps >= 0, "spectral_norm_fwd: steps must be >= 0");
+  const auto dtype = weights[0].scalar_type();
+  std::vector<at::Tensor> w_sn, u_out, v_out;
+  at::Tensor sigma = at::empty({L}, weights[0].options());
+  for (int64_t i = 0; i < L; ++i) {
+    const bool v_used = steps == 0 || first == 0 || write_state;
+    check_layer(weights[i], us[i], vs[i], i, v_used);
+    TORCH_CHECK(weights[i].scalar_type() == dtype, "spectral_norm_fwd: all weights must share one dtype");
+    w_sn.push_back(at::empty_like(weights[i], at::MemoryFormat::Contiguous));
+    u_out.push_back(at::empty_like(us[i]));
+    v_out.push_back(at::empty({weights[i].numel() / weights[i].size(0)}, weights[i].options()));
+    at::Tensor u = us[i], v = vs[i];
+    AT_DISPATCH_FLOATING_TYPES(dtype, "spectral_norm_fwd", [&] {
+      sigma.data_ptr<scalar_t>()[i] =
+          layer_forward<scalar_t>(weights[i], u, v, w_sn[i], u_out[i], v_out[i], first, steps, eps, write_state);
+    });
+  }
+  return {w_sn, u_out, v_out, sigma};
+}
+
+template <typename T>
+void layer_backward(const at::Tensor& g_in, const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                    T sigma, T gsig, at::Tensor& dw) {
+  const at::Tensor g = g_in.contiguous();  // a stride-0 (expanded) grad becomes dense once
+  const int64_t H = weight.size(0);
+  const int64_t Wd = weight.numel() / H;
+  const int64_t n = H * Wd;
+  const T* G = g.data_ptr<T>();
+  const T* M = weight.data_ptr<T>();
+  const int64_t nchunk = (n + kChunk - 1) / kChunk;
+  std::vector<T> part(nchunk);
+  at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t e0 = c * kChunk;
+      part[c] = dot(G + e0, M + e0, std::min(kChunk, n - e0));
+    }
+  });
+  T gw = 0;
+  for (int64_t c = 0; c < nchunk; ++c) gw += part[c];
+  const T coef = gsig - gw / (sigma * sigma);
+  const T* up = u.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* out = dw.data_ptr<T>();
+  at::parallel_for(0, H, std::max<int64_t>(1, kWork / std::max<int64_t>(Wd, 1)), [&](int64_t r0, int64_t r1) {
+    using Vec = Vectorized<T>;
+    const Vec sv(sigma);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T cu = coef * up[r];
+      const Vec cuv(cu);
+      const T* gr = G + r * Wd;
+      T* orow = out + r * Wd;
+      int64_t j = 0;
+      for (; j + Vec::size() <= Wd; j += Vec::size())
+        at::vec::fmadd(cuv, Vec::loadu(vp + j), Vec::loadu(gr + j) / sv).store(orow + j);
+      for (; j < Wd; ++j) orow[j] = gr[j] / sigma + cu * vp[j];
+    }
+  });
+}
+
+std::vector<at::Tensor> sn_bwd(at::TensorList grads, const at::Tensor& gsig, at::TensorList weights,
+                               at::TensorList u_out, at::TensorList v_out, const at::Tensor& sigma) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == L && static_cast<int64_t>(u_out.size()) == L &&
+                  static_cast<int64_t>(v_out.size()) == L && sigma.numel() == L && gsig.numel() == L,
+              "spectral_norm_bwd: one grad, u, v, sigma and gsig per weight");
+  std::vector<at::Tensor> out;
+  const at::Tensor sig = sigma.contiguous(), gs = gsig.to(sigma.scalar_type()).contiguous();
+  for (int64_t i = 0; i < L; ++i) {
+    TORCH_CHECK(grads[i].sizes() == weights[i].sizes() && grads[i].scalar_type() == weights[i].scalar_type(),
+                "spectral_norm_bwd: grads[", i, "] must match the weight's shape and dtype");
+    check_layer(weights[i], u_out[i], v_out[i], i);
+    out.push_back(at::empty_like(weights[i], at::MemoryFormat::Contiguous));
+    AT_DISPATCH_FLOATING_TYPES(weights[i].scalar_type(), "spectral_norm_bwd", [&] {
+      layer_backward<scalar_t>(grads[i], weights[i], u_out[i], v_out[i], sig.data_ptr<scalar_t>()[i],
+                               gs.data_ptr<scalar_t>()[i], out[i]);
+    });
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace spectral_norm_cpu
+}  // namespace ganengine
+
+TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
+  m.def("spectral_norm_fwd(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int first, int steps, float eps, "
+        "bool write_state) -> (Tensor[], Tensor[], Tensor[], Tensor)");
+  m.def("spectral_norm_bwd(Tensor[] grads, Tensor gsig, Tensor[] weights, Tensor[] u_out, Tensor[] v_out, "
+        "Tensor sigma) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
+  m.impl("spectral_norm_fwd", &ganengine::spectral_norm_cpu::sn_fwd);
+  m.impl("spectral_norm_bwd", &ganengine::spectral_norm_cpu::sn_bwd);
+}
