@@ -28,6 +28,7 @@ CPU_SM_COUNT = 2
 # check, on CPU tensors, that every launch happens inside the guard with the tensors' device
 _GUARDED = ("cuda",)
 _planning_sms: int | None = None
+_planning_cc: tuple[int, int] = (9, 0)
 
 
 def _device_context(device: torch.device):
@@ -70,13 +71,27 @@ def sm_count(t: torch.Tensor) -> int:
     return CPU_SM_COUNT
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(t: torch.Tensor) -> tuple[int, int]:
+    """Compute capability the launch plans for ((9, 0) for CPU tensors under the interpreter)."""
+    if t.is_cuda:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return _cuda_capability(index)
+    return _planning_cc
+
+
 @contextlib.contextmanager
-def planning_for_gpu(sms: int = 132):
+def planning_for_gpu(sms: int = 132, cc: int = 90):
     """Inside: launchers given ``meta`` tensors plan as on a GPU with ``sms`` SMs (H100 SXM: 132,
-    H200: 132, A100: 108)."""
-    global _planning_sms
-    old, _planning_sms = _planning_sms, int(sms)
+    H200: 132, A100: 108) and compute capability ``cc`` (90: sm_90)."""
+    global _planning_sms, _planning_cc
+    old = _planning_sms, _planning_cc
+    _planning_sms, _planning_cc = int(sms), (cc // 10, cc % 10)
     try:
         yield
     finally:
-        _planning_sms = old
+        _planning_sms, _planning_cc = old

@@ -115,11 +115,11 @@ def _scores(Q, b, sqb, sqc, sqn, offs_m, m_ok, offs_k, k_ok, kt, IEEE: tl.conste
 
 @triton.jit
 def _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, DV,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
     """grad v^T for a (query tile, key tile): sum over DV chunks of dot(grad tile, v^T tile)."""
     dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for d0 in range(0, DV, BLOCK_DV):
-        offs_d = d0 + tl.arange(0, BLOCK_DV)
+    for d0 in range(0, DV, BLOCK_DP):
+        offs_d = d0 + tl.arange(0, BLOCK_DP)
         d_ok = offs_d < DV
         g = tl.load(G + b * sgb + offs_d[None, :] * sgc + offs_m[:, None] * sgn,
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -141,7 +141,7 @@ def _bwd_dq(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DQ_OUT,
             sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sgb, sgc, sgn, sdb, sdc, sdn,
             N, M, DQK, DV, n_tiles,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-            BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+            BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0) % n_tiles
     b = (tl.program_id(0) // n_tiles).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,7 +177,7 @@ def _bwd_dq(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DQ_OUT,
         q, s = _scores(Q, b, sqb, sqc, sqn, offs_m, m_ok, offs_k, k_ok, kt, IEEE)
         p = tl.where(n_ok[None, :], _exp_rel(s, m_i[:, None]) * rl[:, None], 0.0)
         dp = _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, DV,
-                      BLOCK_M, BLOCK_N, BLOCK_DV, IEEE)
+                      BLOCK_M, BLOCK_N, BLOCK_DP, IEEE)
         ds = _dscores(p, s, m_i, l_i, dp, delta, gamma)
         acc += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     tl.store(DQ_OUT + b * sdb + offs_k[None, :] * sdc + offs_m[:, None] * sdn,
@@ -190,7 +190,7 @@ def _bwd_dkdv(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DK_OUT, DV_OUT,
               skob, skoc, skon, svob, svoc, svon,
               N, M, DQK, DV, n_tiles,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-              BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+              BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
     pid_n = tl.program_id(0) % n_tiles
     b = (tl.program_id(0) // n_tiles).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -219,7 +219,7 @@ def _bwd_dkdv(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DK_OUT, DV_OUT,
         if pid_d == 0:
             delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
             dp = _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, DV,
-                          BLOCK_M, BLOCK_N, BLOCK_DV, IEEE)
+                          BLOCK_M, BLOCK_N, BLOCK_DP, IEEE)
             ds = _dscores(p, s, m_i, l_i, dp, delta, gamma)
             dk_acc += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     tl.store(DV_OUT + b * svob + offs_d[None, :] * svoc + offs_n[:, None] * svon,
@@ -229,25 +229,37 @@ def _bwd_dkdv(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DK_OUT, DV_OUT,
 
 
 # ----------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages) per kernel, the single source of truth for
-# the launchers and the AOT report (which compiles every C = 64..1024 model case for sm_80 and
-# sm_90 and fails on spills). The backward kernels share one block shape (score bits must agree
-# across them); BLOCK_N = 64 with 4 warps gives wgmma on sm_90 (64-row MMA tiles per warpgroup).
-# fp32 runs its dots as tf32x3 (three tensor-core passes, fp32-level accuracy), which needs
-# smaller chunks of DV than fp16/bf16. Wide heads (DQK > 64, C > 512) take smaller DV chunks.
+# Per kernel: (BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DP, num_warps, num_stages), keyed by (dtype
+# family, wide head (DQK > 64, i.e. C > 512), Hopper). The single source of truth for the
+# launchers and the AOT report, which compiles every C = 64..1024 model case for sm_80 and
+# sm_90 and fails on spills. BLOCK_DV: the DV chunk of an output/accumulator tile (grid axis
+# 1); BLOCK_DP: the DV chunk of the dO v^T reduction. The two backward kernels share one shape
+# (their score and dO v^T bits must agree). On sm_90, BLOCK_M = BLOCK_N = 64 with 4 warps gives
+# wgmma (64-row tiles per warpgroup); sm_80's mma.sync needs fewer registers at BLOCK_M = 32.
+# fp32 runs its dots as tf32x3 (three tensor-core passes, fp32-level accuracy, three times the
+# operand registers): smaller tiles.
 _CONFIGS = {
-    ("half", False): {"fwd": (128, 64, 64, 8, 2), "bwd": (64, 64, 64, 4, 2)},
-    ("half", True): {"fwd": (64, 64, 64, 4, 2), "bwd": (64, 64, 32, 4, 2)},
-    ("fp32", False): {"fwd": (32, 32, 64, 4, 2), "bwd": (64, 64, 32, 4, 2)},
-    ("fp32", True): {"fwd": (32, 32, 32, 4, 2), "bwd": (64, 64, 16, 4, 1)},
+    ("half", False, True): {"fwd": (128, 64, 64, 64, 8, 2), "bwd": (64, 64, 64, 32, 4, 2)},
+    ("half", True, True): {"fwd": (64, 64, 64, 64, 4, 2), "bwd": (64, 64, 64, 32, 4, 2)},
+    ("half", False, False): {"fwd": (128, 64, 64, 64, 8, 2), "bwd": (32, 64, 64, 32, 4, 2)},
+    ("half", True, False): {"fwd": (64, 64, 64, 64, 4, 2), "bwd": (32, 64, 64, 32, 4, 2)},
+    ("fp32", False, True): {"fwd": (32, 32, 64, 64, 4, 2), "bwd": (32, 32, 64, 16, 4, 1)},
+    ("fp32", True, True): {"fwd": (16, 32, 32, 32, 4, 1), "bwd": (16, 32, 32, 16, 4, 1)},
+    ("fp32", False, False): {"fwd": (32, 32, 64, 64, 4, 2), "bwd": (32, 32, 64, 16, 4, 1)},
+    ("fp32", True, False): {"fwd": (16, 32, 32, 32, 4, 1), "bwd": (16, 32, 32, 16, 4, 1)},
 }
 
 
-def _config(kernel: str, dqk: int, dv: int, dtype: torch.dtype) -> dict:
+def _config(kernel: str, dqk: int, dv: int, dtype: torch.dtype, hopper: bool = True) -> dict:
     family = "fp32" if dtype == torch.float32 else "half"
-    bm, bn, bdv, warps, stages = _CONFIGS[(family, _p2(dqk) > 64)][kernel]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=_p2(dqk), BLOCK_DV=min(_p2(dv), bdv),
-                IEEE=dtype == torch.float32, num_warps=warps, num_stages=stages)
+    bm, bn, bdv, bdp, warps, stages = _CONFIGS[(family, _p2(dqk) > 64, hopper)][kernel]
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=_p2(dqk), BLOCK_DV=min(_p2(dv), bdv),
+               IEEE=dtype == torch.float32, num_warps=warps, num_stages=stages)
+    if kernel == "bwd":
+        if family == "fp32" and _p2(dqk) <= 16:
+            bdp = 32  # C <= 128: ptxas spills the dq kernel at BLOCK_DP = 16 (and not at 32)
+        cfg["BLOCK_DP"] = min(_p2(dv), bdp)
+    return cfg
 
 
 def _strides(t):
@@ -257,7 +269,7 @@ def _strides(t):
 def forward(q, k, v, x, gamma):
     b, dqk, n = q.shape
     m, dv = k.shape[2], v.shape[1]
-    cfg = _config("fwd", dqk, dv, q.dtype)
+    cfg = _config("fwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
     out = torch.empty_like(x)
     o = torch.empty_like(x, dtype=v.dtype)
     lse = torch.empty((b, n), device=x.device, dtype=torch.float32)
@@ -282,7 +294,7 @@ def backward(grad, q, k, v, lse, delta, gamma):
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     stat_m = torch.empty((b, n), device=q.device, dtype=torch.float32)
     stat_l = torch.empty_like(stat_m)
-    cfg = _config("bwd", dqk, dv, q.dtype)
+    cfg = _config("bwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
     with _launch.device_guard(q):
         n_tiles = triton.cdiv(n, cfg["BLOCK_M"])
         _bwd_dq[_launch.grid("attention backward (dq)", n_tiles * b)](
@@ -298,11 +310,10 @@ def backward(grad, q, k, v, lse, delta, gamma):
 
 # ----------------------------------------------------------------------------- AOT cases
 def aot_cases():
-    """SAGAN / BigGAN attention layers: C = 64 .. 1024 at 32x32 (BigGAN: keys pooled to N/4),
-    forward and backward, NCHW and channels_last views, fp32 / bf16 / fp16."""
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for c, hw, pool in ((64, 64 * 64, 1), (128, 32 * 32, 4), (256, 32 * 32, 1), (512, 16 * 16, 1),
-                            (1024, 8 * 8, 1)):
+    """SAGAN / BigGAN attention layers: C = 64 .. 1024 (BigGAN: keys pooled to N/4), forward and
+    backward, fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):  # fp16 compiles like bf16
+        for c, hw, pool in ((64, 64 * 64, 1), (256, 32 * 32, 4), (512, 16 * 16, 1), (1024, 8 * 8, 1)):
             def run(c=c, hw=hw, pool=pool, dtype=dtype):
                 def t(ch, npos):
                     return torch.empty((2, ch, npos), device="meta", dtype=dtype)

@@ -175,7 +175,7 @@ def plan_builds(cc: int, only: list[str] | None, sms: int) -> tuple[list[Build],
             continue
         for label, thunk in cases():
             try:
-                with _launch.planning_for_gpu(sms):
+                with _launch.planning_for_gpu(sms, cc):
                     launches = record_launches(thunk)
             except Exception as exc:  # a launcher that cannot plan this case is a failure
                 errors.append(f"{mod_name} {label}: {type(exc).__name__}: {exc}")
