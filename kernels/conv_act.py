@@ -468,6 +468,8 @@ def aot_cases():
                     gz, _ = act_grad(g, y, 0.2)
                     conv2d_grad_input(gz, w, x.shape, (st, st), (1, 1), fmt)
                     conv2d_grad_weight(gz, x, w.shape, (st, st), (1, 1))
+                    if st == 1:
+                        return  # the epilogue kernels compile alike for every layer: once is enough
                     bias_act_(y, b, 0.2)                                              # vendor-conv epilogues
                     mean, rstd = instance_stats(c, 1e-5)
                     norm_act(c, mean, rstd, gamma, gamma, 0.2)

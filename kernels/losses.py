@@ -161,7 +161,7 @@ def _l1_bwd_kernel(P0, P1, P2, P3, Q0, Q1, Q2, Q3, G0, G1, G2, G3, COEF, N0, N1,
         _sign_term(P3, Q3, G3, N3, c, pid, BLOCK, ITERS, ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NBLK"])  # NBLK % 16 == 0 made ptxas use 8 B of stack on sm_90
 def _final_kernel(PART, SCALE, TOTAL, TERMS, NBLK, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
                   ACC: tl.constexpr, STORE_TERMS: tl.constexpr):
     """TERMS[i] = SCALE[i] * sum(PART[i, :NBLK]) in a fixed order; TOTAL = their sum."""
@@ -198,8 +198,9 @@ def _final(part, scale_vals, acc_t, acc_tl, device, k, nblk, with_terms):
     total = torch.empty((), dtype=acc_t, device=device)
     terms = torch.empty(k, dtype=acc_t, device=device) if with_terms else total
     kp = max(2, triton.next_power_of_2(k))
+    # one program, a short loop: no software pipelining (at the default 3 stages ptxas spills)
     _final_kernel[(1,)](part, _params(tuple(scale_vals), acc_t, device), total, terms, nblk, K=k, KP=kp,
-                        BLOCK=FINAL_BLOCK, ACC=acc_tl, STORE_TERMS=with_terms, num_warps=NUM_WARPS)
+                        BLOCK=FINAL_BLOCK, ACC=acc_tl, STORE_TERMS=with_terms, num_warps=NUM_WARPS, num_stages=1)
     return total, terms
 
 
