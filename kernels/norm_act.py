@@ -65,7 +65,7 @@ def _lane_welford(X, base, start, end, sHW, cmask, BLOCK_C: tl.constexpr, BLOCK_
         x = tl.load(X + base[:, None] + hw[None, :].to(tl.int64) * sHW, mask=mask, other=0.0).to(ACC)
         # only the last tile is partial: a valid lane has one value per earlier tile, so its
         # count is the tile number, and 1/count is one scalar division per tile
-        inv = 1.0 / ((hw0 - start) // BLOCK_HW + 1).to(ACC)
+        inv = 1.0 / (((hw0 - start) // BLOCK_HW + 1) * 1.0)
         d = x - mean
         new_mean = mean + d * inv
         m2 = tl.where(mask, m2 + d * (x - new_mean), m2)
@@ -370,7 +370,7 @@ def pick_config(n: int, c: int, hw: int, channels_last: bool, elem_size: int, sm
         block_hw = min(block_hw, max(1, _LOOP_TILE // block_c))
         tiles = triton.cdiv(hw, block_hw)
     want = max(1, min(want, tiles))
-    chunk = triton.cdiv(tiles, want) * block_hw
+    chunk = max(1, tiles // want) * block_hw  # at least `want` chunks
     nsplit = triton.cdiv(hw, chunk)
     tile = block_c * block_hw
     warps = min(16, max(4, tile // 1024)) if single else min(8, max(4, tile // 256))

@@ -20,23 +20,19 @@ exits 1 if any kernel spills (unless --allow-spills) or fails to compile.
 """
 from __future__ import annotations
 
+import argparse
+import concurrent.futures as cf
+import importlib
+import json
+import multiprocessing
 import os
-
-# ASTSource needs real JITFunctions: the interpreter replaces them, so it must be off here.
-os.environ.pop("TRITON_INTERPRET", None)
-
-import argparse  # noqa: E402
-import concurrent.futures as cf  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import pkgutil  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -162,7 +158,12 @@ def bind(fn, args, kwargs, cc: int):
 
 def plan_builds(cc: int, only: list[str] | None, sms: int) -> tuple[list[Build], list[str]]:
     """Distinct compilations of every module's AOT cases for sm_<cc> (and errors while planning)."""
-    from ganengine.kernels import _launch
+    from triton.runtime.jit import JITFunction
+
+    from ganengine.kernels import _launch, norm_act
+
+    if not isinstance(norm_act._fwd_fused_kernel, JITFunction):
+        raise RuntimeError("the AOT report needs real JITFunctions: run it in a process without TRITON_INTERPRET=1")
 
     builds: dict[str, Build] = {}
     errors = []
@@ -260,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sms", type=int, default=132, help="SM count the launch plans assume (H100/H200: 132)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compilations")
     args = parser.parse_args(argv)
+    # ASTSource needs real JITFunctions (the interpreter replaces them): off before the kernels
+    # are imported (only in this entry point: importing this module changes nothing)
+    os.environ.pop("TRITON_INTERPRET", None)
 
     t0 = time.perf_counter()
     rows, errors = collect(args.arch, args.modules, args.sms, args.jobs)
