@@ -29,9 +29,9 @@ from ganengine import backends  # noqa: E402
 from tests._backends import on_backend  # noqa: E402
 from tests._tolerance import assert_within_bound, normwise_scale  # noqa: E402
 
+# CPU checks need the interpreter (conftest sets it without a GPU); the gpu-marked ones run on a GPU
 interpret = pytest.mark.skipif(not backends.triton_interpret(),
                                reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
-pytestmark = interpret
 
 MAX_AXIS12 = 65535
 
@@ -103,6 +103,7 @@ def _large_launches():
     losses.l1_bwd([huge] * 4, [huge] * 4, _meta(4, dtype=torch.float32))
 
 
+@interpret
 @pytest.mark.parametrize("plan", ["gpu", "interpreter"])
 def test_grids_within_cuda_limits_at_full_resolution(plan):
     from ganengine.kernels import _launch
@@ -125,6 +126,7 @@ def test_grids_within_cuda_limits_at_full_resolution(plan):
         assert kernel in big, f"{kernel}: no launch with more than {MAX_AXIS12} programs on axis 0"
 
 
+@interpret
 def test_pix2pixhd_conv_grid_counts():
     """The issue's case, 1x8x1100x2048 (the reference counts were (1, 70499, 1) on axis 1)."""
     from ganengine.kernels import conv_act
@@ -152,6 +154,7 @@ def test_grid_check_names_the_launch():
 
 
 # ----------------------------------------------------------------------------- device guard
+@interpret
 def test_every_planned_launch_is_inside_a_device_guard(monkeypatch):
     """Every module's AOT cases (all launchers at model shapes): each launch happens inside the
     guard, entered with the tensors' device (meta here; cuda:1 on a GPU, see gpu_check)."""
@@ -184,6 +187,7 @@ def test_every_planned_launch_is_inside_a_device_guard(monkeypatch):
         assert stack and stack[-1] == torch.device("meta"), f"{kernel} launched outside a device guard"
 
 
+@interpret
 def test_ops_enter_the_guard_with_their_tensors_device(monkeypatch):
     """Through the public functions on the triton backend (launches executed)."""
     from ganengine.kernels import _launch
@@ -222,6 +226,7 @@ def _eager_core(q, k, v, x, gamma, grad):
     return out, torch.autograd.grad((out * grad).sum(), leaves)
 
 
+@interpret
 @pytest.mark.parametrize("scale", [1e3, 1e4])
 def test_attention_backward_exact_where_softmax_saturates(scale):
     """|s| up to 1e8: every row one-hot. The gradients through q and k are exactly 0 (as eager and
@@ -240,6 +245,7 @@ def test_attention_backward_exact_where_softmax_saturates(scale):
     assert_within_bound(out, ref_out, normwise_scale(ref_out), n=4, acc_dtype=torch.float32, name="out")
 
 
+@interpret
 def test_attention_backward_near_saturation_as_accurate_as_eager():
     """|x| = 10 (|s| ~ 1e2..1e3, rows nearly one-hot): errors against fp64 no worse than eager
     fp32's own (x4 for the different summation orders). The old o-based backward was 20x worse
@@ -258,6 +264,7 @@ def test_attention_backward_near_saturation_as_accurate_as_eager():
         assert err <= 4 * eager_err + floor, f"{name}: {err:.3g} vs eager fp32 {eager_err:.3g}"
 
 
+@interpret
 def test_attention_backward_is_two_launches():
     """dq (with the row statistics), then dk and dv fused (P computed once for both)."""
     from ganengine.kernels import attention as tk
@@ -278,11 +285,8 @@ def test_attention_plan_wgmma_shape_on_hopper():
 
 
 # ----------------------------------------------------------------------------- losses: non-finite
-@pytest.mark.parametrize("mode", ["vanilla", "hinge", "lsgan"])
-@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
-@pytest.mark.parametrize("real", [True, False])
-def test_losses_non_finite_logits_as_eager(mode, value, real):
-    x = torch.tensor([value, 0.5, -0.3, 2.0])
+def _check_loss_non_finite(backend, device, mode, value, real):
+    x = torch.tensor([value, 0.5, -0.3, 2.0], device=device)
     xe = x.clone().requires_grad_()
     target = torch.full_like(x, 1.0 if real else 0.0)
     if mode == "vanilla":
@@ -293,39 +297,63 @@ def test_losses_non_finite_logits_as_eager(mode, value, real):
         ref = (torch.relu(1 - xe) if real else torch.relu(1 + xe)).mean()
     ref.backward()
     xt = x.clone().requires_grad_()
-    with on_backend("triton"):
+    with on_backend(backend):
         loss = GF.gan_loss(xt, real, mode)
         loss.backward()
     torch.testing.assert_close(loss, ref.detach(), equal_nan=True, rtol=1e-6, atol=0)
     torch.testing.assert_close(xt.grad, xe.grad, equal_nan=True, rtol=1e-6, atol=0)
 
 
+NON_FINITE = pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+
+
+@interpret
+@pytest.mark.parametrize("mode", ["vanilla", "hinge", "lsgan"])
+@NON_FINITE
+@pytest.mark.parametrize("real", [True, False])
+def test_losses_non_finite_logits_as_eager(mode, value, real):
+    """vanilla: +inf towards fake is inf (was NaN); hinge: a NaN logit gets eager's gradient."""
+    _check_loss_non_finite("triton", "cpu", mode, value, real)
+
+
 # ----------------------------------------------------------------------------- norm_act edge cases
-def test_instance_norm_act_empty_planes():
+def _check_empty_planes(backend, device):
     for shape in ((2, 3, 0, 4), (1, 2, 5, 0)):
-        x = torch.randn(shape, requires_grad=True)
-        w = torch.randn(shape[1], requires_grad=True)
-        with on_backend("triton"):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        w = torch.randn(shape[1], device=device, requires_grad=True)
+        with on_backend(backend):
             y = GF.instance_norm_act(x, w, None)
             y.sum().backward()
         assert y.shape == x.shape and x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_instance_norm_act_eps0_constant_plane_gives_bias(channels_last):
-    x = torch.full((2, 3, 4, 5), 7.25)
+def _check_eps0_constant_plane(backend, device, channels_last):
+    x = torch.full((2, 3, 4, 5), 7.25, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    w, b = torch.randn(3), torch.randn(3)
+    w, b = torch.randn(3, device=device), torch.randn(3, device=device)
     ref = F.instance_norm(x, weight=w, bias=b, eps=0.0)   # ATen: invstd = 0, the output is the bias
-    with on_backend("triton"):
+    with on_backend(backend):
         y = GF.instance_norm_act(x, w, b, eps=0.0, activation="none")
         y.sum().backward()
     assert torch.equal(y.detach(), ref.detach())
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@interpret
+def test_instance_norm_act_empty_planes():
+    """H = 0 or W = 0 raised ZeroDivisionError in the Triton launcher."""
+    _check_empty_planes("triton", "cpu")
+
+
+@interpret
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_instance_norm_act_eps0_constant_plane_gives_bias(channels_last):
+    _check_eps0_constant_plane("triton", "cpu", channels_last)
+
+
+@interpret
 def test_conv_act_norm_is_centred():
     """mean 1e4, std 1e-2: the uncentred v * a + (beta - mean * a) forms products of ~1e6 and
     loses ~6e-2 to their rounding; the centred (v - mean) * a + beta is exact up to u * |y|."""
@@ -364,6 +392,7 @@ def test_norm_act_plan_on_a_gpu():
     assert cfg["BLOCK_C"] * 2 >= 32
 
 
+@interpret
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_norm_act_on_chip_plane_is_read_once(channels_last):
     from ganengine.bench.traffic import TritonTraffic
@@ -390,6 +419,7 @@ def test_norm_act_on_chip_plane_is_read_once(channels_last):
                                atol=1e-5, rtol=1e-5)
 
 
+@interpret
 @pytest.mark.parametrize("split", [1, 3])
 def test_norm_act_looping_welford_large_mean(split):
     """Planes over the register tile (looping, per-lane Welford) and split chunks, on data with a
@@ -449,6 +479,7 @@ print("planned", len(builds))
 
 
 # ----------------------------------------------------------------------------- gpu-check dry run
+@interpret
 def test_gpu_check_dry_run(tmp_path):
     """The whole script on CPU tensors under the interpreter: every check runs, none fails."""
     from ganengine.tools import gpu_check
@@ -466,3 +497,127 @@ def test_gpu_check_dry_run(tmp_path):
     with ganengine.use_backend("auto"):
         pass  # the run left no backend override behind
     assert backends.current() == "auto"
+
+
+# ----------------------------------------------------------------------------- on a GPU
+gpu = pytest.mark.gpu
+GPU_BACKENDS = pytest.mark.parametrize("backend", ["triton", "cuda"])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_core_on_gpu(dtype):
+    """The kernel alone (no convolutions): checks the kernel, so TF32 is off around it (fp32
+    runs its dots as tf32x3 whatever the flags say; nothing else here may use TF32). Errors
+    relative to the largest reference value, in units of the format's u (fp32: its own u; the
+    P tile is stored in the input format before its dot). A wrong index gives O(1)."""
+    from tests._tolerance import unit_roundoff
+
+    torch.manual_seed(0)
+    b, d, c, n = 2, 32, 256, 1000
+    t = [torch.randn(b, d, n, dtype=torch.float64) * 0.5, torch.randn(b, d, n, dtype=torch.float64) * 0.5,
+         torch.randn(b, c, n, dtype=torch.float64), torch.randn(b, c, n, dtype=torch.float64),
+         torch.tensor([0.7], dtype=torch.float64), torch.randn(b, c, n, dtype=torch.float64)]
+    t = [x.to(dtype).to(torch.float64).cuda() for x in t]  # rounded inputs, exact in fp64
+    ref_out, ref = _eager_core(*t)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        low = [x.to(dtype) for x in t[:4]] + [t[4].float(), t[5].to(dtype)]
+        out, grads = _attention_core_grads(*low)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    u = unit_roundoff(dtype)
+    for name, a, r in [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), grads, ref)):
+        rel = (a.double() - r).abs().max().item() / r.abs().max().item()
+        assert rel <= 64 * u, f"{name}: {rel:.3g} = {rel / u:.1f} u"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e3, 1e4])
+def test_attention_core_saturated_on_gpu(dtype, scale):
+    """One-hot rows: dq = dk = 0 exactly needs the scores of _bwd_dq (where the row statistics
+    are taken) and of _bwd_dkdv to agree bit for bit, and exp(0) = 1 exactly."""
+    torch.manual_seed(0)
+    b, d, c, n = 2, 16, 64, 300
+    q, k = (torch.randn(b, d, n, device="cuda") * scale).to(dtype), (torch.randn(b, d, n, device="cuda") * scale).to(dtype)
+    v, x, grad = (torch.randn(b, c, n, device="cuda").to(dtype) for _ in range(3))
+    _, (dq, dk, dv) = _attention_core_grads(q, k, v, x, torch.tensor([0.7], device="cuda"), grad)
+    assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
+    assert torch.isfinite(dv).all()
+
+
+@gpu
+@GPU_BACKENDS
+@pytest.mark.parametrize("mode", ["vanilla", "hinge"])
+@NON_FINITE
+@pytest.mark.parametrize("real", [True, False])
+def test_losses_non_finite_on_gpu(backend, mode, value, real):
+    _check_loss_non_finite(backend, "cuda", mode, value, real)
+
+
+@gpu
+@GPU_BACKENDS
+def test_norm_act_edge_cases_on_gpu(backend):
+    _check_empty_planes(backend, "cuda")
+    for cl in (False, True):
+        _check_eps0_constant_plane(backend, "cuda", cl)
+
+
+@gpu
+def test_second_device_while_first_is_current():
+    """nn.DataParallel's situation: tensors on cuda:1, cuda:0 current. Same bits as on cuda:0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from ganengine.ops import attention as attn_ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 11)
+    q, k, v = torch.randn(2, 2, 40), torch.randn(2, 2, 40), torch.randn(2, 16, 40)
+    logits, imgs = torch.randn(1, 1, 30, 30), [torch.randn(1, 3, 32, 32) for _ in range(4)]
+    w = torch.randn(8, 16, 4, 4) * 0.1
+
+    def run(dev, backend):
+        outs = []
+        with on_backend(backend):
+            xs = x.to(dev).requires_grad_()
+            y = GF.instance_norm_act(xs)
+            y.sum().backward()
+            outs += [y.detach(), xs.grad]
+            outs.append(GF.gan_loss(logits.to(dev), True, "vanilla"))
+            outs.append(GF.cycle_loss(*[i.to(dev) for i in imgs])[0])
+            if backend == "triton":
+                outs.append(attn_ops.attention(q.to(dev), k.to(dev), v.to(dev), v.to(dev),
+                                               torch.tensor([0.5], device=dev)))
+                outs.append(GF.conv2d_act(x.to(dev), w.to(dev), None, stride=2, padding=1))
+        return [o.cpu() for o in outs], [o.device for o in outs]
+
+    for backend in ("triton", "cuda"):
+        with torch.cuda.device(0):
+            want, _ = run("cuda:0", backend)
+            got, devices = run("cuda:1", backend)
+        assert all(d == torch.device("cuda:1") for d in devices)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@gpu
+def test_pix2pixhd_conv_on_gpu():
+    """The launches once beyond grid axis 1's limit, run for real (bf16 to keep memory small)."""
+    from ganengine.ops import conv_act as conv_ops
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 1100, 2048, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(64, 8, 4, 4, device="cuda") * 0.1).to(torch.bfloat16)
+    ref = F.leaky_relu(F.conv2d(x.float(), w.float(), padding=1), 0.2)
+    for impl in ("igemm", "vendor"):
+        xg = x.clone().requires_grad_()
+        with on_backend("triton"), conv_ops.triton_conv_impl(impl):
+            y = GF.conv2d_act(xg, w, None, stride=1, padding=1)
+            y.float().sum().backward()
+        # bf16 output of fp32 accumulations over 128 products: u(bf16) * |y| + 128 u(fp32) * scale
+        scale = F.conv2d(x.float().abs(), w.float().abs(), padding=1)
+        err = (y.float() - ref).abs()
+        assert (err <= 2.0 ** -8 * ref.abs() + 128 * 2.0 ** -24 * scale + 1e-30).all(), impl
+        assert torch.isfinite(xg.grad).all()

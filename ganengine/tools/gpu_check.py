@@ -12,7 +12,8 @@ line saying so. The checks, in order of value:
   env             device, capability, SMs, versions, which backends serve CUDA tensors
   attention_bf16  bf16 tl.dot has never run anywhere: attention in bf16 against fp64, first
   pytest_gpu      every gpu-marked test (pytest -m gpu, 4 processes), one line with the counts
-  determinism     every op twice, forward and backward: bitwise equal (triton and cuda)
+  determinism     every op twice, forward and backward: bitwise equal (triton and cuda;
+                  cuDNN pinned to deterministic algorithms for the vendor-conv paths)
   cuda_graph      capture and replay of a step using norm, attention, conv_act and the losses
   large_shapes    pix2pixHD-size launches (1x8x1100x2048 conv_act, many-plane norms) vs torch
   second_device   tensors on cuda:1 while cuda:0 is current (skipped with one device)
@@ -184,6 +185,21 @@ def _run_fwd_bwd(fn, inputs, seed=0):
     return [o.detach() for o in outs], [t.grad for t in leaves if t.grad is not None]
 
 
+def _run_group(cmd: list[str], timeout: float, env=None) -> tuple[str, int | None]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (pytest-xdist
+    workers, sanitizer children) and return what it printed so far. (output, returncode or None)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out, proc.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return out or "", None
+
+
 # ----------------------------------------------------------------------------- checks
 def check_env(ctx: Ctx):
     import triton
@@ -242,17 +258,13 @@ def check_pytest_gpu(ctx: Ctx):
         cmd += ["--collect-only", "-q"]
     else:
         cmd += ["-v", "-n", "4"]
-    budget = max(10.0, min(220.0, ctx.time_left() - 200))
+    budget = max(10.0, min(200.0, ctx.time_left() - 220))
     log = ctx.out / "pytest_gpu.log"
     env = dict(os.environ)
     if ctx.dry:
         env.pop("GANENGINE_GPU_CHECK_DRY", None)
-    try:
-        proc = subprocess.run(cmd + files, cwd=REPO, capture_output=True, text=True, timeout=budget, env=env)
-        text, timed_out = proc.stdout + proc.stderr, False
-    except subprocess.TimeoutExpired as exc:
-        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        timed_out = True
+    text, code = _run_group(cmd + files, budget, env)
+    timed_out = code is None
     log.write_text(text)
     if ctx.dry:
         n = sum(1 for line in text.splitlines() if "::" in line)
@@ -268,7 +280,23 @@ def check_pytest_gpu(ctx: Ctx):
         ctx.emit("FAIL", "test", line[:200])
 
 
+@contextlib.contextmanager
+def _deterministic_cudnn():
+    """cuDNN's backward algorithms may use atomics: pin deterministic ones (vendor conv paths)."""
+    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
+
+
 def check_determinism(ctx: Ctx):
+    with _deterministic_cudnn():
+        _determinism(ctx)
+
+
+def _determinism(ctx: Ctx):
     for backend in _backends_for_device(ctx):
         for name, fn, make in _op_cases(ctx):
             if backend == "cuda" and not name.startswith(("instance_norm_act", "losses")):
@@ -326,6 +354,11 @@ def _step_fn(ctx: Ctx, dtype=torch.float32):
 
 
 def check_cuda_graph(ctx: Ctx):
+    with _deterministic_cudnn():
+        _cuda_graph(ctx)
+
+
+def _cuda_graph(ctx: Ctx):
     for backend in _backends_for_device(ctx):
         if backend == "cuda":
             continue  # the step's attention and conv_act run on Triton; "auto" below covers the mix
@@ -395,6 +428,11 @@ def check_large_shapes(ctx: Ctx):
 
 
 def check_second_device(ctx: Ctx):
+    with _deterministic_cudnn():
+        _second_device(ctx)
+
+
+def _second_device(ctx: Ctx):
     if ctx.device.type == "cuda" and torch.cuda.device_count() < 2:
         ctx.emit("SKIP", "cuda:1", "one CUDA device: tensors on a second device not checked")
         return
@@ -469,17 +507,15 @@ def check_sanitizer(ctx: Ctx):
         ctx.emit("SKIP", "memcheck", "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
         return
     log = ctx.out / "sanitizer.log"
-    budget = max(30.0, min(150.0, ctx.time_left() - 120))
-    try:
-        proc = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c",
-                               _SANITIZER_CASE], cwd=REPO, capture_output=True, text=True, timeout=budget)
-        text = proc.stdout + proc.stderr
-        log.write_text(text)
-    except subprocess.TimeoutExpired:
-        ctx.emit("FAIL", "memcheck", f"timed out after {budget:.0f} s")
+    budget = max(30.0, min(150.0, ctx.time_left() - 90))
+    text, code = _run_group([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c",
+                             _SANITIZER_CASE], budget)
+    log.write_text(text)
+    if code is None:
+        ctx.emit("FAIL", "memcheck", f"timed out after {budget:.0f} s", log=str(log))
         return
     summary = next((x for x in text.splitlines() if "ERROR SUMMARY" in x), "no summary")
-    ok = proc.returncode == 0 and "sanitizer case done" in text and "0 errors" in summary
+    ok = code == 0 and "sanitizer case done" in text and "0 errors" in summary
     ctx.emit("OK" if ok else "FAIL", "memcheck (norm_act, losses, attention, conv_act; triton + cuda)",
              summary.strip(), log=str(log))
 
