@@ -106,6 +106,9 @@ class BatchStatsNorm(nn.Module):
         super().__init__()
         self.eps = norm.eps
         self.weight, self.bias = norm.weight, norm.bias
+        # a fused gnn.BatchNormAct2d/1d carries its activation: keep it
+        self.activation = getattr(norm, "activation", "none")
+        self.negative_slope = float(getattr(norm, "negative_slope", 0.0))
 
     def forward(self, x):
         dims = [0] + list(range(2, x.dim()))
@@ -114,6 +117,10 @@ class BatchStatsNorm(nn.Module):
         shape = [1, -1] + [1] * (x.dim() - 2)
         if self.weight is not None:
             y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.activation == "relu":
+            y = torch.relu(y)
+        elif self.activation == "leaky_relu":
+            y = torch.nn.functional.leaky_relu(y, self.negative_slope)
         return y
 
 

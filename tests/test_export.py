@@ -340,3 +340,24 @@ def test_export_reference_checkpoint_round_trip(tiny_checkpoint, tmp_path, capsy
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), original(x))
+
+
+@pytest.mark.parametrize("norm_stats", ["input", "running"])
+def test_fused_batch_norm_act_keeps_its_activation(tmp_path, norm_stats):
+    """A fuse()d BatchNorm2d -> LeakyReLU (gnn.BatchNormAct2d) exports with its activation under
+    both norm_stats settings (the input-statistics rewrite once dropped it)."""
+    import ganengine
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2), nn.Conv2d(4, 2, 1))
+    model[2].negative_slope = 0.3
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    fused = ganengine.fuse(model)
+    assert type(fused[1]).__name__ == "BatchNormAct2d"
+    x = torch.randn(3, 3, 8, 8)
+    path = to_onnx(fused, x, tmp_path / "f.onnx", norm_stats=norm_stats)
+    with torch.no_grad():
+        expected = (model.train() if norm_stats == "input" else model.eval())(x)
+    # a handful of fp32 ops per output on O(1) values: well inside 1e-4
+    torch.testing.assert_close(torch.from_numpy(_run_ort(path, [x])[0]), expected, atol=1e-4, rtol=0)

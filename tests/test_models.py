@@ -220,6 +220,90 @@ def test_unet_skip_structure_and_dropout_semantics():
     torch.testing.assert_close(net(x), net(x))
 
 
+def _unet_pair(use_dropout, attention_scale):
+    """(reference-design network, ganengine's fused U-Net) with the same weights."""
+    from ganengine.models import UnetGenerator
+
+    torch.manual_seed(11)  # 6 downsamplings (64x64 input): one dropout block, as unet_256 has three
+    if attention_scale is None:
+        ref = R.init_weights(R.UnetGenerator(3, 3, 6, 2, use_dropout=use_dropout), "normal", 0.02)
+    else:  # the reference rewrite has no attention: ganengine's own unfused tree is the reference
+        ref = UnetGenerator(3, 3, 6, 2, use_dropout=use_dropout, attention_scale=attention_scale, fused=False)
+    net = UnetGenerator(3, 3, 6, 2, use_dropout=use_dropout, attention_scale=attention_scale)
+    net.load_state_dict(ref.state_dict())
+    return ref, net
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("use_dropout,attention_scale", [(True, None), (False, 8)], ids=["dropout", "attn"])
+def test_unet_fused_batch_norm_matches_reference(backend, use_dropout, attention_scale):
+    """Every batch norm of the U-Net runs fused with the activation after it (the next block's
+    in-place LeakyReLU, the parent's ReLU on the skip concatenation): outputs, input and parameter
+    gradients, running statistics and batch counts equal the reference, over two training steps
+    (dropout on: same draws) and in eval mode (dropout off, running statistics)."""
+    from ganengine.ops import _dispatch
+
+    if not backends.available()[backend]:
+        pytest.skip(backends.status()[backend])
+    ref, net = _unet_pair(use_dropout, attention_scale)
+    if attention_scale is not None:
+        gamma = [m.gamma for m in net.modules() if hasattr(m, "gamma")] + \
+                [m.gamma for m in ref.modules() if hasattr(m, "gamma")]
+        with torch.no_grad():
+            for g in gamma:
+                g.fill_(0.5)  # attention on (it starts at 0)
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 64, 64)
+    for step, mode in enumerate(("train", "train", "eval")):
+        getattr(ref, mode)()
+        getattr(net, mode)()
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(100 + step)
+        yr = ref(xr)
+        _dispatch.last_used.pop("batch_norm_act", None)
+        torch.manual_seed(100 + step)
+        with on_backend(backend):
+            yo = net(xo)
+            assert _dispatch.last_used.get("batch_norm_act", "torch") == backend
+            g = torch.randn_like(yr)
+            (yo * g).sum().backward()
+        (yr * g).sum().backward()
+        _close([yo, xo.grad], [yr, xr.grad], atol=1e-4)
+        for (k, p), (_, pr) in zip(net.named_parameters(), ref.named_parameters()):
+            scale = max(1.0, pr.grad.abs().max().item())
+            torch.testing.assert_close(p.grad, pr.grad, atol=1e-4 * scale, rtol=1e-3, msg=f"{mode} {step}: {k}")
+        for (k, b), (_, br) in zip(net.named_buffers(), ref.named_buffers()):
+            torch.testing.assert_close(b, br, atol=1e-5, rtol=1e-5, msg=f"{mode} {step}: {k}")
+        net.zero_grad(), ref.zero_grad()
+
+
+def test_unet_fused_batch_norm_paths():
+    """The fused U-Net issues one batch_norm_act per batch norm and no separate activation for
+    them; a hook on a norm (or fused=False) keeps the reference's module-by-module forward."""
+    from torch.profiler import profile
+
+    def ops(net, x):
+        with profile() as prof:
+            net(x)
+        names = [e.name for e in prof.events()]
+        return {k: names.count(k) for k in ("aten::batch_norm", "aten::leaky_relu_", "aten::relu_")}
+
+    x = torch.randn(1, 3, 64, 64)
+    _, net = _unet_pair(True, None)
+    norms = [m for m in net.modules() if type(m) is torch.nn.BatchNorm2d]
+    assert len(norms) == 9  # 4 downnorms, 5 upnorms
+    with ganengine.use_backend("torch"):  # the composition: countable aten ops
+        # the activations left follow a conv, not a norm: the outermost downconv's LeakyReLU and
+        # the innermost downconv's ReLU
+        got = ops(net, x)
+        assert got["aten::batch_norm"] == 9 and got["aten::leaky_relu_"] == 1 and got["aten::relu_"] == 1, got
+        norms[0].register_forward_hook(lambda *a: None)  # this norm now runs as its module
+        got = ops(net, x)
+        assert got["aten::batch_norm"] == 9 and got["aten::leaky_relu_"] == 2, got
+        net.fused_batch_norm = False
+        assert ops(net, x)["aten::leaky_relu_"] == 5
+
+
 def test_stargan_instance_norm_is_affine_with_running_stats():
     net = build_network("stargan_G", conv_dim=8, repeat_num=1)
     norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
@@ -461,7 +545,7 @@ def test_options_are_reference_named_and_checked():
     with pytest.raises(ValueError, match="gan_mode"):
         Pix2Pix(gan_mode="wasserstein", ngf=4, ndf=4, netG="unet_128")
     with pytest.raises(ValueError, match="model name"):
-        build_model("dcgan")
+        build_model("no_such_gan")
 
 
 # ---------------------------------------------------------------------------- models vs the reference step

@@ -51,7 +51,10 @@ def _randomize(net):
 
 
 def test_every_arch_is_covered():
-    assert {c[0] for c in CASES} | {"resnet_9blocks", "unet_256"} == set(ARCHS)
+    from tests.test_sagan_biggan import CASES as ATTENTION_CASES  # SAGAN / BigGAN archs: tested there
+    from tests.test_synthesis_models import NETS as SYNTHESIS_CASES  # DCGAN / PyTorch-GAN archs: tested there
+
+    assert {c[0] for c in CASES + ATTENTION_CASES + SYNTHESIS_CASES} | {"resnet_9blocks", "unet_256"} == set(ARCHS)
 
 
 @pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=[c[0] for c in CASES])

@@ -298,6 +298,58 @@ def _losses(mod):
         ))
 
 
+# ----------------------------------------------------------------------------- batch_norm_act
+def _batch_norm_act(mod):
+    # BN + ReLU at DCGAN / BigGAN / U-Net shapes: 64x512x4x4 (DCGAN G first block, batch 64),
+    # 64x256x8x8, 16x128x32x32 (BigGAN-128 G block), 1x64x128x128 (pix2pix U-Net, batch 1)
+    shapes = {
+        "ref": [dict(n=64, c=512, h=4, w=4), dict(n=64, c=256, h=8, w=8), dict(n=16, c=128, h=32, w=32),
+                dict(n=1, c=64, h=128, w=128)],
+        "quick": [dict(n=16, c=64, h=8, w=8)],
+        "tiny": [dict(n=2, c=4, h=4, w=4)],
+    }
+
+    def setup(p, device, dtype):
+        x = _randn((p["n"], p["c"], p["h"], p["w"]), device, dtype)
+        w = 1.0 + 0.1 * _randn((p["c"],), device, torch.float32)
+        b = 0.1 * _randn((p["c"],), device, torch.float32)
+        rm = torch.zeros(p["c"], device=device)
+        rv = torch.ones(p["c"], device=device)
+
+        def reference(x, w, b, rm, rv):  # nn.BatchNorm2d (train) -> nn.ReLU
+            return F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
+
+        def fused(x, w, b, rm, rv):
+            return mod.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, "relu")
+
+        return Workload(args=(x, w, b, rm, rv), reference=reference, fused=fused, grad_args=(0, 1, 2))
+
+    register(BenchCase(name="batch_norm_act", family="batch_norm_act", kind="op", setup=setup, shapes=shapes,
+                       description="BatchNorm2d (training, running statistics) + ReLU",
+                       traffic_shape=dict(n=4, c=16, h=8, w=8)))
+
+    def setup_cond(p, device, dtype):
+        n, c = p["n"], p["c"]
+        x = _randn((n, c, p["h"], p["w"]), device, dtype)
+        gain = 1.0 + 0.1 * _randn((n, c), device, dtype)
+        bias = 0.1 * _randn((n, c), device, dtype)
+        rm = torch.zeros(c, device=device)
+        rv = torch.ones(c, device=device)
+
+        def reference(x, gain, bias, rm, rv):  # BigGAN ccbn: F.batch_norm(...) * gain + bias, then ReLU
+            out = F.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
+            return F.relu(out * gain[:, :, None, None] + bias[:, :, None, None])
+
+        def fused(x, gain, bias, rm, rv):
+            return mod.conditional_batch_norm_act(x, gain, bias, rm, rv, True, 0.1, 1e-5, "relu")
+
+        return Workload(args=(x, gain, bias, rm, rv), reference=reference, fused=fused, grad_args=(0, 1, 2))
+
+    register(BenchCase(name="conditional_batch_norm_act", family="batch_norm_act", kind="op", setup=setup_cond,
+                       shapes=shapes, description="BigGAN class-conditional batch norm (per-sample gain/bias) + ReLU",
+                       traffic_shape=dict(n=4, c=16, h=8, w=8)))
+
+
 _FAMILIES = {
     "norm_act": (_norm_act, "instance_norm_act"),
     "attention": (_attention, "self_attention2d"),
@@ -305,6 +357,7 @@ _FAMILIES = {
     "conv3x3": (_conv3x3, "conv3x3"),
     "conv": (_conv, "conv_transpose2d"),
     "losses": (_losses, None),
+    "batch_norm_act": (_batch_norm_act, "batch_norm_act"),
 }
 
 

@@ -9,7 +9,9 @@ from ganengine.nn.conv3x3 import Conv3x3
 from ganengine.nn.conv import Conv2d, ConvTranspose2d
 from ganengine.nn.patch_discriminator import PatchDiscriminator
 from ganengine.nn.attention import BigGANSelfAttention2d, SelfAttention2d
+from ganengine.nn.batch_norm_act import BatchNormAct1d, BatchNormAct2d, ConditionalBatchNormAct2d
 
 __all__ = ["InstanceNormAct2d", "GANLoss", "CycleLoss", "Conv2dAct", "Conv2dInstanceNormAct", "Conv3x3",
            "Conv2d", "ConvTranspose2d",
-           "PatchDiscriminator", "SelfAttention2d", "BigGANSelfAttention2d"]
+           "PatchDiscriminator", "SelfAttention2d", "BigGANSelfAttention2d",
+           "BatchNormAct2d", "BatchNormAct1d", "ConditionalBatchNormAct2d"]

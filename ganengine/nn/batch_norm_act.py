@@ -1,0 +1,198 @@
+"""Batch norm followed by an activation as one fused op: ``BatchNormAct2d``, ``BatchNormAct1d``
+(subclasses of nn.BatchNorm2d / nn.BatchNorm1d: same state_dict keys, same train/eval behaviour)
+and ``ConditionalBatchNormAct2d`` (BigGAN's class-conditional batch norm + activation, with
+configurable buffer names). Also registers the ``ganengine.fuse`` rules
+BatchNorm2d -> ReLU/LeakyReLU and BatchNorm1d -> ReLU/LeakyReLU.
+
+Under DDP the statistics are those of each process's own batch (as nn.BatchNorm2d); DDP's
+buffer broadcast then keeps rank 0's running statistics. nn.SyncBatchNorm is not fused: it is a
+different type, so ``fuse`` leaves it alone.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ganengine.fuse import register_pair_rule
+from ganengine.ops.batch_norm_act import ACTIVATIONS, batch_norm_act, conditional_batch_norm_act
+
+
+def _check_activation(owner: str, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{owner}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+class _BatchNormActMixin:
+    """forward() of nn.BatchNorm's rules on the fused op, and the fuse constructor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if self.training:
+            # nn.BatchNorm: batch statistics; with track_running_stats the batch is counted in
+            # num_batches_tracked (inside the op) and the running statistics updated with
+            # momentum, or with 1 / num_batches_tracked when momentum is None
+            track = self.track_running_stats
+            nbt = self.num_batches_tracked if track else None
+            momentum = self.momentum if (self.momentum is not None or nbt is not None) else 0.0
+            return batch_norm_act(x, self.running_mean if track else None, self.running_var if track else None,
+                                  self.weight, self.bias, True, momentum, self.eps, self.activation,
+                                  self.negative_slope, num_batches_tracked=nbt)
+        # eval: running statistics when there are any, else the batch's
+        batch_stats = self.running_mean is None and self.running_var is None
+        return batch_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats,
+                              self.momentum if self.momentum is not None else 0.0, self.eps, self.activation,
+                              self.negative_slope)
+
+    def extra_repr(self) -> str:
+        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
+        return f"{super().extra_repr()}, activation={act}"
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, act: nn.Module | None):
+        """A fused module sharing ``norm``'s Parameters and buffers (the same tensor objects, under
+        the same keys), so an optimiser built before fusing keeps training them."""
+        if isinstance(act, nn.LeakyReLU):
+            activation, slope = "leaky_relu", float(act.negative_slope)
+        elif isinstance(act, nn.ReLU):
+            activation, slope = "relu", 0.0
+        elif act is None or isinstance(act, nn.Identity):
+            activation, slope = "none", 0.0
+        else:
+            raise TypeError(f"{cls.__name__}.from_modules: unsupported activation {type(act).__name__}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(fused, attr, getattr(norm, attr))
+        for name, p in norm._parameters.items():
+            fused._parameters[name] = p
+        for name, b in norm._buffers.items():
+            fused._buffers[name] = b
+        fused._non_persistent_buffers_set = set(norm._non_persistent_buffers_set)
+        fused.activation, fused.negative_slope = activation, slope
+        fused.train(norm.training)
+        return fused
+
+
+class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
+    """``activation(nn.BatchNorm2d(x))`` on the fused op; (N, C, H, W) input, NCHW or channels_last.
+
+    Arguments are nn.BatchNorm2d's plus ``activation`` ("relu", "leaky_relu", "none") and
+    ``negative_slope``; state_dict keys (weight, bias, running_mean, running_var,
+    num_batches_tracked) and training/eval behaviour are nn.BatchNorm2d's.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: str = "relu", negative_slope: float = 0.2,
+                 device=None, dtype=None):
+        _check_activation("BatchNormAct2d", activation)
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+
+class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
+    """``activation(nn.BatchNorm1d(x))`` on the fused op, for (N, C) and (N, C, L) input (the
+    batch norm after a Linear layer in DCGAN-style generators). Keys and behaviour as nn.BatchNorm1d."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: str = "relu", negative_slope: float = 0.2,
+                 device=None, dtype=None):
+        _check_activation("BatchNormAct1d", activation)
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+
+class ConditionalBatchNormAct2d(nn.Module):
+    """``act(batch_norm(x) * gain[:, :, None, None] + bias[:, :, None, None])``: batch norm without
+    affine parameters, then a per-sample (N, C) gain and bias (BigGAN's ``ccbn``, which passes
+    ``1 + gain``), then the activation. ``forward(x, gain, bias)``.
+
+    The running statistics are buffers named ``running_mean_name`` / ``running_var_name`` (BigGAN
+    calls them ``stored_mean`` / ``stored_var``) and, with ``count_batches``, a
+    ``num_batches_tracked`` counter as nn.BatchNorm keeps (BigGAN keeps none; momentum=None then
+    is not allowed). With ``track_running_stats=False`` there are no buffers and batch statistics
+    are used in eval as well.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 activation: str = "relu", negative_slope: float = 0.2, track_running_stats: bool = True,
+                 running_mean_name: str = "running_mean", running_var_name: str = "running_var",
+                 count_batches: bool = True, device=None, dtype=None):
+        super().__init__()
+        _check_activation("ConditionalBatchNormAct2d", activation)
+        if momentum is None and not (track_running_stats and count_batches):
+            raise ValueError("ConditionalBatchNormAct2d: momentum=None (cumulative average) needs "
+                             "track_running_stats=True and count_batches=True")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        self.track_running_stats = track_running_stats
+        self.running_mean_name, self.running_var_name = running_mean_name, running_var_name
+        if track_running_stats:
+            kw = dict(device=device, dtype=dtype)
+            self.register_buffer(running_mean_name, torch.zeros(num_features, **kw))
+            self.register_buffer(running_var_name, torch.ones(num_features, **kw))
+            if count_batches:
+                self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+            else:
+                self.num_batches_tracked = None
+        else:
+            self.num_batches_tracked = None
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            getattr(self, self.running_mean_name).zero_()
+            getattr(self, self.running_var_name).fill_(1)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.zero_()
+
+    def forward(self, x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"ConditionalBatchNormAct2d: expected 4D input (N, C, H, W), got shape {tuple(x.shape)}")
+        rm = getattr(self, self.running_mean_name) if self.track_running_stats else None
+        rv = getattr(self, self.running_var_name) if self.track_running_stats else None
+        training = self.training or rm is None
+        nbt = self.num_batches_tracked if (self.training and rm is not None) else None
+        momentum = self.momentum if (self.momentum is not None or nbt is not None) else 0.0
+        return conditional_batch_norm_act(x, gain, bias, rm, rv, training, momentum, self.eps, self.activation,
+                                          self.negative_slope, num_batches_tracked=nbt)
+
+    def extra_repr(self) -> str:
+        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, activation={act}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+# ----------------------------------------------------------------------------- ganengine.fuse rules
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _plain(m: nn.Module) -> bool:
+    """Runs exactly its class's forward: no hooks, no parametrization, no patched forward."""
+    return not (_has_hooks(m) or parametrize.is_parametrized(m) or "forward" in m.__dict__)
+
+
+def _build(fused_cls):
+    def build(norm: nn.Module, act: nn.Module):
+        # An inplace activation overwrites the norm's output, a temporary nobody else sees in a
+        # Sequential; the fused op writes its own output, so the result is the same. Anything with
+        # hooks, a parametrization or a patched forward is declined (it could observe or change
+        # the intermediate).
+        if not (_plain(norm) and _plain(act)):
+            return None
+        return fused_cls.from_modules(norm, act)
+    return build
+
+
+def _is_act(m: nn.Module) -> bool:
+    return type(m) in (nn.ReLU, nn.LeakyReLU)  # exact types: a subclass may change forward
+
+
+# exact types: subclasses (SyncBatchNorm, LazyBatchNorm*, user classes) may override forward
+register_pair_rule("batch_norm+act", lambda m: type(m) is nn.BatchNorm2d, _is_act, _build(BatchNormAct2d))
+register_pair_rule("batch_norm1d+act", lambda m: type(m) is nn.BatchNorm1d, _is_act, _build(BatchNormAct1d))

@@ -1,0 +1,519 @@
+"""Triton kernels for fused (conditional) batch norm + activation, forward and backward.
+
+x is addressed as (n, c, s) with strides (sN, sC, sS): NCHW-dense (sS = 1) and channels-last
+dense (sC = 1) tensors, and (N, C) / (N, C, L), without copies. A program owns BLOCK_C channels
+and one "chunk" of the (n, s) plane of those channels, walked in [BLOCK_C, BLOCK_N, BLOCK_S]
+tiles. The grid is 1-D (channel block fastest), so no grid axis limit applies.
+
+Forward, training (``flags & 1``):
+* one chunk per channel block (small N*S): one kernel computes the statistics (per tile the
+  exact mean and M2 of d = x - K_c, K_c the channel's first element, merged with Chan's
+  formula), updates the running statistics, and applies;
+* otherwise a split reduction in two launches: partial (mean, M2) per (channel, chunk), then an
+  apply kernel whose every program combines its channels' partials itself (fixed order, so all
+  programs agree bit for bit; the chunk-0 program writes the statistics and the running
+  statistics), then applies to its chunk.
+The shift K makes a constant channel's mean exact and its M2 exactly 0 (eager's result).
+Eval: one apply kernel reading running_mean/running_var.
+
+Backward: sums of ga = grad * act'(z) and ga * xhat per channel (per (n, channel) for the
+conditional form), then dx = ga * scale - (xhat * P + Q); one kernel when one program owns a
+channel block, else a partial-sum kernel and a combine + dx kernel.
+
+``stats`` is (3, C) in the accumulation dtype: mean, rstd, unbiased variance (of the batch in
+training, of the running statistics in eval). ``flags``: 1 training, 2 activation, 4 per-sample.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Programs that fill a GPU; fewer channel blocks than this split the (n, s) plane.
+_TARGET_PROGRAMS = 512
+# Under the interpreter (CPU tensors) every program runs in Python: split much less.
+_TARGET_PROGRAMS_INTERPRETED = 4
+_MAX_CHUNKS = 1024
+_TILE = 1024  # elements per [BLOCK_C, BLOCK_N, BLOCK_S] tile, NCHW (4 warps x 32 lanes x 8)
+_TILE_CL = 256  # channels-last: [32 channels, 8] tiles; larger ones spill in the backward kernels (aot_report)
+_MAX_BLOCK_C = 32
+
+
+def block_k(block_c: int) -> int:
+    """Partials (or images) combined per step: [BLOCK_C, BLOCK_K] stays within 256 values."""
+    return max(8, min(64, 256 // block_c))
+
+
+@triton.jit
+def _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = n0 + tl.arange(0, BLOCK_N)
+    s = s0 + tl.arange(0, BLOCK_S)
+    nmask = n < n_hi
+    mask = cmask[:, None, None] & nmask[None, :, None] & (s < s_hi)[None, None, :]
+    offs = ((c.to(tl.int64) * sC)[:, None, None] + (n.to(tl.int64) * sN)[None, :, None]
+            + (s.to(tl.int64) * sS)[None, None, :])
+    return offs, mask, n, nmask
+
+
+@triton.jit
+def _activate(z, slope, ACT: tl.constexpr):
+    if ACT:
+        z = tl.where(z > 0, z, z * slope)
+    return z
+
+
+@triton.jit
+def _coefs(W, B, c, cmask, n, nmask, wsN, mean, rstd, TRAINING: tl.constexpr, PER_SAMPLE: tl.constexpr,
+           HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+           ACC: tl.constexpr):
+    """scale and shift of z = (x - mz) * scale + shift: [BLOCK_C, BLOCK_N] per sample, else
+    [BLOCK_C, 1] (fewer live registers); mz [BLOCK_C]; g the gain/weight, shaped like scale."""
+    if PER_SAMPLE:
+        m2d = cmask[:, None] & nmask[None, :]
+        woffs = c.to(tl.int64)[:, None] + n.to(tl.int64)[None, :] * wsN
+        g = tl.full([BLOCK_C, BLOCK_N], 1.0, ACC)
+        if HAS_W:
+            g = tl.load(W + woffs, mask=m2d, other=1.0).to(ACC)
+        sh = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+        if HAS_B:
+            sh = tl.load(B + woffs, mask=m2d, other=0.0).to(ACC)
+    else:
+        g = tl.full([BLOCK_C, 1], 1.0, ACC)
+        if HAS_W:
+            g = tl.load(W + c, mask=cmask, other=1.0).to(ACC)[:, None]
+        sh = tl.zeros([BLOCK_C, 1], ACC)
+        if HAS_B:
+            sh = tl.load(B + c, mask=cmask, other=0.0).to(ACC)[:, None]
+    scale = rstd[:, None] * g
+    if TRAINING:
+        mz = mean
+        shift = sh
+    else:  # eval: eager's x * scale + (b - running_mean * scale)
+        mz = mean * 0
+        shift = sh - mean[:, None] * scale
+    return scale, shift, mz, g
+
+
+@triton.jit
+def _chunk_stats(X, K, c, cmask, n_lo, n_hi, s_lo, s_hi, sN, sC, sS, BLOCK_C: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """Exact mean of d = x - K and M2 over the chunk, per channel (per tile two passes in
+    registers, merged with Chan's formula)."""
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    count = tl.zeros([1], dtype=ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            d = tl.where(mask, x - K[:, None, None], 0.0)
+            cnt = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC)
+            tmean = tl.sum(tl.sum(d, axis=2), axis=1) / cnt
+            e = tl.where(mask, d - tmean[:, None, None], 0.0)
+            tm2 = tl.sum(tl.sum(e * e, axis=2), axis=1)
+            tot = count + cnt
+            delta = tmean - mean
+            mean = mean + delta * (cnt / tot)
+            m2 = m2 + tm2 + delta * delta * (count * (cnt / tot))
+            count = tot
+    return mean, m2
+
+
+@triton.jit
+def _chunk_count(kk, N, S, NPER, SPER, SCH):
+    kn = kk // SCH
+    ks = kk % SCH
+    return tl.minimum(NPER, N - kn * NPER) * tl.minimum(SPER, S - ks * SPER)
+
+
+@triton.jit
+def _fwd_kernel(X, Y, W, B, RM, RV, STATS, PM, PQ,
+                N, C, S, sN, sC, sS, wsN, sRM, sRV, n_cblocks, NPER, SPER, SCH, CHUNKS,
+                factor, eps, slope,
+                PHASE: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                UPDATE: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    # PHASE 0: statistics + apply in one program (CHUNKS == 1); 1: partial statistics of a chunk;
+    # 2: combine the partials + apply to the chunk; 3: eval (running statistics) apply.
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    k = pid // n_cblocks
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_lo = (k // SCH) * NPER
+    n_hi = tl.minimum(n_lo + NPER, N)
+    s_lo = (k % SCH) * SPER
+    s_hi = tl.minimum(s_lo + SPER, S)
+    first = cmask & (k == 0)
+    if PHASE == 1:
+        K = tl.load(X + c.to(tl.int64) * sC, mask=cmask, other=0.0).to(ACC)
+        md, q = _chunk_stats(X, K, c, cmask, n_lo, n_hi, s_lo, s_hi, sN, sC, sS, BLOCK_C, BLOCK_N, BLOCK_S, ACC)
+        tl.store(PM + c * CHUNKS + k, md, mask=cmask)
+        tl.store(PQ + c * CHUNKS + k, q, mask=cmask)
+    else:
+        if PHASE == 3:
+            mean = tl.load(RM + c.to(tl.int64) * sRM, mask=cmask, other=0.0).to(ACC)
+            var = tl.load(RV + c.to(tl.int64) * sRV, mask=cmask, other=1.0).to(ACC)
+            rstd = 1.0 / tl.sqrt(var + eps)
+            tl.store(STATS + c, mean, mask=first)
+            tl.store(STATS + C + c, rstd, mask=first)
+            tl.store(STATS + 2 * C + c, var, mask=first)
+        else:
+            K = tl.load(X + c.to(tl.int64) * sC, mask=cmask, other=0.0).to(ACC)
+            M = (N * S).to(ACC)
+            if PHASE == 0:
+                md, m2 = _chunk_stats(X, K, c, cmask, 0, N, 0, S, sN, sC, sS, BLOCK_C, BLOCK_N, BLOCK_S, ACC)
+            else:
+                # Combine every chunk's (mean, M2): total mean, then M2 = sum(M2_k + n_k (mean_k - mean)^2)
+                msum = tl.zeros([BLOCK_C], dtype=ACC)
+                for k0 in range(0, CHUNKS, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    pmask = cmask[:, None] & (kk < CHUNKS)[None, :]
+                    cnt = tl.where(kk < CHUNKS, _chunk_count(kk, N, S, NPER, SPER, SCH), 0).to(ACC)
+                    pm = tl.load(PM + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0)
+                    msum += tl.sum(pm * cnt[None, :], axis=1)
+                md = msum / M
+                m2 = tl.zeros([BLOCK_C], dtype=ACC)
+                for k0 in range(0, CHUNKS, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    pmask = cmask[:, None] & (kk < CHUNKS)[None, :]
+                    cnt = tl.where(kk < CHUNKS, _chunk_count(kk, N, S, NPER, SPER, SCH), 0).to(ACC)
+                    pm = tl.load(PM + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0)
+                    pq = tl.load(PQ + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0)
+                    dev = pm - md[:, None]
+                    m2 += tl.sum(tl.where(pmask, pq + cnt[None, :] * dev * dev, 0.0), axis=1)
+            mean = K + md
+            rstd = 1.0 / tl.sqrt(m2 / M + eps)
+            tl.store(STATS + c, mean, mask=first)
+            tl.store(STATS + C + c, rstd, mask=first)
+            tl.store(STATS + 2 * C + c, m2 / (M - 1), mask=first)
+            if UPDATE:
+                rm = tl.load(RM + c.to(tl.int64) * sRM, mask=first, other=0.0).to(ACC)
+                rv = tl.load(RV + c.to(tl.int64) * sRV, mask=first, other=0.0).to(ACC)
+                tl.store(RM + c.to(tl.int64) * sRM, (factor * mean + (1 - factor) * rm).to(RM.dtype.element_ty),
+                         mask=first)
+                tl.store(RV + c.to(tl.int64) * sRV,
+                         (factor * (m2 / (M - 1)) + (1 - factor) * rv).to(RV.dtype.element_ty), mask=first)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            scale, shift, mz, gw_ = _coefs(W, B, c, cmask, nn, nn < n_hi, wsN, mean, rstd, PHASE != 3, PER_SAMPLE,
+                                           HAS_W, HAS_B, BLOCK_C, BLOCK_N, ACC)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+                x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+                z = (x - mz[:, None, None]) * scale[:, :, None] + shift[:, :, None]
+                tl.store(Y + offs, _activate(z, slope, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_tile(X, G, offs, goffs, mask, mz, scale, shift, mean, rstd, slope, ACT: tl.constexpr, ACC: tl.constexpr):
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(G + goffs, mask=mask, other=0.0).to(ACC)
+    if ACT:
+        z = (x - mz[:, None, None]) * scale[:, :, None] + shift[:, :, None]
+        g = tl.where(z > 0, g, g * slope)
+    xhat = (x - mean[:, None, None]) * rstd[:, None, None]
+    return tl.where(mask, g, 0.0), xhat
+
+
+@triton.jit
+def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
+                N, C, S, sN, sC, sS, gN, gC, gS, wsN, n_cblocks, NPER, SPER, SCH, CHUNKS, slope,
+                PHASE: tl.constexpr, TRAINING: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    # PHASE 0: sums + dx in one program (CHUNKS == 1); 1: partial sums of a chunk;
+    # 2: combine the partial sums + dx of the chunk.
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    k = pid // n_cblocks
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_lo = (k // SCH) * NPER
+    n_hi = tl.minimum(n_lo + NPER, N)
+    s_lo = (k % SCH) * SPER
+    s_hi = tl.minimum(s_lo + SPER, S)
+    first = cmask & (k == 0)
+    mean = tl.load(STATS + c, mask=cmask, other=0.0)
+    rstd = tl.load(STATS + C + c, mask=cmask, other=1.0)
+    M = (N * S).to(ACC)
+    a = tl.zeros([BLOCK_C], dtype=ACC)  # sum_n g_nc * Sg_nc
+    b = tl.zeros([BLOCK_C], dtype=ACC)  # sum_n g_nc * Sgx_nc
+    if PHASE != 2:
+        tot_g = tl.zeros([BLOCK_C], dtype=ACC)
+        tot_gx = tl.zeros([BLOCK_C], dtype=ACC)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            nmask = nn < n_hi
+            scale, shift, mz, gw = _coefs(W, B, c, cmask, nn, nmask, wsN, mean, rstd, TRAINING, PER_SAMPLE, HAS_W,
+                                          HAS_B, BLOCK_C, BLOCK_N, ACC)
+            sg = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+            sgx = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+                goffs, gm_, gn_, gnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, gN, gC, gS, BLOCK_N, BLOCK_S)
+                ga, xhat = _grad_tile(X, G, offs, goffs, mask, mz, scale, shift, mean, rstd, slope, ACT, ACC)
+                sg += tl.sum(ga, axis=2)
+                sgx += tl.sum(ga * xhat, axis=2)
+            if PER_SAMPLE:
+                m2d = cmask[:, None] & nmask[None, :]
+                if PHASE == 0:  # one program owns every n of its channels: final per-(n, c) sums
+                    po = nn.to(tl.int64)[None, :] * C + c[:, None]
+                    tl.store(DB + po, sg, mask=m2d)
+                    tl.store(DW + po, sgx, mask=m2d)
+                    a += tl.sum(tl.where(m2d, gw * sg, 0.0), axis=1)
+                    b += tl.sum(tl.where(m2d, gw * sgx, 0.0), axis=1)
+                else:
+                    po = c.to(tl.int64)[:, None] * N + nn[None, :]
+                    tl.store(P1 + po, sg, mask=m2d)
+                    tl.store(P2 + po, sgx, mask=m2d)
+            else:
+                tot_g += tl.sum(sg, axis=1)
+                tot_gx += tl.sum(sgx, axis=1)
+        if not PER_SAMPLE:
+            if PHASE == 0:
+                tl.store(DB + c, tot_g, mask=cmask)
+                tl.store(DW + c, tot_gx, mask=cmask)
+                gw0 = tl.full([BLOCK_C], 1.0, ACC)
+                if HAS_W:
+                    gw0 = tl.load(W + c, mask=cmask, other=1.0).to(ACC)
+                a = gw0 * tot_g
+                b = gw0 * tot_gx
+            else:
+                tl.store(P1 + c * CHUNKS + k, tot_g, mask=cmask)
+                tl.store(P2 + c * CHUNKS + k, tot_gx, mask=cmask)
+    else:
+        # combine the partial sums of this channel block, in a fixed order
+        if PER_SAMPLE:  # chunks split n only (_plan): one partial per (c, n)
+            for n0 in range(0, N, BLOCK_K):
+                nn = n0 + tl.arange(0, BLOCK_K)
+                m2d = cmask[:, None] & (nn < N)[None, :]
+                po = c.to(tl.int64)[:, None] * N + nn[None, :]
+                sg = tl.load(P1 + po, mask=m2d, other=0.0)
+                sgx = tl.load(P2 + po, mask=m2d, other=0.0)
+                gw = tl.full([BLOCK_C, BLOCK_K], 1.0, ACC)
+                if HAS_W:
+                    gw = tl.load(W + nn.to(tl.int64)[None, :] * wsN + c[:, None], mask=m2d, other=1.0).to(ACC)
+                a += tl.sum(gw * sg, axis=1)  # masked entries are 0
+                b += tl.sum(gw * sgx, axis=1)
+                if k == 0:
+                    po = nn.to(tl.int64)[None, :] * C + c[:, None]
+                    tl.store(DB + po, sg, mask=m2d)
+                    tl.store(DW + po, sgx, mask=m2d)
+        else:
+            tot_g = tl.zeros([BLOCK_C], dtype=ACC)
+            tot_gx = tl.zeros([BLOCK_C], dtype=ACC)
+            for k0 in range(0, CHUNKS, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                pmask = cmask[:, None] & (kk < CHUNKS)[None, :]
+                tot_g += tl.sum(tl.load(P1 + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0), axis=1)
+                tot_gx += tl.sum(tl.load(P2 + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0), axis=1)
+            tl.store(DB + c, tot_g, mask=first)
+            tl.store(DW + c, tot_gx, mask=first)
+            gw0 = tl.full([BLOCK_C], 1.0, ACC)
+            if HAS_W:
+                gw0 = tl.load(W + c, mask=cmask, other=1.0).to(ACC)
+            a = gw0 * tot_g
+            b = gw0 * tot_gx
+    if PHASE != 1:
+        P = rstd * 0
+        Q = rstd * 0
+        if TRAINING:
+            P = rstd * (b / M)
+            Q = rstd * (a / M)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            scale, shift, mz, gw_ = _coefs(W, B, c, cmask, nn, nn < n_hi, wsN, mean, rstd, TRAINING, PER_SAMPLE,
+                                           HAS_W, HAS_B, BLOCK_C, BLOCK_N, ACC)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
+                goffs, gm_, gn_, gnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, gN, gC, gS, BLOCK_N, BLOCK_S)
+                ga, xhat = _grad_tile(X, G, offs, goffs, mask, mz, scale, shift, mean, rstd, slope, ACT, ACC)
+                dx = ga * scale[:, :, None] - (xhat * P[:, None, None] + Q[:, None, None])
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+def _ncs_strides(t: torch.Tensor):
+    """(sN, sC, sS) if t's spatial dims flatten to one stride (dense NCHW / channels-last, (N, C),
+    stride-0 grads), else None."""
+    sn, sc = t.stride(0), t.stride(1)
+    sizes, strides = t.shape[2:], t.stride()[2:]
+    dims = [(z, st) for z, st in zip(sizes, strides) if z != 1]
+    if not dims:
+        return sn, sc, 1
+    inner = dims[-1][1]
+    expected = inner
+    for z, st in reversed(dims):
+        if st != expected:
+            return None
+        expected *= z
+    return sn, sc, inner
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def pick_config(x: torch.Tensor) -> dict:
+    """Tile shape: channels along the contiguous axis for channels-last, the (n, s) plane for NCHW."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    channels_inner = c > 1 and x.stride(1) == 1
+    if channels_inner:
+        tile = _TILE_CL
+        block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
+        block_s = min(triton.next_power_of_2(max(s, 1)), max(1, tile // block_c))
+    else:
+        tile = _TILE
+        block_c = 1
+        block_s = min(triton.next_power_of_2(max(s, 1)), tile)
+    block_n = min(triton.next_power_of_2(max(n, 1)), max(1, tile // (block_c * block_s)))
+    return dict(BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_K=block_k(block_c), num_warps=4)
+
+
+def _plan(x: torch.Tensor, split: int | None, per_sample: bool = False):
+    """(config, channel blocks, NPER, SPER, n-chunks, s-chunks). Per-sample (conditional) calls
+    split along n only, so every (n, c) sum is one chunk's (the backward combine has no s loop)."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    cfg = pick_config(x)
+    n_cblocks = triton.cdiv(c, cfg["BLOCK_C"])
+    tiles_n, tiles_s = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(s, cfg["BLOCK_S"])
+    if split is None:
+        target = _TARGET_PROGRAMS if x.is_cuda else _TARGET_PROGRAMS_INTERPRETED
+        split = 1 if (n_cblocks >= target or tiles_n * tiles_s <= 2) else triton.cdiv(target, n_cblocks)
+    split = max(1, min(int(split), (tiles_n if per_sample else tiles_n * tiles_s), _MAX_CHUNKS))
+    nch = min(tiles_n, split)
+    sch = 1 if per_sample else min(tiles_s, triton.cdiv(split, nch))
+    nper = triton.cdiv(tiles_n, nch) * cfg["BLOCK_N"]
+    sper = triton.cdiv(tiles_s, sch) * cfg["BLOCK_S"]
+    return cfg, n_cblocks, nper, sper, triton.cdiv(n, nper), triton.cdiv(s, sper)
+
+
+def forward(x, weight, bias, running_mean, running_var, factor: float, eps: float, slope: float, flags: int,
+            update_running: bool = True, split: int | None = None):
+    """Returns (y, stats). Training: batch statistics, and the running statistics updated in the
+    kernel when given and ``update_running``; eval: normalise with the running statistics."""
+    strides = _ncs_strides(x)
+    if strides is None:
+        x = x.contiguous()
+        strides = _ncs_strides(x)
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    training = bool(flags & 1)
+    y = torch.empty_like(x)
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = torch.empty((3, c), device=x.device, dtype=acc_t)
+    if x.numel() == 0:
+        if training:
+            stats.fill_(float("nan"))
+        else:
+            stats.copy_(torch.stack([running_mean.to(acc_t), torch.rsqrt(running_var.to(acc_t) + eps),
+                                     running_var.to(acc_t)]))
+        return y, stats
+    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split, bool(flags & 4))
+    chunks = nch * sch
+    update = training and update_running and running_mean is not None
+    dummy = stats
+    wt = weight if weight is not None else dummy
+    bt = bias if bias is not None else dummy
+    rm = running_mean if running_mean is not None else dummy
+    rv = running_var if running_var is not None else dummy
+    wsn = c if (flags & 4) else 0
+    common = dict(PER_SAMPLE=bool(flags & 4), HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update,
+                  ACT=bool(flags & 2),
+                  BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"],
+                  ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
+    srm = rm.stride(0) if running_mean is not None else 0
+    srv = rv.stride(0) if running_var is not None else 0
+    args = (n, c, s, *strides, wsn, srm, srv, n_cblocks, nper, sper, sch, chunks, float(factor), float(eps),
+            float(slope))
+    grid = (n_cblocks * chunks,)
+    if not training:
+        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=3, **common)
+    elif chunks == 1:
+        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=0, **common)
+    else:
+        pm = torch.empty((c, chunks), device=x.device, dtype=acc_t)
+        pq = torch.empty_like(pm)
+        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=1, **common)
+        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=2, **common)
+    return y, stats
+
+
+def backward(grad_y, x, weight, bias, stats, slope: float, flags: int, split: int | None = None):
+    """Returns (grad_x, grad_weight or grad_gain, grad_bias) in the accumulation dtype; the
+    parameter gradients are (C) or, per sample, (N, C)."""
+    strides = _ncs_strides(x)
+    if strides is None:
+        x = x.contiguous()
+        strides = _ncs_strides(x)
+    gstrides = _ncs_strides(grad_y)
+    if gstrides is None:
+        grad_y = grad_y.contiguous()
+        gstrides = _ncs_strides(grad_y)
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    per_sample = bool(flags & 4)
+    dx = torch.empty_like(x)
+    shape = (n, c) if per_sample else (c,)
+    dw = torch.empty(shape, device=x.device, dtype=stats.dtype)
+    db = torch.empty_like(dw)
+    if x.numel() == 0:
+        return dx, dw.zero_(), db.zero_()
+    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split, per_sample)
+    chunks = nch * sch
+    wt = weight if weight is not None else stats
+    bt = bias if bias is not None else stats
+    common = dict(TRAINING=bool(flags & 1), PER_SAMPLE=per_sample, HAS_W=weight is not None,
+                  HAS_B=bias is not None, ACT=bool(flags & 2), BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"], ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
+    args = (n, c, s, *strides, *gstrides, c if per_sample else 0, n_cblocks, nper, sper, sch, chunks, float(slope))
+    grid = (n_cblocks * chunks,)
+    if chunks == 1:
+        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, stats, stats, *args, PHASE=0, **common)
+        return dx, dw, db
+    psize = c * n if per_sample else c * chunks
+    p1 = torch.empty(psize, device=x.device, dtype=stats.dtype)
+    p2 = torch.empty_like(p1)
+    _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=1, **common)
+    _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=2, **common)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- AOT specs
+def _aot_specs():
+    specs = []
+    # the configurations pick_config gives at the reference shapes: 64x512x4x4 and 1x64x128x128
+    # NCHW, 16x128x32x32 and (256, 1024) channels-last
+    layouts = (("NCHW", dict(BLOCK_C=1, BLOCK_N=64, BLOCK_S=16, BLOCK_K=block_k(1)), {"sS": 1}),
+               ("NCHW-large", dict(BLOCK_C=1, BLOCK_N=1, BLOCK_S=1024, BLOCK_K=block_k(1)), {"sS": 1}),
+               ("NHWC", dict(BLOCK_C=32, BLOCK_N=1, BLOCK_S=8, BLOCK_K=block_k(32)), {"sC": 1}),
+               ("NC", dict(BLOCK_C=32, BLOCK_N=8, BLOCK_S=1, BLOCK_K=block_k(32)), {"sC": 1}))
+    for dt, ty in (("fp32", "*fp32"), ("bf16", "*bf16"), ("fp16", "*fp16")):
+        for lname, blocks, unit in layouts:
+            fsig = {"X": ty, "Y": ty, "W": "*fp32", "B": "*fp32", "RM": "*fp32", "RV": "*fp32", "STATS": "*fp32",
+                    "PM": "*fp32", "PQ": "*fp32", "N": "i32", "C": "i32", "S": "i32", "sN": "i64", "sC": "i32",
+                    "sS": "i32", "wsN": "i32", "sRM": "i32", "sRV": "i32", "n_cblocks": "i32", "NPER": "i32",
+                    "SPER": "i32", "SCH": "i32", "CHUNKS": "i32", "factor": "fp32", "eps": "fp32", "slope": "fp32"}
+            for phase in (0, 1, 2, 3):
+                for per_sample in ((False, True) if phase != 1 else (False,)):
+                    const = dict(PHASE=phase, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, UPDATE=phase in (0, 2),
+                                 ACT=True, ACC=tl.float32, **blocks, **unit)
+                    specs.append(dict(kernel=_fwd_kernel, signature=fsig, constexprs=const, num_warps=4,
+                                      config=f"{dt},{lname},fwd PHASE={phase},per_sample={per_sample}"))
+            bsig = {"X": ty, "G": ty, "DX": ty, "W": "*fp32", "B": "*fp32", "STATS": "*fp32", "DW": "*fp32",
+                    "DB": "*fp32", "P1": "*fp32", "P2": "*fp32", "N": "i32", "C": "i32", "S": "i32", "sN": "i64",
+                    "sC": "i32", "sS": "i32", "gN": "i64", "gC": "i32", "gS": "i32", "wsN": "i32", "n_cblocks": "i32",
+                    "NPER": "i32", "SPER": "i32", "SCH": "i32", "CHUNKS": "i32", "slope": "fp32"}
+            for phase in (0, 1, 2):
+                for per_sample in (False, True):
+                    const = dict(PHASE=phase, TRAINING=True, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, ACT=True,
+                                 ACC=tl.float32, **blocks, **unit)
+                    specs.append(dict(kernel=_bwd_kernel, signature=bsig, constexprs=const, num_warps=4,
+                                      config=f"{dt},{lname},bwd PHASE={phase},per_sample={per_sample}"))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
