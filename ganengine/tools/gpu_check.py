@@ -12,12 +12,16 @@ line saying so. The checks, in order of value:
   env             device, capability, SMs, versions, which backends serve CUDA tensors
   attention_bf16  bf16 tl.dot has never run anywhere: attention in bf16 against fp64, first
   pytest_gpu      every gpu-marked test (pytest -m gpu, 4 processes), one line with the counts
-  determinism     every op twice, forward and backward: bitwise equal (triton and cuda;
+  determinism     every op (batch norm and conditional batch norm included) twice, forward and
+                  backward: bitwise equal (triton and cuda;
                   cuDNN pinned to deterministic algorithms for the vendor-conv paths)
-  cuda_graph      capture and replay of a step using norm, attention, conv_act and the losses
-  large_shapes    pix2pixHD-size launches (1x8x1100x2048 conv_act, many-plane norms) vs torch
+  cuda_graph      capture and replay of a step using conv_act, batch norm (running statistics),
+                  instance norm, attention and the losses
+  large_shapes    pix2pixHD-size launches (1x8x1100x2048 conv_act, many-plane instance norms,
+                  batch norm over 1x64x1100x2048 and 512x512x4x4) vs torch
   second_device   tensors on cuda:1 while cuda:0 is current (skipped with one device)
-  speed_norm_act  GB/s vs a copy of the same tensor (NCHW/NHWC, split and single-plane)
+  speed_norm_act  instance and batch norm forward: GB/s vs a copy of the same tensor (NCHW/NHWC,
+                  split and single-plane)
   speed_attention TFLOP/s forward and forward+backward
   speed_losses    latency per call, Triton vs the C++ CUDA kernels
   sanitizer       compute-sanitizer --tool memcheck on one tiny case per kernel family
@@ -161,6 +165,14 @@ def _op_cases(ctx: Ctx, dtype=torch.float32):
         return (lambda: [rnd(1, 8, s, s), rnd(16, 8, 4, 4, scale=0.1), rnd(16)],
                 lambda x, w, b: GF.conv2d_instance_norm_act(x, w, b, stride=2, padding=1))
 
+    def batch_norm(cl):  # training, leaky ReLU; the running statistics are covered by the step below
+        return (lambda: [rnd(4, 16, s // 2, s // 2, cl=cl), rnd(16), rnd(16)],
+                lambda x, w, b: GF.batch_norm_act(x, None, None, w, b, activation="leaky_relu"))
+
+    def cond_batch_norm():  # BigGAN's per-sample gain and bias
+        return (lambda: [rnd(4, 16, s // 2, s // 2), rnd(4, 16), rnd(4, 16)],
+                lambda x, g, b: GF.conditional_batch_norm_act(x, g, b))
+
     def losses():
         n = 8 if ctx.dry else 30
         return (lambda: [rnd(1, 1, n, n), rnd(1, 1, n, n)] + [rnd(1, 3, s, s) for _ in range(4)],
@@ -170,8 +182,13 @@ def _op_cases(ctx: Ctx, dtype=torch.float32):
     cases = [("instance_norm_act nchw", *norm(False)), ("instance_norm_act nhwc", *norm(True)),
              ("attention", *attention()), ("conv2d_act nchw", *conv_act(False)),
              ("conv2d_act nhwc", *conv_act(True)), ("conv2d_instance_norm_act", *conv_in_act()),
-             ("losses", *losses())]
+             ("batch_norm_act nchw", *batch_norm(False)), ("batch_norm_act nhwc", *batch_norm(True)),
+             ("conditional_batch_norm_act", *cond_batch_norm()), ("losses", *losses())]
     return [(name, fn, make) for name, make, fn in cases]
+
+
+# the op cases the CUDA C++ backend serves (the rest run on Triton only)
+_CUDA_CPP_OPS = ("instance_norm_act", "batch_norm_act", "conditional_batch_norm_act", "losses")
 
 
 def _run_fwd_bwd(fn, inputs, seed=0):
@@ -251,7 +268,7 @@ def check_attention_bf16(ctx: Ctx):
 
 def check_pytest_gpu(ctx: Ctx):
     files = ["tests/test_norm_act.py", "tests/test_attention.py", "tests/test_losses.py", "tests/test_conv_act.py",
-             "tests/test_gpu_readiness.py"]
+             "tests/test_batch_norm_act.py", "tests/test_gpu_readiness.py"]
     files = [f for f in files if (REPO / f).exists()]
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfE"]
     if ctx.dry:
@@ -299,8 +316,8 @@ def check_determinism(ctx: Ctx):
 def _determinism(ctx: Ctx):
     for backend in _backends_for_device(ctx):
         for name, fn, make in _op_cases(ctx):
-            if backend == "cuda" and not name.startswith(("instance_norm_act", "losses")):
-                continue  # the CUDA C++ kernels cover norm_act and the losses
+            if backend == "cuda" and not name.startswith(_CUDA_CPP_OPS):
+                continue  # the CUDA C++ kernels cover the norms and the losses
             torch.manual_seed(1)
             inputs = make()
             try:
@@ -316,7 +333,8 @@ def _determinism(ctx: Ctx):
 
 
 def _step_fn(ctx: Ctx, dtype=torch.float32):
-    """A small generator + discriminator step using conv_act, norm_act, attention and the losses."""
+    """A small discriminator step using conv_act, batch_norm_act (running statistics updated in
+    place), norm_act, attention and the losses."""
     import ganengine.functional as GF
     from ganengine.ops import attention as attn_ops
 
@@ -330,13 +348,17 @@ def _step_fn(ctx: Ctx, dtype=torch.float32):
     wv = (torch.randn(16, 16, 1, 1, device=dev) * 0.1).requires_grad_()
     wo = (torch.randn(1, 16, 4, 4, device=dev) * 0.1).requires_grad_()
     gamma = torch.tensor([0.5], device=dev, requires_grad=True)
-    params = [w1, w2, wq, wk, wv, wo, gamma]
+    bn_w = torch.ones(16, device=dev, requires_grad=True)
+    bn_b = torch.zeros(16, device=dev, requires_grad=True)
+    running_mean, running_var = torch.zeros(16, device=dev), torch.ones(16, device=dev)  # updated in place
+    params = [w1, w2, wq, wk, wv, wo, gamma, bn_w, bn_b]
     real = torch.randn(1, 3, s, s, device=dev)
     fake = torch.randn(1, 3, s, s, device=dev)
     rec = torch.randn(1, 3, s, s, device=dev)
 
     def disc(img):
         h = GF.conv2d_act(img, w1, None, stride=2, padding=1)
+        h = GF.batch_norm_act(h, running_mean, running_var, bn_w, bn_b, activation="leaky_relu")
         h = torch.nn.functional.conv2d(h, w2, padding=1)
         h = GF.instance_norm_act(h)
         q, k, v = (torch.nn.functional.conv2d(h, w).flatten(2) for w in (wq, wk, wv))
@@ -425,6 +447,19 @@ def check_large_shapes(ctx: Ctx):
             ok = err < (5e-2 if dtype == torch.bfloat16 else 1e-4)
             ctx.emit("OK" if ok else "FAIL", f"instance_norm_act {backend} {'x'.join(map(str, shape))}",
                      f"max abs error {err:.1e}")
+    # batch norm: one channel's statistics over N*H*W = 2.25M elements (split reduction), and DCGAN's
+    # many small planes
+    shapes = [(4, 8, 11, 20), (64, 32, 4, 4)] if ctx.dry else [(1, 64, h, w), (512, 512, 4, 4)]
+    for shape in shapes:
+        x = torch.randn(shape, device=dev).to(dtype)
+        ref = F.leaky_relu(F.batch_norm(x.float(), None, None, training=True), 0.0)
+        for backend in _backends_for_device(ctx):
+            with _on(backend):
+                y = GF.batch_norm_act(x)
+            err = (y.float() - ref).abs().max().item()
+            ok = err < (5e-2 if dtype == torch.bfloat16 else 1e-4)
+            ctx.emit("OK" if ok else "FAIL", f"batch_norm_act {backend} {'x'.join(map(str, shape))}",
+                     f"max abs error {err:.1e}")
 
 
 def check_second_device(ctx: Ctx):
@@ -440,7 +475,7 @@ def _second_device(ctx: Ctx):
     second = ctx.device if ctx.dry else torch.device("cuda:1")
     for backend in _backends_for_device(ctx):
         for name, fn, make in _op_cases(ctx):
-            if backend == "cuda" and not name.startswith(("instance_norm_act", "losses")):
+            if backend == "cuda" and not name.startswith(_CUDA_CPP_OPS):
                 continue
             torch.manual_seed(2)
             inputs = make()
@@ -465,6 +500,12 @@ for be in [b for b in ("triton", "cuda") if backends.serves(b, torch.device(dev)
         GF.instance_norm_act(x, torch.randn(5, device=dev), torch.randn(5, device=dev)).sum().backward()
         xl = torch.randn(2, 5, 7, 9, device=dev).contiguous(memory_format=torch.channels_last).requires_grad_()
         GF.instance_norm_act(xl).sum().backward()
+        rm, rv = torch.zeros(5, device=dev), torch.ones(5, device=dev)
+        for xb in (x, xl):
+            GF.batch_norm_act(xb, rm, rv, torch.randn(5, device=dev), torch.randn(5, device=dev)).sum().backward()
+            GF.batch_norm_act(xb.detach(), rm, rv, training=False)
+        gb = torch.randn(2, 5, device=dev, requires_grad=True)
+        GF.conditional_batch_norm_act(x, gb, gb * 0.5).sum().backward()
         r = torch.randn(1, 1, 5, 5, device=dev, requires_grad=True)
         f = torch.randn(1, 1, 5, 5, device=dev, requires_grad=True)
         for mode in ("vanilla", "lsgan", "hinge", "wgangp"):
@@ -516,7 +557,7 @@ def check_sanitizer(ctx: Ctx):
         return
     summary = next((x for x in text.splitlines() if "ERROR SUMMARY" in x), "no summary")
     ok = code == 0 and "sanitizer case done" in text and "0 errors" in summary
-    ctx.emit("OK" if ok else "FAIL", "memcheck (norm_act, losses, attention, conv_act; triton + cuda)",
+    ctx.emit("OK" if ok else "FAIL", "memcheck (norm_act, batch_norm_act, losses, attention, conv_act; triton + cuda)",
              summary.strip(), log=str(log))
 
 
@@ -533,13 +574,17 @@ def check_speed_norm_act(ctx: Ctx):
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = torch.empty_like(x)
                 copy_ms = ctx.bench_ms(lambda: y.copy_(x))
+                rm, rv = torch.zeros(shape[1], device=ctx.device), torch.ones(shape[1], device=ctx.device)
+                ops = [("instance_norm_act", lambda: GF.instance_norm_act(x)),
+                       ("batch_norm_act", lambda: GF.batch_norm_act(x, rm, rv))]  # training, running stats
                 for backend in _backends_for_device(ctx):
-                    with _on(backend):
-                        ms = ctx.bench_ms(lambda: GF.instance_norm_act(x))
-                    gbs = 2 * x.numel() * x.element_size() / ms / 1e6
-                    ctx.emit("INFO", f"{backend} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} "
-                             f"{'x'.join(map(str, shape))} forward", f"{ms:.3f} ms, {gbs:.0f} GB/s = "
-                             f"{copy_ms / ms * 100:.0f}% of a copy ({copy_ms:.3f} ms)", ms=ms, copy_ms=copy_ms)
+                    for op, call in ops:
+                        with _on(backend):
+                            ms = ctx.bench_ms(call)
+                        gbs = 2 * x.numel() * x.element_size() / ms / 1e6
+                        ctx.emit("INFO", f"{op} {backend} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} "
+                                 f"{'x'.join(map(str, shape))} forward", f"{ms:.3f} ms, {gbs:.0f} GB/s = "
+                                 f"{copy_ms / ms * 100:.0f}% of a copy ({copy_ms:.3f} ms)", ms=ms, copy_ms=copy_ms)
 
 
 def check_speed_attention(ctx: Ctx):
