@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup main test aot bench benchmarks clean
+.PHONY: setup main test aot gpu-check bench benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ benchmarks: setup
 # compile every Triton kernel for sm_80 and sm_90 (no GPU needed); fails on register spills
 aot: setup
 	$(BIN)/python -m ganengine.tools.aot_report --markdown $(VENV)/aot_report.md
+
+# the first command to run on a GPU machine (under 8 minutes on one H100/H200; build with
+# `make setup` beforehand, it needs no GPU): one OK/FAIL/figure line per check, never stopping at
+# the first failure; reports in gpu_check_report/ (report.md, report.json, logs). docs/gpu.md says
+# what it checks. GANENGINE_GPU_CHECK_DRY=1 runs it on CPU tensors under the Triton interpreter.
+gpu-check: setup
+	$(BIN)/python -m ganengine.tools.gpu_check --out gpu_check_report
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_norm_act

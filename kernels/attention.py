@@ -2,23 +2,38 @@
 
 Shapes (channel-major, any strides, so NCHW and channels_last inputs need no transposing copy):
 q (B, DQK, N), k (B, DQK, M), v (B, DV, M), x / out / o (B, DV, N), lse / delta (B, N).
+Every grid puts (tile, batch) on axis 0 and the DV chunk on axis 1 (CUDA caps axes 1 and 2
+at 65535; DV chunks are at most 16).
 
-Forward: one program per (query tile, DV chunk, batch); online softmax over key tiles with fp32
-accumulation; epilogue writes o and out = gamma * o + x. DV (= C, up to 512+) is split into
+Forward: one program per (query tile, DV chunk); online softmax over key tiles with fp32
+accumulation; epilogue writes o and out = gamma * o + x. DV (= C, up to 1024) is split into
 chunks of BLOCK_DV so the accumulator fits in registers; each chunk recomputes the cheap
 q^T k scores (DQK = C/8). Head dims are padded to powers of two (>= 16 for tl.dot) by masks.
+Scores stay in natural units until the max is subtracted (s - m is exact where it matters;
+scaling s by log2(e) first would add an error of u * |s| to every exponent).
 
-Backward (P recomputed from lse; delta = gamma * rowsum(grad * o) comes in):
-  _bwd_dv: per (key tile, DV chunk): dv = sum_i P^T dO
-  _bwd_dk: per key tile: dk = sum_i dS^T q, dS = P * (dO^T v - delta), dO^T v summed over DV chunks
-  _bwd_dq: per query tile: dq = sum_j dS k
-Three deterministic kernels, no atomics. dO = gamma * grad is formed on the fly.
+Backward (delta = gamma * rowsum(grad * o) comes in; dO = gamma * grad formed on the fly):
+  _bwd_dq:   per query tile: pass 1 recomputes the row statistics (max m, sum l) from the same
+             score bits the backward uses (the forward's lse, rounded to fp32, cannot give back
+             P exactly once |s| is large: at |s| = 1e8 its rounding is 8 units of exponent);
+             writes them for _bwd_dkdv; pass 2: dq = sum_j dS k.
+  _bwd_dkdv: per (key tile, DV chunk): dv = gamma * sum_i P^T grad for the chunk; the chunk-0
+             program also forms dS = P * (dO v^T - delta) and dk = sum_i dS^T q (P computed once
+             for both). Chunk-0 programs come first in the grid, so the heavy ones start first.
+  Every kernel computes the scores as dot(q tile, k^T tile) and dO v^T as dot(grad tile, v^T
+  tile) with one block shape, so the bits agree across kernels. Where a row's softmax is
+  saturated (P exactly one-hot: l == 1 and s == m), dS = 0 exactly, as eager's
+  p * (dp - sum(p * dp)) gives there; o-based delta would leave u * |dO v| of noise, which
+  the large |k|, |q| of such rows multiply into wrong gradients.
+Deterministic: no atomics.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -38,14 +53,20 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _exp_rel(s, m):
+    """exp(s - m) with exp(0) = 1 exactly (a saturated row sums to exactly 1)."""
+    return tl.where(s == m, 1.0, tl.exp2((s - m) * LOG2E))
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, X, OUT, O, LSE, GAMMA,
               sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sxb, sxc, sxn, sob, soc, son,
-              N, M, DQK, DV,
+              N, M, DQK, DV, n_tiles,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
               BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0) % n_tiles
+    b = (tl.program_id(0) // n_tiles).to(tl.int64)
     pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_DQK)
     offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -62,11 +83,12 @@ def _attn_fwd(Q, K, V, X, OUT, O, LSE, GAMMA,
         n_ok = offs_n < M
         kt = tl.load(K + b * skb + offs_k[:, None] * skc + offs_n[None, :] * skn,
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        s = _dot(q, kt, IEEE) * LOG2E                        # base-2 scores
+        s = _dot(q, kt, IEEE)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        alpha = _exp_rel(m_i, m_new)
+        p = _exp_rel(s, m_new[:, None])
+        p = tl.where(n_ok[None, :], p, 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(V + b * svb + offs_d[None, :] * svc + offs_n[:, None] * svn,
                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -80,98 +102,70 @@ def _attn_fwd(Q, K, V, X, OUT, O, LSE, GAMMA,
     optr = offs_d[None, :] * soc + offs_m[:, None] * son + b * sob
     tl.store(O + optr, o.to(O.dtype.element_ty), mask=io_mask)
     tl.store(OUT + optr, out.to(OUT.dtype.element_ty), mask=io_mask)
-    if pid_d == 0:
-        tl.store(LSE + b * N + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
+    tl.store(LSE + b * N + offs_m, m_i + tl.log2(l_i) * LN2, mask=m_ok & (pid_d == 0))
 
 
 @triton.jit
-def _bwd_dv(Q, K, G, LSE, GAMMA, DV_OUT,
-            sqb, sqc, sqn, skb, skc, skn, sgb, sgc, sgn, sdb, sdc, sdn,
-            N, M, DQK, DV,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-            BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_DQK)
-    offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    n_ok = offs_n < M
-    k_ok = offs_k < DQK
-    d_ok = offs_d < DV
-    k = tl.load(K + b * skb + offs_k[None, :] * skc + offs_n[:, None] * skn,
-                mask=n_ok[:, None] & k_ok[None, :], other=0.0)          # (BLOCK_N, DQK)
-    gamma = tl.load(GAMMA).to(tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < N
-        qt = tl.load(Q + b * sqb + offs_k[:, None] * sqc + offs_m[None, :] * sqn,
-                     mask=k_ok[:, None] & m_ok[None, :], other=0.0)     # (DQK, BLOCK_M)
-        lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=float("inf"))
-        pt = tl.exp2(_dot(k, qt, IEEE) * LOG2E - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
+def _scores(Q, b, sqb, sqc, sqn, offs_m, m_ok, offs_k, k_ok, kt, IEEE: tl.constexpr):
+    """q tile (BLOCK_M, DQK) and its scores dot(q, k^T tile) (BLOCK_M, BLOCK_N)."""
+    q = tl.load(Q + b * sqb + offs_k[None, :] * sqc + offs_m[:, None] * sqn,
+                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    return q, _dot(q, kt, IEEE)
+
+
+@triton.jit
+def _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, DV,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
+    """grad v^T for a (query tile, key tile): sum over DV chunks of dot(grad tile, v^T tile)."""
+    dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in range(0, DV, BLOCK_DP):
+        offs_d = d0 + tl.arange(0, BLOCK_DP)
+        d_ok = offs_d < DV
         g = tl.load(G + b * sgb + offs_d[None, :] * sgc + offs_m[:, None] * sgn,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)      # (BLOCK_M, BLOCK_DV)
-        acc += _dot(pt.to(g.dtype), g, IEEE)
-    acc = acc * gamma
-    tl.store(DV_OUT + b * sdb + offs_d[None, :] * sdc + offs_n[:, None] * sdn,
-             acc.to(DV_OUT.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = tl.load(V + b * svb + offs_d[:, None] * svc + offs_n[None, :] * svn,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        dp += _dot(g.to(vt.dtype), vt, IEEE)
+    return dp
 
 
 @triton.jit
-def _bwd_dk(Q, K, V, G, LSE, DELTA, GAMMA, DK_OUT,
-            sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sgb, sgc, sgn, sdb, sdc, sdn,
-            N, M, DQK, DV,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-            BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_DQK)
-    n_ok = offs_n < M
-    k_ok = offs_k < DQK
-    k = tl.load(K + b * skb + offs_k[None, :] * skc + offs_n[:, None] * skn,
-                mask=n_ok[:, None] & k_ok[None, :], other=0.0)          # (BLOCK_N, DQK)
-    gamma = tl.load(GAMMA).to(tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < N
-        qt = tl.load(Q + b * sqb + offs_k[:, None] * sqc + offs_m[None, :] * sqn,
-                     mask=k_ok[:, None] & m_ok[None, :], other=0.0)     # (DQK, BLOCK_M)
-        lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
-        pt = tl.exp2(_dot(k, qt, IEEE) * LOG2E - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
-        dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for d0 in range(0, DV, BLOCK_DV):
-            offs_d = d0 + tl.arange(0, BLOCK_DV)
-            d_ok = offs_d < DV
-            v = tl.load(V + b * svb + offs_d[None, :] * svc + offs_n[:, None] * svn,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-            gt = tl.load(G + b * sgb + offs_d[:, None] * sgc + offs_m[None, :] * sgn,
-                         mask=d_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_DV, BLOCK_M)
-            dpt += _dot(v, gt.to(v.dtype), IEEE)
-        dst = pt * (dpt * gamma - delta[None, :])
-        acc += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
-    tl.store(DK_OUT + b * sdb + offs_k[None, :] * sdc + offs_n[:, None] * sdn,
-             acc.to(DK_OUT.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+def _dscores(p, s, m, l, dp, delta, gamma):
+    """dS = P * (gamma * dp - delta); exactly 0 where the row is saturated (P one-hot)."""
+    ds = p * (dp * gamma - delta[:, None])
+    return tl.where((s == m[:, None]) & (l[:, None] == 1.0), 0.0, ds)
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, G, LSE, DELTA, GAMMA, DQ_OUT,
+def _bwd_dq(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DQ_OUT,
             sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sgb, sgc, sgn, sdb, sdc, sdn,
-            N, M, DQK, DV,
+            N, M, DQK, DV, n_tiles,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-            BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+            BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0) % n_tiles
+    b = (tl.program_id(0) // n_tiles).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_DQK)
     m_ok = offs_m < N
     k_ok = offs_k < DQK
-    q = tl.load(Q + b * sqb + offs_k[None, :] * sqc + offs_m[:, None] * sqn,
-                mask=m_ok[:, None] & k_ok[None, :], other=0.0)          # (BLOCK_M, DQK)
-    lse = tl.load(LSE + b * N + offs_m, mask=m_ok, other=float("inf"))
+    # pass 1: the row statistics from these very score bits
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < M
+        kt = tl.load(K + b * skb + offs_k[:, None] * skc + offs_n[None, :] * skn,
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)     # (DQK, BLOCK_N)
+        q, s = _scores(Q, b, sqb, sqc, sqn, offs_m, m_ok, offs_k, k_ok, kt, IEEE)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.where(n_ok[None, :], _exp_rel(s, m_new[:, None]), 0.0)
+        l_i = l_i * _exp_rel(m_i, m_new) + tl.sum(p, 1)
+        m_i = m_new
+    tl.store(STAT_M + b * N + offs_m, m_i, mask=m_ok)
+    tl.store(STAT_L + b * N + offs_m, l_i, mask=m_ok)
+    # pass 2: dq
+    rl = 1.0 / l_i
     delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
     gamma = tl.load(GAMMA).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
@@ -179,39 +173,93 @@ def _bwd_dq(Q, K, V, G, LSE, DELTA, GAMMA, DQ_OUT,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < M
         kt = tl.load(K + b * skb + offs_k[:, None] * skc + offs_n[None, :] * skn,
-                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)     # (DQK, BLOCK_N)
-        p = tl.exp2(_dot(q, kt, IEEE) * LOG2E - lse[:, None] * LOG2E)
-        p = tl.where(n_ok[None, :], p, 0.0)
-        dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in range(0, DV, BLOCK_DV):
-            offs_d = d0 + tl.arange(0, BLOCK_DV)
-            d_ok = offs_d < DV
-            g = tl.load(G + b * sgb + offs_d[None, :] * sgc + offs_m[:, None] * sgn,
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
-            vt = tl.load(V + b * svb + offs_d[:, None] * svc + offs_n[None, :] * svn,
-                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_DV, BLOCK_N)
-            dp += _dot(g.to(vt.dtype), vt, IEEE)
-        ds = p * (dp * gamma - delta[:, None])
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        q, s = _scores(Q, b, sqb, sqc, sqn, offs_m, m_ok, offs_k, k_ok, kt, IEEE)
+        p = tl.where(n_ok[None, :], _exp_rel(s, m_i[:, None]) * rl[:, None], 0.0)
+        dp = _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, DV,
+                      BLOCK_M, BLOCK_N, BLOCK_DP, IEEE)
+        ds = _dscores(p, s, m_i, l_i, dp, delta, gamma)
         acc += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     tl.store(DQ_OUT + b * sdb + offs_k[None, :] * sdc + offs_m[:, None] * sdn,
              acc.to(DQ_OUT.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _bwd_dkdv(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DK_OUT, DV_OUT,
+              sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sgb, sgc, sgn,
+              skob, skoc, skon, svob, svoc, svon,
+              N, M, DQK, DV, n_tiles,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0) % n_tiles
+    b = (tl.program_id(0) // n_tiles).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_DQK)
+    offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < M
+    k_ok = offs_k < DQK
+    d_ok = offs_d < DV
+    kt = tl.load(K + b * skb + offs_k[:, None] * skc + offs_n[None, :] * skn,
+                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)         # (DQK, BLOCK_N)
+    gamma = tl.load(GAMMA).to(tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N
+        q, s = _scores(Q, b, sqb, sqc, sqn, offs_m, m_ok, offs_k, k_ok, kt, IEEE)
+        m_i = tl.load(STAT_M + b * N + offs_m, mask=m_ok, other=0.0)
+        l_i = tl.load(STAT_L + b * N + offs_m, mask=m_ok, other=1.0)
+        p = _exp_rel(s, m_i[:, None]) * (1.0 / l_i)[:, None]
+        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)             # (BLOCK_M, BLOCK_N)
+        g = tl.load(G + b * sgb + offs_d[None, :] * sgc + offs_m[:, None] * sgn,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)      # (BLOCK_M, BLOCK_DV)
+        dv_acc += _dot(tl.trans(p.to(g.dtype)), g, IEEE)
+        if pid_d == 0:
+            delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
+            dp = _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, DV,
+                          BLOCK_M, BLOCK_N, BLOCK_DP, IEEE)
+            ds = _dscores(p, s, m_i, l_i, dp, delta, gamma)
+            dk_acc += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    tl.store(DV_OUT + b * svob + offs_d[None, :] * svoc + offs_n[:, None] * svon,
+             (dv_acc * gamma).to(DV_OUT.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(DK_OUT + b * skob + offs_k[None, :] * skoc + offs_n[:, None] * skon,
+             dk_acc.to(DK_OUT.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :] & (pid_d == 0))
+
+
 # ----------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps) per kernel: the largest tiles that compile without
-# register spills on sm_80 and sm_90 at BLOCK_DQK = 64 (C = 512), checked by AOT_SPECS /
-# ganengine.tools.aot_report. fp32 runs its dots as tf32x3 (three tensor-core passes, fp32-level
-# accuracy), which needs smaller tiles than fp16/bf16.
+# Per kernel: (BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DP, num_warps, num_stages), keyed by (dtype
+# family, wide head (DQK > 64, i.e. C > 512), Hopper). The single source of truth for the
+# launchers and the AOT report, which compiles every C = 64..1024 model case for sm_80 and
+# sm_90 and fails on spills. BLOCK_DV: the DV chunk of an output/accumulator tile (grid axis
+# 1); BLOCK_DP: the DV chunk of the dO v^T reduction. The two backward kernels share one shape
+# (their score and dO v^T bits must agree). On sm_90, BLOCK_M = BLOCK_N = 64 with 4 warps gives
+# wgmma (64-row tiles per warpgroup); sm_80's mma.sync needs fewer registers at BLOCK_M = 32.
+# fp32 runs its dots as tf32x3 (three tensor-core passes, fp32-level accuracy, three times the
+# operand registers): smaller tiles.
 _CONFIGS = {
-    "half": {"fwd": (128, 64, 64, 8), "dv": (64, 64, 128, 8), "dk": (64, 32, 64, 8), "dq": (64, 32, 64, 8)},
-    "fp32": {"fwd": (32, 32, 64, 4), "dv": (32, 32, 64, 4), "dk": (32, 16, 32, 4), "dq": (16, 32, 32, 4)},
+    ("half", False, True): {"fwd": (128, 64, 64, 64, 8, 2), "bwd": (64, 64, 64, 32, 4, 2)},
+    ("half", True, True): {"fwd": (64, 64, 64, 64, 4, 2), "bwd": (64, 64, 64, 32, 4, 2)},
+    ("half", False, False): {"fwd": (128, 64, 64, 64, 8, 2), "bwd": (32, 64, 64, 32, 4, 2)},
+    ("half", True, False): {"fwd": (64, 64, 64, 64, 4, 2), "bwd": (32, 64, 64, 32, 4, 2)},
+    ("fp32", False, True): {"fwd": (32, 32, 64, 64, 4, 2), "bwd": (32, 32, 64, 16, 4, 1)},
+    ("fp32", True, True): {"fwd": (16, 32, 32, 32, 4, 1), "bwd": (16, 32, 32, 16, 4, 1)},
+    ("fp32", False, False): {"fwd": (32, 32, 64, 64, 4, 2), "bwd": (32, 32, 64, 16, 4, 1)},
+    ("fp32", True, False): {"fwd": (16, 32, 32, 32, 4, 1), "bwd": (16, 32, 32, 16, 4, 1)},
 }
 
 
-def _config(kernel: str, dqk: int, dv: int, dtype: torch.dtype) -> dict:
-    bm, bn, bdv, warps = _CONFIGS["fp32" if dtype == torch.float32 else "half"][kernel]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=_p2(dqk), BLOCK_DV=min(_p2(dv), bdv),
-                IEEE=dtype == torch.float32, num_warps=warps)
+def _config(kernel: str, dqk: int, dv: int, dtype: torch.dtype, hopper: bool = True) -> dict:
+    family = "fp32" if dtype == torch.float32 else "half"
+    bm, bn, bdv, bdp, warps, stages = _CONFIGS[(family, _p2(dqk) > 64, hopper)][kernel]
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=_p2(dqk), BLOCK_DV=min(_p2(dv), bdv),
+               IEEE=dtype == torch.float32, num_warps=warps, num_stages=stages)
+    if kernel == "bwd":
+        if family == "fp32" and _p2(dqk) <= 16:
+            bdp = 32  # C <= 128: ptxas spills the dq kernel at BLOCK_DP = 16 (and not at 32)
+        cfg["BLOCK_DP"] = min(_p2(dv), bdp)
+    return cfg
 
 
 def _strides(t):
@@ -221,70 +269,56 @@ def _strides(t):
 def forward(q, k, v, x, gamma):
     b, dqk, n = q.shape
     m, dv = k.shape[2], v.shape[1]
-    cfg = _config("fwd", dqk, dv, q.dtype)
+    cfg = _config("fwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
     out = torch.empty_like(x)
     o = torch.empty_like(x, dtype=v.dtype)
     lse = torch.empty((b, n), device=x.device, dtype=torch.float32)
     gamma = gamma.reshape(1).to(torch.float32)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(dv, cfg["BLOCK_DV"]), b)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_M"])
+    grid = _launch.grid("attention forward", n_tiles * b, triton.cdiv(dv, cfg["BLOCK_DV"]))
     assert out.stride() == o.stride()
-    _attn_fwd[grid](q, k, v, x, out, o, lse, gamma,
-                    *_strides(q), *_strides(k), *_strides(v), *_strides(x), *_strides(out),
-                    n, m, dqk, dv, **cfg)
+    with _launch.device_guard(x):
+        _attn_fwd[grid](q, k, v, x, out, o, lse, gamma,
+                        *_strides(q), *_strides(k), *_strides(v), *_strides(x), *_strides(out),
+                        n, m, dqk, dv, n_tiles, **cfg)
     return out, o, lse
 
 
 def backward(grad, q, k, v, lse, delta, gamma):
+    """(dq, dk, dv). ``lse`` is not read: the row statistics are recomputed exactly (see the
+    module docstring); ``delta`` = gamma * rowsum(grad * o)."""
     b, dqk, n = q.shape
     m, dv = k.shape[2], v.shape[1]
-    lse = lse.to(torch.float32).contiguous()
     delta = delta.to(torch.float32).contiguous()
     gamma = gamma.reshape(1).to(torch.float32)
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = _config("dv", dqk, dv, q.dtype)
-    _bwd_dv[(triton.cdiv(m, cfg["BLOCK_N"]), triton.cdiv(dv, cfg["BLOCK_DV"]), b)](
-        q, k, grad, lse, gamma, dvv,
-        *_strides(q), *_strides(k), *_strides(grad), *_strides(dvv), n, m, dqk, dv, **cfg)
-    cfg = _config("dk", dqk, dv, q.dtype)
-    _bwd_dk[(triton.cdiv(m, cfg["BLOCK_N"]), b)](
-        q, k, v, grad, lse, delta, gamma, dk,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk), n, m, dqk, dv, **cfg)
-    cfg = _config("dq", dqk, dv, q.dtype)
-    _bwd_dq[(triton.cdiv(n, cfg["BLOCK_M"]), b)](
-        q, k, v, grad, lse, delta, gamma, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq), n, m, dqk, dv, **cfg)
+    stat_m = torch.empty((b, n), device=q.device, dtype=torch.float32)
+    stat_l = torch.empty_like(stat_m)
+    cfg = _config("bwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
+    with _launch.device_guard(q):
+        n_tiles = triton.cdiv(n, cfg["BLOCK_M"])
+        _bwd_dq[_launch.grid("attention backward (dq)", n_tiles * b)](
+            q, k, v, grad, delta, gamma, stat_m, stat_l, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq), n, m, dqk, dv, n_tiles, **cfg)
+        n_tiles = triton.cdiv(m, cfg["BLOCK_N"])
+        _bwd_dkdv[_launch.grid("attention backward (dk, dv)", n_tiles * b, triton.cdiv(dv, cfg["BLOCK_DV"]))](
+            q, k, v, grad, delta, gamma, stat_m, stat_l, dk, dvv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk), *_strides(dvv),
+            n, m, dqk, dv, n_tiles, **cfg)
     return dq, dk, dvv
 
 
-# ----------------------------------------------------------------------------- AOT specs
-_PTR_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "GAMMA": "*fp32"}
-_INT_ARGS = ("N", "M", "DQK", "DV")
-
-
-def _signature(kernel, dt: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.isupper() and name not in _INT_ARGS:   # pointer arguments are upper case
-            sig[name] = _PTR_TYPES.get(name, "*" + dt)
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def _aot_specs():
-    specs = []
-    kernels = {"fwd": _attn_fwd, "dv": _bwd_dv, "dk": _bwd_dk, "dq": _bwd_dq}
-    for dt, tdt in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        for dqk in (8, 32, 64):  # C = 64, 256, 512
-            for name, kernel in kernels.items():
-                cfg = _config(name, dqk, 512, tdt)
-                warps = cfg.pop("num_warps")
-                label = ",".join(f"{k}={v}" for k, v in cfg.items()) + f",warps={warps},{dt}"
-                specs.append(dict(kernel=kernel, config=label, signature=_signature(kernel, dt, cfg),
-                                  constexprs=cfg, num_warps=warps, num_stages=2))
-    return specs
-
-
-AOT_SPECS = _aot_specs()
+# ----------------------------------------------------------------------------- AOT cases
+def aot_cases():
+    """SAGAN / BigGAN attention layers: C = 64 .. 1024 (BigGAN: keys pooled to N/4), forward and
+    backward, fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):  # fp16 compiles like bf16
+        for c, hw, pool in ((64, 64 * 64, 1), (256, 32 * 32, 4), (512, 16 * 16, 1), (1024, 8 * 8, 1)):
+            def run(c=c, hw=hw, pool=pool, dtype=dtype):
+                def t(ch, npos):
+                    return torch.empty((2, ch, npos), device="meta", dtype=dtype)
+                q, k, v, x = t(c // 8, hw), t(c // 8, hw // pool), t(c, hw // pool), t(c, hw)
+                gamma = torch.empty(1, device="meta", dtype=torch.float32)
+                out, o, lse = forward(q, k, v, x, gamma)
+                backward(torch.empty_like(out), q, k, v, lse, lse, gamma)
+            yield f"{str(dtype)[6:]} C={c} N={hw} M={hw // pool}", run

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 # Programs that fill a GPU; fewer channel blocks than this split the (n, s) plane.
 _TARGET_PROGRAMS = 512
 # Under the interpreter (CPU tensors) every program runs in Python: split much less.
@@ -301,13 +303,18 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
                     tl.store(DB + po, sg, mask=m2d)
                     tl.store(DW + po, sgx, mask=m2d)
         else:
-            tot_g = tl.zeros([BLOCK_C], dtype=ACC)
-            tot_gx = tl.zeros([BLOCK_C], dtype=ACC)
+            # accumulate [BLOCK_C, BLOCK_K] and reduce once after the loop: `acc += tl.sum(load)` in
+            # the loop with acc used twice after it trips an assertion in Triton 3.8's
+            # OptimizeThreadLocality pass (loopResult.hasOneUse) on a GPU target (aot_report)
+            acc_g = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC)
+            acc_gx = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC)
             for k0 in range(0, CHUNKS, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 pmask = cmask[:, None] & (kk < CHUNKS)[None, :]
-                tot_g += tl.sum(tl.load(P1 + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0), axis=1)
-                tot_gx += tl.sum(tl.load(P2 + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0), axis=1)
+                acc_g += tl.load(P1 + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0)
+                acc_gx += tl.load(P2 + c[:, None] * CHUNKS + kk[None, :], mask=pmask, other=0.0)
+            tot_g = tl.sum(acc_g, axis=1)
+            tot_gx = tl.sum(acc_gx, axis=1)
             tl.store(DB + c, tot_g, mask=first)
             tl.store(DW + c, tot_gx, mask=first)
             gw0 = tl.full([BLOCK_C], 1.0, ACC)
@@ -381,7 +388,7 @@ def _plan(x: torch.Tensor, split: int | None, per_sample: bool = False):
     n_cblocks = triton.cdiv(c, cfg["BLOCK_C"])
     tiles_n, tiles_s = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(s, cfg["BLOCK_S"])
     if split is None:
-        target = _TARGET_PROGRAMS if x.is_cuda else _TARGET_PROGRAMS_INTERPRETED
+        target = _TARGET_PROGRAMS if _launch.on_gpu(x) else _TARGET_PROGRAMS_INTERPRETED
         split = 1 if (n_cblocks >= target or tiles_n * tiles_s <= 2) else triton.cdiv(target, n_cblocks)
     split = max(1, min(int(split), (tiles_n if per_sample else tiles_n * tiles_s), _MAX_CHUNKS))
     nch = min(tiles_n, split)
@@ -429,16 +436,17 @@ def forward(x, weight, bias, running_mean, running_var, factor: float, eps: floa
     srv = rv.stride(0) if running_var is not None else 0
     args = (n, c, s, *strides, wsn, srm, srv, n_cblocks, nper, sper, sch, chunks, float(factor), float(eps),
             float(slope))
-    grid = (n_cblocks * chunks,)
-    if not training:
-        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=3, **common)
-    elif chunks == 1:
-        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=0, **common)
-    else:
-        pm = torch.empty((c, chunks), device=x.device, dtype=acc_t)
-        pq = torch.empty_like(pm)
-        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=1, **common)
-        _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=2, **common)
+    grid = _launch.grid("batch_norm_act fwd", n_cblocks * chunks)
+    with _launch.device_guard(x):
+        if not training:
+            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=3, **common)
+        elif chunks == 1:
+            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=0, **common)
+        else:
+            pm = torch.empty((c, chunks), device=x.device, dtype=acc_t)
+            pq = torch.empty_like(pm)
+            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=1, **common)
+            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=2, **common)
     return y, stats
 
 
@@ -470,50 +478,45 @@ def backward(grad_y, x, weight, bias, stats, slope: float, flags: int, split: in
                   HAS_B=bias is not None, ACT=bool(flags & 2), BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"], ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
     args = (n, c, s, *strides, *gstrides, c if per_sample else 0, n_cblocks, nper, sper, sch, chunks, float(slope))
-    grid = (n_cblocks * chunks,)
-    if chunks == 1:
-        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, stats, stats, *args, PHASE=0, **common)
-        return dx, dw, db
-    psize = c * n if per_sample else c * chunks
-    p1 = torch.empty(psize, device=x.device, dtype=stats.dtype)
-    p2 = torch.empty_like(p1)
-    _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=1, **common)
-    _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=2, **common)
+    grid = _launch.grid("batch_norm_act bwd", n_cblocks * chunks)
+    with _launch.device_guard(x):
+        if chunks == 1:
+            _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, stats, stats, *args, PHASE=0, **common)
+            return dx, dw, db
+        psize = c * n if per_sample else c * chunks
+        p1 = torch.empty(psize, device=x.device, dtype=stats.dtype)
+        p2 = torch.empty_like(p1)
+        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=1, **common)
+        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=2, **common)
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------- AOT specs
-def _aot_specs():
-    specs = []
-    # the configurations pick_config gives at the reference shapes: 64x512x4x4 and 1x64x128x128
-    # NCHW, 16x128x32x32 and (256, 1024) channels-last
-    layouts = (("NCHW", dict(BLOCK_C=1, BLOCK_N=64, BLOCK_S=16, BLOCK_K=block_k(1)), {"sS": 1}),
-               ("NCHW-large", dict(BLOCK_C=1, BLOCK_N=1, BLOCK_S=1024, BLOCK_K=block_k(1)), {"sS": 1}),
-               ("NHWC", dict(BLOCK_C=32, BLOCK_N=1, BLOCK_S=8, BLOCK_K=block_k(32)), {"sC": 1}),
-               ("NC", dict(BLOCK_C=32, BLOCK_N=8, BLOCK_S=1, BLOCK_K=block_k(32)), {"sC": 1}))
-    for dt, ty in (("fp32", "*fp32"), ("bf16", "*bf16"), ("fp16", "*fp16")):
-        for lname, blocks, unit in layouts:
-            fsig = {"X": ty, "Y": ty, "W": "*fp32", "B": "*fp32", "RM": "*fp32", "RV": "*fp32", "STATS": "*fp32",
-                    "PM": "*fp32", "PQ": "*fp32", "N": "i32", "C": "i32", "S": "i32", "sN": "i64", "sC": "i32",
-                    "sS": "i32", "wsN": "i32", "sRM": "i32", "sRV": "i32", "n_cblocks": "i32", "NPER": "i32",
-                    "SPER": "i32", "SCH": "i32", "CHUNKS": "i32", "factor": "fp32", "eps": "fp32", "slope": "fp32"}
-            for phase in (0, 1, 2, 3):
-                for per_sample in ((False, True) if phase != 1 else (False,)):
-                    const = dict(PHASE=phase, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, UPDATE=phase in (0, 2),
-                                 ACT=True, ACC=tl.float32, **blocks, **unit)
-                    specs.append(dict(kernel=_fwd_kernel, signature=fsig, constexprs=const, num_warps=4,
-                                      config=f"{dt},{lname},fwd PHASE={phase},per_sample={per_sample}"))
-            bsig = {"X": ty, "G": ty, "DX": ty, "W": "*fp32", "B": "*fp32", "STATS": "*fp32", "DW": "*fp32",
-                    "DB": "*fp32", "P1": "*fp32", "P2": "*fp32", "N": "i32", "C": "i32", "S": "i32", "sN": "i64",
-                    "sC": "i32", "sS": "i32", "gN": "i64", "gC": "i32", "gS": "i32", "wsN": "i32", "n_cblocks": "i32",
-                    "NPER": "i32", "SPER": "i32", "SCH": "i32", "CHUNKS": "i32", "slope": "fp32"}
-            for phase in (0, 1, 2):
-                for per_sample in (False, True):
-                    const = dict(PHASE=phase, TRAINING=True, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, ACT=True,
-                                 ACC=tl.float32, **blocks, **unit)
-                    specs.append(dict(kernel=_bwd_kernel, signature=bsig, constexprs=const, num_warps=4,
-                                      config=f"{dt},{lname},bwd PHASE={phase},per_sample={per_sample}"))
-    return specs
+# ----------------------------------------------------------------------------- AOT cases
+# model shapes as the nn layers call the launchers: pix2pix U-Net / PatchGAN at 256x256 batch 1
+# (1x64x128x128 splits the plane; 1x512x2x2 next to the bottleneck), DCGAN batch 64 (64x512x4x4,
+# 64x128x16x16), StarGAN-like batch 16 channels-last (16x128x32x32), BatchNorm1d (256, 1024),
+# BigGAN's conditional (per-sample gain/bias) 8x256x32x32, an odd shape (unaligned tails)
+AOT_SHAPES = [((1, 64, 128, 128), False), ((1, 512, 2, 2), False), ((64, 512, 4, 4), False),
+              ((64, 128, 16, 16), False), ((16, 128, 32, 32), False), ((256, 1024), False),
+              ((8, 256, 32, 32), True), ((3, 5, 45, 51), False)]
 
 
-AOT_SPECS = _aot_specs()
+def aot_cases():
+    """(label, thunk) pairs: each thunk runs the launchers on meta tensors of one model shape
+    (training forward + backward, and the eval forward); the AOT report records and compiles."""
+    for dtype in (torch.float32, torch.bfloat16):  # fp16 compiles like bf16
+        for shape, per_sample in AOT_SHAPES:
+            fmts = (torch.contiguous_format, torch.channels_last) if len(shape) == 4 else (torch.contiguous_format,)
+            for fmt in fmts:
+                def run(shape=shape, per_sample=per_sample, dtype=dtype, fmt=fmt):
+                    x = torch.empty(shape, device="meta", dtype=dtype, memory_format=fmt)
+                    n, c = shape[0], shape[1]
+                    w = torch.empty((n, c) if per_sample else (c,), device="meta", dtype=torch.float32)
+                    rm = torch.empty(c, device="meta", dtype=torch.float32)
+                    flags = 1 | 2 | (4 if per_sample else 0)
+                    y, stats = forward(x, w, w, rm, rm, 0.1, 1e-5, 0.2, flags)
+                    backward(torch.empty_like(y), x, w, w, stats, 0.2, flags)
+                    forward(x, w, w, rm, rm, 0.1, 1e-5, 0.2, flags & ~1)  # eval
+                layout = "NHWC" if fmt is torch.channels_last else ("NC" if len(shape) == 2 else "NCHW")
+                tag = " per-sample" if per_sample else ""
+                yield f"{str(dtype)[6:]} {layout} {'x'.join(map(str, shape))}{tag}", run

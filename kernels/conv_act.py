@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 # interpreter (CPU tensors): small tiles keep the Python-level programs cheap; CUDA: the
 # config listed in AOT_SPECS (checked for spills on sm_80 / sm_90)
 _GEMM_CPU = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -28,7 +30,9 @@ _GEMM_CUDA = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
 
 
 def _gemm_config(t: torch.Tensor) -> dict:
-    return _GEMM_CUDA if t.is_cuda else _GEMM_CPU
+    return _GEMM_CUDA if _launch.on_gpu(t) else _GEMM_CPU
+
+
 ELEM = dict(BLOCK_P=32, BLOCK_C=32, num_warps=4)
 
 
@@ -39,9 +43,10 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
               stride_h, stride_w, pad_h, pad_w, slope,
               KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
               STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    # grid (N * pixel tiles, channel tiles): the large dimension on axis 0 (axes 1, 2 <= 65535)
+    n = tl.program_id(0) // n_ptiles
+    pid_m = tl.program_id(0) % n_ptiles
+    pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     P = OH * OW
@@ -89,14 +94,14 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
 
 @triton.jit
 def _conv_dgrad(g_ptr, w_ptr, dx_ptr,
-                H, W, CI, OH, OW, CO,
+                H, W, CI, OH, OW, CO, n_ptiles,
                 sgn, sgc, sgh, sgw, swo, swi, swh, sww, sdn, sdc, sdh, sdw,
                 stride_h, stride_w, pad_h, pad_w,
                 KH: tl.constexpr, KW: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    n = tl.program_id(0) // n_ptiles
+    pid_m = tl.program_id(0) % n_ptiles
+    pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel
     m_mask = offs_m < H * W
@@ -169,18 +174,20 @@ def _conv_wgrad(g_ptr, x_ptr, dw_ptr,
 
 # ------------------------------------------------------------------------- epilogue kernels
 @triton.jit
-def _tile(C, HW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _tile(C, HW, n_ptiles, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (N * pixel tiles, channel tiles): n, pixel tile, offsets (pixels int64) and mask."""
+    n = tl.program_id(0) // n_ptiles
+    pt = tl.program_id(0) % n_ptiles
+    offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_p < HW)[:, None] & (offs_c < C)[None, :]
-    return n, offs_p, offs_c, mask
+    return n, pt, offs_p.to(tl.int64), offs_c, mask
 
 
 @triton.jit
-def _bias_act(y_ptr, b_ptr, C, HW, sn, sc, sp, slope,
+def _bias_act(y_ptr, b_ptr, C, HW, n_ptiles, sn, sc, sp, slope,
               HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    n, _, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
     ptr = y_ptr + n.to(tl.int64) * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
     v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -192,7 +199,7 @@ def _bias_act(y_ptr, b_ptr, C, HW, sn, sc, sp, slope,
 @triton.jit
 def _act_grad(g_ptr, sgn, sgc, sgp, y_ptr, sn, sc, sp, gz_ptr, part_ptr, C, HW, n_ptiles, slope,
               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    n, pt, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
     n64 = n.to(tl.int64)
     g = tl.load(g_ptr + n64 * sgn + offs_p[:, None] * sgp + offs_c[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
     off = n64 * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
@@ -200,18 +207,18 @@ def _act_grad(g_ptr, sgn, sgc, sgp, y_ptr, sn, sc, sp, gz_ptr, part_ptr, C, HW, 
     gz = tl.where(y > 0, g, g * slope)
     tl.store(gz_ptr + off, gz.to(gz_ptr.dtype.element_ty), mask=mask)
     part = tl.sum(tl.where(mask, gz, 0.0), axis=0)
-    tl.store(part_ptr + (n * n_ptiles + tl.program_id(1)) * C + offs_c, part, mask=offs_c < C)
+    tl.store(part_ptr + (tl.program_id(0).to(tl.int64)) * C + offs_c, part, mask=offs_c < C)
 
 
 @triton.jit
 def _stats(c_ptr, sn, sc, sp, part_ptr, C, HW, n_ptiles, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    n, pt, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
     v = tl.load(c_ptr + n.to(tl.int64) * sn + offs_p[:, None] * sp + offs_c[None, :] * sc,
                 mask=mask, other=0.0).to(tl.float32)
-    cnt = tl.minimum(HW - tl.program_id(1) * BLOCK_P, BLOCK_P).to(tl.float32)
+    cnt = tl.minimum(HW - pt * BLOCK_P, BLOCK_P).to(tl.float32)
     mean_t = tl.sum(v, axis=0) / cnt
     d = tl.where(mask, v - mean_t[None, :], 0.0)
-    base = part_ptr + ((n * n_ptiles + tl.program_id(1)) * 2) * C
+    base = part_ptr + (tl.program_id(0).to(tl.int64) * 2) * C
     tl.store(base + offs_c, mean_t, mask=offs_c < C)
     tl.store(base + C + offs_c, tl.sum(d * d, axis=0), mask=offs_c < C)
 
@@ -232,22 +239,22 @@ def _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C,
 
 
 @triton.jit
-def _norm_act(c_ptr, y_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
+def _norm_act(c_ptr, y_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, n_ptiles, slope,
               HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+    n, _, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
     mean, rstd, gamma, beta = _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C, HAS_GAMMA, HAS_BETA)
     off = n.to(tl.int64) * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
     v = tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    a = rstd * gamma
-    z = v * a[None, :] + (beta - mean * a)[None, :]
+    # centred form: v * a + (beta - mean * a) cancels when |mean| >> std
+    z = (v - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
     z = tl.where(z > 0, z, z * slope)
     tl.store(y_ptr + off, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dz_xhat(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
-             HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, offs_p, offs_c, mask = _tile(C, HW, BLOCK_P, BLOCK_C)
+def _dz_xhat(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, n_ptiles,
+             slope, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, _, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
     mean, rstd, gamma, beta = _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C, HAS_GAMMA, HAS_BETA)
     n64 = n.to(tl.int64)
     g = tl.load(g_ptr + n64 * sgn + offs_p[:, None] * sgp + offs_c[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
@@ -264,20 +271,20 @@ def _norm_act_grad_reduce(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rst
                           HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n, offs_p, offs_c, mask, off, dz, xhat, k = _dz_xhat(
-        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
+        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, n_ptiles, slope,
         HAS_GAMMA, HAS_BETA, BLOCK_P, BLOCK_C)
-    base = part_ptr + ((n * n_ptiles + tl.program_id(1)) * 2) * C
+    base = part_ptr + (tl.program_id(0).to(tl.int64) * 2) * C
     tl.store(base + offs_c, tl.sum(dz, axis=0), mask=offs_c < C)
     tl.store(base + C + offs_c, tl.sum(dz * xhat, axis=0), mask=offs_c < C)
 
 
 @triton.jit
 def _norm_act_grad_apply(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                         a_ptr, b_ptr, dc_ptr, C, HW, slope,
+                         a_ptr, b_ptr, dc_ptr, C, HW, n_ptiles, slope,
                          HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n, offs_p, offs_c, mask, off, dz, xhat, k = _dz_xhat(
-        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, slope,
+        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, n_ptiles, slope,
         HAS_GAMMA, HAS_BETA, BLOCK_P, BLOCK_C)
     cm = offs_c < C
     inv = 1.0 / HW.to(tl.float32)
@@ -326,12 +333,13 @@ def conv2d(x, w, bias, stride, padding, slope=None, fmt=torch.contiguous_format,
     n_pt = triton.cdiv(oh * ow, bm)
     stats = stats_eps is not None
     part = torch.empty((n, n_pt, 2, co) if stats else (1,), dtype=torch.float32, device=x.device)
-    grid = (n, n_pt, triton.cdiv(co, bn))
-    _conv_fwd[grid](x, w, bias if bias is not None else x, y, part, h, wd, ci, oh, ow, co, n_pt,
-                    *x.stride(), *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
-                    float(slope if slope is not None else 1.0), KH=kh, KW=kw, HAS_BIAS=bias is not None,
-                    ACT=slope is not None, STATS=stats, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                    num_warps=GEMM["num_warps"], num_stages=GEMM["num_stages"])
+    grid = _launch.grid("conv2d (implicit GEMM)", n * n_pt, triton.cdiv(co, bn))
+    with _launch.device_guard(x):
+        _conv_fwd[grid](x, w, bias if bias is not None else x, y, part, h, wd, ci, oh, ow, co, n_pt,
+                        *x.stride(), *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
+                        float(slope if slope is not None else 1.0), KH=kh, KW=kw, HAS_BIAS=bias is not None,
+                        ACT=slope is not None, STATS=stats, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                        num_warps=GEMM["num_warps"], num_stages=GEMM["num_stages"])
     if not stats:
         return y
     mean, rstd = _combine(part, oh * ow, bm, stats_eps)
@@ -345,11 +353,13 @@ def conv2d_grad_input(gz, w, x_shape, stride, padding, fmt=torch.contiguous_form
     dx = torch.empty((n, ci, h, wd), dtype=gz.dtype, device=gz.device, memory_format=fmt)
     GEMM = _gemm_config(gz)
     bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
-    grid = (n, triton.cdiv(h * wd, bm), triton.cdiv(ci, bn))
-    _conv_dgrad[grid](gz, w, dx, h, wd, ci, gz.shape[2], gz.shape[3], co, *gz.stride(), *w.stride(), *dx.stride(),
-                      stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
-                      num_stages=GEMM["num_stages"])
+    n_pt = triton.cdiv(h * wd, bm)
+    grid = _launch.grid("conv2d data gradient", n * n_pt, triton.cdiv(ci, bn))
+    with _launch.device_guard(gz):
+        _conv_dgrad[grid](gz, w, dx, h, wd, ci, gz.shape[2], gz.shape[3], co, n_pt, *gz.stride(), *w.stride(),
+                          *dx.stride(), stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
+                          num_stages=GEMM["num_stages"])
     return dx
 
 
@@ -359,23 +369,31 @@ def conv2d_grad_weight(gz, x, w_shape, stride, padding):
     dw = torch.empty((co, ci, kh, kw), dtype=x.dtype, device=x.device)
     GEMM = _gemm_config(x)
     bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
-    grid = (triton.cdiv(co, bm), triton.cdiv(ci * kh * kw, bn))
-    _conv_wgrad[grid](gz, x, dw, x.shape[0], x.shape[2], x.shape[3], ci, gz.shape[2], gz.shape[3], co,
-                      *gz.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
-                      num_stages=GEMM["num_stages"])
+    # (co tiles, ci*kh*kw tiles): at most 1024 x 64 channels x taps, far below the axis limits
+    grid = _launch.grid("conv2d weight gradient", triton.cdiv(co, bm), triton.cdiv(ci * kh * kw, bn))
+    with _launch.device_guard(x):
+        _conv_wgrad[grid](gz, x, dw, x.shape[0], x.shape[2], x.shape[3], ci, gz.shape[2], gz.shape[3], co,
+                          *gz.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
+                          num_stages=GEMM["num_stages"])
     return dw
 
 
-def _egrid(t):
-    return (t.shape[0], triton.cdiv(t.shape[2] * t.shape[3], ELEM["BLOCK_P"]), triton.cdiv(t.shape[1], ELEM["BLOCK_C"]))
+def _egrid(t, name):
+    """(N * pixel tiles, channel tiles) and the pixel tiles per image."""
+    n_pt = triton.cdiv(t.shape[2] * t.shape[3], ELEM["BLOCK_P"])
+    return _launch.grid(name, t.shape[0] * n_pt, triton.cdiv(t.shape[1], ELEM["BLOCK_C"])), n_pt
+
+
+_EKW = dict(BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
 
 
 def bias_act_(y, bias, slope):
     """y = leaky_relu(y + bias, slope), in place."""
-    _bias_act[_egrid(y)](y, bias if bias is not None else y, y.shape[1], y.shape[2] * y.shape[3], *_ncp(y),
-                         float(slope), HAS_BIAS=bias is not None, BLOCK_P=ELEM["BLOCK_P"],
-                         BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    grid, n_pt = _egrid(y, "conv bias + act")
+    with _launch.device_guard(y):
+        _bias_act[grid](y, bias if bias is not None else y, y.shape[1], y.shape[2] * y.shape[3], n_pt, *_ncp(y),
+                        float(slope), HAS_BIAS=bias is not None, **_EKW)
     return y
 
 
@@ -383,91 +401,78 @@ def act_grad(grad, y, slope):
     """gz = grad * (y > 0 ? 1 : slope) in y's layout, and the bias gradient sum(gz) in fp32."""
     grad, gs = _gspec(grad)
     gz = torch.empty_like(y)
-    grid = _egrid(y)
-    part = torch.empty((y.shape[0], grid[1], y.shape[1]), dtype=torch.float32, device=y.device)
-    _act_grad[grid](grad, *gs, y, *_ncp(y), gz, part, y.shape[1], y.shape[2] * y.shape[3], grid[1], float(slope),
-                    BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    grid, n_pt = _egrid(y, "conv act gradient")
+    part = torch.empty((y.shape[0], n_pt, y.shape[1]), dtype=torch.float32, device=y.device)
+    with _launch.device_guard(y):
+        _act_grad[grid](grad, *gs, y, *_ncp(y), gz, part, y.shape[1], y.shape[2] * y.shape[3], n_pt, float(slope),
+                        **_EKW)
     return gz, part.sum(dim=(0, 1))
 
 
 def instance_stats(c, eps):
-    grid = _egrid(c)
-    part = torch.empty((c.shape[0], grid[1], 2, c.shape[1]), dtype=torch.float32, device=c.device)
-    _stats[grid](c, *_ncp(c), part, c.shape[1], c.shape[2] * c.shape[3], grid[1],
-                 BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    grid, n_pt = _egrid(c, "instance statistics")
+    part = torch.empty((c.shape[0], n_pt, 2, c.shape[1]), dtype=torch.float32, device=c.device)
+    with _launch.device_guard(c):
+        _stats[grid](c, *_ncp(c), part, c.shape[1], c.shape[2] * c.shape[3], n_pt, **_EKW)
     return _combine(part, c.shape[2] * c.shape[3], ELEM["BLOCK_P"], eps)
 
 
 def norm_act(c, mean, rstd, gamma, beta, slope):
     y = torch.empty_like(c)
-    _norm_act[_egrid(c)](c, y, *_ncp(c), mean, rstd, gamma if gamma is not None else mean,
-                         beta if beta is not None else mean, c.shape[1], c.shape[2] * c.shape[3], float(slope),
-                         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, BLOCK_P=ELEM["BLOCK_P"],
-                         BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
+    grid, n_pt = _egrid(c, "instance norm + act")
+    with _launch.device_guard(c):
+        _norm_act[grid](c, y, *_ncp(c), mean, rstd, gamma if gamma is not None else mean,
+                        beta if beta is not None else mean, c.shape[1], c.shape[2] * c.shape[3], n_pt, float(slope),
+                        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, **_EKW)
     return y
 
 
 def norm_act_grad(grad, c, mean, rstd, gamma, beta, slope):
     """dc, and per-(n, c) A = sum dz, B = sum dz * xhat (fp32)."""
     grad, gs = _gspec(grad)
-    grid = _egrid(c)
+    grid, n_pt = _egrid(c, "instance norm + act gradient")
     C, hw = c.shape[1], c.shape[2] * c.shape[3]
-    part = torch.empty((c.shape[0], grid[1], 2, C), dtype=torch.float32, device=c.device)
+    part = torch.empty((c.shape[0], n_pt, 2, C), dtype=torch.float32, device=c.device)
     g_arg = gamma if gamma is not None else mean
     b_arg = beta if beta is not None else mean
-    common = dict(HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, BLOCK_P=ELEM["BLOCK_P"],
-                  BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
-    _norm_act_grad_reduce[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, part, C, hw, grid[1],
-                                float(slope), **common)
-    sums = part.sum(1)
-    a, b = sums[:, 0].contiguous(), sums[:, 1].contiguous()
-    dc = torch.empty_like(c)
-    _norm_act_grad_apply[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, a, b, dc, C, hw,
-                               float(slope), **common)
+    common = dict(HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, **_EKW)
+    with _launch.device_guard(c):
+        _norm_act_grad_reduce[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, part, C, hw, n_pt,
+                                    float(slope), **common)
+        sums = part.sum(1)
+        a, b = sums[:, 0].contiguous(), sums[:, 1].contiguous()
+        dc = torch.empty_like(c)
+        _norm_act_grad_apply[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, a, b, dc, C, hw, n_pt,
+                                   float(slope), **common)
     return dc, a, b
 
 
 # ------------------------------------------------------------------------- AOT (sm_80 / sm_90)
-_FP32_PTRS = {"part_ptr", "mean_ptr", "rstd_ptr", "gamma_ptr", "beta_ptr", "a_ptr", "b_ptr"}
-_I64 = {"sxn", "syn", "sgn", "sdn", "sn"}
+# PatchGAN discriminator layers (4x4 convs, stride 2 then 1) at 256x256 batch 1, as the ops run
+# them on a GPU: vendor convolution + Triton epilogues (the default), and the implicit-GEMM path
+AOT_LAYERS = [((1, 64, 128, 128), 128, 2), ((1, 256, 32, 32), 512, 1)]
 
 
-def _signature(kernel, ty: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            continue
-        if name.endswith("_ptr"):
-            # b_ptr is the conv bias in _conv_fwd (data dtype), the B sums elsewhere (fp32)
-            fp32 = name in _FP32_PTRS and not (kernel is _conv_fwd and name == "b_ptr")
-            sig[name] = "*fp32" if fp32 else ty
-        elif name == "slope":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if name in _I64 else "i32"
-    return sig
-
-
-def _aot_specs():
-    specs = []
-    gemm = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)  # the CUDA launch config (see _gemm_config)
-    for dt, ty in (("fp32", "*fp32"), ("fp16", "*fp16"), ("bf16", "*bf16")):
-        variants = [(_conv_fwd, "bias+act", dict(KH=4, KW=4, HAS_BIAS=True, ACT=True, STATS=False, **gemm)),
-                    (_conv_fwd, "stats", dict(KH=4, KW=4, HAS_BIAS=False, ACT=False, STATS=True, **gemm)),
-                    (_conv_dgrad, "dgrad", dict(KH=4, KW=4, **gemm)),
-                    (_conv_wgrad, "wgrad", dict(KH=4, KW=4, **gemm))]
-        for kernel, what, const in variants:
-            specs.append(dict(kernel=kernel, config=f"{dt},{what},4x4,BM=64,BN=64,BK=32,warps=8,stages=3",
-                              signature=_signature(kernel, ty, const), constexprs=const, num_warps=8, num_stages=3))
-        elem = dict(BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"])
-        for kernel, extra in ((_bias_act, dict(HAS_BIAS=True)), (_act_grad, {}), (_stats, {}),
-                              (_norm_act, dict(HAS_GAMMA=True, HAS_BETA=True)),
-                              (_norm_act_grad_reduce, dict(HAS_GAMMA=True, HAS_BETA=True)),
-                              (_norm_act_grad_apply, dict(HAS_GAMMA=True, HAS_BETA=True))):
-            const = {**elem, **extra}
-            specs.append(dict(kernel=kernel, config=f"{dt},BLOCK_P={ELEM['BLOCK_P']},BLOCK_C={ELEM['BLOCK_C']},warps=4",
-                              signature=_signature(kernel, ty, const), constexprs=const, num_warps=4, num_stages=1))
-    return specs
-
-
-AOT_SPECS = _aot_specs()
+def aot_cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for (xs, co, st) in AOT_LAYERS:
+                def run(xs=xs, co=co, st=st, dtype=dtype, fmt=fmt):
+                    x = torch.empty(xs, device="meta", dtype=dtype, memory_format=fmt)
+                    w = torch.empty((co, xs[1], 4, 4), device="meta", dtype=dtype)
+                    b = torch.empty(co, device="meta", dtype=dtype)
+                    gamma = torch.empty(co, device="meta", dtype=torch.float32)
+                    y = conv2d(x, w, b, (st, st), (1, 1), slope=0.2, fmt=fmt)          # conv + bias + act
+                    c, mean, rstd = conv2d(x, w, None, (st, st), (1, 1), fmt=fmt, stats_eps=1e-5)
+                    g = torch.empty_like(y)
+                    gz, _ = act_grad(g, y, 0.2)
+                    conv2d_grad_input(gz, w, x.shape, (st, st), (1, 1), fmt)
+                    conv2d_grad_weight(gz, x, w.shape, (st, st), (1, 1))
+                    if st == 1:
+                        return  # the epilogue kernels compile alike for every layer: once is enough
+                    bias_act_(y, b, 0.2)                                              # vendor-conv epilogues
+                    mean, rstd = instance_stats(c, 1e-5)
+                    norm_act(c, mean, rstd, gamma, gamma, 0.2)
+                    norm_act_grad(g, c, mean, rstd, gamma, gamma, 0.2)
+                layout = "NHWC" if fmt is torch.channels_last else "NCHW"
+                yield f"{str(dtype)[6:]} {layout} conv4x4/s{st} {'x'.join(map(str, xs))}->{co}", run

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 BLOCK = 1024
 ITERS = 4
 CHUNK = BLOCK * ITERS
@@ -42,22 +44,27 @@ def _log1p_small(e):
 
 @triton.jit
 def _adv_elem(x, t, MODE: tl.constexpr):
-    """(elementwise loss, dl/dx) of one loss code."""
+    """(elementwise loss, dl/dx) of one loss code; non-finite x gives eager's values."""
     if MODE == 0:
         e = tl.exp(-tl.abs(x))
         inv = 1.0 / (1.0 + e)
         g = tl.where(x >= 0, inv, e * inv) - t
-        l = tl.maximum(x, 0.0) - x * t + _log1p_small(e)
+        l = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) - x * t + _log1p_small(e)
+        # eager's formula (1 - t) x + m + log(exp(-m) + exp(-x - m)), m = max(-x, 0), at x = +-inf:
+        # (1 - t) * inf at +inf (inf, or NaN for t = 1), NaN at -inf
+        l = tl.where(x == float("inf"), (1.0 - t) * x, tl.where(x == float("-inf"), float("nan"), l))
     elif MODE == 1:
         d = x - t
         g = 2.0 * d
         l = d * d
     elif MODE == 2:
-        g = tl.where(x < 1.0, -1.0, 0.0)  # relu'(0) = 0, as torch
-        l = tl.maximum(1.0 - x, 0.0)
+        # torch's relu backward passes the gradient unless relu's output is <= 0: relu'(0) = 0,
+        # and a NaN logit gets the gradient (-1), as eager
+        g = tl.where(x >= 1.0, 0.0, -1.0)
+        l = tl.maximum(1.0 - x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif MODE == 3:
-        g = tl.where(x > -1.0, 1.0, 0.0)
-        l = tl.maximum(1.0 + x, 0.0)
+        g = tl.where(x <= -1.0, 0.0, 1.0)
+        l = tl.maximum(1.0 + x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         g = x * 0.0 + t
         l = x
@@ -154,7 +161,7 @@ def _l1_bwd_kernel(P0, P1, P2, P3, Q0, Q1, Q2, Q3, G0, G1, G2, G3, COEF, N0, N1,
         _sign_term(P3, Q3, G3, N3, c, pid, BLOCK, ITERS, ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NBLK"])  # NBLK % 16 == 0 made ptxas use 8 B of stack on sm_90
 def _final_kernel(PART, SCALE, TOTAL, TERMS, NBLK, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
                   ACC: tl.constexpr, STORE_TERMS: tl.constexpr):
     """TERMS[i] = SCALE[i] * sum(PART[i, :NBLK]) in a fixed order; TOTAL = their sum."""
@@ -191,8 +198,9 @@ def _final(part, scale_vals, acc_t, acc_tl, device, k, nblk, with_terms):
     total = torch.empty((), dtype=acc_t, device=device)
     terms = torch.empty(k, dtype=acc_t, device=device) if with_terms else total
     kp = max(2, triton.next_power_of_2(k))
+    # one program, a short loop: no software pipelining (at the default 3 stages ptxas spills)
     _final_kernel[(1,)](part, _params(tuple(scale_vals), acc_t, device), total, terms, nblk, K=k, KP=kp,
-                        BLOCK=FINAL_BLOCK, ACC=acc_tl, STORE_TERMS=with_terms, num_warps=NUM_WARPS)
+                        BLOCK=FINAL_BLOCK, ACC=acc_tl, STORE_TERMS=with_terms, num_warps=NUM_WARPS, num_stages=1)
     return total, terms
 
 
@@ -210,12 +218,13 @@ def adv_fwd(xs, modes, targets, scales, want_grad):
     params = _params(tuple(float(s) for s in scales) + tuple(float(t) for t in targets), acc_t, device)
     xp = _pad(xs, 2, xs[0])
     gp = [g if g.numel() else xs[0] for g in grads] + [xs[0]] * (2 - k)
-    _adv_partial_kernel[(nblk, k)](
-        xp[0], xp[1], gp[0], gp[1], part, params, xp[0].numel(), xp[1].numel(), nblk,
-        K=k, MODE0=int(modes[0]), MODE1=int(modes[-1]), GRAD0=grad_on[0], GRAD1=grad_on[-1],
-        BLOCK=BLOCK, ITERS=ITERS, ACC=acc_tl, num_warps=NUM_WARPS)
     final_scale = [s * t if m == LINEAR else s for s, t, m in zip(scales, targets, modes)]
-    return _final(part, final_scale, acc_t, acc_tl, device, k, nblk, False)[0], grads
+    with _launch.device_guard(xs[0]):
+        _adv_partial_kernel[_launch.grid("adversarial loss", nblk, k)](
+            xp[0], xp[1], gp[0], gp[1], part, params, xp[0].numel(), xp[1].numel(), nblk,
+            K=k, MODE0=int(modes[0]), MODE1=int(modes[-1]), GRAD0=grad_on[0], GRAD1=grad_on[-1],
+            BLOCK=BLOCK, ITERS=ITERS, ACC=acc_tl, num_warps=NUM_WARPS)
+        return _final(part, final_scale, acc_t, acc_tl, device, k, nblk, False)[0], grads
 
 
 def l1_fwd(preds, targets, scales, want_grad=False):
@@ -231,9 +240,11 @@ def l1_fwd(preds, targets, scales, want_grad=False):
     P, Q = _pad(preds, 4, preds[0]), _pad(targets, 4, targets[0])
     G = _pad(grads, 4, grads[0]) if want_grad else P
     scale_t = _params(tuple(float(s) for s in scales), acc_t, device)
-    _l1_partial_kernel[(nblk, k)](*P, *Q, *G, part, scale_t, *[p.numel() for p in P], nblk, GRAD=bool(want_grad),
-                                  BLOCK=BLOCK, ITERS=ITERS, ACC=acc_tl, num_warps=NUM_WARPS)
-    total, terms = _final(part, [float(s) for s in scales], acc_t, acc_tl, device, k, nblk, True)
+    with _launch.device_guard(preds[0]):
+        _l1_partial_kernel[_launch.grid("L1 loss", nblk, k)](
+            *P, *Q, *G, part, scale_t, *[p.numel() for p in P], nblk, GRAD=bool(want_grad),
+            BLOCK=BLOCK, ITERS=ITERS, ACC=acc_tl, num_warps=NUM_WARPS)
+        total, terms = _final(part, [float(s) for s in scales], acc_t, acc_tl, device, k, nblk, True)
     return total, terms, grads
 
 
@@ -245,41 +256,25 @@ def l1_bwd(preds, targets, coef):
     grads = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in preds]
     nblk = max(triton.cdiv(p.numel(), CHUNK) for p in preds)
     P, Q, G = _pad(preds, 4, preds[0]), _pad(targets, 4, targets[0]), _pad(grads, 4, grads[0])
-    _l1_bwd_kernel[(nblk, k)](*P, *Q, *G, coef, *[p.numel() for p in P],
-                              BLOCK=BLOCK, ITERS=ITERS, ACC=acc_tl, num_warps=NUM_WARPS)
+    with _launch.device_guard(preds[0]):
+        _l1_bwd_kernel[_launch.grid("L1 loss backward", nblk, k)](
+            *P, *Q, *G, coef, *[p.numel() for p in P], BLOCK=BLOCK, ITERS=ITERS, ACC=acc_tl, num_warps=NUM_WARPS)
     return grads
 
 
-# ----------------------------------------------------------------------------- AOT specs
-def _aot_specs():
-    specs = []
-    common = dict(BLOCK=BLOCK, ITERS=ITERS, ACC=tl.float32)
-    for dt in ("fp32", "fp16", "bf16"):
-        ty = "*" + dt
-        for mode in (0, 1):  # BCE (heaviest math) and MSE (the default lsgan)
-            sig = {"X0": ty, "X1": ty, "G0": ty, "G1": ty, "PART": "*fp32", "PARAMS": "*fp32",
-                   "N0": "i32", "N1": "i32", "NBLK": "i32"}
-            specs.append(dict(kernel=_adv_partial_kernel, config=f"{dt},mode={mode},grad,BLOCK={BLOCK},warps={NUM_WARPS}",
-                              signature=sig, num_warps=NUM_WARPS, num_stages=2,
-                              constexprs=dict(K=2, MODE0=mode, MODE1=mode, GRAD0=True, GRAD1=True, **common)))
-        sig = {**{f"P{i}": ty for i in range(4)}, **{f"Q{i}": ty for i in range(4)},
-               **{f"G{i}": ty for i in range(4)}, "PART": "*fp32", "SCALE": "*fp32",
-               **{f"N{i}": "i32" for i in range(4)}, "NBLK": "i32"}
-        for grad in (False, True):
-            specs.append(dict(kernel=_l1_partial_kernel, config=f"{dt},grad={grad},BLOCK={BLOCK},warps={NUM_WARPS}",
-                              signature=sig, num_warps=NUM_WARPS, num_stages=2, constexprs=dict(GRAD=grad, **common)))
-        sig = {**{f"P{i}": ty for i in range(4)}, **{f"Q{i}": ty for i in range(4)},
-               **{f"G{i}": ty for i in range(4)}, "COEF": "*fp32", **{f"N{i}": "i32" for i in range(4)}}
-        specs.append(dict(kernel=_l1_bwd_kernel, config=f"{dt},BLOCK={BLOCK},warps={NUM_WARPS}", signature=sig,
-                          num_warps=NUM_WARPS, num_stages=2, constexprs=dict(common)))
-    for k in (1, 2, 4):
-        specs.append(dict(kernel=_final_kernel, config=f"K={k},BLOCK={FINAL_BLOCK},warps={NUM_WARPS}",
-                          signature={"PART": "*fp32", "SCALE": "*fp32", "TOTAL": "*fp32", "TERMS": "*fp32",
-                                     "NBLK": "i32"},
-                          num_warps=NUM_WARPS, num_stages=2,
-                          constexprs=dict(K=k, KP=max(2, triton.next_power_of_2(k)), BLOCK=FINAL_BLOCK, ACC=tl.float32,
-                                          STORE_TERMS=True)))
-    return specs
-
-
-AOT_SPECS = _aot_specs()
+# ----------------------------------------------------------------------------- AOT cases
+def aot_cases():
+    """A CycleGAN step's losses: two 30x30 PatchGAN maps (BCE and MSE, with gradients), the four
+    256x256 L1 terms (forward with and without the gradient, backward)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        def run(dtype=dtype):
+            maps = [torch.empty((1, 1, 30, 30), device="meta", dtype=dtype) for _ in range(2)]
+            for mode in (0, 1):
+                adv_fwd(maps, [mode, mode], [1.0, 0.0], [0.5 / 900, 0.5 / 900], True)
+            adv_fwd(maps[:1], [LINEAR], [-1.0], [1.0 / 900], True)
+            imgs = [torch.empty((1, 3, 256, 256), device="meta", dtype=dtype) for _ in range(4)]
+            l1_fwd(imgs, imgs[::-1], [1e-4] * 4, False)
+            l1_fwd(imgs, imgs[::-1], [1e-4] * 4, True)
+            coef = torch.empty(4, device="meta", dtype=torch.float32)
+            l1_bwd(imgs, imgs[::-1], coef)
+        yield f"{str(dtype)[6:]} CycleGAN losses", run

@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace ganengine_losses {
@@ -67,6 +68,9 @@ __device__ __forceinline__ A elem_loss(int mode, A x, A t, A& g) {
       const A e = exp(-fabs(x));
       const A inv = A(1) / (A(1) + e);
       g = (x >= A(0) ? inv : e * inv) - t;
+      // at x = +-inf, eager's (1 - t) x + m + log(exp(-m) + exp(-x - m)), m = max(-x, 0), gives
+      // (1 - t) * inf at +inf (NaN for t = 1) and NaN at -inf; a NaN x stays NaN
+      if (isinf(x)) return x > A(0) ? (A(1) - t) * x : A(NAN);
       return (x > A(0) ? x : A(0)) - x * t + log1p(e);
     }
     case 1: {
@@ -74,12 +78,15 @@ __device__ __forceinline__ A elem_loss(int mode, A x, A t, A& g) {
       g = A(2) * d;
       return d * d;
     }
+    // hinge: torch's relu backward passes the gradient unless relu's output is <= 0 (relu'(0) =
+    // 0; a NaN logit gets the gradient), and relu(NaN) is NaN: compare so that NaN takes the
+    // "active" branch
     case 2:
-      g = x < A(1) ? A(-1) : A(0);  // relu'(0) = 0, as torch
-      return x < A(1) ? A(1) - x : A(0);
+      g = x >= A(1) ? A(0) : A(-1);
+      return x >= A(1) ? A(0) : A(1) - x;
     case 3:
-      g = x > A(-1) ? A(1) : A(0);
-      return x > A(-1) ? A(1) + x : A(0);
+      g = x <= A(-1) ? A(0) : A(1);
+      return x <= A(-1) ? A(0) : A(1) + x;
     default:
       g = t;
       return x;

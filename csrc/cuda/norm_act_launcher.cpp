@@ -5,6 +5,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
 #include "norm_act.cuh"
 
 namespace ganengine {
@@ -28,16 +32,39 @@ void flat_strides(const at::Tensor& t, int64_t& sn, int64_t& sc, int64_t& shw) {
   shw = t.size(3) == 1 ? t.stride(2) : t.stride(3);
 }
 
-cuda::NormActShape make_shape(const at::Tensor& x) {
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Launch plan: layout, 16-byte vectors when every array allows them, and the plane split that
+// gives at least 4 blocks per SM.
+cuda::NormActShape make_shape(const at::Tensor& x, std::initializer_list<const at::Tensor*> arrays) {
   cuda::NormActShape s{};
   s.N = x.size(0);
   s.C = x.size(1);
   s.HW = x.size(2) * x.size(3);
   flat_strides(x, s.sN, s.sC, s.sHW);
-  // enough blocks to fill the GPU: split planes when there are few of them
-  const int64_t P = s.N * s.C, target = 4L * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  s.gN = s.sN;
+  s.gC = s.sC;
+  s.gHW = s.sHW;
+  s.nhwc = s.sC == 1 && s.C > 1;
+  const int es = static_cast<int>(x.element_size());
+  const int v = 16 / es;
+  bool vec = true;
+  for (const at::Tensor* t : arrays) vec = vec && aligned16(*t);
+  if (s.nhwc) vec = vec && s.C % v == 0 && s.sHW % v == 0 && s.sN % v == 0;  // every pixel's channels aligned
+  else vec = vec && s.sHW == 1;  // planes contiguous (heads are handled per plane)
+  s.vec = vec;
+  const int64_t target = 4L * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t blocks, min_chunk;
+  if (s.nhwc) {
+    const int64_t ct = cuda::norm_act_channel_tile(es, vec);
+    blocks = s.N * ((s.C + ct - 1) / ct);
+    min_chunk = 16 * (cuda::kNormActThreads / cuda::norm_act_nhwc_threads_x(vec));  // 16 pixels per lane row
+  } else {
+    blocks = s.N * s.C;
+    min_chunk = 2048;
+  }
   int64_t split = 1;
-  if (P < target) split = std::min<int64_t>((target + P - 1) / P, std::max<int64_t>(1, s.HW / 2048));
+  if (blocks < target) split = std::min<int64_t>((target + blocks - 1) / blocks, std::max<int64_t>(1, s.HW / min_chunk));
   s.chunk = std::max<int64_t>(1, (s.HW + split - 1) / split);
   s.split = static_cast<int>((s.HW + s.chunk - 1) / s.chunk);
   return s;
@@ -65,12 +92,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x_in, 
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = dense(x_in);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto s = make_shape(x);
   at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({s.N, s.C}, x.options().dtype(acc));
-  at::Tensor rstd = at::empty({s.N, s.C}, x.options().dtype(acc));
-  if (s.N * s.C == 0 || s.HW == 0) return {y, mean, rstd};
-  at::Tensor part = at::empty({2 * s.N * s.C * s.split}, x.options().dtype(acc));
+  at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({x.size(0), x.size(1)}, x.options().dtype(acc));
+  if (x.numel() == 0) {  // empty planes: undefined statistics (NaN, as torch.var_mean)
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
+  const auto s = make_shape(x, {&x, &y});
+  at::Tensor part = at::empty({(s.nhwc || s.split > 1) ? 2 * s.N * s.C * s.split : 1}, x.options().dtype(acc));
   at::Tensor w = param(weight, acc), b = param(bias, acc);
   auto err = cuda::norm_act_forward(dtype_code(x.scalar_type()), x.data_ptr(), y.data_ptr(),
                                     w.defined() ? w.data_ptr() : nullptr, b.defined() ? b.data_ptr() : nullptr,
@@ -89,15 +120,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_y
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = dense(x_in);
   at::Tensor g = grad_y.to(x.scalar_type());
-  if (!(g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast))) g = g.contiguous(x.suggest_memory_format());
+  // the kernels read grad_y with x's strides (one copy for an expanded or differently laid out grad)
+  if (g.strides() != x.strides()) {
+    at::Tensor t = at::empty_strided(x.sizes(), x.strides(), g.options());
+    t.copy_(g);
+    g = t;
+  }
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto s = make_shape(x);
-  flat_strides(g, s.gN, s.gC, s.gHW);
   at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::zeros({s.N, s.C}, x.options().dtype(acc));
-  at::Tensor db = at::zeros({s.N, s.C}, x.options().dtype(acc));
-  if (s.N * s.C == 0 || s.HW == 0) return {dx, dw, db};
-  at::Tensor part = at::empty({2 * s.N * s.C * s.split}, x.options().dtype(acc));
+  at::Tensor dw = at::zeros({x.size(0), x.size(1)}, x.options().dtype(acc));
+  at::Tensor db = at::zeros({x.size(0), x.size(1)}, x.options().dtype(acc));
+  if (x.numel() == 0) return {dx, dw, db};
+  const auto s = make_shape(x, {&x, &g, &dx});
+  at::Tensor part = at::empty({(s.nhwc || s.split > 1) ? 2 * s.N * s.C * s.split : 1}, x.options().dtype(acc));
   at::Tensor w = param(weight, acc), b = param(bias, acc);
   at::Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
   auto err = cuda::norm_act_backward(dtype_code(x.scalar_type()), g.data_ptr(), x.data_ptr(), dx.data_ptr(),
