@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 NMETA = 24
 # META columns
 _W, _UP, _VP, _H, _WD, _K, _SR, _S1, _S2, _OR, _O1, _O2 = range(12)
@@ -357,6 +359,12 @@ def forward(layout: Layout, dtype, device, first: int, steps: int, eps: float, w
     vout = torch.empty(layout.sum_v, dtype=dtype, device=device)
     wout = torch.empty(layout.sum_w, dtype=dtype, device=device)
     ty, acc_ty = _TL[dtype], _TL[acc]
+    with _launch.device_guard(ws):
+        _forward_launches(layout, steps, first, eps, write_state, T, S, PT, PS, uout, vout, wout, sigma, ty, acc_ty)
+    return wout, uout, vout, sigma
+
+
+def _forward_launches(layout, steps, first, eps, write_state, T, S, PT, PS, uout, vout, wout, sigma, ty, acc_ty):
     side = first
     for k in range(steps):
         if side == 0:
@@ -378,7 +386,6 @@ def forward(layout: Layout, dtype, device, first: int, steps: int, eps: float, w
     _final_kernel[(layout.n_eb,)](layout.meta, layout.eb, layout.n_eb, T, PT, S, PS, uout, vout, wout, sigma, eps,
                                   LAST=last, WRITE_STATE=write_state and steps > 0, W_TY=ty,
                                   BLOCK_E=BLOCK_E, BLOCK_P=BLOCK_P, ACC=acc_ty)
-    return wout, uout, vout, sigma
 
 
 def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype):
@@ -391,10 +398,12 @@ def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype
     pe = torch.empty(max(layout.n_eb, 1), dtype=acc, device=device)
     dw = torch.empty(layout.sum_w, dtype=dtype, device=device)
     common = dict(W_TY=_TL[dtype], G_TY=_TL[gdtype], BLOCK_E=BLOCK_E, ACC=_TL[acc])
-    _bwd_dot_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe, **common)
-    _bwd_apply_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe,
-                                      gsig if gsig is not None else sigma, sigma, uout, vout, dw,
-                                      HAS_GSIG=gsig is not None, BLOCK_P=BLOCK_P, num_warps=APPLY_WARPS, **common)
+    with _launch.device_guard(dw):
+        _bwd_dot_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe, **common)
+        _bwd_apply_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe,
+                                          gsig if gsig is not None else sigma, sigma, uout, vout, dw,
+                                          HAS_GSIG=gsig is not None, BLOCK_P=BLOCK_P, num_warps=APPLY_WARPS,
+                                          **common)
     return dw
 
 
@@ -435,3 +444,37 @@ def _aot_specs():
 
 
 AOT_SPECS = _aot_specs()
+
+# weight shapes of whole spectral-normed models (SAGAN 64x64 D, BigGAN-128 G's first blocks and a
+# transposed conv's dim=1), grouped as SpectralNormGroup launches them
+AOT_MODELS = {
+    "SAGAN D": [((64, 3, 4, 4), 0), ((128, 64, 4, 4), 0), ((256, 128, 4, 4), 0), ((512, 256, 4, 4), 0),
+                ((1, 512, 4, 4), 0)],
+    "BigGAN G": [((24576, 148), 0), ((1536, 1536, 3, 3), 0), ((1536, 1536, 1, 1), 0), ((192, 1536, 1, 1), 0),
+                 ((1, 128), 0)],
+    "convT dim=1": [((64, 32, 4, 4), 1)],
+}
+
+
+def aot_cases():
+    """(label, thunk) pairs: each thunk runs forward (train: steps 1, U first; eval: direct sigma)
+    and backward on meta tensors of one model's layers; the AOT report records and compiles."""
+    from ganengine.ops.spectral_norm import _contig_strides, matrix_layout
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for name, layers in AOT_MODELS.items():
+            def run(layers=layers, dtype=dtype):
+                dev = torch.device("meta")
+                layouts, ptrs, grads, gl = [], [], [], []
+                for shape, d in layers:
+                    h, wd, k, sr, s1, s2 = matrix_layout(shape, _contig_strides(shape), d)
+                    layouts.append((h, wd, k, sr, s1, s2, k, sr, s1, s2))
+                    ptrs.append((0, 0, 0))
+                    grads.append(torch.empty(shape, device=dev, dtype=dtype))
+                    gl.append((k, sr, s1, s2))
+                layout = Layout(layouts, ptrs, dev)
+                for first, steps, write in ((0, 1, True), (1, 1, True), (0, 0, False)):
+                    _, uout, vout, sigma = forward(layout, dtype, dev, first, steps, 1e-12, write)
+                for gsig in (None, sigma):
+                    backward(layout, grads, gl, gsig, sigma, uout, vout, dtype)
+            yield f"{str(dtype)[6:]} {name}", run
