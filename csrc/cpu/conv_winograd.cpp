@@ -147,12 +147,16 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::opti
   at::Tensor bias;
   if (b.has_value() && b->defined()) bias = b->contiguous();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  return with_tile(stride[0], c, [&](auto t) {
+  bool nonfinite = false;
+  at::Tensor y = with_tile(stride[0], c, [&](auto t) {
     using T = decltype(t);
     const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
-    if (!transposed) return forward<T::M, T::R>(xc, wc, bp, g);
-    return backward<T::M, T::R>(xc, at::Tensor(), wc, g, true, false, bp).first;
+    if (!transposed) return forward<T::M, T::R>(xc, wc, bp, g, nonfinite);
+    return backward<T::M, T::R>(xc, at::Tensor(), wc, g, true, false, nonfinite, bp).first;
   });
+  // an inf or NaN anywhere: redo on ATen, which keeps eager's non-finite values and positions
+  if (nonfinite) return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
@@ -165,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
   const auto gc = grad.contiguous();
   TORCH_CHECK(gc.scalar_type() == at::kFloat, "ganengine conv winograd: grad must be fp32, got ", gc.scalar_type());
   at::Tensor dx, dw, db;
+  bool nonfinite = false;
   with_tile(stride[0], c, [&](auto t) {
     using T = decltype(t);
     const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
@@ -177,15 +182,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
                 "ganengine conv winograd: grad has shape ", gc.sizes(), ", which does not fit x ", xc.sizes(),
                 " and weight ", wc.sizes());
     if (!transposed) {
-      auto r = backward<T::M, T::R>(gc, xc, wc, g, mask[0], mask[1]);
+      auto r = backward<T::M, T::R>(gc, xc, wc, g, mask[0], mask[1], nonfinite);
       dx = r.first;
       dw = r.second;
     } else {
-      if (mask[0]) dx = forward<T::M, T::R>(gc, wc, nullptr, g);  // dx = conv(dy, w)
-      if (mask[1]) dw = backward<T::M, T::R>(xc, gc, wc, g, false, true).second;
+      if (mask[0]) dx = forward<T::M, T::R>(gc, wc, nullptr, g, nonfinite);  // dx = conv(dy, w)
+      if (mask[1]) dw = backward<T::M, T::R>(xc, gc, wc, g, false, true, nonfinite).second;
     }
     return 0;
   });
+  if (nonfinite) {  // as in `convolution`: eager's values where an inf or NaN is involved
+    const std::vector<int64_t> bias_sizes{transposed ? w.size(1) : w.size(0)};
+    return at::convolution_backward(grad, x, w, bias_sizes, stride, padding, {1, 1}, transposed, output_padding, 1,
+                                    mask);
+  }
   if (mask[2]) db = gc.sum({0, 2, 3});
   return {dx, dw, db};
 }

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.ops import _dispatch
+from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CONV_IMPLS = ("auto", "vendor", "igemm")
@@ -132,7 +133,7 @@ def _in_act_apply(c, gamma, beta, eps, slope):
     acc = _acc(c.dtype)
     cf = c.to(acc)
     var, mean = torch.var_mean(cf, dim=(2, 3), unbiased=False)
-    rstd = torch.rsqrt(var + eps)
+    rstd = _inv_std(var, eps)
     z = (cf - mean[:, :, None, None]) * rstd[:, :, None, None]
     if gamma is not None:
         z = z * gamma.to(acc)[None, :, None, None]
@@ -326,7 +327,7 @@ def reference_conv2d_in_act(x, weight, bias, stride, padding, gamma, beta, eps, 
     c = F.conv2d(x, weight, bias, stride, padding)
     acc = _acc(c.dtype)
     var, mean = torch.var_mean(c.to(acc), dim=(2, 3), unbiased=False, keepdim=True)
-    z = (c.to(acc) - mean) * torch.rsqrt(var + eps)
+    z = (c.to(acc) - mean) * _inv_std(var, eps)
     if gamma is not None:
         z = z * gamma.to(acc)[None, :, None, None]
     if beta is not None:
