@@ -35,12 +35,25 @@ REFERENCE = {
     "stackgan1": (dict(stage=1), 64, 64),
     "stackgan2": (dict(stage=2), 256, 16),
 }
+# DCGAN and PyTorch-GAN's models run at their reference settings here too (MNIST-sized, seconds per
+# step); WGAN/WGAN-GP with n_critic 1 so that every timed step has the critic and the generator step
+SYNTHESIS = {
+    "dcgan": (dict(), 64, 64),
+    "wgan": (dict(n_critic=1), 28, 64),
+    "wgan_gp": (dict(n_critic=1), 28, 64),
+    "cgan": (dict(), 32, 64),
+    "acgan": (dict(), 32, 64),
+    "adcgan": (dict(), 32, 64),
+    "infogan": (dict(), 32, 64),
+}
+REFERENCE.update(SYNTHESIS)
 CPU_DEFAULT = {
     "cyclegan": (dict(), 256, 1),
     "pix2pix": (dict(), 256, 1),
     "stargan": (dict(n_critic=1), 128, 2),
     "stackgan1": (dict(stage=1), 64, 16),
     "stackgan2": (dict(stage=2), 256, 2),
+    **SYNTHESIS,
 }
 
 
@@ -50,6 +63,10 @@ def make_batch(name: str, model, size: int, batch: int) -> dict:
         return {"A": img(), "B": img()}
     if name == "stargan":
         return {"image": img(), "label": (torch.rand(batch, model.options["c_dim"]) > 0.5).float()}
+    if name in SYNTHESIS:
+        c = model.options.get("channels", model.options.get("nc"))
+        return {"image": torch.rand(batch, c, size, size) * 2 - 1,
+                "label": torch.randint(0, model.options.get("n_classes", 10), (batch,))}
     return {"image": img(), "embedding": torch.randn(batch, model.options["text_dim"])}
 
 
@@ -64,6 +81,8 @@ def build(name: str, opts: dict, size: int):
             extra["netG"] = "unet_128" if size == 128 else "unet_256"
     if model_name == "stargan":
         extra["image_size"] = size
+    if model_name in SYNTHESIS and model_name != "dcgan":
+        extra["img_size"] = size
     torch.manual_seed(0)
     return build_model(model_name, **opts, **extra)
 
@@ -80,6 +99,9 @@ VARIANTS = {
 
 def setup_variant(name, opts, size, batch, variant):
     backend, extra = VARIANTS[variant]
+    if name in SYNTHESIS and variant in ("torch", "compile"):
+        # the reference's own layers (no folded upsample+conv), on the torch backend
+        extra = {**extra, "fused": False}
     model = build(name, {**opts, **extra}, size)
     data = make_batch(name, model, size, batch)
     if variant == "compile":

@@ -18,6 +18,13 @@ two-pass variance, an exp...), with a comment saying where c comes from. Then
 
 holds on every x86 machine; a wrong index or a dropped term still fails it by orders of
 magnitude, because it gives errors of the size of the values themselves.
+
+Scales of the ops (fp64, from the tests' own inputs): tests/_conv_bounds.py (direct and Winograd
+convolutions, forward and both gradients), tests/_norm_bounds.py (instance/batch norm +
+activation), tests/_attention_bounds.py (SAGAN attention), tests/_chain_bounds.py (a block of
+layers, errors carried elementwise); whole networks: tests/_model_bounds.py (normwise, with
+Higham & Mary's probabilistic gamma_prob, since worst-case bounds compound over depth).
+``assert_below`` takes a bound assembled by those helpers.
 """
 from __future__ import annotations
 
@@ -46,19 +53,33 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     return nu / (1.0 - nu)
 
 
+def gamma_prob(n: int, dtype: torch.dtype, lam: float = 8.0) -> float:
+    """Higham & Mary's probabilistic gamma (SIAM J. Sci. Comput. 41(5), 2019, Thm 2.4): with
+    rounding errors modelled as independent mean-zero random variables, a length-n reduction's
+    relative error is at most exp(lam sqrt(n) u + n u^2 / (1 - u)) - 1 ~ lam sqrt(n) u, except
+    with probability <= 2 n exp(-lam^2 (1 - u)^2 / 2) (lam = 8: < 3e-14 n). Used for whole
+    networks (tests/_model_bounds.py), where the worst-case n u compounds over many layers."""
+    import math
+
+    u = unit_roundoff(dtype)
+    return math.expm1(lam * math.sqrt(max(int(n), 1)) * u + n * u * u / (1 - u))
+
+
 def bound(scale, n: int, acc_dtype: torch.dtype, c: float = 1.0, out_dtype: torch.dtype | None = None,
-          ref: torch.Tensor | None = None):
-    """The allowed |actual - ref|: ``c * gamma_n(acc) * scale + u(out) * |ref|`` (+ the out
-    format's smallest normal, for results that underflow)."""
+          ref: torch.Tensor | None = None, out_round: float = 1.0):
+    """The allowed |actual - ref|: ``c * gamma_n(acc) * scale + out_round * u(out) * |ref|``
+    (+ the out format's smallest normal, for results that underflow). ``out_round`` = 2 where
+    the final conversion truncates instead of rounding to nearest (tests/_backends.out_round)."""
     out_dtype = out_dtype or acc_dtype
     allowed = c * gamma(n, acc_dtype) * scale
     if ref is not None:
-        allowed = allowed + unit_roundoff(out_dtype) * ref.abs()
+        allowed = allowed + out_round * unit_roundoff(out_dtype) * ref.abs()
     return allowed + _TINY[out_dtype]
 
 
 def assert_within_bound(actual: torch.Tensor, ref: torch.Tensor, scale, n: int, acc_dtype: torch.dtype,
-                        c: float = 1.0, out_dtype: torch.dtype | None = None, name: str = "") -> float:
+                        c: float = 1.0, out_dtype: torch.dtype | None = None, name: str = "",
+                        out_round: float = 1.0) -> float:
     """Assert |actual - ref| <= bound elementwise; returns the largest error / bound ratio.
 
     ``ref`` is the fp64 reference computed from the same (already rounded) inputs; ``scale``
@@ -70,7 +91,7 @@ def assert_within_bound(actual: torch.Tensor, ref: torch.Tensor, scale, n: int, 
     if isinstance(scale, torch.Tensor):
         scale = scale.double()
     err = (actual.double() - ref).abs()
-    allowed = bound(scale, n, acc_dtype, c, out_dtype, ref)
+    allowed = bound(scale, n, acc_dtype, c, out_dtype, ref, out_round)
     if err.numel() == 0:
         return 0.0
     ratio = (err / allowed).max().item()
@@ -79,6 +100,26 @@ def assert_within_bound(actual: torch.Tensor, ref: torch.Tensor, scale, n: int, 
     assert ratio <= 1.0, (
         f"{name}: error {err.max().item():.3g} exceeds the bound c*gamma_n*scale + u*|ref| "
         f"(n={n}, acc={acc_dtype}, c={c}) by {ratio:.3g}x")
+    return ratio
+
+
+def assert_below(actual: torch.Tensor, ref: torch.Tensor, allowed, out_dtype: torch.dtype | None = None,
+                 name: str = "", out_round: float = 1.0) -> float:
+    """Assert |actual - ref| <= allowed + u(out) |ref| (+ the smallest normal) elementwise, for
+    bounds assembled from several terms (an op's own rounding plus the errors it inherits, e.g.
+    a convolution's error carried through an instance norm); returns the largest ratio."""
+    out_dtype = out_dtype or actual.dtype
+    ref = ref.double()
+    err = (actual.double() - ref).abs()
+    if err.numel() == 0:
+        return 0.0
+    if isinstance(allowed, torch.Tensor):
+        allowed = allowed.double()
+    allowed = allowed + out_round * unit_roundoff(out_dtype) * ref.abs() + _TINY[out_dtype]
+    assert torch.equal(torch.isfinite(actual), torch.isfinite(ref)), f"{name}: non-finite values differ from the reference"
+    fin = torch.isfinite(ref)
+    ratio = (err / allowed)[fin].max().item() if fin.any() else 0.0
+    assert ratio <= 1.0, f"{name}: error {err[fin].max().item():.3g} exceeds its bound by {ratio:.3g}x"
     return ratio
 
 

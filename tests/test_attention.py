@@ -15,6 +15,9 @@ import ganengine.nn as gnn
 from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops import attention as A
+from tests._attention_bounds import core_bounds, self_attention_bounds
+from tests._model_bounds import Census, assert_normwise, census
+from tests._tolerance import assert_below, gamma as gamma_n, unit_roundoff
 
 BACKENDS = ["torch", "triton", "cpu"]
 
@@ -94,14 +97,18 @@ def _sagan_reference(x, qw, qb, kw, kb, vw, vb, gamma):
     return gamma * out + x, attn
 
 
-def _close(got, want, tol, what):
-    got, want = got.double(), want.double()
-    scale = max(want.abs().max().item(), 1.0)  # O(1) inputs: cancellation noise is O(eps)
-    err = (got - want).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} (tol {tol})"
+def _sagan_module_bounds(mod, x):
+    """Forward bounds (out, attention map) of a Self_Attn-style module at fp32 input x."""
+    p = [mod.query_conv.weight, mod.query_conv.bias, mod.key_conv.weight, mod.key_conv.bias,
+         mod.value_conv.weight, mod.value_conv.bias, mod.gamma]
+    e_out = self_attention_bounds(x, *p, None)[0]
+    proj = [F.conv2d(x, p[i], p[i + 1]).flatten(2) for i in (0, 2, 4)]
+    e_proj = [gamma_n(x.shape[1] + 1, torch.float32) * F.conv2d(x.abs(), p[i].abs(), p[i + 1].abs()).flatten(2).double()
+              for i in (0, 2, 4)]
+    e_attn = core_bounds(*proj, x.flatten(2), p[6], None, e_q=e_proj[0], e_k=e_proj[1], e_v=e_proj[2])["attn"]
+    return e_out, e_attn
 
 
-TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.float64: 1e-10}
 
 
 def _run_case(backend, b, c, h, w, gamma, dtype, channels_last=False, sum_grad=False):
@@ -129,22 +136,22 @@ def _run_case(backend, b, c, h, w, gamma, dtype, channels_last=False, sum_grad=F
     assert out.dtype == dtype and out.shape == ref.shape
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last)
-    tol = TOL[dtype]
-    _close(out, ref, tol, "out")
+    # elementwise bounds of the block (tests/_attention_bounds.py): fp32 accumulation (fp64 for
+    # fp64), the inputs rounded to dtype from the fp64 reference's, fp16 intermediates rounded
+    low = dtype in (torch.float16, torch.bfloat16)
+    bounds = self_attention_bounds(x64, *p64, torch.ones_like(ref) if sum_grad else go,
+                                   acc=A.acc_dtype(dtype), store_dtype=dtype if low else None,
+                                   input_dtype=None if dtype == torch.float64 else dtype)
+    assert_below(out, ref, bounds[0], name="out")
     names = ["x", "query_weight", "query_bias", "key_weight", "key_bias", "value_weight", "value_bias", "gamma"]
-    # the key bias adds a per-query constant to every score: softmax ignores it, so its exact
-    # gradient is 0 and what a backend returns is rounding noise of the other terms' size
-    noise_scale = max(r.abs().max().item() for r in ref_grads)
-    for name, g, r in zip(names, grads, ref_grads):
-        if name == "key_bias":
-            bound = tol * (5 if dtype == torch.float16 else 1) * noise_scale
-            assert g.abs().max().item() <= bound, f"key_bias: {g.abs().max().item():.3g} > {bound:.3g}"
-            continue
+    for name, g, r, e in zip(names, grads, ref_grads, bounds[1:]):
         if gamma == 0.0 and name in ("query_weight", "query_bias", "key_weight", "key_bias",
                                      "value_weight", "value_bias"):
             assert g.abs().max().item() == 0.0, f"{name}: gradient must vanish at gamma=0"
             continue
-        _close(g, r, tol * (5 if dtype == torch.float16 else 1), name)
+        # (the key bias adds a per-query constant to every score: softmax ignores it, its exact
+        # gradient is 0 and a backend's is rounding noise, bounded like the others)
+        assert_below(g, r, e, name=name)
 
 
 SHAPES = [(2, 16, 1, 1), (2, 24, 3, 5), (1, 80, 7, 9), (2, 24, 16, 16)]
@@ -192,10 +199,13 @@ def test_core_unequal_lengths(backend, n, m):
     with ganengine.backends.strict(), ganengine.use_backend(backend):
         out = A.attention(*ins)
         grads = torch.autograd.grad(out, ins, go.float())
-    _close(out, ref, 2e-5, "out")
+    # elementwise (tests/_attention_bounds.py); the upstream gradient is go rounded to fp32 (u
+    # relative, like a rounded gamma); dx = that rounding of go
+    bnd = core_bounds(*ts, go, u_gamma=unit_roundoff(torch.float32))
+    assert_below(out, ref, bnd["out"], name="out")
     for name, g, r in zip("q k v x gamma".split(), grads, ref_g):
         assert g.shape == r.shape, name
-        _close(g, r, 2e-5, name)
+        assert_below(g, r, bnd.get(name, 0.0), name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -213,9 +223,14 @@ def test_mixed_dtypes_like_autocast(backend):
         out = A.attention(*ins)
         grads = torch.autograd.grad(out.sum(), ins)
     assert out.dtype == torch.float32 and grads[3].dtype == torch.float32 and grads[0].dtype == torch.float16
-    _close(out, ref, 1e-2, "out")
+    # q, k, v rounded to fp16 from the reference's values (u16 |.|), fp32 accumulation; the fp16
+    # gradients rounded once more (assert_below's u(fp16) |ref|)
+    u16 = unit_roundoff(torch.float16)
+    bnd = core_bounds(*ts, torch.ones(ref.shape), e_q=u16 * ts[0].abs().double(), e_k=u16 * ts[1].abs().double(),
+                      e_v=u16 * ts[2].abs().double())
+    assert_below(out, ref, bnd["out"], name="out")
     for name, g, r in zip("q k v x gamma".split(), grads, ref_g):
-        _close(g, r, 2e-2, name)
+        assert_below(g, r, bnd.get(name, 0.0), name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,10 +246,18 @@ def test_return_attention(backend):
         out, attn = GF.self_attention2d(*ins, return_attention=True)
         grads = torch.autograd.grad(out.sum() + (attn ** 2).sum(), ins)
     assert attn.shape == (2, 12, 12)
-    _close(out, ref_out, 2e-5, "out")
-    _close(attn, ref_attn, 2e-5, "attention")
+    # out and the map: elementwise (tests/_attention_bounds.py, inputs rounded to fp32); the
+    # gradients of out.sum() + |attn|^2 (two upstream paths) normwise: the block's 3 convs,
+    # 2 products and the softmax, n the longest (16 channels, 12 keys, 2 x 12 pixels for dW)
+    fwd = self_attention_bounds(x, *p, None, input_dtype=torch.float32)
+    core = core_bounds(*(F.conv2d(x, w_, b_).flatten(2) for w_, b_ in ((p[0], p[1]), (p[2], p[3]), (p[4], p[5]))),
+                       x.flatten(2), p[6], None, e_q=None)
+    assert_below(out, ref_out, fwd[0], name="out")
+    assert_below(attn, ref_attn, core["attn"] + 4 * unit_roundoff(torch.float32) * ref_attn.abs(), name="attention")
+    cen = Census.of(n_fwd=16 + 1, n=2 * 12, depth=6)
+    scale = max(r.abs().max().item() for r in ref_g)
     for g, r in zip(grads, ref_g):
-        _close(g, r, 2e-5, "grad")
+        assert_normwise(g, r, cen, scale=scale, backward=True, sides=1)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -273,11 +296,15 @@ def test_gradient_penalty_matches_reference(backend):
     want = penalty(_sagan_reference)
     with ganengine.backends.strict(), ganengine.use_backend(backend):
         got = penalty(GF.self_attention2d)
-    # one scale for all: the key-bias gradient is exactly 0 in exact arithmetic (softmax is
-    # shift invariant), so fp32 leaves only rounding noise of the other terms' size there
+    # normwise (tests/_model_bounds.py), one scale for all: the key-bias gradient is exactly 0
+    # in exact arithmetic (softmax is shift invariant), so fp32 leaves only rounding noise of
+    # the other terms' size there. Double backward of the block: 3 convs, 2 products and the
+    # softmax, forward and backward, differentiated again: 4 x 6 stages; n the longest (16
+    # channels, 20 keys, 2 x 20 pixels)
     scale = max(r.abs().max().item() for r in want)
+    cen = Census.of(n_fwd=20, n=2 * 20, depth=4 * 6)
     for g, r in zip(got, want):
-        assert (g - r).abs().max().item() <= 1e-5 * scale
+        assert_normwise(g, r, cen, scale=scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -324,12 +351,14 @@ def test_module_matches_reference_and_loads_checkpoint():
     mod.load_state_dict(ref.state_dict())
     x = torch.randn(2, 32, 5, 6)
     want_out, want_attn = ref(x)
-    torch.testing.assert_close(mod(x), want_out, rtol=1e-5, atol=1e-5)
+    # both fp32 within the block's elementwise bound (tests/_attention_bounds.py): twice it
+    e_out, e_attn = _sagan_module_bounds(ref, x)
+    assert_below(mod(x), want_out, 2 * e_out)
     m2 = gnn.SelfAttention2d(32, return_attention=True)
     m2.load_state_dict(ref.state_dict())
     out, attn = m2(x)
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(attn, want_attn, rtol=1e-5, atol=1e-6)
+    assert_below(out, want_out, 2 * e_out)
+    assert_below(attn, want_attn, 2 * e_attn)
 
 
 @pytest.mark.parametrize("hw", [(6, 10), (5, 7)])
@@ -352,11 +381,15 @@ def test_biggan_module_matches_reference(hw):
         beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
         want = ref.gamma * ref.o(torch.bmm(g, beta.transpose(1, 2)).view(2, 16, *hw)) + x
     got = mod(x)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # fp64 both, normwise (tests/_model_bounds.py): 4 convs, 2 products, softmax, pooling;
+    # n the longest (32 channels, H*W = 35..60 queries, 2 H W pixels for dW)
+    cen = Census.of(n_fwd=32, n=2 * hw[0] * hw[1], depth=7)
+    assert_normwise(got, want, cen, acc_dtype=torch.float64)
     gw = torch.autograd.grad(want.sum(), [x] + list(ref.parameters()))
     gg = torch.autograd.grad(got.sum(), [x] + list(mod.parameters()))
+    scale = max(b.abs().max().item() for b in gw)
     for a, b in zip(gg, gw):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        assert_normwise(a, b, cen, scale=scale, backward=True, acc_dtype=torch.float64)
 
 
 class _ScaledAttn(Self_Attn):
@@ -386,14 +419,20 @@ def test_fuse_swaps_sagan_and_biggan_blocks():
     want_out, want_attn = model["sagan"](x)
     got = fused["sagan"](x)
     assert isinstance(got, tuple) and len(got) == 2, "a tuple-returning block must stay tuple-returning"
-    torch.testing.assert_close(got[0], want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1], want_attn, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fused["biggan"](x), model["biggan"](x), rtol=1e-5, atol=1e-5)
-    # same training behaviour: parameter gradients agree
+    e_out, e_attn = _sagan_module_bounds(model["sagan"], x)  # both sides: twice the bound
+    assert_below(got[0], want_out, 2 * e_out)
+    assert_below(got[1], want_attn, 2 * e_attn)
+    with census(model["biggan"]) as cen:
+        want_b = model["biggan"](x)
+    assert_normwise(fused["biggan"](x), want_b, cen)  # normwise (tests/_model_bounds.py)
+    # same training behaviour: parameter gradients agree (normwise, the network's largest
+    # gradient as the scale; the upstream 2 out carries out's error: one more stage)
     gw = torch.autograd.grad(model["sagan"](x)[0].square().sum(), list(model["sagan"].parameters()))
     gg = torch.autograd.grad(fused["sagan"](x)[0].square().sum(), list(fused["sagan"].parameters()))
+    cen = Census.of(n_fwd=32 + 1, n=2 * 4 * 6, depth=7)
+    scale = max(b.abs().max().item() for b in gw)
     for a, b in zip(gg, gw):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_normwise(a, b, cen, scale=scale, backward=True)
 
 
 def test_errors_name_the_argument():
@@ -420,7 +459,13 @@ def test_cpu_autocast_bf16_keeps_residual_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = mod(x)
     assert got.dtype == torch.float32
-    _close(got, want, 3e-2, "autocast out")
+    # the fp32 side's bound plus the autocast side's: x and the weights rounded to bf16 for the
+    # convs, q, k, v stored in bf16, fp32 accumulation (tests/_attention_bounds.py)
+    e32, _ = _sagan_module_bounds(mod, x)
+    p = [mod.query_conv.weight, mod.query_conv.bias, mod.key_conv.weight, mod.key_conv.bias,
+         mod.value_conv.weight, mod.value_conv.bias, mod.gamma]
+    e16 = self_attention_bounds(x, *p, None, store_dtype=torch.bfloat16, input_dtype=torch.bfloat16)[0]
+    assert_below(got, want, e32 + e16, name="autocast out")
 
 
 def test_cpu_kernel_without_blas():
@@ -438,8 +483,12 @@ def test_cpu_kernel_without_blas():
         "    out = A.attention(*ins); g = torch.autograd.grad(out.square().sum(), ins)\n"
         "ref_in = [t.clone().requires_grad_() for t in ts]\n"
         "ref = A.reference_attention(*ref_in); rg = torch.autograd.grad(ref.square().sum(), ref_in)\n"
-        "assert torch.allclose(out, ref, atol=1e-10), 'out'\n"
-        "assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g, rg)), 'grads'\n"
+        # fp64 both, normwise: 3 products and the softmax (forward), x2 with the backward of
+        # out^2; n the longest reduction (300 keys, the online softmax's rescales: 2 x 300 + 8)
+        "from tests._tolerance import gamma\n"
+        "tol = lambda r, c: c * gamma(2 * 300 + 8, torch.float64) * r.abs().max()\n"
+        "assert (out - ref).abs().max() <= tol(ref, 2 * 4), 'out'\n"
+        "assert all((a - b).abs().max() <= tol(b, 2 * 8 + 2) for a, b in zip(g, rg)), 'grads'\n"
         "print('ok')\n")
     env = dict(os.environ, GANENGINE_ATTENTION_NO_BLAS="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -461,7 +510,9 @@ def test_compile_inductor():
     with torch.no_grad():
         model[1].gamma.fill_(0.4)
     x = torch.randn(2, 3, 6, 5)
-    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+    with census(model) as cen:
+        want = model(x)
+    assert_normwise(torch.compile(model, fullgraph=True)(x), want, cen)  # (tests/_model_bounds.py)
 
 
 @pytest.mark.gpu
@@ -478,10 +529,14 @@ def test_triton_cuda(dtype, shape):
     with ganengine.backends.strict(), ganengine.use_backend("triton"):
         out = GF.self_attention2d(*ins)
         grads = torch.autograd.grad(out.sum(), ins)
-    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
-    _close(out, ref, tol, "out")
-    for g, r in zip(grads, ref_g):
-        _close(g, r, tol * 5, "grad")
+    # elementwise bounds (tests/_attention_bounds.py): inputs rounded to dtype from the fp64
+    # reference's, fp16/bf16 intermediates stored, fp32 products possibly TF32 (u = 2^-11)
+    low = dtype != torch.float32
+    bounds = self_attention_bounds(x, *p, torch.ones_like(ref), store_dtype=dtype if low else None,
+                                   input_dtype=dtype, product_u=0.0 if low else 2.0 ** -11)
+    assert_below(out, ref, bounds[0], name="out")
+    for g, r, e in zip(grads, ref_g, bounds[1:]):
+        assert_below(g, r, e, name="grad")
 
 
 def test_fuse_keeps_spectral_norm_convs():
@@ -500,4 +555,6 @@ def test_fuse_keeps_spectral_norm_convs():
     fused = ganengine.fuse(ref)
     assert isinstance(fused, gnn.BigGANSelfAttention2d) and set(fused.state_dict()) == keys
     x = torch.randn(2, 32, 6, 4)
-    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    with census(ref) as cen:
+        want = ref(x)
+    assert_normwise(fused(x), want, cen)  # normwise (tests/_model_bounds.py)

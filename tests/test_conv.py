@@ -13,7 +13,11 @@ from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops import conv as cv
 
-from tests._backends import backend_params, on_backend
+from tests._backends import backend_params, on_backend, out_round
+from tests._chain_bounds import ChainBounds
+from tests._conv_bounds import conv_scales, winograd_amplification
+from tests._model_bounds import Census, assert_normwise, census
+from tests._tolerance import assert_below, assert_within_bound, gamma, unit_roundoff
 
 needs_ext = pytest.mark.skipif(not _ext.has_kernel("conv_fwd", "CPU"), reason="ganengine._C not built")
 
@@ -44,6 +48,11 @@ def _call(shape, x, w, b):
     return GF.conv_transpose2d(x, w, b, s, p, op) if tr else GF.conv2d(x, w, b, s, p)
 
 
+def cv_tiles():
+    """(stride-1, stride-2) Winograd tiles configured now."""
+    return tuple(_ext.op("conv_winograd_config")(-1, -1, -1))[1:]
+
+
 def _ref(shape, x, w, b):
     tr, *_, s, p, op = shape
     return F.conv_transpose2d(x, w, b, s, p, op) if tr else F.conv2d(x, w, b, s, p)
@@ -61,10 +70,11 @@ def test_gemm_form_matches_fp64_reference(shape):
     leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
     y64 = _ref(shape, *leaves)
     grads64 = torch.autograd.grad(y64, leaves, g.double())
-    for got, want in zip((y,) + grads, (y64,) + grads64):
+    # gamma_n(fp32) x sum|terms| of each product, n its terms per element (tests/_conv_bounds.py)
+    sc = conv_scales(x, w, g, b, shape[7], shape[8], shape[0])
+    for (name, scale, n), got, want in zip(sc.items(), (y,) + grads, (y64,) + grads64):
         assert got.shape == want.shape and got.dtype == torch.float32
-        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
-        assert err < 2e-6, err
+        assert_within_bound(got, want, scale, n=n, acc_dtype=torch.float32, name=name)
 
 
 @needs_ext
@@ -85,9 +95,9 @@ def test_layouts(shape, layout):
     leaves = [t.detach().double().requires_grad_() for t in (x, w)]
     y64 = _ref(shape, leaves[0], leaves[1], b.detach().double())
     dx64, dw64 = torch.autograd.grad(y64, leaves, torch.ones_like(y64))
-    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dx.double(), dx64, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(dw.double(), dw64, atol=1e-4, rtol=1e-5)
+    sc = conv_scales(x, w, torch.ones_like(y64), b, shape[7], shape[8], shape[0])
+    for (name, scale, n), got, want in zip(sc.items(), (y, dx, dw), (y64, dx64, dw64)):
+        assert_within_bound(got, want, scale, n=n, acc_dtype=torch.float32, name=name)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -102,10 +112,13 @@ def test_every_backend_and_dtype_matches_torch(shape, backend, dtype):
         with ctx, cv.gemm_policy("always"):
             y = _call(shape, x, w, b)
             outs[name] = (y,) + torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
-    for a, r in zip(outs[backend], outs["torch"]):
+    # each side within gamma_n(fp32) x sum|terms| of the exact value (fp32 accumulation for
+    # fp16/bf16 too); fp16/bf16 results (and the bias add) rounded to the format: 2 u |.| a side
+    sc = conv_scales(x, w, torch.ones(outs["torch"][0].shape), b, shape[7], shape[8], shape[0])
+    for (name, scale, n), a, r in zip(sc.items(), outs[backend], outs["torch"]):
         assert a.dtype == dtype
-        torch.testing.assert_close(a, r, **tol)
+        low = 0 if dtype == torch.float32 else 4 * unit_roundoff(dtype) * r.double().abs()
+        assert_below(a, r, 2 * gamma(n, torch.float32) * scale + low, name=name, out_round=out_round(backend, dtype))
 
 
 @needs_ext
@@ -139,7 +152,13 @@ def test_threshold_picks_gemm_only_for_small_maps():
         assert used["oneDNN"] == (route == "oneDNN"), (xs, ws, sorted(names))
         assert used["winograd"] == (route == "winograd"), (xs, ws, sorted(names))
         ref = F.conv_transpose2d(x, w, None, 2, 1) if tr else F.conv2d(x, w, None, 2, 1)
-        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+        # both fp32 within gamma_n x sum|terms| of the exact value; the Winograd route's
+        # pipeline for its case (tests/_conv_bounds.py); apart by the sum of the two bounds
+        g0 = torch.zeros(ref.shape)
+        own = lambda route: (lambda sc: gamma(sc.n_y, torch.float32) * sc.y)(  # noqa: E731
+            conv_scales(x, w, g0, None, 2, 1, tr, winograd=route))
+        ours_bound = own((cv_tiles()[1], 2) if route == "winograd" else None)
+        assert_below(y, ref, ours_bound + own(None), name=str((xs, ws)))
 
 
 @needs_ext
@@ -211,7 +230,12 @@ def test_double_backward_fp32_matches_reference(transposed, route):
         with ganengine.use_backend("cpu"), gemm, winograd:
             (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
             res.append(torch.autograd.grad(gx.square().sum(), w)[0])
-    torch.testing.assert_close(res[0], res[1], atol=2e-5 * res[1].abs().max().item(), rtol=1e-4)
+    # normwise (tests/_model_bounds.py): 4 conv passes (y, dx and their derivatives); n: 4*16
+    # taps forward, the dw's N H W (2 x 9 x 9 at most); the Winograd route's passes alpha
+    # times (alpha from the transform matrices, F(3, 2): 9)
+    cen = Census.of(n_fwd=4 * 16, n=2 * 9 * 9, depth=4)
+    extra = 4 * (winograd_amplification(2) - 1) if route == "winograd" else 0
+    assert_normwise(res[0], res[1], cen, backward=True, extra_depth=extra)
 
 
 @needs_ext
@@ -227,8 +251,15 @@ def test_conv_act_uses_the_gemm_form_for_small_maps():
         with on_backend("cpu"), cv.gemm_policy(policy):
             y = GF.conv2d_act(x, w, b, 2, 1, 0.01)
             res[policy] = (y,) + torch.autograd.grad(y, (x, w, b), g)
-    for a, r in zip(res["always"], res["never"]):
-        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+    # the block's elementwise bound (tests/_chain_bounds.py), both sides: twice it
+    conv = nn.Conv2d(16, 32, 4, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+    cb = ChainBounds([conv, nn.LeakyReLU(0.01)], x, g)
+    bounds = (cb.e_y, cb.e_dx, cb.param_errs[id(conv.weight)], cb.param_errs[id(conv.bias)])
+    for name, a, r, e in zip(("y", "dx", "dw", "db"), res["always"], res["never"], bounds):
+        assert_below(a, r, 2 * e, name=name)
 
 
 def test_fuse_rules_run_after_the_pair_rules():
@@ -246,8 +277,10 @@ def test_fuse_rules_run_after_the_pair_rules():
     assert fused[7].output_padding == (1, 1)
     assert report["conv2d"] == 1 and report["conv_transpose2d"] == 2
     x = torch.randn(2, 3, 16, 12)
+    with census(ref) as cen:
+        want = ref(x)
     with ganengine.use_backend("cpu"), cv.gemm_policy("always"):
-        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
+        assert_normwise(fused(x), want, cen)  # normwise network bound (tests/_model_bounds.py)
 
 
 def test_conv_transpose_output_size_argument():
@@ -256,7 +289,10 @@ def test_conv_transpose_output_size_argument():
     ours = ganengine.nn.ConvTranspose2d.from_module(ref)
     x = torch.randn(1, 4, 5, 5)
     for size in ([9, 9], [10, 10], [1, 3, 10, 9]):
-        torch.testing.assert_close(ours(x, output_size=size), ref(x, output_size=size))
+        want = ref(x, output_size=size)
+        # both within gamma_n x sum|terms| of the exact value (tests/_conv_bounds.py)
+        sc = conv_scales(x, ref.weight, torch.zeros(want.shape), ref.bias, 2, 1, transposed=True)
+        assert_within_bound(ours(x, output_size=size), want, sc.y, n=sc.n_y, acc_dtype=torch.float32, c=2)
 
 
 def test_bad_input_names_the_argument():

@@ -13,7 +13,10 @@ from ganengine.nn import Conv3x3
 from ganengine.ops import _dispatch
 from ganengine.ops import conv3x3 as cm
 
-from tests._backends import backend_params, on_backend
+from tests._backends import backend_params, on_backend, out_round
+from tests._conv_bounds import amplification, conv_scales
+from tests._model_bounds import Census, assert_normwise, census
+from tests._tolerance import assert_below, assert_within_bound, gamma, unit_roundoff
 
 needs_ext = pytest.mark.skipif(not _ext.has_kernel("conv3x3_fwd", "CPU"), reason="ganengine._C not built")
 
@@ -57,12 +60,11 @@ def test_winograd_matches_fp64_reference(shape, tile, always_winograd, monkeypat
         grads = torch.autograd.grad(y, (x, wt, b), g)
     y64, leaves = _ref64(x, wt, b, p, mode)
     grads64 = torch.autograd.grad(y64, leaves, g.double())
-    # relative to each tensor's range: F(2,3) is within 2x of a direct fp32 conv, F(4,3) ~30x
-    rel = 2e-6 if tile == 2 else 2e-5
-    for got, want in zip((y,) + grads, (y64,) + grads64):
+    # gamma_n(fp32) x the F(tile, 3) pipeline on absolute values (tests/_conv_bounds.py; c = 1)
+    sc = conv_scales(x, wt, g, b, 1, p, winograd=(tile, 3), reflect=mode == "reflect")
+    for (name, scale, n), got, want in zip(sc.items(), (y,) + grads, (y64,) + grads64):
         assert got.shape == want.shape
-        err = (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
-        assert err < rel, err
+        assert_within_bound(got, want, scale, n=n, acc_dtype=torch.float32, name=name)
 
 
 @needs_ext
@@ -80,9 +82,9 @@ def test_layouts(layout, always_winograd):
         assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
     y64, (x64, w64, _) = _ref64(x, w, None, 1, "reflect")
     dx64, dw64 = torch.autograd.grad(y64, (x64, w64), torch.ones_like(y64))
-    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dx.double(), dx64, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(dw.double(), dw64, atol=1e-4, rtol=1e-5)
+    sc = conv_scales(x, w, torch.ones_like(y64), None, 1, 1, winograd=(cm.winograd_tile(), 3), reflect=True)
+    for (name, scale, n), got, want in zip(sc.items(), (y, dx, dw), (y64, dx64, dw64)):
+        assert_within_bound(got, want, scale, n=n, acc_dtype=torch.float32, name=name)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -100,9 +102,18 @@ def test_every_backend_and_dtype_matches_torch(backend, dtype, always_winograd):
         with ctx:
             y = ganengine.functional.conv3x3(x, w, b, 1, "reflect")
             outs[name] = (y,) + torch.autograd.grad(y, (x, w, b), g)
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    for a, r in zip(outs[backend], outs["torch"]):
-        torch.testing.assert_close(a, r, **tol)
+    # each side within its bound of the exact value: fp32 accumulation, the Winograd F(2, 3)
+    # pipeline's on the cpu backend (fp32), the direct form's elsewhere; fp16/bf16 results
+    # (and the composition's bias add) rounded to the format: 2 u |.| per side
+    ref_leaves = [t.detach().double() for t in (x, w, b)]
+    y64 = F.conv2d(F.pad(ref_leaves[0], (1,) * 4, mode="reflect"), ref_leaves[1], ref_leaves[2])
+    allowed = [0, 0, 0, 0]
+    for route in (None, (cm.winograd_tile(), 3) if backend == "cpu" and dtype == torch.float32 else None):
+        sc = conv_scales(x, w, g, b, 1, 1, winograd=route, reflect=True)
+        allowed = [a + gamma(n, torch.float32) * s_ for a, (_, s_, n) in zip(allowed, sc.items())]
+    for name, a, r, e in zip(("y", "dx", "dw", "db"), outs[backend], outs["torch"], allowed):
+        low = 0 if dtype == torch.float32 else 4 * unit_roundoff(dtype) * r.double().abs()
+        assert_below(a, r, e + low, name=name, out_round=out_round(backend, dtype))
 
 
 def test_profitability_threshold_sends_small_convs_to_onednn():
@@ -146,7 +157,11 @@ def test_double_backward_fp32_matches_reference(always_winograd):
         with ganengine.use_backend("cpu"):
             (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
             res.append(torch.autograd.grad(gx.square().sum(), w)[0])
-    torch.testing.assert_close(res[0], res[1], atol=1e-4, rtol=1e-4)
+    # normwise (tests/_model_bounds.py): 4 conv passes (y, dx, and their derivatives), n the
+    # longest (the dw sums over 36 pixels, the forward/dx over 4*9 taps), c = 2 x 4 stages, and
+    # the F(2, 3) route's amplification (alpha, from the transform matrices) for its passes
+    cen = Census.of(n_fwd=4 * 9, n=36, depth=4)
+    assert_normwise(res[0], res[1], cen, backward=True, extra_depth=4 * (amplification(2, 3) - 1))
 
 
 def _resnet_block(dim):
@@ -168,8 +183,12 @@ def test_fuse_rules_keep_keys_and_outputs(always_winograd):
     assert type(fused[2]) is ganengine.nn.Conv2d and type(fused[3]) is nn.Conv2d and type(fused[4]) is nn.Conv2d
     assert report["conv3x3"] == 3 and report["reflection_pad+conv3x3"] == 2 and report["conv2d"] == 1
     x = torch.randn(2, 8, 9, 10)
+    with census(ref) as cen:
+        want = ref(x)
+    n_wino = sum(isinstance(m, Conv3x3) for m in fused.modules())
     with ganengine.use_backend("cpu"):
-        torch.testing.assert_close(fused(x), ref(x), atol=2e-5, rtol=2e-5)
+        # normwise network bound (tests/_model_bounds.py), the Winograd convs' stages alpha times
+        assert_normwise(fused(x), want, cen, extra_depth=n_wino * (amplification(cm.winograd_tile(), 3) - 1))
 
 
 def test_bad_input_names_the_argument():
@@ -200,11 +219,14 @@ def test_resnet_generator_on_winograd_matches_torch_backend(always_winograd):
     res = {}
     for name in ("torch", "cpu"):
         net.zero_grad()
-        with on_backend(name):
+        with on_backend(name), census(net) as cen:
             y = net(x)
             y.square().mean().backward()
         res[name] = (y.detach(), [p.grad.clone() for p in net.parameters()])
-    torch.testing.assert_close(res["cpu"][0], res["torch"][0], atol=1e-5, rtol=1e-5)
+    # normwise network bound (tests/_model_bounds.py), the 4 Winograd convs alpha stages each
+    extra = 4 * (amplification(cm.winograd_tile(), 3) - 1)
+    assert_normwise(res["cpu"][0], res["torch"][0], cen, extra_depth=extra, name="y")
+    scale = max(g.abs().max().item() for g in res["torch"][1])  # the network's largest gradient
     for a, b in zip(res["cpu"][1], res["torch"][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert_normwise(a, b, cen, scale=scale, backward=True, extra_depth=extra)
 

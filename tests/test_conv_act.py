@@ -10,11 +10,15 @@ import ganengine.nn as gnn
 from ganengine.backends import strict
 from ganengine.ops import _dispatch
 from ganengine.ops import conv_act as ops
+from tests._backends import out_round
+from tests._chain_bounds import ChainBounds
+from tests._conv_bounds import conv_scales, cpu_winograd_route
+from tests._model_bounds import Census, assert_normwise, census
+from tests._tolerance import assert_below, gamma, unit_roundoff
 
 # (backend, triton conv implementation)
 BACKENDS = [("torch", None), ("cpu", None), ("triton", "igemm"), ("triton", "vendor")]
 IDS = ["torch", "cpu", "triton-igemm", "triton-vendor"]
-TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.float64: (1e-10, 1e-10)}
 
 
 def _skip_unavailable(backend):
@@ -40,14 +44,53 @@ def _run(backend, impl, fn, tensors, grad_fn, **kw):
     return out, [t.grad if t is not None and t.requires_grad else None for t in leaves]
 
 
-def _compare(out, grads, ref_out, ref_grads, dtype):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
-    for g, r in zip(grads, ref_grads):
+def _block(tensors, stride, padding, norm):
+    """The reference layers of a conv_act / conv_in_act call: conv (+ instance norm) + LeakyReLU(0.2)."""
+    x, wt, b = tensors[:3]
+    conv = nn.Conv2d(wt.shape[1], wt.shape[0], wt.shape[2], stride, padding, bias=b is not None)
+    with torch.no_grad():
+        conv.weight.copy_(wt.float())
+        if b is not None:
+            conv.bias.copy_(b.float())
+    layers = [conv]
+    if norm:
+        gam, bet = (tensors[3], tensors[4]) if len(tensors) > 3 else (None, None)
+        inorm = nn.InstanceNorm2d(wt.shape[0], affine=gam is not None)
+        if gam is not None:
+            with torch.no_grad():
+                inorm.weight.copy_(gam.float())
+                inorm.bias.copy_(bet.float())
+        layers.append(inorm)
+    return layers + [nn.LeakyReLU(0.2)]
+
+
+def _bounds(backend, tensors, grad, stride, padding, norm, store_dtype=None, grad_err=None, product_u=0.0):
+    """Elementwise bounds (tests/_chain_bounds.py) of out and of each input's gradient: the conv's
+    own rounding (the larger of the direct form's and a Winograd route the cpu backend may take),
+    carried through the norm and the activation."""
+    layers = _block(tensors, stride, padding, norm)
+    with ganengine.use_backend(backend):
+        cb = ChainBounds(layers, tensors[0], grad, winograd=cpu_winograd_route if backend == "cpu" else None,
+                         store_dtype=store_dtype, grad_err=grad_err, product_u=product_u)
+    if grad is None:
+        return cb, []
+    params = [p for m in layers for p in m.parameters()]
+    per = {id(p): cb.param_errs.get(id(p)) for p in params}
+    conv, norm_layer = layers[0], layers[1] if norm else None
+    errs = [cb.e_dx, per[id(conv.weight)], None if conv.bias is None else per[id(conv.bias)]]
+    if norm_layer is not None and norm_layer.affine:
+        errs += [per[id(norm_layer.weight)], per[id(norm_layer.bias)]]
+    return cb, errs
+
+
+def _compare(out, grads, ref_out, ref_grads, bounds, backend="torch"):
+    """out and every gradient within the bounds of the exact (fp64) reference."""
+    cb, errs = bounds
+    assert_below(out, ref_out, cb.e_y, name="out", out_round=out_round(backend, out.dtype))
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
         if r is None:
             continue
-        scale = max(1.0, r.abs().max().item())
-        torch.testing.assert_close(g.double(), r, atol=atol * scale * 10, rtol=rtol * 10)
+        assert_below(g, r, errs[i], name=f"grad {i}", out_round=out_round(backend, g.dtype))
 
 
 @pytest.fixture
@@ -84,7 +127,7 @@ def test_conv2d_act_matches_reference(backend, impl, shape, layout):
     ref_out, ref_grads = _run("torch", None, ops.reference_conv2d_act,
                               [t.double() for t in (x, wt, b)], lambda y: (y * g.double()).sum(),
                               stride=s, padding=p, negative_slope=0.2)
-    _compare(out, grads, ref_out, ref_grads, torch.float32)
+    _compare(out, grads, ref_out, ref_grads, _bounds(backend, (x, wt, b), g, s, p, False), backend)
 
 
 @pytest.mark.parametrize("backend,impl", BACKENDS, ids=IDS)
@@ -113,7 +156,7 @@ def test_conv2d_instance_norm_act_matches_reference(backend, impl, affine, shape
     # the conv bias cancels exactly: our gradient is exactly 0, torch's is rounding noise
     assert torch.equal(grads[2], torch.zeros_like(b))
     ref_grads[2] = None
-    _compare(out, grads, ref_out, ref_grads, torch.float32)
+    _compare(out, grads, ref_out, ref_grads, _bounds(backend, (x, wt, b, gam, bet), g, s, p, True), backend)
 
 
 @pytest.mark.parametrize("backend,impl", BACKENDS, ids=IDS)
@@ -131,7 +174,8 @@ def test_sum_backward_stride0_grad(backend, impl, norm):
     ref_out, ref_grads = _run("torch", None, ref, [t.double() for t in (x, wt, b)], lambda y: y.sum())
     if norm:
         ref_grads[2] = None
-    _compare(out, grads, ref_out, ref_grads, torch.float32)
+    _compare(out, grads, ref_out, ref_grads, _bounds(backend, (x, wt, b), torch.ones(ref_out.shape), 2, 1, norm),
+             backend)
 
 
 @pytest.mark.parametrize("backend,impl", [("cpu", None), ("triton", "igemm")], ids=["cpu", "triton-igemm"])
@@ -151,7 +195,13 @@ def test_fp16(backend, impl):
                  stride=2, padding=1, negative_slope=0.2)
         if fn is not GF.conv2d_act:
             ref_grads[2] = None
-        _compare(out, grads, ref_out, ref_grads, torch.float16)
+        # fp32 accumulation, every intermediate possibly stored in fp16 (u16 per stage); the
+        # loss's gradient 0.02 y carries y's error (fp16 y: its bound plus u16 |y|)
+        norm = fn is not GF.conv2d_act
+        fwd, _ = _bounds(backend, (x, wt, b), None, 2, 1, norm, store_dtype=torch.float16)
+        e_grad = 0.02 * (fwd.e_y + unit_roundoff(torch.float16) * ref_out.abs())
+        _compare(out, grads, ref_out, ref_grads,
+                 _bounds(backend, (x, wt, b), 0.02 * ref_out, 2, 1, norm, torch.float16, e_grad), backend)
 
 
 def test_fp64_gradcheck_and_gradgradcheck(one_thread):
@@ -187,8 +237,11 @@ def test_gradient_penalty_matches_torch():
     with ganengine.use_backend("cpu" if ganengine.backends.available()["cpu"] else "torch"):
         got = penalty(GF.conv2d_act)
     ref = penalty(lambda x, w, b, s, p: F.leaky_relu(F.conv2d(x, w, b, s, p), 0.2))
+    # normwise (tests/_model_bounds.py): conv forward and dx, their derivatives, the penalty's
+    # norm (4 conv passes + 1); n: 3*16 taps forward, dw over 2*5*5 pixels
+    cen = Census.of(n_fwd=3 * 16, n=2 * 5 * 5, depth=5)
     for a, r in zip(got, ref):
-        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+        assert_normwise(a, r, cen, backward=True)
 
 
 @pytest.mark.parametrize("backend,impl", [("cpu", None), ("triton", "igemm"), ("triton", "vendor")],
@@ -242,18 +295,27 @@ def test_autocast_runs_conv_in_autocast_dtype():
         y = GF.conv2d_act(x, w, None, 2, 1)
         ref = F.leaky_relu(F.conv2d(x, w, None, 2, 1), 0.2)
     assert y.dtype == ref.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    # both from the same bf16-rounded x and w: fp32 accumulation (gamma_n x sum|terms|), the
+    # result rounded to bf16 (conv output, then the activation's): 2 u |y| a side
+    xb, wb = x.bfloat16(), w.bfloat16()
+    sc = conv_scales(xb, wb, torch.zeros(ref.shape), None, 2, 1)
+    allowed = 2 * gamma(sc.n_y, torch.float32) * sc.y + 4 * unit_roundoff(torch.bfloat16) * ref.double().abs()
+    assert_below(y.float(), ref.float(), allowed, out_dtype=torch.bfloat16)
 
 
 def test_negative_slope_and_activations():
     x = torch.randn(1, 2, 7, 7, dtype=torch.float64)
     w = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(GF.conv2d_act(x, w, None, 1, 1, negative_slope=-0.5),
-                               F.leaky_relu(F.conv2d(x, w, None, 1, 1), -0.5))
+    # fp64 both sides, normwise (tests/_model_bounds.py): conv (2*16 taps) and instance norm
+    # (a 6x6 plane); the conv alone is one stage
+    conv_only, with_norm = Census.of(2 * 16 + 1, 2 * 16 + 1, 1), Census.of(6 * 6, 6 * 6, 2)
+    assert_normwise(GF.conv2d_act(x, w, None, 1, 1, negative_slope=-0.5),
+                    F.leaky_relu(F.conv2d(x, w, None, 1, 1), -0.5), conv_only, acc_dtype=torch.float64)
     c = F.conv2d(x, w, None, 1, 1)
-    torch.testing.assert_close(GF.conv2d_instance_norm_act(x, w, None, 1, 1, activation="relu"),
-                               F.relu(F.instance_norm(c)))
-    torch.testing.assert_close(GF.conv2d_instance_norm_act(x, w, None, 1, 1, activation="none"), F.instance_norm(c))
+    assert_normwise(GF.conv2d_instance_norm_act(x, w, None, 1, 1, activation="relu"),
+                    F.relu(F.instance_norm(c)), with_norm, acc_dtype=torch.float64)
+    assert_normwise(GF.conv2d_instance_norm_act(x, w, None, 1, 1, activation="none"), F.instance_norm(c),
+                    with_norm, acc_dtype=torch.float64)
 
 
 def test_errors_name_the_argument():
@@ -287,13 +349,16 @@ def test_modules_and_fuse():
     assert isinstance(fused[4], gnn.Conv2dAct) and fused[4].negative_slope == 0.1
     assert list(fused.state_dict()) == list(seq.state_dict())
     x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(fused(x), seq(x.clone()))
+    with census(seq) as cen:
+        want = seq(x.clone())
+    assert_normwise(fused(x), want, cen)  # normwise network bound (tests/_model_bounds.py)
 
     m = gnn.Conv2dInstanceNormAct(3, 5, 4, 2, 1, affine=True)
     assert set(m.state_dict()) == {"weight", "bias", "norm_weight", "norm_bias"}
-    torch.testing.assert_close(m(x), F.leaky_relu(F.instance_norm(F.conv2d(x, m.weight, m.bias, 2, 1),
-                                                                  weight=m.norm_weight, bias=m.norm_bias), 0.2),
-                               atol=1e-5, rtol=1e-5)
+    want = F.leaky_relu(F.instance_norm(F.conv2d(x, m.weight, m.bias, 2, 1), weight=m.norm_weight,
+                                        bias=m.norm_bias), 0.2)
+    cb = ChainBounds(_block((x, m.weight, m.bias, m.norm_weight, m.norm_bias), 2, 1, True), x)
+    assert_below(m(x), want, 2 * cb.e_y)  # the block's elementwise bound, both sides
 
 
 @pytest.mark.gpu
@@ -305,10 +370,10 @@ def test_cuda_triton(impl, dtype):
     x = torch.randn(3, 16, 33, 31, device="cuda").contiguous(memory_format=torch.channels_last)
     w = torch.randn(32, 16, 4, 4, device="cuda") * 0.1
     b = torch.randn(32, device="cuda")
-    tol = {torch.float16: 3e-2, torch.bfloat16: 1e-1, torch.float32: 2e-2}[dtype]  # tf32 allowed
     for stride in (1, 2):
         for fn in (GF.conv2d_act, GF.conv2d_instance_norm_act):
-            ins = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+            # (clone: for fp32, .to(dtype) returns x itself, whose .grad would accumulate over the loop)
+            ins = [t.to(dtype).clone().requires_grad_() for t in (x, w, b)]
             with ganengine.use_backend("triton"), strict(), ops.triton_conv_impl(impl):
                 y = fn(*ins, stride=stride, padding=1)
                 g = torch.randn_like(y)
@@ -319,7 +384,9 @@ def test_cuda_triton(impl, dtype):
             else:
                 yr = ops.reference_conv2d_in_act(*refs, stride, 1, None, None, 1e-5, 0.2)
             (yr * g.double()).sum().backward()
-            torch.testing.assert_close(y.double(), yr, atol=tol, rtol=tol)
-            for a, r in zip(ins[:2], refs[:2]):
-                scale = max(1.0, r.grad.abs().max().item())
-                torch.testing.assert_close(a.grad.double(), r.grad, atol=tol * scale, rtol=tol)
+            # the block's bounds (tests/_chain_bounds.py); fp32 convs may run as TF32 (products of
+            # inputs rounded to 10-bit mantissas: u = 2^-11), fp16/bf16 ones store intermediates
+            low = dtype != torch.float32
+            bounds = _bounds("triton", ins, g, stride, 1, fn is not GF.conv2d_act,
+                             store_dtype=dtype if low else None, product_u=0.0 if low else 2.0 ** -11)
+            _compare(y, [a.grad for a in ins[:2]], yr, [r.grad for r in refs[:2]], bounds, "triton")

@@ -13,7 +13,11 @@ import ganengine.functional as GF
 import ganengine.nn as gnn
 from ganengine.ops import _dispatch
 from ganengine.ops import norm_act as ops
-from tests._backends import backend_params, on_backend, tol
+from tests._backends import backend_params, on_backend, out_round
+from tests._chain_bounds import ChainBounds
+from tests._model_bounds import assert_normwise, census
+from tests._norm_bounds import instance_norm_act_bounds, instance_stat_bounds
+from tests._tolerance import assert_below, assert_within_bound, unit_roundoff
 
 BACKENDS = backend_params()
 
@@ -56,6 +60,24 @@ def grads_of(fn, x, w, b, grad):
     return y.detach(), [None if t is None else t.grad for t in leaves]
 
 
+def acc_of(dtype):
+    """The accumulation dtype of every backend: fp32, fp64 for fp64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_norm_bounds(x, w, b, g, got, want, activation="leaky_relu", slope=0.2, names=("y", "dx", "dw", "db"),
+                       backend="torch"):
+    """y and each gradient within tests/_norm_bounds.py's bound (n = the plane or N*plane, acc
+    fp32 or fp64, scale and c = 2 derived there), plus the output format's rounding."""
+    bnd = instance_norm_act_bounds(x, w, b, g, activation, slope, acc_dtype=acc_of(x.dtype))
+    allowed = {"y": bnd.y, "dx": bnd.dx, "dw": bnd.dw, "db": bnd.db}
+    for name, a, r in zip(names, got, want):
+        if r is None:
+            assert a is None, name
+            continue
+        assert_below(a, r, allowed[name], name=name, out_round=out_round(backend, a.dtype, a.device))
+
+
 SHAPES = [
     (2, 3, 5, 7),       # odd plane
     (1, 1, 1, 1),       # a single pixel
@@ -79,10 +101,7 @@ def test_forward_backward_fp32(backend, shape, channels_last):
     assert y.dtype == x.dtype
     if channels_last and shape[1] > 1 and shape[2] * shape[3] > 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(dx.double(), dx_ref, atol=5e-5, rtol=5e-5)
-    torch.testing.assert_close(dw.double(), dw_ref, atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(db.double(), db_ref, atol=2e-4, rtol=1e-4)
+    assert_norm_bounds(x, w, b, g, (y, dx, dw, db), (y_ref, dx_ref, dw_ref, db_ref))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,11 +118,8 @@ def test_dtypes(backend, dtype, channels_last):
     with on_backend(backend):
         y, (dx, dw, db) = grads_of(GF.instance_norm_act, x, w, b, g)
     assert y.dtype == dtype and dx.dtype == dtype
-    t = tol(dtype)
-    torch.testing.assert_close(y.double(), y_ref, **t)
-    torch.testing.assert_close(dx.double(), dx_ref, atol=t["atol"] * 2, rtol=t["rtol"] * 2)
-    torch.testing.assert_close(dw.double(), dw_ref, atol=t["atol"] * 20, rtol=t["rtol"] * 5)
-    torch.testing.assert_close(db.double(), db_ref, atol=t["atol"] * 20, rtol=t["rtol"] * 5)
+    # fp32 accumulation (fp64 for fp64) and the output format's rounding, u(dtype) |ref|
+    assert_norm_bounds(x, w, b, g, (y, dx, dw, db), (y_ref, dx_ref, dw_ref, db_ref), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,12 +134,7 @@ def test_activations_and_affine(backend, activation, slope, affine):
     with on_backend(backend):
         fn = lambda x_, w_, b_: GF.instance_norm_act(x_, w_, b_, activation=activation, negative_slope=slope)  # noqa
         y, d = grads_of(fn, x, w, b, g)
-    torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=2e-5)
-    for got, want in zip(d, dref):
-        if want is None:
-            assert got is None
-        else:
-            torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+    assert_norm_bounds(x, w, b, g, (y,) + tuple(d), (y_ref,) + tuple(dref), activation, slope)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,8 +145,7 @@ def test_sum_backward_stride0_grad_and_noncontiguous_input(backend):
     _, dref = grads_of(lambda *a: reference(*a).sum(), x.double(), w.double(), b.double(), torch.tensor(1.0).double())
     with on_backend(backend):
         y, d = grads_of(lambda *a: GF.instance_norm_act(*a).sum(), x, w, b, torch.tensor(1.0))
-    for got, want in zip(d, dref):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert_norm_bounds(x, w, b, torch.ones(x.shape), d, dref, names=("dx", "dw", "db"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,7 +164,7 @@ def test_large_number_of_planes(backend):
     x, w, b = make((64, 1024, 2, 2))
     with on_backend(backend):
         y = GF.instance_norm_act(x, w, b)
-    torch.testing.assert_close(y.double(), reference(x, w, b), atol=2e-5, rtol=2e-5)
+    assert_norm_bounds(x, w, b, None, (y,), (reference(x, w, b),), names=("y",))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,9 +176,8 @@ def test_large_plane(backend, channels_last):
     y_ref, dref = grads_of(lambda *a: reference(*a), x.double(), w.double(), b.double(), g.double())
     with on_backend(backend):
         y, d = grads_of(GF.instance_norm_act, x, w, b, g)
-    torch.testing.assert_close(y.double(), y_ref, atol=3e-5, rtol=3e-5)
-    for got, want in zip(d, dref):
-        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+    # mean 50, spread 2: the bound's conditioning term mean|x| rstd ~ 25 is exercised here
+    assert_norm_bounds(x, w, b, g, (y,) + tuple(d), (y_ref,) + tuple(dref))
 
 
 @pytest.mark.slow
@@ -177,7 +186,7 @@ def test_512x512(backend):
     x, w, b = make((1, 3, 512, 512))
     with on_backend(backend):
         y = GF.instance_norm_act(x, w, b)
-    torch.testing.assert_close(y.double(), reference(x, w, b), atol=5e-5, rtol=5e-5)
+    assert_norm_bounds(x, w, b, None, (y,), (reference(x, w, b),), names=("y",))
 
 
 @pytest.mark.parametrize("split", [2, 3, 7])
@@ -193,12 +202,14 @@ def test_triton_split_plane_scheme(split, channels_last):
     x, w, b = make((1, 3, 33, 70), channels_last=channels_last, offset=20.0)
     g = torch.randn(1, 3, 33, 70)
     y, mean, rstd = tk.forward(x, w, b, 1e-5, True, 0.2, split=split)
-    torch.testing.assert_close(y.double(), reference(x, w, b), atol=3e-5, rtol=3e-5)
+    assert_norm_bounds(x, w, b, None, (y,), (reference(x, w, b),), names=("y",))
     dx, dw, db = tk.backward(g, x, w, b, mean, rstd, True, 0.2, split=split)
     dx1, dw1, db1 = tk.backward(g, x, w, b, mean, rstd, True, 0.2, split=1)
-    torch.testing.assert_close(dx, dx1, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dw, dw1, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(db, db1, atol=1e-4, rtol=1e-5)
+    # split vs unsplit: each within its bound of the exact value, so apart by at most twice it
+    # (dw, db come per instance, (N, C); N = 1 here)
+    bnd = instance_norm_act_bounds(x, w, b, g)
+    for name, a, r, e in (("dx", dx, dx1, bnd.dx), ("dw", dw, dw1, bnd.dw), ("db", db, db1, bnd.db)):
+        assert_below(a, r, 2 * e.view(r.shape), name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -229,8 +240,13 @@ def test_gradient_penalty_through_norm(backend):
     want = penalty(lambda h, w_, b_: reference(h, w_, b_))
     with on_backend(backend):
         got = penalty(GF.instance_norm_act)
+    # fp64 both: normwise, the longest reduction (a plane of 25 through the 27-term conv, then
+    # the conv's weight gradient over 2*25 pixels, n = 2*25*27), scale the largest gradient, and
+    # c = 64 for the double backward's chain (conv, norm forward, norm backward twice, conv
+    # backward: 8 stages) times the norm's conditioning, up to 8 (1/rstd of these planes ~1)
+    scale = max(e.abs().max().item() for e in want)
     for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, atol=1e-8, rtol=1e-7)
+        assert_within_bound(a, e, scale, n=2 * 25 * 27, acc_dtype=torch.float64, c=64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -246,22 +262,39 @@ def test_module_matches_instancenorm2d_with_running_stats(backend, momentum, aff
                                   activation="leaky_relu", negative_slope=0.2)
     fused.load_state_dict(ref_norm.state_dict())
     assert list(fused.state_dict().keys()) == list(ref_norm.state_dict().keys())
+    w = ref_norm.weight if affine else None
+    b = ref_norm.bias if affine else None
+    e_rm, e_rv = 0.0, 0.0
     with on_backend(backend):
         for _ in range(3):
             x = torch.randn(3, 5, 6, 7) * 3 + 1
-            torch.testing.assert_close(fused(x), F.leaky_relu(ref_norm(x), 0.2), atol=2e-5, rtol=2e-5)
+            # both fp32 within tests/_norm_bounds.py's bound of the exact value: twice it
+            assert_below(fused(x), F.leaky_relu(ref_norm(x), 0.2), 2 * instance_norm_act_bounds(x, w, b).y)
+            # each step adds (at most) its batch statistics' bounds to the running ones, plus
+            # the update's own rounding (a few ulps of the statistic, in e_* via assert_below)
+            em, ev = instance_stat_bounds(x)
+            e_rm, e_rv = e_rm + em, e_rv + ev
         for key, value in ref_norm.state_dict().items():
-            torch.testing.assert_close(fused.state_dict()[key], value, atol=1e-6, rtol=1e-6)
+            if not value.is_floating_point():  # num_batches_tracked
+                assert torch.equal(fused.state_dict()[key], value), key
+                continue
+            e = {"running_mean": e_rm, "running_var": e_rv}.get(key, 0.0)
+            u = unit_roundoff(torch.float32)
+            assert_below(fused.state_dict()[key], value, 2 * e + 4 * 3 * u * value.double().abs(), name=key)
         fused.eval()
         ref_norm.eval()
         x = torch.randn(2, 5, 4, 4)
-        torch.testing.assert_close(fused(x), F.leaky_relu(ref_norm(x), 0.2), atol=2e-5, rtol=2e-5)
+        # eval: an elementwise affine map of the running statistics, whose errors it carries
+        # (tests/_chain_bounds.py), both sides
+        cb = ChainBounds([ref_norm, nn.LeakyReLU(0.2)], x, running_stat_err={0: (2 * e_rm, 2 * e_rv)})
+        assert_below(fused(x), F.leaky_relu(ref_norm(x), 0.2), 2 * cb.e_y)
 
 
 def test_unbatched_input_and_errors():
     m = gnn.InstanceNormAct2d(3, affine=True)
     x = torch.randn(3, 4, 5)
-    torch.testing.assert_close(m(x), F.leaky_relu(nn.InstanceNorm2d(3, affine=True)(x), 0.2), atol=2e-5, rtol=2e-5)
+    bound = 2 * instance_norm_act_bounds(x[None], m.weight, m.bias).y[0]  # both fp32 sides
+    assert_below(m(x), F.leaky_relu(nn.InstanceNorm2d(3, affine=True)(x), 0.2), bound)
     with pytest.raises(ValueError, match="expected 3 channels"):
         m(torch.randn(1, 4, 5, 5))
     with pytest.raises(ValueError, match="weight must have shape"):
@@ -284,7 +317,7 @@ def test_autocast_keeps_input_dtype():
         y32 = GF.instance_norm_act(x, w, b)
         y16 = GF.instance_norm_act(x.bfloat16(), w, b)
     assert y32.dtype == torch.float32 and y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y32.double(), reference(x, w, b), atol=2e-5, rtol=2e-5)
+    assert_norm_bounds(x, w, b, None, (y32,), (reference(x, w, b),), names=("y",))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,12 +351,12 @@ def test_torch_compile_fullgraph_no_graph_breaks(backend):
     torch._dynamo.reset()
     net = _SmallNet()
     x = torch.randn(2, 3, 8, 8)
-    with on_backend(backend):
+    with on_backend(backend), census(net) as cen:
         want = net(x)
         compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
         got = compiled(x)
         got.sum().backward()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_normwise(got, want, cen)  # normwise network bound (tests/_model_bounds.py)
     assert net.norm.weight.grad is not None
     explained = torch._dynamo.explain(net)(x)
     assert explained.graph_break_count == 0
@@ -334,7 +367,9 @@ def test_torch_compile_inductor():
     torch._dynamo.reset()
     net = _SmallNet()
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(torch.compile(net, fullgraph=True)(x), net(x), atol=1e-5, rtol=1e-5)
+    with census(net) as cen:
+        want = net(x)
+    assert_normwise(torch.compile(net, fullgraph=True)(x), want, cen)  # (tests/_model_bounds.py)
 
 
 # ------------------------------------------------------------------ ganengine.fuse
@@ -374,13 +409,16 @@ def test_fuse_cyclegan_generator(backend):
     assert list(fused.state_dict().keys()) == list(net.state_dict().keys())
     assert sum(isinstance(m, gnn.InstanceNormAct2d) for m in fused.modules()) == 7
     x = torch.randn(2, 3, 16, 16)
+    with census(net) as cen:
+        want = net(x)
     with on_backend(backend):
-        torch.testing.assert_close(fused(x), net(x), atol=1e-4, rtol=1e-4)
+        assert_normwise(fused(x), want, cen)  # normwise network bound (tests/_model_bounds.py)
         # same training behaviour: same gradients
         fused(x).square().mean().backward()
     net(x).square().mean().backward()
+    scale = max(p.grad.abs().max().item() for p in net.parameters())  # the network's largest gradient
     for (name, p), (_, q) in zip(net.named_parameters(), fused.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
+        assert_normwise(q.grad, p.grad, cen, scale=scale, backward=True, name=name)
 
 
 def test_fuse_keeps_affine_running_stats_and_inplace_option():
@@ -391,7 +429,8 @@ def test_fuse_keeps_affine_running_stats_and_inplace_option():
     assert isinstance(fused[1], gnn.InstanceNormAct2d) and isinstance(fused[2], nn.Identity)
     assert isinstance(net[1], nn.InstanceNorm2d), "fuse(inplace=False) must not touch the original"
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(fused(x), original(x), atol=2e-5, rtol=2e-5)
+    # the block's elementwise bound (tests/_chain_bounds.py: conv, norm, activation), both sides
+    assert_below(fused(x), original(x), 2 * ChainBounds(list(original), x).e_y)
     torch.testing.assert_close(fused[1].running_mean, original[1].running_mean)
     fused.load_state_dict(original.state_dict())  # keys interchangeable
     same = ganengine.fuse(net, inplace=True)
@@ -414,11 +453,8 @@ def test_gpu_backends(backend, shape, dtype, channels_last):
     y_ref, dref = grads_of(lambda *a: reference(*a), x.double(), w.double(), b.double(), g.double())
     with on_backend(backend):
         y, d = grads_of(GF.instance_norm_act, x, w, b, g)
-    t = tol(dtype)
-    torch.testing.assert_close(y.double(), y_ref, **t)
-    torch.testing.assert_close(d[0].double(), dref[0], atol=t["atol"] * 4, rtol=t["rtol"] * 4)
-    for got, want in zip(d[1:], dref[1:]):
-        torch.testing.assert_close(got.double(), want, atol=t["atol"] * 50 + 1e-3, rtol=t["rtol"] * 10)
+    # the bounds of tests/_norm_bounds.py (c = 2 covers the GPU's few-ulp rsqrt)
+    assert_norm_bounds(x, w, b, g, (y,) + tuple(d), (y_ref,) + tuple(dref), backend=backend)
 
 
 @pytest.mark.gpu
@@ -430,4 +466,7 @@ def test_gpu_opcheck_and_compile(backend):
     with on_backend(backend):
         torch.library.opcheck(ops.instance_norm_act_fwd, (x, w, b, 1e-5, "leaky_relu", 0.2))
         net = _SmallNet().cuda()
-        torch.testing.assert_close(torch.compile(net, fullgraph=True)(x), net(x), atol=1e-4, rtol=1e-4)
+        with census(net) as cen:
+            want = net(x)
+        # normwise network bound (tests/_model_bounds.py); TF32 convs: u = 2^-11 for the products
+        assert_normwise(torch.compile(net, fullgraph=True)(x), want, cen, extra_depth=2 ** 13 * cen.depth)

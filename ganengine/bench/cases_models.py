@@ -23,7 +23,17 @@ MODEL_SPECS: dict[str, dict] = {
     "stargan": dict(ref=dict(), quick=dict(image_size=64, g_conv_dim=8, d_conv_dim=8, g_repeat_num=2),
                     batch=dict(ref=(16, 128), quick=(2, 64))),
     "stackgan": dict(ref=dict(), quick=dict(gf_dim=16, df_dim=8), batch=dict(ref=(64, 64), quick=(2, 64))),
+    # DCGAN (64x64 only) and PyTorch-GAN's MNIST-sized models: the reference settings are CPU-sized
+    "dcgan": dict(ref=dict(), quick=dict(nz=16, ngf=8, ndf=8), batch=dict(ref=(64, 64), quick=(4, 64))),
+    "wgan": dict(ref=dict(n_critic=1), quick=dict(n_critic=1, latent_dim=16), batch=dict(ref=(64, 28), quick=(4, 28))),
+    "wgan_gp": dict(ref=dict(n_critic=1), quick=dict(n_critic=1, latent_dim=16),
+                    batch=dict(ref=(64, 28), quick=(4, 28))),
+    "cgan": dict(ref=dict(), quick=dict(latent_dim=16), batch=dict(ref=(64, 32), quick=(4, 32))),
+    "acgan": dict(ref=dict(), quick=dict(latent_dim=16), batch=dict(ref=(64, 32), quick=(4, 32))),
+    "adcgan": dict(ref=dict(), quick=dict(latent_dim=16), batch=dict(ref=(64, 32), quick=(4, 32))),
+    "infogan": dict(ref=dict(), quick=dict(latent_dim=16), batch=dict(ref=(64, 32), quick=(4, 32))),
 }
+SYNTHESIS = ("dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")
 
 
 def _models_module():
@@ -59,6 +69,9 @@ def make_batch(name: str, model, n: int, size: int, device, dtype=torch.float32)
         t = int(_opt(model, "text_dim", "TEXT_DIMENSION", default=1024))
         return {"image": img(), "embedding": torch.randn((n, t), device=device, dtype=dtype),
                 "wrong_image": img()}
+    if name in SYNTHESIS:
+        c = int(_opt(model, "channels", "nc", default=1))
+        return {"image": img(c), "label": torch.randint(0, int(_opt(model, "n_classes", default=10)), (n,), device=device)}
     raise ValueError(f"no synthetic batch for model {name!r}")
 
 
@@ -67,6 +80,8 @@ def _image_size(name: str, model, default: int) -> int:
         return int(_opt(model, "crop_size", "fineSize", default=default))
     if name == "stargan":
         return int(_opt(model, "image_size", "celeba_crop_size", default=default))
+    if name in SYNTHESIS:
+        return int(_opt(model, "img_size", default=default))
     return default
 
 

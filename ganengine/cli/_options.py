@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan")
+MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan", "csgan", "sagan", "biggan", "biggan_deep", "unetgan",
+               "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")
 
 # help texts for the reference flags (the reference implementations' wording, shortened)
 MODEL_HELP = {
@@ -52,6 +53,53 @@ MODEL_HELP = {
     "text_dim": "text embedding size (TEXT.DIMENSION; default: from the data)",
     "z_dim": "noise size (Z_DIM)",
     "r_num": "residual blocks in stage II (GAN.R_NUM)",
+    # SAGAN / BigGAN / U-Net GAN / CSGAN / LOGAN
+    "imsize": "image resolution (SAGAN runs at 64 only, as the reference)",
+    "g_conv_dim": "generator filters in the first conv layer",
+    "adv_loss": "SAGAN loss: hinge or wgan-gp",
+    "resolution": "BigGAN image resolution (default: --image_size)",
+    "n_classes": "number of classes (default: from the data)",
+    "G_ch": "BigGAN generator channel multiplier",
+    "D_ch": "BigGAN discriminator channel multiplier",
+    "G_attn": "resolutions with attention in G, e.g. 64 or 32_64 (0: none)",
+    "D_attn": "resolutions with attention in D, e.g. 64 or 32_64 (0: none)",
+    "G_shared": "shared class embedding in G",
+    "hier": "hierarchical z (a chunk of z to every block)",
+    "dim_z": "latent size",
+    "shared_dim": "shared embedding size (0: dim_z)",
+    "G_lr": "generator learning rate",
+    "D_lr": "discriminator learning rate",
+    "num_D_steps": "discriminator steps per generator step",
+    "G_ortho": "orthogonal regularisation strength in G",
+    "D_ortho": "orthogonal regularisation strength in D",
+    "ema": "keep an exponential moving average of G",
+    "use_ema": "sample with the EMA of G",
+    "ema_start": "step at which the EMA starts averaging (before it copies G)",
+    "ema_decay": "EMA decay",
+    "latent_optimisation": "LOGAN: one natural-gradient step on z before the G and D updates",
+    "lo_alpha": "LOGAN step size alpha",
+    "lo_beta": "LOGAN damping beta",
+    "lo_rate": "LOGAN: fraction of the samples whose z is optimised",
+    "lo_steps": "LOGAN: optimisation steps on z",
+    "lambda_CS": "weight of the cycle-synthesized L1 terms (CSGAN)",
+    "gan_loss": "U-Net GAN loss: hinge or vanilla (the reference code's BCE)",
+    "unet_mixup": "CutMix regularisation of the U-Net discriminator",
+    "unconditional": "ignore class labels",
+    # DCGAN (pytorch/examples) and PyTorch-GAN's wgan / wgan_gp / cgan / acgan / infogan
+    "nz": "size of the latent z vector",
+    "nc": "image channels (the reference takes them from its dataset: 3 for image folders, 1 for MNIST)",
+    "latent_dim": "dimensionality of the latent space",
+    "code_dim": "InfoGAN: continuous latent codes",
+    "img_size": "size of each image dimension",
+    "channels": "number of image channels",
+    "b1": "adam: decay of first order momentum of gradient",
+    "b2": "adam: decay of second order momentum of gradient",
+    "clip_value": "WGAN: lower and upper clip value for the critic's weights",
+    "lambda_adc": "ADC-GAN: weight of the discriminative classifier's losses",
+    "lambda_cat": "InfoGAN: weight of the categorical code loss",
+    "lambda_con": "InfoGAN: weight of the continuous code loss",
+    "fused": "run the networks on ganengine's fused ops (false: plain PyTorch layers)",
+    "fused_optimizer": "PyTorch's fused / multi-tensor optimiser implementation (false: the per-parameter loop)",
 }
 
 
@@ -101,8 +149,7 @@ def nonneg_int(value: str) -> int:
 def model_class(name: str):
     from ganengine import models
 
-    return {"pix2pix": models.Pix2Pix, "cyclegan": models.CycleGAN, "stargan": models.StarGAN,
-            "stackgan": models.StackGAN}[name]
+    return models.MODELS[name]
 
 
 def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=()) -> list[str]:

@@ -5,7 +5,11 @@
 Uses the held-out split of the data the model was trained on (the built-in sample data when it
 was trained without ``--dataroot``), or ``--dataroot``. Rows: pix2pix/CycleGAN input, output,
 target (or the other domain); StarGAN input and its translation to every domain; StackGAN real
-images and two generated rows for their captions.
+images and two generated rows for their captions. Synthesis models (DCGAN, WGAN, cGAN, AC-GAN,
+ADC-GAN, InfoGAN, ...): real images, then one generated row per class for class-conditional models
+(the same latent in each column), InfoGAN one row per categorical code and rows that vary each
+continuous code from -1 to 1; ``--interpolate STEPS`` also writes latent interpolations (one per
+row) to ``OUTPUT_interpolation.png``.
 """
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ def register(subparsers) -> None:
     p.add_argument("--n", type=int, default=8, help="images per row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max_rows", type=int, default=10, help="synthesis models: at most this many class rows "
+                   "(default: %(default)s)")
+    p.add_argument("--interpolate", type=int, default=0, metavar="STEPS",
+                   help="synthesis models: also write latent interpolations, STEPS images per row, to "
+                        "OUTPUT_interpolation.png (default: none)")
     p.set_defaults(func=run)
 
 
@@ -38,6 +47,9 @@ def run(args) -> int:
     try:
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
+        if args.max_rows < 1 or args.interpolate < 0 or args.interpolate == 1:
+            raise ValueError(f"--max_rows must be >= 1 and --interpolate 0 or >= 2, got {args.max_rows}, "
+                             f"{args.interpolate}")
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
         model, state = load_model(args.checkpoint, map_location="cpu")
@@ -59,9 +71,21 @@ def run(args) -> int:
         batch = torch.utils.data.default_collate([ds[i * len(ds) // n] for i in range(n)])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         torch.manual_seed(args.seed)
-        grid_rows = rows(name, model, batch, data.get("selected_attrs"))
-        save_grid([r.float() for r in grid_rows], args.output,
-                  row_labels(name, model, len(grid_rows), data.get("selected_attrs")))
+        names = data.get("selected_attrs") or data.get("classes")
+        grid_rows = rows(name, model, batch, names, max_rows=args.max_rows)
+        save_grid([r.float() for r in grid_rows], args.output, row_labels(name, model, len(grid_rows), names))
+        if args.interpolate:
+            if not hasattr(model, "interpolation_rows"):
+                raise ValueError(f"--interpolate: {name} is not a synthesis model (no latent to interpolate)")
+            with torch.no_grad():
+                inter = model.interpolation_rows(n_rows=min(4, args.max_rows), steps=args.interpolate)
+            stem, ext = os.path.splitext(args.output)
+            conditional = getattr(model, "CONDITIONAL", False)
+            k = getattr(model, "n_classes", None) or 1
+            labels = [(str(names[r % k]) if names else f"class {r % k}") if conditional else f"z pair {r + 1}"
+                      for r in range(len(inter))]
+            save_grid([r.float() for r in inter], f"{stem}_interpolation{ext or '.png'}", labels)
+            print(f"ganengine sample: wrote {stem}_interpolation{ext or '.png'}", file=sys.stderr)
     except (DataError, CheckpointError, ValueError) as exc:
         if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
             raise

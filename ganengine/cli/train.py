@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from ganengine.cli import _synthesis_models as _basic
 from ganengine.cli._options import (MODEL_NAMES, add_model_options, model_class, nonneg_int, positive_int,
                                     str2bool)
 
@@ -21,6 +22,11 @@ DESCRIPTIONS = {
     "stargan": "StarGAN: multi-domain translation (CelebA: DATAROOT/images + list_attr_celeba.txt; "
                "or folder per domain: DATAROOT/train/<domain>/).",
     "stackgan": "StackGAN: text-to-image (DATAROOT/images + captions.txt, text/*.txt or embeddings.pt).",
+    "csgan": "CSGAN: CycleGAN + cycle-synthesized losses (DATAROOT/trainA, DATAROOT/trainB).",
+    "sagan": "SAGAN: self-attention GAN, unconditional synthesis (DATAROOT/<class>/*.png or BigGAN's HDF5).",
+    "biggan": "BigGAN: class-conditional synthesis (DATAROOT/<class>/*.png or BigGAN's HDF5).",
+    "biggan_deep": "BigGAN-deep: class-conditional synthesis (DATAROOT/<class>/*.png or BigGAN's HDF5).",
+    "unetgan": "U-Net GAN: BigGAN G + U-Net discriminator, CutMix (DATAROOT/<class>/*.png or BigGAN's HDF5).",
 }
 
 # engine / data defaults of the reference implementations (model options live in the model classes)
@@ -29,7 +35,13 @@ REFERENCE = {
     "cyclegan": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
     "stargan": dict(batch_size=16, crop_size=178, image_size=128, n_epochs=20, n_epochs_decay=10),
     "stackgan": dict(batch_size=64, image_size=64, n_epochs=600, n_epochs_decay=0),
+    "csgan": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
+    "sagan": dict(batch_size=64, image_size=64, n_epochs=100, n_epochs_decay=0),
+    "biggan": dict(batch_size=64, image_size=128, n_epochs=100, n_epochs_decay=0),
+    "biggan_deep": dict(batch_size=64, image_size=128, n_epochs=100, n_epochs_decay=0),
+    "unetgan": dict(batch_size=50, image_size=128, n_epochs=100, n_epochs_decay=0),
 }
+SYNTHESIS = ("sagan", "biggan", "biggan_deep", "unetgan")
 
 # small-data defaults used with the built-in sample data (no --dataroot), for options the user did
 # not give: 64x64 images and slimmer networks so that a few hundred steps on a 2-core CPU take a
@@ -45,7 +57,25 @@ SAMPLE = {
                     max_steps=300, sample_every=50, save_every=100),
     "stackgan": dict(image_size=64, batch_size=16, gf_dim=32, df_dim=16, condition_dim=32, z_dim=32,
                      max_steps=300, sample_every=50, save_every=100),
+    "csgan": dict(load_size=72, crop_size=64, batch_size=2, netG="resnet_6blocks", ngf=16, ndf=32,
+                  max_steps=300, sample_every=50, save_every=100),
+    "sagan": dict(image_size=64, batch_size=16, g_conv_dim=16, d_conv_dim=16, z_dim=64,
+                  max_steps=300, sample_every=50, save_every=100),
+    "biggan": dict(image_size=32, batch_size=16, G_ch=16, D_ch=16, G_attn="16", D_attn="16", G_shared=True,
+                   hier=True, dim_z=64, shared_dim=32, num_D_steps=1, G_lr=1e-4, D_lr=4e-4, ema=True, use_ema=True,
+                   ema_start=100, max_steps=300, sample_every=50, save_every=100),
+    "biggan_deep": dict(image_size=32, batch_size=16, G_ch=16, D_ch=16, G_attn="16", D_attn="16", dim_z=64,
+                        shared_dim=32, num_D_steps=1, G_lr=1e-4, D_lr=4e-4, ema=True, use_ema=True, ema_start=100,
+                        max_steps=300, sample_every=50, save_every=100),
+    "unetgan": dict(image_size=32, batch_size=16, G_ch=16, D_ch=16, G_attn="0", D_attn="0", G_shared=True,
+                    hier=True, dim_z=64, shared_dim=32, G_lr=1e-4, D_lr=4e-4, max_steps=300, sample_every=50,
+                    save_every=100),
 }
+
+# DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN, ADC-GAN, InfoGAN: cli/_synthesis_models.py
+DESCRIPTIONS.update(_basic.DESCRIPTIONS)
+REFERENCE.update(_basic.REFERENCE)
+SAMPLE.update(_basic.SAMPLE)
 
 ENGINE_OPTIONS = ("batch_size", "n_epochs", "n_epochs_decay", "max_steps", "sample_every", "save_every")
 DATA_OPTIONS = ("dataroot", "phase", "direction", "load_size", "crop_size", "preprocess", "no_flip",
@@ -120,7 +150,7 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
                    help="keep decoded images in memory: auto = when they fit in 1 GiB (default: %(default)s)")
     g.add_argument("--no_flip", action="store_true", help="no random horizontal flip")
     ref = REFERENCE[model]
-    if model in ("pix2pix", "cyclegan"):
+    if model in ("pix2pix", "cyclegan", "csgan"):
         g.add_argument("--phase", default="train", help="split folder: train, val, test (default: %(default)s)")
         g.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="(default: %(default)s)")
         g.add_argument("--preprocess", default="resize_and_crop",
@@ -128,7 +158,7 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
                        help="(default: %(default)s)")
         g.add_argument("--load_size", type=positive_int, default=None, help=f"resize to this size (default: {ref['load_size']})")
         g.add_argument("--crop_size", type=positive_int, default=None, help=f"then crop to this size (default: {ref['crop_size']})")
-        if model == "cyclegan":
+        if model in ("cyclegan", "csgan"):
             g.add_argument("--serial_batches", action="store_true", help="take B images in order, not at random")
     elif model == "stargan":
         g.add_argument("--dataset", choices=("auto", "CelebA", "RaFD"), default="auto",
@@ -141,13 +171,16 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
         g.add_argument("--phase", default="train", help="split (default: %(default)s)")
     else:
         g.add_argument("--phase", default="train", help=argparse.SUPPRESS)
-    if "image_size" not in model_defaults and model in ("stargan", "stackgan"):
+    if model in _basic.MODELS:
+        _basic.add_data_options(g, model)
+    if "image_size" not in model_defaults and model in ("stargan", "stackgan") + SYNTHESIS:
         g.add_argument("--image_size", type=positive_int, default=None,
                        help=f"image resolution (default: {ref['image_size']})")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan or stackgan",
+    p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan, stackgan, csgan, dcgan, wgan, wgan_gp, "
+                              "cgan, acgan, adcgan, infogan, sagan, biggan, biggan_deep or unetgan",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="model", metavar="MODEL", required=True)
     for name in MODEL_NAMES:
@@ -159,6 +192,8 @@ def register(subparsers) -> None:
                             + __doc__.split("\n\n")[1].replace("\n", " "))
         _add_data_options(mp, name, defaults)
         _add_run_options(mp, name)
+        if name in _basic.MODELS:
+            _basic.add_aliases(mp, name)
         model_opts = add_model_options(mp, defaults)
         mp.set_defaults(func=run, _model_options=model_opts)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -222,10 +257,39 @@ def _derive_from_data(model: str, model_opts: dict, data_opts: dict, known: list
         data_opts["text_embedder"] = "precomputed" if ds.precomputed else "ganengine-hash-v1"
 
 
+def _derive_synthesis(model: str, model_opts: dict, data_opts: dict, engine: dict) -> None:
+    """Image size and class count of the synthesis models follow the data; BigGAN loads
+    batch_size x num_D_steps x num_D_accumulations images per step, as the reference."""
+    from ganengine.cli._options import model_class
+    from ganengine.data import build_dataset
+
+    defaults = model_class(model).DEFAULTS
+    size_key = "imsize" if model == "sagan" else "resolution"
+    if size_key in model_opts and model_opts[size_key] != data_opts["image_size"]:
+        raise ValueError(f"--{size_key} {model_opts[size_key]} and --image_size {data_opts['image_size']} disagree; "
+                         "give one of them")
+    model_opts[size_key] = data_opts["image_size"]
+    if "n_classes" in defaults:
+        ds = build_dataset(model, data_opts)
+        n = len(ds.classes)
+        if "n_classes" in model_opts and model_opts["n_classes"] < n:
+            raise ValueError(f"--n_classes {model_opts['n_classes']} is smaller than the {n} classes in the data; "
+                             "leave it out to take it from the data")
+        model_opts.setdefault("n_classes", n)
+        data_opts["classes"] = list(ds.classes)
+    if model in ("biggan", "biggan_deep", "unetgan"):
+        steps = 1 if model == "unetgan" else model_opts.get("num_D_steps", defaults["num_D_steps"])
+        engine["batch_size"] *= max(1, steps) * model_opts.get("num_D_accumulations", defaults["num_D_accumulations"])
+
+
 def make_config(args):
     from ganengine.train import TrainConfig
 
     model_opts, data_opts, engine, notes = resolve(args)
+    if args.model in SYNTHESIS:
+        _derive_synthesis(args.model, model_opts, data_opts, engine)
+    if args.model in _basic.MODELS:
+        _basic.derive(args.model, model_opts, data_opts, args.flip)
     _derive_from_data(args.model, model_opts, data_opts, args._model_options)
     name = args.name or f"{args.model}_" + (os.path.basename(os.path.normpath(args.dataroot)) if args.dataroot else "sample")
     run_dir = os.path.join(args.checkpoints_dir, name)

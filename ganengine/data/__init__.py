@@ -22,6 +22,9 @@ from ganengine.data.unpaired import UnalignedDataset
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 SAMPLE_DATA = {"pix2pix": "photos_paired", "cyclegan": "photos_unpaired", "stargan": "digits", "stackgan": "digits"}
+CLASS_MODELS = ("sagan", "biggan", "biggan_deep", "unetgan",
+                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")  # class-conditional image synthesis (data/classes.py)
+SAMPLE_DATA.update(csgan="photos_unpaired", **{m: "digits" for m in CLASS_MODELS})
 MODELS = tuple(SAMPLE_DATA)
 
 __all__ = ["AlignedDataset", "UnalignedDataset", "CelebADataset", "DomainFolderDataset", "CaptionedDataset",
@@ -55,7 +58,13 @@ def build_dataset(model: str, options, phase: str | None = None):
     phase = phase or _get(options, "phase", "train")
     cache = {"auto": "auto", "on": True, "off": False}[_get(options, "cache_images", "auto")]
     flip = not _get(options, "no_flip", False) and phase == "train"
-    if model in ("pix2pix", "cyclegan"):
+    if model in CLASS_MODELS:
+        from ganengine.data.classes import class_dataset
+
+        return class_dataset(_get(options, "dataroot"), sample_root(model) if not _get(options, "dataroot") else None,
+                             _get(options, "image_size", 64), flip, phase, cache=cache,
+                             channels=_get(options, "channels", 3))
+    if model in ("pix2pix", "cyclegan", "csgan"):
         transform = TransformOptions(_get(options, "preprocess", "resize_and_crop"), _get(options, "load_size", 286),
                                      _get(options, "crop_size", 256), flip)
         if phase != "train" and transform.preprocess != "none":  # evaluation: no random crop, as in test mode

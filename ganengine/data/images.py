@@ -34,7 +34,20 @@ def find_images(folder: str, what: str = "image folder", recursive: bool = True)
                         "or leave --dataroot out to train on the built-in sample data.")
     paths = []
     if recursive:
-        for root, _, files in sorted(os.walk(folder, followlinks=True)):
+        # symbolic links to folders are followed, but a folder reached twice (a link loop, or two
+        # links to one folder) is listed once: os.walk would otherwise descend a loop until the
+        # path is too long and list its images dozens of times
+        seen: set[str] = set()
+        walked = []
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()
+            walked.append((root, files))
+        for root, files in sorted(walked):
             paths += [os.path.join(root, f) for f in sorted(files) if is_image(f)]
     else:
         paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_image(f)]

@@ -82,7 +82,7 @@ def _check_arch(arch: str) -> str:
 def _arch_args(arch: str, kwargs: dict) -> dict:
     defaults = _ARCH_DEFAULTS[arch]
     unknown = sorted(set(kwargs) - set(defaults))
-    if unknown:
+    if unknown and arch not in _OPEN_ARCHS:  # (BigGAN's constructors take **kwargs: extra config keys)
         raise TypeError(f"arch {arch!r} takes the architecture arguments {sorted(defaults)}; unknown: {unknown}")
     return {**defaults, **kwargs}
 
@@ -97,7 +97,7 @@ def build_network(arch: str, fused: bool = True, init_type: str | None = "defaul
     """
     _check_arch(arch)
     args = _arch_args(arch, kwargs)
-    if init_type == "default":
+    if init_type == "default" and arch not in _SPEC_ARCHS:  # spec builders apply their reference's own init
         init_type = "stackgan" if arch.startswith("stackgan") else (None if arch.startswith("stargan") else "normal")
     return _BUILDERS[arch](args, fused=fused, init_type=init_type)
 
@@ -265,6 +265,17 @@ _INFER = {"resnet": _infer_resnet, "unet": _infer_unet, "patchgan": _infer_patch
           "stargan_G": _infer_star_g, "stargan_D": _infer_star_d, "stackgan_stage1_G": _infer_stack_g1,
           "stackgan_stage2_G": _infer_stack_g2, "stackgan_stage1_D": _infer_stack_d(1),
           "stackgan_stage2_D": _infer_stack_d(2)}
+
+# SAGAN / BigGAN / BigGAN-deep (attention, spectral norm): ganengine/models/archs_attention.py
+from ganengine.models.archs_attention import OPEN_ARCHS as _OPEN_ARCHS, SPECS as _ATTN_SPECS  # noqa: E402
+ARCHS += tuple(_ATTN_SPECS)
+# DCGAN (pytorch/examples) and PyTorch-GAN's wgan_gp / cgan / acgan / infogan: networks_dcgan.py, networks_pytorch_gan.py
+from ganengine.models.networks_dcgan import SPECS as _DCGAN_SPECS  # noqa: E402
+from ganengine.models.networks_pytorch_gan import SPECS as _PYTORCH_GAN_SPECS  # noqa: E402
+ARCHS += tuple(_DCGAN_SPECS) + tuple(_PYTORCH_GAN_SPECS)
+_SPEC_ARCHS = {**_ATTN_SPECS, **_DCGAN_SPECS, **_PYTORCH_GAN_SPECS}
+for _arch, _spec in _SPEC_ARCHS.items():
+    _ARCH_DEFAULTS[_arch], _BUILDERS[_arch], _INFER[_arch] = _spec
 
 
 def _mismatch_message(arch, args, sd, expected) -> str | None:

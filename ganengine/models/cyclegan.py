@@ -80,8 +80,7 @@ class CycleGAN(GANModel):
                 idt_B = self.netG_B(real_A)
             loss_G_A = GF.gan_loss(self.netD_A(fake_B), True, mode, for_discriminator=False)
             loss_G_B = GF.gan_loss(self.netD_B(fake_A), True, mode, for_discriminator=False)
-            loss_l1, terms = GF.cycle_loss(real_A, rec_A, real_B, rec_B, idt_A, idt_B, lambda_a=o["lambda_A"],
-                                           lambda_b=o["lambda_B"], lambda_identity=lambda_idt)
+            loss_l1, terms = self._l1_losses(real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B)
             loss_G = loss_G_A + loss_G_B + loss_l1
         ctx.backward(loss_G, "G")
         ctx.step(opt_G, "G")
@@ -103,7 +102,16 @@ class CycleGAN(GANModel):
                    cycle_B=terms["cycle_b"])
         if lambda_idt > 0:
             out.update(idt_A=terms["idt_a"], idt_B=terms["idt_b"])
+        out.update({name: terms[key] for key, name in self.EXTRA_LOSS_TERMS.items()})
         return self._detached(out)
+
+    EXTRA_LOSS_TERMS: dict = {}  # subclasses' extra L1 terms: key in the terms dict -> logged name
+
+    def _l1_losses(self, real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B):
+        """(total, terms) of the L1 terms, one fused pass (CSGAN adds its own terms here)."""
+        o = self.options
+        return GF.cycle_loss(real_A, rec_A, real_B, rec_B, idt_A, idt_B, lambda_a=o["lambda_A"], lambda_b=o["lambda_B"],
+                             lambda_identity=o["lambda_identity"])
 
     @torch.no_grad()
     def translate(self, batch: dict) -> torch.Tensor:

@@ -6,7 +6,8 @@ state_dict keys and parameter counts), applies the reference initialisation (``i
 ``init_gain``; "normal" 0.02 by default) on that tree, and then rewrites itself with
 ``ganengine.fuse`` (``fused=True``) so InstanceNorm->ReLU and Conv->LeakyReLU pairs run as one op.
 Because the reference tree is built first with the reference layer order, the same seed gives
-the same initial weights as the reference code.
+the same initial weights as the reference code. The U-Net's batch norms, whose activations sit in
+the neighbouring blocks, run fused in its own forward (``UnetSkipConnectionBlock._forward_fused``).
 
 Optional SAGAN attention (``attention_scale``): a ``SelfAttention2d`` block on the feature map
 downsampled by that factor (generators: on the decoder side). Its keys (``attn.*``) extend the
@@ -22,6 +23,7 @@ from torch.nn import init
 
 from ganengine.models._common import (check_attention_scale, check_positive, finish, make_attention,
                                       run_with_attention)
+from ganengine.nn.patch_discriminator import batch_norm2d_act, is_fusable_batch_norm, plain
 
 NORMS = ("batch", "instance", "none")
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
@@ -202,11 +204,93 @@ class UnetSkipConnectionBlock(nn.Module):
             return y
         return torch.cat([x, y], 1)
 
+    # ------------------------------------------------------------------ the fused walk
+    def _leads_with_inplace_leaky(self) -> bool:
+        """Whether this block starts with an in-place LeakyReLU that a parent may run fused with
+        the op before it (then ``_forward_fused(x, activated=True)``): only an in-place one, since
+        the reference's skip connection carries the activated values because the activation
+        overwrote ``x``; with an out-of-place one the skip would carry ``x`` itself."""
+        if type(self) is not UnetSkipConnectionBlock or self.outermost or not (plain(self) and plain(self.model)):
+            return False
+        first = self.model[0] if len(self.model) else None
+        return type(first) is nn.LeakyReLU and first.inplace and plain(first)
+
+    def _forward_fused(self, x: torch.Tensor, activated: bool = False, relu_out: bool = False) -> torch.Tensor:
+        """The reference forward (``relu(forward(x))`` when ``relu_out``) with every batch norm run
+        as one ``batch_norm_act`` call together with the activation after it. In the reference:
+
+        * a block's leading LeakyReLU(0.2, inplace) overwrites its input, which is the parent's
+          downnorm output (or the outermost downconv's), so the skip half of ``cat([x, y])`` and
+          the downconv both read ``leaky(z)``: the parent runs ``batch_norm_act(leaky_relu)`` and
+          passes the result with ``activated=True``;
+        * the parent's ReLU(inplace) after the submodule acts on this block's ``cat([x, y])``:
+          ``relu(cat([x, y])) = cat([relu(x), relu(y)])``, so with ``relu_out`` the upnorm runs as
+          ``batch_norm_act(relu)`` and only the skip half gets a separate ReLU. Dropout(0.5)
+          after the upnorm scales by exactly 0 or 2, which commutes with relu bit for bit (same
+          mask draws, same order).
+        Anything else (other norms, hooks, a module swapped in) runs as its module, in order.
+        """
+        mods = list(self.model)
+        n = len(mods)
+        i = 1 if activated else 0  # activated: the leading LeakyReLU already ran (in the parent)
+        h = x
+        h_relu = False  # whether h is already relu'd (the upnorm ran fused with relu_out's ReLU)
+        while i < n:
+            m = mods[i]
+            nxt = mods[i + 1] if i + 1 < n else None
+            if type(m) is UnetSkipConnectionBlock and plain(m) and plain(m.model):
+                take_relu = type(nxt) is nn.ReLU and plain(nxt)
+                h = m._forward_fused(h, False, take_relu)
+                i += 2 if take_relu else 1
+                continue
+            if is_fusable_batch_norm(m):
+                if isinstance(nxt, UnetSkipConnectionBlock) and nxt._leads_with_inplace_leaky():
+                    # downnorm + the child's in-place LeakyReLU
+                    h = batch_norm2d_act(m, h, "leaky_relu", nxt.model[0].negative_slope)
+                    h = nxt._forward_fused(h, True, self._relu_follows(mods, i + 1))
+                    i += 3 if self._relu_follows(mods, i + 1) else 2
+                    continue
+                tail = mods[i + 1:]
+                if (relu_out and not self.outermost and self.attn is None
+                        and all(type(d) is nn.Dropout and plain(d) for d in tail)):
+                    # upnorm (+ dropout) + the parent's ReLU
+                    h = batch_norm2d_act(m, h, "relu")
+                    for d in tail:
+                        h = d(h)
+                    h_relu = True
+                    break
+                h = batch_norm2d_act(m, h, "none")
+                i += 1
+                continue
+            # convs run as their modules (the Winograd / GEMM routes): the outermost downconv ->
+            # child's LeakyReLU and the innermost downconv -> ReLU as one conv2d_act (oneDNN + the
+            # act in its epilogue) measured 0.56-0.85x and 0.95-1.00x of conv + in-place act
+            h = m(h)
+            i += 1
+        if self.attn is not None:
+            h = self.attn(h)
+        if self.outermost:
+            return torch.relu_(h) if relu_out else h
+        if not relu_out:
+            return torch.cat([x, h], 1)
+        if h_relu:
+            return torch.cat([torch.relu(x), h], 1)
+        return torch.relu_(torch.cat([x, h], 1))
+
+    @staticmethod
+    def _relu_follows(mods, i: int) -> bool:
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        return type(nxt) is nn.ReLU and plain(nxt)
+
 
 class UnetGenerator(nn.Module):
     """pix2pix's U-Net: ``num_downs`` stride-2 downsamplings (8 for unet_256, 7 for unet_128) with
     skip connections; ``use_dropout`` puts Dropout(0.5) in the ``num_downs - 5`` innermost
-    ngf*8 decoder blocks (not the innermost one), as the reference does."""
+    ngf*8 decoder blocks (not the innermost one), as the reference does.
+
+    With ``fused`` every batch norm runs as one ``batch_norm_act`` call with the activation after
+    it (see ``UnetSkipConnectionBlock._forward_fused``); ``fused_batch_norm = False`` on the
+    instance runs the reference's module-by-module forward instead (same numbers)."""
 
     def __init__(self, input_nc: int = 3, output_nc: int = 3, num_downs: int = 8, ngf: int = 64,
                  norm: str = "batch", use_dropout: bool = False, init_type: str | None = "normal",
@@ -239,8 +323,13 @@ class UnetGenerator(nn.Module):
             target.attn = make_attention(channels)
             _maybe_init(target.attn, init_type, init_gain)
         finish(self, fused)
+        # fused: every batch norm runs as one batch_norm_act call with the activation after it,
+        # which in this tree sits in another block (UnetSkipConnectionBlock._forward_fused)
+        self.fused_batch_norm = fused
 
     def forward(self, x):
+        if self.fused_batch_norm and type(self.model) is UnetSkipConnectionBlock and plain(self.model):
+            return self.model._forward_fused(x)
         return self.model(x)
 
 

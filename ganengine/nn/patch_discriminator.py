@@ -6,7 +6,8 @@ reference checkpoints carry over unchanged. The forward walks those children and
 Conv2d -> [norm] -> LeakyReLU group as one fused op:
   Conv2d -> LeakyReLU                            ganengine conv2d_act
   Conv2d -> InstanceNorm2d (no running stats)    ganengine conv2d_instance_norm_act
-  Conv2d -> BatchNorm2d -> LeakyReLU             ganengine conv2d, F.batch_norm, in-place act
+  Conv2d -> BatchNorm2d -> LeakyReLU             ganengine conv2d, then batch_norm_act (one op:
+                                                 statistics, running-statistics update, act)
   Conv2d (the 1-channel head)                    ganengine conv2d
 Anything it does not recognise (a module swapped in by the user) simply runs as a module.
 Layout: ``channels_last=None`` (the default) runs NHWC on CUDA tensors (cuDNN's fast layout) and
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ganengine.ops.batch_norm_act import batch_norm_act
 from ganengine.ops.conv import conv2d
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
 
@@ -36,6 +38,39 @@ def _norm_layer(norm: str):
     if norm == "instance":
         return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
     return lambda channels: nn.Identity()
+
+
+def plain(m: nn.Module) -> bool:
+    """``m`` runs exactly its class's forward: no hooks, no parametrization, no patched forward.
+    A network forward that bypasses a module's own call (to run it fused with a neighbour) must
+    only do so for such modules: a hook would no longer see the call."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__ or getattr(m, "parametrizations", None))
+
+
+def is_fusable_batch_norm(m) -> bool:
+    """An ``nn.BatchNorm2d`` (exact type: SyncBatchNorm and user subclasses run as themselves)
+    that :func:`batch_norm2d_act` can run in its place."""
+    return type(m) is nn.BatchNorm2d and plain(m)
+
+
+def batch_norm2d_act(norm: nn.BatchNorm2d, x: torch.Tensor, activation: str, negative_slope: float = 0.2):
+    """``act(norm(x))`` as one ``batch_norm_act`` call, with nn.BatchNorm2d's rules: batch
+    statistics in training mode (and in eval without running statistics), the running statistics
+    and ``num_batches_tracked`` updated as nn.BatchNorm2d updates them (``momentum=None``: the
+    cumulative average), the running statistics in eval mode."""
+    if x.dim() != 4:
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")  # nn.BatchNorm2d's message
+    if norm.training:
+        track = norm.track_running_stats
+        nbt = norm.num_batches_tracked if track else None
+        momentum = norm.momentum if (norm.momentum is not None or nbt is not None) else 0.0
+        return batch_norm_act(x, norm.running_mean if track else None, norm.running_var if track else None,
+                              norm.weight, norm.bias, True, momentum, norm.eps, activation, negative_slope,
+                              num_batches_tracked=nbt)
+    batch_stats = norm.running_mean is None and norm.running_var is None
+    return batch_norm_act(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, batch_stats,
+                          norm.momentum if norm.momentum is not None else 0.0, norm.eps, activation, negative_slope)
 
 
 class PatchDiscriminator(nn.Module):
@@ -123,8 +158,15 @@ class PatchDiscriminator(nn.Module):
                                                  nxt.eps, "leaky_relu", nxt2.negative_slope)
                     i += 3
                     continue
-                x = conv2d(x, m.weight, m.bias, m.stride, m.padding)  # (the norm, if any, runs next)
-                i += 1
+                x = conv2d(x, m.weight, m.bias, m.stride, m.padding)
+                if (is_fusable_batch_norm(nxt) and type(nxt2) is nn.LeakyReLU and plain(nxt2)
+                        and nxt.num_features == m.out_channels):
+                    # pix2pix: batch norm + LeakyReLU in one op (in-place or not: the norm's output
+                    # is a temporary nothing else sees)
+                    x = batch_norm2d_act(nxt, x, "leaky_relu", nxt2.negative_slope)
+                    i += 3
+                    continue
+                i += 1  # (the norm, if any, runs next as a module)
                 continue
             x = m(x)
             i += 1

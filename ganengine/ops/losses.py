@@ -540,6 +540,55 @@ def cycle_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b: Tensor, idt
     return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
 
 
+def cycle_synthesized_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b: Tensor, fake_a: Tensor,
+                           fake_b: Tensor, idt_a: Tensor | None = None, idt_b: Tensor | None = None,
+                           lambda_a: float = 10.0, lambda_b: float = 10.0, lambda_identity: float = 0.5,
+                           lambda_cs: float = 30.0):
+    """CSGAN's L1 terms (Kancharagunta & Dubey 2019): :func:`cycle_loss`'s terms plus the
+    cycle-synthesized ones, all in one pass. Returns ``(total, terms)`` with the keys of
+    ``cycle_loss`` and cs_a = L1(fake_a, rec_a.detach()) * lambda_cs, cs_b = L1(fake_b,
+    rec_b.detach()) * lambda_cs (fake_a = G_B(real_b) is the image synthesised in domain A,
+    rec_a = G_B(G_A(real_a)) the cycled one; the reference detaches the cycled image).
+    """
+    fn = "cycle_synthesized_loss"
+    for n, t in (("fake_a", fake_a), ("fake_b", fake_b)):
+        _check_logits(t, n, fn)
+    for pn, p, tn, t in (("fake_a", fake_a, "rec_a", rec_a), ("fake_b", fake_b, "rec_b", rec_b)):
+        if p.shape != t.shape:
+            raise ValueError(f"{fn}: {pn} has shape {tuple(p.shape)} but {tn} has shape {tuple(t.shape)}; they must match")
+    if (idt_a is None) != (idt_b is None):
+        raise ValueError(f"{fn}: give both idt_a and idt_b or neither")
+    named = [("real_a", real_a), ("rec_a", rec_a), ("real_b", real_b), ("rec_b", rec_b)]
+    for n, t in named + ([("idt_a", idt_a), ("idt_b", idt_b)] if idt_a is not None else []):
+        _check_logits(t, n, fn)
+    for pn, p, tn, t in (("rec_a", rec_a, "real_a", real_a), ("rec_b", rec_b, "real_b", real_b)) + (
+            (("idt_a", idt_a, "real_b", real_b), ("idt_b", idt_b, "real_a", real_a)) if idt_a is not None else ()):
+        if p.shape != t.shape:
+            raise ValueError(f"{fn}: {pn} has shape {tuple(p.shape)} but {tn} has shape {tuple(t.shape)}; they must match")
+    tensors = [real_a, rec_a, real_b, rec_b, fake_a, fake_b] + ([idt_a, idt_b] if idt_a is not None else [])
+    real_a, rec_a, real_b, rec_b, fake_a, fake_b, *idt = _common(tensors, fn, ["real_a", "rec_a", "real_b", "rec_b",
+                                                                              "fake_a", "fake_b", "idt_a", "idt_b"])
+    na, nb = real_a.numel(), real_b.numel()
+    preds, targets = [rec_a, rec_b, fake_a, fake_b], [real_a, real_b, rec_a.detach(), rec_b.detach()]
+    scales = [lambda_a / na, lambda_b / nb, lambda_cs / na, lambda_cs / nb]
+    names = ["cycle_a", "cycle_b", "cs_a", "cs_b"]
+    if idt:
+        preds += idt
+        targets += [real_b, real_a]
+        scales += [lambda_b * lambda_identity / nb, lambda_a * lambda_identity / na]
+        names += ["idt_a", "idt_b"]
+    scales = [float(v) for v in scales]
+    # the CPU kernel takes any number of terms; the GPU kernels MAX_TERMS per launch
+    step = len(preds) if real_a.device.type == "cpu" else MAX_TERMS
+    total, terms = None, []
+    for i in range(0, len(preds), step):
+        t, ts = run_l1(preds[i:i + step], targets[i:i + step], scales[i:i + step])
+        total = t if total is None else total + t
+        terms += list(ts.unbind(0) if isinstance(ts, Tensor) else ts)
+    dtype, device = real_a.dtype, real_a.device
+    return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
+
+
 def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 10.0, *,
                      alpha: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """WGAN-GP: ``weight * mean_i (||dD(x_hat)/dx_hat||_2 - 1)^2``, x_hat = alpha*real + (1-alpha)*fake.

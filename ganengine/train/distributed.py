@@ -76,7 +76,9 @@ def wrap(net: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.n
     ids = [info.device.index] if info.device.type == "cuda" else None
     with warnings.catch_warnings():  # newer torch renames it; the old flag keeps the no-sync meaning
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+        # a network whose passes leave some heads unused (InfoGAN's D) says so
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False,
+                                                         find_unused_parameters=getattr(net, "ddp_find_unused_parameters", False))
 
 
 def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:

@@ -246,7 +246,7 @@ class Trainer:
     def write_samples(self) -> str | None:
         if self.sample_batch is None:
             return None
-        attrs = self.cfg.data_options.get("selected_attrs")
+        attrs = self.cfg.data_options.get("selected_attrs") or self.cfg.data_options.get("classes")  # row names
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.ctx.autocast():
             rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)

@@ -32,7 +32,7 @@ def stargan_targets(label: torch.Tensor, selected_attrs: list[str] | None) -> li
 def row_labels(model_name: str, model, n_rows: int, selected_attrs=None) -> list[str]:
     """What each row of :func:`rows` shows, for the label strip of the sample grids."""
     options = getattr(model, "options", {}) or {}
-    if model_name in ("pix2pix", "cyclegan"):
+    if model_name in ("pix2pix", "cyclegan", "csgan"):
         a, b = ("A", "B") if options.get("direction", "AtoB") == "AtoB" else ("B", "A")
         if model_name == "pix2pix":
             return [f"input {a}", f"output G({a})", f"target {b}"][:n_rows]
@@ -43,7 +43,37 @@ def row_labels(model_name: str, model, n_rows: int, selected_attrs=None) -> list
         return ["real"] + [f"{flip} {n}" for n in names][:n_rows - 1]
     if model_name == "stackgan":
         return ["real", "generated", "generated (new z)"][:n_rows]
+    if hasattr(model, "sample_row_labels"):  # SynthesisGAN models (models/synthesis.py)
+        return ["real"] + model.sample_row_labels(n_rows - 1, selected_attrs)
+    if hasattr(model, "generate"):  # class-conditional synthesis: one row per class (synthesis_rows)
+        classes = getattr(model, "class_names", None) or [f"class {k}" for k in range(n_rows - 1)]
+        if not _conditional(model):
+            return ["real"] + [f"generated {i + 1}" for i in range(n_rows - 1)]
+        return ["real"] + [str(c) for c in classes][:n_rows - 1]
     return [f"row {i}" for i in range(n_rows)]
+
+
+def _conditional(model) -> bool:
+    o = getattr(model, "options", {}) or {}
+    return "n_classes" in o and not o.get("unconditional", False)
+
+
+def synthesis_rows(model, batch: dict, max_rows: int = 10) -> list[torch.Tensor]:
+    """Real images, then generated ones: for a class-conditional model one row per class (the
+    first ``max_rows``) with the same z in every column position across rows; otherwise two
+    rows of fresh samples."""
+    real = batch["image"]
+    n = real.shape[0]
+    g = torch.Generator().manual_seed(1234)  # the same z at every sampling step: a grid to compare over time
+    if not _conditional(model):
+        return [real] + [model.generate(n) for _ in range(2)]
+    k = min(int(model.options["n_classes"]), max_rows)
+    out = [real]
+    dim = model.latent_dim() if hasattr(model, "latent_dim") else None
+    z = torch.randn(n, dim, generator=g) if dim else None
+    for c in range(k):
+        out.append(model.generate(labels=torch.full((n,), c, dtype=torch.long), z=z))
+    return out
 
 
 @torch.no_grad()
@@ -52,7 +82,7 @@ def rows(model_name: str, model, batch: dict, selected_attrs=None, max_rows: int
     # reference does without --eval); restore the training modes afterwards
     modes = {m: m.training for m in model.modules()}
     try:
-        if model_name in ("pix2pix", "cyclegan"):  # input, output, target (or the other domain)
+        if model_name in ("pix2pix", "cyclegan", "csgan"):  # input, output, target (or the other domain)
             a, b = ("A", "B") if getattr(model, "options", {}).get("direction", "AtoB") == "AtoB" else ("B", "A")
             return [batch[a], model.translate(batch), batch[b]]
         if model_name == "stargan":
@@ -62,6 +92,10 @@ def rows(model_name: str, model, batch: dict, selected_attrs=None, max_rows: int
             return out
         if model_name == "stackgan":
             return [batch["image"], model.translate(batch), model.translate(batch)]
+        if hasattr(model, "sample_rows"):  # SynthesisGAN models: real images, then the model's own grid rows
+            return [batch["image"]] + model.sample_rows(batch["image"].shape[0], max_rows)
+        if hasattr(model, "generate"):
+            return synthesis_rows(model, batch, max_rows)
         raise ValueError(f"unknown model {model_name!r}")
     finally:
         for m, mode in modes.items():

@@ -1,0 +1,289 @@
+"""The computations of BigGAN's layers (ganengine/models/layers_biggan.py): the reference's
+spectral-norm power iteration, and the fused forms the networks run with ``fused=True``.
+
+Reference numerics kept exactly (what the equality tests check):
+
+* spectral norm (``layers.SN.W_``): per power iteration and singular vector i,
+  ``v = normalize(gram_schmidt(u_i W, vs))``, ``u = normalize(gram_schmidt(v W^T, us))``
+  (``F.normalize``: x / max(||x||, eps)), written to ``u_i`` in training mode;
+  ``sv_i = squeeze((v W^T) u^T)`` (differentiable in W); ``weight / sv_0``.
+* fused, ``num_svs == 1``: the same GEMVs in the same order, but ``v W^T`` is computed once and
+  reused for ``sv`` (the reference computes the same product twice, bit-identical), and
+  ``weight / sv`` is one autograd node whose backward is ``g / sv - (<g, W> / sv^2) u^T v``
+  (one pass, ``torch.addr``) instead of autograd's walk through the GEMVs. The eval-mode
+  repetitions of ``num_itrs > 1`` (identical, as u is not written back) run once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- spectral norm
+def _proj(x, y):
+    return torch.mm(y, x.t()) * y / torch.mm(y, y.t())
+
+
+def _gram_schmidt(x, ys):
+    for y in ys:
+        x = x - _proj(x, y)
+    return x
+
+
+def power_iteration(W, us, update: bool = True, eps: float = 1e-12):
+    """One power-iteration pass for each singular vector in ``us`` (the buffers, written in place
+    when ``update``). Returns (svs, new us, vs); ``svs`` carry the gradient with respect to W."""
+    new_us, vs, svs = [], [], []
+    for i, u in enumerate(us):
+        with torch.no_grad():
+            v = F.normalize(_gram_schmidt(torch.matmul(u, W), vs), eps=eps)
+            vs.append(v)
+            u = F.normalize(_gram_schmidt(torch.matmul(v, W.t()), new_us), eps=eps)
+            new_us.append(u)
+            if update:
+                us[i][:] = u
+        svs.append(torch.squeeze(torch.matmul(torch.matmul(v, W.t()), u.t())))
+    return svs, new_us, vs
+
+
+class _DivBySigma(torch.autograd.Function):
+    """``weight / sigma`` where sigma = u W v^T (u, v constants; W = weight as a matrix, or its
+    transpose): backward ``g / sigma - (<g, weight> / sigma^2) * outer(u, v)`` in one ``addr``."""
+
+    @staticmethod
+    def forward(ctx, weight, sigma, u, v, transpose: bool):
+        ctx.save_for_backward(weight, sigma, u, v)
+        ctx.transpose = transpose
+        return weight / sigma
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, sigma, u, v = ctx.saved_tensors
+        g2 = g.reshape(weight.shape[0], -1)
+        inv = 1.0 / sigma
+        c = torch.dot(g2.reshape(-1), weight.reshape(-1)) * inv * inv
+        a, b = (v, u) if ctx.transpose else (u, v)
+        gw = torch.addr(g2 * inv, a.reshape(-1) * -c, b.reshape(-1))
+        return gw.view_as(weight), None, None, None, None
+
+
+def sn_weight(weight, us, svs, training: bool, eps: float, num_itrs: int, transpose: bool = False,
+              fused: bool = False):
+    """The reference's ``SN.W_()``: ``weight / sigma_0`` with the power iteration's side effects
+    (``us`` and ``svs`` written in training mode)."""
+    W = weight.view(weight.size(0), -1)
+    if transpose:
+        W = W.t()
+    if fused and len(us) == 1:
+        u_buf = us[0]
+        with torch.no_grad():
+            for _ in range(num_itrs if training else 1):
+                v = F.normalize(torch.matmul(u_buf, W), eps=eps)
+                wv = torch.matmul(v, W.t())
+                u = F.normalize(wv, eps=eps)
+                if training:
+                    u_buf.copy_(u)
+            sigma = torch.squeeze(torch.matmul(wv, u.t()))
+            if training:
+                svs[0].copy_(sigma)
+        if weight.requires_grad and torch.is_grad_enabled():
+            return _DivBySigma.apply(weight, sigma, u, v, transpose)
+        return weight / sigma
+    for _ in range(num_itrs):
+        sv_list, _, _ = power_iteration(W, us, update=training, eps=eps)
+    if training:
+        with torch.no_grad():
+            for i, sv in enumerate(sv_list):
+                svs[i][:] = sv
+    return weight / sv_list[0]
+
+
+# ----------------------------------------------------------------------------- batch norm + ReLU
+def relu_or_none(activation) -> bool:
+    return activation is None or isinstance(activation, nn.ReLU) or activation is F.relu
+
+
+def _gf():
+    import ganengine.functional as GF
+
+    return GF
+
+
+def conditional_bn_act(x, gain, bias, running_mean, running_var, training: bool, eps: float, relu: bool):
+    """``act(F.batch_norm(x, rm, rv, None, None, training, 0.1, eps) * gain + bias)``, the
+    reference ccbn (momentum 0.1 fixed) and its ReLU, as one op when ganengine has it."""
+    GF = _gf()
+    fn = getattr(GF, "conditional_batch_norm_act", None)
+    if fn is not None:
+        return fn(x, gain, bias, running_mean, running_var, training=training, momentum=0.1, eps=eps,
+                  activation="relu" if relu else "none")
+    out = F.batch_norm(x, running_mean, running_var, None, None, training, 0.1, eps)
+    out = torch.addcmul(bias[:, :, None, None], out, gain[:, :, None, None])
+    return F.relu(out) if relu else out
+
+
+def bn_act(x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float, relu: bool):
+    GF = _gf()
+    fn = getattr(GF, "batch_norm_act", None)
+    if fn is not None:
+        return fn(x, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps,
+                  activation="relu" if relu else "none")
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.relu(out) if relu else out
+
+
+def ccbn_gain_bias(m, y):
+    """(1 + gain(y), bias(y)) as (N, C) tensors."""
+    return 1 + m.gain(y), m.bias(y)
+
+
+# ----------------------------------------------------------------------------- convolutions
+def conv(m: nn.Conv2d, x, weight, negative_slope: float | None = None):
+    """``m``'s convolution with ``weight`` on ganengine's conv ops (Winograd 3x3 / GEMM forms on
+    the CPU where they pay, the vendor conv elsewhere); ``negative_slope`` fuses a
+    (leaky) ReLU epilogue (0.0 = ReLU)."""
+    GF = _gf()
+    plain = m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if plain and negative_slope is not None:
+        return GF.conv2d_act(x, weight, m.bias, m.stride, m.padding, negative_slope=negative_slope)
+    if plain and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding[0] == m.padding[1]:
+        out = GF.conv3x3(x, weight, m.bias, padding=m.padding[0])
+    elif plain:
+        out = GF.conv2d(x, weight, m.bias, m.stride, m.padding)
+    else:
+        out = F.conv2d(x, weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    if negative_slope is not None:
+        out = F.leaky_relu(out, negative_slope) if negative_slope else F.relu(out)
+    return out
+
+
+def apply_conv(m: nn.Module, x, negative_slope: float | None = None):
+    """Run conv module ``m`` (SN or plain) on ``x``, optionally with a fused ReLU after it."""
+    if isinstance(m, nn.Conv2d) and getattr(m, "fused", True):
+        weight = m.W_() if hasattr(m, "W_") else m.weight
+        return conv(m, x, weight, negative_slope)
+    out = m(x)
+    return out if negative_slope is None else F.relu(out)
+
+
+# ----------------------------------------------------------------------------- resampling folded into convs
+# nearest 2x upsampling then a 3x3 conv (padding 1) == a 4x4 stride-2 transposed conv (padding 1)
+# whose kernel, per axis, is M @ k3: output phase 0 reads rows (i-1, i, i) of x, phase 1 rows
+# (i, i, i+1), so the taps that land on the same input row are summed. 4 instead of 9
+# multiply-adds per output pixel (2.25x fewer), exactly the same function up to rounding.
+_UP = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+# a 3x3 conv (padding 1) then 2x2 average pooling == a 4x4 stride-2 conv (padding 1) whose
+# kernel, per axis, is 0.5 * (k3 convolved with [1, 1]): again 2.25x fewer multiplies, and the
+# full-resolution conv output is never written.
+_POOL = ((0.5, 0.0, 0.0), (0.5, 0.5, 0.0), (0.0, 0.5, 0.5), (0.0, 0.0, 0.5))
+_MATS: dict = {}
+
+
+def _mat(rows, like):
+    key = (rows, like.dtype, like.device)
+    m = _MATS.get(key)
+    if m is None:
+        m = _MATS[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
+    return m
+
+
+def upsample_conv_weight(w3):
+    """(Cout, Cin, 3, 3) conv weight -> (Cin, Cout, 4, 4) transposed-conv weight of up2x+conv."""
+    m = _mat(_UP, w3)
+    return torch.einsum("st,oitv,pv->iosp", m, w3, m)
+
+
+def conv_pool_weight(w3):
+    """(Cout, Cin, 3, 3) conv weight -> (Cout, Cin, 4, 4) stride-2 conv weight of conv+avgpool2."""
+    m = _mat(_POOL, w3)
+    return torch.einsum("st,oitv,pv->oisp", m, w3, m)
+
+
+def _is_conv3x3(m) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
+def _weight(m):
+    return m.W_() if hasattr(m, "W_") else m.weight
+
+
+def upsample_then_conv(up, m, h):
+    """``m(up(h))`` for the nearest 2x upsampling; folded into one transposed conv when m is a
+    plain 3x3 conv."""
+    if up is upsample2x and _is_conv3x3(m) and getattr(m, "fused", True):
+        return _gf().conv_transpose2d(h, upsample_conv_weight(_weight(m)), m.bias, 2, 1)
+    return apply_conv(m, up(h) if up else h)
+
+
+def _is_pool2(p) -> bool:
+    return (isinstance(p, nn.AvgPool2d) and p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2))
+            and p.padding in (0, (0, 0)) and not p.ceil_mode and p.divisor_override is None)
+
+
+def conv_then_pool(m, pool, h):
+    """``pool(m(h))``; folded into one stride-2 conv for a 3x3 conv and 2x2 average pooling."""
+    if pool is not None and _is_pool2(pool) and _is_conv3x3(m) and getattr(m, "fused", True):
+        return _gf().conv2d(h, conv_pool_weight(_weight(m)), m.bias, 2, 1)
+    h = apply_conv(m, h)
+    return pool(h) if pool is not None else h
+
+
+# ----------------------------------------------------------------------------- blocks
+def upsample2x(x):
+    return F.interpolate(x, scale_factor=2)
+
+
+def gblock_forward(m, x, y):
+    """BigGAN GBlock: the norms run with their ReLU as one op; upsampling + conv1 is one
+    transposed conv (above); the shortcut's 1x1 conv runs on the low-resolution input before
+    the upsampling (a 1x1 conv and nearest replication commute exactly), 4x fewer multiplies."""
+    act = m.activation
+    h = m.bn1(x, y, activation=act)
+    h = upsample_then_conv(m.upsample, m.conv1, h)
+    h = m.bn2(h, y, activation=act)
+    h = apply_conv(m.conv2, h)
+    if m.learnable_sc:
+        x = apply_conv(m.conv_sc, x)
+    if m.upsample:
+        x = m.upsample(x)
+    return h + x
+
+
+def dblock_forward(m, x):
+    """BigGAN DBlock: conv1 + ReLU as one op; conv2 + average pooling as one stride-2 conv; the
+    shortcut pools before its 1x1 conv when pre-activated (pooling and a 1x1 conv commute)."""
+    h = F.relu(x) if m.preactivation else x
+    h = apply_conv(m.conv1, h, negative_slope=0.0)
+    h = conv_then_pool(m.conv2, m.downsample, h)
+    s = x
+    if m.downsample:
+        s = m.downsample(s)
+    if m.learnable_sc:
+        s = apply_conv(m.conv_sc, s)
+    return h + s
+
+
+def deep_gblock_forward(m, x, y):
+    act = m.activation
+    h = apply_conv(m.conv1, m.bn1(x, y, activation=act))
+    h = m.bn2(h, y, activation=act)
+    if m.in_channels != m.out_channels:
+        x = x[:, :m.out_channels]
+    if m.upsample:
+        x = m.upsample(x)
+    h = upsample_then_conv(m.upsample, m.conv2, h)
+    h = apply_conv(m.conv3, m.bn3(h, y, activation=act))
+    h = apply_conv(m.conv4, m.bn4(h, y, activation=act))
+    return h + x
+
+
+def deep_dblock_forward(m, x):
+    h = apply_conv(m.conv1, F.relu(x), negative_slope=0.0)
+    h = apply_conv(m.conv2, h, negative_slope=0.0)
+    h = apply_conv(m.conv3, h, negative_slope=0.0)
+    if m.downsample:
+        h = m.downsample(h)
+    h = apply_conv(m.conv4, h)
+    return h + m.shortcut(x)

@@ -1,0 +1,72 @@
+"""``FusedRMSprop``: ``torch.optim.RMSprop`` (no momentum, not centered, no weight decay: WGAN's
+optimiser) as one multi-tensor kernel per step.
+
+PyTorch has no fused RMSprop, and its per-parameter CPU loop makes four passes and a temporary per
+weight (``square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha)``, ``avg = square_avg.sqrt().add_(eps)``,
+``param.addcdiv_(g, avg, -lr)``). Its fused Adam kernel computes the same update in one pass when
+``beta1 = 0`` (``m = g``), ``beta2 = alpha`` (``v = alpha v + (1 - alpha) g^2``, RMSprop's
+``square_avg``) and both bias corrections are exactly 1: the kernel's step counters are pinned at
+2**40 (``1 - alpha**step`` and ``1 - 0**step`` round to 1; 2**40 + 1 rounds back to 2**40 in fp32),
+so ``param -= lr * g / (sqrt(square_avg) + eps)``, RMSprop's update, to fp32 rounding (tested
+against torch.optim.RMSprop). The real step count is kept in ``state["step"]`` as RMSprop keeps it.
+"""
+from __future__ import annotations
+
+import torch
+
+_PINNED_STEP = float(2 ** 40)
+
+
+class FusedRMSprop(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8):
+        for name, v, lo in (("lr", lr, 0.0), ("eps", eps, 0.0)):
+            if not v >= lo:
+                raise ValueError(f"FusedRMSprop: {name} must be >= {lo}, got {v!r}")
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"FusedRMSprop: alpha must be in [0, 1), got {alpha!r}")
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps))
+        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per parameter: m buffer, pinned step
+
+    @staticmethod
+    def supported(params) -> bool:
+        """Whether torch's fused Adam kernel can serve these parameters (else use RMSprop)."""
+        return hasattr(torch, "_fused_adam_") and all(
+            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            for p in params)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, ms, sqs, pinned, counts = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedRMSprop does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    if p.grad.dtype != p.dtype:
+                        raise RuntimeError("FusedRMSprop: gradients must have the parameters' dtype")
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                scratch = self._scratch.get(id(p))
+                if scratch is None or scratch[0].shape != p.shape or scratch[0].device != p.device:
+                    scratch = self._scratch[id(p)] = (torch.zeros_like(p, memory_format=torch.preserve_format),
+                                                      torch.full((), _PINNED_STEP, dtype=torch.float32, device=p.device))
+                params.append(p)
+                grads.append(p.grad)
+                sqs.append(state["square_avg"])
+                ms.append(scratch[0])
+                pinned.append(scratch[1])
+                counts.append(state["step"])
+            if not params:
+                continue
+            torch._foreach_add_(counts, 1.0)
+            # the kernel adds 1 to the pinned counters: 2**40 + 1 rounds back to 2**40 in fp32
+            torch._fused_adam_(params, grads, ms, sqs, [], pinned, lr=group["lr"], beta1=0.0, beta2=group["alpha"],
+                               weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)
+        return loss

@@ -1,0 +1,228 @@
+"""BigGAN generator and discriminator (ajbrock/BigGAN-PyTorch ``BigGAN.py``) on ganengine's ops.
+
+Constructor arguments are the reference's, with its defaults (``G_ch=64, dim_z=128,
+bottom_width=4, resolution=128, G_attn='64', n_classes=1000, num_G_SVs=1, num_G_SV_itrs=1,
+G_shared=True, shared_dim=0, hier=False, ... G_init='ortho', G_param='SN', norm_style='bn'``);
+arguments the reference takes only for its optimiser (``G_lr, G_B1, ...``) are accepted and
+ignored, as are unknown keyword arguments (the reference's ``**kwargs``: it is called with the
+whole training config). Module tree, state_dict keys (``u0``/``sv0`` spectral-norm buffers,
+``stored_mean``/``stored_var``), parameter counts and the initialisation drawn from a seed are
+the reference's.
+
+``G(z, y)`` takes ``y`` already embedded (``G(z, G.shared(labels))``, as the reference's G_D
+does); with ``hier=True`` z is split into ``len(blocks) + 1`` equal chunks, the first feeds the
+linear layer and block i gets ``cat([y, chunk_i+1])``. ``D(x, y)`` returns
+``linear(h) + sum(embed(y) * h)`` with ``h`` the ReLU'd features summed over H and W.
+
+``fused=True`` (default) runs the same function on ganengine's ops (see layers_biggan.py and
+docs/synthesis_attention.md); ``fused=False`` is the reference composition.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ganengine.models import layers_biggan as L
+
+_G_MULTS = {  # resolution -> (in multipliers, out multipliers); every block upsamples by 2
+    512: ([16, 16, 8, 8, 4, 2, 1], [16, 8, 8, 4, 2, 1, 1]),
+    256: ([16, 16, 8, 8, 4, 2], [16, 8, 8, 4, 2, 1]),
+    128: ([16, 16, 8, 4, 2], [16, 8, 4, 2, 1]),
+    64: ([16, 16, 8, 4], [16, 8, 4, 2]),
+    32: ([4, 4, 4], [4, 4, 4]),
+}
+_D_ARCH = {  # resolution -> (in multipliers after the RGB input, out multipliers, downsample, resolutions)
+    256: ([1, 2, 4, 8, 8, 16], [1, 2, 4, 8, 8, 16, 16], [True] * 6 + [False], [128, 64, 32, 16, 8, 4, 4]),
+    128: ([1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 16], [True] * 5 + [False], [64, 32, 16, 8, 4, 4]),
+    64: ([1, 2, 4, 8], [1, 2, 4, 8, 16], [True] * 4 + [False], [32, 16, 8, 4, 4]),
+    32: ([4, 4, 4], [4, 4, 4, 4], [True, True, False, False], [16, 16, 16, 16]),
+}
+
+
+def attention_resolutions(attention: str, owner: str) -> set[int]:
+    """'32_64' -> {32, 64} (the reference's format; '0' for none)."""
+    try:
+        return {int(item) for item in str(attention).split("_")}
+    except ValueError:
+        raise ValueError(f"{owner}: attention must be resolutions joined by '_' such as '64' or '32_64' "
+                         f"('0' for none), got {attention!r}") from None
+
+
+def G_arch(ch=64, attention="64"):
+    """The reference's ``G_arch(ch, attention)`` table."""
+    want = attention_resolutions(attention, "G_arch")
+    arch = {}
+    for res, (ins, outs) in _G_MULTS.items():
+        n = len(outs)
+        resolutions = [8 * 2 ** i for i in range(n)]
+        arch[res] = {"in_channels": [ch * m for m in ins], "out_channels": [ch * m for m in outs],
+                     "upsample": [True] * n, "resolution": resolutions,
+                     "attention": {2 ** i: 2 ** i in want for i in range(3, 3 + n)}}
+    return arch
+
+
+def D_arch(ch=64, attention="64"):
+    """The reference's ``D_arch(ch, attention)`` table."""
+    want = attention_resolutions(attention, "D_arch")
+    arch = {}
+    for res, (ins, outs, down, resolutions) in _D_ARCH.items():
+        arch[res] = {"in_channels": [3] + [ch * m for m in ins], "out_channels": [ch * m for m in outs],
+                     "downsample": down, "resolution": resolutions,
+                     "attention": {2 ** i: 2 ** i in want for i in range(2, 8 if res != 64 else 7)}}
+    if 32 in arch:
+        arch[32]["attention"] = {2 ** i: 2 ** i in want for i in range(2, 6)}
+    return arch
+
+
+def check_choice(owner, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {sorted(choices)} (the reference's architectures), "
+                         f"got {value!r}")
+
+
+def check_activation(owner, name, act):
+    if not callable(act):
+        raise TypeError(f"{owner}: {name} must be a module or function such as nn.ReLU(), got {act!r}")
+    return act
+
+
+def sn_partials(param: str, num_svs: int, num_itrs: int, eps: float, owner: str):
+    """(which_conv, which_linear) for G_param / D_param 'SN' (or plain layers otherwise)."""
+    if param == "SN":
+        conv = functools.partial(L.SNConv2d, kernel_size=3, padding=1, num_svs=num_svs, num_itrs=num_itrs, eps=eps)
+        linear = functools.partial(L.SNLinear, num_svs=num_svs, num_itrs=num_itrs, eps=eps)
+        return conv, linear
+    return functools.partial(nn.Conv2d, kernel_size=3, padding=1), nn.Linear
+
+
+class BigGANGenerator(nn.Module):
+    """The reference ``BigGAN.Generator``. ``forward(z, y)`` with ``y = G.shared(labels)``."""
+
+    def __init__(self, G_ch=64, dim_z=128, bottom_width=4, resolution=128, G_kernel_size=3, G_attn="64",
+                 n_classes=1000, num_G_SVs=1, num_G_SV_itrs=1, G_shared=True, shared_dim=0, hier=False,
+                 cross_replica=False, mybn=False, G_activation=None, G_lr=5e-5, G_B1=0.0, G_B2=0.999,
+                 adam_eps=1e-8, BN_eps=1e-5, SN_eps=1e-12, G_mixed_precision=False, G_fp16=False, G_init="ortho",
+                 skip_init=False, no_optim=False, G_param="SN", norm_style="bn", fused=True, **kwargs):
+        super().__init__()
+        owner = "BigGANGenerator"
+        check_choice(owner, "resolution", resolution, _G_MULTS)
+        self.ch, self.dim_z, self.bottom_width, self.resolution = G_ch, dim_z, bottom_width, resolution
+        self.kernel_size, self.attention, self.n_classes = G_kernel_size, G_attn, n_classes
+        self.G_shared = G_shared
+        self.shared_dim = shared_dim if shared_dim > 0 else dim_z
+        self.hier, self.cross_replica, self.mybn = hier, cross_replica, mybn
+        self.activation = check_activation(owner, "G_activation", nn.ReLU(inplace=False) if G_activation is None
+                                           else G_activation)
+        self.init, self.G_param, self.norm_style = G_init, G_param, norm_style
+        self.BN_eps, self.SN_eps, self.fp16 = BN_eps, SN_eps, G_fp16
+        self.arch = G_arch(self.ch, self.attention)[resolution]
+        if hier:
+            if not G_shared:
+                raise ValueError(f"{owner}: hier=True needs G_shared=True (the reference concatenates the shared "
+                                 "embedding with each z chunk)")
+            self.num_slots = len(self.arch["in_channels"]) + 1
+            self.z_chunk_size = self.dim_z // self.num_slots
+            self.dim_z = self.z_chunk_size * self.num_slots
+        else:
+            self.num_slots, self.z_chunk_size = 1, 0
+
+        self.which_conv, self.which_linear = sn_partials(G_param, num_G_SVs, num_G_SV_itrs, self.SN_eps, owner)
+        self.which_embedding = nn.Embedding
+        bn_linear = functools.partial(self.which_linear, bias=False) if G_shared else self.which_embedding
+        self.which_bn = functools.partial(L.ccbn, which_linear=bn_linear, cross_replica=cross_replica, mybn=mybn,
+                                          input_size=(self.shared_dim + self.z_chunk_size if G_shared else n_classes),
+                                          norm_style=norm_style, eps=BN_eps)
+        self.shared = self.which_embedding(n_classes, self.shared_dim) if G_shared else nn.Identity()
+        self.linear = self.which_linear(self.dim_z // self.num_slots,
+                                        self.arch["in_channels"][0] * self.bottom_width ** 2)
+        blocks = []
+        for index in range(len(self.arch["out_channels"])):
+            stage = [L.GBlock(in_channels=self.arch["in_channels"][index],
+                              out_channels=self.arch["out_channels"][index], which_conv=self.which_conv,
+                              which_bn=self.which_bn, activation=self.activation,
+                              upsample=L.upsample2x if self.arch["upsample"][index] else None)]
+            if self.arch["attention"][self.arch["resolution"][index]]:
+                stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
+            blocks.append(nn.ModuleList(stage))
+        self.blocks = nn.ModuleList(blocks)
+        self.output_layer = L.OutputLayer(L.bn(self.arch["out_channels"][-1], cross_replica=cross_replica, mybn=mybn),
+                                          self.activation, self.which_conv(self.arch["out_channels"][-1], 3))
+        if not skip_init:
+            self.param_count = L.init_weights(self, G_init)
+        L.set_fused(self, fused)
+
+    def forward(self, z, y):
+        """``y`` is the shared embedding of the labels (``G.shared(labels)``, the reference's
+        convention; class indices without ``G_shared``); with ``G_shared``, integer class
+        indices are embedded here (so wrappers such as DDP, which hide ``G.shared``, can pass
+        labels)."""
+        if self.G_shared and not y.is_floating_point():
+            y = self.shared(y)
+        if self.hier:
+            zs = torch.split(z, self.z_chunk_size, 1)
+            z = zs[0]
+            ys = [torch.cat([y, item], 1) for item in zs[1:]]
+        else:
+            ys = [y] * len(self.blocks)
+        h = self.linear(z)
+        h = h.view(h.size(0), -1, self.bottom_width, self.bottom_width)
+        for index, blocklist in enumerate(self.blocks):
+            for block in blocklist:
+                h = block(h, ys[index])
+        return torch.tanh(self.output_layer(h))
+
+
+class BigGANDiscriminator(nn.Module):
+    """The reference ``BigGAN.Discriminator``: ``forward(x, y)`` -> (N, output_dim)."""
+
+    def __init__(self, D_ch=64, D_wide=True, resolution=128, D_kernel_size=3, D_attn="64", n_classes=1000,
+                 num_D_SVs=1, num_D_SV_itrs=1, D_activation=None, D_lr=2e-4, D_B1=0.0, D_B2=0.999, adam_eps=1e-8,
+                 SN_eps=1e-12, output_dim=1, D_mixed_precision=False, D_fp16=False, D_init="ortho", skip_init=False,
+                 D_param="SN", fused=True, **kwargs):
+        super().__init__()
+        owner = "BigGANDiscriminator"
+        check_choice(owner, "resolution", resolution, _D_ARCH)
+        if D_param != "SN":
+            raise ValueError(f"{owner}: D_param must be 'SN' (the reference has no discriminator without spectral "
+                             f"norm), got {D_param!r}")
+        self.ch, self.D_wide, self.resolution, self.kernel_size = D_ch, D_wide, resolution, D_kernel_size
+        self.attention, self.n_classes = D_attn, n_classes
+        self.activation = check_activation(owner, "D_activation", nn.ReLU(inplace=False) if D_activation is None
+                                           else D_activation)
+        self.init, self.D_param, self.SN_eps, self.fp16 = D_init, D_param, SN_eps, D_fp16
+        self.arch = D_arch(self.ch, self.attention)[resolution]
+        self.which_conv, self.which_linear = sn_partials("SN", num_D_SVs, num_D_SV_itrs, SN_eps, owner)
+        self.which_embedding = functools.partial(L.SNEmbedding, num_svs=num_D_SVs, num_itrs=num_D_SV_itrs, eps=SN_eps)
+        blocks = []
+        for index in range(len(self.arch["out_channels"])):
+            stage = [L.DBlock(in_channels=self.arch["in_channels"][index], out_channels=self.arch["out_channels"][index],
+                              which_conv=self.which_conv, wide=D_wide, activation=self.activation,
+                              preactivation=index > 0,
+                              downsample=nn.AvgPool2d(2) if self.arch["downsample"][index] else None)]
+            if self.arch["attention"][self.arch["resolution"][index]]:
+                stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
+            blocks.append(nn.ModuleList(stage))
+        self.blocks = nn.ModuleList(blocks)
+        self.linear = self.which_linear(self.arch["out_channels"][-1], output_dim)
+        self.embed = self.which_embedding(n_classes, self.arch["out_channels"][-1])
+        if not skip_init:
+            self.param_count = L.init_weights(self, D_init)
+        L.set_fused(self, fused)
+
+    def forward(self, x, y=None):
+        if y is None:
+            raise ValueError("BigGANDiscriminator: y (class labels, shape (N,)) is required for the projection term")
+        h = x
+        for blocklist in self.blocks:
+            for block in blocklist:
+                h = block(h)
+        return projection_output(self, h, y)
+
+
+def projection_output(d: nn.Module, h, y):
+    """``linear(sum_hw relu(h)) + sum(embed(y) * that, 1)``, the reference's output."""
+    h = torch.sum(d.activation(h), [2, 3])
+    out = d.linear(h)
+    return out + torch.sum(d.embed(y) * h, 1, keepdim=True)

@@ -1,0 +1,160 @@
+"""WGAN (Arjovsky et al. 2017) and WGAN-GP (Gulrajani et al. 2017) as eriklindernoren/PyTorch-GAN's
+``implementations/wgan/wgan.py`` and ``wgan_gp/wgan_gp.py`` train them (the same MLP networks,
+``networks_pytorch_gan.WGANGPGenerator`` / ``WGANGPDiscriminator``).
+
+Every step trains the critic: WGAN on ``-mean D(x) + mean D(G(z))`` with RMSprop (lr 5e-5) and
+then clips every critic weight to ``[-clip_value, clip_value]``; WGAN-GP on the same plus
+``lambda_gp`` times the gradient penalty at random interpolates of the real and fake batch, with
+Adam (lr 2e-4, betas (b1 0.5, b2 0.999)). Every ``n_critic``-th step (steps 0, n_critic, ...) also
+trains G on ``-mean D(G(z))`` with the same z (G is run again, as the reference does, so its
+batch-norm running statistics see the batch twice).
+
+Deviations that change no number: the critic's pass over G(z) runs without building G's graph
+(the reference's WGAN-GP back-propagates the critic loss into G too and zeroes those gradients
+before G's step); the critic's parameters are frozen during G's backward; the clipping is one
+multi-tensor clamp. The reference's ``i`` restarts at every epoch; ganengine counts steps over
+the whole run (``num_steps``, checkpointed), which is the same within the first epoch.
+"""
+from __future__ import annotations
+
+import torch
+
+import ganengine.functional as GF
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.fused_rmsprop import FusedRMSprop
+from ganengine.models.networks_pytorch_gan import WGANGPDiscriminator, WGANGPGenerator
+from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN, check_fraction
+
+
+class _Wasserstein(SynthesisGAN):
+    """The critic / generator step both scripts share; subclasses give the critic loss, the
+    optimisers and what follows a critic step."""
+
+    network_names = ["G", "D"]
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        if not isinstance(o["n_critic"], int) or o["n_critic"] < 1:
+            raise ValueError(f"{type(self).__name__}: n_critic must be an int >= 1, got {o['n_critic']!r}")
+        self._check_options()
+        self.G = WGANGPGenerator(o["latent_dim"], o["img_size"], o["channels"], fused=o["fused"])
+        self.D = WGANGPDiscriminator(o["img_size"], o["channels"], fused=o["fused"])
+        self.setup_ema()
+
+    def _check_options(self):
+        raise NotImplementedError
+
+    def generator_inputs(self, z, labels):
+        return (z,)
+
+    def _wasserstein(self, real, fake):
+        """-mean D(x) + mean D(G(z)), the scores in fp32. The critic has no batch-dependent layer
+        (no norm, no dropout), so with ``fused`` it scores both batches in one pass (the same
+        numbers up to rounding, half the calls)."""
+        if self.options["fused"]:
+            scores = self.D(torch.cat([real, fake.to(real.dtype)])).float()
+            real_scores, fake_scores = scores[:real.shape[0]], scores[real.shape[0]:]
+        else:
+            real_scores, fake_scores = self.D(real).float(), self.D(fake).float()
+        return GF.gan_loss(real_scores, True, "wgangp") + GF.gan_loss(fake_scores, False, "wgangp")
+
+    def _critic_loss(self, real, fake) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def _after_critic_step(self):
+        pass
+
+    def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
+        o = self.options
+        real = self._real_images(batch, o["channels"], o["img_size"])
+        opt_G, opt_D = optimizers["G"], optimizers["D"]
+        i = self.num_steps
+        self.num_steps += 1
+
+        # ---- critic
+        ctx.zero_grad(opt_D)
+        z = self.sample_z(real.shape[0])
+        with ctx.autocast():
+            with torch.no_grad():
+                fake = self.G(z)
+            d_loss, extra = self._critic_loss(real, fake)
+        ctx.backward(d_loss, "D")
+        ctx.step(opt_D, "D")
+        self._after_critic_step()
+        losses = {"D_loss": d_loss, **extra}
+
+        # ---- generator every n_critic steps, on the same z
+        if i % o["n_critic"] == 0:
+            set_requires_grad(self.D, False)
+            ctx.zero_grad(opt_G)
+            with ctx.autocast():
+                g_loss = GF.gan_loss(self.D(self.G(z)).float(), True, "wgangp")
+            ctx.backward(g_loss, "G")
+            ctx.step(opt_G, "G")
+            set_requires_grad(self.D, True)
+            self.after_generator_step()
+            losses["G_loss"] = g_loss
+        return self._detached(losses)
+
+
+class WGANGP(_Wasserstein):
+    """WGAN-GP. Options: the reference flags ``latent_dim, img_size, channels, lr, b1, b2,
+    n_critic`` and ``lambda_gp`` (a constant, 10, in the reference script)."""
+
+    MODEL_NAME = "wgan_gp"
+    DEFAULTS = dict(latent_dim=100, img_size=28, channels=1, lr=0.0002, b1=0.5, b2=0.999, n_critic=5,
+                    lambda_gp=10.0, fused=True, fused_optimizer=True, **EMA_OPTIONS)
+
+    def _check_options(self):
+        check_fraction(type(self).__name__, "lambda_gp", self.options["lambda_gp"])
+
+    def make_optimizers(self):
+        o = self.options
+        return {"G": self._adam(self.G.parameters(), o["lr"], o["b1"], o["b2"]),
+                "D": self._adam(self.D.parameters(), o["lr"], o["b1"], o["b2"])}
+
+    def _critic_loss(self, real, fake):
+        adv = self._wasserstein(real, fake)
+        with torch.autocast(real.device.type, enabled=False):  # the squared gradient norms in fp32
+            gp = GF.gradient_penalty(self.D, real.float(), fake.float(), weight=1.0)
+        return adv + self.options["lambda_gp"] * gp, {"GP": gp}
+
+
+class WGAN(_Wasserstein):
+    """WGAN with weight clipping. Options: the reference flags ``latent_dim, img_size, channels,
+    lr, n_critic, clip_value`` (RMSprop, no momentum, as the reference)."""
+
+    MODEL_NAME = "wgan"
+    DEFAULTS = dict(latent_dim=100, img_size=28, channels=1, lr=0.00005, n_critic=5, clip_value=0.01, fused=True,
+                    fused_optimizer=True, **EMA_OPTIONS)
+
+    def _check_options(self):
+        check_fraction(type(self).__name__, "clip_value", self.options["clip_value"])
+
+    def make_optimizers(self):
+        # the reference's torch.optim.RMSprop (alpha 0.99, eps 1e-8, no momentum); with
+        # fused_optimizer the same update as one fused kernel (models/fused_rmsprop.py)
+        lr = self.options["lr"]
+
+        def rmsprop(params):
+            params = list(params)
+            if self.options["fused_optimizer"] and FusedRMSprop.supported(params):
+                return FusedRMSprop(params, lr=lr)
+            return torch.optim.RMSprop(params, lr=lr)
+
+        return {"G": rmsprop(self.G.parameters()), "D": rmsprop(self.D.parameters())}
+
+    def _critic_loss(self, real, fake):
+        return self._wasserstein(real, fake), {}
+
+    @torch.no_grad()
+    def _after_critic_step(self):
+        c = float(self.options["clip_value"])
+        params = list(self.D.parameters())
+        if self.options["fused"]:
+            torch._foreach_clamp_min_(params, -c)
+            torch._foreach_clamp_max_(params, c)
+        else:
+            for p in params:  # the reference's loop
+                p.data.clamp_(-c, c)
