@@ -77,10 +77,13 @@ def torch_adv_grad(x: Tensor, mode: int, target: float) -> Tensor:
         return torch.sigmoid(xf) - target
     if mode == MSE:
         return 2.0 * (xf - target)
-    if mode == HINGE_REAL:  # relu'(0) = 0, as torch's threshold_backward
-        return -(xf < 1.0).to(xf.dtype)
+    # hinge: relu's own backward (threshold_backward: relu'(0) = 0, a NaN logit passes the
+    # gradient) applied to 1 -+ x, so a NaN gets eager's -+1 and, under create_graph, the
+    # result keeps a grad_fn (its derivative is 0, as eager's) instead of being a constant
+    if mode == HINGE_REAL:
+        return torch.ops.aten.threshold_backward(torch.full_like(xf, -1.0), 1.0 - xf, 0.0)
     if mode == HINGE_FAKE:
-        return (xf > -1.0).to(xf.dtype)
+        return torch.ops.aten.threshold_backward(torch.ones_like(xf), 1.0 + xf, 0.0)
     if mode == LINEAR:
         return torch.full_like(xf, target)
     raise ValueError(f"unknown loss code {mode}")
