@@ -50,8 +50,10 @@ def run(args) -> int:
         if args.max_rows < 1 or args.interpolate < 0 or args.interpolate == 1:
             raise ValueError(f"--max_rows must be >= 1 and --interpolate 0 or >= 2, got {args.max_rows}, "
                              f"{args.interpolate}")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
+        from ganengine.cli._io import device_or_error, writable_dir
+
+        device = device_or_error(args.device)
+        writable_dir(os.path.dirname(os.path.abspath(args.output)), "--output's folder")
         model, state = load_model(args.checkpoint, map_location="cpu")
         model.to(device)
         name, data = state["model"], dict(state.get("data", {}))
@@ -90,6 +92,14 @@ def run(args) -> int:
         if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
             raise
         print(f"ganengine sample: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the grid failed (disk full, folder removed)
+        from ganengine.cli._io import describe
+
+        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"ganengine sample: error: writing {exc.filename or args.output!r} failed: {describe(exc)}",
+              file=sys.stderr)
         return 2
     print(f"ganengine sample: wrote {args.output}", file=sys.stderr)
     return 0

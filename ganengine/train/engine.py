@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -105,11 +107,51 @@ def _compile_mode(mode, device: torch.device) -> str | None:
     return None if mode == "default" else mode
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send before killing a job) during ``train()``: handled as
+    Ctrl-C, so the work done so far is saved."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """Numbers the loop divides by or counts with: one clear line instead of a ZeroDivisionError
+    (or a silent no-op) deep in the sampler."""
+    for name in ("batch_size", "print_freq"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name} must be a whole number >= 1, got {v!r}")
+    for name in ("n_epochs", "n_epochs_decay", "num_workers"):
+        v = getattr(cfg, name)
+        if v is None and name == "num_workers":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"--{name} must be a whole number >= 0, got {v!r}")
+    if cfg.max_steps is not None and (not isinstance(cfg.max_steps, int) or cfg.max_steps < 1):
+        raise ValueError(f"--max_steps must be a whole number >= 1, got {cfg.max_steps!r}")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._lock = None
+        try:
+            self._init(cfg)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _init(self, cfg: TrainConfig) -> None:
         from ganengine.models import build_model
 
-        self.cfg = cfg
+        _check_config(cfg)
         self.dist = D.setup(cfg.device)
         self.device = self.dist.device
         self.log_dir = cfg.log_dir or cfg.run_dir
@@ -128,6 +170,9 @@ class Trainer:
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else epochs * self.steps_per_epoch
         if self.total_steps <= 0:
             raise ValueError(f"nothing to train: --max_steps / --n_epochs + --n_epochs_decay give {self.total_steps} steps")
+
+        if self.dist.is_main:  # one trainer per run folder (before reading a checkpoint from it)
+            self._lock = ckpt.RunLock(cfg.run_dir).acquire()
 
         rng.seed_all(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, **cfg.model_options).to(self.device)
@@ -198,6 +243,19 @@ class Trainer:
 
     def _load(self, path: str) -> dict:
         state = ckpt.load(path, map_location=self.device)
+        try:
+            return self._restore(path, state)
+        except ckpt.CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError) as exc:
+            # a hand-edited or damaged checkpoint: say which field, not a traceback from deep inside
+            detail = " ".join(str(exc).split())  # one line (load_state_dict's message spans several)
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            what = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {detail}"
+            raise ckpt.CheckpointError(f"--resume {path!r} cannot be restored ({what}). It was edited or damaged: "
+                                       "resume from another checkpoint of the run.") from exc
+
+    def _restore(self, path: str, state: dict) -> dict:
         if state["model"] != self.cfg.model:
             raise ckpt.CheckpointError(f"--resume {path!r} holds a {state['model']} checkpoint, not {self.cfg.model}")
         now = json.loads(json.dumps(self.model.options))
@@ -296,6 +354,9 @@ class Trainer:
         images_per_step = cfg.batch_size * self.dist.world_size
         t_last, steps_last = time.perf_counter(), self.step
         last_losses: dict[str, float] = {}
+        prev_term = None
+        if threading.current_thread() is threading.main_thread():
+            prev_term = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             while self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
@@ -350,14 +411,18 @@ class Trainer:
                 self.interrupted_checkpoint = self.save()
             raise
         finally:
+            if prev_term is not None:
+                signal.signal(signal.SIGTERM, prev_term)
             if bar is not None:
                 bar.close()
             if self.logger is not None:
                 self.logger.close()
+            self._release_lock()
         return {"step": self.step, "epoch": self.epoch, "checkpoint": final, "losses": last_losses,
                 "run_dir": cfg.run_dir, "log_dir": self.log_dir}
 
     def close(self) -> None:
+        self._release_lock()
         D.teardown(self.dist)
 
 
