@@ -344,6 +344,15 @@ def _grads_by_reference(fn, tensors, needs, grad):
     return [next(got) if (n and t is not None) else None for t, n in zip(tensors, needs)]
 
 
+def _bias_grad(db, bias):
+    """db as autograd wants it: with C_in = 0, ATen's convolution returns an output with 0
+    channels (not the broadcast bias), so grad.sum over it has 0 entries; eager's bias gradient
+    is then zeros of the bias's shape."""
+    if db is not None and bias is not None and db.shape != bias.shape:
+        return torch.zeros_like(bias)
+    return db
+
+
 def _act_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, slope = inputs
     ctx.save_for_backward(x, weight, bias, output)
@@ -360,7 +369,7 @@ def _act_backward(ctx, grad):
         return dx, dw, db, None, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
     dx, dw, db = conv2d_act_bwd(grad, x, weight, y, stride, padding, slope, mask)
-    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None, None
+    return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None, None
 
 
 torch.library.register_autograd("ganengine::conv2d_act_fwd", _act_backward, setup_context=_act_setup)
@@ -418,6 +427,9 @@ def _check_conv(fn: str, x, weight, bias, transposed: bool = False):
     if weight.dim() != 4:
         raise ValueError(f"{fn}: weight must be {layout}, got shape {tuple(weight.shape)}")
     c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    if c_out == 0:  # (eager: "expected weight to be at least 1 at dimension 0"; the GEMM route: a reshape error)
+        raise ValueError(f"{fn}: weight {layout} = {tuple(weight.shape)} has 0 output channels; a convolution "
+                         "needs at least one")
     if c_in != x.shape[1]:
         where = f" {layout} = {tuple(weight.shape)}" if transposed else ""
         raise ValueError(f"{fn}: weight{where} expects {c_in} input channels (groups=1) but x has "

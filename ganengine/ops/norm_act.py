@@ -16,6 +16,8 @@ so no autocast kernel is registered (autocast falls through) and no cast is inse
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -271,7 +273,9 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     if x.numel() == 0:
         # an empty map (N, C or H*W of 0): the differentiable composition keeps the autograd graph
         # (zero weight/bias gradients) where the kernels have nothing to do
-        y, mean, rstd = _torch_fwd(x, weight, bias, float(eps), activation, float(negative_slope))
+        with warnings.catch_warnings():  # (var_mean's "degrees of freedom <= 0" on an empty plane)
+            warnings.simplefilter("ignore", UserWarning)
+            y, mean, rstd = _torch_fwd(x, weight, bias, float(eps), activation, float(negative_slope))
         if running_mean is None or n * c == 0:
             return y
     else:
