@@ -85,13 +85,18 @@ def _open(path: str) -> Image.Image:
     return to_8bit(img)
 
 
-def check_readable(paths: list[str]) -> None:
-    """Parse every header (cheap) so a broken file is reported before training starts."""
+def check_readable(paths: list[str], decode: bool = False) -> None:
+    """Parse every header (cheap) so a broken file is reported before training starts; with
+    ``decode``, decode every pixel too (a truncated JPEG has a good header and fails only when
+    decoded, which would otherwise stop training mid-epoch)."""
     todo = paths if len(paths) <= CHECK_ALL_LIMIT else paths[:: max(1, len(paths) // 1000)]
     for p in todo:
         try:
             with Image.open(p) as img:
-                img.size  # noqa: B018 - forces the header parse
+                if decode:
+                    img.load()
+                else:
+                    img.size  # noqa: B018 - forces the header parse
         except Exception as exc:
             raise DataError(f"cannot read image {p!r} ({type(exc).__name__}: {exc}). "
                             "Replace or delete the file.") from exc
@@ -131,8 +136,10 @@ class ImageStore:
         if cache == "auto":
             cache = len(self.paths) <= CHECK_ALL_LIMIT and decoded_bytes(self.paths) <= CACHE_AUTO_BYTES
         self.cached: list[np.ndarray] | None = None
-        if cache:
+        if cache:  # (decoding everything also proves every file decodes)
             self.cached = [np.asarray(self._decode(p)) for p in self.paths]
+        else:
+            check_readable(self.paths, decode=True)
 
     def _decode(self, path: str) -> Image.Image:
         img = _open(path)

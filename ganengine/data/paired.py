@@ -30,8 +30,10 @@ class AlignedDataset(SeededDataset):
         self.transform = (transform or T.TransformOptions()).check()
         self.direction, self.input_nc, self.output_nc = direction, input_nc, output_nc
         # every pair, not only the first: a 1-px-wide image has empty halves (trained as all -1)
-        for path, (w, h) in zip(paths, image_sizes(paths)):
+        sizes = image_sizes(paths)
+        for path, (w, h) in zip(paths, sizes):
             _check_pair(path, w, h)
+        T.check_crop_fits(paths, sizes, self.transform, half=True)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -107,6 +107,37 @@ def _compile_mode(mode, device: torch.device) -> str | None:
     return None if mode == "default" else mode
 
 
+_SHAPE_ERRORS = ("Sizes of tensors must match", "Kernel size can't be greater", "Calculated padded input size",
+                 "Output size is too small", "shapes cannot be multiplied", "must match the size of tensor",
+                 "Padding size should be less than", "input image is smaller than kernel",
+                 "is smaller than the")  # (the last: ganengine's own conv checks)
+
+
+def _explain(exc: BaseException, first_step: bool, shape) -> BaseException:
+    """A clear ValueError for the runtime errors bad data settings cause, else ``exc`` itself:
+    images of several sizes in one batch (collate), and on the first step, a network that cannot
+    take the input size. A DataError from a DataLoader worker comes back wrapped in the worker's
+    traceback text: its last line is the message."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        name, _, text = last.partition(": ")
+        if name.endswith("DataError") and text:
+            from ganengine.data import DataError
+
+            return DataError(text)
+    if "stack expects each tensor to be equal size" in msg:
+        return ValueError("a batch holds images of different sizes (--preprocess none and scale_width keep each "
+                          "image's own size): resize the images to one size, use --batch_size 1, or a --preprocess "
+                          "that crops to --crop_size")
+    if first_step and type(exc) in (RuntimeError, ValueError) and any(p in msg for p in _SHAPE_ERRORS):
+        size = "x".join(map(str, shape[-2:])) if shape is not None else "these"
+        line = " ".join(msg.split())[:200]
+        return ValueError(f"the networks cannot take {size} inputs: pick a size they can (--crop_size, --load_size, "
+                          f"--preprocess, --image_size; a U-Net needs a multiple of 2^num_downs) ({line})")
+    return exc
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what batch schedulers send before killing a job) during ``train()``: handled as
     Ctrl-C, so the work done so far is saved."""
@@ -139,9 +170,12 @@ class Trainer:
         self._lock = None
         try:
             self._init(cfg)
-        except BaseException:
+        except BaseException as exc:
             self._release_lock()
-            raise
+            clear = _explain(exc, False, None)  # (the sample batch is collated here)
+            if clear is exc:
+                raise
+            raise clear from exc
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -357,11 +391,14 @@ class Trainer:
         prev_term = None
         if threading.current_thread() is threading.main_thread():
             prev_term = signal.signal(signal.SIGTERM, _raise_terminated)
+        first_step, shape = self.step, None
         try:
             while self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 for batch in self.loader:
                     batch = _to_device(batch, self.device, cfg.channels_last)
+                    if shape is None:
+                        shape = next((v.shape for v in batch.values() if torch.is_tensor(v) and v.dim() == 4), None)
                     self.ctx.step_index = self.step
                     losses = self.model.train_step(batch, self.optimizers, self.ctx)
                     with warnings.catch_warnings():
@@ -404,6 +441,11 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             final = self.save()
+        except (RuntimeError, ValueError) as exc:
+            clear = _explain(exc, self.step == first_step, shape)
+            if clear is exc:
+                raise
+            raise clear from exc
         except KeyboardInterrupt:
             # one process: keep the work done so far (unless the losses went bad); under DDP the
             # ranks stop at different points, so a collective save could hang: just stop
