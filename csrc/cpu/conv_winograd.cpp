@@ -25,9 +25,13 @@ namespace {
 
 using namespace ganengine::winograd;
 
+// the fallback for an unset or unparsable value (ganengine/settings.py reports a bad one)
 int64_t env_int(const char* name, int64_t fallback) {
   const char* e = std::getenv(name);
-  return e ? std::atoll(e) : fallback;
+  if (!e || !*e) return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(e, &end, 10);
+  return (end && *end == '\0') ? static_cast<int64_t>(v) : fallback;
 }
 
 void check_config(const Config& c) {
@@ -47,6 +51,8 @@ Config& config_ref() {
   static Config c = [] {
     Config d{conv_gemm::policy_from_env("GANENGINE_CONV_WINOGRAD"), env_int("GANENGINE_WINOGRAD_S1_TILE", 2),
              env_int("GANENGINE_WINOGRAD_S2_TILE", 3)};
+    if (d.s1_tile != 2 && d.s1_tile != 3) d.s1_tile = 2;  // (out of range: the default, as above)
+    if (d.s2_tile < 2 || d.s2_tile > 4) d.s2_tile = 3;
     check_config(d);
     return d;
   }();

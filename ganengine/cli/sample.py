@@ -18,6 +18,12 @@ import os
 import sys
 
 
+def _debug() -> bool:
+    from ganengine.backends import debug
+
+    return debug()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="write an image grid from a trained model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,14 +95,14 @@ def run(args) -> int:
             save_grid([r.float() for r in inter], f"{stem}_interpolation{ext or '.png'}", labels)
             print(f"ganengine sample: wrote {stem}_interpolation{ext or '.png'}", file=sys.stderr)
     except (DataError, CheckpointError, ValueError) as exc:
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine sample: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # writing the grid failed (disk full, folder removed)
         from ganengine.cli._io import describe
 
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine sample: error: writing {exc.filename or args.output!r} failed: {describe(exc)}",
               file=sys.stderr)

@@ -178,6 +178,12 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
                        help=f"image resolution (default: {ref['image_size']})")
 
 
+def _debug() -> bool:
+    from ganengine.backends import debug
+
+    return debug()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan, stackgan, csgan, dcgan, wgan, wgan_gp, "
                               "cgan, acgan, adcgan, infogan, sagan, biggan, biggan_deep or unetgan",
@@ -330,7 +336,7 @@ def run(args) -> int:
         finally:
             trainer.close()
     except (DataError, CheckpointError, ValueError) as exc:
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine train {args.model}: error: {exc}\n(set GANENGINE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
@@ -340,7 +346,7 @@ def run(args) -> int:
     except OSError as exc:  # a save or log write failing (disk full, folder removed or read-only)
         from ganengine.cli._io import describe
 
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine train {args.model}: error: writing {exc.filename or 'the run folder'!r} failed: "
               f"{describe(exc)}\n(set GANENGINE_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -16,6 +16,12 @@ import os
 import sys
 
 
+def _debug() -> bool:
+    from ganengine.backends import debug
+
+    return debug()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("translate", help="translate images with a trained generator",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,12 +125,12 @@ def run(args) -> int:
     try:
         return _run(args)
     except (UsageError, ValueError) as exc:
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine translate: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a write failing part-way (disk full, folder removed)
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine translate: error: writing {exc.filename or args.output!r} failed: {describe(exc)}",
               file=sys.stderr)

@@ -30,11 +30,11 @@ the public functions); statistics accumulate in fp32 and gamma/beta are read in 
 from __future__ import annotations
 
 import contextvars
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ganengine import settings
 from ganengine.ops import _dispatch
 from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
 
@@ -63,9 +63,7 @@ class triton_conv_impl:
 
 
 def _resolved_conv_impl(device: torch.device) -> str:
-    name = _conv_impl.get() or os.environ.get("GANENGINE_CONV_IMPL", "auto")
-    if name not in CONV_IMPLS:
-        raise ValueError(f"GANENGINE_CONV_IMPL must be one of {CONV_IMPLS}, got {name!r}")
+    name = _conv_impl.get() or settings.get("GANENGINE_CONV_IMPL")
     if name == "auto":
         return "vendor" if device.type == "cuda" else "igemm"
     return name
