@@ -47,6 +47,18 @@ SYNTHESIS = {
     "infogan": (dict(), 32, 64),
 }
 REFERENCE.update(SYNTHESIS)
+# attention / spectral-norm synthesis at the papers' settings
+ATTENTION = {
+    "csgan": (dict(), 256, 1),
+    "sagan": (dict(), 64, 64),
+    "biggan": (dict(G_ch=96, D_ch=96, G_shared=True, hier=True, dim_z=120, shared_dim=128, num_D_steps=1), 128, 256),
+    "biggan_deep": (dict(G_ch=128, D_ch=128, dim_z=128, shared_dim=128, num_D_steps=1), 128, 256),
+    "unetgan": (dict(G_attn="0", D_attn="0", G_shared=True, hier=True, dim_z=128), 128, 50),
+}
+REFERENCE.update(ATTENTION)
+# models whose ganengine networks rewrite the reference's arithmetic (folded resampling, the
+# reference's SN on ganengine's ops): their reference step is the network built with fused=False
+REFERENCE_COMPOSITION = ("sagan", "biggan", "biggan_deep", "unetgan")
 CPU_DEFAULT = {
     "cyclegan": (dict(), 256, 1),
     "pix2pix": (dict(), 256, 1),
@@ -54,12 +66,23 @@ CPU_DEFAULT = {
     "stackgan1": (dict(stage=1), 64, 16),
     "stackgan2": (dict(stage=2), 256, 2),
     **SYNTHESIS,
+    # attention / spectral-norm synthesis (CPU-sized: the papers' 128x128 batch-256 steps take minutes)
+    "csgan": (dict(), 128, 1),
+    "sagan": (dict(), 64, 8),
+    "biggan": (dict(G_ch=32, D_ch=32, G_attn="32", D_attn="32", G_shared=True, hier=True, dim_z=120, shared_dim=128,
+                    num_D_steps=1, n_classes=10), 64, 8),
+    "biggan_deep": (dict(G_ch=32, D_ch=32, G_attn="32", D_attn="32", dim_z=128, shared_dim=128, num_D_steps=1,
+                         n_classes=10), 64, 8),
+    "unetgan": (dict(G_ch=16, D_ch=16, G_attn="0", D_attn="0", G_shared=True, hier=True, dim_z=120, n_classes=10),
+                64, 8),
 }
 
 
 def make_batch(name: str, model, size: int, batch: int) -> dict:
     img = lambda: torch.rand(batch, 3, size, size) * 2 - 1  # noqa: E731
-    if name in ("cyclegan", "pix2pix"):
+    if name in REFERENCE_COMPOSITION:
+        return {"image": img(), "label": torch.randint(0, model.options.get("n_classes", 1), (batch,))}
+    if name in ("cyclegan", "pix2pix", "csgan"):
         return {"A": img(), "B": img()}
     if name == "stargan":
         return {"image": img(), "label": (torch.rand(batch, model.options["c_dim"]) > 0.5).float()}
@@ -73,7 +96,7 @@ def make_batch(name: str, model, size: int, batch: int) -> dict:
 def build(name: str, opts: dict, size: int):
     model_name = "stackgan" if name.startswith("stackgan") else name
     extra = {}
-    if model_name in ("cyclegan", "pix2pix"):
+    if model_name in ("cyclegan", "pix2pix", "csgan"):
         extra["crop_size"] = size
         if model_name == "pix2pix":
             if size not in (128, 256):
@@ -83,6 +106,8 @@ def build(name: str, opts: dict, size: int):
         extra["image_size"] = size
     if model_name in SYNTHESIS and model_name != "dcgan":
         extra["img_size"] = size
+    if model_name in REFERENCE_COMPOSITION:
+        extra["imsize" if model_name == "sagan" else "resolution"] = size
     torch.manual_seed(0)
     return build_model(model_name, **opts, **extra)
 
@@ -99,7 +124,7 @@ VARIANTS = {
 
 def setup_variant(name, opts, size, batch, variant):
     backend, extra = VARIANTS[variant]
-    if name in SYNTHESIS and variant in ("torch", "compile"):
+    if (name in SYNTHESIS or name in REFERENCE_COMPOSITION) and variant in ("torch", "compile"):
         # the reference's own layers (no folded upsample+conv), on the torch backend
         extra = {**extra, "fused": False}
     model = build(name, {**opts, **extra}, size)

@@ -1,124 +1,98 @@
 """``ganengine.fuse(model)``: rewrite an existing model onto the fused ops.
 
-Two kinds of rewrite rules, registered by the op families' module files (ganengine/nn/*.py):
+    fused = ganengine.fuse(model)                      # or fuse(model, inplace=True)
+    fused, report = ganengine.fuse(model, return_report=True)
+    print(report)                                      # what was fused, declined, traced
 
-* pair rules: inside an ``nn.Sequential``, a child ``a`` immediately followed by ``b`` (for
-  example InstanceNorm2d -> LeakyReLU) becomes ``fused(a, b)`` at a's index and ``nn.Identity()``
-  at b's index. Indices, and so state_dict keys, stay the same: the fused module owns a's
-  parameters and buffers under the same names, and Identity owns none. A rule whose parameters
-  live in ``b`` (ReflectionPad2d -> Conv2d) registers ``place="second"``: the fused module goes
-  to b's index and Identity to a's.
-* module rules: a module that matches (for example a SAGAN ``Self_Attn``) is swapped for a
-  fused module with the same parameter names. A rule registered ``after_pairs=True`` (the plain
-  Conv2d / ConvTranspose2d rules) runs after the pair rules, on what they left, so that a
-  Conv2d -> LeakyReLU pair still fuses as a pair.
+The fused model has the same state_dict keys, computes the same outputs and gradients, updates
+the same running statistics and power-iteration buffers, and holds the SAME Parameter and
+buffer objects as ``model``, with or without ``inplace``: an optimiser built before ``fuse()``
+trains the fused model. Without ``inplace`` the module objects are copied (``model`` keeps its
+own tree and stays usable; the two share their tensors); with it ``model``'s tree is rewritten.
+Either way use the returned module: when ``model`` itself is replaced (a SAGAN block, a module
+whose forward is rewritten) the return value is the fused one (in place, a rewritten forward is
+installed on ``model`` itself as well).
 
-A rule's builder returns None to decline a match it cannot represent exactly (an activation
-with ``inplace`` semantics it cannot keep, a module in a state it does not understand...);
-the original modules then stay as they are. Outputs and training behaviour are unchanged.
+What is rewritten, the rule table and its order: ganengine/fusion/rules.py; forwards written as
+calls: ganengine/fusion/graph.py; why and what was measured: docs/fuse.md. A pattern a rule
+cannot represent exactly is declined (left as it is, and listed in the report), never an error.
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
+from ganengine.fusion.report import Declined, FuseReport
 
-@dataclass
-class PairRule:
-    name: str
-    first: Callable[[nn.Module], bool]
-    second: Callable[[nn.Module], bool]
-    build: Callable[[nn.Module, nn.Module], Optional[nn.Module]]
-    place: str = "first"
-
-
-@dataclass
-class ModuleRule:
-    name: str
-    match: Callable[[nn.Module], bool]
-    build: Callable[[nn.Module], Optional[nn.Module]]
-    after_pairs: bool = False
-
-
-PAIR_RULES: list[PairRule] = []
-MODULE_RULES: list[ModuleRule] = []
-
-
-def register_pair_rule(name, first, second, build, place: str = "first") -> None:
-    if place not in ("first", "second"):
-        raise ValueError(f"register_pair_rule: place must be 'first' or 'second', got {place!r}")
-    PAIR_RULES.append(PairRule(name, first, second, build, place))
-
-
-def register_module_rule(name, match, build, after_pairs: bool = False) -> None:
-    MODULE_RULES.append(ModuleRule(name, match, build, after_pairs))
-
-
-def _copy_training_state(new: nn.Module, old: nn.Module) -> nn.Module:
-    new.train(old.training)
-    return new
-
-
-def _apply_module_rules(module: nn.Module, counts: dict[str, int], after_pairs: bool) -> None:
-    for child_name, child in list(module.named_children()):
-        for rule in MODULE_RULES:
-            if rule.after_pairs == after_pairs and rule.match(child):
-                new = rule.build(child)
-                if new is not None:
-                    setattr(module, child_name, _copy_training_state(new, child))
-                    counts[rule.name] = counts.get(rule.name, 0) + 1
-                break
-
-
-def _fuse_children(module: nn.Module, counts: dict[str, int]) -> None:
-    # module rules first, on every child
-    _apply_module_rules(module, counts, after_pairs=False)
-    # pair rules inside Sequential containers
-    if isinstance(module, nn.Sequential):
-        names = list(module._modules.keys())
-        i = 0
-        while i + 1 < len(names):
-            a, b = module._modules[names[i]], module._modules[names[i + 1]]
-            fused = None
-            for rule in PAIR_RULES:
-                if rule.first(a) and rule.second(b):
-                    fused = rule.build(a, b)
-                    if fused is not None:
-                        owner = a if rule.place == "first" else b
-                        keep, drop = (names[i], names[i + 1]) if rule.place == "first" else (names[i + 1], names[i])
-                        module._modules[keep] = _copy_training_state(fused, owner)
-                        module._modules[drop] = nn.Identity()
-                        counts[rule.name] = counts.get(rule.name, 0) + 1
-                        break
-            i += 2 if fused is not None else 1
-    _apply_module_rules(module, counts, after_pairs=True)
-    for child in module.children():
-        _fuse_children(child, counts)
+__all__ = ["fuse", "FuseReport", "Declined", "register_pair_rule", "register_module_rule"]
 
 
 def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False):
     """Rewrite ``module`` so that fusable layer patterns run on ganengine's fused ops.
 
-    Same state_dict keys, same outputs, same training behaviour. Returns the rewritten module
-    (a deep copy unless ``inplace``), and with ``return_report=True`` also ``{rule: count}``.
+    Args:
+        module: any ``nn.Module`` (DataParallel / DistributedDataParallel wrappers included).
+        inplace: rewrite ``module``'s own tree instead of a copy of its module objects. The
+            Parameters and buffers are the same objects either way.
+        return_report: also return a ``FuseReport``: ``{rule: count}`` (a dict) with
+            ``.replaced``, ``.declined`` (where, rule, reason), ``.traced``, ``.not_traced``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fuse(module): expected an nn.Module, got {type(module).__name__}")
-    # make sure every op family has registered its rules
-    import ganengine.nn  # noqa: F401
+    if not isinstance(inplace, bool):
+        raise TypeError(f"fuse(inplace=...): expected a bool, got {type(inplace).__name__}")
+    from ganengine.fusion.copying import FusedModule, structural_copy
+    from ganengine.fusion.engine import Fuser
 
-    target = module if inplace else copy.deepcopy(module)
-    counts: dict[str, int] = {}
-    # the root itself may match a module rule
-    for rule in sorted(MODULE_RULES, key=lambda r: r.after_pairs):
-        if rule.match(target):
-            new = rule.build(target)
-            if new is not None:
-                target = _copy_training_state(new, target)
-                counts[rule.name] = counts.get(rule.name, 0) + 1
-            break
-    _fuse_children(target, counts)
-    return (target, counts) if return_report else target
+    report = FuseReport()
+    target = module if inplace else structural_copy(module)
+    devices = sorted({t.device.index or 0 for t in list(target.parameters()) + list(target.buffers()) if t.is_cuda})
+    threads = torch.get_num_threads()
+    try:
+        # the rules' probes run tiny tensors: one thread (several spin-wait on each other on a
+        # busy machine: measured 10x slower); and they must not move the caller's RNG
+        torch.set_num_threads(1)
+        with torch.random.fork_rng(devices=devices):
+            fused = Fuser(report).run(target)
+    finally:
+        torch.set_num_threads(threads)
+    if inplace and fused is not module and isinstance(fused, FusedModule) \
+            and isinstance(fused, type(module)):
+        # the model's own forward was rewritten: install it on the caller's object too
+        module.__class__ = type(fused)
+        module.__dict__.clear()
+        module.__dict__.update(fused.__dict__)
+        fused = module
+    return (fused, report) if return_report else fused
+
+
+# ----------------------------------------------------------------------------- extension points
+def register_pair_rule(name: str, first: Callable[[nn.Module], bool], second: Callable[[nn.Module], bool],
+                       build: Callable[[nn.Module, nn.Module], Optional[nn.Module]], place: str = "first") -> None:
+    """Add a rule for two consecutive children of an nn.Sequential: ``build(a, b)`` returns the
+    fused module (owning the parameters of ``a`` for ``place="first"``, of ``b`` for "second")
+    or None to decline. Tried after the built-in sequence rules."""
+    from ganengine.fusion import rules
+
+    if place not in ("first", "second"):
+        raise ValueError(f"register_pair_rule: place must be 'first' or 'second', got {place!r}")
+
+    def build_pair(a, b):
+        fused = build(a, b)
+        if fused is None:
+            return None
+        return [fused, nn.Identity()] if place == "first" else [nn.Identity(), fused]
+
+    rules.EXTRA_SEQUENCE_RULES.append(rules.SequenceRule(name, (first, second), build_pair))
+
+
+def register_module_rule(name: str, match: Callable[[nn.Module], bool],
+                         build: Callable[[nn.Module], Optional[nn.Module]], after_pairs: bool = False) -> None:
+    """Add a rule replacing one module: ``build(m)`` returns the replacement (same function, same
+    keys) or None. ``after_pairs`` runs it after the sequence rules. Tried after the built-in
+    module rules of its stage."""
+    from ganengine.fusion import rules
+
+    rules.EXTRA_MODULE_RULES.append(rules.ModuleRule(name, match, build, "late" if after_pairs else "early"))

@@ -27,3 +27,19 @@ class SmallFeatureExtractor(nn.Module):
         x = F.relu(self.conv1(2 * x - 1))
         x = F.relu(self.conv2(x))
         return F.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+class SmallClassifierFeatureExtractor(SmallFeatureExtractor):
+    """SmallFeatureExtractor with a fixed 10-way ``logits(features)`` head: what the Inception
+    Score needs from a feature network (the FID Inception network has its own)."""
+
+    def __init__(self, seed: int = 1234):
+        super().__init__(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.head = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g))
+            self.head.bias.zero_()
+
+    def logits(self, features):
+        return self.head(features)

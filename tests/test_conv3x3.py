@@ -173,7 +173,10 @@ def test_fuse_rules_keep_keys_and_outputs(always_winograd):
     torch.manual_seed(4)
     ref = nn.Sequential(_resnet_block(8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1),
                         nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"))
-    fused, report = ganengine.fuse(ref, return_report=True)
+    import ganengine.ops.conv as cv
+
+    with cv.gemm_policy("always"):  # fuse rewrites a conv only where the op has a faster route for it
+        fused, report = ganengine.fuse(ref, return_report=True)
     assert list(fused.state_dict()) == list(ref.state_dict())
     block = fused[0]
     assert isinstance(block[0], nn.Identity) and isinstance(block[1], Conv3x3)

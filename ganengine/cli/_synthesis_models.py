@@ -87,3 +87,43 @@ def derive(model: str, model_opts: dict, data_opts: dict, flip: bool) -> None:
                              "take it from the data")
         model_opts.setdefault("n_classes", n)
         data_opts["classes"] = [str(c) for c in ds.classes]
+
+
+def add_eval_options(mp: argparse.ArgumentParser) -> None:
+    """Training-time evaluation of a synthesis model (ganengine/train/evaluation.py)."""
+    from ganengine.cli._options import nonneg_int, positive_int
+
+    g = mp.add_argument_group("evaluation (FID and more every N steps; the best checkpoint is kept as best.pt)")
+    g.add_argument("--eval_every", type=nonneg_int, default=0,
+                   help="every N steps (and at the last step) generate --eval_num_samples images, compute "
+                        "--eval_metrics against the training images, log them to eval_log.csv and keep the "
+                        "checkpoint with the best --eval_best as RUN_DIR/best.pt (0 = never; default: %(default)s)")
+    g.add_argument("--eval_metrics", default="fid",
+                   help="comma-separated subset of fid,kid,is,pr,dc,intra_fid (pr = precision/recall, "
+                        "dc = density/coverage; intra_fid for class-conditional models) (default: %(default)s)")
+    g.add_argument("--eval_num_samples", type=positive_int, default=5000,
+                   help="generated images per evaluation (default: %(default)s)")
+    g.add_argument("--eval_batch_size", type=positive_int, default=50, help="(default: %(default)s)")
+    g.add_argument("--eval_max_real", type=positive_int, default=None,
+                   help="use at most this many training images as the real set (default: all)")
+    g.add_argument("--eval_best", default="fid",
+                   help="result that picks best.pt: fid, kid, intra_fid (lower is better), is, precision, "
+                        "recall, coverage (higher is better) (default: %(default)s)")
+    g.add_argument("--inception_weights", default=None, metavar="PATH",
+                   help="FID Inception weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    g.add_argument("--inception_resize", default="pytorch-fid", choices=("pytorch-fid", "tf1"),
+                   help="resize to 299x299 as pytorch-fid (default) or as TF1/torch-fidelity")
+    g.add_argument("--feature_extractor", default=None, metavar="MODULE:ATTR",
+                   help="your own feature network instead of Inception ('pkg.module:attr' or 'file.py:attr'; "
+                        "images in [0, 1]; a logits(features) method enables is)")
+
+
+def eval_options(args) -> tuple[int, dict]:
+    """(eval_every, TrainConfig.eval_options) from the parsed arguments."""
+    every = getattr(args, "eval_every", 0) or 0
+    if not every:
+        return 0, {}
+    return every, dict(metrics=args.eval_metrics, num_samples=args.eval_num_samples, batch_size=args.eval_batch_size,
+                       max_real=args.eval_max_real, best_metric=args.eval_best, inception_weights=args.inception_weights,
+                       inception_resize=args.inception_resize, feature_extractor=args.feature_extractor,
+                       seed=args.seed)

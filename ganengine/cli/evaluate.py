@@ -15,14 +15,17 @@ import sys
 
 import torch
 
+from ganengine.cli import _evaluate_synthesis
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="compute FID/KID/L1/PSNR/SSIM/accuracy of a checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder (its newest checkpoint)")
     p.add_argument("--dataroot", default=None, help="data folder in the reference layout (default: built-in sample data)")
-    p.add_argument("--phase", default=None, help="split to evaluate on (default: test, else val)")
-    p.add_argument("--metrics", default="fid", help="comma-separated subset of fid,kid,l1,psnr,ssim,acc (default: fid)")
+    p.add_argument("--phase", default=None, help="split to evaluate on (default: test, else val; synthesis: train)")
+    p.add_argument("--metrics", default="fid", help="comma-separated subset of fid,kid,l1,psnr,ssim,acc; for a synthesis "
+                   "checkpoint of fid,kid,is,pr,dc,intra_fid (default: fid)")
     p.add_argument("--inception_weights", default=None, metavar="PATH",
                    help="FID Inception weights file pt_inception-2015-12-05-6726825d.pth (for fid/kid)")
     p.add_argument("--feature_extractor", default=None, metavar="MODULE:ATTR",
@@ -33,11 +36,13 @@ def register(subparsers) -> None:
     p.add_argument("--classifier", default=None, metavar="MODULE:ATTR",
                    help="attribute classifier for acc (images in [-1, 1] -> (N, c_dim) logits)")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_images", type=int, default=None, help="evaluate at most this many images")
+    p.add_argument("--max_images", type=int, default=None,
+                   help="evaluate at most this many images (synthesis checkpoints: real images)")
     p.add_argument("--kid_subsets", type=int, default=100)
     p.add_argument("--kid_subset_size", type=int, default=1000)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    _evaluate_synthesis.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -105,6 +110,8 @@ def run(args) -> int:
     from ganengine.metrics import evaluate_generator, parse_metrics, resolve_feature_extractor
     from ganengine.metrics.features import load_object
 
+    if _evaluate_synthesis.is_synthesis_checkpoint(args.checkpoint):  # noise -> image models: generate N samples
+        return _evaluate_synthesis.run(args)
     try:
         metrics = parse_metrics(args.metrics)
         if args.batch_size < 1:

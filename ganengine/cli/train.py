@@ -200,6 +200,8 @@ def register(subparsers) -> None:
         _add_run_options(mp, name)
         if name in _basic.MODELS:
             _basic.add_aliases(mp, name)
+        if name in _basic.MODELS + SYNTHESIS:
+            _basic.add_eval_options(mp)
         model_opts = add_model_options(mp, defaults)
         mp.set_defaults(func=run, _model_options=model_opts)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -297,6 +299,7 @@ def make_config(args):
     if args.model in _basic.MODELS:
         _basic.derive(args.model, model_opts, data_opts, args.flip)
     _derive_from_data(args.model, model_opts, data_opts, args._model_options)
+    eval_every, eval_opts = _basic.eval_options(args)
     name = args.name or f"{args.model}_" + (os.path.basename(os.path.normpath(args.dataroot)) if args.dataroot else "sample")
     run_dir = os.path.join(args.checkpoints_dir, name)
     cfg = TrainConfig(
@@ -306,7 +309,8 @@ def make_config(args):
         seed=args.seed, deterministic=args.deterministic, resume=args.resume, sample_every=engine["sample_every"],
         save_every=engine["save_every"], print_freq=args.print_freq, keep_checkpoints=args.keep_checkpoints,
         num_workers=args.num_threads, device=args.device, sync_bn=args.sync_bn, backend=args.backend,
-        tensorboard=args.tensorboard, num_samples=args.num_samples, progress=not args.no_progress)
+        tensorboard=args.tensorboard, num_samples=args.num_samples, progress=not args.no_progress,
+        eval_every=eval_every, eval_options=eval_opts)
     return cfg, notes
 
 

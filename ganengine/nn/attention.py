@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganengine.fuse import register_module_rule
 from ganengine.ops.attention import attention, attention_map
 
 
@@ -209,7 +208,3 @@ def _build_biggan(m: nn.Module):
     new = BigGANSelfAttention2d.from_modules(m.theta, m.phi, m.g, m.o, m.gamma)
     ok, is_tuple = _probe_matches(m, new, channels)
     return new if ok and not is_tuple else None
-
-
-register_module_rule("sagan_self_attention", _match_sagan, _build_sagan)
-register_module_rule("biggan_self_attention", _match_biggan, _build_biggan)

@@ -1,8 +1,8 @@
 """Batch norm followed by an activation as one fused op: ``BatchNormAct2d``, ``BatchNormAct1d``
 (subclasses of nn.BatchNorm2d / nn.BatchNorm1d: same state_dict keys, same train/eval behaviour)
 and ``ConditionalBatchNormAct2d`` (BigGAN's class-conditional batch norm + activation, with
-configurable buffer names). Also registers the ``ganengine.fuse`` rules
-BatchNorm2d -> ReLU/LeakyReLU and BatchNorm1d -> ReLU/LeakyReLU.
+configurable buffer names). ``ganengine.fuse`` turns BatchNorm2d/1d -> ReLU/LeakyReLU pairs and lone
+batch norms into them (rules in ganengine/fusion/rules.py).
 
 Under DDP the statistics are those of each process's own batch (as nn.BatchNorm2d); DDP's
 buffer broadcast then keeps rank 0's running statistics. nn.SyncBatchNorm is not fused: it is a
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from ganengine.fuse import register_pair_rule
 from ganengine.ops.batch_norm_act import ACTIVATIONS, batch_norm_act, conditional_batch_norm_act
 
 
@@ -164,35 +162,3 @@ class ConditionalBatchNormAct2d(nn.Module):
         act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, activation={act}, "
                 f"track_running_stats={self.track_running_stats}")
-
-
-# ----------------------------------------------------------------------------- ganengine.fuse rules
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
-def _plain(m: nn.Module) -> bool:
-    """Runs exactly its class's forward: no hooks, no parametrization, no patched forward."""
-    return not (_has_hooks(m) or parametrize.is_parametrized(m) or "forward" in m.__dict__)
-
-
-def _build(fused_cls):
-    def build(norm: nn.Module, act: nn.Module):
-        # An inplace activation overwrites the norm's output, a temporary nobody else sees in a
-        # Sequential; the fused op writes its own output, so the result is the same. Anything with
-        # hooks, a parametrization or a patched forward is declined (it could observe or change
-        # the intermediate).
-        if not (_plain(norm) and _plain(act)):
-            return None
-        return fused_cls.from_modules(norm, act)
-    return build
-
-
-def _is_act(m: nn.Module) -> bool:
-    return type(m) in (nn.ReLU, nn.LeakyReLU)  # exact types: a subclass may change forward
-
-
-# exact types: subclasses (SyncBatchNorm, LazyBatchNorm*, user classes) may override forward
-register_pair_rule("batch_norm+act", lambda m: type(m) is nn.BatchNorm2d, _is_act, _build(BatchNormAct2d))
-register_pair_rule("batch_norm1d+act", lambda m: type(m) is nn.BatchNorm1d, _is_act, _build(BatchNormAct1d))

@@ -2,7 +2,7 @@
 ``ganengine.functional.conv2d`` / ``conv_transpose2d`` (small output maps run as one GEMM on the
 cpu backend; see ganengine/ops/conv.py). Same parameters, same keys, same constructor.
 
-Registers two ``ganengine.fuse`` module rules, run after the pair rules (so Conv2d -> LeakyReLU
+``ganengine.fuse`` has two module rules for them (ganengine/fusion/rules.py), run after the pair rules (so Conv2d -> LeakyReLU
 pairs and ReflectionPad2d -> 3x3 conv pairs still fuse as pairs): a plain ``nn.Conv2d`` /
 ``nn.ConvTranspose2d`` with groups 1, dilation 1 and zero padding becomes the ganengine module
 sharing its parameters.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ganengine.fuse import register_module_rule
 from ganengine.ops.conv import conv2d, conv_transpose2d
 
 
@@ -68,9 +67,3 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         new.weight = conv.weight
         new.bias = conv.bias
         return new
-
-
-# exact types: a subclass may override forward
-register_module_rule("conv2d", lambda m: type(m) is nn.Conv2d and _legal(m), Conv2d.from_module, after_pairs=True)
-register_module_rule("conv_transpose2d", lambda m: type(m) is nn.ConvTranspose2d and _legal(m),
-                     ConvTranspose2d.from_module, after_pairs=True)

@@ -1,7 +1,7 @@
 """``Conv3x3``: a 3x3 stride-1 ``nn.Conv2d`` on ``ganengine.functional.conv3x3`` (Winograd on the
 cpu backend), with zero or reflect padding.
 
-Registers two ``ganengine.fuse`` rules:
+``ganengine.fuse`` has two rules for it (ganengine/fusion/rules.py):
   * module rule: a plain ``nn.Conv2d`` with a 3x3 kernel, stride 1, dilation 1, groups 1 and
     "zeros" / "reflect" padding becomes a ``Conv3x3`` sharing its parameters;
   * pair rule: ``ReflectionPad2d(p) -> Conv3x3(padding=0)`` (CycleGAN's residual blocks) becomes
@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ganengine.fuse import register_module_rule, register_pair_rule
 from ganengine.ops.conv3x3 import conv3x3
 
 
@@ -49,24 +48,3 @@ def _is_plain_conv3x3(m: nn.Module) -> bool:
     return (type(m) is nn.Conv2d and tuple(m.kernel_size) == (3, 3) and tuple(m.stride) == (1, 1)
             and tuple(m.dilation) == (1, 1) and m.groups == 1 and not isinstance(m.padding, str)
             and m.padding[0] == m.padding[1] and m.padding_mode in ("zeros", "reflect"))
-
-
-def _build_module(conv: nn.Conv2d):
-    return Conv3x3.from_conv(conv)
-
-
-register_module_rule("conv3x3", _is_plain_conv3x3, _build_module)
-
-
-def _uniform_reflect_pad(m: nn.Module) -> bool:
-    return type(m) is nn.ReflectionPad2d and len(set(m.padding)) == 1
-
-
-def _build_pad_pair(pad: nn.ReflectionPad2d, conv: Conv3x3):
-    if conv.padding[0] != 0:
-        return None
-    return Conv3x3.from_conv(conv, padding=pad.padding[0], padding_mode="reflect")
-
-
-register_pair_rule("reflection_pad+conv3x3", _uniform_reflect_pad, lambda m: type(m) is Conv3x3, _build_pad_pair,
-                   place="second")

@@ -1,15 +1,15 @@
 """``Conv2dAct`` and ``Conv2dInstanceNormAct``: PatchGAN conv blocks on the fused ops.
 
 Both subclass ``nn.Conv2d`` (so ``weight``/``bias`` keys, ``isinstance`` checks and the
-reference ``init_weights`` keep working). Also registers the ``ganengine.fuse`` pair rule
-Conv2d -> LeakyReLU (-> ``Conv2dAct`` at the conv's index, ``nn.Identity`` at the activation's).
+reference ``init_weights`` keep working). ``ganengine.fuse`` turns Conv2d -> LeakyReLU/ReLU pairs
+into ``Conv2dAct`` (at the conv's index, ``nn.Identity`` at the activation's) and PatchGAN's
+Conv2d -> InstanceNorm2d -> LeakyReLU into ``Conv2dInstanceNormAct`` (ganengine/fusion/rules.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ganengine.fuse import register_pair_rule
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
 
 
@@ -91,18 +91,3 @@ class Conv2dInstanceNormAct(nn.Conv2d):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, eps={self.eps}, affine={self.affine}, activation={self.activation}"
                 + (f"({self.negative_slope})" if self.activation == "leaky_relu" else ""))
-
-
-def _fusable_conv(m: nn.Module) -> bool:
-    # exact type: a subclass may override forward
-    return (type(m) is nn.Conv2d and m.groups == 1 and tuple(m.dilation) == (1, 1)
-            and m.padding_mode == "zeros" and not isinstance(m.padding, str))
-
-
-def _build(conv: nn.Module, act: nn.Module):
-    if not _fusable_conv(conv) or act.negative_slope < 0:
-        return None  # keep the original modules: the fused op only covers this configuration
-    return Conv2dAct.from_modules(conv, act)
-
-
-register_pair_rule("conv2d+leaky_relu", lambda m: type(m) is nn.Conv2d, lambda m: type(m) is nn.LeakyReLU, _build)

@@ -1,8 +1,9 @@
 """``InstanceNormAct2d``: nn.InstanceNorm2d followed by an activation, as one fused op.
 
 State dict keys are those of ``nn.InstanceNorm2d`` (weight, bias, running_mean, running_var,
-num_batches_tracked, as configured), so checkpoints move between the two unchanged. Also
-registers the ``ganengine.fuse`` rule InstanceNorm2d -> LeakyReLU/ReLU.
+num_batches_tracked, as configured), so checkpoints move between the two unchanged.
+``ganengine.fuse`` turns InstanceNorm2d -> LeakyReLU/ReLU pairs and lone InstanceNorm2d layers into
+it (rules in ganengine/fusion/rules.py).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import warnings
 import torch
 from torch import nn
 
-from ganengine.fuse import register_pair_rule
 from ganengine.ops.norm_act import ACTIVATIONS, instance_norm_act
 
 
@@ -80,16 +80,3 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
         fused.activation, fused.negative_slope = activation, float(slope)
         fused.train(norm.training)
         return fused
-
-
-def _is_plain_instance_norm(m: nn.Module) -> bool:
-    # exact type: subclasses may override forward
-    return type(m) is nn.InstanceNorm2d
-
-
-def _build(norm: nn.Module, act: nn.Module):
-    return InstanceNormAct2d.from_modules(norm, act)
-
-
-register_pair_rule("instance_norm+act", _is_plain_instance_norm,
-                   lambda m: type(m) in (nn.LeakyReLU, nn.ReLU), _build)

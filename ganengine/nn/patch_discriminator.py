@@ -49,9 +49,16 @@ def plain(m: nn.Module) -> bool:
 
 
 def is_fusable_batch_norm(m) -> bool:
-    """An ``nn.BatchNorm2d`` (exact type: SyncBatchNorm and user subclasses run as themselves)
-    that :func:`batch_norm2d_act` can run in its place."""
-    return type(m) is nn.BatchNorm2d and plain(m)
+    """An ``nn.BatchNorm2d`` (exact type: SyncBatchNorm and user subclasses run as themselves), or
+    the activation-free ``BatchNormAct2d`` fuse() makes of one, that :func:`batch_norm2d_act` can
+    run in its place."""
+    if type(m) is nn.BatchNorm2d:
+        return plain(m)
+    # fuse()'s lone-norm rule turns a BatchNorm2d into BatchNormAct2d(activation="none"), same
+    # Parameters, buffers and rules: still one batch_norm_act call with the activation after it
+    from ganengine.nn.batch_norm_act import BatchNormAct2d
+
+    return type(m) is BatchNormAct2d and m.activation == "none" and plain(m)
 
 
 def batch_norm2d_act(norm: nn.BatchNorm2d, x: torch.Tensor, activation: str, negative_slope: float = 0.2):

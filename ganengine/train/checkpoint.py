@@ -64,8 +64,18 @@ def resolve(path: str) -> str:
 
 
 def save(state: dict, folder: str, step: int, keep: int = 3) -> str:
+    target = write(state, path_for(folder, step))
+    set_aside_newer(folder, step)
+    if keep > 0:
+        for _, old in list_checkpoints(folder)[:-keep]:
+            os.unlink(old)
+    return target
+
+
+def write(state: dict, target: str) -> str:
+    """``state`` to ``target`` through a temporary file in the same folder (atomic)."""
+    folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
-    target = path_for(folder, step)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_step_", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -77,10 +87,6 @@ def save(state: dict, folder: str, step: int, keep: int = 3) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    set_aside_newer(folder, step)
-    if keep > 0:
-        for _, old in list_checkpoints(folder)[:-keep]:
-            os.unlink(old)
     return target
 
 

@@ -10,6 +10,7 @@ checkpoint could be written from bad weights.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,6 +66,8 @@ class TrainConfig:
     tensorboard: str = "auto"
     num_samples: int = 4
     progress: bool = True
+    eval_every: int = 0                                 # synthesis models: metrics every N steps, best.pt
+    eval_options: dict = field(default_factory=dict)    # -> ganengine.train.evaluation
 
 
 def _configure_determinism(cfg: TrainConfig, device: torch.device) -> None:
@@ -218,6 +221,14 @@ class Trainer:
                                                      self.steps_per_epoch) or {}
         self.ctx = AmpContext(cfg.amp, self.device, list(self.optimizers))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best, self.evaluator = None, None  # best evaluation so far: {"metric", "value", "step"}
+        if cfg.eval_every > 0:
+            from ganengine.train.evaluation import SynthesisEvaluator, check_options
+
+            check_options(cfg.eval_options)  # on every rank: bad options stop all of them
+            if self.dist.is_main:
+                self.evaluator = SynthesisEvaluator(cfg.eval_options, self.model, cfg.model, cfg.data_options,
+                                                    self.device, self.log_dir)
 
         resume_state = None
         if cfg.resume:
@@ -244,6 +255,8 @@ class Trainer:
         self.logger = None
         if self.dist.is_main:
             self.logger = TrainLogger(self.log_dir, cfg.tensorboard, self.step if cfg.resume else None)
+            if self.evaluator is not None:
+                self.evaluator.start_log(self.step if cfg.resume else None)
         self.sample_batch = self._sample_batch()
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -265,6 +278,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size, "seed": self.cfg.seed,
             "rng": {"per_rank": rngs},
+            "evaluation": dict(self.best) if self.best else {},
         }
 
     def save(self) -> str | None:
@@ -309,6 +323,7 @@ class Trainer:
         self.ctx.load_state_dict(state.get("scalers", {}))
         self.model.load_extra_state(state.get("extra", {}))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
+        self.best = dict(state.get("evaluation") or {}) or None
         per_rank = state["rng"]["per_rank"]
         if len(per_rank) == self.dist.world_size:
             return per_rank[self.dist.rank]
@@ -346,6 +361,39 @@ class Trainer:
             return None
         return self.logger.images(self.step, [r.float() for r in rows],
                                   row_labels(self.cfg.model, self.model, len(rows), attrs))
+
+    # ---------------------------------------------------------------- evaluation
+    @contextlib.contextmanager
+    def _plain_networks(self):
+        """The model's networks without DDP / compile wrappers (one process evaluates alone)."""
+        wrapped = {n: getattr(self.model, n) for n in self.model.network_names}
+        for n, net in self.networks.items():
+            setattr(self.model, n, net)
+        try:
+            yield
+        finally:
+            for n, net in wrapped.items():
+                setattr(self.model, n, net)
+
+    def evaluate(self) -> dict | None:
+        """Metrics on the main process (RNG streams and network state untouched); every process
+        then takes part in writing best.pt when the tracked metric improved."""
+        results, improved = None, False
+        if self.evaluator is not None:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), self._plain_networks():
+                results = self.evaluator.evaluate(self.model)
+            self.evaluator.log(self.step, self.epoch, results, self.logger)
+            key = self.evaluator.o["best_metric"]
+            improved = self.evaluator.improves(results[key], self.best)
+            if improved:
+                self.best = {"metric": key, "value": float(results[key]), "step": self.step}
+        if D.any_true(improved, self.dist, self.device):
+            state = self._state()  # collective
+            if self.evaluator is not None:
+                self.evaluator.save_best(state, self.cfg.run_dir, results)
+            D.barrier(self.dist)
+        return results
 
     # ---------------------------------------------------------------- loop
     def _check_finite(self) -> None:
@@ -413,7 +461,8 @@ class Trainer:
                     log_now = self.step % cfg.print_freq == 0 or self.step == self.total_steps
                     sample_now = cfg.sample_every > 0 and (self.step % cfg.sample_every == 0 or self.step == self.total_steps)
                     save_now = (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == self.total_steps
-                    if log_now or sample_now or save_now:
+                    eval_now = cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == self.total_steps)
+                    if log_now or sample_now or save_now or eval_now:
                         self._check_finite()
                     if log_now:
                         last_losses = self._flush()
@@ -429,6 +478,15 @@ class Trainer:
                         bar.update(1)
                     if sample_now:
                         self.write_samples()
+                    if eval_now:
+                        results = self.evaluate()
+                        if results is not None:
+                            line = f"step {self.step}: " + " ".join(
+                                f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float))
+                            if bar is not None:
+                                bar.write(line)
+                            else:
+                                print(f"ganengine: {line}", file=sys.stderr)
                     if self.step >= self.total_steps:
                         break
                     if save_now:

@@ -1,0 +1,326 @@
+"""``ganengine.fuse()`` on the reference networks as users run them: the same module code
+before and after ``fuse()``, forward + backward step time and the share of the forward's ops
+that now run inside fused ops. Also the micro-measurements behind the rule table's choices.
+
+    python benchmarks/bench_fuse.py                          # every family, small and reference widths
+    python benchmarks/bench_fuse.py --families cyclegan biggan_G --widths small --repeats 5
+    python benchmarks/bench_fuse.py --decisions              # triple vs pair, pre-activation, pad share
+    python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
+
+The networks are the compact re-writes of the references in tests/ (reference_nets.py:
+junyanz CycleGAN / pix2pix, yunjey StarGAN; fuse_nets.py: ajbrock BigGAN, heykeetae SAGAN),
+built from one seed. One step = ``loss(net(*inputs)).backward()`` with parameter gradients, in
+training mode. Variants take turns (round robin) in one process, ``--warmup`` untimed rounds
+first, and the median of ``--repeats`` rounds is reported, so a load change on a shared machine
+hits all of them alike: read the ratios. ``fused ops`` = 1 - (aten ops the fused forward still
+issues) / (aten ops of the original forward), counted with a TorchDispatchMode (views, detach
+and allocations not counted); ``ganengine ops`` = the fused ops it issues instead.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ganengine  # noqa: E402
+from tests import fuse_nets as R  # noqa: E402
+from tests import reference_nets as ref  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- families
+class _WithShared(nn.Module):
+    """BigGAN's G as its training step calls it: ``G(z, G.shared(y))``."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.G = R.BigGANGenerator(**kw)
+
+    def forward(self, z, labels):
+        return self.G(z, self.G.shared(labels))
+
+
+def _img(n, c, s):
+    return lambda: (torch.randn(n, c, s, s),)
+
+
+def _labels(n, z, classes):
+    return lambda: (torch.randn(n, z), torch.randint(0, classes, (n,)))
+
+
+def _stargan_in(n, s, c=5):
+    return lambda: (torch.randn(n, 3, s, s), torch.rand(n, c).round())
+
+
+def _biggan_d_in(n, s, classes):
+    return lambda: (torch.randn(n, 3, s, s), torch.randint(0, classes, (n,)))
+
+
+# name -> width -> (builder, inputs); "reference" = the reference's widths and image size
+# (batch 1-8 instead of the papers' 1-256: a 2-core CPU), "small" = a quarter-width model
+FAMILIES = {
+    "cyclegan_G": {
+        "reference": (lambda: ref.define_G(3, 3, 64, "resnet_9blocks", norm="instance"), _img(1, 3, 256)),
+        "small": (lambda: ref.define_G(3, 3, 16, "resnet_9blocks", norm="instance"), _img(1, 3, 64))},
+    "cyclegan_D": {
+        "reference": (lambda: ref.define_D(3, 64, "basic", norm="instance"), _img(1, 3, 256)),
+        "small": (lambda: ref.define_D(3, 16, "basic", norm="instance"), _img(1, 3, 64))},
+    "pix2pix_G": {
+        "reference": (lambda: ref.define_G(3, 3, 64, "unet_256", norm="batch", use_dropout=True), _img(1, 3, 256)),
+        "small": (lambda: ref.define_G(3, 3, 16, "unet_256", norm="batch", use_dropout=True), _img(1, 3, 256))},
+    "pix2pix_D": {
+        "reference": (lambda: ref.define_D(6, 64, "basic", norm="batch"), _img(1, 6, 256)),
+        "small": (lambda: ref.define_D(6, 16, "basic", norm="batch"), _img(1, 6, 64))},
+    "stargan_G": {
+        "reference": (lambda: ref.StarGenerator(64, 5, 6), _stargan_in(1, 128)),
+        "small": (lambda: ref.StarGenerator(16, 5, 6), _stargan_in(1, 64))},
+    "stargan_D": {
+        "reference": (lambda: ref.StarDiscriminator(128, 64, 5, 6), _img(2, 3, 128)),
+        "small": (lambda: ref.StarDiscriminator(64, 16, 5, 5), _img(2, 3, 64))},
+    "biggan_G": {   # BigGAN-128: G_ch 96, dim_z 120, shared_dim 128, hier, attention at 64
+        "reference": (lambda: _WithShared(ch=96, dim_z=120, shared_dim=128, n_classes=1000,
+                                          widths=(16, 16, 8, 4, 2, 1), bottom=4, attn_res=64),
+                      _labels(2, 120, 1000)),
+        "small": (lambda: _WithShared(ch=16, dim_z=120, shared_dim=32, n_classes=10,
+                                      widths=(16, 16, 8, 4, 2, 1), bottom=4, attn_res=64), _labels(2, 120, 10))},
+    "biggan_D": {
+        "reference": (lambda: R.BigGANDiscriminator(ch=96, n_classes=1000, widths=(1, 2, 4, 8, 16, 16), attn_res=64,
+                                                    resolution=128), _biggan_d_in(2, 128, 1000)),
+        "small": (lambda: R.BigGANDiscriminator(ch=16, n_classes=10, widths=(1, 2, 4, 8, 16, 16), attn_res=64,
+                                                resolution=128), _biggan_d_in(2, 128, 10))},
+    "sagan_G": {   # image_size 64; the reference's batch is 64
+        "reference": (lambda: R.SAGANGenerator(z_dim=128, conv_dim=64), lambda: (torch.randn(8, 128),)),
+        "small": (lambda: R.SAGANGenerator(z_dim=128, conv_dim=16), lambda: (torch.randn(8, 128),))},
+    "sagan_D": {
+        "reference": (lambda: R.SAGANDiscriminator(conv_dim=64), _img(8, 3, 64)),
+        "small": (lambda: R.SAGANDiscriminator(conv_dim=16), _img(8, 3, 64))},
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+_UNCOUNTED = ("view", "_unsafe_view", "reshape", "detach", "empty", "empty_like", "empty_strided", "t",
+              "transpose", "permute", "expand", "squeeze", "unsqueeze", "as_strided", "alias", "slice", "select",
+              "split", "split_with_sizes", "chunk", "unbind", "lift_fresh", "_to_copy", "clone", "zeros_like",
+              "ones_like", "zero_", "fill_", "set_", "resolve_conj", "resolve_neg", "_reshape_alias")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.aten, self.ganengine = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ns = func.namespace
+        name = func._schema.name.split("::")[-1]
+        if ns.startswith("ganengine"):
+            self.ganengine += 1
+        elif ns == "aten" and name not in _UNCOUNTED:
+            self.aten += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_forward_ops(net, inputs) -> tuple[int, int]:
+    with torch.no_grad(), _CountOps() as c:
+        net(*inputs)
+    return c.aten, c.ganengine
+
+
+def _loss(out):
+    out = out if isinstance(out, tuple) else (out,)
+    return sum(o.float().square().mean() for o in out if o.is_floating_point())
+
+
+def step_fn(net, inputs):
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        _loss(net(*inputs)).backward()
+    return step
+
+
+def round_robin(fns: dict, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool) -> dict:
+    make, inputs_of = FAMILIES[name][width]
+    torch.manual_seed(0)
+    net = make().train()
+    t0 = time.perf_counter()
+    fused, report = ganengine.fuse(net, return_report=True)
+    fuse_s = time.perf_counter() - t0
+    torch.manual_seed(1)
+    inputs = inputs_of()
+    orig_aten, _ = count_forward_ops(net, inputs)
+    left_aten, gan_ops = count_forward_ops(fused, inputs)
+    fns = {"original": step_fn(net, inputs), "fused": step_fn(fused, inputs)}
+    if compile_:
+        fns["compile(original)"] = step_fn(torch.compile(net), inputs)
+        fns["compile(fused)"] = step_fn(torch.compile(fused), inputs)
+    times = round_robin(fns, warmup, repeats)
+    return {"family": name, "width": width, "params": sum(p.numel() for p in net.parameters()),
+            "shape": [tuple(t.shape) for t in inputs], "ms": times,
+            "speedup": times["original"] / times["fused"], "fuse_s": fuse_s,
+            "fused_ops": 1 - left_aten / orig_aten, "aten_ops": [orig_aten, left_aten], "ganengine_ops": gan_ops,
+            "report": dict(report), "declined": [tuple(d) for d in report.declined],
+            "not_traced": report.not_traced}
+
+
+# ----------------------------------------------------------------------------- decisions
+def _pair_vs_triple(warmup, repeats):
+    """PatchGAN / CycleGAN Conv -> InstanceNorm -> act: one op (conv2d_instance_norm_act) or the
+    conv op + InstanceNormAct2d; and the eager reference."""
+    import ganengine.functional as GF
+
+    rows = []
+    for (n, c, k, s, ks, st, pad, slope) in [(1, 3, 64, 262, 7, 1, 0, 0.0), (1, 64, 128, 256, 3, 2, 1, 0.0),
+                                              (1, 128, 256, 128, 3, 2, 1, 0.0), (1, 64, 128, 128, 4, 2, 1, 0.2),
+                                              (1, 128, 256, 64, 4, 2, 1, 0.2), (1, 256, 512, 32, 4, 1, 1, 0.2)]:
+        torch.manual_seed(0)
+        x = torch.randn(n, c, s, s)
+        w = (torch.randn(k, c, ks, ks) * 0.05).requires_grad_()
+        b = torch.zeros(k, requires_grad=True)
+        act = "relu" if slope == 0 else "leaky_relu"
+
+        def step(f):
+            def run():
+                w.grad = b.grad = None
+                f().square().mean().backward()
+            return run
+        fns = {
+            "eager": step(lambda: F.leaky_relu(F.instance_norm(F.conv2d(x, w, b, st, pad)), slope)),
+            "conv op + InstanceNormAct": step(lambda: GF.instance_norm_act(GF.conv2d(x, w, b, st, pad),
+                                                                           activation=act, negative_slope=slope)),
+            "conv2d_instance_norm_act": step(lambda: GF.conv2d_instance_norm_act(x, w, b, st, pad, activation=act,
+                                                                                 negative_slope=slope)),
+        }
+        t = round_robin(fns, warmup, repeats)
+        rows.append({"case": f"{n}x{c}x{s}x{s} -> {k}, {ks}x{ks} s{st}", **t})
+    return rows
+
+
+def _pre_activation(warmup, repeats):
+    """pix2pix's U-Net: LeakyReLU(0.2, inplace) -> Conv 4x4 s2 and ReLU(inplace) -> ConvTranspose
+    4x4 s2: what share of the pair's forward + backward the separate activation costs (the most an
+    input-activation prologue inside the conv could save)."""
+    import ganengine.functional as GF
+
+    rows = []
+    for (c, k, s, transposed) in [(64, 128, 128, False), (128, 256, 64, False), (256, 512, 32, False),
+                                  (512, 512, 8, False), (1024, 256, 32, True), (512, 128, 64, True),
+                                  (256, 64, 128, True)]:
+        torch.manual_seed(0)
+        x0 = torch.randn(1, c, s, s)
+        w = (torch.randn(*((c, k) if transposed else (k, c)), 4, 4) * 0.05).requires_grad_()
+        conv = (lambda h: GF.conv_transpose2d(h, w, None, 2, 1)) if transposed else (lambda h: GF.conv2d(h, w, None, 2, 1))
+        relu = (lambda h: F.relu(h, inplace=True)) if transposed else (lambda h: F.leaky_relu(h, 0.2, inplace=True))
+
+        def step(with_act):
+            def run():
+                w.grad = None
+                h = x0.clone().requires_grad_()
+                y = conv(relu(h * 1.0) if with_act else h * 1.0)
+                y.square().mean().backward()
+            return run
+        t = round_robin({"act + conv": step(True), "conv": step(False)}, warmup, repeats)
+        rows.append({"case": f"1x{c}x{s}x{s} {'convT' if transposed else 'conv'} -> {k}", **t,
+                     "act share": 1 - t["conv"] / t["act + conv"]})
+    return rows
+
+
+def _pad_share(warmup, repeats):
+    """CycleGAN's ReflectionPad2d(3) -> Conv 7x7 (first and last layers): the pad's share."""
+    import ganengine.functional as GF
+
+    rows = []
+    for (c, k, s) in [(3, 64, 256), (64, 3, 256)]:
+        torch.manual_seed(0)
+        x = torch.randn(1, c, s, s, requires_grad=True)
+        w = (torch.randn(k, c, 7, 7) * 0.05).requires_grad_()
+
+        def step(pad):
+            def run():
+                w.grad = x.grad = None
+                h = F.pad(x, (3, 3, 3, 3), mode="reflect") if pad else x
+                GF.conv2d(h, w, None, 1, 0 if pad else 3).square().mean().backward()
+            return run
+        t = round_robin({"pad + conv": step(True), "conv (zero padding)": step(False)}, warmup, repeats)
+        rows.append({"case": f"1x{c}x{s}x{s} -> {k}, 7x7", **t, "pad share": 1 - t["conv (zero padding)"] / t["pad + conv"]})
+    return rows
+
+
+def _table(rows, keys):
+    out = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--widths", nargs="*", default=["small", "reference"], choices=["small", "reference"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile(original) and torch.compile(fused)")
+    p.add_argument("--decisions", action="store_true", help="the rule-table micro-measurements instead")
+    p.add_argument("--json", default=None, help="write the records to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend "
+          f"{ganengine.backends.status() if hasattr(ganengine.backends, 'status') else ''}", flush=True)
+    records = []
+    if args.decisions:
+        for title, fn, keys in (("conv -> instance norm -> act (ms, fwd+bwd)", _pair_vs_triple,
+                                 ["case", "eager", "conv op + InstanceNormAct", "conv2d_instance_norm_act"]),
+                                ("pre-activation (ms, fwd+bwd)", _pre_activation,
+                                 ["case", "act + conv", "conv", "act share"]),
+                                ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share,
+                                 ["case", "pad + conv", "conv (zero padding)", "pad share"])):
+            rows = fn(args.warmup, args.repeats)
+            records.append({"decision": title, "rows": rows})
+            print(f"\n{title}\n" + _table(rows, keys), flush=True)
+    else:
+        print("| family | width | params | input | original ms | fused ms | speed-up | fused ops | "
+              "ganengine ops |" + (" compile(orig) ms | compile(fused) ms |" if args.compile else ""))
+        print("|" + " --- |" * (9 + 2 * args.compile))
+        for name in args.families:
+            for width in args.widths:
+                r = run_family(name, width, args.warmup, args.repeats, args.compile)
+                records.append(r)
+                extra = (f" {r['ms']['compile(original)']:.1f} | {r['ms']['compile(fused)']:.1f} |"
+                         if args.compile else "")
+                print(f"| {name} | {width} | {r['params'] / 1e6:.2f} M | {r['shape'][0]} | {r['ms']['original']:.1f} | "
+                      f"{r['ms']['fused']:.1f} | {r['speedup']:.2f}x | {r['fused_ops']:.0%} | {r['ganengine_ops']} |"
+                      + extra, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

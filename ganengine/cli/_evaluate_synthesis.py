@@ -1,0 +1,93 @@
+"""``ganengine evaluate`` on a synthesis checkpoint (DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN, ADC-GAN,
+InfoGAN, SAGAN, BigGAN, BigGAN-deep, U-Net GAN): generate --num_samples images and compare them
+with the training images (``ganengine.metrics.evaluate_synthesis``).
+
+    ganengine evaluate --checkpoint run/ --metrics fid,is,pr,dc,intra_fid,kid
+        --inception_weights pt_inception-2015-12-05-6726825d.pth [--num_samples 10000] [--seed 0]
+
+``cli/evaluate.py`` registers the options below and hands synthesis checkpoints to ``run``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("synthesis checkpoints (dcgan, wgan, ..., infogan, sagan, biggan, unetgan)")
+    g.add_argument("--num_samples", type=int, default=10000,
+                   help="images to generate (default: %(default)s; papers report FID on 50000)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the latents (default: %(default)s)")
+    g.add_argument("--is_splits", type=int, default=10, help="Inception Score splits (default: %(default)s)")
+    g.add_argument("--pr_k", type=int, default=3, help="k of precision/recall (default: %(default)s)")
+    g.add_argument("--dc_k", type=int, default=5, help="k of density/coverage (default: %(default)s)")
+
+
+def checkpoint_model_name(path: str) -> str | None:
+    """The model name stored in a training checkpoint (or a run folder's newest), None when it
+    cannot be read (the usual path then reports why)."""
+    try:
+        from ganengine.train.checkpoint import resolve
+
+        state = torch.load(resolve(path), map_location="cpu", weights_only=True, mmap=True)
+        return state.get("model") if isinstance(state, dict) else None
+    except Exception:
+        return None
+
+
+def is_synthesis_checkpoint(path: str) -> bool:
+    from ganengine.data import CLASS_MODELS
+
+    return checkpoint_model_name(path) in CLASS_MODELS
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
+def run(args) -> int:
+    from ganengine.cli.evaluate import load_checkpoint, resolve_device
+    from ganengine.data import build_dataset
+    from ganengine.metrics import load_fid_inception, resolve_feature_extractor
+    from ganengine.metrics.evaluate_synthesis import check_logits, evaluate_synthesis, parse_synthesis_metrics, real_loader
+
+    try:
+        metrics = parse_synthesis_metrics(args.metrics)
+        for name in ("batch_size", "num_samples", "is_splits", "pr_k", "dc_k"):
+            _positive(name, getattr(args, name))
+        if args.max_images is not None:
+            _positive("max_images", args.max_images)
+        device = resolve_device(args.device)
+        if args.feature_extractor and args.inception_weights:
+            raise ValueError("give --inception_weights or --feature_extractor, not both")
+        if args.feature_extractor:
+            extractor = resolve_feature_extractor(args.feature_extractor, device=device)
+        else:
+            extractor = load_fid_inception(args.inception_weights, device, resize=args.inception_resize)
+        if "is" in metrics:
+            check_logits(extractor)
+        model, data_options = load_checkpoint(args.checkpoint, device)
+        root = args.dataroot or data_options.get("dataroot")
+        phase = args.phase or "train"
+        dataset = build_dataset(model.MODEL_NAME, {**data_options, "dataroot": root, "no_flip": True}, phase)
+        loader = real_loader(dataset, args.batch_size, args.max_images)
+        results = evaluate_synthesis(model, loader, metrics, extractor, num_samples=args.num_samples,
+                                     batch_size=args.batch_size, seed=args.seed, max_real=args.max_images,
+                                     is_splits=args.is_splits, pr_k=args.pr_k, dc_k=args.dc_k,
+                                     kid_options={"subsets": args.kid_subsets, "subset_size": args.kid_subset_size})
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, AttributeError, ImportError) as exc:
+        print(f"ganengine evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    results.pop("real")
+    results = {"checkpoint": os.path.abspath(args.checkpoint), "model": model.MODEL_NAME,
+               "dataroot": root or "built-in sample data", "phase": phase, "seed": args.seed, **results}
+    for key, value in results.items():
+        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

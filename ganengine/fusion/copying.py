@@ -1,0 +1,111 @@
+"""Copying module trees without copying their tensors, and giving a module a fused forward.
+
+``structural_copy(model)``: a new tree of module objects (each module copied once, so modules
+shared by several parents stay shared) whose containers (``_modules``, ``_parameters``,
+``_buffers``, the hook dicts) are new dicts holding the SAME Parameter, buffer and hook
+objects. ``fuse(model)`` (not in place) rewrites that copy: the caller's model keeps its own
+tree, and an optimiser built on ``model.parameters()`` before ``fuse()`` trains the fused model,
+because they are the same Parameters. (``copy.deepcopy`` with a memo would do the same for
+parameters but also copies every other attribute, and fails on non-leaf tensor attributes such
+as the ``weight`` that ``torch.nn.utils.spectral_norm`` keeps.)
+
+``retype(module, Mixin, **attrs)``: a module of class ``Fused<Base>`` (a subclass of ``Mixin`` and
+of the module's own class, made once per pair and cached) with the same ``__dict__``
+contents: the same Parameters, buffers, children and hooks, every method and attribute of the
+original, ``isinstance(m, Base)`` still true; only ``forward`` (the mixin's) differs. The
+mixin's forward computes the same function on the fused ops. Pickling and ``copy.deepcopy``
+work: the class is rebuilt from ``(Mixin, Base)``, so ``Base`` must be importable, as it must
+be to pickle the original.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+# the container attributes every nn.Module has (hooks, parameters, ...): copied, not shared
+_CONTAINERS = frozenset(nn.Module().__dict__) - {"training"}
+
+
+def _copy_dict(d: dict) -> dict:
+    out = {}
+    for key, value in d.items():
+        if key in _CONTAINERS and isinstance(value, (dict, set)):
+            value = type(value)(value)
+        out[key] = value
+    return out
+
+
+def clone(module: nn.Module) -> nn.Module:
+    """A new module object of the same class, with copied containers holding the same objects."""
+    new = type(module).__new__(type(module))
+    new.__dict__.update(_copy_dict(module.__dict__))
+    return new
+
+
+def structural_copy(root: nn.Module) -> nn.Module:
+    memo: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        new = clone(m)
+        memo[id(m)] = new
+        new._modules = {name: (visit(c) if c is not None else None) for name, c in m._modules.items()}
+        return new
+
+    return visit(root)
+
+
+# ----------------------------------------------------------------------------- fused classes
+class FusedModule:
+    """Base of every mixin that ``retype`` puts in front of a module's own class."""
+
+    # set on each generated class
+    __ganengine_mixin__: type
+    __ganengine_base__: type
+    fused_name = "fused"   # shown in repr
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild, (type(self).__ganengine_mixin__, type(self).__ganengine_base__), self.__getstate__())
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, {self.fused_name}" if base else self.fused_name
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def fused_class(mixin: type, base: type) -> type:
+    key = (mixin, base)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        name = f"Fused{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": base.__module__, "__qualname__": name,
+                                         "__ganengine_mixin__": mixin, "__ganengine_base__": base})
+        _CLASSES[key] = cls
+    return cls
+
+
+def _rebuild(mixin: type, base: type):
+    cls = fused_class(mixin, base)
+    return cls.__new__(cls)
+
+
+def retype(module: nn.Module, mixin: type, **attrs) -> nn.Module:
+    base = type(module)
+    if isinstance(module, FusedModule):
+        base = type(module).__ganengine_base__
+    cls = fused_class(mixin, base)
+    new = cls.__new__(cls)
+    new.__dict__.update(_copy_dict(module.__dict__))
+    for key, value in attrs.items():
+        object.__setattr__(new, key, value)
+    return new
+
+
+def base_class(module: nn.Module) -> type:
+    """The module's own class (the user's), under a fused mixin if it has one."""
+    return type(module).__ganengine_base__ if isinstance(module, FusedModule) else type(module)

@@ -1,0 +1,146 @@
+"""The walk that applies the rule table (ganengine/fusion/rules.py) to a module tree.
+
+Per module, children first in this order: early module rules on the children, sequence rules (if
+the module is a plain nn.Sequential that its parent only calls), late module rules on the
+children, the same walk inside each child, and last the module's own forward through the graph
+rules (its children are then in their final form). Modules shared by several parents are
+visited once and replaced by the same object everywhere.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ganengine.fusion import checks, graph, rules
+from ganengine.fusion.copying import FusedModule
+from ganengine.fusion.recognise import Decline
+from ganengine.fusion.report import FuseReport, join
+
+
+def _skip(m: nn.Module) -> bool:
+    """Modules whose insides fuse leaves alone: already fused, or ganengine modules whose own
+    forward already runs the fused ops over their children (PatchDiscriminator)."""
+    if isinstance(m, FusedModule) or m.__dict__.get("_ganengine_fused_wrapper"):
+        return True
+    return type(m).__module__ == "ganengine.nn.patch_discriminator"
+
+
+def _custom_forward(m: nn.Module) -> bool:
+    cls = type(m)
+    if _skip(m) or checks.is_torch_class(cls) or cls.__module__.startswith("ganengine.nn"):
+        return False
+    if checks.plain_sequential(m) or checks.patched_forward(m):
+        return False
+    fwd = getattr(cls, "forward", None)
+    return fwd is not None and not (getattr(fwd, "__module__", "") or "").startswith("torch.")
+
+
+class Fuser:
+    def __init__(self, report: FuseReport):
+        self.report = report
+        self.replaced: dict[int, nn.Module] = {}   # id(original) -> replacement (shared modules)
+        self.settled: set[tuple[int, str]] = set()  # (id, stage) already tried
+        self.done: dict[int, nn.Module] = {}       # id(module) -> the module after its walk
+        # every module whose id is a key above stays alive until the walk ends: a replaced
+        # module freed mid-walk could hand its id to a new one (an Identity) and alias it
+        self.keep: list[nn.Module] = []
+
+    # ------------------------------------------------------------------ module rules
+    def single(self, m: nn.Module, where: str, stage: str) -> nn.Module:
+        if id(m) in self.replaced:
+            return self.replaced[id(m)]
+        if _skip(m) or (id(m), stage) in self.settled:
+            return m
+        self.settled.add((id(m), stage))
+        self.keep.append(m)
+        for rule in rules.module_rules(stage):
+            if not rule.match(m):
+                continue
+            out = rule.build(m)
+            if out is None:
+                continue
+            if isinstance(out, Decline):
+                self.report.decline(rule.name, where, out.reason)
+                break
+            out.train(m.training)
+            self.replaced[id(m)] = out
+            self.report.add(rule.name, where)
+            return out
+        return m
+
+    def children_rules(self, m: nn.Module, where: str, stage: str) -> None:
+        for name, child in list(m._modules.items()):
+            if child is not None:
+                new = self.single(child, join(where, name), stage)
+                if new is not child:
+                    m._modules[name] = new
+
+    # ------------------------------------------------------------------ sequences
+    def sequences(self, seq: nn.Sequential, where: str, refuse: str | None) -> None:
+        names = list(seq._modules)
+        i = 0
+        while i < len(names):
+            step = 1
+            for rule in rules.sequence_rules():
+                k = len(rule.pattern)
+                group = [seq._modules[n] for n in names[i:i + k]]
+                if len(group) < k or any(g is None or _skip(g) for g in group):
+                    continue
+                if not all(match(g) for match, g in zip(rule.pattern, group)):
+                    continue
+                if refuse:
+                    self.report.decline(rule.name, join(where, names[i]), refuse)
+                    break
+                out = rule.build(*group)
+                if out is None:
+                    continue
+                if isinstance(out, Decline):
+                    self.report.decline(rule.name, join(where, names[i]), out.reason)
+                    continue
+                for n, old, new in zip(names[i:i + k], group, out):
+                    new.train(old.training)
+                    seq._modules[n] = new
+                fused_at = next((n for n, new in zip(names[i:i + k], out) if not isinstance(new, nn.Identity)), names[i])
+                self.report.add(rule.name, join(where, fused_at))
+                step = k
+                break
+            i += step
+
+    # ------------------------------------------------------------------ the walk
+    def walk(self, m: nn.Module, where: str, refuse_sequences: str | None = None) -> nn.Module:
+        if id(m) in self.done:
+            return self.done[id(m)]
+        self.done[id(m)] = m
+        self.keep.append(m)
+        if _skip(m):
+            return m
+        self.children_rules(m, where, "early")
+        if isinstance(m, nn.Sequential):
+            refuse = refuse_sequences
+            if not checks.plain_sequential(m):
+                refuse = f"{type(m).__name__} is an nn.Sequential with its own forward"
+            self.sequences(m, where, refuse)
+        self.children_rules(m, where, "late")
+        for name, child in list(m._modules.items()):
+            if child is None:
+                continue
+            refuse = checks.child_only_called(m, name) if isinstance(child, nn.Sequential) else None
+            new = self.walk(child, join(where, name), refuse)
+            if new is not child:
+                m._modules[name] = new
+        if _custom_forward(m):
+            new = graph.rewrite(m, where, self.report)
+            if new is not None:
+                new.train(m.training)
+                self.done[id(m)] = new
+                return new
+        return m
+
+    def run(self, root: nn.Module) -> nn.Module:
+        why = checks.global_hooks()
+        if why:
+            self.report.decline("*", "", why)
+            return root
+        for stage in ("early", "late"):
+            root = self.single(root, "", stage)
+        return self.walk(root, "")
+

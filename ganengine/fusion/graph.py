@@ -1,0 +1,329 @@
+"""Graph-level fusion: patterns written as calls in ``forward`` (BigGAN's
+``self.activation(self.bn1(h, y))``), found by tracing the forward with torch.fx.
+
+One module at a time: ``forward`` is traced with every child module as a leaf (the children have
+already been through the module rules), in training and in eval mode. Where a child that can
+take a fused activation (a norm or conv on the fused ops: see ``head``) has exactly one user and
+that user is ReLU / LeakyReLU (a module, ``F.relu``, ``F.leaky_relu``, ``torch.relu``,
+``x.relu()``, in place or not: the activation then overwrites a temporary only it reads), the
+pair becomes one call ``act_forward(self.<child>, activation, slope, *inputs)``. The module keeps
+its object, class (a ``Fused<Class>`` subclass), children, keys, Parameters and methods; only its
+forward is the rewritten graph's code.
+
+Declined, with the reason in ``report.not_traced`` (the children keep their module rules):
+forwards fx cannot trace (data-dependent control flow, iterating a tensor, modules called that
+are not children), forwards whose graph differs between training and eval mode, and forwards
+whose Python fx would not record faithfully: ``with`` blocks (``torch.no_grad()`` is not
+recorded), ``is None`` tests or ``isinstance`` on arguments (decided once, at trace time),
+assignments to ``self`` attributes or method calls on non-module attributes (run once at trace
+time), decorated forwards.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import linecache
+import types
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ganengine.fusion import checks
+from ganengine.fusion.copying import FusedModule, retype
+from ganengine.fusion.mixins import conv_apply
+from ganengine.fusion.report import FuseReport
+
+
+# ----------------------------------------------------------------------------- heads
+def head_kind(m: nn.Module) -> str | None:
+    """The family of a child that can run ``act(child(*inputs))`` as one fused call."""
+    from ganengine.fusion.mixins import BatchNormLikeMixin, ConditionalBatchNormMixin, ConvMixin, ConvTransposeMixin
+    from ganengine.nn import BatchNormAct1d, BatchNormAct2d, Conv2d, Conv3x3, InstanceNormAct2d
+
+    if isinstance(m, ConvTransposeMixin):
+        return None
+    if isinstance(m, ConvMixin):
+        return "conv2d" if m._ganengine_slope is None else None
+    if isinstance(m, ConditionalBatchNormMixin):
+        return "conditional_batch_norm" if m._ganengine_activation == "none" else None
+    if isinstance(m, BatchNormLikeMixin):
+        return "batch_norm" if m._ganengine_activation == "none" else None
+    if type(m) in (BatchNormAct2d, BatchNormAct1d):
+        return "batch_norm" if m.activation == "none" else None
+    if type(m) is InstanceNormAct2d:
+        return "instance_norm" if m.activation == "none" else None
+    if type(m) in (Conv2d, Conv3x3):
+        return "conv2d"
+    return None
+
+
+def act_forward(m: nn.Module, activation: str, negative_slope: float, *inputs):
+    """``act(m(*inputs))`` on one fused op (what the rewritten graphs call)."""
+    from ganengine.fusion.mixins import FusedModule as _F
+    from ganengine.nn import BatchNormAct1d, BatchNormAct2d, Conv2d, Conv3x3, InstanceNormAct2d
+    from ganengine.ops.batch_norm_act import batch_norm_act
+    from ganengine.ops.norm_act import instance_norm_act
+
+    kind = type(m)
+    if isinstance(m, _F) and head_kind(m):
+        return m._ganengine_act_forward(activation, negative_slope, *inputs)
+    if kind is InstanceNormAct2d and m.activation == "none" and len(inputs) == 1:
+        # InstanceNormAct2d.forward with another activation
+        return instance_norm_act(inputs[0], m.weight, m.bias, m.running_mean, m.running_var,
+                                 m.training or not m.track_running_stats,
+                                 m.momentum if m.momentum is not None else 0.0, m.eps, activation, negative_slope)
+    if kind in (BatchNormAct2d, BatchNormAct1d) and m.activation == "none" and len(inputs) == 1:
+        # _BatchNormActMixin.forward (ganengine/nn/batch_norm_act.py) with another activation
+        x = inputs[0]
+        m._check_input_dim(x)
+        if m.training:
+            track = m.track_running_stats
+            nbt = m.num_batches_tracked if track else None
+            momentum = m.momentum if (m.momentum is not None or nbt is not None) else 0.0
+            return batch_norm_act(x, m.running_mean if track else None, m.running_var if track else None,
+                                  m.weight, m.bias, True, momentum, m.eps, activation, negative_slope,
+                                  num_batches_tracked=nbt)
+        batch_stats = m.running_mean is None and m.running_var is None
+        return batch_norm_act(x, m.running_mean, m.running_var, m.weight, m.bias, batch_stats,
+                              m.momentum if m.momentum is not None else 0.0, m.eps, activation, negative_slope)
+    if kind in (Conv2d, Conv3x3) and len(inputs) == 1:
+        return conv_apply(m, inputs[0], m.weight, 0.0 if activation == "relu" else float(negative_slope))
+    # the child was swapped after fuse(): run it and the activation as they are
+    y = m(*inputs)
+    return F.relu(y) if activation == "relu" else F.leaky_relu(y, negative_slope)
+
+
+# ----------------------------------------------------------------------------- activations
+_RELU_FNS = {F.relu, torch.relu, torch.relu_, getattr(F, "relu_", None)} - {None}
+_LEAKY_FNS = {F.leaky_relu, getattr(F, "leaky_relu_", None), getattr(torch._C._nn, "leaky_relu", None),
+              getattr(torch._C._nn, "leaky_relu_", None)} - {None}
+
+
+def _activation(node: fx.Node, head: fx.Node, root: nn.Module):
+    """(activation, slope, module or None) when ``node`` applies ReLU / LeakyReLU(>= 0) to ``head``."""
+    if not node.args or node.args[0] is not head:
+        return None
+    rest = list(node.args[1:])
+    kwargs = dict(node.kwargs)
+    if node.op == "call_module":
+        mod = root.get_submodule(node.target)
+        if rest or kwargs:
+            return None
+        if type(mod) is nn.ReLU:
+            return "relu", 0.0, mod
+        if type(mod) is nn.LeakyReLU and mod.negative_slope >= 0:
+            return "leaky_relu", float(mod.negative_slope), mod
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_") and not rest and not kwargs:
+        return "relu", 0.0, None
+    if node.op != "call_function":
+        return None
+    kwargs.pop("inplace", None)
+    if node.target in _RELU_FNS:
+        if len(rest) > 1 or kwargs or (rest and not isinstance(rest[0], bool)):
+            return None
+        return "relu", 0.0, None
+    if node.target in _LEAKY_FNS:
+        slope = kwargs.pop("negative_slope", rest.pop(0) if rest else 0.01)
+        if rest and isinstance(rest[0], bool):
+            rest.pop(0)
+        if rest or kwargs or isinstance(slope, bool) or not isinstance(slope, (int, float)) or slope < 0:
+            return None
+        return ("relu", 0.0, None) if slope == 0 else ("leaky_relu", float(slope), None)
+    return None
+
+
+# ----------------------------------------------------------------------------- source checks
+def _reachable_methods(cls: type, fn_name: str = "forward"):
+    """forward and the methods of cls it calls as ``self.name(...)`` (transitively)."""
+    seen, todo, out = set(), [fn_name], []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        fn = getattr(cls, name, None)
+        if not isinstance(fn, types.FunctionType) or (fn.__module__ or "").startswith("torch."):
+            continue
+        tree = checks.function_ast(fn)
+        out.append((name, tree))
+        if tree is None:
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"):
+                todo.append(node.func.attr)
+    return out
+
+
+def source_reason(m: nn.Module) -> str | None:
+    """Why fx would not record ``m.forward`` faithfully (None when it would)."""
+    cls = type(m)
+    tensor_attrs = set(m._parameters) | set(m._buffers) | {k for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)}
+    for name, tree in _reachable_methods(cls):
+        where = f"{cls.__name__}.{name}"
+        if tree is None:
+            return f"cannot read the source of {where}"
+        if tree.decorator_list:
+            return f"{where} is decorated"
+        args = {a.arg for a in tree.args.args[1:] + tree.args.kwonlyargs}
+        if tree.args.vararg:
+            args.add(tree.args.vararg.arg)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.With, ast.AsyncWith)):
+                return f"{where} has a `with` block (fx does not record grad-mode or autocast changes)"
+            if isinstance(node, (ast.Global, ast.Nonlocal, ast.Yield, ast.YieldFrom, ast.Try)):
+                return f"{where} uses {type(node).__name__.lower()} (not traceable faithfully)"
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                if names & args:
+                    return f"{where} tests an argument with `is` (decided once at trace time)"
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("isinstance", "type", "callable", "hasattr", "len")
+                    and any(isinstance(n, ast.Name) and n.id in args for a in node.args for n in ast.walk(a))):
+                return f"{where} calls {node.func.id}() on an argument (decided once at trace time)"
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self":
+                        return f"{where} assigns self.{n.attr} (would run once, at trace time)"
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Attribute) and isinstance(node.func.value.value, ast.Name)
+                    and node.func.value.value.id == "self"):
+                owner = node.func.value.attr
+                if owner not in m._modules and owner not in tensor_attrs and node.func.attr != "forward":
+                    return f"{where} calls self.{owner}.{node.func.attr}() (would run once, at trace time)"
+    return None
+
+
+# ----------------------------------------------------------------------------- tracing
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _trace(m: nn.Module, training: bool) -> fx.Graph:
+    flags = [(sub, sub.training) for sub in m.modules()]
+    try:
+        m.train(training)
+        return _LeafTracer().trace(m)
+    finally:
+        for sub, mode in flags:
+            sub.training = mode
+
+
+def _resolvable(m: nn.Module, graph: fx.Graph) -> str | None:
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            try:
+                obj = m
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                return f"its graph refers to {node.target!r}, which is not an attribute of the module"
+    return None
+
+
+def _compile(src: str, globals_: dict, key: str):
+    filename = f"<ganengine fused forward {key}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    scope = dict(globals_)
+    exec(compile(src, filename, "exec"), scope)
+    return scope["forward"]
+
+
+class GraphForwardMixin(FusedModule):
+    """A module whose forward is its own forward traced and rewritten (see module doc)."""
+
+    fused_name = "fused: traced forward"
+
+    def forward(self, *args, **kwargs):
+        return self.__dict__["_ganengine_graph_fn"](self, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_ganengine_graph_fn", None)
+        state["_ganengine_graph_globals"] = {k: _ref(v) for k, v in state["_ganengine_graph_globals"].items()}
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state["_ganengine_graph_globals"] = {k: _deref(v) for k, v in state["_ganengine_graph_globals"].items()}
+        nn.Module.__setstate__(self, state)
+        object.__setattr__(self, "_ganengine_graph_fn",
+                           _compile(state["_ganengine_graph_src"], state["_ganengine_graph_globals"], type(self).__name__))
+
+
+class _ModuleRef(tuple):
+    pass
+
+
+def _ref(v):
+    return _ModuleRef((v.__name__,)) if isinstance(v, types.ModuleType) else v
+
+
+def _deref(v):
+    return importlib.import_module(v[0]) if isinstance(v, _ModuleRef) else v
+
+
+def rewrite(m: nn.Module, path: str, report: FuseReport) -> nn.Module | None:
+    """The module with its traced forward rewritten, or None (nothing to fuse, or not traced)."""
+    if not any(head_kind(c) for c in m.children()):
+        return None
+    why = source_reason(m)
+    if why is None:
+        try:
+            graph = _trace(m, True)
+            if graph.python_code("self").src != _trace(m, False).python_code("self").src:
+                why = "its traced forward differs between training and eval mode"
+        except Exception as exc:  # TraceError, NameError (a module not installed as a child), ...
+            msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            why = f"torch.fx could not trace it ({type(exc).__name__}: {msg})"
+    if why is None:
+        why = _resolvable(m, graph)
+    if why is not None:
+        report.not_traced.append((path, why))
+        return None
+    fused = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.kwargs:
+            continue
+        child = m.get_submodule(node.target)
+        kind = head_kind(child)
+        users = list(node.users)
+        if kind is None or len(users) != 1:
+            continue
+        act = _activation(users[0], node, m)
+        if act is None:
+            continue
+        activation, slope, act_mod = act
+        rule = f"graph:{kind}+act"
+        where = f"{path}.{node.target}" if path else node.target
+        bad = checks.hooks_reason(child) or (checks.hooks_reason(act_mod) if act_mod is not None else None)
+        if bad:
+            report.decline(rule, where, bad)
+            continue
+        with graph.inserting_before(node):
+            holder = graph.get_attr(node.target)
+            call = graph.call_function(act_forward, (holder, activation, slope, *node.args))
+        users[0].replace_all_uses_with(call)
+        graph.erase_node(users[0])
+        graph.erase_node(node)
+        fused.append((rule, where))
+    if not fused:
+        return None
+    graph.lint()
+    code = graph.python_code("self")
+    new = retype(m, GraphForwardMixin, _ganengine_graph_src=code.src, _ganengine_graph_globals=dict(code.globals))
+    object.__setattr__(new, "_ganengine_graph_fn", _compile(code.src, code.globals, type(new).__name__))
+    for rule, where in fused:
+        report.add(rule, where)
+    report.traced.append(path)
+    return new
+

@@ -1,0 +1,196 @@
+"""Fused forwards that ``retype`` puts in front of a user's own module class.
+
+Each mixin reads the module's own tensors under the module's own names, so the retyped module
+keeps its keys, Parameters, buffers, hooks and methods; only the arithmetic moves to the fused
+ops. The spec attributes (``_ganengine_*``) are plain strings / floats set by the rule that
+recognised the module (ganengine/fusion/recognise.py) after checking the equivalence
+numerically.
+
+``_ganengine_act_forward(activation, negative_slope, *inputs)`` is ``act(module(*inputs))`` in
+one fused call: the graph rules (ganengine/fusion/graph.py) call it when a traced forward applies
+an activation to the module's output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ganengine.fusion.copying import FusedModule
+
+
+def _act_slope(activation: str, negative_slope: float):
+    return None if activation == "none" else (0.0 if activation == "relu" else float(negative_slope))
+
+
+def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
+               sigma: torch.Tensor | None = None, side: str = "auto") -> torch.Tensor:
+    """``leaky_relu(conv2d(x, w / sigma, m.bias, m.stride, m.padding), slope)`` (no activation
+    when ``slope`` is None, no division when ``sigma`` is None) on the fused conv ops, honouring
+    ``m.padding_mode`` ("zeros", or "reflect" for 3x3 stride-1 convs). With ``sigma``, the
+    division goes to whichever is smaller, the weight or the output (ganengine/fusion/spectral.py)."""
+    if sigma is not None:
+        if side == "auto" and x.dim() == 4:
+            kh, kw = w.shape[-2:]
+            (sh, sw), (ph, pw) = tuple(m.stride), tuple(m.padding)
+            out = x.shape[0] * w.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+            side = "weight" if w.numel() <= out else "output"
+        if x.dim() != 4 or side == "weight":
+            return _conv(m, x, w / sigma, m.bias, slope)
+        y = _conv(m, x, w, None, None) / sigma
+        if m.bias is not None:
+            y = y + m.bias.view(1, -1, 1, 1)
+        return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+    return _conv(m, x, w, m.bias, slope)
+
+
+def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
+    from ganengine.ops.conv import conv2d
+    from ganengine.ops.conv3x3 import conv3x3, winograd_profitable
+    from ganengine.ops.conv_act import conv2d_act
+
+    stride, padding, mode = tuple(m.stride), tuple(m.padding), m.padding_mode
+    if x.dim() != 4:  # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W))
+        y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, stride, padding)
+        return y if slope is None else F.leaky_relu(y, slope)
+    if tuple(w.shape[-2:]) == (3, 3) and stride == (1, 1) and padding[0] == padding[1]:
+        # Winograd where it pays (and for reflect padding, read in place); the activation, if
+        # any, then runs in place on the conv's fresh output (nothing else holds it)
+        if mode == "reflect" or winograd_profitable(x.shape, w.shape, padding[0]):
+            y = conv3x3(x, w, bias, padding[0], mode)
+            return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+    if mode == "zeros" and _route_pays(m, x, w):
+        return conv2d(x, w, bias, stride, padding) if slope is None else conv2d_act(x, w, bias, stride, padding, slope)
+    # no faster route for this call: PyTorch's conv (the fused ops would only add their cost)
+    y = m._conv_forward(x, w, bias)
+    return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+
+
+def _route_pays(m, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the conv op runs this call on its GEMM form or Winograd (asked of the op's rules
+    once per input shape and cached on the module)."""
+    from ganengine.ops.conv import uses_gemm, uses_winograd
+
+    key = (tuple(x.shape), x.dtype, x.device, tuple(w.shape))
+    cache = m.__dict__.setdefault("_ganengine_routes", {})
+    hit = cache.get(key)
+    if hit is None:
+        stride, padding = list(m.stride), list(m.padding)
+        hit = bool(uses_gemm(x, w, stride, padding) or uses_winograd(x, w, stride, padding))
+        if len(cache) < 64:
+            cache[key] = hit
+    return hit
+
+
+class ConvMixin(FusedModule):
+    """An nn.Conv2d (subclass) whose weight comes from ``_ganengine_weight``: None for
+    ``self.weight`` (a Parameter, a parametrization, or the attribute a spectral-norm hook or
+    wrapper sets), else the name of a method (``W_`` in BigGAN) or attribute that computes it.
+    ``_ganengine_slope``: None, or the LeakyReLU slope fused after the conv (0 = ReLU)."""
+
+    _ganengine_weight: str | None = None
+    _ganengine_weight_call: bool = False
+    _ganengine_slope: float | None = None
+    _ganengine_sigma: str | None = None   # "biggan": weight = self.weight / biggan_sigma(self)
+    _ganengine_sigma_side: str = "auto"   # where the division goes (forced only by the probes)
+
+    @property
+    def fused_name(self) -> str:
+        act = "" if self._ganengine_slope is None else f" + leaky_relu({self._ganengine_slope})"
+        return f"fused: conv{act}"
+
+    def _fused_weight(self) -> torch.Tensor:
+        if self._ganengine_weight is None:
+            return self.weight
+        w = getattr(self, self._ganengine_weight)
+        return w() if self._ganengine_weight_call else w
+
+    def _apply(self, x, slope):
+        if self._ganengine_sigma == "biggan":
+            from ganengine.fusion.spectral import biggan_sigma
+
+            return conv_apply(self, x, self.weight, slope, biggan_sigma(self), self._ganengine_sigma_side)
+        return conv_apply(self, x, self._fused_weight(), slope)
+
+    def forward(self, x):
+        return self._apply(x, self._ganengine_slope)
+
+    def _ganengine_act_forward(self, activation: str, negative_slope: float, x):
+        if self._ganengine_slope is not None:
+            raise RuntimeError("_ganengine_act_forward on a conv that already has an activation")
+        return self._apply(x, _act_slope(activation, negative_slope))
+
+
+class ConvTransposeMixin(ConvMixin):
+    """An nn.ConvTranspose2d whose weight comes from ``_ganengine_weight`` (see ConvMixin)."""
+
+    @property
+    def fused_name(self) -> str:
+        return "fused: conv_transpose"
+
+    def forward(self, x, output_size=None):
+        from ganengine.ops.conv import conv_transpose2d
+
+        w = self._fused_weight()
+        if x.dim() != 4:
+            return super(ConvMixin, self).forward(x, output_size)
+        output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
+                                              list(self.kernel_size), 2, list(self.dilation))
+        return conv_transpose2d(x, w, self.bias, self.stride, self.padding, tuple(output_padding))
+
+    def _ganengine_act_forward(self, activation, negative_slope, x):  # not a graph head
+        raise NotImplementedError
+
+
+class BatchNormLikeMixin(FusedModule):
+    """A batch norm written by hand (BigGAN's ``layers.bn``): ``F.batch_norm(x, mean, var,
+    weight, bias, self.training, momentum, eps)`` under the names in ``_ganengine_bn``
+    (mean, var, weight, bias buffer/parameter names; momentum), then ``_ganengine_activation``."""
+
+    _ganengine_bn: tuple = ()
+    _ganengine_activation: str = "none"
+    _ganengine_negative_slope: float = 0.0
+
+    @property
+    def fused_name(self) -> str:
+        return f"fused: batch_norm + {self._ganengine_activation}"
+
+    def _ganengine_act_forward(self, activation, negative_slope, x, *unused):
+        from ganengine.ops.batch_norm_act import batch_norm_act
+
+        mean, var, weight, bias, momentum = self._ganengine_bn
+        return batch_norm_act(x, getattr(self, mean), getattr(self, var), getattr(self, weight),
+                              getattr(self, bias), self.training, momentum, self.eps, activation,
+                              negative_slope)
+
+    def forward(self, x, *unused):
+        return self._ganengine_act_forward(self._ganengine_activation, self._ganengine_negative_slope, x)
+
+
+class ConditionalBatchNormMixin(FusedModule):
+    """BigGAN's ``ccbn``: ``bn(x) * gain(y) + bias(y)`` with ``gain(y) = 1 + <gain module>(y)``
+    (``_ganengine_cbn = (gain child, bias child, mean buffer, var buffer, momentum, one_plus)``),
+    then ``_ganengine_activation``; one ``GF.conditional_batch_norm_act`` call."""
+
+    _ganengine_cbn: tuple = ()
+    _ganengine_activation: str = "none"
+    _ganengine_negative_slope: float = 0.0
+
+    @property
+    def fused_name(self) -> str:
+        return f"fused: conditional_batch_norm + {self._ganengine_activation}"
+
+    def _ganengine_act_forward(self, activation, negative_slope, x, y):
+        from ganengine.ops.batch_norm_act import conditional_batch_norm_act
+
+        gain_name, bias_name, mean, var, momentum, one_plus = self._ganengine_cbn
+        gain = getattr(self, gain_name)(y)
+        if one_plus:
+            gain = 1 + gain
+        bias = getattr(self, bias_name)(y)
+        n = y.shape[0]
+        return conditional_batch_norm_act(x, gain.reshape(n, -1), bias.reshape(n, -1), getattr(self, mean),
+                                          getattr(self, var), self.training, momentum, self.eps, activation,
+                                          negative_slope)
+
+    def forward(self, x, y):
+        return self._ganengine_act_forward(self._ganengine_activation, self._ganengine_negative_slope, x, y)

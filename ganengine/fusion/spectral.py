@@ -1,0 +1,69 @@
+"""Spectral norm as a scale on the output instead of a divided weight.
+
+A spectrally normalised conv computes ``conv(x, W / sigma) + b``. Exactly the same function is
+``conv(x, W) / sigma + b``: the division moves from the weight (one weight-sized pass forward,
+several backward: the quotient's gradient and sigma's ``-sum(g * W) / sigma**2``) to the conv's
+output (one output-sized pass each way, sigma's gradient ``-sum(g * y) / sigma**2`` over the
+output). BigGAN's deep blocks carry 1536x1536x3x3 weights over 8x8 maps: at a GAN's batch the
+output is far smaller than the weight, and the weight-sized passes were a quarter of the
+generator's step (docs/fuse.md). ``conv_apply`` picks, per call, whichever side is smaller.
+
+``biggan_sigma(m)``: the first singular value estimate of BigGAN-PyTorch's ``SN`` mixin
+(``layers.SN``: buffers ``u0..``, ``sv0..``; ``num_svs``, ``num_itrs``, ``transpose``, ``eps``):
+power iteration with Gram-Schmidt against the previous vectors, ``u`` / ``sv`` written in
+training mode only, the estimate differentiable in W (u and v are constants), exactly as its
+``W_()`` computes before returning ``weight / svs[0]``. Written from the description of the
+method; a module is only given this path after ``verify.same_function`` found its own
+``W_``-based forward equal to it (outputs, gradients, buffers, train and eval).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def biggan_like(m: nn.Module) -> bool:
+    """BigGAN SN structure: num_svs / num_itrs ints, eps float, buffers u{i} (1, out), sv{i} (1,)."""
+    n, itrs, eps = getattr(m, "num_svs", None), getattr(m, "num_itrs", None), getattr(m, "eps", None)
+    if not (isinstance(n, int) and isinstance(itrs, int) and isinstance(eps, float) and n >= 1 and itrs >= 1):
+        return False
+    w = m._parameters.get("weight")
+    if not isinstance(w, nn.Parameter):
+        return False
+    rows = w.shape[1] if getattr(m, "transpose", False) and w.dim() == 2 else w.shape[0]
+    for i in range(n):
+        u, sv = m._buffers.get(f"u{i}"), m._buffers.get(f"sv{i}")
+        if u is None or sv is None or tuple(u.shape) != (1, rows) or sv.numel() != 1:
+            return False
+    return True
+
+
+def _orthogonalise(x: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    for y in basis:
+        x = x - torch.mm(y, x.t()) * y / torch.mm(y, y.t())
+    return x
+
+
+def biggan_sigma(m: nn.Module) -> torch.Tensor:
+    w = m.weight.view(m.weight.size(0), -1)
+    if getattr(m, "transpose", False):
+        w = w.t()
+    buffers = [getattr(m, f"u{i}") for i in range(m.num_svs)]
+    svs: list[torch.Tensor] = []
+    for _ in range(m.num_itrs):
+        us, vs, svs = [], [], []
+        for i, u in enumerate(buffers):
+            with torch.no_grad():
+                v = F.normalize(_orthogonalise(torch.matmul(u, w), vs), eps=m.eps)
+                vs.append(v)
+                u = F.normalize(_orthogonalise(torch.matmul(v, w.t()), us), eps=m.eps)
+                us.append(u)
+                if m.training:
+                    buffers[i][:] = u
+            svs.append(torch.squeeze(torch.matmul(torch.matmul(v, w.t()), u.t())))
+    if m.training:
+        with torch.no_grad():
+            for i, s in enumerate(svs):
+                getattr(m, f"sv{i}")[:] = s
+    return svs[0]

@@ -1,0 +1,395 @@
+"""ganengine.fuse: identity of Parameters and buffers (an optimiser built first keeps training),
+copies, wrappers (DataParallel, DDP), shared modules, pickling, the report, the RNG, and every
+decline (hooks, Sequential subclasses and Sequentials used as lists, inplace activations on
+inputs, spectral norm in its three forms, unknown modules). The rules one by one:
+tests/test_fuse_rules.py; five-step training trajectories of the reference networks:
+tests/test_fuse_models.py."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ganengine
+import ganengine.nn as gnn
+from ganengine.fuse import FuseReport
+from tests import fuse_nets as R
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2, True),
+                         nn.Conv2d(8, 8, 4, 2, 1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(True),
+                         nn.Conv2d(8, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+                         nn.InstanceNorm2d(4), nn.Conv2d(4, 1, 3))
+
+
+def _tensors(model):
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _assert_same_objects(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert list(ta) == list(tb)
+    for k in ta:
+        assert ta[k] is tb[k], f"{k} is a different tensor object"
+
+
+
+@pytest.fixture(autouse=True)
+def conv_routes_always():
+    """The conv rules rewrite a conv only where the conv op has a faster route for it (GEMM
+    form, Winograd), which these tiny test convs would not get under the measured thresholds:
+    force the GEMM form so the rewrites (and their numbers) are exercised."""
+    import ganengine.ops.conv as cv
+
+    with cv.gemm_policy("always"):
+        yield
+
+# ------------------------------------------------------------------ identity and the optimiser
+@pytest.mark.parametrize("inplace", [False, True])
+def test_optimizer_built_before_fuse_trains_the_fused_model(inplace):
+    torch.manual_seed(0)
+    net = _net()
+    twin = copy.deepcopy(net)
+    # built first, as the references do; SGD with momentum (Adam would turn the rounding noise in
+    # the gradient of a bias that the next instance norm cancels into lr-sized steps)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    params = list(net.parameters())
+    fused = ganengine.fuse(net, inplace=inplace)
+    assert (fused is net) == inplace
+    _assert_same_objects(fused, net)
+    assert [id(p) for p in fused.parameters()] == [id(p) for p in params]
+    assert {id(b) for b in fused.buffers()} == {id(b) for b in net.buffers()}
+    assert any(isinstance(m, gnn.Conv2dAct) for m in fused.modules())
+    x = torch.randn(4, 3, 16, 16)
+    losses, twin_losses = [], []
+    for _ in range(5):
+        for model, o, out in ((fused, opt, losses), (twin, opt_twin, twin_losses)):
+            o.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            o.step()
+            out.append(loss.item())
+    assert losses[-1] < losses[0], "the fused model did not train"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(twin_losses), rtol=1e-4, atol=1e-6)
+    assert set(opt.state) == set(fused.parameters())  # the optimiser's state is keyed by them
+    for (k, p), q in zip(fused.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_not_inplace_leaves_the_callers_tree_and_shares_its_tensors():
+    net = _net()
+    types = [type(m) for m in net.modules()]
+    fused = ganengine.fuse(net)
+    assert [type(m) for m in net.modules()] == types, "fuse(inplace=False) changed the caller's modules"
+    _assert_same_objects(fused, net)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_shared_modules_stay_shared():
+    conv = nn.Conv2d(4, 4, 4, 2, 1)
+    block = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1), nn.InstanceNorm2d(4), nn.ReLU())
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.block, self.again = conv, conv, block, block
+
+        def forward(self, x):
+            return self.again(self.b(self.block(self.a(x))))
+
+    net = Tied()
+    keys = list(net.state_dict())
+    fused = ganengine.fuse(net)
+    assert fused.a is fused.b and fused.block is fused.again
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(2, 4, 16, 16)
+    torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dataparallel_wrapped_model(inplace):
+    net = _net()
+    dp = nn.DataParallel(net)
+    keys = list(dp.state_dict())
+    assert keys[0].startswith("module.")
+    opt = torch.optim.SGD(dp.parameters(), lr=0.1)
+    fused = ganengine.fuse(dp, inplace=inplace)
+    assert isinstance(fused, nn.DataParallel) and list(fused.state_dict()) == keys
+    _assert_same_objects(fused, dp)
+    assert any(isinstance(m, gnn.Conv2dAct) for m in fused.modules())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
+    before = net[0].weight.detach().clone()
+    opt.zero_grad()
+    fused(x).square().mean().backward()
+    opt.step()
+    assert not torch.equal(before, net[0].weight)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ddp_wrapped_model(tmp_path, inplace):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        results = {}
+        for name in ("plain", "fused"):
+            torch.manual_seed(0)
+            ddp = nn.parallel.DistributedDataParallel(_net())
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            keys = list(ddp.state_dict())
+            if name == "fused":
+                ddp = ganengine.fuse(ddp, inplace=inplace)
+                assert list(ddp.state_dict()) == keys and keys[0].startswith("module.")
+                assert any(isinstance(m, gnn.Conv2dAct) for m in ddp.modules())
+            torch.manual_seed(1)
+            for _ in range(3):
+                opt.zero_grad()
+                ddp(torch.randn(2, 3, 16, 16)).square().mean().backward()
+                opt.step()
+            results[name] = ddp.state_dict()
+        for k, v in results["plain"].items():
+            torch.testing.assert_close(results["fused"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepcopy_and_pickle_keep_the_fused_model():
+    torch.manual_seed(0)
+    g = R.BigGANGenerator()
+    fused, report = ganengine.fuse(g, return_report=True)
+    assert report.traced and report.get("conv_module", 0) > 0
+    z = torch.randn(3, g.dim_z)
+    y = g.shared(torch.tensor([0, 1, 2])).detach()
+    fused.eval()
+    want = fused(z, y)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        clone.eval()
+        assert type(clone.blocks[0][0]) is type(fused.blocks[0][0])
+        assert list(clone.state_dict()) == list(fused.state_dict())
+        torch.testing.assert_close(clone(z, y), want, rtol=0, atol=0)
+        assert clone.linear.weight is not fused.linear.weight  # a copy is a copy
+
+
+def test_fuse_does_not_move_the_random_stream():
+    torch.manual_seed(0)
+    g = R.BigGANGenerator()
+    torch.manual_seed(123)
+    ganengine.fuse(g)    # probes the SN convs, the ccbn and the attention block
+    after_fuse = torch.rand(3)
+    torch.manual_seed(123)
+    torch.testing.assert_close(after_fuse, torch.rand(3), rtol=0, atol=0)
+
+
+def test_fuse_is_idempotent():
+    net = _net()
+    once, r1 = ganengine.fuse(net, return_report=True)
+    twice, r2 = ganengine.fuse(once, return_report=True)
+    assert dict(r2) == {} and [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(TypeError, match="module"):
+        ganengine.fuse(lambda x: x)
+    with pytest.raises(TypeError, match="inplace"):
+        ganengine.fuse(nn.ReLU(), inplace="yes")
+
+
+# ------------------------------------------------------------------ the report
+def test_report_is_a_dict_of_counts_with_details():
+    net = nn.Sequential(nn.Conv2d(3, 4, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 4, 2, 1, groups=2),
+                        nn.LeakyReLU(0.2), nn.InstanceNorm2d(4), nn.ReLU())
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert isinstance(report, FuseReport) and isinstance(report, dict)
+    assert report == {"conv2d+leaky_relu": 1, "instance_norm+act": 1}
+    assert report.get("conv2d+leaky_relu") == 1 and report["instance_norm+act"] == 1
+    assert ("0", "conv2d+leaky_relu") in report.replaced and ("4", "instance_norm+act") in report.replaced
+    (declined,) = report.declined
+    assert declined.where == "2" and declined.rule == "conv2d+leaky_relu" and "groups=2" in declined.reason
+    text = str(report)
+    assert "conv2d+leaky_relu x1" in text and "declined conv2d+leaky_relu at 2" in text
+
+
+# ------------------------------------------------------------------ declines: never a changed number
+def _check_same(fused, net, *inputs, tol=1e-5):
+    out_f, out_n = fused(*[t.clone() for t in inputs]), net(*[t.clone() for t in inputs])
+    torch.testing.assert_close(out_f, out_n, rtol=tol, atol=tol)
+
+
+def test_hooked_modules_are_declined_and_their_hooks_still_run():
+    seen = []
+    norm, act, conv = nn.InstanceNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 4, 2, 1)
+    norm.register_forward_hook(lambda m, i, o: seen.append("norm") or o * 2)  # changes the output
+    act.register_forward_pre_hook(lambda m, i: seen.append("act"))
+    conv.register_full_backward_hook(lambda m, gi, go: seen.append("conv-bw"))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), norm, nn.ReLU(), nn.InstanceNorm2d(4), act, conv,
+                        nn.LeakyReLU(0.2))
+    fused, report = ganengine.fuse(net, return_report=True)
+    reasons = {d.where: d.reason for d in report.declined}
+    assert "forward hook" in reasons["1"] and "pre-hook" in reasons["3"] and "backward hook" in reasons["5"]
+    assert report.get("instance_norm+act", 0) == 0 and report.get("conv2d+leaky_relu", 0) == 0
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    seen.clear()
+    fused(x).sum().backward()
+    assert seen == ["norm", "act", "conv-bw"]
+    _check_same(fused, net, x)
+
+
+def test_sequential_subclass_with_its_own_forward_is_not_rewritten():
+    class Skip(nn.Sequential):   # returns the first layer's output added to the last's
+        def forward(self, x):
+            first = self[0](x)
+            h = first
+            for layer in list(self)[1:]:
+                h = layer(h)
+            return h + first
+
+    net = Skip(nn.Conv2d(3, 4, 4, 1, 1), nn.LeakyReLU(0.2), nn.InstanceNorm2d(4), nn.ReLU())
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert report.get("conv2d+leaky_relu", 0) == 0 and report.get("instance_norm+act", 0) == 0
+    assert {d.rule for d in report.declined} >= {"conv2d+leaky_relu", "instance_norm+act"}
+    assert all("own forward" in d.reason for d in report.declined)
+    _check_same(fused, net, torch.randn(2, 3, 8, 8))
+
+
+def test_sequential_indexed_by_its_parent_is_not_rewritten():
+    class Taps(nn.Module):   # collects the conv outputs (before their activations)
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3, 1, 1),
+                                          nn.InstanceNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            taps = []
+            for i, layer in enumerate(self.features):
+                x = layer(x)
+                if i in (0, 3):
+                    taps.append(x)
+            return torch.cat(taps, 1)
+
+    net = Taps()
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert report.get("conv2d+leaky_relu", 0) == 0 and report.get("instance_norm+act", 0) == 0
+    assert any("other than by calling it" in d.reason for d in report.declined)
+    _check_same(fused, net, torch.randn(2, 3, 8, 8))
+
+
+def test_inplace_activation_on_a_sequential_input_keeps_its_effect():
+    """pix2pix's U-Net: ``cat([x, model(x)])`` with model starting LeakyReLU(inplace): the skip
+    connection sees the activated x. Fusing must keep that (the activation stays in place)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Sequential(nn.LeakyReLU(0.2, True), nn.Conv2d(4, 4, 4, 2, 1),
+                                       nn.ConvTranspose2d(4, 4, 4, 2, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return torch.cat([x, self.model(x)], 1)
+
+    net = Block()
+    fused = ganengine.fuse(net)
+    x = torch.randn(2, 4, 8, 8)
+    a, b = x.clone(), x.clone()
+    torch.testing.assert_close(fused(a), net(b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b)   # both modified the input in place, identically
+    assert (a != x).any()
+
+
+def test_torch_hook_spectral_norm_conv_is_fused_with_its_hook_kept():
+    """torch.nn.utils.spectral_norm (forward pre-hook): today's crash; now the conv + LeakyReLU
+    run fused, the pre-hook still computes the weight and updates u and v."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 4, 2, 1)), nn.LeakyReLU(0.2),
+                        nn.utils.spectral_norm(nn.Conv2d(4, 4, 3, 1, 1)), nn.ReLU())
+    twin = copy.deepcopy(net)
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert report.get("conv2d+leaky_relu") == 2 and not report.declined
+    assert list(fused.state_dict()) == list(twin.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    for mode in (True, False):
+        fused.train(mode)
+        twin.train(mode)
+        torch.testing.assert_close(fused(x), twin(x), rtol=1e-5, atol=1e-5)
+        for k, v in twin.state_dict().items():   # weight_u / weight_v updated alike
+            torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_hook_spectral_norm_with_another_hook_is_declined():
+    conv = nn.utils.spectral_norm(nn.Conv2d(3, 4, 3, 1, 1))
+    conv.register_forward_hook(lambda m, i, o: o + 1)
+    net = nn.Sequential(conv, nn.LeakyReLU(0.2))
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert report.get("conv2d+leaky_relu", 0) == 0 and report.declined
+    net.eval(), fused.eval()
+    _check_same(fused, net, torch.randn(2, 3, 8, 8))
+
+
+def test_sagan_wrapper_and_self_attention_fuse_without_changing_numbers():
+    torch.manual_seed(0)
+    d = R.SAGANDiscriminator(conv_dim=8)
+    twin = copy.deepcopy(d)
+    fused, report = ganengine.fuse(d, return_report=True)
+    assert report.get("wrapped_conv+leaky_relu") == 4 and report.get("sagan_self_attention") == 2
+    assert list(fused.state_dict()) == list(twin.state_dict())
+    _assert_same_objects(fused, d)
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (True, False):
+        fused.train(mode), twin.train(mode)
+        for a, b in zip(fused(x), twin(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for k, v in twin.state_dict().items():   # u and v move in eval too (the reference's quirk)
+            torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_unknown_modules_are_left_alone():
+    class Scaled(nn.Conv2d):     # a conv subclass whose forward is not a plain conv of its input
+        def forward(self, x):
+            return F.conv2d(x * 2, self.weight, self.bias, self.stride, self.padding)
+
+    class Mystery(nn.Module):    # looks like BigGAN's ccbn (two linears, two buffers) but is not
+        def __init__(self):
+            super().__init__()
+            self.gain, self.bias = nn.Linear(3, 4), nn.Linear(3, 4)
+            self.eps, self.momentum = 1e-5, 0.1
+            self.register_buffer("stored_mean", torch.zeros(4))
+            self.register_buffer("stored_var", torch.ones(4))
+
+        def forward(self, x, y):
+            out = F.instance_norm(x, eps=self.eps)
+            return out * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Sequential(Scaled(4, 4, 3, 1, 1), nn.LeakyReLU(0.2), nn.LazyConv2d(4, 3), nn.ReLU())
+            self.norm = Mystery()
+            self.act = nn.ReLU()
+
+        def forward(self, x, y):
+            return self.act(self.norm(self.pre(x), y))
+
+    net = Net()
+    fused, report = ganengine.fuse(net, return_report=True)
+    reasons = {d.where: d.reason for d in report.declined}
+    assert "not a plain conv" in reasons["pre.0"] or "does not convolve" in reasons["pre.0"]
+    assert "conditional batch norm" in reasons["norm"]
+    assert type(fused.pre[0]) is Scaled and type(fused.norm) is Mystery
+    x, y = torch.randn(2, 4, 8, 8), torch.randn(2, 3)
+    _check_same(fused, net, x, y)
+
+
+def test_global_hooks_decline_everything():
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        fused, report = ganengine.fuse(_net(), return_report=True)
+    finally:
+        handle.remove()
+    assert dict(report) == {} and "global" in report.declined[0].reason
