@@ -62,7 +62,9 @@ def current() -> str:
     name = _requested.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("GANENGINE_BACKEND", "auto"), "GANENGINE_BACKEND")
+    from ganengine import settings
+
+    return settings.get("GANENGINE_BACKEND")
 
 
 class use_backend:
@@ -101,11 +103,15 @@ def is_strict() -> bool:
     value = _strict.get()
     if value is not None:
         return value
-    return os.environ.get("GANENGINE_STRICT", "0") not in ("", "0", "false", "False")
+    from ganengine import settings
+
+    return settings.get("GANENGINE_STRICT")
 
 
 def debug() -> bool:
-    return os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0", "false", "False")
+    from ganengine import settings
+
+    return settings.get_or_default("GANENGINE_DEBUG")
 
 
 def triton_interpret() -> bool:

@@ -320,7 +320,7 @@ def test_opcheck(backend):
         _, o, lse = A.attention_fwd(q, k, v, x, gamma)
         g = torch.randn(b, c, n).expand(b, c, n)
         delta = (g * o).sum(1) * 0.5
-        args = [t.detach() for t in (g, q, k, v, lse, delta, gamma)]
+        args = [t.detach() for t in (g, q, k, v, o, lse, delta, gamma)]
         torch.library.opcheck(torch.ops.ganengine.attention_bwd.default, tuple(args))
 
 

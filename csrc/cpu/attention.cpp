@@ -2,8 +2,17 @@
 //
 //   attention_fwd(q (B,d,N), k (B,d,M), v (B,C,M), x (B,C,N), gamma (1)) -> (out, o, lse)
 //       out = gamma * o + x, o = v softmax(q^T k)^T (no 1/sqrt(d) scale), lse (B,N) per row
-//   attention_bwd(grad (B,C,N), q, k, v, lse, delta (B,N), gamma) -> (dq, dk, dv)
+//   attention_bwd(grad (B,C,N), q, k, v, o, lse, delta (B,N), gamma) -> (dq, dk, dv)
 //       delta = gamma * rowsum(grad * o); P is recomputed from lse.
+//
+// Saturated softmax (a row's P is one-hot, |scores| >> 1): dS = P * (dP - delta) subtracts two
+// dot products of about the same size computed in different orders (dP_ij = dO_i . v_j by a
+// GEMM, delta_i = dO_i . o_i from the forward's o), so their rounding difference, eps * |dO||v|,
+// survives where the true dS is ~0 (eager's softmax backward forms sum(P * dP) from the same
+// dP and cancels exactly). At most one key per row has P > 1/2: for that key dS is taken as
+// P * gamma * sum_c grad_c (v_jc - o_ic), exact 0 when o_i == v_j (O(C) per query row).
+// A non-finite gamma is folded into grad first (not passed as the GEMMs' alpha, which BLAS may
+// skip over), so its NaN/inf reaches dv as in eager.
 //
 // All inputs are contiguous channel-major (the Python layer guarantees it), fp32 or fp64.
 // Forward: at::parallel_for over (batch, query block); per block an online softmax over key
@@ -168,6 +177,18 @@ void softmax_grad(T* ds, const T* p, const T* delta, int64_t n) {
   for (; j < n; ++j) ds[j] = p[j] * (ds[j] - delta[j]);
 }
 
+// dS for the dominant key (P > 1/2) of query i, key j: P * gamma * sum_c g[c, i] * (v[c, j] - o[c, i])
+template <typename T>
+void fix_dominant(T* ds, const T* p, int64_t bm, const T* g, const T* v, const T* o, int64_t N, int64_t M,
+                  int64_t C, int64_t i0, int64_t j, T gamma) {
+  for (int64_t i = 0; i < bm; ++i) {
+    if (!(p[i] > T(0.5))) continue;
+    T acc = 0;
+    for (int64_t c = 0; c < C; ++c) acc += g[c * N + i0 + i] * (v[c * M + j] - o[c * N + i0 + i]);
+    ds[i] = p[i] * (gamma * acc);
+  }
+}
+
 template <typename T>
 void scale_vec(T* p, const T* s, int64_t n) {
   int64_t j = 0;
@@ -261,7 +282,7 @@ void fwd_kernel(const T* q, const T* k, const T* v, const T* x, T gamma, T* out,
 }
 
 template <typename T>
-void bwd_kernel(const T* g, const T* q, const T* k, const T* v, const T* lse, const T* delta,
+void bwd_kernel(const T* g, const T* q, const T* k, const T* v, const T* o, const T* lse, const T* delta,
                 T gamma, T* dq_parts, int64_t n_parts, T* dk, T* dv, int64_t B, int64_t d, int64_t N, int64_t M,
                 int64_t C) {
   const int64_t nkb = (M + kBwdBlockN - 1) / kBwdBlockN;
@@ -280,6 +301,7 @@ void bwd_kernel(const T* g, const T* q, const T* k, const T* v, const T* lse, co
       const T* kb = k + b * d * M;
       const T* vb = v + b * C * M;
       const T* gb = g + b * C * N;
+      const T* ob = o + b * C * N;
       T* dkb = dk + b * d * M + j0;
       T* dvb = dv + b * C * M + j0;
       T* dqb = dq + b * d * N;
@@ -292,8 +314,10 @@ void bwd_kernel(const T* g, const T* q, const T* k, const T* v, const T* lse, co
         gemm_rm<T>(false, true, C, bn, bm, gamma, gb + i0, N, PT.data(), bm, T(1), dvb, M);
         // dP^T (bn x bm) = gamma * v_blk^T grad_blk; dS^T = P^T * (dP^T - delta)
         gemm_rm<T>(true, false, bn, bm, C, gamma, vb + j0, M, gb + i0, N, T(0), DS.data(), bm);
-        for (int64_t j = 0; j < bn; ++j)
+        for (int64_t j = 0; j < bn; ++j) {
           softmax_grad(DS.data() + j * bm, PT.data() + j * bm, delta + b * N + i0, bm);
+          fix_dominant(DS.data() + j * bm, PT.data() + j * bm, bm, gb, vb, ob, N, M, C, i0, j0 + j, gamma);
+        }
         // dk_blk (d x bn) += q_blk (d x bm) dS (bm x bn);  dq_blk (d x bm) += k_blk (d x bn) dS^T
         gemm_rm<T>(false, true, d, bn, bm, T(1), qb + i0, N, DS.data(), bm, T(1), dkb, M);
         gemm_rm<T>(false, false, d, bm, bn, T(1), kb + j0, M, DS.data(), bm, T(1), dqb + i0, N);
@@ -319,9 +343,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& gamma) {
-  check_inputs(q, k, v, grad, gamma, "ganengine_C::attention_bwd");
+    const at::Tensor& grad_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& gamma_in) {
+  check_inputs(q, k, v, grad_in, gamma_in, "ganengine_C::attention_bwd");
+  TORCH_CHECK(o.sizes() == grad_in.sizes() && o.is_contiguous() && o.scalar_type() == q.scalar_type(),
+              "ganengine_C::attention_bwd: o must be a contiguous ", grad_in.sizes(), " tensor of dtype ",
+              q.scalar_type());
+  at::Tensor grad = grad_in, gamma = gamma_in;
+  if (!std::isfinite(gamma.item<double>())) {  // fold it into grad (see the top of the file)
+    grad = grad_in * gamma_in.reshape({});
+    gamma = at::ones_like(gamma_in);
+  }
   const int64_t B = q.size(0), d = q.size(1), N = q.size(2), M = k.size(2), C = v.size(1);
   for (const at::Tensor* t : {&lse, &delta}) {
     TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == B && t->size(1) == N &&
@@ -334,7 +366,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   auto dq_parts = at::zeros({at::get_num_threads(), B, d, N}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd", [&] {
     bwd_kernel<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                         v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                         v.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                         delta.data_ptr<scalar_t>(),
                          gamma.item<scalar_t>(), dq_parts.data_ptr<scalar_t>(), dq_parts.size(0),
                          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, d, N, M, C);
   });
@@ -346,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma) -> (Tensor, Tensor, Tensor)");
-  m.def("attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
+  m.def("attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor delta, "
         "Tensor gamma) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -469,7 +469,7 @@ struct Forward {
     }
     const A M = static_cast<A>(g.N * g.S);
     mean[c] = K[c] + md;
-    rstd[c] = A(1) / std::sqrt(m2 / M + static_cast<A>(eps));
+    rstd[c] = cpu::inv_std<A>(m2 / M, eps);
     var_unbiased[c] = m2 / (M - A(1));
     k.channel(c);
   }

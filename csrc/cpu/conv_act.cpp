@@ -247,7 +247,7 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
   T* mp = mean.data_ptr<T>();
   T* rp = rstd.data_ptr<T>();
   const std::vector<T> g = channel_param<T>(gamma, P.C, T(1)), bt = channel_param<T>(beta, P.C, T(0));
-  const T s = static_cast<T>(slope), inv = T(1) / static_cast<T>(P.HW), ep = static_cast<T>(eps);
+  const T s = static_cast<T>(slope), inv = T(1) / static_cast<T>(P.HW);
   const Vec vs(s);
   if (!P.nhwc()) {
     at::parallel_for(0, P.N * P.C, 1, [&](int64_t b, int64_t e) {
@@ -269,7 +269,7 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
         }
         T m2 = hsum(q);
         for (; i < P.HW; ++i) m2 += (src[i] - m) * (src[i] - m);
-        const T r = T(1) / std::sqrt(m2 * inv + ep);
+        const T r = ganengine::cpu::inv_std<T>(m2 * inv, eps);
         mp[nc] = m;
         rp[nc] = r;
         const T a = r * g[ch], k = bt[ch] - m * a;
@@ -306,7 +306,7 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
         for (int64_t j = cv; j < cn; ++j) m2[j] += (row[j] - sum[j]) * (row[j] - sum[j]);
       }
       for (int64_t j = 0; j < cn; ++j) {
-        const T r = T(1) / std::sqrt(m2[j] * inv + ep);
+        const T r = ganengine::cpu::inv_std<T>(m2[j] * inv, eps);
         mp[n * P.C + c0 + j] = sum[j];
         rp[n * P.C + c0 + j] = r;
         a[j] = r * g[c0 + j];

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -180,13 +181,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convT_bwd(const at::Tensor& grad,
 
 }  // namespace
 
+// auto / always / never (any case); anything else is auto here: ganengine/settings.py validates
+// every GANENGINE_* variable and reports a bad one in one line (a throw from this static
+// initialiser would surface as a traceback at the first convolution instead)
 int64_t policy_from_env(const char* var) {
   const char* e = std::getenv(var);
   if (!e) return 0;
-  const std::string s(e);
+  std::string s(e);
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   if (s == "always") return 1;
   if (s == "never") return 2;
-  TORCH_CHECK(s == "auto", var, " must be auto, always or never, got '", s, "'");
   return 0;
 }
 

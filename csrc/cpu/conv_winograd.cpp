@@ -25,9 +25,13 @@ namespace {
 
 using namespace ganengine::winograd;
 
+// the fallback for an unset or unparsable value (ganengine/settings.py reports a bad one)
 int64_t env_int(const char* name, int64_t fallback) {
   const char* e = std::getenv(name);
-  return e ? std::atoll(e) : fallback;
+  if (!e || !*e) return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(e, &end, 10);
+  return (end && *end == '\0') ? static_cast<int64_t>(v) : fallback;
 }
 
 void check_config(const Config& c) {
@@ -47,6 +51,8 @@ Config& config_ref() {
   static Config c = [] {
     Config d{conv_gemm::policy_from_env("GANENGINE_CONV_WINOGRAD"), env_int("GANENGINE_WINOGRAD_S1_TILE", 2),
              env_int("GANENGINE_WINOGRAD_S2_TILE", 3)};
+    if (d.s1_tile != 2 && d.s1_tile != 3) d.s1_tile = 2;  // (out of range: the default, as above)
+    if (d.s2_tile < 2 || d.s2_tile > 4) d.s2_tile = 3;
     check_config(d);
     return d;
   }();
@@ -147,12 +153,16 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::opti
   at::Tensor bias;
   if (b.has_value() && b->defined()) bias = b->contiguous();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  return with_tile(stride[0], c, [&](auto t) {
+  bool nonfinite = false;
+  at::Tensor y = with_tile(stride[0], c, [&](auto t) {
     using T = decltype(t);
     const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
-    if (!transposed) return forward<T::M, T::R>(xc, wc, bp, g);
-    return backward<T::M, T::R>(xc, at::Tensor(), wc, g, true, false, bp).first;
+    if (!transposed) return forward<T::M, T::R>(xc, wc, bp, g, nonfinite);
+    return backward<T::M, T::R>(xc, at::Tensor(), wc, g, true, false, nonfinite, bp).first;
   });
+  // an inf or NaN anywhere: redo on ATen, which keeps eager's non-finite values and positions
+  if (nonfinite) return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
@@ -165,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
   const auto gc = grad.contiguous();
   TORCH_CHECK(gc.scalar_type() == at::kFloat, "ganengine conv winograd: grad must be fp32, got ", gc.scalar_type());
   at::Tensor dx, dw, db;
+  bool nonfinite = false;
   with_tile(stride[0], c, [&](auto t) {
     using T = decltype(t);
     const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
@@ -177,15 +188,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
                 "ganengine conv winograd: grad has shape ", gc.sizes(), ", which does not fit x ", xc.sizes(),
                 " and weight ", wc.sizes());
     if (!transposed) {
-      auto r = backward<T::M, T::R>(gc, xc, wc, g, mask[0], mask[1]);
+      auto r = backward<T::M, T::R>(gc, xc, wc, g, mask[0], mask[1], nonfinite);
       dx = r.first;
       dw = r.second;
     } else {
-      if (mask[0]) dx = forward<T::M, T::R>(gc, wc, nullptr, g);  // dx = conv(dy, w)
-      if (mask[1]) dw = backward<T::M, T::R>(xc, gc, wc, g, false, true).second;
+      if (mask[0]) dx = forward<T::M, T::R>(gc, wc, nullptr, g, nonfinite);  // dx = conv(dy, w)
+      if (mask[1]) dw = backward<T::M, T::R>(xc, gc, wc, g, false, true, nonfinite).second;
     }
     return 0;
   });
+  if (nonfinite) {  // as in `convolution`: eager's values where an inf or NaN is involved
+    const std::vector<int64_t> bias_sizes{transposed ? w.size(1) : w.size(0)};
+    return at::convolution_backward(grad, x, w, bias_sizes, stride, padding, {1, 1}, transposed, output_padding, 1,
+                                    mask);
+  }
   if (mask[2]) db = gc.sum({0, 2, 3});
   return {dx, dw, db};
 }

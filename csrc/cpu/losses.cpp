@@ -44,20 +44,23 @@ using cpu::hsum;
 template <int MODE, typename T>
 inline T loss_scalar(T x, T t, T& g) {
   if constexpr (MODE == BCE) {
-    // max(x, 0) - x t + log1p(exp(-|x|)); dl/dx = sigmoid(x) - t, from the same exp
+    // (1 - t) x - log_sigmoid(x), log_sigmoid(x) = min(x, 0) - log1p(exp(-|x|)): ATen's form,
+    // so an infinite logit gives eager's inf / NaN (max(x, 0) - x t gave NaN for x = +inf, t = 0);
+    // dl/dx = sigmoid(x) - t, from the same exp
     const T e = std::exp(-std::abs(x));
     const T inv = T(1) / (T(1) + e);
     g = (x >= T(0) ? inv : e * inv) - t;
-    return std::max(x, T(0)) - x * t + std::log1p(e);
+    return (T(1) - t) * x - std::min(x, T(0)) + std::log1p(e);
   } else if constexpr (MODE == MSE) {
     const T d = x - t;
     g = T(2) * d;
     return d * d;
   } else if constexpr (MODE == HINGE_REAL) {
-    g = x < T(1) ? T(-1) : T(0);  // relu'(0) = 0, as torch
+    // relu'(0) = 0 and a NaN passes the gradient, as torch's threshold_backward (!(1 - x <= 0))
+    g = x >= T(1) ? T(0) : T(-1);
     return std::max(T(1) - x, T(0));
   } else if constexpr (MODE == HINGE_FAKE) {
-    g = x > T(-1) ? T(1) : T(0);
+    g = x <= T(-1) ? T(0) : T(1);
     return std::max(T(1) + x, T(0));
   } else {
     g = t;
@@ -73,16 +76,16 @@ inline Vectorized<T> loss_vec(const Vectorized<T>& x, const Vectorized<T>& t, Ve
     const Vec e = (zero - x.abs()).exp();
     const Vec inv = one / (one + e);
     g = Vec::blendv(e * inv, inv, x >= zero) - t;
-    return at::vec::maximum(x, zero) - x * t + e.log1p();
+    return (one - t) * x - at::vec::minimum(x, zero) + e.log1p();
   } else if constexpr (MODE == MSE) {
     const Vec d = x - t;
     g = d + d;
     return d * d;
   } else if constexpr (MODE == HINGE_REAL) {
-    g = Vec::blendv(zero, Vec(-1), x < one);
+    g = Vec::blendv(Vec(-1), zero, x >= one);
     return at::vec::maximum(one - x, zero);
   } else if constexpr (MODE == HINGE_FAKE) {
-    g = Vec::blendv(zero, one, x > Vec(-1));
+    g = Vec::blendv(one, zero, x <= Vec(-1));
     return at::vec::maximum(one + x, zero);
   } else {
     g = t;

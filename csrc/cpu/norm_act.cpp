@@ -1,7 +1,7 @@
 // Fused instance norm + activation, CPU kernels (forward and backward).
 //
 // NCHW-dense input: one task per (n, c) plane. The plane is read from memory once: the mean
-// pass brings it into cache, the centred M2 pass (exact two-pass variance, no E[x^2]-E[x]^2)
+// pass brings it into cache, the centred M2 pass (corrected two-pass variance, no E[x^2]-E[x]^2)
 // and the apply pass re-read it from cache. fp16/bf16 planes are converted once into a
 // thread-local fp32 buffer. NHWC-dense input: per image, rows of C channels are processed in
 // chunks of about 32 KB (per-chunk exact mean/M2, merged per image with Chan's formula in a
@@ -27,6 +27,7 @@ using at::vec::Vectorized;
 
 using cpu::AccOf;
 using cpu::hsum;
+using cpu::inv_std;
 
 template <typename acc_t>
 inline Vectorized<acc_t> activate(const Vectorized<acc_t>& z, const Vectorized<acc_t>& slope, bool act) {
@@ -60,7 +61,11 @@ inline void store_from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
   }
 }
 
-// exact mean and M2 of n contiguous values (two passes over data in cache)
+// mean and M2 of n contiguous values (two passes over data in cache), corrected two-pass: the
+// second pass also sums d = x - mean, which moves the mean onto the data's own (a large mean with
+// a small spread: the plain sum's rounding would otherwise shift every normalised value) and
+// takes (sum d)^2 / n off M2. A constant plane gets its value back exactly (d = x - mean is
+// exact there) and M2 = 0.
 template <typename acc_t>
 void contiguous_stats(const acc_t* x, int64_t n, acc_t& mean, acc_t& m2) {
   using Vec = Vectorized<acc_t>;
@@ -75,16 +80,25 @@ void contiguous_stats(const acc_t* x, int64_t n, acc_t& mean, acc_t& m2) {
   for (; i < n; ++i) s += x[i];
   mean = s / static_cast<acc_t>(n);
   const Vec vm(mean);
-  Vec q0(0), q1(0);
+  Vec q0(0), q1(0), e0(0), e1(0);
   i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
     Vec d0 = Vec::loadu(x + i) - vm, d1 = Vec::loadu(x + i + V) - vm;
     q0 = at::vec::fmadd(d0, d0, q0);
     q1 = at::vec::fmadd(d1, d1, q1);
+    e0 += d0;
+    e1 += d1;
   }
-  acc_t q = hsum<acc_t>(q0 + q1);
-  for (; i < n; ++i) q += (x[i] - mean) * (x[i] - mean);
-  m2 = q;
+  acc_t q = hsum<acc_t>(q0 + q1), e = hsum<acc_t>(e0 + e1);
+  for (; i < n; ++i) {
+    const acc_t d = x[i] - mean;
+    q += d * d;
+    e += d;
+  }
+  const acc_t shift = e / static_cast<acc_t>(n);
+  mean += shift;
+  m2 = std::max(q - e * shift, acc_t(0));
+  if (!(q == q) || !(e == e)) m2 = q + e;  // keep a NaN / inf (max() above would not)
 }
 
 // y = act((x - mean) * scale + shift) over n contiguous values
@@ -128,7 +142,7 @@ void fwd_nchw(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, ac
       const acc_t* xp = as_acc<scalar_t, acc_t>(x + plane * p.HW, p.HW, xbuf);
       acc_t mean, m2;
       contiguous_stats(xp, p.HW, mean, m2);
-      const acc_t rstd = acc_t(1) / std::sqrt(m2 / p.HW + static_cast<acc_t>(p.eps));
+      const acc_t rstd = inv_std<acc_t>(m2 / p.HW, p.eps);
       mean_out[plane] = mean;
       rstd_out[plane] = rstd;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -146,12 +160,14 @@ void fwd_nchw(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, ac
 // rows per chunk so that a chunk of C channels is about 32 KB of fp32
 inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)); }
 
-// per-channel exact mean/M2 of `rows` rows of C contiguous channels
+// per-channel mean/M2 of `rows` rows of C contiguous channels (corrected two-pass, as
+// contiguous_stats; `dsum` is scratch of C values)
 template <typename acc_t>
-void rows_stats(const acc_t* x, int64_t rows, int64_t C, acc_t* mean, acc_t* m2) {
+void rows_stats(const acc_t* x, int64_t rows, int64_t C, acc_t* mean, acc_t* m2, acc_t* dsum) {
   using Vec = Vectorized<acc_t>;
   std::fill(mean, mean + C, acc_t(0));
   std::fill(m2, m2 + C, acc_t(0));
+  std::fill(dsum, dsum + C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r) at::vec::map2<acc_t>([](Vec a, Vec b) { return a + b; }, mean, mean, x + r * C, C);
   for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<acc_t>(rows);
   for (int64_t r = 0; r < rows; ++r) {
@@ -160,8 +176,18 @@ void rows_stats(const acc_t* x, int64_t rows, int64_t C, acc_t* mean, acc_t* m2)
     for (; c + Vec::size() <= C; c += Vec::size()) {
       Vec d = Vec::loadu(xr + c) - Vec::loadu(mean + c);
       at::vec::fmadd(d, d, Vec::loadu(m2 + c)).store(m2 + c);
+      (Vec::loadu(dsum + c) + d).store(dsum + c);
     }
-    for (; c < C; ++c) m2[c] += (xr[c] - mean[c]) * (xr[c] - mean[c]);
+    for (; c < C; ++c) {
+      const acc_t d = xr[c] - mean[c];
+      m2[c] += d * d;
+      dsum[c] += d;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t e = dsum[c], shift = e / static_cast<acc_t>(rows), q = m2[c];
+    mean[c] += shift;
+    m2[c] = (q == q && e == e) ? std::max(q - e * shift, acc_t(0)) : q + e;
   }
 }
 
@@ -171,11 +197,11 @@ void fwd_nhwc(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, ac
   const int64_t C = p.C, R = rows_per_chunk(C), chunks = (p.HW + R - 1) / R;
   std::vector<acc_t> pmean(p.N * chunks * C), pm2(p.N * chunks * C);
   at::parallel_for(0, p.N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf;
+    std::vector<acc_t> buf, dsum(C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, k = t % chunks, r0 = k * R, rows = std::min(R, p.HW - r0);
       const acc_t* xc = as_acc<scalar_t, acc_t>(x + (n * p.HW + r0) * C, rows * C, buf);
-      rows_stats(xc, rows, C, pmean.data() + t * C, pm2.data() + t * C);
+      rows_stats(xc, rows, C, pmean.data() + t * C, pm2.data() + t * C, dsum.data());
     }
   });
   // Chan's merge over chunks, in chunk order
@@ -192,7 +218,7 @@ void fwd_nhwc(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, ac
           count = tot;
         }
         mean_out[n * C + c] = mean;
-        rstd_out[n * C + c] = acc_t(1) / std::sqrt(m2 / p.HW + static_cast<acc_t>(p.eps));
+        rstd_out[n * C + c] = inv_std<acc_t>(m2 / p.HW, p.eps);
       }
     }
   });

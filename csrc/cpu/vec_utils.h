@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
+
 namespace ganengine {
 namespace cpu {
 
@@ -17,6 +19,14 @@ inline acc_t hsum(const at::vec::Vectorized<acc_t>& v) {
   acc_t s = 0;
   for (int i = 0; i < at::vec::Vectorized<acc_t>::size(); ++i) s += buf[i];
   return s;
+}
+
+// 1 / sqrt(var + eps) with ATen's rule (batch_norm's InvStd): a zero variance with eps = 0 gives
+// 0, not inf, so a constant plane normalises to 0 (output act(bias), as eager) instead of NaN
+template <typename acc_t>
+inline acc_t inv_std(acc_t var, double eps) {
+  if (var == acc_t(0) && eps == 0.0) return acc_t(0);
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
 }
 
 }  // namespace cpu

@@ -25,6 +25,11 @@ void check_args(const at::Tensor& x, const at::Tensor& w, int64_t tile) {
               w.scalar_type());
 }
 
+// x as the direct convolution reads it: reflect-padded, or as is (zero padding is the conv's own)
+at::Tensor padded(const at::Tensor& x, int64_t pad, bool reflect) {
+  return reflect && pad > 0 ? at::reflection_pad2d(x, {pad, pad, pad, pad}) : x;
+}
+
 Geometry geometry_of(const at::Tensor& x, int64_t pad, bool reflect, int64_t tile) {
   return geometry(x.size(0), x.size(1), x.size(2), x.size(3), 1, 3, pad, pad, reflect, tile);
 }
@@ -41,7 +46,14 @@ at::Tensor conv3x3_fwd(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const auto xc = x.contiguous();
   const Geometry g = geometry_of(xc, pad, reflect, tile);
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  return tile == 2 ? forward<2, 3>(xc, w, bp, g) : forward<4, 3>(xc, w, bp, g);
+  bool nonfinite = false;
+  at::Tensor y = tile == 2 ? forward<2, 3>(xc, w, bp, g, nonfinite) : forward<4, 3>(xc, w, bp, g, nonfinite);
+  if (!nonfinite) return y;
+  // an inf or NaN anywhere: redo on ATen (eager's non-finite values and positions; Winograd's
+  // transforms spread one inf/NaN over its tiles and turn +inf into NaN)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return at::convolution(padded(x, pad, reflect), w, b, {1, 1}, {reflect ? 0 : pad, reflect ? 0 : pad}, {1, 1}, false,
+                         {0, 0}, 1);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_bwd(const at::Tensor& grad, const at::Tensor& x,
@@ -56,7 +68,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_bwd(const at::Tensor& gra
   const int64_t K = w.size(0);
   TORCH_CHECK(gc.dim() == 4 && gc.size(0) == g.N && gc.size(1) == K && gc.size(2) == g.Ho && gc.size(3) == g.Wo,
               "ganengine conv3x3: grad has shape ", gc.sizes(), ", expected ", at::IntArrayRef({g.N, K, g.Ho, g.Wo}));
-  auto r = tile == 2 ? backward<2, 3>(gc, xc, w, g, mask[0], mask[1]) : backward<4, 3>(gc, xc, w, g, mask[0], mask[1]);
+  bool nonfinite = false;
+  auto r = tile == 2 ? backward<2, 3>(gc, xc, w, g, mask[0], mask[1], nonfinite)
+                     : backward<4, 3>(gc, xc, w, g, mask[0], mask[1], nonfinite);
+  if (nonfinite) {  // as in the forward: ATen's values where an inf or NaN is involved
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto xp = padded(x, pad, reflect);
+    const int64_t p = reflect ? 0 : pad;
+    auto e = at::convolution_backward(gc, xp, w, std::vector<int64_t>{K}, {1, 1}, {p, p}, {1, 1}, false, {0, 0}, 1,
+                                      {mask[0] != 0, mask[1] != 0, mask[2] != 0});
+    at::Tensor dx = x.new_empty({0}), dw = w.new_empty({0}), db = w.new_empty({0});
+    if (mask[0]) dx = reflect ? at::reflection_pad2d_backward(std::get<0>(e), x, {pad, pad, pad, pad}) : std::get<0>(e);
+    if (mask[1]) dw = std::get<1>(e).contiguous();
+    if (mask[2]) db = std::get<2>(e);
+    return {dx, dw, db};
+  }
   at::Tensor dx = mask[0] ? r.first : x.new_empty({0});
   at::Tensor dw = mask[1] ? r.second : w.new_empty({0});
   at::Tensor db = mask[2] ? gc.sum({0, 2, 3}) : w.new_empty({0});

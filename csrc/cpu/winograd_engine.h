@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -123,6 +124,28 @@ template <> struct Wino<3, 4> {
   static constexpr float AT[3][6] = {
       {1, 1, 1, 1, 1, 0}, {0, 1, -1, 1.f / 2, -1.f / 2, 0}, {0, 1, 1, 1.f / 4, 1.f / 4, 1}};
 };
+
+// Non-finite detection for the final outputs of a pass (y, dx, dw): v - v is 0 for every finite
+// v and NaN for +-inf and NaN, so a running sum of it stays 0 exactly while every value seen is
+// finite. Two vector ops per output vector; a call that sees a non-finite value is redone by the
+// caller on ATen's convolution, which keeps eager's non-finite values and positions (a Winograd
+// transform spreads one inf/NaN over its whole tile and turns +inf into NaN through its
+// differences).
+inline Vec nonfinite_acc(const Vec& acc, const Vec& v) { return acc + (v - v); }
+inline bool any_nonfinite(const Vec& acc) {
+  alignas(64) float lanes[kVec];
+  acc.store(lanes);
+  bool bad = false;
+  for (int64_t l = 0; l < kVec; ++l) bad |= lanes[l] != 0.f;  // NaN != 0 is true
+  return bad;
+}
+inline bool any_nonfinite(const float* p, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) acc = nonfinite_acc(acc, Vec::loadu(p + i));
+  if (i < n) acc = nonfinite_acc(acc, Vec::loadu(p + i, n - i));  // (the partial load zero-fills)
+  return any_nonfinite(acc);
+}
 
 // acc += c * v for a compile-time constant c (after unrolling the branches fold away, so zero
 // coefficients cost nothing and +-1 cost one add)
@@ -325,13 +348,16 @@ void input_transform(const float* xp, const Geometry& g, const Planes& vp) {
 }
 
 // M (a*a, K, T) -> y (N, K, Ho, Wo) NCHW-dense, plus bias (may be null)
+// Returns whether any output written is non-finite.
 template <int M, int R>
-void output_transform(const Planes& mp, const float* bp, const Geometry& g, int64_t K, float* yp) {
+bool output_transform(const Planes& mp, const float* bp, const Geometry& g, int64_t K, float* yp) {
   RECORD_FUNCTION("ganengine::winograd_output_transform", c10::ArrayRef<c10::IValue>{});
   constexpr int A = M + R - 1;
   const int64_t tpn = g.TY * g.TX;
+  std::atomic<bool> bad{false};
   at::parallel_for(0, g.N * K, 1, [&](int64_t p0, int64_t p1) {
     alignas(64) float row[M][kVec * M];
+    Vec chk(0.f);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / K, k = p % K;
       float* dst = yp + p * g.Ho * g.Wo;
@@ -349,7 +375,9 @@ void output_transform(const Planes& mp, const float* bp, const Geometry& g, int6
           alignas(64) float lanes[kVec];
           for (int i = 0; i < mh; ++i)
             for (int j = 0; j < M; ++j) {
-              (out[i][j] + bv).store(lanes);
+              const Vec o = out[i][j] + bv;  // lanes past the row's last tile come from zeros
+              chk = nonfinite_acc(chk, o);
+              o.store(lanes);
               for (int l = 0; l < kVec; ++l) row[i][l * M + j] = lanes[l];
             }
           const int64_t x0 = tx0 * M, w = std::min<int64_t>(nt * M, g.Wo - x0);
@@ -357,7 +385,9 @@ void output_transform(const Planes& mp, const float* bp, const Geometry& g, int6
         }
       }
     }
+    if (any_nonfinite(chk)) bad.store(true, std::memory_order_relaxed);
   });
+  return bad.load();
 }
 
 // dy (N, K, Ho, Wo) NCHW-dense -> dM (a*a, K, T) = A dy A^T (outside the output: zero)
@@ -399,13 +429,15 @@ void output_transform_adjoint(const float* gp, const Geometry& g, int64_t K, con
 // tiles in a column-phase accumulator per phase plane, then scattered through the phase maps
 // (reflect padding's gradient folds back, zero padding's is dropped). dx starts at bias[c]
 // when bias is given (a transposed convolution's bias).
+// Returns whether any value of dx is non-finite.
 template <int M, int R>
-void input_transform_adjoint(const Planes& vp, const Geometry& g, const float* bias, float* xp) {
+bool input_transform_adjoint(const Planes& vp, const Geometry& g, const float* bias, float* xp) {
   RECORD_FUNCTION("ganengine::winograd_input_transform_adjoint", c10::ArrayRef<c10::IValue>{});
   constexpr int A = M + R - 1;
   const int64_t Hp = g.plane_rows(), Q = g.plane_qs(), tpn = g.TY * g.TX, P = g.phases();
   const auto rowmaps = phase_maps(Hp, g.H, g.pad_h, g.Ho, g), colmaps = phase_maps(Q * M, g.W, g.pad_w, g.Wo, g);
   const auto runs = column_runs(colmaps, Q, M, g);
+  std::atomic<bool> bad{false};
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t p0, int64_t p1) {
     PhasePlane<M> pl(Hp, Q);
     for (int64_t p = p0; p < p1; ++p) {
@@ -447,8 +479,11 @@ void input_transform_adjoint(const Planes& vp, const Geometry& g, const float* b
           }
         }
       }
+      // the finished plane is still in cache: one more read of it
+      if (any_nonfinite(dst, g.H * g.W)) bad.store(true, std::memory_order_relaxed);
     }
   });
+  return bad.load();
 }
 
 // ---- workspaces ----
@@ -501,7 +536,7 @@ at::Tensor weight_transform(const at::Tensor& w, const Geometry& g) {
 
 // dUt (a*a, K, C*S*S) -> dw (K, C, S*R, S*R) = G^T dU_ab G, each phase's taps in place
 template <int M, int R>
-at::Tensor weight_transform_adjoint(const at::Tensor& dut, const Geometry& g, int64_t K) {
+at::Tensor weight_transform_adjoint(const at::Tensor& dut, const Geometry& g, int64_t K, bool& nonfinite) {
   constexpr int A = M + R - 1;
   const int64_t P = g.phases(), KCP = K * g.C * P, k = g.S * R;
   TORCH_CHECK(dut.stride(2) == 1 && dut.stride(1) == g.C * P, "ganengine winograd: dUt must be dense per point");
@@ -509,8 +544,10 @@ at::Tensor weight_transform_adjoint(const at::Tensor& dut, const Geometry& g, in
   const float* dp = dut.const_data_ptr<float>();
   const int64_t ld = dut.stride(0);
   float* wp = dw.data_ptr<float>();
+  std::atomic<bool> bad{false};
   at::parallel_for(0, (KCP + kVec - 1) / kVec, 16, [&](int64_t b0, int64_t b1) {
     alignas(64) float taps[R][R][kVec];
+    Vec chk(0.f);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kVec, nl = std::min<int64_t>(kVec, KCP - i0);
       Vec d[A][A], t[R][A], f[R][R];
@@ -519,7 +556,10 @@ at::Tensor weight_transform_adjoint(const at::Tensor& dut, const Geometry& g, in
       left<R, A, A, true>(Wino<M, R>::G, d, t);     // G^T dU
       right<R, A, R, true>(t, Wino<M, R>::G, f);    // (G^T dU) G
       for (int u = 0; u < R; ++u)
-        for (int v = 0; v < R; ++v) f[u][v].store(taps[u][v]);
+        for (int v = 0; v < R; ++v) {
+          chk = nonfinite_acc(chk, f[u][v]);  // (lanes past nl were loaded as zeros)
+          f[u][v].store(taps[u][v]);
+        }
       for (int64_t l = 0; l < nl; ++l) {
         const int64_t i = i0 + l, s = i % P, a = s / g.S, b = s % g.S;
         float* dst = wp + (i / P) * k * k + a * k + b;
@@ -527,7 +567,9 @@ at::Tensor weight_transform_adjoint(const at::Tensor& dut, const Geometry& g, in
           for (int v = 0; v < R; ++v) dst[g.S * (u * k + v)] = taps[u][v][l];
       }
     }
+    if (any_nonfinite(chk)) bad.store(true, std::memory_order_relaxed);
   });
+  nonfinite = nonfinite || bad.load();
   return dw;
 }
 
@@ -553,9 +595,10 @@ inline void batched_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& 
 }
 
 // ---- the three passes ----
-// y (N, K, Ho, Wo) = conv(x, w) + bias; x NCHW-dense fp32, w (K, C, S*R, S*R) fp32
+// y (N, K, Ho, Wo) = conv(x, w) + bias; x NCHW-dense fp32, w (K, C, S*R, S*R) fp32.
+// `nonfinite` is set when y holds an inf or NaN (the caller redoes the call on ATen).
 template <int M, int R>
-at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const float* bias, const Geometry& g) {
+at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const float* bias, const Geometry& g, bool& nonfinite) {
   constexpr int A2 = (M + R - 1) * (M + R - 1);
   const int64_t K = w.size(0), T = g.tiles(), Cv = g.virtual_channels();
   auto V = workspace(kV, A2, Cv, T);
@@ -563,15 +606,16 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const float* bias, 
   auto Mt = workspace(kM, A2, K, T);
   batched_gemm(Mt, weight_transform<M, R>(w, g), V);
   auto y = at::empty({g.N, K, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  output_transform<M, R>(planes_of(Mt, A2, K, T, "M"), bias, g, K, y.data_ptr<float>());
+  nonfinite = output_transform<M, R>(planes_of(Mt, A2, K, T, "M"), bias, g, K, y.data_ptr<float>());
   return y;
 }
 
 // dx (N, C, H, W) and dw (K, C, S*R, S*R) of y = conv(x, w) from dy (N, K, Ho, Wo), NCHW-dense.
 // x is read only for dw. dx starts at dx_bias[c] when given (a transposed convolution's bias).
+// `nonfinite` is set when dx or dw holds an inf or NaN.
 template <int M, int R>
 std::pair<at::Tensor, at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                           const Geometry& g, bool need_dx, bool need_dw,
+                                           const Geometry& g, bool need_dx, bool need_dw, bool& nonfinite,
                                            const float* dx_bias = nullptr) {
   constexpr int A2 = (M + R - 1) * (M + R - 1);
   const int64_t K = w.size(0), T = g.tiles(), Cv = g.virtual_channels();
@@ -582,14 +626,15 @@ std::pair<at::Tensor, at::Tensor> backward(const at::Tensor& dy, const at::Tenso
     auto dV = workspace(kDV, A2, Cv, T);
     batched_gemm(dV, weight_transform<M, R>(w, g).transpose(1, 2), dM);
     dx = at::empty({g.N, g.C, g.H, g.W}, dy.options().memory_format(at::MemoryFormat::Contiguous));
-    input_transform_adjoint<M, R>(planes_of(dV, A2, Cv, T, "dV"), g, dx_bias, dx.data_ptr<float>());
+    nonfinite = input_transform_adjoint<M, R>(planes_of(dV, A2, Cv, T, "dV"), g, dx_bias, dx.data_ptr<float>()) ||
+                nonfinite;
   }
   if (need_dw) {
     auto V = workspace(kV, A2, Cv, T);
     input_transform<M, R>(x.const_data_ptr<float>(), g, planes_of(V, A2, Cv, T, "V"));
     auto dUt = workspace(kDU, A2, K, Cv);
     batched_gemm(dUt, dM, V.transpose(1, 2));
-    dw = weight_transform_adjoint<M, R>(dUt, g, K);
+    dw = weight_transform_adjoint<M, R>(dUt, g, K, nonfinite);
   }
   return {dx, dw};
 }

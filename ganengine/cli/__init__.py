@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command != "info":  # (info shows every setting, bad ones included)
+        from ganengine import settings
+
+        bad = settings.problems()
+        if bad:
+            for line in bad:
+                print(f"ganengine: error: {line}", file=sys.stderr)
+            print("ganengine: fix or unset the variable(s) above; `ganengine info` lists every setting", file=sys.stderr)
+            return 2
     return int(args.func(args) or 0)
 
 

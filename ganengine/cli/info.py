@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 def collect() -> dict:
     import torch
 
-    from ganengine import __version__, _ext, backends
+    from ganengine import __version__, _ext, backends, settings
 
     try:
         import triton
@@ -32,11 +32,20 @@ def collect() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "triton": triton_version,
         "threads": torch.get_num_threads(),
-        "requested_backend": backends.current(),
+        "requested_backend": _safe(backends.current),
         "extension": _ext.build_info() if _ext.loaded() else {"error": _ext.load_error},
         "available": backends.available(),
         "status": backends.status(),
+        "settings": settings.report(),
+        "setting_problems": settings.problems(),
     }
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except ValueError as exc:  # a bad GANENGINE_* value: shown, not a traceback
+        return f"invalid ({exc})"
 
 
 def run(args) -> int:
@@ -51,4 +60,9 @@ def run(args) -> int:
     print("backends:")
     for name, reason in info["status"].items():
         print(f"  {name:7s} {'yes' if info['available'][name] else 'no ':3s}  {reason}")
+    print("settings (environment variables):")
+    for row in info["settings"]:
+        print(f"  {row['name']:32s} {str(row['value']):10s} {row['source']:11s} {row['read_by']:16s} {row['allowed']}")
+    for line in info["setting_problems"]:
+        print(f"  problem: {line}")
     return 0

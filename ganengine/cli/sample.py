@@ -18,6 +18,12 @@ import os
 import sys
 
 
+def _debug() -> bool:
+    from ganengine.backends import debug
+
+    return debug()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="write an image grid from a trained model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +56,10 @@ def run(args) -> int:
         if args.max_rows < 1 or args.interpolate < 0 or args.interpolate == 1:
             raise ValueError(f"--max_rows must be >= 1 and --interpolate 0 or >= 2, got {args.max_rows}, "
                              f"{args.interpolate}")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
+        from ganengine.cli._io import device_or_error, writable_dir
+
+        device = device_or_error(args.device)
+        writable_dir(os.path.dirname(os.path.abspath(args.output)), "--output's folder")
         model, state = load_model(args.checkpoint, map_location="cpu")
         model.to(device)
         name, data = state["model"], dict(state.get("data", {}))
@@ -87,9 +95,17 @@ def run(args) -> int:
             save_grid([r.float() for r in inter], f"{stem}_interpolation{ext or '.png'}", labels)
             print(f"ganengine sample: wrote {stem}_interpolation{ext or '.png'}", file=sys.stderr)
     except (DataError, CheckpointError, ValueError) as exc:
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine sample: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the grid failed (disk full, folder removed)
+        from ganengine.cli._io import describe
+
+        if _debug():
+            raise
+        print(f"ganengine sample: error: writing {exc.filename or args.output!r} failed: {describe(exc)}",
+              file=sys.stderr)
         return 2
     print(f"ganengine sample: wrote {args.output}", file=sys.stderr)
     return 0

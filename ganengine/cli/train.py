@@ -178,6 +178,12 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
                        help=f"image resolution (default: {ref['image_size']})")
 
 
+def _debug() -> bool:
+    from ganengine.backends import debug
+
+    return debug()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan, stackgan, csgan, dcgan, wgan, wgan_gp, "
                               "cgan, acgan, adcgan, infogan, sagan, biggan, biggan_deep or unetgan",
@@ -311,6 +317,7 @@ def make_config(args):
 def run(args) -> int:
     from ganengine.data import DataError
     from ganengine.train import CheckpointError, NonFiniteLossError, Trainer
+    from ganengine.train.engine import Terminated
 
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
@@ -322,22 +329,32 @@ def run(args) -> int:
         trainer = Trainer(cfg)
         try:
             result = trainer.train()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            term = isinstance(exc, Terminated)
             if rank0:
                 saved = trainer.interrupted_checkpoint
-                print(f"\nganengine train {args.model}: interrupted at step {trainer.step}"
-                      + (f"; checkpoint saved: {saved} (continue with --resume)" if saved else ""), file=sys.stderr)
-            return 130
+                print(f"\nganengine train {args.model}: {'terminated (SIGTERM)' if term else 'interrupted'} at step "
+                      f"{trainer.step}" + (f"; checkpoint saved: {saved} (continue with --resume)" if saved else ""),
+                      file=sys.stderr)
+            return 143 if term else 130
         finally:
             trainer.close()
     except (DataError, CheckpointError, ValueError) as exc:
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine train {args.model}: error: {exc}\n(set GANENGINE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         print(f"ganengine train {args.model}: stopped: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # a save or log write failing (disk full, folder removed or read-only)
+        from ganengine.cli._io import describe
+
+        if _debug():
+            raise
+        print(f"ganengine train {args.model}: error: writing {exc.filename or 'the run folder'!r} failed: "
+              f"{describe(exc)}\n(set GANENGINE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
     if rank0:
         dt = time.perf_counter() - t0
         losses = " ".join(f"{k}={v:.4g}" for k, v in result["losses"].items())

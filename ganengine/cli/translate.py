@@ -16,6 +16,12 @@ import os
 import sys
 
 
+def _debug() -> bool:
+    from ganengine.backends import debug
+
+    return debug()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("translate", help="translate images with a trained generator",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,13 +91,49 @@ def _target_labels(names: list[str], data: dict, c_dim: int):
     return t
 
 
+def _output_names(paths: list[str], root: str | None) -> list[str]:
+    """PNG names for the inputs: the input's base name, and where two inputs would share one
+    (a/x.jpg and b/x.jpg, or x.jpg and x.png) their path below --input and extension, so no
+    output overwrites another."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out = []
+    for p, s in zip(paths, stems):
+        if counts[s] > 1:
+            rel = os.path.relpath(p, root) if root else os.path.basename(p)
+            s = rel.replace(os.sep, "_").replace(".", "_")
+        out.append(s + ".png")
+    return out
+
+
+def _check_args(args) -> None:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.n_per_caption < 1:
+        raise UsageError(f"--n_per_caption must be at least 1, got {args.n_per_caption}")
+    if args.size is not None and args.size < 1:
+        raise UsageError(f"--size must be at least 1, got {args.size}")
+    if args.captions is not None and not os.path.isfile(args.captions):
+        raise UsageError(f"--captions {args.captions!r} does not exist (a text file, one caption per line)")
+
+
 def run(args) -> int:
+    from ganengine.cli._io import describe
+
     try:
         return _run(args)
     except (UsageError, ValueError) as exc:
-        if os.environ.get("GANENGINE_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         print(f"ganengine translate: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write failing part-way (disk full, folder removed)
+        if _debug():
+            raise
+        print(f"ganengine translate: error: writing {exc.filename or args.output!r} failed: {describe(exc)}",
+              file=sys.stderr)
         return 2
 
 
@@ -103,13 +145,15 @@ def _run(args) -> int:
     from ganengine.train.logger import save_grid
     from ganengine.train.visuals import stargan_targets
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    from ganengine.cli._io import device_or_error, writable_dir
+
+    _check_args(args)
+    device = device_or_error(args.device)
+    writable_dir(args.output, "--output")
     model, state = load_model(args.checkpoint, map_location="cpu")
     model.to(device)
     name, opts, data = state["model"], state["options"], state.get("data", {})
     torch.manual_seed(args.seed)
-    os.makedirs(args.output, exist_ok=True)
     written = []
 
     if name == "stackgan":
@@ -133,6 +177,7 @@ def _run(args) -> int:
             f.write("\n".join(f"caption{i:04d}\t{c}" for i, c in enumerate(caps)) + "\n")
     else:
         paths = _inputs(args.input)
+        names = _output_names(paths, args.input if os.path.isdir(args.input) else None)
         size = args.size or (data.get("image_size") if name == "stargan" else data.get("crop_size")) or 256
         direction = opts.get("direction", "AtoB")
         in_nc = opts.get("input_nc", 3) if not args.reverse else opts.get("output_nc", 3)
@@ -156,7 +201,7 @@ def _run(args) -> int:
                 key = "A" if direction == "AtoB" else "B"
                 outs = [model.translate({key: x})]
             for k, p in enumerate(chunk):
-                path = os.path.join(args.output, os.path.splitext(os.path.basename(p))[0] + ".png")
+                path = os.path.join(args.output, names[start + k])
                 if len(outs) == 1:
                     to_image(outs[0][k]).save(path)
                 else:

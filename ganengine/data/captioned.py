@@ -95,11 +95,19 @@ class CaptionedDataset(SeededDataset):
         except Exception as exc:
             raise DataError(f"cannot read {path!r} ({exc}); expected torch.save({{'filenames': [...], "
                             "'embeddings': Tensor (N, T) or (N, E, T)}})") from exc
+        if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
+            what = f"a {emb.dtype} tensor" if isinstance(emb, torch.Tensor) else f"a {type(emb).__name__}"
+            raise DataError(f"{path}: 'embeddings' is {what}; expected a floating-point Tensor (N, T) or (N, E, T) "
+                            "(convert a list with torch.tensor(...) before saving).")
         if emb.dim() == 2:
             emb = emb[:, None]
-        if emb.dim() != 3 or emb.shape[0] != len(files):
+        if emb.dim() != 3 or emb.shape[0] != len(files) or emb.shape[1] == 0 or emb.shape[2] == 0:
             raise DataError(f"{path}: 'embeddings' has shape {tuple(emb.shape)} for {len(files)} filenames; "
-                            "expected (N, T) or (N, E, T) with N = len(filenames).")
+                            "expected (N, T) or (N, E, T) with N = len(filenames) and E, T >= 1.")
+        bad = (~torch.isfinite(emb)).flatten(1).any(1)
+        if bad.any():
+            raise DataError(f"{path}: the embeddings of {int(bad.sum())} file(s) hold NaN or inf (first: "
+                            f"{files[int(bad.nonzero()[0])]!r}); they would make every loss NaN. Fix or drop them.")
         index = {f: i for i, f in enumerate(files)}
         missing = [n for n in names if n not in index]
         if missing:

@@ -36,12 +36,17 @@ def find_images(folder: str, what: str = "image folder", recursive: bool = True)
     if recursive:
         # symbolic links to folders are followed, but a folder reached twice (a link loop, or two
         # links to one folder) is listed once: os.walk would otherwise descend a loop until the
-        # path is too long and list its images dozens of times
+        # path is too long and list its images dozens of times. A link to the folder itself or
+        # to a folder above it is a loop too, and is not followed at all: through it the walk
+        # would reach the dataset's other domains and its test split (trainA/up -> .. lists
+        # trainB and testA as trainA images)
+        top = os.path.realpath(folder)
         seen: set[str] = set()
         walked = []
         for root, dirs, files in os.walk(folder, followlinks=True):
             real = os.path.realpath(root)
-            if real in seen:
+            above = root != folder and (real == top or top.startswith(real.rstrip(os.sep) + os.sep))
+            if real in seen or above:
                 dirs[:] = []
                 continue
             seen.add(real)
@@ -57,6 +62,19 @@ def find_images(folder: str, what: str = "image folder", recursive: bool = True)
     return paths
 
 
+# Pillow's 16-bit grayscale modes (16-bit PNG, TIFF): convert("L"/"RGB") clips them at 255, so an
+# image above 1/256 of full range came out white. They are scaled to 8 bits instead (v / 257,
+# rounded: 65535 -> 255). "I" (32-bit) is what older Pillow gives a 16-bit PNG: read as 16-bit.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    if img.mode not in _WIDE_MODES:
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def _open(path: str) -> Image.Image:
     try:
         img = Image.open(path)
@@ -64,19 +82,36 @@ def _open(path: str) -> Image.Image:
     except Exception as exc:  # PIL raises several types for broken files
         raise DataError(f"cannot read image {path!r} ({type(exc).__name__}: {exc}). "
                         "Replace or delete the file.") from exc
-    return img
+    return to_8bit(img)
 
 
-def check_readable(paths: list[str]) -> None:
-    """Parse every header (cheap) so a broken file is reported before training starts."""
+def check_readable(paths: list[str], decode: bool = False) -> None:
+    """Parse every header (cheap) so a broken file is reported before training starts; with
+    ``decode``, decode every pixel too (a truncated JPEG has a good header and fails only when
+    decoded, which would otherwise stop training mid-epoch)."""
     todo = paths if len(paths) <= CHECK_ALL_LIMIT else paths[:: max(1, len(paths) // 1000)]
     for p in todo:
         try:
             with Image.open(p) as img:
-                img.size  # noqa: B018 - forces the header parse
+                if decode:
+                    img.load()
+                else:
+                    img.size  # noqa: B018 - forces the header parse
         except Exception as exc:
             raise DataError(f"cannot read image {p!r} ({type(exc).__name__}: {exc}). "
                             "Replace or delete the file.") from exc
+
+
+def image_sizes(paths: list[str]) -> list[tuple[int, int]]:
+    """(width, height) from each header, for datasets small enough to check in full (a larger
+    one gets an empty list: its images are checked as they are loaded)."""
+    if len(paths) > CHECK_ALL_LIMIT:
+        return []
+    out = []
+    for p in paths:
+        with Image.open(p) as img:
+            out.append(img.size)
+    return out
 
 
 def decoded_bytes(paths: list[str]) -> int:
@@ -101,8 +136,10 @@ class ImageStore:
         if cache == "auto":
             cache = len(self.paths) <= CHECK_ALL_LIMIT and decoded_bytes(self.paths) <= CACHE_AUTO_BYTES
         self.cached: list[np.ndarray] | None = None
-        if cache:
+        if cache:  # (decoding everything also proves every file decodes)
             self.cached = [np.asarray(self._decode(p)) for p in self.paths]
+        else:
+            check_readable(self.paths, decode=True)
 
     def _decode(self, path: str) -> Image.Image:
         img = _open(path)

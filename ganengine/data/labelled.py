@@ -49,6 +49,10 @@ def read_attr_file(attr_path: str) -> tuple[list[str], list[tuple[str, list[int]
             values = [int(v) for v in parts[1:]]
         except ValueError:
             raise DataError(f"{attr_path}:{k}: attribute values must be 1 or -1 (or 0), got {parts[1:]}") from None
+        bad = [v for v in values if v not in (1, -1, 0)]
+        if bad:  # (the reference reads "1" as set and anything else as unset: a 2 or a 5 is a typo)
+            raise DataError(f"{attr_path}:{k}: attribute values must be 1 or -1 (or 0), got {bad[0]}. "
+                            "Fix that line.")
         rows.append((parts[0], values))
     return names, rows
 

@@ -9,8 +9,14 @@ import os
 import torch
 
 from ganengine.data import transforms as T
-from ganengine.data.images import DataError, ImageStore, find_images
+from ganengine.data.images import DataError, ImageStore, find_images, image_sizes
 from ganengine.data.sampler import SeededDataset
+
+
+def _check_pair(path: str, w: int, h: int) -> None:
+    if w < 2 or h < 1:
+        raise DataError(f"{path!r} is {w}x{h}: an aligned pair must hold A and B side by side (width 2*height). "
+                        "Fix or remove that file.")
 
 
 class AlignedDataset(SeededDataset):
@@ -23,9 +29,11 @@ class AlignedDataset(SeededDataset):
         self.images = ImageStore(paths, cache=cache)
         self.transform = (transform or T.TransformOptions()).check()
         self.direction, self.input_nc, self.output_nc = direction, input_nc, output_nc
-        w, h = self.images[0].size
-        if w < 2:
-            raise DataError(f"{paths[0]!r} is {w}x{h}: an aligned pair must hold A and B side by side (width 2*height).")
+        # every pair, not only the first: a 1-px-wide image has empty halves (trained as all -1)
+        sizes = image_sizes(paths)
+        for path, (w, h) in zip(paths, sizes):
+            _check_pair(path, w, h)
+        T.check_crop_fits(paths, sizes, self.transform, half=True)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -33,6 +41,7 @@ class AlignedDataset(SeededDataset):
     def get(self, index: int, g: torch.Generator) -> dict:
         ab = self.images[index]
         w, h = ab.size
+        _check_pair(self.images.paths[index], w, h)  # (datasets too large to check every header up front)
         half = w // 2
         a, b = ab.crop((0, 0, half, h)), ab.crop((half, 0, 2 * half, h))
         params = T.get_params(a.size, self.transform, g)  # one set of parameters for both halves

@@ -58,15 +58,20 @@ class ResumableSampler(Sampler):
 
     def __iter__(self):
         mine = self._order()
-        # a tiny dataset still gives one full batch per epoch (repeating items) so drop_last never empties it
-        if len(mine) < self.batch_size:
+        # a tiny dataset still gives one full batch per epoch (repeating items) so drop_last never
+        # empties it; without drop_last (evaluation) every item is seen once, never repeated (a
+        # padded test split would count 4 images as 16 and change FID)
+        if self.drop_last and len(mine) < self.batch_size:
             mine = (mine * math.ceil(self.batch_size / len(mine)))[: self.batch_size]
         count = self.batches_per_epoch * self.batch_size
         for pos in range(self.start_batch * self.batch_size, min(count, len(mine))):
             yield mine[pos], mix(self.seed, self.epoch, self.rank, pos)
 
     def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.start_batch) * self.batch_size
+        count = self.batches_per_epoch * self.batch_size
+        if not self.drop_last:
+            count = min(count, math.ceil(self.n / self.world_size))
+        return max(0, count - self.start_batch * self.batch_size)
 
 
 class SeededDataset(Dataset):

@@ -66,6 +66,22 @@ class TransformOptions:
         return self
 
 
+def check_crop_fits(paths: list[str], sizes: list[tuple[int, int]], o: TransformOptions, half: bool = False) -> None:
+    """--preprocess crop takes crop_size x crop_size from each image as it is: an image smaller
+    than that would come out smaller (a batch of mixed sizes, or a size the networks cannot
+    take). ``half``: the image holds an A|B pair side by side."""
+    if o.preprocess != "crop":
+        return
+    from ganengine.data.images import DataError
+
+    for p, (w, h) in zip(paths, sizes):
+        w = w // 2 if half else w
+        if w < o.crop_size or h < o.crop_size:
+            raise DataError(f"{p!r} is {w}x{h}{' per half' if half else ''}, smaller than --crop_size {o.crop_size} "
+                            "with --preprocess crop. Use a smaller --crop_size, --preprocess resize_and_crop, or "
+                            "remove the image.")
+
+
 def _resized_size(w: int, h: int, o: TransformOptions) -> tuple[int, int]:
     if o.preprocess == "resize_and_crop":
         return o.load_size, o.load_size

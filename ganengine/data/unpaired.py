@@ -9,7 +9,7 @@ import os
 import torch
 
 from ganengine.data import transforms as T
-from ganengine.data.images import ImageStore, find_images
+from ganengine.data.images import ImageStore, find_images, image_sizes
 from ganengine.data.sampler import SeededDataset
 
 
@@ -23,6 +23,8 @@ class UnalignedDataset(SeededDataset):
         self.A = ImageStore(find_images(a_dir, f"CycleGAN domain A folder ({phase}A)"), cache=cache)
         self.B = ImageStore(find_images(b_dir, f"CycleGAN domain B folder ({phase}B)"), cache=cache)
         self.transform = (transform or T.TransformOptions()).check()
+        for store in (self.A, self.B):
+            T.check_crop_fits(store.paths, image_sizes(store.paths), self.transform)
         self.input_nc, self.output_nc = (input_nc, output_nc) if direction == "AtoB" else (output_nc, input_nc)
         self.serial_batches = serial_batches
 

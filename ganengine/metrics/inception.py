@@ -224,7 +224,12 @@ def load_fid_inception(weights_path: str | os.PathLike | None, device=None,
     path = os.fspath(weights_path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights file not found: {path!r}. " + WEIGHTS_HELP)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or pickled code refused by weights_only
+        detail = " ".join(str(exc).split())[:200]
+        raise ValueError(f"cannot read Inception weights {path!r} ({type(exc).__name__}: {detail}). "
+                         + WEIGHTS_HELP) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -238,7 +243,7 @@ def load_fid_inception(weights_path: str | os.PathLike | None, device=None,
         raise ValueError(
             f"{path!r} is not an FID Inception-v3 weights file: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). " + WEIGHTS_HELP)
-    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    bad = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
     if bad:
         raise ValueError(f"{path!r}: wrong shapes for {bad[:3]} (expected FID Inception-v3 with 1008 classes). "
                          + WEIGHTS_HELP)

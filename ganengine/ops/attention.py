@@ -14,10 +14,16 @@ q/k, C for v) and the residual in its epilogue. M may differ from N (BigGAN pool
 Ops (namespace ``ganengine``), all tensors "channel-major" 3-D views of any strides:
   attention_fwd(q (B,d,N), k (B,d,M), v (B,C,M), x (B,C,N), gamma (numel 1))
       -> (out like x, o like x in v's dtype, lse (B,N))
-  attention_bwd(grad_out, q, k, v, lse, delta, gamma) -> (dq, dk, dv)
+  attention_bwd(grad_out, q, k, v, o, lse, delta, gamma) -> (dq, dk, dv)
 where ``lse`` is the natural-log sum-exp of each query row (fp32; fp64 for fp64 input) and
 ``delta = gamma * rowsum(grad_out * o)``. Only O(N * C) is saved for the backward; P is
 recomputed from ``lse``. dgamma = sum(grad_out * o) and dx = grad_out are done with torch.
+
+Saturated softmax (one-hot rows, |scores| >> 1): dS = P * (dP - delta) cancels two dot products
+formed in different orders, leaving eps * |dO||v| where eager's softmax backward (which forms
+sum(P * dP) from the same dP) gives ~0. The torch backend forms delta from P and dP per chunk as
+eager does; the cpu backend recomputes dS of each row's dominant key (P > 1/2) as
+P * dO . (v_j - o_i), exact 0 when o_i == v_j, which is why ``o`` is an argument.
 
 Double backward (gradient penalties): when the backward runs with grad mode on
 (``create_graph=True``), it uses differentiable torch ops (the reference math, which builds
@@ -109,10 +115,12 @@ def _torch_fwd(q, k, v, x, gamma):
 
 
 def _torch_bwd(grad, q, k, v, lse, delta, gamma):
+    # ``delta`` is not read: each chunk holds whole rows of P, so sum(P * dP) is formed from
+    # the same dP as eager's softmax backward does (exact cancellation when P saturates)
     ct = acc_dtype(q.dtype)
     qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
     d_o = grad.to(ct) * gamma.to(ct).reshape(())
-    lse, delta = lse.to(ct), delta.to(ct)
+    lse = lse.to(ct)
     dq = torch.empty_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
@@ -124,7 +132,7 @@ def _torch_bwd(grad, q, k, v, lse, delta, gamma):
         p = torch.exp(torch.bmm(qc.transpose(1, 2), kf) - lse[:, i0:i1, None])  # (B, c, M)
         dv += torch.bmm(doc, p)
         dp = torch.bmm(doc.transpose(1, 2), vf)
-        ds = p * (dp - delta[:, i0:i1, None])
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
         dq[:, :, i0:i1] = torch.bmm(kf, ds.transpose(1, 2))
         dk += torch.bmm(qc, ds)
     return _like(q, dq.to(q.dtype)), _like(k, dk.to(k.dtype)), _like(v, dv.to(v.dtype))
@@ -186,7 +194,7 @@ def _(q, k, v, x, gamma):
 
 
 @torch.library.custom_op("ganengine::attention_bwd", mutates_args=())
-def attention_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+def attention_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor,
                   gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend_for(q, "attention_bwd")
     if backend == "triton":
@@ -199,14 +207,14 @@ def attention_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, de
         ct = _cpu_dtype(q.dtype)
         dq, dk, dv = _ext.op("attention_bwd")(
             grad.to(ct).contiguous(), q.to(ct).contiguous(), k.to(ct).contiguous(),
-            v.to(ct).contiguous(), lse.to(ct).contiguous(), delta.to(ct).contiguous(),
+            v.to(ct).contiguous(), o.to(ct).contiguous(), lse.to(ct).contiguous(), delta.to(ct).contiguous(),
             gamma.to(ct).reshape(1))
         return _like(q, dq.to(q.dtype)), _like(k, dk.to(k.dtype)), _like(v, dv.to(v.dtype))
     return _torch_bwd(grad, q, k, v, lse, delta, gamma)
 
 
 @attention_bwd.register_fake
-def _(grad, q, k, v, lse, delta, gamma):
+def _(grad, q, k, v, o, lse, delta, gamma):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -244,7 +252,7 @@ def _backward(ctx, grad_out, grad_o, grad_lse):
         rowdot = (grad_out.to(ct) * o.to(ct)).sum(dim=1)           # (B, N)
         dgamma = rowdot.sum()
         delta = rowdot * gamma.to(ct).reshape(())
-        dq, dk, dv = attention_bwd(grad_out, q, k, v, lse, delta, gamma)
+        dq, dk, dv = attention_bwd(grad_out, q, k, v, o, lse, delta, gamma)
     return dq, dk, dv, grad_out, dgamma.to(gamma.dtype).reshape(gamma.shape)
 
 

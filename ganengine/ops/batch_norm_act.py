@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch
+from ganengine.ops.norm_act import inv_std
 
 ACTIVATIONS = ("relu", "leaky_relu", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -197,7 +198,7 @@ def _torch_fwd_parts(x, w, b, rm, rv, training, eps, apply, slope, per_sample):
         var, mean = torch.var_mean(xf, dim=dims, unbiased=False)
         count = x.numel() // c
         unbiased = var * (count / max(count - 1, 1))
-        rstd = torch.rsqrt(var + eps)
+        rstd = inv_std(var, eps)  # (ATen's zero-variance rule for eps = 0)
     else:
         mean, unbiased = rm.to(acc), rv.to(acc)
         rstd = torch.rsqrt(unbiased + eps)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.ops import _dispatch
-from ganengine.ops.conv_act import (_acc, _autocast, _check_conv, _conv_bwd, _grads_by_reference, _pair,
+from ganengine.ops.conv_act import (_acc, _autocast, _bias_grad, _check_conv, _conv_bwd, _grads_by_reference, _pair,
                                     _vendor_conv, out_format)
 
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
@@ -200,7 +200,7 @@ def _backward(ctx, grad):
         return dx, dw, db, None, None, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
     dx, dw, db = conv_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask)
-    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None, None, None
+    return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None, None, None
 
 
 torch.library.register_autograd("ganengine::conv_fwd", _backward, setup_context=_setup)

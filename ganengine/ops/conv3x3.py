@@ -21,26 +21,22 @@ Layout: y and dx follow ``conv_act.out_format(x)`` (channels_last in, channels_l
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from ganengine import settings
 from ganengine.ops import _dispatch
-from ganengine.ops.conv_act import _acc, _autocast, _check_conv, _conv_bwd, _grads_by_reference, _pair, out_format
+from ganengine.ops.conv_act import _acc, _autocast, _bias_grad, _check_conv, _conv_bwd, _grads_by_reference, _pair, out_format
 
 # Winograd pays off once the GEMMs dominate its memory-bound transforms: measured on this
 # project's 2-core AVX-512 machine (benchmarks/bench_conv3x3.py), F(2, 3) beats oneDNN's direct
 # convolution from 128 input and output channels and 256 output tiles (2x2) per call.
-MIN_CHANNELS = int(os.environ.get("GANENGINE_WINOGRAD_MIN_CHANNELS", "128"))
+MIN_CHANNELS = settings.get_or_default("GANENGINE_WINOGRAD_MIN_CHANNELS")  # (a bad value: reported by settings)
 MIN_TILES = 256
 
 
 def winograd_tile() -> int:
-    tile = int(os.environ.get("GANENGINE_WINOGRAD_TILE", "2"))
-    if tile not in (2, 4):
-        raise ValueError(f"GANENGINE_WINOGRAD_TILE must be 2 or 4, got {tile}")
-    return tile
+    return settings.get("GANENGINE_WINOGRAD_TILE")
 
 
 def winograd_profitable(x_shape, w_shape, padding: int, tile: int = 2) -> bool:
@@ -164,7 +160,7 @@ def _backward(ctx, grad):
         return dx, dw, db, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
     dx, dw, db = conv3x3_bwd(grad, x, weight, padding, reflect, mask)
-    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None
+    return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None
 
 
 torch.library.register_autograd("ganengine::conv3x3_fwd", _backward, setup_context=_setup)

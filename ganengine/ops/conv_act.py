@@ -30,12 +30,13 @@ the public functions); statistics accumulate in fp32 and gamma/beta are read in 
 from __future__ import annotations
 
 import contextvars
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ganengine import settings
 from ganengine.ops import _dispatch
+from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CONV_IMPLS = ("auto", "vendor", "igemm")
@@ -62,9 +63,7 @@ class triton_conv_impl:
 
 
 def _resolved_conv_impl(device: torch.device) -> str:
-    name = _conv_impl.get() or os.environ.get("GANENGINE_CONV_IMPL", "auto")
-    if name not in CONV_IMPLS:
-        raise ValueError(f"GANENGINE_CONV_IMPL must be one of {CONV_IMPLS}, got {name!r}")
+    name = _conv_impl.get() or settings.get("GANENGINE_CONV_IMPL")
     if name == "auto":
         return "vendor" if device.type == "cuda" else "igemm"
     return name
@@ -132,7 +131,7 @@ def _in_act_apply(c, gamma, beta, eps, slope):
     acc = _acc(c.dtype)
     cf = c.to(acc)
     var, mean = torch.var_mean(cf, dim=(2, 3), unbiased=False)
-    rstd = torch.rsqrt(var + eps)
+    rstd = _inv_std(var, eps)
     z = (cf - mean[:, :, None, None]) * rstd[:, :, None, None]
     if gamma is not None:
         z = z * gamma.to(acc)[None, :, None, None]
@@ -326,7 +325,7 @@ def reference_conv2d_in_act(x, weight, bias, stride, padding, gamma, beta, eps, 
     c = F.conv2d(x, weight, bias, stride, padding)
     acc = _acc(c.dtype)
     var, mean = torch.var_mean(c.to(acc), dim=(2, 3), unbiased=False, keepdim=True)
-    z = (c.to(acc) - mean) * torch.rsqrt(var + eps)
+    z = (c.to(acc) - mean) * _inv_std(var, eps)
     if gamma is not None:
         z = z * gamma.to(acc)[None, :, None, None]
     if beta is not None:
@@ -341,6 +340,15 @@ def _grads_by_reference(fn, tensors, needs, grad):
         out = fn(*tensors)
         got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
     return [next(got) if (n and t is not None) else None for t, n in zip(tensors, needs)]
+
+
+def _bias_grad(db, bias):
+    """db as autograd wants it: with C_in = 0, ATen's convolution returns an output with 0
+    channels (not the broadcast bias), so grad.sum over it has 0 entries; eager's bias gradient
+    is then zeros of the bias's shape."""
+    if db is not None and bias is not None and db.shape != bias.shape:
+        return torch.zeros_like(bias)
+    return db
 
 
 def _act_setup(ctx, inputs, output):
@@ -359,7 +367,7 @@ def _act_backward(ctx, grad):
         return dx, dw, db, None, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
     dx, dw, db = conv2d_act_bwd(grad, x, weight, y, stride, padding, slope, mask)
-    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None), None, None, None
+    return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None, None
 
 
 torch.library.register_autograd("ganengine::conv2d_act_fwd", _act_backward, setup_context=_act_setup)
@@ -417,6 +425,9 @@ def _check_conv(fn: str, x, weight, bias, transposed: bool = False):
     if weight.dim() != 4:
         raise ValueError(f"{fn}: weight must be {layout}, got shape {tuple(weight.shape)}")
     c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    if c_out == 0:  # (eager: "expected weight to be at least 1 at dimension 0"; the GEMM route: a reshape error)
+        raise ValueError(f"{fn}: weight {layout} = {tuple(weight.shape)} has 0 output channels; a convolution "
+                         "needs at least one")
     if c_in != x.shape[1]:
         where = f" {layout} = {tuple(weight.shape)}" if transposed else ""
         raise ValueError(f"{fn}: weight{where} expects {c_in} input channels (groups=1) but x has "

@@ -77,10 +77,13 @@ def torch_adv_grad(x: Tensor, mode: int, target: float) -> Tensor:
         return torch.sigmoid(xf) - target
     if mode == MSE:
         return 2.0 * (xf - target)
-    if mode == HINGE_REAL:  # relu'(0) = 0, as torch's threshold_backward
-        return -(xf < 1.0).to(xf.dtype)
+    # hinge: relu's own backward (threshold_backward: relu'(0) = 0, a NaN logit passes the
+    # gradient) applied to 1 -+ x, so a NaN gets eager's -+1 and, under create_graph, the
+    # result keeps a grad_fn (its derivative is 0, as eager's) instead of being a constant
+    if mode == HINGE_REAL:
+        return torch.ops.aten.threshold_backward(torch.full_like(xf, -1.0), 1.0 - xf, 0.0)
     if mode == HINGE_FAKE:
-        return (xf > -1.0).to(xf.dtype)
+        return torch.ops.aten.threshold_backward(torch.ones_like(xf), 1.0 + xf, 0.0)
     if mode == LINEAR:
         return torch.full_like(xf, target)
     raise ValueError(f"unknown loss code {mode}")
@@ -532,12 +535,29 @@ def cycle_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b: Tensor, idt
         weights += [lambda_b * lambda_identity, lambda_a * lambda_identity]
         names += ("idt_a", "idt_b")
     na, nb = real_a.numel(), real_b.numel()
-    scales = [float(w) / n for w, n in zip(weights, (na, nb, nb, na))]
-    total, terms = run_l1(preds, targets, scales)  # terms: [k] tensor (compiled) or k 0-d tensors (eager)
+    total, terms = _weighted_l1(preds, targets, weights, (na, nb, nb, na))
     dtype, device = real_a.dtype, real_a.device
-    if isinstance(terms, Tensor):
-        terms = terms.unbind(0)
     return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
+
+
+def _weighted_l1(preds, targets, weights, counts, step=None):
+    """(total, k 0-d terms) of sum_i weight_i * mean|pred_i - target_i| in passes of ``step``
+    terms. Float weights ride in the kernel's scales; a tensor weight (a learned or scheduled
+    lambda) multiplies the unit-weighted term outside it, so its gradient is kept."""
+    tensor_w = any(isinstance(w, Tensor) for w in weights)
+    scales = [(1.0 if tensor_w else float(w)) / n for w, n in zip(weights, counts)]
+    step = step or len(preds)
+    total, terms = None, []
+    for i in range(0, len(preds), step):
+        t, ts = run_l1(preds[i:i + step], targets[i:i + step], scales[i:i + step])
+        total = t if total is None else total + t
+        terms += list(ts.unbind(0) if isinstance(ts, Tensor) else ts)  # [k] tensor (compiled) or k 0-d tensors
+    if tensor_w:
+        terms = [t * w for t, w in zip(terms, weights)]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+    return total, terms
 
 
 def cycle_synthesized_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b: Tensor, fake_a: Tensor,
@@ -570,21 +590,17 @@ def cycle_synthesized_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b:
                                                                               "fake_a", "fake_b", "idt_a", "idt_b"])
     na, nb = real_a.numel(), real_b.numel()
     preds, targets = [rec_a, rec_b, fake_a, fake_b], [real_a, real_b, rec_a.detach(), rec_b.detach()]
-    scales = [lambda_a / na, lambda_b / nb, lambda_cs / na, lambda_cs / nb]
+    weights, counts = [lambda_a, lambda_b, lambda_cs, lambda_cs], [na, nb, na, nb]
     names = ["cycle_a", "cycle_b", "cs_a", "cs_b"]
     if idt:
         preds += idt
         targets += [real_b, real_a]
-        scales += [lambda_b * lambda_identity / nb, lambda_a * lambda_identity / na]
+        weights += [lambda_b * lambda_identity, lambda_a * lambda_identity]
+        counts += [nb, na]
         names += ["idt_a", "idt_b"]
-    scales = [float(v) for v in scales]
     # the CPU kernel takes any number of terms; the GPU kernels MAX_TERMS per launch
     step = len(preds) if real_a.device.type == "cpu" else MAX_TERMS
-    total, terms = None, []
-    for i in range(0, len(preds), step):
-        t, ts = run_l1(preds[i:i + step], targets[i:i + step], scales[i:i + step])
-        total = t if total is None else total + t
-        terms += list(ts.unbind(0) if isinstance(ts, Tensor) else ts)
+    total, terms = _weighted_l1(preds, targets, weights, counts, step)
     dtype, device = real_a.dtype, real_a.device
     return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
 
@@ -608,6 +624,9 @@ def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 
     _check_logits(fake, "fake", fn)
     if real.shape != fake.shape:
         raise ValueError(f"{fn}: real has shape {tuple(real.shape)} but fake has shape {tuple(fake.shape)}; they must match")
+    if real.dim() == 0 or real.numel() == 0:
+        raise ValueError(f"{fn}: real must be a non-empty batch (N, ...) with one sample per row, got shape "
+                         f"{tuple(real.shape)}")
     real, fake = real.detach(), fake.detach()
     n = real.shape[0]
     if alpha is None:
@@ -617,6 +636,12 @@ def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 
         out = discriminator(x_hat)
         if isinstance(out, (tuple, list)):
             out = out[0]
+        if not isinstance(out, Tensor) or out.numel() == 0 or not out.requires_grad:
+            what = (type(out).__name__ if not isinstance(out, Tensor) else
+                    f"an empty tensor of shape {tuple(out.shape)}" if out.numel() == 0 else "a tensor that does not "
+                    "depend on its input")
+            raise ValueError(f"{fn}: the discriminator returned {what}; the penalty needs its scores as a "
+                             "non-empty tensor computed from the input")
         (grad,) = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True)
         norm = torch.linalg.vector_norm(grad.reshape(n, -1).float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.reshape(n, -1), 2, dim=1)
         return weight * ((norm - 1.0) ** 2).mean()

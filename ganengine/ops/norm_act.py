@@ -16,6 +16,8 @@ so no autocast kernel is registered (autocast falls through) and no cast is inse
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -45,11 +47,20 @@ def _check_activation(activation: str) -> None:
 
 
 # ----------------------------------------------------------------------------- torch backend
+def inv_std(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(var + eps), with ATen's rule: a zero variance with eps = 0 gives 0, not inf (a
+    constant plane then normalises to 0 and the output is act(bias), as F.instance_norm)."""
+    rstd = torch.rsqrt(var + eps)
+    if eps == 0:
+        rstd = torch.where(var == 0, torch.zeros_like(rstd), rstd)
+    return rstd
+
+
 def _torch_fwd(x, weight, bias, eps, activation, slope):
     acc = stat_dtype(x.dtype)
     xf = x.to(acc)
     var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False)
-    rstd = torch.rsqrt(var + eps)
+    rstd = inv_std(var, eps)
     z = (xf - mean[:, :, None, None]) * rstd[:, :, None, None]
     if weight is not None:
         z = z * weight.to(acc)[None, :, None, None]
@@ -250,17 +261,30 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
         apply, s = act_slope(activation, negative_slope)
         return (F.leaky_relu(z, s) if apply else z).to(x.dtype)
 
-    if running_mean is not None and h * w == 1:
-        raise ValueError(
-            "instance_norm_act: updating running statistics needs more than 1 spatial element per "
-            f"instance (got input of shape {tuple(x.shape)}); the unbiased variance is undefined")
-    if n * c == 0:
-        return torch.empty_like(x)
-    y, mean, rstd = instance_norm_act_fwd(x, weight, bias, float(eps), activation, float(negative_slope))
+    if running_mean is not None:
+        if h * w == 1:
+            raise ValueError(
+                "instance_norm_act: updating running statistics needs more than 1 spatial element per "
+                f"instance (got input of shape {tuple(x.shape)}); the unbiased variance is undefined")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            raise TypeError("instance_norm_act: momentum must be a float (instance norm keeps no batch count "
+                            "for a cumulative average; nn.InstanceNorm2d passes 0.0 for momentum=None), got "
+                            f"{momentum!r}")
+    if x.numel() == 0:
+        # an empty map (N, C or H*W of 0): the differentiable composition keeps the autograd graph
+        # (zero weight/bias gradients) where the kernels have nothing to do
+        with warnings.catch_warnings():  # (var_mean's "degrees of freedom <= 0" on an empty plane)
+            warnings.simplefilter("ignore", UserWarning)
+            y, mean, rstd = _torch_fwd(x, weight, bias, float(eps), activation, float(negative_slope))
+        if running_mean is None or n * c == 0:
+            return y
+    else:
+        y, mean, rstd = instance_norm_act_fwd(x, weight, bias, float(eps), activation, float(negative_slope))
     if running_mean is not None:
         with torch.no_grad():
             hw = h * w
-            var = (rstd.double().pow(-2) - eps).clamp_min(0) * (hw / (hw - 1))
+            # (a zero rstd is ATen's invstd for a zero variance with eps = 0)
+            var = torch.where(rstd == 0, 0.0, rstd.double().pow(-2) - eps).clamp_min(0) * (hw / (hw - 1))
             running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
     return y

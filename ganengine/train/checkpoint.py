@@ -2,17 +2,30 @@
 
 ``save`` writes ``DIR/step_00000300.pt`` through a temporary file in the same folder and
 ``os.replace`` (atomic on POSIX and Windows), so a crash never leaves a half-written checkpoint
-behind, then deletes all but the newest ``keep`` checkpoints. Everything inside is tensors and
-plain Python types, so ``torch.load(path, weights_only=True)`` reads it: no pickled code runs
-when a checkpoint is loaded.
+behind, then deletes all but the newest ``keep`` checkpoints. Checkpoints of steps after the one
+being saved belong to an abandoned run (training resumed from an older checkpoint): they are
+moved to ``DIR/abandoned/`` first, so neither ``--resume`` nor the pruning mistakes them for the
+newest. Everything inside is tensors and plain Python types, so
+``torch.load(path, weights_only=True)`` reads it: no pickled code runs when a checkpoint is
+loaded.
+
+``RunLock`` keeps one trainer per run folder (an OS file lock, released when the process dies,
+so a killed run never leaves a stale lock); under it, ``.tmp_step_*.pt`` files left by a process
+killed during a save are removed.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here (msvcrt locks are mandatory); run unlocked
+    fcntl = None
 
 FORMAT, VERSION = "ganengine-checkpoint", 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -52,6 +65,7 @@ def resolve(path: str) -> str:
 
 def save(state: dict, folder: str, step: int, keep: int = 3) -> str:
     target = write(state, path_for(folder, step))
+    set_aside_newer(folder, step)
     if keep > 0:
         for _, old in list_checkpoints(folder)[:-keep]:
             os.unlink(old)
@@ -74,6 +88,88 @@ def write(state: dict, target: str) -> str:
             os.unlink(tmp)
         raise
     return target
+
+
+ABANDONED = "abandoned"
+
+
+def set_aside_newer(folder: str, step: int) -> list[str]:
+    """Move checkpoints of steps after ``step`` to ``folder/abandoned/`` (never deleted: they may
+    be what the user wanted after all). Returns their new paths."""
+    moved = []
+    for s, path in list_checkpoints(folder):
+        if s <= step:
+            continue
+        dest_dir = os.path.join(folder, ABANDONED)
+        os.makedirs(dest_dir, exist_ok=True)
+        base, dest, k = os.path.basename(path), os.path.join(dest_dir, os.path.basename(path)), 1
+        while os.path.exists(dest):
+            dest = os.path.join(dest_dir, f"{base[:-3]}.{k}.pt")
+            k += 1
+        os.replace(path, dest)
+        moved.append(dest)
+    if moved:
+        print(f"ganengine: {len(moved)} checkpoint(s) after step {step} belong to an abandoned run "
+              f"(training resumed from an older one); moved to {os.path.join(folder, ABANDONED)}", file=sys.stderr)
+    return moved
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete ``.tmp_step_*.pt`` files (left by a process killed while saving). Call only while
+    holding the folder's RunLock: no other trainer can be writing one then."""
+    removed = []
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(".tmp_step_") and f.endswith(".pt"):
+                try:
+                    os.unlink(os.path.join(folder, f))
+                    removed.append(f)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+class RunLock:
+    """An exclusive lock on a run folder for one trainer (``folder/.lock``, flock). A second
+    trainer on the same folder gets a CheckpointError naming the holder's pid."""
+
+    def __init__(self, folder: str):
+        self.folder, self.fd = folder, None
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None or self.fd is not None:
+            return self
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"cannot use run folder {self.folder!r} ({exc.strerror or exc}). Check that it "
+                                  "is writable, or pick another --checkpoints_dir / --name.") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(f"run folder {self.folder!r} is in use by another ganengine train (pid {holder}): "
+                                  "two runs would overwrite each other's checkpoints. Use another --name, or wait "
+                                  "for / stop that run.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        remove_stale_temporaries(self.folder)
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+            os.close(fd)  # (closing releases the flock)
+
+    def __del__(self):
+        self.release()
 
 
 def load(path: str, map_location="cpu") -> dict:

@@ -14,7 +14,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -108,11 +110,85 @@ def _compile_mode(mode, device: torch.device) -> str | None:
     return None if mode == "default" else mode
 
 
+_SHAPE_ERRORS = ("Sizes of tensors must match", "Kernel size can't be greater", "Calculated padded input size",
+                 "Output size is too small", "shapes cannot be multiplied", "must match the size of tensor",
+                 "Padding size should be less than", "input image is smaller than kernel",
+                 "is smaller than the")  # (the last: ganengine's own conv checks)
+
+
+def _explain(exc: BaseException, first_step: bool, shape) -> BaseException:
+    """A clear ValueError for the runtime errors bad data settings cause, else ``exc`` itself:
+    images of several sizes in one batch (collate), and on the first step, a network that cannot
+    take the input size. A DataError from a DataLoader worker comes back wrapped in the worker's
+    traceback text: its last line is the message."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        name, _, text = last.partition(": ")
+        if name.endswith("DataError") and text:
+            from ganengine.data import DataError
+
+            return DataError(text)
+    if "stack expects each tensor to be equal size" in msg:
+        return ValueError("a batch holds images of different sizes (--preprocess none and scale_width keep each "
+                          "image's own size): resize the images to one size, use --batch_size 1, or a --preprocess "
+                          "that crops to --crop_size")
+    if first_step and type(exc) in (RuntimeError, ValueError) and any(p in msg for p in _SHAPE_ERRORS):
+        size = "x".join(map(str, shape[-2:])) if shape is not None else "these"
+        line = " ".join(msg.split())[:200]
+        return ValueError(f"the networks cannot take {size} inputs: pick a size they can (--crop_size, --load_size, "
+                          f"--preprocess, --image_size; a U-Net needs a multiple of 2^num_downs) ({line})")
+    return exc
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send before killing a job) during ``train()``: handled as
+    Ctrl-C, so the work done so far is saved."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """Numbers the loop divides by or counts with: one clear line instead of a ZeroDivisionError
+    (or a silent no-op) deep in the sampler."""
+    for name in ("batch_size", "print_freq"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name} must be a whole number >= 1, got {v!r}")
+    for name in ("n_epochs", "n_epochs_decay", "num_workers"):
+        v = getattr(cfg, name)
+        if v is None and name == "num_workers":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"--{name} must be a whole number >= 0, got {v!r}")
+    if cfg.max_steps is not None and (not isinstance(cfg.max_steps, int) or cfg.max_steps < 1):
+        raise ValueError(f"--max_steps must be a whole number >= 1, got {cfg.max_steps!r}")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._lock = None
+        try:
+            self._init(cfg)
+        except BaseException as exc:
+            self._release_lock()
+            clear = _explain(exc, False, None)  # (the sample batch is collated here)
+            if clear is exc:
+                raise
+            raise clear from exc
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _init(self, cfg: TrainConfig) -> None:
         from ganengine.models import build_model
 
-        self.cfg = cfg
+        _check_config(cfg)
         self.dist = D.setup(cfg.device)
         self.device = self.dist.device
         self.log_dir = cfg.log_dir or cfg.run_dir
@@ -131,6 +207,9 @@ class Trainer:
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else epochs * self.steps_per_epoch
         if self.total_steps <= 0:
             raise ValueError(f"nothing to train: --max_steps / --n_epochs + --n_epochs_decay give {self.total_steps} steps")
+
+        if self.dist.is_main:  # one trainer per run folder (before reading a checkpoint from it)
+            self._lock = ckpt.RunLock(cfg.run_dir).acquire()
 
         rng.seed_all(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, **cfg.model_options).to(self.device)
@@ -212,6 +291,19 @@ class Trainer:
 
     def _load(self, path: str) -> dict:
         state = ckpt.load(path, map_location=self.device)
+        try:
+            return self._restore(path, state)
+        except ckpt.CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError) as exc:
+            # a hand-edited or damaged checkpoint: say which field, not a traceback from deep inside
+            detail = " ".join(str(exc).split())  # one line (load_state_dict's message spans several)
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            what = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {detail}"
+            raise ckpt.CheckpointError(f"--resume {path!r} cannot be restored ({what}). It was edited or damaged: "
+                                       "resume from another checkpoint of the run.") from exc
+
+    def _restore(self, path: str, state: dict) -> dict:
         if state["model"] != self.cfg.model:
             raise ckpt.CheckpointError(f"--resume {path!r} holds a {state['model']} checkpoint, not {self.cfg.model}")
         now = json.loads(json.dumps(self.model.options))
@@ -344,11 +436,17 @@ class Trainer:
         images_per_step = cfg.batch_size * self.dist.world_size
         t_last, steps_last = time.perf_counter(), self.step
         last_losses: dict[str, float] = {}
+        prev_term = None
+        if threading.current_thread() is threading.main_thread():
+            prev_term = signal.signal(signal.SIGTERM, _raise_terminated)
+        first_step, shape = self.step, None
         try:
             while self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 for batch in self.loader:
                     batch = _to_device(batch, self.device, cfg.channels_last)
+                    if shape is None:
+                        shape = next((v.shape for v in batch.values() if torch.is_tensor(v) and v.dim() == 4), None)
                     self.ctx.step_index = self.step
                     losses = self.model.train_step(batch, self.optimizers, self.ctx)
                     with warnings.catch_warnings():
@@ -401,6 +499,11 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             final = self.save()
+        except (RuntimeError, ValueError) as exc:
+            clear = _explain(exc, self.step == first_step, shape)
+            if clear is exc:
+                raise
+            raise clear from exc
         except KeyboardInterrupt:
             # one process: keep the work done so far (unless the losses went bad); under DDP the
             # ranks stop at different points, so a collective save could hang: just stop
@@ -408,14 +511,18 @@ class Trainer:
                 self.interrupted_checkpoint = self.save()
             raise
         finally:
+            if prev_term is not None:
+                signal.signal(signal.SIGTERM, prev_term)
             if bar is not None:
                 bar.close()
             if self.logger is not None:
                 self.logger.close()
+            self._release_lock()
         return {"step": self.step, "epoch": self.epoch, "checkpoint": final, "losses": last_losses,
                 "run_dir": cfg.run_dir, "log_dir": self.log_dir}
 
     def close(self) -> None:
+        self._release_lock()
         D.teardown(self.dist)
 
 

@@ -1,0 +1,96 @@
+"""Regression tests of issue 22's lost autograd graphs and unclear errors in the ops: zero-size
+inputs, momentum=None, convolutions with 0 output channels, a tensor lambda in cycle_loss,
+gradient_penalty on 0-dim input or an empty discriminator output."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ganengine.functional as GF
+from ganengine.ops import conv as cv
+
+from tests._backends import backend_params, on_backend
+
+BACKENDS = backend_params(["torch", "cpu"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["conv2d", "conv2d_act", "conv3x3"])
+def test_conv_with_no_input_channels_backward(backend, op):
+    # issue: backward with C_in = 0 failed on the bias gradient (ATen's output has 0 channels)
+    x = torch.randn(2, 0, 6, 6, requires_grad=True)
+    w = torch.randn(4, 0, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    ye = F.conv2d(x, w, b, padding=1)
+    if op == "conv2d_act":
+        ye = F.leaky_relu(ye, 0.2)
+    ge = torch.autograd.grad(ye.sum(), (x, w, b))
+    with on_backend(backend):
+        fn = getattr(GF, op)
+        y = fn(x, w, b, padding=1) if op != "conv3x3" else fn(x, w, b, 1)
+        g = torch.autograd.grad(y.sum(), (x, w, b))
+    assert y.shape == ye.shape
+    for a, e in zip(g, ge):
+        assert a.shape == e.shape and torch.equal(a, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4)])
+def test_instance_norm_act_empty_keeps_graph(backend, shape):
+    # issue: N = 0 or C = 0 returned a tensor without grad_fn (H = 0: ZeroDivisionError on triton)
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.ones(shape[1], requires_grad=True)
+    b = torch.zeros(shape[1], requires_grad=True)
+    with on_backend(backend):
+        y = GF.instance_norm_act(x, w, b)
+        assert y.shape == x.shape and y.grad_fn is not None
+        gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert gx.shape == x.shape and torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+
+
+def test_instance_norm_momentum_none_is_a_clear_error():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError, match="momentum must be a float.*got None"):
+        GF.instance_norm_act(x, running_mean=torch.zeros(3), running_var=torch.ones(3), momentum=None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", ["always", "auto"])
+def test_conv_zero_output_channels_is_a_clear_error(backend, policy):
+    # issue: the GEMM route ("always") said "cannot reshape tensor of 0 elements"
+    with on_backend(backend), cv.gemm_policy(policy):
+        with pytest.raises(ValueError, match=r"conv2d: weight .*\(0, 3, 4, 4\) has 0 output channels"):
+            GF.conv2d(torch.randn(1, 3, 8, 8), torch.randn(0, 3, 4, 4))
+        with pytest.raises(ValueError, match="smaller than the"):
+            GF.conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 4, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("synthesized", [False, True])
+def test_cycle_loss_tensor_lambda_keeps_its_gradient(backend, synthesized):
+    # issue: a tensor lambda (scheduled / learned) was turned into a float: no gradient
+    torch.manual_seed(0)
+    ims = [torch.randn(2, 3, 5, 5) for _ in range(8)]
+    lam_a = torch.tensor(10.0, requires_grad=True)
+    lam_b = torch.tensor(4.0, requires_grad=True)
+    l1 = [F.l1_loss(ims[1], ims[0]), F.l1_loss(ims[3], ims[2]), F.l1_loss(ims[4], ims[2]), F.l1_loss(ims[5], ims[0])]
+    # d total / d lambda_a = cycle_a + idt_b * lambda_identity, d / d lambda_b = cycle_b + idt_a * lambda_identity
+    want = (l1[0] + 0.5 * l1[3], l1[1] + 0.5 * l1[2])
+    with on_backend(backend):
+        if synthesized:
+            total, terms = GF.cycle_synthesized_loss(*ims[:4], ims[6], ims[7], ims[4], ims[5], lambda_a=lam_a,
+                                                     lambda_b=lam_b)
+        else:
+            total, terms = GF.cycle_loss(*ims[:6], lambda_a=lam_a, lambda_b=lam_b)
+        ga, gb = torch.autograd.grad(total, (lam_a, lam_b))
+    torch.testing.assert_close(ga, want[0].detach())
+    torch.testing.assert_close(gb, want[1].detach())
+    torch.testing.assert_close(terms["cycle_a"].detach(), (10.0 * l1[0]).detach())
+
+
+def test_gradient_penalty_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="real must be a non-empty batch"):
+        GF.gradient_penalty(lambda x: x * 2, torch.tensor(1.0), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="discriminator returned an empty tensor"):
+        GF.gradient_penalty(lambda x: x[:0], torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="does not depend on its input"):
+        GF.gradient_penalty(lambda x: torch.zeros(2), torch.randn(2, 3), torch.randn(2, 3))
