@@ -71,6 +71,23 @@ SECTIONS = [
     ("conv_act", "70x70 PatchGAN discriminator forward+backward (cpu backend)",
      [PY, "benchmarks/bench_conv_act.py", "--batch", "1", "4", "--repeats", "5", "--threads", "1"],
      "Target (issue 4): >= 1.3x eager. [docs/conv_act.md](docs/conv_act.md)"),
+    ("batch_norm_act", "Fused (conditional) batch norm + activation (cpu backend)",
+     [PY, "-m", "benchmarks.bench_batch_norm_act", "--repeats", "15", "--threads", "1"],
+     "eager = `F.relu(F.batch_norm(...))` (and the per-sample gain/bias form for BigGAN's ccbn); torch.compile = "
+     "the same function compiled; forward+backward; host time at tiny shapes. "
+     "[docs/batch_norm_act.md](docs/batch_norm_act.md)"),
+    ("spectral_norm", "Spectral norm: a whole discriminator's layers (cpu backend)",
+     [PY, "-m", "benchmarks.bench_spectral_norm", "--model", "sagan", "--backend", "cpu", "--threads", "1"],
+     "PyTorch's parametrization vs ganengine per layer and grouped (SpectralNormGroup), forward+backward. "
+     "[docs/spectral_norm.md](docs/spectral_norm.md)"),
+    ("ema", "Generator EMA update",
+     [PY, "-m", "benchmarks.bench_ema", "--scale", "2"],
+     "BigGAN-128 generator's 166 tensors: BigGAN's per-tensor loop vs torch.optim.swa_utils.AveragedModel vs "
+     "ganengine.train.EMA (multi-tensor lerp). [docs/ema.md](docs/ema.md)"),
+    ("fuse", "fuse() on the reference networks",
+     [PY, "benchmarks/bench_fuse.py", "--widths", "small", "--repeats", "5"],
+     "The compact re-writes of the reference networks in `tests/`, the same module code before and after "
+     "`ganengine.fuse()`; forward + backward, interleaved in one process. [docs/fuse.md](docs/fuse.md)"),
 ]
 
 
