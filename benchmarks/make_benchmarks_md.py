@@ -84,6 +84,13 @@ SECTIONS = [
      [PY, "-m", "benchmarks.bench_ema", "--scale", "2"],
      "BigGAN-128 generator's 166 tensors: BigGAN's per-tensor loop vs torch.optim.swa_utils.AveragedModel vs "
      "ganengine.train.EMA (multi-tensor lerp). [docs/ema.md](docs/ema.md)"),
+    ("host_cost", "Host time and kernels per call at tiny shapes",
+     [PY, "-m", "ganengine.bench.host_cost", "--rounds", "5", "--calls", "100"],
+     "Every fused op at a tiny shape, where the arithmetic is negligible and host time decides: median us per "
+     "call, ganengine vs the eager composition interleaved, forward and forward+backward, on the cpu backend; "
+     "kernels per call on the CUDA path counted under the Triton interpreter (Triton launches plus the kernels "
+     "of the torch ops around them) vs eager's. Target (issue 16): every fused call at or below eager in both. "
+     "Run with TRITON_INTERPRET=1 for the kernel counts."),
     ("fuse", "fuse() on the reference networks",
      [PY, "benchmarks/bench_fuse.py", "--widths", "small", "--repeats", "5"],
      "The compact re-writes of the reference networks in `tests/`, the same module code before and after "
