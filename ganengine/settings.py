@@ -105,6 +105,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             read_by="C++ extension"),
     Setting("GANENGINE_TEST_NO_INTERPRET", "bool", False, "tests/conftest.py: leave TRITON_INTERPRET unset "
             "(Triton on a GPU).", read_by="tests"),
+    Setting("GANENGINE_GPU_CHECK_DRY", "bool", False, "make gpu-check: tiny shapes on CPU tensors under the "
+            "Triton interpreter (the dry run CI makes).", read_by="ganengine.tools.gpu_check"),
     Setting("GANENGINE_CPU_ARCH", "choice", "auto", "C++ build target.", read_by="build (setup.py)",
             choices=("auto", "default", "avx2", "avx512")),
     Setting("GANENGINE_BUILD_CUDA", "text", "", "Build the CUDA kernels: 1 required, 0 skipped, unset when "
