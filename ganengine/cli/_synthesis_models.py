@@ -33,7 +33,7 @@ REFERENCE = {"dcgan": dict(batch_size=64, image_size=64, n_epochs=25, n_epochs_d
 # built-in digits (1000 images, 32x32 grayscale): a few hundred steps in a few CPU minutes
 _RUN = dict(sample_every=100, save_every=500)
 SAMPLE = {
-    "dcgan": dict(nc=1, ngf=32, ndf=32, batch_size=32, max_steps=600, **_RUN),
+    "dcgan": dict(nc=1, ngf=64, ndf=64, batch_size=32, max_steps=600, **_RUN),
     "wgan": dict(img_size=32, batch_size=64, n_critic=5, lr=0.0002, max_steps=3000, sample_every=500, save_every=1000),
     "wgan_gp": dict(img_size=32, batch_size=64, n_critic=5, max_steps=2000, sample_every=250, save_every=1000),
     "cgan": dict(img_size=32, batch_size=64, max_steps=1500, sample_every=250, save_every=500),
