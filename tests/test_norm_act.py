@@ -472,3 +472,43 @@ def test_gpu_opcheck_and_compile(backend):
             want = net(x)
         # normwise network bound (tests/_model_bounds.py); TF32 convs: u = 2^-11 for the products
         assert_normwise(torch.compile(net, fullgraph=True)(x), want, cen, extra_depth=2 ** 13 * cen.depth)
+
+
+# ----------------------------------------------------------------------------- lean cpu entry
+_HAS_ENTRY = ops._ext.loaded() and ops._ext.has_kernel("instance_norm_act", "CompositeExplicitAutograd")
+
+
+@pytest.mark.skipif(not _HAS_ENTRY, reason="ganengine._C without the instance_norm_act entry")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_lean_cpu_entry_matches_custom_op_route(layout, affine):
+    """The C++-autograd entry (auto on CPU, no running stats) gives the custom op's numbers bit for
+    bit: forward, backward (kernels) and double backward (reference composition)."""
+    torch.manual_seed(0)
+    base = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        base = torch.randn(2, 3, 5, 14, dtype=torch.float64)[..., ::2]
+    wb = (torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)) if affine else (None, None)
+    gy = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+
+    def run(lean):
+        x = base.detach().clone().requires_grad_(True) if layout != "strided" else base.detach().requires_grad_(True)
+        w, b = (t.detach().clone().requires_grad_(True) if t is not None else None for t in wb)
+        if lean:
+            with on_backend("cpu"):
+                y = GF.instance_norm_act(x, w, b, activation="leaky_relu", negative_slope=0.2)
+            assert _dispatch.last_used["instance_norm_act"] == "cpu"
+        else:
+            y = ops.instance_norm_act_fwd(x, w, b, 1e-5, "leaky_relu", 0.2)[0]
+        leaves = [t for t in (x, w, b) if t is not None]
+        g1 = torch.autograd.grad(y, leaves, gy, create_graph=True)
+        g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), leaves)
+        return (y, y.is_contiguous(), *g1, *g2)
+
+    with on_backend("cpu"):
+        ref = run(False)
+    got = run(True)
+    for a, b in zip(got, ref):
+        assert (a == b) if isinstance(a, bool) else torch.equal(a, b)

@@ -16,11 +16,13 @@ so no autocast kernel is registered (autocast falls through) and no cast is inse
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from ganengine import _ext, backends
 from ganengine.ops import _dispatch
 
 ACTIVATIONS = ("leaky_relu", "relu", "none")
@@ -203,6 +205,34 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
 torch.library.register_autograd("ganengine::instance_norm_act_fwd", _backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- lean cpu entry
+# (apply, slope) of the activations with a fixed slope; leaky_relu takes the caller's slope
+_FIXED_ACT = {"relu": (True, 0.0), "none": (False, 1.0)}
+_CPU_READY: list = []  # [bool] once known: the C++ entry serves CPU tensors in this process
+_C_OP = None
+
+
+def _cpu_entry():
+    """The raw ganengine_C::instance_norm_act builtin when 'auto' (or 'cpu') would run the C++
+    kernels on CPU tensors, else None. Kept to a few attribute reads: at small shapes this cost is
+    part of what is compared with eager (ops/batch_norm_act.py's _cpu_route, same rule)."""
+    global _C_OP
+    requested = backends._requested.value
+    if requested is None:
+        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
+    if requested not in ("auto", "cpu"):
+        return None
+    if not _CPU_READY:
+        ok = (_ext.loaded() and _ext.has_kernel("instance_norm_act", "CompositeExplicitAutograd")
+              and backends.serves("cpu", torch.device("cpu"))
+              and _dispatch.ext_reason("norm_act_fwd", torch.device("cpu")) is None
+              and _dispatch.ext_reason("norm_act_bwd", torch.device("cpu")) is None)
+        if ok:
+            _C_OP = _ext.op("instance_norm_act").default._op  # no OpOverloadPacket layer
+        _CPU_READY.append(ok)
+    return _C_OP
+
+
 # ----------------------------------------------------------------------------- public function
 def _check_param(name: str, t, c: int, x: torch.Tensor) -> None:
     if t is None:
@@ -230,6 +260,21 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
     so the output is ``activation(bias)`` (PyTorch raises there).
     """
+    # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. It refuses
+    # (throws before doing anything) whatever it does not serve; the full route below then raises
+    # the public errors or handles the case (3-D, empty, odd parameters).
+    if (running_mean is None and use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu
+            and not torch.compiler.is_compiling()):
+        op = _cpu_entry()
+        if op is not None:
+            try:
+                apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
+                y = op(x, weight, bias, float(eps), apply, slope)
+            except Exception:  # noqa: BLE001 - refused: the full route below decides
+                pass
+            else:
+                _dispatch.last_used["instance_norm_act"] = "cpu"
+                return y
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"instance_norm_act: x must be a Tensor, got {type(x).__name__}")
     if x.dim() == 3:
@@ -288,3 +333,10 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
             running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
     return y
+
+
+# ----------------------------------------------------------------------------- fake impl of the C++ entry
+if _ext.loaded() and _ext.has_kernel("instance_norm_act", "CompositeExplicitAutograd"):
+    @torch.library.register_fake("ganengine_C::instance_norm_act")
+    def _(x, weight, bias, eps, apply_act, slope):
+        return torch.empty_like(_dense_4d(x))
