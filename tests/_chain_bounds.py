@@ -98,7 +98,7 @@ def _norm(layer, x, e_x, g, e_g, acc, stat_err=None):
         rm, rv = layer.running_mean.detach(), layer.running_var.detach()
         shape = (1, C, 1, 1)
         r = (rv + layer.eps).rsqrt().view(shape)
-        wa = (w.abs() if w is not None else torch.ones(C, dtype=x.dtype)).view(shape)
+        wa = (w.abs() if w is not None else torch.ones(C, dtype=x.dtype, device=x.device)).view(shape)
         xh = (x - rm.view(shape)) * r
         e_y = wa * (r * e_x + 4 * u * (x.abs() + rm.abs().view(shape)) * r) + 2 * u * (b.abs().view(shape) if b is not None else 0)
         if stat_err is not None:  # errors in the running statistics themselves: d rm r + |xh| d rv r^2 / 2

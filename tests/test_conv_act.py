@@ -47,7 +47,7 @@ def _run(backend, impl, fn, tensors, grad_fn, **kw):
 def _block(tensors, stride, padding, norm):
     """The reference layers of a conv_act / conv_in_act call: conv (+ instance norm) + LeakyReLU(0.2)."""
     x, wt, b = tensors[:3]
-    conv = nn.Conv2d(wt.shape[1], wt.shape[0], wt.shape[2], stride, padding, bias=b is not None)
+    conv = nn.Conv2d(wt.shape[1], wt.shape[0], wt.shape[2], stride, padding, bias=b is not None, device=x.device)
     with torch.no_grad():
         conv.weight.copy_(wt.float())
         if b is not None:
@@ -55,7 +55,7 @@ def _block(tensors, stride, padding, norm):
     layers = [conv]
     if norm:
         gam, bet = (tensors[3], tensors[4]) if len(tensors) > 3 else (None, None)
-        inorm = nn.InstanceNorm2d(wt.shape[0], affine=gam is not None)
+        inorm = nn.InstanceNorm2d(wt.shape[0], affine=gam is not None, device=x.device)
         if gam is not None:
             with torch.no_grad():
                 inorm.weight.copy_(gam.float())
