@@ -44,6 +44,7 @@ if DRY:  # must precede the first import of triton
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -124,6 +125,13 @@ def _backends_for_device(ctx: Ctx) -> list[str]:
 
     names = ["triton", "cuda"] if ctx.device.type == "cuda" else ["triton"]
     return [n for n in names if backends.serves(n, ctx.device)]
+
+
+def _backend_ctx(backend: str):
+    """use_backend without strict mode: ops the backend does not serve run on torch."""
+    import ganengine
+
+    return ganengine.use_backend(backend)
 
 
 @contextlib.contextmanager
@@ -561,10 +569,39 @@ def check_sanitizer(ctx: Ctx):
              summary.strip(), log=str(log))
 
 
+def _kernel_us(ctx: Ctx, fn: Callable[[], object], calls: int = 20) -> tuple[float, int]:
+    """(device time of the kernels per call in us, kernels per call), read with torch.profiler:
+    beside a do_bench time it says whether a call is bound by its kernels or by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if ctx.device.type != "cuda":
+        return float("nan"), 0
+    fn()
+    ctx.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        ctx.sync()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time_total for e in evs) / calls, round(len(evs) / calls)
+
+
+def _norm_eager(op: str, x, rm, rv):
+    import torch.nn.functional as F
+
+    if op == "instance_norm_act":
+        return lambda: F.leaky_relu(F.instance_norm(x), 0.2)
+    return lambda: F.leaky_relu(F.batch_norm(x, rm, rv, training=True), 0.2)
+
+
 def check_speed_norm_act(ctx: Ctx):
+    """Forward and forward+backward of each norm against eager (F.instance_norm / F.batch_norm +
+    leaky_relu) and a copy, with the kernels' own device time beside do_bench's (a do_bench time
+    far above the kernel time is host time)."""
     import ganengine.functional as GF
 
-    shapes = [(1, 4, 16, 16)] if ctx.dry else [(1, 64, 256, 256), (1, 256, 64, 64), (16, 64, 128, 128)]
+    shapes = [(1, 4, 16, 16)] if ctx.dry else [(1, 64, 256, 256), (1, 128, 128, 128), (1, 256, 64, 64),
+                                               (16, 64, 128, 128)]
     dtypes = [torch.float32] if ctx.dry else [torch.bfloat16, torch.float32]
     for dtype in dtypes:
         for shape in shapes:
@@ -572,19 +609,29 @@ def check_speed_norm_act(ctx: Ctx):
                 x = torch.randn(shape, device=ctx.device).to(dtype)
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)
+                xg = x.detach().clone().requires_grad_()
+                gy = torch.randn_like(x)
                 y = torch.empty_like(x)
                 copy_ms = ctx.bench_ms(lambda: y.copy_(x))
                 rm, rv = torch.zeros(shape[1], device=ctx.device), torch.ones(shape[1], device=ctx.device)
-                ops = [("instance_norm_act", lambda: GF.instance_norm_act(x)),
-                       ("batch_norm_act", lambda: GF.batch_norm_act(x, rm, rv))]  # training, running stats
-                for backend in _backends_for_device(ctx):
-                    for op, call in ops:
-                        with _on(backend):
-                            ms = ctx.bench_ms(call)
+                fused = {"instance_norm_act": lambda t: GF.instance_norm_act(t),
+                         "batch_norm_act": lambda t: GF.batch_norm_act(t, rm, rv)}  # training, running stats
+                tag = f"{str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} {'x'.join(map(str, shape))}"
+                for op, call in fused.items():
+                    variants = [("eager", contextlib.nullcontext, _norm_eager(op, x, rm, rv),
+                                 _norm_eager(op, xg, rm, rv))]
+                    variants += [(b, functools.partial(_on, b), functools.partial(call, x), functools.partial(call, xg))
+                                 for b in _backends_for_device(ctx)]
+                    for label, where, fwd, fwd_g in variants:
+                        with where():
+                            ms = ctx.bench_ms(fwd)
+                            ms_bwd = ctx.bench_ms(lambda: torch.autograd.backward(fwd_g(), gy))
+                            k_us, k_n = _kernel_us(ctx, fwd)
                         gbs = 2 * x.numel() * x.element_size() / ms / 1e6
-                        ctx.emit("INFO", f"{op} {backend} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} "
-                                 f"{'x'.join(map(str, shape))} forward", f"{ms:.3f} ms, {gbs:.0f} GB/s = "
-                                 f"{copy_ms / ms * 100:.0f}% of a copy ({copy_ms:.3f} ms)", ms=ms, copy_ms=copy_ms)
+                        ctx.emit("INFO", f"{op} {label} {tag}",
+                                 f"forward {ms:.3f} ms ({gbs:.0f} GB/s, {copy_ms / ms * 100:.0f}% of a copy at "
+                                 f"{copy_ms:.3f} ms; kernels {k_us:.1f} us in {k_n}), forward+backward {ms_bwd:.3f} ms",
+                                 ms=ms, ms_fwd_bwd=ms_bwd, kernel_us=k_us, kernels=k_n, copy_ms=copy_ms)
 
 
 def check_speed_attention(ctx: Ctx):
@@ -637,7 +684,10 @@ def check_speed_models(ctx: Ctx):
     from ganengine.models import build_model
     from ganengine.train.context import AmpContext
 
-    variants = [("ganengine", True, False), ("eager", False, False), ("torch.compile", False, True)]
+    # ganengine: the auto backend order; "ganengine[cuda]": the CUDA C++ kernels where they exist
+    # (norms, losses) and torch elsewhere, to measure which order should be the default
+    variants = [("ganengine", True, False), ("ganengine[cuda]", True, False), ("eager", False, False),
+                ("torch.compile", False, True)]
     amps = ["off"] if ctx.dry else ["off", "bf16"]
     tiny = dict(crop_size=32, ngf=4, ndf=4, netG="resnet_6blocks", n_layers_D=2)
     for name in ("cyclegan", "pix2pix"):
@@ -654,6 +704,8 @@ def check_speed_models(ctx: Ctx):
                 if ctx.time_left() < 60:
                     ctx.emit("SKIP", f"{name} {label} amp={amp}", "out of time")
                     continue
+                if label == "ganengine[cuda]" and "cuda" not in _backends_for_device(ctx):
+                    continue
                 torch.manual_seed(0)
                 model = build_model(name, **dict(spec[size]), fused=fused, fused_optimizer=fused).to(ctx.device)
                 model.train()
@@ -664,22 +716,72 @@ def check_speed_models(ctx: Ctx):
                 n, img = spec["batch"][size]
                 batch = make_batch(name, model, n, img, ctx.device)
                 step_ctx = AmpContext(amp, ctx.device, list(opts))
-                t0 = time.perf_counter()
-                model.train_step(batch, opts, step_ctx)  # first step: compile / autotune
-                ctx.sync()
-                first = time.perf_counter() - t0
-                if ctx.dry:
+                where = _backend_ctx("cuda") if label == "ganengine[cuda]" else contextlib.nullcontext()
+                with where:
                     t0 = time.perf_counter()
-                    model.train_step(batch, opts, step_ctx)
-                    ms = (time.perf_counter() - t0) * 1e3
-                else:
-                    ms = ctx.bench_ms(lambda: model.train_step(batch, opts, step_ctx), reps=200)
+                    model.train_step(batch, opts, step_ctx)  # first step: compile / autotune
+                    ctx.sync()
+                    first = time.perf_counter() - t0
+                    if ctx.dry:
+                        t0 = time.perf_counter()
+                        model.train_step(batch, opts, step_ctx)
+                        ms = (time.perf_counter() - t0) * 1e3
+                    else:
+                        ms = ctx.bench_ms(lambda: model.train_step(batch, opts, step_ctx), reps=200)
                 times[label] = ms
                 ctx.emit("INFO", f"{name} {img}x{img} batch {n} amp={amp} {label}",
                          f"{ms:.2f} ms per step (first step {first:.1f} s)", ms=ms, first_s=first)
             if "ganengine" in times and len(times) > 1:
                 rel = ", ".join(f"{times[k] / times['ganengine']:.2f}x {k}" for k in times if k != "ganengine")
                 ctx.emit("INFO", f"{name} amp={amp} ganengine speed-up", rel)
+
+
+def check_profile_models(ctx: Ctx):
+    """Where a CycleGAN training step spends its time, ganengine vs eager: wall time, kernel time
+    and kernels per step, the top kernels by device time and the top host ops by self CPU time
+    (torch.profiler over 3 steps after 2 warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ganengine.bench.cases_models import MODEL_SPECS, make_batch
+    from ganengine.models import build_model
+    from ganengine.train.context import AmpContext
+
+    spec = MODEL_SPECS["cyclegan"]
+    if ctx.dry:
+        spec = dict(ref=dict(crop_size=32, ngf=4, ndf=4, netG="resnet_6blocks", n_layers_D=2), batch=dict(ref=(1, 32)))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    steps = 1 if ctx.dry else 3
+    for label, fused in (("ganengine", True), ("eager", False)):
+        torch.manual_seed(0)
+        model = build_model("cyclegan", **dict(spec["ref"]), fused=fused, fused_optimizer=fused).to(ctx.device)
+        model.train()
+        opts = model.make_optimizers()
+        n, img = spec["batch"]["ref"]
+        batch = make_batch("cyclegan", model, n, img, ctx.device)
+        step_ctx = AmpContext("off", ctx.device, list(opts))
+        for _ in range(1 if ctx.dry else 2):
+            model.train_step(batch, opts, step_ctx)
+        ctx.sync()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                model.train_step(batch, opts, step_ctx)
+            ctx.sync()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+        table = prof.key_averages()
+        dev = [e for e in table if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+        k_ms = sum(e.device_time_total for e in dev) / 1e3 / steps
+        k_n = sum(e.count for e in dev) / steps
+        ctx.emit("INFO", f"cyclegan {img}x{img} batch {n} {label}",
+                 f"{wall:.2f} ms per step under the profiler, kernels {k_ms:.2f} ms in {k_n:.0f} launches",
+                 wall_ms=wall, kernel_ms=k_ms, kernels=k_n)
+        for e in sorted(dev, key=lambda e: -e.device_time_total)[:10]:
+            ctx.emit("INFO", f"{label} kernel {e.key[:70]}",
+                     f"{e.device_time_total / 1e3 / steps:.3f} ms per step in {e.count / steps:.0f} calls")
+        host = [e for e in table if e.self_cpu_time_total > 0]
+        for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:8]:
+            ctx.emit("INFO", f"{label} host {e.key[:70]}",
+                     f"{e.self_cpu_time_total / 1e3 / steps:.3f} ms self CPU per step in {e.count / steps:.0f} calls")
 
 
 CHECKS: list[tuple[str, Callable[[Ctx], None], float]] = [
@@ -690,10 +792,11 @@ CHECKS: list[tuple[str, Callable[[Ctx], None], float]] = [
     ("cuda_graph", check_cuda_graph, 60),
     ("large_shapes", check_large_shapes, 60),
     ("second_device", check_second_device, 60),
-    ("speed_norm_act", check_speed_norm_act, 60),
+    ("speed_norm_act", check_speed_norm_act, 90),
     ("speed_attention", check_speed_attention, 60),
     ("speed_losses", check_speed_losses, 30),
     ("sanitizer", check_sanitizer, 160),
+    ("profile_models", check_profile_models, 60),
     ("speed_models", check_speed_models, 240),
 ]
 
