@@ -104,14 +104,27 @@ def _scale_shift(W, B, c, cmask, rstd, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 
 
 @triton.jit
+def _col(v, BLOCK_C: tl.constexpr):
+    """v[:, None] for broadcasting a per-row value over a [BLOCK_C, BLOCK_HW] tile. With one row
+    it is a scalar instead: broadcasting the row vector made Triton 3.6 convert the whole
+    broadcast [1, BLOCK_HW] tile's layout through shared memory (the split-plane kernels' PTX
+    grew to 16K lines and 95 barriers; seen in the sm_90 TTGIR)."""
+    if BLOCK_C == 1:
+        return tl.sum(v, axis=0)
+    else:
+        return v[:, None]
+
+
+@triton.jit
 def _apply_range(X, Y, base, start, end, sHW, cmask, mean, scale, shift, slope, ACT: tl.constexpr,
-                 BLOCK_HW: tl.constexpr):
+                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    m, a, t = _col(mean, BLOCK_C), _col(scale, BLOCK_C), _col(shift, BLOCK_C)
     for hw0 in range(start, end, BLOCK_HW):
         hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = cmask[:, None] & (hw < end)[None, :]
         offs = base[:, None] + hw[None, :].to(tl.int64) * sHW
         x = tl.load(X + offs, mask=mask, other=0.0).to(mean.dtype)
-        y = _activate((x - mean[:, None]) * scale[:, None] + shift[:, None], slope, ACT)
+        y = _activate((x - m) * a + t, slope, ACT)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -149,7 +162,7 @@ def _fwd_fused_kernel(X, Y, W, B, MEAN, RSTD, C, HW, sN, sC, sHW, n_cblocks, eps
         y = _activate(d * scale[:, None] + shift[:, None], slope, ACT)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     else:
-        _apply_range(X, Y, base, 0, HW, sHW, cmask, mean, scale, shift, slope, ACT, BLOCK_HW)
+        _apply_range(X, Y, base, 0, HW, sHW, cmask, mean, scale, shift, slope, ACT, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit(do_not_specialize=["n_cblocks", "SPLIT"])
@@ -185,27 +198,27 @@ def _fwd_apply_kernel(X, Y, W, B, PMEAN, PM2, MEAN, RSTD, C, HW, sN, sC, sHW, n_
     scale, shift = _scale_shift(W, B, c, cmask, rstd, HAS_W, HAS_B, ACC)
     start = s * CHUNK
     _apply_range(X, Y, base, start, tl.minimum(start + CHUNK, HW), sHW, cmask, mean, scale, shift, slope, ACT,
-                 BLOCK_HW)
+                 BLOCK_C, BLOCK_HW)
 
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
 def _bwd_tile(X, G, base, gbase, hw0, end, sHW, gHW, cmask, mean, rstd, w, b, slope,
               HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-              BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+              BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
     """x_hat and the activation-masked upstream gradient ga (0 on masked lanes) for one tile."""
     hw = hw0 + tl.arange(0, BLOCK_HW)
     mask = cmask[:, None] & (hw < end)[None, :]
     hw64 = hw[None, :].to(tl.int64)
     x = tl.load(X + base[:, None] + hw64 * sHW, mask=mask, other=0.0).to(ACC)
     g = tl.load(G + gbase[:, None] + hw64 * gHW, mask=mask, other=0.0).to(ACC)
-    xhat = (x - mean[:, None]) * rstd[:, None]
+    xhat = (x - _col(mean, BLOCK_C)) * _col(rstd, BLOCK_C)
     if ACT:
         z = xhat
         if HAS_W:
-            z = z * w[:, None]
+            z = z * _col(w, BLOCK_C)
         if HAS_B:
-            z = z + b[:, None]
+            z = z + _col(b, BLOCK_C)
         g = tl.where(z > 0, g, g * slope)
     return xhat, g, mask, hw64
 
@@ -219,7 +232,7 @@ def _bwd_sums(X, G, base, gbase, start, end, sHW, gHW, cmask, mean, rstd, w, b, 
     acc_gx = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     for hw0 in range(start, end, BLOCK_HW):
         xh, g, _, _ = _bwd_tile(X, G, base, gbase, hw0, end, sHW, gHW, cmask, mean, rstd, w, b, slope,
-                                HAS_W, HAS_B, ACT, BLOCK_HW, ACC)
+                                HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_HW, ACC)
         acc_g += g
         acc_gx += g * xh
     return tl.sum(acc_g, axis=1), tl.sum(acc_gx, axis=1)
@@ -228,11 +241,12 @@ def _bwd_sums(X, G, base, gbase, start, end, sHW, gHW, cmask, mean, rstd, w, b, 
 @triton.jit
 def _bwd_apply_range(X, G, DX, base, gbase, start, end, sHW, gHW, cmask, mean, rstd, w, b, k, mg, mgx, slope,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                     BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr):
+    kc, mgc, mgxc = _col(k, BLOCK_C), _col(mg, BLOCK_C), _col(mgx, BLOCK_C)
     for hw0 in range(start, end, BLOCK_HW):
         xh, g, mask, hw64 = _bwd_tile(X, G, base, gbase, hw0, end, sHW, gHW, cmask, mean, rstd, w, b, slope,
-                                      HAS_W, HAS_B, ACT, BLOCK_HW, ACC)
-        dx = k[:, None] * (g - mg[:, None] - xh * mgx[:, None])
+                                      HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_HW, ACC)
+        dx = kc * (g - mgc - xh * mgxc)
         tl.store(DX + base[:, None] + hw64 * sHW, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -261,7 +275,7 @@ def _bwd_fused_kernel(X, G, DX, W, B, MEAN, RSTD, DW, DB, C, HW, sN, sC, sHW, gN
     mean, rstd, w, b = _bwd_load_params(W, B, MEAN, RSTD, n, c, C, cmask, HAS_W, HAS_B, ACC)
     if SINGLE:  # x and grad read once, kept in registers
         xhat, ga, mask, hw64 = _bwd_tile(X, G, base, gbase, 0, HW, sHW, gHW, cmask, mean, rstd, w, b,
-                                         slope, HAS_W, HAS_B, ACT, BLOCK_HW, ACC)
+                                         slope, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_HW, ACC)
         sum_g = tl.sum(ga, axis=1)
         sum_gx = tl.sum(ga * xhat, axis=1)
     else:
@@ -277,7 +291,7 @@ def _bwd_fused_kernel(X, G, DX, W, B, MEAN, RSTD, DW, DB, C, HW, sN, sC, sHW, gN
         tl.store(DX + base[:, None] + hw64 * sHW, dx.to(DX.dtype.element_ty), mask=mask)
     else:
         _bwd_apply_range(X, G, DX, base, gbase, 0, HW, sHW, gHW, cmask, mean, rstd, w, b, k, mg, mgx, slope,
-                         HAS_W, HAS_B, ACT, BLOCK_HW, ACC)
+                         HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_HW, ACC)
 
 
 @triton.jit(do_not_specialize=["n_cblocks", "SPLIT"])
@@ -316,7 +330,7 @@ def _bwd_apply_kernel(X, G, DX, W, B, MEAN, RSTD, PG, PGX, DW, DB, C, HW, sN, sC
     tl.store(DW + n * C + c, sum_gx, mask=cmask & (s == 0))
     start = s * CHUNK
     _bwd_apply_range(X, G, DX, base, gbase, start, tl.minimum(start + CHUNK, HW), sHW, gHW, cmask, mean, rstd, w,
-                     b, rstd * w, sum_g / HW, sum_gx / HW, slope, HAS_W, HAS_B, ACT, BLOCK_HW, ACC)
+                     b, rstd * w, sum_g / HW, sum_gx / HW, slope, HAS_W, HAS_B, ACT, BLOCK_C, BLOCK_HW, ACC)
 
 
 # ----------------------------------------------------------------------------- launch plan

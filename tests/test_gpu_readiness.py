@@ -481,6 +481,47 @@ print("planned", len(builds))
     assert "planned" in proc.stdout
 
 
+def test_split_plane_apply_kernels_need_no_block_barriers():
+    """The NCHW split-plane apply passes (CycleGAN's 256x256 and 128x128 maps) are elementwise
+    after a small merge of chunk statistics. Broadcasting that merge's per-row result over the
+    tile once made Triton convert the whole [1, BLOCK_HW] tile's layout through shared memory:
+    11K lines of PTX with 63 block barriers, and 0.42 ms for a forward the CUDA C++ kernel does in
+    0.018 ms on an H100. Compiled for sm_90 in a subprocess (real JITFunctions): no barrier."""
+    code = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ganengine.tools import aot_report as ar
+from ganengine.kernels import _launch, norm_act as K
+x = torch.empty(1, 64, 256, 256, device="meta", dtype=torch.bfloat16)
+w = torch.empty(64, device="meta")
+def thunk():
+    y, m, r = K.forward(x, w, w, 1e-5, True, 0.2)
+    K.backward(torch.empty_like(x), x, w, w, m, r, True, 0.2)
+with _launch.planning_for_gpu(132, 90):
+    launches = ar.record_launches(thunk)
+seen = set()
+for fn, grid, args, kwargs in launches:
+    if fn.__name__ not in ("_fwd_apply_kernel", "_bwd_apply_kernel"):
+        continue
+    sig, const, attrs, opts = ar.bind(fn, args, kwargs, 90)
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=opts)
+    n = c.asm["ptx"].count("bar.sync")
+    assert n == 0, (fn.__name__, n)
+    seen.add(fn.__name__)
+assert seen == {"_fwd_apply_kernel", "_bwd_apply_kernel"}, seen
+print("compiled", sorted(seen))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "compiled" in proc.stdout
+
+
 # ----------------------------------------------------------------------------- gpu-check dry run
 @interpret
 def test_gpu_check_dry_run(tmp_path):
