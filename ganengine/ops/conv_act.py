@@ -195,6 +195,15 @@ def _tk():
     return tk
 
 
+def _nk():
+    """The instance-norm kernels (kernels/norm_act.py): statistics and apply in one or two
+    launches, where conv_act's own tile kernels need a statistics pass, a merge of per-tile
+    partials in torch ops (about ten tiny kernels) and an apply pass."""
+    from ganengine.kernels import norm_act as nk
+
+    return nk
+
+
 @torch.library.custom_op("ganengine::conv2d_act_fwd", mutates_args=())
 def conv2d_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                    padding: list[int], negative_slope: float) -> torch.Tensor:
@@ -263,13 +272,13 @@ def conv2d_in_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
         return _ext.op("conv_in_act_fwd")(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     tk = _tk()
-    if _resolved_conv_impl(x.device) == "igemm":
+    acc = _acc(x.dtype)  # the kernels keep statistics in fp32 (fp64 for fp64)
+    if _resolved_conv_impl(x.device) == "igemm":  # statistics from the GEMM's epilogue
         c, mean, rstd = tk.conv2d(x, weight, None, stride, padding, fmt=out_format(x), stats_eps=eps)
-    else:
-        c = _vendor_conv(x, weight, None, stride, padding)
-        mean, rstd = tk.instance_stats(c, eps)
-    y = tk.norm_act(c, mean, rstd, gamma, beta, negative_slope)
-    acc = _acc(x.dtype)  # the kernels keep statistics in fp32
+        y = tk.norm_act(c, mean, rstd, gamma, beta, negative_slope)
+        return y, c, mean.to(acc), rstd.to(acc)
+    c = _vendor_conv(x, weight, None, stride, padding)
+    y, mean, rstd = _nk().forward(c, gamma, beta, eps, True, float(negative_slope))
     return y, c, mean.to(acc), rstd.to(acc)
 
 
@@ -297,8 +306,9 @@ def conv2d_in_act_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         return _ext.op("conv_in_act_bwd")(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding,
                                           negative_slope, mask[:2])
     tk = _tk()
-    dc, a, b = tk.norm_act_grad(grad, c, mean.float().contiguous(), rstd.float().contiguous(), gamma, beta,
-                                negative_slope)
+    # dc, and per instance b = sum(dz * xhat) (gamma's gradient) and a = sum(dz) (beta's)
+    dc, b, a = _nk().backward(grad, c, gamma, beta, mean.contiguous(), rstd.contiguous(), True,
+                              float(negative_slope))
     if _resolved_conv_impl(x.device) == "vendor":
         dx, dw = _conv_bwd(dc, x, weight, stride, padding, mask)
     else:
