@@ -11,8 +11,9 @@ Implicit-GEMM convolutions (groups=1, dilation=1, zero padding, any kernel size 
                  one program owns a dw tile and walks every pixel: deterministic.
 Epilogue-only kernels (used after a vendor convolution, and by the backward passes), on
 (N, C, P=H*W) views given by strides, so NCHW and NHWC both work:
-  _bias_act, _act_grad (+ bias-gradient partials), _stats, _norm_act, _norm_act_grad_reduce,
-  _norm_act_grad_apply.
+  _bias_act, _act_grad (+ bias-gradient partials), _norm_act (after the implicit GEMM's
+  statistics). conv2d_instance_norm_act after a vendor convolution, and its backward on both
+  paths, use the instance-norm kernels of kernels/norm_act.py.
 Launchers take tensors; no autograd here (ganengine/ops/conv_act.py owns that).
 """
 from __future__ import annotations
@@ -211,19 +212,6 @@ def _act_grad(g_ptr, sgn, sgc, sgp, y_ptr, sn, sc, sp, gz_ptr, part_ptr, C, HW, 
 
 
 @triton.jit
-def _stats(c_ptr, sn, sc, sp, part_ptr, C, HW, n_ptiles, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, pt, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
-    v = tl.load(c_ptr + n.to(tl.int64) * sn + offs_p[:, None] * sp + offs_c[None, :] * sc,
-                mask=mask, other=0.0).to(tl.float32)
-    cnt = tl.minimum(HW - pt * BLOCK_P, BLOCK_P).to(tl.float32)
-    mean_t = tl.sum(v, axis=0) / cnt
-    d = tl.where(mask, v - mean_t[None, :], 0.0)
-    base = part_ptr + (tl.program_id(0).to(tl.int64) * 2) * C
-    tl.store(base + offs_c, mean_t, mask=offs_c < C)
-    tl.store(base + C + offs_c, tl.sum(d * d, axis=0), mask=offs_c < C)
-
-
-@triton.jit
 def _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C,
             HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
     cm = offs_c < C
@@ -249,49 +237,6 @@ def _norm_act(c_ptr, y_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     z = (v - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
     z = tl.where(z > 0, z, z * slope)
     tl.store(y_ptr + off, z.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dz_xhat(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, n_ptiles,
-             slope, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, _, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
-    mean, rstd, gamma, beta = _affine(mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, n, offs_c, C, HAS_GAMMA, HAS_BETA)
-    n64 = n.to(tl.int64)
-    g = tl.load(g_ptr + n64 * sgn + offs_p[:, None] * sgp + offs_c[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
-    off = n64 * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
-    xhat = (tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
-    z = xhat * gamma[None, :] + beta[None, :]
-    dz = tl.where(mask, tl.where(z > 0, g, g * slope), 0.0)
-    return n, offs_p, offs_c, mask, off, dz, xhat, rstd * gamma
-
-
-@triton.jit
-def _norm_act_grad_reduce(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                          part_ptr, C, HW, n_ptiles, slope,
-                          HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, offs_p, offs_c, mask, off, dz, xhat, k = _dz_xhat(
-        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, n_ptiles, slope,
-        HAS_GAMMA, HAS_BETA, BLOCK_P, BLOCK_C)
-    base = part_ptr + (tl.program_id(0).to(tl.int64) * 2) * C
-    tl.store(base + offs_c, tl.sum(dz, axis=0), mask=offs_c < C)
-    tl.store(base + C + offs_c, tl.sum(dz * xhat, axis=0), mask=offs_c < C)
-
-
-@triton.jit
-def _norm_act_grad_apply(g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                         a_ptr, b_ptr, dc_ptr, C, HW, n_ptiles, slope,
-                         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, offs_p, offs_c, mask, off, dz, xhat, k = _dz_xhat(
-        g_ptr, sgn, sgc, sgp, c_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, C, HW, n_ptiles, slope,
-        HAS_GAMMA, HAS_BETA, BLOCK_P, BLOCK_C)
-    cm = offs_c < C
-    inv = 1.0 / HW.to(tl.float32)
-    ma = tl.load(a_ptr + n * C + offs_c, mask=cm, other=0.0) * inv
-    mb = tl.load(b_ptr + n * C + offs_c, mask=cm, other=0.0) * inv
-    dc = k[None, :] * (dz - ma[None, :] - xhat * mb[None, :])
-    tl.store(dc_ptr + off, dc.to(dc_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -409,14 +354,6 @@ def act_grad(grad, y, slope):
     return gz, part.sum(dim=(0, 1))
 
 
-def instance_stats(c, eps):
-    grid, n_pt = _egrid(c, "instance statistics")
-    part = torch.empty((c.shape[0], n_pt, 2, c.shape[1]), dtype=torch.float32, device=c.device)
-    with _launch.device_guard(c):
-        _stats[grid](c, *_ncp(c), part, c.shape[1], c.shape[2] * c.shape[3], n_pt, **_EKW)
-    return _combine(part, c.shape[2] * c.shape[3], ELEM["BLOCK_P"], eps)
-
-
 def norm_act(c, mean, rstd, gamma, beta, slope):
     y = torch.empty_like(c)
     grid, n_pt = _egrid(c, "instance norm + act")
@@ -425,26 +362,6 @@ def norm_act(c, mean, rstd, gamma, beta, slope):
                         beta if beta is not None else mean, c.shape[1], c.shape[2] * c.shape[3], n_pt, float(slope),
                         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, **_EKW)
     return y
-
-
-def norm_act_grad(grad, c, mean, rstd, gamma, beta, slope):
-    """dc, and per-(n, c) A = sum dz, B = sum dz * xhat (fp32)."""
-    grad, gs = _gspec(grad)
-    grid, n_pt = _egrid(c, "instance norm + act gradient")
-    C, hw = c.shape[1], c.shape[2] * c.shape[3]
-    part = torch.empty((c.shape[0], n_pt, 2, C), dtype=torch.float32, device=c.device)
-    g_arg = gamma if gamma is not None else mean
-    b_arg = beta if beta is not None else mean
-    common = dict(HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, **_EKW)
-    with _launch.device_guard(c):
-        _norm_act_grad_reduce[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, part, C, hw, n_pt,
-                                    float(slope), **common)
-        sums = part.sum(1)
-        a, b = sums[:, 0].contiguous(), sums[:, 1].contiguous()
-        dc = torch.empty_like(c)
-        _norm_act_grad_apply[grid](grad, *gs, c, *_ncp(c), mean, rstd, g_arg, b_arg, a, b, dc, C, hw, n_pt,
-                                   float(slope), **common)
-    return dc, a, b
 
 
 # ------------------------------------------------------------------------- AOT (sm_80 / sm_90)
@@ -471,8 +388,6 @@ def aot_cases():
                     if st == 1:
                         return  # the epilogue kernels compile alike for every layer: once is enough
                     bias_act_(y, b, 0.2)                                              # vendor-conv epilogues
-                    mean, rstd = instance_stats(c, 1e-5)
                     norm_act(c, mean, rstd, gamma, gamma, 0.2)
-                    norm_act_grad(g, c, mean, rstd, gamma, gamma, 0.2)
                 layout = "NHWC" if fmt is torch.channels_last else "NCHW"
                 yield f"{str(dtype)[6:]} {layout} conv4x4/s{st} {'x'.join(map(str, xs))}->{co}", run
