@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup main test aot gpu-check bench benchmarks clean
+.PHONY: setup main test aot gpu-check gpu-bundle bench benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,22 @@ aot: setup
 # what it checks. GANENGINE_GPU_CHECK_DRY=1 runs it on CPU tensors under the Triton interpreter.
 gpu-check: setup
 	$(BIN)/python -m ganengine.tools.gpu_check --out gpu_check_report
+
+# The lent GPU machine has no package index and its own Python and torch (docs/gpu.md): build
+# the extension for them here, then carry ganengine/$(DEVICE_SO) there and run
+#   ln -sfn ../kernels ganengine/kernels; PYTHONPATH=$$PWD python3 -m ganengine.tools.gpu_check
+DEVICE_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12*/bin/python3.12))
+DEVICE_TORCH ?= 2.11.0
+DEVICE_TRITON ?= 3.6.0
+DEVICE_SO := _C.cpython-312-x86_64-linux-gnu.so
+gpu-bundle:
+	@test -n "$(DEVICE_PYTHON)" || { echo "gpu-bundle: set DEVICE_PYTHON to a Python 3.12 (the GPU machine's version)"; exit 1; }
+	test -x .venv-device/bin/python || $(DEVICE_PYTHON) -m venv .venv-device
+	.venv-device/bin/pip install -q torch==$(DEVICE_TORCH) triton==$(DEVICE_TRITON) numpy pybind11 ninja setuptools
+	PATH=$(CURDIR)/.venv-device/bin:$$PATH GANENGINE_BUILD_CUDA=1 GANENGINE_CUDA_ARCH=9.0 GANENGINE_CPU_ARCH=avx2 \
+		MAX_JOBS=2 python setup.py build_ext --inplace > build-device.log 2>&1 || { tail -n 20 build-device.log; exit 1; }
+	strip --strip-debug ganengine/$(DEVICE_SO)   # under the device tool's 64 MiB carry limit
+	@ls -la ganengine/$(DEVICE_SO)
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_norm_act
