@@ -131,6 +131,10 @@ def _torch_bwd(grad, x, weight, stride, padding, output_padding, transposed, mas
 
 
 # ----------------------------------------------------------------------------- custom ops
+# backends whose convolution is the vendor one itself (see _backend)
+_VENDOR_BACKENDS = ("triton", "cuda")
+
+
 def _backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     reason = _dispatch.ext_reason("conv_fwd", x.device)
     if reason is None and x.dtype != torch.float32:
@@ -221,6 +225,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
                          f"{tuple(weight.shape[2:])} kernel")
     x, weight, bias = _autocast(x, weight, bias)
+    if _backend(x, weight) in _VENDOR_BACKENDS and not torch.compiler.is_compiling():
+        # the GPU backends run cuDNN either way: the plain call skips the custom op's host cost
+        return F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=out_format(x))
     return conv_fwd(x, weight, bias, list(stride), list(padding), [0, 0], False)
 
 
@@ -239,4 +246,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if any(s <= 0 for s in _out_size(x.shape, weight.shape, stride, padding, output_padding, True)[2:]):
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} gives an empty output")
     x, weight, bias = _autocast(x, weight, bias)
+    if _backend(x, weight) in _VENDOR_BACKENDS and not torch.compiler.is_compiling():
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding).contiguous(
+            memory_format=out_format(x))
     return conv_fwd(x, weight, bias, list(stride), list(padding), list(output_padding), True)

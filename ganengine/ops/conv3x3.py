@@ -102,6 +102,10 @@ def _backend(x: torch.Tensor) -> str:
     return _dispatch.choose("conv3x3", x, {"cpu": reason, "triton": None, "cuda": None})
 
 
+# backends whose conv3x3 is the vendor convolution itself (see _backend)
+_VENDOR_BACKENDS = ("triton", "cuda")
+
+
 def _use_winograd(x, weight, padding):
     tile = winograd_tile()
     return tile if winograd_profitable(x.shape, weight.shape, padding, tile) else None
@@ -195,4 +199,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if x.shape[2] + 2 * padding < 3 or x.shape[3] + 2 * padding < 3:
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {padding} is smaller than the 3x3 kernel")
     x, weight, bias = _autocast(x, weight, bias)
+    if _backend(x) in _VENDOR_BACKENDS and not torch.compiler.is_compiling():
+        # the GPU backends run cuDNN either way: the plain composition skips the custom op's
+        # host cost (its dispatch, forward and backward) and issues the same kernels
+        return reference_conv3x3(x, weight, bias, padding, reflect).contiguous(memory_format=out_format(x))
     return conv3x3_fwd(x, weight, bias, padding, reflect)
