@@ -33,15 +33,24 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """True if ``ganengine_C::op`` exists and has a kernel for ``dispatch_key`` ("CPU"/"CUDA")."""
+    """True if ``ganengine_C::op`` exists and has a kernel for ``dispatch_key`` ("CPU"/"CUDA").
+    Asked of the dispatcher once per (op, key): the extension registers its kernels when it is
+    loaded, and the dispatcher query costs ~5 us, on every op's dispatch path."""
     if _C is None:
         return False
-    name = f"{NAMESPACE}::{op}"
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key))
-    except RuntimeError:  # op not registered at all
-        return False
+    key = (op, dispatch_key)
+    found = _HAS_KERNEL.get(key)
+    if found is None:
+        try:
+            found = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", dispatch_key))
+        except RuntimeError:  # op not registered at all
+            found = False
+        _HAS_KERNEL[key] = found
+    return found
 
 
 def op(name: str):

@@ -123,13 +123,25 @@ def _setting(name: str) -> Setting:
         raise KeyError(f"{name} is not a ganengine setting; they are: {', '.join(SETTINGS)}") from None
 
 
+_PARSED: dict[tuple[str, str | None], object] = {}  # (name, raw value) -> validated value
+
+
 def get(name: str):
-    """The validated value of ``name`` (its default when unset or empty)."""
-    s = _setting(name)
+    """The validated value of ``name`` (its default when unset or empty). Read on every call (a
+    changed variable takes effect), parsed once per raw value: the dispatch of every op reads
+    GANENGINE_BACKEND, and host time per call is what the fused ops are measured on."""
     raw = os.environ.get(name)
+    try:
+        return _PARSED[(name, raw)]
+    except KeyError:
+        pass
+    s = _setting(name)
     if raw is None or (raw.strip() == "" and s.kind != "bool"):
-        return s.default
-    return s.parse(raw)
+        value = s.default
+    else:
+        value = s.parse(raw)  # a bad value raises here, every time, and is never cached
+    _PARSED[(name, raw)] = value
+    return value
 
 
 def get_or_default(name: str):

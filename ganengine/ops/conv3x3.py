@@ -199,8 +199,11 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if x.shape[2] + 2 * padding < 3 or x.shape[3] + 2 * padding < 3:
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {padding} is smaller than the 3x3 kernel")
     x, weight, bias = _autocast(x, weight, bias)
-    if _backend(x) in _VENDOR_BACKENDS and not torch.compiler.is_compiling():
-        # the GPU backends run cuDNN either way: the plain composition skips the custom op's
-        # host cost (its dispatch, forward and backward) and issues the same kernels
+    backend = _backend(x)
+    if (backend in _VENDOR_BACKENDS or (backend == "cpu" and _use_winograd(x, weight, padding) is None)) \
+            and not torch.compiler.is_compiling():
+        # the GPU backends run cuDNN either way, and the cpu backend oneDNN where Winograd does
+        # not pay: the plain composition skips the custom op's host cost (its dispatch, forward
+        # and backward: 8x eager's at a tiny shape) and runs the same kernels
         return reference_conv3x3(x, weight, bias, padding, reflect).contiguous(memory_format=out_format(x))
     return conv3x3_fwd(x, weight, bias, padding, reflect)
