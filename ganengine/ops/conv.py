@@ -101,6 +101,25 @@ def uses_gemm(x: torch.Tensor, weight: torch.Tensor, stride, padding, transposed
     return bool(_ext.op("conv_uses_gemm")(x, weight, list(stride), list(padding), transposed))
 
 
+def _vendor_call(x, weight, stride, padding, transposed, output_padding) -> bool:
+    """Whether this call would run the vendor convolution inside the custom op anyway (cuDNN on
+    the GPU backends; oneDNN on the cpu backend where neither the GEMM form nor Winograd is
+    taken): the public functions then call it directly and skip the custom op's host cost,
+    forward and backward (2-3x eager's at a tiny shape)."""
+    if torch.compiler.is_compiling():
+        return False
+    backend = _backend(x, weight)
+    if backend in _VENDOR_BACKENDS:
+        return True
+    if backend != "cpu":
+        return False
+    from ganengine import _ext
+
+    s, p = list(stride), list(padding)
+    return not (_ext.op("conv_uses_gemm")(x, weight, s, p, transposed)
+                or _ext.op("conv_uses_winograd")(x, weight, s, p, transposed, list(output_padding)))
+
+
 def _out_size(x_shape, w_shape, stride, padding, output_padding, transposed):
     n, _, h, w = x_shape
     kh, kw = w_shape[2:]
@@ -225,8 +244,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
                          f"{tuple(weight.shape[2:])} kernel")
     x, weight, bias = _autocast(x, weight, bias)
-    if _backend(x, weight) in _VENDOR_BACKENDS and not torch.compiler.is_compiling():
-        # the GPU backends run cuDNN either way: the plain call skips the custom op's host cost
+    if _vendor_call(x, weight, stride, padding, False, (0, 0)):
         return F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=out_format(x))
     return conv_fwd(x, weight, bias, list(stride), list(padding), [0, 0], False)
 
@@ -246,7 +264,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if any(s <= 0 for s in _out_size(x.shape, weight.shape, stride, padding, output_padding, True)[2:]):
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} gives an empty output")
     x, weight, bias = _autocast(x, weight, bias)
-    if _backend(x, weight) in _VENDOR_BACKENDS and not torch.compiler.is_compiling():
+    if _vendor_call(x, weight, stride, padding, True, output_padding):
         return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding).contiguous(
             memory_format=out_format(x))
     return conv_fwd(x, weight, bias, list(stride), list(padding), list(output_padding), True)
