@@ -318,8 +318,10 @@ class EMA:
         ``start_rule``) was written with their defaults."""
         if not isinstance(state, dict) or ("shadow" not in state and self._target_slots is None):
             raise ValueError("EMA.load_state_dict: expected a dict from EMA.state_dict() (with a 'shadow' entry)")
-        defaults = {"buffers": "average", "sn_vectors": "copy", "integer_buffers": "copy"}
-        for name, default in defaults.items():  # these decide which entries are averaged
+        # these decide which entries are averaged; a state dict from before sn_vectors and
+        # integer_buffers existed was written with their defaults
+        defaults = {"buffers": self.buffers, "sn_vectors": "copy", "integer_buffers": "copy"}
+        for name, default in defaults.items():
             saved, own = state.get(name, default), getattr(self, name)
             if saved != own:
                 raise ValueError(f"EMA.load_state_dict: saved with {name}={saved!r}, this EMA has {name}={own!r}")
