@@ -56,8 +56,8 @@ def _bn_sn_net(sn):
     return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), sn(nn.Linear(8, 3)))
 
 
-NETS = {"biggan_G": _biggan_G, "torch_sn": lambda: _bn_sn_net(torch_sn), "gnn_sn": lambda: _bn_sn_net(gnn.spectral_norm),
-        "fp16": lambda: _bn_sn_net(torch_sn).half()}
+NETS = {"biggan_G": _biggan_G, "torch_sn": lambda: _bn_sn_net(torch_sn),
+        "gnn_sn": lambda: _bn_sn_net(gnn.spectral_norm), "fp16": lambda: _bn_sn_net(torch_sn).half()}
 
 
 def _move(model, seed):
