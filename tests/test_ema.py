@@ -251,39 +251,100 @@ def _move(model, seed):
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def test_target_mode_matches_the_models_state_ema():
-    """EMA(G, target=G_ema) writes the same bits as the synthesis models' StateEMA (BigGAN's
-    ``utils.ema``) on a BigGAN generator (its own SN buffers u0/sv0, ccbn stored stats)."""
+def test_target_mode_matches_private_shadows():
+    """EMA(G, target=G_ema) writes into G_ema the bits the private shadows get (fp32 BigGAN
+    generator: its own SN buffers u0/sv0, ccbn stored stats); the synthesis models' StateEMA is
+    this mode with BigGAN's options (tests/test_ema_models.py)."""
     from ganengine.models.networks_biggan import BigGANGenerator
-    from ganengine.models.synthesis_tools import StateEMA
 
     torch.manual_seed(0)
     G = BigGANGenerator(G_ch=4, dim_z=8, resolution=32, G_attn="0", n_classes=3, shared_dim=4, hier=True)
-    ema_a, ema_b = copy.deepcopy(G), copy.deepcopy(G)
-    _move(ema_a, 1)  # both start from G's state, whatever the targets held
-    ref = StateEMA(G, ema_a, decay=0.9, start_itr=2)
-    ours = EMA(G, decay=0.9, start_step=2, target=ema_b)
+    G_ema = copy.deepcopy(G)
+    _move(G_ema, 1)  # loaded with G's state at construction, whatever it held
+    private = EMA(G, decay=0.9, start_step=2)
+    ours = EMA(G, decay=0.9, start_step=2, target=G_ema)
     for itr in (1, 2, 3):
         _move(G, 10 + itr)
         with torch.no_grad():
             G.train()
             G(torch.randn(2, 8), G.shared(torch.tensor([0, 2])))  # moves u0 / sv0 / stored stats
-        ref.update(itr)
+        private.update(itr)
         ours.update(itr)
-        for k, v in ema_a.state_dict().items():
-            assert torch.equal(ema_b.state_dict()[k], v), (itr, k)
-    assert not torch.equal(ema_b.state_dict()["linear.weight"], G.state_dict()["linear.weight"])
-    assert "shadow" not in ours.state_dict() and ours.shadow["linear.weight"] is ema_b.linear.weight
+        for k, v in private.shadow.items():
+            assert torch.equal(G_ema.state_dict()[k], v), (itr, k)
+    assert not torch.equal(G_ema.state_dict()["linear.weight"], G.state_dict()["linear.weight"])
+    assert "shadow" not in ours.state_dict() and ours.shadow["linear.weight"] is G_ema.linear.weight
     with pytest.raises(ValueError, match="second instance"):
         EMA(G, target=G)
     with pytest.raises(ValueError, match="keys differ"):
         EMA(G, target=nn.Linear(2, 2))
 
 
+def test_sn_vectors_average_and_integer_buffers_keep():
+    """BigGAN's utils.ema treatment: every floating entry averaged (SN vectors too), integer
+    buffers left at their value from construction (copy_to / swap still write the whole average)."""
+    model = _net()
+    ema = EMA(model, decay=0.9, sn_vectors="average", integer_buffers="keep")
+    sd = model.state_dict()
+    floating = {k for k, v in sd.items() if v.is_floating_point()}
+    assert {k for k, a in ema._averaged.items() if a} == floating and any(k.endswith("._u") for k in floating)
+    expect = {k: v.clone() for k, v in sd.items()}
+    for step in (1, 2, 3):
+        _train_a_bit(model, step)  # moves num_batches_tracked and the SN vectors too
+        ema.update(step)
+        expect = {k: torch.lerp(v, model.state_dict()[k], 1.0 - 0.9) if k in floating else v for k, v in expect.items()}
+        for k, v in expect.items():
+            assert torch.equal(ema.shadow[k], v), (step, k)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(ema.shadow["1.num_batches_tracked"], live["1.num_batches_tracked"])
+    with ema.swap():
+        assert all(torch.equal(v, expect[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+    other = ema.copy_to(_net(seed=5))
+    assert all(torch.equal(v, expect[k]) for k, v in other.state_dict().items())
+
+
+def test_start_rule_biggan():
+    """``if itr and itr < start_itr``: a step of 0 or None averages, 0 < step < start_step pegs."""
+    model = _net()
+    ema = EMA(model, decay=0.5, start_step=3, start_rule="biggan")
+    for step, pegged in ((0, False), (None, False), (1, True), (2, True), (3, False), (None, False)):
+        before = ema.shadow["0.weight"].clone()
+        _train_a_bit(model, 20 if step is None else step)
+        ema.update(step)
+        live = model[0].weight.detach()
+        want = live if pegged else torch.lerp(before, live, 0.5)
+        assert torch.equal(ema.shadow["0.weight"], want), step
+    assert ema.num_updates == 6
+
+
+def test_state_dict_carries_the_options():
+    model = _net()
+    ema = EMA(model, decay=0.9, start_step=4, sn_vectors="average", integer_buffers="keep", start_rule="biggan")
+    state = ema.state_dict()
+    assert (state["sn_vectors"], state["integer_buffers"], state["start_rule"]) == ("average", "keep", "biggan")
+    resumed = EMA(_net(seed=1), sn_vectors="average", integer_buffers="keep")  # the start rule is a setting
+    resumed.load_state_dict(state)
+    assert (resumed.start_rule, resumed.start_step, resumed.decay) == ("biggan", 4, 0.9)
+    for name, value in (("sn_vectors", "copy"), ("integer_buffers", "copy")):
+        with pytest.raises(ValueError, match=name):
+            EMA(_net(), **{"sn_vectors": "average", "integer_buffers": "keep", name: value}).load_state_dict(state)
+    # a state dict from before these options: written with their defaults
+    old = {k: v for k, v in EMA(model).state_dict().items() if k not in ("sn_vectors", "integer_buffers",
+                                                                      "start_rule")}
+    plain = EMA(_net(seed=2))
+    plain.load_state_dict(old)
+    assert plain.start_rule == "step" and all(torch.equal(plain.shadow[k], v) for k, v in old["shadow"].items())
+    with pytest.raises(ValueError, match="sn_vectors"):
+        EMA(_net(), sn_vectors="average").load_state_dict(old)
+
+
 def test_bad_arguments():
     m = nn.Linear(2, 2)
     for kw, match in ((dict(decay=1.5), "decay"), (dict(decay="0.9"), "decay"), (dict(start_step=-1), "start_step"),
-                      (dict(start_step=1.5), "start_step"), (dict(buffers="mean"), "buffers")):
+                      (dict(start_step=1.5), "start_step"), (dict(buffers="mean"), "buffers"),
+                      (dict(sn_vectors="mean"), "sn_vectors"), (dict(integer_buffers="drop"), "integer_buffers"),
+                      (dict(start_rule="itr"), "start_rule")):
         with pytest.raises(ValueError, match=match):
             EMA(m, **kw)
     with pytest.raises(TypeError, match="nn.Module"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine.train.ema import EMA
+
 
 def unwrap(net: nn.Module) -> nn.Module:
     """The network inside DDP / torch.compile wrappers (for its attributes)."""
@@ -73,30 +75,24 @@ def ortho_(model: nn.Module, strength: float, blacklist=()) -> None:
         p.grad.add_(torch.mm(gram, w).view_as(p), alpha=2.0 * strength)
 
 
-class StateEMA:
-    """BigGAN's ``utils.ema``: a target network whose state dict (parameters and buffers) follows
-    the source's, ``target = target * decay + source * (1 - decay)``, pegged to the source
-    (decay 0) while ``itr < start_itr``. Floating tensors only, updated with one multi-tensor
-    call."""
+class StateEMA(EMA):
+    """BigGAN's ``utils.ema`` on :class:`ganengine.train.EMA`: ``target`` (``G_ema``, a second
+    instance of the network) is loaded with ``source``'s state and each ``update(itr)`` moves
+    its floating tensors, parameters and buffers alike (batch-norm and ccbn statistics, SN
+    vectors), to ``lerp(target, source, 1 - decay)``, one multi-tensor call per dtype; pegged to
+    the source (a copy) while ``itr and itr < start_itr``. Integer buffers
+    (``num_batches_tracked``) keep their value from construction. No state of its own beyond
+    the target network, which the models checkpoint as ``G_ema``."""
 
     def __init__(self, source: nn.Module, target: nn.Module, decay: float = 0.9999, start_itr: int = 0):
-        self.source, self.target, self.decay, self.start_itr = source, target, float(decay), int(start_itr)
-        self._pairs = None
-        with torch.no_grad():
-            target.load_state_dict(source.state_dict())
+        # a negative start never pegs under BigGAN's rule, as 0 does
+        super().__init__(source, float(decay), max(0, int(start_itr)), target=target, start_rule="biggan",
+                         sn_vectors="average", integer_buffers="keep")
 
-    def _tensors(self):
-        if self._pairs is None:
-            src, tgt = self.source.state_dict(keep_vars=True), self.target.state_dict(keep_vars=True)
-            keys = [k for k, v in src.items() if v.is_floating_point()]
-            self._pairs = ([tgt[k].data for k in keys], [src[k].data for k in keys])
-        return self._pairs
+    @property
+    def source(self) -> nn.Module:
+        return self.model
 
-    @torch.no_grad()
-    def update(self, itr: int | None = None) -> None:
-        decay = 0.0 if (itr and itr < self.start_itr) else self.decay
-        targets, sources = self._tensors()
-        if decay == 0.0:
-            torch._foreach_copy_(targets, sources)
-        else:
-            torch._foreach_lerp_(targets, sources, 1.0 - decay)
+    @property
+    def start_itr(self) -> int:
+        return self.start_step
