@@ -237,10 +237,17 @@ def _cpu_entry():
 _REFUSAL = "instance_norm_act: not served by the C++ entry"
 
 
-def _refused(e: NotImplementedError) -> bool:
-    """Whether e is the C++ entry declining the call (before any work), not an error of the call:
-    a NotImplementedError from further in (a dtype dispatch, say) must propagate, not rerun."""
-    return str(e).startswith(_REFUSAL)
+def _refused(e: RuntimeError, weight, bias) -> bool:
+    """Whether e, raised by the C++ entry, declines the call before any work (the Python route then
+    serves it or raises the public error), rather than being an error of the call, which must
+    propagate as it is, raised once. Declining: the entry's own refusal (NotImplementedError with
+    _REFUSAL's message), or the dispatcher not taking a weight or bias that is not a Tensor (its
+    RuntimeError "Expected a value of type 'Optional[Tensor]'"). A NotImplementedError from further
+    in (a dtype dispatch, say) is an error of the call. Checked only once something was raised, so
+    that a served call pays nothing for it."""
+    if isinstance(e, NotImplementedError):
+        return str(e).startswith(_REFUSAL)
+    return not all(t is None or isinstance(t, torch.Tensor) for t in (weight, bias))
 
 
 # ----------------------------------------------------------------------------- public function
@@ -270,17 +277,14 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
     so the output is ``activation(bias)`` (PyTorch raises there).
     """
-    # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. Arguments it
-    # cannot take (an unknown activation, a non-tensor parameter, a non-number eps or slope) skip it
-    # here; it refuses what else it does not serve (3-D, empty, odd parameters) with
-    # NotImplementedError before any work (_refused). The full route below then handles the case
-    # or raises the public error. Any other error is the call's own and propagates, raised once.
+    # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. An unknown
+    # activation or a non-number eps or slope skips it; it declines what else it does not serve
+    # (3-D, empty, odd parameters) before any work (_refused). The full route below then handles
+    # the case or raises the public error. Any other error is the call's own: raised once, as is.
     if (running_mean is None and use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu
             and not torch.compiler.is_compiling()):
         op = _cpu_entry()
-        # (weight and bias as the op's schema takes them, else the dispatcher's own TypeError)
-        if (op is not None and (weight is None or isinstance(weight, torch.Tensor))
-                and (bias is None or isinstance(bias, torch.Tensor))):
+        if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
                 eps_f = float(eps)
@@ -289,8 +293,8 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
             if op is not None:
                 try:
                     y = op(x, weight, bias, eps_f, apply, slope)
-                except NotImplementedError as e:
-                    if not _refused(e):
+                except RuntimeError as e:  # (NotImplementedError is one)
+                    if not _refused(e, weight, bias):
                         raise
                 else:
                     _dispatch.last_used["instance_norm_act"] = "cpu"
