@@ -5,8 +5,9 @@
 // through the dispatcher. The Python wrapper sends here only calls without running statistics.
 // A call this op does not serve (3-D, empty, a parameter of the wrong shape, ...) is refused
 // before any work with NotImplementedError (TORCH_CHECK_NOT_IMPLEMENTED) and a message starting
-// "instance_norm_act: not served by the C++ entry"; the wrapper catches only that and takes the
-// Python route, which serves the call or raises the public error. Any other error propagates.
+// "instance_norm_act: not served by the C++ entry"; the wrapper (ops/norm_act.py, _refused) takes
+// only that, or the dispatcher not taking a non-Tensor weight/bias, as a refusal and then takes
+// the Python route, which serves the call or raises the public error. Any other error propagates.
 // torch.compile stays on the Python custom op (a C++ Autograd op fails opcheck's
 // test_aot_dispatch_dynamic).
 //
