@@ -8,25 +8,30 @@
 // nn.BatchNorm's rule: with num_batches_tracked given the count goes up by one, and
 // momentum=None means the factor 1 / count). The backward calls batch_norm_act_bwd, except
 // under create_graph=True (grad mode on inside backward): then it differentiates the reference
-// composition (at::batch_norm + affine + leaky_relu) so second derivatives are exact.
+// composition (at::batch_norm + affine + leaky_relu) so second derivatives are exact (the
+// backward shared with instance_norm_act's entry: lean_autograd.h).
+//
+// Unlike instance_norm_act's entry, this op serves every call the Python layer sends it and its
+// argument checks (batch_norm_act.h) raise the public errors themselves.
 #include "batch_norm_act.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
+#include "lean_autograd.h"
+
 namespace ganengine {
 namespace bn {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptT = c10::optional<at::Tensor>;
+using lean::AutogradContext;
+using lean::OptT;
+using lean::present;
+using lean::variable_list;
 
 using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptT&, const OptT&, const OptT&,
                                                   const OptT&, double, double, double, int64_t);
@@ -44,8 +49,6 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
       c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::batch_norm_act_bwd", "").typed<BwdSig>();
   return op;
 }
-
-inline bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
 // nn.BatchNorm's exponential_average_factor; counts this batch in num_batches_tracked
 double resolve_factor(const OptT& running_mean, const OptT& nbt, bool training, std::optional<double> momentum,
@@ -102,8 +105,7 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
                             const OptT& rv, double factor, double eps, double slope, int64_t flags) {
     auto out = fwd_op().call(x, w, b, rm, rv, factor, eps, slope, flags);
     bump_running(rm, rv, flags & kTraining);
-    ctx->save_for_backward(
-        {x, present(w) ? *w : at::Tensor(), present(b) ? *b : at::Tensor(), std::get<1>(out)});
+    lean::save_xwb(ctx, x, w, b, {std::get<1>(out)});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["slope"] = slope;
     ctx->saved_data["flags"] = flags;
@@ -111,43 +113,24 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &stats = saved[3];
+    const auto s = ctx->get_saved_variables();  // x, w, b, stats
     const double eps = ctx->saved_data["eps"].toDouble();
     const double slope = ctx->saved_data["slope"].toDouble();
     const int64_t flags = ctx->saved_data["flags"].toInt();
-    variable_list out(9);
-    const at::Tensor& gy = grads[0];
-    if (!gy.defined()) return out;
-    // edges exist for the tensors that were present: x, then weight, then bias
-    const size_t ew = 1, eb = w.defined() ? 2 : 1;
-    const bool nx = ctx->needs_input_grad(0);
-    const bool nw = w.defined() && ctx->needs_input_grad(ew);
-    const bool nb = b.defined() && ctx->needs_input_grad(eb);
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: the gradient of the reference composition, itself differentiable
-      std::vector<at::Tensor> inputs;
-      std::vector<int> slot;
-      if (nx) inputs.push_back(x), slot.push_back(0);
-      if (nw) inputs.push_back(w), slot.push_back(1);
-      if (nb) inputs.push_back(b), slot.push_back(2);
-      if (inputs.empty()) return out;
-      const at::Tensor y = reference(x, w, b, stats, flags & kTraining, eps, flags & kApplyAct, slope, flags & kPerSample);
-      auto g = torch::autograd::grad({y}, inputs, {gy.to(y.scalar_type())}, /*retain_graph=*/true,
-                                     /*create_graph=*/true, /*allow_unused=*/true);
-      for (size_t i = 0; i < slot.size(); ++i) out[slot[i]] = g[i];
-      return out;
-    }
-    auto r = bwd_op().call(gy, x, w.defined() ? OptT(w) : OptT(), b.defined() ? OptT(b) : OptT(), stats, slope, flags);
-    // the kernels return parameter gradients in the accumulation dtype, shaped (C) or (N, C)
-    auto param_grad = [](const at::Tensor& g, const at::Tensor& p) {
-      at::Tensor out = g.scalar_type() == p.scalar_type() ? g : g.to(p.scalar_type());
-      return out.sizes() == p.sizes() ? out : out.reshape(p.sizes());
-    };
-    if (nx) out[0] = std::get<0>(r);
-    if (nw) out[1] = param_grad(std::get<1>(r), w);
-    if (nb) out[2] = param_grad(std::get<2>(r), b);
-    return out;
+    return lean::backward_xwb(
+        ctx, grads, s, /*num_args=*/9,
+        [&](const variable_list& t) {
+          return reference(t[0], t[1], t[2], t[3], flags & kTraining, eps, flags & kApplyAct, slope,
+                           flags & kPerSample);
+        },
+        [&](const at::Tensor& gy, const variable_list& t) {
+          return bwd_op().call(gy, t[0], lean::as_opt(t[1]), lean::as_opt(t[2]), t[3], slope, flags);
+        },
+        // the kernels return parameter gradients in the accumulation dtype, shaped (C) or (N, C)
+        [](const at::Tensor& g, const at::Tensor& p) {
+          at::Tensor out = g.scalar_type() == p.scalar_type() ? g : g.to(p.scalar_type());
+          return out.sizes() == p.sizes() ? out : out.reshape(p.sizes());
+        });
   }
 };
 
@@ -157,9 +140,7 @@ at::Tensor batch_norm_act_autograd(const at::Tensor& x, const OptT& w, const Opt
   const bool training = flags & kTraining;
   check_forward_args(x, w, b, rm, rv, training, eps, flags & kPerSample, x.device().type());
   const double f = resolve_factor(rm, nbt, training, momentum, flags & kPerSample);
-  const bool grad = at::GradMode::is_enabled() &&
-                    (x.requires_grad() || (present(w) && w->requires_grad()) || (present(b) && b->requires_grad()));
-  if (!grad) {
+  if (!lean::records_grad(x, w, b)) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView below;

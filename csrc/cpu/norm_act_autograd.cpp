@@ -2,29 +2,32 @@
 // with its own autograd, so that a call costs one dispatcher call and no Python custom-op layer
 // (the pattern of batch_norm_act_autograd.cpp; a Python custom op costs more host time per call
 // than eager's F.instance_norm + F.leaky_relu at small shapes). It calls norm_act_fwd / _bwd
-// through the dispatcher. The Python wrapper sends here only calls without running statistics;
-// any input this op refuses (it throws before doing anything) goes back to the Python route,
-// which raises the public error messages. torch.compile stays on the Python custom op (a C++
-// Autograd op fails opcheck's test_aot_dispatch_dynamic).
+// through the dispatcher. The Python wrapper sends here only calls without running statistics.
+// A call this op does not serve (3-D, empty, a parameter of the wrong shape, ...) is refused
+// before any work with NotImplementedError (TORCH_CHECK_NOT_IMPLEMENTED) and a message starting
+// "instance_norm_act: not served by the C++ entry"; the wrapper (ops/norm_act.py, _refused) takes
+// only that, or the dispatcher not taking a non-Tensor weight/bias, as a refusal and then takes
+// the Python route, which serves the call or raises the public error. Any other error propagates.
+// torch.compile stays on the Python custom op (a C++ Autograd op fails opcheck's
+// test_aot_dispatch_dynamic).
 //
-// Backward: norm_act_bwd, except under create_graph=True (grad mode on inside backward): then it
+// Backward (lean_autograd.h): norm_act_bwd, except under create_graph=True: then it
 // differentiates the reference composition (var_mean + affine + leaky_relu) so second
 // derivatives are exact, as the Python route does.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <vector>
+#include "lean_autograd.h"
 
 namespace ganengine {
 namespace ina {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptT = c10::optional<at::Tensor>;
+using lean::AutogradContext;
+using lean::OptT;
+using lean::present;
+using lean::variable_list;
 using Tri = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using FwdSig = Tri(const at::Tensor&, const OptT&, const OptT&, double, bool, double);
 using BwdSig = Tri(const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, const at::Tensor&,
@@ -40,22 +43,23 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
   return op;
 }
 
-inline bool present(const OptT& t) { return t.has_value() && t->defined(); }
-
 bool float_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
-// what the Python route accepts for its kernels; anything else is refused (the wrapper then takes
-// the Python route, which raises its own messages or handles the case: 3-D, empty, ...)
+// what the Python route accepts for its kernels; anything else is refused before any work, with
+// NotImplementedError and this message prefix (the wrapper then takes the Python route, which
+// raises its own messages or handles the case: 3-D, empty, ...)
 void check(const at::Tensor& x, const OptT& w, const OptT& b) {
-  TORCH_CHECK(x.defined() && x.is_cpu() && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
-              "instance_norm_act: not served by the C++ entry");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      x.defined() && x.is_cpu() && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
+      "instance_norm_act: not served by the C++ entry (x)");
   for (const OptT* t : {&w, &b}) {
     if (!present(*t)) continue;
     const at::Tensor& p = **t;
-    TORCH_CHECK(p.is_cpu() && p.dim() == 1 && p.size(0) == x.size(1) && p.is_floating_point(),
-                "instance_norm_act: parameter not served by the C++ entry");
+    TORCH_CHECK_NOT_IMPLEMENTED(p.is_cpu() && p.dim() == 1 && p.size(0) == x.size(1) && p.is_floating_point(),
+                                "instance_norm_act: not served by the C++ entry (", t == &w ? "weight" : "bias",
+                                ")");
   }
 }
 
@@ -92,7 +96,7 @@ struct InstanceNormActFn : public torch::autograd::Function<InstanceNormActFn> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(y, mean, rstd) = fwd_op().call(dense(x), w, b, eps, apply, slope);
     }
-    ctx->save_for_backward({x, present(w) ? *w : at::Tensor(), present(b) ? *b : at::Tensor(), mean, rstd});
+    lean::save_xwb(ctx, x, w, b, {mean, rstd});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["apply"] = apply;
     ctx->saved_data["slope"] = slope;
@@ -100,47 +104,25 @@ struct InstanceNormActFn : public torch::autograd::Function<InstanceNormActFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
+    const auto s = ctx->get_saved_variables();  // x, w, b, mean, rstd
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool apply = ctx->saved_data["apply"].toBool();
     const double slope = ctx->saved_data["slope"].toDouble();
-    variable_list out(6);
-    const at::Tensor& gy = grads[0];
-    if (!gy.defined()) return out;
-    // edges exist for the tensors that were present: x, then weight, then bias
-    const size_t ew = 1, eb = w.defined() ? 2 : 1;
-    const bool nx = ctx->needs_input_grad(0);
-    const bool nw = w.defined() && ctx->needs_input_grad(ew);
-    const bool nb = b.defined() && ctx->needs_input_grad(eb);
-    if (at::GradMode::is_enabled()) {
-      std::vector<at::Tensor> inputs;
-      std::vector<int> slot;
-      if (nx) inputs.push_back(x), slot.push_back(0);
-      if (nw) inputs.push_back(w), slot.push_back(1);
-      if (nb) inputs.push_back(b), slot.push_back(2);
-      if (inputs.empty()) return out;
-      const at::Tensor y = reference(x, w, b, eps, apply, slope);
-      auto g = torch::autograd::grad({y}, inputs, {gy}, /*retain_graph=*/true, /*create_graph=*/true,
-                                     /*allow_unused=*/true);
-      for (size_t i = 0; i < slot.size(); ++i) out[slot[i]] = g[i];
-      return out;
-    }
-    auto r = bwd_op().call(gy, dense(x), w.defined() ? OptT(w) : OptT(), b.defined() ? OptT(b) : OptT(), mean,
-                           rstd, apply, slope);
-    if (nx) out[0] = std::get<0>(r);
-    if (nw) out[1] = std::get<1>(r).sum(0).to(w.scalar_type());
-    if (nb) out[2] = std::get<2>(r).sum(0).to(b.scalar_type());
-    return out;
+    return lean::backward_xwb(
+        ctx, grads, s, /*num_args=*/6,
+        [&](const variable_list& t) { return reference(t[0], t[1], t[2], eps, apply, slope); },
+        [&](const at::Tensor& gy, const variable_list& t) {
+          return bwd_op().call(gy, dense(t[0]), lean::as_opt(t[1]), lean::as_opt(t[2]), t[3], t[4], apply, slope);
+        },
+        // the kernel's parameter gradients are per instance (N, C) in the accumulation dtype
+        [](const at::Tensor& g, const at::Tensor& p) { return g.sum(0).to(p.scalar_type()); });
   }
 };
 
 at::Tensor instance_norm_act_autograd(const at::Tensor& x, const OptT& w, const OptT& b, double eps, bool apply,
                                       double slope) {
   check(x, w, b);
-  const bool grad = at::GradMode::is_enabled() &&
-                    (x.requires_grad() || (present(w) && w->requires_grad()) || (present(b) && b->requires_grad()));
-  if (!grad) {
+  if (!lean::records_grad(x, w, b)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return std::get<0>(fwd_op().call(dense(x), w, b, eps, apply, slope));
   }

@@ -233,6 +233,23 @@ def _cpu_entry():
     return _C_OP
 
 
+# the message prefix of the C++ entry's refusals (csrc/cpu/norm_act_autograd.cpp, check())
+_REFUSAL = "instance_norm_act: not served by the C++ entry"
+
+
+def _refused(e: RuntimeError, weight, bias) -> bool:
+    """Whether e, raised by the C++ entry, declines the call before any work (the Python route then
+    serves it or raises the public error), rather than being an error of the call, which must
+    propagate as it is, raised once. Declining: the entry's own refusal (NotImplementedError with
+    _REFUSAL's message), or the dispatcher not taking a weight or bias that is not a Tensor (its
+    RuntimeError "Expected a value of type 'Optional[Tensor]'"). A NotImplementedError from further
+    in (a dtype dispatch, say) is an error of the call. Checked only once something was raised, so
+    that a served call pays nothing for it."""
+    if isinstance(e, NotImplementedError):
+        return str(e).startswith(_REFUSAL)
+    return not all(t is None or isinstance(t, torch.Tensor) for t in (weight, bias))
+
+
 # ----------------------------------------------------------------------------- public function
 def _check_param(name: str, t, c: int, x: torch.Tensor) -> None:
     if t is None:
@@ -260,21 +277,28 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
     so the output is ``activation(bias)`` (PyTorch raises there).
     """
-    # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. It refuses
-    # (throws before doing anything) whatever it does not serve; the full route below then raises
-    # the public errors or handles the case (3-D, empty, odd parameters).
+    # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. An unknown
+    # activation or a non-number eps or slope skips it; it declines what else it does not serve
+    # (3-D, empty, odd parameters) before any work (_refused). The full route below then handles
+    # the case or raises the public error. Any other error is the call's own: raised once, as is.
     if (running_mean is None and use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu
             and not torch.compiler.is_compiling()):
         op = _cpu_entry()
         if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
-                y = op(x, weight, bias, float(eps), apply, slope)
-            except Exception:  # noqa: BLE001 - refused: the full route below decides
-                pass
-            else:
-                _dispatch.last_used["instance_norm_act"] = "cpu"
-                return y
+                eps_f = float(eps)
+            except (KeyError, TypeError, ValueError):
+                op = None  # the full route raises the public error
+            if op is not None:
+                try:
+                    y = op(x, weight, bias, eps_f, apply, slope)
+                except RuntimeError as e:  # (NotImplementedError is one)
+                    if not _refused(e, weight, bias):
+                        raise
+                else:
+                    _dispatch.last_used["instance_norm_act"] = "cpu"
+                    return y
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"instance_norm_act: x must be a Tensor, got {type(x).__name__}")
     if x.dim() == 3:
