@@ -5,6 +5,8 @@ finite values within a normwise bound. (The triton backend's differences at satu
 NaN hinge logit belong to the gpu branch; it is not swept here.)"""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,9 @@ from ganengine.ops import attention as A  # noqa: E402
 from tests._backends import backend_params, on_backend  # noqa: E402
 from tests._tolerance import gamma  # noqa: E402
 
-BACKENDS = backend_params(["torch", "cpu"])
+BACKENDS = backend_params(["torch", "cpu", "triton"])
+
+
 def _skip_rejected(fn):
     import functools
 
@@ -32,7 +36,9 @@ def _skip_rejected(fn):
     return run
 
 
-PROFILE = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+# GANENGINE_PROPERTY_EXAMPLES=500 sweeps deeper (an exploration run, not CI)
+_EXAMPLES = int(os.environ.get("GANENGINE_PROPERTY_EXAMPLES", "12"))
+PROFILE = settings(max_examples=_EXAMPLES, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0]
 
@@ -278,3 +284,112 @@ def test_batch_norm_act(backend, data, n, c, h, act, training):
     if x.isfinite().all():
         for a, e, name in zip(gs, ge, ["dx", "dw", "db"]):
             _same(a, e, n * h * h + 1, name, c=256)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@PROFILE
+@given(data=st.data(), n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 4),
+       act=st.sampled_from(["relu", "leaky_relu", "none"]), training=st.booleans())
+@_skip_rejected
+def test_conditional_batch_norm_act(backend, data, n, c, h, act, training):
+    if training and n * h * h == 1:
+        return  # (eager: "Expected more than 1 value per channel when training")
+    x = data.draw(tensors((n, c, h, h), specials=data.draw(st.booleans()), constant_planes=True, huge=False))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    gain, bs = 1 + torch.randn(n, c, generator=g), torch.randn(n, c, generator=g)
+    rm, rv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+
+    def eager(a, gg, bb):
+        y = F.batch_norm(a, rm.clone(), rv.clone(), None, None, training, 0.1, 1e-5)
+        y = y * gg[:, :, None, None] + bb[:, :, None, None]
+        return y if act == "none" else F.leaky_relu(y, 0.2) if act == "leaky_relu" else F.relu(y)
+
+    ye, ge = _eager(eager, [x, gain, bs], lambda o: torch.ones_like(o))
+    with on_backend(backend):
+        y, gs = _grads(lambda a, gg, bb: GF.conditional_batch_norm_act(a, gg, bb, rm.clone(), rv.clone(),
+                                                                       training=training, activation=act),
+                       [x, gain, bs], lambda o: torch.ones_like(o))
+    _same(y, ye, n * h * h, "y", c=64, amplify=1 + gain.abs().max().item())
+    if x.isfinite().all():
+        for a, e, name in zip(gs, ge, ["dx", "dgain", "dbias"]):
+            _same(a, e, n * h * h + 1, name, c=256, amplify=1 + gain.abs().max().item() if name == "dx" else 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@PROFILE
+@given(data=st.data(), numel=st.integers(1, 40), mode=st.sampled_from(["vanilla", "lsgan", "hinge", "wgangp"]))
+@_skip_rejected
+def test_discriminator_loss(backend, data, numel, mode):
+    real, fake = data.draw(tensors((numel,))), data.draw(tensors((numel,)))
+
+    def term(a, is_real):
+        if mode == "vanilla":
+            return F.binary_cross_entropy_with_logits(a, torch.full_like(a, float(is_real)))
+        if mode == "lsgan":
+            return F.mse_loss(a, torch.full_like(a, float(is_real)))
+        if mode == "hinge":
+            return F.relu(1 - a).mean() if is_real else F.relu(1 + a).mean()
+        return -a.mean() if is_real else a.mean()
+
+    ye, ge = _eager(lambda r, f: 0.5 * (term(r, True) + term(f, False)), [real, fake], torch.tensor(1.0))
+    with on_backend(backend):
+        y, gs = _grads(lambda r, f: GF.discriminator_loss(r, f, mode), [real, fake], torch.tensor(1.0))
+    _same(y.reshape(1), ye.reshape(1), numel, "loss", c=8)
+    for a, e, name in zip(gs, ge, ["d real", "d fake"]):
+        _same(a, e, 1, name, c=8)
+
+
+def _eager_spectral_norm(w, u, n_iter, eps):
+    """torch.nn.utils.parametrizations.spectral_norm's numbers from u alone: v = normalize(M^T u),
+    then n (u = normalize(M v), v = normalize(M^T u)) under no_grad; sigma = vdot(u, M v)."""
+    m = w.flatten(1)
+    with torch.no_grad():
+        md = m.detach()
+        v = F.normalize(torch.mv(md.t(), u), dim=0, eps=eps)
+        for _ in range(n_iter):
+            u = F.normalize(torch.mv(md, v), dim=0, eps=eps)
+            v = F.normalize(torch.mv(md.t(), u), dim=0, eps=eps)
+    sigma = torch.vdot(u, torch.mv(m, v))
+    return w / sigma, u, sigma
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@PROFILE
+@given(data=st.data(), h=st.integers(1, 6), cin=st.integers(1, 4), k=st.sampled_from([1, 3]),
+       n_iter=st.integers(0, 2), scale=st.sampled_from([1.0, 1e-3, 1e3]), eps=st.sampled_from([1e-12, 1e-4]))
+@_skip_rejected
+def test_spectral_norm_weight(backend, data, h, cin, k, n_iter, scale, eps):
+    w = data.draw(tensors((h, cin, k, k), specials=data.draw(st.booleans()), huge=False)) * scale
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    u = F.normalize(torch.randn(h, generator=g), dim=0)
+    go = torch.randn(w.shape, generator=g)
+    (ye, ue, se), (ge,) = _eager_pair(lambda a: _eager_spectral_norm(a, u.clone(), n_iter, eps), w, go)
+    (r64, _, _), (g64,) = _eager_pair(lambda a: _eager_spectral_norm(a, u.double(), n_iter, eps), w.double(), go.double())
+    with on_backend(backend):
+        (y, un, s), (gs,) = _eager_pair(lambda a: GF.spectral_norm_weight(a, u.clone(), n_iter, eps), w, go, check=False)
+    red = h + w.numel() // h
+    # (amplify: ||W||_F / sigma, how much a normalisation's relative error grows through the
+    # iteration; c: 4 per chained reduction, as tests/test_spectral_norm.py's bound)
+    amp = 1.0
+    if r64.isfinite().all():
+        amp = (w.double().norm() / (w.double() / r64).flatten()[r64.flatten().abs().argmax()]).abs().item() \
+            if r64.abs().max() > 0 else 1.0
+    c = 4.0 * (2 * n_iter + 3)
+    _same(y, ye, red, "w_sn", c=c, ref=r64, amplify=amp)
+    _same(s.reshape(1), se.reshape(1), red, "sigma", c=c, amplify=amp)
+    _same(un, ue, red, "u", c=c, amplify=amp)
+    if w.isfinite().all():
+        _same(gs, ge, red, "dw", c=4 * c, ref=g64, amplify=amp * (1 + go.abs().max().item()))
+
+
+def _eager_pair(fn, w, go, check=True):
+    """(outputs, (dw,)) of fn(w) -> (w_sn, u, sigma), backpropagating ``go`` through w_sn."""
+    wl = w.clone().requires_grad_()
+    try:
+        outs = fn(wl)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if not check:
+            raise
+        raise _EagerRejects(str(exc)) from exc
+    (dw,) = torch.autograd.grad(outs[0], [wl], go)
+    return outs, (dw,)
