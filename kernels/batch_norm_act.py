@@ -117,7 +117,9 @@ def _chunk_stats(X, K, c, cmask, n_lo, n_hi, s_lo, s_hi, sN, sC, sS, BLOCK_C: tl
             tot = count + cnt
             delta = tmean - mean
             mean = mean + delta * (cnt / tot)
-            m2 = m2 + tm2 + delta * delta * (count * (cnt / tot))
+            # (delta * (delta * w): the first tile has w = 0, and delta^2 may overflow fp32 at |x| > ~1e19:
+            # inf * 0 would be NaN where eager's statistics are inf and its output act(bias))
+            m2 = m2 + tm2 + delta * (delta * (count * (cnt / tot)))
             count = tot
     return mean, m2
 
