@@ -110,14 +110,15 @@ inline A act_fwd(A z, A slope, Act act) {
 template <typename A>
 inline Vectorized<A> act_bwd(const Vectorized<A>& g, const Vectorized<A>& z, const Vectorized<A>& slope, Act act) {
   using Vec = Vectorized<A>;
-  if (act == Act::Relu) return Vec::blendv(Vec(0), g, z > Vec(0));
+  // relu: eager's threshold_backward on the output passes g where z is NaN
+  if (act == Act::Relu) return Vec::blendv(Vec(0), g, (z > Vec(0)) | (z != z));
   if (act == Act::Leaky) return Vec::blendv(g * slope, g, z > Vec(0));
   return g;
 }
 
 template <typename A>
 inline A act_bwd(A g, A z, A slope, Act act) {
-  if (act == Act::Relu) return z > A(0) ? g : A(0);
+  if (act == Act::Relu) return (z > A(0) || z != z) ? g : A(0);
   if (act == Act::Leaky) return z > A(0) ? g : g * slope;
   return g;
 }
