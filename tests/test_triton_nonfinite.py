@@ -112,3 +112,31 @@ def test_attention_nan_gamma_saturated(backend, m):
         gs = grads(lambda a, bb, cc: A.attention(a, bb, cc, x, gam))
     for a, e, name in zip(gs, ge, ["dq", "dk", "dv"]):
         assert torch.equal(a.isnan(), e.isnan()), f"{name}: {a} vs eager {e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_triton_nonfinite_on_gpu(act):
+    """The same cases compiled for the GPU (the interpreter runs numpy, a GPU runs PTX)."""
+    x, grad, w, b, rm, rv = (t.cuda() for t in _bn_case(False))
+    outs = []
+    for backend in ("torch", "triton"):
+        xx = x.clone().requires_grad_()
+        with on_backend(backend):
+            y = GF.batch_norm_act(xx, rm.clone(), rv.clone(), w, b, training=False, activation=act)
+        y.backward(grad)
+        outs.append((y.detach().cpu(), xx.grad.cpu()))
+    _same_nonfinite(outs[1][0], outs[0][0], "y")
+    _same_nonfinite(outs[1][1], outs[0][1], "dx")
+    xh = (torch.tensor([1.0, -2.0, 3.0, -0.5, 2.5, -1.5], dtype=torch.float64).reshape(1, 1, 2, 3) * 1e20).float().cuda()
+    with on_backend("triton"):
+        y = GF.batch_norm_act(xh, None, None, w, b, training=True, activation=act)
+    assert torch.equal(y.cpu(), F.relu(b.cpu()).expand(1, 1, 2, 3) if act == "relu" else
+                       F.leaky_relu(b.cpu(), 0.2).expand(1, 1, 2, 3).reshape(1, 1, 2, 3))
+    q, k = torch.ones(1, 1, 2, device="cuda"), torch.ones(1, 1, 1, device="cuda")
+    v, xa = torch.ones(1, 2, 1, device="cuda"), torch.zeros(1, 2, 2, device="cuda")
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    with on_backend("triton"):
+        out = A.attention(*ins, xa, torch.tensor([NAN], device="cuda"))
+    for g_ in torch.autograd.grad(out, ins, torch.ones_like(out)):
+        assert g_.isnan().all()
