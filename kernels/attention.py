@@ -131,9 +131,10 @@ def _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, 
 
 @triton.jit
 def _dscores(p, s, m, l, dp, delta, gamma):
-    """dS = P * (gamma * dp - delta); exactly 0 where the row is saturated (P one-hot)."""
+    """dS = P * (gamma * dp - delta); exactly 0 where the row is saturated (P one-hot), unless
+    the term is inf / NaN (a NaN gamma, an inf in v or grad): ds - ds keeps eager's NaN there."""
     ds = p * (dp * gamma - delta[:, None])
-    return tl.where((s == m[:, None]) & (l[:, None] == 1.0), 0.0, ds)
+    return tl.where((s == m[:, None]) & (l[:, None] == 1.0), ds - ds, ds)
 
 
 @triton.jit

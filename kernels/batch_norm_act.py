@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._act import leaky_relu, leaky_relu_grad
 
 # Programs that fill a GPU; fewer channel blocks than this split the (n, s) plane.
 _TARGET_PROGRAMS = 512
@@ -60,7 +61,7 @@ def _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N: tl.constexpr, BLOCK
 @triton.jit
 def _activate(z, slope, ACT: tl.constexpr):
     if ACT:
-        z = tl.where(z > 0, z, z * slope)
+        z = leaky_relu(z, slope)
     return z
 
 
@@ -116,7 +117,9 @@ def _chunk_stats(X, K, c, cmask, n_lo, n_hi, s_lo, s_hi, sN, sC, sS, BLOCK_C: tl
             tot = count + cnt
             delta = tmean - mean
             mean = mean + delta * (cnt / tot)
-            m2 = m2 + tm2 + delta * delta * (count * (cnt / tot))
+            # (delta * (delta * w): the first tile has w = 0, and delta^2 may overflow fp32 at |x| > ~1e19:
+            # inf * 0 would be NaN where eager's statistics are inf and its output act(bias))
+            m2 = m2 + tm2 + delta * (delta * (count * (cnt / tot)))
             count = tot
     return mean, m2
 
@@ -213,7 +216,7 @@ def _grad_tile(X, G, offs, goffs, mask, mz, scale, shift, mean, rstd, slope, ACT
     g = tl.load(G + goffs, mask=mask, other=0.0).to(ACC)
     if ACT:
         z = (x - mz[:, None, None]) * scale[:, :, None] + shift[:, :, None]
-        g = tl.where(z > 0, g, g * slope)
+        g = leaky_relu_grad(g, z, slope)
     xhat = (x - mean[:, None, None]) * rstd[:, None, None]
     return tl.where(mask, g, 0.0), xhat
 
@@ -323,11 +326,8 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
             a = gw0 * tot_g
             b = gw0 * tot_gx
     if PHASE != 1:
-        P = rstd * 0
-        Q = rstd * 0
-        if TRAINING:
-            P = rstd * (b / M)
-            Q = rstd * (a / M)
+        P = rstd * (b / M)
+        Q = rstd * (a / M)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             scale, shift, mz, gw_ = _coefs(W, B, c, cmask, nn, nn < n_hi, wsN, mean, rstd, TRAINING, PER_SAMPLE,
@@ -336,7 +336,9 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
                 offs, mask, tn_, tnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, sN, sC, sS, BLOCK_N, BLOCK_S)
                 goffs, gm_, gn_, gnm_ = _tile(c, cmask, n0, s0, n_hi, s_hi, gN, gC, gS, BLOCK_N, BLOCK_S)
                 ga, xhat = _grad_tile(X, G, offs, goffs, mask, mz, scale, shift, mean, rstd, slope, ACT, ACC)
-                dx = ga * scale[:, :, None] - (xhat * P[:, None, None] + Q[:, None, None])
+                dx = ga * scale[:, :, None]
+                if TRAINING:  # (eval: no statistics term, so an inf x_hat cannot make 0 * inf = NaN)
+                    dx = dx - (xhat * P[:, None, None] + Q[:, None, None])
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._act import leaky_relu, leaky_relu_grad
 
 # interpreter (CPU tensors): small tiles keep the Python-level programs cheap; CUDA: the
 # config listed in AOT_SPECS (checked for spills on sm_80 / sm_90)
@@ -76,7 +77,7 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACT:
-        acc = tl.where(acc > 0, acc, acc * slope)
+        acc = leaky_relu(acc, slope)
     out = acc.to(y_ptr.dtype.element_ty)
     mask2 = m_mask[:, None] & n_mask[None, :]
     tl.store(y_ptr + n.to(tl.int64) * syn + offs_n[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
@@ -193,7 +194,7 @@ def _bias_act(y_ptr, b_ptr, C, HW, n_ptiles, sn, sc, sp, slope,
     v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
-    v = tl.where(v > 0, v, v * slope)
+    v = leaky_relu(v, slope)
     tl.store(ptr, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -205,7 +206,7 @@ def _act_grad(g_ptr, sgn, sgc, sgp, y_ptr, sn, sc, sp, gz_ptr, part_ptr, C, HW, 
     g = tl.load(g_ptr + n64 * sgn + offs_p[:, None] * sgp + offs_c[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
     off = n64 * sn + offs_p[:, None] * sp + offs_c[None, :] * sc
     y = tl.load(y_ptr + off, mask=mask, other=0.0)
-    gz = tl.where(y > 0, g, g * slope)
+    gz = leaky_relu_grad(g, y, slope)
     tl.store(gz_ptr + off, gz.to(gz_ptr.dtype.element_ty), mask=mask)
     part = tl.sum(tl.where(mask, gz, 0.0), axis=0)
     tl.store(part_ptr + (tl.program_id(0).to(tl.int64)) * C + offs_c, part, mask=offs_c < C)
@@ -235,7 +236,7 @@ def _norm_act(c_ptr, y_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     v = tl.load(c_ptr + off, mask=mask, other=0.0).to(tl.float32)
     # centred form: v * a + (beta - mean * a) cancels when |mean| >> std
     z = (v - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
-    z = tl.where(z > 0, z, z * slope)
+    z = leaky_relu(z, slope)
     tl.store(y_ptr + off, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 

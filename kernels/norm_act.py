@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._act import leaky_relu, leaky_relu_grad
 
 # largest plane tile kept in registers (one read): 16 warps x 32 lanes x 32 values in NCHW,
 # where loads vectorise; NHWC tiles hold half that (per-pixel pointers cost registers). Checked
@@ -88,7 +89,7 @@ def _rstd(m2, HW, eps):
 @triton.jit
 def _activate(z, slope, ACT: tl.constexpr):
     if ACT:
-        z = tl.where(z > 0, z, z * slope)
+        z = leaky_relu(z, slope)
     return z
 
 
@@ -219,7 +220,7 @@ def _bwd_tile(X, G, base, gbase, hw0, end, sHW, gHW, cmask, mean, rstd, w, b, sl
             z = z * _col(w, BLOCK_C)
         if HAS_B:
             z = z + _col(b, BLOCK_C)
-        g = tl.where(z > 0, g, g * slope)
+        g = leaky_relu_grad(g, z, slope)
     return xhat, g, mask, hw64
 
 

@@ -31,6 +31,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "stats_fp64.h"
 #include "vec_utils.h"
 
 #include <algorithm>
@@ -109,14 +110,15 @@ inline A act_fwd(A z, A slope, Act act) {
 template <typename A>
 inline Vectorized<A> act_bwd(const Vectorized<A>& g, const Vectorized<A>& z, const Vectorized<A>& slope, Act act) {
   using Vec = Vectorized<A>;
-  if (act == Act::Relu) return Vec::blendv(Vec(0), g, z > Vec(0));
+  // relu: eager's threshold_backward on the output passes g where z is NaN
+  if (act == Act::Relu) return Vec::blendv(Vec(0), g, (z > Vec(0)) | (z != z));
   if (act == Act::Leaky) return Vec::blendv(g * slope, g, z > Vec(0));
   return g;
 }
 
 template <typename A>
 inline A act_bwd(A g, A z, A slope, Act act) {
-  if (act == Act::Relu) return z > A(0) ? g : A(0);
+  if (act == Act::Relu) return (z > A(0) || z != z) ? g : A(0);
   if (act == Act::Leaky) return z > A(0) ? g : g * slope;
   return g;
 }
@@ -469,6 +471,17 @@ struct Forward {
     }
     const A M = static_cast<A>(g.N * g.S);
     mean[c] = K[c] + md;
+    if (cpu::stats_overflowed(mean[c], m2)) {
+      // overflowed in fp32 (|x - K| > ~1e19, or a sum near fp32 max): channel c in double, its
+      // M2 rounded to fp32 as ATen stores it (stats_fp64.h); one branch per channel otherwise
+      double mdd, qd;
+      if (g.nhwc)
+        cpu::stats_double(x + c, 1, 0, g.N * g.S, g.C, mdd, qd);
+      else
+        cpu::stats_double(x + c * g.S, g.N, g.C * g.S, g.S, 1, mdd, qd);
+      mean[c] = static_cast<A>(mdd);
+      m2 = static_cast<A>(qd);
+    }
     rstd[c] = cpu::inv_std<A>(m2 / M, eps);
     var_unbiased[c] = m2 / (M - A(1));
     k.channel(c);

@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "stats_fp64.h"
 #include "vec_utils.h"
 
 #include <algorithm>
@@ -142,6 +143,12 @@ void fwd_nchw(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, ac
       const acc_t* xp = as_acc<scalar_t, acc_t>(x + plane * p.HW, p.HW, xbuf);
       acc_t mean, m2;
       contiguous_stats(xp, p.HW, mean, m2);
+      if (cpu::stats_overflowed(mean, m2)) {  // redo in double, M2 rounded to fp32 (eager's rule)
+        double md, qd;
+        cpu::stats_double(xp, 1, 0, p.HW, 1, md, qd);
+        mean = static_cast<acc_t>(md);
+        m2 = static_cast<acc_t>(qd);
+      }
       const acc_t rstd = inv_std<acc_t>(m2 / p.HW, p.eps);
       mean_out[plane] = mean;
       rstd_out[plane] = rstd;
@@ -216,6 +223,12 @@ void fwd_nhwc(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, ac
           mean += delta * (cnt / tot);
           m2 += tq + delta * delta * (count * cnt / tot);
           count = tot;
+        }
+        if (cpu::stats_overflowed(mean, m2)) {  // this (n, c) in double, M2 rounded to fp32 (eager's rule)
+          double md, qd;
+          cpu::stats_double(x + n * p.HW * C + c, 1, 0, p.HW, C, md, qd);
+          mean = static_cast<acc_t>(md);
+          m2 = static_cast<acc_t>(qd);
         }
         mean_out[n * C + c] = mean;
         rstd_out[n * C + c] = inv_std<acc_t>(m2 / p.HW, p.eps);
