@@ -585,9 +585,22 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return y
 
 
-# ----------------------------------------------------------------------------- fake impl of the C++ entry
+# ----------------------------------------------------------------------------- fake impls of the C++ entry
+# (the entry's C++ autograd calls the raw kernels through the dispatcher: under a FakeTensorMode
+# those need their own fakes, as ops/batch_norm_act.py registers for its kernels)
 if _ext.loaded() and _ext.has_kernel("conv2d_act", "CompositeExplicitAutograd"):
     @torch.library.register_fake("ganengine_C::conv2d_act")
     def _(x, weight, bias, stride, padding, slope):
         return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
                            memory_format=out_format(x))
+
+    @torch.library.register_fake("ganengine_C::conv_act_fwd")
+    def _(x, weight, bias, stride, padding, slope):
+        return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
+                           memory_format=out_format(x))
+
+    @torch.library.register_fake("ganengine_C::conv_act_bwd")
+    def _(grad, x, weight, y, stride, padding, slope, mask):
+        return (_empty_or(x, x.shape, out_format(x), mask[0]),
+                _empty_or(weight, weight.shape, out_format(weight), mask[1]),
+                _empty_or(y, (y.shape[1],), torch.contiguous_format, mask[2]))
