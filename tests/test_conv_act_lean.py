@@ -239,7 +239,7 @@ def test_refusal_comes_before_any_work():
     for args in refused:
         with _KernelCalls("fwd") as mode, pytest.raises(NotImplementedError) as info:
             op(*args)
-        assert ops._refused(info.value, args[1], args[2], args[5]), str(info.value)
+        assert ops._refused(info.value, args[1], args[2]), str(info.value)
         assert mode.calls == 0
     with torch.autocast("cpu", dtype=torch.bfloat16), _KernelCalls("fwd") as mode:
         with pytest.raises(NotImplementedError, match="autocast"):
@@ -268,6 +268,7 @@ def test_refused_calls_give_the_public_errors(backend):
         (ValueError, "stride must be >= 1", dict(x=x, weight=w, stride=0)),
         (ValueError, "padding must be >= 0", dict(x=x, weight=w, padding=(0, -1))),
         (ValueError, "could not convert", dict(x=x, weight=w, negative_slope="0.2x")),
+        (ValueError, "only one element tensors", dict(x=x, weight=w, negative_slope=torch.ones(2))),
     ]
     with on_backend(backend) if backend != "auto" else contextlib.nullcontext():
         for error, match, kwargs in cases:
@@ -277,9 +278,15 @@ def test_refused_calls_give_the_public_errors(backend):
 
 
 def test_refused_calls_served_by_the_python_route():
-    """A negative slope runs the torch composition; autocast the conv in bf16 (the custom op)."""
+    """A negative slope runs the torch composition; autocast the conv in bf16 (the custom op);
+    a slope given as a bool or a 0-d tensor goes through float() as before."""
     x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4)
     with on_backend("cpu"):
+        for slope in (True, torch.tensor(0.5)):
+            with _KernelCalls("fwd") as mode:
+                y = GF.conv2d_act(x.detach().requires_grad_(), w, b, 2, 1, slope)
+            assert mode.calls == 1 and "conv2d_act_fwd" in type(y.grad_fn).__name__  # the custom op's node
+            assert torch.equal(y, ops.conv2d_act_fwd(x, w, b, [2, 2], [1, 1], float(slope)))
         with _KernelCalls("fwd") as mode:
             y = GF.conv2d_act(x.requires_grad_(), w, b, 2, 1, -0.1)
         assert mode.calls == 0 and type(y.grad_fn).__name__ == "LeakyReluBackward0"

@@ -453,16 +453,16 @@ def _plain_pair(v) -> bool:
     return (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
 
 
-def _refused(e: RuntimeError, weight, bias, negative_slope) -> bool:
+def _refused(e: RuntimeError, weight, bias) -> bool:
     """Whether e, raised by the C++ entry, declines the call before any work (the Python route then
     serves it or raises the public error), rather than being an error of the call, which must
     propagate as it is, raised once: the entry's own refusal (NotImplementedError with _REFUSAL's
-    message), or the dispatcher not taking an argument of another type ("Expected a value of type
-    ..."). Checked only once something was raised, so that a served call pays nothing for it."""
+    message), or the dispatcher not taking a weight or bias that is not a Tensor ("Expected a value
+    of type ..."; stride, padding and slope were checked before the call). Checked only once
+    something was raised, so that a served call pays nothing for it."""
     if isinstance(e, NotImplementedError):
         return str(e).startswith(_REFUSAL)
-    return not (isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
-                and type(negative_slope) in (int, float))
+    return not (isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)))
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -527,14 +527,17 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # the lean route (see _cpu_entry): it declines what it does not serve (wrong shapes, dtypes or
     # devices, a negative slope, autocast, empty tensors) before any work; the route below then
     # serves the call or raises the public error. Any other error is the call's own: raised once.
+    # (stride, padding and slope of exactly the types _pair / float() take: the dispatcher would
+    # also take a bool, or convert a tensor)
     if (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+            and (type(negative_slope) is float or type(negative_slope) is int)
             and not torch.compiler.is_compiling()):
         op = _cpu_entry()
         if op is not None:
             try:
                 y = op(x, weight, bias, stride, padding, negative_slope)
             except RuntimeError as e:  # (NotImplementedError is one)
-                if not _refused(e, weight, bias, negative_slope):
+                if not _refused(e, weight, bias):
                     raise
             else:
                 _dispatch.last_used["conv2d_act"] = "cpu"
