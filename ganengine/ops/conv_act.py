@@ -30,11 +30,12 @@ the public functions); statistics accumulate in fp32 and gamma/beta are read in 
 from __future__ import annotations
 
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
 
-from ganengine import settings
+from ganengine import _ext, backends, settings
 from ganengine.ops import _dispatch
 from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
 
@@ -413,6 +414,57 @@ def _in_backward(ctx, grad, _gc, _gm, _gr):
 torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _in_backward, setup_context=_in_setup)
 
 
+# ----------------------------------------------------------------------------- lean cpu entry
+# conv2d_act on CPU tensors under 'auto' / 'cpu': one call of the C++ op ganengine_C::conv2d_act
+# (csrc/cpu/conv_act_autograd.cpp: the same conv_act_fwd / _bwd kernels, autograd in C++), which
+# skips the custom op's Python layers (50-70 us per call more than eager, at every size).
+_CPU_READY: list = []  # [bool] once known: the C++ entry serves CPU tensors in this process
+_C_OP = None
+# the message prefix of the C++ entry's refusals (conv_act_autograd.cpp, check())
+_REFUSAL = "conv2d_act: not served by the C++ entry"
+
+
+def _cpu_entry():
+    """The raw ganengine_C::conv2d_act builtin when 'auto' (or 'cpu') would run the C++ kernels on
+    CPU tensors, else None. A few attribute reads per call (ops/norm_act.py's _cpu_entry, same rule)."""
+    global _C_OP
+    requested = backends._requested.value
+    if requested is None:
+        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
+    if requested not in ("auto", "cpu"):
+        return None
+    if not _CPU_READY:
+        cpu = torch.device("cpu")
+        ok = (_ext.loaded() and _ext.has_kernel("conv2d_act", "CompositeExplicitAutograd")
+              and backends.serves("cpu", cpu)
+              and _dispatch.ext_reason("conv_act_fwd", cpu) is None
+              and _dispatch.ext_reason("conv_act_bwd", cpu) is None)
+        if ok:
+            _C_OP = _ext.op("conv2d_act").default._op  # the raw builtin: no OpOverloadPacket layer
+        _CPU_READY.append(ok)
+    return _C_OP
+
+
+def _plain_pair(v) -> bool:
+    """An int or a pair of ints, as _pair takes them (the dispatcher would also take a bool)."""
+    t = type(v)
+    if t is int:
+        return True
+    return (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
+
+
+def _refused(e: RuntimeError, weight, bias) -> bool:
+    """Whether e, raised by the C++ entry, declines the call before any work (the Python route then
+    serves it or raises the public error), rather than being an error of the call, which must
+    propagate as it is, raised once: the entry's own refusal (NotImplementedError with _REFUSAL's
+    message), or the dispatcher not taking a weight or bias that is not a Tensor ("Expected a value
+    of type ..."; stride, padding and slope were checked before the call). Checked only once
+    something was raised, so that a served call pays nothing for it."""
+    if isinstance(e, NotImplementedError):
+        return str(e).startswith(_REFUSAL)
+    return not (isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)))
+
+
 # ----------------------------------------------------------------------------- public functions
 def _pair(name: str, v, minimum: int) -> list[int]:
     if isinstance(v, int) and not isinstance(v, bool):
@@ -472,6 +524,24 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     A negative slope runs the plain torch composition (the fused backward reads only the sign of
     the output, which needs slope >= 0).
     """
+    # the lean route (see _cpu_entry): it declines what it does not serve (wrong shapes, dtypes or
+    # devices, a negative slope, autocast, empty tensors) before any work; the route below then
+    # serves the call or raises the public error. Any other error is the call's own: raised once.
+    # (stride, padding and slope of exactly the types _pair / float() take: the dispatcher would
+    # also take a bool, or convert a tensor)
+    if (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+            and (type(negative_slope) is float or type(negative_slope) is int)
+            and not torch.compiler.is_compiling()):
+        op = _cpu_entry()
+        if op is not None:
+            try:
+                y = op(x, weight, bias, stride, padding, negative_slope)
+            except RuntimeError as e:  # (NotImplementedError is one)
+                if not _refused(e, weight, bias):
+                    raise
+            else:
+                _dispatch.last_used["conv2d_act"] = "cpu"
+                return y
     _check_conv("conv2d_act", x, weight, bias)
     stride, padding = _pair("conv2d_act: stride", stride, 1), _pair("conv2d_act: padding", padding, 0)
     x, weight, bias = _autocast(x, weight, bias)
@@ -516,3 +586,24 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         return reference_conv2d_in_act(x, weight, bias, stride, padding, norm_weight, norm_bias, eps, slope)
     y, _, _, _ = conv2d_in_act_fwd(x, weight, bias, norm_weight, norm_bias, stride, padding, float(eps), slope)
     return y
+
+
+# ----------------------------------------------------------------------------- fake impls of the C++ entry
+# (the entry's C++ autograd calls the raw kernels through the dispatcher: under a FakeTensorMode
+# those need their own fakes, as ops/batch_norm_act.py registers for its kernels)
+if _ext.loaded() and _ext.has_kernel("conv2d_act", "CompositeExplicitAutograd"):
+    @torch.library.register_fake("ganengine_C::conv2d_act")
+    def _(x, weight, bias, stride, padding, slope):
+        return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
+                           memory_format=out_format(x))
+
+    @torch.library.register_fake("ganengine_C::conv_act_fwd")
+    def _(x, weight, bias, stride, padding, slope):
+        return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
+                           memory_format=out_format(x))
+
+    @torch.library.register_fake("ganengine_C::conv_act_bwd")
+    def _(grad, x, weight, y, stride, padding, slope, mask):
+        return (_empty_or(x, x.shape, out_format(x), mask[0]),
+                _empty_or(weight, weight.shape, out_format(weight), mask[1]),
+                _empty_or(y, (y.shape[1],), torch.contiguous_format, mask[2]))

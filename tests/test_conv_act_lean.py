@@ -1,0 +1,327 @@
+"""The lean C++ entry of conv2d_act on CPU tensors (ganengine_C::conv2d_act, autograd in C++).
+
+It runs the custom op's cpu kernels (conv_act_fwd / conv_act_bwd), so its numbers must equal the
+custom-op route's bit for bit: forward, each gradient for every subset of inputs requiring grad,
+and the double backward (both differentiate the torch composition). A call it refuses goes to
+the Python route and gets the public errors, without the kernel having run; an error inside a
+call it serves propagates, raised once."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ganengine
+import ganengine.functional as GF
+from ganengine.ops import _dispatch
+from ganengine.ops import conv_act as ops
+from tests._backends import on_backend
+
+_HAS_ENTRY = ops._ext.loaded() and ops._ext.has_kernel("conv2d_act", "CompositeExplicitAutograd")
+pytestmark = pytest.mark.skipif(not _HAS_ENTRY, reason="ganengine._C without the conv2d_act entry")
+
+
+class _KernelCalls(TorchDispatchMode):
+    """Counts calls of the fused kernel ``name`` ("fwd" / "bwd"), reached by either route: the lean
+    op calls ganengine_C::conv_act_<name> through the dispatcher, the Python route the custom op
+    ganengine::conv2d_act_<name> (which the mode sees instead of the kernel inside it), and raises
+    ``error`` from it when given."""
+
+    def __init__(self, name: str, error: Exception | None = None):
+        super().__init__()
+        self.names = (f"ganengine_C::conv_act_{name}", f"ganengine::conv2d_act_{name}")
+        self.error, self.calls = error, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.names:
+            self.calls += 1
+            if self.error is not None:
+                raise self.error
+        return func(*args, **(kwargs or {}))
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a non-dense view
+        return torch.cat([t, t], dim=3)[..., ::2]
+    return t
+
+
+# (x shape, weight shape, stride, padding): odd sizes, a single output pixel, 1x1, unequal stride
+_CASES = [
+    ((2, 3, 9, 7), (5, 3, 4, 4), 2, 1),
+    ((1, 4, 4, 4), (3, 4, 4, 4), (1, 1), (0, 0)),  # one output pixel
+    ((3, 2, 5, 6), (4, 2, 3, 3), (1, 2), (1, 0)),
+    ((2, 5, 1, 1), (3, 5, 1, 1), 1, 0),  # a single input pixel, 1x1 kernel
+]
+
+# which of (x, weight, bias) require grad; "-b": no bias
+_GRAD_SETS = [("x", "w", "b"), ("x",), ("w",), ("b",), ("x", "b"), ("w", "b"), ("x", "w", "-b"), ("w", "-b")]
+
+
+def _leaves(grad_set, x0, w0, b0, layout):
+    x = _layout(x0.detach().clone(), layout).requires_grad_("x" in grad_set)  # (strided: the view is the leaf)
+    w = w0.detach().clone().requires_grad_("w" in grad_set)
+    b = None if "-b" in grad_set else b0.detach().clone().requires_grad_("b" in grad_set)
+    return x, w, b
+
+
+def _run(lean, grad_set, x0, w0, b0, gy, stride, padding, layout, slope=0.2, create_graph=False):
+    """(y, y's layout, first-order grads[, second-order grads]) by the lean entry or the custom op."""
+    x, w, b = _leaves(grad_set, x0, w0, b0, layout)
+    with on_backend("cpu"):
+        if lean:
+            _dispatch.last_used.pop("conv2d_act", None)
+            y = GF.conv2d_act(x, w, b, stride, padding, slope)
+            assert _dispatch.last_used["conv2d_act"] == "cpu"
+            assert type(y.grad_fn).__name__ == "CppFunction"  # not the custom op's node
+        else:
+            y = ops.conv2d_act_fwd(x, w, b, ops._pair("s", stride, 1), ops._pair("p", padding, 0), slope)
+        leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        g1 = torch.autograd.grad(y, leaves, gy, create_graph=create_graph)
+        out = [y, y.is_contiguous(), y.is_contiguous(memory_format=torch.channels_last), *g1]
+        if create_graph:
+            loss = sum((g * g).sum() for g in g1)
+            if loss.requires_grad:  # (bias alone: its gradient does not depend on any leaf)
+                out += [torch.zeros(()) if g is None else g
+                        for g in torch.autograd.grad(loss, leaves, allow_unused=True)]
+    return out
+
+
+def _assert_identical(got, ref):
+    assert len(got) == len(ref)
+    for a, r in zip(got, ref):
+        if isinstance(a, bool):
+            assert a == r
+        else:
+            assert a.dtype == r.dtype and a.shape == r.shape and a.stride() == r.stride()
+            assert torch.equal(a, r)
+
+
+def _inputs(case, dtype, seed=0):
+    xs, ws, stride, padding = case
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(xs, generator=g, dtype=torch.float64).to(dtype)
+    w0 = (torch.randn(ws, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    b0 = torch.randn(ws[0], generator=g, dtype=torch.float64).to(dtype)
+    y_shape = ops._out_shape(x0, w0, ops._pair("s", stride, 1), ops._pair("p", padding, 0))
+    gy = torch.randn(y_shape, generator=g, dtype=torch.float64).to(dtype)
+    return x0, w0, b0, gy, stride, padding
+
+
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_lean_matches_custom_op_bitwise(case, layout, dtype):
+    x0, w0, b0, gy, stride, padding = _inputs(case, dtype)
+    for grad_set in (_GRAD_SETS[0], _GRAD_SETS[6]):  # with and without bias
+        _assert_identical(_run(True, grad_set, x0, w0, b0, gy, stride, padding, layout),
+                          _run(False, grad_set, x0, w0, b0, gy, stride, padding, layout))
+
+
+@pytest.mark.parametrize("grad_set", _GRAD_SETS, ids=lambda s: "+".join(s))
+def test_lean_gradients_per_input_match_custom_op(grad_set):
+    """needs_input_grad subsets: each present input gets exactly its gradient (edge 2 = bias)."""
+    x0, w0, b0, gy, stride, padding = _inputs(_CASES[0], torch.float32, seed=1)
+    for layout in ("contiguous", "channels_last"):
+        _assert_identical(_run(True, grad_set, x0, w0, b0, gy, stride, padding, layout),
+                          _run(False, grad_set, x0, w0, b0, gy, stride, padding, layout))
+
+
+@pytest.mark.parametrize("grad_set", [("x", "w", "b"), ("x",), ("w", "b"), ("x", "w", "-b")],
+                         ids=lambda s: "+".join(s))
+def test_lean_double_backward_matches_custom_op(grad_set):
+    """create_graph=True: both differentiate leaky_relu(conv2d(...)), so the same bits."""
+    x0, w0, b0, gy, stride, padding = _inputs(_CASES[2], torch.float64, seed=2)
+    for layout in ("contiguous", "channels_last"):
+        _assert_identical(_run(True, grad_set, x0, w0, b0, gy, stride, padding, layout, create_graph=True),
+                          _run(False, grad_set, x0, w0, b0, gy, stride, padding, layout, create_graph=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_lean_reduced_precision_matches_custom_op(dtype):
+    x0, w0, b0, gy, stride, padding = _inputs(_CASES[0], dtype, seed=3)
+    _assert_identical(_run(True, _GRAD_SETS[0], x0, w0, b0, gy, stride, padding, "channels_last"),
+                      _run(False, _GRAD_SETS[0], x0, w0, b0, gy, stride, padding, "channels_last"))
+
+
+@pytest.mark.parametrize("slope", [0.0, 1.0, 0.2], ids=["relu", "identity", "leaky"])
+def test_lean_stride0_grad_and_slopes(slope):
+    """.sum().backward() hands a stride-0 gradient to the fused backward; slope 0 and 1 too."""
+    x0, w0, b0, _, stride, padding = _inputs(_CASES[0], torch.float32, seed=4)
+
+    def run(lean):
+        x, w, b = _leaves(("x", "w", "b"), x0, w0, b0, "contiguous")
+        with on_backend("cpu"):
+            y = (GF.conv2d_act(x, w, b, stride, padding, slope) if lean
+                 else ops.conv2d_act_fwd(x, w, b, [2, 2], [1, 1], slope))
+            y.sum().backward()
+        return y, x.grad, w.grad, b.grad
+
+    _assert_identical(run(True), run(False))
+
+
+def test_lean_without_grad_and_inference_mode():
+    x0, w0, b0, _, stride, padding = _inputs(_CASES[0], torch.float32, seed=5)
+    with on_backend("cpu"):
+        ref = ops.conv2d_act_fwd(x0, w0, b0, [2, 2], [1, 1], 0.2)
+        with torch.no_grad():
+            a = GF.conv2d_act(x0.requires_grad_(), w0, b0, stride, padding)
+        with torch.inference_mode():
+            c = GF.conv2d_act(x0.detach(), w0, b0, stride, padding)
+    assert a.grad_fn is None and not a.requires_grad and torch.equal(a, ref)
+    assert c.is_inference() and torch.equal(c, ref)
+
+
+@pytest.fixture
+def one_thread():
+    # hundreds of tiny calls: OpenMP start-up would dominate on an oversubscribed machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_lean_gradcheck_and_gradgradcheck(one_thread):
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(3, 2, 3, 3, dtype=torch.float64) * 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with on_backend("cpu"):
+        for f, args in ((lambda x, w, b: GF.conv2d_act(x, w, b, 2, 1), (x, w, b)),
+                        (lambda x, w: GF.conv2d_act(x.contiguous(memory_format=torch.channels_last), w, None, 1, 0),
+                         (x, w))):
+            y = f(*args)
+            assert type(y.grad_fn).__name__ == "CppFunction"
+            assert torch.autograd.gradcheck(f, args)
+            assert torch.autograd.gradgradcheck(f, args)
+
+
+# ----------------------------------------------------------------------------- refusals and errors
+@pytest.mark.parametrize("error", [RuntimeError("kernel failed"), NotImplementedError("kernel failed")])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_error_in_served_call_propagates_once(error, requires_grad):
+    x = torch.randn(2, 3, 8, 8, requires_grad=requires_grad)
+    with on_backend("cpu"), _KernelCalls("fwd", error) as mode:
+        with pytest.raises(type(error), match="kernel failed"):
+            GF.conv2d_act(x, torch.randn(4, 3, 4, 4), torch.randn(4), 2, 1)
+    assert mode.calls == 1  # the Python route did not run the kernel a second time
+
+
+def test_error_in_served_backward_propagates_once():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with on_backend("cpu"):
+        y = GF.conv2d_act(x, torch.randn(4, 3, 4, 4), None, 2, 1)
+        with _KernelCalls("bwd", RuntimeError("bwd failed")) as mode, pytest.raises(RuntimeError,
+                                                                                          match="bwd failed"):
+            y.sum().backward()
+    assert mode.calls == 1
+
+
+def test_refusal_comes_before_any_work():
+    op = ops._cpu_entry()
+    assert op is not None
+    x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4)
+    refused = [
+        (torch.randn(3, 6, 6), w, b, 2, 1, 0.2), (torch.randn(0, 3, 6, 6), w, b, 2, 1, 0.2),
+        (torch.ones(1, 3, 6, 6, dtype=torch.int64), w.long(), b.long(), 2, 1, 0.2),
+        (x, torch.randn(4, 3, 4), b, 2, 1, 0.2), (x, torch.randn(4, 2, 4, 4), b, 2, 1, 0.2),
+        (x, torch.randn(0, 3, 4, 4), None, 2, 1, 0.2), (x, w.double(), b, 2, 1, 0.2),
+        (x, w.to("meta"), b, 2, 1, 0.2), (x, w, torch.randn(5), 2, 1, 0.2), (x, w, b.double(), 2, 1, 0.2),
+        (x, w, torch.randn(4, 1), 2, 1, 0.2), (x, w, b.to("meta"), 2, 1, 0.2),
+        (x, w, b, 0, 1, 0.2), (x, w, b, 2, -1, 0.2), (x, w, b, [2, 2, 2], 1, 0.2), (x, w, b, [2], 1, 0.2),
+        (x, torch.randn(4, 3, 9, 9), b, 1, 1, 0.2),  # kernel larger than the padded input
+        (x, w, b, 2, 1, -0.1), (x, w, b, 2, 1, float("nan")),
+    ]
+    for args in refused:
+        with _KernelCalls("fwd") as mode, pytest.raises(NotImplementedError) as info:
+            op(*args)
+        assert ops._refused(info.value, args[1], args[2]), str(info.value)
+        assert mode.calls == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16), _KernelCalls("fwd") as mode:
+        with pytest.raises(NotImplementedError, match="autocast"):
+            op(x, w, b, 2, 1, 0.2)
+    assert mode.calls == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_refused_calls_give_the_public_errors(backend):
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4)
+    cases = [
+        (ValueError, r"x must be \(N, C, H, W\)", dict(x=torch.randn(3, 6, 6), weight=w)),
+        (ValueError, "weight must be", dict(x=x, weight=torch.randn(4, 3, 4))),
+        (ValueError, "0 output channels", dict(x=x, weight=torch.randn(0, 3, 4, 4))),
+        (ValueError, "expects 2 input channels", dict(x=x, weight=torch.randn(4, 2, 4, 4))),
+        (TypeError, "fp16, bf16, fp32 or fp64", dict(x=x.long(), weight=w.long())),
+        (TypeError, "they must match", dict(x=x, weight=w.double())),
+        (ValueError, "weight is on meta", dict(x=x, weight=w.to("meta"))),
+        (ValueError, r"bias must be None or a \(4,\) tensor", dict(x=x, weight=w, bias=torch.randn(5))),
+        (ValueError, r"bias must be None or a \(4,\) tensor", dict(x=x, weight=w, bias=[0.0] * 4)),
+        (TypeError, "x and weight must be Tensors", dict(x=x, weight=w.tolist())),
+        (TypeError, "stride must be an int or a pair of ints", dict(x=x, weight=w, stride=True)),
+        (TypeError, "stride must be an int or a pair of ints", dict(x=x, weight=w, stride=(True, 1))),
+        (TypeError, "stride must be an int or a pair of ints", dict(x=x, weight=w, stride=1.5)),
+        (TypeError, "padding must be an int or a pair of ints", dict(x=x, weight=w, padding=(1, 1, 1))),
+        (ValueError, "stride must be >= 1", dict(x=x, weight=w, stride=0)),
+        (ValueError, "padding must be >= 0", dict(x=x, weight=w, padding=(0, -1))),
+        (ValueError, "could not convert", dict(x=x, weight=w, negative_slope="0.2x")),
+        (ValueError, "only one element tensors", dict(x=x, weight=w, negative_slope=torch.ones(2))),
+    ]
+    with on_backend(backend) if backend != "auto" else contextlib.nullcontext():
+        for error, match, kwargs in cases:
+            with _KernelCalls("fwd") as mode, pytest.raises(error, match=match):
+                GF.conv2d_act(**kwargs)
+            assert mode.calls == 0, match
+
+
+def test_refused_calls_served_by_the_python_route():
+    """A negative slope runs the torch composition; autocast the conv in bf16 (the custom op);
+    a slope given as a bool or a 0-d tensor goes through float() as before."""
+    x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4)
+    with on_backend("cpu"):
+        for slope in (True, torch.tensor(0.5)):
+            with _KernelCalls("fwd") as mode:
+                y = GF.conv2d_act(x.detach().requires_grad_(), w, b, 2, 1, slope)
+            assert mode.calls == 1 and "conv2d_act_fwd" in type(y.grad_fn).__name__  # the custom op's node
+            assert torch.equal(y, ops.conv2d_act_fwd(x, w, b, [2, 2], [1, 1], float(slope)))
+        with _KernelCalls("fwd") as mode:
+            y = GF.conv2d_act(x.requires_grad_(), w, b, 2, 1, -0.1)
+        assert mode.calls == 0 and type(y.grad_fn).__name__ == "LeakyReluBackward0"
+        assert torch.equal(y, F.leaky_relu(F.conv2d(x, w, b, 2, 1), -0.1))
+        with torch.autocast("cpu", dtype=torch.bfloat16), _KernelCalls("fwd") as mode:
+            y = GF.conv2d_act(x, w, b, 2, 1)
+        assert mode.calls == 1 and y.dtype == torch.bfloat16
+        assert torch.equal(y, ops.conv2d_act_fwd(x.bfloat16(), w.bfloat16(), b.bfloat16(), [2, 2], [1, 1], 0.2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_other_backends_do_not_take_the_lean_entry(backend):
+    if not ganengine.backends.available()[backend]:
+        pytest.skip(f"backend {backend} unavailable")
+    x, w = torch.randn(1, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 4, 4)
+    with on_backend(backend), _KernelCalls("fwd") as mode:
+        y = GF.conv2d_act(x, w, None, 2, 1)
+    # the custom op ran (and in it the chosen backend), not the lean op
+    assert mode.calls == 1 and _dispatch.last_used["conv2d_act"] == backend
+    assert type(y.grad_fn).__name__ != "CppFunction"
+
+
+def test_fake_tensor_mode():
+    """Under a FakeTensorMode the lean entry (its C++ autograd calls the raw kernels) gives the
+    custom op's shapes and layouts, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), on_backend("cpu"):
+        x = torch.randn(2, 3, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w, b = torch.randn(5, 3, 4, 4, requires_grad=True), torch.randn(5, requires_grad=True)
+        y = GF.conv2d_act(x, w, b, 2, 1)
+        assert type(y.grad_fn).__name__ == "CppFunction"
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+        with torch.inference_mode():
+            yi = GF.conv2d_act(x.detach(), w.detach(), None, 2, 1)
+    assert y.shape == yi.shape == (2, 5, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.shape == x.shape and dx.is_contiguous(memory_format=torch.channels_last)
+    assert dw.shape == w.shape and db.shape == b.shape
