@@ -287,12 +287,12 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
         if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
-                eps_f = float(eps)
+                eps = float(eps)
             except (KeyError, TypeError, ValueError):
-                op = None  # the full route raises the public error
-            if op is not None:
+                pass  # the full route raises the public error
+            else:
                 try:
-                    y = op(x, weight, bias, eps_f, apply, slope)
+                    y = op(x, weight, bias, eps, apply, slope)
                 except RuntimeError as e:  # (NotImplementedError is one)
                     if not _refused(e, weight, bias):
                         raise
