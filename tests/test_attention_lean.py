@@ -322,3 +322,21 @@ def test_errors_propagate_once(monkeypatch):
         monkeypatch.setattr(A, "_LEAN", {"attention": entry(NotImplementedError)})
         A.attention(*args)
         assert calls == {"entry": 2, "route": 1}
+
+
+def test_block_under_cpu_autocast_matches(custom_op_route):
+    """Under autocast the convs inside the C++ block entry are cast as F.conv2d's are (bf16 q, k, v)
+    while x keeps fp32: the same numbers as the custom-op route."""
+    inputs = _block_inputs(2, 16, 3, 5, 2, torch.float32, True, False)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _block_run(inputs, BLOCK_NEEDS["all"])
+
+    with on_backend("cpu"):
+        custom_op_route(True)
+        want, _ = run()
+        custom_op_route(False)
+        got, out = run()
+    assert _lean_node(out) and out.dtype == torch.float32
+    _assert_same(got, want, "autocast")
