@@ -340,3 +340,17 @@ def test_block_under_cpu_autocast_matches(custom_op_route):
         got, out = run()
     assert _lean_node(out) and out.dtype == torch.float32
     _assert_same(got, want, "autocast")
+
+
+def test_opcheck_schema_and_autograd_registration():
+    """The C++ ops return fresh tensors as their schemas say and carry their autograd (the fake /
+    aot tests do not apply: torch.compile stays on the Python custom op)."""
+    q, k, v, x, gamma = _core_inputs(2, 3, 7, 5, 6, torch.float32, "strided")
+    tests = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.ganengine_C.attention.default,
+                          (q.requires_grad_(), k, v.requires_grad_(), x, gamma.requires_grad_()), test_utils=tests)
+    torch.library.opcheck(torch.ops.ganengine_C.attention.default,
+                          _core_inputs(1, 2, 4, 3, 5, torch.float16, "contiguous", x_dtype=torch.float32),
+                          test_utils=tests)
+    blk = _block_inputs(2, 8, 3, 3, 1, torch.float32, True, True)
+    torch.library.opcheck(torch.ops.ganengine_C.self_attention2d.default, tuple(blk), test_utils=("test_schema",))
