@@ -15,8 +15,7 @@
 // Backward: conv_act_bwd (it needs only the sign of the saved output, valid for slope >= 0),
 // except under create_graph=True (grad mode on inside backward): then it differentiates the
 // torch composition leaky_relu(conv2d(x, w, b)), so second derivatives (WGAN-GP, R1) are exact,
-// as the Python route does. (The shape of lean_autograd.h on branch lean-dedup, with a weight
-// that is always present.)
+// as the Python route does (the bookkeeping shared with the other lean entries: lean_autograd.h).
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -26,13 +25,16 @@
 
 #include <vector>
 
+#include "lean_autograd.h"
+
 namespace ganengine {
 namespace conv_act_lean {
 namespace {
 
+using lean::OptT;
+using lean::present;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptT = c10::optional<at::Tensor>;
 using FwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef, at::IntArrayRef,
                           double);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -48,8 +50,6 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::conv_act_bwd", "").typed<BwdSig>();
   return op;
 }
-
-inline bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
 bool float_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
@@ -98,7 +98,7 @@ struct ConvActFn : public torch::autograd::Function<ConvActFn> {
       y = fwd_op().call(dense(x), w, b, stride, padding, slope);
     }
     // the output, not the conv result: the fused backward needs only its sign
-    ctx->save_for_backward({x, w, present(b) ? *b : at::Tensor(), y});
+    lean::save_xwb(ctx, x, w, b, {y});
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["slope"] = slope;
@@ -107,36 +107,21 @@ struct ConvActFn : public torch::autograd::Function<ConvActFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &w = s[1], &b = s[2], &y = s[3];
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
     const double slope = ctx->saved_data["slope"].toDouble();
-    variable_list out(6);
-    const at::Tensor& gy = grads[0];
-    if (!gy.defined()) return out;
-    // edges: x 0, weight 1, bias 2 when present (an absent optional has none)
-    const bool nx = ctx->needs_input_grad(0);
-    const bool nw = ctx->needs_input_grad(1);
-    const bool nb = b.defined() && ctx->needs_input_grad(2);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: the gradient of the torch composition
-      std::vector<at::Tensor> inputs;
-      std::vector<int> slot;
-      if (nx) inputs.push_back(x), slot.push_back(0);
-      if (nw) inputs.push_back(w), slot.push_back(1);
-      if (nb) inputs.push_back(b), slot.push_back(2);
-      if (inputs.empty()) return out;
-      const at::Tensor ref = at::leaky_relu(at::conv2d(x, w, b, stride, padding), slope);
-      auto g = torch::autograd::grad({ref}, inputs, {gy}, /*retain_graph=*/true, /*create_graph=*/true,
-                                     /*allow_unused=*/true);
-      for (size_t i = 0; i < slot.size(); ++i) out[slot[i]] = g[i];
-      return out;
-    }
-    if (!nx && !nw && !nb) return out;
-    auto r = bwd_op().call(gy, dense(x), w, y, stride, padding, slope, c10::List<bool>({nx, nw, nb}));
-    if (nx) out[0] = std::get<0>(r);
-    if (nw) out[1] = std::get<1>(r);
-    if (nb) out[2] = std::get<2>(r);
-    return out;
+    // edges: x 0, weight 1, bias 2 when present (the weight is always present here)
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1);
+    const bool nb = s[2].defined() && ctx->needs_input_grad(2);
+    return lean::backward_xwb(
+        ctx, grads, s, 6,
+        [&](const variable_list& t) {  // create_graph=True: the torch composition, differentiated
+          return at::leaky_relu(at::conv2d(t[0], t[1], lean::as_opt(t[2]), stride, padding), slope);
+        },
+        [&](const at::Tensor& gy, const variable_list& t) {
+          return bwd_op().call(gy, dense(t[0]), t[1], t[3], stride, padding, slope, c10::List<bool>({nx, nw, nb}));
+        },
+        [](const at::Tensor& g, const at::Tensor&) { return g; });
   }
 };
 

@@ -1,4 +1,5 @@
-// The C++ autograd shared by the lean entries (ganengine_C::instance_norm_act, ::batch_norm_act):
+// The C++ autograd shared by the lean entries (ganengine_C::instance_norm_act, ::batch_norm_act,
+// ::conv2d_act):
 // ops whose first three arguments are x, weight?, bias?, with a fused backward kernel and, under
 // create_graph=True (grad mode on inside backward), the gradient of a reference composition of
 // differentiable ATen ops, so second derivatives (WGAN-GP, R1) are exact.
@@ -72,6 +73,7 @@ variable_list backward_xwb(AutogradContext* ctx, const variable_list& grads, con
     for (size_t i = 0; i < slot.size(); ++i) out[slot[i]] = g[i];
     return out;
   }
+  if (!nx && !nw && !nb) return out;
   auto r = kernel(gy, s);
   if (nx) out[0] = std::get<0>(r);
   if (nw) out[1] = param_grad(std::get<1>(r), w);
