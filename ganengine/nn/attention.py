@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganengine.ops.attention import attention, attention_map
+from ganengine.ops.attention import attention, attention_map, self_attention2d
+
+
+def _plain_1x1(m: nn.Module) -> bool:
+    """An nn.Conv2d whose call is exactly F.conv2d(x, weight, bias) with a 1x1 kernel: no
+    subclass forward, hooks or parametrization (a spectral-normed conv computes its weight)."""
+    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+            and not m._forward_hooks and not m._forward_pre_hooks and "parametrizations" not in m.__dict__
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
 
 
 class SelfAttention2d(nn.Module):
@@ -71,12 +80,17 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: torch.Tensor, return_attention: bool | None = None):
         if x.dim() != 4:
             raise ValueError(f"SelfAttention2d: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
-        b, c, h, w = x.shape
-        q = self.query_conv(x).flatten(2)
-        k = self.key_conv(x).flatten(2)
-        v = self.value_conv(x).flatten(2)
-        out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
         want = self.return_attention if return_attention is None else return_attention
+        qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
+        if not want and x.is_cpu and _plain_1x1(qc) and _plain_1x1(kc) and _plain_1x1(vc):
+            # the whole block as one C++ call on the cpu backend (ops/attention.py's lean entry;
+            # the same convolutions and kernels, so the same bits as the route below)
+            return self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
+        b, c, h, w = x.shape
+        q = qc(x).flatten(2)
+        k = kc(x).flatten(2)
+        v = vc(x).flatten(2)
+        out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
         return (out, attention_map(q, k)) if want else out
 
     def extra_repr(self) -> str:
