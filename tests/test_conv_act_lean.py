@@ -325,3 +325,290 @@ def test_fake_tensor_mode():
     assert y.shape == yi.shape == (2, 5, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
     assert dx.shape == x.shape and dx.is_contiguous(memory_format=torch.channels_last)
     assert dw.shape == w.shape and db.shape == b.shape
+
+
+# ============================================================================= conv2d_instance_norm_act
+# ganengine_C::conv2d_in_act: the same checks for the instance-norm family (kernels conv_in_act_fwd /
+# conv_in_act_bwd; five tensor arguments x, weight, bias?, norm_weight?, norm_bias?).
+_HAS_IN_ENTRY = _HAS_ENTRY and ops._ext.has_kernel("conv2d_in_act", "CompositeExplicitAutograd")
+_needs_in = pytest.mark.skipif(not _HAS_IN_ENTRY, reason="ganengine._C without the conv2d_in_act entry")
+
+
+class _InKernelCalls(_KernelCalls):
+    def __init__(self, name: str, error: Exception | None = None):
+        super().__init__(name, error)
+        self.names = (f"ganengine_C::conv_in_act_{name}", f"ganengine::conv2d_in_act_{name}")
+
+
+# which of (x, weight, bias, norm_weight, norm_bias) require grad; "-b" / "-g" / "-t": that one absent
+_IN_GRAD_SETS = [("x", "w", "b", "g", "t"), ("x",), ("w",), ("b",), ("g",), ("t",), ("g", "t"), ("x", "g"),
+                 ("x", "w", "-b", "-g", "-t"), ("x", "w", "g", "-t"), ("w", "t", "-g"), ("b", "-g", "-t")]
+
+
+def _in_inputs(case, dtype, seed=0):
+    x0, w0, b0, gy, stride, padding = _inputs(case, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    g0 = (1 + 0.5 * torch.randn(w0.shape[0], generator=g, dtype=torch.float64)).to(dtype)
+    t0 = (0.5 * torch.randn(w0.shape[0], generator=g, dtype=torch.float64)).to(dtype)
+    return x0, w0, b0, g0, t0, gy, stride, padding
+
+
+def _in_leaves(grad_set, x0, w0, b0, g0, t0, layout):
+    x, w, b = _leaves(tuple(s for s in grad_set if s not in ("g", "t", "-g", "-t")), x0, w0, b0, layout)
+    g = None if "-g" in grad_set else g0.detach().clone().requires_grad_("g" in grad_set)
+    t = None if "-t" in grad_set else t0.detach().clone().requires_grad_("t" in grad_set)
+    return x, w, b, g, t
+
+
+def _in_run(lean, grad_set, inputs, layout, slope=0.2, eps=1e-5, create_graph=False, activation="leaky_relu"):
+    x0, w0, b0, g0, t0, gy, stride, padding = inputs
+    x, w, b, g, t = _in_leaves(grad_set, x0, w0, b0, g0, t0, layout)
+    with on_backend("cpu"):
+        if lean:
+            _dispatch.last_used.pop("conv2d_instance_norm_act", None)
+            y = GF.conv2d_instance_norm_act(x, w, b, stride, padding, g, t, eps, activation, slope)
+            assert _dispatch.last_used["conv2d_instance_norm_act"] == "cpu"
+            assert type(y.grad_fn).__name__ == "CppFunction"  # not the custom op's node
+        else:
+            y = ops.conv2d_in_act_fwd(x, w, b, g, t, ops._pair("s", stride, 1), ops._pair("p", padding, 0),
+                                      eps, slope)[0]
+        leaves = [v for v in (x, w, b, g, t) if v is not None and v.requires_grad]
+        g1 = torch.autograd.grad(y, leaves, gy, create_graph=create_graph)
+        out = [y, y.is_contiguous(), y.is_contiguous(memory_format=torch.channels_last), *g1]
+        if create_graph:
+            loss = sum((d * d).sum() for d in g1 if d.requires_grad)
+            if isinstance(loss, torch.Tensor):
+                out += [torch.zeros(()) if d is None else d
+                        for d in torch.autograd.grad(loss, leaves, allow_unused=True)]
+    return out
+
+
+@_needs_in
+@pytest.mark.parametrize("case", _CASES[:3], ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_in_lean_matches_custom_op_bitwise(case, layout, dtype):
+    inputs = _in_inputs(case, dtype)
+    for grad_set in (_IN_GRAD_SETS[0], _IN_GRAD_SETS[8]):  # with all of bias, gamma, beta and none
+        _assert_identical(_in_run(True, grad_set, inputs, layout), _in_run(False, grad_set, inputs, layout))
+
+
+@_needs_in
+@pytest.mark.parametrize("grad_set", _IN_GRAD_SETS, ids=lambda s: "+".join(s))
+def test_in_lean_gradients_per_input_match_custom_op(grad_set):
+    """needs_input_grad subsets: each present input gets exactly its gradient (edges shift with
+    the absent optionals); the conv bias's gradient is exactly zero on both routes."""
+    inputs = _in_inputs(_CASES[0], torch.float32, seed=1)
+    for layout in ("contiguous", "channels_last"):
+        _assert_identical(_in_run(True, grad_set, inputs, layout), _in_run(False, grad_set, inputs, layout))
+
+
+@_needs_in
+@pytest.mark.parametrize("grad_set", [("x", "w", "b", "g", "t"), ("x",), ("w", "g"), ("x", "w", "-b", "-g", "-t")],
+                         ids=lambda s: "+".join(s))
+def test_in_lean_double_backward_matches_custom_op(grad_set):
+    """create_graph=True: both differentiate reference_conv2d_in_act's composition (the C++ one
+    written with the same ATen ops in the same order), so the same bits."""
+    for dtype in (torch.float64, torch.float32):
+        inputs = _in_inputs(_CASES[2], dtype, seed=2)
+        for layout in ("contiguous", "channels_last"):
+            _assert_identical(_in_run(True, grad_set, inputs, layout, create_graph=True),
+                              _in_run(False, grad_set, inputs, layout, create_graph=True))
+
+
+@_needs_in
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_in_lean_reduced_precision_matches_custom_op(dtype):
+    inputs = _in_inputs(_CASES[0], dtype, seed=3)
+    _assert_identical(_in_run(True, _IN_GRAD_SETS[0], inputs, "channels_last"),
+                      _in_run(False, _IN_GRAD_SETS[0], inputs, "channels_last"))
+
+
+@_needs_in
+@pytest.mark.parametrize("activation,slope", [("relu", 0.2), ("none", 0.2), ("leaky_relu", 0.0), ("leaky_relu", 3)],
+                         ids=["relu", "none", "slope0", "slope-int"])
+def test_in_lean_stride0_grad_activations_and_eps0(activation, slope):
+    """.sum().backward() hands a stride-0 gradient to the fused backward; every activation; eps 0
+    with a constant plane (ATen's zero-variance rule)."""
+    x0, w0, b0, g0, t0, _, stride, padding = _in_inputs(_CASES[0], torch.float32, seed=4)
+    x0 = x0.clone()
+    x0[0] = 0.0  # sample 0's conv output is all zeros: zero variance with eps = 0
+    kernel_slope = {"relu": 0.0, "none": 1.0}.get(activation, float(slope))
+
+    def run(lean):
+        x, w, b, g, t = _in_leaves(("x", "w", "b", "g", "t"), x0, w0, b0, g0, t0, "contiguous")
+        with on_backend("cpu"):
+            y = (GF.conv2d_instance_norm_act(x, w, b, stride, padding, g, t, 0.0, activation, slope) if lean
+                 else ops.conv2d_in_act_fwd(x, w, b, g, t, [2, 2], [1, 1], 0.0, kernel_slope)[0])
+            y.sum().backward()
+        return y, x.grad, w.grad, b.grad, g.grad, t.grad
+
+    _assert_identical(run(True), run(False))
+
+
+@_needs_in
+def test_in_lean_without_grad_and_inference_mode():
+    x0, w0, b0, g0, t0, _, stride, padding = _in_inputs(_CASES[0], torch.float32, seed=5)
+    with on_backend("cpu"):
+        ref = ops.conv2d_in_act_fwd(x0, w0, b0, g0, t0, [2, 2], [1, 1], 1e-5, 0.2)[0]
+        with torch.no_grad():
+            a = GF.conv2d_instance_norm_act(x0.requires_grad_(), w0, b0, stride, padding, g0, t0)
+        with torch.inference_mode():
+            c = GF.conv2d_instance_norm_act(x0.detach(), w0, b0, stride, padding, g0, t0)
+    assert a.grad_fn is None and not a.requires_grad and torch.equal(a, ref)
+    assert c.is_inference() and torch.equal(c, ref)
+
+
+@_needs_in
+def test_in_lean_gradcheck_and_gradgradcheck(one_thread):
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(3, 2, 3, 3, dtype=torch.float64) * 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    g = (1 + 0.3 * torch.randn(3, dtype=torch.float64)).requires_grad_()
+    t = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with on_backend("cpu"):
+        for f, args in ((lambda x, w, b, g, t: GF.conv2d_instance_norm_act(x, w, b, 1, 1, g, t), (x, w, b, g, t)),
+                        (lambda x, w: GF.conv2d_instance_norm_act(
+                            x.contiguous(memory_format=torch.channels_last), w, None, 1, 0, activation="relu"),
+                         (x, w))):
+            y = f(*args)
+            assert type(y.grad_fn).__name__ == "CppFunction"
+            assert torch.autograd.gradcheck(f, args)
+            assert torch.autograd.gradgradcheck(f, args)
+
+
+@_needs_in
+@pytest.mark.parametrize("error", [RuntimeError("kernel failed"), NotImplementedError("kernel failed")])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_in_error_in_served_call_propagates_once(error, requires_grad):
+    x = torch.randn(2, 3, 8, 8, requires_grad=requires_grad)
+    with on_backend("cpu"), _InKernelCalls("fwd", error) as mode:
+        with pytest.raises(type(error), match="kernel failed"):
+            GF.conv2d_instance_norm_act(x, torch.randn(4, 3, 4, 4), torch.randn(4), 2, 1, torch.randn(4))
+    assert mode.calls == 1  # the Python route did not run the kernel a second time
+
+
+@_needs_in
+def test_in_error_in_served_backward_propagates_once():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with on_backend("cpu"):
+        y = GF.conv2d_instance_norm_act(x, torch.randn(4, 3, 4, 4), None, 2, 1)
+        with _InKernelCalls("bwd", RuntimeError("bwd failed")) as mode, pytest.raises(RuntimeError,
+                                                                                            match="bwd failed"):
+            y.sum().backward()
+    assert mode.calls == 1
+
+
+@_needs_in
+def test_in_refusal_comes_before_any_work():
+    op = ops._cpu_in_entry()
+    assert op is not None
+    x, w, b, g = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(4)
+
+    def a(x=x, w=w, b=b, g=g, t=g, stride=2, padding=1, slope=0.2):
+        return (x, w, b, g, t, stride, padding, 1e-5, slope)
+
+    refused = [
+        a(x=torch.randn(3, 6, 6)), a(x=torch.randn(0, 3, 6, 6)),
+        a(x=torch.ones(1, 3, 6, 6, dtype=torch.int64), w=w.long(), b=None, g=None, t=None),
+        a(w=torch.randn(4, 3, 4)), a(w=torch.randn(4, 2, 4, 4)), a(w=torch.randn(0, 3, 4, 4), b=None, g=None, t=None),
+        a(w=w.double()), a(w=w.to("meta")), a(b=torch.randn(5)), a(b=b.double()), a(b=torch.randn(4, 1)),
+        a(b=b.to("meta")), a(g=torch.randn(5)), a(t=torch.randn(4, 1)), a(g=g.to("meta")),
+        a(t=torch.ones(4, dtype=torch.int64)),
+        a(stride=0), a(padding=-1), a(stride=[2, 2, 2]), a(stride=[2]),
+        a(w=torch.randn(4, 3, 9, 9)),  # kernel larger than the padded input: an empty output map
+        a(slope=-0.1), a(slope=float("nan")),
+    ]
+    for args in refused:
+        with _InKernelCalls("fwd") as mode, pytest.raises(NotImplementedError) as info:
+            op(*args)
+        assert ops._refused_in(info.value, *args[1:5]), str(info.value)
+        assert mode.calls == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16), _InKernelCalls("fwd") as mode:
+        with pytest.raises(NotImplementedError, match="autocast"):
+            op(*a())
+    assert mode.calls == 0
+
+
+@_needs_in
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_in_refused_calls_give_the_public_errors(backend):
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4)
+    cases = [
+        (ValueError, r"x must be \(N, C, H, W\)", dict(x=torch.randn(3, 6, 6), weight=w)),
+        (ValueError, "weight must be", dict(x=x, weight=torch.randn(4, 3, 4))),
+        (ValueError, "0 output channels", dict(x=x, weight=torch.randn(0, 3, 4, 4))),
+        (ValueError, "expects 2 input channels", dict(x=x, weight=torch.randn(4, 2, 4, 4))),
+        (TypeError, "fp16, bf16, fp32 or fp64", dict(x=x.long(), weight=w.long())),
+        (TypeError, "they must match", dict(x=x, weight=w.double())),
+        (ValueError, "weight is on meta", dict(x=x, weight=w.to("meta"))),
+        (ValueError, r"bias must be None or a \(4,\) tensor", dict(x=x, weight=w, bias=torch.randn(5))),
+        (ValueError, r"bias must be None or a \(4,\) tensor", dict(x=x, weight=w, bias=[0.0] * 4)),
+        (ValueError, r"norm_weight must be None or a \(4,\) tensor", dict(x=x, weight=w, norm_weight=torch.randn(5))),
+        (ValueError, r"norm_bias must be None or a \(4,\) tensor", dict(x=x, weight=w, norm_bias=[0.0] * 4)),
+        (TypeError, "x and weight must be Tensors", dict(x=x, weight=w.tolist())),
+        (TypeError, "stride must be an int or a pair of ints", dict(x=x, weight=w, stride=True)),
+        (TypeError, "padding must be an int or a pair of ints", dict(x=x, weight=w, padding=(1, 1, 1))),
+        (ValueError, "stride must be >= 1", dict(x=x, weight=w, stride=0)),
+        (ValueError, "padding must be >= 0", dict(x=x, weight=w, padding=(0, -1))),
+        (ValueError, "activation must be one of", dict(x=x, weight=w, activation="gelu")),
+        (ValueError, "could not convert", dict(x=x, weight=w, negative_slope="0.2x")),
+    ]
+    with on_backend(backend) if backend != "auto" else contextlib.nullcontext():
+        for error, match, kwargs in cases:
+            with _InKernelCalls("fwd") as mode, pytest.raises(error, match=match):
+                GF.conv2d_instance_norm_act(**kwargs)
+            assert mode.calls == 0, match
+
+
+@_needs_in
+def test_in_refused_calls_served_by_the_python_route():
+    """A negative slope and an empty output map run the torch composition; autocast the conv in
+    bf16 (the custom op); a slope given as a 0-d tensor goes through float() as before."""
+    x, w, b, g = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(4)
+    with on_backend("cpu"):
+        with _InKernelCalls("fwd") as mode:
+            y = GF.conv2d_instance_norm_act(x.detach().requires_grad_(), w, b, 2, 1, g, g, 1e-5, "leaky_relu",
+                                            torch.tensor(0.5))
+        assert mode.calls == 1 and "conv2d_in_act_fwd" in type(y.grad_fn).__name__  # the custom op's node
+        assert torch.equal(y, ops.conv2d_in_act_fwd(x, w, b, g, g, [2, 2], [1, 1], 1e-5, 0.5)[0])
+        with _InKernelCalls("fwd") as mode:
+            y = GF.conv2d_instance_norm_act(x.requires_grad_(), w, b, 2, 1, g, g, 1e-5, "leaky_relu", -0.1)
+        assert mode.calls == 0 and type(y.grad_fn).__name__ != "CppFunction"
+        assert torch.equal(y, ops.reference_conv2d_in_act(x, w, b, [2, 2], [1, 1], g, g, 1e-5, -0.1))
+        with torch.autocast("cpu", dtype=torch.bfloat16), _InKernelCalls("fwd") as mode:
+            y = GF.conv2d_instance_norm_act(x, w, b, 2, 1, g, g)
+        assert mode.calls == 1 and y.dtype == torch.bfloat16
+        assert torch.equal(y, ops.conv2d_in_act_fwd(x.bfloat16(), w.bfloat16(), b, g, g, [2, 2], [1, 1], 1e-5,
+                                                    0.2)[0])
+
+
+@_needs_in
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_in_other_backends_do_not_take_the_lean_entry(backend):
+    if not ganengine.backends.available()[backend]:
+        pytest.skip(f"backend {backend} unavailable")
+    x, w = torch.randn(1, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 4, 4)
+    with on_backend(backend), _InKernelCalls("fwd") as mode:
+        y = GF.conv2d_instance_norm_act(x, w, None, 2, 1)
+    assert mode.calls == 1 and _dispatch.last_used["conv2d_instance_norm_act"] == backend
+    assert type(y.grad_fn).__name__ != "CppFunction"
+
+
+@_needs_in
+def test_in_fake_tensor_mode():
+    """Under a FakeTensorMode the lean entry gives the custom op's shapes and layouts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), on_backend("cpu"):
+        x = torch.randn(2, 3, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w, b = torch.randn(5, 3, 4, 4, requires_grad=True), torch.randn(5, requires_grad=True)
+        g, t = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+        y = GF.conv2d_instance_norm_act(x, w, b, 2, 1, g, t)
+        assert type(y.grad_fn).__name__ == "CppFunction"
+        dx, dw, db, dg, dt = torch.autograd.grad(y, (x, w, b, g, t), torch.ones_like(y))
+        with torch.inference_mode():
+            yi = GF.conv2d_instance_norm_act(x.detach(), w.detach(), None, 2, 1)
+    assert y.shape == yi.shape == (2, 5, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.shape == x.shape and dx.is_contiguous(memory_format=torch.channels_last)
+    assert dw.shape == w.shape and db.shape == b.shape and dg.shape == g.shape and dt.shape == t.shape

@@ -16,6 +16,14 @@
 // except under create_graph=True (grad mode on inside backward): then it differentiates the
 // torch composition leaky_relu(conv2d(x, w, b)), so second derivatives (WGAN-GP, R1) are exact,
 // as the Python route does (the bookkeeping shared with the other lean entries: lean_autograd.h).
+//
+// ganengine_C::conv2d_in_act (the eager entry of conv2d_instance_norm_act, same design): runs
+// conv_in_act_fwd / conv_in_act_bwd, saves what the custom op saves (x, weight, gamma, beta and the
+// conv output c, mean, rstd), and under create_graph=True differentiates the torch composition
+// conv2d -> var_mean -> normalise -> affine -> leaky_relu (reference_conv2d_in_act in
+// ops/conv_act.py). Its five tensor arguments (x, weight, bias?, gamma?, beta?) do not fit
+// lean_autograd.h's x/weight?/bias? shape, so its backward is written out below; the conv bias
+// cancels exactly in the normalisation and gets an exact zero gradient, as the Python route gives.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -144,18 +152,181 @@ at::Tensor conv2d_act_plain(const at::Tensor& x, const at::Tensor& w, const OptT
   return fwd_op().call(dense(x), w, b, stride, padding, slope);
 }
 
+
+// ----------------------------------------------------------------------------- conv2d_in_act
+using InFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, at::IntArrayRef, at::IntArrayRef, double, double);
+using InBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptT&, const OptT&, at::IntArrayRef, at::IntArrayRef, double, c10::List<bool>);
+
+const c10::TypedOperatorHandle<InFwdSig>& in_fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::conv_in_act_fwd", "").typed<InFwdSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<InBwdSig>& in_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::conv_in_act_bwd", "").typed<InBwdSig>();
+  return op;
+}
+
+#define REFUSE_IN_UNLESS(cond, what) \
+  TORCH_CHECK_NOT_IMPLEMENTED(cond, "conv2d_instance_norm_act: not served by the C++ entry (", what, ")")
+
+// As check() above, for conv2d_instance_norm_act's arguments; metadata only. A gamma or beta of
+// another float dtype than x is served (the kernels read them in their working dtype and the
+// gradients are cast back, as the Python route does).
+void check_in(const at::Tensor& x, const at::Tensor& w, const OptT& b, const OptT& gamma, const OptT& beta,
+              at::IntArrayRef stride, at::IntArrayRef padding, double slope) {
+  REFUSE_IN_UNLESS(x.defined() && plain_cpu(x) && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
+                   "x");
+  REFUSE_IN_UNLESS(w.defined() && plain_cpu(w) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
+                       w.scalar_type() == x.scalar_type(),
+                   "weight");
+  const char* names[3] = {"bias", "norm_weight", "norm_bias"};
+  const OptT* opts[3] = {&b, &gamma, &beta};
+  for (int i = 0; i < 3; ++i) {
+    if (!present(*opts[i])) continue;
+    const at::Tensor& t = **opts[i];
+    // (the conv bias is not used; its dtype must still be x's, as conv2d would require)
+    REFUSE_IN_UNLESS(plain_cpu(t) && t.dim() == 1 && t.size(0) == w.size(0) && float_dtype(t.scalar_type()) &&
+                         (i > 0 || t.scalar_type() == x.scalar_type()),
+                     names[i]);
+  }
+  REFUSE_IN_UNLESS(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 &&
+                       padding[0] >= 0 && padding[1] >= 0,
+                   "stride, padding");
+  // an empty output map: the Python route runs the torch composition
+  REFUSE_IN_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
+  REFUSE_IN_UNLESS(slope >= 0, "negative_slope");  // (a NaN slope too)
+  REFUSE_IN_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
+}
+
+// reference_conv2d_in_act (ops/conv_act.py) in ATen ops, without the bias (it cancels): the
+// differentiable composition for create_graph=True
+at::Tensor in_act_reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gamma, const at::Tensor& beta,
+                            at::IntArrayRef stride, at::IntArrayRef padding, double eps, double slope) {
+  const at::Tensor c = at::conv2d(x, w, {}, stride, padding);
+  const auto acc = c.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor cf = c.to(acc);
+  auto vm = at::var_mean(cf, at::IntArrayRef{2, 3}, /*unbiased=*/false, /*keepdim=*/true);
+  const at::Tensor& var = std::get<0>(vm);
+  at::Tensor rstd = at::rsqrt(var + eps);
+  if (eps == 0) rstd = at::where(var == 0, at::zeros_like(rstd), rstd);  // ops/norm_act.py inv_std
+  at::Tensor z = (cf - std::get<1>(vm)) * rstd;
+  if (gamma.defined()) z = z * gamma.to(acc).view({1, -1, 1, 1});
+  if (beta.defined()) z = z + beta.to(acc).view({1, -1, 1, 1});
+  return at::leaky_relu(z, slope).to(c.scalar_type());
+}
+
+struct ConvInActFn : public torch::autograd::Function<ConvInActFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptT& b,
+                            const OptT& gamma, const OptT& beta, at::IntArrayRef stride, at::IntArrayRef padding,
+                            double eps, double slope) {
+    at::Tensor y, c, mean, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(y, c, mean, rstd) = in_fwd_op().call(dense(x), w, gamma, beta, stride, padding, eps, slope);
+    }
+    ctx->save_for_backward({x, w, present(gamma) ? *gamma : at::Tensor(), present(beta) ? *beta : at::Tensor(), c,
+                            mean, rstd});
+    // autograd edges: one per present tensor argument, in order (custom_function.h's
+    // ExtractVariables skips an absent optional): x 0, weight 1, then bias?, gamma?, beta?
+    const bool hb = present(b), hg = present(gamma), ht = present(beta);
+    ctx->saved_data["edges"] = std::vector<int64_t>{hb ? 2 : -1, hg ? 2 + hb : -1, ht ? 2 + hb + hg : -1};
+    if (hb) {
+      ctx->saved_data["bias_size"] = b->sizes().vec();
+      ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b->scalar_type());
+    }
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["slope"] = slope;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);  // one slot per forward argument: x, weight, bias, gamma, beta, 4 non-tensors
+    const at::Tensor& gy = grads[0];
+    if (!gy.defined()) return out;
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &w = s[1], &gamma = s[2], &beta = s[3];
+    const std::vector<int64_t> e = ctx->saved_data["edges"].toIntVector();
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    const double eps = ctx->saved_data["eps"].toDouble(), slope = ctx->saved_data["slope"].toDouble();
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1);
+    const bool nb = e[0] >= 0 && ctx->needs_input_grad(e[0]);
+    const bool ng = e[1] >= 0 && ctx->needs_input_grad(e[1]);
+    const bool nt = e[2] >= 0 && ctx->needs_input_grad(e[2]);
+    if (nb) {  // exactly zero: the normalisation removes the bias
+      out[2] = at::zeros(ctx->saved_data["bias_size"].toIntVector(),
+                         at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt())));
+    }
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the torch composition, differentiated
+      std::vector<at::Tensor> inputs;
+      std::vector<int> slot;
+      if (nx) inputs.push_back(x), slot.push_back(0);
+      if (nw) inputs.push_back(w), slot.push_back(1);
+      if (ng) inputs.push_back(gamma), slot.push_back(3);
+      if (nt) inputs.push_back(beta), slot.push_back(4);
+      if (inputs.empty()) return out;
+      const at::Tensor y = in_act_reference(x, w, gamma, beta, stride, padding, eps, slope);
+      auto g = torch::autograd::grad({y}, inputs, {gy.to(y.scalar_type())}, /*retain_graph=*/true,
+                                     /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t i = 0; i < slot.size(); ++i) out[slot[i]] = g[i];
+      return out;
+    }
+    if (!nx && !nw && !ng && !nt) return out;
+    auto r = in_bwd_op().call(gy, dense(x), w, s[4], s[5], s[6], lean::as_opt(gamma), lean::as_opt(beta), stride,
+                              padding, slope, c10::List<bool>({nx, nw}));
+    if (nx) out[0] = std::get<0>(r);
+    if (nw) out[1] = std::get<1>(r);
+    if (ng) out[3] = std::get<2>(r).to(gamma.scalar_type());
+    if (nt) out[4] = std::get<3>(r).to(beta.scalar_type());
+    return out;
+  }
+};
+
+at::Tensor conv2d_in_act_autograd(const at::Tensor& x, const at::Tensor& w, const OptT& b, const OptT& gamma,
+                                  const OptT& beta, at::IntArrayRef stride, at::IntArrayRef padding, double eps,
+                                  double slope) {
+  check_in(x, w, b, gamma, beta, stride, padding, slope);
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || w.requires_grad() || (present(b) && b->requires_grad()) ||
+                     (present(gamma) && gamma->requires_grad()) || (present(beta) && beta->requires_grad()));
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return std::get<0>(in_fwd_op().call(dense(x), w, gamma, beta, stride, padding, eps, slope));
+  }
+  return ConvInActFn::apply(x, w, b, gamma, beta, stride, padding, eps, slope);
+}
+
+at::Tensor conv2d_in_act_plain(const at::Tensor& x, const at::Tensor& w, const OptT& b, const OptT& gamma,
+                               const OptT& beta, at::IntArrayRef stride, at::IntArrayRef padding, double eps,
+                               double slope) {
+  check_in(x, w, b, gamma, beta, stride, padding, slope);
+  return std::get<0>(in_fwd_op().call(dense(x), w, gamma, beta, stride, padding, eps, slope));
+}
+
 }  // namespace
 }  // namespace conv_act_lean
 }  // namespace ganengine
 
 TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
   m.def("conv2d_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, float slope) -> Tensor");
+  m.def("conv2d_in_act(Tensor x, Tensor weight, Tensor? bias, Tensor? gamma, Tensor? beta, int[2] stride, "
+        "int[2] padding, float eps, float slope) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, Autograd, m) {
   m.impl("conv2d_act", &ganengine::conv_act_lean::conv2d_act_autograd);
+  m.impl("conv2d_in_act", &ganengine::conv_act_lean::conv2d_in_act_autograd);
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, CompositeExplicitAutograd, m) {
   m.impl("conv2d_act", &ganengine::conv_act_lean::conv2d_act_plain);
+  m.impl("conv2d_in_act", &ganengine::conv_act_lean::conv2d_in_act_plain);
 }

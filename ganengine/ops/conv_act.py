@@ -465,6 +465,42 @@ def _refused(e: RuntimeError, weight, bias) -> bool:
     return not (isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)))
 
 
+# conv2d_instance_norm_act's lean entry: ganengine_C::conv2d_in_act (same file, same rules)
+_CPU_IN_READY: list = []
+_C_IN_OP = None
+_IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
+
+
+def _cpu_in_entry():
+    """The raw ganengine_C::conv2d_in_act builtin when 'auto' (or 'cpu') would run the C++ kernels
+    on CPU tensors, else None (the rule of _cpu_entry)."""
+    global _C_IN_OP
+    requested = backends._requested.value
+    if requested is None:
+        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
+    if requested not in ("auto", "cpu"):
+        return None
+    if not _CPU_IN_READY:
+        cpu = torch.device("cpu")
+        ok = (_ext.loaded() and _ext.has_kernel("conv2d_in_act", "CompositeExplicitAutograd")
+              and backends.serves("cpu", cpu)
+              and _dispatch.ext_reason("conv_in_act_fwd", cpu) is None
+              and _dispatch.ext_reason("conv_in_act_bwd", cpu) is None)
+        if ok:
+            _C_IN_OP = _ext.op("conv2d_in_act").default._op
+        _CPU_IN_READY.append(ok)
+    return _C_IN_OP
+
+
+def _refused_in(e: RuntimeError, *optional_tensors) -> bool:
+    """_refused for conv2d_in_act: its own refusal, or the dispatcher not taking a weight, bias,
+    norm_weight or norm_bias that is not a Tensor (weight must be one)."""
+    if isinstance(e, NotImplementedError):
+        return str(e).startswith(_IN_REFUSAL)
+    weight, *rest = optional_tensors
+    return not (isinstance(weight, torch.Tensor) and all(t is None or isinstance(t, torch.Tensor) for t in rest))
+
+
 # ----------------------------------------------------------------------------- public functions
 def _pair(name: str, v, minimum: int) -> list[int]:
     if isinstance(v, int) and not isinstance(v, bool):
@@ -565,6 +601,25 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     ``bias`` cancels exactly in the normalisation: it is not added, and its gradient is exactly
     zero (torch's is rounding noise around zero).
     """
+    # the lean route (ganengine_C::conv2d_in_act, as conv2d_act's above): it declines what it does
+    # not serve (wrong shapes, dtypes or devices, a negative slope, an empty output map, autocast)
+    # before any work; the route below then serves the call or raises the public error
+    if (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+            and (type(eps) is float or type(eps) is int) and not torch.compiler.is_compiling()):
+        if activation == "leaky_relu":
+            lean_slope = negative_slope if (type(negative_slope) is float or type(negative_slope) is int) else None
+        else:
+            lean_slope = 0.0 if activation == "relu" else 1.0 if activation == "none" else None
+        op = None if lean_slope is None else _cpu_in_entry()
+        if op is not None:
+            try:
+                y = op(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, lean_slope)
+            except RuntimeError as e:  # (NotImplementedError is one)
+                if not _refused_in(e, weight, bias, norm_weight, norm_bias):
+                    raise
+            else:
+                _dispatch.last_used["conv2d_instance_norm_act"] = "cpu"
+                return y
     fn = "conv2d_instance_norm_act"
     _check_conv(fn, x, weight, bias)
     stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
@@ -607,3 +662,22 @@ if _ext.loaded() and _ext.has_kernel("conv2d_act", "CompositeExplicitAutograd"):
         return (_empty_or(x, x.shape, out_format(x), mask[0]),
                 _empty_or(weight, weight.shape, out_format(weight), mask[1]),
                 _empty_or(y, (y.shape[1],), torch.contiguous_format, mask[2]))
+
+if _ext.loaded() and _ext.has_kernel("conv2d_in_act", "CompositeExplicitAutograd"):
+    @torch.library.register_fake("ganengine_C::conv2d_in_act")
+    def _(x, weight, bias, gamma, beta, stride, padding, eps, slope):
+        return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
+                           memory_format=out_format(x))
+
+    @torch.library.register_fake("ganengine_C::conv_in_act_fwd")
+    def _(x, weight, gamma, beta, stride, padding, eps, slope):
+        shape = _out_shape(x, weight, stride, padding)
+        y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
+        stats = x.new_empty(shape[:2], dtype=_acc(x.dtype))
+        return y, torch.empty_like(y), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("ganengine_C::conv_in_act_bwd")
+    def _(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, slope, mask):
+        ch = torch.empty_like(mean[0])
+        return (_empty_or(x, x.shape, out_format(x), mask[0]),
+                _empty_or(weight, weight.shape, out_format(weight), mask[1]), ch, torch.empty_like(ch))
