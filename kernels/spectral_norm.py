@@ -71,30 +71,61 @@ def _maddr(r, c, K, s_r, s_1, s_2):
 
 
 @triton.jit
+def _layer_of(META, BLK, n_prog):
+    """This program's (layer, its metadata row, block index): BLK holds the layer of every
+    program, then its block within that layer."""
+    pid = tl.program_id(0)
+    layer = tl.load(BLK + pid)
+    return layer, META + layer * 24, tl.load(BLK + n_prog + pid)
+
+
+@triton.jit
+def _matrix(m):
+    """The layer's weight as a matrix: rows H, columns Wd (split as (Wd // K, K)), strides."""
+    return tl.load(m + 3), tl.load(m + 4), tl.load(m + 5), tl.load(m + 6), tl.load(m + 7), tl.load(m + 8)
+
+
+@triton.jit
+def _norm_of(P, m, at: tl.constexpr, eps, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """max(||previous step's vector||, eps) from its partial sums of squares (metadata at, at+1)."""
+    ssq = _sum_partials(P + tl.load(m + at), tl.load(m + at + 1), BLOCK_P, ACC)
+    return tl.maximum(tl.sqrt(ssq), eps)
+
+
+@triton.jit
+def _publish(src_ptr, SRC, OUT, off, n, den, FIRST: tl.constexpr, WRITE_STATE: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """Write this step's input vector (n entries) to OUT + off once it is final: the state vector
+    itself on the first step, else the previous step's SRC + off normalised by den (and back into
+    the state when WRITE_STATE)."""
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        mask = i < n
+        if FIRST:
+            tl.store(OUT + off + i, tl.load(src_ptr + i, mask=mask, other=0.0), mask=mask)
+        else:
+            x = (tl.load(SRC + off + i, mask=mask, other=0.0) / den).to(OUT.dtype.element_ty)
+            tl.store(OUT + off + i, x, mask=mask)
+            if WRITE_STATE:
+                tl.store(src_ptr + i, x, mask=mask)
+
+
+@triton.jit
 def _row_kernel(META, BLK, n_prog, T, PT, S, PS, VOUT, eps,
                 MODE: tl.constexpr, FIRST: tl.constexpr, WRITE_STATE: tl.constexpr, W_TY: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     """U step (MODE=STEP): t = M x for BLOCK_R rows, partial ||t||^2; DIRECT: partial u . M v."""
-    pid = tl.program_id(0)
-    layer = tl.load(BLK + pid)
-    blk = tl.load(BLK + n_prog + pid)
-    m = META + layer * 24
+    _, m, blk = _layer_of(META, BLK, n_prog)
     w_ptr = tl.load(m + 0).to(tl.pointer_type(W_TY))
     u_ptr = tl.load(m + 1).to(tl.pointer_type(W_TY))
     v_ptr = tl.load(m + 2).to(tl.pointer_type(W_TY))
-    H = tl.load(m + 3)
-    Wd = tl.load(m + 4)
-    K = tl.load(m + 5)
-    s_r = tl.load(m + 6)
-    s_1 = tl.load(m + 7)
-    s_2 = tl.load(m + 8)
+    H, Wd, K, s_r, s_1, s_2 = _matrix(m)
     off_u = tl.load(m + 12)
     off_v = tl.load(m + 13)
     off_rb = tl.load(m + 15)
     den = 1.0
     if not FIRST:  # x = s / max(||s||, eps) from the previous V step
-        ssq = _sum_partials(PS + tl.load(m + 17), tl.load(m + 18), BLOCK_P, ACC)
-        den = tl.maximum(tl.sqrt(ssq), eps)
+        den = _norm_of(PS, m, 17, eps, BLOCK_P, ACC)
     rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < H
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
@@ -113,17 +144,7 @@ def _row_kernel(META, BLK, n_prog, T, PT, S, PS, VOUT, eps,
         tl.store(T + off_u + rows, t, mask=rmask)
         tl.store(PT + off_rb + blk, tl.sum(t * t, axis=0))
         if blk == 0:  # this step's input vector is final for this step: publish it
-            for c0 in range(0, Wd, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                cmask = cols < Wd
-                if FIRST:
-                    x = tl.load(v_ptr + cols, mask=cmask, other=0.0)
-                    tl.store(VOUT + off_v + cols, x, mask=cmask)
-                else:
-                    x = (tl.load(S + off_v + cols, mask=cmask, other=0.0) / den).to(VOUT.dtype.element_ty)
-                    tl.store(VOUT + off_v + cols, x, mask=cmask)
-                    if WRITE_STATE:
-                        tl.store(v_ptr + cols, x, mask=cmask)
+            _publish(v_ptr, S, VOUT, off_v, Wd, den, FIRST, WRITE_STATE, BLOCK_C)
     else:
         u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(ACC)
         tl.store(PT + off_rb + blk, tl.sum(u * t, axis=0))
@@ -134,25 +155,16 @@ def _col_kernel(META, BLK, n_prog, T, PT, S, PS, UOUT, eps,
                 FIRST: tl.constexpr, WRITE_STATE: tl.constexpr, W_TY: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     """V step: s = M^T y for BLOCK_C columns, partial ||s||^2."""
-    pid = tl.program_id(0)
-    layer = tl.load(BLK + pid)
-    blk = tl.load(BLK + n_prog + pid)
-    m = META + layer * 24
+    _, m, blk = _layer_of(META, BLK, n_prog)
     w_ptr = tl.load(m + 0).to(tl.pointer_type(W_TY))
     u_ptr = tl.load(m + 1).to(tl.pointer_type(W_TY))
-    H = tl.load(m + 3)
-    Wd = tl.load(m + 4)
-    K = tl.load(m + 5)
-    s_r = tl.load(m + 6)
-    s_1 = tl.load(m + 7)
-    s_2 = tl.load(m + 8)
+    H, Wd, K, s_r, s_1, s_2 = _matrix(m)
     off_u = tl.load(m + 12)
     off_v = tl.load(m + 13)
     off_cb = tl.load(m + 17)
     den = 1.0
     if not FIRST:  # y = t / max(||t||, eps) from the previous U step
-        ssq = _sum_partials(PT + tl.load(m + 15), tl.load(m + 16), BLOCK_P, ACC)
-        den = tl.maximum(tl.sqrt(ssq), eps)
+        den = _norm_of(PT, m, 15, eps, BLOCK_P, ACC)
     cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < Wd
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
@@ -170,17 +182,7 @@ def _col_kernel(META, BLK, n_prog, T, PT, S, PS, UOUT, eps,
     tl.store(S + off_v + cols, s, mask=cmask)
     tl.store(PS + off_cb + blk, tl.sum(s * s, axis=0))
     if blk == 0:
-        for r0 in range(0, H, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            rmask = rows < H
-            if FIRST:
-                y = tl.load(u_ptr + rows, mask=rmask, other=0.0)
-                tl.store(UOUT + off_u + rows, y, mask=rmask)
-            else:
-                y = (tl.load(T + off_u + rows, mask=rmask, other=0.0) / den).to(UOUT.dtype.element_ty)
-                tl.store(UOUT + off_u + rows, y, mask=rmask)
-                if WRITE_STATE:
-                    tl.store(u_ptr + rows, y, mask=rmask)
+        _publish(u_ptr, T, UOUT, off_u, H, den, FIRST, WRITE_STATE, BLOCK_R)
 
 
 @triton.jit
@@ -188,10 +190,7 @@ def _final_kernel(META, BLK, n_prog, T, PT, S, PS, UOUT, VOUT, WOUT, SIGMA, eps,
                   LAST: tl.constexpr, WRITE_STATE: tl.constexpr, W_TY: tl.constexpr,
                   BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     """sigma, W / sigma for BLOCK_E elements, and the last vector normalised (or copied)."""
-    pid = tl.program_id(0)
-    layer = tl.load(BLK + pid)
-    blk = tl.load(BLK + n_prog + pid)
-    m = META + layer * 24
+    layer, m, blk = _layer_of(META, BLK, n_prog)
     w_ptr = tl.load(m + 0).to(tl.pointer_type(W_TY))
     u_ptr = tl.load(m + 1).to(tl.pointer_type(W_TY))
     v_ptr = tl.load(m + 2).to(tl.pointer_type(W_TY))
@@ -245,10 +244,7 @@ def _final_kernel(META, BLK, n_prog, T, PT, S, PS, UOUT, VOUT, WOUT, SIGMA, eps,
 def _bwd_dot_kernel(META, GT, BLK, n_prog, PE, W_TY: tl.constexpr, G_TY: tl.constexpr,
                     BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     """Partial <g, W> per element block."""
-    pid = tl.program_id(0)
-    layer = tl.load(BLK + pid)
-    blk = tl.load(BLK + n_prog + pid)
-    m = META + layer * 24
+    layer, m, blk = _layer_of(META, BLK, n_prog)
     gm = GT + layer * 5
     w_ptr = tl.load(m + 0).to(tl.pointer_type(W_TY))
     g_ptr = tl.load(gm + 0).to(tl.pointer_type(G_TY))
@@ -271,10 +267,7 @@ def _bwd_apply_kernel(META, GT, BLK, n_prog, PE, GSIG, SIGMA, UOUT, VOUT, DW,
                       W_TY: tl.constexpr, G_TY: tl.constexpr, HAS_GSIG: tl.constexpr, BLOCK_E: tl.constexpr,
                       BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     """dW = g / sigma + (g_sigma - <g, W> / sigma^2) u v^T for BLOCK_E elements."""
-    pid = tl.program_id(0)
-    layer = tl.load(BLK + pid)
-    blk = tl.load(BLK + n_prog + pid)
-    m = META + layer * 24
+    layer, m, blk = _layer_of(META, BLK, n_prog)
     gm = GT + layer * 5
     g_ptr = tl.load(gm + 0).to(tl.pointer_type(G_TY))
     H = tl.load(m + 3)
