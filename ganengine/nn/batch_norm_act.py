@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine.nn._adopt import norm_with_activation
+
 from ganengine.ops.batch_norm_act import ACTIVATIONS, batch_norm_act, conditional_batch_norm_act
 
 
@@ -50,26 +52,7 @@ class _BatchNormActMixin:
     def from_modules(cls, norm: nn.Module, act: nn.Module | None):
         """A fused module sharing ``norm``'s Parameters and buffers (the same tensor objects, under
         the same keys), so an optimiser built before fusing keeps training them."""
-        if isinstance(act, nn.LeakyReLU):
-            activation, slope = "leaky_relu", float(act.negative_slope)
-        elif isinstance(act, nn.ReLU):
-            activation, slope = "relu", 0.0
-        elif act is None or isinstance(act, nn.Identity):
-            activation, slope = "none", 0.0
-        else:
-            raise TypeError(f"{cls.__name__}.from_modules: unsupported activation {type(act).__name__}")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
-            setattr(fused, attr, getattr(norm, attr))
-        for name, p in norm._parameters.items():
-            fused._parameters[name] = p
-        for name, b in norm._buffers.items():
-            fused._buffers[name] = b
-        fused._non_persistent_buffers_set = set(norm._non_persistent_buffers_set)
-        fused.activation, fused.negative_slope = activation, slope
-        fused.train(norm.training)
-        return fused
+        return norm_with_activation(cls, norm, act)
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):

@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import nn
 
+from ganengine.nn._adopt import norm_with_activation
+
 from ganengine.ops.norm_act import ACTIVATIONS, instance_norm_act
 
 
@@ -60,23 +62,4 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
     @classmethod
     def from_modules(cls, norm: nn.InstanceNorm2d, act: nn.Module | None) -> "InstanceNormAct2d":
         """A fused module sharing ``norm``'s parameters and buffers (same tensors, same keys)."""
-        if isinstance(act, nn.LeakyReLU):
-            activation, slope = "leaky_relu", act.negative_slope
-        elif isinstance(act, nn.ReLU):
-            activation, slope = "relu", 0.0
-        elif act is None or isinstance(act, nn.Identity):
-            activation, slope = "none", 0.0
-        else:
-            raise TypeError(f"InstanceNormAct2d.from_modules: unsupported activation {type(act).__name__}")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
-            setattr(fused, attr, getattr(norm, attr))
-        for name, p in norm._parameters.items():
-            fused._parameters[name] = p
-        for name, b in norm._buffers.items():
-            fused._buffers[name] = b
-        fused._non_persistent_buffers_set = set(norm._non_persistent_buffers_set)
-        fused.activation, fused.negative_slope = activation, float(slope)
-        fused.train(norm.training)
-        return fused
+        return norm_with_activation(cls, norm, act)
