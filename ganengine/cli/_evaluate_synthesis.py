@@ -50,9 +50,8 @@ def _positive(name: str, value: int) -> None:
 
 
 def run(args) -> int:
-    from ganengine.cli.evaluate import load_checkpoint, resolve_device
+    from ganengine.cli.evaluate import feature_extractor, load_checkpoint, resolve_device
     from ganengine.data import build_dataset
-    from ganengine.metrics import load_fid_inception, resolve_feature_extractor
     from ganengine.metrics.evaluate_synthesis import check_logits, evaluate_synthesis, parse_synthesis_metrics, real_loader
 
     try:
@@ -62,12 +61,7 @@ def run(args) -> int:
         if args.max_images is not None:
             _positive("max_images", args.max_images)
         device = resolve_device(args.device)
-        if args.feature_extractor and args.inception_weights:
-            raise ValueError("give --inception_weights or --feature_extractor, not both")
-        if args.feature_extractor:
-            extractor = resolve_feature_extractor(args.feature_extractor, device=device)
-        else:
-            extractor = load_fid_inception(args.inception_weights, device, resize=args.inception_resize)
+        extractor = feature_extractor(args, device)
         if "is" in metrics:
             check_logits(extractor)
         model, data_options = load_checkpoint(args.checkpoint, device)

@@ -82,6 +82,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def feature_extractor(args, device: torch.device):
+    """The feature network the options name: --feature_extractor module:attr, or the FID
+    Inception network from --inception_weights (not both)."""
+    if args.feature_extractor and args.inception_weights:
+        raise ValueError("give --inception_weights or --feature_extractor, not both")
+    from ganengine.metrics import load_fid_inception, resolve_feature_extractor
+
+    if args.feature_extractor:
+        return resolve_feature_extractor(args.feature_extractor, device=device)
+    return load_fid_inception(args.inception_weights, device, resize=args.inception_resize)
+
+
 def _default_phase(model_name: str, root: str) -> str:
     if model_name == "pix2pix":
         return "test" if os.path.isdir(os.path.join(root, "test")) else "val"
@@ -107,7 +119,7 @@ def make_eval_loader(model, data_options: dict, dataroot: str | None, phase: str
 
 
 def run(args) -> int:
-    from ganengine.metrics import evaluate_generator, parse_metrics, resolve_feature_extractor
+    from ganengine.metrics import evaluate_generator, parse_metrics
     from ganengine.metrics.features import load_object
 
     if _evaluate_synthesis.is_synthesis_checkpoint(args.checkpoint):  # noise -> image models: generate N samples
@@ -119,14 +131,7 @@ def run(args) -> int:
         device = resolve_device(args.device)
         extractor = classifier = None
         if {"fid", "kid"} & set(metrics):
-            if args.feature_extractor and args.inception_weights:
-                raise ValueError("give --inception_weights or --feature_extractor, not both")
-            if args.feature_extractor:
-                extractor = resolve_feature_extractor(args.feature_extractor, device=device)
-            else:
-                from ganengine.metrics import load_fid_inception
-
-                extractor = load_fid_inception(args.inception_weights, device, resize=args.inception_resize)
+            extractor = feature_extractor(args, device)
         if "acc" in metrics:
             if not args.classifier:
                 raise ValueError("the acc metric needs --classifier module:attr")
