@@ -132,6 +132,19 @@ def _chunk_count(kk, N, S, NPER, SPER, SCH):
 
 
 @triton.jit
+def _program_tile(N, C, S, n_cblocks, NPER, SPER, SCH, BLOCK_C: tl.constexpr):
+    """This program's chunk k, its channels c (and mask), and the sample and spatial ranges of
+    chunk k: programs walk the channel blocks fastest, then the chunks (SCH spatial chunks per
+    sample chunk)."""
+    pid = tl.program_id(0)
+    k = pid // n_cblocks
+    c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_lo = (k // SCH) * NPER
+    s_lo = (k % SCH) * SPER
+    return k, c, c < C, n_lo, tl.minimum(n_lo + NPER, N), s_lo, tl.minimum(s_lo + SPER, S)
+
+
+@triton.jit
 def _fwd_kernel(X, Y, W, B, RM, RV, STATS, PM, PQ,
                 N, C, S, sN, sC, sS, wsN, sRM, sRV, n_cblocks, NPER, SPER, SCH, CHUNKS,
                 factor, eps, slope,
@@ -140,15 +153,7 @@ def _fwd_kernel(X, Y, W, B, RM, RV, STATS, PM, PQ,
                 BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     # PHASE 0: statistics + apply in one program (CHUNKS == 1); 1: partial statistics of a chunk;
     # 2: combine the partials + apply to the chunk; 3: eval (running statistics) apply.
-    pid = tl.program_id(0)
-    cb = pid % n_cblocks
-    k = pid // n_cblocks
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    n_lo = (k // SCH) * NPER
-    n_hi = tl.minimum(n_lo + NPER, N)
-    s_lo = (k % SCH) * SPER
-    s_hi = tl.minimum(s_lo + SPER, S)
+    k, c, cmask, n_lo, n_hi, s_lo, s_hi = _program_tile(N, C, S, n_cblocks, NPER, SPER, SCH, BLOCK_C)
     first = cmask & (k == 0)
     if PHASE == 1:
         K = tl.load(X + c.to(tl.int64) * sC, mask=cmask, other=0.0).to(ACC)
@@ -229,15 +234,7 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
                 BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     # PHASE 0: sums + dx in one program (CHUNKS == 1); 1: partial sums of a chunk;
     # 2: combine the partial sums + dx of the chunk.
-    pid = tl.program_id(0)
-    cb = pid % n_cblocks
-    k = pid // n_cblocks
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    n_lo = (k // SCH) * NPER
-    n_hi = tl.minimum(n_lo + NPER, N)
-    s_lo = (k % SCH) * SPER
-    s_hi = tl.minimum(s_lo + SPER, S)
+    k, c, cmask, n_lo, n_hi, s_lo, s_hi = _program_tile(N, C, S, n_cblocks, NPER, SPER, SCH, BLOCK_C)
     first = cmask & (k == 0)
     mean = tl.load(STATS + c, mask=cmask, other=0.0)
     rstd = tl.load(STATS + C + c, mask=cmask, other=1.0)
