@@ -87,20 +87,46 @@ at::Tensor reference_grad(const at::Tensor& x, int64_t mode, double target) {
   }
 }
 
+// Per-call bookkeeping is kept small (this is what a call costs at a 30x30 map): one saved_data
+// entry for the configuration (mode, target, scale per term, as doubles), one for the gradient
+// buffers only when a term writes one, grad_output read only when a buffer may be final, and no
+// dtype conversion call where the dtype already matches.
+// (g * c).to(x.dtype).expand(x.shape) with the product taken as a C++ scalar in g's dtype: the same
+// IEEE product as the tensor multiply (fp32 * fp32(c), or fp64), without its wrapped-scalar tensor
+at::Tensor linear_grad(const at::Tensor& g, double c, const at::Tensor& x) {
+  at::Tensor r;
+  if (g.scalar_type() == at::kFloat) {
+    r = at::scalar_tensor(g.item<float>() * static_cast<float>(c), x.options());
+  } else if (g.scalar_type() == at::kDouble) {
+    r = at::scalar_tensor(g.item<double>() * c, x.options());
+  } else {
+    r = (g * c).to(x.scalar_type());
+  }
+  return r.expand(x.sizes());
+}
+
 struct AdvLossFn : public torch::autograd::Function<AdvLossFn> {
-  static at::Tensor forward(AutogradContext* ctx, at::TensorList xs, std::vector<int64_t> modes,
-                            std::vector<double> targets, std::vector<double> scales) {
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList xs, const std::vector<int64_t>& modes,
+                            const std::vector<double>& targets, const std::vector<double>& scales) {
+    const size_t k = xs.size();
+    bool any_buf = false;
+    std::vector<double> cfg(3 * k);
+    for (size_t i = 0; i < k; ++i) {
+      any_buf = any_buf || modes[i] != LINEAR;
+      cfg[3 * i] = static_cast<double>(modes[i]);
+      cfg[3 * i + 1] = targets[i];
+      cfg[3 * i + 2] = scales[i];
+    }
     at::Tensor total;
     std::vector<at::Tensor> bufs;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(total, bufs) = fwd_op().call(xs, modes, targets, scales, /*want_grad=*/true);
+      // (a linear term writes no buffer: without a nonlinear one the kernel is asked for none)
+      std::tie(total, bufs) = fwd_op().call(xs, modes, targets, scales, /*want_grad=*/any_buf);
     }
     ctx->save_for_backward(xs.vec());
-    ctx->saved_data["bufs"] = std::move(bufs);
-    ctx->saved_data["modes"] = std::move(modes);
-    ctx->saved_data["targets"] = std::move(targets);
-    ctx->saved_data["scales"] = std::move(scales);
+    ctx->saved_data["cfg"] = std::move(cfg);
+    if (any_buf) ctx->saved_data["bufs"] = std::move(bufs);
     return total;
   }
 
@@ -111,32 +137,32 @@ struct AdvLossFn : public torch::autograd::Function<AdvLossFn> {
     variable_list out(k + 3);
     const at::Tensor& g = grads[0];
     // the buffers are handed out (or scaled in place) once: a second backward recomputes
-    c10::IValue& saved_bufs = ctx->saved_data["bufs"];
-    const std::vector<at::Tensor> bufs = saved_bufs.isTensorList() ? saved_bufs.toTensorVector()
-                                                                   : std::vector<at::Tensor>(k);
-    saved_bufs = c10::IValue();
+    std::vector<at::Tensor> bufs;
+    auto found = ctx->saved_data.find("bufs");
+    if (found != ctx->saved_data.end()) {
+      if (found->second.isTensorList()) bufs = found->second.toTensorVector();
+      found->second = c10::IValue();
+    }
     if (!g.defined()) return out;
-    const auto modes = ctx->saved_data["modes"].toIntVector();
-    const auto targets = ctx->saved_data["targets"].toDoubleVector();
-    const auto scales = ctx->saved_data["scales"].toDoubleVector();
+    const c10::List<double> cfg = ctx->saved_data["cfg"].toDoubleList();
     const bool grad_mode = at::GradMode::is_enabled();
-    // grad_output is 1 whenever the loss enters the objective unscaled: the buffer is final then
-    // (reading it is free on the CPU: no device sync)
-    const bool one = g.item<double>() == 1.0;
+    int one = -1;  // grad_output == 1, read once when needed (free on the CPU: no device sync)
     for (size_t i = 0; i < k; ++i) {
       if (!ctx->needs_input_grad(i)) continue;
       const at::Tensor& x = xs[i];
-      const at::Tensor& b = bufs[i];
-      const int64_t m = modes[i];
-      const double s = scales[i], t = targets[i];
-      if (grad_mode || (m != LINEAR && (!b.defined() || b.numel() != x.numel()))) {
-        out[i] = (reference_grad(x, m, t) * (g * s)).to(x.scalar_type());
+      const auto dtype = x.scalar_type();
+      const int64_t m = static_cast<int64_t>(cfg.get(3 * i));
+      const double t = cfg.get(3 * i + 1), s = cfg.get(3 * i + 2);
+      const bool has_buf = i < bufs.size() && bufs[i].defined() && bufs[i].numel() == x.numel();
+      if (grad_mode || (m != LINEAR && !has_buf)) {  // create_graph=True (or no buffer left)
+        at::Tensor r = reference_grad(x, m, t) * (g * s);
+        out[i] = r.scalar_type() == dtype ? r : r.to(dtype);
       } else if (m == LINEAR) {  // constant gradient: an expanded scalar, nothing written
-        out[i] = (g * (s * t)).to(x.scalar_type()).expand(x.sizes());
-      } else if (one) {
-        out[i] = b;
+        out[i] = linear_grad(g, s * t, x);
       } else {
-        out[i] = b.mul_(g.to(b.scalar_type()));
+        if (one < 0) one = g.item<double>() == 1.0;
+        at::Tensor& b = bufs[i];
+        out[i] = one ? b : b.mul_(g.scalar_type() == b.scalar_type() ? g : g.to(b.scalar_type()));
       }
     }
     return out;
@@ -144,15 +170,15 @@ struct AdvLossFn : public torch::autograd::Function<AdvLossFn> {
 };
 
 // the 0-d total of sum_i scale_i * sum(l_i(x_i)), differentiable, in the result dtype of _finish
-at::Tensor run(at::TensorList xs, std::vector<int64_t> modes, std::vector<double> targets,
-               std::vector<double> scales) {
+at::Tensor run(at::TensorList xs, const std::vector<int64_t>& modes, const std::vector<double>& targets,
+               const std::vector<double>& scales) {
   bool grad = false;
   if (at::GradMode::is_enabled()) {
     for (const at::Tensor& x : xs) grad = grad || x.requires_grad();
   }
   at::Tensor total;
   if (grad) {
-    total = AdvLossFn::apply(xs, std::move(modes), std::move(targets), std::move(scales));
+    total = AdvLossFn::apply(xs, modes, targets, scales);
   } else {
     at::AutoDispatchBelowADInplaceOrView below;
     total = std::get<0>(fwd_op().call(xs, modes, targets, scales, /*want_grad=*/false));
@@ -175,7 +201,7 @@ at::Tensor gan_loss(at::TensorList logits, c10::string_view mode, bool target_is
   const size_t k = logits.size();
   std::vector<double> scales(k);
   for (size_t i = 0; i < k; ++i) scales[i] = 1.0 / static_cast<double>(logits[i].numel());
-  return run(logits, std::vector<int64_t>(k, code.first), std::vector<double>(k, code.second), std::move(scales));
+  return run(logits, std::vector<int64_t>(k, code.first), std::vector<double>(k, code.second), scales);
 }
 
 at::Tensor discriminator_loss(const at::Tensor& real_logits, const at::Tensor& fake_logits, c10::string_view mode,
