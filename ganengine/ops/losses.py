@@ -21,7 +21,9 @@ Accumulation is fp32 (fp64 for fp64 inputs); fp16/bf16 inputs are read natively.
 returned in the input dtype like torch's losses, except under autocast, where it stays fp32
 (what autocast gives for mse_loss / l1_loss / bce_with_logits, without casting the inputs).
 
-Eager calls go through a ``torch.autograd.Function`` (about 5 us of Python per call); under
+Eager gan_loss / discriminator_loss calls on CPU tensors go to one C++ op with its autograd in C++
+(the lean entries below, csrc/cpu/losses_autograd.cpp); other eager calls go through a
+``torch.autograd.Function`` (about 5 us of Python per call); under
 ``torch.compile`` the same backends run inside ``torch.library.custom_op``s
 (``ganengine::adv_loss``, ``ganengine::l1_loss_multi``, ``ganengine::l1_loss_multi_backward``)
 with fake impls and registered autograd, so the graph has no breaks. The custom-op layer costs
@@ -307,7 +309,8 @@ class _L1Fn(torch.autograd.Function):
 def adv_loss_op(xs: list[Tensor], modes: list[int], targets: list[float], scales: list[float],
                 want_grad: bool) -> tuple[Tensor, list[Tensor]]:
     total, grads = adv_fwd(xs, modes, targets, scales, want_grad)
-    return total, grads
+    # (the C++ CPU kernel returns None for a gradient it did not write; a custom op returns tensors)
+    return total, [x.new_empty(0) if g is None else g for x, g in zip(xs, grads)]
 
 
 @adv_loss_op.register_fake
