@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not _HAS_LEAN, reason="ganengine._C without the 
 def custom_op_route(monkeypatch):
     """Switches the lean entries off: the public functions take the custom-op route."""
     def use(off: bool):
-        monkeypatch.setattr(A, "_LEAN", {"attention": None, "self_attention2d": None} if off else {})
+        monkeypatch.setattr(_dispatch, "_LEAN", {"attention": None, "self_attention2d": None} if off else {})
     return use
 
 
@@ -274,7 +274,7 @@ def test_core_refusals_give_the_public_errors(case):
     _, bad, exc, msg = case
     args = bad(*_core_ok())
     with pytest.raises(NotImplementedError):  # the entry refuses, it does not fail
-        A._lean_op("attention")(*args)
+        _dispatch.lean_op("attention", A._CORE_KERNELS)(*args)
     with pytest.raises(exc, match=msg):
         A.attention(*args)
 
@@ -289,7 +289,7 @@ def test_block_refusals_give_the_public_errors():
     ]
     for args, exc, msg in cases:
         with pytest.raises(NotImplementedError):
-            A._lean_op("self_attention2d")(*args)
+            _dispatch.lean_op("self_attention2d", A._BLOCK_KERNELS)(*args)
         with pytest.raises(exc, match=msg):
             GF.self_attention2d(*args)
     with pytest.raises(ValueError, match="query_bias"):  # not a tensor: never handed to the C++ op
@@ -315,11 +315,11 @@ def test_errors_propagate_once(monkeypatch):
     monkeypatch.setattr(A, "check_core", counting_check)
     args = _core_ok()
     with on_backend("cpu"):
-        monkeypatch.setattr(A, "_LEAN", {"attention": entry(RuntimeError)})
+        monkeypatch.setattr(_dispatch, "_LEAN", {"attention": entry(RuntimeError)})
         with pytest.raises(RuntimeError, match="boom"):
             A.attention(*args)
         assert calls == {"entry": 1, "route": 0}
-        monkeypatch.setattr(A, "_LEAN", {"attention": entry(NotImplementedError)})
+        monkeypatch.setattr(_dispatch, "_LEAN", {"attention": entry(NotImplementedError)})
         A.attention(*args)
         assert calls == {"entry": 2, "route": 1}
 

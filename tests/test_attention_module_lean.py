@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ganengine import _ext
+from ganengine.ops import _dispatch
 from ganengine.nn import SelfAttention2d
 
 pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="needs ganengine._C")
@@ -46,7 +47,7 @@ def test_plain_convs_take_the_block_entry_with_the_same_bits(channels_last, monk
         calls.append(1)
         return attn_ops.self_attention2d(*args, **kw)
 
-    real_op = attn_ops._lean_op("self_attention2d")
+    real_op = _dispatch.lean_op("self_attention2d", attn_ops._BLOCK_KERNELS)
     assert real_op is not None
 
     def op_spy(*args):
@@ -54,7 +55,7 @@ def test_plain_convs_take_the_block_entry_with_the_same_bits(channels_last, monk
         return real_op(*args)
 
     monkeypatch.setattr(nn_attention, "self_attention2d", spy)
-    monkeypatch.setattr(attn_ops, "_lean_op", lambda name: op_spy if name == "self_attention2d" else None)
+    monkeypatch.setattr(_dispatch, "lean_op", lambda name, kernels=(): op_spy if name == "self_attention2d" else None)
     torch.manual_seed(0)
     mod = SelfAttention2d(16)
     with torch.no_grad():

@@ -222,7 +222,7 @@ def test_error_in_served_backward_propagates_once():
 
 
 def test_refusal_comes_before_any_work():
-    op = ops._cpu_entry()
+    op = _dispatch.lean_op("conv2d_act", ops._ACT_KERNELS)
     assert op is not None
     x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4)
     refused = [
@@ -239,7 +239,7 @@ def test_refusal_comes_before_any_work():
     for args in refused:
         with _KernelCalls("fwd") as mode, pytest.raises(NotImplementedError) as info:
             op(*args)
-        assert ops._refused(info.value, args[1], args[2]), str(info.value)
+        assert _dispatch.refused(info.value, ops._REFUSAL, args[2], required=(args[1],)), str(info.value)
         assert mode.calls == 0
     with torch.autocast("cpu", dtype=torch.bfloat16), _KernelCalls("fwd") as mode:
         with pytest.raises(NotImplementedError, match="autocast"):
@@ -501,7 +501,7 @@ def test_in_error_in_served_backward_propagates_once():
 
 @_needs_in
 def test_in_refusal_comes_before_any_work():
-    op = ops._cpu_in_entry()
+    op = _dispatch.lean_op("conv2d_in_act", ops._IN_KERNELS)
     assert op is not None
     x, w, b, g = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(4)
 
@@ -522,7 +522,7 @@ def test_in_refusal_comes_before_any_work():
     for args in refused:
         with _InKernelCalls("fwd") as mode, pytest.raises(NotImplementedError) as info:
             op(*args)
-        assert ops._refused_in(info.value, *args[1:5]), str(info.value)
+        assert _dispatch.refused(info.value, ops._IN_REFUSAL, *args[2:5], required=(args[1],)), str(info.value)
         assert mode.calls == 0
     with torch.autocast("cpu", dtype=torch.bfloat16), _InKernelCalls("fwd") as mode:
         with pytest.raises(NotImplementedError, match="autocast"):

@@ -17,6 +17,7 @@ in strict mode. The last choice per op is recorded so tests and the profiler can
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -87,3 +88,69 @@ def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None]) -> str:
     _fallback(op, requested, why)
     last_used[op] = "torch"
     return "torch"
+
+
+# ----------------------------------------------------------------------------- lean cpu entries
+# Several families have a "lean entry" on CPU tensors: one C++ op with its autograd in C++
+# (csrc/cpu/*_autograd.cpp), called at the top of the public function in place of the Python
+# custom-op route, whose layers cost more host time per call than the eager ops at small shapes.
+# The entry declines what it does not serve before any work (NotImplementedError with a message
+# starting "<op>: not served by the C++ entry"); the public function then takes its full route,
+# which serves the call or raises the public error (docs/DEVELOPING.md, "Lean entries").
+_LEAN: dict = {}  # entry name -> raw C++ op, or None once known not to serve CPU tensors here
+_ENTRY_KEYS = ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+
+
+def _lean_resolve(name: str, kernels: tuple) -> object | None:
+    cpu = torch.device("cpu")
+    if not (_ext.loaded() and backends.serves("cpu", cpu)):
+        return None
+    for op in (name, *kernels):  # the entry itself, and every kernel it calls, present
+        if not any(_ext.has_kernel(op, key) for key in _ENTRY_KEYS):
+            return None
+    return _ext.op(name).default._op  # the raw builtin: no OpOverloadPacket layer
+
+
+# The requested backend without use_backend(): GANENGINE_BACKEND read from os.environ's own dict.
+# os.environ.get costs about 4 us per call when the variable is unset (a KeyError raised and caught
+# inside), more than a whole lean call's Python; the dict lookup is the same read (os.environ's
+# setters and monkeypatch.setenv update it) for a few tens of ns.
+_requested = backends._requested
+try:
+    _ENV_DATA, _ENV_KEY, _ENV_DECODE = os.environ._data, os.environ.encodekey("GANENGINE_BACKEND"), os.environ.decodevalue
+except AttributeError:  # not CPython's os._Environ: the public mapping
+    _ENV_DATA, _ENV_KEY, _ENV_DECODE = os.environ, "GANENGINE_BACKEND", str
+
+
+def lean_op(name: str, kernels: tuple = ()):
+    """The raw ``ganengine_C::<name>`` op when the requested backend ('auto' or 'cpu') would run the
+    C++ kernels on CPU tensors, else None. ``kernels``: the ganengine_C ops the entry calls (each
+    must be registered for the CPU, or be a composite entry itself). Resolved once per process;
+    per call a few attribute reads, because at small shapes this cost is part of what is compared
+    with eager."""
+    requested = _requested.value
+    if requested is None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        requested = _ENV_DECODE(raw) if raw else "auto"
+    if requested == "auto" or requested == "cpu":
+        try:
+            return _LEAN[name]
+        except KeyError:
+            op = _LEAN[name] = _lean_resolve(name, kernels)
+            return op
+    return None
+
+
+def refused(e: BaseException, prefix: str, *optional_tensors, required=()) -> bool:
+    """Whether ``e``, raised by a lean entry, declines the call before any work (the full route then
+    serves it or raises the public error), rather than being an error of the call, which must
+    propagate as it is, raised once. Declining: the entry's own refusal (NotImplementedError whose
+    message starts with ``prefix``), or the dispatcher not converting an argument: a ``required``
+    tensor that is not a Tensor, or an optional one that is neither None nor a Tensor ("Expected a
+    value of type ..."; the callers pass their other arguments only when of plain types). A
+    NotImplementedError from further in (a dtype dispatch, say) is an error of the call. Asked only
+    once something was raised, so that a served call pays nothing for it."""
+    if isinstance(e, NotImplementedError):
+        return str(e).startswith(prefix)
+    return not (all(isinstance(t, torch.Tensor) for t in required)
+                and all(t is None or isinstance(t, torch.Tensor) for t in optional_tensors))

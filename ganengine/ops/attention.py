@@ -37,13 +37,11 @@ residual's precision. Accumulation is fp32 (fp64 for fp64 input) in every backen
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ganengine import _ext, backends
+from ganengine import _ext
 from ganengine.ops import _dispatch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -267,29 +265,9 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # (csrc/cpu/attention_autograd.cpp) run the cpu route above step by step without the Python
 # custom-op layer. They refuse (NotImplementedError, before any work) what they do not serve;
 # the full route below then raises the public errors or serves the call.
-_LEAN: dict = {}  # op name -> raw C++ op, or None once known not to serve CPU tensors here
-
-
-def _lean_op(name: str):
-    """The raw ganengine_C op ``name`` when 'auto' (or 'cpu') would run the C++ kernels on CPU
-    tensors, else None. Kept to a few attribute reads: at small shapes this cost is part of what
-    is compared with eager (ops/norm_act.py's _cpu_entry, same rule)."""
-    requested = backends._requested.value
-    if requested is None:
-        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
-    if requested not in ("auto", "cpu"):
-        return None
-    op = _LEAN.get(name, False)
-    if op is False:
-        ok = (_ext.loaded() and _ext.has_kernel("attention", "CompositeExplicitAutograd")
-              and _ext.has_kernel(name, "CompositeImplicitAutograd" if name == "self_attention2d"
-                                  else "CompositeExplicitAutograd")
-              and backends.serves("cpu", torch.device("cpu"))
-              and _dispatch.ext_reason("attention_fwd", torch.device("cpu")) is None
-              and _dispatch.ext_reason("attention_bwd", torch.device("cpu")) is None)
-        op = _ext.op(name).default._op if ok else None  # no OpOverloadPacket layer
-        _LEAN[name] = op
-    return op
+# What each entry calls: the block entry runs the core entry (_dispatch.lean_op resolves them).
+_CORE_KERNELS = ("attention_fwd", "attention_bwd")
+_BLOCK_KERNELS = ("attention", "attention_fwd", "attention_bwd")
 
 
 # ----------------------------------------------------------------------------- public
@@ -300,7 +278,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tens
         gamma = torch.tensor(float(gamma), device=x.device)
     if (isinstance(q, Tensor) and q.is_cpu and isinstance(k, Tensor) and isinstance(v, Tensor)
             and isinstance(x, Tensor) and not torch.compiler.is_compiling()):
-        op = _lean_op("attention")
+        op = _dispatch.lean_op("attention", _CORE_KERNELS)
         if op is not None:
             try:
                 out = op(q, k, v, x, gamma)
@@ -347,7 +325,7 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
             and isinstance(key_weight, Tensor) and isinstance(value_weight, Tensor)
             and isinstance(query_bias, (Tensor, type(None))) and isinstance(key_bias, (Tensor, type(None)))
             and isinstance(value_bias, (Tensor, type(None))) and not torch.compiler.is_compiling()):
-        op = _lean_op("self_attention2d")
+        op = _dispatch.lean_op("self_attention2d", _BLOCK_KERNELS)
         if op is not None:
             try:
                 out = op(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, gamma)

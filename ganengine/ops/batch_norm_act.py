@@ -41,7 +41,6 @@ the AMP case); no autocast kernel is registered.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -247,28 +246,15 @@ def _ext_reason(device_type: str) -> str | None:
     return _dispatch.ext_reason("batch_norm_act_fwd", torch.device(device_type))
 
 
-_CPU_READY: list = []  # [bool] once known: the C++ op serves CPU tensors in this process
-
-
-def _cpu_route(op: str, x) -> bool:
-    """The per-call fast check: 'auto' (or 'cpu') on a CPU tensor goes to the C++ op. Kept to a few
-    attribute reads: at small shapes this function's cost is part of what is compared with eager.
-
-    No size rule routes small calls to the torch composition: the C++ op costs less host time than
-    eager's F.batch_norm + F.relu already at 2x4x4x4 (one thread, `python -m ganengine.bench.host_cost
-    --ops batch_norm_act`: 0.68-0.75x forward, 0.67-0.89x forward+backward; conditional 0.25-0.40x /
-    0.31-0.47x), and more so at larger sizes (docs/batch_norm_act.md)."""
-    requested = backends._requested.value
-    if requested is None:
-        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
-    if requested not in ("auto", "cpu") or not isinstance(x, torch.Tensor) or not x.is_cpu:
-        return False
-    if not _CPU_READY:
-        _CPU_READY.append(backends.serves("cpu", torch.device("cpu")) and _ext_reason("cpu") is None)
-    if _CPU_READY[0]:
-        _dispatch.last_used[op] = "cpu"
-        return True
-    return False
+# The lean route: 'auto' (or 'cpu') on a CPU tensor calls the C++ op ganengine_C::batch_norm_act
+# (autograd in C++) at once, resolved by _dispatch.lean_op (a few attribute reads per call: at small
+# shapes that cost is part of what is compared with eager).
+#
+# No size rule routes small calls to the torch composition: the C++ op costs less host time than
+# eager's F.batch_norm + F.relu already at 2x4x4x4 (one thread, `python -m ganengine.bench.host_cost
+# --ops batch_norm_act`: 0.68-0.75x forward, 0.67-0.89x forward+backward; conditional 0.25-0.40x /
+# 0.31-0.47x), and more so at larger sizes (docs/batch_norm_act.md).
+_BN_KERNELS = ("batch_norm_act_fwd", "batch_norm_act_bwd")
 
 
 def _backend(op: str, x: torch.Tensor) -> str:
@@ -410,13 +396,14 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
     apply, slope = _act(activation, negative_slope)
     flags = (TRAINING if training else 0) | (APPLY_ACT if apply else 0) | (PER_SAMPLE if per_sample else 0)
     if not torch.compiler.is_compiling():
-        if _cpu_route(op, x):
-            backend = "cpu"
+        lean = _dispatch.lean_op("batch_norm_act", _BN_KERNELS) if isinstance(x, torch.Tensor) and x.is_cpu else None
+        if lean is not None:
+            _dispatch.last_used[op] = backend = "cpu"
         else:
             backend = _backend(op, x) if isinstance(x, torch.Tensor) else "torch"
         if backend in ("cpu", "cuda"):
             try:
-                return _c_op()(x, w, b, rm, rv, nbt, momentum, eps, slope, flags)
+                return (lean if lean is not None else _c_op())(x, w, b, rm, rv, nbt, momentum, eps, slope, flags)
             except (TypeError, RuntimeError):
                 # arguments the dispatcher could not even convert: say what is wrong in our words
                 _validate(op, x, w, b, rm, rv, training, eps, per_sample)

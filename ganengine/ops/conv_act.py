@@ -418,31 +418,11 @@ torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _in_backward, se
 # conv2d_act on CPU tensors under 'auto' / 'cpu': one call of the C++ op ganengine_C::conv2d_act
 # (csrc/cpu/conv_act_autograd.cpp: the same conv_act_fwd / _bwd kernels, autograd in C++), which
 # skips the custom op's Python layers (50-70 us per call more than eager, at every size).
-_CPU_READY: list = []  # [bool] once known: the C++ entry serves CPU tensors in this process
-_C_OP = None
-# the message prefix of the C++ entry's refusals (conv_act_autograd.cpp, check())
+_ACT_KERNELS = ("conv_act_fwd", "conv_act_bwd")  # what ganengine_C::conv2d_act calls
+# the message prefix of the C++ entry's refusals (conv_act_autograd.cpp, check()); a weight that
+# is not a Tensor, or a bias neither None nor a Tensor, is declined too (_dispatch.refused; stride,
+# padding and slope are handed over only when of plain types)
 _REFUSAL = "conv2d_act: not served by the C++ entry"
-
-
-def _cpu_entry():
-    """The raw ganengine_C::conv2d_act builtin when 'auto' (or 'cpu') would run the C++ kernels on
-    CPU tensors, else None. A few attribute reads per call (ops/norm_act.py's _cpu_entry, same rule)."""
-    global _C_OP
-    requested = backends._requested.value
-    if requested is None:
-        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
-    if requested not in ("auto", "cpu"):
-        return None
-    if not _CPU_READY:
-        cpu = torch.device("cpu")
-        ok = (_ext.loaded() and _ext.has_kernel("conv2d_act", "CompositeExplicitAutograd")
-              and backends.serves("cpu", cpu)
-              and _dispatch.ext_reason("conv_act_fwd", cpu) is None
-              and _dispatch.ext_reason("conv_act_bwd", cpu) is None)
-        if ok:
-            _C_OP = _ext.op("conv2d_act").default._op  # the raw builtin: no OpOverloadPacket layer
-        _CPU_READY.append(ok)
-    return _C_OP
 
 
 def _plain_pair(v) -> bool:
@@ -453,52 +433,9 @@ def _plain_pair(v) -> bool:
     return (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
 
 
-def _refused(e: RuntimeError, weight, bias) -> bool:
-    """Whether e, raised by the C++ entry, declines the call before any work (the Python route then
-    serves it or raises the public error), rather than being an error of the call, which must
-    propagate as it is, raised once: the entry's own refusal (NotImplementedError with _REFUSAL's
-    message), or the dispatcher not taking a weight or bias that is not a Tensor ("Expected a value
-    of type ..."; stride, padding and slope were checked before the call). Checked only once
-    something was raised, so that a served call pays nothing for it."""
-    if isinstance(e, NotImplementedError):
-        return str(e).startswith(_REFUSAL)
-    return not (isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)))
-
-
 # conv2d_instance_norm_act's lean entry: ganengine_C::conv2d_in_act (same file, same rules)
-_CPU_IN_READY: list = []
-_C_IN_OP = None
+_IN_KERNELS = ("conv_in_act_fwd", "conv_in_act_bwd")
 _IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
-
-
-def _cpu_in_entry():
-    """The raw ganengine_C::conv2d_in_act builtin when 'auto' (or 'cpu') would run the C++ kernels
-    on CPU tensors, else None (the rule of _cpu_entry)."""
-    global _C_IN_OP
-    requested = backends._requested.value
-    if requested is None:
-        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
-    if requested not in ("auto", "cpu"):
-        return None
-    if not _CPU_IN_READY:
-        cpu = torch.device("cpu")
-        ok = (_ext.loaded() and _ext.has_kernel("conv2d_in_act", "CompositeExplicitAutograd")
-              and backends.serves("cpu", cpu)
-              and _dispatch.ext_reason("conv_in_act_fwd", cpu) is None
-              and _dispatch.ext_reason("conv_in_act_bwd", cpu) is None)
-        if ok:
-            _C_IN_OP = _ext.op("conv2d_in_act").default._op
-        _CPU_IN_READY.append(ok)
-    return _C_IN_OP
-
-
-def _refused_in(e: RuntimeError, *optional_tensors) -> bool:
-    """_refused for conv2d_in_act: its own refusal, or the dispatcher not taking a weight, bias,
-    norm_weight or norm_bias that is not a Tensor (weight must be one)."""
-    if isinstance(e, NotImplementedError):
-        return str(e).startswith(_IN_REFUSAL)
-    weight, *rest = optional_tensors
-    return not (isinstance(weight, torch.Tensor) and all(t is None or isinstance(t, torch.Tensor) for t in rest))
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -560,7 +497,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     A negative slope runs the plain torch composition (the fused backward reads only the sign of
     the output, which needs slope >= 0).
     """
-    # the lean route (see _cpu_entry): it declines what it does not serve (wrong shapes, dtypes or
+    # the lean route (see _ACT_KERNELS): it declines what it does not serve (wrong shapes, dtypes or
     # devices, a negative slope, autocast, empty tensors) before any work; the route below then
     # serves the call or raises the public error. Any other error is the call's own: raised once.
     # (stride, padding and slope of exactly the types _pair / float() take: the dispatcher would
@@ -568,12 +505,12 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
             and (type(negative_slope) is float or type(negative_slope) is int)
             and not torch.compiler.is_compiling()):
-        op = _cpu_entry()
+        op = _dispatch.lean_op("conv2d_act", _ACT_KERNELS)
         if op is not None:
             try:
                 y = op(x, weight, bias, stride, padding, negative_slope)
             except RuntimeError as e:  # (NotImplementedError is one)
-                if not _refused(e, weight, bias):
+                if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
                     raise
             else:
                 _dispatch.last_used["conv2d_act"] = "cpu"
@@ -610,12 +547,12 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
             lean_slope = negative_slope if (type(negative_slope) is float or type(negative_slope) is int) else None
         else:
             lean_slope = 0.0 if activation == "relu" else 1.0 if activation == "none" else None
-        op = None if lean_slope is None else _cpu_in_entry()
+        op = None if lean_slope is None else _dispatch.lean_op("conv2d_in_act", _IN_KERNELS)
         if op is not None:
             try:
                 y = op(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, lean_slope)
             except RuntimeError as e:  # (NotImplementedError is one)
-                if not _refused_in(e, weight, bias, norm_weight, norm_bias):
+                if not _dispatch.refused(e, _IN_REFUSAL, bias, norm_weight, norm_bias, required=(weight,)):
                     raise
             else:
                 _dispatch.last_used["conv2d_instance_norm_act"] = "cpu"

@@ -21,7 +21,9 @@ Accumulation is fp32 (fp64 for fp64 inputs); fp16/bf16 inputs are read natively.
 returned in the input dtype like torch's losses, except under autocast, where it stays fp32
 (what autocast gives for mse_loss / l1_loss / bce_with_logits, without casting the inputs).
 
-Eager calls go through a ``torch.autograd.Function`` (about 5 us of Python per call); under
+Eager gan_loss / discriminator_loss calls on CPU tensors go to one C++ op with its autograd in C++
+(the lean entries below, csrc/cpu/losses_autograd.cpp); other eager calls go through a
+``torch.autograd.Function`` (about 5 us of Python per call); under
 ``torch.compile`` the same backends run inside ``torch.library.custom_op``s
 (``ganengine::adv_loss``, ``ganengine::l1_loss_multi``, ``ganengine::l1_loss_multi_backward``)
 with fake impls and registered autograd, so the graph has no breaks. The custom-op layer costs
@@ -307,7 +309,8 @@ class _L1Fn(torch.autograd.Function):
 def adv_loss_op(xs: list[Tensor], modes: list[int], targets: list[float], scales: list[float],
                 want_grad: bool) -> tuple[Tensor, list[Tensor]]:
     total, grads = adv_fwd(xs, modes, targets, scales, want_grad)
-    return total, grads
+    # (the C++ CPU kernel returns None for a gradient it did not write; a custom op returns tensors)
+    return total, [x.new_empty(0) if g is None else g for x, g in zip(xs, grads)]
 
 
 @adv_loss_op.register_fake
@@ -405,6 +408,29 @@ def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor | list[Tensor]]:
 
 
 # --------------------------------------------------------------------------------------------
+# lean cpu entries
+# --------------------------------------------------------------------------------------------
+# gan_loss and discriminator_loss on CPU tensors under 'auto' / 'cpu': one call of the C++ ops
+# ganengine_C::gan_loss / ::discriminator_loss (csrc/cpu/losses_autograd.cpp: the same
+# losses_adv_fwd kernel, the same backward as adv_backward, autograd in C++), which skips the
+# Python checks and the autograd.Function above: 1.3-1.8x eager's host time per call at a 4x4 map
+# through them, under 1x through the C++ op (docs/losses.md). They decline what they do not serve
+# (an empty list or map, mixed dtypes or devices, an unknown or non-lowercase mode, ...) before any
+# work; the full route below then serves the call or raises the public error.
+_ADV_KERNELS = ("losses_adv_fwd",)
+_GAN_REFUSAL = "gan_loss: not served by the C++ entry"
+_DISC_REFUSAL = "discriminator_loss: not served by the C++ entry"
+
+
+def _lean_declined(e: RuntimeError, prefix: str, xs, mode, real_label, fake_label) -> bool:
+    """_dispatch.refused for the loss entries: also declined when the dispatcher could not convert
+    the mode or a label (the full route then raises its own error, or converts them itself)."""
+    plain = (type(mode) is str and type(xs) in (list, tuple)
+             and all(type(v) is float or type(v) is int for v in (real_label, fake_label)))
+    return not plain or _dispatch.refused(e, prefix, required=xs)
+
+
+# --------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------
 def _check_mode(mode) -> str:
@@ -471,6 +497,20 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     generators' outputs, ``[D_A(fake_B), D_B(fake_A)]``): the result is the sum of each map's
     mean loss, computed in one pass, one autograd node instead of one per map.
     """
+    # the lean route (see _ADV_KERNELS): target_is_real and for_discriminator of exactly the type
+    # bool (the dispatcher would also convert a tensor, which the full route rejects)
+    if type(target_is_real) is bool and type(for_discriminator) is bool and not torch.compiler.is_compiling():
+        op = _dispatch.lean_op("gan_loss", _ADV_KERNELS)
+        if op is not None:
+            xs = (logits,) if isinstance(logits, Tensor) else logits
+            try:
+                total = op(xs, mode, target_is_real, for_discriminator, real_label, fake_label)
+            except RuntimeError as e:  # (NotImplementedError is one)
+                if not _lean_declined(e, _GAN_REFUSAL, xs, mode, real_label, fake_label):
+                    raise
+            else:
+                _dispatch.last_used["gan_loss"] = "cpu"
+                return total
     fn = "gan_loss"
     mode = _check_mode(mode)
     code, target = _term_code(mode, target_is_real, for_discriminator, real_label, fake_label)
@@ -491,6 +531,17 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "lsgan",
                        *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
     """0.5 * (gan_loss(real_logits, True) + gan_loss(fake_logits, False)), both in one pass."""
+    if not torch.compiler.is_compiling():  # the lean route, as gan_loss's
+        op = _dispatch.lean_op("discriminator_loss", _ADV_KERNELS)
+        if op is not None:
+            try:
+                total = op(real_logits, fake_logits, mode, real_label, fake_label)
+            except RuntimeError as e:
+                if not _lean_declined(e, _DISC_REFUSAL, (real_logits, fake_logits), mode, real_label, fake_label):
+                    raise
+            else:
+                _dispatch.last_used["discriminator_loss"] = "cpu"
+                return total
     mode = _check_mode(mode)
     _check_logits(real_logits, "real_logits", "discriminator_loss")
     _check_logits(fake_logits, "fake_logits", "discriminator_loss")
@@ -645,3 +696,26 @@ def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 
         (grad,) = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True)
         norm = torch.linalg.vector_norm(grad.reshape(n, -1).float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.reshape(n, -1), 2, dim=1)
         return weight * ((norm - 1.0) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------- fake impls of the C++ ops
+# (the lean entries run only outside torch.compile; these let a FakeTensorMode trace them)
+if _ext.loaded() and _ext.has_kernel("losses_adv_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::losses_adv_fwd")
+    def _(xs, modes, targets, scales, want_grad):
+        total = xs[0].new_empty((), dtype=acc_dtype(xs[0].dtype))
+        return total, [x.new_empty(x.shape) if (want_grad and m != LINEAR) else x.new_empty(0)
+                       for x, m in zip(xs, modes)]
+
+if _ext.loaded() and _ext.has_kernel("gan_loss", "CompositeExplicitAutograd"):
+    def _lean_fake(x):
+        half = x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled("cpu")
+        return x.new_empty((), dtype=x.dtype if half else acc_dtype(x.dtype))
+
+    @torch.library.register_fake("ganengine_C::gan_loss")
+    def _(logits, mode, target_is_real, for_discriminator, real_label, fake_label):
+        return _lean_fake(logits[0])
+
+    @torch.library.register_fake("ganengine_C::discriminator_loss")
+    def _(real_logits, fake_logits, mode, real_label, fake_label):
+        return _lean_fake(real_logits)

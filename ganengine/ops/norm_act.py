@@ -16,13 +16,12 @@ so no autocast kernel is registered (autocast falls through) and no cast is inse
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from ganengine import _ext, backends
+from ganengine import _ext
 from ganengine.ops import _dispatch
 
 ACTIVATIONS = ("leaky_relu", "relu", "none")
@@ -208,46 +207,10 @@ torch.library.register_autograd("ganengine::instance_norm_act_fwd", _backward, s
 # ----------------------------------------------------------------------------- lean cpu entry
 # (apply, slope) of the activations with a fixed slope; leaky_relu takes the caller's slope
 _FIXED_ACT = {"relu": (True, 0.0), "none": (False, 1.0)}
-_CPU_READY: list = []  # [bool] once known: the C++ entry serves CPU tensors in this process
-_C_OP = None
-
-
-def _cpu_entry():
-    """The raw ganengine_C::instance_norm_act builtin when 'auto' (or 'cpu') would run the C++
-    kernels on CPU tensors, else None. Kept to a few attribute reads: at small shapes this cost is
-    part of what is compared with eager (ops/batch_norm_act.py's _cpu_route, same rule)."""
-    global _C_OP
-    requested = backends._requested.value
-    if requested is None:
-        requested = os.environ.get("GANENGINE_BACKEND") or "auto"
-    if requested not in ("auto", "cpu"):
-        return None
-    if not _CPU_READY:
-        ok = (_ext.loaded() and _ext.has_kernel("instance_norm_act", "CompositeExplicitAutograd")
-              and backends.serves("cpu", torch.device("cpu"))
-              and _dispatch.ext_reason("norm_act_fwd", torch.device("cpu")) is None
-              and _dispatch.ext_reason("norm_act_bwd", torch.device("cpu")) is None)
-        if ok:
-            _C_OP = _ext.op("instance_norm_act").default._op  # no OpOverloadPacket layer
-        _CPU_READY.append(ok)
-    return _C_OP
-
-
-# the message prefix of the C++ entry's refusals (csrc/cpu/norm_act_autograd.cpp, check())
+_IN_KERNELS = ("norm_act_fwd", "norm_act_bwd")  # what ganengine_C::instance_norm_act calls
+# the message prefix of the C++ entry's refusals (csrc/cpu/norm_act_autograd.cpp, check()); a
+# weight or bias the dispatcher cannot take (not a Tensor) is declined too (_dispatch.refused)
 _REFUSAL = "instance_norm_act: not served by the C++ entry"
-
-
-def _refused(e: RuntimeError, weight, bias) -> bool:
-    """Whether e, raised by the C++ entry, declines the call before any work (the Python route then
-    serves it or raises the public error), rather than being an error of the call, which must
-    propagate as it is, raised once. Declining: the entry's own refusal (NotImplementedError with
-    _REFUSAL's message), or the dispatcher not taking a weight or bias that is not a Tensor (its
-    RuntimeError "Expected a value of type 'Optional[Tensor]'"). A NotImplementedError from further
-    in (a dtype dispatch, say) is an error of the call. Checked only once something was raised, so
-    that a served call pays nothing for it."""
-    if isinstance(e, NotImplementedError):
-        return str(e).startswith(_REFUSAL)
-    return not all(t is None or isinstance(t, torch.Tensor) for t in (weight, bias))
 
 
 # ----------------------------------------------------------------------------- public function
@@ -279,11 +242,11 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     """
     # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. An unknown
     # activation or a non-number eps or slope skips it; it declines what else it does not serve
-    # (3-D, empty, odd parameters) before any work (_refused). The full route below then handles
+    # (3-D, empty, odd parameters) before any work (_dispatch.refused). The full route below then handles
     # the case or raises the public error. Any other error is the call's own: raised once, as is.
     if (running_mean is None and use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu
             and not torch.compiler.is_compiling()):
-        op = _cpu_entry()
+        op = _dispatch.lean_op("instance_norm_act", _IN_KERNELS)
         if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
@@ -294,7 +257,7 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
                 try:
                     y = op(x, weight, bias, eps, apply, slope)
                 except RuntimeError as e:  # (NotImplementedError is one)
-                    if not _refused(e, weight, bias):
+                    if not _dispatch.refused(e, _REFUSAL, weight, bias):
                         raise
                 else:
                     _dispatch.last_used["instance_norm_act"] = "cpu"
