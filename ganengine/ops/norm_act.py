@@ -210,6 +210,7 @@ torch.library.register_autograd("ganengine::instance_norm_act_fwd", _backward, s
 _FIXED_ACT = {"relu": (True, 0.0), "none": (False, 1.0)}
 _CPU_READY: list = []  # [bool] once known: the C++ entry serves CPU tensors in this process
 _C_OP = None
+_RS_OP: list = []  # [the instance_norm_act_rs builtin or None] once known
 
 
 def _cpu_entry():
@@ -237,7 +238,7 @@ def _cpu_entry():
 _REFUSAL = "instance_norm_act: not served by the C++ entry"
 
 
-def _refused(e: RuntimeError, weight, bias) -> bool:
+def _refused(e: RuntimeError, *optional_tensors) -> bool:
     """Whether e, raised by the C++ entry, declines the call before any work (the Python route then
     serves it or raises the public error), rather than being an error of the call, which must
     propagate as it is, raised once. Declining: the entry's own refusal (NotImplementedError with
@@ -247,7 +248,18 @@ def _refused(e: RuntimeError, weight, bias) -> bool:
     that a served call pays nothing for it."""
     if isinstance(e, NotImplementedError):
         return str(e).startswith(_REFUSAL)
-    return not all(t is None or isinstance(t, torch.Tensor) for t in (weight, bias))
+    return not all(t is None or isinstance(t, torch.Tensor) for t in optional_tensors)
+
+
+def _cpu_rs_entry(momentum):
+    """The raw ganengine_C::instance_norm_act_rs builtin (the entry with the running-statistics
+    update) where _cpu_entry serves and momentum is a number, else None."""
+    if _cpu_entry() is None or type(momentum) not in (float, int):
+        return None
+    if not _RS_OP:
+        _RS_OP.append(_ext.op("instance_norm_act_rs").default._op
+                      if _ext.has_kernel("instance_norm_act_rs", "CompositeExplicitAutograd") else None)
+    return _RS_OP[0]
 
 
 # ----------------------------------------------------------------------------- public function
@@ -277,13 +289,18 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
     so the output is ``activation(bias)`` (PyTorch raises there).
     """
-    # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. An unknown
-    # activation or a non-number eps or slope skips it; it declines what else it does not serve
-    # (3-D, empty, odd parameters) before any work (_refused). The full route below then handles
-    # the case or raises the public error. Any other error is the call's own: raised once, as is.
-    if (running_mean is None and use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu
-            and not torch.compiler.is_compiling()):
-        op = _cpu_entry()
+    # the lean route: CPU tensor, the C++ op with C++ autograd (instance_norm_act_rs when running
+    # statistics are updated). An unknown activation or a non-number eps, slope or momentum skips
+    # it; it declines what else it does not serve (3-D, empty, odd parameters, one pixel with
+    # running statistics) before any work (_refused). The full route below then handles the case or
+    # raises the public error. Any other error is the call's own: raised once, as is.
+    if use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu and not torch.compiler.is_compiling():
+        if running_mean is None and running_var is None:
+            op = _cpu_entry()
+        elif isinstance(running_mean, torch.Tensor) and isinstance(running_var, torch.Tensor):
+            op = _cpu_rs_entry(momentum)
+        else:
+            op = None  # the full route raises the public error
         if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
@@ -292,9 +309,12 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
                 pass  # the full route raises the public error
             else:
                 try:
-                    y = op(x, weight, bias, eps, apply, slope)
+                    if running_mean is None:
+                        y = op(x, weight, bias, eps, apply, slope)
+                    else:
+                        y = op(x, weight, bias, running_mean, running_var, float(momentum), eps, apply, slope)
                 except RuntimeError as e:  # (NotImplementedError is one)
-                    if not _refused(e, weight, bias):
+                    if not _refused(e, weight, bias, running_mean, running_var):
                         raise
                 else:
                     _dispatch.last_used["instance_norm_act"] = "cpu"
@@ -363,4 +383,9 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
 if _ext.loaded() and _ext.has_kernel("instance_norm_act", "CompositeExplicitAutograd"):
     @torch.library.register_fake("ganengine_C::instance_norm_act")
     def _(x, weight, bias, eps, apply_act, slope):
+        return torch.empty_like(_dense_4d(x))
+
+if _ext.loaded() and _ext.has_kernel("instance_norm_act_rs", "CompositeExplicitAutograd"):
+    @torch.library.register_fake("ganengine_C::instance_norm_act_rs")
+    def _(x, weight, bias, running_mean, running_var, momentum, eps, apply_act, slope):
         return torch.empty_like(_dense_4d(x))
