@@ -512,3 +512,59 @@ def test_lean_cpu_entry_matches_custom_op_route(layout, affine):
     got = run(True)
     for a, b in zip(got, ref):
         assert (a == b) if isinstance(a, bool) else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_lean_cpu_entry_with_running_stats_matches_python_route(monkeypatch, dtype, layout, affine):
+    """instance_norm_act_rs (the C++ entry with the running-statistics update, StarGAN's
+    InstanceNorm2d(track_running_stats=True) in training) gives the Python route's bits: output,
+    gradients and both running statistics, over two steps, with and without autograd."""
+    if _dispatch.lean_op("instance_norm_act_rs", ops._IN_KERNELS) is None:
+        pytest.skip("the built extension has no instance_norm_act_rs")
+    torch.manual_seed(0)
+    base = torch.randn(3, 4, 5, 7, dtype=dtype) * 3 + 1
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    wb = (torch.randn(4, dtype=dtype), torch.randn(4, dtype=dtype)) if affine else (None, None)
+    gy = torch.randn(3, 4, 5, 7, dtype=dtype)
+    rm0, rv0 = torch.randn(4, dtype=dtype), torch.rand(4, dtype=dtype) + 0.5
+
+    def run():
+        rm, rv = rm0.clone(), rv0.clone()
+        outs = []
+        for step in range(2):
+            x = (base + step).detach().requires_grad_(True)
+            w, b = (t.detach().clone().requires_grad_(True) if t is not None else None for t in wb)
+            with on_backend("cpu"):
+                y = GF.instance_norm_act(x, w, b, rm, rv, momentum=0.3, activation="leaky_relu", negative_slope=0.2)
+            leaves = [t for t in (x, w, b) if t is not None]
+            outs += [y, *torch.autograd.grad(y, leaves, gy), rm.clone(), rv.clone()]
+        with torch.no_grad(), on_backend("cpu"):
+            outs.append(GF.instance_norm_act(base, *wb, rm, rv, momentum=0.1, activation="relu"))
+        return outs + [rm, rv]
+
+    got = run()
+    assert _dispatch.last_used["instance_norm_act"] == "cpu"
+    monkeypatch.setitem(_dispatch._LEAN, "instance_norm_act_rs", None)  # the Python route: custom op + ATen update
+    ref = run()
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+def test_lean_cpu_entry_with_running_stats_refusals_give_public_errors():
+    """What the running-statistics entry declines reaches the Python route's own errors."""
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        GF.instance_norm_act(torch.randn(2, 3, 1, 1), running_mean=torch.zeros(3), running_var=torch.ones(3))
+    with pytest.raises(ValueError, match="given together"):
+        GF.instance_norm_act(x, running_mean=torch.zeros(3))
+    with pytest.raises(ValueError, match="given together"):
+        GF.instance_norm_act(x, running_var=torch.ones(3))
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        GF.instance_norm_act(x, running_mean=torch.zeros(3), running_var=torch.ones(3), momentum=None)
+    with pytest.raises(ValueError, match="running_mean must have shape"):
+        GF.instance_norm_act(x, running_mean=torch.zeros(4), running_var=torch.ones(3))
+    with pytest.raises(TypeError, match="running_var must be a Tensor"):
+        GF.instance_norm_act(x, running_mean=torch.zeros(3), running_var=[1.0, 1.0, 1.0])

@@ -2,7 +2,9 @@
 // with its own autograd, so that a call costs one dispatcher call and no Python custom-op layer
 // (the pattern of batch_norm_act_autograd.cpp; a Python custom op costs more host time per call
 // than eager's F.instance_norm + F.leaky_relu at small shapes). It calls norm_act_fwd / _bwd
-// through the dispatcher. The Python wrapper sends here only calls without running statistics.
+// through the dispatcher. ganengine_C::instance_norm_act_rs is the same call with the running-
+// statistics update of nn.InstanceNorm2d(track_running_stats=True) in training (StarGAN's norms):
+// the update is the Python route's ATen ops, in the same order, so the bits agree.
 // A call this op does not serve (3-D, empty, a parameter of the wrong shape, ...) is refused
 // before any work with NotImplementedError (TORCH_CHECK_NOT_IMPLEMENTED) and a message starting
 // "instance_norm_act: not served by the C++ entry"; the wrapper (ops/norm_act.py, _refused) takes
@@ -89,8 +91,9 @@ at::Tensor reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 struct InstanceNormActFn : public torch::autograd::Function<InstanceNormActFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptT& w, const OptT& b, double eps,
-                            bool apply, double slope) {
+  // outputs y, mean, rstd (the statistics for the running-statistics update, not differentiable)
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptT& w, const OptT& b, double eps,
+                               bool apply, double slope) {
     at::Tensor y, mean, rstd;
     {
       at::AutoDispatchBelowADInplaceOrView below;
@@ -100,7 +103,8 @@ struct InstanceNormActFn : public torch::autograd::Function<InstanceNormActFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["apply"] = apply;
     ctx->saved_data["slope"] = slope;
-    return y;
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -126,7 +130,7 @@ at::Tensor instance_norm_act_autograd(const at::Tensor& x, const OptT& w, const 
     at::AutoDispatchBelowADInplaceOrView below;
     return std::get<0>(fwd_op().call(dense(x), w, b, eps, apply, slope));
   }
-  return InstanceNormActFn::apply(x, w, b, eps, apply, slope);
+  return InstanceNormActFn::apply(x, w, b, eps, apply, slope)[0];
 }
 
 // backend keys without autograd (inference mode)
@@ -136,18 +140,71 @@ at::Tensor instance_norm_act_plain(const at::Tensor& x, const OptT& w, const Opt
   return std::get<0>(fwd_op().call(dense(x), w, b, eps, apply, slope));
 }
 
+// ---------------------------------------------------------------- with running statistics
+void check_running(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv) {
+  for (const at::Tensor* t : {&rm, &rv})
+    TORCH_CHECK_NOT_IMPLEMENTED(t->defined() && t->is_cpu() && t->dim() == 1 && t->size(0) == x.size(1) &&
+                                    t->is_floating_point(),
+                                "instance_norm_act: not served by the C++ entry (",
+                                t == &rm ? "running_mean" : "running_var", ")");
+  // one pixel: no unbiased variance (the Python route raises its error)
+  TORCH_CHECK_NOT_IMPLEMENTED(x.size(2) * x.size(3) > 1, "instance_norm_act: not served by the C++ entry (1 pixel)");
+}
+
+// ops/norm_act.py's update, op for op: the biased variance back from rstd in double, unbiased,
+// averaged over the batch (ATen's instance norm averages its per-instance running statistics)
+void update_running(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& rstd, double momentum,
+                    double eps, int64_t hw) {
+  at::NoGradGuard no_grad;
+  const at::Tensor var = at::where(rstd == 0, 0.0, rstd.to(at::kDouble).pow(-2) - eps).clamp_min(0) *
+                         (static_cast<double>(hw) / static_cast<double>(hw - 1));
+  rm.mul_(1 - momentum).add_(mean.mean(0).to(rm.scalar_type()), momentum);
+  rv.mul_(1 - momentum).add_(var.mean(0).to(rv.scalar_type()), momentum);
+}
+
+at::Tensor instance_norm_act_rs_autograd(const at::Tensor& x, const OptT& w, const OptT& b, at::Tensor& running_mean,
+                                         at::Tensor& running_var, double momentum, double eps, bool apply,
+                                         double slope) {
+  check(x, w, b);
+  check_running(x, running_mean, running_var);
+  at::Tensor y, mean, rstd;
+  if (lean::records_grad(x, w, b)) {
+    auto out = InstanceNormActFn::apply(x, w, b, eps, apply, slope);
+    y = out[0], mean = out[1], rstd = out[2];
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(y, mean, rstd) = fwd_op().call(dense(x), w, b, eps, apply, slope);
+  }
+  update_running(running_mean, running_var, mean, rstd, momentum, eps, x.size(2) * x.size(3));
+  return y;
+}
+
+at::Tensor instance_norm_act_rs_plain(const at::Tensor& x, const OptT& w, const OptT& b, at::Tensor& running_mean,
+                                      at::Tensor& running_var, double momentum, double eps, bool apply,
+                                      double slope) {
+  check(x, w, b);
+  check_running(x, running_mean, running_var);
+  auto out = fwd_op().call(dense(x), w, b, eps, apply, slope);
+  update_running(running_mean, running_var, std::get<1>(out), std::get<2>(out), momentum, eps, x.size(2) * x.size(3));
+  return std::get<0>(out);
+}
+
 }  // namespace
 }  // namespace ina
 }  // namespace ganengine
 
 TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
   m.def("instance_norm_act(Tensor x, Tensor? weight, Tensor? bias, float eps, bool apply_act, float slope) -> Tensor");
+  m.def("instance_norm_act_rs(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, float momentum, float eps, bool apply_act, float slope) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, Autograd, m) {
   m.impl("instance_norm_act", &ganengine::ina::instance_norm_act_autograd);
+  m.impl("instance_norm_act_rs", &ganengine::ina::instance_norm_act_rs_autograd);
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, CompositeExplicitAutograd, m) {
   m.impl("instance_norm_act", &ganengine::ina::instance_norm_act_plain);
+  m.impl("instance_norm_act_rs", &ganengine::ina::instance_norm_act_rs_plain);
 }

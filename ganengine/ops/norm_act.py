@@ -240,13 +240,19 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
     so the output is ``activation(bias)`` (PyTorch raises there).
     """
-    # the lean route: CPU tensor, no running statistics, the C++ op with C++ autograd. An unknown
-    # activation or a non-number eps or slope skips it; it declines what else it does not serve
-    # (3-D, empty, odd parameters) before any work (_dispatch.refused). The full route below then handles
-    # the case or raises the public error. Any other error is the call's own: raised once, as is.
-    if (running_mean is None and use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu
-            and not torch.compiler.is_compiling()):
-        op = _dispatch.lean_op("instance_norm_act", _IN_KERNELS)
+    # the lean route: CPU tensor, the C++ op with C++ autograd (instance_norm_act_rs when running
+    # statistics are updated). An unknown activation or a non-number eps, slope or momentum skips
+    # it; it declines what else it does not serve (3-D, empty, odd parameters, one pixel with
+    # running statistics) before any work (_dispatch.refused). The full route below then handles the case or
+    # raises the public error. Any other error is the call's own: raised once, as is.
+    if use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu and not torch.compiler.is_compiling():
+        if running_mean is None and running_var is None:
+            op = _dispatch.lean_op("instance_norm_act", _IN_KERNELS)
+        elif isinstance(running_mean, torch.Tensor) and isinstance(running_var, torch.Tensor):
+            # (a momentum the schema's float would not take: the full route raises the public error)
+            op = _dispatch.lean_op("instance_norm_act_rs", _IN_KERNELS) if type(momentum) in (float, int) else None
+        else:
+            op = None  # the full route raises the public error
         if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
@@ -255,9 +261,12 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
                 pass  # the full route raises the public error
             else:
                 try:
-                    y = op(x, weight, bias, eps, apply, slope)
+                    if running_mean is None:
+                        y = op(x, weight, bias, eps, apply, slope)
+                    else:
+                        y = op(x, weight, bias, running_mean, running_var, float(momentum), eps, apply, slope)
                 except RuntimeError as e:  # (NotImplementedError is one)
-                    if not _dispatch.refused(e, _REFUSAL, weight, bias):
+                    if not _dispatch.refused(e, _REFUSAL, weight, bias, running_mean, running_var):
                         raise
                 else:
                     _dispatch.last_used["instance_norm_act"] = "cpu"
@@ -326,4 +335,9 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
 if _ext.loaded() and _ext.has_kernel("instance_norm_act", "CompositeExplicitAutograd"):
     @torch.library.register_fake("ganengine_C::instance_norm_act")
     def _(x, weight, bias, eps, apply_act, slope):
+        return torch.empty_like(_dense_4d(x))
+
+if _ext.loaded() and _ext.has_kernel("instance_norm_act_rs", "CompositeExplicitAutograd"):
+    @torch.library.register_fake("ganengine_C::instance_norm_act_rs")
+    def _(x, weight, bias, running_mean, running_var, momentum, eps, apply_act, slope):
         return torch.empty_like(_dense_4d(x))
