@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext
 from ganengine.models.dcgan import bce
 from ganengine.models.networks_pytorch_gan import ACGANDiscriminator, ACGANGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN, check_fraction
@@ -70,41 +70,20 @@ class ACGAN(SynthesisGAN):
         return (pred == torch.cat([labels, gen_labels])).float().mean()
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
-        o = self.options
-        real = self._real_images(batch, o["channels"], o["img_size"])
-        labels = self.batch_labels(batch)
-        opt_G, opt_D = optimizers["G"], optimizers["D"]
-        n = real.shape[0]
-        self.num_steps += 1
+        def g_loss(out, gen_labels):
+            validity, pred_label = out
+            g_cls = self._g_class_loss(pred_label, gen_labels)
+            return 0.5 * (bce(validity, 1.0) + g_cls), {"G_class": g_cls}
 
-        # ---- G
-        set_requires_grad(self.D, False)
-        ctx.zero_grad(opt_G)
-        z, gen_labels = self.sample_z(n), self.sample_labels(n)
-        with ctx.autocast():
-            gen_imgs = self.G(z, gen_labels)
-            validity, pred_label = self.D(gen_imgs)
-        g_adv = bce(validity, 1.0)
-        g_cls = self._g_class_loss(pred_label, gen_labels)
-        g_loss = 0.5 * (g_adv + g_cls)
-        ctx.backward(g_loss, "G")
-        ctx.step(opt_G, "G")
-        set_requires_grad(self.D, True)
-        self.after_generator_step()
+        def d_loss(out_real, labels, out_fake, gen_labels):
+            (real_pred, real_aux), (fake_pred, fake_aux) = out_real, out_fake
+            real_cls, fake_cls = self._d_class_losses(real_aux, labels, fake_aux, gen_labels)
+            d_real_loss = (bce(real_pred, 1.0) + real_cls) / 2
+            d_fake_loss = (bce(fake_pred, 0.0) + fake_cls) / 2
+            acc = self._accuracy(real_aux.detach(), labels, fake_aux.detach(), gen_labels)
+            return (d_real_loss + d_fake_loss) / 2, {"D_class_real": real_cls, "D_acc": acc}
 
-        # ---- D
-        ctx.zero_grad(opt_D)
-        with ctx.autocast():
-            real_pred, real_aux = self.D(real)
-            fake_pred, fake_aux = self.D(gen_imgs.detach())
-        real_cls, fake_cls = self._d_class_losses(real_aux, labels, fake_aux, gen_labels)
-        d_real_loss = (bce(real_pred, 1.0) + real_cls) / 2
-        d_fake_loss = (bce(fake_pred, 0.0) + fake_cls) / 2
-        d_loss = (d_real_loss + d_fake_loss) / 2
-        ctx.backward(d_loss, "D")
-        ctx.step(opt_D, "D")
-        return self._detached({"D_loss": d_loss, "G_loss": g_loss, "G_class": g_cls, "D_class_real": real_cls,
-                               "D_acc": self._accuracy(real_aux.detach(), labels, fake_aux.detach(), gen_labels)})
+        return self.conditional_step(batch, optimizers, ctx, False, g_loss, d_loss)
 
 
 class ADCDiscriminator(ACGANDiscriminator):

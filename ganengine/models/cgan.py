@@ -11,7 +11,7 @@ before D's step: no number changes).
 from __future__ import annotations
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext
 from ganengine.models.networks_pytorch_gan import CGANDiscriminator, CGANGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
@@ -40,31 +40,10 @@ class CGAN(SynthesisGAN):
         return z, labels
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
-        o = self.options
-        real = self._real_images(batch, o["channels"], o["img_size"])
-        labels = self.batch_labels(batch)
-        opt_G, opt_D = optimizers["G"], optimizers["D"]
-        n = real.shape[0]
-        self.num_steps += 1
+        def g_loss(validity, gen_labels):
+            return GF.gan_loss(validity.float(), True, "lsgan"), {}
 
-        # ---- G
-        set_requires_grad(self.D, False)
-        ctx.zero_grad(opt_G)
-        z, gen_labels = self.sample_z(n), self.sample_labels(n)
-        with ctx.autocast():
-            gen_imgs = self.G(z, gen_labels)
-            g_loss = GF.gan_loss(self.D(gen_imgs, gen_labels).float(), True, "lsgan")
-        ctx.backward(g_loss, "G")
-        ctx.step(opt_G, "G")
-        set_requires_grad(self.D, True)
-        self.after_generator_step()
+        def d_loss(validity_real, labels, validity_fake, gen_labels):
+            return GF.discriminator_loss(validity_real.float(), validity_fake.float(), "lsgan"), {}
 
-        # ---- D
-        ctx.zero_grad(opt_D)
-        with ctx.autocast():
-            validity_real = self.D(real, labels)
-            validity_fake = self.D(gen_imgs.detach(), gen_labels)
-        d_loss = GF.discriminator_loss(validity_real.float(), validity_fake.float(), "lsgan")
-        ctx.backward(d_loss, "D")
-        ctx.step(opt_D, "D")
-        return self._detached({"D_loss": d_loss, "G_loss": g_loss})
+        return self.conditional_step(batch, optimizers, ctx, True, g_loss, d_loss)

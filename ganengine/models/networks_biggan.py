@@ -183,18 +183,10 @@ class BigGANDiscriminator(nn.Module):
                  D_param="SN", fused=True, **kwargs):
         super().__init__()
         owner = "BigGANDiscriminator"
-        check_choice(owner, "resolution", resolution, _D_ARCH)
-        if D_param != "SN":
-            raise ValueError(f"{owner}: D_param must be 'SN' (the reference has no discriminator without spectral "
-                             f"norm), got {D_param!r}")
-        self.ch, self.D_wide, self.resolution, self.kernel_size = D_ch, D_wide, resolution, D_kernel_size
-        self.attention, self.n_classes = D_attn, n_classes
-        self.activation = check_activation(owner, "D_activation", nn.ReLU(inplace=False) if D_activation is None
-                                           else D_activation)
-        self.init, self.D_param, self.SN_eps, self.fp16 = D_init, D_param, SN_eps, D_fp16
-        self.arch = D_arch(self.ch, self.attention)[resolution]
-        self.which_conv, self.which_linear = sn_partials("SN", num_D_SVs, num_D_SV_itrs, SN_eps, owner)
-        self.which_embedding = functools.partial(L.SNEmbedding, num_svs=num_D_SVs, num_itrs=num_D_SV_itrs, eps=SN_eps)
+        discriminator_setup(self, owner, _D_ARCH, D_arch, D_ch=D_ch, D_attn=D_attn, resolution=resolution,
+                            D_param=D_param, D_activation=D_activation, D_init=D_init, SN_eps=SN_eps, D_fp16=D_fp16,
+                            num_D_SVs=num_D_SVs, num_D_SV_itrs=num_D_SV_itrs)
+        self.D_wide, self.kernel_size, self.n_classes = D_wide, D_kernel_size, n_classes
         blocks = []
         for index in range(len(self.arch["out_channels"])):
             stage = [L.DBlock(in_channels=self.arch["in_channels"][index], out_channels=self.arch["out_channels"][index],
@@ -204,21 +196,52 @@ class BigGANDiscriminator(nn.Module):
             if self.arch["attention"][self.arch["resolution"][index]]:
                 stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
             blocks.append(nn.ModuleList(stage))
-        self.blocks = nn.ModuleList(blocks)
-        self.linear = self.which_linear(self.arch["out_channels"][-1], output_dim)
-        self.embed = self.which_embedding(n_classes, self.arch["out_channels"][-1])
-        if not skip_init:
-            self.param_count = L.init_weights(self, D_init)
-        L.set_fused(self, fused)
+        discriminator_finish(self, blocks, output_dim, n_classes, D_init, skip_init, fused)
 
     def forward(self, x, y=None):
-        if y is None:
-            raise ValueError("BigGANDiscriminator: y (class labels, shape (N,)) is required for the projection term")
-        h = x
-        for blocklist in self.blocks:
-            for block in blocklist:
-                h = block(h)
-        return projection_output(self, h, y)
+        return discriminator_forward(self, x, y)
+
+
+# ----------------------------------------------------------------------------- shared by both D's
+def discriminator_setup(d: nn.Module, owner: str, arch_table: dict, arch_fn, *, D_ch, D_attn, resolution, D_param,
+                        D_activation, D_init, SN_eps, D_fp16, num_D_SVs, num_D_SV_itrs) -> None:
+    """What the BigGAN and BigGAN-deep discriminators set before their blocks (the reference's
+    attributes, the arch table row, the spectral-norm layer factories); checks the arguments."""
+    check_choice(owner, "resolution", resolution, arch_table)
+    if D_param != "SN":
+        raise ValueError(f"{owner}: D_param must be 'SN' (the reference has no discriminator without spectral "
+                         f"norm), got {D_param!r}")
+    d.ch, d.resolution, d.attention = D_ch, resolution, D_attn
+    d.activation = check_activation(owner, "D_activation", nn.ReLU(inplace=False) if D_activation is None
+                                    else D_activation)
+    d.init, d.D_param, d.SN_eps, d.fp16 = D_init, D_param, SN_eps, D_fp16
+    d.arch = arch_fn(D_ch, D_attn)[resolution]
+    d.which_conv, d.which_linear = sn_partials("SN", num_D_SVs, num_D_SV_itrs, SN_eps, owner)
+    d.which_embedding = functools.partial(L.SNEmbedding, num_svs=num_D_SVs, num_itrs=num_D_SV_itrs, eps=SN_eps)
+
+
+def discriminator_finish(d: nn.Module, blocks: list, output_dim: int, n_classes: int, D_init, skip_init: bool,
+                         fused: bool) -> None:
+    """The blocks, the projection head (``linear``, ``embed``), the reference's init (drawn in
+    module order: the same weights from a seed) and the fused rewrite."""
+    d.blocks = nn.ModuleList(blocks)
+    d.linear = d.which_linear(d.arch["out_channels"][-1], output_dim)
+    d.embed = d.which_embedding(n_classes, d.arch["out_channels"][-1])
+    if not skip_init:
+        d.param_count = L.init_weights(d, D_init)
+    L.set_fused(d, fused)
+
+
+def discriminator_forward(d: nn.Module, x, y, stem=None):
+    """``stem`` (BigGAN-deep's input conv) if given, every block of ``d.blocks`` in order, then the
+    projection output."""
+    if y is None:
+        raise ValueError(f"{type(d).__name__}: y (class labels, shape (N,)) is required for the projection term")
+    h = stem(x) if stem is not None else x
+    for blocklist in d.blocks:
+        for block in blocklist:
+            h = block(h)
+    return projection_output(d, h, y)
 
 
 def projection_output(d: nn.Module, h, y):

@@ -23,7 +23,8 @@ from torch import nn
 from ganengine.models import biggan_ops as ops
 from ganengine.models import layers_biggan as L
 from ganengine.models.networks_biggan import (attention_resolutions, check_activation, check_choice,
-                                              projection_output, sn_partials)
+                                              discriminator_finish, discriminator_forward, discriminator_setup,
+                                              sn_partials)
 
 _G_MULTS = {
     256: ([16, 16, 8, 8, 4, 2], [16, 8, 8, 4, 2, 1]),
@@ -234,20 +235,12 @@ class BigGANDeepDiscriminator(nn.Module):
                  skip_init=False, D_param="SN", fused=True, **kwargs):
         super().__init__()
         owner = "BigGANDeepDiscriminator"
-        check_choice(owner, "resolution", resolution, _D_ARCH)
-        if D_param != "SN":
-            raise ValueError(f"{owner}: D_param must be 'SN' (the reference has no discriminator without spectral "
-                             f"norm), got {D_param!r}")
+        discriminator_setup(self, owner, _D_ARCH, D_arch, D_ch=D_ch, D_attn=D_attn, resolution=resolution,
+                            D_param=D_param, D_activation=D_activation, D_init=D_init, SN_eps=SN_eps, D_fp16=D_fp16,
+                            num_D_SVs=num_D_SVs, num_D_SV_itrs=num_D_SV_itrs)
         if not isinstance(D_depth, int) or D_depth < 1:
             raise ValueError(f"{owner}: D_depth must be an int >= 1, got {D_depth!r}")
-        self.ch, self.D_wide, self.D_depth, self.resolution = D_ch, D_wide, D_depth, resolution
-        self.kernel_size, self.attention, self.n_classes = D_kernel_size, D_attn, n_classes
-        self.activation = check_activation(owner, "D_activation", nn.ReLU(inplace=False) if D_activation is None
-                                           else D_activation)
-        self.init, self.D_param, self.SN_eps, self.fp16 = D_init, D_param, SN_eps, D_fp16
-        self.arch = D_arch(self.ch, self.attention)[resolution]
-        self.which_conv, self.which_linear = sn_partials("SN", num_D_SVs, num_D_SV_itrs, SN_eps, owner)
-        self.which_embedding = functools.partial(L.SNEmbedding, num_svs=num_D_SVs, num_itrs=num_D_SV_itrs, eps=SN_eps)
+        self.D_wide, self.D_depth, self.kernel_size, self.n_classes = D_wide, D_depth, D_kernel_size, n_classes
         self.input_conv = self.which_conv(3, self.arch["in_channels"][0])
         blocks = []
         for index in range(len(self.arch["out_channels"])):
@@ -260,19 +253,7 @@ class BigGANDeepDiscriminator(nn.Module):
             if self.arch["attention"][self.arch["resolution"][index]]:
                 stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
             blocks.append(nn.ModuleList(stage))
-        self.blocks = nn.ModuleList(blocks)
-        self.linear = self.which_linear(self.arch["out_channels"][-1], output_dim)
-        self.embed = self.which_embedding(n_classes, self.arch["out_channels"][-1])
-        if not skip_init:
-            self.param_count = L.init_weights(self, D_init)
-        L.set_fused(self, fused)
+        discriminator_finish(self, blocks, output_dim, n_classes, D_init, skip_init, fused)
 
     def forward(self, x, y=None):
-        if y is None:
-            raise ValueError("BigGANDeepDiscriminator: y (class labels, shape (N,)) is required for the projection "
-                             "term")
-        h = self.input_conv(x)
-        for blocklist in self.blocks:
-            for block in blocklist:
-                h = block(h)
-        return projection_output(self, h, y)
+        return discriminator_forward(self, x, y, stem=self.input_conv)

@@ -31,6 +31,32 @@ def weights_init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+# Where the fused networks switch their activations to channels_last on the CPU (index into
+# ``main``; None: never). oneDNN's 4x4 stride-2 (transposed) convolutions take NCHW activations
+# through a reorder and, for the transposed ones, a full copy of the output (``contiguous()``
+# inside PyTorch's transposed conv); in channels_last they run directly. Measured at the
+# reference setting (batch 64, 64x64, 1 thread, interleaved, under load): fwd+bwd of G's
+# transposed convs 256->128 (8x8 in) 240 -> 213 ms, 128->64 299 -> 245 ms, 64->3 135 -> 85 ms, but
+# its 512->256 on the 4x4 map 349 -> 388 ms; the whole step 1.02-1.05x -> 1.10-1.13x the eager
+# reference's. So G switches at its second transposed conv (index 3, the 4x4 -> 8x8 one, where
+# the next three win) and D at its input. The networks' inputs and outputs stay NCHW (G's output
+# is made contiguous: one 3-channel copy); parameters keep their layout (oneDNN reorders the
+# weights, a few MB per call). GPUs keep NCHW (cuDNN's choice for fp32 is not this measurement).
+CHANNELS_LAST_FROM = {"G": 3, "D": 0}
+
+
+def run_sequential(seq: nn.Sequential, x: torch.Tensor, channels_last_from: int | None) -> torch.Tensor:
+    """``seq(x)``, with the activations in channels_last from ``seq[channels_last_from]`` on when
+    ``x`` is on the CPU (the same function; oneDNN's rounding may differ in the last bits)."""
+    if channels_last_from is None or x.device.type != "cpu":
+        return seq(x)
+    for index, layer in enumerate(seq):
+        if index == channels_last_from:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = layer(x)
+    return x
+
+
 def _init(net: nn.Module, init_type) -> None:
     if init_type == "dcgan":
         net.apply(weights_init)
@@ -56,12 +82,13 @@ class DCGANGenerator(nn.Module):
         _init(self, init_type)
         # ganengine's conv op for the first layer only: its GEMM form on the 1x1 input beats oneDNN
         finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
+        self.channels_last_from = CHANNELS_LAST_FROM["G"] if fused else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4 or input.shape[1] != self.nz:
             raise ValueError(f"DCGANGenerator: expected noise of shape (N, {self.nz}, 1, 1) (nz={self.nz}), got "
                              f"{tuple(input.shape)}")
-        return self.main(input)
+        return run_sequential(self.main, input, self.channels_last_from).contiguous()
 
 
 class DCGANDiscriminator(nn.Module):
@@ -80,12 +107,13 @@ class DCGANDiscriminator(nn.Module):
         _init(self, init_type)
         # the first conv + LeakyReLU as ganengine's fused op (it beats oneDNN + LeakyReLU there)
         finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
+        self.channels_last_from = CHANNELS_LAST_FROM["D"] if fused else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4 or input.shape[1] != self.nc:
             raise ValueError(f"DCGANDiscriminator: expected images of shape (N, {self.nc}, 64, 64) (nc={self.nc}), "
                              f"got {tuple(input.shape)}")
-        return self.main(input).view(-1, 1).squeeze(1)
+        return run_sequential(self.main, input, self.channels_last_from).reshape(-1, 1).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- reference checkpoints

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from ganengine.models.base import GANModel
+from ganengine.models.base import GANModel, set_requires_grad
 
 EMA_OPTIONS = dict(ema=False, ema_decay=0.999, ema_start=0, use_ema=True)
 
@@ -220,6 +220,45 @@ class SynthesisGAN(GANModel):
         self.num_steps = int(state.get("num_steps", 0))
 
     # -- helpers for train_step -------------------------------------------------------------------
+    def conditional_step(self, batch: dict, optimizers: dict, ctx, d_takes_labels: bool, g_loss_fn, d_loss_fn) -> dict:
+        """The step cGAN, AC-GAN and ADC-GAN share, in the PyTorch-GAN scripts' order: z ~ N(0, 1)
+        and uniform labels y; a G step on ``g_loss_fn(D(G(z, y)), y)`` with D frozen; then a D step
+        on ``d_loss_fn(D(x), labels, D(G(z, y) detached), y)``. D is called ``D(img, labels)`` when
+        ``d_takes_labels`` (cGAN), else ``D(img)``; D's outputs reach the loss functions as D
+        returns them. Each loss function returns (loss, {name: logged tensor}); the step returns
+        ``{"D_loss", "G_loss", *G's logs, *D's logs}`` detached."""
+        o = self.options
+        real = self._real_images(batch, o["channels"], o["img_size"])
+        labels = self.batch_labels(batch)
+        opt_G, opt_D = optimizers["G"], optimizers["D"]
+        n = real.shape[0]
+        self.num_steps += 1
+        D = self.D
+        run_D = (lambda img, y: D(img, y)) if d_takes_labels else (lambda img, y: D(img))
+
+        # ---- G
+        set_requires_grad(D, False)
+        ctx.zero_grad(opt_G)
+        z, gen_labels = self.sample_z(n), self.sample_labels(n)
+        with ctx.autocast():
+            gen_imgs = self.G(z, gen_labels)
+            out_g = run_D(gen_imgs, gen_labels)
+        g_loss, g_logs = g_loss_fn(out_g, gen_labels)
+        ctx.backward(g_loss, "G")
+        ctx.step(opt_G, "G")
+        set_requires_grad(D, True)
+        self.after_generator_step()
+
+        # ---- D
+        ctx.zero_grad(opt_D)
+        with ctx.autocast():
+            out_real = run_D(real, labels)
+            out_fake = run_D(gen_imgs.detach(), gen_labels)
+        d_loss, d_logs = d_loss_fn(out_real, labels, out_fake, gen_labels)
+        ctx.backward(d_loss, "D")
+        ctx.step(opt_D, "D")
+        return self._detached({"D_loss": d_loss, "G_loss": g_loss, **g_logs, **d_logs})
+
     @staticmethod
     def _without_ddp(net: nn.Module) -> nn.Module:
         """``net`` without its DistributedDataParallel wrapper, for a pass whose parameters are

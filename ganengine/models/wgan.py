@@ -6,24 +6,60 @@ Every step trains the critic: WGAN on ``-mean D(x) + mean D(G(z))`` with RMSprop
 then clips every critic weight to ``[-clip_value, clip_value]``; WGAN-GP on the same plus
 ``lambda_gp`` times the gradient penalty at random interpolates of the real and fake batch, with
 Adam (lr 2e-4, betas (b1 0.5, b2 0.999)). Every ``n_critic``-th step (steps 0, n_critic, ...) also
-trains G on ``-mean D(G(z))`` with the same z (G is run again, as the reference does, so its
-batch-norm running statistics see the batch twice).
+trains G on ``-mean D(G(z))`` with the same z (the reference runs G again, so its batch-norm
+running statistics see the batch twice).
 
 Deviations that change no number: the critic's pass over G(z) runs without building G's graph
 (the reference's WGAN-GP back-propagates the critic loss into G too and zeroes those gradients
-before G's step); the critic's parameters are frozen during G's backward; the clipping is one
+before G's step), except with ``fused`` on a generator step, where G runs once with its graph
+and the G step reuses that output (G's weights have not changed since: the reference's second
+G(z) is the same tensor) and the second pass's running-statistics update is applied by hand
+(``_BatchNormRepeat``: the same to rounding; one G forward less, a sixth of the step's
+multiply-adds); the critic's parameters are frozen during G's backward; the clipping is one
 multi-tensor clamp. The reference's ``i`` restarts at every epoch; ganengine counts steps over
 the whole run (``num_steps``, checkpointed), which is the same within the first epoch.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import ganengine.functional as GF
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.fused_rmsprop import FusedRMSprop
 from ganengine.models.networks_pytorch_gan import WGANGPDiscriminator, WGANGPGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN, check_fraction
+
+
+class _BatchNormRepeat:
+    """The running-statistics update of a second training-mode pass of ``net`` on the same batch,
+    without the pass. Take it (``_BatchNormRepeat(net)``) before the first pass, call
+    ``update_again()`` after it: with momentum m, the first pass made ``r1 = (1 - m) r0 + m s``
+    from the batch statistic s, so the second one's ``(1 - m) r1 + m s`` is ``r1 + (1 - m) (r1 -
+    r0)`` (the same to rounding: a few units in the last place of r); ``num_batches_tracked``
+    counts the pass."""
+
+    @staticmethod
+    def _norms(net: nn.Module) -> list:
+        return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @classmethod
+    def applies(cls, net: nn.Module) -> bool:
+        """Every norm in training mode with a fixed momentum (a cumulative average, momentum
+        None, or a frozen norm keeps the second pass)."""
+        return all(m.training and m.track_running_stats and m.momentum is not None for m in cls._norms(net))
+
+    def __init__(self, net: nn.Module):
+        self.norms = self._norms(net)
+        self.before = [(m.running_mean.clone(), m.running_var.clone()) for m in self.norms]
+
+    @torch.no_grad()
+    def update_again(self) -> None:
+        for m, (mean0, var0) in zip(self.norms, self.before):
+            for r, r0 in ((m.running_mean, mean0), (m.running_var, var0)):
+                r.add_(r - r0, alpha=1.0 - m.momentum)
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.add_(1)
 
 
 class _Wasserstein(SynthesisGAN):
@@ -72,12 +108,23 @@ class _Wasserstein(SynthesisGAN):
         i = self.num_steps
         self.num_steps += 1
 
+        g_step = i % o["n_critic"] == 0
+        # fused, on a generator step: G runs once, with its graph, and the G step reuses that
+        # output (G's weights do not change in between, so it is the reference's second G(z));
+        # the second pass's batch-norm running-statistics update is then applied by hand
+        repeat = g_step and o["fused"] and _BatchNormRepeat.applies(self.G)
+
         # ---- critic
         ctx.zero_grad(opt_D)
         z = self.sample_z(real.shape[0])
         with ctx.autocast():
-            with torch.no_grad():
-                fake = self.G(z)
+            if repeat:
+                norms = _BatchNormRepeat(self.G)
+                fake_g = self.G(z)
+                fake = fake_g.detach()
+            else:
+                with torch.no_grad():
+                    fake = self.G(z)
             d_loss, extra = self._critic_loss(real, fake)
         ctx.backward(d_loss, "D")
         ctx.step(opt_D, "D")
@@ -85,11 +132,13 @@ class _Wasserstein(SynthesisGAN):
         losses = {"D_loss": d_loss, **extra}
 
         # ---- generator every n_critic steps, on the same z
-        if i % o["n_critic"] == 0:
+        if g_step:
             set_requires_grad(self.D, False)
             ctx.zero_grad(opt_G)
+            if repeat:
+                norms.update_again()
             with ctx.autocast():
-                g_loss = GF.gan_loss(self.D(self.G(z)).float(), True, "wgangp")
+                g_loss = GF.gan_loss(self.D(fake_g if repeat else self.G(z)).float(), True, "wgangp")
             ctx.backward(g_loss, "G")
             ctx.step(opt_G, "G")
             set_requires_grad(self.D, True)
