@@ -122,3 +122,21 @@ def test_backend_choice_is_seen_by_other_threads():
         t.start()
         t.join()
     assert seen == {"name": "torch", "strict": True}
+
+
+def test_auto_order_per_op_on_cuda(monkeypatch):
+    """On CUDA tensors 'auto' takes the device order (Triton first) except where a GPU measurement
+    put an op's CUDA C++ kernel first (the losses); a backend that cannot serve is skipped."""
+    from ganengine.ops import _dispatch
+
+    monkeypatch.setattr(backends, "serves", lambda name, device: True)
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    both = {"triton": None, "cuda": None}
+    assert _dispatch.choose("gan_loss", OnCuda(), both) == "cuda"
+    assert _dispatch.choose("cycle_loss", OnCuda(), both) == "cuda"
+    assert _dispatch.choose("instance_norm_act", OnCuda(), both) == "triton"
+    assert _dispatch.choose("gan_loss", OnCuda(), {"triton": None, "cuda": "no kernel"}) == "triton"
+    assert _dispatch.choose("gan_loss", OnCuda(), {"triton": "too many terms", "cuda": "no kernel"}) == "torch"

@@ -28,6 +28,12 @@ log = logging.getLogger("ganengine.dispatch")
 
 # auto order per device type; "torch" is always the last resort
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+# per-op exceptions, each from a measurement on a GPU (docs/gpu.md, "First GPU run", H100,
+# `python -m ganengine.tools.gpu_check`): the losses' one-call CUDA C++ kernels beat the Triton
+# ones: discriminator_loss 30x30 forward+backward 61 vs 125 us, cycle_loss 4x3x256x256 120 vs
+# 351 us, a forward call including host time 28 vs 86 us. The other ops keep the device order
+# until a GPU run measures them (docs/gpu.md says which figures decide it).
+AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cuda"): ("cuda", "triton")}
 
 last_used: dict[str, str] = {}
 
@@ -74,7 +80,8 @@ def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None]) -> str:
         return verdicts[name]
 
     if requested == "auto":
-        for name in AUTO_ORDER.get(device.type, ()):
+        order = AUTO_ORDER_BY_OP.get((op, device.type)) or AUTO_ORDER.get(device.type, ())
+        for name in order:
             if reason_for(name) is None:
                 last_used[op] = name
                 return name
