@@ -184,7 +184,10 @@ def count_kernels(fn: Callable[[], object], device="cpu") -> dict:
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                    and not e.name.startswith(("Memcpy", "Memset", "[memory]"))]
-        triton = [e for e in kernels if e.name.startswith("triton") or "_kernel" in e.name]
+        from ganengine.bench.profile import ganengine_kernel_names
+
+        ours = ganengine_kernel_names()  # ganengine's Triton kernels; inductor's are named triton_*
+        triton = [e for e in kernels if e.name in ours or e.name.startswith("triton_")]
         return {"kernels": len(kernels), "triton_launches": len(triton), "aten_ops": None, "method": "profiler"}
     from ganengine import backends
     from ganengine.bench.traffic import EagerTraffic
