@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture
 def script(monkeypatch):
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()  # the scripts' --threads 1 (less contention in CI) is undone after
 
     def load(name, **attrs):
         mod = importlib.import_module(f"benchmarks.{name}")
@@ -29,6 +29,7 @@ def _table_rows(out: str) -> list[str]:
 
 def test_bench_norm_act(script, capsys):
     mod = script("bench_norm_act", QUICK_SHAPES=[(1, 4, 5, 3)])
+    torch.set_num_threads(1)  # the script has no --threads (the fixture restores it)
     assert mod.main(["--quick", "--device", "cpu", "--repeats", "2", "--no-compile", "--kernels"]) == 0
     out = capsys.readouterr().out
     assert "| 1x4x5x3 | float32 | forward+backward |" in out and "load average" in out
@@ -37,14 +38,14 @@ def test_bench_norm_act(script, capsys):
 
 def test_bench_batch_norm_act(script, capsys):
     mod = script("bench_batch_norm_act", QUICK_SHAPES=[(4, 3, 2, 3)])
-    assert mod.main(["--quick", "--device", "cpu", "--repeats", "2", "--no-compile", "--no-host"]) == 0
+    assert mod.main(["--quick", "--device", "cpu", "--repeats", "2", "--no-compile", "--no-host", "--threads", "1"]) == 0
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 2 * 2  # header + 2 ops x 2 passes
 
 
 def test_bench_conv(script, capsys):
     mod = script("bench_conv", SHAPES=[(False, 1, 4, 8, 4), (True, 1, 8, 4, 2)])
-    mod.main(["--repeats", "2"])
+    mod.main(["--repeats", "2", "--threads", "1"])
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 2 * 2 and rows[1].startswith("| conv | 1 | 4 -> 8 | 4 | fwd |")
 
@@ -56,21 +57,21 @@ def test_bench_conv3x3(script, capsys, monkeypatch):
     monkeypatch.setattr(cm, "MIN_CHANNELS", cm.MIN_CHANNELS)  # --all lowers them: restored after
     monkeypatch.setattr(cm, "MIN_TILES", cm.MIN_TILES)
     mod = script("bench_conv3x3", SHAPES=[(1, 4, 5, 6, 6, "reflect")])
-    mod.main(["--all", "--no-compile", "--repeats", "2"])
+    mod.main(["--all", "--no-compile", "--repeats", "2", "--threads", "1"])
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 2 and "| 1,4,5,6,6,reflect | yes | forward |" in rows[1]
 
 
 def test_bench_conv4x4(script, capsys):
     mod = script("bench_conv4x4", SHAPES=[("patchgan", False, 1, 3, 4, 8, 2, 1), ("unet", True, 1, 4, 3, 4, 2, 1)])
-    mod.main(["--repeats", "1", "--only", "patchgan"])
+    mod.main(["--repeats", "1", "--only", "patchgan", "--threads", "1"])
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 2 and rows[1].startswith("| patchgan | conv | 1 | 3 -> 4 | 8 | 2 | fwd |")
 
 
 def test_bench_conv_act(script, capsys):
     mod = script("bench_conv_act")
-    mod.main(["--batch", "1", "--norm", "instance", "--repeats", "1", "--no-compile", "--size", "32"])
+    mod.main(["--batch", "1", "--norm", "instance", "--repeats", "1", "--no-compile", "--size", "32", "--threads", "1"])
     out = capsys.readouterr().out
     rows = _table_rows(out)
     assert len(rows) == 2 and rows[-1].startswith("| instance | 1 |")
@@ -78,7 +79,7 @@ def test_bench_conv_act(script, capsys):
 
 def test_bench_ema(script, capsys, tmp_path):
     mod = script("bench_ema")
-    mod.main(["--scale", "8", "--repeats", "2", "--ops", "--json", str(tmp_path / "ema.json")])
+    mod.main(["--scale", "8", "--repeats", "2", "--threads", "1", "--ops", "--json", str(tmp_path / "ema.json")])
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 3 and rows[3].startswith("| ganengine EMA |")
     import json
@@ -89,20 +90,21 @@ def test_bench_ema(script, capsys, tmp_path):
 
 def test_bench_losses(script, capsys):
     mod = script("bench_losses")
-    mod.main(["--repeats", "2", "--size", "16", "--no-compile", "--kernels"])
+    mod.main(["--repeats", "2", "--size", "16", "--no-compile", "--kernels", "--threads", "1"])
     rows = _table_rows(capsys.readouterr().out)
     assert [r.split(" | ")[0] for r in rows[1:3]] == ["| eager PyTorch", "| ganengine (cpu)"]
 
 
 def test_bench_spectral_norm(script, capsys):
     mod = script("bench_spectral_norm")
-    mod.main(["--model", "sagan", "--backend", "cpu", "--scale", "16", "--repeats", "2", "--no-compile"])
+    mod.main(["--model", "sagan", "--backend", "cpu", "--scale", "16", "--repeats", "2", "--no-compile", "--threads", "1"])
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 3 and rows[3].startswith("| ganengine grouped (cpu) |")
 
 
 def test_bench_attention(script, capsys, tmp_path):
     mod = script("bench_attention")
+    torch.set_num_threads(1)  # the script has no --threads (the fixture restores it)
     mod.main(["--shapes", "1,8,4", "--impls", "reference", "ganengine", "sdpa_math", "--repeats", "2",
               "--json", str(tmp_path / "att.json")])
     rows = _table_rows(capsys.readouterr().out)
