@@ -24,7 +24,6 @@ import platform
 import torch
 import torch.nn.functional as F
 
-import ganengine
 import ganengine.functional as GF
 from ganengine import backends
 from ganengine.bench import timing
