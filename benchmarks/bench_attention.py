@@ -12,7 +12,8 @@ inputs, in training mode (inputs and weights require grad), fp32:
                 accepts them (it needs equal head dims); exact, but 8x the q.k work
   compile       torch.compile(reference) (inductor, default mode)
   ganengine     ganengine.functional.self_attention2d (auto backend: the C++ kernel on CPU)
-Time: median of --repeats runs after one warm-up. Peak memory: CPU, the growth of the
+Time: median of --repeats runs after one warm-up, the implementations taking turns
+(ganengine.bench.timing.interleave). Peak memory, measured on one more call of each: CPU, the growth of the
 process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the
 resident size before the call, with glibc's mmap threshold pinned so freed buffers leave the
 RSS; CUDA, torch.cuda.max_memory_allocated over the allocation before the call.
@@ -24,9 +25,7 @@ import gc
 import warnings
 import json
 import os
-import statistics
 import sys
-import time
 
 if "MALLOC_MMAP_THRESHOLD_" not in os.environ and __name__ == "__main__":
     # large buffers must go back to the OS when freed, or RSS cannot show per-call peaks
@@ -39,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ganengine.functional as GF  # noqa: E402
+from ganengine.bench import timing  # noqa: E402
 from ganengine.ops import _dispatch  # noqa: E402
 
 
@@ -127,30 +127,27 @@ def make_inputs(b, c, hw, device):
     return [t.to(device).requires_grad_() for t in ts]
 
 
-def run_one(fn, inputs, backward, meter):
-    for t in inputs:
-        t.grad = None
+def make_call(fn, inputs, backward):
+    def call():
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        if backward:
+            out.backward(torch.ones_like(out))
+    return call
+
+
+def peak_mb(call, meter) -> float:
     meter.start()
-    t0 = time.perf_counter()
-    out = fn(*inputs)
-    if backward:
-        out.backward(torch.ones_like(out))
-    if meter.device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    peak = meter.peak_extra()
-    del out
-    return dt, peak
+    call()
+    return meter.peak_extra() / 2 ** 20
 
 
-def bench(fn, inputs, backward, repeats, meter):
-    run_one(fn, inputs, backward, meter)  # warm-up (and compile)
-    times, peaks = [], []
-    for _ in range(repeats):
-        dt, peak = run_one(fn, inputs, backward, meter)
-        times.append(dt)
-        peaks.append(peak)
-    return statistics.median(times) * 1e3, max(peaks) / 2 ** 20
+def bench(calls: dict, repeats, meter) -> dict:
+    """{name: (median ms, peak extra MB)}: the calls take turns (one warm-up each, which
+    compiles), then one more call each under the memory meter."""
+    times = timing.medians(timing.interleave(calls, repeats, warmup=1, sync=timing.cuda_sync(meter.device)))
+    return {name: (times[name], peak_mb(call, meter)) for name, call in calls.items()}
 
 
 def grid(args):
@@ -189,17 +186,19 @@ def main(argv=None):
     device = torch.device(args.device)
     meter = Meter(device)
     rows = []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}", flush=True)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}; {timing.load_note()}",
+          flush=True)
     print("| B | C | HxW | pass | impl | time (ms) | peak extra (MB) | vs reference |")
     print("| ---: | ---: | --- | --- | --- | ---: | ---: | ---: |", flush=True)
     for b, c, hw in grid(args):
         inputs = make_inputs(b, c, hw, device)
         for backward in (False, True):
-            ref_ms = None
-            for name in impls_for(args, b, c, hw):
-                ms, mb = bench(IMPLS[name], inputs, backward, args.repeats, meter)
-                if name == "reference":
-                    ref_ms = ms
+            names = impls_for(args, b, c, hw)
+            _dispatch.last_used.clear()  # only ganengine's calls set it: read after the run
+            res = bench({n: make_call(IMPLS[n], inputs, backward) for n in names}, args.repeats, meter)
+            ref_ms = res["reference"][0] if "reference" in res else None
+            for name in names:
+                ms, mb = res[name]
                 used = _dispatch.last_used.get("attention", "") if name == "ganengine" else ""
                 speed = f"{ref_ms / ms:.2f}x" if ref_ms else ""
                 label = f"{name} ({used})" if used else name

@@ -5,7 +5,8 @@ plus host time per call at a tiny shape.
     pytest benchmarks/bench_batch_norm_act.py --benchmark-only      (pytest-benchmark suite)
 
 Training-mode batch norm with running statistics (what a GAN step runs), ReLU, fp32. All
-variants are timed interleaved (one call of each per round, rounds repeated; median per variant),
+variants are timed interleaved by ganengine.bench.timing.interleave (one call of each per round,
+the order reversed every other round, rounds repeated; median per variant),
 so load and frequency drift hit them alike; ratios are taken within the run. "copy" is
 ``x.clone()`` (one read + one write of x): the forward reads x twice and writes y once.
 
@@ -16,17 +17,17 @@ The host-time table measures at a tiny shape, one thread, through ``ganengine.be
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-import ganengine
 import ganengine.functional as GF
 from ganengine import backends
+from ganengine.bench import timing
+from ganengine.bench.runner import backend_scope
 
 SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (16, 128, 32, 32), (1, 64, 128, 128)]
 QUICK_SHAPES = [(16, 64, 8, 8), (4, 32, 16, 16)]
@@ -52,11 +53,6 @@ def fused_cond(x, gain, bias, rm, rv):
 OPS = {"batch_norm_act": (eager_bn, fused_bn), "conditional_batch_norm_act": (eager_cond, fused_cond)}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_inputs(op, shape, device, dtype):
     n, c = shape[0], shape[1]
     x = torch.randn(shape, device=device, dtype=dtype)
@@ -66,7 +62,7 @@ def make_inputs(op, shape, device, dtype):
     return x, w, b, torch.zeros(c, device=device), torch.ones(c, device=device)
 
 
-def make_call(fn, inputs, grad, backward: bool, backend: str | None = None):
+def make_call(fn, inputs, grad, backward: bool):
     x, w, b, rm, rv = inputs
     if backward:
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
@@ -78,30 +74,7 @@ def make_call(fn, inputs, grad, backward: bool, backend: str | None = None):
         def run():
             with torch.no_grad():
                 fn(x, w, b, rm, rv)
-    if backend is None:
-        return run
-
-    def scoped():
-        with ganengine.use_backend(backend), backends.strict():
-            run()
-    return scoped
-
-
-def interleaved_ms(calls: dict, device, repeats: int, warmup: int = 3) -> dict:
-    """Median ms per variant; one call of every variant per round."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times = {k: [] for k in calls}
-    for r in range(repeats):
-        order = list(calls.items()) if r % 2 == 0 else list(reversed(calls.items()))
-        for name, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return run
 
 
 def fused_backends(device) -> list[str]:
@@ -112,7 +85,8 @@ def fused_backends(device) -> list[str]:
     return out
 
 
-def run_benchmark(shapes, ops, device, dtype, repeats: int, with_compile: bool = True) -> list[dict]:
+def run_benchmark(shapes, ops, device, dtype, repeats: int, with_compile: bool = True,
+                  kernels: bool = False) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     for op in ops:
@@ -127,13 +101,18 @@ def run_benchmark(shapes, ops, device, dtype, repeats: int, with_compile: bool =
                 calls = {"copy": lambda: x.clone(), "eager": make_call(eager, inputs, grad, bwd)}
                 if compiled is not None:
                     calls["torch.compile"] = make_call(compiled, inputs, grad, bwd)
+                scopes = {}
                 for name in fused_backends(device):
-                    calls[f"ganengine[{name}]"] = make_call(fused, inputs, grad, bwd, backend=name)
-                ms = interleaved_ms(calls, device, repeats)
+                    calls[f"ganengine[{name}]"] = make_call(fused, inputs, grad, bwd)
+                    scopes[f"ganengine[{name}]"] = functools.partial(backend_scope, name)  # strict
+                ms = timing.medians(timing.interleave(calls, repeats, warmup=3, alternate=True, scopes=scopes,
+                                                      sync=timing.cuda_sync(device)))
                 row = {"op": op, "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
                        "mode": mode, **{f"{k}_ms": v for k, v in ms.items()}}
                 rows.append(row)
                 print(format_row(row), flush=True)
+                if kernels:
+                    print(timing.kernel_table(calls, device, scopes), flush=True)
     return rows
 
 
@@ -181,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--no-host", action="store_true", help="leave the host-time table out")
+    parser.add_argument("--kernels", action="store_true", help="also count kernels per call of each variant")
     parser.add_argument("--json", help="write rows and machine facts to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this Markdown file")
     args = parser.parse_args(argv)
@@ -190,9 +170,11 @@ def main(argv=None) -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (5 if args.quick else 15)
     machine = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats}
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
+               "load": timing.load_note()}
     print(f"# (conditional) batch norm + relu on {machine}", flush=True)
-    rows = run_benchmark(shapes, args.ops, device, getattr(torch, args.dtype), repeats, not args.no_compile)
+    rows = run_benchmark(shapes, args.ops, device, getattr(torch, args.dtype), repeats, not args.no_compile,
+                         args.kernels)
     table = markdown(rows)
     print("\n" + table)
     host = ""

@@ -4,7 +4,8 @@ U-Net bottleneck (pix2pix), StarGAN's and StackGAN's last discriminator blocks.
 
     python benchmarks/bench_conv.py [--repeats 7] [--threads 2]
 
-Both columns run the same call through ganengine.functional with the GEMM form forced on
+Both columns run the same call through ganengine.functional, interleaved
+(ganengine.bench.timing.interleave, median of --repeats), with the GEMM form forced on
 ("gemm") or off ("oneDNN"), the Winograd route (bench_conv4x4.py) off in both; "auto" says which one
 the cpu backend's threshold picks (how the threshold in csrc/cpu/conv_gemm.cpp was chosen). Rows: kind, N, C_in -> C_out, input H=W,
 4x4 kernel, stride 2, padding 1 (the models' layers).
@@ -12,12 +13,13 @@ the cpu backend's threshold picks (how the threshold in csrc/cpu/conv_gemm.cpp w
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
 import ganengine
 import ganengine.functional as GF
-from ganengine.bench.timing import time_cpu
+from ganengine.bench import timing
 from ganengine.ops.conv import gemm_policy, uses_gemm, winograd_policy
 
 SHAPES = [  # (transposed, N, C_in, C_out, H)
@@ -29,8 +31,11 @@ SHAPES = [  # (transposed, N, C_in, C_out, H)
 ]
 
 
-def _median_ms(fn, repeats):
-    return time_cpu(fn, warmup=2, repeats=repeats, budget_s=float("inf"), min_repeats=repeats)["median"]
+@contextlib.contextmanager
+def forced(policy: str):
+    """The cpu backend with the GEMM form forced on ("always") or off ("never"), Winograd off."""
+    with ganengine.use_backend("cpu"), gemm_policy(policy), winograd_policy("never"):
+        yield
 
 
 def main(argv=None):
@@ -40,7 +45,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads={torch.get_num_threads()} repeats={args.repeats} (ms, median)")
+    print(f"threads={torch.get_num_threads()} repeats={args.repeats} (ms, median, interleaved; {timing.load_note()})")
     print("| kind | N | C_in -> C_out | H | pass | oneDNN | gemm | speed-up | auto picks |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for tr, n, ci, co, h in SHAPES:
@@ -55,10 +60,9 @@ def main(argv=None):
         with ganengine.use_backend("cpu"):
             used = "gemm" if uses_gemm(x, w, (2, 2), (1, 1), tr) else "oneDNN"
         for backward in (False, True):
-            times = {}
-            for policy in ("never", "always"):
-                with ganengine.use_backend("cpu"), gemm_policy(policy), winograd_policy("never"):
-                    times[policy] = _median_ms(lambda: run(backward), args.repeats)
+            times = timing.medians(timing.interleave(
+                {p: (lambda: run(backward)) for p in ("never", "always")}, args.repeats, warmup=2,
+                scopes={p: (lambda p=p: forced(p)) for p in ("never", "always")}))
             print(f"| {'convT' if tr else 'conv'} | {n} | {ci} -> {co} | {h} | {'fwd+bwd' if backward else 'fwd'} | "
                   f"{times['never']:.2f} | {times['always']:.2f} | {times['never'] / times['always']:.2f}x | "
                   f"{used} |", flush=True)

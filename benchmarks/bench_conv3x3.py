@@ -3,6 +3,7 @@ oneDNN's direct convolution (eager) vs torch.compile, at the shapes of the model
 
     python benchmarks/bench_conv3x3.py [--repeats 7] [--tile 2] [--all]
 
+The variants take turns (ganengine.bench.timing.interleave), median of --repeats.
 ``--all`` bypasses the profitability threshold so every shape runs Winograd (how the
 threshold in ganengine/ops/conv3x3.py was chosen). Rows: (N, C, K, H, W, padding mode).
 """
@@ -14,18 +15,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ganengine.bench.timing import time_cpu
+from ganengine.bench import timing
 
 SHAPES = [  # CycleGAN resnet block, StarGAN block (b16), StackGAN blocks, U-Net-ish widths
     (1, 256, 256, 64, 64, "reflect"), (16, 256, 256, 32, 32, "zeros"), (4, 512, 512, 16, 16, "zeros"),
     (16, 128, 128, 64, 64, "zeros"), (1, 128, 128, 64, 64, "zeros"), (1, 128, 128, 128, 128, "zeros"),
     (1, 64, 64, 128, 128, "zeros"), (64, 64, 64, 32, 32, "zeros"), (1, 32, 32, 64, 64, "zeros"),
 ]
-
-
-def _median_ms(fn, repeats):
-    # the project's CPU timer, held to exactly `repeats` timed calls (no time budget)
-    return time_cpu(fn, warmup=2, repeats=repeats, budget_s=float("inf"), min_repeats=repeats)["median"]
 
 
 def main(argv=None):
@@ -43,7 +39,8 @@ def main(argv=None):
 
     if args.all:
         cm.MIN_CHANNELS, cm.MIN_TILES = 0, 0
-    print(f"threads={torch.get_num_threads()} tile={args.tile} repeats={args.repeats} (ms, median)")
+    print(f"threads={torch.get_num_threads()} tile={args.tile} repeats={args.repeats} (ms, median, interleaved; "
+          f"{timing.load_note()})")
     print("| N,C,K,H,W,pad | winograd used | pass | eager | torch.compile | ganengine | vs eager | vs compile |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, c, k, h, w, mode in SHAPES:
@@ -62,10 +59,9 @@ def main(argv=None):
         g = torch.randn(n, k, h, w)
         impls = {"eager": ref, "compile": comp, "ganengine": ours}
         for pass_ in ("forward", "forward+backward"):
-            res = {}
+            calls = {}
             for name, f in impls.items():
                 if f is None:
-                    res[name] = float("nan")
                     continue
                 if pass_ == "forward":
                     def run(f=f):
@@ -74,7 +70,8 @@ def main(argv=None):
                 else:
                     def run(f=f):
                         torch.autograd.grad(f(x, wt, b), (x, wt, b), g)
-                res[name] = _median_ms(run, args.repeats)
+                calls[name] = run
+            res = {"compile": float("nan"), **timing.medians(timing.interleave(calls, args.repeats, warmup=2))}
             print(f"| {n},{c},{k},{h},{w},{mode} | {'yes' if used else 'no'} | {pass_} | {res['eager']:.2f} | "
                   f"{res['compile']:.2f} | {res['ganengine']:.2f} | {res['eager'] / res['ganengine']:.2f}x | "
                   f"{res['compile'] / res['ganengine']:.2f}x |", flush=True)

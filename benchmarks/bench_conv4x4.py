@@ -3,7 +3,8 @@ forward+backward: oneDNN (NCHW and NHWC) vs ganengine's Winograd form (csrc/cpu/
 
     python benchmarks/bench_conv4x4.py [--repeats 5] [--threads 2] [--tiles] [--only patchgan unet ...]
 
-Every column runs the same ganengine.functional call on the cpu backend with the Winograd form
+Every column runs the same ganengine.functional call on the cpu backend, the columns taking turns
+(ganengine.bench.timing.interleave, median of --repeats), with the Winograd form
 forced off ("oneDNN", x in NCHW or in channels_last) or on ("winograd", NCHW, the default tiles:
 F(2, 4) at stride 1, F(3, 2) at stride 2); ``--tiles`` adds the larger tiles (F(3, 4), F(4, 2)).
 "auto" says what the cpu backend's threshold picks (how the rule in use() was chosen). The
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 
 import torch
 
 import ganengine
 import ganengine.functional as GF
-from ganengine.bench.timing import time_cpu
+from ganengine.bench import timing
 from ganengine.ops.conv import gemm_policy, uses_winograd, winograd_policy
 
 # (group, transposed, N, C_in, C_out, H, stride, padding)
@@ -41,8 +43,11 @@ SHAPES = [
 ]
 
 
-def _median_ms(fn, repeats):
-    return time_cpu(fn, warmup=2, repeats=repeats, budget_s=float("inf"), min_repeats=repeats)["median"]
+@contextlib.contextmanager
+def _forced(policy):
+    """The cpu backend, the GEMM form off, the Winograd form as ``policy()`` says."""
+    with ganengine.use_backend("cpu"), gemm_policy("never"), policy():
+        yield
 
 
 def variants(tiles: bool):
@@ -67,7 +72,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     vs = variants(args.tiles)
-    print(f"threads={torch.get_num_threads()} repeats={args.repeats} (ms, median)")
+    print(f"threads={torch.get_num_threads()} repeats={args.repeats} (ms, median, interleaved; {timing.load_note()})")
     print("| group | kind | N | C_in -> C_out | H | stride | pass | " + " | ".join(vs) +
           " | winograd vs best oneDNN | auto picks |")
     print("| --- " * (8 + len(vs) + 2) + "|")
@@ -80,18 +85,19 @@ def main(argv=None):
         with ganengine.use_backend("cpu"), gemm_policy("never"):
             auto = uses_winograd(x0, w0, (s, s), (p, p), tr)
         for backward in (False, True):
-            times = {}
+            calls, scopes = {}, {}
             for name, (fmt, policy) in vs.items():
                 x = x0.contiguous(memory_format=fmt).requires_grad_(backward)
                 w = w0.contiguous(memory_format=fmt).requires_grad_(backward)
 
-                def run():
+                def run(x=x, w=w):
                     y = GF.conv_transpose2d(x, w, None, s, p) if tr else GF.conv2d(x, w, None, s, p)
                     if backward:
                         torch.autograd.grad(y, (x, w), torch.ones_like(y))
 
-                with ganengine.use_backend("cpu"), gemm_policy("never"), policy():
-                    times[name] = _median_ms(run, args.repeats)
+                calls[name] = run
+                scopes[name] = functools.partial(_forced, policy)
+            times = timing.medians(timing.interleave(calls, args.repeats, warmup=2, scopes=scopes))
             best = min(times["oneDNN NCHW"], times["oneDNN NHWC"])
             cells = " | ".join(f"{t:.2f}" for t in times.values())
             print(f"| {group} | {'convT' if tr else 'conv'} | {n} | {ci} -> {co} | {h} | {s} | "

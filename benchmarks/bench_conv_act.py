@@ -9,18 +9,19 @@ does not require grad) for the 70x70 PatchGAN (n_layers=3, ndf=64) at 256x256. "
 "compile" run a copy of the reference module tree (``PatchDiscriminator.model``, the
 reference ``NLayerDiscriminator``'s nn.Sequential) in PyTorch's default NCHW layout; "ganengine" runs ``PatchDiscriminator``
 (fused ops, channels_last) with the selected backend. Times are medians of ``--repeats`` steps
-after warm-up, all variants measured in one process.
+after warm-up, all variants measured in one process, taking turns (ganengine.bench.timing.interleave).
+``--size`` shrinks the input (default 256, the reference); ``--kernels`` adds kernels per step.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import functools
 
 import torch
 
 import ganengine
+from ganengine.bench import timing
 from ganengine.nn import PatchDiscriminator
 
 
@@ -35,27 +36,13 @@ def _step(fn, params, x):
     fn(x).mean().backward()
 
 
-def time_round_robin(variants: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median ms per variant; the variants take turns, so a load change on this shared machine
-    hits all of them alike and the ratios stay meaningful."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-
-
 def reference_copy(d: PatchDiscriminator) -> torch.nn.Module:
     """The reference module tree with the same weights, in PyTorch's default NCHW layout."""
     return copy.deepcopy(d.model).to(memory_format=torch.contiguous_format)
 
 
-def run_case(norm: str, batch: int, repeats: int, backend: str, size: int = 256, compile_: bool = True):
+def run_case(norm: str, batch: int, repeats: int, backend: str, size: int = 256, compile_: bool = True,
+             kernels: bool = False):
     input_nc = 3 if norm == "instance" else 6  # CycleGAN D (3 channels), pix2pix D (A+B = 6 channels)
     d = make(norm, input_nc)
     params = list(d.parameters())
@@ -63,17 +50,17 @@ def run_case(norm: str, batch: int, repeats: int, backend: str, size: int = 256,
     ref_params = list(ref.parameters())
     x = torch.randn(batch, input_nc, size, size)
 
-    def ours():
-        with ganengine.use_backend(backend):
-            _step(d, params, x)
-
     variants = {"eager": lambda: _step(ref, ref_params, x)}
     if compile_:
         torch._dynamo.reset()
         compiled = torch.compile(ref)
         variants["compile"] = lambda: _step(compiled, ref_params, x)
-    variants["ganengine"] = ours
-    ms = time_round_robin(variants, repeats)
+    variants["ganengine"] = lambda: _step(d, params, x)
+    scopes = {"ganengine": functools.partial(ganengine.use_backend, backend)}
+    # the variants take turns, so a load change on this shared machine hits all of them alike
+    ms = timing.medians(timing.interleave(variants, repeats, warmup=2, scopes=scopes))
+    if kernels:
+        print(timing.kernel_table(variants, "cpu", scopes), flush=True)
     return {"norm": norm, "batch": batch, **{f"{k}_ms": v for k, v in ms.items()}}
 
 
@@ -85,15 +72,18 @@ def main(argv=None):
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--size", type=int, default=256, help="input height and width (256: the reference)")
+    ap.add_argument("--kernels", action="store_true", help="also count kernels per step of each variant")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend={args.backend}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend={args.backend}, "
+          f"{args.size}x{args.size}; {timing.load_note()}")
     print("| norm | batch | eager (ms) | torch.compile (ms) | ganengine (ms) | vs eager | vs compile |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for norm in args.norm:
         for b in args.batch:
-            r = run_case(norm, b, args.repeats, args.backend, compile_=not args.no_compile)
+            r = run_case(norm, b, args.repeats, args.backend, args.size, not args.no_compile, args.kernels)
             c = r.get("compile_ms", float("nan"))
             print(f"| {norm} | {b} | {r['eager_ms']:.1f} | {c:.1f} | {r['ganengine_ms']:.1f} | "
                   f"{r['eager_ms'] / r['ganengine_ms']:.2f}x | {c / r['ganengine_ms']:.2f}x |", flush=True)

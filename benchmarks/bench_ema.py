@@ -15,17 +15,19 @@ the host. ``--ops`` counts aten ops per update (each is one kernel on a GPU, the
 per chunk of tensors).
 
     python -m benchmarks.bench_ema [--scale 4] [--repeats 30] [--threads N] [--ops] [--json F]
+
+The variants take turns in 10 rounds (ganengine.bench.timing.interleave), 2 untimed updates at
+the start of each turn; median of --repeats.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 
+from ganengine.bench import timing
 from ganengine.train import EMA
 
 
@@ -63,28 +65,17 @@ def variants_for(model, decay=0.999):
 
 
 def time_interleaved(variants, repeats, rounds=10, warmup=2):
-    per_round = max(1, repeats // rounds)
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            for _ in range(warmup):
-                fn()
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """{name: median seconds}, the variants taking turns in ``rounds`` rounds."""
+    res = timing.interleave(variants, repeats, warmup=0, per_round=max(1, repeats // rounds), round_warmup=warmup)
+    return {name: s["median"] / 1e3 for name, s in res.items()}
 
 
 def count_ops(variants):
-    from ganengine.bench.traffic import EagerTraffic
-
+    """{name: aten ops per update} (each one kernel on a GPU)."""
     out = {}
     for name, fn in variants.items():
         fn()
-        with EagerTraffic() as t:
-            fn()
-        out[name] = t.num_kernels
+        out[name] = timing.count_kernels(fn, "cpu")["aten_ops"]
     return out
 
 
@@ -109,7 +100,8 @@ def main(argv=None):
     result["seconds"] = med
     base = med["loop (BigGAN utils.ema)"]
     print(f"BigGAN-128 G (scale 1/{args.scale}): {n_tensors} state tensors, {n_elems / 1e6:.2f} M elements; "
-          f"one EMA update, fp32, {torch.get_num_threads()} threads, median of {args.repeats} in 10 interleaved rounds")
+          f"one EMA update, fp32, {torch.get_num_threads()} threads, median of {args.repeats} in 10 interleaved rounds; "
+          f"{timing.load_note()}")
     print("| variant | time | vs loop |" + (" aten ops |" if args.ops else ""))
     print("| --- | ---: | ---: |" + (" ---: |" if args.ops else ""))
     for name, t in med.items():

@@ -23,7 +23,6 @@ import copy
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -35,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ganengine  # noqa: E402
+from ganengine.bench import timing  # noqa: E402
 from tests import fuse_nets as R  # noqa: E402
 from tests import reference_nets as ref  # noqa: E402
 
@@ -152,16 +152,8 @@ def step_fn(net, inputs):
 
 
 def round_robin(fns: dict, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """{name: median ms}, the variants taking turns (ganengine.bench.timing.interleave)."""
+    return timing.medians(timing.interleave(fns, repeats, warmup=warmup))
 
 
 def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool) -> dict:

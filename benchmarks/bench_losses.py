@@ -6,22 +6,23 @@ terms on 1x3x256x256 images, summed and backpropagated, as in the CycleGAN refer
 reference's GANLoss/L1Loss composition) vs ``torch.compile`` of that composition.
 
     python -m benchmarks.bench_losses [--backend cpu] [--device cpu|cuda] [--repeats 200] [--threads N] [--json F]
+        [--size 256] [--no-compile] [--kernels]
     pytest benchmarks/bench_losses.py --benchmark-only      (pytest-benchmark suite)
 
-prints a markdown table: all variants in one run, taking turns in 10 rounds, median of repeats.
+prints a markdown table: all variants in one run, taking turns in 10 rounds
+(ganengine.bench.timing.interleave), median of repeats.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import ganengine
 import ganengine.functional as GF
+from ganengine.bench import timing
 
 LAMBDA_A = LAMBDA_B = 10.0
 LAMBDA_IDT = 0.5
@@ -62,29 +63,15 @@ def step(fn, inputs):
     fn(**inputs).backward()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_interleaved(variants, inputs, repeats, rounds=10, warmup=5):
     """{name: median seconds}: the variants take turns in rounds of repeats // rounds steps, so a
     noisy neighbour (this machine is shared) hits all of them alike, while each variant still
     runs a few steps in a row (its own allocation pattern, as in a training loop)."""
     device = next(iter(inputs.values())).device
-    per_round = max(1, repeats // rounds)
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            for _ in range(warmup):
-                step(fn, inputs)
-            for _ in range(per_round):
-                _sync(device)
-                t0 = time.perf_counter()
-                step(fn, inputs)
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    calls = {name: (lambda fn=fn: step(fn, inputs)) for name, fn in variants.items()}
+    res = timing.interleave(calls, repeats, warmup=0, per_round=max(1, repeats // rounds), round_warmup=warmup,
+                            sync=timing.cuda_sync(device))
+    return {name: s["median"] / 1e3 for name, s in res.items()}
 
 
 def check_same(inputs):
@@ -102,24 +89,35 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--size", type=int, default=256, help="image height and width (256: the reference)")
+    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    ap.add_argument("--kernels", action="store_true", help="also count kernels per step of each variant")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     inputs = {k: v.detach().to(args.device).requires_grad_(v.requires_grad)
-              for k, v in make_inputs(batch=args.batch).items()}
-    variants = {"eager PyTorch": eager_block, "torch.compile": torch.compile(eager_block),
-                f"ganengine ({args.backend})": ganengine_block}
+              for k, v in make_inputs(batch=args.batch, size=args.size).items()}
+    variants = {"eager PyTorch": eager_block}
+    if not args.no_compile:
+        variants["torch.compile"] = torch.compile(eager_block)
+    variants[f"ganengine ({args.backend})"] = ganengine_block
     with ganengine.use_backend(args.backend), ganengine.backends.strict(args.backend != "auto"):
         check_same(inputs)
         med = time_interleaved(variants, inputs, args.repeats)
-    eager, comp = med["eager PyTorch"], med["torch.compile"]
-    print(f"CycleGAN loss block (2 lsgan {args.batch}x1x30x30 + 2 cycle + 2 identity L1 at {args.batch}x3x256x256), "
+        if args.kernels:
+            kernels = timing.kernel_table({n: (lambda fn=fn: step(fn, inputs)) for n, fn in variants.items()},
+                                          args.device)
+    eager, comp = med["eager PyTorch"], med.get("torch.compile", float("nan"))
+    s = args.size
+    print(f"CycleGAN loss block (2 lsgan {args.batch}x1x30x30 + 2 cycle + 2 identity L1 at {args.batch}x3x{s}x{s}), "
           f"forward+backward, fp32, {args.device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} repeats taken in 10 interleaved rounds")
+          f"median of {args.repeats} repeats taken in 10 interleaved rounds; {timing.load_note()}")
     print("| variant | time | vs eager | vs torch.compile |")
     print("| --- | --- | --- | --- |")
     for name, t in med.items():
         print(f"| {name} | {t * 1e6:.0f} us | {eager / t:.2f}x | {comp / t:.2f}x |")
+    if args.kernels:
+        print("\nKernels per step:\n\n" + kernels)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,

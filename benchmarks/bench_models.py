@@ -15,16 +15,17 @@ another, not interleaved.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import statistics
 import subprocess
 import time
 
 import torch
 
 import ganengine
+from ganengine.bench import timing
 from ganengine.models import build_model
 
 # (model, options, image size, batch): reference setting and a size this 2-core CPU runs in seconds
@@ -136,31 +137,31 @@ def setup_variant(name, opts, size, batch, variant):
 
 
 def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=False) -> dict:
-    """Median step time per variant (main passes one variant per process; with several, their
-    steps are interleaved, one of each per round)."""
+    """Median step time per variant in seconds (main passes one variant per process; with
+    several, their steps take turns: ganengine.bench.timing.interleave)."""
     setups = {v: setup_variant(name, opts, size, batch, v) for v in variants}
-    times = {v: [] for v in variants}
     failed = {}
-    for r in range(warmup + repeats):
-        for v, (model, data, optimizers, backend) in setups.items():
-            if v in failed:
-                continue
-            try:
-                with ganengine.use_backend(backend):
-                    t0 = time.perf_counter()
-                    model.train_step(data, optimizers)
-                    dt = time.perf_counter() - t0
-            except Exception as exc:  # torch.compile cannot run every step (double backward in WGAN-GP)
-                if v == "torch":
-                    raise
-                failed[v] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                print(f"  {name} {v} failed: {failed[v]}", file=sys.stderr, flush=True)
-                continue
-            if r >= warmup:
-                times[v].append(dt)
-            if verbose:
-                print(f"  {name} {v} round {r}: {dt:.3f} s", file=sys.stderr, flush=True)
-    res = {v: (statistics.median(t) if v not in failed else None) for v, t in times.items()}
+
+    def step_of(v, model, data, optimizers):
+        if not verbose:
+            return functools.partial(model.train_step, data, optimizers)
+
+        def step():
+            t0 = time.perf_counter()
+            model.train_step(data, optimizers)
+            print(f"  {name} {v} step: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
+        return step
+
+    def on_error(v, exc):  # torch.compile cannot run every step (double backward in WGAN-GP)
+        if v == "torch":
+            raise exc
+        failed[v] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        print(f"  {name} {v} failed: {failed[v]}", file=sys.stderr, flush=True)
+
+    times = timing.interleave({v: step_of(v, m, d, o) for v, (m, d, o, _) in setups.items()}, repeats,
+                              warmup=warmup, on_error=on_error,
+                              scopes={v: functools.partial(ganengine.use_backend, b) for v, (_, _, _, b) in setups.items()})
+    res = {v: (times[v]["median"] / 1e3 if v in times else None) for v in variants}
     res["_failed"] = failed
     return res
 

@@ -1,26 +1,28 @@
 """Fused instance norm + LeakyReLU vs eager PyTorch vs torch.compile (and the copy floor).
 
     python -m benchmarks.bench_norm_act [--quick] [--device cpu|cuda] [--repeats N] [--json FILE]
+        [--no-compile] [--kernels]
     pytest benchmarks/bench_norm_act.py --benchmark-only      (pytest-benchmark suite)
 
-All variants are timed in one run, interleaved per shape, median of repeats; ratios are taken
-within the run. "floor" is a copy of the same tensor (one read + one write): a fused forward
-that reads x once and writes y once cannot beat it.
+All variants are timed in one run, interleaved per shape and pass (ganengine.bench.timing.interleave),
+median of repeats; ratios are taken within the run. "floor" is a copy of the same tensor (one read +
+one write): a fused forward that reads x once and writes y once cannot beat it. ``--kernels`` adds
+the kernels per call of each variant (torch.profiler on CUDA; aten ops / Triton launches on CPU).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-import ganengine
 import ganengine.functional as GF
 from ganengine import backends
+from ganengine.bench import timing
+from ganengine.bench.runner import backend_scope
 
 SHAPES = [(1, 64, 256, 256), (1, 128, 128, 128), (1, 256, 64, 64), (4, 128, 128, 128)]
 QUICK_SHAPES = [(1, 64, 128, 128), (1, 128, 64, 64)]
@@ -32,24 +34,6 @@ def eager(x, w, b):
 
 def fused(x, w, b):
     return GF.instance_norm_act(x, w, b, negative_slope=0.2)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device, repeats: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def make_case(impl, x, w, b, g, backward: bool):
@@ -66,44 +50,44 @@ def make_case(impl, x, w, b, g, backward: bool):
     return run
 
 
-def variants(device):
+def variants(device, with_compile: bool = True):
     out = {"eager": eager}
-    out["torch.compile"] = torch.compile(eager, dynamic=False)
+    if with_compile:
+        out["torch.compile"] = torch.compile(eager, dynamic=False)
     for name in ("cpu", "cuda", "triton"):
         if backends.serves(name, device) and not (name == "triton" and device.type == "cpu"):
             out[f"ganengine[{name}]"] = (name, fused)
     return out
 
 
-def run_benchmark(shapes, dtypes, device, repeats: int) -> list[dict]:
+def run_benchmark(shapes, dtypes, device, repeats: int, with_compile: bool = True,
+                  kernels: bool = False) -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    impls = variants(device)
+    impls = variants(device, with_compile)
     for dtype in dtypes:
         for shape in shapes:
             x = torch.randn(shape, device=device, dtype=dtype)
             w = torch.randn(shape[1], device=device)
             b = torch.randn(shape[1], device=device)
             g = torch.randn_like(x)
-            floor = statistics.median(timeit(lambda: x.clone(), device, repeats))
             for mode in ("forward", "forward+backward"):
-                row = {"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
-                       "mode": mode, "copy_ms": floor * 1e3}
+                calls, scopes = {"copy": lambda: x.clone()}, {}
                 for name, impl in impls.items():
+                    fn = impl[1] if isinstance(impl, tuple) else impl
+                    calls[name] = make_case(fn, x, w, b, g, mode != "forward")
                     if isinstance(impl, tuple):
-                        backend, fn = impl
-                        case = make_case(fn, x, w, b, g, mode != "forward")
-
-                        def run(case=case, backend=backend):
-                            with ganengine.use_backend(backend), backends.strict():
-                                case()
-                    else:
-                        run = make_case(impl, x, w, b, g, mode != "forward")
-                    times = timeit(run, device, repeats)
-                    row[f"{name}_ms"] = statistics.median(times) * 1e3
-                    row[f"{name}_spread_ms"] = (max(times) - min(times)) * 1e3
+                        scopes[name] = functools.partial(backend_scope, impl[0])  # strict: no silent fallback
+                res = timing.interleave(calls, repeats, warmup=3, scopes=scopes, sync=timing.cuda_sync(device))
+                row = {"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
+                       "mode": mode, "copy_ms": res["copy"]["median"]}
+                for name in impls:
+                    row[f"{name}_ms"] = res[name]["median"]
+                    row[f"{name}_spread_ms"] = res[name]["max"] - res[name]["min"]
                 rows.append(row)
                 print(format_row(row), flush=True)
+                if kernels:
+                    print(timing.kernel_table(calls, device, scopes), flush=True)
     return rows
 
 
@@ -126,7 +110,8 @@ def markdown(rows: list[dict]) -> str:
         cells = [r["shape"], r["dtype"], r["mode"], f"{r['copy_ms']:.2f}"] + [f"{r[n + '_ms']:.2f}" for n in names]
         for f in fused_names:
             t = r[f + "_ms"]
-            cells += [f"{r['eager_ms'] / t:.2f}x", f"{r['torch.compile_ms'] / t:.2f}x", f"{t / r['copy_ms']:.2f}"]
+            comp = f"{r['torch.compile_ms'] / t:.2f}x" if "torch.compile_ms" in r else "n/a"
+            cells += [f"{r['eager_ms'] / t:.2f}x", comp, f"{t / r['copy_ms']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -139,15 +124,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=None, help="e.g. float32 bfloat16")
     parser.add_argument("--json", help="write rows and machine facts to this JSON file")
     parser.add_argument("--markdown", help="write the table to this Markdown file")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--kernels", action="store_true", help="also count kernels per call of each variant")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"]))]
     repeats = args.repeats or (5 if args.quick else 15)
     machine = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats}
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
+               "load": timing.load_note()}
     print(f"# instance_norm + leaky_relu on {machine}", flush=True)
-    rows = run_benchmark(shapes, dtypes, device, repeats)
+    rows = run_benchmark(shapes, dtypes, device, repeats, not args.no_compile, args.kernels)
     table = markdown(rows)
     print("\n" + table)
     if args.json:

@@ -26,16 +26,16 @@ not depend on the sizes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
 
 import ganengine
 import ganengine.nn as gnn
+from ganengine.bench import timing
 
 
 def sagan_layers(scale=1):
@@ -84,17 +84,9 @@ def make_step(model, grads):
 
 
 def time_interleaved(variants, repeats, rounds=10, warmup=2):
-    per_round = max(1, repeats // rounds)
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            for _ in range(warmup):
-                fn()
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """{name: median seconds}, the variants taking turns in ``rounds`` rounds (timing.interleave)."""
+    res = timing.interleave(variants, repeats, warmup=0, per_round=max(1, repeats // rounds), round_warmup=warmup)
+    return {name: s["median"] / 1e3 for name, s in res.items()}
 
 
 def variants_for(layers, backend, with_compile=True):
@@ -119,23 +111,15 @@ def variants_for(layers, backend, with_compile=True):
 
 
 def count_launches(layers, backend="triton"):
-    """{variant: kernels per step} under the Triton interpreter (no GPU needed)."""
-    from ganengine.bench.traffic import EagerTraffic, TritonTraffic
-
+    """{variant: kernels per step} under the Triton interpreter (no GPU needed; timing.count_kernels)."""
     out = {}
     variants, _ = variants_for(layers, backend, with_compile=False)
     for name, fn in variants.items():
         fn()  # warm (caches, tables)
-        if name.startswith("PyTorch"):
-            with EagerTraffic() as eager:
-                fn()
-            out[name] = {"kernels": eager.num_kernels, "triton_launches": 0, "aten_ops": eager.num_kernels}
-        else:
-            with ganengine.use_backend(backend), ganengine.backends.strict(), TritonTraffic() as tt, \
-                    EagerTraffic(skip_namespaces=("ganengine", "ganengine_C")) as around:
-                fn()
-            out[name] = {"kernels": len(tt.launches) + around.num_kernels, "triton_launches": len(tt.launches),
-                         "aten_ops": around.num_kernels}
+        scope = contextlib.nullcontext() if name.startswith("PyTorch") else ganengine.use_backend(backend)
+        with scope, ganengine.backends.strict():
+            c = timing.count_kernels(fn, "cpu")
+        out[name] = {k: c[k] for k in ("kernels", "triton_launches", "aten_ops")}
     return out
 
 
@@ -177,7 +161,7 @@ def main(argv=None):
         result["seconds"] = med
         print(f"{args.model} D spectral norm per step ({len(layers)} layers, {n_params / 1e6:.2f} M weights, "
               f"scale 1/{args.scale}), forward+backward, fp32, {torch.get_num_threads()} threads, median of "
-              f"{args.repeats} repeats in 10 interleaved rounds")
+              f"{args.repeats} repeats in 10 interleaved rounds; {timing.load_note()}")
         print("| variant | time | vs PyTorch |")
         print("| --- | ---: | ---: |")
         for name, t in med.items():

@@ -5,7 +5,8 @@ Modules (each with one job):
   cases_ops      the built-in op cases, registered per op family present in this build
   cases_models   the built-in model cases (ganengine.models.build_model + train_step)
   runner         runs cases under eager, torch.compile and each ganengine backend
-  timing         CUDA (do_bench) and CPU (perf_counter) timing, median and spread
+  timing         the one timing core: variants interleaved (warm-up, repeats, median), CUDA
+                 do_bench, the machine's load, kernel counts; every benchmarks/*.py uses it
   memory         peak memory: CUDA allocator, CPU resident-set high-water mark
   machine        machine, versions and git revision recorded with every figure
   report         JSON, Markdown and PNG outputs

@@ -14,11 +14,9 @@ At a tiny shape the arithmetic is negligible and what is left is exactly that pe
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+from ganengine.bench import timing
 from ganengine.bench.registry import BenchCase, shape_label
 from ganengine.bench.runner import pinned_threads
 from ganengine.bench.traffic import _tensors
@@ -58,25 +56,12 @@ def _calls(work, grads):
             "forward_backward": (fb(work.reference), fb(work.fused))}
 
 
-def _per_call_us(fn, calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
 def interleaved_us(reference, fused, calls: int = 200, rounds: int = 9, warmup: int = 20) -> tuple[float, float]:
-    """Median per-call microseconds of (reference, fused), measured in alternating rounds."""
-    for _ in range(warmup):
-        reference()
-        fused()
-    ref, fus = [], []
-    for r in range(rounds):
-        # alternate which goes first, so neither always runs on a warmer cache
-        order = ((reference, ref), (fused, fus)) if r % 2 == 0 else ((fused, fus), (reference, ref))
-        for fn, out in order:
-            out.append(_per_call_us(fn, calls))
-    return statistics.median(ref), statistics.median(fus)
+    """Median per-call microseconds of (reference, fused): ``rounds`` rounds of ``calls`` calls
+    of each, alternating which goes first (timing.interleave)."""
+    res = timing.interleave({"reference": reference, "fused": fused}, rounds, warmup=warmup,
+                            calls_per_sample=calls, alternate=True)
+    return res["reference"]["median"] * 1e3, res["fused"]["median"] * 1e3
 
 
 def measure_case(case: BenchCase, params: dict | None = None, calls: int = 200, rounds: int = 9,

@@ -197,8 +197,8 @@ def run_group(case: BenchCase, params: dict, work: Workload, mode: str, runners:
               device: torch.device, dtype: torch.dtype, cfg: dict) -> list[dict]:
     """Measure every runner on one (case, shape, mode).
 
-    On CPU the runners' timed calls are interleaved (one call of each per round), so a change
-    in machine load hits all of them alike and the speedup ratios stay fair.
+    On CPU the runners' timed calls are interleaved by ``timing.interleave`` (one call of each
+    per round), so a change in machine load hits all of them alike and the ratios stay fair.
     """
     recs, live = [], []
     for runner in runners:
@@ -220,31 +220,17 @@ def run_group(case: BenchCase, params: dict, work: Workload, mode: str, runners:
                         rec["max_abs_err"] = _max_abs_err(result, work.reference(*work.args))
                 if device.type == "cuda":
                     rec["time_ms"] = timing.time_cuda(call, warmup_ms=cfg["warmup_ms"], rep_ms=cfg["rep_ms"])
-                else:
-                    for _ in range(cfg["warmup"]):
-                        call()
             live.append((rec, call, scope))
         except Exception as exc:
             _fail(rec, exc)
     if device.type == "cpu" and live:
-        samples = {id(rec): [] for rec, _, _ in live}
-        start = time.perf_counter()
-        for i in range(cfg["repeats"]):
-            for rec, call, scope in live:
-                if rec["status"] != "ok":
-                    continue
-                try:
-                    with scope():
-                        t0 = time.perf_counter()
-                        call()
-                        samples[id(rec)].append((time.perf_counter() - t0) * 1e3)
-                except Exception as exc:
-                    _fail(rec, exc)
-            if i + 1 >= cfg["min_repeats"] and time.perf_counter() - start > cfg["budget_s"] * len(live):
-                break
-        for rec, _, _ in live:
-            if rec["status"] == "ok":
-                rec["time_ms"] = timing.summarize(samples[id(rec)])
+        by_name = {rec["runner"]: rec for rec, _, _ in live}
+        times = timing.interleave(
+            {rec["runner"]: call for rec, call, _ in live}, cfg["repeats"], warmup=cfg["warmup"],
+            scopes={rec["runner"]: scope for rec, _, scope in live}, min_repeats=cfg["min_repeats"],
+            budget_s=cfg["budget_s"] * len(live), on_error=lambda name, exc: _fail(by_name[name], exc))
+        for name, summary in times.items():
+            by_name[name]["time_ms"] = summary
     for rec, call, scope in live:
         if rec["status"] != "ok" or not cfg["memory"]:
             continue

@@ -1,0 +1,112 @@
+"""Smoke test of every benchmarks/bench_*.py script this branch owns: its main() runs at its
+smallest setting (tiny shapes, one or two repeats, no torch.compile) in a second or two, through
+the shared timing core, and prints its table. Figures are not checked (they are noise here);
+that the command lines BENCHMARKS.md and docs/ quote still parse and run is."""
+import importlib
+import re
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def script(monkeypatch):
+    threads = torch.get_num_threads()  # the scripts' --threads 1 (less contention in CI) is undone after
+
+    def load(name, **attrs):
+        mod = importlib.import_module(f"benchmarks.{name}")
+        for key, value in attrs.items():
+            monkeypatch.setattr(mod, key, value)
+        return mod
+
+    yield load
+    torch.set_num_threads(threads)
+
+
+def _table_rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_bench_norm_act(script, capsys):
+    mod = script("bench_norm_act", QUICK_SHAPES=[(1, 4, 5, 3)])
+    torch.set_num_threads(1)  # the script has no --threads (the fixture restores it)
+    assert mod.main(["--quick", "--device", "cpu", "--repeats", "2", "--no-compile", "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1x4x5x3 | float32 | forward+backward |" in out and "load average" in out
+    assert re.search(r"\| eager \| \d+ \| \d+ \| \d+ \| (aten|interpreter) \|", out)  # --kernels: the kernel table
+
+
+def test_bench_batch_norm_act(script, capsys):
+    mod = script("bench_batch_norm_act", QUICK_SHAPES=[(4, 3, 2, 3)])
+    assert mod.main(["--quick", "--device", "cpu", "--repeats", "2", "--no-compile", "--no-host", "--threads", "1"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 2 * 2  # header + 2 ops x 2 passes
+
+
+def test_bench_conv(script, capsys):
+    mod = script("bench_conv", SHAPES=[(False, 1, 4, 8, 4), (True, 1, 8, 4, 2)])
+    mod.main(["--repeats", "2", "--threads", "1"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 2 * 2 and rows[1].startswith("| conv | 1 | 4 -> 8 | 4 | fwd |")
+
+
+def test_bench_conv3x3(script, capsys, monkeypatch):
+    from ganengine.ops import conv3x3 as cm
+
+    monkeypatch.setenv("GANENGINE_WINOGRAD_TILE", "2")
+    monkeypatch.setattr(cm, "MIN_CHANNELS", cm.MIN_CHANNELS)  # --all lowers them: restored after
+    monkeypatch.setattr(cm, "MIN_TILES", cm.MIN_TILES)
+    mod = script("bench_conv3x3", SHAPES=[(1, 4, 5, 6, 6, "reflect")])
+    mod.main(["--all", "--no-compile", "--repeats", "2", "--threads", "1"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 2 and "| 1,4,5,6,6,reflect | yes | forward |" in rows[1]
+
+
+def test_bench_conv4x4(script, capsys):
+    mod = script("bench_conv4x4", SHAPES=[("patchgan", False, 1, 3, 4, 8, 2, 1), ("unet", True, 1, 4, 3, 4, 2, 1)])
+    mod.main(["--repeats", "1", "--only", "patchgan", "--threads", "1"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 2 and rows[1].startswith("| patchgan | conv | 1 | 3 -> 4 | 8 | 2 | fwd |")
+
+
+def test_bench_conv_act(script, capsys):
+    mod = script("bench_conv_act")
+    mod.main(["--batch", "1", "--norm", "instance", "--repeats", "1", "--no-compile", "--size", "32", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert len(rows) == 2 and rows[-1].startswith("| instance | 1 |")
+
+
+def test_bench_ema(script, capsys, tmp_path):
+    mod = script("bench_ema")
+    mod.main(["--scale", "8", "--repeats", "2", "--threads", "1", "--ops", "--json", str(tmp_path / "ema.json")])
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 3 and rows[3].startswith("| ganengine EMA |")
+    import json
+
+    data = json.loads((tmp_path / "ema.json").read_text())
+    assert data["tensors"] == 166 and data["aten_ops"]["ganengine EMA"] < data["aten_ops"]["loop (BigGAN utils.ema)"]
+
+
+def test_bench_losses(script, capsys):
+    mod = script("bench_losses")
+    mod.main(["--repeats", "2", "--size", "16", "--no-compile", "--kernels", "--threads", "1"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert [r.split(" | ")[0] for r in rows[1:3]] == ["| eager PyTorch", "| ganengine (cpu)"]
+
+
+def test_bench_spectral_norm(script, capsys):
+    mod = script("bench_spectral_norm")
+    mod.main(["--model", "sagan", "--backend", "cpu", "--scale", "16", "--repeats", "2", "--no-compile", "--threads", "1"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 3 and rows[3].startswith("| ganengine grouped (cpu) |")
+
+
+def test_bench_attention(script, capsys, tmp_path):
+    mod = script("bench_attention")
+    torch.set_num_threads(1)  # the script has no --threads (the fixture restores it)
+    mod.main(["--shapes", "1,8,4", "--impls", "reference", "ganengine", "sdpa_math", "--repeats", "2",
+              "--json", str(tmp_path / "att.json")])
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 2 * 3
+    assert rows[2].startswith("| 1 | 8 | 4x4 | fwd | ganengine (") and rows[1].endswith("| 1.00x |")
