@@ -167,10 +167,14 @@ def _inputs3(case, dtype=torch.float32, seed=0):
     return fn, x0, w0, b0, _gy(fn, x0, w0, b0, seed)
 
 
+# each case in one layout (every layout meets every route)
+_LAYOUTS = ["contiguous", "channels_last", "strided", "channels_last", "strided", "contiguous"]
+
+
 @pytest.mark.parametrize("route", ["onednn", "wino2", "wino4"])
-@pytest.mark.parametrize("case", _CASES3, ids=lambda c: "x".join(map(str, c[0])) + f"-{c[3]}{c[2]}")
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_conv3x3_lean_matches_python_route_bitwise(route, case, layout, route3):
+@pytest.mark.parametrize("i", range(len(_CASES3)), ids=lambda i: "x".join(map(str, _CASES3[i][0])) + f"-{_LAYOUTS[i]}")
+def test_conv3x3_lean_matches_python_route_bitwise(route, i, route3):
+    case, layout = _CASES3[i], _LAYOUTS[i]
     route3(route)
     fn, x0, w0, b0, gy = _inputs3(case)
     assert (cm._use_winograd(x0, w0, case[2]) is None) == (route == "onednn")
@@ -220,9 +224,10 @@ def _routes(case):
     return ["onednn", "gemm"] + (["winograd"] if legal_winograd else [])
 
 
-@pytest.mark.parametrize("case", _CASES, ids=lambda c: ("T" if c[0] else "") + "x".join(map(str, c[1])))
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_conv_lean_matches_python_route_bitwise(case, layout):
+@pytest.mark.parametrize("i", range(len(_CASES)),
+                         ids=lambda i: ("T" if _CASES[i][0] else "") + "x".join(map(str, _CASES[i][1])) + f"-{_LAYOUTS[i]}")
+def test_conv_lean_matches_python_route_bitwise(i):
+    case, layout = _CASES[i], _LAYOUTS[i]
     fn, x0, w0, b0, gy = _inputs(case)
     tr, _, _, stride, padding, op = case
     s, p, o = (cc.pair("", v, 0) for v in (stride, padding, op))
@@ -238,7 +243,7 @@ def test_conv_lean_matches_python_route_bitwise(case, layout):
 
 @pytest.mark.parametrize("route", ["onednn", "gemm", "winograd"])
 def test_conv_gradients_per_input_and_double_backward(route):
-    for case in (_CASES[0], _CASES[2]):
+    for case in [_CASES[2] if route == "winograd" else _CASES[0]]:  # (a transposed case on Winograd)
         fn, x0, w0, b0, gy = _inputs(case, seed=2)
         with _route(route):
             for grad_set in _GRAD_SETS:
@@ -293,13 +298,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
 def test_gradcheck_and_gradgradcheck(custom_routes, one_thread):
     """fp32 (the custom routes are fp32 only): the functions are bilinear in (x, w) and linear in
     b, so central differences are exact up to rounding: |error| <= ~u |y| / eps per entry, u = 6e-8,
     |y| <= 10 here, eps = 1e-2: 1e-4; atol 2e-3 leaves 20x for the Winograd transforms' rounding."""
-    tol = dict(eps=1e-2, atol=2e-3, rtol=1e-3)
-    for _, fn, x0, w0, b0, _ in _all_fns():
-        args = [t.detach().clone().requires_grad_() for t in (x0, w0, b0)]
+    tol = dict(eps=1e-2, atol=2e-3, rtol=1e-3, fast_mode=True)
+    small = [(_fn3(1, "reflect"), (1, 2, 4, 3), (2, 2, 3, 3), 2), (_fn(False, 2, 1, 0), (1, 2, 5, 4), (2, 2, 4, 4), 2),
+             (_fn(True, 2, 1, 1), (1, 2, 3, 2), (2, 3, 4, 4), 3)]
+    for fn, xs, ws, nb in small:
+        args = [t.requires_grad_() for t in _tensors(xs, ws, nb, seed=6)]
         with on_backend("cpu"):
             assert type(fn(*args).grad_fn).__name__ == "CppFunction"
             assert torch.autograd.gradcheck(fn, args, **tol)
@@ -482,5 +490,6 @@ def test_fake_tensor_mode(custom, monkeypatch):
     assert all(y.is_contiguous(memory_format=torch.channels_last) for y in outs)
     assert all(n == "CppFunction" for n in nodes) if custom else "CppFunction" not in nodes
     for (dx, dw, db), w in zip(grads, (w3, w4, wt)):
-        assert dx.shape == x.shape and dx.is_contiguous(memory_format=torch.channels_last)
-        assert dw.shape == w.shape and db.shape == b.shape
+        assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
+        # (the oneDNN route's backward is ATen's autograd, its layouts ATen's meta functions')
+        assert dx.is_contiguous(memory_format=torch.channels_last) or not custom
