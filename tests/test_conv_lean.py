@@ -461,7 +461,11 @@ def test_refused_calls_served_by_the_python_route(custom_routes):
     assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "CppFunction"
 
 
-def test_other_backends_do_not_take_the_lean_entry(custom_routes):
+def test_other_backends_do_not_take_the_lean_entry(custom_routes, monkeypatch):
+    for value, served in (("torch", False), ("triton", False), ("cpu", True), ("auto", True), ("", True)):
+        monkeypatch.setenv("GANENGINE_BACKEND", value)
+        assert (cc.lean_entry("conv", ()) is not None) == served, value
+    monkeypatch.delenv("GANENGINE_BACKEND")
     x = torch.randn(1, 3, 6, 6, requires_grad=True)
     with on_backend("torch"), _Calls(_KERNELS["conv"] + _KERNELS["conv3x3"]) as mode:
         y = GF.conv2d(x, torch.randn(4, 3, 4, 4), None, 2, 1)
