@@ -17,40 +17,18 @@
 // col2im are cheap. Each GEMM's rows are split across threads, a single-threaded MKL GEMM per
 // block (measured faster and steadier than one threaded call on these skinny shapes).
 // Where the output map is large, oneDNN's direct convolution runs near the FMA peak and keeps
-// the call (threshold in use_gemm, from benchmarks/bench_conv.py).
+// the call (the threshold is the router's, conv_route.cpp, from benchmarks/bench_conv.py).
 #include "conv_gemm.h"
 
-#include "conv_winograd.h"
-
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cctype>
-#include <cstdlib>
-#include <string>
+#include <vector>
 
 namespace ganengine {
 namespace conv_gemm {
 
 namespace {
-
-// measured crossover (benchmarks/bench_conv.py, 2 threads, fp32): the GEMM form wins while the
-// GEMM's narrow side (output or input pixels times batch) stays at or below this, for weights
-// big enough that reading them is the cost
-// (conv 1x512x8x8 -> 4x4: 2.5x forward; transposed 1x1024x4x4: 2.4x forward+backward), and up
-// to 256 for a plain conv with a 4M+ element weight (16x512x8x8 -> 1024 channels: 1.1x forward,
-// 1.3x with backward); at 1024 columns the GEMM form is 0.64x oneDNN (64x256x8x8)
-constexpr int64_t kMaxColumns = 64;
-constexpr int64_t kMinWeight = 1 << 16;
-constexpr int64_t kMaxColumnsBigWeight = 256;
-constexpr int64_t kBigWeight = 1 << 22;
-
-std::atomic<int64_t>& policy_ref() {
-  static std::atomic<int64_t> p{policy_from_env("GANENGINE_CONV_GEMM")};
-  return p;
-}
 
 // out (M, N) = a (M, K) @ b (K, N) (+ bias (M) per row): rows split across threads.
 // For the weight-sized operand MKL is fast when it is a row-major A or B; as a transposed A with
@@ -181,158 +159,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convT_bwd(const at::Tensor& grad,
 
 }  // namespace
 
-// auto / always / never (any case); anything else is auto here: ganengine/settings.py validates
-// every GANENGINE_* variable and reports a bad one in one line (a throw from this static
-// initialiser would surface as a traceback at the first convolution instead)
-int64_t policy_from_env(const char* var) {
-  const char* e = std::getenv(var);
-  if (!e) return 0;
-  std::string s(e);
-  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  if (s == "always") return 1;
-  if (s == "never") return 2;
-  return 0;
+bool legal(const at::Tensor& x, const at::Tensor& w, bool transposed) {
+  return x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 4 &&
+         w.dim() == 4 && w.size(transposed ? 0 : 1) == x.size(1) && x.numel() > 0;
 }
 
-void set_policy(int64_t p) {
-  TORCH_CHECK(p >= 0 && p <= 2, "ganengine conv: policy must be 0 (auto), 1 (always) or 2 (never), got ", p);
-  policy_ref().store(p);
-}
-int64_t policy() { return policy_ref().load(); }
-
-bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
-              bool transposed) {
-  const int64_t pol = policy();
-  if (pol == 2) return false;
-  if (!(x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 4 &&
-        w.dim() == 4 && w.size(transposed ? 0 : 1) == x.size(1) && x.numel() > 0))
-    return false;
-  if (pol == 1) return true;
-  int64_t cols = x.size(0);
-  if (transposed) {
-    cols *= x.size(2) * x.size(3);
-  } else {
-    cols *= ((x.size(2) + 2 * padding[0] - w.size(2)) / stride[0] + 1) *
-            ((x.size(3) + 2 * padding[1] - w.size(3)) / stride[1] + 1);
-  }
-  if (cols <= kMaxColumns) return w.numel() >= kMinWeight;
-  return !transposed && cols <= kMaxColumnsBigWeight && w.numel() >= kBigWeight;
+int64_t columns(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                bool transposed) {
+  if (transposed) return x.size(0) * x.size(2) * x.size(3);
+  return x.size(0) * ((x.size(2) + 2 * padding[0] - w.size(2)) / stride[0] + 1) *
+         ((x.size(3) + 2 * padding[1] - w.size(3)) / stride[1] + 1);
 }
 
-at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                       at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
-                       at::IntArrayRef output_padding) {
-  if (!use_gemm(x, w, stride, padding, transposed)) {
-    if (conv_winograd::use(x, w, stride, padding, transposed, output_padding))
-      return conv_winograd::convolution(x, w, b, stride, padding, transposed, output_padding);
-    return at::convolution(x, w, b, stride, padding, kDil, transposed, output_padding, 1);
-  }
-  // kernels run below autograd (the callers are custom ops with their own backward); without
-  // this the out= GEMMs refuse inputs that require grad
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+               at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding) {
+  // kernels run below autograd (the callers have their own backward); without this the out=
+  // GEMMs refuse inputs that require grad
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor bias = b.has_value() ? *b : at::Tensor();
   return transposed ? convT_fwd(x, w, bias, stride, padding, output_padding) : conv_fwd(x, w, bias, stride, padding);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-    at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, std::array<bool, 3> mask) {
-  if (!use_gemm(x, w, stride, padding, transposed)) {
-    if (conv_winograd::use(x, w, stride, padding, transposed, output_padding))
-      return conv_winograd::convolution_backward(grad, x, w, stride, padding, transposed, output_padding, mask);
-    std::vector<int64_t> bias_sizes{transposed ? w.size(1) : w.size(0)};
-    return at::convolution_backward(grad, x, w, bias_sizes, stride, padding, kDil, transposed, output_padding, 1,
-                                    mask);
-  }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& w, at::IntArrayRef stride,
+                                                            at::IntArrayRef padding, bool transposed,
+                                                            std::array<bool, 3> mask) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return transposed ? convT_bwd(grad, x, w, stride, padding, mask) : conv_bwd(grad, x, w, stride, padding, mask);
 }
 
 }  // namespace conv_gemm
 }  // namespace ganengine
-
-namespace {
-
-using namespace ganengine;
-
-void check_args(const char* fn, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
-  TORCH_CHECK(x.dim() == 4 && w.dim() == 4, "ganengine ", fn, ": x and weight must be 4-d, got ", x.sizes(),
-              " and ", w.sizes());
-  TORCH_CHECK(w.size(transposed ? 0 : 1) == x.size(1), "ganengine ", fn, ": weight ", w.sizes(),
-              " does not take ", x.size(1), " input channels");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && output_padding.size() == 2, "ganengine ", fn,
-              ": stride, padding and output_padding must have 2 entries");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "ganengine ", fn, ": x is ", x.scalar_type(), " but weight is ",
-              w.scalar_type());
-}
-
-at::Tensor conv_fwd_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
-                       bool transposed) {
-  check_args("conv_fwd", x, w, stride, padding, output_padding, transposed);
-  return conv_gemm::convolution(x, w, b, stride, padding, transposed, output_padding);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd_op(const at::Tensor& grad, const at::Tensor& x,
-                                                           const at::Tensor& w, at::IntArrayRef stride,
-                                                           at::IntArrayRef padding, at::IntArrayRef output_padding,
-                                                           bool transposed, at::IntArrayRef mask) {
-  check_args("conv_bwd", x, w, stride, padding, output_padding, transposed);
-  TORCH_CHECK(mask.size() == 3, "ganengine conv_bwd: output mask must have 3 entries");
-  std::array<bool, 3> m{mask[0] != 0, mask[1] != 0, mask[2] != 0};
-  auto r = conv_gemm::convolution_backward(grad, x, w, stride, padding, transposed, output_padding, m);
-  auto fill = [](at::Tensor t, const at::Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
-  return {fill(std::get<0>(r), x), fill(std::get<1>(r), w), fill(std::get<2>(r), grad)};
-}
-
-bool conv_uses_winograd_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                           at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding) {
-  return !conv_gemm::use_gemm(x, w, stride, padding, transposed) &&
-         conv_winograd::use(x, w, stride, padding, transposed, output_padding);
-}
-
-// sets the Winograd configuration (policy 0 auto / 1 always / 2 never, stride-1 tile, stride-2
-// tile; a negative entry keeps that one); returns the previous one
-std::vector<int64_t> conv_winograd_config_op(int64_t policy, int64_t s1_tile, int64_t s2_tile) {
-  const conv_winograd::Config prev = conv_winograd::config();
-  conv_winograd::Config c = prev;
-  if (policy >= 0) c.policy = policy;
-  if (s1_tile >= 0) c.s1_tile = s1_tile;
-  if (s2_tile >= 0) c.s2_tile = s2_tile;
-  conv_winograd::set_config(c);
-  return {prev.policy, prev.s1_tile, prev.s2_tile};
-}
-
-bool conv_uses_gemm_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
-                       bool transposed) {
-  return conv_gemm::use_gemm(x, w, stride, padding, transposed);
-}
-
-// sets the policy (0 auto, 1 always, 2 never; -1 only reads it); returns the previous one
-int64_t conv_gemm_policy_op(int64_t p) {
-  const int64_t prev = conv_gemm::policy();
-  if (p >= 0) conv_gemm::set_policy(p);
-  return prev;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
-  m.def("conv_fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
-        "bool transposed) -> Tensor");
-  m.def("conv_bwd(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] output_padding, "
-        "bool transposed, int[] mask) -> (Tensor, Tensor, Tensor)");
-  m.def("conv_uses_gemm(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed) -> bool");
-  m.def("conv_gemm_policy(int policy) -> int", &conv_gemm_policy_op);
-  m.def("conv_uses_winograd(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed, "
-        "int[] output_padding) -> bool");
-  m.def("conv_winograd_config(int policy, int s1_tile, int s2_tile) -> int[]", &conv_winograd_config_op);
-}
-
-TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
-  m.impl("conv_fwd", &conv_fwd_op);
-  m.impl("conv_bwd", &conv_bwd_op);
-  m.impl("conv_uses_gemm", &conv_uses_gemm_op);
-  m.impl("conv_uses_winograd", &conv_uses_winograd_op);
-}

@@ -1,6 +1,7 @@
-// Convolutions whose output map is small (the U-Net's bottleneck, StarGAN's and StackGAN's last
-// discriminator blocks) as one GEMM over im2col columns, forward and backward; everything else
-// goes to ATen's convolution (oneDNN). See conv_gemm.cpp for why and where the line is.
+// conv family, CPU, GEMM strategy: convolutions whose output map is small (the U-Net's
+// bottleneck, StarGAN's and StackGAN's last discriminator blocks) as one GEMM over im2col
+// columns, forward and backward. Which calls run here is decided by the family's router
+// (conv_route.h); this file only says what is legal and how many GEMM columns a call has.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,18 +12,24 @@
 namespace ganengine {
 namespace conv_gemm {
 
-// policy: 0 = auto (by the measured threshold), 1 = always the GEMM form where legal, 2 = never
-void set_policy(int64_t policy);
-// a policy from environment variable `var` ("auto" | "always" | "never"; unset: auto)
-int64_t policy_from_env(const char* var);
-int64_t policy();
+// whether the GEMM form can run this call (fp32 CPU, 4-d, channels match, non-empty input)
+bool legal(const at::Tensor& x, const at::Tensor& w, bool transposed);
 
-// true when this call runs as the GEMM form (fp32 CPU, groups 1, dilation 1, small output map)
-bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
-              bool transposed);
+// the GEMM's narrow side: output pixels times batch (conv), input pixels times batch (transposed)
+int64_t columns(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                bool transposed);
 
-// at::convolution / at::convolution_backward (groups 1, dilation 1), or the GEMM form where
-// use_gemm says so. Outputs are NCHW-contiguous when the GEMM form ran.
+// the call as the GEMM form (callers check `legal` first; groups 1, dilation 1); outputs
+// NCHW-contiguous
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+               at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& w, at::IntArrayRef stride,
+                                                            at::IntArrayRef padding, bool transposed,
+                                                            std::array<bool, 3> mask);
+
+// The routed family convolution (oneDNN, this GEMM form or Winograd, as conv_route::decide says),
+// under the name conv_act.cpp calls it by; defined in conv_route.cpp (new callers: conv_route.h).
 at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                        at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
                        at::IntArrayRef output_padding);

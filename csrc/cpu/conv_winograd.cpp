@@ -12,11 +12,7 @@
 // F(4, 2) 13-17x, F(3, 4) 8-12x. All well inside what fp32 training tolerates; bf16 rounding is ~1000x larger.
 #include "conv_winograd.h"
 
-#include "conv_gemm.h"
 #include "winograd_engine.h"
-
-#include <cstdlib>
-#include <mutex>
 
 namespace ganengine {
 namespace conv_winograd {
@@ -25,59 +21,26 @@ namespace {
 
 using namespace ganengine::winograd;
 
-// the fallback for an unset or unparsable value (ganengine/settings.py reports a bad one)
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* e = std::getenv(name);
-  if (!e || !*e) return fallback;
-  char* end = nullptr;
-  const long long v = std::strtoll(e, &end, 10);
-  return (end && *end == '\0') ? static_cast<int64_t>(v) : fallback;
-}
-
-void check_config(const Config& c) {
-  TORCH_CHECK(c.policy >= 0 && c.policy <= 2, "ganengine conv winograd: policy must be 0 (auto), 1 (always) or 2 "
-              "(never), got ", c.policy);
-  TORCH_CHECK(c.s1_tile == 2 || c.s1_tile == 3, "ganengine conv winograd: the stride-1 tile must be 2 or 3, got ",
-              c.s1_tile);
-  TORCH_CHECK(c.s2_tile >= 2 && c.s2_tile <= 4, "ganengine conv winograd: the stride-2 tile must be 2, 3 or 4, got ",
-              c.s2_tile);
-}
-
-std::mutex& config_mutex() {
-  static std::mutex m;
-  return m;
-}
-Config& config_ref() {
-  static Config c = [] {
-    Config d{conv_gemm::policy_from_env("GANENGINE_CONV_WINOGRAD"), env_int("GANENGINE_WINOGRAD_S1_TILE", 2),
-             env_int("GANENGINE_WINOGRAD_S2_TILE", 3)};
-    if (d.s1_tile != 2 && d.s1_tile != 3) d.s1_tile = 2;  // (out of range: the default, as above)
-    if (d.s2_tile < 2 || d.s2_tile > 4) d.s2_tile = 3;
-    check_config(d);
-    return d;
-  }();
-  return c;
-}
-
-// auto: at least this many output tiles (N * TY * TX) per call
-constexpr int64_t kMinTiles = 100;
-
 template <int M_, int R_>
 struct Tile {
   static constexpr int M = M_, R = R_;
 };
 
-// f(Tile<m, r>{}) for the configured tile of this stride
+// f(Tile<m, r>{}) for output tile m at this stride
 template <class F>
-auto with_tile(int64_t stride, const Config& c, F&& f) {
+auto with_tile(int64_t stride, int64_t tile, F&& f) {
   if (stride == 2) {
-    if (c.s2_tile == 2) return f(Tile<2, 2>{});
-    if (c.s2_tile == 4) return f(Tile<4, 2>{});
+    TORCH_CHECK(tile >= 2 && tile <= 4, "ganengine conv winograd: the stride-2 tile must be 2, 3 or 4, got ", tile);
+    if (tile == 2) return f(Tile<2, 2>{});
+    if (tile == 4) return f(Tile<4, 2>{});
     return f(Tile<3, 2>{});
   }
-  if (c.s1_tile == 3) return f(Tile<3, 4>{});
+  TORCH_CHECK(tile == 2 || tile == 3, "ganengine conv winograd: the stride-1 tile must be 2 or 3, got ", tile);
+  if (tile == 3) return f(Tile<3, 4>{});
   return f(Tile<2, 4>{});
 }
+
+}  // namespace
 
 bool legal(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
            bool transposed, at::IntArrayRef output_padding) {
@@ -96,6 +59,8 @@ bool legal(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at:
   return x.size(2) + 2 * padding[0] >= 4 && x.size(3) + 2 * padding[1] >= 4;
 }
 
+namespace {
+
 // The convolution the engine runs: for a transposed call, the convolution whose data gradient
 // it is (input = the transposed call's output, (N, Co, Ho, Wo); output = its input).
 Geometry geometry_of(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -112,41 +77,13 @@ Geometry geometry_of(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 
 }  // namespace
 
-Config config() {
-  std::lock_guard<std::mutex> lock(config_mutex());
-  return config_ref();
+int64_t tiles(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+              bool transposed, at::IntArrayRef output_padding, int64_t tile) {
+  return geometry_of(x, w, stride, padding, transposed, output_padding, tile).tiles();
 }
 
-void set_config(const Config& c) {
-  check_config(c);
-  std::lock_guard<std::mutex> lock(config_mutex());
-  config_ref() = c;
-}
-
-bool use(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
-         at::IntArrayRef output_padding) {
-  const Config c = config();
-  if (c.policy == 2 || !legal(x, w, stride, padding, transposed, output_padding)) return false;
-  if (c.policy == 1) return true;
-  // auto, from benchmarks/bench_conv4x4.py (2 threads, fp32): the engine's GEMMs are
-  // (K x Cv) @ (Cv x T) per transform point, and the weight transforms (twice per training step,
-  // plus one adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
-  // 256 -> 512 stride-1 layer at 32x32 (T = 256), the 64 -> 128 and 128 -> 256 stride-2 layers,
-  // the U-Net's 512 -> 128 and 256 -> 64 transposed layers; losses: 3-channel first layers
-  // (Cv = 12: the transforms of the 64-channel side dominate), the 1-channel PatchGAN head, and
-  // maps of 16x16 outputs or fewer (T = 36 at batch 1: the U-Net's 256 -> 512 at 32x32 and its
-  // 1024 -> 256 transposed layer at 16x16: 0.37-0.76x in BENCHMARKS.md's run).
-  const int64_t K = w.size(0), Cv = w.size(1) * stride[0] * stride[0];  // (transposed: w is the engine conv's)
-  if (K < 64 || Cv < 64) return false;
-  const int64_t tile = stride[0] == 2 ? c.s2_tile : c.s1_tile;
-  const Geometry g = geometry_of(x, w, stride, padding, transposed, output_padding, tile);
-  return g.tiles() >= kMinTiles;
-}
-
-at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                       at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
-                       at::IntArrayRef output_padding) {
-  const Config c = config();
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::IntArrayRef stride,
+               at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, int64_t tile) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto xc = x.contiguous();
   const auto wc = w.contiguous();
@@ -154,7 +91,7 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::opti
   if (b.has_value() && b->defined()) bias = b->contiguous();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   bool nonfinite = false;
-  at::Tensor y = with_tile(stride[0], c, [&](auto t) {
+  at::Tensor y = with_tile(stride[0], tile, [&](auto t) {
     using T = decltype(t);
     const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
     if (!transposed) return forward<T::M, T::R>(xc, wc, bp, g, nonfinite);
@@ -165,10 +102,11 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-    at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, std::array<bool, 3> mask) {
-  const Config c = config();
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& w, at::IntArrayRef stride,
+                                                            at::IntArrayRef padding, bool transposed,
+                                                            at::IntArrayRef output_padding, std::array<bool, 3> mask,
+                                                            int64_t tile) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto xc = x.contiguous();
   const auto wc = w.contiguous();
@@ -176,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
   TORCH_CHECK(gc.scalar_type() == at::kFloat, "ganengine conv winograd: grad must be fp32, got ", gc.scalar_type());
   at::Tensor dx, dw, db;
   bool nonfinite = false;
-  with_tile(stride[0], c, [&](auto t) {
+  with_tile(stride[0], tile, [&](auto t) {
     using T = decltype(t);
     const Geometry g = geometry_of(xc, wc, stride, padding, transposed, output_padding, T::M);
     // the engine's convolution: input (N, C, H, W), output (N, K, Ho, Wo)

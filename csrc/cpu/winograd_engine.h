@@ -1,5 +1,5 @@
 // Winograd convolution engine, CPU, fp32, NCHW in and out. Used by the conv3x3 family
-// (winograd.cpp: F(m, 3), stride 1) and by the 4x4 convolutions of PatchGAN and the U-Net
+// (conv_winograd3x3.cpp: F(m, 3), stride 1) and by the 4x4 convolutions of PatchGAN and the U-Net
 // (conv_winograd.cpp: F(m, 4) at stride 1; stride 2 through the polyphase form below).
 //
 // A stride-1 r x r convolution does r*r multiply-adds per output and channel pair; F(m x m, r x r)

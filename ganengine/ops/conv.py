@@ -7,20 +7,25 @@ Ops (namespace ``ganengine``):
       y = conv_transpose2d(x, weight, bias, stride, padding, output_padding)  (transposed=True)
   conv_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask) -> (dx, dw, db)
 
-Backends: torch (ATen's convolution, the reference) and cpu (csrc/cpu/conv_gemm.cpp): an fp32
-call whose output map is small (few GEMM columns, a large weight: the rule is ``use_gemm`` in
-conv_gemm.cpp, queried by ``uses_gemm``) runs as one GEMM over im2col columns, which reads the
-weight in place, where oneDNN's direct convolution runs far below its large-map throughput
-(docs/conv.md). 4x4 kernels at stride 1 or 2 (PatchGAN, the U-Net, StarGAN) with enough channels
-run as Winograd convolutions (csrc/cpu/conv_winograd.cpp: F(2, 4) at stride 1, F(3, 2) over the
-polyphase form at stride 2; transposed convs as their adjoint; the rule is ``use`` there, queried
-by ``uses_winograd``; docs/conv4x4.md). Everything else runs oneDNN.
+Backends: torch (ATen's convolution, the reference) and cpu. On the cpu backend the conv family's
+router (csrc/cpu/conv_route.cpp, ``decide``; one decision per call) picks the strategy:
+an fp32 call whose output map is small (few GEMM columns, a large weight) runs as one GEMM over
+im2col columns (csrc/cpu/conv_gemm.cpp), which reads the weight in place, where oneDNN's direct
+convolution runs far below its large-map throughput (docs/conv.md); 4x4 kernels at stride 1 or 2
+(PatchGAN, the U-Net, StarGAN) with enough channels run as Winograd convolutions
+(csrc/cpu/conv_winograd.cpp: F(2, 4) at stride 1, F(3, 2) over the polyphase form at stride 2;
+transposed convs as their adjoint; docs/conv4x4.md); everything else runs oneDNN. ``uses_gemm``
+and ``uses_winograd`` ask the router.
 ``gemm_policy("always" | "never" | "auto")`` (or ``GANENGINE_CONV_GEMM``) and
 ``winograd_policy(...)`` (or ``GANENGINE_CONV_WINOGRAD``) override the choices, for tests and
-benchmarks. The triton and cuda
-backends run the vendor convolution (cuDNN). groups = 1, dilation = 1, zero padding.
+benchmarks. The triton and cuda backends run the vendor convolution (cuDNN). groups = 1,
+dilation = 1, zero padding.
 
-Layout: y and dx follow ``conv_act.out_format(x)``.
+Eager calls on CPU tensors (backend auto or cpu) go to the C++ entry ganengine_C::conv
+(csrc/cpu/conv_autograd.cpp): one dispatcher call that routes, runs, and records C++ autograd
+(ATen's own where the route is oneDNN). torch.compile / export use the custom ops below.
+
+Layout: y and dx follow ``_conv_common.out_format(x)``.
 """
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ganengine import _ext
 from ganengine.ops import _dispatch
-from ganengine.ops.conv_act import (_acc, _autocast, _bias_grad, _check_conv, _conv_bwd, _grads_by_reference, _pair,
-                                    _vendor_conv, out_format)
+from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
+                                        grads_by_reference, lean_entry, out_format, pair, refused, vendor_conv)
 
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
 
@@ -42,8 +48,6 @@ def gemm_policy(policy: str):
     "auto" (measured threshold), "always" (every fp32 call), "never"."""
     if policy not in _POLICIES:
         raise ValueError(f"gemm_policy: policy must be one of {tuple(_POLICIES)}, got {policy!r}")
-    from ganengine import _ext
-
     if not _ext.loaded():
         yield
         return
@@ -66,8 +70,6 @@ def winograd_policy(policy: str = "auto", s1_tile: int | None = None, s2_tile: i
         raise ValueError(f"winograd_policy: s1_tile must be 2 or 3, got {s1_tile!r}")
     if s2_tile not in (None, 2, 3, 4):
         raise ValueError(f"winograd_policy: s2_tile must be 2, 3 or 4, got {s2_tile!r}")
-    from ganengine import _ext
-
     if not _ext.loaded():
         yield
         return
@@ -82,9 +84,7 @@ def winograd_policy(policy: str = "auto", s1_tile: int | None = None, s2_tile: i
 def uses_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, transposed: bool = False,
                   output_padding=(0, 0)) -> bool:
     """Whether the cpu backend runs this call as a Winograd convolution under the current
-    policies (the rule itself lives in csrc/cpu/conv_winograd.cpp)."""
-    from ganengine import _ext
-
+    policies (the rule itself lives in the router, csrc/cpu/conv_route.cpp)."""
     if _backend(x, weight) != "cpu":
         return False
     return bool(_ext.op("conv_uses_winograd")(x, weight, list(stride), list(padding), transposed,
@@ -93,9 +93,7 @@ def uses_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, transp
 
 def uses_gemm(x: torch.Tensor, weight: torch.Tensor, stride, padding, transposed: bool = False) -> bool:
     """Whether the cpu backend runs this call as the GEMM form under the current policy (the
-    rule itself lives in csrc/cpu/conv_gemm.cpp)."""
-    from ganengine import _ext
-
+    rule itself lives in the router, csrc/cpu/conv_route.cpp)."""
     if _backend(x, weight) != "cpu":
         return False
     return bool(_ext.op("conv_uses_gemm")(x, weight, list(stride), list(padding), transposed))
@@ -113,11 +111,7 @@ def _vendor_call(x, weight, stride, padding, transposed, output_padding) -> bool
         return True
     if backend != "cpu":
         return False
-    from ganengine import _ext
-
-    s, p = list(stride), list(padding)
-    return not (_ext.op("conv_uses_gemm")(x, weight, s, p, transposed)
-                or _ext.op("conv_uses_winograd")(x, weight, s, p, transposed, list(output_padding)))
+    return _ext.op("conv_route")(x, weight, list(stride), list(padding), transposed, list(output_padding))[0] == 0
 
 
 def _out_size(x_shape, w_shape, stride, padding, output_padding, transposed):
@@ -138,14 +132,14 @@ def reference_conv(x, weight, bias, stride, padding, output_padding, transposed)
 
 
 def _torch_fwd(x, weight, bias, stride, padding, output_padding, transposed):
-    return _vendor_conv(x, weight, bias, stride, padding, transposed, output_padding)
+    return vendor_conv(x, weight, bias, stride, padding, transposed, output_padding)
 
 
 def _torch_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask):
-    dx, dw = _conv_bwd(grad, x, weight, stride, padding, mask, transposed, output_padding)
+    dx, dw = conv_grads(grad, x, weight, stride, padding, mask, transposed, output_padding)
     if mask[1]:
         dw = dw.contiguous()  # this op's dw is NCHW-contiguous on every backend (see the fake)
-    db = grad.sum(dim=(0, 2, 3), dtype=_acc(grad.dtype)).to(grad.dtype) if mask[2] else x.new_empty((0,))
+    db = grad.sum(dim=(0, 2, 3), dtype=acc_dtype(grad.dtype)).to(grad.dtype) if mask[2] else x.new_empty((0,))
     return dx, dw, db
 
 
@@ -166,8 +160,6 @@ def _backend(x: torch.Tensor, weight: torch.Tensor) -> str:
 def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
              padding: list[int], output_padding: list[int], transposed: bool) -> torch.Tensor:
     if _backend(x, weight) == "cpu":
-        from ganengine import _ext
-
         y = _ext.op("conv_fwd")(x, weight, bias, stride, padding, output_padding, transposed)
         return y.contiguous(memory_format=out_format(x))
     return _torch_fwd(x, weight, bias, stride, padding, output_padding, transposed)
@@ -184,8 +176,6 @@ def conv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: 
              output_padding: list[int], transposed: bool, mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor,
                                                                                       torch.Tensor]:
     if _backend(x, weight) == "cpu":
-        from ganengine import _ext
-
         dx, dw, db = _ext.op("conv_bwd")(grad, x, weight, stride, padding, output_padding, transposed,
                                          [int(m) for m in mask])
         if mask[0]:
@@ -217,19 +207,51 @@ def _backward(ctx, grad):
     stride, padding, output_padding, transposed = ctx.conf
     needs = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # double backward (WGAN-GP, R1): differentiate the torch composition
-        dx, dw, db = _grads_by_reference(
+        dx, dw, db = grads_by_reference(
             lambda a, b, c: reference_conv(a, b, c, stride, padding, output_padding, transposed),
             (x, weight, bias), needs, grad)
         return dx, dw, db, None, None, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
     dx, dw, db = conv_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask)
-    return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None, None, None
+    return (dx if mask[0] else None), (dw if mask[1] else None), bias_grad(db if mask[2] else None, bias), None, None, None, None
 
 
 torch.library.register_autograd("ganengine::conv_fwd", _backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- public functions
+_REFUSAL = "conv: not served by the C++ entry"  # the prefix of the lean entry's refusals
+
+
+def _plain_pair(v) -> bool:
+    """An int or a pair of ints, as pair() takes them (the dispatcher would also take a bool)."""
+    t = type(v)
+    if t is int:
+        return True
+    return (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
+
+
+def _lean(x, weight, bias, stride, padding, output_padding, transposed):
+    """The call through the lean entry (ganengine_C::conv, see the module docstring), or None
+    where it declines (wrong shapes, dtypes or devices, non-fp32, autocast, empty tensors) before
+    any work; the caller's full route then serves the call or raises the public error. Any other
+    error is the call's own: raised once."""
+    if not (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+            and _plain_pair(output_padding)) or torch.compiler.is_compiling():
+        return None
+    op = lean_entry("conv", ("conv_fwd", "conv_bwd"))
+    if op is None:
+        return None
+    try:
+        y = op(x, weight, bias, stride, padding, output_padding, transposed)
+    except RuntimeError as e:  # (NotImplementedError is one)
+        if not refused(e, _REFUSAL, weight, bias):
+            raise
+        return None
+    _dispatch.last_used["conv"] = "cpu"
+    return y
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
            padding=0) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, dilation 1, zero padding).
@@ -237,13 +259,16 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     On the cpu backend, fp32 calls with a small output map run as one GEMM over im2col columns
     (see the module docstring); the rest as oneDNN. Twice differentiable.
     """
+    y = _lean(x, weight, bias, stride, padding, 0, False)
+    if y is not None:
+        return y
     fn = "conv2d"
-    _check_conv(fn, x, weight, bias)
-    stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
+    check_conv(fn, x, weight, bias)
+    stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)
     if x.shape[2] + 2 * padding[0] < weight.shape[2] or x.shape[3] + 2 * padding[1] < weight.shape[3]:
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
                          f"{tuple(weight.shape[2:])} kernel")
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_args(x, weight, bias)
     if _vendor_call(x, weight, stride, padding, False, (0, 0)):
         return F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=out_format(x))
     return conv_fwd(x, weight, bias, list(stride), list(padding), [0, 0], False)
@@ -254,17 +279,35 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)`` (groups 1,
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
+    y = _lean(x, weight, bias, stride, padding, output_padding, True)
+    if y is not None:
+        return y
     fn = "conv_transpose2d"
-    _check_conv(fn, x, weight, bias, transposed=True)
-    stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
-    output_padding = _pair(f"{fn}: output_padding", output_padding, 0)
+    check_conv(fn, x, weight, bias, transposed=True)
+    stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)
+    output_padding = pair(f"{fn}: output_padding", output_padding, 0)
     if any(op >= s for op, s in zip(output_padding, stride)):
         raise ValueError(f"{fn}: output_padding {tuple(output_padding)} must be smaller than the stride "
                          f"{tuple(stride)}")
     if any(s <= 0 for s in _out_size(x.shape, weight.shape, stride, padding, output_padding, True)[2:]):
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} gives an empty output")
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_args(x, weight, bias)
     if _vendor_call(x, weight, stride, padding, True, output_padding):
         return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding).contiguous(
             memory_format=out_format(x))
     return conv_fwd(x, weight, bias, list(stride), list(padding), list(output_padding), True)
+
+
+# ----------------------------------------------------------------------------- fakes of the C++ kernels
+# (the lean entry's C++ autograd calls them through the dispatcher: under a FakeTensorMode they
+# need their own fakes, as ops/conv_act.py registers for its kernels)
+if _ext.loaded() and _ext.has_kernel("conv_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::conv_fwd")
+    def _(x, weight, bias, stride, padding, output_padding, transposed, route=-1, tile=0):
+        return x.new_empty(_out_size(x.shape, weight.shape, stride, padding, output_padding, transposed))
+
+    @torch.library.register_fake("ganengine_C::conv_bwd")
+    def _(grad, x, weight, stride, padding, output_padding, transposed, mask, route=-1, tile=0):
+        return (x.new_empty(x.shape) if mask[0] else x.new_empty((0,)),
+                weight.new_empty(weight.shape) if mask[1] else weight.new_empty((0,)),
+                grad.new_empty((grad.shape[1],)) if mask[2] else grad.new_empty((0,)))

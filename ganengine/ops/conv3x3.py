@@ -6,10 +6,13 @@ Ops (namespace ``ganengine``):
   conv3x3_bwd(grad, x, weight, padding, reflect, mask) -> (dx, dw, db)
 
 Backends: torch (F.pad + F.conv2d, the reference) and cpu: Winograd F(2x2, 3x3) (C++ input /
-output transforms and the 16 GEMMs per call as one at::bmm, csrc/cpu/winograd.cpp). oneDNN's direct
-convolution already runs at the FMA peak of this CPU class; Winograd does 2.25x fewer
-multiplies, so it wins where the GEMMs dominate (enough channels and tiles, see
-``winograd_profitable``) and the cpu backend runs oneDNN's direct convolution elsewhere.
+output transforms and the 16 GEMMs per call as batched GEMMs, csrc/cpu/conv_winograd3x3.cpp).
+oneDNN's direct convolution already runs at the FMA peak of this CPU class; Winograd does 2.25x
+fewer multiplies, so it wins where the GEMMs dominate (enough channels and tiles) and the cpu
+backend runs oneDNN's direct convolution elsewhere. The rule is the conv family's router
+(csrc/cpu/conv_route.cpp, ``decide3x3``), asked once per call; ``winograd_profitable`` and
+``_use_winograd`` query it, and the module attributes ``MIN_CHANNELS`` / ``MIN_TILES`` read and
+set its thresholds (``GANENGINE_WINOGRAD_MIN_CHANNELS`` is the first's initial value).
 ``GANENGINE_WINOGRAD_TILE=4`` switches to F(4x4, 3x3) (4x fewer multiplies, ~30x the fp32
 rounding error of the direct convolution: 8e-6 of the output's range at 256 channels).
 Reflect padding is read through index maps inside the input transform, so
@@ -17,33 +20,82 @@ Reflect padding is read through index maps inside the input transform, so
 The triton and cuda backends run the vendor convolution (cuDNN picks Winograd / FFT / implicit
 GEMM per shape itself).
 
-Layout: y and dx follow ``conv_act.out_format(x)`` (channels_last in, channels_last out).
+Eager calls on CPU tensors (backend auto or cpu) go to the C++ entry ganengine_C::conv3x3
+(csrc/cpu/conv_autograd.cpp): one dispatcher call that routes, runs, and records C++ autograd
+(ATen's own where the route is oneDNN). torch.compile / export use the custom ops below.
+
+Layout: y and dx follow ``_conv_common.out_format(x)`` (channels_last in, channels_last out).
 """
 from __future__ import annotations
+
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
 
-from ganengine import settings
+from ganengine import _ext, settings
 from ganengine.ops import _dispatch
-from ganengine.ops.conv_act import _acc, _autocast, _bias_grad, _check_conv, _conv_bwd, _grads_by_reference, _pair, out_format
+from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
+                                        grads_by_reference, lean_entry, out_format, pair, refused)
 
-# Winograd pays off once the GEMMs dominate its memory-bound transforms: measured on this
-# project's 2-core AVX-512 machine (benchmarks/bench_conv3x3.py), F(2, 3) beats oneDNN's direct
-# convolution from 128 input and output channels and 256 output tiles (2x2) per call.
-MIN_CHANNELS = settings.get_or_default("GANENGINE_WINOGRAD_MIN_CHANNELS")  # (a bad value: reported by settings)
-MIN_TILES = 256
+# the router's thresholds where ganengine._C is not built (then only the torch backend runs, and
+# these only answer winograd_profitable); with it, MIN_CHANNELS / MIN_TILES are the C++ values
+_PY_THRESHOLDS = {"MIN_CHANNELS": settings.get_or_default("GANENGINE_WINOGRAD_MIN_CHANNELS"),  # (bad: reported)
+                  "MIN_TILES": 256}
+_CONFIG_SLOT = {"MIN_CHANNELS": 0, "MIN_TILES": 1}
+
+
+def _routed() -> bool:
+    return _ext.has_kernel("conv3x3_route", "CPU")
+
+
+def _threshold(name: str) -> int:
+    if _routed():
+        return int(_ext.op("conv3x3_winograd_config")(-1, -1)[_CONFIG_SLOT[name]])
+    return _PY_THRESHOLDS[name]
+
+
+def _set_threshold(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"conv3x3.{name} must be an int >= 0, got {value!r}")
+    if _routed():
+        args = [-1, -1]
+        args[_CONFIG_SLOT[name]] = value
+        _ext.op("conv3x3_winograd_config")(*args)
+    _PY_THRESHOLDS[name] = value
+
+
+class _Module(types.ModuleType):
+    """This module, with MIN_CHANNELS / MIN_TILES reading and setting the C++ router's thresholds
+    (``monkeypatch.setattr(conv3x3, "MIN_CHANNELS", 0)`` then reaches every route, the lean
+    entry's included)."""
+
+    MIN_CHANNELS = property(lambda self: _threshold("MIN_CHANNELS"),
+                            lambda self, v: _set_threshold("MIN_CHANNELS", v))
+    MIN_TILES = property(lambda self: _threshold("MIN_TILES"), lambda self, v: _set_threshold("MIN_TILES", v))
+
+
+sys.modules[__name__].__class__ = _Module
 
 
 def winograd_tile() -> int:
     return settings.get("GANENGINE_WINOGRAD_TILE")
 
 
+_PAYS: list = []  # [the raw ganengine_C::conv3x3_winograd_pays builtin, or None]
+
+
 def winograd_profitable(x_shape, w_shape, padding: int, tile: int = 2) -> bool:
+    """Whether the router sends an fp32 cpu call of these shapes to Winograd F(tile, 3) (one
+    C++ call: ganengine.fuse's modules ask it per forward)."""
+    if not _PAYS:
+        _PAYS.append(_ext.op("conv3x3_winograd_pays").default._op if _routed() else None)
+    if _PAYS[0] is not None:
+        return _PAYS[0](x_shape, w_shape, padding, tile)
     n, c, h, w = x_shape
-    k = w_shape[0]
     tiles = n * -(-(h + 2 * padding - 2) // tile) * -(-(w + 2 * padding - 2) // tile)
-    return min(c, k) >= MIN_CHANNELS and tiles >= MIN_TILES
+    return min(c, w_shape[0]) >= _PY_THRESHOLDS["MIN_CHANNELS"] and tiles >= _PY_THRESHOLDS["MIN_TILES"]
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -66,12 +118,12 @@ def _torch_fwd(x, weight, bias, padding, reflect):
 def _torch_bwd(grad, x, weight, padding, reflect, mask):
     # custom op bodies run below autograd: call the backward kernels directly
     xp, p = _pad(x, padding, reflect)
-    dx, dw = _conv_bwd(grad, xp, weight, [1, 1], [p, p], mask)
+    dx, dw = conv_grads(grad, xp, weight, [1, 1], [p, p], mask)
     if mask[0] and xp is not x:
         dx = torch.ops.aten.reflection_pad2d_backward(dx, x, [padding] * 4).contiguous(memory_format=out_format(x))
     if mask[1]:
         dw = dw.contiguous()  # this op's dw is NCHW-contiguous on every backend (see the fake)
-    db = grad.sum(dim=(0, 2, 3), dtype=_acc(grad.dtype)).to(grad.dtype) if mask[2] else x.new_empty((0,))
+    db = grad.sum(dim=(0, 2, 3), dtype=acc_dtype(grad.dtype)).to(grad.dtype) if mask[2] else x.new_empty((0,))
     return dx, dw, db
 
 
@@ -107,6 +159,9 @@ _VENDOR_BACKENDS = ("triton", "cuda")
 
 
 def _use_winograd(x, weight, padding):
+    """The Winograd tile the router runs this call with on the cpu backend, or None (oneDNN)."""
+    if _routed():
+        return _ext.op("conv3x3_route")(x, weight, padding) or None
     tile = winograd_tile()
     return tile if winograd_profitable(x.shape, weight.shape, padding, tile) else None
 
@@ -159,18 +214,21 @@ def _backward(ctx, grad):
     padding, reflect = ctx.conf
     needs = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # double backward: differentiate the torch composition
-        dx, dw, db = _grads_by_reference(lambda a, b, c: reference_conv3x3(a, b, c, padding, reflect),
+        dx, dw, db = grads_by_reference(lambda a, b, c: reference_conv3x3(a, b, c, padding, reflect),
                                          (x, weight, bias), needs, grad)
         return dx, dw, db, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
     dx, dw, db = conv3x3_bwd(grad, x, weight, padding, reflect, mask)
-    return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None
+    return (dx if mask[0] else None), (dw if mask[1] else None), bias_grad(db if mask[2] else None, bias), None, None
 
 
 torch.library.register_autograd("ganengine::conv3x3_fwd", _backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- public function
+_REFUSAL = "conv3x3: not served by the C++ entry"  # the prefix of the lean entry's refusals
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
             padding_mode: str = "zeros") -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` for 3x3 kernels, with
@@ -181,12 +239,28 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     x: (N, C, H, W) contiguous / channels_last / strided; weight (K, C, 3, 3); groups=1.
     Twice differentiable (the double backward differentiates the torch composition).
     """
+    # the lean route (ganengine_C::conv3x3, see the module docstring): it declines what it does not
+    # serve (wrong shapes, dtypes or devices, non-fp32, autocast, empty tensors) before any work;
+    # the route below then serves the call or raises the public error. Any other error is the
+    # call's own: raised once.
+    if (type(padding) is int and isinstance(x, torch.Tensor) and x.is_cpu
+            and (padding_mode == "zeros" or padding_mode == "reflect") and not torch.compiler.is_compiling()):
+        op = lean_entry("conv3x3", ("conv3x3_fwd", "conv3x3_bwd"))
+        if op is not None:
+            try:
+                y = op(x, weight, bias, padding, padding_mode == "reflect")
+            except RuntimeError as e:  # (NotImplementedError is one)
+                if not refused(e, _REFUSAL, weight, bias):
+                    raise
+            else:
+                _dispatch.last_used["conv3x3"] = "cpu"
+                return y
     fn = "conv3x3"
-    _check_conv(fn, x, weight, bias)
+    check_conv(fn, x, weight, bias)
     if tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"{fn}: weight must be (K, C, 3, 3), got {tuple(weight.shape)}")
     if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
-        padding = _pair(f"{fn}: padding", padding, 0)
+        padding = pair(f"{fn}: padding", padding, 0)
         if padding[0] != padding[1]:
             raise ValueError(f"{fn}: padding must be the same on both axes, got {tuple(padding)}")
         padding = padding[0]
@@ -198,7 +272,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
                          f"got {tuple(x.shape)}")
     if x.shape[2] + 2 * padding < 3 or x.shape[3] + 2 * padding < 3:
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {padding} is smaller than the 3x3 kernel")
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_args(x, weight, bias)
     backend = _backend(x)
     if (backend in _VENDOR_BACKENDS or (backend == "cpu" and _use_winograd(x, weight, padding) is None)) \
             and not torch.compiler.is_compiling():
@@ -207,3 +281,19 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         # and backward: 8x eager's at a tiny shape) and runs the same kernels
         return reference_conv3x3(x, weight, bias, padding, reflect).contiguous(memory_format=out_format(x))
     return conv3x3_fwd(x, weight, bias, padding, reflect)
+
+
+# ----------------------------------------------------------------------------- fakes of the C++ kernels
+# (the lean entry's C++ autograd calls them through the dispatcher: under a FakeTensorMode they
+# need their own fakes, as ops/conv_act.py registers for its kernels)
+if _ext.loaded() and _ext.has_kernel("conv3x3_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::conv3x3_fwd")
+    def _(x, weight, bias, padding, reflect, tile):
+        n, _, h, w = x.shape
+        return x.new_empty((n, weight.shape[0], h + 2 * padding - 2, w + 2 * padding - 2))
+
+    @torch.library.register_fake("ganengine_C::conv3x3_bwd")
+    def _(grad, x, weight, padding, reflect, tile, mask):
+        return (x.new_empty(x.shape) if mask[0] else x.new_empty((0,)),
+                weight.new_empty(weight.shape) if mask[1] else weight.new_empty((0,)),
+                weight.new_empty((weight.shape[0],)) if mask[2] else weight.new_empty((0,)))

@@ -37,9 +37,17 @@ import torch.nn.functional as F
 
 from ganengine import _ext, backends, settings
 from ganengine.ops import _dispatch
+from ganengine.ops._conv_common import FLOATS as _FLOATS
+from ganengine.ops._conv_common import acc_dtype as _acc
+from ganengine.ops._conv_common import autocast_args as _autocast
+from ganengine.ops._conv_common import bias_grad as _bias_grad
+from ganengine.ops._conv_common import check_conv as _check_conv
+from ganengine.ops._conv_common import conv_grads as _conv_bwd
+from ganengine.ops._conv_common import grads_by_reference as _grads_by_reference
+from ganengine.ops._conv_common import out_format
+from ganengine.ops._conv_common import pair as _pair
+from ganengine.ops._conv_common import vendor_conv as _vendor_conv
 from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CONV_IMPLS = ("auto", "vendor", "igemm")
 _conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
 
@@ -71,13 +79,6 @@ def _resolved_conv_impl(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
-def out_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout this family writes for outputs shaped like ``t`` (see module docstring)."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _dense(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return t
@@ -91,28 +92,10 @@ def _out_shape(x, w, stride, padding):
     return (n, w.shape[0], oh, ow)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _empty_or(t_like, shape, fmt, wanted):
     if not wanted:
         return t_like.new_empty((0,))
     return torch.empty(shape, dtype=t_like.dtype, device=t_like.device, memory_format=fmt)
-
-
-def _conv_bwd(gz, x, w, stride, padding, mask, transposed=False, output_padding=(0, 0)):
-    dx, dw, _ = torch.ops.aten.convolution_backward(
-        gz, x, w, None, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1,
-        [mask[0], mask[1], False])
-    dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
-    dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
-    return dx, dw
-
-
-def _vendor_conv(x, w, bias, stride, padding, transposed=False, output_padding=(0, 0)):
-    y = torch.ops.aten.convolution(x, w, bias, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1)
-    return y.contiguous(memory_format=out_format(x))
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -344,24 +327,6 @@ def reference_conv2d_in_act(x, weight, bias, stride, padding, gamma, beta, eps, 
     return F.leaky_relu(z, negative_slope).to(c.dtype)
 
 
-def _grads_by_reference(fn, tensors, needs, grad):
-    """Gradients of ``fn(*tensors)`` with create_graph=True, for second derivatives."""
-    wanted = [t for t, n in zip(tensors, needs) if n and t is not None]
-    with torch.enable_grad():
-        out = fn(*tensors)
-        got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
-    return [next(got) if (n and t is not None) else None for t, n in zip(tensors, needs)]
-
-
-def _bias_grad(db, bias):
-    """db as autograd wants it: with C_in = 0, ATen's convolution returns an output with 0
-    channels (not the broadcast bias), so grad.sum over it has 0 entries; eager's bias gradient
-    is then zeros of the bias's shape."""
-    if db is not None and bias is not None and db.shape != bias.shape:
-        return torch.zeros_like(bias)
-    return db
-
-
 def _act_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, slope = inputs
     ctx.save_for_backward(x, weight, bias, output)
@@ -439,54 +404,6 @@ _IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
 
 
 # ----------------------------------------------------------------------------- public functions
-def _pair(name: str, v, minimum: int) -> list[int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v)
-    if (not isinstance(v, (tuple, list)) or len(v) != 2
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if min(v) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
-    return [int(v[0]), int(v[1])]
-
-
-def _check_conv(fn: str, x, weight, bias, transposed: bool = False):
-    """x (N, C, H, W); weight (C_out, C_in, kH, kW), or (C_in, C_out, kH, kW) when transposed."""
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{fn}: x and weight must be Tensors")
-    if x.dim() != 4:
-        raise ValueError(f"{fn}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    layout = "(C_in, C_out, kH, kW)" if transposed else "(C_out, C_in, kH, kW)"
-    if weight.dim() != 4:
-        raise ValueError(f"{fn}: weight must be {layout}, got shape {tuple(weight.shape)}")
-    c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
-    if c_out == 0:  # (eager: "expected weight to be at least 1 at dimension 0"; the GEMM route: a reshape error)
-        raise ValueError(f"{fn}: weight {layout} = {tuple(weight.shape)} has 0 output channels; a convolution "
-                         "needs at least one")
-    if c_in != x.shape[1]:
-        where = f" {layout} = {tuple(weight.shape)}" if transposed else ""
-        raise ValueError(f"{fn}: weight{where} expects {c_in} input channels (groups=1) but x has "
-                         f"{x.shape[1]} (shape {tuple(x.shape)})")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{fn}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c_out,)):
-        raise ValueError(f"{fn}: bias must be None or a ({c_out},) tensor, got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-
-
-def _autocast(x, *tensors):
-    """F.conv2d's autocast rule: run in the autocast dtype when autocast is on for x's device."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return [t.to(dt) if t is not None and t.is_floating_point() else t for t in (x, *tensors)]
-    if tensors and tensors[0] is not None and tensors[0].dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but weight is {tensors[0].dtype}: they must match (outside autocast)")
-    return [x, *tensors]
-
-
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                negative_slope: float = 0.2) -> torch.Tensor:
     """``F.leaky_relu(F.conv2d(x, weight, bias, stride, padding), negative_slope)``, fused.

@@ -1,11 +1,15 @@
-// conv3x3 family, CPU: Winograd F(m x m, 3 x 3) convolution, forward and backward, on the
+// conv family, CPU, Winograd 3x3 strategy: Winograd F(m x m, 3 x 3) convolution, forward and
+// backward (ganengine.ops.conv3x3's cpu route; conv_route.cpp decides which calls), on the
 // engine in winograd_engine.h (transforms, GEMMs, workspaces; the why and the accuracy are there).
 // F(2, 3) (points 0, +-1) is the default: its fp32 error is within 2x of the direct
 // convolution's. F(4, 3) (points 0, +-1, +-2) does 4x fewer multiplies than direct but is
 // ~16-30x less accurate in fp32 (8e-6 of the output's max at 256 channels) and is opt-in (tile=4).
+#include "conv_winograd3x3.h"
+
 #include "winograd_engine.h"
 
-#include <torch/library.h>
+namespace ganengine {
+namespace conv_winograd3x3 {
 
 namespace {
 
@@ -34,8 +38,15 @@ Geometry geometry_of(const at::Tensor& x, int64_t pad, bool reflect, int64_t til
   return geometry(x.size(0), x.size(1), x.size(2), x.size(3), 1, 3, pad, pad, reflect, tile);
 }
 
-at::Tensor conv3x3_fwd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                       int64_t pad, bool reflect, int64_t tile) {
+}  // namespace
+
+int64_t tiles(int64_t n, int64_t h, int64_t w, int64_t pad, int64_t tile) {
+  auto ceil_div = [tile](int64_t a) { return a >= 0 ? (a + tile - 1) / tile : -((-a) / tile); };
+  return n * ceil_div(h + 2 * pad - 2) * ceil_div(w + 2 * pad - 2);
+}
+
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t pad,
+               bool reflect, int64_t tile) {
   check_args(x, w, tile);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -56,9 +67,9 @@ at::Tensor conv3x3_fwd(const at::Tensor& x, const at::Tensor& w, const c10::opti
                          {0, 0}, 1);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_bwd(const at::Tensor& grad, const at::Tensor& x,
-                                                           const at::Tensor& w, int64_t pad, bool reflect,
-                                                           int64_t tile, at::IntArrayRef mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& w, int64_t pad, bool reflect,
+                                                            int64_t tile, at::IntArrayRef mask) {
   check_args(x, w, tile);
   TORCH_CHECK(mask.size() == 3, "ganengine conv3x3: mask must have 3 entries, got ", mask.size());
   TORCH_CHECK(grad.scalar_type() == at::kFloat, "ganengine conv3x3: grad must be fp32, got ", grad.scalar_type());
@@ -89,15 +100,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_bwd(const at::Tensor& gra
   return {dx, dw, db};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
-  m.def("conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, int padding, bool reflect, int tile) -> Tensor");
-  m.def("conv3x3_bwd(Tensor grad, Tensor x, Tensor weight, int padding, bool reflect, int tile, int[] mask) "
-        "-> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
-  m.impl("conv3x3_fwd", &conv3x3_fwd);
-  m.impl("conv3x3_bwd", &conv3x3_bwd);
-}
+}  // namespace conv_winograd3x3
+}  // namespace ganengine

@@ -1,0 +1,405 @@
+// conv family, CPU: the router (see conv_route.h), its policies and the family's kernel ops.
+//
+// Thresholds (all measured on this project's 2-core AVX-512 machine, fp32, 2 threads):
+//   Gemm         benchmarks/bench_conv.py: the GEMM form wins while the GEMM's narrow side (output
+//                or input pixels times batch) stays at or below kMaxColumns, for weights big enough
+//                that reading them is the cost (conv 1x512x8x8 -> 4x4: 2.5x forward; transposed
+//                1x1024x4x4: 2.4x forward+backward), and up to kMaxColumnsBigWeight for a plain
+//                conv with a 4M+ element weight (16x512x8x8 -> 1024 channels: 1.1x forward, 1.3x
+//                with backward); at 1024 columns it is 0.64x oneDNN (64x256x8x8).
+//   Winograd4x4  benchmarks/bench_conv4x4.py: the engine's GEMMs are (K x Cv) @ (Cv x T) per
+//                transform point, and the weight transforms (twice per training step, plus one
+//                adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
+//                256 -> 512 stride-1 layer at 32x32 (T = 256), the 64 -> 128 and 128 -> 256
+//                stride-2 layers, the U-Net's 512 -> 128 and 256 -> 64 transposed layers; losses:
+//                3-channel first layers (Cv = 12: the transforms of the 64-channel side dominate),
+//                the 1-channel PatchGAN head, and maps of 16x16 outputs or fewer (T = 36 at batch
+//                1: the U-Net's 256 -> 512 at 32x32 and its 1024 -> 256 transposed layer at 16x16:
+//                0.37-0.76x in BENCHMARKS.md's run).
+//   Winograd3x3  benchmarks/bench_conv3x3.py: Winograd pays off once the GEMMs dominate its
+//                memory-bound transforms: F(2, 3) beats oneDNN's direct convolution from 128
+//                input and output channels and 256 output tiles (2x2) per call.
+// The Gemm rule is asked first, then Winograd4x4; everything else is OneDNN.
+#include "conv_route.h"
+
+#include "conv_gemm.h"
+#include "conv_winograd.h"
+#include "conv_winograd3x3.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace ganengine {
+namespace conv_route {
+
+namespace {
+
+constexpr int64_t kMaxColumns = 64;
+constexpr int64_t kMinWeight = 1 << 16;
+constexpr int64_t kMaxColumnsBigWeight = 256;
+constexpr int64_t kBigWeight = 1 << 22;
+constexpr int64_t kWinograd4x4MinChannels = 64;  // K and C * stride^2
+constexpr int64_t kWinograd4x4MinTiles = 100;
+constexpr int64_t kWinograd3x3MinTiles = 256;
+const std::vector<int64_t> kDil{1, 1};
+
+// the fallback for an unset or unparsable value (ganengine/settings.py validates every GANENGINE_*
+// variable and reports a bad one in one line; a throw from a static initialiser would surface as a
+// traceback at the first convolution instead)
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  if (!e || !*e) return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(e, &end, 10);
+  return (end && *end == '\0') ? static_cast<int64_t>(v) : fallback;
+}
+
+void check_policy(int64_t p, const char* what) {
+  TORCH_CHECK(p >= 0 && p <= 2, "ganengine conv ", what, ": policy must be 0 (auto), 1 (always) or 2 (never), got ",
+              p);
+}
+
+std::atomic<int64_t>& gemm_policy_ref() {
+  static std::atomic<int64_t> p{policy_from_env("GANENGINE_CONV_GEMM")};
+  return p;
+}
+
+void check_config(const Winograd4x4Config& c) {
+  check_policy(c.policy, "winograd");
+  TORCH_CHECK(c.s1_tile == 2 || c.s1_tile == 3, "ganengine conv winograd: the stride-1 tile must be 2 or 3, got ",
+              c.s1_tile);
+  TORCH_CHECK(c.s2_tile >= 2 && c.s2_tile <= 4, "ganengine conv winograd: the stride-2 tile must be 2, 3 or 4, got ",
+              c.s2_tile);
+}
+
+std::mutex& config_mutex() {
+  static std::mutex m;
+  return m;
+}
+Winograd4x4Config& winograd4x4_ref() {
+  static Winograd4x4Config c = [] {
+    Winograd4x4Config d{policy_from_env("GANENGINE_CONV_WINOGRAD"), env_int("GANENGINE_WINOGRAD_S1_TILE", 2),
+                        env_int("GANENGINE_WINOGRAD_S2_TILE", 3)};
+    if (d.s1_tile != 2 && d.s1_tile != 3) d.s1_tile = 2;  // (out of range: the default, as above)
+    if (d.s2_tile < 2 || d.s2_tile > 4) d.s2_tile = 3;
+    return d;
+  }();
+  return c;
+}
+
+std::atomic<int64_t>& min_channels_ref() {
+  static std::atomic<int64_t> v{[] {
+    const int64_t m = env_int("GANENGINE_WINOGRAD_MIN_CHANNELS", 128);
+    return m < 0 ? int64_t{128} : m;
+  }()};
+  return v;
+}
+std::atomic<int64_t>& min_tiles_ref() {
+  static std::atomic<int64_t> v{kWinograd3x3MinTiles};
+  return v;
+}
+
+bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+              bool transposed) {
+  const int64_t pol = gemm_policy();
+  if (pol == 2 || !conv_gemm::legal(x, w, transposed)) return false;
+  if (pol == 1) return true;
+  const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
+  if (cols <= kMaxColumns) return w.numel() >= kMinWeight;
+  return !transposed && cols <= kMaxColumnsBigWeight && w.numel() >= kBigWeight;
+}
+
+// the Winograd 4x4 tile for this call, or 0 where Winograd 4x4 does not take it
+int64_t winograd4x4_tile(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                         bool transposed, at::IntArrayRef output_padding) {
+  const Winograd4x4Config c = winograd4x4_config();
+  if (c.policy == 2 || !conv_winograd::legal(x, w, stride, padding, transposed, output_padding)) return 0;
+  const int64_t tile = stride[0] == 2 ? c.s2_tile : c.s1_tile;
+  if (c.policy == 1) return tile;
+  const int64_t K = w.size(0), Cv = w.size(1) * stride[0] * stride[0];  // (transposed: w is the engine conv's)
+  if (K < kWinograd4x4MinChannels || Cv < kWinograd4x4MinChannels) return 0;
+  return conv_winograd::tiles(x, w, stride, padding, transposed, output_padding, tile) >= kWinograd4x4MinTiles ? tile
+                                                                                                              : 0;
+}
+
+}  // namespace
+
+// auto / always / never (any case); anything else is auto here (settings.py reports it)
+int64_t policy_from_env(const char* var) {
+  const char* e = std::getenv(var);
+  if (!e) return 0;
+  std::string s(e);
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (s == "always") return 1;
+  if (s == "never") return 2;
+  return 0;
+}
+
+int64_t gemm_policy() { return gemm_policy_ref().load(); }
+void set_gemm_policy(int64_t p) {
+  check_policy(p, "gemm");
+  gemm_policy_ref().store(p);
+}
+
+Winograd4x4Config winograd4x4_config() {
+  std::lock_guard<std::mutex> lock(config_mutex());
+  return winograd4x4_ref();
+}
+void set_winograd4x4_config(const Winograd4x4Config& c) {
+  check_config(c);
+  std::lock_guard<std::mutex> lock(config_mutex());
+  winograd4x4_ref() = c;
+}
+
+Winograd3x3Config winograd3x3_config() { return {min_channels_ref().load(), min_tiles_ref().load()}; }
+void set_winograd3x3_config(const Winograd3x3Config& c) {
+  TORCH_CHECK(c.min_channels >= 0 && c.min_tiles >= 0, "ganengine conv3x3: min_channels and min_tiles must be >= 0, "
+              "got ", c.min_channels, " and ", c.min_tiles);
+  min_channels_ref().store(c.min_channels);
+  min_tiles_ref().store(c.min_tiles);
+}
+
+int64_t winograd3x3_tile() { return env_int("GANENGINE_WINOGRAD_TILE", 2) == 4 ? 4 : 2; }
+
+Decision decide(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                bool transposed, at::IntArrayRef output_padding) {
+  if (use_gemm(x, w, stride, padding, transposed)) return {Route::Gemm, 0};
+  const int64_t tile = winograd4x4_tile(x, w, stride, padding, transposed, output_padding);
+  if (tile > 0) return {Route::Winograd4x4, tile};
+  return {Route::OneDNN, 0};
+}
+
+bool winograd3x3_pays(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t padding, int64_t tile) {
+  const Winograd3x3Config cfg = winograd3x3_config();
+  return std::min(c, k) >= cfg.min_channels && conv_winograd3x3::tiles(n, h, w, padding, tile) >= cfg.min_tiles;
+}
+
+Decision decide3x3(const at::Tensor& x, const at::Tensor& w, int64_t padding, int64_t tile) {
+  if (!(x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 4 &&
+        w.dim() == 4))
+    return {Route::OneDNN, 0};
+  if (std::min(x.size(1), w.size(0)) < winograd3x3_config().min_channels) return {Route::OneDNN, 0};  // (no getenv)
+  if (tile <= 0) tile = winograd3x3_tile();
+  if (!winograd3x3_pays(x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), padding, tile))
+    return {Route::OneDNN, 0};
+  return {Route::Winograd3x3, tile};
+}
+
+at::Tensor convolution(const Decision& d, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
+                       at::IntArrayRef output_padding) {
+  switch (d.route) {
+    case Route::Gemm:
+      return conv_gemm::run(x, w, b, stride, padding, transposed, output_padding);
+    case Route::Winograd4x4:
+      return conv_winograd::run(x, w, b, stride, padding, transposed, output_padding, d.tile);
+    default:
+      TORCH_CHECK(d.route == Route::OneDNN, "ganengine conv: route ", static_cast<int64_t>(d.route),
+                  " is not one of conv's (0 oneDNN, 1 GEMM, 2 Winograd 4x4)");
+      return at::convolution(x, w, b, stride, padding, kDil, transposed, output_padding, 1);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
+    const Decision& d, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+    at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, std::array<bool, 3> mask) {
+  switch (d.route) {
+    case Route::Gemm:
+      return conv_gemm::run_backward(grad, x, w, stride, padding, transposed, mask);
+    case Route::Winograd4x4:
+      return conv_winograd::run_backward(grad, x, w, stride, padding, transposed, output_padding, mask, d.tile);
+    default: {
+      TORCH_CHECK(d.route == Route::OneDNN, "ganengine conv: route ", static_cast<int64_t>(d.route),
+                  " is not one of conv's (0 oneDNN, 1 GEMM, 2 Winograd 4x4)");
+      const std::vector<int64_t> bias_sizes{transposed ? w.size(1) : w.size(0)};
+      return at::convolution_backward(grad, x, w, bias_sizes, stride, padding, kDil, transposed, output_padding, 1,
+                                      mask);
+    }
+  }
+}
+
+}  // namespace conv_route
+
+// the routed convolution under the names conv_act.cpp calls (conv_gemm.h)
+namespace conv_gemm {
+at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
+                       at::IntArrayRef output_padding) {
+  const auto d = conv_route::decide(x, w, stride, padding, transposed, output_padding);
+  return conv_route::convolution(d, x, w, b, stride, padding, transposed, output_padding);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+    at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, std::array<bool, 3> mask) {
+  const auto d = conv_route::decide(x, w, stride, padding, transposed, output_padding);
+  return conv_route::convolution_backward(d, grad, x, w, stride, padding, transposed, output_padding, mask);
+}
+}  // namespace conv_gemm
+}  // namespace ganengine
+
+// ----------------------------------------------------------------------------- the family's kernel ops
+namespace {
+
+using namespace ganengine;
+using conv_route::Decision;
+using conv_route::Route;
+
+void check_args(const char* fn, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4, "ganengine ", fn, ": x and weight must be 4-d, got ", x.sizes(),
+              " and ", w.sizes());
+  TORCH_CHECK(w.size(transposed ? 0 : 1) == x.size(1), "ganengine ", fn, ": weight ", w.sizes(),
+              " does not take ", x.size(1), " input channels");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && output_padding.size() == 2, "ganengine ", fn,
+              ": stride, padding and output_padding must have 2 entries");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "ganengine ", fn, ": x is ", x.scalar_type(), " but weight is ",
+              w.scalar_type());
+}
+
+// route < 0: the router decides; else the route (and tile) a caller decided before (the lean
+// entry, conv_autograd.cpp, decides once per call and passes its decision to the backward)
+Decision decision_of(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                     bool transposed, at::IntArrayRef output_padding, int64_t route, int64_t tile) {
+  if (route < 0) return conv_route::decide(x, w, stride, padding, transposed, output_padding);
+  TORCH_CHECK(route <= 2, "ganengine conv: route must be -1 (decide), 0 (oneDNN), 1 (GEMM) or 2 (Winograd 4x4), got ",
+              route);
+  return {static_cast<Route>(route), tile};
+}
+
+at::Tensor conv_fwd_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                       bool transposed, int64_t route, int64_t tile) {
+  check_args("conv_fwd", x, w, stride, padding, output_padding, transposed);
+  const Decision d = decision_of(x, w, stride, padding, transposed, output_padding, route, tile);
+  return conv_route::convolution(d, x, w, b, stride, padding, transposed, output_padding);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd_op(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& w, at::IntArrayRef stride,
+                                                           at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                                           bool transposed, at::IntArrayRef mask, int64_t route,
+                                                           int64_t tile) {
+  check_args("conv_bwd", x, w, stride, padding, output_padding, transposed);
+  TORCH_CHECK(mask.size() == 3, "ganengine conv_bwd: output mask must have 3 entries");
+  std::array<bool, 3> m{mask[0] != 0, mask[1] != 0, mask[2] != 0};
+  const Decision d = decision_of(x, w, stride, padding, transposed, output_padding, route, tile);
+  auto r = conv_route::convolution_backward(d, grad, x, w, stride, padding, transposed, output_padding, m);
+  auto fill = [](at::Tensor t, const at::Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); };
+  return {fill(std::get<0>(r), x), fill(std::get<1>(r), w), fill(std::get<2>(r), grad)};
+}
+
+bool conv_uses_winograd_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                           at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding) {
+  return conv_route::decide(x, w, stride, padding, transposed, output_padding).route == Route::Winograd4x4;
+}
+
+bool conv_uses_gemm_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                       bool transposed) {
+  // (the Gemm rule is asked first: output_padding does not matter to it)
+  return conv_route::decide(x, w, stride, padding, transposed, {0, 0}).route == Route::Gemm;
+}
+
+// sets the Winograd 4x4 configuration (policy 0 auto / 1 always / 2 never, stride-1 tile,
+// stride-2 tile; a negative entry keeps that one); returns the previous one
+std::vector<int64_t> conv_winograd_config_op(int64_t policy, int64_t s1_tile, int64_t s2_tile) {
+  const auto prev = conv_route::winograd4x4_config();
+  auto c = prev;
+  if (policy >= 0) c.policy = policy;
+  if (s1_tile >= 0) c.s1_tile = s1_tile;
+  if (s2_tile >= 0) c.s2_tile = s2_tile;
+  conv_route::set_winograd4x4_config(c);
+  return {prev.policy, prev.s1_tile, prev.s2_tile};
+}
+
+// sets the GEMM policy (0 auto, 1 always, 2 never; -1 only reads it); returns the previous one
+int64_t conv_gemm_policy_op(int64_t p) {
+  const int64_t prev = conv_route::gemm_policy();
+  if (p >= 0) conv_route::set_gemm_policy(p);
+  return prev;
+}
+
+// [route, tile] of conv2d / conv_transpose2d for this call (route: 0 oneDNN, 1 GEMM, 2 Winograd 4x4)
+std::vector<int64_t> conv_route_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding) {
+  const Decision d = conv_route::decide(x, w, stride, padding, transposed, output_padding);
+  return {static_cast<int64_t>(d.route), d.tile};
+}
+
+// whether Winograd F(tile, 3) pays for an fp32 conv3x3 of these shapes (the router's rule, for
+// callers without tensors: ganengine.ops.conv3x3.winograd_profitable)
+bool conv3x3_winograd_pays_op(at::IntArrayRef x_shape, at::IntArrayRef w_shape, int64_t padding, int64_t tile) {
+  TORCH_CHECK(x_shape.size() == 4 && w_shape.size() == 4, "ganengine conv3x3: shapes must have 4 entries, got ",
+              x_shape, " and ", w_shape);
+  TORCH_CHECK(tile == 2 || tile == 4, "ganengine conv3x3: tile must be 2 or 4, got ", tile);
+  return conv_route::winograd3x3_pays(x_shape[0], x_shape[1], x_shape[2], x_shape[3], w_shape[0], padding, tile);
+}
+
+// sets the Winograd 3x3 thresholds (a negative entry keeps that one); returns the previous ones
+std::vector<int64_t> conv3x3_winograd_config_op(int64_t min_channels, int64_t min_tiles) {
+  const auto prev = conv_route::winograd3x3_config();
+  auto c = prev;
+  if (min_channels >= 0) c.min_channels = min_channels;
+  if (min_tiles >= 0) c.min_tiles = min_tiles;
+  conv_route::set_winograd3x3_config(c);
+  return {prev.min_channels, prev.min_tiles};
+}
+
+// the Winograd 3x3 tile conv3x3 runs this call with, 0 for oneDNN (tile > 0: decide as if
+// GANENGINE_WINOGRAD_TILE were that)
+int64_t conv3x3_route_op(const at::Tensor& x, const at::Tensor& w, int64_t padding, int64_t tile) {
+  const Decision d = conv_route::decide3x3(x, w, padding, tile);
+  return d.route == Route::Winograd3x3 ? d.tile : 0;
+}
+
+at::Tensor conv3x3_fwd_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                          int64_t pad, bool reflect, int64_t tile) {
+  return conv_winograd3x3::run(x, w, bias, pad, reflect, tile);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_bwd_op(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& w, int64_t pad, bool reflect,
+                                                              int64_t tile, at::IntArrayRef mask) {
+  return conv_winograd3x3::run_backward(grad, x, w, pad, reflect, tile, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
+  m.def("conv_fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
+        "bool transposed, int route=-1, int tile=0) -> Tensor");
+  m.def("conv_bwd(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] output_padding, "
+        "bool transposed, int[] mask, int route=-1, int tile=0) -> (Tensor, Tensor, Tensor)");
+  m.def("conv_uses_gemm(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed) -> bool");
+  m.def("conv_gemm_policy(int policy) -> int", &conv_gemm_policy_op);
+  m.def("conv_uses_winograd(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed, "
+        "int[] output_padding) -> bool");
+  m.def("conv_winograd_config(int policy, int s1_tile, int s2_tile) -> int[]", &conv_winograd_config_op);
+  m.def("conv3x3_fwd(Tensor x, Tensor weight, Tensor? bias, int padding, bool reflect, int tile) -> Tensor");
+  m.def("conv3x3_bwd(Tensor grad, Tensor x, Tensor weight, int padding, bool reflect, int tile, int[] mask) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("conv3x3_route(Tensor x, Tensor weight, int padding, int tile=0) -> int");
+  m.def("conv_route(Tensor x, Tensor weight, int[] stride, int[] padding, bool transposed, int[] output_padding) "
+        "-> int[]");
+  m.def("conv3x3_winograd_config(int min_channels, int min_tiles) -> int[]", &conv3x3_winograd_config_op);
+  m.def("conv3x3_winograd_pays(int[] x_shape, int[] w_shape, int padding, int tile) -> bool",
+        &conv3x3_winograd_pays_op);
+}
+
+TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
+  m.impl("conv_fwd", &conv_fwd_op);
+  m.impl("conv_bwd", &conv_bwd_op);
+  m.impl("conv_uses_gemm", &conv_uses_gemm_op);
+  m.impl("conv_uses_winograd", &conv_uses_winograd_op);
+  m.impl("conv3x3_fwd", &conv3x3_fwd_op);
+  m.impl("conv3x3_bwd", &conv3x3_bwd_op);
+  m.impl("conv3x3_route", &conv3x3_route_op);
+  m.impl("conv_route", &conv_route_op);
+}

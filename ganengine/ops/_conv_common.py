@@ -1,0 +1,151 @@
+"""Helpers shared by the convolution families (ops/conv.py, ops/conv3x3.py, ops/conv_act.py):
+argument checks, autocast, layouts, the vendor convolution and its gradients, the double-backward
+rule, and the lookup of the families' lean C++ entries.
+
+Layout rule of every conv family: outputs and dx are channels_last when x is NHWC-dense and not
+NCHW-contiguous, NCHW-contiguous otherwise (``out_format``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ganengine import _ext, backends
+from ganengine.ops import _dispatch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every family: fp64 for fp64 data, fp32 for fp32/fp16/bf16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def out_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout the conv families write for outputs shaped like ``t`` (see module docstring)."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def pair(name: str, v, minimum: int) -> list[int]:
+    """An int or a pair of ints as [a, b], each >= minimum; else the public error naming ``name``."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
+    return [int(v[0]), int(v[1])]
+
+
+def check_conv(fn: str, x, weight, bias, transposed: bool = False):
+    """x (N, C, H, W); weight (C_out, C_in, kH, kW), or (C_in, C_out, kH, kW) when transposed."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: x and weight must be Tensors")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    layout = "(C_in, C_out, kH, kW)" if transposed else "(C_out, C_in, kH, kW)"
+    if weight.dim() != 4:
+        raise ValueError(f"{fn}: weight must be {layout}, got shape {tuple(weight.shape)}")
+    c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    if c_out == 0:  # (eager: "expected weight to be at least 1 at dimension 0"; the GEMM route: a reshape error)
+        raise ValueError(f"{fn}: weight {layout} = {tuple(weight.shape)} has 0 output channels; a convolution "
+                         "needs at least one")
+    if c_in != x.shape[1]:
+        where = f" {layout} = {tuple(weight.shape)}" if transposed else ""
+        raise ValueError(f"{fn}: weight{where} expects {c_in} input channels (groups=1) but x has "
+                         f"{x.shape[1]} (shape {tuple(x.shape)})")
+    if x.dtype not in FLOATS:
+        raise TypeError(f"{fn}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c_out,)):
+        raise ValueError(f"{fn}: bias must be None or a ({c_out},) tensor, got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+
+
+def autocast_args(x, *tensors):
+    """F.conv2d's autocast rule: run in the autocast dtype when autocast is on for x's device."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [t.to(dt) if t is not None and t.is_floating_point() else t for t in (x, *tensors)]
+    if tensors and tensors[0] is not None and tensors[0].dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {tensors[0].dtype}: they must match (outside autocast)")
+    return [x, *tensors]
+
+
+def vendor_conv(x, w, bias, stride, padding, transposed=False, output_padding=(0, 0)):
+    """ATen's convolution (cuDNN / oneDNN), output in ``out_format(x)``."""
+    y = torch.ops.aten.convolution(x, w, bias, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1)
+    return y.contiguous(memory_format=out_format(x))
+
+
+def conv_grads(gz, x, w, stride, padding, mask, transposed=False, output_padding=(0, 0)):
+    """(dx, dw) of ATen's convolution for the output gradient gz; an empty tensor where not in mask."""
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        gz, x, w, None, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1,
+        [mask[0], mask[1], False])
+    dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
+    dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
+    return dx, dw
+
+
+def grads_by_reference(fn, tensors, needs, grad):
+    """Gradients of ``fn(*tensors)`` with create_graph=True, for second derivatives."""
+    wanted = [t for t, n in zip(tensors, needs) if n and t is not None]
+    with torch.enable_grad():
+        out = fn(*tensors)
+        got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(got) if (n and t is not None) else None for t, n in zip(tensors, needs)]
+
+
+def bias_grad(db, bias):
+    """db as autograd wants it: with C_in = 0, ATen's convolution returns an output with 0
+    channels (not the broadcast bias), so grad.sum over it has 0 entries; eager's bias gradient
+    is then zeros of the bias's shape."""
+    if db is not None and bias is not None and db.shape != bias.shape:
+        return torch.zeros_like(bias)
+    return db
+
+
+# ----------------------------------------------------------------------------- lean C++ entries
+_LEAN: dict[str, object] = {}  # name -> the raw builtin, or None: resolved once per process
+# os.environ.get costs ~0.6 us (key encoding, a Mapping layer), a tenth of a tiny conv: on POSIX
+# read os.environ's own dict (bytes keys, updated by every os.environ write) instead
+_ENV_DATA = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
+_LEAN_BACKENDS = ("auto", "cpu", b"auto", b"cpu", b"")
+
+
+def lean_entry(name: str, kernels: tuple[str, ...]):
+    """The raw ganengine_C::<name> builtin (no OpOverloadPacket layer) when 'auto' (or 'cpu')
+    would run the C++ kernels ``kernels`` on CPU tensors, else None. A few attribute reads per
+    call (the rule of ops/conv_act.py's _cpu_entry)."""
+    requested = backends._requested.value
+    if requested is None:
+        requested = (_ENV_DATA.get(b"GANENGINE_BACKEND", b"auto") if _ENV_DATA is not None
+                     else os.environ.get("GANENGINE_BACKEND") or "auto")
+    if requested not in _LEAN_BACKENDS:
+        return None
+    try:
+        return _LEAN[name]
+    except KeyError:
+        pass
+    cpu = torch.device("cpu")
+    ok = (_ext.loaded() and _ext.has_kernel(name, "CompositeImplicitAutograd") and backends.serves("cpu", cpu)
+          and all(_dispatch.ext_reason(k, cpu) is None for k in kernels))
+    _LEAN[name] = _ext.op(name).default._op if ok else None
+    return _LEAN[name]
+
+
+def refused(e: RuntimeError, prefix: str, weight, bias) -> bool:
+    """Whether e, raised by a lean entry, declines the call before any work (the Python route then
+    serves it or raises the public error) rather than being an error of the call, which must
+    propagate as it is, raised once: the entry's own refusal (NotImplementedError whose message
+    starts with ``prefix``), or the dispatcher not taking a weight or bias that is not a Tensor."""
+    if isinstance(e, NotImplementedError):
+        return str(e).startswith(prefix)
+    return not (isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)))
