@@ -58,13 +58,13 @@ class _Calls(TorchDispatchMode):
 @contextlib.contextmanager
 def _python_route():
     """The public functions with the lean entries off: the Python route they took before."""
-    saved = dict(cc._LEAN)
-    cc._LEAN.update(conv3x3=None, conv=None)
+    saved = dict(_dispatch._LEAN)
+    _dispatch._LEAN.update(conv3x3=None, conv=None)
     try:
         yield
     finally:
-        cc._LEAN.clear()
-        cc._LEAN.update(saved)
+        _dispatch._LEAN.clear()
+        _dispatch._LEAN.update(saved)
 
 
 @pytest.fixture
@@ -403,17 +403,17 @@ def _refused_calls():
 def test_refusal_comes_before_any_work(custom_routes):
     names = _KERNELS["conv3x3"] + _KERNELS["conv"] + _ONEDNN + ("aten::reflection_pad2d",)
     for name, prefix, args in _refused_calls():
-        op = cc.lean_entry(name, ())
+        op = _dispatch.lean_op(name, ())
         with _Calls(names) as mode, pytest.raises(NotImplementedError) as info:
             op(*args)
-        assert cc.refused(info.value, prefix, args[1], args[2]), str(info.value)
+        assert _dispatch.refused(info.value, prefix, args[2], required=(args[1],)), str(info.value)
         assert mode.calls == 0
     x = torch.randn(1, 3, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16), _Calls(names) as mode:
         with pytest.raises(NotImplementedError, match="autocast"):
-            cc.lean_entry("conv3x3", ())(x, torch.randn(4, 3, 3, 3), None, 1, False)
+            _dispatch.lean_op("conv3x3", ())(x, torch.randn(4, 3, 3, 3), None, 1, False)
         with pytest.raises(NotImplementedError, match="autocast"):
-            cc.lean_entry("conv", ())(x, torch.randn(4, 3, 4, 4), None, [2, 2], [1, 1], [0, 0], False)
+            _dispatch.lean_op("conv", ())(x, torch.randn(4, 3, 4, 4), None, [2, 2], [1, 1], [0, 0], False)
     assert mode.calls == 0
 
 
@@ -464,7 +464,7 @@ def test_refused_calls_served_by_the_python_route(custom_routes):
 def test_other_backends_do_not_take_the_lean_entry(custom_routes, monkeypatch):
     for value, served in (("torch", False), ("triton", False), ("cpu", True), ("auto", True), ("", True)):
         monkeypatch.setenv("GANENGINE_BACKEND", value)
-        assert (cc.lean_entry("conv", ()) is not None) == served, value
+        assert (_dispatch.lean_op("conv", ()) is not None) == served, value
     monkeypatch.delenv("GANENGINE_BACKEND")
     x = torch.randn(1, 3, 6, 6, requires_grad=True)
     with on_backend("torch"), _Calls(_KERNELS["conv"] + _KERNELS["conv3x3"]) as mode:

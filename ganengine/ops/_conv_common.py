@@ -1,18 +1,13 @@
 """Helpers shared by the convolution families (ops/conv.py, ops/conv3x3.py, ops/conv_act.py):
-argument checks, autocast, layouts, the vendor convolution and its gradients, the double-backward
-rule, and the lookup of the families' lean C++ entries.
+argument checks, autocast, layouts, the vendor convolution and its gradients, and the double-backward
+rule (their lean C++ entries are looked up with _dispatch.lean_op).
 
 Layout rule of every conv family: outputs and dx are channels_last when x is NHWC-dense and not
 NCHW-contiguous, NCHW-contiguous otherwise (``out_format``).
 """
 from __future__ import annotations
 
-import os
-
 import torch
-
-from ganengine import _ext, backends
-from ganengine.ops import _dispatch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -110,42 +105,3 @@ def bias_grad(db, bias):
     if db is not None and bias is not None and db.shape != bias.shape:
         return torch.zeros_like(bias)
     return db
-
-
-# ----------------------------------------------------------------------------- lean C++ entries
-_LEAN: dict[str, object] = {}  # name -> the raw builtin, or None: resolved once per process
-# os.environ.get costs ~0.6 us (key encoding, a Mapping layer), a tenth of a tiny conv: on POSIX
-# read os.environ's own dict (bytes keys, updated by every os.environ write) instead
-_ENV_DATA = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
-_LEAN_BACKENDS = ("auto", "cpu", b"auto", b"cpu", b"")
-
-
-def lean_entry(name: str, kernels: tuple[str, ...]):
-    """The raw ganengine_C::<name> builtin (no OpOverloadPacket layer) when 'auto' (or 'cpu')
-    would run the C++ kernels ``kernels`` on CPU tensors, else None. A few attribute reads per
-    call (the rule of ops/conv_act.py's _cpu_entry)."""
-    requested = backends._requested.value
-    if requested is None:
-        requested = (_ENV_DATA.get(b"GANENGINE_BACKEND", b"auto") if _ENV_DATA is not None
-                     else os.environ.get("GANENGINE_BACKEND") or "auto")
-    if requested not in _LEAN_BACKENDS:
-        return None
-    try:
-        return _LEAN[name]
-    except KeyError:
-        pass
-    cpu = torch.device("cpu")
-    ok = (_ext.loaded() and _ext.has_kernel(name, "CompositeImplicitAutograd") and backends.serves("cpu", cpu)
-          and all(_dispatch.ext_reason(k, cpu) is None for k in kernels))
-    _LEAN[name] = _ext.op(name).default._op if ok else None
-    return _LEAN[name]
-
-
-def refused(e: RuntimeError, prefix: str, weight, bias) -> bool:
-    """Whether e, raised by a lean entry, declines the call before any work (the Python route then
-    serves it or raises the public error) rather than being an error of the call, which must
-    propagate as it is, raised once: the entry's own refusal (NotImplementedError whose message
-    starts with ``prefix``), or the dispatcher not taking a weight or bias that is not a Tensor."""
-    if isinstance(e, NotImplementedError):
-        return str(e).startswith(prefix)
-    return not (isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)))

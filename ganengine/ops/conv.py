@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
-                                        grads_by_reference, lean_entry, out_format, pair, refused, vendor_conv)
+                                        grads_by_reference, out_format, pair, vendor_conv)
 
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
 
@@ -239,13 +239,13 @@ def _lean(x, weight, bias, stride, padding, output_padding, transposed):
     if not (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
             and _plain_pair(output_padding)) or torch.compiler.is_compiling():
         return None
-    op = lean_entry("conv", ("conv_fwd", "conv_bwd"))
+    op = _dispatch.lean_op("conv", ("conv_fwd", "conv_bwd"))
     if op is None:
         return None
     try:
         y = op(x, weight, bias, stride, padding, output_padding, transposed)
     except RuntimeError as e:  # (NotImplementedError is one)
-        if not refused(e, _REFUSAL, weight, bias):
+        if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
             raise
         return None
     _dispatch.last_used["conv"] = "cpu"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ganengine import _ext, settings
 from ganengine.ops import _dispatch
 from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
-                                        grads_by_reference, lean_entry, out_format, pair, refused)
+                                        grads_by_reference, out_format, pair)
 
 # the router's thresholds where ganengine._C is not built (then only the torch backend runs, and
 # these only answer winograd_profitable); with it, MIN_CHANNELS / MIN_TILES are the C++ values
@@ -245,12 +245,12 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # call's own: raised once.
     if (type(padding) is int and isinstance(x, torch.Tensor) and x.is_cpu
             and (padding_mode == "zeros" or padding_mode == "reflect") and not torch.compiler.is_compiling()):
-        op = lean_entry("conv3x3", ("conv3x3_fwd", "conv3x3_bwd"))
+        op = _dispatch.lean_op("conv3x3", ("conv3x3_fwd", "conv3x3_bwd"))
         if op is not None:
             try:
                 y = op(x, weight, bias, padding, padding_mode == "reflect")
             except RuntimeError as e:  # (NotImplementedError is one)
-                if not refused(e, _REFUSAL, weight, bias):
+                if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
                     raise
             else:
                 _dispatch.last_used["conv3x3"] = "cpu"

@@ -30,12 +30,11 @@ the public functions); statistics accumulate in fp32 and gamma/beta are read in 
 from __future__ import annotations
 
 import contextvars
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ganengine import _ext, backends, settings
+from ganengine import _ext, settings
 from ganengine.ops import _dispatch
 from ganengine.ops._conv_common import FLOATS as _FLOATS
 from ganengine.ops._conv_common import acc_dtype as _acc
