@@ -19,6 +19,7 @@ and allocations not counted); ``ganengine ops`` = the fused ops it issues instea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -164,7 +165,20 @@ def round_robin(fns: dict, warmup: int, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool) -> dict:
+@contextlib.contextmanager
+def without_rules(names):
+    """fuse() with the named built-in rules left out of the table (the ablation variants)."""
+    from ganengine.fusion import rules
+
+    saved = rules.RULES
+    rules.RULES = tuple(r for r in saved if r.name not in set(names))
+    try:
+        yield
+    finally:
+        rules.RULES = saved
+
+
+def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool, ablate=()) -> dict:
     make, inputs_of = FAMILIES[name][width]
     torch.manual_seed(0)
     net = make().train()
@@ -176,6 +190,10 @@ def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool)
     orig_aten, _ = count_forward_ops(net, inputs)
     left_aten, gan_ops = count_forward_ops(fused, inputs)
     fns = {"original": step_fn(net, inputs), "fused": step_fn(fused, inputs)}
+    for rule in ablate:   # the same net fused without one rule: what that rule buys in the step
+        if report.get(rule):
+            with without_rules([rule]):
+                fns[f"fused -{rule}"] = step_fn(ganengine.fuse(net), inputs)
     if compile_:
         fns["compile(original)"] = step_fn(torch.compile(net), inputs)
         fns["compile(fused)"] = step_fn(torch.compile(fused), inputs)
@@ -250,6 +268,36 @@ def _pre_activation(warmup, repeats):
     return rows
 
 
+def _pre_activation_fold(warmup, repeats):
+    """pix2pix's down path, ``BatchNorm2d -> [next block: LeakyReLU(0.2, inplace) -> Conv 4x4 s2]``:
+    the norm and the separate in-place activation (what fuse() did before the pre_activation
+    rule: batch_norm + the block's own LeakyReLU) against the activation in the norm's epilogue
+    (BatchNormAct2d, what the rule builds), each followed by the conv, forward + backward."""
+    import ganengine.functional as GF
+    import ganengine.nn as gnn
+
+    rows = []
+    for (c, k, s) in [(128, 256, 64), (256, 512, 32), (512, 512, 16), (512, 512, 8), (512, 512, 4)]:
+        torch.manual_seed(0)
+        x0 = torch.randn(1, c, s, s)
+        w = (torch.randn(k, c, 4, 4) * 0.05).requires_grad_()
+        bn = gnn.BatchNormAct2d(c, activation="none").train()
+        bn_act = gnn.BatchNormAct2d(c, activation="leaky_relu", negative_slope=0.2).train()
+        bn_act.weight, bn_act.bias = bn.weight, bn.bias
+
+        def step(fused):
+            def run():
+                w.grad = bn.weight.grad = bn.bias.grad = None
+                h = x0.clone().requires_grad_()
+                a = bn_act(h) if fused else F.leaky_relu(bn(h), 0.2, inplace=True)
+                GF.conv2d(a, w, None, 2, 1).square().mean().backward()
+            return run
+        t = round_robin({"norm, act, conv": step(False), "norm+act, conv": step(True)}, warmup, repeats)
+        rows.append({"case": f"1x{c}x{s}x{s} bn -> lrelu -> conv {k}", **t,
+                     "saved": 1 - t["norm+act, conv"] / t["norm, act, conv"]})
+    return rows
+
+
 def _pad_share(warmup, repeats):
     """CycleGAN's ReflectionPad2d(3) -> Conv 7x7 (first and last layers): the pad's share."""
     import ganengine.functional as GF
@@ -287,6 +335,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile(original) and torch.compile(fused)")
     p.add_argument("--decisions", action="store_true", help="the rule-table micro-measurements instead")
+    p.add_argument("--ablate", nargs="*", default=[], metavar="RULE",
+                   help="also time each family fused without RULE (where RULE fused something)")
     p.add_argument("--json", default=None, help="write the records to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -299,6 +349,8 @@ def main(argv=None):
                                  ["case", "eager", "conv op + InstanceNormAct", "conv2d_instance_norm_act"]),
                                 ("pre-activation (ms, fwd+bwd)", _pre_activation,
                                  ["case", "act + conv", "conv", "act share"]),
+                                ("pre-activation folded into the norm before (ms, fwd+bwd)", _pre_activation_fold,
+                                 ["case", "norm, act, conv", "norm+act, conv", "saved"]),
                                 ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share,
                                  ["case", "pad + conv", "conv (zero padding)", "pad share"])):
             rows = fn(args.warmup, args.repeats)
@@ -310,10 +362,13 @@ def main(argv=None):
         print("|" + " --- |" * (9 + 2 * args.compile))
         for name in args.families:
             for width in args.widths:
-                r = run_family(name, width, args.warmup, args.repeats, args.compile)
+                r = run_family(name, width, args.warmup, args.repeats, args.compile, args.ablate)
                 records.append(r)
                 extra = (f" {r['ms']['compile(original)']:.1f} | {r['ms']['compile(fused)']:.1f} |"
                          if args.compile else "")
+                for k in r["ms"]:
+                    if k.startswith("fused -"):   # the step time without that rule / with it
+                        extra += f" {k}: {r['ms'][k]:.1f} ms ({r['ms'][k] / r['ms']['fused']:.3f}x the fused step) |"
                 print(f"| {name} | {width} | {r['params'] / 1e6:.2f} M | {r['shape'][0]} | {r['ms']['original']:.1f} | "
                       f"{r['ms']['fused']:.1f} | {r['speedup']:.2f}x | {r['fused_ops']:.0%} | {r['ganengine_ops']} |"
                       + extra, flush=True)
