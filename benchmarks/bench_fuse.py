@@ -8,7 +8,8 @@ that now run inside fused ops. Also the micro-measurements behind the rule table
     python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
 
 The networks are the compact re-writes of the references in tests/ (reference_nets.py:
-junyanz CycleGAN / pix2pix, yunjey StarGAN; fuse_nets.py: ajbrock BigGAN, heykeetae SAGAN),
+junyanz CycleGAN / pix2pix, yunjey StarGAN; reference_nets_attention.py: ajbrock BigGAN,
+heykeetae SAGAN),
 built from one seed. One step = ``loss(net(*inputs)).backward()`` with parameter gradients, in
 training mode. Variants take turns (round robin) in one process, ``--warmup`` untimed rounds
 first, and the median of ``--repeats`` rounds is reported, so a load change on a shared machine
@@ -36,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ganengine  # noqa: E402
-from tests import fuse_nets as R  # noqa: E402
+from tests import reference_nets_attention as R  # noqa: E402
 from tests import reference_nets as ref  # noqa: E402
 
 
@@ -46,7 +47,7 @@ class _WithShared(nn.Module):
 
     def __init__(self, **kw):
         super().__init__()
-        self.G = R.BigGANGenerator(**kw)
+        self.G = R.BigGANGenerator(**kw)   # hier=True, G_shared=True: y = shared(labels)
 
     def forward(self, z, labels):
         return self.G(z, self.G.shared(labels))
@@ -90,19 +91,18 @@ FAMILIES = {
         "reference": (lambda: ref.StarDiscriminator(128, 64, 5, 6), _img(2, 3, 128)),
         "small": (lambda: ref.StarDiscriminator(64, 16, 5, 5), _img(2, 3, 64))},
     "biggan_G": {   # BigGAN-128: G_ch 96, dim_z 120, shared_dim 128, hier, attention at 64
-        "reference": (lambda: _WithShared(ch=96, dim_z=120, shared_dim=128, n_classes=1000,
-                                          widths=(16, 16, 8, 4, 2, 1), bottom=4, attn_res=64),
-                      _labels(2, 120, 1000)),
-        "small": (lambda: _WithShared(ch=16, dim_z=120, shared_dim=32, n_classes=10,
-                                      widths=(16, 16, 8, 4, 2, 1), bottom=4, attn_res=64), _labels(2, 120, 10))},
+        "reference": (lambda: _WithShared(G_ch=96, dim_z=120, shared_dim=128, n_classes=1000, resolution=128,
+                                          G_attn="64", hier=True), _labels(2, 120, 1000)),
+        "small": (lambda: _WithShared(G_ch=16, dim_z=120, shared_dim=32, n_classes=10, resolution=128,
+                                      G_attn="64", hier=True), _labels(2, 120, 10))},
     "biggan_D": {
-        "reference": (lambda: R.BigGANDiscriminator(ch=96, n_classes=1000, widths=(1, 2, 4, 8, 16, 16), attn_res=64,
-                                                    resolution=128), _biggan_d_in(2, 128, 1000)),
-        "small": (lambda: R.BigGANDiscriminator(ch=16, n_classes=10, widths=(1, 2, 4, 8, 16, 16), attn_res=64,
-                                                resolution=128), _biggan_d_in(2, 128, 10))},
+        "reference": (lambda: R.BigGANDiscriminator(D_ch=96, n_classes=1000, resolution=128, D_attn="64"),
+                      _biggan_d_in(2, 128, 1000)),
+        "small": (lambda: R.BigGANDiscriminator(D_ch=16, n_classes=10, resolution=128, D_attn="64"),
+                  _biggan_d_in(2, 128, 10))},
     "sagan_G": {   # image_size 64; the reference's batch is 64
-        "reference": (lambda: R.SAGANGenerator(z_dim=128, conv_dim=64), lambda: (torch.randn(8, 128),)),
-        "small": (lambda: R.SAGANGenerator(z_dim=128, conv_dim=16), lambda: (torch.randn(8, 128),))},
+        "reference": (lambda: R.SAGANGenerator(8, z_dim=128, conv_dim=64), lambda: (torch.randn(8, 128),)),
+        "small": (lambda: R.SAGANGenerator(8, z_dim=128, conv_dim=16), lambda: (torch.randn(8, 128),))},
     "sagan_D": {
         "reference": (lambda: R.SAGANDiscriminator(conv_dim=64), _img(8, 3, 64)),
         "small": (lambda: R.SAGANDiscriminator(conv_dim=16), _img(8, 3, 64))},

@@ -15,7 +15,7 @@ from torch import nn
 import ganengine
 import ganengine.nn as gnn
 from ganengine.fuse import FuseReport
-from tests import fuse_nets as R
+from tests import reference_nets_attention as R
 
 
 def _net():
@@ -164,7 +164,7 @@ def test_ddp_wrapped_model(tmp_path, inplace):
 
 def test_deepcopy_and_pickle_keep_the_fused_model():
     torch.manual_seed(0)
-    g = R.BigGANGenerator()
+    g = R.BigGANGenerator(G_ch=8, dim_z=20, resolution=32, G_attn="16", n_classes=5, hier=True, shared_dim=8)
     fused, report = ganengine.fuse(g, return_report=True)
     assert report.traced and report.get("conv_module", 0) > 0
     z = torch.randn(3, g.dim_z)
@@ -181,7 +181,7 @@ def test_deepcopy_and_pickle_keep_the_fused_model():
 
 def test_fuse_does_not_move_the_random_stream():
     torch.manual_seed(0)
-    g = R.BigGANGenerator()
+    g = R.BigGANGenerator(G_ch=8, dim_z=20, resolution=32, G_attn="16", n_classes=5, hier=True, shared_dim=8)
     torch.manual_seed(123)
     ganengine.fuse(g)    # probes the SN convs, the ccbn and the attention block
     after_fuse = torch.rand(3)
