@@ -154,3 +154,11 @@ def test_hooked_block_is_declined_and_its_hook_sees_the_raw_input():
     assert d.rule == "pre_activation" and "forward pre-hook" in d.reason
     fused(torch.randn(2, 3, 8, 8))
     assert seen and seen[-1] < 0          # the norm's output, not yet activated
+
+
+def test_the_block_keeps_its_childrens_training_modes():
+    torch.manual_seed(0)
+    net = _net(SkipBlock()).train()
+    net[2].model[1].eval()                # a frozen child inside the edited block
+    fused = ganengine.fuse(net)
+    assert fused[2].training and not fused[2].model[1].training

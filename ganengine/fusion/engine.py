@@ -98,7 +98,8 @@ class Fuser:
                     self.report.decline(rule.name, join(where, names[i]), out.reason)
                     continue
                 for n, old, new in zip(names[i:i + k], group, out):
-                    new.train(old.training)
+                    if new is not old:   # a module kept (edited inside) keeps its children's modes
+                        new.train(old.training)
                     seq._modules[n] = new
                 fused_at = next((n for n, new in zip(names[i:i + k], out) if not isinstance(new, nn.Identity)), names[i])
                 self.report.add(rule.name, join(where, fused_at))
