@@ -5,6 +5,8 @@ that now run inside fused ops. Also the micro-measurements behind the rule table
     python benchmarks/bench_fuse.py                          # every family, small and reference widths
     python benchmarks/bench_fuse.py --families cyclegan biggan_G --widths small --repeats 5
     python benchmarks/bench_fuse.py --decisions              # triple vs pair, pre-activation, pad share
+    python benchmarks/bench_fuse.py --decisions fold         # one of them
+    python benchmarks/bench_fuse.py --families pix2pix_G --widths reference --ablate pre_activation
     python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
 
 The networks are the compact re-writes of the references in tests/ (reference_nets.py:
@@ -326,6 +328,17 @@ def _table(rows, keys):
     return "\n".join(out)
 
 
+_DECISIONS = {
+    "triple": ("conv -> instance norm -> act (ms, fwd+bwd)", _pair_vs_triple,
+               ["case", "eager", "conv op + InstanceNormAct", "conv2d_instance_norm_act"]),
+    "preact": ("pre-activation (ms, fwd+bwd)", _pre_activation, ["case", "act + conv", "conv", "act share"]),
+    "fold": ("pre-activation folded into the norm before (ms, fwd+bwd)", _pre_activation_fold,
+             ["case", "norm, act, conv", "norm+act, conv", "saved"]),
+    "pad": ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share, ["case", "pad + conv", "conv (zero padding)",
+                                                                   "pad share"]),
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
@@ -334,7 +347,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile(original) and torch.compile(fused)")
-    p.add_argument("--decisions", action="store_true", help="the rule-table micro-measurements instead")
+    p.add_argument("--decisions", nargs="*", default=None, choices=list(_DECISIONS),
+                   help="the rule-table micro-measurements instead (all, or the named ones)")
     p.add_argument("--ablate", nargs="*", default=[], metavar="RULE",
                    help="also time each family fused without RULE (where RULE fused something)")
     p.add_argument("--json", default=None, help="write the records to this file")
@@ -344,15 +358,10 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend "
           f"{ganengine.backends.status() if hasattr(ganengine.backends, 'status') else ''}", flush=True)
     records = []
-    if args.decisions:
-        for title, fn, keys in (("conv -> instance norm -> act (ms, fwd+bwd)", _pair_vs_triple,
-                                 ["case", "eager", "conv op + InstanceNormAct", "conv2d_instance_norm_act"]),
-                                ("pre-activation (ms, fwd+bwd)", _pre_activation,
-                                 ["case", "act + conv", "conv", "act share"]),
-                                ("pre-activation folded into the norm before (ms, fwd+bwd)", _pre_activation_fold,
-                                 ["case", "norm, act, conv", "norm+act, conv", "saved"]),
-                                ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share,
-                                 ["case", "pad + conv", "conv (zero padding)", "pad share"])):
+    if args.decisions is not None:
+        for name, (title, fn, keys) in _DECISIONS.items():
+            if args.decisions and name not in args.decisions:
+                continue
             rows = fn(args.warmup, args.repeats)
             records.append({"decision": title, "rows": rows})
             print(f"\n{title}\n" + _table(rows, keys), flush=True)
