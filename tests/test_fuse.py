@@ -393,3 +393,22 @@ def test_global_hooks_decline_everything():
     finally:
         handle.remove()
     assert dict(report) == {} and "global" in report.declined[0].reason
+
+
+def test_probe_closeness_check():
+    """fuse()'s probes compare the fused and original modules with verify._close: rounding
+    passes, a wrong formula (an O(1e-2) difference and more) and a moved non-finite value do not."""
+    from ganengine.fusion.verify import _close
+
+    a = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    assert _close(a, a + 1e-6) and not _close(a, a + 1e-2)
+    nan = a.clone()
+    nan[3] = float("nan")
+    assert _close(nan, nan.clone()) and not _close(nan, a) and not _close(a, nan)
+    moved = nan.clone()
+    moved[0] += 1
+    assert not _close(nan, moved)
+    assert _close(a.half(), (a + 1e-3).half()) and not _close(a.half(), (a + 0.5).half())
+    assert not _close(a, a.double()) and not _close(a, a[:50])
+    inf = torch.full((3,), float("inf"))
+    assert _close(inf, inf) and not _close(inf, -inf) and _close(a[:0], a[:0])
