@@ -5,10 +5,13 @@ that now run inside fused ops. Also the micro-measurements behind the rule table
     python benchmarks/bench_fuse.py                          # every family, small and reference widths
     python benchmarks/bench_fuse.py --families cyclegan biggan_G --widths small --repeats 5
     python benchmarks/bench_fuse.py --decisions              # triple vs pair, pre-activation, pad share
+    python benchmarks/bench_fuse.py --decisions fold         # one of them
+    python benchmarks/bench_fuse.py --families pix2pix_G --widths reference --ablate pre_activation
     python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
 
 The networks are the compact re-writes of the references in tests/ (reference_nets.py:
-junyanz CycleGAN / pix2pix, yunjey StarGAN; fuse_nets.py: ajbrock BigGAN, heykeetae SAGAN),
+junyanz CycleGAN / pix2pix, yunjey StarGAN; reference_nets_attention.py: ajbrock BigGAN,
+heykeetae SAGAN),
 built from one seed. One step = ``loss(net(*inputs)).backward()`` with parameter gradients, in
 training mode. Variants take turns (round robin) in one process, ``--warmup`` untimed rounds
 first, and the median of ``--repeats`` rounds is reported, so a load change on a shared machine
@@ -19,6 +22,7 @@ and allocations not counted); ``ganengine ops`` = the fused ops it issues instea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -35,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ganengine  # noqa: E402
 from ganengine.bench import timing  # noqa: E402
-from tests import fuse_nets as R  # noqa: E402
+from tests import reference_nets_attention as R  # noqa: E402
 from tests import reference_nets as ref  # noqa: E402
 
 
@@ -45,7 +49,7 @@ class _WithShared(nn.Module):
 
     def __init__(self, **kw):
         super().__init__()
-        self.G = R.BigGANGenerator(**kw)
+        self.G = R.BigGANGenerator(**kw)   # hier=True, G_shared=True: y = shared(labels)
 
     def forward(self, z, labels):
         return self.G(z, self.G.shared(labels))
@@ -89,19 +93,18 @@ FAMILIES = {
         "reference": (lambda: ref.StarDiscriminator(128, 64, 5, 6), _img(2, 3, 128)),
         "small": (lambda: ref.StarDiscriminator(64, 16, 5, 5), _img(2, 3, 64))},
     "biggan_G": {   # BigGAN-128: G_ch 96, dim_z 120, shared_dim 128, hier, attention at 64
-        "reference": (lambda: _WithShared(ch=96, dim_z=120, shared_dim=128, n_classes=1000,
-                                          widths=(16, 16, 8, 4, 2, 1), bottom=4, attn_res=64),
-                      _labels(2, 120, 1000)),
-        "small": (lambda: _WithShared(ch=16, dim_z=120, shared_dim=32, n_classes=10,
-                                      widths=(16, 16, 8, 4, 2, 1), bottom=4, attn_res=64), _labels(2, 120, 10))},
+        "reference": (lambda: _WithShared(G_ch=96, dim_z=120, shared_dim=128, n_classes=1000, resolution=128,
+                                          G_attn="64", hier=True), _labels(2, 120, 1000)),
+        "small": (lambda: _WithShared(G_ch=16, dim_z=120, shared_dim=32, n_classes=10, resolution=128,
+                                      G_attn="64", hier=True), _labels(2, 120, 10))},
     "biggan_D": {
-        "reference": (lambda: R.BigGANDiscriminator(ch=96, n_classes=1000, widths=(1, 2, 4, 8, 16, 16), attn_res=64,
-                                                    resolution=128), _biggan_d_in(2, 128, 1000)),
-        "small": (lambda: R.BigGANDiscriminator(ch=16, n_classes=10, widths=(1, 2, 4, 8, 16, 16), attn_res=64,
-                                                resolution=128), _biggan_d_in(2, 128, 10))},
+        "reference": (lambda: R.BigGANDiscriminator(D_ch=96, n_classes=1000, resolution=128, D_attn="64"),
+                      _biggan_d_in(2, 128, 1000)),
+        "small": (lambda: R.BigGANDiscriminator(D_ch=16, n_classes=10, resolution=128, D_attn="64"),
+                  _biggan_d_in(2, 128, 10))},
     "sagan_G": {   # image_size 64; the reference's batch is 64
-        "reference": (lambda: R.SAGANGenerator(z_dim=128, conv_dim=64), lambda: (torch.randn(8, 128),)),
-        "small": (lambda: R.SAGANGenerator(z_dim=128, conv_dim=16), lambda: (torch.randn(8, 128),))},
+        "reference": (lambda: R.SAGANGenerator(8, z_dim=128, conv_dim=64), lambda: (torch.randn(8, 128),)),
+        "small": (lambda: R.SAGANGenerator(8, z_dim=128, conv_dim=16), lambda: (torch.randn(8, 128),))},
     "sagan_D": {
         "reference": (lambda: R.SAGANDiscriminator(conv_dim=64), _img(8, 3, 64)),
         "small": (lambda: R.SAGANDiscriminator(conv_dim=16), _img(8, 3, 64))},
@@ -156,7 +159,20 @@ def round_robin(fns: dict, warmup: int, repeats: int) -> dict:
     return timing.medians(timing.interleave(fns, repeats, warmup=warmup))
 
 
-def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool) -> dict:
+@contextlib.contextmanager
+def without_rules(names):
+    """fuse() with the named built-in rules left out of the table (the ablation variants)."""
+    from ganengine.fusion import rules
+
+    saved = rules.RULES
+    rules.RULES = tuple(r for r in saved if r.name not in set(names))
+    try:
+        yield
+    finally:
+        rules.RULES = saved
+
+
+def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool, ablate=()) -> dict:
     make, inputs_of = FAMILIES[name][width]
     torch.manual_seed(0)
     net = make().train()
@@ -168,6 +184,10 @@ def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool)
     orig_aten, _ = count_forward_ops(net, inputs)
     left_aten, gan_ops = count_forward_ops(fused, inputs)
     fns = {"original": step_fn(net, inputs), "fused": step_fn(fused, inputs)}
+    for rule in ablate:   # the same net fused without one rule: what that rule buys in the step
+        if report.get(rule):
+            with without_rules([rule]):
+                fns[f"fused -{rule}"] = step_fn(ganengine.fuse(net), inputs)
     if compile_:
         fns["compile(original)"] = step_fn(torch.compile(net), inputs)
         fns["compile(fused)"] = step_fn(torch.compile(fused), inputs)
@@ -242,6 +262,36 @@ def _pre_activation(warmup, repeats):
     return rows
 
 
+def _pre_activation_fold(warmup, repeats):
+    """pix2pix's down path, ``BatchNorm2d -> [next block: LeakyReLU(0.2, inplace) -> Conv 4x4 s2]``:
+    the norm and the separate in-place activation (what fuse() did before the pre_activation
+    rule: batch_norm + the block's own LeakyReLU) against the activation in the norm's epilogue
+    (BatchNormAct2d, what the rule builds), each followed by the conv, forward + backward."""
+    import ganengine.functional as GF
+    import ganengine.nn as gnn
+
+    rows = []
+    for (c, k, s) in [(128, 256, 64), (256, 512, 32), (512, 512, 16), (512, 512, 8), (512, 512, 4)]:
+        torch.manual_seed(0)
+        x0 = torch.randn(1, c, s, s)
+        w = (torch.randn(k, c, 4, 4) * 0.05).requires_grad_()
+        bn = gnn.BatchNormAct2d(c, activation="none").train()
+        bn_act = gnn.BatchNormAct2d(c, activation="leaky_relu", negative_slope=0.2).train()
+        bn_act.weight, bn_act.bias = bn.weight, bn.bias
+
+        def step(fused):
+            def run():
+                w.grad = bn.weight.grad = bn.bias.grad = None
+                h = x0.clone().requires_grad_()
+                a = bn_act(h) if fused else F.leaky_relu(bn(h), 0.2, inplace=True)
+                GF.conv2d(a, w, None, 2, 1).square().mean().backward()
+            return run
+        t = round_robin({"norm, act, conv": step(False), "norm+act, conv": step(True)}, warmup, repeats)
+        rows.append({"case": f"1x{c}x{s}x{s} bn -> lrelu -> conv {k}", **t,
+                     "saved": 1 - t["norm+act, conv"] / t["norm, act, conv"]})
+    return rows
+
+
 def _pad_share(warmup, repeats):
     """CycleGAN's ReflectionPad2d(3) -> Conv 7x7 (first and last layers): the pad's share."""
     import ganengine.functional as GF
@@ -270,6 +320,17 @@ def _table(rows, keys):
     return "\n".join(out)
 
 
+_DECISIONS = {
+    "triple": ("conv -> instance norm -> act (ms, fwd+bwd)", _pair_vs_triple,
+               ["case", "eager", "conv op + InstanceNormAct", "conv2d_instance_norm_act"]),
+    "preact": ("pre-activation (ms, fwd+bwd)", _pre_activation, ["case", "act + conv", "conv", "act share"]),
+    "fold": ("pre-activation folded into the norm before (ms, fwd+bwd)", _pre_activation_fold,
+             ["case", "norm, act, conv", "norm+act, conv", "saved"]),
+    "pad": ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share, ["case", "pad + conv", "conv (zero padding)",
+                                                                   "pad share"]),
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
@@ -278,7 +339,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile(original) and torch.compile(fused)")
-    p.add_argument("--decisions", action="store_true", help="the rule-table micro-measurements instead")
+    p.add_argument("--decisions", nargs="*", default=None, choices=list(_DECISIONS),
+                   help="the rule-table micro-measurements instead (all, or the named ones)")
+    p.add_argument("--ablate", nargs="*", default=[], metavar="RULE",
+                   help="also time each family fused without RULE (where RULE fused something)")
     p.add_argument("--json", default=None, help="write the records to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -286,13 +350,10 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend "
           f"{ganengine.backends.status() if hasattr(ganengine.backends, 'status') else ''}", flush=True)
     records = []
-    if args.decisions:
-        for title, fn, keys in (("conv -> instance norm -> act (ms, fwd+bwd)", _pair_vs_triple,
-                                 ["case", "eager", "conv op + InstanceNormAct", "conv2d_instance_norm_act"]),
-                                ("pre-activation (ms, fwd+bwd)", _pre_activation,
-                                 ["case", "act + conv", "conv", "act share"]),
-                                ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share,
-                                 ["case", "pad + conv", "conv (zero padding)", "pad share"])):
+    if args.decisions is not None:
+        for name, (title, fn, keys) in _DECISIONS.items():
+            if args.decisions and name not in args.decisions:
+                continue
             rows = fn(args.warmup, args.repeats)
             records.append({"decision": title, "rows": rows})
             print(f"\n{title}\n" + _table(rows, keys), flush=True)
@@ -302,10 +363,13 @@ def main(argv=None):
         print("|" + " --- |" * (9 + 2 * args.compile))
         for name in args.families:
             for width in args.widths:
-                r = run_family(name, width, args.warmup, args.repeats, args.compile)
+                r = run_family(name, width, args.warmup, args.repeats, args.compile, args.ablate)
                 records.append(r)
                 extra = (f" {r['ms']['compile(original)']:.1f} | {r['ms']['compile(fused)']:.1f} |"
                          if args.compile else "")
+                for k in r["ms"]:
+                    if k.startswith("fused -"):   # the step time without that rule / with it
+                        extra += f" {k}: {r['ms'][k]:.1f} ms ({r['ms'][k] / r['ms']['fused']:.3f}x the fused step) |"
                 print(f"| {name} | {width} | {r['params'] / 1e6:.2f} M | {r['shape'][0]} | {r['ms']['original']:.1f} | "
                       f"{r['ms']['fused']:.1f} | {r['speedup']:.2f}x | {r['fused_ops']:.0%} | {r['ganengine_ops']} |"
                       + extra, flush=True)

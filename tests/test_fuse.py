@@ -15,7 +15,7 @@ from torch import nn
 import ganengine
 import ganengine.nn as gnn
 from ganengine.fuse import FuseReport
-from tests import fuse_nets as R
+from tests import reference_nets_attention as R
 
 
 def _net():
@@ -164,7 +164,7 @@ def test_ddp_wrapped_model(tmp_path, inplace):
 
 def test_deepcopy_and_pickle_keep_the_fused_model():
     torch.manual_seed(0)
-    g = R.BigGANGenerator()
+    g = R.BigGANGenerator(G_ch=8, dim_z=20, resolution=32, G_attn="16", n_classes=5, hier=True, shared_dim=8)
     fused, report = ganengine.fuse(g, return_report=True)
     assert report.traced and report.get("conv_module", 0) > 0
     z = torch.randn(3, g.dim_z)
@@ -181,7 +181,7 @@ def test_deepcopy_and_pickle_keep_the_fused_model():
 
 def test_fuse_does_not_move_the_random_stream():
     torch.manual_seed(0)
-    g = R.BigGANGenerator()
+    g = R.BigGANGenerator(G_ch=8, dim_z=20, resolution=32, G_attn="16", n_classes=5, hier=True, shared_dim=8)
     torch.manual_seed(123)
     ganengine.fuse(g)    # probes the SN convs, the ccbn and the attention block
     after_fuse = torch.rand(3)
@@ -393,3 +393,22 @@ def test_global_hooks_decline_everything():
     finally:
         handle.remove()
     assert dict(report) == {} and "global" in report.declined[0].reason
+
+
+def test_probe_closeness_check():
+    """fuse()'s probes compare the fused and original modules with verify._close: rounding
+    passes, a wrong formula (an O(1e-2) difference and more) and a moved non-finite value do not."""
+    from ganengine.fusion.verify import _close
+
+    a = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    assert _close(a, a + 1e-6) and not _close(a, a + 1e-2)
+    nan = a.clone()
+    nan[3] = float("nan")
+    assert _close(nan, nan.clone()) and not _close(nan, a) and not _close(a, nan)
+    moved = nan.clone()
+    moved[0] += 1
+    assert not _close(nan, moved)
+    assert _close(a.half(), (a + 1e-3).half()) and not _close(a.half(), (a + 0.5).half())
+    assert not _close(a, a.double()) and not _close(a, a[:50])
+    inf = torch.full((3,), float("inf"))
+    assert _close(inf, inf) and not _close(inf, -inf) and _close(a[:0], a[:0])

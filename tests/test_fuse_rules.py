@@ -13,7 +13,7 @@ from torch.nn.utils import parametrizations
 import ganengine
 import ganengine.nn as gnn
 from ganengine.fusion.copying import FusedModule
-from tests import fuse_nets as R
+from tests import reference_nets_attention as R
 from tests.reference_nets import NLayerDiscriminator, get_norm_layer
 
 
@@ -125,14 +125,14 @@ def test_small_3x3_convs_stay_off_winograd():
 
 def test_biggan_batch_norm_and_conditional_batch_norm_are_recognised():
     def make():
-        return nn.ModuleDict({"seq": nn.Sequential(R.BN(4), nn.ReLU(), nn.Conv2d(4, 4, 4)),
-                              "ccbn": R.CCBN(4, 6, functools.partial(R.SNLinear, bias=False))})
+        return nn.ModuleDict({"seq": nn.Sequential(R.bn(4), nn.ReLU(), nn.Conv2d(4, 4, 4)),
+                              "ccbn": R.ccbn(4, 6, functools.partial(R.SNLinear, bias=False))})
 
     torch.manual_seed(0)
     ref = make()
     fused, report = ganengine.fuse(copy.deepcopy(ref), return_report=True)
     assert report["batch_norm_like+act"] == 1 and report["conditional_batch_norm"] == 1
-    assert isinstance(fused["ccbn"], R.CCBN) and isinstance(fused["ccbn"], FusedModule)
+    assert isinstance(fused["ccbn"], R.ccbn) and isinstance(fused["ccbn"], FusedModule)
     _compare(fused["seq"], ref["seq"], _x(3, 4, 5, 5))
     y = torch.randn(3, 6)
     _compare(fused["ccbn"], ref["ccbn"], lambda: (torch.randn(3, 4, 5, 5, requires_grad=True), y.clone()), steps=2)
@@ -161,7 +161,7 @@ def test_parametrized_spectral_norm_conv():
 
 
 def test_sagan_generator_wrapped_transposed_convs():
-    fused, ref, report = _fused_pair(lambda: R.SAGANGenerator(z_dim=8, conv_dim=8))
+    fused, ref, report = _fused_pair(lambda: R.SAGANGenerator(2, z_dim=8, conv_dim=8))
     assert report["wrapped_conv"] == 4 and report["batch_norm+act"] == 4 and report["sagan_self_attention"] == 2
     _compare(fused, ref, _x(2, 8), tol=5e-5)
 
@@ -197,7 +197,7 @@ def test_graph_rules_fuse_calls_in_forward():
 def test_biggan_gblock_conditional_batch_norm_relu():
     def make():
         conv = functools.partial(R.SNConv2d, kernel_size=3, padding=1)
-        bn = functools.partial(R.CCBN, which_linear=functools.partial(R.SNLinear, bias=False), input_size=6)
+        bn = functools.partial(R.ccbn, which_linear=functools.partial(R.SNLinear, bias=False), input_size=6)
         return R.GBlock(8, 4, conv, bn, nn.ReLU(), functools.partial(F.interpolate, scale_factor=2))
     fused, ref, report = _fused_pair(make)
     assert report["graph:conditional_batch_norm+act"] == 2 and report.traced == [""]

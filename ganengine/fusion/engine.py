@@ -43,6 +43,7 @@ class Fuser:
         # every module whose id is a key above stays alive until the walk ends: a replaced
         # module freed mid-walk could hand its id to a new one (an Identity) and alias it
         self.keep: list[nn.Module] = []
+        self.parents: dict[int, int] = {}           # id(module) -> how many parents hold it (run)
 
     # ------------------------------------------------------------------ module rules
     def single(self, m: nn.Module, where: str, stage: str) -> nn.Module:
@@ -90,14 +91,15 @@ class Fuser:
                 if refuse:
                     self.report.decline(rule.name, join(where, names[i]), refuse)
                     break
-                out = rule.build(*group)
+                out = rule.build(*group, parents=self.parents) if rule.needs_parents else rule.build(*group)
                 if out is None:
                     continue
                 if isinstance(out, Decline):
                     self.report.decline(rule.name, join(where, names[i]), out.reason)
                     continue
                 for n, old, new in zip(names[i:i + k], group, out):
-                    new.train(old.training)
+                    if new is not old:   # a module kept (edited inside) keeps its children's modes
+                        new.train(old.training)
                     seq._modules[n] = new
                 fused_at = next((n for n, new in zip(names[i:i + k], out) if not isinstance(new, nn.Identity)), names[i])
                 self.report.add(rule.name, join(where, fused_at))
@@ -141,6 +143,10 @@ class Fuser:
             self.report.decline("*", "", why)
             return root
         self.parametrizations(root)
+        for m in root.modules():                    # each module once: count its children's parents
+            for child in m._modules.values():
+                if child is not None:
+                    self.parents[id(child)] = self.parents.get(id(child), 0) + 1
         for stage in ("early", "late"):
             root = self.single(root, "", stage)
         return self.walk(root, "")

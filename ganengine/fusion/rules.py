@@ -47,6 +47,9 @@ class SequenceRule:
     name: str
     pattern: tuple[Callable[[nn.Module], bool], ...]
     build: Callable[..., object]   # (*modules) -> list of replacements | Decline | None
+    # build also gets ``parents={id(module): number of parents}`` of the whole tree (a rule that
+    # edits inside a module must know it is not shared)
+    needs_parents: bool = False
 
 
 # ----------------------------------------------------------------------------- matchers
@@ -285,6 +288,38 @@ def _build_conv_act(conv, act):
     return new if isinstance(new, Decline) else [new, nn.Identity()]
 
 
+def _preact_producer(m):
+    """What can take the activation of the block after it into its epilogue."""
+    return (type(m) in (nn.BatchNorm2d, nn.BatchNorm1d, nn.InstanceNorm2d) or _conv_like(m)
+            or recognise.batch_norm_like(m) or _is_conv_wrapper(m))
+
+
+def _build_pre_activation(producer, block, parents):
+    """``producer -> block`` where ``block`` first activates its input: the activation moves into
+    the producer's fused op, the block's becomes Identity (ganengine/fusion/preact.py says when
+    that is exact; the producer's own pair rule says whether its fused op pays)."""
+    from ganengine.fusion import preact
+
+    slot = preact.fold_slot(block, parents)
+    if slot is None or isinstance(slot, Decline):
+        return slot
+    act = slot[2]
+    if type(producer) in (nn.BatchNorm2d, nn.BatchNorm1d):
+        out = _build_bn_act(producer, act)
+    elif type(producer) is nn.InstanceNorm2d:
+        out = _build_norm_act(producer, act)
+    elif _conv_like(producer):
+        out = _build_conv_act(producer, act)
+    elif recognise.batch_norm_like(producer):
+        out = _build_bn_like_act(producer, act)
+    else:
+        out = _build_wrapped_conv_act(producer, act)
+    if out is None or isinstance(out, Decline):
+        return out
+    preact.apply(slot)
+    return [out[0], block]
+
+
 def _is_conv_wrapper(m):
     return recognise.wrapped_child(m) is not None and isinstance(next(iter(m._modules.values())), nn.Conv2d)
 
@@ -301,6 +336,11 @@ def _build_wrapped_conv_act(wrapper, act):
 def _is_wrapper(m):
     return (recognise.wrapped_child(m) is not None
             and isinstance(next(iter(m._modules.values())), (nn.Conv2d, nn.ConvTranspose2d)))
+
+
+def _preact_block(m):
+    from ganengine.fusion import preact
+    return preact.starts_with_act(m)
 
 
 def _exact(kind):
@@ -326,6 +366,8 @@ RULES = (
     SequenceRule("batch_norm_like+act", (recognise.batch_norm_like, _is_act), _build_bn_like_act),
     SequenceRule("conv2d+leaky_relu", (_conv_like, _is_act), _build_conv_act),
     SequenceRule("wrapped_conv+leaky_relu", (_is_conv_wrapper, _is_act), _build_wrapped_conv_act),
+    SequenceRule("pre_activation", (_preact_producer, lambda m: _preact_block(m)), _build_pre_activation,
+                 needs_parents=True),
     # -- late module rules: what the sequences left
     ModuleRule("conv2d", _match_plain_conv(nn.Conv2d), _build_plain_conv),
     ModuleRule("conv_transpose2d", _match_plain_conv(nn.ConvTranspose2d), _build_plain_conv),
