@@ -87,10 +87,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("GANENGINE_DEBUG", "bool", False, "Fallbacks warn; CLI errors show their traceback."),
     Setting("GANENGINE_CONV_IMPL", "choice", "auto", "Triton convolution implementation (triton_conv_impl "
             "overrides it).", choices=("auto", "vendor", "igemm")),
-    Setting("GANENGINE_WINOGRAD_TILE", "choice", 2, "cpu 3x3 Winograd tile: F(2x2, 3x3) or F(4x4, 3x3).",
-            choices=(2, 4)),
+    Setting("GANENGINE_WINOGRAD_TILE", "choice", 2, "cpu 3x3 Winograd tile: F(2x2, 3x3) or F(4x4, 3x3) "
+            "(read per call).", read_by="C++ extension", choices=(2, 4)),
     Setting("GANENGINE_WINOGRAD_MIN_CHANNELS", "int", 128, "cpu 3x3 Winograd: fewest input and output channels "
-            "it is used for (read at import).", minimum=0),
+            "it is used for (read at the first 3x3 convolution).", read_by="C++ extension", minimum=0),
     Setting("GANENGINE_CONV_GEMM", "choice", "auto", "cpu convolutions as one im2col GEMM (gemm_policy "
             "overrides it).", read_by="C++ extension", choices=_POLICY),
     Setting("GANENGINE_CONV_WINOGRAD", "choice", "auto", "cpu 4x4 convolutions as Winograd convolutions "
