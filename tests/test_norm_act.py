@@ -521,7 +521,7 @@ def test_lean_cpu_entry_with_running_stats_matches_python_route(monkeypatch, dty
     """instance_norm_act_rs (the C++ entry with the running-statistics update, StarGAN's
     InstanceNorm2d(track_running_stats=True) in training) gives the Python route's bits: output,
     gradients and both running statistics, over two steps, with and without autograd."""
-    if _dispatch.lean_op("instance_norm_act_rs", ops._IN_KERNELS) is None:
+    if _dispatch.lean_op("instance_norm_act_rs", ops._IN_RS_KERNELS) is None:
         pytest.skip("the built extension has no instance_norm_act_rs")
     torch.manual_seed(0)
     base = torch.randn(3, 4, 5, 7, dtype=dtype) * 3 + 1

@@ -152,14 +152,28 @@ void check_running(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& 
 }
 
 // ops/norm_act.py's update, op for op: the biased variance back from rstd in double, unbiased,
-// averaged over the batch (ATen's instance norm averages its per-instance running statistics)
-void update_running(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& rstd, double momentum,
-                    double eps, int64_t hw) {
+// averaged over the batch (ATen's instance norm averages its per-instance running statistics).
+// An op of its own (ganengine_C::instance_norm_running_update, a backend kernel) so that its ATen
+// calls run below the Python dispatch key: a TorchDispatchMode (op counters, profilers of aten
+// ops) sees one ganengine op, as for the statistics kernel, not a dozen ATen ops.
+void running_update_kernel(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& rstd,
+                           double momentum, double eps, int64_t hw) {
   at::NoGradGuard no_grad;
   const at::Tensor var = at::where(rstd == 0, 0.0, rstd.to(at::kDouble).pow(-2) - eps).clamp_min(0) *
                          (static_cast<double>(hw) / static_cast<double>(hw - 1));
   rm.mul_(1 - momentum).add_(mean.mean(0).to(rm.scalar_type()), momentum);
   rv.mul_(1 - momentum).add_(var.mean(0).to(rv.scalar_type()), momentum);
+}
+
+using UpdSig = void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, int64_t);
+
+void update_running(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& rstd, double momentum,
+                    double eps, int64_t hw) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ganengine_C::instance_norm_running_update", "")
+                             .typed<UpdSig>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.call(rm, rv, mean, rstd, momentum, eps, hw);
 }
 
 at::Tensor instance_norm_act_rs_autograd(const at::Tensor& x, const OptT& w, const OptT& b, at::Tensor& running_mean,
@@ -197,6 +211,8 @@ TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
   m.def("instance_norm_act(Tensor x, Tensor? weight, Tensor? bias, float eps, bool apply_act, float slope) -> Tensor");
   m.def("instance_norm_act_rs(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
         "Tensor(b!) running_var, float momentum, float eps, bool apply_act, float slope) -> Tensor");
+  m.def("instance_norm_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor rstd, "
+        "float momentum, float eps, int hw) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, Autograd, m) {
@@ -207,4 +223,5 @@ TORCH_LIBRARY_IMPL(ganengine_C, Autograd, m) {
 TORCH_LIBRARY_IMPL(ganengine_C, CompositeExplicitAutograd, m) {
   m.impl("instance_norm_act", &ganengine::ina::instance_norm_act_plain);
   m.impl("instance_norm_act_rs", &ganengine::ina::instance_norm_act_rs_plain);
+  m.impl("instance_norm_running_update", &ganengine::ina::running_update_kernel);
 }

@@ -208,6 +208,7 @@ torch.library.register_autograd("ganengine::instance_norm_act_fwd", _backward, s
 # (apply, slope) of the activations with a fixed slope; leaky_relu takes the caller's slope
 _FIXED_ACT = {"relu": (True, 0.0), "none": (False, 1.0)}
 _IN_KERNELS = ("norm_act_fwd", "norm_act_bwd")  # what ganengine_C::instance_norm_act calls
+_IN_RS_KERNELS = _IN_KERNELS + ("instance_norm_running_update",)  # and instance_norm_act_rs
 # the message prefix of the C++ entry's refusals (csrc/cpu/norm_act_autograd.cpp, check()); a
 # weight or bias the dispatcher cannot take (not a Tensor) is declined too (_dispatch.refused)
 _REFUSAL = "instance_norm_act: not served by the C++ entry"
@@ -250,7 +251,7 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
             op = _dispatch.lean_op("instance_norm_act", _IN_KERNELS)
         elif isinstance(running_mean, torch.Tensor) and isinstance(running_var, torch.Tensor):
             # (a momentum the schema's float would not take: the full route raises the public error)
-            op = _dispatch.lean_op("instance_norm_act_rs", _IN_KERNELS) if type(momentum) in (float, int) else None
+            op = _dispatch.lean_op("instance_norm_act_rs", _IN_RS_KERNELS) if type(momentum) in (float, int) else None
         else:
             op = None  # the full route raises the public error
         if op is not None:
@@ -341,3 +342,7 @@ if _ext.loaded() and _ext.has_kernel("instance_norm_act_rs", "CompositeExplicitA
     @torch.library.register_fake("ganengine_C::instance_norm_act_rs")
     def _(x, weight, bias, running_mean, running_var, momentum, eps, apply_act, slope):
         return torch.empty_like(_dense_4d(x))
+
+    @torch.library.register_fake("ganengine_C::instance_norm_running_update")
+    def _(running_mean, running_var, mean, rstd, momentum, eps, hw):
+        return None
