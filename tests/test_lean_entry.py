@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import ganengine.nn
 import ganengine.functional as GF
 from ganengine.ops import _dispatch
 from ganengine.ops import batch_norm_act as bn_ops
@@ -197,3 +198,34 @@ def test_batch_norm_gradients_per_input_match_the_custom_op(grad_set, create_gra
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+_FAKE_CASES = {
+    "instance_norm_act": lambda r: GF.instance_norm_act(r(2, 3, 4, 4), r(3), r(3)),
+    "instance_norm_act_running_stats": lambda r: GF.instance_norm_act(r(2, 3, 4, 4), None, None, torch.zeros(3),
+                                                                      torch.ones(3)),
+    "self_attention2d": lambda r: ganengine.nn.SelfAttention2d(16)(r(2, 16, 4, 4)),
+    "conv3x3_winograd": lambda r: GF.conv3x3(r(1, 128, 32, 32), r(128, 128, 3, 3)),
+    "conv_gemm": lambda r: GF.conv2d(r(1, 512, 8, 8), r(512, 512, 4, 4), None, 2, 1),
+    "gan_loss": lambda r: GF.gan_loss(r(1, 1, 30, 30), True, "lsgan"),
+    "gan_loss_linear": lambda r: GF.gan_loss(r(1, 1, 30, 30), False, "wgangp"),
+    "discriminator_loss": lambda r: GF.discriminator_loss(r(1, 1, 30, 30), r(1, 1, 30, 30)),
+    "batch_norm_act": lambda r: GF.batch_norm_act(r(4, 3, 4, 4), torch.zeros(3), torch.ones(3), r(3), r(3),
+                                                  training=True),
+    "conv2d_act": lambda r: GF.conv2d_act(r(1, 3, 8, 8), r(4, 3, 4, 4), None, 2, 1),
+    "conv2d_instance_norm_act": lambda r: GF.conv2d_instance_norm_act(r(1, 4, 8, 8), r(4, 4, 4, 4), None, 2, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FAKE_CASES))
+def test_lean_entries_run_under_fake_tensor_mode(case):
+    """Every lean C++ entry, forward and backward, under FakeTensorMode (meta-device tooling,
+    export tracing): its C++ autograd still runs there, so every raw kernel it calls needs a fake
+    and no host read of a tensor's value (item()) may happen on a fake."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        out = _FAKE_CASES[case](lambda *shape: torch.randn(*shape, requires_grad=True))
+        out = out[0] if isinstance(out, tuple) else out
+        assert isinstance(out, FakeTensor)
+        out.float().sum().backward()

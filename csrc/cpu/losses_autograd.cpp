@@ -93,9 +93,15 @@ at::Tensor reference_grad(const at::Tensor& x, int64_t mode, double target) {
 // dtype conversion call where the dtype already matches.
 // (g * c).to(x.dtype).expand(x.shape) with the product taken as a C++ scalar in g's dtype: the same
 // IEEE product as the tensor multiply (fp32 * fp32(c), or fp64), without its wrapped-scalar tensor
+// whether t's value can be read on the host: not a fake or other Python-subclass tensor
+// (FakeTensorMode runs this autograd code too, where item() has no value to give)
+bool concrete(const at::Tensor& t) { return !t.key_set().has(c10::DispatchKey::Python); }
+
 at::Tensor linear_grad(const at::Tensor& g, double c, const at::Tensor& x) {
   at::Tensor r;
-  if (g.scalar_type() == at::kFloat) {
+  if (!concrete(g)) {
+    r = (g * c).to(x.scalar_type());
+  } else if (g.scalar_type() == at::kFloat) {
     r = at::scalar_tensor(g.item<float>() * static_cast<float>(c), x.options());
   } else if (g.scalar_type() == at::kDouble) {
     r = at::scalar_tensor(g.item<double>() * c, x.options());
@@ -160,7 +166,7 @@ struct AdvLossFn : public torch::autograd::Function<AdvLossFn> {
       } else if (m == LINEAR) {  // constant gradient: an expanded scalar, nothing written
         out[i] = linear_grad(g, s * t, x);
       } else {
-        if (one < 0) one = g.item<double>() == 1.0;
+        if (one < 0) one = concrete(g) && g.item<double>() == 1.0;
         at::Tensor& b = bufs[i];
         out[i] = one ? b : b.mul_(g.scalar_type() == b.scalar_type() ? g : g.to(b.scalar_type()));
       }

@@ -361,3 +361,16 @@ def attention_map(q: Tensor, k: Tensor) -> Tensor:
     and its backward never run through the map."""
     ct = acc_dtype(q.dtype)
     return torch.softmax(torch.bmm(q.to(ct).transpose(1, 2), k.to(ct)), dim=-1).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- fakes of the raw C++ kernels
+# The lean C++ entries' autograd kernels still run under FakeTensorMode and call these.
+if _ext.loaded() and _ext.has_kernel("attention_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::attention_fwd")
+    def _(q, k, v, x, gamma):
+        return torch.empty_like(x), torch.empty_like(x), x.new_empty((q.shape[0], q.shape[2]))
+
+if _ext.loaded() and _ext.has_kernel("attention_bwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::attention_bwd")
+    def _(grad, q, k, v, o, lse, delta, gamma):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

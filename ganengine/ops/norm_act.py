@@ -338,6 +338,20 @@ if _ext.loaded() and _ext.has_kernel("instance_norm_act", "CompositeExplicitAuto
     def _(x, weight, bias, eps, apply_act, slope):
         return torch.empty_like(_dense_4d(x))
 
+# the raw kernels the C++ entries call: under FakeTensorMode the entries' autograd kernels still run
+# and call them (the Python custom ops above have their own fakes)
+if _ext.loaded() and _ext.has_kernel("norm_act_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::norm_act_fwd")
+    def _(x, weight, bias, eps, apply_act, slope):
+        n, c = x.shape[0], x.shape[1]
+        acc = stat_dtype(x.dtype)
+        return torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
+
+if _ext.loaded() and _ext.has_kernel("norm_act_bwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::norm_act_bwd")
+    def _(grad_y, x, weight, bias, mean, rstd, apply_act, slope):
+        return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+
 if _ext.loaded() and _ext.has_kernel("instance_norm_act_rs", "CompositeExplicitAutograd"):
     @torch.library.register_fake("ganengine_C::instance_norm_act_rs")
     def _(x, weight, bias, running_mean, running_var, momentum, eps, apply_act, slope):
