@@ -11,8 +11,8 @@ Implicit-GEMM convolutions (groups=1, dilation=1, zero padding, any kernel size 
                  one program owns a dw tile and walks every pixel: deterministic.
 Epilogue-only kernels (used after a vendor convolution, and by the backward passes), on
 (N, C, P=H*W) views given by strides, so NCHW and NHWC both work:
-  _bias_act, _act_grad (+ bias-gradient partials), _norm_act (after the implicit GEMM's
-  statistics). conv2d_instance_norm_act after a vendor convolution, and its backward on both
+  _bias_act, _act_grad (+ bias-gradient partials), _combine_stats (the implicit GEMM's tile
+  statistics to mean / rstd, one launch), _norm_act (after them). conv2d_instance_norm_act after a vendor convolution, and its backward on both
   paths, use the instance-norm kernels of kernels/norm_act.py.
 Launchers take tensors; no autograd here (ganengine/ops/conv_act.py owns that).
 """
@@ -240,6 +240,31 @@ def _norm_act(c_ptr, y_ptr, sn, sc, sp, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     tl.store(y_ptr + off, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _combine_stats(part_ptr, mean_ptr, rstd_ptr, C, HW, n_mtiles, eps,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(N, T, 2, C) per-tile (mean, M2) of the implicit GEMM -> mean, rstd (N, C): Chan's
+    parallel formula over the T tiles in order (tile t holds min(BLOCK_M, HW - t BLOCK_M) pixels).
+    Grid (N, channel tiles). One launch in place of the dozen ATen ops this took before."""
+    n = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = offs_c < C
+    base = part_ptr + n.to(tl.int64) * n_mtiles * 2 * C + offs_c
+    s = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(0, n_mtiles):
+        cnt = tl.minimum(HW - t * BLOCK_M, BLOCK_M).to(tl.float32)
+        s += tl.load(base + t * 2 * C, mask=cm, other=0.0) * cnt
+    mean = s / HW
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(0, n_mtiles):
+        cnt = tl.minimum(HW - t * BLOCK_M, BLOCK_M).to(tl.float32)
+        d = tl.load(base + t * 2 * C, mask=cm, other=0.0) - mean
+        m2 += tl.load(base + (t * 2 + 1) * C, mask=cm, other=0.0) + d * d * cnt
+    rstd = 1.0 / tl.sqrt_rn(m2 / HW + eps)
+    tl.store(mean_ptr + n * C + offs_c, mean, mask=cm)
+    tl.store(rstd_ptr + n * C + offs_c, rstd, mask=cm)
+
+
 # ------------------------------------------------------------------------------ launchers
 def _ncp(t: torch.Tensor):
     """(sn, sc, sp) strides of a 4-d tensor whose H, W are dense together (NCHW or NHWC)."""
@@ -257,13 +282,14 @@ def _gspec(g: torch.Tensor):
 
 def _combine(part: torch.Tensor, hw: int, block: int, eps: float):
     """(N, T, 2, C) per-tile (mean, M2) -> mean, rstd (Chan's parallel formula, fixed order)."""
-    n_t = part.shape[1]
-    cnt = torch.full((n_t,), float(block), dtype=torch.float32, device=part.device)
-    cnt[-1] = hw - block * (n_t - 1)
-    mean_t, m2_t = part[:, :, 0], part[:, :, 1]
-    mean = (mean_t * cnt[None, :, None]).sum(1) / hw
-    m2 = m2_t.sum(1) + ((mean_t - mean[:, None]) ** 2 * cnt[None, :, None]).sum(1)
-    return mean, torch.rsqrt(m2 / hw + eps)
+    n, n_t, _, c = part.shape
+    mean = torch.empty((n, c), dtype=torch.float32, device=part.device)
+    rstd = torch.empty_like(mean)
+    grid = _launch.grid("instance statistics", n, triton.cdiv(c, ELEM["BLOCK_C"]))
+    with _launch.device_guard(part):
+        _combine_stats[grid](part, mean, rstd, c, hw, n_t, float(eps), BLOCK_M=block, BLOCK_C=ELEM["BLOCK_C"],
+                             num_warps=1)
+    return mean, rstd
 
 
 def conv2d(x, w, bias, stride, padding, slope=None, fmt=torch.contiguous_format, stats_eps=None):

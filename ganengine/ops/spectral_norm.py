@@ -402,11 +402,52 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+# ----------------------------------------------------------------------------- lean CPU route
+# At small weights the host time of a call is what is compared with eager (whose 11 ATen ops
+# forward cost about 25 us on one core): choose_backend (a matrix_layout in Python, the verdict
+# cache, _dispatch.choose) cost about 6 us and the autograd.Function about 6 us more, which left
+# the cpu backend at 1.08x eager's forward. When the requested backend would run the C++ kernels
+# (auto or cpu, CPU tensors: _dispatch.lean_op) on a dim-0 weight, the call goes straight to
+# spectral_norm_fwd: through SpectralNormFn only when a graph is recorded. The kernel checks the
+# weight, u and v (>= 2-D, contiguous, fp32/fp64, the vector shapes) before any work; a call it
+# refuses with a RuntimeError takes the full route instead, which serves it (1-D weights, other
+# dtypes, strides) or raises the public error. Same kernel, same bits as the full route.
+_SN_KERNELS = ()
+
+
+def _lean_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: int, eps: float,
+                write_state: bool):
+    """(w_sn, u_new, v_new, sigma) from the C++ kernels directly, or None (not served here)."""
+    op = _dispatch.lean_op("spectral_norm_fwd", _SN_KERNELS)
+    if op is None or not (isinstance(weight, Tensor) and weight.is_cpu and weight.dim() > 1):
+        return None
+    if torch.is_grad_enabled() and weight.requires_grad:
+        try:
+            outs = SpectralNormFn.apply(("cpu", [0], [u], [v], first, steps, eps, write_state), weight)
+        except RuntimeError:
+            return None
+        _dispatch.last_used["spectral_norm"] = "cpu"
+        return outs[0], outs[2], outs[3], outs[1]
+    try:  # (a V-first plan never reads v: u stands in for an absent one, as native_forward does)
+        w_sns, u_outs, v_outs, sigma = op([weight], [u], [v if v is not None else u], first, steps, eps,
+                                          write_state)
+    except RuntimeError:
+        return None
+    _dispatch.last_used["spectral_norm"] = "cpu"
+    return w_sns[0], u_outs[0], v_outs[0], sigma[0]
+
+
 def run_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: int, eps: float, dim: int,
-              order: str, in_place: bool):
+              order: str, in_place: bool, lean: bool = True):
     """(w_sn, u_new, v_new, sigma) for one layer on the chosen backend. ``in_place``: u and v
-    are state buffers, updated in place (when steps > 0); otherwise left untouched."""
-    if _compiling():
+    are state buffers, updated in place (when steps > 0); otherwise left untouched. ``lean``:
+    try the lean CPU route first (False: the caller already did)."""
+    compiling = _compiling()
+    if lean and dim == 0 and not compiling:
+        lean = _lean_layer(weight, u, v, first, steps, eps, in_place and steps > 0)
+        if lean is not None:
+            return lean
+    if compiling:
         w_sn, u_new, v_new, sigma = spectral_norm_op(weight, u, v, first, steps, eps, dim)
         if in_place and steps > 0:
             with torch.no_grad():
@@ -486,6 +527,14 @@ def spectral_norm_weight(weight: Tensor, u: Tensor, n_power_iterations: int = 1,
     1-D weights are ``F.normalize(weight, dim=0, eps=eps)`` (sigma = max(||w||, eps)) as in
     PyTorch; ``u`` is returned unchanged.
     """
+    # the lean route (see _lean_layer): plain arguments only, every one the full route would accept
+    if (dim == 0 and type(dim) is int and type(n_power_iterations) is int and n_power_iterations >= 0
+            and type(eps) is float and eps > 0 and (order == "pytorch" or order == "classic")
+            and not _compiling()):
+        lean = _lean_layer(weight, u, v, *plan(order, n_power_iterations, v is not None), eps, False)
+        if lean is not None:
+            w_sn, u_new, v_new, sigma = lean
+            return (w_sn, u_new, sigma, v_new) if return_v else (w_sn, u_new, sigma)
     _check(weight, u, v, n_power_iterations, eps, dim, order)
     if weight.dim() < 2:
         sigma = torch.linalg.vector_norm(weight).clamp_min(eps)
@@ -493,5 +542,6 @@ def spectral_norm_weight(weight: Tensor, u: Tensor, n_power_iterations: int = 1,
         return (w_sn, u, sigma, v) if return_v else (w_sn, u, sigma)
     dim = dim % weight.dim()
     first, steps = plan(order, n_power_iterations, v is not None)
-    w_sn, u_new, v_new, sigma = run_layer(weight, u, v, first, steps, float(eps), dim, order, in_place=False)
+    w_sn, u_new, v_new, sigma = run_layer(weight, u, v, first, steps, float(eps), dim, order, in_place=False,
+                                          lean=False)
     return (w_sn, u_new, sigma, v_new) if return_v else (w_sn, u_new, sigma)
