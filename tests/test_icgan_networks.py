@@ -15,7 +15,10 @@ import torch
 
 from ganengine.models import CheckpointMismatchError, build_network, load_reference_checkpoint, save_reference_checkpoint
 from tests import reference_nets_icgan as R
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 from tests.test_sagan_biggan import _randomize
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks; two spinning OpenMP threads are 10x slower under load
 
 
 def _g_case(class_cond, **extra):
