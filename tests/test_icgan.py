@@ -219,6 +219,15 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys):
                  "--n", "3", "--max_rows", "2"]) == 0
     w, h = Image.open(tmp_path / "g.png").size
     assert w > 3 * 32 and h >= 2 * 32  # 2 rows: the instance, then 2 generated images
+    features = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feature_extractor.py")
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "part"), "--metrics", "fid,intra_fid", "--num_samples",
+                 "20", "--batch_size", "10", "--max_images", "300", "--feature_extractor",
+                 f"{features}:SmallFeatureExtractor", "--output", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["fid"] == result["fid"] and result["fid"] > 0 and result["images"] == 20
     capsys.readouterr()
     assert train("bad", 1, "--instance_sz 5") == 2
     assert "--instance_sz 5 does not match the instance features' width 6" in capsys.readouterr().err

@@ -23,8 +23,9 @@ from ganengine.data.unpaired import UnalignedDataset
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 SAMPLE_DATA = {"pix2pix": "photos_paired", "cyclegan": "photos_unpaired", "stargan": "digits", "stackgan": "digits"}
 CLASS_MODELS = ("sagan", "biggan", "biggan_deep", "unetgan",
-                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")  # class-conditional image synthesis (data/classes.py)
-SAMPLE_DATA.update(csgan="photos_unpaired", icgan="digits", **{m: "digits" for m in CLASS_MODELS})
+                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan",
+                "icgan")  # image synthesis on class data (data/classes.py; icgan: data/instance_features.py)
+SAMPLE_DATA.update(csgan="photos_unpaired", **{m: "digits" for m in CLASS_MODELS})
 MODELS = tuple(SAMPLE_DATA)
 
 __all__ = ["AlignedDataset", "UnalignedDataset", "CelebADataset", "DomainFolderDataset", "CaptionedDataset",

@@ -40,6 +40,10 @@ class ICGAN(BigGAN):
         super().__init__(**options)
         self._bank = None
 
+    @property
+    def CONDITIONAL(self) -> bool:  # noqa: N802 (the synthesis models' flag: evaluation's intra-FID, grids)
+        return bool(self.options["class_cond"])
+
     def _net_args(self) -> dict:
         skip = ("fused", "fused_optimizer", "k_nn", "feature_file", "dataroot")
         return {k: v for k, v in self.options.items() if k not in skip}
