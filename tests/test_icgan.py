@@ -230,7 +230,7 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys):
     assert result["fid"] == result["fid"] and result["fid"] > 0 and result["images"] == 20
     capsys.readouterr()
     assert train("bad", 1, "--instance_sz 5") == 2
-    assert "--instance_sz 5 does not match the instance features' width 6" in capsys.readouterr().err
+    assert "--instance_sz 5 (given, or a sample-data default) does not match the instance features' width 6" in capsys.readouterr().err
     np.save(tmp_path / "short.npy", feats[:10])
     assert main(["train", "icgan", "--feature_file", str(tmp_path / "short.npy"), "--checkpoints_dir",
                  str(tmp_path), "--name", "bad2", "--max_steps", "1"] + TINY.split()) == 2

@@ -229,6 +229,8 @@ def derive_options(model_opts: dict, data_opts: dict) -> None:
     bank = instance_bank(data_opts.get("dataroot") or None, data_opts["image_size"], ff or None, data_opts["k_nn"])
     for name in ("instance_sz",) + (() if model_opts.get("G_shared_feat", d["G_shared_feat"]) else ("shared_dim_feat",)):
         if name in model_opts and model_opts[name] != bank.dim:
-            raise ValueError(f"--{name} {model_opts[name]} does not match the instance features' width {bank.dim} "
-                             f"({bank.source}); leave it out to take it from the features")
+            why = "" if name == "instance_sz" else " (without --G_shared_feat the features enter G's norms as they are)"
+            raise ValueError(f"--{name} {model_opts[name]} (given, or a sample-data default) does not match the instance "
+                             f"features' width {bank.dim} ({bank.source}){why}: pass --{name} {bank.dim} or leave it "
+                             "out")
         model_opts[name] = bank.dim
