@@ -75,7 +75,8 @@ SAMPLE = {
                     save_every=100),
     "icgan": dict(image_size=32, batch_size=16, G_ch=16, D_ch=16, G_attn="16", D_attn="16", hier=True, dim_z=64,
                   shared_dim=32, G_shared_feat=True, shared_dim_feat=32, num_D_steps=1, G_lr=1e-4, D_lr=4e-4,
-                  ema=True, use_ema=True, ema_start=100, max_steps=300, sample_every=50, save_every=100),
+                  ema=True, use_ema=True, ema_start=100, ema_decay=0.99, max_steps=600, sample_every=100,
+                  save_every=200),
 }
 
 # DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN, ADC-GAN, InfoGAN: cli/_synthesis_models.py
