@@ -54,8 +54,10 @@ def _randomize(net):
 def test_every_arch_is_covered():
     from tests.test_sagan_biggan import CASES as ATTENTION_CASES  # SAGAN / BigGAN archs: tested there
     from tests.test_synthesis_models import NETS as SYNTHESIS_CASES  # DCGAN / PyTorch-GAN archs: tested there
+    from tests.test_icgan_networks import CASES as ICGAN_CASES  # icgan_G / icgan_D: tested there
 
-    assert {c[0] for c in CASES + ATTENTION_CASES + SYNTHESIS_CASES} | {"resnet_9blocks", "unet_256"} == set(ARCHS)
+    covered = CASES + ATTENTION_CASES + SYNTHESIS_CASES + ICGAN_CASES
+    assert {c[0] for c in covered} | {"resnet_9blocks", "unet_256"} == set(ARCHS)
 
 
 @pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=[c[0] for c in CASES])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan", "csgan", "sagan", "biggan", "biggan_deep", "unetgan",
+MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan", "csgan", "sagan", "biggan", "biggan_deep", "unetgan", "icgan",
                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")
 
 # help texts for the reference flags (the reference implementations' wording, shortened)
@@ -98,6 +98,14 @@ MODEL_HELP = {
     "lambda_adc": "ADC-GAN: weight of the discriminative classifier's losses",
     "lambda_cat": "InfoGAN: weight of the categorical code loss",
     "lambda_con": "InfoGAN: weight of the continuous code loss",
+    # IC-GAN
+    "class_cond": "IC-GAN: also condition on class labels (cc-IC-GAN)",
+    "G_shared_feat": "IC-GAN: a linear layer maps the instance features to shared_dim_feat in G",
+    "shared_dim_feat": "IC-GAN: width of G's instance-feature embedding (the features' width without G_shared_feat)",
+    "instance_sz": "IC-GAN: width of the instance features; taken from the features when not given",
+    "k_nn": "IC-GAN: neighbours per instance (the real images of an instance are drawn from them)",
+    "feature_file": "IC-GAN: (N, D) instance features, .npy or .npz, row i = dataset item i; '' = pixel "
+                    "features (8x8 luma thumbnails)",
     "fused": "run the networks on ganengine's fused ops (false: plain PyTorch layers)",
     "fused_optimizer": "PyTorch's fused / multi-tensor optimiser implementation (false: the per-parameter loop)",
 }

@@ -27,6 +27,8 @@ DESCRIPTIONS = {
     "biggan": "BigGAN: class-conditional synthesis (DATAROOT/<class>/*.png or BigGAN's HDF5).",
     "biggan_deep": "BigGAN-deep: class-conditional synthesis (DATAROOT/<class>/*.png or BigGAN's HDF5).",
     "unetgan": "U-Net GAN: BigGAN G + U-Net discriminator, CutMix (DATAROOT/<class>/*.png or BigGAN's HDF5).",
+    "icgan": "IC-GAN: instance-conditioned BigGAN, --class_cond for cc-IC-GAN (DATAROOT/<class>/*.png or BigGAN's "
+             "HDF5; --feature_file F.npy: (N, D) instance features).",
 }
 
 # engine / data defaults of the reference implementations (model options live in the model classes)
@@ -40,8 +42,9 @@ REFERENCE = {
     "biggan": dict(batch_size=64, image_size=128, n_epochs=100, n_epochs_decay=0),
     "biggan_deep": dict(batch_size=64, image_size=128, n_epochs=100, n_epochs_decay=0),
     "unetgan": dict(batch_size=50, image_size=128, n_epochs=100, n_epochs_decay=0),
+    "icgan": dict(batch_size=64, image_size=128, n_epochs=100, n_epochs_decay=0),
 }
-SYNTHESIS = ("sagan", "biggan", "biggan_deep", "unetgan")
+SYNTHESIS = ("sagan", "biggan", "biggan_deep", "unetgan", "icgan")
 
 # small-data defaults used with the built-in sample data (no --dataroot), for options the user did
 # not give: 64x64 images and slimmer networks so that a few hundred steps on a 2-core CPU take a
@@ -70,6 +73,10 @@ SAMPLE = {
     "unetgan": dict(image_size=32, batch_size=16, G_ch=16, D_ch=16, G_attn="0", D_attn="0", G_shared=True,
                     hier=True, dim_z=64, shared_dim=32, G_lr=1e-4, D_lr=4e-4, max_steps=300, sample_every=50,
                     save_every=100),
+    "icgan": dict(image_size=32, batch_size=16, G_ch=16, D_ch=16, G_attn="16", D_attn="16", hier=True, dim_z=64,
+                  shared_dim=32, G_shared_feat=True, shared_dim_feat=32, num_D_steps=1, G_lr=1e-4, D_lr=4e-4,
+                  ema=True, use_ema=True, ema_start=100, ema_decay=0.99, max_steps=600, sample_every=100,
+                  save_every=200),
 }
 
 # DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN, ADC-GAN, InfoGAN: cli/_synthesis_models.py
@@ -186,7 +193,7 @@ def _debug() -> bool:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train pix2pix, cyclegan, stargan, stackgan, csgan, dcgan, wgan, wgan_gp, "
-                              "cgan, acgan, adcgan, infogan, sagan, biggan, biggan_deep or unetgan",
+                              "cgan, acgan, adcgan, infogan, sagan, biggan, biggan_deep, unetgan or icgan",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="model", metavar="MODEL", required=True)
     for name in MODEL_NAMES:
@@ -277,6 +284,9 @@ def _derive_synthesis(model: str, model_opts: dict, data_opts: dict, engine: dic
         raise ValueError(f"--{size_key} {model_opts[size_key]} and --image_size {data_opts['image_size']} disagree; "
                          "give one of them")
     model_opts[size_key] = data_opts["image_size"]
+    if model == "icgan":  # the feature file, k-NN and feature width (models/icgan.py)
+        from ganengine.models.icgan import derive_options
+        derive_options(model_opts, data_opts)
     if "n_classes" in defaults:
         ds = build_dataset(model, data_opts)
         n = len(ds.classes)
@@ -285,7 +295,7 @@ def _derive_synthesis(model: str, model_opts: dict, data_opts: dict, engine: dic
                              "leave it out to take it from the data")
         model_opts.setdefault("n_classes", n)
         data_opts["classes"] = list(ds.classes)
-    if model in ("biggan", "biggan_deep", "unetgan"):
+    if model in ("biggan", "biggan_deep", "unetgan", "icgan"):
         steps = 1 if model == "unetgan" else model_opts.get("num_D_steps", defaults["num_D_steps"])
         engine["batch_size"] *= max(1, steps) * model_opts.get("num_D_accumulations", defaults["num_D_accumulations"])
 

@@ -23,7 +23,8 @@ from ganengine.data.unpaired import UnalignedDataset
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
 SAMPLE_DATA = {"pix2pix": "photos_paired", "cyclegan": "photos_unpaired", "stargan": "digits", "stackgan": "digits"}
 CLASS_MODELS = ("sagan", "biggan", "biggan_deep", "unetgan",
-                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")  # class-conditional image synthesis (data/classes.py)
+                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan",
+                "icgan")  # image synthesis on class data (data/classes.py; icgan: data/instance_features.py)
 SAMPLE_DATA.update(csgan="photos_unpaired", **{m: "digits" for m in CLASS_MODELS})
 MODELS = tuple(SAMPLE_DATA)
 
@@ -58,6 +59,10 @@ def build_dataset(model: str, options, phase: str | None = None):
     phase = phase or _get(options, "phase", "train")
     cache = {"auto": "auto", "on": True, "off": False}[_get(options, "cache_images", "auto")]
     flip = not _get(options, "no_flip", False) and phase == "train"
+    if model == "icgan":  # instance features + k-NN neighbourhoods (data/instance_features.py)
+        from ganengine.data.instance_features import instance_dataset
+
+        return instance_dataset(options, phase)
     if model in CLASS_MODELS:
         from ganengine.data.classes import class_dataset
 

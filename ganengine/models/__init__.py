@@ -8,6 +8,7 @@ from ganengine.models.base import GANModel, StepContext, set_requires_grad
 from ganengine.models.checkpoints import (ARCHS, CheckpointMismatchError, build_network, load_reference_checkpoint,
                                           save_reference_checkpoint)
 from ganengine.models.biggan import BigGAN, BigGANDeep
+from ganengine.models.icgan import ICGAN
 from ganengine.models.acgan import ACGAN, ADCGAN
 from ganengine.models.cgan import CGAN
 from ganengine.models.csgan import CSGAN
@@ -33,6 +34,7 @@ from ganengine.nn import PatchDiscriminator  # the reference NLayerDiscriminator
 MODELS = {"pix2pix": Pix2Pix, "cyclegan": CycleGAN, "stargan": StarGAN, "stackgan": StackGAN}
 MODELS.update(dcgan=DCGAN, wgan=WGAN, wgan_gp=WGANGP, cgan=CGAN, acgan=ACGAN, adcgan=ADCGAN, infogan=InfoGAN)
 MODELS.update(csgan=CSGAN, sagan=SAGAN, biggan=BigGAN, biggan_deep=BigGANDeep, unetgan=UNetGAN)
+MODELS.update(icgan=ICGAN)
 
 
 def build_model(name: str, **options) -> GANModel:

@@ -273,7 +273,10 @@ ARCHS += tuple(_ATTN_SPECS)
 from ganengine.models.networks_dcgan import SPECS as _DCGAN_SPECS  # noqa: E402
 from ganengine.models.networks_pytorch_gan import SPECS as _PYTORCH_GAN_SPECS  # noqa: E402
 ARCHS += tuple(_DCGAN_SPECS) + tuple(_PYTORCH_GAN_SPECS)
-_SPEC_ARCHS = {**_ATTN_SPECS, **_DCGAN_SPECS, **_PYTORCH_GAN_SPECS}
+from ganengine.models.icgan_networks import OPEN_ARCHS as _ICGAN_OPEN, SPECS as _ICGAN_SPECS  # noqa: E402 (IC-GAN)
+ARCHS += tuple(_ICGAN_SPECS)
+_OPEN_ARCHS = _OPEN_ARCHS | _ICGAN_OPEN
+_SPEC_ARCHS = {**_ATTN_SPECS, **_DCGAN_SPECS, **_PYTORCH_GAN_SPECS, **_ICGAN_SPECS}
 for _arch, _spec in _SPEC_ARCHS.items():
     _ARCH_DEFAULTS[_arch], _BUILDERS[_arch], _INFER[_arch] = _spec
 

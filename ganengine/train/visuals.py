@@ -43,6 +43,8 @@ def row_labels(model_name: str, model, n_rows: int, selected_attrs=None) -> list
         return ["real"] + [f"{flip} {n}" for n in names][:n_rows - 1]
     if model_name == "stackgan":
         return ["real", "generated", "generated (new z)"][:n_rows]
+    if hasattr(model, "instance_row_labels"):  # IC-GAN (no row of real images first)
+        return model.instance_row_labels(n_rows, selected_attrs)
     if hasattr(model, "sample_row_labels"):  # SynthesisGAN models (models/synthesis.py)
         return ["real"] + model.sample_row_labels(n_rows - 1, selected_attrs)
     if hasattr(model, "generate"):  # class-conditional synthesis: one row per class (synthesis_rows)
@@ -92,6 +94,8 @@ def rows(model_name: str, model, batch: dict, selected_attrs=None, max_rows: int
             return out
         if model_name == "stackgan":
             return [batch["image"], model.translate(batch), model.translate(batch)]
+        if hasattr(model, "instance_rows"):  # IC-GAN: per conditioning instance, its image then G's
+            return model.instance_rows(batch, max_rows)
         if hasattr(model, "sample_rows"):  # SynthesisGAN models: real images, then the model's own grid rows
             return [batch["image"]] + model.sample_rows(batch["image"].shape[0], max_rows)
         if hasattr(model, "generate"):

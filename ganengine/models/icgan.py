@@ -1,0 +1,236 @@
+"""IC-GAN and cc-IC-GAN (Casanova et al. 2021; facebookresearch/ic_gan), BigGAN conditioned on
+instance features, trained as its ``BigGAN_PyTorch/train_fns.py`` does.
+
+The step is BigGAN's (``models/biggan.py``: ``num_D_steps`` hinge steps over chunks of the real
+batch, ortho regularisation, ``toggle_grads``, G EMA, LOGAN option) with the conditionings of
+IC-GAN: a real item is (h_i, x_j, y_j) with x_j drawn from the k-NN neighbourhood of instance i
+(``ganengine/data/instance_features.py``); the generator's conditionings are drawn as the
+reference's ``sample_conditioning_instance_balance``: an instance h uniformly from the dataset's
+features and, for cc-IC-GAN (``class_cond``), the label of a uniform neighbour of it. D scores
+``cat([G(z, y_g, h_g), x])`` with ``cat([y_g, y])`` and ``cat([h_g, h])`` in one pass.
+
+Options: BigGAN's train.py flags with their defaults, plus IC-GAN's (``class_cond`` False,
+``G_shared_feat`` False, ``shared_dim_feat`` 2048, ``k_nn`` 50: the reference's argparse defaults),
+``instance_sz`` (the feature width: from the data), ``feature_file`` ("" = pixel features) and
+``dataroot`` (the dataset the instances come from; "" = the built-in digits). ``G_shared`` is on
+(IC-GAN cannot run without it). Not built: the reference's ``feature_augmentation`` (features of
+flipped images), ``which_knn_balance nnclass_balance`` and k-means / subsampled instance sets.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ganengine.functional as GF
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.biggan import BIGGAN_DEFAULTS, BigGAN
+from ganengine.models.icgan_networks import ICGANDiscriminator, ICGANGenerator
+from ganengine.models.synthesis_tools import class_indices, latent_optimise, ortho_, unwrap
+
+ICGAN_DEFAULTS = dict(BIGGAN_DEFAULTS, G_shared=True, class_cond=False, G_shared_feat=False, shared_dim_feat=2048,
+                      instance_sz=2048, k_nn=50, feature_file="", dataroot="")
+
+
+class ICGAN(BigGAN):
+    MODEL_NAME = "icgan"
+    DEFAULTS = dict(ICGAN_DEFAULTS)
+    _G_CLASS, _D_CLASS = ICGANGenerator, ICGANDiscriminator
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._bank = None
+
+    @property
+    def CONDITIONAL(self) -> bool:  # noqa: N802 (the synthesis models' flag: evaluation's intra-FID, grids)
+        return bool(self.options["class_cond"])
+
+    def _net_args(self) -> dict:
+        skip = ("fused", "fused_optimizer", "k_nn", "feature_file", "dataroot")
+        return {k: v for k, v in self.options.items() if k not in skip}
+
+    # -- instances -------------------------------------------------------------------------------
+    @property
+    def bank(self):
+        """The dataset's instance features and neighbourhoods (built on first use from the options)."""
+        if self._bank is None:
+            from ganengine.data.instance_features import instance_bank
+
+            o = self.options
+            self.set_bank(instance_bank(o["dataroot"] or None, o["resolution"], o["feature_file"] or None, o["k_nn"]))
+        return self._bank
+
+    def set_bank(self, bank) -> None:
+        """Use ``bank`` (an ``InstanceBank``) for the generator's conditionings; its width must be
+        the networks' (``instance_sz``, and ``shared_dim_feat`` without ``G_shared_feat``)."""
+        o = self.options
+        if bank.dim != o["instance_sz"]:
+            raise ValueError(f"{type(self).__name__}: the instance features are {bank.dim}-dimensional but "
+                             f"instance_sz is {o['instance_sz']}; set instance_sz={bank.dim}")
+        if not o["G_shared_feat"] and bank.dim != o["shared_dim_feat"]:
+            raise ValueError(f"{type(self).__name__}: without G_shared_feat the features enter G's batch norms as "
+                             f"they are, so shared_dim_feat must be their width {bank.dim}, got "
+                             f"{o['shared_dim_feat']} (or set G_shared_feat true)")
+        if o["class_cond"] and int(bank.labels.max()) >= o["n_classes"]:
+            raise ValueError(f"{type(self).__name__}: the data has labels up to {int(bank.labels.max())} but "
+                             f"n_classes is {o['n_classes']}")
+        self._bank = bank
+
+    def sample_conditionings(self, n: int):
+        """(labels or None, features) for n generated images, drawn from the dataset (reference)."""
+        feats, labels, _ = self.bank.sample(n, self.device)
+        return (labels if self.options["class_cond"] else None), feats
+
+    def _score_cond(self, z, cond, G=None):
+        G = self.G if G is None else G
+        y, f = cond
+        return self.D(G(z, y, f), y, f)
+
+    def _optimise_cond(self, z, cond, differentiable: bool):
+        o = self.options
+        if not o["latent_optimisation"]:
+            return z
+        return latent_optimise(z, lambda zz: self._score_cond(zz, cond), o["lo_rate"], o["lo_alpha"], o["lo_beta"],
+                               o["lo_steps"], differentiable)
+
+    # -- training --------------------------------------------------------------------------------
+    def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
+        o = self.options
+        owner = type(self).__name__
+        x = self._to_device(batch["image"])
+        if "feature" not in batch:
+            raise ValueError(f"{owner}: the batch has no 'feature' (instance features): train on "
+                             "build_dataset('icgan', ...), whose items carry them")
+        h = self._to_device(batch["feature"]).to(torch.float32)
+        y = self._to_device(class_indices(batch["label"], o["n_classes"], owner)) if o["class_cond"] else None
+        xs, ys = self._chunks(x, y if y is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        hs = torch.split(h, xs[0].shape[0]) if xs else ()
+        opt_G, opt_D = optimizers["G"], optimizers["D"]
+        self.G.train()
+        self.D.train()
+        losses = {}
+        if o["toggle_grads"]:
+            set_requires_grad(self.D, True)
+            set_requires_grad(self.G, False)
+        counter = 0
+        for _ in range(o["num_D_steps"]):
+            ctx.zero_grad(opt_D)
+            for _ in range(o["num_D_accumulations"]):
+                real, n = xs[counter], xs[counter].shape[0]
+                with ctx.autocast():
+                    z = self.sample_z(n)
+                    gy, gf = self.sample_conditionings(n)
+                    z = self._optimise_cond(z, (gy, gf), differentiable=False)
+                    with torch.no_grad():
+                        fake = self.G(z, gy, gf)
+                    d_y = torch.cat([gy, ys[counter]]) if gy is not None else None
+                    d_out = self.D(torch.cat([fake.to(real.dtype), real]), d_y, torch.cat([gf, hs[counter]]))
+                    d_fake, d_real = torch.split(d_out, [n, n])
+                    loss_real, loss_fake = self._d_losses(d_fake, d_real)
+                ctx.backward((loss_real + loss_fake) / float(o["num_D_accumulations"]), "D")
+                counter += 1
+            if o["D_ortho"] > 0:
+                ortho_(self.D, o["D_ortho"])
+            ctx.step(opt_D, "D")
+            losses.update({"D_loss_real": loss_real, "D_loss_fake": loss_fake})
+        if o["toggle_grads"]:
+            set_requires_grad(self.D, False)
+            set_requires_grad(self.G, True)
+
+        ctx.zero_grad(opt_G)
+        n = o["G_batch_size"] or (xs[0].shape[0] if xs else x.shape[0])
+        for _ in range(o["num_G_accumulations"]):
+            with ctx.autocast():
+                z = self.sample_z(n)
+                cond = self.sample_conditionings(n)
+                z = self._optimise_cond(z, cond, differentiable=True)
+                g_loss = GF.gan_loss(self._score_cond(z, cond), True, "hinge", for_discriminator=False)
+            ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
+        if o["G_ortho"] > 0:
+            ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
+        ctx.step(opt_G, "G")
+        if o["toggle_grads"]:
+            set_requires_grad(self.D, True)
+        self.num_steps += 1
+        if self._ema is not None:
+            self._ema.update(self.num_steps)
+        losses["G_loss"] = g_loss
+        return self._detached(losses)
+
+    # -- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, n: int | None = None, labels=None, z: torch.Tensor | None = None, features=None) -> torch.Tensor:
+        """Images in [-1, 1] for instance ``features`` (drawn from the dataset when None, with
+        their neighbours' labels for cc-IC-GAN), ``labels`` (cc-IC-GAN) and ``z`` (random when
+        None). ``G_eval_mode`` samples in eval mode, otherwise in training mode as the reference
+        does; the sampling G's buffers are restored afterwards (sampling never changes training)."""
+        o = self.options
+        G = self.sampling_generator()
+        if n is None:
+            n = next(t.shape[0] for t in (z, features, labels) if t is not None)
+        if features is None:
+            drawn_labels, features = self.sample_conditionings(int(n))
+            labels = drawn_labels if labels is None else labels
+        features = torch.as_tensor(features).to(self.device, torch.float32)
+        if o["class_cond"]:
+            if labels is None:
+                raise ValueError(f"{type(self).__name__}: cc-IC-GAN needs labels with the given features")
+            labels = class_indices(torch.as_tensor(labels), o["n_classes"], type(self).__name__).to(self.device)
+        else:
+            labels = None
+        z = self.sample_z(features.shape[0]) if z is None else z.to(self.device)
+        saved = [(b, b.clone()) for b in G.buffers()]
+        was = G.training
+        G.train(not o["G_eval_mode"])
+        try:
+            return G(z, labels, features)
+        finally:
+            G.train(was)
+            for b, v in saved:
+                b.copy_(v)
+
+    @torch.no_grad()
+    def translate(self, batch: dict) -> torch.Tensor:
+        return self.generate(labels=batch.get("label"), z=batch.get("z"), features=batch.get("feature"))
+
+    @torch.no_grad()
+    def instance_rows(self, batch: dict, max_rows: int = 10) -> list:
+        """Sample-grid rows: per conditioning instance of ``batch`` (the first ``max_rows``), its
+        image, then G's images for it from fixed latents (the same in every row and at every call)."""
+        imgs, feats = batch["image"], batch["feature"]
+        n = imgs.shape[0]
+        cols = max(1, n - 1)
+        g = torch.Generator().manual_seed(1234)
+        z = torch.randn(cols, self.latent_dim(), generator=g) * self.options["z_var"]
+        rows = []
+        for i in range(min(n, max_rows)):
+            labels = batch["label"][i:i + 1].expand(cols) if self.options["class_cond"] else None
+            out = self.generate(z=z, features=feats[i:i + 1].expand(cols, -1), labels=labels)
+            rows.append(torch.cat([imgs[i:i + 1], out.to(imgs.device, imgs.dtype)]))
+        return rows
+
+    def instance_row_labels(self, n_rows: int, class_names=None) -> list:
+        return [f"instance {i + 1}: its image, then G(z, h)" for i in range(n_rows)]
+
+
+def derive_options(model_opts: dict, data_opts: dict) -> None:
+    """``ganengine train icgan``: the feature file and k reach the dataset; ``instance_sz`` (and
+    ``shared_dim_feat`` without ``G_shared_feat``) follow the features unless given."""
+    import os
+
+    from ganengine.data.instance_features import instance_bank
+
+    d = ICGAN.DEFAULTS
+    ff = model_opts.get("feature_file") or ""
+    if ff:
+        ff = model_opts["feature_file"] = os.path.abspath(ff)
+    data_opts["feature_file"], data_opts["k_nn"] = ff, model_opts.get("k_nn", d["k_nn"])
+    if data_opts.get("dataroot"):
+        model_opts["dataroot"] = data_opts["dataroot"]
+    bank = instance_bank(data_opts.get("dataroot") or None, data_opts["image_size"], ff or None, data_opts["k_nn"])
+    for name in ("instance_sz",) + (() if model_opts.get("G_shared_feat", d["G_shared_feat"]) else ("shared_dim_feat",)):
+        if name in model_opts and model_opts[name] != bank.dim:
+            why = "" if name == "instance_sz" else " (without --G_shared_feat the features enter G's norms as they are)"
+            raise ValueError(f"--{name} {model_opts[name]} (given, or a sample-data default) does not match the instance "
+                             f"features' width {bank.dim} ({bank.source}){why}: pass --{name} {bank.dim} or leave it "
+                             "out")
+        model_opts[name] = bank.dim
