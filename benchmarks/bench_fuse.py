@@ -162,14 +162,17 @@ def round_robin(fns: dict, warmup: int, repeats: int) -> dict:
 @contextlib.contextmanager
 def without_rules(names):
     """fuse() with the named built-in rules left out of the table (the ablation variants)."""
-    from ganengine.fusion import rules
+    from ganengine.fusion import graph, rules
 
-    saved = rules.RULES
+    saved, saved_up = rules.RULES, set(graph.UPSAMPLE_RULES)
     rules.RULES = tuple(r for r in saved if r.name not in set(names))
+    graph.UPSAMPLE_RULES -= {n.split("+")[-1] for n in names if n.startswith("graph:upsample+")}
     try:
         yield
     finally:
         rules.RULES = saved
+        graph.UPSAMPLE_RULES.clear()
+        graph.UPSAMPLE_RULES.update(saved_up)
 
 
 def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool, ablate=()) -> dict:
@@ -184,10 +187,11 @@ def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool,
     orig_aten, _ = count_forward_ops(net, inputs)
     left_aten, gan_ops = count_forward_ops(fused, inputs)
     fns = {"original": step_fn(net, inputs), "fused": step_fn(fused, inputs)}
-    for rule in ablate:   # the same net fused without one rule: what that rule buys in the step
-        if report.get(rule):
-            with without_rules([rule]):
-                fns[f"fused -{rule}"] = step_fn(ganengine.fuse(net), inputs)
+    for spec in ablate:   # the same net fused without a rule (or "a,b": several): what they buy in the step
+        names = spec.split(",")
+        if any(report.get(rule) for rule in names):
+            with without_rules(names):
+                fns[f"fused -{spec}"] = step_fn(ganengine.fuse(net), inputs)
     if compile_:
         fns["compile(original)"] = step_fn(torch.compile(net), inputs)
         fns["compile(fused)"] = step_fn(torch.compile(fused), inputs)
@@ -342,7 +346,8 @@ def main(argv=None):
     p.add_argument("--decisions", nargs="*", default=None, choices=list(_DECISIONS),
                    help="the rule-table micro-measurements instead (all, or the named ones)")
     p.add_argument("--ablate", nargs="*", default=[], metavar="RULE",
-                   help="also time each family fused without RULE (where RULE fused something)")
+                   help="also time each family fused without RULE (where RULE fused something); "
+                        "RULE1,RULE2 leaves several out together")
     p.add_argument("--json", default=None, help="write the records to this file")
     args = p.parse_args(argv)
     if args.threads:
