@@ -6,6 +6,7 @@ that now run inside fused ops. Also the micro-measurements behind the rule table
     python benchmarks/bench_fuse.py --families cyclegan biggan_G --widths small --repeats 5
     python benchmarks/bench_fuse.py --decisions              # triple vs pair, pre-activation, pad share
     python benchmarks/bench_fuse.py --decisions fold         # one of them
+    python benchmarks/bench_fuse.py --decisions upsample     # BigGAN's upsample -> conv rules, per GBlock
     python benchmarks/bench_fuse.py --families pix2pix_G --widths reference --ablate pre_activation
     python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
 
@@ -317,6 +318,41 @@ def _pad_share(warmup, repeats):
     return rows
 
 
+def _biggan_upsample_convs(warmup, repeats):
+    """BigGAN-128's GBlocks (ch 96, batch 2): ``conv1(upsample(h))`` (SN 3x3) and
+    ``conv_sc(upsample(x))`` (SN 1x1) as the reference runs them, on fuse()'s SN conv (what fuse()
+    built before the upsample rules), and as the graph rules run them now (ganengine/fusion/upsample.py:
+    the sub-pixel form forced on, whatever MIN_PIXELS says; the 1x1 conv before the upsample)."""
+    from ganengine.fusion import upsample as U
+    from ganengine.fusion.spectral import biggan_sigma
+
+    rows = []
+    chans = [(1536, 1536, 4), (1536, 768, 8), (768, 384, 16), (384, 192, 32), (192, 96, 64)]
+    for cin, cout, s in chans:
+        for k in (3, 1):
+            torch.manual_seed(0)
+            conv = R.SNConv2d(cin, cout, kernel_size=k, padding=k // 2)
+            fconv = ganengine.fuse(conv)
+            x = torch.randn(2, cin, s, s, requires_grad=True)
+            up = functools.partial(F.interpolate, scale_factor=2)
+
+            def step(f, m):
+                def run():
+                    x.grad = m.weight.grad = m.bias.grad = None
+                    f().square().mean().backward()
+                return run
+            fns = {"reference": step(lambda: conv(up(x)), conv), "fused conv": step(lambda: fconv(up(x)), fconv)}
+            if k == 3:
+                fns["rule"] = step(lambda: U.subpixel_conv3x3(x, fconv.weight, fconv.bias, biggan_sigma(fconv)), fconv)
+            else:
+                fns["rule"] = step(lambda: U.upsample_conv1x1(fconv, x, scale_factor=2), fconv)
+            t = round_robin(fns, warmup, repeats)
+            rows.append({"case": f"2x{cin}x{s}x{s} up2 -> {k}x{k} {cout}", **t,
+                         "rule vs fused conv": t["fused conv"] / t["rule"],
+                         "small-map pixels": 2 * s * s})
+    return rows
+
+
 def _table(rows, keys):
     out = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for r in rows:
@@ -332,6 +368,8 @@ _DECISIONS = {
              ["case", "norm, act, conv", "norm+act, conv", "saved"]),
     "pad": ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share, ["case", "pad + conv", "conv (zero padding)",
                                                                    "pad share"]),
+    "upsample": ("BigGAN GBlock upsample -> SN conv (ms, fwd+bwd)", _biggan_upsample_convs,
+                 ["case", "small-map pixels", "reference", "fused conv", "rule", "rule vs fused conv"]),
 }
 
 
