@@ -9,6 +9,7 @@ that now run inside fused ops. Also the micro-measurements behind the rule table
     python benchmarks/bench_fuse.py --decisions upsample     # BigGAN's upsample -> conv rules, per GBlock
     python benchmarks/bench_fuse.py --families pix2pix_G --widths reference --ablate pre_activation
     python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
+    python benchmarks/bench_fuse.py --layers --families sagan_D --widths small   # each rewrite alone
 
 The networks are the compact re-writes of the references in tests/ (reference_nets.py:
 junyanz CycleGAN / pix2pix, yunjey StarGAN; reference_nets_attention.py: ajbrock BigGAN,
@@ -156,8 +157,15 @@ def step_fn(net, inputs):
 
 
 def round_robin(fns: dict, warmup: int, repeats: int) -> dict:
-    """{name: median ms}, the variants taking turns (ganengine.bench.timing.interleave)."""
-    return timing.medians(timing.interleave(fns, repeats, warmup=warmup))
+    """{name: median ms}, the variants taking turns (ganengine.bench.timing.interleave), the order
+    reversed every other round (neither always runs on the caches the other left warm)."""
+    return timing.medians(timing.interleave(fns, repeats, warmup=warmup, alternate=True, clock=CLOCK[0]))
+
+
+# --clock cpu: the calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID) instead of wall time. With
+# --threads 1 every op runs on that thread, so the figure leaves out the time the process spent
+# descheduled by other jobs: on a shared, loaded machine a ms-long step's wall time is mostly that
+CLOCK = [time.perf_counter]
 
 
 @contextlib.contextmanager
@@ -203,6 +211,64 @@ def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool,
             "fused_ops": 1 - left_aten / orig_aten, "aten_ops": [orig_aten, left_aten], "ganengine_ops": gan_ops,
             "report": dict(report), "declined": [tuple(d) for d in report.declined],
             "not_traced": report.not_traced}
+
+
+def run_layers(name: str, width: str, warmup: int, repeats: int) -> list:
+    """Each place fuse() rewrote, on its own: the original modules there (a Sequential's fused
+    run: the fused module's index and the Identity placeholders after it) against the fused
+    module, forward + backward on the input the original model gives that place, interleaved.
+    Says which rewrite gains or loses how much inside a family's step ("--layers")."""
+    make, inputs_of = FAMILIES[name][width]
+    torch.manual_seed(0)
+    net = make().train()
+    fused, report = ganengine.fuse(net, return_report=True)
+    torch.manual_seed(1)
+    inputs = inputs_of()
+    orig_mods, fused_mods = dict(net.named_modules()), dict(fused.named_modules())
+    captured, hooks = {}, []
+    for where, _ in report.replaced:
+        if where in orig_mods and where not in captured:
+            captured[where] = None
+            hooks.append(orig_mods[where].register_forward_pre_hook(
+                lambda m, args, where=where: captured.__setitem__(where, tuple(a.detach() for a in args)) if
+                captured[where] is None else None))
+    with torch.no_grad():
+        net(*inputs)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for where, rule in report.replaced:
+        args = captured.get(where)
+        if not args or where not in fused_mods or rule.startswith("graph:"):
+            continue
+        parent, _, idx = where.rpartition(".")
+        group_o, group_f = [orig_mods[where]], [fused_mods[where]]
+        fparent = fused_mods.get(parent) if parent else fused
+        if isinstance(fparent, nn.Sequential) and idx.isdigit():
+            oparent = orig_mods[parent] if parent else net
+            names = list(fparent._modules)
+            for n in names[names.index(idx) + 1:]:
+                if not isinstance(fparent._modules[n], nn.Identity) or isinstance(oparent._modules[n], nn.Identity):
+                    break
+                group_o.append(oparent._modules[n])
+                group_f.append(fparent._modules[n])
+
+        def step(group):
+            params = [p for m in group for p in m.parameters()]
+
+            def run():
+                for p in params:
+                    p.grad = None
+                xs = tuple(a.clone().requires_grad_(a.is_floating_point()) for a in args)
+                out = group[0](*xs)
+                for m in group[1:]:
+                    out = m(out)
+                _loss(out).backward()
+            return run
+        t = round_robin({"original": step(group_o), "fused": step(group_f)}, warmup, repeats)
+        rows.append({"where": where, "rule": rule, "input": tuple(args[0].shape), **t,
+                     "saved ms": t["original"] - t["fused"]})
+    return rows
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -386,14 +452,30 @@ def main(argv=None):
     p.add_argument("--ablate", nargs="*", default=[], metavar="RULE",
                    help="also time each family fused without RULE (where RULE fused something); "
                         "RULE1,RULE2 leaves several out together")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or the main thread's CPU time (with --threads 1: robust to other jobs' load)")
+    p.add_argument("--layers", action="store_true",
+                   help="time each place fuse() rewrote on its own (original modules vs fused module)")
     p.add_argument("--json", default=None, help="write the records to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend "
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            p.error("--clock cpu needs --threads 1 (CPU time of the calling thread only)")
+        CLOCK[0] = time.thread_time
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, load average "
+          f"{os.getloadavg()[0]:.1f}, backend "
           f"{ganengine.backends.status() if hasattr(ganengine.backends, 'status') else ''}", flush=True)
     records = []
-    if args.decisions is not None:
+    if args.layers:
+        for name in args.families:
+            for width in args.widths:
+                rows = run_layers(name, width, args.warmup, args.repeats)
+                records.append({"family": name, "width": width, "layers": rows})
+                print(f"\n{name} ({width}): each rewrite alone, ms fwd+bwd\n"
+                      + _table(rows, ["where", "rule", "input", "original", "fused", "saved ms"]), flush=True)
+    elif args.decisions is not None:
         for name, (title, fn, keys) in _DECISIONS.items():
             if args.decisions and name not in args.decisions:
                 continue
@@ -416,6 +498,7 @@ def main(argv=None):
                 print(f"| {name} | {width} | {r['params'] / 1e6:.2f} M | {r['shape'][0]} | {r['ms']['original']:.1f} | "
                       f"{r['ms']['fused']:.1f} | {r['speedup']:.2f}x | {r['fused_ops']:.0%} | {r['ganengine_ops']} |"
                       + extra, flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1, default=str)
