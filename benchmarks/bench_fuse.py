@@ -10,6 +10,7 @@ that now run inside fused ops. Also the micro-measurements behind the rule table
     python benchmarks/bench_fuse.py --families pix2pix_G --widths reference --ablate pre_activation
     python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
     python benchmarks/bench_fuse.py --layers --families sagan_D --widths small   # each rewrite alone
+    python benchmarks/bench_fuse.py --profile --families biggan_G --widths reference --threads 1  # time by layer kind
 
 The networks are the compact re-writes of the references in tests/ (reference_nets.py:
 junyanz CycleGAN / pix2pix, yunjey StarGAN; reference_nets_attention.py: ajbrock BigGAN,
@@ -271,6 +272,55 @@ def run_layers(name: str, width: str, warmup: int, repeats: int) -> list:
     return rows
 
 
+def _op_kind(name: str, shapes) -> str:
+    """A profiled op's layer kind, from its name and input shapes (--profile)."""
+    kernels = {tuple(sh[2:]) for sh in shapes if isinstance(sh, list) and len(sh) == 4}
+    if any(k in name for k in ("attention", "softmax", "bmm", "max_pool")):
+        return "attention"
+    if "upsample" in name:
+        return "upsample"
+    if any(k in name for k in ("batch_norm", "instance_norm", "threshold", "relu")):
+        return "norm / act"
+    if any(k in name for k in ("winograd", "conv3x3", "im2col", "col2im")):
+        return "conv 3x3"
+    if "conv" in name:
+        for k, kind in (((3, 3), "conv 3x3"), ((1, 1), "conv 1x1"), ((2, 2), "conv 3x3 (sub-pixel phases)")):
+            if k in kernels:
+                return kind
+        return "conv, other kernels"
+    if name in ("aten::mm", "aten::addmm"):
+        dims = [d for sh in shapes if isinstance(sh, list) for d in sh]
+        return "mm with a unit dim (SN power iteration, sigma grad)" if 1 in dims else \
+            "mm (conv GEMM form / Winograd, linears)"
+    if name in ("aten::div", "aten::neg", "aten::mul"):
+        return "mul / div / neg (SN weight quotient, ccbn)"
+    return "the rest"
+
+
+def profile_family(name: str, width: str) -> dict:
+    """Self CPU time of one training step (torch.profiler, after two warm-up steps) by layer kind
+    (``_op_kind``), original and fused ("--profile")."""
+    from collections import Counter
+
+    make, inputs_of = FAMILIES[name][width]
+    torch.manual_seed(0)
+    net = make().train()
+    fused = ganengine.fuse(net)
+    torch.manual_seed(1)
+    inputs = inputs_of()
+    out = {}
+    for which, m in (("original", net), ("fused", fused)):
+        step = step_fn(m, inputs)
+        step(), step()
+        with torch.profiler.profile(record_shapes=True) as prof:
+            step()
+        kinds = Counter()
+        for e in prof.key_averages(group_by_input_shape=True):
+            kinds[_op_kind(e.key, e.input_shapes)] += e.self_cpu_time_total / 1e3
+        out[which] = dict(kinds.most_common())
+    return out
+
+
 # ----------------------------------------------------------------------------- decisions
 def _pair_vs_triple(warmup, repeats):
     """PatchGAN / CycleGAN Conv -> InstanceNorm -> act: one op (conv2d_instance_norm_act) or the
@@ -454,6 +504,8 @@ def main(argv=None):
                         "RULE1,RULE2 leaves several out together")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or the main thread's CPU time (with --threads 1: robust to other jobs' load)")
+    p.add_argument("--profile", action="store_true",
+                   help="self CPU time of one step by layer kind, original and fused (torch.profiler)")
     p.add_argument("--layers", action="store_true",
                    help="time each place fuse() rewrote on its own (original modules vs fused module)")
     p.add_argument("--json", default=None, help="write the records to this file")
@@ -468,7 +520,19 @@ def main(argv=None):
           f"{os.getloadavg()[0]:.1f}, backend "
           f"{ganengine.backends.status() if hasattr(ganengine.backends, 'status') else ''}", flush=True)
     records = []
-    if args.layers:
+    if args.profile:
+        for name in args.families:
+            for width in args.widths:
+                prof = profile_family(name, width)
+                records.append({"family": name, "width": width, "profile_ms": prof})
+                kinds = list(dict.fromkeys(list(prof["original"]) + list(prof["fused"])))
+                tot = {w: sum(prof[w].values()) for w in prof}
+                rows = [{"layer kind": k, **{w: f"{prof[w].get(k, 0.0):.0f} ms ({prof[w].get(k, 0.0) / tot[w]:.1%})"
+                                             for w in prof}} for k in kinds]
+                rows.append({"layer kind": "total", **{w: f"{tot[w]:.0f} ms" for w in prof}})
+                print(f"\n{name} ({width}): self CPU time of one step by layer kind\n"
+                      + _table(rows, ["layer kind", "original", "fused"]), flush=True)
+    elif args.layers:
         for name in args.families:
             for width in args.widths:
                 rows = run_layers(name, width, args.warmup, args.repeats)
