@@ -52,6 +52,23 @@ def test_subpixel_conv3x3_matches_the_upsampled_conv(n, cin, cout, h, w, sigma):
     torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-5 * gs.sum().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_subpixel_conv3x3_low_precision(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 4).to(dtype)
+    w = torch.randn(3, 6, 3, 3).to(dtype)
+    b = torch.randn(3).to(dtype)
+    out = U.subpixel_conv3x3(x, w, b)
+    assert out.dtype == dtype
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    ref = F.conv2d(F.interpolate(x64, scale_factor=2), w64, b64, padding=1)
+    scale = F.conv2d(F.interpolate(x64.abs(), scale_factor=2), w64.abs(), b64.abs(), padding=1)
+    # the summed taps are stored in ``dtype`` (one rounding each, relative u(dtype)), then a
+    # dot product accumulated in fp32 at least, stored in ``dtype``: gamma_2(dtype) covers the
+    # tap rounding and the accumulation (9*6 terms at u(fp32) is far below u(dtype))
+    assert_within_bound(out, ref, scale, n=2, acc_dtype=dtype, c=1.0, name=str(dtype))
+
+
 def test_phase_weight_sums_the_taps_each_phase_reads():
     w = torch.arange(9.0).view(1, 1, 3, 3)
     p = U.phase_weight(w).view(2, 2, 2, 2)   # (a, b, s, t)

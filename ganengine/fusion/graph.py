@@ -349,10 +349,12 @@ def _nearest_scale(node: fx.Node, m: nn.Module):
         a = bound.arguments
         args, kwargs = (), {k: v for k, v in a.items() if k != "input"}
         src, size, scale, mode, antialias = a["input"], a["size"], a["scale_factor"], a["mode"], a["antialias"]
+        if a["align_corners"] is not None:   # an error for "nearest": keep the call that raises it
+            return None
     elif node.op == "call_module" and type(m.get_submodule(node.target)) is nn.Upsample and len(node.args) == 1 \
             and not node.kwargs:
         up = m.get_submodule(node.target)
-        if checks.hook_kinds(up):
+        if checks.hook_kinds(up) or up.align_corners is not None:
             return None
         src, size, scale, mode, antialias = node.args[0], up.size, up.scale_factor, up.mode, False
         args, kwargs = (), {"size": None, "scale_factor": scale, "mode": mode, "align_corners": up.align_corners,

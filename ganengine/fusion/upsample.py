@@ -59,7 +59,7 @@ def phase_weight(w: torch.Tensor) -> torch.Tensor:
 MIN_PIXELS = 1024
 
 
-def subpixel_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
+def subpixel_pays(x: torch.Tensor) -> bool:
     """Whether the sub-pixel form is the cheaper one for an (n, in, h, w) input: n*h*w >= MIN_PIXELS."""
     return x.shape[0] * x.shape[2] * x.shape[3] >= MIN_PIXELS
 
@@ -102,7 +102,7 @@ def _spec(m: nn.Module):
 def upsample_conv3x3(conv: nn.Module, x: torch.Tensor, *interp_args, **interp_kwargs) -> torch.Tensor:
     """What the rewritten graph calls for ``conv(interpolate(x, scale_factor=2))`` (nearest, 3x3
     conv, stride 1, padding 1, zero padding): the sub-pixel form where it pays, else as written."""
-    if x.dim() == 4 and x.is_floating_point() and subpixel_pays(x, conv.weight):
+    if x.dim() == 4 and x.is_floating_point() and subpixel_pays(x):
         w, sigma = _spec(conv)
         return subpixel_conv3x3(x, w, conv.bias, sigma)
     return conv(F.interpolate(x, *interp_args, **interp_kwargs))
