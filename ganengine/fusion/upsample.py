@@ -14,7 +14,8 @@
   interleave. 16 multiplications per output pixel group of 4 instead of 36, no upsampled copy of
   the input. The phase weights are one small matrix product with the 3x3 weight (weight-sized,
   16/9 of it), so the form pays only where the map is large against the weight: chosen per call
-  (``subpixel_pays``), else the original ``conv(interpolate(x))`` runs.
+  (``subpixel_pays``; CPU tensors only, where it was measured), else the original
+  ``conv(interpolate(x))`` runs.
 
 Both are the same function up to floating-point rounding (summed taps multiply once); the
 gradients follow by autograd. Spectral-norm convs (``ConvMixin`` with BigGAN's sigma) divide the
@@ -102,7 +103,8 @@ def _spec(m: nn.Module):
 def upsample_conv3x3(conv: nn.Module, x: torch.Tensor, *interp_args, **interp_kwargs) -> torch.Tensor:
     """What the rewritten graph calls for ``conv(interpolate(x, scale_factor=2))`` (nearest, 3x3
     conv, stride 1, padding 1, zero padding): the sub-pixel form where it pays, else as written."""
-    if x.dim() == 4 and x.is_floating_point() and subpixel_pays(x):
+    # measured on the CPU only (oneDNN): elsewhere the pair runs as written
+    if x.dim() == 4 and x.is_cpu and x.is_floating_point() and subpixel_pays(x):
         w, sigma = _spec(conv)
         return subpixel_conv3x3(x, w, conv.bias, sigma)
     return conv(F.interpolate(x, *interp_args, **interp_kwargs))
