@@ -6,8 +6,11 @@ that now run inside fused ops. Also the micro-measurements behind the rule table
     python benchmarks/bench_fuse.py --families cyclegan biggan_G --widths small --repeats 5
     python benchmarks/bench_fuse.py --decisions              # triple vs pair, pre-activation, pad share
     python benchmarks/bench_fuse.py --decisions fold         # one of them
+    python benchmarks/bench_fuse.py --decisions upsample     # BigGAN's upsample -> conv rules, per GBlock
     python benchmarks/bench_fuse.py --families pix2pix_G --widths reference --ablate pre_activation
     python benchmarks/bench_fuse.py --compile                # + torch.compile of the original / the fused
+    python benchmarks/bench_fuse.py --layers --families sagan_D --widths small   # each rewrite alone
+    python benchmarks/bench_fuse.py --profile --families biggan_G --widths reference --threads 1  # time by layer kind
 
 The networks are the compact re-writes of the references in tests/ (reference_nets.py:
 junyanz CycleGAN / pix2pix, yunjey StarGAN; reference_nets_attention.py: ajbrock BigGAN,
@@ -155,21 +158,31 @@ def step_fn(net, inputs):
 
 
 def round_robin(fns: dict, warmup: int, repeats: int) -> dict:
-    """{name: median ms}, the variants taking turns (ganengine.bench.timing.interleave)."""
-    return timing.medians(timing.interleave(fns, repeats, warmup=warmup))
+    """{name: median ms}, the variants taking turns (ganengine.bench.timing.interleave), the order
+    reversed every other round (neither always runs on the caches the other left warm)."""
+    return timing.medians(timing.interleave(fns, repeats, warmup=warmup, alternate=True, clock=CLOCK[0]))
+
+
+# --clock cpu: the calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID) instead of wall time. With
+# --threads 1 every op runs on that thread, so the figure leaves out the time the process spent
+# descheduled by other jobs: on a shared, loaded machine a ms-long step's wall time is mostly that
+CLOCK = [time.perf_counter]
 
 
 @contextlib.contextmanager
 def without_rules(names):
     """fuse() with the named built-in rules left out of the table (the ablation variants)."""
-    from ganengine.fusion import rules
+    from ganengine.fusion import graph, rules
 
-    saved = rules.RULES
+    saved, saved_up = rules.RULES, set(graph.UPSAMPLE_RULES)
     rules.RULES = tuple(r for r in saved if r.name not in set(names))
+    graph.UPSAMPLE_RULES -= {n.split("+")[-1] for n in names if n.startswith("graph:upsample+")}
     try:
         yield
     finally:
         rules.RULES = saved
+        graph.UPSAMPLE_RULES.clear()
+        graph.UPSAMPLE_RULES.update(saved_up)
 
 
 def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool, ablate=()) -> dict:
@@ -184,10 +197,11 @@ def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool,
     orig_aten, _ = count_forward_ops(net, inputs)
     left_aten, gan_ops = count_forward_ops(fused, inputs)
     fns = {"original": step_fn(net, inputs), "fused": step_fn(fused, inputs)}
-    for rule in ablate:   # the same net fused without one rule: what that rule buys in the step
-        if report.get(rule):
-            with without_rules([rule]):
-                fns[f"fused -{rule}"] = step_fn(ganengine.fuse(net), inputs)
+    for spec in ablate:   # the same net fused without a rule (or "a,b": several): what they buy in the step
+        names = spec.split(",")
+        if any(report.get(rule) for rule in names):
+            with without_rules(names):
+                fns[f"fused -{spec}"] = step_fn(ganengine.fuse(net), inputs)
     if compile_:
         fns["compile(original)"] = step_fn(torch.compile(net), inputs)
         fns["compile(fused)"] = step_fn(torch.compile(fused), inputs)
@@ -198,6 +212,113 @@ def run_family(name: str, width: str, warmup: int, repeats: int, compile_: bool,
             "fused_ops": 1 - left_aten / orig_aten, "aten_ops": [orig_aten, left_aten], "ganengine_ops": gan_ops,
             "report": dict(report), "declined": [tuple(d) for d in report.declined],
             "not_traced": report.not_traced}
+
+
+def run_layers(name: str, width: str, warmup: int, repeats: int) -> list:
+    """Each place fuse() rewrote, on its own: the original modules there (a Sequential's fused
+    run: the fused module's index and the Identity placeholders after it) against the fused
+    module, forward + backward on the input the original model gives that place, interleaved.
+    Says which rewrite gains or loses how much inside a family's step ("--layers")."""
+    make, inputs_of = FAMILIES[name][width]
+    torch.manual_seed(0)
+    net = make().train()
+    fused, report = ganengine.fuse(net, return_report=True)
+    torch.manual_seed(1)
+    inputs = inputs_of()
+    orig_mods, fused_mods = dict(net.named_modules()), dict(fused.named_modules())
+    captured, hooks = {}, []
+    for where, _ in report.replaced:
+        if where in orig_mods and where not in captured:
+            captured[where] = None
+            hooks.append(orig_mods[where].register_forward_pre_hook(
+                lambda m, args, where=where: captured.__setitem__(where, tuple(a.detach() for a in args)) if
+                captured[where] is None else None))
+    with torch.no_grad():
+        net(*inputs)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for where, rule in report.replaced:
+        args = captured.get(where)
+        if not args or where not in fused_mods or rule.startswith("graph:"):
+            continue
+        parent, _, idx = where.rpartition(".")
+        group_o, group_f = [orig_mods[where]], [fused_mods[where]]
+        fparent = fused_mods.get(parent) if parent else fused
+        if isinstance(fparent, nn.Sequential) and idx.isdigit():
+            oparent = orig_mods[parent] if parent else net
+            names = list(fparent._modules)
+            for n in names[names.index(idx) + 1:]:
+                if not isinstance(fparent._modules[n], nn.Identity) or isinstance(oparent._modules[n], nn.Identity):
+                    break
+                group_o.append(oparent._modules[n])
+                group_f.append(fparent._modules[n])
+
+        def step(group):
+            params = [p for m in group for p in m.parameters()]
+
+            def run():
+                for p in params:
+                    p.grad = None
+                xs = tuple(a.clone().requires_grad_(a.is_floating_point()) for a in args)
+                out = group[0](*xs)
+                for m in group[1:]:
+                    out = m(out)
+                _loss(out).backward()
+            return run
+        t = round_robin({"original": step(group_o), "fused": step(group_f)}, warmup, repeats)
+        rows.append({"where": where, "rule": rule, "input": tuple(args[0].shape), **t,
+                     "saved ms": t["original"] - t["fused"]})
+    return rows
+
+
+def _op_kind(name: str, shapes) -> str:
+    """A profiled op's layer kind, from its name and input shapes (--profile)."""
+    kernels = {tuple(sh[2:]) for sh in shapes if isinstance(sh, list) and len(sh) == 4}
+    if any(k in name for k in ("attention", "softmax", "bmm", "max_pool")):
+        return "attention"
+    if "upsample" in name:
+        return "upsample"
+    if any(k in name for k in ("batch_norm", "instance_norm", "threshold", "relu")):
+        return "norm / act"
+    if any(k in name for k in ("winograd", "conv3x3", "im2col", "col2im")):
+        return "conv 3x3"
+    if "conv" in name:
+        for k, kind in (((3, 3), "conv 3x3"), ((1, 1), "conv 1x1"), ((2, 2), "conv 3x3 (sub-pixel phases)")):
+            if k in kernels:
+                return kind
+        return "conv, other kernels"
+    if name in ("aten::mm", "aten::addmm"):
+        dims = [d for sh in shapes if isinstance(sh, list) for d in sh]
+        return "mm with a unit dim (SN power iteration, sigma grad)" if 1 in dims else \
+            "mm (conv GEMM form / Winograd, linears)"
+    if name in ("aten::div", "aten::neg", "aten::mul"):
+        return "mul / div / neg (SN weight quotient, ccbn)"
+    return "the rest"
+
+
+def profile_family(name: str, width: str) -> dict:
+    """Self CPU time of one training step (torch.profiler, after two warm-up steps) by layer kind
+    (``_op_kind``), original and fused ("--profile")."""
+    from collections import Counter
+
+    make, inputs_of = FAMILIES[name][width]
+    torch.manual_seed(0)
+    net = make().train()
+    fused = ganengine.fuse(net)
+    torch.manual_seed(1)
+    inputs = inputs_of()
+    out = {}
+    for which, m in (("original", net), ("fused", fused)):
+        step = step_fn(m, inputs)
+        step(), step()
+        with torch.profiler.profile(record_shapes=True) as prof:
+            step()
+        kinds = Counter()
+        for e in prof.key_averages(group_by_input_shape=True):
+            kinds[_op_kind(e.key, e.input_shapes)] += e.self_cpu_time_total / 1e3
+        out[which] = dict(kinds.most_common())
+    return out
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -313,6 +434,41 @@ def _pad_share(warmup, repeats):
     return rows
 
 
+def _biggan_upsample_convs(warmup, repeats):
+    """BigGAN-128's GBlocks (ch 96, batch 2): ``conv1(upsample(h))`` (SN 3x3) and
+    ``conv_sc(upsample(x))`` (SN 1x1) as the reference runs them, on fuse()'s SN conv (what fuse()
+    built before the upsample rules), and as the graph rules run them now (ganengine/fusion/upsample.py:
+    the sub-pixel form forced on, whatever MIN_PIXELS says; the 1x1 conv before the upsample)."""
+    from ganengine.fusion import upsample as U
+    from ganengine.fusion.spectral import biggan_sigma
+
+    rows = []
+    chans = [(1536, 1536, 4), (1536, 768, 8), (768, 384, 16), (384, 192, 32), (192, 96, 64)]
+    for cin, cout, s in chans:
+        for k in (3, 1):
+            torch.manual_seed(0)
+            conv = R.SNConv2d(cin, cout, kernel_size=k, padding=k // 2)
+            fconv = ganengine.fuse(conv)
+            x = torch.randn(2, cin, s, s, requires_grad=True)
+            up = functools.partial(F.interpolate, scale_factor=2)
+
+            def step(f, m):
+                def run():
+                    x.grad = m.weight.grad = m.bias.grad = None
+                    f().square().mean().backward()
+                return run
+            fns = {"reference": step(lambda: conv(up(x)), conv), "fused conv": step(lambda: fconv(up(x)), fconv)}
+            if k == 3:
+                fns["rule"] = step(lambda: U.subpixel_conv3x3(x, fconv.weight, fconv.bias, biggan_sigma(fconv)), fconv)
+            else:
+                fns["rule"] = step(lambda: U.upsample_conv1x1(fconv, x, scale_factor=2), fconv)
+            t = round_robin(fns, warmup, repeats)
+            rows.append({"case": f"2x{cin}x{s}x{s} up2 -> {k}x{k} {cout}", **t,
+                         "rule vs fused conv": t["fused conv"] / t["rule"],
+                         "small-map pixels": 2 * s * s})
+    return rows
+
+
 def _table(rows, keys):
     out = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for r in rows:
@@ -328,6 +484,8 @@ _DECISIONS = {
              ["case", "norm, act, conv", "norm+act, conv", "saved"]),
     "pad": ("reflection pad + 7x7 conv (ms, fwd+bwd)", _pad_share, ["case", "pad + conv", "conv (zero padding)",
                                                                    "pad share"]),
+    "upsample": ("BigGAN GBlock upsample -> SN conv (ms, fwd+bwd)", _biggan_upsample_convs,
+                 ["case", "small-map pixels", "reference", "fused conv", "rule", "rule vs fused conv"]),
 }
 
 
@@ -342,15 +500,46 @@ def main(argv=None):
     p.add_argument("--decisions", nargs="*", default=None, choices=list(_DECISIONS),
                    help="the rule-table micro-measurements instead (all, or the named ones)")
     p.add_argument("--ablate", nargs="*", default=[], metavar="RULE",
-                   help="also time each family fused without RULE (where RULE fused something)")
+                   help="also time each family fused without RULE (where RULE fused something); "
+                        "RULE1,RULE2 leaves several out together")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or the main thread's CPU time (with --threads 1: robust to other jobs' load)")
+    p.add_argument("--profile", action="store_true",
+                   help="self CPU time of one step by layer kind, original and fused (torch.profiler)")
+    p.add_argument("--layers", action="store_true",
+                   help="time each place fuse() rewrote on its own (original modules vs fused module)")
     p.add_argument("--json", default=None, help="write the records to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend "
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            p.error("--clock cpu needs --threads 1 (CPU time of the calling thread only)")
+        CLOCK[0] = time.thread_time
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, load average "
+          f"{os.getloadavg()[0]:.1f}, backend "
           f"{ganengine.backends.status() if hasattr(ganengine.backends, 'status') else ''}", flush=True)
     records = []
-    if args.decisions is not None:
+    if args.profile:
+        for name in args.families:
+            for width in args.widths:
+                prof = profile_family(name, width)
+                records.append({"family": name, "width": width, "profile_ms": prof})
+                kinds = list(dict.fromkeys(list(prof["original"]) + list(prof["fused"])))
+                tot = {w: sum(prof[w].values()) for w in prof}
+                rows = [{"layer kind": k, **{w: f"{prof[w].get(k, 0.0):.0f} ms ({prof[w].get(k, 0.0) / tot[w]:.1%})"
+                                             for w in prof}} for k in kinds]
+                rows.append({"layer kind": "total", **{w: f"{tot[w]:.0f} ms" for w in prof}})
+                print(f"\n{name} ({width}): self CPU time of one step by layer kind\n"
+                      + _table(rows, ["layer kind", "original", "fused"]), flush=True)
+    elif args.layers:
+        for name in args.families:
+            for width in args.widths:
+                rows = run_layers(name, width, args.warmup, args.repeats)
+                records.append({"family": name, "width": width, "layers": rows})
+                print(f"\n{name} ({width}): each rewrite alone, ms fwd+bwd\n"
+                      + _table(rows, ["where", "rule", "input", "original", "fused", "saved ms"]), flush=True)
+    elif args.decisions is not None:
         for name, (title, fn, keys) in _DECISIONS.items():
             if args.decisions and name not in args.decisions:
                 continue
@@ -373,6 +562,7 @@ def main(argv=None):
                 print(f"| {name} | {width} | {r['params'] / 1e6:.2f} M | {r['shape'][0]} | {r['ms']['original']:.1f} | "
                       f"{r['ms']['fused']:.1f} | {r['speedup']:.2f}x | {r['fused_ops']:.0%} | {r['ganengine_ops']} |"
                       + extra, flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1, default=str)

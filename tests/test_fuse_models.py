@@ -88,7 +88,10 @@ def test_stargan():
     _trajectory(lambda: ref.StarDiscriminator(image_size=16, conv_dim=4, c_dim=3, repeat_num=3), _images(2, 3, 16))
 
 
-def test_biggan_generator_and_discriminator():
+def test_biggan_generator_and_discriminator(monkeypatch):
+    from ganengine.fusion import upsample
+    monkeypatch.setattr(upsample, "MIN_PIXELS", 0)   # the sub-pixel form on these small maps too
+
     def g_batch(step):
         gen = torch.Generator().manual_seed(step)
         return torch.randn(3, 20, generator=gen), torch.randint(0, 5, (3,), generator=gen)
@@ -105,6 +108,8 @@ def test_biggan_generator_and_discriminator():
     _, report = _trajectory(WithShared, g_batch)
     assert report["graph:conditional_batch_norm+act"] == 6 and report["biggan_self_attention"] == 1
     assert report["batch_norm_like+act"] == 1 and report["conv_module"] == 14
+    # each GBlock's upsample -> conv1 (3x3) and upsample -> conv_sc (1x1): ganengine/fusion/upsample.py
+    assert report["graph:upsample+conv3x3"] == 3 and report["graph:upsample+conv1x1"] == 3
 
     def d_batch(step):
         gen = torch.Generator().manual_seed(step)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import linecache
 import types
 
@@ -316,6 +317,7 @@ def rewrite(m: nn.Module, path: str, report: FuseReport) -> nn.Module | None:
         graph.erase_node(users[0])
         graph.erase_node(node)
         fused.append((rule, where))
+    fused += _upsample_convs(m, graph, path, report)
     if not fused:
         return None
     graph.lint()
@@ -327,3 +329,99 @@ def rewrite(m: nn.Module, path: str, report: FuseReport) -> nn.Module | None:
     report.traced.append(path)
     return new
 
+
+
+# ----------------------------------------------------------------------------- upsample -> conv
+_INTERP = inspect.signature(F.interpolate)
+# which of the two rewrites run ("conv1x1", "conv3x3"): benchmarks/bench_fuse.py --ablate leaves one out
+UPSAMPLE_RULES = {"conv1x1", "conv3x3"}
+
+
+def _nearest_scale(node: fx.Node, m: nn.Module):
+    """(input node, args, kwargs, scales) when ``node`` is a nearest upsampling by scale
+    factors >= 1 (``F.interpolate`` or an ``nn.Upsample`` child without hooks), else None."""
+    if node.op == "call_function" and node.target is F.interpolate:
+        try:
+            bound = _INTERP.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        args, kwargs = (), {k: v for k, v in a.items() if k != "input"}
+        src, size, scale, mode, antialias = a["input"], a["size"], a["scale_factor"], a["mode"], a["antialias"]
+        if a["align_corners"] is not None:   # an error for "nearest": keep the call that raises it
+            return None
+    elif node.op == "call_module" and type(m.get_submodule(node.target)) is nn.Upsample and len(node.args) == 1 \
+            and not node.kwargs:
+        up = m.get_submodule(node.target)
+        if checks.hook_kinds(up) or up.align_corners is not None:
+            return None
+        src, size, scale, mode, antialias = node.args[0], up.size, up.scale_factor, up.mode, False
+        args, kwargs = (), {"size": None, "scale_factor": scale, "mode": mode, "align_corners": up.align_corners,
+                            "recompute_scale_factor": getattr(up, "recompute_scale_factor", None)}
+    else:
+        return None
+    if not isinstance(src, fx.Node) or size is not None or mode != "nearest" or antialias is not False:
+        return None
+    scales = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
+    if len(scales) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in scales):
+        return None
+    return src, args, kwargs, scales
+
+
+def _plain_conv_child(c: nn.Module) -> bool:
+    """A conv whose forward is exactly conv2d(x, <its weight>, bias, stride, padding) with no
+    hook or activation: nn.Conv2d, ganengine's Conv2d / Conv3x3, a fused conv of fuse()'s own."""
+    from ganengine.fusion.mixins import ConvMixin, ConvTransposeMixin
+    from ganengine.nn import Conv2d, Conv3x3
+
+    if checks.hook_kinds(c) or checks.patched_forward(c) or isinstance(c, ConvTransposeMixin):
+        return False
+    if isinstance(c, ConvMixin):
+        return c._ganengine_slope is None
+    return type(c) in (nn.Conv2d, Conv2d, Conv3x3)
+
+
+def _upsample_conv_kind(c: nn.Module, scales) -> str | None:
+    pad = c.padding
+    if isinstance(pad, str) or tuple(c.stride) != (1, 1):
+        return None
+    if tuple(c.kernel_size) == (1, 1) and tuple(pad) == (0, 0):
+        return "conv1x1"
+    if (tuple(c.kernel_size) == (3, 3) and tuple(pad) == (1, 1) and tuple(c.dilation) == (1, 1) and c.groups == 1
+            and c.padding_mode == "zeros" and all(float(v) == 2.0 for v in scales)):
+        return "conv3x3"
+    return None
+
+
+def _upsample_convs(m: nn.Module, graph: fx.Graph, path: str, report: FuseReport) -> list:
+    """``conv(upsample(x))`` -> one call of ganengine/fusion/upsample.py: a 1x1 conv runs before
+    the upsample (they commute), a 3x3 conv after a 2x upsample runs in the sub-pixel form where
+    that pays (decided per call). Only where the upsampled map has no other reader."""
+    from ganengine.fusion import upsample
+
+    done = []
+    for node in list(graph.nodes):
+        spec = _nearest_scale(node, m)
+        if spec is None or len(node.users) != 1:
+            continue
+        conv_node = next(iter(node.users))
+        if conv_node.op != "call_module" or conv_node.args != (node,) or conv_node.kwargs:
+            continue
+        child = m.get_submodule(conv_node.target)
+        if not isinstance(child, nn.Conv2d) or not _plain_conv_child(child):
+            continue
+        kind = _upsample_conv_kind(child, spec[3])
+        if kind not in UPSAMPLE_RULES:
+            continue
+        fn = upsample.upsample_conv1x1 if kind == "conv1x1" else upsample.upsample_conv3x3
+        src, args, kwargs, _ = spec
+        with graph.inserting_before(conv_node):
+            holder = graph.get_attr(conv_node.target)
+            call = graph.call_function(fn, (holder, src, *args), kwargs)
+        conv_node.replace_all_uses_with(call)
+        graph.erase_node(conv_node)
+        graph.erase_node(node)
+        where = f"{path}.{conv_node.target}" if path else conv_node.target
+        done.append((f"graph:upsample+{kind}", where))
+    return done
