@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganengine.models.conv_gemm import (SMALL_MAP, SmallMapConv2d, SmallMapConvTranspose2d, conv4x4s2_gemm,
+from ganengine.models.conv_gemm import (FEW_ROWS, NARROW, SMALL_MAP, WIDE, SmallMapConv2d, SmallMapConvTranspose2d, conv4x4s2_gemm,
                                         conv_transpose4x4s2_gemm)
 from ganengine.models.networks_dcgan import DCGANDiscriminator, DCGANGenerator
 from tests._tolerance import assert_within_bound
@@ -80,22 +80,29 @@ def test_gemm_form_has_no_double_backward():
 
 def test_small_map_routing_rule():
     torch.manual_seed(0)
-    conv = SmallMapConv2d.from_module(nn.Conv2d(4, 6, 4, 2, 1, bias=False))
-    convt = SmallMapConvTranspose2d.from_module(nn.ConvTranspose2d(4, 6, 4, 2, 1, bias=False))
-    side = int(SMALL_MAP ** 0.5)  # 4: a 4x4 small map routes, 6x6 does not
-    assert _route(conv(torch.randn(2, 4, 2 * side, 2 * side))) == "gemm"
-    assert _route(conv(torch.randn(2, 4, 2 * side + 4, 2 * side))) == "torch"  # 6x4 = 24 pixels
-    assert _route(conv(torch.randn(2, 4, 7, 8))) == "torch"  # odd: not the im2col's geometry
-    assert _route(convt(torch.randn(2, 4, side, side))) == "gemm"
-    assert _route(convt(torch.randn(2, 4, 3, 5))) == "gemm"
-    assert _route(convt(torch.randn(2, 4, side + 1, side))) == "torch"
-    conv64 = SmallMapConv2d.from_module(nn.Conv2d(4, 6, 4, 2, 1, bias=False).double())
-    assert _route(conv64(torch.randn(2, 4, 8, 8, dtype=torch.float64))) == "torch"
+    c = NARROW  # NARROW channels route with at most FEW_ROWS output rows (batch x small-map pixels)
+    conv = SmallMapConv2d.from_module(nn.Conv2d(c, c, 4, 2, 1, bias=False))
+    convt = SmallMapConvTranspose2d.from_module(nn.ConvTranspose2d(c, c, 4, 2, 1, bias=False))
+    side = int(SMALL_MAP ** 0.5)  # 4: a 4x4 small map routes, 6x4 does not
+    n_ok = FEW_ROWS // SMALL_MAP
+    assert _route(conv(torch.randn(n_ok, c, 2 * side, 2 * side))) == "gemm"
+    assert _route(conv(torch.randn(n_ok + 1, c, 2 * side, 2 * side))) == "torch"  # too many rows for NARROW
+    assert _route(conv(torch.randn(1, c, 2 * side + 4, 2 * side))) == "torch"  # 6x4 = 24 pixels
+    assert _route(conv(torch.randn(1, c, 7, 8))) == "torch"  # odd: not the im2col's geometry
+    assert _route(convt(torch.randn(n_ok, c, side, side))) == "gemm"
+    assert _route(convt(torch.randn(1, c, 3, 5))) == "gemm"
+    assert _route(convt(torch.randn(1, c, side + 1, side))) == "torch"
+    narrow = SmallMapConv2d.from_module(nn.Conv2d(NARROW - 1, 2 * c, 4, 2, 1, bias=False))
+    assert _route(narrow(torch.randn(1, NARROW - 1, 8, 8))) == "torch"  # too few channels on one side
+    wide = SmallMapConvTranspose2d.from_module(nn.ConvTranspose2d(WIDE, WIDE, 4, 2, 1, bias=False))
+    assert _route(wide(torch.randn(n_ok + 1, WIDE, side, side))) == "gemm"  # WIDE: any batch
+    conv64 = SmallMapConv2d.from_module(nn.Conv2d(c, c, 4, 2, 1, bias=False).double())
+    assert _route(conv64(torch.randn(1, c, 8, 8, dtype=torch.float64))) == "torch"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _route(conv(torch.randn(2, 4, 8, 8))) == "torch"
+        assert _route(conv(torch.randn(1, c, 8, 8))) == "torch"
     # same parameter object, same keys; bias / other geometries are refused
-    c = nn.Conv2d(4, 6, 4, 2, 1, bias=False)
-    assert SmallMapConv2d.from_module(c).weight is c.weight and list(SmallMapConv2d.from_module(c).state_dict()) == ["weight"]
+    c4 = nn.Conv2d(4, 6, 4, 2, 1, bias=False)
+    assert SmallMapConv2d.from_module(c4).weight is c4.weight and list(SmallMapConv2d.from_module(c4).state_dict()) == ["weight"]
     with pytest.raises(ValueError, match="4x4 stride-2 padding-1"):
         SmallMapConv2d.from_module(nn.Conv2d(4, 6, 4, 2, 1, bias=True))
     with pytest.raises(ValueError, match="4x4 stride-2 padding-1"):
@@ -104,7 +111,7 @@ def test_small_map_routing_rule():
 
 def test_dcgan_takes_the_gemm_form_on_its_small_maps(one_thread):
     torch.manual_seed(0)
-    G, D = DCGANGenerator(nz=8, ngf=2, nc=3), DCGANDiscriminator(ndf=2, nc=3)
+    G, D = DCGANGenerator(nz=8, ngf=16, nc=3), DCGANDiscriminator(ndf=16, nc=3)  # 64 <-> 128 channels at 4x4
     seen = {}
     for tag, net in (("G", G), ("D", D)):
         for index, layer in enumerate(net.main):
@@ -112,6 +119,6 @@ def test_dcgan_takes_the_gemm_form_on_its_small_maps(one_thread):
                 layer.register_forward_hook(lambda m, i, o, key=(tag, index): seen.__setitem__(key, _route(o)))
     D(G(torch.randn(2, 8, 1, 1)))
     assert {k for k, v in seen.items() if v == "gemm"} == {("G", 3), ("D", 8)}, seen
-    ref = DCGANGenerator(nz=8, ngf=2, nc=3, fused=False), DCGANDiscriminator(ndf=2, nc=3, fused=False)
+    ref = DCGANGenerator(nz=8, ngf=16, nc=3, fused=False), DCGANDiscriminator(ndf=16, nc=3, fused=False)
     assert not any(isinstance(m, (SmallMapConv2d, SmallMapConvTranspose2d)) for r in ref for m in r.modules())
 

@@ -5,8 +5,9 @@ DCGAN's layers between the 4x4 and the 8x8 maps (D's ``Conv2d(8 ndf, 4 ndf)`` 8x
 efficient: a 4x4 output gives it 16 pixels per image to block over. Written as a GEMM over the
 patch matrix (M = N * 16 rows, K = 16 * Cin) they run on MKL's sgemm instead. Measured at the
 reference setting (batch 64, 256 <-> 512 channels, fwd + bwd, 1 thread, interleaved, under load):
-oneDNN on channels_last 130-134 ms, this form about 100 ms; at the 8x8 -> 16x16 maps oneDNN wins
-(the patch matrix is 4x larger and its direct conv is near peak there), hence ``SMALL_MAP``.
+oneDNN on channels_last 128 ms, this form 94 ms (the transposed conv 128 -> 90 ms); at the
+8x8 -> 16x16 maps oneDNN wins (the patch matrix is 4x larger and its direct conv is near peak
+there), and with few channels the patch copies cost more than the GEMM saves: ``small_map_route``.
 
 * ``conv4x4s2_gemm(x, weight)`` = ``F.conv2d(x, weight, None, 2, 1)``: im2col of the padded NHWC
   input (one strided copy), ``cols @ W`` with W (16 Cin, Cout) in (kh, kw, cin) order; the output
@@ -28,6 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 SMALL_MAP = 16  # route when the small side's map (conv output / transposed-conv input) has <= this many pixels
+WIDE, NARROW, FEW_ROWS = 256, 64, 64  # and these channels (see small_map_route)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -125,10 +127,20 @@ def conv_transpose4x4s2_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
 
 
 def small_map_route(x: torch.Tensor, weight: torch.Tensor, small_hw: int) -> bool:
-    """Whether the GEMM form serves this call: fp32 (N, C, H, W) CPU tensors outside autocast and
-    a small map (the conv's output, the transposed conv's input) of at most ``SMALL_MAP`` pixels."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() == 4 and not torch.is_autocast_enabled("cpu") and 0 < small_hw <= SMALL_MAP)
+    """Whether the GEMM form serves this call: fp32 (N, C, H, W) CPU tensors outside autocast, a
+    small map (the conv's output, the transposed conv's input) of at most ``SMALL_MAP`` pixels,
+    and enough channels for the GEMM to pay for the patch copies (their cost per multiply-add
+    falls as 1 / channels): at least ``WIDE`` channels on both sides, or ``NARROW`` with at most
+    ``FEW_ROWS`` output rows (N x small map pixels), where oneDNN's direct conv has the fewest
+    pixels to block over. Measured (fwd+bwd, 1 thread, interleaved, under load), GEMM vs oneDNN:
+    256 <-> 512 channels 1.3x faster at batch 64, 1.7x at 16, 3x at 4; 128 <-> 256 1.16x slower
+    at batch 64, 1.9x faster at 4; 64 <-> 128 1.75x slower at 64, 1.1x faster at 4; 32 <-> 64
+    2.2x slower at 64, 1.2x slower at 4."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and not torch.is_autocast_enabled("cpu") and 0 < small_hw <= SMALL_MAP):
+        return False
+    channels = min(weight.shape[0], weight.shape[1])
+    return channels >= WIDE or (channels >= NARROW and x.shape[0] * small_hw <= FEW_ROWS)
 
 
 def is_4x4s2p1(m) -> bool:
