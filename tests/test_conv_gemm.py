@@ -100,6 +100,8 @@ def test_small_map_routing_rule():
     assert _route(conv64(torch.randn(1, c, 8, 8, dtype=torch.float64))) == "torch"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _route(conv(torch.randn(1, c, 8, 8))) == "torch"
+    traced = torch.jit.trace(convt, torch.randn(1, c, side, side))  # export traces PyTorch's conv
+    assert "PythonOp" not in str(traced.graph) and "conv" in str(traced.graph)
     # same parameter object, same keys; bias / other geometries are refused
     c4 = nn.Conv2d(4, 6, 4, 2, 1, bias=False)
     assert SmallMapConv2d.from_module(c4).weight is c4.weight and list(SmallMapConv2d.from_module(c4).state_dict()) == ["weight"]

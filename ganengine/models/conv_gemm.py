@@ -18,8 +18,8 @@ there), and with few channels the patch copies cost more than the GEMM saves: ``
 
 The same function as oneDNN's to rounding (a different summation order). First derivatives only:
 a double backward (gradient penalty) through them raises instead of returning wrong numbers, and
-``small_map_route`` only routes fp32 CPU tensors outside autocast, so callers keep PyTorch's conv
-for everything else.
+``small_map_route`` only routes fp32 CPU tensors outside autocast, tracing (export) and
+torch.compile, so callers keep PyTorch's conv for everything else.
 """
 from __future__ import annotations
 
@@ -139,6 +139,8 @@ def small_map_route(x: torch.Tensor, weight: torch.Tensor, small_hw: int) -> boo
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() == 4 and not torch.is_autocast_enabled("cpu") and 0 < small_hw <= SMALL_MAP):
         return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False  # export (ganengine.export traces) and torch.compile see PyTorch's conv
     channels = min(weight.shape[0], weight.shape[1])
     return channels >= WIDE or (channels >= NARROW and x.shape[0] * small_hw <= FEW_ROWS)
 
