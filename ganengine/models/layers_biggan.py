@@ -58,9 +58,10 @@ class SN:
     def W_(self) -> torch.Tensor:
         """The spectrally normalised weight (the reference's method name); the one
         ``grouped_spectral_norms`` computed for this forward if there is one (used once)."""
-        pending = self.__dict__.pop("_sn_pending", None)
-        if pending is not None:
-            return pending
+        if not torch.compiler.is_compiling():  # (nothing is grouped under torch.compile)
+            pending = self.__dict__.pop("_sn_pending", None)
+            if pending is not None:
+                return pending
         return sn_biggan.sn_weight(self.weight, self.u, self.sv, self.training, self.eps, self.num_itrs,
                                    self.transpose, fused=self.fused)
 
