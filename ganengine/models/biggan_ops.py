@@ -99,6 +99,56 @@ def sn_weight(weight, us, svs, training: bool, eps: float, num_itrs: int, transp
     return weight / sv_list[0]
 
 
+# Grouping pays where the per-layer iteration is host-bound (about a dozen small ops per layer):
+# weights up to this many elements are stacked per shape; larger ones keep the per-layer path
+# (their GEMVs dominate and a stack would copy them).
+SN_GROUP_MAX_NUMEL = 1 << 20
+
+
+def sn_group_key(m):
+    """The group of an SN layer (layers_biggan.SN) whose fused power iteration can be batched
+    with others', or None: one singular vector, a small weight."""
+    w = m.weight
+    if not m.fused or m.num_svs != 1 or w.numel() > SN_GROUP_MAX_NUMEL or w.dim() < 2:
+        return None
+    rows, cols = w.shape[0], w.numel() // w.shape[0]
+    return ((cols, rows) if m.transpose else (rows, cols), m.transpose, w.dtype, w.device, m.training, m.eps,
+            m.num_itrs if m.training else 1)
+
+
+def sn_weights_grouped(members: list) -> list:
+    """``sn_weight(..., fused=True)`` for layers of one ``sn_group_key``, their power iterations
+    batched: the same GEMVs per layer as one ``bmm`` each (the same function to rounding), the
+    buffers written as there; returns each layer's ``weight / sigma`` (``_DivBySigma`` when the
+    weight takes a gradient)."""
+    m0 = members[0]
+    training, eps, transpose = m0.training, m0.eps, m0.transpose
+    u_bufs = [m.u0 for m in members]
+    with torch.no_grad():
+        W = torch.stack([m.weight.view(m.weight.shape[0], -1) for m in members])
+        if transpose:
+            W = W.transpose(1, 2)
+        u = torch.stack(u_bufs)  # (K, 1, rows)
+        for _ in range(m0.num_itrs if training else 1):
+            v = F.normalize(torch.bmm(u, W), dim=-1, eps=eps)
+            wv = torch.bmm(v, W.transpose(1, 2))
+            u = F.normalize(wv, dim=-1, eps=eps)
+            if training:
+                torch._foreach_copy_(u_bufs, list(u.unbind(0)))
+        sigma = torch.bmm(wv, u.transpose(1, 2)).view(-1)  # (K,)
+        if training:
+            torch._foreach_copy_([m.sv0 for m in members], list(sigma.view(-1, 1).unbind(0)))
+    grad = torch.is_grad_enabled()
+    out = []
+    for k, m in enumerate(members):
+        weight = m.weight
+        if grad and weight.requires_grad:
+            out.append(_DivBySigma.apply(weight, sigma[k], u[k], v[k], transpose))
+        else:
+            out.append(weight / sigma[k])
+    return out
+
+
 # ----------------------------------------------------------------------------- batch norm + ReLU
 def relu_or_none(activation) -> bool:
     return activation is None or isinstance(activation, nn.ReLU) or activation is F.relu

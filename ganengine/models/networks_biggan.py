@@ -151,6 +151,7 @@ class BigGANGenerator(nn.Module):
                                           self.activation, self.which_conv(self.arch["out_channels"][-1], 3))
         if not skip_init:
             self.param_count = L.init_weights(self, G_init)
+        self.fused = bool(fused)  # (set_fused switches it too) the forward groups the SN iterations when fused
         L.set_fused(self, fused)
 
     def forward(self, z, y):
@@ -158,20 +159,21 @@ class BigGANGenerator(nn.Module):
         convention; class indices without ``G_shared``); with ``G_shared``, integer class
         indices are embedded here (so wrappers such as DDP, which hide ``G.shared``, can pass
         labels)."""
-        if self.G_shared and not y.is_floating_point():
-            y = self.shared(y)
-        if self.hier:
-            zs = torch.split(z, self.z_chunk_size, 1)
-            z = zs[0]
-            ys = [torch.cat([y, item], 1) for item in zs[1:]]
-        else:
-            ys = [y] * len(self.blocks)
-        h = self.linear(z)
-        h = h.view(h.size(0), -1, self.bottom_width, self.bottom_width)
-        for index, blocklist in enumerate(self.blocks):
-            for block in blocklist:
-                h = block(h, ys[index])
-        return torch.tanh(self.output_layer(h))
+        with L.grouped_spectral_norms(self):
+            if self.G_shared and not y.is_floating_point():
+                y = self.shared(y)
+            if self.hier:
+                zs = torch.split(z, self.z_chunk_size, 1)
+                z = zs[0]
+                ys = [torch.cat([y, item], 1) for item in zs[1:]]
+            else:
+                ys = [y] * len(self.blocks)
+            h = self.linear(z)
+            h = h.view(h.size(0), -1, self.bottom_width, self.bottom_width)
+            for index, blocklist in enumerate(self.blocks):
+                for block in blocklist:
+                    h = block(h, ys[index])
+            return torch.tanh(self.output_layer(h))
 
 
 class BigGANDiscriminator(nn.Module):
@@ -229,6 +231,7 @@ def discriminator_finish(d: nn.Module, blocks: list, output_dim: int, n_classes:
     d.embed = d.which_embedding(n_classes, d.arch["out_channels"][-1])
     if not skip_init:
         d.param_count = L.init_weights(d, D_init)
+    d.fused = bool(fused)  # (set_fused switches it too) the forward groups the SN iterations when fused
     L.set_fused(d, fused)
 
 
@@ -237,11 +240,12 @@ def discriminator_forward(d: nn.Module, x, y, stem=None):
     projection output."""
     if y is None:
         raise ValueError(f"{type(d).__name__}: y (class labels, shape (N,)) is required for the projection term")
-    h = stem(x) if stem is not None else x
-    for blocklist in d.blocks:
-        for block in blocklist:
-            h = block(h)
-    return projection_output(d, h, y)
+    with L.grouped_spectral_norms(d):
+        h = stem(x) if stem is not None else x
+        for blocklist in d.blocks:
+            for block in blocklist:
+                h = block(h)
+        return projection_output(d, h, y)
 
 
 def projection_output(d: nn.Module, h, y):

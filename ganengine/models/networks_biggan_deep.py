@@ -207,23 +207,25 @@ class BigGANDeepGenerator(nn.Module):
                                           self.activation, self.which_conv(self.arch["out_channels"][-1], 3))
         if not skip_init:
             self.param_count = L.init_weights(self, G_init)
+        self.fused = bool(fused)  # (set_fused switches it too) the forward groups the SN iterations when fused
         L.set_fused(self, fused)
 
     def forward(self, z, y):
         """``y`` is the shared embedding of the labels (``G.shared(labels)``, the reference's
         convention); integer class indices are embedded here (so wrappers such as DDP, which
         hide ``G.shared``, can pass labels)."""
-        if not y.is_floating_point():
-            y = self.shared(y)
-        if self.hier:
-            z = torch.cat([y, z], 1)
-            y = z
-        h = self.linear(z)
-        h = h.view(h.size(0), -1, self.bottom_width, self.bottom_width)
-        for blocklist in self.blocks:
-            for block in blocklist:
-                h = block(h, y)
-        return torch.tanh(self.output_layer(h))
+        with L.grouped_spectral_norms(self):
+            if not y.is_floating_point():
+                y = self.shared(y)
+            if self.hier:
+                z = torch.cat([y, z], 1)
+                y = z
+            h = self.linear(z)
+            h = h.view(h.size(0), -1, self.bottom_width, self.bottom_width)
+            for blocklist in self.blocks:
+                for block in blocklist:
+                    h = block(h, y)
+            return torch.tanh(self.output_layer(h))
 
 
 class BigGANDeepDiscriminator(nn.Module):

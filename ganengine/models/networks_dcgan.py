@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ganengine.models._common import check_positive
+from ganengine.models.conv_gemm import SmallMapConv2d, SmallMapConvTranspose2d, is_4x4s2p1
 from ganengine.models.synthesis_layers import finish_synthesis
 
 
@@ -57,6 +58,17 @@ def run_sequential(seq: nn.Sequential, x: torch.Tensor, channels_last_from: int 
     return x
 
 
+def small_map_convs(seq: nn.Sequential) -> None:
+    """The 4x4 stride-2 (transposed) convs of a fused network -> ``SmallMapConv2d`` /
+    ``SmallMapConvTranspose2d`` (same weights): one GEMM on the CPU where the small map has at most
+    16 pixels (at 64x64: D's 8x8 -> 4x4 conv and G's 4x4 -> 8x8 one), PyTorch's conv elsewhere."""
+    for name, m in seq.named_children():
+        if type(m) is nn.Conv2d and is_4x4s2p1(m):
+            setattr(seq, name, SmallMapConv2d.from_module(m))
+        elif type(m) is nn.ConvTranspose2d and is_4x4s2p1(m):
+            setattr(seq, name, SmallMapConvTranspose2d.from_module(m))
+
+
 def _init(net: nn.Module, init_type) -> None:
     if init_type == "dcgan":
         net.apply(weights_init)
@@ -82,6 +94,8 @@ class DCGANGenerator(nn.Module):
         _init(self, init_type)
         # ganengine's conv op for the first layer only: its GEMM form on the 1x1 input beats oneDNN
         finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
+        if fused:
+            small_map_convs(self.main)
         self.channels_last_from = CHANNELS_LAST_FROM["G"] if fused else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -107,6 +121,8 @@ class DCGANDiscriminator(nn.Module):
         _init(self, init_type)
         # the first conv + LeakyReLU as ganengine's fused op (it beats oneDNN + LeakyReLU there)
         finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
+        if fused:
+            small_map_convs(self.main)
         self.channels_last_from = CHANNELS_LAST_FROM["D"] if fused else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
