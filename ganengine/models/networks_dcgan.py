@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ganengine.models._common import check_positive
-from ganengine.models.conv_gemm import SmallMapConv2d, SmallMapConvTranspose2d, is_4x4s2p1
+from ganengine.nn.conv_small_map import SmallMapConv2d, SmallMapConvTranspose2d, is_4x4s2p1
 from ganengine.models.synthesis_layers import finish_synthesis
 
 

@@ -1,5 +1,5 @@
 """The GEMM form of 4x4 stride-2 padding-1 (transposed) convolutions on small CPU maps
-(ganengine/models/conv_gemm.py, issue 19): the same function as PyTorch's conv forward and
+(ganengine/ops/conv_small_map.py, modules in ganengine/nn/conv_small_map.py, issue 19): the same function as PyTorch's conv forward and
 backward, its routing rule, and where the DCGAN networks take it."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganengine.models.conv_gemm import (FEW_ROWS, NARROW, SMALL_MAP, WIDE, SmallMapConv2d, SmallMapConvTranspose2d, conv4x4s2_gemm,
-                                        conv_transpose4x4s2_gemm)
+from ganengine.nn.conv_small_map import SmallMapConv2d, SmallMapConvTranspose2d
+from ganengine.ops.conv_small_map import FEW_ROWS, NARROW, SMALL_MAP, WIDE, conv4x4s2_gemm, conv_transpose4x4s2_gemm
 from ganengine.models.networks_dcgan import DCGANDiscriminator, DCGANGenerator
 from tests._tolerance import assert_within_bound
 from tests._train_utils import one_thread  # noqa: F401 (fixture)
