@@ -590,6 +590,7 @@ def test_fast_entries_decline_before_any_work(custom_routes):
     calls += [(n, a) for n, _, a in _refused_calls() if n == "conv"]
     calls += [("conv3x3", (x, w3, b, True, "zeros")), ("conv3x3", (x, w3, b, 1.0, "zeros")),
               ("conv3x3", (x, w3, b, 1, "circular")), ("conv3x3", (x, w3, b, 1, None)),
+              ("conv3x3", (x, w3, b, 1, "zeros\udc80")), ("conv3x3", (x, w3, b, 1, "zero")),
               ("conv3x3", (x, w3.tolist(), b, 1, "zeros")), ("conv3x3", (x, w3, [0.0] * 4, 1, "zeros")),
               ("conv3x3", (x.numpy(), w3, b, 1, "zeros")), ("conv3x3", (x, w3, b, 1 << 70, "zeros")),
               ("conv", (x, w4, b, True, 1, 0, False)), ("conv", (x, w4, b, (2, 2, 2), 1, 0, False)),

@@ -28,7 +28,6 @@
 #include <torch/extension.h>
 
 #include <array>
-#include <cstring>
 
 #include "conv_lean.h"
 
@@ -105,10 +104,9 @@ PyObject* conv3x3_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (t == Arg::Dispatcher) return to_dispatcher();
   int64_t padding;
   if (!int_arg(args[3], padding) || !PyUnicode_Check(args[4])) return declined();
-  const char* mode = PyUnicode_AsUTF8(args[4]);
-  if (mode == nullptr) return nullptr;
-  const bool reflect = std::strcmp(mode, "reflect") == 0;
-  if (!reflect && std::strcmp(mode, "zeros") != 0) return declined();
+  // (compared without encoding: a string that cannot be encoded declines, as any other mode)
+  const bool reflect = PyUnicode_CompareWithASCIIString(args[4], "reflect") == 0;
+  if (!reflect && PyUnicode_CompareWithASCIIString(args[4], "zeros") != 0) return declined();
   const at::Tensor& x = THPVariable_Unpack(args[0]);
   const at::Tensor& w = THPVariable_Unpack(args[1]);
   const OptT b = opt(args[2]);
