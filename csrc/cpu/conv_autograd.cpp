@@ -83,6 +83,14 @@ at::MemoryFormat out_format(const at::Tensor& t) {
                                                                                   : at::MemoryFormat::Contiguous;
 }
 
+// at::conv2d / at::conv_transpose2d for 4-d inputs, groups 1, dilation 1, as their own bodies call
+// it: at::convolution (same kernels, same ConvolutionBackward0 node, same numbers), without their
+// CompositeImplicitAutograd dispatcher layer (part of what a tiny call is compared with eager on)
+at::Tensor onednn(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
+}
+
 // ---------------------------------------------------------------------------------- conv3x3
 // What the Python route's cpu backend serves, with nothing to check or convert first; metadata
 // only, so no work is done before a refusal. Returns what is not served, or nullptr.
@@ -149,7 +157,13 @@ struct Conv3x3Fn : public torch::autograd::Function<Conv3x3Fn> {
 at::Tensor run3_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect) {
   reflect = reflect && padding > 0;
   const Decision d = conv_route::decide3x3(x, w, padding);
-  if (d.route != Route::Winograd3x3) return reference3(x, w, b, padding, reflect).contiguous(out_format(x));
+  if (d.route != Route::Winograd3x3) {  // reference3, with at::conv2d's own body (see onednn())
+    const std::vector<int64_t> p0{0, 0}, pp{padding, padding};
+    const at::Tensor y = reflect ? onednn(at::reflection_pad2d(x, {padding, padding, padding, padding}), w, b, {1, 1},
+                                          p0, p0, false)
+                                 : onednn(x, w, b, {1, 1}, pp, p0, false);
+    return y.contiguous(out_format(x));
+  }
   if (!lean::records_grad(x, w, b)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return fwd3_op().call(x, w, b, padding, reflect, d.tile).contiguous(out_format(x));
@@ -245,7 +259,7 @@ at::Tensor run_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at:
                     at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
   const Decision d = conv_route::decide(x, w, stride, padding, transposed, output_padding);
   if (d.route == Route::OneDNN)
-    return reference(x, w, b, stride, padding, output_padding, transposed).contiguous(out_format(x));
+    return onednn(x, w, b, stride, padding, output_padding, transposed).contiguous(out_format(x));
   const int64_t route = static_cast<int64_t>(d.route);
   if (!lean::records_grad(x, w, b)) {
     at::AutoDispatchBelowADInplaceOrView below;
