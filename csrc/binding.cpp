@@ -8,8 +8,13 @@
 #define GANENGINE_CPU_FLAGS "default"
 #endif
 
+namespace ganengine::conv_py {
+void add_entries(pybind11::module_& m);  // the conv family's eager fast entries (csrc/cpu/conv_py.cpp)
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ganengine compiled kernels (ops live in torch.ops.ganengine_C)";
+  ganengine::conv_py::add_entries(m);
   m.def("build_info", []() {
     pybind11::dict d;
     d["cpu_flags"] = GANENGINE_CPU_FLAGS;

@@ -497,3 +497,160 @@ def test_fake_tensor_mode(custom, monkeypatch):
         assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
         # (the oneDNN route's backward is ATen's autograd, its layouts ATen's meta functions')
         assert dx.is_contiguous(memory_format=torch.channels_last) or not custom
+
+
+# ----------------------------------------------------------------------------- the Python fast entries
+# (ganengine._C.conv3x3_entry / conv_entry / conv2d_act_entry, csrc/cpu/conv_py.cpp): a plain eager
+# call reaches the same checks and bodies as the dispatcher ops without their own layer. They must
+# give the dispatcher ops' numbers bit for bit on every route, decline (None) what the ops refuse
+# before any work, and hand tensor subclasses and torch function modes to the dispatcher ops.
+from ganengine.ops import conv_act as ca  # noqa: E402
+
+_HAS_FAST = all(hasattr(_ext._C, n) for n in ("conv3x3_entry", "conv_entry", "conv2d_act_entry"))
+needs_fast = pytest.mark.skipif(not _HAS_FAST, reason="ganengine._C built without the fast entries")
+
+
+class _Spy:
+    """Counts the calls of a dispatcher entry (stands in for its raw op in _dispatch._LEAN)."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+@contextlib.contextmanager
+def _dispatcher_only():
+    """The lean route through the dispatcher ops only (the fast entries hand every call over)."""
+    saved = cm._entry, cv._entry, ca._act_entry
+    cm._entry = cv._entry = ca._act_entry = cc._to_dispatcher
+    try:
+        yield
+    finally:
+        cm._entry, cv._entry, ca._act_entry = saved
+
+
+@contextlib.contextmanager
+def _spies():
+    """{name: _Spy} in place of the dispatcher entries, for the calls made inside."""
+    names = ("conv3x3", "conv", "conv2d_act")
+    ops = {n: _dispatch.lean_op(n, ()) for n in names}
+    spies = {n: _Spy(op) for n, op in ops.items()}
+    _dispatch._LEAN.update(spies)
+    try:
+        yield spies
+    finally:
+        _dispatch._LEAN.update(ops)
+
+
+def _fn_act(x, w, b):
+    return GF.conv2d_act(x, w, b, 2, 1, 0.2)
+
+
+def _fast_vs_dispatcher(fn, x0, w0, b0, gy, layout, grad_sets, create_graph=False):
+    for grad_set in grad_sets:
+        with _spies() as spies:
+            got = _run(True, fn, grad_set, x0, w0, b0, gy, layout, create_graph=create_graph)
+        assert all(s.calls == 0 for s in spies.values())  # served by the fast entry
+        with _dispatcher_only():
+            ref = _run(True, fn, grad_set, x0, w0, b0, gy, layout, create_graph=create_graph)
+        _assert_identical(got, ref)
+
+
+@needs_fast
+@pytest.mark.parametrize("route", ["onednn", "custom"])
+def test_fast_entries_match_the_dispatcher_ops_bitwise(route, route3, one_thread):
+    """Every entry on each kind of route (oneDNN: ATen's autograd; custom: the C++ autograd
+    Function over Winograd 3x3 / the GEMM form / Winograd 4x4 / conv_act's kernels), forward,
+    gradients for subsets of the inputs (the bias alone; the weight alone without a bias), and the
+    double backward (create_graph=True: all three)."""
+    route3("onednn" if route == "onednn" else "wino2")
+    calls = [(*_inputs3(_CASES3[1], seed=8), "channels_last", None)]
+    for case, conv_route in ((_CASES[0], "gemm"), (_CASES[2], "winograd")):
+        calls.append((*_inputs(case, seed=8), "strided", conv_route if route == "custom" else "onednn"))
+    x0, w0, b0 = _tensors((1, 3, 9, 8), (4, 3, 4, 4), 4, seed=8)
+    calls.append((_fn_act, x0, w0, b0, _gy(_fn_act, x0, w0, b0, 8), "contiguous", None))
+    for fn, x0, w0, b0, gy, layout, conv_route in calls:
+        with _route(conv_route) if conv_route else contextlib.nullcontext():
+            _fast_vs_dispatcher(fn, x0, w0, b0, gy, layout, (_GRAD_SETS[3], _GRAD_SETS[7]))
+            _fast_vs_dispatcher(fn, x0, w0, b0, gy, "contiguous", (_GRAD_SETS[0],), create_graph=True)
+
+
+@needs_fast
+def test_fast_entries_decline_before_any_work(custom_routes):
+    """What the dispatcher ops refuse, and arguments of other types than the Python route takes as
+    they are (a bool or a float for an int, a pair given as 3 values, a tensor padding): None, and no
+    kernel ran; the public function then raises its error or serves the call."""
+    names = _KERNELS["conv3x3"] + _KERNELS["conv"] + _ONEDNN + ("aten::reflection_pad2d",)
+    entries = {"conv3x3": _ext._C.conv3x3_entry, "conv": _ext._C.conv_entry}
+    x, w3, w4, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4, 3, 4, 4), torch.randn(4)
+    calls = [("conv3x3", (*a[:4], "reflect" if a[4] else "zeros")) for n, _, a in _refused_calls() if n == "conv3x3"]
+    calls += [(n, a) for n, _, a in _refused_calls() if n == "conv"]
+    calls += [("conv3x3", (x, w3, b, True, "zeros")), ("conv3x3", (x, w3, b, 1.0, "zeros")),
+              ("conv3x3", (x, w3, b, 1, "circular")), ("conv3x3", (x, w3, b, 1, None)),
+              ("conv3x3", (x, w3, b, 1, "zeros\udc80")), ("conv3x3", (x, w3, b, 1, "zero")),
+              ("conv3x3", (x, w3.tolist(), b, 1, "zeros")), ("conv3x3", (x, w3, [0.0] * 4, 1, "zeros")),
+              ("conv3x3", (x.numpy(), w3, b, 1, "zeros")), ("conv3x3", (x, w3, b, 1 << 70, "zeros")),
+              ("conv", (x, w4, b, True, 1, 0, False)), ("conv", (x, w4, b, (2, 2, 2), 1, 0, False)),
+              ("conv", (x, w4, b, 2, torch.tensor(1), 0, False)), ("conv", (x, w4, b, 2, [1, 1.0], 0, False)),
+              ("conv", (x, w4, b, 2, 1, 0, 1)), ("conv", (x, w4, b, 2, 1, 0, None))]
+    act = _ext._C.conv2d_act_entry
+    act_calls = [(x, w4, b, 2, 1, -0.2), (x, w4, b, 2, 1, "0.2"), (x, w4, b, 2, 1, True), (x, w4, b, 2, 1, 1 << 1100),
+                 (x.half(), w4, b, 2, 1, 0.2), (x, w4, b, (2,), 1, 0.2), (x[:, :2], w4, b, 2, 1, 0.2)]
+    for name, args in calls:
+        with _Calls(names) as mode:
+            assert entries[name](*args) is None, (name, args[3:])
+        assert mode.calls == 0
+    for args in act_calls:
+        with _Calls(("ganengine_C::conv_act_fwd",) + _ONEDNN) as mode:
+            assert act(*args) is None, args[3:]
+        assert mode.calls == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert entries["conv3x3"](x, w3, b, 1, "zeros") is None and act(x, w4, b, 2, 1, 0.2) is None
+    with pytest.raises(TypeError, match="takes 5 arguments"):
+        entries["conv3x3"](x, w3, b, 1)
+    # served where the dispatcher op serves: an int slope, a list pair
+    assert torch.equal(act(x, w4, b, [2, 2], (1, 1), 0), _dispatch.lean_op("conv2d_act", ())(x, w4, b, 2, 1, 0.0))
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass whose __torch_function__ records the functions it sees."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@needs_fast
+def test_subclasses_and_torch_function_modes_go_to_the_dispatcher_op():
+    """A Tensor subclass (it may override __torch_function__) or a torch function mode: the fast
+    entry hands the call over (NotImplemented) and the dispatcher op serves it, as before; a
+    Parameter is served by the fast entry."""
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, w3, w4, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4, 3, 4, 4), torch.randn(4)
+    assert _ext._C.conv3x3_entry(x.as_subclass(_Tagged), w3, b, 1, "zeros") is NotImplemented
+    assert _ext._C.conv_entry(x, w4, b.as_subclass(_Tagged), 2, 1, 0, False) is NotImplemented
+    calls = [(lambda a, c: GF.conv3x3(a, w3, c, 1, "reflect"), "conv3x3"),
+             (lambda a, c: GF.conv2d(a, w4, c, 2, 1), "conv"),
+             (lambda a, c: GF.conv_transpose2d(a, w4.transpose(0, 1).contiguous(), c, 2, 1), "conv"),
+             (lambda a, c: GF.conv2d_act(a, w4, c, 2, 1, 0.2), "conv2d_act")]
+    with on_backend("cpu"):
+        for call, name in calls:
+            ref = call(x, b)
+            with _spies() as spies:
+                y = call(x.as_subclass(_Tagged), b)
+                assert spies[name].calls == 1 and torch.equal(y.as_subclass(torch.Tensor), ref)
+                with Mode():
+                    y = call(x, b)
+                assert spies[name].calls == 2 and torch.equal(y, ref)
+                y = call(x, torch.nn.Parameter(b))
+                assert spies[name].calls == 2 and torch.equal(y, ref)

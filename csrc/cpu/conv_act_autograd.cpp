@@ -10,7 +10,8 @@
 // bad shapes, dtypes or devices (the Python route raises the public errors), a negative slope
 // (the Python route runs the torch composition), autocast on (the Python route casts), empty
 // tensors. The wrapper catches only that refusal; any other error propagates. torch.compile stays
-// on the Python custom op.
+// on the Python custom op. The checks and body are also plain functions (conv_lean.h), which the
+// Python fast entry ganengine._C.conv2d_act_entry (conv_py.cpp) calls for plain eager calls.
 //
 // Backward: conv_act_bwd (it needs only the sign of the saved output, valid for slope >= 0),
 // except under create_graph=True (grad mode on inside backward): then it differentiates the
@@ -33,6 +34,7 @@
 
 #include <vector>
 
+#include "conv_lean.h"
 #include "lean_autograd.h"
 
 namespace ganengine {
@@ -66,13 +68,14 @@ bool float_dtype(at::ScalarType s) {
 bool plain_cpu(const at::Tensor& t) { return t.is_cpu() && t.layout() == at::kStrided; }
 
 #define REFUSE_UNLESS(cond, what) \
-  TORCH_CHECK_NOT_IMPLEMENTED(cond, "conv2d_act: not served by the C++ entry (", what, ")")
+  if (!(cond)) return what
 
 // What the Python route sends to the cpu backend's kernels, with nothing to check or convert
 // first; anything else is refused (the Python route then raises its public error or handles the
-// case). Only reads metadata: no work is done before a refusal.
-void check(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-           at::IntArrayRef padding, double slope) {
+// case). Only reads metadata: no work is done before a refusal. Returns what is not served, or
+// nullptr.
+const char* refusal_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                         at::IntArrayRef padding, double slope) {
   REFUSE_UNLESS(x.defined() && plain_cpu(x) && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()), "x");
   REFUSE_UNLESS(w.defined() && plain_cpu(w) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
                     w.scalar_type() == x.scalar_type(),
@@ -89,6 +92,7 @@ void check(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArray
   REFUSE_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
   REFUSE_UNLESS(slope >= 0, "negative_slope");  // (a NaN slope too)
   REFUSE_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
+  return nullptr;
 }
 
 // the Python route's _dense: NCHW- or NHWC-dense memory, anything else copied to NCHW once
@@ -133,9 +137,9 @@ struct ConvActFn : public torch::autograd::Function<ConvActFn> {
   }
 };
 
-at::Tensor conv2d_act_autograd(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                               at::IntArrayRef padding, double slope) {
-  check(x, w, b, stride, padding, slope);
+// after the checks: records the autograd Function where the call records a graph
+at::Tensor run_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, double slope) {
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (present(b) && b->requires_grad()));
   if (!grad) {
@@ -143,6 +147,18 @@ at::Tensor conv2d_act_autograd(const at::Tensor& x, const at::Tensor& w, const O
     return fwd_op().call(dense(x), w, b, stride, padding, slope);
   }
   return ConvActFn::apply(x, w, b, stride, padding, slope);
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride, at::IntArrayRef padding,
+           double slope) {
+  const char* why = refusal_impl(x, w, b, stride, padding, slope);
+  TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, "conv2d_act: not served by the C++ entry (", why, ")");
+}
+
+at::Tensor conv2d_act_autograd(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                               at::IntArrayRef padding, double slope) {
+  check(x, w, b, stride, padding, slope);
+  return run_impl(x, w, b, stride, padding, slope);
 }
 
 // backend keys without autograd (inference mode)
@@ -312,6 +328,16 @@ at::Tensor conv2d_in_act_plain(const at::Tensor& x, const at::Tensor& w, const O
 }
 
 }  // namespace
+
+// conv_lean.h: shared with the Python fast entry (conv_py.cpp)
+const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, double slope) {
+  return refusal_impl(x, w, b, stride, padding, slope);
+}
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+               at::IntArrayRef padding, double slope) {
+  return run_impl(x, w, b, stride, padding, slope);
+}
 }  // namespace conv_act_lean
 }  // namespace ganengine
 

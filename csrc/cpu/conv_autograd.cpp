@@ -22,6 +22,11 @@
 // rejects (it raises the public errors), non-fp32 tensors (the Python route sends them to the
 // torch backend, as the cpu backend's verdict says), autocast on (the Python route casts), empty
 // tensors. torch.compile stays on the Python custom ops.
+//
+// The checks and bodies are also plain functions (conv_lean.h: refusal3 / run3, refusal / run),
+// which the Python fast entries (conv_py.cpp) call for plain eager calls without entering these
+// dispatcher ops (their entry and the nested redispatch cost ~1 us a call); the ops remain for
+// tensor subclasses, torch function modes and torch.ops callers.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -30,6 +35,7 @@
 
 #include <vector>
 
+#include "conv_lean.h"
 #include "conv_route.h"
 #include "lean_autograd.h"
 
@@ -77,13 +83,21 @@ at::MemoryFormat out_format(const at::Tensor& t) {
                                                                                   : at::MemoryFormat::Contiguous;
 }
 
-// ---------------------------------------------------------------------------------- conv3x3
-#define REFUSE3_UNLESS(cond, what) \
-  TORCH_CHECK_NOT_IMPLEMENTED(cond, "conv3x3: not served by the C++ entry (", what, ")")
+// at::conv2d / at::conv_transpose2d for 4-d inputs, groups 1, dilation 1, as their own bodies call
+// it: at::convolution (same kernels, same ConvolutionBackward0 node, same numbers), without their
+// CompositeImplicitAutograd dispatcher layer (part of what a tiny call is compared with eager on)
+at::Tensor onednn(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
+}
 
+// ---------------------------------------------------------------------------------- conv3x3
 // What the Python route's cpu backend serves, with nothing to check or convert first; metadata
-// only, so no work is done before a refusal.
-void check3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t pad, bool reflect) {
+// only, so no work is done before a refusal. Returns what is not served, or nullptr.
+#define REFUSE3_UNLESS(cond, what) \
+  if (!(cond)) return what
+
+const char* refusal3_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t pad, bool reflect) {
   REFUSE3_UNLESS(x.defined() && plain_cpu(x) && x.dim() == 4 && x.numel() > 0 && x.scalar_type() == at::kFloat, "x");
   REFUSE3_UNLESS(w.defined() && plain_cpu(w) && w.dim() == 4 && w.size(0) > 0 && w.size(1) == x.size(1) &&
                      w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
@@ -96,6 +110,7 @@ void check3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t pad
   REFUSE3_UNLESS(!reflect || (pad < x.size(2) && pad < x.size(3)), "reflect padding");
   REFUSE3_UNLESS(x.size(2) + 2 * pad >= 3 && x.size(3) + 2 * pad >= 3, "output size");
   REFUSE3_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
+  return nullptr;
 }
 
 // ops/conv3x3.py reference_conv3x3: the torch composition
@@ -139,11 +154,16 @@ struct Conv3x3Fn : public torch::autograd::Function<Conv3x3Fn> {
   }
 };
 
-at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect) {
-  check3(x, w, b, padding, reflect);
+at::Tensor run3_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect) {
   reflect = reflect && padding > 0;
   const Decision d = conv_route::decide3x3(x, w, padding);
-  if (d.route != Route::Winograd3x3) return reference3(x, w, b, padding, reflect).contiguous(out_format(x));
+  if (d.route != Route::Winograd3x3) {  // reference3, with at::conv2d's own body (see onednn())
+    const std::vector<int64_t> p0{0, 0}, pp{padding, padding};
+    const at::Tensor y = reflect ? onednn(at::reflection_pad2d(x, {padding, padding, padding, padding}), w, b, {1, 1},
+                                          p0, p0, false)
+                                 : onednn(x, w, b, {1, 1}, pp, p0, false);
+    return y.contiguous(out_format(x));
+  }
   if (!lean::records_grad(x, w, b)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return fwd3_op().call(x, w, b, padding, reflect, d.tile).contiguous(out_format(x));
@@ -152,9 +172,10 @@ at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int6
 }
 
 // ---------------------------------------------------------------------------------- conv
-#define REFUSE_UNLESS(cond, what) TORCH_CHECK_NOT_IMPLEMENTED(cond, "conv: not served by the C++ entry (", what, ")")
+#define REFUSE_UNLESS(cond, what) \
+  if (!(cond)) return what
 
-void check(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride, at::IntArrayRef padding,
+const char* refusal_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride, at::IntArrayRef padding,
            at::IntArrayRef output_padding, bool transposed) {
   REFUSE_UNLESS(x.defined() && plain_cpu(x) && x.dim() == 4 && x.numel() > 0 && x.scalar_type() == at::kFloat, "x");
   REFUSE_UNLESS(w.defined() && plain_cpu(w) && w.dim() == 4 && w.numel() > 0 &&
@@ -179,6 +200,7 @@ void check(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArray
     REFUSE_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
   }
   REFUSE_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
+  return nullptr;
 }
 
 // ops/conv.py reference_conv: the torch composition
@@ -233,12 +255,11 @@ struct ConvFn : public torch::autograd::Function<ConvFn> {
   }
 };
 
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
-  check(x, w, b, stride, padding, output_padding, transposed);
+at::Tensor run_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
   const Decision d = conv_route::decide(x, w, stride, padding, transposed, output_padding);
   if (d.route == Route::OneDNN)
-    return reference(x, w, b, stride, padding, output_padding, transposed).contiguous(out_format(x));
+    return onednn(x, w, b, stride, padding, output_padding, transposed).contiguous(out_format(x));
   const int64_t route = static_cast<int64_t>(d.route);
   if (!lean::records_grad(x, w, b)) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -247,6 +268,38 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::Int
   return ConvFn::apply(x, w, b, stride, padding, output_padding, transposed, route, d.tile);
 }
 
+}  // namespace
+
+// conv_lean.h: the checks and bodies, shared with the Python fast entries (conv_py.cpp)
+const char* refusal3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect) {
+  return refusal3_impl(x, w, b, padding, reflect);
+}
+at::Tensor run3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect) {
+  return run3_impl(x, w, b, padding, reflect);
+}
+const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  return refusal_impl(x, w, b, stride, padding, output_padding, transposed);
+}
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  return run_impl(x, w, b, stride, padding, output_padding, transposed);
+}
+
+namespace {
+// the dispatcher ops (torch.ops.ganengine_C.conv3x3 / .conv): a refusal is a NotImplementedError
+at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect) {
+  const char* why = refusal3_impl(x, w, b, padding, reflect);
+  TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, "conv3x3: not served by the C++ entry (", why, ")");
+  return run3_impl(x, w, b, padding, reflect);
+}
+
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  const char* why = refusal_impl(x, w, b, stride, padding, output_padding, transposed);
+  TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, "conv: not served by the C++ entry (", why, ")");
+  return run_impl(x, w, b, stride, padding, output_padding, transposed);
+}
 }  // namespace
 }  // namespace conv_lean
 }  // namespace ganengine

@@ -1,6 +1,7 @@
 """Helpers shared by the convolution families (ops/conv.py, ops/conv3x3.py, ops/conv_act.py):
 argument checks, autocast, layouts, the vendor convolution and its gradients, and the double-backward
-rule (their lean C++ entries are looked up with _dispatch.lean_op).
+rule (their lean C++ entries are looked up with _dispatch.lean_op, their Python fast entries with
+``fast_entry``).
 
 Layout rule of every conv family: outputs and dx are channels_last when x is NHWC-dense and not
 NCHW-contiguous, NCHW-contiguous otherwise (``out_format``).
@@ -8,6 +9,8 @@ NCHW-contiguous, NCHW-contiguous otherwise (``out_format``).
 from __future__ import annotations
 
 import torch
+
+from ganengine import _ext
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -105,3 +108,24 @@ def bias_grad(db, bias):
     if db is not None and bias is not None and db.shape != bias.shape:
         return torch.zeros_like(bias)
     return db
+
+
+# The lean routes' compile gate, written out in each public function as
+#     not (dynamo_compiling() or torch.compiler._is_compiling_flag)
+# which is torch.compiler.is_compiling() (outside TorchScript, which never reaches these functions)
+# at a third of its cost (~100 ns less a call under load, at tiny shapes part of what is compared
+# with eager): dynamo folds is_dynamo_compiling() to True while it traces, so the flag is neither
+# read nor guarded on there, and export's non-strict tracing sets the flag.
+dynamo_compiling = torch.compiler.is_dynamo_compiling
+
+
+def _to_dispatcher(*args):
+    return NotImplemented
+
+
+def fast_entry(name: str):
+    """``ganengine._C.<name>``, a lean route's Python fast entry (csrc/cpu/conv_py.cpp: y, None where
+    it declines, NotImplemented for the dispatcher op), or, in an extension built without it, a
+    stand-in sending every call to the dispatcher op. Asked only where _dispatch.lean_op found the
+    entry's dispatcher op."""
+    return getattr(_ext._C, name, None) or _to_dispatcher

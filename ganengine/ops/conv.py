@@ -21,9 +21,11 @@ and ``uses_winograd`` ask the router.
 benchmarks. The triton and cuda backends run the vendor convolution (cuDNN). groups = 1,
 dilation = 1, zero padding.
 
-Eager calls on CPU tensors (backend auto or cpu) go to the C++ entry ganengine_C::conv
-(csrc/cpu/conv_autograd.cpp): one dispatcher call that routes, runs, and records C++ autograd
-(ATen's own where the route is oneDNN). torch.compile / export use the custom ops below.
+Eager calls on CPU tensors (backend auto or cpu) go to the lean entry (csrc/cpu/conv_autograd.cpp):
+one C++ call that routes, runs, and records C++ autograd (ATen's own where the route is oneDNN),
+reached through the Python fast entry ganengine._C.conv_entry (csrc/cpu/conv_py.cpp: no
+dispatcher op of its own to enter) or, for tensor subclasses and torch function modes, the
+dispatcher op ganengine_C::conv. torch.compile / export use the custom ops below.
 
 Layout: y and dx follow ``_conv_common.out_format(x)``.
 """
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
+                                        dynamo_compiling as _dynamo_compiling, fast_entry,
                                         grads_by_reference, out_format, pair, vendor_conv)
 
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
@@ -231,25 +234,24 @@ def _plain_pair(v) -> bool:
     return (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
 
 
-def _lean(x, weight, bias, stride, padding, output_padding, transposed):
-    """The call through the lean entry (ganengine_C::conv, see the module docstring), or None
-    where it declines (wrong shapes, dtypes or devices, non-fp32, autocast, empty tensors) before
-    any work; the caller's full route then serves the call or raises the public error. Any other
-    error is the call's own: raised once."""
+_KERNELS = ("conv_fwd", "conv_bwd")  # what the lean entry calls
+# ganengine._C.conv_entry (csrc/cpu/conv_py.cpp): the lean route's Python fast entry
+_entry = fast_entry("conv_entry")
+
+
+def _dispatcher_entry(x, weight, bias, stride, padding, output_padding, transposed):
+    """The lean route through the dispatcher op ganengine_C::conv (the one that honours tensor
+    subclasses and torch function modes): y, or None where it declines."""
     if not (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
-            and _plain_pair(output_padding)) or torch.compiler.is_compiling():
+            and _plain_pair(output_padding)):
         return None
-    op = _dispatch.lean_op("conv", ("conv_fwd", "conv_bwd"))
-    if op is None:
-        return None
+    op = _dispatch.lean_op("conv", _KERNELS)
     try:
-        y = op(x, weight, bias, stride, padding, output_padding, transposed)
+        return op(x, weight, bias, stride, padding, output_padding, transposed)
     except RuntimeError as e:  # (NotImplementedError is one)
         if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
             raise
-        return None
-    _dispatch.last_used["conv"] = "cpu"
-    return y
+    return None
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
@@ -259,9 +261,17 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     On the cpu backend, fp32 calls with a small output map run as one GEMM over im2col columns
     (see the module docstring); the rest as oneDNN. Twice differentiable.
     """
-    y = _lean(x, weight, bias, stride, padding, 0, False)
-    if y is not None:
-        return y
+    # the lean route (see the module docstring): the fast entry serves a plain eager call (Tensor),
+    # declines what it does not serve before any work (None: the full route below serves the call or
+    # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
+    # (NotImplemented). Any other error is the call's own: raised once.
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv", _KERNELS):
+        y = _entry(x, weight, bias, stride, padding, 0, False)
+        if y is NotImplemented:
+            y = _dispatcher_entry(x, weight, bias, stride, padding, 0, False)
+        if y is not None:
+            _dispatch.last_used["conv"] = "cpu"
+            return y
     fn = "conv2d"
     check_conv(fn, x, weight, bias)
     stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)
@@ -279,9 +289,14 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)`` (groups 1,
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
-    y = _lean(x, weight, bias, stride, padding, output_padding, True)
-    if y is not None:
-        return y
+    # (as conv2d's)
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv", _KERNELS):
+        y = _entry(x, weight, bias, stride, padding, output_padding, True)
+        if y is NotImplemented:
+            y = _dispatcher_entry(x, weight, bias, stride, padding, output_padding, True)
+        if y is not None:
+            _dispatch.last_used["conv"] = "cpu"
+            return y
     fn = "conv_transpose2d"
     check_conv(fn, x, weight, bias, transposed=True)
     stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)

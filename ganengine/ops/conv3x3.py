@@ -20,9 +20,11 @@ Reflect padding is read through index maps inside the input transform, so
 The triton and cuda backends run the vendor convolution (cuDNN picks Winograd / FFT / implicit
 GEMM per shape itself).
 
-Eager calls on CPU tensors (backend auto or cpu) go to the C++ entry ganengine_C::conv3x3
-(csrc/cpu/conv_autograd.cpp): one dispatcher call that routes, runs, and records C++ autograd
-(ATen's own where the route is oneDNN). torch.compile / export use the custom ops below.
+Eager calls on CPU tensors (backend auto or cpu) go to the lean entry (csrc/cpu/conv_autograd.cpp):
+one C++ call that routes, runs, and records C++ autograd (ATen's own where the route is oneDNN),
+reached through the Python fast entry ganengine._C.conv3x3_entry (csrc/cpu/conv_py.cpp: no
+dispatcher op of its own to enter) or, for tensor subclasses and torch function modes, the
+dispatcher op ganengine_C::conv3x3. torch.compile / export use the custom ops below.
 
 Layout: y and dx follow ``_conv_common.out_format(x)`` (channels_last in, channels_last out).
 """
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from ganengine import _ext, settings
 from ganengine.ops import _dispatch
 from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
+                                        dynamo_compiling as _dynamo_compiling, fast_entry,
                                         grads_by_reference, out_format, pair)
 
 # the router's thresholds where ganengine._C is not built (then only the torch backend runs, and
@@ -227,6 +230,24 @@ torch.library.register_autograd("ganengine::conv3x3_fwd", _backward, setup_conte
 
 # ----------------------------------------------------------------------------- public function
 _REFUSAL = "conv3x3: not served by the C++ entry"  # the prefix of the lean entry's refusals
+_KERNELS = ("conv3x3_fwd", "conv3x3_bwd")  # what the lean entry calls
+# ganengine._C.conv3x3_entry (csrc/cpu/conv_py.cpp): the lean route's Python fast entry
+_entry = fast_entry("conv3x3_entry")
+
+
+def _dispatcher_entry(x, weight, bias, padding, padding_mode):
+    """The lean route through the dispatcher op ganengine_C::conv3x3 (the one that honours tensor
+    subclasses and torch function modes): y, or None where it declines."""
+    if not (type(padding) is int and isinstance(x, torch.Tensor) and x.is_cpu
+            and (padding_mode == "zeros" or padding_mode == "reflect")):
+        return None
+    op = _dispatch.lean_op("conv3x3", _KERNELS)
+    try:
+        return op(x, weight, bias, padding, padding_mode == "reflect")
+    except RuntimeError as e:  # (NotImplementedError is one)
+        if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
+            raise
+    return None
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
@@ -239,22 +260,17 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     x: (N, C, H, W) contiguous / channels_last / strided; weight (K, C, 3, 3); groups=1.
     Twice differentiable (the double backward differentiates the torch composition).
     """
-    # the lean route (ganengine_C::conv3x3, see the module docstring): it declines what it does not
-    # serve (wrong shapes, dtypes or devices, non-fp32, autocast, empty tensors) before any work;
-    # the route below then serves the call or raises the public error. Any other error is the
-    # call's own: raised once.
-    if (type(padding) is int and isinstance(x, torch.Tensor) and x.is_cpu
-            and (padding_mode == "zeros" or padding_mode == "reflect") and not torch.compiler.is_compiling()):
-        op = _dispatch.lean_op("conv3x3", ("conv3x3_fwd", "conv3x3_bwd"))
-        if op is not None:
-            try:
-                y = op(x, weight, bias, padding, padding_mode == "reflect")
-            except RuntimeError as e:  # (NotImplementedError is one)
-                if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
-                    raise
-            else:
-                _dispatch.last_used["conv3x3"] = "cpu"
-                return y
+    # the lean route (see the module docstring): the fast entry serves a plain eager call (Tensor),
+    # declines what it does not serve before any work (None: the full route below serves the call or
+    # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
+    # (NotImplemented). Any other error is the call's own: raised once.
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv3x3", _KERNELS):
+        y = _entry(x, weight, bias, padding, padding_mode)
+        if y is NotImplemented:
+            y = _dispatcher_entry(x, weight, bias, padding, padding_mode)
+        if y is not None:
+            _dispatch.last_used["conv3x3"] = "cpu"
+            return y
     fn = "conv3x3"
     check_conv(fn, x, weight, bias)
     if tuple(weight.shape[2:]) != (3, 3):

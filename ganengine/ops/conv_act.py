@@ -42,6 +42,8 @@ from ganengine.ops._conv_common import autocast_args as _autocast
 from ganengine.ops._conv_common import bias_grad as _bias_grad
 from ganengine.ops._conv_common import check_conv as _check_conv
 from ganengine.ops._conv_common import conv_grads as _conv_bwd
+from ganengine.ops._conv_common import dynamo_compiling as _dynamo_compiling
+from ganengine.ops._conv_common import fast_entry
 from ganengine.ops._conv_common import grads_by_reference as _grads_by_reference
 from ganengine.ops._conv_common import out_format
 from ganengine.ops._conv_common import pair as _pair
@@ -384,9 +386,12 @@ torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _in_backward, se
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
-# conv2d_act on CPU tensors under 'auto' / 'cpu': one call of the C++ op ganengine_C::conv2d_act
+# conv2d_act on CPU tensors under 'auto' / 'cpu': one call of the C++ entry
 # (csrc/cpu/conv_act_autograd.cpp: the same conv_act_fwd / _bwd kernels, autograd in C++), which
-# skips the custom op's Python layers (50-70 us per call more than eager, at every size).
+# skips the custom op's Python layers (50-70 us per call more than eager, at every size). Plain
+# eager calls reach it through ganengine._C.conv2d_act_entry (csrc/cpu/conv_py.cpp: without the
+# dispatcher op's own entry, ~1 us), tensor subclasses and torch function modes through the
+# dispatcher op ganengine_C::conv2d_act.
 _ACT_KERNELS = ("conv_act_fwd", "conv_act_bwd")  # what ganengine_C::conv2d_act calls
 # the message prefix of the C++ entry's refusals (conv_act_autograd.cpp, check()); a weight that
 # is not a Tensor, or a bias neither None nor a Tensor, is declined too (_dispatch.refused; stride,
@@ -400,6 +405,28 @@ def _plain_pair(v) -> bool:
     if t is int:
         return True
     return (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
+
+
+# ganengine._C.conv2d_act_entry (csrc/cpu/conv_py.cpp): the same entry without the dispatcher op's
+# own layer (plain eager calls)
+_act_entry = fast_entry("conv2d_act_entry")
+
+
+def _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope):
+    """conv2d_act's lean route through the dispatcher op ganengine_C::conv2d_act (the one that
+    honours tensor subclasses and torch function modes): y, or None where it declines. (stride,
+    padding and slope of exactly the types _pair / float() take: the dispatcher would also take a
+    bool, or convert a tensor)"""
+    if not (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+            and (type(negative_slope) is float or type(negative_slope) is int)):
+        return None
+    op = _dispatch.lean_op("conv2d_act", _ACT_KERNELS)
+    try:
+        return op(x, weight, bias, stride, padding, negative_slope)
+    except RuntimeError as e:  # (NotImplementedError is one)
+        if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
+            raise
+    return None
 
 
 # conv2d_instance_norm_act's lean entry: ganengine_C::conv2d_in_act (same file, same rules)
@@ -418,24 +445,19 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     A negative slope runs the plain torch composition (the fused backward reads only the sign of
     the output, which needs slope >= 0).
     """
-    # the lean route (see _ACT_KERNELS): it declines what it does not serve (wrong shapes, dtypes or
-    # devices, a negative slope, autocast, empty tensors) before any work; the route below then
-    # serves the call or raises the public error. Any other error is the call's own: raised once.
-    # (stride, padding and slope of exactly the types _pair / float() take: the dispatcher would
-    # also take a bool, or convert a tensor)
-    if (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
-            and (type(negative_slope) is float or type(negative_slope) is int)
-            and not torch.compiler.is_compiling()):
-        op = _dispatch.lean_op("conv2d_act", _ACT_KERNELS)
-        if op is not None:
-            try:
-                y = op(x, weight, bias, stride, padding, negative_slope)
-            except RuntimeError as e:  # (NotImplementedError is one)
-                if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
-                    raise
-            else:
-                _dispatch.last_used["conv2d_act"] = "cpu"
-                return y
+    # the lean route (see _ACT_KERNELS): the fast entry serves a plain eager call (Tensor), declines
+    # what it does not serve (wrong shapes, dtypes or devices, a negative slope, autocast, empty
+    # tensors, stride / padding / slope of other types than _pair / float() take) before any work
+    # (None: the route below serves the call or raises the public error), or hands a tensor subclass
+    # / torch function mode to the dispatcher op (NotImplemented). Any other error is the call's
+    # own: raised once.
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv2d_act", _ACT_KERNELS):
+        y = _act_entry(x, weight, bias, stride, padding, negative_slope)
+        if y is NotImplemented:
+            y = _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope)
+        if y is not None:
+            _dispatch.last_used["conv2d_act"] = "cpu"
+            return y
     _check_conv("conv2d_act", x, weight, bias)
     stride, padding = _pair("conv2d_act: stride", stride, 1), _pair("conv2d_act: padding", padding, 0)
     x, weight, bias = _autocast(x, weight, bias)

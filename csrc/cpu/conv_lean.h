@@ -1,0 +1,30 @@
+// The lean entries of the conv family (conv3x3, conv2d / conv_transpose2d, conv2d_act) as plain C++
+// functions, shared by their dispatcher ops (conv_autograd.cpp, conv_act_autograd.cpp: what
+// torch.ops.ganengine_C.* and FakeTensorMode use) and their Python fast entries (conv_py.cpp: what a
+// plain eager call uses, without the dispatcher op's own entry and redispatch).
+//
+// refusal*: what the entry does not serve (a short name for the message), or nullptr; metadata only.
+// run*: the call itself, once served: it routes once and records the autograd it needs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace ganengine {
+namespace conv_lean {
+using OptT = c10::optional<at::Tensor>;
+const char* refusal3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect);
+at::Tensor run3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect);
+const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed);
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed);
+}  // namespace conv_lean
+
+namespace conv_act_lean {
+using OptT = c10::optional<at::Tensor>;
+const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, double slope);
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+               at::IntArrayRef padding, double slope);
+}  // namespace conv_act_lean
+}  // namespace ganengine

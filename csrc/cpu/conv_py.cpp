@@ -1,0 +1,202 @@
+// The Python fast entries of the conv family's lean routes: ganengine._C.conv3x3_entry,
+// .conv_entry and .conv2d_act_entry, called at the top of GF.conv3x3 / GF.conv2d /
+// GF.conv_transpose2d / GF.conv2d_act in plain eager mode on CPU tensors.
+//
+// Why they exist: the dispatcher ops ganengine_C::conv3x3 / ::conv / ::conv2d_act cost more host
+// time per call than the generated ATen bindings the eager code calls (the torch.ops call parses
+// its arguments against the schema into an IValue stack, and the op's own dispatcher entry plus
+// the nested at::conv2d redispatch add 1-1.5 us), which at tiny shapes put the fused call above
+// eager. These are METH_FASTCALL functions: they read their arguments directly, ask the same
+// checks (conv_lean.h: refusal*), and run the same bodies (run*: route once; where the router
+// says oneDNN, at::conv2d / at::conv_transpose2d with ATen's autograd, else the C++ autograd
+// Function over the family's kernels), so the numbers are those of the dispatcher op bit for bit.
+//
+// Each returns
+//   a Tensor        the call, served;
+//   None            not served (an argument of another type or value than the entry takes, a
+//                   dtype, device, shape, autocast: what the dispatcher op refuses): the caller's
+//                   full route serves it or raises the public error; nothing ran;
+//   NotImplemented  a tensor argument of a Tensor subclass (other than Parameter: it may override
+//                   __torch_function__; FakeTensor is one), or a torch function mode on: the
+//                   caller goes through the dispatcher op, which honours them.
+// Any other error is the call's own and raises (c10 errors as the ATen bindings raise them).
+// torch.compile and export never reach these (the Python callers check is_compiling, and the
+// torch backend skips them).
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <array>
+
+#include "conv_lean.h"
+
+namespace ganengine {
+namespace conv_py {
+namespace {
+
+using OptT = c10::optional<at::Tensor>;
+
+enum class Arg { Ok, Decline, Dispatcher };
+
+// a tensor argument: a Tensor (Decline otherwise), exactly a Tensor or a Parameter, with no torch
+// function mode on (Dispatcher otherwise: a subclass, FakeTensor among them, may override
+// __torch_function__; torch's own check for that is not exported to extensions)
+Arg tensor_arg(PyObject* o) {
+  if (!THPVariable_Check(o)) return Arg::Decline;
+  return (THPVariable_CheckExact(o) && !at::impl::torch_function_mode_enabled()) ? Arg::Ok : Arg::Dispatcher;
+}
+
+Arg optional_tensor_arg(PyObject* o) { return o == Py_None ? Arg::Ok : tensor_arg(o); }
+
+// an exact int (not a bool: the Python route rejects one)
+bool int_arg(PyObject* o, int64_t& v) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  v = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+// an exact int, or an exact tuple / list of two exact ints (what ops/_conv_common.pair takes)
+bool pair_arg(PyObject* o, std::array<int64_t, 2>& v) {
+  if (int_arg(o, v[0])) {
+    v[1] = v[0];
+    return true;
+  }
+  if (PyTuple_CheckExact(o) && PyTuple_GET_SIZE(o) == 2)
+    return int_arg(PyTuple_GET_ITEM(o, 0), v[0]) && int_arg(PyTuple_GET_ITEM(o, 1), v[1]);
+  if (PyList_CheckExact(o) && PyList_GET_SIZE(o) == 2)
+    return int_arg(PyList_GET_ITEM(o, 0), v[0]) && int_arg(PyList_GET_ITEM(o, 1), v[1]);
+  return false;
+}
+
+// the first three arguments, x, weight, bias?: Ok, Decline or Dispatcher
+Arg xwb(PyObject* const* args) {
+  const Arg a[3] = {tensor_arg(args[0]), tensor_arg(args[1]), optional_tensor_arg(args[2])};
+  for (Arg r : a)
+    if (r == Arg::Decline) return Arg::Decline;
+  for (Arg r : a)
+    if (r == Arg::Dispatcher) return Arg::Dispatcher;
+  return Arg::Ok;
+}
+
+OptT opt(PyObject* o) { return o == Py_None ? OptT() : OptT(THPVariable_Unpack(o)); }
+
+PyObject* declined() { Py_RETURN_NONE; }
+PyObject* to_dispatcher() { Py_RETURN_NOTIMPLEMENTED; }
+
+bool nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char* name) {
+  if (nargs == want) return true;
+  PyErr_Format(PyExc_TypeError, "ganengine._C.%s takes %zd arguments, got %zd", name, want, nargs);
+  return false;
+}
+
+// conv3x3_entry(x, weight, bias, padding, padding_mode)
+PyObject* conv3x3_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!nargs_ok(nargs, 5, "conv3x3_entry")) return nullptr;
+  const Arg t = xwb(args);
+  if (t == Arg::Decline) return declined();
+  if (t == Arg::Dispatcher) return to_dispatcher();
+  int64_t padding;
+  if (!int_arg(args[3], padding) || !PyUnicode_Check(args[4])) return declined();
+  // (compared without encoding: a string that cannot be encoded declines, as any other mode)
+  const bool reflect = PyUnicode_CompareWithASCIIString(args[4], "reflect") == 0;
+  if (!reflect && PyUnicode_CompareWithASCIIString(args[4], "zeros") != 0) return declined();
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& w = THPVariable_Unpack(args[1]);
+  const OptT b = opt(args[2]);
+  if (conv_lean::refusal3(x, w, b, padding, reflect) != nullptr) return declined();
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = conv_lean::run3(x, w, b, padding, reflect);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// conv_entry(x, weight, bias, stride, padding, output_padding, transposed)
+PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!nargs_ok(nargs, 7, "conv_entry")) return nullptr;
+  const Arg t = xwb(args);
+  if (t == Arg::Decline) return declined();
+  if (t == Arg::Dispatcher) return to_dispatcher();
+  std::array<int64_t, 2> stride, padding, output_padding;
+  if (!pair_arg(args[3], stride) || !pair_arg(args[4], padding) || !pair_arg(args[5], output_padding) ||
+      !PyBool_Check(args[6]))
+    return declined();
+  const bool transposed = args[6] == Py_True;
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& w = THPVariable_Unpack(args[1]);
+  const OptT b = opt(args[2]);
+  if (conv_lean::refusal(x, w, b, stride, padding, output_padding, transposed) != nullptr) return declined();
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = conv_lean::run(x, w, b, stride, padding, output_padding, transposed);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// conv2d_act_entry(x, weight, bias, stride, padding, negative_slope)
+PyObject* conv2d_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!nargs_ok(nargs, 6, "conv2d_act_entry")) return nullptr;
+  const Arg t = xwb(args);
+  if (t == Arg::Decline) return declined();
+  if (t == Arg::Dispatcher) return to_dispatcher();
+  std::array<int64_t, 2> stride, padding;
+  if (!pair_arg(args[3], stride) || !pair_arg(args[4], padding)) return declined();
+  // an exact float or int (the Python route's float(negative_slope) takes these as they are)
+  double slope;
+  PyObject* s = args[5];
+  if (PyFloat_CheckExact(s)) {
+    slope = PyFloat_AS_DOUBLE(s);
+  } else if (PyLong_CheckExact(s)) {
+    slope = PyLong_AsDouble(s);
+    if (slope == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return declined();
+    }
+  } else {
+    return declined();
+  }
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& w = THPVariable_Unpack(args[1]);
+  const OptT b = opt(args[2]);
+  if (conv_act_lean::refusal(x, w, b, stride, padding, slope) != nullptr) return declined();
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = conv_act_lean::run(x, w, b, stride, padding, slope);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"conv3x3_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv3x3_entry)), METH_FASTCALL,
+     "conv3x3_entry(x, weight, bias, padding, padding_mode): GF.conv3x3's eager fast entry (csrc/cpu/conv_py.cpp)"},
+    {"conv_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv_entry)), METH_FASTCALL,
+     "conv_entry(x, weight, bias, stride, padding, output_padding, transposed): GF.conv2d / "
+     "GF.conv_transpose2d's eager fast entry"},
+    {"conv2d_act_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv2d_act_entry)),
+     METH_FASTCALL, "conv2d_act_entry(x, weight, bias, stride, padding, negative_slope): GF.conv2d_act's eager "
+     "fast entry"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+void add_entries(pybind11::module_& m) {
+  if (PyModule_AddFunctions(m.ptr(), methods) != 0) throw pybind11::error_already_set();
+}
+
+}  // namespace conv_py
+}  // namespace ganengine
