@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ganengine
+import ganengine.functional as GF
 from ganengine import _ext
 from ganengine.nn import Conv3x3
 from ganengine.ops import _dispatch
@@ -233,3 +234,24 @@ def test_resnet_generator_on_winograd_matches_torch_backend(always_winograd):
     for a, b in zip(res["cpu"][1], res["torch"][1]):
         assert_normwise(a, b, cen, scale=scale, backward=True, extra_depth=extra)
 
+
+
+@pytest.mark.parametrize("c, padding_mode", [(8, "zeros"), (128, "reflect")])  # oneDNN's route, Winograd's
+def test_compile_fullgraph_and_export(c, padding_mode):
+    """torch.compile(fullgraph=True) and torch.export trace conv3x3 on CPU tensors: the route
+    query (a dispatcher-state read) must not run under dynamo. It did, and raised
+    "torch.* op returned non-Tensor"."""
+    torch.manual_seed(0)
+    x = torch.randn(1, c, 9, 7)
+    w = torch.randn(c, c, 3, 3)
+    f = torch.compile(lambda x, w: GF.conv3x3(x, w, None, 1, padding_mode), fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(x, w), GF.conv3x3(x, w, None, 1, padding_mode), rtol=0, atol=0)
+
+    class M(torch.nn.Module):
+        def forward(self, x, w):
+            return GF.conv3x3(x, w, None, 1, padding_mode)
+
+    ep = torch.export.export(M(), (x, w))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any(t.startswith("ganengine.conv3x3_fwd") for t in targets), targets
+    torch.testing.assert_close(ep.module()(x, w), GF.conv3x3(x, w, None, 1, padding_mode), rtol=0, atol=0)

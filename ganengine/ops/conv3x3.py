@@ -290,8 +290,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {padding} is smaller than the 3x3 kernel")
     x, weight, bias = autocast_args(x, weight, bias)
     backend = _backend(x)
-    if (backend in _VENDOR_BACKENDS or (backend == "cpu" and _use_winograd(x, weight, padding) is None)) \
-            and not torch.compiler.is_compiling():
+    # (the compile check first: under dynamo the route query is a dispatcher-state read it cannot trace)
+    if not torch.compiler.is_compiling() and (
+            backend in _VENDOR_BACKENDS or (backend == "cpu" and _use_winograd(x, weight, padding) is None)):
         # the GPU backends run cuDNN either way, and the cpu backend oneDNN where Winograd does
         # not pay: the plain composition skips the custom op's host cost (its dispatch, forward
         # and backward: 8x eager's at a tiny shape) and runs the same kernels
