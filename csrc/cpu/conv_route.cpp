@@ -116,6 +116,37 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   return !transposed && cols <= kMaxColumnsBigWeight && w.numel() >= kBigWeight;
 }
 
+// Stride 2 on small maps: P = the per-image pixels of the smaller side (a conv's output, a
+// transposed conv's input). The tile count alone let batch carry small maps over kWinograd4x4MinTiles,
+// where oneDNN's direct conv (which blocks over the batch too) wins. Measured 2026-12-06, fwd+bwd,
+// 1 thread, process_time, interleaved, GF.conv2d / conv_transpose2d with winograd_policy forced,
+// Winograd vs oneDNN: conv 64 -> 128 from 32x32 (P = 256) at N = 4 / 8 / 16 / 32: 0.94-1.01x /
+// 1.03-1.16x / 0.81-0.84x / 0.84x; conv 128 -> 256 from 16x16 (P = 64), N = 8: 0.79-0.82x;
+// transposed 256 -> 128 from 8x8 (P = 64), N = 8: 0.81x; transposed 512 -> 256 from 16x16 (P = 256),
+// N = 4: 1.11x; conv 128 -> 256 from 64x64 (P = 1024), N = 1 / 4: 1.23-1.30x / 1.54x. Stride 1 is
+// not limited: 256 -> 512 at 16x16, N = 8 (P = 169): 1.40x.
+constexpr int64_t kWinogradS2MinMap = 256;     // P below this: oneDNN
+constexpr int64_t kWinogradS2LargeMap = 1024;  // P from this: any batch
+constexpr int64_t kWinogradS2MaxPixels = 2048; // between the two: N * P up to this
+bool small_map_pays_stride2(const at::Tensor& x, at::IntArrayRef padding, bool transposed,
+                            at::IntArrayRef output_padding) {
+  const int64_t hi = x.size(2), wi = x.size(3);
+  const int64_t ph = padding[0], pw = padding[padding.size() > 1 ? 1 : 0];
+  int64_t ho, wo;
+  if (transposed) {
+    const int64_t oph = output_padding.empty() ? 0 : output_padding[0];
+    const int64_t opw = output_padding.size() > 1 ? output_padding[1] : oph;
+    ho = (hi - 1) * 2 - 2 * ph + 4 + oph;
+    wo = (wi - 1) * 2 - 2 * pw + 4 + opw;
+  } else {
+    ho = (hi + 2 * ph - 4) / 2 + 1;
+    wo = (wi + 2 * pw - 4) / 2 + 1;
+  }
+  const int64_t p = std::min(hi * wi, ho * wo);
+  if (p < kWinogradS2MinMap) return false;
+  return p >= kWinogradS2LargeMap || x.size(0) * p <= kWinogradS2MaxPixels;
+}
+
 // the Winograd 4x4 tile for this call, or 0 where Winograd 4x4 does not take it
 int64_t winograd4x4_tile(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                          bool transposed, at::IntArrayRef output_padding) {
@@ -125,6 +156,7 @@ int64_t winograd4x4_tile(const at::Tensor& x, const at::Tensor& w, at::IntArrayR
   if (c.policy == 1) return tile;
   const int64_t K = w.size(0), Cv = w.size(1) * stride[0] * stride[0];  // (transposed: w is the engine conv's)
   if (K < kWinograd4x4MinChannels || Cv < kWinograd4x4MinChannels) return 0;
+  if (stride[0] == 2 && !small_map_pays_stride2(x, padding, transposed, output_padding)) return 0;
   return conv_winograd::tiles(x, w, stride, padding, transposed, output_padding, tile) >= kWinograd4x4MinTiles ? tile
                                                                                                               : 0;
 }
