@@ -110,15 +110,26 @@ class BigGAN(GANModel):
     def sample_y(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.options["n_classes"], (n,), device=self.device)
 
+    def sample_conditionings(self, n: int) -> tuple:
+        """G's and D's conditioning arguments for n generated images: (labels,) here (IC-GAN adds
+        instance features). Drawn after z, as the reference draws them."""
+        return (self.sample_y(n),)
+
     def _score(self, z, y, G=None):
+        return self._score_cond(z, (y,), G)  # G embeds integer labels itself (shared embedding)
+
+    def _score_cond(self, z, cond: tuple, G=None):
         G = self.G if G is None else G
-        return self.D(G(z, y), y)  # G embeds integer labels itself (shared embedding)
+        return self.D(G(z, *cond), *cond)
 
     def _optimise(self, z, y, differentiable: bool):
+        return self._optimise_cond(z, (y,), differentiable)
+
+    def _optimise_cond(self, z, cond: tuple, differentiable: bool):
         o = self.options
         if not o["latent_optimisation"]:
             return z
-        return latent_optimise(z, lambda zz: self._score(zz, y), o["lo_rate"], o["lo_alpha"], o["lo_beta"],
+        return latent_optimise(z, lambda zz: self._score_cond(zz, cond), o["lo_rate"], o["lo_alpha"], o["lo_beta"],
                                o["lo_steps"], differentiable)
 
     # -- training --------------------------------------------------------------------------------
@@ -136,11 +147,16 @@ class BigGAN(GANModel):
     def _d_losses(self, d_fake, d_real):
         return GF.gan_loss(d_real, True, "hinge"), GF.gan_loss(d_fake, False, "hinge")
 
+    def _real_chunks(self, batch: dict):
+        """(x, the real images' chunks, each chunk's conditioning tuple, as ``sample_conditionings``')."""
+        x = self._to_device(batch["image"])
+        y = self._to_device(class_indices(batch["label"], self.options["n_classes"], type(self).__name__))
+        xs, ys = self._chunks(x, y)
+        return x, xs, [(c,) for c in ys]
+
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
         o = self.options
-        x = self._to_device(batch["image"])
-        y = self._to_device(class_indices(batch["label"], o["n_classes"], type(self).__name__))
-        xs, ys = self._chunks(x, y)
+        x, xs, conds = self._real_chunks(batch)
         opt_G, opt_D = optimizers["G"], optimizers["D"]
         self.G.train()
         self.D.train()
@@ -152,14 +168,16 @@ class BigGAN(GANModel):
         for _ in range(o["num_D_steps"]):
             ctx.zero_grad(opt_D)
             for _ in range(o["num_D_accumulations"]):
-                real, real_y = xs[counter], ys[counter]
+                real = xs[counter]
                 n = real.shape[0]
                 with ctx.autocast():
-                    z, gy = self.sample_z(n), self.sample_y(n)
-                    z = self._optimise(z, gy, differentiable=False)
+                    z = self.sample_z(n)
+                    g_cond = self.sample_conditionings(n)
+                    z = self._optimise_cond(z, g_cond, differentiable=False)
                     with torch.no_grad():
-                        fake = self.G(z, gy)
-                    d_out = self.D(torch.cat([fake.to(real.dtype), real]), torch.cat([gy, real_y]))
+                        fake = self.G(z, *g_cond)
+                    d_cond = [None if g is None else torch.cat([g, r]) for g, r in zip(g_cond, conds[counter])]
+                    d_out = self.D(torch.cat([fake.to(real.dtype), real]), *d_cond)
                     d_fake, d_real = torch.split(d_out, [n, n])
                     loss_real, loss_fake = self._d_losses(d_fake, d_real)
                 ctx.backward((loss_real + loss_fake) / float(o["num_D_accumulations"]), "D")
@@ -176,9 +194,10 @@ class BigGAN(GANModel):
         n = o["G_batch_size"] or (xs[0].shape[0] if xs else x.shape[0])
         for _ in range(o["num_G_accumulations"]):
             with ctx.autocast():
-                z, gy = self.sample_z(n), self.sample_y(n)
-                z = self._optimise(z, gy, differentiable=True)
-                g_loss = GF.gan_loss(self._score(z, gy), True, "hinge", for_discriminator=False)
+                z = self.sample_z(n)
+                g_cond = self.sample_conditionings(n)
+                z = self._optimise_cond(z, g_cond, differentiable=True)
+                g_loss = GF.gan_loss(self._score_cond(z, g_cond), True, "hinge", for_discriminator=False)
             ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
         if o["G_ortho"] > 0:
             ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))

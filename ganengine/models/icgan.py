@@ -19,13 +19,10 @@ flipped images), ``which_knn_balance nnclass_balance`` and k-means / subsampled 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.biggan import BIGGAN_DEFAULTS, BigGAN
 from ganengine.models.icgan_networks import ICGANDiscriminator, ICGANGenerator
-from ganengine.models.synthesis_tools import class_indices, latent_optimise, ortho_, unwrap
+from ganengine.models.synthesis_tools import class_indices
 
 ICGAN_DEFAULTS = dict(BIGGAN_DEFAULTS, G_shared=True, class_cond=False, G_shared_feat=False, shared_dim_feat=2048,
                       instance_sz=2048, k_nn=50, feature_file="", dataroot="")
@@ -80,20 +77,8 @@ class ICGAN(BigGAN):
         feats, labels, _ = self.bank.sample(n, self.device)
         return (labels if self.options["class_cond"] else None), feats
 
-    def _score_cond(self, z, cond, G=None):
-        G = self.G if G is None else G
-        y, f = cond
-        return self.D(G(z, y, f), y, f)
-
-    def _optimise_cond(self, z, cond, differentiable: bool):
-        o = self.options
-        if not o["latent_optimisation"]:
-            return z
-        return latent_optimise(z, lambda zz: self._score_cond(zz, cond), o["lo_rate"], o["lo_alpha"], o["lo_beta"],
-                               o["lo_steps"], differentiable)
-
-    # -- training --------------------------------------------------------------------------------
-    def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
+    # -- training: BigGAN's step over IC-GAN's conditionings --------------------------------------
+    def _real_chunks(self, batch: dict):
         o = self.options
         owner = type(self).__name__
         x = self._to_device(batch["image"])
@@ -104,57 +89,7 @@ class ICGAN(BigGAN):
         y = self._to_device(class_indices(batch["label"], o["n_classes"], owner)) if o["class_cond"] else None
         xs, ys = self._chunks(x, y if y is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         hs = torch.split(h, xs[0].shape[0]) if xs else ()
-        opt_G, opt_D = optimizers["G"], optimizers["D"]
-        self.G.train()
-        self.D.train()
-        losses = {}
-        if o["toggle_grads"]:
-            set_requires_grad(self.D, True)
-            set_requires_grad(self.G, False)
-        counter = 0
-        for _ in range(o["num_D_steps"]):
-            ctx.zero_grad(opt_D)
-            for _ in range(o["num_D_accumulations"]):
-                real, n = xs[counter], xs[counter].shape[0]
-                with ctx.autocast():
-                    z = self.sample_z(n)
-                    gy, gf = self.sample_conditionings(n)
-                    z = self._optimise_cond(z, (gy, gf), differentiable=False)
-                    with torch.no_grad():
-                        fake = self.G(z, gy, gf)
-                    d_y = torch.cat([gy, ys[counter]]) if gy is not None else None
-                    d_out = self.D(torch.cat([fake.to(real.dtype), real]), d_y, torch.cat([gf, hs[counter]]))
-                    d_fake, d_real = torch.split(d_out, [n, n])
-                    loss_real, loss_fake = self._d_losses(d_fake, d_real)
-                ctx.backward((loss_real + loss_fake) / float(o["num_D_accumulations"]), "D")
-                counter += 1
-            if o["D_ortho"] > 0:
-                ortho_(self.D, o["D_ortho"])
-            ctx.step(opt_D, "D")
-            losses.update({"D_loss_real": loss_real, "D_loss_fake": loss_fake})
-        if o["toggle_grads"]:
-            set_requires_grad(self.D, False)
-            set_requires_grad(self.G, True)
-
-        ctx.zero_grad(opt_G)
-        n = o["G_batch_size"] or (xs[0].shape[0] if xs else x.shape[0])
-        for _ in range(o["num_G_accumulations"]):
-            with ctx.autocast():
-                z = self.sample_z(n)
-                cond = self.sample_conditionings(n)
-                z = self._optimise_cond(z, cond, differentiable=True)
-                g_loss = GF.gan_loss(self._score_cond(z, cond), True, "hinge", for_discriminator=False)
-            ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
-        if o["G_ortho"] > 0:
-            ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
-        ctx.step(opt_G, "G")
-        if o["toggle_grads"]:
-            set_requires_grad(self.D, True)
-        self.num_steps += 1
-        if self._ema is not None:
-            self._ema.update(self.num_steps)
-        losses["G_loss"] = g_loss
-        return self._detached(losses)
+        return x, xs, [(ys[i] if y is not None else None, hs[i]) for i in range(len(xs))]
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()

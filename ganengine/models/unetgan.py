@@ -63,9 +63,9 @@ class UNetGAN(BigGAN):
         super().__init__(**options)
         self._choice("gan_loss", ("hinge", "vanilla"))
 
-    def _score(self, z, y, G=None):
+    def _score_cond(self, z, cond: tuple, G=None):
         G = self.G if G is None else G
-        pix, glob = self.D(G(z, y), y)
+        pix, glob = self.D(G(z, *cond), *cond)
         return glob  # LOGAN optimises z for the global score
 
     def _real_fake(self, x, real: bool):
