@@ -107,6 +107,7 @@ class ICGANGenerator(nn.Module):
         self.ddp_find_unused_parameters = not self.class_cond
         if not skip_init:
             self.param_count = L.init_weights(self, G_init)
+        self.fused = bool(fused)  # (set_fused switches it too) the forward groups the SN iterations when fused
         L.set_fused(self, fused)
 
     def feature_dim(self) -> int:
@@ -133,19 +134,8 @@ class ICGANGenerator(nn.Module):
                              f"{'feats' if self.instance_cond else 'no feats'}, got label="
                              f"{None if label is None else tuple(label.shape)}, feats="
                              f"{None if feats is None else tuple(feats.shape)}")
-        y = self.get_condition_embeddings(label, feats)
-        if self.hier:
-            zs = torch.split(z, self.z_chunk_size, 1)
-            z = zs[0]
-            ys = [torch.cat([y, item], 1) for item in zs[1:]]
-        else:
-            ys = [y] * len(self.blocks)
-        h = self.linear(z)
-        h = h.view(h.size(0), -1, self.bottom_width, self.bottom_width)
-        for index, blocklist in enumerate(self.blocks):
-            for block in blocklist:
-                h = block(h, ys[index])
-        return torch.tanh(self.output_layer(h))
+        with L.grouped_spectral_norms(self):
+            return nb.generator_trunk(self, z, self.get_condition_embeddings(label, feats))
 
 
 class ICGANDiscriminator(nn.Module):
@@ -187,6 +177,7 @@ class ICGANDiscriminator(nn.Module):
             self.linear_feat = self.which_linear(instance_sz, width)
         if not skip_init:
             self.param_count = L.init_weights(self, D_init)
+        self.fused = bool(fused)  # (set_fused switches it too) the forward groups the SN iterations when fused
         L.set_fused(self, fused)
 
     def forward(self, x, y=None, feat=None):
@@ -194,19 +185,16 @@ class ICGANDiscriminator(nn.Module):
             raise ValueError(f"ICGANDiscriminator(class_cond={self.class_cond}, instance_cond={self.instance_cond}) "
                              f"has no {'class embedding' if y is not None and not self.class_cond else 'linear_feat'} "
                              "for the conditioning given")
-        h = x
-        for blocklist in self.blocks:
-            for block in blocklist:
-                h = block(h)
-        h = torch.sum(self.activation(h), [2, 3])
-        out = self.linear(h)
-        if y is not None and feat is not None:
-            return out + torch.sum(torch.cat([self.embed(y), self.linear_feat(feat)], dim=-1) * h, 1, keepdim=True)
-        if y is not None:
-            return out + torch.sum(self.embed(y) * h, 1, keepdim=True)
-        if feat is not None:
-            return out + torch.sum(self.linear_feat(feat) * h, 1, keepdim=True)
-        return out
+        with L.grouped_spectral_norms(self):
+            h = torch.sum(self.activation(nb.run_blocks(self, x)), [2, 3])
+            out = self.linear(h)
+            if y is not None and feat is not None:
+                return out + torch.sum(torch.cat([self.embed(y), self.linear_feat(feat)], dim=-1) * h, 1, keepdim=True)
+            if y is not None:
+                return out + torch.sum(self.embed(y) * h, 1, keepdim=True)
+            if feat is not None:
+                return out + torch.sum(self.linear_feat(feat) * h, 1, keepdim=True)
+            return out
 
 
 # ----------------------------------------------------------------------------- reference-checkpoint archs

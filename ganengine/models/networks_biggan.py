@@ -162,18 +162,24 @@ class BigGANGenerator(nn.Module):
         with L.grouped_spectral_norms(self):
             if self.G_shared and not y.is_floating_point():
                 y = self.shared(y)
-            if self.hier:
-                zs = torch.split(z, self.z_chunk_size, 1)
-                z = zs[0]
-                ys = [torch.cat([y, item], 1) for item in zs[1:]]
-            else:
-                ys = [y] * len(self.blocks)
-            h = self.linear(z)
-            h = h.view(h.size(0), -1, self.bottom_width, self.bottom_width)
-            for index, blocklist in enumerate(self.blocks):
-                for block in blocklist:
-                    h = block(h, ys[index])
-            return torch.tanh(self.output_layer(h))
+            return generator_trunk(self, z, y)
+
+
+def generator_trunk(g: nn.Module, z, y):
+    """BigGAN's generator after its conditioning ``y`` is embedded (shared by IC-GAN's): z split
+    per block if ``hier``, the linear layer, every block with its slice of [y, z], the output layer."""
+    if g.hier:
+        zs = torch.split(z, g.z_chunk_size, 1)
+        z = zs[0]
+        ys = [torch.cat([y, item], 1) for item in zs[1:]]
+    else:
+        ys = [y] * len(g.blocks)
+    h = g.linear(z)
+    h = h.view(h.size(0), -1, g.bottom_width, g.bottom_width)
+    for index, blocklist in enumerate(g.blocks):
+        for block in blocklist:
+            h = block(h, ys[index])
+    return torch.tanh(g.output_layer(h))
 
 
 class BigGANDiscriminator(nn.Module):
@@ -241,11 +247,16 @@ def discriminator_forward(d: nn.Module, x, y, stem=None):
     if y is None:
         raise ValueError(f"{type(d).__name__}: y (class labels, shape (N,)) is required for the projection term")
     with L.grouped_spectral_norms(d):
-        h = stem(x) if stem is not None else x
-        for blocklist in d.blocks:
-            for block in blocklist:
-                h = block(h)
-        return projection_output(d, h, y)
+        return projection_output(d, run_blocks(d, x, stem), y)
+
+
+def run_blocks(d: nn.Module, x, stem=None):
+    """``stem`` if given, then every block of ``d.blocks`` in order (a discriminator's trunk)."""
+    h = stem(x) if stem is not None else x
+    for blocklist in d.blocks:
+        for block in blocklist:
+            h = block(h)
+    return h
 
 
 def projection_output(d: nn.Module, h, y):
