@@ -91,18 +91,7 @@ class ICGANGenerator(nn.Module):
         self.shared_feat = self.which_linear(instance_sz, shared_dim_feat) if G_shared_feat else nn.Identity()
         self.linear = self.which_linear(self.dim_z // self.num_slots,
                                         self.arch["in_channels"][0] * self.bottom_width ** 2)
-        blocks = []
-        for index in range(len(self.arch["out_channels"])):
-            stage = [L.GBlock(in_channels=self.arch["in_channels"][index],
-                              out_channels=self.arch["out_channels"][index], which_conv=self.which_conv,
-                              which_bn=self.which_bn, activation=self.activation,
-                              upsample=L.upsample2x if self.arch["upsample"][index] else None)]
-            if self.arch["attention"][self.arch["resolution"][index]]:
-                stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
-            blocks.append(nn.ModuleList(stage))
-        self.blocks = nn.ModuleList(blocks)
-        self.output_layer = L.OutputLayer(L.bn(self.arch["out_channels"][-1], cross_replica=cross_replica, mybn=mybn),
-                                          self.activation, self.which_conv(self.arch["out_channels"][-1], 3))
+        nb.build_generator_blocks(self, cross_replica, mybn)
         # IC-GAN leaves the class embedding unused: DDP must not wait for its gradient
         self.ddp_find_unused_parameters = not self.class_cond
         if not skip_init:

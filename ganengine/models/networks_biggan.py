@@ -137,18 +137,7 @@ class BigGANGenerator(nn.Module):
         self.shared = self.which_embedding(n_classes, self.shared_dim) if G_shared else nn.Identity()
         self.linear = self.which_linear(self.dim_z // self.num_slots,
                                         self.arch["in_channels"][0] * self.bottom_width ** 2)
-        blocks = []
-        for index in range(len(self.arch["out_channels"])):
-            stage = [L.GBlock(in_channels=self.arch["in_channels"][index],
-                              out_channels=self.arch["out_channels"][index], which_conv=self.which_conv,
-                              which_bn=self.which_bn, activation=self.activation,
-                              upsample=L.upsample2x if self.arch["upsample"][index] else None)]
-            if self.arch["attention"][self.arch["resolution"][index]]:
-                stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
-            blocks.append(nn.ModuleList(stage))
-        self.blocks = nn.ModuleList(blocks)
-        self.output_layer = L.OutputLayer(L.bn(self.arch["out_channels"][-1], cross_replica=cross_replica, mybn=mybn),
-                                          self.activation, self.which_conv(self.arch["out_channels"][-1], 3))
+        build_generator_blocks(self, cross_replica, mybn)
         if not skip_init:
             self.param_count = L.init_weights(self, G_init)
         self.fused = bool(fused)  # (set_fused switches it too) the forward groups the SN iterations when fused
@@ -163,6 +152,22 @@ class BigGANGenerator(nn.Module):
             if self.G_shared and not y.is_floating_point():
                 y = self.shared(y)
             return generator_trunk(self, z, y)
+
+
+def build_generator_blocks(g: nn.Module, cross_replica: bool, mybn: bool) -> None:
+    """BigGAN's generator blocks (a GBlock, then attention where the arch row asks, per stage) and
+    its output layer, created in the reference's order (shared by IC-GAN's generator)."""
+    blocks = []
+    for index in range(len(g.arch["out_channels"])):
+        stage = [L.GBlock(in_channels=g.arch["in_channels"][index], out_channels=g.arch["out_channels"][index],
+                          which_conv=g.which_conv, which_bn=g.which_bn, activation=g.activation,
+                          upsample=L.upsample2x if g.arch["upsample"][index] else None)]
+        if g.arch["attention"][g.arch["resolution"][index]]:
+            stage.append(L.Attention(g.arch["out_channels"][index], g.which_conv))
+        blocks.append(nn.ModuleList(stage))
+    g.blocks = nn.ModuleList(blocks)
+    g.output_layer = L.OutputLayer(L.bn(g.arch["out_channels"][-1], cross_replica=cross_replica, mybn=mybn),
+                                   g.activation, g.which_conv(g.arch["out_channels"][-1], 3))
 
 
 def generator_trunk(g: nn.Module, z, y):
