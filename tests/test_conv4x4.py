@@ -215,7 +215,7 @@ def test_rule_declines_what_it_cannot_serve():
 @needs_ext
 def test_auto_rule_small_maps_at_stride_2():
     """The router's stride-2 small-map limit (conv_route.cpp, kWinogradS2*): P = per-image pixels of
-    the smaller side; oneDNN below 256, Winograd from 1024, between them while N * P <= 2048.
+    the smaller side; oneDNN below 256, Winograd from 1024, between them while N * P <= 1024.
     Stride 1 is not limited."""
     def conv(n, c, h, k, stride=2, padding=1):
         return cv.uses_winograd(torch.randn(n, c, h, h), torch.randn(k, c, 4, 4), (stride,) * 2, (padding,) * 2)
@@ -223,8 +223,8 @@ def test_auto_rule_small_maps_at_stride_2():
     def convt(n, c, h, k):
         return cv.uses_winograd(torch.randn(n, c, h, h), torch.randn(c, k, 4, 4), (2, 2), (1, 1), True, (0, 0))
     with on_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("auto"):
-        assert conv(8, 64, 32, 128) and conv(4, 64, 32, 128)             # P = 256, N * P <= 2048
-        assert not conv(16, 64, 32, 128) and not conv(32, 64, 32, 128)   # P = 256, N * P > 2048
+        assert conv(4, 64, 32, 128)                                      # P = 256, N * P <= 1024
+        assert not conv(8, 64, 32, 128) and not conv(32, 64, 32, 128)    # P = 256, N * P > 1024
         assert not conv(8, 128, 16, 256)                                 # P = 64
         assert conv(1, 128, 64, 256) and conv(4, 128, 64, 256)           # P = 1024: any batch
         assert conv(8, 256, 16, 512, stride=1, padding=0)                # stride 1: P = 169, still Winograd

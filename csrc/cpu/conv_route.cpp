@@ -124,10 +124,12 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
 // 1.03-1.16x / 0.81-0.84x / 0.84x; conv 128 -> 256 from 16x16 (P = 64), N = 8: 0.79-0.82x;
 // transposed 256 -> 128 from 8x8 (P = 64), N = 8: 0.81x; transposed 512 -> 256 from 16x16 (P = 256),
 // N = 4: 1.11x; conv 128 -> 256 from 64x64 (P = 1024), N = 1 / 4: 1.23-1.30x / 1.54x. Stride 1 is
-// not limited: 256 -> 512 at 16x16, N = 8 (P = 169): 1.40x.
+// not limited: 256 -> 512 at 16x16, N = 8 (P = 169): 1.40x. N = 8 at P = 256 was 1.03-1.16x as a
+// plain conv but 0.91x inside SAGAN D's fused conv + LeakyReLU (bench_fuse --layers, 12.95 -> 14.24
+// ms): oneDNN there, Winograd up to N x P = 1024.
 constexpr int64_t kWinogradS2MinMap = 256;     // P below this: oneDNN
 constexpr int64_t kWinogradS2LargeMap = 1024;  // P from this: any batch
-constexpr int64_t kWinogradS2MaxPixels = 2048; // between the two: N * P up to this
+constexpr int64_t kWinogradS2MaxPixels = 1024; // between the two: N * P up to this
 bool small_map_pays_stride2(const at::Tensor& x, at::IntArrayRef padding, bool transposed,
                             at::IntArrayRef output_padding) {
   const int64_t hi = x.size(2), wi = x.size(3);
