@@ -145,15 +145,7 @@ class ICGANDiscriminator(nn.Module):
                                D_fp16=D_fp16, num_D_SVs=num_D_SVs, num_D_SV_itrs=num_D_SV_itrs)
         self.D_wide, self.kernel_size, self.n_classes = D_wide, D_kernel_size, n_classes
         self.class_cond, self.instance_cond, self.instance_sz = bool(class_cond), bool(instance_cond), instance_sz
-        blocks = []
-        for index in range(len(self.arch["out_channels"])):
-            stage = [L.DBlock(in_channels=self.arch["in_channels"][index], out_channels=self.arch["out_channels"][index],
-                              which_conv=self.which_conv, wide=D_wide, activation=self.activation,
-                              preactivation=index > 0,
-                              downsample=nn.AvgPool2d(2) if self.arch["downsample"][index] else None)]
-            if self.arch["attention"][self.arch["resolution"][index]]:
-                stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
-            blocks.append(nn.ModuleList(stage))
+        blocks = nb.discriminator_blocks(self, D_wide)
         self.blocks = nn.ModuleList(blocks)
         width = self.arch["out_channels"][-1]
         self.linear = self.which_linear(width, output_dim)

@@ -200,15 +200,7 @@ class BigGANDiscriminator(nn.Module):
                             D_param=D_param, D_activation=D_activation, D_init=D_init, SN_eps=SN_eps, D_fp16=D_fp16,
                             num_D_SVs=num_D_SVs, num_D_SV_itrs=num_D_SV_itrs)
         self.D_wide, self.kernel_size, self.n_classes = D_wide, D_kernel_size, n_classes
-        blocks = []
-        for index in range(len(self.arch["out_channels"])):
-            stage = [L.DBlock(in_channels=self.arch["in_channels"][index], out_channels=self.arch["out_channels"][index],
-                              which_conv=self.which_conv, wide=D_wide, activation=self.activation,
-                              preactivation=index > 0,
-                              downsample=nn.AvgPool2d(2) if self.arch["downsample"][index] else None)]
-            if self.arch["attention"][self.arch["resolution"][index]]:
-                stage.append(L.Attention(self.arch["out_channels"][index], self.which_conv))
-            blocks.append(nn.ModuleList(stage))
+        blocks = discriminator_blocks(self, D_wide)
         discriminator_finish(self, blocks, output_dim, n_classes, D_init, skip_init, fused)
 
     def forward(self, x, y=None):
@@ -231,6 +223,20 @@ def discriminator_setup(d: nn.Module, owner: str, arch_table: dict, arch_fn, *, 
     d.arch = arch_fn(D_ch, D_attn)[resolution]
     d.which_conv, d.which_linear = sn_partials("SN", num_D_SVs, num_D_SV_itrs, SN_eps, owner)
     d.which_embedding = functools.partial(L.SNEmbedding, num_svs=num_D_SVs, num_itrs=num_D_SV_itrs, eps=SN_eps)
+
+
+def discriminator_blocks(d: nn.Module, D_wide: bool) -> list:
+    """BigGAN's discriminator stages (a DBlock, then attention where the arch row asks), in the
+    reference's order (shared by IC-GAN's discriminator)."""
+    blocks = []
+    for index in range(len(d.arch["out_channels"])):
+        stage = [L.DBlock(in_channels=d.arch["in_channels"][index], out_channels=d.arch["out_channels"][index],
+                          which_conv=d.which_conv, wide=D_wide, activation=d.activation, preactivation=index > 0,
+                          downsample=nn.AvgPool2d(2) if d.arch["downsample"][index] else None)]
+        if d.arch["attention"][d.arch["resolution"][index]]:
+            stage.append(L.Attention(d.arch["out_channels"][index], d.which_conv))
+        blocks.append(nn.ModuleList(stage))
+    return blocks
 
 
 def discriminator_finish(d: nn.Module, blocks: list, output_dim: int, n_classes: int, D_init, skip_init: bool,
