@@ -163,3 +163,29 @@ def test_module_state_matches_full_route(monkeypatch, grad):
     for a, b in zip(lean, full):
         assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert len(lean[1]) >= 2 and (len(lean[2]) > 0) == grad
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_kernel_error_that_is_not_a_refusal_propagates(monkeypatch, grad):
+    """Only the kernel's own argument checks (messages starting with the op name) hand the call to
+    the full route; any other error from the kernel is the call's error, raised as it is."""
+    w, u, v = _state()
+    w.requires_grad_(grad)
+
+    def broken(*a, **k):
+        raise RuntimeError("internal failure")
+
+    def refusing(*a, **k):
+        raise RuntimeError("spectral_norm_fwd: weights[0] must be contiguous")
+
+    for fake, served_by_full_route in ((broken, False), (refusing, True)):
+        with monkeypatch.context() as m:
+            if grad:
+                m.setattr(ops.SpectralNormFn, "apply", staticmethod(fake))
+            else:
+                m.setattr(_dispatch, "lean_op", lambda *a, **k: fake)
+            if served_by_full_route:
+                assert ops._lean_layer(w, u, v, 0, 1, 1e-12, False) is None
+            else:
+                with pytest.raises(RuntimeError, match="internal failure"):
+                    ops._lean_layer(w, u, v, 0, 1, 1e-12, False)

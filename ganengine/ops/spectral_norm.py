@@ -415,6 +415,13 @@ def _compiling() -> bool:
 _SN_KERNELS = ()
 
 
+def _kernel_declined(e: RuntimeError) -> bool:
+    """Whether the C++ kernel refused the call in its argument checks, before any work or state
+    write (dtype, layout, shapes: every such check's message starts with the op name); the full
+    route then serves the call or raises the public error. Any other error propagates."""
+    return str(e).startswith("spectral_norm_fwd:")
+
+
 def _lean_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: int, eps: float,
                 write_state: bool):
     """(w_sn, u_new, v_new, sigma) from the C++ kernels directly, or None (not served here)."""
@@ -424,15 +431,19 @@ def _lean_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: 
     if torch.is_grad_enabled() and weight.requires_grad:
         try:
             outs = SpectralNormFn.apply(("cpu", [0], [u], [v], first, steps, eps, write_state), weight)
-        except RuntimeError:
-            return None
+        except RuntimeError as e:
+            if _kernel_declined(e):
+                return None
+            raise
         _dispatch.last_used["spectral_norm"] = "cpu"
         return outs[0], outs[2], outs[3], outs[1]
     try:  # (a V-first plan never reads v: u stands in for an absent one, as native_forward does)
         w_sns, u_outs, v_outs, sigma = op([weight], [u], [v if v is not None else u], first, steps, eps,
                                           write_state)
-    except RuntimeError:
-        return None
+    except RuntimeError as e:
+        if _kernel_declined(e):
+            return None
+        raise
     _dispatch.last_used["spectral_norm"] = "cpu"
     return w_sns[0], u_outs[0], v_outs[0], sigma[0]
 
