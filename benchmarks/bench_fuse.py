@@ -461,7 +461,7 @@ def _biggan_upsample_convs(warmup, repeats):
             if k == 3:
                 fns["rule"] = step(lambda: U.subpixel_conv3x3(x, fconv.weight, fconv.bias, biggan_sigma(fconv)), fconv)
             else:
-                fns["rule"] = step(lambda: U.upsample_conv1x1(fconv, x, scale_factor=2), fconv)
+                fns["rule"] = step(lambda: U.upsample_conv1x1(fconv, x, (2.0, 2.0), {"scale_factor": 2}), fconv)
             t = round_robin(fns, warmup, repeats)
             rows.append({"case": f"2x{cin}x{s}x{s} up2 -> {k}x{k} {cout}", **t,
                          "rule vs fused conv": t["fused conv"] / t["rule"],

@@ -145,6 +145,10 @@ class _Up(nn.Module):
             return self.conv(F.interpolate(h, scale_factor=2, mode="bilinear"))
         if self.variant == "scale3":
             return self.conv(F.interpolate(h, scale_factor=3))
+        if self.variant == "frac":
+            return self.conv(F.interpolate(h, scale_factor=1.5))
+        if self.variant == "recompute":
+            return self.conv(F.interpolate(h, scale_factor=1.5, recompute_scale_factor=True))
         if self.variant == "down":
             return self.conv(F.interpolate(h, scale_factor=0.5))
         if self.variant == "two_readers":
@@ -156,6 +160,7 @@ class _Up(nn.Module):
 @pytest.mark.parametrize("variant, k, pad, rule", [
     ("module", 3, 1, "graph:upsample+conv3x3"), ("plain", 3, 1, "graph:upsample+conv3x3"),
     ("plain", 1, 0, "graph:upsample+conv1x1"), ("scale3", 1, 0, "graph:upsample+conv1x1"),
+    ("frac", 1, 0, "graph:upsample+conv1x1"), ("recompute", 1, 0, "graph:upsample+conv1x1"),
     ("bilinear", 3, 1, None), ("bilinear", 1, 0, None), ("scale3", 3, 1, None), ("down", 1, 0, None),
     ("two_readers", 3, 1, None), ("plain", 3, 0, None), ("plain", 5, 2, None)])
 def test_which_upsample_conv_pairs_are_rewritten(always_subpixel, variant, k, pad, rule):
@@ -164,10 +169,27 @@ def test_which_upsample_conv_pairs_are_rewritten(always_subpixel, variant, k, pa
     fused, report = ganengine.fuse(copy.deepcopy(ref), return_report=True)
     got = [r for r in report if r.startswith("graph:upsample")]
     assert got == ([rule] if rule else [])
-    x = torch.randn(2, 4, 6, 5)
-    for mode in (True, False):
-        fused.train(mode), ref.train(mode)
-        torch.testing.assert_close(fused(x), ref(x), rtol=2e-5, atol=2e-5)
+    for x in (torch.randn(2, 4, 6, 5), torch.randn(2, 4, 7, 5).to(memory_format=torch.channels_last)):
+        for mode in (True, False):
+            fused.train(mode), ref.train(mode)
+            torch.testing.assert_close(fused(x), ref(x), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(scale_factor=2), dict(scale_factor=(2, 3)), dict(scale_factor=1.5),
+                                    dict(scale_factor=1.5, recompute_scale_factor=True)])
+def test_the_upsample_of_the_graph_calls_is_f_interpolate(kwargs):
+    """_upsample calls the aten op with the scales the graph rule resolved (none where
+    F.interpolate recomputes them per call): the same values and shape as F.interpolate, on plain
+    and channels_last tensors, and F.interpolate itself for anything but a plain 4-D tensor."""
+    sf = kwargs["scale_factor"]
+    scales = None if kwargs.get("recompute_scale_factor") else tuple(float(v) for v in (sf if isinstance(sf, tuple) else (sf, sf)))
+    for x in (torch.randn(2, 3, 5, 7), torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last),
+              torch.randn(3, 5, 7), nn.Parameter(torch.randn(1, 3, 4, 4))):
+        if x.dim() == 3 and isinstance(sf, tuple):
+            continue    # (a 3-D input takes one scale factor)
+        ref = F.interpolate(x, **kwargs)
+        out = U._upsample(x, scales, kwargs)
+        assert out.shape == ref.shape and torch.equal(out, ref)
 
 
 def test_hooked_conv_after_upsample_is_left_alone(always_subpixel):

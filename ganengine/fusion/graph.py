@@ -338,8 +338,8 @@ UPSAMPLE_RULES = {"conv1x1", "conv3x3"}
 
 
 def _nearest_scale(node: fx.Node, m: nn.Module):
-    """(input node, args, kwargs, scales) when ``node`` is a nearest upsampling by scale
-    factors >= 1 (``F.interpolate`` or an ``nn.Upsample`` child without hooks), else None."""
+    """(input node, interpolate's keyword arguments, scales) when ``node`` is a nearest upsampling
+    by scale factors >= 1 (``F.interpolate`` or an ``nn.Upsample`` child without hooks), else None."""
     if node.op == "call_function" and node.target is F.interpolate:
         try:
             bound = _INTERP.bind(*node.args, **node.kwargs)
@@ -347,7 +347,7 @@ def _nearest_scale(node: fx.Node, m: nn.Module):
             return None
         bound.apply_defaults()
         a = bound.arguments
-        args, kwargs = (), {k: v for k, v in a.items() if k != "input"}
+        kwargs = {k: v for k, v in a.items() if k != "input"}
         src, size, scale, mode, antialias = a["input"], a["size"], a["scale_factor"], a["mode"], a["antialias"]
         if a["align_corners"] is not None:   # an error for "nearest": keep the call that raises it
             return None
@@ -357,7 +357,7 @@ def _nearest_scale(node: fx.Node, m: nn.Module):
         if checks.hook_kinds(up) or up.align_corners is not None:
             return None
         src, size, scale, mode, antialias = node.args[0], up.size, up.scale_factor, up.mode, False
-        args, kwargs = (), {"size": None, "scale_factor": scale, "mode": mode, "align_corners": up.align_corners,
+        kwargs = {"size": None, "scale_factor": scale, "mode": mode, "align_corners": up.align_corners,
                             "recompute_scale_factor": getattr(up, "recompute_scale_factor", None)}
     else:
         return None
@@ -366,7 +366,7 @@ def _nearest_scale(node: fx.Node, m: nn.Module):
     scales = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
     if len(scales) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in scales):
         return None
-    return src, args, kwargs, scales
+    return src, kwargs, scales
 
 
 def _plain_conv_child(c: nn.Module) -> bool:
@@ -411,14 +411,16 @@ def _upsample_convs(m: nn.Module, graph: fx.Graph, path: str, report: FuseReport
         child = m.get_submodule(conv_node.target)
         if not isinstance(child, nn.Conv2d) or not _plain_conv_child(child):
             continue
-        kind = _upsample_conv_kind(child, spec[3])
+        kind = _upsample_conv_kind(child, spec[2])
         if kind not in UPSAMPLE_RULES:
             continue
         fn = upsample.upsample_conv1x1 if kind == "conv1x1" else upsample.upsample_conv3x3
-        src, args, kwargs, _ = spec
+        src, kwargs, scales = spec
+        # F.interpolate's own scale list for 4-D nearest, unless it recomputes them per call
+        fast = None if kwargs.get("recompute_scale_factor") else tuple(float(v) for v in scales)
         with graph.inserting_before(conv_node):
             holder = graph.get_attr(conv_node.target)
-            call = graph.call_function(fn, (holder, src, *args), kwargs)
+            call = graph.call_function(fn, (holder, src, fast, kwargs))
         conv_node.replace_all_uses_with(call)
         graph.erase_node(conv_node)
         graph.erase_node(node)

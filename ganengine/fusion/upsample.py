@@ -62,7 +62,8 @@ MIN_PIXELS = 1024
 
 def subpixel_pays(x: torch.Tensor) -> bool:
     """Whether the sub-pixel form is the cheaper one for an (n, in, h, w) input: n*h*w >= MIN_PIXELS."""
-    return x.shape[0] * x.shape[2] * x.shape[3] >= MIN_PIXELS
+    s = x.shape
+    return s[0] * s[2] * s[3] >= MIN_PIXELS
 
 
 def subpixel_conv3x3(x: torch.Tensor, w: torch.Tensor, bias, sigma=None) -> torch.Tensor:
@@ -100,19 +101,33 @@ def _spec(m: nn.Module):
     return m.weight, None
 
 
-def upsample_conv3x3(conv: nn.Module, x: torch.Tensor, *interp_args, **interp_kwargs) -> torch.Tensor:
-    """What the rewritten graph calls for ``conv(interpolate(x, scale_factor=2))`` (nearest, 3x3
-    conv, stride 1, padding 1, zero padding): the sub-pixel form where it pays, else as written."""
-    # measured on the CPU only (oneDNN): elsewhere the pair runs as written
-    if x.dim() == 4 and x.is_cpu and x.is_floating_point() and subpixel_pays(x):
+def _upsample(x: torch.Tensor, scales, interp_kwargs: dict) -> torch.Tensor:
+    """``F.interpolate(x, **interp_kwargs)``. ``scales``: the call's constant nearest scale factors
+    as F.interpolate passes them on (resolved once when the graph is rewritten; None where it
+    recomputes them): a plain 4-D tensor then goes straight to the aten op F.interpolate ends in,
+    without the ~1 us of argument handling F.interpolate repeats every call."""
+    if scales is not None and type(x) is torch.Tensor and x.dim() == 4:
+        return torch._C._nn.upsample_nearest2d(x, None, scales)
+    return F.interpolate(x, **interp_kwargs)
+
+
+def upsample_conv3x3(conv: nn.Module, x: torch.Tensor, scales, interp_kwargs: dict) -> torch.Tensor:
+    """What the rewritten graph calls for ``conv(F.interpolate(x, **interp_kwargs))`` (nearest by
+    2, 3x3 conv, stride 1, padding 1, zero padding): the sub-pixel form where it pays, else as
+    written. ``scales``: see ``_upsample``. (Positional arguments: the call costs no more host time
+    than the pair it replaces at tiny maps.)"""
+    s = x.shape
+    # subpixel_pays, inlined; measured on the CPU only (oneDNN): elsewhere the pair runs as written
+    if len(s) == 4 and s[0] * s[2] * s[3] >= MIN_PIXELS and x.is_cpu and x.is_floating_point():
         w, sigma = _spec(conv)
         return subpixel_conv3x3(x, w, conv.bias, sigma)
-    return conv(F.interpolate(x, *interp_args, **interp_kwargs))
+    return conv(_upsample(x, scales, interp_kwargs))
 
 
-def upsample_conv1x1(conv: nn.Module, x: torch.Tensor, *interp_args, **interp_kwargs) -> torch.Tensor:
-    """``conv(interpolate(x, ...))`` for a pointwise conv and nearest upsampling, as
-    ``interpolate(conv(x), ...)``."""
+def upsample_conv1x1(conv: nn.Module, x: torch.Tensor, scales, interp_kwargs: dict) -> torch.Tensor:
+    """``conv(F.interpolate(x, **interp_kwargs))`` for a pointwise conv and nearest upsampling, as
+    ``interpolate(conv(x))`` (they commute; the conv runs on the small map). ``scales``: see
+    ``_upsample``."""
     if x.dim() != 4:
-        return conv(F.interpolate(x, *interp_args, **interp_kwargs))
-    return F.interpolate(conv(x), *interp_args, **interp_kwargs)
+        return conv(F.interpolate(x, **interp_kwargs))
+    return _upsample(conv(x), scales, interp_kwargs)
