@@ -397,11 +397,6 @@ def save_reference_checkpoint(net: nn.Module, path, arch: str) -> None:
     sd = {k: v.detach().to("cpu").clone() for k, v in _strip_prefixes(net.state_dict()).items()}
     # the reference builds the same arch from the same arguments: check the keys fit it
     inferred_arch, inferred = _infer(arch, sd)
-    if inferred_arch is None or not _fits(arch, inferred, sd):
-        other = _fitting_arch(sd, exclude=arch)
-        if other is not None:
-            raise ValueError(f"save_reference_checkpoint: the network ({type(net).__name__}) is an arch={other[0]!r} "
-                             f"network (its keys and shapes fit that arch), not arch={arch!r}")
     try:
         if inferred_arch is None and not inferred:
             raise ValueError("its keys are not this architecture's")
@@ -409,11 +404,20 @@ def save_reference_checkpoint(net: nn.Module, path, arch: str) -> None:
             reference = build_network(arch, fused=False, init_type=None,
                                       **{k: v for k, v in inferred.items() if k in _ARCH_DEFAULTS[arch]})
     except (ValueError, TypeError) as exc:
+        _raise_if_other_arch(net, sd, arch)
         raise ValueError(f"save_reference_checkpoint: the network ({type(net).__name__}) does not look like "
                          f"arch={arch!r}: {exc}") from exc
     msg = _mismatch_message(arch, inferred, sd, reference.state_dict())
     if msg is not None:
+        _raise_if_other_arch(net, sd, arch)
         raise ValueError(f"save_reference_checkpoint: the network's keys are not those of arch={arch!r}: {msg}")
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(sd, tmp)
     os.replace(tmp, os.fspath(path))
+
+
+def _raise_if_other_arch(net: nn.Module, sd: dict, arch: str) -> None:
+    other = _fitting_arch(sd, exclude=arch)
+    if other is not None:
+        raise ValueError(f"save_reference_checkpoint: the network ({type(net).__name__}) is an arch={other[0]!r} "
+                         f"network (its keys and shapes fit that arch), not arch={arch!r}")
