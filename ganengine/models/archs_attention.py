@@ -164,3 +164,42 @@ SPECS = {
                       _infer_biggan_deep_d),
 }
 OPEN_ARCHS = frozenset({"biggan_G", "biggan_D", "biggan_deep_G", "biggan_deep_D"})
+
+
+# ----------------------------------------------------------------------------- mismatch explanations
+# The reference SAGAN hard-codes its attention widths for conv_dim=64 (G: Self_Attn(128) and
+# Self_Attn(64); D: Self_Attn(256) and Self_Attn(512)). Its constructor accepts any conv_dim and
+# writes a checkpoint, but that network cannot run forward (the attention layers do not fit the
+# feature maps they sit on), so no network computes "its outputs". Say so instead of suggesting
+# another architecture.
+_SAGAN_ATTN_WIDTHS = {"sagan_G": (128, 64), "sagan_D": (256, 512)}
+
+
+def _explain_sagan(arch):
+    def explain(sd, args):
+        if "l4.0.module.weight_bar" not in sd and "l3.0.module.weight_bar" in sd:
+            return ("it has no layer l4: the reference builds l4 only for image_size=64 and its forward always runs "
+                    "it, so a reference network of another image_size cannot run and there are no outputs to "
+                    "reproduce (only image_size=64 reference checkpoints are loadable)")
+        widths = tuple(sd[f"attn{i}.value_conv.weight"].shape[1] if f"attn{i}.value_conv.weight" in sd else None
+                       for i in (1, 2))
+        try:
+            conv_dim = (_infer_sagan_g if arch == "sagan_G" else _infer_sagan_d)(sd)[1]["conv_dim"]
+        except (KeyError, IndexError):
+            return None
+        if widths != _SAGAN_ATTN_WIDTHS[arch] or conv_dim == 64:
+            return None
+        return (f"it was written by the reference at conv_dim={conv_dim}, and its attention layers have the "
+                f"reference's hard-coded widths {widths} (those of conv_dim=64) where conv_dim={conv_dim} puts "
+                f"{_sagan_maps(arch, conv_dim)} channels: that reference "
+                f"{'Generator' if arch == 'sagan_G' else 'Discriminator'} cannot run forward, so there are no outputs "
+                f"to reproduce (ganengine's sagan networks with conv_dim != 64 put the attention widths on the feature "
+                f"maps; only conv_dim=64 reference checkpoints are loadable)")
+    return explain
+
+
+def _sagan_maps(arch, conv_dim):
+    return (conv_dim * 2, conv_dim) if arch == "sagan_G" else (conv_dim * 4, conv_dim * 8)
+
+
+EXPLAIN = {arch: _explain_sagan(arch) for arch in _SAGAN_ATTN_WIDTHS}

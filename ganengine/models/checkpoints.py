@@ -267,7 +267,7 @@ _INFER = {"resnet": _infer_resnet, "unet": _infer_unet, "patchgan": _infer_patch
           "stackgan_stage2_D": _infer_stack_d(2)}
 
 # SAGAN / BigGAN / BigGAN-deep (attention, spectral norm): ganengine/models/archs_attention.py
-from ganengine.models.archs_attention import OPEN_ARCHS as _OPEN_ARCHS, SPECS as _ATTN_SPECS  # noqa: E402
+from ganengine.models.archs_attention import EXPLAIN as _EXPLAIN, OPEN_ARCHS as _OPEN_ARCHS, SPECS as _ATTN_SPECS  # noqa: E402,E501
 ARCHS += tuple(_ATTN_SPECS)
 # DCGAN (pytorch/examples) and PyTorch-GAN's wgan_gp / cgan / acgan / infogan: networks_dcgan.py, networks_pytorch_gan.py
 from ganengine.models.networks_dcgan import SPECS as _DCGAN_SPECS  # noqa: E402
@@ -300,15 +300,60 @@ def _mismatch_message(arch, args, sd, expected) -> str | None:
         parts.append(f"{len(unexpected)} checkpoint keys are not in the network, e.g. {unexpected[:3]};")
     inferred_arch, inferred = _infer(arch, sd)
     differing = {k: v for k, v in inferred.items() if args.get(k) != v}
-    if inferred_arch is not None and (differing or inferred_arch != arch):
+    # a suggestion is made only once a network built from it has exactly the checkpoint's keys
+    # and shapes: a checkpoint of another arch (a generator's given as its discriminator) can
+    # also be read by this arch's inference, which then suggests nonsense arguments
+    if inferred_arch is not None and (differing or inferred_arch != arch) and _fits(inferred_arch, inferred, sd):
         call = ", ".join([repr(inferred_arch)] + [f"{k}={v!r}" for k, v in differing.items()])
         parts.append(f"its shapes fit load_reference_checkpoint(path, {call})")
+        return " ".join(parts)
+    other = _fitting_arch(sd, exclude=arch)
+    explain = _EXPLAIN.get(arch)
+    explained = explain(sd, args) if explain is not None and other is None else None
+    if other is not None:
+        other_arch, other_args = other
+        call = ", ".join([repr(other_arch)] + [f"{k}={v!r}" for k, v in other_args.items()
+                                               if _ARCH_DEFAULTS[other_arch].get(k) != v])
+        parts.append(f"it is a checkpoint of arch={other_arch!r}, not {arch!r}: its keys and shapes fit "
+                     f"load_reference_checkpoint(path, {call})")
+    elif explained:
+        parts.append(explained)
     elif inferred and differing:
         parts.append("its shapes imply " + ", ".join(f"{k}={v!r}" for k, v in differing.items())
                      + ", which no arch name provides")
     else:
         parts.append("it may be a checkpoint of another architecture")
     return " ".join(parts)
+
+
+def _fits(arch: str, args: dict, sd: dict) -> bool:
+    """Whether the network of ``arch`` built from ``args`` has exactly ``sd``'s keys and shapes
+    (built on the meta device: no memory, no init)."""
+    try:
+        with torch.device("meta"):
+            net = build_network(arch, fused=False, init_type=None,
+                                **{k: v for k, v in args.items() if k in _ARCH_DEFAULTS[arch]})
+    except Exception:  # arguments the builder rejects: no fit
+        return False
+    sd = _patch_instance_norm(sd, net)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    return not missing and set(sd) <= set(expected) and all(sd[k].shape == expected[k].shape for k in sd)
+
+
+def _fitting_arch(sd: dict, exclude: str):
+    """(arch, arguments) of another arch whose network has exactly ``sd``'s keys and shapes, or None."""
+    tried = set()
+    for candidate in ARCHS:
+        if candidate == exclude:
+            continue
+        inferred_arch, inferred = _infer(candidate, sd)
+        if inferred_arch is None or inferred_arch == exclude or inferred_arch in tried:
+            continue
+        tried.add(inferred_arch)
+        if _fits(inferred_arch, inferred, sd):
+            return inferred_arch, inferred
+    return None
 
 
 def load_reference_checkpoint(path_or_state_dict, arch: str, fused: bool = True, strict: bool = True,
@@ -359,11 +404,20 @@ def save_reference_checkpoint(net: nn.Module, path, arch: str) -> None:
             reference = build_network(arch, fused=False, init_type=None,
                                       **{k: v for k, v in inferred.items() if k in _ARCH_DEFAULTS[arch]})
     except (ValueError, TypeError) as exc:
+        _raise_if_other_arch(net, sd, arch)
         raise ValueError(f"save_reference_checkpoint: the network ({type(net).__name__}) does not look like "
                          f"arch={arch!r}: {exc}") from exc
     msg = _mismatch_message(arch, inferred, sd, reference.state_dict())
     if msg is not None:
+        _raise_if_other_arch(net, sd, arch)
         raise ValueError(f"save_reference_checkpoint: the network's keys are not those of arch={arch!r}: {msg}")
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(sd, tmp)
     os.replace(tmp, os.fspath(path))
+
+
+def _raise_if_other_arch(net: nn.Module, sd: dict, arch: str) -> None:
+    other = _fitting_arch(sd, exclude=arch)
+    if other is not None:
+        raise ValueError(f"save_reference_checkpoint: the network ({type(net).__name__}) is an arch={other[0]!r} "
+                         f"network (its keys and shapes fit that arch), not arch={arch!r}")
