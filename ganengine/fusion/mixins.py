@@ -40,14 +40,32 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
         if m.bias is not None:
             y = y + m.bias.view(1, -1, 1, 1)
         return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+    if x.dim() == 4 and (x.shape, x.dtype, x.device, w.shape) in m.__dict__.get("_ganengine_plain_calls", ()):
+        # a call _conv already sent to PyTorch's conv (its route is cached, see _route_pays):
+        # straight there, so the rewrite costs next to nothing where it cannot gain
+        y = m._conv_forward(x, w, m.bias)
+        return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     return _conv(m, x, w, m.bias, slope)
 
 
-def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
-    from ganengine.ops.conv import conv2d
-    from ganengine.ops.conv3x3 import conv3x3, winograd_profitable
-    from ganengine.ops.conv_act import conv2d_act
+_OPS: tuple = ()
 
+
+def _ops() -> tuple:
+    """(conv2d, conv3x3, winograd_profitable, conv2d_act), imported once (not at module import:
+    the ops import the fusion package; not per call: a call that ends on PyTorch's conv pays
+    only a few microseconds over the module it replaced)."""
+    global _OPS
+    if not _OPS:
+        from ganengine.ops.conv import conv2d
+        from ganengine.ops.conv3x3 import conv3x3, winograd_profitable
+        from ganengine.ops.conv_act import conv2d_act
+        _OPS = (conv2d, conv3x3, winograd_profitable, conv2d_act)
+    return _OPS
+
+
+def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
+    conv2d, conv3x3, winograd_profitable, conv2d_act = _ops()
     stride, padding, mode = tuple(m.stride), tuple(m.padding), m.padding_mode
     if x.dim() != 4:  # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W))
         y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, stride, padding)
@@ -60,7 +78,12 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
             return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     if mode == "zeros" and _route_pays(m, x, w):
         return conv2d(x, w, bias, stride, padding) if slope is None else conv2d_act(x, w, bias, stride, padding, slope)
-    # no faster route for this call: PyTorch's conv (the fused ops would only add their cost)
+    # no faster route for this call: PyTorch's conv (the fused ops would only add their cost).
+    # Not a 3x3 stride-1 conv: the decision was _route_pays' alone, cached; remember the call
+    if tuple(w.shape[-2:]) != (3, 3) or stride != (1, 1):
+        plain = m.__dict__.setdefault("_ganengine_plain_calls", set())
+        if len(plain) < 64:
+            plain.add((x.shape, x.dtype, x.device, w.shape))
     y = m._conv_forward(x, w, bias)
     return y if slope is None else F.leaky_relu(y, slope, inplace=True)
 
@@ -68,12 +91,12 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
 def _route_pays(m, x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the conv op runs this call on its GEMM form or Winograd (asked of the op's rules
     once per input shape and cached on the module)."""
-    from ganengine.ops.conv import uses_gemm, uses_winograd
-
-    key = (tuple(x.shape), x.dtype, x.device, tuple(w.shape))
+    key = (x.shape, x.dtype, x.device, w.shape)   # torch.Size is a hashable tuple
     cache = m.__dict__.setdefault("_ganengine_routes", {})
     hit = cache.get(key)
     if hit is None:
+        from ganengine.ops.conv import uses_gemm, uses_winograd
+
         stride, padding = list(m.stride), list(m.padding)
         hit = bool(uses_gemm(x, w, stride, padding) or uses_winograd(x, w, stride, padding))
         if len(cache) < 64:
