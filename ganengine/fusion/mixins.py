@@ -143,6 +143,30 @@ class ConvMixin(FusedModule):
         return self._apply(x, _act_slope(activation, negative_slope))
 
 
+class SpectralNormWrapperMixin(FusedModule):
+    """SAGAN's ``SpectralNorm`` wrapper around a conv (ganengine/fusion/spectral.py,
+    ``sagan_like``): its power iteration, then ``conv_apply`` on the inner conv with sigma, so
+    the division goes to the smaller of the weight and the output (at SAGAN D's last convs the
+    output is 8-32x smaller than the weight, and the weight-sized quotient and its backward were
+    a third of the layer's time). ``_ganengine_slope``: the fused LeakyReLU slope or None.
+    Unlike the wrapper's own forward, the inner conv's ``weight`` attribute (the wrapper's
+    per-call ``W / sigma``) is not set: nothing in the module reads it."""
+
+    _ganengine_slope: float | None = None
+    _ganengine_sigma_side: str = "auto"   # where the division goes (forced only by the probes)
+
+    @property
+    def fused_name(self) -> str:
+        act = "" if self._ganengine_slope is None else f" + leaky_relu({self._ganengine_slope})"
+        return f"fused: spectral-normed conv{act}, sigma on the smaller side"
+
+    def forward(self, x):
+        from ganengine.fusion.spectral import sagan_sigma
+
+        w, sigma = sagan_sigma(self)
+        return conv_apply(self.module, x, w, self._ganengine_slope, sigma, self._ganengine_sigma_side)
+
+
 class ConvTransposeMixin(ConvMixin):
     """An nn.ConvTranspose2d whose weight comes from ``_ganengine_weight`` (see ConvMixin)."""
 
