@@ -58,6 +58,26 @@ def test_wrapper_divides_the_smaller_side_with_the_same_numbers(shape, cout, act
             torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
 
 
+@pytest.mark.parametrize("shape,cout", [((8, 32, 2, 2), 16), ((2, 4, 4, 4), 2)])
+def test_transposed_wrapper_divides_the_smaller_side(shape, cout):
+    """SAGAN G's SN transposed convs (no activation after the wrapper: BatchNorm): "auto" divides
+    the output at (8, 32, 2, 2) -> 16 (8x16x4x4 = 2048 < weight 8192), the weight at (2, 4, 4, 4)
+    -> 2 (128 < output 2x2x8x8 = 256)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(R.SpectralNorm(nn.ConvTranspose2d(shape[1], cout, 4, 2, 1))).double()
+    twin = copy.deepcopy(net)
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert report.get("wrapped_conv") == 1 and isinstance(fused[0], SpectralNormWrapperMixin)
+    xs = [torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tol = 64 * shape[1] * 16 * torch.finfo(torch.float64).eps
+    for side in ("auto", "output", "weight"):
+        object.__setattr__(fused[0], "_ganengine_sigma_side", side)
+        a_net, b_net = copy.deepcopy(twin), copy.deepcopy(fused)
+        for w_step, g_step in zip(_steps(a_net, xs), _steps(b_net, xs)):
+            for a, b in zip(w_step, g_step):
+                torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
+
+
 def test_lookalike_wrapper_keeps_the_inner_conv_rewrite():
     """Same structure, another function (sigma doubled): the probes reject the wrapper forward;
     the inner-conv rewrite (verified itself) is used instead, and the numbers stay the model's."""

@@ -164,7 +164,30 @@ class SpectralNormWrapperMixin(FusedModule):
         from ganengine.fusion.spectral import sagan_sigma
 
         w, sigma = sagan_sigma(self)
-        return conv_apply(self.module, x, w, self._ganengine_slope, sigma, self._ganengine_sigma_side)
+        m = self.module
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            return conv_transpose_apply(m, x, w, sigma, self._ganengine_sigma_side)
+        return conv_apply(m, x, w, self._ganengine_slope, sigma, self._ganengine_sigma_side)
+
+
+def conv_transpose_apply(m, x: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor, side: str = "auto"):
+    """``conv_transpose2d(x, w / sigma, m.bias, ...)`` of an nn.ConvTranspose2d ``m`` (zeros
+    padding, no groups or dilation: checked by the rule) on the fused op, the division on the
+    smaller of the weight and the output."""
+    from ganengine.ops.conv import conv_transpose2d
+
+    if x.dim() != 4:
+        return F.conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, m.output_padding, m.groups, 1, m.dilation)
+    op = tuple(m._output_padding(x, None, list(m.stride), list(m.padding), list(m.kernel_size), 2, list(m.dilation)))
+    if side == "auto":
+        (sh, sw), (ph, pw), (kh, kw) = tuple(m.stride), tuple(m.padding), tuple(w.shape[-2:])
+        out = (x.shape[0] * w.shape[1] * ((x.shape[2] - 1) * sh - 2 * ph + kh + op[0])
+               * ((x.shape[3] - 1) * sw - 2 * pw + kw + op[1]))
+        side = "weight" if w.numel() <= out else "output"
+    if side == "weight":
+        return conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, op)
+    y = conv_transpose2d(x, w, None, m.stride, m.padding, op) / sigma
+    return y if m.bias is None else y + m.bias.view(1, -1, 1, 1)
 
 
 class ConvTransposeMixin(ConvMixin):

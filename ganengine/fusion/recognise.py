@@ -270,7 +270,7 @@ def build_wrapped_conv(w: nn.Module, slope: float | None = None, act: nn.Module 
     if why:
         return Decline(why)
     original = w if act is None else (lambda x: act(w(x)))
-    if type(inner) is nn.Conv2d and sagan_like(w):
+    if type(inner) in (nn.Conv2d, nn.ConvTranspose2d) and sagan_like(w):
         cand = _sagan_wrapper(w, child_name, inner, slope, original, act)
         if cand is not None:
             return cand
