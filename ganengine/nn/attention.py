@@ -33,13 +33,14 @@ from ganengine.ops.attention import acc_dtype, attention, attention_map, self_at
 # this many positions N = H*W the block runs as ONE softmax over the map it must build anyway
 # (out = x + gamma * V P^T), on one projection conv for q, k and v; above it the flash-style op
 # (which never reads the map) plus the map. Measured on the CPU, forward + backward, the map in the
-# loss or not, SAGAN's shapes (B = 8; C = 16..512): the one-softmax block 1.06-1.27x the eager one at
-# N = 16..256 where the flash pass + map ran 0.85-0.95x; at N = 1024 the flash pass + map 1.3-2.7x,
-# the one-softmax block 1.25-1.9x (docs/fuse.md, "SAGAN D").
+# loss or not, SAGAN's shapes (B = 8; C = 16..512): the one-softmax block 0.97-1.47x the eager one at
+# N = 16..256 (1.02-1.11x at SAGAN D's blocks, the map in the loss) where the flash pass + map ran
+# 0.86-0.95x; level at N = 512; at N = 1024 the flash pass + map 1.3-2.7x, the one-softmax block
+# 1.25-1.9x (docs/fuse.md, "SAGAN D and the small discriminators").
 MAP_PATH_MAX_POSITIONS = 256
 # In that path, from this many positions on o is formed as (P V^T)^T: the map's gradient from the
 # product is then contiguous and adds to a caller's map gradient without a strided copy (N = 256:
-# 1.02-1.27x vs 1.04-1.12x); below, V P^T is cheaper (N <= 64: 1.06-1.11x vs 0.93-1.06x).
+# 1.02-1.47x vs 1.04-1.17x); below, V P^T is cheaper (N <= 64: 0.97-1.11x vs 0.95-1.08x).
 MAP_PATH_TRANSPOSED_FROM = 256
 
 
@@ -53,7 +54,8 @@ def _plain_1x1(m: nn.Module) -> bool:
 
 
 class SelfAttention2d(nn.Module):
-    """SAGAN self-attention ``gamma * attn(x) + x`` without the N x N map.
+    """SAGAN self-attention ``gamma * attn(x) + x`` without the N x N map (with it, one softmax over
+    the map, when the map is returned and N <= MAP_PATH_MAX_POSITIONS on the CPU).
 
     Args:
         in_channels: C.
