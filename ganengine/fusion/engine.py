@@ -14,12 +14,17 @@ from ganengine.fusion import checks, graph, rules
 from ganengine.fusion.copying import FusedModule
 from ganengine.fusion.recognise import Decline
 from ganengine.fusion.report import FuseReport, join
+from ganengine.nn.attention import SelfAttention2d
 
 
 def _skip(m: nn.Module) -> bool:
     """Modules whose insides fuse leaves alone: already fused, or ganengine modules whose own
-    forward already runs the fused ops over their children (PatchDiscriminator)."""
+    forward already runs the fused ops over their children (PatchDiscriminator; a SelfAttention2d
+    whose three convs are plain 1x1 convs: it runs them itself, as one C++ block or one stacked
+    projection, which a conv rule on any of them would turn off)."""
     if isinstance(m, FusedModule) or m.__dict__.get("_ganengine_fused_wrapper"):
+        return True
+    if isinstance(m, SelfAttention2d) and m.runs_own_convs():
         return True
     return type(m).__module__ == "ganengine.nn.patch_discriminator"
 

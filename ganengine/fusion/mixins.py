@@ -40,14 +40,32 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
         if m.bias is not None:
             y = y + m.bias.view(1, -1, 1, 1)
         return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+    if x.dim() == 4 and (x.shape, x.dtype, x.device, w.shape) in m.__dict__.get("_ganengine_plain_calls", ()):
+        # a call _conv already sent to PyTorch's conv (its route is cached, see _route_pays):
+        # straight there, so the rewrite costs next to nothing where it cannot gain
+        y = m._conv_forward(x, w, m.bias)
+        return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     return _conv(m, x, w, m.bias, slope)
 
 
-def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
-    from ganengine.ops.conv import conv2d
-    from ganengine.ops.conv3x3 import conv3x3, winograd_profitable
-    from ganengine.ops.conv_act import conv2d_act
+_OPS: tuple = ()
 
+
+def _ops() -> tuple:
+    """(conv2d, conv3x3, winograd_profitable, conv2d_act), imported once (not at module import:
+    the ops import the fusion package; not per call: a call that ends on PyTorch's conv pays
+    only a few microseconds over the module it replaced)."""
+    global _OPS
+    if not _OPS:
+        from ganengine.ops.conv import conv2d
+        from ganengine.ops.conv3x3 import conv3x3, winograd_profitable
+        from ganengine.ops.conv_act import conv2d_act
+        _OPS = (conv2d, conv3x3, winograd_profitable, conv2d_act)
+    return _OPS
+
+
+def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
+    conv2d, conv3x3, winograd_profitable, conv2d_act = _ops()
     stride, padding, mode = tuple(m.stride), tuple(m.padding), m.padding_mode
     if x.dim() != 4:  # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W))
         y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, stride, padding)
@@ -60,7 +78,12 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
             return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     if mode == "zeros" and _route_pays(m, x, w):
         return conv2d(x, w, bias, stride, padding) if slope is None else conv2d_act(x, w, bias, stride, padding, slope)
-    # no faster route for this call: PyTorch's conv (the fused ops would only add their cost)
+    # no faster route for this call: PyTorch's conv (the fused ops would only add their cost).
+    # Not a 3x3 stride-1 conv: the decision was _route_pays' alone, cached; remember the call
+    if tuple(w.shape[-2:]) != (3, 3) or stride != (1, 1):
+        plain = m.__dict__.setdefault("_ganengine_plain_calls", set())
+        if len(plain) < 64:
+            plain.add((x.shape, x.dtype, x.device, w.shape))
     y = m._conv_forward(x, w, bias)
     return y if slope is None else F.leaky_relu(y, slope, inplace=True)
 
@@ -68,12 +91,12 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
 def _route_pays(m, x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the conv op runs this call on its GEMM form or Winograd (asked of the op's rules
     once per input shape and cached on the module)."""
-    from ganengine.ops.conv import uses_gemm, uses_winograd
-
-    key = (tuple(x.shape), x.dtype, x.device, tuple(w.shape))
+    key = (x.shape, x.dtype, x.device, w.shape)   # torch.Size is a hashable tuple
     cache = m.__dict__.setdefault("_ganengine_routes", {})
     hit = cache.get(key)
     if hit is None:
+        from ganengine.ops.conv import uses_gemm, uses_winograd
+
         stride, padding = list(m.stride), list(m.padding)
         hit = bool(uses_gemm(x, w, stride, padding) or uses_winograd(x, w, stride, padding))
         if len(cache) < 64:
@@ -118,6 +141,53 @@ class ConvMixin(FusedModule):
         if self._ganengine_slope is not None:
             raise RuntimeError("_ganengine_act_forward on a conv that already has an activation")
         return self._apply(x, _act_slope(activation, negative_slope))
+
+
+class SpectralNormWrapperMixin(FusedModule):
+    """SAGAN's ``SpectralNorm`` wrapper around a conv (ganengine/fusion/spectral.py,
+    ``sagan_like``): its power iteration, then ``conv_apply`` on the inner conv with sigma, so
+    the division goes to the smaller of the weight and the output (at SAGAN D's last convs the
+    output is 8-32x smaller than the weight, and the weight-sized quotient and its backward were
+    a third of the layer's time). ``_ganengine_slope``: the fused LeakyReLU slope or None.
+    Unlike the wrapper's own forward, the inner conv's ``weight`` attribute (the wrapper's
+    per-call ``W / sigma``) is not set: nothing in the module reads it."""
+
+    _ganengine_slope: float | None = None
+    _ganengine_sigma_side: str = "auto"   # where the division goes (forced only by the probes)
+
+    @property
+    def fused_name(self) -> str:
+        act = "" if self._ganengine_slope is None else f" + leaky_relu({self._ganengine_slope})"
+        return f"fused: spectral-normed conv{act}, sigma on the smaller side"
+
+    def forward(self, x):
+        from ganengine.fusion.spectral import sagan_sigma
+
+        w, sigma = sagan_sigma(self)
+        m = self.module
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            return conv_transpose_apply(m, x, w, sigma, self._ganengine_sigma_side)
+        return conv_apply(m, x, w, self._ganengine_slope, sigma, self._ganengine_sigma_side)
+
+
+def conv_transpose_apply(m, x: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor, side: str = "auto"):
+    """``conv_transpose2d(x, w / sigma, m.bias, ...)`` of an nn.ConvTranspose2d ``m`` (zeros
+    padding, no groups or dilation: checked by the rule) on the fused op, the division on the
+    smaller of the weight and the output."""
+    from ganengine.ops.conv import conv_transpose2d
+
+    if x.dim() != 4:
+        return F.conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, m.output_padding, m.groups, 1, m.dilation)
+    op = tuple(m._output_padding(x, None, list(m.stride), list(m.padding), list(m.kernel_size), 2, list(m.dilation)))
+    if side == "auto":
+        (sh, sw), (ph, pw), (kh, kw) = tuple(m.stride), tuple(m.padding), tuple(w.shape[-2:])
+        out = (x.shape[0] * w.shape[1] * ((x.shape[2] - 1) * sh - 2 * ph + kh + op[0])
+               * ((x.shape[3] - 1) * sw - 2 * pw + kw + op[1]))
+        side = "weight" if w.numel() <= out else "output"
+    if side == "weight":
+        return conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, op)
+    y = conv_transpose2d(x, w, None, m.stride, m.padding, op) / sigma
+    return y if m.bias is None else y + m.bias.view(1, -1, 1, 1)
 
 
 class ConvTransposeMixin(ConvMixin):

@@ -25,8 +25,8 @@ from torch.nn.utils import parametrize
 from ganengine.fusion import checks
 from ganengine.fusion.copying import FusedModule, clone, retype
 from ganengine.fusion.mixins import (BatchNormLikeMixin, ConditionalBatchNormMixin, ConvMixin,
-                                     ConvTransposeMixin)
-from ganengine.fusion.spectral import biggan_like
+                                     ConvTransposeMixin, SpectralNormWrapperMixin)
+from ganengine.fusion.spectral import biggan_like, sagan_like
 from ganengine.fusion.verify import probe_like, same_function
 
 
@@ -269,14 +269,32 @@ def build_wrapped_conv(w: nn.Module, slope: float | None = None, act: nn.Module 
     why = checks.has_data(w)
     if why:
         return Decline(why)
+    original = w if act is None else (lambda x: act(w(x)))
+    if type(inner) in (nn.Conv2d, nn.ConvTranspose2d) and sagan_like(w):
+        cand = _sagan_wrapper(w, child_name, inner, slope, original, act)
+        if cand is not None:
+            return cand
     mixin = ConvTransposeMixin if isinstance(inner, nn.ConvTranspose2d) else ConvMixin
     new = clone(w)
     new.__dict__["_ganengine_fused_wrapper"] = True  # fuse leaves its insides alone from now on
     new._modules[child_name] = retype(inner, mixin, _ganengine_weight=src[0], _ganengine_weight_call=src[1],
                                       _ganengine_slope=slope)
-    original = w if act is None else (lambda x: act(w(x)))
     why = same_function(original, new, [w, new] + ([act] if act is not None else []), _conv_probe(inner))
     return Decline(why) if why else new
+
+
+def _sagan_wrapper(w, child_name, inner, slope, original, act):
+    """SAGAN's SpectralNorm wrapper with sigma on the smaller side (mixins.SpectralNormWrapperMixin),
+    verified on both sides against the wrapper's own forward; None if it does not match (the
+    caller then fuses only the inner conv)."""
+    new = retype(w, SpectralNormWrapperMixin, _ganengine_slope=slope)
+    new._modules[child_name] = clone(inner)   # same Parameters; its route caches stay off the original
+    for side in ("output", "weight"):
+        object.__setattr__(new, "_ganengine_sigma_side", side)
+        if same_function(original, new, [w, new] + ([act] if act is not None else []), _conv_probe(inner)):
+            return None
+    object.__setattr__(new, "_ganengine_sigma_side", "auto")
+    return new
 
 
 # ----------------------------------------------------------------------------- batch norms

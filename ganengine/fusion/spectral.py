@@ -15,6 +15,14 @@ training mode only, the estimate differentiable in W (u and v are constants), ex
 ``W_()`` computes before returning ``weight / svs[0]``. Written from the description of the
 method; a module is only given this path after ``verify.same_function`` found its own
 ``W_``-based forward equal to it (outputs, gradients, buffers, train and eval).
+
+``sagan_like(w)`` / ``sagan_sigma(w)``: SAGAN's (heykeetae) ``SpectralNorm`` wrapper, which
+keeps ``weight_bar`` / ``weight_u`` / ``weight_v`` Parameters on its inner conv and, each call,
+runs ``power_iterations`` steps of ``v = l2n(W^T u)``, ``u = l2n(W v)`` on the data (train and
+eval), then ``sigma = u . W v`` (differentiable in W), sets the inner conv's ``weight`` to
+``W / sigma`` and calls it. The wrapper rule gives such a wrapper a forward that divides the
+smaller side instead (``mixins.SpectralNormWrapperMixin``), again only after
+``verify.same_function`` found it equal to the wrapper's own forward on both sides.
 """
 from __future__ import annotations
 
@@ -67,3 +75,33 @@ def biggan_sigma(m: nn.Module) -> torch.Tensor:
             for i, s in enumerate(svs):
                 getattr(m, f"sv{i}")[:] = s
     return svs[0]
+
+
+def sagan_like(w: nn.Module) -> bool:
+    """SAGAN SpectralNorm structure: ``module`` (a conv), ``name`` (str), ``power_iterations``
+    (int >= 0); Parameters ``{name}_u`` (out,), ``{name}_v`` (in*k*k,), ``{name}_bar`` (the
+    weight's shape) on the inner conv, which has no ``{name}`` Parameter of its own."""
+    m, name, its = getattr(w, "module", None), getattr(w, "name", None), getattr(w, "power_iterations", None)
+    if not (isinstance(m, nn.Module) and isinstance(name, str) and isinstance(its, int) and its >= 0):
+        return False
+    u, v, bar = (m._parameters.get(name + s) for s in ("_u", "_v", "_bar"))
+    if not all(isinstance(t, nn.Parameter) for t in (u, v, bar)) or name in m._parameters:
+        return False
+    h = bar.shape[0]
+    return u.dim() == 1 and v.dim() == 1 and u.shape[0] == h and v.shape[0] * h == bar.numel()
+
+
+def _l2n(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return t / (t.norm() + eps)
+
+
+def sagan_sigma(w: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight W, sigma): the wrapper's power iteration, u and v written through ``.data``
+    as it does (so the updates follow it in train and eval), sigma differentiable in W."""
+    m, name = w.module, w.name
+    u, v, bar = getattr(m, name + "_u"), getattr(m, name + "_v"), getattr(m, name + "_bar")
+    h = bar.shape[0]
+    for _ in range(w.power_iterations):
+        v.data = _l2n(torch.mv(torch.t(bar.view(h, -1).data), u.data))
+        u.data = _l2n(torch.mv(bar.view(h, -1).data, v.data))
+    return bar, u.dot(bar.view(h, -1).mv(v))

@@ -27,7 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganengine.ops.attention import attention, attention_map, self_attention2d
+from ganengine.ops.attention import acc_dtype, attention, attention_map, self_attention2d
+
+# SelfAttention2d with the map returned (SAGAN's ``Self_Attn`` returns ``(out, attention)``): up to
+# this many positions N = H*W the block runs as ONE softmax over the map it must build anyway
+# (out = x + gamma * V P^T), on one projection conv for q, k and v; above it the flash-style op
+# (which never reads the map) plus the map. Measured on the CPU, forward + backward, the map in the
+# loss or not, SAGAN's shapes (B = 8; C = 16..512): the one-softmax block 0.97-1.47x the eager one at
+# N = 16..256 (1.02-1.11x at SAGAN D's blocks, the map in the loss) where the flash pass + map ran
+# 0.86-0.95x; level at N = 512; at N = 1024 the flash pass + map 1.3-2.7x, the one-softmax block
+# 1.25-1.9x (docs/fuse.md, "SAGAN D and the small discriminators").
+MAP_PATH_MAX_POSITIONS = 256
+# In that path, from this many positions on o is formed as (P V^T)^T: the map's gradient from the
+# product is then contiguous and adds to a caller's map gradient without a strided copy (N = 256:
+# 1.02-1.47x vs 1.04-1.17x); below, V P^T is cheaper (N <= 64: 0.97-1.11x vs 0.95-1.08x).
+MAP_PATH_TRANSPOSED_FROM = 256
 
 
 def _plain_1x1(m: nn.Module) -> bool:
@@ -40,7 +54,8 @@ def _plain_1x1(m: nn.Module) -> bool:
 
 
 class SelfAttention2d(nn.Module):
-    """SAGAN self-attention ``gamma * attn(x) + x`` without the N x N map.
+    """SAGAN self-attention ``gamma * attn(x) + x`` without the N x N map (with it, one softmax over
+    the map, when the map is returned and N <= MAP_PATH_MAX_POSITIONS on the CPU).
 
     Args:
         in_channels: C.
@@ -87,11 +102,47 @@ class SelfAttention2d(nn.Module):
             # the same convolutions and kernels, so the same bits as the route below)
             return self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
         b, c, h, w = x.shape
+        if want and x.is_cpu and h * w <= MAP_PATH_MAX_POSITIONS:
+            return self._one_softmax(x)
         q = qc(x).flatten(2)
         k = kc(x).flatten(2)
         v = vc(x).flatten(2)
         out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
         return (out, attention_map(q, k)) if want else out
+
+    def runs_own_convs(self) -> bool:
+        """True when the three convs are plain 1x1 convs that ``forward`` runs itself (one C++
+        block, or one stacked projection); ``ganengine.fuse`` then leaves them alone."""
+        return all(_plain_1x1(m) for m in (self.query_conv, self.key_conv, self.value_conv))
+
+    def _projections(self, x: torch.Tensor):
+        """q, k, v (B, d / d / C, N): one conv with the three weights stacked when all three are
+        plain 1x1 convs (one GEMM and one input gradient instead of three; the weight copy is
+        1 / (B N) of the conv's work), else the three modules."""
+        qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
+        biases = (qc.bias, kc.bias, vc.bias) if all(_plain_1x1(m) for m in (qc, kc, vc)) else None
+        if biases is not None and (all(t is None for t in biases) or all(t is not None for t in biases)):
+            d = qc.weight.shape[0]
+            if kc.weight.shape[0] == d:
+                bias = None if biases[0] is None else torch.cat(biases)
+                qkv = F.conv2d(x, torch.cat((qc.weight, kc.weight, vc.weight)), bias).flatten(2)
+                return qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+        return qc(x).flatten(2), kc(x).flatten(2), vc(x).flatten(2)
+
+    def _one_softmax(self, x: torch.Tensor):
+        """``(out, attention)`` with one softmax: the map the caller gets is the one ``out`` is
+        formed from (the reference's own formula, accumulated in fp32 / fp64 like the fused op).
+        Differentiable to any order (plain torch ops)."""
+        b, c, h, w = x.shape
+        q, k, v = self._projections(x)
+        ct = acc_dtype(q.dtype)
+        p = torch.softmax(torch.bmm(q.to(ct).transpose(1, 2), k.to(ct)), dim=-1)
+        if h * w >= MAP_PATH_TRANSPOSED_FROM:
+            o = torch.bmm(p, v.to(ct).transpose(1, 2)).transpose(1, 2)
+        else:
+            o = torch.bmm(v.to(ct), p.transpose(1, 2))
+        out = torch.addcmul(x.flatten(2).to(ct), self.gamma.to(ct).reshape(()), o).to(x.dtype).view(b, c, h, w)
+        return out, p.to(q.dtype)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, return_attention={self.return_attention}"
