@@ -110,3 +110,9 @@ def test_bench_attention(script, capsys, tmp_path):
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 2 * 3
     assert rows[2].startswith("| 1 | 8 | 4x4 | fwd | ganengine (") and rows[1].endswith("| 1.00x |")
+
+
+def test_bench_fuse_calls(script, capsys):
+    mod = script("bench_fuse_calls")
+    mod.main(["--repeats", "1", "--calls", "2"])
+    assert len(_table_rows(capsys.readouterr().out)) == 1 + 6
