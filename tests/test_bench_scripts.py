@@ -115,4 +115,4 @@ def test_bench_attention(script, capsys, tmp_path):
 def test_bench_fuse_calls(script, capsys):
     mod = script("bench_fuse_calls")
     mod.main(["--repeats", "1", "--calls", "2"])
-    assert len(_table_rows(capsys.readouterr().out)) == 1 + 6
+    assert len(_table_rows(capsys.readouterr().out)) == 1 + 6 + 8

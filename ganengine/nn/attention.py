@@ -44,13 +44,18 @@ MAP_PATH_MAX_POSITIONS = 256
 MAP_PATH_TRANSPOSED_FROM = 256
 
 
-def _plain_1x1(m: nn.Module) -> bool:
-    """An nn.Conv2d whose call is exactly F.conv2d(x, weight, bias) with a 1x1 kernel: no
-    subclass forward, hooks or parametrization (a spectral-normed conv computes its weight)."""
-    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
-            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
-            and not m._forward_hooks and not m._forward_pre_hooks and "parametrizations" not in m.__dict__
-            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+def _plain_1x1s(*convs: nn.Module) -> bool:
+    """Whether each is an nn.Conv2d whose call is exactly F.conv2d(x, weight, bias) with a 1x1
+    kernel: no subclass forward, hooks or parametrization (a spectral-normed conv computes its
+    weight). Asked every call (hooks can be added any time), so the global hooks once for all."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    for m in convs:
+        if not (type(m) is nn.Conv2d and not m._forward_hooks and not m._forward_pre_hooks
+                and "parametrizations" not in m.__dict__ and m.kernel_size == (1, 1) and m.stride == (1, 1)
+                and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"):
+            return False
+    return True
 
 
 class SelfAttention2d(nn.Module):
@@ -97,7 +102,7 @@ class SelfAttention2d(nn.Module):
             raise ValueError(f"SelfAttention2d: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
         want = self.return_attention if return_attention is None else return_attention
         qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
-        if not want and x.is_cpu and _plain_1x1(qc) and _plain_1x1(kc) and _plain_1x1(vc):
+        if not want and x.is_cpu and _plain_1x1s(qc, kc, vc):
             # the whole block as one C++ call on the cpu backend (ops/attention.py's lean entry;
             # the same convolutions and kernels, so the same bits as the route below)
             return self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
@@ -113,20 +118,21 @@ class SelfAttention2d(nn.Module):
     def runs_own_convs(self) -> bool:
         """True when the three convs are plain 1x1 convs that ``forward`` runs itself (one C++
         block, or one stacked projection); ``ganengine.fuse`` then leaves them alone."""
-        return all(_plain_1x1(m) for m in (self.query_conv, self.key_conv, self.value_conv))
+        return _plain_1x1s(self.query_conv, self.key_conv, self.value_conv)
 
     def _projections(self, x: torch.Tensor):
         """q, k, v (B, d / d / C, N): one conv with the three weights stacked when all three are
         plain 1x1 convs (one GEMM and one input gradient instead of three; the weight copy is
         1 / (B N) of the conv's work), else the three modules."""
         qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
-        biases = (qc.bias, kc.bias, vc.bias) if all(_plain_1x1(m) for m in (qc, kc, vc)) else None
+        biases = (qc.bias, kc.bias, vc.bias) if _plain_1x1s(qc, kc, vc) else None
         if biases is not None and (all(t is None for t in biases) or all(t is not None for t in biases)):
             d = qc.weight.shape[0]
             if kc.weight.shape[0] == d:
                 bias = None if biases[0] is None else torch.cat(biases)
                 qkv = F.conv2d(x, torch.cat((qc.weight, kc.weight, vc.weight)), bias).flatten(2)
-                return qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+                # one split (its backward one cat), not three slices (three zero-filled grads summed)
+                return qkv.split((d, d, vc.weight.shape[0]), 1)
         return qc(x).flatten(2), kc(x).flatten(2), vc(x).flatten(2)
 
     def _one_softmax(self, x: torch.Tensor):
@@ -135,14 +141,24 @@ class SelfAttention2d(nn.Module):
         Differentiable to any order (plain torch ops)."""
         b, c, h, w = x.shape
         q, k, v = self._projections(x)
-        ct = acc_dtype(q.dtype)
-        p = torch.softmax(torch.bmm(q.to(ct).transpose(1, 2), k.to(ct)), dim=-1)
+        qt = q.dtype
+        ct = acc_dtype(qt)
+        if qt != ct:   # (each .to is a call even when it has nothing to do: ~1 us at tiny maps)
+            q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        p = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)
         if h * w >= MAP_PATH_TRANSPOSED_FROM:
-            o = torch.bmm(p, v.to(ct).transpose(1, 2)).transpose(1, 2)
+            o = torch.bmm(p, v.transpose(1, 2)).transpose(1, 2)
         else:
-            o = torch.bmm(v.to(ct), p.transpose(1, 2))
-        out = torch.addcmul(x.flatten(2).to(ct), self.gamma.to(ct).reshape(()), o).to(x.dtype).view(b, c, h, w)
-        return out, p.to(q.dtype)
+            o = torch.bmm(v, p.transpose(1, 2))
+        xc, gamma = x, self.gamma      # gamma: (1,) in SAGAN, () in BigGAN: both broadcast
+        if xc.dtype != ct:
+            xc = xc.to(ct)
+        if gamma.dtype != ct:
+            gamma = gamma.to(ct)
+        out = torch.addcmul(xc, gamma, o.view(b, c, h, w))
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out, (p if qt == ct else p.to(qt))
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, return_attention={self.return_attention}"
