@@ -19,7 +19,8 @@
 //   Winograd3x3  benchmarks/bench_conv3x3.py: Winograd pays off once the GEMMs dominate its
 //                memory-bound transforms: F(2, 3) beats oneDNN's direct convolution from 128
 //                input and output channels and 256 output tiles (2x2) per call.
-// The Gemm rule is asked first, then Winograd4x4; everything else is OneDNN.
+//   Gemm, NHWC   the same GEMMs with pixels as rows, for channels_last inputs (nhwc_gemm_pays below).
+// The Gemm rule is asked first, then Winograd4x4, then the NHWC Gemm rules; everything else is OneDNN.
 #include "conv_route.h"
 
 #include "conv_gemm.h"
@@ -45,6 +46,31 @@ constexpr int64_t kMaxColumns = 64;
 constexpr int64_t kMinWeight = 1 << 16;
 constexpr int64_t kMaxColumnsBigWeight = 256;
 constexpr int64_t kBigWeight = 1 << 22;
+
+// The NHWC form (channels_last x, conv_gemm.cpp) against oneDNN on channels_last, 4x4 stride 2
+// padding 1, fwd+bwd, 1 thread, CPU time, interleaved, under load (benchmarks/bench_conv.py
+// --shapes dcgan --layout channels_last --threads 1 --cpu-time): with P the small map's pixels
+// per image (conv output, transposed input), N * P the GEMM rows,
+//   * N * P <= 256, any channels: DCGAN at --quick's widths, batch 4: conv 16 -> 32 (P = 64)
+//     1.33x, 32 -> 64 (P = 16) 1.62x, transposed 64 -> 32 (P = 16) 1.91x, 32 -> 16 (P = 64) 1.50x;
+//     at the reference widths, batch 4: conv 128 -> 256 (P = 64) 1.18x, transposed 256 -> 128 1.27x;
+//   * P <= 16 with 256+ channels on both sides, any batch: DCGAN's 256 -> 512 conv (8x8 -> 4x4)
+//     and 512 -> 256 transposed conv (4x4 -> 8x8): 1.51x / 1.57x at batch 64, 1.72x / 1.89x at 16,
+//     3.5x / 3.6x at 4;
+//   * transposed with at most 16 channels on one side, N * P <= 1024: 16 -> 8 from 16x16 at batch 4
+//     1.25x (oneDNN's transposed conv blocks channels by 16);
+// losses: batch 64, P = 64: conv 128 -> 256 0.64x, transposed 256 -> 128 0.80x; P = 256: 0.39x / 0.45x;
+// batch 4: conv 64 -> 128 from 32x32 (N * P = 1024) 0.64x, conv 8 -> 16 from 32x32 0.99x,
+// transposed 8 -> 3 from 32x32 (N * P = 4096) 0.96x. Asked only where Winograd 4x4 does not take
+// the call (its wins are measured against oneDNN, not this form).
+constexpr int64_t kNhwcMaxColumns = 256;
+constexpr int64_t kNhwcSmallMap = 16, kNhwcMinChannels = 256;
+constexpr int64_t kNhwcNarrowChannels = 16, kNhwcNarrowMaxColumns = 1024;
+bool nhwc_gemm_pays(int64_t cols, int64_t pixels, int64_t channels, bool transposed) {
+  if (cols <= kNhwcMaxColumns) return true;
+  if (pixels <= kNhwcSmallMap && channels >= kNhwcMinChannels) return true;
+  return transposed && channels <= kNhwcNarrowChannels && cols <= kNhwcNarrowMaxColumns;
+}
 constexpr int64_t kWinograd4x4MinChannels = 64;  // K and C * stride^2
 constexpr int64_t kWinograd4x4MinTiles = 100;
 constexpr int64_t kWinograd3x3MinTiles = 256;
@@ -112,8 +138,18 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   if (pol == 2 || !conv_gemm::legal(x, w, transposed)) return false;
   if (pol == 1) return true;
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
-  if (cols <= kMaxColumns) return w.numel() >= kMinWeight;
+  if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
+  if (conv_gemm::nhwc_form(x)) return false;  // (the NHWC rules: use_gemm_nhwc, after Winograd's)
+  if (cols <= kMaxColumns) return false;
   return !transposed && cols <= kMaxColumnsBigWeight && w.numel() >= kBigWeight;
+}
+
+// the NHWC rules (nhwc_gemm_pays), asked after Winograd 4x4's
+bool use_gemm_nhwc(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                   bool transposed) {
+  if (gemm_policy() != 0 || !conv_gemm::legal(x, w, transposed) || !conv_gemm::nhwc_form(x)) return false;
+  const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
+  return nhwc_gemm_pays(cols, cols / x.size(0), std::min(w.size(0), w.size(1)), transposed);
 }
 
 // Stride 2 on small maps: P = the per-image pixels of the smaller side (a conv's output, a
@@ -207,6 +243,7 @@ Decision decide(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride
   if (use_gemm(x, w, stride, padding, transposed)) return {Route::Gemm, 0};
   const int64_t tile = winograd4x4_tile(x, w, stride, padding, transposed, output_padding);
   if (tile > 0) return {Route::Winograd4x4, tile};
+  if (use_gemm_nhwc(x, w, stride, padding, transposed)) return {Route::Gemm, 0};
   return {Route::OneDNN, 0};
 }
 
@@ -337,7 +374,7 @@ bool conv_uses_winograd_op(const at::Tensor& x, const at::Tensor& w, at::IntArra
 
 bool conv_uses_gemm_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                        bool transposed) {
-  // (the Gemm rule is asked first: output_padding does not matter to it)
+  // (output_padding {0, 0}: only a Winograd decision, which the NHWC Gemm rules defer to, reads it)
   return conv_route::decide(x, w, stride, padding, transposed, {0, 0}).route == Route::Gemm;
 }
 
