@@ -59,6 +59,9 @@ constexpr int64_t kBigWeight = 1 << 22;
 //     3.5x / 3.6x at 4;
 //   * transposed with at most 16 channels on one side, N * P <= 1024: 16 -> 8 from 16x16 at batch 4
 //     1.25x (oneDNN's transposed conv blocks channels by 16);
+//   * (4x4 stride 1, no padding) D's last conv 512 -> 1 on the 4x4 map: 1.15x at batch 64, 64 -> 1 at
+//     batch 4 2.41x; G's first transposed conv on the 1x1 input (NHWC-dense and NCHW-contiguous at
+//     once: the NCHW form runs it) 100 -> 512 at batch 64 1.53x, 16 -> 64 at batch 4 1.49x;
 // losses: batch 64, P = 64: conv 128 -> 256 0.64x, transposed 256 -> 128 0.80x; P = 256: 0.39x / 0.45x;
 // batch 4: conv 64 -> 128 from 32x32 (N * P = 1024) 0.64x, conv 8 -> 16 from 32x32 0.99x,
 // transposed 8 -> 3 from 32x32 (N * P = 4096) 0.96x. Asked only where Winograd 4x4 does not take
@@ -139,15 +142,17 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   if (pol == 1) return true;
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
   if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
-  if (conv_gemm::nhwc_form(x)) return false;  // (the NHWC rules: use_gemm_nhwc, after Winograd's)
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;  // (use_gemm_nhwc, after Winograd's)
   if (cols <= kMaxColumns) return false;
   return !transposed && cols <= kMaxColumnsBigWeight && w.numel() >= kBigWeight;
 }
 
-// the NHWC rules (nhwc_gemm_pays), asked after Winograd 4x4's
+// the NHWC rules (nhwc_gemm_pays), asked after Winograd 4x4's, for NHWC-dense inputs (a channels_last
+// x, or one that is both layouts at once: a 1x1 map)
 bool use_gemm_nhwc(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                    bool transposed) {
-  if (gemm_policy() != 0 || !conv_gemm::legal(x, w, transposed) || !conv_gemm::nhwc_form(x)) return false;
+  if (gemm_policy() != 0 || !conv_gemm::legal(x, w, transposed) || !x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return false;
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
   return nhwc_gemm_pays(cols, cols / x.size(0), std::min(w.size(0), w.size(1)), transposed);
 }
