@@ -67,7 +67,7 @@ def _cl(*shape):
 @needs_ext
 def test_nhwc_rules():
     """conv_route.cpp's nhwc_gemm_pays at its boundaries (N x P GEMM rows, P small-map pixels),
-    channels_last inputs only; NCHW inputs keep the NCHW rule."""
+    channels_last inputs only; NCHW inputs keep the NCHW rules."""
     cases = [  # (transposed, x shape, w shape, GEMM?)
         (False, (4, 16, 16, 16), (32, 16, 4, 4), True),       # N P = 256
         (False, (4, 16, 18, 16), (32, 16, 4, 4), False),      # N P = 288, 16 channels, not transposed
@@ -88,6 +88,13 @@ def test_nhwc_rules():
             if xs[0] * 4 <= 256 and not cv.uses_winograd(x, w, (2, 2), (1, 1), tr):  # NCHW: its own rule
                 assert not cv.uses_gemm(x.contiguous(), w, (2, 2), (1, 1), tr) or w.numel() >= 1 << 16
     assert cv.uses_winograd(_cl(1, 64, 64, 64), torch.empty(128, 64, 4, 4), (2, 2), (1, 1), False)
+    # NCHW: a plain conv onto a map of <= 16 pixels with 256+ channels, up to 256 GEMM columns
+    # (SAGAN D's 8x256x8x8 -> 512); pix2pix D small's 1x32x16x16 -> 64 stays oneDNN
+    for xs, ws, gemm in (((8, 256, 8, 8), (512, 256, 4, 4), True), ((16, 256, 8, 8), (512, 256, 4, 4), True),
+                         ((32, 256, 8, 8), (512, 256, 4, 4), False), ((8, 128, 8, 8), (256, 128, 4, 4), False),
+                         ((4, 256, 16, 16), (512, 256, 4, 4), False), ((1, 32, 16, 16), (64, 32, 4, 4), False)):
+        with on_backend("cpu"):
+            assert cv.uses_gemm(torch.empty(xs), torch.empty(ws), (2, 2), (1, 1), False) == gemm, xs
 
 
 @needs_ext

@@ -6,7 +6,12 @@
 //                that reading them is the cost (conv 1x512x8x8 -> 4x4: 2.5x forward; transposed
 //                1x1024x4x4: 2.4x forward+backward), and up to kMaxColumnsBigWeight for a plain
 //                conv with a 4M+ element weight (16x512x8x8 -> 1024 channels: 1.1x forward, 1.3x
-//                with backward); at 1024 columns it is 0.64x oneDNN (64x256x8x8).
+//                with backward); at 1024 columns it is 0.64x oneDNN (64x256x8x8). And up to
+//                kMaxColumnsBigWeight for a plain conv onto a map of at most kSmallMap pixels with
+//                kSmallMapChannels+ channels (SAGAN D's 8x256x8x8 -> 512, fwd+bwd, 1 thread, CPU time,
+//                under load: 1.53-1.55x oneDNN; 16x256x8x8 (256 columns) 1.07-1.14x; 32x (512) 0.99x;
+//                with more pixels oneDNN keeps it: 4x256x16x16 0.98x, 1x256x32x32 0.96x). Where this
+//                conv's input is channels_last the NHWC rules below decide instead.
 //   Winograd4x4  benchmarks/bench_conv4x4.py: the engine's GEMMs are (K x Cv) @ (Cv x T) per
 //                transform point, and the weight transforms (twice per training step, plus one
 //                adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
@@ -67,11 +72,11 @@ constexpr int64_t kBigWeight = 1 << 22;
 // transposed 8 -> 3 from 32x32 (N * P = 4096) 0.96x. Asked only where Winograd 4x4 does not take
 // the call (its wins are measured against oneDNN, not this form).
 constexpr int64_t kNhwcMaxColumns = 256;
-constexpr int64_t kNhwcSmallMap = 16, kNhwcMinChannels = 256;
+constexpr int64_t kSmallMap = 16, kSmallMapChannels = 256;
 constexpr int64_t kNhwcNarrowChannels = 16, kNhwcNarrowMaxColumns = 1024;
 bool nhwc_gemm_pays(int64_t cols, int64_t pixels, int64_t channels, bool transposed) {
   if (cols <= kNhwcMaxColumns) return true;
-  if (pixels <= kNhwcSmallMap && channels >= kNhwcMinChannels) return true;
+  if (pixels <= kSmallMap && channels >= kSmallMapChannels) return true;
   return transposed && channels <= kNhwcNarrowChannels && cols <= kNhwcNarrowMaxColumns;
 }
 constexpr int64_t kWinograd4x4MinChannels = 64;  // K and C * stride^2
@@ -143,8 +148,9 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
   if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;  // (use_gemm_nhwc, after Winograd's)
-  if (cols <= kMaxColumns) return false;
-  return !transposed && cols <= kMaxColumnsBigWeight && w.numel() >= kBigWeight;
+  if (cols <= kMaxColumns || transposed || cols > kMaxColumnsBigWeight) return false;
+  return w.numel() >= kBigWeight ||
+         (cols / x.size(0) <= kSmallMap && std::min(w.size(0), w.size(1)) >= kSmallMapChannels);
 }
 
 // the NHWC rules (nhwc_gemm_pays), asked after Winograd 4x4's, for NHWC-dense inputs (a channels_last
