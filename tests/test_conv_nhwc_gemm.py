@@ -79,6 +79,9 @@ def test_nhwc_rules():
         (True, (4, 16, 16, 16), (16, 8, 4, 4), True),         # transposed, 8 channels, N P = 1024
         (True, (4, 17, 16, 16), (17, 17, 4, 4), False),       # 17 channels
         (True, (5, 16, 16, 16), (16, 8, 4, 4), False),        # N P = 1280
+        (True, (64, 64, 32, 32), (64, 3, 4, 4), True),        # an image layer: <= 4 outputs from 64+
+        (True, (64, 32, 32, 32), (32, 3, 4, 4), False),       # from 32
+        (True, (64, 64, 32, 32), (64, 5, 4, 4), False),       # 5 outputs
         (False, (1, 64, 64, 64), (128, 64, 4, 4), False),     # Winograd 4x4 takes it first
     ]
     for tr, xs, ws, gemm in cases:
@@ -100,8 +103,8 @@ def test_nhwc_rules():
 @needs_ext
 def test_dcgan_layers_and_routes_at_the_reference_setting():
     """Every DCGAN conv is ganengine's (keys unchanged); at batch 64 with the networks' layouts the
-    router takes the GEMM form for G's 1x1-input layer, D's last (4x4 -> 1x1) and the 8x8 <-> 4x4
-    layers, oneDNN for the rest (decided from shapes: no convolution runs)."""
+    router takes the GEMM form for G's 1x1-input and image layers, D's last (4x4 -> 1x1) and the
+    8x8 <-> 4x4 layers, oneDNN for the rest (decided from shapes: no convolution runs)."""
     G, D = DCGANGenerator(init_type=None), DCGANDiscriminator(init_type=None)
     ref_keys = DCGANGenerator(init_type=None, fused=False).state_dict().keys()
     assert G.state_dict().keys() == ref_keys
@@ -119,4 +122,4 @@ def test_dcgan_layers_and_routes_at_the_reference_setting():
                     gemm.add((tag, i))
             k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
             size = (size - 1) * s - 2 * p + k if tr else (size + 2 * p - k) // s + 1
-    assert gemm == {("G", 0), ("G", 3), ("D", 8), ("D", 11)}, gemm
+    assert gemm == {("G", 0), ("G", 3), ("G", 12), ("D", 8), ("D", 11)}, gemm

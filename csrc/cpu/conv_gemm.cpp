@@ -18,6 +18,7 @@
 // block (measured faster and steadier than one threaded call on these skinny shapes).
 // Where the output map is large, oneDNN's direct convolution runs near the FMA peak and keeps
 // the call (the threshold is the router's, conv_route.cpp, from benchmarks/bench_conv.py).
+// Channels_last inputs run the NHWC form below (the same products with pixels as rows).
 #include "conv_gemm.h"
 
 #include <ATen/Parallel.h>

@@ -64,6 +64,9 @@ constexpr int64_t kBigWeight = 1 << 22;
 //     3.5x / 3.6x at 4;
 //   * transposed with at most 16 channels on one side, N * P <= 1024: 16 -> 8 from 16x16 at batch 4
 //     1.25x (oneDNN's transposed conv blocks channels by 16);
+//   * transposed onto at most 4 channels from 64+ (a generator's image layer): 64 -> 3 from 32x32
+//     1.10-1.12x at batch 64, 1.31x at 16; 128 -> 3 at 16 1.54x; 64 -> 1 at 64 1.65x (losses: 32 -> 3
+//     at 64 0.90x, 64 -> 8 at 16 0.86x);
 //   * (4x4 stride 1, no padding) D's last conv 512 -> 1 on the 4x4 map: 1.15x at batch 64, 64 -> 1 at
 //     batch 4 2.41x; G's first transposed conv on the 1x1 input (NHWC-dense and NCHW-contiguous at
 //     once: the NCHW form runs it) 100 -> 512 at batch 64 1.53x, 16 -> 64 at batch 4 1.49x;
@@ -74,9 +77,12 @@ constexpr int64_t kBigWeight = 1 << 22;
 constexpr int64_t kNhwcMaxColumns = 256;
 constexpr int64_t kSmallMap = 16, kSmallMapChannels = 256;
 constexpr int64_t kNhwcNarrowChannels = 16, kNhwcNarrowMaxColumns = 1024;
-bool nhwc_gemm_pays(int64_t cols, int64_t pixels, int64_t channels, bool transposed) {
+constexpr int64_t kNhwcImageChannels = 4, kNhwcImageMinInput = 64;
+bool nhwc_gemm_pays(int64_t cols, int64_t pixels, int64_t c_in, int64_t c_out, bool transposed) {
+  const int64_t channels = std::min(c_in, c_out);
   if (cols <= kNhwcMaxColumns) return true;
   if (pixels <= kSmallMap && channels >= kSmallMapChannels) return true;
+  if (transposed && c_out <= kNhwcImageChannels && c_in >= kNhwcImageMinInput) return true;
   return transposed && channels <= kNhwcNarrowChannels && cols <= kNhwcNarrowMaxColumns;
 }
 constexpr int64_t kWinograd4x4MinChannels = 64;  // K and C * stride^2
@@ -160,7 +166,8 @@ bool use_gemm_nhwc(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef str
   if (gemm_policy() != 0 || !conv_gemm::legal(x, w, transposed) || !x.is_contiguous(at::MemoryFormat::ChannelsLast))
     return false;
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
-  return nhwc_gemm_pays(cols, cols / x.size(0), std::min(w.size(0), w.size(1)), transposed);
+  const int64_t c_in = transposed ? w.size(0) : w.size(1), c_out = transposed ? w.size(1) : w.size(0);
+  return nhwc_gemm_pays(cols, cols / x.size(0), c_in, c_out, transposed);
 }
 
 // Stride 2 on small maps: P = the per-image pixels of the smaller side (a conv's output, a

@@ -60,10 +60,11 @@ def run_sequential(seq: nn.Sequential, x: torch.Tensor, channels_last_from: int 
 def every_conv(conv, seq, index) -> bool:
     """finish_synthesis's selection: every convolution on ganengine's conv ops, whose router
     (csrc/cpu/conv_route.cpp) picks the strategy per call: on the CPU at the reference setting the
-    GEMM form for G's first transposed conv (1x1 input) and, on channels_last activations, for the
-    two layers between the 4x4 and 8x8 maps (D's 256 -> 512 conv, G's 512 -> 256 transposed conv:
-    1.5x oneDNN fwd+bwd, benchmarks/bench_conv.py --shapes dcgan --layout channels_last); oneDNN
-    (cuDNN on GPUs) for the rest, through the same at::convolution eager calls."""
+    GEMM form for G's first transposed conv (1x1 input), D's last conv (4x4 -> 1x1) and, on
+    channels_last activations, the two layers between the 4x4 and 8x8 maps (D's 256 -> 512 conv,
+    G's 512 -> 256 transposed conv: 1.5x oneDNN fwd+bwd, benchmarks/bench_conv.py --shapes dcgan
+    --layout channels_last) and G's 64 -> 3 image layer; oneDNN (cuDNN on GPUs) for the rest,
+    through the same at::convolution eager calls. At --quick's widths most layers take the GEMM form."""
     return True
 
 
