@@ -18,6 +18,7 @@
 // block (measured faster and steadier than one threaded call on these skinny shapes).
 // Where the output map is large, oneDNN's direct convolution runs near the FMA peak and keeps
 // the call (the threshold is the router's, conv_route.cpp, from benchmarks/bench_conv.py).
+// Channels_last inputs run the NHWC form below (the same products with pixels as rows).
 #include "conv_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -157,7 +158,144 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convT_bwd(const at::Tensor& grad,
   return {dx, dw, db};
 }
 
+// ---------------------------------------------------------------------------------- the NHWC form
+// Channels_last inputs (DCGAN's networks, issue 19) run as the same GEMMs with the pixels as rows:
+//
+//   conv        y (N*P, Co)   = cols (N*P, C*k*k) @ W2^T       cols = im2col_nhwc(x)
+//               dW2           = dy^T @ cols,   dcols = dy @ W2 -> col2im_nhwc -> dx
+//   transposed  cols (N*P, Co*k*k) = X (N*P, Ci) @ W2            y = col2im_nhwc(cols)
+//               dcols = im2col_nhwc(dy): dW2 = X^T @ dcols,  dX = dcols @ W2^T
+//
+// A row of cols is one pixel's patch in (c, kh, kw) order, the order of a contiguous weight's rows,
+// so no GEMM needs a transposed copy of the weight; x, y, dy and dx are NHWC-dense (free views of
+// channels_last tensors: no layout copies, where the NCHW form above pays two per call).
+
+// (N, Hs, Ws, C) contiguous -> (N * Hg * Wg, C * KH * KW): row (n, i, j) holds src[n, i*sh + a - ph,
+// j*sw + b - pw, c] at c * KH*KW + a * KW + b (zero outside the map). Read as KH*KW sequential runs
+// of C, written sequentially.
+at::Tensor im2col_nhwc(const at::Tensor& src, int64_t Hg, int64_t Wg, int64_t KH, int64_t KW, int64_t sh,
+                       int64_t sw, int64_t ph, int64_t pw) {
+  const int64_t N = src.size(0), Hs = src.size(1), Ws = src.size(2), C = src.size(3), KK = KH * KW;
+  auto cols = at::empty({N * Hg * Wg, C * KK}, src.options());
+  const std::vector<float> zeros(C, 0.f);
+  const float* s = src.data_ptr<float>();
+  float* d = cols.data_ptr<float>();
+  at::parallel_for(0, N * Hg * Wg, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+    std::vector<const float*> p(KK);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / (Hg * Wg), i = (r / Wg) % Hg, j = r % Wg;
+      for (int64_t a = 0; a < KH; ++a) {
+        const int64_t y = i * sh + a - ph;
+        for (int64_t b = 0; b < KW; ++b) {
+          const int64_t x = j * sw + b - pw;
+          p[a * KW + b] = (y < 0 || y >= Hs || x < 0 || x >= Ws) ? zeros.data() : s + ((n * Hs + y) * Ws + x) * C;
+        }
+      }
+      float* o = d + r * C * KK;
+      for (int64_t c = 0; c < C; ++c, o += KK)
+        for (int64_t k = 0; k < KK; ++k) o[k] = p[k][c];
+    }
+  });
+  return cols;
+}
+
+// the adjoint of im2col_nhwc: (N * Hg * Wg, C * KH * KW) -> (N, Ht, Wt, C), overlapping entries
+// summed in (grid pixel, kh, kw) order. Parallel over (image, 64-channel block): no two tasks
+// write the same entry.
+at::Tensor col2im_nhwc(const at::Tensor& cols, int64_t N, int64_t Hg, int64_t Wg, int64_t C, int64_t Ht, int64_t Wt,
+                       int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  const int64_t KK = KH * KW, CB = 64, nblk = (C + CB - 1) / CB;
+  auto out = at::zeros({N, Ht, Wt, C}, cols.options());
+  const float* s = cols.data_ptr<float>();
+  float* d = out.data_ptr<float>();
+  at::parallel_for(0, N * nblk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sink(CB);
+    std::vector<float*> p(KK);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / nblk, c0 = (t % nblk) * CB, c1 = std::min(C, c0 + CB);
+      for (int64_t i = 0; i < Hg; ++i)
+        for (int64_t j = 0; j < Wg; ++j) {
+          for (int64_t a = 0; a < KH; ++a) {
+            const int64_t y = i * sh + a - ph;
+            for (int64_t b = 0; b < KW; ++b) {
+              const int64_t x = j * sw + b - pw;
+              // (outside the map: a scratch row, offset so that index c lands in it)
+              p[a * KW + b] = (y < 0 || y >= Ht || x < 0 || x >= Wt) ? sink.data() - c0 : d + ((n * Ht + y) * Wt + x) * C;
+            }
+          }
+          const float* row = s + ((n * Hg + i) * Wg + j) * C * KK;
+          for (int64_t c = c0; c < c1; ++c)
+            for (int64_t k = 0; k < KK; ++k) p[k][c] += row[c * KK + k];
+        }
+    }
+  });
+  return out;
+}
+
+at::Tensor nhwc(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }  // (free for channels_last)
+at::Tensor from_nhwc(const at::Tensor& t) { return t.permute({0, 3, 1, 2}); }         // a channels_last view
+
+at::Tensor conv_fwd_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::IntArrayRef stride,
+                         at::IntArrayRef padding) {
+  const int64_t N = x.size(0), Co = w.size(0), KH = w.size(2), KW = w.size(3);
+  const int64_t Ho = (x.size(2) + 2 * padding[0] - KH) / stride[0] + 1;
+  const int64_t Wo = (x.size(3) + 2 * padding[1] - KW) / stride[1] + 1;
+  const auto cols = im2col_nhwc(nhwc(x), Ho, Wo, KH, KW, stride[0], stride[1], padding[0], padding[1]);
+  const auto w2 = w.contiguous().view({Co, -1});
+  const auto y = b.defined() ? at::addmm(b, cols, w2.t()) : at::mm(cols, w2.t());
+  return from_nhwc(y.view({N, Ho, Wo, Co}));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd_nhwc(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& w, at::IntArrayRef stride,
+                                                             at::IntArrayRef padding, std::array<bool, 3> mask) {
+  const int64_t N = x.size(0), C = x.size(1), Co = w.size(0), KH = w.size(2), KW = w.size(3);
+  const int64_t Ho = grad.size(2), Wo = grad.size(3);
+  const auto g = nhwc(grad).view({-1, Co});
+  const auto w2 = w.contiguous().view({Co, -1});
+  at::Tensor dx, dw, db;
+  if (mask[1]) {
+    const auto cols = im2col_nhwc(nhwc(x), Ho, Wo, KH, KW, stride[0], stride[1], padding[0], padding[1]);
+    dw = at::mm(g.t(), cols).view(w.sizes());
+  }
+  if (mask[0])
+    dx = from_nhwc(col2im_nhwc(at::mm(g, w2), N, Ho, Wo, C, x.size(2), x.size(3), KH, KW, stride[0], stride[1],
+                               padding[0], padding[1]));
+  if (mask[2]) db = g.sum(0);
+  return {dx, dw, db};
+}
+
+at::Tensor convT_fwd_nhwc(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef output_padding) {
+  const int64_t N = x.size(0), Hi = x.size(2), Wi = x.size(3), Ci = w.size(0), Co = w.size(1);
+  const int64_t KH = w.size(2), KW = w.size(3);
+  const int64_t Ho = (Hi - 1) * stride[0] - 2 * padding[0] + KH + output_padding[0];
+  const int64_t Wo = (Wi - 1) * stride[1] - 2 * padding[1] + KW + output_padding[1];
+  const auto cols = at::mm(nhwc(x).view({-1, Ci}), w.contiguous().view({Ci, -1}));
+  auto y = col2im_nhwc(cols, N, Hi, Wi, Co, Ho, Wo, KH, KW, stride[0], stride[1], padding[0], padding[1]);
+  if (b.defined()) y.add_(b);
+  return from_nhwc(y);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convT_bwd_nhwc(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& w, at::IntArrayRef stride,
+                                                              at::IntArrayRef padding, std::array<bool, 3> mask) {
+  const int64_t Hi = x.size(2), Wi = x.size(3), Ci = w.size(0), KH = w.size(2), KW = w.size(3);
+  const auto gh = nhwc(grad);
+  const auto cols = im2col_nhwc(gh, Hi, Wi, KH, KW, stride[0], stride[1], padding[0], padding[1]);
+  const auto w2 = w.contiguous().view({Ci, -1});
+  at::Tensor dx, dw, db;
+  if (mask[1]) dw = at::mm(nhwc(x).view({-1, Ci}).t(), cols).view(w.sizes());
+  if (mask[0]) dx = from_nhwc(at::mm(cols, w2.t()).view({x.size(0), Hi, Wi, Ci}));
+  if (mask[2]) db = gh.view({-1, gh.size(3)}).sum(0);
+  return {dx, dw, db};
+}
+
 }  // namespace
+
+bool nhwc_form(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
 
 bool legal(const at::Tensor& x, const at::Tensor& w, bool transposed) {
   return x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 4 &&
@@ -177,6 +315,9 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
   // GEMMs refuse inputs that require grad
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor bias = b.has_value() ? *b : at::Tensor();
+  if (nhwc_form(x))
+    return transposed ? convT_fwd_nhwc(x, w, bias, stride, padding, output_padding)
+                      : conv_fwd_nhwc(x, w, bias, stride, padding);
   return transposed ? convT_fwd(x, w, bias, stride, padding, output_padding) : conv_fwd(x, w, bias, stride, padding);
 }
 
@@ -185,6 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& gr
                                                             at::IntArrayRef padding, bool transposed,
                                                             std::array<bool, 3> mask) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (nhwc_form(x))
+    return transposed ? convT_bwd_nhwc(grad, x, w, stride, padding, mask)
+                      : conv_bwd_nhwc(grad, x, w, stride, padding, mask);
   return transposed ? convT_bwd(grad, x, w, stride, padding, mask) : conv_bwd(grad, x, w, stride, padding, mask);
 }
 

@@ -19,8 +19,11 @@ bool legal(const at::Tensor& x, const at::Tensor& w, bool transposed);
 int64_t columns(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                 bool transposed);
 
+// whether the call runs the NHWC form: x channels_last (NHWC-dense, not NCHW-contiguous)
+bool nhwc_form(const at::Tensor& x);
+
 // the call as the GEMM form (callers check `legal` first; groups 1, dilation 1); outputs
-// NCHW-contiguous
+// NCHW-contiguous, channels_last for a channels_last x (the NHWC form)
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad, const at::Tensor& x,

@@ -6,7 +6,12 @@
 //                that reading them is the cost (conv 1x512x8x8 -> 4x4: 2.5x forward; transposed
 //                1x1024x4x4: 2.4x forward+backward), and up to kMaxColumnsBigWeight for a plain
 //                conv with a 4M+ element weight (16x512x8x8 -> 1024 channels: 1.1x forward, 1.3x
-//                with backward); at 1024 columns it is 0.64x oneDNN (64x256x8x8).
+//                with backward); at 1024 columns it is 0.64x oneDNN (64x256x8x8). And up to
+//                kMaxColumnsBigWeight for a plain conv onto a map of at most kSmallMap pixels with
+//                kSmallMapChannels+ channels (SAGAN D's 8x256x8x8 -> 512, fwd+bwd, 1 thread, CPU time,
+//                under load: 1.53-1.55x oneDNN; 16x256x8x8 (256 columns) 1.07-1.14x; 32x (512) 0.99x;
+//                with more pixels oneDNN keeps it: 4x256x16x16 0.98x, 1x256x32x32 0.96x). Where this
+//                conv's input is channels_last the NHWC rules below decide instead.
 //   Winograd4x4  benchmarks/bench_conv4x4.py: the engine's GEMMs are (K x Cv) @ (Cv x T) per
 //                transform point, and the weight transforms (twice per training step, plus one
 //                adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
@@ -19,7 +24,8 @@
 //   Winograd3x3  benchmarks/bench_conv3x3.py: Winograd pays off once the GEMMs dominate its
 //                memory-bound transforms: F(2, 3) beats oneDNN's direct convolution from 128
 //                input and output channels and 256 output tiles (2x2) per call.
-// The Gemm rule is asked first, then Winograd4x4; everything else is OneDNN.
+//   Gemm, NHWC   the same GEMMs with pixels as rows, for channels_last inputs (nhwc_gemm_pays below).
+// The Gemm rule is asked first, then Winograd4x4, then the NHWC Gemm rules; everything else is OneDNN.
 #include "conv_route.h"
 
 #include "conv_gemm.h"
@@ -45,6 +51,40 @@ constexpr int64_t kMaxColumns = 64;
 constexpr int64_t kMinWeight = 1 << 16;
 constexpr int64_t kMaxColumnsBigWeight = 256;
 constexpr int64_t kBigWeight = 1 << 22;
+
+// The NHWC form (channels_last x, conv_gemm.cpp) against oneDNN on channels_last, 4x4 stride 2
+// padding 1, fwd+bwd, 1 thread, CPU time, interleaved, under load (benchmarks/bench_conv.py
+// --shapes dcgan --layout channels_last --threads 1 --cpu-time): with P the small map's pixels
+// per image (conv output, transposed input), N * P the GEMM rows,
+//   * N * P <= 256, any channels: DCGAN at --quick's widths, batch 4: conv 16 -> 32 (P = 64)
+//     1.33x, 32 -> 64 (P = 16) 1.62x, transposed 64 -> 32 (P = 16) 1.91x, 32 -> 16 (P = 64) 1.50x;
+//     at the reference widths, batch 4: conv 128 -> 256 (P = 64) 1.18x, transposed 256 -> 128 1.27x;
+//   * P <= 16 with 256+ channels on both sides, any batch: DCGAN's 256 -> 512 conv (8x8 -> 4x4)
+//     and 512 -> 256 transposed conv (4x4 -> 8x8): 1.51x / 1.57x at batch 64, 1.72x / 1.89x at 16,
+//     3.5x / 3.6x at 4;
+//   * transposed with at most 16 channels on one side, N * P <= 1024: 16 -> 8 from 16x16 at batch 4
+//     1.25x (oneDNN's transposed conv blocks channels by 16);
+//   * transposed onto at most 4 channels from 64+ (a generator's image layer): 64 -> 3 from 32x32
+//     1.10-1.12x at batch 64, 1.31x at 16; 128 -> 3 at 16 1.54x; 64 -> 1 at 64 1.65x (losses: 32 -> 3
+//     at 64 0.90x, 64 -> 8 at 16 0.86x);
+//   * (4x4 stride 1, no padding) D's last conv 512 -> 1 on the 4x4 map: 1.15x at batch 64, 64 -> 1 at
+//     batch 4 2.41x; G's first transposed conv on the 1x1 input (NHWC-dense and NCHW-contiguous at
+//     once: the NCHW form runs it) 100 -> 512 at batch 64 1.53x, 16 -> 64 at batch 4 1.49x;
+// losses: batch 64, P = 64: conv 128 -> 256 0.64x, transposed 256 -> 128 0.80x; P = 256: 0.39x / 0.45x;
+// batch 4: conv 64 -> 128 from 32x32 (N * P = 1024) 0.64x, conv 8 -> 16 from 32x32 0.99x,
+// transposed 8 -> 3 from 32x32 (N * P = 4096) 0.96x. Asked only where Winograd 4x4 does not take
+// the call (its wins are measured against oneDNN, not this form).
+constexpr int64_t kNhwcMaxColumns = 256;
+constexpr int64_t kSmallMap = 16, kSmallMapChannels = 256;
+constexpr int64_t kNhwcNarrowChannels = 16, kNhwcNarrowMaxColumns = 1024;
+constexpr int64_t kNhwcImageChannels = 4, kNhwcImageMinInput = 64;
+bool nhwc_gemm_pays(int64_t cols, int64_t pixels, int64_t c_in, int64_t c_out, bool transposed) {
+  const int64_t channels = std::min(c_in, c_out);
+  if (cols <= kNhwcMaxColumns) return true;
+  if (pixels <= kSmallMap && channels >= kSmallMapChannels) return true;
+  if (transposed && c_out <= kNhwcImageChannels && c_in >= kNhwcImageMinInput) return true;
+  return transposed && channels <= kNhwcNarrowChannels && cols <= kNhwcNarrowMaxColumns;
+}
 constexpr int64_t kWinograd4x4MinChannels = 64;  // K and C * stride^2
 constexpr int64_t kWinograd4x4MinTiles = 100;
 constexpr int64_t kWinograd3x3MinTiles = 256;
@@ -112,8 +152,22 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   if (pol == 2 || !conv_gemm::legal(x, w, transposed)) return false;
   if (pol == 1) return true;
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
-  if (cols <= kMaxColumns) return w.numel() >= kMinWeight;
-  return !transposed && cols <= kMaxColumnsBigWeight && w.numel() >= kBigWeight;
+  if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;  // (use_gemm_nhwc, after Winograd's)
+  if (cols <= kMaxColumns || transposed || cols > kMaxColumnsBigWeight) return false;
+  return w.numel() >= kBigWeight ||
+         (cols / x.size(0) <= kSmallMap && std::min(w.size(0), w.size(1)) >= kSmallMapChannels);
+}
+
+// the NHWC rules (nhwc_gemm_pays), asked after Winograd 4x4's, for NHWC-dense inputs (a channels_last
+// x, or one that is both layouts at once: a 1x1 map)
+bool use_gemm_nhwc(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                   bool transposed) {
+  if (gemm_policy() != 0 || !conv_gemm::legal(x, w, transposed) || !x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return false;
+  const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
+  const int64_t c_in = transposed ? w.size(0) : w.size(1), c_out = transposed ? w.size(1) : w.size(0);
+  return nhwc_gemm_pays(cols, cols / x.size(0), c_in, c_out, transposed);
 }
 
 // Stride 2 on small maps: P = the per-image pixels of the smaller side (a conv's output, a
@@ -207,6 +261,7 @@ Decision decide(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride
   if (use_gemm(x, w, stride, padding, transposed)) return {Route::Gemm, 0};
   const int64_t tile = winograd4x4_tile(x, w, stride, padding, transposed, output_padding);
   if (tile > 0) return {Route::Winograd4x4, tile};
+  if (use_gemm_nhwc(x, w, stride, padding, transposed)) return {Route::Gemm, 0};
   return {Route::OneDNN, 0};
 }
 
@@ -337,7 +392,7 @@ bool conv_uses_winograd_op(const at::Tensor& x, const at::Tensor& w, at::IntArra
 
 bool conv_uses_gemm_op(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                        bool transposed) {
-  // (the Gemm rule is asked first: output_padding does not matter to it)
+  // (output_padding {0, 0}: only a Winograd decision, which the NHWC Gemm rules defer to, reads it)
   return conv_route::decide(x, w, stride, padding, transposed, {0, 0}).route == Route::Gemm;
 }
 

@@ -8,9 +8,9 @@ indices, so the same state_dict keys), convolutions have no bias, the generator 
 reference's ``weights_init`` (conv weights N(0, 0.02), batch-norm weights N(1, 0.02), biases 0).
 
 Fused (default): BatchNorm2d -> ReLU / LeakyReLU pairs run as one ``BatchNormAct2d``, the first
-discriminator conv and its LeakyReLU as one ``Conv2dAct``, the generator's first transposed conv
-(on a 1x1 input) on ganengine's GEMM form, the other convolutions on oneDNN / cuDNN
-(``synthesis_layers``); keys unchanged.
+discriminator conv and its LeakyReLU as one ``Conv2dAct``, the other convolutions as
+``ganengine.nn.Conv2d`` / ``ConvTranspose2d``, whose router picks the GEMM form or oneDNN per call
+(``every_conv``); keys unchanged.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ganengine.models._common import check_positive
-from ganengine.nn.conv_small_map import SmallMapConv2d, SmallMapConvTranspose2d, is_4x4s2p1
 from ganengine.models.synthesis_layers import finish_synthesis
 
 
@@ -58,15 +57,15 @@ def run_sequential(seq: nn.Sequential, x: torch.Tensor, channels_last_from: int 
     return x
 
 
-def small_map_convs(seq: nn.Sequential) -> None:
-    """The 4x4 stride-2 (transposed) convs of a fused network -> ``SmallMapConv2d`` /
-    ``SmallMapConvTranspose2d`` (same weights): one GEMM on the CPU where the small map has at most
-    16 pixels (at 64x64: D's 8x8 -> 4x4 conv and G's 4x4 -> 8x8 one), PyTorch's conv elsewhere."""
-    for name, m in seq.named_children():
-        if type(m) is nn.Conv2d and is_4x4s2p1(m):
-            setattr(seq, name, SmallMapConv2d.from_module(m))
-        elif type(m) is nn.ConvTranspose2d and is_4x4s2p1(m):
-            setattr(seq, name, SmallMapConvTranspose2d.from_module(m))
+def every_conv(conv, seq, index) -> bool:
+    """finish_synthesis's selection: every convolution on ganengine's conv ops, whose router
+    (csrc/cpu/conv_route.cpp) picks the strategy per call: on the CPU at the reference setting the
+    GEMM form for G's first transposed conv (1x1 input), D's last conv (4x4 -> 1x1) and, on
+    channels_last activations, the two layers between the 4x4 and 8x8 maps (D's 256 -> 512 conv,
+    G's 512 -> 256 transposed conv: 1.5x oneDNN fwd+bwd, benchmarks/bench_conv.py --shapes dcgan
+    --layout channels_last) and G's 64 -> 3 image layer; oneDNN (cuDNN on GPUs) for the rest,
+    through the same at::convolution eager calls. At --quick's widths most layers take the GEMM form."""
+    return True
 
 
 def _init(net: nn.Module, init_type) -> None:
@@ -92,10 +91,7 @@ class DCGANGenerator(nn.Module):
             nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
             nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
         _init(self, init_type)
-        # ganengine's conv op for the first layer only: its GEMM form on the 1x1 input beats oneDNN
-        finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
-        if fused:
-            small_map_convs(self.main)
+        finish_synthesis(self, fused, ganengine_conv=every_conv)
         self.channels_last_from = CHANNELS_LAST_FROM["G"] if fused else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -119,10 +115,8 @@ class DCGANDiscriminator(nn.Module):
             nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid())
         _init(self, init_type)
-        # the first conv + LeakyReLU as ganengine's fused op (it beats oneDNN + LeakyReLU there)
-        finish_synthesis(self, fused, ganengine_conv=lambda conv, seq, index: index == 0)
-        if fused:
-            small_map_convs(self.main)
+        # (the first conv + LeakyReLU as ganengine's fused op: it beats oneDNN + LeakyReLU there)
+        finish_synthesis(self, fused, ganengine_conv=every_conv)
         self.channels_last_from = CHANNELS_LAST_FROM["D"] if fused else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

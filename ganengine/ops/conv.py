@@ -11,7 +11,8 @@ Backends: torch (ATen's convolution, the reference) and cpu. On the cpu backend 
 router (csrc/cpu/conv_route.cpp, ``decide``; one decision per call) picks the strategy:
 an fp32 call whose output map is small (few GEMM columns, a large weight) runs as one GEMM over
 im2col columns (csrc/cpu/conv_gemm.cpp), which reads the weight in place, where oneDNN's direct
-convolution runs far below its large-map throughput (docs/conv.md); 4x4 kernels at stride 1 or 2
+convolution runs far below its large-map throughput (docs/conv.md; channels_last inputs run its
+NHWC variant, with rules of their own: DCGAN's small maps and narrow layers); 4x4 kernels at stride 1 or 2
 (PatchGAN, the U-Net, StarGAN) with enough channels run as Winograd convolutions
 (csrc/cpu/conv_winograd.cpp: F(2, 4) at stride 1, F(3, 2) over the polyphase form at stride 2;
 transposed convs as their adjoint; docs/conv4x4.md); everything else runs oneDNN. ``uses_gemm``
