@@ -149,6 +149,72 @@ def sn_weights_grouped(members: list) -> list:
     return out
 
 
+def sn_native_key(m):
+    """The group of an SN layer whose power iteration ganengine's C++ spectral-norm op can run
+    with others' of any shape (``sn_weights_native``), or None: fused, one singular vector, a
+    contiguous fp32/fp64 CPU weight normalised over its rows (not ``transpose``), the op built
+    and the requested backend auto or cpu."""
+    w = m.weight
+    if (not m.fused or m.num_svs != 1 or m.transpose or w.dim() < 2 or not w.is_cpu
+            or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()):
+        return None
+    if _native_sn_ops() is None:
+        return None
+    return ("native", w.dtype, m.training, m.eps, m.num_itrs if m.training else 1)
+
+
+def _native_sn_ops():
+    """(spectral_norm_fwd, SpectralNormFn) when the C++ op serves this call, else None."""
+    from ganengine.ops import _dispatch
+
+    op = _dispatch.lean_op("spectral_norm_fwd")
+    if op is None:
+        return None
+    from ganengine.ops.spectral_norm import SpectralNormFn
+
+    return op, SpectralNormFn
+
+
+def sn_weights_native(members: list) -> list:
+    """``sn_weight(..., fused=True)`` for the layers of one ``sn_native_key``, every power
+    iteration in one C++ call (ganengine.ops.spectral_norm, order "classic": v = normalize(u W),
+    u = normalize(v W^T) per iteration, the reference's GEMVs; sigma = ||v W^T||^2 / max(||v
+    W^T||, eps), equal to the reference's ``(v W^T) u^T`` up to rounding) and one autograd node
+    for every weight that takes a gradient (backward ``g / sigma - (<g, W> / sigma^2) u v^T``
+    per layer, one C++ call). The buffers are written as the reference writes them: ``u0`` and
+    ``sv0`` in training mode only. Eval-mode repetitions of ``num_itrs > 1`` (identical, as u is
+    not written back) run once."""
+    from ganengine.ops.spectral_norm import V_STEP
+
+    op, fn = _native_sn_ops()
+    m0 = members[0]
+    training, eps = m0.training, float(m0.eps)
+    steps = 2 * (m0.num_itrs if training else 1)
+    grad = torch.is_grad_enabled()
+    out = [None] * len(members)
+    parts = ([i for i, m in enumerate(members) if grad and m.weight.requires_grad],
+             [i for i, m in enumerate(members) if not (grad and m.weight.requires_grad)])
+    for with_grad, idx in zip((True, False), parts):
+        if not idx:
+            continue
+        weights = [members[i].weight for i in idx]
+        us = [members[i].u0.view(-1) for i in idx]
+        if with_grad:
+            outs = fn.apply(("cpu", [0] * len(idx), us, [None] * len(idx), V_STEP, steps, eps, False), *weights)
+            k = len(idx)
+            w_sns, sigmas, u_outs = outs[:k], outs[k:2 * k], outs[2 * k:3 * k]
+        else:  # (a V-first plan never reads v: u stands in, as ganengine.ops.spectral_norm does)
+            w_sns, u_outs, _, sigma = op(weights, us, us, V_STEP, steps, eps, False)
+            sigmas = sigma.unbind(0)
+        if training:
+            with torch.no_grad():
+                torch._foreach_copy_(us, list(u_outs))
+                torch._foreach_copy_([members[i].sv0 for i in idx], list(sigmas))
+        for i, w in zip(idx, w_sns):
+            out[i] = w
+    return out
+
+
 # ----------------------------------------------------------------------------- batch norm + ReLU
 def relu_or_none(activation) -> bool:
     return activation is None or isinstance(activation, nn.ReLU) or activation is F.relu
@@ -293,6 +359,42 @@ def upsample2x(x):
     return F.interpolate(x, scale_factor=2)
 
 
+class _AddUpsampled(torch.autograd.Function):
+    """``h + upsample2x(x)`` (nearest, x2) as one broadcasting add over h viewed as (N, C, H, 2,
+    W, 2): the upsampled x is never written. (F.interpolate on the CPU converted x to channels-last
+    and its output back, about 2x the add's time; autograd's own gradient of the broadcast add,
+    a strided sum, ran 5x slower than eager's ``upsample_nearest2d_backward``, used here: the
+    same sums as eager.)"""
+
+    @staticmethod
+    def forward(ctx, h, x):
+        n, c, hh, ww = x.shape
+        ctx.x_shape = (n, c, hh, ww)
+        return torch.add(h.view(n, c, hh, 2, ww, 2), x[:, :, :, None, :, None]).view(h.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        n, c, hh, ww = ctx.x_shape
+        gx = None
+        if ctx.needs_input_grad[1]:
+            gx = torch.ops.aten.upsample_nearest2d_backward(g, [2 * hh, 2 * ww], [n, c, hh, ww], 2.0, 2.0)
+        return g, gx
+
+
+# below this input side F.interpolate + add is as fast (a 4x4 map: 0.66 vs 0.81 ms at 8x512)
+ADD_UPSAMPLED_MIN_SIZE = 8
+
+
+def add_upsampled(h, x):
+    """``h + upsample2x(x)`` (the residual add of an upsampling block), without writing the
+    upsampled x when h is a dense NCHW tensor of twice x's spatial size."""
+    if (x.dim() == 4 and h.dim() == 4 and min(x.shape[-2:]) >= ADD_UPSAMPLED_MIN_SIZE and h.is_contiguous()
+            and h.shape[:2] == x.shape[:2] and h.shape[2] == 2 * x.shape[2] and h.shape[3] == 2 * x.shape[3]
+            and h.dtype == x.dtype and not torch.compiler.is_compiling()):
+        return _AddUpsampled.apply(h, x)
+    return h + upsample2x(x)
+
+
 def gblock_forward(m, x, y):
     """BigGAN GBlock: the norms run with their ReLU as one op; upsampling + conv1 is one
     transposed conv (above); the shortcut's 1x1 conv runs on the low-resolution input before
@@ -304,6 +406,8 @@ def gblock_forward(m, x, y):
     h = apply_conv(m.conv2, h)
     if m.learnable_sc:
         x = apply_conv(m.conv_sc, x)
+    if m.upsample is upsample2x:
+        return add_upsampled(h, x)
     if m.upsample:
         x = m.upsample(x)
     return h + x
@@ -329,11 +433,13 @@ def deep_gblock_forward(m, x, y):
     h = m.bn2(h, y, activation=act)
     if m.in_channels != m.out_channels:
         x = x[:, :m.out_channels]
-    if m.upsample:
-        x = m.upsample(x)
     h = upsample_then_conv(m.upsample, m.conv2, h)
     h = apply_conv(m.conv3, m.bn3(h, y, activation=act))
     h = apply_conv(m.conv4, m.bn4(h, y, activation=act))
+    if m.upsample is upsample2x:
+        return add_upsampled(h, x)
+    if m.upsample:
+        x = m.upsample(x)
     return h + x
 
 
