@@ -393,17 +393,20 @@ def upsample2x(x):
 
 
 class _AddUpsampled(torch.autograd.Function):
-    """``h + upsample2x(x)`` (nearest, x2) as one broadcasting add over h viewed as (N, C, H, 2,
-    W, 2): the upsampled x is never written. (F.interpolate on the CPU converted x to channels-last
-    and its output back, about 2x the add's time; autograd's own gradient of the broadcast add,
-    a strided sum, ran 5x slower than eager's ``upsample_nearest2d_backward``, used here: the
-    same sums as eager.)"""
+    """``h + upsample2x(x)`` (nearest, x2): x doubled along W only (a copy half h's size), then
+    added to h viewed as (N, C, H, 2, 2W), broadcast over the row pair, so the add's inner loop
+    runs over 2W contiguous elements. Same numbers as eager. On the CPU at BigGAN's shortcut shapes
+    (8 x 64..512 channels, 4..32 pixels a side) 1.4-4x faster than F.interpolate + add
+    (F.interpolate converted x to channels-last and its output back; a broadcast over (N, C, H,
+    2, W, 2), inner length 2, ran 1.7x slower than this). Backward: eager's
+    ``upsample_nearest2d_backward`` (5x faster than autograd's strided sum of a broadcast)."""
 
     @staticmethod
     def forward(ctx, h, x):
         n, c, hh, ww = x.shape
         ctx.x_shape = (n, c, hh, ww)
-        return torch.add(h.view(n, c, hh, 2, ww, 2), x[:, :, :, None, :, None]).view(h.shape)
+        xw = x[..., None].expand(n, c, hh, ww, 2).reshape(n, c, hh, 1, 2 * ww)
+        return torch.add(h.view(n, c, hh, 2, 2 * ww), xw).view(h.shape)
 
     @staticmethod
     def backward(ctx, g):
@@ -414,14 +417,10 @@ class _AddUpsampled(torch.autograd.Function):
         return g, gx
 
 
-# below this input side F.interpolate + add is as fast (a 4x4 map: 0.66 vs 0.81 ms at 8x512)
-ADD_UPSAMPLED_MIN_SIZE = 8
-
-
 def add_upsampled(h, x):
-    """``h + upsample2x(x)`` (the residual add of an upsampling block), without writing the
-    upsampled x when h is a dense NCHW tensor of twice x's spatial size."""
-    if (x.dim() == 4 and h.dim() == 4 and min(x.shape[-2:]) >= ADD_UPSAMPLED_MIN_SIZE and h.is_contiguous()
+    """``h + upsample2x(x)`` (the residual add of an upsampling block) as ``_AddUpsampled`` when h
+    is a dense NCHW tensor of twice x's spatial size."""
+    if (x.dim() == 4 and h.dim() == 4 and h.is_contiguous()
             and h.shape[:2] == x.shape[:2] and h.shape[2] == 2 * x.shape[2] and h.shape[3] == 2 * x.shape[3]
             and h.dtype == x.dtype and not torch.compiler.is_compiling()):
         return _AddUpsampled.apply(h, x)
