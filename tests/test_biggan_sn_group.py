@@ -72,7 +72,7 @@ def test_grouped_layers_are_the_same_shaped_small_fused_ones(monkeypatch):
         L.grouped_spectral_norms(net).__exit__(None, None, None)
 
 
-@pytest.mark.skipif(biggan_ops._native_sn_ops() is None, reason="needs ganengine's C++ spectral-norm op")
+@pytest.mark.skipif(biggan_ops.native_sn_ops() is None, reason="needs ganengine's C++ spectral-norm op")
 def test_native_groups_take_every_single_vector_layer(monkeypatch):
     """With the C++ op, one call per (train/eval, eps, iterations) takes every fused
     single-vector layer whatever its shape; two singular vectors keep the per-layer path."""

@@ -12,6 +12,10 @@ Reference numerics kept exactly (what the equality tests check):
   ``weight / sv`` is one autograd node whose backward is ``g / sv - (<g, W> / sv^2) u^T v``
   (one pass, ``torch.addr``) instead of autograd's walk through the GEMVs. The eval-mode
   repetitions of ``num_itrs > 1`` (identical, as u is not written back) run once.
+* fused, a whole network at once (``layers_biggan.grouped_spectral_norms``): on the CPU every
+  such layer in one call of ganengine's C++ spectral-norm op (``sn_weights_native``: the same
+  GEMVs, sigma from the last half step, equal to rounding), elsewhere same-shaped small weights
+  batched (``sn_weights_grouped``).
 """
 from __future__ import annotations
 
@@ -151,19 +155,17 @@ def sn_weights_grouped(members: list) -> list:
 
 def sn_native_key(m):
     """The group of an SN layer whose power iteration ganengine's C++ spectral-norm op can run
-    with others' of any shape (``sn_weights_native``), or None: fused, one singular vector, a
-    contiguous fp32/fp64 CPU weight normalised over its rows (not ``transpose``), the op built
-    and the requested backend auto or cpu."""
+    with others' of any shape (``sn_weights_native``; only when ``native_sn_ops()`` serves the
+    call: the op built, the requested backend auto or cpu), or None: fused, one singular vector,
+    a contiguous fp32/fp64 CPU weight normalised over its rows (not ``transpose``)."""
     w = m.weight
     if (not m.fused or m.num_svs != 1 or m.transpose or w.dim() < 2 or not w.is_cpu
             or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()):
         return None
-    if _native_sn_ops() is None:
-        return None
     return ("native", w.dtype, m.training, m.eps, m.num_itrs if m.training else 1)
 
 
-def _native_sn_ops():
+def native_sn_ops():
     """(spectral_norm_fwd, SpectralNormFn) when the C++ op serves this call, else None."""
     from ganengine.ops import _dispatch
 
@@ -186,7 +188,7 @@ def sn_weights_native(members: list) -> list:
     not written back) run once."""
     from ganengine.ops.spectral_norm import V_STEP
 
-    op, fn = _native_sn_ops()
+    op, fn = native_sn_ops()
     m0 = members[0]
     training, eps = m0.training, float(m0.eps)
     steps = 2 * (m0.num_itrs if training else 1)

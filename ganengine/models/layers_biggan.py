@@ -123,9 +123,10 @@ class grouped_spectral_norms:
         if not getattr(net, "fused", False) or torch.compiler.is_compiling():
             return
         groups: dict = {}
+        native = sn_biggan.native_sn_ops() is not None
         for m in net.modules():
             if isinstance(m, SN):
-                key = sn_biggan.sn_native_key(m) or sn_biggan.sn_group_key(m)
+                key = (sn_biggan.sn_native_key(m) if native else None) or sn_biggan.sn_group_key(m)
                 if key is not None:
                     groups.setdefault(key, []).append(m)
         for key, members in groups.items():
