@@ -374,8 +374,10 @@ class _AvgPool2(torch.autograd.Function):
 
 
 def downsample(pool, x):
-    """``pool(x)``; a 2x2 average pooling of a dense NCHW map with even sides runs ``_AvgPool2``."""
-    if (_is_pool2(pool) and x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.is_contiguous()
+    """``pool(x)``; a 2x2 average pooling of a dense NCHW CPU map with even sides runs
+    ``_AvgPool2`` (on GPUs it would be two kernels for avg_pool2d's one)."""
+    if (_is_pool2(pool) and x.is_cpu and x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+            and x.is_contiguous()
             and x.is_floating_point() and not torch.compiler.is_compiling()):
         return _AvgPool2.apply(x)
     return pool(x)
@@ -421,8 +423,9 @@ class _AddUpsampled(torch.autograd.Function):
 
 def add_upsampled(h, x):
     """``h + upsample2x(x)`` (the residual add of an upsampling block) as ``_AddUpsampled`` when h
-    is a dense NCHW tensor of twice x's spatial size."""
-    if (x.dim() == 4 and h.dim() == 4 and h.is_contiguous()
+    is a dense NCHW CPU tensor of twice x's spatial size (measured on the CPU only; elsewhere the
+    eager pair, whose kernel count it would not beat)."""
+    if (x.dim() == 4 and h.dim() == 4 and h.is_cpu and h.is_contiguous()
             and h.shape[:2] == x.shape[:2] and h.shape[2] == 2 * x.shape[2] and h.shape[3] == 2 * x.shape[3]
             and h.dtype == x.dtype and not torch.compiler.is_compiling()):
         return _AddUpsampled.apply(h, x)
