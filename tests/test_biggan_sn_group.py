@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import ganengine
+
 from ganengine.models import biggan_ops
 from ganengine.models import layers_biggan as L
 
@@ -54,17 +56,37 @@ def _inputs():
 
 def test_grouped_layers_are_the_same_shaped_small_fused_ones(monkeypatch):
     net = _net()
+    with ganengine.use_backend("torch"):  # no C++ spectral-norm op: same-shaped small weights only
+        group = L.grouped_spectral_norms(net)
+        assert {id(m) for m in group.members} == {id(net.a), id(net.b), id(net.c), id(net.d), id(net.e),
+                                                  id(net.f)}
+        group.__exit__(None, None, None)
+        assert not any("_sn_pending" in m.__dict__ for m in net.modules())
+        net.fused = False  # the reference composition: nothing grouped
+        assert L.grouped_spectral_norms(net).members == []
+        net.fused = True
+        net.b.eval()  # train and eval layers are not mixed
+        assert id(net.a) not in {id(m) for m in L.grouped_spectral_norms(net).members}
+        monkeypatch.setattr(biggan_ops, "SN_GROUP_MAX_NUMEL", 24)  # larger weights keep the per-layer path
+        assert {id(m) for m in L.grouped_spectral_norms(net).members} == {id(net.e), id(net.f)}
+        L.grouped_spectral_norms(net).__exit__(None, None, None)
+
+
+@pytest.mark.skipif(biggan_ops.native_sn_ops() is None, reason="needs ganengine's C++ spectral-norm op")
+def test_native_groups_take_every_single_vector_layer(monkeypatch):
+    """With the C++ op, one call per (train/eval, eps, iterations) takes every fused
+    single-vector layer whatever its shape; two singular vectors keep the per-layer path."""
+    net = _net()
+    net.b.eval()
+    calls = []
+    real = biggan_ops.sn_weights_native
+    monkeypatch.setattr(biggan_ops, "sn_weights_native", lambda ms: calls.append({id(m) for m in ms}) or real(ms))
     group = L.grouped_spectral_norms(net)
-    assert {id(m) for m in group.members} == {id(net.a), id(net.b), id(net.c), id(net.d), id(net.e), id(net.f)}
+    assert sorted(calls, key=len) == [{id(net.b)}, {id(net.a), id(net.c), id(net.d), id(net.lone), id(net.e),
+                                                    id(net.f)}]
+    assert id(net.two) not in {id(m) for m in group.members}
     group.__exit__(None, None, None)
     assert not any("_sn_pending" in m.__dict__ for m in net.modules())
-    net.fused = False  # the reference composition: nothing grouped
-    assert L.grouped_spectral_norms(net).members == []
-    net.fused = True
-    net.b.eval()  # train and eval layers are not mixed
-    assert id(net.a) not in {id(m) for m in L.grouped_spectral_norms(net).members}
-    monkeypatch.setattr(biggan_ops, "SN_GROUP_MAX_NUMEL", 24)  # larger weights keep the per-layer path
-    assert {id(m) for m in L.grouped_spectral_norms(net).members} == {id(net.e), id(net.f)}
 
 
 @pytest.mark.parametrize("mode", ["train", "eval", "twice"])

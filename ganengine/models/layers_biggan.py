@@ -106,30 +106,39 @@ def is_sn(m: nn.Module) -> bool:
 
 class grouped_spectral_norms:
     """``with grouped_spectral_norms(net):`` around a fused network's forward: every fused SN
-    layer of ``net`` with one singular vector and a small weight gets its normalised weight up
-    front, the power iterations of same-shaped weights batched (``biggan_ops.sn_weights_grouped``:
-    a dozen small ops per group instead of per layer; BigGAN-deep at the sample-data size has
-    145 SN layers per step). Each layer's next ``W_()`` takes its weight, so a layer run once per
-    forward (every layer of these networks) iterates once, as the reference's per-call
-    iteration; a second call of a layer in the same forward iterates again, as there. Weights
-    not taken by the end of the forward are dropped. Nothing is grouped under torch.compile or
-    for a network whose ``fused`` attribute is False (the reference composition)."""
+    layer of ``net`` with one singular vector gets its normalised weight up front. Where
+    ganengine's C++ spectral-norm op serves the weights (contiguous fp32/fp64 CPU weights, backend
+    auto or cpu), every such layer of one train/eval mode runs in one call with one autograd node
+    (``biggan_ops.sn_weights_native``: BigGAN at the sample-data size has 55 SN layers, most of
+    different shapes); otherwise same-shaped small weights are batched per shape
+    (``biggan_ops.sn_weights_grouped``: a dozen small ops per group instead of per layer). Each
+    layer's next ``W_()`` takes its weight, so a layer run once per forward (every layer of
+    these networks) iterates once, as the reference's per-call iteration; a second call of a
+    layer in the same forward iterates again, as there. Weights not taken by the end of the
+    forward are dropped. Nothing is grouped under torch.compile or for a network whose ``fused``
+    attribute is False (the reference composition)."""
 
     def __init__(self, net: nn.Module):
         self.members = []
         if not getattr(net, "fused", False) or torch.compiler.is_compiling():
             return
         groups: dict = {}
+        native = sn_biggan.native_sn_ops() is not None
         for m in net.modules():
             if isinstance(m, SN):
-                key = sn_biggan.sn_group_key(m)
+                key = (sn_biggan.sn_native_key(m) if native else None) or sn_biggan.sn_group_key(m)
                 if key is not None:
                     groups.setdefault(key, []).append(m)
-        for members in groups.values():
-            if len(members) > 1:
-                self.members.extend(members)
-                for m, w in zip(members, sn_biggan.sn_weights_grouped(members)):
-                    m.__dict__["_sn_pending"] = w
+        for key, members in groups.items():
+            if key[0] == "native":
+                weights = sn_biggan.sn_weights_native(members)
+            elif len(members) > 1:
+                weights = sn_biggan.sn_weights_grouped(members)
+            else:
+                continue
+            self.members.extend(members)
+            for m, w in zip(members, weights):
+                m.__dict__["_sn_pending"] = w
 
     def __enter__(self):
         return self
