@@ -136,6 +136,11 @@ def setup_variant(name, opts, size, batch, variant):
     return model, data, model.make_optimizers(), backend
 
 
+# --clock cpu: the calling thread's CPU time instead of wall time (with one thread every op runs
+# on it, so the figure leaves out the time other jobs kept the process descheduled)
+CLOCK = [time.perf_counter]
+
+
 def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=False) -> dict:
     """Median step time per variant in seconds (main passes one variant per process; with
     several, their steps take turns: ganengine.bench.timing.interleave)."""
@@ -159,7 +164,7 @@ def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=Fa
         print(f"  {name} {v} failed: {failed[v]}", file=sys.stderr, flush=True)
 
     times = timing.interleave({v: step_of(v, m, d, o) for v, (m, d, o, _) in setups.items()}, repeats,
-                              warmup=warmup, on_error=on_error,
+                              warmup=warmup, on_error=on_error, clock=CLOCK[0],
                               scopes={v: functools.partial(ganengine.use_backend, b) for v, (_, _, _, b) in setups.items()})
     res = {v: (times[v]["median"] / 1e3 if v in times else None) for v in variants}
     res["_failed"] = failed
@@ -180,13 +185,25 @@ def main(argv=None):
     p.add_argument("--only-variant", help=argparse.SUPPRESS)
     p.add_argument("--split", action="store_true",
                    help="also time the torch backend with the fused Adam alone (what the optimiser contributes)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the variants of a model in one process, taking turns (both see the same load; "
+                        "the ratio to quote on a shared machine), instead of one process per variant")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or the thread's CPU time (use with OMP_NUM_THREADS=1 / --threads 1)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK[0] = time.thread_time
     table = REFERENCE if args.reference_sizes else CPU_DEFAULT
     variants = ["torch", "ganengine"] + (["torch+fused-adam"] if args.split else []) + (["compile"] if args.compile else [])
     if not args.no_header:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
               f"{os.getloadavg()[0]:.1f}, backends: "
-              f"{ {k: v for k, v in ganengine.backends.available().items() if v} }; one process per model and variant")
+              f"{ {k: v for k, v in ganengine.backends.available().items() if v} }; "
+              + (f"variants interleaved in one process, {args.clock} clock" if args.interleave
+                 else "one process per model and variant"))
         print("| model | image | batch | " + " | ".join(f"{v} (s)" for v in variants) + " | ganengine speed-up |")
         print("| --- | --- | --- | " + " | ".join("---" for _ in variants) + " | --- |", flush=True)
     notes = []
@@ -197,6 +214,12 @@ def main(argv=None):
             res = time_variants(name, opts, size, batch, [args.only_variant], args.warmup, args.repeats, args.verbose)
             print(json.dumps(res))
             return
+        if args.interleave:
+            res = time_variants(name, opts, size, batch, variants, args.warmup, args.repeats, args.verbose)
+            cells = " | ".join(f"{res[v]:.3f}" if res[v] is not None else "failed" for v in variants)
+            print(f"| {name} | {size}x{size} | {batch} | {cells} | {res['torch'] / res['ganengine']:.2f}x |", flush=True)
+            notes += [f"{name}, {v}: {why}" for v, why in res["_failed"].items()]
+            continue
         # one process per model and variant: glibc's heap left by other steps (another model's,
         # another variant's, torch.compile's) makes the eager step's allocations cheaper than a
         # user training that one model alone gets (pix2pix's eager step was 1.19-1.40x

@@ -116,3 +116,13 @@ def test_bench_fuse_calls(script, capsys):
     mod = script("bench_fuse_calls")
     mod.main(["--repeats", "1", "--calls", "2"])
     assert len(_table_rows(capsys.readouterr().out)) == 1 + 6 + 8
+
+
+def test_bench_models_interleaved_cpu_clock(script, capsys):
+    """The command docs/synthesis.md and BENCHMARKS.md quote for the synthesis steps' ratios."""
+    import time
+    mod = script("bench_models", CLOCK=[time.perf_counter])   # (main sets the clock: undone after)
+    mod.main(["--models", "wgan", "cgan", "--interleave", "--clock", "cpu", "--threads", "1", "--repeats", "1",
+              "--warmup", "0", "--batch", "2"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 + 2 and rows[1].startswith("| wgan |") and rows[2].endswith("x |")
