@@ -1,4 +1,6 @@
-"""ganengine train MODEL: train pix2pix, CycleGAN, StarGAN or StackGAN.
+"""ganengine train MODEL: train an image-to-image model (pix2pix, CycleGAN, CSGAN, StarGAN, StackGAN)
+or a synthesis model (DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN, ADC-GAN, InfoGAN, SAGAN, BigGAN,
+BigGAN-deep, U-Net GAN, IC-GAN); `ganengine train MODEL --help` lists its options.
 
 Without --dataroot it trains on the built-in sample data (shipped with the package, made from
 scikit-image's and scikit-learn's bundled images) with small-data defaults, so the command works
