@@ -19,7 +19,7 @@ from ganengine.cli import _evaluate_synthesis
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="compute FID/KID/L1/PSNR/SSIM/accuracy of a checkpoint",
+    p = subparsers.add_parser("evaluate", help="compute FID/KID/L1/PSNR/SSIM/accuracy (translation) or FID/KID/IS/precision-recall/density-coverage/intra-FID (synthesis) of a checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder (its newest checkpoint)")
     p.add_argument("--dataroot", default=None, help="data folder in the reference layout (default: built-in sample data)")
