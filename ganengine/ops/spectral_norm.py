@@ -428,24 +428,20 @@ def _lean_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: 
     op = _dispatch.lean_op("spectral_norm_fwd", _SN_KERNELS)
     if op is None or not (isinstance(weight, Tensor) and weight.is_cpu and weight.dim() > 1):
         return None
-    if torch.is_grad_enabled() and weight.requires_grad:
-        try:
-            outs = SpectralNormFn.apply(("cpu", [0], [u], [v], first, steps, eps, write_state), weight)
-        except RuntimeError as e:
-            if _kernel_declined(e):
-                return None
-            raise
-        _dispatch.last_used["spectral_norm"] = "cpu"
-        return outs[0], outs[2], outs[3], outs[1]
-    try:  # (a V-first plan never reads v: u stands in for an absent one, as native_forward does)
-        w_sns, u_outs, v_outs, sigma = op([weight], [u], [v if v is not None else u], first, steps, eps,
-                                          write_state)
+    try:
+        if torch.is_grad_enabled() and weight.requires_grad:
+            w_sn, sigma, u_new, v_new = SpectralNormFn.apply(("cpu", [0], [u], [v], first, steps, eps, write_state),
+                                                             weight)
+        else:  # (a V-first plan never reads v: u stands in for an absent one, as native_forward does)
+            w_sns, u_outs, v_outs, sigmas = op([weight], [u], [v if v is not None else u], first, steps, eps,
+                                               write_state)
+            w_sn, u_new, v_new, sigma = w_sns[0], u_outs[0], v_outs[0], sigmas[0]
     except RuntimeError as e:
         if _kernel_declined(e):
             return None
         raise
     _dispatch.last_used["spectral_norm"] = "cpu"
-    return w_sns[0], u_outs[0], v_outs[0], sigma[0]
+    return w_sn, u_new, v_new, sigma
 
 
 def run_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: int, eps: float, dim: int,
