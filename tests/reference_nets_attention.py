@@ -362,21 +362,25 @@ def _sn_layers(num_svs, num_itrs, eps):
             functools.partial(SNEmbedding, num_svs=num_svs, num_itrs=num_itrs, eps=eps))
 
 
+def d_blocks(D_ch, D_wide, resolution, D_attn, conv, activation):
+    """(the widths, ``blocks``) of BigGAN.py's Discriminator, which IC-GAN's repeats."""
+    ins, outs, down, res = D_ARCH[resolution]
+    ins, outs = [3] + [D_ch * m for m in ins], [D_ch * m for m in outs]
+    blocks = []
+    for i in range(len(outs)):
+        blocks.append([DBlock(ins[i], outs[i], conv, D_wide, i > 0, activation, nn.AvgPool2d(2) if down[i] else None)])
+        if res[i] in _attn_set(D_attn):
+            blocks[-1].append(Attention(outs[i], conv))
+    return outs, nn.ModuleList([nn.ModuleList(b) for b in blocks])
+
+
 class BigGANDiscriminator(nn.Module):
     def __init__(self, D_ch=64, D_wide=True, resolution=128, D_attn="64", n_classes=1000, num_D_SVs=1,
                  num_D_SV_itrs=1, SN_eps=1e-12, output_dim=1, D_init="ortho", **kwargs):
         super().__init__()
-        ins, outs, down, res = D_ARCH[resolution]
-        ins, outs = [3] + [D_ch * m for m in ins], [D_ch * m for m in outs]
         conv, linear, embedding = _sn_layers(num_D_SVs, num_D_SV_itrs, SN_eps)
         self.activation = nn.ReLU(inplace=False)
-        blocks = []
-        for i in range(len(outs)):
-            blocks.append([DBlock(ins[i], outs[i], conv, D_wide, i > 0, self.activation,
-                                  nn.AvgPool2d(2) if down[i] else None)])
-            if res[i] in _attn_set(D_attn):
-                blocks[-1].append(Attention(outs[i], conv))
-        self.blocks = nn.ModuleList([nn.ModuleList(b) for b in blocks])
+        outs, self.blocks = d_blocks(D_ch, D_wide, resolution, D_attn, conv, self.activation)
         self.linear = linear(outs[-1], output_dim)
         self.embed = embedding(n_classes, outs[-1])
         _init(self, D_init)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.reference_nets_attention import (D_ARCH, G_MULTS, Attention, DBlock, GBlock, SNConv2d, SNLinear, _attn_set,
-                                            _init, _sn_layers, bn, ccbn)
+from tests.reference_nets_attention import (G_MULTS, Attention, GBlock, SNConv2d, SNLinear, _attn_set, _init,
+                                            _sn_layers, bn, ccbn, d_blocks)
 
 
 class Generator(nn.Module):
@@ -82,17 +82,9 @@ class Discriminator(nn.Module):
                  num_D_SV_itrs=1, SN_eps=1e-12, output_dim=1, D_init="ortho", class_cond=True, instance_cond=True,
                  instance_sz=2048):
         super().__init__()
-        ins, outs, down, res = D_ARCH[resolution]
-        ins, outs = [3] + [D_ch * m for m in ins], [D_ch * m for m in outs]
         conv, linear, embedding = _sn_layers(num_D_SVs, num_D_SV_itrs, SN_eps)
         self.activation = nn.ReLU(inplace=False)
-        blocks = []
-        for i in range(len(outs)):
-            blocks.append([DBlock(ins[i], outs[i], conv, D_wide, i > 0, self.activation,
-                                  nn.AvgPool2d(2) if down[i] else None)])
-            if res[i] in _attn_set(D_attn):
-                blocks[-1].append(Attention(outs[i], conv))
-        self.blocks = nn.ModuleList([nn.ModuleList(b) for b in blocks])
+        outs, self.blocks = d_blocks(D_ch, D_wide, resolution, D_attn, conv, self.activation)
         self.linear = linear(outs[-1], output_dim)
         if class_cond and instance_cond:
             self.linear_feat = linear(instance_sz, outs[-1] // 2)

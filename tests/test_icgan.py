@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ganengine.data import DataError, build_dataset
 from ganengine.data import instance_features as IF
 from tests._train_utils import one_thread  # noqa: F401 (fixture)
-from tests.test_sagan_biggan import _ortho_ref, _toggle
+from tests.test_sagan_biggan import _ema_ref, _ortho_ref, _toggle
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks; two spinning OpenMP threads are 10x slower under load
 
@@ -126,11 +126,7 @@ def _ref_step(G, D, G_ema, oG, oD, bank, x, y, h, o, itr):
     if o["G_ortho"] > 0:
         _ortho_ref(G, o["G_ortho"], blacklist=list(G.shared.parameters()))
     oG.step()
-    decay = 0.0 if itr < o["ema_start"] else o["ema_decay"]
-    with torch.no_grad():
-        src, tgt = G.state_dict(), G_ema.state_dict()
-        for key in src:
-            tgt[key].copy_(tgt[key] * decay + src[key] * (1 - decay))
+    _ema_ref(G, G_ema, itr, o)
     return {"D_loss_real": loss_real, "D_loss_fake": loss_fake, "G_loss": G_loss}
 
 

@@ -8,15 +8,15 @@ Tolerances as tests/test_sagan_biggan.py: fused outputs at 2e-4 of the output's 
 layers, each adding at most ~n u with reduction lengths n <= 2^10, u = 2^-24), gradients at 2e-4
 of the largest reference gradient, compared in eval mode.
 """
-import copy
 
 import pytest
 import torch
 
-from ganengine.models import CheckpointMismatchError, build_network, load_reference_checkpoint, save_reference_checkpoint
+from ganengine.models import CheckpointMismatchError, build_network, load_reference_checkpoint
 from tests import reference_nets_icgan as R
 from tests._train_utils import one_thread  # noqa: F401 (fixture)
-from tests.test_sagan_biggan import _randomize
+from tests.test_sagan_biggan import (check_fused_gradients, check_outputs_and_buffer_updates,
+                                     check_save_reference_checkpoint, check_tree_count_and_initialisation)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks; two spinning OpenMP threads are 10x slower under load
 
@@ -57,70 +57,27 @@ IDS = ["G-ic", "G-cc", "G-noshared-feat", "D-ic", "D-cc"]
 
 
 
+# the checks every reference network family gets (tests/test_sagan_biggan.py)
 @pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
 def test_tree_and_initialisation_are_the_references(arch, kwargs, make_ref, make_inputs):
-    torch.manual_seed(1)
-    ref = make_ref()
-    torch.manual_seed(1)
-    ours = build_network(arch, **kwargs)
-    rsd, osd = ref.state_dict(), ours.state_dict()
-    assert list(osd) == list(rsd)
-    for k in rsd:
-        torch.testing.assert_close(osd[k], rsd[k], atol=0, rtol=0, msg=f"initial value of {k}")
+    check_tree_count_and_initialisation(arch, kwargs, make_ref)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference-ops", "fused"])
 @pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
 def test_outputs_and_buffer_updates_equal_the_reference(arch, kwargs, make_ref, make_inputs, fused):
-    ref = _randomize(make_ref())
-    sd0 = copy.deepcopy(ref.state_dict())
-    inputs = make_inputs(ref)
-    for mode in (True, False):
-        ref.load_state_dict(sd0)
-        ours = load_reference_checkpoint(sd0, arch, fused=fused, **kwargs)
-        ref.train(mode)
-        ours.train(mode)
-        for step in range(2):  # the second pass sees the first one's u / running statistics
-            torch.manual_seed(10 + step)
-            x = inputs()
-            want, got = ref(*x), ours(*x)
-            tol = dict(atol=0, rtol=0) if not fused else dict(atol=2e-4 * float(want.detach().abs().max()), rtol=0)
-            torch.testing.assert_close(got, want, **tol, msg=f"{'train' if mode else 'eval'} step {step}")
-            got_sd = ours.state_dict()
-            for k, v in ref.state_dict().items():
-                t = dict(atol=0, rtol=0) if not fused else dict(atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(got_sd[k], v, **t, msg=f"{k} after step {step}")
+    check_outputs_and_buffer_updates(arch, kwargs, make_ref, make_inputs, fused)
 
 
 @pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
 def test_fused_gradients_equal_the_reference(arch, kwargs, make_ref, make_inputs):
-    ref = _randomize(make_ref()).eval()
-    ours = load_reference_checkpoint(ref.state_dict(), arch, **kwargs)
-    x = make_inputs(ref)()
-    want, got = ref(*x), ours(*x)
-    weights = torch.randn_like(want)
-    (want * weights).sum().backward()
-    (got * weights).sum().backward()
-    ref_grads = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
-    scale = max(float(g.abs().max()) for g in ref_grads.values())
-    for k, p in ours.named_parameters():
-        if k in ref_grads:
-            torch.testing.assert_close(p.grad, ref_grads[k], atol=2e-4 * scale, rtol=1e-3, msg=k)
-        else:  # IC-GAN's unused class embedding
-            assert p.grad is None, k
+    # IC-GAN's G builds the class embedding ``shared`` it never uses: no gradient at all
+    check_fused_gradients(arch, kwargs, make_ref, make_inputs, unused_grad_is_none=True)
 
 
 @pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
 def test_save_reference_checkpoint_loads_in_the_reference(tmp_path, arch, kwargs, make_ref, make_inputs):
-    ours = _randomize(build_network(arch, **kwargs))
-    path = tmp_path / "net.pth"
-    save_reference_checkpoint(ours, path, arch)
-    ref = make_ref()
-    ref.load_state_dict(torch.load(path, weights_only=True))  # strict
-    back = load_reference_checkpoint(str(path), arch, **kwargs)
-    for k, v in ours.state_dict().items():
-        torch.testing.assert_close(ref.state_dict()[k], v, atol=0, rtol=0)
-        torch.testing.assert_close(back.state_dict()[k], v, atol=0, rtol=0)
+    check_save_reference_checkpoint(tmp_path, arch, kwargs, make_ref)
 
 
 def test_reference_default_parameter_counts():

@@ -90,8 +90,8 @@ def _tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
-def test_same_tree_count_and_initialisation(arch, kwargs, make_ref, make_inputs):
+# The checks of a network family against its reference re-write, shared with tests/test_icgan_networks.py.
+def check_tree_count_and_initialisation(arch, kwargs, make_ref):
     torch.manual_seed(1)
     ref = make_ref()
     torch.manual_seed(1)
@@ -103,9 +103,7 @@ def test_same_tree_count_and_initialisation(arch, kwargs, make_ref, make_inputs)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference-ops", "fused"])
-@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
-def test_outputs_and_buffer_updates_equal_the_reference(arch, kwargs, make_ref, make_inputs, fused):
+def check_outputs_and_buffer_updates(arch, kwargs, make_ref, make_inputs, fused):
     ref = _randomize(make_ref())
     sd0 = copy.deepcopy(ref.state_dict())
     inputs = make_inputs(ref)
@@ -129,8 +127,9 @@ def test_outputs_and_buffer_updates_equal_the_reference(arch, kwargs, make_ref, 
                 torch.testing.assert_close(got_sd[k], v, **tol, msg=f"{k} after step {step}")
 
 
-@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
-def test_fused_gradients_equal_the_reference(arch, kwargs, make_ref, make_inputs):
+def check_fused_gradients(arch, kwargs, make_ref, make_inputs, unused_grad_is_none=False):
+    """``unused_grad_is_none``: a parameter the reference's output does not reach has no gradient
+    at all (else: none, or zeros)."""
     ref = _randomize(make_ref()).eval()
     ours = load_reference_checkpoint(ref.state_dict(), arch, **kwargs)
     x = make_inputs(ref)()
@@ -144,20 +143,46 @@ def test_fused_gradients_equal_the_reference(arch, kwargs, make_ref, make_inputs
     for k, p in ours.named_parameters():
         if k in ref_grads:
             torch.testing.assert_close(p.grad, ref_grads[k], atol=2e-4 * scale, rtol=1e-3, msg=k)
+        elif unused_grad_is_none:
+            assert p.grad is None, k
         else:
             assert p.grad is None or not p.grad.any(), k
 
 
-@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
-def test_save_reference_checkpoint_loads_in_the_reference(tmp_path, arch, kwargs, make_ref, make_inputs):
+def check_save_reference_checkpoint(tmp_path, arch, kwargs, make_ref):
+    """Saved by ganengine, loaded strictly by the reference re-write and back by ganengine: the same
+    tensors."""
     ours = _randomize(build_network(arch, **kwargs))
     path = tmp_path / "net.pth"
     save_reference_checkpoint(ours, path, arch)
     ref = make_ref()
     ref.load_state_dict(torch.load(path, weights_only=True))  # strict
-    ref_sd = ref.state_dict()
+    back = load_reference_checkpoint(str(path), arch, **kwargs)
+    ref_sd, back_sd = ref.state_dict(), back.state_dict()
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(ref_sd[k], v, atol=0, rtol=0)
+        torch.testing.assert_close(back_sd[k], v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
+def test_same_tree_count_and_initialisation(arch, kwargs, make_ref, make_inputs):
+    check_tree_count_and_initialisation(arch, kwargs, make_ref)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference-ops", "fused"])
+@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
+def test_outputs_and_buffer_updates_equal_the_reference(arch, kwargs, make_ref, make_inputs, fused):
+    check_outputs_and_buffer_updates(arch, kwargs, make_ref, make_inputs, fused)
+
+
+@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
+def test_fused_gradients_equal_the_reference(arch, kwargs, make_ref, make_inputs):
+    check_fused_gradients(arch, kwargs, make_ref, make_inputs)
+
+
+@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", CASES, ids=IDS)
+def test_save_reference_checkpoint_loads_in_the_reference(tmp_path, arch, kwargs, make_ref, make_inputs):
+    check_save_reference_checkpoint(tmp_path, arch, kwargs, make_ref)
 
 
 def test_biggan_spectral_norm_semantics():
@@ -284,6 +309,15 @@ def _toggle(net, flag):
         p.requires_grad = flag
 
 
+def _ema_ref(G, G_ema, itr, o):
+    """BigGAN-PyTorch's utils.ema update (IC-GAN's is the same): every state entry, from ema_start."""
+    decay = 0.0 if itr < o["ema_start"] else o["ema_decay"]
+    with torch.no_grad():
+        src, tgt = G.state_dict(), G_ema.state_dict()
+        for key in src:
+            tgt[key].copy_(tgt[key] * decay + src[key] * (1 - decay))
+
+
 def _biggan_ref_step(G, D, G_ema, oG, oD, x, y, o, itr):
     """BigGAN-PyTorch train_fns.GAN_training_function (hinge, no split_D) and utils.ema."""
     k = o["num_D_steps"] * o["num_D_accumulations"]
@@ -317,11 +351,7 @@ def _biggan_ref_step(G, D, G_ema, oG, oD, x, y, o, itr):
     if o["G_ortho"] > 0:
         _ortho_ref(G, o["G_ortho"], blacklist=list(G.shared.parameters()))
     oG.step()
-    decay = 0.0 if itr < o["ema_start"] else o["ema_decay"]
-    with torch.no_grad():
-        src, tgt = G.state_dict(), G_ema.state_dict()
-        for key in src:
-            tgt[key].copy_(tgt[key] * decay + src[key] * (1 - decay))
+    _ema_ref(G, G_ema, itr, o)
     return {"D_loss_real": loss_real, "D_loss_fake": loss_fake, "G_loss": G_loss}
 
 
