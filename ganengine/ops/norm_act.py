@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine import _ext
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 
 ACTIVATIONS = ("leaky_relu", "relu", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -120,8 +120,7 @@ def _dense_4d(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-@torch.library.custom_op("ganengine::instance_norm_act_fwd", mutates_args=())
-def instance_norm_act_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+def _fwd_body(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           eps: float, activation: str, negative_slope: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _backend_for(x, "norm_act_fwd")
@@ -139,6 +138,9 @@ def instance_norm_act_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: to
     return y, mean, rstd
 
 
+instance_norm_act_fwd = torch.library.custom_op("ganengine::instance_norm_act_fwd", mutates_args=())(_fwd_body)
+
+
 @instance_norm_act_fwd.register_fake
 def _(x, weight, bias, eps, activation, negative_slope):
     n, c = x.shape[0], x.shape[1]
@@ -146,8 +148,7 @@ def _(x, weight, bias, eps, activation, negative_slope):
     return torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
 
 
-@torch.library.custom_op("ganengine::instance_norm_act_bwd", mutates_args=())
-def instance_norm_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+def _bwd_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                           bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
                           activation: str, negative_slope: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,6 +168,9 @@ def instance_norm_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.T
     return dx, dw_nc, db_nc
 
 
+instance_norm_act_bwd = torch.library.custom_op("ganengine::instance_norm_act_bwd", mutates_args=())(_bwd_body)
+
+
 @instance_norm_act_bwd.register_fake
 def _(grad_y, x, weight, bias, mean, rstd, activation, negative_slope):
     return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
@@ -181,7 +185,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+def _make_backward(bwd):
+    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        return _backward(ctx, grad_y, bwd)
+    return backward
+
+
+def _backward(ctx, grad_y, bwd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if torch.is_grad_enabled():
@@ -194,14 +205,16 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
             grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True, allow_unused=True))
         return tuple(next(grads) if (need and t is not None) else None
                      for t, need in zip((x, weight, bias), needs[:3])) + (None, None, None)
-    dx, dw_nc, db_nc = instance_norm_act_bwd(grad_y, x, weight, bias, mean, rstd,
-                                             ctx.activation, ctx.negative_slope)
+    dx, dw_nc, db_nc = bwd(grad_y, x, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope)
     dw = dw_nc.sum(0).to(weight.dtype) if weight is not None and needs[1] else None
     db = db_nc.sum(0).to(bias.dtype) if bias is not None and needs[2] else None
     return (dx if needs[0] else None), dw, db, None, None, None
 
 
-torch.library.register_autograd("ganengine::instance_norm_act_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("ganengine::instance_norm_act_fwd", _make_backward(instance_norm_act_bwd),
+                                setup_context=_setup_context)
+# plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
+_eager_fwd = _eager.twin("InstanceNormAct", _fwd_body, _setup_context, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
@@ -321,7 +334,8 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
         if running_mean is None or n * c == 0:
             return y
     else:
-        y, mean, rstd = instance_norm_act_fwd(x, weight, bias, float(eps), activation, float(negative_slope))
+        fwd = _eager_fwd if _eager.plain_eager(x, weight, bias) else instance_norm_act_fwd
+        y, mean, rstd = fwd(x, weight, bias, float(eps), activation, float(negative_slope))
     if running_mean is not None:
         with torch.no_grad():
             hw = h * w

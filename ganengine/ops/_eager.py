@@ -1,0 +1,55 @@
+"""The eager route of the Python custom ops: the same forward body and backward in an autograd.Function.
+
+A ``torch.library.custom_op`` with ``register_autograd`` costs host time on every call that eager's
+own ops do not pay: the Python custom-op layer on the way in, and a second custom op (the backward)
+on the way back. At a tiny shape on the CPU (instance_norm_act 1x4x4x4, one thread, the same C++
+kernels either way) a forward+backward took 112 us through the custom op against 41 us through an
+autograd.Function (``benchmarks/bench_eager_route.py``). At GAN batch sizes a GPU step is host-bound,
+and every fused op on the CUDA path (Triton launchers or the CUDA C++ kernels, which have no C++
+autograd entry there) went through its custom op.
+
+So a plain eager call runs ``twin(...)``: an autograd.Function whose forward is the custom op's
+undecorated body, with the op's own ``setup_context`` and a backward that calls the backward body
+directly. The custom op stays what everything that traces sees: torch.compile, torch.export,
+make_fx / FakeTensorMode (any dispatch mode), torch.jit.trace (ganengine.export), tensor subclasses
+and torch function modes, and ``torch.library.opcheck``; ``plain_eager`` tells the two apart. The
+numbers are the same either way: one body, one backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from ganengine.ops._conv_common import dynamo_compiling
+
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+_jit_tracing = torch._C._is_tracing
+
+
+def plain_eager(*tensors) -> bool:
+    """True for a call the eager route may serve: plain Tensors (no subclass, FakeTensor included),
+    no dispatch or torch function mode active, not compiling, exporting or jit-tracing."""
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    return not (dynamo_compiling() or torch.compiler._is_compiling_flag or _jit_tracing()
+                or _dispatch_stack_len() or _function_mode_on())
+
+
+def twin(name: str, forward, setup_context, backward):
+    """``Function.apply`` of an autograd.Function running ``forward(*inputs)`` with the custom op's
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` (which must call the
+    backward body, not the backward custom op, to keep the saving). The forward takes ``ctx``
+    itself and calls ``setup_context``: a Function that defines ``setup_context`` binds every
+    call's arguments with ``inspect.signature`` (about 12 us a call)."""
+    def fwd(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    cls = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(fwd),
+        "backward": staticmethod(backward),
+        "__doc__": f"eager twin of a ganengine custom op ({name})",
+    })
+    return cls.apply

@@ -1,0 +1,92 @@
+"""The eager route of the Python custom ops (ganengine/ops/_eager.py): a plain eager call runs the
+op's body in an autograd.Function (no custom-op layer: the CUDA path's host time), anything that
+traces runs the custom op, and both give the same bits, forward, backward and double backward."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ganengine.functional as GF
+from ganengine.ops import _dispatch, _eager
+from ganengine.ops import norm_act as NA
+from tests._backends import backend_params, on_backend
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_plain_eager_gate():
+    x = torch.randn(2, 3)
+    assert _eager.plain_eager(x, None, torch.nn.Parameter(torch.ones(3)))
+    assert not _eager.plain_eager(x.as_subclass(_Sub))
+    with _Passthrough():
+        assert not _eager.plain_eager(x)
+    with FakeTensorMode() as mode:
+        assert not _eager.plain_eager(mode.from_tensor(x))
+    with torch.device("cpu"):  # a torch function mode
+        assert not _eager.plain_eager(x)
+    assert _eager.plain_eager(x)
+
+
+def _python_route(monkeypatch):
+    # the route the CUDA path takes: no C++ lean entry (CPU only) in front of it
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("shape,cl", [((2, 3, 5, 7), False), ((1, 4, 1, 1), False), ((2, 5, 6, 3), True)])
+def test_instance_norm_act_twin_matches_custom_op(monkeypatch, backend, shape, cl):
+    _python_route(monkeypatch)
+    torch.manual_seed(0)
+    x0 = torch.randn(shape, dtype=torch.float64 if backend == "torch" else torch.float32)
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.rand(shape[1], dtype=x0.dtype) + 0.5, torch.randn(shape[1], dtype=x0.dtype)
+    gy = torch.randn(shape, dtype=x0.dtype)
+
+    def run(route):
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        with on_backend(backend):
+            if route == "twin":
+                y = GF.instance_norm_act(x, w, b, activation="leaky_relu", negative_slope=0.1)
+                assert type(y.grad_fn).__name__ == "InstanceNormActBackward"  # the twin served it
+            else:
+                y = NA.instance_norm_act_fwd(x, w, b, 1e-5, "leaky_relu", 0.1)[0]
+                assert type(y.grad_fn).__name__ != "InstanceNormActBackward"
+            grads = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+            # double backward (R1 / WGAN-GP): through the reference composition on both routes
+            gg = torch.autograd.grad(sum((g * g).sum() for g in grads), (x, w))
+        return [y, *grads, *gg]
+
+    for a, b in zip(run("twin"), run("custom_op")):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_tracing_takes_the_custom_op(monkeypatch):
+    _python_route(monkeypatch)
+    seen = []
+    real = NA.instance_norm_act_fwd
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(True)
+            return real(*args)
+
+    monkeypatch.setattr(NA, "instance_norm_act_fwd", Spy())
+    x = torch.randn(1, 2, 3, 3)
+    with FakeTensorMode() as mode:
+        y = GF.instance_norm_act(mode.from_tensor(x))
+    assert seen and y.shape == x.shape
+    seen.clear()
+    traced = torch.jit.trace(lambda t: GF.instance_norm_act(t), (x,), check_trace=False)
+    assert seen and "ganengine::instance_norm_act_fwd" in str(traced.graph)
+    seen.clear()
+    GF.instance_norm_act(x)
+    assert not seen
