@@ -52,6 +52,18 @@ def grid(name: str, *axes: int) -> tuple:
     return axes
 
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions in Triton 3.8: called from host code
+# they cost 1.5-4 us each (argument unwrapping), and a launch plan asks for a dozen; these are the
+# same integer functions in plain Python
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2: the smallest power of two >= n (0 for n = 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @functools.lru_cache(maxsize=16)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

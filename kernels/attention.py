@@ -40,7 +40,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _p2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, _launch.next_power_of_2(int(n)))
 
 
 @triton.jit
@@ -275,8 +275,8 @@ def forward(q, k, v, x, gamma):
     o = torch.empty_like(x, dtype=v.dtype)
     lse = torch.empty((b, n), device=x.device, dtype=torch.float32)
     gamma = gamma.reshape(1).to(torch.float32)
-    n_tiles = triton.cdiv(n, cfg["BLOCK_M"])
-    grid = _launch.grid("attention forward", n_tiles * b, triton.cdiv(dv, cfg["BLOCK_DV"]))
+    n_tiles = _launch.cdiv(n, cfg["BLOCK_M"])
+    grid = _launch.grid("attention forward", n_tiles * b, _launch.cdiv(dv, cfg["BLOCK_DV"]))
     assert out.stride() == o.stride()
     with _launch.device_guard(x):
         _attn_fwd[grid](q, k, v, x, out, o, lse, gamma,
@@ -297,12 +297,12 @@ def backward(grad, q, k, v, lse, delta, gamma):
     stat_l = torch.empty_like(stat_m)
     cfg = _config("bwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
     with _launch.device_guard(q):
-        n_tiles = triton.cdiv(n, cfg["BLOCK_M"])
+        n_tiles = _launch.cdiv(n, cfg["BLOCK_M"])
         _bwd_dq[_launch.grid("attention backward (dq)", n_tiles * b)](
             q, k, v, grad, delta, gamma, stat_m, stat_l, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq), n, m, dqk, dv, n_tiles, **cfg)
-        n_tiles = triton.cdiv(m, cfg["BLOCK_N"])
-        _bwd_dkdv[_launch.grid("attention backward (dk, dv)", n_tiles * b, triton.cdiv(dv, cfg["BLOCK_DV"]))](
+        n_tiles = _launch.cdiv(m, cfg["BLOCK_N"])
+        _bwd_dkdv[_launch.grid("attention backward (dk, dv)", n_tiles * b, _launch.cdiv(dv, cfg["BLOCK_DV"]))](
             q, k, v, grad, delta, gamma, stat_m, stat_l, dk, dvv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk), *_strides(dvv),
             n, m, dqk, dv, n_tiles, **cfg)

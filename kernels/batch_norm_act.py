@@ -25,6 +25,8 @@ training, of the running statistics in eval). ``flags``: 1 training, 2 activatio
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -364,17 +366,22 @@ def _acc(dtype: torch.dtype):
 def pick_config(x: torch.Tensor) -> dict:
     """Tile shape: channels along the contiguous axis for channels-last, the (n, s) plane for NCHW."""
     n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(n * c, 1)
-    channels_inner = c > 1 and x.stride(1) == 1
+    return _pick(n, c, x.numel() // max(n * c, 1), c > 1 and x.stride(1) == 1)
+
+
+# the plans are cached on the sizes they depend on: ~25 us of Python per call otherwise, more than
+# the kernels take at GAN sizes (callers only read them)
+@functools.lru_cache(maxsize=1024)
+def _pick(n: int, c: int, s: int, channels_inner: bool) -> dict:
     if channels_inner:
         tile = _TILE_CL
-        block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
-        block_s = min(triton.next_power_of_2(max(s, 1)), max(1, tile // block_c))
+        block_c = min(_launch.next_power_of_2(c), _MAX_BLOCK_C)
+        block_s = min(_launch.next_power_of_2(max(s, 1)), max(1, tile // block_c))
     else:
         tile = _TILE
         block_c = 1
-        block_s = min(triton.next_power_of_2(max(s, 1)), tile)
-    block_n = min(triton.next_power_of_2(max(n, 1)), max(1, tile // (block_c * block_s)))
+        block_s = min(_launch.next_power_of_2(max(s, 1)), tile)
+    block_n = min(_launch.next_power_of_2(max(n, 1)), max(1, tile // (block_c * block_s)))
     return dict(BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_K=block_k(block_c), num_warps=4)
 
 
@@ -383,18 +390,23 @@ def _plan(x: torch.Tensor, split: int | None, per_sample: bool = False):
     split along n only, so every (n, c) sum is one chunk's (the backward combine has no s loop)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
-    cfg = pick_config(x)
-    n_cblocks = triton.cdiv(c, cfg["BLOCK_C"])
-    tiles_n, tiles_s = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(s, cfg["BLOCK_S"])
+    return _plan_sizes(n, c, s, c > 1 and x.stride(1) == 1, split, per_sample, _launch.on_gpu(x))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_sizes(n: int, c: int, s: int, channels_inner: bool, split: int | None, per_sample: bool, gpu: bool):
+    cfg = _pick(n, c, s, channels_inner)
+    n_cblocks = _launch.cdiv(c, cfg["BLOCK_C"])
+    tiles_n, tiles_s = _launch.cdiv(n, cfg["BLOCK_N"]), _launch.cdiv(s, cfg["BLOCK_S"])
     if split is None:
-        target = _TARGET_PROGRAMS if _launch.on_gpu(x) else _TARGET_PROGRAMS_INTERPRETED
-        split = 1 if (n_cblocks >= target or tiles_n * tiles_s <= 2) else triton.cdiv(target, n_cblocks)
+        target = _TARGET_PROGRAMS if gpu else _TARGET_PROGRAMS_INTERPRETED
+        split = 1 if (n_cblocks >= target or tiles_n * tiles_s <= 2) else _launch.cdiv(target, n_cblocks)
     split = max(1, min(int(split), (tiles_n if per_sample else tiles_n * tiles_s), _MAX_CHUNKS))
     nch = min(tiles_n, split)
-    sch = 1 if per_sample else min(tiles_s, triton.cdiv(split, nch))
-    nper = triton.cdiv(tiles_n, nch) * cfg["BLOCK_N"]
-    sper = triton.cdiv(tiles_s, sch) * cfg["BLOCK_S"]
-    return cfg, n_cblocks, nper, sper, triton.cdiv(n, nper), triton.cdiv(s, sper)
+    sch = 1 if per_sample else min(tiles_s, _launch.cdiv(split, nch))
+    nper = _launch.cdiv(tiles_n, nch) * cfg["BLOCK_N"]
+    sper = _launch.cdiv(tiles_s, sch) * cfg["BLOCK_S"]
+    return cfg, n_cblocks, nper, sper, _launch.cdiv(n, nper), _launch.cdiv(s, sper)
 
 
 def forward(x, weight, bias, running_mean, running_var, factor: float, eps: float, slope: float, flags: int,

@@ -285,7 +285,7 @@ def _combine(part: torch.Tensor, hw: int, block: int, eps: float):
     n, n_t, _, c = part.shape
     mean = torch.empty((n, c), dtype=torch.float32, device=part.device)
     rstd = torch.empty_like(mean)
-    grid = _launch.grid("instance statistics", n, triton.cdiv(c, ELEM["BLOCK_C"]))
+    grid = _launch.grid("instance statistics", n, _launch.cdiv(c, ELEM["BLOCK_C"]))
     with _launch.device_guard(part):
         _combine_stats[grid](part, mean, rstd, c, hw, n_t, float(eps), BLOCK_M=block, BLOCK_C=ELEM["BLOCK_C"],
                              num_warps=1)
@@ -302,10 +302,10 @@ def conv2d(x, w, bias, stride, padding, slope=None, fmt=torch.contiguous_format,
     y = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
     GEMM = _gemm_config(x)
     bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
-    n_pt = triton.cdiv(oh * ow, bm)
+    n_pt = _launch.cdiv(oh * ow, bm)
     stats = stats_eps is not None
     part = torch.empty((n, n_pt, 2, co) if stats else (1,), dtype=torch.float32, device=x.device)
-    grid = _launch.grid("conv2d (implicit GEMM)", n * n_pt, triton.cdiv(co, bn))
+    grid = _launch.grid("conv2d (implicit GEMM)", n * n_pt, _launch.cdiv(co, bn))
     with _launch.device_guard(x):
         _conv_fwd[grid](x, w, bias if bias is not None else x, y, part, h, wd, ci, oh, ow, co, n_pt,
                         *x.stride(), *w.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1],
@@ -325,8 +325,8 @@ def conv2d_grad_input(gz, w, x_shape, stride, padding, fmt=torch.contiguous_form
     dx = torch.empty((n, ci, h, wd), dtype=gz.dtype, device=gz.device, memory_format=fmt)
     GEMM = _gemm_config(gz)
     bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
-    n_pt = triton.cdiv(h * wd, bm)
-    grid = _launch.grid("conv2d data gradient", n * n_pt, triton.cdiv(ci, bn))
+    n_pt = _launch.cdiv(h * wd, bm)
+    grid = _launch.grid("conv2d data gradient", n * n_pt, _launch.cdiv(ci, bn))
     with _launch.device_guard(gz):
         _conv_dgrad[grid](gz, w, dx, h, wd, ci, gz.shape[2], gz.shape[3], co, n_pt, *gz.stride(), *w.stride(),
                           *dx.stride(), stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
@@ -342,7 +342,7 @@ def conv2d_grad_weight(gz, x, w_shape, stride, padding):
     GEMM = _gemm_config(x)
     bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
     # (co tiles, ci*kh*kw tiles): at most 1024 x 64 channels x taps, far below the axis limits
-    grid = _launch.grid("conv2d weight gradient", triton.cdiv(co, bm), triton.cdiv(ci * kh * kw, bn))
+    grid = _launch.grid("conv2d weight gradient", _launch.cdiv(co, bm), _launch.cdiv(ci * kh * kw, bn))
     with _launch.device_guard(x):
         _conv_wgrad[grid](gz, x, dw, x.shape[0], x.shape[2], x.shape[3], ci, gz.shape[2], gz.shape[3], co,
                           *gz.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
@@ -353,8 +353,8 @@ def conv2d_grad_weight(gz, x, w_shape, stride, padding):
 
 def _egrid(t, name):
     """(N * pixel tiles, channel tiles) and the pixel tiles per image."""
-    n_pt = triton.cdiv(t.shape[2] * t.shape[3], ELEM["BLOCK_P"])
-    return _launch.grid(name, t.shape[0] * n_pt, triton.cdiv(t.shape[1], ELEM["BLOCK_C"])), n_pt
+    n_pt = _launch.cdiv(t.shape[2] * t.shape[3], ELEM["BLOCK_P"])
+    return _launch.grid(name, t.shape[0] * n_pt, _launch.cdiv(t.shape[1], ELEM["BLOCK_C"])), n_pt
 
 
 _EKW = dict(BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])

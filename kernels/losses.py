@@ -197,7 +197,7 @@ def _pad(lst, n, fill):
 def _final(part, scale_vals, acc_t, acc_tl, device, k, nblk, with_terms):
     total = torch.empty((), dtype=acc_t, device=device)
     terms = torch.empty(k, dtype=acc_t, device=device) if with_terms else total
-    kp = max(2, triton.next_power_of_2(k))
+    kp = max(2, _launch.next_power_of_2(k))
     # one program, a short loop: no software pipelining (at the default 3 stages ptxas spills)
     _final_kernel[(1,)](part, _params(tuple(scale_vals), acc_t, device), total, terms, nblk, K=k, KP=kp,
                         BLOCK=FINAL_BLOCK, ACC=acc_tl, STORE_TERMS=with_terms, num_warps=NUM_WARPS, num_stages=1)
@@ -213,7 +213,7 @@ def adv_fwd(xs, modes, targets, scales, want_grad):
     device = xs[0].device
     grad_on = [bool(want_grad and m != LINEAR) for m in modes]
     grads = [torch.empty(x.shape, dtype=x.dtype, device=device) if g else x.new_empty(0) for x, g in zip(xs, grad_on)]
-    nblk = max(triton.cdiv(x.numel(), CHUNK) for x in xs)
+    nblk = max(_launch.cdiv(x.numel(), CHUNK) for x in xs)
     part = torch.empty((k, nblk), dtype=acc_t, device=device)
     params = _params(tuple(float(s) for s in scales) + tuple(float(t) for t in targets), acc_t, device)
     xp = _pad(xs, 2, xs[0])
@@ -234,7 +234,7 @@ def l1_fwd(preds, targets, scales, want_grad=False):
         raise ValueError(f"triton l1_fwd takes 1 to {MAX_L1_TERMS} pairs, got {k}")
     acc_t, acc_tl = _acc(preds[0].dtype)
     device = preds[0].device
-    nblk = max(triton.cdiv(p.numel(), CHUNK) for p in preds)
+    nblk = max(_launch.cdiv(p.numel(), CHUNK) for p in preds)
     part = torch.empty((k, nblk), dtype=acc_t, device=device)
     grads = [torch.empty(p.shape, dtype=p.dtype, device=device) if want_grad else p.new_empty(0) for p in preds]
     P, Q = _pad(preds, 4, preds[0]), _pad(targets, 4, targets[0])
@@ -254,7 +254,7 @@ def l1_bwd(preds, targets, coef):
         raise ValueError(f"triton l1_bwd takes 1 to {MAX_L1_TERMS} pairs, got {k}")
     _, acc_tl = _acc(preds[0].dtype)
     grads = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in preds]
-    nblk = max(triton.cdiv(p.numel(), CHUNK) for p in preds)
+    nblk = max(_launch.cdiv(p.numel(), CHUNK) for p in preds)
     P, Q, G = _pad(preds, 4, preds[0]), _pad(targets, 4, targets[0]), _pad(grads, 4, grads[0])
     with _launch.device_guard(preds[0]):
         _l1_bwd_kernel[_launch.grid("L1 loss backward", nblk, k)](

@@ -22,6 +22,8 @@ constant plane the variance is 0: rstd = 0 there, as ATen (the output is the bia
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -351,9 +353,10 @@ def _acc(dtype: torch.dtype):
 
 
 def _p2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    return _launch.next_power_of_2(max(int(v), 1))
 
 
+@functools.lru_cache(maxsize=1024)
 def pick_config(n: int, c: int, hw: int, channels_last: bool, elem_size: int, sms: int,
                 split: int | None = None) -> dict:
     """Tile shape, warps and plane split of one call (the single source of truth: the
@@ -361,35 +364,36 @@ def pick_config(n: int, c: int, hw: int, channels_last: bool, elem_size: int, sm
 
     NHWC tiles take at least one 32-byte sector of channels per pixel (coalesced loads);
     NCHW tiles take whole planes, several tiny ones per tile. ``split`` forces a split of each
-    plane into about that many chunks (tests); None decides from the SM count."""
+    plane into about that many chunks (tests); None decides from the SM count. Cached: planning
+    cost ~20 us of Python per call, more than the kernel at GAN sizes (callers only read it)."""
     target = _PROGRAMS_PER_SM * sms
     bc_min = min(_p2(c), max(1, 32 // elem_size)) if channels_last else 1
     block_hw = min(_p2(hw), _MAX_TILE[channels_last] // bc_min)
     block_c = min(_p2(c), max(bc_min, _PACK_TILE // block_hw))
-    while block_c > bc_min and n * triton.cdiv(c, block_c) < target:  # packing must not starve the GPU
+    while block_c > bc_min and n * _launch.cdiv(c, block_c) < target:  # packing must not starve the GPU
         block_c //= 2
-    programs = n * triton.cdiv(c, block_c)
-    tiles = triton.cdiv(hw, block_hw)
+    programs = n * _launch.cdiv(c, block_c)
+    tiles = _launch.cdiv(hw, block_hw)
     if split is None:
-        want = triton.cdiv(target, programs) if programs < target else 1
+        want = _launch.cdiv(target, programs) if programs < target else 1
         want = min(want, max(1, hw // _MIN_CHUNK))
         if tiles == 1 and programs >= sms:
             want = 1  # the plane fits on chip and every SM has a program: one read beats more programs
     else:
         want = max(1, int(split))
     if want > 1:
-        block_hw = min(block_hw, _p2(triton.cdiv(hw, want)))
-        tiles = triton.cdiv(hw, block_hw)
+        block_hw = min(block_hw, _p2(_launch.cdiv(hw, want)))
+        tiles = _launch.cdiv(hw, block_hw)
     single = want == 1 and block_hw >= hw
     if not single:  # looping kernels: smaller tiles (accumulators per lane)
         block_hw = min(block_hw, max(1, _LOOP_TILE // block_c))
-        tiles = triton.cdiv(hw, block_hw)
+        tiles = _launch.cdiv(hw, block_hw)
     want = max(1, min(want, tiles))
     chunk = max(1, tiles // want) * block_hw  # at least `want` chunks
-    nsplit = triton.cdiv(hw, chunk)
+    nsplit = _launch.cdiv(hw, chunk)
     tile = block_c * block_hw
     warps = min(16, max(4, tile // 1024)) if single else min(8, max(4, tile // 256))
-    return dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps, n_cblocks=triton.cdiv(c, block_c),
+    return dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps, n_cblocks=_launch.cdiv(c, block_c),
                 split=nsplit, chunk=chunk, SINGLE=single, SPLIT_P2=_p2(nsplit))
 
 

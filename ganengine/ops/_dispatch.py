@@ -61,13 +61,36 @@ def _fallback(op: str, wanted: str, reason: str) -> None:
     log.debug(msg)
 
 
+# (backend, device type, serves function) -> whether the backend serves that device type here: fixed
+# for a process (the extension, Triton's import and interpreter mode, CUDA's presence), and asked on
+# every call of every op (~1.5 us each for triton, which reads the environment); keyed on
+# backends.serves itself so that a test replacing it is seen
+_SERVED: dict = {}
+
+
+def _serves(name: str, device: torch.device) -> bool:
+    key = (name, device.type, backends.serves)
+    found = _SERVED.get(key)
+    if found is None:
+        found = _SERVED[key] = backends.serves(name, device)
+    return found
+
+
+def _requested_backend() -> str:
+    """backends.current() at a fraction of its cost (GANENGINE_BACKEND read as lean_op reads it)."""
+    requested = _requested.value
+    if requested is None:
+        return backends.current() if _ENV_DATA.get(_ENV_KEY) else "auto"
+    return requested
+
+
 def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None]) -> str:
     """Pick the backend for one call of ``op`` on tensors like ``x``.
 
     ``verdicts`` maps backend name -> None (can serve) or a reason (cannot). A backend missing
     from ``verdicts`` is not implemented for this op.
     """
-    requested = backends.current()
+    requested = _requested_backend()
     device = x.device
 
     def reason_for(name: str) -> str | None:
@@ -75,7 +98,7 @@ def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None]) -> str:
             return None
         if name not in verdicts:
             return f"{op} has no {name} implementation"
-        if not backends.serves(name, device):
+        if not _serves(name, device):
             return f"{name} does not serve {device.type} tensors here: {backends.status()[name]}"
         return verdicts[name]
 
