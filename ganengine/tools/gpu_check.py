@@ -24,6 +24,8 @@ line saying so. The checks, in order of value:
                   split and single-plane)
   speed_attention TFLOP/s forward and forward+backward
   speed_losses    latency per call, Triton vs the C++ CUDA kernels
+  host_cost       every fused op at a tiny shape vs its eager composition: us per call (host-bound)
+                  and kernels per call, per backend, forward and forward+backward (the cost rule)
   sanitizer       compute-sanitizer --tool memcheck on one tiny case per kernel family
   speed_models    CycleGAN and pix2pix steps at 256x256 batch 1: ganengine vs eager vs
                   torch.compile, fp32 and bf16 autocast
@@ -739,6 +741,48 @@ def check_speed_models(ctx: Ctx):
                 ctx.emit("INFO", f"{name} amp={amp} ganengine speed-up", rel)
 
 
+def check_host_cost(ctx: Ctx):
+    """The cost rule on the CUDA path: every fused op at its tiny shape (arithmetic negligible, host
+    time decides) against the eager composition it replaces, per backend (auto, triton, cuda), forward
+    and forward+backward: us per call over 100 calls with one synchronize at the end (what a step
+    sees: the host's time where it exceeds the device's), interleaved, median of rounds; and kernels
+    per call (torch.profiler)."""
+    from ganengine.bench import registry, timing
+    from ganengine.bench.host_cost import _calls, tiny_shape
+    from ganengine.bench.traffic import _tensors
+
+    calls = 5 if ctx.dry else 100
+    rounds = 1 if ctx.dry else 5
+    names = ["auto"] + _backends_for_device(ctx)
+    cases = [c for c in registry.select([], None) if c.kind == "op"]
+    for case in cases[:2] if ctx.dry else cases:  # (dry: the code path, on two ops)
+        if ctx.time_left() < 20:
+            continue
+        params = tiny_shape(case)
+        work = case.setup(params, ctx.device, torch.float32)
+        with torch.no_grad():
+            ref_out = [t for t in _tensors(work.reference(*work.args)) if t.is_floating_point()]
+        grads = [torch.randn_like(t) for t in ref_out]
+        for mode, (reference, fused) in _calls(work, grads).items():
+            if mode not in case.modes:
+                continue
+            variants = {"eager": reference, **{f"ganengine[{b}]": fused for b in names}}
+            scopes = {f"ganengine[{b}]": functools.partial(_backend_ctx, b) for b in names}
+            errors = {}
+            res = timing.interleave(variants, rounds, warmup=3, calls_per_sample=calls, alternate=True,
+                                    scopes=scopes, sync=ctx.sync, on_error=lambda n, e: errors.__setitem__(n, e))
+            us = {k: v["median"] * 1e3 for k, v in res.items()}
+            kernels = {}
+            for k in us:
+                with (scopes[k]() if k in scopes else contextlib.nullcontext()):
+                    kernels[k] = _kernel_us(ctx, variants[k])[1]
+            eager = us.get("eager")
+            text = ", ".join(f"{k} {v:.1f} us ({v / eager:.2f}x) in {kernels[k]} kernels" if eager else f"{k} {v:.1f} us"
+                             for k, v in us.items())
+            text += "".join(f"; {k} failed: {type(e).__name__}: {str(e)[:80]}" for k, e in errors.items())
+            ctx.emit("INFO", f"{case.name} {mode}", text, us=us, kernels=kernels)
+
+
 def check_profile_models(ctx: Ctx):
     """Where a CycleGAN training step spends its time, ganengine vs eager: wall time, kernel time
     and kernels per step, the top kernels by device time and the top host ops by self CPU time
@@ -798,6 +842,7 @@ CHECKS: list[tuple[str, Callable[[Ctx], None], float]] = [
     ("speed_norm_act", check_speed_norm_act, 90),
     ("speed_attention", check_speed_attention, 60),
     ("speed_losses", check_speed_losses, 30),
+    ("host_cost", check_host_cost, 45),
     ("sanitizer", check_sanitizer, 160),
     ("profile_models", check_profile_models, 60),
     ("speed_models", check_speed_models, 240),

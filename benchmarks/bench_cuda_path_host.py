@@ -1,0 +1,135 @@
+"""Host time per call of the fused ops' Python route, the route every call on a CUDA tensor takes,
+measured on a CPU without a GPU.
+
+On a GPU at GAN batch sizes a training step is host-bound (the first H100 run: eager CycleGAN
+76 ms per step in fp32 and in bf16 alike), so the Python a fused op runs per call decides its
+speed there. The CPU's lean C++ entries do not serve CUDA tensors; a CUDA call goes through the
+op's Python route: argument checks, the backend choice, then the Triton launcher or the CUDA C++
+kernel. This script times that route on CPU tensors at each op's tiny shape, one thread,
+interleaved, median us per call, forward (no grad) and forward+backward:
+
+* ``eager``: the plain PyTorch composition the op replaces;
+* ``custom op``: the Python route through the op's ``torch.library.custom_op`` (what every CUDA
+  call ran before the eager route), on the cpu backend's C++ kernels;
+* ``eager route``: the same route through its autograd.Function twin (``ganengine/ops/_eager.py``);
+* ``eager route, triton``: the same with the Triton backend under ``TRITON_INTERPRET=1``, every
+  Triton launch replaced by a no-op: the launchers' own Python (planning, allocation, device
+  guard), **without Triton's launch itself**, which needs a GPU driver (outputs are garbage; only
+  the time counts). Only with ``TRITON_INTERPRET=1``.
+
+What it cannot give: the CUDA runtime's and Triton's launch cost, and the device's CPU speed.
+The differences between the rows are what the Python layers add or save on any machine.
+
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python benchmarks/bench_cuda_path_host.py [--ops ...]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ganengine import backends  # noqa: E402
+from ganengine.bench import registry, timing  # noqa: E402
+from ganengine.bench.host_cost import _calls, tiny_shape  # noqa: E402
+from ganengine.bench.runner import pinned_threads  # noqa: E402
+from ganengine.bench.traffic import _tensors  # noqa: E402
+from ganengine.ops import _dispatch, _eager  # noqa: E402
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def _stubbed_triton_launches():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with _patched(InterpretedFunction, "__getitem__", lambda self, grid: (lambda *a, **k: None)):
+        yield
+
+
+def _scope(backend: str, twin: bool, stub: bool):
+    @contextlib.contextmanager
+    def scope():
+        with contextlib.ExitStack() as st:
+            st.enter_context(backends.use_backend(backend))
+            st.enter_context(_patched(_dispatch, "lean_op", lambda *a, **k: None))  # no CPU lean entry
+            if not twin:
+                st.enter_context(_patched(_eager, "plain_eager", lambda *a: False))
+            if stub:
+                st.enter_context(_stubbed_triton_launches())
+            yield
+    return scope
+
+
+def measure(cases, calls: int, rounds: int) -> list[dict]:
+    variants = {"custom op": ("cpu", False, False), "eager route": ("cpu", True, False)}
+    if backends.triton_interpret() and backends.serves("triton", torch.device("cpu")):
+        variants["eager route, triton"] = ("triton", True, True)
+    out = []
+    for case in cases:
+        if case.kind != "op":
+            continue
+        params = tiny_shape(case)
+        work = case.setup(params, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            ref_out = [t for t in _tensors(work.reference(*work.args)) if t.is_floating_point()]
+        grads = [torch.randn_like(t) for t in ref_out]
+        for mode, (reference, fused) in _calls(work, grads).items():
+            if mode not in case.modes:
+                continue
+            calls_ = {"eager": reference}
+            scopes = {}
+            for label, (backend, twin, stub) in variants.items():
+                calls_[label] = fused
+                scopes[label] = _scope(backend, twin, stub)
+            # a variant the route does not serve (an op with no Python route on that backend) is
+            # reported, not timed
+            errors = {}
+            with pinned_threads(1):
+                res = timing.interleave(calls_, rounds, warmup=10, calls_per_sample=calls, alternate=True,
+                                        scopes=scopes, on_error=lambda n, e: errors.__setitem__(n, e))
+            rec = {"case": case.name, "shape": params, "mode": mode}
+            rec.update({k: v["median"] * 1e3 for k, v in res.items()})
+            rec["errors"] = {k: f"{type(e).__name__}: {e}"[:120] for k, e in errors.items()}
+            out.append(rec)
+            print(f"  {case.name} {mode}: " + ", ".join(f"{k} {v['median'] * 1e3:.1f} us" for k, v in res.items()),
+                  flush=True)
+    return out
+
+
+def markdown(recs: list[dict]) -> str:
+    cols = ["eager", "custom op", "eager route", "eager route, triton"]
+    lines = ["| op | mode | " + " | ".join(f"{c} us" for c in cols) + " | eager route / custom op |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for r in recs:
+        cells = [f"{r[c]:.1f}" if c in r else "" for c in cols]
+        ratio = f"{r['eager route'] / r['custom op']:.2f}x" if "eager route" in r and "custom op" in r else ""
+        lines.append(f"| {r['case']} | {r['mode']} | " + " | ".join(cells) + f" | {ratio} |")
+    notes = [f"- {r['case']} {r['mode']} {k}: {v}" for r in recs for k, v in r["errors"].items()]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", nargs="*", default=[], help="op cases or families (default: every op case)")
+    p.add_argument("--calls", type=int, default=100, help="calls per timed sample")
+    p.add_argument("--rounds", type=int, default=7)
+    a = p.parse_args(argv)
+    print(markdown(measure(registry.select(a.ops, None), a.calls, a.rounds)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
