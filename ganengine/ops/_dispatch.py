@@ -42,14 +42,25 @@ class BackendFallbackError(RuntimeError):
     """Raised in strict mode when the requested backend cannot serve a call."""
 
 
+_EXT_REASON: dict = {}  # (op, device type) -> ext_reason's answer: fixed once the extension is loaded
+
+
 def ext_reason(op: str, device: torch.device) -> str | None:
-    """None if ganengine._C has a kernel for ``op`` on ``device``, else why not."""
+    """None if ganengine._C has a kernel for ``op`` on ``device``, else why not (asked per call of
+    every op, once per backend: answered from a cache)."""
+    try:
+        return _EXT_REASON[(op, device.type)]
+    except KeyError:
+        pass
     key = "CUDA" if device.type == "cuda" else "CPU"
     if not _ext.loaded():
-        return "ganengine._C is not built"
-    if not _ext.has_kernel(op, key):
-        return f"ganengine._C has no {key} kernel for {op}"
-    return None
+        why = "ganengine._C is not built"
+    elif not _ext.has_kernel(op, key):
+        why = f"ganengine._C has no {key} kernel for {op}"
+    else:
+        why = None
+    _EXT_REASON[(op, device.type)] = why
+    return why
 
 
 def _fallback(op: str, wanted: str, reason: str) -> None:
