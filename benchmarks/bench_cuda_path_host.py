@@ -20,12 +20,20 @@ interleaved, median us per call, forward (no grad) and forward+backward:
 What it cannot give: the CUDA runtime's and Triton's launch cost, and the device's CPU speed.
 The differences between the rows are what the Python layers add or save on any machine.
 
+``--models cyclegan pix2pix``: the same for whole training steps at the ``quick`` size (the
+networks' structure, small maps): the eager model's step against the fused model's on the CUDA
+path's route (Triton backend, launches stubbed, the vendor convolution as on CUDA), through the
+custom ops and through the eager route; ms per step. The convolutions (oneDNN here) run in every
+variant; what differs is the fused layers' host cost (the Triton kernels' own time is missing).
+
     TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python benchmarks/bench_cuda_path_host.py [--ops ...]
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python benchmarks/bench_cuda_path_host.py --models cyclegan pix2pix
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 
@@ -59,11 +67,15 @@ def _stubbed_triton_launches():
         yield
 
 
-def _scope(backend: str, twin: bool, stub: bool):
+def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False):
     @contextlib.contextmanager
     def scope():
         with contextlib.ExitStack() as st:
             st.enter_context(backends.use_backend(backend))
+            if vendor_conv:  # conv_act's CUDA default (the interpreter's is the implicit GEMM)
+                from ganengine.ops.conv_act import triton_conv_impl
+
+                st.enter_context(triton_conv_impl("vendor"))
             st.enter_context(_patched(_dispatch, "lean_op", lambda *a, **k: None))  # no CPU lean entry
             if not twin:
                 st.enter_context(_patched(_eager, "plain_eager", lambda *a: False))
@@ -109,6 +121,43 @@ def measure(cases, calls: int, rounds: int) -> list[dict]:
     return out
 
 
+def measure_models(names, rounds: int) -> list[dict]:
+    from ganengine.bench.cases_models import MODEL_SPECS, make_batch
+    from ganengine.models import build_model
+    from ganengine.train.context import AmpContext
+
+    out = []
+    for name in names:
+        spec = MODEL_SPECS[name]
+        n, img = spec["batch"]["quick"]
+        steps = {}
+        for label, fused in (("eager", False), ("fused", True)):
+            torch.manual_seed(0)
+            model = build_model(name, **dict(spec["quick"]), fused=fused, fused_optimizer=fused)
+            model.train()
+            opts = model.make_optimizers()
+            batch = make_batch(name, model, n, img, torch.device("cpu"))
+            step_ctx = AmpContext("off", torch.device("cpu"), list(opts))
+            steps[label] = functools.partial(model.train_step, batch, opts, step_ctx)
+        calls_ = {"eager": steps["eager"], "CUDA path, custom op": steps["fused"],
+                  "CUDA path, eager route": steps["fused"]}
+        scopes = {"CUDA path, custom op": _scope("triton", False, True, vendor_conv=True),
+                  "CUDA path, eager route": _scope("triton", True, True, vendor_conv=True)}
+        with pinned_threads(1):
+            res = timing.interleave(calls_, rounds, warmup=2, alternate=True, scopes=scopes)
+        rec = {"model": name, "size": f"{n}x{img}x{img}", **{k: v["median"] for k, v in res.items()}}
+        out.append(rec)
+        print(f"  {name}: " + ", ".join(f"{k} {v['median']:.2f} ms" for k, v in res.items()), flush=True)
+    return out
+
+
+def markdown_models(recs: list[dict]) -> str:
+    cols = ["eager", "CUDA path, custom op", "CUDA path, eager route"]
+    lines = ["| model | batch | " + " | ".join(f"{c} ms" for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines += [f"| {r['model']} | {r['size']} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in recs]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(recs: list[dict]) -> str:
     cols = ["eager", "custom op", "eager route", "eager route, triton"]
     lines = ["| op | mode | " + " | ".join(f"{c} us" for c in cols) + " | eager route / custom op |",
@@ -126,7 +175,14 @@ def main(argv=None) -> int:
     p.add_argument("--ops", nargs="*", default=[], help="op cases or families (default: every op case)")
     p.add_argument("--calls", type=int, default=100, help="calls per timed sample")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--models", nargs="*", default=None, help="time training steps of these models instead "
+                   "(needs TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
+    if a.models is not None:
+        if not backends.triton_interpret():
+            p.error("--models needs TRITON_INTERPRET=1 (the Triton route, launches stubbed)")
+        print(markdown_models(measure_models(a.models or ["cyclegan", "pix2pix"], a.rounds)))
+        return 0
     print(markdown(measure(registry.select(a.ops, None), a.calls, a.rounds)))
     return 0
 
