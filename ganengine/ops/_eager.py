@@ -41,7 +41,14 @@ def twin(name: str, forward, setup_context, backward):
     ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` (which must call the
     backward body, not the backward custom op, to keep the saving). The forward takes ``ctx``
     itself and calls ``setup_context``: a Function that defines ``setup_context`` binds every
-    call's arguments with ``inspect.signature`` (about 12 us a call)."""
+    call's arguments with ``inspect.signature`` (about 12 us a call).
+
+    ``name``: the custom op's qualified name ("ganengine::<op>"). It becomes the Function's class
+    name, which the profiler records for the forward (as it recorded the custom op) and, with
+    "Backward" appended, for the backward node, so profiles (``ganengine profile``, which groups
+    events by the "ganengine::" prefix) read as before, at no cost per call."""
+    if not name.startswith("ganengine::"):
+        raise ValueError(f"twin: name must be the custom op's qualified name 'ganengine::<op>', got {name!r}")
     def fwd(ctx, *inputs):
         output = forward(*inputs)
         setup_context(ctx, inputs, output)

@@ -214,7 +214,7 @@ def _backward(ctx, grad_y, bwd):
 torch.library.register_autograd("ganengine::instance_norm_act_fwd", _make_backward(instance_norm_act_bwd),
                                 setup_context=_setup_context)
 # plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
-_eager_fwd = _eager.twin("InstanceNormAct", _fwd_body, _setup_context, _make_backward(_bwd_body))
+_eager_fwd = _eager.twin("ganengine::instance_norm_act_fwd", _fwd_body, _setup_context, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
