@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ganengine import _ext
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch backend: query rows per chunk are chosen so a score chunk stays near this many elements
@@ -169,9 +169,7 @@ def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("ganengine::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_body(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend_for(q, "attention_fwd")
     if backend == "triton":
         from ganengine.kernels import attention as tk
@@ -188,15 +186,17 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor
     return _torch_fwd(q, k, v, x, gamma)
 
 
+attention_fwd = torch.library.custom_op("ganengine::attention_fwd", mutates_args=())(_fwd_body)
+
+
 @attention_fwd.register_fake
 def _(q, k, v, x, gamma):
     return (torch.empty_like(x), torch.empty_like(x, dtype=v.dtype),
             x.new_empty((q.shape[0], q.shape[2]), dtype=acc_dtype(q.dtype)))
 
 
-@torch.library.custom_op("ganengine::attention_bwd", mutates_args=())
-def attention_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor,
-                  gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd_body(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor,
+              gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend_for(q, "attention_bwd")
     if backend == "triton":
         from ganengine.kernels import attention as tk
@@ -212,6 +212,9 @@ def attention_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
             gamma.to(ct).reshape(1))
         return _like(q, dq.to(q.dtype)), _like(k, dk.to(k.dtype)), _like(v, dv.to(v.dtype))
     return _torch_bwd(grad, q, k, v, lse, delta, gamma)
+
+
+attention_bwd = torch.library.custom_op("ganengine::attention_bwd", mutates_args=())(_bwd_body)
 
 
 @attention_bwd.register_fake
@@ -243,8 +246,15 @@ def _grads_differentiable(g, q, k, v, gamma):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgamma
 
 
-def _backward(ctx, grad_out, grad_o, grad_lse):
-    # o and lse are internal outputs; the public functions never hand them out
+def _make_backward(bwd):
+    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
+    def backward(ctx, grad_out, _grad_o, _grad_lse):
+        # o and lse are internal outputs; the public functions never hand them out
+        return _backward(ctx, grad_out, bwd)
+    return backward
+
+
+def _backward(ctx, grad_out, bwd):
     q, k, v, gamma, o, lse = ctx.saved_tensors
     if torch.is_grad_enabled():
         dq, dk, dv, dgamma = _grads_differentiable(grad_out, q, k, v, gamma)
@@ -253,11 +263,13 @@ def _backward(ctx, grad_out, grad_o, grad_lse):
         rowdot = (grad_out.to(ct) * o.to(ct)).sum(dim=1)           # (B, N)
         dgamma = rowdot.sum()
         delta = rowdot * gamma.to(ct).reshape(())
-        dq, dk, dv = attention_bwd(grad_out, q, k, v, o, lse, delta, gamma)
+        dq, dk, dv = bwd(grad_out, q, k, v, o, lse, delta, gamma)
     return dq, dk, dv, grad_out, dgamma.to(gamma.dtype).reshape(gamma.shape)
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_make_backward(attention_bwd), setup_context=_setup_context)
+# plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
+_eager_fwd = _eager.twin("Attention", _fwd_body, _setup_context, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
@@ -288,7 +300,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tens
                 _dispatch.last_used["attention"] = "cpu"
                 return out
     check_core(q, k, v, x, gamma)
-    return attention_fwd(q, k, v, x, gamma)[0]
+    fwd = _eager_fwd if _eager.plain_eager(q, k, v, x, gamma) else attention_fwd
+    return fwd(q, k, v, x, gamma)[0]
 
 
 def _conv_weight(name: str, w: Tensor, out_ch: int | None, in_ch: int) -> Tensor:
