@@ -32,9 +32,10 @@ fp64), and give the same bits for a layer alone or in a group. Their backward is
 differentiable torch formula instead (double backward, e.g. R1 through the discriminator's
 weights' gradients).
 
-Eager calls go through one ``torch.autograd.Function`` per group (cheap on the host); under
-``torch.compile`` a functional custom op ``ganengine::spectral_norm`` (fake impl, registered
-autograd) serves one layer at a time.
+Eager calls go through one ``torch.autograd.Function`` per group (cheap on the host), or, when
+the call records no graph (no_grad, eval, a D's weights frozen in the G step), straight to the
+same native forward; under ``torch.compile`` a functional custom op ``ganengine::spectral_norm``
+(fake impl, registered autograd) serves one layer at a time.
 """
 from __future__ import annotations
 
