@@ -16,6 +16,7 @@ from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops import attention as A
 from tests._attention_bounds import core_bounds, self_attention_bounds
+from tests._backends import backend_params, on_backend
 from tests._model_bounds import Census, assert_normwise, census
 from tests._tolerance import assert_below, gamma as gamma_n, unit_roundoff
 
@@ -558,3 +559,113 @@ def test_fuse_keeps_spectral_norm_convs():
     with census(ref) as cen:
         want = ref(x)
     assert_normwise(fused(x), want, cen)  # normwise (tests/_model_bounds.py)
+
+
+# ----------------------------------------------------------------------------- eager route (twin)
+# A plain eager call on the Python route runs the custom op's body in an autograd.Function
+# (ops/_eager.py); tracing runs the custom op. Same body, same backward: the same bits.
+def _python_route(monkeypatch):
+    # the route the CUDA path takes: no C++ lean entry (CPU only) in front of it
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+
+
+def _node_names(t):
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return names
+
+
+def _assert_bits(got, want):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), i
+        assert torch.equal(a, b), f"[{i}] max diff {(a.double() - b.double()).abs().max().item()}"
+
+
+def _twin_dtype(backend):
+    return torch.float32 if backend == "triton" else torch.float64  # (triton: no fp64 kernels)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("b,d,n,m,c,strided", [(2, 3, 7, 5, 6, False), (1, 1, 1, 1, 1, False),
+                                                (2, 2, 9, 4, 5, True)], ids=["odd", "single", "strided"])
+def test_core_twin_matches_custom_op(monkeypatch, backend, b, d, n, m, c, strided):
+    _python_route(monkeypatch)
+    dt = _twin_dtype(backend)
+    if strided:  # positions-major views and a strided slice, as the convs of a channels_last x give
+        ins0 = [torch.randn(b, n, d, dtype=dt).transpose(1, 2), torch.randn(b, d, 2 * m, dtype=dt)[:, :, ::2],
+                torch.randn(b, m, c, dtype=dt).transpose(1, 2), torch.randn(b, n, c, dtype=dt).transpose(1, 2)]
+    else:
+        ins0 = [torch.randn(b, d, n, dtype=dt), torch.randn(b, d, m, dtype=dt), torch.randn(b, c, m, dtype=dt),
+                torch.randn(b, c, n, dtype=dt)]
+    ins0.append(torch.tensor([0.7], dtype=dt))
+    gy = torch.randn(b, c, n, dtype=dt)
+
+    def run(route):
+        ins = [t.detach().requires_grad_() for t in ins0]  # (strides kept)
+        with on_backend(backend):
+            if route == "twin":
+                y = A.attention(*ins)
+                assert type(y.grad_fn).__name__ == "AttentionBackward"  # the twin served it
+            else:
+                y = A.attention_fwd(*ins)[0]
+                assert type(y.grad_fn).__name__ != "AttentionBackward"
+            first = torch.autograd.grad(y, ins, gy, retain_graph=True)  # the backward body / custom op
+            grads = torch.autograd.grad(y, ins, gy, create_graph=True)  # double backward (R1, WGAN-GP)
+            # (dx = grad_out: x is not in the second-order graph)
+            gg = torch.autograd.grad(sum((g * g).sum() for g in grads), ins[:3] + ins[4:])
+        return [y, *first, *grads, *gg]
+
+    _assert_bits(run("twin"), run("custom_op"))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("shape,cl", [((2, 16, 3, 5), True), ((1, 8, 1, 1), False)], ids=["nhwc", "1px"])
+def test_block_twin_matches_custom_op(monkeypatch, backend, shape, cl):
+    """The block (convs + the core) with the core on the twin vs on the custom op; stride-0 grad."""
+    _python_route(monkeypatch)
+    dt = _twin_dtype(backend)
+    x0 = torch.randn(shape, dtype=dt)
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    p0 = _params(shape[1], max(1, shape[1] // 8), 0.6, dtype=dt)
+
+    def run():
+        ins = [t.detach().requires_grad_() for t in [x0, *p0]]
+        with on_backend(backend):
+            y = GF.self_attention2d(*ins)
+            grads = torch.autograd.grad(y.sum(), ins)
+        return y, [y, *grads]
+
+    y, got = run()
+    assert "AttentionBackward" in _node_names(y)
+    monkeypatch.setattr(A, "_eager_fwd", A.attention_fwd)
+    y_ref, want = run()
+    assert "AttentionBackward" not in _node_names(y_ref)
+    _assert_bits(got, want)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_tracing_takes_the_custom_op(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _python_route(monkeypatch)
+    seen = []
+    real = A.attention_fwd
+    monkeypatch.setattr(A, "attention_fwd", lambda *args: seen.append(True) or real(*args))
+    ins = [torch.randn(1, 1, 3), torch.randn(1, 1, 2), torch.randn(1, 2, 2), torch.randn(1, 2, 3),
+           torch.tensor([0.5])]
+    with FakeTensorMode() as mode:
+        y = A.attention(*[mode.from_tensor(t) for t in ins])
+    assert seen and y.shape == ins[3].shape
+    seen.clear()
+    traced = torch.jit.trace(lambda *t: A.attention(*t), tuple(ins), check_trace=False)
+    assert seen and "ganengine::attention_fwd" in str(traced.graph)
+    seen.clear()
+    A.attention(*ins)
+    assert not seen

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not _HAS_LEAN, reason="ganengine._C without the 
 
 @pytest.fixture
 def custom_op_route(monkeypatch):
-    """Switches the lean entries off: the public functions take the custom-op route."""
+    """Switches the lean entries off: the public functions take the Python route (the custom op's
+    body; a plain eager call runs it through its eager twin, ops/_eager.py: the same bits)."""
     def use(off: bool):
         monkeypatch.setattr(_dispatch, "_LEAN", {"attention": None, "self_attention2d": None} if off else {})
     return use

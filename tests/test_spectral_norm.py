@@ -524,3 +524,71 @@ def test_dispatch_auto_routes():
     with ganengine.use_backend("auto"):
         GF.spectral_norm_weight(w, u)
     assert _dispatch.last_used["spectral_norm"] == ("cpu" if ganengine.backends.serves("cpu", w.device) else "torch")
+
+
+# ----------------------------------------------------------------------------- Python route host cost
+# Eager calls on a native backend run SpectralNormFn (an autograd.Function; the custom op
+# ganengine::spectral_norm is only what torch.compile sees). A call that records no graph (no_grad,
+# eval, a D's weights with requires_grad off in the G step) skips the Function: the same
+# native_forward, the same numbers, state writes included.
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("shape,cl", [((8, 4, 3, 3), False), ((5, 7), False), ((6, 3, 1, 1), False),
+                                      ((4, 3, 3, 5), True)], ids=["conv", "linear", "1x1", "nhwc"])
+def test_no_graph_calls_skip_the_function(monkeypatch, backend, shape, cl):
+    if cl and backend == "cpu":
+        pytest.skip("the cpu kernels take contiguous weights (tested on the torch fallback elsewhere)")
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # the Python route (the CUDA path's)
+    torch.manual_seed(5)
+    w = torch.randn(shape) * 0.3
+    w2 = torch.randn(shape[0] + 1, *shape[1:]) * 0.3  # a second layer for the group
+    if cl:
+        w = w.contiguous(memory_format=torch.channels_last)
+    states = [(F.normalize(torch.randn(t.shape[0]), dim=0), F.normalize(torch.randn(t[0].numel()), dim=0))
+              for t in (w, w2)]
+    applied = []
+    real_apply = ops.SpectralNormFn.apply
+
+    def spy(*args):
+        applied.append(True)
+        return real_apply(*args)
+
+    monkeypatch.setattr(ops.SpectralNormFn, "apply", staticmethod(spy))
+
+    def run(weights_need_grad):
+        us, vs = [u.clone() for u, _ in states], [v.clone() for _, v in states]
+        ws = [t.detach().requires_grad_(weights_need_grad) for t in (w, w2)]
+        with on_backend(backend):
+            layer = ops.run_layer(ws[0], us[0], vs[0], ops.U_STEP, 2, 1e-12, 0, "pytorch", in_place=True)
+            functional = GF.spectral_norm_weight(ws[1], us[1], 1, 1e-12, v=vs[1], return_v=True)
+            w_sns, sigmas = ops.run_group(ws, [0, 0], us, vs, ops.U_STEP, 2, 1e-12, True, backend)
+        return [t.detach() for t in (*layer, *functional, *w_sns, *sigmas, *us, *vs)]
+
+    with_fn = run(True)
+    assert len(applied) == 3
+    applied.clear()
+    without = run(False)
+    assert not applied
+    for a, b in zip(without, with_fn, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    # the same under no_grad with weights that require grad (module eval / a refresh)
+    with torch.no_grad():
+        again = run(True)
+    assert not applied
+    for a, b in zip(again, with_fn, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_choose_backend_layout_shortcut():
+    """choose_backend skips matrix_layout for contiguous dim-0 weights: they always flatten to one
+    run (size-1 dims with any stride included); other layouts still ask matrix_layout."""
+    base = torch.randn(3 * 4 * 5)
+    for w in [torch.randn(8, 4, 3, 3), torch.randn(5, 7), torch.randn(1, 1, 1, 1), torch.randn(3, 1, 4, 1),
+              base[:12].as_strided((3, 1, 4), (4, 99, 1)), base.as_strided((1, 3, 4, 5), (7, 20, 5, 1))]:
+        assert w.is_contiguous() and ops.matrix_layout(w.shape, w.stride(), 0) is not None
+    w = torch.randn(4, 3, 5, 6)
+    assert ops.matrix_layout(w.shape, w.stride(), 2) is None  # (why the shortcut is dim 0 only)
+    if ganengine.backends.serves("triton", w.device):
+        with on_backend("triton"), pytest.raises(_dispatch.BackendFallbackError, match="strides"):
+            ops.choose_backend(w, 2)
+        with on_backend("triton"):
+            assert ops.choose_backend(w, 0) == "triton"

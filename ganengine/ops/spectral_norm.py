@@ -32,9 +32,10 @@ fp64), and give the same bits for a layer alone or in a group. Their backward is
 differentiable torch formula instead (double backward, e.g. R1 through the discriminator's
 weights' gradients).
 
-Eager calls go through one ``torch.autograd.Function`` per group (cheap on the host); under
-``torch.compile`` a functional custom op ``ganengine::spectral_norm`` (fake impl, registered
-autograd) serves one layer at a time.
+Eager calls go through one ``torch.autograd.Function`` per group (cheap on the host), or, when
+the call records no graph (no_grad, eval, a D's weights frozen in the G step), straight to the
+same native forward; under ``torch.compile`` a functional custom op ``ganengine::spectral_norm``
+(fake impl, registered autograd) serves one layer at a time.
 """
 from __future__ import annotations
 
@@ -186,7 +187,9 @@ def _verdicts_cached(device: torch.device, dtype: torch.dtype, ndim: int, dim: i
 
 
 def choose_backend(weight: Tensor, dim: int) -> str:
-    layout_ok = weight.dim() < 2 or matrix_layout(weight.shape, weight.stride(), dim) is not None
+    # a contiguous weight normalised over dim 0 is always one matrix run (matrix_layout: ~3 us)
+    layout_ok = (weight.dim() < 2 or (dim == 0 and weight.is_contiguous())
+                 or matrix_layout(weight.shape, weight.stride(), dim) is not None)
     verdicts = dict(_verdicts_cached(weight.device, weight.dtype, weight.dim(), dim, weight.is_contiguous(),
                                      layout_ok))
     return _dispatch.choose("spectral_norm", weight, verdicts)
@@ -286,6 +289,17 @@ def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, g
     return out
 
 
+def _sigmas(sigma: Tensor, weights) -> list:
+    """sigma[L] (accumulation dtype) as one scalar per layer in its weight's dtype."""
+    return [s if s.dtype == w.dtype else s.to(w.dtype) for s, w in zip(sigma.unbind(0), weights)]
+
+
+def _records_graph(weights) -> bool:
+    """Whether a call on ``weights`` builds an autograd graph (else the autograd.Function, ~10 us of
+    host time a call, would only hand back what native_forward gives)."""
+    return torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+
+
 class SpectralNormFn(torch.autograd.Function):
     """One autograd node for a group of layers on a native backend.
 
@@ -301,7 +315,7 @@ class SpectralNormFn(torch.autograd.Function):
         ctx.save_for_backward(*weights)
         ctx.cfg = (backend, dims, u_outs, v_outs, sigma, aux)
         ctx.set_materialize_grads(False)
-        sigmas = [s.to(w.dtype) for s, w in zip(sigma.unbind(0), weights)]
+        sigmas = _sigmas(sigma, weights)
         ctx.mark_non_differentiable(*u_outs, *v_outs)
         return (*w_sns, *sigmas, *u_outs, *v_outs)
 
@@ -464,12 +478,21 @@ def run_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: in
     backend = choose_backend(weight, dim)
     if backend == "torch":
         return _torch_call(weight, u, v, first, steps, eps, dim, order, in_place)
-    outs = SpectralNormFn.apply((backend, [dim], [u], [v], first, steps, eps, in_place and steps > 0), weight)
+    write_state = in_place and steps > 0
+    if not _records_graph((weight,)):  # (a D's weights in the G step, eval, no_grad: same numbers)
+        w_sns, u_outs, v_outs, sigma, _ = native_forward(backend, [weight], [dim], [u], [v], first, steps, eps,
+                                                         write_state)
+        return w_sns[0], u_outs[0], v_outs[0], _sigmas(sigma, (weight,))[0]
+    outs = SpectralNormFn.apply((backend, [dim], [u], [v], first, steps, eps, write_state), weight)
     return outs[0], outs[2], outs[3], outs[1]
 
 
 def run_group(weights, dims, us, vs, first: int, steps: int, eps: float, write_state: bool, backend: str):
     """Every layer of a group on one native backend in one autograd node: (w_sns, sigmas)."""
+    if not _records_graph(weights):
+        w_sns, _, _, sigma, _ = native_forward(backend, list(weights), list(dims), list(us), list(vs), first, steps,
+                                               eps, write_state)
+        return list(w_sns), _sigmas(sigma, weights)
     outs = SpectralNormFn.apply((backend, list(dims), list(us), list(vs), first, steps, eps, write_state), *weights)
     n = len(weights)
     return list(outs[:n]), list(outs[n:2 * n])
