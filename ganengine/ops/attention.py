@@ -286,7 +286,7 @@ def _backward(ctx, grad_out, bwd):
 
 attention_fwd.register_autograd(_make_backward(attention_bwd), setup_context=_setup_context)
 # plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
-_eager_fwd = _eager.twin("Attention", _fwd_body, _setup_context, _make_backward(_bwd_body))
+_eager_fwd = _eager.twin("ganengine::attention_fwd", _fwd_body, _setup_context, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
