@@ -1,6 +1,8 @@
 """The eager route of the Python custom ops (ganengine/ops/_eager.py): a plain eager call runs the
 op's body in an autograd.Function (no custom-op layer: the CUDA path's host time), anything that
 traces runs the custom op, and both give the same bits, forward, backward and double backward."""
+import collections
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -69,6 +71,33 @@ def test_instance_norm_act_twin_matches_custom_op(monkeypatch, backend, shape, c
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_calls_without_a_graph_run_the_body(monkeypatch):
+    """no_grad, or no input requiring grad: the body runs without the Function (its apply costs
+    ~10 us even then), same bits; forward-mode AD still reaches the Function, which refuses it."""
+    _python_route(monkeypatch)
+    x, w, b = torch.randn(2, 3, 5, 4), torch.rand(3) + 0.5, torch.randn(3)
+    ref = NA.instance_norm_act_fwd(x, w, b, 1e-5, "leaky_relu", 0.2)[0]
+    with torch.no_grad():
+        y = GF.instance_norm_act(x.clone().requires_grad_(), w, b)
+    assert torch.equal(y, ref) and not y.requires_grad
+    assert torch.equal(GF.instance_norm_act(x, w, b), ref)
+
+    set_up = []
+    f = _eager.twin("ganengine::toy", lambda t, k: t * k, lambda ctx, inputs, out: set_up.append(1),
+                    lambda ctx, g: (g * 2.0, None))
+    t = torch.randn(3)
+    assert torch.equal(f(t, 2.0), t * 2.0) and set_up == []  # nothing requires grad
+    with torch.no_grad():
+        f(t.clone().requires_grad_(), 2.0)
+    assert set_up == []
+    out = f(t.clone().requires_grad_(), 2.0)
+    assert set_up == [1] and type(out.grad_fn).__name__ == "ganengine::toyBackward"
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        f(fwAD.make_dual(t, torch.ones_like(t)), 2.0)
+
+
 def test_tracing_takes_the_custom_op(monkeypatch):
     _python_route(monkeypatch)
     seen = []
@@ -90,3 +119,4 @@ def test_tracing_takes_the_custom_op(monkeypatch):
     seen.clear()
     GF.instance_norm_act(x)
     assert not seen
+

@@ -59,4 +59,24 @@ def twin(name: str, forward, setup_context, backward):
         "backward": staticmethod(backward),
         "__doc__": f"eager twin of a ganengine custom op ({name})",
     })
-    return cls.apply
+    function_apply = cls.apply
+
+    def apply(*inputs):
+        # a call that records no graph (no_grad, inference, frozen weights) runs the body alone:
+        # Function.apply costs ~10 us even then; forward-mode AD keeps the Function (which refuses
+        # it, as the custom op does)
+        if (grad_enabled() and any(type(t) in _TENSOR_TYPES and t.requires_grad for t in inputs)) \
+                or _forward_ad_level() >= 0:
+            return function_apply(*inputs)
+        return forward(*inputs)
+
+    apply.__name__ = apply.__qualname__ = name
+    return apply
+
+
+grad_enabled = torch.is_grad_enabled
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _forward_ad_level() -> int:
+    return torch.autograd.forward_ad._current_level
