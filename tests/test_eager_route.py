@@ -70,8 +70,6 @@ def test_instance_norm_act_twin_matches_custom_op(monkeypatch, backend, shape, c
         assert torch.equal(a, b)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_calls_without_a_graph_run_the_body(monkeypatch):
     """no_grad, or no input requiring grad: the body runs without the Function (its apply costs
     ~10 us even then), same bits; forward-mode AD still reaches the Function, which refuses it."""
@@ -99,6 +97,8 @@ def test_calls_without_a_graph_run_the_body(monkeypatch):
         f(fwAD.make_dual(t, torch.ones_like(t)), 2.0)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_tracing_takes_the_custom_op(monkeypatch):
     _python_route(monkeypatch)
     seen = []
