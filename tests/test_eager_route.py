@@ -70,6 +70,7 @@ def test_instance_norm_act_twin_matches_custom_op(monkeypatch, backend, shape, c
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (forward_ad imports torch.jit.script)
 def test_calls_without_a_graph_run_the_body(monkeypatch):
     """no_grad, or no input requiring grad: the body runs without the Function (its apply costs
     ~10 us even then), same bits; forward-mode AD still reaches the Function, which refuses it."""
