@@ -393,3 +393,50 @@ def test_cuda_triton(impl, dtype):
             bounds = _bounds("triton", ins, g, stride, 1, fn is not GF.conv2d_act,
                              store_dtype=dtype if low else None, product_u=0.0 if low else 2.0 ** -11)
             _compare(y, [a.grad for a in ins[:2]], yr, [r.grad for r in refs[:2]], bounds, "triton")
+
+
+# ----------------------------------------------------------------------------- the eager route (twin)
+# (N, C_in, H, W, C_out, kernel, stride, padding, channels_last): a PatchGAN 4x4 stride-2 layer, a
+# single input pixel (3x3 at padding 1: a 1x1 output map), odd sizes in channels_last
+TWIN_CASES = [(2, 3, 7, 5, 4, 4, 2, 1, False), (1, 2, 1, 1, 3, 3, 1, 1, False), (2, 3, 6, 7, 5, 3, 2, 1, True)]
+
+
+@pytest.mark.parametrize("backend,impl", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("norm", [False, True], ids=["act", "in_act"])
+@pytest.mark.parametrize("case", TWIN_CASES, ids=lambda c: "x".join(map(str, c[:4])) + ("-cl" if c[8] else ""))
+def test_twin_matches_custom_op(monkeypatch, backend, impl, norm, case, one_thread):
+    """The eager route (ops/_eager.py: the custom op's body and backward in an autograd.Function,
+    what a plain eager call on the Python route runs: the CUDA path's) against the custom op
+    itself: the same bits, forward, backward and double backward (WGAN-GP, R1)."""
+    _skip_unavailable(backend)
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # no C++ lean entry (CPU only) in front
+    n, ci, h, w, co, k, s, p, cl = case
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    torch.manual_seed(0)
+    x0 = torch.randn(n, ci, h, w, dtype=dtype)
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.randn(co, ci, k, k, dtype=dtype) * 0.3, torch.randn(co, dtype=dtype)
+    g0, t0 = torch.rand(co, dtype=dtype) + 0.5, torch.randn(co, dtype=dtype)
+    name = "Conv2dInActBackward" if norm else "Conv2dActBackward"
+
+    def run(route):
+        ins = [t.detach().clone().requires_grad_() for t in ((x0, w0, b0, g0, t0) if norm else (x0, w0, b0))]
+        with ganengine.use_backend(backend), strict(), ops.triton_conv_impl(impl or "auto"):
+            if route == "twin":
+                y = (GF.conv2d_instance_norm_act(*ins[:3], s, p, *ins[3:]) if norm
+                     else GF.conv2d_act(*ins, s, p))
+                assert type(y.grad_fn).__name__ == name  # the twin served it
+            else:
+                y = (ops.conv2d_in_act_fwd(*ins, [s, s], [p, p], 1e-5, 0.2)[0] if norm
+                     else ops.conv2d_act_fwd(*ins, [s, s], [p, p], 0.2))
+                assert type(y.grad_fn).__name__ != name
+            assert _dispatch.last_used["conv2d_instance_norm_act" if norm else "conv2d_act"] == backend
+            gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            grads = torch.autograd.grad(y, ins, gy, create_graph=True)
+            first = torch.autograd.grad(y, ins, gy)  # (create_graph=False: the backward body / op)
+            gg = torch.autograd.grad(sum((g * g).sum() for g in grads if g.requires_grad), ins[:2])
+        return [y, *first, *grads, *gg]
+
+    for a, b in zip(run("twin"), run("custom_op"), strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
