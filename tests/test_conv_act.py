@@ -410,14 +410,33 @@ def test_twin_matches_custom_op(monkeypatch, backend, impl, norm, case, one_thre
     itself: the same bits, forward, backward and double backward (WGAN-GP, R1)."""
     _skip_unavailable(backend)
     monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # no C++ lean entry (CPU only) in front
+    _twin_vs_custom_op(backend, impl, norm, case, torch.float64 if backend == "torch" else torch.float32, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["igemm", "vendor"])
+@pytest.mark.parametrize("norm", [False, True], ids=["act", "in_act"])
+def test_cuda_twin_matches_custom_op(monkeypatch, impl, norm):
+    """The CUDA path's eager route against its custom op, both triton implementations (cuDNN's
+    deterministic algorithms: the same convolution both ways)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for case in TWIN_CASES:
+        _twin_vs_custom_op("triton", impl, norm, case, torch.float32, "cuda")
+
+
+def _twin_vs_custom_op(backend, impl, norm, case, dtype, device):
     n, ci, h, w, co, k, s, p, cl = case
-    dtype = torch.float64 if backend == "torch" else torch.float32
-    torch.manual_seed(0)
-    x0 = torch.randn(n, ci, h, w, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=dtype) * scale).to(device)
+
+    x0 = randn(n, ci, h, w)
     if cl:
         x0 = x0.contiguous(memory_format=torch.channels_last)
-    w0, b0 = torch.randn(co, ci, k, k, dtype=dtype) * 0.3, torch.randn(co, dtype=dtype)
-    g0, t0 = torch.rand(co, dtype=dtype) + 0.5, torch.randn(co, dtype=dtype)
+    w0, b0 = randn(co, ci, k, k, scale=0.3), randn(co)
+    g0, t0 = randn(co).abs() + 0.5, randn(co)
     name = "Conv2dInActBackward" if norm else "Conv2dActBackward"
 
     def run(route):
@@ -432,7 +451,7 @@ def test_twin_matches_custom_op(monkeypatch, backend, impl, norm, case, one_thre
                      else ops.conv2d_act_fwd(*ins, [s, s], [p, p], 0.2))
                 assert type(y.grad_fn).__name__ != name
             assert _dispatch.last_used["conv2d_instance_norm_act" if norm else "conv2d_act"] == backend
-            gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device)
             grads = torch.autograd.grad(y, ins, gy, create_graph=True)
             first = torch.autograd.grad(y, ins, gy)  # (create_graph=False: the backward body / op)
             gg = torch.autograd.grad(sum((g * g).sum() for g in grads if g.requires_grad), ins[:2])

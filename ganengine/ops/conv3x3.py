@@ -132,15 +132,11 @@ def _torch_bwd(grad, x, weight, padding, reflect, mask):
 
 # ----------------------------------------------------------------------------- cpu backend (Winograd)
 def _cpu_fwd(x, weight, bias, padding, reflect, tile):
-    from ganengine import _ext
-
     y = _ext.op("conv3x3_fwd")(x, weight, bias, padding, reflect, tile)
     return y.contiguous(memory_format=out_format(x))
 
 
 def _cpu_bwd(grad, x, weight, padding, reflect, mask, tile):
-    from ganengine import _ext
-
     dx, dw, db = _ext.op("conv3x3_bwd")(grad, x, weight, padding, reflect, tile, [int(m) for m in mask])
     if mask[0]:
         dx = dx.contiguous(memory_format=out_format(x))

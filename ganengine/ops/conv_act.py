@@ -196,8 +196,6 @@ def _act_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _torch_act_fwd(x, weight, bias, stride, padding, negative_slope)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_act_fwd")(x, weight, bias, stride, padding, negative_slope)
     tk = _tk()
     if _resolved_conv_impl(x.device) == "igemm":
@@ -224,8 +222,6 @@ def _act_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: 
         return _torch_act_bwd(grad, x, weight, y, stride, padding, negative_slope, mask)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_act_bwd")(grad, x, weight, y, stride, padding, negative_slope, mask)
     tk = _tk()
     gz, db = tk.act_grad(grad, y, negative_slope)
@@ -256,8 +252,6 @@ def _in_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return _torch_in_fwd(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_in_act_fwd")(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     tk = _tk()
     acc = _acc(x.dtype)  # the kernels keep statistics in fp32 (fp64 for fp64)
@@ -291,8 +285,6 @@ def _in_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: t
         return _torch_in_bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slope, mask)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_in_act_bwd")(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding,
                                           negative_slope, mask[:2])
     tk = _tk()
@@ -533,8 +525,7 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
     c_out = weight.shape[0]
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        # (dim / shape[0] rather than shape != (c_out,): torch's symbolic sym_eq, ~2 us each)
-        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != c_out):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (c_out,)):
             raise ValueError(f"{fn}: {name} must be None or a ({c_out},) tensor")
     if activation == "leaky_relu":
         slope = float(negative_slope)
