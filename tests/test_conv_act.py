@@ -413,6 +413,33 @@ def test_twin_matches_custom_op(monkeypatch, backend, impl, norm, case, one_thre
     _twin_vs_custom_op(backend, impl, norm, case, torch.float64 if backend == "torch" else torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_twin_under_autocast_matches_custom_op(monkeypatch, backend, one_thread):
+    """Under autocast (AMP training) the public functions cast the conv's inputs, then either route
+    runs with autocast still on: the same bits, forward and backward."""
+    _skip_unavailable(backend)
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+    torch.manual_seed(0)
+    x0, w0, b0, g0 = torch.randn(2, 3, 7, 5), torch.randn(4, 3, 4, 4) * 0.3, torch.randn(4), torch.rand(4) + 0.5
+    calls = {"act": lambda x, w, b, g: GF.conv2d_act(x, w, b, 2, 1),
+             "in_act": lambda x, w, b, g: GF.conv2d_instance_norm_act(x, w, b, 2, 1, g, b)}
+    for name, fn in calls.items():
+        res = []
+        for twin in (True, False):
+            if not twin:
+                monkeypatch.setattr(ops._eager, "plain_eager", lambda *t: False)  # the custom op
+            ins = [t.detach().clone().requires_grad_() for t in (x0, w0, b0, g0)]
+            with ganengine.use_backend(backend), strict(), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = fn(*ins)
+                assert ("Conv2d" in type(y.grad_fn).__name__) == twin
+                res.append([y, *torch.autograd.grad(y.float().square().sum(), ins[:4 if name == "in_act" else 3])])
+        monkeypatch.undo()
+        monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+        assert res[0][0].dtype == torch.bfloat16
+        for a, b in zip(*res, strict=True):
+            assert torch.equal(a, b), name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["igemm", "vendor"])
 @pytest.mark.parametrize("norm", [False, True], ids=["act", "in_act"])
