@@ -2,6 +2,8 @@
 references and the torch backend, forward and backward; the threshold; the fuse rules; bad input."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,3 +316,53 @@ def test_bad_input_names_the_argument():
         GF.conv2d(x.long(), torch.randn(4, 4, 3, 3).long())
     with pytest.raises(ValueError, match="groups=1"):
         ganengine.nn.Conv2d(4, 4, 3, groups=2)
+
+
+# ----------------------------------------------------------------------------- the eager route (twin)
+# (transposed, x shape, weight shape, stride, padding, output_padding, channels_last): 4x4 at stride 2
+# (every cpu route legal), a single input pixel, an odd transposed map in channels_last
+_TWIN_CASES = [(False, (2, 3, 9, 7), (5, 3, 4, 4), 2, 1, 0, False), (False, (1, 4, 1, 1), (3, 4, 4, 4), 1, 2, 0, False),
+               (True, (2, 4, 5, 3), (4, 3, 4, 4), 2, 1, 1, True)]
+
+
+@pytest.mark.parametrize("route", ["torch", pytest.param("gemm", marks=needs_ext),
+                                   pytest.param("winograd", marks=needs_ext)])
+@pytest.mark.parametrize("case", _TWIN_CASES, ids=lambda c: ("T" if c[0] else "") + "x".join(map(str, c[1]))
+                         + ("-cl" if c[6] else ""))
+def test_twin_matches_custom_op(monkeypatch, route, case):
+    """The eager route (ops/_eager.py: the custom op's body and backward in an autograd.Function,
+    what a plain eager call runs where the C++ entry declines and the call is not the vendor
+    convolution: the torch backend, the cpu backend's GEMM / Winograd routes) against the custom op
+    itself: the same bits, forward, backward and double backward. (The GPU backends call cuDNN
+    directly, no custom op.)"""
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # no C++ lean entry in front
+    tr, xs, ws, s, p, op, cl = case
+    dtype = torch.float64 if route == "torch" else torch.float32
+    torch.manual_seed(0)
+    x0 = torch.randn(xs, dtype=dtype)
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.randn(ws, dtype=dtype) * 0.3, torch.randn(ws[1] if tr else ws[0], dtype=dtype)
+    backend = "torch" if route == "torch" else "cpu"
+
+    def run(twin):
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        policies = _route(route) if route != "torch" else (contextlib.nullcontext(), contextlib.nullcontext())
+        with on_backend(backend), policies[0], policies[1]:
+            if route != "torch":
+                assert getattr(cv, f"uses_{route}")(x, w, [s, s], [p, p], tr, *([[op, op]] if route == "winograd" else []))
+            if twin:
+                y = GF.conv_transpose2d(x, w, b, s, p, op) if tr else GF.conv2d(x, w, b, s, p)
+                assert type(y.grad_fn).__name__ == "ConvBackward"  # the twin served it
+            else:
+                y = cv.conv_fwd(x, w, b, [s, s], [p, p], [op, op], tr)
+                assert type(y.grad_fn).__name__ != "ConvBackward"
+            assert _dispatch.last_used["conv"] == backend
+            gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            grads = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+            first = torch.autograd.grad(y, (x, w, b), gy)  # (create_graph=False: the backward body / op)
+            gg = torch.autograd.grad(sum((g * g).sum() for g in grads[:2]), (x, w))
+        return [y, *first, *grads, *gg]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)

@@ -255,3 +255,48 @@ def test_compile_fullgraph_and_export(c, padding_mode):
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert any(t.startswith("ganengine.conv3x3_fwd") for t in targets), targets
     torch.testing.assert_close(ep.module()(x, w), GF.conv3x3(x, w, None, 1, padding_mode), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the eager route (twin)
+# (x shape, C_out, padding, mode, channels_last): a single pixel, odd maps in both padding modes
+_TWIN_CASES = [((1, 4, 1, 1), 3, 1, "zeros", False), ((2, 3, 7, 5), 4, 1, "reflect", False),
+               ((2, 5, 6, 9), 3, 1, "zeros", True)]
+
+
+@pytest.mark.parametrize("route", ["torch", pytest.param("winograd", marks=needs_ext)])
+@pytest.mark.parametrize("case", _TWIN_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-{c[3]}" + ("-cl" if c[4] else ""))
+def test_twin_matches_custom_op(monkeypatch, route, case, always_winograd):
+    """The eager route (ops/_eager.py: the custom op's body and backward in an autograd.Function,
+    what a plain eager call runs where the C++ entry declines and the call is not the vendor
+    convolution: the torch backend, the cpu backend's Winograd route) against the custom op itself:
+    the same bits, forward, backward and double backward. (The GPU backends call cuDNN directly.)"""
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # no C++ lean entry in front
+    xs, co, p, mode, cl = case
+    dtype = torch.float64 if route == "torch" else torch.float32
+    backend = "torch" if route == "torch" else "cpu"
+    torch.manual_seed(0)
+    x0 = torch.randn(xs, dtype=dtype)
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.randn(co, xs[1], 3, 3, dtype=dtype) * 0.3, torch.randn(co, dtype=dtype)
+    if route == "winograd":
+        assert cm._use_winograd(x0, w0, p) is not None
+
+    def run(twin):
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        with on_backend(backend):
+            if twin:
+                y = GF.conv3x3(x, w, b, p, mode)
+                assert type(y.grad_fn).__name__ == "Conv3x3Backward"  # the twin served it
+            else:
+                y = cm.conv3x3_fwd(x, w, b, p, mode == "reflect")
+                assert type(y.grad_fn).__name__ != "Conv3x3Backward"
+            assert _dispatch.last_used["conv3x3"] == backend
+            gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            grads = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+            first = torch.autograd.grad(y, (x, w, b), gy)  # (create_graph=False: the backward body / op)
+            gg = torch.autograd.grad(sum((g * g).sum() for g in grads[:2]), (x, w))
+        return [y, *first, *grads, *gg]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)

@@ -393,3 +393,96 @@ def test_cuda_triton(impl, dtype):
             bounds = _bounds("triton", ins, g, stride, 1, fn is not GF.conv2d_act,
                              store_dtype=dtype if low else None, product_u=0.0 if low else 2.0 ** -11)
             _compare(y, [a.grad for a in ins[:2]], yr, [r.grad for r in refs[:2]], bounds, "triton")
+
+
+# ----------------------------------------------------------------------------- the eager route (twin)
+# (N, C_in, H, W, C_out, kernel, stride, padding, channels_last): a PatchGAN 4x4 stride-2 layer, a
+# single input pixel (3x3 at padding 1: a 1x1 output map), odd sizes in channels_last
+TWIN_CASES = [(2, 3, 7, 5, 4, 4, 2, 1, False), (1, 2, 1, 1, 3, 3, 1, 1, False), (2, 3, 6, 7, 5, 3, 2, 1, True)]
+
+
+@pytest.mark.parametrize("backend,impl", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("norm", [False, True], ids=["act", "in_act"])
+@pytest.mark.parametrize("case", TWIN_CASES, ids=lambda c: "x".join(map(str, c[:4])) + ("-cl" if c[8] else ""))
+def test_twin_matches_custom_op(monkeypatch, backend, impl, norm, case, one_thread):
+    """The eager route (ops/_eager.py: the custom op's body and backward in an autograd.Function,
+    what a plain eager call on the Python route runs: the CUDA path's) against the custom op
+    itself: the same bits, forward, backward and double backward (WGAN-GP, R1)."""
+    _skip_unavailable(backend)
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # no C++ lean entry (CPU only) in front
+    _twin_vs_custom_op(backend, impl, norm, case, torch.float64 if backend == "torch" else torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_twin_under_autocast_matches_custom_op(monkeypatch, backend, one_thread):
+    """Under autocast (AMP training) the public functions cast the conv's inputs, then either route
+    runs with autocast still on: the same bits, forward and backward."""
+    _skip_unavailable(backend)
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+    torch.manual_seed(0)
+    x0, w0, b0, g0 = torch.randn(2, 3, 7, 5), torch.randn(4, 3, 4, 4) * 0.3, torch.randn(4), torch.rand(4) + 0.5
+    calls = {"act": lambda x, w, b, g: GF.conv2d_act(x, w, b, 2, 1),
+             "in_act": lambda x, w, b, g: GF.conv2d_instance_norm_act(x, w, b, 2, 1, g, b)}
+    for name, fn in calls.items():
+        res = []
+        for twin in (True, False):
+            if not twin:
+                monkeypatch.setattr(ops._eager, "plain_eager", lambda *t: False)  # the custom op
+            ins = [t.detach().clone().requires_grad_() for t in (x0, w0, b0, g0)]
+            with ganengine.use_backend(backend), strict(), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = fn(*ins)
+                assert ("Conv2d" in type(y.grad_fn).__name__) == twin
+                res.append([y, *torch.autograd.grad(y.float().square().sum(), ins[:4 if name == "in_act" else 3])])
+        monkeypatch.undo()
+        monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+        assert res[0][0].dtype == torch.bfloat16
+        for a, b in zip(*res, strict=True):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["igemm", "vendor"])
+@pytest.mark.parametrize("norm", [False, True], ids=["act", "in_act"])
+def test_cuda_twin_matches_custom_op(monkeypatch, impl, norm):
+    """The CUDA path's eager route against its custom op, both triton implementations (cuDNN's
+    deterministic algorithms: the same convolution both ways)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for case in TWIN_CASES:
+        _twin_vs_custom_op("triton", impl, norm, case, torch.float32, "cuda")
+
+
+def _twin_vs_custom_op(backend, impl, norm, case, dtype, device):
+    n, ci, h, w, co, k, s, p, cl = case
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=dtype) * scale).to(device)
+
+    x0 = randn(n, ci, h, w)
+    if cl:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0, b0 = randn(co, ci, k, k, scale=0.3), randn(co)
+    g0, t0 = randn(co).abs() + 0.5, randn(co)
+    name = "Conv2dInActBackward" if norm else "Conv2dActBackward"
+
+    def run(route):
+        ins = [t.detach().clone().requires_grad_() for t in ((x0, w0, b0, g0, t0) if norm else (x0, w0, b0))]
+        with ganengine.use_backend(backend), strict(), ops.triton_conv_impl(impl or "auto"):
+            if route == "twin":
+                y = (GF.conv2d_instance_norm_act(*ins[:3], s, p, *ins[3:]) if norm
+                     else GF.conv2d_act(*ins, s, p))
+                assert type(y.grad_fn).__name__ == name  # the twin served it
+            else:
+                y = (ops.conv2d_in_act_fwd(*ins, [s, s], [p, p], 1e-5, 0.2)[0] if norm
+                     else ops.conv2d_act_fwd(*ins, [s, s], [p, p], 0.2))
+                assert type(y.grad_fn).__name__ != name
+            assert _dispatch.last_used["conv2d_instance_norm_act" if norm else "conv2d_act"] == backend
+            gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device)
+            grads = torch.autograd.grad(y, ins, gy, create_graph=True)
+            first = torch.autograd.grad(y, ins, gy)  # (create_graph=False: the backward body / op)
+            gg = torch.autograd.grad(sum((g * g).sum() for g in grads if g.requires_grad), ins[:2])
+        return [y, *first, *grads, *gg]
+
+    for a, b in zip(run("twin"), run("custom_op"), strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)

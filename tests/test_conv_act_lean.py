@@ -279,10 +279,14 @@ def test_refused_calls_give_the_public_errors(backend):
 
 def test_refused_calls_served_by_the_python_route():
     """A negative slope runs the torch composition; autocast the conv in bf16 (the custom op);
-    a slope given as a bool or a 0-d tensor goes through float() as before."""
+    a slope given as a bool or a 0-d tensor goes through float() as before: a plain eager call
+    through the eager route (the custom op's body, ops/_eager.py), under a dispatch mode the
+    custom op."""
     x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4)
     with on_backend("cpu"):
         for slope in (True, torch.tensor(0.5)):
+            y = GF.conv2d_act(x.detach().requires_grad_(), w, b, 2, 1, slope)
+            assert type(y.grad_fn).__name__ == "Conv2dActBackward"  # the eager route's node
             with _KernelCalls("fwd") as mode:
                 y = GF.conv2d_act(x.detach().requires_grad_(), w, b, 2, 1, slope)
             assert mode.calls == 1 and "conv2d_act_fwd" in type(y.grad_fn).__name__  # the custom op's node
@@ -567,6 +571,9 @@ def test_in_refused_calls_served_by_the_python_route():
     bf16 (the custom op); a slope given as a 0-d tensor goes through float() as before."""
     x, w, b, g = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(4)
     with on_backend("cpu"):
+        y = GF.conv2d_instance_norm_act(x.detach().requires_grad_(), w, b, 2, 1, g, g, 1e-5, "leaky_relu",
+                                        torch.tensor(0.5))
+        assert type(y.grad_fn).__name__ == "Conv2dInActBackward"  # a plain eager call: the eager route's node
         with _InKernelCalls("fwd") as mode:
             y = GF.conv2d_instance_norm_act(x.detach().requires_grad_(), w, b, 2, 1, g, g, 1e-5, "leaky_relu",
                                             torch.tensor(0.5))

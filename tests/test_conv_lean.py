@@ -451,11 +451,15 @@ def test_refused_calls_give_the_public_errors(backend):
 
 def test_refused_calls_served_by_the_python_route(custom_routes):
     """A padding given as a pair, and autocast (the conv in bf16 on the torch backend), go
-    through the Python route: the custom op's node, or ATen's."""
+    through the Python route: the eager route's node (the custom op's body, ops/_eager.py), the
+    custom op's under a dispatch mode, or ATen's."""
     x, w, b = torch.randn(1, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 3, 3), torch.randn(4)
     with on_backend("cpu"):
         y = GF.conv3x3(x, w, b, (1, 1))
-    assert "conv3x3_fwd" in type(y.grad_fn).__name__
+        assert type(y.grad_fn).__name__ == "Conv3x3Backward"
+        with _Calls(_KERNELS["conv3x3"]) as mode:
+            y = GF.conv3x3(x, w, b, (1, 1))
+    assert mode.calls == 1 and "conv3x3_fwd" in type(y.grad_fn).__name__
     with ganengine.use_backend("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
         y = GF.conv2d(x, torch.randn(4, 3, 4, 4), None, 2, 1)
     assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "CppFunction"

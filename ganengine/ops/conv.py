@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine import _ext
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
                                         dynamo_compiling as _dynamo_compiling, fast_entry,
                                         grads_by_reference, out_format, pair, vendor_conv)
@@ -160,13 +160,15 @@ def _backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     return _dispatch.choose("conv", x, {"cpu": reason, "triton": None, "cuda": None})
 
 
-@torch.library.custom_op("ganengine::conv_fwd", mutates_args=())
-def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
-             padding: list[int], output_padding: list[int], transposed: bool) -> torch.Tensor:
+def _fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+              padding: list[int], output_padding: list[int], transposed: bool) -> torch.Tensor:
     if _backend(x, weight) == "cpu":
         y = _ext.op("conv_fwd")(x, weight, bias, stride, padding, output_padding, transposed)
         return y.contiguous(memory_format=out_format(x))
     return _torch_fwd(x, weight, bias, stride, padding, output_padding, transposed)
+
+
+conv_fwd = torch.library.custom_op("ganengine::conv_fwd", mutates_args=())(_fwd_body)
 
 
 @conv_fwd.register_fake
@@ -175,10 +177,9 @@ def _(x, weight, bias, stride, padding, output_padding, transposed):
                        dtype=x.dtype, device=x.device, memory_format=out_format(x))
 
 
-@torch.library.custom_op("ganengine::conv_bwd", mutates_args=())
-def conv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
-             output_padding: list[int], transposed: bool, mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      torch.Tensor]:
+def _bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+              output_padding: list[int], transposed: bool, mask: list[bool]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend(x, weight) == "cpu":
         dx, dw, db = _ext.op("conv_bwd")(grad, x, weight, stride, padding, output_padding, transposed,
                                          [int(m) for m in mask])
@@ -188,6 +189,9 @@ def conv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: 
             dw = dw.contiguous()
         return dx, dw, db
     return _torch_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask)
+
+
+conv_bwd = torch.library.custom_op("ganengine::conv_bwd", mutates_args=())(_bwd_body)
 
 
 @conv_bwd.register_fake
@@ -206,7 +210,14 @@ def _setup(ctx, inputs, output):
     ctx.conf = (list(stride), list(padding), list(output_padding), transposed)
 
 
-def _backward(ctx, grad):
+def _make_backward(bwd):
+    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
+    def backward(ctx, grad):
+        return _backward(ctx, grad, bwd)
+    return backward
+
+
+def _backward(ctx, grad, bwd):
     x, weight, bias = ctx.saved_tensors
     stride, padding, output_padding, transposed = ctx.conf
     needs = ctx.needs_input_grad[:3]
@@ -216,11 +227,14 @@ def _backward(ctx, grad):
             (x, weight, bias), needs, grad)
         return dx, dw, db, None, None, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
-    dx, dw, db = conv_bwd(grad, x, weight, stride, padding, output_padding, transposed, mask)
+    dx, dw, db = bwd(grad, x, weight, stride, padding, output_padding, transposed, mask)
     return (dx if mask[0] else None), (dw if mask[1] else None), bias_grad(db if mask[2] else None, bias), None, None, None, None
 
 
-torch.library.register_autograd("ganengine::conv_fwd", _backward, setup_context=_setup)
+torch.library.register_autograd("ganengine::conv_fwd", _make_backward(conv_bwd), setup_context=_setup)
+# plain eager calls (the CPU's GEMM / Winograd routes where the C++ entry declines, the torch
+# backend's): no custom-op layer
+_eager_fwd = _eager.twin("Conv", _fwd_body, _setup, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -282,7 +296,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x, weight, bias = autocast_args(x, weight, bias)
     if _vendor_call(x, weight, stride, padding, False, (0, 0)):
         return F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=out_format(x))
-    return conv_fwd(x, weight, bias, list(stride), list(padding), [0, 0], False)
+    fwd = _eager_fwd if _eager.plain_eager(x, weight, bias) else conv_fwd
+    return fwd(x, weight, bias, list(stride), list(padding), [0, 0], False)
 
 
 def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
@@ -311,7 +326,8 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if _vendor_call(x, weight, stride, padding, True, output_padding):
         return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding).contiguous(
             memory_format=out_format(x))
-    return conv_fwd(x, weight, bias, list(stride), list(padding), list(output_padding), True)
+    fwd = _eager_fwd if _eager.plain_eager(x, weight, bias) else conv_fwd
+    return fwd(x, weight, bias, list(stride), list(padding), list(output_padding), True)
 
 
 # ----------------------------------------------------------------------------- fakes of the C++ kernels

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine import _ext, settings
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
                                         dynamo_compiling as _dynamo_compiling, fast_entry,
                                         grads_by_reference, out_format, pair)
@@ -132,15 +132,11 @@ def _torch_bwd(grad, x, weight, padding, reflect, mask):
 
 # ----------------------------------------------------------------------------- cpu backend (Winograd)
 def _cpu_fwd(x, weight, bias, padding, reflect, tile):
-    from ganengine import _ext
-
     y = _ext.op("conv3x3_fwd")(x, weight, bias, padding, reflect, tile)
     return y.contiguous(memory_format=out_format(x))
 
 
 def _cpu_bwd(grad, x, weight, padding, reflect, mask, tile):
-    from ganengine import _ext
-
     dx, dw, db = _ext.op("conv3x3_bwd")(grad, x, weight, padding, reflect, tile, [int(m) for m in mask])
     if mask[0]:
         dx = dx.contiguous(memory_format=out_format(x))
@@ -169,14 +165,16 @@ def _use_winograd(x, weight, padding):
     return tile if winograd_profitable(x.shape, weight.shape, padding, tile) else None
 
 
-@torch.library.custom_op("ganengine::conv3x3_fwd", mutates_args=())
-def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
-                reflect: bool) -> torch.Tensor:
+def _fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+              reflect: bool) -> torch.Tensor:
     if _backend(x) == "cpu":
         tile = _use_winograd(x, weight, padding)
         if tile is not None:
             return _cpu_fwd(x, weight, bias, padding, reflect, tile)
     return _torch_fwd(x, weight, bias, padding, reflect)
+
+
+conv3x3_fwd = torch.library.custom_op("ganengine::conv3x3_fwd", mutates_args=())(_fwd_body)
 
 
 @conv3x3_fwd.register_fake
@@ -186,14 +184,16 @@ def _(x, weight, bias, padding, reflect):
                        device=x.device, memory_format=out_format(x))
 
 
-@torch.library.custom_op("ganengine::conv3x3_bwd", mutates_args=())
-def conv3x3_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, reflect: bool,
-                mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, reflect: bool,
+              mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _backend(x) == "cpu":
         tile = _use_winograd(x, weight, padding)
         if tile is not None:
             return _cpu_bwd(grad, x, weight, padding, reflect, mask, tile)
     return _torch_bwd(grad, x, weight, padding, reflect, mask)
+
+
+conv3x3_bwd = torch.library.custom_op("ganengine::conv3x3_bwd", mutates_args=())(_bwd_body)
 
 
 @conv3x3_bwd.register_fake
@@ -212,7 +212,14 @@ def _setup(ctx, inputs, output):
     ctx.conf = (padding, reflect)
 
 
-def _backward(ctx, grad):
+def _make_backward(bwd):
+    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
+    def backward(ctx, grad):
+        return _backward(ctx, grad, bwd)
+    return backward
+
+
+def _backward(ctx, grad, bwd):
     x, weight, bias = ctx.saved_tensors
     padding, reflect = ctx.conf
     needs = ctx.needs_input_grad[:3]
@@ -221,11 +228,14 @@ def _backward(ctx, grad):
                                          (x, weight, bias), needs, grad)
         return dx, dw, db, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
-    dx, dw, db = conv3x3_bwd(grad, x, weight, padding, reflect, mask)
+    dx, dw, db = bwd(grad, x, weight, padding, reflect, mask)
     return (dx if mask[0] else None), (dw if mask[1] else None), bias_grad(db if mask[2] else None, bias), None, None
 
 
-torch.library.register_autograd("ganengine::conv3x3_fwd", _backward, setup_context=_setup)
+torch.library.register_autograd("ganengine::conv3x3_fwd", _make_backward(conv3x3_bwd), setup_context=_setup)
+# plain eager calls (the CPU's Winograd route where the C++ entry declines, the torch backend's):
+# no custom-op layer
+_eager_fwd = _eager.twin("Conv3x3", _fwd_body, _setup, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- public function
@@ -297,7 +307,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         # not pay: the plain composition skips the custom op's host cost (its dispatch, forward
         # and backward: 8x eager's at a tiny shape) and runs the same kernels
         return reference_conv3x3(x, weight, bias, padding, reflect).contiguous(memory_format=out_format(x))
-    return conv3x3_fwd(x, weight, bias, padding, reflect)
+    fwd = _eager_fwd if _eager.plain_eager(x, weight, bias) else conv3x3_fwd
+    return fwd(x, weight, bias, padding, reflect)
 
 
 # ----------------------------------------------------------------------------- fakes of the C++ kernels

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine import _ext, settings
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops._conv_common import FLOATS as _FLOATS
 from ganengine.ops._conv_common import acc_dtype as _acc
 from ganengine.ops._conv_common import autocast_args as _autocast
@@ -189,16 +189,13 @@ def _nk():
     return nk
 
 
-@torch.library.custom_op("ganengine::conv2d_act_fwd", mutates_args=())
-def conv2d_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
-                   padding: list[int], negative_slope: float) -> torch.Tensor:
+def _act_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                  padding: list[int], negative_slope: float) -> torch.Tensor:
     backend = _backend("conv2d_act", "conv_act_fwd", x)
     if backend == "torch":
         return _torch_act_fwd(x, weight, bias, stride, padding, negative_slope)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_act_fwd")(x, weight, bias, stride, padding, negative_slope)
     tk = _tk()
     if _resolved_conv_impl(x.device) == "igemm":
@@ -208,23 +205,23 @@ def conv2d_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y
 
 
+conv2d_act_fwd = torch.library.custom_op("ganengine::conv2d_act_fwd", mutates_args=())(_act_fwd_body)
+
+
 @conv2d_act_fwd.register_fake
 def _(x, weight, bias, stride, padding, negative_slope):
     return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
                        memory_format=out_format(x))
 
 
-@torch.library.custom_op("ganengine::conv2d_act_bwd", mutates_args=())
-def conv2d_act_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
-                   stride: list[int], padding: list[int], negative_slope: float, mask: list[bool]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _act_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                  stride: list[int], padding: list[int], negative_slope: float, mask: list[bool]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _backend("conv2d_act", "conv_act_bwd", x)
     if backend == "torch":
         return _torch_act_bwd(grad, x, weight, y, stride, padding, negative_slope, mask)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_act_bwd")(grad, x, weight, y, stride, padding, negative_slope, mask)
     tk = _tk()
     gz, db = tk.act_grad(grad, y, negative_slope)
@@ -238,23 +235,23 @@ def conv2d_act_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y:
     return dx, dw, db
 
 
+conv2d_act_bwd = torch.library.custom_op("ganengine::conv2d_act_bwd", mutates_args=())(_act_bwd_body)
+
+
 @conv2d_act_bwd.register_fake
 def _(grad, x, weight, y, stride, padding, negative_slope, mask):
     return (_empty_or(x, x.shape, out_format(x), mask[0]), _empty_or(weight, weight.shape, out_format(weight), mask[1]),
             _empty_or(y, (y.shape[1],), torch.contiguous_format, mask[2]))
 
 
-@torch.library.custom_op("ganengine::conv2d_in_act_fwd", mutates_args=())
-def conv2d_in_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
-                      beta: torch.Tensor | None, stride: list[int], padding: list[int], eps: float,
-                      negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _in_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
+                  beta: torch.Tensor | None, stride: list[int], padding: list[int], eps: float,
+                  negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _backend("conv2d_instance_norm_act", "conv_in_act_fwd", x)
     if backend == "torch":
         return _torch_in_fwd(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_in_act_fwd")(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     tk = _tk()
     acc = _acc(x.dtype)  # the kernels keep statistics in fp32 (fp64 for fp64)
@@ -267,6 +264,9 @@ def conv2d_in_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y, c, mean.to(acc), rstd.to(acc)
 
 
+conv2d_in_act_fwd = torch.library.custom_op("ganengine::conv2d_in_act_fwd", mutates_args=())(_in_fwd_body)
+
+
 @conv2d_in_act_fwd.register_fake
 def _(x, weight, bias, gamma, beta, stride, padding, eps, negative_slope):
     shape = _out_shape(x, weight, stride, padding)
@@ -275,19 +275,16 @@ def _(x, weight, bias, gamma, beta, stride, padding, eps, negative_slope):
     return y, torch.empty_like(y), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("ganengine::conv2d_in_act_bwd", mutates_args=())
-def conv2d_in_act_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: torch.Tensor,
-                      mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor | None,
-                      beta: torch.Tensor | None, stride: list[int], padding: list[int],
-                      negative_slope: float, mask: list[bool]
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _in_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: torch.Tensor,
+                  mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor | None,
+                  beta: torch.Tensor | None, stride: list[int], padding: list[int],
+                  negative_slope: float, mask: list[bool]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _backend("conv2d_instance_norm_act", "conv_in_act_bwd", x)
     if backend == "torch":
         return _torch_in_bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slope, mask)
     x = _dense(x)
     if backend == "cpu":
-        from ganengine import _ext
-
         return _ext.op("conv_in_act_bwd")(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding,
                                           negative_slope, mask[:2])
     tk = _tk()
@@ -301,6 +298,9 @@ def conv2d_in_act_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dw = tk.conv2d_grad_weight(dc, x, weight.shape, stride, padding).contiguous(
             memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
     return dx, dw, b.sum(0), a.sum(0)
+
+
+conv2d_in_act_bwd = torch.library.custom_op("ganengine::conv2d_in_act_bwd", mutates_args=())(_in_bwd_body)
 
 
 @conv2d_in_act_bwd.register_fake
@@ -334,7 +334,14 @@ def _act_setup(ctx, inputs, output):
     ctx.conf = (list(stride), list(padding), slope)
 
 
-def _act_backward(ctx, grad):
+def _make_act_backward(bwd):
+    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
+    def backward(ctx, grad):
+        return _act_backward(ctx, grad, bwd)
+    return backward
+
+
+def _act_backward(ctx, grad, bwd):
     x, weight, bias, y = ctx.saved_tensors
     stride, padding, slope = ctx.conf
     needs = ctx.needs_input_grad[:3]
@@ -343,11 +350,14 @@ def _act_backward(ctx, grad):
             lambda a, b, c: reference_conv2d_act(a, b, c, stride, padding, slope), (x, weight, bias), needs, grad)
         return dx, dw, db, None, None, None
     mask = [bool(needs[0]), bool(needs[1]), bool(needs[2] and bias is not None)]
-    dx, dw, db = conv2d_act_bwd(grad, x, weight, y, stride, padding, slope, mask)
+    dx, dw, db = bwd(grad, x, weight, y, stride, padding, slope, mask)
     return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None, None
 
 
-torch.library.register_autograd("ganengine::conv2d_act_fwd", _act_backward, setup_context=_act_setup)
+torch.library.register_autograd("ganengine::conv2d_act_fwd", _make_act_backward(conv2d_act_bwd),
+                                setup_context=_act_setup)
+# plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
+_act_eager = _eager.twin("Conv2dAct", _act_fwd_body, _act_setup, _make_act_backward(_act_bwd_body))
 
 
 def _in_setup(ctx, inputs, output):
@@ -362,7 +372,14 @@ def _in_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _in_backward(ctx, grad, _gc, _gm, _gr):
+def _make_in_backward(bwd):
+    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
+    def backward(ctx, grad, _gc, _gm, _gr):
+        return _in_backward(ctx, grad, bwd)
+    return backward
+
+
+def _in_backward(ctx, grad, bwd):
     if grad is None:  # (only y is differentiable: a backward without its gradient has nothing to do)
         return None, None, None, None, None, None, None, None, None
     x, weight, gamma, beta, c, mean, rstd = ctx.saved_tensors
@@ -376,13 +393,15 @@ def _in_backward(ctx, grad, _gc, _gm, _gr):
             (x, weight, gamma, beta), needs, grad)
         return dx, dw, db, dg, dbt, None, None, None, None
     mask = [bool(needs[0]), bool(needs[1])]
-    dx, dw, dg, dbt = conv2d_in_act_bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, slope, mask)
+    dx, dw, dg, dbt = bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, slope, mask)
     dg = dg.to(gamma.dtype) if gamma is not None and needs[2] else None
     dbt = dbt.to(beta.dtype) if beta is not None and needs[3] else None
     return (dx if mask[0] else None), (dw if mask[1] else None), db, dg, dbt, None, None, None, None
 
 
-torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _in_backward, setup_context=_in_setup)
+torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _make_in_backward(conv2d_in_act_bwd),
+                                setup_context=_in_setup)
+_in_eager = _eager.twin("Conv2dInAct", _in_fwd_body, _in_setup, _make_in_backward(_in_bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
@@ -464,7 +483,8 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     slope = float(negative_slope)
     if slope < 0:
         return reference_conv2d_act(x, weight, bias, stride, padding, slope)
-    return conv2d_act_fwd(x, weight, bias, stride, padding, slope)
+    fwd = _act_eager if _eager.plain_eager(x, weight, bias) else conv2d_act_fwd
+    return fwd(x, weight, bias, stride, padding, slope)
 
 
 def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
@@ -519,7 +539,8 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     n_out = _out_shape(x, weight, stride, padding)
     if slope < 0 or n_out[2] * n_out[3] == 0:
         return reference_conv2d_in_act(x, weight, bias, stride, padding, norm_weight, norm_bias, eps, slope)
-    y, _, _, _ = conv2d_in_act_fwd(x, weight, bias, norm_weight, norm_bias, stride, padding, float(eps), slope)
+    fwd = _in_eager if _eager.plain_eager(x, weight, bias, norm_weight, norm_bias) else conv2d_in_act_fwd
+    y, _, _, _ = fwd(x, weight, bias, norm_weight, norm_bias, stride, padding, float(eps), slope)
     return y
 
 
