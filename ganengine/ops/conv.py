@@ -234,7 +234,7 @@ def _backward(ctx, grad, bwd):
 torch.library.register_autograd("ganengine::conv_fwd", _make_backward(conv_bwd), setup_context=_setup)
 # plain eager calls (the CPU's GEMM / Winograd routes where the C++ entry declines, the torch
 # backend's): no custom-op layer
-_eager_fwd = _eager.twin("Conv", _fwd_body, _setup, _make_backward(_bwd_body))
+_eager_fwd = _eager.twin("ganengine::conv_fwd", _fwd_body, _setup, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- public functions

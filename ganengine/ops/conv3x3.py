@@ -235,7 +235,7 @@ def _backward(ctx, grad, bwd):
 torch.library.register_autograd("ganengine::conv3x3_fwd", _make_backward(conv3x3_bwd), setup_context=_setup)
 # plain eager calls (the CPU's Winograd route where the C++ entry declines, the torch backend's):
 # no custom-op layer
-_eager_fwd = _eager.twin("Conv3x3", _fwd_body, _setup, _make_backward(_bwd_body))
+_eager_fwd = _eager.twin("ganengine::conv3x3_fwd", _fwd_body, _setup, _make_backward(_bwd_body))
 
 
 # ----------------------------------------------------------------------------- public function

@@ -357,7 +357,7 @@ def _act_backward(ctx, grad, bwd):
 torch.library.register_autograd("ganengine::conv2d_act_fwd", _make_act_backward(conv2d_act_bwd),
                                 setup_context=_act_setup)
 # plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
-_act_eager = _eager.twin("Conv2dAct", _act_fwd_body, _act_setup, _make_act_backward(_act_bwd_body))
+_act_eager = _eager.twin("ganengine::conv2d_act_fwd", _act_fwd_body, _act_setup, _make_act_backward(_act_bwd_body))
 
 
 def _in_setup(ctx, inputs, output):
@@ -401,7 +401,7 @@ def _in_backward(ctx, grad, bwd):
 
 torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _make_in_backward(conv2d_in_act_bwd),
                                 setup_context=_in_setup)
-_in_eager = _eager.twin("Conv2dInAct", _in_fwd_body, _in_setup, _make_in_backward(_in_bwd_body))
+_in_eager = _eager.twin("ganengine::conv2d_in_act_fwd", _in_fwd_body, _in_setup, _make_in_backward(_in_bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
