@@ -122,3 +122,56 @@ def test_tracing_takes_the_custom_op(monkeypatch):
     GF.instance_norm_act(x)
     assert not seen
 
+
+
+# ----------------------------------------------------------------------------- the models' CUDA route
+def _count_ganengine_op_calls(monkeypatch):
+    """Count calls of ganengine:: custom ops (through CustomOpDef, the packet or an overload)."""
+    import torch._ops as ops
+
+    calls = []
+    for cls in (ops.OpOverload, ops.OpOverloadPacket):
+        real = cls.__call__
+
+        def counting(self, *args, _real=real, **kwargs):
+            if getattr(self, "namespace", None) == "ganengine":
+                calls.append(str(self))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["cyclegan", "pix2pix"])
+def test_fused_models_take_the_eager_route_on_the_cuda_route(monkeypatch, name):
+    """A fused training step on the route CUDA tensors take (the Triton backend's Python, the
+    vendor convolution, no CPU lean entry) calls no ganengine custom op: every fused layer runs its
+    autograd.Function twin (the custom ops cost ~60 ms of host time per CycleGAN step at the quick
+    size: benchmarks/bench_cuda_path_host.py --models). The Triton launches are stubbed (only the
+    routing is checked here; the kernels' numbers are tested per op)."""
+    from ganengine import backends
+    from ganengine.models import build_model
+    from ganengine.ops.conv_act import triton_conv_impl
+    from ganengine.train.context import AmpContext
+
+    if not backends.serves("triton", torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _python_route(monkeypatch)
+    monkeypatch.setattr(InterpretedFunction, "__getitem__", lambda self, grid: (lambda *a, **k: None))
+    torch.manual_seed(0)
+    size = 32 if name == "cyclegan" else 128  # (unet_128: the smallest U-Net)
+    opts = dict(crop_size=size, ngf=4, ndf=4, n_layers_D=2) | (
+        dict(netG="resnet_6blocks") if name == "cyclegan" else dict(netG="unet_128"))
+    model = build_model(name, **opts, fused=True, fused_optimizer=True)
+    model.train()
+    optimizers = model.make_optimizers()
+    batch = {"A": torch.rand(1, 3, size, size) * 2 - 1, "B": torch.rand(1, 3, size, size) * 2 - 1,
+             "A_paths": [""], "B_paths": [""]}
+    step_ctx = AmpContext("off", torch.device("cpu"), list(optimizers))
+    with backends.use_backend("triton"), triton_conv_impl("vendor"):
+        model.train_step(batch, optimizers, step_ctx)  # warm-up (first calls may resolve caches)
+        calls = _count_ganengine_op_calls(monkeypatch)
+        model.train_step(batch, optimizers, step_ctx)
+    assert calls == [], collections.Counter(calls)
