@@ -15,7 +15,7 @@ from torch import nn
 import ganengine
 import ganengine.functional as GF
 import ganengine.nn as gnn
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops import batch_norm_act as ops
 from tests._backends import backend_params, on_backend
 from tests._tolerance import bound, unit_roundoff
@@ -438,6 +438,93 @@ def test_opcheck(backend):
             args = (x, w, b, torch.zeros(3), torch.ones(3), torch.tensor(0), 0.1, 1e-5, 0.2, flags)
             torch.library.opcheck(torch.ops.ganengine_C.batch_norm_act.default, args,
                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _graph_nodes(t):
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+@pytest.mark.parametrize("shape,layout", [((3, 4, 5, 7), "nchw"), ((2, 3, 1, 1), "nchw"), ((2, 5, 6, 3), "nhwc"),
+                                          ((4, 3, 5), "strided")], ids=lambda v: str(v))
+@pytest.mark.parametrize("per_sample", [False, True], ids=["bn", "cond"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_route_matches_custom_op(monkeypatch, backend, shape, layout, per_sample, training):
+    """The eager route (the C++ op with its C++ autograd on cpu / cuda, _TritonFn on triton: no
+    custom-op layer) and the custom op (what torch.compile and any tracing sees) give the same bits:
+    y, the fused backward, the create_graph backward and its double backward (WGAN-GP / R1), and on
+    triton (where the public call itself takes the custom op when the call is not plain eager) the
+    running statistics and the batch count."""
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # the Python route (the CUDA path's)
+    torch.manual_seed(0)
+    x0, w0, b0 = make(shape, layout=layout, per_sample=per_sample)
+    c = shape[1]
+    rm0, rv0 = torch.randn(c), torch.rand(c) + 0.5
+    gy = torch.randn(shape)
+    flags = (ops.TRAINING if training else 0) | ops.APPLY_ACT | (ops.PER_SAMPLE if per_sample else 0)
+
+    def run(route):
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        rm, rv, nbt = rm0.clone(), rv0.clone(), torch.tensor(3)
+        with on_backend(backend), monkeypatch.context() as m:
+            if route == "eager" or backend == "triton":
+                if route == "custom_op":
+                    m.setattr(_eager, "plain_eager", lambda *t: False)
+                y = fused_fn(per_sample, rm, rv, training, None, nbt=nbt)(x, w, b)
+                eager_node = "CppFunction" if backend == "cpu" else "_TritonFnBackward"
+                assert (eager_node in _graph_nodes(y)) == (route == "eager")
+                state = [rm, rv, nbt]
+            else:  # cpu: the custom op itself (its running-statistics update rounds differently: not compared)
+                y = ops.batch_norm_act_fwd(ops._dense(x), w, b, None if training else rm, None if training else rv,
+                                           1e-5, 0.2, flags)[0]
+                state = []
+            grads = torch.autograd.grad(y, (x, w, b), gy, retain_graph=True)  # the fused backward
+            again = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)  # the reference composition's
+            gg = torch.autograd.grad(sum((t * t).sum() for t in again), (x, w))
+        return [y, *grads, *again, *gg], state
+
+    (eager, se), (op, so) = run("eager"), run("custom_op")
+    for a, b in zip(eager + se[:len(so)], op + so):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+@pytest.mark.parametrize("tracing_mode", ["real", "fake"])
+def test_tracing_runs_a_traceable_op(monkeypatch, backend, tracing_mode):
+    # triton under make_fx / FakeTensorMode / jit.trace used to run _TritonFn, whose kernels were
+    # launched on tensors without storage: it now takes the custom op; cpu's C++ op traces as it is
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+    x0, w0, b0 = make((2, 3, 4, 5))
+
+    def step(x, w, b, rm, rv):
+        y = GF.batch_norm_act(x, rm, rv, w, b, activation="leaky_relu")
+        return (y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y)))
+
+    def inputs():
+        return [t.detach().clone().requires_grad_() for t in (x0, w0, b0)] + [torch.zeros(3), torch.ones(3)]
+
+    op = "ganengine.batch_norm_act_fwd" if backend == "triton" else "ganengine_C.batch_norm_act"
+    with on_backend(backend):
+        ins = inputs()
+        gm = make_fx(step, tracing_mode=tracing_mode)(*ins)
+        assert op in str(gm.graph)
+        if tracing_mode == "real":
+            a, b = inputs(), inputs()
+            for u, v in zip(list(gm(*a)) + a[3:], list(step(*b)) + b[3:]):  # outputs and running statistics
+                assert torch.equal(u, v)
+            traced = torch.jit.trace(lambda t: GF.batch_norm_act(t), (x0,), check_trace=False)
+            assert op.replace(".", "::") in str(traced.graph)
 
 
 class _SmallNet(nn.Module):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine import _ext, backends
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops.norm_act import inv_std
 
 ACTIVATIONS = ("relu", "leaky_relu", "none")
@@ -411,17 +411,22 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
         _validate(op, x, w, b, rm, rv, training, eps, per_sample)
         if backend == "torch":
             return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
-        factor = _factor(op, rm, nbt, training, momentum)
-        y = _TritonFn.apply(_dense(x), w, b, rm, rv, factor, float(eps), slope, flags)
-        if training and rm is not None:
-            torch.autograd.graph.increment_version(rm)
-            torch.autograd.graph.increment_version(rv)
-        return y
-    # torch.compile: the backend is chosen inside the custom ops at run time; "torch" compiles the
-    # composition itself. The ops do not mutate: running statistics are updated here.
-    _validate(op, x, w, b, rm, rv, training, eps, per_sample)
-    if backends.current() == "torch":
-        return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
+        if _eager.plain_eager(x, w, b, rm, rv, nbt):
+            factor = _factor(op, rm, nbt, training, momentum)
+            y = _TritonFn.apply(_dense(x), w, b, rm, rv, factor, float(eps), slope, flags)
+            if training and rm is not None:
+                torch.autograd.graph.increment_version(rm)
+                torch.autograd.graph.increment_version(rv)
+            return y
+        # triton under make_fx / FakeTensorMode / a dispatch mode, torch.jit.trace or on a tensor
+        # subclass: _TritonFn would launch kernels on tensors without storage; the custom op traces
+    else:
+        # torch.compile: the backend is chosen inside the custom ops at run time; "torch" compiles
+        # the composition itself
+        _validate(op, x, w, b, rm, rv, training, eps, per_sample)
+        if backends.current() == "torch":
+            return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
+    # the custom ops do not mutate: the running statistics are updated here
     x = _dense(x)
     factor = _factor(op, rm, nbt, training, momentum, as_tensor=True)
     y, stats = batch_norm_act_fwd(x, w, b, None if training else rm, None if training else rv, float(eps),

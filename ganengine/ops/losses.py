@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ganengine import _ext
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 
 # elementwise loss codes shared with the kernels (kernels/losses.py, csrc/*/losses.*)
 BCE, MSE, HINGE_REAL, HINGE_FAKE, LINEAR = 0, 1, 2, 3, 4
@@ -380,22 +380,25 @@ def _l1_bwd(ctx, g_total, g_terms):
 l1_loss_multi_op.register_autograd(_l1_bwd, setup_context=_l1_setup)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
+# The eager route (ganengine/ops/_eager.py): a plain eager call runs _AdvFn / _L1Fn, the custom
+# ops' twins (the same forward bodies adv_fwd / l1_fwd and backwards adv_backward / l1 sign, and
+# no custom-op layer); anything that traces (torch.compile, torch.export, make_fx / FakeTensorMode
+# or any dispatch mode, torch.jit.trace, tensor subclasses) runs the custom op. The twins are
+# written out rather than made by _eager.twin: autograd.Function sees only top-level tensors, not
+# the ops' list arguments, and they keep what only eager can do (gradient buffers handed out or
+# scaled in place, read grad_output on the CPU, the L1 gradient written in the CPU forward).
 def run_adv(xs, modes, targets, scales) -> Tensor:
     """0-d total in the accumulation dtype, differentiable."""
     want_grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-    if _compiling():
+    if not _eager.plain_eager(*xs):
         return adv_loss_op(list(xs), list(modes), list(targets), list(scales), want_grad)[0]
     return _AdvFn.apply(tuple(modes), tuple(targets), tuple(scales), want_grad, *xs)
 
 
 def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor | list[Tensor]]:
-    """(0-d total, terms) in the accumulation dtype, differentiable: terms a [k] tensor under
-    torch.compile, a list of k 0-d tensors in eager mode."""
-    if _compiling():
+    """(0-d total, terms) in the accumulation dtype, differentiable: terms a [k] tensor on the
+    custom op (torch.compile, any tracing), a list of k 0-d tensors in plain eager mode."""
+    if not _eager.plain_eager(*preds, *targets):
         return l1_loss_multi_op(list(preds), list(targets), list(scales))
     # On the CPU the forward writes scale * sign(p - t) as it reads p and t (one pass instead of
     # two over the images; backward is free when grad_output is 1). On a GPU checking
