@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ganengine
 import ganengine.functional as GF
 import ganengine.nn as gnn
-from ganengine.ops import _dispatch, _eager
+from ganengine.ops import _dispatch
 from ganengine.ops import batch_norm_act as ops
 from tests._backends import backend_params, on_backend
 from tests._tolerance import bound, unit_roundoff
@@ -477,7 +479,7 @@ def test_eager_route_matches_custom_op(monkeypatch, backend, shape, layout, per_
         with on_backend(backend), monkeypatch.context() as m:
             if route == "eager" or backend == "triton":
                 if route == "custom_op":
-                    m.setattr(_eager, "plain_eager", lambda *t: False)
+                    m.setattr(ops, "_kernels_can_run", lambda *t: False)
                 y = fused_fn(per_sample, rm, rv, training, None, nbt=nbt)(x, w, b)
                 eager_node = "CppFunction" if backend == "cpu" else "_TritonFnBackward"
                 assert (eager_node in _graph_nodes(y)) == (route == "eager")
@@ -525,6 +527,40 @@ def test_tracing_runs_a_traceable_op(monkeypatch, backend, tracing_mode):
                 assert torch.equal(u, v)
             traced = torch.jit.trace(lambda t: GF.batch_norm_act(t), (x0,), check_trace=False)
             assert op.replace(".", "::") in str(traced.graph)
+
+
+class _Passthrough(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_modes_that_do_not_trace_keep_the_eager_route(monkeypatch):
+    # a dispatch mode that only watches (the CUDA path's kernel counter ganengine.bench.traffic, a
+    # FlopCounterMode) or a torch function mode sees the route a plain call takes: _TritonFn, with
+    # the running statistics updated in its kernel, not the custom op's 6 torch ops
+    if not ganengine.backends.serves("triton", torch.device("cpu")):
+        pytest.skip("triton does not serve CPU tensors here")
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert ops._kernels_can_run(x, None) and not ops._kernels_can_run(x.detach().as_subclass(_Sub))
+    with on_backend("triton"):
+        with _Passthrough() as mode:
+            y = GF.batch_norm_act(x, torch.zeros(3), torch.ones(3))
+        assert "_TritonFnBackward" in _graph_nodes(y)
+        assert not [op for op in mode.ops if op.startswith("ganengine::") or op in ("aten::mul_", "aten::add_")]
+        with torch.device("cpu"):
+            assert "_TritonFnBackward" in _graph_nodes(GF.batch_norm_act(x))
+        with FakeTensorMode() as fake:
+            assert not ops._kernels_can_run(fake.from_tensor(x))
+
+
+class _Sub(torch.Tensor):
+    pass
 
 
 class _SmallNet(nn.Module):

@@ -28,15 +28,17 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 class _KernelCalls(TorchDispatchMode):
-    """Counts calls of ganengine_C::losses_adv_fwd (reached by both routes) and raises ``error``
-    from it when given."""
+    """Counts calls of the kernel both routes reach and raises ``error`` from it when given: the
+    lean entry's ganengine_C::losses_adv_fwd, or the Python route's custom op ganengine::adv_loss
+    (under a dispatch mode the Python route takes the custom op, whose body the mode does not see:
+    ganengine/ops/_eager.py)."""
 
     def __init__(self, error: Exception | None = None):
         super().__init__()
         self.error, self.calls = error, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name == "ganengine_C::losses_adv_fwd":
+        if func._schema.name in ("ganengine_C::losses_adv_fwd", "ganengine::adv_loss"):
             self.calls += 1
             if self.error is not None:
                 raise self.error

@@ -324,6 +324,7 @@ def _adv_setup(ctx, inputs, output):
     xs, modes, targets, scales, _ = inputs
     ctx.save_for_backward(*xs)
     ctx.bufs, ctx.cfg = output[1], (modes, targets, scales)
+    ctx.set_materialize_grads(False)  # no zero gradient built for the buffers (one kernel per map)
 
 
 def _adv_bwd(ctx, g, _g_bufs):
@@ -361,6 +362,7 @@ def _l1_setup(ctx, inputs, output):
     ctx.save_for_backward(*preds, *targets)
     ctx.scales = scales
     ctx.target_needs = [t.requires_grad for t in targets]
+    ctx.set_materialize_grads(False)  # the terms are for logging: usually no gradient, as _L1Fn
 
 
 def _l1_bwd(ctx, g_total, g_terms):
