@@ -321,3 +321,23 @@ def test_refused_rules():
     assert _dispatch.refused(RuntimeError("Expected a value of type"), prefix, None, required=(t, None))
     # a served call's own NotImplementedError is not a refusal, whatever the arguments
     assert not _dispatch.refused(NotImplementedError("boom"), prefix, [1.0])
+
+
+@needs_lean
+def test_maps_off_the_cpu_do_not_ask_the_lean_entry(monkeypatch):
+    # the entry refuses them (a C++ exception, ~30 us): a GPU step paid that on every call
+    asked = []
+    real = _dispatch.lean_op
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: asked.append(a[0]) or real(*a, **k))
+    m = torch.randn(2, 1, 3, 3, device="meta")
+    with backends.use_backend("auto"):
+        assert GF.gan_loss(m, True, "vanilla").device.type == "meta"
+        assert GF.gan_loss([m, m], False, "hinge").device.type == "meta"
+        assert GF.discriminator_loss(m, m, "lsgan").device.type == "meta"
+        assert asked == []
+        x = torch.randn(2, 1, 3, 3, requires_grad=True)
+        assert _lean_node(GF.gan_loss([x, x], True)) and _lean_node(GF.discriminator_loss(x, x))
+        assert asked == ["gan_loss", "discriminator_loss"]
+        # a CPU first map beside a map elsewhere is still asked (and refused): the full route's error
+        with pytest.raises(ValueError, match="logits\\[1\\] is on meta"):
+            GF.gan_loss([x, m], True)

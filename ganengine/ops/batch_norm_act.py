@@ -26,9 +26,11 @@ Four routes, one set of numbers:
   small shapes (measured figures in docs/batch_norm_act.md).
 * ``triton``, eager: a ``torch.autograd.Function`` around the kernels, which update the running
   statistics themselves (1 kernel per pass when a channel's data fits one program, else 2).
-* under ``torch.compile`` (cpu, cuda, triton): the custom ops ``ganengine::batch_norm_act_fwd``
-  / ``_bwd`` (fake impls, registered autograd, no graph break); they do not mutate, so the
-  running statistics are updated here with torch ops, which the compiler fuses.
+* under ``torch.compile`` (cpu, cuda, triton), and on triton under any other tracing (make_fx,
+  FakeTensorMode, torch.export, jit.trace, tensor subclasses: ``_kernels_can_run``): the custom
+  ops ``ganengine::batch_norm_act_fwd`` / ``_bwd`` (fake impls, registered autograd, no graph
+  break); they do not mutate, so the running statistics are updated here with torch ops, which
+  the compiler fuses. The cpu / cuda C++ op traces as it is (fake impl, C++ autograd).
 
 Double backward (WGAN-GP / R1 through a batch-normed discriminator): every backward, when grad
 mode is on (create_graph=True), differentiates the reference composition instead of calling

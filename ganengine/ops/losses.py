@@ -24,7 +24,8 @@ returned in the input dtype like torch's losses, except under autocast, where it
 Eager gan_loss / discriminator_loss calls on CPU tensors go to one C++ op with its autograd in C++
 (the lean entries below, csrc/cpu/losses_autograd.cpp); other eager calls go through a
 ``torch.autograd.Function`` (about 5 us of Python per call); under
-``torch.compile`` the same backends run inside ``torch.library.custom_op``s
+``torch.compile`` and any tracing (make_fx, FakeTensorMode, a dispatch mode, torch.jit.trace,
+tensor subclasses: ``_eager.plain_eager``) the same backends run inside ``torch.library.custom_op``s
 (``ganengine::adv_loss``, ``ganengine::l1_loss_multi``, ``ganengine::l1_loss_multi_backward``)
 with fake impls and registered autograd, so the graph has no breaks. The custom-op layer costs
 about 50 us per call in eager mode on this CPU, which is more than the whole loss on a
@@ -427,6 +428,15 @@ _GAN_REFUSAL = "gan_loss: not served by the C++ entry"
 _DISC_REFUSAL = "discriminator_loss: not served by the C++ entry"
 
 
+def _lean_device(logits) -> bool:
+    """Whether the lean entry may serve ``logits`` (a map or a list of maps) by its device: False for
+    a first map that is a tensor off the CPU. The entry would refuse it (a C++ exception and the
+    message check: about 30 us, on every call of a GPU training step); anything else it is asked
+    about, as before (its refusals and the dispatcher's conversion errors lead to the full route)."""
+    x = logits[0] if type(logits) in (list, tuple) and logits else logits
+    return not isinstance(x, Tensor) or x.is_cpu
+
+
 def _lean_declined(e: RuntimeError, prefix: str, xs, mode, real_label, fake_label) -> bool:
     """_dispatch.refused for the loss entries: also declined when the dispatcher could not convert
     the mode or a label (the full route then raises its own error, or converts them itself)."""
@@ -503,8 +513,10 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     mean loss, computed in one pass, one autograd node instead of one per map.
     """
     # the lean route (see _ADV_KERNELS): target_is_real and for_discriminator of exactly the type
-    # bool (the dispatcher would also convert a tensor, which the full route rejects)
-    if type(target_is_real) is bool and type(for_discriminator) is bool and not torch.compiler.is_compiling():
+    # bool (the dispatcher would also convert a tensor, which the full route rejects); CPU maps only
+    # (_lean_device: a refusal costs ~30 us, every call on a GPU)
+    if (type(target_is_real) is bool and type(for_discriminator) is bool and _lean_device(logits)
+            and not torch.compiler.is_compiling()):
         op = _dispatch.lean_op("gan_loss", _ADV_KERNELS)
         if op is not None:
             xs = (logits,) if isinstance(logits, Tensor) else logits
@@ -536,7 +548,7 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "lsgan",
                        *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
     """0.5 * (gan_loss(real_logits, True) + gan_loss(fake_logits, False)), both in one pass."""
-    if not torch.compiler.is_compiling():  # the lean route, as gan_loss's
+    if _lean_device(real_logits) and not torch.compiler.is_compiling():  # the lean route, as gan_loss's
         op = _dispatch.lean_op("discriminator_loss", _ADV_KERNELS)
         if op is not None:
             try:
