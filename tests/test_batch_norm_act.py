@@ -454,6 +454,7 @@ def _graph_nodes(t):
     return names
 
 
+# (torch: the composition on every route but torch.compile's, no custom op to compare with)
 @pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
 @pytest.mark.parametrize("shape,layout", [((3, 4, 5, 7), "nchw"), ((2, 3, 1, 1), "nchw"), ((2, 5, 6, 3), "nhwc"),
                                           ((4, 3, 5), "strided")], ids=lambda v: str(v))
