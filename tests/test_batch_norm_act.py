@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ganengine
 import ganengine.functional as GF
@@ -438,6 +440,128 @@ def test_opcheck(backend):
             args = (x, w, b, torch.zeros(3), torch.ones(3), torch.tensor(0), 0.1, 1e-5, 0.2, flags)
             torch.library.opcheck(torch.ops.ganengine_C.batch_norm_act.default, args,
                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _graph_nodes(t):
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return names
+
+
+# (torch: the composition on every route but torch.compile's, no custom op to compare with)
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+@pytest.mark.parametrize("shape,layout", [((3, 4, 5, 7), "nchw"), ((2, 3, 1, 1), "nchw"), ((2, 5, 6, 3), "nhwc"),
+                                          ((4, 3, 5), "strided")], ids=lambda v: str(v))
+@pytest.mark.parametrize("per_sample", [False, True], ids=["bn", "cond"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_route_matches_custom_op(monkeypatch, backend, shape, layout, per_sample, training):
+    """The eager route (the C++ op with its C++ autograd on cpu / cuda, _TritonFn on triton: no
+    custom-op layer) and the custom op (what torch.compile and any tracing sees) give the same bits:
+    y, the fused backward, the create_graph backward and its double backward (WGAN-GP / R1), and on
+    triton (where the public call itself takes the custom op when the call is not plain eager) the
+    running statistics and the batch count."""
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # the Python route (the CUDA path's)
+    torch.manual_seed(0)
+    x0, w0, b0 = make(shape, layout=layout, per_sample=per_sample)
+    c = shape[1]
+    rm0, rv0 = torch.randn(c), torch.rand(c) + 0.5
+    gy = torch.randn(shape)
+    flags = (ops.TRAINING if training else 0) | ops.APPLY_ACT | (ops.PER_SAMPLE if per_sample else 0)
+
+    def run(route):
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        rm, rv, nbt = rm0.clone(), rv0.clone(), torch.tensor(3)
+        with on_backend(backend), monkeypatch.context() as m:
+            if route == "eager" or backend == "triton":
+                if route == "custom_op":
+                    m.setattr(ops, "_kernels_can_run", lambda *t: False)
+                y = fused_fn(per_sample, rm, rv, training, None, nbt=nbt)(x, w, b)
+                eager_node = "CppFunction" if backend == "cpu" else "_TritonFnBackward"
+                assert (eager_node in _graph_nodes(y)) == (route == "eager")
+                state = [rm, rv, nbt]
+            else:  # cpu: the custom op itself (its running-statistics update rounds differently: not compared)
+                y = ops.batch_norm_act_fwd(ops._dense(x), w, b, None if training else rm, None if training else rv,
+                                           1e-5, 0.2, flags)[0]
+                state = []
+            grads = torch.autograd.grad(y, (x, w, b), gy, retain_graph=True)  # the fused backward
+            again = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)  # the reference composition's
+            gg = torch.autograd.grad(sum((t * t).sum() for t in again), (x, w))
+        return [y, *grads, *again, *gg], state
+
+    (eager, se), (op, so) = run("eager"), run("custom_op")
+    for a, b in zip(eager + se[:len(so)], op + so):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+@pytest.mark.parametrize("tracing_mode", ["real", "fake"])
+def test_tracing_runs_a_traceable_op(monkeypatch, backend, tracing_mode):
+    # triton under make_fx / FakeTensorMode / jit.trace used to run _TritonFn, whose kernels were
+    # launched on tensors without storage: it now takes the custom op; cpu's C++ op traces as it is
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+    x0, w0, b0 = make((2, 3, 4, 5))
+
+    def step(x, w, b, rm, rv):
+        y = GF.batch_norm_act(x, rm, rv, w, b, activation="leaky_relu")
+        return (y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y)))
+
+    def inputs():
+        return [t.detach().clone().requires_grad_() for t in (x0, w0, b0)] + [torch.zeros(3), torch.ones(3)]
+
+    op = "ganengine.batch_norm_act_fwd" if backend == "triton" else "ganengine_C.batch_norm_act"
+    with on_backend(backend):
+        ins = inputs()
+        gm = make_fx(step, tracing_mode=tracing_mode)(*ins)
+        assert op in str(gm.graph)
+        if tracing_mode == "real":
+            a, b = inputs(), inputs()
+            for u, v in zip(list(gm(*a)) + a[3:], list(step(*b)) + b[3:]):  # outputs and running statistics
+                assert torch.equal(u, v)
+            traced = torch.jit.trace(lambda t: GF.batch_norm_act(t), (x0,), check_trace=False)
+            assert op.replace(".", "::") in str(traced.graph)
+
+
+class _Passthrough(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_modes_that_do_not_trace_keep_the_eager_route(monkeypatch):
+    # a dispatch mode that only watches (the CUDA path's kernel counter ganengine.bench.traffic, a
+    # FlopCounterMode) or a torch function mode sees the route a plain call takes: _TritonFn, with
+    # the running statistics updated in its kernel, not the custom op's 6 torch ops
+    if not ganengine.backends.serves("triton", torch.device("cpu")):
+        pytest.skip("triton does not serve CPU tensors here")
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert ops._kernels_can_run(x, None) and not ops._kernels_can_run(x.detach().as_subclass(_Sub))
+    with on_backend("triton"):
+        with _Passthrough() as mode:
+            y = GF.batch_norm_act(x, torch.zeros(3), torch.ones(3))
+        assert "_TritonFnBackward" in _graph_nodes(y)
+        assert not [op for op in mode.ops if op.startswith("ganengine::") or op in ("aten::mul_", "aten::add_")]
+        with torch.device("cpu"):
+            assert "_TritonFnBackward" in _graph_nodes(GF.batch_norm_act(x))
+        with FakeTensorMode() as fake:
+            assert not ops._kernels_can_run(fake.from_tensor(x))
+
+
+class _Sub(torch.Tensor):
+    pass
 
 
 class _SmallNet(nn.Module):

@@ -28,15 +28,17 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 class _KernelCalls(TorchDispatchMode):
-    """Counts calls of ganengine_C::losses_adv_fwd (reached by both routes) and raises ``error``
-    from it when given."""
+    """Counts calls of the kernel both routes reach and raises ``error`` from it when given: the
+    lean entry's ganengine_C::losses_adv_fwd, or the Python route's custom op ganengine::adv_loss
+    (under a dispatch mode the Python route takes the custom op, whose body the mode does not see:
+    ganengine/ops/_eager.py)."""
 
     def __init__(self, error: Exception | None = None):
         super().__init__()
         self.error, self.calls = error, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name == "ganengine_C::losses_adv_fwd":
+        if func._schema.name in ("ganengine_C::losses_adv_fwd", "ganengine::adv_loss"):
             self.calls += 1
             if self.error is not None:
                 raise self.error
@@ -319,3 +321,23 @@ def test_refused_rules():
     assert _dispatch.refused(RuntimeError("Expected a value of type"), prefix, None, required=(t, None))
     # a served call's own NotImplementedError is not a refusal, whatever the arguments
     assert not _dispatch.refused(NotImplementedError("boom"), prefix, [1.0])
+
+
+@needs_lean
+def test_maps_off_the_cpu_do_not_ask_the_lean_entry(monkeypatch):
+    # the entry refuses them (a C++ exception, ~30 us): a GPU step paid that on every call
+    asked = []
+    real = _dispatch.lean_op
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: asked.append(a[0]) or real(*a, **k))
+    m = torch.randn(2, 1, 3, 3, device="meta")
+    with backends.use_backend("auto"):
+        assert GF.gan_loss(m, True, "vanilla").device.type == "meta"
+        assert GF.gan_loss([m, m], False, "hinge").device.type == "meta"
+        assert GF.discriminator_loss(m, m, "lsgan").device.type == "meta"
+        assert asked == []
+        x = torch.randn(2, 1, 3, 3, requires_grad=True)
+        assert _lean_node(GF.gan_loss([x, x], True)) and _lean_node(GF.discriminator_loss(x, x))
+        assert asked == ["gan_loss", "discriminator_loss"]
+        # a CPU first map beside a map elsewhere is still asked (and refused): the full route's error
+        with pytest.raises(ValueError, match="logits\\[1\\] is on meta"):
+            GF.gan_loss([x, m], True)

@@ -13,7 +13,7 @@ import ganengine
 import ganengine.functional as GF
 import ganengine.nn as gnn
 from ganengine import backends
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops import losses as L
 from tests._backends import out_round
 from tests._model_bounds import Census, assert_normwise
@@ -554,6 +554,107 @@ def test_compile_fullgraph(backend):
 @pytest.mark.slow
 def test_compile_fullgraph_inductor():
     _check_compiled("cpu", "inductor")
+
+
+# ------------------------------------------------------------------------ eager route vs custom op
+# A plain eager call runs the eager twins (_AdvFn, _L1Fn: no custom-op layer), anything that traces
+# the custom ops (ganengine/ops/_eager.py); both run the same forward bodies and backwards.
+def _graph_nodes(t):
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return names
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+_TWIN_CASES = {
+    # (public call, leaves, the twin's autograd node, a double backward that is not identically 0)
+    "gan_loss": (lambda x: GF.gan_loss(x, True, "vanilla"),
+                 lambda dt: [logits((2, 1, 7, 9), dt).requires_grad_()], "_AdvFnBackward", True),
+    "gan_loss_list": (lambda a, b, c: GF.gan_loss([a, b, c], False, "lsgan", real_label=0.9, fake_label=0.1),
+                      lambda dt: [_cl(logits((2, 3, 5, 5), dt)).requires_grad_(), logits((1,), dt).requires_grad_(),
+                                  logits((3, 4), dt)], "_AdvFnBackward", True),
+    "discriminator_loss": (lambda r, f: GF.discriminator_loss(r, f, "hinge"),
+                           lambda dt: [logits((3, 1, 4, 5), dt).requires_grad_(),
+                                       logits((5, 3), dt).t().requires_grad_()], "_AdvFnBackward", False),
+    "gan_loss_wgangp": (lambda x: GF.gan_loss(x, False, "wgangp", False),
+                        lambda dt: [logits((1, 1, 1, 1), dt).requires_grad_()], "_AdvFnBackward", False),
+    "cycle_loss": (lambda *t: (lambda tot, terms: tot + 0.25 * terms["idt_b"])(*GF.cycle_loss(*t)),
+                   lambda dt: [torch.randn(2, 3, 5, 7, dtype=dt, requires_grad=i % 2 == 1) for i in range(4)] + [
+                       _cl(torch.randn(2, 3, 7, 5, dtype=dt)).requires_grad_(), torch.randn(2, 3, 5, 7, dtype=dt)],
+                   "_L1FnBackward", False),
+}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", list(_TWIN_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("g", [1.0, -0.75])
+def test_eager_twin_matches_custom_op(monkeypatch, backend, case, dtype, g):
+    fn, make, node, second = _TWIN_CASES[case]
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)  # the Python route (the CUDA path's)
+    torch.manual_seed(0)
+    leaves = make(dtype)
+    if case == "cycle_loss":  # idt_a = G_A(real_b) has real_b's shape: the 5x7 image was transposed
+        leaves[4] = leaves[4].transpose(2, 3)
+    gy = torch.tensor(g, dtype=dtype)
+
+    def run(route):
+        ins = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        need = [t for t in ins if t.requires_grad]
+        with run_on(backend), monkeypatch.context() as m:
+            if route == "custom_op":
+                m.setattr(_eager, "plain_eager", lambda *t: False)
+            y = fn(*ins)
+            assert (node in _graph_nodes(y)) == (route == "twin")  # the twin served the call, or did not
+            # the gradient written in forward (handed out or scaled), then the recomputing backward
+            grads = torch.autograd.grad(y, need, gy, retain_graph=True)
+            again = torch.autograd.grad(y, need, gy, create_graph=True)
+            out = [y, *grads, *again]
+            if second:  # double backward (WGAN-GP / R1 through the loss): the reference formula on both
+                out += torch.autograd.grad(sum((t * t).sum() for t in again), need)
+        return out
+
+    twin, op = run("twin"), run("custom_op")
+    assert len(twin) == len(op)
+    for a, b in zip(twin, op):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("tracing_mode", ["real", "fake"])
+def test_tracing_takes_the_custom_ops(monkeypatch, backend, tracing_mode):
+    # make_fx / FakeTensorMode used to run the eager Functions: grad_output.item() in their backward
+    # (a data-dependent guard) and, on triton, kernel launches on tensors without storage
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+
+    def step(x, a, b):
+        total, _ = GF.cycle_loss(a, b, a, b)
+        loss = GF.gan_loss(x, True, "vanilla") + total
+        return (loss, *torch.autograd.grad(loss, (x, b)))
+
+    ins = (logits((2, 1, 3, 3)).requires_grad_(), torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4, requires_grad=True))
+    with run_on(backend):
+        gm = make_fx(step, tracing_mode=tracing_mode)(*ins)
+        graph = str(gm.graph)
+        assert "ganengine.adv_loss" in graph and "ganengine.l1_loss_multi" in graph
+        if tracing_mode == "real":
+            for a, b in zip(gm(*ins), step(*ins)):
+                assert torch.equal(a, b)
+            traced = torch.jit.trace(lambda x: GF.gan_loss(x, True, "lsgan"), (ins[0],), check_trace=False)
+            assert "ganengine::adv_loss" in str(traced.graph)
+        assert "_AdvFnBackward" in _graph_nodes(GF.gan_loss(ins[0], True, "vanilla"))  # eager again afterwards
 
 
 # ------------------------------------------------------------------------ determinism

@@ -26,9 +26,11 @@ Four routes, one set of numbers:
   small shapes (measured figures in docs/batch_norm_act.md).
 * ``triton``, eager: a ``torch.autograd.Function`` around the kernels, which update the running
   statistics themselves (1 kernel per pass when a channel's data fits one program, else 2).
-* under ``torch.compile`` (cpu, cuda, triton): the custom ops ``ganengine::batch_norm_act_fwd``
-  / ``_bwd`` (fake impls, registered autograd, no graph break); they do not mutate, so the
-  running statistics are updated here with torch ops, which the compiler fuses.
+* under ``torch.compile`` (cpu, cuda, triton), and on triton under any other tracing (make_fx,
+  FakeTensorMode, torch.export, jit.trace, tensor subclasses: ``_kernels_can_run``): the custom
+  ops ``ganengine::batch_norm_act_fwd`` / ``_bwd`` (fake impls, registered autograd, no graph
+  break); they do not mutate, so the running statistics are updated here with torch ops, which
+  the compiler fuses. The cpu / cuda C++ op traces as it is (fake impl, C++ autograd).
 
 Double backward (WGAN-GP / R1 through a batch-normed discriminator): every backward, when grad
 mode is on (create_graph=True), differentiates the reference composition instead of calling
@@ -46,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine import _ext, backends
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops.norm_act import inv_std
 
 ACTIVATIONS = ("relu", "leaky_relu", "none")
@@ -392,6 +394,27 @@ class _TritonFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- the call
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("PROXY", "FAKE", "FUNCTIONAL"))
+_get_dispatch_mode = torch._C._get_dispatch_mode
+
+
+def _kernels_can_run(*tensors) -> bool:
+    """Whether _TritonFn may serve the call: ``_eager.plain_eager``, or a call under a dispatch or
+    torch function mode that does not trace (ganengine.bench.traffic.EagerTraffic, the kernel
+    counter of the CUDA path; FlopCounterMode; ``with torch.device(...)``). Unlike a twin, the
+    custom-op route issues more kernels (6 torch ops for the running statistics, which _TritonFn
+    updates in its kernel): only tracing, where _TritonFn cannot launch (make_fx, FakeTensorMode,
+    functionalization, torch.export, jit.trace, torch.compile, tensor subclasses), takes it."""
+    if _eager.plain_eager(*tensors):
+        return True
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
+        return False
+    return all(_get_dispatch_mode(k) is None for k in _TRACING_MODES)
+
+
 def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative_slope, per_sample):
     apply, slope = _act(activation, negative_slope)
     flags = (TRAINING if training else 0) | (APPLY_ACT if apply else 0) | (PER_SAMPLE if per_sample else 0)
@@ -411,17 +434,22 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
         _validate(op, x, w, b, rm, rv, training, eps, per_sample)
         if backend == "torch":
             return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
-        factor = _factor(op, rm, nbt, training, momentum)
-        y = _TritonFn.apply(_dense(x), w, b, rm, rv, factor, float(eps), slope, flags)
-        if training and rm is not None:
-            torch.autograd.graph.increment_version(rm)
-            torch.autograd.graph.increment_version(rv)
-        return y
-    # torch.compile: the backend is chosen inside the custom ops at run time; "torch" compiles the
-    # composition itself. The ops do not mutate: running statistics are updated here.
-    _validate(op, x, w, b, rm, rv, training, eps, per_sample)
-    if backends.current() == "torch":
-        return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
+        if _kernels_can_run(x, w, b, rm, rv, nbt):
+            factor = _factor(op, rm, nbt, training, momentum)
+            y = _TritonFn.apply(_dense(x), w, b, rm, rv, factor, float(eps), slope, flags)
+            if training and rm is not None:
+                torch.autograd.graph.increment_version(rm)
+                torch.autograd.graph.increment_version(rv)
+            return y
+        # triton under make_fx / FakeTensorMode / functionalization, torch.jit.trace or on a tensor
+        # subclass: _TritonFn would launch kernels on tensors without storage; the custom op traces
+    else:
+        # torch.compile: the backend is chosen inside the custom ops at run time; "torch" compiles
+        # the composition itself
+        _validate(op, x, w, b, rm, rv, training, eps, per_sample)
+        if backends.current() == "torch":
+            return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
+    # the custom ops do not mutate: the running statistics are updated here
     x = _dense(x)
     factor = _factor(op, rm, nbt, training, momentum, as_tensor=True)
     y, stats = batch_norm_act_fwd(x, w, b, None if training else rm, None if training else rv, float(eps),

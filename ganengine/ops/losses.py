@@ -24,7 +24,8 @@ returned in the input dtype like torch's losses, except under autocast, where it
 Eager gan_loss / discriminator_loss calls on CPU tensors go to one C++ op with its autograd in C++
 (the lean entries below, csrc/cpu/losses_autograd.cpp); other eager calls go through a
 ``torch.autograd.Function`` (about 5 us of Python per call); under
-``torch.compile`` the same backends run inside ``torch.library.custom_op``s
+``torch.compile`` and any tracing (make_fx, FakeTensorMode, a dispatch mode, torch.jit.trace,
+tensor subclasses: ``_eager.plain_eager``) the same backends run inside ``torch.library.custom_op``s
 (``ganengine::adv_loss``, ``ganengine::l1_loss_multi``, ``ganengine::l1_loss_multi_backward``)
 with fake impls and registered autograd, so the graph has no breaks. The custom-op layer costs
 about 50 us per call in eager mode on this CPU, which is more than the whole loss on a
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ganengine import _ext
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 
 # elementwise loss codes shared with the kernels (kernels/losses.py, csrc/*/losses.*)
 BCE, MSE, HINGE_REAL, HINGE_FAKE, LINEAR = 0, 1, 2, 3, 4
@@ -124,7 +125,7 @@ def torch_l1_bwd(preds, targets, coef):
 # backend dispatch
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def _verdicts_cached(device: torch.device, dtype: torch.dtype, k: int, cpp_op: str, triton_max: int) -> tuple:
+def _verdicts_cached(device: torch.device, dtype: torch.dtype, k: int, cpp_op: str, triton_max: int) -> dict:
     # The extension's kernel table is fixed once loaded: asking the dispatcher on every call
     # costs more than the whole loss on a 30x30 map.
     triton_why = None
@@ -136,11 +137,25 @@ def _verdicts_cached(device: torch.device, dtype: torch.dtype, k: int, cpp_op: s
     if cuda_why is None and k > MAX_TERMS:
         cuda_why = f"more than {MAX_TERMS} terms in one call"
     cpu_why = _dispatch.ext_reason(cpp_op, device) if device.type == "cpu" else "needs CPU tensors"
-    return ("triton", triton_why), ("cpu", cpu_why), ("cuda", cuda_why)
+    return {"triton": triton_why, "cpu": cpu_why, "cuda": cuda_why}
 
 
 def _verdicts(x: Tensor, k: int, cpp_op: str, triton_max: int = MAX_TERMS) -> dict:
-    return dict(_verdicts_cached(x.device, x.dtype, k, cpp_op, triton_max))
+    """The backends' verdicts for ``choose``: one cached dict per call site and tensor kind, shared
+    and read-only (a copy per call cost 0.4 us)."""
+    return _verdicts_cached(x.device, x.dtype, k, cpp_op, triton_max)
+
+
+_CPP: dict = {}
+
+
+def _cpp(name: str):
+    """The raw builtin of ``ganengine_C::<name>``: no OpOverloadPacket layer (1.2 us a call)."""
+    try:
+        return _CPP[name]
+    except KeyError:
+        op = _CPP[name] = _ext.op(name).default._op
+        return op
 
 
 @functools.lru_cache(maxsize=256)
@@ -170,7 +185,7 @@ def adv_fwd(xs, modes, targets, scales, want_grad):
             grads += list(g)
         return total, grads
     if backend in ("cpu", "cuda"):
-        total, grads = _ext.op("losses_adv_fwd")(list(xs), list(modes), list(targets), list(scales), want_grad)
+        total, grads = _cpp("losses_adv_fwd")(list(xs), list(modes), list(targets), list(scales), want_grad)
         return total, list(grads)
     return torch_adv_fwd(xs, modes, targets, scales, want_grad)
 
@@ -183,7 +198,7 @@ def l1_fwd(preds, targets, scales, want_grad=False):
 
         return K.l1_fwd(_contig(preds), _contig(targets), scales, want_grad)
     if backend in ("cpu", "cuda"):
-        total, terms, grads = _ext.op("losses_l1_fwd")(list(preds), list(targets), list(scales), want_grad)
+        total, terms, grads = _cpp("losses_l1_fwd")(list(preds), list(targets), list(scales), want_grad)
         return total, terms, list(grads)
     return torch_l1_fwd(preds, targets, scales, want_grad)
 
@@ -195,7 +210,7 @@ def l1_bwd(preds, targets, coef):
 
         return K.l1_bwd(_contig(preds), _contig(targets), coef.contiguous())
     if backend in ("cpu", "cuda"):
-        return list(_ext.op("losses_l1_bwd")(list(preds), list(targets), coef))
+        return list(_cpp("losses_l1_bwd")(list(preds), list(targets), coef))
     return torch_l1_bwd(preds, targets, coef)
 
 
@@ -324,6 +339,7 @@ def _adv_setup(ctx, inputs, output):
     xs, modes, targets, scales, _ = inputs
     ctx.save_for_backward(*xs)
     ctx.bufs, ctx.cfg = output[1], (modes, targets, scales)
+    ctx.set_materialize_grads(False)  # no zero gradient built for the buffers (one kernel per map)
 
 
 def _adv_bwd(ctx, g, _g_bufs):
@@ -361,6 +377,7 @@ def _l1_setup(ctx, inputs, output):
     ctx.save_for_backward(*preds, *targets)
     ctx.scales = scales
     ctx.target_needs = [t.requires_grad for t in targets]
+    ctx.set_materialize_grads(False)  # the terms are for logging: usually no gradient, as _L1Fn
 
 
 def _l1_bwd(ctx, g_total, g_terms):
@@ -380,22 +397,25 @@ def _l1_bwd(ctx, g_total, g_terms):
 l1_loss_multi_op.register_autograd(_l1_bwd, setup_context=_l1_setup)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
+# The eager route (ganengine/ops/_eager.py): a plain eager call runs _AdvFn / _L1Fn, the custom
+# ops' twins (the same forward bodies adv_fwd / l1_fwd and backwards adv_backward / l1 sign, and
+# no custom-op layer); anything that traces (torch.compile, torch.export, make_fx / FakeTensorMode
+# or any dispatch mode, torch.jit.trace, tensor subclasses) runs the custom op. The twins are
+# written out rather than made by _eager.twin: autograd.Function sees only top-level tensors, not
+# the ops' list arguments, and they keep what only eager can do (gradient buffers handed out or
+# scaled in place, read grad_output on the CPU, the L1 gradient written in the CPU forward).
 def run_adv(xs, modes, targets, scales) -> Tensor:
     """0-d total in the accumulation dtype, differentiable."""
     want_grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-    if _compiling():
+    if not _eager.plain_eager(*xs):
         return adv_loss_op(list(xs), list(modes), list(targets), list(scales), want_grad)[0]
     return _AdvFn.apply(tuple(modes), tuple(targets), tuple(scales), want_grad, *xs)
 
 
 def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor | list[Tensor]]:
-    """(0-d total, terms) in the accumulation dtype, differentiable: terms a [k] tensor under
-    torch.compile, a list of k 0-d tensors in eager mode."""
-    if _compiling():
+    """(0-d total, terms) in the accumulation dtype, differentiable: terms a [k] tensor on the
+    custom op (torch.compile, any tracing), a list of k 0-d tensors in plain eager mode."""
+    if not _eager.plain_eager(*preds, *targets):
         return l1_loss_multi_op(list(preds), list(targets), list(scales))
     # On the CPU the forward writes scale * sign(p - t) as it reads p and t (one pass instead of
     # two over the images; backward is free when grad_output is 1). On a GPU checking
@@ -420,6 +440,15 @@ def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor | list[Tensor]]:
 _ADV_KERNELS = ("losses_adv_fwd",)
 _GAN_REFUSAL = "gan_loss: not served by the C++ entry"
 _DISC_REFUSAL = "discriminator_loss: not served by the C++ entry"
+
+
+def _lean_device(logits) -> bool:
+    """Whether the lean entry may serve ``logits`` (a map or a list of maps) by its device: False for
+    a first map that is a tensor off the CPU. The entry would refuse it (a C++ exception and the
+    message check: about 30 us, on every call of a GPU training step); anything else it is asked
+    about, as before (its refusals and the dispatcher's conversion errors lead to the full route)."""
+    x = logits[0] if type(logits) in (list, tuple) and logits else logits
+    return not isinstance(x, Tensor) or x.is_cpu
 
 
 def _lean_declined(e: RuntimeError, prefix: str, xs, mode, real_label, fake_label) -> bool:
@@ -498,8 +527,10 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     mean loss, computed in one pass, one autograd node instead of one per map.
     """
     # the lean route (see _ADV_KERNELS): target_is_real and for_discriminator of exactly the type
-    # bool (the dispatcher would also convert a tensor, which the full route rejects)
-    if type(target_is_real) is bool and type(for_discriminator) is bool and not torch.compiler.is_compiling():
+    # bool (the dispatcher would also convert a tensor, which the full route rejects); CPU maps only
+    # (_lean_device: a refusal costs ~30 us, every call on a GPU)
+    if (type(target_is_real) is bool and type(for_discriminator) is bool and _lean_device(logits)
+            and not torch.compiler.is_compiling()):
         op = _dispatch.lean_op("gan_loss", _ADV_KERNELS)
         if op is not None:
             xs = (logits,) if isinstance(logits, Tensor) else logits
@@ -531,7 +562,7 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "lsgan",
                        *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
     """0.5 * (gan_loss(real_logits, True) + gan_loss(fake_logits, False)), both in one pass."""
-    if not torch.compiler.is_compiling():  # the lean route, as gan_loss's
+    if _lean_device(real_logits) and not torch.compiler.is_compiling():  # the lean route, as gan_loss's
         op = _dispatch.lean_op("discriminator_loss", _ADV_KERNELS)
         if op is not None:
             try:
