@@ -306,11 +306,11 @@ def test_other_backends_do_not_take_the_lean_entry(backend):
     if not ganengine.backends.available()[backend]:
         pytest.skip(f"backend {backend} unavailable")
     x, w = torch.randn(1, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 4, 4)
-    with on_backend(backend), _KernelCalls("fwd") as mode:
+    with on_backend(backend):
         y = GF.conv2d_act(x, w, None, 2, 1)
-    # the custom op ran (and in it the chosen backend), not the lean op
-    assert mode.calls == 1 and _dispatch.last_used["conv2d_act"] == backend
-    assert type(y.grad_fn).__name__ != "CppFunction"
+    # the Python route ran (its eager twin, and in it the chosen backend), not the lean op
+    assert _dispatch.last_used["conv2d_act"] == backend
+    assert type(y.grad_fn).__name__ == "ganengine::conv2d_act_fwdBackward"
 
 
 def test_fake_tensor_mode():
@@ -596,10 +596,10 @@ def test_in_other_backends_do_not_take_the_lean_entry(backend):
     if not ganengine.backends.available()[backend]:
         pytest.skip(f"backend {backend} unavailable")
     x, w = torch.randn(1, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 4, 4)
-    with on_backend(backend), _InKernelCalls("fwd") as mode:
+    with on_backend(backend):
         y = GF.conv2d_instance_norm_act(x, w, None, 2, 1)
-    assert mode.calls == 1 and _dispatch.last_used["conv2d_instance_norm_act"] == backend
-    assert type(y.grad_fn).__name__ != "CppFunction"
+    assert _dispatch.last_used["conv2d_instance_norm_act"] == backend
+    assert type(y.grad_fn).__name__ == "ganengine::conv2d_in_act_fwdBackward"
 
 
 @_needs_in

@@ -27,12 +27,19 @@ def test_plain_eager_gate():
     x = torch.randn(2, 3)
     assert _eager.plain_eager(x, None, torch.nn.Parameter(torch.ones(3)))
     assert not _eager.plain_eager(x.as_subclass(_Sub))
-    with _Passthrough():
-        assert not _eager.plain_eager(x)
     with FakeTensorMode() as mode:
         assert not _eager.plain_eager(mode.from_tensor(x))
-    with torch.device("cpu"):  # a torch function mode
-        assert not _eager.plain_eager(x)
+        assert not _eager.plain_eager(x)  # a real tensor inside a fake mode: still tracing
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    seen = []
+    make_fx(lambda t: seen.append(_eager.plain_eager(t)) or t)(x)  # the proxy mode, real tensors
+    assert seen == [False]
+    # modes that only watch (the kernel counter, FlopCounterMode) and function modes see what runs
+    with _Passthrough():
+        assert _eager.plain_eager(x)
+    with torch.device("cpu"):
+        assert _eager.plain_eager(x)
     assert _eager.plain_eager(x)
 
 

@@ -11,8 +11,8 @@ autograd entry there) went through its custom op.
 So a plain eager call runs ``twin(...)``: an autograd.Function whose forward is the custom op's
 undecorated body, with the op's own ``setup_context`` and a backward that calls the backward body
 directly. The custom op stays what everything that traces sees: torch.compile, torch.export,
-make_fx / FakeTensorMode (any dispatch mode), torch.jit.trace (ganengine.export), tensor subclasses
-and torch function modes, and ``torch.library.opcheck``; ``plain_eager`` tells the two apart. The
+make_fx / FakeTensorMode / functionalization, torch.jit.trace (ganengine.export), tensor subclasses
+and ``torch.library.opcheck``; ``plain_eager`` tells the two apart. The
 numbers are the same either way: one body, one backward.
 """
 from __future__ import annotations
@@ -21,19 +21,29 @@ import torch
 
 from ganengine.ops._conv_common import dynamo_compiling
 
-_dispatch_stack_len = torch._C._len_torch_dispatch_stack
-_function_mode_on = torch._C._is_torch_function_mode_enabled
 _jit_tracing = torch._C._is_tracing
+_get_dispatch_mode = torch._C._get_dispatch_mode
+# the dispatch modes that trace (their tensors have no data, or the call must become a graph node);
+# a mode that only watches (the CUDA-path kernel counter ganengine.bench.traffic.EagerTraffic,
+# FlopCounterMode) and torch function modes (``with torch.device(...)``) see the eager route, which
+# is what runs without them
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE,
+                  torch._C._TorchDispatchModeKey.FUNCTIONAL)
 
 
 def plain_eager(*tensors) -> bool:
     """True for a call the eager route may serve: plain Tensors (no subclass, FakeTensor included),
-    no dispatch or torch function mode active, not compiling, exporting or jit-tracing."""
+    not compiling, exporting or jit-tracing, no tracing dispatch mode (make_fx, FakeTensorMode,
+    functionalization)."""
     for t in tensors:
         if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
-    return not (dynamo_compiling() or torch.compiler._is_compiling_flag or _jit_tracing()
-                or _dispatch_stack_len() or _function_mode_on())
+    if dynamo_compiling() or torch.compiler._is_compiling_flag or _jit_tracing():
+        return False
+    for key in _TRACING_MODES:
+        if _get_dispatch_mode(key) is not None:
+            return False
+    return True
 
 
 def twin(name: str, forward, setup_context, backward):

@@ -394,25 +394,14 @@ class _TritonFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- the call
-_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("PROXY", "FAKE", "FUNCTIONAL"))
-_get_dispatch_mode = torch._C._get_dispatch_mode
-
-
 def _kernels_can_run(*tensors) -> bool:
-    """Whether _TritonFn may serve the call: ``_eager.plain_eager``, or a call under a dispatch or
-    torch function mode that does not trace (ganengine.bench.traffic.EagerTraffic, the kernel
-    counter of the CUDA path; FlopCounterMode; ``with torch.device(...)``). Unlike a twin, the
-    custom-op route issues more kernels (6 torch ops for the running statistics, which _TritonFn
-    updates in its kernel): only tracing, where _TritonFn cannot launch (make_fx, FakeTensorMode,
-    functionalization, torch.export, jit.trace, torch.compile, tensor subclasses), takes it."""
-    if _eager.plain_eager(*tensors):
-        return True
-    for t in tensors:
-        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-            return False
-    if torch.compiler.is_compiling() or torch._C._is_tracing():
-        return False
-    return all(_get_dispatch_mode(k) is None for k in _TRACING_MODES)
+    """Whether _TritonFn may serve the call: ``_eager.plain_eager`` (a dispatch or torch function
+    mode that does not trace keeps it: ganengine.bench.traffic.EagerTraffic, the kernel counter of
+    the CUDA path; FlopCounterMode; ``with torch.device(...)``). Unlike a twin, the custom-op route
+    issues more kernels (6 torch ops for the running statistics, which _TritonFn updates in its
+    kernel): only tracing, where _TritonFn cannot launch (make_fx, FakeTensorMode, functionalization,
+    torch.export, jit.trace, torch.compile, tensor subclasses), takes it."""
+    return _eager.plain_eager(*tensors)
 
 
 def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative_slope, per_sample):
