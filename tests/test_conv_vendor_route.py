@@ -50,10 +50,11 @@ def test_gpu_backends_call_the_vendor_conv_directly(case, channels_last):
             y = fn(*leaves)
             y.backward(torch.ones_like(y))
         outs[backend] = (y.detach(), [t.grad for t in leaves], mode.names, y.is_contiguous(
-            memory_format=torch.channels_last) and not y.is_contiguous())
-    (y_t, g_t, names_t, cl_t), (y_g, g_g, names_g, cl_g) = outs["torch"], outs["triton"]
-    assert any(n.startswith("ganengine.") for n in names_t)          # the torch backend: the custom op
-    assert not any(n.startswith("ganengine.") for n in names_g), names_g  # triton: the plain composition
+            memory_format=torch.channels_last) and not y.is_contiguous(), type(y.grad_fn).__name__)
+    (y_t, g_t, names_t, cl_t, node_t), (y_g, g_g, names_g, cl_g, node_g) = outs["torch"], outs["triton"]
+    assert node_t.startswith("ganengine::")  # the torch backend: the op (its eager twin: a mode that watches sees it)
+    assert not node_g.startswith("ganengine::") and not any(n.startswith("ganengine.") for n in names_g), names_g
+    # triton: the plain composition
     assert torch.equal(y_t, y_g) and cl_t == cl_g == channels_last
     for a, r in zip(g_g, g_t):
         torch.testing.assert_close(a, r, rtol=0, atol=0)

@@ -297,7 +297,10 @@ def _in_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: t
         dx = tk.conv2d_grad_input(dc, weight, x.shape, stride, padding, out_format(x)) if mask[0] else x.new_empty((0,))
         dw = tk.conv2d_grad_weight(dc, x, weight.shape, stride, padding).contiguous(
             memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
-    return dx, dw, b.sum(0), a.sum(0)
+    # gamma's and beta's gradients are summed over the batch only where they exist (a kernel each
+    # on a GPU); otherwise nothing reads them
+    return (dx, dw, b.sum(0) if gamma is not None else torch.empty_like(mean[0]),
+            a.sum(0) if beta is not None else torch.empty_like(mean[0]))
 
 
 conv2d_in_act_bwd = torch.library.custom_op("ganengine::conv2d_in_act_bwd", mutates_args=())(_in_bwd_body)
