@@ -15,7 +15,8 @@ interleaved, median us per call, forward (no grad) and forward+backward:
 * ``eager route, triton``: the same with the Triton backend under ``TRITON_INTERPRET=1``, every
   Triton launch replaced by a no-op: the launchers' own Python (planning, allocation, device
   guard), **without Triton's launch itself**, which needs a GPU driver (outputs are garbage; only
-  the time counts). Only with ``TRITON_INTERPRET=1``.
+  the time counts), and conv_act on the vendor convolution, its CUDA default (the convolution
+  itself runs, on oneDNN). Only with ``TRITON_INTERPRET=1``.
 
 What it cannot give: the CUDA runtime's and Triton's launch cost, and the device's CPU speed.
 The differences between the rows are what the Python layers add or save on any machine.
@@ -86,9 +87,9 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False):
 
 
 def measure(cases, calls: int, rounds: int) -> list[dict]:
-    variants = {"custom op": ("cpu", False, False), "eager route": ("cpu", True, False)}
+    variants = {"custom op": ("cpu", False, False, False), "eager route": ("cpu", True, False, False)}
     if backends.triton_interpret() and backends.serves("triton", torch.device("cpu")):
-        variants["eager route, triton"] = ("triton", True, True)
+        variants["eager route, triton"] = ("triton", True, True, True)  # (vendor conv, as on CUDA)
     out = []
     for case in cases:
         if case.kind != "op":
@@ -103,9 +104,9 @@ def measure(cases, calls: int, rounds: int) -> list[dict]:
                 continue
             calls_ = {"eager": reference}
             scopes = {}
-            for label, (backend, twin, stub) in variants.items():
+            for label, (backend, twin, stub, vendor) in variants.items():
                 calls_[label] = fused
-                scopes[label] = _scope(backend, twin, stub)
+                scopes[label] = _scope(backend, twin, stub, vendor)
             # a variant the route does not serve (an op with no Python route on that backend) is
             # reported, not timed
             errors = {}
