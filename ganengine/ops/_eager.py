@@ -3,8 +3,9 @@
 A ``torch.library.custom_op`` with ``register_autograd`` costs host time on every call that eager's
 own ops do not pay: the Python custom-op layer on the way in, and a second custom op (the backward)
 on the way back. At a tiny shape on the CPU (instance_norm_act 1x4x4x4, one thread, the same C++
-kernels either way) a forward+backward took 112 us through the custom op against 41 us through an
-autograd.Function (``benchmarks/bench_eager_route.py``). At GAN batch sizes a GPU step is host-bound,
+kernels either way, the CPU lean entry off) a forward+backward took 107 us through the custom op
+against 66 us through the twin, eager 66 us; a fused CycleGAN step on the CUDA route 107 -> 90 ms
+(``TRITON_INTERPRET=1 python benchmarks/bench_cuda_path_host.py [--models]``). At GAN batch sizes a GPU step is host-bound,
 and every fused op on the CUDA path (Triton launchers or the CUDA C++ kernels, which have no C++
 autograd entry there) went through its custom op.
 
