@@ -49,3 +49,17 @@ def tol(dtype: torch.dtype, n: int, scale: float = 1.0, c: float = 1.0, acc_dtyp
 
     acc = acc_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
     return dict(atol=c * gamma(n, acc) * scale + _TINY[dtype], rtol=unit_roundoff(dtype))
+
+
+def autograd_node_names(t: torch.Tensor) -> set[str]:
+    """Class names of the autograd nodes behind ``t`` (which route served a call: an eager twin's
+    node is named after its custom op, "ganengine::<op>Backward")."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return names

@@ -16,7 +16,7 @@ from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops import attention as A
 from tests._attention_bounds import core_bounds, self_attention_bounds
-from tests._backends import backend_params, on_backend
+from tests._backends import backend_params, on_backend, autograd_node_names
 from tests._model_bounds import Census, assert_normwise, census
 from tests._tolerance import assert_below, gamma as gamma_n, unit_roundoff
 
@@ -569,16 +569,6 @@ def _python_route(monkeypatch):
     monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
 
 
-def _node_names(t):
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-    return names
 
 
 def _assert_bits(got, want):
@@ -643,10 +633,10 @@ def test_block_twin_matches_custom_op(monkeypatch, backend, shape, cl):
         return y, [y, *grads]
 
     y, got = run()
-    assert "ganengine::attention_fwdBackward" in _node_names(y)
+    assert "ganengine::attention_fwdBackward" in autograd_node_names(y)
     monkeypatch.setattr(A, "_eager_fwd", A.attention_fwd)
     y_ref, want = run()
-    assert "ganengine::attention_fwdBackward" not in _node_names(y_ref)
+    assert "ganengine::attention_fwdBackward" not in autograd_node_names(y_ref)
     _assert_bits(got, want)
 
 

@@ -19,7 +19,7 @@ import ganengine.functional as GF
 import ganengine.nn as gnn
 from ganengine.ops import _dispatch
 from ganengine.ops import batch_norm_act as ops
-from tests._backends import backend_params, on_backend
+from tests._backends import backend_params, on_backend, autograd_node_names
 from tests._tolerance import bound, unit_roundoff
 
 BACKENDS = backend_params()
@@ -442,16 +442,6 @@ def test_opcheck(backend):
                                   test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def _graph_nodes(t):
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-    return names
 
 
 # (torch: the composition on every route but torch.compile's, no custom op to compare with)
@@ -483,7 +473,7 @@ def test_eager_route_matches_custom_op(monkeypatch, backend, shape, layout, per_
                     m.setattr(ops, "_kernels_can_run", lambda *t: False)
                 y = fused_fn(per_sample, rm, rv, training, None, nbt=nbt)(x, w, b)
                 eager_node = "CppFunction" if backend == "cpu" else "_TritonFnBackward"
-                assert (eager_node in _graph_nodes(y)) == (route == "eager")
+                assert (eager_node in autograd_node_names(y)) == (route == "eager")
                 state = [rm, rv, nbt]
             else:  # cpu: the custom op itself (its running-statistics update rounds differently: not compared)
                 y = ops.batch_norm_act_fwd(ops._dense(x), w, b, None if training else rm, None if training else rv,
@@ -552,10 +542,10 @@ def test_modes_that_do_not_trace_keep_the_eager_route(monkeypatch):
     with on_backend("triton"):
         with _Passthrough() as mode:
             y = GF.batch_norm_act(x, torch.zeros(3), torch.ones(3))
-        assert "_TritonFnBackward" in _graph_nodes(y)
+        assert "_TritonFnBackward" in autograd_node_names(y)
         assert not [op for op in mode.ops if op.startswith("ganengine::") or op in ("aten::mul_", "aten::add_")]
         with torch.device("cpu"):
-            assert "_TritonFnBackward" in _graph_nodes(GF.batch_norm_act(x))
+            assert "_TritonFnBackward" in autograd_node_names(GF.batch_norm_act(x))
         with FakeTensorMode() as fake:
             assert not ops._kernels_can_run(fake.from_tensor(x))
 

@@ -15,7 +15,7 @@ import ganengine.nn as gnn
 from ganengine import backends
 from ganengine.ops import _dispatch, _eager
 from ganengine.ops import losses as L
-from tests._backends import out_round
+from tests._backends import out_round, autograd_node_names
 from tests._model_bounds import Census, assert_normwise
 from tests._tolerance import assert_below, gamma, unit_roundoff
 
@@ -559,16 +559,6 @@ def test_compile_fullgraph_inductor():
 # ------------------------------------------------------------------------ eager route vs custom op
 # A plain eager call runs the eager twins (_AdvFn, _L1Fn: no custom-op layer), anything that traces
 # the custom ops (ganengine/ops/_eager.py); both run the same forward bodies and backwards.
-def _graph_nodes(t):
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-    return names
 
 
 def _cl(t):
@@ -614,7 +604,7 @@ def test_eager_twin_matches_custom_op(monkeypatch, backend, case, dtype, g):
             if route == "custom_op":
                 m.setattr(_eager, "plain_eager", lambda *t: False)
             y = fn(*ins)
-            assert (node in _graph_nodes(y)) == (route == "twin")  # the twin served the call, or did not
+            assert (node in autograd_node_names(y)) == (route == "twin")  # the twin served the call, or did not
             # the gradient written in forward (handed out or scaled), then the recomputing backward
             grads = torch.autograd.grad(y, need, gy, retain_graph=True)
             again = torch.autograd.grad(y, need, gy, create_graph=True)
@@ -654,7 +644,7 @@ def test_tracing_takes_the_custom_ops(monkeypatch, backend, tracing_mode):
                 assert torch.equal(a, b)
             traced = torch.jit.trace(lambda x: GF.gan_loss(x, True, "lsgan"), (ins[0],), check_trace=False)
             assert "ganengine::adv_loss" in str(traced.graph)
-        assert "_AdvFnBackward" in _graph_nodes(GF.gan_loss(ins[0], True, "vanilla"))  # eager again afterwards
+        assert "_AdvFnBackward" in autograd_node_names(GF.gan_loss(ins[0], True, "vanilla"))  # eager again afterwards
 
 
 # ------------------------------------------------------------------------ determinism

@@ -100,3 +100,16 @@ def test_profile_attributes_gemms_inside_ganengine_ops_to_ganengine():
     assert _group_of(inner, set(), {}) == "ganengine"
     assert _group_of(outer, set(), {}) == "pytorch"
     assert _group_of(top, set(), {}) == "ganengine"
+
+
+def test_ganengine_functions_are_grouped_as_ganengine():
+    """ganengine's own autograd.Functions (the eager twins, named ganengine::<op>, and _TritonFn,
+    _AdvFn, SpectralNormFn, ...) are ganengine's work in a profile, forward and backward."""
+    import ganengine.ops.losses  # noqa: F401
+    from ganengine.bench.profile import classify, ganengine_function_names
+
+    names = ganengine_function_names()
+    assert {"_AdvFn", "_AdvFnBackward"} <= names
+    assert classify("_AdvFnBackward", names) == "ganengine"
+    assert classify("ganengine::instance_norm_act_fwdBackward", set()) == "ganengine"
+    assert classify("ConvolutionBackward0", names) == "pytorch"

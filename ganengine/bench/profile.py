@@ -39,8 +39,22 @@ def ganengine_kernel_names() -> set[str]:
     return names
 
 
+def ganengine_function_names() -> set[str]:
+    """Names the profiler records for ganengine's own autograd.Functions, forward and backward node
+    (the eager twins are named "ganengine::<op>"; _TritonFn, _AdvFn, SpectralNormFn, ... are not)."""
+    names: set[str] = set()
+    todo = list(torch.autograd.Function.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith("ganengine."):
+            names.update((cls.__name__, cls.__name__ + "Backward"))
+    return names
+
+
 def classify(key: str, kernel_names: set[str]) -> str:
-    """"ganengine" | "pytorch" | "profiler" for one profiler event name."""
+    """"ganengine" | "pytorch" | "profiler" for one profiler event name (``kernel_names``: the
+    Triton kernels' names and ganengine_function_names())."""
     if key.startswith(_PROFILER_KEYS):
         return "profiler"
     if key.startswith(FUSED_PREFIXES) or key in kernel_names:
@@ -182,7 +196,7 @@ def run_profile(target: str, steps: int = 5, warmup: int = 1, output: str = "pro
                     torch.cuda.synchronize()
     trace_path = os.path.join(output, "trace.json")
     prof.export_chrome_trace(trace_path)
-    table = top_table(prof, ganengine_kernel_names(), use_device=dev.type == "cuda", top=top)
+    table = top_table(prof, ganengine_kernel_names() | ganengine_function_names(), use_device=dev.type == "cuda", top=top)
     from ganengine.bench.machine import machine_info
 
     result = {"format": "ganengine-profile", "version": 1, "target": target, "target_kind": kind,
