@@ -44,9 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ganengine import backends  # noqa: E402
 from ganengine.bench import registry, timing  # noqa: E402
-from ganengine.bench.host_cost import _calls, tiny_shape  # noqa: E402
+from ganengine.bench.host_cost import case_calls  # noqa: E402
 from ganengine.bench.runner import pinned_threads  # noqa: E402
-from ganengine.bench.traffic import _tensors  # noqa: E402
 from ganengine.ops import _dispatch, _eager  # noqa: E402
 
 
@@ -94,14 +93,8 @@ def measure(cases, calls: int, rounds: int) -> list[dict]:
     for case in cases:
         if case.kind != "op":
             continue
-        params = tiny_shape(case)
-        work = case.setup(params, torch.device("cpu"), torch.float32)
-        with torch.no_grad():
-            ref_out = [t for t in _tensors(work.reference(*work.args)) if t.is_floating_point()]
-        grads = [torch.randn_like(t) for t in ref_out]
-        for mode, (reference, fused) in _calls(work, grads).items():
-            if mode not in case.modes:
-                continue
+        params, calls_by_mode = case_calls(case, "cpu")
+        for mode, (reference, fused) in calls_by_mode.items():
             calls_ = {"eager": reference}
             scopes = {}
             for label, (backend, twin, stub, vendor) in variants.items():

@@ -126,3 +126,15 @@ def test_bench_models_interleaved_cpu_clock(script, capsys):
               "--warmup", "0", "--batch", "2"])
     rows = _table_rows(capsys.readouterr().out)
     assert len(rows) == 1 + 2 and rows[1].startswith("| wgan |") and rows[2].endswith("x |")
+
+
+def test_bench_cuda_path_host(script, capsys):
+    mod = script("bench_cuda_path_host")
+    assert mod.main(["--ops", "instance_norm_act", "--rounds", "1", "--calls", "2"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["instance_norm_act", "instance_norm_act"]
+    from ganengine import backends
+
+    if backends.triton_interpret():  # the model steps: the routing through every fused layer runs
+        assert mod.main(["--models", "pix2pix", "--rounds", "1"]) == 0
+        assert "| pix2pix | 1x128x128 |" in capsys.readouterr().out

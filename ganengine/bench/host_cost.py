@@ -56,6 +56,18 @@ def _calls(work, grads):
             "forward_backward": (fb(work.reference), fb(work.fused))}
 
 
+def case_calls(case: BenchCase, device, params: dict | None = None) -> tuple[dict, dict]:
+    """(params, {mode: (reference, fused)}) of an op case at ``params`` (its tiny shape by default)
+    on ``device``, for the modes the case registers: zero-argument callables, forward under
+    no_grad and forward+backward with fixed random output gradients."""
+    params = params or tiny_shape(case)
+    work = case.setup(params, torch.device(device), torch.float32)
+    with torch.no_grad():
+        ref_out = [t for t in _tensors(work.reference(*work.args)) if t.is_floating_point()]
+    grads = [torch.randn_like(t) for t in ref_out]
+    return params, {m: c for m, c in _calls(work, grads).items() if m in case.modes}
+
+
 def interleaved_us(reference, fused, calls: int = 200, rounds: int = 9, warmup: int = 20) -> tuple[float, float]:
     """Median per-call microseconds of (reference, fused): ``rounds`` rounds of ``calls`` calls
     of each, alternating which goes first (timing.interleave)."""
@@ -70,14 +82,10 @@ def measure_case(case: BenchCase, params: dict | None = None, calls: int = 200, 
     from ganengine import backends
     from ganengine.ops import _dispatch
 
-    params = params or tiny_shape(case)
-    work = case.setup(params, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        ref_out = [t for t in _tensors(work.reference(*work.args)) if t.is_floating_point()]
-    grads = [torch.randn_like(t) for t in ref_out]
+    params, calls_by_mode = case_calls(case, "cpu", params)
     out = []
     with pinned_threads(1), backends.use_backend("auto"):
-        for mode, (reference, fused) in _calls(work, grads).items():
+        for mode, (reference, fused) in calls_by_mode.items():
             if mode not in (modes or case.modes):
                 continue
             rec = {"case": case.name, "family": case.family, "mode": mode, "shape": params,

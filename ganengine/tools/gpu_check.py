@@ -748,8 +748,7 @@ def check_host_cost(ctx: Ctx):
     sees: the host's time where it exceeds the device's), interleaved, median of rounds; and kernels
     per call (torch.profiler)."""
     from ganengine.bench import registry, timing
-    from ganengine.bench.host_cost import _calls, tiny_shape
-    from ganengine.bench.traffic import _tensors
+    from ganengine.bench.host_cost import case_calls
 
     calls = 5 if ctx.dry else 100
     rounds = 1 if ctx.dry else 5
@@ -758,14 +757,8 @@ def check_host_cost(ctx: Ctx):
     for case in cases[:2] if ctx.dry else cases:  # (dry: the code path, on two ops)
         if ctx.time_left() < 20:
             continue
-        params = tiny_shape(case)
-        work = case.setup(params, ctx.device, torch.float32)
-        with torch.no_grad():
-            ref_out = [t for t in _tensors(work.reference(*work.args)) if t.is_floating_point()]
-        grads = [torch.randn_like(t) for t in ref_out]
-        for mode, (reference, fused) in _calls(work, grads).items():
-            if mode not in case.modes:
-                continue
+        _, calls_by_mode = case_calls(case, ctx.device)
+        for mode, (reference, fused) in calls_by_mode.items():
             variants = {"eager": reference, **{f"ganengine[{b}]": fused for b in names}}
             scopes = {f"ganengine[{b}]": functools.partial(_backend_ctx, b) for b in names}
             errors = {}
