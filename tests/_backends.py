@@ -63,3 +63,19 @@ def autograd_node_names(t: torch.Tensor) -> set[str]:
         names.add(type(fn).__name__)
         todo.extend(nxt for nxt, _ in fn.next_functions)
     return names
+
+
+def route_results(y: torch.Tensor, inputs, dtype) -> list[torch.Tensor]:
+    """What two routes of one op must agree on bitwise: the output, the first-order gradients
+    (backward body or op), the create_graph gradients and the double backward through the first
+    two inputs' gradients, for a fixed output gradient."""
+    gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, inputs, gy, create_graph=True)
+    first = torch.autograd.grad(y, inputs, gy)  # (create_graph=False: the backward body / op)
+    gg = torch.autograd.grad(sum((g * g).sum() for g in grads[:2]), inputs[:2])
+    return [y, *first, *grads, *gg]
+
+
+def assert_same_bits(a_list, b_list) -> None:
+    for a, b in zip(a_list, b_list, strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
