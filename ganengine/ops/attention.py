@@ -20,7 +20,7 @@ where ``lse`` is the natural-log sum-exp of each query row (fp32; fp64 for fp64 
 recomputed from ``lse``. dgamma = sum(grad_out * o) and dx = grad_out are done with torch.
 A plain eager call (the CUDA path's, and the CPU's where the C++ entry declines) runs the same
 bodies and backward in an autograd.Function instead (``_eager_fwd``, ops/_eager.py: no custom-op
-layer on the host); torch.compile, export, fake tensors and any dispatch mode see the custom ops.
+layer on the host); torch.compile, export, fake tensors and the tracing dispatch modes see the custom ops.
 
 Saturated softmax (one-hot rows, |scores| >> 1): dS = P * (dP - delta) cancels two dot products
 formed in different orders, leaving eps * |dO||v| where eager's softmax backward (which forms

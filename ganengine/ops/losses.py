@@ -24,7 +24,7 @@ returned in the input dtype like torch's losses, except under autocast, where it
 Eager gan_loss / discriminator_loss calls on CPU tensors go to one C++ op with its autograd in C++
 (the lean entries below, csrc/cpu/losses_autograd.cpp); other eager calls go through a
 ``torch.autograd.Function`` (about 5 us of Python per call); under
-``torch.compile`` and any tracing (make_fx, FakeTensorMode, a dispatch mode, torch.jit.trace,
+``torch.compile`` and any tracing (make_fx, FakeTensorMode, functionalization, torch.jit.trace,
 tensor subclasses: ``_eager.plain_eager``) the same backends run inside ``torch.library.custom_op``s
 (``ganengine::adv_loss``, ``ganengine::l1_loss_multi``, ``ganengine::l1_loss_multi_backward``)
 with fake impls and registered autograd, so the graph has no breaks. The custom-op layer costs
@@ -400,7 +400,7 @@ l1_loss_multi_op.register_autograd(_l1_bwd, setup_context=_l1_setup)
 # The eager route (ganengine/ops/_eager.py): a plain eager call runs _AdvFn / _L1Fn, the custom
 # ops' twins (the same forward bodies adv_fwd / l1_fwd and backwards adv_backward / l1 sign, and
 # no custom-op layer); anything that traces (torch.compile, torch.export, make_fx / FakeTensorMode
-# or any dispatch mode, torch.jit.trace, tensor subclasses) runs the custom op. The twins are
+# or functionalization, torch.jit.trace, tensor subclasses) runs the custom op. The twins are
 # written out rather than made by _eager.twin: autograd.Function sees only top-level tensors, not
 # the ops' list arguments, and they keep what only eager can do (gradient buffers handed out or
 # scaled in place, read grad_output on the CPU, the L1 gradient written in the CPU forward).
