@@ -51,16 +51,17 @@ def tol(dtype: torch.dtype, n: int, scale: float = 1.0, c: float = 1.0, acc_dtyp
     return dict(atol=c * gamma(n, acc) * scale + _TINY[dtype], rtol=unit_roundoff(dtype))
 
 
-def autograd_node_names(t: torch.Tensor) -> set[str]:
-    """Class names of the autograd nodes behind ``t`` (which route served a call: an eager twin's
-    node is named after its custom op, "ganengine::<op>Backward")."""
+def autograd_node_names(t: torch.Tensor, name=lambda fn: type(fn).__name__) -> set[str]:
+    """Names of the autograd nodes behind ``t`` (which route served a call: an eager twin's node
+    class is named after its custom op, "ganengine::<op>Backward"). ``name``: what to read off a
+    node (its class name; ``fn.name()`` gives a C++ autograd Function's own name)."""
     seen, todo, names = set(), [t.grad_fn], set()
     while todo:
         fn = todo.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        names.add(type(fn).__name__)
+        names.add(name(fn))
         todo.extend(nxt for nxt, _ in fn.next_functions)
     return names
 

@@ -13,7 +13,7 @@ import ganengine.functional as GF
 from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops import attention as A
-from tests._backends import on_backend
+from tests._backends import on_backend, autograd_node_names
 
 _HAS_LEAN = (_ext.loaded() and _ext.has_kernel("attention", "CompositeExplicitAutograd")
              and _ext.has_kernel("self_attention2d", "CompositeImplicitAutograd"))
@@ -29,21 +29,9 @@ def custom_op_route(monkeypatch):
     return use
 
 
-def _nodes(t: torch.Tensor) -> set[str]:
-    """Names of the autograd nodes behind ``t``."""
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(fn.name())
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-    return names
-
 
 def _lean_node(t: torch.Tensor) -> bool:
-    return any("AttentionFn" in n for n in _nodes(t))
+    return any("AttentionFn" in n for n in autograd_node_names(t, name=lambda fn: fn.name()))
 
 
 def _assert_same(got, want, what=""):

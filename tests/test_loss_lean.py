@@ -17,7 +17,7 @@ import ganengine.functional as GF
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch
 from ganengine.ops import losses as L
-from tests._backends import on_backend
+from tests._backends import on_backend, autograd_node_names
 
 _HAS_LEAN = _ext.loaded() and _ext.has_kernel("gan_loss", "CompositeExplicitAutograd")
 needs_lean = pytest.mark.skipif(not _HAS_LEAN, reason="ganengine._C without the lean loss entries")
@@ -57,20 +57,9 @@ def python_route():
         _dispatch._LEAN.update(saved)
 
 
-def _nodes(t: torch.Tensor) -> set[str]:
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(fn.name())
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-    return names
-
 
 def _lean_node(t: torch.Tensor) -> bool:
-    return any("AdvLossFn" in n for n in _nodes(t))
+    return any("AdvLossFn" in n for n in autograd_node_names(t, name=lambda fn: fn.name()))
 
 
 def _same(got, want, what=""):
