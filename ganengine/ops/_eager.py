@@ -5,9 +5,9 @@ own ops do not pay: the Python custom-op layer on the way in, and a second custo
 on the way back. At a tiny shape on the CPU (instance_norm_act 1x4x4x4, one thread, the same C++
 kernels either way, the CPU lean entry off) a forward+backward took 107 us through the custom op
 against 66 us through the twin, eager 66 us; a fused CycleGAN step on the CUDA route 107 -> 90 ms
-(``TRITON_INTERPRET=1 python benchmarks/bench_cuda_path_host.py [--models]``). At GAN batch sizes a GPU step is host-bound,
-and every fused op on the CUDA path (Triton launchers or the CUDA C++ kernels, which have no C++
-autograd entry there) went through its custom op.
+(``TRITON_INTERPRET=1 python benchmarks/bench_cuda_path_host.py [--models]``). At GAN batch sizes
+a GPU step is host-bound, and every fused op on the CUDA path (Triton launchers or the CUDA C++
+kernels, which have no C++ autograd entry there) went through its custom op.
 
 So a plain eager call runs ``twin(...)``: an autograd.Function whose forward is the custom op's
 undecorated body, with the op's own ``setup_context`` and a backward that calls the backward body
@@ -45,6 +45,16 @@ def plain_eager(*tensors) -> bool:
         if _get_dispatch_mode(key) is not None:
             return False
     return True
+
+
+def backward_via(backward, bwd):
+    """An op's backward as autograd calls it, ``(ctx, *grads)``: ``backward(ctx, grads[0], bwd)``,
+    with ``bwd`` the backward custom op (for the registration: what tracing sees) or its body (for
+    the twin). Only the first output is differentiable (the others are statistics or buffers the
+    public functions never hand out), so the other gradients are dropped."""
+    def run(ctx, grad, *_other_grads):
+        return backward(ctx, grad, bwd)
+    return run
 
 
 def twin(name: str, forward, setup_context, backward):

@@ -263,14 +263,6 @@ def _grads_differentiable(g, q, k, v, gamma):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgamma
 
 
-def _make_backward(bwd):
-    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
-    def backward(ctx, grad_out, _grad_o, _grad_lse):
-        # o and lse are internal outputs; the public functions never hand them out
-        return _backward(ctx, grad_out, bwd)
-    return backward
-
-
 def _backward(ctx, grad_out, bwd):
     q, k, v, gamma, o, lse = ctx.saved_tensors
     if torch.is_grad_enabled():
@@ -284,9 +276,11 @@ def _backward(ctx, grad_out, bwd):
     return dq, dk, dv, grad_out, _as(dgamma, gamma.dtype).reshape(gamma.shape)
 
 
-attention_fwd.register_autograd(_make_backward(attention_bwd), setup_context=_setup_context)
+attention_fwd.register_autograd(_eager.backward_via(_backward, attention_bwd),
+                                setup_context=_setup_context)
 # plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
-_eager_fwd = _eager.twin("ganengine::attention_fwd", _fwd_body, _setup_context, _make_backward(_bwd_body))
+_eager_fwd = _eager.twin("ganengine::attention_fwd", _fwd_body, _setup_context,
+                         _eager.backward_via(_backward, _bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry

@@ -212,13 +212,6 @@ def _setup(ctx, inputs, output):
     ctx.conf = (padding, reflect)
 
 
-def _make_backward(bwd):
-    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
-    def backward(ctx, grad):
-        return _backward(ctx, grad, bwd)
-    return backward
-
-
 def _backward(ctx, grad, bwd):
     x, weight, bias = ctx.saved_tensors
     padding, reflect = ctx.conf
@@ -232,10 +225,12 @@ def _backward(ctx, grad, bwd):
     return (dx if mask[0] else None), (dw if mask[1] else None), bias_grad(db if mask[2] else None, bias), None, None
 
 
-torch.library.register_autograd("ganengine::conv3x3_fwd", _make_backward(conv3x3_bwd), setup_context=_setup)
+torch.library.register_autograd("ganengine::conv3x3_fwd", _eager.backward_via(_backward, conv3x3_bwd),
+                                setup_context=_setup)
 # plain eager calls (the CPU's Winograd route where the C++ entry declines, the torch backend's):
 # no custom-op layer
-_eager_fwd = _eager.twin("ganengine::conv3x3_fwd", _fwd_body, _setup, _make_backward(_bwd_body))
+_eager_fwd = _eager.twin("ganengine::conv3x3_fwd", _fwd_body, _setup,
+                         _eager.backward_via(_backward, _bwd_body))
 
 
 # ----------------------------------------------------------------------------- public function

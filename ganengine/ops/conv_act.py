@@ -337,13 +337,6 @@ def _act_setup(ctx, inputs, output):
     ctx.conf = (list(stride), list(padding), slope)
 
 
-def _make_act_backward(bwd):
-    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
-    def backward(ctx, grad):
-        return _act_backward(ctx, grad, bwd)
-    return backward
-
-
 def _act_backward(ctx, grad, bwd):
     x, weight, bias, y = ctx.saved_tensors
     stride, padding, slope = ctx.conf
@@ -357,10 +350,11 @@ def _act_backward(ctx, grad, bwd):
     return (dx if mask[0] else None), (dw if mask[1] else None), _bias_grad(db if mask[2] else None, bias), None, None, None
 
 
-torch.library.register_autograd("ganengine::conv2d_act_fwd", _make_act_backward(conv2d_act_bwd),
+torch.library.register_autograd("ganengine::conv2d_act_fwd", _eager.backward_via(_act_backward, conv2d_act_bwd),
                                 setup_context=_act_setup)
 # plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
-_act_eager = _eager.twin("ganengine::conv2d_act_fwd", _act_fwd_body, _act_setup, _make_act_backward(_act_bwd_body))
+_act_eager = _eager.twin("ganengine::conv2d_act_fwd", _act_fwd_body, _act_setup,
+                         _eager.backward_via(_act_backward, _act_bwd_body))
 
 
 def _in_setup(ctx, inputs, output):
@@ -373,13 +367,6 @@ def _in_setup(ctx, inputs, output):
     # c, mean and rstd never carry a gradient: without this the engine makes a zeros tensor for
     # each of them every backward (three kernels on a GPU, 8 per call against eager's 6)
     ctx.set_materialize_grads(False)
-
-
-def _make_in_backward(bwd):
-    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
-    def backward(ctx, grad, _gc, _gm, _gr):
-        return _in_backward(ctx, grad, bwd)
-    return backward
 
 
 def _in_backward(ctx, grad, bwd):
@@ -402,9 +389,10 @@ def _in_backward(ctx, grad, bwd):
     return (dx if mask[0] else None), (dw if mask[1] else None), db, dg, dbt, None, None, None, None
 
 
-torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _make_in_backward(conv2d_in_act_bwd),
+torch.library.register_autograd("ganengine::conv2d_in_act_fwd", _eager.backward_via(_in_backward, conv2d_in_act_bwd),
                                 setup_context=_in_setup)
-_in_eager = _eager.twin("ganengine::conv2d_in_act_fwd", _in_fwd_body, _in_setup, _make_in_backward(_in_bwd_body))
+_in_eager = _eager.twin("ganengine::conv2d_in_act_fwd", _in_fwd_body, _in_setup,
+                        _eager.backward_via(_in_backward, _in_bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry

@@ -185,13 +185,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _make_backward(bwd):
-    """The backward through ``bwd``: the backward custom op (what tracing sees) or its body (eager)."""
-    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        return _backward(ctx, grad_y, bwd)
-    return backward
-
-
 def _backward(ctx, grad_y, bwd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -211,10 +204,11 @@ def _backward(ctx, grad_y, bwd):
     return (dx if needs[0] else None), dw, db, None, None, None
 
 
-torch.library.register_autograd("ganengine::instance_norm_act_fwd", _make_backward(instance_norm_act_bwd),
-                                setup_context=_setup_context)
+torch.library.register_autograd("ganengine::instance_norm_act_fwd",
+                                _eager.backward_via(_backward, instance_norm_act_bwd), setup_context=_setup_context)
 # plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
-_eager_fwd = _eager.twin("ganengine::instance_norm_act_fwd", _fwd_body, _setup_context, _make_backward(_bwd_body))
+_eager_fwd = _eager.twin("ganengine::instance_norm_act_fwd", _fwd_body, _setup_context,
+                         _eager.backward_via(_backward, _bwd_body))
 
 
 # ----------------------------------------------------------------------------- lean cpu entry
