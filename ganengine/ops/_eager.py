@@ -84,15 +84,22 @@ def twin(name: str, forward, setup_context, backward):
 
     def apply(*inputs):
         # a call that records no graph (no_grad, inference, frozen weights) runs the body alone:
-        # Function.apply costs ~10 us even then; forward-mode AD keeps the Function (which refuses
-        # it, as the custom op does)
-        if (grad_enabled() and any(type(t) in _TENSOR_TYPES and t.requires_grad for t in inputs)) \
-                or _forward_ad_level() >= 0:
+        # Function.apply costs ~10 us even then
+        if records_graph(inputs):
             return function_apply(*inputs)
         return forward(*inputs)
 
     apply.__name__ = apply.__qualname__ = name
     return apply
+
+
+def records_graph(tensors) -> bool:
+    """Whether a call on ``tensors`` (other arguments are skipped) needs its autograd.Function: grad
+    mode on and a tensor requiring grad, or forward-mode AD active (the Functions have no jvp and
+    refuse it, as the custom ops do). Otherwise the Function would only hand back its forward's
+    outputs, for ~10 us of host time."""
+    return (grad_enabled() and any(type(t) in _TENSOR_TYPES and t.requires_grad for t in tensors)) \
+        or _forward_ad_level() >= 0
 
 
 grad_enabled = torch.is_grad_enabled

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ganengine.ops import _dispatch
+from ganengine.ops import _dispatch, _eager
 
 U_STEP, V_STEP = 0, 1
 ORDERS = ("pytorch", "classic")
@@ -294,12 +294,6 @@ def _sigmas(sigma: Tensor, weights) -> list:
     return [s if s.dtype == w.dtype else s.to(w.dtype) for s, w in zip(sigma.unbind(0), weights)]
 
 
-def _records_graph(weights) -> bool:
-    """Whether a call on ``weights`` builds an autograd graph (else the autograd.Function, ~10 us of
-    host time a call, would only hand back what native_forward gives)."""
-    return torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-
-
 class SpectralNormFn(torch.autograd.Function):
     """One autograd node for a group of layers on a native backend.
 
@@ -479,7 +473,7 @@ def run_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: in
     if backend == "torch":
         return _torch_call(weight, u, v, first, steps, eps, dim, order, in_place)
     write_state = in_place and steps > 0
-    if not _records_graph((weight,)):  # (a D's weights in the G step, eval, no_grad: same numbers)
+    if not _eager.records_graph((weight,)):  # (a D's weights in the G step, eval, no_grad: same numbers)
         w_sns, u_outs, v_outs, sigma, _ = native_forward(backend, [weight], [dim], [u], [v], first, steps, eps,
                                                          write_state)
         return w_sns[0], u_outs[0], v_outs[0], _sigmas(sigma, (weight,))[0]
@@ -489,7 +483,7 @@ def run_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: in
 
 def run_group(weights, dims, us, vs, first: int, steps: int, eps: float, write_state: bool, backend: str):
     """Every layer of a group on one native backend in one autograd node: (w_sns, sigmas)."""
-    if not _records_graph(weights):
+    if not _eager.records_graph(weights):
         w_sns, _, _, sigma, _ = native_forward(backend, list(weights), list(dims), list(us), list(vs), first, steps,
                                                eps, write_state)
         return list(w_sns), _sigmas(sigma, weights)
