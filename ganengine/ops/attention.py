@@ -20,7 +20,8 @@ where ``lse`` is the natural-log sum-exp of each query row (fp32; fp64 for fp64 
 recomputed from ``lse``. dgamma = sum(grad_out * o) and dx = grad_out are done with torch.
 A plain eager call (the CUDA path's, and the CPU's where the C++ entry declines) runs the same
 bodies and backward in an autograd.Function instead (``_eager_fwd``, ops/_eager.py: no custom-op
-layer on the host); torch.compile, export, fake tensors and the tracing dispatch modes see the custom ops.
+layer on the host); torch.compile, export, fake tensors and the tracing dispatch modes see the
+custom ops.
 
 Saturated softmax (one-hot rows, |scores| >> 1): dS = P * (dP - delta) cancels two dot products
 formed in different orders, leaving eps * |dO||v| where eager's softmax backward (which forms
@@ -80,7 +81,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype).contiguous()`` for the C++ kernels, skipping the no-op calls."""
-    t = t if t.dtype == dtype else t.to(dtype)
+    t = _as(t, dtype)
     return t if t.is_contiguous() else t.contiguous()
 
 
