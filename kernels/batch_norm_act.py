@@ -363,16 +363,11 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def pick_config(x: torch.Tensor) -> dict:
-    """Tile shape: channels along the contiguous axis for channels-last, the (n, s) plane for NCHW."""
-    n, c = x.shape[0], x.shape[1]
-    return _pick(n, c, x.numel() // max(n * c, 1), c > 1 and x.stride(1) == 1)
-
-
 # the plans are cached on the sizes they depend on: ~25 us of Python per call otherwise, more than
 # the kernels take at GAN sizes (callers only read them)
 @functools.lru_cache(maxsize=1024)
-def _pick(n: int, c: int, s: int, channels_inner: bool) -> dict:
+def pick_config(n: int, c: int, s: int, channels_inner: bool) -> dict:
+    """Tile shape: channels along the contiguous axis for channels-last, the (n, s) plane for NCHW."""
     if channels_inner:
         tile = _TILE_CL
         block_c = min(_launch.next_power_of_2(c), _MAX_BLOCK_C)
@@ -395,7 +390,7 @@ def _plan(x: torch.Tensor, split: int | None, per_sample: bool = False):
 
 @functools.lru_cache(maxsize=1024)
 def _plan_sizes(n: int, c: int, s: int, channels_inner: bool, split: int | None, per_sample: bool, gpu: bool):
-    cfg = _pick(n, c, s, channels_inner)
+    cfg = pick_config(n, c, s, channels_inner)
     n_cblocks = _launch.cdiv(c, cfg["BLOCK_C"])
     tiles_n, tiles_s = _launch.cdiv(n, cfg["BLOCK_N"]), _launch.cdiv(s, cfg["BLOCK_S"])
     if split is None:
