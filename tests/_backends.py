@@ -70,7 +70,7 @@ def route_results(y: torch.Tensor, inputs, dtype) -> list[torch.Tensor]:
     """What two routes of one op must agree on bitwise: the output, the first-order gradients
     (backward body or op), the create_graph gradients and the double backward through the first
     two inputs' gradients, for a fixed output gradient."""
-    gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(y.device)
     grads = torch.autograd.grad(y, inputs, gy, create_graph=True)
     first = torch.autograd.grad(y, inputs, gy)  # (create_graph=False: the backward body / op)
     gg = torch.autograd.grad(sum((g * g).sum() for g in grads[:2]), inputs[:2])

@@ -126,7 +126,8 @@ def test_backend_choice_is_seen_by_other_threads():
 
 def test_auto_order_per_op_on_cuda(monkeypatch):
     """On CUDA tensors 'auto' takes the device order (Triton first) except where a GPU measurement
-    put an op's CUDA C++ kernel first (the losses); a backend that cannot serve is skipped."""
+    put an op's CUDA C++ kernel first (the losses, instance norm on NCHW planes); a backend that
+    cannot serve is skipped."""
     from ganengine.ops import _dispatch
 
     monkeypatch.setattr(backends, "serves", lambda name, device: True)
@@ -137,6 +138,10 @@ def test_auto_order_per_op_on_cuda(monkeypatch):
     both = {"triton": None, "cuda": None}
     assert _dispatch.choose("gan_loss", OnCuda(), both) == "cuda"
     assert _dispatch.choose("cycle_loss", OnCuda(), both) == "cuda"
-    assert _dispatch.choose("instance_norm_act", OnCuda(), both) == "triton"
+    assert _dispatch.choose("instance_norm_act", OnCuda(), both) == "cuda"
+    assert _dispatch.choose("instance_norm_act", OnCuda(), both, "channels_last") == "triton"
+    assert _dispatch.choose("batch_norm_act", OnCuda(), both) == "triton"
+    assert _dispatch.choose("batch_norm_act", OnCuda(), both, "channels_last") == "triton"  # no variant rule
+    assert _dispatch.choose("instance_norm_act", OnCuda(), {"triton": None, "cuda": "no kernel"}) == "triton"
     assert _dispatch.choose("gan_loss", OnCuda(), {"triton": None, "cuda": "no kernel"}) == "triton"
     assert _dispatch.choose("gan_loss", OnCuda(), {"triton": "too many terms", "cuda": "no kernel"}) == "torch"

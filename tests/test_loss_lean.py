@@ -330,3 +330,75 @@ def test_maps_off_the_cpu_do_not_ask_the_lean_entry(monkeypatch):
         # a CPU first map beside a map elsewhere is still asked (and refused): the full route's error
         with pytest.raises(ValueError, match="logits\\[1\\] is on meta"):
             GF.gan_loss([x, m], True)
+
+
+# ----------------------------------------------------------------------------- the entries on CUDA tensors
+@needs_lean
+def test_cuda_entry_resolution(monkeypatch):
+    """On CUDA maps the entries are taken where the cuda backend is the one chosen: 'auto' (the
+    losses' auto order puts cuda first) or 'cuda', not 'triton'/'torch', and never without the CUDA
+    kernel."""
+    real_has = _ext.has_kernel
+    built = {"cuda": True}
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, key: built["cuda"] if key == "CUDA" else real_has(op, key))
+    monkeypatch.setattr(backends, "serves", lambda name, device: True)
+
+    def resolve(name, backend):
+        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
+        monkeypatch.setattr(_dispatch, "_SERVED", {})
+        with backends.use_backend(backend):
+            return _dispatch.cuda_entry(name, "gan_loss", L._ADV_KERNELS)
+
+    for name in ("gan_loss", "discriminator_loss"):
+        entry = _ext.op(name).default._op
+        assert resolve(name, "auto") is entry and resolve(name, "cuda") is entry
+        assert resolve(name, "triton") is None and resolve(name, "torch") is None
+    built["cuda"] = False
+    assert resolve("gan_loss", "auto") is None and resolve("gan_loss", "cuda") is None
+
+
+@needs_lean
+def test_entries_refuse_devices_without_a_kernel():
+    m = torch.randn(2, 1, 3, 3, device="meta")
+    x = torch.randn(2, 1, 3, 3)
+    for call in (lambda: torch.ops.ganengine_C.gan_loss([m], "vanilla", True, True, 1.0, 0.0),
+                 lambda: torch.ops.ganengine_C.gan_loss([x, m], "vanilla", True, True, 1.0, 0.0),
+                 lambda: torch.ops.ganengine_C.discriminator_loss(x, m, "lsgan", 1.0, 0.0)):
+        with pytest.raises(NotImplementedError, match="not served by the C\\+\\+ entry \\(logits\\)"):
+            call()
+
+
+@pytest.mark.gpu
+@needs_lean
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_entries_match_the_python_cuda_route(monkeypatch, dtype):
+    """On CUDA maps 'auto' runs the C++ entries over the CUDA kernel: the Python route's bits on the
+    same kernel (forward, gradients with grad_output 1 and not 1, a second backward, create_graph),
+    grad_output never read on the host."""
+    if not _ext.has_kernel("losses_adv_fwd", "CUDA"):
+        pytest.skip("ganengine._C without the CUDA loss kernels")
+
+    def run(entry, fn, base, gys, create_graph=False):
+        xs = [x.detach().clone().cuda().requires_grad_(True) for x in base]
+        with backends.use_backend("auto"), monkeypatch.context() as mp:
+            if not entry:
+                mp.setattr(_dispatch, "cuda_entry", lambda *a, **k: None)
+            out = fn(xs)
+        assert _lean_node(out) == entry
+        res = [out.detach()]
+        for gy in gys:
+            g1 = torch.autograd.grad(out, xs, gy.to(out.dtype).cuda(), create_graph=create_graph, retain_graph=True)
+            res += [g.detach() for g in g1]
+        return res
+
+    gys = [torch.tensor(1.0), torch.tensor(0.37)]
+    for mode, for_disc in TERMS:
+        for form in ("single", "list"):
+            fn = _gan(mode, True, for_disc, form)
+            base = _maps(form, dtype)
+            _same(run(True, fn, base, gys), run(False, fn, base, gys), mode)
+            if dtype == torch.float32:
+                _same(run(True, fn, base, gys[1:], True), run(False, fn, base, gys[1:], True), mode)
+        real, fake = _maps("list", dtype, seed=3)
+        fn = lambda xs, mode=mode: GF.discriminator_loss(xs[0], xs[1], mode)  # noqa: E731
+        _same(run(True, fn, [real, fake], gys), run(False, fn, [real, fake], gys), mode)

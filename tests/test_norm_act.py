@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import ganengine.functional as GF
 import ganengine.nn as gnn
 from ganengine.ops import _dispatch
 from ganengine.ops import norm_act as ops
-from tests._backends import backend_params, on_backend, out_round
+from tests._backends import assert_same_bits, autograd_node_names, backend_params, on_backend, out_round, route_results
 from tests._chain_bounds import ChainBounds
 from tests._model_bounds import assert_normwise, census
 from tests._norm_bounds import instance_norm_act_bounds, instance_stat_bounds
@@ -568,3 +569,95 @@ def test_lean_cpu_entry_with_running_stats_refusals_give_public_errors():
         GF.instance_norm_act(x, running_mean=torch.zeros(4), running_var=torch.ones(3))
     with pytest.raises(TypeError, match="running_var must be a Tensor"):
         GF.instance_norm_act(x, running_mean=torch.zeros(3), running_var=[1.0, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------ the C++ entry on CUDA tensors
+def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
+    """_dispatch.cuda_entry gives the C++ entry for a CUDA call exactly where the requested backend
+    would run the CUDA C++ kernels: 'cuda', or 'auto' on NCHW planes (cuda first in the auto order),
+    not on channels_last ones (Triton first), not for 'triton'/'cpu'/'torch', and never without the
+    CUDA kernels or where the cuda backend does not serve CUDA tensors."""
+    if not _HAS_ENTRY:
+        pytest.skip("ganengine._C without the instance_norm_act entry")
+    real_has = ops._ext.has_kernel
+    cuda_kernels = {"yes": True}
+    monkeypatch.setattr(ops._ext, "has_kernel",
+                        lambda op, key: cuda_kernels["yes"] if key == "CUDA" else real_has(op, key))
+    serving = {"cuda": True, "triton": True}
+    monkeypatch.setattr(ganengine.backends, "serves", lambda name, device: serving.get(name, True))
+    entry = ops._ext.op("instance_norm_act").default._op
+
+    def resolve(backend, variant=None, name="instance_norm_act", kernels=ops._IN_KERNELS):
+        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
+        monkeypatch.setattr(_dispatch, "_SERVED", {})
+        with ganengine.use_backend(backend):
+            return _dispatch.cuda_entry(name, "instance_norm_act", kernels, variant)
+
+    assert resolve("auto") is entry
+    assert resolve("auto", "channels_last") is None
+    assert resolve("cuda") is entry and resolve("cuda", "channels_last") is entry
+    assert all(resolve(b) is None for b in ("triton", "cpu", "torch"))
+    rs = ops._ext.op("instance_norm_act_rs").default._op
+    assert resolve("auto", name="instance_norm_act_rs", kernels=ops._IN_RS_KERNELS) is rs
+    serving["triton"] = False  # auto on channels_last: Triton cannot serve, cuda is next
+    assert resolve("auto", "channels_last") is entry
+    serving["cuda"] = False
+    assert resolve("auto") is None and resolve("cuda") is None
+    serving["cuda"], cuda_kernels["yes"] = True, False  # a build without the CUDA kernels
+    assert resolve("auto") is None and resolve("cuda") is None
+
+
+def test_cuda_layout_variant():
+    x = torch.randn(2, 3, 4, 5)
+    assert ops._layout(x) is None  # CPU tensors: no variant
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        assert ops._layout(xc) is None
+        assert ops._layout(xc.contiguous(memory_format=torch.channels_last)) == "channels_last"
+        assert ops._layout(xc[..., ::2]) is None  # copied to NCHW by the kernels' callers
+
+
+@pytest.mark.skipif(not _HAS_ENTRY, reason="ganengine._C without the instance_norm_act entry")
+def test_entry_refuses_a_device_without_kernels():
+    """Tensors on a device the build has no kernels for (meta here; CUDA in a CPU-only build) are
+    declined before any work, with the refusal the wrapper takes as such."""
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    with pytest.raises(NotImplementedError, match=re.escape(ops._REFUSAL + " (x)")):
+        torch.ops.ganengine_C.instance_norm_act(x, None, None, 1e-5, True, 0.2)
+    w = torch.ones(3, device="meta")  # a parameter on another device than x
+    with pytest.raises(NotImplementedError, match=re.escape(ops._REFUSAL + " (weight)")):
+        torch.ops.ganengine_C.instance_norm_act(torch.randn(2, 3, 4, 4), w, None, 1e-5, True, 0.2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("running", [False, True], ids=["plain", "running_stats"])
+def test_cuda_entry_matches_the_python_cuda_route(monkeypatch, dtype, running):
+    """On NCHW CUDA tensors 'auto' runs the C++ entry (C++ autograd over the CUDA kernels): the
+    Python route's bits on the same kernels (forward, gradients, double backward, running
+    statistics); channels_last stays on Triton."""
+    if not (_HAS_ENTRY and ops._ext.has_kernel("norm_act_fwd", "CUDA")):
+        pytest.skip("ganengine._C without the CUDA kernels")
+    torch.manual_seed(0)
+    base = torch.randn(2, 3, 5, 7, device="cuda").to(dtype)
+    wb = [torch.randn(3, device="cuda") for _ in range(2)]
+    stats = (torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"))
+
+    def run():
+        x = base.detach().requires_grad_(True)
+        w, b = (t.detach().clone().requires_grad_(True) for t in wb)
+        rm, rv = (t.clone() for t in stats)
+        y = GF.instance_norm_act(x, w, b, *((rm, rv) if running else ()))
+        return [*route_results(y, [x, w, b], dtype)] + ([rm, rv] if running else []), y
+
+    got, y = run()
+    assert _dispatch.last_used["instance_norm_act"] == "cuda"
+    assert not any(n.startswith("ganengine::") for n in autograd_node_names(y))  # not the Python twin
+    monkeypatch.setattr(_dispatch, "cuda_entry", lambda *a, **k: None)
+    with on_backend("cuda"):
+        want, _ = run()
+    assert_same_bits(got, want)
+    monkeypatch.undo()
+    xl = base.contiguous(memory_format=torch.channels_last)
+    GF.instance_norm_act(xl)
+    assert _dispatch.last_used["instance_norm_act"] == "triton"

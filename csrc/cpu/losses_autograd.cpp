@@ -11,8 +11,13 @@
 // differentiable reference formula (torch_adv_grad), so second derivatives are exact. The result
 // is in the input dtype, except under autocast, where it stays fp32 (ops/losses.py's _finish).
 //
+// They serve CUDA tensors too where the CUDA kernel is built (the same losses_adv_fwd through the
+// dispatcher; grad_output then never read on the host): ops/losses.py calls them on CUDA tensors
+// only where the cuda backend is the one chosen (_dispatch.cuda_entry).
+//
 // A call these ops do not serve (an unknown or non-lowercase mode, an empty list, an empty map,
-// mixed dtypes or devices, a non-CPU tensor, a dtype without a kernel) is refused before any
+// mixed dtypes or devices, a device without a kernel, more maps than the CUDA kernel takes, a
+// dtype without a kernel) is refused before any
 // work with NotImplementedError and a message starting "<op>: not served by the C++ entry"; the
 // wrapper (ops/losses.py) then takes the Python route, which serves the call or raises the public
 // error. torch.compile stays on the Python custom op (ganengine::adv_loss).
@@ -49,13 +54,27 @@ bool served_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
-// every map a non-empty CPU tensor of one served dtype: else refused before any work
+// the CUDA kernel takes up to this many maps per launch (csrc/cuda/losses_launcher.cpp, kMaxTerms)
+constexpr size_t kMaxCudaTerms = 4;
+
+// a device whose kernel this build has: CPU always, CUDA when the CUDA launchers were built in
+bool served_device(const at::Tensor& x, size_t k) {
+  if (x.is_cpu()) return true;
+  static const bool cuda = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ganengine_C::losses_adv_fwd", "")
+                               .hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  return cuda && x.is_cuda() && k <= kMaxCudaTerms;
+}
+
+// every map a non-empty tensor of one served dtype on one served device: else refused before any work
 void check(at::TensorList xs, const char* prefix) {
   TORCH_CHECK_NOT_IMPLEMENTED(!xs.empty(), prefix, " (no logits)");
   const auto dtype = xs[0].defined() ? xs[0].scalar_type() : at::kFloat;
+  TORCH_CHECK_NOT_IMPLEMENTED(xs[0].defined() && served_device(xs[0], xs.size()), prefix, " (logits)");
+  const auto device = xs[0].device();
   for (const at::Tensor& x : xs) {
-    TORCH_CHECK_NOT_IMPLEMENTED(x.defined() && x.is_cpu() && x.scalar_type() == dtype && served_dtype(dtype) &&
-                                    x.numel() > 0,
+    TORCH_CHECK_NOT_IMPLEMENTED(x.defined() && x.device() == device && x.scalar_type() == dtype &&
+                                    served_dtype(dtype) && x.numel() > 0,
                                 prefix, " (logits)");
   }
 }
@@ -93,9 +112,10 @@ at::Tensor reference_grad(const at::Tensor& x, int64_t mode, double target) {
 // dtype conversion call where the dtype already matches.
 // (g * c).to(x.dtype).expand(x.shape) with the product taken as a C++ scalar in g's dtype: the same
 // IEEE product as the tensor multiply (fp32 * fp32(c), or fp64), without its wrapped-scalar tensor
-// whether t's value can be read on the host: not a fake or other Python-subclass tensor
-// (FakeTensorMode runs this autograd code too, where item() has no value to give)
-bool concrete(const at::Tensor& t) { return !t.key_set().has(c10::DispatchKey::Python); }
+// whether t's value can be read on the host for free: a CPU tensor (on a GPU item() would synchronise
+// with the device), and not a fake or other Python-subclass tensor (FakeTensorMode runs this autograd
+// code too, where item() has no value to give)
+bool concrete(const at::Tensor& t) { return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python); }
 
 at::Tensor linear_grad(const at::Tensor& g, double c, const at::Tensor& x) {
   at::Tensor r;
@@ -152,7 +172,7 @@ struct AdvLossFn : public torch::autograd::Function<AdvLossFn> {
     if (!g.defined()) return out;
     const c10::List<double> cfg = ctx->saved_data["cfg"].toDoubleList();
     const bool grad_mode = at::GradMode::is_enabled();
-    int one = -1;  // grad_output == 1, read once when needed (free on the CPU: no device sync)
+    int one = -1;  // grad_output == 1, read once when needed, on the CPU only (concrete: no device sync)
     for (size_t i = 0; i < k; ++i) {
       if (!ctx->needs_input_grad(i)) continue;
       const at::Tensor& x = xs[i];
@@ -190,7 +210,7 @@ at::Tensor run(at::TensorList xs, const std::vector<int64_t>& modes, const std::
     total = std::get<0>(fwd_op().call(xs, modes, targets, scales, /*want_grad=*/false));
   }
   const auto dtype = xs[0].scalar_type();
-  if ((dtype == at::kHalf || dtype == at::kBFloat16) && !at::autocast::is_autocast_enabled(at::kCPU)) {
+  if ((dtype == at::kHalf || dtype == at::kBFloat16) && !at::autocast::is_autocast_enabled(xs[0].device().type())) {
     return total.to(dtype);
   }
   return total;

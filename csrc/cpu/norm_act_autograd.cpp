@@ -1,8 +1,11 @@
-// The eager entry of instance_norm_act on CPU tensors: one C++ op, ganengine_C::instance_norm_act,
-// with its own autograd, so that a call costs one dispatcher call and no Python custom-op layer
-// (the pattern of batch_norm_act_autograd.cpp; a Python custom op costs more host time per call
-// than eager's F.instance_norm + F.leaky_relu at small shapes). It calls norm_act_fwd / _bwd
-// through the dispatcher. ganengine_C::instance_norm_act_rs is the same call with the running-
+// The eager entry of instance_norm_act: one C++ op, ganengine_C::instance_norm_act, with its own
+// autograd, so that a call costs one dispatcher call and no Python layer (the pattern of
+// batch_norm_act_autograd.cpp; the Python route costs more host time per call than eager's
+// F.instance_norm + F.leaky_relu at small shapes). It calls norm_act_fwd / _bwd through the
+// dispatcher, so it serves CPU tensors (the cpu backend's kernels) and CUDA tensors (the cuda
+// backend's, csrc/cuda/norm_act_launcher.cpp) alike, with the same arguments the Python route
+// passes them; ops/norm_act.py calls it on CUDA tensors only where the cuda backend is the one
+// chosen (_dispatch.cuda_entry). ganengine_C::instance_norm_act_rs is the same call with the running-
 // statistics update of nn.InstanceNorm2d(track_running_stats=True) in training (StarGAN's norms):
 // the update is the Python route's ATen ops, in the same order, so the bits agree.
 // A call this op does not serve (3-D, empty, a parameter of the wrong shape, ...) is refused
@@ -49,17 +52,28 @@ bool float_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
+// a device whose kernels this build has: CPU always, CUDA when the CUDA launchers were built in
+bool served_device(const at::Tensor& x) {
+  if (x.is_cpu()) return true;
+  static const bool cuda = [] {
+    auto& d = c10::Dispatcher::singleton();
+    return d.findSchemaOrThrow("ganengine_C::norm_act_fwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
+           d.findSchemaOrThrow("ganengine_C::norm_act_bwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  }();
+  return cuda && x.is_cuda();
+}
+
 // what the Python route accepts for its kernels; anything else is refused before any work, with
 // NotImplementedError and this message prefix (the wrapper then takes the Python route, which
 // raises its own messages or handles the case: 3-D, empty, ...)
 void check(const at::Tensor& x, const OptT& w, const OptT& b) {
   TORCH_CHECK_NOT_IMPLEMENTED(
-      x.defined() && x.is_cpu() && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
+      x.defined() && served_device(x) && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
       "instance_norm_act: not served by the C++ entry (x)");
   for (const OptT* t : {&w, &b}) {
     if (!present(*t)) continue;
     const at::Tensor& p = **t;
-    TORCH_CHECK_NOT_IMPLEMENTED(p.is_cpu() && p.dim() == 1 && p.size(0) == x.size(1) && p.is_floating_point(),
+    TORCH_CHECK_NOT_IMPLEMENTED(p.device() == x.device() && p.dim() == 1 && p.size(0) == x.size(1) && p.is_floating_point(),
                                 "instance_norm_act: not served by the C++ entry (", t == &w ? "weight" : "bias",
                                 ")");
   }
@@ -143,7 +157,7 @@ at::Tensor instance_norm_act_plain(const at::Tensor& x, const OptT& w, const Opt
 // ---------------------------------------------------------------- with running statistics
 void check_running(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& rv) {
   for (const at::Tensor* t : {&rm, &rv})
-    TORCH_CHECK_NOT_IMPLEMENTED(t->defined() && t->is_cpu() && t->dim() == 1 && t->size(0) == x.size(1) &&
+    TORCH_CHECK_NOT_IMPLEMENTED(t->defined() && t->device() == x.device() && t->dim() == 1 && t->size(0) == x.size(1) &&
                                     t->is_floating_point(),
                                 "instance_norm_act: not served by the C++ entry (",
                                 t == &rm ? "running_mean" : "running_var", ")");

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <vector>
 
 #include "norm_act.cuh"
 
@@ -128,9 +129,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_y
   }
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::zeros({x.size(0), x.size(1)}, x.options().dtype(acc));
-  at::Tensor db = at::zeros({x.size(0), x.size(1)}, x.options().dtype(acc));
-  if (x.numel() == 0) return {dx, dw, db};
+  // every kernel path writes each plane's sums (no accumulation): no zero-fill kernels, except for
+  // empty planes, which no kernel visits
+  const auto pshape = std::vector<int64_t>{x.size(0), x.size(1)};
+  if (x.numel() == 0) {
+    return {dx, at::zeros(pshape, x.options().dtype(acc)), at::zeros(pshape, x.options().dtype(acc))};
+  }
+  at::Tensor dw = at::empty(pshape, x.options().dtype(acc));
+  at::Tensor db = at::empty(pshape, x.options().dtype(acc));
   const auto s = make_shape(x, {&x, &g, &dx});
   at::Tensor part = at::empty({(s.nhwc || s.split > 1) ? 2 * s.N * s.C * s.split : 1}, x.options().dtype(acc));
   at::Tensor w = param(weight, acc), b = param(bias, acc);

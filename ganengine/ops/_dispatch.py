@@ -28,12 +28,24 @@ log = logging.getLogger("ganengine.dispatch")
 
 # auto order per device type; "torch" is always the last resort
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
-# per-op exceptions, each from a measurement on a GPU (docs/gpu.md, "First GPU run", H100,
-# `python -m ganengine.tools.gpu_check`): the losses' one-call CUDA C++ kernels beat the Triton
-# ones: discriminator_loss 30x30 forward+backward 61 vs 125 us, cycle_loss 4x3x256x256 120 vs
-# 351 us, a forward call including host time 28 vs 86 us. The other ops keep the device order
-# until a GPU run measures them (docs/gpu.md says which figures decide it).
-AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cuda"): ("cuda", "triton")}
+# Per-op exceptions, keyed (op, device type) or (op, device type, variant), each from a measurement
+# on a GPU (docs/gpu.md, "First GPU run", H100, `python -m ganengine.tools.gpu_check`):
+# * the losses' one-call CUDA C++ kernels beat the Triton ones: discriminator_loss 30x30
+#   forward+backward 61 vs 125 us, cycle_loss 4x3x256x256 120 vs 351 us, a forward call including
+#   host time 28 vs 86 us;
+# * instance norm on NCHW planes: the CUDA C++ kernel ran at or under the Triton one's time at the
+#   batch-1 maps of CycleGAN and pix2pix (forward, bf16 / fp32: 1x256x64x64 12 / 13 us vs 13 / 14;
+#   1x64x256x256 18 / 26 us vs the Triton split-plane kernel's 419 / 423, a defect fixed since
+#   but not re-measured), Triton ahead only at 16x64x128x128 (29 / 52 vs 33 / 74 us); and its call is
+#   one C++ op with C++ autograd (the C++ entry, cuda_entry below) where Triton's is the Python
+#   route plus Triton's launch: on this project's CPU proxy 37 against 75 us of host time per
+#   forward+backward (eager 64). On channels_last planes the Triton kernels were 2-3x faster at
+#   1x64x256x256 and 16x64x128x128 (45 / 57 us vs 134 / 132): Triton first there.
+# The other ops keep the device order until a GPU run measures them (docs/gpu.md says which
+# figures decide it).
+AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cuda"): ("cuda", "triton"),
+                    ("instance_norm_act", "cuda"): ("cuda", "triton"),
+                    ("instance_norm_act", "cuda", "channels_last"): ("triton", "cuda")}
 
 last_used: dict[str, str] = {}
 
@@ -95,11 +107,18 @@ def _requested_backend() -> str:
     return requested
 
 
-def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None]) -> str:
+def auto_order(op: str, device_type: str, variant: str | None = None) -> tuple:
+    """The backends ``auto`` tries, in order, for ``op`` on a device type (and a variant of the
+    call, such as a memory layout, where the op's order depends on it)."""
+    return ((variant is not None and AUTO_ORDER_BY_OP.get((op, device_type, variant)))
+            or AUTO_ORDER_BY_OP.get((op, device_type)) or AUTO_ORDER.get(device_type, ()))
+
+
+def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None], variant: str | None = None) -> str:
     """Pick the backend for one call of ``op`` on tensors like ``x``.
 
     ``verdicts`` maps backend name -> None (can serve) or a reason (cannot). A backend missing
-    from ``verdicts`` is not implemented for this op.
+    from ``verdicts`` is not implemented for this op. ``variant``: see ``auto_order``.
     """
     requested = _requested_backend()
     device = x.device
@@ -114,8 +133,7 @@ def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None]) -> str:
         return verdicts[name]
 
     if requested == "auto":
-        order = AUTO_ORDER_BY_OP.get((op, device.type)) or AUTO_ORDER.get(device.type, ())
-        for name in order:
+        for name in auto_order(op, device.type, variant):
             if reason_for(name) is None:
                 last_used[op] = name
                 return name
@@ -180,6 +198,47 @@ def lean_op(name: str, kernels: tuple = ()):
             op = _LEAN[name] = _lean_resolve(name, kernels)
             return op
     return None
+
+
+# The same C++ entries serve CUDA tensors where their kernels have CUDA implementations (norm_act):
+# called on a CUDA tensor only where the requested backend would run those kernels, 'cuda' itself or
+# 'auto' with cuda first in the op's order. On the CUDA path this replaces the Python route (checks,
+# the backend choice, an autograd.Function) by one dispatcher call, as eager's own ops are.
+_CUDA_ENTRY: dict = {}  # (entry name, op, variant, requested backend, serves) -> raw C++ op or None
+
+
+def _cuda_entry_resolve(name: str, op: str, variant: str | None, requested: str, kernels: tuple) -> object | None:
+    cuda = torch.device("cuda")
+    if requested == "auto":
+        first = next((b for b in auto_order(op, "cuda", variant) if _serves(b, cuda)), None)
+        if first != "cuda":
+            return None
+    elif requested != "cuda":
+        return None
+    if not (_ext.loaded() and _serves("cuda", cuda)):
+        return None
+    if not any(_ext.has_kernel(name, key) for key in _ENTRY_KEYS):
+        return None
+    if not all(_ext.has_kernel(k, "CUDA") or _ext.has_kernel(k, "CompositeExplicitAutograd") for k in kernels):
+        return None
+    return _ext.op(name).default._op
+
+
+def cuda_entry(name: str, op: str, kernels: tuple = (), variant: str | None = None):
+    """The raw ``ganengine_C::<name>`` entry for a call of ``op`` on a CUDA tensor when the requested
+    backend would run the CUDA C++ kernels (``kernels``: the ganengine_C ops the entry calls, each
+    with a CUDA or a composite kernel), else None. Resolved once per (entry, variant, requested
+    backend); per call a few attribute reads and a dict lookup."""
+    requested = _requested.value
+    if requested is None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        requested = _ENV_DECODE(raw) if raw else "auto"
+    key = (name, op, variant, requested, backends.serves)
+    try:
+        return _CUDA_ENTRY[key]
+    except KeyError:
+        found = _CUDA_ENTRY[key] = _cuda_entry_resolve(name, op, variant, requested, kernels)
+        return found
 
 
 def refused(e: BaseException, prefix: str, *optional_tensors, required=()) -> bool:

@@ -442,13 +442,24 @@ _GAN_REFUSAL = "gan_loss: not served by the C++ entry"
 _DISC_REFUSAL = "discriminator_loss: not served by the C++ entry"
 
 
-def _lean_device(logits) -> bool:
-    """Whether the lean entry may serve ``logits`` (a map or a list of maps) by its device: False for
-    a first map that is a tensor off the CPU. The entry would refuse it (a C++ exception and the
-    message check: about 30 us, on every call of a GPU training step); anything else it is asked
-    about, as before (its refusals and the dispatcher's conversion errors lead to the full route)."""
+def _entry(name: str, logits):
+    """The C++ entry ``name`` for ``logits`` (a map or a list of maps), by the first map's device: on
+    the CPU the lean entry (_dispatch.lean_op); on CUDA the same entry where the cuda backend is
+    the one chosen (_dispatch.cuda_entry; the adversarial losses dispatch as "gan_loss"), else
+    None, so that a GPU call the entry would refuse does not pay for the refusal (a C++ exception
+    and the message check: about 30 us). Anything not a tensor is asked about, as before (its
+    refusals and the dispatcher's conversion errors lead to the full route)."""
     x = logits[0] if type(logits) in (list, tuple) and logits else logits
-    return not isinstance(x, Tensor) or x.is_cpu
+    if not isinstance(x, Tensor) or x.is_cpu:
+        return _dispatch.lean_op(name, _ADV_KERNELS)
+    if x.is_cuda:
+        return _dispatch.cuda_entry(name, "gan_loss", _ADV_KERNELS)
+    return None
+
+
+def _entry_backend(xs) -> str:
+    """The backend a served entry call ran on: its maps' device."""
+    return "cpu" if xs[0].is_cpu else "cuda"
 
 
 def _lean_declined(e: RuntimeError, prefix: str, xs, mode, real_label, fake_label) -> bool:
@@ -527,11 +538,10 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     mean loss, computed in one pass, one autograd node instead of one per map.
     """
     # the lean route (see _ADV_KERNELS): target_is_real and for_discriminator of exactly the type
-    # bool (the dispatcher would also convert a tensor, which the full route rejects); CPU maps only
-    # (_lean_device: a refusal costs ~30 us, every call on a GPU)
-    if (type(target_is_real) is bool and type(for_discriminator) is bool and _lean_device(logits)
-            and not torch.compiler.is_compiling()):
-        op = _dispatch.lean_op("gan_loss", _ADV_KERNELS)
+    # bool (the dispatcher would also convert a tensor, which the full route rejects); CPU maps, and
+    # CUDA maps where the cuda backend is chosen (_entry)
+    if type(target_is_real) is bool and type(for_discriminator) is bool and not torch.compiler.is_compiling():
+        op = _entry("gan_loss", logits)
         if op is not None:
             xs = (logits,) if isinstance(logits, Tensor) else logits
             try:
@@ -540,7 +550,7 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
                 if not _lean_declined(e, _GAN_REFUSAL, xs, mode, real_label, fake_label):
                     raise
             else:
-                _dispatch.last_used["gan_loss"] = "cpu"
+                _dispatch.last_used["gan_loss"] = _entry_backend(xs)
                 return total
     fn = "gan_loss"
     mode = _check_mode(mode)
@@ -562,8 +572,8 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "lsgan",
                        *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
     """0.5 * (gan_loss(real_logits, True) + gan_loss(fake_logits, False)), both in one pass."""
-    if _lean_device(real_logits) and not torch.compiler.is_compiling():  # the lean route, as gan_loss's
-        op = _dispatch.lean_op("discriminator_loss", _ADV_KERNELS)
+    if not torch.compiler.is_compiling():  # the lean route, as gan_loss's
+        op = _entry("discriminator_loss", real_logits)
         if op is not None:
             try:
                 total = op(real_logits, fake_logits, mode, real_label, fake_label)
@@ -571,7 +581,7 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "ls
                 if not _lean_declined(e, _DISC_REFUSAL, (real_logits, fake_logits), mode, real_label, fake_label):
                     raise
             else:
-                _dispatch.last_used["discriminator_loss"] = "cpu"
+                _dispatch.last_used["discriminator_loss"] = _entry_backend((real_logits,))
                 return total
     mode = _check_mode(mode)
     _check_logits(real_logits, "real_logits", "discriminator_loss")

@@ -105,12 +105,20 @@ def _triton_verdict(x: torch.Tensor) -> str | None:
     return None
 
 
+def _layout(x: torch.Tensor) -> str | None:
+    """The auto order's variant on CUDA (_dispatch.AUTO_ORDER_BY_OP): "channels_last" for NHWC-dense
+    x (what the kernels then read), None for NCHW and for anything copied to NCHW first."""
+    if x.is_cuda and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return None
+
+
 def _backend_for(x: torch.Tensor, op: str) -> str:
     return _dispatch.choose("instance_norm_act", x, {
         "triton": _triton_verdict(x),
         "cpu": _dispatch.ext_reason(op, x.device),
         "cuda": _dispatch.ext_reason(op, x.device),
-    })
+    }, _layout(x))
 
 
 def _dense_4d(t: torch.Tensor) -> torch.Tensor:
@@ -211,7 +219,7 @@ _eager_fwd = _eager.twin("ganengine::instance_norm_act_fwd", _fwd_body, _setup_c
                          _eager.backward_via(_backward, _bwd_body))
 
 
-# ----------------------------------------------------------------------------- lean cpu entry
+# ----------------------------------------------------------------------------- lean entry (CPU, and CUDA where the cuda backend is chosen)
 # (apply, slope) of the activations with a fixed slope; leaky_relu takes the caller's slope
 _FIXED_ACT = {"relu": (True, 0.0), "none": (False, 1.0)}
 _IN_KERNELS = ("norm_act_fwd", "norm_act_bwd")  # what ganengine_C::instance_norm_act calls
@@ -248,19 +256,29 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
     so the output is ``activation(bias)`` (PyTorch raises there).
     """
-    # the lean route: CPU tensor, the C++ op with C++ autograd (instance_norm_act_rs when running
-    # statistics are updated). An unknown activation or a non-number eps, slope or momentum skips
-    # it; it declines what else it does not serve (3-D, empty, odd parameters, one pixel with
-    # running statistics) before any work (_dispatch.refused). The full route below then handles the case or
-    # raises the public error. Any other error is the call's own: raised once, as is.
-    if use_input_stats is True and isinstance(x, torch.Tensor) and x.is_cpu and not torch.compiler.is_compiling():
+    # the lean route: the C++ op with C++ autograd (instance_norm_act_rs when running statistics are
+    # updated), on a CPU tensor (the cpu backend's kernels) or on a CUDA tensor where the cuda
+    # backend is the one chosen (its kernels; _dispatch.cuda_entry). An unknown activation or a
+    # non-number eps, slope or momentum skips it; it declines what else it does not serve (3-D,
+    # empty, odd parameters, one pixel with running statistics) before any work
+    # (_dispatch.refused). The full route below then handles the case or raises the public error.
+    # Any other error is the call's own: raised once, as is.
+    if use_input_stats is True and isinstance(x, torch.Tensor) and not torch.compiler.is_compiling():
         if running_mean is None and running_var is None:
-            op = _dispatch.lean_op("instance_norm_act", _IN_KERNELS)
+            name, kernels = "instance_norm_act", _IN_KERNELS
         elif isinstance(running_mean, torch.Tensor) and isinstance(running_var, torch.Tensor):
             # (a momentum the schema's float would not take: the full route raises the public error)
-            op = _dispatch.lean_op("instance_norm_act_rs", _IN_RS_KERNELS) if type(momentum) in (float, int) else None
+            name, kernels = ("instance_norm_act_rs", _IN_RS_KERNELS) if type(momentum) in (float, int) else (None, ())
         else:
-            op = None  # the full route raises the public error
+            name = None  # the full route raises the public error
+        if name is None:
+            op = None
+        elif x.is_cpu:
+            op = _dispatch.lean_op(name, kernels)
+        elif x.is_cuda:
+            op = _dispatch.cuda_entry(name, "instance_norm_act", kernels, _layout(x))
+        else:
+            op = None
         if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
@@ -277,7 +295,7 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
                     if not _dispatch.refused(e, _REFUSAL, weight, bias, running_mean, running_var):
                         raise
                 else:
-                    _dispatch.last_used["instance_norm_act"] = "cpu"
+                    _dispatch.last_used["instance_norm_act"] = "cpu" if x.is_cpu else "cuda"
                     return y
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"instance_norm_act: x must be a Tensor, got {type(x).__name__}")
