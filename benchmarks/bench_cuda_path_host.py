@@ -24,7 +24,9 @@ The differences between the rows are what the Python layers add or save on any m
 ``--models cyclegan pix2pix``: the same for whole training steps at the ``quick`` size (the
 networks' structure, small maps): the eager model's step against the fused model's on the CUDA
 path's route (Triton backend, launches stubbed, the vendor convolution as on CUDA), through the
-custom ops and through the eager route; ms per step. The convolutions (oneDNN here) run in every
+custom ops and through the eager route, and (``auto order``) with the C++ entries the auto order
+takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses: ``CUDA_ENTRIES``),
+which here run the cpu backend's kernels, arithmetic included; ms per step. The convolutions (oneDNN here) run in every
 variant; what differs is the fused layers' host cost (the Triton kernels' own time is missing).
 
     TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python benchmarks/bench_cuda_path_host.py [--ops ...]
@@ -67,7 +69,15 @@ def _stubbed_triton_launches():
         yield
 
 
-def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False):
+# The C++ entries the auto order takes on CUDA tensors (_dispatch.cuda_entry: instance norm on NCHW
+# planes and the adversarial losses, cuda first); on CPU tensors the same entries run the cpu
+# backend's kernels, which also do their arithmetic here (more than the CUDA path's host cost).
+CUDA_ENTRIES = ("instance_norm_act", "instance_norm_act_rs", "gan_loss", "discriminator_loss")
+
+
+def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entries: tuple = ()):
+    real_lean = _dispatch.lean_op
+
     @contextlib.contextmanager
     def scope():
         with contextlib.ExitStack() as st:
@@ -76,7 +86,19 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False):
                 from ganengine.ops.conv_act import triton_conv_impl
 
                 st.enter_context(triton_conv_impl("vendor"))
-            st.enter_context(_patched(_dispatch, "lean_op", lambda *a, **k: None))  # no CPU lean entry
+            # no CPU lean entry, except those in ``entries`` (as the cuda backend's C++ entries)
+            resolved = {}
+
+            def lean(name, kernels=()):
+                if name not in entries:
+                    return None
+                try:
+                    return resolved[name]
+                except KeyError:
+                    with backends.use_backend("cpu"):  # (resolved once, outside the timed calls' cost)
+                        op = resolved[name] = real_lean(name, kernels)
+                    return op
+            st.enter_context(_patched(_dispatch, "lean_op", lean))
             if not twin:
                 st.enter_context(_patched(_eager, "plain_eager", lambda *a: False))
             if stub:
@@ -134,9 +156,10 @@ def measure_models(names, rounds: int) -> list[dict]:
             step_ctx = AmpContext("off", torch.device("cpu"), list(opts))
             steps[label] = functools.partial(model.train_step, batch, opts, step_ctx)
         calls_ = {"eager": steps["eager"], "CUDA path, custom op": steps["fused"],
-                  "CUDA path, eager route": steps["fused"]}
+                  "CUDA path, eager route": steps["fused"], "CUDA path, auto order": steps["fused"]}
         scopes = {"CUDA path, custom op": _scope("triton", False, True, vendor_conv=True),
-                  "CUDA path, eager route": _scope("triton", True, True, vendor_conv=True)}
+                  "CUDA path, eager route": _scope("triton", True, True, vendor_conv=True),
+                  "CUDA path, auto order": _scope("triton", True, True, vendor_conv=True, entries=CUDA_ENTRIES)}
         with pinned_threads(1):
             res = timing.interleave(calls_, rounds, warmup=2, alternate=True, scopes=scopes)
         rec = {"model": name, "size": f"{n}x{img}x{img}", **{k: v["median"] for k, v in res.items()}}
@@ -146,7 +169,7 @@ def measure_models(names, rounds: int) -> list[dict]:
 
 
 def markdown_models(recs: list[dict]) -> str:
-    cols = ["eager", "CUDA path, custom op", "CUDA path, eager route"]
+    cols = ["eager", "CUDA path, custom op", "CUDA path, eager route", "CUDA path, auto order"]
     lines = ["| model | batch | " + " | ".join(f"{c} ms" for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     lines += [f"| {r['model']} | {r['size']} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in recs]
     return "\n".join(lines) + "\n"
