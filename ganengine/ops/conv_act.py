@@ -338,8 +338,9 @@ def _in_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: t
             memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
     # gamma's and beta's gradients are summed over the batch only where they exist (a kernel each
     # on a GPU); otherwise nothing reads them
-    return (dx, dw, b.sum(0) if gamma is not None else torch.empty_like(mean[0]),
-            a.sum(0) if beta is not None else torch.empty_like(mean[0]))
+    # (new_empty: no select view of mean to allocate from)
+    return (dx, dw, b.sum(0) if gamma is not None else mean.new_empty((mean.shape[1],)),
+            a.sum(0) if beta is not None else mean.new_empty((mean.shape[1],)))
 
 
 conv2d_in_act_bwd = torch.library.custom_op("ganengine::conv2d_in_act_bwd", mutates_args=())(_in_bwd_body)
