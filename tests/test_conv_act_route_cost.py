@@ -95,3 +95,22 @@ def test_vendor_route_gradients_are_eagers(channels_last):
     assert torch.equal(y_e > 0, y_v > 0)  # (the activation's gradient depends on the sign only)
     for a, r in zip(g_v, g_e):
         assert a.dtype == r.dtype and a.shape == r.shape and torch.equal(a, r)
+
+
+def test_conv_impl_from_the_environment(monkeypatch):
+    """GANENGINE_CONV_IMPL, read from os.environ's dict per call (cached per raw value): a change
+    takes effect at once, a bad value raises every time, triton_conv_impl takes precedence."""
+    from ganengine.settings import SettingError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for value, want in (("vendor", "vendor"), ("igemm", "igemm"), ("auto", "igemm"), ("", "igemm")):
+        monkeypatch.setenv("GANENGINE_CONV_IMPL", value)
+        assert ops._resolved_conv_impl(cpu) == want, value
+    monkeypatch.delenv("GANENGINE_CONV_IMPL")
+    assert ops._resolved_conv_impl(cpu) == "igemm" and ops._resolved_conv_impl(cuda) == "vendor"
+    monkeypatch.setenv("GANENGINE_CONV_IMPL", "cudnn")
+    for _ in range(2):
+        with pytest.raises(SettingError, match="GANENGINE_CONV_IMPL"):
+            ops._resolved_conv_impl(cpu)
+    with ops.triton_conv_impl("vendor"):
+        assert ops._resolved_conv_impl(cpu) == "vendor"
