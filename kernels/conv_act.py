@@ -8,10 +8,11 @@ Implicit-GEMM convolutions (groups=1, dilation=1, zero padding, any kernel size 
   _conv_dgrad    dx as an implicit GEMM over (co, kh, kw), masking taps whose output position
                  is not an integer (stride > 1) or out of range.
   _conv_wgrad    dw as a GEMM of gz^T (co x pixels) and the im2col of x (pixels x ci*kh*kw);
-                 one program owns a dw tile and walks every pixel: deterministic.
+                 one program owns a dw tile and walks every pixel: deterministic. With BIAS the
+                 first column of programs also sums its gz rows: the bias gradient, no launch of its own.
 Epilogue-only kernels (used after a vendor convolution, and by the backward passes), on
 (N, C, P=H*W) views given by strides, so NCHW and NHWC both work:
-  _bias_act, _act_grad (+ bias-gradient partials), _combine_stats (the implicit GEMM's tile
+  _bias_act, _act_grad (+ optional bias-gradient partials), _combine_stats (the implicit GEMM's tile
   statistics to mean / rstd, one launch), _norm_act (after them). conv2d_instance_norm_act after a vendor convolution, and its backward on both
   paths, use the instance-norm kernels of kernels/norm_act.py.
 Launchers take tensors; no autograd here (ganengine/ops/conv_act.py owns that).
@@ -135,11 +136,11 @@ def _conv_dgrad(g_ptr, w_ptr, dx_ptr,
 
 
 @triton.jit
-def _conv_wgrad(g_ptr, x_ptr, dw_ptr,
+def _conv_wgrad(g_ptr, x_ptr, dw_ptr, db_ptr,
                 NB, H, W, CI, OH, OW, CO,
                 sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
                 stride_h, stride_w, pad_h, pad_w,
-                KH: tl.constexpr, KW: tl.constexpr,
+                KH: tl.constexpr, KW: tl.constexpr, BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -155,6 +156,7 @@ def _conv_wgrad(g_ptr, x_ptr, dw_ptr,
     P = OH * OW
     R = NB * P
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_K):
         offs_r = r0 + tl.arange(0, BLOCK_K)
         r_mask = offs_r < R
@@ -164,6 +166,8 @@ def _conv_wgrad(g_ptr, x_ptr, dw_ptr,
         ow = p % OW
         a = tl.load(g_ptr + nn_[None, :] * sgn + offs_m[:, None] * sgc + oh[None, :] * sgh + ow[None, :] * sgw,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        if BIAS:  # the bias gradient rides along: these programs read every pixel of gz already
+            db += tl.sum(a.to(tl.float32), axis=1)
         ih = oh[:, None] * stride_h - pad_h + kh[None, :]
         iw = ow[:, None] * stride_w - pad_w + kw[None, :]
         b_mask = r_mask[:, None] & n_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -172,6 +176,8 @@ def _conv_wgrad(g_ptr, x_ptr, dw_ptr,
     # dw is (CO, CI, KH, KW) contiguous
     dst = dw_ptr + offs_m[:, None] * J + ci[None, :] * (KH * KW) + kh[None, :] * KW + kw[None, :]
     tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if BIAS:  # one program per output-channel tile writes it (the first column of tiles): no atomics
+        tl.store(db_ptr + offs_m, db.to(db_ptr.dtype.element_ty), mask=m_mask & (pid_n == 0))
 
 
 # ------------------------------------------------------------------------- epilogue kernels
@@ -200,7 +206,7 @@ def _bias_act(y_ptr, b_ptr, C, HW, n_ptiles, sn, sc, sp, slope,
 
 @triton.jit
 def _act_grad(g_ptr, sgn, sgc, sgp, y_ptr, sn, sc, sp, gz_ptr, part_ptr, C, HW, n_ptiles, slope,
-              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+              PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n, pt, offs_p, offs_c, mask = _tile(C, HW, n_ptiles, BLOCK_P, BLOCK_C)
     n64 = n.to(tl.int64)
     g = tl.load(g_ptr + n64 * sgn + offs_p[:, None] * sgp + offs_c[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
@@ -208,8 +214,9 @@ def _act_grad(g_ptr, sgn, sgc, sgp, y_ptr, sn, sc, sp, gz_ptr, part_ptr, C, HW, 
     y = tl.load(y_ptr + off, mask=mask, other=0.0)
     gz = leaky_relu_grad(g, y, slope)
     tl.store(gz_ptr + off, gz.to(gz_ptr.dtype.element_ty), mask=mask)
-    part = tl.sum(tl.where(mask, gz, 0.0), axis=0)
-    tl.store(part_ptr + (tl.program_id(0).to(tl.int64)) * C + offs_c, part, mask=offs_c < C)
+    if PARTIALS:
+        part = tl.sum(tl.where(mask, gz, 0.0), axis=0)
+        tl.store(part_ptr + (tl.program_id(0).to(tl.int64)) * C + offs_c, part, mask=offs_c < C)
 
 
 @triton.jit
@@ -273,11 +280,31 @@ def _ncp(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(3)
 
 
+# Launch plans by (shape, strides): the per-call grid / stride arithmetic of the epilogue launchers
+# costs microseconds of host time per call (on a GPU at GAN batch sizes, host time is the step
+# time), and a network calls them with a handful of shapes. Bounded: cleared when it fills.
+_PLANS: dict = {}
+_MAX_PLANS = 512
+
+
+def _cached(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = make()  # (raises for a layout or grid the kernels cannot take: nothing cached)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def _gspec(g: torch.Tensor):
     """Strides of a gradient; a stride-0 (expanded) gradient is read in place."""
-    if g.shape[2] * g.shape[3] > 1 and g.stride(2) != g.stride(3) * g.shape[3]:
+    spec = _cached(("g", g.shape, g.stride()), lambda: (
+        None if g.shape[2] * g.shape[3] > 1 and g.stride(2) != g.stride(3) * g.shape[3] else _ncp(g)))
+    if spec is None:
         g = g.contiguous()
-    return g, _ncp(g)
+        return g, _ncp(g)
+    return g, spec
 
 
 def _combine(part: torch.Tensor, hw: int, block: int, eps: float):
@@ -335,20 +362,23 @@ def conv2d_grad_input(gz, w, x_shape, stride, padding, fmt=torch.contiguous_form
     return dx
 
 
-def conv2d_grad_weight(gz, x, w_shape, stride, padding):
+def conv2d_grad_weight(gz, x, w_shape, stride, padding, bias_grad: bool = False):
+    """dw (C_out, C_in, kH, kW) contiguous; with ``bias_grad`` (dw, db), db = sum(gz) over (N, H, W)
+    in gz's dtype, from the same launch (summed in fp32 in a fixed order: deterministic)."""
     co, ci, kh, kw = w_shape
     gz, _ = _gspec(gz)
     dw = torch.empty((co, ci, kh, kw), dtype=x.dtype, device=x.device)
+    db = torch.empty((co,), dtype=gz.dtype, device=gz.device) if bias_grad else dw
     GEMM = _gemm_config(x)
     bm, bn, bk = GEMM["BLOCK_M"], GEMM["BLOCK_N"], GEMM["BLOCK_K"]
     # (co tiles, ci*kh*kw tiles): at most 1024 x 64 channels x taps, far below the axis limits
     grid = _launch.grid("conv2d weight gradient", _launch.cdiv(co, bm), _launch.cdiv(ci * kh * kw, bn))
     with _launch.device_guard(x):
-        _conv_wgrad[grid](gz, x, dw, x.shape[0], x.shape[2], x.shape[3], ci, gz.shape[2], gz.shape[3], co,
+        _conv_wgrad[grid](gz, x, dw, db, x.shape[0], x.shape[2], x.shape[3], ci, gz.shape[2], gz.shape[3], co,
                           *gz.stride(), *x.stride(), stride[0], stride[1], padding[0], padding[1], KH=kh, KW=kw,
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
+                          BIAS=bias_grad, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=GEMM["num_warps"],
                           num_stages=GEMM["num_stages"])
-    return dw
+    return (dw, db) if bias_grad else dw
 
 
 def _egrid(t, name):
@@ -357,36 +387,46 @@ def _egrid(t, name):
     return _launch.grid(name, t.shape[0] * n_pt, _launch.cdiv(t.shape[1], ELEM["BLOCK_C"])), n_pt
 
 
+def _eplan(t, name):
+    """An epilogue launch over ``t``: (grid, (C, H*W, pixel tiles per image, sn, sc, sp))."""
+    def make():
+        grid, n_pt = _egrid(t, name)
+        return grid, (t.shape[1], t.shape[2] * t.shape[3], n_pt, *_ncp(t))
+    return _cached(("e", t.shape, t.stride()), make)
+
+
 _EKW = dict(BLOCK_P=ELEM["BLOCK_P"], BLOCK_C=ELEM["BLOCK_C"], num_warps=ELEM["num_warps"])
 
 
 def bias_act_(y, bias, slope):
     """y = leaky_relu(y + bias, slope), in place."""
-    grid, n_pt = _egrid(y, "conv bias + act")
+    grid, (c, hw, n_pt, sn, sc, sp) = _eplan(y, "conv bias + act")
     with _launch.device_guard(y):
-        _bias_act[grid](y, bias if bias is not None else y, y.shape[1], y.shape[2] * y.shape[3], n_pt, *_ncp(y),
+        _bias_act[grid](y, bias if bias is not None else y, c, hw, n_pt, sn, sc, sp,
                         float(slope), HAS_BIAS=bias is not None, **_EKW)
     return y
 
 
-def act_grad(grad, y, slope):
-    """gz = grad * (y > 0 ? 1 : slope) in y's layout, and the bias gradient sum(gz) in fp32."""
+def act_grad(grad, y, slope, bias_grad: bool = True):
+    """gz = grad * (y > 0 ? 1 : slope) in y's layout, and (``bias_grad``) the bias gradient sum(gz)
+    in fp32 from per-tile partials (one more kernel: their sum), else None. The routes take the
+    bias gradient from the convolution's backward instead (convolution_backward's own, as eager's;
+    the implicit GEMM's weight-gradient launch), which costs no launch of its own."""
     grad, gs = _gspec(grad)
     gz = torch.empty_like(y)
-    grid, n_pt = _egrid(y, "conv act gradient")
-    part = torch.empty((y.shape[0], n_pt, y.shape[1]), dtype=torch.float32, device=y.device)
+    grid, (c, hw, n_pt, sn, sc, sp) = _eplan(y, "conv act gradient")
+    part = torch.empty((y.shape[0], n_pt, c), dtype=torch.float32, device=y.device) if bias_grad else gz
     with _launch.device_guard(y):
-        _act_grad[grid](grad, *gs, y, *_ncp(y), gz, part, y.shape[1], y.shape[2] * y.shape[3], n_pt, float(slope),
-                        **_EKW)
-    return gz, part.sum(dim=(0, 1))
+        _act_grad[grid](grad, *gs, y, sn, sc, sp, gz, part, c, hw, n_pt, float(slope), PARTIALS=bias_grad, **_EKW)
+    return gz, (part.sum(dim=(0, 1)) if bias_grad else None)
 
 
 def norm_act(c, mean, rstd, gamma, beta, slope):
     y = torch.empty_like(c)
-    grid, n_pt = _egrid(c, "instance norm + act")
+    grid, (ch, hw, n_pt, sn, sc, sp) = _eplan(c, "instance norm + act")
     with _launch.device_guard(c):
-        _norm_act[grid](c, y, *_ncp(c), mean, rstd, gamma if gamma is not None else mean,
-                        beta if beta is not None else mean, c.shape[1], c.shape[2] * c.shape[3], n_pt, float(slope),
+        _norm_act[grid](c, y, sn, sc, sp, mean, rstd, gamma if gamma is not None else mean,
+                        beta if beta is not None else mean, ch, hw, n_pt, float(slope),
                         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, **_EKW)
     return y
 
@@ -409,9 +449,10 @@ def aot_cases():
                     y = conv2d(x, w, b, (st, st), (1, 1), slope=0.2, fmt=fmt)          # conv + bias + act
                     c, mean, rstd = conv2d(x, w, None, (st, st), (1, 1), fmt=fmt, stats_eps=1e-5)
                     g = torch.empty_like(y)
-                    gz, _ = act_grad(g, y, 0.2)
+                    gz, _ = act_grad(g, y, 0.2, bias_grad=False)                   # as the routes run them
+                    act_grad(g, y, 0.2)                                              # (+ bias partials)
                     conv2d_grad_input(gz, w, x.shape, (st, st), (1, 1), fmt)
-                    conv2d_grad_weight(gz, x, w.shape, (st, st), (1, 1))
+                    conv2d_grad_weight(gz, x, w.shape, (st, st), (1, 1), bias_grad=True)
                     if st == 1:
                         return  # the epilogue kernels compile alike for every layer: once is enough
                     bias_act_(y, b, 0.2)                                              # vendor-conv epilogues

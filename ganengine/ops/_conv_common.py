@@ -29,6 +29,8 @@ def out_format(t: torch.Tensor) -> torch.memory_format:
 
 def pair(name: str, v, minimum: int) -> list[int]:
     """An int or a pair of ints as [a, b], each >= minimum; else the public error naming ``name``."""
+    if type(v) is int and v >= minimum:  # the common call, without the general checks below
+        return [v, v]
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     if (not isinstance(v, (tuple, list)) or len(v) != 2
@@ -76,20 +78,40 @@ def autocast_args(x, *tensors):
     return [x, *tensors]
 
 
-def vendor_conv(x, w, bias, stride, padding, transposed=False, output_padding=(0, 0)):
+# ATen's convolution through torch's own binding (the Python argument parser): the same op as
+# torch.ops.aten.convolution, whose OpOverloadPacket / schema-matching layers cost ~5 us more a
+# call (on a GPU at GAN batch sizes a step is host-bound); convolution_backward has no such
+# binding: its raw overload (~1 us less than the packet)
+_convolution = torch.convolution
+_convolution_backward = torch.ops.aten.convolution_backward.default._op
+_ONES = (1, 1)
+_ZEROS = (0, 0)
+
+
+def vendor_conv(x, w, bias, stride, padding, transposed=False, output_padding=_ZEROS):
     """ATen's convolution (cuDNN / oneDNN), output in ``out_format(x)``."""
-    y = torch.ops.aten.convolution(x, w, bias, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1)
-    return y.contiguous(memory_format=out_format(x))
+    return _convolution(x, w, bias, stride, padding, _ONES, transposed, output_padding, 1).contiguous(
+        memory_format=out_format(x))
 
 
-def conv_grads(gz, x, w, stride, padding, mask, transposed=False, output_padding=(0, 0)):
+def conv_grads(gz, x, w, stride, padding, mask, transposed=False, output_padding=_ZEROS):
     """(dx, dw) of ATen's convolution for the output gradient gz; an empty tensor where not in mask."""
-    dx, dw, _ = torch.ops.aten.convolution_backward(
-        gz, x, w, None, list(stride), list(padding), [1, 1], transposed, list(output_padding), 1,
-        [mask[0], mask[1], False])
+    dx, dw, _ = _convolution_backward(gz, x, w, None, stride, padding, _ONES, transposed, output_padding, 1,
+                                      [mask[0], mask[1], False])
     dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
     dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
     return dx, dw
+
+
+def conv_grads_bias(gz, x, w, stride, padding, mask):
+    """(dx, dw, db) of ATen's convolution with a bias (groups 1, not transposed): ``mask[2]`` asks
+    for db = sum(gz) over (N, H, W), which convolution_backward computes as eager's own backward
+    does (no separate reduction op around it); an empty tensor where not in mask."""
+    dx, dw, db = _convolution_backward(gz, x, w, [gz.shape[1]], stride, padding, _ONES, False, _ZEROS, 1,
+                                       [mask[0], mask[1], mask[2]])
+    dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
+    dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
+    return dx, dw, db if mask[2] else gz.new_empty((0,))
 
 
 def grads_by_reference(fn, tensors, needs, grad):

@@ -44,6 +44,7 @@ from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, che
                                         grads_by_reference, out_format, pair, vendor_conv)
 
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
+_ZEROS = (0, 0)
 
 
 @contextlib.contextmanager
@@ -108,7 +109,7 @@ def _vendor_call(x, weight, stride, padding, transposed, output_padding) -> bool
     the GPU backends; oneDNN on the cpu backend where neither the GEMM form nor Winograd is
     taken): the public functions then call it directly and skip the custom op's host cost,
     forward and backward (2-3x eager's at a tiny shape)."""
-    if torch.compiler.is_compiling():
+    if _dynamo_compiling() or torch.compiler._is_compiling_flag:
         return False
     backend = _backend(x, weight)
     if backend in _VENDOR_BACKENDS:
@@ -285,12 +286,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     fn = "conv2d"
     check_conv(fn, x, weight, bias)
     stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)
-    if x.shape[2] + 2 * padding[0] < weight.shape[2] or x.shape[3] + 2 * padding[1] < weight.shape[3]:
+    xs, ws = x.shape, weight.shape
+    if xs[2] + 2 * padding[0] < ws[2] or xs[3] + 2 * padding[1] < ws[3]:
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
                          f"{tuple(weight.shape[2:])} kernel")
     x, weight, bias = autocast_args(x, weight, bias)
-    if _vendor_call(x, weight, stride, padding, False, (0, 0)):
-        return F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=out_format(x))
+    if _vendor_call(x, weight, stride, padding, False, _ZEROS):
+        return torch.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=out_format(x))
     fwd = _eager_fwd if _eager.plain_eager(x, weight, bias) else conv_fwd
     return fwd(x, weight, bias, list(stride), list(padding), [0, 0], False)
 

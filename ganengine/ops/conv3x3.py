@@ -102,6 +102,9 @@ def winograd_profitable(x_shape, w_shape, padding: int, tile: int = 2) -> bool:
 
 
 # ----------------------------------------------------------------------------- torch backend
+_nn_pad = torch._C._nn.pad  # what F.pad runs for "reflect" (its Python layer adds nothing for that mode)
+
+
 def _pad(x, padding: int, reflect: bool):
     if reflect and padding:
         return F.pad(x, (padding,) * 4, mode="reflect"), 0
@@ -278,30 +281,42 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             return y
     fn = "conv3x3"
     check_conv(fn, x, weight, bias)
-    if tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"{fn}: weight must be (K, C, 3, 3), got {tuple(weight.shape)}")
-    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+    ws = weight.shape
+    if ws[2] != 3 or ws[3] != 3:
+        raise ValueError(f"{fn}: weight must be (K, C, 3, 3), got {tuple(ws)}")
+    if type(padding) is not int or padding < 0:
         padding = pair(f"{fn}: padding", padding, 0)
         if padding[0] != padding[1]:
             raise ValueError(f"{fn}: padding must be the same on both axes, got {tuple(padding)}")
         padding = padding[0]
-    if padding_mode not in ("zeros", "reflect"):
+    if padding_mode == "reflect":
+        reflect = padding > 0
+    elif padding_mode == "zeros":
+        reflect = False
+    else:
         raise ValueError(f"{fn}: padding_mode must be 'zeros' or 'reflect', got {padding_mode!r}")
-    reflect = padding_mode == "reflect" and padding > 0
-    if reflect and (padding >= x.shape[2] or padding >= x.shape[3]):
+    h, w = x.shape[2], x.shape[3]
+    if reflect and (padding >= h or padding >= w):
         raise ValueError(f"{fn}: reflect padding {padding} must be smaller than the input's H and W, "
                          f"got {tuple(x.shape)}")
-    if x.shape[2] + 2 * padding < 3 or x.shape[3] + 2 * padding < 3:
+    if h + 2 * padding < 3 or w + 2 * padding < 3:
         raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {padding} is smaller than the 3x3 kernel")
     x, weight, bias = autocast_args(x, weight, bias)
     backend = _backend(x)
     # (the compile check first: under dynamo the route query is a dispatcher-state read it cannot trace)
-    if not torch.compiler.is_compiling() and (
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and (
             backend in _VENDOR_BACKENDS or (backend == "cpu" and _use_winograd(x, weight, padding) is None)):
         # the GPU backends run cuDNN either way, and the cpu backend oneDNN where Winograd does
         # not pay: the plain composition skips the custom op's host cost (its dispatch, forward
-        # and backward: 8x eager's at a tiny shape) and runs the same kernels
-        return reference_conv3x3(x, weight, bias, padding, reflect).contiguous(memory_format=out_format(x))
+        # and backward: 8x eager's at a tiny shape) and runs the same kernels, called directly
+        # (reference_conv3x3's ops without F.pad's Python wrapper: on a GPU at GAN batch sizes
+        # host time is the step time)
+        if reflect:
+            y = _nn_pad(x, (padding, padding, padding, padding), "reflect", None)
+            y = torch.conv2d(y, weight, bias, 1, 0)
+        else:
+            y = torch.conv2d(x, weight, bias, 1, padding)
+        return y.contiguous(memory_format=out_format(x))
     fwd = _eager_fwd if _eager.plain_eager(x, weight, bias) else conv3x3_fwd
     return fwd(x, weight, bias, padding, reflect)
 

@@ -30,6 +30,7 @@ the public functions); statistics accumulate in fp32 and gamma/beta are read in 
 from __future__ import annotations
 
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from ganengine.ops._conv_common import autocast_args as _autocast
 from ganengine.ops._conv_common import bias_grad as _bias_grad
 from ganengine.ops._conv_common import check_conv as _check_conv
 from ganengine.ops._conv_common import conv_grads as _conv_bwd
+from ganengine.ops._conv_common import conv_grads_bias as _conv_bwd_bias
 from ganengine.ops._conv_common import dynamo_compiling as _dynamo_compiling
 from ganengine.ops._conv_common import fast_entry
 from ganengine.ops._conv_common import grads_by_reference as _grads_by_reference
@@ -72,8 +74,24 @@ class triton_conv_impl:
         return False
 
 
+# GANENGINE_CONV_IMPL read from os.environ's own dict (as _dispatch.lean_op reads
+# GANENGINE_BACKEND): os.environ.get costs ~1-4 us a call when the variable is unset, and every
+# triton call asks this once in the forward and once in the backward. Each raw value is
+# validated by settings.get once (a bad value raises there, every time, and is never cached).
+try:
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey("GANENGINE_CONV_IMPL")
+except AttributeError:  # not CPython's os._Environ: the public mapping
+    _ENV_DATA, _ENV_KEY = os.environ, "GANENGINE_CONV_IMPL"
+_ENV_PARSED: dict = {}  # raw value (None when unset) -> the validated name
+
+
 def _resolved_conv_impl(device: torch.device) -> str:
-    name = _conv_impl.get() or settings.get("GANENGINE_CONV_IMPL")
+    name = _conv_impl.get()
+    if not name:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        name = _ENV_PARSED.get(raw)
+        if name is None:
+            name = _ENV_PARSED[raw] = settings.get("GANENGINE_CONV_IMPL")
     if name == "auto":
         return "vendor" if device.type == "cuda" else "igemm"
     return name
@@ -158,47 +176,58 @@ def _torch_in_bwd(grad, x, w, c, mean, rstd, gamma, beta, stride, padding, slope
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _triton_verdict(x: torch.Tensor) -> str | None:
+def _triton_verdict(x: torch.Tensor, impl: str) -> str | None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {x.dtype} is not supported (fp16, bf16, fp32)"
-    if _resolved_conv_impl(x.device) == "igemm":
+    if impl == "igemm":
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
             return "tl.dot on bf16 is broken in the Triton interpreter"
     return None
 
 
-def _backend(op: str, ext_op: str, x: torch.Tensor) -> str:
+def _backend(op: str, ext_op: str, x: torch.Tensor) -> tuple[str, str]:
+    """(backend, the triton convolution implementation): the implementation is resolved once per
+    body, for the verdict and for the body's own branch."""
+    impl = _resolved_conv_impl(x.device)
     cpu_reason = _dispatch.ext_reason(ext_op, x.device)
     if cpu_reason is None and x.dtype not in _FLOATS:
         cpu_reason = f"dtype {x.dtype} is not supported"
-    return _dispatch.choose(op, x, {"triton": _triton_verdict(x), "cpu": cpu_reason})
+    return _dispatch.choose(op, x, {"triton": _triton_verdict(x, impl), "cpu": cpu_reason}), impl
+
+
+_TK = []  # [kernels/conv_act.py, kernels/norm_act.py], imported on first use (they import triton)
 
 
 def _tk():
-    from ganengine.kernels import conv_act as tk
+    if not _TK:
+        from ganengine.kernels import conv_act as tk
 
-    return tk
+        _TK.append(tk)
+    return _TK[0]
 
 
 def _nk():
     """The instance-norm kernels (kernels/norm_act.py): statistics and apply in one or two
     launches, where conv_act's own tile kernels need a statistics pass, a merge of per-tile
     partials in torch ops (about ten tiny kernels) and an apply pass."""
-    from ganengine.kernels import norm_act as nk
+    if len(_TK) < 2:
+        from ganengine.kernels import norm_act as nk
 
-    return nk
+        _tk()
+        _TK.append(nk)
+    return _TK[1]
 
 
 def _act_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                   padding: list[int], negative_slope: float) -> torch.Tensor:
-    backend = _backend("conv2d_act", "conv_act_fwd", x)
+    backend, impl = _backend("conv2d_act", "conv_act_fwd", x)
     if backend == "torch":
         return _torch_act_fwd(x, weight, bias, stride, padding, negative_slope)
     x = _dense(x)
     if backend == "cpu":
         return _ext.op("conv_act_fwd")(x, weight, bias, stride, padding, negative_slope)
     tk = _tk()
-    if _resolved_conv_impl(x.device) == "igemm":
+    if impl == "igemm":
         return tk.conv2d(x, weight, bias, stride, padding, slope=negative_slope, fmt=out_format(x))
     y = _vendor_conv(x, weight, None, stride, padding)
     tk.bias_act_(y, bias, negative_slope)
@@ -217,21 +246,30 @@ def _(x, weight, bias, stride, padding, negative_slope):
 def _act_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
                   stride: list[int], padding: list[int], negative_slope: float, mask: list[bool]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend("conv2d_act", "conv_act_bwd", x)
+    backend, impl = _backend("conv2d_act", "conv_act_bwd", x)
     if backend == "torch":
         return _torch_act_bwd(grad, x, weight, y, stride, padding, negative_slope, mask)
     x = _dense(x)
     if backend == "cpu":
         return _ext.op("conv_act_bwd")(grad, x, weight, y, stride, padding, negative_slope, mask)
     tk = _tk()
-    gz, db = tk.act_grad(grad, y, negative_slope)
-    db = db.to(y.dtype) if mask[2] else y.new_empty((0,))
-    if _resolved_conv_impl(x.device) == "vendor":
-        dx, dw = _conv_bwd(gz, x, weight, stride, padding, mask)
-        return dx, dw, db
+    # the bias gradient sum(gz) comes from the convolution's backward launch, not a reduction of
+    # its own (the kernel count of eager's leaky_relu_backward + convolution_backward): the vendor
+    # convolution_backward's bias output (eager's very computation), the implicit GEMM's weight-
+    # gradient kernel (its first column of programs reads every pixel of gz anyway)
+    if impl == "vendor":
+        gz, _ = tk.act_grad(grad, y, negative_slope, bias_grad=False)
+        return _conv_bwd_bias(gz, x, weight, stride, padding, mask)
+    gz, db = tk.act_grad(grad, y, negative_slope, bias_grad=mask[2] and not mask[1])
     dx = tk.conv2d_grad_input(gz, weight, x.shape, stride, padding, out_format(x)) if mask[0] else x.new_empty((0,))
-    dw = tk.conv2d_grad_weight(gz, x, weight.shape, stride, padding).contiguous(
-        memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
+    if mask[1]:
+        dw = tk.conv2d_grad_weight(gz, x, weight.shape, stride, padding, bias_grad=mask[2])
+        if mask[2]:
+            dw, db = dw
+        dw = dw.contiguous(memory_format=out_format(weight))
+    else:
+        dw = weight.new_empty((0,))
+    db = db.to(y.dtype) if mask[2] else y.new_empty((0,))
     return dx, dw, db
 
 
@@ -247,21 +285,22 @@ def _(grad, x, weight, y, stride, padding, negative_slope, mask):
 def _in_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
                   beta: torch.Tensor | None, stride: list[int], padding: list[int], eps: float,
                   negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend("conv2d_instance_norm_act", "conv_in_act_fwd", x)
+    backend, impl = _backend("conv2d_instance_norm_act", "conv_in_act_fwd", x)
     if backend == "torch":
         return _torch_in_fwd(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     x = _dense(x)
     if backend == "cpu":
         return _ext.op("conv_in_act_fwd")(x, weight, gamma, beta, stride, padding, eps, negative_slope)
-    tk = _tk()
-    acc = _acc(x.dtype)  # the kernels keep statistics in fp32 (fp64 for fp64)
-    if _resolved_conv_impl(x.device) == "igemm":  # statistics from the GEMM's epilogue
+    # (the triton dtypes are fp16 / bf16 / fp32: the kernels' fp32 statistics are already the
+    # accumulation dtype, no conversion)
+    if impl == "igemm":  # statistics from the GEMM's epilogue
+        tk = _tk()
         c, mean, rstd = tk.conv2d(x, weight, None, stride, padding, fmt=out_format(x), stats_eps=eps)
         y = tk.norm_act(c, mean, rstd, gamma, beta, negative_slope)
-        return y, c, mean.to(acc), rstd.to(acc)
+        return y, c, mean, rstd
     c = _vendor_conv(x, weight, None, stride, padding)
     y, mean, rstd = _nk().forward(c, gamma, beta, eps, True, float(negative_slope))
-    return y, c, mean.to(acc), rstd.to(acc)
+    return y, c, mean, rstd
 
 
 conv2d_in_act_fwd = torch.library.custom_op("ganengine::conv2d_in_act_fwd", mutates_args=())(_in_fwd_body)
@@ -280,27 +319,28 @@ def _in_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: t
                   beta: torch.Tensor | None, stride: list[int], padding: list[int],
                   negative_slope: float, mask: list[bool]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend("conv2d_instance_norm_act", "conv_in_act_bwd", x)
+    backend, impl = _backend("conv2d_instance_norm_act", "conv_in_act_bwd", x)
     if backend == "torch":
         return _torch_in_bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slope, mask)
     x = _dense(x)
     if backend == "cpu":
         return _ext.op("conv_in_act_bwd")(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding,
                                           negative_slope, mask[:2])
-    tk = _tk()
     # dc, and per instance b = sum(dz * xhat) (gamma's gradient) and a = sum(dz) (beta's)
     dc, b, a = _nk().backward(grad, c, gamma, beta, mean.contiguous(), rstd.contiguous(), True,
                               float(negative_slope))
-    if _resolved_conv_impl(x.device) == "vendor":
+    if impl == "vendor":
         dx, dw = _conv_bwd(dc, x, weight, stride, padding, mask)
     else:
+        tk = _tk()
         dx = tk.conv2d_grad_input(dc, weight, x.shape, stride, padding, out_format(x)) if mask[0] else x.new_empty((0,))
         dw = tk.conv2d_grad_weight(dc, x, weight.shape, stride, padding).contiguous(
             memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
     # gamma's and beta's gradients are summed over the batch only where they exist (a kernel each
     # on a GPU); otherwise nothing reads them
-    return (dx, dw, b.sum(0) if gamma is not None else torch.empty_like(mean[0]),
-            a.sum(0) if beta is not None else torch.empty_like(mean[0]))
+    # (new_empty: no select view of mean to allocate from)
+    return (dx, dw, b.sum(0) if gamma is not None else mean.new_empty((mean.shape[1],)),
+            a.sum(0) if beta is not None else mean.new_empty((mean.shape[1],)))
 
 
 conv2d_in_act_bwd = torch.library.custom_op("ganengine::conv2d_in_act_bwd", mutates_args=())(_in_bwd_body)
