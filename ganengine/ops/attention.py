@@ -427,8 +427,8 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
 def stacked_conv1x1(x: Tensor, weights: tuple, biases: tuple) -> Tensor | None:
     """The 1x1 convs ``F.conv2d(x, w_i, b_i)`` of one input as ONE conv with the weights stacked
     (its output's channel slices are the convs' outputs), or None where they cannot stack: biases
-    not all present or all absent, weights/biases of different dtypes or devices (which the
-    separate convs would refuse, or which ``torch.cat`` would promote).
+    not all present or all absent, weights/biases of different dtypes (which the separate convs
+    would refuse and ``torch.cat`` would promote).
 
     Why: the projections of the attention blocks (q/k/v; BigGAN's theta/phi/g) are three GEMMs
     on the same x. One conv is one GEMM launch instead of three (plus, on cuDNN, one bias add
@@ -441,10 +441,9 @@ def stacked_conv1x1(x: Tensor, weights: tuple, biases: tuple) -> Tensor | None:
     the error bounds are those of the separate convs; the bits may differ (the GEMM blocks
     differently: seen on oneDNN).
     """
-    w0 = weights[0]
-    dtype, device = w0.dtype, w0.device
+    dtype = weights[0].dtype
     for w in weights:
-        if w.dtype != dtype or w.device != device:
+        if w.dtype != dtype:
             return None
     if biases[0] is None:
         for b in biases:
@@ -453,9 +452,9 @@ def stacked_conv1x1(x: Tensor, weights: tuple, biases: tuple) -> Tensor | None:
         bias = None
     else:
         for b in biases:
-            if b is None or b.dtype != dtype or b.device != device:
+            if b is None or b.dtype != dtype:
                 return None
-        bias = torch.cat(biases)
+        bias = torch.cat(biases)   # (tensors on different devices: cat raises, as the convs would)
     return F.conv2d(x, torch.cat(weights), bias)
 
 
