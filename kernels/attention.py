@@ -251,7 +251,20 @@ _CONFIGS = {
 }
 
 
+_CONFIG_CACHE: dict = {}
+
+
 def _config(kernel: str, dqk: int, dv: int, dtype: torch.dtype, hopper: bool = True) -> dict:
+    """The launch config (a shared dict: callers must not modify it), planned once per
+    (kernel, dqk, dv, dtype, hopper): planning cost ~5 us a call on the Python route."""
+    key = (kernel, dqk, dv, dtype, hopper)
+    cfg = _CONFIG_CACHE.get(key)
+    if cfg is None:
+        cfg = _CONFIG_CACHE[key] = _plan(kernel, dqk, dv, dtype, hopper)
+    return cfg
+
+
+def _plan(kernel: str, dqk: int, dv: int, dtype: torch.dtype, hopper: bool) -> dict:
     family = "fp32" if dtype == torch.float32 else "half"
     bm, bn, bdv, bdp, warps, stages = _CONFIGS[(family, _p2(dqk) > 64, hopper)][kernel]
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=_p2(dqk), BLOCK_DV=min(_p2(dv), bdv),
@@ -263,24 +276,25 @@ def _config(kernel: str, dqk: int, dv: int, dtype: torch.dtype, hopper: bool = T
     return cfg
 
 
-def _strides(t):
-    return tuple(t.stride())
+def _gamma32(gamma):
+    """gamma as the fp32 one-element buffer the kernels load (a (1,) or () fp32 tensor as it is: the
+    kernels read its one element through the pointer; no reshape/to calls, ~1 us)."""
+    return gamma if gamma.dtype == torch.float32 else gamma.reshape(1).to(torch.float32)
 
 
 def forward(q, k, v, x, gamma):
     b, dqk, n = q.shape
     m, dv = k.shape[2], v.shape[1]
     cfg = _config("fwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
+    # out and o share x's strides (empty_like of one tensor): the kernel takes one set for both
     out = torch.empty_like(x)
     o = torch.empty_like(x, dtype=v.dtype)
     lse = torch.empty((b, n), device=x.device, dtype=torch.float32)
-    gamma = gamma.reshape(1).to(torch.float32)
     n_tiles = _launch.cdiv(n, cfg["BLOCK_M"])
     grid = _launch.grid("attention forward", n_tiles * b, _launch.cdiv(dv, cfg["BLOCK_DV"]))
-    assert out.stride() == o.stride()
     with _launch.device_guard(x):
-        _attn_fwd[grid](q, k, v, x, out, o, lse, gamma,
-                        *_strides(q), *_strides(k), *_strides(v), *_strides(x), *_strides(out),
+        _attn_fwd[grid](q, k, v, x, out, o, lse, _gamma32(gamma),
+                        *q.stride(), *k.stride(), *v.stride(), *x.stride(), *out.stride(),
                         n, m, dqk, dv, n_tiles, **cfg)
     return out, o, lse
 
@@ -290,21 +304,25 @@ def backward(grad, q, k, v, lse, delta, gamma):
     module docstring); ``delta`` = gamma * rowsum(grad * o)."""
     b, dqk, n = q.shape
     m, dv = k.shape[2], v.shape[1]
-    delta = delta.to(torch.float32).contiguous()
-    gamma = gamma.reshape(1).to(torch.float32)
+    if delta.dtype != torch.float32:
+        delta = delta.to(torch.float32)
+    if not delta.is_contiguous():
+        delta = delta.contiguous()
+    gamma = _gamma32(gamma)
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     stat_m = torch.empty((b, n), device=q.device, dtype=torch.float32)
     stat_l = torch.empty_like(stat_m)
     cfg = _config("bwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
+    qs, ks, vs, gs = q.stride(), k.stride(), v.stride(), grad.stride()
     with _launch.device_guard(q):
         n_tiles = _launch.cdiv(n, cfg["BLOCK_M"])
         _bwd_dq[_launch.grid("attention backward (dq)", n_tiles * b)](
             q, k, v, grad, delta, gamma, stat_m, stat_l, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq), n, m, dqk, dv, n_tiles, **cfg)
+            *qs, *ks, *vs, *gs, *dq.stride(), n, m, dqk, dv, n_tiles, **cfg)
         n_tiles = _launch.cdiv(m, cfg["BLOCK_N"])
         _bwd_dkdv[_launch.grid("attention backward (dk, dv)", n_tiles * b, _launch.cdiv(dv, cfg["BLOCK_DV"]))](
             q, k, v, grad, delta, gamma, stat_m, stat_l, dk, dvv,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk), *_strides(dvv),
+            *qs, *ks, *vs, *gs, *dk.stride(), *dvv.stride(),
             n, m, dqk, dv, n_tiles, **cfg)
     return dq, dk, dvv
 

@@ -23,7 +23,11 @@ pytestmark = pytest.mark.skipif(not _HAS_LEAN, reason="ganengine._C without the 
 @pytest.fixture
 def custom_op_route(monkeypatch):
     """Switches the lean entries off: the public functions take the Python route (the custom op's
-    body; a plain eager call runs it through its eager twin, ops/_eager.py: the same bits)."""
+    body; a plain eager call runs it through its eager twin, ops/_eager.py: the same bits). The
+    route's block runs its three convs, as the C++ block entry does, not the stacked projection
+    (whose GEMM may round differently: tests/test_attention_stacked.py checks it)."""
+    monkeypatch.setattr(A, "stacked_conv1x1", lambda *args: None)
+
     def use(off: bool):
         monkeypatch.setattr(_dispatch, "_LEAN", {"attention": None, "self_attention2d": None} if off else {})
     return use

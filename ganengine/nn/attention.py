@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganengine.ops.attention import acc_dtype, attention, attention_map, self_attention2d
+from ganengine.ops.attention import acc_dtype, attention, attention_map, self_attention2d, stacked_conv1x1
 
 # SelfAttention2d with the map returned (SAGAN's ``Self_Attn`` returns ``(out, attention)``): up to
 # this many positions N = H*W the block runs as ONE softmax over the map it must build anyway
@@ -102,16 +102,15 @@ class SelfAttention2d(nn.Module):
             raise ValueError(f"SelfAttention2d: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
         want = self.return_attention if return_attention is None else return_attention
         qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
-        if not want and x.is_cpu and _plain_1x1s(qc, kc, vc):
+        plain = _plain_1x1s(qc, kc, vc)
+        if not want and plain and x.is_cpu:
             # the whole block as one C++ call on the cpu backend (ops/attention.py's lean entry;
-            # the same convolutions and kernels, so the same bits as the route below)
+            # the same three convolutions and kernels, so the same bits as the hooked-modules route)
             return self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
         b, c, h, w = x.shape
         if want and x.is_cpu and h * w <= MAP_PATH_MAX_POSITIONS:
-            return self._one_softmax(x)
-        q = qc(x).flatten(2)
-        k = kc(x).flatten(2)
-        v = vc(x).flatten(2)
+            return self._one_softmax(x, plain)
+        q, k, v = self._projections(x, plain)
         out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
         return (out, attention_map(q, k)) if want else out
 
@@ -120,27 +119,25 @@ class SelfAttention2d(nn.Module):
         block, or one stacked projection); ``ganengine.fuse`` then leaves them alone."""
         return _plain_1x1s(self.query_conv, self.key_conv, self.value_conv)
 
-    def _projections(self, x: torch.Tensor):
+    def _projections(self, x: torch.Tensor, plain: bool):
         """q, k, v (B, d / d / C, N): one conv with the three weights stacked when all three are
-        plain 1x1 convs (one GEMM and one input gradient instead of three; the weight copy is
-        1 / (B N) of the conv's work), else the three modules."""
+        plain 1x1 convs (``plain``) with biases all present or all absent (ops/attention.py
+        ``stacked_conv1x1``: one GEMM and one input gradient instead of three; the weight copy is
+        1 / (B N) of the conv's work), else the three modules (hooks, parametrizations run)."""
         qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
-        biases = (qc.bias, kc.bias, vc.bias) if _plain_1x1s(qc, kc, vc) else None
-        if biases is not None and (all(t is None for t in biases) or all(t is not None for t in biases)):
-            d = qc.weight.shape[0]
-            if kc.weight.shape[0] == d:
-                bias = None if biases[0] is None else torch.cat(biases)
-                qkv = F.conv2d(x, torch.cat((qc.weight, kc.weight, vc.weight)), bias).flatten(2)
-                # one split (its backward one cat), not three slices (three zero-filled grads summed)
-                return qkv.split((d, d, vc.weight.shape[0]), 1)
+        if plain and qc.weight.shape[0] == kc.weight.shape[0]:
+            # one split (its backward one cat), not three slices (three zero-filled grads summed)
+            qkv = stacked_conv1x1(x, (qc.weight, kc.weight, vc.weight), (qc.bias, kc.bias, vc.bias))
+            if qkv is not None:
+                return qkv.flatten(2).split_with_sizes((qc.weight.shape[0], kc.weight.shape[0], vc.weight.shape[0]), 1)
         return qc(x).flatten(2), kc(x).flatten(2), vc(x).flatten(2)
 
-    def _one_softmax(self, x: torch.Tensor):
+    def _one_softmax(self, x: torch.Tensor, plain: bool):
         """``(out, attention)`` with one softmax: the map the caller gets is the one ``out`` is
         formed from (the reference's own formula, accumulated in fp32 / fp64 like the fused op).
         Differentiable to any order (plain torch ops)."""
         b, c, h, w = x.shape
-        q, k, v = self._projections(x)
+        q, k, v = self._projections(x, plain)
         qt = q.dtype
         ct = acc_dtype(qt)
         if qt != ct:   # (each .to is a call even when it has nothing to do: ~1 us at tiny maps)
@@ -200,9 +197,22 @@ class BigGANSelfAttention2d(nn.Module):
         if x.shape[2] < 2 or x.shape[3] < 2:
             raise ValueError(f"BigGANSelfAttention2d: H and W must be >= 2 (2x2 pooling), got {tuple(x.shape)}")
         b, c, h, w = x.shape
-        theta = self.theta(x).flatten(2)
-        phi = F.max_pool2d(self.phi(x), [2, 2]).flatten(2)
-        value = self.o(F.max_pool2d(self.g(x), [2, 2])).flatten(2)   # o before attn: see module doc
+        tc, pc, gc = self.theta, self.phi, self.g
+        # plain 1x1 convs (not the reference's SN convs): theta | phi | g as one stacked conv
+        # (ops/attention.py stacked_conv1x1) and phi | g pooled in one max_pool2d call
+        tpg = stacked_conv1x1(x, (tc.weight, pc.weight, gc.weight), (tc.bias, pc.bias, gc.bias)) \
+            if _plain_1x1s(tc, pc, gc) else None
+        if tpg is not None:
+            d, d_phi, d_g = tc.weight.shape[0], pc.weight.shape[0], gc.weight.shape[0]
+            # split in two (its backward: one cat): theta, and phi | g for the one pool
+            theta, pg = tpg.split_with_sizes((d, d_phi + d_g), 1)
+            phi, g = F.max_pool2d(pg, [2, 2]).split_with_sizes((d_phi, d_g), 1)
+            theta, phi = theta.flatten(2), phi.flatten(2)
+        else:
+            theta = tc(x).flatten(2)
+            phi = F.max_pool2d(pc(x), [2, 2]).flatten(2)
+            g = F.max_pool2d(gc(x), [2, 2])
+        value = self.o(g).flatten(2)   # o before attn: see module doc
         return attention(theta, phi, value, x.flatten(2), self.gamma).view(b, c, h, w)
 
     def extra_repr(self) -> str:

@@ -99,7 +99,7 @@ def check_core(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Non
     m = k.shape[2]
     if v.shape[0] != b or v.shape[2] != m:
         raise ValueError(f"attention: v must be (B={b}, C, M={m}), got {tuple(v.shape)}")
-    if tuple(x.shape) != (b, v.shape[1], n):
+    if x.shape[0] != b or x.shape[1] != v.shape[1] or x.shape[2] != n:
         raise ValueError(f"attention: x must be (B={b}, C={v.shape[1]}, N={n}), got {tuple(x.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -181,11 +181,17 @@ def _triton_verdict(q: Tensor) -> str | None:
     return None
 
 
+_VERDICTS: dict = {}  # (op, dtype, device type) -> the verdicts dict: fixed once the extension is loaded
+
+
 def _backend_for(q: Tensor, op: str) -> str:
-    return _dispatch.choose("attention", q, {
-        "triton": _triton_verdict(q),
-        "cpu": _dispatch.ext_reason(op, q.device),
-    })
+    # the verdicts depend on the dtype and the device type only (asked twice per forward+backward:
+    # building them cost ~1.5 us a call); choose() still runs per call (requested backend, last_used)
+    key = (op, q.dtype, q.device.type)
+    verdicts = _VERDICTS.get(key)
+    if verdicts is None:
+        verdicts = _VERDICTS[key] = {"triton": _triton_verdict(q), "cpu": _dispatch.ext_reason(op, q.device)}
+    return _dispatch.choose("attention", q, verdicts)
 
 
 def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,12 +199,21 @@ def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_TK = []  # ganengine.kernels.attention once imported (a per-call import statement costs ~1 us)
+
+
+def _triton_kernels():
+    if not _TK:
+        from ganengine.kernels import attention as tk
+
+        _TK.append(tk)
+    return _TK[0]
+
+
 def _fwd_body(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend_for(q, "attention_fwd")
     if backend == "triton":
-        from ganengine.kernels import attention as tk
-
-        return tk.forward(q, k, v, x, gamma)
+        return _triton_kernels().forward(q, k, v, x, gamma)
     if backend == "cpu":
         ct = _cpu_dtype(q.dtype)
         out, o, lse = _ext.op("attention_fwd")(
@@ -220,9 +235,7 @@ def _bwd_body(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
               gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend_for(q, "attention_bwd")
     if backend == "triton":
-        from ganengine.kernels import attention as tk
-
-        return tk.backward(grad, q, k, v, lse, delta, gamma)
+        return _triton_kernels().backward(grad, q, k, v, lse, delta, gamma)
     if backend == "cpu":
         ct = _cpu_dtype(q.dtype)
         dq, dk, dv = _ext.op("attention_bwd")(
@@ -265,22 +278,36 @@ def _grads_differentiable(g, q, k, v, gamma):
 
 
 def _backward(ctx, grad_out, bwd):
+    if grad_out is None:  # (the twin does not materialize zero gradients: see _twin_setup_context)
+        return None, None, None, None, None
     q, k, v, gamma, o, lse = ctx.saved_tensors
-    if torch.is_grad_enabled():
+    if _grad_enabled():
         dq, dk, dv, dgamma = _grads_differentiable(grad_out, q, k, v, gamma)
     else:
         ct = lse.dtype
         rowdot = (_as(grad_out, ct) * _as(o, ct)).sum(dim=1)       # (B, N)
         dgamma = rowdot.sum()
-        delta = rowdot * _as(gamma, ct).reshape(())
+        delta = rowdot * _as(gamma, ct)   # gamma (1,) or (): broadcasts to (B, N), the same products
         dq, dk, dv = bwd(grad_out, q, k, v, o, lse, delta, gamma)
-    return dq, dk, dv, grad_out, _as(dgamma, gamma.dtype).reshape(gamma.shape)
+    dgamma = _as(dgamma, gamma.dtype)
+    return dq, dk, dv, grad_out, (dgamma if gamma.dim() == 0 else dgamma.reshape(gamma.shape))
+
+
+_grad_enabled = torch.is_grad_enabled
+
+
+def _twin_setup_context(ctx, inputs, output):
+    # o and lse are outputs only for the backward: no caller ever gets them, so their gradients are
+    # always None, which autograd would materialize as two zero tensors (two fill kernels and ~3 us
+    # of host time per backward on the CUDA path). The custom op's registration keeps the default.
+    ctx.set_materialize_grads(False)
+    _setup_context(ctx, inputs, output)
 
 
 attention_fwd.register_autograd(_eager.backward_via(_backward, attention_bwd),
                                 setup_context=_setup_context)
 # plain eager calls (the CUDA path's, and the CPU's where the C++ entry declines): no custom-op layer
-_eager_fwd = _eager.twin("ganengine::attention_fwd", _fwd_body, _setup_context,
+_eager_fwd = _eager.twin("ganengine::attention_fwd", _fwd_body, _twin_setup_context,
                          _eager.backward_via(_backward, _bwd_body))
 
 
@@ -312,6 +339,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tens
                 _dispatch.last_used["attention"] = "cpu"
                 return out
     check_core(q, k, v, x, gamma)
+    return _core(q, k, v, x, gamma)
+
+
+def _core(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tensor:
+    """The checked core call: the eager twin for a plain eager call, the custom op otherwise."""
     fwd = _eager_fwd if _eager.plain_eager(q, k, v, x, gamma) else attention_fwd
     return fwd(q, k, v, x, gamma)[0]
 
@@ -319,16 +351,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tens
 def _conv_weight(name: str, w: Tensor, out_ch: int | None, in_ch: int) -> Tensor:
     if not isinstance(w, Tensor):
         raise TypeError(f"self_attention2d: {name} must be a tensor, got {type(w).__name__}")
-    if w.dim() == 2:  # accept a (out, in) matrix too
+    dim = w.dim()
+    if dim == 2:  # accept a (out, in) matrix too
         w = w[:, :, None, None]
-    if w.dim() != 4 or w.shape[1] != in_ch or w.shape[2:] != (1, 1) or (out_ch is not None and w.shape[0] != out_ch):
+        dim = 4
+    # (shape entries compared one by one: a torch.Size compared with a tuple goes through sym_eq, ~2 us)
+    if (dim != 4 or w.shape[1] != in_ch or w.shape[2] != 1 or w.shape[3] != 1
+            or (out_ch is not None and w.shape[0] != out_ch)):
         want = f"({out_ch if out_ch is not None else 'd'}, {in_ch}, 1, 1)"
         raise ValueError(f"self_attention2d: {name} must be a 1x1 conv weight {want}, got {tuple(w.shape)}")
     return w
 
 
 def _conv_bias(name: str, b: Tensor | None, out_ch: int) -> Tensor | None:
-    if b is not None and (not isinstance(b, Tensor) or tuple(b.shape) != (out_ch,)):
+    if b is not None and (not isinstance(b, Tensor) or b.dim() != 1 or b.shape[0] != out_ch):
         raise ValueError(f"self_attention2d: {name} must be None or a ({out_ch},) tensor, got "
                          f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
     return b
@@ -372,12 +408,54 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     value_bias = _conv_bias("value_bias", value_bias, c)
     if not isinstance(gamma, Tensor):
         gamma = torch.tensor([float(gamma)], device=x.device)
-    q = F.conv2d(x, query_weight, query_bias).flatten(2)
-    k = F.conv2d(x, key_weight, key_bias).flatten(2)
-    v = F.conv2d(x, value_weight, value_bias).flatten(2)
+    qkv = stacked_conv1x1(x, (query_weight, key_weight, value_weight), (query_bias, key_bias, value_bias))
+    if qkv is not None:
+        q, k, v = qkv.flatten(2).split_with_sizes((d, d, c), 1)
+    else:  # (mixed biases or dtypes: the three convs, which raise what they raise)
+        q = F.conv2d(x, query_weight, query_bias).flatten(2)
+        k = F.conv2d(x, key_weight, key_bias).flatten(2)
+        v = F.conv2d(x, value_weight, value_bias).flatten(2)
     x3 = x.flatten(2)
-    out = attention(q, k, v, x3, gamma).view(b, c, h, w)
+    # q, k, v and x are consistent by construction (the convs checked them against x): of
+    # check_core's checks only gamma's and the empty sizes are left (check_core raises them)
+    if not (gamma.numel() == 1 and b and h * w and d and gamma.device == x.device):
+        check_core(q, k, v, x3, gamma)
+    out = _core(q, k, v, x3, gamma).view(b, c, h, w)
     return (out, attention_map(q, k)) if return_attention else out
+
+
+def stacked_conv1x1(x: Tensor, weights: tuple, biases: tuple) -> Tensor | None:
+    """The 1x1 convs ``F.conv2d(x, w_i, b_i)`` of one input as ONE conv with the weights stacked
+    (its output's channel slices are the convs' outputs), or None where they cannot stack: biases
+    not all present or all absent, weights/biases of different dtypes (which the separate convs
+    would refuse and ``torch.cat`` would promote).
+
+    Why: the projections of the attention blocks (q/k/v; BigGAN's theta/phi/g) are three GEMMs
+    on the same x. One conv is one GEMM launch instead of three (plus, on cuDNN, one bias add
+    instead of three), and its backward one convolution backward instead of three whose input
+    gradients the autograd engine adds up pairwise. The price: two small ``torch.cat`` of the
+    weights and biases (O(out * C), 1 / (B H W) of the conv's work) per call, and one cat of the
+    output gradients in the backward (the callers split the output with ``split_with_sizes``,
+    whose backward is that cat, rather than slicing it, which would give one zero-filled
+    gradient per slice, summed). Each output channel is still its own dot product over C, so
+    the error bounds are those of the separate convs; the bits may differ (the GEMM blocks
+    differently: seen on oneDNN).
+    """
+    dtype = weights[0].dtype
+    for w in weights:
+        if w.dtype != dtype:
+            return None
+    if biases[0] is None:
+        for b in biases:
+            if b is not None:
+                return None
+        bias = None
+    else:
+        for b in biases:
+            if b is None or b.dtype != dtype:
+                return None
+        bias = torch.cat(biases)   # (tensors on different devices: cat raises, as the convs would)
+    return F.conv2d(x, torch.cat(weights), bias)
 
 
 def attention_map(q: Tensor, k: Tensor) -> Tensor:
