@@ -10,7 +10,11 @@
 //
 // Both reproduce the Python cpu route of ops/attention.py step by step (same dtype conversions,
 // same layouts, the same kernels ganengine_C::attention_fwd / _bwd called through the dispatcher,
-// the same tensors saved), so their numbers are bitwise those of that route. Whatever they do
+// the same tensors saved), so their numbers are bitwise those of that route, except that the
+// block runs the three 1x1 convs separately where the Python route stacks them into one
+// (ops/attention.py stacked_conv1x1: one output-channel dot product each as well, but a GEMM that
+// may round its last bit differently; tests/test_attention_lean.py compares the two with the
+// stacking off, tests/test_attention_stacked.py the stacked route against fp64). Whatever they do
 // not serve they refuse BEFORE any work with TORCH_CHECK_NOT_IMPLEMENTED (Python's
 // NotImplementedError): the Python wrapper then takes its full route, which raises the public
 // errors. torch.compile stays on the Python custom op (a C++ Autograd op fails opcheck's
