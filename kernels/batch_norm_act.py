@@ -413,7 +413,8 @@ def _plan_sizes(n: int, c: int, s: int, channels_inner: bool, split: int | None,
 def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_rm: bool, update: bool,
               gpu: bool, split):
     """(grid, int args before the running statistics' strides, int args after, kwargs per phase,
-    partials' shape or None); None for an empty x, COPY for a layout the kernels do not address."""
+    partials' shape or None, stats' shape, accumulation dtype); None for an empty x, COPY for a
+    layout the kernels do not address."""
     ncs = _ncs(shape, strides)
     if ncs is None:
         return COPY
@@ -436,13 +437,14 @@ def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_r
     head = (n, c, s, *ncs, c if per_sample else 0)
     tail = (n_cblocks, nper, sper, sch, chunks)
     grid = _launch.grid("batch_norm_act fwd", n_cblocks * chunks)
-    return grid, head, tail, kwargs, ((c, chunks) if len(phases) == 2 else None)
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    return grid, head, tail, kwargs, ((c, chunks) if len(phases) == 2 else None), (3, c), acc_t
 
 
 @functools.lru_cache(maxsize=1024)
 def _bwd_plan(shape, strides, gstrides, dtype, flags: int, has_w: bool, has_b: bool, gpu: bool, split):
-    """(grid, int args, kwargs per phase, partials' size or 0); None for an empty x, COPY when x
-    or grad_y has a layout the kernels do not address."""
+    """(grid, int args, kwargs per phase, partials' size or 0, the parameter gradients' shape);
+    None for an empty x, COPY when x or grad_y has a layout the kernels do not address."""
     ncs, gncs = _ncs(shape, strides), _ncs(shape, gstrides)
     if ncs is None or gncs is None:
         return COPY
@@ -464,7 +466,8 @@ def _bwd_plan(shape, strides, gstrides, dtype, flags: int, has_w: bool, has_b: b
     args = (n, c, s, *ncs, *gncs, c if per_sample else 0, n_cblocks, nper, sper,
             sch, chunks)
     grid = _launch.grid("batch_norm_act bwd", n_cblocks * chunks)
-    return grid, args, kwargs, (0 if chunks == 1 else (c * n if per_sample else c * chunks))
+    return (grid, args, kwargs, (0 if chunks == 1 else (c * n if per_sample else c * chunks)),
+            ((n, c) if per_sample else (c,)))
 
 
 def forward(x, weight, bias, running_mean, running_var, factor: float, eps: float, slope: float, flags: int,
@@ -478,16 +481,17 @@ def forward(x, weight, bias, running_mean, running_var, factor: float, eps: floa
         plan = _fwd_plan(x.shape, x.stride(), x.dtype, flags, weight is not None, bias is not None,
                          running_mean is not None, update_running, _launch.on_gpu(x), split)
     y = torch.empty_like(x)
-    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = x.new_empty((3, x.shape[1]), dtype=acc_t)
     if plan is None:  # empty x
+        acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = x.new_empty((3, x.shape[1]), dtype=acc_t)
         if flags & 1:
             stats.fill_(float("nan"))
         else:
             stats.copy_(torch.stack([running_mean.to(acc_t), torch.rsqrt(running_var.to(acc_t) + eps),
                                      running_var.to(acc_t)]))
         return y, stats
-    grid, head, tail, kwargs, partial = plan
+    grid, head, tail, kwargs, partial, stats_shape, acc_t = plan
+    stats = x.new_empty(stats_shape, dtype=acc_t)
     wt = weight if weight is not None else stats
     bt = bias if bias is not None else stats
     if running_mean is not None:
@@ -520,12 +524,12 @@ def backward(grad_y, x, weight, bias, stats, slope: float, flags: int, split: in
         plan = _bwd_plan(x.shape, x.stride(), grad_y.stride(), x.dtype, flags, weight is not None,
                          bias is not None, _launch.on_gpu(x), split)
     dx = torch.empty_like(x)
-    shape = (x.shape[0], x.shape[1]) if flags & 4 else (x.shape[1],)
+    if plan is None:  # empty x
+        shape = (x.shape[0], x.shape[1]) if flags & 4 else (x.shape[1],)
+        return dx, stats.new_zeros(shape), stats.new_zeros(shape)
+    grid, args, kwargs, psize, shape = plan
     dw = stats.new_empty(shape)
     db = stats.new_empty(shape)
-    if plan is None:  # empty x
-        return dx, dw.zero_(), db.zero_()
-    grid, args, kwargs, psize = plan
     wt = weight if weight is not None else stats
     bt = bias if bias is not None else stats
     args = (*args, float(slope))
