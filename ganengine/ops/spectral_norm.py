@@ -229,7 +229,8 @@ class _TritonLayoutCache:
         self.entries: dict = {}
 
     def get(self, weights, dims, us, vs):
-        key = tuple((w.data_ptr(), tuple(w.shape), tuple(w.stride()), d, u.data_ptr(),
+        # (torch.Size hashes and compares as the tuple of its ints: no tuple() copies per call)
+        key = tuple((w.data_ptr(), w.shape, w.stride(), d, u.data_ptr(),
                      v.data_ptr() if v is not None else 0) for w, d, u, v in zip(weights, dims, us, vs))
         hit = self.entries.get(key)
         if hit is None:
@@ -545,7 +546,7 @@ def _check(weight, u, v, n_power_iterations, eps, dim, order):
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor or None, got {type(t).__name__}")
-        if t.shape != (n,):
+        if t.dim() != 1 or t.shape[0] != n:
             raise ValueError(f"{fn}: {name} must have shape ({n},) for a weight of shape {tuple(weight.shape)} "
                              f"with dim={dim}, got {tuple(t.shape)}")
         if t.dtype != weight.dtype or t.device != weight.device:
