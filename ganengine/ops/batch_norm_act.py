@@ -25,7 +25,9 @@ Four routes, one set of numbers:
   or autograd.Function costs more host time per call than eager's whole F.batch_norm + F.relu at
   small shapes (measured figures in docs/batch_norm_act.md).
 * ``triton``, eager: a ``torch.autograd.Function`` around the kernels, which update the running
-  statistics themselves (1 kernel per pass when a channel's data fits one program, else 2).
+  statistics themselves (1 kernel per pass when a channel's data fits one program, else 2); a
+  call that records no graph (no_grad, eval, frozen weights and input) runs the launcher alone.
+  The launcher's plans are cached per call signature (kernels/batch_norm_act.py).
 * under ``torch.compile`` (cpu, cuda, triton), and on triton under any other tracing (make_fx,
   FakeTensorMode, torch.export, jit.trace, tensor subclasses: ``_kernels_can_run``): the custom
   ops ``ganengine::batch_norm_act_fwd`` / ``_bwd`` (fake impls, registered autograd, no graph
@@ -106,8 +108,8 @@ def _validate(op, x, w, b, rm, rv, training, eps, per_sample):
 
 
 def _check_param(op, name, t, x, dev, n, c, per_sample):
-    # (dim() and shape[i] compared one by one: a tuple(t.shape) != (c,) goes through torch's
-    # symbolic sym_eq, ~2 us a tensor)
+    # (dim() and shape[i] compared one by one: no tuple built per tensor; this runs on every call
+    # of the Python route, the CUDA path's)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -401,19 +403,20 @@ class _TritonFn(torch.autograd.Function):
     # less to pack and unpack per call); x, weight and bias are saved (version checks)
     @staticmethod
     def forward(ctx, x, w, b, rm, rv, factor, eps, slope, flags):
-        y, ctx.stats = _tk().forward(x, w, b, rm, rv, factor, eps, slope, flags, update_running=True)
+        y, stats = _tk().forward(x, w, b, rm, rv, factor, eps, slope, flags, update_running=True)
         ctx.save_for_backward(x, w, b)
-        ctx.eps, ctx.slope, ctx.flags = eps, slope, flags
+        ctx.cfg = (stats, eps, slope, flags)  # one attribute: fewer ctx writes and reads per call
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w, b = ctx.saved_tensors
+        stats, eps, slope, flags = ctx.cfg
         needs = ctx.needs_input_grad
         if _grad_enabled():
-            gx, gw, gb = _double_backward(x, w, b, ctx.stats, grad_y, needs[:3], ctx.eps, ctx.slope, ctx.flags)
+            gx, gw, gb = _double_backward(x, w, b, stats, grad_y, needs[:3], eps, slope, flags)
         else:
-            gx, gw, gb = _tk().backward(grad_y, x, w, b, ctx.stats, ctx.slope, ctx.flags)
+            gx, gw, gb = _tk().backward(grad_y, x, w, b, stats, slope, flags)
             if not needs[0]:
                 gx = None
             gw, gb = _param_grad(gw, w, needs[1]), _param_grad(gb, b, needs[2])
