@@ -342,21 +342,21 @@ def _bwd_kernel(X, G, DX, W, B, STATS, DW, DB, P1, P2,
 
 
 # ----------------------------------------------------------------------------- launch helpers
-def _ncs_strides(t: torch.Tensor):
-    """(sN, sC, sS) if t's spatial dims flatten to one stride (dense NCHW / channels-last, (N, C),
+COPY = "copy"  # a plan's answer for a layout the kernels do not address
+
+
+def _ncs(shape, strides):
+    """(sN, sC, sS) if the spatial dims flatten to one stride (dense NCHW / channels-last, (N, C),
     stride-0 grads), else None."""
-    sn, sc = t.stride(0), t.stride(1)
-    sizes, strides = t.shape[2:], t.stride()[2:]
-    dims = [(z, st) for z, st in zip(sizes, strides) if z != 1]
+    dims = [(z, st) for z, st in zip(shape[2:], strides[2:]) if z != 1]
     if not dims:
-        return sn, sc, 1
-    inner = dims[-1][1]
-    expected = inner
+        return strides[0], strides[1], 1
+    inner = expected = dims[-1][1]
     for z, st in reversed(dims):
         if st != expected:
             return None
         expected *= z
-    return sn, sc, inner
+    return strides[0], strides[1], inner
 
 
 def _acc(dtype: torch.dtype):
@@ -404,96 +404,143 @@ def _plan_sizes(n: int, c: int, s: int, channels_inner: bool, split: int | None,
     return cfg, n_cblocks, nper, sper, _launch.cdiv(n, nper), _launch.cdiv(s, sper)
 
 
+# A launch plan per call signature: every Python value a launch needs that depends only on a few
+# ints (sizes, strides, dtype, flags, which optional tensors are given): the grid (checked against
+# CUDA's limits), the integer arguments, the constexpr keywords per phase, the partials' size.
+# Rebuilding them cost more host time per call than the rest of the launcher; the plan is a tuple
+# the launcher unpacks, and a cached plan must never be mutated.
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_rm: bool, update: bool,
+              gpu: bool, split):
+    """(grid, int args before the running statistics' strides, int args after, kwargs per phase,
+    partials' shape or None, stats' shape, accumulation dtype); None for an empty x, COPY for a
+    layout the kernels do not address."""
+    ncs = _ncs(shape, strides)
+    if ncs is None:
+        return COPY
+    n, c = shape[0], shape[1]
+    numel = 1
+    for z in shape:
+        numel *= z
+    if numel == 0:
+        return None
+    s = numel // (n * c)
+    per_sample = bool(flags & 4)
+    cfg, n_cblocks, nper, sper, nch, sch = _plan_sizes(n, c, s, c > 1 and strides[1] == 1, split, per_sample, gpu)
+    chunks = nch * sch
+    training = bool(flags & 1)
+    common = dict(PER_SAMPLE=per_sample, HAS_W=has_w, HAS_B=has_b, UPDATE=training and update and has_rm,
+                  ACT=bool(flags & 2), BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"],
+                  BLOCK_K=cfg["BLOCK_K"], ACC=_acc(dtype), num_warps=cfg["num_warps"])
+    phases = (3,) if not training else ((0,) if chunks == 1 else (1, 2))
+    kwargs = tuple(dict(common, PHASE=ph) for ph in phases)
+    head = (n, c, s, *ncs, c if per_sample else 0)
+    tail = (n_cblocks, nper, sper, sch, chunks)
+    grid = _launch.grid("batch_norm_act fwd", n_cblocks * chunks)
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    return grid, head, tail, kwargs, ((c, chunks) if len(phases) == 2 else None), (3, c), acc_t
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(shape, strides, gstrides, dtype, flags: int, has_w: bool, has_b: bool, gpu: bool, split):
+    """(grid, int args, kwargs per phase, partials' size or 0, the parameter gradients' shape);
+    None for an empty x, COPY when x or grad_y has a layout the kernels do not address."""
+    ncs, gncs = _ncs(shape, strides), _ncs(shape, gstrides)
+    if ncs is None or gncs is None:
+        return COPY
+    n, c = shape[0], shape[1]
+    numel = 1
+    for z in shape:
+        numel *= z
+    if numel == 0:
+        return None
+    s = numel // (n * c)
+    per_sample = bool(flags & 4)
+    cfg, n_cblocks, nper, sper, nch, sch = _plan_sizes(n, c, s, c > 1 and strides[1] == 1, split, per_sample, gpu)
+    chunks = nch * sch
+    common = dict(TRAINING=bool(flags & 1), PER_SAMPLE=per_sample, HAS_W=has_w, HAS_B=has_b, ACT=bool(flags & 2),
+                  BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"],
+                  ACC=_acc(dtype), num_warps=cfg["num_warps"])
+    phases = (0,) if chunks == 1 else (1, 2)
+    kwargs = tuple(dict(common, PHASE=ph) for ph in phases)
+    args = (n, c, s, *ncs, *gncs, c if per_sample else 0, n_cblocks, nper, sper,
+            sch, chunks)
+    grid = _launch.grid("batch_norm_act bwd", n_cblocks * chunks)
+    return (grid, args, kwargs, (0 if chunks == 1 else (c * n if per_sample else c * chunks)),
+            ((n, c) if per_sample else (c,)))
+
+
 def forward(x, weight, bias, running_mean, running_var, factor: float, eps: float, slope: float, flags: int,
             update_running: bool = True, split: int | None = None):
     """Returns (y, stats). Training: batch statistics, and the running statistics updated in the
     kernel when given and ``update_running``; eval: normalise with the running statistics."""
-    strides = _ncs_strides(x)
-    if strides is None:
+    plan = _fwd_plan(x.shape, x.stride(), x.dtype, flags, weight is not None, bias is not None,
+                     running_mean is not None, update_running, _launch.on_gpu(x), split)
+    if plan is COPY:
         x = x.contiguous()
-        strides = _ncs_strides(x)
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(n * c, 1)
-    training = bool(flags & 1)
+        plan = _fwd_plan(x.shape, x.stride(), x.dtype, flags, weight is not None, bias is not None,
+                         running_mean is not None, update_running, _launch.on_gpu(x), split)
     y = torch.empty_like(x)
-    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = torch.empty((3, c), device=x.device, dtype=acc_t)
-    if x.numel() == 0:
-        if training:
+    if plan is None:  # empty x
+        acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = x.new_empty((3, x.shape[1]), dtype=acc_t)
+        if flags & 1:
             stats.fill_(float("nan"))
         else:
             stats.copy_(torch.stack([running_mean.to(acc_t), torch.rsqrt(running_var.to(acc_t) + eps),
                                      running_var.to(acc_t)]))
         return y, stats
-    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split, bool(flags & 4))
-    chunks = nch * sch
-    update = training and update_running and running_mean is not None
-    dummy = stats
-    wt = weight if weight is not None else dummy
-    bt = bias if bias is not None else dummy
-    rm = running_mean if running_mean is not None else dummy
-    rv = running_var if running_var is not None else dummy
-    wsn = c if (flags & 4) else 0
-    common = dict(PER_SAMPLE=bool(flags & 4), HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update,
-                  ACT=bool(flags & 2),
-                  BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"],
-                  ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
-    srm = rm.stride(0) if running_mean is not None else 0
-    srv = rv.stride(0) if running_var is not None else 0
-    args = (n, c, s, *strides, wsn, srm, srv, n_cblocks, nper, sper, sch, chunks, float(factor), float(eps),
-            float(slope))
-    grid = _launch.grid("batch_norm_act fwd", n_cblocks * chunks)
+    grid, head, tail, kwargs, partial, stats_shape, acc_t = plan
+    stats = x.new_empty(stats_shape, dtype=acc_t)
+    wt = weight if weight is not None else stats
+    bt = bias if bias is not None else stats
+    if running_mean is not None:
+        rm, rv = running_mean, running_var
+        args = (*head, rm.stride(0), rv.stride(0), *tail, float(factor), float(eps), float(slope))
+    else:
+        rm = rv = stats
+        args = (*head, 0, 0, *tail, float(factor), float(eps), float(slope))
     with _launch.device_guard(x):
-        if not training:
-            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=3, **common)
-        elif chunks == 1:
-            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, dummy, dummy, *args, PHASE=0, **common)
+        if partial is None:
+            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, stats, stats, *args, **kwargs[0])
         else:
-            pm = torch.empty((c, chunks), device=x.device, dtype=acc_t)
-            pq = torch.empty_like(pm)
-            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=1, **common)
-            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, PHASE=2, **common)
+            pm = stats.new_empty(partial)
+            pq = stats.new_empty(partial)
+            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, **kwargs[0])
+            _fwd_kernel[grid](x, y, wt, bt, rm, rv, stats, pm, pq, *args, **kwargs[1])
     return y, stats
 
 
 def backward(grad_y, x, weight, bias, stats, slope: float, flags: int, split: int | None = None):
     """Returns (grad_x, grad_weight or grad_gain, grad_bias) in the accumulation dtype; the
     parameter gradients are (C) or, per sample, (N, C)."""
-    strides = _ncs_strides(x)
-    if strides is None:
-        x = x.contiguous()
-        strides = _ncs_strides(x)
-    gstrides = _ncs_strides(grad_y)
-    if gstrides is None:
-        grad_y = grad_y.contiguous()
-        gstrides = _ncs_strides(grad_y)
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(n * c, 1)
-    per_sample = bool(flags & 4)
+    plan = _bwd_plan(x.shape, x.stride(), grad_y.stride(), x.dtype, flags, weight is not None, bias is not None,
+                     _launch.on_gpu(x), split)
+    if plan is COPY:
+        if _ncs(x.shape, x.stride()) is None:
+            x = x.contiguous()
+        if _ncs(grad_y.shape, grad_y.stride()) is None:
+            grad_y = grad_y.contiguous()
+        plan = _bwd_plan(x.shape, x.stride(), grad_y.stride(), x.dtype, flags, weight is not None,
+                         bias is not None, _launch.on_gpu(x), split)
     dx = torch.empty_like(x)
-    shape = (n, c) if per_sample else (c,)
-    dw = torch.empty(shape, device=x.device, dtype=stats.dtype)
-    db = torch.empty_like(dw)
-    if x.numel() == 0:
-        return dx, dw.zero_(), db.zero_()
-    cfg, n_cblocks, nper, sper, nch, sch = _plan(x, split, per_sample)
-    chunks = nch * sch
+    if plan is None:  # empty x
+        shape = (x.shape[0], x.shape[1]) if flags & 4 else (x.shape[1],)
+        return dx, stats.new_zeros(shape), stats.new_zeros(shape)
+    grid, args, kwargs, psize, shape = plan
+    dw = stats.new_empty(shape)
+    db = stats.new_empty(shape)
     wt = weight if weight is not None else stats
     bt = bias if bias is not None else stats
-    common = dict(TRAINING=bool(flags & 1), PER_SAMPLE=per_sample, HAS_W=weight is not None,
-                  HAS_B=bias is not None, ACT=bool(flags & 2), BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"], ACC=_acc(x.dtype), num_warps=cfg["num_warps"])
-    args = (n, c, s, *strides, *gstrides, c if per_sample else 0, n_cblocks, nper, sper, sch, chunks, float(slope))
-    grid = _launch.grid("batch_norm_act bwd", n_cblocks * chunks)
+    args = (*args, float(slope))
     with _launch.device_guard(x):
-        if chunks == 1:
-            _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, stats, stats, *args, PHASE=0, **common)
+        if not psize:
+            _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, stats, stats, *args, **kwargs[0])
             return dx, dw, db
-        psize = c * n if per_sample else c * chunks
-        p1 = torch.empty(psize, device=x.device, dtype=stats.dtype)
-        p2 = torch.empty_like(p1)
-        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=1, **common)
-        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, PHASE=2, **common)
+        p1 = stats.new_empty(psize)
+        p2 = stats.new_empty(psize)
+        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, **kwargs[0])
+        _bwd_kernel[grid](x, grad_y, dx, wt, bt, stats, dw, db, p1, p2, *args, **kwargs[1])
     return dx, dw, db
 
 

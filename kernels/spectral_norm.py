@@ -323,6 +323,10 @@ class Layout:
             off_rb, off_cb, off_eb = off_rb + n_rb, off_cb + n_cb, off_eb + n_eb
         self.sum_u, self.sum_v, self.sum_w = off_u, off_v, off_w
         self.n_rb, self.n_cb, self.n_eb = off_rb, off_cb, off_eb
+        # the forward's workspace: T, S, PT, PS (at least 1 element each), then the unused rest
+        self.ws_size = 2 * (off_u + off_v) + 2 * (off_rb + off_cb) + 1
+        parts = [max(off_u, 1), max(off_v, 1), max(off_rb, 1), max(off_cb, 1)]
+        self.ws_parts = parts + [self.ws_size - sum(parts)]
         self.meta = torch.tensor(meta, dtype=torch.int64).to(device)
         # (layer ids, block ids) per launch kind, as [2 * n] int32
         self.rb = torch.tensor(rb[0] + rb[1], dtype=torch.int32).to(device)
@@ -336,17 +340,8 @@ def forward(layout: Layout, dtype, device, first: int, steps: int, eps: float, w
     Returns flat (wout, uout, vout, sigma[acc]); ``first`` 0 = U step first, 1 = V step first.
     """
     acc = _acc(dtype)
-    ws = torch.empty(2 * (layout.sum_u + layout.sum_v) + 2 * (layout.n_rb + layout.n_cb) + 1, dtype=acc,
-                     device=device)
-    pos = 0
-
-    def take(n):
-        nonlocal pos
-        out = ws[pos:pos + max(n, 1)]
-        pos += max(n, 1)
-        return out
-
-    T, S, PT, PS = take(layout.sum_u), take(layout.sum_v), take(layout.n_rb), take(layout.n_cb)
+    ws = torch.empty(layout.ws_size, dtype=acc, device=device)
+    T, S, PT, PS, _ = ws.split_with_sizes(layout.ws_parts)  # one call for the four views
     sigma = torch.empty(len(layout.offsets), dtype=acc, device=device)
     uout = torch.empty(layout.sum_u, dtype=dtype, device=device)
     vout = torch.empty(layout.sum_v, dtype=dtype, device=device)
@@ -381,13 +376,31 @@ def _forward_launches(layout, steps, first, eps, write_state, T, S, PT, PS, uout
                                   BLOCK_E=BLOCK_E, BLOCK_P=BLOCK_P, ACC=acc_ty)
 
 
+_GRAD_TABLES: dict = {}
+_GRAD_TABLES_MAX = 64
+
+
+def _grad_table(rows: tuple, device) -> torch.Tensor:
+    """The backward's per-layer (grad address, K, s_r, s_1, s_2) table on ``device``, cached on its
+    contents: in training the caching allocator hands the gradients the same addresses step after
+    step, and a new table is a host-to-device copy from pageable memory (which waits for the copy)
+    on every backward. A table is only ever read by the kernels, so a cached one stays valid."""
+    key = (rows, device)
+    table = _GRAD_TABLES.get(key)
+    if table is None:
+        if len(_GRAD_TABLES) >= _GRAD_TABLES_MAX:
+            _GRAD_TABLES.pop(next(iter(_GRAD_TABLES)))
+        table = _GRAD_TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return table
+
+
 def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype):
     # gsig: [L] gradients of the sigmas (accumulation dtype), or None when no sigma had one
     """dW for every layer, flat (weight dtype). ``grad_layouts``: (K, s_r, s_1, s_2) per grad."""
     device = uout.device
     acc = _acc(dtype)
     gdtype = grads[0].dtype
-    gt = torch.tensor([[g.data_ptr(), *gl] for g, gl in zip(grads, grad_layouts)], dtype=torch.int64).to(device)
+    gt = _grad_table(tuple((g.data_ptr(), *gl) for g, gl in zip(grads, grad_layouts)), device)
     pe = torch.empty(max(layout.n_eb, 1), dtype=acc, device=device)
     dw = torch.empty(layout.sum_w, dtype=dtype, device=device)
     common = dict(W_TY=_TL[dtype], G_TY=_TL[gdtype], BLOCK_E=BLOCK_E, ACC=_TL[acc])

@@ -25,7 +25,9 @@ Four routes, one set of numbers:
   or autograd.Function costs more host time per call than eager's whole F.batch_norm + F.relu at
   small shapes (measured figures in docs/batch_norm_act.md).
 * ``triton``, eager: a ``torch.autograd.Function`` around the kernels, which update the running
-  statistics themselves (1 kernel per pass when a channel's data fits one program, else 2).
+  statistics themselves (1 kernel per pass when a channel's data fits one program, else 2); a
+  call that records no graph (no_grad, eval, frozen weights and input) runs the launcher alone.
+  The launcher's plans are cached per call signature (kernels/batch_norm_act.py).
 * under ``torch.compile`` (cpu, cuda, triton), and on triton under any other tracing (make_fx,
   FakeTensorMode, torch.export, jit.trace, tensor subclasses: ``_kernels_can_run``): the custom
   ops ``ganengine::batch_norm_act_fwd`` / ``_bwd`` (fake impls, registered autograd, no graph
@@ -82,23 +84,15 @@ def _validate(op, x, w, b, rm, rv, training, eps, per_sample):
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
     n, c = x.shape[0], x.shape[1]
-    names = (("gain" if per_sample else "weight", w, per_sample), ("bias", b, per_sample),
-             ("running_mean", rm, False), ("running_var", rv, False))
-    for name, t, ps in names:
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-        if ps:
-            if not (t.dim() >= 2 and t.shape[0] == n and t.shape[1] == c and t.numel() == n * c):
-                raise ValueError(f"{op}: {name} must have shape (N, C) = ({n}, {c}) for x of shape "
-                                 f"{tuple(x.shape)}, got {tuple(t.shape)}")
-        elif tuple(t.shape) != (c,):
-            raise ValueError(f"{op}: {name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
+    dev = x.device
+    if w is not None:
+        _check_param(op, "gain" if per_sample else "weight", w, x, dev, n, c, per_sample)
+    if b is not None:
+        _check_param(op, "bias", b, x, dev, n, c, per_sample)
+    if rm is not None:
+        _check_param(op, "running_mean", rm, x, dev, n, c, False)
+    if rv is not None:
+        _check_param(op, "running_var", rv, x, dev, n, c, False)
     if (rm is None) != (rv is None):
         raise ValueError(f"{op}: running_mean and running_var must be given together")
     if training:
@@ -111,6 +105,23 @@ def _validate(op, x, w, b, rm, rv, training, eps, per_sample):
             raise RuntimeError(f"{op}: running_mean must be defined in evaluation mode (training=False)")
         if eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _check_param(op, name, t, x, dev, n, c, per_sample):
+    # (dim() and shape[i] compared one by one: no tuple built per tensor; this runs on every call
+    # of the Python route, the CUDA path's)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+    if t.device != dev:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if per_sample:
+        if not (t.dim() >= 2 and t.shape[0] == n and t.shape[1] == c and t.numel() == n * c):
+            raise ValueError(f"{op}: {name} must have shape (N, C) = ({n}, {c}) for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+    elif t.dim() != 1 or t.shape[0] != c:
+        raise ValueError(f"{op}: {name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
 
 
 def _factor(op, rm, nbt, training, momentum, as_tensor=False):
@@ -131,7 +142,7 @@ def _factor(op, rm, nbt, training, momentum, as_tensor=False):
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels read it: NCHW-dense, or dense with channels innermost; else a copy."""
-    if x.is_contiguous():
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         return x
     c, expected = x.shape[1], x.shape[1]
     for i in range(x.dim() - 1, 1, -1):
@@ -259,9 +270,14 @@ def _ext_reason(device_type: str) -> str | None:
 _BN_KERNELS = ("batch_norm_act_fwd", "batch_norm_act_bwd")
 
 
+@functools.lru_cache(maxsize=None)
+def _verdicts(device_type: str) -> dict:
+    """The verdicts _dispatch.choose reads (never mutated)."""
+    return {"triton": None, "cpu": _ext_reason(device_type), "cuda": _ext_reason(device_type)}
+
+
 def _backend(op: str, x: torch.Tensor) -> str:
-    dev = x.device.type
-    return _dispatch.choose(op, x, {"triton": None, "cpu": _ext_reason(dev), "cuda": _ext_reason(dev)})
+    return _dispatch.choose(op, x, _verdicts(x.device.type))
 
 
 _C_OP = None
@@ -282,16 +298,12 @@ def batch_norm_act_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     """(y, stats): stats (3, C) = mean, rstd, unbiased variance (of the batch in training, of
     running_mean/running_var in eval, which are only read). No running-statistics update."""
     training, apply, per_sample = bool(flags & TRAINING), bool(flags & APPLY_ACT), bool(flags & PER_SAMPLE)
-    op = "conditional_batch_norm_act" if per_sample else "batch_norm_act"
-    backend = _dispatch.choose(op, x, {"triton": None, "cpu": _ext_reason(x.device.type),
-                                       "cuda": _ext_reason(x.device.type)})
+    backend = _backend("conditional_batch_norm_act" if per_sample else "batch_norm_act", x)
     if backend == "torch":
         return _torch_fwd_parts(x, weight, bias, running_mean, running_var, training, eps, apply,
                                 negative_slope, per_sample)
     if backend == "triton":
-        from ganengine.kernels import batch_norm_act as tk
-
-        return tk.forward(x, weight, bias, running_mean, running_var, 0.0, eps, negative_slope, flags,
+        return _tk().forward(x, weight, bias, running_mean, running_var, 0.0, eps, negative_slope, flags,
                           update_running=False)
     return _ext.op("batch_norm_act_fwd")(x, weight, bias, running_mean, running_var, 0.0, eps, negative_slope, flags)
 
@@ -307,15 +319,11 @@ def batch_norm_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                        flags: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight or grad_gain, grad_bias) in the accumulation dtype, (C) or (N, C)."""
     training, apply, per_sample = bool(flags & TRAINING), bool(flags & APPLY_ACT), bool(flags & PER_SAMPLE)
-    op = "conditional_batch_norm_act" if per_sample else "batch_norm_act"
-    backend = _dispatch.choose(op, x, {"triton": None, "cpu": _ext_reason(x.device.type),
-                                       "cuda": _ext_reason(x.device.type)})
+    backend = _backend("conditional_batch_norm_act" if per_sample else "batch_norm_act", x)
     if backend == "torch":
         return _torch_bwd_parts(grad_y, x, weight, bias, stats, training, eps, apply, negative_slope, per_sample)
     if backend == "triton":
-        from ganengine.kernels import batch_norm_act as tk
-
-        return tk.backward(grad_y, x, weight, bias, stats, negative_slope, flags)
+        return _tk().backward(grad_y, x, weight, bias, stats, negative_slope, flags)
     return _ext.op("batch_norm_act_bwd")(grad_y, x, weight, bias, stats, negative_slope, flags)
 
 
@@ -326,10 +334,18 @@ def _(grad_y, x, weight, bias, stats, eps, negative_slope, flags):
     return torch.empty_like(x), stats.new_empty(shape), stats.new_empty(shape)
 
 
+def _param_grad(d, t, need):
+    """A parameter's gradient from the kernels' (C) or (N, C) accumulation-dtype sums (no no-op
+    .to() / reshape: host time per call)."""
+    if t is None or not need:
+        return None
+    if d.dtype != t.dtype:
+        d = d.to(t.dtype)
+    return d if t.dim() == d.dim() else d.reshape(t.shape)
+
+
 def _param_grads(dw, db, w, b, needs):
-    gw = dw.to(w.dtype).reshape(w.shape) if (w is not None and needs[0]) else None
-    gb = db.to(b.dtype).reshape(b.shape) if (b is not None and needs[1]) else None
-    return gw, gb
+    return _param_grad(dw, w, needs[0]), _param_grad(db, b, needs[1])
 
 
 def _double_backward(x, w, b, stats, grad_y, needs, eps, slope, flags):
@@ -368,29 +384,48 @@ torch.library.register_autograd("ganengine::batch_norm_act_fwd", _backward, setu
 
 
 # ----------------------------------------------------------------------------- triton (eager)
+_TK = None
+
+
+def _tk():
+    """ganengine.kernels.batch_norm_act, imported on first use (Triton may be absent; a per-call
+    import statement costs ~1 us)."""
+    global _TK
+    if _TK is None:
+        from ganengine.kernels import batch_norm_act
+
+        _TK = batch_norm_act
+    return _TK
+
+
 class _TritonFn(torch.autograd.Function):
+    # stats is an intermediate (neither input nor output): kept on ctx, not saved (one SavedVariable
+    # less to pack and unpack per call); x, weight and bias are saved (version checks)
     @staticmethod
     def forward(ctx, x, w, b, rm, rv, factor, eps, slope, flags):
-        from ganengine.kernels import batch_norm_act as tk
-
-        y, stats = tk.forward(x, w, b, rm, rv, factor, eps, slope, flags, update_running=True)
-        ctx.save_for_backward(x, w, b, stats)
-        ctx.eps, ctx.slope, ctx.flags = eps, slope, flags
+        y, stats = _tk().forward(x, w, b, rm, rv, factor, eps, slope, flags, update_running=True)
+        ctx.save_for_backward(x, w, b)
+        ctx.cfg = (stats, eps, slope, flags)  # one attribute: fewer ctx writes and reads per call
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, b, stats = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            gx, gw, gb = _double_backward(x, w, b, stats, grad_y, needs, ctx.eps, ctx.slope, ctx.flags)
+        x, w, b = ctx.saved_tensors
+        stats, eps, slope, flags = ctx.cfg
+        needs = ctx.needs_input_grad
+        if _grad_enabled():
+            gx, gw, gb = _double_backward(x, w, b, stats, grad_y, needs[:3], eps, slope, flags)
         else:
-            from ganengine.kernels import batch_norm_act as tk
-
-            dx, dw, db = tk.backward(grad_y, x, w, b, stats, ctx.slope, ctx.flags)
-            gx = dx if needs[0] else None
-            gw, gb = _param_grads(dw, db, w, b, needs[1:])
+            gx, gw, gb = _tk().backward(grad_y, x, w, b, stats, slope, flags)
+            if not needs[0]:
+                gx = None
+            gw, gb = _param_grad(gw, w, needs[1]), _param_grad(gb, b, needs[2])
         return gx, gw, gb, None, None, None, None, None, None
+
+
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_increment_version = torch.autograd.graph.increment_version
 
 
 # ----------------------------------------------------------------------------- the call
@@ -407,7 +442,7 @@ def _kernels_can_run(*tensors) -> bool:
 def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative_slope, per_sample):
     apply, slope = _act(activation, negative_slope)
     flags = (TRAINING if training else 0) | (APPLY_ACT if apply else 0) | (PER_SAMPLE if per_sample else 0)
-    if not torch.compiler.is_compiling():
+    if not _is_compiling():
         lean = _dispatch.lean_op("batch_norm_act", _BN_KERNELS) if isinstance(x, torch.Tensor) and x.is_cpu else None
         if lean is not None:
             _dispatch.last_used[op] = backend = "cpu"
@@ -425,10 +460,13 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
             return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
         if _kernels_can_run(x, w, b, rm, rv, nbt):
             factor = _factor(op, rm, nbt, training, momentum)
-            y = _TritonFn.apply(_dense(x), w, b, rm, rv, factor, float(eps), slope, flags)
+            x = _dense(x)
+            if _eager.records_graph((x, w, b)):
+                y = _TritonFn.apply(x, w, b, rm, rv, factor, float(eps), slope, flags)
+            else:  # no graph to record (no_grad, eval, frozen weights): Function.apply costs ~10 us
+                y = _tk().forward(x, w, b, rm, rv, factor, float(eps), slope, flags, update_running=True)[0]
             if training and rm is not None:
-                torch.autograd.graph.increment_version(rm)
-                torch.autograd.graph.increment_version(rv)
+                _increment_version((rm, rv))  # the kernel wrote them, as F.batch_norm's in-place update would
             return y
         # triton under make_fx / FakeTensorMode / functionalization, torch.jit.trace or on a tensor
         # subclass: _TritonFn would launch kernels on tensors without storage; the custom op traces

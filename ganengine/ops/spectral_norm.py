@@ -100,6 +100,11 @@ def matrix_layout(shape, strides, dim: int):
     return h, wd, max(wd // rest[0][0], 1), s_r, rest[0][1], inner
 
 
+# matrix_layout costs ~3 us of Python; the hot paths (a gradient's layout on every backward) ask
+# it on a weight's few shapes and strides (ints only: tensors of the eager route)
+_matrix_layout_cached = functools.lru_cache(maxsize=1024)(matrix_layout)
+
+
 def _contig_strides(shape):
     strides, acc = [], 1
     for s in reversed(shape):
@@ -188,14 +193,34 @@ def _verdicts_cached(device: torch.device, dtype: torch.dtype, ndim: int, dim: i
 
 def choose_backend(weight: Tensor, dim: int) -> str:
     # a contiguous weight normalised over dim 0 is always one matrix run (matrix_layout: ~3 us)
-    layout_ok = (weight.dim() < 2 or (dim == 0 and weight.is_contiguous())
+    contiguous, ndim = weight.is_contiguous(), weight.dim()
+    layout_ok = (ndim < 2 or (dim == 0 and contiguous)
                  or matrix_layout(weight.shape, weight.stride(), dim) is not None)
-    verdicts = dict(_verdicts_cached(weight.device, weight.dtype, weight.dim(), dim, weight.is_contiguous(),
-                                     layout_ok))
-    return _dispatch.choose("spectral_norm", weight, verdicts)
+    return _dispatch.choose("spectral_norm", weight,
+                            _verdict_dict(weight.device, weight.dtype, ndim, dim, contiguous, layout_ok))
+
+
+@functools.lru_cache(maxsize=256)
+def _verdict_dict(device, dtype, ndim, dim, contiguous, layout_ok) -> dict:
+    """_verdicts_cached as the dict _dispatch.choose reads (which never mutates it)."""
+    return dict(_verdicts_cached(device, dtype, ndim, dim, contiguous, layout_ok))
 
 
 # ----------------------------------------------------------------------------- native backends
+_K = None
+
+
+def _kernels():
+    """ganengine.kernels.spectral_norm, imported on first use (Triton may be absent; an import
+    statement per call costs ~1 us)."""
+    global _K
+    if _K is None:
+        from ganengine.kernels import spectral_norm
+
+        _K = spectral_norm
+    return _K
+
+
 class _TritonLayoutCache:
     """Device tables of a layer list, rebuilt only when a pointer, shape or stride changes."""
 
@@ -204,7 +229,8 @@ class _TritonLayoutCache:
         self.entries: dict = {}
 
     def get(self, weights, dims, us, vs):
-        key = tuple((w.data_ptr(), tuple(w.shape), tuple(w.stride()), d, u.data_ptr(),
+        # (torch.Size hashes and compares as the tuple of its ints: no tuple() copies per call)
+        key = tuple((w.data_ptr(), w.shape, w.stride(), d, u.data_ptr(),
                      v.data_ptr() if v is not None else 0) for w, d, u, v in zip(weights, dims, us, vs))
         hit = self.entries.get(key)
         if hit is None:
@@ -227,6 +253,8 @@ _layouts = _TritonLayoutCache()
 
 
 def _split(flat: Tensor, offsets, which: int, shapes=None):
+    if len(offsets) == 1:  # one layer: the whole buffer (no slice; ~0.5 us a view)
+        return [flat.view(shapes[0]) if shapes is not None else flat]
     out = []
     for i, off in enumerate(offsets):
         start, n = off[which], off[3 + which]
@@ -238,8 +266,7 @@ def _split(flat: Tensor, offsets, which: int, shapes=None):
 def native_forward(backend, weights, dims, us, vs, first, steps, eps, write_state):
     """(w_sns, u_outs, v_outs, sigma[L] in the accumulation dtype, aux for backward)."""
     if backend == "triton":
-        from ganengine.kernels import spectral_norm as K
-
+        K = _kernels()
         # the kernels read the state vectors through raw pointers: they must be dense vectors
         us = [u if u.is_contiguous() else u.contiguous() for u in us]
         vs = [v if (v is None or v.is_contiguous()) else v.contiguous() for v in vs]
@@ -268,15 +295,14 @@ def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, g
         gs_vec = torch.stack([gs.to(sigma.dtype) if gs is not None else sigma.new_zeros(()) for gs in gsigs])
     full = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)]
     if backend == "triton":
-        from ganengine.kernels import spectral_norm as K
-
+        K = _kernels()
         layout, uout, vout = aux
         gl = []
         for i, (g, d) in enumerate(zip(full, dims)):
-            lay = matrix_layout(g.shape, g.stride(), d) if g.dtype == full[0].dtype else None
+            lay = _matrix_layout_cached(g.shape, g.stride(), d) if g.dtype == full[0].dtype else None
             if lay is None:
                 full[i] = g = g.to(full[0].dtype).contiguous()
-                lay = matrix_layout(g.shape, g.stride(), d)
+                lay = _matrix_layout_cached(g.shape, g.stride(), d)
             gl.append(lay[2:])
         dw = K.backward(layout, full, gl, gs_vec, sigma, uout, vout, weights[0].dtype)
         dws = _split(dw, layout.offsets, 2, [w.shape for w in weights])
@@ -520,7 +546,7 @@ def _check(weight, u, v, n_power_iterations, eps, dim, order):
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor or None, got {type(t).__name__}")
-        if t.shape != (n,):
+        if t.dim() != 1 or t.shape[0] != n:
             raise ValueError(f"{fn}: {name} must have shape ({n},) for a weight of shape {tuple(weight.shape)} "
                              f"with dim={dim}, got {tuple(t.shape)}")
         if t.dtype != weight.dtype or t.device != weight.device:
