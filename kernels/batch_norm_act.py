@@ -409,15 +409,9 @@ def _plan_sizes(n: int, c: int, s: int, channels_inner: bool, split: int | None,
 # CUDA's limits), the integer arguments, the constexpr keywords per phase, the partials' size.
 # Rebuilding them cost more host time per call than the rest of the launcher; the plan is a tuple
 # the launcher unpacks, and a cached plan must never be mutated.
-@functools.lru_cache(maxsize=1024)
-def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_rm: bool, update: bool,
-              gpu: bool, split):
-    """(grid, int args before the running statistics' strides, int args after, kwargs per phase,
-    partials' shape or None, stats' shape, accumulation dtype); None for an empty x, COPY for a
-    layout the kernels do not address."""
-    ncs = _ncs(shape, strides)
-    if ncs is None:
-        return COPY
+def _plan_shape(shape, strides, flags: int, gpu: bool, split):
+    """What both plans derive from the sizes: (n, c, s, per_sample, cfg, channel blocks, the
+    programs' split over N and S, S-chunks, chunks); None for an empty x."""
     n, c = shape[0], shape[1]
     numel = 1
     for z in shape:
@@ -427,7 +421,22 @@ def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_r
     s = numel // (n * c)
     per_sample = bool(flags & 4)
     cfg, n_cblocks, nper, sper, nch, sch = _plan_sizes(n, c, s, c > 1 and strides[1] == 1, split, per_sample, gpu)
-    chunks = nch * sch
+    return n, c, s, per_sample, cfg, n_cblocks, nper, sper, sch, nch * sch
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_rm: bool, update: bool,
+              gpu: bool, split):
+    """(grid, int args before the running statistics' strides, int args after, kwargs per phase,
+    partials' shape or None, stats' shape, accumulation dtype); None for an empty x, COPY for a
+    layout the kernels do not address."""
+    ncs = _ncs(shape, strides)
+    if ncs is None:
+        return COPY
+    sizes = _plan_shape(shape, strides, flags, gpu, split)
+    if sizes is None:
+        return None
+    n, c, s, per_sample, cfg, n_cblocks, nper, sper, sch, chunks = sizes
     training = bool(flags & 1)
     common = dict(PER_SAMPLE=per_sample, HAS_W=has_w, HAS_B=has_b, UPDATE=training and update and has_rm,
                   ACT=bool(flags & 2), BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"],
@@ -448,16 +457,10 @@ def _bwd_plan(shape, strides, gstrides, dtype, flags: int, has_w: bool, has_b: b
     ncs, gncs = _ncs(shape, strides), _ncs(shape, gstrides)
     if ncs is None or gncs is None:
         return COPY
-    n, c = shape[0], shape[1]
-    numel = 1
-    for z in shape:
-        numel *= z
-    if numel == 0:
+    sizes = _plan_shape(shape, strides, flags, gpu, split)
+    if sizes is None:
         return None
-    s = numel // (n * c)
-    per_sample = bool(flags & 4)
-    cfg, n_cblocks, nper, sper, nch, sch = _plan_sizes(n, c, s, c > 1 and strides[1] == 1, split, per_sample, gpu)
-    chunks = nch * sch
+    n, c, s, per_sample, cfg, n_cblocks, nper, sper, sch, chunks = sizes
     common = dict(TRAINING=bool(flags & 1), PER_SAMPLE=per_sample, HAS_W=has_w, HAS_B=has_b, ACT=bool(flags & 2),
                   BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"],
                   ACC=_acc(dtype), num_warps=cfg["num_warps"])
