@@ -23,10 +23,9 @@ pytestmark = pytest.mark.skipif(not _HAS_LEAN, reason="ganengine._C without the 
 @pytest.fixture
 def custom_op_route(monkeypatch):
     """Switches the lean entries off: the public functions take the Python route (the custom op's
-    body; a plain eager call runs it through its eager twin, ops/_eager.py: the same bits). The
-    route's block runs its three convs, as the C++ block entry does, not the stacked projection
-    (whose GEMM may round differently: tests/test_attention_stacked.py checks it)."""
-    monkeypatch.setattr(A, "stacked_conv1x1", lambda *args: None)
+    body; a plain eager call runs it through its eager twin, ops/_eager.py: the same bits). Both
+    run the block's projections the same way: one stacked conv where the biases are all present
+    or all absent, three convs otherwise."""
 
     def use(off: bool):
         monkeypatch.setattr(_dispatch, "_LEAN", {"attention": None, "self_attention2d": None} if off else {})
@@ -167,8 +166,9 @@ def _block_inputs(b, c, h, w, d, dtype, bias, channels_last):
     x = rnd(b, c, h, w)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    # bias: "mixed" leaves the key's out (the projections then run as three convs, not stacked)
     p = [rnd(d, c, 1, 1, s=c ** -0.5), rnd(d, s=0.1) if bias else None, rnd(d, c, 1, 1, s=c ** -0.5),
-         rnd(d, s=0.1) if bias else None, rnd(c, c, 1, 1, s=c ** -0.5), rnd(c, s=0.1) if bias else None,
+         rnd(d, s=0.1) if bias is True else None, rnd(c, c, 1, 1, s=c ** -0.5), rnd(c, s=0.1) if bias else None,
          torch.tensor([0.6], dtype=dtype)]
     return [x] + p
 
@@ -193,7 +193,7 @@ BLOCK_NEEDS = {"all": tuple(range(8)), "x": (0,), "weights": (1, 3, 5), "gamma":
 @pytest.mark.parametrize("shape", [(2, 16, 3, 5, 2), (1, 8, 1, 1, 1), (2, 9, 4, 7, 3)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("bias", [True, False, "mixed"], ids=["bias", "nobias", "mixed"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("needs", list(BLOCK_NEEDS), ids=str)
 def test_block_matches_custom_op_route(custom_op_route, shape, dtype, bias, channels_last, needs):

@@ -10,11 +10,8 @@
 //
 // Both reproduce the Python cpu route of ops/attention.py step by step (same dtype conversions,
 // same layouts, the same kernels ganengine_C::attention_fwd / _bwd called through the dispatcher,
-// the same tensors saved), so their numbers are bitwise those of that route, except that the
-// block runs the three 1x1 convs separately where the Python route stacks them into one
-// (ops/attention.py stacked_conv1x1: one output-channel dot product each as well, but a GEMM that
-// may round its last bit differently; tests/test_attention_lean.py compares the two with the
-// stacking off, tests/test_attention_stacked.py the stacked route against fp64). Whatever they do
+// the same tensors saved, the block's three 1x1 convs stacked into one as ops/attention.py
+// stacked_conv1x1 does), so their numbers are bitwise those of that route. Whatever they do
 // not serve they refuse BEFORE any work with TORCH_CHECK_NOT_IMPLEMENTED (Python's
 // NotImplementedError): the Python wrapper then takes its full route, which raises the public
 // errors. torch.compile stays on the Python custom op (a C++ Autograd op fails opcheck's
@@ -206,8 +203,9 @@ void check_weight(const Tensor& x, const Tensor& w, int64_t out_ch, const OptT& 
                               "self_attention2d: bias not served by the C++ entry");
 }
 
-// ops/attention.py self_attention2d (return_attention=False) with 4-D weights: the convs as
-// F.conv2d does them, then the core through the dispatcher (its Autograd kernel above)
+// ops/attention.py self_attention2d (return_attention=False) with 4-D weights: the convs as its
+// Python route runs them (stacked where the biases are all present or all absent), then the core
+// through the dispatcher (its Autograd kernel above)
 Tensor self_attention2d(const Tensor& x, const Tensor& qw, const OptT& qb, const Tensor& kw, const OptT& kb,
                         const Tensor& vw, const OptT& vb, const Tensor& gamma) {
   TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(x) && x.dim() == 4 && float_dtype(x.scalar_type()) && x.numel() > 0,
@@ -222,9 +220,19 @@ Tensor self_attention2d(const Tensor& x, const Tensor& qw, const OptT& qb, const
                               "self_attention2d: sizes not served by the C++ entry");
   TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(gamma) && gamma.numel() == 1 && gamma.is_floating_point(),
                               "self_attention2d: gamma not served by the C++ entry");
-  const Tensor q = at::conv2d(x, qw, qb).flatten(2);
-  const Tensor k = at::conv2d(x, kw, kb).flatten(2);
-  const Tensor v = at::conv2d(x, vw, vb).flatten(2);
+  Tensor q, k, v;
+  const bool all_biases = present(qb) && present(kb) && present(vb);
+  if (all_biases || (!present(qb) && !present(kb) && !present(vb))) {
+    // ops/attention.py stacked_conv1x1: one conv with the weights (and biases) stacked, split as
+    // the Python route splits it (split_with_sizes: its backward is one cat)
+    const OptT bias = all_biases ? OptT(at::cat({*qb, *kb, *vb})) : OptT();
+    const auto qkv = at::conv2d(x, at::cat({qw, kw, vw}), bias).flatten(2).split_with_sizes({d, d, C}, 1);
+    q = qkv[0], k = qkv[1], v = qkv[2];
+  } else {  // mixed biases: the three convs
+    q = at::conv2d(x, qw, qb).flatten(2);
+    k = at::conv2d(x, kw, kb).flatten(2);
+    v = at::conv2d(x, vw, vb).flatten(2);
+  }
   return core_op().call(q, k, v, x.flatten(2), gamma).view({B, C, H, W});
 }
 
