@@ -56,3 +56,16 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 def op(name: str):
     """The ``torch.ops.ganengine_C.<name>`` overload packet."""
     return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+_RAW: dict = {}
+
+
+def raw_op(name: str):
+    """The raw builtin of ``ganengine_C::<name>`` (its default overload's ``_op``): no
+    OpOverloadPacket layer, ~1.2 us less per call on the host; looked up once per name."""
+    try:
+        return _RAW[name]
+    except KeyError:
+        found = _RAW[name] = op(name).default._op
+        return found

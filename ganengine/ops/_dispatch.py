@@ -16,6 +16,7 @@ in strict mode. The last choice per op is recorded so tests and the profiler can
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -73,6 +74,19 @@ def ext_reason(op: str, device: torch.device) -> str | None:
         why = None
     _EXT_REASON[(op, device.type)] = why
     return why
+
+
+_KERNEL_MODULES: dict = {}
+
+
+def triton_kernels(family: str):
+    """``ganengine.kernels.<family>`` (a family's Triton launchers), imported on first use: it imports
+    Triton, which may be absent, and an import statement per call costs ~1 us of host time."""
+    try:
+        return _KERNEL_MODULES[family]
+    except KeyError:
+        module = _KERNEL_MODULES[family] = importlib.import_module(f"ganengine.kernels.{family}")
+        return module
 
 
 def _fallback(op: str, wanted: str, reason: str) -> None:
@@ -167,7 +181,7 @@ def _lean_resolve(name: str, kernels: tuple) -> object | None:
     for op in (name, *kernels):  # the entry itself, and every kernel it calls, present
         if not any(_ext.has_kernel(op, key) for key in _ENTRY_KEYS):
             return None
-    return _ext.op(name).default._op  # the raw builtin: no OpOverloadPacket layer
+    return _ext.raw_op(name)  # the raw builtin: no OpOverloadPacket layer
 
 
 # The requested backend without use_backend(): GANENGINE_BACKEND read from os.environ's own dict.
@@ -221,18 +235,15 @@ def _cuda_entry_resolve(name: str, op: str, variant: str | None, requested: str,
         return None
     if not all(_ext.has_kernel(k, "CUDA") or _ext.has_kernel(k, "CompositeExplicitAutograd") for k in kernels):
         return None
-    return _ext.op(name).default._op
+    return _ext.raw_op(name)
 
 
 def cuda_entry(name: str, op: str, kernels: tuple = (), variant: str | None = None):
     """The raw ``ganengine_C::<name>`` entry for a call of ``op`` on a CUDA tensor when the requested
     backend would run the CUDA C++ kernels (``kernels``: the ganengine_C ops the entry calls, each
     with a CUDA or a composite kernel), else None. Resolved once per (entry, variant, requested
-    backend); per call a few attribute reads and a dict lookup."""
-    requested = _requested.value
-    if requested is None:
-        raw = _ENV_DATA.get(_ENV_KEY)
-        requested = _ENV_DECODE(raw) if raw else "auto"
+    backend, read as ``choose`` reads it); per call a few attribute reads and a dict lookup."""
+    requested = _requested_backend()
     key = (name, op, variant, requested, backends.serves)
     try:
         return _CUDA_ENTRY[key]

@@ -199,24 +199,13 @@ def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_TK = []  # ganengine.kernels.attention once imported (a per-call import statement costs ~1 us)
-
-
-def _triton_kernels():
-    if not _TK:
-        from ganengine.kernels import attention as tk
-
-        _TK.append(tk)
-    return _TK[0]
-
-
 def _fwd_body(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend_for(q, "attention_fwd")
     if backend == "triton":
-        return _triton_kernels().forward(q, k, v, x, gamma)
+        return _dispatch.triton_kernels("attention").forward(q, k, v, x, gamma)
     if backend == "cpu":
         ct = _cpu_dtype(q.dtype)
-        out, o, lse = _ext.op("attention_fwd")(
+        out, o, lse = _ext.raw_op("attention_fwd")(
             _dense(q, ct), _dense(k, ct), _dense(v, ct), _dense(x, ct), _as(gamma, ct).reshape(1))
         return _like(x, _as(out, x.dtype)), _like(x, _as(o, v.dtype), v.dtype), lse
     return _torch_fwd(q, k, v, x, gamma)
@@ -235,10 +224,10 @@ def _bwd_body(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
               gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend_for(q, "attention_bwd")
     if backend == "triton":
-        return _triton_kernels().backward(grad, q, k, v, lse, delta, gamma)
+        return _dispatch.triton_kernels("attention").backward(grad, q, k, v, lse, delta, gamma)
     if backend == "cpu":
         ct = _cpu_dtype(q.dtype)
-        dq, dk, dv = _ext.op("attention_bwd")(
+        dq, dk, dv = _ext.raw_op("attention_bwd")(
             _dense(grad, ct), _dense(q, ct), _dense(k, ct), _dense(v, ct), _dense(o, ct), _dense(lse, ct),
             _dense(delta, ct), _as(gamma, ct).reshape(1))
         return _like(q, _as(dq, q.dtype)), _like(k, _as(dk, k.dtype)), _like(v, _as(dv, v.dtype))
@@ -281,7 +270,7 @@ def _backward(ctx, grad_out, bwd):
     if grad_out is None:  # (the twin does not materialize zero gradients: see _twin_setup_context)
         return None, None, None, None, None
     q, k, v, gamma, o, lse = ctx.saved_tensors
-    if _grad_enabled():
+    if _eager.grad_enabled():
         dq, dk, dv, dgamma = _grads_differentiable(grad_out, q, k, v, gamma)
     else:
         ct = lse.dtype
@@ -291,9 +280,6 @@ def _backward(ctx, grad_out, bwd):
         dq, dk, dv = bwd(grad_out, q, k, v, o, lse, delta, gamma)
     dgamma = _as(dgamma, gamma.dtype)
     return dq, dk, dv, grad_out, (dgamma if gamma.dim() == 0 else dgamma.reshape(gamma.shape))
-
-
-_grad_enabled = torch.is_grad_enabled
 
 
 def _twin_setup_context(ctx, inputs, output):

@@ -280,14 +280,8 @@ def _backend(op: str, x: torch.Tensor) -> str:
     return _dispatch.choose(op, x, _verdicts(x.device.type))
 
 
-_C_OP = None
-
-
 def _c_op():
-    global _C_OP
-    if _C_OP is None:
-        _C_OP = _ext.op("batch_norm_act").default._op  # the raw builtin: no OpOverloadPacket layer
-    return _C_OP
+    return _ext.raw_op("batch_norm_act")
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
@@ -384,18 +378,8 @@ torch.library.register_autograd("ganengine::batch_norm_act_fwd", _backward, setu
 
 
 # ----------------------------------------------------------------------------- triton (eager)
-_TK = None
-
-
 def _tk():
-    """ganengine.kernels.batch_norm_act, imported on first use (Triton may be absent; a per-call
-    import statement costs ~1 us)."""
-    global _TK
-    if _TK is None:
-        from ganengine.kernels import batch_norm_act
-
-        _TK = batch_norm_act
-    return _TK
+    return _dispatch.triton_kernels("batch_norm_act")
 
 
 class _TritonFn(torch.autograd.Function):

@@ -195,27 +195,15 @@ def _backend(op: str, ext_op: str, x: torch.Tensor) -> tuple[str, str]:
     return _dispatch.choose(op, x, {"triton": _triton_verdict(x, impl), "cpu": cpu_reason}), impl
 
 
-_TK = []  # [kernels/conv_act.py, kernels/norm_act.py], imported on first use (they import triton)
-
-
 def _tk():
-    if not _TK:
-        from ganengine.kernels import conv_act as tk
-
-        _TK.append(tk)
-    return _TK[0]
+    return _dispatch.triton_kernels("conv_act")
 
 
 def _nk():
     """The instance-norm kernels (kernels/norm_act.py): statistics and apply in one or two
     launches, where conv_act's own tile kernels need a statistics pass, a merge of per-tile
     partials in torch ops (about ten tiny kernels) and an apply pass."""
-    if len(_TK) < 2:
-        from ganengine.kernels import norm_act as nk
-
-        _tk()
-        _TK.append(nk)
-    return _TK[1]
+    return _dispatch.triton_kernels("norm_act")
 
 
 def _act_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],

@@ -146,18 +146,6 @@ def _verdicts(x: Tensor, k: int, cpp_op: str, triton_max: int = MAX_TERMS) -> di
     return _verdicts_cached(x.device, x.dtype, k, cpp_op, triton_max)
 
 
-_CPP: dict = {}
-
-
-def _cpp(name: str):
-    """The raw builtin of ``ganengine_C::<name>``: no OpOverloadPacket layer (1.2 us a call)."""
-    try:
-        return _CPP[name]
-    except KeyError:
-        op = _CPP[name] = _ext.op(name).default._op
-        return op
-
-
 @functools.lru_cache(maxsize=256)
 def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     # read-only per-term scales; training repeats the same values, so this is a cache hit
@@ -175,8 +163,7 @@ def adv_fwd(xs, modes, targets, scales, want_grad):
     # (Triton takes the terms MAX_TRITON_ADV_TERMS at a time, summed in a fixed order)
     backend = _dispatch.choose("gan_loss", xs[0], _verdicts(xs[0], len(xs), "losses_adv_fwd", len(xs)))
     if backend == "triton":
-        from ganengine.kernels import losses as K
-
+        K = _dispatch.triton_kernels("losses")
         xs, step = _contig(xs), MAX_TRITON_ADV_TERMS
         total, grads = None, []
         for i in range(0, len(xs), step):
@@ -185,7 +172,7 @@ def adv_fwd(xs, modes, targets, scales, want_grad):
             grads += list(g)
         return total, grads
     if backend in ("cpu", "cuda"):
-        total, grads = _cpp("losses_adv_fwd")(list(xs), list(modes), list(targets), list(scales), want_grad)
+        total, grads = _ext.raw_op("losses_adv_fwd")(list(xs), list(modes), list(targets), list(scales), want_grad)
         return total, list(grads)
     return torch_adv_fwd(xs, modes, targets, scales, want_grad)
 
@@ -194,11 +181,10 @@ def l1_fwd(preds, targets, scales, want_grad=False):
     """Backend forward for the L1 group: (0-d total, terms [k], grads)."""
     backend = _dispatch.choose("cycle_loss", preds[0], _verdicts(preds[0], len(preds), "losses_l1_fwd"))
     if backend == "triton":
-        from ganengine.kernels import losses as K
-
+        K = _dispatch.triton_kernels("losses")
         return K.l1_fwd(_contig(preds), _contig(targets), scales, want_grad)
     if backend in ("cpu", "cuda"):
-        total, terms, grads = _cpp("losses_l1_fwd")(list(preds), list(targets), list(scales), want_grad)
+        total, terms, grads = _ext.raw_op("losses_l1_fwd")(list(preds), list(targets), list(scales), want_grad)
         return total, terms, list(grads)
     return torch_l1_fwd(preds, targets, scales, want_grad)
 
@@ -206,11 +192,10 @@ def l1_fwd(preds, targets, scales, want_grad=False):
 def l1_bwd(preds, targets, coef):
     backend = _dispatch.choose("cycle_loss", preds[0], _verdicts(preds[0], len(preds), "losses_l1_bwd"))
     if backend == "triton":
-        from ganengine.kernels import losses as K
-
+        K = _dispatch.triton_kernels("losses")
         return K.l1_bwd(_contig(preds), _contig(targets), coef.contiguous())
     if backend in ("cpu", "cuda"):
-        return list(_cpp("losses_l1_bwd")(list(preds), list(targets), coef))
+        return list(_ext.raw_op("losses_l1_bwd")(list(preds), list(targets), coef))
     return torch_l1_bwd(preds, targets, coef)
 
 

@@ -137,12 +137,8 @@ def _fwd_body(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
     x = _dense_4d(x)
     apply, slope = act_slope(activation, negative_slope)
     if backend == "triton":
-        from ganengine.kernels import norm_act as tk
-
-        return tk.forward(x, weight, bias, eps, apply, slope)
-    from ganengine import _ext
-
-    y, mean, rstd = _ext.op("norm_act_fwd")(x, weight, bias, eps, apply, slope)
+        return _dispatch.triton_kernels("norm_act").forward(x, weight, bias, eps, apply, slope)
+    y, mean, rstd = _ext.raw_op("norm_act_fwd")(x, weight, bias, eps, apply, slope)
     return y, mean, rstd
 
 
@@ -166,13 +162,9 @@ def _bwd_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
     x = _dense_4d(x)
     apply, slope = act_slope(activation, negative_slope)
     if backend == "triton":
-        from ganengine.kernels import norm_act as tk
-
-        return tk.backward(grad_y, x, weight, bias, mean, rstd, apply, slope)
-    from ganengine import _ext
-
+        return _dispatch.triton_kernels("norm_act").backward(grad_y, x, weight, bias, mean, rstd, apply, slope)
     # the C++/CUDA kernels bring grad_y into x's layout (a stride-0 grad becomes dense once)
-    dx, dw_nc, db_nc = _ext.op("norm_act_bwd")(grad_y, x, weight, bias, mean, rstd, apply, slope)
+    dx, dw_nc, db_nc = _ext.raw_op("norm_act_bwd")(grad_y, x, weight, bias, mean, rstd, apply, slope)
     return dx, dw_nc, db_nc
 
 

@@ -207,18 +207,8 @@ def _verdict_dict(device, dtype, ndim, dim, contiguous, layout_ok) -> dict:
 
 
 # ----------------------------------------------------------------------------- native backends
-_K = None
-
-
 def _kernels():
-    """ganengine.kernels.spectral_norm, imported on first use (Triton may be absent; an import
-    statement per call costs ~1 us)."""
-    global _K
-    if _K is None:
-        from ganengine.kernels import spectral_norm
-
-        _K = spectral_norm
-    return _K
+    return _dispatch.triton_kernels("spectral_norm")
 
 
 class _TritonLayoutCache:
@@ -234,8 +224,7 @@ class _TritonLayoutCache:
                      v.data_ptr() if v is not None else 0) for w, d, u, v in zip(weights, dims, us, vs))
         hit = self.entries.get(key)
         if hit is None:
-            from ganengine.kernels import spectral_norm as K
-
+            K = _kernels()
             layouts, ptrs = [], []
             for w, d, u, v in zip(weights, dims, us, vs):
                 h, wd, k, sr, s1, s2 = matrix_layout(w.shape, w.stride(), d)
