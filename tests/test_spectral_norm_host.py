@@ -41,11 +41,11 @@ def test_cached_matrix_layout_follows_strides_and_dim():
 
 
 def test_verdicts_follow_dtype_and_layout():
-    a = ops._verdict_dict(torch.device("cpu"), torch.float32, 4, 0, True, True)
-    assert a == dict(ops._verdicts_cached(torch.device("cpu"), torch.float32, 4, 0, True, True))
-    half = ops._verdict_dict(torch.device("cpu"), torch.float16, 4, 0, True, True)
+    a = ops._verdicts_cached(torch.device("cpu"), torch.float32, 4, 0, True, True)
+    assert a["triton"] is None and set(a) == {"triton", "cpu"}
+    half = ops._verdicts_cached(torch.device("cpu"), torch.float16, 4, 0, True, True)
     assert half["cpu"] is not None and half != a
-    assert ops._verdict_dict(torch.device("cpu"), torch.float32, 4, 0, True, False)["triton"] is not None
+    assert ops._verdicts_cached(torch.device("cpu"), torch.float32, 4, 0, True, False)["triton"] is not None
 
 
 def test_backward_with_changing_gradient_layouts(need_triton_cpu):

@@ -94,12 +94,19 @@ def vendor_conv(x, w, bias, stride, padding, transposed=False, output_padding=_Z
         memory_format=out_format(x))
 
 
-def conv_grads(gz, x, w, stride, padding, mask, transposed=False, output_padding=_ZEROS):
-    """(dx, dw) of ATen's convolution for the output gradient gz; an empty tensor where not in mask."""
-    dx, dw, _ = _convolution_backward(gz, x, w, None, stride, padding, _ONES, transposed, output_padding, 1,
-                                      [mask[0], mask[1], False])
+def _backward(gz, x, w, bias_sizes, stride, padding, mask, transposed, output_padding):
+    """ATen's convolution_backward: (dx, dw, db), dx and dw in their operands' formats, an empty
+    tensor for each one not in ``mask``."""
+    dx, dw, db = _convolution_backward(gz, x, w, bias_sizes, stride, padding, _ONES, transposed, output_padding, 1,
+                                       [mask[0], mask[1], mask[2]])
     dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
     dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
+    return dx, dw, db if mask[2] else gz.new_empty((0,))
+
+
+def conv_grads(gz, x, w, stride, padding, mask, transposed=False, output_padding=_ZEROS):
+    """(dx, dw) of ATen's convolution for the output gradient gz; an empty tensor where not in mask."""
+    dx, dw, _ = _backward(gz, x, w, None, stride, padding, (mask[0], mask[1], False), transposed, output_padding)
     return dx, dw
 
 
@@ -107,11 +114,7 @@ def conv_grads_bias(gz, x, w, stride, padding, mask):
     """(dx, dw, db) of ATen's convolution with a bias (groups 1, not transposed): ``mask[2]`` asks
     for db = sum(gz) over (N, H, W), which convolution_backward computes as eager's own backward
     does (no separate reduction op around it); an empty tensor where not in mask."""
-    dx, dw, db = _convolution_backward(gz, x, w, [gz.shape[1]], stride, padding, _ONES, False, _ZEROS, 1,
-                                       [mask[0], mask[1], mask[2]])
-    dx = dx.contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,))
-    dw = dw.contiguous(memory_format=out_format(w)) if mask[1] else w.new_empty((0,))
-    return dx, dw, db if mask[2] else gz.new_empty((0,))
+    return _backward(gz, x, w, [gz.shape[1]], stride, padding, mask, False, _ZEROS)
 
 
 def grads_by_reference(fn, tensors, needs, grad):

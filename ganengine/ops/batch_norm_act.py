@@ -397,7 +397,7 @@ class _TritonFn(torch.autograd.Function):
         x, w, b = ctx.saved_tensors
         stats, eps, slope, flags = ctx.cfg
         needs = ctx.needs_input_grad
-        if _grad_enabled():
+        if _eager.grad_enabled():
             gx, gw, gb = _double_backward(x, w, b, stats, grad_y, needs[:3], eps, slope, flags)
         else:
             gx, gw, gb = _tk().backward(grad_y, x, w, b, stats, slope, flags)
@@ -407,7 +407,6 @@ class _TritonFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
-_grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 _increment_version = torch.autograd.graph.increment_version
 

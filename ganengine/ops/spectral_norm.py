@@ -176,10 +176,11 @@ def _reference_grads(weights, dims, u_outs, v_outs, grads, gsigs, needs):
 # ----------------------------------------------------------------------------- backend choice
 @functools.lru_cache(maxsize=256)
 def _verdicts_cached(device: torch.device, dtype: torch.dtype, ndim: int, dim: int, contiguous: bool,
-                     layout_ok: bool) -> tuple:
+                     layout_ok: bool) -> dict:
+    """The verdicts _dispatch.choose reads (shared: never mutated)."""
     if ndim < 2:
         why = "1-D weights are normalised by their norm (torch path)"
-        return ("triton", why), ("cpu", why)
+        return {"triton": why, "cpu": why}
     triton = None if dtype in _NATIVE_DTYPES else f"dtype {dtype} is not supported"
     if triton is None and not layout_ok:
         triton = "the weight's strides do not flatten to a matrix view"
@@ -188,7 +189,7 @@ def _verdicts_cached(device: torch.device, dtype: torch.dtype, ndim: int, dim: i
         cpu = f"the C++ kernels are fp32/fp64, got {dtype}"
     if cpu is None and (dim != 0 or not contiguous):
         cpu = "the C++ kernels take contiguous weights normalised over dim 0"
-    return ("triton", triton), ("cpu", cpu)
+    return {"triton": triton, "cpu": cpu}
 
 
 def choose_backend(weight: Tensor, dim: int) -> str:
@@ -197,13 +198,7 @@ def choose_backend(weight: Tensor, dim: int) -> str:
     layout_ok = (ndim < 2 or (dim == 0 and contiguous)
                  or matrix_layout(weight.shape, weight.stride(), dim) is not None)
     return _dispatch.choose("spectral_norm", weight,
-                            _verdict_dict(weight.device, weight.dtype, ndim, dim, contiguous, layout_ok))
-
-
-@functools.lru_cache(maxsize=256)
-def _verdict_dict(device, dtype, ndim, dim, contiguous, layout_ok) -> dict:
-    """_verdicts_cached as the dict _dispatch.choose reads (which never mutates it)."""
-    return dict(_verdicts_cached(device, dtype, ndim, dim, contiguous, layout_ok))
+                            _verdicts_cached(weight.device, weight.dtype, ndim, dim, contiguous, layout_ok))
 
 
 # ----------------------------------------------------------------------------- native backends
