@@ -141,6 +141,40 @@ def test_eval_classic_and_iterations(backend):
 
 
 
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("first,steps", [(0, 2), (1, 3), (0, 3), (0, 4)])
+def test_many_rows_every_plan_and_threads(backend, first, steps):
+    """A weight of 261 rows (the cpu kernel's fused U+V pass sums rows in blocks of 128: three
+    partial blocks, a 1-row tail after its 4-row sweeps) and 5*3*3 = 45 columns (vector tails),
+    through plans that pair U with V (0, 2), follow a V with a pair (1, 3), end on a lone U
+    (0, 3) and pair twice (0, 4): against fp64 within the bound; on the cpu backend the bits
+    must not depend on the thread count (the kernel's sums have a fixed order)."""
+    torch.manual_seed(7)
+    w = torch.randn(261, 5, 3, 3) * 0.2
+    u = F.normalize(torch.randn(261), dim=0)
+    v = F.normalize(torch.randn(45), dim=0)
+    threads = torch.get_num_threads()
+    runs = []
+    for n in ((1, 2) if backend == "cpu" else (threads,)):
+        torch.set_num_threads(n)
+        try:
+            with on_backend(backend):
+                (out,), (u_new,), (v_new,), sigma, _ = ops.native_forward(backend, [w], [0], [u], [v], first, steps,
+                                                                          1e-12, False)
+            runs.append((out, u_new, v_new, sigma))
+        finally:
+            torch.set_num_threads(threads)
+    out, u_new, v_new, sigma = runs[0]
+    r, ru, rv, rs, _ = _ref64(w, u, v, first, steps)
+    _bound(out, r.detach(), w, rs, steps, "w_sn")
+    _bound(u_new, ru, w, rs, steps, "u")
+    _bound(v_new, rv, w, rs, steps, "v")
+    _bound(sigma[0], rs.detach(), w, rs, steps, "sigma")
+    for a, b in zip(runs[0], runs[-1]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_classic_order_serves_the_models_own_layers(backend):
     """SAGAN's SpectralNorm wrapper (weight_u/_v/_bar) and BigGAN's SNConv2d (u0, num_svs=1) keep
