@@ -25,7 +25,8 @@ The differences between the rows are what the Python layers add or save on any m
 networks' structure, small maps): the eager model's step against the fused model's on the CUDA
 path's route (Triton backend, launches stubbed, the vendor convolution as on CUDA), through the
 custom ops and through the eager route, and (``auto order``) with the C++ entries the auto order
-takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses: ``CUDA_ENTRIES``),
+takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses: ``CUDA_ENTRIES``; batch
+norm on small NCHW maps: ``_cuda_bn_backend``),
 which here run the cpu backend's kernels, arithmetic included; ms per step. The convolutions (oneDNN here) run in every
 variant; what differs is the fused layers' host cost (the Triton kernels' own time is missing).
 
@@ -75,6 +76,15 @@ def _stubbed_triton_launches():
 CUDA_ENTRIES = ("instance_norm_act", "instance_norm_act_rs", "gan_loss", "discriminator_loss")
 
 
+def _cuda_bn_backend(op, x):
+    """The batch norms' backend as auto picks it on a CUDA tensor of x's shape and layout (the CUDA
+    C++ op on small NCHW maps, ops/batch_norm_act._variant; Triton otherwise): "cuda" runs the same
+    C++ op here, on the cpu kernels."""
+    from ganengine.ops import batch_norm_act
+
+    return "cuda" if _dispatch.auto_order(op, "cuda", batch_norm_act._variant(x))[0] == "cuda" else "triton"
+
+
 def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entries: tuple = ()):
     real_lean = _dispatch.lean_op
 
@@ -99,6 +109,10 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entr
                         op = resolved[name] = real_lean(name, kernels)
                     return op
             st.enter_context(_patched(_dispatch, "lean_op", lean))
+            if entries:  # the auto order's batch norm choice on CUDA, by map size
+                from ganengine.ops import batch_norm_act
+
+                st.enter_context(_patched(batch_norm_act, "_backend", _cuda_bn_backend))
             if not twin:
                 st.enter_context(_patched(_eager, "plain_eager", lambda *a: False))
             if stub:

@@ -126,7 +126,8 @@ def test_backend_choice_is_seen_by_other_threads():
 
 def test_auto_order_per_op_on_cuda(monkeypatch):
     """On CUDA tensors 'auto' takes the device order (Triton first) except where a GPU measurement
-    put an op's CUDA C++ kernel first (the losses, instance norm on NCHW planes); a backend that
+    put an op's CUDA C++ kernel first (the losses, instance norm on NCHW planes, batch norm on small
+    NCHW maps); a backend that
     cannot serve is skipped."""
     from ganengine.ops import _dispatch
 
@@ -142,6 +143,10 @@ def test_auto_order_per_op_on_cuda(monkeypatch):
     assert _dispatch.choose("instance_norm_act", OnCuda(), both, "channels_last") == "triton"
     assert _dispatch.choose("batch_norm_act", OnCuda(), both) == "triton"
     assert _dispatch.choose("batch_norm_act", OnCuda(), both, "channels_last") == "triton"  # no variant rule
+    assert _dispatch.choose("batch_norm_act", OnCuda(), both, "small") == "cuda"  # small NCHW maps
+    assert _dispatch.choose("conditional_batch_norm_act", OnCuda(), both, "small") == "cuda"
+    assert _dispatch.choose("conditional_batch_norm_act", OnCuda(), both) == "triton"
+    assert _dispatch.choose("batch_norm_act", OnCuda(), {"triton": None, "cuda": "no kernel"}, "small") == "triton"
     assert _dispatch.choose("instance_norm_act", OnCuda(), {"triton": None, "cuda": "no kernel"}) == "triton"
     assert _dispatch.choose("gan_loss", OnCuda(), {"triton": None, "cuda": "no kernel"}) == "triton"
     assert _dispatch.choose("gan_loss", OnCuda(), {"triton": "too many terms", "cuda": "no kernel"}) == "torch"

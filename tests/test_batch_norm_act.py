@@ -788,6 +788,21 @@ def test_ddp_gloo_statistics_per_process(backend):
     torch.testing.assert_close(res[0]["fused"]["0.weight"], res[1]["fused"]["0.weight"])
 
 
+def test_auto_order_variant_by_map_size():
+    """On CUDA, auto takes the CUDA C++ kernels first for NCHW maps of at most SMALL_MAP elements
+    per channel ("small"), Triton first otherwise: the variant read from the call's shape and layout."""
+    v = ops._variant
+    assert ops.SMALL_MAP == 4096
+    assert v(torch.empty(1, 256, 64, 64)) == "small"  # 4096 per channel: the measured point
+    assert v(torch.empty(1, 64, 64, 65)) is None  # 4160 per channel
+    assert v(torch.empty(64, 512, 4, 4)) == "small"  # DCGAN's: 1024 per channel
+    assert v(torch.empty(2, 3, 5)) == "small"  # (N, C, L)
+    assert v(torch.empty(1, 64, 128, 128)) is None
+    assert v(torch.empty(1, 8, 8, 8).to(memory_format=torch.channels_last)) is None
+    assert v(torch.empty(8, 4, 6, 6)[:, :, ::2]) is None  # strided: copied to NCHW, Triton's
+    assert v(torch.empty(256, 1024)) is None  # (N, C): not measured, Triton first
+
+
 # ------------------------------------------------------------------ CUDA tensors (need a GPU)
 GPU_SHAPES = [(2, 3, 5, 7), (3, 4, 1, 1), (64, 512, 4, 4), (16, 128, 32, 32), (1, 64, 128, 128), (256, 1024)]
 
@@ -812,3 +827,27 @@ def test_gpu_backends(backend, shape, dtype, layout, per_sample):
     check_all(x.cpu(), w.cpu(), b.cpu(), (out[0].cpu(), [t.cpu() for t in out[1]]),
               (ref[0].cpu(), [t.cpu() for t in ref[1]]), g.cpu(), True, 1e-5, per_sample, name=backend)
     check_running(x.cpu(), rm.cpu(), rv.cpu(), rmr.cpu(), rvr.cpu(), 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_sample", [False, True], ids=["bn", "cond"])
+def test_gpu_auto_order_takes_the_cuda_op_on_small_maps(per_sample):
+    """auto on CUDA: a small NCHW map runs the CUDA C++ op (the same bits as backend "cuda"), a
+    large one and a channels-last one the Triton kernels (the same bits as backend "triton")."""
+    from ganengine.ops import _dispatch
+
+    op = "conditional_batch_norm_act" if per_sample else "batch_norm_act"
+    for shape, layout, expected in (((4, 32, 8, 8), "nchw", "cuda"), ((2, 8, 64, 80), "nchw", "triton"),
+                                    ((4, 32, 8, 8), "nhwc", "triton")):
+        x, w, b = (t.cuda() for t in make(shape, layout=layout, per_sample=per_sample))
+        g = torch.randn(shape, device="cuda")
+        runs = {}
+        for backend in ("auto", expected):
+            rm, rv = torch.zeros(shape[1], device="cuda"), torch.ones(shape[1], device="cuda")
+            with on_backend(backend):
+                out = _run(fused_fn(per_sample, rm, rv), (x, w, b), g)
+            if backend == "auto":
+                assert _dispatch.last_used[op] == expected, (shape, layout)
+            runs[backend] = (out[0], *out[1], rm, rv)
+        for a, c in zip(runs["auto"], runs[expected]):
+            assert torch.equal(a, c), (shape, layout)

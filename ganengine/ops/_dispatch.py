@@ -42,11 +42,21 @@ AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 #   route plus Triton's launch: on this project's CPU proxy 37 against 75 us of host time per
 #   forward+backward (eager 64). On channels_last planes the Triton kernels were 2-3x faster at
 #   1x64x256x256 and 16x64x128x128 (45 / 57 us vs 134 / 132): Triton first there.
+# * batch norm (training) on NCHW maps of at most 4096 elements per channel (variant "small",
+#   ops/batch_norm_act._variant): the CUDA C++ kernel ran under the Triton one's time at 1x256x64x64
+#   (forward, bf16 / fp32: 22 / 22 us vs 32 / 34), and its call is one C++ op with C++ autograd
+#   where Triton's is the Python route: on the CPU proxy 34 against 57-78 us of host time per
+#   forward+backward (eager 36-40). Triton was ahead on larger NCHW maps (1x64x256x256: 35 / 37 vs
+#   51 / 53 us; 16x64x128x128: 69 / 94 vs 178 / 188) and on every NHWC map measured: Triton first
+#   there. pix2pix's and DCGAN's batch norms at batch 1-64 are mostly small maps. Conditional batch
+#   norm runs the same kernels with a per-sample affine: the same rule (not measured on its own).
 # The other ops keep the device order until a GPU run measures them (docs/gpu.md says which
 # figures decide it).
 AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cuda"): ("cuda", "triton"),
                     ("instance_norm_act", "cuda"): ("cuda", "triton"),
-                    ("instance_norm_act", "cuda", "channels_last"): ("triton", "cuda")}
+                    ("instance_norm_act", "cuda", "channels_last"): ("triton", "cuda"),
+                    ("batch_norm_act", "cuda", "small"): ("cuda", "triton"),
+                    ("conditional_batch_norm_act", "cuda", "small"): ("cuda", "triton")}
 
 last_used: dict[str, str] = {}
 

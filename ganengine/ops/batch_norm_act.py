@@ -276,8 +276,21 @@ def _verdicts(device_type: str) -> dict:
     return {"triton": None, "cpu": _ext_reason(device_type), "cuda": _ext_reason(device_type)}
 
 
+# Elements per channel up to which auto takes the CUDA C++ kernels first on an NCHW batch norm
+# (_dispatch.AUTO_ORDER_BY_OP, "small"): the largest map where the first GPU run had them ahead.
+SMALL_MAP = 4096
+
+
+def _variant(x: torch.Tensor) -> str | None:
+    """auto's order variant of a call: "small" for an NCHW-contiguous (N, C, *spatial) input of at
+    most SMALL_MAP elements per channel; None for (N, C), channels-last or larger maps."""
+    if x.dim() < 3 or not x.is_contiguous():
+        return None
+    return "small" if x.numel() <= SMALL_MAP * x.shape[1] else None
+
+
 def _backend(op: str, x: torch.Tensor) -> str:
-    return _dispatch.choose(op, x, _verdicts(x.device.type))
+    return _dispatch.choose(op, x, _verdicts(x.device.type), None if x.is_cpu else _variant(x))
 
 
 def _c_op():
