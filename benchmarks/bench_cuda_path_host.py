@@ -64,10 +64,19 @@ def _patched(obj, name, value):
 
 @contextlib.contextmanager
 def _stubbed_triton_launches():
+    """Triton launches as no-ops, and denormals flushed to zero: a stubbed kernel leaves its output
+    uninitialised, and recycled memory (int64 indices, say) reads as denormal floats, which the
+    ATen ops after it (conv_act's convolution_backward on the activation gradient) then run through
+    x86's slow denormal path: 20-25 us per conv_act call of time a GPU never spends (the route's
+    real data has no denormals; eager's inputs are normal floats either way)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     with _patched(InterpretedFunction, "__getitem__", lambda self, grid: (lambda *a, **k: None)):
-        yield
+        torch.set_flush_denormal(True)
+        try:
+            yield
+        finally:
+            torch.set_flush_denormal(False)
 
 
 # The C++ entries the auto order takes on CUDA tensors (_dispatch.cuda_entry: instance norm on NCHW
