@@ -65,9 +65,9 @@ inline T sumsq(const T* x, int64_t n) {
   return s;
 }
 
-// t[r..r+3] = the dot products of four rows with x, each with dot()'s order (two vector
-// accumulators, lanes summed, then the scalar tail), so a row gives dot()'s bits; four rows per
-// sweep keep eight accumulators and four memory streams in flight (one row is latency-bound).
+// t[r..r+3] = the dot products of four rows with x, each in dot()'s order (two vector
+// accumulators, lanes summed, then the scalar tail); four rows per sweep keep eight accumulators
+// and four memory streams in flight (one row at a time is latency-bound).
 template <typename T>
 inline void dot4(const T* a, int64_t ld, const T* x, int64_t n, T* t) {
   using Vec = Vectorized<T>;
