@@ -17,6 +17,11 @@ interleaved, median us per call, forward (no grad) and forward+backward:
   guard), **without Triton's launch itself**, which needs a GPU driver (outputs are garbage; only
   the time counts), and conv_act on the vendor convolution, its CUDA default (the convolution
   itself runs, on oneDNN). Only with ``TRITON_INTERPRET=1``.
+* ``auto order``: what ``auto`` runs on a CUDA tensor: the same, except the ops whose C++ entry
+  the auto order takes there (``CUDA_ENTRIES``, batch norm on small NCHW maps), which run that
+  entry on the cpu backend's kernels (their arithmetic included). (cycle_loss, which auto runs on
+  the CUDA C++ kernels through its Python route, shows the Triton route here; its ``eager route``
+  column is the closer figure.)
 
 What it cannot give: the CUDA runtime's and Triton's launch cost, and the device's CPU speed.
 The differences between the rows are what the Python layers add or save on any machine.
@@ -25,8 +30,8 @@ The differences between the rows are what the Python layers add or save on any m
 networks' structure, small maps): the eager model's step against the fused model's on the CUDA
 path's route (Triton backend, launches stubbed, the vendor convolution as on CUDA), through the
 custom ops and through the eager route, and (``auto order``) with the C++ entries the auto order
-takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses: ``CUDA_ENTRIES``; batch
-norm on small NCHW maps: ``_cuda_bn_backend``),
+takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses, conv2d_act's dispatcher
+entry: ``CUDA_ENTRIES``; batch norm on small NCHW maps: ``_cuda_bn_backend``),
 which here run the cpu backend's kernels, arithmetic included; ms per step. The convolutions (oneDNN here) run in every
 variant; what differs is the fused layers' host cost (the Triton kernels' own time is missing).
 
@@ -82,7 +87,7 @@ def _stubbed_triton_launches():
 # The C++ entries the auto order takes on CUDA tensors (_dispatch.cuda_entry: instance norm on NCHW
 # planes and the adversarial losses, cuda first); on CPU tensors the same entries run the cpu
 # backend's kernels, which also do their arithmetic here (more than the CUDA path's host cost).
-CUDA_ENTRIES = ("instance_norm_act", "instance_norm_act_rs", "gan_loss", "discriminator_loss")
+CUDA_ENTRIES = ("instance_norm_act", "instance_norm_act_rs", "gan_loss", "discriminator_loss", "conv2d_act")
 
 
 def _cuda_bn_backend(op, x):
@@ -122,6 +127,10 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entr
                 from ganengine.ops import batch_norm_act
 
                 st.enter_context(_patched(batch_norm_act, "_backend", _cuda_bn_backend))
+            if "conv2d_act" in entries:  # on CUDA the dispatcher op serves it, not the CPU's fast entry
+                from ganengine.ops import conv_act
+
+                st.enter_context(_patched(conv_act, "_act_entry", lambda *a: NotImplemented))
             if not twin:
                 st.enter_context(_patched(_eager, "plain_eager", lambda *a: False))
             if stub:
@@ -131,9 +140,11 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entr
 
 
 def measure(cases, calls: int, rounds: int) -> list[dict]:
-    variants = {"custom op": ("cpu", False, False, False), "eager route": ("cpu", True, False, False)}
+    variants = {"custom op": ("cpu", False, False, False, ()), "eager route": ("cpu", True, False, False, ())}
     if backends.triton_interpret() and backends.serves("triton", torch.device("cpu")):
-        variants["eager route, triton"] = ("triton", True, True, True)  # (vendor conv, as on CUDA)
+        variants["eager route, triton"] = ("triton", True, True, True, ())  # (vendor conv, as on CUDA)
+        # what auto runs on CUDA: the C++ entries where the auto order takes the CUDA C++ kernels
+        variants["auto order"] = ("triton", True, True, True, CUDA_ENTRIES)
     out = []
     for case in cases:
         if case.kind != "op":
@@ -142,9 +153,9 @@ def measure(cases, calls: int, rounds: int) -> list[dict]:
         for mode, (reference, fused) in calls_by_mode.items():
             calls_ = {"eager": reference}
             scopes = {}
-            for label, (backend, twin, stub, vendor) in variants.items():
+            for label, (backend, twin, stub, vendor, entries) in variants.items():
                 calls_[label] = fused
-                scopes[label] = _scope(backend, twin, stub, vendor)
+                scopes[label] = _scope(backend, twin, stub, vendor, entries)
             # a variant the route does not serve (an op with no Python route on that backend) is
             # reported, not timed
             errors = {}
@@ -199,7 +210,7 @@ def markdown_models(recs: list[dict]) -> str:
 
 
 def markdown(recs: list[dict]) -> str:
-    cols = ["eager", "custom op", "eager route", "eager route, triton"]
+    cols = ["eager", "custom op", "eager route", "eager route, triton", "auto order"]
     lines = ["| op | mode | " + " | ".join(f"{c} us" for c in cols) + " | eager route / custom op |",
              "|---|---|" + "---|" * (len(cols) + 1)]
     for r in recs:

@@ -395,6 +395,68 @@ def test_cuda_triton(impl, dtype):
             _compare(y, [a.grad for a in ins[:2]], yr, [r.grad for r in refs[:2]], bounds, "triton")
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("slope,bias", [(0.2, True), (0.0, True), (1.0, False), (0.2, False)])
+def test_cuda_backend(dtype, layout, slope, bias):
+    """On a GPU: conv2d_act's cuda backend (cuDNN convolution + CUDA C++ epilogues, through its C++
+    entry) vs fp64 torch, forward and gradients, within the block's bounds (TF32 products for fp32,
+    as the Triton vendor route's test allows)."""
+    if not ops._ext.has_kernel("conv_act_fwd", "CUDA"):
+        pytest.skip("ganengine._C without the CUDA conv_act kernels")
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 33, 31, device="cuda")
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 16, 4, 4, device="cuda") * 0.1
+    b = torch.randn(32, device="cuda") if bias else None
+    for stride in (1, 2):
+        ins = [t.to(dtype).clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+        with ganengine.use_backend("cuda"), strict():
+            y = GF.conv2d_act(*ins, stride=stride, padding=1, negative_slope=slope)
+            g = torch.randn_like(y)
+            (y * g).sum().backward()
+        assert _dispatch.last_used["conv2d_act"] == "cuda"
+        assert y.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+        refs = [t.detach().double().requires_grad_() if t is not None else None for t in ins]
+        yr = ops.reference_conv2d_act(*refs, stride, 1, slope)
+        (yr * g.double()).sum().backward()
+        low = dtype != torch.float32
+        bounds = _bounds("cuda", [t for t in ins], g, stride, 1, False, store_dtype=dtype if low else None,
+                         product_u=0.0 if low else 2.0 ** -11)
+        _compare(y, [a.grad if a is not None else None for a in ins], yr,
+                 [r.grad if r is not None else None for r in refs], bounds, "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_auto_takes_the_cuda_entry_with_the_python_routes_bits(monkeypatch):
+    """auto on CUDA runs conv2d_act's C++ entry (cuda first in the auto order): C++ autograd, and the
+    same bits as the Python route on the cuda backend's kernels (forward, gradients, double
+    backward)."""
+    if not ops._ext.has_kernel("conv_act_fwd", "CUDA"):
+        pytest.skip("ganengine._C without the CUDA conv_act kernels")
+    torch.manual_seed(0)
+    base = [torch.randn(2, 3, 9, 7, device="cuda"), torch.randn(5, 3, 4, 4, device="cuda"),
+            torch.randn(5, device="cuda")]
+
+    def run():
+        x, w, b = (t.clone().requires_grad_() for t in base)
+        y = GF.conv2d_act(x, w, b, 2, 1, 0.2)
+        grads = torch.autograd.grad((y * y).sum(), (x, w, b), create_graph=True)
+        gg = torch.autograd.grad(sum(t.sum() for t in grads), (x, w))
+        return y, [y.detach(), *[t.detach() for t in grads], *gg]
+
+    y, got = run()
+    assert _dispatch.last_used["conv2d_act"] == "cuda"
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    monkeypatch.setattr(_dispatch, "cuda_entry", lambda *a, **k: None)
+    with ganengine.use_backend("cuda"), strict():
+        _, want = run()
+    for a, c in zip(got, want):
+        assert torch.equal(a, c)
+
 # ----------------------------------------------------------------------------- the eager route (twin)
 # (N, C_in, H, W, C_out, kernel, stride, padding, channels_last): a PatchGAN 4x4 stride-2 layer, a
 # single input pixel (3x3 at padding 1: a 1x1 output map), odd sizes in channels_last

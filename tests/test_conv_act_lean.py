@@ -301,6 +301,50 @@ def test_refused_calls_served_by_the_python_route():
         assert torch.equal(y, ops.conv2d_act_fwd(x.bfloat16(), w.bfloat16(), b.bfloat16(), [2, 2], [1, 1], 0.2))
 
 
+def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
+    """On CUDA tensors conv2d_act's dispatcher entry is taken exactly where the requested backend
+    would run the cuda backend's kernels: 'cuda', or 'auto' (cuda first for conv2d_act); not for
+    'triton'/'cpu'/'torch', and never without the CUDA kernels or where cuda does not serve."""
+    real_has = ops._ext.has_kernel
+    cuda_kernels = {"yes": True}
+    monkeypatch.setattr(ops._ext, "has_kernel",
+                        lambda op, key: cuda_kernels["yes"] if key == "CUDA" else real_has(op, key))
+    serving = {"cuda": True, "triton": True}
+    monkeypatch.setattr(ganengine.backends, "serves", lambda name, device: serving.get(name, True))
+    entry = ops._ext.op("conv2d_act").default._op
+
+    def resolve(backend):
+        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
+        monkeypatch.setattr(_dispatch, "_SERVED", {})
+        with ganengine.use_backend(backend):
+            return _dispatch.cuda_entry("conv2d_act", "conv2d_act", ops._ACT_KERNELS)
+
+    assert resolve("auto") is entry and resolve("cuda") is entry
+    assert all(resolve(b) is None for b in ("triton", "cpu", "torch"))
+    serving["cuda"] = False  # auto: Triton next
+    assert resolve("auto") is None and resolve("cuda") is None
+    serving["cuda"], cuda_kernels["yes"] = True, False  # a build without the CUDA kernels
+    assert resolve("auto") is None and resolve("cuda") is None
+
+
+def test_devices_the_entries_serve():
+    """The dispatcher entry serves CPU tensors, and CUDA ones only with the CUDA kernels built, every
+    tensor on x's device; the Python fast entry serves CPU tensors only. Anything else is refused
+    before any work (here: a meta x, which no backend's kernels run)."""
+    op = _dispatch.lean_op("conv2d_act", ops._ACT_KERNELS)
+    xm, wm, bm = torch.randn(1, 3, 6, 6, device="meta"), torch.randn(4, 3, 4, 4, device="meta"), None
+    with _KernelCalls("fwd") as mode, pytest.raises(NotImplementedError, match=r"not served by the C\+\+ entry \(x\)"):
+        op(xm, wm, bm, 2, 1, 0.2)
+    assert mode.calls == 0
+    assert ops._act_entry(xm, wm, bm, 2, 1, 0.2) is None  # the fast entry declines (None: the route decides)
+    assert ops._act_dispatcher_entry(xm, wm, bm, 2, 1, 0.2) is None  # neither CPU nor CUDA: no entry asked
+    if torch.cuda.is_available() and ops._ext.has_kernel("conv_act_fwd", "CUDA"):
+        xc, wc = torch.randn(1, 3, 6, 6, device="cuda"), torch.randn(4, 3, 4, 4, device="cuda")
+        assert ops._act_entry(xc, wc, None, 2, 1, 0.2) is None  # the fast entry: CPU tensors only
+        with pytest.raises(NotImplementedError, match="weight"):
+            op(xc, wc.cpu(), None, 2, 1, 0.2)
+        assert op(xc, wc, None, 2, 1, 0.2).is_cuda
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_other_backends_do_not_take_the_lean_entry(backend):
     if not ganengine.backends.available()[backend]:

@@ -1,9 +1,12 @@
-// The eager entry of conv2d_act on CPU tensors: one C++ op, ganengine_C::conv2d_act, with its own
+// The eager entry of conv2d_act: one C++ op, ganengine_C::conv2d_act, with its own
 // autograd, so that a call costs one dispatcher call and no Python custom-op layer (the pattern of
 // norm_act_autograd.cpp; the custom op's Python layers cost 50-70 us per call more than eager's
 // F.conv2d + F.leaky_relu, at every size). It calls the same kernels as the custom op's cpu
 // backend, conv_act_fwd / conv_act_bwd, through the dispatcher, so the numbers are the same bit
-// for bit.
+// for bit. The dispatcher op also serves CUDA tensors where the build has those kernels' CUDA
+// implementations (csrc/cuda/conv_act_launcher.cpp: the cuda backend), with every tensor on x's
+// device; ops/conv_act.py calls it on CUDA tensors only where the cuda backend is the one chosen
+// (_dispatch.cuda_entry). The Python fast entry (conv_py.cpp) serves CPU tensors only.
 //
 // A call this op does not serve is refused before any work with NotImplementedError
 // (TORCH_CHECK_NOT_IMPLEMENTED) and a message starting "conv2d_act: not served by the C++ entry":
@@ -67,6 +70,24 @@ bool float_dtype(at::ScalarType s) {
 
 bool plain_cpu(const at::Tensor& t) { return t.is_cpu() && t.layout() == at::kStrided; }
 
+// whether this build registered CUDA kernels for conv_act_fwd and conv_act_bwd
+// (csrc/cuda/conv_act_launcher.cpp): then the dispatcher op also serves CUDA tensors
+bool cuda_kernels() {
+  static const bool cuda = [] {
+    auto& d = c10::Dispatcher::singleton();
+    return d.findSchemaOrThrow("ganengine_C::conv_act_fwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
+           d.findSchemaOrThrow("ganengine_C::conv_act_bwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  }();
+  return cuda;
+}
+
+// x on a device this call may serve (CPU; CUDA only for the dispatcher op, with the CUDA kernels
+// built: the Python fast entry serves CPU tensors alone), strided; t strided on x's device
+bool served_x(const at::Tensor& x, bool cuda_ok) {
+  return x.layout() == at::kStrided && (x.is_cpu() || (cuda_ok && x.is_cuda() && cuda_kernels()));
+}
+bool beside(const at::Tensor& t, const at::Tensor& x) { return t.layout() == at::kStrided && t.device() == x.device(); }
+
 #define REFUSE_UNLESS(cond, what) \
   if (!(cond)) return what
 
@@ -75,14 +96,15 @@ bool plain_cpu(const at::Tensor& t) { return t.is_cpu() && t.layout() == at::kSt
 // case). Only reads metadata: no work is done before a refusal. Returns what is not served, or
 // nullptr.
 const char* refusal_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                         at::IntArrayRef padding, double slope) {
-  REFUSE_UNLESS(x.defined() && plain_cpu(x) && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()), "x");
-  REFUSE_UNLESS(w.defined() && plain_cpu(w) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
+                         at::IntArrayRef padding, double slope, bool cuda_ok) {
+  REFUSE_UNLESS(x.defined() && served_x(x, cuda_ok) && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
+                "x");
+  REFUSE_UNLESS(w.defined() && beside(w, x) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
                     w.scalar_type() == x.scalar_type(),
                 "weight");
   if (present(b)) {
     const at::Tensor& t = *b;
-    REFUSE_UNLESS(plain_cpu(t) && t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == x.scalar_type(),
+    REFUSE_UNLESS(beside(t, x) && t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == x.scalar_type(),
                   "bias");
   }
   REFUSE_UNLESS(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
@@ -91,7 +113,7 @@ const char* refusal_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b
   // an empty output map: the Python route decides (a kernel larger than the padded input)
   REFUSE_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
   REFUSE_UNLESS(slope >= 0, "negative_slope");  // (a NaN slope too)
-  REFUSE_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
+  REFUSE_UNLESS(!at::autocast::is_autocast_enabled(x.device().type()), "autocast");
   return nullptr;
 }
 
@@ -151,7 +173,7 @@ at::Tensor run_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at:
 
 void check(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride, at::IntArrayRef padding,
            double slope) {
-  const char* why = refusal_impl(x, w, b, stride, padding, slope);
+  const char* why = refusal_impl(x, w, b, stride, padding, slope, /*cuda_ok=*/true);
   TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, "conv2d_act: not served by the C++ entry (", why, ")");
 }
 
@@ -332,7 +354,7 @@ at::Tensor conv2d_in_act_plain(const at::Tensor& x, const at::Tensor& w, const O
 // conv_lean.h: shared with the Python fast entry (conv_py.cpp)
 const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                     at::IntArrayRef padding, double slope) {
-  return refusal_impl(x, w, b, stride, padding, slope);
+  return refusal_impl(x, w, b, stride, padding, slope, /*cuda_ok=*/false);
 }
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                at::IntArrayRef padding, double slope) {

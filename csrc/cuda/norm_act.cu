@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "acc_convert.cuh"
 #include "norm_act.cuh"
 
 namespace ganengine {
@@ -33,17 +34,6 @@ namespace {
 constexpr int kThreads = kNormActThreads;
 // (no __launch_bounds__(256): with it, ptxas aims at 8 resident blocks, 32 registers, and spills)
 constexpr int kUnroll = 2;  // 16-byte vectors per thread per step (and per Welford group)
-
-template <typename T> __device__ __forceinline__ float to_acc(T v) { return static_cast<float>(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 

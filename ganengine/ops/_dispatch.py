@@ -50,13 +50,21 @@ AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 #   51 / 53 us; 16x64x128x128: 69 / 94 vs 178 / 188) and on every NHWC map measured: Triton first
 #   there. pix2pix's and DCGAN's batch norms at batch 1-64 are mostly small maps. Conditional batch
 #   norm runs the same kernels with a per-sample affine: the same rule (not measured on its own).
+# * conv2d_act: the cuda backend runs the Triton backend's CUDA default route (ATen's convolution,
+#   cuDNN, then elementwise epilogue kernels: bias + activation forward, the activation's gradient
+#   backward, one launch each way) with the epilogues as CUDA C++ kernels, so the device work is
+#   the same cuDNN convolution and one memory-bound pass either way; its call is the C++ entry
+#   (one dispatcher call, C++ autograd) where Triton's is the Python route: on the CPU proxy
+#   eager 193 us per forward+backward, the Triton route 260 (docs/gpu.md). The epilogue kernels'
+#   own speed is not measured on a GPU yet (gpu-check's speed_models [triton] / [cuda] variants).
 # The other ops keep the device order until a GPU run measures them (docs/gpu.md says which
 # figures decide it).
 AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cuda"): ("cuda", "triton"),
                     ("instance_norm_act", "cuda"): ("cuda", "triton"),
                     ("instance_norm_act", "cuda", "channels_last"): ("triton", "cuda"),
                     ("batch_norm_act", "cuda", "small"): ("cuda", "triton"),
-                    ("conditional_batch_norm_act", "cuda", "small"): ("cuda", "triton")}
+                    ("conditional_batch_norm_act", "cuda", "small"): ("cuda", "triton"),
+                    ("conv2d_act", "cuda"): ("cuda", "triton")}
 
 last_used: dict[str, str] = {}
 

@@ -17,7 +17,10 @@ Layout: outputs and dx are channels_last when x is (NHWC-dense and not NCHW-cont
 NCHW-contiguous otherwise; dw follows weight the same way.
 
 Backends: torch (F.conv2d composition, the reference), cpu (oneDNN conv + fused C++ epilogues,
-csrc/cpu/conv_act.cpp), triton (kernels/conv_act.py). The triton backend has two convolution
+csrc/cpu/conv_act.cpp), cuda (conv2d_act only: ATen's convolution, cuDNN, + CUDA C++ epilogue
+kernels, csrc/cuda/conv_act*.c*; on CUDA tensors its C++ entry ganengine_C::conv2d_act, one
+dispatcher call with C++ autograd, serves every plain call: `auto` takes it first),
+triton (kernels/conv_act.py). The triton backend has two convolution
 implementations: "vendor" (cuDNN / oneDNN convolution + Triton epilogue kernels) and "igemm"
 (Triton implicit-GEMM convolutions with the epilogue fused, data and weight gradients as
 implicit GEMMs too). ``triton_conv_impl(name)`` / ``GANENGINE_CONV_IMPL`` pick one; "auto" is
@@ -189,10 +192,13 @@ def _backend(op: str, ext_op: str, x: torch.Tensor) -> tuple[str, str]:
     """(backend, the triton convolution implementation): the implementation is resolved once per
     body, for the verdict and for the body's own branch."""
     impl = _resolved_conv_impl(x.device)
-    cpu_reason = _dispatch.ext_reason(ext_op, x.device)
-    if cpu_reason is None and x.dtype not in _FLOATS:
-        cpu_reason = f"dtype {x.dtype} is not supported"
-    return _dispatch.choose(op, x, {"triton": _triton_verdict(x, impl), "cpu": cpu_reason}), impl
+    # the C++ kernels for x's device: cpu's on CPU tensors, cuda's (csrc/cuda/conv_act_launcher.cpp,
+    # conv2d_act only) on CUDA tensors; choose asks each only of the device it serves
+    ext_reason = _dispatch.ext_reason(ext_op, x.device)
+    if ext_reason is None and x.dtype not in _FLOATS:
+        ext_reason = f"dtype {x.dtype} is not supported"
+    verdicts = {"triton": _triton_verdict(x, impl), "cpu": ext_reason, "cuda": ext_reason}
+    return _dispatch.choose(op, x, verdicts), impl
 
 
 def _tk():
@@ -212,7 +218,7 @@ def _act_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if backend == "torch":
         return _torch_act_fwd(x, weight, bias, stride, padding, negative_slope)
     x = _dense(x)
-    if backend == "cpu":
+    if backend == "cpu" or backend == "cuda":
         return _ext.op("conv_act_fwd")(x, weight, bias, stride, padding, negative_slope)
     tk = _tk()
     if impl == "igemm":
@@ -238,7 +244,7 @@ def _act_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: 
     if backend == "torch":
         return _torch_act_bwd(grad, x, weight, y, stride, padding, negative_slope, mask)
     x = _dense(x)
-    if backend == "cpu":
+    if backend == "cpu" or backend == "cuda":
         return _ext.op("conv_act_bwd")(grad, x, weight, y, stride, padding, negative_slope, mask)
     tk = _tk()
     # the bias gradient sum(gz) comes from the convolution's backward launch, not a reduction of
@@ -452,13 +458,21 @@ _act_entry = fast_entry("conv2d_act_entry")
 
 def _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope):
     """conv2d_act's lean route through the dispatcher op ganengine_C::conv2d_act (the one that
-    honours tensor subclasses and torch function modes): y, or None where it declines. (stride,
-    padding and slope of exactly the types _pair / float() take: the dispatcher would also take a
-    bool, or convert a tensor)"""
-    if not (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+    honours tensor subclasses and torch function modes; on CUDA tensors the one entry): y, or None
+    where it declines or the requested backend would not run its kernels (CPU tensors: lean_op;
+    CUDA tensors: cuda_entry, the cuda backend chosen). (stride, padding and slope of exactly the
+    types _pair / float() take: the dispatcher would also take a bool, or convert a tensor)"""
+    if not (isinstance(x, torch.Tensor) and _plain_pair(stride) and _plain_pair(padding)
             and (type(negative_slope) is float or type(negative_slope) is int)):
         return None
-    op = _dispatch.lean_op("conv2d_act", _ACT_KERNELS)
+    if x.is_cpu:
+        op = _dispatch.lean_op("conv2d_act", _ACT_KERNELS)
+    elif x.is_cuda:
+        op = _dispatch.cuda_entry("conv2d_act", "conv2d_act", _ACT_KERNELS)
+    else:
+        return None
+    if op is None:
+        return None
     try:
         return op(x, weight, bias, stride, padding, negative_slope)
     except RuntimeError as e:  # (NotImplementedError is one)
@@ -489,13 +503,19 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # (None: the route below serves the call or raises the public error), or hands a tensor subclass
     # / torch function mode to the dispatcher op (NotImplemented). Any other error is the call's
     # own: raised once.
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv2d_act", _ACT_KERNELS):
-        y = _act_entry(x, weight, bias, stride, padding, negative_slope)
-        if y is NotImplemented:
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+        if isinstance(x, torch.Tensor) and x.is_cuda:  # the cuda backend's C++ entry, where chosen
             y = _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope)
-        if y is not None:
-            _dispatch.last_used["conv2d_act"] = "cpu"
-            return y
+            if y is not None:
+                _dispatch.last_used["conv2d_act"] = "cuda"
+                return y
+        elif _dispatch.lean_op("conv2d_act", _ACT_KERNELS):
+            y = _act_entry(x, weight, bias, stride, padding, negative_slope)
+            if y is NotImplemented:
+                y = _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope)
+            if y is not None:
+                _dispatch.last_used["conv2d_act"] = "cpu"
+                return y
     _check_conv("conv2d_act", x, weight, bias)
     stride, padding = _pair("conv2d_act: stride", stride, 1), _pair("conv2d_act: padding", padding, 0)
     x, weight, bias = _autocast(x, weight, bias)

@@ -1,0 +1,125 @@
+// conv2d_act's cuda backend: the CUDA implementations of ganengine_C::conv_act_fwd / conv_act_bwd
+// (schemas in csrc/cpu/conv_act.cpp), the Triton backend's "vendor" route written in C++: ATen's
+// convolution (cuDNN) without its bias, then one epilogue kernel adding the bias and applying the
+// activation in place (csrc/cuda/conv_act.cu); backward, one kernel for the activation's gradient
+// from the sign of the saved output, then ATen's convolution_backward, whose bias output is the
+// bias gradient (eager's own computation). The launches ATen's convolution makes are cuDNN's, as
+// eager's; what this adds is one elementwise kernel each way, where eager runs a bias add and
+// leaky_relu (forward) and leaky_relu_backward (backward). The C++ entry ganengine_C::conv2d_act
+// (csrc/cpu/conv_act_autograd.cpp) calls these through the dispatcher on CUDA tensors, so the
+// call costs one dispatcher call with C++ autograd (ops/conv_act.py, _dispatch.cuda_entry).
+// Output layouts follow x (NHWC-dense and not NCHW-contiguous: channels_last), dx and dw their
+// operands, as on the other backends.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "conv_act.cuh"
+
+namespace ganengine {
+namespace conv_act_cuda {
+namespace {
+
+at::MemoryFormat format_of(const at::Tensor& t) {
+  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    case at::kDouble: return 3;
+    default: TORCH_CHECK(false, "ganengine conv_act (CUDA): unsupported dtype ", t, " (float, half, bfloat16, double)");
+  }
+  return 0;
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::IntArrayRef stride,
+                at::IntArrayRef padding) {
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4, "ganengine conv_act (CUDA): x and weight must be 4-d, got ", x.sizes(),
+              " and ", w.sizes());
+  TORCH_CHECK(x.is_cuda() && w.device() == x.device(), "ganengine conv_act (CUDA): x and weight must be on one CUDA "
+              "device, got ", x.device(), " and ", w.device());
+  TORCH_CHECK(w.size(1) == x.size(1), "ganengine conv_act (CUDA): weight has ", w.size(1), " input channels, x has ",
+              x.size(1));
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "ganengine conv_act (CUDA): x is ", x.scalar_type(),
+              " but weight is ", w.scalar_type());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "ganengine conv_act (CUDA): stride and padding must have 2 "
+              "entries");
+  if (b.has_value() && b->defined())
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0) && b->device() == x.device() &&
+                    b->scalar_type() == x.scalar_type(),
+                "ganengine conv_act (CUDA): bias must be a (", w.size(0), ",) tensor of x's dtype on x's device");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "ganengine conv_act (CUDA): ", what, " launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor conv_act_fwd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                        at::IntArrayRef stride, at::IntArrayRef padding, double slope) {
+  check_args(x, w, b, stride, padding);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = format_of(x);
+  at::Tensor y = at::convolution(x, w, c10::nullopt, stride, padding, {1, 1}, false, {0, 0}, 1).contiguous(fmt);
+  const bool has_bias = b.has_value() && b->defined();
+  if (!has_bias && slope == 1.0) return y;  // no epilogue to apply
+  const at::Tensor bias = has_bias ? b->contiguous() : at::Tensor();
+  const int64_t C = y.size(1);
+  const int64_t inner = fmt == at::MemoryFormat::ChannelsLast ? 1 : y.size(2) * y.size(3);
+  check_launch(cuda::conv_bias_act(dtype_code(y.scalar_type()), y.data_ptr(), has_bias ? bias.data_ptr() : nullptr,
+                                   y.numel(), C, inner, slope, c10::cuda::getCurrentCUDAStream()),
+               "bias + activation");
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& w, const at::Tensor& y,
+                                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                                            double slope, c10::List<bool> mask) {
+  check_args(x, w, c10::nullopt, stride, padding);
+  TORCH_CHECK(mask.size() == 3, "ganengine conv_act_bwd (CUDA): output mask must have 3 entries");
+  TORCH_CHECK(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type() && grad.device() == x.device() &&
+                  y.device() == x.device(),
+              "ganengine conv_act_bwd (CUDA): grad has shape ", grad.sizes(), " and dtype ", grad.scalar_type(),
+              " but the output has ", y.sizes(), " and ", y.scalar_type(), " (both on x's device)");
+  const bool m0 = mask[0], m1 = mask[1], m2 = mask[2];
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = format_of(y);
+  const at::Tensor yd = y.contiguous(fmt);
+  at::Tensor gz;
+  if (slope == 1.0) {
+    gz = grad.contiguous(fmt);  // the identity's gradient (a stride-0 grad becomes dense once)
+  } else {
+    const at::Tensor g = grad.contiguous(fmt);
+    gz = at::empty_like(yd, yd.options(), fmt);
+    check_launch(cuda::conv_act_grad(dtype_code(y.scalar_type()), g.data_ptr(), yd.data_ptr(), gz.data_ptr(),
+                                     gz.numel(), slope, c10::cuda::getCurrentCUDAStream()),
+                 "activation gradient");
+  }
+  at::Tensor dx, dw, db;
+  if (m0 || m1 || m2) {
+    const std::vector<int64_t> bias_sizes{y.size(1)};
+    const at::OptionalIntArrayRef bias = m2 ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef();
+    std::tie(dx, dw, db) =
+        at::convolution_backward(gz, x, w, bias, stride, padding, {1, 1}, false, {0, 0}, 1, {m0, m1, m2});
+  }
+  dx = m0 ? dx.contiguous(format_of(x)) : at::empty({0}, x.options());
+  dw = m1 ? dw.contiguous(format_of(w)) : at::empty({0}, w.options());
+  db = m2 ? db.to(y.scalar_type()) : at::empty({0}, y.options());
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace conv_act_cuda
+}  // namespace ganengine
+
+TORCH_LIBRARY_IMPL(ganengine_C, CUDA, m) {
+  m.impl("conv_act_fwd", &ganengine::conv_act_cuda::conv_act_fwd);
+  m.impl("conv_act_bwd", &ganengine::conv_act_cuda::conv_act_bwd);
+}
