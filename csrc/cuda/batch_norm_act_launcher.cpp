@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "launcher_utils.h"
+
 #include "batch_norm_act.cuh"
 #include "cpu/batch_norm_act.h"
 
@@ -18,16 +20,7 @@ namespace {
 
 using OptT = c10::optional<at::Tensor>;
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK_TYPE(false, "batch_norm_act (cuda): unsupported dtype ", t);
-  }
-  return -1;
-}
+int dtype_code(at::ScalarType t) { return cuda_launch::dtype_code(t, "batch_norm_act (cuda)"); }
 
 // (sN, sC, sS) of a dense NCHW or channels-last tensor (dense_input guarantees one of the two)
 cuda::BnShape make_shape(const at::Tensor& x, bool nhwc, bool per_sample) {

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "conv_act.cuh"
+#include "launcher_utils.h"
 
 namespace ganengine {
 namespace conv_act_cuda {
@@ -28,16 +29,7 @@ at::MemoryFormat format_of(const at::Tensor& t) {
                                                                                   : at::MemoryFormat::Contiguous;
 }
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK(false, "ganengine conv_act (CUDA): unsupported dtype ", t, " (float, half, bfloat16, double)");
-  }
-  return 0;
-}
+int dtype_code(at::ScalarType t) { return cuda_launch::dtype_code(t, "ganengine conv_act (CUDA)"); }
 
 void check_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::IntArrayRef stride,
                 at::IntArrayRef padding) {

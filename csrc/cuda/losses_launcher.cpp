@@ -6,6 +6,8 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include "launcher_utils.h"
+
 #include <vector>
 
 int64_t ganengine_losses_chunk();
@@ -25,16 +27,7 @@ namespace {
 constexpr int64_t kMaxTerms = 4;
 constexpr int64_t kLinear = 4;
 
-int dtype_code(at::ScalarType t, const char* fn) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK(false, fn, ": unsupported dtype ", t, " (float, half, bfloat16, double)");
-  }
-  return 0;
-}
+using cuda_launch::dtype_code;
 
 // checked, contiguous views of the inputs (a copy only for non-contiguous ones)
 std::vector<at::Tensor> prepare(at::TensorList ts, const char* fn, const char* what, const at::Tensor& first) {

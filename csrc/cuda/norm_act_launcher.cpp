@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "launcher_utils.h"
+
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -15,16 +17,7 @@
 namespace ganengine {
 namespace {
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK(false, "ganengine norm_act (cuda): unsupported dtype ", t);
-  }
-  return -1;
-}
+int dtype_code(at::ScalarType t) { return cuda_launch::dtype_code(t, "ganengine norm_act (cuda)"); }
 
 // (sN, sC, sHW) of a dense NCHW or NHWC tensor
 void flat_strides(const at::Tensor& t, int64_t& sn, int64_t& sc, int64_t& shw) {
