@@ -141,6 +141,7 @@ def test_auto_order_per_op_on_cuda(monkeypatch):
     assert _dispatch.choose("cycle_loss", OnCuda(), both) == "cuda"
     assert _dispatch.choose("instance_norm_act", OnCuda(), both) == "cuda"
     assert _dispatch.choose("instance_norm_act", OnCuda(), both, "channels_last") == "triton"
+    assert _dispatch.choose("instance_norm_act", OnCuda(), both, "channels_last_small") == "cuda"
     assert _dispatch.choose("batch_norm_act", OnCuda(), both) == "triton"
     assert _dispatch.choose("batch_norm_act", OnCuda(), both, "channels_last") == "triton"  # no variant rule
     assert _dispatch.choose("batch_norm_act", OnCuda(), both, "small") == "cuda"  # small NCHW maps

@@ -595,6 +595,7 @@ def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
 
     assert resolve("auto") is entry
     assert resolve("auto", "channels_last") is None
+    assert resolve("auto", "channels_last_small") is entry  # small NHWC planes: cuda first
     assert resolve("cuda") is entry and resolve("cuda", "channels_last") is entry
     assert all(resolve(b) is None for b in ("triton", "cpu", "torch"))
     rs = ops._ext.op("instance_norm_act_rs").default._op
@@ -610,10 +611,16 @@ def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
 def test_cuda_layout_variant():
     x = torch.randn(2, 3, 4, 5)
     assert ops._layout(x) is None  # CPU tensors: no variant
+    # NHWC planes by size: at most SMALL_PLANE elements (the CUDA C++ kernels ahead) or larger
+    assert ops.SMALL_PLANE == 4096
+    assert ops._nhwc_variant(torch.empty(1, 256, 64, 64)) == "channels_last_small"
+    assert ops._nhwc_variant(torch.empty(1, 64, 65, 64)) == "channels_last"
     if torch.cuda.is_available():
         xc = x.cuda()
         assert ops._layout(xc) is None
-        assert ops._layout(xc.contiguous(memory_format=torch.channels_last)) == "channels_last"
+        assert ops._layout(xc.contiguous(memory_format=torch.channels_last)) == "channels_last_small"
+        big = torch.randn(1, 2, 128, 128, device="cuda").contiguous(memory_format=torch.channels_last)
+        assert ops._layout(big) == "channels_last"
         assert ops._layout(xc[..., ::2]) is None  # copied to NCHW by the kernels' callers
 
 
@@ -658,6 +665,9 @@ def test_cuda_entry_matches_the_python_cuda_route(monkeypatch, dtype, running):
         want, _ = run()
     assert_same_bits(got, want)
     monkeypatch.undo()
-    xl = base.contiguous(memory_format=torch.channels_last)
+    xl = base.contiguous(memory_format=torch.channels_last)  # a small NHWC plane: the entry too
     GF.instance_norm_act(xl)
+    assert _dispatch.last_used["instance_norm_act"] == "cuda"
+    big = torch.randn(1, 3, 65, 64, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    GF.instance_norm_act(big)  # a larger NHWC plane: Triton
     assert _dispatch.last_used["instance_norm_act"] == "triton"

@@ -41,7 +41,9 @@ AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 #   one C++ op with C++ autograd (the C++ entry, cuda_entry below) where Triton's is the Python
 #   route plus Triton's launch: on this project's CPU proxy 37 against 75 us of host time per
 #   forward+backward (eager 64). On channels_last planes the Triton kernels were 2-3x faster at
-#   1x64x256x256 and 16x64x128x128 (45 / 57 us vs 134 / 132): Triton first there.
+#   1x64x256x256 and 16x64x128x128 (45 / 57 us vs 134 / 132): Triton first there; on channels_last
+#   planes of at most 4096 elements (variant "channels_last_small", ops/norm_act._layout) the CUDA
+#   C++ kernel was ahead (1x256x64x64: 32 / 21 us vs 44 / 45): cuda first, with its C++ entry.
 # * batch norm (training) on NCHW maps of at most 4096 elements per channel (variant "small",
 #   ops/batch_norm_act._variant): the CUDA C++ kernel ran under the Triton one's time at 1x256x64x64
 #   (forward, bf16 / fp32: 22 / 22 us vs 32 / 34), and its call is one C++ op with C++ autograd
@@ -62,6 +64,7 @@ AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cuda"): ("cuda", "triton"),
                     ("instance_norm_act", "cuda"): ("cuda", "triton"),
                     ("instance_norm_act", "cuda", "channels_last"): ("triton", "cuda"),
+                    ("instance_norm_act", "cuda", "channels_last_small"): ("cuda", "triton"),
                     ("batch_norm_act", "cuda", "small"): ("cuda", "triton"),
                     ("conditional_batch_norm_act", "cuda", "small"): ("cuda", "triton"),
                     ("conv2d_act", "cuda"): ("cuda", "triton")}

@@ -105,12 +105,23 @@ def _triton_verdict(x: torch.Tensor) -> str | None:
     return None
 
 
+# Plane size (H * W) up to which auto takes the CUDA C++ kernels first on channels_last planes as
+# well (_dispatch.AUTO_ORDER_BY_OP, "channels_last_small"): the largest plane where the first GPU
+# run had them ahead there
+SMALL_PLANE = 4096
+
+
 def _layout(x: torch.Tensor) -> str | None:
-    """The auto order's variant on CUDA (_dispatch.AUTO_ORDER_BY_OP): "channels_last" for NHWC-dense
-    x (what the kernels then read), None for NCHW and for anything copied to NCHW first."""
+    """The auto order's variant on CUDA (_dispatch.AUTO_ORDER_BY_OP): for NHWC-dense x (what the
+    kernels then read) "channels_last_small" or "channels_last" (_nhwc_variant), None for NCHW and
+    for anything copied to NCHW first."""
     if x.is_cuda and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
+        return _nhwc_variant(x)
     return None
+
+
+def _nhwc_variant(x: torch.Tensor) -> str:
+    return "channels_last_small" if x.shape[2] * x.shape[3] <= SMALL_PLANE else "channels_last"
 
 
 def _backend_for(x: torch.Tensor, op: str) -> str:
