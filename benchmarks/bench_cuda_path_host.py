@@ -30,8 +30,9 @@ The differences between the rows are what the Python layers add or save on any m
 networks' structure, small maps): the eager model's step against the fused model's on the CUDA
 path's route (Triton backend, launches stubbed, the vendor convolution as on CUDA), through the
 custom ops and through the eager route, and (``auto order``) with the C++ entries the auto order
-takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses, conv2d_act's dispatcher
-entry: ``CUDA_ENTRIES``; batch norm on small NCHW maps: ``_cuda_bn_backend``),
+takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses, conv2d_act's and
+conv2d_instance_norm_act's dispatcher entries: ``CUDA_ENTRIES``; batch norm on small NCHW maps:
+``_cuda_bn_backend``),
 which here run the cpu backend's kernels, arithmetic included; ms per step. The convolutions (oneDNN here) run in every
 variant; what differs is the fused layers' host cost (the Triton kernels' own time is missing).
 
@@ -87,7 +88,8 @@ def _stubbed_triton_launches():
 # The C++ entries the auto order takes on CUDA tensors (_dispatch.cuda_entry: instance norm on NCHW
 # planes and the adversarial losses, cuda first); on CPU tensors the same entries run the cpu
 # backend's kernels, which also do their arithmetic here (more than the CUDA path's host cost).
-CUDA_ENTRIES = ("instance_norm_act", "instance_norm_act_rs", "gan_loss", "discriminator_loss", "conv2d_act")
+CUDA_ENTRIES = ("instance_norm_act", "instance_norm_act_rs", "gan_loss", "discriminator_loss", "conv2d_act",
+                "conv2d_in_act")
 
 
 def _cuda_bn_backend(op, x):

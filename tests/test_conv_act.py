@@ -401,10 +401,11 @@ def test_cuda_triton(impl, dtype):
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("slope,bias", [(0.2, True), (0.0, True), (1.0, False), (0.2, False)])
 def test_cuda_backend(dtype, layout, slope, bias):
-    """On a GPU: conv2d_act's cuda backend (cuDNN convolution + CUDA C++ epilogues, through its C++
-    entry) vs fp64 torch, forward and gradients, within the block's bounds (TF32 products for fp32,
-    as the Triton vendor route's test allows)."""
-    if not ops._ext.has_kernel("conv_act_fwd", "CUDA"):
+    """On a GPU: the cuda backend of conv2d_act (cuDNN convolution + CUDA C++ epilogues) and of
+    conv2d_instance_norm_act (cuDNN + the CUDA C++ instance norm kernels), through their C++ entries,
+    vs fp64 torch, forward and the x / weight gradients, within the block's bounds (TF32 products
+    for fp32, as the Triton vendor route's test allows)."""
+    if not (ops._ext.has_kernel("conv_act_fwd", "CUDA") and ops._ext.has_kernel("conv_in_act_fwd", "CUDA")):
         pytest.skip("ganengine._C without the CUDA conv_act kernels")
     torch.manual_seed(0)
     x = torch.randn(3, 16, 33, 31, device="cuda")
@@ -412,50 +413,63 @@ def test_cuda_backend(dtype, layout, slope, bias):
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(32, 16, 4, 4, device="cuda") * 0.1
     b = torch.randn(32, device="cuda") if bias else None
+    act = {0.2: "leaky_relu", 0.0: "relu", 1.0: "none"}[slope]
     for stride in (1, 2):
-        ins = [t.to(dtype).clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-        with ganengine.use_backend("cuda"), strict():
-            y = GF.conv2d_act(*ins, stride=stride, padding=1, negative_slope=slope)
-            g = torch.randn_like(y)
-            (y * g).sum().backward()
-        assert _dispatch.last_used["conv2d_act"] == "cuda"
-        assert y.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
-        refs = [t.detach().double().requires_grad_() if t is not None else None for t in ins]
-        yr = ops.reference_conv2d_act(*refs, stride, 1, slope)
-        (yr * g.double()).sum().backward()
-        low = dtype != torch.float32
-        bounds = _bounds("cuda", [t for t in ins], g, stride, 1, False, store_dtype=dtype if low else None,
-                         product_u=0.0 if low else 2.0 ** -11)
-        _compare(y, [a.grad if a is not None else None for a in ins], yr,
-                 [r.grad if r is not None else None for r in refs], bounds, "cuda")
+        for norm in (False, True):
+            ins = [t.to(dtype).clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+            with ganengine.use_backend("cuda"), strict():
+                if norm:
+                    y = GF.conv2d_instance_norm_act(*ins, stride=stride, padding=1, activation=act,
+                                                    negative_slope=slope)
+                else:
+                    y = GF.conv2d_act(*ins, stride=stride, padding=1, negative_slope=slope)
+                g = torch.randn_like(y)
+                (y * g).sum().backward()
+            assert _dispatch.last_used["conv2d_instance_norm_act" if norm else "conv2d_act"] == "cuda"
+            assert y.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+            refs = [t.detach().double().requires_grad_() if t is not None else None for t in ins]
+            if norm:
+                yr = ops.reference_conv2d_in_act(*refs, stride, 1, None, None, 1e-5, slope)
+            else:
+                yr = ops.reference_conv2d_act(*refs, stride, 1, slope)
+            (yr * g.double()).sum().backward()
+            low = dtype != torch.float32
+            bounds = _bounds("cuda", [t for t in ins], g, stride, 1, norm, store_dtype=dtype if low else None,
+                             product_u=0.0 if low else 2.0 ** -11)
+            # (the conv bias: the fused op's gradient is exactly zero where torch's is rounding noise)
+            _compare(y, [a.grad for a in ins[:2]], yr, [r.grad for r in refs[:2]], bounds, "cuda")
 
 
 @pytest.mark.gpu
 def test_cuda_auto_takes_the_cuda_entry_with_the_python_routes_bits(monkeypatch):
-    """auto on CUDA runs conv2d_act's C++ entry (cuda first in the auto order): C++ autograd, and the
-    same bits as the Python route on the cuda backend's kernels (forward, gradients, double
-    backward)."""
-    if not ops._ext.has_kernel("conv_act_fwd", "CUDA"):
+    """auto on CUDA runs conv2d_act's and conv2d_instance_norm_act's C++ entries (cuda first in the
+    auto order on NCHW): C++ autograd, and the same bits as the Python route on the cuda backend's
+    kernels (forward, gradients, double backward)."""
+    if not (ops._ext.has_kernel("conv_act_fwd", "CUDA") and ops._ext.has_kernel("conv_in_act_fwd", "CUDA")):
         pytest.skip("ganengine._C without the CUDA conv_act kernels")
     torch.manual_seed(0)
     base = [torch.randn(2, 3, 9, 7, device="cuda"), torch.randn(5, 3, 4, 4, device="cuda"),
             torch.randn(5, device="cuda")]
 
-    def run():
-        x, w, b = (t.clone().requires_grad_() for t in base)
-        y = GF.conv2d_act(x, w, b, 2, 1, 0.2)
-        grads = torch.autograd.grad((y * y).sum(), (x, w, b), create_graph=True)
-        gg = torch.autograd.grad(sum(t.sum() for t in grads), (x, w))
-        return y, [y.detach(), *[t.detach() for t in grads], *gg]
+    for fn, name in ((lambda x, w, b: GF.conv2d_act(x, w, b, 2, 1, 0.2), "conv2d_act"),
+                     (lambda x, w, b: GF.conv2d_instance_norm_act(x, w, b, 2, 1), "conv2d_instance_norm_act")):
+        def run():
+            x, w, b = (t.clone().requires_grad_() for t in base)
+            y = fn(x, w, b)
+            plain = torch.autograd.grad((y * y).sum(), (x, w, b))  # the fused backward kernels
+            grads = torch.autograd.grad((fn(x, w, b) ** 2).sum(), (x, w, b), create_graph=True)
+            gg = torch.autograd.grad(sum(t.sum() for t in grads[:2]), (x, w))  # the composition's
+            return y, [y.detach(), *plain, *[t.detach() for t in grads], *gg]
 
-    y, got = run()
-    assert _dispatch.last_used["conv2d_act"] == "cuda"
-    assert type(y.grad_fn).__name__ == "CppFunction"
-    monkeypatch.setattr(_dispatch, "cuda_entry", lambda *a, **k: None)
-    with ganengine.use_backend("cuda"), strict():
-        _, want = run()
-    for a, c in zip(got, want):
-        assert torch.equal(a, c)
+        y, got = run()
+        assert _dispatch.last_used[name] == "cuda"
+        assert type(y.grad_fn).__name__ == "CppFunction"
+        with monkeypatch.context() as m:
+            m.setattr(_dispatch, "cuda_entry", lambda *a, **k: None)
+            with ganengine.use_backend("cuda"), strict():
+                _, want = run()
+        for a, c in zip(got, want):
+            assert torch.equal(a, c), name
 
 # ----------------------------------------------------------------------------- the eager route (twin)
 # (N, C_in, H, W, C_out, kernel, stride, padding, channels_last): a PatchGAN 4x4 stride-2 layer, a

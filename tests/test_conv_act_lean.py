@@ -327,6 +327,36 @@ def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
     assert resolve("auto") is None and resolve("cuda") is None
 
 
+def test_in_cuda_entry_and_variant(monkeypatch):
+    """conv2d_instance_norm_act on CUDA: its entry is taken where the cuda backend is chosen, with
+    the instance norm's order on the conv output's planes: NCHW and NHWC planes of at most 4096
+    elements cuda first, larger NHWC planes Triton first."""
+    v = ops._in_variant
+    w4 = torch.empty(8, 3, 4, 4)
+    assert v(torch.empty(1, 3, 130, 130), w4, 2, 1) is None  # NCHW
+    nhwc = dict(memory_format=torch.channels_last)
+    assert v(torch.empty(1, 3, 128, 128).contiguous(**nhwc), w4, 2, 1) == "channels_last_small"  # 64x64 out
+    assert v(torch.empty(1, 3, 130, 130).contiguous(**nhwc), w4, 2, 1) == "channels_last"  # 65x65 out
+    assert v(torch.empty(1, 3, 34, 34).contiguous(**nhwc), w4, (1, 1), [1, 1]) == "channels_last_small"
+    assert v(torch.empty(1, 3, 34, 34).contiguous(**nhwc), None, 1, 1) is None  # bad input: the route's errors
+    real_has = ops._ext.has_kernel
+    monkeypatch.setattr(ops._ext, "has_kernel", lambda op, key: True if key == "CUDA" else real_has(op, key))
+    monkeypatch.setattr(ganengine.backends, "serves", lambda name, device: True)
+    entry = ops._ext.op("conv2d_in_act").default._op
+
+    def resolve(backend, variant=None):
+        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
+        monkeypatch.setattr(_dispatch, "_SERVED", {})
+        with ganengine.use_backend(backend):
+            return _dispatch.cuda_entry("conv2d_in_act", "conv2d_instance_norm_act", ops._IN_KERNELS, variant)
+
+    assert resolve("auto") is entry and resolve("auto", "channels_last_small") is entry
+    assert resolve("auto", "channels_last") is None and resolve("cuda", "channels_last") is entry
+    assert all(resolve(b) is None for b in ("triton", "cpu", "torch"))
+    meta = torch.empty(1, 3, 8, 8, device="meta")
+    with pytest.raises(NotImplementedError, match=r"conv2d_instance_norm_act: not served by the C\+\+ entry \(x\)"):
+        entry(meta, torch.empty(4, 3, 4, 4, device="meta"), None, None, None, [2, 2], [1, 1], 1e-5, 0.2)
+
 def test_devices_the_entries_serve():
     """The dispatcher entry serves CPU tensors, and CUDA ones only with the CUDA kernels built, every
     tensor on x's device; the Python fast entry serves CPU tensors only. Anything else is refused

@@ -613,8 +613,8 @@ def test_cuda_layout_variant():
     assert ops._layout(x) is None  # CPU tensors: no variant
     # NHWC planes by size: at most SMALL_PLANE elements (the CUDA C++ kernels ahead) or larger
     assert ops.SMALL_PLANE == 4096
-    assert ops._nhwc_variant(torch.empty(1, 256, 64, 64)) == "channels_last_small"
-    assert ops._nhwc_variant(torch.empty(1, 64, 65, 64)) == "channels_last"
+    assert ops.nhwc_variant(64 * 64) == "channels_last_small"
+    assert ops.nhwc_variant(65 * 64) == "channels_last"
     if torch.cuda.is_available():
         xc = x.cuda()
         assert ops._layout(xc) is None

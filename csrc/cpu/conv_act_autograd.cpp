@@ -21,7 +21,8 @@
 // torch composition leaky_relu(conv2d(x, w, b)), so second derivatives (WGAN-GP, R1) are exact,
 // as the Python route does (the bookkeeping shared with the other lean entries: lean_autograd.h).
 //
-// ganengine_C::conv2d_in_act (the eager entry of conv2d_instance_norm_act, same design): runs
+// ganengine_C::conv2d_in_act (the eager entry of conv2d_instance_norm_act, same design, CUDA
+// tensors too where conv_in_act_fwd / _bwd have CUDA kernels): runs
 // conv_in_act_fwd / conv_in_act_bwd, saves what the custom op saves (x, weight, gamma, beta and the
 // conv output c, mean, rstd), and under create_graph=True differentiates the torch composition
 // conv2d -> var_mean -> normalise -> affine -> leaky_relu (reference_conv2d_in_act in
@@ -68,23 +69,28 @@ bool float_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
-bool plain_cpu(const at::Tensor& t) { return t.is_cpu() && t.layout() == at::kStrided; }
 
-// whether this build registered CUDA kernels for conv_act_fwd and conv_act_bwd
-// (csrc/cuda/conv_act_launcher.cpp): then the dispatcher op also serves CUDA tensors
-bool cuda_kernels() {
-  static const bool cuda = [] {
-    auto& d = c10::Dispatcher::singleton();
-    return d.findSchemaOrThrow("ganengine_C::conv_act_fwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
-           d.findSchemaOrThrow("ganengine_C::conv_act_bwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA);
-  }();
+// whether this build registered CUDA kernels for both ops (csrc/cuda/conv_act_launcher.cpp): then
+// the dispatcher entry calling them also serves CUDA tensors
+bool cuda_kernels(const char* fwd, const char* bwd) {
+  auto& d = c10::Dispatcher::singleton();
+  return d.findSchemaOrThrow(fwd, "").hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
+         d.findSchemaOrThrow(bwd, "").hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+}
+bool act_cuda() {
+  static const bool cuda = cuda_kernels("ganengine_C::conv_act_fwd", "ganengine_C::conv_act_bwd");
+  return cuda;
+}
+bool in_cuda() {
+  static const bool cuda = cuda_kernels("ganengine_C::conv_in_act_fwd", "ganengine_C::conv_in_act_bwd");
   return cuda;
 }
 
-// x on a device this call may serve (CPU; CUDA only for the dispatcher op, with the CUDA kernels
-// built: the Python fast entry serves CPU tensors alone), strided; t strided on x's device
+// x on a device this call may serve (CPU; CUDA where allowed, for the dispatcher entries with their
+// CUDA kernels built: the Python fast entry serves CPU tensors alone), strided; t strided on x's
+// device
 bool served_x(const at::Tensor& x, bool cuda_ok) {
-  return x.layout() == at::kStrided && (x.is_cpu() || (cuda_ok && x.is_cuda() && cuda_kernels()));
+  return x.layout() == at::kStrided && (x.is_cpu() || (cuda_ok && x.is_cuda()));
 }
 bool beside(const at::Tensor& t, const at::Tensor& x) { return t.layout() == at::kStrided && t.device() == x.device(); }
 
@@ -173,7 +179,7 @@ at::Tensor run_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at:
 
 void check(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride, at::IntArrayRef padding,
            double slope) {
-  const char* why = refusal_impl(x, w, b, stride, padding, slope, /*cuda_ok=*/true);
+  const char* why = refusal_impl(x, w, b, stride, padding, slope, /*cuda_ok=*/act_cuda());
   TORCH_CHECK_NOT_IMPLEMENTED(why == nullptr, "conv2d_act: not served by the C++ entry (", why, ")");
 }
 
@@ -218,9 +224,10 @@ const c10::TypedOperatorHandle<InBwdSig>& in_bwd_op() {
 // gradients are cast back, as the Python route does).
 void check_in(const at::Tensor& x, const at::Tensor& w, const OptT& b, const OptT& gamma, const OptT& beta,
               at::IntArrayRef stride, at::IntArrayRef padding, double slope) {
-  REFUSE_IN_UNLESS(x.defined() && plain_cpu(x) && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
+  REFUSE_IN_UNLESS(x.defined() && served_x(x, in_cuda()) && x.dim() == 4 && x.numel() > 0 &&
+                       float_dtype(x.scalar_type()),
                    "x");
-  REFUSE_IN_UNLESS(w.defined() && plain_cpu(w) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
+  REFUSE_IN_UNLESS(w.defined() && beside(w, x) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
                        w.scalar_type() == x.scalar_type(),
                    "weight");
   const char* names[3] = {"bias", "norm_weight", "norm_bias"};
@@ -229,7 +236,7 @@ void check_in(const at::Tensor& x, const at::Tensor& w, const OptT& b, const Opt
     if (!present(*opts[i])) continue;
     const at::Tensor& t = **opts[i];
     // (the conv bias is not used; its dtype must still be x's, as conv2d would require)
-    REFUSE_IN_UNLESS(plain_cpu(t) && t.dim() == 1 && t.size(0) == w.size(0) && float_dtype(t.scalar_type()) &&
+    REFUSE_IN_UNLESS(beside(t, x) && t.dim() == 1 && t.size(0) == w.size(0) && float_dtype(t.scalar_type()) &&
                          (i > 0 || t.scalar_type() == x.scalar_type()),
                      names[i]);
   }
@@ -239,7 +246,7 @@ void check_in(const at::Tensor& x, const at::Tensor& w, const OptT& b, const Opt
   // an empty output map: the Python route runs the torch composition
   REFUSE_IN_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
   REFUSE_IN_UNLESS(slope >= 0, "negative_slope");  // (a NaN slope too)
-  REFUSE_IN_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
+  REFUSE_IN_UNLESS(!at::autocast::is_autocast_enabled(x.device().type()), "autocast");
 }
 
 // reference_conv2d_in_act (ops/conv_act.py) in ATen ops, without the bias (it cancels): the
@@ -299,9 +306,9 @@ struct ConvInActFn : public torch::autograd::Function<ConvInActFn> {
     const bool nb = e[0] >= 0 && ctx->needs_input_grad(e[0]);
     const bool ng = e[1] >= 0 && ctx->needs_input_grad(e[1]);
     const bool nt = e[2] >= 0 && ctx->needs_input_grad(e[2]);
-    if (nb) {  // exactly zero: the normalisation removes the bias
+    if (nb) {  // exactly zero: the normalisation removes the bias (on x's device)
       out[2] = at::zeros(ctx->saved_data["bias_size"].toIntVector(),
-                         at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt())));
+                         x.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt())));
     }
     if (at::GradMode::is_enabled()) {  // create_graph=True: the torch composition, differentiated
       std::vector<at::Tensor> inputs;

@@ -11,6 +11,7 @@
 // Output layouts follow x (NHWC-dense and not NCHW-contiguous: channels_last), dx and dw their
 // operands, as on the other backends.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -107,6 +108,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(const at::Tensor& gr
   return {dx, dw, db};
 }
 
+// ----------------------------------------------------------------------------- conv + instance norm
+// conv2d_instance_norm_act's cuda backend: ATen's convolution without the bias (the normalisation
+// removes it exactly), then the instance norm's CUDA kernels (ganengine_C::norm_act_fwd / _bwd,
+// csrc/cuda/norm_act_launcher.cpp, through the dispatcher) on the conv output c: the Triton
+// vendor route's composition with the CUDA C++ norm kernels in place of the Triton ones.
+using OptT = c10::optional<at::Tensor>;
+using NormFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptT&, const OptT&, double,
+                                                                  bool, double);
+using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptT&,
+                                                                  const OptT&, const at::Tensor&, const at::Tensor&,
+                                                                  bool, double);
+
+const c10::TypedOperatorHandle<NormFwdSig>& norm_fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::norm_act_fwd", "").typed<NormFwdSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<NormBwdSig>& norm_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::norm_act_bwd", "").typed<NormBwdSig>();
+  return op;
+}
+
+// -> (y, c, mean, rstd): mean and rstd (N, C) in the accumulation dtype, as the other backends
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_fwd(const at::Tensor& x, const at::Tensor& w,
+                                                                           const OptT& gamma, const OptT& beta,
+                                                                           at::IntArrayRef stride,
+                                                                           at::IntArrayRef padding, double eps,
+                                                                           double slope) {
+  check_args(x, w, c10::nullopt, stride, padding);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor c =
+      at::convolution(x, w, c10::nullopt, stride, padding, {1, 1}, false, {0, 0}, 1).contiguous(format_of(x));
+  // (slope 1 is "none": the kernels' leaky ReLU with slope 1 is the identity)
+  auto [y, mean, rstd] = norm_fwd_op().call(c, gamma, beta, eps, /*apply_act=*/true, slope);
+  return {y, c, mean, rstd};
+}
+
+// -> (dx, dw, dgamma, dbeta): dgamma / dbeta (C) summed over the batch where gamma / beta exist
+// (else uninitialised, as the Python route's: nothing reads them), in the accumulation dtype
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_bwd(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& mean,
+    const at::Tensor& rstd, const OptT& gamma, const OptT& beta, at::IntArrayRef stride, at::IntArrayRef padding,
+    double slope, c10::List<bool> mask) {
+  check_args(x, w, c10::nullopt, stride, padding);
+  TORCH_CHECK(mask.size() == 2, "ganengine conv_in_act_bwd (CUDA): output mask must have 2 entries");
+  TORCH_CHECK(grad.sizes() == c.sizes() && grad.device() == x.device() && c.device() == x.device(),
+              "ganengine conv_in_act_bwd (CUDA): grad has shape ", grad.sizes(), " but the conv output has ",
+              c.sizes(), " (both on x's device)");
+  const bool m0 = mask[0], m1 = mask[1];
+  const c10::cuda::CUDAGuard guard(x.device());
+  // dc, and per instance sum(dz * xhat) (gamma's gradient) and sum(dz) (beta's)
+  auto [dc, gsum, bsum] = norm_bwd_op().call(grad, c, gamma, beta, mean, rstd, /*apply_act=*/true, slope);
+  at::Tensor dx, dw;
+  if (m0 || m1) {
+    std::tie(dx, dw, std::ignore) = at::convolution_backward(dc, x, w, at::OptionalIntArrayRef(), stride, padding,
+                                                             {1, 1}, false, {0, 0}, 1, {m0, m1, false});
+  }
+  dx = m0 ? dx.contiguous(format_of(x)) : at::empty({0}, x.options());
+  dw = m1 ? dw.contiguous(format_of(w)) : at::empty({0}, w.options());
+  const bool hg = gamma.has_value() && gamma->defined(), hb = beta.has_value() && beta->defined();
+  const int64_t C = mean.size(1);
+  return {dx, dw, hg ? gsum.sum(0) : at::empty({C}, mean.options()), hb ? bsum.sum(0) : at::empty({C}, mean.options())};
+}
+
 }  // namespace
 }  // namespace conv_act_cuda
 }  // namespace ganengine
@@ -114,4 +181,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(const at::Tensor& gr
 TORCH_LIBRARY_IMPL(ganengine_C, CUDA, m) {
   m.impl("conv_act_fwd", &ganengine::conv_act_cuda::conv_act_fwd);
   m.impl("conv_act_bwd", &ganengine::conv_act_cuda::conv_act_bwd);
+  m.impl("conv_in_act_fwd", &ganengine::conv_act_cuda::conv_in_act_fwd);
+  m.impl("conv_in_act_bwd", &ganengine::conv_act_cuda::conv_in_act_bwd);
 }

@@ -59,6 +59,11 @@ AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 #   (one dispatcher call, C++ autograd) where Triton's is the Python route: on the CPU proxy
 #   eager 193 us per forward+backward, the Triton route 260 (docs/gpu.md). The epilogue kernels'
 #   own speed is not measured on a GPU yet (gpu-check's speed_models [triton] / [cuda] variants).
+# * conv2d_instance_norm_act: the cuda backend is the same convolution followed by the CUDA C++
+#   instance norm kernels in place of the Triton ones, so it follows instance norm's order on the
+#   conv output's planes (ops/conv_act._in_variant): cuda first on NCHW and on small NHWC planes,
+#   Triton first on larger NHWC planes; its call is the C++ entry (CPU proxy: the Triton route 293
+#   us per forward+backward, eager 226).
 # The other ops keep the device order until a GPU run measures them (docs/gpu.md says which
 # figures decide it).
 AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cuda"): ("cuda", "triton"),
@@ -67,7 +72,10 @@ AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cu
                     ("instance_norm_act", "cuda", "channels_last_small"): ("cuda", "triton"),
                     ("batch_norm_act", "cuda", "small"): ("cuda", "triton"),
                     ("conditional_batch_norm_act", "cuda", "small"): ("cuda", "triton"),
-                    ("conv2d_act", "cuda"): ("cuda", "triton")}
+                    ("conv2d_act", "cuda"): ("cuda", "triton"),
+                    ("conv2d_instance_norm_act", "cuda"): ("cuda", "triton"),
+                    ("conv2d_instance_norm_act", "cuda", "channels_last"): ("triton", "cuda"),
+                    ("conv2d_instance_norm_act", "cuda", "channels_last_small"): ("cuda", "triton")}
 
 last_used: dict[str, str] = {}
 

@@ -17,9 +17,11 @@ Layout: outputs and dx are channels_last when x is (NHWC-dense and not NCHW-cont
 NCHW-contiguous otherwise; dw follows weight the same way.
 
 Backends: torch (F.conv2d composition, the reference), cpu (oneDNN conv + fused C++ epilogues,
-csrc/cpu/conv_act.cpp), cuda (conv2d_act only: ATen's convolution, cuDNN, + CUDA C++ epilogue
-kernels, csrc/cuda/conv_act*.c*; on CUDA tensors its C++ entry ganengine_C::conv2d_act, one
-dispatcher call with C++ autograd, serves every plain call: `auto` takes it first),
+csrc/cpu/conv_act.cpp), cuda (ATen's convolution, cuDNN, + CUDA C++ epilogue kernels for
+conv2d_act and the instance norm's CUDA C++ kernels for conv2d_instance_norm_act,
+csrc/cuda/conv_act_launcher.cpp; on CUDA tensors their C++ entries ganengine_C::conv2d_act /
+conv2d_in_act, one dispatcher call with C++ autograd, serve the plain calls where `auto` or
+`cuda` takes them),
 triton (kernels/conv_act.py). The triton backend has two convolution
 implementations: "vendor" (cuDNN / oneDNN convolution + Triton epilogue kernels) and "igemm"
 (Triton implicit-GEMM convolutions with the epilogue fused, data and weight gradients as
@@ -54,6 +56,7 @@ from ganengine.ops._conv_common import out_format
 from ganengine.ops._conv_common import pair as _pair
 from ganengine.ops._conv_common import vendor_conv as _vendor_conv
 from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
+from ganengine.ops.norm_act import nhwc_variant as _nhwc_variant
 CONV_IMPLS = ("auto", "vendor", "igemm")
 _conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
 
@@ -188,9 +191,10 @@ def _triton_verdict(x: torch.Tensor, impl: str) -> str | None:
     return None
 
 
-def _backend(op: str, ext_op: str, x: torch.Tensor) -> tuple[str, str]:
+def _backend(op: str, ext_op: str, x: torch.Tensor, variant: str | None = None) -> tuple[str, str]:
     """(backend, the triton convolution implementation): the implementation is resolved once per
-    body, for the verdict and for the body's own branch."""
+    body, for the verdict and for the body's own branch. ``variant``: the auto order's (see
+    _in_variant)."""
     impl = _resolved_conv_impl(x.device)
     # the C++ kernels for x's device: cpu's on CPU tensors, cuda's (csrc/cuda/conv_act_launcher.cpp,
     # conv2d_act only) on CUDA tensors; choose asks each only of the device it serves
@@ -198,7 +202,7 @@ def _backend(op: str, ext_op: str, x: torch.Tensor) -> tuple[str, str]:
     if ext_reason is None and x.dtype not in _FLOATS:
         ext_reason = f"dtype {x.dtype} is not supported"
     verdicts = {"triton": _triton_verdict(x, impl), "cpu": ext_reason, "cuda": ext_reason}
-    return _dispatch.choose(op, x, verdicts), impl
+    return _dispatch.choose(op, x, verdicts, variant), impl
 
 
 def _tk():
@@ -279,11 +283,12 @@ def _(grad, x, weight, y, stride, padding, negative_slope, mask):
 def _in_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
                   beta: torch.Tensor | None, stride: list[int], padding: list[int], eps: float,
                   negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend, impl = _backend("conv2d_instance_norm_act", "conv_in_act_fwd", x)
+    backend, impl = _backend("conv2d_instance_norm_act", "conv_in_act_fwd", x,
+                             _in_variant(x, weight, stride, padding) if x.is_cuda else None)
     if backend == "torch":
         return _torch_in_fwd(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     x = _dense(x)
-    if backend == "cpu":
+    if backend == "cpu" or backend == "cuda":
         return _ext.op("conv_in_act_fwd")(x, weight, gamma, beta, stride, padding, eps, negative_slope)
     # (the triton dtypes are fp16 / bf16 / fp32: the kernels' fp32 statistics are already the
     # accumulation dtype, no conversion)
@@ -313,11 +318,12 @@ def _in_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: t
                   beta: torch.Tensor | None, stride: list[int], padding: list[int],
                   negative_slope: float, mask: list[bool]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend, impl = _backend("conv2d_instance_norm_act", "conv_in_act_bwd", x)
+    backend, impl = _backend("conv2d_instance_norm_act", "conv_in_act_bwd", x,
+                             _in_variant(x, weight, stride, padding) if x.is_cuda else None)
     if backend == "torch":
         return _torch_in_bwd(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slope, mask)
     x = _dense(x)
-    if backend == "cpu":
+    if backend == "cpu" or backend == "cuda":
         return _ext.op("conv_in_act_bwd")(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding,
                                           negative_slope, mask[:2])
     # dc, and per instance b = sum(dz * xhat) (gamma's gradient) and a = sum(dz) (beta's)
@@ -483,6 +489,19 @@ def _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope):
 
 # conv2d_instance_norm_act's lean entry: ganengine_C::conv2d_in_act (same file, same rules)
 _IN_KERNELS = ("conv_in_act_fwd", "conv_in_act_bwd")
+
+
+def _in_variant(x, weight, stride, padding) -> str | None:
+    """The auto order's variant of a conv2d_instance_norm_act call on CUDA: the instance norm's
+    (ops/norm_act._layout) for the conv output's planes, which take x's layout."""
+    if (not isinstance(weight, torch.Tensor) or x.dim() != 4 or weight.dim() != 4 or x.is_contiguous()
+            or not x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    s = (stride, stride) if type(stride) is int else stride
+    p = (padding, padding) if type(padding) is int else padding
+    oh = (x.shape[2] + 2 * p[0] - weight.shape[2]) // s[0] + 1
+    ow = (x.shape[3] + 2 * p[1] - weight.shape[3]) // s[1] + 1
+    return _nhwc_variant(oh * ow)
 _IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
 
 
@@ -543,13 +562,21 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     # the lean route (ganengine_C::conv2d_in_act, as conv2d_act's above): it declines what it does
     # not serve (wrong shapes, dtypes or devices, a negative slope, an empty output map, autocast)
     # before any work; the route below then serves the call or raises the public error
-    if (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+    # On CUDA tensors the same entry runs the cuda backend's kernels where that backend is chosen
+    # (_dispatch.cuda_entry, with the instance norm's variant of the conv output's planes).
+    if (isinstance(x, torch.Tensor) and (x.is_cpu or x.is_cuda) and _plain_pair(stride) and _plain_pair(padding)
             and (type(eps) is float or type(eps) is int) and not torch.compiler.is_compiling()):
         if activation == "leaky_relu":
             lean_slope = negative_slope if (type(negative_slope) is float or type(negative_slope) is int) else None
         else:
             lean_slope = 0.0 if activation == "relu" else 1.0 if activation == "none" else None
-        op = None if lean_slope is None else _dispatch.lean_op("conv2d_in_act", _IN_KERNELS)
+        if lean_slope is None:
+            op = None
+        elif x.is_cpu:
+            op = _dispatch.lean_op("conv2d_in_act", _IN_KERNELS)
+        else:
+            op = _dispatch.cuda_entry("conv2d_in_act", "conv2d_instance_norm_act", _IN_KERNELS,
+                                      _in_variant(x, weight, stride, padding))
         if op is not None:
             try:
                 y = op(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, lean_slope)
@@ -557,7 +584,7 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
                 if not _dispatch.refused(e, _IN_REFUSAL, bias, norm_weight, norm_bias, required=(weight,)):
                     raise
             else:
-                _dispatch.last_used["conv2d_instance_norm_act"] = "cpu"
+                _dispatch.last_used["conv2d_instance_norm_act"] = "cpu" if x.is_cpu else "cuda"
                 return y
     fn = "conv2d_instance_norm_act"
     _check_conv(fn, x, weight, bias)

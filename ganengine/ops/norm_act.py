@@ -113,15 +113,17 @@ SMALL_PLANE = 4096
 
 def _layout(x: torch.Tensor) -> str | None:
     """The auto order's variant on CUDA (_dispatch.AUTO_ORDER_BY_OP): for NHWC-dense x (what the
-    kernels then read) "channels_last_small" or "channels_last" (_nhwc_variant), None for NCHW and
+    kernels then read) "channels_last_small" or "channels_last" (nhwc_variant), None for NCHW and
     for anything copied to NCHW first."""
     if x.is_cuda and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return _nhwc_variant(x)
+        return nhwc_variant(x.shape[2] * x.shape[3])
     return None
 
 
-def _nhwc_variant(x: torch.Tensor) -> str:
-    return "channels_last_small" if x.shape[2] * x.shape[3] <= SMALL_PLANE else "channels_last"
+def nhwc_variant(plane: int) -> str:
+    """The variant of NHWC planes of ``plane`` elements (conv2d_instance_norm_act asks it of its
+    conv output's planes)."""
+    return "channels_last_small" if plane <= SMALL_PLANE else "channels_last"
 
 
 def _backend_for(x: torch.Tensor, op: str) -> str:

@@ -198,7 +198,8 @@ def _op_cases(ctx: Ctx, dtype=torch.float32):
 
 
 # the op cases the CUDA C++ backend serves (the rest run on Triton only)
-_CUDA_CPP_OPS = ("instance_norm_act", "batch_norm_act", "conditional_batch_norm_act", "losses", "conv2d_act")
+_CUDA_CPP_OPS = ("instance_norm_act", "batch_norm_act", "conditional_batch_norm_act", "losses", "conv2d_act",
+                 "conv2d_instance_norm_act")
 
 
 def _run_fwd_bwd(fn, inputs, seed=0):
@@ -393,7 +394,7 @@ def check_cuda_graph(ctx: Ctx):
 def _cuda_graph(ctx: Ctx):
     for backend in _backends_for_device(ctx):
         if backend == "cuda":
-            continue  # the step's attention and conv_in_act run on Triton; "auto" below covers the mix
+            continue  # the step's attention runs on Triton; "auto" below covers the mix
         with _on(backend):
             step = _step_fn(ctx)
             eager = [t.clone() for t in step()]
@@ -522,10 +523,11 @@ for be in [b for b in ("triton", "cuda") if backends.serves(b, torch.device(dev)
             GF.batch_norm_act(xb.detach(), rm, rv, training=False)
         gb = torch.randn(2, 5, device=dev, requires_grad=True)
         GF.conditional_batch_norm_act(x, gb, gb * 0.5).sum().backward()
-        if be == "cuda":  # conv2d_act's cuda backend (the triton one is below)
+        if be == "cuda":  # conv_act's cuda backend (the triton one is below)
             for xc in (x, xl):
                 wc = torch.randn(4, 5, 3, 3, device=dev, requires_grad=True)
                 GF.conv2d_act(xc, wc, torch.randn(4, device=dev), stride=2, padding=1).sum().backward()
+                GF.conv2d_instance_norm_act(xc, wc, None, stride=1, padding=1).sum().backward()
         r = torch.randn(1, 1, 5, 5, device=dev, requires_grad=True)
         f = torch.randn(1, 1, 5, 5, device=dev, requires_grad=True)
         for mode in ("vanilla", "lsgan", "hinge", "wgangp"):
