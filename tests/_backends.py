@@ -80,3 +80,29 @@ def route_results(y: torch.Tensor, inputs, dtype) -> list[torch.Tensor]:
 def assert_same_bits(a_list, b_list) -> None:
     for a, b in zip(a_list, b_list, strict=True):
         assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+
+
+class CudaEntryResolver:
+    """``_dispatch.cuda_entry`` resolved afresh under a requested backend, with the build's CUDA
+    kernels (``cuda_kernels``) and the backends serving CUDA tensors (``serving``) faked, so the
+    rules of which C++ entry a CUDA call takes are tested without a GPU:
+    ``resolve = CudaEntryResolver(monkeypatch); resolve("auto", "conv2d_act", "conv2d_act", kernels)``."""
+
+    def __init__(self, monkeypatch):
+        from ganengine import _ext
+
+        self.cuda_kernels = True
+        self.serving = {"cuda": True, "triton": True}
+        self._mp = monkeypatch
+        real_has = _ext.has_kernel
+        monkeypatch.setattr(_ext, "has_kernel",
+                            lambda op, key: self.cuda_kernels if key == "CUDA" else real_has(op, key))
+        monkeypatch.setattr(backends, "serves", lambda name, device: self.serving.get(name, True))
+
+    def __call__(self, backend: str, name: str, op: str, kernels: tuple = (), variant: str | None = None):
+        from ganengine.ops import _dispatch
+
+        self._mp.setattr(_dispatch, "_CUDA_ENTRY", {})
+        self._mp.setattr(_dispatch, "_SERVED", {})
+        with ganengine.use_backend(backend):
+            return _dispatch.cuda_entry(name, op, kernels, variant)

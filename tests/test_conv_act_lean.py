@@ -18,7 +18,7 @@ import ganengine
 import ganengine.functional as GF
 from ganengine.ops import _dispatch
 from ganengine.ops import conv_act as ops
-from tests._backends import on_backend
+from tests._backends import CudaEntryResolver, on_backend
 
 _HAS_ENTRY = ops._ext.loaded() and ops._ext.has_kernel("conv2d_act", "CompositeExplicitAutograd")
 pytestmark = pytest.mark.skipif(not _HAS_ENTRY, reason="ganengine._C without the conv2d_act entry")
@@ -305,25 +305,17 @@ def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
     """On CUDA tensors conv2d_act's dispatcher entry is taken exactly where the requested backend
     would run the cuda backend's kernels: 'cuda', or 'auto' (cuda first for conv2d_act); not for
     'triton'/'cpu'/'torch', and never without the CUDA kernels or where cuda does not serve."""
-    real_has = ops._ext.has_kernel
-    cuda_kernels = {"yes": True}
-    monkeypatch.setattr(ops._ext, "has_kernel",
-                        lambda op, key: cuda_kernels["yes"] if key == "CUDA" else real_has(op, key))
-    serving = {"cuda": True, "triton": True}
-    monkeypatch.setattr(ganengine.backends, "serves", lambda name, device: serving.get(name, True))
+    resolver = CudaEntryResolver(monkeypatch)
     entry = ops._ext.op("conv2d_act").default._op
 
     def resolve(backend):
-        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
-        monkeypatch.setattr(_dispatch, "_SERVED", {})
-        with ganengine.use_backend(backend):
-            return _dispatch.cuda_entry("conv2d_act", "conv2d_act", ops._ACT_KERNELS)
+        return resolver(backend, "conv2d_act", "conv2d_act", ops._ACT_KERNELS)
 
     assert resolve("auto") is entry and resolve("cuda") is entry
     assert all(resolve(b) is None for b in ("triton", "cpu", "torch"))
-    serving["cuda"] = False  # auto: Triton next
+    resolver.serving["cuda"] = False  # auto: Triton next
     assert resolve("auto") is None and resolve("cuda") is None
-    serving["cuda"], cuda_kernels["yes"] = True, False  # a build without the CUDA kernels
+    resolver.serving["cuda"], resolver.cuda_kernels = True, False  # a build without the CUDA kernels
     assert resolve("auto") is None and resolve("cuda") is None
 
 
@@ -339,16 +331,11 @@ def test_in_cuda_entry_and_variant(monkeypatch):
     assert v(torch.empty(1, 3, 130, 130).contiguous(**nhwc), w4, 2, 1) == "channels_last"  # 65x65 out
     assert v(torch.empty(1, 3, 34, 34).contiguous(**nhwc), w4, (1, 1), [1, 1]) == "channels_last_small"
     assert v(torch.empty(1, 3, 34, 34).contiguous(**nhwc), None, 1, 1) is None  # bad input: the route's errors
-    real_has = ops._ext.has_kernel
-    monkeypatch.setattr(ops._ext, "has_kernel", lambda op, key: True if key == "CUDA" else real_has(op, key))
-    monkeypatch.setattr(ganengine.backends, "serves", lambda name, device: True)
+    resolver = CudaEntryResolver(monkeypatch)
     entry = ops._ext.op("conv2d_in_act").default._op
 
     def resolve(backend, variant=None):
-        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
-        monkeypatch.setattr(_dispatch, "_SERVED", {})
-        with ganengine.use_backend(backend):
-            return _dispatch.cuda_entry("conv2d_in_act", "conv2d_instance_norm_act", ops._IN_KERNELS, variant)
+        return resolver(backend, "conv2d_in_act", "conv2d_instance_norm_act", ops._IN_KERNELS, variant)
 
     assert resolve("auto") is entry and resolve("auto", "channels_last_small") is entry
     assert resolve("auto", "channels_last") is None and resolve("cuda", "channels_last") is entry
@@ -356,6 +343,7 @@ def test_in_cuda_entry_and_variant(monkeypatch):
     meta = torch.empty(1, 3, 8, 8, device="meta")
     with pytest.raises(NotImplementedError, match=r"conv2d_instance_norm_act: not served by the C\+\+ entry \(x\)"):
         entry(meta, torch.empty(4, 3, 4, 4, device="meta"), None, None, None, [2, 2], [1, 1], 1e-5, 0.2)
+
 
 def test_devices_the_entries_serve():
     """The dispatcher entry serves CPU tensors, and CUDA ones only with the CUDA kernels built, every

@@ -17,7 +17,7 @@ import ganengine.functional as GF
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch
 from ganengine.ops import losses as L
-from tests._backends import on_backend, autograd_node_names
+from tests._backends import CudaEntryResolver, on_backend, autograd_node_names
 
 _HAS_LEAN = _ext.loaded() and _ext.has_kernel("gan_loss", "CompositeExplicitAutograd")
 needs_lean = pytest.mark.skipif(not _HAS_LEAN, reason="ganengine._C without the lean loss entries")
@@ -338,22 +338,16 @@ def test_cuda_entry_resolution(monkeypatch):
     """On CUDA maps the entries are taken where the cuda backend is the one chosen: 'auto' (the
     losses' auto order puts cuda first) or 'cuda', not 'triton'/'torch', and never without the CUDA
     kernel."""
-    real_has = _ext.has_kernel
-    built = {"cuda": True}
-    monkeypatch.setattr(_ext, "has_kernel", lambda op, key: built["cuda"] if key == "CUDA" else real_has(op, key))
-    monkeypatch.setattr(backends, "serves", lambda name, device: True)
+    resolver = CudaEntryResolver(monkeypatch)
 
     def resolve(name, backend):
-        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
-        monkeypatch.setattr(_dispatch, "_SERVED", {})
-        with backends.use_backend(backend):
-            return _dispatch.cuda_entry(name, "gan_loss", L._ADV_KERNELS)
+        return resolver(backend, name, "gan_loss", L._ADV_KERNELS)
 
     for name in ("gan_loss", "discriminator_loss"):
         entry = _ext.op(name).default._op
         assert resolve(name, "auto") is entry and resolve(name, "cuda") is entry
         assert resolve(name, "triton") is None and resolve(name, "torch") is None
-    built["cuda"] = False
+    resolver.cuda_kernels = False
     assert resolve("gan_loss", "auto") is None and resolve("gan_loss", "cuda") is None
 
 

@@ -14,7 +14,8 @@ import ganengine.functional as GF
 import ganengine.nn as gnn
 from ganengine.ops import _dispatch
 from ganengine.ops import norm_act as ops
-from tests._backends import assert_same_bits, autograd_node_names, backend_params, on_backend, out_round, route_results
+from tests._backends import (CudaEntryResolver, assert_same_bits, autograd_node_names, backend_params, on_backend,
+                             out_round, route_results)
 from tests._chain_bounds import ChainBounds
 from tests._model_bounds import assert_normwise, census
 from tests._norm_bounds import instance_norm_act_bounds, instance_stat_bounds
@@ -579,19 +580,12 @@ def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
     CUDA kernels or where the cuda backend does not serve CUDA tensors."""
     if not _HAS_ENTRY:
         pytest.skip("ganengine._C without the instance_norm_act entry")
-    real_has = ops._ext.has_kernel
-    cuda_kernels = {"yes": True}
-    monkeypatch.setattr(ops._ext, "has_kernel",
-                        lambda op, key: cuda_kernels["yes"] if key == "CUDA" else real_has(op, key))
-    serving = {"cuda": True, "triton": True}
-    monkeypatch.setattr(ganengine.backends, "serves", lambda name, device: serving.get(name, True))
+    resolver = CudaEntryResolver(monkeypatch)
+    serving = resolver.serving
     entry = ops._ext.op("instance_norm_act").default._op
 
     def resolve(backend, variant=None, name="instance_norm_act", kernels=ops._IN_KERNELS):
-        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
-        monkeypatch.setattr(_dispatch, "_SERVED", {})
-        with ganengine.use_backend(backend):
-            return _dispatch.cuda_entry(name, "instance_norm_act", kernels, variant)
+        return resolver(backend, name, "instance_norm_act", kernels, variant)
 
     assert resolve("auto") is entry
     assert resolve("auto", "channels_last") is None
@@ -604,7 +598,7 @@ def test_cuda_entry_is_taken_where_the_cuda_backend_is_chosen(monkeypatch):
     assert resolve("auto", "channels_last") is entry
     serving["cuda"] = False
     assert resolve("auto") is None and resolve("cuda") is None
-    serving["cuda"], cuda_kernels["yes"] = True, False  # a build without the CUDA kernels
+    serving["cuda"], resolver.cuda_kernels = True, False  # a build without the CUDA kernels
     assert resolve("auto") is None and resolve("cuda") is None
 
 
