@@ -44,8 +44,8 @@ def _run(backend, impl, fn, tensors, grad_fn, **kw):
     return out, [t.grad if t is not None and t.requires_grad else None for t in leaves]
 
 
-def _block(tensors, stride, padding, norm):
-    """The reference layers of a conv_act / conv_in_act call: conv (+ instance norm) + LeakyReLU(0.2)."""
+def _block(tensors, stride, padding, norm, slope=0.2):
+    """The reference layers of a conv_act / conv_in_act call: conv (+ instance norm) + LeakyReLU(slope)."""
     x, wt, b = tensors[:3]
     conv = nn.Conv2d(wt.shape[1], wt.shape[0], wt.shape[2], stride, padding, bias=b is not None, device=x.device)
     with torch.no_grad():
@@ -61,14 +61,15 @@ def _block(tensors, stride, padding, norm):
                 inorm.weight.copy_(gam.float())
                 inorm.bias.copy_(bet.float())
         layers.append(inorm)
-    return layers + [nn.LeakyReLU(0.2)]
+    return layers + [nn.LeakyReLU(slope)]
 
 
-def _bounds(backend, tensors, grad, stride, padding, norm, store_dtype=None, grad_err=None, product_u=0.0):
+def _bounds(backend, tensors, grad, stride, padding, norm, store_dtype=None, grad_err=None, product_u=0.0,
+            slope=0.2):
     """Elementwise bounds (tests/_chain_bounds.py) of out and of each input's gradient: the conv's
     own rounding (the larger of the direct form's and a Winograd route the cpu backend may take),
     carried through the norm and the activation."""
-    layers = _block(tensors, stride, padding, norm)
+    layers = _block(tensors, stride, padding, norm, slope)
     with ganengine.use_backend(backend):
         cb = ChainBounds(layers, tensors[0], grad, winograd=cpu_winograd_route if backend == "cpu" else None,
                          store_dtype=store_dtype, grad_err=grad_err, product_u=product_u)
@@ -414,12 +415,17 @@ def test_cuda_backend(dtype, layout, slope, bias):
     w = torch.randn(32, 16, 4, 4, device="cuda") * 0.1
     b = torch.randn(32, device="cuda") if bias else None
     act = {0.2: "leaky_relu", 0.0: "relu", 1.0: "none"}[slope]
+    gb = [torch.randn(32, device="cuda") + 1, torch.randn(32, device="cuda")]  # the norm's affine (with a bias)
     for stride in (1, 2):
         for norm in (False, True):
             ins = [t.to(dtype).clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+            if norm and bias:  # the affine instance norm (gamma, beta in fp32, as modules keep them)
+                ins += [t.clone().requires_grad_() for t in gb]
             with ganengine.use_backend("cuda"), strict():
                 if norm:
-                    y = GF.conv2d_instance_norm_act(*ins, stride=stride, padding=1, activation=act,
+                    y = GF.conv2d_instance_norm_act(*ins[:3], stride=stride, padding=1,
+                                                    norm_weight=ins[3] if len(ins) > 3 else None,
+                                                    norm_bias=ins[4] if len(ins) > 3 else None, activation=act,
                                                     negative_slope=slope)
                 else:
                     y = GF.conv2d_act(*ins, stride=stride, padding=1, negative_slope=slope)
@@ -429,15 +435,19 @@ def test_cuda_backend(dtype, layout, slope, bias):
             assert y.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
             refs = [t.detach().double().requires_grad_() if t is not None else None for t in ins]
             if norm:
-                yr = ops.reference_conv2d_in_act(*refs, stride, 1, None, None, 1e-5, slope)
+                gam, bet = (refs[3], refs[4]) if len(refs) > 3 else (None, None)
+                yr = ops.reference_conv2d_in_act(*refs[:3], stride, 1, gam, bet, 1e-5, slope)
             else:
                 yr = ops.reference_conv2d_act(*refs, stride, 1, slope)
             (yr * g.double()).sum().backward()
             low = dtype != torch.float32
             bounds = _bounds("cuda", [t for t in ins], g, stride, 1, norm, store_dtype=dtype if low else None,
-                             product_u=0.0 if low else 2.0 ** -11)
-            # (the conv bias: the fused op's gradient is exactly zero where torch's is rounding noise)
-            _compare(y, [a.grad for a in ins[:2]], yr, [r.grad for r in refs[:2]], bounds, "cuda")
+                             product_u=0.0 if low else 2.0 ** -11, slope=slope)
+            # every gradient but the normed conv's bias (exactly zero there, where torch's is rounding noise)
+            which = [0, 1, 3, 4] if norm else [0, 1, 2]
+            which = [i for i in which if i < len(ins) and ins[i] is not None]
+            _compare(y, [ins[i].grad if i in which else None for i in range(len(ins))], yr,
+                     [refs[i].grad if i in which else None for i in range(len(refs))], bounds, "cuda")
 
 
 @pytest.mark.gpu
@@ -450,6 +460,9 @@ def test_cuda_auto_takes_the_cuda_entry_with_the_python_routes_bits(monkeypatch)
     torch.manual_seed(0)
     base = [torch.randn(2, 3, 9, 7, device="cuda"), torch.randn(5, 3, 4, 4, device="cuda"),
             torch.randn(5, device="cuda")]
+    # bitwise comparisons of two runs: cuDNN's deterministic algorithms
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     for fn, name in ((lambda x, w, b: GF.conv2d_act(x, w, b, 2, 1, 0.2), "conv2d_act"),
                      (lambda x, w, b: GF.conv2d_instance_norm_act(x, w, b, 2, 1), "conv2d_instance_norm_act")):

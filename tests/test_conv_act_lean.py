@@ -331,6 +331,7 @@ def test_in_cuda_entry_and_variant(monkeypatch):
     assert v(torch.empty(1, 3, 130, 130).contiguous(**nhwc), w4, 2, 1) == "channels_last"  # 65x65 out
     assert v(torch.empty(1, 3, 34, 34).contiguous(**nhwc), w4, (1, 1), [1, 1]) == "channels_last_small"
     assert v(torch.empty(1, 3, 34, 34).contiguous(**nhwc), None, 1, 1) is None  # bad input: the route's errors
+    assert v(torch.empty(1, 3, 34, 34).contiguous(**nhwc), w4, 0, 1) is None
     resolver = CudaEntryResolver(monkeypatch)
     entry = ops._ext.op("conv2d_in_act").default._op
 

@@ -1,9 +1,10 @@
 // conv2d_act's cuda backend: the elementwise epilogues around ATen's convolution (cuDNN), as
 // CUDA kernels (csrc/cuda/conv_act_launcher.cpp runs the convolutions and calls these). Both are
 // memory-bound: a grid-stride loop, kPer independent elements per thread per step so that loads
-// are in flight together, 32-bit index math wherever the map has fewer than 2^31 elements (the
+// are in flight together, 32-bit index math wherever every index fits below 2^31 (the
 // channel of an NCHW element needs a division per element; 64-bit division is several times
 // dearer). No torch headers: compiles in seconds.
+#include <climits>
 #include <cstdint>
 
 #include "acc_convert.cuh"
@@ -61,12 +62,20 @@ unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
 }
 
+// whether 32-bit indices serve n elements: every index a thread forms, up to its last step's
+// base + one whole grid stride, must stay below 2^31 (a base past n - 1 is formed before the loop
+// test ends the loop)
+bool int32_indices(int64_t n) {
+  const int64_t stride = static_cast<int64_t>(grid_for(n)) * kThreads * kPer;
+  return n + stride <= INT32_MAX;
+}
+
 template <typename T, typename A>
 cudaError_t bias_act_typed(void* y, const void* b, int64_t n, int64_t C, int64_t inner, double slope,
                            cudaStream_t stream) {
   T* yp = static_cast<T*>(y);
   const T* bp = static_cast<const T*>(b);
-  if (n < (int64_t(1) << 31))
+  if (int32_indices(n))
     bias_act_kernel<T, A, int32_t><<<grid_for(n), kThreads, 0, stream>>>(
         yp, bp, static_cast<int32_t>(n), static_cast<int32_t>(C), static_cast<int32_t>(inner), static_cast<A>(slope));
   else
@@ -79,7 +88,7 @@ cudaError_t act_grad_typed(const void* g, const void* y, void* gz, int64_t n, do
   const T* gp = static_cast<const T*>(g);
   const T* yp = static_cast<const T*>(y);
   T* zp = static_cast<T*>(gz);
-  if (n < (int64_t(1) << 31))
+  if (int32_indices(n))
     act_grad_kernel<T, A, int32_t><<<grid_for(n), kThreads, 0, stream>>>(gp, yp, zp, static_cast<int32_t>(n),
                                                                           static_cast<A>(slope));
   else

@@ -196,8 +196,8 @@ def _backend(op: str, ext_op: str, x: torch.Tensor, variant: str | None = None) 
     body, for the verdict and for the body's own branch. ``variant``: the auto order's (see
     _in_variant)."""
     impl = _resolved_conv_impl(x.device)
-    # the C++ kernels for x's device: cpu's on CPU tensors, cuda's (csrc/cuda/conv_act_launcher.cpp,
-    # conv2d_act only) on CUDA tensors; choose asks each only of the device it serves
+    # the C++ kernels for x's device: cpu's on CPU tensors, cuda's (csrc/cuda/conv_act_launcher.cpp)
+    # on CUDA tensors; choose asks each only of the device it serves
     ext_reason = _dispatch.ext_reason(ext_op, x.device)
     if ext_reason is None and x.dtype not in _FLOATS:
         ext_reason = f"dtype {x.dtype} is not supported"
@@ -499,6 +499,8 @@ def _in_variant(x, weight, stride, padding) -> str | None:
         return None
     s = (stride, stride) if type(stride) is int else stride
     p = (padding, padding) if type(padding) is int else padding
+    if s[0] < 1 or s[1] < 1:  # (bad input: the route raises the public error)
+        return None
     oh = (x.shape[2] + 2 * p[0] - weight.shape[2]) // s[0] + 1
     ow = (x.shape[3] + 2 * p[1] - weight.shape[3]) // s[1] + 1
     return _nhwc_variant(oh * ow)
