@@ -70,19 +70,14 @@ bool float_dtype(at::ScalarType s) {
 }
 
 
-// whether this build registered CUDA kernels for both ops (csrc/cuda/conv_act_launcher.cpp): then
-// the dispatcher entry calling them also serves CUDA tensors
-bool cuda_kernels(const char* fwd, const char* bwd) {
-  auto& d = c10::Dispatcher::singleton();
-  return d.findSchemaOrThrow(fwd, "").hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
-         d.findSchemaOrThrow(bwd, "").hasKernelForDispatchKey(c10::DispatchKey::CUDA);
-}
+// whether this build registered CUDA kernels for each entry's ops (csrc/cuda/conv_act_launcher.cpp):
+// then the dispatcher entry calling them also serves CUDA tensors
 bool act_cuda() {
-  static const bool cuda = cuda_kernels("ganengine_C::conv_act_fwd", "ganengine_C::conv_act_bwd");
+  static const bool cuda = lean::cuda_kernels({"ganengine_C::conv_act_fwd", "ganengine_C::conv_act_bwd"});
   return cuda;
 }
 bool in_cuda() {
-  static const bool cuda = cuda_kernels("ganengine_C::conv_in_act_fwd", "ganengine_C::conv_in_act_bwd");
+  static const bool cuda = lean::cuda_kernels({"ganengine_C::conv_in_act_fwd", "ganengine_C::conv_in_act_bwd"});
   return cuda;
 }
 

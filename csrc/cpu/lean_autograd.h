@@ -9,6 +9,7 @@
 // custom_function.h skips an absent optional): x is edge 0, weight edge 1, bias edge 1 or 2.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -23,6 +24,16 @@ using torch::autograd::variable_list;
 using OptT = c10::optional<at::Tensor>;
 
 inline bool present(const OptT& t) { return t.has_value() && t->defined(); }
+
+// whether every op named ("ganengine_C::...") has a CUDA kernel in this build (the CUDA launchers
+// were built in): an entry calling them through the dispatcher then serves CUDA tensors as well
+// (callers keep the answer in a function-local static: it is fixed once the extension is loaded)
+inline bool cuda_kernels(std::initializer_list<const char*> ops) {
+  auto& d = c10::Dispatcher::singleton();
+  for (const char* op : ops)
+    if (!d.findSchemaOrThrow(op, "").hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return false;
+  return true;
+}
 
 // a saved optional tensor back as the kernels take it
 inline OptT as_opt(const at::Tensor& t) { return t.defined() ? OptT(t) : OptT(); }

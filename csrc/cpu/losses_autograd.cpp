@@ -31,6 +31,8 @@
 #include <string>
 #include <vector>
 
+#include "lean_autograd.h"
+
 namespace ganengine {
 namespace losses_lean {
 namespace {
@@ -60,9 +62,7 @@ constexpr size_t kMaxCudaTerms = 4;
 // a device whose kernel this build has: CPU always, CUDA when the CUDA launchers were built in
 bool served_device(const at::Tensor& x, size_t k) {
   if (x.is_cpu()) return true;
-  static const bool cuda = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ganengine_C::losses_adv_fwd", "")
-                               .hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  static const bool cuda = lean::cuda_kernels({"ganengine_C::losses_adv_fwd"});
   return cuda && x.is_cuda() && k <= kMaxCudaTerms;
 }
 

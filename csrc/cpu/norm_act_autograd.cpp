@@ -55,11 +55,7 @@ bool float_dtype(at::ScalarType s) {
 // a device whose kernels this build has: CPU always, CUDA when the CUDA launchers were built in
 bool served_device(const at::Tensor& x) {
   if (x.is_cpu()) return true;
-  static const bool cuda = [] {
-    auto& d = c10::Dispatcher::singleton();
-    return d.findSchemaOrThrow("ganengine_C::norm_act_fwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
-           d.findSchemaOrThrow("ganengine_C::norm_act_bwd", "").hasKernelForDispatchKey(c10::DispatchKey::CUDA);
-  }();
+  static const bool cuda = lean::cuda_kernels({"ganengine_C::norm_act_fwd", "ganengine_C::norm_act_bwd"});
   return cuda && x.is_cuda();
 }
 

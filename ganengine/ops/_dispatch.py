@@ -281,6 +281,18 @@ def cuda_entry(name: str, op: str, kernels: tuple = (), variant: str | None = No
         return found
 
 
+def entry(x: torch.Tensor, name: str, op: str, kernels: tuple = (), variant=None, *variant_args):
+    """The C++ entry ``ganengine_C::<name>`` a call of ``op`` on ``x`` takes, by x's device: on a CPU
+    tensor the lean entry (``lean_op``), on a CUDA tensor the same entry where the cuda backend is
+    the one chosen (``cuda_entry``, with the auto order's variant ``variant(x, *variant_args)``,
+    asked of CUDA calls only), else None (the caller's Python route serves the call)."""
+    if x.is_cpu:
+        return lean_op(name, kernels)
+    if x.is_cuda:
+        return cuda_entry(name, op, kernels, None if variant is None else variant(x, *variant_args))
+    return None
+
+
 def refused(e: BaseException, prefix: str, *optional_tensors, required=()) -> bool:
     """Whether ``e``, raised by a lean entry, declines the call before any work (the full route then
     serves it or raises the public error), rather than being an error of the call, which must

@@ -471,12 +471,7 @@ def _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope):
     if not (isinstance(x, torch.Tensor) and _plain_pair(stride) and _plain_pair(padding)
             and (type(negative_slope) is float or type(negative_slope) is int)):
         return None
-    if x.is_cpu:
-        op = _dispatch.lean_op("conv2d_act", _ACT_KERNELS)
-    elif x.is_cuda:
-        op = _dispatch.cuda_entry("conv2d_act", "conv2d_act", _ACT_KERNELS)
-    else:
-        return None
+    op = _dispatch.entry(x, "conv2d_act", "conv2d_act", _ACT_KERNELS)
     if op is None:
         return None
     try:
@@ -489,6 +484,7 @@ def _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope):
 
 # conv2d_instance_norm_act's lean entry: ganengine_C::conv2d_in_act (same file, same rules)
 _IN_KERNELS = ("conv_in_act_fwd", "conv_in_act_bwd")
+_IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
 
 
 def _in_variant(x, weight, stride, padding) -> str | None:
@@ -498,13 +494,10 @@ def _in_variant(x, weight, stride, padding) -> str | None:
             or not x.is_contiguous(memory_format=torch.channels_last)):
         return None
     s = (stride, stride) if type(stride) is int else stride
-    p = (padding, padding) if type(padding) is int else padding
     if s[0] < 1 or s[1] < 1:  # (bad input: the route raises the public error)
         return None
-    oh = (x.shape[2] + 2 * p[0] - weight.shape[2]) // s[0] + 1
-    ow = (x.shape[3] + 2 * p[1] - weight.shape[3]) // s[1] + 1
+    _, _, oh, ow = _out_shape(x, weight, s, (padding, padding) if type(padding) is int else padding)
     return _nhwc_variant(oh * ow)
-_IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -566,19 +559,14 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     # before any work; the route below then serves the call or raises the public error
     # On CUDA tensors the same entry runs the cuda backend's kernels where that backend is chosen
     # (_dispatch.cuda_entry, with the instance norm's variant of the conv output's planes).
-    if (isinstance(x, torch.Tensor) and (x.is_cpu or x.is_cuda) and _plain_pair(stride) and _plain_pair(padding)
+    if (isinstance(x, torch.Tensor) and _plain_pair(stride) and _plain_pair(padding)
             and (type(eps) is float or type(eps) is int) and not torch.compiler.is_compiling()):
         if activation == "leaky_relu":
             lean_slope = negative_slope if (type(negative_slope) is float or type(negative_slope) is int) else None
         else:
             lean_slope = 0.0 if activation == "relu" else 1.0 if activation == "none" else None
-        if lean_slope is None:
-            op = None
-        elif x.is_cpu:
-            op = _dispatch.lean_op("conv2d_in_act", _IN_KERNELS)
-        else:
-            op = _dispatch.cuda_entry("conv2d_in_act", "conv2d_instance_norm_act", _IN_KERNELS,
-                                      _in_variant(x, weight, stride, padding))
+        op = None if lean_slope is None else _dispatch.entry(
+            x, "conv2d_in_act", "conv2d_instance_norm_act", _IN_KERNELS, _in_variant, weight, stride, padding)
         if op is not None:
             try:
                 y = op(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, lean_slope)

@@ -435,11 +435,9 @@ def _entry(name: str, logits):
     and the message check: about 30 us). Anything not a tensor is asked about, as before (its
     refusals and the dispatcher's conversion errors lead to the full route)."""
     x = logits[0] if type(logits) in (list, tuple) and logits else logits
-    if not isinstance(x, Tensor) or x.is_cpu:
+    if not isinstance(x, Tensor):
         return _dispatch.lean_op(name, _ADV_KERNELS)
-    if x.is_cuda:
-        return _dispatch.cuda_entry(name, "gan_loss", _ADV_KERNELS)
-    return None
+    return _dispatch.entry(x, name, "gan_loss", _ADV_KERNELS)
 
 
 def _entry_backend(xs) -> str:

@@ -276,14 +276,7 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
             name, kernels = ("instance_norm_act_rs", _IN_RS_KERNELS) if type(momentum) in (float, int) else (None, ())
         else:
             name = None  # the full route raises the public error
-        if name is None:
-            op = None
-        elif x.is_cpu:
-            op = _dispatch.lean_op(name, kernels)
-        elif x.is_cuda:
-            op = _dispatch.cuda_entry(name, "instance_norm_act", kernels, _layout(x))
-        else:
-            op = None
+        op = None if name is None else _dispatch.entry(x, name, "instance_norm_act", kernels, _layout)
         if op is not None:
             try:
                 apply, slope = (True, float(negative_slope)) if activation == "leaky_relu" else _FIXED_ACT[activation]
