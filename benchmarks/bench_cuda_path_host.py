@@ -19,7 +19,9 @@ interleaved, median us per call, forward (no grad) and forward+backward:
   itself runs, on oneDNN). Only with ``TRITON_INTERPRET=1``.
 * ``auto order``: what ``auto`` runs on a CUDA tensor: the same, except the ops whose C++ entry
   the auto order takes there (``CUDA_ENTRIES``, batch norm on small NCHW maps), which run that
-  entry on the cpu backend's kernels (their arithmetic included). (cycle_loss, which auto runs on
+  entry on the cpu backend's kernels (their arithmetic included), and conv3x3 / conv, whose fast
+  entry's vendor route runs here on CPU tensors (``CUDA_CONV_ENTRIES``: oneDNN, as the other
+  variants' vendor branch). (cycle_loss, which auto runs on
   the CUDA C++ kernels through its Python route, shows the Triton route here; its ``eager route``
   column is the closer figure.)
 
@@ -90,6 +92,10 @@ def _stubbed_triton_launches():
 # backend's kernels, which also do their arithmetic here (more than the CUDA path's host cost).
 CUDA_ENTRIES = ("instance_norm_act", "instance_norm_act_rs", "gan_loss", "discriminator_loss", "conv2d_act",
                 "conv2d_in_act")
+# The conv entries whose fast entry serves CUDA tensors on the vendor route (_dispatch.conv_routes:
+# ATen's convolution, cuDNN there); here the same route on CPU tensors (oneDNN, as the Python route's
+# vendor branch runs it in the other variants).
+CUDA_CONV_ENTRIES = ("conv3x3", "conv")
 
 
 def _cuda_bn_backend(op, x):
@@ -103,6 +109,7 @@ def _cuda_bn_backend(op, x):
 
 def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entries: tuple = ()):
     real_lean = _dispatch.lean_op
+    conv_entries = CUDA_CONV_ENTRIES if entries else ()
 
     @contextlib.contextmanager
     def scope():
@@ -125,6 +132,9 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entr
                         op = resolved[name] = real_lean(name, kernels)
                     return op
             st.enter_context(_patched(_dispatch, "lean_op", lean))
+            vendor = (_dispatch.ROUTE_VENDOR_CPU, "triton")
+            st.enter_context(_patched(_dispatch, "conv_routes", lambda name, kernels, fast: (
+                vendor if name in conv_entries else (0, None))))
             if entries:  # the auto order's batch norm choice on CUDA, by map size
                 from ganengine.ops import batch_norm_act
 

@@ -266,3 +266,70 @@ def test_convs_without_a_faster_route_stay_pytorch():
     assert all("no faster route" in d.reason for d in report.declined) and len(report.declined) == 2
     assert type(fused[0]) is nn.Conv2d and type(fused[5]) is nn.Conv2d
     _compare(fused, net, _x(2, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------- CUDA models
+def _fake_cuda_weight(conv):
+    """conv with its weight replaced by a fake CUDA tensor (FakeTensorMode needs no GPU), for the
+    rules that ask the weight's device."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    w = conv.weight
+    conv._parameters["weight"] = FakeTensor(FakeTensorMode(), torch.empty(w.shape, device="meta"), torch.device("cuda"))
+    return conv
+
+
+def test_conv_act_pays_on_cuda_where_its_cuda_entry_serves(monkeypatch):
+    """On a CUDA weight conv2d+leaky_relu fuses exactly where conv2d_act's call would be its CUDA C++
+    entry (the cuda backend chosen, the build's CUDA kernels present); on CPU weights the conv op's
+    route rule decides, as before."""
+    from ganengine.fusion import rules
+    from ganengine.ops import _dispatch
+    from tests._backends import CudaEntryResolver
+
+    resolve = CudaEntryResolver(monkeypatch)
+    conv = _fake_cuda_weight(nn.Conv2d(3, 4, 4, 2, 1))
+
+    def pays(backend):
+        monkeypatch.setattr(_dispatch, "_CUDA_ENTRY", {})
+        monkeypatch.setattr(_dispatch, "_SERVED", {})
+        with ganengine.use_backend(backend):
+            return rules.conv_act_may_pay(conv)
+
+    assert pays("auto") and pays("cuda") and not pays("triton") and not pays("torch")
+    resolve.serving["cuda"] = False
+    assert not pays("auto")
+    resolve.serving["cuda"] = True
+    resolve.cuda_kernels = False
+    assert not pays("auto")
+    cpu_conv = nn.Conv2d(3, 4, 4, 2, 1)
+    assert rules.conv_act_may_pay(cpu_conv) == rules.conv_route_may_pay(cpu_conv)
+
+
+@pytest.mark.gpu
+def test_fuse_on_a_cuda_model(monkeypatch):
+    """A CUDA model: conv + LeakyReLU becomes Conv2dAct (its CUDA C++ entry), conv + IN + act keeps
+    the conv and fuses the pair, a plain conv stays nn.Conv2d, ReflectionPad + 3x3 conv becomes a
+    reflect-padded Conv3x3; the fused model's output and gradients match the original's within
+    fp32's reordering error (TF32 off: this checks the rewrite, not TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 4, 2, 1), nn.LeakyReLU(0.2, True),
+                        nn.Conv2d(16, 128, 4, 2, 1), nn.InstanceNorm2d(128), nn.LeakyReLU(0.2, True),
+                        nn.ReflectionPad2d(1), nn.Conv2d(128, 128, 3), nn.InstanceNorm2d(128), nn.ReLU(True),
+                        nn.Conv2d(128, 1, 4, 1, 1)).cuda()
+    ref = copy.deepcopy(net)
+    with ganengine.use_backend("auto"):
+        fused = ganengine.fuse(net)
+        kinds = [type(m).__name__ for m in fused]
+        assert kinds == ["Conv2dAct", "Identity", "Conv2d", "InstanceNormAct2d", "Identity", "Identity", "Conv3x3",
+                         "InstanceNormAct2d", "Identity", "Conv2d"], kinds
+        assert type(fused[2]) is nn.Conv2d and type(fused[9]) is nn.Conv2d
+        assert fused[6].padding_mode == "reflect"
+        x = torch.randn(2, 3, 32, 32, device="cuda")
+        y, y_ref = fused(x), ref(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)

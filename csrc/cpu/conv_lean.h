@@ -27,4 +27,16 @@ const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at:
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                at::IntArrayRef padding, double slope);
 }  // namespace conv_act_lean
+
+// the vendor route (conv_vendor.cpp): ATen's convolution on tensors of any one device, what the
+// Python route's GPU backends run, for the fast entries' CUDA calls
+namespace conv_vendor {
+using OptT = c10::optional<at::Tensor>;
+const char* refusal3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect);
+at::Tensor run3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect);
+const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed);
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed);
+}  // namespace conv_vendor
 }  // namespace ganengine

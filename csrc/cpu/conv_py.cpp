@@ -1,6 +1,6 @@
 // The Python fast entries of the conv family's lean routes: ganengine._C.conv3x3_entry,
 // .conv_entry and .conv2d_act_entry, called at the top of GF.conv3x3 / GF.conv2d /
-// GF.conv_transpose2d / GF.conv2d_act in plain eager mode on CPU tensors.
+// GF.conv_transpose2d / GF.conv2d_act in plain eager mode.
 //
 // Why they exist: the dispatcher ops ganengine_C::conv3x3 / ::conv / ::conv2d_act cost more host
 // time per call than the generated ATen bindings the eager code calls (the torch.ops call parses
@@ -11,11 +11,20 @@
 // says oneDNN, at::conv2d / at::conv_transpose2d with ATen's autograd, else the C++ autograd
 // Function over the family's kernels), so the numbers are those of the dispatcher op bit for bit.
 //
+// conv3x3_entry and conv_entry also serve CUDA tensors, on the vendor route (conv_vendor.cpp:
+// ATen's convolution, cuDNN, what the Python route's GPU backends run): their last argument,
+// ``routes``, says which routes the requested backend allows (ops/_dispatch.conv_routes), and the
+// entry takes the one for x's device:
+//   1  CPU tensors, the lean route (the cpu backend's router)   (the default where omitted)
+//   2  CUDA tensors, the vendor route
+//   4  CPU tensors, the vendor route (the CPU proxy of the CUDA path, and tests; over 1)
+//
 // Each returns
 //   a Tensor        the call, served;
 //   None            not served (an argument of another type or value than the entry takes, a
-//                   dtype, device, shape, autocast: what the dispatcher op refuses): the caller's
-//                   full route serves it or raises the public error; nothing ran;
+//                   dtype, device, shape, autocast: what the dispatcher op or the Python route's
+//                   checks refuse; a device the routes do not allow): the caller's full route
+//                   serves it or raises the public error; nothing ran;
 //   NotImplemented  a tensor argument of a Tensor subclass (other than Parameter: it may override
 //                   __torch_function__; FakeTensor is one), or a torch function mode on: the
 //                   caller goes through the dispatcher op, which honours them.
@@ -95,10 +104,36 @@ bool nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char* name) {
   return false;
 }
 
-// conv3x3_entry(x, weight, bias, padding, padding_mode)
+// the routes argument (see the top of the file)
+constexpr int64_t kLeanCpu = 1, kVendorCuda = 2, kVendorCpu = 4;
+enum class Route { None, Lean, Vendor };
+
+// the optional last argument of an entry taking ``want`` without it: true and ``routes`` set, or
+// false with a TypeError set
+bool routes_arg(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, const char* name, int64_t& routes) {
+  routes = kLeanCpu;
+  if (nargs == want + 1) {
+    if (int_arg(args[want], routes)) return true;
+    PyErr_Format(PyExc_TypeError, "ganengine._C.%s: routes must be an int", name);
+    return false;
+  }
+  if (nargs == want) return true;
+  PyErr_Format(PyExc_TypeError, "ganengine._C.%s takes %zd or %zd arguments, got %zd", name, want, want + 1, nargs);
+  return false;
+}
+
+// the route ``routes`` allows for x's device
+Route route_for(const at::Tensor& x, int64_t routes) {
+  if (x.is_cpu()) return (routes & kVendorCpu) ? Route::Vendor : (routes & kLeanCpu) ? Route::Lean : Route::None;
+  if (x.is_cuda()) return (routes & kVendorCuda) ? Route::Vendor : Route::None;
+  return Route::None;
+}
+
+// conv3x3_entry(x, weight, bias, padding, padding_mode[, routes])
 PyObject* conv3x3_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!nargs_ok(nargs, 5, "conv3x3_entry")) return nullptr;
+  int64_t routes;
+  if (!routes_arg(args, nargs, 5, "conv3x3_entry", routes)) return nullptr;
   const Arg t = xwb(args);
   if (t == Arg::Decline) return declined();
   if (t == Arg::Dispatcher) return to_dispatcher();
@@ -110,20 +145,26 @@ PyObject* conv3x3_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor& x = THPVariable_Unpack(args[0]);
   const at::Tensor& w = THPVariable_Unpack(args[1]);
   const OptT b = opt(args[2]);
-  if (conv_lean::refusal3(x, w, b, padding, reflect) != nullptr) return declined();
+  const Route r = route_for(x, routes);
+  if (r == Route::None) return declined();
+  const bool vendor = r == Route::Vendor;
+  if ((vendor ? conv_vendor::refusal3(x, w, b, padding, reflect) : conv_lean::refusal3(x, w, b, padding, reflect)) !=
+      nullptr)
+    return declined();
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = conv_lean::run3(x, w, b, padding, reflect);
+    y = vendor ? conv_vendor::run3(x, w, b, padding, reflect) : conv_lean::run3(x, w, b, padding, reflect);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
 }
 
-// conv_entry(x, weight, bias, stride, padding, output_padding, transposed)
+// conv_entry(x, weight, bias, stride, padding, output_padding, transposed[, routes])
 PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!nargs_ok(nargs, 7, "conv_entry")) return nullptr;
+  int64_t routes;
+  if (!routes_arg(args, nargs, 7, "conv_entry", routes)) return nullptr;
   const Arg t = xwb(args);
   if (t == Arg::Decline) return declined();
   if (t == Arg::Dispatcher) return to_dispatcher();
@@ -135,11 +176,17 @@ PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor& x = THPVariable_Unpack(args[0]);
   const at::Tensor& w = THPVariable_Unpack(args[1]);
   const OptT b = opt(args[2]);
-  if (conv_lean::refusal(x, w, b, stride, padding, output_padding, transposed) != nullptr) return declined();
+  const Route r = route_for(x, routes);
+  if (r == Route::None) return declined();
+  const bool vendor = r == Route::Vendor;
+  if ((vendor ? conv_vendor::refusal(x, w, b, stride, padding, output_padding, transposed)
+              : conv_lean::refusal(x, w, b, stride, padding, output_padding, transposed)) != nullptr)
+    return declined();
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = conv_lean::run(x, w, b, stride, padding, output_padding, transposed);
+    y = vendor ? conv_vendor::run(x, w, b, stride, padding, output_padding, transposed)
+               : conv_lean::run(x, w, b, stride, padding, output_padding, transposed);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -183,9 +230,10 @@ PyObject* conv2d_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyMethodDef methods[] = {
     {"conv3x3_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv3x3_entry)), METH_FASTCALL,
-     "conv3x3_entry(x, weight, bias, padding, padding_mode): GF.conv3x3's eager fast entry (csrc/cpu/conv_py.cpp)"},
+     "conv3x3_entry(x, weight, bias, padding, padding_mode[, routes]): GF.conv3x3's eager fast entry "
+     "(csrc/cpu/conv_py.cpp)"},
     {"conv_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv_entry)), METH_FASTCALL,
-     "conv_entry(x, weight, bias, stride, padding, output_padding, transposed): GF.conv2d / "
+     "conv_entry(x, weight, bias, stride, padding, output_padding, transposed[, routes]): GF.conv2d / "
      "GF.conv_transpose2d's eager fast entry"},
     {"conv2d_act_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv2d_act_entry)),
      METH_FASTCALL, "conv2d_act_entry(x, weight, bias, stride, padding, negative_slope): GF.conv2d_act's eager "

@@ -155,6 +155,21 @@ def conv_route_may_pay(m: nn.Module) -> bool:
         return False
 
 
+def conv_act_may_pay(m: nn.Module) -> bool:
+    """Whether conv2d_act pays for this plain conv on its weight's device. On CUDA: where its call is
+    the CUDA C++ entry (auto takes the cuda backend first where the build has its kernels): cuDNN's
+    convolution plus one epilogue kernel each way, one kernel and one pass over the output fewer
+    than eager's bias add and activation, at eager's host cost (the CPU proxy of the CUDA path:
+    docs/conv_act.md); the Triton route costs more host time than eager there. Elsewhere: where the
+    conv op has a route of its own (conv_route_may_pay). (fuse() decides on the device the model is
+    on: fuse after moving it.)"""
+    w = m.weight
+    if w.is_cuda:
+        from ganengine.ops import _dispatch, conv_act
+        return _dispatch.cuda_entry("conv2d_act", "conv2d_act", conv_act._ACT_KERNELS) is not None
+    return conv_route_may_pay(m)
+
+
 def _build_plain_conv(m):
     from ganengine.nn.conv import Conv2d, ConvTranspose2d
     if not _own_weight(m) or _why_not_plain(m):
@@ -215,6 +230,9 @@ def _build_pad_conv(pad, conv):
 
 _NO_ROUTE = ("the conv op has no faster route for this conv (GEMM form, Winograd): the fused op would only "
              "add its per-call cost, measured in docs/fuse.md")
+_NO_CUDA_ENTRY = ("conv2d_act's CUDA C++ entry does not serve this call under the requested backend (or the "
+                  "build has no CUDA kernels): its Triton route costs more host time per call than eager's conv and "
+                  "activation (docs/conv_act.md)")
 
 
 def _build_conv_in_act(conv, norm, act):
@@ -279,8 +297,8 @@ def _build_conv_act(conv, act):
         if not _legal_zero_conv(conv):
             return Decline(f"groups={conv.groups}, dilation={tuple(conv.dilation)}, padding_mode="
                            f"{conv.padding_mode!r} (the fused conv takes groups 1, dilation 1, zero padding)")
-        if not conv_route_may_pay(conv):
-            return Decline(_NO_ROUTE)
+        if not conv_act_may_pay(conv):
+            return Decline(_NO_CUDA_ENTRY if conv.weight.is_cuda else _NO_ROUTE)
         fused = Conv2dAct.from_modules(conv, act)
         fused.negative_slope = slope
         return [fused, nn.Identity()]

@@ -293,6 +293,45 @@ def entry(x: torch.Tensor, name: str, op: str, kernels: tuple = (), variant=None
     return None
 
 
+# The conv family's fast entries (ganengine._C.conv3x3_entry / conv_entry, csrc/cpu/conv_py.cpp)
+# serve two routes and take the one for x's device: on CPU tensors the lean route (the cpu backend's
+# router), on CUDA tensors the vendor route (ATen's convolution, cuDNN: what the triton and cuda
+# backends run for a bare convolution, there in one C++ call in place of the Python route's checks
+# and backend choice). Their ``routes`` argument says which the requested backend allows:
+ROUTE_LEAN_CPU, ROUTE_VENDOR_CUDA, ROUTE_VENDOR_CPU = 1, 2, 4  # (4: the CPU proxy of the CUDA path)
+_CONV_ROUTES: dict = {}  # (entry, requested backend, serves) -> ((routes, gpu) with the lean route, without)
+
+
+def _conv_routes_resolve(name: str, fast: str, requested: str) -> tuple:
+    if not (_ext.loaded() and getattr(_ext._C, fast, None) is not None):
+        return (0, None), (0, None)
+    cuda = torch.device("cuda")
+    if requested == "auto":  # the GPU backend choose() would pick (both run the vendor convolution)
+        gpu = next((b for b in auto_order(name, "cuda") if _serves(b, cuda)), None)
+    else:
+        gpu = requested if requested in ("triton", "cuda") and _serves(requested, cuda) else None
+    routes = ROUTE_VENDOR_CUDA if gpu is not None else 0
+    return (routes | ROUTE_LEAN_CPU, gpu), (routes, gpu)
+
+
+def conv_routes(name: str, kernels: tuple, fast: str) -> tuple:
+    """(routes, gpu): the ``routes`` argument of the conv op ``name``'s fast entry ``fast`` under the
+    requested backend (0: the Python route serves every call), and the backend a CUDA call it serves
+    records in ``last_used``. The lean route where ``lean_op(name, kernels)`` finds the entry's
+    dispatcher op (so what turns lean_op off turns it off); the vendor route resolved once per
+    (entry, requested backend, backends.serves). Per call a few attribute reads and dict lookups."""
+    requested = _requested.value
+    if requested is None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        requested = _ENV_DECODE(raw) if raw else "auto"
+    key = (fast, requested, backends.serves)
+    try:
+        found = _CONV_ROUTES[key]
+    except KeyError:
+        found = _CONV_ROUTES[key] = _conv_routes_resolve(name, fast, requested)
+    return found[0] if lean_op(name, kernels) is not None else found[1]
+
+
 def refused(e: BaseException, prefix: str, *optional_tensors, required=()) -> bool:
     """Whether ``e``, raised by a lean entry, declines the call before any work (the full route then
     serves it or raises the public error), rather than being an error of the call, which must

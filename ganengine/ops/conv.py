@@ -26,7 +26,10 @@ Eager calls on CPU tensors (backend auto or cpu) go to the lean entry (csrc/cpu/
 one C++ call that routes, runs, and records C++ autograd (ATen's own where the route is oneDNN),
 reached through the Python fast entry ganengine._C.conv_entry (csrc/cpu/conv_py.cpp: no
 dispatcher op of its own to enter) or, for tensor subclasses and torch function modes, the
-dispatcher op ganengine_C::conv. torch.compile / export use the custom ops below.
+dispatcher op ganengine_C::conv. Eager calls on CUDA tensors (backend auto, triton or cuda) go to the
+same fast entry's vendor route (csrc/cpu/conv_vendor.cpp: the public function's checks, then ATen's
+convolution with its autograd, in C++: the GPU backends' route at the host cost of one binding
+call; ``_dispatch.conv_routes``). torch.compile / export use the custom ops below.
 
 Layout: y and dx follow ``_conv_common.out_format(x)``.
 """
@@ -257,6 +260,8 @@ def _dispatcher_entry(x, weight, bias, stride, padding, output_padding, transpos
             and _plain_pair(output_padding)):
         return None
     op = _dispatch.lean_op("conv", _KERNELS)
+    if op is None:  # (the routes allowed only the vendor route)
+        return None
     try:
         return op(x, weight, bias, stride, padding, output_padding, transposed)
     except RuntimeError as e:  # (NotImplementedError is one)
@@ -276,12 +281,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # declines what it does not serve before any work (None: the full route below serves the call or
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv", _KERNELS):
-        y = _entry(x, weight, bias, stride, padding, 0, False)
+    routes, gpu = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
+    if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+        y = _entry(x, weight, bias, stride, padding, 0, False, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, stride, padding, 0, False)
         if y is not None:
-            _dispatch.last_used["conv"] = "cpu"
+            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else gpu
             return y
     fn = "conv2d"
     check_conv(fn, x, weight, bias)
@@ -303,12 +309,13 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
     # (as conv2d's)
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv", _KERNELS):
-        y = _entry(x, weight, bias, stride, padding, output_padding, True)
+    routes, gpu = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
+    if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+        y = _entry(x, weight, bias, stride, padding, output_padding, True, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, stride, padding, output_padding, True)
         if y is not None:
-            _dispatch.last_used["conv"] = "cpu"
+            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else gpu
             return y
     fn = "conv_transpose2d"
     check_conv(fn, x, weight, bias, transposed=True)

@@ -24,7 +24,10 @@ Eager calls on CPU tensors (backend auto or cpu) go to the lean entry (csrc/cpu/
 one C++ call that routes, runs, and records C++ autograd (ATen's own where the route is oneDNN),
 reached through the Python fast entry ganengine._C.conv3x3_entry (csrc/cpu/conv_py.cpp: no
 dispatcher op of its own to enter) or, for tensor subclasses and torch function modes, the
-dispatcher op ganengine_C::conv3x3. torch.compile / export use the custom ops below.
+dispatcher op ganengine_C::conv3x3. Eager calls on CUDA tensors (backend auto, triton or cuda) go to the
+same fast entry's vendor route (csrc/cpu/conv_vendor.cpp: the public function's checks, then ATen's
+convolution with its autograd, in C++: the GPU backends' route at the host cost of one binding
+call; ``_dispatch.conv_routes``). torch.compile / export use the custom ops below.
 
 Layout: y and dx follow ``_conv_common.out_format(x)`` (channels_last in, channels_last out).
 """
@@ -250,6 +253,8 @@ def _dispatcher_entry(x, weight, bias, padding, padding_mode):
             and (padding_mode == "zeros" or padding_mode == "reflect")):
         return None
     op = _dispatch.lean_op("conv3x3", _KERNELS)
+    if op is None:  # (the routes allowed only the vendor route)
+        return None
     try:
         return op(x, weight, bias, padding, padding_mode == "reflect")
     except RuntimeError as e:  # (NotImplementedError is one)
@@ -272,12 +277,14 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # declines what it does not serve before any work (None: the full route below serves the call or
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _dispatch.lean_op("conv3x3", _KERNELS):
-        y = _entry(x, weight, bias, padding, padding_mode)
+    # On CUDA tensors the same entry serves the GPU backends' vendor route (conv_routes).
+    routes, gpu = _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry")
+    if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+        y = _entry(x, weight, bias, padding, padding_mode, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, padding, padding_mode)
         if y is not None:
-            _dispatch.last_used["conv3x3"] = "cpu"
+            _dispatch.last_used["conv3x3"] = "cpu" if y.is_cpu else gpu
             return y
     fn = "conv3x3"
     check_conv(fn, x, weight, bias)

@@ -1,0 +1,139 @@
+// The vendor route of the conv family's Python fast entries (conv_py.cpp): ATen's convolution with
+// ATen's autograd, what the Python route's GPU backends run for a bare convolution (ops/conv3x3.py,
+// ops/conv.py: cuDNN already picks Winograd / FFT / implicit GEMM per shape, there is nothing for a
+// kernel of ours to add), as one C++ call in place of the Python route's checks, backend choice and
+// casts. On a GPU at GAN batch sizes the host time is the step: the Python route cost 1.2-1.7x
+// eager's forward on the project's CPU proxy of the CUDA path (benchmarks/bench_cuda_path_host.py).
+//
+// Device-generic ATen code, no CUDA of its own: on CUDA tensors ATen runs cuDNN; on CPU tensors
+// (served only where the caller asks, the proxy and the tests) oneDNN.
+//
+// refusal3 / refusal: metadata only; nullptr exactly where the Python route would run the call with
+// nothing to raise, else a short name of what is not served (the caller then takes the Python
+// route, which serves the call or raises its public error). run3 / run: the Python route's numbers
+// bit for bit (the same ATen ops on the same operands, the same output layout).
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+
+#include <vector>
+
+#include "conv_lean.h"
+
+namespace ganengine {
+namespace conv_vendor {
+namespace {
+
+bool float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// a tensor the route takes beside x: strided, on x's device
+bool beside(const at::Tensor& t, const at::Tensor& x) {
+  return t.defined() && t.layout() == at::kStrided && t.device() == x.device();
+}
+
+// ops/_conv_common.autocast_args: under autocast for x's device every floating tensor runs in the
+// autocast dtype (fp64 ones too, where ATen's own autocast keeps them: refused, so both agree);
+// outside it the weight (and here the bias, which ATen would reject) must be x's dtype
+const char* dtypes(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  if (!float_type(x.scalar_type())) return "x dtype";
+  const bool has_b = b.has_value() && b->defined();
+  if (at::autocast::is_autocast_enabled(x.device().type())) {
+    if (x.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble) return "fp64 under autocast";
+    if (!w.is_floating_point()) return "weight dtype";
+    if (has_b && (!b->is_floating_point() || b->scalar_type() == at::kDouble)) return "bias dtype";
+    return nullptr;
+  }
+  if (w.scalar_type() != x.scalar_type()) return "weight dtype";
+  if (has_b && b->scalar_type() != x.scalar_type()) return "bias dtype";
+  return nullptr;
+}
+
+// x and weight 4-d beside each other, the bias (c_out,) beside them, the dtypes as above
+const char* operands(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t c_in, int64_t c_out) {
+  if (!(x.defined() && x.layout() == at::kStrided && x.dim() == 4 && x.numel() > 0)) return "x";
+  if (!(beside(w, x) && w.dim() == 4 && c_out > 0 && c_in == x.size(1))) return "weight";
+  if (b.has_value() && b->defined() && !(beside(*b, x) && b->dim() == 1 && b->size(0) == c_out)) return "bias";
+  return dtypes(x, w, b);
+}
+
+bool autocast_on(const at::Tensor& x) { return at::autocast::is_autocast_enabled(x.device().type()); }
+
+// ops/_conv_common.out_format
+at::MemoryFormat out_format(const at::Tensor& t) {
+  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+// at::conv2d / at::conv_transpose2d's own body for 4-d inputs, groups 1, dilation 1 (the same
+// kernels and ConvolutionBackward0 node, without their composite dispatcher layer)
+at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
+}
+
+}  // namespace
+
+// GF.conv3x3's Python route (ops/conv3x3.py, the checks before its vendor branch)
+const char* refusal3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t pad, bool reflect) {
+  if (const char* why = operands(x, w, b, w.defined() && w.dim() == 4 ? w.size(1) : -1,
+                                 w.defined() && w.dim() == 4 ? w.size(0) : 0))
+    return why;
+  if (w.size(2) != 3 || w.size(3) != 3) return "weight";
+  if (pad < 0) return "padding";
+  if (reflect && pad > 0 && (pad >= x.size(2) || pad >= x.size(3))) return "reflect padding";
+  if (x.size(2) + 2 * pad < 3 || x.size(3) + 2 * pad < 3) return "output size";
+  return nullptr;
+}
+
+at::Tensor run3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t pad, bool reflect) {
+  const std::vector<int64_t> one{1, 1}, p0{0, 0}, pp{pad, pad};
+  reflect = reflect && pad > 0;
+  if (autocast_on(x)) {
+    // the Python route's ops in its order, each as autocast treats it on this device: x cast first
+    // (autocast_args), the padding under the device's own autocast lists, at::conv2d casting the
+    // rest (the same values as autocast_args' .to(); the weight through ATen's cast cache)
+    const c10::DeviceType dev = x.device().type();
+    const at::Tensor xc = at::autocast::cached_cast(at::autocast::get_autocast_dtype(dev), x, dev);
+    const at::Tensor y = reflect ? at::conv2d(at::reflection_pad2d(xc, {pad, pad, pad, pad}), w, b, one, p0)
+                                 : at::conv2d(xc, w, b, one, pp);
+    return y.contiguous(out_format(xc));
+  }
+  const at::Tensor y = reflect ? convolution(at::reflection_pad2d(x, {pad, pad, pad, pad}), w, b, one, p0, p0, false)
+                               : convolution(x, w, b, one, pp, p0, false);
+  return y.contiguous(out_format(x));
+}
+
+// GF.conv2d's / GF.conv_transpose2d's Python route (ops/conv.py)
+const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  const bool w4 = w.defined() && w.dim() == 4;
+  if (const char* why = operands(x, w, b, w4 ? w.size(transposed ? 0 : 1) : -1, w4 ? w.size(transposed ? 1 : 0) : 0))
+    return why;
+  if (!(stride.size() == 2 && padding.size() == 2 && output_padding.size() == 2 && stride[0] >= 1 &&
+        stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 && output_padding[0] >= 0 && output_padding[1] >= 0))
+    return "stride, padding, output_padding";
+  if (transposed) {
+    if (output_padding[0] >= stride[0] || output_padding[1] >= stride[1]) return "output_padding";
+    if ((x.size(2) - 1) * stride[0] - 2 * padding[0] + w.size(2) + output_padding[0] <= 0 ||
+        (x.size(3) - 1) * stride[1] - 2 * padding[1] + w.size(3) + output_padding[1] <= 0)
+      return "output size";
+  } else {
+    if (output_padding[0] != 0 || output_padding[1] != 0) return "output_padding";
+    if (x.size(2) + 2 * padding[0] < w.size(2) || x.size(3) + 2 * padding[1] < w.size(3)) return "output size";
+  }
+  return nullptr;
+}
+
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  if (autocast_on(x)) {  // (as run3: the autocast-wrapped ops the Python route calls)
+    const at::Tensor y = transposed ? at::conv_transpose2d(x, w, b, stride, padding, output_padding)
+                                    : at::conv2d(x, w, b, stride, padding);
+    return y.contiguous(out_format(x));
+  }
+  return convolution(x, w, b, stride, padding, output_padding, transposed).contiguous(out_format(x));
+}
+
+}  // namespace conv_vendor
+}  // namespace ganengine
