@@ -12,8 +12,9 @@ q^T k scores (DQK = C/8). Head dims are padded to powers of two (>= 16 for tl.do
 Scores stay in natural units until the max is subtracted (s - m is exact where it matters;
 scaling s by log2(e) first would add an error of u * |s| to every exponent).
 
-Backward (delta = gamma * rowsum(grad * o) comes in; dO = gamma * grad formed on the fly):
-  _bwd_dq:   per query tile: pass 1 recomputes the row statistics (max m, sum l) from the same
+Backward (delta = gamma * rowsum(grad * o); dO = gamma * grad formed on the fly):
+  _bwd_dq:   per query tile: pass 0 forms rowsum(grad * o) over DV (written out: _bwd_dkdv reads
+             it, and dgamma is its sum); pass 1 recomputes the row statistics (max m, sum l) from the same
              score bits the backward uses (the forward's lse, rounded to fp32, cannot give back
              P exactly once |s| is large: at |s| = 1e8 its rounding is 8 units of exponent);
              writes them for _bwd_dkdv; pass 2: dq = sum_j dS k.
@@ -138,17 +139,36 @@ def _dscores(p, s, m, l, dp, delta, gamma):
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DQ_OUT,
-            sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sgb, sgc, sgn, sdb, sdc, sdn,
-            N, M, DQK, DV, n_tiles,
+def _rowdot(G, O, b, sgb, sgc, sgn, sob, soc, son, offs_m, m_ok, DV, BLOCK_M: tl.constexpr,
+            BLOCK_DP: tl.constexpr):
+    """rowsum(grad * o) over the DV channels for a query tile, in fp32 (BLOCK_M,)."""
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for d0 in range(0, DV, BLOCK_DP):
+        offs_d = d0 + tl.arange(0, BLOCK_DP)
+        mask = m_ok[:, None] & (offs_d < DV)[None, :]
+        g = tl.load(G + b * sgb + offs_d[None, :] * sgc + offs_m[:, None] * sgn, mask=mask, other=0.0)
+        o = tl.load(O + b * sob + offs_d[None, :] * soc + offs_m[:, None] * son, mask=mask, other=0.0)
+        acc += tl.sum(g.to(tl.float32) * o.to(tl.float32), 1)
+    return acc
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, G, O, STATS, GAMMA, DQ_OUT,
+            sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sgb, sgc, sgn, sob, soc, son, sdb, sdc, sdn,
+            N, M, DQK, DV, n_tiles, PLANE,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
             BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
+    # STATS: three (B, N) fp32 planes, PLANE = B * N apart: rowsum(grad * o), row max, row sum
+    # (offsets summed from b * N, an int64: 2 * PLANE alone could wrap int32)
     pid_m = tl.program_id(0) % n_tiles
     b = (tl.program_id(0) // n_tiles).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_DQK)
     m_ok = offs_m < N
     k_ok = offs_k < DQK
+    # pass 0: rowsum(grad * o) of these rows, for delta here, for _bwd_dkdv and for dgamma
+    rowdot = _rowdot(G, O, b, sgb, sgc, sgn, sob, soc, son, offs_m, m_ok, DV, BLOCK_M, BLOCK_DP)
+    tl.store(STATS + b * N + offs_m, rowdot, mask=m_ok)
     # pass 1: the row statistics from these very score bits
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -163,12 +183,12 @@ def _bwd_dq(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DQ_OUT,
         p = tl.where(n_ok[None, :], _exp_rel(s, m_new[:, None]), 0.0)
         l_i = l_i * _exp_rel(m_i, m_new) + tl.sum(p, 1)
         m_i = m_new
-    tl.store(STAT_M + b * N + offs_m, m_i, mask=m_ok)
-    tl.store(STAT_L + b * N + offs_m, l_i, mask=m_ok)
+    tl.store(STATS + (b * N + PLANE) + offs_m, m_i, mask=m_ok)
+    tl.store(STATS + (b * N + PLANE + PLANE) + offs_m, l_i, mask=m_ok)
     # pass 2: dq
     rl = 1.0 / l_i
-    delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
     gamma = tl.load(GAMMA).to(tl.float32)
+    delta = rowdot * gamma
     acc = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -186,10 +206,10 @@ def _bwd_dq(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DQ_OUT,
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DK_OUT, DV_OUT,
+def _bwd_dkdv(Q, K, V, G, STATS, GAMMA, DK_OUT, DV_OUT,
               sqb, sqc, sqn, skb, skc, skn, svb, svc, svn, sgb, sgc, sgn,
               skob, skoc, skon, svob, svoc, svon,
-              N, M, DQK, DV, n_tiles,
+              N, M, DQK, DV, n_tiles, PLANE,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, IEEE: tl.constexpr):
     pid_n = tl.program_id(0) % n_tiles
@@ -210,15 +230,15 @@ def _bwd_dkdv(Q, K, V, G, DELTA, GAMMA, STAT_M, STAT_L, DK_OUT, DV_OUT,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
         q, s = _scores(Q, b, sqb, sqc, sqn, offs_m, m_ok, offs_k, k_ok, kt, IEEE)
-        m_i = tl.load(STAT_M + b * N + offs_m, mask=m_ok, other=0.0)
-        l_i = tl.load(STAT_L + b * N + offs_m, mask=m_ok, other=1.0)
+        m_i = tl.load(STATS + (b * N + PLANE) + offs_m, mask=m_ok, other=0.0)
+        l_i = tl.load(STATS + (b * N + PLANE + PLANE) + offs_m, mask=m_ok, other=1.0)
         p = _exp_rel(s, m_i[:, None]) * (1.0 / l_i)[:, None]
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)             # (BLOCK_M, BLOCK_N)
         g = tl.load(G + b * sgb + offs_d[None, :] * sgc + offs_m[:, None] * sgn,
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)      # (BLOCK_M, BLOCK_DV)
         dv_acc += _dot(tl.trans(p.to(g.dtype)), g, IEEE)
         if pid_d == 0:
-            delta = tl.load(DELTA + b * N + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(STATS + b * N + offs_m, mask=m_ok, other=0.0) * gamma  # (as _bwd_dq forms it)
             dp = _dp_tile(G, V, b, sgb, sgc, sgn, svb, svc, svn, offs_m, m_ok, offs_n, n_ok, DV,
                           BLOCK_M, BLOCK_N, BLOCK_DP, IEEE)
             ds = _dscores(p, s, m_i, l_i, dp, delta, gamma)
@@ -299,32 +319,30 @@ def forward(q, k, v, x, gamma):
     return out, o, lse
 
 
-def backward(grad, q, k, v, lse, delta, gamma):
-    """(dq, dk, dv). ``lse`` is not read: the row statistics are recomputed exactly (see the
-    module docstring); ``delta`` = gamma * rowsum(grad * o)."""
+def backward(grad, q, k, v, o, gamma):
+    """(dq, dk, dv, rowdot), rowdot = rowsum(grad * o) (B, N) in fp32 (dgamma = rowdot.sum();
+    delta = gamma * rowdot is formed in the kernels). The row statistics are recomputed exactly
+    (see the module docstring): the forward's lse is not needed."""
     b, dqk, n = q.shape
     m, dv = k.shape[2], v.shape[1]
-    if delta.dtype != torch.float32:
-        delta = delta.to(torch.float32)
-    if not delta.is_contiguous():
-        delta = delta.contiguous()
-    gamma = _gamma32(gamma)
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    stat_m = torch.empty((b, n), device=q.device, dtype=torch.float32)
-    stat_l = torch.empty_like(stat_m)
+    # rowdot, the row max and the row sum: three (B, N) planes of one buffer (one allocation, and
+    # no views of it but the rowdot returned)
+    stats = torch.empty((3, b, n), device=q.device, dtype=torch.float32)
+    gamma = _gamma32(gamma)
     cfg = _config("bwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
     qs, ks, vs, gs = q.stride(), k.stride(), v.stride(), grad.stride()
     with _launch.device_guard(q):
         n_tiles = _launch.cdiv(n, cfg["BLOCK_M"])
         _bwd_dq[_launch.grid("attention backward (dq)", n_tiles * b)](
-            q, k, v, grad, delta, gamma, stat_m, stat_l, dq,
-            *qs, *ks, *vs, *gs, *dq.stride(), n, m, dqk, dv, n_tiles, **cfg)
+            q, k, v, grad, o, stats, gamma, dq,
+            *qs, *ks, *vs, *gs, *o.stride(), *dq.stride(), n, m, dqk, dv, n_tiles, b * n, **cfg)
         n_tiles = _launch.cdiv(m, cfg["BLOCK_N"])
         _bwd_dkdv[_launch.grid("attention backward (dk, dv)", n_tiles * b, _launch.cdiv(dv, cfg["BLOCK_DV"]))](
-            q, k, v, grad, delta, gamma, stat_m, stat_l, dk, dvv,
+            q, k, v, grad, stats, gamma, dk, dvv,
             *qs, *ks, *vs, *gs, *dk.stride(), *dvv.stride(),
-            n, m, dqk, dv, n_tiles, **cfg)
-    return dq, dk, dvv
+            n, m, dqk, dv, n_tiles, b * n, **cfg)
+    return dq, dk, dvv, stats[0]
 
 
 # ----------------------------------------------------------------------------- AOT cases
@@ -339,5 +357,5 @@ def aot_cases():
                 q, k, v, x = t(c // 8, hw), t(c // 8, hw // pool), t(c, hw // pool), t(c, hw)
                 gamma = torch.empty(1, device="meta", dtype=torch.float32)
                 out, o, lse = forward(q, k, v, x, gamma)
-                backward(torch.empty_like(out), q, k, v, lse, lse, gamma)
+                backward(torch.empty_like(out), q, k, v, o, gamma)
             yield f"{str(dtype)[6:]} C={c} N={hw} M={hw // pool}", run

@@ -94,7 +94,7 @@ def _large_launches():
     b, n = 100_000, 64                                # more batch entries than axis 1/2 could take
     q, k, v = _meta(b, 8, n), _meta(b, 8, n), _meta(b, 64, n)
     out, o, lse = attention.forward(q, k, v, v, _meta(1, dtype=torch.float32))
-    attention.backward(torch.empty_like(out), q, k, v, lse, lse, _meta(1, dtype=torch.float32))
+    attention.backward(torch.empty_like(out), q, k, v, o, _meta(1, dtype=torch.float32))
     huge = _meta(3 * 2 ** 31)                         # a loss over 6.4G elements
     losses.adv_fwd([huge, huge], [0, 1], [1.0, 0.0], [1.0, 1.0], True)
     losses.l1_fwd([huge] * 4, [huge] * 4, [1.0] * 4, True)
@@ -213,8 +213,7 @@ def _attention_core_grads(q, k, v, x, gamma, grad):
     from ganengine.kernels import attention as tk
 
     out, o, lse = tk.forward(q, k, v, x, gamma)
-    delta = (grad * o).sum(1) * gamma.reshape(())  # as the op layer forms it
-    return out, tk.backward(grad, q, k, v, lse, delta, gamma)
+    return out, tk.backward(grad, q, k, v, o, gamma)[:3]
 
 
 def _eager_core(q, k, v, x, gamma, grad):
@@ -264,14 +263,15 @@ def test_attention_backward_near_saturation_as_accurate_as_eager():
 
 @interpret
 def test_attention_backward_is_two_launches():
-    """dq (with the row statistics), then dk and dv fused (P computed once for both)."""
+    """dq (with rowsum(grad * o) and the row statistics), then dk and dv fused (P computed once
+    for both): no elementwise op before them."""
     from ganengine.kernels import attention as tk
 
     q, k = torch.randn(1, 2, 20), torch.randn(1, 2, 20)
     v = torch.randn(1, 16, 20)
     out, o, lse = tk.forward(q, k, v, v, torch.tensor([0.5]))
     with recorded_launches(execute=True) as launches:
-        tk.backward(torch.randn_like(out), q, k, v, lse, lse, torch.tensor([0.5]))
+        tk.backward(torch.randn_like(out), q, k, v, o, torch.tensor([0.5]))
     assert [k for k, _ in launches] == ["_bwd_dq", "_bwd_dkdv"]
 
 

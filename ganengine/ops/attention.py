@@ -14,10 +14,11 @@ q/k, C for v) and the residual in its epilogue. M may differ from N (BigGAN pool
 Ops (namespace ``ganengine``), all tensors "channel-major" 3-D views of any strides:
   attention_fwd(q (B,d,N), k (B,d,M), v (B,C,M), x (B,C,N), gamma (numel 1))
       -> (out like x, o like x in v's dtype, lse (B,N))
-  attention_bwd(grad_out, q, k, v, o, lse, delta, gamma) -> (dq, dk, dv)
+  attention_bwd(grad_out, q, k, v, o, lse, gamma) -> (dq, dk, dv, rowdot)
 where ``lse`` is the natural-log sum-exp of each query row (fp32; fp64 for fp64 input) and
-``delta = gamma * rowsum(grad_out * o)``. Only O(N * C) is saved for the backward; P is
-recomputed from ``lse``. dgamma = sum(grad_out * o) and dx = grad_out are done with torch.
+``rowdot = rowsum(grad_out * o)`` (B,N) in lse's dtype, from which each backend forms
+``delta = gamma * rowdot`` (the Triton kernels in their first pass). Only O(N * C) is saved for
+the backward; P is recomputed. dgamma = sum(rowdot) and dx = grad_out are done with torch.
 A plain eager call (the CUDA path's, and the CPU's where the C++ entry declines) runs the same
 bodies and backward in an autograd.Function instead (``_eager_fwd``, ops/_eager.py: no custom-op
 layer on the host); torch.compile, export, fake tensors and the tracing dispatch modes see the
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ganengine import _ext
+from ganengine import _ext, backends
 from ganengine.ops import _dispatch, _eager
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -184,14 +185,29 @@ def _triton_verdict(q: Tensor) -> str | None:
 _VERDICTS: dict = {}  # (op, dtype, device type) -> the verdicts dict: fixed once the extension is loaded
 
 
+_CHOSEN: dict = {}  # (op, dtype, device type, requested backend, serves) -> choose()'s answer
+
+
 def _backend_for(q: Tensor, op: str) -> str:
     # the verdicts depend on the dtype and the device type only (asked twice per forward+backward:
-    # building them cost ~1.5 us a call); choose() still runs per call (requested backend, last_used)
-    key = (op, q.dtype, q.device.type)
-    verdicts = _VERDICTS.get(key)
+    # building them cost ~1.5 us a call), and so does choose()'s answer for a requested backend:
+    # kept where choose() served it without a fallback (auto, or the requested backend itself;
+    # a fallback is asked each time, so that it warns in debug mode and raises in strict mode)
+    requested = _dispatch._requested_backend()
+    device_type = q.device.type
+    key = (op, q.dtype, device_type, requested, backends.serves)
+    name = _CHOSEN.get(key)
+    if name is not None:
+        _dispatch.last_used["attention"] = name
+        return name
+    vkey = (op, q.dtype, device_type)
+    verdicts = _VERDICTS.get(vkey)
     if verdicts is None:
-        verdicts = _VERDICTS[key] = {"triton": _triton_verdict(q), "cpu": _dispatch.ext_reason(op, q.device)}
-    return _dispatch.choose("attention", q, verdicts)
+        verdicts = _VERDICTS[vkey] = {"triton": _triton_verdict(q), "cpu": _dispatch.ext_reason(op, q.device)}
+    name = _dispatch.choose("attention", q, verdicts)
+    if requested == "auto" or name == requested:
+        _CHOSEN[key] = name
+    return name
 
 
 def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -220,26 +236,38 @@ def _(q, k, v, x, gamma):
             x.new_empty((q.shape[0], q.shape[2]), dtype=acc_dtype(q.dtype)))
 
 
-def _bwd_body(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor,
-              gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _rowdot(grad: Tensor, o: Tensor, ct: torch.dtype) -> Tensor:
+    """rowsum(grad * o) over the channels, (B, N) in ``ct``: dgamma is its sum, and the backward
+    kernels take delta = gamma * rowdot."""
+    return (_as(grad, ct) * _as(o, ct)).sum(dim=1)
+
+
+def _bwd_body(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+              gamma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, rowdot) with rowdot = rowsum(grad * o) in lse's dtype (the Triton kernels form
+    it in their first pass, saving the host two elementwise ops and the device a pass over grad
+    and o)."""
     backend = _backend_for(q, "attention_bwd")
     if backend == "triton":
-        return _dispatch.triton_kernels("attention").backward(grad, q, k, v, lse, delta, gamma)
+        return _dispatch.triton_kernels("attention").backward(grad, q, k, v, o, gamma)
+    ct = lse.dtype
+    rowdot = _rowdot(grad, o, ct)
+    delta = rowdot * _as(gamma, ct)   # gamma (1,) or (): broadcasts to (B, N), the same products
     if backend == "cpu":
         ct = _cpu_dtype(q.dtype)
         dq, dk, dv = _ext.raw_op("attention_bwd")(
             _dense(grad, ct), _dense(q, ct), _dense(k, ct), _dense(v, ct), _dense(o, ct), _dense(lse, ct),
             _dense(delta, ct), _as(gamma, ct).reshape(1))
-        return _like(q, _as(dq, q.dtype)), _like(k, _as(dk, k.dtype)), _like(v, _as(dv, v.dtype))
-    return _torch_bwd(grad, q, k, v, lse, delta, gamma)
+        return _like(q, _as(dq, q.dtype)), _like(k, _as(dk, k.dtype)), _like(v, _as(dv, v.dtype)), rowdot
+    return (*_torch_bwd(grad, q, k, v, lse, delta, gamma), rowdot)
 
 
 attention_bwd = torch.library.custom_op("ganengine::attention_bwd", mutates_args=())(_bwd_body)
 
 
 @attention_bwd.register_fake
-def _(grad, q, k, v, o, lse, delta, gamma):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad, q, k, v, o, lse, gamma):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), lse.new_empty(lse.shape)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -273,11 +301,8 @@ def _backward(ctx, grad_out, bwd):
     if _eager.grad_enabled():
         dq, dk, dv, dgamma = _grads_differentiable(grad_out, q, k, v, gamma)
     else:
-        ct = lse.dtype
-        rowdot = (_as(grad_out, ct) * _as(o, ct)).sum(dim=1)       # (B, N)
+        dq, dk, dv, rowdot = bwd(grad_out, q, k, v, o, lse, gamma)
         dgamma = rowdot.sum()
-        delta = rowdot * _as(gamma, ct)   # gamma (1,) or (): broadcasts to (B, N), the same products
-        dq, dk, dv = bwd(grad_out, q, k, v, o, lse, delta, gamma)
     dgamma = _as(dgamma, gamma.dtype)
     return dq, dk, dv, grad_out, (dgamma if gamma.dim() == 0 else dgamma.reshape(gamma.shape))
 
@@ -356,6 +381,29 @@ def _conv_bias(name: str, b: Tensor | None, out_ch: int) -> Tensor | None:
     return b
 
 
+def _plain_block_args(c: int, qw, qb, kw, kb, vw, vb) -> bool:
+    """The module's own call, checked at once (on the CUDA path this route is the call's host
+    cost): three 4-D 1x1 conv weights (d, c), (d, c), (c, c) and biases None or (d,), (d,), (c,).
+    False sends the call through the checks one by one (_conv_weight, _conv_bias), which raise
+    the public errors or take 2-D weights."""
+    if not (type(qw) in _TENSOR_TYPES and type(kw) in _TENSOR_TYPES and type(vw) in _TENSOR_TYPES):
+        return False
+    qs, ks, vs = qw.shape, kw.shape, vw.shape
+    if not (len(qs) == 4 and len(ks) == 4 and len(vs) == 4):
+        return False
+    d = qs[0]
+    if not (qs[1] == c and ks[0] == d and ks[1] == c and vs[0] == c and vs[1] == c
+            and qs[2] == 1 and qs[3] == 1 and ks[2] == 1 and ks[3] == 1 and vs[2] == 1 and vs[3] == 1):
+        return False
+    for bias, n in ((qb, d), (kb, d), (vb, c)):
+        if bias is not None and not (type(bias) in _TENSOR_TYPES and bias.dim() == 1 and bias.shape[0] == n):
+            return False
+    return True
+
+
+_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
                      key_weight: Tensor, key_bias: Tensor | None,
                      value_weight: Tensor, value_bias: Tensor | None,
@@ -385,13 +433,16 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
         raise ValueError(f"self_attention2d: x must be a 4-D (B, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     b, c, h, w = x.shape
-    query_weight = _conv_weight("query_weight", query_weight, None, c)
+    if not _plain_block_args(c, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias):
+        # (the checks one by one, with the public errors; 2-D weights taken as 1x1 convs)
+        query_weight = _conv_weight("query_weight", query_weight, None, c)
+        key_weight = _conv_weight("key_weight", key_weight, query_weight.shape[0], c)
+        value_weight = _conv_weight("value_weight", value_weight, c, c)
+        d = query_weight.shape[0]
+        query_bias = _conv_bias("query_bias", query_bias, d)
+        key_bias = _conv_bias("key_bias", key_bias, d)
+        value_bias = _conv_bias("value_bias", value_bias, c)
     d = query_weight.shape[0]
-    key_weight = _conv_weight("key_weight", key_weight, d, c)
-    value_weight = _conv_weight("value_weight", value_weight, c, c)
-    query_bias = _conv_bias("query_bias", query_bias, d)
-    key_bias = _conv_bias("key_bias", key_bias, d)
-    value_bias = _conv_bias("value_bias", value_bias, c)
     if not isinstance(gamma, Tensor):
         gamma = torch.tensor([float(gamma)], device=x.device)
     qkv = stacked_conv1x1(x, (query_weight, key_weight, value_weight), (query_bias, key_bias, value_bias))
