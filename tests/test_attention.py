@@ -658,3 +658,26 @@ def test_tracing_takes_the_custom_op(monkeypatch):
     seen.clear()
     A.attention(*ins)
     assert not seen
+
+
+def test_backend_choice_kept_only_without_a_fallback(monkeypatch):
+    """The attention backend choice is kept per (dtype, device, requested backend) only where
+    choose() served the request itself: a fallback (here fp64 on the triton backend, which its
+    verdict refuses) still raises in strict mode on every call, and auto's choice is recorded in
+    last_used on every call."""
+
+    monkeypatch.setattr(A, "_CHOSEN", {})
+    q, k, v, x = torch.randn(1, 2, 5), torch.randn(1, 2, 4), torch.randn(1, 8, 4), torch.randn(1, 8, 5)
+    gamma = torch.tensor([0.5])
+    want = A.reference_attention(q, k, v, x, gamma)
+    with ganengine.use_backend("triton"):
+        for _ in range(2):
+            with ganengine.backends.strict(), pytest.raises(_dispatch.BackendFallbackError):
+                A.attention(q.double(), k.double(), v.double(), x.double(), gamma.double())
+            torch.testing.assert_close(A.attention(q.double(), k.double(), v.double(), x.double(),
+                                                    gamma.double()), want.double())
+            assert _dispatch.last_used["attention"] == "torch"
+    for _ in range(2):
+        _dispatch.last_used.pop("attention", None)
+        A.attention(q, k, v, x, gamma)
+        assert _dispatch.last_used["attention"] in ("cpu", "triton", "torch")
