@@ -132,9 +132,8 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entr
                         op = resolved[name] = real_lean(name, kernels)
                     return op
             st.enter_context(_patched(_dispatch, "lean_op", lean))
-            vendor = (_dispatch.ROUTE_VENDOR_CPU, "triton")
             st.enter_context(_patched(_dispatch, "conv_routes", lambda name, kernels, fast: (
-                vendor if name in conv_entries else (0, None))))
+                _dispatch.ROUTE_VENDOR_CPU if name in conv_entries else 0)))
             if entries:  # the auto order's batch norm choice on CUDA, by map size
                 from ganengine.ops import batch_norm_act
 

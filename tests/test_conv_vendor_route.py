@@ -246,26 +246,25 @@ def test_conv_routes_follow_the_requested_backend(gpu_backends):
               "torch": (0, None), "cpu": (lean, None)}
     for requested, want in expect.items():
         with backends.use_backend(requested):
-            assert _dispatch.conv_routes(*names) == want, requested
+            assert (_dispatch.conv_routes(*names), _dispatch.conv_gpu(*names)) == want, requested
     gpu_backends.update(triton=False)
     _dispatch._CONV_ROUTES.clear()
     _dispatch._SERVED.clear()
     with backends.use_backend("auto"):
-        assert _dispatch.conv_routes(*names) == (lean | cuda, "cuda")
+        assert (_dispatch.conv_routes(*names), _dispatch.conv_gpu(*names)) == (lean | cuda, "cuda")
     with backends.use_backend("triton"):
-        assert _dispatch.conv_routes(*names) == (0, None)
+        assert (_dispatch.conv_routes(*names), _dispatch.conv_gpu(*names)) == (0, None)
     gpu_backends.update(cuda=False)
     _dispatch._CONV_ROUTES.clear()
     _dispatch._SERVED.clear()
     with backends.use_backend("auto"):
-        assert _dispatch.conv_routes(*names) == (lean, None)
+        assert (_dispatch.conv_routes(*names), _dispatch.conv_gpu(*names)) == (lean, None)
 
 
 @needs_vendor
 def test_conv_routes_see_lean_op_turned_off(monkeypatch):
     monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
-    routes, _ = _dispatch.conv_routes("conv", ("conv_fwd", "conv_bwd"), "conv_entry")
-    assert not routes & _dispatch.ROUTE_LEAN_CPU
+    assert not _dispatch.conv_routes("conv", ("conv_fwd", "conv_bwd"), "conv_entry") & _dispatch.ROUTE_LEAN_CPU
 
 
 @needs_vendor
@@ -281,7 +280,7 @@ def test_public_functions_take_the_vendor_route_where_the_routes_allow(case, mon
     def no_python_route(*a, **k):
         raise AssertionError("the Python route ran")
 
-    monkeypatch.setattr(_dispatch, "conv_routes", lambda *a: (_VENDOR_CPU, "triton"))
+    monkeypatch.setattr(_dispatch, "conv_routes", lambda *a: _VENDOR_CPU)
     monkeypatch.setattr(conv3x3_ops, "_backend", no_python_route)
     monkeypatch.setattr(conv_ops, "_backend", no_python_route)
     got = _forward_backward(fn, x, w, b)
@@ -318,7 +317,7 @@ def test_gpu_calls_take_the_fast_entry_with_eagers_numbers(case, channels_last, 
         with torch.autocast("cuda", dtype=torch.float16):
             got_amp = _forward_backward(fn, x.float(), w.float(), b.float())
         op = "conv3x3" if case.startswith("conv3x3") else "conv"
-        assert _dispatch.last_used[op] == _dispatch.conv_routes(op, (), f"{op}_entry")[1] in ("triton", "cuda")
+        assert _dispatch.last_used[op] == _dispatch.conv_gpu(op, (), f"{op}_entry") in ("triton", "cuda")
     for g, r in ((got, ref), (got_amp, ref_amp)):
         assert torch.equal(g[0], r[0]) and g[0].dtype == r[0].dtype and g[1] == r[1]
         assert all(torch.equal(a, c) for a, c in zip(g[3], r[3]))

@@ -299,37 +299,63 @@ def entry(x: torch.Tensor, name: str, op: str, kernels: tuple = (), variant=None
 # backends run for a bare convolution, there in one C++ call in place of the Python route's checks
 # and backend choice). Their ``routes`` argument says which the requested backend allows:
 ROUTE_LEAN_CPU, ROUTE_VENDOR_CUDA, ROUTE_VENDOR_CPU = 1, 2, 4  # (4: the CPU proxy of the CUDA path)
-_CONV_ROUTES: dict = {}  # (entry, requested backend, serves) -> ((routes, gpu) with the lean route, without)
+_CONV_ROUTES: dict = {}  # entry -> {requested backend: (serves, lean_op, routes, gpu)}
 
 
-def _conv_routes_resolve(name: str, fast: str, requested: str) -> tuple:
-    if not (_ext.loaded() and getattr(_ext._C, fast, None) is not None):
-        return (0, None), (0, None)
-    cuda = torch.device("cuda")
-    if requested == "auto":  # the GPU backend choose() would pick (both run the vendor convolution)
-        gpu = next((b for b in auto_order(name, "cuda") if _serves(b, cuda)), None)
-    else:
-        gpu = requested if requested in ("triton", "cuda") and _serves(requested, cuda) else None
-    routes = ROUTE_VENDOR_CUDA if gpu is not None else 0
-    return (routes | ROUTE_LEAN_CPU, gpu), (routes, gpu)
+def _conv_routes_resolve(name: str, kernels: tuple, fast: str, requested: str) -> tuple:
+    routes, gpu = 0, None
+    if _ext.loaded() and getattr(_ext._C, fast, None) is not None:
+        if lean_op(name, kernels) is not None:
+            routes |= ROUTE_LEAN_CPU
+        cuda = torch.device("cuda")
+        if requested == "auto":  # the GPU backend choose() would pick (both run the vendor convolution)
+            gpu = next((b for b in auto_order(name, "cuda") if _serves(b, cuda)), None)
+        elif requested in ("triton", "cuda") and _serves(requested, cuda):
+            gpu = requested
+        if gpu is not None:
+            routes |= ROUTE_VENDOR_CUDA
+    return backends.serves, lean_op, routes, gpu
 
 
-def conv_routes(name: str, kernels: tuple, fast: str) -> tuple:
-    """(routes, gpu): the ``routes`` argument of the conv op ``name``'s fast entry ``fast`` under the
-    requested backend (0: the Python route serves every call), and the backend a CUDA call it serves
-    records in ``last_used``. The lean route where ``lean_op(name, kernels)`` finds the entry's
-    dispatcher op (so what turns lean_op off turns it off); the vendor route resolved once per
-    (entry, requested backend, backends.serves). Per call a few attribute reads and dict lookups."""
+def _conv_routes_entry(name: str, kernels: tuple, fast: str) -> tuple:
     requested = _requested.value
     if requested is None:
         raw = _ENV_DATA.get(_ENV_KEY)
         requested = _ENV_DECODE(raw) if raw else "auto"
-    key = (fast, requested, backends.serves)
+    by_requested = _CONV_ROUTES.get(fast)
+    if by_requested is None:
+        by_requested = _CONV_ROUTES[fast] = {}
+    found = by_requested.get(requested)
+    # (resolved afresh where a test replaced backends.serves or lean_op: what turns lean_op off
+    # turns the lean route off)
+    if found is None or found[0] is not backends.serves or found[1] is not lean_op:
+        found = by_requested[requested] = _conv_routes_resolve(name, kernels, fast, requested)
+    return found
+
+
+def conv_routes(name: str, kernels: tuple, fast: str) -> int:
+    """The ``routes`` argument of the conv op ``name``'s fast entry ``fast`` under the requested
+    backend: the lean route on CPU tensors where ``lean_op(name, kernels)`` finds the entry's
+    dispatcher op, the vendor route on CUDA tensors where choose() would pick a GPU backend; 0: the
+    Python route serves every call. Resolved once per (entry, requested backend); per call a few
+    attribute reads and two dict lookups (at tiny shapes this is part of what is compared with
+    eager)."""
+    requested = _requested.value
+    if requested is None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        requested = _ENV_DECODE(raw) if raw else "auto"
     try:
-        found = _CONV_ROUTES[key]
+        found = _CONV_ROUTES[fast][requested]
+        if found[0] is backends.serves and found[1] is lean_op:
+            return found[2]
     except KeyError:
-        found = _CONV_ROUTES[key] = _conv_routes_resolve(name, fast, requested)
-    return found[0] if lean_op(name, kernels) is not None else found[1]
+        pass
+    return _conv_routes_entry(name, kernels, fast)[2]
+
+
+def conv_gpu(name: str, kernels: tuple, fast: str) -> str | None:
+    """The GPU backend a CUDA call served by the fast entry records in ``last_used``."""
+    return _conv_routes_entry(name, kernels, fast)[3]
 
 
 def refused(e: BaseException, prefix: str, *optional_tensors, required=()) -> bool:

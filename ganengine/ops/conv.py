@@ -281,13 +281,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # declines what it does not serve before any work (None: the full route below serves the call or
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
-    routes, gpu = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
+    routes = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
     if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
         y = _entry(x, weight, bias, stride, padding, 0, False, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, stride, padding, 0, False)
         if y is not None:
-            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else gpu
+            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
             return y
     fn = "conv2d"
     check_conv(fn, x, weight, bias)
@@ -309,13 +309,13 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
     # (as conv2d's)
-    routes, gpu = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
+    routes = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
     if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
         y = _entry(x, weight, bias, stride, padding, output_padding, True, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, stride, padding, output_padding, True)
         if y is not None:
-            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else gpu
+            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
             return y
     fn = "conv_transpose2d"
     check_conv(fn, x, weight, bias, transposed=True)

@@ -278,13 +278,13 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
     # On CUDA tensors the same entry serves the GPU backends' vendor route (conv_routes).
-    routes, gpu = _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry")
+    routes = _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry")
     if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
         y = _entry(x, weight, bias, padding, padding_mode, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, padding, padding_mode)
         if y is not None:
-            _dispatch.last_used["conv3x3"] = "cpu" if y.is_cpu else gpu
+            _dispatch.last_used["conv3x3"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv3x3", _KERNELS, "conv3x3_entry")
             return y
     fn = "conv3x3"
     check_conv(fn, x, weight, bias)
