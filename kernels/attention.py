@@ -319,13 +319,14 @@ def forward(q, k, v, x, gamma):
     return out, o, lse
 
 
-def backward(grad, q, k, v, o, gamma):
+def backward(grad, q, k, v, o, gamma, out=None):
     """(dq, dk, dv, rowdot), rowdot = rowsum(grad * o) (B, N) in fp32 (dgamma = rowdot.sum();
     delta = gamma * rowdot is formed in the kernels). The row statistics are recomputed exactly
-    (see the module docstring): the forward's lse is not needed."""
+    (see the module docstring): the forward's lse is not needed. ``out``: (dq, dk, dv) to write
+    (any strides; e.g. the channel slices of one stacked gradient), else new tensors like q, k, v."""
     b, dqk, n = q.shape
     m, dv = k.shape[2], v.shape[1]
-    dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dvv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     # rowdot, the row max and the row sum: three (B, N) planes of one buffer (one allocation, and
     # no views of it but the rowdot returned)
     stats = torch.empty((3, b, n), device=q.device, dtype=torch.float32)

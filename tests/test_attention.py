@@ -274,6 +274,8 @@ def test_gradcheck_and_gradgradcheck(backend):
     ts = [t.requires_grad_() for t in ts]
     with ganengine.backends.strict(), ganengine.use_backend(backend):
         assert torch.autograd.gradcheck(GF.self_attention2d, (x, *p), fast_mode=True)
+        # (second order through the block: on the torch backend its stacked projection's Function)
+        assert torch.autograd.gradgradcheck(GF.self_attention2d, (x, *p), fast_mode=True)
         assert torch.autograd.gradcheck(A.attention, ts)
         assert torch.autograd.gradgradcheck(A.attention, ts)
         assert _dispatch.last_used["attention"] == backend
@@ -616,7 +618,8 @@ def test_core_twin_matches_custom_op(monkeypatch, backend, b, d, n, m, c, stride
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("shape,cl", [((2, 16, 3, 5), True), ((1, 8, 1, 1), False)], ids=["nhwc", "1px"])
 def test_block_twin_matches_custom_op(monkeypatch, backend, shape, cl):
-    """The block (convs + the core) with the core on the twin vs on the custom op; stride-0 grad."""
+    """The block (convs + the core) with the core on the twin (the stacked projection's Function,
+    which writes dq, dk, dv into one gradient) vs on the custom op; stride-0 grad."""
     _python_route(monkeypatch)
     dt = _twin_dtype(backend)
     x0 = torch.randn(shape, dtype=dt)
@@ -633,7 +636,13 @@ def test_block_twin_matches_custom_op(monkeypatch, backend, shape, cl):
 
     y, got = run()
     assert "ganengine::attention_fwdBackward" in autograd_node_names(y)
+
+    def stacked_on_the_custom_op(qkv, x3, gamma, d):  # (the stacked projection's route, split outside)
+        q, k, v = qkv.split_with_sizes((d, d, qkv.shape[1] - 2 * d), 1)
+        return A.attention_fwd(q, k, v, x3, gamma)
+
     monkeypatch.setattr(A, "_eager_fwd", A.attention_fwd)
+    monkeypatch.setattr(A, "_eager_stacked", stacked_on_the_custom_op)
     y_ref, want = run()
     assert "ganengine::attention_fwdBackward" not in autograd_node_names(y_ref)
     _assert_bits(got, want)

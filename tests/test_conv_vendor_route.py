@@ -124,7 +124,7 @@ def _case_tensors(case, dtype, layout, bias, seed=0):
 def _forward_backward(fn, x0, w0, b0):
     leaves = [t if t is None else t.detach().clone().requires_grad_() for t in (x0, w0, b0)]
     y = fn(*leaves)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(device=y.device, dtype=y.dtype)
     grads = torch.autograd.grad(y, [t for t in leaves if t is not None], gy)
     return y, out_format(y) if y.dim() == 4 else None, type(y.grad_fn).__name__, grads
 

@@ -103,9 +103,10 @@ class SelfAttention2d(nn.Module):
         want = self.return_attention if return_attention is None else return_attention
         qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
         plain = _plain_1x1s(qc, kc, vc)
-        if not want and plain and x.is_cpu:
-            # the whole block as one C++ call on the cpu backend (ops/attention.py's lean entry;
-            # the same three convolutions and kernels, so the same bits as the hooked-modules route)
+        if not want and plain:
+            # the functional block: on the cpu backend one C++ call (ops/attention.py's lean entry;
+            # the same three convolutions and kernels, so the same bits as the hooked-modules route),
+            # elsewhere its Python route (the stacked projection into the core's Function)
             return self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
         b, c, h, w = x.shape
         if want and x.is_cpu and h * w <= MAP_PATH_MAX_POSITIONS:

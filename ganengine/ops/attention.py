@@ -322,6 +322,50 @@ _eager_fwd = _eager.twin("ganengine::attention_fwd", _fwd_body, _twin_setup_cont
                          _eager.backward_via(_backward, _bwd_body))
 
 
+# The SAGAN block's core on its stacked projection (plain eager calls): the Function takes the one
+# conv output qkv (B, 2d + C, N) and splits it inside, so its backward writes dq, dk, dv into one
+# gradient of qkv's layout (the Triton kernels into its channel slices) where three gradients would
+# be concatenated by the split's backward: one allocation, and no cat (an op, and on a GPU a copy
+# of the projection's gradient) per backward.
+def _stacked_fwd(qkv: Tensor, x: Tensor, gamma: Tensor, d: int):
+    q, k, v = qkv.split_with_sizes((d, d, qkv.shape[1] - 2 * d), 1)
+    return _fwd_body(q, k, v, x, gamma)
+
+
+def _stacked_setup_context(ctx, inputs, output):
+    qkv, _x, gamma, d = inputs
+    _, o, lse = output
+    ctx.set_materialize_grads(False)  # (as _twin_setup_context)
+    ctx.save_for_backward(qkv, gamma, o, lse)
+    ctx.d = d
+
+
+def _stacked_backward(ctx, grad_out, *_other_grads):
+    if grad_out is None:
+        return None, None, None, None
+    qkv, gamma, o, lse = ctx.saved_tensors
+    d = ctx.d
+    sizes = (d, d, qkv.shape[1] - 2 * d)
+    q, k, v = qkv.split_with_sizes(sizes, 1)
+    if _eager.grad_enabled():  # double backward: differentiable ops (as _backward)
+        dq, dk, dv, dgamma = _grads_differentiable(grad_out, q, k, v, gamma)
+        dqkv = torch.cat((dq, dk, dv), 1)
+    elif _backend_for(q, "attention_bwd") == "triton":
+        dqkv = torch.empty_like(qkv)
+        rowdot = _dispatch.triton_kernels("attention").backward(grad_out, q, k, v, o, gamma,
+                                                                 out=dqkv.split_with_sizes(sizes, 1))[3]
+        dgamma = rowdot.sum()
+    else:
+        dq, dk, dv, rowdot = _bwd_body(grad_out, q, k, v, o, lse, gamma)
+        dqkv = torch.cat((dq, dk, dv), 1)
+        dgamma = rowdot.sum()
+    dgamma = _as(dgamma, gamma.dtype)
+    return dqkv, grad_out, (dgamma if gamma.dim() == 0 else dgamma.reshape(gamma.shape)), None
+
+
+_eager_stacked = _eager.twin("ganengine::attention_fwd", _stacked_fwd, _stacked_setup_context, _stacked_backward)
+
+
 # ----------------------------------------------------------------------------- lean cpu entry
 # The C++ ops ganengine_C::attention (its autograd in C++) and ganengine_C::self_attention2d
 # (csrc/cpu/attention_autograd.cpp) run the cpu route above step by step without the Python
@@ -447,12 +491,18 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
         gamma = torch.tensor([float(gamma)], device=x.device)
     qkv = stacked_conv1x1(x, (query_weight, key_weight, value_weight), (query_bias, key_bias, value_bias))
     if qkv is not None:
+        x3 = x.flatten(2)
+        if (not return_attention and b and h * w and d and gamma.numel() == 1 and gamma.device == x.device
+                and _eager.plain_eager(qkv, x3, gamma)):
+            return _eager_stacked(qkv.flatten(2), x3, gamma, d)[0].view(b, c, h, w)
         q, k, v = qkv.flatten(2).split_with_sizes((d, d, c), 1)
     else:  # (mixed biases or dtypes: the three convs, which raise what they raise)
         q = F.conv2d(x, query_weight, query_bias).flatten(2)
         k = F.conv2d(x, key_weight, key_bias).flatten(2)
         v = F.conv2d(x, value_weight, value_bias).flatten(2)
-    x3 = x.flatten(2)
+        # (x's view after the convs: the order in which autograd sums x's four gradients, as the
+        # C++ entry's graph has it)
+        x3 = x.flatten(2)
     # q, k, v and x are consistent by construction (the convs checked them against x): of
     # check_core's checks only gamma's and the empty sizes are left (check_core raises them)
     if not (gamma.numel() == 1 and b and h * w and d and gamma.device == x.device):
