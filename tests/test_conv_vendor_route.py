@@ -156,18 +156,6 @@ def test_fast_entry_vendor_route_under_autocast(case):
     assert all(a.dtype == torch.float32 and torch.equal(a, r) for a, r in zip(got[3], ref[3]))
 
 
-class _Ran(TorchDispatchMode):
-    """Whether any op ran."""
-
-    def __init__(self):
-        super().__init__()
-        self.ran = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ran.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @needs_vendor
 def test_fast_entry_vendor_route_declines_before_any_work():
     """What the Python route raises for, or would run otherwise than as it is (fp64 under autocast,
@@ -208,15 +196,15 @@ def test_fast_entry_vendor_route_declines_before_any_work():
         (ec, (x, w4, bh, 2, 1, 0, False, v)),
     ]
     for i, (entry, args) in enumerate(calls):
-        with _Ran() as mode:
+        with _Ops() as mode:
             assert entry(*args) is None, i
-        assert mode.ran == [], (i, mode.ran)
+        assert mode.names == [], (i, mode.names)
     with pytest.raises(TypeError, match="routes must be an int"):
         ec(x, w4, b, 2, 1, 0, False, 1 << 70)
-    with torch.autocast("cpu", dtype=torch.bfloat16), _Ran() as mode:  # fp64 under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as mode:  # fp64 under autocast
         assert e3(xd, w3d, bd, 1, "zeros", v) is None
         assert ec(x, w4, bd, 2, 1, 0, False, v) is None
-    assert mode.ran == []
+    assert mode.names == []
     # served: the smallest legal calls
     assert e3(x[:, :, :1, :1], w3, b, 1, "zeros", v).shape == (1, 4, 1, 1)
     assert ec(x, wt, torch.randn(4), 2, 1, 1, True, v).shape == (1, 4, 13, 13)

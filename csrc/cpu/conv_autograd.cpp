@@ -77,19 +77,9 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
 
 bool plain_cpu(const at::Tensor& t) { return t.is_cpu() && t.layout() == at::kStrided; }
 
-// ops/_conv_common.py out_format: channels_last when x is NHWC-dense and not NCHW-contiguous
-at::MemoryFormat out_format(const at::Tensor& t) {
-  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
-                                                                                  : at::MemoryFormat::Contiguous;
-}
-
-// at::conv2d / at::conv_transpose2d for 4-d inputs, groups 1, dilation 1, as their own bodies call
-// it: at::convolution (same kernels, same ConvolutionBackward0 node, same numbers), without their
-// CompositeImplicitAutograd dispatcher layer (part of what a tiny call is compared with eager on)
-at::Tensor onednn(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
-  return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
-}
+using conv_common::out_format;
+// (oneDNN on CPU tensors: conv_common::aten_conv)
+const auto& onednn = conv_common::aten_conv;
 
 // ---------------------------------------------------------------------------------- conv3x3
 // What the Python route's cpu backend serves, with nothing to check or convert first; metadata

@@ -10,6 +10,24 @@
 #include <ATen/ATen.h>
 
 namespace ganengine {
+// what the lean and vendor routes share
+namespace conv_common {
+// ops/_conv_common.py out_format: channels_last when x is NHWC-dense and not NCHW-contiguous
+inline at::MemoryFormat out_format(const at::Tensor& t) {
+  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+// at::conv2d / at::conv_transpose2d for 4-d inputs, groups 1, dilation 1, as their own bodies call
+// it: at::convolution (same kernels, same ConvolutionBackward0 node, same numbers), without their
+// CompositeImplicitAutograd dispatcher layer (part of what a tiny call is compared with eager on)
+inline at::Tensor aten_conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                            bool transposed) {
+  return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
+}
+}  // namespace conv_common
+
 namespace conv_lean {
 using OptT = c10::optional<at::Tensor>;
 const char* refusal3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t padding, bool reflect);

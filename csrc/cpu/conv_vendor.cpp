@@ -59,18 +59,9 @@ const char* operands(const at::Tensor& x, const at::Tensor& w, const OptT& b, in
 
 bool autocast_on(const at::Tensor& x) { return at::autocast::is_autocast_enabled(x.device().type()); }
 
-// ops/_conv_common.out_format
-at::MemoryFormat out_format(const at::Tensor& t) {
-  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
-                                                                                  : at::MemoryFormat::Contiguous;
-}
-
-// at::conv2d / at::conv_transpose2d's own body for 4-d inputs, groups 1, dilation 1 (the same
-// kernels and ConvolutionBackward0 node, without their composite dispatcher layer)
-at::Tensor convolution(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
-  return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
-}
+using conv_common::out_format;
+// (cuDNN on CUDA tensors)
+const auto& convolution = conv_common::aten_conv;
 
 }  // namespace
 
