@@ -13,11 +13,11 @@ Scores stay in natural units until the max is subtracted (s - m is exact where i
 scaling s by log2(e) first would add an error of u * |s| to every exponent).
 
 Backward (delta = gamma * rowsum(grad * o); dO = gamma * grad formed on the fly):
-  _bwd_dq:   per query tile: pass 0 forms rowsum(grad * o) over DV (written out: _bwd_dkdv reads
-             it, and dgamma is its sum); pass 1 recomputes the row statistics (max m, sum l) from the same
+  _bwd_dq:   per query tile: pass 1 recomputes the row statistics (max m, sum l) from the same
              score bits the backward uses (the forward's lse, rounded to fp32, cannot give back
              P exactly once |s| is large: at |s| = 1e8 its rounding is 8 units of exponent);
-             writes them for _bwd_dkdv; pass 2: dq = sum_j dS k.
+             writes them for _bwd_dkdv; then rowsum(grad * o) over DV (written out: _bwd_dkdv
+             reads it, and dgamma is its sum); pass 2: dq = sum_j dS k.
   _bwd_dkdv: per (key tile, DV chunk): dv = gamma * sum_i P^T grad for the chunk; the chunk-0
              program also forms dS = P * (dO v^T - delta) and dk = sum_i dS^T q (P computed once
              for both). Chunk-0 programs come first in the grid, so the heavy ones start first.
@@ -166,9 +166,6 @@ def _bwd_dq(Q, K, V, G, O, STATS, GAMMA, DQ_OUT,
     offs_k = tl.arange(0, BLOCK_DQK)
     m_ok = offs_m < N
     k_ok = offs_k < DQK
-    # pass 0: rowsum(grad * o) of these rows, for delta here, for _bwd_dkdv and for dgamma
-    rowdot = _rowdot(G, O, b, sgb, sgc, sgn, sob, soc, son, offs_m, m_ok, DV, BLOCK_M, BLOCK_DP)
-    tl.store(STATS + b * N + offs_m, rowdot, mask=m_ok)
     # pass 1: the row statistics from these very score bits
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -185,6 +182,10 @@ def _bwd_dq(Q, K, V, G, O, STATS, GAMMA, DQ_OUT,
         m_i = m_new
     tl.store(STATS + (b * N + PLANE) + offs_m, m_i, mask=m_ok)
     tl.store(STATS + (b * N + PLANE + PLANE) + offs_m, l_i, mask=m_ok)
+    # rowsum(grad * o) of these rows, for delta here, for _bwd_dkdv and for dgamma (formed here,
+    # where delta is first needed: its registers live through pass 2 only)
+    rowdot = _rowdot(G, O, b, sgb, sgc, sgn, sob, soc, son, offs_m, m_ok, DV, BLOCK_M, BLOCK_DP)
+    tl.store(STATS + b * N + offs_m, rowdot, mask=m_ok)
     # pass 2: dq
     rl = 1.0 / l_i
     gamma = tl.load(GAMMA).to(tl.float32)
