@@ -255,3 +255,14 @@ def test_benchmarks_md_generator_renders_every_section(tmp_path):
     assert "Not measured in this run." in page  # models: no result
     assert "python bench_conv3x3.py" in page and "progress" not in page
     assert "**The command failed (exit 2)**" in page and "boom" in page
+    # a rerun keeps the hand-written sections after the generated ones, as they are
+    notes = "## A session's notes\n\n```\npython bench_x.py\n```\n\n| a |\n| --- |\n| 1 |\n\n## Another\n\ntext\n"
+    assert mod.hand_written(page) == ""
+    again = mod.build_markdown(results, info, mod.hand_written(page + "\n" + notes))
+    assert again.endswith(notes) and again.count("## A session's notes") == 1
+    assert mod.hand_written(again) == notes
+    # (one between generated sections is kept too, and a generated one is never kept twice)
+    title = mod.SECTIONS[1][1]
+    mixed = page.replace(f"## {title}", notes + f"\n## {title}")
+    assert mod.hand_written(mixed) == notes
+    assert mod.build_markdown(results, info, mod.hand_written(mixed)).count(f"## {title}") == 1
