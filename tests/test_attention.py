@@ -686,7 +686,15 @@ def test_backend_choice_kept_only_without_a_fallback(monkeypatch):
             torch.testing.assert_close(A.attention(q.double(), k.double(), v.double(), x.double(),
                                                     gamma.double()), want.double())
             assert _dispatch.last_used["attention"] == "torch"
-    for _ in range(2):
-        _dispatch.last_used.pop("attention", None)
+    # auto (the C++ entry off, so the Python route chooses): the first call's choice is kept, and
+    # the kept one is recorded in last_used on every call
+    monkeypatch.setattr(_dispatch, "lean_op", lambda *a, **k: None)
+    with ganengine.use_backend("auto"):
         A.attention(q, k, v, x, gamma)
-        assert _dispatch.last_used["attention"] in ("cpu", "triton", "torch")
+        first = _dispatch.last_used["attention"]
+        assert first == ("cpu" if _ext.has_kernel("attention_fwd", "CPU") else "torch")
+        assert [name for (op, *_), name in A._CHOSEN.items() if op == "attention_fwd"] == [first]
+        for _ in range(2):
+            _dispatch.last_used.pop("attention", None)
+            A.attention(q, k, v, x, gamma)
+            assert _dispatch.last_used["attention"] == first

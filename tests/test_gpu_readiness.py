@@ -264,7 +264,7 @@ def test_attention_backward_near_saturation_as_accurate_as_eager():
 @interpret
 def test_attention_backward_is_two_launches():
     """dq (with rowsum(grad * o) and the row statistics), then dk and dv fused (P computed once
-    for both): no elementwise op before them."""
+    for both): two Triton launches (the host ops around them: test_attention_backward_host_ops)."""
     from ganengine.kernels import attention as tk
 
     q, k = torch.randn(1, 2, 20), torch.randn(1, 2, 20)
@@ -273,6 +273,32 @@ def test_attention_backward_is_two_launches():
     with recorded_launches(execute=True) as launches:
         tk.backward(torch.randn_like(out), q, k, v, o, torch.tensor([0.5]))
     assert [k for k, _ in launches] == ["_bwd_dq", "_bwd_dkdv"]
+
+
+@interpret
+def test_attention_backward_host_ops():
+    """The launcher's own torch ops: allocations and the rowdot view only (rowsum(grad * o) is
+    formed in the dq kernel, not by elementwise ops before the launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ganengine.kernels import attention as tk
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    q, k = torch.randn(1, 2, 20), torch.randn(1, 2, 20)
+    v = torch.randn(1, 16, 20)
+    out, o, lse = tk.forward(q, k, v, v, torch.tensor([0.5]))
+    grad, gamma = torch.randn_like(out), torch.tensor([0.5])
+    with recorded_launches(execute=False), Ops() as mode:
+        tk.backward(grad, q, k, v, o, gamma)
+    assert set(mode.names) <= {"aten::empty_like", "aten::empty", "aten::empty.memory_format", "aten::select"}, mode.names
 
 
 def test_attention_plan_wgmma_shape_on_hopper():

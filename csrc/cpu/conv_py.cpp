@@ -244,6 +244,9 @@ PyMethodDef methods[] = {
 
 void add_entries(pybind11::module_& m) {
   if (PyModule_AddFunctions(m.ptr(), methods) != 0) throw pybind11::error_already_set();
+  // conv3x3_entry / conv_entry take ``routes`` (ops/_dispatch.conv_routes asks: a build from before
+  // it gets the Python route)
+  m.attr("conv_entry_routes") = true;
 }
 
 }  // namespace conv_py

@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
+#include <tuple>
 #include <vector>
 
 #include "conv_lean.h"
@@ -59,6 +60,16 @@ const char* operands(const at::Tensor& x, const at::Tensor& w, const OptT& b, in
 
 bool autocast_on(const at::Tensor& x) { return at::autocast::is_autocast_enabled(x.device().type()); }
 
+// ops/_conv_common.autocast_args under autocast: every operand .to() the autocast dtype (a plain
+// cast, as the Python route's: not ATen's autocast cache, which would keep a weight's first cast
+// for the whole autocast region, through an in-place update of the weight)
+std::tuple<at::Tensor, at::Tensor, OptT> autocast_args(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  const at::ScalarType dt = at::autocast::get_autocast_dtype(x.device().type());
+  OptT bc = b;
+  if (b.has_value() && b->defined()) bc = b->to(dt);
+  return {x.to(dt), w.to(dt), bc};
+}
+
 using conv_common::out_format;
 // (cuDNN on CUDA tensors)
 const auto& convolution = conv_common::aten_conv;
@@ -81,13 +92,12 @@ at::Tensor run3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t
   const std::vector<int64_t> one{1, 1}, p0{0, 0}, pp{pad, pad};
   reflect = reflect && pad > 0;
   if (autocast_on(x)) {
-    // the Python route's ops in its order, each as autocast treats it on this device: x cast first
-    // (autocast_args), the padding under the device's own autocast lists, at::conv2d casting the
-    // rest (the same values as autocast_args' .to(); the weight through ATen's cast cache)
-    const c10::DeviceType dev = x.device().type();
-    const at::Tensor xc = at::autocast::cached_cast(at::autocast::get_autocast_dtype(dev), x, dev);
-    const at::Tensor y = reflect ? at::conv2d(at::reflection_pad2d(xc, {pad, pad, pad, pad}), w, b, one, p0)
-                                 : at::conv2d(xc, w, b, one, pp);
+    // the Python route's ops in its order, each as autocast treats it on this device: the operands
+    // cast first (autocast_args), the padding under the device's own autocast lists (CPU's takes
+    // it in fp32), at::conv2d (which casts a padded fp32 tensor back)
+    const auto [xc, wc, bc] = autocast_args(x, w, b);
+    const at::Tensor y = reflect ? at::conv2d(at::reflection_pad2d(xc, {pad, pad, pad, pad}), wc, bc, one, p0)
+                                 : at::conv2d(xc, wc, bc, one, pp);
     return y.contiguous(out_format(xc));
   }
   const at::Tensor y = reflect ? convolution(at::reflection_pad2d(x, {pad, pad, pad, pad}), w, b, one, p0, p0, false)
@@ -118,10 +128,11 @@ const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at:
 
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
-  if (autocast_on(x)) {  // (as run3: the autocast-wrapped ops the Python route calls)
-    const at::Tensor y = transposed ? at::conv_transpose2d(x, w, b, stride, padding, output_padding)
-                                    : at::conv2d(x, w, b, stride, padding);
-    return y.contiguous(out_format(x));
+  if (autocast_on(x)) {  // (as run3: the Python route's casts, then the autocast-wrapped op it calls)
+    const auto [xc, wc, bc] = autocast_args(x, w, b);
+    const at::Tensor y = transposed ? at::conv_transpose2d(xc, wc, bc, stride, padding, output_padding)
+                                    : at::conv2d(xc, wc, bc, stride, padding);
+    return y.contiguous(out_format(xc));
   }
   return convolution(x, w, b, stride, padding, output_padding, transposed).contiguous(out_format(x));
 }

@@ -304,7 +304,8 @@ _CONV_ROUTES: dict = {}  # entry -> {requested backend: (serves, lean_op, routes
 
 def _conv_routes_resolve(name: str, kernels: tuple, fast: str, requested: str) -> tuple:
     routes, gpu = 0, None
-    if _ext.loaded() and getattr(_ext._C, fast, None) is not None:
+    # (an extension built before the entries took ``routes`` would refuse the argument: Python route)
+    if _ext.loaded() and getattr(_ext._C, fast, None) is not None and getattr(_ext._C, "conv_entry_routes", False):
         if lean_op(name, kernels) is not None:
             routes |= ROUTE_LEAN_CPU
         cuda = torch.device("cuda")

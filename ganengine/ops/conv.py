@@ -281,8 +281,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # declines what it does not serve before any work (None: the full route below serves the call or
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
-    routes = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
-    if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+    # (the compile check first: under dynamo the routes' first resolution is not traceable)
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and (
+            routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry")):
         y = _entry(x, weight, bias, stride, padding, 0, False, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, stride, padding, 0, False)
@@ -309,8 +310,9 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
     # (as conv2d's)
-    routes = _dispatch.conv_routes("conv", _KERNELS, "conv_entry")
-    if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+    # (the compile check first: under dynamo the routes' first resolution is not traceable)
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and (
+            routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry")):
         y = _entry(x, weight, bias, stride, padding, output_padding, True, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, stride, padding, output_padding, True)

@@ -278,8 +278,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
     # On CUDA tensors the same entry serves the GPU backends' vendor route (conv_routes).
-    routes = _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry")
-    if routes and not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+    # (the compile check first: under dynamo the routes' first resolution is not traceable)
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and (
+            routes := _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry")):
         y = _entry(x, weight, bias, padding, padding_mode, routes)
         if y is NotImplemented:
             y = _dispatcher_entry(x, weight, bias, padding, padding_mode)
