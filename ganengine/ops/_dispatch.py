@@ -318,11 +318,7 @@ def _conv_routes_resolve(name: str, kernels: tuple, fast: str, requested: str) -
     return backends.serves, lean_op, routes, gpu
 
 
-def _conv_routes_entry(name: str, kernels: tuple, fast: str) -> tuple:
-    requested = _requested.value
-    if requested is None:
-        raw = _ENV_DATA.get(_ENV_KEY)
-        requested = _ENV_DECODE(raw) if raw else "auto"
+def _conv_routes_entry(name: str, kernels: tuple, fast: str, requested: str) -> tuple:
     by_requested = _CONV_ROUTES.get(fast)
     if by_requested is None:
         by_requested = _CONV_ROUTES[fast] = {}
@@ -351,12 +347,13 @@ def conv_routes(name: str, kernels: tuple, fast: str) -> int:
             return found[2]
     except KeyError:
         pass
-    return _conv_routes_entry(name, kernels, fast)[2]
+    return _conv_routes_entry(name, kernels, fast, requested)[2]
 
 
 def conv_gpu(name: str, kernels: tuple, fast: str) -> str | None:
-    """The GPU backend a CUDA call served by the fast entry records in ``last_used``."""
-    return _conv_routes_entry(name, kernels, fast)[3]
+    """The GPU backend a CUDA call served by the fast entry records in ``last_used`` (asked only
+    after such a call: the requested backend is then a valid name, which conv_routes read raw)."""
+    return _conv_routes_entry(name, kernels, fast, _requested_backend())[3]
 
 
 def refused(e: BaseException, prefix: str, *optional_tensors, required=()) -> bool:

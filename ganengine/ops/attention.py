@@ -303,8 +303,13 @@ def _backward(ctx, grad_out, bwd):
     else:
         dq, dk, dv, rowdot = bwd(grad_out, q, k, v, o, lse, gamma)
         dgamma = rowdot.sum()
+    return dq, dk, dv, grad_out, _like_gamma(dgamma, gamma)
+
+
+def _like_gamma(dgamma: Tensor, gamma: Tensor) -> Tensor:
+    """gamma's gradient (a 0-d sum) in gamma's dtype and shape ((1,) in SAGAN, () in BigGAN)."""
     dgamma = _as(dgamma, gamma.dtype)
-    return dq, dk, dv, grad_out, (dgamma if gamma.dim() == 0 else dgamma.reshape(gamma.shape))
+    return dgamma if gamma.dim() == 0 else dgamma.reshape(gamma.shape)
 
 
 def _twin_setup_context(ctx, inputs, output):
@@ -359,8 +364,7 @@ def _stacked_backward(ctx, grad_out, *_other_grads):
         dq, dk, dv, rowdot = _bwd_body(grad_out, q, k, v, o, lse, gamma)
         dqkv = torch.cat((dq, dk, dv), 1)
         dgamma = rowdot.sum()
-    dgamma = _as(dgamma, gamma.dtype)
-    return dqkv, grad_out, (dgamma if gamma.dim() == 0 else dgamma.reshape(gamma.shape)), None
+    return dqkv, grad_out, _like_gamma(dgamma, gamma), None
 
 
 _eager_stacked = _eager.twin("ganengine::attention_fwd", _stacked_fwd, _stacked_setup_context, _stacked_backward)
@@ -430,7 +434,8 @@ def _plain_block_args(c: int, qw, qb, kw, kb, vw, vb) -> bool:
     cost): three 4-D 1x1 conv weights (d, c), (d, c), (c, c) and biases None or (d,), (d,), (c,).
     False sends the call through the checks one by one (_conv_weight, _conv_bias), which raise
     the public errors or take 2-D weights."""
-    if not (type(qw) in _TENSOR_TYPES and type(kw) in _TENSOR_TYPES and type(vw) in _TENSOR_TYPES):
+    types = _eager._TENSOR_TYPES
+    if not (type(qw) in types and type(kw) in types and type(vw) in types):
         return False
     qs, ks, vs = qw.shape, kw.shape, vw.shape
     if not (len(qs) == 4 and len(ks) == 4 and len(vs) == 4):
@@ -440,12 +445,10 @@ def _plain_block_args(c: int, qw, qb, kw, kb, vw, vb) -> bool:
             and qs[2] == 1 and qs[3] == 1 and ks[2] == 1 and ks[3] == 1 and vs[2] == 1 and vs[3] == 1):
         return False
     for bias, n in ((qb, d), (kb, d), (vb, c)):
-        if bias is not None and not (type(bias) in _TENSOR_TYPES and bias.dim() == 1 and bias.shape[0] == n):
+        if bias is not None and not (type(bias) in types and bias.dim() == 1 and bias.shape[0] == n):
             return False
     return True
 
-
-_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
@@ -489,11 +492,13 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     d = query_weight.shape[0]
     if not isinstance(gamma, Tensor):
         gamma = torch.tensor([float(gamma)], device=x.device)
+    # q, k, v and x are consistent by construction (the convs check them against x): of
+    # check_core's checks only gamma's and the empty sizes are left (check_core raises them)
+    core_ok = bool(gamma.numel() == 1 and b and h * w and d and gamma.device == x.device)
     qkv = stacked_conv1x1(x, (query_weight, key_weight, value_weight), (query_bias, key_bias, value_bias))
     if qkv is not None:
         x3 = x.flatten(2)
-        if (not return_attention and b and h * w and d and gamma.numel() == 1 and gamma.device == x.device
-                and _eager.plain_eager(qkv, x3, gamma)):
+        if core_ok and not return_attention and _eager.plain_eager(qkv, x3, gamma):
             return _eager_stacked(qkv.flatten(2), x3, gamma, d)[0].view(b, c, h, w)
         q, k, v = qkv.flatten(2).split_with_sizes((d, d, c), 1)
     else:  # (mixed biases or dtypes: the three convs, which raise what they raise)
@@ -503,9 +508,7 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
         # (x's view after the convs: the order in which autograd sums x's four gradients, as the
         # C++ entry's graph has it)
         x3 = x.flatten(2)
-    # q, k, v and x are consistent by construction (the convs checked them against x): of
-    # check_core's checks only gamma's and the empty sizes are left (check_core raises them)
-    if not (gamma.numel() == 1 and b and h * w and d and gamma.device == x.device):
+    if not core_ok:
         check_core(q, k, v, x3, gamma)
     out = _core(q, k, v, x3, gamma).view(b, c, h, w)
     return (out, attention_map(q, k)) if return_attention else out
