@@ -96,9 +96,7 @@ const char* refusal3_impl(const at::Tensor& x, const at::Tensor& w, const OptT& 
     const at::Tensor& t = *b;
     REFUSE3_UNLESS(plain_cpu(t) && t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == at::kFloat, "bias");
   }
-  REFUSE3_UNLESS(pad >= 0, "padding");
-  REFUSE3_UNLESS(!reflect || (pad < x.size(2) && pad < x.size(3)), "reflect padding");
-  REFUSE3_UNLESS(x.size(2) + 2 * pad >= 3 && x.size(3) + 2 * pad >= 3, "output size");
+  if (const char* why = conv_common::geometry3_refusal(x, pad, reflect)) return why;
   REFUSE3_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
   return nullptr;
 }
@@ -176,19 +174,7 @@ const char* refusal_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b
     const at::Tensor& t = *b;
     REFUSE_UNLESS(plain_cpu(t) && t.dim() == 1 && t.size(0) == c_out && t.scalar_type() == at::kFloat, "bias");
   }
-  REFUSE_UNLESS(stride.size() == 2 && padding.size() == 2 && output_padding.size() == 2 && stride[0] >= 1 &&
-                    stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 && output_padding[0] >= 0 &&
-                    output_padding[1] >= 0,
-                "stride, padding, output_padding");
-  if (transposed) {
-    REFUSE_UNLESS(output_padding[0] < stride[0] && output_padding[1] < stride[1], "output_padding");
-    REFUSE_UNLESS((x.size(2) - 1) * stride[0] - 2 * padding[0] + w.size(2) + output_padding[0] > 0 &&
-                      (x.size(3) - 1) * stride[1] - 2 * padding[1] + w.size(3) + output_padding[1] > 0,
-                  "output size");
-  } else {
-    REFUSE_UNLESS(output_padding[0] == 0 && output_padding[1] == 0, "output_padding");
-    REFUSE_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
-  }
+  if (const char* why = conv_common::geometry_refusal(x, w, stride, padding, output_padding, transposed)) return why;
   REFUSE_UNLESS(!at::autocast::is_autocast_enabled(at::kCPU), "autocast");
   return nullptr;
 }

@@ -26,6 +26,32 @@ inline at::Tensor aten_conv(const at::Tensor& x, const at::Tensor& w, const c10:
                             bool transposed) {
   return at::convolution(x, w, b, stride, padding, {1, 1}, transposed, output_padding, 1);
 }
+
+// the geometry checks of the Python routes (ops/conv3x3.py, ops/conv.py: what they raise for),
+// shared by the lean and vendor refusals; metadata only; x and w 4-d: what is not served, or nullptr
+inline const char* geometry3_refusal(const at::Tensor& x, int64_t pad, bool reflect) {
+  if (pad < 0) return "padding";
+  if (reflect && (pad >= x.size(2) || pad >= x.size(3))) return "reflect padding";
+  if (x.size(2) + 2 * pad < 3 || x.size(3) + 2 * pad < 3) return "output size";
+  return nullptr;
+}
+
+inline const char* geometry_refusal(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed) {
+  if (!(stride.size() == 2 && padding.size() == 2 && output_padding.size() == 2 && stride[0] >= 1 &&
+        stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 && output_padding[0] >= 0 && output_padding[1] >= 0))
+    return "stride, padding, output_padding";
+  if (transposed) {
+    if (output_padding[0] >= stride[0] || output_padding[1] >= stride[1]) return "output_padding";
+    if ((x.size(2) - 1) * stride[0] - 2 * padding[0] + w.size(2) + output_padding[0] <= 0 ||
+        (x.size(3) - 1) * stride[1] - 2 * padding[1] + w.size(3) + output_padding[1] <= 0)
+      return "output size";
+  } else {
+    if (output_padding[0] != 0 || output_padding[1] != 0) return "output_padding";
+    if (x.size(2) + 2 * padding[0] < w.size(2) || x.size(3) + 2 * padding[1] < w.size(3)) return "output size";
+  }
+  return nullptr;
+}
 }  // namespace conv_common
 
 namespace conv_lean {

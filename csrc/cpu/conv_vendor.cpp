@@ -82,10 +82,7 @@ const char* refusal3(const at::Tensor& x, const at::Tensor& w, const OptT& b, in
                                  w.defined() && w.dim() == 4 ? w.size(0) : 0))
     return why;
   if (w.size(2) != 3 || w.size(3) != 3) return "weight";
-  if (pad < 0) return "padding";
-  if (reflect && pad > 0 && (pad >= x.size(2) || pad >= x.size(3))) return "reflect padding";
-  if (x.size(2) + 2 * pad < 3 || x.size(3) + 2 * pad < 3) return "output size";
-  return nullptr;
+  return conv_common::geometry3_refusal(x, pad, reflect);
 }
 
 at::Tensor run3(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t pad, bool reflect) {
@@ -111,19 +108,7 @@ const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at:
   const bool w4 = w.defined() && w.dim() == 4;
   if (const char* why = operands(x, w, b, w4 ? w.size(transposed ? 0 : 1) : -1, w4 ? w.size(transposed ? 1 : 0) : 0))
     return why;
-  if (!(stride.size() == 2 && padding.size() == 2 && output_padding.size() == 2 && stride[0] >= 1 &&
-        stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 && output_padding[0] >= 0 && output_padding[1] >= 0))
-    return "stride, padding, output_padding";
-  if (transposed) {
-    if (output_padding[0] >= stride[0] || output_padding[1] >= stride[1]) return "output_padding";
-    if ((x.size(2) - 1) * stride[0] - 2 * padding[0] + w.size(2) + output_padding[0] <= 0 ||
-        (x.size(3) - 1) * stride[1] - 2 * padding[1] + w.size(3) + output_padding[1] <= 0)
-      return "output size";
-  } else {
-    if (output_padding[0] != 0 || output_padding[1] != 0) return "output_padding";
-    if (x.size(2) + 2 * padding[0] < w.size(2) || x.size(3) + 2 * padding[1] < w.size(3)) return "output size";
-  }
-  return nullptr;
+  return conv_common::geometry_refusal(x, w, stride, padding, output_padding, transposed);
 }
 
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,

@@ -19,40 +19,39 @@ constexpr int kPer = 4;
 
 template <typename A> __device__ __forceinline__ A leaky(A v, A slope) { return v > A(0) ? v : v * slope; }
 
-template <typename T, typename A, typename I>
-__global__ void bias_act_kernel(T* __restrict__ y, const T* __restrict__ b, I n, I C, I inner, A slope) {
+// i = base + k * kThreads for k < kPer, base stepping by the grid stride: v[k] = load(i) for the
+// four elements first (four independent loads in flight), then store(i, v[k]). The 32-bit index
+// type I is chosen by the launcher only where base + stride fits (int32_indices).
+template <typename A, typename I, typename Load, typename Store>
+__device__ __forceinline__ void grid_stride(I n, Load load, Store store) {
   const I stride = static_cast<I>(gridDim.x) * kThreads * kPer;
   for (I base = static_cast<I>(blockIdx.x) * kThreads * kPer + threadIdx.x; base < n; base += stride) {
     A v[kPer];
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       const I i = base + static_cast<I>(k) * kThreads;
-      if (i < n) v[k] = to_acc(y[i]) + (b != nullptr ? to_acc(b[(i / inner) % C]) : A(0));
+      if (i < n) v[k] = load(i);
     }
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       const I i = base + static_cast<I>(k) * kThreads;
-      if (i < n) y[i] = from_acc<T, A>(leaky(v[k], slope));
+      if (i < n) store(i, v[k]);
     }
   }
 }
 
 template <typename T, typename A, typename I>
+__global__ void bias_act_kernel(T* __restrict__ y, const T* __restrict__ b, I n, I C, I inner, A slope) {
+  grid_stride<A>(
+      n, [&](I i) { return to_acc(y[i]) + (b != nullptr ? to_acc(b[(i / inner) % C]) : A(0)); },
+      [&](I i, A v) { y[i] = from_acc<T, A>(leaky(v, slope)); });
+}
+
+template <typename T, typename A, typename I>
 __global__ void act_grad_kernel(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gz, I n, A slope) {
-  const I stride = static_cast<I>(gridDim.x) * kThreads * kPer;
-  for (I base = static_cast<I>(blockIdx.x) * kThreads * kPer + threadIdx.x; base < n; base += stride) {
-    A v[kPer];
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const I i = base + static_cast<I>(k) * kThreads;
-      if (i < n) v[k] = to_acc(y[i]) > A(0) ? to_acc(g[i]) : to_acc(g[i]) * slope;
-    }
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const I i = base + static_cast<I>(k) * kThreads;
-      if (i < n) gz[i] = from_acc<T, A>(v[k]);
-    }
-  }
+  grid_stride<A>(
+      n, [&](I i) { return to_acc(y[i]) > A(0) ? to_acc(g[i]) : to_acc(g[i]) * slope; },
+      [&](I i, A v) { gz[i] = from_acc<T, A>(v); });
 }
 
 // enough blocks to fill any current GPU many times over; the grid-stride loop covers the rest
