@@ -323,10 +323,10 @@ class Layout:
             off_rb, off_cb, off_eb = off_rb + n_rb, off_cb + n_cb, off_eb + n_eb
         self.sum_u, self.sum_v, self.sum_w = off_u, off_v, off_w
         self.n_rb, self.n_cb, self.n_eb = off_rb, off_cb, off_eb
-        # the forward's workspace: T, S, PT, PS (at least 1 element each), then the unused rest
-        self.ws_size = 2 * (off_u + off_v) + 2 * (off_rb + off_cb) + 1
-        parts = [max(off_u, 1), max(off_v, 1), max(off_rb, 1), max(off_cb, 1)]
-        self.ws_parts = parts + [self.ws_size - sum(parts)]
+        # the forward's workspace and sigma in one allocation: T, S, PT, PS (at least 1 element
+        # each), then sigma[L]
+        self.ws_parts = [max(off_u, 1), max(off_v, 1), max(off_rb, 1), max(off_cb, 1), len(self.offsets)]
+        self.ws_size = sum(self.ws_parts)
         self.meta = torch.tensor(meta, dtype=torch.int64).to(device)
         # (layer ids, block ids) per launch kind, as [2 * n] int32
         self.rb = torch.tensor(rb[0] + rb[1], dtype=torch.int32).to(device)
@@ -334,18 +334,18 @@ class Layout:
         self.eb = torch.tensor(eb[0] + eb[1], dtype=torch.int32).to(device)
 
 
-def forward(layout: Layout, dtype, device, first: int, steps: int, eps: float, write_state: bool):
+def forward(layout: Layout, dtype, device, first: int, steps: int, eps: float, write_state: bool, w_shape=None):
     """Runs the power iteration and W / sigma for every layer of ``layout``.
 
     Returns flat (wout, uout, vout, sigma[acc]); ``first`` 0 = U step first, 1 = V step first.
+    ``w_shape``: one layer's weight shape, wout's shape then (saves a view).
     """
     acc = _acc(dtype)
     ws = torch.empty(layout.ws_size, dtype=acc, device=device)
-    T, S, PT, PS, _ = ws.split_with_sizes(layout.ws_parts)  # one call for the four views
-    sigma = torch.empty(len(layout.offsets), dtype=acc, device=device)
+    T, S, PT, PS, sigma = ws.split_with_sizes(layout.ws_parts)  # one call for the five views
     uout = torch.empty(layout.sum_u, dtype=dtype, device=device)
     vout = torch.empty(layout.sum_v, dtype=dtype, device=device)
-    wout = torch.empty(layout.sum_w, dtype=dtype, device=device)
+    wout = torch.empty(w_shape if w_shape is not None else layout.sum_w, dtype=dtype, device=device)
     ty, acc_ty = _TL[dtype], _TL[acc]
     with _launch.device_guard(ws):
         _forward_launches(layout, steps, first, eps, write_state, T, S, PT, PS, uout, vout, wout, sigma, ty, acc_ty)
@@ -394,15 +394,16 @@ def _grad_table(rows: tuple, device) -> torch.Tensor:
     return table
 
 
-def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype):
+def backward(layout: Layout, grads, grad_layouts, gsig, sigma, uout, vout, dtype, w_shape=None):
     # gsig: [L] gradients of the sigmas (accumulation dtype), or None when no sigma had one
-    """dW for every layer, flat (weight dtype). ``grad_layouts``: (K, s_r, s_1, s_2) per grad."""
+    """dW for every layer, flat (weight dtype), or of ``w_shape`` (one layer's weight shape).
+    ``grad_layouts``: (K, s_r, s_1, s_2) per grad."""
     device = uout.device
     acc = _acc(dtype)
     gdtype = grads[0].dtype
     gt = _grad_table(tuple((g.data_ptr(), *gl) for g, gl in zip(grads, grad_layouts)), device)
     pe = torch.empty(max(layout.n_eb, 1), dtype=acc, device=device)
-    dw = torch.empty(layout.sum_w, dtype=dtype, device=device)
+    dw = torch.empty(w_shape if w_shape is not None else layout.sum_w, dtype=dtype, device=device)
     common = dict(W_TY=_TL[dtype], G_TY=_TL[gdtype], BLOCK_E=BLOCK_E, ACC=_TL[acc])
     with _launch.device_guard(dw):
         _bwd_dot_kernel[(layout.n_eb,)](layout.meta, gt, layout.eb, layout.n_eb, pe, **common)

@@ -245,6 +245,23 @@ def test_layouts_and_stride0_grads(backend):
     assert torch.equal(results[0].contiguous(), results[1].contiguous()) or backend == "cpu"
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["w_sn", "sigma"])
+def test_one_output_gradient(backend, which):
+    """A gradient through one output only (the other's is None in the backward): the one-layer
+    route fills the missing one with zeros, as the grouped route does."""
+    torch.manual_seed(5)
+    w = torch.randn(7, 5, 3, 3)
+    u, v = F.normalize(torch.randn(7), dim=0), F.normalize(torch.randn(45), dim=0)
+    leaf = w.clone().requires_grad_()
+    with on_backend(backend):
+        out, _, sigma = GF.spectral_norm_weight(leaf, u, v=v)
+        ((out * out.detach()).sum() if which == "w_sn" else 3 * sigma).backward()
+    r, _, _, rs, r_w = _ref64(w, u, v, 0, 2)
+    ((r * r.detach()).sum() if which == "w_sn" else 3 * rs).backward()
+    _bound(leaf.grad, r_w.grad, w, rs, 2, "grad", extra_n=w.numel())
+
 def test_one_dim_weight_and_errors():
     w = torch.randn(7)
     out, u, sigma = GF.spectral_norm_weight(w, None)

@@ -213,23 +213,31 @@ class _TritonLayoutCache:
         self.size = size
         self.entries: dict = {}
 
+    def get1(self, w, d, u, v):
+        """get() for one layer, with the same key."""
+        key = ((w.data_ptr(), w.shape, w.stride(), d, u.data_ptr(), v.data_ptr() if v is not None else 0),)
+        hit = self.entries.get(key)
+        return hit if hit is not None else self._build(key, [w], [d], [u], [v])
+
     def get(self, weights, dims, us, vs):
         # (torch.Size hashes and compares as the tuple of its ints: no tuple() copies per call)
         key = tuple((w.data_ptr(), w.shape, w.stride(), d, u.data_ptr(),
                      v.data_ptr() if v is not None else 0) for w, d, u, v in zip(weights, dims, us, vs))
         hit = self.entries.get(key)
-        if hit is None:
-            K = _kernels()
-            layouts, ptrs = [], []
-            for w, d, u, v in zip(weights, dims, us, vs):
-                h, wd, k, sr, s1, s2 = matrix_layout(w.shape, w.stride(), d)
-                _, _, k_out, o_r, o1, o2 = matrix_layout(w.shape, _contig_strides(w.shape), d)
-                layouts.append((h, wd, k, sr, s1, s2, k_out, o_r, o1, o2))
-                ptrs.append((w.data_ptr(), u.data_ptr(), (v if v is not None else u).data_ptr()))
-            hit = K.Layout(layouts, ptrs, weights[0].device)
-            if len(self.entries) >= self.size:
-                self.entries.pop(next(iter(self.entries)))
-            self.entries[key] = hit
+        return hit if hit is not None else self._build(key, weights, dims, us, vs)
+
+    def _build(self, key, weights, dims, us, vs):
+        K = _kernels()
+        layouts, ptrs = [], []
+        for w, d, u, v in zip(weights, dims, us, vs):
+            h, wd, k, sr, s1, s2 = matrix_layout(w.shape, w.stride(), d)
+            _, _, k_out, o_r, o1, o2 = matrix_layout(w.shape, _contig_strides(w.shape), d)
+            layouts.append((h, wd, k, sr, s1, s2, k_out, o_r, o1, o2))
+            ptrs.append((w.data_ptr(), u.data_ptr(), (v if v is not None else u).data_ptr()))
+        hit = K.Layout(layouts, ptrs, weights[0].device)
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = hit
         return hit
 
 
@@ -251,6 +259,14 @@ def native_forward(backend, weights, dims, us, vs, first, steps, eps, write_stat
     """(w_sns, u_outs, v_outs, sigma[L] in the accumulation dtype, aux for backward)."""
     if backend == "triton":
         K = _kernels()
+        if len(weights) == 1:  # one layer (the functional call, a module's own): no lists, no slices
+            w, u, v = weights[0], us[0], vs[0]
+            u = u if u.is_contiguous() else u.contiguous()
+            v = v if (v is None or v.is_contiguous()) else v.contiguous()
+            layout = _layouts.get1(w, dims[0], u, v)
+            wout, uout, vout, sigma = K.forward(layout, w.dtype, w.device, first, steps, float(eps), write_state,
+                                                w.shape)
+            return [wout], [uout], [vout], sigma, (layout, uout, vout)
         # the kernels read the state vectors through raw pointers: they must be dense vectors
         us = [u if u.is_contiguous() else u.contiguous() for u in us]
         vs = [v if (v is None or v.is_contiguous()) else v.contiguous() for v in vs]
@@ -269,6 +285,19 @@ def native_forward(backend, weights, dims, us, vs, first, steps, eps, write_stat
 
 def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, gsigs):
     """dW per layer (None where neither output had a gradient)."""
+    if backend == "triton" and len(weights) == 1:  # one layer: no lists, no slices
+        g, gs, w = grads[0], gsigs[0], weights[0]
+        if g is None and gs is None:
+            return [None]
+        if g is None:
+            g = torch.zeros_like(w)
+        lay = _matrix_layout_cached(g.shape, g.stride(), dims[0])
+        if lay is None:
+            g = g.contiguous()
+            lay = _matrix_layout_cached(g.shape, g.stride(), dims[0])
+        layout, uout, vout = aux
+        gs_vec = None if gs is None else gs.to(sigma.dtype).reshape(1)
+        return [_kernels().backward(layout, [g], [lay[2:]], gs_vec, sigma, uout, vout, w.dtype, w.shape)]
     live = [i for i, (g, gs) in enumerate(zip(grads, gsigs)) if g is not None or gs is not None]
     out = [None] * len(weights)
     if not live:
@@ -301,6 +330,9 @@ def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, g
 
 def _sigmas(sigma: Tensor, weights) -> list:
     """sigma[L] (accumulation dtype) as one scalar per layer in its weight's dtype."""
+    if len(weights) == 1:  # (a view: half an unbind's cost)
+        s, dtype = sigma.view(()), weights[0].dtype
+        return [s if s.dtype == dtype else s.to(dtype)]
     return [s if s.dtype == w.dtype else s.to(w.dtype) for s, w in zip(sigma.unbind(0), weights)]
 
 
@@ -348,7 +380,7 @@ def spectral_norm_op(weight: Tensor, u: Tensor, v: Tensor | None, first: int, st
         w_sn, u_new, v_new, sigma = _torch_call(weight, u, v, first, steps, eps, dim, "pytorch", False)
         return w_sn, u_new, v_new.clone(), sigma
     w_sns, u_outs, v_outs, sigma, _ = native_forward(backend, [weight], [dim], [u], [v], first, steps, eps, False)
-    return w_sns[0].clone(), u_outs[0].clone(), v_outs[0].clone(), sigma[0].to(weight.dtype)
+    return w_sns[0].clone(), u_outs[0].clone(), v_outs[0].clone(), sigma[0].to(weight.dtype, copy=True)
 
 
 @spectral_norm_op.register_fake
