@@ -33,7 +33,8 @@ networks' structure, small maps): the eager model's step against the fused model
 path's route (Triton backend, launches stubbed, the vendor convolution as on CUDA), through the
 custom ops and through the eager route, and (``auto order``) with the C++ entries the auto order
 takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses, conv2d_act's and
-conv2d_instance_norm_act's dispatcher entries: ``CUDA_ENTRIES``; batch norm on small NCHW maps:
+conv2d_instance_norm_act's entries (conv2d_act's fast entry, which on CUDA runs the same C++ with
+routes=8): ``CUDA_ENTRIES``; batch norm on small NCHW maps:
 ``_cuda_bn_backend``),
 which here run the cpu backend's kernels, arithmetic included; ms per step. The convolutions (oneDNN here) run in every
 variant; what differs is the fused layers' host cost (the Triton kernels' own time is missing).
@@ -138,10 +139,6 @@ def _scope(backend: str, twin: bool, stub: bool, vendor_conv: bool = False, entr
                 from ganengine.ops import batch_norm_act
 
                 st.enter_context(_patched(batch_norm_act, "_backend", _cuda_bn_backend))
-            if "conv2d_act" in entries:  # on CUDA the dispatcher op serves it, not the CPU's fast entry
-                from ganengine.ops import conv_act
-
-                st.enter_context(_patched(conv_act, "_act_entry", lambda *a: NotImplemented))
             if not twin:
                 st.enter_context(_patched(_eager, "plain_eager", lambda *a: False))
             if stub:

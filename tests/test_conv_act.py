@@ -398,6 +398,35 @@ def test_cuda_triton(impl, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_cuda_calls_take_the_fast_entry(monkeypatch, layout):
+    """On a GPU, with the cuda backend chosen, GF.conv2d_act is one call of the fast entry (its CUDA
+    bit), not the dispatcher op, with the dispatcher op's numbers bit for bit (the same C++ body;
+    cuDNN deterministic for the comparison)."""
+    if not ops._ext.has_kernel("conv_act_fwd", "CUDA"):
+        pytest.skip("ganengine._C without the CUDA conv_act kernels")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    dispatcher = ops._act_dispatcher_entry
+    monkeypatch.setattr(ops, "_act_dispatcher_entry", lambda *a: pytest.fail("the dispatcher op was taken"))
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 13, 11, device="cuda")
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(7, 5, 4, 4, device="cuda") * 0.1, torch.randn(7, device="cuda")
+    outs = []
+    for call in (lambda *a: GF.conv2d_act(*a, 2, 1), lambda *a: dispatcher(*a, 2, 1, 0.2)):
+        ins = [t.clone().requires_grad_() for t in (x, w, b)]
+        with ganengine.use_backend("cuda"), strict():
+            y = call(*ins)
+        y.backward(torch.cos(y.detach()))
+        outs.append([y] + [t.grad for t in ins])
+    assert _dispatch.last_used["conv2d_act"] == "cuda"
+    for a, r in zip(*outs):
+        assert torch.equal(a, r)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("slope,bias", [(0.2, True), (0.0, True), (1.0, False), (0.2, False)])

@@ -348,8 +348,9 @@ def test_in_cuda_entry_and_variant(monkeypatch):
 
 def test_devices_the_entries_serve():
     """The dispatcher entry serves CPU tensors, and CUDA ones only with the CUDA kernels built, every
-    tensor on x's device; the Python fast entry serves CPU tensors only. Anything else is refused
-    before any work (here: a meta x, which no backend's kernels run)."""
+    tensor on x's device; the Python fast entry serves CPU tensors (``routes`` bit 1, the default)
+    and CUDA ones (bit 8) as its caller allows. Anything else is refused before any work (here: a
+    meta x, which no backend's kernels run)."""
     op = _dispatch.lean_op("conv2d_act", ops._ACT_KERNELS)
     xm, wm, bm = torch.randn(1, 3, 6, 6, device="meta"), torch.randn(4, 3, 4, 4, device="meta"), None
     with _KernelCalls("fwd") as mode, pytest.raises(NotImplementedError, match=r"not served by the C\+\+ entry \(x\)"):
@@ -357,12 +358,50 @@ def test_devices_the_entries_serve():
     assert mode.calls == 0
     assert ops._act_entry(xm, wm, bm, 2, 1, 0.2) is None  # the fast entry declines (None: the route decides)
     assert ops._act_dispatcher_entry(xm, wm, bm, 2, 1, 0.2) is None  # neither CPU nor CUDA: no entry asked
+    cpu, cuda = ops.ACT_ROUTE_CPU, ops.ACT_ROUTE_CUDA
+    assert all(ops._act_entry(xm, wm, bm, 2, 1, 0.2, r) is None for r in (cpu, cuda, cpu | cuda))
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4)
+    want = op(x, w, None, 2, 1, 0.2)
+    assert ops._act_entry(x, w, None, 2, 1, 0.2, cuda) is None  # CPU tensors need bit 1
+    assert ops._act_entry(x, w, None, 2, 1, 0.2, 0) is None
+    for r in (cpu, cpu | cuda):
+        assert torch.equal(ops._act_entry(x, w, None, 2, 1, 0.2, r), want)
+    with pytest.raises(TypeError, match="routes must be an int"):
+        ops._act_entry(x, w, None, 2, 1, 0.2, "cpu")
+    with pytest.raises(TypeError, match="takes 6 or 7 arguments, got 8"):
+        ops._act_entry(x, w, None, 2, 1, 0.2, cpu, cpu)
     if torch.cuda.is_available() and ops._ext.has_kernel("conv_act_fwd", "CUDA"):
-        xc, wc = torch.randn(1, 3, 6, 6, device="cuda"), torch.randn(4, 3, 4, 4, device="cuda")
-        assert ops._act_entry(xc, wc, None, 2, 1, 0.2) is None  # the fast entry: CPU tensors only
+        xc, wc = x.cuda(), w.cuda()
+        assert ops._act_entry(xc, wc, None, 2, 1, 0.2) is None  # the default: CPU tensors only
+        assert ops._act_entry(xc, wc.cpu(), None, 2, 1, 0.2, cuda) is None  # every tensor on x's device
         with pytest.raises(NotImplementedError, match="weight"):
             op(xc, wc.cpu(), None, 2, 1, 0.2)
-        assert op(xc, wc, None, 2, 1, 0.2).is_cuda
+        y = op(xc, wc, None, 2, 1, 0.2)
+        assert y.is_cuda and torch.equal(ops._act_entry(xc, wc, None, 2, 1, 0.2, cuda), y)
+
+
+def test_cuda_calls_take_the_fast_entry(monkeypatch):
+    """On CUDA tensors, where the cuda backend is chosen, GF.conv2d_act runs the fast entry with its
+    CUDA bit (one C++ call), and the dispatcher op only for what the fast entry hands over (a
+    tensor subclass, a torch function mode) or declines. (Played on CPU tensors: the CUDA bit
+    stands in by the CPU one, and the call is routed as a CUDA call.)"""
+    entry = ops._ext.op("conv2d_act").default._op
+    monkeypatch.setattr(ops, "ACT_ROUTE_CUDA", ops.ACT_ROUTE_CPU)
+    monkeypatch.setattr(_dispatch, "cuda_entry", lambda name, op, kernels=(), variant=None: entry)
+    calls = []
+    fast, disp = ops._act_entry, ops._act_dispatcher_entry
+    monkeypatch.setattr(ops, "_act_entry", lambda *a: calls.append(("fast", a[6:])) or fast(*a))
+    monkeypatch.setattr(ops, "_act_dispatcher_entry", lambda *a: calls.append(("dispatcher",)) or disp(*a))
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 4, 4)
+    assert torch.equal(ops._act_cuda_entry(x, w, None, 2, 1, 0.2), entry(x, w, None, [2, 2], [1, 1], 0.2))
+    assert calls == [("fast", (ops.ACT_ROUTE_CPU,))]
+    calls.clear()
+    monkeypatch.setattr(ops, "_act_entry", lambda *a: calls.append(("fast",)) or NotImplemented)
+    assert torch.equal(ops._act_cuda_entry(x, w, None, 2, 1, 0.2), entry(x, w, None, [2, 2], [1, 1], 0.2))
+    assert calls == [("fast",), ("dispatcher",)]
+    monkeypatch.setattr(_dispatch, "cuda_entry", lambda *a, **k: None)  # another backend chosen
+    calls.clear()
+    assert ops._act_cuda_entry(x, w, None, 2, 1, 0.2) is None and calls == []
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_other_backends_do_not_take_the_lean_entry(backend):

@@ -6,7 +6,8 @@
 // for bit. The dispatcher op also serves CUDA tensors where the build has those kernels' CUDA
 // implementations (csrc/cuda/conv_act_launcher.cpp: the cuda backend), with every tensor on x's
 // device; ops/conv_act.py calls it on CUDA tensors only where the cuda backend is the one chosen
-// (_dispatch.cuda_entry). The Python fast entry (conv_py.cpp) serves CPU tensors only.
+// (_dispatch.cuda_entry). The Python fast entry (conv_py.cpp) serves CPU tensors, and CUDA tensors
+// where its caller asks (the same check and body, without the dispatcher op's layer).
 //
 // A call this op does not serve is refused before any work with NotImplementedError
 // (TORCH_CHECK_NOT_IMPLEMENTED) and a message starting "conv2d_act: not served by the C++ entry":
@@ -81,9 +82,8 @@ bool in_cuda() {
   return cuda;
 }
 
-// x on a device this call may serve (CPU; CUDA where allowed, for the dispatcher entries with their
-// CUDA kernels built: the Python fast entry serves CPU tensors alone), strided; t strided on x's
-// device
+// x on a device this call may serve (CPU; CUDA where allowed: the entries, with their CUDA kernels
+// built), strided; t strided on x's device
 bool served_x(const at::Tensor& x, bool cuda_ok) {
   return x.layout() == at::kStrided && (x.is_cpu() || (cuda_ok && x.is_cuda()));
 }
@@ -355,8 +355,8 @@ at::Tensor conv2d_in_act_plain(const at::Tensor& x, const at::Tensor& w, const O
 
 // conv_lean.h: shared with the Python fast entry (conv_py.cpp)
 const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                    at::IntArrayRef padding, double slope) {
-  return refusal_impl(x, w, b, stride, padding, slope, /*cuda_ok=*/false);
+                    at::IntArrayRef padding, double slope, bool cuda) {
+  return refusal_impl(x, w, b, stride, padding, slope, /*cuda_ok=*/cuda && act_cuda());
 }
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                at::IntArrayRef padding, double slope) {

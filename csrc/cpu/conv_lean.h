@@ -66,8 +66,10 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntA
 
 namespace conv_act_lean {
 using OptT = c10::optional<at::Tensor>;
+// ``cuda``: CUDA tensors may be served too (where this build has the CUDA kernels), for the fast
+// entry's CUDA calls; else CPU tensors only
 const char* refusal(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                    at::IntArrayRef padding, double slope);
+                    at::IntArrayRef padding, double slope, bool cuda = false);
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                at::IntArrayRef padding, double slope);
 }  // namespace conv_act_lean

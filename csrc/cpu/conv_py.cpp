@@ -18,6 +18,10 @@
 //   1  CPU tensors, the lean route (the cpu backend's router)   (the default where omitted)
 //   2  CUDA tensors, the vendor route
 //   4  CPU tensors, the vendor route (the CPU proxy of the CUDA path, and tests; over 1)
+// conv2d_act_entry takes ``routes`` too, with other bits: 1 CPU tensors on the cpu backend's
+// kernels (the default), 8 CUDA tensors on the cuda backend's kernels (csrc/cuda/conv_act.cu, the
+// same body as the dispatcher op ganengine_C::conv2d_act serves them with, without its layer; the
+// caller asks _dispatch.cuda_entry whether the cuda backend is the one chosen).
 //
 // Each returns
 //   a Tensor        the call, served;
@@ -105,7 +109,7 @@ bool nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char* name) {
 }
 
 // the routes argument (see the top of the file)
-constexpr int64_t kLeanCpu = 1, kVendorCuda = 2, kVendorCpu = 4;
+constexpr int64_t kLeanCpu = 1, kVendorCuda = 2, kVendorCpu = 4, kKernelsCuda = 8;
 enum class Route { None, Lean, Vendor };
 
 // the optional last argument of an entry taking ``want`` without it: true and ``routes`` set, or
@@ -192,10 +196,11 @@ PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// conv2d_act_entry(x, weight, bias, stride, padding, negative_slope)
+// conv2d_act_entry(x, weight, bias, stride, padding, negative_slope[, routes])
 PyObject* conv2d_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!nargs_ok(nargs, 6, "conv2d_act_entry")) return nullptr;
+  int64_t routes;
+  if (!routes_arg(args, nargs, 6, "conv2d_act_entry", routes)) return nullptr;
   const Arg t = xwb(args);
   if (t == Arg::Decline) return declined();
   if (t == Arg::Dispatcher) return to_dispatcher();
@@ -218,7 +223,9 @@ PyObject* conv2d_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor& x = THPVariable_Unpack(args[0]);
   const at::Tensor& w = THPVariable_Unpack(args[1]);
   const OptT b = opt(args[2]);
-  if (conv_act_lean::refusal(x, w, b, stride, padding, slope) != nullptr) return declined();
+  const bool cuda = x.is_cuda();
+  if (!(cuda ? (routes & kKernelsCuda) : (routes & kLeanCpu))) return declined();
+  if (conv_act_lean::refusal(x, w, b, stride, padding, slope, cuda) != nullptr) return declined();
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
@@ -236,8 +243,8 @@ PyMethodDef methods[] = {
      "conv_entry(x, weight, bias, stride, padding, output_padding, transposed[, routes]): GF.conv2d / "
      "GF.conv_transpose2d's eager fast entry"},
     {"conv2d_act_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv2d_act_entry)),
-     METH_FASTCALL, "conv2d_act_entry(x, weight, bias, stride, padding, negative_slope): GF.conv2d_act's eager "
-     "fast entry"},
+     METH_FASTCALL, "conv2d_act_entry(x, weight, bias, stride, padding, negative_slope[, routes]): GF.conv2d_act's "
+     "eager fast entry"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -247,6 +254,7 @@ void add_entries(pybind11::module_& m) {
   // conv3x3_entry / conv_entry take ``routes`` (ops/_dispatch.conv_routes asks: a build from before
   // it gets the Python route)
   m.attr("conv_entry_routes") = true;
+  m.attr("conv2d_act_entry_routes") = true;  // (and conv2d_act_entry, its bits 1 and 8)
 }
 
 }  // namespace conv_py

@@ -460,6 +460,8 @@ def _plain_pair(v) -> bool:
 # ganengine._C.conv2d_act_entry (csrc/cpu/conv_py.cpp): the same entry without the dispatcher op's
 # own layer (plain eager calls)
 _act_entry = fast_entry("conv2d_act_entry")
+# its ``routes`` argument: 1 CPU tensors (the default), 8 CUDA tensors on the cuda backend's kernels
+ACT_ROUTE_CPU, ACT_ROUTE_CUDA = 1, 8
 
 
 def _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope):
@@ -480,6 +482,21 @@ def _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope):
         if not _dispatch.refused(e, _REFUSAL, bias, required=(weight,)):
             raise
     return None
+
+
+def _act_cuda_entry(x, weight, bias, stride, padding, negative_slope):
+    """conv2d_act on a CUDA tensor where the cuda backend is the one chosen (_dispatch.cuda_entry):
+    the fast entry on its CUDA route (one C++ call: the dispatcher op's check and body without its
+    layer), or the dispatcher op for what the fast entry hands it (tensor subclasses, torch function
+    modes) and in an extension built before the entry took ``routes``. y, or None (the Python route
+    serves the call or raises its public error)."""
+    if _dispatch.cuda_entry("conv2d_act", "conv2d_act", _ACT_KERNELS) is None:
+        return None
+    if getattr(_ext._C, "conv2d_act_entry_routes", False):
+        y = _act_entry(x, weight, bias, stride, padding, negative_slope, ACT_ROUTE_CUDA)
+        if y is not NotImplemented:
+            return y
+    return _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope)
 
 
 # conv2d_instance_norm_act's lean entry: ganengine_C::conv2d_in_act (same file, same rules)
@@ -519,7 +536,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # own: raised once.
     if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
         if isinstance(x, torch.Tensor) and x.is_cuda:  # the cuda backend's C++ entry, where chosen
-            y = _act_dispatcher_entry(x, weight, bias, stride, padding, negative_slope)
+            y = _act_cuda_entry(x, weight, bias, stride, padding, negative_slope)
             if y is not None:
                 _dispatch.last_used["conv2d_act"] = "cuda"
                 return y
