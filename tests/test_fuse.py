@@ -412,3 +412,52 @@ def test_probe_closeness_check():
     assert not _close(a, a.double()) and not _close(a, a[:50])
     inf = torch.full((3,), float("inf"))
     assert _close(inf, inf) and not _close(inf, -inf) and _close(a[:0], a[:0])
+
+
+# what ganengine's module classes and fuse()'s mixins may define that nn.Module or the layers they
+# are mixed into also define (a mixin's ``_apply(x, slope)`` once replaced nn.Module._apply, the
+# method .to / .double / .cpu call, and every cast of a fused spectral-normed model raised)
+_OVERRIDES = {"__init__", "forward", "extra_repr", "_load_from_state_dict", "reset_running_stats", "__getstate__",
+              "__setstate__", "__reduce_ex__"}
+
+
+def test_module_classes_override_only_what_they_mean_to():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import ganengine.fusion
+    from ganengine.fusion.copying import FusedModule
+
+    bases = (nn.Module, nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.InstanceNorm2d, nn.Embedding,
+             nn.Sequential)
+    taken = set().union(*(dir(b) for b in bases)) - {"__module__", "__doc__", "__qualname__", "__annotations__",
+                                                     "__dict__", "__weakref__", "__firstlineno__",
+                                                     "__static_attributes__"}
+    seen = 0
+    for pkg in (ganengine.fusion, gnn):
+        for info in pkgutil.iter_modules(pkg.__path__):
+            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            for name, cls in vars(mod).items():
+                if not (inspect.isclass(cls) and cls.__module__ == mod.__name__
+                        and issubclass(cls, (nn.Module, FusedModule))):
+                    continue
+                seen += 1
+                clash = sorted(set(vars(cls)) & taken - _OVERRIDES)
+                assert not clash, f"{mod.__name__}.{name} shadows {clash} of torch.nn"
+    assert seen > 15
+
+
+def test_fused_spectral_normed_convs_move_and_cast():
+    from torch.nn.utils import spectral_norm as hook_sn
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    for sn in (spectral_norm, hook_sn):
+        torch.manual_seed(0)
+        model = nn.Sequential(sn(nn.Conv2d(3, 8, 3)), nn.LeakyReLU(0.2), sn(nn.Conv2d(8, 4, 3)))
+        fused = ganengine.fuse(model)
+        assert fused.to("cpu") is fused
+        x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+        y = fused.double().eval()(x)
+        assert y.dtype == torch.float64 and all(p.dtype == torch.float64 for p in fused.parameters())
+        assert fused.float()(x.float()).dtype == torch.float32

@@ -39,7 +39,30 @@ def _trajectory(make, batch, steps=5, lr=0.01):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5, msg=k)
         else:
             assert torch.equal(a, b), k
+    _casts_as_a_module(fused, twin, batch(steps))
     return fused, report
+
+
+def _casts_as_a_module(fused, twin, inputs):
+    """The fused model moves and casts as any module (nn.Module._apply, under .to / .double /
+    .float / .cpu): in fp64, with the same weights, its outputs are the unfused model's within
+    1e-7 relative, far above
+    fp64's rounding (2**-53 per op, these nets' depth and conditioning) and far below any error
+    in the fused arithmetic."""
+    # (in place: SAGAN's own SpectralNorm leaves a non-leaf weight attribute that deepcopy refuses)
+    f64, t64 = fused.to("cpu").double(), twin.double()
+    assert all(p.dtype == torch.float64 for p in f64.parameters())
+    f64.load_state_dict(t64.state_dict())  # (the two trained apart: fp32 rounding moved them apart)
+    inputs = [t.double() if t.is_floating_point() else t for t in inputs]
+    outs = []
+    for net in (f64, t64):
+        torch.manual_seed(7)
+        out = net(*inputs)
+        outs.append(out if isinstance(out, tuple) else (out,))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    assert all(p.dtype == torch.float32 for p in f64.float().parameters())
+    twin.float()
 
 
 def _images(n, c, s):

@@ -127,7 +127,7 @@ class ConvMixin(FusedModule):
         w = getattr(self, self._ganengine_weight)
         return w() if self._ganengine_weight_call else w
 
-    def _apply(self, x, slope):
+    def _fused_call(self, x, slope):  # (not _apply: nn.Module._apply is what .to() / .double() call)
         if self._ganengine_sigma == "biggan":
             from ganengine.fusion.spectral import biggan_sigma
 
@@ -135,12 +135,12 @@ class ConvMixin(FusedModule):
         return conv_apply(self, x, self._fused_weight(), slope)
 
     def forward(self, x):
-        return self._apply(x, self._ganengine_slope)
+        return self._fused_call(x, self._ganengine_slope)
 
     def _ganengine_act_forward(self, activation: str, negative_slope: float, x):
         if self._ganengine_slope is not None:
             raise RuntimeError("_ganengine_act_forward on a conv that already has an activation")
-        return self._apply(x, _act_slope(activation, negative_slope))
+        return self._fused_call(x, _act_slope(activation, negative_slope))
 
 
 class SpectralNormWrapperMixin(FusedModule):
