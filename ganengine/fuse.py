@@ -29,7 +29,8 @@ from ganengine.fusion.report import Declined, FuseReport
 __all__ = ["fuse", "FuseReport", "Declined", "register_pair_rule", "register_module_rule"]
 
 
-def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False):
+def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False,
+         keep_channels_last: bool = False):
     """Rewrite ``module`` so that fusable layer patterns run on ganengine's fused ops.
 
     Args:
@@ -38,13 +39,20 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False):
             Parameters and buffers are the same objects either way.
         return_report: also return a ``FuseReport``: ``{rule: count}`` (a dict) with
             ``.replaced``, ``.declined`` (where, rule, reason), ``.traced``, ``.not_traced``.
+        keep_channels_last: the fused instance norms keep a channels_last input's layout (NHWC
+            networks stay NHWC: no conversion per norm). By default they give what
+            ``nn.InstanceNorm2d`` gives, a contiguous output, so that what follows behaves as
+            before (dropout draws its mask in memory order; ``.view`` needs the layout).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fuse(module): expected an nn.Module, got {type(module).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"fuse(inplace=...): expected a bool, got {type(inplace).__name__}")
+    if not isinstance(keep_channels_last, bool):
+        raise TypeError(f"fuse(keep_channels_last=...): expected a bool, got {type(keep_channels_last).__name__}")
     from ganengine.fusion.copying import FusedModule, structural_copy
     from ganengine.fusion.engine import Fuser
+    from ganengine.fusion.rules import KEEP_LAYOUT
 
     report = FuseReport()
     target = module if inplace else structural_copy(module)
@@ -54,9 +62,11 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False):
         # the rules' probes run tiny tensors: one thread (several spin-wait on each other on a
         # busy machine: measured 10x slower); and they must not move the caller's RNG
         torch.set_num_threads(1)
+        layout = KEEP_LAYOUT.set(keep_channels_last)
         with torch.random.fork_rng(devices=devices):
             fused = Fuser(report).run(target)
     finally:
+        KEEP_LAYOUT.reset(layout)
         torch.set_num_threads(threads)
     if inplace and fused is not module and isinstance(fused, FusedModule) \
             and isinstance(fused, type(module)):

@@ -461,3 +461,81 @@ def test_fused_spectral_normed_convs_move_and_cast():
         y = fused.double().eval()(x)
         assert y.dtype == torch.float64 and all(p.dtype == torch.float64 for p in fused.parameters())
         assert fused.float()(x.float()).dtype == torch.float32
+
+
+class _NormCalls(nn.Module):
+    """Instance norms written as calls in forward (fuse()'s graph route)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(4, affine=True)
+
+    def forward(self, x):
+        return F.dropout(F.leaky_relu(self.norm(x), 0.2), 0.5, self.training)
+
+
+def _layout_models():
+    import ganengine.ops.conv as cv
+
+    torch.manual_seed(0)
+    with cv.gemm_policy("always"):  # (the conv + norm + act rule fuses only where a conv route pays)
+        conv_in = ganengine.fuse(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.ReLU()))
+    assert type(conv_in[0]).__name__ == "Conv2dInstanceNormAct"
+    return {
+        "pair": nn.Sequential(nn.InstanceNorm2d(4, affine=True), nn.ReLU(), nn.Dropout(0.5)),
+        "lone": nn.Sequential(nn.InstanceNorm2d(4), nn.Dropout(0.5)),
+        "calls": _NormCalls(),
+        "conv+norm+act": nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.ReLU(),
+                                       nn.Dropout(0.5)),
+    }
+
+
+@pytest.mark.parametrize("name", ["pair", "lone", "calls", "conv+norm+act"])
+def test_fused_instance_norms_give_the_unfused_layout(name):
+    """A channels_last input: nn.InstanceNorm2d returns a contiguous tensor, and what follows
+    depends on it (dropout draws its mask in memory order; .view needs it). The fused norms give
+    the same layout, hence the same dropout masks under a seed; keep_channels_last=True keeps NHWC."""
+    import ganengine.ops.conv as cv
+
+    model = _layout_models()[name]
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with cv.gemm_policy("always"):
+        fused, report = ganengine.fuse(model, return_report=True)
+        kept = ganengine.fuse(model, keep_channels_last=True)
+        assert not report.declined, report.declined
+        outs = []
+        for net in (model, fused, kept):
+            torch.manual_seed(3)
+            outs.append(net(x))
+    want, got, nhwc = outs
+    assert got.stride() == want.stride() and want.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # (fp32 roundings of one norm; masks equal)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    with pytest.raises(TypeError, match="keep_channels_last"):
+        ganengine.fuse(model, keep_channels_last=1)
+
+
+@pytest.mark.parametrize("name", ["pair", "lone", "calls", "conv+norm+act"])
+def test_fused_instance_norms_raise_on_one_pixel_as_torch(name):
+    """H * W == 1 with input statistics: nn.InstanceNorm2d raises; so does the fused model."""
+    import ganengine.ops.conv as cv
+
+    model = _layout_models()[name]
+    x = torch.randn(2, 4, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 spatial element") as want:
+        model(x)
+    with cv.gemm_policy("always"):
+        fused = ganengine.fuse(model)
+        with pytest.raises(ValueError, match="more than 1 spatial element") as got:
+            fused(x)
+    assert str(got.value) == str(want.value)
+
+
+def test_instance_norm_module_one_pixel_in_eval_with_running_stats():
+    """Running statistics in eval: no input statistics, so one pixel is served (as torch does)."""
+    norm = nn.InstanceNorm2d(3, track_running_stats=True, affine=True).eval()
+    fused = gnn.InstanceNormAct2d.from_modules(norm, None)
+    x = torch.randn(2, 3, 1, 1)
+    torch.testing.assert_close(fused(x), norm(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        fused.train()(x)

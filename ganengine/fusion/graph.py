@@ -65,16 +65,12 @@ def act_forward(m: nn.Module, activation: str, negative_slope: float, *inputs):
     from ganengine.fusion.mixins import FusedModule as _F
     from ganengine.nn import BatchNormAct1d, BatchNormAct2d, Conv2d, Conv3x3, InstanceNormAct2d
     from ganengine.ops.batch_norm_act import batch_norm_act
-    from ganengine.ops.norm_act import instance_norm_act
 
     kind = type(m)
     if isinstance(m, _F) and head_kind(m):
         return m._ganengine_act_forward(activation, negative_slope, *inputs)
     if kind is InstanceNormAct2d and m.activation == "none" and len(inputs) == 1:
-        # InstanceNormAct2d.forward with another activation
-        return instance_norm_act(inputs[0], m.weight, m.bias, m.running_mean, m.running_var,
-                                 m.training or not m.track_running_stats,
-                                 m.momentum if m.momentum is not None else 0.0, m.eps, activation, negative_slope)
+        return m._norm_call(inputs[0], activation, negative_slope)  # forward() with another activation
     if kind in (BatchNormAct2d, BatchNormAct1d) and m.activation == "none" and len(inputs) == 1:
         # _BatchNormActMixin.forward (ganengine/nn/batch_norm_act.py) with another activation
         x = inputs[0]

@@ -23,6 +23,7 @@ the built-in ones of their kind.
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,11 @@ from torch.nn.utils import parametrize
 
 from ganengine.fusion import checks, recognise
 from ganengine.fusion.recognise import Decline, activation_slope
+
+# fuse(keep_channels_last=...): whether the instance norms fuse() builds keep a channels_last input's
+# layout (True) or give nn.InstanceNorm2d's contiguous output (False, the default: same layout, same
+# behaviour downstream); set by fuse() around its run
+KEEP_LAYOUT: contextvars.ContextVar[bool] = contextvars.ContextVar("ganengine_fuse_keep_layout", default=False)
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,7 @@ def _match_norm(kind):
 def _build_instance_norm(m):
     from ganengine.nn.norm_act import InstanceNormAct2d
     why = _why_not_plain(m)
-    return Decline(why) if why else InstanceNormAct2d.from_modules(m, None)
+    return Decline(why) if why else InstanceNormAct2d.from_modules(m, None, keep_layout=KEEP_LAYOUT.get())
 
 
 def _build_batch_norm(m):
@@ -258,6 +264,7 @@ def _build_conv_in_act(conv, norm, act):
                                   bias=conv.bias is not None, eps=norm.eps, affine=False, activation=activation,
                                   negative_slope=slope if activation == "leaky_relu" else 0.2, device="meta")
     fused.weight, fused.bias = conv.weight, conv.bias
+    fused.keep_layout = KEEP_LAYOUT.get()
     fused.train(conv.training)
     return [fused, nn.Identity(), nn.Identity()]
 
@@ -265,7 +272,8 @@ def _build_conv_in_act(conv, norm, act):
 def _build_norm_act(norm, act):
     from ganengine.nn.norm_act import InstanceNormAct2d
     why = _why_not_plain(norm, act)
-    return Decline(why) if why else [InstanceNormAct2d.from_modules(norm, act), nn.Identity()]
+    return Decline(why) if why else [InstanceNormAct2d.from_modules(norm, act, keep_layout=KEEP_LAYOUT.get()),
+                                     nn.Identity()]
 
 
 def _build_bn_act(norm, act):

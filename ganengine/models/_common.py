@@ -14,11 +14,12 @@ def finish(net: nn.Module, fused: bool) -> nn.Module:
         import ganengine
         from ganengine.nn import InstanceNormAct2d
 
-        ganengine.fuse(net, inplace=True)
+        # (ganengine's own networks: --channels_last runs them NHWC throughout)
+        ganengine.fuse(net, inplace=True, keep_channels_last=True)
         for module in net.modules():
             for name, child in list(module.named_children()):
                 if type(child) is nn.InstanceNorm2d:
-                    setattr(module, name, InstanceNormAct2d.from_modules(child, None))
+                    setattr(module, name, InstanceNormAct2d.from_modules(child, None, keep_layout=True))
     return net
 
 

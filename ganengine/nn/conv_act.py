@@ -64,7 +64,14 @@ class Conv2dInstanceNormAct(nn.Conv2d):
     ``activation`` ("leaky_relu", "relu", "none") with ``negative_slope``. Keys: ``weight``,
     ``bias`` (if ``bias=True``; it cancels in the normalisation, as in the reference model),
     ``norm_weight`` and ``norm_bias`` (if ``affine=True``).
+
+    As the norm it replaces, a single-pixel output plane raises ``F.instance_norm``'s ValueError.
+    ``keep_layout`` (attribute, as ``InstanceNormAct2d``'s): True (the default) keeps a
+    channels_last input's layout in the output; False gives the unfused conv -> InstanceNorm2d's
+    layout, always contiguous (what ``ganengine.fuse`` sets unless ``keep_channels_last=True``).
     """
+
+    keep_layout: bool = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, eps: float = 1e-5, affine: bool = False, activation: str = "leaky_relu",
@@ -85,8 +92,15 @@ class Conv2dInstanceNormAct(nn.Conv2d):
             self.register_parameter("norm_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_instance_norm_act(x, self.weight, self.bias, self.stride, self.padding, self.norm_weight,
-                                        self.norm_bias, self.eps, self.activation, self.negative_slope)
+        if x.dim() == 4:  # (else the op raises its shape error)
+            (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+            if (x.shape[2] + 2 * ph - kh) // sh == 0 and (x.shape[3] + 2 * pw - kw) // sw == 0:
+                size = (x.shape[0], self.out_channels, 1, 1)
+                raise ValueError(f"Expected more than 1 spatial element when training, got input size "
+                                 f"{torch.Size(size)}")
+        y = conv2d_instance_norm_act(x, self.weight, self.bias, self.stride, self.padding, self.norm_weight,
+                                     self.norm_bias, self.eps, self.activation, self.negative_slope)
+        return y if self.keep_layout or y.is_contiguous() else y.contiguous()
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, eps={self.eps}, affine={self.affine}, activation={self.activation}"

@@ -22,8 +22,16 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
 
     Args are ``nn.InstanceNorm2d``'s plus ``activation`` ("leaky_relu", "relu", "none") and
     ``negative_slope``. Training/eval behaviour follows ``nn.InstanceNorm2d`` exactly: input
-    statistics in training or when ``track_running_stats=False``, running statistics in eval.
+    statistics in training or when ``track_running_stats=False``, running statistics in eval; a
+    single pixel (H * W == 1) with input statistics raises its ValueError.
+
+    ``keep_layout`` (attribute): True (the default) keeps a channels_last input's layout in the
+    output (no conversion, as the NHWC kernels allow); False gives ``nn.InstanceNorm2d``'s layout,
+    always contiguous (what ``ganengine.fuse`` sets, unless ``keep_channels_last=True``: a layout
+    feeds what follows, e.g. the mask dropout draws under a seed and whether ``.view`` works).
     """
+
+    keep_layout: bool = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = False, track_running_stats: bool = False,
@@ -37,6 +45,10 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
         self.negative_slope = float(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm_call(x, self.activation, self.negative_slope)
+
+    def _norm_call(self, x: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+        """forward() with another activation (fuse()'s rewritten graphs call it too)."""
         if x.dim() not in (3, 4):
             raise ValueError(f"InstanceNormAct2d: expected a 3-D or 4-D input, got shape {tuple(x.shape)}")
         channels = x.shape[-3]
@@ -49,17 +61,23 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
                           f"{self.num_features} (unused because affine=False)", stacklevel=2)
         # exactly nn.InstanceNorm2d's rule: input statistics when training or not tracking;
         # momentum None means no running-stat update (instance norm keeps no batch count)
-        return instance_norm_act(
-            x, self.weight, self.bias, self.running_mean, self.running_var,
-            self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0, self.eps,
-            self.activation, self.negative_slope)
+        use_input_stats = self.training or not self.track_running_stats
+        if use_input_stats and x.shape[-1] * x.shape[-2] == 1:  # (F.instance_norm's own check and words)
+            raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.size()}")
+        y = instance_norm_act(
+            x, self.weight, self.bias, self.running_mean, self.running_var, use_input_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps, activation, negative_slope)
+        return y if self.keep_layout or y.is_contiguous() else y.contiguous()
 
     def extra_repr(self) -> str:
         act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
         return f"{super().extra_repr()}, activation={act}"
 
     @classmethod
-    def from_modules(cls, norm: nn.InstanceNorm2d, act: nn.Module | None) -> "InstanceNormAct2d":
-        """A fused module sharing ``norm``'s parameters and buffers (same tensors, same keys)."""
-        return norm_with_activation(cls, norm, act)
+    def from_modules(cls, norm: nn.InstanceNorm2d, act: nn.Module | None,
+                     keep_layout: bool = False) -> "InstanceNormAct2d":
+        """A fused module sharing ``norm``'s parameters and buffers (same tensors, same keys);
+        by default with ``norm``'s output layout (``keep_layout=False``)."""
+        fused = norm_with_activation(cls, norm, act)
+        fused.keep_layout = bool(keep_layout)
+        return fused
