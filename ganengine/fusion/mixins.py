@@ -70,17 +70,20 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
     if x.dim() != 4:  # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W))
         y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, stride, padding)
         return y if slope is None else F.leaky_relu(y, slope)
+    # under torch.compile the CPU routes' decisions (C++ builtins dynamo cannot trace) are not asked:
+    # the compiler gets PyTorch's conv, and conv3x3's custom op for reflect padding
+    compiling = torch.compiler.is_compiling()
     if tuple(w.shape[-2:]) == (3, 3) and stride == (1, 1) and padding[0] == padding[1]:
         # Winograd where it pays (and for reflect padding, read in place); the activation, if
         # any, then runs in place on the conv's fresh output (nothing else holds it)
-        if mode == "reflect" or winograd_profitable(x.shape, w.shape, padding[0]):
+        if mode == "reflect" or (not compiling and winograd_profitable(x.shape, w.shape, padding[0])):
             y = conv3x3(x, w, bias, padding[0], mode)
             return y if slope is None else F.leaky_relu(y, slope, inplace=True)
-    if mode == "zeros" and _route_pays(m, x, w):
+    if mode == "zeros" and not compiling and _route_pays(m, x, w):
         return conv2d(x, w, bias, stride, padding) if slope is None else conv2d_act(x, w, bias, stride, padding, slope)
     # no faster route for this call: PyTorch's conv (the fused ops would only add their cost).
     # Not a 3x3 stride-1 conv: the decision was _route_pays' alone, cached; remember the call
-    if tuple(w.shape[-2:]) != (3, 3) or stride != (1, 1):
+    if not compiling and (tuple(w.shape[-2:]) != (3, 3) or stride != (1, 1)):
         plain = m.__dict__.setdefault("_ganengine_plain_calls", set())
         if len(plain) < 64:
             plain.add((x.shape, x.dtype, x.device, w.shape))
