@@ -94,3 +94,38 @@ def test_gradient_penalty_bad_shapes_are_clear_errors():
         GF.gradient_penalty(lambda x: x[:0], torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="does not depend on its input"):
         GF.gradient_penalty(lambda x: torch.zeros(2), torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype,p_dtype,ok", [
+    (torch.float32, torch.float64, False), (torch.float64, torch.float32, False),
+    (torch.float32, torch.bfloat16, False), (torch.float16, torch.bfloat16, False),
+    (torch.bfloat16, torch.float32, True), (torch.float16, torch.float32, True), (torch.float64, torch.float64, True)])
+def test_norm_parameter_dtypes_as_torch(backend, x_dtype, p_dtype, ok):
+    """The norms' parameters (and batch norm's running statistics) take x's dtype, or float32 for a
+    half / bfloat16 x, as F.batch_norm / F.instance_norm do; anything else is a TypeError naming the
+    argument on every backend (the cpu backend's C++ entries once computed such calls)."""
+    x = torch.randn(2, 3, 4, 4, dtype=x_dtype)
+    p = torch.ones(3, dtype=p_dtype)
+    calls = {
+        "batch_norm_act weight": (lambda: GF.batch_norm_act(x, None, None, p, None), "weight"),
+        "batch_norm_act running_var": (lambda: GF.batch_norm_act(x, torch.zeros(3, dtype=p_dtype), p), "running_mean"),
+        "instance_norm_act bias": (lambda: GF.instance_norm_act(x, None, p), "bias"),
+    }
+    torch_calls = {
+        "batch_norm_act weight": lambda: F.batch_norm(x, None, None, p, None, training=True),
+        "batch_norm_act running_var": lambda: F.batch_norm(x, torch.zeros(3, dtype=p_dtype), p, training=True),
+        "instance_norm_act bias": lambda: F.instance_norm(x, bias=p),
+    }
+    for name, (call, arg) in calls.items():
+        with on_backend(backend):
+            if ok:
+                assert call().dtype == x_dtype, name
+            else:
+                with pytest.raises(TypeError, match=f"{arg} must have x's dtype"):
+                    call()
+        if ok:
+            torch_calls[name]()
+        else:  # (torch raises too: the rule is its rule)
+            with pytest.raises(RuntimeError):
+                torch_calls[name]()

@@ -59,6 +59,12 @@ inline void check_param(const c10::optional<at::Tensor>& t, const char* what, co
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", what, " must be floating point, got ",
                    t->scalar_type());
   TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", what, " is on ", t->device(), " but x is on ", x.device());
+  if (!per_sample) {  // F.batch_norm's rule: x's dtype, or float32 for a half / bfloat16 x (mixed)
+    const auto xs = x.scalar_type(), ps = t->scalar_type();
+    const bool reduced = xs == at::kHalf || xs == at::kBFloat16;
+    TORCH_CHECK_TYPE(ps == xs || (reduced && ps == at::kFloat), op, ": ", what, " must have x's dtype (", xs, ")",
+                     reduced ? " or Float" : "", ", got ", ps);
+  }
   if (per_sample) {
     bool ok = t->dim() >= 2 && t->size(0) == N && t->size(1) == C && t->numel() == N * C;
     TORCH_CHECK_VALUE(ok, op, ": ", what, " must have shape (N, C) = (", N, ", ", C, ") for x of shape ", x.sizes(),

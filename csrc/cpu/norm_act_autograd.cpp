@@ -69,7 +69,10 @@ void check(const at::Tensor& x, const OptT& w, const OptT& b) {
   for (const OptT* t : {&w, &b}) {
     if (!present(*t)) continue;
     const at::Tensor& p = **t;
-    TORCH_CHECK_NOT_IMPLEMENTED(p.device() == x.device() && p.dim() == 1 && p.size(0) == x.size(1) && p.is_floating_point(),
+    // (dtype: x's, or float32 for a half / bfloat16 x, as F.instance_norm takes them)
+    const auto xs = x.scalar_type(), ps = p.scalar_type();
+    const bool dtype_ok = ps == xs || (ps == at::kFloat && (xs == at::kHalf || xs == at::kBFloat16));
+    TORCH_CHECK_NOT_IMPLEMENTED(p.device() == x.device() && p.dim() == 1 && p.size(0) == x.size(1) && dtype_ok,
                                 "instance_norm_act: not served by the C++ entry (", t == &w ? "weight" : "bias",
                                 ")");
   }

@@ -246,6 +246,11 @@ def _check_param(name: str, t, c: int, x: torch.Tensor) -> None:
         raise ValueError(f"instance_norm_act: {name} is on {t.device} but x is on {x.device}")
     if not t.is_floating_point():
         raise TypeError(f"instance_norm_act: {name} must be floating point, got {t.dtype}")
+    if name in ("weight", "bias") and t.dtype != x.dtype and not (
+            t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        reduced = x.dtype in (torch.float16, torch.bfloat16)
+        raise TypeError(f"instance_norm_act: {name} must have x's dtype ({x.dtype}){' or torch.float32' if reduced else ''}"
+                        f", got {t.dtype} (as F.instance_norm)")
 
 
 def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
