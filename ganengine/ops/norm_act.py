@@ -264,7 +264,9 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     running-statistics update when ``running_mean``/``running_var`` are given and
     ``use_input_stats`` is true. ``x`` is (N, C, H, W) or unbatched (C, H, W); contiguous,
     channels_last or strided; fp32/fp16/bf16/fp64. A single pixel (H*W == 1) normalises to 0,
-    so the output is ``activation(bias)`` (PyTorch raises there).
+    so the output is ``activation(bias)`` (F.instance_norm raises there; the modules,
+    ``InstanceNormAct2d`` and what ``fuse()`` builds, raise as ``nn.InstanceNorm2d`` does).
+    ``weight`` / ``bias`` have x's dtype, or float32 for a half / bfloat16 x (F.instance_norm's rule).
     """
     # the lean route: the C++ op with C++ autograd (instance_norm_act_rs when running statistics are
     # updated), on a CPU tensor (the cpu backend's kernels) or on a CUDA tensor where the cuda
