@@ -63,13 +63,20 @@ def lowered_ops():
 
 class _TensorOutputs(nn.Module):
     """Calls the model and returns only its tensor outputs (drops the Nones some reference
-    generators return, e.g. StackGAN's ``(None, image, mu, logvar)``); one tensor unwrapped."""
+    generators return, e.g. StackGAN's ``(None, image, mu, logvar)``); one tensor unwrapped.
 
-    def __init__(self, model: nn.Module):
+    ``present``: for each positional argument of the model, whether it is a graph input (True) or
+    passed as None (an optional argument the model is called without, e.g. IC-GAN's label)."""
+
+    def __init__(self, model: nn.Module, present: Sequence[bool] | None = None):
         super().__init__()
         self.model = model
+        self.present = None if present is None or all(present) else tuple(bool(p) for p in present)
 
     def forward(self, *inputs):
+        if self.present is not None:
+            it = iter(inputs)
+            inputs = tuple(next(it) if p else None for p in self.present)
         out = self.model(*inputs)
         if isinstance(out, torch.Tensor):
             return out
@@ -79,15 +86,34 @@ class _TensorOutputs(nn.Module):
         raise ExportError(f"the model returned {type(out).__name__}; export needs tensors or tuples of tensors")
 
 
-def _as_inputs(example_input) -> tuple[torch.Tensor, ...]:
-    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError("example_input must be a tensor or a tuple/list of tensors, got "
-                        f"{type(example_input).__name__}")
-    return inputs
+def _as_inputs(example_input) -> tuple[tuple[torch.Tensor, ...], tuple[bool, ...]]:
+    """(the tensors of ``example_input``: the graph's inputs, which positional arguments they are)."""
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not any(isinstance(t, torch.Tensor) for t in args) or not all(t is None or isinstance(t, torch.Tensor)
+                                                                        for t in args):
+        raise TypeError("example_input must be a tensor or a tuple/list of tensors (None for an optional argument "
+                        f"the model is called without), got {type(example_input).__name__} of "
+                        f"{[type(t).__name__ for t in args]}")
+    return tuple(t for t in args if t is not None), tuple(t is not None for t in args)
+
+
+@contextlib.contextmanager
+def _restored_state(net: nn.Module):
+    """Run ``net`` and put the values of its parameters and buffers back afterwards (in place):
+    the eager call export makes before tracing must not move the spectral-norm vectors or running
+    statistics of the network that is then traced."""
+    saved = [(t, t.detach().clone()) for t in list(net.parameters()) + list(net.buffers())]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in saved:
+                t.copy_(v)
 
 
 NORM_STATS = ("running", "input")
+# the method a module may define to be replaced for export (see prepare_for_export)
+EXPORT_HOOK = "export_module"
 
 
 def _input_stats(norm: nn.Module) -> None:
@@ -136,13 +162,31 @@ def prepare_for_export(model: nn.Module, eval_mode: bool = True, norm_stats: str
     """A copy of ``model`` set up for export: eval mode (dropout off), and norm layers that use
     their running statistics (``norm_stats="running"``, the usual inference behaviour) or the
     input's statistics (``"input"``: as in training mode, and as the StarGAN reference, and pix2pix
-    without --eval, translate at test time). The original model is not touched."""
+    without --eval, translate at test time). The original model is not touched.
+
+    Export semantics (the same for every network): the graph computes what the network's forward
+    computes now in eval mode (``eval_mode=True``, the default), from its current state, and
+    writes nothing: no running-statistics
+    update, and spectral norms use their current u/v estimate (a reference SN that iterates in
+    eval mode too, SAGAN's, runs that iteration inside the graph from the stored u, without
+    writing it back, so every call of the exported graph equals the network's next forward).
+    Only the normalisation statistics are chosen, by ``norm_stats``.
+
+    A module of a custom norm layer can take part through the hook method
+    ``export_module(norm_stats)`` (``EXPORT_HOOK``): called on the copy, it returns a module that
+    replaces it in the exported network (plain ops; nothing written), or None to keep it."""
     if norm_stats not in NORM_STATS:
         raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
     net = copy.deepcopy(model)
     net.train(not eval_mode)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
+            hook = getattr(child, EXPORT_HOOK, None)
+            if callable(hook):
+                replacement = hook(norm_stats)
+                if replacement is not None:
+                    setattr(parent, name, replacement)
+                continue
             if not isinstance(child, nn.modules.batchnorm._NormBase):
                 continue
             batch_stats = norm_stats == "input" or not child.track_running_stats
@@ -192,8 +236,8 @@ def trace(model: nn.Module, example_input, eval_mode: bool = True, norm_stats: s
     (see ``prepare_for_export`` for ``eval_mode`` and ``norm_stats``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = _as_inputs(example_input)
-    wrapper = _TensorOutputs(prepare_for_export(model, eval_mode, norm_stats))
+    inputs, present = _as_inputs(example_input)
+    wrapper = _TensorOutputs(prepare_for_export(model, eval_mode, norm_stats), present)
     with _quiet(), lowered_ops():
         traced = torch.jit.trace(wrapper, inputs, check_trace=False)
     left = custom_ops_in_graph(traced.inlined_graph)
@@ -223,6 +267,15 @@ def _copy_symbolic(g, self, src, non_blocking):
     return g.op("Expand", g.op("CastLike", src, self), g.op("Shape", self))
 
 
+def _vdot_symbolic(g, self, other):
+    # aten::vdot (torch.nn.utils.parametrizations.spectral_norm's sigma = vdot(u, W v)) has no ONNX
+    # translation; for the real tensors exported here it is the sum of the products
+    return g.op("ReduceSum", g.op("Mul", self, other), keepdims_i=0)
+
+
+_SYMBOLICS = {"aten::copy": _copy_symbolic, "aten::vdot": _vdot_symbolic}
+
+
 def _names(prefix: str, n: int, given: Sequence[str] | None) -> list[str]:
     if given is not None:
         if len(given) != n:
@@ -244,15 +297,17 @@ def to_onnx(model: nn.Module, example_input, path: str | os.PathLike, opset_vers
 
     if opset_version < 15:
         raise ValueError(f"opset_version must be >= 15 (CastLike), got {opset_version}")
-    inputs = _as_inputs(example_input)
-    wrapper = _TensorOutputs(prepare_for_export(model, eval_mode, norm_stats))
+    inputs, present = _as_inputs(example_input)
+    wrapper = _TensorOutputs(prepare_for_export(model, eval_mode, norm_stats), present)
     with _quiet(), lowered_ops():
-        out = wrapper(*inputs)
+        with _restored_state(wrapper):  # counts the outputs; the trace below starts from the same state
+            out = wrapper(*inputs)
         n_out = 1 if isinstance(out, torch.Tensor) else len(out)
         in_names = _names("input", len(inputs), input_names)
         out_names = _names("output", n_out, output_names)
         axes = {name: {0: "batch"} for name in in_names + out_names} if dynamic_batch else None
-        register_custom_op_symbolic("aten::copy", _copy_symbolic, opset_version)
+        for op, fn in _SYMBOLICS.items():
+            register_custom_op_symbolic(op, fn, opset_version)
         try:
             torch.onnx.export(wrapper, inputs, os.fspath(path), dynamo=False, opset_version=opset_version,
                               input_names=in_names, output_names=out_names, dynamic_axes=axes,
@@ -261,7 +316,8 @@ def to_onnx(model: nn.Module, example_input, path: str | os.PathLike, opset_vers
         except Exception as exc:
             raise ExportError(f"ONNX export failed: {exc}") from exc
         finally:
-            unregister_custom_op_symbolic("aten::copy", opset_version)
+            for op in _SYMBOLICS:
+                unregister_custom_op_symbolic(op, opset_version)
     _check_onnx(os.fspath(path))
     return os.fspath(path)
 
@@ -278,4 +334,4 @@ def _check_onnx(path: str) -> None:
         raise ExportError(f"{path}: non-standard ONNX ops remain: {foreign}")
 
 
-__all__ = ["to_onnx", "to_torchscript", "trace", "prepare_for_export", "lowered_ops", "custom_ops_in_graph", "ExportError"]
+__all__ = ["EXPORT_HOOK", "to_onnx", "to_torchscript", "trace", "prepare_for_export", "lowered_ops", "custom_ops_in_graph", "ExportError"]

@@ -5,6 +5,7 @@ network bounds, tests/_model_bounds.py);
 TorchScript files are loaded in a fresh process that never imports ganengine. The generators
 use the fused ops, so the tests also prove that no ganengine:: op survives the export.
 """
+import copy
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from ganengine.cli import main as cli_main
 from ganengine.export import ExportError, custom_ops_in_graph, to_onnx, to_torchscript, trace
 from ganengine.nn import InstanceNormAct2d
 from tests._model_bounds import assert_normwise, census
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
 # the tests trace models without lowering on purpose; torch.jit warns about that and its deprecation
 RAW_TRACE_WARNINGS = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
@@ -380,3 +382,218 @@ def test_fused_batch_norm_act_keeps_its_activation(tmp_path, norm_stats):
     with torch.no_grad(), census(ref) as cen:
         expected = ref(x)
     assert_ort(_run_ort(path, [x])[0], expected, cen)
+
+
+# ----------------------------------------------------------------------------- synthesis models
+# tiny networks of every synthesis model (noise [+ class / codes / instance features] -> image)
+SYNTHESIS_CASES = {
+    "dcgan": dict(nz=8, ngf=4, ndf=4, nc=1),
+    "wgan_gp": dict(latent_dim=8, img_size=8),
+    "cgan": dict(latent_dim=8, img_size=8, n_classes=3),
+    "acgan": dict(latent_dim=8, img_size=16, n_classes=3),
+    "infogan": dict(latent_dim=8, img_size=16, n_classes=3),
+    "sagan": dict(g_conv_dim=8, d_conv_dim=8, z_dim=8),
+    "biggan": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="16", dim_z=16, n_classes=3),
+    "biggan_deep": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=8, n_classes=3),
+    "unetgan": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16, n_classes=3),
+    "icgan": dict(resolution=32, n_classes=4, G_ch=4, D_ch=4, G_attn="0", D_attn="16", hier=True, dim_z=16,
+                  shared_dim=6, G_shared_feat=True, shared_dim_feat=5, instance_sz=6),
+}
+
+
+def _synthesis_run(name, tmp_path, **extra):
+    """A run folder with a checkpoint of the tiny ``name`` model, as the training engine writes it."""
+    from ganengine.models import build_model
+    from ganengine.train.checkpoint import save
+
+    torch.manual_seed(0)
+    model = build_model(name, **SYNTHESIS_CASES[name], **extra)
+    state = {"format": "ganengine-checkpoint", "version": 1, "model": name, "options": model.options,
+             "networks": {n: getattr(model, n).state_dict() for n in model.network_names}, "data": {}}
+    save(state, str(tmp_path / name), step=1)
+    return model, tmp_path / name
+
+
+def _tensors(out):
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o for o in outs if isinstance(o, torch.Tensor)]
+
+
+def _close(got, want):
+    # fp32 graphs of standard ops against the eager (fused) network: outputs O(1)
+    torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", sorted(SYNTHESIS_CASES))
+def test_export_command_synthesis_generators(name, tmp_path, capsys):
+    """`ganengine export` of every synthesis model's generator, ONNX and TorchScript, with the
+    generator's real inputs (noise, labels, codes, instance features): the files run at another
+    batch size and compute what the eager generator computes as the model samples (training-mode
+    batch statistics, --norm_stats auto), and the checkpoint's generator is left as it was."""
+    _, run = _synthesis_run(name, tmp_path)
+    for fmt, suffix in (("onnx", "onnx"), ("torchscript", "pt")):
+        rc = cli_main(["export", "--checkpoint", str(run), "--format", fmt, "--output", str(tmp_path / f"G.{suffix}")])
+        assert rc == 0, capsys.readouterr().err
+    from ganengine.cli.evaluate import load_checkpoint
+    from ganengine.cli.export import synthesis_generator_input
+
+    model = load_checkpoint(str(run))[0]
+    inputs = synthesis_generator_input(model, batch=3, seed=7)  # traced with 2: the batch is dynamic
+    graph_inputs = [t for t in inputs if t is not None]
+    with torch.no_grad():
+        want = _tensors(copy.deepcopy(model.G).train()(*inputs))  # the model samples in training mode
+        ts = torch.jit.load(str(tmp_path / "G.pt"))
+        for _ in range(2):  # the loaded module keeps no state between calls
+            got = _tensors(ts(*graph_inputs))
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                _close(g, w)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pytest.skip("onnxruntime is not installed: the ONNX file was written but not run")
+    got = _run_ort(tmp_path / "G.onnx", graph_inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["cgan", "icgan", "sagan", "unetgan"])
+def test_export_command_synthesis_discriminators(name, tmp_path, capsys):
+    """--network D: images of the generator's size plus the conditioning a conditional D takes
+    (cGAN's labels, IC-GAN's instance features, U-Net GAN's labels and its two outputs)."""
+    _, run = _synthesis_run(name, tmp_path)
+    rc = cli_main(["export", "--checkpoint", str(run), "--format", "torchscript", "--network", "D",
+                   "--output", str(tmp_path / "D.pt"), "--norm_stats", "running"])
+    assert rc == 0, capsys.readouterr().err
+    from ganengine.cli.evaluate import load_checkpoint
+    from ganengine.cli.export import example_input
+
+    model = load_checkpoint(str(run))[0]
+    inputs = example_input(model, "D", batch=3, norm_stats="running")
+    with torch.no_grad():
+        want = _tensors(copy.deepcopy(model.D).eval()(*inputs))
+        got = _tensors(torch.jit.load(str(tmp_path / "D.pt"))(*[t for t in inputs if t is not None]))
+    assert len(got) == len(want) >= 1
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
+def test_export_command_default_network_is_the_sampling_generator(tmp_path, capsys):
+    """With --ema and --use_ema the model samples from G_ema: that is what export writes by default."""
+    _, run = _synthesis_run("cgan", tmp_path, ema=True, ema_decay=0.5)
+    rc = cli_main(["export", "--checkpoint", str(run), "--format", "torchscript"])
+    assert rc == 0, capsys.readouterr().err
+    assert (run / "G_ema.pt").is_file()
+
+
+def test_export_command_options_are_honoured_or_named(tmp_path, capsys):
+    _, run = _synthesis_run("dcgan", tmp_path)
+    ort = None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        pass
+    # --batch_size with --static_batch fixes the graph's batch; --image_size sets a D's image size
+    out = tmp_path / "g.onnx"
+    rc = cli_main(["export", "--checkpoint", str(run), "--format", "onnx", "--static_batch", "--batch_size", "3",
+                   "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    if ort is not None:
+        (inp,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
+        assert list(inp.shape) == [3, 8, 1, 1]  # DCGAN's G takes z as (N, nz, 1, 1)
+    _, big = _synthesis_run("biggan", tmp_path)
+    rc = cli_main(["export", "--checkpoint", str(big), "--format", "torchscript", "--network", "D",
+                   "--image_size", "16", "--output", str(tmp_path / "d.pt")])
+    assert rc == 0, capsys.readouterr().err
+    with torch.no_grad():  # traced on 16x16 images (BigGAN's D sums over space: any size runs)
+        d = torch.jit.load(str(tmp_path / "d.pt"))
+        assert d(torch.randn(2, 3, 16, 16), torch.tensor([0, 2])).shape == (2, 1)
+    # options that cannot apply are errors naming the option
+    bad = [(["--format", "onnx", "--image_size", "32"], "--image_size 32"),
+           (["--format", "torchscript", "--static_batch"], "--static_batch"),
+           (["--format", "torchscript", "--opset", "17"], "--opset"),
+           (["--format", "state_dict", "--batch_size", "2"], "--batch_size"),
+           (["--format", "state_dict", "--norm_stats", "running"], "--norm_stats"),
+           (["--format", "onnx", "--opset", "11"], "--opset"),
+           (["--format", "onnx", "--batch_size", "0"], "--batch_size")]
+    for argv, flag in bad:
+        rc = cli_main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "x")] + argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and flag in err, (argv, err)
+
+
+@pytest.mark.parametrize("fused", [True, False, "fuse"])
+def test_sagan_networks_export_to_torchscript(fused, tmp_path):
+    """SAGAN's reference spectral norm (an autograd.Function, power iteration writing u and v
+    every forward) lowers to standard ops: the TorchScript file saves and loads, computes the
+    network's next forward (one iteration from the stored u), every call the same, and the
+    network's u and v are not moved by the export."""
+    from ganengine.models.networks_sagan import SAGANDiscriminator, SAGANGenerator
+
+    torch.manual_seed(0)
+    for net, x in ((SAGANGenerator(2, 64, 16, 8, fused=fused is True), torch.randn(2, 16)),
+                   (SAGANDiscriminator(2, 64, 8, fused=fused is True), torch.randn(2, 3, 64, 64))):
+        if fused == "fuse":
+            net = ganengine.fuse(net)
+        net.eval()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        path = to_torchscript(net, x, tmp_path / "s.pt")
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+        loaded = torch.jit.load(path)
+        with torch.no_grad():
+            first, second = loaded(x), loaded(x)
+            want = net(x)  # the network's next forward (iterates from the same u)
+        for a, b, w in zip(first, second, _tensors(want)):
+            assert torch.equal(a, b)
+            _close(a, w)
+
+
+def test_export_leaves_state_alone_and_exports_the_current_state(tmp_path):
+    """Export runs nothing on the model itself (SN u/v, BN running statistics, train/eval mode)
+    and the graph holds the weights of now, not those after the export's own forwards (ONNX
+    export used to run SAGAN's power iteration twice before the graph was recorded)."""
+    from ganengine.models.networks_sagan import SAGANGenerator
+
+    torch.manual_seed(0)
+    net = SAGANGenerator(2, 64, 16, 8).train()
+    z = torch.randn(2, 16)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    onnx_path = to_onnx(net, z, tmp_path / "s.onnx")
+    assert net.training
+    assert [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])] == []
+    with torch.no_grad():
+        want = copy.deepcopy(net).eval()(z)[0]  # what the network computes now (its next forward)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pytest.skip("onnxruntime is not installed: the ONNX file was not run")
+    _close(_run_ort(onnx_path, [z])[0], want)
+    # a torch.nn.utils spectral norm and batch norm: running statistics and u untouched too
+    plain = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)), nn.BatchNorm1d(8)).train()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    x = torch.randn(3, 4)
+    to_onnx(plain, x, tmp_path / "p.onnx", norm_stats="input")
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+    ref = copy.deepcopy(plain)
+    ref[0].eval()  # eval semantics for the spectral norm (no iteration), the batch's statistics for the norm
+    with torch.no_grad():
+        _close(_run_ort(tmp_path / "p.onnx", [x])[0], ref(x))
+
+
+def test_example_input_with_none_for_an_optional_argument(tmp_path):
+    """None in example_input: an argument the model is called without (IC-GAN's label without
+    class_cond); the graph takes the tensors only."""
+
+    class Optional(nn.Module):
+        def forward(self, z, label=None, feats=None):
+            assert label is None
+            return torch.tanh(z + feats)
+
+    z, f = torch.randn(2, 4), torch.randn(2, 4)
+    loaded = torch.jit.load(to_torchscript(Optional(), (z, None, f), tmp_path / "o.pt"))
+    torch.testing.assert_close(loaded(z, f), torch.tanh(z + f))
+    with pytest.raises(TypeError, match="example_input"):
+        to_torchscript(Optional(), (None, None), tmp_path / "n.pt")

@@ -7,6 +7,12 @@
 ONNX and TorchScript files contain standard ops only (the fused ops are lowered to their plain
 PyTorch form), so they run in onnxruntime / ``torch.jit.load`` without ganengine. ``--reference``
 writes the reference implementation's checkpoint format (e.g. CycleGAN's latest_net_G_A.pth).
+
+Each network is traced with its real inputs: images (+ StarGAN's labels), StackGAN's embedding
+and noise, a synthesis generator's noise, class labels, InfoGAN's codes, IC-GAN's instance
+features (as the model's own sampling calls it), a discriminator's images of its generator's size
+(+ the conditioning a conditional D takes). The export never changes the checkpoint's networks
+(see docs/metrics_export.md, "Mode").
 """
 from __future__ import annotations
 
@@ -26,17 +32,25 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder (its newest checkpoint)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", default=None, help="output file (default: beside the checkpoint, named after the network)")
-    p.add_argument("--network", default=None, help="network to export (default: the model's generator, e.g. netG_A)")
+    p.add_argument("--network", default=None,
+                   help="network to export (default: the generator the model samples/translates with, e.g. netG_A, "
+                        "or G_ema with --ema --use_ema)")
     p.add_argument("--reference", action="store_true",
                    help="with --format state_dict: write the reference implementation's checkpoint format")
     p.add_argument("--image_size", type=int, default=None,
-                   help="spatial size of the example input (default: the model's crop/image size)")
+                   help="spatial size of the example image input (default: the model's crop/image size; a "
+                        "discriminator: the size of its generator's images). Not for networks whose inputs are "
+                        "noise/labels/embeddings (a synthesis generator's image size is fixed by the checkpoint)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="batch size of the example input (default: 1; 2 for a synthesis model's networks on batch "
+                        "statistics); with --static_batch, the ONNX graph's fixed batch size")
     p.add_argument("--norm_stats", default="auto", choices=("auto", "running", "input"),
                    help="normalisation statistics in the exported graph: running (eval mode) or the input's "
                         "(as the reference test code of StarGAN, and pix2pix without --eval); auto: as the "
                         "model's translate() does")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 15)")
-    p.add_argument("--static_batch", action="store_true", help="ONNX: fix the batch size to 1")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 15; default 17)")
+    p.add_argument("--static_batch", action="store_true",
+                   help="ONNX: fix the batch size to the example's (--batch_size) instead of a dynamic one")
     p.set_defaults(func=run)
 
 
@@ -47,23 +61,132 @@ def _opt(options: dict, *names, default=None):
     return default
 
 
-def example_input(model, net_name: str, image_size: int | None = None, batch: int = 1):
-    """Inputs for tracing the generator: the model's own ``example_input`` when it has one,
-    else shapes from its options (images (B, C, S, S); StarGAN adds labels (B, c_dim);
-    StackGAN takes (embedding (B, text_dim), noise (B, z_dim)))."""
+def is_discriminator(net_name: str) -> bool:
+    """Whether a network name is a discriminator's (``D``, ``netD``, ``netD_A``, ...)."""
+    return net_name.removeprefix("net").startswith("D")
+
+
+def is_synthesis(model) -> bool:
+    """A noise (+ class) -> image model: DCGAN, WGAN(-GP), cGAN, AC-GAN, ADC-GAN, InfoGAN, SAGAN,
+    BigGAN(-deep), U-Net GAN, IC-GAN."""
+    return callable(getattr(model, "latent_dim", None)) and callable(getattr(model, "generate", None))
+
+
+def synthesis_generator_input(model, batch: int = 2, seed: int = 0) -> tuple:
+    """The arguments of a synthesis model's generator forward for ``batch`` samples, as the
+    model's own sampling (``generate``, ``ganengine sample``) calls it: noise z, then the class
+    labels (cGAN, AC-GAN, ADC-GAN, BigGAN family: int64 indices; the BigGAN generators embed them
+    with their shared class embedding), InfoGAN's one-hot categorical and continuous codes, IC-GAN's
+    instance features (None for an argument the generator is called without, e.g. IC-GAN's label
+    without class_cond). Drawn from a private generator seeded with ``seed`` (the training's
+    random streams are not touched)."""
+    from ganengine.models.biggan import BigGAN
+    from ganengine.models.icgan import ICGAN
+    from ganengine.models.synthesis import SynthesisGAN
+
+    gen = torch.Generator().manual_seed(seed)
+    o = dict(model.options)
+    device = model.device if hasattr(model, "device") else torch.device("cpu")
+    z = torch.randn(batch, model.latent_dim(), generator=gen)
+    n_classes = o.get("n_classes")
+    labels = torch.randint(0, int(n_classes), (batch,), generator=gen) if n_classes else None
+    if isinstance(model, SynthesisGAN):
+        z, labels = z.to(device), labels.to(device) if labels is not None else None
+        if callable(getattr(model, "sample_code", None)):  # InfoGAN: categorical + continuous codes
+            code = (torch.rand(batch, int(o["code_dim"]), generator=gen) * 2 - 1).to(device)
+            return tuple(model.generator_inputs(z, labels, code))
+        return tuple(model.generator_inputs(z, labels if model.CONDITIONAL else None))
+    if isinstance(model, BigGAN):
+        z = z * float(o.get("z_var", 1.0))  # the model's sample_z: N(0, z_var^2)
+        if o.get("unconditional"):  # U-Net GAN without classes: class 0 (its training step's)
+            labels = torch.zeros(batch, dtype=torch.long)
+        if isinstance(model, ICGAN):
+            feats = torch.nn.functional.normalize(torch.randn(batch, int(o["instance_sz"]), generator=gen), dim=1)
+            return (z.to(device), labels.to(device) if o["class_cond"] else None, feats.to(device))
+        return z.to(device), labels.to(device)
+    return (z.to(device),)  # SAGAN: G(z)
+
+
+def _discriminator_channels(model, net_name: str, generated: int) -> int:
+    """Image channels a discriminator takes: pix2pix's conditional D sees input and output
+    concatenated; CycleGAN's D_A judges domain B (output_nc), D_B domain A (input_nc); otherwise
+    the generator's images."""
+    o = dict(getattr(model, "options", {}) or {})
+    name = getattr(model, "MODEL_NAME", "")
+    if name == "pix2pix":
+        return int(o.get("input_nc", 3)) + int(o.get("output_nc", 3))
+    if net_name in ("netD_A", "netD_B") and "input_nc" in o and "output_nc" in o:
+        return int(o["output_nc"] if net_name == "netD_A" else o["input_nc"])
+    return generated
+
+
+def _positional_arity(net) -> int:
+    import inspect
+
+    params = inspect.signature(net.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 1 << 30
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _generated_images(model, gen_name: str, inputs, norm_stats: str) -> torch.Tensor:
+    """The first image output of the generator on ``inputs``, computed on an export copy (the
+    model is not touched)."""
+    from ganengine.export import _TensorOutputs, _as_inputs, lowered_ops, prepare_for_export
+
+    tensors, present = _as_inputs(inputs)
+    net = _TensorOutputs(prepare_for_export(getattr(model, gen_name), norm_stats=norm_stats), present)
+    with torch.no_grad(), lowered_ops():
+        out = net(*tensors)
+    outs = (out,) if isinstance(out, torch.Tensor) else out
+    return next(o for o in outs if o.dim() == 4)
+
+
+def example_input(model, net_name: str, image_size: int | None = None, batch: int = 1, norm_stats: str = "running"):
+    """Inputs for tracing network ``net_name`` of ``model`` (a tuple; None for an argument the
+    network is called without): the model's own ``example_input`` when it has one; a synthesis
+    generator's noise/labels/codes (``synthesis_generator_input``); a discriminator's images of
+    its generator's output size and channels (``image_size`` overrides the spatial size;
+    pix2pix's D takes input and output concatenated), plus the class
+    labels / instance features a conditional discriminator takes; else images from the model's
+    options (StarGAN adds labels (B, c_dim); StackGAN's G takes (embedding (B, text_dim), noise
+    (B, z_dim))). Raises ValueError naming --image_size where the network's input has no image
+    size to set."""
     if hasattr(model, "example_input"):
         return model.example_input(net_name, batch)
     net = getattr(model, net_name)
     device = next(net.parameters()).device
     o = dict(getattr(model, "options", {}) or {})
     name = getattr(model, "MODEL_NAME", "")
+    gen_name = getattr(model, "generator_name", None)
+    synthesis = is_synthesis(model)
+    if is_discriminator(net_name) and gen_name and gen_name != net_name:
+        if synthesis:
+            gen_inputs = synthesis_generator_input(model, batch)
+        else:
+            gen_inputs = example_input(model, gen_name, image_size, batch, norm_stats)
+        images = _generated_images(model, gen_name, gen_inputs, norm_stats)
+        channels = _discriminator_channels(model, net_name, images.shape[1])
+        h, w = (image_size, image_size) if image_size else images.shape[-2:]
+        x = torch.rand(batch, channels, h, w, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
+        extra = tuple(gen_inputs[1:]) if synthesis else ()
+        return ((x,) + extra)[:max(1, _positional_arity(net))]
+    if synthesis or name == "stackgan":
+        inputs = (synthesis_generator_input(model, batch) if synthesis else
+                  (torch.randn(batch, _opt(o, "text_dim", default=1024), device=device),
+                   torch.randn(batch, _opt(o, "z_dim", default=100), device=device)))
+        if image_size is not None:
+            size = tuple(_generated_images(model, net_name, inputs, norm_stats).shape[-2:])
+            if size != (image_size, image_size):
+                raise ValueError(f"--image_size {image_size}: the {type(model).__name__} network {net_name!r} takes "
+                                 f"{'noise' if synthesis else 'a text embedding and noise'} and makes "
+                                 f"{size[0]}x{size[1]} images, a size fixed by its architecture and checkpoint; "
+                                 "leave --image_size out")
+        return inputs
     if name == "stargan":
         size = image_size or _opt(o, "image_size", default=128)
         return (torch.rand(batch, 3, size, size, device=device) * 2 - 1,
                 torch.eye(_opt(o, "c_dim", default=5), device=device)[torch.zeros(batch, dtype=torch.long)])
-    if name == "stackgan":
-        return (torch.randn(batch, _opt(o, "text_dim", default=1024), device=device),
-                torch.randn(batch, _opt(o, "z_dim", default=100), device=device))
     size = image_size or _opt(o, "crop_size", default=256)
     channels = _opt(o, "output_nc" if net_name == "netG_B" else "input_nc", default=3)
     return torch.rand(batch, channels, size, size, device=device) * 2 - 1
@@ -85,13 +208,51 @@ def reference_arch(model, net_name: str) -> str:
 
 
 def auto_norm_stats(model) -> str:
-    """The statistics ``model.translate`` normalises with: StarGAN's reference never calls eval();
-    pix2pix runs its generator in training mode unless trained/tested with --eval."""
+    """The statistics ``model.translate`` / ``generate`` normalises with: StarGAN's reference never
+    calls eval(); pix2pix runs its generator in training mode unless trained/tested with --eval;
+    the synthesis models sample in training mode as their references (batch statistics), BigGAN's
+    family unless ``G_eval_mode``."""
     name = getattr(model, "MODEL_NAME", "")
     options = dict(getattr(model, "options", {}) or {})
     if name == "stargan" or (name == "pix2pix" and not options.get("eval", False)):
         return "input"
+    if is_synthesis(model):
+        return "running" if options.get("G_eval_mode", False) else "input"
     return "running"
+
+
+def default_network(model) -> str | None:
+    """The network ``ganengine export`` exports by default: the one the model samples/translates
+    with (a synthesis model's generator EMA with ``ema`` and ``use_ema``), else its generator."""
+    sampler = getattr(model, "sampling_generator", None)
+    if callable(sampler):
+        net = sampler()
+        for name in getattr(model, "network_names", []):
+            if getattr(model, name, None) is net:
+                return name
+    return getattr(model, "generator_name", None)
+
+
+def _check_options(args) -> None:
+    """Options that do not apply to the chosen format are errors, not silently ignored."""
+    if args.reference and args.format != "state_dict":
+        raise ValueError("--reference writes a reference checkpoint: use it with --format state_dict")
+    if args.format != "onnx":
+        for flag, given in (("--opset", args.opset is not None), ("--static_batch", args.static_batch)):
+            if given:
+                raise ValueError(f"{flag} is an ONNX option: use it with --format onnx (got --format {args.format})")
+    if args.format == "state_dict":
+        for flag, given in (("--image_size", args.image_size is not None), ("--batch_size", args.batch_size is not None),
+                            ("--norm_stats", args.norm_stats != "auto")):
+            if given:
+                raise ValueError(f"{flag} sets the traced graph: use it with --format onnx or torchscript "
+                                 "(--format state_dict writes the weights as they are)")
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image_size must be >= 1, got {args.image_size}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.opset is not None and args.opset < 15:
+        raise ValueError(f"--opset must be >= 15 (the export uses CastLike), got {args.opset}")
 
 
 def run(args) -> int:
@@ -99,10 +260,9 @@ def run(args) -> int:
     from ganengine.cli import evaluate as ev
 
     try:
-        if args.reference and args.format != "state_dict":
-            raise ValueError("--reference writes a reference checkpoint: use it with --format state_dict")
+        _check_options(args)
         model, _ = ev.load_checkpoint(args.checkpoint, "cpu")
-        net_name = args.network or getattr(model, "generator_name", None)
+        net_name = args.network or default_network(model)
         if not net_name or not isinstance(getattr(model, net_name, None), torch.nn.Module):
             names = getattr(model, "network_names", [])
             raise ValueError(f"--network {net_name!r} is not a network of this model (networks: {names})")
@@ -118,13 +278,22 @@ def run(args) -> int:
             else:
                 torch.save(net.state_dict(), out)
         else:
-            inputs = example_input(model, net_name, args.image_size)
             stats = auto_norm_stats(model) if args.norm_stats == "auto" else args.norm_stats
-            if args.format == "onnx":
-                export.to_onnx(net, inputs, out, opset_version=args.opset, dynamic_batch=not args.static_batch,
-                               norm_stats=stats)
-            else:
-                export.to_torchscript(net, inputs, out, norm_stats=stats)
+            # a synthesis generator on batch statistics needs a batch to normalise over (its
+            # BatchNorm1d layers see one value per channel and sample)
+            batch = args.batch_size or (2 if stats == "input" and is_synthesis(model) else 1)
+            inputs = example_input(model, net_name, args.image_size, batch, stats)
+            try:
+                if args.format == "onnx":
+                    export.to_onnx(net, inputs, out, opset_version=args.opset or export.DEFAULT_OPSET,
+                                   dynamic_batch=not args.static_batch, norm_stats=stats)
+                else:
+                    export.to_torchscript(net, inputs, out, norm_stats=stats)
+            except Exception as exc:
+                if args.image_size is None:
+                    raise
+                raise ValueError(f"--image_size {args.image_size}: {type(net).__name__} ({net_name!r}) cannot run on "
+                                 f"{args.image_size}x{args.image_size} inputs: {exc}") from exc
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, ImportError) as exc:
         print(f"ganengine export: error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# a jit trace (ganengine.export) records an autograd.Function as a Python call that TorchScript
+# cannot save: the Functions below step aside for their plain-op forms while tracing
+_is_tracing = torch._C._is_tracing
+
+
+def _jit_tracing() -> bool:
+    """Whether a jit trace is recording (checked after ``is_compiling``: dynamo cannot trace the C call)."""
+    return not torch.compiler.is_compiling() and _is_tracing()
+
 
 # ----------------------------------------------------------------------------- spectral norm
 def _proj(x, y):
@@ -91,7 +100,7 @@ def sn_weight(weight, us, svs, training: bool, eps: float, num_itrs: int, transp
             sigma = torch.squeeze(torch.matmul(wv, u.t()))
             if training:
                 svs[0].copy_(sigma)
-        if weight.requires_grad and torch.is_grad_enabled():
+        if weight.requires_grad and torch.is_grad_enabled() and not _jit_tracing():
             return _DivBySigma.apply(weight, sigma, u, v, transpose)
         return weight / sigma
     for _ in range(num_itrs):
@@ -378,7 +387,7 @@ def downsample(pool, x):
     ``_AvgPool2`` (on GPUs it would be two kernels for avg_pool2d's one)."""
     if (_is_pool2(pool) and x.is_cpu and x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
             and x.is_contiguous()
-            and x.is_floating_point() and not torch.compiler.is_compiling()):
+            and x.is_floating_point() and not torch.compiler.is_compiling() and not _jit_tracing()):
         return _AvgPool2.apply(x)
     return pool(x)
 
@@ -427,7 +436,8 @@ def add_upsampled(h, x):
     eager pair, whose kernel count it would not beat)."""
     if (x.dim() == 4 and h.dim() == 4 and h.is_cpu and h.is_contiguous()
             and h.shape[:2] == x.shape[:2] and h.shape[2] == 2 * x.shape[2] and h.shape[3] == 2 * x.shape[3]
-            and h.dtype == x.dtype and not torch.compiler.is_compiling()):
+            and h.dtype == x.dtype and not torch.compiler.is_compiling()
+            and not _jit_tracing()):
         return _AddUpsampled.apply(h, x)
     return h + upsample2x(x)
 

@@ -208,6 +208,20 @@ class myBN(nn.Module):  # noqa: N801 (the reference's class name; keys stored_me
             var = var / self.accumulation_counter
         return fused_bn(x, mean, var, gain, bias, self.eps)
 
+    def export_module(self, norm_stats: str):
+        """ganengine.export's hook: batch statistics (``norm_stats="input"``) as the training-mode
+        forward computes them, with nothing written."""
+        return _MyBNBatchStatsExport(self.eps) if norm_stats == "input" else None
+
+
+class _MyBNBatchStatsExport(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, gain, bias):
+        return manual_bn(x, gain, bias, eps=self.eps)
+
 
 _NORM_STYLES = ("bn", "in", "nonorm")
 
@@ -270,6 +284,14 @@ class ccbn(nn.Module):  # noqa: N801 (the reference's class name)
     def extra_repr(self):
         return f"out: {self.output_size}, in: {self.input_size}, cross_replica={self.cross_replica}"
 
+    def export_module(self, norm_stats: str):
+        """ganengine.export's hook: with ``norm_stats="input"`` (the batch statistics the
+        reference samples with, in training mode) a plain-op norm that writes nothing; myBN
+        (``mybn``) has its own hook."""
+        if norm_stats != "input" or self.mybn or self.norm_style == "nonorm":
+            return None
+        return BatchStatsNormExport(self)
+
 
 class bn(nn.Module):  # noqa: N801 (the reference's class name)
     """Unconditional batch norm with ``gain`` / ``bias`` parameters and ``stored_mean`` /
@@ -299,6 +321,35 @@ class bn(nn.Module):  # noqa: N801 (the reference's class name)
                                     self.momentum, self.eps, activation is not None)
         out = F.batch_norm(x, self.stored_mean, self.stored_var, self.gain, self.bias, self.training,
                            self.momentum, self.eps)
+        return out if activation is None else activation(out)
+
+    def export_module(self, norm_stats: str):
+        """ganengine.export's hook (see ``ccbn.export_module``)."""
+        return BatchStatsNormExport(self) if norm_stats == "input" and not self.mybn else None
+
+
+class BatchStatsNormExport(nn.Module):
+    """The export form (``ganengine.export``, ``norm_stats="input"``) of a ``ccbn`` or ``bn``:
+    normalised with the input's own statistics (batch statistics; instance statistics for
+    ccbn's ``norm_style="in"``), in plain ops (the ONNX exporter translates a training-mode
+    batch_norm only for a fixed batch size) and writing no stored statistics; then the class-
+    conditional (or plain) gain and bias and the activation, as the module computes them."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.conditional = isinstance(norm, ccbn)
+        self.gain, self.bias = norm.gain, norm.bias  # the embeddings / SN linears, or Parameters
+        self.dims = [2, 3] if getattr(norm, "norm_style", "bn") == "in" else [0, 2, 3]
+        self.eps = norm.eps
+
+    def forward(self, x, y=None, activation=None):
+        var, mean = torch.var_mean(x, dim=self.dims, unbiased=False, keepdim=True)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.conditional:
+            gain, bias = sn_biggan.ccbn_gain_bias(self, y)
+            out = out * gain.view(gain.size(0), -1, 1, 1) + bias.view(bias.size(0), -1, 1, 1)
+        else:
+            out = out * self.gain.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
         return out if activation is None else activation(out)
 
 

@@ -61,6 +61,33 @@ class _DivBySigma(torch.autograd.Function):
         return g / sigma - c * torch.outer(u, v).view_as(w), None, None, None
 
 
+_is_tracing = torch._C._is_tracing
+
+
+def _jit_tracing() -> bool:
+    """Whether a jit trace (ganengine.export) is recording; False under torch.compile (dynamo cannot
+    trace the C call, and a compiled step keeps the reference's in-place power iteration)."""
+    return not torch.compiler.is_compiling() and _is_tracing()
+
+
+def _traced_normalized_weight(w, w2, u, power_iterations: int):
+    """``normalized_weight`` as a trace records it (ganengine.export): the same power iteration
+    from the stored u, in standard ops, written nowhere, and ``w / sigma`` as a plain division.
+
+    A traced ``copy_`` into u and v would make the exported TorchScript module rewrite them at
+    every call (its outputs would drift from call to call) and the autograd Function is a Python
+    call TorchScript cannot save. So every call of an exported graph computes what the network's
+    next forward computes (one iteration from the u it holds at export time). The trace is for
+    inference: the gradient through sigma (``_DivBySigma.backward``) is not part of it."""
+    with torch.no_grad():
+        v = None
+        for _ in range(power_iterations):
+            v = l2normalize(torch.mv(w2.t(), u))
+            u = l2normalize(torch.mv(w2, v))
+        sigma = u.dot(w2.mv(v))
+    return w / sigma
+
+
 class SpectralNorm(nn.Module):
     """The reference ``SpectralNorm(module, name='weight', power_iterations=1)`` wrapper."""
 
@@ -97,6 +124,8 @@ class SpectralNorm(nn.Module):
         w = getattr(self.module, self.name + "_bar")
         height = w.shape[0]
         w2 = w.view(height, -1)
+        if _jit_tracing():
+            return _traced_normalized_weight(w, w2, u, self.power_iterations)
         with torch.no_grad():
             for _ in range(self.power_iterations):
                 v.copy_(l2normalize(torch.mv(w2.t(), u)))
