@@ -113,6 +113,57 @@ def test_bad_values_give_clear_errors(model, extra, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+# channel counts the data cannot give: one line naming the option and what the data has, before
+# training (the pix2pix/CycleGAN ones were a conv2d traceback or "PatchDiscriminator: expected (N, 5,
+# H, W)"; the synthesis ones said "channels=4" without the option)
+@pytest.mark.parametrize("model, extra, message", [
+    ("pix2pix", "--input_nc 4", "--input_nc 4: the pix2pix images are read as 3-channel RGB"),
+    ("pix2pix", "--output_nc 2", "--output_nc 2: the pix2pix images are read as 3-channel RGB"),
+    ("pix2pix", "--direction BtoA --output_nc 4", "--output_nc 4"),
+    ("cyclegan", "--input_nc 4 --output_nc 4", "--input_nc 4: the CycleGAN images are read as 3-channel RGB"),
+    ("dcgan", "--nc 4 --ngf 4 --ndf 4 --batch_size 2", "--nc 4: the images are read as 3-channel RGB"),
+    ("wgan", "--channels 2 --img_size 8 --latent_dim 4 --batch_size 2", "--channels 2: the images are read as"),
+    ("cgan", "--channels 4 --img_size 8 --latent_dim 4 --batch_size 2", "--channels 4"),
+])
+def test_channel_count_the_data_cannot_give(model, extra, message, tmp_path, capsys):
+    argv = ["train", model] + TINY_FLAGS.get(model, "").split() + extra.split() + [
+        "--checkpoints_dir", str(tmp_path), "--name", "run", "--max_steps", "1", "--no_progress", "--tensorboard", "off"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "use --" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # reported before the run folder is touched
+
+
+def test_grayscale_channels_train(tmp_path):
+    # the reference's grayscale path (input_nc == 1) stays available
+    assert _train("pix2pix", tmp_path, "--input_nc 1", steps=1) == 0
+    state = torch.load(tmp_path / "run" / "step_00000001.pt", weights_only=True)
+    assert state["options"]["input_nc"] == 1
+
+
+# numeric model options: a clear line naming the option (was torch's "Invalid learning rate: -1.0",
+# "Invalid beta parameter at index 0", or a RuntimeError traceback from a layer constructor)
+@pytest.mark.parametrize("model, extra, message", [
+    ("pix2pix", "--lr -1", "--lr (a learning rate) must be a number >= 0, got -1.0"),
+    ("pix2pix", "--beta1 1.5", "--beta1 (an Adam beta) must be in [0, 1), got 1.5"),
+    ("pix2pix", "--lambda_L1 nan", "--lambda_L1 must be a finite number, got nan"),
+    ("pix2pix", "--init_gain -0.02", "--init_gain must be a number >= 0"),
+    ("stargan", "--g_lr -0.1", "--g_lr (a learning rate) must be"),
+    ("wgan", "--lr -1", "--lr (a learning rate) must be"),
+    ("biggan", "--G_ch -1", "--G_ch must be a whole number >= 1, got -1"),
+    ("biggan", "--dim_z 0", "--dim_z must be a whole number >= 1, got 0"),
+    ("biggan", "--BN_eps=-1e-5", "--BN_eps must be a number > 0"),
+    ("dcgan", "--ema true --ema_decay 1.5", "--ema_decay must be in [0, 1)"),
+])
+def test_numeric_options_name_the_option(model, extra, message, tmp_path, capsys):
+    argv = ["train", model] + TINY_FLAGS.get(model, "").split() + extra.split() + [
+        "--checkpoints_dir", str(tmp_path), "--name", "run", "--max_steps", "1", "--no_progress", "--tensorboard", "off"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "Invalid" not in err
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ DDP (gloo, 2 processes)
 def _ddp_worker(rank, world, port, runs, out_dir):
     """One process of the group: several trainings in one process group (one spawn: fast)."""
@@ -208,3 +259,86 @@ def test_cuda_graphs_needs_cuda(tmp_path, capsys):
     assert _train("pix2pix", tmp_path, "--cuda_graphs") == 2
     err = capsys.readouterr().err
     assert "needs a CUDA device" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ option aliases and reference spellings
+def _config(*argv):
+    from ganengine.cli import build_parser
+    from ganengine.cli.train import make_config
+
+    args = build_parser().parse_args(["train", *argv])
+    return args, make_config(args)[0]
+
+
+def test_size_alias_default_never_counts_as_given(tmp_path, capsys):
+    # --imsize / --resolution alone set the image size; the other spelling's default is not "given"
+    _, cfg = _config("sagan", "--imsize", "32")
+    assert cfg.model_options["imsize"] == 32 and cfg.data_options["image_size"] == 32
+    _, cfg = _config("biggan", "--resolution", "64")  # the sample data's default is 32
+    assert cfg.model_options["resolution"] == 64 and cfg.data_options["image_size"] == 64
+    _, cfg = _config("biggan", "--image_size", "16")
+    assert cfg.model_options["resolution"] == 16
+    for argv in (["--imsize", "32", "--image_size", "64"], ["--image_size", "64", "--imsize", "32"]):
+        with pytest.raises(ValueError, match="--imsize 32 and --image_size 64 disagree"):
+            _config("sagan", *argv)  # both given, different: still an error, in either order
+    # end to end: the model's own limit, not a disagreement with a default
+    assert main(["train", "sagan", "--imsize", "32", "--checkpoints_dir", str(tmp_path), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "image_size must be 64" in err and "disagree" not in err
+
+
+def test_reference_spellings_of_engine_options(tmp_path):
+    args, cfg = _config("sagan", "--total_step", "7")
+    assert cfg.max_steps == 7
+    args, cfg = _config("pix2pix", "--continue_train", "--epoch", "latest")
+    assert cfg.resume == "latest"
+    _, cfg = _config("stargan", "--rafd_crop_size", "40", "--num_iters_decay", "5", "--lr_update_step", "2")
+    assert cfg.data_options["crop_size"] == 40
+    assert (cfg.model_options["num_iters_decay"], cfg.model_options["lr_update_step"]) == (5, 2)
+    _, cfg = _config("cyclegan", "--lr_policy", "step", "--lr_decay_iters", "3")
+    assert (cfg.model_options["lr_policy"], cfg.model_options["lr_decay_iters"]) == ("step", 3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "pix2pix", "--epoch", "5"], "ganengine checkpoints by step, not by epoch"),
+    (["train", "cyclegan", "--lr_policy"], "expected one argument"),
+])
+def test_reference_spellings_that_cannot_map_say_so(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_continue_train_resumes_the_newest_checkpoint(tmp_path, capsys):
+    assert _train("cyclegan", tmp_path, "--save_every 1 --sample_every 0 --print_freq 1", steps=2) == 0
+    assert _train("cyclegan", tmp_path, "--continue_train --epoch latest --sample_every 0 --print_freq 1", steps=3) == 0
+    with open(tmp_path / "run" / "loss_log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    state = torch.load(tmp_path / "run" / "step_00000003.pt", weights_only=True)
+    assert state["step"] == 3
+    assert _train("pix2pix", tmp_path, "--lr_policy plateau") == 2
+    assert "lr_policy 'plateau' is not supported" in capsys.readouterr().err
+
+
+def test_resume_iters_and_max_dataset_size(tmp_path, capsys):
+    """StarGAN's --resume_iters N resumes the run's step-N checkpoint (a missing one, or both it and
+    --resume, is an error naming the option); junyanz's --max_dataset_size reaches the data."""
+    assert _train("stargan", tmp_path, "--save_every 1 --sample_every 0 --print_freq 1", steps=2) == 0
+    assert _train("stargan", tmp_path, "--resume_iters 1 --sample_every 0 --print_freq 1", steps=3) == 0
+    assert torch.load(tmp_path / "run" / "step_00000003.pt", weights_only=True)["step"] == 3
+    with open(tmp_path / "run" / "loss_log.csv") as f:  # (the log continues from step 1)
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    capsys.readouterr()
+    assert _train("stargan", tmp_path, "--resume_iters 9") == 2
+    assert "--resume_iters 9" in capsys.readouterr().err
+    assert _train("stargan", tmp_path, "--resume_iters 1 --resume") == 2
+    assert "--resume or --resume_iters, not both" in capsys.readouterr().err
+    _, cfg = _config("cyclegan", "--max_dataset_size", "5")
+    assert cfg.data_options["max_dataset_size"] == 5
+
+
+def test_stargan_num_iters_decays_by_iterations(tmp_path):
+    # --num_iters 4 --num_iters_decay 8 --lr_update_step 2: drops of 1e-4 * 2 / 8 after steps 2 and 4
+    assert _train("stargan", tmp_path, "--num_iters_decay 8 --lr_update_step 2 --sample_every 0", steps=4) == 0
+    state = torch.load(tmp_path / "run" / "step_00000004.pt", weights_only=True)
+    assert [o["param_groups"][0]["lr"] for o in state["optimizers"].values()] == pytest.approx([5e-5, 5e-5])

@@ -577,6 +577,103 @@ def test_schedulers_follow_reference_linear_rule():
     assert lrs == pytest.approx(want)
 
 
+def _lrs(model, steps, name="G", **schedule):
+    """The learning rate each of ``steps`` iterations runs at, the schedulers stepped per iteration."""
+    opts = model.make_optimizers()
+    scheds = model.make_schedulers(opts, **schedule)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opts[name].param_groups[0]["lr"])
+        opts[name].step()
+        if name in scheds:
+            scheds[name].step()
+    return lrs
+
+
+def test_linear_schedule_never_goes_below_zero_past_the_scheduled_epochs():
+    # --max_steps past n_epochs + n_epochs_decay: the reference rule held at 0 (it used to reach
+    # -1.33e-4 here: gradient ascent), for pix2pix / CycleGAN / CSGAN and the synthesis models' decay
+    for model in (_cyclegan()[0], build_model("csgan", ngf=4, ndf=4, netG="resnet_6blocks", n_layers_D=2),
+                  build_model("pix2pix", ngf=4, ndf=4, netG="unet_128")):
+        lrs = _lrs(model, 10, n_epochs=1, n_epochs_decay=2, steps_per_epoch=2, max_steps=10)
+        assert lrs == pytest.approx([2e-4] * 2 + [2e-4 * 2 / 3] * 2 + [2e-4 / 3] * 2 + [0.0] * 4)
+    dcgan = build_model("dcgan", nc=1, ngf=4, ndf=4)
+    lrs = _lrs(dcgan, 8, n_epochs=1, n_epochs_decay=1, steps_per_epoch=2)
+    assert min(lrs) == 0.0 and lrs[-1] == 0.0
+
+
+def test_sagan_keeps_constant_rates_for_any_total_step():
+    # the reference (heykeetae) never changes its rates; with n_epochs_decay 0 the linear rule used
+    # to drop them to 0 (and below) after n_epochs when --total_step ran past them
+    sagan = build_model("sagan", imsize=64, z_dim=8, g_conv_dim=8, d_conv_dim=8)
+    opts = sagan.make_optimizers()
+    assert sagan.make_schedulers(opts, n_epochs=1, n_epochs_decay=0, steps_per_epoch=2, max_steps=10) == {}
+    assert _lrs(sagan, 4, n_epochs=1, n_epochs_decay=2, steps_per_epoch=1)[-1] == 0.0
+
+
+def test_lr_policies_follow_the_reference_get_scheduler():
+    # junyanz networks.get_scheduler, its schedulers stepped once per epoch (3 iterations each)
+    def reference(make, epochs):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
+        sch = make(opt)
+        out = []
+        for _ in range(epochs):
+            out += [opt.param_groups[0]["lr"]] * 3
+            opt.step()
+            sch.step()
+        return out
+
+    step = build_model("cyclegan", ngf=4, ndf=4, netG="resnet_6blocks", n_layers_D=2, lr_policy="step",
+                       lr_decay_iters=2)
+    assert _lrs(step, 21, n_epochs=3, n_epochs_decay=4, steps_per_epoch=3) == pytest.approx(
+        reference(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1), 7))
+    cosine = build_model("pix2pix", ngf=4, ndf=4, netG="unet_128", lr_policy="cosine")
+    got = _lrs(cosine, 21, n_epochs=4, n_epochs_decay=3, steps_per_epoch=3)
+    want = reference(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=0), 5)
+    assert got[:15] == pytest.approx(want, abs=1e-12)
+    assert got[12:] == pytest.approx([0.0] * 9, abs=1e-12)  # held at 0 (the reference's climbs back up)
+    with pytest.raises(ValueError, match="plateau.*not supported"):
+        build_model("pix2pix", lr_policy="plateau")
+    with pytest.raises(ValueError, match="lr_policy must be one of"):
+        build_model("cyclegan", lr_policy="exp")
+    with pytest.raises(ValueError, match="lr_decay_iters must be a positive int"):
+        build_model("csgan", lr_policy="step", lr_decay_iters=0)
+
+
+def _stargan_reference_rates(lr, num_iters, num_iters_decay, lr_update_step):
+    """yunjey/stargan solver.train()'s loop, the rate each iteration i runs at; each drop is
+    lr * lr_update_step / num_iters_decay (the paper's decay to 0; the code's lr / num_iters_decay
+    would only take 0.1% off in all)."""
+    g_lr, out = lr, []
+    for i in range(num_iters):
+        out.append(g_lr)
+        if (i + 1) % lr_update_step == 0 and (i + 1) > (num_iters - num_iters_decay):
+            g_lr = max(0.0, g_lr - lr * lr_update_step / float(num_iters_decay))  # (never below 0)
+    return out
+
+
+@pytest.mark.parametrize("num_iters, decay, every", [(40, 20, 5), (40, 20, 3), (30, 100, 4), (12, 12, 1)])
+def test_stargan_iteration_schedule_with_num_iters(num_iters, decay, every):
+    model, _ = _stargan_celeba()
+    model = StarGAN(**{**model.options, "num_iters_decay": decay, "lr_update_step": every})
+    for name, lr in (("G", 1e-4), ("D", 1e-4)):
+        got = _lrs(model, num_iters, name, n_epochs=1, n_epochs_decay=1, steps_per_epoch=7, max_steps=num_iters)
+        assert got == pytest.approx(_stargan_reference_rates(lr, num_iters, decay, every), abs=1e-15)
+        assert min(got) >= 0.0
+    # past num_iters (more steps than the schedule was made for): never below 0
+    longer = _lrs(model, 3 * num_iters, n_epochs=1, n_epochs_decay=1, steps_per_epoch=7, max_steps=num_iters)
+    assert min(longer) == 0.0 if decay <= num_iters else min(longer) > 0.0
+    assert StarGAN.DEFAULTS["num_iters_decay"] == 100000 and StarGAN.DEFAULTS["lr_update_step"] == 1000
+
+
+def test_stargan_epoch_schedule_without_num_iters():
+    model, _ = _stargan_celeba()
+    lrs = _lrs(model, 12, n_epochs=1, n_epochs_decay=1, steps_per_epoch=3)
+    assert lrs == pytest.approx([1e-4] * 3 + [5e-5] * 3 + [0.0] * 6)
+    with pytest.raises(ValueError, match="lr_update_step must be an int >= 1"):
+        StarGAN(lr_update_step=0)
+
+
 def test_options_are_reference_named_and_checked():
     m = build_model("pix2pix", ngf=4, ndf=4, netG="unet_128")
     assert m.options["lambda_L1"] == 100.0 and m.options["gan_mode"] == "vanilla" and m.options["use_dropout"]

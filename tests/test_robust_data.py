@@ -91,3 +91,39 @@ def test_stargan_attribute_values_other_than_1_minus1_0(tmp_path, value):
         CelebADataset(str(tmp_path), ["Male"], test_size=0)
     (tmp_path / "list_attr_celeba.txt").write_text("1\nMale Young\na.jpg 0 -1\n")
     assert CelebADataset(str(tmp_path), ["Male"], test_size=0).labels.tolist() == [[0.0]]
+
+
+def test_channel_counts_checked_by_the_datasets(tmp_path):
+    # issue: input_nc 4 reached the generator as 3 channels (a conv2d traceback mid-training)
+    from ganengine.data import UnalignedDataset, build_dataset
+
+    for i in range(2):
+        _img(str(tmp_path / "train" / f"{i}.png"), 16, 8, seed=i)
+        _img(str(tmp_path / "trainA" / f"{i}.png"), 8, 8, seed=i)
+        _img(str(tmp_path / "trainB" / f"{i}.png"), 8, 8, seed=i)
+    with pytest.raises(DataError, match=r"--input_nc 4: the pix2pix images are read as 3-channel RGB, or as "
+                                        r"1-channel grayscale when --input_nc is 1"):
+        AlignedDataset(str(tmp_path), input_nc=4)
+    with pytest.raises(DataError, match=r"--output_nc 2: the CycleGAN images"):
+        UnalignedDataset(str(tmp_path), output_nc=2)
+    # 1 = grayscale on that side (the reference's get_transform(grayscale=True)), with BtoA too
+    item = AlignedDataset(str(tmp_path), input_nc=1, direction="BtoA")[0]
+    assert item["A"].shape[0] == 3 and item["B"].shape[0] == 1
+    # the synthesis models name their own option: --nc for DCGAN, --channels for the others
+    with pytest.raises(DataError, match=r"--nc 4: the images are read as 3-channel RGB.*use --nc 3 or 1"):
+        build_dataset("dcgan", {"channels": 4, "image_size": 8})
+    with pytest.raises(DataError, match=r"--channels 2: .*use --channels 3 or 1"):
+        build_dataset("wgan", {"channels": 2, "image_size": 8})
+    assert build_dataset("wgan", {"channels": 1, "image_size": 8})[0]["image"].shape == (1, 8, 8)
+
+
+def test_missing_folder_hint_follows_the_command(tmp_path):
+    from ganengine.data.images import missing_data_hint
+
+    with pytest.raises(DataError, match="leave --dataroot out to train on the built-in sample data"):
+        find_images(str(tmp_path / "nope"))
+    with missing_data_hint("Use the data the model was trained on."):
+        with pytest.raises(DataError, match=r"'.*nope' does not exist\. Use the data the model was trained on\.$"):
+            find_images(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="to train on the built-in sample data"):  # restored afterwards
+        find_images(str(tmp_path / "nope"))

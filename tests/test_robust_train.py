@@ -167,3 +167,134 @@ def test_train_unwritable_run_folder(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "cannot use run folder" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- acceptance-test defects
+def test_translate_on_a_synthesis_checkpoint_says_use_sample(tmp_path, capsys, one_thread):
+    # issue: KeyError: 'image' from models/synthesis.py (BigGAN and IC-GAN the same)
+    assert main(["train", "dcgan", "--nc", "1", "--ngf", "4", "--ndf", "4", "--batch_size", "2", "--max_steps", "1",
+                 "--checkpoints_dir", str(tmp_path), "--name", "d", "--no_progress", "--tensorboard", "off"]) == 0
+    _png(str(tmp_path / "in" / "a.png"))
+    capsys.readouterr()
+    rc = main(["translate", "--checkpoint", str(tmp_path / "d"), "--input", str(tmp_path / "in" / "a.png"),
+               "--output", str(tmp_path / "out" / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "holds a dcgan model" in err and "translate is for pix2pix, CycleGAN" in err and "ganengine sample" in err
+    assert not (tmp_path / "out").exists()  # refused before the output folder was made
+
+
+def test_synthesis_translate_without_inputs_is_a_clear_error():
+    from ganengine.models import build_model
+
+    model = build_model("dcgan", ngf=4, ndf=4)
+    with pytest.raises(ValueError, match=r"generates images from noise: translate\(batch\) takes batch\['z'\]"):
+        model.translate({"A": torch.zeros(1, 3, 64, 64)})
+    assert model.translate({"z": torch.zeros(2, model.latent_dim())}).shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--reverse"], "--reverse translates B -> A with a CycleGAN's netG_B; this checkpoint holds a pix2pix"),
+    (["--target_attrs", "Young"], "--target_attrs is for StarGAN"),
+])
+def test_translate_options_of_other_models(trained, tmp_path, capsys, argv, msg):
+    _png(str(tmp_path / "in" / "x.png"))
+    rc = main(["translate", "--checkpoint", str(trained), "--input", str(tmp_path / "in"), "--output",
+               str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and "Traceback" not in err
+
+
+def test_translate_missing_input_names_input_not_dataroot(trained, tmp_path, capsys):
+    # issue: "... or leave --dataroot out to train on the built-in sample data"
+    rc = main(["translate", "--checkpoint", str(trained), "--input", str(tmp_path / "missing.png"), "--output",
+               str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--input {str(tmp_path / 'missing.png')!r} does not exist" in err
+    assert "--dataroot" not in err and "train" not in err
+    (tmp_path / "empty").mkdir()
+    rc = main(["translate", "--checkpoint", str(trained), "--input", str(tmp_path / "empty"), "--output",
+               str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "contains no images" in err and "--dataroot" not in err
+
+
+def test_sample_and_evaluate_bad_dataroot_wording(trained, tmp_path, capsys):
+    bad = str(tmp_path / "bad")
+    assert main(["sample", "--checkpoint", str(trained), "--dataroot", bad, "--output", str(tmp_path / "g.png"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "leave --dataroot out to draw from the data the model was trained on" in err
+    assert "to train on the built-in" not in err
+    assert main(["evaluate", "--checkpoint", str(trained), "--dataroot", bad, "--metrics", "l1", "--device",
+                 "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "leave --dataroot out to evaluate on the data the model was trained on" in err
+    assert "to train on the built-in" not in err
+
+
+@pytest.mark.parametrize("option", ["--max_images", "--kid_subsets"])
+def test_evaluate_zero_counts_name_the_option(trained, capsys, option):
+    # issue: --max_images 0 said "the loader produced no images"
+    assert main(["evaluate", "--checkpoint", str(trained), "--metrics", "l1", "--device", "cpu", option, "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} must be at least 1" in err and "loader produced no images" not in err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_get_the_umask_permissions(tmp_path, umask):
+    # issue: mkstemp made every checkpoint 0600 while logs and samples were 0644
+    old = os.umask(umask)
+    try:
+        path = ckpt.write({"format": ckpt.FORMAT, "x": torch.ones(2)}, str(tmp_path / "step_00000001.pt"))
+        from ganengine.train.evaluation import write_atomic_json
+
+        write_atomic_json({"metric": "fid"}, str(tmp_path / "best.json"))  # (best.json, beside best.pt)
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("as open() makes it")
+    finally:
+        os.umask(old)
+    for p in (path, tmp_path / "best.json"):
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask == os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "plain.txt", "step_00000001.pt"]  # no temporary left
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))
+
+
+def _log_steps(path):
+    import csv
+
+    with open(path) as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def test_fresh_run_in_a_used_folder_keeps_the_earlier_run(tmp_path, capsys, one_thread):
+    # issue: "checkpoint(s) ... belong to an abandoned run (training resumed from an older one)" though
+    # nothing was resumed, and the earlier run's loss_log.csv was deleted
+    run = tmp_path / "run"
+    train(tiny_config("pix2pix", run, max_steps=4, save_every=2, sample_every=2))
+    capsys.readouterr()
+    train(tiny_config("pix2pix", run, max_steps=2, save_every=1))
+    err = capsys.readouterr().err
+    assert "abandoned" not in err and "resumed" not in err
+    assert "held an earlier run's files (checkpoints up to step 4" in err and "--resume" in err
+    prev = run / ckpt.PREVIOUS / "1"
+    assert _steps(prev) == [2, 4] and _log_steps(prev / "loss_log.csv") == [1, 2, 3, 4]
+    assert sorted(os.listdir(prev / "samples")) == ["step_00000002.png", "step_00000004.png"]
+    assert _steps(run) == [1, 2] and _log_steps(run / "loss_log.csv") == [1, 2]
+    assert not (run / ckpt.ABANDONED).exists() and not (run / "samples").exists()
+    # that earlier run can still be continued (into its own folder's successor: this run moves aside)
+    train(tiny_config("pix2pix", run, max_steps=5, resume=str(prev)))
+    assert capsys.readouterr().err.count("previous/2") >= 1
+    assert _steps(run) == [5] and _steps(run / ckpt.PREVIOUS / "2") == [1, 2]
+    assert _log_steps(run / "loss_log.csv") == [5]
+
+
+def test_resume_in_the_folder_moves_nothing(trained, tmp_path, capsys, one_thread):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    train(tiny_config("pix2pix", run, max_steps=7, resume="latest"))
+    assert "earlier run" not in capsys.readouterr().err
+    assert not (run / "previous").exists() and _steps(run) == [4, 6, 7]  # (--keep_checkpoints 3)

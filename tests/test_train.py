@@ -69,6 +69,57 @@ def test_resume_across_epoch_boundary(tmp_path):
     _assert_same_state(a, torch.load(resumed["checkpoint"], weights_only=True))
 
 
+def _lrs(checkpoint):
+    state = torch.load(checkpoint, weights_only=True)
+    return {n: o["param_groups"][0]["lr"] for n, o in state["optimizers"].items()}
+
+
+def test_max_steps_past_the_scheduled_epochs_keeps_the_rate_at_zero(tmp_path):
+    # 120 pairs at batch 60: 2-step epochs; 1 + 2 scheduled epochs = 6 steps, --max_steps 10 runs
+    # 2 epochs past them: the rate stays 0 there (it went to -1.33e-4: gradient ascent)
+    result = train(tiny_config("pix2pix", tmp_path, batch_size=60, n_epochs=1, n_epochs_decay=2, max_steps=10,
+                               save_every=2))
+    rates = [_lrs(path) for _, path in ckpt.list_checkpoints(str(tmp_path))]
+    assert [r["G"] for r in rates] == pytest.approx([0.0, 0.0, 0.0])  # steps 6, 8, 10 (3 kept)
+    assert _lrs(result["checkpoint"]) == {"G": 0.0, "D": 0.0}
+
+
+def test_stargan_num_iters_schedule_and_exact_resume(tmp_path):
+    # --num_iters 6 --num_iters_decay 8 --lr_update_step 2: a drop of 1e-4 * 2 / 8 after steps 2, 4, 6
+    def config(folder, **kw):
+        cfg = tiny_config("stargan", tmp_path / folder, **kw)
+        cfg.model_options.update(num_iters_decay=8, lr_update_step=2)
+        return cfg
+
+    full = train(config("full", max_steps=6, save_every=2))
+    got = [_lrs(p)["G"] for _, p in ckpt.list_checkpoints(str(tmp_path / "full"))]
+    assert got == pytest.approx([1e-4 * 0.75, 1e-4 * 0.5, 1e-4 * 0.25])
+    train(config("part", max_steps=3))
+    resumed = train(config("part", max_steps=6, resume="latest"))
+    _assert_same_state(torch.load(full["checkpoint"], weights_only=True),
+                       torch.load(resumed["checkpoint"], weights_only=True))
+
+
+@pytest.mark.parametrize("model", ["pix2pix", "cyclegan"])
+def test_max_dataset_size_limits_the_images_of_each_folder(tmp_path, model):
+    # the reference's --max_dataset_size (data option): the first N sorted images (of each domain)
+    from ganengine.data import build_dataset
+
+    cfg = tiny_config(model, tmp_path)
+    full = build_dataset(model, cfg.data_options)
+    ds = build_dataset(model, {**cfg.data_options, "max_dataset_size": 10})
+    stores = [ds.images] if model == "pix2pix" else [ds.A, ds.B]
+    fulls = [full.images] if model == "pix2pix" else [full.A, full.B]
+    assert len(ds) == 10 and [s.paths for s in stores] == [f.paths[:10] for f in fulls]
+    with pytest.raises(ValueError, match="--max_dataset_size must be a whole number >= 1"):
+        build_dataset(model, {**cfg.data_options, "max_dataset_size": 0})
+    trainer = Trainer(tiny_config(model, tmp_path, data_options={**cfg.data_options, "max_dataset_size": 10}))
+    try:
+        assert trainer.steps_per_epoch == 5  # 10 images at batch 2
+    finally:
+        trainer.close()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config("pix2pix", tmp_path, max_steps=6, save_every=2))
     real_step = trainer.model.train_step
@@ -217,3 +268,19 @@ def test_sample_grid_rows_are_labelled(tmp_path):
         assert b.height == a.height and b.width > a.width + 20
         strip = torch.tensor(list(b.convert("L").getdata())).view(b.height, b.width)[:, :b.width - a.width]
         assert (strip < 128).any(), "no text drawn in the label strip"
+
+
+def test_resume_a_checkpoint_written_before_an_option_existed(tmp_path):
+    """A checkpoint from before an option was added (no such key in its options) resumes with the
+    option at its default (the behaviour the run had); a non-default value is a difference."""
+    result = train(tiny_config("pix2pix", tmp_path / "run", max_steps=2))
+    state = torch.load(result["checkpoint"], weights_only=True)
+    assert state["options"].pop("lr_policy") == "linear"  # as written before --lr_policy existed
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    resumed = train(tiny_config("pix2pix", tmp_path / "run2", max_steps=3, resume=str(old)))
+    assert torch.load(resumed["checkpoint"], weights_only=True)["step"] == 3
+    cfg = tiny_config("pix2pix", tmp_path / "run3", resume=str(old))
+    cfg.model_options["lr_policy"] = "step"
+    with pytest.raises(ckpt.CheckpointError, match=r"--lr_policy None \(now 'step'\)"):
+        Trainer(cfg)

@@ -35,6 +35,12 @@ MODEL_HELP = {
     "lr": "initial Adam learning rate",
     "beta1": "Adam beta1",
     "beta2": "Adam beta2",
+    "lr_policy": "learning-rate policy: linear (constant for --n_epochs, then to 0 over --n_epochs_decay), step "
+                 "(x0.1 every --lr_decay_iters epochs) or cosine (to 0 over --n_epochs); plateau is refused (the "
+                 "reference steps it on a constant metric)",
+    "lr_decay_iters": "lr_policy step: multiply the rate by 0.1 every N epochs",
+    "num_iters_decay": "with --num_iters: the rates fall linearly to 0 over the last N iterations",
+    "lr_update_step": "with --num_iters: lower the rates every N iterations during the decay",
     "c_dim": "number of domain labels (default: from the data)",
     "image_size": "image resolution",
     "g_conv_dim": "generator filters in the first conv layer",
@@ -160,8 +166,9 @@ def model_class(name: str):
     return models.MODELS[name]
 
 
-def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=()) -> list[str]:
-    """One option per model option not already defined by ``parser``; returns all model option names."""
+def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=(), model: str | None = None) -> list[str]:
+    """One option per model option not already defined by ``parser``, then the reference's
+    spellings of the engine options (``add_reference_aliases``); returns all model option names."""
     group = parser.add_argument_group("model options (reference flags; defaults are the reference's)")
     added = []
     for name, default in defaults.items():
@@ -170,6 +177,11 @@ def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=()) 
             continue
         help_text = MODEL_HELP.get(name, name.replace("_", " "))
         help_text = f"{help_text} (default: {default!r})".replace("%", "%%")
+        partner = PAIRED_OPTIONS.get(name)
+        if partner and f"--{partner}" in parser._option_string_actions and not isinstance(default, bool):
+            group.add_argument(f"--{name}", type=type(default) if isinstance(default, (int, float)) else scalar,
+                               default=None, help=help_text, action=_SetsPartner, partner=partner)
+            continue
         if isinstance(default, bool):
             group.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
                                help=help_text)
@@ -186,4 +198,55 @@ def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=()) 
     if "use_dropout" in defaults and "use_dropout" not in skip:  # the reference's spelling
         group.add_argument("--no_dropout", dest="use_dropout", action="store_false", default=None,
                            help="no dropout in the generator (same as --use_dropout false)")
+    if model is None:  # the subcommand's name ends its prog ("ganengine train sagan")
+        model = parser.prog.split()[-1] if parser.prog.split() else ""
+    add_reference_aliases(parser, model)
     return added
+
+
+# A model option that is also a data option under another name (``--imsize`` / ``--image_size``):
+# giving one sets both, so the other's default never counts as given (a disagreement is still an
+# error: both given with different values).
+PAIRED_OPTIONS = {"imsize": "image_size", "resolution": "image_size"}
+
+
+class _SetsPartner(argparse.Action):
+    """Stores the value, and the same value in ``partner`` unless that option was given first."""
+
+    def __init__(self, option_strings, dest, partner, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.partner = partner
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        if getattr(namespace, self.partner, None) is None:
+            setattr(namespace, self.partner, values)
+
+
+def _load_epoch(value: str) -> str:
+    if value != "latest":
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: ganengine checkpoints by step, not by epoch (CHECKPOINTS_DIR/NAME/step_XXXXXXXX.pt); give "
+            "--epoch latest (the default) or resume a given checkpoint with --resume PATH")
+    return value
+
+
+def add_reference_aliases(parser: argparse.ArgumentParser, model: str) -> None:
+    """The reference implementations' spellings of engine and data options for ``model``, where
+    they map onto what ganengine does (``--num_iters`` / ``--celeba_crop_size`` are defined with
+    the options themselves; DCGAN and PyTorch-GAN's: cli/_synthesis_models.py)."""
+    g = parser.add_argument_group("the reference's spellings")
+    if model in ("pix2pix", "cyclegan", "csgan"):  # junyanz options.py
+        g.add_argument("--continue_train", dest="resume", action="store_const", const="latest",
+                       help="same as --resume with no value: continue from the newest checkpoint of --name")
+        g.add_argument("--epoch", dest="load_epoch", type=_load_epoch, default=None, metavar="latest",
+                       help="which checkpoint --continue_train loads: latest only (checkpoints are per step; "
+                            "--resume PATH for another)")
+    if model == "stargan":  # yunjey/stargan main.py
+        g.add_argument("--rafd_crop_size", dest="crop_size", type=positive_int, default=None,
+                       help="same as --crop_size (the reference's crop size for RaFD, folder-per-domain data)")
+        g.add_argument("--resume_iters", type=positive_int, default=None, metavar="STEP",
+                       help="resume from that step's checkpoint of --name (CHECKPOINTS_DIR/NAME/step_XXXXXXXX.pt)")
+    if model == "sagan":  # heykeetae parameter.py
+        g.add_argument("--total_step", dest="max_steps", type=positive_int, default=None,
+                       help="same as --max_steps: stop after N steps")

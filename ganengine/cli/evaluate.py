@@ -113,15 +113,35 @@ def make_eval_loader(model, data_options: dict, dataroot: str | None, phase: str
     phase = phase or _default_phase(name, root)
     options = {**(getattr(model, "options", {}) or {}), **data_options}
     options.update(dataroot=root, phase=phase, serial_batches=True, no_flip=True)
-    dataset = data.build_dataset(name, options, phase)
+    from ganengine.data.images import missing_data_hint
+
+    hint = ("Check --dataroot (and --phase), or leave --dataroot out to evaluate on the data the model was "
+            "trained on." if dataroot else "Pass --dataroot with the folder of the data the model was trained "
+            "on (and --phase).")
+    with missing_data_hint(hint):
+        dataset = data.build_dataset(name, options, phase)
     loader, _ = data.make_loader(dataset, batch_size, device, shuffle=False, drop_last=False, num_workers=0)
     return loader, phase, root
+
+
+def _check_counts(args) -> None:
+    for option in ("batch_size", "max_images", "kid_subsets", "kid_subset_size"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            what = "images" if option == "max_images" else "a whole number"
+            raise ValueError(f"--{option} must be at least 1 ({what}), got {value}"
+                             + ("; leave it out to evaluate every image" if option == "max_images" else ""))
 
 
 def run(args) -> int:
     from ganengine.metrics import evaluate_generator, parse_metrics
     from ganengine.metrics.features import load_object
 
+    try:  # counts checked for both kinds of checkpoint, before anything is loaded
+        _check_counts(args)
+    except ValueError as exc:
+        print(f"ganengine evaluate: error: {exc}", file=sys.stderr)
+        return 2
     if _evaluate_synthesis.is_synthesis_checkpoint(args.checkpoint):  # noise -> image models: generate N samples
         return _evaluate_synthesis.run(args)
     try:

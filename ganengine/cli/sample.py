@@ -67,9 +67,15 @@ def run(args) -> int:
             data["dataroot"] = args.dataroot
         phases = [args.phase] if args.phase else (["val", "test", "train"] if name == "pix2pix" else ["test", "train"])
         ds, errors = None, []
+        from ganengine.data.images import missing_data_hint
+
+        hint = ("Check --dataroot (and --phase), or leave --dataroot out to draw from the data the model was "
+                "trained on." if args.dataroot else "The data the model was trained on is not there any more: "
+                "pass --dataroot with its folder (and --phase).")
         for phase in phases:
             try:
-                ds = build_dataset(name, data, phase=phase)
+                with missing_data_hint(hint):
+                    ds = build_dataset(name, data, phase=phase)
                 break
             except DataError as exc:
                 errors.append(str(exc))

@@ -10,6 +10,7 @@ train ...; --batch_size is per process, as in the reference implementations.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -89,7 +90,7 @@ SAMPLE.update(_basic.SAMPLE)
 ENGINE_OPTIONS = ("batch_size", "n_epochs", "n_epochs_decay", "max_steps", "sample_every", "save_every")
 DATA_OPTIONS = ("dataroot", "phase", "direction", "load_size", "crop_size", "preprocess", "no_flip",
                 "serial_batches", "cache_images", "dataset", "selected_attrs", "attr_path", "image_size",
-                "input_nc", "output_nc", "text_dim")
+                "input_nc", "output_nc", "text_dim", "max_dataset_size")
 
 
 def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
@@ -167,6 +168,9 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
                        help="(default: %(default)s)")
         g.add_argument("--load_size", type=positive_int, default=None, help=f"resize to this size (default: {ref['load_size']})")
         g.add_argument("--crop_size", type=positive_int, default=None, help=f"then crop to this size (default: {ref['crop_size']})")
+        g.add_argument("--max_dataset_size", type=positive_int, default=None,
+                       help="use at most N images of each folder, the first N of the sorted file names "
+                            "(default: all)")
         if model in ("cyclegan", "csgan"):
             g.add_argument("--serial_batches", action="store_true", help="take B images in order, not at random")
     elif model == "stargan":
@@ -302,10 +306,45 @@ def _derive_synthesis(model: str, model_opts: dict, data_opts: dict, engine: dic
         engine["batch_size"] *= max(1, steps) * model_opts.get("num_D_accumulations", defaults["num_D_accumulations"])
 
 
+# what the numeric model options must be (checked before any data is read or a network built, so
+# a bad value is one line naming the option, never torch's "Invalid learning rate: -1.0" or a
+# traceback from a layer constructor)
+_LEARNING_RATES = ("lr", "g_lr", "d_lr", "G_lr", "D_lr", "generator_lr", "discriminator_lr")
+_BETAS = ("beta1", "beta2", "b1", "b2", "G_B1", "G_B2", "D_B1", "D_B2")
+_EPSILONS = ("adam_eps", "BN_eps", "SN_eps")
+_WIDTHS = ("ngf", "ndf", "nz", "nc", "channels", "latent_dim", "code_dim", "img_size", "g_conv_dim", "d_conv_dim",
+           "gf_dim", "df_dim", "condition_dim", "z_dim", "text_dim", "c_dim", "G_ch", "D_ch", "dim_z", "n_classes",
+           "input_nc", "output_nc", "k_nn", "instance_sz", "shared_dim_feat")
+_COUNTS = ("shared_dim", "n_layers_D", "r_num", "ema_start", "pool_size", "g_repeat_num")
+
+
+def _check_model_numbers(model_opts: dict) -> None:
+    for k, v in model_opts.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{k} must be a finite number, got {v}")
+        if k in _LEARNING_RATES and v < 0:
+            raise ValueError(f"--{k} (a learning rate) must be a number >= 0, got {v}")
+        if k in _BETAS and not 0 <= v < 1:
+            raise ValueError(f"--{k} (an Adam beta) must be in [0, 1), got {v}")
+        if k == "ema_decay" and not 0 <= v < 1:
+            raise ValueError(f"--{k} must be in [0, 1), got {v}")
+        if k in _EPSILONS and v <= 0:
+            raise ValueError(f"--{k} must be a number > 0, got {v}")
+        if (k.startswith("lambda_") or k in ("init_gain", "kl_coeff")) and v < 0:
+            raise ValueError(f"--{k} must be a number >= 0, got {v}")
+        if k in _WIDTHS and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"--{k} must be a whole number >= 1, got {v}")
+        if k in _COUNTS and (not isinstance(v, int) or v < 0):
+            raise ValueError(f"--{k} must be a whole number >= 0, got {v}")
+
+
 def make_config(args):
     from ganengine.train import TrainConfig
 
     model_opts, data_opts, engine, notes = resolve(args)
+    _check_model_numbers(model_opts)
     if args.model in SYNTHESIS:
         _derive_synthesis(args.model, model_opts, data_opts, engine)
     if args.model in _basic.MODELS:
@@ -314,11 +353,21 @@ def make_config(args):
     eval_every, eval_opts = _basic.eval_options(args)
     name = args.name or f"{args.model}_" + (os.path.basename(os.path.normpath(args.dataroot)) if args.dataroot else "sample")
     run_dir = os.path.join(args.checkpoints_dir, name)
+    resume = args.resume
+    if getattr(args, "resume_iters", None) is not None:  # StarGAN's spelling: that step's checkpoint of the run
+        if resume is not None:
+            raise ValueError("give --resume or --resume_iters, not both")
+        from ganengine.train.checkpoint import path_for
+
+        resume = path_for(run_dir, args.resume_iters)
+        if not os.path.isfile(resume):
+            raise ValueError(f"--resume_iters {args.resume_iters}: {resume!r} does not exist (checkpoints of "
+                             f"--name {name!r} are saved every --save_every steps; --resume alone takes the newest)")
     cfg = TrainConfig(
         model=args.model, model_options=model_opts, data_options=data_opts, run_dir=run_dir, log_dir=args.log_dir,
         batch_size=engine["batch_size"], n_epochs=engine["n_epochs"], n_epochs_decay=engine["n_epochs_decay"],
         max_steps=engine.get("max_steps"), amp=args.amp, channels_last=args.channels_last, compile=("reduce-overhead" if args.cuda_graphs else args.compile) or False,
-        seed=args.seed, deterministic=args.deterministic, resume=args.resume, sample_every=engine["sample_every"],
+        seed=args.seed, deterministic=args.deterministic, resume=resume, sample_every=engine["sample_every"],
         save_every=engine["save_every"], print_freq=args.print_freq, keep_checkpoints=args.keep_checkpoints,
         num_workers=args.num_threads, device=args.device, sync_bn=args.sync_bn, backend=args.backend,
         tensorboard=args.tensorboard, num_samples=args.num_samples, progress=not args.no_progress,

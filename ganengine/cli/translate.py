@@ -55,7 +55,9 @@ def _inputs(path: str | None) -> list[str]:
         if not is_image(path):
             raise UsageError(f"--input {path!r} is not an image file")
         return [path]
-    return find_images(path, "--input folder")
+    if not os.path.exists(path):
+        raise UsageError(f"--input {path!r} does not exist (pass an image file or a folder of images)")
+    return find_images(path, "--input folder", hint="Pass an image file or a folder of images as --input.")
 
 
 def _load(path: str, size: int, aligned: bool, direction: str, nc: int):
@@ -119,6 +121,24 @@ def _check_args(args) -> None:
         raise UsageError(f"--captions {args.captions!r} does not exist (a text file, one caption per line)")
 
 
+TRANSLATION_MODELS = ("pix2pix", "cyclegan", "csgan", "stargan", "stackgan")
+
+
+def _check_model(name: str, args) -> None:
+    """translate runs image-to-image (and StackGAN's text-to-image) generators; a synthesis model
+    (noise -> image) has no input to translate: ``ganengine sample`` writes its images."""
+    if name not in TRANSLATION_MODELS:
+        raise UsageError(f"--checkpoint {args.checkpoint!r} holds a {name} model, which generates images from noise: "
+                         "translate is for pix2pix, CycleGAN, CSGAN, StarGAN and StackGAN. To write its images use "
+                         f"ganengine sample --checkpoint {args.checkpoint} --output grid.png")
+    if args.reverse and name not in ("cyclegan", "csgan"):
+        raise UsageError(f"--reverse translates B -> A with a CycleGAN's netG_B; this checkpoint holds a {name} model")
+    if args.target_attrs and name != "stargan":
+        raise UsageError(f"--target_attrs is for StarGAN; this checkpoint holds a {name} model")
+    if args.captions and name != "stackgan":
+        raise UsageError(f"--captions is for StackGAN; this checkpoint holds a {name} model (pass --input images)")
+
+
 def run(args) -> int:
     from ganengine.cli._io import describe
 
@@ -149,10 +169,11 @@ def _run(args) -> int:
 
     _check_args(args)
     device = device_or_error(args.device)
-    writable_dir(args.output, "--output")
     model, state = load_model(args.checkpoint, map_location="cpu")
-    model.to(device)
     name, opts, data = state["model"], state["options"], state.get("data", {})
+    _check_model(name, args)  # before the output folder is made
+    writable_dir(args.output, "--output")
+    model.to(device)
     torch.manual_seed(args.seed)
     written = []
 
@@ -192,7 +213,7 @@ def _run(args) -> int:
                     zero = torch.zeros(len(chunk), opts["c_dim"], device=device)
                     outs = [model.translate({"image": x, "label": t}) for t in
                             stargan_targets(zero, data.get("selected_attrs"))]
-            elif name == "cyclegan" and args.reverse:
+            elif name in ("cyclegan", "csgan") and args.reverse:
                 with torch.no_grad():
                     net = model.netG_B
                     net.train(not opts.get("eval", False))

@@ -68,7 +68,8 @@ def build_dataset(model: str, options, phase: str | None = None):
 
         return class_dataset(_get(options, "dataroot"), sample_root(model) if not _get(options, "dataroot") else None,
                              _get(options, "image_size", 64), flip, phase, cache=cache,
-                             channels=_get(options, "channels", 3))
+                             channels=_get(options, "channels", 3),
+                             channel_option="--nc" if model == "dcgan" else "--channels")
     if model in ("pix2pix", "cyclegan", "csgan"):
         transform = TransformOptions(_get(options, "preprocess", "resize_and_crop"), _get(options, "load_size", 286),
                                      _get(options, "crop_size", 256), flip)
@@ -76,7 +77,8 @@ def build_dataset(model: str, options, phase: str | None = None):
             transform = TransformOptions("resize_and_crop" if "crop" in transform.preprocess else transform.preprocess,
                                          transform.crop_size, transform.crop_size, False)
         common = dict(transform=transform, direction=_get(options, "direction", "AtoB"),
-                      input_nc=_get(options, "input_nc", 3), output_nc=_get(options, "output_nc", 3), cache=cache)
+                      input_nc=_get(options, "input_nc", 3), output_nc=_get(options, "output_nc", 3), cache=cache,
+                      max_dataset_size=_get(options, "max_dataset_size"))
         if model == "pix2pix":
             return AlignedDataset(root, phase, **common)
         return UnalignedDataset(root, phase, serial_batches=bool(_get(options, "serial_batches", False)), **common)

@@ -43,16 +43,18 @@ def square_resize(img: Image.Image, image_size: int, flip: bool, g: torch.Genera
     return T.to_tensor(img)
 
 
-def _mode(channels: int) -> str:
-    if channels not in (1, 3):
-        raise DataError(f"images can be read with 1 (grayscale) or 3 (RGB) channels, got channels={channels!r}")
+def _mode(channels: int, option: str = "--channels") -> str:
+    """``option``: the command-line name of the channel count (``--nc`` for DCGAN)."""
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise DataError(f"{option} {channels!r}: the images are read as 3-channel RGB, or as 1-channel grayscale "
+                        f"with {option} 1; use {option} 3 or 1")
     return "L" if channels == 1 else "RGB"
 
 
 class ClassFolderDataset(SeededDataset):
     def __init__(self, dataroot: str, image_size: int = 128, flip: bool = True, phase: str = "train", cache="auto",
-                 channels: int = 3):
-        mode = _mode(channels)  # the arguments first, then the files
+                 channels: int = 3, channel_option: str = "--channels"):
+        mode = _mode(channels, channel_option)  # the arguments first, then the files
         root = os.path.join(dataroot, phase) if os.path.isdir(os.path.join(dataroot, phase)) else dataroot
         if not os.path.isdir(root):
             raise DataError(f"class-per-folder root {root!r} does not exist. Expected DATAROOT/<class>/*.png")
@@ -86,7 +88,9 @@ class ClassFolderDataset(SeededDataset):
 class DigitsDataset(ClassFolderDataset):
     """The built-in digits (``ganengine/data/sample/digits``) as a 10-class dataset."""
 
-    def __init__(self, root: str, image_size: int = 32, flip: bool = False, cache="auto", channels: int = 3):
+    def __init__(self, root: str, image_size: int = 32, flip: bool = False, cache="auto", channels: int = 3,
+                 channel_option: str = "--channels"):
+        mode = _mode(channels, channel_option)
         from ganengine.data.labelled import read_attr_file
 
         names, rows = read_attr_file(os.path.join(root, "list_attr_celeba.txt"))
@@ -96,7 +100,7 @@ class DigitsDataset(ClassFolderDataset):
             paths.append(os.path.join(root, "images", fname))
             labels.append(max(range(10), key=lambda k: values[cols[k]]))
         self.classes = list(DIGIT_NAMES)
-        self.images = ImageStore(paths, mode=_mode(channels), cache=cache)
+        self.images = ImageStore(paths, mode=mode, cache=cache)
         self.labels = torch.tensor(labels)
         self.image_size, self.flip = image_size, flip
 
@@ -104,7 +108,9 @@ class DigitsDataset(ClassFolderDataset):
 class HDF5Dataset(SeededDataset):
     """BigGAN-PyTorch's ``ILSVRC*.hdf5``: ``imgs`` (N, 3, H, W) uint8, ``labels`` (N,)."""
 
-    def __init__(self, path: str, image_size: int | None = None, flip: bool = False, channels: int = 3):
+    def __init__(self, path: str, image_size: int | None = None, flip: bool = False, channels: int = 3,
+                 channel_option: str = "--channels"):
+        gray = _mode(channels, channel_option) == "L"
         try:
             import h5py
         except ImportError:
@@ -126,7 +132,7 @@ class HDF5Dataset(SeededDataset):
                 raise DataError(f"{path!r}: {imgs.shape[0]} images but {f['labels'].shape[0]} labels")
             self.imgs = torch.from_numpy(imgs[...])
             self.labels = torch.from_numpy(f["labels"][...].astype("int64"))
-        self.path, self.flip, self.gray = path, flip, _mode(channels) == "L"
+        self.path, self.flip, self.gray = path, flip, gray
         self.image_size = image_size or self.imgs.shape[-1]
         self.classes = [str(k) for k in range(int(self.labels.max()) + 1)] if len(self.labels) else []
         self.paths = [f"{path}[{i}]" for i in range(len(self.labels))]
@@ -152,10 +158,13 @@ class HDF5Dataset(SeededDataset):
 
 
 def class_dataset(dataroot: str | None, sample_root: str, image_size: int, flip: bool, phase: str = "train",
-                  cache="auto", channels: int = 3):
+                  cache="auto", channels: int = 3, channel_option: str = "--channels"):
+    """``channel_option``: the command-line name of ``channels`` (for the error message)."""
     if dataroot is None:
-        return DigitsDataset(sample_root, image_size, flip=False, cache=cache, channels=channels)
+        return DigitsDataset(sample_root, image_size, flip=False, cache=cache, channels=channels,
+                             channel_option=channel_option)
     if os.path.isfile(dataroot) or (os.path.isdir(dataroot) and any(
             f.endswith((".hdf5", ".h5")) for f in os.listdir(dataroot))):
-        return HDF5Dataset(dataroot, image_size, flip, channels=channels)
-    return ClassFolderDataset(dataroot, image_size, flip, phase, cache=cache, channels=channels)
+        return HDF5Dataset(dataroot, image_size, flip, channels=channels, channel_option=channel_option)
+    return ClassFolderDataset(dataroot, image_size, flip, phase, cache=cache, channels=channels,
+                              channel_option=channel_option)

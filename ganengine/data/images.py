@@ -6,6 +6,8 @@ same pixels as there.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import numpy as np
@@ -27,11 +29,29 @@ def is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def find_images(folder: str, what: str = "image folder", recursive: bool = True) -> list[str]:
-    """Sorted image paths under ``folder``; a DataError if it is missing or has no images."""
+TRAIN_HINT = "Check --dataroot (and --phase), or leave --dataroot out to train on the built-in sample data."
+# what the "does not exist" / "no images" errors tell the user to do: ``ganengine train``'s advice
+# by default; other commands set their own for the duration of a call (``missing_data_hint``)
+_HINT: contextvars.ContextVar[str] = contextvars.ContextVar("ganengine_data_hint", default=TRAIN_HINT)
+
+
+@contextlib.contextmanager
+def missing_data_hint(hint: str):
+    """Within the block, a missing dataset folder is reported with ``hint`` instead of the
+    training command's advice (e.g. ``ganengine sample --dataroot``: leave it out to use the
+    data the model was trained on)."""
+    token = _HINT.set(hint)
+    try:
+        yield
+    finally:
+        _HINT.reset(token)
+
+
+def find_images(folder: str, what: str = "image folder", recursive: bool = True, hint: str | None = None) -> list[str]:
+    """Sorted image paths under ``folder``; a DataError if it is missing or has no images
+    (``hint``: what to do about it; default: the current ``missing_data_hint``)."""
     if not os.path.isdir(folder):
-        raise DataError(f"{what} {folder!r} does not exist. Check --dataroot (and --phase), "
-                        "or leave --dataroot out to train on the built-in sample data.")
+        raise DataError(f"{what} {folder!r} does not exist. {hint or _HINT.get()}")
     paths = []
     if recursive:
         # symbolic links to folders are followed, but a folder reached twice (a link loop, or two
@@ -58,7 +78,7 @@ def find_images(folder: str, what: str = "image folder", recursive: bool = True)
         paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if is_image(f)]
     if not paths:
         raise DataError(f"{what} {folder!r} contains no images (looked for {', '.join(IMG_EXTENSIONS)}). "
-                        "Put the images there or point --dataroot at the folder that holds them.")
+                        + (hint or "Put the images there or point --dataroot at the folder that holds them."))
     return paths
 
 

@@ -21,11 +21,13 @@ def _check_pair(path: str, w: int, h: int) -> None:
 
 class AlignedDataset(SeededDataset):
     def __init__(self, dataroot: str, phase: str = "train", transform: T.TransformOptions | None = None,
-                 direction: str = "AtoB", input_nc: int = 3, output_nc: int = 3, cache="auto"):
+                 direction: str = "AtoB", input_nc: int = 3, output_nc: int = 3, cache="auto",
+                 max_dataset_size: int | None = None):
         if direction not in ("AtoB", "BtoA"):
             raise ValueError(f"--direction must be AtoB or BtoA, got {direction!r}")
+        T.check_channels(input_nc, output_nc, "pix2pix")  # the arguments first, then the files
         self.root = os.path.join(dataroot, phase)
-        paths = find_images(self.root, f"pix2pix {phase} folder (A|B pairs side by side)")
+        paths = T.first_n(find_images(self.root, f"pix2pix {phase} folder (A|B pairs side by side)"), max_dataset_size)
         self.images = ImageStore(paths, cache=cache)
         self.transform = (transform or T.TransformOptions()).check()
         self.direction, self.input_nc, self.output_nc = direction, input_nc, output_nc

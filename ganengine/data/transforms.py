@@ -66,6 +66,30 @@ class TransformOptions:
         return self
 
 
+def check_channels(input_nc, output_nc, what: str) -> None:
+    """pix2pix/CycleGAN read each image as 3-channel RGB, or as 1-channel grayscale when its
+    side's channel count is 1 (the reference's ``get_transform(grayscale=(nc == 1))``): any other
+    count would reach the networks as 3 channels and fail inside the first convolution."""
+    from ganengine.data.images import DataError
+
+    for option, nc in (("--input_nc", input_nc), ("--output_nc", output_nc)):
+        if isinstance(nc, bool) or not isinstance(nc, int) or nc not in (1, 3):
+            raise DataError(f"{option} {nc!r}: the {what} images are read as 3-channel RGB, or as 1-channel "
+                            f"grayscale when {option} is 1 (as the reference's get_transform(grayscale=...)); "
+                            f"use {option} 3 or 1")
+
+
+def first_n(paths: list[str], max_dataset_size) -> list[str]:
+    """The reference's ``--max_dataset_size``: at most that many images of a folder (None: all).
+    The first of the sorted paths, so the subset does not depend on the file system's listing
+    order (the reference cuts ``os.walk``'s unsorted file lists)."""
+    if max_dataset_size is None:
+        return paths
+    if isinstance(max_dataset_size, bool) or not isinstance(max_dataset_size, int) or max_dataset_size < 1:
+        raise ValueError(f"--max_dataset_size must be a whole number >= 1, got {max_dataset_size!r}")
+    return paths[:max_dataset_size]
+
+
 def check_crop_fits(paths: list[str], sizes: list[tuple[int, int]], o: TransformOptions, half: bool = False) -> None:
     """--preprocess crop takes crop_size x crop_size from each image as it is: an image smaller
     than that would come out smaller (a batch of mixed sizes, or a size the networks cannot

@@ -16,12 +16,15 @@ from ganengine.data.sampler import SeededDataset
 class UnalignedDataset(SeededDataset):
     def __init__(self, dataroot: str, phase: str = "train", transform: T.TransformOptions | None = None,
                  direction: str = "AtoB", input_nc: int = 3, output_nc: int = 3,
-                 serial_batches: bool = False, cache="auto"):
+                 serial_batches: bool = False, cache="auto", max_dataset_size: int | None = None):
         if direction not in ("AtoB", "BtoA"):
             raise ValueError(f"--direction must be AtoB or BtoA, got {direction!r}")
+        T.check_channels(input_nc, output_nc, "CycleGAN")  # the arguments first, then the files
         a_dir, b_dir = os.path.join(dataroot, phase + "A"), os.path.join(dataroot, phase + "B")
-        self.A = ImageStore(find_images(a_dir, f"CycleGAN domain A folder ({phase}A)"), cache=cache)
-        self.B = ImageStore(find_images(b_dir, f"CycleGAN domain B folder ({phase}B)"), cache=cache)
+        self.A = ImageStore(T.first_n(find_images(a_dir, f"CycleGAN domain A folder ({phase}A)"), max_dataset_size),
+                            cache=cache)
+        self.B = ImageStore(T.first_n(find_images(b_dir, f"CycleGAN domain B folder ({phase}B)"), max_dataset_size),
+                            cache=cache)
         self.transform = (transform or T.TransformOptions()).check()
         for store in (self.A, self.B):
             T.check_crop_fits(store.paths, image_sizes(store.paths), self.transform)

@@ -3,15 +3,18 @@ engine, and ``StepContext``: how a model's ``train_step`` hands AMP / loss scali
 
 Contract (docs/INTERFACES.md): ``__init__(**options)`` with options named as the reference's
 command-line flags and the reference defaults (``self.options``, a JSON-able dict);
-``make_optimizers()``; ``make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch)``
+``make_optimizers()``; ``make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch, max_steps=None)``
 (schedulers are stepped once per ``train_step``, i.e. per iteration; they reproduce the
-reference's per-epoch schedule through ``steps_per_epoch``); ``train_step(batch, optimizers,
+reference's per-epoch schedule through ``steps_per_epoch``; ``max_steps`` is ``--max_steps`` /
+``--num_iters`` when given, for the models whose reference schedules over iterations; a rate
+never goes below 0); ``train_step(batch, optimizers,
 ctx)`` doing the reference's full update; ``translate(batch)``; ``extra_state()`` /
 ``load_extra_state()``.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterable
 
 import torch
@@ -51,18 +54,83 @@ def set_requires_grad(nets: nn.Module | Iterable[nn.Module | None], requires_gra
                 p.requires_grad = requires_grad
 
 
+def _check_schedule_ints(**values) -> None:
+    for name, v in values.items():
+        positive = name in ("steps_per_epoch", "lr_decay_iters", "lr_update_step", "num_iters_decay", "max_steps")
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if positive else 0):
+            raise ValueError(f"make_schedulers: {name} must be a {'positive' if positive else 'non-negative'} int, "
+                             f"got {v!r}")
+
+
 def linear_decay_lambda(n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, epoch_count: int = 1):
     """The reference 'linear' policy as a per-iteration multiplier: constant for ``n_epochs``,
     then linear to zero over ``n_epochs_decay`` (lambda_rule(epoch) = 1 - max(0, epoch +
-    epoch_count - n_epochs) / (n_epochs_decay + 1), evaluated at ``step // steps_per_epoch``)."""
-    for name, v in (("n_epochs", n_epochs), ("n_epochs_decay", n_epochs_decay), ("steps_per_epoch", steps_per_epoch)):
-        if not isinstance(v, int) or v < (1 if name == "steps_per_epoch" else 0):
-            raise ValueError(f"make_schedulers: {name} must be a {'positive' if name == 'steps_per_epoch' else 'non-negative'}"
-                             f" int, got {v!r}")
+    epoch_count - n_epochs) / (n_epochs_decay + 1), evaluated at ``step // steps_per_epoch``),
+    and 0 from then on: training past the scheduled epochs (``--max_steps``) keeps the rate at 0
+    (the reference's rule, which never runs past them, would turn negative: gradient ascent)."""
+    _check_schedule_ints(n_epochs=n_epochs, n_epochs_decay=n_epochs_decay, steps_per_epoch=steps_per_epoch)
 
     def rule(step: int) -> float:
         epoch = step // steps_per_epoch
-        return 1.0 - max(0, epoch + epoch_count - n_epochs) / float(n_epochs_decay + 1)
+        return max(0.0, 1.0 - max(0, epoch + epoch_count - n_epochs) / float(n_epochs_decay + 1))
+
+    return rule
+
+
+LR_POLICIES = ("linear", "step", "plateau", "cosine")
+
+
+def check_lr_policy(owner: str, options: dict) -> None:
+    """``lr_policy`` / ``lr_decay_iters`` (the junyanz reference's flags): a clear error at
+    construction for what ganengine does not implement."""
+    policy = options.get("lr_policy", "linear")
+    if policy == "plateau":
+        raise ValueError(f"{owner}: lr_policy 'plateau' is not supported: the reference steps ReduceLROnPlateau "
+                         "on a metric that is always 0 (BaseModel.metric), so it only cuts the rate by 0.2 every "
+                         "6 epochs whatever the losses do; use --lr_policy step (--lr_decay_iters N) for that, "
+                         "or linear / cosine")
+    if policy not in LR_POLICIES:
+        raise ValueError(f"{owner}: lr_policy must be one of {LR_POLICIES[:2] + LR_POLICIES[3:]}, got {policy!r}")
+    _check_schedule_ints(lr_decay_iters=options.get("lr_decay_iters", 50))
+
+
+def lr_policy_lambda(policy: str, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, epoch_count: int = 1,
+                     lr_decay_iters: int = 50):
+    """junyanz ``networks.get_scheduler`` as a per-iteration multiplier (the reference steps its
+    schedulers once per epoch; here ``epoch = step // steps_per_epoch``):
+
+    * linear: ``linear_decay_lambda`` (held at 0 after the decay epochs);
+    * step: StepLR(step_size=lr_decay_iters, gamma=0.1): ``0.1 ** (epoch // lr_decay_iters)``
+      (lr_decay_iters counts epochs, as the reference steps it per epoch);
+    * cosine: CosineAnnealingLR(T_max=n_epochs, eta_min=0): ``(1 + cos(pi * epoch / n_epochs)) / 2``,
+      held at 0 after ``n_epochs`` (the reference's would climb back up during the decay epochs).
+    """
+    if policy == "linear":
+        return linear_decay_lambda(n_epochs, n_epochs_decay, steps_per_epoch, epoch_count)
+    check_lr_policy("make_schedulers", dict(lr_policy=policy, lr_decay_iters=lr_decay_iters))
+    _check_schedule_ints(n_epochs=n_epochs, n_epochs_decay=n_epochs_decay, steps_per_epoch=steps_per_epoch)
+    if policy == "step":
+        return lambda step: 0.1 ** ((step // steps_per_epoch) // lr_decay_iters)
+    if n_epochs < 1:
+        raise ValueError("lr_policy 'cosine' anneals over --n_epochs (CosineAnnealingLR T_max), which must be >= 1")
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step // steps_per_epoch, n_epochs) / n_epochs))
+
+
+def iteration_decay_lambda(num_iters: int, num_iters_decay: int, lr_update_step: int):
+    """StarGAN's iteration schedule (yunjey/stargan solver.py, ``--num_iters`` training): the rate
+    is constant, then after every ``lr_update_step``-th iteration past ``num_iters -
+    num_iters_decay`` it drops by ``lr * lr_update_step / num_iters_decay``, reaching 0 at
+    ``num_iters`` (the paper's linear decay to 0) and never going below it. The reference code
+    subtracts ``lr / num_iters_decay`` per drop, only ``lr / lr_update_step`` in all (0.1% by default),
+    which contradicts the paper; it also restarts the decay from the initial rate on resume.
+
+    The multiplier for the iteration after ``step`` iterations (the reference's ``i + 1``)."""
+    _check_schedule_ints(num_iters=num_iters, num_iters_decay=num_iters_decay, lr_update_step=lr_update_step)
+    start = max(0, num_iters - num_iters_decay)
+
+    def rule(step: int) -> float:
+        drops = max(0, step // lr_update_step - start // lr_update_step)
+        return max(0.0, 1.0 - drops * lr_update_step / float(num_iters_decay))
 
     return rule
 
@@ -127,9 +195,13 @@ class GANModel(nn.Module):
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
-    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int) -> dict:
-        """Reference 'linear' schedule for every optimiser (stepped once per train_step)."""
-        rule = linear_decay_lambda(n_epochs, n_epochs_decay, steps_per_epoch, self.options.get("epoch_count", 1))
+    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
+                        max_steps: int | None = None) -> dict:
+        """The reference's ``--lr_policy`` schedule (default 'linear') for every optimiser, over
+        epochs as the reference even when ``max_steps`` (``--max_steps``) ends the run; stepped
+        once per train_step."""
+        rule = lr_policy_lambda(self.options.get("lr_policy", "linear"), n_epochs, n_epochs_decay, steps_per_epoch,
+                                self.options.get("epoch_count", 1), self.options.get("lr_decay_iters", 50))
         return {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=rule) for name, opt in optimizers.items()}
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:

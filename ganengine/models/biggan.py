@@ -96,7 +96,7 @@ class BigGAN(GANModel):
         return {"G": self._adam_eps(self.G.parameters(), o["G_lr"], o["G_B1"], o["G_B2"]),
                 "D": self._adam_eps(self.D.parameters(), o["D_lr"], o["D_B1"], o["D_B2"])}
 
-    def make_schedulers(self, optimizers, n_epochs, n_epochs_decay, steps_per_epoch):
+    def make_schedulers(self, optimizers, n_epochs, n_epochs_decay, steps_per_epoch, max_steps=None):
         return {}  # the reference keeps its learning rates constant
 
     # -- sampling --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import itertools
 import torch
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, set_requires_grad
 from ganengine.models.image_pool import ImagePool
 from ganengine.models.networks_cyclegan import define_D, define_G
 from ganengine.models.pix2pix import GAN_MODES
@@ -24,8 +24,8 @@ class CycleGAN(GANModel):
     DEFAULTS = dict(input_nc=3, output_nc=3, ngf=64, ndf=64, netG="resnet_9blocks", netD="basic", n_layers_D=3,
                     norm="instance", init_type="normal", init_gain=0.02, use_dropout=False, gan_mode="lsgan",
                     lambda_A=10.0, lambda_B=10.0, lambda_identity=0.5, pool_size=50, lr=0.0002, beta1=0.5,
-                    direction="AtoB", epoch_count=1, crop_size=256, eval=False, fused=True, fused_optimizer=True,
-                    attention_resolution=None)
+                    lr_policy="linear", lr_decay_iters=50, direction="AtoB", epoch_count=1, crop_size=256,
+                    eval=False, fused=True, fused_optimizer=True, attention_resolution=None)
     network_names = ["netG_A", "netG_B", "netD_A", "netD_B"]
     generator_name = "netG_A"
 
@@ -34,6 +34,7 @@ class CycleGAN(GANModel):
         o = self.options
         self._choice("gan_mode", GAN_MODES)
         self._choice("direction", ("AtoB", "BtoA"))
+        check_lr_policy(type(self).__name__, o)
         if o["lambda_identity"] > 0 and o["input_nc"] != o["output_nc"]:
             raise ValueError(f"CycleGAN: the identity loss (lambda_identity={o['lambda_identity']}) needs "
                              f"input_nc == output_nc, got {o['input_nc']} and {o['output_nc']}; set lambda_identity=0")

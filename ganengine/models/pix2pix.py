@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, set_requires_grad
 from ganengine.models.networks_cyclegan import define_D, define_G
 
 GAN_MODES = ("vanilla", "lsgan", "wgangp", "hinge")
@@ -22,8 +22,9 @@ class Pix2Pix(GANModel):
     MODEL_NAME = "pix2pix"
     DEFAULTS = dict(input_nc=3, output_nc=3, ngf=64, ndf=64, netG="unet_256", netD="basic", n_layers_D=3,
                     norm="batch", init_type="normal", init_gain=0.02, use_dropout=True, gan_mode="vanilla",
-                    lambda_L1=100.0, lr=0.0002, beta1=0.5, direction="AtoB", epoch_count=1, crop_size=256,
-                    eval=False, fused=True, fused_optimizer=True, attention_resolution=None)
+                    lambda_L1=100.0, lr=0.0002, beta1=0.5, lr_policy="linear", lr_decay_iters=50, direction="AtoB",
+                    epoch_count=1, crop_size=256, eval=False, fused=True, fused_optimizer=True,
+                    attention_resolution=None)
     network_names = ["netG", "netD"]
     generator_name = "netG"
 
@@ -32,6 +33,7 @@ class Pix2Pix(GANModel):
         o = self.options
         self._choice("gan_mode", GAN_MODES)
         self._choice("direction", ("AtoB", "BtoA"))
+        check_lr_policy("Pix2Pix", o)
         # same construction order as the reference: G, then D (same seed -> same weights)
         self.netG = define_G(o["input_nc"], o["output_nc"], o["ngf"], o["netG"], o["norm"], o["use_dropout"],
                              o["init_type"], o["init_gain"], o["fused"], self._attention_scale(o["crop_size"]))

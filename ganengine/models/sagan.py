@@ -58,6 +58,15 @@ class SAGAN(GANModel):
         return {"G": self._adam(g, o["g_lr"], o["beta1"], o["beta2"]),
                 "D": self._adam(d, o["d_lr"], o["beta1"], o["beta2"])}
 
+    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
+                        max_steps: int | None = None) -> dict:
+        """Constant learning rates, as the reference (its ``lr_decay`` flag is never used), for
+        any ``--total_step``; with ``n_epochs_decay`` > 0 a linear decay to zero over those epochs
+        (the pix2pix rule, held at 0 after them), as an extension."""
+        if n_epochs_decay <= 0:
+            return {}
+        return super().make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch, max_steps)
+
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.options["z_dim"], device=self.device)
 

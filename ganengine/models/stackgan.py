@@ -71,7 +71,8 @@ class StackGAN(GANModel):
         return {"G": self._adam(g_params, o["generator_lr"], o["beta1"]),
                 "D": self._adam(self.netD.parameters(), o["discriminator_lr"], o["beta1"])}
 
-    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int) -> dict:
+    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
+                        max_steps: int | None = None) -> dict:
         """The reference halves both learning rates every ``lr_decay_epoch`` epochs (n_epochs and
         n_epochs_decay do not enter)."""
         if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:

@@ -16,20 +16,22 @@ import torch
 import torch.nn.functional as F
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, iteration_decay_lambda, set_requires_grad
 from ganengine.models.networks_stargan import StarGANDiscriminator, StarGANGenerator
 
 
 class StarGAN(GANModel):
-    """Options are the reference's main.py flags and defaults. The learning-rate schedule is a
-    linear decay to zero over the decay epochs (make_schedulers); the reference's own decrement
-    (g_lr / num_iters_decay every lr_update_step iterations) is documented in docs/models.md.
-    ``attention_resolution`` adds SAGAN blocks to G and D at that feature-map size."""
+    """Options are the reference's main.py flags and defaults. Learning-rate schedule
+    (make_schedulers): with ``--num_iters`` / ``--max_steps`` the reference's iteration decay
+    (``num_iters_decay``, ``lr_update_step``; base.iteration_decay_lambda); trained by epochs, a
+    linear decay to zero over the decay epochs. ``attention_resolution`` adds SAGAN blocks to G
+    and D at that feature-map size."""
 
     MODEL_NAME = "stargan"
     DEFAULTS = dict(c_dim=5, image_size=128, g_conv_dim=64, d_conv_dim=64, g_repeat_num=6, d_repeat_num=6,
                     lambda_cls=1.0, lambda_rec=10.0, lambda_gp=10.0, dataset="CelebA", g_lr=0.0001, d_lr=0.0001,
-                    n_critic=5, beta1=0.5, beta2=0.999, fused=True, fused_optimizer=True, attention_resolution=None)
+                    n_critic=5, beta1=0.5, beta2=0.999, num_iters_decay=100000, lr_update_step=1000, fused=True,
+                    fused_optimizer=True, attention_resolution=None)
     network_names = ["G", "D"]
     generator_name = "G"
 
@@ -39,6 +41,9 @@ class StarGAN(GANModel):
         self._choice("dataset", ("CelebA", "RaFD"))
         if not isinstance(o["n_critic"], int) or o["n_critic"] < 1:
             raise ValueError(f"StarGAN: n_critic must be an int >= 1, got {o['n_critic']!r}")
+        for name in ("num_iters_decay", "lr_update_step"):
+            if isinstance(o[name], bool) or not isinstance(o[name], int) or o[name] < 1:
+                raise ValueError(f"StarGAN: {name} must be an int >= 1, got {o[name]!r}")
         scale = self._attention_scale(o["image_size"])
         self.G = StarGANGenerator(o["g_conv_dim"], o["c_dim"], o["g_repeat_num"], fused=o["fused"],
                                   attention_scale=scale if scale is None or scale <= 4 else None)
@@ -77,6 +82,18 @@ class StarGAN(GANModel):
         o = self.options
         return {"G": self._adam(self.G.parameters(), o["g_lr"], o["beta1"], o["beta2"]),
                 "D": self._adam(self.D.parameters(), o["d_lr"], o["beta1"], o["beta2"])}
+
+    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
+                        max_steps: int | None = None) -> dict:
+        """With ``max_steps`` (``--num_iters``): the reference's iteration decay, the rates falling
+        to 0 over the last ``num_iters_decay`` iterations in drops every ``lr_update_step``
+        iterations (base.iteration_decay_lambda). Without: the linear rule over the epochs (constant
+        for ``n_epochs``, to zero over ``n_epochs_decay``)."""
+        if max_steps is None:
+            return super().make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch)
+        o = self.options
+        rule = iteration_decay_lambda(max_steps, o["num_iters_decay"], o["lr_update_step"])
+        return {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=rule) for name, opt in optimizers.items()}
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
         o = self.options

@@ -148,6 +148,10 @@ class SynthesisGAN(GANModel):
     def translate(self, batch: dict) -> torch.Tensor:
         """Generated images for a batch: ``batch["z"]`` latents if given, else one per image; the
         batch's class labels for a conditional model."""
+        if "z" not in batch and "image" not in batch:
+            raise ValueError(f"{type(self).__name__} generates images from noise: translate(batch) takes batch['z'] "
+                             "(latents) or batch['image'] (one generated image per image) and 'label' for a "
+                             "conditional model; on the command line use ganengine sample, not ganengine translate")
         n = batch["z"].shape[0] if "z" in batch else batch["image"].shape[0]
         labels = self.batch_labels(batch) if self.CONDITIONAL and "label" in batch else None
         return self.generate(n, batch.get("z"), labels)
@@ -203,12 +207,14 @@ class SynthesisGAN(GANModel):
             self._ema.update(self.num_steps)
 
     # -- state -----------------------------------------------------------------------------------
-    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int) -> dict:
+    def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
+                        max_steps: int | None = None) -> dict:
         """The references train at a constant learning rate; with ``n_epochs_decay`` > 0 the
-        rates decay linearly to zero over those epochs (the pix2pix rule), as an extension."""
+        rates decay linearly to zero over those epochs (the pix2pix rule, held at 0 after them),
+        as an extension."""
         if n_epochs_decay <= 0:
             return {}
-        return super().make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch)
+        return super().make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch, max_steps)
 
     def extra_state(self) -> dict:
         return {"num_steps": self.num_steps}

@@ -3,9 +3,13 @@
 ``save`` writes ``DIR/step_00000300.pt`` through a temporary file in the same folder and
 ``os.replace`` (atomic on POSIX and Windows), so a crash never leaves a half-written checkpoint
 behind, then deletes all but the newest ``keep`` checkpoints. Checkpoints of steps after the one
-being saved belong to an abandoned run (training resumed from an older checkpoint): they are
-moved to ``DIR/abandoned/`` first, so neither ``--resume`` nor the pruning mistakes them for the
-newest. Everything inside is tensors and plain Python types, so
+being saved belong to an abandoned branch of the run (training resumed from an older checkpoint
+of the folder): they are moved to ``DIR/abandoned/`` first, so neither ``--resume`` nor the
+pruning mistakes them for the newest. A run that does not continue the folder's run (a fresh
+one, or one resumed from another folder's checkpoint) first moves the earlier run's files to
+``DIR/previous/K/`` (``set_aside_previous_run``). Checkpoints get the permissions a plain
+``open()`` gives (0o666 less the umask), like the logs and sample grids. Everything inside is
+tensors and plain Python types, so
 ``torch.load(path, weights_only=True)`` reads it: no pickled code runs when a checkpoint is
 loaded.
 
@@ -17,8 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import sys
-import tempfile
 
 import torch
 
@@ -72,11 +76,26 @@ def save(state: dict, folder: str, step: int, keep: int = 3) -> str:
     return target
 
 
+def create_temporary(folder: str, prefix: str = ".tmp_step_", suffix: str = ".pt") -> tuple[int, str]:
+    """A new ``PREFIX*SUFFIX`` file in ``folder``, opened for writing: created exclusively (as
+    mkstemp does) but with mode 0o666 less the umask, as a plain ``open()`` would, so checkpoints
+    get the same permissions as the logs and sample grids next to them (mkstemp's 0o600 made them
+    unreadable to the group a run folder is shared with)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary checkpoint file in {folder!r}")
+
+
 def write(state: dict, target: str) -> str:
     """``state`` to ``target`` through a temporary file in the same folder (atomic)."""
     folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_step_", suffix=".pt", dir=folder)
+    fd, tmp = create_temporary(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -109,9 +128,64 @@ def set_aside_newer(folder: str, step: int) -> list[str]:
         os.replace(path, dest)
         moved.append(dest)
     if moved:
-        print(f"ganengine: {len(moved)} checkpoint(s) after step {step} belong to an abandoned run "
-              f"(training resumed from an older one); moved to {os.path.join(folder, ABANDONED)}", file=sys.stderr)
+        print(f"ganengine: {len(moved)} checkpoint(s) in {folder!r} are newer than step {step}, where this run "
+              f"continues from an older checkpoint of the folder; moved to {os.path.join(folder, ABANDONED)} "
+              "(nothing was deleted)", file=sys.stderr)
     return moved
+
+
+PREVIOUS = "previous"
+_RUN_FILES = ("best.pt", "best.json", ABANDONED)                          # besides step_*.pt
+_LOG_FILES = ("loss_log.csv", "eval_log.csv", "samples", "tensorboard")
+
+
+def _earlier_run_items(run_dir: str, log_dir: str) -> list[str]:
+    """What an earlier run left in the run and log folders (the order they are moved in); empty
+    when it left nothing worth keeping: no checkpoint, no loss or evaluation log, no sample grid
+    (a TensorBoard folder alone, from a trainer closed before its first step, does not count)."""
+    ckpts = [p for _, p in list_checkpoints(run_dir)]
+    run_items = [os.path.join(run_dir, n) for n in _RUN_FILES if os.path.lexists(os.path.join(run_dir, n))]
+    log_items = [os.path.join(log_dir, n) for n in _LOG_FILES if os.path.lexists(os.path.join(log_dir, n))]
+    samples = os.path.join(log_dir, "samples")
+    worth = ckpts or [p for p in run_items if not p.endswith(os.sep + ABANDONED)] or any(
+        os.path.basename(p) in ("loss_log.csv", "eval_log.csv") for p in log_items) or (
+        os.path.isdir(samples) and os.listdir(samples)) or os.path.isdir(os.path.join(run_dir, ABANDONED))
+    return ckpts + run_items + log_items if worth else []
+
+
+def set_aside_previous_run(run_dir: str, log_dir: str | None = None) -> str | None:
+    """Move an earlier run's files out of the way of a run that does not continue it (a fresh
+    run, or one resumed from a checkpoint of another folder): its checkpoints, best.pt/json,
+    abandoned/, loss and evaluation logs, sample grids and TensorBoard logs go to
+    ``RUN_DIR/previous/K/`` (the log files to ``LOG_DIR/previous/K/``), K = 1, 2, ... Nothing is
+    deleted, and neither ``--resume`` nor the checkpoint pruning sees them there. Returns a
+    one-line note saying what was moved where (None when the folders held no earlier run)."""
+    log_dir = log_dir or run_dir
+    items = _earlier_run_items(run_dir, log_dir)
+    if not items:
+        return None
+    taken = set()
+    for folder in {run_dir, log_dir}:
+        prev = os.path.join(folder, PREVIOUS)
+        if os.path.isdir(prev):
+            taken |= {int(n) for n in os.listdir(prev) if n.isdigit()}
+    k = max(taken, default=0) + 1
+    steps = [s for s, _ in list_checkpoints(run_dir)]
+    dest_run = os.path.join(run_dir, PREVIOUS, str(k))
+    moved_to = []
+    for path in items:
+        folder = os.path.dirname(path)
+        dest_dir = dest_run if os.path.samefile(folder, run_dir) else os.path.join(log_dir, PREVIOUS, str(k))
+        os.makedirs(dest_dir, exist_ok=True)
+        os.replace(path, os.path.join(dest_dir, os.path.basename(path)))
+        if dest_dir not in moved_to:
+            moved_to.append(dest_dir)
+    what = (f"checkpoints up to step {steps[-1]}" if steps else "no checkpoint") + ", " + ", ".join(
+        n for n in ("best.pt",) + _LOG_FILES if any(os.path.basename(p) == n for p in items))
+    return (f"{run_dir!r} held an earlier run's files ({what.rstrip(', ')}); this run does not continue it, so "
+            f"they were moved to {' and '.join(repr(d) for d in moved_to)} (nothing was deleted). To continue "
+            f"that run instead, stop this one and pass --resume {dest_run}; to keep runs apart, give each "
+            "its own --name.")
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:

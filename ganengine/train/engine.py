@@ -218,7 +218,7 @@ class Trainer:
         self.networks = {n: getattr(self.model, n) for n in self.model.network_names}  # unwrapped, for checkpoints
         self.optimizers = self.model.make_optimizers()
         self.schedulers = self.model.make_schedulers(self.optimizers, cfg.n_epochs, cfg.n_epochs_decay,
-                                                     self.steps_per_epoch) or {}
+                                                     self.steps_per_epoch, max_steps=cfg.max_steps) or {}
         self.ctx = AmpContext(cfg.amp, self.device, list(self.optimizers))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best, self.evaluator = None, None  # best evaluation so far: {"metric", "value", "step"}
@@ -240,6 +240,12 @@ class Trainer:
             self.resume_path = path
         else:
             rng.seed_all(mix(cfg.seed, self.dist.rank, 1))  # per-rank noise / dropout / pool draws
+        if self.dist.is_main and not self._continues_folder(resume_state is not None and self.resume_path):
+            # an earlier run in the folder that this run does not continue: keep its files (moved to
+            # RUN_DIR/previous/K/) rather than overwrite its checkpoints and delete its logs
+            note = ckpt.set_aside_previous_run(cfg.run_dir, self.log_dir)
+            if note:
+                print(f"ganengine: {note}", file=sys.stderr)
 
         for name, net in self.networks.items():  # DDP (and compile) wrappers for the step function
             wrapped = D.wrap(net, self.dist, cfg.sync_bn)
@@ -264,6 +270,15 @@ class Trainer:
         self.interrupted_checkpoint = None
 
     # ---------------------------------------------------------------- checkpoints
+    def _continues_folder(self, resume_path) -> bool:
+        """Whether this run continues the run folder's own run: resumed from a checkpoint in the
+        folder (or in its abandoned/, an older branch of the same run)."""
+        if not resume_path:
+            return False
+        where = os.path.realpath(os.path.dirname(os.path.abspath(resume_path)))
+        run_dir = os.path.realpath(self.cfg.run_dir)
+        return where in (run_dir, os.path.join(run_dir, ckpt.ABANDONED))
+
     def _state(self) -> dict:
         rngs = D.gather_objects(rng.get_state(), self.dist)
         return {
@@ -307,8 +322,12 @@ class Trainer:
         if state["model"] != self.cfg.model:
             raise ckpt.CheckpointError(f"--resume {path!r} holds a {state['model']} checkpoint, not {self.cfg.model}")
         now = json.loads(json.dumps(self.model.options))
+        # an option the checkpoint does not name is one added since it was written: the run had its
+        # default's behaviour (e.g. --lr_policy linear), so the default is no difference
+        defaults = json.loads(json.dumps(getattr(self.model, "DEFAULTS", {})))
         diff = {k: (state["options"].get(k), now.get(k)) for k in set(now) | set(state["options"])
-                if state["options"].get(k) != now.get(k)}
+                if state["options"].get(k) != now.get(k)
+                and not (k not in state["options"] and k in defaults and now.get(k) == defaults[k])}
         if diff:
             listed = ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in sorted(diff.items()))
             raise ckpt.CheckpointError(f"--resume {path!r} was trained with different model options: {listed}. "

@@ -19,7 +19,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 
 import torch
 
@@ -70,10 +69,21 @@ def load_extractor(o: dict, device: torch.device):
 
 
 def write_atomic_json(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """``obj`` to ``path`` through a temporary file and a rename, with the permissions a plain
+    open() gives (as the checkpoints: checkpoint.create_temporary)."""
+    from ganengine.train.checkpoint import create_temporary
+
+    fd, tmp = create_temporary(os.path.dirname(path) or ".", ".tmp_", ".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class SynthesisEvaluator:
