@@ -95,10 +95,17 @@ def write(state: dict, target: str) -> str:
     """``state`` to ``target`` through a temporary file in the same folder (atomic)."""
     folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = create_temporary(folder)
+    return write_atomic(target, lambda f: torch.save(state, f))
+
+
+def write_atomic(target: str, dump, binary: bool = True, prefix: str = ".tmp_step_", suffix: str = ".pt") -> str:
+    """``dump(file)`` into a temporary file beside ``target`` (create_temporary), flushed to disk,
+    then renamed over ``target``: a reader sees the old file or the whole new one, never a part.
+    The temporary file is removed if anything fails."""
+    fd, tmp = create_temporary(os.path.dirname(target) or ".", prefix, suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            dump(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -71,19 +71,9 @@ def load_extractor(o: dict, device: torch.device):
 def write_atomic_json(obj, path: str) -> None:
     """``obj`` to ``path`` through a temporary file and a rename, with the permissions a plain
     open() gives (as the checkpoints: checkpoint.create_temporary)."""
-    from ganengine.train.checkpoint import create_temporary
+    from ganengine.train.checkpoint import write_atomic
 
-    fd, tmp = create_temporary(os.path.dirname(path) or ".", ".tmp_", ".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2), binary=False, prefix=".tmp_", suffix=".json")
 
 
 class SynthesisEvaluator:
