@@ -5,6 +5,8 @@ given as its discriminator was answered with nonsense arguments ("fit 'sagan_D',
 and a SAGAN reference checkpoint written at conv_dim != 64 or image_size != 64 (its constructor
 accepts both, its forward cannot run them) with "a checkpoint of another architecture".
 Checkpoints here come from the compact re-writes in tests/ (never the reference code)."""
+import re
+
 import pytest
 import torch
 
@@ -66,3 +68,35 @@ def test_sagan_reference_checkpoint_without_l4_is_explained():
     with pytest.raises(CheckpointMismatchError, match="it has no layer l4: the reference builds l4 only for "
                                                       "image_size=64"):
         load_reference_checkpoint(net.state_dict(), "sagan_G", conv_dim=8)
+
+
+@pytest.mark.parametrize("kwargs,suggests", [
+    (dict(ngf=4), "'resnet_9blocks', norm='batch')"),              # the default norm='instance'
+    (dict(ngf=8, norm="batch"), "'resnet_9blocks', ngf=4)"),
+    (dict(ngf=4, norm="batch", use_dropout=True), "'resnet_9blocks', use_dropout=False)"),
+])
+def test_batch_norm_resnet_checkpoint_with_wrong_arguments_gets_the_fitting_call(kwargs, suggests):
+    """A --norm batch pix2pix/CycleGAN generator given with the wrong arguments: the suggestion is
+    inferred from the checkpoint as read (the instance-norm patch for a wrong norm='instance' guess
+    had deleted its running statistics first), and a batch norm's affine weight at conv_block.6 is
+    not read as dropout. (Found loading the junyanz reference's own checkpoints.)"""
+    import tests.reference_nets as ref
+
+    sd = ref.define_G(3, 3, 4, "resnet_9blocks", norm="batch").state_dict()
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"its shapes fit load_reference_checkpoint(path, {suggests}")):
+        load_reference_checkpoint(sd, "resnet_9blocks", **kwargs)
+    load_reference_checkpoint(sd, "resnet_9blocks", ngf=4, norm="batch")
+
+
+def test_stackgan_conditioning_draws_the_references_float32_noise():
+    """StackGAN's CA_NET draws eps with torch.FloatTensor(...).normal_() whatever the dtype: in
+    fp64 the same seed must give the same c_code (an fp64 draw is another sequence)."""
+    from ganengine.models.networks_stackgan import CANet
+
+    mu, logvar = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    got = CANet.reparametrize(mu, logvar)
+    torch.manual_seed(0)
+    eps = torch.FloatTensor(3, 6).normal_()
+    assert got.dtype == torch.float64
+    assert torch.equal(got, eps.double().mul(logvar.mul(0.5).exp()).add(mu))

@@ -192,8 +192,9 @@ def _infer_resnet(sd):
     last = max(_indices(sd, r"model\.(\d+)\.weight$"))
     args = dict(input_nc=w.shape[1], output_nc=sd[f"model.{last}.weight"].shape[0], ngf=w.shape[0],
                 norm=_norm_of(sd, "model.2.weight", "model.1.bias"))
-    if blocks:
-        args["use_dropout"] = f"model.{blocks[0]}.conv_block.6.weight" in sd
+    if blocks:  # conv_block: pad, conv, norm, relu, [dropout,] pad, conv, norm: with dropout index 6 is the conv
+        w6 = sd.get(f"model.{blocks[0]}.conv_block.6.weight")
+        args["use_dropout"] = w6 is not None and w6.dim() == 4
     n = len(blocks)
     arch = {9: "resnet_9blocks", 6: "resnet_6blocks"}.get(n)
     if arch is None:
@@ -281,7 +282,11 @@ for _arch, _spec in _SPEC_ARCHS.items():
     _ARCH_DEFAULTS[_arch], _BUILDERS[_arch], _INFER[_arch] = _spec
 
 
-def _mismatch_message(arch, args, sd, expected) -> str | None:
+def _mismatch_message(arch, args, sd, expected, raw=None) -> str | None:
+    """Why ``sd`` (patched for the network built from ``args``) does not fit ``expected``, and what
+    would fit, inferred from ``raw`` (the checkpoint as read: the patch for a wrong guess deletes
+    keys, e.g. a batch norm's running statistics for norm='instance'), or None where it fits."""
+    raw = sd if raw is None else raw
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
     shapes = [(k, _fmt_shape(sd[k]), _fmt_shape(expected[k])) for k in expected
@@ -298,18 +303,18 @@ def _mismatch_message(arch, args, sd, expected) -> str | None:
         parts.append(f"{len(missing)} network keys are missing from the checkpoint, e.g. {missing[:3]};")
     if unexpected:
         parts.append(f"{len(unexpected)} checkpoint keys are not in the network, e.g. {unexpected[:3]};")
-    inferred_arch, inferred = _infer(arch, sd)
+    inferred_arch, inferred = _infer(arch, raw)
     differing = {k: v for k, v in inferred.items() if args.get(k) != v}
     # a suggestion is made only once a network built from it has exactly the checkpoint's keys
     # and shapes: a checkpoint of another arch (a generator's given as its discriminator) can
     # also be read by this arch's inference, which then suggests nonsense arguments
-    if inferred_arch is not None and (differing or inferred_arch != arch) and _fits(inferred_arch, inferred, sd):
+    if inferred_arch is not None and (differing or inferred_arch != arch) and _fits(inferred_arch, inferred, raw):
         call = ", ".join([repr(inferred_arch)] + [f"{k}={v!r}" for k, v in differing.items()])
         parts.append(f"its shapes fit load_reference_checkpoint(path, {call})")
         return " ".join(parts)
-    other = _fitting_arch(sd, exclude=arch)
+    other = _fitting_arch(raw, exclude=arch)
     explain = _EXPLAIN.get(arch)
-    explained = explain(sd, args) if explain is not None and other is None else None
+    explained = explain(raw, args) if explain is not None and other is None else None
     if other is not None:
         other_arch, other_args = other
         call = ", ".join([repr(other_arch)] + [f"{k}={v!r}" for k, v in other_args.items()
@@ -369,11 +374,11 @@ def load_reference_checkpoint(path_or_state_dict, arch: str, fused: bool = True,
     """
     _check_arch(arch)
     args = _arch_args(arch, arch_kwargs)
-    sd = _strip_prefixes(_read(path_or_state_dict))
+    raw = _strip_prefixes(_read(path_or_state_dict))
     net = build_network(arch, fused=fused, init_type=None, **args)
-    sd = _patch_instance_norm(sd, net)
+    sd = _patch_instance_norm(raw, net)
     expected = net.state_dict()
-    msg = _mismatch_message(arch, args, sd, expected)
+    msg = _mismatch_message(arch, args, sd, expected, raw)
     if msg is not None and (strict or any(k in sd and sd[k].shape != expected[k].shape for k in expected)):
         raise CheckpointMismatchError(msg)
     # old checkpoints (torch < 0.4.1) lack num_batches_tracked: keep the network's value

@@ -81,7 +81,10 @@ class CANet(nn.Module):
     @staticmethod
     def reparametrize(mu, logvar):
         std = logvar.mul(0.5).exp()
-        return torch.randn_like(std).mul(std).add(mu)  # same draws as the reference's .normal_()
+        # the reference's eps: a float32 (torch.FloatTensor / cuda.FloatTensor) .normal_() whatever
+        # std's dtype; the same draws as its in every dtype (an fp64 draw is another sequence)
+        eps = torch.randn(std.shape, dtype=torch.float32, device=std.device)
+        return eps.to(std.dtype).mul(std).add(mu)
 
     def forward(self, text_embedding):
         mu, logvar = self.encode(text_embedding)
