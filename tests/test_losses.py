@@ -756,3 +756,44 @@ def test_gpu_backends(backend, dtype, n):
     assert_close(total, rtotal, dtype, _gpu_depth(n, 4), loss_scale(s), backend)
     for o, r in zip(ours, refs):
         assert_close(o.grad, r.grad, dtype, 0, 30.0 / n, backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", MODES)
+def test_second_backward_has_the_first_ones_bits(backend, mode):
+    """retain_graph=True: the first backward hands out the gradient the forward kernel wrote; a
+    second one recomputes it with the same kernel, so the bits agree (gradcheck's reentrancy check
+    at nondet_tol=0 needs it; the reference formula differed by an ulp)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 7, 7, requires_grad=True)
+    y = torch.randn(2, 1, 5, 5, requires_grad=True)
+    with run_on(backend):
+        for loss in (GF.gan_loss(x, False, mode), GF.discriminator_loss(x, y, mode)):
+            first = torch.autograd.grad(loss, (x, y), retain_graph=True, allow_unused=True)
+            second = torch.autograd.grad(loss, (x, y), allow_unused=True)
+            for a, b in zip(first, second):
+                assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_losses_under_a_dispatch_mode():
+    """A TorchDispatchMode (FlopCounterMode, selective checkpointing) sees every op's outputs: the
+    C++ kernel's gradient list held an undefined tensor for a gradient not written, which cannot
+    cross into Python there (every hinge generator loss and no-grad call raised)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 1, 30, 30, requires_grad=True)
+    want = [GF.gan_loss(x, True, "hinge", for_discriminator=False), GF.gan_loss(x.detach(), True, "lsgan"),
+            gnn.GANLoss("vanilla")(x.detach(), False), GF.discriminator_loss(x.detach(), x.detach() + 1, "hinge")]
+    with FlopCounterMode(display=False):
+        got = [GF.gan_loss(x, True, "hinge", for_discriminator=False), GF.gan_loss(x.detach(), True, "lsgan"),
+               gnn.GANLoss("vanilla")(x.detach(), False),
+               GF.discriminator_loss(x.detach(), x.detach() + 1, "hinge")]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_cycle_loss_backward_with_no_output_gradient():
+    """gradcheck's undefined-gradient check: a backward whose outputs all have no gradient."""
+    a, c = (torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b, d = torch.randn(1, 3, 5, 5, dtype=torch.float64), torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, c: GF.cycle_loss(b, a, d, c)[0], (a, c))

@@ -401,9 +401,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> adv_fwd(at::TensorList xs_in, at
     TORCH_CHECK(modes[i] >= BCE && modes[i] <= LINEAR, fn, ": unknown mode code ", modes[i]);
     numels.push_back(xs[i].numel());
     const bool g = want_grad && modes[i] != LINEAR;
-    // a gradient not written is an undefined tensor (None in Python): no allocation for it, which
-    // is a measurable part of a call at a 30x30 map (ops/losses.py's callers take None)
-    grads.push_back(g ? at::empty(xs[i].sizes(), xs[i].options()) : at::Tensor());
+    // a gradient not written is an empty tensor, as the CUDA op and the fake give it (the callers
+    // take it as absent: numel() != x's). Not an undefined tensor: a Tensor[] output holding one
+    // cannot cross into Python under a dispatch mode (FlopCounterMode raised on every call)
+    grads.push_back(g ? at::empty(xs[i].sizes(), xs[i].options()) : at::empty({0}, xs[i].options()));
   }
   at::Tensor total = at::empty({}, xs[0].options().dtype(acc_type_of(dtype)));
   const Chunks ch(numels);
@@ -417,7 +418,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> adv_fwd(at::TensorList xs_in, at
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t i = ch.term_of(c);
         const int64_t b = (c - ch.first[i]) * kChunk, e = std::min(b + kChunk, numels[i]);
-        const bool g = grads[i].defined();
+        const bool g = want_grad && modes[i] != LINEAR;  // (its gradient was allocated above)
         partial[c] = adv_chunk_dispatch<scalar_t, acc_t>(
             modes[i], g, xs[i].data_ptr<scalar_t>(), g ? grads[i].data_ptr<scalar_t>() : nullptr, b, e,
             static_cast<acc_t>(targets[i]), static_cast<acc_t>(scales[i]));

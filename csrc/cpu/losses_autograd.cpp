@@ -180,13 +180,20 @@ struct AdvLossFn : public torch::autograd::Function<AdvLossFn> {
       const int64_t m = static_cast<int64_t>(cfg.get(3 * i));
       const double t = cfg.get(3 * i + 1), s = cfg.get(3 * i + 2);
       const bool has_buf = i < bufs.size() && bufs[i].defined() && bufs[i].numel() == x.numel();
-      if (grad_mode || (m != LINEAR && !has_buf)) {  // create_graph=True (or no buffer left)
+      if (grad_mode) {  // create_graph=True: the differentiable reference formula
         at::Tensor r = reference_grad(x, m, t) * (g * s);
         out[i] = r.scalar_type() == dtype ? r : r.to(dtype);
       } else if (m == LINEAR) {  // constant gradient: an expanded scalar, nothing written
         out[i] = linear_grad(g, s * t, x);
       } else {
         if (one < 0) one = concrete(g) && g.item<double>() == 1.0;
+        if (!has_buf) {  // a second backward (retain_graph): the forward's kernel again, for the same bits
+          if (bufs.size() < k) bufs.resize(k);
+          at::AutoDispatchBelowADInplaceOrView below;
+          const int64_t mode = m;
+          bufs[i] = std::get<1>(fwd_op().call(at::TensorList(x), at::IntArrayRef(mode), at::ArrayRef<double>(t),
+                                              at::ArrayRef<double>(s), /*want_grad=*/true))[0];
+        }
         at::Tensor& b = bufs[i];
         out[i] = one ? b : b.mul_(g.scalar_type() == b.scalar_type() ? g : g.to(b.scalar_type()));
       }

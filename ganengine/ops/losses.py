@@ -213,18 +213,25 @@ def adv_backward(xs, bufs, modes, targets, scales, g, owned=False):
 
     ``owned``: the buffers are ours to hand out or scale in place (the eager Function pops
     them from its context, so a second backward recomputes instead)."""
-    res = []
-    one = owned and _is_one(g)
+    res, one = [], None
     for x, b, m, t, s in zip(xs, bufs, modes, targets, scales):
-        if torch.is_grad_enabled() or (m != LINEAR and (b is None or b.numel() != x.numel())):
-            # create_graph=True (or no buffer left): differentiable reference formula
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable reference formula
             res.append((torch_adv_grad(x, m, t) * (g * s)).to(x.dtype))
-        elif m == LINEAR:  # constant gradient: an expanded scalar, nothing written
+            continue
+        owned_b = owned
+        if m != LINEAR and (b is None or b.numel() != x.numel()):
+            if not owned:  # (the custom op's backward, traced under compile: the reference formula)
+                res.append((torch_adv_grad(x, m, t) * (g * s)).to(x.dtype))
+                continue
+            # the eager Function's second backward (retain_graph; the first took the buffer): the
+            # forward's kernel again, so the gradient has the first backward's bits
+            b = adv_fwd([x], [m], [t], [s], True)[1][0]
+        if m == LINEAR:  # constant gradient: an expanded scalar, nothing written
             res.append((g * (s * t)).to(x.dtype).expand(x.shape))
-        elif one:  # the gradient written in the forward pass is final
-            res.append(b)
-        elif owned:
-            res.append(b.mul_(g.to(b.dtype)))
+        elif owned_b:  # ours to scale in place; final as it is where grad_output is 1
+            if one is None:
+                one = _is_one(g)
+            res.append(b if one else b.mul_(g.to(b.dtype)))
         else:
             res.append(b * g.to(x.dtype))
     return res
@@ -285,6 +292,8 @@ class _L1Fn(torch.autograd.Function):
             ref = next(g for g in g_term if g is not None)
             g_terms = torch.stack([g if g is not None else torch.zeros_like(ref) for g in g_term])
         saved = ctx.saved_tensors
+        if g_total is None and g_terms is None:  # no output had a gradient (undefined grads)
+            return (None, None, *[None] * len(saved))
         preds, targets = list(saved[:k]), list(saved[k:])
         bufs, ctx.bufs = ctx.bufs, None  # handed out: a second backward recomputes
         if bufs is not None and g_total is not None and g_terms is None and not torch.is_grad_enabled():
@@ -309,7 +318,7 @@ class _L1Fn(torch.autograd.Function):
 def adv_loss_op(xs: list[Tensor], modes: list[int], targets: list[float], scales: list[float],
                 want_grad: bool) -> tuple[Tensor, list[Tensor]]:
     total, grads = adv_fwd(xs, modes, targets, scales, want_grad)
-    # (the C++ CPU kernel returns None for a gradient it did not write; a custom op returns tensors)
+    # (a gradient not written is an empty tensor: the C++ kernels give one, the others None)
     return total, [x.new_empty(0) if g is None else g for x, g in zip(xs, grads)]
 
 
