@@ -342,3 +342,15 @@ def test_stargan_num_iters_decays_by_iterations(tmp_path):
     assert _train("stargan", tmp_path, "--num_iters_decay 8 --lr_update_step 2 --sample_every 0", steps=4) == 0
     state = torch.load(tmp_path / "run" / "step_00000004.pt", weights_only=True)
     assert [o["param_groups"][0]["lr"] for o in state["optimizers"].values()] == pytest.approx([5e-5, 5e-5])
+
+
+@pytest.mark.parametrize("model,extra", [("stargan", ""), ("wgan_gp", ""), ("sagan", "--adv_loss wgan-gp"),
+                                         ("biggan", "--latent_optimisation")])
+def test_compile_refuses_a_double_backward_up_front(model, extra, tmp_path, capsys):
+    """--compile with a step that differentiates a gradient (AOTAutograd has no double backward):
+    one line naming --compile and why, before any step (it crashed with a traceback mid-step)."""
+    argv = (["train", model, "--checkpoints_dir", str(tmp_path), "--name", "run", "--max_steps", "1",
+             "--no_progress", "--tensorboard", "off", "--compile"] + TINY_FLAGS.get(model, "").split() + extra.split())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--compile:" in err and "double backward" in err and "Traceback" not in err

@@ -192,6 +192,12 @@ class GANModel(nn.Module):
         return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
     # -- contract ---------------------------------------------------------------------------
+    @property
+    def double_backward(self) -> str:
+        """What in this model's step differentiates a gradient (a gradient penalty, LOGAN's latent
+        step), in words, or "" (torch.compile cannot train such a step: --compile refuses it)."""
+        return ""
+
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 

@@ -49,6 +49,11 @@ class BigGAN(GANModel):
     generator_name = "G"
     _G_CLASS, _D_CLASS = BigGANGenerator, BigGANDiscriminator
 
+    @property
+    def double_backward(self) -> str:
+        return ("with --latent_optimisation differentiates through LOGAN's latent step"
+                if self.options["latent_optimisation"] else "")
+
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options

@@ -40,6 +40,13 @@ class SAGAN(GANModel):
     network_names = ["G", "D"]
     generator_name = "G"
 
+    @property
+    def double_backward(self) -> str:
+        if self.options["adv_loss"] == "wgan-gp":
+            return "with --adv_loss wgan-gp takes a gradient penalty"
+        return "with --latent_optimisation differentiates through LOGAN's latent step" if \
+            self.options["latent_optimisation"] else ""
+
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options

@@ -28,6 +28,7 @@ class StarGAN(GANModel):
     and D at that feature-map size."""
 
     MODEL_NAME = "stargan"
+    double_backward = "takes a gradient penalty (WGAN-GP, lambda_gp)"
     DEFAULTS = dict(c_dim=5, image_size=128, g_conv_dim=64, d_conv_dim=64, g_repeat_num=6, d_repeat_num=6,
                     lambda_cls=1.0, lambda_rec=10.0, lambda_gp=10.0, dataset="CelebA", g_lr=0.0001, d_lr=0.0001,
                     n_critic=5, beta1=0.5, beta2=0.999, num_iters_decay=100000, lr_update_step=1000, fused=True,

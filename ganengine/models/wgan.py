@@ -152,6 +152,7 @@ class WGANGP(_Wasserstein):
     n_critic`` and ``lambda_gp`` (a constant, 10, in the reference script)."""
 
     MODEL_NAME = "wgan_gp"
+    double_backward = "takes a gradient penalty (lambda_gp)"
     DEFAULTS = dict(latent_dim=100, img_size=28, channels=1, lr=0.0002, b1=0.5, b2=0.999, n_critic=5,
                     lambda_gp=10.0, fused=True, fused_optimizer=True, **EMA_OPTIONS)
 

@@ -213,6 +213,9 @@ class Trainer:
 
         rng.seed_all(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, **cfg.model_options).to(self.device)
+        if cfg.compile and self.model.double_backward:
+            raise ValueError(f"--compile: {cfg.model} {self.model.double_backward}, a double backward, which "
+                             "torch.compile's AOTAutograd cannot differentiate; train it without --compile")
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.networks = {n: getattr(self.model, n) for n in self.model.network_names}  # unwrapped, for checkpoints
