@@ -354,3 +354,17 @@ def test_compile_refuses_a_double_backward_up_front(model, extra, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--compile:" in err and "double backward" in err and "Traceback" not in err
+
+
+def test_loss_log_leaves_losses_a_step_did_not_compute_empty(tmp_path):
+    """StarGAN with --n_critic 2: the generator's losses exist every other step; the rows between
+    have empty cells (as the rows written before the column appeared), never "nan", which a plot or
+    a divergence check reads as a failure."""
+    assert _train("stargan", tmp_path, "--sample_every 0 --print_freq 1", steps=4) == 0
+    with open(tmp_path / "run" / "loss_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    g_cols = [c for c in rows[0] if c.startswith("G/")]
+    assert g_cols and [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert all(v != "nan" for v in r.values()), r
+        assert all((r[c] == "") == (int(r["step"]) % 2 == 1) for c in g_cols), r

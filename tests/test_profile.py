@@ -16,6 +16,9 @@ def test_classify():
     assert gprof.classify("ganengine_C::norm_act_fwd", names) == "ganengine"
     assert gprof.classify("_fwd_fused_kernel", names) == "ganengine"
     assert gprof.classify("GeneratedBackwardFor_ganengine_x_default", names) == "ganengine"
+    assert gprof.classify("autograd::engine::evaluate_function: torch::autograd::CppNode<ganengine::bn::"
+                          "(anonymous namespace)::BatchNormActFn>", names) == "ganengine"  # (a C++ Function's node)
+    assert gprof.classify("autograd::engine::evaluate_function: ConvolutionBackward0", names) == "pytorch"
     assert gprof.classify("aten::convolution", names) == "pytorch"
     assert gprof.classify("triton_poi_fused_add_0", names) == "pytorch"  # inductor's, not ours
     assert gprof.classify("ProfilerStep#3", names) == "profiler"

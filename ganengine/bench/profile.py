@@ -61,6 +61,10 @@ def classify(key: str, kernel_names: set[str]) -> str:
         return "ganengine"
     if key.startswith("GeneratedBackwardFor_ganengine_"):  # autograd node of a ganengine op
         return "ganengine"
+    # the C++ autograd Functions' nodes (the lean entries): "autograd::engine::evaluate_function:
+    # torch::autograd::CppNode<ganengine::bn::(anonymous namespace)::BatchNormActFn>"
+    if "CppNode<ganengine::" in key:
+        return "ganengine"
     return "pytorch"
 
 

@@ -6,7 +6,6 @@ keeps writing the CSV and the PNG grids, which hold the same information.
 from __future__ import annotations
 
 import csv
-import math
 import os
 
 import torch
@@ -105,7 +104,9 @@ class TrainLogger:
                 old = list(csv.reader(f))[1:]
             with open(self.csv_path, "w", newline="") as f:
                 csv.writer(f).writerows([self.columns] + [r + [""] * (len(self.columns) - len(r)) for r in old])
-        row = [step, epoch] + [values.get(c, math.nan) for c in self.columns[2:]]
+        # a loss this step did not compute (the generator's on a critic-only step) is an empty cell,
+        # as in the rows written before the column appeared: not NaN, which reads as divergence
+        row = [step, epoch] + [values.get(c, "") for c in self.columns[2:]]
         with open(self.csv_path, "a", newline="") as f:
             csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
         if self.tb is not None:
