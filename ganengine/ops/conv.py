@@ -342,10 +342,12 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 if _ext.loaded() and _ext.has_kernel("conv_fwd", "CPU"):
     @torch.library.register_fake("ganengine_C::conv_fwd")
     def _(x, weight, bias, stride, padding, output_padding, transposed, route=-1, tile=0):
-        return x.new_empty(_out_size(x.shape, weight.shape, stride, padding, output_padding, transposed))
+        # (in x's layout, as the kernels write it: out_format)
+        return x.new_empty(_out_size(x.shape, weight.shape, stride, padding, output_padding, transposed)).contiguous(
+            memory_format=out_format(x))
 
     @torch.library.register_fake("ganengine_C::conv_bwd")
     def _(grad, x, weight, stride, padding, output_padding, transposed, mask, route=-1, tile=0):
-        return (x.new_empty(x.shape) if mask[0] else x.new_empty((0,)),
+        return (x.new_empty(x.shape).contiguous(memory_format=out_format(x)) if mask[0] else x.new_empty((0,)),
                 weight.new_empty(weight.shape) if mask[1] else weight.new_empty((0,)),
                 grad.new_empty((grad.shape[1],)) if mask[2] else grad.new_empty((0,)))

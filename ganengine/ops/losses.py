@@ -740,6 +740,13 @@ if _ext.loaded() and _ext.has_kernel("losses_adv_fwd", "CPU"):
         return total, [x.new_empty(x.shape) if (want_grad and m != LINEAR) else x.new_empty(0)
                        for x, m in zip(xs, modes)]
 
+if _ext.loaded() and _ext.has_kernel("losses_l1_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::losses_l1_fwd")
+    def _(preds, targets, scales, want_grad):
+        acc = acc_dtype(preds[0].dtype)
+        return (preds[0].new_empty((), dtype=acc), preds[0].new_empty((len(preds),), dtype=acc),
+                [p.new_empty(p.shape) if want_grad else p.new_empty(0) for p in preds])
+
 if _ext.loaded() and _ext.has_kernel("gan_loss", "CompositeExplicitAutograd"):
     def _lean_fake(x):
         half = x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled("cpu")

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ganengine import _ext
 from ganengine.ops import _dispatch, _eager
 
 U_STEP, V_STEP = 0, 1
@@ -381,6 +382,19 @@ def spectral_norm_op(weight: Tensor, u: Tensor, v: Tensor | None, first: int, st
         return w_sn, u_new, v_new.clone(), sigma
     w_sns, u_outs, v_outs, sigma, _ = native_forward(backend, [weight], [dim], [u], [v], first, steps, eps, False)
     return w_sns[0].clone(), u_outs[0].clone(), v_outs[0].clone(), sigma[0].to(weight.dtype, copy=True)
+
+
+# fakes of the C++ kernels (the lean entry's C++ autograd calls them through the dispatcher: under a
+# FakeTensorMode they need their own, as the other families register theirs)
+if _ext.loaded() and _ext.has_kernel("spectral_norm_fwd", "CPU"):
+    @torch.library.register_fake("ganengine_C::spectral_norm_fwd")
+    def _(weights, us, vs, first, steps, eps, write_state):
+        return ([w.new_empty(w.shape) for w in weights], [u.new_empty(u.shape) for u in us],
+                [w.new_empty((w.numel() // w.shape[0],)) for w in weights], weights[0].new_empty((len(weights),)))
+
+    @torch.library.register_fake("ganengine_C::spectral_norm_bwd")
+    def _(grads, gsig, weights, u_out, v_out, sigma):
+        return [w.new_empty(w.shape) for w in weights]
 
 
 @spectral_norm_op.register_fake
