@@ -643,3 +643,15 @@ def test_choose_backend_layout_shortcut():
             ops.choose_backend(w, 2)
         with on_backend("triton"):
             assert ops.choose_backend(w, 0) == "triton"
+
+
+def test_custom_op_without_v_needs_a_v_step_first():
+    """ganengine::spectral_norm's schema takes v=None: then the plan must start with a V step (as
+    plan() gives without v); a U-first plan is a ValueError saying so (it failed inside the kernel)."""
+    w = torch.randn(4, 3, 3, 3)
+    u = F.normalize(torch.randn(4), dim=0)
+    with pytest.raises(ValueError, match="but v is None"):
+        torch.ops.ganengine.spectral_norm(w, u, None, ops.U_STEP, 2, 1e-12, 0)
+    first, steps = ops.plan("pytorch", 1, False)
+    w_sn, _, _, sigma = torch.ops.ganengine.spectral_norm(w, u, None, first, steps, 1e-12, 0)
+    torch.testing.assert_close(w_sn * sigma, w, rtol=1e-5, atol=1e-6)

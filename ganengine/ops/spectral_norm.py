@@ -375,7 +375,12 @@ class SpectralNormFn(torch.autograd.Function):
 @torch.library.custom_op("ganengine::spectral_norm", mutates_args=())
 def spectral_norm_op(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: int, eps: float, dim: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Functional: (weight / sigma, u used, v used, sigma) for one layer; state not written."""
+    """Functional: (weight / sigma, u used, v used, sigma) for one layer; state not written.
+    ``first``/``steps`` as ``plan`` gives them: a plan starting with a U step reads v."""
+    if v is None and (first == U_STEP or steps == 0):
+        raise ValueError(f"ganengine::spectral_norm: first={first}, steps={steps} reads v (a U step first, or sigma "
+                         f"from u and v directly), but v is None: give v, or start with a V step (first={V_STEP}, "
+                         "steps >= 1), as plan() does without v")
     backend = choose_backend(weight, dim)
     if backend == "torch":
         w_sn, u_new, v_new, sigma = _torch_call(weight, u, v, first, steps, eps, dim, "pytorch", False)
