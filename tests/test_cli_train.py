@@ -295,6 +295,9 @@ def test_reference_spellings_of_engine_options(tmp_path):
     _, cfg = _config("stargan", "--rafd_crop_size", "40", "--num_iters_decay", "5", "--lr_update_step", "2")
     assert cfg.data_options["crop_size"] == 40
     assert (cfg.model_options["num_iters_decay"], cfg.model_options["lr_update_step"]) == (5, 2)
+    assert cfg.model_options["lr_schedule"] == "iterations"  # (the sample data's --max_steps)
+    _, cfg = _config("stargan", "--max_steps", "9", "--lr_schedule", "epochs")
+    assert cfg.model_options["lr_schedule"] == "epochs"
     _, cfg = _config("cyclegan", "--lr_policy", "step", "--lr_decay_iters", "3")
     assert (cfg.model_options["lr_policy"], cfg.model_options["lr_decay_iters"]) == ("step", 3)
 

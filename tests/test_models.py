@@ -655,7 +655,8 @@ def _stargan_reference_rates(lr, num_iters, num_iters_decay, lr_update_step):
 @pytest.mark.parametrize("num_iters, decay, every", [(40, 20, 5), (40, 20, 3), (30, 100, 4), (12, 12, 1)])
 def test_stargan_iteration_schedule_with_num_iters(num_iters, decay, every):
     model, _ = _stargan_celeba()
-    model = StarGAN(**{**model.options, "num_iters_decay": decay, "lr_update_step": every})
+    model = StarGAN(**{**model.options, "num_iters_decay": decay, "lr_update_step": every,
+                       "lr_schedule": "iterations"})
     for name, lr in (("G", 1e-4), ("D", 1e-4)):
         got = _lrs(model, num_iters, name, n_epochs=1, n_epochs_decay=1, steps_per_epoch=7, max_steps=num_iters)
         assert got == pytest.approx(_stargan_reference_rates(lr, num_iters, decay, every), abs=1e-15)
@@ -672,6 +673,12 @@ def test_stargan_epoch_schedule_without_num_iters():
     assert lrs == pytest.approx([1e-4] * 3 + [5e-5] * 3 + [0.0] * 6)
     with pytest.raises(ValueError, match="lr_update_step must be an int >= 1"):
         StarGAN(lr_update_step=0)
+    # the default ("epochs", what checkpoints before the option trained with) keeps the epoch rule
+    # whatever max_steps; "iterations" needs it
+    assert _lrs(model, 12, n_epochs=1, n_epochs_decay=1, steps_per_epoch=3, max_steps=12) == lrs
+    with pytest.raises(ValueError, match="lr_schedule='iterations' decays over"):
+        _lrs(StarGAN(**{**model.options, "lr_schedule": "iterations"}), 3, n_epochs=1, n_epochs_decay=1,
+             steps_per_epoch=3)
 
 
 def test_options_are_reference_named_and_checked():

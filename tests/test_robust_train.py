@@ -298,3 +298,22 @@ def test_resume_in_the_folder_moves_nothing(trained, tmp_path, capsys, one_threa
     train(tiny_config("pix2pix", run, max_steps=7, resume="latest"))
     assert "earlier run" not in capsys.readouterr().err
     assert not (run / "previous").exists() and _steps(run) == [4, 6, 7]  # (--keep_checkpoints 3)
+
+
+def test_a_trainer_that_fails_while_built_leaves_the_earlier_run_in_place(tmp_path, monkeypatch, one_thread):
+    """The earlier run is set aside as the last thing before the new run writes its own files: a
+    failure while the trainer is built (here its sample batch) leaves the folder as it was."""
+    from ganengine.train import Trainer, train
+    from tests._train_utils import tiny_config
+
+    train(tiny_config("pix2pix", tmp_path / "run", max_steps=2, save_every=1))
+    before = sorted(os.listdir(tmp_path / "run"))
+
+    def boom(self):
+        raise RuntimeError("sample batch failed")
+
+    monkeypatch.setattr(Trainer, "_sample_batch", boom)
+    with pytest.raises(RuntimeError, match="sample batch failed"):
+        Trainer(tiny_config("pix2pix", tmp_path / "run", max_steps=2))
+    after = sorted(n for n in os.listdir(tmp_path / "run") if n != ".lock")
+    assert after == [n for n in before if n != ".lock"] and "previous" not in after

@@ -88,7 +88,7 @@ def test_stargan_num_iters_schedule_and_exact_resume(tmp_path):
     # --num_iters 6 --num_iters_decay 8 --lr_update_step 2: a drop of 1e-4 * 2 / 8 after steps 2, 4, 6
     def config(folder, **kw):
         cfg = tiny_config("stargan", tmp_path / folder, **kw)
-        cfg.model_options.update(num_iters_decay=8, lr_update_step=2)
+        cfg.model_options.update(num_iters_decay=8, lr_update_step=2, lr_schedule="iterations")
         return cfg
 
     full = train(config("full", max_steps=6, save_every=2))
@@ -284,3 +284,21 @@ def test_resume_a_checkpoint_written_before_an_option_existed(tmp_path):
     cfg.model_options["lr_policy"] = "step"
     with pytest.raises(ckpt.CheckpointError, match=r"--lr_policy None \(now 'step'\)"):
         Trainer(cfg)
+
+
+def test_stargan_checkpoint_before_the_iteration_schedule_keeps_its_epoch_rule(tmp_path):
+    """A StarGAN checkpoint written before --lr_schedule existed trained with the epoch rule, even
+    with --max_steps: resumed as it is, the rule stays (the missing option is its default); asked
+    for the iteration decay, the resume says --lr_schedule differs instead of switching silently."""
+    result = train(tiny_config("stargan", tmp_path / "run", max_steps=2))
+    state = torch.load(result["checkpoint"], weights_only=True)
+    for k in ("lr_schedule", "num_iters_decay", "lr_update_step"):
+        state["options"].pop(k)
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    cfg = tiny_config("stargan", tmp_path / "run2", max_steps=3, resume=str(old))
+    cfg.model_options["lr_schedule"] = "iterations"
+    with pytest.raises(ckpt.CheckpointError, match=r"--lr_schedule None \(now 'iterations'\)"):
+        Trainer(cfg)
+    resumed = train(tiny_config("stargan", tmp_path / "run3", max_steps=3, resume=str(old)))
+    assert torch.load(resumed["checkpoint"], weights_only=True)["options"]["lr_schedule"] == "epochs"

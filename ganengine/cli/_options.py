@@ -39,6 +39,8 @@ MODEL_HELP = {
                  "(x0.1 every --lr_decay_iters epochs) or cosine (to 0 over --n_epochs); plateau is refused (the "
                  "reference steps it on a constant metric)",
     "lr_decay_iters": "lr_policy step: multiply the rate by 0.1 every N epochs",
+    "lr_schedule": "StarGAN: 'iterations' (set by --num_iters / --max_steps): the reference's iteration decay; "
+                   "'epochs': the linear rule over --n_epochs / --n_epochs_decay",
     "num_iters_decay": "with --num_iters: the rates fall linearly to 0 over the last N iterations",
     "lr_update_step": "with --num_iters: lower the rates every N iterations during the decay",
     "c_dim": "number of domain labels (default: from the data)",

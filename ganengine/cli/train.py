@@ -345,6 +345,10 @@ def make_config(args):
 
     model_opts, data_opts, engine, notes = resolve(args)
     _check_model_numbers(model_opts)
+    if args.model == "stargan" and "lr_schedule" not in model_opts and engine.get("max_steps") is not None:
+        # --num_iters / --max_steps: the reference's iteration decay (a run trained before the option
+        # existed had the epoch rule: resuming it says --lr_schedule differs; give --lr_schedule epochs)
+        model_opts["lr_schedule"] = "iterations"
     if args.model in SYNTHESIS:
         _derive_synthesis(args.model, model_opts, data_opts, engine)
     if args.model in _basic.MODELS:

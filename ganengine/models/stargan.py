@@ -31,8 +31,8 @@ class StarGAN(GANModel):
     double_backward = "takes a gradient penalty (WGAN-GP, lambda_gp)"
     DEFAULTS = dict(c_dim=5, image_size=128, g_conv_dim=64, d_conv_dim=64, g_repeat_num=6, d_repeat_num=6,
                     lambda_cls=1.0, lambda_rec=10.0, lambda_gp=10.0, dataset="CelebA", g_lr=0.0001, d_lr=0.0001,
-                    n_critic=5, beta1=0.5, beta2=0.999, num_iters_decay=100000, lr_update_step=1000, fused=True,
-                    fused_optimizer=True, attention_resolution=None)
+                    n_critic=5, beta1=0.5, beta2=0.999, num_iters_decay=100000, lr_update_step=1000,
+                    lr_schedule="epochs", fused=True, fused_optimizer=True, attention_resolution=None)
     network_names = ["G", "D"]
     generator_name = "G"
 
@@ -40,6 +40,7 @@ class StarGAN(GANModel):
         super().__init__(**options)
         o = self.options
         self._choice("dataset", ("CelebA", "RaFD"))
+        self._choice("lr_schedule", ("epochs", "iterations"))
         if not isinstance(o["n_critic"], int) or o["n_critic"] < 1:
             raise ValueError(f"StarGAN: n_critic must be an int >= 1, got {o['n_critic']!r}")
         for name in ("num_iters_decay", "lr_update_step"):
@@ -86,13 +87,18 @@ class StarGAN(GANModel):
 
     def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
                         max_steps: int | None = None) -> dict:
-        """With ``max_steps`` (``--num_iters``): the reference's iteration decay, the rates falling
-        to 0 over the last ``num_iters_decay`` iterations in drops every ``lr_update_step``
-        iterations (base.iteration_decay_lambda). Without: the linear rule over the epochs (constant
-        for ``n_epochs``, to zero over ``n_epochs_decay``)."""
-        if max_steps is None:
-            return super().make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch)
+        """``lr_schedule="iterations"`` (what the command line sets with ``--num_iters`` /
+        ``--max_steps``): the reference's iteration decay over ``max_steps``, the rates falling to 0
+        over the last ``num_iters_decay`` iterations in drops every ``lr_update_step`` iterations
+        (base.iteration_decay_lambda). ``"epochs"`` (the default, and what every checkpoint written
+        before the option existed trained with): the linear rule over the epochs (constant for
+        ``n_epochs``, to zero over ``n_epochs_decay``), whatever ``max_steps``."""
         o = self.options
+        if o["lr_schedule"] == "epochs":
+            return super().make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch)
+        if max_steps is None:
+            raise ValueError("StarGAN: lr_schedule='iterations' decays over the run's --num_iters / --max_steps; "
+                             "give one, or lr_schedule='epochs'")
         rule = iteration_decay_lambda(max_steps, o["num_iters_decay"], o["lr_update_step"])
         return {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=rule) for name, opt in optimizers.items()}
 

@@ -243,12 +243,7 @@ class Trainer:
             self.resume_path = path
         else:
             rng.seed_all(mix(cfg.seed, self.dist.rank, 1))  # per-rank noise / dropout / pool draws
-        if self.dist.is_main and not self._continues_folder(resume_state is not None and self.resume_path):
-            # an earlier run in the folder that this run does not continue: keep its files (moved to
-            # RUN_DIR/previous/K/) rather than overwrite its checkpoints and delete its logs
-            note = ckpt.set_aside_previous_run(cfg.run_dir, self.log_dir)
-            if note:
-                print(f"ganengine: {note}", file=sys.stderr)
+        continues = resume_state is not None and self._continues_folder(self.resume_path)
 
         for name, net in self.networks.items():  # DDP (and compile) wrappers for the step function
             wrapped = D.wrap(net, self.dist, cfg.sync_bn)
@@ -261,12 +256,21 @@ class Trainer:
         if resume_state is not None:
             rng.set_state(resume_state)
 
+        self.sample_batch = self._sample_batch()  # (after the RNG state: as before the files below)
+
         self.logger = None
         if self.dist.is_main:
+            if not continues:
+                # an earlier run in the folder that this run does not continue: keep its files (moved
+                # to RUN_DIR/previous/K/) rather than overwrite its checkpoints and delete its logs;
+                # the last thing before this run writes its own files, so that a failure while the
+                # trainer is built leaves the folder as it was
+                note = ckpt.set_aside_previous_run(cfg.run_dir, self.log_dir)
+                if note:
+                    print(f"ganengine: {note}", file=sys.stderr)
             self.logger = TrainLogger(self.log_dir, cfg.tensorboard, self.step if cfg.resume else None)
             if self.evaluator is not None:
                 self.evaluator.start_log(self.step if cfg.resume else None)
-        self.sample_batch = self._sample_batch()
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._sums: dict[str, tuple] = {}
