@@ -317,3 +317,18 @@ def test_a_trainer_that_fails_while_built_leaves_the_earlier_run_in_place(tmp_pa
         Trainer(tiny_config("pix2pix", tmp_path / "run", max_steps=2))
     after = sorted(n for n in os.listdir(tmp_path / "run") if n != ".lock")
     assert after == [n for n in before if n != ".lock"] and "previous" not in after
+
+
+def test_best_json_set_aside_names_the_moved_best_pt(tmp_path):
+    """best.json names its best.pt; moved to previous/K together, it names the moved one."""
+    import json
+
+    run = tmp_path / "run"
+    state = {"format": ckpt.FORMAT, "x": torch.ones(1)}
+    ckpt.write(state, str(run / "step_00000002.pt"))
+    best = ckpt.write(state, str(run / "best.pt"))
+    (run / "best.json").write_text(json.dumps({"step": 2, "metric": "fid", "checkpoint": best}))
+    assert "previous" in ckpt.set_aside_previous_run(str(run))
+    moved = json.loads((run / ckpt.PREVIOUS / "1" / "best.json").read_text())
+    assert moved["checkpoint"] == str(run / ckpt.PREVIOUS / "1" / "best.pt") and os.path.isfile(moved["checkpoint"])
+    assert moved["step"] == 2 and sorted(os.listdir(run)) == [ckpt.PREVIOUS]

@@ -160,6 +160,23 @@ def _earlier_run_items(run_dir: str, log_dir: str) -> list[str]:
     return ckpts + run_items + log_items if worth else []
 
 
+def _repoint_best_json(path: str, run_dir: str, dest_run: str) -> None:
+    """best.json names its best.pt: after both moved, name the moved one (an unreadable file is
+    left as it is: it only describes the checkpoint beside it)."""
+    import json
+
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        old = info.get("checkpoint")
+        if not (isinstance(old, str) and os.path.dirname(os.path.abspath(old)) == os.path.abspath(run_dir)):
+            return
+        info["checkpoint"] = os.path.join(dest_run, os.path.basename(old))
+    except (OSError, ValueError, AttributeError):
+        return
+    write_atomic(path, lambda f: json.dump(info, f, indent=2), binary=False, prefix=".tmp_", suffix=".json")
+
+
 def set_aside_previous_run(run_dir: str, log_dir: str | None = None) -> str | None:
     """Move an earlier run's files out of the way of a run that does not continue it (a fresh
     run, or one resumed from a checkpoint of another folder): its checkpoints, best.pt/json,
@@ -184,7 +201,10 @@ def set_aside_previous_run(run_dir: str, log_dir: str | None = None) -> str | No
         folder = os.path.dirname(path)
         dest_dir = dest_run if os.path.samefile(folder, run_dir) else os.path.join(log_dir, PREVIOUS, str(k))
         os.makedirs(dest_dir, exist_ok=True)
-        os.replace(path, os.path.join(dest_dir, os.path.basename(path)))
+        dest = os.path.join(dest_dir, os.path.basename(path))
+        os.replace(path, dest)
+        if os.path.basename(dest) == "best.json":
+            _repoint_best_json(dest, run_dir, dest_run)
         if dest_dir not in moved_to:
             moved_to.append(dest_dir)
     what = (f"checkpoints up to step {steps[-1]}" if steps else "no checkpoint") + ", " + ", ".join(
