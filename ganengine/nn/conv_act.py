@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine.ops.conv import _out_size as conv_out_size
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
 
 
@@ -93,9 +94,8 @@ class Conv2dInstanceNormAct(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # (else the op raises its shape error)
-            (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-            if (x.shape[2] + 2 * ph - kh) // sh == 0 and (x.shape[3] + 2 * pw - kw) // sw == 0:
-                size = (x.shape[0], self.out_channels, 1, 1)
+            size = conv_out_size(x.shape, self.weight.shape, self.stride, self.padding, (0, 0), False)
+            if size[2] == 1 and size[3] == 1:
                 raise ValueError(f"Expected more than 1 spatial element when training, got input size "
                                  f"{torch.Size(size)}")
         y = conv2d_instance_norm_act(x, self.weight, self.bias, self.stride, self.padding, self.norm_weight,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops.norm_act import inv_std
+from ganengine.ops.norm_act import check_param_dtype, inv_std
 
 ACTIVATIONS = ("relu", "leaky_relu", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -107,9 +107,6 @@ def _validate(op, x, w, b, rm, rv, training, eps, per_sample):
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-_REDUCED = (torch.float16, torch.bfloat16)  # x dtypes whose parameters may be float32 (F.batch_norm's mixed mode)
-
-
 def _check_param(op, name, t, x, dev, n, c, per_sample):
     # (dim() and shape[i] compared one by one: no tuple built per tensor; this runs on every call
     # of the Python route, the CUDA path's)
@@ -119,9 +116,8 @@ def _check_param(op, name, t, x, dev, n, c, per_sample):
         raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
     if t.device != dev:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    if not per_sample and t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _REDUCED):
-        raise TypeError(f"{op}: {name} must have x's dtype ({x.dtype})"
-                        f"{' or torch.float32' if x.dtype in _REDUCED else ''}, got {t.dtype} (as F.batch_norm)")
+    if not per_sample and t.dtype != x.dtype:
+        check_param_dtype(op, name, t, x, "F.batch_norm")
     if per_sample:
         if not (t.dim() >= 2 and t.shape[0] == n and t.shape[1] == c and t.numel() == n * c):
             raise ValueError(f"{op}: {name} must have shape (N, C) = ({n}, {c}) for x of shape "

@@ -215,20 +215,17 @@ def adv_backward(xs, bufs, modes, targets, scales, g, owned=False):
     them from its context, so a second backward recomputes instead)."""
     res, one = [], None
     for x, b, m, t, s in zip(xs, bufs, modes, targets, scales):
-        if torch.is_grad_enabled():  # create_graph=True: the differentiable reference formula
+        missing = m != LINEAR and (b is None or b.numel() != x.numel())
+        if torch.is_grad_enabled() or (missing and not owned):
+            # create_graph=True, or the custom op's backward (traced under compile) without a
+            # buffer: the differentiable reference formula
             res.append((torch_adv_grad(x, m, t) * (g * s)).to(x.dtype))
-            continue
-        owned_b = owned
-        if m != LINEAR and (b is None or b.numel() != x.numel()):
-            if not owned:  # (the custom op's backward, traced under compile: the reference formula)
-                res.append((torch_adv_grad(x, m, t) * (g * s)).to(x.dtype))
-                continue
-            # the eager Function's second backward (retain_graph; the first took the buffer): the
-            # forward's kernel again, so the gradient has the first backward's bits
-            b = adv_fwd([x], [m], [t], [s], True)[1][0]
-        if m == LINEAR:  # constant gradient: an expanded scalar, nothing written
+        elif m == LINEAR:  # constant gradient: an expanded scalar, nothing written
             res.append((g * (s * t)).to(x.dtype).expand(x.shape))
-        elif owned_b:  # ours to scale in place; final as it is where grad_output is 1
+        elif owned:  # ours to scale in place; final as it is where grad_output is 1
+            if missing:  # the eager Function's second backward (retain_graph; the first took the
+                # buffer): the forward's kernel again, so the gradient has the first backward's bits
+                b = adv_fwd([x], [m], [t], [s], True)[1][0]
             if one is None:
                 one = _is_one(g)
             res.append(b if one else b.mul_(g.to(b.dtype)))

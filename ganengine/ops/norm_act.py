@@ -246,11 +246,19 @@ def _check_param(name: str, t, c: int, x: torch.Tensor) -> None:
         raise ValueError(f"instance_norm_act: {name} is on {t.device} but x is on {x.device}")
     if not t.is_floating_point():
         raise TypeError(f"instance_norm_act: {name} must be floating point, got {t.dtype}")
-    if name in ("weight", "bias") and t.dtype != x.dtype and not (
-            t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
-        reduced = x.dtype in (torch.float16, torch.bfloat16)
-        raise TypeError(f"instance_norm_act: {name} must have x's dtype ({x.dtype}){' or torch.float32' if reduced else ''}"
-                        f", got {t.dtype} (as F.instance_norm)")
+    if name in ("weight", "bias") and t.dtype != x.dtype:
+        check_param_dtype("instance_norm_act", name, t, x, "F.instance_norm")
+
+
+_REDUCED = (torch.float16, torch.bfloat16)  # x dtypes whose parameters may be float32 (torch's mixed mode)
+
+
+def check_param_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor, torch_fn: str) -> None:
+    """The norms' rule for a parameter's (or running statistic's) dtype, F.batch_norm's and
+    F.instance_norm's: x's, or float32 for a half / bfloat16 x; else a TypeError naming it."""
+    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _REDUCED):
+        raise TypeError(f"{op}: {name} must have x's dtype ({x.dtype})"
+                        f"{' or torch.float32' if x.dtype in _REDUCED else ''}, got {t.dtype} (as {torch_fn})")
 
 
 def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,

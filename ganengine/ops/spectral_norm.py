@@ -246,8 +246,8 @@ _layouts = _TritonLayoutCache()
 
 
 def _split(flat: Tensor, offsets, which: int, shapes=None):
-    if len(offsets) == 1:  # one layer: the whole buffer (no slice; ~0.5 us a view)
-        return [flat.view(shapes[0]) if shapes is not None else flat]
+    """The per-layer pieces of a flat buffer (several layers: one layer takes its buffers whole,
+    native_forward / native_backward)."""
     out = []
     for i, off in enumerate(offsets):
         start, n = off[which], off[3 + which]
@@ -276,8 +276,6 @@ def native_forward(backend, weights, dims, us, vs, first, steps, eps, write_stat
                                             write_state)
         w_sns = _split(wout, layout.offsets, 2, [w.shape for w in weights])
         return w_sns, _split(uout, layout.offsets, 0), _split(vout, layout.offsets, 1), sigma, (layout, uout, vout)
-    from ganengine import _ext
-
     vs = [v if v is not None else u for v, u in zip(vs, us)]  # placeholder: a V-first plan never reads v
     w_sns, u_outs, v_outs, sigma = _ext.op("spectral_norm_fwd")(list(weights), list(us), list(vs), first, steps,
                                                                 float(eps), write_state)
@@ -321,8 +319,6 @@ def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, g
         dw = K.backward(layout, full, gl, gs_vec, sigma, uout, vout, weights[0].dtype)
         dws = _split(dw, layout.offsets, 2, [w.shape for w in weights])
     else:
-        from ganengine import _ext
-
         dws = _ext.op("spectral_norm_bwd")(full, gs_vec, list(weights), list(u_outs), list(v_outs), sigma)
     for i in live:
         out[i] = dws[i]
