@@ -77,6 +77,22 @@ def test_run_folder_lock_and_stale_temporaries(tmp_path, one_thread):
     Trainer(tiny_config("pix2pix", run)).close()  # free again
 
 
+def test_shared_log_dir_is_locked_too(tmp_path, one_thread):
+    # two runs (other run folders) writing one --log_dir: the second would move the first's live
+    # logs to previous/K, so it is refused while the first runs
+    logs = tmp_path / "logs"
+    first = Trainer(tiny_config("pix2pix", tmp_path / "run1", log_dir=str(logs)))
+    if ckpt.fcntl is not None:
+        with pytest.raises(ckpt.CheckpointError, match=r"--log_dir folder .* in use by another ganengine train.*"
+                                                       r"Use another --log_dir"):
+            Trainer(tiny_config("pix2pix", tmp_path / "run2", log_dir=str(logs)))
+    first.train()
+    assert (logs / "loss_log.csv").exists()
+    assert not (logs / "previous").exists()  # the first run's logs stayed where its writer is
+    first.close()
+    Trainer(tiny_config("pix2pix", tmp_path / "run2", log_dir=str(logs))).close()  # free again
+
+
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("batch_size", -3), ("print_freq", 0),
                                          ("max_steps", 0), ("n_epochs", -1)])
 def test_bad_numbers_are_one_clear_error(tmp_path, field, value):

@@ -234,8 +234,8 @@ class RunLock:
     """An exclusive lock on a run folder for one trainer (``folder/.lock``, flock). A second
     trainer on the same folder gets a CheckpointError naming the holder's pid."""
 
-    def __init__(self, folder: str):
-        self.folder, self.fd = folder, None
+    def __init__(self, folder: str, option: str = "--checkpoints_dir / --name"):
+        self.folder, self.fd, self.option = folder, None, option  # (the option naming the folder)
 
     def acquire(self) -> "RunLock":
         if fcntl is None or self.fd is not None:
@@ -245,15 +245,16 @@ class RunLock:
             fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise CheckpointError(f"cannot use run folder {self.folder!r} ({exc.strerror or exc}). Check that it "
-                                  "is writable, or pick another --checkpoints_dir / --name.") from exc
+                                  f"is writable, or pick another {self.option}.") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise CheckpointError(f"run folder {self.folder!r} is in use by another ganengine train (pid {holder}): "
-                                  "two runs would overwrite each other's checkpoints. Use another --name, or wait "
-                                  "for / stop that run.") from None
+            what = "run folder" if self.option.startswith("--checkpoints_dir") else f"{self.option} folder"
+            raise CheckpointError(f"{what} {self.folder!r} is in use by another ganengine train (pid {holder}): "
+                                  "two runs would overwrite each other's files. Use another "
+                                  f"{self.option.split(' / ')[-1]}, or wait for / stop that run.") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd

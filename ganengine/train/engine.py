@@ -150,6 +150,13 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one does not exist yet)
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _check_config(cfg: TrainConfig) -> None:
     """Numbers the loop divides by or counts with: one clear line instead of a ZeroDivisionError
     (or a silent no-op) deep in the sampler."""
@@ -170,7 +177,7 @@ def _check_config(cfg: TrainConfig) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self._lock = None
+        self._locks = []
         try:
             self._init(cfg)
         except BaseException as exc:
@@ -181,9 +188,8 @@ class Trainer:
             raise clear from exc
 
     def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        while self._locks:
+            self._locks.pop().release()
 
     def _init(self, cfg: TrainConfig) -> None:
         from ganengine.models import build_model
@@ -209,7 +215,10 @@ class Trainer:
             raise ValueError(f"nothing to train: --max_steps / --n_epochs + --n_epochs_decay give {self.total_steps} steps")
 
         if self.dist.is_main:  # one trainer per run folder (before reading a checkpoint from it)
-            self._lock = ckpt.RunLock(cfg.run_dir).acquire()
+            self._locks.append(ckpt.RunLock(cfg.run_dir).acquire())
+            if not _same_folder(self.log_dir, cfg.run_dir):  # and per log folder: a fresh run moves
+                # the earlier run's logs aside, which must not happen under another live writer
+                self._locks.append(ckpt.RunLock(self.log_dir, option="--log_dir").acquire())
 
         rng.seed_all(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, **cfg.model_options).to(self.device)
