@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ganengine._state import restored
+
 NAMESPACE = "ganengine"
 DEFAULT_OPSET = 17
 
@@ -95,20 +97,6 @@ def _as_inputs(example_input) -> tuple[tuple[torch.Tensor, ...], tuple[bool, ...
                         f"the model is called without), got {type(example_input).__name__} of "
                         f"{[type(t).__name__ for t in args]}")
     return tuple(t for t in args if t is not None), tuple(t is not None for t in args)
-
-
-@contextlib.contextmanager
-def _restored_state(net: nn.Module):
-    """Run ``net`` and put the values of its parameters and buffers back afterwards (in place):
-    the eager call export makes before tracing must not move the spectral-norm vectors or running
-    statistics of the network that is then traced."""
-    saved = [(t, t.detach().clone()) for t in list(net.parameters()) + list(net.buffers())]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, v in saved:
-                t.copy_(v)
 
 
 NORM_STATS = ("running", "input")
@@ -300,7 +288,9 @@ def to_onnx(model: nn.Module, example_input, path: str | os.PathLike, opset_vers
     inputs, present = _as_inputs(example_input)
     wrapper = _TensorOutputs(prepare_for_export(model, eval_mode, norm_stats), present)
     with _quiet(), lowered_ops():
-        with _restored_state(wrapper):  # counts the outputs; the trace below starts from the same state
+        # (the eager call counts the outputs; the trace below starts from the same state: it must
+        # not move the spectral-norm vectors or running statistics of the network then traced)
+        with restored(list(wrapper.parameters()) + list(wrapper.buffers())):
             out = wrapper(*inputs)
         n_out = 1 if isinstance(out, torch.Tensor) else len(out)
         in_names = _names("input", len(inputs), input_names)

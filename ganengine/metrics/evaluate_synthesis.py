@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ganengine._state import restored
 from ganengine.metrics.features import extract_features
 from ganengine.metrics.frechet import frechet_distance, intra_class_frechet_distance
 from ganengine.metrics.inception import FIDInceptionV3
@@ -172,15 +173,10 @@ def _cuda_devices(model) -> list:
 @contextlib.contextmanager
 def _model_state_kept(model, seed: int):
     """Seeded draws that leave the training's RNG streams and the networks' buffers as they were."""
-    saved = [(b, b.detach().clone()) for net in _networks(model) for b in net.buffers()]
-    with torch.random.fork_rng(devices=_cuda_devices(model)):
+    with torch.random.fork_rng(devices=_cuda_devices(model)), \
+            restored([b for net in _networks(model) for b in net.buffers()]):
         torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, v in saved:
-                    b.copy_(v)
+        yield
 
 
 def batch_sizes(n: int, batch_size: int) -> list[int]:

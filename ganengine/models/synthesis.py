@@ -20,13 +20,13 @@ checkpointed as a network; ``use_ema`` (default True with ``ema``) samples from 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
 import torch
 from torch import nn
 
+from ganengine._state import restored
 from ganengine.models.base import GANModel, set_requires_grad
 
 EMA_OPTIONS = dict(ema=False, ema_decay=0.999, ema_start=0, use_ema=True)
@@ -40,16 +40,9 @@ def class_indices(label: torch.Tensor, n_classes: int, owner: str) -> torch.Tens
     return _ci(label, n_classes, owner)
 
 
-@contextlib.contextmanager
 def preserved_buffers(net: nn.Module):
     """Run ``net`` (in training mode, say) and put its buffers back afterwards."""
-    saved = [(b, b.detach().clone()) for b in net.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
+    return restored(net.buffers())
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
