@@ -71,9 +71,11 @@ def test_sagan_reference_checkpoint_without_l4_is_explained():
 
 
 @pytest.mark.parametrize("kwargs,suggests", [
-    (dict(ngf=4), "'resnet_9blocks', norm='batch')"),              # the default norm='instance'
-    (dict(ngf=8, norm="batch"), "'resnet_9blocks', ngf=4)"),
-    (dict(ngf=4, norm="batch", use_dropout=True), "'resnet_9blocks', use_dropout=False)"),
+    # (the call as it must be typed: what differs from the given call, and the given call's own
+    # non-default arguments the suggestion needs)
+    (dict(ngf=4), "'resnet_9blocks', ngf=4, norm='batch')"),              # the default norm='instance'
+    (dict(ngf=8, norm="batch"), "'resnet_9blocks', ngf=4, norm='batch')"),
+    (dict(ngf=4, norm="batch", use_dropout=True), "'resnet_9blocks', ngf=4, norm='batch', use_dropout=False)"),
 ])
 def test_batch_norm_resnet_checkpoint_with_wrong_arguments_gets_the_fitting_call(kwargs, suggests):
     """A --norm batch pix2pix/CycleGAN generator given with the wrong arguments: the suggestion is

@@ -3,6 +3,8 @@ compact re-writes of the references (tests/reference_nets_synthesis.py), referen
 the shared SynthesisGAN pieces, FusedRMSprop, resume and the command line."""
 import copy
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,6 +173,9 @@ def test_checkpoint_round_trip_through_the_reference(tmp_path, arch, kwargs, mak
     ("acgan_G", dict(latent_dim=8, img_size=16), dict(latent_dim=8, img_size=32), "img_size=32"),
     ("acgan_D", dict(), dict(n_classes=4, img_size=16), "n_classes=4"),
     ("infogan_D", dict(img_size=16), dict(code_dim=3, img_size=16), "code_dim=3"),
+    # the user's own non-default arguments stay in the suggested call (it must work as printed)
+    ("acgan_D", dict(n_classes=5, img_size=32, channels=3), dict(n_classes=5, img_size=16, channels=3),
+     "img_size=16"),
 ])
 def test_mismatched_checkpoints_name_the_key_and_a_fitting_call(arch, given, ckpt_kwargs, expect):
     with torch.device("meta"):
@@ -180,6 +185,10 @@ def test_mismatched_checkpoints_name_the_key_and_a_fitting_call(arch, given, ckp
         load_reference_checkpoint(sd, arch, **given)
     msg = str(info.value)
     assert "key '" in msg and "has shape" in msg and expect in msg and arch in msg
+    call = re.search(r"load_reference_checkpoint\(path, (.*)\)$", msg)
+    assert call, msg
+    suggested = eval(f"dict(arch={call.group(1)})")  # (the printed call's arguments)
+    load_reference_checkpoint(sd, suggested.pop("arch"), **suggested)  # runs as printed
 
 
 def test_unknown_arguments_and_bad_sizes():

@@ -282,6 +282,9 @@ for _arch, _spec in _SPEC_ARCHS.items():
     _ARCH_DEFAULTS[_arch], _BUILDERS[_arch], _INFER[_arch] = _spec
 
 
+_UNSET = object()
+
+
 def _mismatch_message(arch, args, sd, expected, raw=None) -> str | None:
     """Why ``sd`` (patched for the network built from ``args``) does not fit ``expected``, and what
     would fit, inferred from ``raw`` (the checkpoint as read: the patch for a wrong guess deletes
@@ -309,7 +312,11 @@ def _mismatch_message(arch, args, sd, expected, raw=None) -> str | None:
     # and shapes: a checkpoint of another arch (a generator's given as its discriminator) can
     # also be read by this arch's inference, which then suggests nonsense arguments
     if inferred_arch is not None and (differing or inferred_arch != arch) and _fits(inferred_arch, inferred, raw):
-        call = ", ".join([repr(inferred_arch)] + [f"{k}={v!r}" for k, v in differing.items()])
+        # the call as it must be typed: what differs from the user's call, and what the user's call
+        # set that the arch's defaults would not give (else the suggestion fails when run as printed)
+        defaults = _ARCH_DEFAULTS.get(inferred_arch, {})
+        needed = {k: v for k, v in inferred.items() if k in differing or defaults.get(k, _UNSET) != v}
+        call = ", ".join([repr(inferred_arch)] + [f"{k}={v!r}" for k, v in needed.items()])
         parts.append(f"its shapes fit load_reference_checkpoint(path, {call})")
         return " ".join(parts)
     other = _fitting_arch(raw, exclude=arch)
