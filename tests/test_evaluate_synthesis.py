@@ -262,6 +262,9 @@ def test_command_line_train_with_eval_then_evaluate_the_best(tmp_path, capsys):
     rc = main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--metrics", "is", "--num_samples", "20",
                "--feature_extractor", f"{FEATURES}:SmallFeatureExtractor"])
     assert rc == 2 and "logits" in capsys.readouterr().err
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--metrics", "fid", "--num_samples", "1",
+               "--feature_extractor", f"{FEATURES}:SmallFeatureExtractor"])
+    assert rc == 2 and "--num_samples must be >= 2, got 1" in capsys.readouterr().err
     rc = main(["train", "acgan", "--max_steps", "1", "--eval_every", "1", "--checkpoints_dir", str(tmp_path)])
     assert rc == 2 and "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
 

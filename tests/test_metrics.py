@@ -107,13 +107,14 @@ def _stats_bounds(x, chunks):
     return e_mean, 2 * gamma(n + k + 2, f64) * s_cov + e_merge
 
 
-def _ssim_bound(data_range, k1=0.01, k2=0.03, window=11):
-    """A bound of SSIM's error, fp64 both sides, for data in [-R/2, R/2]: per window,
+def _ssim_bound(data_range, k1=0.01, k2=0.03, window=11, vmax=None):
+    """A bound of SSIM's error, fp64 both sides, for data of magnitude at most R' (``vmax``,
+    default R/2: data in [-R/2, R/2]; SSIM itself runs on [0, R], R' = R): per window,
     (2 mx my + c1)(2 cov + c2) / ((mx^2 + my^2 + c1)(vx + vy + c2)), each factor within gamma_w
     (w = window^2 + 8) of its sum |terms| (2 R'^2 + c1, 8 R'^2 + c2, itself, 4 R'^2 + c2 with
     R' = R/2) relative to its value (>= c1 or c2); |ssim_w| <= 1 and the mean over windows adds
     gamma_w; both sides."""
-    r2 = (data_range / 2) ** 2
+    r2 = (data_range / 2 if vmax is None else vmax) ** 2
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     rel = (2 * r2 + c1) / c1 + (8 * r2 + c2) / c2 + 1 + (4 * r2 + c2) / c2
     return 2 * gamma(window * window + 8, torch.float64) * (rel + 1)
@@ -237,8 +238,18 @@ def test_ssim_psnr_l1_against_direct_computation():
     y = (x + 0.2 * torch.randn(2, 3, 14, 15, generator=g)).clamp(-1, 1)
     xn, yn = x.double().numpy(), y.double().numpy()
     f64, n = torch.float64, x[0].numel()
-    e_ssim = _ssim_bound(2.0)
-    assert_below(ssim(x, y), torch.tensor(_ssim_direct(xn, yn, 2.0)), e_ssim, name="ssim")
+    # SSIM on [-1, 1] images is SSIM of the images on [0, 2] (non-negative, as Wang et al.'s code
+    # and pytorch-msssim compute it: its luminance term is not shift-invariant)
+    e_ssim = _ssim_bound(2.0, vmax=2.0)
+    assert_below(ssim(x, y), torch.tensor(_ssim_direct(xn + 1, yn + 1, 2.0)), e_ssim, name="ssim")
+    # ... which is SSIM of the same images as 8-bit pictures on [0, 255] (scale-invariant: the
+    # constants scale with the range), and of the [0, 1] images, however the range is given
+    x255, y255 = (x.double() + 1) * 127.5, (y.double() + 1) * 127.5
+    e_255 = _ssim_bound(255.0, vmax=255.0) + e_ssim
+    assert_below(ssim(x255, y255, data_range=255.0), ssim(x, y), e_255, name="ssim 0..255")
+    assert_below(ssim(x255, y255, value_range=(0, 255)), ssim(x, y), e_255, name="ssim value_range 0..255")
+    assert_below(ssim((x + 1) / 2, (y + 1) / 2, data_range=1.0), ssim(x, y), e_ssim, name="ssim 0..1")
+    assert_below(ssim(x, y, value_range=(-1, 1)), ssim(x, y), 0 * e_ssim, name="ssim value_range -1..1")
     mse = ((xn - yn) ** 2).reshape(2, -1).mean(1)
     # psnr = 10 log10(R^2 / mse): mse's relative error (a mean of n squares, both sides) times
     # 10 / ln 10, plus a few ulps of the log; l1: a mean of n terms, both sides
@@ -252,11 +263,67 @@ def test_ssim_psnr_l1_against_direct_computation():
     assert torch.isinf(psnr(x, x)).all()
 
 
+def test_non_finite_features_are_named_on_the_streaming_path():
+    # a diverged generator's NaN images: FID through FeatureStats (evaluate, --eval_every) says so
+    # (numpy's eigen-solver failed with "did not converge" before)
+    bad = torch.randn(12, 5)
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        FeatureStats().update(bad)
+    good = FeatureStats().update(torch.randn(12, 5))
+    with pytest.raises(ValueError, match="mu_a contains NaN"):
+        frechet_distance_from_stats(np.full(5, np.nan), good.covariance(), good.mean, good.covariance())
+
+    class NaNGenerator(nn.Module):
+        def forward(self, a):
+            return a * float("nan")
+
+    loader = [{"A": torch.rand(4, 3, 8, 8) * 2 - 1, "B": torch.rand(4, 3, 8, 8) * 2 - 1}]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        evaluate_generator(NaNGenerator(), loader, ["fid"], nn.Flatten())
+
+
+def test_uint8_images_are_read_as_8_bit_pictures():
+    from ganengine.metrics import extract_features
+
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (2, 3, 299, 299), generator=g, dtype=torch.uint8)
+    as_float = u8.float() / 255
+    for resize in ("pytorch-fid", "tf1"):
+        net = FIDInceptionV3(resize=resize)
+        assert torch.equal(net.preprocess(u8), net.preprocess(as_float)), resize
+    # (x * 2 - 1 mapped back to [0, 1]: a rounding of 2^-24 at most each way)
+    assert_below(extract_features(nn.Flatten(), u8), extract_features(nn.Flatten(), as_float * 2 - 1),
+                 torch.full((2, 3 * 299 * 299), 2.0 ** -23), name="uint8 vs [-1, 1]")
+    with pytest.raises(TypeError, match="uint8"):
+        extract_features(nn.Flatten(), u8.long())
+    with pytest.raises(TypeError, match="uint8"):
+        FIDInceptionV3().preprocess(u8.int())
+
+
+def test_grayscale_translation_is_evaluated_as_rgb():
+    # pix2pix / CycleGAN with --output_nc 1: the feature network gets RGB, as evaluate_synthesis does
+    class RGBOnly(nn.Module):
+        def forward(self, x):
+            assert x.shape[1] == 3, x.shape
+            return x.mean((2, 3))
+
+    g = torch.Generator().manual_seed(1)
+    loader = [{"A": torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, "B": torch.rand(4, 1, 8, 8, generator=g) * 2 - 1}
+              for _ in range(2)]
+    out = evaluate_generator(nn.Identity(), loader, ["fid", "l1"], RGBOnly())
+    assert out["images"] == 8 and math.isfinite(out["fid"])
+
+
 def test_paired_metric_errors():
     with pytest.raises(ValueError, match="same shape"):
         ssim(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 17))
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="value_range must be"):
+        ssim(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), value_range=(1, 1))
+    with pytest.raises(ValueError, match="data_range must be positive"):
+        ssim(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), data_range=0)
 
 
 # ----------------------------------------------------------------------------- accuracy

@@ -2,7 +2,8 @@
 
 Each is checked against a direct numpy transcription of the paper's definition (all pairwise
 distances at once, ``np.partition`` for the k-th neighbour, the conventions of the authors'
-prdc code: Euclidean, self excluded, strict ``<``), against cases with known answers, and for
+codes: Euclidean, self excluded, ``<=`` for precision/recall as Kynkaanniemi et al.'s code and
+``<`` for density/coverage as the prdc code), against cases with known answers, and for
 chunked evaluation equal to unchunked.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ def _prdc_numpy(real, fake, k):
     r_rad = np.partition(_pairwise(real, real), k, axis=1)[:, k]
     f_rad = np.partition(_pairwise(fake, fake), k, axis=1)[:, k]
     d_rf = _pairwise(real, fake)
-    precision = (d_rf < r_rad[:, None]).any(axis=0).mean()
-    recall = (d_rf < f_rad[None, :]).any(axis=1).mean()
+    precision = (d_rf <= r_rad[:, None]).any(axis=0).mean()
+    recall = (d_rf <= f_rad[None, :]).any(axis=1).mean()
     density = (1.0 / k) * (d_rf < r_rad[:, None]).sum(axis=0).mean()
     coverage = (d_rf.min(axis=1) < r_rad).mean()
     return precision, recall, density, coverage
@@ -45,7 +46,7 @@ def test_matches_definition(seed, k):
     p, r, d, c = _prdc_numpy(real.numpy(), fake.numpy(), k)
     pr = gm.precision_recall(real, fake, k=k)
     dc = gm.density_coverage(real, fake, k=k)
-    # counts of strict comparisons on float64 distances: equal up to ties, which random data has none of
+    # counts of comparisons of float64 distances: equal up to ties, which random data has none of
     assert pr == (p, r) and pr.precision == pr["precision"] == p and pr["recall"] == r
     # density: a mean of n_fake counts times 1/k, fp64 both sides (gamma_{n + 2} relative each)
     assert abs(dc.density - d) <= 2 * gamma(fake.shape[0] + 2, F64) * abs(d) and dc.coverage == c
@@ -71,6 +72,10 @@ def test_known_answers():
     collapsed = real[:1].repeat(50, 1)
     pr = gm.precision_recall(real, collapsed + 1e-9, k=3)
     assert pr.precision == 1.0 and pr.recall < 0.2
+    # duplicated samples (a data set with repeated images, a generator repeating one): the k-th
+    # neighbour radius is 0, and a set still covers itself (Kynkaanniemi et al.'s code: <=)
+    repeated = real[:10].repeat(4, 1)
+    assert gm.precision_recall(repeated, repeated.clone(), k=3) == (1.0, 1.0)
 
 
 def test_numpy_input_and_errors():

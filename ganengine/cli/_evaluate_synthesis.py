@@ -44,9 +44,10 @@ def is_synthesis_checkpoint(path: str) -> bool:
     return checkpoint_model_name(path) in CLASS_MODELS
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"--{name} must be >= 1, got {value}")
+def _positive(name: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise ValueError(f"--{name} must be >= {least}, got {value}"
+                         + (" (the metrics' statistics need two images at least)" if least == 2 else ""))
 
 
 def run(args) -> int:
@@ -56,10 +57,11 @@ def run(args) -> int:
 
     try:
         metrics = parse_synthesis_metrics(args.metrics)
-        for name in ("batch_size", "num_samples", "is_splits", "pr_k", "dc_k"):
+        for name in ("batch_size", "is_splits", "pr_k", "dc_k"):
             _positive(name, getattr(args, name))
+        _positive("num_samples", args.num_samples, 2)
         if args.max_images is not None:
-            _positive("max_images", args.max_images)
+            _positive("max_images", args.max_images, 2)
         device = resolve_device(args.device)
         extractor = feature_extractor(args, device)
         if "is" in metrics:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ganengine.metrics.accuracy import AttributeAccuracy
-from ganengine.metrics.features import extract_features
+from ganengine.metrics.features import as_rgb, extract_features
 from ganengine.metrics.frechet import frechet_distance
 from ganengine.metrics.kid import kernel_inception_distance
 from ganengine.metrics.paired import l1_error, psnr, ssim
@@ -113,8 +113,8 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
             fake, real = fake[:keep], real[:keep]
             batch = {k: (v[:keep] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         if {"fid", "kid"} & set(names):
-            ff = extract_features(feature_extractor, fake)
-            fr = extract_features(feature_extractor, real)
+            ff = extract_features(feature_extractor, as_rgb(fake))  # (grayscale: as evaluate_synthesis)
+            fr = extract_features(feature_extractor, as_rgb(real))
             fake_stats.update(ff)
             real_stats.update(fr)
             if "kid" in names:

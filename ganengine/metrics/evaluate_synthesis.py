@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganengine._state import restored
-from ganengine.metrics.features import extract_features
+from ganengine.metrics.features import as_rgb, extract_features
 from ganengine.metrics.frechet import frechet_distance, intra_class_frechet_distance
 from ganengine.metrics.inception import FIDInceptionV3
 from ganengine.metrics.inception_score import inception_score
@@ -106,10 +106,6 @@ def inception_logits(extractor: nn.Module, features: torch.Tensor) -> torch.Tens
     return F.linear(features.to(fc.weight.device, fc.weight.dtype), fc.weight)  # no bias (original IS code)
 
 
-def _rgb(images: torch.Tensor) -> torch.Tensor:
-    return images.expand(-1, 3, -1, -1) if images.dim() == 4 and images.shape[1] == 1 else images
-
-
 @dataclass
 class RealFeatures:
     """Features of the real images (float32, CPU), their class labels (None when not kept) and
@@ -145,7 +141,7 @@ def real_features(loader: Iterable[dict], extractor: nn.Module, max_images: int 
         keep = images.shape[0] if max_images is None else min(images.shape[0], max_images - n)
         if keep <= 0:
             break
-        f = extract_features(extractor, _rgb(images[:keep]))
+        f = extract_features(extractor, as_rgb(images[:keep]))
         stats.update(f)
         feats.append(f.float().cpu())
         if labels:
@@ -209,7 +205,7 @@ def fake_features(model, extractor: nn.Module, num_samples: int, batch_size: int
                 labels = torch.arange(start, start + b, device=device) % n_classes
                 labs.append(labels.cpu())
             images = model.generate(b, labels=labels)
-            f = extract_features(extractor, _rgb(images.float()))
+            f = extract_features(extractor, as_rgb(images.float()))
             feats.append(f.float().cpu())
             if logits:
                 logs.append(inception_logits(extractor, f).float().cpu())

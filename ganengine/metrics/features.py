@@ -57,10 +57,25 @@ def resolve_feature_extractor(spec=None, inception_weights=None, device=None) ->
     return extractor.to(device) if device is not None else extractor
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """1-channel (N, 1, H, W) images repeated to RGB (as pytorch-fid and torch-fidelity feed
+    grayscale data to Inception); others as they are."""
+    return images.expand(-1, 3, -1, -1) if images.dim() == 4 and images.shape[1] == 1 else images
+
+
 @torch.no_grad()
 def extract_features(extractor: nn.Module, images: torch.Tensor, value_range=(-1.0, 1.0)) -> torch.Tensor:
-    """(N, D) features of ``images`` whose values lie in ``value_range`` (ganengine: [-1, 1])."""
-    lo, hi = value_range
+    """(N, D) features of ``images`` whose values lie in ``value_range`` (ganengine: [-1, 1]);
+    uint8 images are read as 8-bit pictures, [0, 255], whatever ``value_range`` says."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"extract_features: images must be a tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        lo, hi = 0.0, 255.0
+    elif images.is_floating_point():
+        lo, hi = value_range
+    else:
+        raise TypeError(f"extract_features: images must be floating point (values in {tuple(value_range)}) or "
+                        f"uint8 (0..255), got {images.dtype}")
     x = ((images.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
     try:
         device = next(extractor.parameters()).device

@@ -41,6 +41,9 @@ def frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b) -> float:
         if mu.shape != (d,) or sigma.shape != (d, d):
             raise ValueError(f"frechet_distance_from_stats: mu_{name} must be ({d},) and sigma_{name} "
                              f"({d}, {d}), got {mu.shape} and {sigma.shape}")
+    for name, t in (("mu_a", mu_a), ("sigma_a", sigma_a), ("mu_b", mu_b), ("sigma_b", sigma_b)):
+        if not np.isfinite(t).all():
+            raise ValueError(f"frechet_distance_from_stats: {name} contains NaN or infinite values")
     diff = mu_a - mu_b
     value = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt_product(sigma_a, sigma_b)
     # rounding can leave a tiny negative number for identical distributions

@@ -195,7 +195,13 @@ class FIDInceptionV3(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"FIDInceptionV3: expected (N, 3, H, W) RGB images in [0, 1], got shape "
                              f"{tuple(images.shape)}")
-        x = images.float()
+        if images.dtype == torch.uint8:  # 8-bit pictures (torch-fidelity's input): 0..255
+            x = images.float() / 255
+        elif images.is_floating_point():
+            x = images.float()
+        else:
+            raise TypeError(f"FIDInceptionV3: expected float images in [0, 1] or uint8 images (0..255), got "
+                            f"{images.dtype}")
         if self.resize == "tf1":
             x = (x.clamp(0, 1) * 255).round()  # the TF pipeline sees 8-bit images
             x = resize_bilinear_tf1(x, 299)

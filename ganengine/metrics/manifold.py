@@ -9,9 +9,11 @@
   Models", ICML 2020): density = (1/k) * mean over fakes of the number of real balls containing
   it (can exceed 1); coverage = fraction of real samples whose ball contains at least one fake.
 
-Conventions follow the authors' reference code (clovaai/generative-evaluation-prdc, which also
-implements precision/recall): Euclidean distances, the k-th neighbour counted without the sample
-itself, strict ``distance < radius``. Everything is computed in float64, in row chunks, so
+Conventions follow each metric's authors' code: Euclidean distances, the k-th neighbour counted
+without the sample itself; a point is inside a ball at ``distance <= radius`` for precision/recall
+(kynkaat/improved-precision-and-recall-metric, as NVlabs' stylegan2-ada-pytorch: with duplicated
+samples the radius is 0 and a set still covers itself) and at ``distance < radius`` for
+density/coverage (clovaai/generative-evaluation-prdc). Everything is computed in float64, in row chunks, so
 memory stays bounded (about 256 MB of distances at a time) for 50k x 50k sets.
 """
 from __future__ import annotations
@@ -81,10 +83,10 @@ def knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _inside_any(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-    """For each point: whether some centre's ball (strict) contains it."""
+    """For each point: whether some centre's (closed) ball contains it."""
     out = torch.empty(points.shape[0], dtype=torch.bool)
     for s, e in _chunks(points.shape[0], centres.shape[0]):
-        out[s:e] = (_distances(points[s:e], centres) < radii[None, :]).any(dim=1)
+        out[s:e] = (_distances(points[s:e], centres) <= radii[None, :]).any(dim=1)
     return out
 
 

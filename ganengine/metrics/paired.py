@@ -8,7 +8,11 @@ evaluation can average over a data set exactly; ``.mean()`` gives the usual numb
 SSIM is Wang et al. (2004) as in their reference code and the common PyTorch ports
 (pytorch-msssim, torchmetrics' defaults): an 11x11 gaussian window with sigma 1.5, K1 = 0.01,
 K2 = 0.03, computed per channel on the 'valid' region (no padding) and averaged over channels
-and pixels.
+and pixels. SSIM is not shift-invariant (its luminance term compares means): like those codes it
+is computed on non-negative values, the images shifted to [0, data_range] first. The images'
+range is ``value_range`` (low, high) where given, else [-1, 1] for data_range 2 (ganengine's
+images) and [0, data_range] otherwise; on [-1, 1] images the result equals SSIM of the same
+images as 8-bit [0, 255] pictures.
 """
 from __future__ import annotations
 
@@ -56,15 +60,27 @@ def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(output: torch.Tensor, target: torch.Tensor, data_range: float = 2.0, window_size: int = 11,
-         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    """Structural similarity per image, shape (N,), computed in float64."""
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03,
+         value_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Structural similarity per image, shape (N,), computed in float64 on the images shifted to
+    [0, data_range] (see the module docstring: ``value_range`` defaults to [-1, 1] for
+    data_range 2, else [0, data_range]; given, it sets data_range to high - low)."""
     _check_pair(output, target, "ssim")
+    if value_range is not None:
+        low, high = (float(v) for v in value_range)
+        if not high > low:
+            raise ValueError(f"ssim: value_range must be (low, high) with high > low, got {value_range}")
+        data_range = high - low
+    else:
+        if data_range <= 0:
+            raise ValueError(f"ssim: data_range must be positive, got {data_range}")
+        low = -1.0 if data_range == 2.0 else 0.0
     if output.shape[-1] < window_size or output.shape[-2] < window_size:
         raise ValueError(f"ssim: images must be at least {window_size}x{window_size} for the "
                          f"{window_size}x{window_size} window, got {tuple(output.shape[-2:])}")
     if window_size % 2 != 1:
         raise ValueError(f"ssim: window_size must be odd, got {window_size}")
-    x, y = output.double(), target.double()
+    x, y = output.double() - low, target.double() - low
     g = gaussian_window(window_size, sigma, device=x.device)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     mu_x, mu_y = _blur(x, g), _blur(y, g)

@@ -43,6 +43,9 @@ class FeatureStats:
         if n_b == 0:
             return self
         x = x.detach().to(self.device, torch.float64)
+        if not bool(torch.isfinite(x).all()):  # (else FID fails later in an eigen-solver, unexplained)
+            raise ValueError("FeatureStats.update: the features contain NaN or infinite values: were the "
+                             "images finite? (a diverged generator gives NaN images)")
         mean_b = x.mean(0)
         xc = x - mean_b
         m2_b = xc.T @ xc
