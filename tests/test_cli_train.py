@@ -293,13 +293,27 @@ def test_reference_spellings_of_engine_options(tmp_path):
     args, cfg = _config("pix2pix", "--continue_train", "--epoch", "latest")
     assert cfg.resume == "latest"
     _, cfg = _config("stargan", "--rafd_crop_size", "40", "--num_iters_decay", "5", "--lr_update_step", "2")
-    assert cfg.data_options["crop_size"] == 40
+    assert cfg.data_options["rafd_crop_size"] == 40
     assert (cfg.model_options["num_iters_decay"], cfg.model_options["lr_update_step"]) == (5, 2)
     assert cfg.model_options["lr_schedule"] == "iterations"  # (the sample data's --max_steps)
     _, cfg = _config("stargan", "--max_steps", "9", "--lr_schedule", "epochs")
     assert cfg.model_options["lr_schedule"] == "epochs"
     _, cfg = _config("cyclegan", "--lr_policy", "step", "--lr_decay_iters", "3")
     assert (cfg.model_options["lr_policy"], cfg.model_options["lr_decay_iters"]) == ("step", 3)
+
+
+def test_synthesis_flips_as_their_references():
+    """SAGAN / BigGAN / BigGAN-deep: no flips unless --flip (BigGAN's --augment), as heykeetae's SAGAN
+    and BigGAN-PyTorch; the PyTorch-GAN family likewise; --serial_batches for pix2pix too."""
+    for model in ("sagan", "biggan", "biggan_deep", "dcgan"):
+        _, cfg = _config(model)
+        assert cfg.data_options["no_flip"] is True, model
+    _, cfg = _config("biggan", "--augment")
+    assert cfg.data_options["no_flip"] is False
+    _, cfg = _config("sagan", "--flip")
+    assert cfg.data_options["no_flip"] is False
+    _, cfg = _config("pix2pix", "--serial_batches")
+    assert cfg.data_options["serial_batches"] is True
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -191,6 +191,91 @@ def test_captions_and_embeddings(tmp_path):
     assert ds.text_dim == 10 and ds.precomputed
 
 
+def test_stackgan_reads_the_reference_pickles_keys_and_split(tmp_path):
+    """The reference's filenames.pickle keys (no extension) and a train-split embeddings file while
+    images/ holds both splits' classes (CUB): the file's list is the split."""
+    keys = ["001.A/a_1", "001.A/a_2", "002.B/b_1", "200.Z/z_1"]
+    for i, k in enumerate(keys):
+        _img(str(tmp_path / "images" / (k + ".jpg")), 20, 16, seed=i)
+    emb = torch.randn(3, 10, 8)
+    torch.save({"filenames": keys[:3], "embeddings": emb}, tmp_path / "embeddings.pt")
+    ds = CaptionedDataset(str(tmp_path), image_size=16)
+    assert len(ds) == 3 and [os.path.relpath(p, tmp_path / "images") for p in ds.images.paths] == \
+        [k + ".jpg" for k in keys[:3]]
+    assert torch.equal(ds.embeddings, emb)
+    torch.save({"filenames": keys[:2] + ["003.C/missing"], "embeddings": emb}, tmp_path / "embeddings.pt")
+    with pytest.raises(DataError, match=r"names 1 image\(s\) not in .*003.C/missing.*with or without the extension"):
+        CaptionedDataset(str(tmp_path), image_size=16)
+
+
+def test_stackgan_resizes_bilinear_as_its_get_img():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    g = torch.Generator().manual_seed(3)
+    got = T.stackgan(img, 16, False, g)
+    g = torch.Generator().manual_seed(3)
+    x, y = T.randint(g, 19 - 16), T.randint(g, 19 - 16)  # (load 19 = int(16 * 76 / 64))
+    want = T.to_tensor(img.resize((19, 19), Image.BILINEAR).crop((x, y, x + 16, y + 16)))
+    assert torch.equal(got, want)
+
+
+def test_captions_with_a_byte_order_mark(tmp_path):
+    for i in range(2):
+        _img(str(tmp_path / "images" / f"{i}.png"), 16, 16, seed=i)
+    (tmp_path / "captions.txt").write_bytes("0.png\ta red bird\n1.png\ta blue bird\n".encode("utf-8-sig"))
+    assert CaptionedDataset(str(tmp_path), image_size=16, text_dim=32).counts.tolist() == [1, 1]
+
+
+def test_stargan_crop_defaults_follow_the_kind_of_data(tmp_path):
+    """The reference: --celeba_crop_size 178, --rafd_crop_size 256."""
+    for d in ("angry", "happy"):
+        _img(str(tmp_path / "rafd" / "train" / d / "0.png"), 12, 12)
+    root = str(tmp_path / "rafd")
+    assert build_dataset("stargan", {"dataroot": root, "image_size": 8}).crop_size == 256
+    assert build_dataset("stargan", {"dataroot": root, "image_size": 8, "crop_size": 40}).crop_size == 40
+    assert build_dataset("stargan", {"dataroot": root, "image_size": 8, "crop_size": 40,
+                                     "rafd_crop_size": 30}).crop_size == 30
+    for i, n in enumerate(("a.jpg", "b.jpg")):
+        _img(str(tmp_path / "celeba" / "images" / n), 20, 24, seed=i)
+    (tmp_path / "celeba" / "list_attr_celeba.txt").write_text("2\nMale Young\na.jpg 1 -1\nb.jpg -1 1\n")
+    assert build_dataset("stargan", {"dataroot": str(tmp_path / "celeba"), "image_size": 8,
+                                     "selected_attrs": ["Male"]}).crop_size == 178
+    # the reference's RaFD split folder given as the data root: the error says what to pass
+    with pytest.raises(DataError, match="one folder per domain.*Pass --dataroot the folder above it"):
+        build_dataset("stargan", {"dataroot": str(tmp_path / "rafd" / "train"), "image_size": 8})
+
+
+def test_celeba_test_split_is_the_references(tmp_path):
+    from ganengine.data import labelled
+
+    # the reference holds out lines with (i + 1) < 2000: 1999 of a full CelebA; a tenth of small sets
+    names = [f"{i}.png" for i in range(30)]
+    for i, n in enumerate(names):
+        _img(str(tmp_path / "images" / n), 4, 4, seed=i)
+    rows = "\n".join(f"{n} {1 if i % 2 else -1}" for i, n in enumerate(names))
+    (tmp_path / "list_attr_celeba.txt").write_text(f"30\nMale\n{rows}\n")
+    assert len(CelebADataset(str(tmp_path), ["Male"], mode="test", crop_size=4, image_size=4)) == 3
+    assert labelled.test_split_size(202599) == 1999 and labelled.test_split_size(19990) == 1999
+    assert labelled.test_split_size(19989) == 1998
+    (tmp_path / "list_attr_celeba.txt").write_text(f"50\nMale\n{rows}\n")  # line 1 disagrees: truncated?
+    with pytest.warns(UserWarning, match="line 1 says 50 images, the file lists 30"):
+        CelebADataset(str(tmp_path), ["Male"], crop_size=4, image_size=4)
+
+
+def test_held_out_split_keeps_the_training_scale(tmp_path):
+    """sample / evaluate: the training's resize, the centre crop, no flip."""
+    for split in ("train", "val"):
+        _img(str(tmp_path / split / "0.png"), 160, 40)  # halves of 80x40
+    for pp in ("scale_width", "scale_width_and_crop", "resize_and_crop", "crop"):
+        o = dict(dataroot=str(tmp_path), preprocess=pp, load_size=64, crop_size=32)
+        val = build_dataset("pix2pix", o, phase="val")
+        item = val[(0, 0)]["A"]
+        half = Image.open(tmp_path / "val" / "0.png").convert("RGB").crop((0, 0, 80, 40))
+        t = TransformOptions(pp, 64, 32, False)
+        w, h = T._resized_size(80, 40, t)
+        params = {"crop_pos": (int(round(max(0, w - 32) / 2)), int(round(max(0, h - 32) / 2))), "flip": False}
+        assert torch.equal(item, T.apply(half, t, params)), pp
+
+
 def test_text_embedder_is_stable_and_meaningful():
     e = CaptionEmbedder(256)
     a, b, c = e(["a small red bird", "a red bird", "the number 7 written by hand"])

@@ -348,3 +348,29 @@ def test_best_json_set_aside_names_the_moved_best_pt(tmp_path):
     moved = json.loads((run / ckpt.PREVIOUS / "1" / "best.json").read_text())
     assert moved["checkpoint"] == str(run / ckpt.PREVIOUS / "1" / "best.pt") and os.path.isfile(moved["checkpoint"])
     assert moved["step"] == 2 and sorted(os.listdir(run)) == [ckpt.PREVIOUS]
+
+
+def test_batch_norm_on_one_value_per_channel_is_explained():
+    # pix2pix's reference batch of one with a crop the U-Net reduces to 1x1: torch's batch-norm
+    # message named no option
+    from ganengine.train.engine import _explain
+
+    exc = ValueError("Expected more than 1 value per channel when training, got input size [1, 32, 1, 1]")
+    out = _explain(exc, True, (1, 3, 128, 128))
+    assert isinstance(out, ValueError) and "cannot take 128x128 inputs at --batch_size 1" in str(out)
+    assert "--crop_size" in str(out) and "larger --batch_size" in str(out)
+    assert _explain(exc, False, (1, 3, 128, 128)) is exc  # (later steps: as it is)
+
+
+def test_serial_batches_reads_the_data_in_order(tmp_path, one_thread):
+    # the reference's DataLoader(shuffle=not serial_batches): A (and B) in file order
+    cfg = tiny_config("cyclegan", tmp_path / "run")
+    cfg.data_options["serial_batches"] = True
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.sampler.shuffle is False
+        first = next(iter(trainer.loader))
+        paths = sorted(trainer.dataset.A.paths)
+        assert list(first["A_paths"]) == paths[:len(first["A_paths"])]
+    finally:
+        trainer.close()

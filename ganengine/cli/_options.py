@@ -245,8 +245,9 @@ def add_reference_aliases(parser: argparse.ArgumentParser, model: str) -> None:
                        help="which checkpoint --continue_train loads: latest only (checkpoints are per step; "
                             "--resume PATH for another)")
     if model == "stargan":  # yunjey/stargan main.py
-        g.add_argument("--rafd_crop_size", dest="crop_size", type=positive_int, default=None,
-                       help="same as --crop_size (the reference's crop size for RaFD, folder-per-domain data)")
+        g.add_argument("--rafd_crop_size", type=positive_int, default=None,
+                       help="centre crop of RaFD (folder-per-domain) images before resizing (default: --crop_size "
+                            "where given, else 256, as the reference)")
         g.add_argument("--resume_iters", type=positive_int, default=None, metavar="STEP",
                        help="resume from that step's checkpoint of --name (CHECKPOINTS_DIR/NAME/step_XXXXXXXX.pt)")
     if model == "sagan":  # heykeetae parameter.py

@@ -38,7 +38,8 @@ DESCRIPTIONS = {
 REFERENCE = {
     "pix2pix": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
     "cyclegan": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
-    "stargan": dict(batch_size=16, crop_size=178, image_size=128, n_epochs=20, n_epochs_decay=10),
+    # (crop_size: 178 for CelebA, 256 for RaFD folders, chosen with the data: data/__init__.py)
+    "stargan": dict(batch_size=16, image_size=128, n_epochs=20, n_epochs_decay=10),
     "stackgan": dict(batch_size=64, image_size=64, n_epochs=600, n_epochs_decay=0),
     "csgan": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
     "sagan": dict(batch_size=64, image_size=64, n_epochs=100, n_epochs_decay=0),
@@ -48,6 +49,9 @@ REFERENCE = {
     "icgan": dict(batch_size=64, image_size=128, n_epochs=100, n_epochs_decay=0),
 }
 SYNTHESIS = ("sagan", "biggan", "biggan_deep", "unetgan", "icgan")
+# synthesis models whose reference does not flip the training images unless asked (the PyTorch-GAN
+# family's: cli/_synthesis_models.py)
+_NO_FLIP_BY_DEFAULT = ("sagan", "biggan", "biggan_deep")
 
 # small-data defaults used with the built-in sample data (no --dataroot), for options the user did
 # not give: 64x64 images and slimmer networks so that a few hundred steps on a 2-core CPU take a
@@ -90,7 +94,7 @@ SAMPLE.update(_basic.SAMPLE)
 ENGINE_OPTIONS = ("batch_size", "n_epochs", "n_epochs_decay", "max_steps", "sample_every", "save_every")
 DATA_OPTIONS = ("dataroot", "phase", "direction", "load_size", "crop_size", "preprocess", "no_flip",
                 "serial_batches", "cache_images", "dataset", "selected_attrs", "attr_path", "image_size",
-                "input_nc", "output_nc", "text_dim", "max_dataset_size")
+                "input_nc", "output_nc", "text_dim", "max_dataset_size", "rafd_crop_size")
 
 
 def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
@@ -171,8 +175,8 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
         g.add_argument("--max_dataset_size", type=positive_int, default=None,
                        help="use at most N images of each folder, the first N of the sorted file names "
                             "(default: all)")
-        if model in ("cyclegan", "csgan"):
-            g.add_argument("--serial_batches", action="store_true", help="take B images in order, not at random")
+        g.add_argument("--serial_batches", action="store_true",
+                       help="take the images in file order, not shuffled (CycleGAN: B in order too, not at random)")
     elif model == "stargan":
         g.add_argument("--dataset", choices=("auto", "CelebA", "RaFD"), default="auto",
                        help="CelebA = attribute file, RaFD = folder per domain; auto detects (default: %(default)s)")
@@ -180,12 +184,16 @@ def _add_data_options(p: argparse.ArgumentParser, model: str, model_defaults: di
                        help="CelebA attributes to use as labels (default: Black_Hair Blond_Hair Brown_Hair Male Young)")
         g.add_argument("--attr_path", default=None, help="attribute file (default: DATAROOT/list_attr_celeba.txt)")
         g.add_argument("--crop_size", "--celeba_crop_size", dest="crop_size", type=positive_int, default=None,
-                       help=f"centre crop before resizing (default: {ref['crop_size']})")
+                       help="centre crop before resizing (default: 178 for CelebA data; for RaFD folders "
+                            "--rafd_crop_size, default 256, as the reference)")
         g.add_argument("--phase", default="train", help="split (default: %(default)s)")
     else:
         g.add_argument("--phase", default="train", help=argparse.SUPPRESS)
     if model in _basic.MODELS:
         _basic.add_data_options(g, model)
+    elif model in _NO_FLIP_BY_DEFAULT:  # (heykeetae's SAGAN never flips; BigGAN-PyTorch with --augment)
+        g.add_argument("--flip", "--augment", dest="flip", action="store_true",
+                       help="random horizontal flips (the reference flips only with --augment)")
     if "image_size" not in model_defaults and model in ("stargan", "stackgan") + SYNTHESIS:
         g.add_argument("--image_size", type=positive_int, default=None,
                        help=f"image resolution (default: {ref['image_size']})")
@@ -353,6 +361,8 @@ def make_config(args):
         _derive_synthesis(args.model, model_opts, data_opts, engine)
     if args.model in _basic.MODELS:
         _basic.derive(args.model, model_opts, data_opts, args.flip)
+    elif args.model in _NO_FLIP_BY_DEFAULT:
+        data_opts["no_flip"] = not args.flip
     _derive_from_data(args.model, model_opts, data_opts, args._model_options)
     eval_every, eval_opts = _basic.eval_options(args)
     name = args.name or f"{args.model}_" + (os.path.basename(os.path.normpath(args.dataroot)) if args.dataroot else "sample")

@@ -53,7 +53,8 @@ def build_dataset(model: str, options, phase: str | None = None):
 
     Options read: dataroot (None: built-in sample data), phase, preprocess, load_size, crop_size,
     no_flip, direction, input_nc, output_nc, serial_batches, cache_images; StarGAN: dataset,
-    selected_attrs, attr_path, image_size; StackGAN: image_size, text_dim.
+    selected_attrs, attr_path, image_size, crop_size (CelebA; default 178),
+    rafd_crop_size (RaFD folders; default crop_size, else 256); StackGAN: image_size, text_dim.
     """
     root = _get(options, "dataroot") or sample_root(model)
     phase = phase or _get(options, "phase", "train")
@@ -73,9 +74,9 @@ def build_dataset(model: str, options, phase: str | None = None):
     if model in ("pix2pix", "cyclegan", "csgan"):
         transform = TransformOptions(_get(options, "preprocess", "resize_and_crop"), _get(options, "load_size", 286),
                                      _get(options, "crop_size", 256), flip)
-        if phase != "train" and transform.preprocess != "none":  # evaluation: no random crop, as in test mode
-            transform = TransformOptions("resize_and_crop" if "crop" in transform.preprocess else transform.preprocess,
-                                         transform.crop_size, transform.crop_size, False)
+        if phase != "train":  # evaluation: the training's scale, the centre crop, no flip
+            transform = TransformOptions(transform.preprocess, transform.load_size, transform.crop_size, False,
+                                         center=True)
         common = dict(transform=transform, direction=_get(options, "direction", "AtoB"),
                       input_nc=_get(options, "input_nc", 3), output_nc=_get(options, "output_nc", 3), cache=cache,
                       max_dataset_size=_get(options, "max_dataset_size"))
@@ -84,14 +85,16 @@ def build_dataset(model: str, options, phase: str | None = None):
         return UnalignedDataset(root, phase, serial_batches=bool(_get(options, "serial_batches", False)), **common)
     if model == "stargan":
         kind = _get(options, "dataset", "auto")
-        crop, size = _get(options, "crop_size", 178), _get(options, "image_size", 128)
+        crop, size = _get(options, "crop_size"), _get(options, "image_size", 128)
         attr_path = _get(options, "attr_path")
         if kind == "RaFD" or (kind == "auto" and attr_path is None
                               and not os.path.isfile(os.path.join(root, "list_attr_celeba.txt"))
                               and has_domain_folders(os.path.join(root, phase))):
+            # the reference's --rafd_crop_size 256 (--crop_size given for both kinds of data serves too)
+            crop = _get(options, "rafd_crop_size", crop or 256)
             return DomainFolderDataset(root, phase, crop, size, flip, cache=cache)
         return CelebADataset(root, _get(options, "selected_attrs"), "train" if phase == "train" else "test",
-                             crop, size, attr_path, flip=flip, cache=cache)
+                             crop or 178, size, attr_path, flip=flip, cache=cache)
     if model == "stackgan":
         return CaptionedDataset(root, _get(options, "image_size", 64), _get(options, "text_dim", 1024), flip, cache=cache)
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")

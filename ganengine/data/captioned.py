@@ -9,7 +9,9 @@ Layout (DATAROOT)::
     embeddings.pt            precomputed embeddings, read with torch.load(weights_only=True):
                              {"filenames": [relative names], "embeddings": Tensor (N, T) or (N, E, T)}
                              (E embeddings per image, e.g. the reference's 10 char-CNN-RNN vectors;
-                             convert the reference pickles once with a few lines of Python)
+                             convert the reference pickles once with a few lines of Python). Its
+                             file list is the split, as the reference's filenames.pickle: images/
+                             may hold more (CUB's test classes); names may omit the extension.
 
 Captions are embedded once, at start-up, by ``ganengine.data.text`` (offline hashing embedder).
 Each item returns a random one of its image's embeddings, the image (resized to 76/64 of
@@ -34,7 +36,7 @@ def _read_captions(dataroot: str, names: list[str]) -> dict[str, list[str]]:
     text_dir = os.path.join(dataroot, "text")
     caps: dict[str, list[str]] = defaultdict(list)
     if os.path.isfile(table):
-        with open(table, encoding="utf-8") as f:
+        with open(table, encoding="utf-8-sig") as f:  # (a BOM, as Windows editors write, is not a name)
             for k, line in enumerate(f, start=1):
                 line = line.rstrip("\n")
                 if not line.strip():
@@ -51,7 +53,7 @@ def _read_captions(dataroot: str, names: list[str]) -> dict[str, list[str]]:
         for name in names:
             path = os.path.join(text_dir, os.path.splitext(name)[0] + ".txt")
             if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8-sig") as f:  # (a BOM, as Windows editors write, is not a name)
                     caps[name] = [ln.strip() for ln in f if ln.strip()]
     else:
         raise DataError(f"no captions for {dataroot!r}: expected captions.txt, a text/ folder or embeddings.pt "
@@ -73,8 +75,12 @@ class CaptionedDataset(SeededDataset):
             raise DataError(f"{image_dir!r} has one image; StackGAN needs at least two (it pairs each with a wrong one).")
         emb_path = os.path.join(dataroot, "embeddings.pt")
         self.precomputed = os.path.isfile(emb_path)
-        if self.precomputed:
-            self.embeddings, self.counts = self._load_embeddings(emb_path, names)
+        if self.precomputed:  # (its file list is the split: the images it names)
+            names, self.embeddings, self.counts = self._load_embeddings(emb_path, names)
+            paths = [os.path.join(image_dir, n) for n in names]
+            if len(paths) < 2:
+                raise DataError(f"{emb_path} names one image; StackGAN needs at least two (it pairs each with a "
+                                "wrong one).")
         else:
             caps = _read_captions(dataroot, names)
             embed = CaptionEmbedder(text_dim)
@@ -108,12 +114,26 @@ class CaptionedDataset(SeededDataset):
         if bad.any():
             raise DataError(f"{path}: the embeddings of {int(bad.sum())} file(s) hold NaN or inf (first: "
                             f"{files[int(bad.nonzero()[0])]!r}); they would make every loss NaN. Fix or drop them.")
-        index = {f: i for i, f in enumerate(files)}
-        missing = [n for n in names if n not in index]
-        if missing:
-            raise DataError(f"{path} has no embedding for {len(missing)} image(s) (first: {missing[:3]}).")
-        order = torch.tensor([index[n] for n in names])
-        return emb[order].float(), torch.full((len(names),), emb.shape[1])
+        # a file name as the images/ folder has it, or without its extension (the reference's
+        # filenames.pickle keys: "001.Black_footed_Albatross/Black_Footed_Albatross_0001_796111")
+        on_disk = set(names)
+        by_stem: dict[str, str] = {}
+        for n in names:
+            by_stem.setdefault(os.path.splitext(n)[0].replace(os.sep, "/"), n)
+        chosen, absent = [], []
+        for f in files:
+            f = str(f)
+            name = f if f in on_disk else by_stem.get(f.replace("\\", "/"))
+            if name is None:
+                absent.append(f)
+            chosen.append(name)
+        if absent:
+            raise DataError(f"{path} names {len(absent)} image(s) not in {os.path.dirname(path)}/images (first: "
+                            f"{absent[:3]}); names are relative to images/, with or without the extension.")
+        if len(set(chosen)) != len(chosen):
+            dup = next(n for n in chosen if chosen.count(n) > 1)
+            raise DataError(f"{path} lists the image {dup!r} twice; one entry per image (its E embeddings in one row).")
+        return chosen, emb.float(), torch.full((len(chosen),), emb.shape[1])
 
     @property
     def text_dim(self) -> int:

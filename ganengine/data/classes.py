@@ -15,7 +15,8 @@ Layouts (items ``{"image": (C, S, S) in [-1, 1], "label": int64 class index, "pa
   ``list_attr_celeba.txt`` (columns Zero .. Nine).
 
 Images are centre-cropped to a square on the long edge (BigGAN's ``CenterCropLongEdge``),
-resized to ``image_size`` and randomly flipped (``flip``).
+resized to ``image_size`` (bilinear, torchvision's ``Resize`` as the references use it) and
+randomly flipped where ``flip`` (the command line: ``--flip``; the references do not flip).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def square_resize(img: Image.Image, image_size: int, flip: bool, g: torch.Genera
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     img = img.crop((left, top, left + s, top + s))
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
+    if img.size != (image_size, image_size):  # (bilinear: torchvision's Resize, as the references)
+        img = img.resize((image_size, image_size), Image.BILINEAR)
     if flip and T.coin(g):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return T.to_tensor(img)

@@ -7,7 +7,8 @@ CelebA layout (reference ``data_loader.CelebA``)::
                                      then "file v1 v2 ..." with 1 / -1 per attribute
 
 ``selected_attrs`` picks the label columns (multi-label, float 0/1). As in the reference the lines
-are shuffled with ``random.seed(1234)`` and the first ``test_size`` go to the test split.
+are shuffled with ``random.seed(1234)`` and the first ``test_size`` go to the test split (1999, as
+the reference's ``(i+1) < 2000``; a tenth of a data set under 19990 images).
 
 Folder-per-domain layout (reference RaFD through ``ImageFolder``)::
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import torch
 
@@ -54,7 +56,20 @@ def read_attr_file(attr_path: str) -> tuple[list[str], list[tuple[str, list[int]
             raise DataError(f"{attr_path}:{k}: attribute values must be 1 or -1 (or 0), got {bad[0]}. "
                             "Fix that line.")
         rows.append((parts[0], values))
+    try:
+        count = int(lines[0].split()[0])
+    except ValueError:
+        count = None
+    if count is not None and count != len(rows):  # (a truncated download, say; the reference ignores line 1)
+        warnings.warn(f"attribute file {attr_path!r}: line 1 says {count} images, the file lists {len(rows)}; "
+                      f"using the {len(rows)} listed. Is the file complete?", stacklevel=2)
     return names, rows
+
+
+def test_split_size(n: int) -> int:
+    """The reference's CelebA test split: lines i with (i + 1) < 2000, the first 1999; a tenth of a
+    small data set, which 1999 would leave without a training split."""
+    return min(1999, n // 10)
 
 
 class CelebADataset(SeededDataset):
@@ -66,6 +81,10 @@ class CelebADataset(SeededDataset):
             image_dir = os.path.join(dataroot, "images")
             if not os.path.isdir(image_dir) and os.path.isdir(os.path.join(dataroot, "img_align_celeba")):
                 image_dir = os.path.join(dataroot, "img_align_celeba")
+        if not os.path.isfile(attr_path) and has_domain_folders(dataroot):
+            raise DataError(f"attribute file {attr_path!r} does not exist, and {dataroot!r} holds one folder per "
+                            "domain: a RaFD-style split. Pass --dataroot the folder above it (the one holding "
+                            f"{os.path.basename(os.path.normpath(dataroot))}/), or --dataset RaFD.")
         names, rows = read_attr_file(attr_path)
         selected = list(selected_attrs or CELEBA_DEFAULT_ATTRS)
         missing = [a for a in selected if a not in names]
@@ -80,7 +99,7 @@ class CelebADataset(SeededDataset):
                             "lines or add the images.")
         rows = list(rows)
         random.Random(1234).shuffle(rows)  # the reference's fixed split
-        n_test = min(2000, len(rows) // 10) if test_size is None else test_size
+        n_test = test_split_size(len(rows)) if test_size is None else test_size
         rows = rows[:n_test] if mode == "test" else rows[n_test:]
         if not rows:
             raise DataError(f"the {mode} split of {attr_path!r} is empty ({n_test} test images held out of "

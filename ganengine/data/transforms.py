@@ -54,6 +54,8 @@ class TransformOptions:
     load_size: int = 286
     crop_size: int = 256
     flip: bool = True
+    resample: int = Image.BICUBIC  # the resize filter (junyanz's; StackGAN's get_img uses BILINEAR)
+    center: bool = False  # crop at the centre, not at random (evaluation)
 
     def check(self) -> "TransformOptions":
         if self.preprocess not in PREPROCESS:
@@ -119,8 +121,11 @@ def _resized_size(w: int, h: int, o: TransformOptions) -> tuple[int, int]:
 def get_params(size: tuple[int, int], o: TransformOptions, g: torch.Generator) -> dict:
     """Random crop position and flip for an image of ``size`` (w, h), as the reference get_params."""
     w, h = _resized_size(*size, o)
-    x = randint(g, max(0, w - o.crop_size))
-    y = randint(g, max(0, h - o.crop_size))
+    if o.center:  # (torchvision's CenterCrop position)
+        x, y = int(round(max(0, w - o.crop_size) / 2.0)), int(round(max(0, h - o.crop_size) / 2.0))
+    else:
+        x = randint(g, max(0, w - o.crop_size))
+        y = randint(g, max(0, h - o.crop_size))
     return {"crop_pos": (x, y), "flip": coin(g) if o.flip else False}
 
 
@@ -128,7 +133,7 @@ def apply(img: Image.Image, o: TransformOptions, params: dict) -> torch.Tensor:
     w, h = img.size
     nw, nh = _resized_size(w, h, o)
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
+        img = img.resize((nw, nh), o.resample)
     if "crop" in o.preprocess:
         x, y = params["crop_pos"]
         cs = o.crop_size
@@ -157,7 +162,8 @@ def stargan(img: Image.Image, crop_size: int, image_size: int, flip: bool, g: to
 
 
 def stackgan(img: Image.Image, image_size: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """StackGAN: Resize(image_size * 76 / 64), RandomCrop(image_size), RandomHorizontalFlip."""
+    """StackGAN: resize to image_size * 76 / 64 (bilinear, as the reference's get_img),
+    RandomCrop(image_size), RandomHorizontalFlip."""
     load = int(image_size * 76 / 64)
-    o = TransformOptions("resize_and_crop", load, image_size, flip)
+    o = TransformOptions("resize_and_crop", load, image_size, flip, Image.BILINEAR)
     return apply(img, o, get_params(img.size, o, g))

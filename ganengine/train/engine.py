@@ -133,6 +133,15 @@ def _explain(exc: BaseException, first_step: bool, shape) -> BaseException:
         return ValueError("a batch holds images of different sizes (--preprocess none and scale_width keep each "
                           "image's own size): resize the images to one size, use --batch_size 1, or a --preprocess "
                           "that crops to --crop_size")
+    if first_step and type(exc) is ValueError and "Expected more than 1 value per channel" in msg:
+        # (batch norm in training mode on a 1x1 map of a batch of one: a size the networks reduce
+        # to nothing, typically a U-Net given a crop below 2^num_downs at the reference's batch 1)
+        size = "x".join(map(str, shape[-2:])) if shape is not None else "these"
+        batch = f" at --batch_size {shape[0]}" if shape is not None else ""
+        return ValueError(f"the networks cannot take {size} inputs{batch}: a batch norm got one value per channel "
+                          "(a 1x1 map of one image). Pick a size they can (--crop_size, --load_size, --preprocess, "
+                          "--image_size; a U-Net needs a multiple of 2^num_downs) or a larger --batch_size "
+                          f"({' '.join(msg.split())[:200]})")
     if first_step and type(exc) in (RuntimeError, ValueError) and any(p in msg for p in _SHAPE_ERRORS):
         size = "x".join(map(str, shape[-2:])) if shape is not None else "these"
         line = " ".join(msg.split())[:200]
@@ -206,8 +215,10 @@ class Trainer:
 
         # data first: a bad dataset is reported before any model is built
         self.dataset = build_dataset(cfg.model, cfg.data_options)
+        # --serial_batches: the data in file order, as the reference's DataLoader(shuffle=not serial_batches)
+        serial = bool((cfg.data_options or {}).get("serial_batches", False))
         self.loader, self.sampler = make_loader(self.dataset, cfg.batch_size, self.device, cfg.seed, self.dist.rank,
-                                                self.dist.world_size, cfg.num_workers)
+                                                self.dist.world_size, cfg.num_workers, shuffle=not serial)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         epochs = cfg.n_epochs + cfg.n_epochs_decay
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else epochs * self.steps_per_epoch
