@@ -480,6 +480,47 @@ def test_group_equals_per_layer(backend):
     group.detach()
 
 
+@pytest.mark.parametrize("backend", NATIVE)
+def test_group_copies_are_independent_and_never_stale(backend):
+    """copy.deepcopy of a grouped model refreshes its own layers (the hook does not reach the
+    original's), and a precomputed weight whose tensor changed since the refresh (an optimiser
+    step, load_state_dict) is not served: the layer computes afresh."""
+    d = _disc(gnn.spectral_norm)
+    ref = _disc(gnn.spectral_norm)
+    ref.load_state_dict(d.state_dict())
+    group = gnn.spectral_norm_group(d)
+    x = torch.randn(2, 3, 16, 16)
+    with on_backend(backend):
+        twin, ref_twin = copy.deepcopy(d), copy.deepcopy(ref)
+        u = d[0].parametrizations.weight[0]._u.clone()
+        assert torch.equal(twin(x), ref_twin(x))
+        assert torch.equal(d[0].parametrizations.weight[0]._u, u)  # the original did not move
+        assert torch.equal(d(x), ref(x))
+        assert torch.equal(twin(x), ref_twin(x))
+        # an unused layer keeps its precomputed weight until accessed: edit the weight in between
+        aux = gnn.spectral_norm(nn.Linear(5, 4))
+        model = nn.ModuleDict({"main": nn.Linear(5, 3), "aux": aux})
+        model.forward = lambda t: model["main"](t)
+        plain = copy.deepcopy(aux)
+        gnn.spectral_norm_group(model)
+        model(torch.randn(2, 5))  # refreshes aux too (the group's documented difference)
+        plain.parametrizations.weight[0]._u.copy_(aux.parametrizations.weight[0]._u)
+        plain.parametrizations.weight[0]._v.copy_(aux.parametrizations.weight[0]._v)
+        with torch.no_grad():
+            aux.parametrizations.weight.original.mul_(3.0)
+            plain.parametrizations.weight.original.copy_(aux.parametrizations.weight.original)
+        t = torch.randn(2, 5)
+        assert torch.equal(aux(t), plain(t))
+    group.detach()
+    assert d.__dict__["_ganengine_sn_group"] is None
+    g2 = gnn.spectral_norm_group(d)  # a second group replaces the first (one iteration per forward)
+    with on_backend(backend):
+        d(x)
+        ref(x)
+    assert group.attached is False and g2.attached and len(d._forward_pre_hooks) == 1
+    assert torch.equal(d[0].parametrizations.weight[0]._u, ref[0].parametrizations.weight[0]._u)
+
+
 def test_group_converts_torch_parametrizations_and_respects_cache():
     d = _disc(torch_sn)
     ref = copy.deepcopy(d)

@@ -70,8 +70,10 @@ class SpectralNorm(nn.Module):
         pending = self._pending
         if pending is not None:
             self._pending = None
-            if pending[0] is weight:  # refreshed by a SpectralNormGroup for this very tensor
-                return pending[1]
+            # refreshed by a SpectralNormGroup for this very tensor, unchanged since (an optimiser
+            # step or load_state_dict in between bumps its version: then computed afresh)
+            if pending[0] is weight and pending[1] == weight._version:
+                return pending[2]
         steps = 2 * self.n_power_iterations if self.training else 0
         return run_layer(weight, self._u, self._v, U_STEP, steps, self.eps, self.dim, "pytorch", in_place=True)[0]
 
@@ -172,6 +174,7 @@ class SpectralNormGroup:
                 if isinstance(first, SpectralNorm) and plist.original.dim() > 1:
                     self.layers.append((owner, tensor_name, first))
         self._handle = None
+        self.attached = False
         self.last_refresh: dict[str, int] = {}
         if attach:
             self.attach()
@@ -179,15 +182,29 @@ class SpectralNormGroup:
     def __len__(self) -> int:
         return len(self.layers)
 
+    # The hook finds its group through the model (``model._ganengine_sn_group``), not through a
+    # closure: ``copy.deepcopy(model)`` then copies the group with the model (its layers, buffers
+    # and hook are the copy's), where a closure would keep refreshing the original's layers.
     def attach(self) -> "SpectralNormGroup":
-        if self._handle is None:
-            self._handle = self.model.register_forward_pre_hook(lambda module, args: self.refresh())
+        current = self.model.__dict__.get(_GROUP_ATTR)
+        if current is not None and current is not self:
+            current.detach()  # one group per model (two would both iterate every layer)
+        self.model.__dict__[_GROUP_ATTR] = self
+        self.attached = True
+        if self._handle is None and not self.model.__dict__.get(_HOOKED_ATTR, False):
+            self._handle = self.model.register_forward_pre_hook(_refresh_hook)
+            self.model.__dict__[_HOOKED_ATTR] = True
         return self
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self.attached = False
+        if self.model.__dict__.get(_GROUP_ATTR) is self:
+            self.model.__dict__[_GROUP_ATTR] = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handle"] = None  # (the copied model holds its own hook entry)
+        return state
 
     def refresh(self) -> None:
         """Compute every layer's normalised weight now (see the class docstring)."""
@@ -212,13 +229,23 @@ class SpectralNormGroup:
             w_sns, _ = run_group(weights, [sn.dim for sn in sns], [sn._u for sn in sns], [sn._v for sn in sns],
                                  U_STEP, steps, eps, steps > 0, backend)
             for sn, weight, w_sn in zip(sns, weights, w_sns):
-                sn._pending = (weight, w_sn)
+                sn._pending = (weight, weight._version, w_sn)
             self.last_refresh[backend] = self.last_refresh.get(backend, 0) + len(sns)
 
     def clear(self) -> None:
         """Drop precomputed weights that were not used (and the graph they hold)."""
         for _, _, sn in self.layers:
             sn._pending = None
+
+
+_GROUP_ATTR = "_ganengine_sn_group"
+_HOOKED_ATTR = "_ganengine_sn_group_hooked"
+
+
+def _refresh_hook(module: nn.Module, args) -> None:
+    group = module.__dict__.get(_GROUP_ATTR)
+    if group is not None and group.attached:
+        group.refresh()
 
 
 def spectral_norm_group(model: nn.Module, attach: bool = True) -> SpectralNormGroup:
