@@ -645,7 +645,14 @@ def test_block_twin_matches_custom_op(monkeypatch, backend, shape, cl):
     monkeypatch.setattr(A, "_eager_stacked", stacked_on_the_custom_op)
     y_ref, want = run()
     assert "ganengine::attention_fwdBackward" not in autograd_node_names(y_ref)
-    _assert_bits(got, want)
+    # key_bias's gradient (index 5) is the sum of dk over the positions, mathematically 0 (softmax
+    # is shift-invariant along the keys): rounding noise, whose bits follow the summation order,
+    # which the stacked gradient's layout (twin: qkv's NHWC; custom op: the split's cat, NCHW) and
+    # the thread count choose. Each side within the block's error bound of that gradient (vs 0).
+    kb_bound = self_attention_bounds(x0, *p0, torch.ones_like(y))[5]
+    for t in (got[5], want[5]):
+        assert_below(t, torch.zeros_like(t), kb_bound, name="key_bias grad")
+    _assert_bits(got[:5] + got[6:], want[:5] + want[6:])
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")

@@ -113,14 +113,14 @@ def test_block_route_matches_fp64_reference(monkeypatch, backend, case):
         assert_below(g, r, bounds[1 + i], name=names[i])
 
 
-def test_mismatched_weight_dtypes_keep_the_conv_error(monkeypatch):
-    """Weights of different dtypes do not stack (torch.cat would promote them): the separate convs
-    run and refuse as they did."""
+def test_mismatched_weight_dtypes_are_refused_by_name(monkeypatch):
+    """Weights of different dtypes do not stack (torch.cat would promote them), and the separate
+    convs would refuse them: one error naming the argument instead."""
     _python_route(monkeypatch)
     x, p = _inputs(1, 16, 2, 3, "all", "nchw")
     p = [None if t is None else t.float() for t in p]
     p[2] = p[2].double()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TypeError, match="key_weight is torch.float64 but x is torch.float32"):
         GF.self_attention2d(x.float(), *p)
 
 

@@ -155,6 +155,35 @@ def test_attention_nan_gamma_reaches_every_grad(backend):
             assert t.isnan().all(), f"d{name} hides the NaN gamma"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_overflowing_scores_give_eagers_nan(backend):
+    """One huge finite input (1e30): a score q.k overflows to inf, the softmax row's max is inf and
+    exp(inf - inf) is NaN in eager; the cpu kernels' fast exp clamped its argument and gave inf
+    (dv, and the value weight's gradient through it, +-inf where eager has NaN)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 3, 3)
+    x[0, 1, 1, 1] = 1e30
+    qw, kw, vw = torch.randn(1, 8, 1, 1), torch.randn(1, 8, 1, 1), torch.randn(8, 8, 1, 1)
+    gamma = torch.tensor([0.5])
+    gy = torch.randn(2, 8, 3, 3)
+
+    def eager(x, qw, kw, vw):
+        q = F.conv2d(x, qw).flatten(2).permute(0, 2, 1)
+        a = torch.softmax(torch.bmm(q, F.conv2d(x, kw).flatten(2)), -1)
+        return gamma * torch.bmm(F.conv2d(x, vw).flatten(2), a.permute(0, 2, 1)).view(x.shape) + x
+
+    ref_in = [t.clone().requires_grad_() for t in (x, qw, kw, vw)]
+    want_out = eager(*ref_in)
+    want = torch.autograd.grad(want_out, ref_in, gy)
+    with on_backend(backend):
+        ins = [t.clone().requires_grad_() for t in (x, qw, kw, vw)]
+        out = GF.self_attention2d(ins[0], ins[1], None, ins[2], None, ins[3], None, gamma)
+        got = torch.autograd.grad(out, ins, gy)
+    assert_same_nonfinite(out.detach(), want_out.detach(), "out")
+    for name, a, e in zip(("x", "query_weight", "key_weight", "value_weight"), got, want):
+        assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf()), name
+
+
 # ----------------------------------------------------------------------------- losses
 LOGITS = [float("inf"), -float("inf"), float("nan"), 0.0, 1.0, -1.0, 3.5, -50.0, 1e30]
 

@@ -94,6 +94,39 @@ def test_gradient_penalty_bad_shapes_are_clear_errors():
         GF.gradient_penalty(lambda x: x[:0], torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="does not depend on its input"):
         GF.gradient_penalty(lambda x: torch.zeros(2), torch.randn(2, 3), torch.randn(2, 3))
+    real, fake, d = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), lambda x: x.sum((1, 2, 3))
+    for alpha in (torch.rand(4), torch.rand(3, 1, 1, 1), "0.5"):  # ((4,) would broadcast along W)
+        with pytest.raises(ValueError, match=r"alpha must be a number or a tensor of real's rank .*\(4, 1, 1, 1\)"):
+            GF.gradient_penalty(d, real, fake, alpha=alpha)
+    for alpha in (0.5, torch.rand(4, 1, 1, 1), torch.rand(1, 3, 1, 1), torch.tensor(0.3)):
+        GF.gradient_penalty(d, real, fake, alpha=alpha)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_argument_errors_name_the_argument(backend):
+    """A kernel larger than the padded input, a bias of another dtype than x (F.conv2d refuses
+    both), and the attention block's dtypes: one error naming the argument on every route."""
+    with on_backend(backend):
+        x, w = torch.randn(1, 4, 2, 2), torch.randn(6, 4, 4, 4)
+        for fn, call in (("conv2d_act", lambda: GF.conv2d_act(x, w)),
+                         ("conv2d_instance_norm_act", lambda: GF.conv2d_instance_norm_act(x, w)),
+                         ("conv2d", lambda: GF.conv2d(x, w))):
+            with pytest.raises(ValueError, match=rf"{fn}: input \(1, 4, 2, 2\) with padding \(0, 0\) is smaller"):
+                call()
+        x, w, b = torch.randn(1, 4, 6, 6), torch.randn(6, 4, 3, 3), torch.randn(6, dtype=torch.float64)
+        for call in (lambda: GF.conv2d_act(x, w, b), lambda: GF.conv2d(x, w, b, padding=1),
+                     lambda: GF.conv2d_instance_norm_act(x, w, b), lambda: GF.conv3x3(x, w, b),
+                     lambda: GF.conv_transpose2d(x, w.transpose(0, 1).contiguous(), b)):
+            with pytest.raises(TypeError, match="x is torch.float32 but bias is torch.float64"):
+                call()
+        x = torch.randn(1, 16, 2, 2)
+        qw, kw, vw, g = torch.randn(2, 16), torch.randn(2, 16), torch.randn(16, 16), torch.tensor([0.5])
+        with pytest.raises(TypeError, match="query_weight is torch.float64 but x is torch.float32"):
+            GF.self_attention2d(x, qw.double(), None, kw, None, vw, None, g)
+        with pytest.raises(TypeError, match="value_bias is torch.float64 but x is torch.float32"):
+            GF.self_attention2d(x, qw, None, kw, None, vw, torch.randn(16, dtype=torch.float64), g)
+        with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+            GF.self_attention2d(torch.randint(0, 2, (1, 16, 2, 2)), qw, None, kw, None, vw, None, g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

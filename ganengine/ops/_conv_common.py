@@ -73,9 +73,17 @@ def autocast_args(x, *tensors):
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         return [t.to(dt) if t is not None and t.is_floating_point() else t for t in (x, *tensors)]
-    if tensors and tensors[0] is not None and tensors[0].dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but weight is {tensors[0].dtype}: they must match (outside autocast)")
+    for name, t in zip(("weight", "bias"), tensors):  # (F.conv2d refuses either)
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"x is {x.dtype} but {name} is {t.dtype}: they must match (outside autocast)")
     return [x, *tensors]
+
+
+def check_fits(fn: str, x, weight, padding) -> None:
+    """A kernel no larger than the padded input (an empty output map is refused, as F.conv2d)."""
+    if x.shape[2] + 2 * padding[0] < weight.shape[2] or x.shape[3] + 2 * padding[1] < weight.shape[3]:
+        raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
+                         f"{tuple(weight.shape[2:])} kernel")
 
 
 # ATen's convolution through torch's own binding (the Python argument parser): the same op as

@@ -451,6 +451,20 @@ def _plain_block_args(c: int, qw, qb, kw, kb, vw, vb) -> bool:
 
 
 
+def _check_block_dtypes(x, qw, qb, kw, kb, vw, vb) -> None:
+    """The dtype errors of the block's convs, naming the argument (checked where a conv failed or
+    the weights' dtypes differ, never on the served path)."""
+    if not x.is_floating_point():
+        raise TypeError(f"self_attention2d: x must be a floating-point tensor, got {x.dtype}")
+    if torch.is_autocast_enabled(x.device.type):
+        return  # (the convs cast)
+    for name, t in (("query_weight", qw), ("query_bias", qb), ("key_weight", kw), ("key_bias", kb),
+                    ("value_weight", vw), ("value_bias", vb)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"self_attention2d: {name} is {t.dtype} but x is {x.dtype}: they must match "
+                            "(outside autocast)")
+
+
 def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
                      key_weight: Tensor, key_bias: Tensor | None,
                      value_weight: Tensor, value_bias: Tensor | None,
@@ -473,6 +487,9 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
                 out = op(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias, gamma)
             except NotImplementedError:  # refused before any work: the full route decides
                 pass
+            except RuntimeError:  # (a dtype the convs refuse: said with the argument's name)
+                _check_block_dtypes(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias)
+                raise
             else:
                 _dispatch.last_used["attention"] = "cpu"
                 return out
@@ -495,13 +512,18 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     # q, k, v and x are consistent by construction (the convs check them against x): of
     # check_core's checks only gamma's and the empty sizes are left (check_core raises them)
     core_ok = bool(gamma.numel() == 1 and b and h * w and d and gamma.device == x.device)
-    qkv = stacked_conv1x1(x, (query_weight, key_weight, value_weight), (query_bias, key_bias, value_bias))
+    try:
+        qkv = stacked_conv1x1(x, (query_weight, key_weight, value_weight), (query_bias, key_bias, value_bias))
+    except RuntimeError:
+        _check_block_dtypes(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias)
+        raise
     if qkv is not None:
         x3 = x.flatten(2)
         if core_ok and not return_attention and _eager.plain_eager(qkv, x3, gamma):
             return _eager_stacked(qkv.flatten(2), x3, gamma, d)[0].view(b, c, h, w)
         q, k, v = qkv.flatten(2).split_with_sizes((d, d, c), 1)
     else:  # (mixed biases or dtypes: the three convs, which raise what they raise)
+        _check_block_dtypes(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias)
         q = F.conv2d(x, query_weight, query_bias).flatten(2)
         k = F.conv2d(x, key_weight, key_bias).flatten(2)
         v = F.conv2d(x, value_weight, value_bias).flatten(2)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ganengine import _ext
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
+from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, check_fits, conv_grads,
                                         dynamo_compiling as _dynamo_compiling, fast_entry,
                                         grads_by_reference, out_format, pair, vendor_conv)
 
@@ -293,10 +293,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     fn = "conv2d"
     check_conv(fn, x, weight, bias)
     stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)
-    xs, ws = x.shape, weight.shape
-    if xs[2] + 2 * padding[0] < ws[2] or xs[3] + 2 * padding[1] < ws[3]:
-        raise ValueError(f"{fn}: input {tuple(x.shape)} with padding {tuple(padding)} is smaller than the "
-                         f"{tuple(weight.shape[2:])} kernel")
+    check_fits(fn, x, weight, padding)
     x, weight, bias = autocast_args(x, weight, bias)
     if _vendor_call(x, weight, stride, padding, False, _ZEROS):
         return torch.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=out_format(x))

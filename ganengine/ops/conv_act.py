@@ -47,6 +47,7 @@ from ganengine.ops._conv_common import acc_dtype as _acc
 from ganengine.ops._conv_common import autocast_args as _autocast
 from ganengine.ops._conv_common import bias_grad as _bias_grad
 from ganengine.ops._conv_common import check_conv as _check_conv
+from ganengine.ops._conv_common import check_fits as _check_fits
 from ganengine.ops._conv_common import conv_grads as _conv_bwd
 from ganengine.ops._conv_common import conv_grads_bias as _conv_bwd_bias
 from ganengine.ops._conv_common import dynamo_compiling as _dynamo_compiling
@@ -549,6 +550,7 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                 return y
     _check_conv("conv2d_act", x, weight, bias)
     stride, padding = _pair("conv2d_act: stride", stride, 1), _pair("conv2d_act: padding", padding, 0)
+    _check_fits("conv2d_act", x, weight, padding)
     x, weight, bias = _autocast(x, weight, bias)
     slope = float(negative_slope)
     if slope < 0:
@@ -596,6 +598,7 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     fn = "conv2d_instance_norm_act"
     _check_conv(fn, x, weight, bias)
     stride, padding = _pair(f"{fn}: stride", stride, 1), _pair(f"{fn}: padding", padding, 0)
+    _check_fits(fn, x, weight, padding)
     c_out = weight.shape[0]
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (c_out,)):
@@ -608,7 +611,7 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
         slope = 1.0
     else:
         raise ValueError(f"{fn}: activation must be one of ('leaky_relu', 'relu', 'none'), got {activation!r}")
-    x, weight = _autocast(x, weight)
+    x, weight, bias = _autocast(x, weight, bias)
     n_out = _out_shape(x, weight, stride, padding)
     if slope < 0 or n_out[2] * n_out[3] == 0:
         return reference_conv2d_in_act(x, weight, bias, stride, padding, norm_weight, norm_bias, eps, slope)

@@ -686,6 +686,24 @@ def cycle_synthesized_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b:
     return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
 
 
+def _check_alpha(alpha, real: Tensor, fn: str) -> None:
+    """alpha: a number, or a tensor of real's rank broadcastable to real (one value per sample is
+    (N, 1, ..., 1)); a (N,) vector would broadcast along real's last axis instead."""
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        return
+    per_sample = (real.shape[0],) + (1,) * (real.dim() - 1)
+    ok = isinstance(alpha, Tensor) and (alpha.dim() == 0 or alpha.dim() == real.dim())
+    if ok:
+        try:
+            ok = torch.broadcast_shapes(alpha.shape, real.shape) == real.shape
+        except RuntimeError:
+            ok = False
+    if not ok:
+        got = tuple(alpha.shape) if isinstance(alpha, Tensor) else type(alpha).__name__
+        raise ValueError(f"{fn}: alpha must be a number or a tensor of real's rank that broadcasts to real "
+                         f"{tuple(real.shape)}, e.g. {per_sample} for one value per sample; got {got}")
+
+
 def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 10.0, *,
                      alpha: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """WGAN-GP: ``weight * mean_i (||dD(x_hat)/dx_hat||_2 - 1)^2``, x_hat = alpha*real + (1-alpha)*fake.
@@ -712,6 +730,8 @@ def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 
     n = real.shape[0]
     if alpha is None:
         alpha = torch.rand((n,) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype, generator=generator)
+    else:
+        _check_alpha(alpha, real, fn)
     with torch.enable_grad():
         x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
         out = discriminator(x_hat)
