@@ -46,6 +46,50 @@ def test_resume_from_older_checkpoint_keeps_it_and_sets_newer_aside(trained, tmp
     assert ckpt.latest(str(run)).endswith("step_00000003.pt")
 
 
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_ctrl_c_inside_a_step_saves_the_whole_step(tmp_path, one_thread, monkeypatch):
+    """SIGINT between D's and G's optimiser steps: the step finishes and is saved whole (it had
+    saved D's half-done step under the previous step's number); a second signal stops at once."""
+    from ganengine.train import context
+
+    train(tiny_config("cyclegan", tmp_path / "a", max_steps=4, save_every=1))
+    real = context.AmpContext.step
+    kills = {"n": 1}
+
+    def step(self, optimizer, name):
+        if name == "D" and self.step_index == 2:
+            for _ in range(kills["n"]):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, optimizer, name)
+
+    monkeypatch.setattr(context.AmpContext, "step", step)
+    trainer = Trainer(tiny_config("cyclegan", tmp_path / "b", max_steps=4, save_every=1))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    assert trainer.interrupted_checkpoint.endswith("step_00000003.pt")
+    a = torch.load(tmp_path / "a" / "step_00000003.pt", weights_only=True)
+    b = torch.load(trainer.interrupted_checkpoint, weights_only=True)
+    for key in ("networks", "optimizers", "schedulers", "step", "epoch"):
+        assert _same_state(a[key], b[key]), key
+    kills["n"] = 2  # Ctrl-C twice: out at once, nothing saved over the last whole step
+    trainer = Trainer(tiny_config("cyclegan", tmp_path / "c", max_steps=4, save_every=1))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    assert trainer.interrupted_checkpoint is None and _steps(tmp_path / "c") == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
 def test_sigterm_saves_like_ctrl_c(tmp_path, one_thread):
     trainer = Trainer(tiny_config("cyclegan", tmp_path, max_steps=6))
     real_step = trainer.model.train_step

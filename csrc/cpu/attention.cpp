@@ -118,7 +118,9 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-inline Vec<float> vexp(const Vec<float>& v) { return v.exp_u20(); }
+// exp_u20 clamps its argument with min/max, which drop a NaN (exp(inf - inf) came out inf where
+// eager's softmax gives NaN): NaN lanes are put back (a compare and a blend per vector)
+inline Vec<float> vexp(const Vec<float>& v) { return Vec<float>::blendv(v.exp_u20(), v, v.isnan()); }
 inline Vec<double> vexp(const Vec<double>& v) { return v.exp(); }
 
 template <typename T>

@@ -155,8 +155,8 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C, so the work done so far is saved."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated(f"signal {signum}")
+def _interrupt(signum) -> KeyboardInterrupt:
+    return Terminated(f"signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -482,9 +482,14 @@ class Trainer:
         images_per_step = cfg.batch_size * self.dist.world_size
         t_last, steps_last = time.perf_counter(), self.step
         last_losses: dict[str, float] = {}
-        prev_term = None
+        # Ctrl-C / SIGTERM: one process stops at the end of the step under way and saves it (an
+        # interrupt inside a step would leave it half done: D stepped, G not); a second signal,
+        # or any signal under DDP (the ranks would not agree on the step), stops at once, unsaved
+        prev_handlers = {}
+        self._stop_signal = None
         if threading.current_thread() is threading.main_thread():
-            prev_term = signal.signal(signal.SIGTERM, _raise_terminated)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                prev_handlers[sig] = signal.signal(sig, self._on_signal)
         first_step, shape = self.step, None
         try:
             while self.step < self.total_steps:
@@ -537,6 +542,10 @@ class Trainer:
                         break
                     if save_now:
                         self.save()
+                    if self._stop_signal is not None:  # (a step boundary: the state is whole)
+                        if not bool(self._bad.item()):
+                            self.interrupted_checkpoint = self.save()
+                        raise _interrupt(self._stop_signal)
                     if self.batch_in_epoch >= self.steps_per_epoch:
                         break
                 if self.batch_in_epoch >= self.steps_per_epoch:
@@ -550,15 +559,9 @@ class Trainer:
             if clear is exc:
                 raise
             raise clear from exc
-        except KeyboardInterrupt:
-            # one process: keep the work done so far (unless the losses went bad); under DDP the
-            # ranks stop at different points, so a collective save could hang: just stop
-            if not self.dist.enabled and not bool(self._bad.item()) and self.step > 0:
-                self.interrupted_checkpoint = self.save()
-            raise
         finally:
-            if prev_term is not None:
-                signal.signal(signal.SIGTERM, prev_term)
+            for sig, handler in prev_handlers.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.close()
             if self.logger is not None:
@@ -566,6 +569,13 @@ class Trainer:
             self._release_lock()
         return {"step": self.step, "epoch": self.epoch, "checkpoint": final, "losses": last_losses,
                 "run_dir": cfg.run_dir, "log_dir": self.log_dir}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.dist.enabled or self._stop_signal is not None:
+            raise _interrupt(signum)
+        self._stop_signal = signum
+        print(f"\nganengine: {'SIGTERM' if signum == signal.SIGTERM else 'interrupted'}: stopping at the end of "
+              f"this step, with a checkpoint (again to stop at once, unsaved)", file=sys.stderr)
 
     def close(self) -> None:
         self._release_lock()
