@@ -209,7 +209,14 @@ def test_ddp_gloo_two_processes_stay_in_sync_and_resume(tmp_path):
     runs = [("full", sg + ["--name", "full", "--max_steps", "4"]),
             ("part", sg + ["--name", "part", "--max_steps", "2"]),
             ("resumed", sg + ["--name", "part", "--max_steps", "4", "--resume"]),
-            ("bn", px + ["--name", "bn", "--max_steps", "2"])]
+            ("bn", px + ["--name", "bn", "--max_steps", "2"]),
+            # SAGAN's separate gradient-penalty step (its backward reaches no bias: averaged by hand)
+            # and U-Net GAN's D (a layer the reference never calls): they crashed under DDP
+            ("sagan_gp", ["train", "sagan", "--batch_size", "4", "--g_conv_dim", "8", "--d_conv_dim", "8", "--z_dim",
+                          "16", "--adv_loss", "wgan-gp", "--max_steps", "2", "--name", "sagan_gp",
+                          "--sample_every", "0"] + common),
+            ("unetgan", ["train", "unetgan", "--batch_size", "2", "--G_ch", "4", "--D_ch", "4", "--dim_z", "8",
+                         "--shared_dim", "8", "--max_steps", "1", "--name", "unetgan", "--sample_every", "0"] + common)]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), runs, str(tmp_path)), nprocs=2, join=True)
     r = {tag: [torch.load(tmp_path / f"{tag}_rank{k}.pt", weights_only=True) for k in range(2)] for tag, _ in runs}
     # the gradient all-reduce keeps ranks identical, with StarGAN's gradient penalty (autograd.grad

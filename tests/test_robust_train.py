@@ -418,3 +418,27 @@ def test_serial_batches_reads_the_data_in_order(tmp_path, one_thread):
         assert list(first["A_paths"]) == paths[:len(first["A_paths"])]
     finally:
         trainer.close()
+
+
+def test_resume_with_another_batch_size_sees_no_image_twice(tmp_path, one_thread, capsys):
+    """The position in the epoch is converted from images done (it was taken as a count of batches
+    of the new size: images fed twice, or skipped)."""
+    run = tmp_path / "run"
+    train(tiny_config("pix2pix", run, max_steps=2, save_every=1, batch_size=2))  # 4 images done
+    trainer = Trainer(tiny_config("pix2pix", run, max_steps=4, batch_size=1, resume="latest"))
+    try:
+        assert trainer.batch_in_epoch == 4 and trainer.epoch == 0
+        assert "4 images of epoch 0 were done; continuing at batch 4 of epoch 0" in capsys.readouterr().err
+        first = trainer.sampler
+        first.set_epoch(0, 0)
+        order = [i for i, _ in first]  # the epoch's order at batch size 1
+        first.set_epoch(0, trainer.batch_in_epoch)
+        rest = [i for i, _ in first]
+        assert rest == order[4:]  # the first run's 4 images (2 batches of 2) are not fed again
+    finally:
+        trainer.close()
+    trainer = Trainer(tiny_config("pix2pix", run, max_steps=4, batch_size=3, resume="latest"))
+    try:  # 4 done, batches of 3: continue at batch 2 (images 6..), 2 skipped, none twice
+        assert trainer.batch_in_epoch == 2
+    finally:
+        trainer.close()

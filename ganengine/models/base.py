@@ -44,6 +44,33 @@ class StepContext:
 DEFAULT_CONTEXT = StepContext()
 
 
+def unwrap_ddp(net: nn.Module) -> nn.Module:
+    """``net`` without a DistributedDataParallel wrapper (under torch.compile's too)."""
+    inner = getattr(net, "_orig_mod", net)
+    return inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else net
+
+
+def average_gradients(net: nn.Module, wrapped: nn.Module) -> None:
+    """Average ``net``'s gradients over the processes where ``wrapped`` is its DDP wrapper (a
+    backward that ran on the bare ``net``, which DDP's hooks did not see); nothing otherwise.
+    Parameters without a gradient are the same on every process (same graph): skipped."""
+    inner = getattr(wrapped, "_orig_mod", wrapped)
+    if not isinstance(inner, nn.parallel.DistributedDataParallel):
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def set_requires_grad(nets: nn.Module | Iterable[nn.Module | None], requires_grad: bool) -> None:
     """The reference's set_requires_grad: freeze/unfreeze whole networks between phases."""
     if isinstance(nets, nn.Module):

@@ -120,6 +120,9 @@ class UNetDiscriminator(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.blocks.append(nn.Conv2d(self.arch["out_channels"][-1], 1, kernel_size=1))
         self.linear = self.which_linear(self.arch["out_channels"][-1], output_dim)
+        # (the reference builds ``linear`` and never calls it: its checkpoints hold it, so it stays,
+        # and DDP is told that some parameters get no gradient)
+        self.ddp_find_unused_parameters = True
         self.linear_middle = self.which_linear(self.arch["out_channels"][n - 1], output_dim)
         if not unconditional:
             self.embed_middle = self.which_embedding(n_classes, self.arch["out_channels"][n - 1])

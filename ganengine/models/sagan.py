@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, set_requires_grad
+from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, average_gradients, set_requires_grad,
+                                   unwrap_ddp)
 from ganengine.models.networks_sagan import SAGANDiscriminator, SAGANGenerator
 from ganengine.models.synthesis_tools import latent_optimise
 
@@ -111,10 +112,15 @@ class SAGAN(GANModel):
         ctx.step(opt_D, "D")
         losses = {"D/loss_real": d_loss_real, "D/loss_fake": d_loss_fake}
         if o["adv_loss"] == "wgan-gp":
+            # the penalty's own step, as the reference: its backward reaches only the parameters the
+            # input gradient depends on (not the biases), which a DDP wrapper would wait for; so it
+            # runs on the bare D and its gradients are averaged over the processes here
+            d_net = unwrap_ddp(self.D)
             with torch.autocast(real.device.type, enabled=False):  # squared gradient norms: fp32
-                d_loss_gp = GF.gradient_penalty(self.D, real.float(), fake.float(), weight=1.0)
+                d_loss_gp = GF.gradient_penalty(d_net, real.float(), fake.float(), weight=1.0)
             ctx.zero_grad(opt_D)
             ctx.backward(o["lambda_gp"] * d_loss_gp, "D")
+            average_gradients(d_net, self.D)
             ctx.step(opt_D, "D")
             losses["D/loss_gp"] = d_loss_gp
 

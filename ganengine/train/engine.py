@@ -318,7 +318,7 @@ class Trainer:
             "scalers": self.ctx.state_dict(),
             "extra": self.model.extra_state(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.dist.world_size, "seed": self.cfg.seed,
+            "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
             "rng": {"per_rank": rngs},
             "evaluation": dict(self.best) if self.best else {},
         }
@@ -369,6 +369,7 @@ class Trainer:
         self.ctx.load_state_dict(state.get("scalers", {}))
         self.model.load_extra_state(state.get("extra", {}))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
+        self._convert_position(state)
         self.best = dict(state.get("evaluation") or {}) or None
         per_rank = state["rng"]["per_rank"]
         if len(per_rank) == self.dist.world_size:
@@ -378,6 +379,29 @@ class Trainer:
                   "random streams restart (the run is not bit-exact)", file=sys.stderr)
         rng.seed_all(mix(self.cfg.seed, self.dist.rank, self.step))
         return rng.get_state()
+
+    def _convert_position(self, state: dict) -> None:
+        """The position in the epoch, for another --batch_size or process count than the checkpoint's:
+        the sampler deals one epoch order out to the processes, so after K batches of b images on
+        W processes the first K b W images of the order are done. Resumed with b', W': the first
+        whole batch past them (never an image twice in the epoch; fewer than b' W' skipped)."""
+        old_b = state.get("batch_size", self.cfg.batch_size)  # (older checkpoints: assumed unchanged)
+        old_w = state.get("world_size", 1)
+        new_b, new_w = self.cfg.batch_size, self.dist.world_size
+        if (old_b, old_w) == (new_b, new_w) or self.batch_in_epoch == 0:
+            return
+        done = self.batch_in_epoch * old_b * old_w
+        per_step = new_b * new_w
+        position = -(-done // per_step)
+        skipped = position * per_step - done
+        if position >= self.steps_per_epoch:
+            self.epoch, position, skipped = self.epoch + 1, 0, max(0, self.steps_per_epoch * per_step - done)
+        if self.dist.is_main:
+            print(f"ganengine: resuming a checkpoint of --batch_size {old_b} on {old_w} process(es) with --batch_size "
+                  f"{new_b} on {new_w}: {done} images of epoch {state['epoch']} were done; continuing at batch "
+                  f"{position} of epoch {self.epoch}" + (f" ({skipped} images of the epoch skipped)" if skipped else ""),
+                  file=sys.stderr)
+        self.batch_in_epoch = position
 
     # ---------------------------------------------------------------- samples
     def _sample_batch(self) -> dict | None:
