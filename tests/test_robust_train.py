@@ -440,5 +440,7 @@ def test_resume_with_another_batch_size_sees_no_image_twice(tmp_path, one_thread
     trainer = Trainer(tiny_config("pix2pix", run, max_steps=4, batch_size=3, resume="latest"))
     try:  # 4 done, batches of 3: continue at batch 2 (images 6..), 2 skipped, none twice
         assert trainer.batch_in_epoch == 2
+        # (and another --max_steps than the run's: the schedules change, which is said)
+        assert "resuming with --max_steps 2 (now 4): the learning-rate schedules follow" in capsys.readouterr().err
     finally:
         trainer.close()

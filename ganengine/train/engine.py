@@ -319,6 +319,7 @@ class Trainer:
             "extra": self.model.extra_state(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
+            "schedule": self._schedule_options(),
             "rng": {"per_rank": rngs},
             "evaluation": dict(self.best) if self.best else {},
         }
@@ -370,6 +371,13 @@ class Trainer:
         self.model.load_extra_state(state.get("extra", {}))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
         self._convert_position(state)
+        saved = state.get("schedule")
+        if saved is not None and saved != self._schedule_options() and self.dist.is_main:
+            changed = ", ".join(f"--{k} {saved.get(k)} (now {v})" for k, v in self._schedule_options().items()
+                                if saved.get(k) != v)
+            print(f"ganengine: resuming with {changed}: the learning-rate schedules follow the new values from "
+                  f"step {self.step} on (a rate may rise again); resume with the old values to keep the run's",
+                  file=sys.stderr)
         self.best = dict(state.get("evaluation") or {}) or None
         per_rank = state["rng"]["per_rank"]
         if len(per_rank) == self.dist.world_size:
@@ -379,6 +387,10 @@ class Trainer:
                   "random streams restart (the run is not bit-exact)", file=sys.stderr)
         rng.seed_all(mix(self.cfg.seed, self.dist.rank, self.step))
         return rng.get_state()
+
+    def _schedule_options(self) -> dict:
+        """The engine options the learning-rate schedules are built from (models/base.py)."""
+        return {"n_epochs": self.cfg.n_epochs, "n_epochs_decay": self.cfg.n_epochs_decay, "max_steps": self.cfg.max_steps}
 
     def _convert_position(self, state: dict) -> None:
         """The position in the epoch, for another --batch_size or process count than the checkpoint's:
