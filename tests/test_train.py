@@ -1,6 +1,7 @@
 """ganengine.train: checkpoints, exact resume, NaN stop, AMP, logs (engine level, tiny models)."""
 import csv
 import os
+import signal
 
 import pytest
 import torch
@@ -220,15 +221,15 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     real_step = trainer.model.train_step
 
     def interrupted(batch, optimizers, ctx):
-        if ctx.step_index == 3:
-            raise KeyboardInterrupt
+        if ctx.step_index == 3:  # Ctrl-C as the 4th step starts: it finishes, and is saved
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(batch, optimizers, ctx)
 
     monkeypatch.setattr(trainer.model, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert trainer.interrupted_checkpoint.endswith("step_00000003.pt")
-    assert torch.load(trainer.interrupted_checkpoint, weights_only=True)["step"] == 3
+    assert trainer.interrupted_checkpoint.endswith("step_00000004.pt")
+    assert torch.load(trainer.interrupted_checkpoint, weights_only=True)["step"] == 4
 
 
 def test_tensorboard_is_optional(tmp_path):

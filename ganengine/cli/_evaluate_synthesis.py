@@ -9,7 +9,6 @@ with the training images (``ganengine.metrics.evaluate_synthesis``).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -51,7 +50,8 @@ def _positive(name: str, value: int, least: int = 1) -> None:
 
 
 def run(args) -> int:
-    from ganengine.cli.evaluate import feature_extractor, load_checkpoint, resolve_device
+    from ganengine.cli.evaluate import (check_metric_counts, feature_extractor, load_checkpoint, output_file,
+                                        resolve_device, write_output)
     from ganengine.data import build_dataset
     from ganengine.metrics.evaluate_synthesis import check_logits, evaluate_synthesis, parse_synthesis_metrics, real_loader
 
@@ -62,6 +62,8 @@ def run(args) -> int:
         _positive("num_samples", args.num_samples, 2)
         if args.max_images is not None:
             _positive("max_images", args.max_images, 2)
+        check_metric_counts(args, metrics)
+        output_file(args)  # (checked by evaluate.run too; here for direct callers)
         device = resolve_device(args.device)
         extractor = feature_extractor(args, device)
         if "is" in metrics:
@@ -83,7 +85,4 @@ def run(args) -> int:
                "dataroot": root or "built-in sample data", "phase": phase, "seed": args.seed, **results}
     for key, value in results.items():
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    return write_output(args, results)

@@ -13,6 +13,13 @@ class OutputError(ValueError):
 def writable_dir(path: str, option: str) -> str:
     """Create ``path`` if needed and prove it writable by creating and removing a file there, so
     a read-only or full disk is reported before any training / translating starts."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"{option} {path!r} is not writable: it is a file: expected a folder (a new or existing "
+                          "one)")
+    blocker = _file_in_the_way(path)
+    if blocker:
+        raise OutputError(f"{option} {path!r} is not writable: {blocker!r} is a file, not a folder: expected a "
+                          "folder path (missing folders are created)")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".ganengine_probe_", dir=path)
@@ -20,6 +27,39 @@ def writable_dir(path: str, option: str) -> str:
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"{option} {path!r} is not writable: {describe(exc)}") from None
+    return path
+
+
+def _file_in_the_way(folder: str) -> str | None:
+    """The nearest existing part of ``folder`` (itself or a parent) when it is not a folder."""
+    part = os.path.abspath(folder)
+    while not os.path.exists(part):
+        parent = os.path.dirname(part)
+        if parent == part:
+            return None
+        part = parent
+    return None if os.path.isdir(part) else part
+
+
+def writable_file(path: str, option: str, example: str = "results.json") -> str:
+    """Check an output file's path before the long work: not an existing folder, its folder
+    created if missing (as the training creates its folders) and writable; one clear line naming
+    ``option`` otherwise (``example``: a file name to suggest inside a folder given instead)."""
+    if os.path.isdir(path):
+        raise OutputError(f"{option} {path!r} is a folder: expected a file name "
+                          f"(e.g. {os.path.join(path, example)!r})")
+    folder = os.path.dirname(os.path.abspath(path))
+    blocker = _file_in_the_way(folder)
+    if blocker:
+        raise OutputError(f"{option} {path!r} is not writable: {blocker!r} is a file, not a folder: expected a "
+                          "file path in a folder (missing folders are created)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ganengine_probe_", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{option} {path!r} is not writable (its folder {folder!r}): {describe(exc)}") from None
     return path
 
 

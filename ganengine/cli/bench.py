@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ganengine.bench import machine, registry, report, runner
+    from ganengine.cli._io import writable_dir
 
     if args.list:
         for case in registry.all_cases().values():
@@ -58,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         for family, why in cases_ops.unavailable.items():
             print(f"(op family {family} not benchmarked: {why})")
         return 0
+    for option in ("threads", "repeats"):  # (left out: the defaults; 0 is not a way to ask for them)
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            print(f"ganengine bench: error: --{option} must be >= 1, got {value} (leave it out for the default)",
+                  file=sys.stderr)
+            return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.no_chart and importlib.util.find_spec("matplotlib") is None:
         # say it before the long work, not with a traceback after it
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             runners = runner.default_runners(torch.device(device), with_compile=not args.no_compile)
         elif args.no_compile:
             runners = [r for r in runners if r != "compile"]
-        os.makedirs(args.output, exist_ok=True)
+        writable_dir(args.output, "--output")
         result = runner.run(cases, device=device, dtype=args.dtype, quick=args.quick, runners=runners,
                             modes=args.modes, threads=args.threads, repeats=args.repeats,
                             measure_memory=not args.no_memory,

@@ -90,8 +90,66 @@ def feature_extractor(args, device: torch.device):
     from ganengine.metrics import load_fid_inception, resolve_feature_extractor
 
     if args.feature_extractor:
-        return resolve_feature_extractor(args.feature_extractor, device=device)
+        obj = load_user_object(args.feature_extractor, "--feature_extractor")
+        try:
+            return resolve_feature_extractor(obj, device=device)
+        except TypeError as exc:
+            raise TypeError(f"--feature_extractor {args.feature_extractor!r}: {exc}") from None
     return load_fid_inception(args.inception_weights, device, resize=args.inception_resize)
+
+
+def load_user_object(spec: str, option: str):
+    """The object ``spec`` ('module:attr' or 'path/to/file.py:attr') names, or a ValueError
+    naming ``option`` and the expected form when it cannot be found."""
+    from ganengine.metrics.features import load_object
+
+    form = "expected 'module:attr' (an importable module) or 'path/to/file.py:attr'"
+    try:
+        return load_object(spec)
+    except ImportError as exc:
+        module = spec.rsplit(":", 1)[0]
+        name = getattr(exc, "name", None)
+        if isinstance(exc, ModuleNotFoundError) and name and (name == module or module.startswith(name + ".")):
+            raise ValueError(f"{option} {spec!r}: cannot import module {module!r} ({exc}); {form}") from None
+        raise ValueError(f"{option} {spec!r}: importing {module!r} failed: {exc}") from None
+    except ValueError:
+        raise ValueError(f"{option} {spec!r}: {form}") from None
+    except (FileNotFoundError, AttributeError) as exc:
+        raise ValueError(f"{option} {exc}; {form}") from None
+
+
+def output_file(args) -> None:
+    """--output checked (and its missing folders created) before the evaluation runs."""
+    if args.output:
+        from ganengine.cli._io import writable_file
+
+        writable_file(args.output, "--output")
+
+
+def write_output(args, results: dict) -> int:
+    """Write the JSON results to --output (0), or say in one line why that failed (2)."""
+    if not args.output:
+        return 0
+    from ganengine.cli._io import describe
+
+    try:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    except OSError as exc:
+        print(f"ganengine evaluate: error: --output {args.output!r}: writing the results failed: {describe(exc)}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_metric_counts(args, metrics) -> None:
+    """Counts the chosen metrics need: FID/KID statistics need two images at least, KID's
+    subsets two samples at least."""
+    if {"fid", "kid"} & set(metrics) and args.max_images is not None and args.max_images < 2:
+        raise ValueError(f"--max_images must be >= 2 for fid/kid (their statistics need two images at least), "
+                         f"got {args.max_images}")
+    if "kid" in metrics and args.kid_subset_size < 2:
+        raise ValueError(f"--kid_subset_size must be >= 2 (samples per KID subset), got {args.kid_subset_size}")
 
 
 def _default_phase(model_name: str, root: str) -> str:
@@ -135,10 +193,10 @@ def _check_counts(args) -> None:
 
 def run(args) -> int:
     from ganengine.metrics import evaluate_generator, parse_metrics
-    from ganengine.metrics.features import load_object
 
-    try:  # counts checked for both kinds of checkpoint, before anything is loaded
+    try:  # counts and --output checked for both kinds of checkpoint, before anything is loaded
         _check_counts(args)
+        output_file(args)
     except ValueError as exc:
         print(f"ganengine evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -146,6 +204,7 @@ def run(args) -> int:
         return _evaluate_synthesis.run(args)
     try:
         metrics = parse_metrics(args.metrics)
+        check_metric_counts(args, metrics)
         if args.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
         device = resolve_device(args.device)
@@ -155,7 +214,7 @@ def run(args) -> int:
         if "acc" in metrics:
             if not args.classifier:
                 raise ValueError("the acc metric needs --classifier module:attr")
-            obj = load_object(args.classifier)
+            obj = load_user_object(args.classifier, "--classifier")
             classifier = (obj if isinstance(obj, torch.nn.Module) else obj()).to(device).eval()
         model, data_options = load_checkpoint(args.checkpoint, device)
         loader, phase, root = make_eval_loader(model, data_options, args.dataroot, args.phase, args.batch_size,
@@ -168,7 +227,4 @@ def run(args) -> int:
     results = {"checkpoint": os.path.abspath(args.checkpoint), "dataroot": root, "phase": phase, **results}
     for key, value in results.items():
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    return write_output(args, results)

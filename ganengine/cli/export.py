@@ -255,10 +255,30 @@ def _check_options(args) -> None:
         raise ValueError(f"--opset must be >= 15 (the export uses CastLike), got {args.opset}")
 
 
+def _check_runs_at_size(net, net_name: str, inputs, norm_stats: str, image_size: int) -> None:
+    """Run the network once (on an export copy: nothing of it changes) on the --image_size
+    example, so that a size it cannot take is reported as an --image_size error, and only that:
+    the export's other failures (its output file, say) keep their own message."""
+    from ganengine.export import ExportError, _TensorOutputs, _as_inputs, lowered_ops, prepare_for_export
+
+    tensors, present = _as_inputs(inputs)
+    wrapper = _TensorOutputs(prepare_for_export(net, norm_stats=norm_stats), present)
+    try:
+        with torch.no_grad(), lowered_ops():
+            wrapper(*tensors)
+    except ExportError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ValueError(f"--image_size {image_size}: {type(net).__name__} ({net_name!r}) cannot run on "
+                         f"{image_size}x{image_size} inputs: {exc}") from exc
+
+
 def run(args) -> int:
     from ganengine import export
     from ganengine.cli import evaluate as ev
+    from ganengine.cli._io import describe, writable_file
 
+    out = args.output
     try:
         _check_options(args)
         model, _ = ev.load_checkpoint(args.checkpoint, "cpu")
@@ -270,6 +290,8 @@ def run(args) -> int:
         ckpt = os.path.abspath(args.checkpoint).rstrip(os.sep)
         out = args.output or (os.path.join(ckpt, f"{net_name}{SUFFIX[args.format]}") if os.path.isdir(ckpt) else
                               f"{os.path.splitext(ckpt)[0]}_{net_name}{SUFFIX[args.format]}")
+        # the output's folder is created (or a clear --output error given) before the export runs
+        writable_file(out, "--output", example=f"{net_name}{SUFFIX[args.format]}")
         if args.format == "state_dict":
             if args.reference:
                 from ganengine.models import save_reference_checkpoint
@@ -283,19 +305,18 @@ def run(args) -> int:
             # BatchNorm1d layers see one value per channel and sample)
             batch = args.batch_size or (2 if stats == "input" and is_synthesis(model) else 1)
             inputs = example_input(model, net_name, args.image_size, batch, stats)
-            try:
-                if args.format == "onnx":
-                    export.to_onnx(net, inputs, out, opset_version=args.opset or export.DEFAULT_OPSET,
-                                   dynamic_batch=not args.static_batch, norm_stats=stats)
-                else:
-                    export.to_torchscript(net, inputs, out, norm_stats=stats)
-            except Exception as exc:
-                if args.image_size is None:
-                    raise
-                raise ValueError(f"--image_size {args.image_size}: {type(net).__name__} ({net_name!r}) cannot run on "
-                                 f"{args.image_size}x{args.image_size} inputs: {exc}") from exc
+            if args.image_size is not None:
+                _check_runs_at_size(net, net_name, inputs, stats, args.image_size)
+            if args.format == "onnx":
+                export.to_onnx(net, inputs, out, opset_version=args.opset or export.DEFAULT_OPSET,
+                               dynamic_batch=not args.static_batch, norm_stats=stats)
+            else:
+                export.to_torchscript(net, inputs, out, norm_stats=stats)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, ImportError) as exc:
         print(f"ganengine export: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the file failed (disk full, folder removed meanwhile)
+        print(f"ganengine export: error: --output {out!r}: writing failed: {describe(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -29,9 +29,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ganengine.bench.profile import markdown, run_profile
+    from ganengine.bench.profile import markdown, resolve_target, run_profile
+    from ganengine.cli._io import writable_dir
 
-    try:
+    try:  # the options and the output folder, before the model is built and run
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1 (profiled steps), got {args.steps}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0 (unprofiled steps first), got {args.warmup}")
+        if args.top < 1:
+            raise ValueError(f"--top must be >= 1 (rows in the operator table), got {args.top}")
+        resolve_target(args.model)
+        writable_dir(args.output, "--output")
         result = run_profile(args.model, steps=args.steps, warmup=args.warmup, output=args.output,
                              device=args.device, quick=args.quick, backend=args.backend, top=args.top)
     except ValueError as exc:

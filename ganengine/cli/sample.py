@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="write an image grid from a trained model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder")
-    p.add_argument("--output", default="samples.png", help="PNG file to write (default: %(default)s)")
+    p.add_argument("--output", default="samples.png", help="image file to write: .png (default: %(default)s), "
+                   ".jpg, or another format PIL can save")
     p.add_argument("--dataroot", default=None, help="take the images from this dataset instead")
     p.add_argument("--phase", default=None, help="split to draw from (default: val/test when present, else train)")
     p.add_argument("--n", type=int, default=8, help="images per row (default: %(default)s)")
@@ -40,6 +41,63 @@ def register(subparsers) -> None:
                    help="synthesis models: also write latent interpolations, STEPS images per row, to "
                         "OUTPUT_interpolation.png (default: none)")
     p.set_defaults(func=run)
+
+
+# common image formats, suggested when --output names none PIL can write
+COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _pil_can_write(ext: str) -> bool:
+    """Whether PIL writes the grid (an RGB or grayscale image) as a file ending in ``ext``."""
+    import io
+
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(ext.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        return False
+    try:  # a registered writer may still be a stub without its handler
+        for mode in ("RGB", "L"):
+            Image.new(mode, (4, 4)).save(io.BytesIO(), format=fmt)
+    except Exception:
+        return False
+    return True
+
+
+def image_file(path: str, option: str) -> None:
+    """A ValueError naming ``option`` and the accepted extensions unless PIL can write ``path``'s
+    image format (checked before any image is generated)."""
+    ext = os.path.splitext(path)[1]
+    if ext and _pil_can_write(ext):
+        return
+    accepted = ", ".join(e for e in COMMON_EXTENSIONS if _pil_can_write(e))
+    what = f"{ext!r} is not an image format PIL can write" if ext else "has no file extension"
+    raise ValueError(f"{option} {path!r}: {what}: expected an image file name ending in {accepted} "
+                     "(or another extension PIL can save)")
+
+
+def check_phase(name: str, data: dict, phase: str) -> None:
+    """When the data folder is there but has no ``phase`` split, a DataError naming --phase and
+    the splits there are (instead of saying the data is gone)."""
+    from ganengine.data import DataError, sample_root
+
+    try:
+        root = data.get("dataroot") or sample_root(name)
+    except (DataError, ValueError):
+        return
+    if not os.path.isdir(root):
+        return
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if name in ("cyclegan", "csgan"):  # DATAROOT/<phase>A and <phase>B
+        phases = [d[:-1] for d in folders if d.endswith("A") and d[:-1] + "B" in folders]
+    else:  # DATAROOT/<phase>/...
+        phases = folders
+    if phase in phases or not phases:
+        return  # the split is there (or no split is: the folder is wrong): the original error says why
+    layout = f"{phase}A and {phase}B folders" if name in ("cyclegan", "csgan") else f"{phase!r} folder"
+    raise DataError(f"--phase {phase}: the data folder {root!r} has no {layout}; the phases there: "
+                    f"{', '.join(phases)}")
 
 
 def run(args) -> int:
@@ -56,13 +114,17 @@ def run(args) -> int:
         if args.max_rows < 1 or args.interpolate < 0 or args.interpolate == 1:
             raise ValueError(f"--max_rows must be >= 1 and --interpolate 0 or >= 2, got {args.max_rows}, "
                              f"{args.interpolate}")
-        from ganengine.cli._io import device_or_error, writable_dir
+        from ganengine.cli._io import device_or_error, writable_file
 
         device = device_or_error(args.device)
-        writable_dir(os.path.dirname(os.path.abspath(args.output)), "--output's folder")
+        image_file(args.output, "--output")
+        writable_file(args.output, "--output", example="samples.png")
         model, state = load_model(args.checkpoint, map_location="cpu")
         model.to(device)
         name, data = state["model"], dict(state.get("data", {}))
+        if args.interpolate and not hasattr(model, "interpolation_rows"):  # said before anything is written
+            raise ValueError(f"--interpolate {args.interpolate}: {name} is not a synthesis model (no latent to "
+                             "interpolate); leave --interpolate out")
         if args.dataroot:
             data["dataroot"] = args.dataroot
         phases = [args.phase] if args.phase else (["val", "test", "train"] if name == "pix2pix" else ["test", "train"])
@@ -80,6 +142,8 @@ def run(args) -> int:
             except DataError as exc:
                 errors.append(str(exc))
         if ds is None:
+            if args.phase:
+                check_phase(name, data, args.phase)
             raise DataError(errors[-1])
         n = min(args.n, len(ds))
         batch = torch.utils.data.default_collate([ds[i * len(ds) // n] for i in range(n)])
@@ -89,8 +153,6 @@ def run(args) -> int:
         grid_rows = rows(name, model, batch, names, max_rows=args.max_rows)
         save_grid([r.float() for r in grid_rows], args.output, row_labels(name, model, len(grid_rows), names))
         if args.interpolate:
-            if not hasattr(model, "interpolation_rows"):
-                raise ValueError(f"--interpolate: {name} is not a synthesis model (no latent to interpolate)")
             with torch.no_grad():
                 inter = model.interpolation_rows(n_rows=min(4, args.max_rows), steps=args.interpolate)
             stem, ext = os.path.splitext(args.output)
