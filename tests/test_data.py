@@ -208,6 +208,31 @@ def test_stackgan_reads_the_reference_pickles_keys_and_split(tmp_path):
         CaptionedDataset(str(tmp_path), image_size=16)
 
 
+def test_stackgan_crops_cub_birds_to_their_boxes(tmp_path):
+    """CUB_200_2011's images.txt + bounding_boxes.txt: the reference's crop (1.5x the longer box
+    side around its centre, clipped), then its resize and crop."""
+    from ganengine.data.captioned import crop_to_box
+
+    keys = ["001.A/a_1", "002.B/b_1"]
+    for i, k in enumerate(keys):
+        _img(str(tmp_path / "images" / (k + ".jpg")), 60, 40, seed=i)
+    (tmp_path / "images.txt").write_text("1 001.A/a_1.jpg\n2 002.B/b_1.jpg\n")
+    (tmp_path / "bounding_boxes.txt").write_text("1 10.0 5.0 20.0 12.0\n2 40.7 30.2 30.0 9.0\n")
+    torch.save({"filenames": keys, "embeddings": torch.randn(2, 3, 8)}, tmp_path / "embeddings.pt")
+    ds = CaptionedDataset(str(tmp_path), image_size=16, flip=False)
+    assert ds.boxes == [(10, 5, 20, 12), (40, 30, 30, 9)]
+    img = Image.open(tmp_path / "images" / "001.A" / "a_1.jpg").convert("RGB")
+    assert crop_to_box(img, (10, 5, 20, 12)).size == (30, 26)  # x 5..35, y 0 (clipped)..26
+    g = torch.Generator().manual_seed(7)
+    got = ds.get(0, g)["image"]
+    g = torch.Generator().manual_seed(7)
+    T.randint(g, 2), T.randint(g, 0)  # (the embedding index and the wrong image's, drawn first)
+    assert torch.equal(got, T.stackgan(crop_to_box(img, (10, 5, 20, 12)), 16, False, g))
+    (tmp_path / "bounding_boxes.txt").write_text("1 10.0 5.0 20.0\n")
+    with pytest.raises(DataError, match=r"bounding_boxes.txt:1: expected 5 fields"):
+        CaptionedDataset(str(tmp_path), image_size=16)
+
+
 def test_stackgan_resizes_bilinear_as_its_get_img():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
     g = torch.Generator().manual_seed(3)

@@ -6,6 +6,8 @@ Layout (DATAROOT)::
     captions.txt             "relative/name.jpg<TAB>a caption" lines, any number per image, or
     text/**/<name>.txt       one file per image (same relative path, .txt), one caption per line
                              (the CUB ``text_c10`` layout), or
+    images.txt, bounding_boxes.txt   optional (CUB_200_2011's): each bird cropped around its box,
+                             as the reference does for birds
     embeddings.pt            precomputed embeddings, read with torch.load(weights_only=True):
                              {"filenames": [relative names], "embeddings": Tensor (N, T) or (N, E, T)}
                              (E embeddings per image, e.g. the reference's 10 char-CNN-RNN vectors;
@@ -92,6 +94,11 @@ class CaptionedDataset(SeededDataset):
             self.captions = [caps[n] for n in names]
         self.images = ImageStore(paths, cache=cache)
         self.image_size, self.flip = image_size, flip
+        # CUB's bird boxes (DATAROOT = CUB_200_2011: images.txt, bounding_boxes.txt): the reference
+        # crops each bird to 1.5x its box's longer side around its centre before resizing
+        rel = [os.path.splitext(os.path.relpath(p, image_dir))[0].replace(os.sep, "/") for p in paths]
+        boxes = read_cub_boxes(dataroot)
+        self.boxes = None if boxes is None else [boxes.get(r) for r in rel]
 
     @staticmethod
     def _load_embeddings(path: str, names: list[str]):
@@ -142,11 +149,56 @@ class CaptionedDataset(SeededDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _image(self, index: int):
+        img = self.images[index]
+        box = self.boxes[index] if self.boxes is not None else None
+        return img if box is None else crop_to_box(img, box)
+
     def get(self, index: int, g: torch.Generator) -> dict:
         k = T.randint(g, int(self.counts[index]) - 1)
         wrong = T.randint(g, len(self) - 2)
         wrong += wrong >= index  # any other image
-        return {"image": T.stackgan(self.images[index], self.image_size, self.flip, g),
+        return {"image": T.stackgan(self._image(index), self.image_size, self.flip, g),
                 "embedding": self.embeddings[index, k].clone(),
-                "wrong_image": T.stackgan(self.images[wrong], self.image_size, self.flip, g),
+                "wrong_image": T.stackgan(self._image(wrong), self.image_size, self.flip, g),
                 "paths": self.images.paths[index]}
+
+
+def read_cub_boxes(dataroot: str) -> dict | None:
+    """{relative name without extension: (x, y, w, h)} from CUB's images.txt and bounding_boxes.txt
+    in ``dataroot`` ("<id> <path>" and "<id> <x> <y> <w> <h>" lines), or None where they are not
+    both there. Values truncated to integers, as the reference's ``astype(int)``."""
+    names_path, boxes_path = os.path.join(dataroot, "images.txt"), os.path.join(dataroot, "bounding_boxes.txt")
+    if not (os.path.isfile(names_path) and os.path.isfile(boxes_path)):
+        return None
+    names, boxes = {}, {}
+    for path, table, width in ((names_path, names, 2), (boxes_path, boxes, 5)):
+        with open(path, encoding="utf-8-sig") as f:
+            for k, line in enumerate(f, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != width:
+                    raise DataError(f"{path}:{k}: expected {width} fields (CUB's format), got {len(parts)}: "
+                                    f"{line.strip()[:60]!r}")
+                table[parts[0]] = parts[1] if width == 2 else parts[1:]
+    out = {}
+    for image_id, name in names.items():
+        box = boxes.get(image_id)
+        if box is None:
+            raise DataError(f"{boxes_path} has no box for image id {image_id} ({name}) of {names_path}")
+        try:
+            out[os.path.splitext(name)[0]] = tuple(int(float(v)) for v in box)
+        except ValueError:
+            raise DataError(f"{boxes_path}: the box of image id {image_id} is not numeric: {box}") from None
+    return out
+
+
+def crop_to_box(img, box):
+    """The reference's bird crop: a square of 1.5x the box's longer side around its centre,
+    clipped to the image."""
+    x, y, w, h = box
+    r = int(max(w, h) * 0.75)
+    cx, cy = int((2 * x + w) / 2), int((2 * y + h) / 2)
+    width, height = img.size
+    return img.crop((max(0, cx - r), max(0, cy - r), min(width, cx + r), min(height, cy + r)))
