@@ -604,3 +604,18 @@ def _twin_vs_custom_op(backend, impl, norm, case, dtype, device):
 
     for a, b in zip(run("twin"), run("custom_op"), strict=True):
         assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+
+
+def test_conv_instance_norm_module_reset_parameters():
+    """reset_parameters resets the norm's affine parameters too (nn.InstanceNorm2d's ones and
+    zeros): the meta-device pattern, to_empty then reset_parameters, initialises every parameter."""
+    m = gnn.Conv2dInstanceNormAct(3, 4, 3, affine=True)
+    with torch.no_grad():
+        m.norm_weight.fill_(7.0)
+        m.norm_bias.fill_(7.0)
+    m.reset_parameters()
+    assert torch.equal(m.norm_weight, torch.ones(4)) and torch.equal(m.norm_bias, torch.zeros(4))
+    meta = gnn.Conv2dInstanceNormAct(3, 4, 3, affine=True, device="meta").to_empty(device="cpu")
+    meta.reset_parameters()
+    assert torch.equal(meta.norm_weight, torch.ones(4)) and torch.equal(meta.norm_bias, torch.zeros(4))
+    assert meta.weight.abs().max() <= 1 / (3 * 9) ** 0.5  # nn.Conv2d's kaiming-uniform bound

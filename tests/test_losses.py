@@ -269,6 +269,25 @@ def test_ganloss_module_matches_reference(backend, mode, labels):
                             backend=backend, sides=2)
 
 
+@pytest.mark.parametrize("mode", ["vanilla", "lsgan"])
+def test_ganloss_module_follows_its_label_buffers(mode):
+    """The reference reads real_label / fake_label on every call: an edit in place (a smoothing
+    schedule), a new buffer, a load, all take effect (the module caches them as floats)."""
+    mod, ref_mod = gnn.GANLoss(mode), ReferenceGANLoss(mode)
+    x = logits((2, 1, 5, 5))
+    mod.real_label.fill_(0.9)
+    ref_mod.real_label.fill_(0.9)
+    torch.testing.assert_close(mod(x, True), ref_mod(x, True))
+    mod.fake_label = torch.tensor(0.2)
+    ref_mod.fake_label = torch.tensor(0.2)
+    torch.testing.assert_close(mod(x, False), ref_mod(x, False))
+    torch.testing.assert_close(mod.discriminator(x, x), 0.5 * (ref_mod(x, True) + ref_mod(x, False)))
+    other = gnn.GANLoss(mode)
+    other.load_state_dict(mod.state_dict())
+    torch.testing.assert_close(other(x, True), ref_mod(x, True))
+    assert "target_real_label=0.9" in repr(other)
+
+
 def test_ganloss_module_hinge_and_state_dict():
     mod = gnn.GANLoss("hinge")
     x = logits((2, 1, 4, 4))

@@ -402,6 +402,49 @@ def test_fused_rmsprop_is_torch_rmsprop():
         FusedRMSprop(ours, alpha=1.0)
 
 
+def test_fused_rmsprop_interop_layouts_casts_and_compile():
+    """State dicts in both directions with torch.optim.RMSprop (settings it does not run refused),
+    a gradient in another layout than its parameter, a model cast mid-run, torch.compile."""
+    torch.manual_seed(1)
+    w = torch.randn(4, 3, 2, 2)
+    ref, ours = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    o_ref, o_ours = torch.optim.RMSprop([ref], lr=1e-2), FusedRMSprop([ours], lr=1e-2)
+    for _ in range(2):
+        g = torch.randn_like(w).contiguous(memory_format=torch.channels_last)  # (another layout)
+        ref.grad, ours.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    back = torch.optim.RMSprop([ref.detach().clone().requires_grad_(True)], lr=1e-2)
+    back.load_state_dict(o_ours.state_dict())  # a FusedRMSprop state dict runs in torch's RMSprop
+    back.param_groups[0]["params"][0].grad = torch.ones_like(w)
+    back.step()
+    again = FusedRMSprop([ours], lr=1e-2)
+    again.load_state_dict(o_ref.state_dict())
+    for bad in (dict(momentum=0.9), dict(centered=True), dict(weight_decay=0.1)):
+        other = torch.optim.RMSprop([torch.zeros(2, requires_grad=True)], **bad)
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            FusedRMSprop([torch.zeros(2, requires_grad=True)]).load_state_dict(other.state_dict())
+    net = torch.nn.Linear(3, 2)
+    opt = FusedRMSprop(net.parameters(), lr=1e-2)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    net.double()  # cast mid-run: the state follows the parameters
+    opt.zero_grad()
+    net(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert opt.state[net.weight]["square_avg"].dtype == torch.float64
+    p_ref, p_ours = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    o_ref, o_ours = torch.optim.RMSprop([p_ref], lr=1e-2), FusedRMSprop([p_ours], lr=1e-2)
+    step = torch.compile(o_ours.step, backend="aot_eager")
+    for _ in range(2):
+        g = torch.randn_like(w)
+        p_ref.grad, p_ours.grad = g.clone(), g.clone()
+        o_ref.step()
+        step()
+    torch.testing.assert_close(p_ours, p_ref, atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------ the shared synthesis pieces
 def test_generate_grids_and_interpolations_leave_the_training_state_alone():
     torch.manual_seed(0)

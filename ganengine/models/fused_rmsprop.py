@@ -24,8 +24,21 @@ class FusedRMSprop(torch.optim.Optimizer):
                 raise ValueError(f"FusedRMSprop: {name} must be >= {lo}, got {v!r}")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"FusedRMSprop: alpha must be in [0, 1), got {alpha!r}")
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps))
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, **_FIXED))
         self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per parameter: m buffer, pinned step
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads its own state dicts and torch.optim.RMSprop's, refusing settings it does not run
+        (momentum, centered, weight decay, maximize: it would ignore them)."""
+        for i, group in enumerate(state_dict.get("param_groups", [])):
+            for key, value in _FIXED.items():
+                if key in _CHECKED and group.get(key, value) != value:
+                    raise ValueError(f"FusedRMSprop.load_state_dict: param group {i} has {key}={group[key]!r}; "
+                                     f"FusedRMSprop runs RMSprop with {key}={value!r} only (use torch.optim.RMSprop)")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # (its own older state dicts and torch's: the keys RMSprop reads)
+            for key, value in _FIXED.items():
+                group.setdefault(key, value)
 
     @staticmethod
     def supported(params) -> bool:
@@ -40,6 +53,7 @@ class FusedRMSprop(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             params, grads, ms, sqs, pinned, counts = [], [], [], [], [], []
             for p in group["params"]:
@@ -47,18 +61,28 @@ class FusedRMSprop(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("FusedRMSprop does not support sparse gradients")
+                if p.grad.dtype != p.dtype:
+                    raise RuntimeError(f"FusedRMSprop: gradients must have the parameters' dtype ({p.dtype}), got "
+                                       f"{p.grad.dtype}")
                 state = self.state[p]
                 if not state:
-                    if p.grad.dtype != p.dtype:
-                        raise RuntimeError("FusedRMSprop: gradients must have the parameters' dtype")
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["square_avg"].dtype != p.dtype or state["square_avg"].device != p.device:
+                    state["square_avg"] = state["square_avg"].to(p)  # (the model was cast / moved since)
+                if compiling:  # the fused kernel's pinned counters do not trace: RMSprop's own ops
+                    _rmsprop_step(p, p.grad, state, group)
+                    continue
+                grad = p.grad
+                if grad.stride() != p.stride():  # the kernel walks every tensor in the parameter's layout
+                    grad = torch.empty_like(p).copy_(grad)
                 scratch = self._scratch.get(id(p))
-                if scratch is None or scratch[0].shape != p.shape or scratch[0].device != p.device:
+                if (scratch is None or scratch[0].shape != p.shape or scratch[0].device != p.device
+                        or scratch[0].dtype != p.dtype or scratch[0].stride() != p.stride()):
                     scratch = self._scratch[id(p)] = (torch.zeros_like(p, memory_format=torch.preserve_format),
                                                       torch.full((), _PINNED_STEP, dtype=torch.float32, device=p.device))
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 sqs.append(state["square_avg"])
                 ms.append(scratch[0])
                 pinned.append(scratch[1])
@@ -70,3 +94,18 @@ class FusedRMSprop(torch.optim.Optimizer):
             torch._fused_adam_(params, grads, ms, sqs, [], pinned, lr=group["lr"], beta1=0.0, beta2=group["alpha"],
                                weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)
         return loss
+
+
+# the torch.optim.RMSprop settings FusedRMSprop runs (in its groups, so that either optimiser loads
+# the other's state dict); _CHECKED: those a loaded state dict must not change
+_FIXED = dict(momentum=0, centered=False, weight_decay=0, maximize=False, foreach=None, capturable=False,
+              differentiable=False)
+_CHECKED = ("momentum", "centered", "weight_decay", "maximize")
+
+
+def _rmsprop_step(p, g, state, group) -> None:
+    """RMSprop's update in plain ops (what torch.compile traces)."""
+    state["step"] += 1
+    sq = state["square_avg"]
+    sq.mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
+    p.addcdiv_(g, sq.sqrt().add_(group["eps"]), value=-group["lr"])

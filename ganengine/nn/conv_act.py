@@ -92,6 +92,15 @@ class Conv2dInstanceNormAct(nn.Conv2d):
             self.register_parameter("norm_weight", None)
             self.register_parameter("norm_bias", None)
 
+    def reset_parameters(self) -> None:
+        """The conv's initialisation (nn.Conv2d's) and the norm's affine parameters to ones and zeros,
+        as nn.InstanceNorm2d's (the meta-device pattern: to_empty, then reset_parameters)."""
+        super().reset_parameters()
+        if getattr(self, "norm_weight", None) is not None:  # (nn.Conv2d's __init__ calls this first)
+            with torch.no_grad():
+                self.norm_weight.fill_(1.0)
+                self.norm_bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # (else the op raises its shape error)
             size = conv_out_size(x.shape, self.weight.shape, self.stride, self.padding, (0, 0), False)

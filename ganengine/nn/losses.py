@@ -25,24 +25,36 @@ class GANLoss(nn.Module):
         self.gan_mode = gan_mode.lower()
         self.register_buffer("real_label", torch.tensor(float(target_real_label)))
         self.register_buffer("fake_label", torch.tensor(float(target_fake_label)))
-        # Python copies: reading the buffers per call would synchronise a GPU
+        # Python copies: reading the buffers per call would synchronise a GPU. They are re-read
+        # when a buffer changed (an edit in place bumps its version; a new tensor has a new id),
+        # as the reference reads them on every call (a label-smoothing schedule, a load)
         self._labels = (float(target_real_label), float(target_fake_label))
+        self._label_key = self._buffers_key()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._labels = (float(self.real_label), float(self.fake_label))
+    def _buffers_key(self) -> tuple:
+        r, f = self.real_label, self.fake_label
+        return id(r), r._version, id(f), f._version
+
+    def _current(self) -> tuple[float, float]:
+        if not torch.compiler.is_compiling():  # (compiled: the labels as of the first call)
+            key = self._buffers_key()
+            if key != self._label_key:
+                self._labels = (float(self.real_label), float(self.fake_label))
+                self._label_key = key
+        return self._labels
 
     def forward(self, prediction: torch.Tensor, target_is_real: bool, for_discriminator: bool = True) -> torch.Tensor:
-        return gan_loss(prediction, target_is_real, self.gan_mode, for_discriminator,
-                        real_label=self._labels[0], fake_label=self._labels[1])
+        real, fake = self._current()
+        return gan_loss(prediction, target_is_real, self.gan_mode, for_discriminator, real_label=real, fake_label=fake)
 
     def discriminator(self, real_prediction: torch.Tensor, fake_prediction: torch.Tensor) -> torch.Tensor:
         """0.5 * (loss(real, True) + loss(fake, False)) in one pass (the reference's backward_D)."""
-        return discriminator_loss(real_prediction, fake_prediction, self.gan_mode,
-                                  real_label=self._labels[0], fake_label=self._labels[1])
+        real, fake = self._current()
+        return discriminator_loss(real_prediction, fake_prediction, self.gan_mode, real_label=real, fake_label=fake)
 
     def extra_repr(self) -> str:
-        return f"gan_mode={self.gan_mode!r}, target_real_label={self._labels[0]}, target_fake_label={self._labels[1]}"
+        real, fake = self._current()
+        return f"gan_mode={self.gan_mode!r}, target_real_label={real:.7g}, target_fake_label={fake:.7g}"
 
 
 class CycleLoss(nn.Module):
