@@ -68,6 +68,10 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False,
     finally:
         KEEP_LAYOUT.reset(layout)
         torch.set_num_threads(threads)
+    if not inplace:  # a copy named the caller's spectral-norm group: it gets its own
+        from ganengine.nn.spectral_norm import rebind_copied_groups
+
+        rebind_copied_groups(fused)
     if inplace and fused is not module and isinstance(fused, FusedModule) \
             and isinstance(fused, type(module)):
         # the model's own forward was rewritten: install it on the caller's object too

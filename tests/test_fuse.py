@@ -418,7 +418,7 @@ def test_probe_closeness_check():
 # are mixed into also define (a mixin's ``_apply(x, slope)`` once replaced nn.Module._apply, the
 # method .to / .double / .cpu call, and every cast of a fused spectral-normed model raised)
 _OVERRIDES = {"__init__", "forward", "extra_repr", "_load_from_state_dict", "reset_running_stats", "__getstate__",
-              "__setstate__", "__reduce_ex__"}
+              "__setstate__", "__reduce_ex__", "reset_parameters"}
 
 
 def test_module_classes_override_only_what_they_mean_to():
@@ -539,3 +539,55 @@ def test_instance_norm_module_one_pixel_in_eval_with_running_stats():
     torch.testing.assert_close(fused(x), norm(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="more than 1 spatial element"):
         fused.train()(x)
+
+
+def test_fused_batch_norms_keep_their_class_names_for_init_code():
+    """The references' initialisers find norms by class name (junyanz init_weights, PyTorch-GAN
+    weights_init_normal: classname.find('BatchNorm2d')): a model fused before its init is
+    initialised as the unfused one."""
+    def weights_init_normal(m):  # PyTorch-GAN's
+        classname = m.__class__.__name__
+        if classname.find("Conv") != -1:
+            nn.init.normal_(m.weight.data, 0.0, 0.02)
+        elif classname.find("BatchNorm2d") != -1 or classname.find("BatchNorm1d") != -1:
+            nn.init.normal_(m.weight.data, 1.0, 0.02)
+            nn.init.constant_(m.bias.data, 0.0)
+
+    def make():
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Unflatten(1, (2, 2, 2)),
+                             nn.Conv2d(2, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3, 1, 1),
+                             nn.BatchNorm2d(4))
+    torch.manual_seed(0)
+    plain = make()
+    torch.manual_seed(0)
+    fused = ganengine.fuse(make())
+    assert sum(isinstance(m, gnn.BatchNormAct2d) for m in fused.modules()) == 2
+    for net in (plain, fused):
+        torch.manual_seed(1)
+        net.apply(weights_init_normal)
+    for (k, a), b in zip(plain.state_dict().items(), fused.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_spectral_norm_group_then_fuse_iterates_once():
+    """docs/spectral_norm.md's order, group then fuse (a copy): the copy gets a group of its own
+    layers (it had kept the original's hook: two power iterations per forward, one of them on
+    the original's layers)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    def make():
+        return nn.Sequential(spectral_norm(nn.Conv2d(3, 8, 3, 1, 1)), nn.LeakyReLU(0.1),
+                             spectral_norm(nn.Conv2d(8, 1, 3, 1, 1)))
+    torch.manual_seed(0)
+    ref = make().double()
+    torch.manual_seed(0)
+    model = make().double()
+    gnn.spectral_norm_group(model)
+    fused = ganengine.fuse(model)
+    assert fused.__dict__["_ganengine_sn_group"].model is fused
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(3):
+        want, got = ref(x), fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused[0].parametrizations.weight[0]._u, ref[0].parametrizations.weight[0]._u,
+                               rtol=1e-12, atol=1e-12)

@@ -72,7 +72,7 @@ def test_unet_down_path_activations_run_in_the_norms_and_convs_before():
     assert report["pre_activation"] == 4 and not report.declined, report
     inner = fused.model.model[1]                 # the first block under the outermost
     assert isinstance(inner.model[0], nn.Identity) and isinstance(fused.model.model[0], gnn.Conv2dAct)
-    norms = [m for m in fused.modules() if type(m) is gnn.BatchNormAct2d and m.activation == "leaky_relu"]
+    norms = [m for m in fused.modules() if isinstance(m, gnn.BatchNormAct2d) and m.activation == "leaky_relu"]
     assert len(norms) == 3 and all(m.negative_slope == 0.2 for m in norms)
     # contract: same Parameter / buffer objects, same keys; the caller's model is untouched
     mine, theirs = fused.state_dict(keep_vars=True), net.state_dict(keep_vars=True)
@@ -117,7 +117,7 @@ def test_block_forms_that_fold(block):
     c_out = 4 if not isinstance(block(), SkipBlock) else 8
     fused, ref, report = _fused_pair(lambda: _net(block(), c_out))
     assert report["pre_activation"] == 1 and not report.declined
-    assert type(fused[1]) is gnn.BatchNormAct2d and fused[1].activation in ("relu", "leaky_relu")
+    assert isinstance(fused[1], gnn.BatchNormAct2d) and fused[1].activation in ("relu", "leaky_relu")
     _compare(fused, ref, _x(2, 3, 8, 8))
 
 

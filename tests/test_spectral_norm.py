@@ -696,3 +696,11 @@ def test_custom_op_without_v_needs_a_v_step_first():
     first, steps = ops.plan("pytorch", 1, False)
     w_sn, _, _, sigma = torch.ops.ganengine.spectral_norm(w, u, None, first, steps, 1e-12, 0)
     torch.testing.assert_close(w_sn * sigma, w, rtol=1e-5, atol=1e-6)
+
+
+def test_group_without_spectral_normed_layers_says_so():
+    # (a reference's own SpectralNorm class, SAGAN's or BigGAN's, is not a parametrization)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.warns(RuntimeWarning, match="nothing to group"):
+        group = gnn.spectral_norm_group(net)
+    assert len(group) == 0 and not group.attached and not net._forward_pre_hooks

@@ -41,7 +41,8 @@ from ganengine.fusion.report import FuseReport
 def head_kind(m: nn.Module) -> str | None:
     """The family of a child that can run ``act(child(*inputs))`` as one fused call."""
     from ganengine.fusion.mixins import BatchNormLikeMixin, ConditionalBatchNormMixin, ConvMixin, ConvTransposeMixin
-    from ganengine.nn import BatchNormAct1d, BatchNormAct2d, Conv2d, Conv3x3, InstanceNormAct2d
+    from ganengine.nn import Conv2d, Conv3x3, InstanceNormAct2d
+    from ganengine.nn.batch_norm_act import BATCH_NORM_ACT_CLASSES
 
     if isinstance(m, ConvTransposeMixin):
         return None
@@ -51,7 +52,7 @@ def head_kind(m: nn.Module) -> str | None:
         return "conditional_batch_norm" if m._ganengine_activation == "none" else None
     if isinstance(m, BatchNormLikeMixin):
         return "batch_norm" if m._ganengine_activation == "none" else None
-    if type(m) in (BatchNormAct2d, BatchNormAct1d):
+    if type(m) in BATCH_NORM_ACT_CLASSES:
         return "batch_norm" if m.activation == "none" else None
     if type(m) is InstanceNormAct2d:
         return "instance_norm" if m.activation == "none" else None
@@ -63,7 +64,8 @@ def head_kind(m: nn.Module) -> str | None:
 def act_forward(m: nn.Module, activation: str, negative_slope: float, *inputs):
     """``act(m(*inputs))`` on one fused op (what the rewritten graphs call)."""
     from ganengine.fusion.mixins import FusedModule as _F
-    from ganengine.nn import BatchNormAct1d, BatchNormAct2d, Conv2d, Conv3x3, InstanceNormAct2d
+    from ganengine.nn import Conv2d, Conv3x3, InstanceNormAct2d
+    from ganengine.nn.batch_norm_act import BATCH_NORM_ACT_CLASSES
     from ganengine.ops.batch_norm_act import batch_norm_act
 
     kind = type(m)
@@ -71,7 +73,7 @@ def act_forward(m: nn.Module, activation: str, negative_slope: float, *inputs):
         return m._ganengine_act_forward(activation, negative_slope, *inputs)
     if kind is InstanceNormAct2d and m.activation == "none" and len(inputs) == 1:
         return m._norm_call(inputs[0], activation, negative_slope)  # forward() with another activation
-    if kind in (BatchNormAct2d, BatchNormAct1d) and m.activation == "none" and len(inputs) == 1:
+    if kind in BATCH_NORM_ACT_CLASSES and m.activation == "none" and len(inputs) == 1:
         # _BatchNormActMixin.forward (ganengine/nn/batch_norm_act.py) with another activation
         x = inputs[0]
         m._check_input_dim(x)

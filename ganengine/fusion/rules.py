@@ -209,11 +209,12 @@ def _build_instance_norm(m):
 
 
 def _build_batch_norm(m):
-    from ganengine.nn.batch_norm_act import BatchNormAct1d, BatchNormAct2d
+    from ganengine.nn.batch_norm_act import FusedBatchNorm1d, FusedBatchNorm2d
     why = _why_not_plain(m)
     if why:
         return Decline(why)
-    return (BatchNormAct2d if type(m) is nn.BatchNorm2d else BatchNormAct1d).from_modules(m, None)
+    # (class names holding "BatchNorm2d"/"BatchNorm1d": init code that finds norms by name)
+    return (FusedBatchNorm2d if type(m) is nn.BatchNorm2d else FusedBatchNorm1d).from_modules(m, None)
 
 
 # ----------------------------------------------------------------------------- sequence rules
@@ -277,11 +278,11 @@ def _build_norm_act(norm, act):
 
 
 def _build_bn_act(norm, act):
-    from ganengine.nn.batch_norm_act import BatchNormAct1d, BatchNormAct2d
+    from ganengine.nn.batch_norm_act import FusedBatchNorm1d, FusedBatchNorm2d
     why = _why_not_plain(norm, act)
     if why:
         return Decline(why)
-    cls = BatchNormAct2d if type(norm) is nn.BatchNorm2d else BatchNormAct1d
+    cls = FusedBatchNorm2d if type(norm) is nn.BatchNorm2d else FusedBatchNorm1d
     return [cls.from_modules(norm, act), nn.Identity()]
 
 

@@ -87,6 +87,21 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
         self.negative_slope = float(negative_slope)
 
 
+class FusedBatchNorm2d(BatchNormAct2d):
+    """What ``fuse()`` puts in place of an ``nn.BatchNorm2d`` (and the activation after it): a
+    BatchNormAct2d whose class name still holds "BatchNorm2d", which the references' weight
+    initialisers look for by name (junyanz ``init_weights``, PyTorch-GAN ``weights_init_normal``:
+    ``classname.find('BatchNorm2d')``), so a model fused before its init is initialised the same."""
+
+
+class FusedBatchNorm1d(BatchNormAct1d):
+    """``fuse()``'s ``nn.BatchNorm1d`` (see FusedBatchNorm2d)."""
+
+
+# the classes whose forward is _BatchNormActMixin's exactly (fusion/graph.py calls it with another activation)
+BATCH_NORM_ACT_CLASSES = (BatchNormAct2d, BatchNormAct1d, FusedBatchNorm2d, FusedBatchNorm1d)
+
+
 class ConditionalBatchNormAct2d(nn.Module):
     """``act(batch_norm(x) * gain[:, :, None, None] + bias[:, :, None, None])``: batch norm without
     affine parameters, then a per-sample (N, C) gain and bias (BigGAN's ``ccbn``, which passes

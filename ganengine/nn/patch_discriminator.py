@@ -56,9 +56,9 @@ def is_fusable_batch_norm(m) -> bool:
         return plain(m)
     # fuse()'s lone-norm rule turns a BatchNorm2d into BatchNormAct2d(activation="none"), same
     # Parameters, buffers and rules: still one batch_norm_act call with the activation after it
-    from ganengine.nn.batch_norm_act import BatchNormAct2d
+    from ganengine.nn.batch_norm_act import BatchNormAct2d, FusedBatchNorm2d
 
-    return type(m) is BatchNormAct2d and m.activation == "none" and plain(m)
+    return type(m) in (BatchNormAct2d, FusedBatchNorm2d) and m.activation == "none" and plain(m)
 
 
 def batch_norm2d_act(norm: nn.BatchNorm2d, x: torch.Tensor, activation: str, negative_slope: float = 0.2):

@@ -22,6 +22,8 @@ the grouped refresh of a whole model's layers, and the ``ganengine.fuse`` rule.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,7 +178,12 @@ class SpectralNormGroup:
         self._handle = None
         self.attached = False
         self.last_refresh: dict[str, int] = {}
-        if attach:
+        if not self.layers:
+            warnings.warn(f"spectral_norm_group: {type(self.model).__name__} has no layer with torch's or ganengine's "
+                          "spectral-norm parametrization, so there is nothing to group (a reference's own "
+                          "SpectralNorm class, SAGAN's or BigGAN's: ganengine.fuse(model) runs those on the fused "
+                          "ops)", RuntimeWarning, stacklevel=3)
+        if attach and self.layers:
             self.attach()
 
     def __len__(self) -> int:
@@ -246,6 +253,21 @@ def _refresh_hook(module: nn.Module, args) -> None:
     group = module.__dict__.get(_GROUP_ATTR)
     if group is not None and group.attached:
         group.refresh()
+
+
+def rebind_copied_groups(root: nn.Module) -> None:
+    """After a structural copy (``fuse()``): a copied module still names the original's group in
+    its ``__dict__``; give it a group of its own spectral-normed layers, attached as the
+    original's was (else its forward would refresh the original's layers, and its own would
+    iterate again)."""
+    for m in root.modules():
+        group = m.__dict__.get(_GROUP_ATTR)
+        if group is None or group.model is m:
+            continue
+        m.__dict__[_GROUP_ATTR] = None  # (attach() would detach the original's group)
+        new = SpectralNormGroup(m, attach=False)
+        if group.attached:
+            new.attach()
 
 
 def spectral_norm_group(model: nn.Module, attach: bool = True) -> SpectralNormGroup:
