@@ -13,32 +13,15 @@ class OutputError(ValueError):
 def writable_dir(path: str, option: str) -> str:
     """Create ``path`` if needed and prove it writable by creating and removing a file there, so
     a read-only or full disk is reported before any training / translating starts."""
-    if os.path.exists(path) and not os.path.isdir(path):
+    blocker = _file_in_the_way(path)
+    if blocker == os.path.abspath(path):
         raise OutputError(f"{option} {path!r} is not writable: it is a file: expected a folder (a new or existing "
                           "one)")
-    blocker = _file_in_the_way(path)
     if blocker:
         raise OutputError(f"{option} {path!r} is not writable: {blocker!r} is a file, not a folder: expected a "
                           "folder path (missing folders are created)")
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ganengine_probe_", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"{option} {path!r} is not writable: {describe(exc)}") from None
+    _create_and_probe(path, f"{option} {path!r} is not writable")
     return path
-
-
-def _file_in_the_way(folder: str) -> str | None:
-    """The nearest existing part of ``folder`` (itself or a parent) when it is not a folder."""
-    part = os.path.abspath(folder)
-    while not os.path.exists(part):
-        parent = os.path.dirname(part)
-        if parent == part:
-            return None
-        part = parent
-    return None if os.path.isdir(part) else part
 
 
 def writable_file(path: str, option: str, example: str = "results.json") -> str:
@@ -53,14 +36,30 @@ def writable_file(path: str, option: str, example: str = "results.json") -> str:
     if blocker:
         raise OutputError(f"{option} {path!r} is not writable: {blocker!r} is a file, not a folder: expected a "
                           "file path in a folder (missing folders are created)")
+    _create_and_probe(folder, f"{option} {path!r} is not writable (its folder {folder!r})")
+    return path
+
+
+def _create_and_probe(folder: str, what: str) -> None:
+    """Create ``folder`` if needed and write and remove a file there; ``what``: the error's start."""
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".ganengine_probe_", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputError(f"{option} {path!r} is not writable (its folder {folder!r}): {describe(exc)}") from None
-    return path
+        raise OutputError(f"{what}: {describe(exc)}") from None
+
+
+def _file_in_the_way(folder: str) -> str | None:
+    """The nearest existing part of ``folder`` (itself or a parent) when it is not a folder."""
+    part = os.path.abspath(folder)
+    while not os.path.exists(part):
+        parent = os.path.dirname(part)
+        if parent == part:
+            return None
+        part = parent
+    return None if os.path.isdir(part) else part
 
 
 def describe(exc: OSError) -> str:
