@@ -790,3 +790,19 @@ def test_stargan_with_attention_trains_through_the_gradient_penalty():
     assert all(torch.isfinite(v) for v in losses.values())
     # gamma starts at 0; a step moves it, so the attention blocks are in both graphs
     assert model.D.attn.gamma.abs().item() > 0 and model.G.attn.gamma.abs().item() > 0
+
+
+@pytest.mark.parametrize("model_cls,opts", [(Pix2Pix, dict(netG="unet_128", ngf=4, ndf=4)),
+                                            (CycleGAN, dict(netG="resnet_6blocks", ngf=4, ndf=4, norm="batch"))])
+def test_translate_does_not_mix_the_images_of_a_batch(model_cls, opts):
+    """The references test G in training mode at batch size 1: batch norm's statistics are each
+    image's own. translate (and evaluate, sample) give an image the same output whatever batch it
+    is in: image by image, with the same dropout draws as one call per image."""
+    torch.manual_seed(0)
+    model = model_cls(**opts)
+    x = torch.randn(3, 3, 32 if model_cls is CycleGAN else 128, 32 if model_cls is CycleGAN else 128)
+    torch.manual_seed(5)
+    together = model.translate({"A": x, "B": x})
+    torch.manual_seed(5)
+    alone = torch.cat([model.translate({"A": x[i:i + 1], "B": x[i:i + 1]}) for i in range(3)])
+    assert torch.equal(together, alone)

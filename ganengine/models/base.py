@@ -71,6 +71,15 @@ def average_gradients(net: nn.Module, wrapped: nn.Module) -> None:
         offset += g.numel()
 
 
+def per_image_in_training_mode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)`` image by image where ``net`` is in training mode and holds batch norm (the
+    references' test scripts run G in training mode with batch_size 1: each image's statistics
+    its own, so an output never depends on the other images of the batch), else in one call."""
+    if net.training and x.shape[0] > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return torch.cat([net(x[i:i + 1]) for i in range(x.shape[0])])
+    return net(x)
+
+
 def set_requires_grad(nets: nn.Module | Iterable[nn.Module | None], requires_grad: bool) -> None:
     """The reference's set_requires_grad: freeze/unfreeze whole networks between phases."""
     if isinstance(nets, nn.Module):

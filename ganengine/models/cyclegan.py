@@ -9,7 +9,8 @@ import itertools
 import torch
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, set_requires_grad
+from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, per_image_in_training_mode,
+                                   set_requires_grad)
 from ganengine.models.image_pool import ImagePool
 from ganengine.models.networks_cyclegan import define_D, define_G
 from ganengine.models.pix2pix import GAN_MODES
@@ -121,7 +122,7 @@ class CycleGAN(GANModel):
         was_training = net.training
         net.train(not self.options["eval"])
         try:
-            return net(real_A)
+            return per_image_in_training_mode(net, real_A)
         finally:
             net.train(was_training)
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, set_requires_grad
+from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, per_image_in_training_mode,
+                                   set_requires_grad)
 from ganengine.models.networks_cyclegan import define_D, define_G
 
 GAN_MODES = ("vanilla", "lsgan", "wgangp", "hinge")
@@ -85,6 +86,6 @@ class Pix2Pix(GANModel):
         was_training = self.netG.training
         self.netG.train(not self.options["eval"])
         try:
-            return self.netG(real_A)
+            return per_image_in_training_mode(self.netG, real_A)
         finally:
             self.netG.train(was_training)
