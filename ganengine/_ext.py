@@ -13,8 +13,18 @@ load_error: str | None = None
 try:  # noqa: SIM105 - we want the message
     from ganengine import _C  # type: ignore[attr-defined, no-redef]
 except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    import glob as _glob
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if isinstance(exc, ImportError) and not _glob.glob(_os.path.join(_here, "_C.*")):
+        # (Python's own message for a missing submodule of a package being imported blames a
+        # circular import)
+        why = f"no extension file ganengine/_C.*.so in {_here}: it was not built (GANENGINE_SKIP_EXT=1 or a failed build)"
+    else:
+        why = f"{type(exc).__name__}: {exc}"
     load_error = (
-        f"ganengine._C is not importable ({type(exc).__name__}: {exc}). "
+        f"ganengine._C is not importable ({why}). "
         "Build it with `pip install -e .` (or `python setup.py build_ext --inplace`) "
         "against the torch you run with."
     )

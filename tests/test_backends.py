@@ -151,3 +151,23 @@ def test_auto_order_per_op_on_cuda(monkeypatch):
     assert _dispatch.choose("instance_norm_act", OnCuda(), {"triton": None, "cuda": "no kernel"}) == "triton"
     assert _dispatch.choose("gan_loss", OnCuda(), {"triton": None, "cuda": "no kernel"}) == "triton"
     assert _dispatch.choose("gan_loss", OnCuda(), {"triton": "too many terms", "cuda": "no kernel"}) == "torch"
+
+
+def test_missing_extension_file_is_named_not_a_circular_import(tmp_path):
+    # a copy of the package without _C*.so (GANENGINE_SKIP_EXT=1, a failed build): Python's own
+    # message blamed "a circular import"
+    import shutil
+
+    pkg = os.path.dirname(ganengine.__file__)
+    shutil.copytree(pkg, tmp_path / "ganengine", ignore=shutil.ignore_patterns("_C*.so", "__pycache__", "sample"))
+    import site
+
+    # (-S: without site's .pth files, the editable install's finder, which maps ganengine._C to the
+    # checkout's build; site-packages appended by hand for torch)
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); sys.path += {site.getsitepackages()!r}\n"
+            "import ganengine\n"
+            "assert ganengine.__file__.startswith(sys.path[0]), ganengine.__file__\n"
+            "print(ganengine.backends.status()['cpu'])")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "no extension file ganengine/_C" in out.stdout and "circular" not in out.stdout, out.stdout

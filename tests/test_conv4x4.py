@@ -271,3 +271,12 @@ def test_transform_matrices_are_exact():
     AT, G, BT = found[(3, 2)]
     BT[0][0] += 1  # a typo must be caught
     assert not wm.identity_holds(AT, G, BT, 3, 2)
+
+
+def test_route_queries_take_ints_as_the_conv_does():
+    # docs/conv4x4.md's uses_winograd(x, w, stride, padding): ints, as F.conv2d takes them
+    from ganengine.ops.conv import uses_gemm, uses_winograd
+
+    x, w = torch.randn(1, 8, 16, 16), torch.randn(8, 8, 4, 4)
+    assert uses_winograd(x, w, 1, 1) == uses_winograd(x, w, (1, 1), (1, 1))
+    assert uses_gemm(x, w, 2, 1) == uses_gemm(x, w, (2, 2), (1, 1))

@@ -95,6 +95,9 @@ def uses_winograd(x: torch.Tensor, weight: torch.Tensor, stride, padding, transp
     policies (the rule itself lives in the router, csrc/cpu/conv_route.cpp)."""
     if _backend(x, weight) != "cpu":
         return False
+    # (ints or pairs, as F.conv2d takes them)
+    stride, padding = pair("uses_winograd: stride", stride, 1), pair("uses_winograd: padding", padding, 0)
+    output_padding = pair("uses_winograd: output_padding", output_padding, 0)
     return bool(_ext.op("conv_uses_winograd")(x, weight, list(stride), list(padding), transposed,
                                               list(output_padding)))
 
@@ -104,6 +107,7 @@ def uses_gemm(x: torch.Tensor, weight: torch.Tensor, stride, padding, transposed
     rule itself lives in the router, csrc/cpu/conv_route.cpp)."""
     if _backend(x, weight) != "cpu":
         return False
+    stride, padding = pair("uses_gemm: stride", stride, 1), pair("uses_gemm: padding", padding, 0)
     return bool(_ext.op("conv_uses_gemm")(x, weight, list(stride), list(padding), transposed))
 
 
