@@ -392,3 +392,22 @@ def test_loss_log_leaves_losses_a_step_did_not_compute_empty(tmp_path):
     for r in rows:
         assert all(v != "nan" for v in r.values()), r
         assert all((r[c] == "") == (int(r["step"]) % 2 == 1) for c in g_cols), r
+
+
+def test_stackgan_stage2_builds_on_a_ganengine_stage1_checkpoint(tmp_path, capsys):
+    """--stage1_g takes the Stage-I checkpoint ganengine wrote (it wanted a reference state dict),
+    and --stage 2 defaults to Stage II's 256 pixels (Stage I's default 64 was applied)."""
+    from ganengine.train.checkpoint import load_model
+
+    assert _train("stackgan", tmp_path, "--save_every 1 --sample_every 0", steps=1) == 0
+    stage1 = str(tmp_path / "run" / "step_00000001.pt")
+    rc = main(["train", "stackgan", "--stage", "2", "--stage1_g", stage1, "--checkpoints_dir", str(tmp_path),
+               "--name", "s2", "--no_progress", "--tensorboard", "off", "--max_steps", "1", "--sample_every", "0",
+               "--r_num", "1"] + TINY_FLAGS["stackgan"].split())
+    assert rc == 0, capsys.readouterr().err
+    s1, _ = load_model(stage1)
+    s2, state = load_model(str(tmp_path / "s2" / "step_00000001.pt"))
+    assert state["data"]["image_size"] == 256
+    # its parameters frozen (its batch norms' running statistics move in training mode, as the reference's)
+    for (k, v), w in zip(s1.netG.named_parameters(), s2.netG.STAGE1_G.parameters()):
+        assert torch.equal(w, v), k

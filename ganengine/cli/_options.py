@@ -61,6 +61,8 @@ MODEL_HELP = {
     "text_dim": "text embedding size (TEXT.DIMENSION; default: from the data)",
     "z_dim": "noise size (Z_DIM)",
     "r_num": "residual blocks in stage II (GAN.R_NUM)",
+    "stage1_g": "--stage 2: the trained Stage-I generator to build on (frozen): a reference netG_*.pth, or a "
+                "ganengine Stage-I training checkpoint (step_*.pt, best.pt)",
     # SAGAN / BigGAN / U-Net GAN / CSGAN / LOGAN
     "imsize": "image resolution (SAGAN runs at 64 only, as the reference)",
     "g_conv_dim": "generator filters in the first conv layer",

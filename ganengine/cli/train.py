@@ -237,6 +237,8 @@ def resolve(args) -> tuple[dict, dict, dict, list[str]]:
     model = args.model
     notes = []
     known = set(args._model_options)
+    if model == "stackgan" and getattr(args, "image_size", None) is None and int(getattr(args, "stage", None) or 1) == 2:
+        args.image_size = 256  # Stage II's size (4x Stage I's 64), before any default fills in 64
     if args.dataroot is None:
         filled = {}
         for k, v in SAMPLE[model].items():
@@ -251,8 +253,6 @@ def resolve(args) -> tuple[dict, dict, dict, list[str]]:
     for k, v in REFERENCE[model].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if model == "stackgan" and getattr(args, "image_size", None) is None:
-        args.image_size = 64 if int(getattr(args, "stage", None) or 1) == 1 else 256
     model_opts = {k: getattr(args, k) for k in args._model_options if getattr(args, k, None) is not None}
     data = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
     engine = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}

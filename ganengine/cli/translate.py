@@ -5,9 +5,16 @@
     ganengine translate --checkpoint RUN --captions captions.txt --output out/                       # StackGAN
 
 ``--checkpoint`` takes a training checkpoint or a run folder (its newest checkpoint). Images are
-resized to the size the model was trained at (``--size`` overrides) and written as PNG under the
-input file names. StarGAN without ``--target_attrs`` writes one row per image: the input and its
-translation to every domain, as the reference test does.
+read as the model's held-out data is (``ganengine sample`` / ``evaluate``): pix2pix, CycleGAN and
+CSGAN with the training's ``--preprocess`` resize (``--load_size``), the centre ``--crop_size`` crop
+and no flip, grayscale where that side has 1 channel; StarGAN with the centre crop then the resize
+to ``--image_size``. ``--size S`` resizes that preprocessed input to S x S (a size the networks
+cannot take is refused). The results are written as PNG under the input file names. StarGAN without
+``--target_attrs`` writes one row per image: the input and its translation to every domain, the
+reference test's create_labels from the image's own labels (those of the training data's attribute
+file for one of its images, else all 0); with ``--target_attrs`` the named attributes are set
+(a hair colour clears the other hair colours) and the others keep the image's own labels (0 for an
+image not in that file).
 """
 from __future__ import annotations
 
@@ -28,12 +35,17 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder")
     p.add_argument("--input", help="an image or a folder of images (pix2pix, cyclegan, stargan)")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--size", type=int, default=None, help="resize inputs to SIZE x SIZE (default: the training size)")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize inputs to SIZE x SIZE after the training's preprocessing (resize and centre crop; "
+                        "default: the size that preprocessing gives, the training size)")
     p.add_argument("--aligned", action="store_true",
-                   help="inputs are A|B pairs side by side (pix2pix test sets): translate the input half")
+                   help="inputs are A|B pairs side by side (pix2pix test sets): translate the input half "
+                        "(with --reverse, the B half)")
     p.add_argument("--reverse", action="store_true", help="CycleGAN: translate B -> A with netG_B")
     p.add_argument("--target_attrs", nargs="+", default=None,
-                   help="StarGAN: attributes (CelebA) or the domain (folders) to translate to")
+                   help="StarGAN: attributes (CelebA) or the domain (folders) to translate to. CelebA: the "
+                        "attributes not named keep the image's own labels when it is one of the training data's "
+                        "images (its attribute file), else they are set to 0")
     p.add_argument("--captions", help="StackGAN: a text file, one caption per line")
     p.add_argument("--n_per_caption", type=int, default=1, help="StackGAN: images per caption (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="(default: %(default)s)")
@@ -60,23 +72,85 @@ def _inputs(path: str | None) -> list[str]:
     return find_images(path, "--input folder", hint="Pass an image file or a folder of images as --input.")
 
 
-def _load(path: str, size: int, aligned: bool, direction: str, nc: int):
-    from PIL import Image
+class _Reader:
+    """Reads an input image as the model's held-out data is read (``build_dataset`` with a phase
+    other than train): the same deterministic transform, so the generator sees what ``sample`` and
+    ``evaluate`` feed it. ``size``: ``--size`` (the result resized to size x size), or None."""
 
-    from ganengine.data import transforms as T
-    from ganengine.data.images import _open
+    def __init__(self, name: str, opts: dict, data: dict, size: int | None, aligned: bool, reverse: bool):
+        from ganengine.data import transforms as T
 
-    img = _open(path).convert("RGB")
-    if aligned:
-        w, h = img.size
-        img = img.crop((0, 0, w // 2, h)) if direction == "AtoB" else img.crop((w // 2, 0, 2 * (w // 2), h))
-    if nc == 1:
-        img = img.convert("L")
-    img = img.resize((size, size), Image.BICUBIC)
-    return T.to_tensor(img)
+        self.name, self.size, self.aligned = name, size, aligned
+        direction = opts.get("direction") or data.get("direction") or "AtoB"
+        # the half of an A|B pair the generator takes: A with AtoB, B with BtoA; --reverse (netG_B) the other
+        self.left = (direction == "AtoB") != bool(reverse)
+        if name == "stargan":
+            self.nc = 3
+            self.image_size = data.get("image_size") or opts.get("image_size") or 128
+            if "domains" in data or opts.get("dataset") == "RaFD":  # folder-per-domain (RaFD-style) data
+                self.crop = data.get("rafd_crop_size") or data.get("crop_size") or 256
+            else:  # CelebA-style
+                self.crop = data.get("crop_size") or 178
+        else:
+            # a side with 1 channel is read as grayscale, as the datasets do (input_nc for netG_A's input)
+            self.nc = opts.get("output_nc", 3) if reverse else opts.get("input_nc", 3)
+            self.transform = T.TransformOptions(data.get("preprocess") or "resize_and_crop",
+                                                data.get("load_size") or 286, data.get("crop_size") or 256,
+                                                False, center=True).check()
+
+    def training_size(self) -> int | None:
+        """The square size the model was trained at (None where it follows each image's shape)."""
+        if self.name == "stargan":
+            return self.image_size
+        o = self.transform
+        return o.crop_size if o.preprocess in ("resize_and_crop", "crop", "scale_width_and_crop") else None
+
+    def __call__(self, path: str):
+        from PIL import Image
+
+        from ganengine.data import transforms as T
+        from ganengine.data.images import _open
+
+        img = _open(path).convert("RGB")
+        if self.aligned:
+            w, h = img.size
+            half = w // 2
+            if half < 1:
+                raise UsageError(f"--aligned: {path!r} is {w}x{h}: an aligned pair holds A and B side by side "
+                                 "(width 2*height)")
+            img = img.crop((0, 0, half, h)) if self.left else img.crop((half, 0, 2 * half, h))
+        g = _generator()
+        if self.name == "stargan":  # centre crop, resize (the reference's test transform)
+            return T.stargan(img, self.crop, self.size or self.image_size, False, g)
+        if self.nc == 1:
+            img = img.convert("L")
+        x = T.apply(img, self.transform, T.get_params(img.size, self.transform, g))
+        if self.size and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = T.to_tensor(T.to_image(x).resize((self.size, self.size), self.transform.resample))
+        return x
 
 
-def _target_labels(names: list[str], data: dict, c_dim: int):
+def _generator():
+    import torch
+
+    return torch.Generator().manual_seed(0)  # (unused: no random crop or flip at test time)
+
+
+def _load(path: str, reader: "_Reader"):
+    """One input image as the generator's input tensor (C, H, W) in [-1, 1]."""
+    return reader(path)
+
+
+def _hair_attrs() -> tuple:
+    from ganengine.train.visuals import HAIR
+
+    return HAIR
+
+
+def _target_labels(names: list[str], data: dict, c_dim: int, original=None):
+    """The target label row for ``--target_attrs``: the named attributes set; for CelebA-style
+    labels the others kept from ``original`` (the image's own labels; None: all 0), a hair colour
+    named clearing the other hair colours (as the reference's create_labels)."""
     import torch
 
     labels = data.get("selected_attrs") or data.get("domains")
@@ -87,10 +161,64 @@ def _target_labels(names: list[str], data: dict, c_dim: int):
         raise UsageError(f"--target_attrs {unknown} not among the model's labels: {' '.join(labels)}")
     if "domains" in data and len(names) != 1:
         raise UsageError(f"a folder-per-domain StarGAN translates to one domain; got {names}")
-    t = torch.zeros(1, c_dim)
+    if "domains" in data or original is None:
+        t = torch.zeros(1, c_dim)
+    else:
+        t = original.reshape(1, c_dim).clone().float()
+        if any(n in _hair_attrs() for n in names):
+            for j, label in enumerate(labels):
+                if label in _hair_attrs() and label not in names:
+                    t[0, j] = 0
     for n in names:
         t[0, labels.index(n)] = 1
     return t
+
+
+def _image_dir(root: str) -> str:
+    """The CelebA-style image folder, as CelebADataset finds it."""
+    image_dir = os.path.join(root, "images")
+    if not os.path.isdir(image_dir) and os.path.isdir(os.path.join(root, "img_align_celeba")):
+        image_dir = os.path.join(root, "img_align_celeba")
+    return image_dir
+
+
+def _original_labels(paths: list[str], data: dict, c_dim: int) -> list:
+    """StarGAN (CelebA-style labels): each input's own labels from the training data's attribute
+    file when the input is one of that data's images (a (c_dim,) 0/1 tensor), else None."""
+    import warnings
+
+    import torch
+
+    selected = data.get("selected_attrs")
+    if not selected or "domains" in data:
+        return [None] * len(paths)
+    from ganengine.data import DataError, sample_root
+    from ganengine.data.labelled import read_attr_file
+
+    try:
+        root = data.get("dataroot") or sample_root("stargan")
+    except (DataError, ValueError):
+        return [None] * len(paths)
+    attr_path = data.get("attr_path") or os.path.join(root, "list_attr_celeba.txt")
+    if not os.path.isfile(attr_path):
+        return [None] * len(paths)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names, rows = read_attr_file(attr_path)
+    except (DataError, OSError, UnicodeDecodeError):
+        return [None] * len(paths)
+    if any(a not in names for a in selected) or len(selected) != c_dim:
+        return [None] * len(paths)
+    columns = [names.index(a) for a in selected]
+    table = {os.path.normpath(r[0]): r[1] for r in rows}
+    image_dir = os.path.realpath(_image_dir(root))
+    out = []
+    for p in paths:
+        rel = os.path.relpath(os.path.realpath(p), image_dir)
+        values = None if rel.startswith(os.pardir + os.sep) or rel == os.pardir else table.get(os.path.normpath(rel))
+        out.append(None if values is None else torch.tensor([1.0 if values[c] == 1 else 0.0 for c in columns]))
+    return out
 
 
 def _output_names(paths: list[str], root: str | None) -> list[str]:

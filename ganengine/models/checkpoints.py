@@ -23,6 +23,9 @@ from ganengine.models import networks_cyclegan as ncg
 from ganengine.models import networks_stackgan as nsk
 from ganengine.models import networks_stargan as nsg
 
+# what ganengine's training checkpoints hold under "format" (ganengine/train/checkpoint.py writes them)
+TRAINING_CHECKPOINT_FORMAT = "ganengine-checkpoint"
+
 ARCHS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128", "patchgan", "pixel", "stargan_G", "stargan_D",
          "stackgan_stage1_G", "stackgan_stage1_D", "stackgan_stage2_G", "stackgan_stage2_D")
 
@@ -119,6 +122,11 @@ def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
         obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
+    if isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT_FORMAT:
+        raise ValueError(f"load_reference_checkpoint: this is a ganengine training checkpoint (model "
+                         f"{obj.get('model')!r}), not a reference implementation's: load it with "
+                         "ganengine.train.checkpoint.load_model(path), or write the reference's format with "
+                         "`ganengine export --checkpoint PATH --format state_dict --reference`")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError("load_reference_checkpoint: expected a state dict (a mapping of names to tensors) as the "
                          "reference code saves with torch.save(net.state_dict(), path); got "

@@ -61,7 +61,7 @@ class StackGAN(GANModel):
             if o["stage1_g"]:
                 from ganengine.models.checkpoints import load_reference_checkpoint
 
-                stage1 = load_reference_checkpoint(o["stage1_g"], "stackgan_stage1_G", fused=False,
+                stage1 = load_reference_checkpoint(_stage1_state(o["stage1_g"]), "stackgan_stage1_G", fused=False,
                                                    **{k: o[k] for k in ("gf_dim", "condition_dim", "text_dim", "z_dim")})
                 self.netG.STAGE1_G.load_state_dict(stage1.state_dict())
 
@@ -165,3 +165,26 @@ class StackGAN(GANModel):
             return self.netG(emb, noise)[1]
         finally:
             self.netG.train(was_training)
+
+
+def _stage1_state(path: str):
+    """``stage1_g``'s generator: a reference checkpoint (its path, read by load_reference_checkpoint),
+    or the Stage-I generator of a ganengine StackGAN training checkpoint (its state dict)."""
+    import os
+
+    from ganengine.models.checkpoints import TRAINING_CHECKPOINT_FORMAT
+
+    if not os.path.isfile(path):
+        return path  # (load_reference_checkpoint says so)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return path  # (load_reference_checkpoint says why)
+    if not (isinstance(state, dict) and state.get("format") == TRAINING_CHECKPOINT_FORMAT):
+        return state
+    stage = (state.get("options") or {}).get("stage")
+    if state.get("model") != "stackgan" or stage != 1:
+        raise ValueError(f"stage1_g {path!r} is a ganengine training checkpoint of "
+                         f"{state.get('model')!r}{f' stage {stage}' if state.get('model') == 'stackgan' else ''}; "
+                         "Stage II needs a Stage-I StackGAN generator")
+    return state["networks"]["netG"]

@@ -26,12 +26,14 @@ import sys
 
 import torch
 
+from ganengine.models.checkpoints import TRAINING_CHECKPOINT_FORMAT
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks here (msvcrt locks are mandatory); run unlocked
     fcntl = None
 
-FORMAT, VERSION = "ganengine-checkpoint", 1
+FORMAT, VERSION = TRAINING_CHECKPOINT_FORMAT, 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
