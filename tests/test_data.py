@@ -286,8 +286,9 @@ def test_celeba_test_split_is_the_references(tmp_path):
         CelebADataset(str(tmp_path), ["Male"], crop_size=4, image_size=4)
 
 
-def test_held_out_split_keeps_the_training_scale(tmp_path):
-    """sample / evaluate: the training's resize, the centre crop, no flip."""
+def test_held_out_split_takes_the_reference_test_transform(tmp_path):
+    """sample / evaluate: the reference's test options (load_size = crop_size), the crop central
+    (a random one in the reference's test), no flip."""
     for split in ("train", "val"):
         _img(str(tmp_path / split / "0.png"), 160, 40)  # halves of 80x40
     for pp in ("scale_width", "scale_width_and_crop", "resize_and_crop", "crop"):
@@ -295,7 +296,7 @@ def test_held_out_split_keeps_the_training_scale(tmp_path):
         val = build_dataset("pix2pix", o, phase="val")
         item = val[(0, 0)]["A"]
         half = Image.open(tmp_path / "val" / "0.png").convert("RGB").crop((0, 0, 80, 40))
-        t = TransformOptions(pp, 64, 32, False)
+        t = TransformOptions(pp, 32, 32, False)
         w, h = T._resized_size(80, 40, t)
         params = {"crop_pos": (int(round(max(0, w - 32) / 2)), int(round(max(0, h - 32) / 2))), "flip": False}
         assert torch.equal(item, T.apply(half, t, params)), pp

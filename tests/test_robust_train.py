@@ -444,3 +444,40 @@ def test_resume_with_another_batch_size_sees_no_image_twice(tmp_path, one_thread
         assert "resuming with --max_steps 2 (now 4): the learning-rate schedules follow" in capsys.readouterr().err
     finally:
         trainer.close()
+
+
+def test_ctrl_c_in_the_last_step_and_an_ignored_sigint(tmp_path, one_thread):
+    """A signal in the last step still ends as an interrupt (exit 130/143 on the command line),
+    the last step saved; a process that ignores SIGINT (a background job) keeps ignoring it."""
+    def run(folder, at, ignore=False):
+        trainer = Trainer(tiny_config("cyclegan", folder, max_steps=3))
+        real_step = trainer.model.train_step
+
+        def step(batch, optimizers, ctx):
+            if ctx.step_index == at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_step(batch, optimizers, ctx)
+
+        trainer.model.train_step = step
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore else None
+        try:
+            return trainer, trainer.train()
+        finally:
+            if ignore:
+                signal.signal(signal.SIGINT, previous)
+            trainer.close()
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "last", 2)
+    assert _steps(tmp_path / "last") == [3]
+    trainer, result = run(tmp_path / "ignored", 1, ignore=True)
+    assert result["step"] == 3 and trainer.interrupted_checkpoint is None
+
+
+def test_resume_says_which_data_options_changed(tmp_path, one_thread, capsys):
+    run = tmp_path / "run"
+    train(tiny_config("pix2pix", run, max_steps=1, save_every=1))
+    cfg = tiny_config("pix2pix", run, max_steps=2, resume="latest")
+    cfg.data_options["no_flip"] = True
+    Trainer(cfg).close()
+    assert "data options that differ from the run's: no_flip None (now True)" in capsys.readouterr().err

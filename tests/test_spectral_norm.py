@@ -704,3 +704,13 @@ def test_group_without_spectral_normed_layers_says_so():
     with pytest.warns(RuntimeWarning, match="nothing to group"):
         group = gnn.spectral_norm_group(net)
     assert len(group) == 0 and not group.attached and not net._forward_pre_hooks
+
+
+def test_group_and_losses_under_inference_mode():
+    # inference tensors keep no version counter (the staleness checks read it)
+    with torch.inference_mode():
+        net = nn.Sequential(gnn.spectral_norm(nn.Linear(4, 3)), nn.ReLU(), gnn.spectral_norm(nn.Linear(3, 1)))
+        gnn.spectral_norm_group(net)
+        assert net(torch.randn(2, 4)).shape == (2, 1)
+        loss = gnn.GANLoss("lsgan")
+        assert torch.isfinite(loss(torch.randn(2, 1), True))

@@ -415,6 +415,15 @@ def test_fused_rmsprop_interop_layouts_casts_and_compile():
         o_ref.step()
         o_ours.step()
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    for t in (ref, ours):  # the model made channels_last mid-run: square_avg follows the layout
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        g = torch.randn_like(w)
+        ref.grad, ours.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(o_ours.state[ours]["square_avg"], o_ref.state[ref]["square_avg"])
     back = torch.optim.RMSprop([ref.detach().clone().requires_grad_(True)], lr=1e-2)
     back.load_state_dict(o_ours.state_dict())  # a FusedRMSprop state dict runs in torch's RMSprop
     back.param_groups[0]["params"][0].grad = torch.ones_like(w)

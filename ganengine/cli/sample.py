@@ -31,7 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--output", default="samples.png", help="image file to write: .png (default: %(default)s), "
                    ".jpg, or another format PIL can save")
     p.add_argument("--dataroot", default=None, help="take the images from this dataset instead")
-    p.add_argument("--phase", default=None, help="split to draw from (default: val/test when present, else train)")
+    p.add_argument("--phase", default=None, help="split to draw from (default: val/test when present, else train); "
+                   "StarGAN with an attribute file: train or test; StackGAN and IC-GAN have no splits; the other "
+                   "synthesis models use it only for a class-per-folder DATAROOT with a DATAROOT/PHASE/ folder")
     p.add_argument("--n", type=int, default=8, help="images per row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -100,6 +102,77 @@ def check_phase(name: str, data: dict, phase: str) -> None:
                     f"{', '.join(phases)}")
 
 
+def interpolation_path(output: str) -> str:
+    """Where ``--interpolate`` writes its grid: OUTPUT_interpolation with OUTPUT's extension."""
+    stem, ext = os.path.splitext(output)
+    return f"{stem}_interpolation{ext or '.png'}"
+
+
+def interpolation_file(output: str, steps: int) -> None:
+    """A ValueError unless the --interpolate grid's file can be written (checked with --output,
+    before the main grid is written)."""
+    from ganengine.cli._io import writable_file
+
+    path = interpolation_path(output)
+    if os.path.isdir(path):
+        raise ValueError(f"--interpolate {steps}: its grid goes to {path!r} (from --output), which is a folder: "
+                         "move it away or pick another --output")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"--interpolate {steps}: its grid goes to {path!r} (from --output), which is not "
+                         "writable: permission denied: pick another --output")
+    writable_file(path, f"--interpolate {steps}: its grid", example=os.path.basename(path))
+
+
+def _no_interpolation(name: str, steps: int) -> str:
+    """Why ``name`` cannot write --interpolate's grid."""
+    from ganengine.data import CLASS_MODELS
+    from ganengine.models import MODELS
+
+    having = [m for m, cls in MODELS.items() if hasattr(cls, "interpolation_rows")]
+    if name in CLASS_MODELS:  # a synthesis model without the latent-interpolation grid
+        return (f"--interpolate {steps}: {name} has no interpolation grid (the models with one: "
+                f"{', '.join(having)}); leave --interpolate out")
+    return (f"--interpolate {steps}: {name} is not a synthesis model (no latent to interpolate); leave "
+            "--interpolate out")
+
+
+def check_phase_used(name: str, data: dict, phase: str) -> None:
+    """A DataError for a --phase the model's data cannot honour (said instead of drawing from
+    another split silently): StackGAN's captioned data has no splits; the synthesis models use
+    --phase only for a class-per-folder DATAROOT that has a DATAROOT/PHASE/ folder (IC-GAN never:
+    it conditions on its training images)."""
+    from ganengine.data import CLASS_MODELS, DataError
+
+    root = data.get("dataroot")
+    if name == "stackgan":
+        where = f"{root}/images" if root else "the built-in sample data"
+        raise DataError(f"--phase {phase}: StackGAN's data has no splits (sample draws from {where} and its captions, "
+                        "as training did; embeddings.pt's file list, where there is one): leave --phase out, or "
+                        "pass --dataroot a folder holding the images you want")
+    if name not in CLASS_MODELS:
+        return
+    if name == "icgan":
+        raise DataError(f"--phase {phase}: IC-GAN's grid conditions on instances of its training images; --phase is "
+                        "not used: leave it out")
+    if root and os.path.isdir(root) and os.path.isdir(os.path.join(root, phase)) and not any(
+            f.endswith((".hdf5", ".h5")) for f in os.listdir(root)):
+        return  # DATAROOT/PHASE/<class>/ is used
+    where = (f"the class folder {root!r} has no {phase!r} folder" if root and os.path.isdir(root) else
+             f"its data ({root!r}) has no splits" if root else "the built-in digits have no splits")
+    raise DataError(f"--phase {phase}: {name} does not use --phase here: {where} (--phase picks DATAROOT/PHASE/ "
+                    "where a class-per-folder DATAROOT has one); leave --phase out")
+
+
+def check_celeba_phase(ds, phase: str) -> None:
+    """StarGAN's CelebA-style data has the reference's two splits of its attribute file; another
+    --phase would silently give the test split."""
+    from ganengine.data import CelebADataset, DataError
+
+    if isinstance(ds, CelebADataset) and phase not in ("train", "test"):
+        raise DataError(f"--phase {phase}: StarGAN's CelebA-style data (an attribute file) has the phases train, "
+                        "test (the reference's split of the attribute file)")
+
+
 def run(args) -> int:
     import torch
 
@@ -119,14 +192,17 @@ def run(args) -> int:
         device = device_or_error(args.device)
         image_file(args.output, "--output")
         writable_file(args.output, "--output", example="samples.png")
+        if args.interpolate:  # its file checked before the main grid is written
+            interpolation_file(args.output, args.interpolate)
         model, state = load_model(args.checkpoint, map_location="cpu")
         model.to(device)
         name, data = state["model"], dict(state.get("data", {}))
         if args.interpolate and not hasattr(model, "interpolation_rows"):  # said before anything is written
-            raise ValueError(f"--interpolate {args.interpolate}: {name} is not a synthesis model (no latent to "
-                             "interpolate); leave --interpolate out")
+            raise ValueError(_no_interpolation(name, args.interpolate))
         if args.dataroot:
             data["dataroot"] = args.dataroot
+        if args.phase:
+            check_phase_used(name, data, args.phase)
         phases = [args.phase] if args.phase else (["val", "test", "train"] if name == "pix2pix" else ["test", "train"])
         ds, errors = None, []
         from ganengine.data.images import missing_data_hint
@@ -145,6 +221,8 @@ def run(args) -> int:
             if args.phase:
                 check_phase(name, data, args.phase)
             raise DataError(errors[-1])
+        if args.phase:
+            check_celeba_phase(ds, args.phase)
         n = min(args.n, len(ds))
         batch = torch.utils.data.default_collate([ds[i * len(ds) // n] for i in range(n)])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -155,13 +233,13 @@ def run(args) -> int:
         if args.interpolate:
             with torch.no_grad():
                 inter = model.interpolation_rows(n_rows=min(4, args.max_rows), steps=args.interpolate)
-            stem, ext = os.path.splitext(args.output)
             conditional = getattr(model, "CONDITIONAL", False)
             k = getattr(model, "n_classes", None) or 1
             labels = [(str(names[r % k]) if names else f"class {r % k}") if conditional else f"z pair {r + 1}"
                       for r in range(len(inter))]
-            save_grid([r.float() for r in inter], f"{stem}_interpolation{ext or '.png'}", labels)
-            print(f"ganengine sample: wrote {stem}_interpolation{ext or '.png'}", file=sys.stderr)
+            path = interpolation_path(args.output)
+            save_grid([r.float() for r in inter], path, labels)
+            print(f"ganengine sample: wrote {path}", file=sys.stderr)
     except (DataError, CheckpointError, ValueError) as exc:
         if _debug():
             raise

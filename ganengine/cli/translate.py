@@ -39,8 +39,8 @@ def register(subparsers) -> None:
                    help="resize inputs to SIZE x SIZE after the training's preprocessing (resize and centre crop; "
                         "default: the size that preprocessing gives, the training size)")
     p.add_argument("--aligned", action="store_true",
-                   help="inputs are A|B pairs side by side (pix2pix test sets): translate the input half "
-                        "(with --reverse, the B half)")
+                   help="inputs are A|B pairs side by side (pix2pix test sets): translate the half the generator "
+                        "takes (A; B with --direction BtoA; the other half with --reverse)")
     p.add_argument("--reverse", action="store_true", help="CycleGAN: translate B -> A with netG_B")
     p.add_argument("--target_attrs", nargs="+", default=None,
                    help="StarGAN: attributes (CelebA) or the domain (folders) to translate to. CelebA: the "
@@ -80,7 +80,7 @@ class _Reader:
     def __init__(self, name: str, opts: dict, data: dict, size: int | None, aligned: bool, reverse: bool):
         from ganengine.data import transforms as T
 
-        self.name, self.size, self.aligned = name, size, aligned
+        self.name, self.size, self.aligned, self.reverse = name, size, aligned, bool(reverse)
         direction = opts.get("direction") or data.get("direction") or "AtoB"
         # the half of an A|B pair the generator takes: A with AtoB, B with BtoA; --reverse (netG_B) the other
         self.left = (direction == "AtoB") != bool(reverse)
@@ -94,9 +94,11 @@ class _Reader:
         else:
             # a side with 1 channel is read as grayscale, as the datasets do (input_nc for netG_A's input)
             self.nc = opts.get("output_nc", 3) if reverse else opts.get("input_nc", 3)
-            self.transform = T.TransformOptions(data.get("preprocess") or "resize_and_crop",
-                                                data.get("load_size") or 286, data.get("crop_size") or 256,
-                                                False, center=True).check()
+            # build_dataset's held-out transform: the reference's test options (load_size =
+            # crop_size), any crop at the centre, no flip
+            crop = data.get("crop_size") or 256
+            self.transform = T.TransformOptions(data.get("preprocess") or "resize_and_crop", crop, crop, False,
+                                                center=True).check()
 
     def training_size(self) -> int | None:
         """The square size the model was trained at (None where it follows each image's shape)."""
@@ -106,8 +108,6 @@ class _Reader:
         return o.crop_size if o.preprocess in ("resize_and_crop", "crop", "scale_width_and_crop") else None
 
     def __call__(self, path: str):
-        from PIL import Image
-
         from ganengine.data import transforms as T
         from ganengine.data.images import _open
 
@@ -134,11 +134,6 @@ def _generator():
     import torch
 
     return torch.Generator().manual_seed(0)  # (unused: no random crop or flip at test time)
-
-
-def _load(path: str, reader: "_Reader"):
-    """One input image as the generator's input tensor (C, H, W) in [-1, 1]."""
-    return reader(path)
 
 
 def _hair_attrs() -> tuple:
@@ -223,17 +218,26 @@ def _original_labels(paths: list[str], data: dict, c_dim: int) -> list:
 
 def _output_names(paths: list[str], root: str | None) -> list[str]:
     """PNG names for the inputs: the input's base name, and where two inputs would share one
-    (a/x.jpg and b/x.jpg, or x.jpg and x.png) their path below --input and extension, so no
-    output overwrites another."""
+    (a/x.jpg and b/x.jpg, or x.jpg and x.png; compared ignoring case, for case-insensitive file
+    systems) their path below --input and extension; a name so made that another input's output
+    already takes (x.jpg + sub/x.jpg give sub_x_jpg, the name of the input sub_x_jpg.png) gets a
+    number (_2, _3, ...), so no output overwrites another."""
+    key = str.casefold
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     counts: dict[str, int] = {}
     for s in stems:
-        counts[s] = counts.get(s, 0) + 1
+        counts[key(s)] = counts.get(key(s), 0) + 1
+    renamed = [counts[key(s)] > 1 for s in stems]
+    used = {key(s) for s, r in zip(stems, renamed) if not r}  # the plain names keep theirs
     out = []
-    for p, s in zip(paths, stems):
-        if counts[s] > 1:
+    for p, s, r in zip(paths, stems, renamed):
+        if r:
             rel = os.path.relpath(p, root) if root else os.path.basename(p)
-            s = rel.replace(os.sep, "_").replace(".", "_")
+            base = rel.replace(os.sep, "_").replace(".", "_")
+            s, k = base, 2
+            while key(s) in used:
+                s, k = f"{base}_{k}", k + 1
+            used.add(key(s))
         out.append(s + ".png")
     return out
 
@@ -245,6 +249,8 @@ def _check_args(args) -> None:
         raise UsageError(f"--n_per_caption must be at least 1, got {args.n_per_caption}")
     if args.size is not None and args.size < 1:
         raise UsageError(f"--size must be at least 1, got {args.size}")
+    if args.captions is not None and os.path.isdir(args.captions):
+        raise UsageError(f"--captions {args.captions!r} is a folder: expected a text file, one caption per line")
     if args.captions is not None and not os.path.isfile(args.captions):
         raise UsageError(f"--captions {args.captions!r} does not exist (a text file, one caption per line)")
 
@@ -265,6 +271,9 @@ def _check_model(name: str, args) -> None:
         raise UsageError(f"--target_attrs is for StarGAN; this checkpoint holds a {name} model")
     if args.captions and name != "stackgan":
         raise UsageError(f"--captions is for StackGAN; this checkpoint holds a {name} model (pass --input images)")
+    if name == "stackgan" and args.size is not None:
+        raise UsageError("--size resizes input images; StackGAN generates from captions, at the size it was "
+                         "trained at: leave --size out")
 
 
 def run(args) -> int:
@@ -285,35 +294,135 @@ def run(args) -> int:
         return 2
 
 
-def _run(args) -> int:
+def _forward(model, name: str, opts: dict, x, reverse: bool, label=None):
+    """The generator's output for inputs ``x`` (StarGAN: to ``label``), as the model's translate
+    runs it (training mode unless --eval, batch-norm generators image by image)."""
     import torch
 
-    from ganengine.data.transforms import to_image
-    from ganengine.train.checkpoint import load_model
-    from ganengine.train.logger import save_grid
-    from ganengine.train.visuals import stargan_targets
+    if name == "stargan":
+        return model.translate({"image": x, "label": label})
+    if reverse:  # netG_B, as CycleGAN.translate runs netG_A
+        from ganengine.models.base import per_image_in_training_mode
 
-    from ganengine.cli._io import device_or_error, writable_dir
+        net = model.netG_B
+        was_training = net.training
+        net.train(not opts.get("eval", False))
+        try:
+            with torch.no_grad():
+                return per_image_in_training_mode(net, x)
+        finally:
+            net.train(was_training)
+    key = "A" if opts.get("direction", "AtoB") == "AtoB" else "B"
+    return model.translate({key: x})
+
+
+def _probe(model, name: str, opts: dict, reader: _Reader, size: int, device) -> str | None:
+    """Why the generator cannot take ``size`` x ``size`` inputs (None: it can, and gives images
+    of that size back)."""
+    import torch
+
+    x = torch.zeros(1, reader.nc, size, size, device=device)
+    label = torch.zeros(1, opts["c_dim"], device=device) if name == "stargan" else None
+    try:
+        out = _forward(model, name, opts, x, reader.reverse, label)
+    except (RuntimeError, ValueError) as exc:
+        return " ".join(str(exc).split())[:200]
+    if tuple(out.shape[-2:]) != (size, size):
+        return f"they turn {size}x{size} inputs into {out.shape[-2]}x{out.shape[-1]} images"
+    return None
+
+
+def _check_size(model, name: str, opts: dict, reader: _Reader, size: int, device) -> None:
+    """``--size`` checked up front: a size the networks cannot take (a layer's error, or an output
+    of another size) is refused naming --size and sizes that work."""
+    why = _probe(model, name, opts, reader, size, device)
+    if why is None:
+        return
+    tried: dict[int, bool] = {size: False}
+
+    def works(s: int) -> bool:
+        if s not in tried:
+            tried[s] = _probe(model, name, opts, reader, s, device) is None
+        return tried[s]
+
+    below = above = None
+    m = 2
+    while m <= 512 and above is None:  # the nearest multiples of 2, 4, 8, ... that work
+        lo, hi = size // m * m, -(-size // m) * m
+        if below is None and lo >= 1 and works(lo):
+            below = lo
+        if works(hi):
+            above = hi
+        m *= 2
+    sizes = [s for s in (below, above) if s is not None]
+    trained = reader.training_size()
+    hint = " or ".join(f"--size {s}" for s in sizes)
+    if trained:
+        hint = (hint + "; " if hint else "") + f"the model was trained at {trained}x{trained}"
+    hint = f" ({hint})" if hint else ""
+    raise UsageError(f"--size {size}: the networks cannot take {size}x{size} inputs: pick a size they can{hint} "
+                     f"({why})")
+
+
+def _new_folders(path: str) -> list[str]:
+    """The folders of ``path`` (itself and its parents) that do not exist yet, deepest first."""
+    out = []
+    part = os.path.abspath(path)
+    while not os.path.exists(part):
+        out.append(part)
+        parent = os.path.dirname(part)
+        if parent == part:
+            break
+        part = parent
+    return out
+
+
+def _run(args) -> int:
+    from ganengine.train.checkpoint import load_model
+
+    from ganengine.cli._io import device_or_error
 
     _check_args(args)
     device = device_or_error(args.device)
     model, state = load_model(args.checkpoint, map_location="cpu")
     name, opts, data = state["model"], state["options"], state.get("data", {})
     _check_model(name, args)  # before the output folder is made
-    writable_dir(args.output, "--output")
     model.to(device)
-    torch.manual_seed(args.seed)
-    written = []
+    made = _new_folders(args.output)
+    written: list[str] = []
+    try:
+        _translate(args, model, name, opts, data, device, written)
+    except BaseException:
+        if not written:  # refused (or failed) before writing anything: no empty --output folder left
+            for folder in made:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+        raise
+    print(f"ganengine translate: wrote {len(written)} image(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _translate(args, model, name: str, opts: dict, data: dict, device, written: list[str]) -> None:
+    import torch
+
+    from ganengine.data.transforms import to_image
+    from ganengine.train.logger import save_grid
+
+    from ganengine.cli._io import writable_dir
 
     if name == "stackgan":
         from ganengine.data.text import embed, read_caption_file
 
         if not args.captions:
             raise UsageError("StackGAN translates captions: pass --captions FILE (one caption per line)")
+        caps = read_caption_file(args.captions)
+        writable_dir(args.output, "--output")
         if data.get("text_embedder") == "precomputed":
             print("ganengine translate: warning: this model was trained on precomputed embeddings; captions are "
                   "embedded with ganengine's hashing embedder, which the model has not seen", file=sys.stderr)
-        caps = read_caption_file(args.captions)
+        torch.manual_seed(args.seed)
         emb = embed(caps, opts["text_dim"]).repeat_interleave(args.n_per_caption, 0)
         for start in range(0, emb.shape[0], args.batch_size):
             out = model.translate({"embedding": emb[start:start + args.batch_size].to(device)})
@@ -324,37 +433,75 @@ def _run(args) -> int:
                 written.append(path)
         with open(os.path.join(args.output, "captions.txt"), "w") as f:
             f.write("\n".join(f"caption{i:04d}\t{c}" for i, c in enumerate(caps)) + "\n")
-    else:
-        paths = _inputs(args.input)
-        names = _output_names(paths, args.input if os.path.isdir(args.input) else None)
-        size = args.size or (data.get("image_size") if name == "stargan" else data.get("crop_size")) or 256
-        direction = opts.get("direction", "AtoB")
-        in_nc = opts.get("input_nc", 3) if not args.reverse else opts.get("output_nc", 3)
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start:start + args.batch_size]
-            x = torch.stack([_load(p, size, args.aligned, direction, in_nc) for p in chunk]).to(device)
-            if name == "stargan":
-                if args.target_attrs:
-                    label = _target_labels(args.target_attrs, data, opts["c_dim"]).expand(len(chunk), -1).to(device)
-                    outs = [model.translate({"image": x, "label": label})]
-                else:
-                    zero = torch.zeros(len(chunk), opts["c_dim"], device=device)
-                    outs = [model.translate({"image": x, "label": t}) for t in
-                            stargan_targets(zero, data.get("selected_attrs"))]
-            elif name in ("cyclegan", "csgan") and args.reverse:
-                with torch.no_grad():
-                    net = model.netG_B
-                    net.train(not opts.get("eval", False))
-                    outs = [net(x)]
-            else:
-                key = "A" if direction == "AtoB" else "B"
-                outs = [model.translate({key: x})]
-            for k, p in enumerate(chunk):
-                path = os.path.join(args.output, names[start + k])
+        return
+
+    paths = _inputs(args.input)
+    names = _output_names(paths, args.input if os.path.isdir(args.input) else None)
+    reader = _Reader(name, opts, data, args.size, args.aligned, args.reverse)
+    originals = [None] * len(paths)
+    if name == "stargan":
+        c_dim = opts["c_dim"]
+        originals = _original_labels(paths, data, c_dim)
+        if args.target_attrs:
+            _target_labels(args.target_attrs, data, c_dim)  # the names checked before anything is written
+        unknown = sum(o is None for o in originals)
+        if data.get("selected_attrs") and "domains" not in data and unknown:
+            what = ("the attributes not named in --target_attrs are set to 0" if args.target_attrs else
+                    "each row changes one attribute of all-0 labels")
+            print(f"ganengine translate: note: {unknown} of {len(paths)} input(s) are not images of the training "
+                  f"data's attribute file, so their own labels are unknown: {what}", file=sys.stderr)
+    if args.size is not None:
+        _check_size(model, name, opts, reader, args.size, device)
+    writable_dir(args.output, "--output")
+    torch.manual_seed(args.seed)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = list(range(start, min(start + args.batch_size, len(paths))))
+        images = {i: reader(paths[i]) for i in chunk}
+        groups: dict[tuple, list[int]] = {}  # (--preprocess none / scale_width keep each image's shape)
+        for i in chunk:
+            groups.setdefault(tuple(images[i].shape), []).append(i)
+        for group in groups.values():
+            x = torch.stack([images[i] for i in group]).to(device)
+            try:
+                outs = _outputs(model, name, opts, data, args, x, [originals[i] for i in group])
+            except (RuntimeError, ValueError) as exc:  # (a size --preprocess none / scale_width gave; --size
+                clear = _explain(exc, x, paths[group[0]])  # is probed up front)
+                if clear is exc:
+                    raise
+                raise clear from exc
+            for k, i in enumerate(group):
+                path = os.path.join(args.output, names[i])
                 if len(outs) == 1:
                     to_image(outs[0][k]).save(path)
                 else:
                     save_grid([torch.stack([x[k]] + [o[k] for o in outs])], path)
                 written.append(path)
-    print(f"ganengine translate: wrote {len(written)} image(s) to {args.output}", file=sys.stderr)
-    return 0
+
+
+def _outputs(model, name: str, opts: dict, data: dict, args, x, originals: list) -> list:
+    """The generator's outputs for the inputs ``x``: one tensor, or for StarGAN without
+    --target_attrs one per target row (the reference's create_labels of the images' own labels)."""
+    import torch
+
+    from ganengine.train.visuals import stargan_targets
+
+    if name != "stargan":
+        return [_forward(model, name, opts, x, bool(args.reverse))]
+    c_dim = opts["c_dim"]
+    if args.target_attrs:
+        label = torch.cat([_target_labels(args.target_attrs, data, c_dim, o) for o in originals]).to(x.device)
+        return [_forward(model, name, opts, x, False, label)]
+    c_org = torch.stack([o if o is not None else torch.zeros(c_dim) for o in originals]).to(x.device)
+    return [_forward(model, name, opts, x, False, t) for t in stargan_targets(c_org, data.get("selected_attrs"))]
+
+
+def _explain(exc: Exception, x, path: str) -> Exception:
+    """A size the networks cannot take, said in one line naming the image (else ``exc`` itself)."""
+    from ganengine.train.engine import _SHAPE_ERRORS
+
+    msg = " ".join(str(exc).split())
+    if not any(p in msg for p in _SHAPE_ERRORS + ("Expected more than 1 value per channel",)):
+        return exc
+    h, w = x.shape[-2:]
+    return UsageError(f"the networks cannot take {h}x{w} inputs ({path!r} after the training's preprocessing): "
+                      f"pick a --size they can ({msg[:200]})")

@@ -74,8 +74,10 @@ def build_dataset(model: str, options, phase: str | None = None):
     if model in ("pix2pix", "cyclegan", "csgan"):
         transform = TransformOptions(_get(options, "preprocess", "resize_and_crop"), _get(options, "load_size", 286),
                                      _get(options, "crop_size", 256), flip)
-        if phase != "train":  # evaluation: the training's scale, the centre crop, no flip
-            transform = TransformOptions(transform.preprocess, transform.load_size, transform.crop_size, False,
+        if phase != "train":
+            # evaluation: the reference's test options (load_size = crop_size: "avoid cropping when
+            # testing"), the crop central rather than random, no flip
+            transform = TransformOptions(transform.preprocess, transform.crop_size, transform.crop_size, False,
                                          center=True)
         common = dict(transform=transform, direction=_get(options, "direction", "AtoB"),
                       input_nc=_get(options, "input_nc", 3), output_nc=_get(options, "output_nc", 3), cache=cache,

@@ -20,6 +20,16 @@ def default_workers(dataset, device: torch.device) -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C / SIGTERM to the trainer (a terminal signals the whole process group):
+    it stops at the end of the step and shuts them down; a worker that died of the signal instead
+    would fail the batch under way (spawn / forkserver workers do not inherit its handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size: int, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0,
                 world_size: int = 1, num_workers: int | None = None, shuffle: bool = True,
                 drop_last: bool = True) -> tuple[DataLoader, ResumableSampler]:
@@ -35,5 +45,6 @@ def make_loader(dataset, batch_size: int, device: torch.device | str = "cpu", se
         prefetch_factor=4 if workers > 0 else None,
         # own generator: creating an iterator must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
     return loader, sampler

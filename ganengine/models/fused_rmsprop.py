@@ -68,19 +68,26 @@ class FusedRMSprop(torch.optim.Optimizer):
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif state["square_avg"].dtype != p.dtype or state["square_avg"].device != p.device:
-                    state["square_avg"] = state["square_avg"].to(p)  # (the model was cast / moved since)
                 if compiling:  # the fused kernel's pinned counters do not trace: RMSprop's own ops
                     _rmsprop_step(p, p.grad, state, group)
                     continue
-                grad = p.grad
-                if grad.stride() != p.stride():  # the kernel walks every tensor in the parameter's layout
-                    grad = torch.empty_like(p).copy_(grad)
+                # the kernel walks every tensor in the parameter's memory order: square_avg, the
+                # scratch buffer and the gradient must have its layout (and dtype and device). The
+                # scratch entry remembers the (strides, dtype, device, square_avg) it was checked with.
+                strides = p.stride()
                 scratch = self._scratch.get(id(p))
-                if (scratch is None or scratch[0].shape != p.shape or scratch[0].device != p.device
-                        or scratch[0].dtype != p.dtype or scratch[0].stride() != p.stride()):
-                    scratch = self._scratch[id(p)] = (torch.zeros_like(p, memory_format=torch.preserve_format),
-                                                      torch.full((), _PINNED_STEP, dtype=torch.float32, device=p.device))
+                sq = state["square_avg"]
+                if scratch is None or scratch[2] != (strides, p.dtype, p.device) or scratch[3] is not sq:
+                    if sq.stride() != strides or sq.dtype != p.dtype or sq.device != p.device:
+                        # (the model was cast, moved or made channels_last since, or loaded so)
+                        sq = state["square_avg"] = torch.empty_like(p).copy_(sq)
+                    scratch = self._scratch[id(p)] = (
+                        torch.zeros_like(p, memory_format=torch.preserve_format),
+                        torch.full((), _PINNED_STEP, dtype=torch.float32, device=p.device),
+                        (strides, p.dtype, p.device), sq)
+                grad = p.grad
+                if grad.stride() != strides:
+                    grad = torch.empty_like(p).copy_(grad)
                 params.append(p)
                 grads.append(grad)
                 sqs.append(state["square_avg"])

@@ -8,6 +8,10 @@ from torch import nn
 from ganengine.ops.losses import MODES, cycle_loss, discriminator_loss, gan_loss
 
 
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
 class GANLoss(nn.Module):
     """Drop-in for the CycleGAN reference's ``GANLoss(gan_mode, target_real_label, target_fake_label)``.
 
@@ -32,15 +36,19 @@ class GANLoss(nn.Module):
         self._label_key = self._buffers_key()
 
     def _buffers_key(self) -> tuple:
-        r, f = self.real_label, self.fake_label
-        return id(r), r._version, id(f), f._version
+        b = self._buffers
+        r, f = b["real_label"], b["fake_label"]
+        # (the buffer objects themselves: a new tensor is another object; inference tensors keep
+        # no version counter, and cannot be edited outside inference mode)
+        return r, f, _version(r), _version(f)
 
     def _current(self) -> tuple[float, float]:
-        if not torch.compiler.is_compiling():  # (compiled: the labels as of the first call)
-            key = self._buffers_key()
-            if key != self._label_key:
-                self._labels = (float(self.real_label), float(self.fake_label))
-                self._label_key = key
+        b, key = self._buffers, self._label_key
+        r, f = b["real_label"], b["fake_label"]
+        if (r is not key[0] or f is not key[1] or _version(r) != key[2] or _version(f) != key[3]) \
+                and not torch.compiler.is_compiling():  # (compiled: the labels as of the first call)
+            self._labels = (float(r), float(f))
+            self._label_key = self._buffers_key()
         return self._labels
 
     def forward(self, prediction: torch.Tensor, target_is_real: bool, for_discriminator: bool = True) -> torch.Tensor:

@@ -37,6 +37,11 @@ from ganengine.ops.spectral_norm import U_STEP, choose_backend, run_group, run_l
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def _version(t: torch.Tensor) -> int:
+    # (inference tensors keep no version counter; they cannot be edited outside inference mode)
+    return -1 if t.is_inference() else t._version
+
+
 class SpectralNorm(nn.Module):
     """The spectral-norm parametrization (``forward(weight) -> weight / sigma``).
 
@@ -74,7 +79,7 @@ class SpectralNorm(nn.Module):
             self._pending = None
             # refreshed by a SpectralNormGroup for this very tensor, unchanged since (an optimiser
             # step or load_state_dict in between bumps its version: then computed afresh)
-            if pending[0] is weight and pending[1] == weight._version:
+            if pending[0] is weight and pending[1] == _version(weight):
                 return pending[2]
         steps = 2 * self.n_power_iterations if self.training else 0
         return run_layer(weight, self._u, self._v, U_STEP, steps, self.eps, self.dim, "pytorch", in_place=True)[0]
@@ -236,7 +241,7 @@ class SpectralNormGroup:
             w_sns, _ = run_group(weights, [sn.dim for sn in sns], [sn._u for sn in sns], [sn._v for sn in sns],
                                  U_STEP, steps, eps, steps > 0, backend)
             for sn, weight, w_sn in zip(sns, weights, w_sns):
-                sn._pending = (weight, weight._version, w_sn)
+                sn._pending = (weight, _version(weight), w_sn)
             self.last_refresh[backend] = self.last_refresh.get(backend, 0) + len(sns)
 
     def clear(self) -> None:

@@ -246,15 +246,14 @@ class RunLock:
             os.makedirs(self.folder, exist_ok=True)
             fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise CheckpointError(f"cannot use run folder {self.folder!r} ({exc.strerror or exc}). Check that it "
+            raise CheckpointError(f"cannot use {self._what()} {self.folder!r} ({exc.strerror or exc}). Check that it "
                                   f"is writable, or pick another {self.option}.") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            what = "run folder" if self.option.startswith("--checkpoints_dir") else f"{self.option} folder"
-            raise CheckpointError(f"{what} {self.folder!r} is in use by another ganengine train (pid {holder}): "
+            raise CheckpointError(f"{self._what()} {self.folder!r} is in use by another ganengine train (pid {holder}): "
                                   "two runs would overwrite each other's files. Use another "
                                   f"{self.option.split(' / ')[-1]}, or wait for / stop that run.") from None
         os.ftruncate(fd, 0)
@@ -262,6 +261,9 @@ class RunLock:
         self.fd = fd
         remove_stale_temporaries(self.folder)
         return self
+
+    def _what(self) -> str:
+        return "run folder" if self.option.startswith("--checkpoints_dir") else f"{self.option} folder"
 
     def release(self) -> None:
         if self.fd is not None:

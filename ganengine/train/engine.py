@@ -371,6 +371,13 @@ class Trainer:
         self.model.load_extra_state(state.get("extra", {}))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
         self._convert_position(state)
+        old_data, new_data = state.get("data") or {}, json.loads(json.dumps(self.cfg.data_options or {}))
+        changed = sorted(k for k in set(old_data) | set(new_data) if old_data.get(k) != new_data.get(k))
+        if changed and self.dist.is_main:
+            # (the run continues with the options given now: a default that changed between
+            # versions, e.g. the synthesis models' flips, shows here)
+            print("ganengine: resuming with data options that differ from the run's: " + ", ".join(
+                f"{k} {old_data.get(k)!r} (now {new_data.get(k)!r})" for k in changed), file=sys.stderr)
         saved = state.get("schedule")
         if saved is not None and saved != self._schedule_options() and self.dist.is_main:
             changed = ", ".join(f"--{k} {saved.get(k)} (now {v})" for k, v in self._schedule_options().items()
@@ -525,7 +532,8 @@ class Trainer:
         self._stop_signal = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                prev_handlers[sig] = signal.signal(sig, self._on_signal)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # (a job that ignores it keeps doing so)
+                    prev_handlers[sig] = signal.signal(sig, self._on_signal)
         first_step, shape = self.step, None
         try:
             while self.step < self.total_steps:
@@ -590,6 +598,9 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             final = self.save()
+            if self._stop_signal is not None:  # (stopped in the last step: saved, and said so)
+                self.interrupted_checkpoint = final
+                raise _interrupt(self._stop_signal)
         except (RuntimeError, ValueError) as exc:
             clear = _explain(exc, self.step == first_step, shape)
             if clear is exc:
