@@ -9,7 +9,8 @@ images and two generated rows for their captions. Synthesis models (DCGAN, WGAN,
 ADC-GAN, InfoGAN, ...): real images, then one generated row per class for class-conditional models
 (the same latent in each column), InfoGAN one row per categorical code and rows that vary each
 continuous code from -1 to 1; ``--interpolate STEPS`` also writes latent interpolations (one per
-row) to ``OUTPUT_interpolation.png``.
+row) to ``OUTPUT_interpolation.png`` (those models; SAGAN, BigGAN, U-Net GAN and IC-GAN have no
+interpolation grid).
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--max_rows", type=int, default=10, help="synthesis models: at most this many class rows "
                    "(default: %(default)s)")
     p.add_argument("--interpolate", type=int, default=0, metavar="STEPS",
-                   help="synthesis models: also write latent interpolations, STEPS images per row, to "
-                        "OUTPUT_interpolation.png (default: none)")
+                   help="DCGAN, WGAN, WGAN-GP, cGAN, AC-GAN, ADC-GAN, InfoGAN: also write latent interpolations, "
+                        "STEPS images per row, to OUTPUT_interpolation.png (default: none)")
     p.set_defaults(func=run)
 
 
