@@ -19,7 +19,7 @@ from torch import nn
 import ganengine
 from ganengine.cli import main as cli_main
 from ganengine.export import ExportError, custom_ops_in_graph, to_onnx, to_torchscript, trace
-from ganengine.nn import InstanceNormAct2d
+from ganengine.nn import BatchNormAct2d, InstanceNormAct2d
 from tests._model_bounds import assert_normwise, census
 from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
@@ -375,7 +375,7 @@ def test_fused_batch_norm_act_keeps_its_activation(tmp_path, norm_stats):
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
     fused = ganengine.fuse(model)
-    assert type(fused[1]).__name__ == "BatchNormAct2d"
+    assert isinstance(fused[1], BatchNormAct2d)
     x = torch.randn(3, 3, 8, 8)
     path = to_onnx(fused, x, tmp_path / "f.onnx", norm_stats=norm_stats)
     ref = model.train() if norm_stats == "input" else model.eval()
