@@ -44,3 +44,19 @@ def tiny_config(model, run_dir, **kw):
                 save_every=0, print_freq=1, progress=False, tensorboard="off", seed=0, deterministic=True)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def cli_error(capsys, argv, *words):
+    """Run ``ganengine <argv>``: exit code 2 and one error line holding ``words`` (no traceback);
+    returns that line."""
+    from ganengine.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert line.startswith(f"ganengine {argv[0]}: error:"), err
+    for word in words:
+        assert word in line, (word, line)
+    return line

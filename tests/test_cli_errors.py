@@ -7,7 +7,7 @@ import os
 import pytest
 
 from ganengine.cli import main
-from tests._train_utils import TINY_FLAGS, one_thread  # noqa: F401 (fixture)
+from tests._train_utils import TINY_FLAGS, one_thread, cli_error  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feature_extractor.py")
@@ -39,17 +39,7 @@ def dcgan_run(tmp_path_factory):
     return _train("dcgan", tmp_path_factory.mktemp("ck"), "--ngf 4 --ndf 4 --batch_size 2")
 
 
-def _error(capsys, argv, *words):
-    """Run the command: exit code 2 and one error line holding ``words``; returns that line."""
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err
-    line = err.splitlines()[-1]
-    assert line.startswith(f"ganengine {argv[0]}: error:"), err
-    for word in words:
-        assert word in line, (word, line)
-    return line
+_error = cli_error  # (tests/_train_utils.py)
 
 
 @pytest.fixture

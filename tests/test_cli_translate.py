@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ganengine.cli import main
-from tests._train_utils import TINY_FLAGS, one_thread  # noqa: F401 (fixture)
+from tests._train_utils import TINY_FLAGS, one_thread, cli_error  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ganengine", "data", "sample")
@@ -48,17 +48,7 @@ def runs(tmp_path_factory):
     }
 
 
-def _error(capsys, argv, *words):
-    """Exit code 2 and one error line holding ``words`` (no traceback); returns that line."""
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err
-    line = err.splitlines()[-1]
-    assert line.startswith(f"ganengine {argv[0]}: error:"), err
-    for word in words:
-        assert word in line, (word, line)
-    return line
+_error = cli_error  # (tests/_train_utils.py)
 
 
 def _spy(monkeypatch, cls, seen):
