@@ -87,18 +87,15 @@ class _Reader:
         if name == "stargan":
             self.nc = 3
             self.image_size = data.get("image_size") or opts.get("image_size") or 128
-            if "domains" in data or opts.get("dataset") == "RaFD":  # folder-per-domain (RaFD-style) data
-                self.crop = data.get("rafd_crop_size") or data.get("crop_size") or 256
-            else:  # CelebA-style
-                self.crop = data.get("crop_size") or 178
+            # (folder-per-domain, RaFD-style, data: its domains recorded in the checkpoint)
+            self.crop = T.stargan_crop_size(data, "domains" in data or opts.get("dataset") == "RaFD")
         else:
             # a side with 1 channel is read as grayscale, as the datasets do (input_nc for netG_A's input)
             self.nc = opts.get("output_nc", 3) if reverse else opts.get("input_nc", 3)
-            # build_dataset's held-out transform: the reference's test options (load_size =
-            # crop_size), any crop at the centre, no flip
+            # build_dataset's held-out transform (the reference's test options)
             crop = data.get("crop_size") or 256
-            self.transform = T.TransformOptions(data.get("preprocess") or "resize_and_crop", crop, crop, False,
-                                                center=True).check()
+            preprocess = data.get("preprocess") or "resize_and_crop"
+            self.transform = T.TransformOptions(preprocess, crop, crop).held_out().check()
 
     def training_size(self) -> int | None:
         """The square size the model was trained at (None where it follows each image's shape)."""
@@ -169,14 +166,6 @@ def _target_labels(names: list[str], data: dict, c_dim: int, original=None):
     return t
 
 
-def _image_dir(root: str) -> str:
-    """The CelebA-style image folder, as CelebADataset finds it."""
-    image_dir = os.path.join(root, "images")
-    if not os.path.isdir(image_dir) and os.path.isdir(os.path.join(root, "img_align_celeba")):
-        image_dir = os.path.join(root, "img_align_celeba")
-    return image_dir
-
-
 def _original_labels(paths: list[str], data: dict, c_dim: int) -> list:
     """StarGAN (CelebA-style labels): each input's own labels from the training data's attribute
     file when the input is one of that data's images (a (c_dim,) 0/1 tensor), else None."""
@@ -188,7 +177,7 @@ def _original_labels(paths: list[str], data: dict, c_dim: int) -> list:
     if not selected or "domains" in data:
         return [None] * len(paths)
     from ganengine.data import DataError, sample_root
-    from ganengine.data.labelled import read_attr_file
+    from ganengine.data.labelled import celeba_image_dir, read_attr_file
 
     try:
         root = data.get("dataroot") or sample_root("stargan")
@@ -207,7 +196,7 @@ def _original_labels(paths: list[str], data: dict, c_dim: int) -> list:
         return [None] * len(paths)
     columns = [names.index(a) for a in selected]
     table = {os.path.normpath(r[0]): r[1] for r in rows}
-    image_dir = os.path.realpath(_image_dir(root))
+    image_dir = os.path.realpath(celeba_image_dir(root))
     out = []
     for p in paths:
         rel = os.path.relpath(os.path.realpath(p), image_dir)
@@ -297,23 +286,13 @@ def run(args) -> int:
 def _forward(model, name: str, opts: dict, x, reverse: bool, label=None):
     """The generator's output for inputs ``x`` (StarGAN: to ``label``), as the model's translate
     runs it (training mode unless --eval, batch-norm generators image by image)."""
-    import torch
-
     if name == "stargan":
         return model.translate({"image": x, "label": label})
-    if reverse:  # netG_B, as CycleGAN.translate runs netG_A
-        from ganengine.models.base import per_image_in_training_mode
-
-        net = model.netG_B
-        was_training = net.training
-        net.train(not opts.get("eval", False))
-        try:
-            with torch.no_grad():
-                return per_image_in_training_mode(net, x)
-        finally:
-            net.train(was_training)
-    key = "A" if opts.get("direction", "AtoB") == "AtoB" else "B"
-    return model.translate({key: x})
+    # the generator's input side: A (B with direction BtoA); --reverse: the other side, netG_B
+    a_key = "A" if opts.get("direction", "AtoB") == "AtoB" else "B"
+    if reverse:
+        return model.translate({"AB".replace(a_key, ""): x}, reverse=True)
+    return model.translate({a_key: x})
 
 
 def _probe(model, name: str, opts: dict, reader: _Reader, size: int, device) -> str | None:

@@ -17,7 +17,7 @@ from ganengine.data.labelled import CelebADataset, DomainFolderDataset, has_doma
 from ganengine.data.loader import make_loader
 from ganengine.data.paired import AlignedDataset
 from ganengine.data.sampler import ResumableSampler
-from ganengine.data.transforms import TransformOptions
+from ganengine.data.transforms import TransformOptions, stargan_crop_size
 from ganengine.data.unpaired import UnalignedDataset
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample")
@@ -74,11 +74,8 @@ def build_dataset(model: str, options, phase: str | None = None):
     if model in ("pix2pix", "cyclegan", "csgan"):
         transform = TransformOptions(_get(options, "preprocess", "resize_and_crop"), _get(options, "load_size", 286),
                                      _get(options, "crop_size", 256), flip)
-        if phase != "train":
-            # evaluation: the reference's test options (load_size = crop_size: "avoid cropping when
-            # testing"), the crop central rather than random, no flip
-            transform = TransformOptions(transform.preprocess, transform.crop_size, transform.crop_size, False,
-                                         center=True)
+        if phase != "train":  # (the reference's test transform: TransformOptions.held_out)
+            transform = transform.held_out()
         common = dict(transform=transform, direction=_get(options, "direction", "AtoB"),
                       input_nc=_get(options, "input_nc", 3), output_nc=_get(options, "output_nc", 3), cache=cache,
                       max_dataset_size=_get(options, "max_dataset_size"))
@@ -87,16 +84,15 @@ def build_dataset(model: str, options, phase: str | None = None):
         return UnalignedDataset(root, phase, serial_batches=bool(_get(options, "serial_batches", False)), **common)
     if model == "stargan":
         kind = _get(options, "dataset", "auto")
-        crop, size = _get(options, "crop_size"), _get(options, "image_size", 128)
+        size = _get(options, "image_size", 128)
+        crops = {k: _get(options, k) for k in ("crop_size", "rafd_crop_size")}
         attr_path = _get(options, "attr_path")
         if kind == "RaFD" or (kind == "auto" and attr_path is None
                               and not os.path.isfile(os.path.join(root, "list_attr_celeba.txt"))
                               and has_domain_folders(os.path.join(root, phase))):
-            # the reference's --rafd_crop_size 256 (--crop_size given for both kinds of data serves too)
-            crop = _get(options, "rafd_crop_size", crop or 256)
-            return DomainFolderDataset(root, phase, crop, size, flip, cache=cache)
+            return DomainFolderDataset(root, phase, stargan_crop_size(crops, True), size, flip, cache=cache)
         return CelebADataset(root, _get(options, "selected_attrs"), "train" if phase == "train" else "test",
-                             crop or 178, size, attr_path, flip=flip, cache=cache)
+                             stargan_crop_size(crops, False), size, attr_path, flip=flip, cache=cache)
     if model == "stackgan":
         return CaptionedDataset(root, _get(options, "image_size", 64), _get(options, "text_dim", 1024), flip, cache=cache)
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")

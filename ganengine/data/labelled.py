@@ -66,6 +66,14 @@ def read_attr_file(attr_path: str) -> tuple[list[str], list[tuple[str, list[int]
     return names, rows
 
 
+def celeba_image_dir(dataroot: str) -> str:
+    """DATAROOT/images, or DATAROOT/img_align_celeba (CelebA's own folder) where only that exists."""
+    image_dir = os.path.join(dataroot, "images")
+    if not os.path.isdir(image_dir) and os.path.isdir(os.path.join(dataroot, "img_align_celeba")):
+        image_dir = os.path.join(dataroot, "img_align_celeba")
+    return image_dir
+
+
 def test_split_size(n: int) -> int:
     """The reference's CelebA test split: lines i with (i + 1) < 2000, the first 1999; a tenth of a
     small data set, which 1999 would leave without a training split."""
@@ -78,9 +86,7 @@ class CelebADataset(SeededDataset):
                  image_dir: str | None = None, test_size: int | None = None, flip: bool = True, cache="auto"):
         attr_path = attr_path or os.path.join(dataroot, "list_attr_celeba.txt")
         if image_dir is None:
-            image_dir = os.path.join(dataroot, "images")
-            if not os.path.isdir(image_dir) and os.path.isdir(os.path.join(dataroot, "img_align_celeba")):
-                image_dir = os.path.join(dataroot, "img_align_celeba")
+            image_dir = celeba_image_dir(dataroot)
         if not os.path.isfile(attr_path) and has_domain_folders(dataroot):
             raise DataError(f"attribute file {attr_path!r} does not exist, and {dataroot!r} holds one folder per "
                             "domain: a RaFD-style split. Pass --dataroot the folder above it (the one holding "

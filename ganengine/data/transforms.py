@@ -57,6 +57,12 @@ class TransformOptions:
     resample: int = Image.BICUBIC  # the resize filter (junyanz's; StackGAN's get_img uses BILINEAR)
     center: bool = False  # crop at the centre, not at random (evaluation)
 
+    def held_out(self) -> "TransformOptions":
+        """The transform of the other splits (evaluation, sample, translate): the reference's test
+        options (load_size = crop_size: "avoid cropping when testing"), any crop central rather
+        than random, no flip."""
+        return TransformOptions(self.preprocess, self.crop_size, self.crop_size, False, self.resample, center=True)
+
     def check(self) -> "TransformOptions":
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"--preprocess must be one of {PREPROCESS}, got {self.preprocess!r}")
@@ -146,6 +152,15 @@ def apply(img: Image.Image, o: TransformOptions, params: dict) -> torch.Tensor:
     if params.get("flip"):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(img)
+
+
+def stargan_crop_size(options: dict, folder_per_domain: bool) -> int:
+    """StarGAN's centre crop, as the reference's defaults: --rafd_crop_size (else --crop_size, else
+    256) for folder-per-domain (RaFD) data, --crop_size (--celeba_crop_size, else 178) for CelebA."""
+    crop = options.get("crop_size")
+    if folder_per_domain:
+        return options.get("rafd_crop_size") or crop or 256
+    return crop or 178
 
 
 def stargan(img: Image.Image, crop_size: int, image_size: int, flip: bool, g: torch.Generator) -> torch.Tensor:

@@ -116,13 +116,16 @@ class CycleGAN(GANModel):
                              lambda_identity=o["lambda_identity"])
 
     @torch.no_grad()
-    def translate(self, batch: dict) -> torch.Tensor:
-        real_A, _ = self._inputs(batch)
-        net = self.netG_A  # with direction BtoA, "A" is the B folder (the reference swaps the inputs)
+    def translate(self, batch: dict, reverse: bool = False) -> torch.Tensor:
+        """G_A(real_A); ``reverse``: G_B(real_B), the B -> A direction (``ganengine translate
+        --reverse``). In training mode unless ``eval``, as the reference's test."""
+        # (with direction BtoA, "A" is the B folder: the reference swaps the inputs, as _inputs)
+        a, b = ("A", "B") if self.options["direction"] == "AtoB" else ("B", "A")
+        net, x = (self.netG_B, self._to_device(batch[b])) if reverse else (self.netG_A, self._to_device(batch[a]))
         was_training = net.training
         net.train(not self.options["eval"])
         try:
-            return per_image_in_training_mode(net, real_A)
+            return per_image_in_training_mode(net, x)
         finally:
             net.train(was_training)
 
