@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train(model, tmp_path, extra="", steps=2):
-    argv = (["train", model] + TINY_FLAGS[model].split() + ["--checkpoints_dir", str(tmp_path), "--name", "run",
+    argv = (["train", model] + TINY_FLAGS.get(model, "").split() + ["--checkpoints_dir", str(tmp_path), "--name", "run",
             "--max_steps", str(steps), "--no_progress", "--tensorboard", "off"] + extra.split())
     return main(argv)
 
@@ -126,9 +126,7 @@ def test_bad_values_give_clear_errors(model, extra, message, tmp_path, capsys):
     ("cgan", "--channels 4 --img_size 8 --latent_dim 4 --batch_size 2", "--channels 4"),
 ])
 def test_channel_count_the_data_cannot_give(model, extra, message, tmp_path, capsys):
-    argv = ["train", model] + TINY_FLAGS.get(model, "").split() + extra.split() + [
-        "--checkpoints_dir", str(tmp_path), "--name", "run", "--max_steps", "1", "--no_progress", "--tensorboard", "off"]
-    assert main(argv) == 2
+    assert _train(model, tmp_path, extra, steps=1) == 2
     err = capsys.readouterr().err
     assert message in err and "use --" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # reported before the run folder is touched
@@ -156,9 +154,7 @@ def test_grayscale_channels_train(tmp_path):
     ("dcgan", "--ema true --ema_decay 1.5", "--ema_decay must be in [0, 1)"),
 ])
 def test_numeric_options_name_the_option(model, extra, message, tmp_path, capsys):
-    argv = ["train", model] + TINY_FLAGS.get(model, "").split() + extra.split() + [
-        "--checkpoints_dir", str(tmp_path), "--name", "run", "--max_steps", "1", "--no_progress", "--tensorboard", "off"]
-    assert main(argv) == 2
+    assert _train(model, tmp_path, extra, steps=1) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "Invalid" not in err
     assert not (tmp_path / "run").exists()
