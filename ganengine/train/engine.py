@@ -159,6 +159,11 @@ def _interrupt(signum) -> KeyboardInterrupt:
     return Terminated(f"signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def _changed(old: dict, new: dict) -> list[tuple]:
+    """(key, old value, new value) for the keys whose values differ, sorted."""
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def _same_folder(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -371,20 +376,19 @@ class Trainer:
         self.model.load_extra_state(state.get("extra", {}))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
         self._convert_position(state)
-        old_data, new_data = state.get("data") or {}, json.loads(json.dumps(self.cfg.data_options or {}))
-        changed = sorted(k for k in set(old_data) | set(new_data) if old_data.get(k) != new_data.get(k))
-        if changed and self.dist.is_main:
+        if self.dist.is_main:
             # (the run continues with the options given now: a default that changed between
             # versions, e.g. the synthesis models' flips, shows here)
-            print("ganengine: resuming with data options that differ from the run's: " + ", ".join(
-                f"{k} {old_data.get(k)!r} (now {new_data.get(k)!r})" for k in changed), file=sys.stderr)
-        saved = state.get("schedule")
-        if saved is not None and saved != self._schedule_options() and self.dist.is_main:
-            changed = ", ".join(f"--{k} {saved.get(k)} (now {v})" for k, v in self._schedule_options().items()
-                                if saved.get(k) != v)
-            print(f"ganengine: resuming with {changed}: the learning-rate schedules follow the new values from "
-                  f"step {self.step} on (a rate may rise again); resume with the old values to keep the run's",
-                  file=sys.stderr)
+            old_data = state.get("data") or {}
+            changed = _changed(old_data, json.loads(json.dumps(self.cfg.data_options or {})))
+            if changed:
+                print("ganengine: resuming with data options that differ from the run's: " + ", ".join(
+                    f"{k} {old!r} (now {new!r})" for k, old, new in changed), file=sys.stderr)
+            changed = _changed(state.get("schedule") or {}, self._schedule_options()) if "schedule" in state else []
+            if changed:
+                print("ganengine: resuming with " + ", ".join(f"--{k} {old} (now {new})" for k, old, new in changed)
+                      + f": the learning-rate schedules follow the new values from step {self.step} on (a rate may "
+                      "rise again); resume with the old values to keep the run's", file=sys.stderr)
         self.best = dict(state.get("evaluation") or {}) or None
         per_rank = state["rng"]["per_rank"]
         if len(per_rank) == self.dist.world_size:
@@ -584,11 +588,11 @@ class Trainer:
                                 print(f"ganengine: {line}", file=sys.stderr)
                     if self.step >= self.total_steps:
                         break
-                    if save_now:
-                        self.save()
+                    saved = self.save() if save_now else None
                     if self._stop_signal is not None:  # (a step boundary: the state is whole)
-                        if not bool(self._bad.item()):
-                            self.interrupted_checkpoint = self.save()
+                        if saved is None and not bool(self._bad.item()):  # (not saved twice)
+                            saved = self.save()
+                        self.interrupted_checkpoint = saved
                         raise _interrupt(self._stop_signal)
                     if self.batch_in_epoch >= self.steps_per_epoch:
                         break
