@@ -1,4 +1,5 @@
 """``restored(tensors)``: run something, then put the tensors' values back in place.
+``version(t)``: a tensor's version counter (bumped by every in-place change), for staleness checks.
 
 Used wherever ganengine runs a network for its own purposes (export's trial call, evaluation and
 sample draws in training mode) and must leave its running statistics, spectral-norm vectors or
@@ -20,3 +21,9 @@ def restored(tensors: Iterable[torch.Tensor]):
         with torch.no_grad():
             for t, v in saved:
                 t.copy_(v)
+
+
+def version(t: torch.Tensor) -> int:
+    """``t._version``; -1 for an inference tensor, which keeps no version counter (and cannot be
+    changed in place outside inference mode)."""
+    return -1 if t.is_inference() else t._version

@@ -44,18 +44,11 @@ class StepContext:
 DEFAULT_CONTEXT = StepContext()
 
 
-def unwrap_ddp(net: nn.Module) -> nn.Module:
-    """``net`` without a DistributedDataParallel wrapper (under torch.compile's too)."""
-    inner = getattr(net, "_orig_mod", net)
-    return inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else net
-
-
 def average_gradients(net: nn.Module, wrapped: nn.Module) -> None:
     """Average ``net``'s gradients over the processes where ``wrapped`` is its DDP wrapper (a
     backward that ran on the bare ``net``, which DDP's hooks did not see); nothing otherwise.
     Parameters without a gradient are the same on every process (same graph): skipped."""
-    inner = getattr(wrapped, "_orig_mod", wrapped)
-    if not isinstance(inner, nn.parallel.DistributedDataParallel):
+    if not isinstance(getattr(wrapped, "_orig_mod", wrapped), nn.parallel.DistributedDataParallel):
         return
     import torch.distributed as dist
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 
 import ganengine.functional as GF
-from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, average_gradients, set_requires_grad,
-                                   unwrap_ddp)
+from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, average_gradients, set_requires_grad
 from ganengine.models.networks_sagan import SAGANDiscriminator, SAGANGenerator
-from ganengine.models.synthesis_tools import latent_optimise
+from ganengine.models.synthesis_tools import latent_optimise, unwrap
 
 LATENT_OPTIONS = dict(latent_optimisation=False, lo_rate=0.5, lo_alpha=0.9, lo_beta=5.0, lo_steps=1)
 
@@ -115,7 +114,7 @@ class SAGAN(GANModel):
             # the penalty's own step, as the reference: its backward reaches only the parameters the
             # input gradient depends on (not the biases), which a DDP wrapper would wait for; so it
             # runs on the bare D and its gradients are averaged over the processes here
-            d_net = unwrap_ddp(self.D)
+            d_net = unwrap(self.D)
             with torch.autocast(real.device.type, enabled=False):  # squared gradient norms: fp32
                 d_loss_gp = GF.gradient_penalty(d_net, real.float(), fake.float(), weight=1.0)
             ctx.zero_grad(opt_D)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ganengine._state import restored
-from ganengine.models.base import GANModel, set_requires_grad, unwrap_ddp
+from ganengine.models.base import GANModel, set_requires_grad
 
 EMA_OPTIONS = dict(ema=False, ema_decay=0.999, ema_start=0, use_ema=True)
 
@@ -263,7 +263,9 @@ class SynthesisGAN(GANModel):
         """``net`` without its DistributedDataParallel wrapper, for a pass whose parameters are
         frozen (no gradients to synchronise; a DDP wrapper with ``find_unused_parameters`` would
         otherwise wait for them)."""
-        return unwrap_ddp(net)
+        from ganengine.models.synthesis_tools import unwrap
+
+        return unwrap(net)
 
     def _real_images(self, batch: dict, channels: int, size: int | None) -> torch.Tensor:
         real = self._to_device(batch["image"])

@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine._state import version
 from ganengine.ops.losses import MODES, cycle_loss, discriminator_loss, gan_loss
-
-
-def _version(t: torch.Tensor) -> int:
-    return -1 if t.is_inference() else t._version
 
 
 class GANLoss(nn.Module):
@@ -30,7 +27,7 @@ class GANLoss(nn.Module):
         self.register_buffer("real_label", torch.tensor(float(target_real_label)))
         self.register_buffer("fake_label", torch.tensor(float(target_fake_label)))
         # Python copies: reading the buffers per call would synchronise a GPU. They are re-read
-        # when a buffer changed (an edit in place bumps its version; a new tensor has a new id),
+        # when a buffer changed (an edit in place bumps its version; a new buffer is another object),
         # as the reference reads them on every call (a label-smoothing schedule, a load)
         self._labels = (float(target_real_label), float(target_fake_label))
         self._label_key = self._buffers_key()
@@ -40,12 +37,12 @@ class GANLoss(nn.Module):
         r, f = b["real_label"], b["fake_label"]
         # (the buffer objects themselves: a new tensor is another object; inference tensors keep
         # no version counter, and cannot be edited outside inference mode)
-        return r, f, _version(r), _version(f)
+        return r, f, version(r), version(f)
 
     def _current(self) -> tuple[float, float]:
         b, key = self._buffers, self._label_key
         r, f = b["real_label"], b["fake_label"]
-        if (r is not key[0] or f is not key[1] or _version(r) != key[2] or _version(f) != key[3]) \
+        if (r is not key[0] or f is not key[1] or version(r) != key[2] or version(f) != key[3]) \
                 and not torch.compiler.is_compiling():  # (compiled: the labels as of the first call)
             self._labels = (float(r), float(f))
             self._label_key = self._buffers_key()

@@ -30,16 +30,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 
+from ganengine._state import version
 from ganengine.backends import use_backend
 from ganengine.fuse import register_module_rule
 from ganengine.ops.spectral_norm import U_STEP, choose_backend, run_group, run_layer, torch_iterate, weight_matrix
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _version(t: torch.Tensor) -> int:
-    # (inference tensors keep no version counter; they cannot be edited outside inference mode)
-    return -1 if t.is_inference() else t._version
 
 
 class SpectralNorm(nn.Module):
@@ -79,7 +75,7 @@ class SpectralNorm(nn.Module):
             self._pending = None
             # refreshed by a SpectralNormGroup for this very tensor, unchanged since (an optimiser
             # step or load_state_dict in between bumps its version: then computed afresh)
-            if pending[0] is weight and pending[1] == _version(weight):
+            if pending[0] is weight and pending[1] == version(weight):
                 return pending[2]
         steps = 2 * self.n_power_iterations if self.training else 0
         return run_layer(weight, self._u, self._v, U_STEP, steps, self.eps, self.dim, "pytorch", in_place=True)[0]
@@ -180,7 +176,6 @@ class SpectralNormGroup:
                     plist[0] = first
                 if isinstance(first, SpectralNorm) and plist.original.dim() > 1:
                     self.layers.append((owner, tensor_name, first))
-        self._handle = None
         self.attached = False
         self.last_refresh: dict[str, int] = {}
         if not self.layers:
@@ -203,8 +198,8 @@ class SpectralNormGroup:
             current.detach()  # one group per model (two would both iterate every layer)
         self.model.__dict__[_GROUP_ATTR] = self
         self.attached = True
-        if self._handle is None and not self.model.__dict__.get(_HOOKED_ATTR, False):
-            self._handle = self.model.register_forward_pre_hook(_refresh_hook)
+        if not self.model.__dict__.get(_HOOKED_ATTR, False):  # (one hook per model, kept: detach() unbinds)
+            self.model.register_forward_pre_hook(_refresh_hook)
             self.model.__dict__[_HOOKED_ATTR] = True
         return self
 
@@ -212,11 +207,6 @@ class SpectralNormGroup:
         self.attached = False
         if self.model.__dict__.get(_GROUP_ATTR) is self:
             self.model.__dict__[_GROUP_ATTR] = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handle"] = None  # (the copied model holds its own hook entry)
-        return state
 
     def refresh(self) -> None:
         """Compute every layer's normalised weight now (see the class docstring)."""
@@ -241,7 +231,7 @@ class SpectralNormGroup:
             w_sns, _ = run_group(weights, [sn.dim for sn in sns], [sn._u for sn in sns], [sn._v for sn in sns],
                                  U_STEP, steps, eps, steps > 0, backend)
             for sn, weight, w_sn in zip(sns, weights, w_sns):
-                sn._pending = (weight, _version(weight), w_sn)
+                sn._pending = (weight, version(weight), w_sn)
             self.last_refresh[backend] = self.last_refresh.get(backend, 0) + len(sns)
 
     def clear(self) -> None:
