@@ -194,6 +194,12 @@ def test_fuse_is_idempotent():
     once, r1 = ganengine.fuse(net, return_report=True)
     twice, r2 = ganengine.fuse(once, return_report=True)
     assert dict(r2) == {} and [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+    # a pattern declined the first time is still there, unfused: the second report says so again
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.LeakyReLU(0.2), nn.InstanceNorm2d(8), nn.ReLU())
+    once, r1 = ganengine.fuse(net, return_report=True)
+    twice, r2 = ganengine.fuse(once, return_report=True)
+    assert dict(r1) == {"instance_norm+act": 1} and dict(r2) == {}
+    assert r2.declined == r1.declined and [d.rule for d in r1.declined] == ["conv2d+leaky_relu"]
 
 
 def test_bad_arguments_name_the_argument():
