@@ -18,3 +18,29 @@ def test_every_op_case_has_a_tiny_shape_and_measures():
         assert r["eager_kernels"] >= 1 and r["ganengine_kernels"] >= 1
     table = host_cost.markdown(recs)
     assert cases[0].name in table and "kernels eager" in table
+
+
+def test_optimiser_and_module_cases_measure_the_same_work():
+    """rmsprop_step: both optimisers make the same update (their own copies of the same
+    parameters); the kernel counts exclude the profiler's record_function markers (no kernel)
+    and the first step's state allocation. gan_loss_module: the reference module's loss."""
+    import torch
+
+    case = registry.all_cases()["rmsprop_step"]
+    work = case.setup(host_cost.tiny_shape(case), torch.device("cpu"), torch.float32)
+    work.reference(), work.fused()
+    ref_p = [c.cell_contents for c in work.reference.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer)]
+    fused_p = [c.cell_contents for c in work.fused.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer)]
+    for a, b in zip(ref_p[0].param_groups[0]["params"], fused_p[0].param_groups[0]["params"]):
+        # two RMSprop steps of lr 5e-5 on equal starts: fp32 rounding of |p| ~ 4 and of the steps
+        torch.testing.assert_close(a, b, rtol=0, atol=4 * 2 ** -21)
+    (rec,) = host_cost.measure([case], calls=2, rounds=1, with_kernels=True)
+    assert rec["status"] == "ok", rec["reason"]
+    n = len(work.args) // 2  # parameters
+    # multi-tensor RMSprop: step += 1, square_avg *= a, += (1 - a) g^2, sqrt, + eps, addcdiv;
+    # FusedRMSprop: the step counters, then the fused kernel
+    assert (rec["eager_kernels"], rec["ganengine_kernels"]) == (6, 2) and n == 6
+    loss = registry.all_cases()["gan_loss_module"].setup(dict(n=1, h=3, w=5), torch.device("cpu"), torch.float32)
+    x = loss.args[0]
+    torch.testing.assert_close(loss.fused(x), torch.nn.functional.mse_loss(x, torch.ones_like(x)))
+    torch.testing.assert_close(loss.reference(x), torch.nn.functional.mse_loss(x, torch.ones_like(x)))

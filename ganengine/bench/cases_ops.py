@@ -298,6 +298,40 @@ def _losses(mod):
             shapes={"ref": [dict(n=1, h=256, w=256)], "quick": [dict(n=1, h=32, w=32)], "tiny": [dict(n=1, h=4, w=4)]},
             traffic_shape=dict(n=1, h=32, w=32),
         ))
+    _gan_loss_module()
+
+
+class _ReferenceGANLoss(torch.nn.Module):
+    """The CycleGAN reference's GANLoss module (junyanz models/networks.py), lsgan / vanilla: the
+    label buffer expanded to the prediction's shape, then MSELoss / BCEWithLogitsLoss."""
+
+    def __init__(self, gan_mode):
+        super().__init__()
+        self.register_buffer("real_label", torch.tensor(1.0))
+        self.register_buffer("fake_label", torch.tensor(0.0))
+        self.loss = torch.nn.MSELoss() if gan_mode == "lsgan" else torch.nn.BCEWithLogitsLoss()
+
+    def forward(self, prediction, target_is_real):
+        target = (self.real_label if target_is_real else self.fake_label).expand_as(prediction)
+        return self.loss(prediction, target)
+
+
+def _gan_loss_module():
+    """ganengine.nn.GANLoss, the module the reference's training code holds, against the reference's."""
+    from ganengine.nn.losses import GANLoss
+
+    def setup(p, device, dtype):
+        logits = _randn((p["n"], 1, p["h"], p["w"]), device, dtype)
+        ref, fused = _ReferenceGANLoss("lsgan").to(device), GANLoss("lsgan").to(device)
+        return Workload(args=(logits,), reference=lambda x: ref(x, True), fused=lambda x: fused(x, True),
+                        grad_args=(0,))
+
+    register(BenchCase(
+        name="gan_loss_module", family="losses", kind="op", setup=setup,
+        description="GANLoss('lsgan') module called with target_is_real=True (pix2pix / CycleGAN G step)",
+        shapes={"ref": [dict(n=1, h=30, w=30)], "quick": [dict(n=2, h=30, w=30)], "tiny": [dict(n=1, h=4, w=4)]},
+        traffic_shape=dict(n=2, h=30, w=30),
+    ))
 
 
 # ----------------------------------------------------------------------------- batch_norm_act
@@ -433,6 +467,54 @@ _FAMILIES = {
 }
 
 
+# ----------------------------------------------------------------------------- optimiser
+def _wgan_critic_shapes(p) -> list[tuple]:
+    """The parameters of PyTorch-GAN's WGAN critic (an MLP img -> 512 -> 256 -> 1), widths / scale."""
+    s = p.get("scale", 1)
+    dims = [p["img"], 512 // s, 256 // s, 1]
+    return [shape for a, b in zip(dims, dims[1:]) for shape in ((b, a), (b,))]
+
+
+def register_optimiser() -> bool:
+    """FusedRMSprop's step (one fused multi-tensor kernel) against torch.optim.RMSprop's (WGAN's
+    optimiser, lr 5e-5, multi-tensor): timed as "forward" (a step has no backward). The gradients
+    are fixed; each optimiser updates its own copy of the parameters."""
+    try:
+        from ganengine.models.fused_rmsprop import FusedRMSprop
+    except Exception as exc:  # (as _op_module: one missing piece must not break the others)
+        unavailable["optim"] = f"ganengine.models.fused_rmsprop failed to import: {type(exc).__name__}: {exc}"
+        return False
+
+    def setup(p, device, dtype):
+        def params():
+            g = torch.Generator().manual_seed(0)
+            out = []
+            for shape in _wgan_critic_shapes(p):
+                t = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
+                t.grad = torch.randn(shape, generator=g).to(device, dtype)
+                out.append(t)
+            return out
+
+        ref_params, fused_params = params(), params()
+        # foreach: what torch.optim.RMSprop runs on CUDA tensors by default (on CPU tensors its
+        # default is a per-parameter loop, slower: the multi-tensor form is the stricter baseline)
+        ref = torch.optim.RMSprop(ref_params, lr=5e-5, foreach=True)
+        fused = FusedRMSprop(fused_params, lr=5e-5)
+        ref.step(), fused.step()  # the state exists from the first step on: time the steady state
+        # args: the tensors each step reads and writes (for the traffic counts; the steps ignore them)
+        args = tuple(ref_params) + tuple(t.grad for t in ref_params)
+        return Workload(args=args, reference=lambda *a: ref.step(), fused=lambda *a: fused.step())
+
+    register(BenchCase(
+        name="rmsprop_step", family="optim", kind="op", setup=setup, modes=("forward",), compile_ok=False,
+        triton_kernels=False,
+        description="one RMSprop step over the WGAN critic's parameters (FusedRMSprop vs torch.optim.RMSprop)",
+        shapes={"ref": [dict(img=784)], "quick": [dict(img=64, scale=8)], "tiny": [dict(img=16, scale=64)]},
+        traffic_shape=dict(img=64, scale=8),
+    ))
+    return True
+
+
 def register_all() -> list[str]:
     """Register the cases of every op family present in this build; returns the families."""
     found = []
@@ -445,4 +527,6 @@ def register_all() -> list[str]:
             continue
         fn(mod)
         found.append(family)
+    if register_optimiser():
+        found.append("optim")
     return found

@@ -142,7 +142,7 @@ def markdown(records: list[dict]) -> str:
             notes.append(f"- {r['case']} {r['mode']}: {r['reason']}")
             continue
         k = lambda v: "" if v is None else str(v)  # noqa: E731
-        used = ",".join(sorted(set(r.get("backends", {}).values()))) or "?"
+        used = ",".join(sorted(set(r.get("backends", {}).values()))) or "-"
         lines.append("| " + " | ".join([
             r["case"], r["shape_label"], r["mode"], used, f"{r['eager_us']:.1f}", f"{r['ganengine_us']:.1f}",
             f"{r['ratio']:.2f}x", k(r["eager_kernels"]), k(r["ganengine_kernels"])]) + " |")

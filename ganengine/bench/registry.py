@@ -53,6 +53,9 @@ class BenchCase:
     compile_ok: bool = True
     # shape used for traffic counting under the interpreter (None: the first quick shape)
     traffic_shape: dict | None = None
+    # the fused function launches Triton kernels on the triton backend (False: aten ops only,
+    # e.g. an optimiser step on torch's fused kernel; its kernels are counted as aten ops)
+    triton_kernels: bool = True
 
     def shape_list(self, size: str) -> list[dict]:
         if size not in self.shapes:
