@@ -459,6 +459,40 @@ def test_export_command_synthesis_generators(name, tmp_path, capsys):
         _close(g, w)
 
 
+@pytest.mark.parametrize("name", sorted(SYNTHESIS_CASES))
+def test_export_reference_checkpoints_of_synthesis_models(name, tmp_path, capsys):
+    """--format state_dict --reference of every synthesis model's G and D (what
+    load_reference_checkpoint's error tells users to run): the files load back through
+    load_reference_checkpoint with the arch and equal the networks' weights; a network the
+    reference has no counterpart of (U-Net GAN's D) is a one-line error."""
+    from ganengine.cli.export import _SYNTHESIS_ARCHS
+
+    model, run = _synthesis_run(name, tmp_path)
+    for net_name, arch in zip(("G", "D"), _SYNTHESIS_ARCHS[name]):
+        out = tmp_path / f"{net_name}.pth"
+        rc = cli_main(["export", "--checkpoint", str(run), "--format", "state_dict", "--reference",
+                       "--network", net_name, "--output", str(out)])
+        err = capsys.readouterr().err
+        if arch is None:
+            assert rc == 2 and f"no reference format known for network {net_name!r}" in err, err
+            continue
+        assert rc == 0, err
+        sd = torch.load(out, weights_only=True)
+        ours = getattr(model, net_name).state_dict()
+        assert set(sd) == set(ours)
+        for k in sd:
+            torch.testing.assert_close(sd[k], ours[k], rtol=0, atol=0)
+        from ganengine.models import CheckpointMismatchError, load_reference_checkpoint
+
+        try:  # the arch's default sizes, else the call the mismatch error suggests, as a user runs it
+            net = load_reference_checkpoint(str(out), arch)
+        except CheckpointMismatchError as exc:
+            call = str(exc).rsplit("its shapes fit ", 1)[1]
+            net = eval(call, {"load_reference_checkpoint": load_reference_checkpoint, "path": str(out)})
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(v, ours[k], rtol=0, atol=0)
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", ["cgan", "icgan", "sagan", "unetgan"])
 def test_export_command_synthesis_discriminators(name, tmp_path, capsys):

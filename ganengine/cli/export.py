@@ -192,19 +192,42 @@ def example_input(model, net_name: str, image_size: int | None = None, batch: in
     return torch.rand(batch, channels, size, size, device=device) * 2 - 1
 
 
+# the reference architectures of the synthesis models' networks: (generator, discriminator);
+# None where the reference has no such network (ADC-GAN's 2K-way D; U-Net GAN's U-Net D)
+_SYNTHESIS_ARCHS = {
+    "dcgan": ("dcgan_G", "dcgan_D"), "wgan": ("wgan_gp_G", "wgan_gp_D"), "wgan_gp": ("wgan_gp_G", "wgan_gp_D"),
+    "cgan": ("cgan_G", "cgan_D"), "acgan": ("acgan_G", "acgan_D"), "adcgan": ("acgan_G", None),
+    "infogan": ("infogan_G", "infogan_D"), "sagan": ("sagan_G", "sagan_D"), "biggan": ("biggan_G", "biggan_D"),
+    "biggan_deep": ("biggan_deep_G", "biggan_deep_D"), "icgan": ("icgan_G", "icgan_D"), "unetgan": ("biggan_G", None),
+}
+_GENERATORS = ("G", "G_ema", "netG", "netG_A", "netG_B")
+_DISCRIMINATORS = ("D", "netD", "netD_A", "netD_B")
+
+
 def reference_arch(model, net_name: str) -> str:
     """The ``arch`` name of ``save_reference_checkpoint`` for the exported network."""
     if hasattr(model, "reference_arch"):
         return model.reference_arch(net_name)
     o = dict(getattr(model, "options", {}) or {})
     name = getattr(model, "MODEL_NAME", "")
-    if name in ("pix2pix", "cyclegan"):
-        return o.get("netG") or ("unet_256" if name == "pix2pix" else "resnet_9blocks")
-    if name == "stargan":
-        return "stargan_G"
-    if name == "stackgan":
-        return f"stackgan_stage{_opt(o, 'stage', 'STAGE', default=1)}_G"
-    raise ValueError(f"no reference format known for model {name!r}")
+    is_g, is_d = net_name in _GENERATORS, net_name in _DISCRIMINATORS
+    arch = None
+    if name in ("pix2pix", "cyclegan", "csgan"):
+        if is_g:
+            arch = o.get("netG") or ("unet_256" if name == "pix2pix" else "resnet_9blocks")
+        elif is_d:
+            arch = "pixel" if o.get("netD") == "pixel" else "patchgan"
+    elif name == "stargan" and (is_g or is_d):
+        arch = "stargan_G" if is_g else "stargan_D"
+    elif name == "stackgan" and (is_g or is_d):
+        arch = f"stackgan_stage{_opt(o, 'stage', 'STAGE', default=1)}_{'G' if is_g else 'D'}"
+    elif name in _SYNTHESIS_ARCHS and (is_g or is_d):
+        arch = _SYNTHESIS_ARCHS[name][0 if is_g else 1]
+    if arch is None:
+        raise ValueError(f"no reference format known for network {net_name!r} of model {name!r} "
+                         "(--reference writes the reference implementation's own checkpoint; "
+                         "without it the state dict is written with ganengine's keys)")
+    return arch
 
 
 def auto_norm_stats(model) -> str:

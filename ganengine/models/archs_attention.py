@@ -158,7 +158,8 @@ SPECS = {
     "biggan_G": (_signature_defaults(nb.BigGANGenerator), _biggan_builder(nb.BigGANGenerator), _infer_biggan_g),
     "biggan_D": (_signature_defaults(nb.BigGANDiscriminator), _biggan_builder(nb.BigGANDiscriminator),
                  _infer_biggan_d),
-    "biggan_deep_G": (_signature_defaults(nbd.BigGANDeepGenerator), _biggan_builder(nbd.BigGANDeepGenerator),
+    # (hier=True: the reference's BigGAN-deep generator runs only with it; its signature says False)
+    "biggan_deep_G": ({**_signature_defaults(nbd.BigGANDeepGenerator), "hier": True}, _biggan_builder(nbd.BigGANDeepGenerator),
                       _infer_biggan_deep_g),
     "biggan_deep_D": (_signature_defaults(nbd.BigGANDeepDiscriminator), _biggan_builder(nbd.BigGANDeepDiscriminator),
                       _infer_biggan_deep_d),
