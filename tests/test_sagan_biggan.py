@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import ganengine.models as gm
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 from ganengine.models import (CheckpointMismatchError, build_network, load_reference_checkpoint,
                               save_reference_checkpoint)
 from ganengine.models import biggan_ops
@@ -484,3 +485,39 @@ def test_biggan_and_sagan_resume_exactly(tmp_path):
             for k, v in a["networks"][net].items():
                 torch.testing.assert_close(b["networks"][net][k], v, atol=0, rtol=0, msg=f"{model} {net}.{k}")
         assert b["extra"] == a["extra"]
+
+
+@pytest.mark.parametrize("name,options", [
+    ("sagan", dict(g_conv_dim=8, d_conv_dim=8, z_dim=8)),
+    ("biggan", dict(resolution=32, n_classes=3, G_ch=4, D_ch=4, G_attn="16", D_attn="16", dim_z=8, G_ortho=1e-3,
+                    D_ortho=1e-3)),
+    ("biggan_deep", dict(resolution=32, n_classes=3, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=8)),
+    ("unetgan", dict(resolution=32, n_classes=3, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_channels_last_models_train_as_contiguous_ones(name, options, one_thread):
+    """`--channels_last` (the engine's model.to(memory_format=channels_last)) on the spectral-norm
+    models: their weights are no longer contiguous, which the SN power iterations and BigGAN's
+    orthogonal regulariser used to .view() (a crash at the first step). One step in either
+    layout from the same state: the same losses and weights, to the reference step's bounds."""
+    from ganengine.models import build_model
+
+    torch.manual_seed(7)
+    nchw = build_model(name, **options)
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in nhwc.G.parameters())
+    size = 64 if name == "sagan" else 32
+    image = torch.rand(2, 3, size, size) * 2 - 1
+    batches = [{"image": image, "label": torch.tensor([0, 2])},
+               {"image": image.contiguous(memory_format=torch.channels_last), "label": torch.tensor([0, 2])}]
+    results = []
+    for model, batch in zip((nchw, nhwc), batches):
+        opts = model.make_optimizers()
+        torch.manual_seed(11)
+        results.append(model.train_step(batch, opts))
+    for k, want in results[0].items():
+        torch.testing.assert_close(results[1][k], want, atol=2e-4 * (1 + abs(float(want))), rtol=0, msg=k)
+    drift = 3 * max(v for k, v in nchw.options.items() if k.endswith("lr") and isinstance(v, float))
+    for net in nchw.network_names:
+        got = getattr(nhwc, net).state_dict()
+        for k, v in getattr(nchw, net).state_dict().items():
+            torch.testing.assert_close(got[k], v, atol=drift, rtol=1e-3, msg=f"{net}.{k}")

@@ -54,7 +54,7 @@ def _orthogonalise(x: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
 
 
 def biggan_sigma(m: nn.Module) -> torch.Tensor:
-    w = m.weight.view(m.weight.size(0), -1)
+    w = m.weight.reshape(m.weight.size(0), -1)
     if getattr(m, "transpose", False):
         w = w.t()
     buffers = [getattr(m, f"u{i}") for i in range(m.num_svs)]

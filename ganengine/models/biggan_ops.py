@@ -85,7 +85,7 @@ def sn_weight(weight, us, svs, training: bool, eps: float, num_itrs: int, transp
               fused: bool = False):
     """The reference's ``SN.W_()``: ``weight / sigma_0`` with the power iteration's side effects
     (``us`` and ``svs`` written in training mode)."""
-    W = weight.view(weight.size(0), -1)
+    W = weight.reshape(weight.size(0), -1)
     if transpose:
         W = W.t()
     if fused and len(us) == 1:
@@ -138,7 +138,7 @@ def sn_weights_grouped(members: list) -> list:
     training, eps, transpose = m0.training, m0.eps, m0.transpose
     u_bufs = [m.u0 for m in members]
     with torch.no_grad():
-        W = torch.stack([m.weight.view(m.weight.shape[0], -1) for m in members])
+        W = torch.stack([m.weight.reshape(m.weight.shape[0], -1) for m in members])
         if transpose:
             W = W.transpose(1, 2)
         u = torch.stack(u_bufs)  # (K, 1, rows)

@@ -106,7 +106,7 @@ class SpectralNorm(nn.Module):
     def _make_params(self) -> None:
         w = getattr(self.module, self.name)
         height = w.data.shape[0]
-        width = w.view(height, -1).data.shape[1]
+        width = w.reshape(height, -1).data.shape[1]
         u = nn.Parameter(w.data.new(height).normal_(0, 1), requires_grad=False)
         v = nn.Parameter(w.data.new(width).normal_(0, 1), requires_grad=False)
         u.data = l2normalize(u.data)
@@ -123,7 +123,7 @@ class SpectralNorm(nn.Module):
         v = getattr(self.module, self.name + "_v")
         w = getattr(self.module, self.name + "_bar")
         height = w.shape[0]
-        w2 = w.view(height, -1)
+        w2 = w.reshape(height, -1)
         if _jit_tracing():
             return _traced_normalized_weight(w, w2, u, self.power_iterations)
         with torch.no_grad():

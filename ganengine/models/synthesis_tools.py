@@ -69,7 +69,7 @@ def ortho_(model: nn.Module, strength: float, blacklist=()) -> None:
     for p in model.parameters():
         if p.dim() < 2 or id(p) in black or p.grad is None:
             continue
-        w = p.view(p.shape[0], -1)
+        w = p.reshape(p.shape[0], -1)
         gram = torch.mm(w, w.t())
         gram.diagonal().zero_()
         p.grad.add_(torch.mm(gram, w).view_as(p), alpha=2.0 * strength)
