@@ -152,6 +152,13 @@ def test_grayscale_channels_train(tmp_path):
     ("biggan", "--dim_z 0", "--dim_z must be a whole number >= 1, got 0"),
     ("biggan", "--BN_eps=-1e-5", "--BN_eps must be a number > 0"),
     ("dcgan", "--ema true --ema_decay 1.5", "--ema_decay must be in [0, 1)"),
+    # a misspelt 'SN' trained G without spectral norm; hier with fewer z entries than chunks failed
+    # in the SN kernel; SAGAN's errors named the constructors' arguments (conv_dim, image_size)
+    ("biggan", "--G_param sn", "--G_param must be 'SN' (spectral norm) or 'None' (plain layers), got 'sn'"),
+    ("biggan", "--G_shared --hier --dim_z 3", "--dim_z 3 is smaller than the 4 chunks --hier splits z into"),
+    ("sagan", "--g_conv_dim 4", "--g_conv_dim must be >= 8"),
+    ("sagan", "--d_conv_dim 4", "--d_conv_dim must be >= 8"),
+    ("sagan", "--imsize 32", "--imsize / --image_size must be 64 for SAGAN"),
 ])
 def test_numeric_options_name_the_option(model, extra, message, tmp_path, capsys):
     assert _train(model, tmp_path, extra, steps=1) == 2

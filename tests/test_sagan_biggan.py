@@ -278,7 +278,10 @@ def test_mismatch_names_a_fitting_call():
     (lambda: build_network("sagan_D", conv_dim=4), "conv_dim must be >= 8"),
     (lambda: build_network("biggan_G", resolution=48), "resolution must be one of"),
     (lambda: build_network("biggan_D", resolution=512), "resolution must be one of"),
-    (lambda: build_network("biggan_deep_G"), "hier=True"),
+    (lambda: build_network("biggan_deep_G", hier=False), "hier=True"),  # (the arch's default: True)
+    (lambda: build_network("biggan_G", G_param="sn", G_ch=2, resolution=32), "G_param must be 'SN'"),
+    (lambda: build_network("biggan_G", hier=True, dim_z=3, G_ch=2, resolution=32), "smaller than the 4 chunks"),
+    (lambda: build_network("icgan_G", hier=True, dim_z=3, G_ch=2, resolution=32), "smaller than the 4 chunks"),
     (lambda: build_network("biggan_deep_G", hier=True, G_depth=1, G_ch=8, resolution=64), "G_depth=1"),
     (lambda: build_network("biggan_G", G_ch=1, resolution=32, G_attn="16"), "at least 8 channels"),
     (lambda: build_network("biggan_G", G_attn="sixty-four"), "joined by '_'"),

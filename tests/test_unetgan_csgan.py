@@ -117,7 +117,9 @@ def test_unet_discriminator_reference_sizes():
 
     for kw, params, keys in ((dict(D_ch=64, resolution=128, D_attn="64", n_classes=1000), 32_574_788, 149),
                              (dict(D_ch=64, resolution=128, D_attn="0", n_classes=1, unconditional=True), 31_481_667, 130),
-                             (dict(D_ch=64, resolution=256, D_attn="0", n_classes=1, unconditional=True), 44_067_651, 154)):
+                             (dict(D_ch=64, resolution=256, D_attn="0", n_classes=1, unconditional=True), 44_067_651, 154),
+                             # the reference attaches attention at index < 5 only: none at 256's 4x4 block
+                             (dict(D_ch=64, resolution=256, D_attn="4", n_classes=1, unconditional=True), 44_067_651, 154)):
         with torch.device("meta"):
             net = UNetDiscriminator(skip_init=True, **kw)
         assert (sum(p.numel() for p in net.parameters()), len(net.state_dict())) == (params, keys), kw

@@ -348,6 +348,33 @@ def _check_model_numbers(model_opts: dict) -> None:
             raise ValueError(f"--{k} must be a whole number >= 0, got {v}")
 
 
+def _check_model_rules(model: str, model_opts: dict, data_opts: dict) -> None:
+    """Constraints of one model's networks, named by the option the user typed (the constructors
+    name their own arguments: conv_dim, image_size)."""
+    if model == "sagan":
+        for k in ("g_conv_dim", "d_conv_dim"):
+            if k in model_opts and model_opts[k] < 8:
+                raise ValueError(f"--{k} must be >= 8 (SAGAN's attention layers have {k} // 8 query channels), "
+                                 f"got {model_opts[k]}")
+        size = model_opts.get("imsize", data_opts.get("image_size", 64))
+        if size != 64:
+            raise ValueError(f"--imsize / --image_size must be 64 for SAGAN (the reference's forward uses the layer "
+                             f"l4, which it builds only for 64x64 images), got {size}")
+    if model in ("biggan", "unetgan", "icgan") and model_opts.get("hier") and "dim_z" in model_opts:
+        from ganengine.models.networks_biggan import G_arch
+
+        resolution = model_opts.get("resolution")
+        arch = G_arch(1, "0").get(resolution)
+        slots = len(arch["in_channels"]) + 1 if arch else 0
+        if model_opts["dim_z"] < slots:
+            raise ValueError(f"--dim_z {model_opts['dim_z']} is smaller than the {slots} chunks --hier splits z into "
+                             f"at resolution {resolution} (one per generator block, one for the linear layer): give "
+                             f"--dim_z >= {slots}")
+    if "G_param" in model_opts and model_opts["G_param"] not in ("SN", "None", "none", None):
+        raise ValueError(f"--G_param must be 'SN' (spectral norm) or 'None' (plain layers), got "
+                         f"{model_opts['G_param']!r}")
+
+
 def make_config(args):
     from ganengine.train import TrainConfig
 
@@ -364,6 +391,7 @@ def make_config(args):
     elif args.model in _NO_FLIP_BY_DEFAULT:
         data_opts["no_flip"] = not args.flip
     _derive_from_data(args.model, model_opts, data_opts, args._model_options)
+    _check_model_rules(args.model, model_opts, data_opts)
     eval_every, eval_opts = _basic.eval_options(args)
     name = args.name or f"{args.model}_" + (os.path.basename(os.path.normpath(args.dataroot)) if args.dataroot else "sample")
     run_dir = os.path.join(args.checkpoints_dir, name)

@@ -89,12 +89,19 @@ def check_activation(owner, name, act):
 
 
 def sn_partials(param: str, num_svs: int, num_itrs: int, eps: float, owner: str):
-    """(which_conv, which_linear) for G_param / D_param 'SN' (or plain layers otherwise)."""
+    """(which_conv, which_linear) for G_param 'SN' (spectral norm) or 'None' (plain layers).
+
+    The reference builds plain layers for any value but 'SN' (its help also names 'SVD', which it
+    never implemented): a misspelt 'SN' would silently train G without spectral norm, so only
+    'SN' and 'None' are taken."""
     if param == "SN":
         conv = functools.partial(L.SNConv2d, kernel_size=3, padding=1, num_svs=num_svs, num_itrs=num_itrs, eps=eps)
         linear = functools.partial(L.SNLinear, num_svs=num_svs, num_itrs=num_itrs, eps=eps)
         return conv, linear
-    return functools.partial(nn.Conv2d, kernel_size=3, padding=1), nn.Linear
+    if param is None or param in ("None", "none"):
+        return functools.partial(nn.Conv2d, kernel_size=3, padding=1), nn.Linear
+    raise ValueError(f"{owner}: G_param must be 'SN' (spectral norm) or 'None' (plain layers, what the reference "
+                     f"builds for any other value, 'SVD' included), got {param!r}")
 
 
 class BigGANGenerator(nn.Module):
@@ -124,6 +131,10 @@ class BigGANGenerator(nn.Module):
                                  "embedding with each z chunk)")
             self.num_slots = len(self.arch["in_channels"]) + 1
             self.z_chunk_size = self.dim_z // self.num_slots
+            if self.z_chunk_size < 1:
+                raise ValueError(f"{owner}: dim_z={dim_z} is smaller than the {self.num_slots} chunks hier=True splits "
+                                 f"z into at resolution {resolution} (one per block, one for the linear layer): "
+                                 f"give dim_z >= {self.num_slots}")
             self.dim_z = self.z_chunk_size * self.num_slots
         else:
             self.num_slots, self.z_chunk_size = 1, 0

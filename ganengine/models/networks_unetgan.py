@@ -114,7 +114,9 @@ class UNetDiscriminator(nn.Module):
             else:
                 stage = [GBlock2(cin, cout, which_conv=self.which_conv, activation=self.activation,
                                  upsample=L.upsample2x, skip_connection=True)]
-            if self.arch["attention"][self.arch["resolution"][index]] and index < n:  # encoder only, as the reference
+            # the reference's condition is index < 5, a constant (its 128 model's encoder depth): at
+            # 256 the last encoder block (4x4) gets no attention even where D_attn names 4
+            if self.arch["attention"][self.arch["resolution"][index]] and index < 5:
                 stage.append(L.Attention(cout, self.which_conv))
             blocks.append(nn.ModuleList(stage))
         self.blocks = nn.ModuleList(blocks)
