@@ -46,6 +46,12 @@ def test_feature_file_is_read_and_normalised(tmp_path):
     np.savez(tmp_path / "f.npz", feats=x, other=np.ones(2))
     got = IF.load_feature_file(str(tmp_path / "f.npz"), 5)
     torch.testing.assert_close(got, F.normalize(torch.from_numpy(x).float(), dim=1))
+    # rows of huge or tiny values (fp32's norm overflows above ~1.8e19, underflows below ~1e-19):
+    # unit rows, the same directions (fp32 rounding of the result: rtol 2**-22 plus the fp64 norm's)
+    for scale in (1e20, 1e-25, 1e300, 1e-300):
+        np.save(tmp_path / "s.npy", x * scale)
+        got = IF.load_feature_file(str(tmp_path / "s.npy"), 5)
+        torch.testing.assert_close(got, F.normalize(torch.from_numpy(x), dim=1).float(), rtol=2 ** -21, atol=2 ** -24)
 
 
 # ----------------------------------------------------------------------------- neighbourhoods
@@ -231,3 +237,16 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys):
     assert main(["train", "icgan", "--feature_file", str(tmp_path / "short.npy"), "--checkpoints_dir",
                  str(tmp_path), "--name", "bad2", "--max_steps", "1"] + TINY.split()) == 2
     assert "has 10 rows but the dataset has 1000 items" in capsys.readouterr().err
+    # the feature file moved: sample takes it with --feature_file; a file whose features changed
+    # (same width, other values; another width) is said, not sampled from silently
+    os.replace(tmp_path / "f.npy", tmp_path / "moved.npy")
+    sample = ["sample", "--checkpoint", str(tmp_path / "part"), "--output", str(tmp_path / "g2.png"), "--n", "2"]
+    assert main(sample) == 2 and "no such file" in capsys.readouterr().err
+    assert main(sample + ["--feature_file", str(tmp_path / "moved.npy")]) == 0
+    for changed in (feats[::-1].copy(), np.random.RandomState(1).randn(1000, 8).astype(np.float32)):
+        np.save(tmp_path / "moved.npy", changed)
+        capsys.readouterr()
+        assert main(sample + ["--feature_file", str(tmp_path / "moved.npy")]) == 2
+        assert "its features are not those the model was trained with" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--output", str(tmp_path / "g3.png"),
+                 "--feature_file", str(tmp_path / "moved.npy")]) == 2  # (still the changed file)

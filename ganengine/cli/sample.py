@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--phase", default=None, help="split to draw from (default: val/test when present, else train); "
                    "StarGAN with an attribute file: train or test; StackGAN and IC-GAN have no splits; the other "
                    "synthesis models use it only for a class-per-folder DATAROOT with a DATAROOT/PHASE/ folder")
+    p.add_argument("--feature_file", default=None,
+                   help="IC-GAN: the instance features file (default: the training's, as the checkpoint records it); "
+                        "it must hold the features the model was trained with (moved or copied, not changed)")
     p.add_argument("--n", type=int, default=8, help="images per row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -198,6 +201,14 @@ def run(args) -> int:
         model, state = load_model(args.checkpoint, map_location="cpu")
         model.to(device)
         name, data = state["model"], dict(state.get("data", {}))
+        if args.feature_file is not None:
+            if name != "icgan":
+                raise ValueError(f"--feature_file is IC-GAN's instance features file; {name} takes none: leave it out")
+            if not model.options.get("feature_file"):
+                raise ValueError("--feature_file: this IC-GAN model was trained on pixel features (no feature file): "
+                                 "leave it out")
+            data["feature_file"] = model.options["feature_file"] = os.path.abspath(args.feature_file)
+            model._bank = None  # (built from the options on first use)
         if args.interpolate and not hasattr(model, "interpolation_rows"):  # said before anything is written
             raise ValueError(_no_interpolation(name, args.interpolate))
         if args.dataroot:

@@ -65,15 +65,18 @@ def load_feature_file(path: str, n_items: int) -> torch.Tensor:
     if n != n_items:
         raise _err(path, f"has {n} rows but the dataset has {n_items} items; row i must be the features of "
                          "item i in the loader's order")
-    feats = torch.from_numpy(np.ascontiguousarray(obj)).to(torch.float32)
+    feats = torch.from_numpy(np.ascontiguousarray(obj)).to(torch.float64)
     bad = ~torch.isfinite(feats).all(1)
     if bad.any():
         raise _err(path, f"{int(bad.sum())} rows hold NaN or infinite values (first: row {int(bad.nonzero()[0])})")
-    zero = feats.norm(dim=1) == 0
+    # each row scaled by its largest magnitude first: the norm of rows of huge or tiny values would
+    # overflow (an all-zero feature after normalising) or underflow (a non-zero row refused)
+    scale = feats.abs().amax(dim=1, keepdim=True)
+    zero = scale.squeeze(1) == 0
     if zero.any():
         raise _err(path, f"{int(zero.sum())} rows are all zero (first: row {int(zero.nonzero()[0])}); "
                          "features are L2-normalised, as the reference does")
-    return F.normalize(feats, dim=1)
+    return F.normalize(feats / scale, dim=1).to(torch.float32)
 
 
 def pixel_features(dataset, size: int = PIXEL_FEATURE_SIZE) -> torch.Tensor:
@@ -116,6 +119,14 @@ class InstanceBank:
     @property
     def dim(self) -> int:
         return int(self.features.shape[1])
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the features: a checkpoint records it, so a feature file replaced since
+        training is said, not silently used."""
+        import hashlib
+
+        return hashlib.sha1(self.features.contiguous().numpy().tobytes()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -198,6 +209,15 @@ class InstanceDataset(SeededDataset):
         return item
 
 
+def check_digest(bank: InstanceBank, feature_file: str | None, digest: str | None) -> InstanceBank:
+    """``bank``, unless the features of ``feature_file`` are not those recorded (``digest``) at
+    training: a file replaced since (another width, or the same width and other values)."""
+    if feature_file and digest and bank.digest != digest:
+        raise _err(feature_file, "its features are not those the model was trained with (the file changed "
+                                 "since); pass the training's feature file with --feature_file")
+    return bank
+
+
 def _get(options, name, default=None):
     value = options.get(name) if isinstance(options, dict) else getattr(options, name, None)
     return default if value is None else value
@@ -210,6 +230,6 @@ def instance_dataset(options, phase: str = "train") -> InstanceDataset:
     dataroot, size = _get(options, "dataroot") or None, _get(options, "image_size", 64)
     train = phase == "train"
     base = base_dataset(dataroot, size, train and not _get(options, "no_flip", False), cache=cache)
-    bank = instance_bank(dataroot, size, _get(options, "feature_file") or None, _get(options, "k_nn", 50),
-                         dataset=base if not base.flip else None)
-    return InstanceDataset(base, bank, neighbours=train)
+    feature_file = _get(options, "feature_file") or None
+    bank = instance_bank(dataroot, size, feature_file, _get(options, "k_nn", 50), dataset=base if not base.flip else None)
+    return InstanceDataset(base, check_digest(bank, feature_file, _get(options, "feature_digest")), neighbours=train)

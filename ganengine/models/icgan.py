@@ -25,7 +25,7 @@ from ganengine.models.icgan_networks import ICGANDiscriminator, ICGANGenerator
 from ganengine.models.synthesis_tools import class_indices
 
 ICGAN_DEFAULTS = dict(BIGGAN_DEFAULTS, G_shared=True, class_cond=False, G_shared_feat=False, shared_dim_feat=2048,
-                      instance_sz=2048, k_nn=50, feature_file="", dataroot="")
+                      instance_sz=2048, k_nn=50, feature_file="", feature_digest="", dataroot="")
 
 
 class ICGAN(BigGAN):
@@ -42,7 +42,7 @@ class ICGAN(BigGAN):
         return bool(self.options["class_cond"])
 
     def _net_args(self) -> dict:
-        skip = ("fused", "fused_optimizer", "k_nn", "feature_file", "dataroot")
+        skip = ("fused", "fused_optimizer", "k_nn", "feature_file", "feature_digest", "dataroot")
         return {k: v for k, v in self.options.items() if k not in skip}
 
     # -- instances -------------------------------------------------------------------------------
@@ -50,10 +50,11 @@ class ICGAN(BigGAN):
     def bank(self):
         """The dataset's instance features and neighbourhoods (built on first use from the options)."""
         if self._bank is None:
-            from ganengine.data.instance_features import instance_bank
+            from ganengine.data.instance_features import check_digest, instance_bank
 
             o = self.options
-            self.set_bank(instance_bank(o["dataroot"] or None, o["resolution"], o["feature_file"] or None, o["k_nn"]))
+            bank = instance_bank(o["dataroot"] or None, o["resolution"], o["feature_file"] or None, o["k_nn"])
+            self.set_bank(check_digest(bank, o["feature_file"], o["feature_digest"]))
         return self._bank
 
     def set_bank(self, bank) -> None:
@@ -61,7 +62,7 @@ class ICGAN(BigGAN):
         the networks' (``instance_sz``, and ``shared_dim_feat`` without ``G_shared_feat``)."""
         o = self.options
         if bank.dim != o["instance_sz"]:
-            raise ValueError(f"{type(self).__name__}: the instance features are {bank.dim}-dimensional but "
+            raise ValueError(f"{type(self).__name__}: the instance features ({bank.source}) are {bank.dim}-dimensional but "
                              f"instance_sz is {o['instance_sz']}; set instance_sz={bank.dim}")
         if not o["G_shared_feat"] and bank.dim != o["shared_dim_feat"]:
             raise ValueError(f"{type(self).__name__}: without G_shared_feat the features enter G's batch norms as "
@@ -169,3 +170,5 @@ def derive_options(model_opts: dict, data_opts: dict) -> None:
                              f"features' width {bank.dim} ({bank.source}){why}: pass --{name} {bank.dim} or leave it "
                              "out")
         model_opts[name] = bank.dim
+    if ff:  # recorded in the checkpoint: sampling later checks the file still holds these features
+        model_opts["feature_digest"] = data_opts["feature_digest"] = bank.digest
