@@ -524,3 +524,35 @@ def test_channels_last_models_train_as_contiguous_ones(name, options, one_thread
         got = getattr(nhwc, net).state_dict()
         for k, v in getattr(nchw, net).state_dict().items():
             torch.testing.assert_close(got[k], v, atol=drift, rtol=1e-3, msg=f"{net}.{k}")
+
+
+@pytest.mark.parametrize("name", ["biggan", "unetgan"])
+def test_orthogonal_regularisation_adds_to_unscaled_gradients(name, one_thread):
+    """--amp fp16's GradScaler: G_ortho / D_ortho add BigGAN's term to the gradients after they
+    are unscaled (torch's AMP rule for editing .grad), so the step equals the unscaled run's. Was:
+    added to gradients still multiplied by the scale, then divided by it: the term scale (2**16)
+    times too weak. Autocast is off in both runs: the scaler alone differs (power-of-two scaling
+    is exact), so the weights after one step agree to Adam's rounding."""
+    import contextlib
+
+    from ganengine.models import build_model
+    from ganengine.train.context import AmpContext
+
+    torch.manual_seed(5)
+    plain = build_model(name, resolution=32, n_classes=3, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16,
+                        G_ortho=0.5, D_ortho=0.5)
+    scaled = copy.deepcopy(plain)
+    ctx = AmpContext("fp16", "cpu", ["G", "D"])
+    ctx.autocast = contextlib.nullcontext
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": torch.tensor([0, 2])}
+    for model, c in ((plain, None), (scaled, ctx)):
+        opts = model.make_optimizers()
+        torch.manual_seed(9)
+        model.train_step(batch, opts) if c is None else model.train_step(batch, opts, c)
+    assert all(s.get_scale() == 2.0 ** 16 for s in ctx.scalers.values())  # (no step skipped)
+    lr = max(plain.options["G_lr"], plain.options["D_lr"])
+    for net in ("G", "D"):
+        got = getattr(scaled, net).state_dict()
+        for k, v in getattr(plain, net).state_dict().items():
+            # Adam's first step moves each weight by ~lr: its rounding, a few ulps of lr
+            torch.testing.assert_close(got[k], v, atol=1e-3 * lr, rtol=1e-6, msg=f"{net}.{k}")

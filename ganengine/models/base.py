@@ -34,6 +34,9 @@ class StepContext:
     def backward(self, loss: torch.Tensor, opt_name: str) -> None:
         loss.backward()
 
+    def unscale(self, optimizer: torch.optim.Optimizer, opt_name: str) -> None:
+        """Make the gradients the true ones before a step edits them (AMP's scaler: unscale_)."""
+
     def step(self, optimizer: torch.optim.Optimizer, opt_name: str) -> None:
         optimizer.step()
 

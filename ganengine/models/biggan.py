@@ -188,6 +188,7 @@ class BigGAN(GANModel):
                 ctx.backward((loss_real + loss_fake) / float(o["num_D_accumulations"]), "D")
                 counter += 1
             if o["D_ortho"] > 0:
+                ctx.unscale(opt_D, "D")  # (AMP: the term adds to true gradients, not scaled ones)
                 ortho_(self.D, o["D_ortho"])
             ctx.step(opt_D, "D")
             losses.update({"D_loss_real": loss_real, "D_loss_fake": loss_fake})
@@ -205,6 +206,7 @@ class BigGAN(GANModel):
                 g_loss = GF.gan_loss(self._score_cond(z, g_cond), True, "hinge", for_discriminator=False)
             ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
         if o["G_ortho"] > 0:
+            ctx.unscale(opt_G, "G")
             ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
         ctx.step(opt_G, "G")
         if o["toggle_grads"]:

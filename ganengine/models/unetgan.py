@@ -133,6 +133,7 @@ class UNetGAN(BigGAN):
                         d_loss = d_loss + mix_loss
                 ctx.backward(d_loss / float(k), "D")
             if o["D_ortho"] > 0:
+                ctx.unscale(opt_D, "D")  # (AMP: the term adds to true gradients, not scaled ones)
                 ortho_(self.D, o["D_ortho"])
             ctx.step(opt_D, "D")
             losses.update(step_losses)
@@ -156,6 +157,7 @@ class UNetGAN(BigGAN):
                 g_loss = 0.5 * g_mid + 0.5 * g_2d
             ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
         if o["G_ortho"] > 0:
+            ctx.unscale(opt_G, "G")
             ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
         ctx.step(opt_G, "G")
         if o["toggle_grads"]:
