@@ -117,6 +117,22 @@ def test_outputs_and_buffer_updates_equal_the_reference(arch, kwargs, make_ref, 
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("arch,kwargs,make_ref,make_inputs", [n for n in NETS if n[0].endswith("_D")],
+                         ids=[n[0] for n in NETS if n[0].endswith("_D")])
+def test_discriminators_take_channels_last_images(arch, kwargs, make_ref, make_inputs, one_thread):
+    """`--channels_last` hands the networks NHWC weights and batches: the discriminators that
+    flatten images or features (WGAN, cGAN, InfoGAN) used .view(), which NHWC cannot give (a
+    crash at the first step with more than one channel). Same outputs as NCHW."""
+    kwargs = dict(kwargs, channels=3) if "channels" in kwargs else kwargs
+    net = build_network(arch, **kwargs).eval()
+    inputs = list(make_inputs())
+    inputs[0] = torch.randn(inputs[0].shape[0], 3, *inputs[0].shape[2:])
+    want = net(*inputs)
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    got = net_cl(inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
+    _close(got, want)
+
+
 def test_fused_networks_run_on_the_fused_modules():
     import ganengine.nn as gnn
     from ganengine.models.synthesis_layers import UpsampleConv3x3

@@ -112,7 +112,7 @@ class WGANGPDiscriminator(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         _check_image("WGANGPDiscriminator", img, *self.img_shape[:2])
-        return self.model(img.view(img.shape[0], -1))
+        return self.model(img.reshape(img.shape[0], -1))
 
 
 # ----------------------------------------------------------------------------- cGAN
@@ -160,7 +160,7 @@ class CGANDiscriminator(nn.Module):
     def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_image("CGANDiscriminator", img, *self.img_shape[:2])
         _check_labels("CGANDiscriminator", labels, img.shape[0])
-        return self.model(torch.cat((img.view(img.size(0), -1), self.label_embedding(labels)), -1))
+        return self.model(torch.cat((img.reshape(img.size(0), -1), self.label_embedding(labels)), -1))
 
 
 # ----------------------------------------------------------------------------- AC-GAN / InfoGAN
@@ -244,7 +244,7 @@ class ACGANDiscriminator(nn.Module):
     def features(self, img: torch.Tensor) -> torch.Tensor:
         _check_image(type(self).__name__, img, *self.img_shape[:2])
         out = self.conv_blocks(img)
-        return out.view(out.shape[0], -1)
+        return out.reshape(out.shape[0], -1)
 
     def forward(self, img: torch.Tensor):
         out = self.features(img)
