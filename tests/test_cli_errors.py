@@ -52,8 +52,8 @@ def a_file(tmp_path):
 # ----------------------------------------------------------------------------- 1. evaluate --output
 def test_evaluate_output_missing_folder_is_created(cyclegan_run, tmp_path, capsys):
     out = tmp_path / "missing" / "dir" / "r.json"
-    assert main(["evaluate", "--checkpoint", cyclegan_run, "--metrics", "l1", "--max_images", "2",
-                 "--output", str(out)]) == 0, capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", cyclegan_run, "--metrics", "fid", "--feature_extractor", EXTRACTOR,
+                 "--max_images", "2", "--output", str(out)]) == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["images"] == 2
 
 

@@ -163,6 +163,20 @@ def test_bad_requests_fail_before_generating():
         es.is_better_synthesis("density", 1.0, None)
 
 
+def test_is_splits_more_than_samples_fails_before_generating():
+    # issue: splits were quietly cut to min(is_splits, num_samples): 8 one-image parts, IS 1.0, std 0
+    model, fx = ToyConditional(), SmallClassifierFeatureExtractor().eval()
+    for kw in ({"num_samples": 8}, {"num_samples": 12, "is_splits": 13}):
+        with pytest.raises(ValueError, match=r"num_samples=\d+ .*is_splits=\d+.*--num_samples, --is_splits"):
+            es.evaluate_synthesis(model, _real_batches(), "fid,is", fx, batch_size=4, **kw)
+    with pytest.raises(ValueError, match="is_splits must be a positive int"):
+        es.check_request(model, "is", 8, is_splits=0)
+    assert float(model.G.calls) == 0
+    es.check_request(model, "fid", 8)  # (only is has splits)
+    out = es.evaluate_synthesis(model, _real_batches(), "is", fx, num_samples=8, batch_size=4, is_splits=8)
+    assert out["images"] == 8
+
+
 def test_model_helpers_know_the_synthesis_models():
     from ganengine.models import build_model
 

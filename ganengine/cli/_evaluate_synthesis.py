@@ -49,6 +49,15 @@ def _positive(name: str, value: int, least: int = 1) -> None:
                          + (" (the metrics' statistics need two images at least)" if least == 2 else ""))
 
 
+def check_is_splits(metrics, is_splits: int, num_samples: int) -> None:
+    """The Inception Score cuts the generated images into --is_splits parts of one image or more:
+    refused before anything is loaded when there are fewer images than splits."""
+    if "is" in metrics and is_splits > num_samples:
+        raise ValueError(f"--is_splits {is_splits} is more than --num_samples {num_samples}: the Inception Score "
+                         f"cuts the generated images into --is_splits parts of one image or more; pass --num_samples "
+                         f">= {is_splits} or --is_splits <= {num_samples} (a score over 1-image parts is always 1)")
+
+
 def run(args) -> int:
     from ganengine.cli.evaluate import (check_metric_counts, feature_extractor, load_checkpoint, output_file,
                                         resolve_device, write_output)
@@ -63,6 +72,7 @@ def run(args) -> int:
         if args.max_images is not None:
             _positive("max_images", args.max_images, 2)
         check_metric_counts(args, metrics)
+        check_is_splits(metrics, args.is_splits, args.num_samples)
         output_file(args)  # (checked by evaluate.run too; here for direct callers)
         device = resolve_device(args.device)
         extractor = feature_extractor(args, device)

@@ -76,7 +76,11 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:  # torch's own words name no option
+        raise ValueError(f"--device {name!r} is not a device: expected auto (cuda when available), cpu, cuda or "
+                         f"cuda:N (another torch device type such as mps, with an optional :N index); {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available")
     return device
@@ -193,6 +197,7 @@ def _check_counts(args) -> None:
 
 def run(args) -> int:
     from ganengine.metrics import evaluate_generator, parse_metrics
+    from ganengine.metrics.evaluate import check_paired
 
     try:  # counts and --output checked for both kinds of checkpoint, before anything is loaded
         _check_counts(args)
@@ -217,6 +222,7 @@ def run(args) -> int:
             obj = load_user_object(args.classifier, "--classifier")
             classifier = (obj if isinstance(obj, torch.nn.Module) else obj()).to(device).eval()
         model, data_options = load_checkpoint(args.checkpoint, device)
+        check_paired(model, metrics)  # (before the data is read)
         loader, phase, root = make_eval_loader(model, data_options, args.dataroot, args.phase, args.batch_size,
                                                device)
         results = evaluate_generator(model, loader, metrics, extractor, classifier, max_images=args.max_images,

@@ -64,27 +64,77 @@ def _with_targets(model, batch: dict) -> dict:
     return batch
 
 
-def _real(batch: dict) -> torch.Tensor:
-    for key in ("B", "image"):
+# models trained on unpaired data: batch["B"] is not the counterpart of batch["A"]
+UNPAIRED_MODELS = ("cyclegan", "csgan")
+PAIRED_METRICS = ("l1", "psnr", "ssim")
+
+
+def _options(model) -> dict:
+    options = getattr(model, "options", None)
+    return options if isinstance(options, dict) else {}
+
+
+def target_key(model, batch: dict) -> str:
+    """The batch key of the real images ``model``'s outputs are compared with. pix2pix/CycleGAN
+    batches keep the raw A and B images and the model applies its ``direction`` (``translate``
+    reads ``batch["A"]`` under AtoB, ``batch["B"]`` under BtoA), so the target is the other one:
+    "B" under AtoB, "A" under BtoA. StarGAN/StackGAN: "image"."""
+    if "A" in batch or "B" in batch:
+        key = "A" if _options(model).get("direction", "AtoB") == "BtoA" else "B"
         if key in batch:
-            return batch[key]
-    raise ValueError(f"evaluate_generator: batches need real images under 'B' or 'image', got keys {sorted(batch)}")
+            return key
+    elif "image" in batch:
+        return "image"
+    raise ValueError(f"evaluate_generator: batches need real images under 'B' (under 'A' for a --direction BtoA "
+                     f"model) or 'image', got keys {sorted(batch)}")
+
+
+def is_unpaired(model) -> bool:
+    """Whether ``model`` trains on unpaired data (CycleGAN, CS-GAN): no pixel-wise target exists."""
+    return getattr(model, "MODEL_NAME", "") in UNPAIRED_MODELS
+
+
+def check_paired(model, metrics) -> None:
+    """l1/psnr/ssim compare each output with its own target pixel by pixel: refused for models
+    trained on unpaired data, where batch["B"] is just another image of domain B."""
+    asked = [m for m in metrics if m in PAIRED_METRICS]
+    if asked and is_unpaired(model):
+        raise ValueError(f"--metrics {','.join(asked)}: paired metrics need aligned image pairs (pix2pix data); "
+                         f"{model.MODEL_NAME} trains on unpaired data, where no B image is the counterpart of an A "
+                         "image. Leave them out of --metrics (fid/kid compare the two domains' distributions).")
+
+
+def label_mode(model) -> bool | None:
+    """Whether the attribute accuracy is multi-label (per attribute) for ``model``'s data: StarGAN
+    dataset='CelebA' -> True (attributes), 'RaFD' -> False (one domain per image, argmax); None
+    when the model does not say."""
+    if getattr(model, "MODEL_NAME", "") == "stargan":
+        dataset = _options(model).get("dataset")
+        if dataset in ("CelebA", "RaFD"):
+            return dataset == "CelebA"
+    return None
 
 
 @torch.no_grad()
 def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_extractor: nn.Module | None = None,
                        classifier: nn.Module | None = None, max_images: int | None = None,
-                       kid_options: dict | None = None, data_range: float = 2.0) -> dict[str, float]:
+                       kid_options: dict | None = None, data_range: float = 2.0,
+                       multi_label: bool | None = None) -> dict[str, float]:
     """Run the generator over ``loader`` and compute ``metrics``; returns {metric: value, ..., "images": n}.
 
     ``model``: a ganengine GANModel (its ``translate(batch)`` makes the images) or a plain generator
-    module (called on ``batch["A"]``). Real images: ``batch["B"]`` (pix2pix/CycleGAN) or
+    module (called on ``batch["A"]``). Real images: ``batch["B"]`` (pix2pix/CycleGAN; ``batch["A"]``
+    for a model trained with ``direction="BtoA"``, whose ``translate`` reads ``batch["B"]``) or
     ``batch["image"]`` (StarGAN/StackGAN). Images in [-1, 1].
     fid/kid need ``feature_extractor`` (``ganengine.metrics.resolve_feature_extractor``);
-    l1/psnr/ssim compare output and ``batch["B"]`` pairwise (pix2pix: paired data only);
+    l1/psnr/ssim compare output and that target pairwise (pix2pix: paired data only; refused for
+    CycleGAN/CS-GAN, trained on unpaired data);
     acc needs ``classifier`` (images -> (N, c_dim) logits) and targets in ``batch["target_label"]``
     (else ``batch["label"]``). A StarGAN model without ``target_label`` in the batch translates
     each image to the labels of the previous image in the batch (``label.roll(1, 0)``).
+    ``multi_label``: how acc scores (True: per attribute, False: argmax class); None takes it from
+    the model (StarGAN dataset CelebA: per attribute, RaFD: argmax), else from all the targets seen
+    (``AttributeAccuracy``).
     The model's train/eval mode is left as the caller set it (``translate`` sets its own).
     """
     names = parse_metrics(metrics)
@@ -94,18 +144,20 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
         raise ValueError("fid/kid need a feature extractor. " + WEIGHTS_HELP)
     if "acc" in names and classifier is None:
         raise ValueError("the acc metric needs a classifier module (images -> (N, c_dim) logits)")
+    check_paired(model, names)
     device = _device_of(model)
     real_stats, fake_stats = FeatureStats(), FeatureStats()
     real_feats, fake_feats = [], []
     sums = {m: 0.0 for m in ("l1", "psnr", "ssim")}
-    acc = AttributeAccuracy()
+    acc = AttributeAccuracy(label_mode(model) if multi_label is None else multi_label)
     n = 0
     for batch in loader:
         if not isinstance(batch, dict):
             raise TypeError(f"evaluate_generator: batches must be dicts (see docs/INTERFACES.md), got {type(batch).__name__}")
         batch = _with_targets(model, batch)
         fake = _generate(model, batch, device).float()
-        real = _real(batch).to(fake.device).float()
+        key = target_key(model, batch)
+        real = batch[key].to(fake.device).float()
         if max_images is not None:
             keep = max_images - n
             if keep <= 0:
@@ -121,7 +173,7 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
                 fake_feats.append(ff.float().cpu())
                 real_feats.append(fr.float().cpu())
         if {"l1", "psnr", "ssim"} & set(names):
-            if "B" not in batch:
+            if key not in ("A", "B"):
                 raise ValueError("l1/psnr/ssim need paired targets (batch['B'], pix2pix data)")
             if fake.shape != real.shape:
                 raise ValueError(f"l1/psnr/ssim: generated {tuple(fake.shape)} and target {tuple(real.shape)} differ")

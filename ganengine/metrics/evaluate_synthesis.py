@@ -213,12 +213,20 @@ def fake_features(model, extractor: nn.Module, num_samples: int, batch_size: int
     return (torch.cat(feats), torch.cat(labs) if labs else None, torch.cat(logs) if logs else None)
 
 
-def check_request(model, metrics, num_samples: int) -> None:
+def check_request(model, metrics, num_samples: int, is_splits: int = 10) -> None:
     """Errors that can be told before anything is generated: a non-synthesis model, intra_fid on an
-    unconditional model or with fewer than 2 generated images per class."""
+    unconditional model or with fewer than 2 generated images per class, is with fewer generated
+    images than ``is_splits`` (never quietly fewer splits: a score over 1-image parts is always 1)."""
     names = parse_synthesis_metrics(metrics)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if "is" in names:
+        if isinstance(is_splits, bool) or not isinstance(is_splits, int) or is_splits < 1:
+            raise ValueError(f"is_splits must be a positive int, got {is_splits!r}")
+        if is_splits > num_samples:
+            raise ValueError(f"is: num_samples={num_samples} generated images cannot be cut into is_splits={is_splits} "
+                             f"Inception Score splits (--num_samples, --is_splits): generate at least {is_splits} "
+                             f"images or use at most {num_samples} splits")
     if not is_synthesis_model(model):
         raise TypeError(f"synthesis evaluation needs a ganengine synthesis model (with generate()), got "
                         f"{type(model).__name__}; use evaluate_generator for image-to-image models")
@@ -250,7 +258,7 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
         from ganengine.metrics.inception import WEIGHTS_HELP
 
         raise ValueError("synthesis metrics need a feature extractor. " + WEIGHTS_HELP)
-    check_request(model, names, num_samples)
+    check_request(model, names, num_samples, is_splits)
     need_labels = "intra_fid" in names
     if "is" in names:
         check_logits(feature_extractor)  # before anything is generated
@@ -272,7 +280,7 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
         out["kid"], out["kid_std"] = kernel_inception_distance(real.features, fake, return_std=True,
                                                                **(kid_options or {}))
     if "is" in names:
-        score = inception_score(logits, splits=min(is_splits, num_samples))
+        score = inception_score(logits, splits=is_splits)
         out["is"], out["is_std"] = float(score), score.std
     if "pr" in names:
         out["precision"], out["recall"] = precision_recall(real.features, fake, k=pr_k)
