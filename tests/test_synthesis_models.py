@@ -500,6 +500,24 @@ def test_infogan_rows_vary_each_code_along_the_row():
     assert len(rows) == 3 + 2 * 2 and len(labels) == len(rows)
     assert labels[3].startswith("c1") and labels[5].startswith("c2")
     assert not torch.equal(rows[3][0], rows[3][-1])  # the code changes along the row
+    # --max_rows 2: two category rows, then the code rows, labelled so (were "category 0..6")
+    rows = model.sample_rows(n=4, max_rows=2)
+    assert model.sample_row_labels(len(rows)) == ["category 0", "category 1", "c1 -1..1, cat 0", "c1 -1..1, cat 1",
+                                                  "c2 -1..1, cat 0", "c2 -1..1, cat 1"]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.generate(), "give n or z"),
+    (lambda m: m.generate(2, labels=3), r"class labels must lie in \[0, 3\)"),
+    (lambda m: m.generate(2, labels=-1), r"class labels must lie in \[0, 3\)"),
+    (lambda m: m.generate(3, labels=torch.tensor([0, 1])), r"one category or one per latent \(3\), got 2"),
+    (lambda m: m.generate(2, code=torch.zeros(2, 5)), r"code must be \(2, code_dim=2\)"),
+])
+def test_infogan_generate_checks_its_arguments(call, match):
+    model = _tiny("infogan")
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert model.generate(2, labels=torch.tensor([2, 0])).shape[0] == 2 and model.generate(2, labels=1).shape[0] == 2
 
 
 def test_ema_follows_the_generator(one_thread):

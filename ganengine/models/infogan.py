@@ -79,8 +79,22 @@ class InfoGAN(SynthesisGAN):
         """Images for latents ``z`` (or ``n`` fresh ones), categorical codes ``labels`` (indices or
         an int; random when None) and continuous ``code`` (zeros when None)."""
         from ganengine.models.synthesis import preserved_buffers
+        from ganengine.models.synthesis_tools import class_indices
 
-        z = self.sample_z(int(n)) if z is None else z.to(self.device)
+        o, owner = self.options, type(self).__name__
+        if z is None:
+            if n is None:
+                raise ValueError("generate: give n or z")
+            z = self.sample_z(int(n))
+        z = z.to(self.device)
+        if labels is not None:  # (as SynthesisGAN.generate: the categories checked, one or one per latent)
+            labels = torch.as_tensor(labels)
+            labels = class_indices(labels.reshape(1) if labels.dim() == 0 else labels, o["n_classes"], owner)
+            if labels.shape[0] not in (1, z.shape[0]):
+                raise ValueError(f"{owner}: labels must be one category or one per latent ({z.shape[0]}), got "
+                                 f"{labels.shape[0]}")
+        if code is not None and tuple(code.shape) != (z.shape[0], o["code_dim"]):
+            raise ValueError(f"{owner}: code must be ({z.shape[0]}, code_dim={o['code_dim']}), got {tuple(code.shape)}")
         net = self.sampling_generator()
         with preserved_buffers(net):
             return net(*self.generator_inputs(z, labels, code))
@@ -103,9 +117,10 @@ class InfoGAN(SynthesisGAN):
 
     def sample_row_labels(self, n_rows: int, class_names=None) -> list[str]:
         o = self.options
-        labels = [f"category {c}" for c in range(min(o["n_classes"], 10))]
-        labels += [f"c{d + 1} -1..1, cat {c}" for d in range(o["code_dim"]) for c in range(min(o["n_classes"], 2))]
-        return labels[:n_rows]
+        codes = [f"c{d + 1} -1..1, cat {c}" for d in range(o["code_dim"]) for c in range(min(o["n_classes"], 2))]
+        # sample_rows' category rows: min(n_classes, max_rows), then the code rows
+        n_categories = min(o["n_classes"], max(0, n_rows - len(codes)))
+        return ([f"category {c}" for c in range(n_categories)] + codes)[:n_rows]
 
     # -- training --------------------------------------------------------------------------------
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
