@@ -281,6 +281,11 @@ def test_command_line_train_with_eval_then_evaluate_the_best(tmp_path, capsys):
     assert rc == 2 and "--num_samples must be >= 2, got 1" in capsys.readouterr().err
     rc = main(["train", "acgan", "--max_steps", "1", "--eval_every", "1", "--checkpoints_dir", str(tmp_path)])
     assert rc == 2 and "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
+    rc = main(["train", "acgan", "--max_steps", "1", "--eval_every", "1", "--eval_metrics", "fid,is", "--eval_num_samples",
+               "4", "--checkpoints_dir", str(tmp_path), "--name", "few", "--feature_extractor",
+               f"{FEATURES}:SmallClassifierFeatureExtractor"])
+    assert rc == 2 and "--eval_num_samples 4 images cannot be cut into the Inception Score's 10 splits" in \
+        capsys.readouterr().err and not (tmp_path / "few" / "step_00000001.pt").exists()
 
 
 def test_ddp_two_processes_evaluate_on_rank0_and_stay_in_sync(tmp_path):

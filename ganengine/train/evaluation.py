@@ -87,6 +87,9 @@ class SynthesisEvaluator:
             raise ValueError(f"--eval_every evaluates the synthesis models (dcgan, wgan, ..., biggan); {model_name} "
                              "is not one: evaluate its checkpoints with ganengine evaluate")
         self.o = check_options(options)
+        if "is" in self.o["metrics"].split(",") and self.o["num_samples"] < 10:  # (the metric's 10 splits)
+            raise ValueError(f"--eval_metrics is: --eval_num_samples {self.o['num_samples']} images cannot be cut "
+                             "into the Inception Score's 10 splits: give --eval_num_samples >= 10")
         check_request(model, self.o["metrics"], self.o["num_samples"])
         self.extractor = load_extractor(self.o, device)
         if "is" in self.o["metrics"].split(","):
