@@ -239,6 +239,12 @@ def test_sync_bn_needs_cuda():
     info = D.DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="--sync_bn needs CUDA"):
         D.wrap(torch.nn.BatchNorm2d(3), info, sync_bn=True)
+    # BigGAN's own batch norms are not what SyncBatchNorm converts: said, not ignored
+    from ganengine.models import build_network
+
+    g = build_network("biggan_G", G_ch=2, resolution=32, G_attn="0", n_classes=3)
+    with pytest.raises(ValueError, match=r"--sync_bn converts torch's BatchNorm layers; .*\(bn, ccbn"):
+        D.wrap(g, info, sync_bn=True)
 
 
 def test_stackgan_batch_of_one_is_one_clear_line(tmp_path, capsys):

@@ -242,3 +242,26 @@ def test_bad_values_give_clear_errors(model, extra, message, tmp_path, capsys):
         assert rc == 0
     else:
         assert rc == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mixup", [True, False])
+def test_unconditional_unetgan_generates_class_zero_everywhere(mixup):
+    """--unconditional: the reference zeroes the labels, so G learns class 0 only; the D step's
+    fakes (also without mixup), sampling, translate and evaluation must use class 0 too (they drew
+    random classes, whose embeddings never trained), and evaluation treats the model as
+    unconditional (no intra-FID, no class-balanced labels)."""
+    from ganengine.metrics.evaluate_synthesis import class_count
+    from ganengine.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("unetgan", resolution=32, n_classes=10, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16,
+                    G_shared=True, hier=True, shared_dim=8, unconditional=True, unet_mixup=mixup)
+    seen = []
+    m.G.register_forward_pre_hook(lambda mod, args: seen.append(args[1].tolist()))
+    m.train_step({"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": torch.tensor([3, 4])}, m.make_optimizers())
+    m.generate(3)
+    m.translate({"label": torch.tensor([5, 6])})
+    assert seen and all(set(labels) == {0} for labels in seen), seen
+    assert class_count(m) is None
+    m.options["unconditional"] = False
+    assert class_count(m) == 10

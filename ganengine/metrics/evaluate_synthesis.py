@@ -64,7 +64,8 @@ def class_count(model) -> int | None:
     (InfoGAN's categorical code is not a class label: unconditional here)."""
     conditional = getattr(model, "CONDITIONAL", None)
     if conditional is None:  # models without the SynthesisGAN flag (BigGAN family): by their options
-        conditional = "n_classes" in (getattr(model, "options", None) or {})
+        options = getattr(model, "options", None) or {}
+        conditional = "n_classes" in options and not options.get("unconditional", False)  # (U-Net GAN's)
     return int(model.options["n_classes"]) if conditional else None
 
 

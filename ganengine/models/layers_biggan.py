@@ -230,7 +230,7 @@ def _check_bn_options(owner, cross_replica, mybn, norm_style=None):
     if cross_replica:
         raise ValueError(f"{owner}: cross_replica=True (the reference's SyncBN) is not supported: its "
                          "single-process path adds the gain instead of multiplying by it; use the default "
-                         "batch norm (ganengine's DDP trainer has --sync_bn)")
+                         "batch norm (per-process statistics under DDP: --sync_bn does not reach these layers)")
     if norm_style is not None and norm_style not in _NORM_STYLES and not mybn:
         raise ValueError(f"{owner}: norm_style must be one of {_NORM_STYLES} (the reference's 'gn' path fails "
                          f"with an AttributeError), got {norm_style!r}")

@@ -63,6 +63,19 @@ class UNetGAN(BigGAN):
         super().__init__(**options)
         self._choice("gan_loss", ("hinge", "vanilla"))
 
+    # --unconditional: G and D see class 0 everywhere, as the reference's training zeroes the labels
+    # (the fakes of both steps, and the images sample / evaluate draw)
+    def sample_y(self, n: int) -> torch.Tensor:
+        if self.options["unconditional"]:
+            return torch.zeros(n, dtype=torch.long, device=self.device)
+        return super().sample_y(n)
+
+    @torch.no_grad()
+    def generate(self, n: int | None = None, labels=None, z: torch.Tensor | None = None) -> torch.Tensor:
+        if self.options["unconditional"] and labels is not None:  # (a batch's labels: not G's input here)
+            labels = torch.zeros(torch.as_tensor(labels).reshape(-1).shape[0], dtype=torch.long)
+        return super().generate(n, labels, z)
+
     def _score_cond(self, z, cond: tuple, G=None):
         G = self.G if G is None else G
         pix, glob = self.D(G(z, *cond), *cond)

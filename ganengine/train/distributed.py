@@ -67,6 +67,14 @@ def wrap(net: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.n
     if not info.enabled:
         return net
     if sync_bn:
+        # SyncBatchNorm replaces torch's BatchNorm layers only: a network normalising with its own
+        # modules (BigGAN's ccbn / bn, stored_mean buffers) would keep per-process statistics unsaid
+        own = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "stored_mean")
+                      and not isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
+        if own:
+            raise ValueError(f"--sync_bn converts torch's BatchNorm layers; this network normalises with its own "
+                             f"({', '.join(own)}: BigGAN's class-conditional batch norm), which would keep per-process "
+                             "statistics: leave --sync_bn out")
         if info.device.type != "cuda":
             raise ValueError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
                              "leave it out on CPU")
