@@ -150,9 +150,20 @@ def bench(calls: dict, repeats, meter) -> dict:
     return {name: (times[name], peak_mb(call, meter)) for name, call in calls.items()}
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"B,C,HW" -> (B, C, HW), three positive integers (ValueError otherwise)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(f"--shapes expects B,C,HW (three positive integers, e.g. 8,64,64), got {text!r}")
+    return values
+
+
 def grid(args):
     if args.shapes:
-        return [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        return [parse_shape(s) for s in args.shapes]
     if args.quick:
         # batch 1 over the whole C x H grid, plus the issue's target shape at batch 8
         cases = [(1, c, hw) for c in (64, 128, 256) for hw in (16, 32, 64)] + [(8, 64, 64)]
@@ -182,6 +193,13 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--json", help="write rows to this file")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1 (timed repeats per case), got {args.repeats}")
+    for s in args.shapes or ():
+        try:
+            parse_shape(s)
+        except ValueError as exc:
+            p.error(str(exc))
     warnings.filterwarnings("ignore", message=".*(Flash attention|fused kernels).*")
     device = torch.device(args.device)
     meter = Meter(device)

@@ -87,6 +87,13 @@ def main(argv=None):
     ap.add_argument("--ops", action="store_true", help="count aten ops per update")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
+    if args.scale < 1:
+        ap.error(f"--scale must be >= 1 (channel widths divided by it; 1: the reference BigGAN-128 G), "
+                 f"got {args.scale}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1 (timed updates), got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1 (leave it out for the default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = biggan_G(args.scale)

@@ -93,6 +93,11 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     ap.add_argument("--kernels", action="store_true", help="also count kernels per step of each variant")
     args = ap.parse_args(argv)
+    for option, what in (("repeats", "timed steps"), ("batch", "images per step"), ("size", "image height and width")):
+        if getattr(args, option) < 1:
+            ap.error(f"--{option} must be >= 1 ({what}), got {getattr(args, option)}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1 (leave it out for the default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     inputs = {k: v.detach().to(args.device).requires_grad_(v.requires_grad)

@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--kernels", action="store_true", help="also count kernels per call of each variant")
     args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:  # (0 is not a way to ask for the default)
+        parser.error(f"--repeats must be >= 1 (leave it out for the default: 5 with --quick, else 15), "
+                     f"got {args.repeats}")
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     dtypes = [getattr(torch, d) for d in (args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"]))]

@@ -116,3 +116,51 @@ def test_ganengine_functions_are_grouped_as_ganengine():
     assert classify("_AdvFnBackward", names) == "ganengine"
     assert classify("ganengine::instance_norm_act_fwdBackward", set()) == "ganengine"
     assert classify("ConvolutionBackward0", names) == "pytorch"
+
+
+def _run_cli(argv, env_drop=()):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "ganengine", *argv], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_profile_backend_that_cannot_serve_the_device_is_a_usage_error(tmp_path, backend):
+    """--backend triton (no interpreter) / cuda on CPU tensors: one line naming --backend, exit 2,
+    before anything runs (it was a BackendFallbackError traceback from the first step, exit 1)."""
+    p = _run_cli(["profile", "norm_act", "--quick", "--steps", "1", "--device", "cpu", "--backend", backend,
+                  "--output", str(tmp_path / "p")], env_drop=("TRITON_INTERPRET",))
+    err = "\n".join(line for line in p.stderr.splitlines() if line.startswith("ganengine"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert f"--backend {backend} cannot run on cpu" in err and "expected one of auto | torch" in err
+    assert not (tmp_path / "p" / "trace.json").exists()
+
+
+def test_profile_backend_checked_in_process(tmp_path, capsys, monkeypatch):
+    from ganengine import backends
+
+    monkeypatch.setattr(backends, "serves", lambda name, device: name != "triton")
+    monkeypatch.setattr(gprof, "run_profile", lambda *a, **k: pytest.fail("ran before checking --backend"))
+    assert main(["profile", "norm_act", "--quick", "--steps", "1", "--backend", "triton",
+                 "--output", str(tmp_path)]) == 2
+    assert "--backend triton cannot run on" in capsys.readouterr().err
+    assert main(["profile", "norm_act", "--backend", "bogus", "--output", str(tmp_path)]) == 2
+    assert "--backend must be one of auto | torch | triton | cpu | cuda, got 'bogus'" in capsys.readouterr().err
+
+
+def test_profile_backend_fallback_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """A backend that serves the device but not this workload (strict): one line, exit 2."""
+    from ganengine.ops._dispatch import BackendFallbackError
+
+    def boom(*a, **k):
+        raise BackendFallbackError("ganengine.x: backend 'cpu' cannot serve this call (no kernel); using 'torch'")
+
+    monkeypatch.setattr(gprof, "run_profile", boom)
+    assert main(["profile", "norm_act", "--quick", "--backend", "torch", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ganengine profile: error: --backend torch cannot run norm_act:") and err.count("\n") == 1

@@ -157,13 +157,19 @@ def main(argv=None) -> int:
 
     from ganengine.bench import registry
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ganengine.bench.host_cost", description=__doc__.splitlines()[0])
     p.add_argument("--ops", nargs="*", default=[], help="op cases or families (default: all)")
-    p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--calls", type=int, default=200, help="calls per timed round (default: 200)")
+    p.add_argument("--rounds", type=int, default=9, help="timed rounds; the median is kept (default: 9)")
     p.add_argument("--json", default=None, help="also write the records here")
     a = p.parse_args(argv)
-    cases = registry.select(a.ops or [], None)
+    for option in ("calls", "rounds"):
+        if getattr(a, option) < 1:
+            p.error(f"--{option} must be >= 1, got {getattr(a, option)}")
+    try:
+        cases = registry.select(a.ops or [], None)
+    except ValueError as exc:
+        p.error(f"--ops: {exc}")
     recs = measure(cases, a.calls, a.rounds, progress=lambda s: print(f"  {s}", flush=True))
     print(markdown(recs))
     if a.json:

@@ -183,6 +183,9 @@ def run_profile(target: str, steps: int = 5, warmup: int = 1, output: str = "pro
         raise ValueError("device 'cuda' requested but no CUDA device is available")
     if backend not in backends.CHOICES:
         raise ValueError(f"backend must be one of {backends.CHOICES}, got {backend!r}")
+    if backend not in ("auto", "torch") and not backends.serves(backend, dev):
+        raise ValueError(f"backend {backend!r} cannot run on {dev.type} in this process "
+                         f"({backends.status().get(backend, 'unavailable')})")
     kind, name = resolve_target(target)
     size = "quick" if quick else "ref"
     os.makedirs(output, exist_ok=True)

@@ -10,7 +10,12 @@ Memory-bound kernels on a GPU run at bytes / bandwidth, so without a GPU the rat
   the atomics). Only active lanes count: bytes = active lanes x element size. Every launch is
   recorded with its kernel name and grid; bytes are attributed to the tensor arguments whose
   storage the addresses fall in, which also gives the *unique* bytes touched per argument (a
-  kernel that reads its input twice shows total = 2 x unique).
+  kernel that reads its input twice shows total = 2 x unique). A kernel can also reach a tensor
+  that is not one of its arguments, through a table of addresses (the spectral-norm kernels read
+  their weights that way): tensors registered with :meth:`TritonTraffic.track` are attributed
+  like arguments (under their registered name), and the bytes at addresses in no known storage
+  are kept too, as the pseudo-argument ``<unattributed>`` (unique bytes: each distinct byte
+  address once per launch), so no byte a kernel moves is dropped from the unique figure.
 * :class:`EagerTraffic` is a ``TorchDispatchMode`` that sums, over every aten op executed
   (views excluded: they move no data), the bytes of the tensors it reads and writes: what the
   same computation costs as a chain of separate kernels.
@@ -83,18 +88,47 @@ class Launch:
         return self.load_bytes + self.store_bytes + self.atomic_bytes
 
 
+UNATTRIBUTED = "<unattributed>"
+
+
 class _Region:
-    """One tensor argument's storage: address range + bitmaps of the elements touched."""
+    """One tensor storage: address range + bitmaps of the bytes touched.
 
-    def __init__(self, name: str, t: torch.Tensor):
-        import numpy as np
+    ``tracked``: a storage registered with :meth:`TritonTraffic.track` rather than passed as an
+    argument; it shows in a launch's ``args`` only when the launch touched it.
+    """
 
+    def __init__(self, name: str, t: torch.Tensor, tracked: bool = False):
         storage = t.untyped_storage()
         self.name = name
+        self.tracked = tracked
         self.start = storage.data_ptr()
         self.end = self.start + storage.nbytes()
-        self.loaded = np.zeros(storage.nbytes(), dtype=bool)  # per byte: exact for any dtype
-        self.stored = np.zeros(storage.nbytes(), dtype=bool)
+        self._loaded = None  # per byte (exact for any dtype); allocated on first touch
+        self._stored = None
+        self.touched = False
+
+    @property
+    def loaded(self):
+        import numpy as np
+
+        if self._loaded is None:
+            self._loaded = np.zeros(self.end - self.start, dtype=bool)
+        return self._loaded
+
+    @property
+    def stored(self):
+        import numpy as np
+
+        if self._stored is None:
+            self._stored = np.zeros(self.end - self.start, dtype=bool)
+        return self._stored
+
+    def unique_loaded(self) -> int:
+        return 0 if self._loaded is None else int(self._loaded.sum())
+
+    def unique_stored(self) -> int:
+        return 0 if self._stored is None else int(self._stored.sum())
 
 
 class TritonTraffic:
@@ -106,15 +140,39 @@ class TritonTraffic:
 
     Needs the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported); nesting
     is not supported. Counting costs a few numpy operations per load/store.
+
+    ``tensors`` (or :meth:`track`): tensors a kernel may reach without getting them as an
+    argument (through a table of pointers); their bytes are attributed to them by name. Bytes at
+    addresses in no argument's and no tracked tensor's storage are counted under
+    :data:`UNATTRIBUTED` (never dropped).
     """
 
     _active_lock = threading.Lock()
 
-    def __init__(self):
+    def __init__(self, tensors: Any = None):
         self.launches: list[Launch] = []
         self._current: Launch | None = None
         self._regions: list[_Region] = []
+        self._known: list[tuple[str, torch.Tensor]] = []
+        self._stray: dict[str, list] = {"load": [], "store": []}
         self._saved: dict[str, Any] = {}
+        if tensors is not None:
+            self.track(tensors)
+
+    def track(self, tensors: Any, prefix: str = "tensor") -> "TritonTraffic":
+        """Register tensors whose storage kernels may reach through pointers they load.
+
+        ``tensors``: a ``{name: tensor}`` mapping, or any nest of tensors (named
+        ``{prefix}{i}``). Non-CPU and empty tensors are ignored (the interpreter runs on CPU).
+        """
+        if isinstance(tensors, dict):
+            items = [(str(k), v) for k, v in tensors.items()]
+        else:
+            items = [(f"{prefix}{i}", t) for i, t in enumerate(_tensors(tensors))]
+        for name, t in items:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel():
+                self._known.append((name, t))
+        return self
 
     # totals over all launches
     @property
@@ -168,20 +226,36 @@ class TritonTraffic:
             launch.atomic_bytes += nbytes
         if not active.size:
             return
+        rest = np.ones(active.size, dtype=bool)  # addresses in no known storage
         for region in self._regions:
-            inside = active[(active >= region.start) & (active < region.end)]
+            sel = (active >= region.start) & (active < region.end)
+            inside = active[sel]
             if not inside.size:
                 continue
+            rest &= ~sel
+            region.touched = True
             rel = (inside - np.uint64(region.start)).astype(np.int64)
             at = launch.args.setdefault(region.name, ArgTraffic(region.name))
             span = (rel[:, None] + np.arange(size, dtype=np.int64)[None, :]).ravel()
-            span = span[span < region.loaded.size]
+            span = span[span < region.end - region.start]
             if kind in ("load", "atomic"):
                 at.load_bytes += int(inside.size) * size
                 region.loaded[span] = True
             if kind in ("store", "atomic"):
                 at.store_bytes += int(inside.size) * size
                 region.stored[span] = True
+        stray = active[rest]
+        if stray.size:
+            # not in any argument's or tracked tensor's storage: still DRAM traffic, counted
+            # under UNATTRIBUTED, unique per distinct byte address (at the end of the launch)
+            at = launch.args.setdefault(UNATTRIBUTED, ArgTraffic(UNATTRIBUTED))
+            span = np.unique((stray[:, None] + np.arange(size, dtype=np.uint64)[None, :]).ravel())
+            if kind in ("load", "atomic"):
+                at.load_bytes += int(stray.size) * size
+                self._stray["load"].append(span)
+            if kind in ("store", "atomic"):
+                at.store_bytes += int(stray.size) * size
+                self._stray["store"].append(span)
 
     def _begin_launch(self, fn, grid, args, kwargs) -> None:
         import inspect
@@ -191,6 +265,7 @@ class TritonTraffic:
         self.launches.append(launch)
         self._current = launch
         self._regions = []
+        self._stray = {"load": [], "store": []}
         try:
             params = inspect.signature(fn).parameters
             kwargs = {k: v for k, v in kwargs.items() if k in params}  # drop num_warps etc.
@@ -205,16 +280,37 @@ class TritonTraffic:
                 # arguments that are views of one storage share a region (counted once)
                 ptr = value.untyped_storage().data_ptr()
                 by_storage.setdefault(ptr, ([], value))[0].append(arg_name)
-        self._regions = [_Region("=".join(names), t) for names, t in by_storage.values()]
+        regions = [_Region("=".join(names), t) for names, t in by_storage.values()]
+        # tensors reached through pointer tables: attributed like arguments, shown when touched
+        tracked: dict[int, tuple[list[str], torch.Tensor]] = {}
+        for name, t in self._known:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in by_storage:
+                tracked.setdefault(ptr, ([], t))[0].append(name)
+        regions += [_Region("=".join(names), t, tracked=True) for names, t in tracked.values()]
+        self._regions = regions
 
     def _end_launch(self) -> None:
+        import numpy as np
+
         launch = self._current
         if launch is not None:
             for region in self._regions:
+                if region.tracked and not region.touched:
+                    continue
                 at = launch.args.setdefault(region.name, ArgTraffic(region.name))
-                at.unique_load_bytes = int(region.loaded.sum())
-                at.unique_store_bytes = int(region.stored.sum())
+                at.unique_load_bytes = region.unique_loaded()
+                at.unique_store_bytes = region.unique_stored()
+            if UNATTRIBUTED in launch.args:
+                at = launch.args[UNATTRIBUTED]
+                for kind, spans in self._stray.items():
+                    n = int(np.unique(np.concatenate(spans)).size) if spans else 0
+                    if kind == "load":
+                        at.unique_load_bytes = n
+                    else:
+                        at.unique_store_bytes = n
         self._regions = []
+        self._stray = {"load": [], "store": []}
         self._current = None
 
     # -- install / remove

@@ -12,7 +12,10 @@ sizes, so the ratios hold at the reference shapes for these memory-bound ops):
              "issued" counts every active lane of every load/store (a tile re-loaded by many
              programs, as in an implicit-GEMM convolution, counts each time); "DRAM" counts each
              launch's distinct bytes per tensor once (the re-reads within a launch are served by
-             L1/L2), which is what eager's per-kernel figure measures too.
+             L1/L2), which is what eager's per-kernel figure measures too. Tensors a kernel reaches
+             through a pointer table rather than as an argument (the spectral-norm kernels' weights)
+             count too: the case's inputs and upstream gradients are tracked by name, and bytes at
+             any other address count once per distinct address (``<unattributed>``).
 
 predicted speedup = eager bytes / ganengine DRAM bytes (what a memory-bound GPU kernel gains);
 efficiency = minimum / ganengine DRAM bytes (1.0: the op moves nothing it does not have to).
@@ -71,7 +74,11 @@ def measure_case(case: BenchCase, dtype="float32", params: dict | None = None) -
             rec["eager_bytes"] = eager.total_bytes
             rec["eager_kernels"] = eager.num_kernels
             rec["eager_ops"] = eager.per_op()
-            with backend_scope("triton"), ctx(), TritonTraffic() as tt, \
+            # the case's tensors, which a kernel may reach through a table of pointers
+            known = {f"input{i}": t for i, t in enumerate(args) if isinstance(t, torch.Tensor)}
+            if mode != "forward":
+                known.update({f"grad_output{i}": g for i, g in enumerate(grads)})
+            with backend_scope("triton"), ctx(), TritonTraffic(known) as tt, \
                     EagerTraffic(skip_namespaces=("ganengine", "ganengine_C")) as around:
                 fused_call()
             if not tt.launches and case.triton_kernels:

@@ -65,6 +65,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"ganengine bench: error: --{option} must be >= 1, got {value} (leave it out for the default)",
                   file=sys.stderr)
             return 2
+    if args.traffic:  # say it before the timings, which a late failure would discard
+        from ganengine import backends
+
+        problem = None
+        if not backends.triton_interpret():
+            problem = ("--traffic counts the Triton kernels' memory traffic under the Triton interpreter: "
+                       "set TRITON_INTERPRET=1 in the environment (e.g. `TRITON_INTERPRET=1 ganengine bench "
+                       "--traffic ...`), or leave --traffic out")
+        elif backends._triton_import_error():
+            problem = f"--traffic needs Triton: {backends._triton_import_error()}"
+        if problem:
+            print(f"ganengine bench: error: {problem}", file=sys.stderr)
+            return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.no_chart and importlib.util.find_spec("matplotlib") is None:
         # say it before the long work, not with a traceback after it
@@ -87,14 +100,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"ganengine bench: error: {exc}", file=sys.stderr)
         return 2
     traffic = []
+    traffic_failed = False
     if args.traffic:
         from ganengine.bench import traffic_table
 
         try:
             traffic = traffic_table.measure(cases, dtype=args.dtype)
-        except RuntimeError as exc:
-            print(f"ganengine bench: error: {exc}", file=sys.stderr)
-            return 2
+        except RuntimeError as exc:  # the timings are still written below
+            print(f"ganengine bench: error: --traffic: {exc}", file=sys.stderr)
+            traffic_failed = True
     host = []
     if args.host:
         from ganengine.bench import host_cost
@@ -117,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     print("wrote " + ", ".join(paths))
     errors = [r for r in rep["records"] if r["status"] == "error"]
-    return 1 if errors else 0
+    return 1 if errors or traffic_failed else 0
 
 
 def _command_line(args: argparse.Namespace) -> str:

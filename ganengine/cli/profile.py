@@ -28,9 +28,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_backend(backend: str, device: str | None) -> None:
+    """--backend: a known name that can serve the profiled device in this process (said now,
+    as a usage error, not as a BackendFallbackError traceback from inside the first step)."""
+    import torch
+
+    from ganengine import backends
+
+    if backend not in backends.CHOICES:
+        raise ValueError(f"--backend must be one of {' | '.join(backends.CHOICES)}, got {backend!r}")
+    if backend in ("auto", "torch"):
+        return
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not backends.serves(backend, dev):
+        usable = [b for b in backends.CHOICES if b == "auto" or backends.serves(b, dev)]
+        why = backends.status().get(backend, "unavailable")
+        if why.startswith("available"):  # it serves the other device
+            why = f"it does not serve {dev.type} tensors"
+        raise ValueError(f"--backend {backend} cannot run on {dev.type} here ({why}); "
+                         f"expected one of {' | '.join(usable)}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ganengine.bench.profile import markdown, resolve_target, run_profile
     from ganengine.cli._io import writable_dir
+    from ganengine.ops._dispatch import BackendFallbackError
 
     try:  # the options and the output folder, before the model is built and run
         if args.steps < 1:
@@ -39,12 +61,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--warmup must be >= 0 (unprofiled steps first), got {args.warmup}")
         if args.top < 1:
             raise ValueError(f"--top must be >= 1 (rows in the operator table), got {args.top}")
+        _check_backend(args.backend, args.device)
         resolve_target(args.model)
         writable_dir(args.output, "--output")
         result = run_profile(args.model, steps=args.steps, warmup=args.warmup, output=args.output,
                              device=args.device, quick=args.quick, backend=args.backend, top=args.top)
     except ValueError as exc:
         print(f"ganengine profile: error: {exc}", file=sys.stderr)
+        return 2
+    except BackendFallbackError as exc:  # the backend serves the device, but not this workload
+        print(f"ganengine profile: error: --backend {args.backend} cannot run {args.model}: {exc}",
+              file=sys.stderr)
         return 2
     print(markdown(result))
     print("wrote " + ", ".join(os.path.join(args.output, f) for f in ("trace.json", "profile.json", "profile.md")))
