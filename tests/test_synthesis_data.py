@@ -128,3 +128,6 @@ def test_hdf5_layout(tmp_path):
         f["imgs"] = imgs
     with pytest.raises(DataError, match="labels"):
         HDF5Dataset(str(tmp_path / "bad.hdf5"))
+    (tmp_path / "x.png").write_bytes(b"not hdf5")  # a file given as --dataroot: read as HDF5, said so
+    with pytest.raises(DataError, match=r"--dataroot .*x.png' is a file, which is read as a BigGAN-PyTorch HDF5"):
+        class_dataset(str(tmp_path / "x.png"), None, 8, False)

@@ -32,7 +32,7 @@ MODEL_HELP = {
     "lambda_B": "weight of the cycle loss B -> A -> B",
     "lambda_identity": "weight of the identity loss, relative to lambda_A/B",
     "pool_size": "size of the image history buffer (0: none)",
-    "lr": "initial Adam learning rate",
+    "lr": "initial learning rate (Adam; RMSprop for wgan)",
     "beta1": "Adam beta1",
     "beta2": "Adam beta2",
     "lr_policy": "learning-rate policy: linear (constant for --n_epochs, then to 0 over --n_epochs_decay), step "
@@ -86,7 +86,7 @@ MODEL_HELP = {
     "use_ema": "sample with the EMA of G",
     "ema_start": "step at which the EMA starts averaging (before it copies G)",
     "ema_decay": "EMA decay",
-    "latent_optimisation": "LOGAN: one natural-gradient step on z before the G and D updates",
+    "latent_optimisation": "LOGAN: natural-gradient steps on z (--lo_steps) before the G and D updates",
     "lo_alpha": "LOGAN step size alpha",
     "lo_beta": "LOGAN damping beta",
     "lo_rate": "LOGAN: fraction of the samples whose z is optimised",

@@ -121,7 +121,13 @@ class HDF5Dataset(SeededDataset):
             if len(files) != 1:
                 raise DataError(f"{path!r} holds {len(files)} .hdf5 files; pass the file itself as --dataroot")
             path = os.path.join(path, files[0])
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:  # (not an HDF5 file: h5py's words name no option)
+            raise DataError(f"--dataroot {path!r} is a file, which is read as a BigGAN-PyTorch HDF5 dataset, but it "
+                            f"cannot be opened as HDF5 ({exc}); pass an .hdf5 file or a folder of class "
+                            "subfolders") from None
+        with f:
             missing = [k for k in ("imgs", "labels") if k not in f]
             if missing:
                 raise DataError(f"{path!r} lacks the dataset(s) {missing}; BigGAN-PyTorch's layout has 'imgs' "

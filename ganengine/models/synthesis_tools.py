@@ -44,8 +44,9 @@ def latent_optimise(z: torch.Tensor, score, rate: float, alpha: float, beta: flo
     ||g||^2), -1, 1)`` with ``mask`` keeping each sample with probability ``rate``.
 
     ``score(z)`` returns D's (N, ...) outputs for G(z). With ``differentiable`` (the generator
-    step) the gradient is taken with ``create_graph=True`` so the G and D weights see the
-    optimisation step; otherwise the result is detached (the discriminator step)."""
+    step) the gradient is taken with ``create_graph=True`` so the generator's update sees the
+    optimisation step (D is not stepped there); otherwise the result is detached (the
+    discriminator step). Every sample's z is clamped, optimised or not (StudioGAN's clamp)."""
     n = z.shape[0]
     for _ in range(steps):
         mask = (torch.rand(n, 1, device=z.device) > 1 - rate).to(z.dtype)
