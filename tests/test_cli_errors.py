@@ -57,6 +57,14 @@ def test_evaluate_output_missing_folder_is_created(cyclegan_run, tmp_path, capsy
     assert json.loads(out.read_text())["images"] == 2
 
 
+@pytest.mark.parametrize("metrics", ["fid,intra_fid", "fid", "l1"])
+def test_evaluate_missing_checkpoint_is_said_first(metrics, tmp_path, capsys):
+    """A checkpoint that is not there: said before the metrics are checked against its kind (a
+    synthesis metric was refused as not an image-to-image one; fid asked for Inception weights)."""
+    cli_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "no" / "run.pt"), "--metrics", metrics],
+              "--checkpoint", "does not exist")
+
+
 def test_evaluate_synthesis_output_missing_folder_is_created(dcgan_run, tmp_path, capsys):
     out = tmp_path / "missing" / "r.json"
     assert main(["evaluate", "--checkpoint", dcgan_run, "--metrics", "fid", "--num_samples", "4", "--max_images",

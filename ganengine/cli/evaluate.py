@@ -200,6 +200,9 @@ def run(args) -> int:
     from ganengine.metrics.evaluate import check_paired
 
     try:  # counts and --output checked for both kinds of checkpoint, before anything is loaded
+        if not os.path.exists(args.checkpoint):  # (said first: the metrics' checks depend on its kind)
+            raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist (expected a training checkpoint .pt "
+                             "or a run folder)")
         _check_counts(args)
         output_file(args)
     except ValueError as exc:
