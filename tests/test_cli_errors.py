@@ -188,3 +188,42 @@ def test_sample_missing_phase_lists_the_phases(cyclegan_run, tmp_path, capsys):
     line = _error(capsys, ["sample", "--checkpoint", cyclegan_run, "--phase", "nosuch", "--output",
                            str(tmp_path / "g.png")], "--phase nosuch", "test, train")
     assert "not there any more" not in line
+
+
+# ------------------------------------------------------------------ one image per generator call
+# WGAN / WGAN-GP / cGAN generators batch-normalise 1-D features in training mode (as their
+# references sample): one image has no batch statistics. Every option that would ask for one image
+# per call is refused up front, naming itself (torch's "Expected more than 1 value per channel"
+# came mid-run: after training steps, at the first grid or evaluation, with no checkpoint).
+WGAN_FLAGS = "--latent_dim 4 --img_size 8 --batch_size 2"
+
+
+@pytest.fixture(scope="module")
+def wgan_run(tmp_path_factory):
+    return _train("wgan", tmp_path_factory.mktemp("ck"), WGAN_FLAGS)
+
+
+def test_sample_one_image_per_row_from_a_batch_norm_generator(wgan_run, tmp_path, capsys):
+    _error(capsys, ["sample", "--checkpoint", wgan_run, "--n", "1", "--output", str(tmp_path / "g.png")],
+           "--n must be >= 2 for wgan, got 1", "BatchNorm1d")
+    assert not (tmp_path / "g.png").exists()
+    assert main(["sample", "--checkpoint", wgan_run, "--n", "2", "--output", str(tmp_path / "g.png")]) == 0
+
+
+@pytest.mark.parametrize("flags, words", [
+    ("--num_samples 1 --sample_every 1", ("--num_samples (images per sample grid row) must be >= 2 for wgan",)),
+    (f"--eval_every 1 --eval_batch_size 1 --eval_num_samples 4 --feature_extractor {EXTRACTOR}",
+     ("--eval_batch_size must be >= 2 for wgan",)),
+])
+def test_train_options_asking_one_image_per_call_are_refused_up_front(flags, words, tmp_path, capsys):
+    argv = (["train", "wgan"] + WGAN_FLAGS.split() + flags.split() + ["--checkpoints_dir", str(tmp_path), "--name", "w",
+            "--max_steps", "2", "--no_progress", "--tensorboard", "off"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "w" / "step_00000001.pt")
+
+
+def test_evaluate_batch_of_one_from_a_batch_norm_generator(wgan_run, capsys):
+    _error(capsys, ["evaluate", "--checkpoint", wgan_run, "--metrics", "fid", "--num_samples", "4", "--batch_size", "1",
+                    "--feature_extractor", EXTRACTOR], "--batch_size must be >= 2 for wgan")

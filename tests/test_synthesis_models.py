@@ -636,3 +636,17 @@ def test_ddp_gloo_two_processes_stay_in_sync(tmp_path):
     for tag, _ in runs:
         r = [torch.load(tmp_path / f"{tag}_rank{k}.pt", weights_only=True) for k in range(2)]
         assert _same(*r), tag
+
+
+@pytest.mark.parametrize("name", ["wgan", "wgan_gp", "cgan"])
+def test_batch_norm_generators_refuse_one_image_in_training_mode(name):
+    """1-D batch norm in training mode (how the references sample): one image per call is a clear
+    error naming the count; in eval mode (running statistics) one image works."""
+    model = _tiny(name)
+    assert model.min_sample_batch == 2
+    with pytest.raises(ValueError, match=f"must be >= 2 for {name}, got 1"):
+        model.generate(1)
+    assert model.generate(2).shape[0] == 2
+    model.G.eval()
+    assert model.min_sample_batch == 1 and model.generate(1).shape[0] == 1
+    assert _tiny("dcgan").min_sample_batch == 1

@@ -79,6 +79,8 @@ def run(args) -> int:
         if "is" in metrics:
             check_logits(extractor)
         model, data_options = load_checkpoint(args.checkpoint, device)
+        if hasattr(model, "check_sample_count"):
+            model.check_sample_count(min(args.batch_size, args.num_samples), "--batch_size")
         root = args.dataroot or data_options.get("dataroot")
         phase = args.phase or "train"
         dataset = build_dataset(model.MODEL_NAME, {**data_options, "dataroot": root, "no_flip": True}, phase)

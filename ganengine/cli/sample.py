@@ -209,6 +209,8 @@ def run(args) -> int:
                                  "leave it out")
             data["feature_file"] = model.options["feature_file"] = os.path.abspath(args.feature_file)
             model._bank = None  # (built from the options on first use)
+        if hasattr(model, "check_sample_count"):  # (a batch-norm generator cannot make one image per call)
+            model.check_sample_count(args.n, "--n")
         if args.interpolate and not hasattr(model, "interpolation_rows"):  # said before anything is written
             raise ValueError(_no_interpolation(name, args.interpolate))
         if args.dataroot:

@@ -118,6 +118,26 @@ class SynthesisGAN(GANModel):
             return self.G_ema
         return self.G
 
+    @property
+    def min_sample_batch(self) -> int:
+        """The fewest images one ``generate`` call can make: 2 where the sampling generator
+        normalises 1-D features with batch statistics (a BatchNorm1d in training mode, as the WGAN /
+        cGAN references sample: one image has no batch statistics), else 1."""
+        from ganengine.models.synthesis_tools import unwrap
+
+        net = unwrap(self.sampling_generator())
+        # (nn.BatchNorm1d: the fused BatchNormAct1d is one too)
+        return 2 if any(isinstance(m, nn.BatchNorm1d) and m.training for m in net.modules()) else 1
+
+    def check_sample_count(self, n: int, what: str) -> None:
+        """A ValueError naming ``what`` (an option, or ``generate``'s n) unless one call can make n
+        images (``min_sample_batch``)."""
+        least = self.min_sample_batch
+        if n < least:
+            raise ValueError(f"{what} must be >= {least} for {self.MODEL_NAME}, got {n}: its generator normalises "
+                             "with batch statistics over 1-D features (BatchNorm1d, in training mode as the reference "
+                             "samples), which one image does not have")
+
     @torch.no_grad()
     def generate(self, n: int | None = None, z: torch.Tensor | None = None, labels=None) -> torch.Tensor:
         """Images in [-1, 1] for latents ``z`` (or ``n`` fresh ones) and class indices ``labels``
@@ -126,6 +146,7 @@ class SynthesisGAN(GANModel):
             if n is None:
                 raise ValueError("generate: give n or z")
             z = self.sample_z(int(n))
+        self.check_sample_count(z.shape[0], "generate: the number of images")
         z = z.to(self.device)
         if self.CONDITIONAL:
             if labels is None:

@@ -241,6 +241,8 @@ class Trainer:
         if cfg.compile and self.model.double_backward:
             raise ValueError(f"--compile: {cfg.model} {self.model.double_backward}, a double backward, which "
                              "torch.compile's AOTAutograd cannot differentiate; train it without --compile")
+        if cfg.sample_every > 0 and hasattr(self.model, "check_sample_count"):  # (the grids: num_samples per call)
+            self.model.check_sample_count(cfg.num_samples, "--num_samples (images per sample grid row)")
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.networks = {n: getattr(self.model, n) for n in self.model.network_names}  # unwrapped, for checkpoints

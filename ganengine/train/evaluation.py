@@ -91,6 +91,8 @@ class SynthesisEvaluator:
             raise ValueError(f"--eval_metrics is: --eval_num_samples {self.o['num_samples']} images cannot be cut "
                              "into the Inception Score's 10 splits: give --eval_num_samples >= 10")
         check_request(model, self.o["metrics"], self.o["num_samples"])
+        if hasattr(model, "check_sample_count"):  # (batch_sizes never leaves a last batch of one)
+            model.check_sample_count(min(self.o["batch_size"], self.o["num_samples"]), "--eval_batch_size")
         self.extractor = load_extractor(self.o, device)
         if "is" in self.o["metrics"].split(","):
             check_logits(self.extractor)  # now, not at the first evaluation
