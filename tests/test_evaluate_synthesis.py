@@ -286,6 +286,15 @@ def test_command_line_train_with_eval_then_evaluate_the_best(tmp_path, capsys):
                f"{FEATURES}:SmallClassifierFeatureExtractor"])
     assert rc == 2 and "--eval_num_samples 4 images cannot be cut into the Inception Score's 10 splits" in \
         capsys.readouterr().err and not (tmp_path / "few" / "step_00000001.pt").exists()
+    # intra-FID's real side: 50 of the digits' 1000 images spread over them hold class 8 once (was
+    # found at the first evaluation, after training steps, naming no option)
+    rc = main(["train", "cgan", "--latent_dim", "8", "--img_size", "16", "--max_steps", "2", "--batch_size", "4",
+               "--eval_every", "1", "--eval_num_samples", "30", "--eval_max_real", "50", "--eval_metrics",
+               "fid,intra_fid", "--checkpoints_dir", str(tmp_path), "--name", "intra", "--sample_every", "0",
+               "--feature_extractor", f"{FEATURES}:SmallFeatureExtractor"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "intra_fid: class 8 has 1 real image among the 50 read" in err and "--eval_max_real" in err
+    assert not (tmp_path / "intra" / "step_00000001.pt").exists()
 
 
 def test_ddp_two_processes_evaluate_on_rank0_and_stay_in_sync(tmp_path):

@@ -62,7 +62,8 @@ def run(args) -> int:
     from ganengine.cli.evaluate import (check_metric_counts, feature_extractor, load_checkpoint, output_file,
                                         resolve_device, write_output)
     from ganengine.data import build_dataset
-    from ganengine.metrics.evaluate_synthesis import check_logits, evaluate_synthesis, parse_synthesis_metrics, real_loader
+    from ganengine.metrics.evaluate_synthesis import (check_logits, check_real_classes, evaluate_synthesis,
+                                                     parse_synthesis_metrics, real_loader)
 
     try:
         metrics = parse_synthesis_metrics(args.metrics)
@@ -84,6 +85,8 @@ def run(args) -> int:
         root = args.dataroot or data_options.get("dataroot")
         phase = args.phase or "train"
         dataset = build_dataset(model.MODEL_NAME, {**data_options, "dataroot": root, "no_flip": True}, phase)
+        if "intra_fid" in metrics:
+            check_real_classes(dataset, args.max_images, "--max_images")
         loader = real_loader(dataset, args.batch_size, args.max_images)
         results = evaluate_synthesis(model, loader, metrics, extractor, num_samples=args.num_samples,
                                      batch_size=args.batch_size, seed=args.seed, max_real=args.max_images,

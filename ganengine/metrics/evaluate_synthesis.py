@@ -128,6 +128,24 @@ def real_loader(dataset, batch_size: int = 50, max_images: int | None = None):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
+def check_real_classes(dataset, max_images: int | None, option: str) -> None:
+    """intra-FID needs two real images of every class it meets: a ValueError naming ``option``
+    (the cap on the real images) when the images ``real_loader`` would read hold a class once;
+    said before any image is generated (datasets without a ``labels`` tensor: at the metric)."""
+    labels = getattr(dataset, "labels", None)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or not len(labels):
+        return
+    n = len(labels)
+    if max_images is not None and max_images < n:
+        labels = labels[[i * n // max_images for i in range(max_images)]]
+    counts = torch.bincount(labels.long())
+    once = (counts == 1).nonzero().flatten().tolist()
+    if once:
+        raise ValueError(f"intra_fid: class {once[0]} has 1 real image among the {len(labels)} read "
+                         f"({len(once)} such classes; {option} caps them): the per-class statistics need 2 "
+                         f"images of every class; raise {option} or leave intra_fid out")
+
+
 @torch.no_grad()
 def real_features(loader: Iterable[dict], extractor: nn.Module, max_images: int | None = None,
                   labels: bool = False) -> RealFeatures:
@@ -294,5 +312,5 @@ def evaluate_synthesis(model, real, metrics=("fid",), feature_extractor: nn.Modu
 
 
 __all__ = ["evaluate_synthesis", "real_loader", "real_features", "fake_features", "RealFeatures", "inception_logits", "check_logits",
-           "is_synthesis_model", "class_count", "check_request", "parse_synthesis_metrics", "is_better_synthesis",
+           "is_synthesis_model", "class_count", "check_request", "check_real_classes", "parse_synthesis_metrics", "is_better_synthesis",
            "SYNTHESIS_METRICS", "SYNTHESIS_MODES"]

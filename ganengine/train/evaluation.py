@@ -98,14 +98,20 @@ class SynthesisEvaluator:
             check_logits(self.extractor)  # now, not at the first evaluation
         self.model_name, self.data_options = model_name, dict(data_options)
         self.device, self.log_dir = device, log_dir
+        if "intra_fid" in self.o["metrics"].split(","):  # (the real side's classes: now, not at step N)
+            from ganengine.metrics.evaluate_synthesis import check_real_classes
+
+            check_real_classes(self._dataset(), self.o["max_real"], "--eval_max_real")
         self.real = None  # the training images' features: computed at the first evaluation, kept for the run
 
-    def _real_loader(self):
+    def _dataset(self):
         from ganengine.data import build_dataset
 
         # the training images as they are: no random flips (the metric must not depend on the draws)
-        dataset = build_dataset(self.model_name, {**self.data_options, "no_flip": True})
-        return real_loader(dataset, self.o["batch_size"], self.o["max_real"])
+        return build_dataset(self.model_name, {**self.data_options, "no_flip": True})
+
+    def _real_loader(self):
+        return real_loader(self._dataset(), self.o["batch_size"], self.o["max_real"])
 
     def evaluate(self, model) -> dict:
         o = self.o
