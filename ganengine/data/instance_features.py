@@ -21,6 +21,7 @@ instance, real neighbour) pairs (facebookresearch/ic_gan ``data_utils/datasets_c
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -120,10 +121,10 @@ class InstanceBank:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """A short hash of the features: a checkpoint records it, so a feature file replaced since
-        training is said, not silently used."""
+        training is said, not silently used (computed once per bank: banks are cached per file)."""
         import hashlib
 
         return hashlib.sha1(self.features.contiguous().numpy().tobytes()).hexdigest()[:16]
