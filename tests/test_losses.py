@@ -230,6 +230,30 @@ def test_gan_loss_non_contiguous_and_hinge_kinks(backend):
         assert_close(g, gref, torch.float32, 0, (s[0][1] + s[1][1]) / x.numel(), backend)
 
 
+@pytest.mark.parametrize("modes", [(0,), (1,), (2, 3), (0, 0), (1, 1), (4,)], ids=str)
+def test_triton_single_launch_loss_has_the_two_stage_bits(modes, monkeypatch):
+    """Maps that fit one CHUNK run both reduction stages in one program (one launch instead of
+    two): the total and the gradients are bitwise those of the two-stage kernels (forced here by
+    a smaller CHUNK, which only adds programs that sum zeros)."""
+    from ganengine.bench.traffic import TritonTraffic
+    from ganengine.kernels import losses as K
+
+    if not backends.triton_interpret():
+        pytest.skip("the Triton kernels run on CPU tensors under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 1, 30, 30, generator=g) * 3 for _ in modes]
+    xs[0].view(-1)[:3] = torch.tensor([0.0, 1.0, -1.0])  # the hinge kinks
+    targets, scales = [1.0, 0.0][:len(modes)], [0.5 / 1800] * len(modes)
+    with TritonTraffic() as one:
+        total, grads = K.adv_fwd(xs, list(modes), targets, scales, True)
+    monkeypatch.setattr(K, "CHUNK", 512)
+    with TritonTraffic() as two:
+        total2, grads2 = K.adv_fwd(xs, list(modes), targets, scales, True)
+    assert [l.kernel for l in one.launches] == ["_adv_single_kernel"]
+    assert [l.kernel for l in two.launches] == ["_adv_partial_kernel", "_final_kernel"]
+    assert torch.equal(total, total2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("mode", MODES)
 def test_discriminator_loss(backend, mode):
