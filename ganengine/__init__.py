@@ -8,6 +8,28 @@ __version__ = "0.1.0"
 __all__ = ["backends", "use_backend", "fuse", "functional", "nn", "__version__"]
 
 
+def _warn_bad_settings() -> None:
+    """A bad GANENGINE_* value (or a misspelt name) is warned once, at import (settings.py); the
+    command line reports them itself and stops."""
+    import os
+    import sys
+
+    if not any(k.startswith("GANENGINE_") for k in os.environ):
+        return
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "ganengine" or argv0.endswith(os.path.join("ganengine", "__main__.py")):
+        return
+    import warnings
+
+    from ganengine import settings
+
+    for line in settings.problems():
+        warnings.warn(line, RuntimeWarning, stacklevel=3)
+
+
+_warn_bad_settings()
+
+
 def __getattr__(name):  # lazy subpackages keep `import ganengine` cheap
     import importlib
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 
 import torch
@@ -32,16 +33,34 @@ class _Setting:
 
     Process-wide on purpose: autograd runs CUDA backward passes on its own worker threads, which
     would not see a thread- or context-local choice, so a backward would silently use "auto".
+    The value is the newest live entry: a scope (a ``with`` block) removes its own entry when it
+    ends, so blocks that overlap in two threads leave the value right whatever their order of
+    exit (restoring "the value before me" would leave a stale one). A plain setter's entry stays
+    until a newer setter replaces it.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._entries: list[list] = []  # [token, value, scoped]
         self.value = None
 
-    def set(self, value):
+    def push(self, value) -> list:
         with self._lock:
-            previous, self.value = self.value, value
-        return previous
+            # setters superseded by a newer setter can never be the value again
+            setters = [e for e in self._entries if not e[2]]
+            stale = {id(e) for e in setters[:-1]}
+            entry = [object(), value, False]
+            self._entries = [e for e in self._entries if id(e) not in stale] + [entry]
+            self.value = value
+        return entry
+
+    def scoped(self, entry: list) -> None:
+        entry[2] = True
+
+    def pop(self, entry: list) -> None:
+        with self._lock:
+            self._entries = [e for e in self._entries if e is not entry]
+            self.value = self._entries[-1][1] if self._entries else None
 
     def get(self):
         return self.value
@@ -72,13 +91,14 @@ class use_backend:
 
     def __init__(self, name: str):
         self.name = _check_name(name)
-        self._previous = _requested.set(self.name)
+        self._entry = _requested.push(self.name)
 
     def __enter__(self):
+        _requested.scoped(self._entry)
         return self
 
     def __exit__(self, *exc):
-        _requested.set(self._previous)
+        _requested.pop(self._entry)
         return False
 
     def __repr__(self):
@@ -89,13 +109,14 @@ class strict:
     """``with strict():`` makes a fallback away from an explicitly requested backend an error."""
 
     def __init__(self, enabled: bool = True):
-        self._previous = _strict.set(bool(enabled))
+        self._entry = _strict.push(bool(enabled))
 
     def __enter__(self):
+        _strict.scoped(self._entry)
         return self
 
     def __exit__(self, *exc):
-        _strict.set(self._previous)
+        _strict.pop(self._entry)
         return False
 
 
@@ -116,6 +137,22 @@ def debug() -> bool:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels_interpreted() -> bool | None:
+    """Whether Triton's jitted functions run under the interpreter in this process: triton.jit
+    decides when a module is imported (triton.language's own helpers, tl.sum and the like, at
+    Triton's import), so TRITON_INTERPRET=1 set after Triton was imported leaves GPU kernels,
+    which fail on CPU tensors. None: Triton is not imported yet."""
+    language = sys.modules.get("triton.language")
+    fn = getattr(language, "sum", None) if language is not None else None
+    if fn is None:
+        return None
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def _triton_on_cpu() -> bool:
+    return triton_interpret() and _kernels_interpreted() is not False
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,12 +176,15 @@ def status() -> dict[str, str]:
     err = _triton_import_error()
     if err:
         out["triton"] = f"unavailable: {err}"
-    elif _cuda_runtime() and triton_interpret():
+    elif _cuda_runtime() and _triton_on_cpu():
         out["triton"] = "available: CUDA tensors, and CPU tensors through the interpreter (TRITON_INTERPRET=1)"
     elif _cuda_runtime():
         out["triton"] = "available: CUDA tensors"
-    elif triton_interpret():
+    elif _triton_on_cpu():
         out["triton"] = "available: CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)"
+    elif triton_interpret():
+        out["triton"] = ("unavailable: TRITON_INTERPRET=1 was set after triton was imported (its kernels are GPU "
+                         "kernels in this process); set it before importing triton or ganengine")
     else:
         out["triton"] = ("unavailable: no CUDA device, and TRITON_INTERPRET=1 was not set before "
                          "triton was imported (set it to run the kernels on CPU tensors)")
@@ -178,7 +218,7 @@ def serves(name: str, device: torch.device) -> bool:
     if name == "triton":
         if _triton_import_error():
             return False
-        return (device.type == "cuda" and _cuda_runtime()) or (device.type == "cpu" and triton_interpret())
+        return (device.type == "cuda" and _cuda_runtime()) or (device.type == "cpu" and _triton_on_cpu())
     if name == "cpu":
         return device.type == "cpu" and _ext.loaded()
     if name == "cuda":

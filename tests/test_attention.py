@@ -450,6 +450,10 @@ def test_errors_name_the_argument():
         GF.self_attention2d(x, *p[:6], torch.ones(2))
     with pytest.raises(ValueError, match="in_channels"):
         gnn.SelfAttention2d(4)
+    ints = [t if t is None else (t * 10).to(torch.int32) for t in p]  # (integer convs ran, an int result)
+    for backend in ("torch", "cpu"):
+        with ganengine.use_backend(backend), pytest.raises(TypeError, match="x must be a floating-point tensor"):
+            GF.self_attention2d((x * 10).to(torch.int32), *ints)
 
 
 def test_cpu_autocast_bf16_keeps_residual_dtype():

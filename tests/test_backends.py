@@ -171,3 +171,78 @@ def test_missing_extension_file_is_named_not_a_circular_import(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "no extension file ganengine/_C" in out.stdout and "circular" not in out.stdout, out.stdout
+
+
+def test_overlapping_scopes_in_two_threads_leave_the_setting_right():
+    """Thread A enters torch, B enters cpu, A exits, B exits: the setting is back to what it was
+    (each scope removes its own entry; "restore the value before me" left 'torch' for good)."""
+    import threading
+
+    before = backends.current()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with ganengine.use_backend("torch"):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with ganengine.use_backend("cpu"):
+            b_in.set()
+            a_out.wait()
+            assert backends.current() == "cpu"
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert backends.current() == before
+    with ganengine.use_backend("torch"):  # nesting as before; a setter inside a scope outlives it
+        with ganengine.use_backend("cpu"):
+            assert backends.current() == "cpu"
+        assert backends.current() == "torch"
+    assert backends.current() == before
+
+
+def test_auto_falling_back_to_torch_is_said_in_debug(monkeypatch):
+    """auto on CPU tensors the cpu extension does not serve (fp64 GEMM convolution): torch, with
+    a warning in debug mode ("a fallback is never silent in debug mode"), never an error."""
+    if not backends.available()["cpu"]:
+        pytest.skip("needs the cpu extension")
+    x, w = torch.randn(1, 4, 6, 6, dtype=torch.float64), torch.randn(4, 4, 4, 4, dtype=torch.float64)
+    monkeypatch.setenv("GANENGINE_DEBUG", "1")
+    with ganengine.use_backend("auto"), backends.strict():
+        with pytest.warns(RuntimeWarning, match=r"ganengine.conv: auto falls back to 'torch' \(cpu: "):
+            GF.conv2d(x, w, None, 2, 1)
+    assert _dispatch.last_used["conv"] == "torch"
+
+
+def test_interpreter_set_after_triton_was_imported_is_not_claimed():
+    """triton.jit decides at import: TRITON_INTERPRET=1 set after Triton was imported leaves GPU
+    functions (tl.sum ...), which fail on CPU tensors. available() says so and the op falls back
+    (it crashed inside the interpreter)."""
+    code = ("import os, torch, triton, ganengine, ganengine.functional as GF\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "from ganengine import backends\n"
+            "assert not backends.available()['triton'], backends.status()['triton']\n"
+            "assert 'set after triton was imported' in backends.status()['triton']\n"
+            "with ganengine.use_backend('triton'):\n"
+            "    GF.instance_norm_act(torch.randn(2, 3, 4, 4))\n"
+            "from ganengine.ops import _dispatch; print(_dispatch.last_used['instance_norm_act'])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
+
+
+def test_import_warns_once_per_bad_setting():
+    code = "import warnings; warnings.simplefilter('always'); import ganengine"
+    env = dict(os.environ, GANENGINE_BAKEND="cpu", GANENGINE_BACKEND="bogus")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("RuntimeWarning") == 2, out.stderr
+    assert "GANENGINE_BAKEND is set but is not a ganengine setting" in out.stderr
+    assert "GANENGINE_BACKEND='bogus' is not valid" in out.stderr

@@ -176,10 +176,17 @@ def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None], variant: s
         return verdicts[name]
 
     if requested == "auto":
+        declined = []
         for name in auto_order(op, device.type, variant):
-            if reason_for(name) is None:
+            why = reason_for(name)
+            if why is None:
                 last_used[op] = name
                 return name
+            declined.append(f"{name}: {why}")
+        if declined and backends.debug():  # (never an error: auto asked for no backend in particular)
+            msg = f"ganengine.{op}: auto falls back to 'torch' ({'; '.join(declined)})"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.debug(msg)
         last_used[op] = "torch"
         return "torch"
 

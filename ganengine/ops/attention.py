@@ -496,6 +496,8 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"self_attention2d: x must be a 4-D (B, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not x.is_floating_point():  # (integer weights too would run the convs in integers)
+        raise TypeError(f"self_attention2d: x must be a floating-point tensor, got {x.dtype}")
     b, c, h, w = x.shape
     if not _plain_block_args(c, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias):
         # (the checks one by one, with the public errors; 2-D weights taken as 1x1 convs)
