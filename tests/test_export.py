@@ -631,3 +631,32 @@ def test_example_input_with_none_for_an_optional_argument(tmp_path):
     torch.testing.assert_close(loaded(z, f), torch.tanh(z + f))
     with pytest.raises(TypeError, match="example_input"):
         to_torchscript(Optional(), (None, None), tmp_path / "n.pt")
+
+
+@pytest.mark.parametrize("wrap", ["sn", "weight_norm", "old_sn", "linear_sn"])
+def test_fused_computed_weight_layers_trace_and_export(wrap, tmp_path):
+    """Convs whose weight is computed (torch's spectral_norm / weight_norm, new or old style) and
+    ganengine's spectral norm on a Linear, after fuse(): torch.jit.trace and the exports ran the
+    routing builtins (Python bools a trace cannot record) or the C++ route's autograd.Function
+    (non-tensor arguments): both failed. The traces compute what the unfused model computes."""
+    from ganengine import export
+
+    P = nn.utils.parametrizations
+    make = {"sn": lambda: P.spectral_norm(nn.Conv2d(4, 4, 3, 1, 1)),
+            "weight_norm": lambda: P.weight_norm(nn.Conv2d(4, 4, 4, 2, 1)),
+            "old_sn": lambda: nn.utils.spectral_norm(nn.Conv2d(4, 4, 3, 1, 1)),
+            "linear_sn": lambda: P.spectral_norm(nn.Linear(8, 4))}[wrap]
+    x = torch.randn(2, 8) if wrap == "linear_sn" else torch.randn(1, 4, 8, 8)
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(make(), nn.LeakyReLU(0.2)).eval()
+
+    want = build()(x)
+    fused = ganengine.fuse(build())
+    traced = torch.jit.trace(fused, (x,), check_trace=False)
+    torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-6)
+    export.to_torchscript(ganengine.fuse(build()), x, str(tmp_path / "m.pt"))
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.pt"))(x), want, rtol=1e-5, atol=1e-6)
+    export.to_onnx(ganengine.fuse(build()), x, str(tmp_path / "m.onnx"))
+    assert (tmp_path / "m.onnx").stat().st_size > 0

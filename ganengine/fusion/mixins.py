@@ -71,8 +71,9 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
         y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, stride, padding)
         return y if slope is None else F.leaky_relu(y, slope)
     # under torch.compile the CPU routes' decisions (C++ builtins dynamo cannot trace) are not asked:
-    # the compiler gets PyTorch's conv, and conv3x3's custom op for reflect padding
-    compiling = torch.compiler.is_compiling()
+    # the compiler gets PyTorch's conv, and conv3x3's custom op for reflect padding; nor under
+    # torch.jit.trace (export: the builtins return Python bools, which a trace cannot record)
+    compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if tuple(w.shape[-2:]) == (3, 3) and stride == (1, 1) and padding[0] == padding[1]:
         # Winograd where it pays (and for reflect padding, read in place); the activation, if
         # any, then runs in place on the conv's fresh output (nothing else holds it)

@@ -464,7 +464,9 @@ spectral_norm_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 # ----------------------------------------------------------------------------- entry points
 def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    # (torch.jit.trace too: it records the custom op; the C++ route's autograd.Function takes
+    # non-tensor arguments a trace cannot record)
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 # ----------------------------------------------------------------------------- lean CPU route
