@@ -597,3 +597,37 @@ def test_spectral_norm_group_then_fuse_iterates_once():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused[0].parametrizations.weight[0]._u, ref[0].parametrizations.weight[0]._u,
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("child, kind", [("softmax", "forward"), ("softmax", "backward"), ("query_conv", "backward"),
+                                         ("query_conv", "forward")])
+def test_attention_blocks_with_hooked_children_are_declined(child, kind):
+    """A hook on a child of an attention block (the softmax, to look at the attention map; a conv)
+    keeps firing: the block is declined, before the rewrite's probe calls the children (which
+    handed the user's hooks probe data). gnn.SelfAttention2d runs its convs as modules when they
+    have any hook, backward ones included."""
+    from tests.reference_nets_attention import Self_Attn
+
+    torch.manual_seed(0)
+    block = Self_Attn(16, "relu")
+    with torch.no_grad():
+        block.gamma.fill_(0.5)
+    calls = []
+    m = getattr(block, child)
+    if kind == "forward":
+        m.register_forward_hook(lambda *a: calls.append(1))
+    else:
+        m.register_full_backward_hook(lambda *a: calls.append(1))
+    fused, report = ganengine.fuse(block, return_report=True)
+    assert calls == [] and "sagan_self_attention" not in report  # (its convs may still fuse one by one)
+    declined = [d for d in report.declined if d.rule == "sagan_self_attention"]
+    assert len(declined) == 1 and child in declined[0].reason
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    fused(x)[0].sum().backward()
+    assert calls == [1]
+
+    sa = gnn.SelfAttention2d(16)
+    seen = []
+    sa.query_conv.register_full_backward_hook(lambda *a: seen.append(1))
+    sa(torch.randn(1, 16, 3, 3, requires_grad=True)).sum().backward()
+    assert seen == [1]
