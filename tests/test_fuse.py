@@ -631,3 +631,39 @@ def test_attention_blocks_with_hooked_children_are_declined(child, kind):
     sa.query_conv.register_full_backward_hook(lambda *a: seen.append(1))
     sa(torch.randn(1, 16, 3, 3, requires_grad=True)).sum().backward()
     assert seen == [1]
+
+
+def test_fused_layers_give_eager_output_layouts_in_a_channels_last_model(monkeypatch):
+    """model.to(channels_last) with an NCHW input (what follows an instance norm): PyTorch's conv
+    writes NHWC because the weight is; the fused convs followed the input (dropout after them drew
+    other masks under the same seed). The fused reference SAGAN block gives the reference's
+    contiguous output on an NHWC input (a .view after it failed), unless keep_channels_last."""
+    from tests.reference_nets_attention import Self_Attn
+
+    monkeypatch.setenv("GANENGINE_CONV_GEMM", "always")  # (the tiny convs take the fused route)
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 8, 8)
+    for build in (lambda: nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.Dropout(0.5)),
+                  lambda: nn.Sequential(nn.Conv2d(8, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Dropout(0.5)),
+                  lambda: nn.Sequential(nn.ConvTranspose2d(8, 8, 4, 2, 1), nn.Dropout(0.5))):
+        torch.manual_seed(0)
+        ref = build().to(memory_format=cl)
+        fused, report = ganengine.fuse(copy.deepcopy(ref), return_report=True)
+        assert dict(report), report
+        torch.manual_seed(1)
+        want = ref(x)
+        torch.manual_seed(1)
+        got = fused(x)
+        assert want.is_contiguous(memory_format=cl) and got.is_contiguous(memory_format=cl) and not got.is_contiguous()
+        assert torch.equal(want == 0, got == 0)  # the same dropout mask
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    block = Self_Attn(16, "relu")
+    with torch.no_grad():
+        block.gamma.fill_(0.5)
+    xc = torch.randn(2, 16, 4, 4).to(memory_format=cl)
+    want = block(xc)[0]
+    got = ganengine.fuse(block)(xc)[0]
+    assert want.is_contiguous() and got.is_contiguous()
+    got.view(2, -1)
+    assert not ganengine.fuse(block, keep_channels_last=True)(xc)[0].is_contiguous()

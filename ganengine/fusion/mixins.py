@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.fusion.copying import FusedModule
+from ganengine.ops._conv_common import input_in_weight_layout
 
 
 def _act_slope(activation: str, negative_slope: float):
@@ -74,6 +75,7 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
     # the compiler gets PyTorch's conv, and conv3x3's custom op for reflect padding; nor under
     # torch.jit.trace (export: the builtins return Python bools, which a trace cannot record)
     compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    x = input_in_weight_layout(x, w)  # (eager's output layout)
     if tuple(w.shape[-2:]) == (3, 3) and stride == (1, 1) and padding[0] == padding[1]:
         # Winograd where it pays (and for reflect padding, read in place); the activation, if
         # any, then runs in place on the conv's fresh output (nothing else holds it)

@@ -116,7 +116,7 @@ def _attention(kind: str):
             if child is not m and checks.hook_kinds(child) and not checks.weight_prehooks_only(child):
                 return Decline(f"its {name} has a {' and a '.join(checks.hook_kinds(child))} (the fused block "
                                "does not run it as a module)")
-        new = A._build_sagan(m) if kind == "sagan" else A._build_biggan(m)
+        new = A._build_sagan(m, KEEP_LAYOUT.get()) if kind == "sagan" else A._build_biggan(m)
         return new if new is not None else Decline("the fused block's output differs from the module's on a probe")
     return match, build
 

@@ -71,7 +71,13 @@ class SelfAttention2d(nn.Module):
         return_attention: if True, ``forward`` returns ``(out, attention)`` like the reference
             ``Self_Attn`` (attention (B, N, N), built only then); ``forward(x,
             return_attention=...)`` overrides it per call.
+
+    ``keep_layout`` (attribute): True (the default) keeps a channels_last input's layout in the
+    output; False gives the reference ``Self_Attn``'s contiguous output (what ``ganengine.fuse``
+    sets unless ``keep_channels_last=True``: a ``.view`` after the block needs it).
     """
+
+    keep_layout: bool = True
 
     def __init__(self, in_channels: int, reduction: int = 8, return_attention: bool = False,
                  device=None, dtype=None):
@@ -110,12 +116,16 @@ class SelfAttention2d(nn.Module):
             # the functional block: on the cpu backend one C++ call (ops/attention.py's lean entry;
             # the same three convolutions and kernels, so the same bits as the hooked-modules route),
             # elsewhere its Python route (the stacked projection into the core's Function)
-            return self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
+            out = self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
+            return out if self.keep_layout or out.is_contiguous() else out.contiguous()
         b, c, h, w = x.shape
         if want and x.is_cpu and h * w <= MAP_PATH_MAX_POSITIONS:
-            return self._one_softmax(x, plain)
+            out, attn = self._one_softmax(x, plain)
+            return (out if self.keep_layout or out.is_contiguous() else out.contiguous()), attn
         q, k, v = self._projections(x, plain)
         out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
+        if not (self.keep_layout or out.is_contiguous()):
+            out = out.contiguous()
         return (out, attention_map(q, k)) if want else out
 
     def runs_own_convs(self) -> bool:
@@ -278,11 +288,12 @@ def _match_sagan(m: nn.Module) -> bool:
             and _is_param1(getattr(m, "gamma", None)))
 
 
-def _build_sagan(m: nn.Module):
+def _build_sagan(m: nn.Module, keep_layout: bool = False):
     channels = _in_channels(m.value_conv)
     if channels is None:
         return None
     new = SelfAttention2d.from_modules(m.query_conv, m.key_conv, m.value_conv, m.gamma)
+    new.keep_layout = keep_layout  # (the reference's output is contiguous)
     ok, is_tuple = _probe_matches(m, new, channels)
     if not ok:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine.ops._conv_common import input_in_weight_layout
 from ganengine.ops.conv import conv2d, conv_transpose2d
 
 
@@ -31,7 +32,8 @@ class Conv2d(nn.Conv2d):
                              f"padding_mode={self.padding_mode!r}, padding={self.padding!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        w = self.weight
+        return conv2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding)
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d) -> "Conv2d":
@@ -58,7 +60,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
             raise ValueError(f"ganengine.nn.ConvTranspose2d: expected an (N, C, H, W) input, got {tuple(x.shape)}")
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
                                               list(self.kernel_size), 2, list(self.dilation))
-        return conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, tuple(output_padding))
+        w = self.weight
+        return conv_transpose2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding,
+                                tuple(output_padding))
 
     @classmethod
     def from_module(cls, conv: nn.ConvTranspose2d) -> "ConvTranspose2d":

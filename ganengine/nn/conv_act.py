@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine.ops._conv_common import input_in_weight_layout
 from ganengine.ops.conv import _out_size as conv_out_size
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
 
@@ -40,7 +41,8 @@ class Conv2dAct(nn.Conv2d):
         self.negative_slope = float(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_act(x, self.weight, self.bias, self.stride, self.padding, self.negative_slope)
+        w = self.weight
+        return conv2d_act(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding, self.negative_slope)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}"

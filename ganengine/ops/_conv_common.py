@@ -27,6 +27,17 @@ def out_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def input_in_weight_layout(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` as the module's convolution should read it: channels_last when the weight is (a model
+    moved to channels_last) and ``x`` is not. PyTorch's convolution writes its output channels_last
+    when the input or the weight is; the fused ops follow the input's layout, so a module hands
+    them x in the weight's layout to give eager's output layout (dropout after it draws its mask
+    in memory order; a .view() needs the layout). Eager's convolution makes the same copy."""
+    if w.is_contiguous() or x.dim() != 4 or not w.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def pair(name: str, v, minimum: int) -> list[int]:
     """An int or a pair of ints as [a, b], each >= minimum; else the public error naming ``name``."""
     if type(v) is int and v >= minimum:  # the common call, without the general checks below
