@@ -247,6 +247,36 @@ def test_sync_bn_needs_cuda():
         D.wrap(g, info, sync_bn=True)
 
 
+@pytest.mark.parametrize("arch", ["dcgan_G", "dcgan_D", "wgan_gp_G", "acgan_D"])
+def test_sync_bn_conversion_keeps_the_fused_norms_activations(arch):
+    """torch's convert_sync_batchnorm turns a BatchNormAct (a BatchNorm subclass that also
+    activates; its activation layer is an Identity) into a plain SyncBatchNorm: every ReLU /
+    LeakyReLU of the fused batch norms was lost under --sync_bn. ganengine's conversion keeps
+    them: the same outputs (one process: SyncBatchNorm normalises as BatchNorm), same keys."""
+    import copy
+
+    from ganengine.models import build_network
+    from ganengine.nn.batch_norm_act import SyncBatchNormAct, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    kw = {"dcgan_G": dict(ngf=4, nz=8), "dcgan_D": dict(ndf=4), "wgan_gp_G": dict(latent_dim=8, img_size=8),
+          "acgan_D": dict(img_size=16, channels=3)}[arch]
+    net = build_network(arch, **kw)
+    x = {"dcgan_G": torch.randn(3, 8, 1, 1), "dcgan_D": torch.randn(3, 3, 64, 64), "wgan_gp_G": torch.randn(3, 8),
+         "acgan_D": torch.randn(3, 3, 16, 16)}[arch]
+    synced = convert_sync_batchnorm(copy.deepcopy(net))
+    assert any(isinstance(m, SyncBatchNormAct) for m in synced.modules())
+    assert list(synced.state_dict()) == list(net.state_dict())
+    for mode in ("train", "eval"):
+        getattr(net, mode)(), getattr(synced, mode)()
+        torch.manual_seed(1)
+        want = net(x)
+        torch.manual_seed(1)
+        got = synced(x)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_stackgan_batch_of_one_is_one_clear_line(tmp_path, capsys):
     """StackGAN's reference networks batch-normalise over the batch (BatchNorm1d after the text
     projection), so a batch of one cannot train: one line saying so and what to pass, not torch's

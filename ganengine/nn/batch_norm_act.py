@@ -160,3 +160,38 @@ class ConditionalBatchNormAct2d(nn.Module):
         act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, activation={act}, "
                 f"track_running_stats={self.track_running_stats}")
+
+
+# ----------------------------------------------------------------------------- --sync_bn
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm followed by the activation of the BatchNormAct it replaces (what
+    ``convert_sync_batchnorm`` makes of a fused batch norm; torch's own conversion keeps only the
+    norm and would drop the activation). The same state_dict keys."""
+
+    activation: str = "none"
+    negative_slope: float = 0.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.activation == "relu":
+            return torch.relu(y)
+        if self.activation == "leaky_relu":
+            return nn.functional.leaky_relu(y, self.negative_slope)
+        return y
+
+    def extra_repr(self) -> str:
+        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
+        return f"{super().extra_repr()}, activation={act}"
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` that keeps the activation of ganengine's fused
+    batch norms (``BatchNormAct1d/2d`` and the classes ``fuse()`` makes from them)."""
+    acts = {name: (m.activation, m.negative_slope) for name, m in module.named_modules()
+            if isinstance(m, _BatchNormActMixin)}
+    out = nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, m in out.named_modules():
+        if name in acts and type(m) is nn.SyncBatchNorm:
+            m.__class__ = SyncBatchNormAct
+            m.activation, m.negative_slope = acts[name]
+    return out

@@ -69,7 +69,10 @@ def wrap(net: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.n
     if sync_bn:
         # SyncBatchNorm replaces torch's BatchNorm layers only: a network normalising with its own
         # modules (BigGAN's ccbn / bn, stored_mean buffers) would keep per-process statistics unsaid
-        own = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "stored_mean")
+        from ganengine.nn.batch_norm_act import ConditionalBatchNormAct2d, convert_sync_batchnorm
+
+        own = sorted({type(m).__name__ for m in net.modules()
+                      if (hasattr(m, "stored_mean") or isinstance(m, ConditionalBatchNormAct2d))
                       and not isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
         if own:
             raise ValueError(f"--sync_bn converts torch's BatchNorm layers; this network normalises with its own "
@@ -78,7 +81,7 @@ def wrap(net: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.n
         if info.device.type != "cuda":
             raise ValueError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
                              "leave it out on CPU")
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = convert_sync_batchnorm(net)  # (keeps the fused batch norms' activations)
     if not any(p.requires_grad for p in net.parameters()):
         return net  # e.g. a frozen stage-I generator inside StackGAN stage II
     ids = [info.device.index] if info.device.type == "cuda" else None
