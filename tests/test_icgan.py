@@ -250,3 +250,45 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys):
         assert "its features are not those the model was trained with" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path / "full"), "--output", str(tmp_path / "g3.png"),
                  "--feature_file", str(tmp_path / "moved.npy")]) == 2  # (still the changed file)
+
+
+def test_moved_or_old_feature_files_resume_and_evaluate(tmp_path, capsys):
+    """A run whose feature file moved resumes and evaluates with --feature_file (the recorded
+    digest says the features are the same; resume compared the path); a checkpoint written before
+    digests resumes with the same file; a file whose features changed is said as such."""
+    import json
+    import shutil
+
+    from ganengine.cli import main
+
+    feats = np.random.RandomState(0).randn(1000, 6).astype(np.float32)
+    np.save(tmp_path / "f.npy", feats)
+    common = ["--checkpoints_dir", str(tmp_path), "--sample_every", "0"] + TINY.split()
+    assert main(["train", "icgan", "--feature_file", str(tmp_path / "f.npy"), "--name", "r", "--max_steps", "2"]
+                + common) == 0
+    ckpt = tmp_path / "r" / "step_00000002.pt"
+    os.makedirs(tmp_path / "moved")
+    os.replace(tmp_path / "f.npy", tmp_path / "moved" / "f.npy")
+    moved = str(tmp_path / "moved" / "f.npy")
+    assert main(["train", "icgan", "--feature_file", moved, "--name", "r", "--max_steps", "3", "--resume"]
+                + common) == 0, capsys.readouterr().err
+    features = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feature_extractor.py")
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--metrics", "fid", "--num_samples", "10", "--batch_size",
+                 "10", "--max_images", "20", "--feature_extractor", f"{features}:SmallFeatureExtractor",
+                 "--feature_file", moved, "--output", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["images"] == 10
+    # a checkpoint from before digests, the same file where it was (moved: nothing to tell it by)
+    state = torch.load(ckpt, weights_only=False)
+    state["options"].pop("feature_digest")
+    state["data"].pop("feature_digest", None)
+    torch.save(state, tmp_path / "old.pt")
+    shutil.copy(moved, tmp_path / "f.npy")
+    assert main(["train", "icgan", "--feature_file", str(tmp_path / "f.npy"), "--name", "old", "--max_steps", "3",
+                 "--resume", str(tmp_path / "old.pt")] + common) == 0, capsys.readouterr().err
+    # other features in the file: said as such
+    np.save(moved, feats[::-1].copy())
+    capsys.readouterr()
+    assert main(["train", "icgan", "--feature_file", moved, "--name", "r", "--max_steps", "4", "--resume"]
+                + common) == 2
+    assert "holds other features than the run was trained with" in capsys.readouterr().err

@@ -23,6 +23,8 @@ def add_arguments(p) -> None:
     g.add_argument("--is_splits", type=int, default=10, help="Inception Score splits (default: %(default)s)")
     g.add_argument("--pr_k", type=int, default=3, help="k of precision/recall (default: %(default)s)")
     g.add_argument("--dc_k", type=int, default=5, help="k of density/coverage (default: %(default)s)")
+    g.add_argument("--feature_file", default=None,
+                   help="IC-GAN: the instance features file (default: the training's, as the checkpoint records it)")
 
 
 def checkpoint_model_name(path: str) -> str | None:
@@ -80,6 +82,11 @@ def run(args) -> int:
         if "is" in metrics:
             check_logits(extractor)
         model, data_options = load_checkpoint(args.checkpoint, device)
+        if args.feature_file is not None:
+            if not hasattr(model, "use_feature_file"):
+                raise ValueError(f"--feature_file is IC-GAN's instance features file; {model.MODEL_NAME} takes none: "
+                                 "leave it out")
+            model.use_feature_file(args.feature_file, data_options)
         if hasattr(model, "check_sample_count"):
             model.check_sample_count(min(args.batch_size, args.num_samples), "--batch_size")
         root = args.dataroot or data_options.get("dataroot")

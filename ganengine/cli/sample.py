@@ -204,11 +204,7 @@ def run(args) -> int:
         if args.feature_file is not None:
             if name != "icgan":
                 raise ValueError(f"--feature_file is IC-GAN's instance features file; {name} takes none: leave it out")
-            if not model.options.get("feature_file"):
-                raise ValueError("--feature_file: this IC-GAN model was trained on pixel features (no feature file): "
-                                 "leave it out")
-            data["feature_file"] = model.options["feature_file"] = os.path.abspath(args.feature_file)
-            model._bank = None  # (built from the options on first use)
+            model.use_feature_file(args.feature_file, data)
         if hasattr(model, "check_sample_count"):  # (a batch-norm generator cannot make one image per call)
             model.check_sample_count(args.n, "--n")
         if args.interpolate and not hasattr(model, "interpolation_rows"):  # said before anything is written

@@ -57,6 +57,37 @@ class ICGAN(BigGAN):
             self.set_bank(check_digest(bank, o["feature_file"], o["feature_digest"]))
         return self._bank
 
+    def use_feature_file(self, path: str, data_options: dict | None = None) -> None:
+        """Read the instance features from ``path`` from now on (a feature file moved since
+        training: ``--feature_file`` of sample / evaluate); its features must be the recorded ones
+        (checked when they are read)."""
+        import os
+
+        if not self.options.get("feature_file"):
+            raise ValueError("--feature_file: this IC-GAN model was trained on pixel features (no feature file): "
+                             "leave it out")
+        self.options["feature_file"] = os.path.abspath(path)
+        if data_options is not None:
+            data_options["feature_file"] = self.options["feature_file"]
+        self._bank = None  # (built from the options on first use)
+
+    def resume_differences(self, diff: dict) -> dict:
+        """The option differences that stop a resume, from the engine's {option: (old, new)}: a
+        moved feature file holding the recorded features is none, nor is a digest a checkpoint
+        written before digests existed does not have; changed features are said as such."""
+        diff = dict(diff)
+        if "feature_digest" in diff:
+            old, new = diff["feature_digest"]
+            if not old:
+                diff.pop("feature_digest")
+            elif new:
+                raise ValueError(f"--resume: the feature file {self.options['feature_file']!r} holds other features "
+                                 "than the run was trained with (its contents changed); resume with the training's "
+                                 "feature file")
+        elif "feature_file" in diff and self.options.get("feature_digest"):
+            diff.pop("feature_file")  # (the same features, recorded digest and file's agree: a moved file)
+        return diff
+
     def set_bank(self, bank) -> None:
         """Use ``bank`` (an ``InstanceBank``) for the generator's conditionings; its width must be
         the networks' (``instance_sz``, and ``shared_dim_feat`` without ``G_shared_feat``)."""

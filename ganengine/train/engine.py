@@ -363,6 +363,8 @@ class Trainer:
         diff = {k: (state["options"].get(k), now.get(k)) for k in set(now) | set(state["options"])
                 if state["options"].get(k) != now.get(k)
                 and not (k not in state["options"] and k in defaults and now.get(k) == defaults[k])}
+        if diff and hasattr(self.model, "resume_differences"):  # (what the model knows to be none)
+            diff = self.model.resume_differences(diff)
         if diff:
             listed = ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in sorted(diff.items()))
             raise ckpt.CheckpointError(f"--resume {path!r} was trained with different model options: {listed}. "
