@@ -229,7 +229,8 @@ def run(args) -> int:
         loader, phase, root = make_eval_loader(model, data_options, args.dataroot, args.phase, args.batch_size,
                                                device)
         results = evaluate_generator(model, loader, metrics, extractor, classifier, max_images=args.max_images,
-                                     kid_options={"subsets": args.kid_subsets, "subset_size": args.kid_subset_size})
+                                     kid_options={"subsets": args.kid_subsets, "subset_size": args.kid_subset_size},
+                                     selected_attrs=data_options.get("selected_attrs"))
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, AttributeError, ImportError) as exc:
         print(f"ganengine evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ganengine.metrics.accuracy import AttributeAccuracy
@@ -55,13 +56,39 @@ def _generate(model, batch: dict, device: torch.device) -> torch.Tensor:
     return model(batch["A"].to(device))
 
 
-def _with_targets(model, batch: dict) -> dict:
-    """StarGAN batches from the data loader carry the images' own labels; translate each image to
-    another image's labels instead (the batch rolled by one: deterministic, and the same
-    distribution as the reference's random permutation of the batch labels)."""
-    if getattr(model, "MODEL_NAME", "") == "stargan" and "target_label" not in batch and "label" in batch:
-        return {**batch, "target_label": batch["label"].roll(1, 0)}
-    return batch
+def _batch_size(batch: dict) -> int:
+    return next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()), 0)
+
+
+def _with_targets(model, batch: dict, start: int, selected_attrs=None) -> dict:
+    """StarGAN batches from the data loader carry the images' own labels; each image is translated
+    to a target from the reference test's create_labels of its own labels
+    (``train.visuals.stargan_targets``: every domain one-hot for folder domains, each attribute
+    flipped in turn for CelebA attributes, hair colours exclusive): image i of the evaluation
+    (counted over the whole run, ``start`` + its place in the batch: the same at any batch size
+    and loader order) takes target set i mod c_dim, and for one-hot labels the next domain where
+    that set is its own domain. (Another image's labels, as the reference's training draws them,
+    are mostly the image's own on domain-sorted data.)"""
+    if getattr(model, "MODEL_NAME", "") != "stargan" or "target_label" in batch or "label" not in batch:
+        return batch
+    from ganengine.train.visuals import stargan_targets
+
+    label = batch["label"]
+    indices = label.dim() == 1  # (RaFD class indices)
+    c = int(_options(model).get("c_dim", 0)) if indices else label.shape[1]
+    onehot = F.one_hot(label.long(), c).float() if indices else label.float()
+    # attributes (CelebA: each flipped in turn) unless the data are domains (RaFD: the dataset
+    # option, or class indices); decided per model, never per batch (a single row can look one-hot)
+    attributes = not indices and label_mode(model) is not False
+    names = selected_attrs or ([f"attribute {j}" for j in range(c)] if attributes else None)
+    sets = torch.stack(stargan_targets(onehot, names))  # (c, n, c)
+    rows = torch.arange(onehot.shape[0])
+    which = (rows + start) % c
+    target = sets[which, rows]
+    if not attributes:  # one-hot domains: never the image's own
+        own = (target == onehot).all(1)
+        target[own] = sets[(which[own] + 1) % c, rows[own]]
+    return {**batch, "target_label": target.argmax(1).to(label.dtype) if indices else target.to(label.dtype)}
 
 
 # models trained on unpaired data: batch["B"] is not the counterpart of batch["A"]
@@ -119,7 +146,7 @@ def label_mode(model) -> bool | None:
 def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_extractor: nn.Module | None = None,
                        classifier: nn.Module | None = None, max_images: int | None = None,
                        kid_options: dict | None = None, data_range: float = 2.0,
-                       multi_label: bool | None = None) -> dict[str, float]:
+                       multi_label: bool | None = None, selected_attrs=None) -> dict[str, float]:
     """Run the generator over ``loader`` and compute ``metrics``; returns {metric: value, ..., "images": n}.
 
     ``model``: a ganengine GANModel (its ``translate(batch)`` makes the images) or a plain generator
@@ -131,10 +158,12 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
     CycleGAN/CS-GAN, trained on unpaired data);
     acc needs ``classifier`` (images -> (N, c_dim) logits) and targets in ``batch["target_label"]``
     (else ``batch["label"]``). A StarGAN model without ``target_label`` in the batch translates
-    each image to the labels of the previous image in the batch (``label.roll(1, 0)``).
+    each image to one of the reference test's create_labels targets of its labels (``_with_targets``).
     ``multi_label``: how acc scores (True: per attribute, False: argmax class); None takes it from
     the model (StarGAN dataset CelebA: per attribute, RaFD: argmax), else from all the targets seen
-    (``AttributeAccuracy``).
+    (``AttributeAccuracy``). ``selected_attrs``: StarGAN's CelebA attribute names (the data's
+    ``selected_attrs``), for the targets' hair-colour rule; without a ``target_label`` in the
+    batch each image is translated to one of the reference's create_labels targets (``_with_targets``).
     The model's train/eval mode is left as the caller set it (``translate`` sets its own).
     """
     names = parse_metrics(metrics)
@@ -150,11 +179,12 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
     real_feats, fake_feats = [], []
     sums = {m: 0.0 for m in ("l1", "psnr", "ssim")}
     acc = AttributeAccuracy(label_mode(model) if multi_label is None else multi_label)
-    n = 0
+    n = n_seen = 0
     for batch in loader:
         if not isinstance(batch, dict):
             raise TypeError(f"evaluate_generator: batches must be dicts (see docs/INTERFACES.md), got {type(batch).__name__}")
-        batch = _with_targets(model, batch)
+        batch = _with_targets(model, batch, n_seen, selected_attrs)
+        n_seen += _batch_size(batch)
         fake = _generate(model, batch, device).float()
         key = target_key(model, batch)
         real = batch[key].to(fake.device).float()
