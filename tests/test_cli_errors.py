@@ -227,3 +227,10 @@ def test_train_options_asking_one_image_per_call_are_refused_up_front(flags, wor
 def test_evaluate_batch_of_one_from_a_batch_norm_generator(wgan_run, capsys):
     _error(capsys, ["evaluate", "--checkpoint", wgan_run, "--metrics", "fid", "--num_samples", "4", "--batch_size", "1",
                     "--feature_extractor", EXTRACTOR], "--batch_size must be >= 2 for wgan")
+
+
+def test_evaluate_intra_fid_on_an_unconditional_model_says_so_first(dcgan_run, capsys):
+    """(the real side's per-class check came first and asked for more --max_images)"""
+    _error(capsys, ["evaluate", "--checkpoint", dcgan_run, "--metrics", "fid,intra_fid", "--num_samples", "20",
+                    "--max_images", "20", "--feature_extractor", EXTRACTOR],
+           "intra_fid is for class-conditional models; dcgan is unconditional")

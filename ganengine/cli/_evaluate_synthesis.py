@@ -64,8 +64,8 @@ def run(args) -> int:
     from ganengine.cli.evaluate import (check_metric_counts, feature_extractor, load_checkpoint, output_file,
                                         resolve_device, write_output)
     from ganengine.data import build_dataset
-    from ganengine.metrics.evaluate_synthesis import (check_logits, check_real_classes, evaluate_synthesis,
-                                                     parse_synthesis_metrics, real_loader)
+    from ganengine.metrics.evaluate_synthesis import (check_logits, check_real_classes, check_request,
+                                                     evaluate_synthesis, parse_synthesis_metrics, real_loader)
 
     try:
         metrics = parse_synthesis_metrics(args.metrics)
@@ -93,6 +93,7 @@ def run(args) -> int:
         phase = args.phase or "train"
         dataset = build_dataset(model.MODEL_NAME, {**data_options, "dataroot": root, "no_flip": True}, phase)
         if "intra_fid" in metrics:
+            check_request(model, metrics, args.num_samples, args.is_splits)  # (a conditional model: said first)
             check_real_classes(dataset, args.max_images, "--max_images")
         loader = real_loader(dataset, args.batch_size, args.max_images)
         results = evaluate_synthesis(model, loader, metrics, extractor, num_samples=args.num_samples,

@@ -141,9 +141,12 @@ def check_real_classes(dataset, max_images: int | None, option: str) -> None:
     counts = torch.bincount(labels.long())
     once = (counts == 1).nonzero().flatten().tolist()
     if once:
-        raise ValueError(f"intra_fid: class {once[0]} has 1 real image among the {len(labels)} read "
-                         f"({len(once)} such classes; {option} caps them): the per-class statistics need 2 "
-                         f"images of every class; raise {option} or leave intra_fid out")
+        capped = max_images is not None and max_images < n
+        where = (f"among the {len(labels)} read ({option} caps them at {max_images} of {n})" if capped else
+                 f"in the whole data ({n} images)")
+        fix = f"raise {option} or leave intra_fid out" if capped else "leave intra_fid out (or add images of it)"
+        raise ValueError(f"intra_fid: class {once[0]} has 1 real image {where}; {len(once)} such classes: the "
+                         f"per-class statistics need 2 images of every class; {fix}")
 
 
 @torch.no_grad()
