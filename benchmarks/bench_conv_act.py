@@ -84,9 +84,11 @@ def main(argv=None):
     for norm in args.norm:
         for b in args.batch:
             r = run_case(norm, b, args.repeats, args.backend, args.size, not args.no_compile, args.kernels)
-            c = r.get("compile_ms", float("nan"))
-            print(f"| {norm} | {b} | {r['eager_ms']:.1f} | {c:.1f} | {r['ganengine_ms']:.1f} | "
-                  f"{r['eager_ms'] / r['ganengine_ms']:.2f}x | {c / r['ganengine_ms']:.2f}x |", flush=True)
+            c = r.get("compile_ms")  # (None with --no-compile: the columns say "-")
+            compiled = "-" if c is None else f"{c:.1f}"
+            vs_compile = "-" if c is None else f"{c / r['ganengine_ms']:.2f}x"
+            print(f"| {norm} | {b} | {r['eager_ms']:.1f} | {compiled} | {r['ganengine_ms']:.1f} | "
+                  f"{r['eager_ms'] / r['ganengine_ms']:.2f}x | {vs_compile} |", flush=True)
 
 
 # ------------------------------------------------------------------ pytest-benchmark suite

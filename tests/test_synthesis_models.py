@@ -2,6 +2,7 @@
 compact re-writes of the references (tests/reference_nets_synthesis.py), reference checkpoints,
 the shared SynthesisGAN pieces, FusedRMSprop, resume and the command line."""
 import copy
+import os
 
 import re
 
@@ -650,3 +651,18 @@ def test_batch_norm_generators_refuse_one_image_in_training_mode(name):
     model.G.eval()
     assert model.min_sample_batch == 1 and model.generate(1).shape[0] == 1
     assert _tiny("dcgan").min_sample_batch == 1
+
+
+def test_network_classes_named_in_the_docs_import_from_ganengine_models():
+    """docs/synthesis*.md name the networks as ganengine.models classes; every __all__ entry resolves."""
+    import re
+
+    import ganengine.models as M
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+    named = set()
+    for doc in ("synthesis.md", "synthesis_attention.md"):
+        with open(os.path.join(root, doc)) as f:
+            named |= set(re.findall(r"`([A-Z][A-Za-z]*(?:Generator|Discriminator))`", f.read()))
+    assert named and not [n for n in named if not hasattr(M, n)], sorted(n for n in named if not hasattr(M, n))
+    assert all(hasattr(M, n) for n in M.__all__)

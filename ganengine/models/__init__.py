@@ -1,4 +1,5 @@
-"""pix2pix, CycleGAN, StarGAN and StackGAN: the reference architectures on ganengine's fused ops.
+"""pix2pix, CycleGAN, StarGAN, StackGAN and the synthesis models (DCGAN ... BigGAN, U-Net GAN,
+IC-GAN): the reference architectures on ganengine's fused ops.
 
 Networks keep the reference implementations' module trees (identical state_dict keys, parameter
 counts, initialisation), so reference checkpoints load with ``load_reference_checkpoint`` and
@@ -30,6 +31,17 @@ from ganengine.models.stackgan import StackGAN
 from ganengine.models.stargan import StarGAN
 from ganengine.models.unetgan import UNetGAN
 from ganengine.nn import PatchDiscriminator  # the reference NLayerDiscriminator, on fused conv ops
+# the synthesis models' networks (docs/synthesis.md, docs/synthesis_attention.md name them)
+from ganengine.models.acgan import ADCDiscriminator
+from ganengine.models.icgan_networks import ICGANDiscriminator, ICGANGenerator
+from ganengine.models.networks_biggan import BigGANDiscriminator, BigGANGenerator
+from ganengine.models.networks_biggan_deep import BigGANDeepDiscriminator, BigGANDeepGenerator
+from ganengine.models.networks_dcgan import DCGANDiscriminator, DCGANGenerator
+from ganengine.models.networks_pytorch_gan import (ACGANDiscriminator, ACGANGenerator, CGANDiscriminator,
+                                                   CGANGenerator, InfoGANDiscriminator, InfoGANGenerator,
+                                                   WGANGPDiscriminator, WGANGPGenerator)
+from ganengine.models.networks_sagan import SAGANDiscriminator, SAGANGenerator
+from ganengine.models.networks_unetgan import UNetDiscriminator
 
 MODELS = {"pix2pix": Pix2Pix, "cyclegan": CycleGAN, "stargan": StarGAN, "stackgan": StackGAN}
 MODELS.update(dcgan=DCGAN, wgan=WGAN, wgan_gp=WGANGP, cgan=CGAN, acgan=ACGAN, adcgan=ADCGAN, infogan=InfoGAN)
@@ -49,4 +61,9 @@ __all__ = ["SynthesisGAN", "DCGAN", "WGAN", "WGANGP", "CGAN", "ACGAN", "ADCGAN",
            "ImagePool", "ResnetGenerator", "ResnetBlock", "UnetGenerator", "UnetSkipConnectionBlock",
            "PatchDiscriminator", "PixelDiscriminator", "define_G", "define_D", "get_norm_layer", "init_weights",
            "patch_discriminator", "StarGANGenerator", "StarGANDiscriminator", "Stage1Generator",
-           "Stage1Discriminator", "Stage2Generator", "Stage2Discriminator", "CANet", "MODELS", "build_model"]
+           "Stage1Discriminator", "Stage2Generator", "Stage2Discriminator", "CANet", "MODELS", "build_model",
+           "ICGAN", "DCGANGenerator", "DCGANDiscriminator", "WGANGPGenerator", "WGANGPDiscriminator", "CGANGenerator",
+           "CGANDiscriminator", "ACGANGenerator", "ACGANDiscriminator", "ADCDiscriminator", "InfoGANGenerator",
+           "InfoGANDiscriminator", "SAGANGenerator", "SAGANDiscriminator", "BigGANGenerator", "BigGANDiscriminator",
+           "BigGANDeepGenerator", "BigGANDeepDiscriminator", "UNetDiscriminator", "ICGANGenerator",
+           "ICGANDiscriminator"]

@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     # are imported (only in this entry point: importing this module changes nothing)
     os.environ.pop("TRITON_INTERPRET", None)
 
+    for out in (args.markdown, args.json):  # (their folders made before the compiles, not after)
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     t0 = time.perf_counter()
     rows, errors = collect(args.arch, args.modules, args.sms, args.jobs)
     table = markdown(rows)
