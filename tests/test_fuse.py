@@ -667,3 +667,35 @@ def test_fused_layers_give_eager_output_layouts_in_a_channels_last_model(monkeyp
     assert want.is_contiguous() and got.is_contiguous()
     got.view(2, -1)
     assert not ganengine.fuse(block, keep_channels_last=True)(xc)[0].is_contiguous()
+
+
+def test_hooks_added_after_fuse_on_norms_of_a_traced_forward_fire():
+    """The rewritten forward called the norms' fused op directly: hooks registered after fuse()
+    on those norms never fired (every other fused module runs them). Now a hooked norm is called
+    as a module, then the activation: the same values."""
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, 1, 1)
+            self.bn = nn.BatchNorm2d(c)
+            self.inorm = nn.InstanceNorm2d(c)
+
+        def forward(self, x):
+            h = F.relu(self.bn(self.conv(x)))
+            return F.leaky_relu(self.inorm(h), 0.2) + x
+
+    torch.manual_seed(0)
+    model = Block(4)
+    fused, report = ganengine.fuse(copy.deepcopy(model), return_report=True)
+    assert report.traced == [""] and report.get("graph:batch_norm+act") == 1
+    x = torch.randn(2, 4, 8, 8)
+    want = model(x)
+    seen = []
+    fused.bn.register_forward_hook(lambda *a: seen.append("bn"))
+    fused.inorm.register_forward_pre_hook(lambda *a: seen.append("inorm"))
+    fused.bn.register_full_backward_hook(lambda *a: seen.append("bn backward"))
+    xg = x.clone().requires_grad_()
+    got = fused(xg)
+    got.sum().backward()
+    assert seen == ["bn", "inorm", "bn backward"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
