@@ -450,3 +450,20 @@ def test_stackgan_stage2_builds_on_a_ganengine_stage1_checkpoint(tmp_path, capsy
     # its parameters frozen (its batch norms' running statistics move in training mode, as the reference's)
     for (k, v), w in zip(s1.netG.named_parameters(), s2.netG.STAGE1_G.parameters()):
         assert torch.equal(w, v), k
+
+
+def test_hdf5_dataroot_trains_at_its_own_image_size(tmp_path):
+    """BigGAN's reference trains at its HDF5 file's size; the 128 default resampled a 16 px file
+    silently. Without --image_size the file's size is taken (and said; a size the networks do not
+    take keeps the default); given, it is kept."""
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    path = tmp_path / "tiny.hdf5"
+    with h5py.File(path, "w") as f:
+        f["imgs"] = np.random.default_rng(0).integers(0, 256, (6, 3, 64, 64), dtype=np.uint8)
+        f["labels"] = np.array([0, 1, 0, 1, 0, 1])
+    _, cfg = _config("biggan", "--dataroot", str(path))
+    assert cfg.data_options["image_size"] == 64 and cfg.model_options["resolution"] == 64
+    _, cfg = _config("biggan", "--dataroot", str(path), "--image_size", "32")
+    assert cfg.data_options["image_size"] == 32
