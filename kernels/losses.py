@@ -112,12 +112,16 @@ def _adv_single_kernel(X0, X1, G0, G1, TOTAL, PARAMS, FSCALE, N0, N1, K: tl.cons
     """Both stages in one program where every term fits one CHUNK (a PatchGAN map at small
     batches): the per-term sums of stage 1, scaled and added as stage 2 does (the same bits)."""
     pid = tl.program_id(0)  # (0: one program)
-    total = _adv_term(X0, G0, N0, PARAMS, 0, K, pid, MODE0, GRAD0, BLOCK, ITERS, ACC) * tl.load(FSCALE)
+    # stage 2's arithmetic as _final_kernel has it: each term scaled, placed in a [2] vector by a
+    # select, then summed (written as a*s0 + b*s1, the compiler contracts it into an FMA on GPUs,
+    # which would not round a*s0: other bits than the two stages')
+    idx = tl.arange(0, 2)
+    part = _adv_term(X0, G0, N0, PARAMS, 0, K, pid, MODE0, GRAD0, BLOCK, ITERS, ACC)
+    terms = tl.where(idx == 0, part * tl.load(FSCALE), tl.zeros([2], dtype=ACC))
     if K == 2:
-        total += _adv_term(X1, G1, N1, PARAMS, 1, K, pid, MODE1, GRAD1, BLOCK, ITERS, ACC) * tl.load(FSCALE + 1)
-    else:
-        total += 0.0  # (stage 2 sums [term, 0]: -0.0 becomes +0.0 there too)
-    tl.store(TOTAL, total)
+        part = _adv_term(X1, G1, N1, PARAMS, 1, K, pid, MODE1, GRAD1, BLOCK, ITERS, ACC)
+        terms = tl.where(idx == 1, part * tl.load(FSCALE + 1), terms)
+    tl.store(TOTAL, tl.sum(terms, axis=0))
 
 
 @triton.jit
@@ -232,7 +236,6 @@ def adv_fwd(xs, modes, targets, scales, want_grad):
     grad_on = [bool(want_grad and m != LINEAR) for m in modes]
     grads = [torch.empty(x.shape, dtype=x.dtype, device=device) if g else x.new_empty(0) for x, g in zip(xs, grad_on)]
     nblk = max(_launch.cdiv(x.numel(), CHUNK) for x in xs)
-    part = torch.empty((k, nblk), dtype=acc_t, device=device)
     params = _params(tuple(float(s) for s in scales) + tuple(float(t) for t in targets), acc_t, device)
     xp = _pad(xs, 2, xs[0])
     gp = [g if g.numel() else xs[0] for g in grads] + [xs[0]] * (2 - k)
@@ -245,6 +248,7 @@ def adv_fwd(xs, modes, targets, scales, want_grad):
                 xp[0].numel(), xp[1].numel(), K=k, MODE0=int(modes[0]), MODE1=int(modes[-1]), GRAD0=grad_on[0],
                 GRAD1=grad_on[-1], BLOCK=BLOCK, ITERS=ITERS, ACC=acc_tl, num_warps=NUM_WARPS)
             return total, grads
+        part = torch.empty((k, nblk), dtype=acc_t, device=device)
         _adv_partial_kernel[_launch.grid("adversarial loss", nblk, k)](
             xp[0], xp[1], gp[0], gp[1], part, params, xp[0].numel(), xp[1].numel(), nblk,
             K=k, MODE0=int(modes[0]), MODE1=int(modes[-1]), GRAD0=grad_on[0], GRAD1=grad_on[-1],

@@ -318,8 +318,8 @@ def _config(*argv):
 
 def test_size_alias_default_never_counts_as_given(tmp_path, capsys):
     # --imsize / --resolution alone set the image size; the other spelling's default is not "given"
-    _, cfg = _config("sagan", "--imsize", "32")
-    assert cfg.model_options["imsize"] == 32 and cfg.data_options["image_size"] == 32
+    with pytest.raises(ValueError, match="--imsize / --image_size must be 64 for SAGAN"):  # (its own limit, said)
+        _config("sagan", "--imsize", "32")
     _, cfg = _config("biggan", "--resolution", "64")  # the sample data's default is 32
     assert cfg.model_options["resolution"] == 64 and cfg.data_options["image_size"] == 64
     _, cfg = _config("biggan", "--image_size", "16")

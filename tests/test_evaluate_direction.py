@@ -262,3 +262,14 @@ def test_cli_synthesis_bad_device_names_the_option(cgan_run, capsys):
     cli_error(capsys, ["evaluate", "--checkpoint", cgan_run, "--metrics", "fid", "--feature_extractor",
                        f"{FEATURES}:SmallFeatureExtractor", "--num_samples", "4", "--device", "bogus"],
               "--device", "'bogus'", "expected")
+
+
+def test_rafd_targets_stay_domains_when_attribute_names_are_given():
+    """A RaFD model's evaluation with the data's selected_attrs set (the reference's CLI carries a
+    default list): the targets are still other one-hot domains (flipping 'attributes' made all-0
+    rows)."""
+    from ganengine.metrics.evaluate import _with_targets
+
+    label = torch.nn.functional.one_hot(torch.arange(6) % 3, 3).float()
+    out = _with_targets(_Painter("RaFD"), {"label": label}, 0, ["angry", "happy", "sad"])["target_label"]
+    assert torch.equal(out.sum(1), torch.ones(6)) and not (out == label).all(1).any()

@@ -28,6 +28,22 @@ except ImportError:  # pragma: no cover
     pass
 
 
+_module = nn.modules.module
+
+
+def any_global_hooks() -> bool:
+    """Hooks registered for every module (checked per call by the fused forwards: cheap)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or getattr(_module, "_global_backward_pre_hooks", None))
+
+
+def hooked(m: nn.Module) -> bool:
+    """Whether a call of ``m`` is seen by a hook (its own, or every module's): the fused forwards
+    then run it as a module."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None)) or any_global_hooks()
+
+
 def hook_kinds(m: nn.Module) -> list[str]:
     """The kinds of hooks on ``m`` that could observe or change what it computes."""
     kinds = []

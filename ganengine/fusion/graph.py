@@ -69,11 +69,7 @@ def act_forward(m: nn.Module, activation: str, negative_slope: float, *inputs):
     from ganengine.ops.batch_norm_act import batch_norm_act
 
     kind = type(m)
-    mod = nn.modules.module
-    if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-            or mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
-            or mod._global_backward_pre_hooks):
-        # hooks registered since fuse() (it declined hooked modules): they see the module's call
+    if checks.hooked(m):  # hooks registered since fuse() (it declined hooked modules): they see the call
         y = m(*inputs)
         return F.relu(y) if activation == "relu" else F.leaky_relu(y, negative_slope)
     if isinstance(m, _F) and head_kind(m):

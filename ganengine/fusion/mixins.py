@@ -211,7 +211,8 @@ class ConvTransposeMixin(ConvMixin):
             return super(ConvMixin, self).forward(x, output_size)
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
                                               list(self.kernel_size), 2, list(self.dilation))
-        return conv_transpose2d(x, w, self.bias, self.stride, self.padding, tuple(output_padding))
+        return conv_transpose2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding,
+                                tuple(output_padding))
 
     def _ganengine_act_forward(self, activation, negative_slope, x):  # not a graph head
         raise NotImplementedError

@@ -80,7 +80,7 @@ def _with_targets(model, batch: dict, start: int, selected_attrs=None) -> dict:
     # attributes (CelebA: each flipped in turn) unless the data are domains (RaFD: the dataset
     # option, or class indices); decided per model, never per batch (a single row can look one-hot)
     attributes = not indices and label_mode(model) is not False
-    names = selected_attrs or ([f"attribute {j}" for j in range(c)] if attributes else None)
+    names = (selected_attrs or [f"attribute {j}" for j in range(c)]) if attributes else None
     sets = torch.stack(stargan_targets(onehot, names))  # (c, n, c)
     rows = torch.arange(onehot.shape[0])
     which = (rows + start) % c
@@ -162,8 +162,7 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
     ``multi_label``: how acc scores (True: per attribute, False: argmax class); None takes it from
     the model (StarGAN dataset CelebA: per attribute, RaFD: argmax), else from all the targets seen
     (``AttributeAccuracy``). ``selected_attrs``: StarGAN's CelebA attribute names (the data's
-    ``selected_attrs``), for the targets' hair-colour rule; without a ``target_label`` in the
-    batch each image is translated to one of the reference's create_labels targets (``_with_targets``).
+    ``selected_attrs``), for the targets' hair-colour rule (not used for RaFD domains).
     The model's train/eval mode is left as the caller set it (``translate`` sets its own).
     """
     names = parse_metrics(metrics)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ganengine.fusion.checks import any_global_hooks
 from ganengine.ops.attention import acc_dtype, attention, attention_map, self_attention2d, stacked_conv1x1
 
 # SelfAttention2d with the map returned (SAGAN's ``Self_Attn`` returns ``(out, attention)``): up to
@@ -48,13 +49,11 @@ def _plain_1x1s(*convs: nn.Module) -> bool:
     """Whether each is an nn.Conv2d whose call is exactly F.conv2d(x, weight, bias) with a 1x1
     kernel: no subclass forward, hooks or parametrization (a spectral-normed conv computes its
     weight). Asked every call (hooks can be added any time), so the global hooks once for all."""
-    mod = nn.modules.module
-    if (mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
-            or getattr(mod, "_global_backward_pre_hooks", None)):
+    if any_global_hooks():
         return False
     for m in convs:
-        if not (type(m) is nn.Conv2d and not m._forward_hooks and not m._forward_pre_hooks
-                and not m._backward_hooks and not m._backward_pre_hooks
+        if not (type(m) is nn.Conv2d and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                               or m._backward_pre_hooks)
                 and "parametrizations" not in m.__dict__ and m.kernel_size == (1, 1) and m.stride == (1, 1)
                 and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"):
             return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine.ops._conv_common import input_in_weight_layout
 from ganengine.ops.conv3x3 import conv3x3
 
 
@@ -30,7 +31,8 @@ class Conv3x3(nn.Conv2d):
                          padding_mode=padding_mode, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv3x3(x, self.weight, self.bias, self.padding[0], self.padding_mode)
+        w = self.weight
+        return conv3x3(input_in_weight_layout(x, w), w, self.bias, self.padding[0], self.padding_mode)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, padding: int | None = None, padding_mode: str | None = None) -> "Conv3x3":
