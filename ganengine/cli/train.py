@@ -232,27 +232,6 @@ def _given(args, name):
     return getattr(args, name, None)
 
 
-def _hdf5_image_size(dataroot: str) -> int | None:
-    """The image size of a BigGAN-PyTorch HDF5 dataset at ``dataroot`` (the file, or a folder with
-    one), None for other data or a file that cannot be read (the dataset then says why)."""
-    path = dataroot
-    if os.path.isdir(dataroot):
-        files = [f for f in os.listdir(dataroot) if f.endswith((".hdf5", ".h5"))]
-        if len(files) != 1:
-            return None
-        path = os.path.join(dataroot, files[0])
-    if not os.path.isfile(path):
-        return None
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            shape = f["imgs"].shape
-        return int(shape[-1]) if len(shape) == 4 and shape[-1] == shape[-2] else None
-    except Exception:  # (not HDF5, no 'imgs', no h5py: the dataset reports it)
-        return None
-
-
 def resolve(args) -> tuple[dict, dict, dict, list[str]]:
     """-> (model options, data options, engine options, notes) after sample/reference defaults."""
     model = args.model
@@ -272,7 +251,9 @@ def resolve(args) -> tuple[dict, dict, dict, list[str]]:
                      "defaults " + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                                             for k, v in filled.items()) + " (override any of them)")
     if args.dataroot is not None and model in SYNTHESIS[1:] and getattr(args, "image_size", None) is None:
-        native = _hdf5_image_size(args.dataroot)
+        from ganengine.data.classes import hdf5_image_size
+
+        native = hdf5_image_size(args.dataroot)
         if native in (32, 64, 128, 256):  # (sizes the networks take; the default would resample the images)
             args.image_size = native
             notes.append(f"--image_size {native}: the HDF5 file's image size (pass --image_size to resample)")

@@ -106,6 +106,31 @@ class DigitsDataset(ClassFolderDataset):
         self.image_size, self.flip = image_size, flip
 
 
+def _hdf5_files(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith((".hdf5", ".h5")))
+
+
+def hdf5_image_size(dataroot: str) -> int | None:
+    """The image size of a BigGAN-PyTorch HDF5 dataset at ``dataroot`` (the file, or a folder with
+    one), None for other data or a file that cannot be read (HDF5Dataset then says why)."""
+    path = dataroot
+    if os.path.isdir(dataroot):
+        files = _hdf5_files(dataroot)
+        if len(files) != 1:
+            return None
+        path = os.path.join(dataroot, files[0])
+    if not os.path.isfile(path):
+        return None
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            shape = f["imgs"].shape
+        return int(shape[-1]) if len(shape) == 4 and shape[-1] == shape[-2] else None
+    except Exception:  # (not HDF5, no 'imgs', no h5py: the dataset reports it)
+        return None
+
+
 class HDF5Dataset(SeededDataset):
     """BigGAN-PyTorch's ``ILSVRC*.hdf5``: ``imgs`` (N, 3, H, W) uint8, ``labels`` (N,)."""
 
@@ -117,7 +142,7 @@ class HDF5Dataset(SeededDataset):
         except ImportError:
             raise DataError("reading an HDF5 dataset needs the h5py package (pip install h5py)") from None
         if os.path.isdir(path):
-            files = sorted(f for f in os.listdir(path) if f.endswith((".hdf5", ".h5")))
+            files = _hdf5_files(path)
             if len(files) != 1:
                 raise DataError(f"{path!r} holds {len(files)} .hdf5 files; pass the file itself as --dataroot")
             path = os.path.join(path, files[0])
@@ -170,8 +195,7 @@ def class_dataset(dataroot: str | None, sample_root: str, image_size: int, flip:
     if dataroot is None:
         return DigitsDataset(sample_root, image_size, flip=False, cache=cache, channels=channels,
                              channel_option=channel_option)
-    if os.path.isfile(dataroot) or (os.path.isdir(dataroot) and any(
-            f.endswith((".hdf5", ".h5")) for f in os.listdir(dataroot))):
+    if os.path.isfile(dataroot) or (os.path.isdir(dataroot) and _hdf5_files(dataroot)):
         return HDF5Dataset(dataroot, image_size, flip, channels=channels, channel_option=channel_option)
     return ClassFolderDataset(dataroot, image_size, flip, phase, cache=cache, channels=channels,
                               channel_option=channel_option)

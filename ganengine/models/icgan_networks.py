@@ -75,11 +75,7 @@ class ICGANGenerator(nn.Module):
         self.arch = nb.G_arch(self.ch, self.attention)[resolution]
         if hier:
             self.num_slots = len(self.arch["in_channels"]) + 1
-            self.z_chunk_size = self.dim_z // self.num_slots
-            if self.z_chunk_size < 1:
-                raise ValueError(f"{owner}: dim_z={dim_z} is smaller than the {self.num_slots} chunks hier=True splits "
-                                 f"z into at resolution {resolution} (one per block, one for the linear layer): "
-                                 f"give dim_z >= {self.num_slots}")
+            self.z_chunk_size = nb.hier_z_chunk(owner, dim_z, self.num_slots, resolution)
             self.dim_z = self.z_chunk_size * self.num_slots
         else:
             self.num_slots, self.z_chunk_size = 1, 0

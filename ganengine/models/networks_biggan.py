@@ -104,6 +104,16 @@ def sn_partials(param: str, num_svs: int, num_itrs: int, eps: float, owner: str)
                      f"builds for any other value, 'SVD' included), got {param!r}")
 
 
+def hier_z_chunk(owner: str, dim_z: int, num_slots: int, resolution: int) -> int:
+    """hier=True's z entries per slot (one slot per generator block, one for the linear layer);
+    an error naming dim_z where z has fewer entries than slots (a chunk of 0)."""
+    chunk = dim_z // num_slots
+    if chunk < 1:
+        raise ValueError(f"{owner}: dim_z={dim_z} is smaller than the {num_slots} chunks hier=True splits z into at "
+                         f"resolution {resolution} (one per block, one for the linear layer): give dim_z >= {num_slots}")
+    return chunk
+
+
 class BigGANGenerator(nn.Module):
     """The reference ``BigGAN.Generator``. ``forward(z, y)`` with ``y = G.shared(labels)``."""
 
@@ -130,11 +140,7 @@ class BigGANGenerator(nn.Module):
                 raise ValueError(f"{owner}: hier=True needs G_shared=True (the reference concatenates the shared "
                                  "embedding with each z chunk)")
             self.num_slots = len(self.arch["in_channels"]) + 1
-            self.z_chunk_size = self.dim_z // self.num_slots
-            if self.z_chunk_size < 1:
-                raise ValueError(f"{owner}: dim_z={dim_z} is smaller than the {self.num_slots} chunks hier=True splits "
-                                 f"z into at resolution {resolution} (one per block, one for the linear layer): "
-                                 f"give dim_z >= {self.num_slots}")
+            self.z_chunk_size = hier_z_chunk(owner, dim_z, self.num_slots, resolution)
             self.dim_z = self.z_chunk_size * self.num_slots
         else:
             self.num_slots, self.z_chunk_size = 1, 0

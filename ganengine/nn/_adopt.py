@@ -16,6 +16,11 @@ def activation_of(act: nn.Module | None, who: str) -> tuple[str, float]:
     raise TypeError(f"{who}: unsupported activation {type(act).__name__}")
 
 
+def act_repr(activation: str, negative_slope: float) -> str:
+    """An activation as the modules' reprs show it: ``relu``, ``none``, ``leaky_relu(0.2)``."""
+    return activation + (f"({negative_slope})" if activation == "leaky_relu" else "")
+
+
 def norm_with_activation(cls, norm: nn.Module, act: nn.Module | None):
     """An instance of ``cls`` holding ``norm``'s Parameters and buffers themselves (the same tensor
     objects under the same keys, so an optimiser built before fusing keeps training them), its

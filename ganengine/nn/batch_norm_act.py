@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ganengine.nn._adopt import norm_with_activation
+from ganengine.nn._adopt import act_repr, norm_with_activation
 
 from ganengine.ops.batch_norm_act import ACTIVATIONS, batch_norm_act, conditional_batch_norm_act
 
@@ -45,8 +45,7 @@ class _BatchNormActMixin:
                               self.negative_slope)
 
     def extra_repr(self) -> str:
-        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
-        return f"{super().extra_repr()}, activation={act}"
+        return f"{super().extra_repr()}, activation={act_repr(self.activation, self.negative_slope)}"
 
     @classmethod
     def from_modules(cls, norm: nn.Module, act: nn.Module | None):
@@ -157,7 +156,7 @@ class ConditionalBatchNormAct2d(nn.Module):
                                           self.negative_slope, num_batches_tracked=nbt)
 
     def extra_repr(self) -> str:
-        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
+        act = act_repr(self.activation, self.negative_slope)
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, activation={act}, "
                 f"track_running_stats={self.track_running_stats}")
 
@@ -180,8 +179,7 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
         return y
 
     def extra_repr(self) -> str:
-        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
-        return f"{super().extra_repr()}, activation={act}"
+        return f"{super().extra_repr()}, activation={act_repr(self.activation, self.negative_slope)}"
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ganengine.nn._adopt import act_repr
 from ganengine.ops._conv_common import input_in_weight_layout
 from ganengine.ops.conv import _out_size as conv_out_size
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
@@ -114,5 +115,5 @@ class Conv2dInstanceNormAct(nn.Conv2d):
         return y if self.keep_layout or y.is_contiguous() else y.contiguous()
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, eps={self.eps}, affine={self.affine}, activation={self.activation}"
-                + (f"({self.negative_slope})" if self.activation == "leaky_relu" else ""))
+        return (f"{super().extra_repr()}, eps={self.eps}, affine={self.affine}, "
+                f"activation={act_repr(self.activation, self.negative_slope)}")

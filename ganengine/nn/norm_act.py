@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from ganengine.nn._adopt import norm_with_activation
+from ganengine.nn._adopt import act_repr, norm_with_activation
 
 from ganengine.ops.norm_act import ACTIVATIONS, instance_norm_act
 
@@ -70,8 +70,7 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
         return y if self.keep_layout or y.is_contiguous() else y.contiguous()
 
     def extra_repr(self) -> str:
-        act = self.activation + (f"({self.negative_slope})" if self.activation == "leaky_relu" else "")
-        return f"{super().extra_repr()}, activation={act}"
+        return f"{super().extra_repr()}, activation={act_repr(self.activation, self.negative_slope)}"
 
     @classmethod
     def from_modules(cls, norm: nn.InstanceNorm2d, act: nn.Module | None,
