@@ -151,7 +151,9 @@ def test_fused_conv_ops_on_the_winograd_route(norm):
             y = GF.conv2d_act(x, w, b, 1, 1, 0.2)
         return (y,) + torch.autograd.grad(y, (x, w), torch.linspace(-1, 1, y.numel()).view_as(y))
 
-    with on_backend("cpu"), cv.winograd_policy("always"), torch.autograd.profiler.profile() as prof:
+    # (gemm "never": a call this small is otherwise the GEMM form's, asked before Winograd)
+    with on_backend("cpu"), cv.gemm_policy("never"), cv.winograd_policy("always"), \
+            torch.autograd.profiler.profile() as prof:
         ours = run()
         # the block's elementwise bound (tests/_chain_bounds.py): the conv's own rounding the
         # larger of the direct form's and the Winograd route's, carried through the norm and

@@ -258,7 +258,7 @@ def test_auto_routes_match_python_route():
     """The 'auto' policies (no override): a GEMM-sized, a Winograd-sized and a oneDNN-sized call."""
     cases = [(False, (1, 256, 4, 4), (256, 256, 4, 4), 2, 1, 0),   # 4 output columns: GEMM
              (False, (3, 64, 32, 32), (64, 64, 4, 4), 2, 1, 0),    # 3 x 36 F(3, 2) tiles: Winograd
-             (False, (1, 3, 8, 8), (4, 3, 4, 4), 2, 1, 0)]         # small weight: oneDNN
+             (False, (2, 16, 16, 16), (16, 16, 4, 4), 2, 1, 0)]    # small weight, 2^19 MACs: oneDNN
     for case, route in zip(cases, ("gemm", "winograd", "onednn")):
         fn, x0, w0, b0, gy = _inputs(case, seed=3)
         assert cv.uses_gemm(x0, w0, (2, 2), (1, 1)) == (route == "gemm")

@@ -93,7 +93,7 @@ def test_fusing_a_fused_unet_changes_nothing():
 def test_without_a_faster_conv_route_the_conv_producer_is_declined():
     import ganengine.ops.conv as cv
 
-    with cv.gemm_policy("auto"), cv.winograd_policy("auto"):
+    with cv.gemm_policy("never"), cv.winograd_policy("never"):
         fused, ref, report = _fused_pair(_unet)
     (d,) = [d for d in report.declined if d.rule == "pre_activation"]
     assert d.where == "model.model.0" and "no faster route" in d.reason

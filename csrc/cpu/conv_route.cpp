@@ -12,6 +12,13 @@
 //                under load: 1.53-1.55x oneDNN; 16x256x8x8 (256 columns) 1.07-1.14x; 32x (512) 0.99x;
 //                with more pixels oneDNN keeps it: 4x256x16x16 0.98x, 1x256x32x32 0.96x). Where this
 //                conv's input is channels_last the NHWC rules below decide instead.
+//                And any call of at most kTinyMacs multiply-adds (output columns times weight
+//                elements): oneDNN's fixed cost per call (40-60 us forward, 220-300 us with backward)
+//                is the whole cost there, the GEMM form's is 6-40 us (benchmarks/bench_conv.py's
+//                tiny shapes; measured 2026-12-07, 1 and 2 threads, 4x4 stride 2: conv 1x4x4x4 -> 4
+//                0.15x forward / 0.31x forward+backward, 1x16x16x16 -> 16 (2^18 MACs) 0.73x / 0.62x,
+//                1x3x32x32 -> 16 0.78x / 0.54x, transposed 1x16x8x8 -> 16 0.41x / 0.43x; losses
+//                from 2^19: 2x16x16x16 -> 16 1.41x forward, 1x3x64x64 -> 8 1.68x).
 //   Winograd4x4  benchmarks/bench_conv4x4.py: the engine's GEMMs are (K x Cv) @ (Cv x T) per
 //                transform point, and the weight transforms (twice per training step, plus one
 //                adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
@@ -51,6 +58,7 @@ constexpr int64_t kMaxColumns = 64;
 constexpr int64_t kMinWeight = 1 << 16;
 constexpr int64_t kMaxColumnsBigWeight = 256;
 constexpr int64_t kBigWeight = 1 << 22;
+constexpr int64_t kTinyMacs = 1 << 18;
 
 // The NHWC form (channels_last x, conv_gemm.cpp) against oneDNN on channels_last, 4x4 stride 2
 // padding 1, fwd+bwd, 1 thread, CPU time, interleaved, under load (benchmarks/bench_conv.py
@@ -153,6 +161,7 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   if (pol == 1) return true;
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
   if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
+  if (cols * w.numel() <= kTinyMacs) return true;  // (oneDNN's fixed cost is the whole cost there)
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;  // (use_gemm_nhwc, after Winograd's)
   if (cols <= kMaxColumns || transposed || cols > kMaxColumnsBigWeight) return false;
   return w.numel() >= kBigWeight ||

@@ -391,7 +391,10 @@ def load_reference_checkpoint(path_or_state_dict, arch: str, fused: bool = True,
     args = _arch_args(arch, arch_kwargs)
     raw = _strip_prefixes(_read(path_or_state_dict))
     net = build_network(arch, fused=fused, init_type=None, **args)
-    sd = _patch_instance_norm(raw, net)
+    # (asked of the reference's module tree: fuse() may have folded a norm into its conv)
+    with torch.device("meta"):
+        layout = build_network(arch, fused=False, init_type=None, **args) if fused else net
+    sd = _patch_instance_norm(raw, layout)
     expected = net.state_dict()
     msg = _mismatch_message(arch, args, sd, expected, raw)
     if msg is not None and (strict or any(k in sd and sd[k].shape != expected[k].shape for k in expected)):
