@@ -139,7 +139,9 @@ def test_threshold_picks_gemm_only_for_small_maps():
         (True, (1, 1024, 16, 16), (1024, 256, 4, 4), "oneDNN"),   # 256 input pixels: 36 tiles
         (True, (1, 128, 32, 32), (128, 64, 4, 4), "winograd"),    # 1024 input pixels
         (False, (16, 512, 8, 8), (1024, 512, 4, 4), "gemm"),      # 256 columns, 8M weight
-        (False, (1, 3, 4, 4), (8, 3, 4, 4), "oneDNN"),            # small weight
+        (False, (1, 3, 4, 4), (8, 3, 4, 4), "gemm"),              # a tiny call (1536 MACs): oneDNN's fixed cost
+        (False, (1, 16, 16, 16), (16, 16, 4, 4), "gemm"),         # 2^18 MACs: still tiny
+        (False, (2, 16, 16, 16), (16, 16, 4, 4), "oneDNN"),       # 2^19 MACs, small weight
         (False, (1, 3, 64, 64), (64, 3, 4, 4), "oneDNN"),         # 3 input channels
     ]
     for tr, xs, ws, route in cases:
@@ -361,3 +363,30 @@ def test_twin_matches_custom_op(monkeypatch, route, case):
             return route_results(y, (x, w, b), dtype)
 
     assert_same_bits(run(True), run(False))
+
+
+def test_modules_take_unbatched_inputs_as_torch_does():
+    """nn.Conv2d / nn.ConvTranspose2d (and nn.InstanceNorm2d) take an unbatched (C, H, W) input:
+    so do the drop-in modules fuse() puts in their place."""
+    import ganengine.nn as gnn
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 7)
+    pairs = [(gnn.Conv2d(4, 6, 3, 2, 1), nn.Conv2d(4, 6, 3, 2, 1)),
+             (gnn.ConvTranspose2d(4, 6, 4, 2, 1), nn.ConvTranspose2d(4, 6, 4, 2, 1)),
+             (gnn.Conv3x3(4, 6), nn.Conv2d(4, 6, 3, 1, 1)),
+             (gnn.Conv2dAct(4, 6, 4, 2, 1), nn.Sequential(nn.Conv2d(4, 6, 4, 2, 1), nn.LeakyReLU(0.2))),
+             (gnn.Conv2dInstanceNormAct(4, 6, 4, 2, 1),
+              nn.Sequential(nn.Conv2d(4, 6, 4, 2, 1), nn.InstanceNorm2d(6), nn.LeakyReLU(0.2)))]
+    for mod, ref in pairs:
+        ref_conv = ref[0] if isinstance(ref, nn.Sequential) else ref
+        mod.load_state_dict(ref_conv.state_dict())
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = mod(xa), ref(xb)
+        assert y.shape == y_ref.shape and y.dim() == 3
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, 1, 1), nn.ReLU(), nn.Conv2d(6, 6, 4, 2, 1), nn.LeakyReLU(0.2))
+    torch.testing.assert_close(ganengine.fuse(net)(x), net(x), rtol=1e-5, atol=1e-5)

@@ -160,6 +160,32 @@ def test_parametrized_spectral_norm_conv():
     _compare(fused, ref, _x(2, 3, 8, 8), steps=2)
 
 
+def test_remove_parametrizations_on_fused_convs():
+    """torch's remove_parametrizations deletes the properties from the module's own class and sets
+    the class back to that class's first base: on a fused parametrized conv that leaves the fused
+    conv of the plain class, with the parametrized weight (leave_parametrized) or the original."""
+    from torch.nn.utils import parametrize
+
+    def make():
+        return nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(3, 4, 4, 2, 1)), nn.LeakyReLU(0.2),
+                             parametrizations.weight_norm(nn.Conv2d(4, 4, 3, 1, 1)),
+                             parametrizations.spectral_norm(nn.ConvTranspose2d(4, 4, 4, 2, 1)))
+    fused, ref, report = _fused_pair(make)
+    fused.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 8, 8)
+    for i, leave in ((0, True), (2, True), (3, False)):
+        parametrize.remove_parametrizations(fused[i], "weight", leave_parametrized=leave)
+        parametrize.remove_parametrizations(ref[i], "weight", leave_parametrized=leave)
+        assert not parametrize.is_parametrized(fused[i])
+        assert type(fused[i]).__ganengine_base__ is type(ref[i]) and isinstance(fused[i], type(ref[i]))
+        assert list(fused.state_dict()) == list(ref.state_dict())
+        torch.testing.assert_close(fused(x), ref(x), rtol=2e-5, atol=2e-5)
+    assert "0.weight" in fused.state_dict() and isinstance(fused[0].weight, nn.Parameter)
+    _, again = ganengine.fuse(fused, return_report=True)   # (already fused: nothing to do)
+    assert dict(again) == {}
+
+
 def test_sagan_generator_wrapped_transposed_convs():
     fused, ref, report = _fused_pair(lambda: R.SAGANGenerator(2, z_dim=8, conv_dim=8))
     assert report["wrapped_conv"] == 4 and report["batch_norm+act"] == 4 and report["sagan_self_attention"] == 2
@@ -254,18 +280,36 @@ def test_graph_rules_decline_forwards_fx_would_not_record_faithfully(cls, reason
 
 
 def test_convs_without_a_faster_route_stay_pytorch():
-    """Under the measured route thresholds a small conv has no faster route in the conv op:
-    conv + act and conv + norm + act are declined (the pair norm + act still fuses)."""
+    """Where the conv op has no faster route for a conv at any input size (here: both routes
+    switched off), conv + act and conv + norm + act are declined (the pair norm + act still fuses)."""
+    import ganengine.ops.conv as cv
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 4, 2, 1), nn.InstanceNorm2d(8),
+                        nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4))
+    with cv.gemm_policy("never"), cv.winograd_policy("never"):
+        fused, report = ganengine.fuse(net, return_report=True)
+    assert dict(report) == {"instance_norm+act": 1}
+    assert all("no faster route" in d.reason for d in report.declined) and len(report.declined) == 2
+    assert type(fused[0]) is nn.Conv2d and type(fused[5]) is nn.Conv2d
+    _compare(fused, net, _x(2, 3, 16, 16))
+
+
+def test_small_convs_fuse_under_the_measured_thresholds():
+    """Under the 'auto' thresholds a small conv's small calls take the GEMM form (oneDNN's fixed
+    cost per call is the whole cost of a tiny conv: csrc/cpu/conv_route.cpp, kTinyMacs), so the
+    convs fuse; calls the thresholds leave to oneDNN run PyTorch's conv behind the module."""
     import ganengine.ops.conv as cv
 
     net = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 4, 2, 1), nn.InstanceNorm2d(8),
                         nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 4))
     with cv.gemm_policy("auto"), cv.winograd_policy("auto"):
         fused, report = ganengine.fuse(net, return_report=True)
-    assert dict(report) == {"instance_norm+act": 1}
-    assert all("no faster route" in d.reason for d in report.declined) and len(report.declined) == 2
-    assert type(fused[0]) is nn.Conv2d and type(fused[5]) is nn.Conv2d
-    _compare(fused, net, _x(2, 3, 16, 16))
+        assert dict(report) == {"conv2d+leaky_relu": 1, "conv2d+instance_norm+act": 1, "conv2d": 1}
+        assert not report.declined
+        assert cv.uses_gemm(torch.randn(2, 3, 16, 16), net[0].weight, 2, 1)      # 128 columns x 384: tiny
+        assert not cv.uses_gemm(torch.randn(8, 3, 64, 64), net[0].weight, 2, 1)  # 8192 columns: oneDNN
+        _compare(fused, net, _x(2, 3, 16, 16))
+        _compare(fused, net, _x(2, 3, 64, 64), steps=1)
 
 
 # ----------------------------------------------------------------------------- CUDA models

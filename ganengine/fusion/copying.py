@@ -76,15 +76,38 @@ class FusedModule:
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
+# what a class body holds of its own that is not the class's behaviour
+_CLASS_HOUSEKEEPING = frozenset({"__module__", "__qualname__", "__dict__", "__weakref__", "__doc__"})
+
+
+def _parametrized_original(base: type) -> type | None:
+    """The class torch.nn.utils.parametrize put a ``Parametrized<Name>`` class over (it holds the
+    parametrized tensors' properties, and ``remove_parametrizations`` deletes them from the module's
+    own class, then sets the module's class back to that class's first base), or None."""
+    bases = base.__bases__
+    if len(bases) == 1 and base.__name__ == f"Parametrized{bases[0].__name__}" and "__getstate__" in base.__dict__:
+        return bases[0]
+    return None
 
 
 def fused_class(mixin: type, base: type) -> type:
     key = (mixin, base)
     cls = _CLASSES.get(key)
     if cls is None:
-        name = f"Fused{base.__name__}"
-        cls = type(name, (mixin, base), {"__module__": base.__module__, "__qualname__": name,
-                                         "__ganengine_mixin__": mixin, "__ganengine_base__": base})
+        original = _parametrized_original(base)
+        if original is not None:
+            # the parametrization's layer kept on top, as torch builds it: Parametrized over the fused
+            # class of the original (so remove_parametrizations finds the properties in the module's
+            # own class and leaves a fused conv of the original class)
+            name = f"Parametrized{fused_class(mixin, original).__name__}"
+            body = {k: v for k, v in base.__dict__.items() if k not in _CLASS_HOUSEKEEPING}
+            body.update({"__module__": base.__module__, "__qualname__": name, "__ganengine_mixin__": mixin,
+                         "__ganengine_base__": base})
+            cls = type(name, (fused_class(mixin, original),), body)
+        else:
+            name = f"Fused{base.__name__}"
+            cls = type(name, (mixin, base), {"__module__": base.__module__, "__qualname__": name,
+                                             "__ganengine_mixin__": mixin, "__ganengine_base__": base})
         _CLASSES[key] = cls
     return cls
 

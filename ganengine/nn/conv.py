@@ -32,6 +32,8 @@ class Conv2d(nn.Conv2d):
                              f"padding_mode={self.padding_mode!r}, padding={self.padding!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight
         return conv2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding)
 
@@ -56,6 +58,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                              f"groups={self.groups}, dilation={self.dilation}")
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.ConvTranspose2d takes it
+            return self.forward(x.unsqueeze(0), output_size).squeeze(0)
         if x.dim() != 4:
             raise ValueError(f"ganengine.nn.ConvTranspose2d: expected an (N, C, H, W) input, got {tuple(x.shape)}")
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),

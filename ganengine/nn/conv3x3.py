@@ -31,6 +31,8 @@ class Conv3x3(nn.Conv2d):
                          padding_mode=padding_mode, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight
         return conv3x3(input_in_weight_layout(x, w), w, self.bias, self.padding[0], self.padding_mode)
 

@@ -42,6 +42,8 @@ class Conv2dAct(nn.Conv2d):
         self.negative_slope = float(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight
         return conv2d_act(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding, self.negative_slope)
 
@@ -105,6 +107,8 @@ class Conv2dInstanceNormAct(nn.Conv2d):
                 self.norm_bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d and nn.InstanceNorm2d take it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() == 4:  # (else the op raises its shape error)
             size = conv_out_size(x.shape, self.weight.shape, self.stride, self.padding, (0, 0), False)
             if size[2] == 1 and size[3] == 1:
