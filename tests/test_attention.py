@@ -450,10 +450,31 @@ def test_errors_name_the_argument():
         GF.self_attention2d(x, *p[:6], torch.ones(2))
     with pytest.raises(ValueError, match="in_channels"):
         gnn.SelfAttention2d(4)
+    with pytest.raises(ValueError, match="x has 17 channels but query_weight"):
+        gnn.SelfAttention2d(16)(torch.randn(1, 17, 3, 3))
     ints = [t if t is None else (t * 10).to(torch.int32) for t in p]  # (integer convs ran, an int result)
     for backend in ("torch", "cpu"):
         with ganengine.use_backend(backend), pytest.raises(TypeError, match="x must be a floating-point tensor"):
             GF.self_attention2d((x * 10).to(torch.int32), *ints)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "auto"])
+def test_empty_batch_gives_an_empty_output(backend):
+    """B = 0 (the empty last shard of a split batch): an empty output and zero parameter
+    gradients, as the references' attention layers give; other empty sizes stay errors."""
+    for mod in (gnn.SelfAttention2d(16), gnn.BigGANSelfAttention2d(16)):
+        x = torch.randn(0, 16, 4, 4, requires_grad=True)
+        with ganengine.use_backend(backend):
+            y = mod(x)
+            y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        assert all(p.grad is not None and not p.grad.any() for p in mod.parameters())
+    from ganengine.ops.attention import attention
+    q = torch.randn(0, 2, 5)
+    out = attention(q, torch.randn(0, 2, 3), torch.randn(0, 4, 3), torch.randn(0, 4, 5), torch.tensor(0.5))
+    assert out.shape == (0, 4, 5)
+    with pytest.raises(ValueError, match="empty input"):
+        attention(torch.randn(1, 2, 0), torch.randn(1, 2, 3), torch.randn(1, 4, 3), torch.randn(1, 4, 0), torch.tensor(0.5))
 
 
 def test_cpu_autocast_bf16_keeps_residual_dtype():

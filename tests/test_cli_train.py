@@ -256,7 +256,7 @@ def test_sync_bn_conversion_keeps_the_fused_norms_activations(arch):
     import copy
 
     from ganengine.models import build_network
-    from ganengine.nn.batch_norm_act import SyncBatchNormAct, convert_sync_batchnorm
+    from ganengine.nn import SyncBatchNormAct, convert_sync_batchnorm  # (public, docs/batch_norm_act.md)
 
     torch.manual_seed(0)
     kw = {"dcgan_G": dict(ngf=4, nz=8), "dcgan_D": dict(ndf=4), "wgan_gp_G": dict(latent_dim=8, img_size=8),

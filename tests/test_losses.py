@@ -310,6 +310,22 @@ def test_ganloss_module_follows_its_label_buffers(mode):
     other.load_state_dict(mod.state_dict())
     torch.testing.assert_close(other(x, True), ref_mod(x, True))
     assert "target_real_label=0.9" in repr(other)
+    # writes through .data (no version bump; a new storage) after a first call, as the reference sees them
+    mod(x, True)
+    for write in (lambda t: t.data.fill_(0.7), lambda t: setattr(t, "data", torch.tensor(0.6))):
+        write(mod.real_label)
+        write(ref_mod.real_label)
+        torch.testing.assert_close(mod(x, True), ref_mod(x, True))
+        assert f"target_real_label={float(ref_mod.real_label):.7g}" in repr(mod)
+
+
+def test_ganloss_module_compiles_fullgraph_with_loaded_labels():
+    """No graph break (the label check is not traced), and a load before compiling is seen."""
+    mod, ref_mod = gnn.GANLoss("lsgan"), ReferenceGANLoss("lsgan", 0.8, 0.1)
+    mod.load_state_dict(ref_mod.state_dict())
+    x = logits((2, 1, 5, 5))
+    fn = torch.compile(lambda t: mod(t, True) + mod(t, False), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), ref_mod(x, True) + ref_mod(x, False))
 
 
 def test_ganloss_module_hinge_and_state_dict():

@@ -164,3 +164,37 @@ def test_torch_compile_fullgraph_no_breaks():
         y = torch.compile(d, fullgraph=True, backend="aot_eager")(x)
         y.sum().backward()
         torch.testing.assert_close(y, d(x))
+
+
+def test_child_hooks_and_hook_based_spectral_norm_are_honoured():
+    """Layers with hooks (their own, or hooks on every module) run as modules: a hook sees its
+    call, and torch.nn.utils.spectral_norm's pre-hook (which sets the conv's weight) takes effect."""
+    torch.manual_seed(0)
+    d = gnn.PatchDiscriminator(3, ndf=8, n_layers=2)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    d.model[0].register_forward_hook(lambda m, i, o: seen.append("conv0"))
+    d.model[1].register_forward_hook(lambda m, i, o: seen.append("act0"))
+    d(x)
+    assert seen == ["conv0", "act0"]
+
+    names = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: names.append(type(m).__name__))
+    try:
+        gnn.PatchDiscriminator(3, ndf=8, n_layers=2)(x)
+    finally:
+        handle.remove()
+    assert names.count("Conv2d") == 4 and names.count("LeakyReLU") == 3 and names[-1] == "PatchDiscriminator"
+
+    d = gnn.PatchDiscriminator(3, ndf=8, n_layers=2).eval()
+    for m in d.model:
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.utils.spectral_norm(m)
+    d.train()
+    d(x)   # (one power iteration, then compare in eval: the same normalised weights both ways)
+    d.eval()
+    ref = torch.nn.Sequential(*d.model)   # the same modules, run one by one
+    y = d(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    assert d.model[0].weight_orig.grad is not None and d.model[0].weight_orig.grad.abs().sum() > 0

@@ -521,6 +521,20 @@ def test_group_copies_are_independent_and_never_stale(backend):
     assert torch.equal(d[0].parametrizations.weight[0]._u, ref[0].parametrizations.weight[0]._u)
 
 
+def test_group_refresh_without_grad_is_not_served_to_a_call_with_grad():
+    """A refresh under no_grad (a logging pass) leaves weights without a graph: a layer the
+    forward skipped, used next with autograd on, computes afresh and its weight gets a gradient."""
+    aux = gnn.spectral_norm(nn.Linear(5, 4))
+    model = nn.ModuleDict({"main": nn.Linear(5, 3), "aux": aux})
+    model.forward = lambda t: model["main"](t)
+    gnn.spectral_norm_group(model)
+    with torch.no_grad():
+        model(torch.randn(2, 5))  # refreshes aux too
+    aux(torch.randn(2, 5)).sum().backward()
+    g = aux.parametrizations.weight.original.grad
+    assert g is not None and g.abs().sum() > 0
+
+
 def test_group_converts_torch_parametrizations_and_respects_cache():
     d = _disc(torch_sn)
     ref = copy.deepcopy(d)

@@ -10,9 +10,11 @@ from ganengine.nn.conv import Conv2d, ConvTranspose2d
 from ganengine.nn.patch_discriminator import PatchDiscriminator
 from ganengine.nn.attention import BigGANSelfAttention2d, SelfAttention2d
 from ganengine.nn.spectral_norm import SpectralNorm, SpectralNormGroup, spectral_norm, spectral_norm_group
-from ganengine.nn.batch_norm_act import BatchNormAct1d, BatchNormAct2d, ConditionalBatchNormAct2d
+from ganengine.nn.batch_norm_act import (BatchNormAct1d, BatchNormAct2d, ConditionalBatchNormAct2d, SyncBatchNormAct,
+                                        convert_sync_batchnorm)
 
 __all__ = ["InstanceNormAct2d", "GANLoss", "CycleLoss", "Conv2dAct", "Conv2dInstanceNormAct", "Conv3x3",
            "Conv2d", "ConvTranspose2d",
            "PatchDiscriminator", "SelfAttention2d", "BigGANSelfAttention2d",
-           "BatchNormAct2d", "BatchNormAct1d", "ConditionalBatchNormAct2d"]
+           "BatchNormAct2d", "BatchNormAct1d", "ConditionalBatchNormAct2d", "SyncBatchNormAct",
+           "convert_sync_batchnorm", "SpectralNorm", "SpectralNormGroup", "spectral_norm", "spectral_norm_group"]

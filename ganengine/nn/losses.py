@@ -26,27 +26,40 @@ class GANLoss(nn.Module):
         self.gan_mode = gan_mode.lower()
         self.register_buffer("real_label", torch.tensor(float(target_real_label)))
         self.register_buffer("fake_label", torch.tensor(float(target_fake_label)))
-        # Python copies: reading the buffers per call would synchronise a GPU. They are re-read
-        # when a buffer changed (an edit in place bumps its version; a new buffer is another object),
-        # as the reference reads them on every call (a label-smoothing schedule, a load)
+        # Python copies of the labels, for the loss ops' float arguments. On the CPU they are read on
+        # every call, as the reference reads its buffers (a label-smoothing schedule, a write through
+        # .data, a load): reading costs what checking them would. Reading a CUDA buffer would
+        # synchronise the GPU: there they are re-read when a buffer changed (an edit in place bumps its
+        # version, a new buffer or `.data = t` is another object or storage), which a write in place
+        # through `.data` (no version bump) does not show: docs/losses.md.
         self._labels = (float(target_real_label), float(target_fake_label))
         self._label_key = self._buffers_key()
 
     def _buffers_key(self) -> tuple:
         b = self._buffers
         r, f = b["real_label"], b["fake_label"]
-        # (the buffer objects themselves: a new tensor is another object; inference tensors keep
-        # no version counter, and cannot be edited outside inference mode)
-        return r, f, version(r), version(f)
+        # (inference tensors keep no version counter, and cannot be edited outside inference mode)
+        return r, f, version(r), version(f), r.data_ptr(), f.data_ptr()
 
     def _current(self) -> tuple[float, float]:
-        b, key = self._buffers, self._label_key
+        if torch.compiler.is_compiling():  # (compiled: the labels as of the last eager call or load)
+            return self._labels
+        b = self._buffers
         r, f = b["real_label"], b["fake_label"]
-        if (r is not key[0] or f is not key[1] or version(r) != key[2] or version(f) != key[3]) \
-                and not torch.compiler.is_compiling():  # (compiled: the labels as of the first call)
+        if r.is_cpu and f.is_cpu:
+            self._labels = (float(r), float(f))
+            return self._labels
+        key = self._label_key
+        if (r is not key[0] or f is not key[1] or version(r) != key[2] or version(f) != key[3]
+                or r.data_ptr() != key[4] or f.data_ptr() != key[5]):
             self._labels = (float(r), float(f))
             self._label_key = self._buffers_key()
         return self._labels
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._labels = (float(self.real_label), float(self.fake_label))   # (a compiled call reads these)
+        self._label_key = self._buffers_key()
 
     def forward(self, prediction: torch.Tensor, target_is_real: bool, for_discriminator: bool = True) -> torch.Tensor:
         real, fake = self._current()

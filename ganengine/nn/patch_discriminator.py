@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ganengine.fusion.checks import any_global_hooks
 from ganengine.ops.batch_norm_act import batch_norm_act
 from ganengine.ops.conv import conv2d
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
@@ -135,8 +136,10 @@ class PatchDiscriminator(nn.Module):
 
     @staticmethod
     def _fusable_conv(m) -> bool:
+        # (plain: a hooked conv, e.g. torch.nn.utils.spectral_norm's pre-hook that sets its weight,
+        # runs as a module)
         return (type(m) in (nn.Conv2d,) and m.groups == 1 and tuple(m.dilation) == (1, 1)
-                and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+                and m.padding_mode == "zeros" and not isinstance(m.padding, str) and plain(m))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.input_nc:
@@ -146,21 +149,27 @@ class PatchDiscriminator(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         mods = list(self.model)
         i = 0
+        if any_global_hooks():  # (hooks every module's call must reach: the layers as modules)
+            i = len(mods)
+            for m in mods:
+                x = m(x)
         while i < len(mods):
             m = mods[i]
             nxt = mods[i + 1] if i + 1 < len(mods) else None
             nxt2 = mods[i + 2] if i + 2 < len(mods) else None
             if self._fusable_conv(m):
-                if type(nxt) is nn.LeakyReLU and nxt.negative_slope >= 0:
+                if type(nxt) is nn.LeakyReLU and nxt.negative_slope >= 0 and plain(nxt):
                     x = conv2d_act(x, m.weight, m.bias, m.stride, m.padding, nxt.negative_slope)
                     i += 2
                     continue
-                if type(nxt) is nn.Identity and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0:
+                if (type(nxt) is nn.Identity and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0
+                        and plain(nxt) and plain(nxt2)):
                     x = conv2d_act(x, m.weight, m.bias, m.stride, m.padding, nxt2.negative_slope)
                     i += 3
                     continue
                 if (type(nxt) is nn.InstanceNorm2d and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0
-                        and nxt.running_mean is None and nxt.num_features == m.out_channels):
+                        and nxt.running_mean is None and nxt.num_features == m.out_channels
+                        and plain(nxt) and plain(nxt2)):
                     x = conv2d_instance_norm_act(x, m.weight, m.bias, m.stride, m.padding, nxt.weight, nxt.bias,
                                                  nxt.eps, "leaky_relu", nxt2.negative_slope)
                     i += 3

@@ -74,8 +74,10 @@ class SpectralNorm(nn.Module):
         if pending is not None:
             self._pending = None
             # refreshed by a SpectralNormGroup for this very tensor, unchanged since (an optimiser
-            # step or load_state_dict in between bumps its version: then computed afresh)
-            if pending[0] is weight and pending[1] == version(weight):
+            # step or load_state_dict in between bumps its version: then computed afresh), with a
+            # graph where this call needs one (a refresh under no_grad has none)
+            if pending[0] is weight and pending[1] == version(weight) and (
+                    pending[3] or not torch.is_grad_enabled()):
                 return pending[2]
         steps = 2 * self.n_power_iterations if self.training else 0
         return run_layer(weight, self._u, self._v, U_STEP, steps, self.eps, self.dim, "pytorch", in_place=True)[0]
@@ -230,8 +232,9 @@ class SpectralNormGroup:
             weights = [m[1] for m in members]
             w_sns, _ = run_group(weights, [sn.dim for sn in sns], [sn._u for sn in sns], [sn._v for sn in sns],
                                  U_STEP, steps, eps, steps > 0, backend)
+            graph = torch.is_grad_enabled()
             for sn, weight, w_sn in zip(sns, weights, w_sns):
-                sn._pending = (weight, version(weight), w_sn)
+                sn._pending = (weight, version(weight), w_sn, graph)
             self.last_refresh[backend] = self.last_refresh.get(backend, 0) + len(sns)
 
     def clear(self) -> None:

@@ -111,7 +111,7 @@ def check_core(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Non
     if not (k.device == dev and v.device == dev and x.device == dev and gamma.device == dev):
         devs = {t.device for t in (q, k, v, x, gamma)}
         raise ValueError(f"attention: all tensors must be on one device, got {sorted(map(str, devs))}")
-    if n == 0 or m == 0 or b == 0 or d == 0:
+    if n == 0 or m == 0 or d == 0:  # (an empty batch is served: _core)
         raise ValueError(f"attention: empty input (B={b}, d={d}, N={n}, M={m})")
 
 
@@ -403,6 +403,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tens
 
 def _core(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tensor:
     """The checked core call: the eager twin for a plain eager call, the custom op otherwise."""
+    if q.shape[0] == 0:  # an empty batch (the empty last shard of a split batch): empty output, as eager's
+        return reference_attention(q, k, v, x, gamma)
     fwd = _eager_fwd if _eager.plain_eager(q, k, v, x, gamma) else attention_fwd
     return fwd(q, k, v, x, gamma)[0]
 
@@ -415,6 +417,9 @@ def _conv_weight(name: str, w: Tensor, out_ch: int | None, in_ch: int) -> Tensor
         w = w[:, :, None, None]
         dim = 4
     # (shape entries compared one by one: a torch.Size compared with a tuple goes through sym_eq, ~2 us)
+    if dim == 4 and w.shape[1] != in_ch and w.shape[2] == 1 and w.shape[3] == 1:
+        raise ValueError(f"self_attention2d: x has {in_ch} channels but {name} {tuple(w.shape)} expects "
+                         f"{w.shape[1]} input channels")
     if (dim != 4 or w.shape[1] != in_ch or w.shape[2] != 1 or w.shape[3] != 1
             or (out_ch is not None and w.shape[0] != out_ch)):
         want = f"({out_ch if out_ch is not None else 'd'}, {in_ch}, 1, 1)"
