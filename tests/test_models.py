@@ -572,8 +572,9 @@ def test_schedulers_follow_reference_linear_rule():
         lrs.append(opts["G"].param_groups[0]["lr"])
         opts["G"].step()  # (no gradients: a no-op that keeps the scheduler's order check quiet)
         scheds["G"].step()
-    # epochs 0,1 at full lr; epoch e>=2: 1 - (e + 1 - 2) / 3
-    want = [2e-4] * 6 + [2e-4 * (1 - 1 / 3)] * 3 + [2e-4 * (1 - 2 / 3)] * 3
+    # the reference's train.py steps the scheduler at the beginning of each epoch: the k-th epoch
+    # (k = 1, 2, ...) trains at 1 - max(0, k + 1 - 2) / 3
+    want = [2e-4] * 3 + [2e-4 * (1 - 1 / 3)] * 3 + [2e-4 * (1 - 2 / 3)] * 3 + [0.0] * 3
     assert lrs == pytest.approx(want)
 
 
@@ -596,7 +597,7 @@ def test_linear_schedule_never_goes_below_zero_past_the_scheduled_epochs():
     for model in (_cyclegan()[0], build_model("csgan", ngf=4, ndf=4, netG="resnet_6blocks", n_layers_D=2),
                   build_model("pix2pix", ngf=4, ndf=4, netG="unet_128")):
         lrs = _lrs(model, 10, n_epochs=1, n_epochs_decay=2, steps_per_epoch=2, max_steps=10)
-        assert lrs == pytest.approx([2e-4] * 2 + [2e-4 * 2 / 3] * 2 + [2e-4 / 3] * 2 + [0.0] * 4)
+        assert lrs == pytest.approx([2e-4 * 2 / 3] * 2 + [2e-4 / 3] * 2 + [0.0] * 6)  # (reference timing)
     dcgan = build_model("dcgan", nc=1, ngf=4, ndf=4)
     lrs = _lrs(dcgan, 8, n_epochs=1, n_epochs_decay=1, steps_per_epoch=2)
     assert min(lrs) == 0.0 and lrs[-1] == 0.0
@@ -612,15 +613,16 @@ def test_sagan_keeps_constant_rates_for_any_total_step():
 
 
 def test_lr_policies_follow_the_reference_get_scheduler():
-    # junyanz networks.get_scheduler, its schedulers stepped once per epoch (3 iterations each)
+    # junyanz networks.get_scheduler, its schedulers stepped once per epoch (3 iterations each), at
+    # the beginning of the epoch (the reference's train.py since 2020)
     def reference(make, epochs):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
         sch = make(opt)
         out = []
         for _ in range(epochs):
-            out += [opt.param_groups[0]["lr"]] * 3
             opt.step()
             sch.step()
+            out += [opt.param_groups[0]["lr"]] * 3
         return out
 
     step = build_model("cyclegan", ngf=4, ndf=4, netG="resnet_6blocks", n_layers_D=2, lr_policy="step",
@@ -629,9 +631,9 @@ def test_lr_policies_follow_the_reference_get_scheduler():
         reference(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1), 7))
     cosine = build_model("pix2pix", ngf=4, ndf=4, netG="unet_128", lr_policy="cosine")
     got = _lrs(cosine, 21, n_epochs=4, n_epochs_decay=3, steps_per_epoch=3)
-    want = reference(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=0), 5)
-    assert got[:15] == pytest.approx(want, abs=1e-12)
-    assert got[12:] == pytest.approx([0.0] * 9, abs=1e-12)  # held at 0 (the reference's climbs back up)
+    want = reference(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=0), 4)
+    assert got[:12] == pytest.approx(want, abs=1e-12)
+    assert got[9:] == pytest.approx([0.0] * 12, abs=1e-12)  # held at 0 (the reference's climbs back up)
     with pytest.raises(ValueError, match="plateau.*not supported"):
         build_model("pix2pix", lr_policy="plateau")
     with pytest.raises(ValueError, match="lr_policy must be one of"):

@@ -34,7 +34,9 @@ DESCRIPTIONS = {
              "HDF5; --feature_file F.npy: (N, D) instance features).",
 }
 
-# engine / data defaults of the reference implementations (model options live in the model classes)
+# engine / data defaults: the reference implementations' where they have the option; StarGAN's
+# n_epochs / n_epochs_decay are ganengine's (its reference counts iterations: --num_iters 200000),
+# StackGAN's n_epochs is the reference's TRAIN.MAX_EPOCH (model options live in the model classes)
 REFERENCE = {
     "pix2pix": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
     "cyclegan": dict(batch_size=1, load_size=286, crop_size=256, n_epochs=100, n_epochs_decay=100),
@@ -106,12 +108,29 @@ def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
     g.add_argument("--batch_size", type=positive_int, default=None,
                    help=f"images per batch PER PROCESS, as in the reference; under torchrun the global batch is "
                         f"batch_size x processes (default: {REFERENCE[model]['batch_size']})")
-    g.add_argument("--n_epochs", type=nonneg_int, default=None,
-                   help=f"epochs at the initial learning rate (default: {REFERENCE[model]['n_epochs']})")
-    g.add_argument("--n_epochs_decay", type=nonneg_int, default=None,
-                   help=f"epochs of linear decay to zero (default: {REFERENCE[model]['n_epochs_decay']})")
+    n, d = REFERENCE[model]["n_epochs"], REFERENCE[model]["n_epochs_decay"]
+    if model == "stackgan":
+        n_help = f"epochs to train (the reference's TRAIN.MAX_EPOCH) (default: {n})"
+        d_help = ("not used by StackGAN: the reference has no decay phase (the rates halve every --lr_decay_epoch "
+                  "epochs), so only 0 is accepted (default: 0)")
+    elif model == "stargan":
+        n_help = (f"epochs at the initial learning rate (ganengine's default: {n}; the reference has no epoch "
+                  "option: it trains --num_iters 200000 iterations)")
+        d_help = (f"epochs of linear decay to zero (ganengine's default: {d}; the reference decays over the last "
+                  "--num_iters_decay iterations of --num_iters)")
+    elif model in ("pix2pix", "cyclegan", "csgan"):
+        n_help = (f"epochs at the initial learning rate (as the reference, which steps the schedule at the start "
+                  f"of each epoch, the rate already drops in the last of them) (default: {n})")
+        d_help = f"epochs of linear decay to zero (as the reference, the last of them trains at rate 0) (default: {d})"
+    else:
+        n_help = f"epochs at the initial learning rate (default: {n})"
+        d_help = f"epochs of linear decay to zero (default: {d})"
+    g.add_argument("--n_epochs", type=nonneg_int, default=None, help=n_help)
+    g.add_argument("--n_epochs_decay", type=nonneg_int, default=None, help=d_help)
     g.add_argument("--max_steps", "--num_iters", dest="max_steps", type=positive_int, default=None,
-                   help="stop after this many steps (one step = one batch on every process); overrides the epochs")
+                   help="stop after this many steps (one step = one batch on every process); overrides the epochs"
+                        + (" (the reference's --num_iters, default 200000 there; without it ganengine trains "
+                           "--n_epochs + --n_epochs_decay epochs)" if model == "stargan" else ""))
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue a run: a checkpoint file, a run folder, or nothing for the newest checkpoint "
                         "of this --name. Networks, optimisers, schedulers, scalers, image pools, step and RNG "
@@ -331,6 +350,7 @@ _WIDTHS = ("ngf", "ndf", "nz", "nc", "channels", "latent_dim", "code_dim", "img_
            "gf_dim", "df_dim", "condition_dim", "z_dim", "text_dim", "c_dim", "G_ch", "D_ch", "dim_z", "n_classes",
            "input_nc", "output_nc", "k_nn", "instance_sz", "shared_dim_feat")
 _COUNTS = ("shared_dim", "n_layers_D", "r_num", "ema_start", "pool_size", "g_repeat_num")
+_POSITIVE_COUNTS = ("lr_decay_epoch", "epoch_count", "lr_decay_iters")  # (epochs; 0 would divide by zero)
 
 
 def _check_model_numbers(model_opts: dict) -> None:
@@ -353,6 +373,8 @@ def _check_model_numbers(model_opts: dict) -> None:
             raise ValueError(f"--{k} must be a whole number >= 1, got {v}")
         if k in _COUNTS and (not isinstance(v, int) or v < 0):
             raise ValueError(f"--{k} must be a whole number >= 0, got {v}")
+        if k in _POSITIVE_COUNTS and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"--{k} must be a whole number >= 1, got {v}")
 
 
 def _check_model_rules(model: str, model_opts: dict, data_opts: dict) -> None:
@@ -382,11 +404,27 @@ def _check_model_rules(model: str, model_opts: dict, data_opts: dict) -> None:
                          f"{model_opts['G_param']!r}")
 
 
+def _check_stackgan(model_opts: dict, engine: dict, resume) -> None:
+    """What the StackGAN reference (hanzhanggit trainer.py) has no way to do: a decay phase, and
+    Stage II from scratch without Stage-I weights (it stops: "Please give the Stage1_G path")."""
+    if engine.get("n_epochs_decay", 0) != 0:
+        raise ValueError(f"--n_epochs_decay {engine['n_epochs_decay']}: StackGAN has no decay phase (the reference "
+                         "halves both rates every --lr_decay_epoch epochs, and --n_epochs is its TRAIN.MAX_EPOCH); "
+                         "leave --n_epochs_decay out (0), and set --n_epochs / --lr_decay_epoch")
+    if int(model_opts.get("stage", 1)) == 2 and not model_opts.get("stage1_g") and resume is None:
+        raise ValueError("--stage 2 needs --stage1_g: Stage II trains on a frozen Stage-I generator, which would "
+                         "otherwise be random weights (the reference stops: \"Please give the Stage1_G path\"); "
+                         "give --stage1_g with a trained Stage-I generator (a reference netG_*.pth or a ganengine "
+                         "Stage-I checkpoint), or --resume a Stage-II run")
+
+
 def make_config(args):
     from ganengine.train import TrainConfig
 
     model_opts, data_opts, engine, notes = resolve(args)
     _check_model_numbers(model_opts)
+    if args.model == "stackgan":  # (before any data is read; StackGAN has no --resume_iters)
+        _check_stackgan(model_opts, engine, args.resume)
     if args.model == "stargan" and "lr_schedule" not in model_opts and engine.get("max_steps") is not None:
         # --num_iters / --max_steps: the reference's iteration decay (a run trained before the option
         # existed had the epoch rule: resuming it says --lr_schedule differs; give --lr_schedule epochs)

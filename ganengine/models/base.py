@@ -86,24 +86,36 @@ def set_requires_grad(nets: nn.Module | Iterable[nn.Module | None], requires_gra
                 p.requires_grad = requires_grad
 
 
-def _check_schedule_ints(**values) -> None:
+def _check_schedule_ints(_owner: str = "make_schedulers", **values) -> None:
     for name, v in values.items():
-        positive = name in ("steps_per_epoch", "lr_decay_iters", "lr_update_step", "num_iters_decay", "max_steps")
+        positive = name in ("steps_per_epoch", "lr_decay_iters", "lr_update_step", "num_iters_decay", "max_steps",
+                            "epoch_count", "lr_decay_epoch")
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if positive else 0):
-            raise ValueError(f"make_schedulers: {name} must be a {'positive' if positive else 'non-negative'} int, "
+            raise ValueError(f"{_owner}: {name} must be a {'positive' if positive else 'non-negative'} int, "
                              f"got {v!r}")
 
 
-def linear_decay_lambda(n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, epoch_count: int = 1):
-    """The reference 'linear' policy as a per-iteration multiplier: constant for ``n_epochs``,
-    then linear to zero over ``n_epochs_decay`` (lambda_rule(epoch) = 1 - max(0, epoch +
-    epoch_count - n_epochs) / (n_epochs_decay + 1), evaluated at ``step // steps_per_epoch``),
-    and 0 from then on: training past the scheduled epochs (``--max_steps``) keeps the rate at 0
-    (the reference's rule, which never runs past them, would turn negative: gradient ascent)."""
-    _check_schedule_ints(n_epochs=n_epochs, n_epochs_decay=n_epochs_decay, steps_per_epoch=steps_per_epoch)
+def linear_decay_lambda(n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, epoch_count: int = 1,
+                        at_epoch_begin: bool = True):
+    """The reference 'linear' policy as a per-iteration multiplier: lambda_rule(epoch) = 1 - max(0,
+    epoch + epoch_count - n_epochs) / (n_epochs_decay + 1), held at 0 once it reaches 0: training
+    past the scheduled epochs (``--max_steps``) keeps the rate at 0 (the reference's rule, which
+    never runs past them, would turn negative: gradient ascent).
+
+    ``at_epoch_begin`` (the junyanz reference's train.py since 2020, which steps its schedulers at
+    the beginning of every epoch): the k-th epoch of the run (k = 1, 2, ...; the reference's epoch
+    ``epoch_count + k - 1``) trains at lambda_rule(k), i.e. ``step // steps_per_epoch + 1``; so
+    the rate starts falling in the last of the ``n_epochs`` epochs and the last decay epoch
+    (``n_epochs + n_epochs_decay``) trains at 0, as the reference's (its issue #1100). Without it
+    (ganengine's own linear decay for the models whose references have none: StarGAN's epoch
+    rule, the synthesis models' ``--n_epochs_decay``): lambda_rule(k - 1), constant for
+    ``n_epochs`` epochs, then down over ``n_epochs_decay``."""
+    _check_schedule_ints(n_epochs=n_epochs, n_epochs_decay=n_epochs_decay, steps_per_epoch=steps_per_epoch,
+                         epoch_count=epoch_count)
+    first = 1 if at_epoch_begin else 0
 
     def rule(step: int) -> float:
-        epoch = step // steps_per_epoch
+        epoch = step // steps_per_epoch + first
         return max(0.0, 1.0 - max(0, epoch + epoch_count - n_epochs) / float(n_epochs_decay + 1))
 
     return rule
@@ -123,29 +135,36 @@ def check_lr_policy(owner: str, options: dict) -> None:
                          "or linear / cosine")
     if policy not in LR_POLICIES:
         raise ValueError(f"{owner}: lr_policy must be one of {LR_POLICIES[:2] + LR_POLICIES[3:]}, got {policy!r}")
-    _check_schedule_ints(lr_decay_iters=options.get("lr_decay_iters", 50))
+    _check_schedule_ints(owner, lr_decay_iters=options.get("lr_decay_iters", 50), epoch_count=options.get("epoch_count", 1))
 
 
 def lr_policy_lambda(policy: str, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, epoch_count: int = 1,
-                     lr_decay_iters: int = 50):
-    """junyanz ``networks.get_scheduler`` as a per-iteration multiplier (the reference steps its
-    schedulers once per epoch; here ``epoch = step // steps_per_epoch``):
+                     lr_decay_iters: int = 50, at_epoch_begin: bool = True):
+    """junyanz ``networks.get_scheduler`` as a per-iteration multiplier. The reference steps its
+    scheduler once per epoch, at the beginning of the epoch (train.py since 2020): the k-th epoch
+    of the run (k = 1, 2, ...) trains at the scheduler's epoch k, here ``k = step //
+    steps_per_epoch + 1`` (``at_epoch_begin=False``: k - 1, the reference's order before 2020):
 
     * linear: ``linear_decay_lambda`` (held at 0 after the decay epochs);
-    * step: StepLR(step_size=lr_decay_iters, gamma=0.1): ``0.1 ** (epoch // lr_decay_iters)``
+    * step: StepLR(step_size=lr_decay_iters, gamma=0.1): ``0.1 ** (k // lr_decay_iters)``
       (lr_decay_iters counts epochs, as the reference steps it per epoch);
-    * cosine: CosineAnnealingLR(T_max=n_epochs, eta_min=0): ``(1 + cos(pi * epoch / n_epochs)) / 2``,
-      held at 0 after ``n_epochs`` (the reference's would climb back up during the decay epochs).
+    * cosine: CosineAnnealingLR(T_max=n_epochs, eta_min=0): ``(1 + cos(pi * k / n_epochs)) / 2``,
+      held at 0 from epoch ``n_epochs`` on (the reference's would climb back up during the decay
+      epochs).
+
+    ``epoch_count`` (the reference's ``--epoch_count``) enters the linear rule only, as in the
+    reference.
     """
     if policy == "linear":
-        return linear_decay_lambda(n_epochs, n_epochs_decay, steps_per_epoch, epoch_count)
-    check_lr_policy("make_schedulers", dict(lr_policy=policy, lr_decay_iters=lr_decay_iters))
+        return linear_decay_lambda(n_epochs, n_epochs_decay, steps_per_epoch, epoch_count, at_epoch_begin)
+    check_lr_policy("make_schedulers", dict(lr_policy=policy, lr_decay_iters=lr_decay_iters, epoch_count=epoch_count))
     _check_schedule_ints(n_epochs=n_epochs, n_epochs_decay=n_epochs_decay, steps_per_epoch=steps_per_epoch)
+    first = 1 if at_epoch_begin else 0
     if policy == "step":
-        return lambda step: 0.1 ** ((step // steps_per_epoch) // lr_decay_iters)
+        return lambda step: 0.1 ** ((step // steps_per_epoch + first) // lr_decay_iters)
     if n_epochs < 1:
         raise ValueError("lr_policy 'cosine' anneals over --n_epochs (CosineAnnealingLR T_max), which must be >= 1")
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step // steps_per_epoch, n_epochs) / n_epochs))
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step // steps_per_epoch + first, n_epochs) / n_epochs))
 
 
 def iteration_decay_lambda(num_iters: int, num_iters_decay: int, lr_update_step: int):
@@ -233,13 +252,22 @@ class GANModel(nn.Module):
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
+    @property
+    def lr_at_epoch_begin(self) -> bool:
+        """Whether the epoch schedule follows the junyanz reference's timing (its schedulers
+        stepped at the beginning of each epoch: lr_policy_lambda): the models with its
+        ``--lr_policy`` (pix2pix, CycleGAN, CSGAN). The other models' linear decay over
+        ``--n_epochs_decay`` is ganengine's own: constant for ``n_epochs`` epochs, then down."""
+        return "lr_policy" in self.DEFAULTS
+
     def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
                         max_steps: int | None = None) -> dict:
         """The reference's ``--lr_policy`` schedule (default 'linear') for every optimiser, over
         epochs as the reference even when ``max_steps`` (``--max_steps``) ends the run; stepped
         once per train_step."""
         rule = lr_policy_lambda(self.options.get("lr_policy", "linear"), n_epochs, n_epochs_decay, steps_per_epoch,
-                                self.options.get("epoch_count", 1), self.options.get("lr_decay_iters", 50))
+                                self.options.get("epoch_count", 1), self.options.get("lr_decay_iters", 50),
+                                at_epoch_begin=self.lr_at_epoch_begin)
         return {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=rule) for name, opt in optimizers.items()}
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:

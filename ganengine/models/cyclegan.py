@@ -49,8 +49,9 @@ class CycleGAN(GANModel):
         self.netG_B = define_G(o["output_nc"], o["input_nc"], o["ngf"], o["netG"], **g)
         self.netD_A = define_D(o["output_nc"], o["ndf"], o["netD"], **d)
         self.netD_B = define_D(o["input_nc"], o["ndf"], o["netD"], **d)
-        self.fake_A_pool = ImagePool(o["pool_size"])
-        self.fake_B_pool = ImagePool(o["pool_size"])
+        # two independent random streams (one seed for both made the pools' decisions identical)
+        self.fake_A_pool = ImagePool(o["pool_size"], stream=0)
+        self.fake_B_pool = ImagePool(o["pool_size"], stream=1)
 
     def _inputs(self, batch):
         a, b = ("A", "B") if self.options["direction"] == "AtoB" else ("B", "A")

@@ -3,8 +3,11 @@
 ``query(images)`` returns a batch of the same size: while the pool is filling, the new images;
 afterwards each image is, with probability 1/2, swapped for a random stored one (which the new
 image replaces). The reference draws with Python's global ``random``; here each pool owns a
-``random.Random`` seeded from torch's initial seed, so the pool's draws do not disturb (and are
-not disturbed by) anything else, and its state checkpoints with ``state_dict()``.
+``random.Random`` seeded from torch's initial seed and the pool's ``stream`` number, so the pool's
+draws do not disturb (and are not disturbed by) anything else, two pools of one model (CycleGAN's
+fake_A_pool and fake_B_pool: streams 0 and 1) make independent decisions, as the reference's two
+pools drawing one after the other from the one global generator do, and its state checkpoints
+with ``state_dict()``.
 """
 from __future__ import annotations
 
@@ -14,12 +17,17 @@ import torch
 
 
 class ImagePool:
-    def __init__(self, pool_size: int = 50, seed: int | None = None):
+    def __init__(self, pool_size: int = 50, seed: int | None = None, stream: int = 0):
         if not isinstance(pool_size, int) or pool_size < 0:
             raise ValueError(f"ImagePool: pool_size must be an int >= 0, got {pool_size!r}")
+        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+            raise ValueError(f"ImagePool: stream must be an int >= 0, got {stream!r}")
         self.pool_size = pool_size
         self.images: list[torch.Tensor] = []
-        self.rng = random.Random(torch.initial_seed() if seed is None else seed)
+        seed = torch.initial_seed() if seed is None else seed
+        # stream 0: the seed itself (as before streams existed); another stream: a string seed,
+        # which random.Random hashes (SHA-512) into an unrelated state
+        self.rng = random.Random(seed if stream == 0 else f"ganengine.ImagePool:{seed}:{stream}")
 
     def __len__(self) -> int:
         return len(self.images)

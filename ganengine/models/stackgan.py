@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, _check_schedule_ints, set_requires_grad
 from ganengine.models.networks_stackgan import (Stage1Discriminator, Stage1Generator, Stage2Discriminator,
                                                 Stage2Generator)
 
@@ -36,7 +36,10 @@ class StackGAN(GANModel):
     """Options are the reference config's values, lower-cased (GAN.GF_DIM -> gf_dim, TEXT.DIMENSION
     -> text_dim, TRAIN.COEFF.KL -> kl_coeff, TRAIN.LR_DECAY_EPOCH -> lr_decay_epoch, ...).
     ``stage1_g``: for stage 2, a Stage-I generator checkpoint (reference format) to load into the
-    frozen ``netG.STAGE1_G``, as the reference's STAGE1_G config entry."""
+    frozen ``netG.STAGE1_G``, as the reference's STAGE1_G config entry. A stage-2 model built
+    without it keeps a randomly initialised Stage I (for loading a Stage-II checkpoint into it);
+    ``ganengine train stackgan --stage 2`` refuses to train one from scratch that way, as the
+    reference does. ``lr_decay_epoch`` must be a positive int."""
 
     MODEL_NAME = "stackgan"
     DEFAULTS = dict(stage=1, gf_dim=128, df_dim=64, condition_dim=128, text_dim=1024, z_dim=100, r_num=4,
@@ -50,6 +53,7 @@ class StackGAN(GANModel):
         o = self.options
         self._choice("stage", (1, 2))
         self._choice("wrong_pairs", ("shift", "batch"))
+        _check_schedule_ints("StackGAN", lr_decay_epoch=o["lr_decay_epoch"])  # (0: a division by zero; < 0: a rising rate)
         g = dict(gf_dim=o["gf_dim"], condition_dim=o["condition_dim"], text_dim=o["text_dim"], z_dim=o["z_dim"],
                  fused=o["fused"])
         if o["stage"] == 1:
@@ -73,11 +77,14 @@ class StackGAN(GANModel):
 
     def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
                         max_steps: int | None = None) -> dict:
-        """The reference halves both learning rates every ``lr_decay_epoch`` epochs (n_epochs and
-        n_epochs_decay do not enter)."""
-        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(f"make_schedulers: steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+        """The reference halves both learning rates every ``lr_decay_epoch`` epochs: epoch e
+        (counted from 0) trains at ``0.5 ** (e // lr_decay_epoch)`` (trainer.py halves them at the
+        start of every epoch e > 0 that is a multiple of it). ``n_epochs`` and ``n_epochs_decay``
+        do not enter: the reference has no decay phase (the command line refuses a non-zero
+        ``--n_epochs_decay`` for StackGAN)."""
+        _check_schedule_ints(steps_per_epoch=steps_per_epoch)
         every = self.options["lr_decay_epoch"]
+        _check_schedule_ints("StackGAN", lr_decay_epoch=every)
 
         def rule(step):
             return 0.5 ** ((step // steps_per_epoch) // every)

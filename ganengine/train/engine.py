@@ -225,9 +225,20 @@ class Trainer:
         self.loader, self.sampler = make_loader(self.dataset, cfg.batch_size, self.device, cfg.seed, self.dist.rank,
                                                 self.dist.world_size, cfg.num_workers, shuffle=not serial)
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        epochs = cfg.n_epochs + cfg.n_epochs_decay
+        # the reference (junyanz train.py) trains epochs epoch_count .. n_epochs + n_epochs_decay:
+        # --epoch_count N (pix2pix, CycleGAN, CSGAN) shortens the run by N - 1 epochs, as it shifts
+        # the linear schedule (models/base.py); --max_steps overrides either
+        epoch_count = (cfg.model_options or {}).get("epoch_count", 1)
+        if isinstance(epoch_count, bool) or not isinstance(epoch_count, int) or epoch_count < 1:
+            epoch_count = 1  # (the model refuses it when it is built)
+        epochs = cfg.n_epochs + cfg.n_epochs_decay - epoch_count + 1
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else epochs * self.steps_per_epoch
         if self.total_steps <= 0:
+            if epoch_count > 1:
+                raise ValueError(f"nothing to train: --epoch_count {epoch_count} is past the last epoch of the schedule "
+                                 f"(--n_epochs {cfg.n_epochs} + --n_epochs_decay {cfg.n_epochs_decay} = "
+                                 f"{cfg.n_epochs + cfg.n_epochs_decay}); the reference trains epochs epoch_count .. "
+                                 "n_epochs + n_epochs_decay")
             raise ValueError(f"nothing to train: --max_steps / --n_epochs + --n_epochs_decay give {self.total_steps} steps")
 
         if self.dist.is_main:  # one trainer per run folder (before reading a checkpoint from it)
@@ -388,11 +399,17 @@ class Trainer:
             if changed:
                 print("ganengine: resuming with data options that differ from the run's: " + ", ".join(
                     f"{k} {old!r} (now {new!r})" for k, old, new in changed), file=sys.stderr)
-            changed = _changed(state.get("schedule") or {}, self._schedule_options()) if "schedule" in state else []
+            old_schedule, now_schedule = dict(state.get("schedule") or {}), self._schedule_options()
+            old_timing, now_timing = old_schedule.pop("lr_timing", None), now_schedule.pop("lr_timing", None)
+            changed = _changed(old_schedule, now_schedule) if "schedule" in state else []
             if changed:
                 print("ganengine: resuming with " + ", ".join(f"--{k} {old} (now {new})" for k, old, new in changed)
                       + f": the learning-rate schedules follow the new values from step {self.step} on (a rate may "
                       "rise again); resume with the old values to keep the run's", file=sys.stderr)
+            if now_timing is not None and old_timing != now_timing:
+                print("ganengine: this checkpoint was written before the --lr_policy schedules followed the "
+                      "reference's timing (junyanz train.py steps them at the beginning of each epoch): from step "
+                      f"{self.step} on the rates follow it, one epoch ahead of the run's so far", file=sys.stderr)
         self.best = dict(state.get("evaluation") or {}) or None
         per_rank = state["rng"]["per_rank"]
         if len(per_rank) == self.dist.world_size:
@@ -404,8 +421,13 @@ class Trainer:
         return rng.get_state()
 
     def _schedule_options(self) -> dict:
-        """The engine options the learning-rate schedules are built from (models/base.py)."""
-        return {"n_epochs": self.cfg.n_epochs, "n_epochs_decay": self.cfg.n_epochs_decay, "max_steps": self.cfg.max_steps}
+        """The engine options the learning-rate schedules are built from (models/base.py), and for
+        the models with the junyanz --lr_policy schedules their timing (schedulers stepped at the
+        beginning of each epoch, as the reference's train.py; checkpoints from before say nothing)."""
+        out = {"n_epochs": self.cfg.n_epochs, "n_epochs_decay": self.cfg.n_epochs_decay, "max_steps": self.cfg.max_steps}
+        if getattr(self.model, "lr_at_epoch_begin", False):
+            out["lr_timing"] = "epoch_begin"
+        return out
 
     def _convert_position(self, state: dict) -> None:
         """The position in the epoch, for another --batch_size or process count than the checkpoint's:
