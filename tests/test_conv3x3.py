@@ -295,3 +295,29 @@ def test_twin_matches_custom_op(monkeypatch, route, case, always_winograd):
             return route_results(y, (x, w, b), dtype)
 
     assert_same_bits(run(True), run(False))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_backward_inside_cpu_autocast(backend):
+    """forward and backward both inside torch.autocast('cpu', bf16), as a training loop writes it:
+    the backward re-pads the saved bf16 input, which CPU autocast would run in fp32 (reflection_pad2d
+    is on its fp32 list) beside the bf16 weight; the backward runs with autocast off, as eager's.
+    The gradients equal those of the same call backpropagated outside autocast (same graph, same
+    saved bf16 tensors: the same kernels)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 6, 5, requires_grad=True)
+    w = (torch.randn(128, 128, 3, 3) * 0.03).requires_grad_()
+    b = torch.randn(128, requires_grad=True)
+    grads = []
+    for inside in (True, False):
+        with ganengine.use_backend(backend):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = GF.conv3x3(x, w, b, 1, "reflect")
+                loss = y.float().square().mean()
+                if inside:
+                    grads.append(torch.autograd.grad(loss, (x, w, b)))
+            if not inside:
+                grads.append(torch.autograd.grad(loss, (x, w, b)))
+    assert y.dtype == torch.bfloat16
+    for a, r in zip(*grads):
+        assert torch.equal(a, r)

@@ -18,6 +18,8 @@ numbers are the same either way: one body, one backward.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ganengine.ops._conv_common import dynamo_compiling
@@ -47,12 +49,38 @@ def plain_eager(*tensors) -> bool:
     return True
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def _autocast_off(run, ctx, grads):
+    """``run(ctx, *grads)`` with autocast off: a backward called inside an autocast region (the
+    engine runs it on the caller's thread, autocast's state with it) must not have its ops cast
+    again (CPU autocast runs reflection_pad2d in fp32: the conv3x3 backward's re-padded bf16 input
+    came out fp32 beside a bf16 weight). Eager's own backward kernels run below autocast."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        return run(ctx, *grads)
+
+
+def without_autocast(run):
+    """A Function backward ``run(ctx, *grads)`` that runs with autocast off (see _autocast_off)."""
+    def backward(ctx, *grads):
+        if _any_autocast():
+            return _autocast_off(run, ctx, grads)
+        return run(ctx, *grads)
+    return backward
+
+
 def backward_via(backward, bwd):
     """An op's backward as autograd calls it, ``(ctx, *grads)``: ``backward(ctx, grads[0], bwd)``,
     with ``bwd`` the backward custom op (for the registration: what tracing sees) or its body (for
     the twin). Only the first output is differentiable (the others are statistics or buffers the
     public functions never hand out), so the other gradients are dropped."""
     def run(ctx, grad, *_other_grads):
+        if _any_autocast():
+            return _autocast_off(lambda c, g: backward(c, g, bwd), ctx, (grad,))
         return backward(ctx, grad, bwd)
     return run
 
@@ -77,7 +105,7 @@ def twin(name: str, forward, setup_context, backward):
 
     cls = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(fwd),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(without_autocast(backward)),
         "__doc__": f"eager twin of a ganengine custom op ({name})",
     })
     function_apply = cls.apply
