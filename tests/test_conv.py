@@ -390,3 +390,28 @@ def test_modules_take_unbatched_inputs_as_torch_does():
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
     net = nn.Sequential(nn.Conv2d(4, 6, 3, 1, 1), nn.ReLU(), nn.Conv2d(6, 6, 4, 2, 1), nn.LeakyReLU(0.2))
     torch.testing.assert_close(ganengine.fuse(net)(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ambiguous_layouts_follow_pytorchs_reading_of_the_strides():
+    """A 1x1 map (or one channel) is NCHW- and NHWC-contiguous at once: PyTorch's convolution reads
+    its strides (suggest_memory_format) and writes channels_last outputs for channels_last strides
+    (the U-Net's innermost ConvTranspose in a channels_last model; dropout after it draws its mask in
+    memory order), so the fused ops and modules do too, on every route."""
+    import ganengine.nn as gnn
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 8, 1, 1)
+    inputs = {"nchw": base, "nhwc": base.contiguous(memory_format=torch.channels_last),
+              "one channel nhwc": torch.randn(2, 1, 5, 5).contiguous(memory_format=torch.channels_last)}
+    for name, x in inputs.items():
+        c = x.shape[1]
+        cases = [(gnn.ConvTranspose2d(c, 4, 4, 2, 1), nn.ConvTranspose2d(c, 4, 4, 2, 1)),
+                 (gnn.Conv2d(c, 4, 3, 1, 1), nn.Conv2d(c, 4, 3, 1, 1)),
+                 (gnn.Conv2dAct(c, 4, 3, 1, 1), nn.Sequential(nn.Conv2d(c, 4, 3, 1, 1), nn.LeakyReLU(0.2)))]
+        for mod, ref in cases:
+            (ref[0] if isinstance(ref, nn.Sequential) else ref).load_state_dict(mod.state_dict())
+            for policy in ("auto", "always", "never"):
+                with cv.gemm_policy(policy):
+                    y, want = mod(x), ref(x)
+                assert y.stride() == want.stride(), (name, type(mod).__name__, policy, y.stride(), want.stride())
+                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "conv_gemm.h"
+#include "conv_lean.h"
 #include "vec_utils.h"
 
 #include <algorithm>
@@ -49,9 +50,7 @@ Plane plane_of(const at::Tensor& t) {
 }
 
 at::MemoryFormat format_of(const at::Tensor& t) {
-  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast))
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
+  return ganengine::conv_common::out_format(t);  // (conv_lean.h: the conv families' one layout rule)
 }
 
 void check_conv_args(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,

@@ -12,10 +12,15 @@
 namespace ganengine {
 // what the lean and vendor routes share
 namespace conv_common {
-// ops/_conv_common.py out_format: channels_last when x is NHWC-dense and not NCHW-contiguous
+// ops/_conv_common.py out_format: channels_last when x is NHWC-dense and not NCHW-contiguous; a
+// tensor that is both (a 1x1 map, one channel) as PyTorch's convolution reads it (suggest_memory_format)
 inline at::MemoryFormat out_format(const at::Tensor& t) {
-  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
-                                                                                  : at::MemoryFormat::Contiguous;
+  if (t.is_contiguous())
+    return (t.dim() == 4 && t.stride(1) == 1 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
+               ? at::MemoryFormat::ChannelsLast
+               : at::MemoryFormat::Contiguous;
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                         : at::MemoryFormat::Contiguous;
 }
 
 // at::conv2d / at::conv_transpose2d for 4-d inputs, groups 1, dilation 1, as their own bodies call

@@ -4,7 +4,10 @@ rule (their lean C++ entries are looked up with _dispatch.lean_op, their Python 
 ``fast_entry``).
 
 Layout rule of every conv family: outputs and dx are channels_last when x is NHWC-dense and not
-NCHW-contiguous, NCHW-contiguous otherwise (``out_format``).
+NCHW-contiguous, NCHW-contiguous otherwise (``out_format``); a tensor that is both (a 1x1 map, one
+channel) is read by its strides as PyTorch's convolution reads it (``suggest_memory_format``: a
+1x1 map with channels_last strides, e.g. the U-Net's innermost ConvTranspose input in a
+channels_last model, gives channels_last outputs there).
 """
 from __future__ import annotations
 
@@ -22,9 +25,29 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def out_format(t: torch.Tensor) -> torch.memory_format:
     """The layout the conv families write for outputs shaped like ``t`` (see module docstring)."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if t.is_contiguous():
+        # (NCHW-contiguous with a unit channel stride: both layouts at once, a 1x1 map or one channel)
+        if t.dim() == 4 and t.stride(1) == 1 and suggests_channels_last(t.shape, t.stride()):
+            return torch.channels_last
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def suggests_channels_last(sizes, strides) -> bool:
+    """c10's is_channels_last_strides_2d_s4 (what ``suggest_memory_format`` and so PyTorch's
+    convolution ask), for a 4-d tensor: the strides' order, with its tie rules for size-1 dims."""
+    if strides[1] == 0:
+        return False
+    low = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < low:
+            return False
+        if d == 0 and low == strides[1]:
+            return False
+        low = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
 
 
 def input_in_weight_layout(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
