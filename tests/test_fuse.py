@@ -111,6 +111,41 @@ def test_shared_modules_stay_shared():
     torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
 
 
+class _Aliased(nn.Module):
+    """A child also kept in a plain list (not a ModuleList) and called through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head_norm = nn.BatchNorm2d(8)
+        self.head_act = nn.ReLU()
+        self.norms = [self.head_norm, self.head_act]
+
+    def forward(self, x):
+        return self.norms[1](self.norms[0](self.features(x)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_modules_aliased_by_plain_attributes(inplace):
+    """fuse()'s copy points the list at its own modules (eval() reaches them), and a module the
+    list holds is not replaced (calls through the list would not see it): declined, said why."""
+    torch.manual_seed(0)
+    net = _Aliased()
+    ref = copy.deepcopy(net)
+    fused, report = ganengine.fuse(net, inplace=inplace, return_report=True)
+    assert fused.norms[0] is fused.head_norm and type(fused.head_norm) is nn.BatchNorm2d
+    assert any("attribute `norms`" in d.reason for d in report.declined)
+    x = torch.randn(2, 8, 6, 6)
+    for _ in range(2):
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    fused.eval()
+    ref.eval()
+    assert not fused.norms[0].training
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    if not inplace:
+        assert net.norms[0] is net.head_norm and net.training   # the caller's model is untouched
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_dataparallel_wrapped_model(inplace):
     net = _net()

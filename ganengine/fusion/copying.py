@@ -52,7 +52,54 @@ def structural_copy(root: nn.Module) -> nn.Module:
         new._modules = {name: (visit(c) if c is not None else None) for name, c in m._modules.items()}
         return new
 
-    return visit(root)
+    out = visit(root)
+    # plain attributes that hold modules of the tree (``self.norms = [self.norm]``): the copy's point
+    # at the copy's modules, as copy.deepcopy's would (train() / eval() reach those)
+    for new in memo.values():
+        for key, value in list(new.__dict__.items()):
+            if key not in _CONTAINERS:
+                remapped = _remap_modules(value, memo)
+                if remapped is not value:
+                    new.__dict__[key] = remapped
+    return out
+
+
+def _remap_modules(value, memo: dict):
+    """``value`` with the modules of ``memo`` (by id) replaced by their copies, in a list / tuple /
+    dict (one level: what models keep their aliases in), or ``value`` itself if it holds none."""
+    if isinstance(value, nn.Module):
+        return memo.get(id(value), value)
+    if type(value) in (list, tuple):
+        items = [memo.get(id(v), v) if isinstance(v, nn.Module) else v for v in value]
+        return type(value)(items) if any(a is not b for a, b in zip(items, value)) else value
+    if type(value) is dict:
+        items = {k: memo.get(id(v), v) if isinstance(v, nn.Module) else v for k, v in value.items()}
+        return items if any(items[k] is not value[k] for k in value) else value
+    return value
+
+
+def aliased_modules(root: nn.Module) -> dict[int, str]:
+    """id -> where, for the modules of ``root``'s tree that a plain attribute also holds (a module,
+    or one in a list / tuple / dict attribute: ``self.norms = [self.norm]``): code calling them
+    through that attribute would not see a replacement put in the tree."""
+    tree = {id(m) for m in root.modules()}
+    out: dict[int, str] = {}
+    for name, m in root.named_modules():
+        for key, value in m.__dict__.items():
+            if key in _CONTAINERS:
+                continue
+            if isinstance(value, nn.Module):
+                held = [value]
+            elif type(value) in (list, tuple):
+                held = [v for v in value if isinstance(v, nn.Module)]
+            elif type(value) is dict:
+                held = [v for v in value.values() if isinstance(v, nn.Module)]
+            else:
+                continue
+            for v in held:
+                if id(v) in tree:
+                    out.setdefault(id(v), f"{name + '.' if name else ''}{key}")
+    return out
 
 
 # ----------------------------------------------------------------------------- fused classes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ganengine.fusion import checks, graph, rules
+from ganengine.fusion import checks, copying, graph, rules
 from ganengine.fusion.copying import FusedModule
 from ganengine.fusion.recognise import Decline
 from ganengine.fusion.report import FuseReport, join
@@ -49,6 +49,7 @@ class Fuser:
         # module freed mid-walk could hand its id to a new one (an Identity) and alias it
         self.keep: list[nn.Module] = []
         self.parents: dict[int, int] = {}           # id(module) -> how many parents hold it (run)
+        self.aliased: dict[int, str] = {}           # id(module) -> the plain attribute also holding it (run)
 
     # ------------------------------------------------------------------ module rules
     def single(self, m: nn.Module, where: str, stage: str) -> nn.Module:
@@ -61,6 +62,9 @@ class Fuser:
         for rule in rules.module_rules(stage):
             if not rule.match(m):
                 continue
+            if id(m) in self.aliased:
+                self.report.decline(rule.name, where, self._alias_reason(m))
+                break
             out = rule.build(m)
             if out is None:
                 continue
@@ -93,8 +97,10 @@ class Fuser:
                     continue
                 if not all(match(g) for match, g in zip(rule.pattern, group)):
                     continue
-                if refuse:
-                    self.report.decline(rule.name, join(where, names[i]), refuse)
+                alias = next((g for g in group if id(g) in self.aliased), None)
+                why = self._alias_reason(alias) if alias is not None else refuse
+                if why:
+                    self.report.decline(rule.name, join(where, names[i]), why)
                     break
                 out = rule.build(*group, parents=self.parents) if rule.needs_parents else rule.build(*group)
                 if out is None:
@@ -142,11 +148,16 @@ class Fuser:
                 return new
         return m
 
+    def _alias_reason(self, m: nn.Module) -> str:
+        return (f"the {type(m).__name__} is also held by the attribute `{self.aliased[id(m)]}` (not a submodule): "
+                "code calling it through that attribute would not see a replacement")
+
     def run(self, root: nn.Module) -> nn.Module:
         why = checks.global_hooks()
         if why:
             self.report.decline("*", "", why)
             return root
+        self.aliased = copying.aliased_modules(root)
         self.parametrizations(root)
         for m in root.modules():                    # each module once: count its children's parents
             for child in m._modules.values():
