@@ -10,4 +10,4 @@ from ganengine.ops.batch_norm_act import batch_norm_act, conditional_batch_norm_
 
 __all__ = ["instance_norm_act", "gan_loss", "discriminator_loss", "cycle_loss", "cycle_synthesized_loss", "gradient_penalty",
            "conv2d_act", "conv2d_instance_norm_act", "conv3x3", "conv2d", "conv_transpose2d", "self_attention2d",
-           "batch_norm_act", "conditional_batch_norm_act"]
+           "batch_norm_act", "conditional_batch_norm_act", "spectral_norm_weight"]

@@ -335,6 +335,13 @@ def test_opcheck(backend):
         y, mean, rstd = ops.instance_norm_act_fwd(x.detach(), w.detach(), b.detach(), 1e-5, "leaky_relu", 0.2)
         torch.library.opcheck(ops.instance_norm_act_bwd,
                               (torch.randn_like(y), x.detach(), w.detach(), b.detach(), mean, rstd, "leaky_relu", 0.2))
+        # a strided slice of a channels_last tensor (neither layout dense): copied once on every
+        # backend, outputs NCHW-contiguous, as the fakes say
+        xs = torch.randn(2, 3, 8, 5).contiguous(memory_format=torch.channels_last)[:, :, ::2]
+        torch.library.opcheck(ops.instance_norm_act_fwd, (xs, w.detach(), b.detach(), 1e-5, "leaky_relu", 0.2))
+        y, mean, rstd = ops.instance_norm_act_fwd(xs, w.detach(), b.detach(), 1e-5, "leaky_relu", 0.2)
+        torch.library.opcheck(ops.instance_norm_act_bwd,
+                              (torch.randn_like(y), xs, w.detach(), b.detach(), mean, rstd, "leaky_relu", 0.2))
 
 
 class _SmallNet(nn.Module):

@@ -94,6 +94,9 @@ def test_gradient_penalty_bad_shapes_are_clear_errors():
         GF.gradient_penalty(lambda x: x[:0], torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="does not depend on its input"):
         GF.gradient_penalty(lambda x: torch.zeros(2), torch.randn(2, 3), torch.randn(2, 3))
+    lin = torch.nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="does not depend on its input .does it detach"):
+        GF.gradient_penalty(lambda x: lin(x.detach()), torch.randn(2, 3), torch.randn(2, 3))
     real, fake, d = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), lambda x: x.sum((1, 2, 3))
     for alpha in (torch.rand(4), torch.rand(3, 1, 1, 1), "0.5"):  # ((4,) would broadcast along W)
         with pytest.raises(ValueError, match=r"alpha must be a number or a tensor of real's rank .*\(4, 1, 1, 1\)"):

@@ -743,7 +743,11 @@ def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 
                     "depend on its input")
             raise ValueError(f"{fn}: the discriminator returned {what}; the penalty needs its scores as a "
                              "non-empty tensor computed from the input")
-        (grad,) = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True)
+        (grad,) = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True,
+                                      allow_unused=True)
+        if grad is None:  # (scores computed from the parameters only: a D that detaches its input)
+            raise ValueError(f"{fn}: the discriminator's output does not depend on its input (does it detach "
+                             "it?); the penalty needs d(scores)/d(input)")
         norm = torch.linalg.vector_norm(grad.reshape(n, -1).float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.reshape(n, -1), 2, dim=1)
         return weight * ((norm - 1.0) ** 2).mean()
 

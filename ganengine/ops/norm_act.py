@@ -145,9 +145,9 @@ def _fwd_body(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
                           eps: float, activation: str, negative_slope: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _backend_for(x, "norm_act_fwd")
+    x = _dense_4d(x)  # (on every backend: the outputs' layout is the fake's, whichever runs)
     if backend == "torch":
         return _torch_fwd(x, weight, bias, eps, activation, negative_slope)
-    x = _dense_4d(x)
     apply, slope = act_slope(activation, negative_slope)
     if backend == "triton":
         return _dispatch.triton_kernels("norm_act").forward(x, weight, bias, eps, apply, slope)
@@ -162,7 +162,7 @@ instance_norm_act_fwd = torch.library.custom_op("ganengine::instance_norm_act_fw
 def _(x, weight, bias, eps, activation, negative_slope):
     n, c = x.shape[0], x.shape[1]
     acc = stat_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
+    return torch.empty_like(_dense_4d(x)), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
 
 
 def _bwd_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
@@ -170,9 +170,9 @@ def _bwd_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
                           activation: str, negative_slope: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _backend_for(x, "norm_act_bwd")
+    x = _dense_4d(x)  # (as the forward: dx's layout is the fake's on every backend)
     if backend == "torch":
         return _torch_bwd(grad_y, x, weight, bias, mean, rstd, activation, negative_slope)
-    x = _dense_4d(x)
     apply, slope = act_slope(activation, negative_slope)
     if backend == "triton":
         return _dispatch.triton_kernels("norm_act").backward(grad_y, x, weight, bias, mean, rstd, apply, slope)
@@ -186,7 +186,7 @@ instance_norm_act_bwd = torch.library.custom_op("ganengine::instance_norm_act_bw
 
 @instance_norm_act_bwd.register_fake
 def _(grad_y, x, weight, bias, mean, rstd, activation, negative_slope):
-    return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+    return torch.empty_like(_dense_4d(x)), torch.empty_like(mean), torch.empty_like(mean)
 
 
 # ----------------------------------------------------------------------------- autograd

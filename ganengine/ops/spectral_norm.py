@@ -142,9 +142,9 @@ def _torch_call(weight, u, v, first, steps, eps, dim, order, in_place):
     """PyTorch's composition. ``in_place``: u/v are the state buffers and are updated (module);
     else they are cloned first (functional). Returns (w_sn, u_new, v_new, sigma)."""
     wmat = weight_matrix(weight, dim)
-    if not in_place:
-        u = u.clone(memory_format=torch.contiguous_format)
-        v = v.clone(memory_format=torch.contiguous_format) if v is not None else None
+    if not in_place:  # (detached: u and v are constants of the functional call, as on every backend)
+        u = u.detach().clone(memory_format=torch.contiguous_format)
+        v = v.detach().clone(memory_format=torch.contiguous_format) if v is not None else None
     u, v = torch_iterate(wmat, u, v, first, steps, eps)
     # PyTorch clones before use so that a later in-place update cannot break this graph
     uc = u.clone(memory_format=torch.contiguous_format)
@@ -276,7 +276,9 @@ def native_forward(backend, weights, dims, us, vs, first, steps, eps, write_stat
                                             write_state)
         w_sns = _split(wout, layout.offsets, 2, [w.shape for w in weights])
         return w_sns, _split(uout, layout.offsets, 0), _split(vout, layout.offsets, 1), sigma, (layout, uout, vout)
-    vs = [v if v is not None else u for v, u in zip(vs, us)]  # placeholder: a V-first plan never reads v
+    # (the C++ kernels too read dense state vectors; a V-first plan never reads v: u as placeholder)
+    us = [u if u.is_contiguous() else u.contiguous() for u in us]
+    vs = [u if v is None else (v if v.is_contiguous() else v.contiguous()) for v, u in zip(vs, us)]
     w_sns, u_outs, v_outs, sigma = _ext.op("spectral_norm_fwd")(list(weights), list(us), list(vs), first, steps,
                                                                 float(eps), write_state)
     return list(w_sns), list(u_outs), list(v_outs), sigma, None
