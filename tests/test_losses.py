@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -317,6 +319,9 @@ def test_ganloss_module_follows_its_label_buffers(mode):
         write(ref_mod.real_label)
         torch.testing.assert_close(mod(x, True), ref_mod(x, True))
         assert f"target_real_label={float(ref_mod.real_label):.7g}" in repr(mod)
+    twin = copy.deepcopy(mod)   # (its own buffers: a write to them is its own, and seen)
+    twin.real_label.data.fill_(0.3)
+    assert twin._current()[0] == pytest.approx(0.3) and mod._current()[0] == pytest.approx(0.6)
 
 
 def test_ganloss_module_compiles_fullgraph_with_loaded_labels():

@@ -9,6 +9,16 @@ from ganengine._state import version
 from ganengine.ops.losses import MODES, cycle_loss, discriminator_loss, gan_loss
 
 
+def _numpy_views(r: torch.Tensor, f: torch.Tensor):
+    """(r, f, 0-d NumPy views of their memory, their addresses), or None where NumPy cannot view them
+    (bf16, a tensor requiring grad)."""
+    try:
+        vr, vf = r.detach().numpy(), f.detach().numpy()
+    except (TypeError, RuntimeError):
+        return None
+    return (r, f, vr, vf, vr.__array_interface__["data"][0], vf.__array_interface__["data"][0])
+
+
 class GANLoss(nn.Module):
     """Drop-in for the CycleGAN reference's ``GANLoss(gan_mode, target_real_label, target_fake_label)``.
 
@@ -28,12 +38,14 @@ class GANLoss(nn.Module):
         self.register_buffer("fake_label", torch.tensor(float(target_fake_label)))
         # Python copies of the labels, for the loss ops' float arguments. On the CPU they are read on
         # every call, as the reference reads its buffers (a label-smoothing schedule, a write through
-        # .data, a load): reading costs what checking them would. Reading a CUDA buffer would
-        # synchronise the GPU: there they are re-read when a buffer changed (an edit in place bumps its
-        # version, a new buffer or `.data = t` is another object or storage), which a write in place
-        # through `.data` (no version bump) does not show: docs/losses.md.
+        # .data, a load), through NumPy views of the buffers' memory (0.3 us a call; float() of the
+        # two tensors costs 2 us). Reading a CUDA buffer would synchronise the GPU: there they are
+        # re-read when a buffer changed (an edit in place bumps its version, a new buffer or
+        # `.data = t` is another object or storage), which a write in place through `.data` (no
+        # version bump) does not show: docs/losses.md.
         self._labels = (float(target_real_label), float(target_fake_label))
         self._label_key = self._buffers_key()
+        self._views = None
 
     def _buffers_key(self) -> tuple:
         b = self._buffers
@@ -44,10 +56,15 @@ class GANLoss(nn.Module):
     def _current(self) -> tuple[float, float]:
         if torch.compiler.is_compiling():  # (compiled: the labels as of the last eager call or load)
             return self._labels
-        b = self._buffers
+        b, v = self._buffers, self._views
         r, f = b["real_label"], b["fake_label"]
+        # (the views' own addresses: a copied module's views are copies, not its buffers' memory)
+        if v is not None and v[0] is r and v[1] is f and r.data_ptr() == v[4] and f.data_ptr() == v[5]:
+            labels = self.__dict__["_labels"] = (float(v[2]), float(v[3]))  # (nn.Module.__setattr__: ~1 us)
+            return labels
         if r.is_cpu and f.is_cpu:
             self._labels = (float(r), float(f))
+            self._views = _numpy_views(r, f)
             return self._labels
         key = self._label_key
         if (r is not key[0] or f is not key[1] or version(r) != key[2] or version(f) != key[3]
@@ -60,6 +77,12 @@ class GANLoss(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._labels = (float(self.real_label), float(self.fake_label))   # (a compiled call reads these)
         self._label_key = self._buffers_key()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["_views"] = None   # (NumPy views of this module's buffers: rebuilt from the buffers)
+        return state
 
     def forward(self, prediction: torch.Tensor, target_is_real: bool, for_discriminator: bool = True) -> torch.Tensor:
         real, fake = self._current()
