@@ -430,12 +430,12 @@ def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_r
     """(grid, int args before the running statistics' strides, int args after, kwargs per phase,
     partials' shape or None, stats' shape, accumulation dtype); None for an empty x, COPY for a
     layout the kernels do not address."""
+    if 0 in shape:  # before the layout: an empty x's strides need not flatten, even contiguous
+        return None
     ncs = _ncs(shape, strides)
     if ncs is None:
         return COPY
     sizes = _plan_shape(shape, strides, flags, gpu, split)
-    if sizes is None:
-        return None
     n, c, s, per_sample, cfg, n_cblocks, nper, sper, sch, chunks = sizes
     training = bool(flags & 1)
     common = dict(PER_SAMPLE=per_sample, HAS_W=has_w, HAS_B=has_b, UPDATE=training and update and has_rm,
@@ -454,12 +454,12 @@ def _fwd_plan(shape, strides, dtype, flags: int, has_w: bool, has_b: bool, has_r
 def _bwd_plan(shape, strides, gstrides, dtype, flags: int, has_w: bool, has_b: bool, gpu: bool, split):
     """(grid, int args, kwargs per phase, partials' size or 0, the parameter gradients' shape);
     None for an empty x, COPY when x or grad_y has a layout the kernels do not address."""
+    if 0 in shape:  # before the layouts (see _fwd_plan)
+        return None
     ncs, gncs = _ncs(shape, strides), _ncs(shape, gstrides)
     if ncs is None or gncs is None:
         return COPY
     sizes = _plan_shape(shape, strides, flags, gpu, split)
-    if sizes is None:
-        return None
     n, c, s, per_sample, cfg, n_cblocks, nper, sper, sch, chunks = sizes
     common = dict(TRAINING=bool(flags & 1), PER_SAMPLE=per_sample, HAS_W=has_w, HAS_B=has_b, ACT=bool(flags & 2),
                   BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"],
@@ -471,6 +471,28 @@ def _bwd_plan(shape, strides, gstrides, dtype, flags: int, has_w: bool, has_b: b
     grid = _launch.grid("batch_norm_act bwd", n_cblocks * chunks)
     return (grid, args, kwargs, (0 if chunks == 1 else (c * n if per_sample else c * chunks)),
             ((n, c) if per_sample else (c,)))
+
+
+def _sample_params(w, b, n: int, c: int):
+    """(gain, bias, row stride wsN) for the per-sample kernels, which read ``W + c + n * wsN``
+    for both: channels unit-strided and one row stride shared by gain and bias. BigGAN's
+    ``gain, bias = emb.chunk(2, 1)`` (rows 2C apart) and stride-0 rows (expand) are read in
+    place; anything else (strided channels, different row strides) is copied to (N, C) dense."""
+    rs = None
+    for t in (w, b):
+        if t is None:
+            continue
+        st = t.stride()
+        if c > 1 and st[1] != 1:
+            break
+        r = st[0] if n > 1 else c  # (one row: its stride is never used)
+        if rs is None:
+            rs = r
+        elif r != rs:
+            break
+    else:
+        return w, b, (c if rs is None else rs)
+    return (None if w is None else w.contiguous()), (None if b is None else b.contiguous()), c
 
 
 def forward(x, weight, bias, running_mean, running_var, factor: float, eps: float, slope: float, flags: int,
@@ -494,6 +516,15 @@ def forward(x, weight, bias, running_mean, running_var, factor: float, eps: floa
                                      running_var.to(acc_t)]))
         return y, stats
     grid, head, tail, kwargs, partial, stats_shape, acc_t = plan
+    if flags & 4:
+        weight, bias, wsn = _sample_params(weight, bias, head[0], head[1])
+        if wsn != head[6]:
+            head = (*head[:6], wsn)
+    else:
+        # the kernels read W + c: a strided or expanded (C) view (w[::2], w[:1].expand(C)) is copied;
+        # contiguous() returns a dense one itself (cheaper than testing its stride first)
+        weight = None if weight is None else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
     stats = x.new_empty(stats_shape, dtype=acc_t)
     wt = weight if weight is not None else stats
     bt = bias if bias is not None else stats
@@ -531,6 +562,15 @@ def backward(grad_y, x, weight, bias, stats, slope: float, flags: int, split: in
         shape = (x.shape[0], x.shape[1]) if flags & 4 else (x.shape[1],)
         return dx, stats.new_zeros(shape), stats.new_zeros(shape)
     grid, args, kwargs, psize, shape = plan
+    if flags & 4:
+        weight, bias, wsn = _sample_params(weight, bias, args[0], args[1])
+        if wsn != args[9]:
+            args = (*args[:9], wsn, *args[10:])
+    else:
+        # the kernels read W + c: a strided or expanded (C) view (w[::2], w[:1].expand(C)) is copied;
+        # contiguous() returns a dense one itself (cheaper than testing its stride first)
+        weight = None if weight is None else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
     dw = stats.new_empty(shape)
     db = stats.new_empty(shape)
     wt = weight if weight is not None else stats

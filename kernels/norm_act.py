@@ -67,8 +67,9 @@ def _lane_welford(X, base, start, end, sHW, cmask, BLOCK_C: tl.constexpr, BLOCK_
         mask = cmask[:, None] & (hw < end)[None, :]
         x = tl.load(X + base[:, None] + hw[None, :].to(tl.int64) * sHW, mask=mask, other=0.0).to(ACC)
         # only the last tile is partial: a valid lane has one value per earlier tile, so its
-        # count is the tile number, and 1/count is one scalar division per tile
-        inv = 1.0 / (((hw0 - start) // BLOCK_HW + 1) * 1.0)
+        # count is the tile number, and 1/count is one scalar division per tile (in ACC: an fp32
+        # reciprocal left fp64 planes only ~1e-8 accurate)
+        inv = 1.0 / tl.cast((hw0 - start) // BLOCK_HW + 1, ACC)
         d = x - mean
         new_mean = mean + d * inv
         m2 = tl.where(mask, m2 + d * (x - new_mean), m2)
@@ -414,6 +415,10 @@ def _dense(t: torch.Tensor):
 def forward(x, weight, bias, eps: float, apply_act: bool, slope: float, split: int | None = None):
     """Returns (y, mean, rstd). ``split`` forces the split-plane scheme (tests); None = auto."""
     x, strides = _dense(x)
+    # the kernels read W + c: a strided or expanded (C) view (w[::2], w[:1].expand(C)) is copied;
+    # contiguous() returns a dense one itself (cheaper than testing its stride first)
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     n, c, h, w = x.shape
     hw = h * w
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -449,6 +454,10 @@ def forward(x, weight, bias, eps: float, apply_act: bool, slope: float, split: i
 def backward(grad_y, x, weight, bias, mean, rstd, apply_act: bool, slope: float, split: int | None = None):
     """Returns (grad_x, grad_weight per instance (N, C), grad_bias per instance (N, C))."""
     x, strides = _dense(x)
+    # the kernels read W + c: a strided or expanded (C) view (w[::2], w[:1].expand(C)) is copied;
+    # contiguous() returns a dense one itself (cheaper than testing its stride first)
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     grad_y, gstrides = _dense(grad_y)
     n, c, h, w = x.shape
     hw = h * w
