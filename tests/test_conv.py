@@ -390,6 +390,9 @@ def test_modules_take_unbatched_inputs_as_torch_does():
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
     net = nn.Sequential(nn.Conv2d(4, 6, 3, 1, 1), nn.ReLU(), nn.Conv2d(6, 6, 4, 2, 1), nn.LeakyReLU(0.2))
     torch.testing.assert_close(ganengine.fuse(net)(x), net(x), rtol=1e-5, atol=1e-5)
+    mod, ref = pairs[1]
+    for size in ((19, 15), (6, 19, 15)):   # output_size with or without the channel entry, as torch takes it
+        assert mod(x, output_size=size).shape == ref(x, output_size=size).shape == (6, 19, 15)
 
 
 def test_ambiguous_layouts_follow_pytorchs_reading_of_the_strides():
@@ -415,3 +418,36 @@ def test_ambiguous_layouts_follow_pytorchs_reading_of_the_strides():
                     y, want = mod(x), ref(x)
                 assert y.stride() == want.stride(), (name, type(mod).__name__, policy, y.stride(), want.stride())
                 torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sliced_channels_last_and_chained_tiny_outputs_keep_eagers_layout():
+    """A slice of a channels_last map (neither layout dense: CUT's anti-aliased upsampling) gives
+    channels_last outputs in eager; so do the fused modules. And an output that is both layouts at
+    once (a 1x1 map from the GEMM route) carries the standard strides of its format, so the next
+    conv reads it as eager's (the GEMM forms' views left other strides on its size-1 dims)."""
+    import ganengine.nn as gnn
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)[:, :, 1:, 1:]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    pairs = [(gnn.Conv2d(8, 4, 4, 2, 1), nn.Conv2d(8, 4, 4, 2, 1)),
+             (gnn.ConvTranspose2d(8, 4, 4, 2, 1), nn.ConvTranspose2d(8, 4, 4, 2, 1)),
+             (gnn.Conv3x3(8, 4), nn.Conv2d(8, 4, 3, 1, 1)),
+             (gnn.Conv2dAct(8, 4, 4, 2, 1), nn.Sequential(nn.Conv2d(8, 4, 4, 2, 1), nn.LeakyReLU(0.2))),
+             (gnn.BatchNormAct2d(8, activation="relu"), nn.Sequential(nn.BatchNorm2d(8), nn.ReLU())),
+             (gnn.InstanceNormAct2d(8, activation="relu"), nn.Sequential(nn.InstanceNorm2d(8), nn.ReLU()))]
+    for mod, ref in pairs:
+        (ref[0] if isinstance(ref, nn.Sequential) else ref).load_state_dict(mod.state_dict())
+        y, want = mod(x), ref(x)
+        assert y.stride() == want.stride(), (type(mod).__name__, y.stride(), want.stride())
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    h = torch.randn(3, 2, 2, 2, requires_grad=True)
+    w1, w2 = torch.randn(2, 4, 2, 2), torch.randn(4, 4, 4, 4)
+    for policy in ("always", "auto"):
+        with cv.gemm_policy(policy):
+            a = GF.conv_transpose2d(h, w1, None, 1, 1)   # a 1x1 map
+            y = GF.conv_transpose2d(a, w2, None, 2, 1)
+        ea = F.conv_transpose2d(h, w1, None, 1, 1)
+        assert a.stride() == ea.stride() and y.stride() == F.conv_transpose2d(ea, w2, None, 2, 1).stride()
+        (dx,) = torch.autograd.grad(GF.conv2d(h, w2[:, :2, :2, :2].contiguous(), None, 1, 0).sum(), h)
+        assert dx.stride() == h.stride()

@@ -184,6 +184,14 @@ def test_remove_parametrizations_on_fused_convs():
     assert "0.weight" in fused.state_dict() and isinstance(fused[0].weight, nn.Parameter)
     _, again = ganengine.fuse(fused, return_report=True)   # (already fused: nothing to do)
     assert dict(again) == {}
+    # two fuse() results of one model are independent (torch makes one Parametrized class per module)
+    one = make()
+    f1, f2 = ganengine.fuse(one), ganengine.fuse(one)
+    assert type(f1[0]) is not type(f2[0])
+    parametrize.remove_parametrizations(f1[0], "weight")
+    f2.eval()
+    one.eval()
+    torch.testing.assert_close(f2(x), one(x), rtol=2e-5, atol=2e-5)
 
 
 def test_sagan_generator_wrapped_transposed_convs():

@@ -324,6 +324,14 @@ def test_ganloss_module_follows_its_label_buffers(mode):
     assert twin._current()[0] == pytest.approx(0.3) and mod._current()[0] == pytest.approx(0.6)
 
 
+def test_ganloss_module_loads_on_the_meta_device():
+    mod = gnn.GANLoss("lsgan").to("meta")
+    mod.load_state_dict(gnn.GANLoss("lsgan", 0.9).state_dict())   # (a no-op copy to meta, as torch's)
+    real = gnn.GANLoss("lsgan").to("meta")
+    real.load_state_dict(gnn.GANLoss("lsgan", 0.9).state_dict(), assign=True)
+    assert real.real_label.device.type == "cpu" and real._current()[0] == pytest.approx(0.9)
+
+
 def test_ganloss_module_compiles_fullgraph_with_loaded_labels():
     """No graph break (the label check is not traced), and a load before compiling is seen."""
     mod, ref_mod = gnn.GANLoss("lsgan"), ReferenceGANLoss("lsgan", 0.8, 0.1)

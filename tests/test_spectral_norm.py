@@ -552,9 +552,15 @@ def test_group_refresh_without_grad_is_not_served_to_a_call_with_grad():
     gnn.spectral_norm_group(model)
     with torch.no_grad():
         model(torch.randn(2, 5))  # refreshes aux too
-    aux(torch.randn(2, 5)).sum().backward()
+    plain = copy.deepcopy(aux)   # (the state the refresh left: u, v already iterated once)
+    t = torch.randn(2, 5)
+    aux(t).sum().backward()
     g = aux.parametrizations.weight.original.grad
     assert g is not None and g.abs().sum() > 0
+    # the same weight as the refresh's (no second power iteration): eval of the copy computes it
+    plain.eval()
+    torch.testing.assert_close(aux.parametrizations.weight[0]._u, plain.parametrizations.weight[0]._u)
+    torch.testing.assert_close(aux(t), plain(t))
 
 
 def test_group_converts_torch_parametrizations_and_respects_cache():

@@ -118,10 +118,10 @@ const char* refusal_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b
   return nullptr;
 }
 
-// the Python route's _dense: NCHW- or NHWC-dense memory, anything else copied to NCHW once
+// the Python route's _dense: NCHW- or NHWC-dense memory, anything else copied once (conv_lean.h dense_copy)
 at::Tensor dense(const at::Tensor& t) {
   if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
-  return t.contiguous();
+  return conv_common::dense_copy(t);
 }
 
 struct ConvActFn : public torch::autograd::Function<ConvActFn> {

@@ -19,8 +19,31 @@ inline at::MemoryFormat out_format(const at::Tensor& t) {
     return (t.dim() == 4 && t.stride(1) == 1 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
                ? at::MemoryFormat::ChannelsLast
                : at::MemoryFormat::Contiguous;
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
-                                                         : at::MemoryFormat::Contiguous;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  // (neither layout dense, a slice: by its strides' order, as PyTorch's convolution)
+  return (t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                                        : at::MemoryFormat::Contiguous;
+}
+
+// y in format fmt, with that format's standard strides on its size-1 dims too: a tensor that is both
+// layouts at once (a 1x1 map, one channel) is read by its strides (suggest_memory_format: the next
+// conv's layout), and the GEMM forms' views can leave the other format's strides there. A copy only
+// then (such tensors are small); the allocation's strides are ATen's for fmt.
+inline at::Tensor to_format(const at::Tensor& y, at::MemoryFormat fmt) {
+  at::Tensor out = y.contiguous(fmt);
+  if (out.dim() == 4 && out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+      out.suggest_memory_format() != fmt) {
+    at::Tensor fixed = at::empty(out.sizes(), out.options().memory_format(fmt));
+    fixed.copy_(out);
+    return fixed;
+  }
+  return out;
+}
+
+// ops/_conv_common.py dense_copy: a tensor that is neither NCHW- nor NHWC-dense, copied once in the
+// layout its strides suggest (as PyTorch's ops allocate their outputs for it)
+inline at::Tensor dense_copy(const at::Tensor& t) {
+  return t.contiguous(t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous);
 }
 
 // at::conv2d / at::conv_transpose2d for 4-d inputs, groups 1, dilation 1, as their own bodies call

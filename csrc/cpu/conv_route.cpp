@@ -36,6 +36,7 @@
 #include "conv_route.h"
 
 #include "conv_gemm.h"
+#include "conv_lean.h"
 #include "conv_winograd.h"
 #include "conv_winograd3x3.h"
 
@@ -294,8 +295,9 @@ at::Tensor convolution(const Decision& d, const at::Tensor& x, const at::Tensor&
                        at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
                        at::IntArrayRef output_padding) {
   switch (d.route) {
-    case Route::Gemm:
-      return conv_gemm::run(x, w, b, stride, padding, transposed, output_padding);
+    case Route::Gemm:  // (the GEMM forms' views: standard strides, conv_lean.h to_format)
+      return conv_common::to_format(conv_gemm::run(x, w, b, stride, padding, transposed, output_padding),
+                                    conv_common::out_format(x));
     case Route::Winograd4x4:
       return conv_winograd::run(x, w, b, stride, padding, transposed, output_padding, d.tile);
     default:
@@ -309,8 +311,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
     const Decision& d, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
     at::IntArrayRef padding, bool transposed, at::IntArrayRef output_padding, std::array<bool, 3> mask) {
   switch (d.route) {
-    case Route::Gemm:
-      return conv_gemm::run_backward(grad, x, w, stride, padding, transposed, mask);
+    case Route::Gemm: {
+      auto r = conv_gemm::run_backward(grad, x, w, stride, padding, transposed, mask);
+      if (mask[0]) std::get<0>(r) = conv_common::to_format(std::get<0>(r), conv_common::out_format(x));
+      if (mask[1]) std::get<1>(r) = conv_common::to_format(std::get<1>(r), at::MemoryFormat::Contiguous);
+      return r;
+    }
     case Route::Winograd4x4:
       return conv_winograd::run_backward(grad, x, w, stride, padding, transposed, output_padding, mask, d.tile);
     default: {

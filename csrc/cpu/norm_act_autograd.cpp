@@ -81,7 +81,7 @@ void check(const at::Tensor& x, const OptT& w, const OptT& b) {
 // the Python route's _dense_4d: NCHW- or NHWC-dense memory, anything else copied to NCHW once
 at::Tensor dense(const at::Tensor& t) {
   if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
-  return t.contiguous();
+  return t.contiguous();  // (NCHW: eager's instance norm gives a slice of a channels_last map NCHW out)
 }
 
 // the torch backend's forward (ops/norm_act.py _torch_fwd) with differentiable ATen ops

@@ -138,23 +138,25 @@ def _parametrized_original(base: type) -> type | None:
 
 
 def fused_class(mixin: type, base: type) -> type:
+    original = _parametrized_original(base)
+    if original is not None:
+        # the parametrization's layer kept on top, as torch builds it: Parametrized over the fused
+        # class of the original (so remove_parametrizations finds the properties in the module's own
+        # class and leaves a fused conv of the original class). One class per call, as torch makes
+        # one per module: remove_parametrizations deletes from it (a shared one would break every
+        # other module of that class, e.g. a second fuse() of the same model)
+        inner = fused_class(mixin, original)
+        name = f"Parametrized{inner.__name__}"
+        body = {k: v for k, v in base.__dict__.items() if k not in _CLASS_HOUSEKEEPING}
+        body.update({"__module__": base.__module__, "__qualname__": name, "__ganengine_mixin__": mixin,
+                     "__ganengine_base__": base})
+        return type(name, (inner,), body)
     key = (mixin, base)
     cls = _CLASSES.get(key)
     if cls is None:
-        original = _parametrized_original(base)
-        if original is not None:
-            # the parametrization's layer kept on top, as torch builds it: Parametrized over the fused
-            # class of the original (so remove_parametrizations finds the properties in the module's
-            # own class and leaves a fused conv of the original class)
-            name = f"Parametrized{fused_class(mixin, original).__name__}"
-            body = {k: v for k, v in base.__dict__.items() if k not in _CLASS_HOUSEKEEPING}
-            body.update({"__module__": base.__module__, "__qualname__": name, "__ganengine_mixin__": mixin,
-                         "__ganengine_base__": base})
-            cls = type(name, (fused_class(mixin, original),), body)
-        else:
-            name = f"Fused{base.__name__}"
-            cls = type(name, (mixin, base), {"__module__": base.__module__, "__qualname__": name,
-                                             "__ganengine_mixin__": mixin, "__ganengine_base__": base})
+        name = f"Fused{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": base.__module__, "__qualname__": name,
+                                         "__ganengine_mixin__": mixin, "__ganengine_base__": base})
         _CLASSES[key] = cls
     return cls
 

@@ -59,7 +59,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if x.dim() == 3:  # unbatched (C, H, W), as nn.ConvTranspose2d takes it
-            return self.forward(x.unsqueeze(0), output_size).squeeze(0)
+            size = None if output_size is None else list(output_size)[-2:]  # ((C, H, W) as torch takes it)
+            return self.forward(x.unsqueeze(0), size).squeeze(0)
         if x.dim() != 4:
             raise ValueError(f"ganengine.nn.ConvTranspose2d: expected an (N, C, H, W) input, got {tuple(x.shape)}")
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),

@@ -75,6 +75,8 @@ class GANLoss(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        if self.real_label.is_meta or self.fake_label.is_meta:  # (no values to read: a meta module)
+            return
         self._labels = (float(self.real_label), float(self.fake_label))   # (a compiled call reads these)
         self._label_key = self._buffers_key()
 

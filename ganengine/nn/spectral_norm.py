@@ -76,9 +76,11 @@ class SpectralNorm(nn.Module):
             # refreshed by a SpectralNormGroup for this very tensor, unchanged since (an optimiser
             # step or load_state_dict in between bumps its version: then computed afresh), with a
             # graph where this call needs one (a refresh under no_grad has none)
-            if pending[0] is weight and pending[1] == version(weight) and (
-                    pending[3] or not torch.is_grad_enabled()):
-                return pending[2]
+            if pending[0] is weight and pending[1] == version(weight):
+                if pending[3] or not torch.is_grad_enabled():
+                    return pending[2]
+                # the refresh already iterated u, v: the same weight again, now with a graph
+                return run_layer(weight, self._u, self._v, U_STEP, 0, self.eps, self.dim, "pytorch", in_place=True)[0]
         steps = 2 * self.n_power_iterations if self.training else 0
         return run_layer(weight, self._u, self._v, U_STEP, steps, self.eps, self.dim, "pytorch", in_place=True)[0]
 

@@ -5,9 +5,10 @@ rule (their lean C++ entries are looked up with _dispatch.lean_op, their Python 
 
 Layout rule of every conv family: outputs and dx are channels_last when x is NHWC-dense and not
 NCHW-contiguous, NCHW-contiguous otherwise (``out_format``); a tensor that is both (a 1x1 map, one
-channel) is read by its strides as PyTorch's convolution reads it (``suggest_memory_format``: a
-1x1 map with channels_last strides, e.g. the U-Net's innermost ConvTranspose input in a
-channels_last model, gives channels_last outputs there).
+channel) or neither (a slice) is read by its strides as PyTorch's convolution reads it
+(``suggest_memory_format``: a 1x1 map with channels_last strides, e.g. the U-Net's innermost
+ConvTranspose input in a channels_last model, or a slice of a channels_last map, e.g. CUT's
+anti-aliased upsampling, gives channels_last outputs there).
 """
 from __future__ import annotations
 
@@ -32,7 +33,19 @@ def out_format(t: torch.Tensor) -> torch.memory_format:
         return torch.contiguous_format
     if t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
+    # (neither layout dense, e.g. a slice: by its strides' order, as PyTorch's convolution)
+    if t.dim() == 4 and suggests_channels_last(t.shape, t.stride()):
+        return torch.channels_last
     return torch.contiguous_format
+
+
+def dense_copy(t: torch.Tensor) -> torch.Tensor:
+    """A dense copy of a tensor that is neither NCHW- nor NHWC-dense (a slice), in the layout its
+    strides suggest (``suggests_channels_last``), as PyTorch's ops allocate their outputs for it:
+    a sliced channels_last activation stays channels_last through the fused ops."""
+    if t.dim() == 4 and suggests_channels_last(t.shape, t.stride()):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
 
 
 def suggests_channels_last(sizes, strides) -> bool:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch, _eager
+from ganengine.ops._conv_common import dense_copy
 from ganengine.ops.norm_act import check_param_dtype, inv_std
 
 ACTIVATIONS = ("relu", "leaky_relu", "none")
@@ -149,11 +150,11 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     c, expected = x.shape[1], x.shape[1]
     for i in range(x.dim() - 1, 1, -1):
         if x.shape[i] != 1 and x.stride(i) != expected:
-            return x.contiguous()
+            return dense_copy(x)
         expected *= x.shape[i]
     if (c == 1 or x.stride(1) == 1) and (x.shape[0] == 1 or x.stride(0) == expected):
         return x
-    return x.contiguous()
+    return dense_copy(x)
 
 
 def _param_view(t: torch.Tensor, x: torch.Tensor, per_sample: bool) -> torch.Tensor:
@@ -196,6 +197,10 @@ def _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope,
             if b is not None:
                 z = z + _param_view(b.to(acc), x, True)
     else:
+        # (dense weight and bias: torch 2.14's CPU batch-norm backward gives a wrong dx for a
+        # channels_last x with a strided weight)
+        w = w if w is None or w.is_contiguous() else w.contiguous()
+        b = b if b is None or b.is_contiguous() else b.contiguous()
         z = F.batch_norm(x, rm, rv, w, b, training, factor, eps)
     if apply:
         z = F.relu(z) if slope == 0.0 else F.leaky_relu(z, slope)
@@ -521,8 +526,9 @@ def conditional_batch_norm_act(x: torch.Tensor, gain: torch.Tensor | None, bias:
 
 # ----------------------------------------------------------------------------- fake impls of the C++ ops
 def _fake_y(x: torch.Tensor) -> torch.Tensor:
-    """The output layout of the C++ kernels: x's when x is NCHW- or channels-last-dense, else NCHW."""
-    return torch.empty_like(x) if _dense(x) is x else torch.empty_like(x, memory_format=torch.contiguous_format)
+    """The output layout of the C++ kernels: x's when x is NCHW- or channels-last-dense, else that of
+    its dense copy (the layout its strides suggest)."""
+    return torch.empty_like(_dense(x))
 
 
 if _ext.loaded() and _ext.has_kernel("batch_norm_act_fwd", "CPU"):

@@ -50,6 +50,7 @@ from ganengine.ops._conv_common import check_conv as _check_conv
 from ganengine.ops._conv_common import check_fits as _check_fits
 from ganengine.ops._conv_common import conv_grads as _conv_bwd
 from ganengine.ops._conv_common import conv_grads_bias as _conv_bwd_bias
+from ganengine.ops._conv_common import dense_copy
 from ganengine.ops._conv_common import dynamo_compiling as _dynamo_compiling
 from ganengine.ops._conv_common import fast_entry
 from ganengine.ops._conv_common import grads_by_reference as _grads_by_reference
@@ -108,7 +109,7 @@ def _resolved_conv_impl(device: torch.device) -> str:
 def _dense(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return t
-    return t.contiguous()
+    return dense_copy(t)  # (in the layout its strides suggest, as eager's output)
 
 
 def _out_shape(x, w, stride, padding):

@@ -138,7 +138,7 @@ def _dense_4d(t: torch.Tensor) -> torch.Tensor:
     """Native kernels need NCHW- or NHWC-dense memory; anything else is copied once."""
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return t
-    return t.contiguous()
+    return t.contiguous()  # (NCHW: eager's instance norm gives a slice of a channels_last map NCHW out)
 
 
 def _fwd_body(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
