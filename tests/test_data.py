@@ -358,3 +358,49 @@ def test_error_missing_captions(tmp_path):
     (tmp_path / "captions.txt").write_text("0.png\ta\n1.png\tb\n9.png\tc\n")
     with pytest.raises(DataError, match=r"9\.png"):
         CaptionedDataset(str(tmp_path))
+
+
+def _center_crop_reference(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop, written out: zero padding to the crop size first, then
+    round((w - size) / 2) offsets."""
+    w, h = img.size
+    if size > w or size > h:
+        pl, pt = (size - w) // 2 if size > w else 0, (size - h) // 2 if size > h else 0
+        pr, pb = (size - w + 1) // 2 if size > w else 0, (size - h + 1) // 2 if size > h else 0
+        arr = np.pad(np.asarray(img), ((pt, pb), (pl, pr), (0, 0)))
+        img = Image.fromarray(arr)
+        w, h = img.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+@pytest.mark.parametrize("size", [(300, 150), (100, 120), (178, 218), (179, 219)])
+def test_stargan_center_crop_pads_small_images_as_torchvision(size):
+    # issue: an image smaller than the crop was cropped to its own short side (a zoomed-in square)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    got = T.stargan(img, 178, 64, False, torch.Generator().manual_seed(0))
+    want = T.to_tensor(_center_crop_reference(img, 178).resize((64, 64), Image.BILINEAR))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("size", [(7, 4), (35, 32), (32, 35), (39, 32), (36, 32)])
+def test_class_folders_center_crop_long_edge_as_torchvision(size):
+    # issue: the square crop used (w - s) // 2, one pixel off torchvision's round((w - s) / 2)
+    from ganengine.data.classes import square_resize
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    s = min(size)
+    got = square_resize(img, s, False, torch.Generator().manual_seed(0))
+    assert torch.equal(got, T.to_tensor(_center_crop_reference(img, s)))
+
+
+def test_translation_datasets_sort_paths_as_the_reference(tmp_path):
+    # issue: a sub-folder's files came after the folder's own (the reference sorts the whole list)
+    for p in ("trainA/2019/a.png", "trainA/2020.png", "trainB/b.png", "train/2019/x.png", "train/2020.png"):
+        os.makedirs(os.path.dirname(tmp_path / p), exist_ok=True)
+        Image.new("RGB", (16, 8)).save(tmp_path / p)
+    un = UnalignedDataset(str(tmp_path), "train")
+    assert [os.path.relpath(p, tmp_path) for p in un.A.paths] == ["trainA/2019/a.png", "trainA/2020.png"]
+    al = AlignedDataset(str(tmp_path), "train")
+    assert [os.path.relpath(p, tmp_path) for p in al.images.paths] == ["train/2019/x.png", "train/2020.png"]

@@ -74,6 +74,17 @@ def test_16bit_png_scaled_not_saturated(tmp_path, mode):
         assert np.array_equal(got if mode == "L" else got[..., 0], want)
 
 
+def test_32bit_integer_tiff_read_as_the_references_convert(tmp_path):
+    # issue: a 32-bit integer TIFF holding 0..255 values was scaled as 16-bit (200 -> 1)
+    path = str(tmp_path / "i32.tif")
+    Image.fromarray(np.full((4, 4), 200, np.int32)).save(path)
+    assert Image.open(path).mode == "I"
+    for cache in (False, True):
+        got = np.asarray(ImageStore([path], mode="RGB", cache=cache)[0])
+        assert np.array_equal(got, np.asarray(Image.open(path).convert("RGB")))
+        assert got.max() == 200
+
+
 def test_pix2pix_checks_every_pair(tmp_path):
     # issue: only the first image's width was checked; a 1-px image trained as all -1
     _img(str(tmp_path / "train" / "a.png"), 16, 8)

@@ -35,7 +35,7 @@ DIGIT_NAMES = ["Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "E
 def square_resize(img: Image.Image, image_size: int, flip: bool, g: torch.Generator) -> torch.Tensor:
     w, h = img.size
     s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
+    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))  # (torchvision's center_crop offsets)
     img = img.crop((left, top, left + s, top + s))
     if img.size != (image_size, image_size):  # (bilinear: torchvision's Resize, as the references)
         img = img.resize((image_size, image_size), Image.BILINEAR)

@@ -84,15 +84,29 @@ def find_images(folder: str, what: str = "image folder", recursive: bool = True,
 
 # Pillow's 16-bit grayscale modes (16-bit PNG, TIFF): convert("L"/"RGB") clips them at 255, so an
 # image above 1/256 of full range came out white. They are scaled to 8 bits instead (v / 257,
-# rounded: 65535 -> 255). "I" (32-bit) is what older Pillow gives a 16-bit PNG: read as 16-bit.
+# rounded: 65535 -> 255). "I" (32-bit) is what older Pillow gives a 16-bit PNG, and Pillow gives a
+# 16-bit PGM: read as 16-bit, unless the file says it has 32 bits per sample (to_8bit).
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
     if img.mode not in _WIDE_MODES:
         return img
+    if img.mode == "I" and _bits_per_sample(img) == 32:
+        # a 32-bit integer image (TIFF): Pillow's own conversion, which clips to 0..255, as the
+        # references' convert('RGB') reads it (integer images holding 8-bit values come out as they are)
+        return img.convert("L")
     arr = np.asarray(img).astype(np.float64)
     return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def _bits_per_sample(img: Image.Image) -> int | None:
+    """The file's bits per sample where the format records them (TIFF's tag 258), else None."""
+    tags = getattr(img, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    if isinstance(bits, tuple):
+        bits = max(bits) if bits else None
+    return int(bits) if bits else None
 
 
 def _open(path: str) -> Image.Image:

@@ -27,7 +27,10 @@ class AlignedDataset(SeededDataset):
             raise ValueError(f"--direction must be AtoB or BtoA, got {direction!r}")
         T.check_channels(input_nc, output_nc, "pix2pix")  # the arguments first, then the files
         self.root = os.path.join(dataroot, phase)
-        paths = T.first_n(find_images(self.root, f"pix2pix {phase} folder (A|B pairs side by side)"), max_dataset_size)
+        # (the reference's order: its make_dataset list, cut at max_dataset_size, then sorted as paths:
+        # a sub-folder's files sort among the folder's own, not after them)
+        paths = sorted(T.first_n(find_images(self.root, f"pix2pix {phase} folder (A|B pairs side by side)"),
+                                 max_dataset_size))
         self.images = ImageStore(paths, cache=cache)
         self.transform = (transform or T.TransformOptions()).check()
         self.direction, self.input_nc, self.output_nc = direction, input_nc, output_nc

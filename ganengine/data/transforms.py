@@ -168,7 +168,15 @@ def stargan(img: Image.Image, crop_size: int, image_size: int, flip: bool, g: to
     if flip and coin(g):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     w, h = img.size
-    cs = min(crop_size, w, h)
+    cs = crop_size
+    if cs > w or cs > h:
+        # torchvision's CenterCrop pads a smaller image with zeros to the crop size first (the
+        # reference's RaFD images under --rafd_crop_size 256, say): the same bands here
+        pl, pt = (cs - w) // 2 if cs > w else 0, (cs - h) // 2 if cs > h else 0
+        pr, pb = (cs - w + 1) // 2 if cs > w else 0, (cs - h + 1) // 2 if cs > h else 0
+        canvas = Image.new(img.mode, (w + pl + pr, h + pt + pb), 0)
+        canvas.paste(img, (pl, pt))
+        img, (w, h) = canvas, canvas.size
     left, top = int(round((w - cs) / 2.0)), int(round((h - cs) / 2.0))
     img = img.crop((left, top, left + cs, top + cs))
     if img.size != (image_size, image_size):

@@ -21,10 +21,11 @@ class UnalignedDataset(SeededDataset):
             raise ValueError(f"--direction must be AtoB or BtoA, got {direction!r}")
         T.check_channels(input_nc, output_nc, "CycleGAN")  # the arguments first, then the files
         a_dir, b_dir = os.path.join(dataroot, phase + "A"), os.path.join(dataroot, phase + "B")
-        self.A = ImageStore(T.first_n(find_images(a_dir, f"CycleGAN domain A folder ({phase}A)"), max_dataset_size),
-                            cache=cache)
-        self.B = ImageStore(T.first_n(find_images(b_dir, f"CycleGAN domain B folder ({phase}B)"), max_dataset_size),
-                            cache=cache)
+        # (sorted as paths after the cut, as the reference's sorted(make_dataset(...)): paired.py)
+        self.A = ImageStore(sorted(T.first_n(find_images(a_dir, f"CycleGAN domain A folder ({phase}A)"),
+                                             max_dataset_size)), cache=cache)
+        self.B = ImageStore(sorted(T.first_n(find_images(b_dir, f"CycleGAN domain B folder ({phase}B)"),
+                                             max_dataset_size)), cache=cache)
         self.transform = (transform or T.TransformOptions()).check()
         for store in (self.A, self.B):
             T.check_crop_fits(store.paths, image_sizes(store.paths), self.transform)
