@@ -133,6 +133,17 @@ def test_paired_metrics_refused_on_unpaired_models(name):
     assert evaluate_generator(model, _batches(), "fid", SmallFeatureExtractor())["images"] == 8
 
 
+@pytest.mark.parametrize("name", ["stargan", "stackgan"])
+def test_paired_metrics_refused_on_models_without_targets(name):
+    """(they ended in an internal message about batch['B'] that named no option)"""
+    from ganengine.metrics.evaluate import check_paired
+
+    model = type("M", (), {"MODEL_NAME": name})()
+    with pytest.raises(ValueError, match=f"--metrics l1,ssim: .*{name} has none"):
+        check_paired(model, ["fid", "l1", "ssim"])
+    check_paired(model, ["fid", "kid"])
+
+
 def test_cli_paired_metrics_on_cyclegan_is_one_error_line(tmp_path, capsys):
     run = _save(tmp_path, _model("cyclegan"))
     line = cli_error(capsys, ["evaluate", "--checkpoint", run, "--metrics", "l1,psnr,ssim", "--max_images", "4",

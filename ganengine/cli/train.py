@@ -506,7 +506,10 @@ def run(args) -> int:
     if rank0:
         dt = time.perf_counter() - t0
         losses = " ".join(f"{k}={v:.4g}" for k, v in result["losses"].items())
-        print(f"ganengine: trained {cfg.model} to step {result['step']} in {dt:.1f} s ({losses})\n"
+        done = (f"trained {cfg.model} to step {result['step']} in {dt:.1f} s ({losses})" if result["steps_trained"]
+                else f"nothing to train: the run is already at step {result['step']} "
+                     "(a larger --max_steps or more epochs continue it)")
+        print(f"ganengine: {done}\n"
               f"  checkpoint: {result['checkpoint']}\n"
               f"  samples:    {os.path.join(result['log_dir'], 'samples')}\n"
               f"  loss log:   {os.path.join(result['log_dir'], 'loss_log.csv')}", file=sys.stderr)

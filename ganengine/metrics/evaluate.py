@@ -129,6 +129,11 @@ def check_paired(model, metrics) -> None:
         raise ValueError(f"--metrics {','.join(asked)}: paired metrics need aligned image pairs (pix2pix data); "
                          f"{model.MODEL_NAME} trains on unpaired data, where no B image is the counterpart of an A "
                          "image. Leave them out of --metrics (fid/kid compare the two domains' distributions).")
+    name = getattr(model, "MODEL_NAME", "")
+    if asked and name in ("stargan", "stackgan"):
+        raise ValueError(f"--metrics {','.join(asked)}: paired metrics compare each output with its own target "
+                         f"image (pix2pix data); {name} has none (its outputs are new attributes / images from "
+                         "captions). Leave them out of --metrics (fid/kid compare distributions).")
 
 
 def label_mode(model) -> bool | None:

@@ -85,6 +85,11 @@ class StarGAN(GANModel):
         return {"G": self._adam(self.G.parameters(), o["g_lr"], o["beta1"], o["beta2"]),
                 "D": self._adam(self.D.parameters(), o["d_lr"], o["beta1"], o["beta2"])}
 
+    @property
+    def schedule_reads_max_steps(self) -> bool:
+        """The iteration decay runs over the run's length (engine: a changed --max_steps on resume)."""
+        return self.options["lr_schedule"] != "epochs"
+
     def make_schedulers(self, optimizers: dict, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int,
                         max_steps: int | None = None) -> dict:
         """``lr_schedule="iterations"`` (what the command line sets with ``--num_iters`` /

@@ -233,7 +233,7 @@ class Trainer:
             epoch_count = 1  # (the model refuses it when it is built)
         epochs = cfg.n_epochs + cfg.n_epochs_decay - epoch_count + 1
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else epochs * self.steps_per_epoch
-        if self.total_steps <= 0:
+        if self.total_steps <= 0 or (epochs <= 0 and epoch_count > 1):  # (--max_steps would train at rate 0)
             if epoch_count > 1:
                 raise ValueError(f"nothing to train: --epoch_count {epoch_count} is past the last epoch of the schedule "
                                  f"(--n_epochs {cfg.n_epochs} + --n_epochs_decay {cfg.n_epochs_decay} = "
@@ -282,6 +282,11 @@ class Trainer:
         else:
             rng.seed_all(mix(cfg.seed, self.dist.rank, 1))  # per-rank noise / dropout / pool draws
         continues = resume_state is not None and self._continues_folder(self.resume_path)
+        if resume_state is not None and self.dist.is_main:
+            # checkpoints of the folder newer than the resumed one belong to the branch this run
+            # abandons: set aside now (at the first save they would be overwritten, and until then a
+            # plain --resume would pick them as the newest)
+            ckpt.set_aside_newer(cfg.run_dir, self.step)
 
         for name, net in self.networks.items():  # DDP (and compile) wrappers for the step function
             wrapped = D.wrap(net, self.dist, cfg.sync_bn)
@@ -401,11 +406,12 @@ class Trainer:
                     f"{k} {old!r} (now {new!r})" for k, old, new in changed), file=sys.stderr)
             old_schedule, now_schedule = dict(state.get("schedule") or {}), self._schedule_options()
             old_timing, now_timing = old_schedule.pop("lr_timing", None), now_schedule.pop("lr_timing", None)
-            changed = _changed(old_schedule, now_schedule) if "schedule" in state else []
+            reads = self._schedule_reads()
+            changed = [c for c in _changed(old_schedule, now_schedule) if c[0] in reads] if "schedule" in state else []
             if changed:
                 print("ganengine: resuming with " + ", ".join(f"--{k} {old} (now {new})" for k, old, new in changed)
                       + f": the learning-rate schedules follow the new values from step {self.step} on (a rate may "
-                      "rise again); resume with the old values to keep the run's", file=sys.stderr)
+                      "rise again); resume with the old values to keep the run's schedule", file=sys.stderr)
             if now_timing is not None and old_timing != now_timing:
                 print("ganengine: this checkpoint was written before the --lr_policy schedules followed the "
                       "reference's timing (junyanz train.py steps them at the beginning of each epoch): from step "
@@ -428,6 +434,17 @@ class Trainer:
         if getattr(self.model, "lr_at_epoch_begin", False):
             out["lr_timing"] = "epoch_begin"
         return out
+
+    def _schedule_reads(self) -> set:
+        """The options of _schedule_options that this run's schedules depend on (a change of the
+        others on resume changes no rate): none without schedules; --max_steps only for the
+        schedules over the run's length (StarGAN's iteration decay)."""
+        if not self.schedulers:
+            return set()
+        reads = {"n_epochs", "n_epochs_decay"}
+        if getattr(self.model, "schedule_reads_max_steps", False):
+            reads.add("max_steps")
+        return reads
 
     def _convert_position(self, state: dict) -> None:
         """The position in the epoch, for another --batch_size or process count than the checkpoint's:
@@ -474,8 +491,15 @@ class Trainer:
             return None
         attrs = self.cfg.data_options.get("selected_attrs") or self.cfg.data_options.get("classes")  # row names
         devices = [self.device] if self.device.type == "cuda" else []
+        # (the networks' buffers as they were: a grid in train mode would move batch-norm statistics
+        # and spectral-norm vectors, so the run's state would depend on --sample_every, and a run
+        # extended with --resume would differ from an uninterrupted one by its end-of-run grid)
+        kept = [(b, b.clone()) for b in self.model.buffers()]
         with torch.random.fork_rng(devices=devices), self.ctx.autocast():
             rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
+        with torch.no_grad():
+            for b, value in kept:
+                b.copy_(value)
         if self.logger is None:
             return None
         return self.logger.images(self.step, [r.float() for r in rows],
@@ -645,7 +669,7 @@ class Trainer:
                 self.logger.close()
             self._release_lock()
         return {"step": self.step, "epoch": self.epoch, "checkpoint": final, "losses": last_losses,
-                "run_dir": cfg.run_dir, "log_dir": self.log_dir}
+                "run_dir": cfg.run_dir, "log_dir": self.log_dir, "steps_trained": self.step - first_step}
 
     def _on_signal(self, signum, frame) -> None:
         if self.dist.enabled or self._stop_signal is not None:
