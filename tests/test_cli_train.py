@@ -209,6 +209,7 @@ def test_ddp_gloo_two_processes_stay_in_sync_and_resume(tmp_path):
               "--print_freq", "1"]
     sg = ["train", "stargan"] + TINY_FLAGS["stargan"].split() + common + ["--sample_every", "0"]
     px = ["train", "pix2pix"] + TINY_FLAGS["pix2pix"].split() + common + ["--sample_every", "2"]
+    cg = ["train", "cyclegan"] + TINY_FLAGS["cyclegan"].split() + common + ["--sample_every", "0", "--pool_size", "1"]
     runs = [("full", sg + ["--name", "full", "--max_steps", "4"]),
             ("part", sg + ["--name", "part", "--max_steps", "2"]),
             ("resumed", sg + ["--name", "part", "--max_steps", "4", "--resume"]),
@@ -219,7 +220,12 @@ def test_ddp_gloo_two_processes_stay_in_sync_and_resume(tmp_path):
                           "16", "--adv_loss", "wgan-gp", "--max_steps", "2", "--name", "sagan_gp",
                           "--sample_every", "0"] + common),
             ("unetgan", ["train", "unetgan", "--batch_size", "2", "--G_ch", "4", "--D_ch", "4", "--dim_z", "8",
-                         "--shared_dim", "8", "--max_steps", "1", "--name", "unetgan", "--sample_every", "0"] + common)]
+                         "--shared_dim", "8", "--max_steps", "1", "--name", "unetgan", "--sample_every", "0"] + common),
+            # CycleGAN's image pools: each process draws and pools its own (they were seeded alike, and a
+            # resume gave every process rank 0's pools)
+            ("cg_full", cg + ["--name", "cg_full", "--max_steps", "4"]),
+            ("cg_part", cg + ["--name", "cg_part", "--max_steps", "2"]),
+            ("cg_resumed", cg + ["--name", "cg_part", "--max_steps", "4", "--resume"])]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), runs, str(tmp_path)), nprocs=2, join=True)
     r = {tag: [torch.load(tmp_path / f"{tag}_rank{k}.pt", weights_only=True) for k in range(2)] for tag, _ in runs}
     # the gradient all-reduce keeps ranks identical, with StarGAN's gradient penalty (autograd.grad
@@ -231,6 +237,10 @@ def test_ddp_gloo_two_processes_stay_in_sync_and_resume(tmp_path):
     state = torch.load(tmp_path / "full" / "step_00000004.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2
     assert os.listdir(tmp_path / "bn" / "samples") == ["step_00000002.png"]  # rank 0 alone writes
+    assert _same(r["cg_resumed"][0], r["cg_full"][0])
+    pools = torch.load(tmp_path / "cg_full" / "step_00000004.pt", weights_only=True)["extra_per_rank"]
+    assert len(pools) == 2 and pools[0]["fake_A_pool"]["rng"] != pools[1]["fake_A_pool"]["rng"]
+    assert pools[0]["fake_A_pool"]["rng"] != pools[0]["fake_B_pool"]["rng"]
 
 
 def test_sync_bn_needs_cuda():

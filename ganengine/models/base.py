@@ -280,6 +280,10 @@ class GANModel(nn.Module):
     def extra_state(self) -> dict:
         return {}
 
+    def reseed(self, seed: int) -> None:
+        """Seed the model's own random generators (beyond torch's) for this process: DDP gives each
+        process its own streams. None here."""
+
     def load_extra_state(self, state: dict) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} has no extra state, got keys {sorted(state)}")

@@ -133,6 +133,11 @@ class CycleGAN(GANModel):
     def extra_state(self) -> dict:
         return {"fake_A_pool": self.fake_A_pool.state_dict(), "fake_B_pool": self.fake_B_pool.state_dict()}
 
+    def reseed(self, seed: int) -> None:
+        """The pools' draws per process (DDP): each process pools its own images."""
+        for pool in (self.fake_A_pool, self.fake_B_pool):
+            pool.reseed(seed)
+
     def load_extra_state(self, state: dict) -> None:
         device = next(self.parameters()).device
         self.fake_A_pool.load_state_dict(state["fake_A_pool"], device)

@@ -24,10 +24,13 @@ class ImagePool:
             raise ValueError(f"ImagePool: stream must be an int >= 0, got {stream!r}")
         self.pool_size = pool_size
         self.images: list[torch.Tensor] = []
-        seed = torch.initial_seed() if seed is None else seed
+        self.stream = stream
+        self.reseed(torch.initial_seed() if seed is None else seed)
+
+    def reseed(self, seed: int) -> None:
         # stream 0: the seed itself (as before streams existed); another stream: a string seed,
         # which random.Random hashes (SHA-512) into an unrelated state
-        self.rng = random.Random(seed if stream == 0 else f"ganengine.ImagePool:{seed}:{stream}")
+        self.rng = random.Random(seed if self.stream == 0 else f"ganengine.ImagePool:{seed}:{self.stream}")
 
     def __len__(self) -> int:
         return len(self.images)

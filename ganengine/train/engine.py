@@ -281,6 +281,8 @@ class Trainer:
             self.resume_path = path
         else:
             rng.seed_all(mix(cfg.seed, self.dist.rank, 1))  # per-rank noise / dropout / pool draws
+            if self.dist.world_size > 1:  # (the models' own generators too, e.g. CycleGAN's image pools)
+                self.model.reseed(mix(cfg.seed, self.dist.rank, 1))
         continues = resume_state is not None and self._continues_folder(self.resume_path)
         if resume_state is not None and self.dist.is_main:
             # checkpoints of the folder newer than the resumed one belong to the branch this run
@@ -331,6 +333,7 @@ class Trainer:
 
     def _state(self) -> dict:
         rngs = D.gather_objects(rng.get_state(), self.dist)
+        extra = D.gather_objects(self.model.extra_state(), self.dist)
         return {
             "format": ckpt.FORMAT, "version": ckpt.VERSION, "model": self.cfg.model,
             "options": json.loads(json.dumps(self.model.options)),
@@ -339,7 +342,9 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "scalers": self.ctx.state_dict(),
-            "extra": self.model.extra_state(),
+            "extra": extra[0],
+            # (each process's own: CycleGAN's image pools hold that process's images and draws)
+            **({"extra_per_rank": extra} if self.dist.world_size > 1 else {}),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
             "schedule": self._schedule_options(),
@@ -393,7 +398,11 @@ class Trainer:
             if name in state["schedulers"]:
                 sch.load_state_dict(state["schedulers"][name])
         self.ctx.load_state_dict(state.get("scalers", {}))
-        self.model.load_extra_state(state.get("extra", {}))
+        per_rank_extra = state.get("extra_per_rank")
+        if per_rank_extra is not None and len(per_rank_extra) == self.dist.world_size:
+            self.model.load_extra_state(per_rank_extra[self.dist.rank])
+        else:
+            self.model.load_extra_state(state.get("extra", {}))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
         self._convert_position(state)
         if self.dist.is_main:
