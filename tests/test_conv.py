@@ -441,6 +441,9 @@ def test_sliced_channels_last_and_chained_tiny_outputs_keep_eagers_layout():
         y, want = mod(x), ref(x)
         assert y.stride() == want.stride(), (type(mod).__name__, y.stride(), want.stride())
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    one = torch.randn(2, 6, 1, 1).contiguous(memory_format=torch.channels_last)[:, :3]   # a 1x1 slice
+    bn, ref_bn = gnn.BatchNormAct2d(3, activation="relu"), nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    assert bn(one).stride() == ref_bn(one).stride()
     h = torch.randn(3, 2, 2, 2, requires_grad=True)
     w1, w2 = torch.randn(2, 4, 2, 2), torch.randn(4, 4, 4, 4)
     for policy in ("always", "auto"):

@@ -146,6 +146,18 @@ def test_modules_aliased_by_plain_attributes(inplace):
         assert net.norms[0] is net.head_norm and net.training   # the caller's model is untouched
 
 
+def test_a_compiled_module_is_declined_with_the_order_to_follow():
+    """A torch.compile'd module's forward is bound to the module it compiled: a fused copy of its
+    tree would never run. Declined, saying to fuse first."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 4, 2, 1), nn.LeakyReLU(0.2))
+    compiled = torch.compile(net)
+    fused, report = ganengine.fuse(compiled, return_report=True)
+    assert dict(report) == {}
+    assert any("fuse() the model first" in d.reason for d in report.declined)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), net(x))
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_dataparallel_wrapped_model(inplace):
     net = _net()

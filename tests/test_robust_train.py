@@ -61,6 +61,21 @@ def test_resume_from_older_checkpoint_sets_newer_aside_at_once(trained, tmp_path
         trainer._release_lock()
 
 
+def test_resume_from_another_folder_keeps_this_folders_run_whole(trained, tmp_path, one_thread):
+    # issue: resuming from another folder's checkpoint set this folder's newer checkpoints aside as an
+    # abandoned branch (their run is not the one continued: the whole earlier run moves to previous/)
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    trainer = Trainer(tiny_config("pix2pix", run, max_steps=6, resume=str(trained / "step_00000002.pt")))
+    try:
+        assert not (run / ckpt.ABANDONED).exists()
+        assert {"step_00000002.pt", "step_00000004.pt", "step_00000006.pt"} <= set(os.listdir(run / "previous" / "1"))
+    finally:
+        trainer._release_lock()
+
+
 def test_sample_grids_leave_the_networks_state_alone(tmp_path, one_thread):
     # issue: a grid ran G in train mode: batch-norm statistics moved with --sample_every, so a run
     # extended with --resume (its end-of-run grid) differed from an uninterrupted one
@@ -519,3 +534,25 @@ def test_resume_says_which_data_options_changed(tmp_path, one_thread, capsys):
     cfg.data_options["no_flip"] = True
     Trainer(cfg).close()
     assert "data options that differ from the run's: no_flip None (now True)" in capsys.readouterr().err
+
+
+def test_resume_with_another_batch_size_keeps_the_epoch_schedule(tmp_path, one_thread):
+    """The epoch schedules' rates and the run's length follow epochs: resumed with another
+    --batch_size (or process count: the same steps-per-epoch change) the rates were those of another
+    epoch (step // the new steps per epoch) and the run trained extra epochs."""
+    run = tmp_path / "run"
+    cfg = tiny_config("pix2pix", run, max_steps=None, n_epochs=1, n_epochs_decay=2, save_every=1, batch_size=2)
+    cfg.data_options["max_dataset_size"] = 4   # 2 steps per epoch at batch 2, 3 epochs
+    train(cfg)
+    lr_at = {s: torch.load(p, weights_only=True)["optimizers"]["G"]["param_groups"][0]["lr"]
+             for s, p in ckpt.list_checkpoints(str(run))}
+    assert max(lr_at) == 6
+    cfg2 = tiny_config("pix2pix", run, max_steps=None, n_epochs=1, n_epochs_decay=2, batch_size=1,
+                       resume=str(run / "step_00000004.pt"))
+    cfg2.data_options["max_dataset_size"] = 4
+    trainer = Trainer(cfg2)   # epoch 2 of 3 left, 4 steps per epoch at batch 1
+    try:
+        assert trainer.epoch == 2 and trainer.total_steps == 4 + 4
+        assert trainer.optimizers["G"].param_groups[0]["lr"] == pytest.approx(lr_at[4])
+    finally:
+        trainer.close()

@@ -40,7 +40,7 @@ inline at::Tensor dense_input(const at::Tensor& x, bool& nhwc) {
     nhwc = true;
     return x;
   }
-  if (x.dim() == 4 && !single && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+  if (x.dim() == 4 && x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
     nhwc = true;  // (a slice of a channels_last map: copied in the layout its strides suggest, as eager's output)
     return x.contiguous(at::MemoryFormat::ChannelsLast);
   }

@@ -154,6 +154,9 @@ class Fuser:
 
     def run(self, root: nn.Module) -> nn.Module:
         why = checks.global_hooks()
+        if why is None and type(root).__name__ == "OptimizedModule" and hasattr(root, "_orig_mod"):
+            # (its forward is bound to the module it compiled: a fused copy of the tree would never run)
+            why = "a torch.compile'd module: fuse() the model first, then compile the fused one"
         if why:
             self.report.decline("*", "", why)
             return root

@@ -232,6 +232,7 @@ class Trainer:
         if isinstance(epoch_count, bool) or not isinstance(epoch_count, int) or epoch_count < 1:
             epoch_count = 1  # (the model refuses it when it is built)
         epochs = cfg.n_epochs + cfg.n_epochs_decay - epoch_count + 1
+        self._epochs = epochs
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else epochs * self.steps_per_epoch
         if self.total_steps <= 0 or (epochs <= 0 and epoch_count > 1):  # (--max_steps would train at rate 0)
             if epoch_count > 1:
@@ -284,11 +285,6 @@ class Trainer:
             if self.dist.world_size > 1:  # (the models' own generators too, e.g. CycleGAN's image pools)
                 self.model.reseed(mix(cfg.seed, self.dist.rank, 1))
         continues = resume_state is not None and self._continues_folder(self.resume_path)
-        if resume_state is not None and self.dist.is_main:
-            # checkpoints of the folder newer than the resumed one belong to the branch this run
-            # abandons: set aside now (at the first save they would be overwritten, and until then a
-            # plain --resume would pick them as the newest)
-            ckpt.set_aside_newer(cfg.run_dir, self.step)
 
         for name, net in self.networks.items():  # DDP (and compile) wrappers for the step function
             wrapped = D.wrap(net, self.dist, cfg.sync_bn)
@@ -313,6 +309,11 @@ class Trainer:
                 note = ckpt.set_aside_previous_run(cfg.run_dir, self.log_dir)
                 if note:
                     print(f"ganengine: {note}", file=sys.stderr)
+            else:
+                # resumed from an older checkpoint of the folder: its newer checkpoints belong to the
+                # branch this run abandons, set aside now (the first save would overwrite one, and until
+                # then a plain --resume would pick them as the newest)
+                ckpt.set_aside_newer(cfg.run_dir, self.step)
             self.logger = TrainLogger(self.log_dir, cfg.tensorboard, self.step if cfg.resume else None)
             if self.evaluator is not None:
                 self.evaluator.start_log(self.step if cfg.resume else None)
@@ -403,8 +404,11 @@ class Trainer:
             self.model.load_extra_state(per_rank_extra[self.dist.rank])
         else:
             self.model.load_extra_state(state.get("extra", {}))
+            if self.dist.world_size > 1:  # (rank 0's pools on every process: their draws per process again)
+                self.model.reseed(mix(self.cfg.seed, self.dist.rank, state["step"]))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
         self._convert_position(state)
+        self._rebase_schedule(state)
         if self.dist.is_main:
             # (the run continues with the options given now: a default that changed between
             # versions, e.g. the synthesis models' flips, shows here)
@@ -478,6 +482,30 @@ class Trainer:
                   file=sys.stderr)
         self.batch_in_epoch = position
 
+    def _rebase_schedule(self, state: dict) -> None:
+        """Another --batch_size or process count than the checkpoint's gives another number of steps
+        per epoch: the epoch schedules (their rate is a function of step // steps_per_epoch) and the
+        run's length (epochs times steps per epoch) are re-based on the epoch and batch the position
+        was converted to, so the rates and the epochs left are the uninterrupted run's. (Schedules over
+        iterations, StarGAN's --num_iters decay, keep counting steps.)"""
+        old_b = state.get("batch_size", self.cfg.batch_size)
+        old_w = state.get("world_size", 1)
+        if (old_b, old_w) == (self.cfg.batch_size, self.dist.world_size):
+            return
+        virtual = self.epoch * self.steps_per_epoch + self.batch_in_epoch
+        if not getattr(self.model, "schedule_reads_max_steps", False):
+            for name, sch in self.schedulers.items():
+                lambdas = getattr(sch, "lr_lambdas", None)
+                if lambdas is None:
+                    continue
+                sch.last_epoch = virtual
+                lrs = [base * fn(virtual) for base, fn in zip(sch.base_lrs, lambdas)]
+                for group, lr in zip(sch.optimizer.param_groups, lrs):
+                    group["lr"] = lr
+                sch._last_lr = lrs
+        if self.cfg.max_steps is None:
+            self.total_steps = self.step + max(0, self._epochs * self.steps_per_epoch - virtual)
+
     # ---------------------------------------------------------------- samples
     def _sample_batch(self) -> dict | None:
         # every rank builds and runs the sample batch (a SyncBatchNorm network would otherwise wait
@@ -504,11 +532,13 @@ class Trainer:
         # and spectral-norm vectors, so the run's state would depend on --sample_every, and a run
         # extended with --resume would differ from an uninterrupted one by its end-of-run grid)
         kept = [(b, b.clone()) for b in self.model.buffers()]
-        with torch.random.fork_rng(devices=devices), self.ctx.autocast():
-            rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
-        with torch.no_grad():
-            for b, value in kept:
-                b.copy_(value)
+        try:
+            with torch.random.fork_rng(devices=devices), self.ctx.autocast():
+                rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
+        finally:
+            with torch.no_grad():
+                for b, value in kept:
+                    b.copy_(value)
         if self.logger is None:
             return None
         return self.logger.images(self.step, [r.float() for r in rows],
