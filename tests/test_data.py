@@ -404,3 +404,21 @@ def test_translation_datasets_sort_paths_as_the_reference(tmp_path):
     assert [os.path.relpath(p, tmp_path) for p in un.A.paths] == ["trainA/2019/a.png", "trainA/2020.png"]
     al = AlignedDataset(str(tmp_path), "train")
     assert [os.path.relpath(p, tmp_path) for p in al.images.paths] == ["train/2019/x.png", "train/2020.png"]
+
+
+@pytest.mark.parametrize("preprocess", ["resize_and_crop", "crop"])
+def test_aligned_odd_width_takes_the_references_halves(tmp_path, preprocess):
+    # the reference's B of an odd-width A|B image is its right w - w // 2 columns (one wider than A),
+    # then both are resized / cropped to one size: B's pixels came from one column fewer here
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (40, 81, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "train")
+    Image.fromarray(arr).save(tmp_path / "train" / "ab.png")
+    o = TransformOptions(preprocess, 36, 32, False)
+    ds = AlignedDataset(str(tmp_path), "train", transform=o)
+    item = ds.get(0, torch.Generator().manual_seed(0))
+    ab = Image.fromarray(arr)
+    a, b = ab.crop((0, 0, 40, 40)), ab.crop((40, 0, 81, 40))
+    params = T.get_params(a.size, o, torch.Generator().manual_seed(0))
+    assert torch.equal(item["A"], T.apply(a, o, params)) and torch.equal(item["B"], T.apply(b, o, params))
+    assert item["A"].shape == item["B"].shape

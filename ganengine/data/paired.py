@@ -48,7 +48,12 @@ class AlignedDataset(SeededDataset):
         w, h = ab.size
         _check_pair(self.images.paths[index], w, h)  # (datasets too large to check every header up front)
         half = w // 2
-        a, b = ab.crop((0, 0, half, h)), ab.crop((half, 0, 2 * half, h))
+        # an odd width: the reference's B is the right w - w // 2 columns (one wider than A); where the
+        # transform brings both to one size (resize_and_crop; a crop that fits A fits B) that is what
+        # ganengine takes too, elsewhere B's last column is left out so the halves keep one size (the
+        # reference's batch would not collate there)
+        right = w if self.transform.preprocess in ("resize_and_crop", "crop") else 2 * half
+        a, b = ab.crop((0, 0, half, h)), ab.crop((half, 0, right, h))
         params = T.get_params(a.size, self.transform, g)  # one set of parameters for both halves
         a_nc, b_nc = (self.input_nc, self.output_nc) if self.direction == "AtoB" else (self.output_nc, self.input_nc)
         if a_nc == 1:
