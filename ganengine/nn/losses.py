@@ -38,7 +38,7 @@ class GANLoss(nn.Module):
         self.register_buffer("fake_label", torch.tensor(float(target_fake_label)))
         # Python copies of the labels, for the loss ops' float arguments. On the CPU they are read on
         # every call, as the reference reads its buffers (a label-smoothing schedule, a write through
-        # .data, a load), through NumPy views of the buffers' memory (0.3 us a call; float() of the
+        # .data, a load), through NumPy views of the buffers' memory (0.5 us a call; float() of the
         # two tensors costs 2 us). Reading a CUDA buffer would synchronise the GPU: there they are
         # re-read when a buffer changed (an edit in place bumps its version, a new buffer or
         # `.data = t` is another object or storage), which a write in place through `.data` (no
@@ -69,16 +69,18 @@ class GANLoss(nn.Module):
         key = self._label_key
         if (r is not key[0] or f is not key[1] or version(r) != key[2] or version(f) != key[3]
                 or r.data_ptr() != key[4] or f.data_ptr() != key[5]):
-            self._labels = (float(r), float(f))
-            self._label_key = self._buffers_key()
+            self._reread()
         return self._labels
+
+    def _reread(self) -> None:
+        """The labels read from the buffers now, and the key they were read under."""
+        self._labels = (float(self.real_label), float(self.fake_label))
+        self._label_key = self._buffers_key()
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        if self.real_label.is_meta or self.fake_label.is_meta:  # (no values to read: a meta module)
-            return
-        self._labels = (float(self.real_label), float(self.fake_label))   # (a compiled call reads these)
-        self._label_key = self._buffers_key()
+        if not (self.real_label.is_meta or self.fake_label.is_meta):  # (a meta module has no values)
+            self._reread()   # (a compiled call reads these)
 
     def __getstate__(self):
         state = super().__getstate__()

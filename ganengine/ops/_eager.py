@@ -65,24 +65,27 @@ def _autocast_off(run, ctx, grads):
 
 
 def without_autocast(run):
-    """A Function backward ``run(ctx, *grads)`` that runs with autocast off (see _autocast_off)."""
+    """A Function backward ``run(ctx, *grads)`` that runs with autocast off (see _autocast_off);
+    ``run`` itself if it already does."""
+    if getattr(run, "_autocast_off", False):
+        return run
+
     def backward(ctx, *grads):
         if _any_autocast():
             return _autocast_off(run, ctx, grads)
         return run(ctx, *grads)
+    backward._autocast_off = True
     return backward
 
 
 def backward_via(backward, bwd):
     """An op's backward as autograd calls it, ``(ctx, *grads)``: ``backward(ctx, grads[0], bwd)``,
     with ``bwd`` the backward custom op (for the registration: what tracing sees) or its body (for
-    the twin). Only the first output is differentiable (the others are statistics or buffers the
-    public functions never hand out), so the other gradients are dropped."""
+    the twin), with autocast off. Only the first output is differentiable (the others are
+    statistics or buffers the public functions never hand out), so the other gradients are dropped."""
     def run(ctx, grad, *_other_grads):
-        if _any_autocast():
-            return _autocast_off(lambda c, g: backward(c, g, bwd), ctx, (grad,))
         return backward(ctx, grad, bwd)
-    return run
+    return without_autocast(run)
 
 
 def twin(name: str, forward, setup_context, backward):

@@ -408,7 +408,6 @@ class Trainer:
                 self.model.reseed(mix(self.cfg.seed, self.dist.rank, state["step"]))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
         self._convert_position(state)
-        self._rebase_schedule(state)
         if self.dist.is_main:
             # (the run continues with the options given now: a default that changed between
             # versions, e.g. the synthesis models' flips, shows here)
@@ -467,34 +466,33 @@ class Trainer:
         old_b = state.get("batch_size", self.cfg.batch_size)  # (older checkpoints: assumed unchanged)
         old_w = state.get("world_size", 1)
         new_b, new_w = self.cfg.batch_size, self.dist.world_size
-        if (old_b, old_w) == (new_b, new_w) or self.batch_in_epoch == 0:
+        if (old_b, old_w) == (new_b, new_w):
             return
-        done = self.batch_in_epoch * old_b * old_w
-        per_step = new_b * new_w
-        position = -(-done // per_step)
-        skipped = position * per_step - done
-        if position >= self.steps_per_epoch:
-            self.epoch, position, skipped = self.epoch + 1, 0, max(0, self.steps_per_epoch * per_step - done)
-        if self.dist.is_main:
-            print(f"ganengine: resuming a checkpoint of --batch_size {old_b} on {old_w} process(es) with --batch_size "
-                  f"{new_b} on {new_w}: {done} images of epoch {state['epoch']} were done; continuing at batch "
-                  f"{position} of epoch {self.epoch}" + (f" ({skipped} images of the epoch skipped)" if skipped else ""),
-                  file=sys.stderr)
-        self.batch_in_epoch = position
+        if self.batch_in_epoch:  # (mid-epoch: the batch to continue at)
+            done = self.batch_in_epoch * old_b * old_w
+            per_step = new_b * new_w
+            position = -(-done // per_step)
+            skipped = position * per_step - done
+            if position >= self.steps_per_epoch:
+                self.epoch, position, skipped = self.epoch + 1, 0, max(0, self.steps_per_epoch * per_step - done)
+            if self.dist.is_main:
+                print(f"ganengine: resuming a checkpoint of --batch_size {old_b} on {old_w} process(es) with "
+                      f"--batch_size {new_b} on {new_w}: {done} images of epoch {state['epoch']} were done; "
+                      f"continuing at batch {position} of epoch {self.epoch}"
+                      + (f" ({skipped} images of the epoch skipped)" if skipped else ""), file=sys.stderr)
+            self.batch_in_epoch = position
+        self._rebase_schedule()
 
-    def _rebase_schedule(self, state: dict) -> None:
-        """Another --batch_size or process count than the checkpoint's gives another number of steps
-        per epoch: the epoch schedules (their rate is a function of step // steps_per_epoch) and the
-        run's length (epochs times steps per epoch) are re-based on the epoch and batch the position
-        was converted to, so the rates and the epochs left are the uninterrupted run's. (Schedules over
-        iterations, StarGAN's --num_iters decay, keep counting steps.)"""
-        old_b = state.get("batch_size", self.cfg.batch_size)
-        old_w = state.get("world_size", 1)
-        if (old_b, old_w) == (self.cfg.batch_size, self.dist.world_size):
-            return
+    def _rebase_schedule(self) -> None:
+        """(_convert_position) Another --batch_size or process count than the checkpoint's gives
+        another number of steps per epoch: the epoch schedules (their rate is a function of step //
+        steps_per_epoch) and the run's length (epochs times steps per epoch) are re-based on the epoch
+        and batch the position was converted to, so the rates and the epochs left are the
+        uninterrupted run's. (Schedules over iterations, StarGAN's --num_iters decay, keep counting
+        steps.)"""
         virtual = self.epoch * self.steps_per_epoch + self.batch_in_epoch
         if not getattr(self.model, "schedule_reads_max_steps", False):
-            for name, sch in self.schedulers.items():
+            for sch in self.schedulers.values():
                 lambdas = getattr(sch, "lr_lambdas", None)
                 if lambdas is None:
                     continue
