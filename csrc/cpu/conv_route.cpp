@@ -14,8 +14,8 @@
 //                conv's input is channels_last the NHWC rules below decide instead.
 //                And any call of at most kTinyMacs multiply-adds (output columns times weight
 //                elements): oneDNN's fixed cost per call (40-60 us forward, 220-300 us with backward)
-//                is the whole cost there, the GEMM form's is 6-40 us (benchmarks/bench_conv.py's
-//                tiny shapes; measured 2026-12-07, 1 and 2 threads, 4x4 stride 2: conv 1x4x4x4 -> 4
+//                is the whole cost there, the GEMM form's is 6-40 us (an ad-hoc sweep, not a
+//                project benchmark; measured 2026-12-07, 1 and 2 threads, 4x4 stride 2: conv 1x4x4x4 -> 4
 //                0.15x forward / 0.31x forward+backward, 1x16x16x16 -> 16 (2^18 MACs) 0.73x / 0.62x,
 //                1x3x32x32 -> 16 0.78x / 0.54x, transposed 1x16x8x8 -> 16 0.41x / 0.43x; losses
 //                from 2^19: 2x16x16x16 -> 16 1.41x forward, 1x3x64x64 -> 8 1.68x).
