@@ -310,7 +310,7 @@ def forward(q, k, v, x, gamma):
     # out and o share x's strides (empty_like of one tensor): the kernel takes one set for both
     out = torch.empty_like(x)
     o = torch.empty_like(x, dtype=v.dtype)
-    lse = torch.empty((b, n), device=x.device, dtype=torch.float32)
+    lse = x.new_empty((b, n), dtype=torch.float32)  # (new_empty: ~1 us less than torch.empty(device=))
     n_tiles = _launch.cdiv(n, cfg["BLOCK_M"])
     grid = _launch.grid("attention forward", n_tiles * b, _launch.cdiv(dv, cfg["BLOCK_DV"]))
     with _launch.device_guard(x):
@@ -330,7 +330,7 @@ def backward(grad, q, k, v, o, gamma, out=None):
     dq, dk, dvv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     # rowdot, the row max and the row sum: three (B, N) planes of one buffer (one allocation, and
     # no views of it but the rowdot returned)
-    stats = torch.empty((3, b, n), device=q.device, dtype=torch.float32)
+    stats = q.new_empty((3, b, n), dtype=torch.float32)
     gamma = _gamma32(gamma)
     cfg = _config("bwd", dqk, dv, q.dtype, _launch.capability(q) >= (9, 0))
     qs, ks, vs, gs = q.stride(), k.stride(), v.stride(), grad.stride()

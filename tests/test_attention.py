@@ -662,9 +662,9 @@ def test_block_twin_matches_custom_op(monkeypatch, backend, shape, cl):
     y, got = run()
     assert "ganengine::attention_fwdBackward" in autograd_node_names(y)
 
-    def stacked_on_the_custom_op(qkv, x3, gamma, d):  # (the stacked projection's route, split outside)
-        q, k, v = qkv.split_with_sizes((d, d, qkv.shape[1] - 2 * d), 1)
-        return A.attention_fwd(q, k, v, x3, gamma)
+    def stacked_on_the_custom_op(qkv, x, gamma, d):  # (the stacked projection's route, split outside)
+        q, k, v = qkv.flatten(2).split_with_sizes((d, d, qkv.shape[1] - 2 * d), 1)
+        return A.attention_fwd(q, k, v, x.flatten(2), gamma)
 
     monkeypatch.setattr(A, "_eager_fwd", A.attention_fwd)
     monkeypatch.setattr(A, "_eager_stacked", stacked_on_the_custom_op)

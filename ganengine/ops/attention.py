@@ -328,13 +328,15 @@ _eager_fwd = _eager.twin("ganengine::attention_fwd", _fwd_body, _twin_setup_cont
 
 
 # The SAGAN block's core on its stacked projection (plain eager calls): the Function takes the one
-# conv output qkv (B, 2d + C, N) and splits it inside, so its backward writes dq, dk, dv into one
-# gradient of qkv's layout (the Triton kernels into its channel slices) where three gradients would
-# be concatenated by the split's backward: one allocation, and no cat (an op, and on a GPU a copy
-# of the projection's gradient) per backward.
+# conv output qkv (B, 2d + C, H, W) and x (B, C, H, W) as they are, and flattens and splits them
+# inside, so its backward writes dq, dk, dv into one gradient of qkv's layout (the Triton kernels
+# into its channel slices) where three gradients would be concatenated by the split's backward: one
+# allocation, and no cat (an op, and on a GPU a copy of the projection's gradient) per backward;
+# and the graph has no view nodes for the flattens (each a node recorded in the forward and run in
+# the backward: host time per call on the CUDA path).
 def _stacked_fwd(qkv: Tensor, x: Tensor, gamma: Tensor, d: int):
-    q, k, v = qkv.split_with_sizes((d, d, qkv.shape[1] - 2 * d), 1)
-    return _fwd_body(q, k, v, x, gamma)
+    q, k, v = qkv.flatten(2).split_with_sizes((d, d, qkv.shape[1] - 2 * d), 1)
+    return _fwd_body(q, k, v, x.flatten(2), gamma)
 
 
 def _stacked_setup_context(ctx, inputs, output):
@@ -351,20 +353,21 @@ def _stacked_backward(ctx, grad_out, *_other_grads):
     qkv, gamma, o, lse = ctx.saved_tensors
     d = ctx.d
     sizes = (d, d, qkv.shape[1] - 2 * d)
-    q, k, v = qkv.split_with_sizes(sizes, 1)
+    q, k, v = qkv.flatten(2).split_with_sizes(sizes, 1)
     if _eager.grad_enabled():  # double backward: differentiable ops (as _backward)
         dq, dk, dv, dgamma = _grads_differentiable(grad_out, q, k, v, gamma)
-        dqkv = torch.cat((dq, dk, dv), 1)
+        dqkv = torch.cat((dq, dk, dv), 1).view(qkv.shape)
     elif _backend_for(q, "attention_bwd") == "triton":
         dqkv = torch.empty_like(qkv)
-        rowdot = _dispatch.triton_kernels("attention").backward(grad_out, q, k, v, o, gamma,
-                                                                 out=dqkv.split_with_sizes(sizes, 1))[3]
+        rowdot = _dispatch.triton_kernels("attention").backward(
+            grad_out, q, k, v, o, gamma, out=dqkv.flatten(2).split_with_sizes(sizes, 1))[3]
         dgamma = rowdot.sum()
     else:
         dq, dk, dv, rowdot = _bwd_body(grad_out, q, k, v, o, lse, gamma)
-        dqkv = torch.cat((dq, dk, dv), 1)
+        dqkv = torch.cat((dq, dk, dv), 1).view(qkv.shape)
         dgamma = rowdot.sum()
-    return dqkv, grad_out, _like_gamma(dgamma, gamma), None
+    # x's gradient: the residual's, grad_out (B, C, N) seen as x's (B, C, H, W)
+    return dqkv, grad_out.view(qkv.shape[0], -1, *qkv.shape[2:]), _like_gamma(dgamma, gamma), None
 
 
 _eager_stacked = _eager.twin("ganengine::attention_fwd", _stacked_fwd, _stacked_setup_context, _stacked_backward)
@@ -525,9 +528,9 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
         _check_block_dtypes(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias)
         raise
     if qkv is not None:
+        if core_ok and not return_attention and _eager.plain_eager(qkv, x, gamma):
+            return _eager_stacked(qkv, x, gamma, d)[0].view(b, c, h, w)
         x3 = x.flatten(2)
-        if core_ok and not return_attention and _eager.plain_eager(qkv, x3, gamma):
-            return _eager_stacked(qkv.flatten(2), x3, gamma, d)[0].view(b, c, h, w)
         q, k, v = qkv.flatten(2).split_with_sizes((d, d, c), 1)
     else:  # (mixed biases or dtypes: the three convs, which raise what they raise)
         _check_block_dtypes(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias)
