@@ -476,6 +476,9 @@ def test_export_reference_checkpoints_of_synthesis_models(name, tmp_path, capsys
         if arch is None:
             assert rc == 2 and f"no reference format known for network {net_name!r}" in err, err
             continue
+        if name == "sagan":  # (the reference hard-codes conv_dim=64's attention widths: conv_dim 8 refused)
+            assert rc == 2 and "conv_dim=64" in err and len(err.strip().splitlines()) == 1, err
+            continue
         assert rc == 0, err
         sd = torch.load(out, weights_only=True)
         ours = getattr(model, net_name).state_dict()

@@ -12,7 +12,9 @@ them (``GAN_training_function``):
 
 The batch holds ``num_D_steps * num_D_accumulations`` chunks of real images (the reference's
 loader batch is ``batch_size * num_D_steps * num_D_accumulations``); the generator's batch is
-``G_batch_size`` (0: the chunk size). ``toggle_grads`` freezes the other network per phase.
+``max(G_batch_size, the chunk size)``, as the reference's train.py sizes it. The logged ``G_loss``
+is the last pass's loss divided by ``num_G_accumulations``, as the reference's ``train()`` reports it.
+``toggle_grads`` freezes the other network per phase.
 Options are the reference's train.py flags with its defaults (note ``G_shared`` and ``hier`` are
 off there; the paper's recipe is ``--G_shared --hier --dim_z 120 --shared_dim 128 --ema
 --use_ema``), plus ``resolution`` and ``n_classes`` (from the data), ``fused``,
@@ -197,7 +199,8 @@ class BigGAN(GANModel):
             set_requires_grad(self.G, True)
 
         ctx.zero_grad(opt_G)
-        n = o["G_batch_size"] or (xs[0].shape[0] if xs else x.shape[0])
+        # the reference's train.py: G_batch_size = max(--G_batch_size, the chunk size)
+        n = max(o["G_batch_size"], xs[0].shape[0] if xs else x.shape[0])
         for _ in range(o["num_G_accumulations"]):
             with ctx.autocast():
                 z = self.sample_z(n)
@@ -214,7 +217,8 @@ class BigGAN(GANModel):
         self.num_steps += 1
         if self._ema is not None:
             self._ema.update(self.num_steps)
-        losses["G_loss"] = g_loss
+        # (logged as the reference's train() reports it: the last pass's loss / num_G_accumulations)
+        losses["G_loss"] = g_loss / float(o["num_G_accumulations"])
         return self._detached(losses)
 
     # -- evaluation ------------------------------------------------------------------------------

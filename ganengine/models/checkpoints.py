@@ -418,6 +418,7 @@ def save_reference_checkpoint(net: nn.Module, path, arch: str) -> None:
         raise ValueError("save_reference_checkpoint: this network has SAGAN attention blocks, which the reference "
                          "architecture does not have; it cannot be saved as a reference checkpoint")
     sd = {k: v.detach().to("cpu").clone() for k, v in _strip_prefixes(net.state_dict()).items()}
+    _check_sagan_runs_in_reference(arch, sd)
     # the reference builds the same arch from the same arguments: check the keys fit it
     inferred_arch, inferred = _infer(arch, sd)
     try:
@@ -437,6 +438,27 @@ def save_reference_checkpoint(net: nn.Module, path, arch: str) -> None:
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(sd, tmp)
     os.replace(tmp, os.fspath(path))
+
+
+def _check_sagan_runs_in_reference(arch: str, sd: dict) -> None:
+    """The reference SAGAN runs only at image_size=64 and conv_dim=64: its attention widths are
+    hard-coded for conv_dim=64 and its forward always runs layer l4 (built at 64 only). Its
+    constructor takes other values, but the file of such a network loads into no reference
+    network that runs (archs_attention._explain_sagan), so it is refused, not written."""
+    from ganengine.models.archs_attention import _SAGAN_ATTN_WIDTHS
+
+    if arch not in _SAGAN_ATTN_WIDTHS:
+        return
+    widths = tuple(sd[f"attn{i}.value_conv.weight"].shape[1] if f"attn{i}.value_conv.weight" in sd else None
+                   for i in (1, 2))
+    has_l4 = any(k.startswith("l4.") for k in sd)
+    if widths != _SAGAN_ATTN_WIDTHS[arch] or not has_l4:
+        what = ("no layer l4 (image_size != 64)" if not has_l4 else
+                f"attention widths {widths} where the reference's are {_SAGAN_ATTN_WIDTHS[arch]} (conv_dim != 64)")
+        raise ValueError(f"save_reference_checkpoint: arch={arch!r}: the network has {what}; the reference "
+                         "(heykeetae/Self-Attention-GAN) hard-codes its attention widths for conv_dim=64 and runs "
+                         "only at image_size=64, so it cannot load this network: only image_size=64, conv_dim=64 "
+                         "SAGAN networks can be saved as reference checkpoints")
 
 
 def _raise_if_other_arch(net: nn.Module, sd: dict, arch: str) -> None:
