@@ -188,6 +188,9 @@ def test_save_reference_checkpoint_loads_in_the_reference(tmp_path, arch, kwargs
         # re-write's widths are the reference's there), refused at the case's conv_dim
         with pytest.raises(ValueError, match="conv_dim=64"):
             save_reference_checkpoint(build_network(arch, **kwargs), tmp_path / "small.pth", arch)
+        other = "dcgan_G" if arch == "sagan_G" else "dcgan_D"  # another arch's network: named as such
+        with pytest.raises(ValueError, match=f"is an arch='{other}' network"):
+            save_reference_checkpoint(build_network(other), tmp_path / "other.pth", arch)
         kwargs = dict(kwargs, conv_dim=64)
         make_ref = {"sagan_G": lambda: R.SAGANGenerator(2, 64, kwargs["z_dim"] if "z_dim" in kwargs else 8, 64),
                     "sagan_D": lambda: R.SAGANDiscriminator(2, 64, 64)}[arch]

@@ -255,7 +255,7 @@ def test_unconditional_unetgan_generates_class_zero_everywhere(mixup):
 
     torch.manual_seed(0)
     m = build_model("unetgan", resolution=32, n_classes=10, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16,
-                    G_shared=True, hier=True, shared_dim=8, unconditional=True, unet_mixup=mixup)
+                    unconditional=True, unet_mixup=mixup)
     seen = []
     m.G.register_forward_pre_hook(lambda mod, args: seen.append(args[1].tolist()))
     m.train_step({"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": torch.tensor([3, 4])}, m.make_optimizers())
@@ -265,3 +265,20 @@ def test_unconditional_unetgan_generates_class_zero_everywhere(mixup):
     assert class_count(m) is None
     m.options["unconditional"] = False
     assert class_count(m) == 10
+
+
+def test_unetgan_g_batch_is_the_chunk_and_g_loss_is_reported_as_the_reference():
+    """boschresearch/unetgan's G step takes chunk-size slices of its latents whatever --G_batch_size;
+    its train() reports G_loss divided by num_G_accumulations."""
+    from ganengine.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("unetgan", resolution=32, n_classes=3, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16,
+                    G_batch_size=5, num_G_accumulations=2, unet_mixup=False)
+    sizes = []
+    m.G.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    losses = m.train_step({"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": torch.tensor([0, 2])},
+                          m.make_optimizers())
+    assert sizes == [2, 2, 2]  # the D step's fakes, then two G passes
+    want = 0.5 * (losses["G_loss_fake_2d"] + losses["G_loss_fake_middle"]) / 2
+    torch.testing.assert_close(losses["G_loss"], want, rtol=1e-6, atol=0)

@@ -260,7 +260,12 @@ def resolve(args) -> tuple[dict, dict, dict, list[str]]:
         args.image_size = 256  # Stage II's size (4x Stage I's 64), before any default fills in 64
     if args.dataroot is None:
         filled = {}
-        for k, v in SAMPLE[model].items():
+        sample = SAMPLE[model]
+        if model == "unetgan" and getattr(args, "unconditional", None):
+            # the unconditional G (the reference's: self-modulated norms, no class embedding) takes no
+            # shared embedding
+            sample = {k: v for k, v in sample.items() if k not in ("G_shared", "shared_dim")}
+        for k, v in sample.items():
             if (k in known or hasattr(args, k) or k in ENGINE_OPTIONS) and getattr(args, k, None) is None:
                 setattr(args, k, v)
                 filled[k] = v
@@ -509,10 +514,11 @@ def run(args) -> int:
         done = (f"trained {cfg.model} to step {result['step']} in {dt:.1f} s ({losses})" if result["steps_trained"]
                 else f"nothing to train: the run is already at step {result['step']} "
                      "(a larger --max_steps or more epochs continue it)")
+        samples = os.path.join(result["log_dir"], "samples")
         print(f"ganengine: {done}\n"
               f"  checkpoint: {result['checkpoint']}\n"
-              f"  samples:    {os.path.join(result['log_dir'], 'samples')}\n"
-              f"  loss log:   {os.path.join(result['log_dir'], 'loss_log.csv')}", file=sys.stderr)
+              + (f"  samples:    {samples}\n" if os.path.isdir(samples) else "  samples:    none written\n")
+              + f"  loss log:   {os.path.join(result['log_dir'], 'loss_log.csv')}", file=sys.stderr)
     return 0
 
 

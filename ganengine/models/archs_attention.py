@@ -76,12 +76,17 @@ def _infer_biggan_g_common(sd, deep: bool):
         args["norm_style"] = "bn" if first_bn + "stored_mean" in sd else "nonorm"
     shared = sd.get("shared.weight")
     args["G_shared"] = shared is not None
-    gain = sd[first_bn + "gain.weight"]
     if shared is not None:
         args["n_classes"], args["shared_dim"] = shared.shape
-    else:
-        args["n_classes"] = gain.shape[0]
+    elif first_bn + "gain.weight" in sd:  # (a self-modulated G's ccbn, gain.0.weight, names no classes)
+        args["n_classes"] = sd[first_bn + "gain.weight"].shape[0]
     return args, out_w
+
+
+def _self_modulated(sd) -> bool:
+    """Whether a BigGAN G state dict is U-Net GAN's unconditional generator's (its ccbn gains are
+    Linear-ReLU-Linear MLPs of z: keys ``gain.0.weight``, ``gain.2.weight``)."""
+    return "blocks.0.0.bn1.gain.0.weight" in sd
 
 
 def _infer_biggan_g(sd):
@@ -92,11 +97,19 @@ def _infer_biggan_g(sd):
     args.update(resolution=resolution, G_ch=out_w.shape[1] // arch["out_channels"][-1],
                 G_attn=_attn_string(arch["resolution"][i] for i in _indices(sd, r"blocks\.(\d+)\.1\.")))
     lin = sd["linear.weight"]
-    gain = sd["blocks.0.0.bn1.gain.weight"]
-    if args["G_shared"] and gain.shape[1] > args["shared_dim"]:
-        args.update(hier=True, dim_z=(gain.shape[1] - args["shared_dim"]) * (n_blocks + 1))
+    unconditional = _self_modulated(sd)
+    if unconditional:  # the full z feeds the linear layer and every ccbn's MLP (hier, dim_z not rounded)
+        args.update(hier=True, dim_z=lin.shape[1])
     else:
-        args.update(hier=False, dim_z=lin.shape[1])
+        gain = sd["blocks.0.0.bn1.gain.weight"]
+        if args["G_shared"] and gain.shape[1] > args["shared_dim"]:
+            args.update(hier=True, dim_z=(gain.shape[1] - args["shared_dim"]) * (n_blocks + 1))
+        else:
+            args.update(hier=False, dim_z=lin.shape[1])
+    # G_shared's default (None) is True, False with unconditional=True: named only where it differs
+    if args["G_shared"] == (not unconditional):
+        args["G_shared"] = None
+    args["unconditional"] = unconditional
     return "biggan_G", args
 
 

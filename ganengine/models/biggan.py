@@ -207,7 +207,8 @@ class BigGAN(GANModel):
                 g_cond = self.sample_conditionings(n)
                 z = self._optimise_cond(z, g_cond, differentiable=True)
                 g_loss = GF.gan_loss(self._score_cond(z, g_cond), True, "hinge", for_discriminator=False)
-            ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
+            g_loss = g_loss / float(o["num_G_accumulations"])
+            ctx.backward(g_loss, "G")
         if o["G_ortho"] > 0:
             ctx.unscale(opt_G, "G")
             ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
@@ -218,7 +219,7 @@ class BigGAN(GANModel):
         if self._ema is not None:
             self._ema.update(self.num_steps)
         # (logged as the reference's train() reports it: the last pass's loss / num_G_accumulations)
-        losses["G_loss"] = g_loss / float(o["num_G_accumulations"])
+        losses["G_loss"] = g_loss
         return self._detached(losses)
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -261,7 +261,9 @@ def bn_act(x, weight, bias, running_mean, running_var, training: bool, momentum:
 
 
 def ccbn_gain_bias(m, y):
-    """(1 + gain(y), bias(y)) as (N, C) tensors."""
+    """(1 + gain(y), bias(y)) as (N, C) tensors: ``gain`` / ``bias`` a linear layer or embedding, or
+    (``self_modulation``, U-Net GAN's unconditional G) a Linear-ReLU-Linear MLP of z; either way
+    per-sample tensors that ``conditional_bn_act`` takes as they are."""
     return 1 + m.gain(y), m.bias(y)
 
 

@@ -447,8 +447,8 @@ def _check_sagan_runs_in_reference(arch: str, sd: dict) -> None:
     network that runs (archs_attention._explain_sagan), so it is refused, not written."""
     from ganengine.models.archs_attention import _SAGAN_ATTN_WIDTHS
 
-    if arch not in _SAGAN_ATTN_WIDTHS:
-        return
+    if arch not in _SAGAN_ATTN_WIDTHS or "attn1.value_conv.weight" not in sd:
+        return  # (not a SAGAN network: the arch checks after this say what it is)
     widths = tuple(sd[f"attn{i}.value_conv.weight"].shape[1] if f"attn{i}.value_conv.weight" in sd else None
                    for i in (1, 2))
     has_l4 = any(k.startswith("l4.") for k in sd)

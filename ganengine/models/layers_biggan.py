@@ -10,7 +10,8 @@ load as they are and its training behaviour is reproduced:
   weight by the first singular value estimate; only training mode writes ``u*`` and ``sv*``. In
   eval mode ``num_itrs > 1`` repeats the same iteration (the vectors are not written back).
 * ``ccbn`` (class-conditional batch norm): gain ``1 + which_linear(y)``, bias
-  ``which_linear(y)``; ``F.batch_norm`` on ``stored_mean`` / ``stored_var`` with momentum 0.1
+  ``which_linear(y)`` (``self_modulation``, U-Net GAN's unconditional G: two-layer MLPs of z);
+  ``F.batch_norm`` on ``stored_mean`` / ``stored_var`` with momentum 0.1
   fixed; no ``num_batches_tracked``. ``bn``: the same with learned per-channel gain and bias.
   ``mybn=True``: the reference's ``myBN`` (mean-of-squares variance, keys ``bn.stored_mean``,
   ``bn.stored_var``, ``bn.accumulation_counter``).
@@ -240,15 +241,25 @@ class ccbn(nn.Module):  # noqa: N801 (the reference's class name)
     """Class-conditional batch norm: ``BN(x) * (1 + gain(y)) + bias(y)`` per sample.
 
     ``which_linear`` builds ``gain`` and ``bias`` (an SNLinear without bias when G shares its
-    class embedding, else an ``nn.Embedding`` over the class indices)."""
+    class embedding, else an ``nn.Embedding`` over the class indices). ``self_modulation=True``
+    (U-Net GAN's unconditional generator, boschresearch/unetgan ``layers.ccbn``): each of them is
+    ``Sequential(which_linear(in, in, bias=True), ReLU, which_linear(in, out, bias=False))``
+    (keys ``gain.0.weight``, ``gain.0.bias``, ``gain.2.weight``), y being z itself."""
 
     def __init__(self, output_size, input_size, which_linear, eps=1e-5, momentum=0.1, cross_replica=False,
-                 mybn=False, norm_style="bn"):
+                 mybn=False, norm_style="bn", self_modulation=False):
         super().__init__()
         _check_bn_options("ccbn", cross_replica, mybn, norm_style)
         self.output_size, self.input_size = output_size, input_size
-        self.gain = which_linear(input_size, output_size)
-        self.bias = which_linear(input_size, output_size)
+        self.self_modulation = bool(self_modulation)
+        if self.self_modulation:
+            self.gain = nn.Sequential(which_linear(input_size, input_size, bias=True), nn.ReLU(),
+                                      which_linear(input_size, output_size, bias=False))
+            self.bias = nn.Sequential(which_linear(input_size, input_size, bias=True), nn.ReLU(),
+                                      which_linear(input_size, output_size, bias=False))
+        else:
+            self.gain = which_linear(input_size, output_size)
+            self.bias = which_linear(input_size, output_size)
         self.eps, self.momentum = eps, momentum
         self.cross_replica, self.mybn, self.norm_style = cross_replica, mybn, norm_style
         if mybn:

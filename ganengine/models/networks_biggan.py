@@ -14,6 +14,12 @@ does); with ``hier=True`` z is split into ``len(blocks) + 1`` equal chunks, the 
 linear layer and block i gets ``cat([y, chunk_i+1])``. ``D(x, y)`` returns
 ``linear(h) + sum(embed(y) * h)`` with ``h`` the ReLU'd features summed over H and W.
 
+``unconditional=True`` is boschresearch/unetgan's unconditional generator (its recipes' setting;
+needs ``hier`` and no ``G_shared``, the only combination the reference runs): the full z (dim_z
+not rounded) feeds the linear layer and every block's self-modulated ccbn (gain and bias
+Linear-ReLU-Linear MLPs of z); ``y`` is ignored. ``G_shared=None`` (default) is the reference's
+True, False with ``unconditional=True``.
+
 ``fused=True`` (default) runs the same function on ganengine's ops (see layers_biggan.py and
 docs/synthesis_attention.md); ``fused=False`` is the reference composition.
 """
@@ -41,18 +47,19 @@ _D_ARCH = {  # resolution -> (in multipliers after the RGB input, out multiplier
 }
 
 
-def attention_resolutions(attention: str, owner: str) -> set[int]:
-    """'32_64' -> {32, 64} (the reference's format; '0' for none)."""
+def attention_resolutions(attention: str, option: str) -> set[int]:
+    """'32_64' -> {32, 64} (the reference's format; '0' for none); ``option``: the user's name of
+    the value (G_attn / D_attn), for the error."""
     try:
         return {int(item) for item in str(attention).split("_")}
     except ValueError:
-        raise ValueError(f"{owner}: attention must be resolutions joined by '_' such as '64' or '32_64' "
+        raise ValueError(f"{option} must be resolutions joined by '_' such as '64' or '32_64' "
                          f"('0' for none), got {attention!r}") from None
 
 
 def G_arch(ch=64, attention="64"):
     """The reference's ``G_arch(ch, attention)`` table."""
-    want = attention_resolutions(attention, "G_arch")
+    want = attention_resolutions(attention, "G_attn")
     arch = {}
     for res, (ins, outs) in _G_MULTS.items():
         n = len(outs)
@@ -65,7 +72,7 @@ def G_arch(ch=64, attention="64"):
 
 def D_arch(ch=64, attention="64"):
     """The reference's ``D_arch(ch, attention)`` table."""
-    want = attention_resolutions(attention, "D_arch")
+    want = attention_resolutions(attention, "D_attn")
     arch = {}
     for res, (ins, outs, down, resolutions) in _D_ARCH.items():
         arch[res] = {"in_channels": [3] + [ch * m for m in ins], "out_channels": [ch * m for m in outs],
@@ -118,13 +125,19 @@ class BigGANGenerator(nn.Module):
     """The reference ``BigGAN.Generator``. ``forward(z, y)`` with ``y = G.shared(labels)``."""
 
     def __init__(self, G_ch=64, dim_z=128, bottom_width=4, resolution=128, G_kernel_size=3, G_attn="64",
-                 n_classes=1000, num_G_SVs=1, num_G_SV_itrs=1, G_shared=True, shared_dim=0, hier=False,
+                 n_classes=1000, num_G_SVs=1, num_G_SV_itrs=1, G_shared=None, shared_dim=0, hier=False,
                  cross_replica=False, mybn=False, G_activation=None, G_lr=5e-5, G_B1=0.0, G_B2=0.999,
                  adam_eps=1e-8, BN_eps=1e-5, SN_eps=1e-12, G_mixed_precision=False, G_fp16=False, G_init="ortho",
-                 skip_init=False, no_optim=False, G_param="SN", norm_style="bn", fused=True, **kwargs):
+                 skip_init=False, no_optim=False, G_param="SN", norm_style="bn", unconditional=False, fused=True,
+                 **kwargs):
         super().__init__()
         owner = "BigGANGenerator"
         check_choice(owner, "resolution", resolution, _G_MULTS)
+        self.unconditional = bool(unconditional)
+        if G_shared is None:  # the reference constructor's True; its unconditional G runs only without it
+            G_shared = not self.unconditional
+        if self.unconditional:
+            check_unconditional(owner, hier, G_shared)
         self.ch, self.dim_z, self.bottom_width, self.resolution = G_ch, dim_z, bottom_width, resolution
         self.kernel_size, self.attention, self.n_classes = G_kernel_size, G_attn, n_classes
         self.G_shared = G_shared
@@ -135,7 +148,10 @@ class BigGANGenerator(nn.Module):
         self.init, self.G_param, self.norm_style = G_init, G_param, norm_style
         self.BN_eps, self.SN_eps, self.fp16 = BN_eps, SN_eps, G_fp16
         self.arch = G_arch(self.ch, self.attention)[resolution]
-        if hier:
+        if self.unconditional:  # every block's ccbn takes all of z (dim_z is not rounded to the slots)
+            self.num_slots = len(self.arch["in_channels"]) + 1
+            self.z_chunk_size = dim_z // self.num_slots  # (the reference's attribute; unused here)
+        elif hier:
             if not G_shared:
                 raise ValueError(f"{owner}: hier=True needs G_shared=True (the reference concatenates the shared "
                                  "embedding with each z chunk)")
@@ -147,12 +163,16 @@ class BigGANGenerator(nn.Module):
 
         self.which_conv, self.which_linear = sn_partials(G_param, num_G_SVs, num_G_SV_itrs, self.SN_eps, owner)
         self.which_embedding = nn.Embedding
-        bn_linear = functools.partial(self.which_linear, bias=False) if G_shared else self.which_embedding
+        if self.unconditional:  # self-modulation: plain 2-layer MLPs of z (no spectral norm), as the reference
+            bn_linear, bn_input = nn.Linear, self.dim_z
+        else:
+            bn_linear = functools.partial(self.which_linear, bias=False) if G_shared else self.which_embedding
+            bn_input = self.shared_dim + self.z_chunk_size if G_shared else n_classes
         self.which_bn = functools.partial(L.ccbn, which_linear=bn_linear, cross_replica=cross_replica, mybn=mybn,
-                                          input_size=(self.shared_dim + self.z_chunk_size if G_shared else n_classes),
-                                          norm_style=norm_style, eps=BN_eps)
+                                          input_size=bn_input, norm_style=norm_style, eps=BN_eps,
+                                          self_modulation=self.unconditional)
         self.shared = self.which_embedding(n_classes, self.shared_dim) if G_shared else nn.Identity()
-        self.linear = self.which_linear(self.dim_z // self.num_slots,
+        self.linear = self.which_linear(self.dim_z if self.unconditional else self.dim_z // self.num_slots,
                                         self.arch["in_channels"][0] * self.bottom_width ** 2)
         build_generator_blocks(self, cross_replica, mybn)
         if not skip_init:
@@ -160,15 +180,38 @@ class BigGANGenerator(nn.Module):
         self.fused = bool(fused)  # (set_fused switches it too) the forward groups the SN iterations when fused
         L.set_fused(self, fused)
 
-    def forward(self, z, y):
+    def forward(self, z, y=None):
         """``y`` is the shared embedding of the labels (``G.shared(labels)``, the reference's
         convention; class indices without ``G_shared``); with ``G_shared``, integer class
         indices are embedded here (so wrappers such as DDP, which hide ``G.shared``, can pass
-        labels)."""
+        labels). ``unconditional=True``: ``y`` is ignored (may be None)."""
         with L.grouped_spectral_norms(self):
-            if self.G_shared and not y.is_floating_point():
+            if self.G_shared and y is not None and not y.is_floating_point():
                 y = self.shared(y)
             return generator_trunk(self, z, y)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.unconditional and f"{prefix}blocks.0.0.bn1.gain.weight" in state_dict:
+            raise ValueError(
+                "BigGANGenerator(unconditional=True): the state dict is a class-conditional generator's (its ccbn "
+                "gains are one layer, 'blocks.0.0.bn1.gain.weight'), not the reference's unconditional generator "
+                "(self-modulated: 'blocks.0.0.bn1.gain.0.weight'). ganengine's earlier U-Net GAN --unconditional "
+                "wrote such a generator (the conditional G fed class 0): that checkpoint was written by the old "
+                "unconditional generator and cannot be loaded into this one; load it with unconditional=False and "
+                "its conditional arguments (it samples class 0), or retrain")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def check_unconditional(owner: str, hier, G_shared) -> None:
+    """The reference's unconditional generator runs only with ``hier`` and without ``G_shared``."""
+    if not hier:
+        raise ValueError(f"{owner}: unconditional=True needs hier=True: the reference's unconditional generator "
+                         "gives every block's self-modulated batch norm all of z only with hier (without it, it "
+                         "passes None and fails); its recipes use --hier --unconditional")
+    if G_shared:
+        raise ValueError(f"{owner}: unconditional=True takes G_shared=False: with a shared embedding the "
+                         "reference's self-modulated batch norms expect dim_z + shared_dim inputs but are given z "
+                         "(a shape error there); its recipes run without --G_shared")
 
 
 def build_generator_blocks(g: nn.Module, cross_replica: bool, mybn: bool) -> None:
@@ -190,7 +233,9 @@ def build_generator_blocks(g: nn.Module, cross_replica: bool, mybn: bool) -> Non
 def generator_trunk(g: nn.Module, z, y):
     """BigGAN's generator after its conditioning ``y`` is embedded (shared by IC-GAN's): z split
     per block if ``hier``, the linear layer, every block with its slice of [y, z], the output layer."""
-    if g.hier:
+    if getattr(g, "unconditional", False):  # every block's self-modulated ccbn takes all of z
+        ys = [z] * len(g.blocks)
+    elif g.hier:
         zs = torch.split(z, g.z_chunk_size, 1)
         z = zs[0]
         ys = [torch.cat([y, item], 1) for item in zs[1:]]

@@ -42,7 +42,7 @@ _D_ATTN_RANGE = {256: range(2, 8), 128: range(2, 8), 64: range(2, 7), 32: range(
 
 
 def G_arch(ch=64, attention="64"):
-    want = attention_resolutions(attention, "G_arch")
+    want = attention_resolutions(attention, "G_attn")
     arch = {}
     for res, (ins, outs) in _G_MULTS.items():
         n = len(outs)
@@ -53,7 +53,7 @@ def G_arch(ch=64, attention="64"):
 
 
 def D_arch(ch=64, attention="64"):
-    want = attention_resolutions(attention, "D_arch")
+    want = attention_resolutions(attention, "D_attn")
     return {res: {"in_channels": [ch * m for m in ins], "out_channels": [ch * m for m in outs], "downsample": down,
                   "resolution": resolutions, "attention": {2 ** i: 2 ** i in want for i in _D_ATTN_RANGE[res]}}
             for res, (ins, outs, down, resolutions) in _D_ARCH.items()}

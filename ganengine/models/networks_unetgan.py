@@ -35,7 +35,7 @@ _ENCODER = {32: [4, 4, 4], 64: [1, 2, 4, 8], 128: [1, 2, 4, 8, 16], 256: [1, 2, 
 def D_unet_arch(ch=64, attention="64"):
     """Encoder blocks halve the resolution down to 4x4; decoder block j > 0 takes its input
     concatenated with the encoder output of the same size (the reference's tables at 128/256)."""
-    want = attention_resolutions(attention, "D_unet_arch")
+    want = attention_resolutions(attention, "D_attn")
     arch = {}
     for res, enc in _ENCODER.items():
         n = len(enc)

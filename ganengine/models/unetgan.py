@@ -21,6 +21,10 @@ reference code's binary cross-entropy: the per-pixel mix target is M). The refer
 ``full_batch_mixup`` / ``slow_mixup`` schedules are not implemented (the recipes it ships for
 CelebA and FFHQ do not use them on top of the consistency+augmentation recipe). The rest
 (options, EMA, orthogonal regularisation, LOGAN) is BigGAN's.
+
+``unconditional`` builds the reference's unconditional generator (``BigGANGenerator(unconditional=
+True)``: self-modulated ccbn, the full z to every block; ``hier`` on unless given, no
+``G_shared``) and a D without class projections; the labels both are handed are class 0.
 """
 from __future__ import annotations
 
@@ -53,6 +57,34 @@ def cutmix_maps(n: int, size: int, device=None) -> torch.Tensor:
     return maps[:, None].to(device)
 
 
+OLD_UNCONDITIONAL_G = "ganengine's earlier --unconditional: a class-conditional BigGAN G fed class 0"
+
+
+def check_unconditional_options(o: dict) -> None:
+    """``unconditional`` builds the reference's unconditional generator, which runs only with
+    ``hier`` and without ``G_shared``; the other combinations are errors naming the options (the
+    options of a checkpoint written by ganengine's earlier --unconditional land here too)."""
+    if not o.get("unconditional"):
+        return
+    old = (f" (a checkpoint with these options was written by the old unconditional generator, "
+           f"{OLD_UNCONDITIONAL_G}: it cannot be loaded as an unconditional U-Net GAN; retrain)")
+    if not o.get("hier"):
+        raise ValueError("UNetGAN: --unconditional needs --hier (the reference's unconditional generator gives "
+                         "every block's self-modulated batch norm all of z; without hier it fails); leave --hier "
+                         "out (on with --unconditional) or drop --unconditional" + old)
+    if o.get("G_shared"):
+        raise ValueError("UNetGAN: --unconditional takes no --G_shared (the reference's unconditional generator has "
+                         "no class embedding: with one its self-modulated batch norms get the wrong input width); "
+                         "give --G_shared false (the reference recipes' setting)" + old)
+
+
+def check_lambda_consistency(v) -> None:
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"UNetGAN: lambda_consistency must be a finite number >= 0, got {v!r}")
+
+
 class UNetGAN(BigGAN):
     MODEL_NAME = "unetgan"
     DEFAULTS = dict(BIGGAN_DEFAULTS, num_D_steps=1, unconditional=False, gan_loss="hinge", unet_mixup=True,
@@ -60,11 +92,29 @@ class UNetGAN(BigGAN):
     _D_CLASS = UNetDiscriminator
 
     def __init__(self, **options):
+        options = dict(options)
+        if options.get("unconditional") and "hier" not in options:
+            options["hier"] = True  # the reference's recipes (--hier --unconditional; its G needs hier)
+        check_unconditional_options({**self.DEFAULTS, **options})
+        check_lambda_consistency(options.get("lambda_consistency", self.DEFAULTS["lambda_consistency"]))
         super().__init__(**options)
         self._choice("gan_loss", ("hinge", "vanilla"))
 
-    # --unconditional: G and D see class 0 everywhere, as the reference's training zeroes the labels
-    # (the fakes of both steps, and the images sample / evaluate draw)
+    def resume_differences(self, diff: dict) -> dict:
+        """A run of ganengine's earlier ``--unconditional`` (a class-conditional G fed class 0: its
+        options have hier off or G_shared on, which the reference's unconditional G cannot take),
+        resumed as an unconditional run now: said as such, not as an option difference."""
+        if self.options["unconditional"] and "unconditional" not in diff and (
+                diff.get("hier", (None,))[0] is False or diff.get("G_shared", (None,))[0] is True):
+            from ganengine.train.checkpoint import CheckpointError  # (the engine's "cannot resume" error)
+
+            raise CheckpointError("--resume: the checkpoint was written by the old unconditional generator "
+                                  f"({OLD_UNCONDITIONAL_G}), not the reference's unconditional generator that "
+                                  "--unconditional builds now; it cannot be resumed as an unconditional run")
+        return diff
+
+    # --unconditional: G is the reference's unconditional generator (it ignores labels); D has no
+    # class projection; the labels both are handed are class 0, as the reference's training zeroes them
     def sample_y(self, n: int) -> torch.Tensor:
         if self.options["unconditional"]:
             return torch.zeros(n, dtype=torch.long, device=self.device)
@@ -155,7 +205,9 @@ class UNetGAN(BigGAN):
             set_requires_grad(self.G, True)
 
         ctx.zero_grad(opt_G)
-        n = o["G_batch_size"] or xs[0].shape[0]
+        # the reference's U-Net step takes chunk-size slices of its G latents: --G_batch_size has no
+        # effect on the G batch here (BigGAN's step uses max(G_batch_size, chunk))
+        n = xs[0].shape[0]
         for _ in range(o["num_G_accumulations"]):
             with ctx.autocast():
                 z = self.sample_z(n)
@@ -168,7 +220,8 @@ class UNetGAN(BigGAN):
                 else:
                     g_2d, g_mid = GF.gan_loss(pix, True, "vanilla"), GF.gan_loss(glob, True, "vanilla")
                 g_loss = 0.5 * g_mid + 0.5 * g_2d
-            ctx.backward(g_loss / float(o["num_G_accumulations"]), "G")
+            g_loss = g_loss / float(o["num_G_accumulations"])
+            ctx.backward(g_loss, "G")
         if o["G_ortho"] > 0:
             ctx.unscale(opt_G, "G")
             ortho_(self.G, o["G_ortho"], blacklist=list(unwrap(self.G).shared.parameters()))
@@ -178,5 +231,6 @@ class UNetGAN(BigGAN):
         self.num_steps += 1
         if self._ema is not None:
             self._ema.update(self.num_steps)
+        # (G_loss as the reference's train() reports it: the last pass's loss / num_G_accumulations)
         losses.update(G_loss=g_loss, G_loss_fake_2d=g_2d, G_loss_fake_middle=g_mid)
         return self._detached(losses)
