@@ -182,6 +182,23 @@ def test_checkpoint_round_trip_through_the_reference(tmp_path, arch, kwargs, mak
     _close(again(*inputs), ref(*inputs))
 
 
+@pytest.mark.parametrize("sizes", [dict(latent_dim=4, n_classes=4, code_dim=2), dict(latent_dim=1, n_classes=1, code_dim=1),
+                                   dict(latent_dim=5, n_classes=4, code_dim=3)])
+def test_small_infogan_generators_save_and_their_files_suggest_a_call(tmp_path, sizes):
+    """Only latent_dim + n_classes + code_dim is stored: a total under the defaults' 12 + 1 still
+    saves, and the mismatch error suggests a split that loads (each size >= 1)."""
+    net = build_network("infogan_G", img_size=16, **sizes)
+    save_reference_checkpoint(net, tmp_path / "g.pth", "infogan_G")
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_reference_checkpoint(str(tmp_path / "g.pth"), "infogan_G", img_size=16)
+    call = re.search(r"load_reference_checkpoint\(path, (.*)\)$", str(info.value))
+    assert call, str(info.value)
+    suggested = eval(f"dict(arch={call.group(1)})")
+    back = load_reference_checkpoint(str(tmp_path / "g.pth"), suggested.pop("arch"), **suggested)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch,given,ckpt_kwargs,expect", [
     ("dcgan_G", dict(ngf=8), dict(ngf=4), "ngf=4"),
     ("dcgan_D", dict(), dict(ndf=4, nc=1), "nc=1"),
@@ -480,6 +497,8 @@ def test_generate_grids_and_interpolations_leave_the_training_state_alone():
     rows = model.sample_rows(n=5, max_rows=10)
     assert len(rows) == 3 and all(r.shape == (5, 1, 16, 16) for r in rows)
     assert model.sample_row_labels(3, ["a", "b", "c"]) == ["a", "b", "c"]
+    # --n_classes above the data's class count: the extra rows are labelled, not refused
+    assert model.sample_row_labels(3, ["a", "b"]) == ["a", "b", "class 2"]
     again = model.sample_rows(n=5)
     assert all(torch.equal(a, b) for a, b in zip(rows, again))  # fixed noise: the same grid every time
     inter = model.interpolation_rows(n_rows=2, steps=4)
@@ -491,6 +510,12 @@ def test_generate_grids_and_interpolations_leave_the_training_state_alone():
     assert out.shape == (2, 1, 16, 16) and out.abs().max() <= 1
     with pytest.raises(ValueError, match="class labels must lie in"):
         model.generate(2, labels=torch.tensor([0, 3]))
+    # soft / multi-hot rows and fractional indices have no class: refused, not argmax'd / truncated
+    with pytest.raises(ValueError, match="one 1 per row"):
+        model.generate(2, labels=torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="whole numbers"):
+        model.generate(2, labels=torch.tensor([0.5, 1.0]))
+    assert model.generate(2, labels=torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])).shape[0] == 2
 
 
 def test_infogan_rows_vary_each_code_along_the_row():
@@ -666,3 +691,24 @@ def test_network_classes_named_in_the_docs_import_from_ganengine_models():
             named |= set(re.findall(r"`([A-Z][A-Za-z]*(?:Generator|Discriminator))`", f.read()))
     assert named and not [n for n in named if not hasattr(M, n)], sorted(n for n in named if not hasattr(M, n))
     assert all(hasattr(M, n) for n in M.__all__)
+
+
+@pytest.mark.parametrize("name", ["dcgan", "acgan"])
+def test_nan_discriminator_outputs_give_nan_losses_not_an_error(name, one_thread):
+    """BCELoss's CPU kernel raises on a NaN probability (diverged weights), before the training
+    engine's NaN stop (step, last good checkpoint, exit 3) could see a loss: the step now returns
+    NaN losses (the engine's stop is tested in tests/test_train.py)."""
+    from ganengine.models.dcgan import bce
+
+    p = torch.tensor([0.5, float("nan")], requires_grad=True)
+    loss = bce(p, 1.0)
+    assert loss.isnan() and loss.requires_grad
+    assert bce(torch.tensor([0.25, 1.0]), 1.0) == F.binary_cross_entropy(torch.tensor([0.25, 1.0]), torch.ones(2))
+    with pytest.raises(RuntimeError, match="between 0 and 1"):  # (not NaN: a D without its sigmoid, said so)
+        bce(torch.tensor([0.5, 1.5]), 1.0)
+    model = _tiny(name)
+    with torch.no_grad():
+        for p in model.D.parameters():
+            p.fill_(float("nan"))
+    losses = model.train_step(_batch(model), model.make_optimizers())
+    assert any(torch.as_tensor(v).isnan().any() for v in losses.values())

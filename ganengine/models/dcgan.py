@@ -21,10 +21,20 @@ from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
 def bce(prob: torch.Tensor, target: float) -> torch.Tensor:
-    """nn.BCELoss()(prob, full_like(prob, target)) in fp32 (the reference's loss on sigmoid outputs)."""
+    """nn.BCELoss()(prob, full_like(prob, target)) in fp32 (the reference's loss on sigmoid outputs).
+
+    A NaN probability (diverged weights) makes the CPU kernel raise ("all elements of input should
+    be between 0 and 1") before the training engine's NaN stop can see a loss: the loss is NaN
+    then (still on prob's graph), and the engine stops with the step and the last good checkpoint.
+    On CUDA the kernel's device assert fires instead, as in the references (docs/training.md)."""
     with torch.autocast(prob.device.type, enabled=False):
         prob = prob.float()
-        return F.binary_cross_entropy(prob, torch.full_like(prob, target))
+        try:
+            return F.binary_cross_entropy(prob, torch.full_like(prob, target))
+        except RuntimeError as exc:
+            if "between 0 and 1" not in str(exc) or not bool(prob.isnan().any()):
+                raise  # (a probability outside [0, 1]: a D without its sigmoid, said as the kernel says it)
+            return (prob * float("nan")).mean()
 
 
 class DCGAN(SynthesisGAN):

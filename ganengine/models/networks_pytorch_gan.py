@@ -365,9 +365,12 @@ def _infer_acgan_d(sd):
 
 def _infer_infogan_g(sd):
     # only latent_dim + n_classes + code_dim is stored: split it with the default label and code sizes
-    # (every split gives the same shapes)
+    # (every split gives the same shapes), shrunk where the total is too small for them (each size >= 1)
     total = sd["l1.0.weight"].shape[1]
-    return "infogan_G", dict(latent_dim=total - _INFOGAN["n_classes"] - _INFOGAN["code_dim"], **_conv_g_image(sd))
+    code_dim = min(_INFOGAN["code_dim"], max(1, total - 2))
+    n_classes = min(_INFOGAN["n_classes"], max(1, total - code_dim - 1))
+    return "infogan_G", dict(latent_dim=total - n_classes - code_dim, n_classes=n_classes, code_dim=code_dim,
+                             **_conv_g_image(sd))
 
 
 def _infer_infogan_d(sd):

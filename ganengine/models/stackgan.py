@@ -13,9 +13,9 @@ Wrong pairs: ``wrong_pairs="shift"`` (the reference) pairs image i with the text
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, _check_schedule_ints, set_requires_grad
+from ganengine.models.dcgan import bce
 from ganengine.models.networks_stackgan import (Stage1Discriminator, Stage1Generator, Stage2Discriminator,
                                                 Stage2Generator)
 
@@ -26,10 +26,9 @@ def kl_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def _bce(prob: torch.Tensor, target: float) -> torch.Tensor:
-    # the reference's nn.BCELoss on sigmoid outputs; in fp32 (autocast refuses BCE on probabilities)
-    with torch.autocast(prob.device.type, enabled=False):
-        prob = prob.float()
-        return F.binary_cross_entropy(prob, torch.full_like(prob, target))
+    # the reference's nn.BCELoss on sigmoid outputs; in fp32 (autocast refuses BCE on probabilities),
+    # a NaN loss where diverged weights give NaN probabilities (dcgan.bce)
+    return bce(prob, target)
 
 
 class StackGAN(GANModel):

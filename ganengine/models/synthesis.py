@@ -186,8 +186,10 @@ class SynthesisGAN(GANModel):
 
     def sample_row_labels(self, n_rows: int, class_names=None) -> list[str]:
         if self.CONDITIONAL:
-            names = list(class_names) if class_names else [f"class {k}" for k in range(self.n_classes)]
-            return [str(c) for c in names][:n_rows]
+            names = [str(c) for c in class_names] if class_names else []
+            # classes past the data's (--n_classes above its class count): "class k", as without names
+            names += [f"class {k}" for k in range(len(names), self.n_classes)]
+            return names[:n_rows]
         return [f"z set {r + 1}" for r in range(n_rows)]
 
     def interpolation_rows(self, n_rows: int = 4, steps: int = 8) -> list[torch.Tensor]:

@@ -22,14 +22,21 @@ def unwrap(net: nn.Module) -> nn.Module:
 def class_indices(label: torch.Tensor, n_classes: int, owner: str) -> torch.Tensor:
     """(N,) int64 class indices from indices or one-hot rows, checked against ``n_classes`` (on
     the CPU; a device check would synchronise every step)."""
+    cpu = label.device.type == "cpu" and label.numel() > 0
     if label.dim() == 2:
         if label.shape[1] != n_classes:
             raise ValueError(f"{owner}: one-hot labels must have {n_classes} columns (n_classes), got "
                              f"{tuple(label.shape)}")
+        if cpu and not bool((((label == 0) | (label == 1)).all() & (label.sum(1) == 1).all())):
+            raise ValueError(f"{owner}: one-hot labels must hold one 1 per row and 0 elsewhere (soft or "
+                             "multi-hot rows have no class index); pass class indices (N,) or one-hot rows")
         label = label.argmax(1)
     elif label.dim() != 1:
         raise ValueError(f"{owner}: labels must be class indices (N,) or one-hot (N, {n_classes}), got shape "
                          f"{tuple(label.shape)}")
+    elif cpu and label.is_floating_point() and not bool((label == label.round()).all()):
+        raise ValueError(f"{owner}: class indices must be whole numbers, got a {label.dtype} tensor with "
+                         "fractional values")
     label = label.long()
     if label.numel() and label.device.type == "cpu" and (int(label.min()) < 0 or int(label.max()) >= n_classes):
         raise ValueError(f"{owner}: class labels must lie in [0, {n_classes}), got {int(label.min())}.."
