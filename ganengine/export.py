@@ -99,7 +99,7 @@ def _as_inputs(example_input) -> tuple[tuple[torch.Tensor, ...], tuple[bool, ...
     return tuple(t for t in args if t is not None), tuple(t is not None for t in args)
 
 
-NORM_STATS = ("running", "input")
+NORM_STATS = ("running", "input", "per_image")
 # the method a module may define to be replaced for export (see prepare_for_export)
 EXPORT_HOOK = "export_module"
 
@@ -116,16 +116,23 @@ class BatchStatsNorm(nn.Module):
     """A BatchNorm layer normalising with the batch's own statistics, in plain ops (the ONNX
     exporter translates a training-mode batch_norm only for a fixed batch size)."""
 
-    def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, per_image: bool = False):
         super().__init__()
         self.eps = norm.eps
+        # per_image: each sample's own statistics (over its spatial positions), what the batch norm
+        # computes in training mode on a batch of one image
+        self.per_image = bool(per_image)
         self.weight, self.bias = norm.weight, norm.bias
         # a fused gnn.BatchNormAct2d/1d carries its activation: keep it
         self.activation = getattr(norm, "activation", "none")
         self.negative_slope = float(getattr(norm, "negative_slope", 0.0))
 
     def forward(self, x):
-        dims = [0] + list(range(2, x.dim()))
+        if self.per_image and x.dim() < 3:
+            raise ValueError("norm_stats='per_image': a batch norm over (N, C) inputs has no positions of its own "
+                             "to normalise one image over (training mode refuses one value per channel); use "
+                             "norm_stats 'running' or 'input' for this network")
+        dims = list(range(2, x.dim())) if self.per_image else [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
         y = (x - mean) * torch.rsqrt(var + self.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -149,8 +156,11 @@ def _instance_norm_as_batch_norm(norm: nn.InstanceNorm2d) -> nn.BatchNorm2d:
 def prepare_for_export(model: nn.Module, eval_mode: bool = True, norm_stats: str = "running") -> nn.Module:
     """A copy of ``model`` set up for export: eval mode (dropout off), and norm layers that use
     their running statistics (``norm_stats="running"``, the usual inference behaviour) or the
-    input's statistics (``"input"``: as in training mode, and as the StarGAN reference, and pix2pix
-    without --eval, translate at test time). The original model is not touched.
+    input's statistics (``"input"``: as in training mode, and as the StarGAN reference translates at
+    test time), or each image's own (``"per_image"``: batch norms normalise every sample over its
+    own positions, what training mode computes on a batch of one image, as the pix2pix / CycleGAN
+    references test without --eval at batch size 1 and ``translate`` does image by image; other
+    norms as with ``"input"``). The original model is not touched.
 
     Export semantics (the same for every network): the graph computes what the network's forward
     computes now in eval mode (``eval_mode=True``, the default), from its current state, and
@@ -171,18 +181,21 @@ def prepare_for_export(model: nn.Module, eval_mode: bool = True, norm_stats: str
         for name, child in list(parent.named_children()):
             hook = getattr(child, EXPORT_HOOK, None)
             if callable(hook):
+                if norm_stats == "per_image":
+                    raise ValueError(f"norm_stats='per_image' is for torch's norm layers; {type(child).__name__} "
+                                     "defines its own export form (norm_stats 'running' or 'input')")
                 replacement = hook(norm_stats)
                 if replacement is not None:
                     setattr(parent, name, replacement)
                 continue
             if not isinstance(child, nn.modules.batchnorm._NormBase):
                 continue
-            batch_stats = norm_stats == "input" or not child.track_running_stats
+            batch_stats = norm_stats != "running" or not child.track_running_stats
             if isinstance(child, nn.modules.batchnorm._BatchNorm) and batch_stats:
-                setattr(parent, name, BatchStatsNorm(child))
+                setattr(parent, name, BatchStatsNorm(child, per_image=norm_stats == "per_image"))
             elif not child.track_running_stats:
                 continue  # instance norm on input statistics: exports as InstanceNormalization
-            elif norm_stats == "input":
+            elif norm_stats != "running":
                 _input_stats(child)
             elif type(child) is nn.InstanceNorm2d and not child.training:
                 setattr(parent, name, _instance_norm_as_batch_norm(child))

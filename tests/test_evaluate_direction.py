@@ -284,3 +284,59 @@ def test_rafd_targets_stay_domains_when_attribute_names_are_given():
     label = torch.nn.functional.one_hot(torch.arange(6) % 3, 3).float()
     out = _with_targets(_Painter("RaFD"), {"label": label}, 0, ["angry", "happy", "sad"])["target_label"]
     assert torch.equal(out.sum(1), torch.ones(6)) and not (out == label).all(1).any()
+
+
+# ----------------------------------------------------------------------------- unpaired folders of other sizes
+@pytest.mark.parametrize("n_a,n_b", [(6, 3), (3, 6)])
+@pytest.mark.parametrize("name", ["cyclegan", "csgan"])
+def test_unpaired_evaluation_counts_each_image_once(tmp_path, name, n_a, n_b):
+    """An unpaired epoch has max(|A|, |B|) items, the shorter folder repeating: FID's real set held
+    each B image twice (|A| = 6, |B| = 3) or the fake set each A image's output twice (3, 6). Each
+    source image's output and each real image now count once: the same FID as on the folders' own
+    images, and ``images`` is |A|."""
+    from PIL import Image
+
+    from ganengine import data
+    from ganengine.cli.evaluate import make_eval_loader
+    from ganengine.metrics import frechet_distance
+    from ganengine.metrics.features import extract_features
+
+    g = torch.Generator().manual_seed(0)
+    for side, n in (("A", n_a), ("B", n_b)):
+        os.makedirs(tmp_path / f"test{side}")
+        for i in range(n):
+            arr = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / f"test{side}" / f"{i}.png")
+    model = _model(name)
+    loader, *_ = make_eval_loader(model, {"load_size": 16, "crop_size": 16}, str(tmp_path), "test", 4,
+                                  torch.device("cpu"))
+    fx = SmallFeatureExtractor()
+    got = evaluate_generator(model, loader, "fid", fx)
+    assert got["images"] == n_a
+    ds = data.build_dataset(name, {**model.options, "dataroot": str(tmp_path), "phase": "test", "load_size": 16,
+                                   "crop_size": 16, "serial_batches": True, "no_flip": True}, "test")
+    a = torch.stack([ds[i]["A"] for i in range(n_a)])
+    b = torch.stack([ds[i]["B"] for i in range(n_b)])
+    with torch.no_grad():
+        fake = model.translate({"A": a, "B": b[:1].expand(n_a, -1, -1, -1)})
+    want = frechet_distance(extract_features(fx, b), extract_features(fx, fake))
+    assert got["fid"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+def test_cli_evaluate_is_repeatable_with_dropout(tmp_path, capsys):
+    """pix2pix without --eval keeps its dropout on at test time (the reference's): --seed (default 0)
+    seeds it, so two evaluations give the same numbers, and another seed others."""
+    import json
+
+    from ganengine.models import build_model
+
+    torch.manual_seed(0)
+    run = _save(tmp_path, build_model("pix2pix", **dict(TINY, use_dropout=True)))
+
+    def l1(seed):
+        out = tmp_path / f"m{seed}.json"
+        assert main(["evaluate", "--checkpoint", run, "--metrics", "l1", "--batch_size", "4", "--max_images", "4",
+                     "--device", "cpu", "--seed", str(seed), "--output", str(out)]) == 0, capsys.readouterr().err
+        return json.loads(out.read_text())["l1"]
+
+    assert l1(0) == l1(0) != l1(1)

@@ -663,3 +663,49 @@ def test_fused_computed_weight_layers_trace_and_export(wrap, tmp_path):
     torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.pt"))(x), want, rtol=1e-5, atol=1e-6)
     export.to_onnx(ganengine.fuse(build()), x, str(tmp_path / "m.onnx"))
     assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["pix2pix", "cyclegan"])
+def test_export_batch_norm_translator_follows_translate_at_any_batch(name, tmp_path, capsys):
+    """A batch-norm pix2pix / CycleGAN without --eval translates image by image in training mode
+    (each image's own statistics, as the references test at batch size 1). --norm_stats auto
+    exported batch-wide statistics: at batch 1 the same, at batch 2 each output depended on the
+    other image (0.24 off). Now each image's own statistics: ONNX and TorchScript at batch 3 equal
+    translate()."""
+    from ganengine.cli.evaluate import load_checkpoint
+    from ganengine.models import build_model
+    from ganengine.train.checkpoint import save
+
+    torch.manual_seed(0)
+    # (no dropout: translate keeps pix2pix's dropout on without --eval, which no export reproduces)
+    model = build_model(name, netG="resnet_6blocks", ngf=4, ndf=4, crop_size=16, norm="batch", use_dropout=False)
+    for m in model.modules():  # (running statistics unlike any batch's: a wrong choice shows)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+    state = {"format": "ganengine-checkpoint", "version": 1, "model": name, "options": model.options,
+             "networks": {n: getattr(model, n).state_dict() for n in model.network_names}, "data": {}}
+    save(state, str(tmp_path / "run"), step=1)
+    for fmt, suffix in (("onnx", "onnx"), ("torchscript", "pt")):
+        rc = cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--format", fmt, "--output",
+                       str(tmp_path / f"G.{suffix}")])
+        assert rc == 0, capsys.readouterr().err
+    model = load_checkpoint(str(tmp_path / "run"))[0]
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        want = model.translate({"A": x, "B": x})
+        torch.testing.assert_close(want[1:2], model.translate({"A": x[1:2], "B": x[1:2]}), rtol=0, atol=0)
+        _close(torch.jit.load(str(tmp_path / "G.pt"))(x), want)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pytest.skip("onnxruntime is not installed: the ONNX file was written but not run")
+    _close(_run_ort(tmp_path / "G.onnx", [x])[0], want)
+
+
+def test_per_image_statistics_refuse_batch_norm_without_positions(tmp_path):
+    """norm_stats='per_image' on a BatchNorm1d over (N, C): no positions to normalise one image over
+    (var_mean over no dims reduced everything): refused, naming the choice."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+    with pytest.raises(ValueError, match="per_image"):
+        to_torchscript(model, torch.randn(3, 4), tmp_path / "m.pt", norm_stats="per_image")

@@ -19,7 +19,9 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("synthesis checkpoints (dcgan, wgan, ..., infogan, sagan, biggan, unetgan)")
     g.add_argument("--num_samples", type=int, default=10000,
                    help="images to generate (default: %(default)s; papers report FID on 50000)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the latents (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the latents; for image-to-image checkpoints, of the random ops the evaluation runs "
+                        "(pix2pix's dropout without --eval, KID's subsets) (default: %(default)s)")
     g.add_argument("--is_splits", type=int, default=10, help="Inception Score splits (default: %(default)s)")
     g.add_argument("--pr_k", type=int, default=3, help="k of precision/recall (default: %(default)s)")
     g.add_argument("--dc_k", type=int, default=5, help="k of density/coverage (default: %(default)s)")

@@ -228,6 +228,7 @@ def run(args) -> int:
         check_paired(model, metrics)  # (before the data is read)
         loader, phase, root = make_eval_loader(model, data_options, args.dataroot, args.phase, args.batch_size,
                                                device)
+        torch.manual_seed(args.seed)  # (the same numbers on every run: dropout, KID subsets)
         results = evaluate_generator(model, loader, metrics, extractor, classifier, max_images=args.max_images,
                                      kid_options={"subsets": args.kid_subsets, "subset_size": args.kid_subset_size},
                                      selected_attrs=data_options.get("selected_attrs"))

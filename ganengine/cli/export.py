@@ -44,10 +44,11 @@ def register(subparsers) -> None:
     p.add_argument("--batch_size", type=int, default=None,
                    help="batch size of the example input (default: 1; 2 for a synthesis model's networks on batch "
                         "statistics); with --static_batch, the ONNX graph's fixed batch size")
-    p.add_argument("--norm_stats", default="auto", choices=("auto", "running", "input"),
-                   help="normalisation statistics in the exported graph: running (eval mode) or the input's "
-                        "(as the reference test code of StarGAN, and pix2pix without --eval); auto: as the "
-                        "model's translate() does")
+    p.add_argument("--norm_stats", default="auto", choices=("auto", "running", "input", "per_image"),
+                   help="normalisation statistics in the exported graph: running (eval mode), the input batch's "
+                        "(as the reference test code of StarGAN), or each image's own (batch norms as in training "
+                        "mode on one image: pix2pix / CycleGAN without --eval, tested at batch size 1); auto: as "
+                        "the model's translate() does")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 15; default 17)")
     p.add_argument("--static_batch", action="store_true",
                    help="ONNX: fix the batch size to the example's (--batch_size) instead of a dynamic one")
@@ -98,7 +99,7 @@ def synthesis_generator_input(model, batch: int = 2, seed: int = 0) -> tuple:
         return tuple(model.generator_inputs(z, labels if model.CONDITIONAL else None))
     if isinstance(model, BigGAN):
         z = z * float(o.get("z_var", 1.0))  # the model's sample_z: N(0, z_var^2)
-        if o.get("unconditional"):  # U-Net GAN without classes: class 0 (its training step's)
+        if o.get("unconditional"):  # U-Net GAN's unconditional G and D ignore labels: class 0 (its step's)
             labels = torch.zeros(batch, dtype=torch.long)
         if isinstance(model, ICGAN):
             feats = torch.nn.functional.normalize(torch.randn(batch, int(o["instance_sz"]), generator=gen), dim=1)
@@ -237,8 +238,11 @@ def auto_norm_stats(model) -> str:
     family unless ``G_eval_mode``."""
     name = getattr(model, "MODEL_NAME", "")
     options = dict(getattr(model, "options", {}) or {})
-    if name == "stargan" or (name == "pix2pix" and not options.get("eval", False)):
+    if name == "stargan":
         return "input"
+    if name in ("pix2pix", "cyclegan", "csgan") and not options.get("eval", False):
+        # translate runs G in training mode image by image (models/base.per_image_in_training_mode)
+        return "per_image"
     if is_synthesis(model):
         return "running" if options.get("G_eval_mode", False) else "input"
     return "running"

@@ -116,6 +116,19 @@ def target_key(model, batch: dict) -> str:
                      f"model) or 'image', got keys {sorted(batch)}")
 
 
+def _first_seen(paths, seen: set, count: int) -> list[int]:
+    """Indices of the batch rows whose path is not in ``seen`` (added to it); every row where the
+    batch carries no paths."""
+    if paths is None:
+        return list(range(count))
+    keep = []
+    for i, path in enumerate(paths):
+        if path not in seen:
+            seen.add(path)
+            keep.append(i)
+    return keep
+
+
 def is_unpaired(model) -> bool:
     """Whether ``model`` trains on unpaired data (CycleGAN, CS-GAN): no pixel-wise target exists."""
     return getattr(model, "MODEL_NAME", "") in UNPAIRED_MODELS
@@ -184,6 +197,8 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
     sums = {m: 0.0 for m in ("l1", "psnr", "ssim")}
     acc = AttributeAccuracy(label_mode(model) if multi_label is None else multi_label)
     n = n_seen = 0
+    unpaired = is_unpaired(model)
+    seen = {"A": set(), "B": set()}
     for batch in loader:
         if not isinstance(batch, dict):
             raise TypeError(f"evaluate_generator: batches must be dicts (see docs/INTERFACES.md), got {type(batch).__name__}")
@@ -192,6 +207,13 @@ def evaluate_generator(model, loader: Iterable[dict], metrics=("fid",), feature_
         fake = _generate(model, batch, device).float()
         key = target_key(model, batch)
         real = batch[key].to(fake.device).float()
+        if unpaired:
+            # an unpaired epoch has max(|A|, |B|) items, the shorter folder repeating (B by index
+            # modulo |B| with serial batches): each source image's output and each real image
+            # counted once, as FID between the two folders counts them
+            src = "A" if key == "B" else "B"
+            fake = fake[_first_seen(batch.get(f"{src}_paths"), seen[src], fake.shape[0])]
+            real = real[_first_seen(batch.get(f"{key}_paths"), seen[key], real.shape[0])]
         if max_images is not None:
             keep = max_images - n
             if keep <= 0:
