@@ -631,6 +631,28 @@ def test_errors_name_the_argument():
                 GF.batch_norm_act(x, [0.0] * 3, torch.ones(3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_batches_tracked_and_negative_slope_are_checked(backend):
+    """num_batches_tracked: a one-count tensor on x's device, on every backend (a (2,) count was
+    counted on some and refused on others; a meta count accepted silently); negative_slope named."""
+    x, rm, rv = torch.randn(3, 4, 5, 5), torch.zeros(4), torch.ones(4)
+    with on_backend(backend):
+        with pytest.raises(TypeError, match="num_batches_tracked must be a Tensor"):
+            GF.batch_norm_act(x, rm.clone(), rv.clone(), num_batches_tracked=0)
+        with pytest.raises(ValueError, match="num_batches_tracked must hold one count"):
+            GF.batch_norm_act(x, rm.clone(), rv.clone(), num_batches_tracked=torch.zeros(2, dtype=torch.long))
+        with pytest.raises(ValueError, match="num_batches_tracked is on meta"):
+            GF.batch_norm_act(x, rm.clone(), rv.clone(), num_batches_tracked=torch.zeros((), dtype=torch.long,
+                                                                                             device="meta"))
+        with pytest.raises(TypeError, match="negative_slope must be a number"):
+            GF.batch_norm_act(x, rm.clone(), rv.clone(), activation="leaky_relu", negative_slope="a")
+        nbt = torch.tensor(3)
+        GF.batch_norm_act(x, rm, rv, num_batches_tracked=nbt)
+        assert int(nbt) == 4
+        # (read only to count a training batch: eval calls ignore it on every route, as the C++ op)
+        GF.batch_norm_act(x, rm, rv, training=False, num_batches_tracked=torch.zeros(2, dtype=torch.long))
+
+
 # ------------------------------------------------------------------ modules
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -305,6 +305,22 @@ def test_one_dim_weight_and_errors():
         GF.spectral_norm_weight(torch.ones(4, 5, dtype=torch.int64), torch.randn(4))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_u_and_v_on_another_device_or_not_tensors_are_refused(backend):
+    """The cpu kernels read u and v through their pointers: a meta u / v (no memory) gave a random
+    sigma; a list gave the dispatcher's error. Both are the public errors on every backend."""
+    w = torch.randn(4, 5, requires_grad=True)
+    with on_backend(backend):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                with pytest.raises(ValueError, match="u must have the weight's dtype and device"):
+                    GF.spectral_norm_weight(w, torch.randn(4, device="meta"))
+                with pytest.raises(ValueError, match="v must have the weight's dtype and device"):
+                    GF.spectral_norm_weight(w, torch.randn(4), v=torch.randn(5, device="meta"))
+                with pytest.raises(TypeError, match="u must be a Tensor or None"):
+                    GF.spectral_norm_weight(w, [1.0] * 4)
+
+
 # ----------------------------------------------------------------------------- second order, opcheck, compile
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradgradcheck(backend):

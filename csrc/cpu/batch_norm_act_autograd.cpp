@@ -58,6 +58,9 @@ double resolve_factor(const OptT& running_mean, const OptT& nbt, bool training, 
     const at::Tensor& t = *nbt;
     TORCH_CHECK_VALUE(t.numel() == 1, op_name(per_sample), ": num_batches_tracked must hold one count, got shape ",
                       t.sizes());
+    // (running_mean's device is x's: checked with the other tensors)
+    TORCH_CHECK_VALUE(t.device() == running_mean->device(), op_name(per_sample), ": num_batches_tracked is on ",
+                      t.device(), " but x is on ", running_mean->device());
     double count;
     if (t.is_cpu() && t.scalar_type() == at::kLong) {
       int64_t* p = t.data_ptr<int64_t>();

@@ -311,6 +311,8 @@ void check_layer(const at::Tensor& w, const at::Tensor& u, const at::Tensor& v, 
               "spectral_norm_fwd: weights[", i, "] must be fp32 or fp64, got ", w.scalar_type());
   const int64_t H = w.size(0);
   TORCH_CHECK(H > 0 && w.numel() > 0, "spectral_norm_fwd: weights[", i, "] is empty");
+  TORCH_CHECK(u.device() == w.device() && (!v_used || v.device() == w.device()),
+              "spectral_norm_fwd: us[", i, "] and vs[", i, "] must be on the weight's device");
   TORCH_CHECK(u.dim() == 1 && u.size(0) == H && u.is_contiguous() && u.scalar_type() == w.scalar_type(),
               "spectral_norm_fwd: us[", i, "] must be a contiguous (", H, ",) vector of the weight's dtype");
   TORCH_CHECK(!v_used || (v.dim() == 1 && v.size(0) == w.numel() / H && v.is_contiguous() && v.scalar_type() == w.scalar_type()),

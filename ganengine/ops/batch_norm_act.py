@@ -69,14 +69,17 @@ def _act(activation: str, negative_slope) -> tuple[bool, float]:
     if activation == "relu":
         return True, 0.0
     if activation == "leaky_relu":
-        return True, float(negative_slope)
+        try:
+            return True, float(negative_slope)
+        except (TypeError, ValueError):
+            raise TypeError(f"negative_slope must be a number, got {negative_slope!r}") from None
     if activation == "none":
         return False, 0.0
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 # ----------------------------------------------------------------------------- checks
-def _validate(op, x, w, b, rm, rv, training, eps, per_sample):
+def _validate(op, x, w, b, rm, rv, training, eps, per_sample, nbt=None):
     """The checks of the C++ op (csrc/cpu/batch_norm_act.h), for the routes that do not run it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
@@ -96,6 +99,14 @@ def _validate(op, x, w, b, rm, rv, training, eps, per_sample):
         _check_param(op, "running_var", rv, x, dev, n, c, False)
     if (rm is None) != (rv is None):
         raise ValueError(f"{op}: running_mean and running_var must be given together")
+    if nbt is not None and training and rm is not None:  # (read only to count a training batch, as the C++ op)
+        if not isinstance(nbt, torch.Tensor):
+            raise TypeError(f"{op}: num_batches_tracked must be a Tensor or None (nn.BatchNorm's one-element "
+                            f"count), got {type(nbt).__name__}")
+        if nbt.numel() != 1:
+            raise ValueError(f"{op}: num_batches_tracked must hold one count, got shape {tuple(nbt.shape)}")
+        if nbt.device != dev:
+            raise ValueError(f"{op}: num_batches_tracked is on {nbt.device} but x is on {x.device}")
     if training:
         if x.numel() == c and x.numel() != 0:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
@@ -456,9 +467,9 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
                 return (lean if lean is not None else _c_op())(x, w, b, rm, rv, nbt, momentum, eps, slope, flags)
             except (TypeError, RuntimeError):
                 # arguments the dispatcher could not even convert: say what is wrong in our words
-                _validate(op, x, w, b, rm, rv, training, eps, per_sample)
+                _validate(op, x, w, b, rm, rv, training, eps, per_sample, nbt)
                 raise
-        _validate(op, x, w, b, rm, rv, training, eps, per_sample)
+        _validate(op, x, w, b, rm, rv, training, eps, per_sample, nbt)
         if backend == "torch":
             return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
         if _kernels_can_run(x, w, b, rm, rv, nbt):
@@ -476,7 +487,7 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
     else:
         # torch.compile: the backend is chosen inside the custom ops at run time; "torch" compiles
         # the composition itself
-        _validate(op, x, w, b, rm, rv, training, eps, per_sample)
+        _validate(op, x, w, b, rm, rv, training, eps, per_sample, nbt)
         if backends.current() == "torch":
             return _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample)
     # the custom ops do not mutate: the running statistics are updated here

@@ -497,6 +497,11 @@ def _lean_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: 
     op = _dispatch.lean_op("spectral_norm_fwd", _SN_KERNELS)
     if op is None or not (isinstance(weight, Tensor) and weight.is_cpu and weight.dim() > 1):
         return None
+    # u and v plain CPU tensors (the kernel reads them through their pointers and does not check
+    # devices; a list is refused by the dispatcher, not with the public TypeError): else the full
+    # route raises the public error
+    if not (type(u) in _eager._TENSOR_TYPES and u.is_cpu and (v is None or (type(v) in _eager._TENSOR_TYPES and v.is_cpu))):
+        return None
     try:
         if torch.is_grad_enabled() and weight.requires_grad:
             w_sn, sigma, u_new, v_new = SpectralNormFn.apply(("cpu", [0], [u], [v], first, steps, eps, write_state),
