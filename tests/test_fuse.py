@@ -335,6 +335,35 @@ def test_sequential_indexed_by_its_parent_is_not_rewritten():
     _check_same(fused, net, torch.randn(2, 3, 8, 8))
 
 
+def test_sequential_built_from_its_own_list_attribute_is_fused():
+    """junyanz's PixelDiscriminator: ``self.net = [...]`` then ``self.net = nn.Sequential(*self.net)``
+    in __init__: the load re-binds the attribute (a list becoming the module), no other use: fused.
+    Keeping another reference in __init__ still declines."""
+    class Pixel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = [nn.Conv2d(3, 4, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8),
+                        nn.LeakyReLU(0.2, True), nn.Conv2d(8, 1, 1)]
+            self.net = nn.Sequential(*self.net)
+
+        def forward(self, x):
+            return self.net(x)
+
+    class PixelWithTaps(Pixel):
+        def __init__(self):
+            super().__init__()
+            self.taps = [self.net]
+
+    net = Pixel()
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert report.get("conv2d+leaky_relu", 0) == 1 and report.get("batch_norm+act", 0) == 1, report
+    _check_same(fused, net, torch.randn(2, 3, 8, 8))
+    aliased = PixelWithTaps()
+    fused, report = ganengine.fuse(aliased, return_report=True)
+    assert report.get("conv2d+leaky_relu", 0) == 0 and report.get("batch_norm+act", 0) == 0, report
+    _check_same(fused, aliased, torch.randn(2, 3, 8, 8))
+
+
 def test_inplace_activation_on_a_sequential_input_keeps_its_effect():
     """pix2pix's U-Net: ``cat([x, model(x)])`` with model starting LeakyReLU(inplace): the skip
     connection sees the activated x. Fusing must keep that (the activation stays in place)."""

@@ -141,6 +141,19 @@ _WHOLE_MODULE_METHODS = frozenset({
     "register_full_backward_hook", "share_memory", "extra_repr"})
 
 
+def _rebinds_itself(node: ast.AST, parents: dict, child_name: str) -> bool:
+    """Whether ``node`` (a load of ``self.<child_name>``) lies in the value of ``self.<child_name> =
+    ...``: in __init__ the attribute is then re-bound from what it held before (junyanz's
+    ``self.net = nn.Sequential(*self.net)``, a list becoming the module), and the module the
+    parent calls is the one assigned, with no other reference to it kept."""
+    up = parents.get(node)
+    while up is not None and not isinstance(up, ast.stmt):
+        up = parents.get(up)
+    return (isinstance(up, ast.Assign) and len(up.targets) == 1 and isinstance(up.targets[0], ast.Attribute)
+            and up.targets[0].attr == child_name and isinstance(up.targets[0].value, ast.Name)
+            and up.targets[0].value.id == "self")
+
+
 def child_only_called(parent: nn.Module, child_name: str) -> str | None:
     """None when every use of ``self.<child_name>`` in the parent's class is a call
     (``self.name(...)``, ``self.name.forward(...)``), an assignment, or a method that treats it as
@@ -165,6 +178,8 @@ def child_only_called(parent: nn.Module, child_name: str) -> str | None:
                     continue  # assigned (in __init__) or deleted
                 up = parents.get(node)
                 if isinstance(up, ast.Call) and up.func is node:
+                    continue
+                if name == "__init__" and _rebinds_itself(node, parents, child_name):
                     continue
                 if (isinstance(up, ast.Attribute) and up.attr in _WHOLE_MODULE_METHODS
                         and isinstance(parents.get(up), ast.Call) and parents[up].func is up):
