@@ -144,10 +144,21 @@ def test_sample_output_jpg_in_a_missing_folder(cyclegan_run, tmp_path, capsys):
 def test_evaluate_counts_the_metrics_need(cyclegan_run, dcgan_run, capsys):
     fid = ["--metrics", "fid", "--feature_extractor", EXTRACTOR]
     _error(capsys, ["evaluate", "--checkpoint", cyclegan_run, "--max_images", "1"] + fid, "--max_images", ">= 2")
-    for ckpt in (cyclegan_run, dcgan_run):
+    for ckpt, extra in ((cyclegan_run, []), (dcgan_run, ["--num_samples", "4"])):
         _error(capsys, ["evaluate", "--checkpoint", ckpt, "--metrics", "kid", "--feature_extractor", EXTRACTOR,
-                        "--kid_subset_size", "1", "--max_images", "4", "--num_samples", "4"],
+                        "--kid_subset_size", "1", "--max_images", "4", *extra],
                "--kid_subset_size", ">= 2")
+
+
+def test_evaluate_refuses_options_of_the_other_kind_of_checkpoint(cyclegan_run, dcgan_run, capsys):
+    """The synthesis-only options on an image-to-image checkpoint, and --classifier on a synthesis
+    checkpoint, were accepted and ignored: refused, naming them."""
+    fid = ["--metrics", "fid", "--feature_extractor", EXTRACTOR]
+    _error(capsys, ["evaluate", "--checkpoint", cyclegan_run, "--num_samples", "8", "--is_splits", "2"] + fid,
+           "--num_samples, --is_splits", "synthesis checkpoints")
+    _error(capsys, ["evaluate", "--checkpoint", cyclegan_run, "--pr_k", "2"] + fid, "--pr_k", "leave it out")
+    _error(capsys, ["evaluate", "--checkpoint", dcgan_run, "--classifier", f"{FEATURES}:SmallFeatureExtractor",
+                    "--num_samples", "4"] + fid, "--classifier", "image-to-image")
 
 
 @pytest.mark.parametrize("spec", ["nomod:X", "nomod.sub:X", "nowhere.py:X", "noattr", f"{FEATURES}:Nope"])

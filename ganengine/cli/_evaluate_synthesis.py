@@ -15,16 +15,22 @@ import sys
 import torch
 
 
+# the synthesis-only options' defaults (None in the parser: an image-to-image evaluation refuses them
+# when given, rather than ignoring them)
+DEFAULTS = dict(num_samples=10000, is_splits=10, pr_k=3, dc_k=5)
+
+
 def add_arguments(p) -> None:
     g = p.add_argument_group("synthesis checkpoints (dcgan, wgan, ..., infogan, sagan, biggan, unetgan)")
-    g.add_argument("--num_samples", type=int, default=10000,
-                   help="images to generate (default: %(default)s; papers report FID on 50000)")
+    g.add_argument("--num_samples", type=int, default=None,
+                   help=f"images to generate (default: {DEFAULTS['num_samples']}; papers report FID on 50000)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the latents; for image-to-image checkpoints, of the random ops the evaluation runs "
                         "(pix2pix's dropout without --eval, KID's subsets) (default: %(default)s)")
-    g.add_argument("--is_splits", type=int, default=10, help="Inception Score splits (default: %(default)s)")
-    g.add_argument("--pr_k", type=int, default=3, help="k of precision/recall (default: %(default)s)")
-    g.add_argument("--dc_k", type=int, default=5, help="k of density/coverage (default: %(default)s)")
+    g.add_argument("--is_splits", type=int, default=None,
+                   help=f"Inception Score splits (default: {DEFAULTS['is_splits']})")
+    g.add_argument("--pr_k", type=int, default=None, help=f"k of precision/recall (default: {DEFAULTS['pr_k']})")
+    g.add_argument("--dc_k", type=int, default=None, help=f"k of density/coverage (default: {DEFAULTS['dc_k']})")
     g.add_argument("--feature_file", default=None,
                    help="IC-GAN: the instance features file (default: the training's, as the checkpoint records it)")
 
@@ -69,7 +75,13 @@ def run(args) -> int:
     from ganengine.metrics.evaluate_synthesis import (check_logits, check_real_classes, check_request,
                                                      evaluate_synthesis, parse_synthesis_metrics, real_loader)
 
+    for name, value in DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     try:
+        if getattr(args, "classifier", None):
+            raise ValueError("--classifier is for the acc metric of image-to-image checkpoints (pix2pix, CycleGAN, "
+                             "StarGAN, ...); a synthesis checkpoint's metrics take none: leave it out")
         metrics = parse_synthesis_metrics(args.metrics)
         for name in ("batch_size", "is_splits", "pr_k", "dc_k"):
             _positive(name, getattr(args, name))
@@ -111,3 +123,13 @@ def run(args) -> int:
     for key, value in results.items():
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
     return write_output(args, results)
+
+
+def refuse_synthesis_options(args) -> None:
+    """An image-to-image checkpoint's evaluation uses none of the synthesis-only options: given, they
+    are refused (they would be ignored)."""
+    given = [f"--{name}" for name in (*DEFAULTS, "feature_file") if getattr(args, name, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to synthesis checkpoints (noise -> image models) only; this "
+                         "checkpoint translates images (its evaluation runs over the data's images): leave "
+                         f"{'it' if len(given) == 1 else 'them'} out")

@@ -211,6 +211,7 @@ def run(args) -> int:
     if _evaluate_synthesis.is_synthesis_checkpoint(args.checkpoint):  # noise -> image models: generate N samples
         return _evaluate_synthesis.run(args)
     try:
+        _evaluate_synthesis.refuse_synthesis_options(args)
         metrics = parse_metrics(args.metrics)
         check_metric_counts(args, metrics)
         if args.batch_size < 1:
