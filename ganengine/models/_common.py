@@ -1,6 +1,8 @@
 """Helpers shared by the network files: fusing, optional SAGAN attention, argument checks."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 
@@ -45,6 +47,12 @@ def run_with_attention(seq: nn.Sequential, x, index: int, attn: nn.Module):
     if index >= len(seq):
         x = attn(x)
     return x
+
+
+def check_finite_nonnegative(owner: str, name: str, v) -> None:
+    """A loss weight: a finite int or float >= 0 (not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {v!r}")
 
 
 def check_positive(owner: str, **values) -> None:

@@ -189,14 +189,19 @@ OPEN_ARCHS = frozenset({"biggan_G", "biggan_D", "biggan_deep_G", "biggan_deep_D"
 _SAGAN_ATTN_WIDTHS = {"sagan_G": (128, 64), "sagan_D": (256, 512)}
 
 
+def sagan_attn_widths(sd) -> tuple:
+    """The input widths of a SAGAN state dict's two attention layers (None where one is missing)."""
+    return tuple(sd[f"attn{i}.value_conv.weight"].shape[1] if f"attn{i}.value_conv.weight" in sd else None
+                 for i in (1, 2))
+
+
 def _explain_sagan(arch):
     def explain(sd, args):
         if "l4.0.module.weight_bar" not in sd and "l3.0.module.weight_bar" in sd:
             return ("it has no layer l4: the reference builds l4 only for image_size=64 and its forward always runs "
                     "it, so a reference network of another image_size cannot run and there are no outputs to "
                     "reproduce (only image_size=64 reference checkpoints are loadable)")
-        widths = tuple(sd[f"attn{i}.value_conv.weight"].shape[1] if f"attn{i}.value_conv.weight" in sd else None
-                       for i in (1, 2))
+        widths = sagan_attn_widths(sd)
         try:
             conv_dim = (_infer_sagan_g if arch == "sagan_G" else _infer_sagan_d)(sd)[1]["conv_dim"]
         except (KeyError, IndexError):

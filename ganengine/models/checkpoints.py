@@ -445,12 +445,11 @@ def _check_sagan_runs_in_reference(arch: str, sd: dict) -> None:
     hard-coded for conv_dim=64 and its forward always runs layer l4 (built at 64 only). Its
     constructor takes other values, but the file of such a network loads into no reference
     network that runs (archs_attention._explain_sagan), so it is refused, not written."""
-    from ganengine.models.archs_attention import _SAGAN_ATTN_WIDTHS
+    from ganengine.models.archs_attention import _SAGAN_ATTN_WIDTHS, sagan_attn_widths
 
     if arch not in _SAGAN_ATTN_WIDTHS or "attn1.value_conv.weight" not in sd:
         return  # (not a SAGAN network: the arch checks after this say what it is)
-    widths = tuple(sd[f"attn{i}.value_conv.weight"].shape[1] if f"attn{i}.value_conv.weight" in sd else None
-                   for i in (1, 2))
+    widths = sagan_attn_widths(sd)
     has_l4 = any(k.startswith("l4.") for k in sd)
     if widths != _SAGAN_ATTN_WIDTHS[arch] or not has_l4:
         what = ("no layer l4 (image_size != 64)" if not has_l4 else

@@ -11,9 +11,8 @@ added to the generators' loss (the reference detaches the cycled images and fixe
 """
 from __future__ import annotations
 
-import math
-
 import ganengine.functional as GF
+from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.cyclegan import CycleGAN
 
 
@@ -26,9 +25,7 @@ class CSGAN(CycleGAN):
 
     def __init__(self, **options):
         super().__init__(**options)
-        v = self.options["lambda_CS"]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"CSGAN: lambda_CS must be a finite number >= 0, got {v!r}")
+        check_finite_nonnegative("CSGAN", "lambda_CS", self.options["lambda_CS"])
 
     def _l1_losses(self, real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B):
         o = self.options

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, _check_schedule_ints, set_requires_grad
-from ganengine.models.dcgan import bce
+from ganengine.models.dcgan import bce  # the reference's nn.BCELoss on sigmoid outputs, in fp32
 from ganengine.models.networks_stackgan import (Stage1Discriminator, Stage1Generator, Stage2Discriminator,
                                                 Stage2Generator)
 
@@ -23,12 +23,6 @@ from ganengine.models.networks_stackgan import (Stage1Discriminator, Stage1Gener
 def kl_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """mean(-0.5 * (1 + logvar - mu^2 - exp(logvar))), the reference's KL_loss."""
     return torch.mean(1 + logvar - mu.pow(2) - logvar.exp()).mul(-0.5)
-
-
-def _bce(prob: torch.Tensor, target: float) -> torch.Tensor:
-    # the reference's nn.BCELoss on sigmoid outputs; in fp32 (autocast refuses BCE on probabilities),
-    # a NaN loss where diverged weights give NaN probabilities (dcgan.bce)
-    return bce(prob, target)
 
 
 class StackGAN(GANModel):
@@ -101,15 +95,15 @@ class StackGAN(GANModel):
         cond = cond.detach()
         real_features = netD(real_imgs)
         fake_features = netD(fake_imgs.detach())
-        err_real = _bce(heads.get_cond_logits(real_features, cond), 1.0)
+        err_real = bce(heads.get_cond_logits(real_features, cond), 1.0)
         if wrong_imgs is None:
-            err_wrong = _bce(heads.get_cond_logits(real_features[:n - 1], cond[1:]), 0.0)
+            err_wrong = bce(heads.get_cond_logits(real_features[:n - 1], cond[1:]), 0.0)
         else:
-            err_wrong = _bce(heads.get_cond_logits(netD(wrong_imgs), cond), 0.0)
-        err_fake = _bce(heads.get_cond_logits(fake_features, cond), 0.0)
+            err_wrong = bce(heads.get_cond_logits(netD(wrong_imgs), cond), 0.0)
+        err_fake = bce(heads.get_cond_logits(fake_features, cond), 0.0)
         if heads.get_uncond_logits is not None:
-            unc_real = _bce(heads.get_uncond_logits(real_features), 1.0)
-            unc_fake = _bce(heads.get_uncond_logits(fake_features), 0.0)
+            unc_real = bce(heads.get_uncond_logits(real_features), 1.0)
+            unc_fake = bce(heads.get_uncond_logits(fake_features), 0.0)
             err_d = (err_real + unc_real) / 2.0 + (err_fake + err_wrong + unc_fake) / 3.0
             err_real, err_fake = (err_real + unc_real) / 2.0, (err_fake + unc_fake) / 2.0
         else:
@@ -119,9 +113,9 @@ class StackGAN(GANModel):
     def _g_loss(self, fake_imgs, cond):
         heads = self._heads()
         fake_features = self.netD(fake_imgs)
-        err = _bce(heads.get_cond_logits(fake_features, cond.detach()), 1.0)
+        err = bce(heads.get_cond_logits(fake_features, cond.detach()), 1.0)
         if heads.get_uncond_logits is not None:
-            err = err + _bce(heads.get_uncond_logits(fake_features), 1.0)
+            err = err + bce(heads.get_uncond_logits(fake_features), 1.0)
         return err
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:

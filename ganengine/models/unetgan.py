@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import ganengine.functional as GF
+from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.biggan import BIGGAN_DEFAULTS, BigGAN
 from ganengine.models.networks_unetgan import UNetDiscriminator
@@ -78,13 +79,6 @@ def check_unconditional_options(o: dict) -> None:
                          "give --G_shared false (the reference recipes' setting)" + old)
 
 
-def check_lambda_consistency(v) -> None:
-    import math
-
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"UNetGAN: lambda_consistency must be a finite number >= 0, got {v!r}")
-
-
 class UNetGAN(BigGAN):
     MODEL_NAME = "unetgan"
     DEFAULTS = dict(BIGGAN_DEFAULTS, num_D_steps=1, unconditional=False, gan_loss="hinge", unet_mixup=True,
@@ -96,7 +90,8 @@ class UNetGAN(BigGAN):
         if options.get("unconditional") and "hier" not in options:
             options["hier"] = True  # the reference's recipes (--hier --unconditional; its G needs hier)
         check_unconditional_options({**self.DEFAULTS, **options})
-        check_lambda_consistency(options.get("lambda_consistency", self.DEFAULTS["lambda_consistency"]))
+        check_finite_nonnegative("UNetGAN", "lambda_consistency",
+                                 options.get("lambda_consistency", self.DEFAULTS["lambda_consistency"]))
         super().__init__(**options)
         self._choice("gan_loss", ("hinge", "vanilla"))
 

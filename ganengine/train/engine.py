@@ -281,9 +281,10 @@ class Trainer:
             resume_state = self._load(path)
             self.resume_path = path
         else:
-            rng.seed_all(mix(cfg.seed, self.dist.rank, 1))  # per-rank noise / dropout / pool draws
+            seed = mix(cfg.seed, self.dist.rank, 1)
+            rng.seed_all(seed)  # per-rank noise / dropout / pool draws
             if self.dist.world_size > 1:  # (the models' own generators too, e.g. CycleGAN's image pools)
-                self.model.reseed(mix(cfg.seed, self.dist.rank, 1))
+                self.model.reseed(seed)
         continues = resume_state is not None and self._continues_folder(self.resume_path)
 
         for name, net in self.networks.items():  # DDP (and compile) wrappers for the step function
