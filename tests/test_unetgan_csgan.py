@@ -197,6 +197,23 @@ def test_unetgan_discriminator_losses_are_the_reference_terms(monkeypatch):
         torch.testing.assert_close(got[k], v, atol=1e-4 * (1 + float(v.abs())), rtol=0, msg=k)
 
 
+def test_unetgan_cutmix_maps_drawn_once_per_iteration(monkeypatch):
+    """The reference's train.py draws one map per chunk image before train(): every chunk and every
+    D step of the iteration mixes with the same maps."""
+    from ganengine.models import unetgan as U
+
+    torch.manual_seed(0)
+    model = U.UNetGAN(resolution=32, n_classes=3, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=8,
+                      num_D_steps=2, num_D_accumulations=2)
+    drawn = []
+    real_maps = U.cutmix_maps
+    monkeypatch.setattr(U, "cutmix_maps", lambda n, size, device=None: drawn.append((n, size))
+                        or real_maps(n, size, device))
+    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([2, 0, 1, 1])
+    model.train_step({"image": x, "label": y}, model.make_optimizers())
+    assert drawn == [(2, 32)]
+
+
 # ---------------------------------------------------------------------------- command line
 TINY_SYNTH = {
     "csgan": "--netG resnet_6blocks --ngf 4 --ndf 4 --n_layers_D 2 --load_size 36 --crop_size 32 --batch_size 2",

@@ -7,8 +7,9 @@ chunks in every D step as the reference):
 
 * D on ``cat([G_z, x(, mixed)])``: real/fake terms of both heads, ``0.5 * (real_2d + real_middle)
   + 0.5 * (fake_2d + fake_middle)``;
-* ``unet_mixup`` (CutMix regularisation): a CutMix map M per image (a box covering 1 - lam of the
-  image, lam ~ U(0, 1), inverted with probability 1/2), ``mixed = M * x + (1 - M) * G_z`` (the
+* ``unet_mixup`` (CutMix regularisation): a CutMix map M per image of a chunk (a box covering
+  1 - lam of the image, lam ~ U(0, 1), inverted with probability 1/2; drawn once per iteration and
+  used by every chunk and D step, as the reference), ``mixed = M * x + (1 - M) * G_z`` (the
   fakes drawn with the real images' labels, as the reference). The augmentation loss trains the
   decoder to output M on the mix (per-pixel targets) and the encoder to call the mix fake; the
   consistency loss ``mse(D_dec(mixed), M * D_dec(x) + (1 - M) * D_dec(G_z))``.
@@ -150,6 +151,10 @@ class UNetGAN(BigGAN):
         self.G.train()
         self.D.train()
         losses = {}
+        # one CutMix map per image of a chunk, drawn once per iteration and used by every chunk
+        # and D step, as the reference's train.py draws target_map before calling train()
+        maps = (cutmix_maps(xs[0].shape[0], x.shape[-1], x.device).to(x.dtype) if o["unet_mixup"]
+                else None)
         if o["toggle_grads"]:
             set_requires_grad(self.D, True)
             set_requires_grad(self.G, False)
@@ -165,7 +170,6 @@ class UNetGAN(BigGAN):
                         fake = self.G(z, gy).to(real.dtype)
                     inputs, labels = [fake, real], [gy, real_y]
                     if o["unet_mixup"]:
-                        maps = cutmix_maps(n, real.shape[-1], real.device).to(real.dtype)
                         inputs.append(maps * real + (1 - maps) * fake)
                         labels.append(real_y)
                     pix, glob = self.D(torch.cat(inputs), torch.cat(labels))
