@@ -161,6 +161,20 @@ def test_evaluate_refuses_options_of_the_other_kind_of_checkpoint(cyclegan_run, 
                     "--num_samples", "4"] + fid, "--classifier", "image-to-image")
 
 
+def test_inception_resize_with_a_feature_extractor_is_refused(cyclegan_run, capsys):
+    """--inception_resize only sets the Inception network's resize: with --feature_extractor it was
+    accepted and ignored."""
+    _error(capsys, ["evaluate", "--checkpoint", cyclegan_run, "--metrics", "fid", "--feature_extractor", EXTRACTOR,
+                    "--inception_resize", "tf1"], "--inception_resize", "--feature_extractor")
+    from ganengine.train.evaluation import check_options
+
+    with pytest.raises(ValueError, match="--inception_resize.*--feature_extractor"):
+        check_options(dict(feature_extractor=EXTRACTOR, inception_resize="tf1"))
+    with pytest.raises(ValueError, match="--inception_resize: expected 'pytorch-fid' or 'tf1'"):
+        check_options(dict(inception_weights="w.pth", inception_resize="bilinear"))
+    assert check_options(dict(feature_extractor=EXTRACTOR))["inception_resize"] is None
+
+
 @pytest.mark.parametrize("spec", ["nomod:X", "nomod.sub:X", "nowhere.py:X", "noattr", f"{FEATURES}:Nope"])
 def test_evaluate_feature_extractor_errors_name_the_option(spec, cyclegan_run, capsys):
     _error(capsys, ["evaluate", "--checkpoint", cyclegan_run, "--metrics", "fid", "--feature_extractor", spec],

@@ -111,8 +111,9 @@ def add_eval_options(mp: argparse.ArgumentParser) -> None:
                         "recall, coverage (higher is better) (default: %(default)s)")
     g.add_argument("--inception_weights", default=None, metavar="PATH",
                    help="FID Inception weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
-    g.add_argument("--inception_resize", default="pytorch-fid", choices=("pytorch-fid", "tf1"),
-                   help="resize to 299x299 as pytorch-fid (default) or as TF1/torch-fidelity")
+    g.add_argument("--inception_resize", default=None, choices=("pytorch-fid", "tf1"),
+                   help="resize to 299x299 as pytorch-fid (default) or as TF1/torch-fidelity (not with "
+                        "--feature_extractor)")
     g.add_argument("--feature_extractor", default=None, metavar="MODULE:ATTR",
                    help="your own feature network instead of Inception ('pkg.module:attr' or 'file.py:attr'; "
                         "images in [0, 1]; a logits(features) method enables is)")

@@ -31,8 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--feature_extractor", default=None, metavar="MODULE:ATTR",
                    help="your own feature extractor instead of Inception: 'pkg.module:attr' or 'file.py:attr' "
                         "(an nn.Module, or a class/factory called without arguments; images in [0, 1])")
-    p.add_argument("--inception_resize", default="pytorch-fid", choices=("pytorch-fid", "tf1"),
-                   help="resize to 299x299 as pytorch-fid/torchmetrics (default) or as TF1/torch-fidelity")
+    p.add_argument("--inception_resize", default=None, choices=("pytorch-fid", "tf1"),
+                   help="resize to 299x299 as pytorch-fid/torchmetrics (default) or as TF1/torch-fidelity "
+                        "(the Inception network's option: not with --feature_extractor)")
     p.add_argument("--classifier", default=None, metavar="MODULE:ATTR",
                    help="attribute classifier for acc (images in [-1, 1] -> (N, c_dim) logits)")
     p.add_argument("--batch_size", type=int, default=16)
@@ -91,6 +92,9 @@ def feature_extractor(args, device: torch.device):
     Inception network from --inception_weights (not both)."""
     if args.feature_extractor and args.inception_weights:
         raise ValueError("give --inception_weights or --feature_extractor, not both")
+    if args.feature_extractor and args.inception_resize:
+        raise ValueError("--inception_resize sets how the Inception network resizes its input; your "
+                         "--feature_extractor takes the images as they are: give one of them")
     from ganengine.metrics import load_fid_inception, resolve_feature_extractor
 
     if args.feature_extractor:
@@ -99,7 +103,7 @@ def feature_extractor(args, device: torch.device):
             return resolve_feature_extractor(obj, device=device)
         except TypeError as exc:
             raise TypeError(f"--feature_extractor {args.feature_extractor!r}: {exc}") from None
-    return load_fid_inception(args.inception_weights, device, resize=args.inception_resize)
+    return load_fid_inception(args.inception_weights, device, resize=args.inception_resize or "pytorch-fid")
 
 
 def load_user_object(spec: str, option: str):

@@ -26,7 +26,7 @@ from ganengine.metrics.evaluate_synthesis import (SYNTHESIS_METRICS, SYNTHESIS_M
                                                   is_better_synthesis, parse_synthesis_metrics, real_loader)
 
 DEFAULTS = dict(metrics="fid", num_samples=5000, batch_size=50, seed=0, max_real=None, best_metric="fid",
-                inception_weights=None, inception_resize="pytorch-fid", feature_extractor=None)
+                inception_weights=None, inception_resize=None, feature_extractor=None)
 BEST_FILE, BEST_JSON, LOG_FILE = "best.pt", "best.json", "eval_log.csv"
 
 
@@ -53,6 +53,11 @@ def check_options(options: dict) -> dict:
         raise ValueError("--eval_every needs a feature network for its metrics. " + WEIGHTS_HELP)
     if o["feature_extractor"] is not None and o["inception_weights"] is not None:
         raise ValueError("give --inception_weights or --feature_extractor, not both")
+    if o["feature_extractor"] is not None and o["inception_resize"] is not None:
+        raise ValueError("--inception_resize sets how the Inception network resizes its input; your "
+                         "--feature_extractor takes the images as they are: give one of them")
+    if o["inception_resize"] not in (None, "pytorch-fid", "tf1"):
+        raise ValueError(f"--inception_resize: expected 'pytorch-fid' or 'tf1', got {o['inception_resize']!r}")
     return o
 
 
@@ -62,7 +67,7 @@ def load_extractor(o: dict, device: torch.device):
     try:
         if o["feature_extractor"] is not None:
             return resolve_feature_extractor(o["feature_extractor"], device=device)
-        return load_fid_inception(o["inception_weights"], device, resize=o["inception_resize"])
+        return load_fid_inception(o["inception_weights"], device, resize=o["inception_resize"] or "pytorch-fid")
     except (FileNotFoundError, ImportError, AttributeError, TypeError) as exc:  # one clear line from the CLI
         option = "--feature_extractor" if o["feature_extractor"] is not None else "--inception_weights"
         raise ValueError(f"{option}: {exc}") from exc
