@@ -398,6 +398,15 @@ def test_adcgan_losses_are_the_papers():
         _tiny("adcgan", lambda_adc=-1.0)
 
 
+@pytest.mark.parametrize("name, option", [("adcgan", "lambda_adc"), ("wgan_gp", "lambda_gp"), ("wgan", "clip_value"),
+                                          ("infogan", "lambda_con")])
+@pytest.mark.parametrize("value", [True, float("nan"), -0.5, "1"])
+def test_loss_weights_must_be_finite_nonnegative_numbers(name, option, value):
+    """A bool passed as a weight (True for 1.0) was accepted."""
+    with pytest.raises(ValueError, match=f"{option} must be a finite number >= 0"):
+        _tiny(name, **{option: value})
+
+
 def test_wgan_clips_the_critic_and_counts_critic_steps(one_thread):
     torch.manual_seed(0)
     model = _tiny("wgan", n_critic=3, clip_value=0.005)

@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext
 from ganengine.models.dcgan import bce
 from ganengine.models.networks_pytorch_gan import ACGANDiscriminator, ACGANGenerator
-from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN, check_fraction
+from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
 def _ce(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ class ADCGAN(ACGAN):
 
     def __init__(self, **options):
         super().__init__(**options)
-        check_fraction("ADCGAN", "lambda_adc", self.options["lambda_adc"])
+        check_finite_nonnegative("ADCGAN", "lambda_adc", self.options["lambda_adc"])
 
     def _make_D(self):
         o = self.options

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import ganengine.functional as GF
+from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.networks_pytorch_gan import InfoGANDiscriminator, InfoGANGenerator
-from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN, check_fraction
+from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
 class InfoGAN(SynthesisGAN):
@@ -37,7 +38,7 @@ class InfoGAN(SynthesisGAN):
         super().__init__(**options)
         o = self.options
         for name in ("lambda_cat", "lambda_con"):
-            check_fraction("InfoGAN", name, o[name])
+            check_finite_nonnegative("InfoGAN", name, o[name])
         self.G = InfoGANGenerator(o["latent_dim"], o["n_classes"], o["code_dim"], o["img_size"], o["channels"],
                                   fused=o["fused"])
         self.D = InfoGANDiscriminator(o["n_classes"], o["code_dim"], o["img_size"], o["channels"], fused=o["fused"])

@@ -21,7 +21,6 @@ checkpointed as a network; ``use_ema`` (default True with ``ema``) samples from 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -302,8 +301,3 @@ class SynthesisGAN(GANModel):
                              f"networks): each batch needs at least 2 images, got {real.shape[0]}; use --batch_size "
                              "2 or more")
         return real
-
-
-def check_fraction(owner: str, name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")

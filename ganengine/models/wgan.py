@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 import ganengine.functional as GF
+from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.fused_rmsprop import FusedRMSprop
 from ganengine.models.networks_pytorch_gan import WGANGPDiscriminator, WGANGPGenerator
-from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN, check_fraction
+from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
 class _BatchNormRepeat:
@@ -157,7 +158,7 @@ class WGANGP(_Wasserstein):
                     lambda_gp=10.0, fused=True, fused_optimizer=True, **EMA_OPTIONS)
 
     def _check_options(self):
-        check_fraction(type(self).__name__, "lambda_gp", self.options["lambda_gp"])
+        check_finite_nonnegative(type(self).__name__, "lambda_gp", self.options["lambda_gp"])
 
     def make_optimizers(self):
         o = self.options
@@ -180,7 +181,7 @@ class WGAN(_Wasserstein):
                     fused_optimizer=True, **EMA_OPTIONS)
 
     def _check_options(self):
-        check_fraction(type(self).__name__, "clip_value", self.options["clip_value"])
+        check_finite_nonnegative(type(self).__name__, "clip_value", self.options["clip_value"])
 
     def make_optimizers(self):
         # the reference's torch.optim.RMSprop (alpha 0.99, eps 1e-8, no momentum); with
