@@ -136,11 +136,11 @@ class _Wasserstein(SynthesisGAN):
         if g_step:
             set_requires_grad(self.D, False)
             ctx.zero_grad(opt_G)
-            if repeat:
-                norms.update_again()
             with ctx.autocast():
                 g_loss = GF.gan_loss(self.D(fake_g if repeat else self.G(z)).float(), True, "wgangp")
             ctx.backward(g_loss, "G")
+            if repeat:  # (after G's backward: F.batch_norm saves the running statistics for it)
+                norms.update_again()
             ctx.step(opt_G, "G")
             set_requires_grad(self.D, True)
             self.after_generator_step()

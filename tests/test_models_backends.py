@@ -1,0 +1,78 @@
+"""Every model's training step on every CPU backend: the ``torch`` backend (the ground truth and the
+benchmark baseline) must train what the default backend trains, with the same first-step losses.
+
+WGAN / WGAN-GP crashed on the torch backend: the fused generator step updated batch norm's running
+statistics in place between G's forward and its backward, and ``F.batch_norm`` saves them for the
+backward (the C++ kernels do not)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ganengine import backends
+from ganengine.bench.cases_models import MODEL_SPECS, make_batch
+from ganengine.models import build_model
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# tiny versions of the models MODEL_SPECS has no quick size for: (options, batch builder)
+EXTRA = {
+    "sagan": dict(g_conv_dim=8, d_conv_dim=8, z_dim=8),
+    "biggan": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="16", dim_z=16, n_classes=3),
+    "biggan_deep": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=8, n_classes=3),
+    "unetgan": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16, n_classes=3),
+    "csgan": dict(netG="resnet_6blocks", ngf=4, ndf=4, n_layers_D=2, crop_size=32),
+}
+QUICK = [n for n in MODEL_SPECS if n not in ("pix2pix", "stackgan")]  # (the larger two: the slow set)
+
+
+def _model_and_batch(name):
+    torch.manual_seed(0)
+    if name in EXTRA:
+        model = build_model(name, **EXTRA[name])
+        if name == "csgan":
+            batch = {"A": torch.rand(1, 3, 32, 32) * 2 - 1, "B": torch.rand(1, 3, 32, 32) * 2 - 1}
+        else:
+            size = 64 if name == "sagan" else 32
+            batch = {"image": torch.rand(2, 3, size, size) * 2 - 1, "label": torch.tensor([1, 0])}
+        return model, batch
+    spec = MODEL_SPECS[name]
+    model = build_model(name, **spec["quick"])
+    n, size = spec["batch"]["quick"]
+    return model, make_batch(name, model, n, size, torch.device("cpu"))
+
+
+def _first_step_losses(name, backend):
+    with backends.use_backend(backend):
+        model, batch = _model_and_batch(name)
+        opts = model.make_optimizers()
+        torch.manual_seed(1)
+        first = {k: float(v) for k, v in model.train_step(batch, opts).items()}
+        second = model.train_step(batch, opts)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in second.values()), (name, backend, second)
+    return first
+
+
+def _check(name):
+    want = _first_step_losses(name, "torch")
+    for backend in ("cpu",):
+        if not backends.available().get(backend):
+            continue
+        got = _first_step_losses(name, backend)
+        assert got.keys() == want.keys()
+        for k in want:
+            # the networks' outputs agree to a few fp32 ulps per layer (each op's own tests bound that);
+            # a loss is a mean of them: 1e-4 relative leaves a wide margin over a dozen layers
+            assert abs(got[k] - want[k]) <= 1e-4 * (1 + abs(want[k])), (name, k, got[k], want[k])
+
+
+@pytest.mark.parametrize("name", QUICK + list(EXTRA))
+def test_training_step_on_every_backend(name):
+    _check(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pix2pix", "stackgan"])
+def test_training_step_on_every_backend_larger_models(name):
+    _check(name)
