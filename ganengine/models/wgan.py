@@ -88,8 +88,14 @@ class _Wasserstein(SynthesisGAN):
     def _wasserstein(self, real, fake):
         """-mean D(x) + mean D(G(z)), the scores in fp32. The critic has no batch-dependent layer
         (no norm, no dropout), so with ``fused`` it scores both batches in one pass (the same
-        numbers up to rounding, half the calls)."""
-        if self.options["fused"]:
+        numbers up to rounding, half the calls) when the batch size is a power of two. Why only
+        then: the loss does not depend on the critic's output bias, whose gradient the reference's
+        two passes make exactly 0 (the two halves' sums cancel); one pass sums N terms -1/N and N
+        terms +1/N together, which for other N leaves a rounding residue (~2^-26) of the same sign
+        every step, and Adam, which normalises it, moves the bias by ~lr per step: the scores and
+        the logged losses drift without bound. With N a power of two every partial sum is exact."""
+        n = real.shape[0]
+        if self.options["fused"] and n == fake.shape[0] and n & (n - 1) == 0:
             scores = self.D(torch.cat([real, fake.to(real.dtype)])).float()
             real_scores, fake_scores = scores[:real.shape[0]], scores[real.shape[0]:]
         else:
