@@ -299,6 +299,21 @@ def test_stackgan_batch_of_one_is_one_clear_line(tmp_path, capsys):
     assert "at least 2 images" in err and "--batch_size 2" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("model, flags", [("wgan", "--img_size 8 --latent_dim 4"), ("stackgan", None)])
+def test_batch_of_one_refused_before_an_earlier_run_is_moved(model, flags, tmp_path, capsys):
+    """A batch size the models cannot train was refused at the first step, after the earlier run in
+    the folder had been moved to previous/ (its checkpoints then out of --resume's and sample's
+    reach): now refused before the folder is touched."""
+    flags = (TINY_FLAGS[model].replace("--batch_size 4", "") if flags is None else flags).split()
+    base = ["train", model] + flags + ["--checkpoints_dir", str(tmp_path), "--name", "r", "--no_progress",
+                                        "--tensorboard", "off", "--max_steps", "1"]
+    assert main(base + ["--batch_size", "2"]) == 0
+    before = sorted(os.listdir(tmp_path / "r"))
+    assert main(base + ["--batch_size", "1"]) == 2
+    assert "at least 2 images" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "r")) == before and "previous" not in before
+
+
 @pytest.mark.slow
 def test_train_with_compile_on_cpu(tmp_path):
     """--compile: every network under torch.compile with the fused ops inside (fake impls and

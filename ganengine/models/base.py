@@ -273,6 +273,10 @@ class GANModel(nn.Module):
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
         raise NotImplementedError
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse (ValueError naming --batch_size) a batch size ``train_step`` cannot take; the
+        trainer asks before it touches the run folder. Any here."""
+
     @torch.no_grad()
     def translate(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError

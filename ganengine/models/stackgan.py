@@ -118,15 +118,18 @@ class StackGAN(GANModel):
             err = err + bce(heads.get_uncond_logits(fake_features), 1.0)
         return err
 
-    def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
-        o = self.options
-        real_imgs, emb = self._to_device(batch["image"]), self._to_device(batch["embedding"]).float()
-        if real_imgs.size(0) < 2:
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < 2:
             # not only the shifted wrong pairs: the reference networks normalise with
             # BatchNorm1d/2d over the batch, which cannot train on one sample
             raise ValueError("StackGAN trains with batch norm over the batch (BatchNorm1d/BatchNorm2d, as the "
-                             f"reference networks): each batch needs at least 2 images, got {real_imgs.size(0)}; "
+                             f"reference networks): each batch needs at least 2 images, got {batch_size}; "
                              "use --batch_size 2 or more")
+
+    def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
+        o = self.options
+        real_imgs, emb = self._to_device(batch["image"]), self._to_device(batch["embedding"]).float()
+        self.check_batch_size(real_imgs.size(0))
         wrong = self._to_device(batch["wrong_image"]) if o["wrong_pairs"] == "batch" else None
         noise = torch.randn(real_imgs.size(0), o["z_dim"], device=real_imgs.device)
         opt_G, opt_D = optimizers["G"], optimizers["D"]

@@ -296,8 +296,11 @@ class SynthesisGAN(GANModel):
             raise ValueError(f"{type(self).__name__}: expected real images of shape {want} (the network's channels "
                              f"and image size), got {tuple(real.shape)}; match --img_size/--channels (--imageSize/"
                              "--nc for DCGAN) to the data")
-        if real.shape[0] < 2:
-            raise ValueError(f"{type(self).__name__} normalises with batch norm over the batch (as the reference "
-                             f"networks): each batch needs at least 2 images, got {real.shape[0]}; use --batch_size "
-                             "2 or more")
+        self.check_batch_size(real.shape[0])
         return real
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < 2:
+            raise ValueError(f"{type(self).__name__} normalises with batch norm over the batch (as the reference "
+                             f"networks): each batch needs at least 2 images, got {batch_size}; use --batch_size "
+                             "2 or more")

@@ -250,6 +250,7 @@ class Trainer:
 
         rng.seed_all(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, **cfg.model_options).to(self.device)
+        self.model.check_batch_size(cfg.batch_size)  # (before the run folder is touched)
         if cfg.compile and self.model.double_backward:
             raise ValueError(f"--compile: {cfg.model} {self.model.double_backward}, a double backward, which "
                              "torch.compile's AOTAutograd cannot differentiate; train it without --compile")
