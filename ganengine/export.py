@@ -65,7 +65,8 @@ def lowered_ops():
 
 class _TensorOutputs(nn.Module):
     """Calls the model and returns only its tensor outputs (drops the Nones some reference
-    generators return, e.g. StackGAN's ``(None, image, mu, logvar)``); one tensor unwrapped.
+    generators return, e.g. StackGAN's ``(None, image, mu, logvar)``; nested tuples/lists
+    flattened in order); one tensor unwrapped.
 
     ``present``: for each positional argument of the model, whether it is a graph input (True) or
     passed as None (an optional argument the model is called without, e.g. IC-GAN's label)."""
@@ -82,10 +83,30 @@ class _TensorOutputs(nn.Module):
         out = self.model(*inputs)
         if isinstance(out, torch.Tensor):
             return out
-        if isinstance(out, (tuple, list)):
-            tensors = tuple(o for o in out if isinstance(o, torch.Tensor))
-            return tensors[0] if len(tensors) == 1 else tensors
-        raise ExportError(f"the model returned {type(out).__name__}; export needs tensors or tuples of tensors")
+        tensors = _flat_tensors(out)
+        if not tensors:
+            raise ExportError(f"the model returned {_describe(out)}: no tensor to export (export needs a tensor, "
+                              "or tuples/lists of tensors)")
+        return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _flat_tensors(out) -> tuple:
+    """The tensors of a (nested) tuple/list output in order, Nones dropped: pix2pixHD's and SPADE's
+    multiscale discriminators return ``[[features..., logits] per scale]``, exported as one flat tuple."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if out is None:
+        return ()
+    if isinstance(out, (tuple, list)):
+        return tuple(t for o in out for t in _flat_tensors(o))
+    raise ExportError(f"the model returned {_describe(out)}; export needs tensors, or tuples/lists of tensors "
+                      "(Nones are dropped)")
+
+
+def _describe(out) -> str:
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of [{', '.join(_describe(o) for o in out)}]"
+    return type(out).__name__
 
 
 def _as_inputs(example_input) -> tuple[tuple[torch.Tensor, ...], tuple[bool, ...]]:

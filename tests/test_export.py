@@ -208,6 +208,44 @@ def test_export_argument_errors(tmp_path):
         trace(ReturnsDict(), torch.zeros(1, 3, 4, 4))
 
 
+class MultiscaleD(nn.Module):
+    """pix2pixHD's / SPADE's MultiscaleDiscriminator output: [[features..., logits] per scale]."""
+
+    def __init__(self):
+        super().__init__()
+        self.d0 = nn.Sequential(nn.Conv2d(3, 4, 4, 2, 1), nn.LeakyReLU(0.2))
+        self.d1 = nn.Sequential(nn.Conv2d(3, 4, 4, 2, 1), nn.LeakyReLU(0.2))
+        self.head = nn.Conv2d(4, 1, 3, 1, 1)
+
+    def forward(self, x):
+        f0, f1 = self.d0(x), self.d1(nn.functional.avg_pool2d(x, 2))
+        return [[f0, self.head(f0)], [f1, None, self.head(f1)]]
+
+
+def test_export_flattens_nested_outputs(tmp_path):
+    """Nested lists were dropped: the TorchScript file returned () and the ONNX graph had no output."""
+    m, x = MultiscaleD().eval(), torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        want = [t for scale in m(x) for t in scale if t is not None]
+    to_torchscript(m, x, tmp_path / "d.pt")
+    got = torch.jit.load(str(tmp_path / "d.pt"))(x)
+    assert len(got) == 4
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    to_onnx(m, x, tmp_path / "d.onnx")
+    outs = _run_ort(tmp_path / "d.onnx", [x])
+    assert len(outs) == 4
+    for a, b in zip(outs, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-5, rtol=1e-5)
+
+    class ReturnsNothing(nn.Module):
+        def forward(self, x):
+            return [None, [None]]
+
+    with pytest.raises(ExportError, match="no tensor to export"):
+        trace(ReturnsNothing(), x)
+
+
 # ----------------------------------------------------------------------------- networks of ganengine.models
 def _build_network():
     models = pytest.importorskip("ganengine.models", reason="ganengine.models is not available in this build")
