@@ -363,6 +363,12 @@ def test_reference_spellings_of_engine_options(tmp_path):
     assert cfg.max_steps == 7
     args, cfg = _config("pix2pix", "--continue_train", "--epoch", "latest")
     assert cfg.resume == "latest"
+    # the reference's train_pix2pix.sh passes --pool_size 0 (its pix2pix has no pool): accepted; any
+    # other size is refused (it would do nothing)
+    _, cfg = _config("pix2pix", "--pool_size", "0")
+    assert "pool_size" not in cfg.model_options
+    with pytest.raises(SystemExit):
+        _config("pix2pix", "--pool_size", "50")
     _, cfg = _config("stargan", "--rafd_crop_size", "40", "--num_iters_decay", "5", "--lr_update_step", "2")
     assert cfg.data_options["rafd_crop_size"] == 40
     assert (cfg.model_options["num_iters_decay"], cfg.model_options["lr_update_step"]) == (5, 2)

@@ -235,6 +235,14 @@ def _load_epoch(value: str) -> str:
     return value
 
 
+def _no_pool(value: str) -> int:
+    if value.strip() != "0":
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: pix2pix has no image pool (the reference's pix2pix model never uses one, whatever "
+            "--pool_size says): give 0, as its train_pix2pix.sh does, or leave it out")
+    return 0
+
+
 def add_reference_aliases(parser: argparse.ArgumentParser, model: str) -> None:
     """The reference implementations' spellings of engine and data options for ``model``, where
     they map onto what ganengine does (``--num_iters`` / ``--celeba_crop_size`` are defined with
@@ -246,6 +254,9 @@ def add_reference_aliases(parser: argparse.ArgumentParser, model: str) -> None:
         g.add_argument("--epoch", dest="load_epoch", type=_load_epoch, default=None, metavar="latest",
                        help="which checkpoint --continue_train loads: latest only (checkpoints are per step; "
                             "--resume PATH for another)")
+    if model == "pix2pix":  # (the reference's scripts/train_pix2pix.sh passes --pool_size 0)
+        g.add_argument("--pool_size", dest="pix2pix_pool_size", type=_no_pool, default=None, metavar="0",
+                       help="0 only: pix2pix has no image pool (the reference's pix2pix model never uses one)")
     if model == "stargan":  # yunjey/stargan main.py
         g.add_argument("--rafd_crop_size", type=positive_int, default=None,
                        help="centre crop of RaFD (folder-per-domain) images before resizing (default: --crop_size "
