@@ -181,3 +181,24 @@ def test_intra_class_fid():
     assert abs(mean - per[1] / 3) <= (e[0] + e[2] + 4 * unit_roundoff(F64) * abs(per[1])) / 3
     with pytest.raises(ValueError, match="class 2"):
         gm.intra_class_frechet_distance(real, labels, fake[:-3], labels[:-3] % 2)
+
+
+def test_integer_arguments_take_numpy_and_tensor_integers():
+    """k / splits / subsets / subset_size from numpy (np.int64(3)) were refused as "not a positive
+    int"; bools (KID took True as 1 subset) and floats are refused, naming the argument."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(12, 4)), rng.normal(size=(10, 4))
+    for k in (np.int64(3), torch.tensor(3)):
+        assert gm.precision_recall(a, b, k=k) == gm.precision_recall(a, b, k=3)
+        assert gm.density_coverage(a, b, k=k) == gm.density_coverage(a, b, k=3)
+    logits = torch.from_numpy(rng.normal(size=(12, 5)))
+    assert float(gm.inception_score(logits, splits=np.int32(2))) == float(gm.inception_score(logits, splits=2))
+    kid = gm.kernel_inception_distance(a, b, subsets=np.int64(2), subset_size=np.int64(5))
+    assert float(kid) == float(gm.kernel_inception_distance(a, b, subsets=2, subset_size=5))
+    for bad in (True, 3.0, np.float64(3), torch.tensor(3.0), 0):
+        with pytest.raises(ValueError, match="precision_recall: k must be a positive int"):
+            gm.precision_recall(a, b, k=bad)
+    with pytest.raises(ValueError, match="kernel_inception_distance: subsets must be a positive int"):
+        gm.kernel_inception_distance(a, b, subsets=True)
+    with pytest.raises(ValueError, match="kernel_inception_distance: subset_size must be an int >= 2"):
+        gm.kernel_inception_distance(a, b, subset_size=np.int64(1))

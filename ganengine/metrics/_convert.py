@@ -1,6 +1,8 @@
 """Turning user inputs (torch tensors, numpy arrays) into float64 arrays, with clear errors."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -24,3 +26,15 @@ def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> No
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{name_a} and {name_b} must have the same feature dimension, got "
                          f"{a.shape[1]} and {b.shape[1]}")
+
+
+def as_count(value, minimum: int, what: str) -> int:
+    """``value`` as a Python int >= ``minimum``: any integer (Python's, numpy's, a 0-d integer
+    tensor), not a bool or a float; ``what`` is the error's opening, e.g. "inception_score: splits"."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{what} must be {kind}, got {value!r}")
+    return int(value)

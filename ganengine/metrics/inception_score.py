@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ganengine.metrics._convert import as_count
+
 
 class InceptionScore(float):
     """The score's mean (a float: compare, format, add it like one) with ``.std`` and
@@ -69,8 +71,7 @@ def inception_score(logits, splits: int = 10) -> InceptionScore:
     Bounds: 1 <= IS <= classes (1 when every prediction is the same; the number of classes when
     each part's predictions are confident and spread evenly over the classes).
     """
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"inception_score: splits must be a positive int, got {splits!r}")
+    splits = as_count(splits, 1, "inception_score: splits")
     log_p = _log_probs(logits)
     n = log_p.shape[0]
     if n < splits:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ganengine.metrics._convert import as_features, check_same_dim
+from ganengine.metrics._convert import as_count, as_features, check_same_dim
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None,
@@ -40,10 +40,8 @@ def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset
     a = as_features(features_a, "features_a")
     b = as_features(features_b, "features_b")
     check_same_dim(a, b, "features_a", "features_b")
-    if not isinstance(subsets, int) or subsets < 1:
-        raise ValueError(f"kernel_inception_distance: subsets must be a positive int, got {subsets!r}")
-    if not isinstance(subset_size, int) or subset_size < 2:
-        raise ValueError(f"kernel_inception_distance: subset_size must be an int >= 2, got {subset_size!r}")
+    subsets = as_count(subsets, 1, "kernel_inception_distance: subsets")
+    subset_size = as_count(subset_size, 2, "kernel_inception_distance: subset_size")
     m = min(subset_size, a.shape[0], b.shape[0])
     rng = np.random.RandomState(seed)
     values = np.empty(subsets, dtype=np.float64)

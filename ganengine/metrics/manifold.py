@@ -22,7 +22,7 @@ from collections import namedtuple
 
 import torch
 
-from ganengine.metrics._convert import as_features, check_same_dim
+from ganengine.metrics._convert import as_count, as_features, check_same_dim
 
 _CHUNK_ELEMENTS = 1 << 25  # float64 distances held at once (256 MB)
 
@@ -53,8 +53,7 @@ def _tensor(features, name: str) -> torch.Tensor:
 
 
 def _check_k(k, n_min: int, fn: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{fn}: k must be a positive int, got {k!r}")
+    k = as_count(k, 1, f"{fn}: k")
     if k >= n_min:
         raise ValueError(f"{fn}: k={k} needs more than k samples in each set (the k-th neighbour "
                          f"excludes the sample itself), got {n_min}")
