@@ -259,3 +259,19 @@ def test_evaluate_intra_fid_on_an_unconditional_model_says_so_first(dcgan_run, c
     _error(capsys, ["evaluate", "--checkpoint", dcgan_run, "--metrics", "fid,intra_fid", "--num_samples", "20",
                     "--max_images", "20", "--feature_extractor", EXTRACTOR],
            "intra_fid is for class-conditional models; dcgan is unconditional")
+
+
+def test_neighbour_metrics_counts_name_the_options(dcgan_run, capsys):
+    """pr / dc with k or more samples in a set failed inside the metric ("precision_recall: k=3 needs
+    more than k samples"), naming none of the options that set the counts."""
+    fid = ["--feature_extractor", EXTRACTOR]
+    _error(capsys, ["evaluate", "--checkpoint", dcgan_run, "--metrics", "pr", "--num_samples", "3"] + fid,
+           "pr (--pr_k 3)", "--num_samples", "--pr_k")
+    _error(capsys, ["evaluate", "--checkpoint", dcgan_run, "--metrics", "dc", "--num_samples", "8",
+                    "--max_images", "4"] + fid, "dc (--dc_k 5)", "real images", "--max_images")
+    from ganengine.train.evaluation import check_options
+
+    with pytest.raises(ValueError, match=r"pr \(k = 3\).*--eval_num_samples"):
+        check_options(dict(metrics="pr", num_samples=3, feature_extractor=EXTRACTOR, best_metric="precision"))
+    with pytest.raises(ValueError, match=r"dc \(k = 5\).*real images.*--eval_max_real"):
+        check_options(dict(metrics="dc", max_real=5, feature_extractor=EXTRACTOR, best_metric="coverage"))

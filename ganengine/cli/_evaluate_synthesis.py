@@ -72,8 +72,9 @@ def run(args) -> int:
     from ganengine.cli.evaluate import (check_metric_counts, feature_extractor, load_checkpoint, output_file,
                                         resolve_device, write_output)
     from ganengine.data import build_dataset
-    from ganengine.metrics.evaluate_synthesis import (check_logits, check_real_classes, check_request,
-                                                     evaluate_synthesis, parse_synthesis_metrics, real_loader)
+    from ganengine.metrics.evaluate_synthesis import (check_logits, check_neighbour_counts, check_real_classes,
+                                                     check_request, evaluate_synthesis, parse_synthesis_metrics,
+                                                     real_loader)
 
     for name, value in DEFAULTS.items():
         if getattr(args, name, None) is None:
@@ -90,6 +91,7 @@ def run(args) -> int:
             _positive("max_images", args.max_images, 2)
         check_metric_counts(args, metrics)
         check_is_splits(metrics, args.is_splits, args.num_samples)
+        check_neighbour_counts(metrics, args.num_samples, args.max_images, args.pr_k, args.dc_k)
         output_file(args)  # (checked by evaluate.run too; here for direct callers)
         device = resolve_device(args.device)
         extractor = feature_extractor(args, device)
@@ -109,6 +111,9 @@ def run(args) -> int:
         if "intra_fid" in metrics:
             check_request(model, metrics, args.num_samples, args.is_splits)  # (a conditional model: said first)
             check_real_classes(dataset, args.max_images, "--max_images")
+        n_real = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
+        check_neighbour_counts(metrics, None, n_real, args.pr_k, args.dc_k,
+                               {"max_real": "--max_images" if args.max_images else "the real images (--phase, --dataroot)"})
         loader = real_loader(dataset, args.batch_size, args.max_images)
         results = evaluate_synthesis(model, loader, metrics, extractor, num_samples=args.num_samples,
                                      batch_size=args.batch_size, seed=args.seed, max_real=args.max_images,

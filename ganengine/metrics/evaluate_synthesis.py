@@ -235,6 +235,26 @@ def fake_features(model, extractor: nn.Module, num_samples: int, batch_size: int
     return (torch.cat(feats), torch.cat(labs) if labs else None, torch.cat(logs) if logs else None)
 
 
+def check_neighbour_counts(metrics, num_samples: int | None, n_real: int | None, pr_k: int = 3, dc_k: int = 5,
+                           names: dict | None = None) -> None:
+    """pr / dc take each sample's k-th nearest neighbour in its own set (the sample itself
+    excluded): both sets need more than k points. Refused before anything is generated, naming the
+    options (``names``: num_samples, max_real, pr_k, dc_k -> the option each is given by; a k
+    without an option is said as its value)."""
+    names = {"num_samples": "--num_samples", "max_real": "--max_images", "pr_k": "--pr_k", "dc_k": "--dc_k",
+             **(names or {})}
+    for metric, key, k in (("pr", "pr_k", pr_k), ("dc", "dc_k", dc_k)):
+        if metric not in metrics:
+            continue
+        k_said = f"{names[key]} {k}" if names[key] else f"k = {k}"
+        for count, what, key_n in ((num_samples, "generated images", "num_samples"),
+                                   (n_real, "real images", "max_real")):
+            if count is not None and count <= k:
+                raise ValueError(f"{metric} ({k_said}) needs more than {k} {what} (each one's k-th nearest "
+                                 f"neighbour excludes itself), got {count}: raise {names[key_n]}"
+                                 + (f" or lower {names[key]}" if names[key] else ""))
+
+
 def check_request(model, metrics, num_samples: int, is_splits: int = 10) -> None:
     """Errors that can be told before anything is generated: a non-synthesis model, intra_fid on an
     unconditional model or with fewer than 2 generated images per class, is with fewer generated

@@ -22,8 +22,9 @@ import os
 
 import torch
 
-from ganengine.metrics.evaluate_synthesis import (SYNTHESIS_METRICS, SYNTHESIS_MODES, evaluate_synthesis,
-                                                  is_better_synthesis, parse_synthesis_metrics, real_loader)
+from ganengine.metrics.evaluate_synthesis import (SYNTHESIS_METRICS, SYNTHESIS_MODES, check_neighbour_counts,
+                                                  evaluate_synthesis, is_better_synthesis, parse_synthesis_metrics,
+                                                  real_loader)
 
 DEFAULTS = dict(metrics="fid", num_samples=5000, batch_size=50, seed=0, max_real=None, best_metric="fid",
                 inception_weights=None, inception_resize=None, feature_extractor=None)
@@ -53,6 +54,9 @@ def check_options(options: dict) -> dict:
         raise ValueError("--eval_every needs a feature network for its metrics. " + WEIGHTS_HELP)
     if o["feature_extractor"] is not None and o["inception_weights"] is not None:
         raise ValueError("give --inception_weights or --feature_extractor, not both")
+    check_neighbour_counts(o["metrics"].split(","), o["num_samples"], o["max_real"],
+                           names={"num_samples": "--eval_num_samples", "max_real": "--eval_max_real", "pr_k": None,
+                                  "dc_k": None})
     if o["feature_extractor"] is not None and o["inception_resize"] is not None:
         raise ValueError("--inception_resize sets how the Inception network resizes its input; your "
                          "--feature_extractor takes the images as they are: give one of them")
