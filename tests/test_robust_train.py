@@ -42,7 +42,7 @@ def test_resume_from_older_checkpoint_keeps_it_and_sets_newer_aside(trained, tmp
     assert _steps(run) == [2, 4, 6]
     train(tiny_config("pix2pix", run, max_steps=3, save_every=1, resume=str(run / "step_00000002.pt")))
     assert _steps(run) == [2, 3]
-    assert sorted(os.listdir(run / ckpt.ABANDONED)) == ["step_00000004.pt", "step_00000006.pt"]
+    assert sorted(os.listdir(run / ckpt.ABANDONED)) == ["loss_log.csv", "step_00000004.pt", "step_00000006.pt"]
     assert ckpt.latest(str(run)).endswith("step_00000003.pt")
 
 
@@ -56,9 +56,36 @@ def test_resume_from_older_checkpoint_sets_newer_aside_at_once(trained, tmp_path
     trainer = Trainer(tiny_config("pix2pix", run, max_steps=6, save_every=3, resume=str(run / "step_00000002.pt")))
     try:
         assert _steps(run) == [2]
-        assert sorted(os.listdir(run / ckpt.ABANDONED)) == ["step_00000004.pt", "step_00000006.pt"]
+        assert sorted(os.listdir(run / ckpt.ABANDONED)) == ["loss_log.csv", "step_00000004.pt", "step_00000006.pt"]
     finally:
         trainer._release_lock()
+
+
+def test_resume_from_older_checkpoint_sets_the_branchs_other_files_aside(trained, tmp_path, one_thread):
+    """The abandoned branch's sample grids stayed beside the new branch's, its best.pt / best.json
+    (a step the run no longer has) stayed the folder's best, and its log rows were deleted."""
+    import csv
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "samples").mkdir(exist_ok=True)
+    for s in (2, 4, 6):
+        (run / "samples" / f"step_{s:08d}.png").write_bytes(b"png")
+    (run / "best.pt").write_bytes(b"best")
+    (run / "best.json").write_text(json.dumps({"step": 4, "checkpoint": str(run / "best.pt")}))
+    with open(run / "loss_log.csv") as f:
+        rows_before = list(csv.reader(f))
+    trainer = Trainer(tiny_config("pix2pix", run, max_steps=6, save_every=3, resume=str(run / "step_00000002.pt")))
+    trainer._release_lock()
+    gone = run / ckpt.ABANDONED
+    assert sorted(os.listdir(run / "samples")) == ["step_00000002.png"]
+    assert sorted(os.listdir(gone / "samples")) == ["step_00000004.png", "step_00000006.png"]
+    assert not (run / "best.pt").exists() and (gone / "best.pt").read_bytes() == b"best"
+    assert json.loads((gone / "best.json").read_text())["checkpoint"] == str(gone / "best.pt")
+    with open(gone / "loss_log.csv") as f:
+        assert list(csv.reader(f)) == rows_before
 
 
 def test_resume_from_another_folder_keeps_this_folders_run_whole(trained, tmp_path, one_thread):
@@ -556,3 +583,63 @@ def test_resume_with_another_batch_size_keeps_the_epoch_schedule(tmp_path, one_t
         assert trainer.optimizers["G"].param_groups[0]["lr"] == pytest.approx(lr_at[4])
     finally:
         trainer.close()
+
+
+def _weights(run, step):
+    return ckpt.load(str(run / f"step_{step:08d}.pt"))["networks"]
+
+
+def test_resume_with_nothing_to_train_leaves_the_checkpoint_alone(trained, tmp_path, one_thread):
+    """A resume already at its last step saved its converted position (another --batch_size) over
+    the checkpoint it resumed from: a later resume with the run's own options no longer continued it."""
+    import hashlib
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    digest = hashlib.sha256((run / "step_00000006.pt").read_bytes()).hexdigest()
+    result = train(tiny_config("pix2pix", run, max_steps=6, batch_size=1, resume="latest"))
+    assert result["steps_trained"] == 0 and result["checkpoint"] == str(run / "step_00000006.pt")
+    assert hashlib.sha256((run / "step_00000006.pt").read_bytes()).hexdigest() == digest
+    assert _steps(run) == [2, 4, 6] and not (run / ckpt.ABANDONED).exists()
+
+
+def test_resume_keeps_the_runs_seed(tmp_path, one_thread):
+    """A resume without --seed used seed 0 for the data order, while the saved position referred to
+    the run's --seed order: images fed twice or never. It keeps the run's seed now; another is refused."""
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    train(tiny_config("pix2pix", straight, max_steps=4, save_every=4, seed=3, deterministic=True))
+    train(tiny_config("pix2pix", parted, max_steps=2, save_every=2, seed=3, deterministic=True))
+    with pytest.raises(ckpt.CheckpointError, match="--seed 3"):
+        Trainer(tiny_config("pix2pix", parted, max_steps=4, save_every=4, seed=5, resume="latest"))
+    train(tiny_config("pix2pix", parted, max_steps=4, save_every=4, seed=None, resume="latest", deterministic=True))
+    a, b = _weights(straight, 4), _weights(parted, 4)
+    for net in a:
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    assert ckpt.load(str(parted / "step_00000004.pt"))["seed"] == 3
+
+
+def test_first_log_row_after_a_resume_averages_the_same_steps(tmp_path, one_thread):
+    """The losses summed since the last log row were not checkpointed: a run resumed between rows
+    (a Ctrl-C checkpoint) logged only the steps after the resume in its first row."""
+    import csv
+
+    import shutil
+
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    train(tiny_config("pix2pix", straight, max_steps=4, print_freq=4, save_every=3, deterministic=True))
+    shutil.copytree(straight, parted)
+    # (step 3's checkpoint holds steps 1-3's sums, as a Ctrl-C checkpoint between rows would)
+    train(tiny_config("pix2pix", parted, max_steps=4, print_freq=4, resume=str(parted / "step_00000003.pt"),
+                      deterministic=True))
+
+    def rows(run):
+        with open(run / "loss_log.csv") as f:
+            return [r for r in csv.DictReader(f)]
+
+    want, got = rows(straight), rows(parted)
+    assert [r["step"] for r in want] == ["4"]
+    # (images_per_s is a timing; every loss column is the same average)
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in got] == \
+        [{k: v for k, v in r.items() if k != "images_per_s"} for r in want]

@@ -135,7 +135,8 @@ def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
                    help="continue a run: a checkpoint file, a run folder, or nothing for the newest checkpoint "
                         "of this --name. Networks, optimisers, schedulers, scalers, image pools, step and RNG "
                         "states are restored (bit-exact on CPU with --deterministic)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed (default: 0; with --resume the run's own, which another value may not change)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-exact reruns and resumes on CPU; slower on GPU)")
     g.add_argument("--sample_every", type=nonneg_int, default=None,

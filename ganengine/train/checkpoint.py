@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import sys
 
 import torch
@@ -35,6 +36,7 @@ except ImportError:  # Windows: no advisory locks here (msvcrt locks are mandato
 
 FORMAT, VERSION = TRAINING_CHECKPOINT_FORMAT, 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+_SAMPLE = re.compile(r"^step_(\d+)\.png$")
 
 
 class CheckpointError(ValueError):
@@ -121,25 +123,67 @@ def write_atomic(target: str, dump, binary: bool = True, prefix: str = ".tmp_ste
 ABANDONED = "abandoned"
 
 
-def set_aside_newer(folder: str, step: int) -> list[str]:
+def _free_name(dest_dir: str, base: str) -> str:
+    """``dest_dir/base``, or ``stem.K.ext`` (K = 1, 2, ...) where that exists."""
+    stem, ext = os.path.splitext(base)
+    dest, k = os.path.join(dest_dir, base), 1
+    while os.path.lexists(dest):
+        dest = os.path.join(dest_dir, f"{stem}.{k}{ext}")
+        k += 1
+    return dest
+
+
+def _step_of_best(run_dir: str) -> int | None:
+    import json
+
+    try:
+        with open(os.path.join(run_dir, "best.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def set_aside_newer(folder: str, step: int, log_dir: str | None = None) -> list[str]:
     """Move checkpoints of steps after ``step`` to ``folder/abandoned/`` (never deleted: they may
-    be what the user wanted after all). Returns their new paths."""
+    be what the user wanted after all). Returns their new paths.
+
+    With ``log_dir`` (the trainer resuming from an older checkpoint of the folder: the newer ones
+    are a branch it abandons) the branch's other files go with them: its sample grids after
+    ``step`` (to ``abandoned/samples/``), ``best.pt``/``best.json`` when the best is after ``step``
+    (the resumed state carries its own best so far), and a copy of the loss and evaluation logs as
+    they were (the trainer then drops their rows after ``step``, which the new branch logs again)."""
     moved = []
+    dest_dir = os.path.join(folder, ABANDONED)
     for s, path in list_checkpoints(folder):
         if s <= step:
             continue
-        dest_dir = os.path.join(folder, ABANDONED)
         os.makedirs(dest_dir, exist_ok=True)
-        base, dest, k = os.path.basename(path), os.path.join(dest_dir, os.path.basename(path)), 1
-        while os.path.exists(dest):
-            dest = os.path.join(dest_dir, f"{base[:-3]}.{k}.pt")
-            k += 1
+        dest = _free_name(dest_dir, os.path.basename(path))
         os.replace(path, dest)
         moved.append(dest)
+    if moved and log_dir is not None:
+        samples = os.path.join(log_dir, "samples")
+        for name in sorted(os.listdir(samples)) if os.path.isdir(samples) else ():
+            m = _SAMPLE.match(name)
+            if m and int(m.group(1)) > step:
+                os.makedirs(os.path.join(dest_dir, "samples"), exist_ok=True)
+                os.replace(os.path.join(samples, name), _free_name(os.path.join(dest_dir, "samples"), name))
+        best_step = _step_of_best(folder)
+        if best_step is not None and best_step > step:
+            for name in ("best.pt", "best.json"):
+                if os.path.exists(os.path.join(folder, name)):
+                    dest = _free_name(dest_dir, name)
+                    os.replace(os.path.join(folder, name), dest)
+                    if name == "best.json":
+                        _repoint_best_json(dest, folder, dest_dir)
+        for name in ("loss_log.csv", "eval_log.csv"):
+            if os.path.isfile(os.path.join(log_dir, name)):
+                shutil.copy2(os.path.join(log_dir, name), _free_name(dest_dir, name))
     if moved:
         print(f"ganengine: {len(moved)} checkpoint(s) in {folder!r} are newer than step {step}, where this run "
-              f"continues from an older checkpoint of the folder; moved to {os.path.join(folder, ABANDONED)} "
-              "(nothing was deleted)", file=sys.stderr)
+              f"continues from an older checkpoint of the folder; moved to {dest_dir}"
+              + (" with that branch's sample grids, best checkpoint and a copy of its logs" if log_dir else "")
+              + " (nothing was deleted)", file=sys.stderr)
     return moved
 
 

@@ -52,7 +52,7 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = False
     compile: bool | str = False                         # True / a torch.compile mode
-    seed: int = 0
+    seed: int | None = None                             # None: 0, or on --resume the run's own
     deterministic: bool = False
     resume: str | None = None                           # a checkpoint, a run folder, or "latest"
     sample_every: int = 100
@@ -222,7 +222,9 @@ class Trainer:
         self.dataset = build_dataset(cfg.model, cfg.data_options)
         # --serial_batches: the data in file order, as the reference's DataLoader(shuffle=not serial_batches)
         serial = bool((cfg.data_options or {}).get("serial_batches", False))
-        self.loader, self.sampler = make_loader(self.dataset, cfg.batch_size, self.device, cfg.seed, self.dist.rank,
+        # the run's seed: --seed, or 0; a resumed run keeps its own (_restore) when --seed is not given
+        self.seed = 0 if cfg.seed is None else cfg.seed
+        self.loader, self.sampler = make_loader(self.dataset, cfg.batch_size, self.device, self.seed, self.dist.rank,
                                                 self.dist.world_size, cfg.num_workers, shuffle=not serial)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         # the reference (junyanz train.py) trains epochs epoch_count .. n_epochs + n_epochs_decay:
@@ -248,7 +250,7 @@ class Trainer:
                 # the earlier run's logs aside, which must not happen under another live writer
                 self._locks.append(ckpt.RunLock(self.log_dir, option="--log_dir").acquire())
 
-        rng.seed_all(cfg.seed)  # identical initial weights on every rank
+        rng.seed_all(self.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, **cfg.model_options).to(self.device)
         self.model.check_batch_size(cfg.batch_size)  # (before the run folder is touched)
         if cfg.compile and self.model.double_backward:
@@ -273,6 +275,7 @@ class Trainer:
                 self.evaluator = SynthesisEvaluator(cfg.eval_options, self.model, cfg.model, cfg.data_options,
                                                     self.device, self.log_dir)
 
+        self._sums: dict[str, tuple] = {}  # the losses since the last log row (restored on resume)
         resume_state = None
         if cfg.resume:
             path = ckpt.latest(cfg.run_dir) if cfg.resume == "latest" else ckpt.resolve(cfg.resume)
@@ -282,7 +285,7 @@ class Trainer:
             resume_state = self._load(path)
             self.resume_path = path
         else:
-            seed = mix(cfg.seed, self.dist.rank, 1)
+            seed = mix(self.seed, self.dist.rank, 1)
             rng.seed_all(seed)  # per-rank noise / dropout / pool draws
             if self.dist.world_size > 1:  # (the models' own generators too, e.g. CycleGAN's image pools)
                 self.model.reseed(seed)
@@ -302,7 +305,10 @@ class Trainer:
         self.sample_batch = self._sample_batch()  # (after the RNG state: as before the files below)
 
         self.logger = None
-        if self.dist.is_main:
+        # a resume already at its last step trains nothing: the folder and the checkpoint stay as they
+        # are (no set-aside, no save of the converted position under the resumed step's name)
+        self.nothing_to_train = resume_state is not None and self.step >= self.total_steps
+        if self.dist.is_main and not self.nothing_to_train:
             if not continues:
                 # an earlier run in the folder that this run does not continue: keep its files (moved
                 # to RUN_DIR/previous/K/) rather than overwrite its checkpoints and delete its logs;
@@ -315,13 +321,12 @@ class Trainer:
                 # resumed from an older checkpoint of the folder: its newer checkpoints belong to the
                 # branch this run abandons, set aside now (the first save would overwrite one, and until
                 # then a plain --resume would pick them as the newest)
-                ckpt.set_aside_newer(cfg.run_dir, self.step)
+                ckpt.set_aside_newer(cfg.run_dir, self.step, self.log_dir)
             self.logger = TrainLogger(self.log_dir, cfg.tensorboard, self.step if cfg.resume else None)
             if self.evaluator is not None:
                 self.evaluator.start_log(self.step if cfg.resume else None)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self._sums: dict[str, tuple] = {}
         self.interrupted_checkpoint = None
 
     # ---------------------------------------------------------------- checkpoints
@@ -349,10 +354,13 @@ class Trainer:
             # (each process's own: CycleGAN's image pools hold that process's images and draws)
             **({"extra_per_rank": extra} if self.dist.world_size > 1 else {}),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
+            "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size, "seed": self.seed,
             "schedule": self._schedule_options(),
             "rng": {"per_rank": rngs},
             "evaluation": dict(self.best) if self.best else {},
+            # the losses summed since the last log row: a resumed run's first row averages the
+            # same steps as the uninterrupted run's (a stop between rows, e.g. Ctrl-C, is common)
+            "loss_sums": {k: [float(total), n] for k, (total, n) in self._sums.items()},
         }
 
     def save(self) -> str | None:
@@ -393,6 +401,7 @@ class Trainer:
             listed = ", ".join(f"--{k} {old!r} (now {new!r})" for k, (old, new) in sorted(diff.items()))
             raise ckpt.CheckpointError(f"--resume {path!r} was trained with different model options: {listed}. "
                                        "Resume with the options the run was started with.")
+        self._adopt_seed(path, state.get("seed"))
         for name, net in self.networks.items():
             net.load_state_dict(state["networks"][name])
         for name, opt in self.optimizers.items():
@@ -407,7 +416,7 @@ class Trainer:
         else:
             self.model.load_extra_state(state.get("extra", {}))
             if self.dist.world_size > 1:  # (rank 0's pools on every process: their draws per process again)
-                self.model.reseed(mix(self.cfg.seed, self.dist.rank, state["step"]))
+                self.model.reseed(mix(self.seed, self.dist.rank, state["step"]))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state.get("batch_in_epoch", 0)
         self._convert_position(state)
         if self.dist.is_main:
@@ -431,14 +440,32 @@ class Trainer:
                       "reference's timing (junyanz train.py steps them at the beginning of each epoch): from step "
                       f"{self.step} on the rates follow it, one epoch ahead of the run's so far", file=sys.stderr)
         self.best = dict(state.get("evaluation") or {}) or None
+        # (float + an fp32 loss tensor stays fp32: the sums continue bit for bit)
+        self._sums = {k: (float(total), int(n)) for k, (total, n) in (state.get("loss_sums") or {}).items()}
         per_rank = state["rng"]["per_rank"]
         if len(per_rank) == self.dist.world_size:
             return per_rank[self.dist.rank]
         if self.dist.is_main:
             print(f"ganengine: resuming a {len(per_rank)}-process checkpoint on {self.dist.world_size} processes: "
                   "random streams restart (the run is not bit-exact)", file=sys.stderr)
-        rng.seed_all(mix(self.cfg.seed, self.dist.rank, self.step))
+        rng.seed_all(mix(self.seed, self.dist.rank, self.step))
         return rng.get_state()
+
+    def _adopt_seed(self, path: str, stored) -> None:
+        """The data order, each image's augmentation and the evaluation's latents follow the run's
+        seed: a resume without --seed keeps the checkpoint's, and another --seed is refused (the
+        saved position in the epoch refers to the old order: images would be fed twice or never)."""
+        if stored is None or stored == self.seed:
+            return
+        if self.cfg.seed is not None:
+            raise ckpt.CheckpointError(f"--resume {path!r} was trained with --seed {stored}, which orders its data and "
+                                       f"augmentations; resume with --seed {stored} or without --seed, not "
+                                       f"--seed {self.cfg.seed}")
+        self.seed = stored
+        self.sampler.seed = stored
+        self.loader.generator.manual_seed(stored)
+        if self.evaluator is not None and (self.cfg.eval_options or {}).get("seed") is None:
+            self.evaluator.o["seed"] = stored
 
     def _schedule_options(self) -> dict:
         """The engine options the learning-rate schedules are built from (models/base.py), and for
@@ -613,7 +640,7 @@ class Trainer:
             tty = sys.stderr.isatty()
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                        mininterval=0.5 if tty else 10.0, desc=f"{cfg.model}", file=sys.stderr)
-            if self.logger.note:
+            if self.logger is not None and self.logger.note:
                 bar.write(self.logger.note)
         images_per_step = cfg.batch_size * self.dist.world_size
         t_last, steps_last = time.perf_counter(), self.step
@@ -690,7 +717,7 @@ class Trainer:
                     self.batch_in_epoch = 0
                 if self.step >= self.total_steps:
                     break
-            final = self.save()
+            final = self.resume_path if self.nothing_to_train else self.save()
             if self._stop_signal is not None:  # (stopped in the last step: saved, and said so)
                 self.interrupted_checkpoint = final
                 raise _interrupt(self._stop_signal)
