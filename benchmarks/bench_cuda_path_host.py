@@ -29,7 +29,8 @@ What it cannot give: the CUDA runtime's and Triton's launch cost, and the device
 The differences between the rows are what the Python layers add or save on any machine.
 
 ``--models cyclegan pix2pix``: the same for whole training steps at the ``quick`` size (the
-networks' structure, small maps): the eager model's step against the fused model's on the CUDA
+networks' structure, small maps): the eager model's step (``fused=False``, on the torch backend:
+plain PyTorch) against the fused model's on the CUDA
 path's route (Triton backend, launches stubbed, the vendor convolution as on CUDA), through the
 custom ops and through the eager route, and (``auto order``) with the C++ entries the auto order
 takes on CUDA tensors (instance norm on NCHW planes, the adversarial losses, conv2d_act's and
@@ -199,7 +200,10 @@ def measure_models(names, rounds: int) -> list[dict]:
             steps[label] = functools.partial(model.train_step, batch, opts, step_ctx)
         calls_ = {"eager": steps["eager"], "CUDA path, custom op": steps["fused"],
                   "CUDA path, eager route": steps["fused"], "CUDA path, auto order": steps["fused"]}
-        scopes = {"CUDA path, custom op": _scope("triton", False, True, vendor_conv=True),
+        # eager: the plain model (fused=False) as a user without ganengine runs it: on the torch
+        # backend, so the layers and losses it shares with the fused model run no ganengine kernel
+        scopes = {"eager": functools.partial(backends.use_backend, "torch"),
+                  "CUDA path, custom op": _scope("triton", False, True, vendor_conv=True),
                   "CUDA path, eager route": _scope("triton", True, True, vendor_conv=True),
                   "CUDA path, auto order": _scope("triton", True, True, vendor_conv=True, entries=CUDA_ENTRIES)}
         with pinned_threads(1):

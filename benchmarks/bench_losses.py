@@ -112,7 +112,7 @@ def main(argv=None):
         if args.kernels:
             kernels = timing.kernel_table({n: (lambda fn=fn: step(fn, inputs)) for n, fn in variants.items()},
                                           args.device)
-    eager, comp = med["eager PyTorch"], med.get("torch.compile", float("nan"))
+    eager, comp = med["eager PyTorch"], med.get("torch.compile")  # (None with --no-compile: "-")
     s = args.size
     print(f"CycleGAN loss block (2 lsgan {args.batch}x1x30x30 + 2 cycle + 2 identity L1 at {args.batch}x3x{s}x{s}), "
           f"forward+backward, fp32, {args.device}, {torch.get_num_threads()} threads, "
@@ -120,7 +120,8 @@ def main(argv=None):
     print("| variant | time | vs eager | vs torch.compile |")
     print("| --- | --- | --- | --- |")
     for name, t in med.items():
-        print(f"| {name} | {t * 1e6:.0f} us | {eager / t:.2f}x | {comp / t:.2f}x |")
+        vs_compile = "-" if comp is None else f"{comp / t:.2f}x"
+        print(f"| {name} | {t * 1e6:.0f} us | {eager / t:.2f}x | {vs_compile} |")
     if args.kernels:
         print("\nKernels per step:\n\n" + kernels)
     if args.json:

@@ -133,6 +133,21 @@ def machine() -> dict:
             "git": _git_rev(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
+def section_command(cmd: list[str], store: Path) -> list[str]:
+    """``cmd`` with the file its ``--json`` writes moved into the folder of ``store`` (the sections'
+    raw output): by default docs/, as quoted in SECTIONS; with another --store, beside it, so a
+    run that writes elsewhere never overwrites the repository's docs/ files (cmd runs in ROOT)."""
+    out = list(cmd)
+    for i in range(len(out) - 1):
+        if out[i] == "--json":
+            path = store.resolve().parent / Path(out[i + 1]).name
+            try:
+                out[i + 1] = str(path.relative_to(ROOT))
+            except ValueError:  # outside the checkout
+                out[i + 1] = str(path)
+    return out
+
+
 def run_section(key: str, cmd: list[str]) -> dict:
     load0 = os.getloadavg()[0]
     t0 = time.time()
@@ -223,10 +238,12 @@ def main(argv=None) -> int:
             print(f"{key:10s} {title}\n           python {' '.join(cmd[1:])}")
         return 0
     store = Path(args.store)
+    store.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(store.read_text()) if (args.only and store.exists()) else {}
     for key, _title, cmd, _text in SECTIONS:
         if args.only and key not in args.only:
             continue
+        cmd = section_command(cmd, store)
         print(f"[{key}] python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         results[key] = run_section(key, cmd)
         print(f"[{key}] exit {results[key]['returncode']} in {results[key]['seconds']} s", file=sys.stderr, flush=True)

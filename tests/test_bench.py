@@ -266,3 +266,116 @@ def test_benchmarks_md_generator_renders_every_section(tmp_path):
     mixed = page.replace(f"## {title}", notes + f"\n## {title}")
     assert mod.hand_written(mixed) == notes
     assert mod.build_markdown(results, info, mod.hand_written(mixed)).count(f"## {title}") == 1
+
+
+# ----------------------------------------------------------------------------- regressions (session 14)
+def test_cli_repeated_runner_is_measured_once(toy_cases, tmp_path, capsys):
+    """`--runners eager eager ...` crashed after all measuring (add_speedups on a record the
+    interleaved timing never filled in) and wrote nothing; a name given twice is measured once."""
+    out = tmp_path / "b"
+    rc = main(["bench", "--ops", "toy_bias_act", "--quick", "--threads", "1", "--repeats", "1", "--no-memory",
+               "--no-chart", "--runners", "eager", "eager", "ganengine:torch", "eager", "--output", str(out)])
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["settings"]["runners"] == ["eager", "ganengine:torch"]
+    for mode in ("forward", "forward_backward"):
+        recs = [r for r in data["records"] if r["mode"] == mode]
+        assert [r["runner"] for r in recs] == ["eager", "ganengine:torch"]
+        assert all(r["status"] == "ok" and r["time_ms"]["median"] > 0 for r in recs)
+        assert recs[1]["speedup_vs_eager"] > 0
+    op, _, _ = toy_cases
+    res = runner.run([op], device="cpu", quick=True, runners=["eager", "eager"], repeats=1, measure_memory=False)
+    assert [r["runner"] for r in res["records"]] == ["eager", "eager"]  # one per mode
+    with pytest.raises(ValueError, match="no runner"):
+        runner.run([op], device="cpu", quick=True, runners=[], repeats=1)
+
+
+def test_model_eager_baseline_runs_on_the_torch_backend(toy_cases):
+    """The models' eager baseline (the plain model, fused=False) ran on the auto backend, so the
+    layers and losses it shares with the fused model ran ganengine's C++ kernels inside it; it runs
+    on the torch backend now (and so does its peak-memory measurement)."""
+    from ganengine import backends
+
+    seen = {"reference": set(), "fused": set()}
+
+    def setup(p, device, dtype):
+        def step(which):
+            def call():
+                seen[which].add(backends.current())
+                return {}
+            return call
+        return Workload(step=step("fused"), reference_step=step("reference"))
+
+    case = registry.register(BenchCase(
+        name="toy_model_with_reference", family="models", kind="model", setup=setup, modes=("step",),
+        compile_ok=False, shapes={"ref": [dict(size="ref")], "quick": [dict(size="quick")]}), replace=True)
+    try:
+        res = runner.run([case], device="cpu", quick=True, runners=["eager", "ganengine:torch"], repeats=1,
+                         measure_memory=False)
+        assert all(r["status"] == "ok" for r in res["records"]), res["records"]
+        assert seen["reference"] == {"torch"} and seen["fused"] == {"torch"}
+        work = setup({}, None, None)
+        with runner._scope_for(case, work, "eager")():
+            assert backends.current() == "torch"
+        scoped = runner.child_call(case.name, dict(size="quick"), "step", "eager", "cpu", "float32")
+        seen["reference"].clear()
+        scoped()
+        assert seen["reference"] == {"torch"}
+    finally:
+        registry.unregister("toy_model_with_reference")
+
+
+def test_model_eager_baseline_runs_no_ganengine_kernel():
+    """The real models: the eager step under the runner's scope runs none of ganengine's C++ ops
+    (pix2pix's conv_act / batch_norm_act / gan_loss and wgan's loss ran them on auto)."""
+    from torch.profiler import profile
+
+    cases = registry.all_cases()
+    if "wgan" not in cases:
+        pytest.skip("wgan is not in this build")
+    case = cases["wgan"]
+    work = case.setup(case.shape_list("quick")[0], torch.device("cpu"), torch.float32)
+    assert work.reference_step is not None
+    with runner._scope_for(case, work, "eager")():
+        work.reference_step()
+        with profile() as prof:
+            work.reference_step()
+    assert not [e.name for e in prof.events() if e.name.startswith("ganengine_C::")]
+
+
+def test_cli_models_quick_still_runs(tmp_path):
+    if "wgan" not in registry.all_cases():
+        pytest.skip("wgan is not in this build")
+    out = tmp_path / "m"
+    assert main(["bench", "--models", "wgan", "--quick", "--threads", "1", "--repeats", "1", "--no-memory",
+                 "--no-chart", "--runners", "eager", "ganengine:cpu", "--output", str(out)]) == 0
+    recs = json.loads((out / "bench.json").read_text())["records"]
+    assert [(r["runner"], r["status"]) for r in recs] == [("eager", "ok"), ("ganengine:cpu", "ok")]
+
+
+def test_benchmarks_md_norm_act_json_goes_beside_the_store(tmp_path, monkeypatch):
+    """The norm_act section wrote docs/bench_norm_act.json in the checkout even when --store and
+    --output pointed elsewhere; it goes beside the store now (docs/ by default, as quoted)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_benchmarks_md.py"
+    spec = importlib.util.spec_from_file_location("make_benchmarks_md", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ran = []
+
+    def fake_run(key, cmd):
+        ran.append(cmd)
+        return dict(key=key, command=" ".join(["python"] + cmd[1:]), returncode=0, stdout="| a |\n", stderr_tail="",
+                    seconds=0.0, load_before=0.0, load_after=0.0)
+
+    monkeypatch.setattr(mod, "run_section", fake_run)
+    monkeypatch.setattr(mod, "machine", lambda: dict(cpu="c", cores=2, memory_gib=1.0, gpu=None, torch="t",
+                                                       threads=1, capability="x", python="3", git="g", date="d"))
+    store = tmp_path / "out" / "sections.json"
+    assert mod.main(["--only", "norm_act", "--store", str(store), "--output", str(tmp_path / "B.md")]) == 0
+    (cmd,) = ran
+    assert cmd[cmd.index("--json") + 1] == str(tmp_path / "out" / "bench_norm_act.json")
+    default = mod.section_command(cmd, mod.ROOT / "docs" / "benchmarks_sections.json")
+    assert default[default.index("--json") + 1] == "docs/bench_norm_act.json"

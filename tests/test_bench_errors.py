@@ -85,3 +85,72 @@ def test_benchmark_script_option_errors(script, argv, message, capsys, threads):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- regressions (session 14)
+def test_bench_runners_all_filtered_by_no_compile_is_an_error(tmp_path, capsys, monkeypatch):
+    """`--runners compile --no-compile` left no runner, and runner.run then ran every default
+    runner, compile included; it is a usage error naming both options now."""
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("measured with no runner left"))
+    rc = main(["bench", "--ops", "gan_loss", "--quick", "--threads", "1", "--runners", "compile", "compile",
+               "--no-compile", "--no-memory", "--no-chart", "--output", str(tmp_path / "b")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ganengine bench: error:") and "--runners" in err and "--no-compile" in err
+    assert len(err.splitlines()) == 1
+    rc = main(["bench", "--ops", "gan_loss", "--quick", "--runners", "nosuch", "--no-compile", "--no-chart",
+               "--output", str(tmp_path / "b")])
+    assert rc == 2 and "runner must be" in capsys.readouterr().err
+
+
+@pytest.fixture
+def bench_tables_no_measuring(monkeypatch):
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("measured with a bad option"))
+    from ganengine.tools import bench_tables
+
+    return bench_tables
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "nosuch"], "--ops: unknown op 'nosuch'"),
+    (["--models", "nosuch"], "--models: unknown model 'nosuch'"),
+    (["--repeats", "-1"], "--repeats must be >= 1, got -1"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+])
+def test_bench_tables_option_errors(argv, message, bench_tables_no_measuring, tmp_path, capsys):
+    out = tmp_path / "x.md"
+    rc = bench_tables_no_measuring.main(["--quick", "--no-compile", "--skip-traffic", "--skip-aot",
+                                         "--output", str(out), *argv])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bench_tables_output_errors(bench_tables_no_measuring, tmp_path, capsys):
+    """--output an existing folder failed after the whole timing run (and wrote <folder>.png
+    beside it); --output under a file raised FileExistsError. Both are said first now."""
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    (tmp_path / "afile").write_text("")
+    for output, message in ((folder, "is a folder: expected a file name"),
+                            (tmp_path / "afile" / "x.md", "is a file, not a folder")):
+        rc = bench_tables_no_measuring.main(["--quick", "--no-compile", "--ops", "gan_loss", "--skip-traffic",
+                                             "--skip-aot", "--output", str(output)])
+        assert rc == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("python -m ganengine.tools.bench_tables: error: --output") and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no adir.png beside
+
+
+def test_host_cost_json_checked_before_measuring(tmp_path, capsys, monkeypatch):
+    from ganengine.bench import host_cost
+
+    monkeypatch.setattr(host_cost, "measure", lambda *a, **k: pytest.fail("measured with a bad --json"))
+    (tmp_path / "afile").write_text("")
+    for path, message in ((tmp_path, "is a folder"), (tmp_path / "afile" / "r.json", "is a file, not a folder")):
+        with pytest.raises(SystemExit) as exc:
+            host_cost.main(["--ops", "gan_loss", "--json", str(path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--json" in err and message in err and "Traceback" not in err

@@ -138,3 +138,41 @@ def test_bench_cuda_path_host(script, capsys):
     if backends.triton_interpret():  # the model steps: the routing through every fused layer runs
         assert mod.main(["--models", "pix2pix", "--rounds", "1"]) == 0
         assert "| pix2pix | 1x128x128 |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- regressions (session 14)
+def test_bench_losses_without_compile_prints_a_dash(script, capsys):
+    """--no-compile printed "nanx" in the "vs torch.compile" column (bench_conv_act prints "-")."""
+    mod = script("bench_losses")
+    mod.main(["--repeats", "1", "--size", "8", "--no-compile", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = _table_rows(out)[1:]
+    assert rows and "nan" not in out
+    assert all(r.rstrip().endswith("| - |") for r in rows)
+
+
+def test_bench_cuda_path_host_model_baseline_is_plain_pytorch(script, monkeypatch):
+    """measure_models' "eager" (fused=False) ran on the auto backend, so the layers and losses it
+    shares with the fused model ran ganengine's C++ ops; it runs on the torch backend now."""
+    from torch.profiler import profile
+
+    from ganengine import backends
+    from ganengine.bench import registry, timing
+
+    if "wgan" not in registry.all_cases():
+        pytest.skip("wgan is not in this build")
+    mod = script("bench_cuda_path_host")
+    seen = {}
+
+    def fake_interleave(calls, repeats, scopes=None, **kw):
+        with scopes["eager"]():
+            seen["backend"] = backends.current()
+            calls["eager"]()
+            with profile() as prof:
+                calls["eager"]()
+        seen["ops"] = [e.name for e in prof.events() if e.name.startswith("ganengine_C::")]
+        return {name: timing.summarize([1.0]) for name in calls}
+
+    monkeypatch.setattr(mod.timing, "interleave", fake_interleave)
+    (rec,) = mod.measure_models(["wgan"], 1)
+    assert seen["backend"] == "torch" and seen["ops"] == []

@@ -164,3 +164,54 @@ def test_profile_backend_fallback_is_a_usage_error(tmp_path, capsys, monkeypatch
     assert main(["profile", "norm_act", "--quick", "--backend", "torch", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ganengine profile: error: --backend torch cannot run norm_act:") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- regressions (session 14)
+@pytest.mark.parametrize("target", ["rmsprop_step", "optim"])
+def test_profile_forward_only_op_case(tmp_path, target):
+    """`ganengine profile rmsprop_step` (an optimiser step: modes=("forward",)) crashed in
+    autograd.grad with no inputs: op cases are profiled in the case's own modes. The step inside
+    ganengine's FusedRMSprop is ganengine's work."""
+    if "rmsprop_step" not in registry.all_cases():
+        pytest.skip("optim is not in this build")
+    out = tmp_path / "p"
+    assert main(["profile", target, "--quick", "--steps", "1", "--warmup", "1", "--output", str(out)]) == 0
+    res = _check_outputs(out, target, 1)
+    assert res["case"] == "rmsprop_step" and res["mode"] == "forward"
+    rows = {r["name"]: r for r in res["table"]["top"]}
+    steps = [r for n, r in rows.items() if n.startswith("Optimizer.step#FusedRMSprop")]
+    assert steps and all(r["group"] == "ganengine" for r in steps)
+    assert "(op, forward)" in (out / "profile.md").read_text()
+
+
+def test_profile_backward_of_ops_inside_a_ganengine_op_is_ganengine():
+    """attention's 1x1 convs run inside ganengine_C::self_attention2d: their forward was tagged
+    ganengine but their backward (ConvolutionBackward0, convolution_backward, CatBackward0) pytorch,
+    so it showed as left to fuse. The autograd node's sequence number links it to the forward op
+    that created it; a plain convolution's backward outside any ganengine op stays pytorch."""
+    from torch.profiler import profile
+
+    if "self_attention2d" not in registry.all_cases():
+        pytest.skip("attention is not in this build")
+    fn = gprof.op_workload("self_attention2d", torch.device("cpu"), torch.float32, "quick")
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 1, 1, requires_grad=True)
+
+    def plain():
+        torch.autograd.grad(torch.nn.functional.conv2d(x, w).sum(), [x, w])
+
+    fn(), plain()
+    with profile() as prof:
+        fn()
+        plain()
+    names = gprof.ganengine_kernel_names() | gprof.ganengine_function_names()
+    table = gprof.top_table(prof, names, use_device=False, top=10_000)
+    groups = {}
+    for r in table["top"]:
+        groups.setdefault(r["name"], set()).add(r["group"])
+    conv_bwd = "autograd::engine::evaluate_function: ConvolutionBackward0"
+    assert groups[conv_bwd] == {"ganengine", "pytorch"}  # attention's (ganengine), the plain one (pytorch)
+    assert groups["aten::convolution_backward"] == {"ganengine", "pytorch"}
+    assert groups["autograd::engine::evaluate_function: CatBackward0"] == {"ganengine"}
+    by_group = {(r["name"], r["group"]): r["calls"] for r in table["top"]}
+    assert by_group[(conv_bwd, "pytorch")] == 1 and by_group[(conv_bwd, "ganengine")] >= 1

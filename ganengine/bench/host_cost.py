@@ -10,7 +10,8 @@ At a tiny shape the arithmetic is negligible and what is left is exactly that pe
   frequency changes hit both alike) with one thread; the median over rounds, per call.
 * kernels per call on the CUDA path: counted without a GPU, under the Triton interpreter: every
   Triton launch of the fused op plus every aten op issued around it (each one kernel on a GPU),
-  against the aten ops of the eager composition (``ganengine.bench.traffic_table``).
+  against the aten ops of the eager composition (``ganengine.bench.traffic_table``), each
+  counted on a call after a warm-up call (the first call's lazy work is not a per-call cost).
 """
 from __future__ import annotations
 
@@ -170,6 +171,13 @@ def main(argv=None) -> int:
         cases = registry.select(a.ops or [], None)
     except ValueError as exc:
         p.error(f"--ops: {exc}")
+    if a.json:  # before the measuring, not with a traceback after it
+        from ganengine.cli._io import OutputError, writable_file
+
+        try:
+            writable_file(a.json, "--json", example="host_cost.json")
+        except OutputError as exc:
+            p.error(str(exc))
     recs = measure(cases, a.calls, a.rounds, progress=lambda s: print(f"  {s}", flush=True))
     print(markdown(recs))
     if a.json:

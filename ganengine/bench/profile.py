@@ -49,6 +49,18 @@ def ganengine_function_names() -> set[str]:
         todo.extend(cls.__subclasses__())
         if cls.__module__.startswith("ganengine."):
             names.update((cls.__name__, cls.__name__ + "Backward"))
+    # ganengine's optimisers: torch.optim.Optimizer names each step "Optimizer.step#<Class>.step"
+    # (the aten ops inside it, e.g. the fused update, are then ganengine's via their cpu_parent)
+    try:
+        importlib.import_module("ganengine.models.fused_rmsprop")
+    except Exception:
+        pass
+    todo = list(torch.optim.Optimizer.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith("ganengine."):
+            names.add(f"Optimizer.step#{cls.__name__}.step")
     return names
 
 
@@ -69,13 +81,20 @@ def classify(key: str, kernel_names: set[str]) -> str:
 
 
 def op_workload(case_name: str, device, dtype, size: str) -> Callable[[], object]:
-    """forward+backward of an op case (the profile target until/unless a model is named)."""
+    """forward+backward of an op case (the profile target until/unless a model is named), or its
+    forward where the case has no backward mode (an optimiser step: ``modes=("forward",)``)."""
     from ganengine.bench.registry import all_cases
     from ganengine.bench.runner import make_call
 
     case = all_cases()[case_name]
     work = case.setup(case.shape_list(size)[0], device, dtype)
-    return make_call(case, work, "forward_backward", "ganengine:auto")
+    return make_call(case, work, op_mode(case), "ganengine:auto")
+
+
+def op_mode(case) -> str:
+    """The mode an op case is profiled in: forward+backward when the case registers it, else
+    the case's first mode."""
+    return "forward_backward" if "forward_backward" in case.modes else case.modes[0]
 
 
 def model_workload(name: str, device, size: str) -> Callable[[], object]:
@@ -103,28 +122,73 @@ def resolve_target(target: str) -> tuple[str, str]:
     raise ValueError(f"unknown profile target {target!r}; expected a model or op, one of {available}")
 
 
-def _group_of(evt, kernel_names: set[str], cache: dict) -> str:
-    """An event's group; an aten op called from inside a ganengine op (the Winograd conv's GEMMs,
-    say) belongs to ganengine: it is work ganengine chose to do, not something left to fuse."""
+def _group_of(evt, kernel_names: set[str], cache: dict, creators: dict | None = None) -> str:
+    """An event's group. An aten op called from inside a ganengine op (the Winograd conv's GEMMs,
+    say) belongs to ganengine: it is work ganengine chose to do, not something left to fuse. So
+    does the backward of such an op (the 1x1 convs inside attention: ConvolutionBackward0): the
+    autograd engine's events carry the sequence number of the forward op that created their
+    node and the forward thread (``sequence_nr``, ``fwd_thread``); ``creators`` maps
+    (thread, sequence number) to that forward op (:func:`_creators`)."""
+    key = id(evt)
+    if key in cache:
+        return cache[key]
+    cache[key] = "pytorch"  # (provisional: no cycle can make an event its own ancestor)
     group = classify(evt.name, kernel_names)
-    if group != "pytorch":
-        return group
-    parent = getattr(evt, "cpu_parent", None)
+    if group == "pytorch":
+        creator = _creator_of(evt, creators)
+        parent = getattr(evt, "cpu_parent", None)
+        if creator is not None and _group_of(creator, kernel_names, cache, creators) == "ganengine":
+            group = "ganengine"
+        elif parent is not None and _group_of(parent, kernel_names, cache, creators) == "ganengine":
+            group = "ganengine"
+    cache[key] = group
+    return group
+
+
+def _is_backward(evt) -> bool:
+    return bool(getattr(evt, "fwd_thread", 0)) and getattr(evt, "sequence_nr", -1) >= 0
+
+
+def _creator_of(evt, creators: dict | None):
+    if not creators or not _is_backward(evt):
+        return None
+    creator = creators.get((evt.fwd_thread, evt.sequence_nr))
+    return None if creator is evt else creator
+
+
+def _depth(evt) -> int:
+    n, parent = 0, getattr(evt, "cpu_parent", None)
     while parent is not None:
-        pid = id(parent)
-        if pid not in cache:
-            cache[pid] = classify(parent.name, kernel_names)
-        if cache[pid] == "ganengine":
-            return "ganengine"
-        parent = getattr(parent, "cpu_parent", None)
-    return "pytorch"
+        n, parent = n + 1, getattr(parent, "cpu_parent", None)
+    return n
+
+
+def _creators(events) -> dict:
+    """(thread, sequence number) -> the forward op event that created the autograd node with that
+    number. Every op that goes through autograd records the thread's next sequence number (it only
+    advances when a node is created), so several events share one: an outer composite op, ops that
+    created no node, and last the op that created the node. The creator is the latest to start
+    (ties: the deepest)."""
+    out: dict = {}
+    rank: dict = {}
+    for evt in events:
+        seq = getattr(evt, "sequence_nr", -1)
+        if seq is None or seq < 0 or _is_backward(evt):
+            continue
+        k = (getattr(evt, "thread", None), seq)
+        r = (getattr(getattr(evt, "time_range", None), "start", 0), _depth(evt))
+        if k not in out or r >= rank[k]:
+            out[k], rank[k] = evt, r
+    return out
 
 
 def top_table(prof, kernel_names: set[str], use_device: bool, top: int = 25) -> dict:
     agg: dict[tuple[str, str], dict] = {}
     cache: dict = {}
-    for evt in prof.events():
-        group = _group_of(evt, kernel_names, cache)
+    events = prof.events()
+    creators = _creators(events)
+    for evt in events:
+        group = _group_of(evt, kernel_names, cache, creators)
         if group == "profiler":
             continue
         row = agg.setdefault((evt.name, group), {"name": evt.name, "group": group, "calls": 0, "self_time_us": 0.0,
@@ -154,7 +218,8 @@ def top_table(prof, kernel_names: set[str], use_device: bool, top: int = 25) -> 
 
 def markdown(result: dict) -> str:
     t = result["table"]
-    lines = [f"Profile of `{result['target']}` ({result['target_kind']}), {result['steps']} steps on "
+    what = result["target_kind"] + (f", {result['mode']}" if result.get("mode") not in (None, "step") else "")
+    lines = [f"Profile of `{result['target']}` ({what}), {result['steps']} steps on "
              f"{result['device']}, backend {result['backend']}; self {t['time_kind']} time.", "",
              "| group | self time ms | share | operators | calls |", "|---|---|---|---|---|"]
     for name, g in sorted(t["groups"].items(), key=lambda kv: -kv[1]["self_time_us"]):
@@ -205,9 +270,10 @@ def run_profile(target: str, steps: int = 5, warmup: int = 1, output: str = "pro
     prof.export_chrome_trace(trace_path)
     table = top_table(prof, ganengine_kernel_names() | ganengine_function_names(), use_device=dev.type == "cuda", top=top)
     from ganengine.bench.machine import machine_info
+    from ganengine.bench.registry import all_cases
 
     result = {"format": "ganengine-profile", "version": 1, "target": target, "target_kind": kind,
-              "case": name, "steps": steps, "warmup": warmup, "device": dev.type, "size": size,
+              "case": name, "mode": op_mode(all_cases()[name]) if kind == "op" else "step", "steps": steps, "warmup": warmup, "device": dev.type, "size": size,
               "backend": backend, "trace": os.path.basename(trace_path), "table": table,
               "machine": machine_info()}
     with open(os.path.join(output, "profile.json"), "w") as f:

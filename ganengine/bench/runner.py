@@ -2,7 +2,8 @@
 
 Runners:
   eager              the case's plain PyTorch reference (for models: the model built with
-                     ``fused=False``, i.e. the reference's plain nn modules)
+                     ``fused=False``, i.e. the reference's plain nn modules, run on the torch
+                     backend so that no ganengine kernel runs inside it)
   compile            ``torch.compile`` of the same reference code (op cases)
   ganengine:<name>   the ganengine function under backend <name> in strict mode (a backend
                      that cannot serve the call is reported as skipped, never silently timed
@@ -151,19 +152,12 @@ def child_call(case_name: str, params: dict, mode: str, runner: str, device: str
     case = all_cases()[case_name]
     work = case.setup(params, torch.device(device), parse_dtype(dtype))
     call = make_call(case, work, mode, runner)
-    if runner.startswith("ganengine:"):
-        name = runner.split(":", 1)[1]
+    scope = _scope_for(case, work, runner)
 
-        def scoped():
-            with backend_scope(name):
-                return call()
-        return scoped
-    if case.kind == "model" and work.reference_step is None:
-        def torch_scoped():
-            with backend_scope("torch"):
-                return call()
-        return torch_scoped
-    return call
+    def scoped():
+        with scope():
+            return call()
+    return scoped
 
 
 def _record(case: BenchCase, params: dict, mode, runner, device, dtype) -> dict:
@@ -176,9 +170,15 @@ def _record(case: BenchCase, params: dict, mode, runner, device, dtype) -> dict:
 
 
 def _scope_for(case: BenchCase, work: Workload, runner: str):
+    """The backend scope a runner's calls run in: ``ganengine:<b>`` -> backend b (strict);
+    a model's ``eager`` (and ``compile``) baseline -> the torch backend, always: the plain model
+    (``fused=False``) still reaches ganengine's C++ ops through the layers and losses it shares
+    with the fused one (conv_act, batch_norm_act, the losses), and on the auto backend those would
+    run ganengine's kernels inside the baseline; without a plain model, the fused model on the
+    torch backend is the baseline. Op cases' eager reference is plain PyTorch already."""
     backend = runner.split(":", 1)[1] if runner.startswith("ganengine:") else None
-    if backend is None and case.kind == "model" and work.reference_step is None:
-        backend = "torch"  # no plain model: the fused model on the torch backend is the baseline
+    if backend is None and case.kind == "model":
+        backend = "torch"
     return (lambda: backend_scope(backend)) if backend else contextlib.nullcontext
 
 
@@ -258,12 +258,13 @@ def add_speedups(records: list[dict]) -> None:
     key = lambda r: (r["case"], r["shape_label"], r["mode"], r["device"], r["dtype"])
     base: dict = {}
     for r in records:
-        if r["status"] == "ok" and r["runner"] in ("eager", "compile"):
+        if r["status"] == "ok" and r["runner"] in ("eager", "compile") and r["time_ms"] is not None:
             base[key(r) + (r["runner"],)] = r["time_ms"]["median"]
     for r in records:
         for ref in ("eager", "compile"):
             b = base.get(key(r) + (ref,))
-            ok = r["status"] == "ok" and b is not None and r["time_ms"]["median"] > 0
+            ok = (r["status"] == "ok" and b is not None and r["time_ms"] is not None
+                  and r["time_ms"]["median"] > 0)
             r[f"speedup_vs_{ref}"] = (b / r["time_ms"]["median"]) if ok else None
 
 
@@ -277,7 +278,10 @@ def run(cases: Iterable[BenchCase], device: str | torch.device = "cpu", dtype="f
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available (use --device cpu)")
     dtype = parse_dtype(dtype)
-    runners = [check_runner(r) for r in (runners or default_runners(device))]
+    if runners is not None and not list(runners):
+        raise ValueError("no runner to measure (runners=[]): name at least one, or pass None for the defaults")
+    # a name given twice is measured once (twice would be two records of one runner, with one timing)
+    runners = list(dict.fromkeys(check_runner(r) for r in (runners or default_runners(device))))
     size = "quick" if quick else "ref"
     cfg = {"warmup": 1 if quick else 5, "repeats": repeats or (10 if quick else 30),
            "min_repeats": min(3 if quick else 5, repeats or 5),

@@ -43,7 +43,8 @@ def _fb_call(fn, args, grad_args, grads):
 
 
 def measure_case(case: BenchCase, dtype="float32", params: dict | None = None) -> list[dict]:
-    """Traffic records (one per mode) for one op case on CPU tensors."""
+    """Traffic records (one per mode) for one op case on CPU tensors: bytes and kernels of one
+    call after a warm-up call of each (the first call's lazy work is not what every call costs)."""
     dtype = parse_dtype(dtype)
     params = params or case.traffic_shape or case.shape_list("quick")[0]
     work = case.setup(params, torch.device("cpu"), dtype)
@@ -69,6 +70,12 @@ def measure_case(case: BenchCase, dtype="float32", params: dict | None = None) -
                 # + one gradient per trained input, of that input's size
                 rec["min_bytes"] = (minimum_bytes(list(args) + grads, ref_out)
                                     + sum(footprint_bytes(args[i]) for i in work.grad_args))
+            # one untimed, uncounted call of each first: what a steady-state call issues, not the
+            # first call's lazy work (caches, tables, a module's buffers: timing.count_kernels)
+            with ctx():
+                ref_call()
+            with backend_scope("triton"), ctx():
+                fused_call()
             with ctx(), EagerTraffic() as eager:
                 ref_call()
             rec["eager_bytes"] = eager.total_bytes

@@ -89,8 +89,15 @@ def run(args: argparse.Namespace) -> int:
         runners = args.runners
         if runners is None:
             runners = runner.default_runners(torch.device(device), with_compile=not args.no_compile)
-        elif args.no_compile:
-            runners = [r for r in runners if r != "compile"]
+        else:
+            runners = list(dict.fromkeys(runners))  # a name given twice is measured once
+            for name in runners:
+                runner.check_runner(name)
+            if args.no_compile:
+                runners = [r for r in runners if r != "compile"]
+                if not runners:
+                    raise ValueError("--runners compile with --no-compile leaves no runner to measure: "
+                                     "drop --no-compile, or name other runners in --runners")
         writable_dir(args.output, "--output")
         result = runner.run(cases, device=device, dtype=args.dtype, quick=args.quick, runners=runners,
                             modes=args.modes, threads=args.threads, repeats=args.repeats,

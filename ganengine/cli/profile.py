@@ -9,7 +9,7 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "profile", help="profile training steps with torch.profiler",
-        description="Runs training steps of MODEL (or forward+backward of an op) under "
+        description="Runs training steps of MODEL (or forward+backward of an op; forward only for an optimiser step) under "
                     "torch.profiler; writes trace.json (open in chrome://tracing or Perfetto), "
                     "profile.md and profile.json with the top operators by self time, grouped by "
                     "whether ganengine's fused ops or plain PyTorch ran them.")

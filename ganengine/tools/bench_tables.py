@@ -54,6 +54,40 @@ def aot_section(timeout_s: int = 900) -> str:
         return "AOT report not produced:\n\n```\n" + "\n".join(tail) + "\n```\n"
 
 
+def _check_options(args) -> str | None:
+    """The options' problem in one line naming the option, or None (sets ``args.chart``)."""
+    import importlib.util
+
+    from ganengine.bench import registry
+    from ganengine.cli._io import OutputError, writable_file
+
+    if args.repeats is not None and args.repeats < 1:
+        return f"--repeats must be >= 1, got {args.repeats} (leave it out for the default)"
+    try:
+        registry.select(args.ops, None)
+    except ValueError as exc:
+        return f"--ops: {exc}"
+    if args.models is not None:
+        try:
+            registry.select(None, args.models)
+        except ValueError as exc:
+            return f"--models: {exc}"
+    try:
+        writable_file(args.output, "--output", example="benchmarks_generated.md")
+    except OutputError as exc:
+        return str(exc)
+    stem = os.path.splitext(args.output)[0]
+    for ext in (".json", ".png"):  # written beside it
+        if os.path.isdir(stem + ext):
+            return (f"--output {args.output!r}: {stem + ext!r} (written beside it) is a folder: "
+                    "pick another --output name")
+    args.chart = not args.skip_timing and importlib.util.find_spec("matplotlib") is not None
+    if not args.skip_timing and not args.chart:
+        print("python -m ganengine.tools.bench_tables: matplotlib is not installed, so no chart "
+              "(pip install matplotlib); writing the tables only", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", default="docs/benchmarks_generated.md")
@@ -70,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-aot", action="store_true")
     args = p.parse_args(argv)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    problem = _check_options(args)  # before the long measuring, not with a traceback after it
+    if problem:
+        print(f"python -m ganengine.tools.bench_tables: error: {problem}", file=sys.stderr)
+        return 2
     import torch
 
     from ganengine.bench import machine, registry, report, runner, traffic_table
@@ -85,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_timing:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        cases = registry.select(args.ops, args.models)
+        cases = registry.select(args.ops, args.models)  # (checked by _check_options)
         runners = runner.default_runners(torch.device(device), with_compile=not args.no_compile)
         res = runner.run(cases, device=device, quick=args.quick, runners=runners, repeats=args.repeats,
                          progress=log)
@@ -94,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         parts += [f"## Timing ({device}, {'quick' if args.quick else 'reference'} shapes)", "",
                   report.markdown(rep)]
         png = os.path.splitext(args.output)[0] + ".png"
-        report.write_chart(rep, png)
-        parts += [f"![speedups]({os.path.basename(png)})", ""]
+        if args.chart:
+            report.write_chart(rep, png)
+            parts += [f"![speedups]({os.path.basename(png)})", ""]
 
     if not args.skip_traffic:
         from ganengine import backends
