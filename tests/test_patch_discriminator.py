@@ -198,3 +198,28 @@ def test_child_hooks_and_hook_based_spectral_norm_are_honoured():
     torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
     y.sum().backward()
     assert d.model[0].weight_orig.grad is not None and d.model[0].weight_orig.grad.abs().sum() > 0
+
+
+def test_unfused_patch_discriminator_is_plain_pytorch():
+    """fused=False (the plain models the benchmarks time as eager) ran ganengine's conv ops in
+    its forward: it is the reference's self.model(x) now, with the fused forward's numbers."""
+    import ganengine
+    from ganengine.models import build_model
+
+    torch.manual_seed(0)
+    PatchDiscriminator = gnn.PatchDiscriminator
+    plain = PatchDiscriminator(3, ndf=4, n_layers=2, norm="batch", fused=False)
+    fused = PatchDiscriminator(3, ndf=4, n_layers=2, norm="batch")
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.profiler.profile() as prof:
+        out = plain(x)
+    assert not [e.name for e in prof.events() if "ganengine" in e.name]
+    torch.testing.assert_close(out, fused(x), rtol=1e-4, atol=1e-5)
+    for name in ("pix2pix", "cyclegan"):
+        model = build_model(name, netG="resnet_6blocks", ngf=4, ndf=4, n_layers_D=2, crop_size=32, fused=False)
+        d = model.netD if name == "pix2pix" else model.netD_A
+        assert type(d) is PatchDiscriminator and not d.fused
+        with ganengine.use_backend("torch"), torch.profiler.profile() as prof:
+            model.train_step({"A": torch.rand(1, 3, 32, 32), "B": torch.rand(1, 3, 32, 32)}, model.make_optimizers())
+        assert not [e.name for e in prof.events() if "ganengine" in e.name], name

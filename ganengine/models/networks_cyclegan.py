@@ -359,7 +359,7 @@ def patch_discriminator(input_nc: int = 3, ndf: int = 64, n_layers: int = 3, nor
     initialisation applied, as the reference's define_D does."""
     from ganengine.nn import PatchDiscriminator
 
-    net = PatchDiscriminator(input_nc, ndf=ndf, n_layers=n_layers, norm=norm)
+    net = PatchDiscriminator(input_nc, ndf=ndf, n_layers=n_layers, norm=norm, fused=fused)
     if init_type is not None:
         # draw in the reference's (contiguous) element order, so a seed gives the reference's
         # weights, then go back to the layout the module keeps its weights in (channels_last)
@@ -367,8 +367,8 @@ def patch_discriminator(input_nc: int = 3, ndf: int = 64, n_layers: int = 3, nor
         net.to(memory_format=torch.contiguous_format)
         init_weights(net, init_type, init_gain)
         net.to(memory_format=layout)
-    # PatchDiscriminator's own forward already runs its conv blocks on the fused ops (conv+IN+act
-    # in one op, which the generic pair rules would split); ``fused`` is accepted for symmetry
+    # PatchDiscriminator's own forward runs its conv blocks on the fused ops (conv+IN+act in one
+    # op, which the generic pair rules would split); fused=False runs the plain layers
     return net
 
 

@@ -90,11 +90,14 @@ class PatchDiscriminator(nn.Module):
     "batch" (pix2pix: BatchNorm2d, bias-free convs before it) or "none" (Identity layers and, as
     in the current reference code, bias-free middle convs). Weights use PyTorch's default init
     like the reference constructor; ``init_weights()`` applies the reference normal(0, 0.02).
+    ``fused=False``: the reference's forward, ``self.model(x)`` on the plain layers (the
+    benchmarks' eager baseline; the same keys and numbers).
     """
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, fused: bool = True):
         super().__init__()
+        self.fused = bool(fused)
         if norm not in NORMS:
             raise ValueError(f"PatchDiscriminator: norm must be one of {NORMS}, got {norm!r}")
         if not isinstance(n_layers, int) or n_layers < 1:
@@ -144,6 +147,8 @@ class PatchDiscriminator(nn.Module):
                 and m.padding_mode == "zeros" and not isinstance(m.padding, str) and plain(m))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "fused", True):
+            return self.model(x)
         if x.dim() != 4 or x.shape[1] != self.input_nc:
             raise ValueError(f"PatchDiscriminator: expected input (N, {self.input_nc}, H, W), got {tuple(x.shape)}")
         nhwc = x.is_cuda if self.channels_last is None else self.channels_last
