@@ -739,3 +739,25 @@ def test_nan_discriminator_outputs_give_nan_losses_not_an_error(name, one_thread
             p.fill_(float("nan"))
     losses = model.train_step(_batch(model), model.make_optimizers())
     assert any(torch.as_tensor(v).isnan().any() for v in losses.values())
+
+
+@pytest.mark.parametrize("name", ["acgan", "infogan"])
+def test_seeded_model_starts_from_the_reference_scripts_weights(name):
+    """acgan.py / infogan.py build G and D, then initialise G and then D: one seed gave other
+    weights than the script's (each network was initialised as it was built)."""
+    kw = dict(latent_dim=8, img_size=16, n_classes=3)
+    torch.manual_seed(0)
+    if name == "acgan":
+        G, D = R.ACGAN_G(8, 3, 16, 1), R.ACGAN_D(3, 16, 1)
+    else:
+        G, D = R.InfoGAN_G(8, 3, 2, 16, 1), R.InfoGAN_D(3, 2, 16, 1)
+    G.apply(R.pytorch_gan_weights_init_normal)
+    D.apply(R.pytorch_gan_weights_init_normal)
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(name, fused=fused, **kw)
+        for ref, net in ((G, model.G), (D, model.D)):
+            want, got = ref.state_dict(), net.state_dict()
+            assert want.keys() == got.keys()
+            for k in want:
+                assert torch.equal(want[k], got[k]), (name, fused, k)

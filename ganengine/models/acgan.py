@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext
 from ganengine.models.dcgan import bce
-from ganengine.models.networks_pytorch_gan import ACGANDiscriminator, ACGANGenerator
+from ganengine.models.networks_pytorch_gan import ACGANDiscriminator, ACGANGenerator, init_in_reference_order
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
@@ -43,13 +43,15 @@ class ACGAN(SynthesisGAN):
     def __init__(self, **options):
         super().__init__(**options)
         o = self.options
-        self.G = ACGANGenerator(o["latent_dim"], o["n_classes"], o["img_size"], o["channels"], fused=o["fused"])
+        self.G = ACGANGenerator(o["latent_dim"], o["n_classes"], o["img_size"], o["channels"], init_type=None,
+                                fused=False)
         self.D = self._make_D()
+        init_in_reference_order(o["fused"], self.G, self.D)
         self.setup_ema()
 
     def _make_D(self):
         o = self.options
-        return ACGANDiscriminator(o["n_classes"], o["img_size"], o["channels"], fused=o["fused"])
+        return ACGANDiscriminator(o["n_classes"], o["img_size"], o["channels"], init_type=None, fused=False)
 
     def make_optimizers(self):
         o = self.options
@@ -115,7 +117,7 @@ class ADCGAN(ACGAN):
 
     def _make_D(self):
         o = self.options
-        return ADCDiscriminator(o["n_classes"], o["img_size"], o["channels"], fused=o["fused"])
+        return ADCDiscriminator(o["n_classes"], o["img_size"], o["channels"], init_type=None, fused=False)
 
     def _g_class_loss(self, logits, gen_labels):
         k, lam = self.n_classes, float(self.options["lambda_adc"])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import ganengine.functional as GF
 from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
-from ganengine.models.networks_pytorch_gan import InfoGANDiscriminator, InfoGANGenerator
+from ganengine.models.networks_pytorch_gan import InfoGANDiscriminator, InfoGANGenerator, init_in_reference_order
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
@@ -40,8 +40,10 @@ class InfoGAN(SynthesisGAN):
         for name in ("lambda_cat", "lambda_con"):
             check_finite_nonnegative("InfoGAN", name, o[name])
         self.G = InfoGANGenerator(o["latent_dim"], o["n_classes"], o["code_dim"], o["img_size"], o["channels"],
-                                  fused=o["fused"])
-        self.D = InfoGANDiscriminator(o["n_classes"], o["code_dim"], o["img_size"], o["channels"], fused=o["fused"])
+                                  init_type=None, fused=False)
+        self.D = InfoGANDiscriminator(o["n_classes"], o["code_dim"], o["img_size"], o["channels"], init_type=None,
+                                      fused=False)
+        init_in_reference_order(o["fused"], self.G, self.D)
         self.D.ddp_find_unused_parameters = True
         self.setup_ema()
 

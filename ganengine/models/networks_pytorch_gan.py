@@ -52,6 +52,16 @@ def _init(net: nn.Module, init_type) -> None:
                          f"default), got {init_type!r}")
 
 
+def init_in_reference_order(fused: bool, *nets: nn.Module) -> None:
+    """PyTorch-GAN's acgan.py / infogan.py build G and D, then apply weights_init_normal to G and
+    then to D: the nets (built with init_type=None, fused=False) initialised in that order, so
+    that one seed gives the script's weights, then put on the fused ops (same parameters)."""
+    for net in nets:
+        _init(net, "normal")
+    for net in nets:
+        finish_synthesis(net, fused)
+
+
 def _mlp_block(in_feat: int, out_feat: int, normalize: bool = True) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Linear(in_feat, out_feat)]
     if normalize:
