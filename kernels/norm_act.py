@@ -376,7 +376,7 @@ def pick_config(n: int, c: int, hw: int, channels_last: bool, elem_size: int, sm
     programs = n * _launch.cdiv(c, block_c)
     tiles = _launch.cdiv(hw, block_hw)
     if split is None:
-        want = _launch.cdiv(target, programs) if programs < target else 1
+        want = _launch.cdiv(target, programs) if 0 < programs < target else 1  # (0: no planes)
         want = min(want, max(1, hw // _MIN_CHUNK))
         if tiles == 1 and programs >= sms:
             want = 1  # the plane fits on chip and every SM has a program: one read beats more programs
@@ -423,7 +423,9 @@ def forward(x, weight, bias, eps: float, apply_act: bool, slope: float, split: i
     hw = h * w
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty_like(x)
-    if hw == 0:  # empty planes: mean and variance are undefined (NaN, as torch.var_mean)
+    if hw == 0 or n * c == 0:  # empty planes: mean and variance are undefined (NaN, as torch.var_mean);
+        # no planes (N or C of 0): (N, C) statistics with no entries, nothing to launch (the planner
+        # divides by the program count)
         nan = torch.full((n, c), float("nan"), device=x.device, dtype=acc_t)
         return y, nan, nan.clone()
     mean = torch.empty((n, c), device=x.device, dtype=acc_t)
@@ -462,7 +464,7 @@ def backward(grad_y, x, weight, bias, mean, rstd, apply_act: bool, slope: float,
     n, c, h, w = x.shape
     hw = h * w
     dx = torch.empty_like(x)
-    if hw == 0:
+    if hw == 0 or n * c == 0:  # (nothing to launch: see forward)
         return dx, torch.zeros_like(mean), torch.zeros_like(mean)
     dw = torch.empty_like(mean)
     db = torch.empty_like(mean)

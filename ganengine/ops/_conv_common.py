@@ -109,9 +109,14 @@ def check_conv(fn: str, x, weight, bias, transposed: bool = False):
         raise TypeError(f"{fn}: x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c_out,)):
-        raise ValueError(f"{fn}: bias must be None or a ({c_out},) tensor, got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (c_out,):
+            raise ValueError(f"{fn}: bias must be None or a ({c_out},) tensor, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        # (F.conv2d refuses it; the kernels would read a pointer of another device, e.g. meta's)
+        if bias.device != x.device:
+            raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
+        # (its dtype: autocast_args, F.conv2d's rule)
 
 
 def autocast_args(x, *tensors):

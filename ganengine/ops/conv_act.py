@@ -57,9 +57,13 @@ from ganengine.ops._conv_common import grads_by_reference as _grads_by_reference
 from ganengine.ops._conv_common import out_format
 from ganengine.ops._conv_common import pair as _pair
 from ganengine.ops._conv_common import vendor_conv as _vendor_conv
+from ganengine.ops.norm_act import check_param_dtype as _check_param_dtype
 from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
 from ganengine.ops.norm_act import nhwc_variant as _nhwc_variant
 CONV_IMPLS = ("auto", "vendor", "igemm")
+# the tensor types the lean C++ entries take (exactly these: _eager.plain_eager's rule)
+_PLAIN = _eager._TENSOR_TYPES
+_REDUCED = (torch.float16, torch.bfloat16)
 _conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
 
 
@@ -138,10 +142,19 @@ def _torch_act_bwd(grad, x, w, y, stride, padding, slope, mask):
     return dx, dw, db
 
 
+def _var_mean(cf, keepdim):
+    """torch.var_mean over the planes (biased), without its "degrees of freedom <= 0" warning on an
+    empty batch (N = 0: no planes, (0, C) statistics; eager's F.instance_norm warns nothing there)."""
+    if cf.shape[0] == 0:
+        stats = cf.sum(dim=(2, 3), keepdim=keepdim)  # (the right shape, no entries)
+        return stats, stats.clone()
+    return torch.var_mean(cf, dim=(2, 3), unbiased=False, keepdim=keepdim)
+
+
 def _in_act_apply(c, gamma, beta, eps, slope):
     acc = _acc(c.dtype)
     cf = c.to(acc)
-    var, mean = torch.var_mean(cf, dim=(2, 3), unbiased=False)
+    var, mean = _var_mean(cf, keepdim=False)
     rstd = _inv_std(var, eps)
     z = (cf - mean[:, :, None, None]) * rstd[:, :, None, None]
     if gamma is not None:
@@ -364,7 +377,7 @@ def reference_conv2d_act(x, weight, bias, stride, padding, negative_slope):
 def reference_conv2d_in_act(x, weight, bias, stride, padding, gamma, beta, eps, negative_slope):
     c = F.conv2d(x, weight, bias, stride, padding)
     acc = _acc(c.dtype)
-    var, mean = torch.var_mean(c.to(acc), dim=(2, 3), unbiased=False, keepdim=True)
+    var, mean = _var_mean(c.to(acc), keepdim=True)
     z = (c.to(acc) - mean) * _inv_std(var, eps)
     if gamma is not None:
         z = z * gamma.to(acc)[None, :, None, None]
@@ -506,6 +519,20 @@ _IN_KERNELS = ("conv_in_act_fwd", "conv_in_act_bwd")
 _IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
 
 
+def _lean_norm_params(x, norm_weight, norm_bias) -> bool:
+    """Whether the lean entry may take these norm_weight / norm_bias (one given at least): plain
+    tensors (see conv2d_act's gate) of F.instance_norm's dtypes for x (x's, or float32 for a half /
+    bfloat16 x; the entry would take any floating dtype). Else the Python route serves the call or
+    raises the public error."""
+    for t in (norm_weight, norm_bias):
+        if t is not None:
+            if type(t) not in _PLAIN:
+                return False
+            if t.dtype is not x.dtype and not (t.dtype is torch.float32 and x.dtype in _REDUCED):
+                return False
+    return True
+
+
 def _in_variant(x, weight, stride, padding) -> str | None:
     """The auto order's variant of a conv2d_instance_norm_act call on CUDA: the instance norm's
     (ops/norm_act._layout) for the conv output's planes, which take x's layout."""
@@ -533,11 +560,15 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # the lean route (see _ACT_KERNELS): the fast entry serves a plain eager call (Tensor), declines
     # what it does not serve (wrong shapes, dtypes or devices, a negative slope, autocast, empty
     # tensors, stride / padding / slope of other types than _pair / float() take) before any work
-    # (None: the route below serves the call or raises the public error), or hands a tensor subclass
-    # / torch function mode to the dispatcher op (NotImplemented). Any other error is the call's
+    # (None: the route below serves the call or raises the public error), or hands a call under a
+    # torch function mode to the dispatcher op (NotImplemented; a tensor subclass never gets here). Any other error is the call's
     # own: raised once.
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
-        if isinstance(x, torch.Tensor) and x.is_cuda:  # the cuda backend's C++ entry, where chosen
+    # Plain tensors only (exactly Tensor / Parameter: no FakeTensor, functional or other subclass,
+    # e.g. make_fx's symbolic-shape fakes, on which the C++ entry's checks cannot run): anything else
+    # takes the Python route (its custom op where it traces).
+    if (not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and type(x) in _PLAIN
+            and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)):
+        if x.is_cuda:  # the cuda backend's C++ entry, where chosen
             y = _act_cuda_entry(x, weight, bias, stride, padding, negative_slope)
             if y is not None:
                 _dispatch.last_used["conv2d_act"] = "cuda"
@@ -579,7 +610,11 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     # before any work; the route below then serves the call or raises the public error
     # On CUDA tensors the same entry runs the cuda backend's kernels where that backend is chosen
     # (_dispatch.cuda_entry, with the instance norm's variant of the conv output's planes).
-    if (isinstance(x, torch.Tensor) and _plain_pair(stride) and _plain_pair(padding)
+    # (plain tensors only, as conv2d_act's; norm_weight / norm_bias of a dtype F.instance_norm
+    # refuses, which the entry would take, go to the route below and its public error)
+    if (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and ((norm_weight is None and norm_bias is None) or _lean_norm_params(x, norm_weight, norm_bias))
+            and _plain_pair(stride) and _plain_pair(padding)
             and (type(eps) is float or type(eps) is int) and not torch.compiler.is_compiling()):
         if activation == "leaky_relu":
             lean_slope = negative_slope if (type(negative_slope) is float or type(negative_slope) is int) else None
@@ -602,8 +637,12 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     _check_fits(fn, x, weight, padding)
     c_out = weight.shape[0]
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (c_out,)):
-            raise ValueError(f"{fn}: {name} must be None or a ({c_out},) tensor")
+        if t is not None:
+            if not isinstance(t, torch.Tensor) or t.shape != (c_out,):
+                raise ValueError(f"{fn}: {name} must be None or a ({c_out},) tensor")
+            # (F.instance_norm refuses it; the kernels would read a pointer of another device)
+            if t.device != x.device:
+                raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
     if activation == "leaky_relu":
         slope = float(negative_slope)
     elif activation == "relu":
@@ -613,6 +652,11 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     else:
         raise ValueError(f"{fn}: activation must be one of ('leaky_relu', 'relu', 'none'), got {activation!r}")
     x, weight, bias = _autocast(x, weight, bias)
+    # norm_weight / norm_bias: F.instance_norm's dtype rule on the conv output (x's dtype after
+    # autocast): that dtype, or float32 for a half / bfloat16 output
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None and t.dtype != x.dtype:
+            _check_param_dtype(fn, name, t, x, "F.instance_norm")
     n_out = _out_shape(x, weight, stride, padding)
     if slope < 0 or n_out[2] * n_out[3] == 0:
         return reference_conv2d_in_act(x, weight, bias, stride, padding, norm_weight, norm_bias, eps, slope)

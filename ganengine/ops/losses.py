@@ -208,20 +208,23 @@ def _is_one(g: Tensor) -> bool:
     return g.device.type == "cpu" and g.item() == 1.0
 
 
-def adv_backward(xs, bufs, modes, targets, scales, g, owned=False):
+def adv_backward(xs, bufs, modes, targets, scales, g, owned=False, per_numel=False):
     """Gradients of the 0-d total w.r.t. each x, given its 0-d grad_output g.
 
     ``owned``: the buffers are ours to hand out or scale in place (the eager Function pops
-    them from its context, so a second backward recomputes instead)."""
+    them from its context, so a second backward recomputes instead). ``per_numel``: each scale
+    is a weight to divide by its map's numel (the custom op's, see adv_loss_op)."""
     res, one = [], None
     for x, b, m, t, s in zip(xs, bufs, modes, targets, scales):
         missing = m != LINEAR and (b is None or b.numel() != x.numel())
         if torch.is_grad_enabled() or (missing and not owned):
             # create_graph=True, or the custom op's backward (traced under compile) without a
             # buffer: the differentiable reference formula
-            res.append((torch_adv_grad(x, m, t) * (g * s)).to(x.dtype))
+            # (per_numel: s / numel in Python, as the eager route's scale, so the same bits; a
+            # symbolic float under dynamic shapes, which the graph computes per call)
+            res.append((torch_adv_grad(x, m, t) * (g * (s / x.numel() if per_numel else s))).to(x.dtype))
         elif m == LINEAR:  # constant gradient: an expanded scalar, nothing written
-            res.append((g * (s * t)).to(x.dtype).expand(x.shape))
+            res.append((g * ((s / x.numel() if per_numel else s) * t)).to(x.dtype).expand(x.shape))
         elif owned:  # ours to scale in place; final as it is where grad_output is 1
             if missing:  # the eager Function's second backward (retain_graph; the first took the
                 # buffer): the forward's kernel again, so the gradient has the first backward's bits
@@ -311,44 +314,53 @@ class _L1Fn(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # custom ops: the torch.compile path
 # --------------------------------------------------------------------------------------------
+# ``per_numel``: each of ``scales`` is a weight w_i, the scale being w_i / xs[i].numel(), divided
+# inside the op: the public functions' mean scales without a Python float of 1/numel in the graph,
+# which under dynamic shapes (torch.compile(dynamic=True), torch.export with a dynamic batch) is a
+# symbolic float that the float[] argument would specialise (one graph per batch size)
 @torch.library.custom_op("ganengine::adv_loss", mutates_args=())
 def adv_loss_op(xs: list[Tensor], modes: list[int], targets: list[float], scales: list[float],
-                want_grad: bool) -> tuple[Tensor, list[Tensor]]:
+                want_grad: bool, per_numel: bool = False) -> tuple[Tensor, list[Tensor]]:
+    if per_numel:  # (the same expression as the eager route's: the same numbers)
+        scales = [s / x.numel() for s, x in zip(scales, xs)]
     total, grads = adv_fwd(xs, modes, targets, scales, want_grad)
     # (a gradient not written is an empty tensor: the C++ kernels give one, the others None)
     return total, [x.new_empty(0) if g is None else g for x, g in zip(xs, grads)]
 
 
 @adv_loss_op.register_fake
-def _(xs, modes, targets, scales, want_grad):
+def _(xs, modes, targets, scales, want_grad, per_numel=False):
     total = xs[0].new_empty((), dtype=acc_dtype(xs[0].dtype))
     grads = [x.new_empty(x.shape) if (want_grad and m != LINEAR) else x.new_empty(0) for x, m in zip(xs, modes)]
     return total, grads
 
 
 def _adv_setup(ctx, inputs, output):
-    xs, modes, targets, scales, _ = inputs
+    xs, modes, targets, scales, _, per_numel = inputs
     ctx.save_for_backward(*xs)
-    ctx.bufs, ctx.cfg = output[1], (modes, targets, scales)
+    ctx.bufs, ctx.cfg, ctx.per_numel = output[1], (modes, targets, scales), per_numel
     ctx.set_materialize_grads(False)  # no zero gradient built for the buffers (one kernel per map)
 
 
 def _adv_bwd(ctx, g, _g_bufs):
-    grads = adv_backward(ctx.saved_tensors, ctx.bufs, *ctx.cfg, g)
-    return grads, None, None, None, None
+    grads = adv_backward(ctx.saved_tensors, ctx.bufs, *ctx.cfg, g, per_numel=ctx.per_numel)
+    return grads, None, None, None, None, None
 
 
 adv_loss_op.register_autograd(_adv_bwd, setup_context=_adv_setup)
 
 
 @torch.library.custom_op("ganengine::l1_loss_multi", mutates_args=())
-def l1_loss_multi_op(preds: list[Tensor], targets: list[Tensor], scales: list[float]) -> tuple[Tensor, Tensor]:
+def l1_loss_multi_op(preds: list[Tensor], targets: list[Tensor], scales: list[float],
+                     per_numel: bool = False) -> tuple[Tensor, Tensor]:
+    if per_numel:  # (weights to divide by each prediction's numel, as adv_loss_op's)
+        scales = [s / p.numel() for s, p in zip(scales, preds)]
     total, terms, _ = l1_fwd(preds, targets, scales, False)
     return total, terms
 
 
 @l1_loss_multi_op.register_fake
-def _(preds, targets, scales):
+def _(preds, targets, scales, per_numel=False):
     acc = acc_dtype(preds[0].dtype)
     return preds[0].new_empty((), dtype=acc), preds[0].new_empty(len(preds), dtype=acc)
 
@@ -364,9 +376,9 @@ def _(preds, targets, coef):
 
 
 def _l1_setup(ctx, inputs, output):
-    preds, targets, scales = inputs
+    preds, targets, scales, per_numel = inputs
     ctx.save_for_backward(*preds, *targets)
-    ctx.scales = scales
+    ctx.scales, ctx.per_numel = scales, per_numel
     ctx.target_needs = [t.requires_grad for t in targets]
     ctx.set_materialize_grads(False)  # the terms are for logging: usually no gradient, as _L1Fn
 
@@ -376,13 +388,25 @@ def _l1_bwd(ctx, g_total, g_terms):
     saved = ctx.saved_tensors
     preds, targets = list(saved[:k]), list(saved[k:])
     ref = g_total if g_total is not None else g_terms
-    coef = l1_coef(g_total, g_terms, ctx.scales, ref.dtype, ref.device, cached=False)
+    scales = ctx.scales
+    if ctx.per_numel:  # each weight over its prediction's numel, as the eager route's scales
+        scales = [s / p.numel() for s, p in zip(scales, preds)]
+    if all(type(s) is float for s in scales):
+        coef = l1_coef(g_total, g_terms, scales, ref.dtype, ref.device, cached=False)
+    else:  # symbolic floats (dynamic shapes): no tensor made of them (that would specialise), the
+        # same products per term as l1_coef's
+        g = g_total if g_total is not None else torch.zeros((), dtype=ref.dtype, device=ref.device)
+        per_term = []
+        for i, sc in enumerate(scales):
+            c = g * sc
+            per_term.append(c if g_terms is None else c + g_terms[i] * sc)
+        coef = torch.stack(per_term)
     if torch.is_grad_enabled():
         gp = l1_backward_grad_mode(preds, targets, coef)
     else:
         gp = l1_loss_multi_backward_op(preds, targets, coef)
     gt = [-gp[i] if ctx.target_needs[i] else None for i in range(k)]
-    return gp, gt, None
+    return gp, gt, None, None
 
 
 l1_loss_multi_op.register_autograd(_l1_bwd, setup_context=_l1_setup)
@@ -395,19 +419,26 @@ l1_loss_multi_op.register_autograd(_l1_bwd, setup_context=_l1_setup)
 # written out rather than made by _eager.twin: autograd.Function sees only top-level tensors, not
 # the ops' list arguments, and they keep what only eager can do (gradient buffers handed out or
 # scaled in place, read grad_output on the CPU, the L1 gradient written in the CPU forward).
-def run_adv(xs, modes, targets, scales) -> Tensor:
-    """0-d total in the accumulation dtype, differentiable."""
+def run_adv(xs, modes, targets, scales, per_numel=False) -> Tensor:
+    """0-d total in the accumulation dtype, differentiable. ``per_numel``: each scale is a weight
+    to divide by its map's numel (the mean losses): in the custom op where the call traces (no
+    symbolic 1/numel in the graph, see adv_loss_op), here in eager mode."""
     want_grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
     if not _eager.plain_eager(*xs):
-        return adv_loss_op(list(xs), list(modes), list(targets), list(scales), want_grad)[0]
+        return adv_loss_op(list(xs), list(modes), list(targets), list(scales), want_grad, per_numel)[0]
+    if per_numel:
+        scales = [s / x.numel() for s, x in zip(scales, xs)]
     return _AdvFn.apply(tuple(modes), tuple(targets), tuple(scales), want_grad, *xs)
 
 
-def run_l1(preds, targets, scales) -> tuple[Tensor, Tensor | list[Tensor]]:
+def run_l1(preds, targets, scales, per_numel=False) -> tuple[Tensor, Tensor | list[Tensor]]:
     """(0-d total, terms) in the accumulation dtype, differentiable: terms a [k] tensor on the
-    custom op (torch.compile, any tracing), a list of k 0-d tensors in plain eager mode."""
+    custom op (torch.compile, any tracing), a list of k 0-d tensors in plain eager mode.
+    ``per_numel``: each scale is a weight to divide by its prediction's numel (as run_adv's)."""
     if not _eager.plain_eager(*preds, *targets):
-        return l1_loss_multi_op(list(preds), list(targets), list(scales))
+        return l1_loss_multi_op(list(preds), list(targets), list(scales), per_numel)
+    if per_numel:
+        scales = [s / p.numel() for s, p in zip(scales, preds)]
     # On the CPU the forward writes scale * sign(p - t) as it reads p and t (one pass instead of
     # two over the images; backward is free when grad_output is 1). On a GPU checking
     # grad_output would synchronise, so backward recomputes the sign instead (same traffic,
@@ -444,6 +475,19 @@ def _entry(name: str, logits):
     if not isinstance(x, Tensor):
         return _dispatch.lean_op(name, _ADV_KERNELS)
     return _dispatch.entry(x, name, "gan_loss", _ADV_KERNELS)
+
+
+_PLAIN = _eager._TENSOR_TYPES  # the tensor types the lean C++ entries take (exactly these)
+
+
+def _plain_maps(logits) -> bool:
+    """A non-empty list or tuple of plain tensors (the lean entries' gate for a list of maps)."""
+    if type(logits) is not list and type(logits) is not tuple or not logits:
+        return False
+    for t in logits:
+        if type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def _entry_backend(xs) -> str:
@@ -529,7 +573,11 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     # the lean route (see _ADV_KERNELS): target_is_real and for_discriminator of exactly the type
     # bool (the dispatcher would also convert a tensor, which the full route rejects); CPU maps, and
     # CUDA maps where the cuda backend is chosen (_entry)
-    if type(target_is_real) is bool and type(for_discriminator) is bool and not torch.compiler.is_compiling():
+    # Plain tensors only (exactly Tensor / Parameter, _eager.plain_eager's rule): a FakeTensor (make_fx's
+    # symbolic shapes, on which the entry's checks cannot run), functional or other subclass takes the
+    # full route (its custom op where it traces).
+    if (type(target_is_real) is bool and type(for_discriminator) is bool
+            and (type(logits) in _PLAIN or _plain_maps(logits)) and not torch.compiler.is_compiling()):
         op = _entry("gan_loss", logits)
         if op is not None:
             xs = (logits,) if isinstance(logits, Tensor) else logits
@@ -554,14 +602,15 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     else:
         _check_logits(logits, "logits", fn)
         xs = [logits]
-    total = run_adv(xs, [code] * len(xs), [target] * len(xs), [1.0 / x.numel() for x in xs])
+    total = run_adv(xs, [code] * len(xs), [target] * len(xs), [1.0] * len(xs), per_numel=True)
     return _finish(total, xs[0].dtype, xs[0].device)
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "lsgan",
                        *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
     """0.5 * (gan_loss(real_logits, True) + gan_loss(fake_logits, False)), both in one pass."""
-    if not torch.compiler.is_compiling():  # the lean route, as gan_loss's
+    if (type(real_logits) in _PLAIN and type(fake_logits) in _PLAIN  # the lean route, as gan_loss's
+            and not torch.compiler.is_compiling()):
         op = _entry("discriminator_loss", real_logits)
         if op is not None:
             try:
@@ -578,8 +627,7 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "ls
     real_logits, fake_logits = _common([real_logits, fake_logits], "discriminator_loss", ["real_logits", "fake_logits"])
     cr, tr = _term_code(mode, True, True, real_label, fake_label)
     cf, tf = _term_code(mode, False, True, real_label, fake_label)
-    total = run_adv([real_logits, fake_logits], [cr, cf], [tr, tf],
-                    [0.5 / real_logits.numel(), 0.5 / fake_logits.numel()])
+    total = run_adv([real_logits, fake_logits], [cr, cf], [tr, tf], [0.5, 0.5], per_numel=True)
     return _finish(total, real_logits.dtype, real_logits.device)
 
 
@@ -615,22 +663,22 @@ def cycle_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b: Tensor, idt
         targets += [real_b, real_a]
         weights += [lambda_b * lambda_identity, lambda_a * lambda_identity]
         names += ("idt_a", "idt_b")
-    na, nb = real_a.numel(), real_b.numel()
-    total, terms = _weighted_l1(preds, targets, weights, (na, nb, nb, na))
+    total, terms = _weighted_l1(preds, targets, weights)
     dtype, device = real_a.dtype, real_a.device
     return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
 
 
-def _weighted_l1(preds, targets, weights, counts, step=None):
+def _weighted_l1(preds, targets, weights, step=None):
     """(total, k 0-d terms) of sum_i weight_i * mean|pred_i - target_i| in passes of ``step``
-    terms. Float weights ride in the kernel's scales; a tensor weight (a learned or scheduled
+    terms. Float weights ride in the kernel's scales (weight_i / pred_i.numel(), divided in
+    run_l1: no symbolic 1/numel under dynamic shapes); a tensor weight (a learned or scheduled
     lambda) multiplies the unit-weighted term outside it, so its gradient is kept."""
     tensor_w = any(isinstance(w, Tensor) for w in weights)
-    scales = [(1.0 if tensor_w else float(w)) / n for w, n in zip(weights, counts)]
+    scales = [1.0 if tensor_w else float(w) for w in weights]
     step = step or len(preds)
     total, terms = None, []
     for i in range(0, len(preds), step):
-        t, ts = run_l1(preds[i:i + step], targets[i:i + step], scales[i:i + step])
+        t, ts = run_l1(preds[i:i + step], targets[i:i + step], scales[i:i + step], per_numel=True)
         total = t if total is None else total + t
         terms += list(ts.unbind(0) if isinstance(ts, Tensor) else ts)  # [k] tensor (compiled) or k 0-d tensors
     if tensor_w:
@@ -669,19 +717,17 @@ def cycle_synthesized_loss(real_a: Tensor, rec_a: Tensor, real_b: Tensor, rec_b:
     tensors = [real_a, rec_a, real_b, rec_b, fake_a, fake_b] + ([idt_a, idt_b] if idt_a is not None else [])
     real_a, rec_a, real_b, rec_b, fake_a, fake_b, *idt = _common(tensors, fn, ["real_a", "rec_a", "real_b", "rec_b",
                                                                               "fake_a", "fake_b", "idt_a", "idt_b"])
-    na, nb = real_a.numel(), real_b.numel()
     preds, targets = [rec_a, rec_b, fake_a, fake_b], [real_a, real_b, rec_a.detach(), rec_b.detach()]
-    weights, counts = [lambda_a, lambda_b, lambda_cs, lambda_cs], [na, nb, na, nb]
+    weights = [lambda_a, lambda_b, lambda_cs, lambda_cs]
     names = ["cycle_a", "cycle_b", "cs_a", "cs_b"]
     if idt:
         preds += idt
         targets += [real_b, real_a]
         weights += [lambda_b * lambda_identity, lambda_a * lambda_identity]
-        counts += [nb, na]
         names += ["idt_a", "idt_b"]
     # the CPU kernel takes any number of terms; the GPU kernels MAX_TERMS per launch
     step = len(preds) if real_a.device.type == "cpu" else MAX_TERMS
-    total, terms = _weighted_l1(preds, targets, weights, counts, step)
+    total, terms = _weighted_l1(preds, targets, weights, step)
     dtype, device = real_a.dtype, real_a.device
     return _finish(total, dtype, device), {n: _finish(t, dtype, device) for n, t in zip(names, terms)}
 
@@ -736,6 +782,10 @@ def gradient_penalty(discriminator, real: Tensor, fake: Tensor, weight: float = 
         x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
         out = discriminator(x_hat)
         if isinstance(out, (tuple, list)):
+            if not out:
+                raise ValueError(f"{fn}: the discriminator returned an empty {type(out).__name__}; the penalty "
+                                 "needs its scores (a tuple's first output) as a non-empty tensor computed from "
+                                 "the input")
             out = out[0]
         if not isinstance(out, Tensor) or out.numel() == 0 or not out.requires_grad:
             what = (type(out).__name__ if not isinstance(out, Tensor) else
