@@ -195,6 +195,17 @@ _SYMBOLIC = {
                            lambda n: (torch.randn(n, 1, 5, 5), torch.randn(n, 1, 5, 5))),
     "cycle_loss": (lambda a, b, c, d: GF.cycle_loss(a, b, c, d)[0],
                    lambda n: tuple(torch.randn(n, 3, 4, 4) for _ in range(4))),
+    # (the other families' lean gates and routers: the same rule)
+    "self_attention2d": (lambda x, qw, kw, vw, g: GF.self_attention2d(x, qw, None, kw, None, vw, None, g).mean(),
+                         lambda n: (torch.randn(n, 8, 3, 5), torch.randn(2, 8, 1, 1), torch.randn(2, 8, 1, 1),
+                                    torch.randn(8, 8, 1, 1), torch.full((1,), 0.5))),
+    "batch_norm_act": (lambda x, g, b: GF.batch_norm_act(x, None, None, g, b).mean(),
+                       lambda n: (torch.randn(n, 3, 5, 7), torch.rand(3) + 0.5, torch.randn(3))),
+    "conditional_batch_norm_act": (lambda x, g, b: GF.conditional_batch_norm_act(x, g, b).mean(),
+                                   lambda n: (torch.randn(n, 3, 5, 7), torch.rand(n, 3) + 0.5, torch.randn(n, 3))),
+    "conv2d": (lambda x, w: GF.conv2d(x, w, None, 2, 1).mean(),
+               lambda n: (torch.randn(n, 3, 8, 8), torch.randn(4, 3, 4, 4))),
+    "conv3x3": (lambda x, w: GF.conv3x3(x, w).mean(), lambda n: (torch.randn(n, 4, 8, 8), torch.randn(4, 4, 3, 3))),
 }
 
 

@@ -121,7 +121,7 @@ def _vendor_call(x, weight, stride, padding, transposed, output_padding) -> bool
     backend = _backend(x, weight)
     if backend in _VENDOR_BACKENDS:
         return True
-    if backend != "cpu":
+    if backend != "cpu" or type(x) not in _eager._TENSOR_TYPES:  # (the router takes real tensors, not fake ones)
         return False
     return _ext.op("conv_route")(x, weight, list(stride), list(padding), transposed, list(output_padding))[0] == 0
 
@@ -260,7 +260,7 @@ _entry = fast_entry("conv_entry")
 def _dispatcher_entry(x, weight, bias, stride, padding, output_padding, transposed):
     """The lean route through the dispatcher op ganengine_C::conv (the one that honours tensor
     subclasses and torch function modes): y, or None where it declines."""
-    if not (isinstance(x, torch.Tensor) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+    if not (type(x) in _eager._TENSOR_TYPES and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
             and _plain_pair(output_padding)):
         return None
     op = _dispatch.lean_op("conv", _KERNELS)
