@@ -116,6 +116,12 @@ def function_ast(fn) -> ast.FunctionDef | None:
     return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
 
 
+def self_name(tree: ast.FunctionDef) -> str:
+    """The name a method calls its instance by (its first parameter: ``self``, ``this``, ``s``...)."""
+    args = tree.args.posonlyargs + tree.args.args
+    return args[0].arg if args else "self"
+
+
 def _methods(cls: type):
     """Every function defined in cls's own MRO (outside torch), with the class that defines it."""
     seen = set()
@@ -141,7 +147,7 @@ _WHOLE_MODULE_METHODS = frozenset({
     "register_full_backward_hook", "share_memory", "extra_repr"})
 
 
-def _rebinds_itself(node: ast.AST, parents: dict, child_name: str) -> bool:
+def _rebinds_itself(node: ast.AST, parents: dict, child_name: str, me: str = "self") -> bool:
     """Whether ``node`` (a load of ``self.<child_name>``) lies in the value of ``self.<child_name> =
     ...``: in __init__ the attribute is then re-bound from what it held before (junyanz's
     ``self.net = nn.Sequential(*self.net)``, a list becoming the module), and the module the
@@ -151,45 +157,168 @@ def _rebinds_itself(node: ast.AST, parents: dict, child_name: str) -> bool:
         up = parents.get(up)
     return (isinstance(up, ast.Assign) and len(up.targets) == 1 and isinstance(up.targets[0], ast.Attribute)
             and up.targets[0].attr == child_name and isinstance(up.targets[0].value, ast.Name)
-            and up.targets[0].value.id == "self")
+            and up.targets[0].value.id == me)
 
 
-def child_only_called(parent: nn.Module, child_name: str) -> str | None:
-    """None when every use of ``self.<child_name>`` in the parent's class is a call
-    (``self.name(...)``, ``self.name.forward(...)``), an assignment, or a method that treats it as
-    one module (``.apply``, ``.to``, ``.parameters()``...); else why it may be used as a container
-    (indexed, iterated, sliced, passed to a function), in which case rewriting the child's entries
-    could change what the parent computes."""
-    cls = type(parent)
-    if is_torch_class(cls) or cls.__module__.startswith("ganengine.nn"):
+# what walks a module's children one by one (``for block in self.children():``)
+_CHILD_ITERATORS = frozenset({"children", "named_children", "modules", "named_modules", "_modules"})
+# ... and what reaches every descendant, not only the children
+_DESCENDANT_ITERATORS = frozenset({"modules", "named_modules"})
+
+
+def _chain(node: ast.AST, me: str) -> tuple[str, ...] | None:
+    """``("a", "b")`` for the expression ``me.a.b`` (``()`` for ``me`` itself), else None."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name) and node.id == me:
+        return tuple(reversed(names))
+    return None
+
+
+def _init_methods(cls: type) -> set[str]:
+    """__init__ and the methods it calls on ``self`` (transitively): they run before fuse()."""
+    seen, todo = set(), ["__init__"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        fn = getattr(cls, name, None)
+        if not inspect.isfunction(fn) or (fn.__module__ or "").startswith("torch."):
+            continue
+        tree = function_ast(fn)
+        if tree is None:
+            continue
+        me = self_name(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == me):
+                todo.append(node.func.attr)
+    return seen
+
+
+def _only_called(node: ast.AST, parents: dict, tree: ast.AST) -> bool:
+    """Whether the value of ``node`` is only called: ``node(...)``, ``node.forward(...)``, a whole-module
+    method, or assigned to a local name that is itself only called (pix2pixHD's
+    ``model = getattr(self, 'model' + str(n)); model(x)``)."""
+    up = parents.get(node)
+    if isinstance(up, ast.Call) and up.func is node:
+        return True
+    if (isinstance(up, ast.Attribute) and up.attr in _WHOLE_MODULE_METHODS
+            and isinstance(parents.get(up), ast.Call) and parents[up].func is up):
+        return True
+    if (isinstance(up, ast.Assign) and up.value is node and len(up.targets) == 1
+            and isinstance(up.targets[0], ast.Name)):
+        var = up.targets[0].id
+        loads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load)]
+        return all(isinstance(parents.get(n), ast.Call) and parents[n].func is n for n in loads)
+    return False
+
+
+def _loop_items_only_called(attr: ast.Attribute, parents: dict, tree: ast.AST) -> bool:
+    """``for sub in self.children(): sub(x)`` (SPADE's discriminator): the iteration only calls each
+    module it yields (``named_children()``: ``for name, sub in ...``)."""
+    call = parents.get(attr)
+    loop = parents.get(call)
+    if not (isinstance(call, ast.Call) and call.func is attr and isinstance(loop, ast.For) and loop.iter is call):
+        return False
+    target = loop.target
+    if attr.attr.startswith("named_") and isinstance(target, ast.Tuple) and len(target.elts) == 2:
+        target = target.elts[1]
+    if not isinstance(target, ast.Name):
+        return False
+    loads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == target.id and isinstance(n.ctx, ast.Load)]
+    return all(isinstance(parents.get(n), ast.Call) and parents[n].func is n for n in loads)
+
+
+def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
+    """None when the code of ``holder``'s class uses the module at ``holder.<chain[0]>.<chain[1]>...``
+    only by calling it as one module; else why it may be used as a container (its entries read one
+    by one) — then rewriting the entries could change what ``holder`` computes. Looked for, in every
+    method of the class (``self`` being each method's own first parameter):
+
+    * ``self.a.b`` itself used other than by calling it (indexed, iterated, sliced, passed to a
+      function, read with a constant ``getattr``);
+    * in the methods that can run after fuse() (not __init__ and what it calls: weight
+      initialisation is fine): iterating the children of the module holding it
+      (``self.a.children()``, ``named_children()``, ``_modules``), or every descendant of any module
+      on the way (``self.modules()``, ``self.a.named_modules()``), unless the loop only calls each
+      module it yields; for a direct child, ``getattr(self, <computed name>)`` whose value is not
+      only called (directly, or through the local name it is assigned to).
+    """
+    cls = type(holder)
+    if is_torch_class(cls) or cls.__module__.startswith("ganengine.nn") or not chain:
         return None  # containers (Sequential, ModuleList, ModuleDict, ...) or our own modules
+    dotted = ".".join(chain)
+    init = _init_methods(cls)
     for name, fn in _methods(cls):
         tree = function_ast(fn)
         if tree is None:
-            return f"cannot read the source of {cls.__name__}.{name} to see how it uses {child_name!r}"
+            return f"cannot read the source of {cls.__name__}.{name} to see how it uses {dotted!r}"
+        me = self_name(tree)
+        where = f"{cls.__name__}.{name}"
         parents = {}
         for node in ast.walk(tree):
             for child in ast.iter_child_nodes(node):
                 parents[child] = node
+        after_fuse = name not in init
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr == child_name
-                    and isinstance(node.value, ast.Name) and node.value.id == "self"):
+            if not isinstance(node, ast.Attribute):
+                got = None
+            else:
+                got = _chain(node, me)
+            if got is not None and got == chain:
                 if not isinstance(node.ctx, ast.Load):
                     continue  # assigned (in __init__) or deleted
                 up = parents.get(node)
-                if isinstance(up, ast.Call) and up.func is node:
+                if isinstance(up, ast.Attribute) and up.attr in _CHILD_ITERATORS:
+                    if after_fuse and not _loop_items_only_called(up, parents, tree):
+                        return f"{where} iterates the children of {me}.{dotted} ({up.attr})"
                     continue
-                if name == "__init__" and _rebinds_itself(node, parents, child_name):
+                if name == "__init__" and len(chain) == 1 and _rebinds_itself(node, parents, chain[0], me):
                     continue
-                if (isinstance(up, ast.Attribute) and up.attr in _WHOLE_MODULE_METHODS
-                        and isinstance(parents.get(up), ast.Call) and parents[up].func is up):
+                if _only_called(node, parents, tree):
                     continue
-                return (f"{cls.__name__}.{name} uses self.{child_name} other than by calling it "
+                return (f"{where} uses {me}.{dotted} other than by calling it "
                         f"(line {getattr(node, 'lineno', '?')} of the method)")
+            if after_fuse and isinstance(node, ast.Attribute) and node.attr in _CHILD_ITERATORS:
+                got = _chain(node.value, me)
+                if (got is not None and len(got) < len(chain) and got == chain[:len(got)]
+                        and (node.attr in _DESCENDANT_ITERATORS or len(got) == len(chain) - 1)
+                        and not _loop_items_only_called(node, parents, tree)):
+                    what = "modules" if node.attr in _DESCENDANT_ITERATORS else "children"
+                    return (f"{where} iterates the {what} of {'.'.join((me,) + got)} ({node.attr}), "
+                            f"which reach {me}.{dotted}")
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
-                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                    and node.args[1].value == child_name):
-                return f"{cls.__name__}.{name} reads {child_name!r} with getattr"
+                    and len(node.args) >= 2):
+                got = _chain(node.args[0], me)
+                if got is None or got != chain[:len(got)] or len(got) >= len(chain):
+                    continue
+                key = node.args[1]
+                if isinstance(key, ast.Constant):
+                    if len(got) == len(chain) - 1 and key.value == chain[-1]:
+                        return f"{where} reads {dotted!r} with getattr"
+                elif after_fuse and len(got) == len(chain) - 1 and not _only_called(node, parents, tree):
+                    return (f"{where} reads a child of {'.'.join((me,) + got)} by a computed name (getattr, line "
+                            f"{getattr(node, 'lineno', '?')} of the method) and uses it other than by calling it")
+    return None
+
+
+def child_only_called(parent: nn.Module, child_name: str) -> str | None:
+    """``chain_only_called`` for a direct child (the parent's class code; see there)."""
+    return chain_only_called(parent, (child_name,))
+
+
+def used_as_container(chains) -> str | None:
+    """The first reason ``chain_only_called`` gives for ``(holder, chain)`` pairs: a module and the
+    path from each of its ancestors (the parent's class, the grandparent's, ...: a wrapper iterating
+    ``self.G.model``)."""
+    for holder, chain in chains:
+        why = chain_only_called(holder, chain)
+        if why:
+            return why
     return None
 
 

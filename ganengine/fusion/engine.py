@@ -119,7 +119,10 @@ class Fuser:
             i += step
 
     # ------------------------------------------------------------------ the walk
-    def walk(self, m: nn.Module, where: str, refuse_sequences: str | None = None) -> nn.Module:
+    def walk(self, m: nn.Module, where: str, refuse_sequences: str | None = None,
+             above: tuple = ()) -> nn.Module:
+        """``above``: ``(ancestor, path from it to m)`` for each ancestor of ``m`` on this walk's path
+        (whose code may reach into ``m``: ``self.G.model``)."""
         if id(m) in self.done:
             return self.done[id(m)]
         self.done[id(m)] = m
@@ -136,8 +139,9 @@ class Fuser:
         for name, child in list(m._modules.items()):
             if child is None:
                 continue
-            refuse = checks.child_only_called(m, name) if isinstance(child, nn.Sequential) else None
-            new = self.walk(child, join(where, name), refuse)
+            chains = ((m, (name,)),) + tuple((holder, path + (name,)) for holder, path in above)
+            refuse = checks.used_as_container(chains) if isinstance(child, nn.Sequential) else None
+            new = self.walk(child, join(where, name), refuse, chains)
             if new is not child:
                 m._modules[name] = new
         if _custom_forward(m):

@@ -10,20 +10,32 @@ pair becomes one call ``act_forward(self.<child>, activation, slope, *inputs)``.
 its object, class (a ``Fused<Class>`` subclass), children, keys, Parameters and methods; only its
 forward is the rewritten graph's code.
 
+Plain attributes the trace reads (``self.alpha``, ``if self.use_act:``, a slope, ``self.opt.x``,
+a child's plain attribute) are frozen into the graph by fx; the trace records them (``TraceLog``:
+the module and its submodules are given a watching class while traced) and the rewritten forward
+compares them per call with their values at trace time (``guard_ok``: one tuple compare); on a
+difference that call runs the class's own forward.
+
 Declined, with the reason in ``report.not_traced`` (the children keep their module rules):
 forwards fx cannot trace (data-dependent control flow, iterating a tensor, modules called that
 are not children), forwards whose graph differs between training and eval mode, and forwards
 whose Python fx would not record faithfully: ``with`` blocks (``torch.no_grad()`` is not
 recorded), ``is None`` tests or ``isinstance`` on arguments (decided once, at trace time),
-assignments to ``self`` attributes or method calls on non-module attributes (run once at trace
-time), decorated forwards.
+assignments to attributes of the module or its submodules (seen in the source, with the
+method's own first parameter, and while traced: run once at trace time, undone after it), method
+calls on non-module attributes, activation checkpointing / saved-tensor hooks and autograd
+Functions (fx keeps the ops inside and drops the recomputation or the custom backward), reads of
+attribute values the guard cannot compare, decorated forwards.
 """
 from __future__ import annotations
 
 import ast
+import enum
 import importlib
 import inspect
 import linecache
+import os
+import sys
 import types
 
 import torch
@@ -139,7 +151,8 @@ def _activation(node: fx.Node, head: fx.Node, root: nn.Module):
 
 # ----------------------------------------------------------------------------- source checks
 def _reachable_methods(cls: type, fn_name: str = "forward"):
-    """forward and the methods of cls it calls as ``self.name(...)`` (transitively)."""
+    """forward and the methods of cls it calls as ``self.name(...)`` (transitively; ``self`` is
+    each method's own first parameter, whatever its name)."""
     seen, todo, out = set(), [fn_name], []
     while todo:
         name = todo.pop()
@@ -153,11 +166,30 @@ def _reachable_methods(cls: type, fn_name: str = "forward"):
         out.append((name, tree))
         if tree is None:
             continue
+        me = checks.self_name(tree)
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"):
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == me):
                 todo.append(node.func.attr)
     return out
+
+
+# functions whose effect fx does not record: it traces through them and keeps only the ops inside
+# (activation checkpointing: no recomputation in backward, running statistics updated once)
+_UNRECORDED_FNS = {"checkpoint", "checkpoint_sequential"}
+
+
+def _unrecorded_call(node: ast.Call, fn_globals: dict) -> str | None:
+    func = node.func
+    if isinstance(func, ast.Attribute) and func.attr in _UNRECORDED_FNS:
+        return func.attr
+    if isinstance(func, ast.Name):
+        target = fn_globals.get(func.id)
+        mod = getattr(target, "__module__", "") or ""
+        if func.id in _UNRECORDED_FNS or (mod.startswith("torch.utils.checkpoint")
+                                          and getattr(target, "__name__", "") in _UNRECORDED_FNS):
+            return func.id
+    return None
 
 
 def source_reason(m: nn.Module) -> str | None:
@@ -170,10 +202,17 @@ def source_reason(m: nn.Module) -> str | None:
             return f"cannot read the source of {where}"
         if tree.decorator_list:
             return f"{where} is decorated"
+        me = checks.self_name(tree)
         args = {a.arg for a in tree.args.args[1:] + tree.args.kwonlyargs}
         if tree.args.vararg:
             args.add(tree.args.vararg.arg)
+        fn_globals = getattr(getattr(cls, name, None), "__globals__", {})
         for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                ck = _unrecorded_call(node, fn_globals)
+                if ck:
+                    return (f"{where} calls {ck}() (fx would trace through it and drop the checkpoint: "
+                            "no recomputation in backward)")
             if isinstance(node, (ast.With, ast.AsyncWith)):
                 return f"{where} has a `with` block (fx does not record grad-mode or autocast changes)"
             if isinstance(node, (ast.Global, ast.Nonlocal, ast.Yield, ast.YieldFrom, ast.Try)):
@@ -193,14 +232,14 @@ def source_reason(m: nn.Module) -> str | None:
                 targets = [node.target]
             for t in targets:
                 for n in ast.walk(t):
-                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self":
-                        return f"{where} assigns self.{n.attr} (would run once, at trace time)"
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == me:
+                        return f"{where} assigns {me}.{n.attr} (would run once, at trace time)"
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and isinstance(node.func.value, ast.Attribute) and isinstance(node.func.value.value, ast.Name)
-                    and node.func.value.value.id == "self"):
+                    and node.func.value.value.id == me):
                 owner = node.func.value.attr
                 if owner not in m._modules and owner not in tensor_attrs and node.func.attr != "forward":
-                    return f"{where} calls self.{owner}.{node.func.attr}() (would run once, at trace time)"
+                    return f"{where} calls {me}.{owner}.{node.func.attr}() (would run once, at trace time)"
     return None
 
 
@@ -210,14 +249,237 @@ class _LeafTracer(fx.Tracer):
         return True
 
 
-def _trace(m: nn.Module, training: bool) -> fx.Graph:
+# ----------------------------------------------------------------------------- what a trace reads
+# fx runs forward's Python once: a plain attribute it reads (``self.alpha``, ``if self.use_act:``,
+# ``F.leaky_relu(h, self.slope)``, ``self.conv.out_channels``) is frozen into the graph as a
+# constant or as the branch taken. The trace records every such read (instance attributes of the
+# module and of its submodules, read from code outside torch), and every write; the rewritten
+# forward checks per call that the values read are unchanged (one tuple compare) and otherwise
+# runs the module's own forward (see GraphForwardMixin).
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FUSION_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_UNWATCHED = frozenset({"training"})   # both modes are traced and must give the same graph
+_MISSING = object()
+
+
+class TraceLog:
+    def __init__(self):
+        self.reads: dict[str, tuple[nn.Module, str]] = {}   # dotted path from the traced module -> (module, name)
+        self.writes: dict[str, tuple[nn.Module, str, object]] = {}  # path -> (module, name, value before)
+        self.unrecorded: str | None = None
+
+
+def _user_frame() -> bool:
+    fn = sys._getframe(2).f_code.co_filename
+    return not (fn.startswith(_TORCH_DIR) or fn.startswith(_FUSION_DIR))
+
+
+def _watching_class(cls: type, log: TraceLog, prefix: str) -> type:
+    def __getattribute__(self, name):
+        d = object.__getattribute__(self, "__dict__")
+        if name in d and name not in _UNWATCHED and _user_frame():
+            log.reads.setdefault(prefix + name, (self, name))
+        return cls.__getattribute__(self, name)
+
+    def __setattr__(self, name, value):
+        if _user_frame():
+            log.writes.setdefault(prefix + name, (self, name, self.__dict__.get(name, _MISSING)))
+        cls.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        if _user_frame():
+            log.writes.setdefault(prefix + name, (self, name, self.__dict__.get(name, _MISSING)))
+        cls.__delattr__(self, name)
+
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__setattr__": __setattr__,
+                                       "__delattr__": __delattr__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+class _Unrecorded:
+    """While tracing: notes calls fx cannot record (saved-tensor hooks: activation checkpointing,
+    offloading; autograd.Function.apply: a custom backward) instead of letting them vanish."""
+
+    def __init__(self, log: TraceLog):
+        self.log = log
+
+    def __enter__(self):
+        from torch.autograd import graph as ag
+        from torch.autograd.function import Function
+
+        log = self.log
+        self.saved = [(ag.saved_tensors_hooks, "__enter__", ag.saved_tensors_hooks.__dict__["__enter__"]),
+                      (Function, "apply", Function.__dict__["apply"])]
+        enter = ag.saved_tensors_hooks.__enter__
+        apply = Function.apply.__func__ if hasattr(Function.apply, "__func__") else None
+
+        def hooks_enter(hooks_self):
+            log.unrecorded = log.unrecorded or ("it installs saved-tensor hooks (activation checkpointing or "
+                                                "offloading), which fx does not record")
+            return enter(hooks_self)
+
+        def fn_apply(cls, *args, **kwargs):
+            log.unrecorded = log.unrecorded or (f"it calls the autograd Function {cls.__name__} (fx would "
+                                                "record its forward ops without its backward)")
+            return apply(cls, *args, **kwargs) if apply else super(Function, cls).apply(*args, **kwargs)
+
+        ag.saved_tensors_hooks.__enter__ = hooks_enter
+        Function.apply = classmethod(fn_apply)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in self.saved:
+            setattr(owner, name, value)
+        return False
+
+
+def _trace(m: nn.Module, training: bool, log: TraceLog | None = None) -> fx.Graph:
     flags = [(sub, sub.training) for sub in m.modules()]
+    swapped = []
     try:
         m.train(training)
-        return _LeafTracer().trace(m)
+        if log is None:
+            return _LeafTracer().trace(m)
+        for where, sub in m.named_modules():
+            try:
+                cls = type(sub)
+                sub.__class__ = _watching_class(cls, log, f"{where}." if where else "")
+                swapped.append((sub, cls))
+            except TypeError:  # a class whose instances cannot change class: its reads are not watched
+                log.unrecorded = log.unrecorded or f"cannot watch what the trace reads of {type(sub).__name__}"
+        with _Unrecorded(log):
+            return _LeafTracer().trace(m)
     finally:
+        for sub, cls in reversed(swapped):
+            object.__setattr__(sub, "__class__", cls)
+        if log is not None:   # undo what forward wrote while traced (it is declined anyway)
+            for sub, name, value in reversed(list(log.writes.values())):
+                if value is _MISSING:
+                    sub.__dict__.pop(name, None)
+                else:
+                    sub.__dict__[name] = value
         for sub, mode in flags:
             sub.training = mode
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), type(Ellipsis), torch.dtype, torch.device,
+            torch.memory_format, torch.layout, enum.Enum)
+
+
+def _by_identity(v) -> bool:
+    """Modules and functions: compared by identity (a new one is a change; their insides are code,
+    parameters and buffers, which the graph reads per call)."""
+    return isinstance(v, nn.Module) or _callable_value(v)
+
+
+def _watchable(v, depth: int = 0) -> bool:
+    """Values the guard can compare: scalars (by value), modules and functions (by identity), and
+    lists / tuples / dicts / sets of them (element by element)."""
+    if isinstance(v, _SCALARS) or _by_identity(v):
+        return True
+    if depth < 4 and type(v) in (list, tuple, set, frozenset):
+        return all(_watchable(x, depth + 1) for x in v)
+    if depth < 4 and type(v) is dict:
+        return all(_watchable(k, depth + 1) and _watchable(x, depth + 1) for k, x in v.items())
+    return False
+
+
+def _snapshot(v):
+    """A copy of the containers of ``v`` holding the same leaves (never a module's copy)."""
+    if type(v) in (list, tuple, set, frozenset):
+        return type(v)(_snapshot(x) for x in v)
+    if type(v) is dict:
+        return {k: _snapshot(x) for k, x in v.items()}
+    return v
+
+
+class _SameVars:
+    """Compares equal to ``obj`` while its attributes equal those at trace time (a config object such
+    as SPADE's ``opt``, whose fields forward reads: ``self.opt.use_vae``)."""
+
+    __slots__ = ("obj", "state")
+
+    def __init__(self, obj):
+        self.obj, self.state = obj, _snapshot(dict(vars(obj)))
+
+    def __eq__(self, other):
+        return other is self.obj and vars(other) == self.state
+
+    __hash__ = None
+
+
+class _Same:
+    """Compares equal to ``obj`` only (a callable whose class defines another ``==``)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return other is self.obj
+
+    __hash__ = None
+
+
+def _callable_value(v) -> bool:
+    return isinstance(v, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
+                          types.BuiltinMethodType)) or type(v).__name__ in ("partial", "method-wrapper") \
+        or (callable(v) and not hasattr(v, "__dict__"))
+
+
+def watch_spec(log: TraceLog):
+    """``(names, expected, numeric)`` for the guard, or a reason the reads cannot be watched."""
+    names, expected, numeric = [], [], []
+    for path in sorted(log.reads):
+        owner, name = log.reads[path]
+        value = owner.__dict__.get(name, _MISSING)
+        if value is _MISSING or isinstance(value, torch.Tensor):
+            continue   # a tensor attribute is a get_attr node: read per call
+        if isinstance(value, (int, float, complex)) and not isinstance(value, bool):
+            numeric.append(len(expected))          # 1, 1.0 and True are ==, not the same in arithmetic
+        if isinstance(value, _SCALARS):
+            item = value
+        elif _by_identity(value):
+            item = value if type(value).__eq__ is object.__eq__ else _Same(value)
+        elif _watchable(value):
+            item = _snapshot(value)
+        elif hasattr(value, "__dict__") and not callable(value) and _watchable(dict(vars(value))):
+            item = _SameVars(value)
+        else:
+            return (f"its forward reads {path}, a {type(value).__name__} that fx would freeze into the graph "
+                    "and whose changes fuse cannot watch")
+        if not all(part.isidentifier() for part in path.split(".")):
+            return f"its forward reads the attribute {path!r}, whose name is not an identifier"
+        names.append(path)
+        expected.append(item)
+    return tuple(names), tuple(expected), tuple(numeric)
+
+
+def guard_getter(names: tuple):
+    """``m -> (m.a, m.conv.out_channels, ...)``: plain Python (torch.compile traces it; about as fast
+    as operator.attrgetter), or None when nothing is watched."""
+    if not names:
+        return None
+    src = f"def get(m):\n    return ({''.join(f'm.{n}, ' for n in names)})\n"
+    scope: dict = {}
+    exec(compile(src, "<ganengine fused forward guard>", "exec"), scope)
+    return scope["get"]
+
+
+def guard_ok(m: nn.Module, d: dict) -> bool:
+    """Whether what the trace read is unchanged (the rewritten graph is still the forward)."""
+    try:
+        now = d["_ganengine_guard_get"](m)
+    except AttributeError:
+        return False
+    expected = d["_ganengine_guard_expected"]
+    if now != expected:
+        return False
+    for i in d["_ganengine_guard_numeric"]:
+        if type(now[i]) is not type(expected[i]):
+            return False
+    return True
 
 
 def _resolvable(m: nn.Module, graph: fx.Graph) -> str | None:
@@ -246,11 +508,16 @@ class GraphForwardMixin(FusedModule):
     fused_name = "fused: traced forward"
 
     def forward(self, *args, **kwargs):
-        return self.__dict__["_ganengine_graph_fn"](self, *args, **kwargs)
+        d = self.__dict__
+        if d["_ganengine_guard_get"] is None or guard_ok(self, d):
+            return d["_ganengine_graph_fn"](self, *args, **kwargs)
+        # an attribute the trace read (and fx froze) has changed since fuse(): the module's own forward
+        return type(self).__ganengine_base__.forward(self, *args, **kwargs)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_ganengine_graph_fn", None)
+        state.pop("_ganengine_guard_get", None)
         state["_ganengine_graph_globals"] = {k: _ref(v) for k, v in state["_ganengine_graph_globals"].items()}
         return state
 
@@ -258,6 +525,8 @@ class GraphForwardMixin(FusedModule):
         state = dict(state)
         state["_ganengine_graph_globals"] = {k: _deref(v) for k, v in state["_ganengine_graph_globals"].items()}
         nn.Module.__setstate__(self, state)
+        names = state.get("_ganengine_guard_names", ())
+        object.__setattr__(self, "_ganengine_guard_get", guard_getter(names))
         object.__setattr__(self, "_ganengine_graph_fn",
                            _compile(state["_ganengine_graph_src"], state["_ganengine_graph_globals"], type(self).__name__))
 
@@ -279,14 +548,22 @@ def rewrite(m: nn.Module, path: str, report: FuseReport) -> nn.Module | None:
     if not any(head_kind(c) for c in m.children()):
         return None
     why = source_reason(m)
+    log = TraceLog()
     if why is None:
         try:
-            graph = _trace(m, True)
-            if graph.python_code("self").src != _trace(m, False).python_code("self").src:
+            graph = _trace(m, True, log)
+            if graph.python_code("self").src != _trace(m, False, log).python_code("self").src:
                 why = "its traced forward differs between training and eval mode"
         except Exception as exc:  # TraceError, NameError (a module not installed as a child), ...
             msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             why = f"torch.fx could not trace it ({type(exc).__name__}: {msg})"
+    if why is None and log.writes:
+        why = f"its forward (or a function it calls) assigns self.{next(iter(log.writes))} (would run once, at trace time)"
+    if why is None and log.unrecorded:
+        why = log.unrecorded
+    spec = watch_spec(log) if why is None else None
+    if isinstance(spec, str):
+        why = spec
     if why is None:
         why = _resolvable(m, graph)
     if why is not None:
@@ -323,7 +600,10 @@ def rewrite(m: nn.Module, path: str, report: FuseReport) -> nn.Module | None:
         return None
     graph.lint()
     code = graph.python_code("self")
-    new = retype(m, GraphForwardMixin, _ganengine_graph_src=code.src, _ganengine_graph_globals=dict(code.globals))
+    names, expected, numeric = spec
+    new = retype(m, GraphForwardMixin, _ganengine_graph_src=code.src, _ganengine_graph_globals=dict(code.globals),
+                 _ganengine_guard_names=names, _ganengine_guard_expected=expected, _ganengine_guard_numeric=numeric,
+                 _ganengine_guard_get=guard_getter(names))
     object.__setattr__(new, "_ganengine_graph_fn", _compile(code.src, code.globals, type(new).__name__))
     for rule, where in fused:
         report.add(rule, where)
