@@ -416,23 +416,16 @@ def test_other_backends_do_not_take_the_lean_entry(backend):
 
 
 def test_fake_tensor_mode():
-    """Under a FakeTensorMode the public function takes the custom op (the lean gate takes plain
-    tensors only: a FakeTensor may have symbolic sizes, which the entry's checks cannot read); the
-    lean entry itself (its C++ autograd calls the raw kernels) gives the custom op's shapes and
-    layouts, forward and backward."""
+    """Under a FakeTensorMode the lean entry (its C++ autograd calls the raw kernels) gives the
+    custom op's shapes and layouts, forward and backward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(), on_backend("cpu"):
         x = torch.randn(2, 3, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
         w, b = torch.randn(5, 3, 4, 4, requires_grad=True), torch.randn(5, requires_grad=True)
         y = GF.conv2d_act(x, w, b, 2, 1)
-        assert "ganengine_conv2d_act_fwd" in type(y.grad_fn).__name__
-        ye = ops._ext.op("conv2d_act")(x, w, b, [2, 2], [1, 1], 0.2)
-        assert type(ye.grad_fn).__name__ == "CppFunction"
-        assert ye.shape == y.shape and ye.stride() == y.stride()
-        dxe, dwe, dbe = torch.autograd.grad(ye, (x, w, b), torch.ones_like(ye))
+        assert type(y.grad_fn).__name__ == "CppFunction"
         dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
-        assert dxe.stride() == dx.stride() and dwe.shape == dw.shape and dbe.shape == db.shape
         with torch.inference_mode():
             yi = GF.conv2d_act(x.detach(), w.detach(), None, 2, 1)
     assert y.shape == yi.shape == (2, 5, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
@@ -721,15 +714,8 @@ def test_in_fake_tensor_mode():
         w, b = torch.randn(5, 3, 4, 4, requires_grad=True), torch.randn(5, requires_grad=True)
         g, t = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
         y = GF.conv2d_instance_norm_act(x, w, b, 2, 1, g, t)
-        # (the custom op: see test_fake_tensor_mode; and the entry itself)
-        assert "ganengine_conv2d_in_act_fwd" in type(y.grad_fn).__name__
-        ye = ops._ext.op("conv2d_in_act")(x, w, b, g, t, [2, 2], [1, 1], 1e-5, 0.2)
-        assert type(ye.grad_fn).__name__ == "CppFunction"
-        assert ye.shape == y.shape and ye.stride() == y.stride()
-        grads = torch.autograd.grad(ye, (x, w, b, g, t), torch.ones_like(ye))
+        assert type(y.grad_fn).__name__ == "CppFunction"
         dx, dw, db, dg, dt = torch.autograd.grad(y, (x, w, b, g, t), torch.ones_like(y))
-        assert [a.shape for a in grads] == [a.shape for a in (dx, dw, db, dg, dt)]
-        assert grads[0].stride() == dx.stride()
         with torch.inference_mode():
             yi = GF.conv2d_instance_norm_act(x.detach(), w.detach(), None, 2, 1)
     assert y.shape == yi.shape == (2, 5, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)

@@ -137,5 +137,13 @@ grad_enabled = torch.is_grad_enabled
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def lean_ok(t) -> bool:
+    """Whether a lean C++ entry (or router) may take tensor ``t``: a plain one, or a subclass of
+    concrete sizes (the entries hand it to their dispatcher op, which honours __torch_function__);
+    not make_fx's symbolic FakeTensors, whose sizes the entries' checks cannot read."""
+    return type(t) in _TENSOR_TYPES or (isinstance(t, torch.Tensor)
+                                        and not any(type(s) is torch.SymInt for s in t.shape))
+
+
 def _forward_ad_level() -> int:
     return torch.autograd.forward_ad._current_level

@@ -389,10 +389,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tens
     (B, C, N) tensors, without the N x M map. The core under both attention modules."""
     if not isinstance(gamma, Tensor):
         gamma = torch.tensor(float(gamma), device=x.device)
-    # (plain tensors only, as every lean gate: a FakeTensor, e.g. make_fx's symbolic shapes, on which
-    # the C++ entry's checks cannot run, takes the full route)
-    plain = _eager._TENSOR_TYPES
-    if (type(q) in plain and q.is_cpu and type(k) in plain and type(v) in plain and type(x) in plain
+    # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
+    # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
+    lean = _eager.lean_ok
+    if (isinstance(q, Tensor) and lean(q) and q.is_cpu and isinstance(k, Tensor) and lean(k)
+            and isinstance(v, Tensor) and lean(v) and isinstance(x, Tensor) and lean(x)
             and not torch.compiler.is_compiling()):
         op = _dispatch.lean_op("attention", _CORE_KERNELS)
         if op is not None:
@@ -487,7 +488,7 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     Weights are 1x1 conv weights: query/key (d, C, 1, 1), value (C, C, 1, 1); biases (d,) /
     (C,) or None; ``gamma`` a one-element tensor (the reference's ``(1,)`` parameter).
     """
-    if (not return_attention and type(x) in _eager._TENSOR_TYPES and x.is_cpu and isinstance(gamma, Tensor)
+    if (not return_attention and isinstance(x, Tensor) and _eager.lean_ok(x) and x.is_cpu and isinstance(gamma, Tensor)
             and isinstance(query_weight, Tensor)
             and isinstance(key_weight, Tensor) and isinstance(value_weight, Tensor)
             and isinstance(query_bias, (Tensor, type(None))) and isinstance(key_bias, (Tensor, type(None)))

@@ -457,15 +457,14 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
     apply, slope = _act(activation, negative_slope)
     flags = (TRAINING if training else 0) | (APPLY_ACT if apply else 0) | (PER_SAMPLE if per_sample else 0)
     if not _is_compiling():
-        # (plain tensors only: a FakeTensor (make_fx's symbolic shapes) takes the full route)
-        lean = (_dispatch.lean_op("batch_norm_act", _BN_KERNELS) if type(x) in _eager._TENSOR_TYPES and x.is_cpu
+        # (not make_fx's symbolic FakeTensors, whose sizes the C++ checks cannot read: _eager.lean_ok)
+        lean = (_dispatch.lean_op("batch_norm_act", _BN_KERNELS) if _eager.lean_ok(x) and x.is_cpu
                 else None)
         if lean is not None:
             _dispatch.last_used[op] = backend = "cpu"
         else:
             backend = _backend(op, x) if isinstance(x, torch.Tensor) else "torch"
-            if backend in ("cpu", "cuda") and type(x) not in _eager._TENSOR_TYPES and any(
-                    isinstance(s, torch.SymInt) for s in x.shape):
+            if backend in ("cpu", "cuda") and not _eager.lean_ok(x):
                 backend = "torch"  # (symbolic sizes, make_fx's: the C++ op's checks cannot read them)
         if backend in ("cpu", "cuda"):
             try:

@@ -260,7 +260,7 @@ _entry = fast_entry("conv_entry")
 def _dispatcher_entry(x, weight, bias, stride, padding, output_padding, transposed):
     """The lean route through the dispatcher op ganengine_C::conv (the one that honours tensor
     subclasses and torch function modes): y, or None where it declines."""
-    if not (type(x) in _eager._TENSOR_TYPES and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
+    if not (_eager.lean_ok(x) and x.is_cpu and _plain_pair(stride) and _plain_pair(padding)
             and _plain_pair(output_padding)):
         return None
     op = _dispatch.lean_op("conv", _KERNELS)

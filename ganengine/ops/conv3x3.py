@@ -249,7 +249,7 @@ _entry = fast_entry("conv3x3_entry")
 def _dispatcher_entry(x, weight, bias, padding, padding_mode):
     """The lean route through the dispatcher op ganengine_C::conv3x3 (the one that honours tensor
     subclasses and torch function modes): y, or None where it declines."""
-    if not (type(padding) is int and type(x) in _eager._TENSOR_TYPES and x.is_cpu
+    if not (type(padding) is int and _eager.lean_ok(x) and x.is_cpu
             and (padding_mode == "zeros" or padding_mode == "reflect")):
         return None
     op = _dispatch.lean_op("conv3x3", _KERNELS)

@@ -62,7 +62,7 @@ from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance r
 from ganengine.ops.norm_act import nhwc_variant as _nhwc_variant
 CONV_IMPLS = ("auto", "vendor", "igemm")
 # the tensor types the lean C++ entries take (exactly these: _eager.plain_eager's rule)
-_PLAIN = _eager._TENSOR_TYPES
+_lean = _eager.lean_ok  # the tensors the lean C++ entries take
 _REDUCED = (torch.float16, torch.bfloat16)
 _conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
 
@@ -526,7 +526,7 @@ def _lean_norm_params(x, norm_weight, norm_bias) -> bool:
     raises the public error."""
     for t in (norm_weight, norm_bias):
         if t is not None:
-            if type(t) not in _PLAIN:
+            if not _lean(t):
                 return False
             if t.dtype is not x.dtype and not (t.dtype is torch.float32 and x.dtype in _REDUCED):
                 return False
@@ -563,11 +563,10 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # (None: the route below serves the call or raises the public error), or hands a call under a
     # torch function mode to the dispatcher op (NotImplemented; a tensor subclass never gets here). Any other error is the call's
     # own: raised once.
-    # Plain tensors only (exactly Tensor / Parameter: no FakeTensor, functional or other subclass,
-    # e.g. make_fx's symbolic-shape fakes, on which the C++ entry's checks cannot run): anything else
-    # takes the Python route (its custom op where it traces).
-    if (not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and type(x) in _PLAIN
-            and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)):
+    # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
+    # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
+    if (not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _lean(x)
+            and _lean(weight) and (bias is None or _lean(bias))):
         if x.is_cuda:  # the cuda backend's C++ entry, where chosen
             y = _act_cuda_entry(x, weight, bias, stride, padding, negative_slope)
             if y is not None:
@@ -610,9 +609,9 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     # before any work; the route below then serves the call or raises the public error
     # On CUDA tensors the same entry runs the cuda backend's kernels where that backend is chosen
     # (_dispatch.cuda_entry, with the instance norm's variant of the conv output's planes).
-    # (plain tensors only, as conv2d_act's; norm_weight / norm_bias of a dtype F.instance_norm
+    # (_eager.lean_ok, as conv2d_act's; norm_weight / norm_bias of a dtype F.instance_norm
     # refuses, which the entry would take, go to the route below and its public error)
-    if (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+    if (_lean(x) and _lean(weight) and (bias is None or _lean(bias))
             and ((norm_weight is None and norm_bias is None) or _lean_norm_params(x, norm_weight, norm_bias))
             and _plain_pair(stride) and _plain_pair(padding)
             and (type(eps) is float or type(eps) is int) and not torch.compiler.is_compiling()):

@@ -477,7 +477,7 @@ def _entry(name: str, logits):
     return _dispatch.entry(x, name, "gan_loss", _ADV_KERNELS)
 
 
-_PLAIN = _eager._TENSOR_TYPES  # the tensor types the lean C++ entries take (exactly these)
+_lean = _eager.lean_ok  # the tensors the lean C++ entries take
 
 
 def _plain_maps(logits) -> bool:
@@ -485,7 +485,7 @@ def _plain_maps(logits) -> bool:
     if type(logits) is not list and type(logits) is not tuple or not logits:
         return False
     for t in logits:
-        if type(t) not in _PLAIN:
+        if not _lean(t):
             return False
     return True
 
@@ -573,11 +573,10 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     # the lean route (see _ADV_KERNELS): target_is_real and for_discriminator of exactly the type
     # bool (the dispatcher would also convert a tensor, which the full route rejects); CPU maps, and
     # CUDA maps where the cuda backend is chosen (_entry)
-    # Plain tensors only (exactly Tensor / Parameter, _eager.plain_eager's rule): a FakeTensor (make_fx's
-    # symbolic shapes, on which the entry's checks cannot run), functional or other subclass takes the
-    # full route (its custom op where it traces).
+    # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
+    # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
     if (type(target_is_real) is bool and type(for_discriminator) is bool
-            and (type(logits) in _PLAIN or _plain_maps(logits)) and not torch.compiler.is_compiling()):
+            and (_lean(logits) if isinstance(logits, Tensor) else _plain_maps(logits)) and not torch.compiler.is_compiling()):
         op = _entry("gan_loss", logits)
         if op is not None:
             xs = (logits,) if isinstance(logits, Tensor) else logits
@@ -609,7 +608,8 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mode: str = "lsgan",
                        *, real_label: float = 1.0, fake_label: float = 0.0) -> Tensor:
     """0.5 * (gan_loss(real_logits, True) + gan_loss(fake_logits, False)), both in one pass."""
-    if (type(real_logits) in _PLAIN and type(fake_logits) in _PLAIN  # the lean route, as gan_loss's
+    if (isinstance(real_logits, Tensor) and _lean(real_logits) and isinstance(fake_logits, Tensor)
+            and _lean(fake_logits)  # the lean route, as gan_loss's
             and not torch.compiler.is_compiling()):
         op = _entry("discriminator_loss", real_logits)
         if op is not None:

@@ -25,7 +25,7 @@ from ganengine import _ext
 from ganengine.ops import _dispatch, _eager
 
 ACTIVATIONS = ("leaky_relu", "relu", "none")
-_PLAIN = _eager._TENSOR_TYPES  # the tensor types the lean C++ entries take (exactly these)
+_lean = _eager.lean_ok  # the tensors the lean C++ entries take
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -284,14 +284,13 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     # empty, odd parameters, one pixel with running statistics) before any work
     # (_dispatch.refused). The full route below then handles the case or raises the public error.
     # Any other error is the call's own: raised once, as is.
-    # Plain tensors only (exactly Tensor / Parameter, _eager.plain_eager's rule): a FakeTensor (make_fx's
-    # symbolic shapes, on which the entry's checks cannot run), functional or other subclass takes the
-    # full route (its custom op where it traces).
-    if (use_input_stats is True and type(x) in _PLAIN and (weight is None or type(weight) in _PLAIN)
-            and (bias is None or type(bias) in _PLAIN) and not torch.compiler.is_compiling()):
+    # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
+    # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
+    if (use_input_stats is True and _lean(x) and (weight is None or _lean(weight))
+            and (bias is None or _lean(bias)) and not torch.compiler.is_compiling()):
         if running_mean is None and running_var is None:
             name, kernels = "instance_norm_act", _IN_KERNELS
-        elif type(running_mean) in _PLAIN and type(running_var) in _PLAIN:
+        elif _lean(running_mean) and _lean(running_var):
             # (a momentum the schema's float would not take: the full route raises the public error)
             name, kernels = ("instance_norm_act_rs", _IN_RS_KERNELS) if type(momentum) in (float, int) else (None, ())
         else:
