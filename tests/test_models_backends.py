@@ -76,3 +76,25 @@ def test_training_step_on_every_backend(name):
 @pytest.mark.parametrize("name", ["pix2pix", "stackgan"])
 def test_training_step_on_every_backend_larger_models(name):
     _check(name)
+
+
+@pytest.mark.parametrize("name", QUICK + list(EXTRA))
+def test_unfused_model_is_plain_pytorch_with_the_same_losses(name, monkeypatch):
+    """fused=False (the benchmarks' eager baseline) ran ganengine's losses (the C++ kernels on auto,
+    a slower composition on the torch backend) and PatchDiscriminator's fused convs: it runs plain
+    PyTorch now (the gradient penalty is ganengine's own, either way), with the fused model's losses."""
+    import tests.test_models_backends as here
+
+    first = _first_step_losses(name, "auto")
+    real_build = build_model
+    monkeypatch.setattr(here, "build_model", lambda n, **kw: real_build(n, **{**kw, "fused": False}))
+    model, batch = _model_and_batch(name)
+    opts = model.make_optimizers()
+    torch.manual_seed(1)
+    with torch.profiler.profile() as prof:
+        got = {k: float(v) for k, v in model.train_step(batch, opts).items()}
+    ops = {e.name for e in prof.events() if e.name.startswith(("ganengine", "ganengine_C"))}
+    assert ops <= {"ganengine::gradient_penalty"}, (name, ops)
+    assert got.keys() == first.keys()
+    for k in first:  # (as _check's bound: the same networks, losses and draws)
+        assert abs(got[k] - first[k]) <= 1e-4 * (1 + abs(first[k])), (name, k, got[k], first[k])

@@ -273,6 +273,19 @@ class GANModel(nn.Module):
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
         raise NotImplementedError
 
+    @property
+    def losses(self):
+        """The adversarial / cycle losses the step uses: ``ganengine.functional``'s fused ops, or
+        with ``fused=False`` the references' plain PyTorch (``models/plain_losses.py``; the same
+        signatures), so that an unfused model is the code a user without ganengine runs."""
+        if self.options.get("fused", True):
+            import ganengine.functional as GF
+
+            return GF
+        from ganengine.models import plain_losses
+
+        return plain_losses
+
     def check_batch_size(self, batch_size: int) -> None:
         """Refuse (ValueError naming --batch_size) a batch size ``train_step`` cannot take; the
         trainer asks before it touches the run folder. Any here."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import ganengine.functional as GF
 from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, set_requires_grad
 from ganengine.models.networks_biggan import BigGANDiscriminator, BigGANGenerator
 from ganengine.models.networks_biggan_deep import BigGANDeepDiscriminator, BigGANDeepGenerator
@@ -152,7 +151,7 @@ class BigGAN(GANModel):
         return torch.split(x, x.shape[0] // k), torch.split(y, x.shape[0] // k)
 
     def _d_losses(self, d_fake, d_real):
-        return GF.gan_loss(d_real, True, "hinge"), GF.gan_loss(d_fake, False, "hinge")
+        return self.losses.gan_loss(d_real, True, "hinge"), self.losses.gan_loss(d_fake, False, "hinge")
 
     def _real_chunks(self, batch: dict):
         """(x, the real images' chunks, each chunk's conditioning tuple, as ``sample_conditionings``')."""
@@ -206,7 +205,7 @@ class BigGAN(GANModel):
                 z = self.sample_z(n)
                 g_cond = self.sample_conditionings(n)
                 z = self._optimise_cond(z, g_cond, differentiable=True)
-                g_loss = GF.gan_loss(self._score_cond(z, g_cond), True, "hinge", for_discriminator=False)
+                g_loss = self.losses.gan_loss(self._score_cond(z, g_cond), True, "hinge", for_discriminator=False)
             g_loss = g_loss / float(o["num_G_accumulations"])
             ctx.backward(g_loss, "G")
         if o["G_ortho"] > 0:

@@ -10,7 +10,6 @@ before D's step: no number changes).
 """
 from __future__ import annotations
 
-import ganengine.functional as GF
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext
 from ganengine.models.networks_pytorch_gan import CGANDiscriminator, CGANGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
@@ -41,9 +40,9 @@ class CGAN(SynthesisGAN):
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
         def g_loss(validity, gen_labels):
-            return GF.gan_loss(validity.float(), True, "lsgan"), {}
+            return self.losses.gan_loss(validity.float(), True, "lsgan"), {}
 
         def d_loss(validity_real, labels, validity_fake, gen_labels):
-            return GF.discriminator_loss(validity_real.float(), validity_fake.float(), "lsgan"), {}
+            return self.losses.discriminator_loss(validity_real.float(), validity_fake.float(), "lsgan"), {}
 
         return self.conditional_step(batch, optimizers, ctx, True, g_loss, d_loss)

@@ -11,7 +11,6 @@ added to the generators' loss (the reference detaches the cycled images and fixe
 """
 from __future__ import annotations
 
-import ganengine.functional as GF
 from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.cyclegan import CycleGAN
 
@@ -29,6 +28,6 @@ class CSGAN(CycleGAN):
 
     def _l1_losses(self, real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B):
         o = self.options
-        return GF.cycle_synthesized_loss(real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B,
+        return self.losses.cycle_synthesized_loss(real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B,
                                          lambda_a=o["lambda_A"], lambda_b=o["lambda_B"],
                                          lambda_identity=o["lambda_identity"], lambda_cs=o["lambda_CS"])

@@ -8,7 +8,6 @@ import itertools
 
 import torch
 
-import ganengine.functional as GF
 from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, per_image_in_training_mode,
                                    set_requires_grad)
 from ganengine.models.image_pool import ImagePool
@@ -81,8 +80,8 @@ class CycleGAN(GANModel):
             if lambda_idt > 0:
                 idt_A = self.netG_A(real_B)
                 idt_B = self.netG_B(real_A)
-            loss_G_A = GF.gan_loss(self.netD_A(fake_B), True, mode, for_discriminator=False)
-            loss_G_B = GF.gan_loss(self.netD_B(fake_A), True, mode, for_discriminator=False)
+            loss_G_A = self.losses.gan_loss(self.netD_A(fake_B), True, mode, for_discriminator=False)
+            loss_G_B = self.losses.gan_loss(self.netD_B(fake_A), True, mode, for_discriminator=False)
             loss_l1, terms = self._l1_losses(real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B)
             loss_G = loss_G_A + loss_G_B + loss_l1
         ctx.backward(loss_G, "G")
@@ -93,11 +92,11 @@ class CycleGAN(GANModel):
         ctx.zero_grad(opt_D)
         fake_B_hist = self.fake_B_pool.query(fake_B)
         with ctx.autocast():
-            loss_D_A = GF.discriminator_loss(self.netD_A(real_B), self.netD_A(fake_B_hist.detach()), mode)
+            loss_D_A = self.losses.discriminator_loss(self.netD_A(real_B), self.netD_A(fake_B_hist.detach()), mode)
         ctx.backward(loss_D_A, "D")
         fake_A_hist = self.fake_A_pool.query(fake_A)
         with ctx.autocast():
-            loss_D_B = GF.discriminator_loss(self.netD_B(real_A), self.netD_B(fake_A_hist.detach()), mode)
+            loss_D_B = self.losses.discriminator_loss(self.netD_B(real_A), self.netD_B(fake_A_hist.detach()), mode)
         ctx.backward(loss_D_B, "D")
         ctx.step(opt_D, "D")
 
@@ -113,7 +112,7 @@ class CycleGAN(GANModel):
     def _l1_losses(self, real_A, rec_A, real_B, rec_B, fake_A, fake_B, idt_A, idt_B):
         """(total, terms) of the L1 terms, one fused pass (CSGAN adds its own terms here)."""
         o = self.options
-        return GF.cycle_loss(real_A, rec_A, real_B, rec_B, idt_A, idt_B, lambda_a=o["lambda_A"], lambda_b=o["lambda_B"],
+        return self.losses.cycle_loss(real_A, rec_A, real_B, rec_B, idt_A, idt_B, lambda_a=o["lambda_A"], lambda_b=o["lambda_B"],
                              lambda_identity=o["lambda_identity"])
 
     @torch.no_grad()

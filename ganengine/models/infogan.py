@@ -19,7 +19,6 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-import ganengine.functional as GF
 from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.networks_pytorch_gan import InfoGANDiscriminator, InfoGANGenerator, init_in_reference_order
@@ -139,7 +138,7 @@ class InfoGAN(SynthesisGAN):
         z, cat, code = self.sample_z(n), self.sample_categories(n), self.sample_code(n)
         with ctx.autocast():
             gen_imgs = self.G(z, self.one_hot(cat), code)
-            g_loss = GF.gan_loss(self._without_ddp(self.D)(gen_imgs)[0].float(), True, "lsgan")
+            g_loss = self.losses.gan_loss(self._without_ddp(self.D)(gen_imgs)[0].float(), True, "lsgan")
         ctx.backward(g_loss, "G")
         ctx.step(opt_G, "G")
         set_requires_grad(self.D, True)
@@ -150,7 +149,7 @@ class InfoGAN(SynthesisGAN):
         with ctx.autocast():
             real_pred = self.D(real)[0]
             fake_pred = self.D(gen_imgs.detach())[0]
-        d_loss = GF.discriminator_loss(real_pred.float(), fake_pred.float(), "lsgan")
+        d_loss = self.losses.discriminator_loss(real_pred.float(), fake_pred.float(), "lsgan")
         ctx.backward(d_loss, "D")
         ctx.step(opt_D, "D")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import ganengine.functional as GF
 from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, check_lr_policy, per_image_in_training_mode,
                                    set_requires_grad)
 from ganengine.models.networks_cyclegan import define_D, define_G
@@ -62,8 +61,8 @@ class Pix2Pix(GANModel):
         set_requires_grad(self.netD, True)
         ctx.zero_grad(opt_D)
         with ctx.autocast():
-            loss_D_fake = GF.gan_loss(self.netD(torch.cat((real_A, fake_B), 1).detach()), False, mode)
-            loss_D_real = GF.gan_loss(self.netD(torch.cat((real_A, real_B), 1)), True, mode)
+            loss_D_fake = self.losses.gan_loss(self.netD(torch.cat((real_A, fake_B), 1).detach()), False, mode)
+            loss_D_real = self.losses.gan_loss(self.netD(torch.cat((real_A, real_B), 1)), True, mode)
             loss_D = (loss_D_fake + loss_D_real) * 0.5
         ctx.backward(loss_D, "D")
         ctx.step(opt_D, "D")
@@ -72,7 +71,7 @@ class Pix2Pix(GANModel):
         set_requires_grad(self.netD, False)
         ctx.zero_grad(opt_G)
         with ctx.autocast():
-            loss_G_GAN = GF.gan_loss(self.netD(torch.cat((real_A, fake_B), 1)), True, mode, for_discriminator=False)
+            loss_G_GAN = self.losses.gan_loss(self.netD(torch.cat((real_A, fake_B), 1)), True, mode, for_discriminator=False)
             loss_G_L1 = F.l1_loss(fake_B, real_B) * o["lambda_L1"]
             loss_G = loss_G_GAN + loss_G_L1
         ctx.backward(loss_G, "G")

@@ -101,11 +101,11 @@ class SAGAN(GANModel):
                 fake = self.G(z)[0]
             d_out_fake = self.D(fake)[0]
             if o["adv_loss"] == "hinge":
-                d_loss_real = GF.gan_loss(d_out_real, True, "hinge")
-                d_loss_fake = GF.gan_loss(d_out_fake, False, "hinge")
+                d_loss_real = self.losses.gan_loss(d_out_real, True, "hinge")
+                d_loss_fake = self.losses.gan_loss(d_out_fake, False, "hinge")
             else:
-                d_loss_real = GF.gan_loss(d_out_real, True, "wgangp")
-                d_loss_fake = GF.gan_loss(d_out_fake, False, "wgangp")
+                d_loss_real = self.losses.gan_loss(d_out_real, True, "wgangp")
+                d_loss_fake = self.losses.gan_loss(d_out_fake, False, "wgangp")
         ctx.zero_grad(opt_D)
         ctx.backward(d_loss_real + d_loss_fake, "D")
         ctx.step(opt_D, "D")
@@ -128,7 +128,7 @@ class SAGAN(GANModel):
         set_requires_grad(self.D, False)
         with ctx.autocast():
             z = self._optimise(self._z(n), differentiable=True)
-            g_loss_fake = GF.gan_loss(self.D(self.G(z)[0])[0], True, "hinge", for_discriminator=False)
+            g_loss_fake = self.losses.gan_loss(self.D(self.G(z)[0])[0], True, "hinge", for_discriminator=False)
         ctx.zero_grad(opt_G)
         ctx.backward(g_loss_fake, "G")
         ctx.step(opt_G, "G")

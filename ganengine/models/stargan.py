@@ -121,12 +121,12 @@ class StarGAN(GANModel):
         set_requires_grad(self.D, True)
         with ctx.autocast():
             out_src, out_cls = self.D(x_real)
-            d_loss_real = GF.gan_loss(out_src, True, "wgangp")
+            d_loss_real = self.losses.gan_loss(out_src, True, "wgangp")
             d_loss_cls = self._cls_loss(out_cls.float(), label_org)
             with torch.no_grad():  # the reference detaches x_fake: no graph through G needed
                 x_fake = self.G(x_real, c_trg)
             out_src, _ = self.D(x_fake)
-            d_loss_fake = GF.gan_loss(out_src, False, "wgangp")
+            d_loss_fake = self.losses.gan_loss(out_src, False, "wgangp")
         # the penalty in fp32 even under AMP (its squared gradient norms overflow fp16)
         with torch.autocast(x_real.device.type, enabled=False):
             d_loss_gp = GF.gradient_penalty(self.D, x_real.float(), x_fake.float(), weight=1.0)
@@ -144,7 +144,7 @@ class StarGAN(GANModel):
             with ctx.autocast():
                 x_fake = self.G(x_real, c_trg)
                 out_src, out_cls = self.D(x_fake)
-                g_loss_fake = GF.gan_loss(out_src, True, "wgangp", for_discriminator=False)
+                g_loss_fake = self.losses.gan_loss(out_src, True, "wgangp", for_discriminator=False)
                 g_loss_cls = self._cls_loss(out_cls.float(), label_trg)
                 x_reconst = self.G(x_fake, c_org)
                 g_loss_rec = torch.mean(torch.abs(x_real - x_reconst))

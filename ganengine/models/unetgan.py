@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import ganengine.functional as GF
 from ganengine.models._common import check_finite_nonnegative
 from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
 from ganengine.models.biggan import BIGGAN_DEFAULTS, BigGAN
@@ -129,7 +128,7 @@ class UNetGAN(BigGAN):
 
     def _real_fake(self, x, real: bool):
         mode = self.options["gan_loss"]
-        return GF.gan_loss(x, real, "hinge" if mode == "hinge" else "vanilla")
+        return self.losses.gan_loss(x, real, "hinge" if mode == "hinge" else "vanilla")
 
     def _pixel_target_loss(self, d, target):
         """Per-pixel loss of ``d`` against a real(1)/fake(0) map, mean over all pixels."""
@@ -214,10 +213,10 @@ class UNetGAN(BigGAN):
                 z = self._optimise(z, gy, differentiable=True)
                 pix, glob = self.D(self.G(z, gy), gy)
                 if o["gan_loss"] == "hinge":
-                    g_2d = GF.gan_loss(pix, True, "hinge", for_discriminator=False)
-                    g_mid = GF.gan_loss(glob, True, "hinge", for_discriminator=False)
+                    g_2d = self.losses.gan_loss(pix, True, "hinge", for_discriminator=False)
+                    g_mid = self.losses.gan_loss(glob, True, "hinge", for_discriminator=False)
                 else:
-                    g_2d, g_mid = GF.gan_loss(pix, True, "vanilla"), GF.gan_loss(glob, True, "vanilla")
+                    g_2d, g_mid = self.losses.gan_loss(pix, True, "vanilla"), self.losses.gan_loss(glob, True, "vanilla")
                 g_loss = 0.5 * g_mid + 0.5 * g_2d
             g_loss = g_loss / float(o["num_G_accumulations"])
             ctx.backward(g_loss, "G")

@@ -100,7 +100,7 @@ class _Wasserstein(SynthesisGAN):
             real_scores, fake_scores = scores[:real.shape[0]], scores[real.shape[0]:]
         else:
             real_scores, fake_scores = self.D(real).float(), self.D(fake).float()
-        return GF.gan_loss(real_scores, True, "wgangp") + GF.gan_loss(fake_scores, False, "wgangp")
+        return self.losses.gan_loss(real_scores, True, "wgangp") + self.losses.gan_loss(fake_scores, False, "wgangp")
 
     def _critic_loss(self, real, fake) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -143,7 +143,7 @@ class _Wasserstein(SynthesisGAN):
             set_requires_grad(self.D, False)
             ctx.zero_grad(opt_G)
             with ctx.autocast():
-                g_loss = GF.gan_loss(self.D(fake_g if repeat else self.G(z)).float(), True, "wgangp")
+                g_loss = self.losses.gan_loss(self.D(fake_g if repeat else self.G(z)).float(), True, "wgangp")
             ctx.backward(g_loss, "G")
             if repeat:  # (after G's backward: F.batch_norm saves the running statistics for it)
                 norms.update_again()
