@@ -329,3 +329,29 @@ def test_best_tracking_rules():
     assert ev.improves(9.0, {"metric": "is", "value": 1.0, "step": 1})  # resumed with another --eval_best
     ev.o = {"best_metric": "recall"}
     assert ev.improves(0.5, {"metric": "recall", "value": 0.4, "step": 1})
+
+
+def test_eval_every_dc_on_a_dataset_too_small_is_refused_before_training(tmp_path):
+    """The real images' count was checked against --eval_max_real only: a dataset with k images or
+    fewer failed at the first evaluation, with the metric's message, after training had started;
+    and a run's evaluation latents follow its seed (they used 0 unless eval_options named one)."""
+    from ganengine.data import build_dataset
+    from ganengine.train import Trainer
+
+    n = len(build_dataset("acgan", dict(image_size=16, channels=1)))
+    options = dict(EVAL, metrics="fid,dc", best_metric="fid", max_real=None, num_samples=20)
+    import ganengine.train.evaluation as ev
+
+    real_len = ev.SynthesisEvaluator._dataset
+    try:  # (the built-in sample data has more than k images: pretend it has k)
+        ev.SynthesisEvaluator._dataset = lambda self: list(range(5))
+        with pytest.raises(ValueError, match=r"dc \(k = 5\).*real images.*training images"):
+            Trainer(_cfg(tmp_path / "small", eval_every=2, eval_options=options))
+    finally:
+        ev.SynthesisEvaluator._dataset = real_len
+    assert not (tmp_path / "small" / "loss_log.csv").exists() and n > 5
+    trainer = Trainer(_cfg(tmp_path / "seeded", eval_every=2, eval_options=EVAL, seed=5))
+    try:
+        assert trainer.evaluator.o["seed"] == 5
+    finally:
+        trainer._release_lock()

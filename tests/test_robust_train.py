@@ -643,3 +643,22 @@ def test_first_log_row_after_a_resume_averages_the_same_steps(tmp_path, one_thre
     # (images_per_s is a timing; every loss column is the same average)
     assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in got] == \
         [{k: v for k, v in r.items() if k != "images_per_s"} for r in want]
+
+
+def test_second_abandoned_branch_best_json_names_its_own_best(trained, tmp_path, one_thread):
+    """best.pt renamed best.1.pt in abandoned/ (a second branch) was named as abandoned/best.pt, the
+    first branch's, by its best.json."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    gone = run / ckpt.ABANDONED
+    for tag in ("first", "second"):
+        (run / "best.pt").write_text(tag)
+        (run / "best.json").write_text(json.dumps({"step": 6, "checkpoint": str(run / "best.pt")}))
+        if tag == "second":
+            shutil.copy2(gone / "step_00000004.pt", run / "step_00000004.pt")
+        ckpt.set_aside_newer(str(run), 2, str(run))
+    info = json.loads((gone / "best.1.json").read_text())
+    assert info["checkpoint"] == str(gone / "best.1.pt") and (gone / "best.1.pt").read_text() == "second"

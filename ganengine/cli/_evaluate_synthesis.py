@@ -112,8 +112,9 @@ def run(args) -> int:
             check_request(model, metrics, args.num_samples, args.is_splits)  # (a conditional model: said first)
             check_real_classes(dataset, args.max_images, "--max_images")
         n_real = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
+        limited = args.max_images is not None and args.max_images < len(dataset)
         check_neighbour_counts(metrics, None, n_real, args.pr_k, args.dc_k,
-                               {"max_real": "--max_images" if args.max_images else "the real images (--phase, --dataroot)"})
+                               {"max_real": "--max_images" if limited else "the real images (--phase, --dataroot)"})
         loader = real_loader(dataset, args.batch_size, args.max_images)
         results = evaluate_synthesis(model, loader, metrics, extractor, num_samples=args.num_samples,
                                      batch_size=args.batch_size, seed=args.seed, max_real=args.max_images,

@@ -170,12 +170,15 @@ def set_aside_newer(folder: str, step: int, log_dir: str | None = None) -> list[
                 os.replace(os.path.join(samples, name), _free_name(os.path.join(dest_dir, "samples"), name))
         best_step = _step_of_best(folder)
         if best_step is not None and best_step > step:
+            best_dest = None
             for name in ("best.pt", "best.json"):
                 if os.path.exists(os.path.join(folder, name)):
                     dest = _free_name(dest_dir, name)
                     os.replace(os.path.join(folder, name), dest)
-                    if name == "best.json":
-                        _repoint_best_json(dest, folder, dest_dir)
+                    if name == "best.pt":
+                        best_dest = dest
+                    elif best_dest is not None:  # (best.pt may have been renamed best.K.pt there)
+                        _repoint_best_json(dest, folder, dest_dir, best_dest)
         for name in ("loss_log.csv", "eval_log.csv"):
             if os.path.isfile(os.path.join(log_dir, name)):
                 shutil.copy2(os.path.join(log_dir, name), _free_name(dest_dir, name))
@@ -206,9 +209,10 @@ def _earlier_run_items(run_dir: str, log_dir: str) -> list[str]:
     return ckpts + run_items + log_items if worth else []
 
 
-def _repoint_best_json(path: str, run_dir: str, dest_run: str) -> None:
-    """best.json names its best.pt: after both moved, name the moved one (an unreadable file is
-    left as it is: it only describes the checkpoint beside it)."""
+def _repoint_best_json(path: str, run_dir: str, dest_run: str, moved_to: str | None = None) -> None:
+    """best.json names its best.pt: after both moved, name the moved one (``moved_to``: its new
+    path where it was renamed; an unreadable file is left as it is: it only describes the
+    checkpoint beside it)."""
     import json
 
     try:
@@ -217,7 +221,7 @@ def _repoint_best_json(path: str, run_dir: str, dest_run: str) -> None:
         old = info.get("checkpoint")
         if not (isinstance(old, str) and os.path.dirname(os.path.abspath(old)) == os.path.abspath(run_dir)):
             return
-        info["checkpoint"] = os.path.join(dest_run, os.path.basename(old))
+        info["checkpoint"] = moved_to or os.path.join(dest_run, os.path.basename(old))
     except (OSError, ValueError, AttributeError):
         return
     write_atomic(path, lambda f: json.dump(info, f, indent=2), binary=False, prefix=".tmp_", suffix=".json")

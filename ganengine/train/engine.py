@@ -274,6 +274,8 @@ class Trainer:
             if self.dist.is_main:
                 self.evaluator = SynthesisEvaluator(cfg.eval_options, self.model, cfg.model, cfg.data_options,
                                                     self.device, self.log_dir)
+                if (cfg.eval_options or {}).get("seed") is None:  # (the latents follow the run's seed)
+                    self.evaluator.o["seed"] = self.seed
 
         self._sums: dict[str, tuple] = {}  # the losses since the last log row (restored on resume)
         resume_state = None

@@ -111,6 +111,12 @@ class SynthesisEvaluator:
             from ganengine.metrics.evaluate_synthesis import check_real_classes
 
             check_real_classes(self._dataset(), self.o["max_real"], "--eval_max_real")
+        if {"pr", "dc"} & set(self.o["metrics"].split(",")):  # (the real side: the dataset's size, now)
+            n = len(self._dataset())
+            limited = self.o["max_real"] is not None and self.o["max_real"] < n
+            check_neighbour_counts(self.o["metrics"].split(","), None, min(n, self.o["max_real"] or n),
+                                   names={"max_real": "--eval_max_real" if limited else "the training images (--dataroot)",
+                                          "pr_k": None, "dc_k": None})
         self.real = None  # the training images' features: computed at the first evaluation, kept for the run
 
     def _dataset(self):
