@@ -217,9 +217,36 @@ def _only_called(node: ast.AST, parents: dict, tree: ast.AST) -> bool:
     return False
 
 
+# what a loop may do with each module it yields without reading a Sequential's entries one by one
+_ITEM_TESTS = frozenset({"isinstance", "type", "hasattr", "id"})
+_ITEM_DESCENDS = _CHILD_ITERATORS | {"forward", "__call__", "__getitem__", "__iter__", "__len__"}
+
+
+def _item_use_ok(n: ast.Name, parents: dict, may_call: bool) -> bool:
+    """Whether this use of a loop's module keeps it one module: tested (``isinstance(m, nn.BatchNorm2d)``,
+    ``type(m)``), a whole-module method (``m.eval()``, ``m.apply(fn)``, ``m.requires_grad_(False)``,
+    ``m.register_forward_hook(h)``), the receiver of an attribute read or write (``m.momentum = 0.0``,
+    ``m.weight``); and, where ``may_call`` (the loop yields children, each a whole module), called.
+    Indexing, iterating, collecting (passing it on, storing it) or, over every descendant, calling
+    it with tensors reads a Sequential's entries one by one."""
+    up = parents.get(n)
+    if isinstance(up, ast.Call):
+        if up.func is n:
+            return may_call
+        return (isinstance(up.func, ast.Name) and up.func.id in _ITEM_TESTS and len(up.args) >= 1
+                and up.args[0] is n and n not in up.args[1:])
+    if isinstance(up, ast.Attribute) and up.value is n:
+        if up.attr in _ITEM_DESCENDS:
+            return may_call and up.attr == "forward" and isinstance(parents.get(up), ast.Call) \
+                and parents[up].func is up
+        return True
+    return False
+
+
 def _loop_items_only_called(attr: ast.Attribute, parents: dict, tree: ast.AST) -> bool:
-    """``for sub in self.children(): sub(x)`` (SPADE's discriminator): the iteration only calls each
-    module it yields (``named_children()``: ``for name, sub in ...``)."""
+    """``for sub in self.children(): sub(x)`` (SPADE's discriminator), ``for m in self.modules(): if
+    isinstance(m, nn.BatchNorm2d): m.eval()`` (a freeze-BN helper): the iteration uses each module it
+    yields as one module (``named_children()``: ``for name, sub in ...``; see ``_item_use_ok``)."""
     call = parents.get(attr)
     loop = parents.get(call)
     if not (isinstance(call, ast.Call) and call.func is attr and isinstance(loop, ast.For) and loop.iter is call):
@@ -229,8 +256,9 @@ def _loop_items_only_called(attr: ast.Attribute, parents: dict, tree: ast.AST) -
         target = target.elts[1]
     if not isinstance(target, ast.Name):
         return False
+    may_call = attr.attr not in _DESCENDANT_ITERATORS
     loads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == target.id and isinstance(n.ctx, ast.Load)]
-    return all(isinstance(parents.get(n), ast.Call) and parents[n].func is n for n in loads)
+    return all(_item_use_ok(n, parents, may_call) for n in loads)
 
 
 def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
@@ -256,6 +284,8 @@ def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
     for name, fn in _methods(cls):
         tree = function_ast(fn)
         if tree is None:
+            if len(chain) > 1:   # an ancestor further up: only its direct children are refused
+                continue
             return f"cannot read the source of {cls.__name__}.{name} to see how it uses {dotted!r}"
         me = self_name(tree)
         where = f"{cls.__name__}.{name}"

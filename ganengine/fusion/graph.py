@@ -12,7 +12,9 @@ forward is the rewritten graph's code.
 
 Plain attributes the trace reads (``self.alpha``, ``if self.use_act:``, a slope, ``self.opt.x``,
 a child's plain attribute) are frozen into the graph by fx; the trace records them (``TraceLog``:
-the module and its submodules are given a watching class while traced) and the rewritten forward
+while traced, the classes of the module, its submodules and the options objects they read carry a
+recording ``__getattribute__`` that notes the traced instances' reads from the tracing thread; no
+instance changes class) and the rewritten forward
 compares them per call with their values at trace time (``guard_ok``: one tuple compare); on a
 difference that call runs the class's own forward.
 
@@ -35,7 +37,9 @@ import importlib
 import inspect
 import linecache
 import os
+import keyword
 import sys
+import threading
 import types
 
 import torch
@@ -264,9 +268,11 @@ _MISSING = object()
 
 class TraceLog:
     def __init__(self):
-        self.reads: dict[str, tuple[nn.Module, str]] = {}   # dotted path from the traced module -> (module, name)
-        self.writes: dict[str, tuple[nn.Module, str, object]] = {}  # path -> (module, name, value before)
+        self.reads: dict[str, tuple[object, str]] = {}   # dotted path from the traced module -> (owner, name)
+        self.writes: dict[str, tuple[object, str, object]] = {}  # path -> (owner, name, value before)
         self.unrecorded: str | None = None
+        self.watched: set[int] = set()   # ids of the plain (config) objects whose own reads are recorded
+        self.whole: set[int] = set()     # ... of those whose __dict__ itself was read (vars(opt)): compared whole
 
 
 def _user_frame() -> bool:
@@ -274,26 +280,157 @@ def _user_frame() -> bool:
     return not (fn.startswith(_TORCH_DIR) or fn.startswith(_FUSION_DIR))
 
 
-def _watching_class(cls: type, log: TraceLog, prefix: str) -> type:
+# While a trace runs, the classes of the traced modules (and of the config objects their forwards
+# read) carry recording __getattribute__ / __setattr__ / __delattr__; the instances keep their class
+# (a forward testing ``type(self.act) is nn.LeakyReLU`` sees the real one) and no subclass is made.
+# The hooks record only for the instances of a trace running in the calling thread; a class is
+# patched once however many traces (threads) use it, and restored when the last one ends.
+_LOCK = threading.RLock()
+_ACTIVE: dict[int, "_Watch"] = {}          # thread id -> the watch of the trace that thread runs
+_HOOKED: dict[type, list] = {}             # class -> [users, {hook name: the class's own value or _MISSING}]
+_HOOK_NAMES = ("__getattribute__", "__setattr__", "__delattr__")
+
+
+class _Watch:
+    def __init__(self, log: TraceLog):
+        self.log = log
+        self.ids: dict[int, str] = {}       # id of a watched object -> its path prefix ("", "conv.", "opt.")
+        self.keep: list = []                # the watched objects (their ids stay theirs)
+        self.classes: list[type] = []
+
+    def add(self, obj, prefix: str) -> bool:
+        if id(obj) in self.ids:
+            return True
+        cls = type(obj)
+        if cls not in self.classes:
+            try:
+                _hook(cls)
+            except (TypeError, AttributeError):   # a class whose attributes cannot be set (builtin / extension)
+                return False
+            self.classes.append(cls)
+        self.ids[id(obj)] = prefix
+        self.keep.append(obj)
+        return True
+
+    def read(self, obj, prefix: str, name: str, value):
+        path = prefix + name
+        if path in self.log.reads:
+            return
+        self.log.reads[path] = (obj, name)
+        if _config_object(value) and prefix.count(".") < 8 and self.add(value, path + "."):
+            self.log.watched.add(id(value))
+
+    def close(self):
+        for cls in reversed(self.classes):
+            _unhook(cls)
+        self.classes.clear()
+
+
+def _config_object(v) -> bool:
+    """A plain object whose fields a forward may read (SPADE's ``opt``): not a module, tensor,
+    function, scalar or container, and whose attributes are read the ordinary way (no
+    ``__getattr__`` / ``__getattribute__`` of its own class: fields served from elsewhere would
+    not be seen as read)."""
+    cls = type(v)
+    return (hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type, types.ModuleType, enum.Enum))
+            and not callable(v) and cls.__getattribute__ is object.__getattribute__
+            and getattr(cls, "__getattr__", None) is None)
+
+
+def _make_hooks(cls: type, own: dict):
+    get_own, set_own, del_own = (own[n] for n in _HOOK_NAMES)
+    get_ident = threading.get_ident
+
     def __getattribute__(self, name):
-        d = object.__getattribute__(self, "__dict__")
-        if name in d and name not in _UNWATCHED and _user_frame():
-            log.reads.setdefault(prefix + name, (self, name))
-        return cls.__getattribute__(self, name)
+        w = _ACTIVE.get(get_ident())
+        if w is not None:
+            prefix = w.ids.get(id(self))
+            if prefix is not None and name not in _UNWATCHED and _user_frame():
+                d = object.__getattribute__(self, "__dict__")
+                if name in d:
+                    w.read(self, prefix, name, d[name])
+                elif name == "__dict__":      # vars(opt), opt.__dict__[...]: its fields are read unseen
+                    w.log.whole.add(id(self))
+        if get_own is not _MISSING:
+            return get_own(self, name)
+        return super(cls, self).__getattribute__(name)
+
+    def _note_write(self, name):
+        w = _ACTIVE.get(get_ident())
+        if w is not None:
+            prefix = w.ids.get(id(self))
+            if prefix is not None and _user_frame_at(3):
+                d = object.__getattribute__(self, "__dict__")
+                w.log.writes.setdefault(prefix + name, (self, name, d.get(name, _MISSING)))
 
     def __setattr__(self, name, value):
-        if _user_frame():
-            log.writes.setdefault(prefix + name, (self, name, self.__dict__.get(name, _MISSING)))
-        cls.__setattr__(self, name, value)
+        _note_write(self, name)
+        if set_own is not _MISSING:
+            return set_own(self, name, value)
+        return super(cls, self).__setattr__(name, value)
 
     def __delattr__(self, name):
-        if _user_frame():
-            log.writes.setdefault(prefix + name, (self, name, self.__dict__.get(name, _MISSING)))
-        cls.__delattr__(self, name)
+        _note_write(self, name)
+        if del_own is not _MISSING:
+            return del_own(self, name)
+        return super(cls, self).__delattr__(name)
 
-    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__setattr__": __setattr__,
-                                       "__delattr__": __delattr__, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
+    return {"__getattribute__": __getattribute__, "__setattr__": __setattr__, "__delattr__": __delattr__}
+
+
+def _user_frame_at(depth: int) -> bool:
+    fn = sys._getframe(depth).f_code.co_filename
+    return not (fn.startswith(_TORCH_DIR) or fn.startswith(_FUSION_DIR))
+
+
+def _hook(cls: type):
+    with _LOCK:
+        entry = _HOOKED.get(cls)
+        if entry is not None:
+            entry[0] += 1
+            return
+        own = {n: cls.__dict__.get(n, _MISSING) for n in _HOOK_NAMES}
+        hooks = _make_hooks(cls, own)
+        done = []
+        try:
+            for n in _HOOK_NAMES:
+                type.__setattr__(cls, n, hooks[n])
+                done.append(n)
+        except BaseException:
+            _restore(cls, own, done)
+            raise
+        _HOOKED[cls] = [1, own]
+
+
+def _restore(cls: type, own: dict, names):
+    for n in reversed(list(names)):
+        if own[n] is _MISSING:
+            type.__delattr__(cls, n)
+        else:
+            type.__setattr__(cls, n, own[n])
+
+
+def _unhook(cls: type):
+    with _LOCK:
+        entry = _HOOKED[cls]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del _HOOKED[cls]
+            _restore(cls, entry[1], _HOOK_NAMES)
+
+
+# saved-tensor hooks and autograd Functions while a trace runs: patched once for all traces
+# (threads), restored when the last ends; a call is noted in the log of the trace running in the
+# calling thread only
+_UNRECORDED_LOGS: dict[int, list] = {}     # thread id -> logs of the traces it runs (innermost last)
+_UNRECORDED_STATE: dict = {"depth": 0, "saved": None}
+
+
+def _note_unrecorded(why: str):
+    logs = _UNRECORDED_LOGS.get(threading.get_ident())
+    if logs:
+        log = logs[-1]
+        log.unrecorded = log.unrecorded or why
 
 
 class _Unrecorded:
@@ -307,57 +444,98 @@ class _Unrecorded:
         from torch.autograd import graph as ag
         from torch.autograd.function import Function
 
-        log = self.log
-        self.saved = [(ag.saved_tensors_hooks, "__enter__", ag.saved_tensors_hooks.__dict__["__enter__"]),
-                      (Function, "apply", Function.__dict__["apply"])]
-        enter = ag.saved_tensors_hooks.__enter__
-        apply = Function.apply.__func__ if hasattr(Function.apply, "__func__") else None
+        with _LOCK:
+            _UNRECORDED_LOGS.setdefault(threading.get_ident(), []).append(self.log)
+            if _UNRECORDED_STATE["depth"] == 0:
+                saved = [(ag.saved_tensors_hooks, "__enter__", ag.saved_tensors_hooks.__dict__["__enter__"]),
+                         (Function, "apply", Function.__dict__["apply"])]
+                enter = ag.saved_tensors_hooks.__enter__
+                apply = Function.apply.__func__ if hasattr(Function.apply, "__func__") else None
 
-        def hooks_enter(hooks_self):
-            log.unrecorded = log.unrecorded or ("it installs saved-tensor hooks (activation checkpointing or "
-                                                "offloading), which fx does not record")
-            return enter(hooks_self)
+                def hooks_enter(hooks_self):
+                    _note_unrecorded("it installs saved-tensor hooks (activation checkpointing or offloading), "
+                                     "which fx does not record")
+                    return enter(hooks_self)
 
-        def fn_apply(cls, *args, **kwargs):
-            log.unrecorded = log.unrecorded or (f"it calls the autograd Function {cls.__name__} (fx would "
-                                                "record its forward ops without its backward)")
-            return apply(cls, *args, **kwargs) if apply else super(Function, cls).apply(*args, **kwargs)
+                def fn_apply(cls, *args, **kwargs):
+                    _note_unrecorded(f"it calls the autograd Function {cls.__name__} (fx would record its "
+                                     "forward ops without its backward)")
+                    return apply(cls, *args, **kwargs) if apply else super(Function, cls).apply(*args, **kwargs)
 
-        ag.saved_tensors_hooks.__enter__ = hooks_enter
-        Function.apply = classmethod(fn_apply)
+                ag.saved_tensors_hooks.__enter__ = hooks_enter
+                Function.apply = classmethod(fn_apply)
+                _UNRECORDED_STATE["saved"] = saved
+            _UNRECORDED_STATE["depth"] += 1
         return self
 
     def __exit__(self, *exc):
-        for owner, name, value in self.saved:
-            setattr(owner, name, value)
+        with _LOCK:
+            logs = _UNRECORDED_LOGS.get(threading.get_ident(), [])
+            for i in range(len(logs) - 1, -1, -1):
+                if logs[i] is self.log:
+                    del logs[i]
+                    break
+            if not logs:
+                _UNRECORDED_LOGS.pop(threading.get_ident(), None)
+            _UNRECORDED_STATE["depth"] -= 1
+            if _UNRECORDED_STATE["depth"] == 0:
+                for owner, name, value in _UNRECORDED_STATE["saved"]:
+                    setattr(owner, name, value)
+                _UNRECORDED_STATE["saved"] = None
         return False
 
 
+_MODULE_DICTS = ("_modules", "_buffers", "_parameters")
+
+
 def _trace(m: nn.Module, training: bool, log: TraceLog | None = None) -> fx.Graph:
-    flags = [(sub, sub.training) for sub in m.modules()]
-    swapped = []
+    subs = list(m.modules())
+    flags = [(sub, sub.training) for sub in subs]
+    # what nn.Module.__setattr__ routes to _modules / _buffers / _parameters (a write while traced)
+    dicts = [(sub, {k: dict(sub.__dict__[k]) for k in _MODULE_DICTS if type(sub.__dict__.get(k)) is dict},
+              set(sub.__dict__.get("_non_persistent_buffers_set", ()))) for sub in subs]
+    watch = None
+    me = threading.get_ident()
+    before = None
     try:
         m.train(training)
         if log is None:
             return _LeafTracer().trace(m)
+        watch = _Watch(log)
         for where, sub in m.named_modules():
-            try:
-                cls = type(sub)
-                sub.__class__ = _watching_class(cls, log, f"{where}." if where else "")
-                swapped.append((sub, cls))
-            except TypeError:  # a class whose instances cannot change class: its reads are not watched
+            if not watch.add(sub, f"{where}." if where else ""):
                 log.unrecorded = log.unrecorded or f"cannot watch what the trace reads of {type(sub).__name__}"
+        before = _ACTIVE.get(me)
+        _ACTIVE[me] = watch
         with _Unrecorded(log):
             return _LeafTracer().trace(m)
     finally:
-        for sub, cls in reversed(swapped):
-            object.__setattr__(sub, "__class__", cls)
+        if watch is not None:
+            if before is None:
+                _ACTIVE.pop(me, None)
+            else:
+                _ACTIVE[me] = before
+            watch.close()
         if log is not None:   # undo what forward wrote while traced (it is declined anyway)
             for sub, name, value in reversed(list(log.writes.values())):
+                d = object.__getattribute__(sub, "__dict__")
                 if value is _MISSING:
-                    sub.__dict__.pop(name, None)
+                    d.pop(name, None)
                 else:
-                    sub.__dict__[name] = value
+                    d[name] = value
+            for sub, saved, nonpersistent in dicts:
+                for k, v in saved.items():
+                    d = sub.__dict__.get(k)
+                    if type(d) is dict:
+                        if list(d) != list(v) or any(d[k2] is not x for k2, x in v.items()):
+                            d.clear()
+                            d.update(v)
+                    else:
+                        sub.__dict__[k] = v
+                npb = sub.__dict__.get("_non_persistent_buffers_set")
+                if isinstance(npb, set) and npb != nonpersistent:
+                    npb.clear()
+                    npb.update(nonpersistent)
         for sub, mode in flags:
             sub.training = mode
 
@@ -393,21 +571,6 @@ def _snapshot(v):
     return v
 
 
-class _SameVars:
-    """Compares equal to ``obj`` while its attributes equal those at trace time (a config object such
-    as SPADE's ``opt``, whose fields forward reads: ``self.opt.use_vae``)."""
-
-    __slots__ = ("obj", "state")
-
-    def __init__(self, obj):
-        self.obj, self.state = obj, _snapshot(dict(vars(obj)))
-
-    def __eq__(self, other):
-        return other is self.obj and vars(other) == self.state
-
-    __hash__ = None
-
-
 class _Same:
     """Compares equal to ``obj`` only (a callable whose class defines another ``==``)."""
 
@@ -440,17 +603,21 @@ def watch_spec(log: TraceLog):
             numeric.append(len(expected))          # 1, 1.0 and True are ==, not the same in arithmetic
         if isinstance(value, _SCALARS):
             item = value
-        elif _by_identity(value):
+        elif _by_identity(value) or (id(value) in log.watched and id(value) not in log.whole):
+            # a config object whose fields' reads were recorded as their own paths ("opt.use_act"):
+            # its identity here, the fields read next to it
             item = value if type(value).__eq__ is object.__eq__ else _Same(value)
         elif _watchable(value):
             item = _snapshot(value)
         elif hasattr(value, "__dict__") and not callable(value) and _watchable(dict(vars(value))):
-            item = _SameVars(value)
+            # (the object's field dict, compared as a dict: plain Python that torch.compile traces,
+            # where a SimpleNamespace's own C-level == is not)
+            path, item = f"{path}.__dict__", _snapshot(dict(vars(value)))
         else:
             return (f"its forward reads {path}, a {type(value).__name__} that fx would freeze into the graph "
                     "and whose changes fuse cannot watch")
-        if not all(part.isidentifier() for part in path.split(".")):
-            return f"its forward reads the attribute {path!r}, whose name is not an identifier"
+        if not all(part.isidentifier() and not keyword.iskeyword(part) for part in path.split(".")):
+            return f"its forward reads the attribute {path!r}, whose name is not an identifier or is a Python keyword"
         names.append(path)
         expected.append(item)
     return tuple(names), tuple(expected), tuple(numeric)
