@@ -249,6 +249,9 @@ def test_sync_bn_needs_cuda():
     info = D.DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="--sync_bn needs CUDA"):
         D.wrap(torch.nn.BatchNorm2d(3), info, sync_bn=True)
+    # one process: refused too (it was silently ignored there)
+    with pytest.raises(ValueError, match="--sync_bn needs CUDA"):
+        D.wrap(torch.nn.BatchNorm2d(3), D.DistInfo(rank=0, world_size=1, device=torch.device("cpu")), sync_bn=True)
     # BigGAN's own batch norms are not what SyncBatchNorm converts: said, not ignored
     from ganengine.models import build_network
 

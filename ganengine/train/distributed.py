@@ -64,9 +64,7 @@ def teardown(info: DistInfo) -> None:
 
 
 def wrap(net: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.nn.Module:
-    if not info.enabled:
-        return net
-    if sync_bn:
+    if sync_bn:  # (refused on one process too, where it would silently do nothing)
         # SyncBatchNorm replaces torch's BatchNorm layers only: a network normalising with its own
         # modules (BigGAN's ccbn / bn, stored_mean buffers) would keep per-process statistics unsaid
         from ganengine.nn.batch_norm_act import ConditionalBatchNormAct2d, convert_sync_batchnorm
@@ -81,6 +79,9 @@ def wrap(net: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.n
         if info.device.type != "cuda":
             raise ValueError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only); "
                              "leave it out on CPU")
+    if not info.enabled:
+        return net
+    if sync_bn:
         net = convert_sync_batchnorm(net)  # (keeps the fused batch norms' activations)
     if not any(p.requires_grad for p in net.parameters()):
         return net  # e.g. a frozen stage-I generator inside StackGAN stage II
