@@ -488,7 +488,18 @@ class _Unrecorded:
 _MODULE_DICTS = ("_modules", "_buffers", "_parameters")
 
 
+# fx's tracer patches nn.Module.__call__ (and other globals) process-wide while it runs: two traces
+# at once in two threads restore each other's patches out of order and leave one in place, which
+# breaks every later trace in the process. Traces run one at a time.
+_TRACE_LOCK = threading.RLock()
+
+
 def _trace(m: nn.Module, training: bool, log: TraceLog | None = None) -> fx.Graph:
+    with _TRACE_LOCK:
+        return _trace_locked(m, training, log)
+
+
+def _trace_locked(m: nn.Module, training: bool, log: TraceLog | None) -> fx.Graph:
     subs = list(m.modules())
     flags = [(sub, sub.training) for sub in subs]
     # what nn.Module.__setattr__ routes to _modules / _buffers / _parameters (a write while traced)
