@@ -177,9 +177,11 @@ def _chain(node: ast.AST, me: str) -> tuple[str, ...] | None:
     return None
 
 
-def _init_methods(cls: type) -> set[str]:
-    """__init__ and the methods it calls on ``self`` (transitively): they run before fuse()."""
-    seen, todo = set(), ["__init__"]
+def self_calls(cls: type, start: str) -> tuple[set[str], list]:
+    """``start`` and the methods of cls it calls as ``self.name(...)``, transitively (``self`` is each
+    method's own first parameter, whatever its name): ``(every name reached, [(name, ast or None)
+    for those that are Python functions defined outside torch])``."""
+    seen, todo, found = set(), [start], []
     while todo:
         name = todo.pop()
         if name in seen:
@@ -189,6 +191,7 @@ def _init_methods(cls: type) -> set[str]:
         if not inspect.isfunction(fn) or (fn.__module__ or "").startswith("torch."):
             continue
         tree = function_ast(fn)
+        found.append((name, tree))
         if tree is None:
             continue
         me = self_name(tree)
@@ -196,7 +199,12 @@ def _init_methods(cls: type) -> set[str]:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == me):
                 todo.append(node.func.attr)
-    return seen
+    return seen, found
+
+
+def _init_methods(cls: type) -> set[str]:
+    """__init__ and the methods it calls on ``self`` (transitively): they run before fuse()."""
+    return self_calls(cls, "__init__")[0]
 
 
 def _only_called(node: ast.AST, parents: dict, tree: ast.AST) -> bool:

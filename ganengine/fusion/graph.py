@@ -154,30 +154,6 @@ def _activation(node: fx.Node, head: fx.Node, root: nn.Module):
 
 
 # ----------------------------------------------------------------------------- source checks
-def _reachable_methods(cls: type, fn_name: str = "forward"):
-    """forward and the methods of cls it calls as ``self.name(...)`` (transitively; ``self`` is
-    each method's own first parameter, whatever its name)."""
-    seen, todo, out = set(), [fn_name], []
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        fn = getattr(cls, name, None)
-        if not isinstance(fn, types.FunctionType) or (fn.__module__ or "").startswith("torch."):
-            continue
-        tree = checks.function_ast(fn)
-        out.append((name, tree))
-        if tree is None:
-            continue
-        me = checks.self_name(tree)
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == me):
-                todo.append(node.func.attr)
-    return out
-
-
 # functions whose effect fx does not record: it traces through them and keeps only the ops inside
 # (activation checkpointing: no recomputation in backward, running statistics updated once)
 _UNRECORDED_FNS = {"checkpoint", "checkpoint_sequential"}
@@ -200,7 +176,7 @@ def source_reason(m: nn.Module) -> str | None:
     """Why fx would not record ``m.forward`` faithfully (None when it would)."""
     cls = type(m)
     tensor_attrs = set(m._parameters) | set(m._buffers) | {k for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)}
-    for name, tree in _reachable_methods(cls):
+    for name, tree in checks.self_calls(cls, "forward")[1]:
         where = f"{cls.__name__}.{name}"
         if tree is None:
             return f"cannot read the source of {where}"
