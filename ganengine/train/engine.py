@@ -274,8 +274,7 @@ class Trainer:
             if self.dist.is_main:
                 self.evaluator = SynthesisEvaluator(cfg.eval_options, self.model, cfg.model, cfg.data_options,
                                                     self.device, self.log_dir)
-                if (cfg.eval_options or {}).get("seed") is None:  # (the latents follow the run's seed)
-                    self.evaluator.o["seed"] = self.seed
+                self._seed_evaluator()
 
         self._sums: dict[str, tuple] = {}  # the losses since the last log row (restored on resume)
         resume_state = None
@@ -466,8 +465,12 @@ class Trainer:
         self.seed = stored
         self.sampler.seed = stored
         self.loader.generator.manual_seed(stored)
+        self._seed_evaluator()
+
+    def _seed_evaluator(self) -> None:
+        """The evaluation's latents follow the run's seed, unless its options name their own."""
         if self.evaluator is not None and (self.cfg.eval_options or {}).get("seed") is None:
-            self.evaluator.o["seed"] = stored
+            self.evaluator.o["seed"] = self.seed
 
     def _schedule_options(self) -> dict:
         """The engine options the learning-rate schedules are built from (models/base.py), and for
