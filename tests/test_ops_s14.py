@@ -4,7 +4,7 @@
   naming the argument on every route and backend, never a raw kernel reading another device's pointer;
 * the mean losses under dynamic shapes: one graph for every batch size (torch.compile(dynamic=True)),
   torch.export with a dynamic batch, the same numbers as eager;
-* make_fx(tracing_mode="symbolic") of each public op: the lean C++ entries take plain tensors only;
+* make_fx(tracing_mode="symbolic") of each public op: the lean C++ entries take no symbolic sizes;
 * the Triton launchers on an empty batch; gradient_penalty with a discriminator returning ();
   no var_mean warning on an empty batch (torch backend).
 """
@@ -213,7 +213,7 @@ _SYMBOLIC = {
 @pytest.mark.parametrize("name", sorted(_SYMBOLIC))
 def test_make_fx_symbolic(name, backend):
     """A plain function calling the public op traces with symbolic shapes (the lean C++ entries,
-    whose checks read sizes, are for plain tensors only) and the graph serves another batch size."""
+    whose checks read sizes, take no symbolic sizes) and the graph serves another batch size."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     f, inputs = _SYMBOLIC[name]
@@ -233,8 +233,8 @@ def test_make_fx_symbolic_instance_norm_running_stats():
 @pytest.mark.parametrize("name", ["conv2d_act", "conv2d_instance_norm_act", "instance_norm_act_affine", "gan_loss",
                                   "discriminator_loss"])
 def test_lean_entries_take_plain_tensors_only(name):
-    """A tensor that is not exactly a Tensor / Parameter (here a FakeTensor with symbolic sizes)
-    never reaches a C++ entry: its ganengine_C op is not called while tracing."""
+    """A tensor with symbolic sizes (make_fx's FakeTensors; _eager.lean_ok) never reaches a C++
+    entry: its ganengine_C op is not called while tracing."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     f, inputs = _SYMBOLIC[name]

@@ -58,12 +58,11 @@ from ganengine.ops._conv_common import out_format
 from ganengine.ops._conv_common import pair as _pair
 from ganengine.ops._conv_common import vendor_conv as _vendor_conv
 from ganengine.ops.norm_act import check_param_dtype as _check_param_dtype
+from ganengine.ops.norm_act import param_dtype_ok
 from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
 from ganengine.ops.norm_act import nhwc_variant as _nhwc_variant
 CONV_IMPLS = ("auto", "vendor", "igemm")
-# the tensor types the lean C++ entries take (exactly these: _eager.plain_eager's rule)
 _lean = _eager.lean_ok  # the tensors the lean C++ entries take
-_REDUCED = (torch.float16, torch.bfloat16)
 _conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
 
 
@@ -520,15 +519,15 @@ _IN_REFUSAL = "conv2d_instance_norm_act: not served by the C++ entry"
 
 
 def _lean_norm_params(x, norm_weight, norm_bias) -> bool:
-    """Whether the lean entry may take these norm_weight / norm_bias (one given at least): plain
-    tensors (see conv2d_act's gate) of F.instance_norm's dtypes for x (x's, or float32 for a half /
-    bfloat16 x; the entry would take any floating dtype). Else the Python route serves the call or
+    """Whether the lean entry may take these norm_weight / norm_bias (one given at least): tensors
+    _eager.lean_ok takes, of F.instance_norm's dtypes for x (norm_act.param_dtype_ok; the entry
+    would take any floating dtype). Else the Python route serves the call or
     raises the public error."""
     for t in (norm_weight, norm_bias):
         if t is not None:
             if not _lean(t):
                 return False
-            if t.dtype is not x.dtype and not (t.dtype is torch.float32 and x.dtype in _REDUCED):
+            if not param_dtype_ok(t, x):
                 return False
     return True
 
@@ -560,9 +559,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # the lean route (see _ACT_KERNELS): the fast entry serves a plain eager call (Tensor), declines
     # what it does not serve (wrong shapes, dtypes or devices, a negative slope, autocast, empty
     # tensors, stride / padding / slope of other types than _pair / float() take) before any work
-    # (None: the route below serves the call or raises the public error), or hands a call under a
-    # torch function mode to the dispatcher op (NotImplemented; a tensor subclass never gets here). Any other error is the call's
-    # own: raised once.
+    # (None: the route below serves the call or raises the public error), or hands a tensor subclass
+    # or a call under a torch function mode to the dispatcher op (NotImplemented). Any other error is
+    # the call's own: raised once.
     # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
     # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
     if (not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _lean(x)

@@ -481,7 +481,7 @@ _lean = _eager.lean_ok  # the tensors the lean C++ entries take
 
 
 def _plain_maps(logits) -> bool:
-    """A non-empty list or tuple of plain tensors (the lean entries' gate for a list of maps)."""
+    """A non-empty list or tuple of tensors _eager.lean_ok takes (the lean entries' gate for a list of maps)."""
     if type(logits) is not list and type(logits) is not tuple or not logits:
         return False
     for t in logits:

@@ -254,10 +254,15 @@ def _check_param(name: str, t, c: int, x: torch.Tensor) -> None:
 _REDUCED = (torch.float16, torch.bfloat16)  # x dtypes whose parameters may be float32 (torch's mixed mode)
 
 
-def check_param_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor, torch_fn: str) -> None:
+def param_dtype_ok(t: torch.Tensor, x: torch.Tensor) -> bool:
     """The norms' rule for a parameter's (or running statistic's) dtype, F.batch_norm's and
-    F.instance_norm's: x's, or float32 for a half / bfloat16 x; else a TypeError naming it."""
-    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _REDUCED):
+    F.instance_norm's: x's, or float32 for a half / bfloat16 x."""
+    return t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in _REDUCED)
+
+
+def check_param_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor, torch_fn: str) -> None:
+    """param_dtype_ok, else a TypeError naming the parameter."""
+    if not param_dtype_ok(t, x):
         raise TypeError(f"{op}: {name} must have x's dtype ({x.dtype})"
                         f"{' or torch.float32' if x.dtype in _REDUCED else ''}, got {t.dtype} (as {torch_fn})")
 
