@@ -286,11 +286,13 @@ class RunLock:
 
     def __init__(self, folder: str, option: str = "--checkpoints_dir / --name"):
         self.folder, self.fd, self.option = folder, None, option  # (the option naming the folder)
+        self.created = False  # whether acquire() made the folder (release() then removes it if still empty)
 
     def acquire(self) -> "RunLock":
         if fcntl is None or self.fd is not None:
             return self
         try:
+            self.created = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
             fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -318,6 +320,10 @@ class RunLock:
             fd, self.fd = self.fd, None
             try:
                 os.ftruncate(fd, 0)
+                if self.created and os.listdir(self.folder) == [".lock"]:
+                    # a run refused before it wrote anything leaves no folder behind (still holding the lock)
+                    os.unlink(os.path.join(self.folder, ".lock"))
+                    os.rmdir(self.folder)
             except OSError:
                 pass
             os.close(fd)  # (closing releases the flock)
