@@ -1,7 +1,8 @@
 """One full training step (all networks forward + backward + optimiser steps) per model:
-ganengine (fused ops, fused Adam) vs the reference's step (the same model on the torch backend
-with the reference's per-parameter Adam), eager, and (``--compile``) the torch backend with every
-network wrapped in ``torch.compile``; ``--split`` adds the torch backend with only the fused Adam.
+ganengine (fused ops, fused Adam) vs the reference's step (the model built with ``fused=False``:
+the reference's own layers and plain losses, on the torch backend, with the reference's
+per-parameter Adam), eager, and (``--compile``) that step with every network wrapped in
+``torch.compile``; ``--split`` adds that step with only the fused Adam.
 
     python benchmarks/bench_models.py                       # CPU-sized defaults, table to stdout
     python benchmarks/bench_models.py --models cyclegan --size 256 --batch 1 --repeats 5
@@ -57,8 +58,7 @@ ATTENTION = {
     "unetgan": (dict(G_attn="0", D_attn="0", G_shared=True, hier=True, dim_z=128), 128, 50),
 }
 REFERENCE.update(ATTENTION)
-# models whose ganengine networks rewrite the reference's arithmetic (folded resampling, the
-# reference's SN on ganengine's ops): their reference step is the network built with fused=False
+# the models trained on (image, class label) batches with the BigGAN-style options
 REFERENCE_COMPOSITION = ("sagan", "biggan", "biggan_deep", "unetgan")
 CPU_DEFAULT = {
     "cyclegan": (dict(), 256, 1),
@@ -113,21 +113,19 @@ def build(name: str, opts: dict, size: int):
     return build_model(model_name, **opts, **extra)
 
 
-# variant -> (kernel backend, model options): "torch" is the reference's step (torch ops, the
-# reference's per-parameter Adam); "torch+fused-adam" isolates what the optimiser alone gives
+# variant -> (kernel backend, model options): "torch" is the reference's step (fused=False: the
+# reference's own layers, no folded resampling, its plain losses; torch ops; the reference's
+# per-parameter Adam); "torch+fused-adam" isolates what the optimiser alone gives
 VARIANTS = {
-    "torch": ("torch", dict(fused_optimizer=False)),
+    "torch": ("torch", dict(fused=False, fused_optimizer=False)),
     "ganengine": ("auto", dict()),
-    "torch+fused-adam": ("torch", dict(fused_optimizer=True)),
-    "compile": ("torch", dict(fused_optimizer=False)),
+    "torch+fused-adam": ("torch", dict(fused=False, fused_optimizer=True)),
+    "compile": ("torch", dict(fused=False, fused_optimizer=False)),
 }
 
 
 def setup_variant(name, opts, size, batch, variant):
     backend, extra = VARIANTS[variant]
-    if (name in SYNTHESIS or name in REFERENCE_COMPOSITION) and variant in ("torch", "compile"):
-        # the reference's own layers (no folded upsample+conv), on the torch backend
-        extra = {**extra, "fused": False}
     model = build(name, {**opts, **extra}, size)
     data = make_batch(name, model, size, batch)
     if variant == "compile":

@@ -128,6 +128,18 @@ def test_bench_models_interleaved_cpu_clock(script, capsys):
     assert len(rows) == 1 + 2 and rows[1].startswith("| wgan |") and rows[2].endswith("x |")
 
 
+@pytest.mark.parametrize("name", ["cyclegan", "stackgan1"])
+def test_bench_models_reference_step_is_the_plain_model(script, name):
+    """The "torch" (reference) and "compile" steps are the model built with fused=False (the
+    reference's own layers and plain losses): they were the fused networks on the torch backend."""
+    mod = script("bench_models")
+    for variant in ("torch", "compile", "torch+fused-adam"):
+        opts, size, _ = mod.CPU_DEFAULT[name]
+        model = mod.build(name, {**opts, **mod.VARIANTS[variant][1]}, 64)
+        assert model.options["fused"] is False, variant
+    assert mod.build(name, {**opts, **mod.VARIANTS["ganengine"][1]}, 64).options["fused"] is True
+
+
 def test_bench_cuda_path_host(script, capsys):
     mod = script("bench_cuda_path_host")
     assert mod.main(["--ops", "instance_norm_act", "--rounds", "1", "--calls", "2"]) == 0
