@@ -21,6 +21,7 @@ at run time: setup.py does that when it builds.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 _TRUE = ("1", "true", "yes", "on")
@@ -131,17 +132,24 @@ def get(name: str):
     changed variable takes effect), parsed once per raw value: the dispatch of every op reads
     GANENGINE_BACKEND, and host time per call is what the fused ops are measured on."""
     raw = os.environ.get(name)
-    try:
-        return _PARSED[(name, raw)]
-    except KeyError:
-        pass
+    if not _dynamo_compiling():  # (Dynamo would guard on the memo: a recompile once an eager call changes it)
+        try:
+            return _PARSED[(name, raw)]
+        except KeyError:
+            pass
     s = _setting(name)
     if raw is None or (raw.strip() == "" and s.kind != "bool"):
         value = s.default
     else:
         value = s.parse(raw)  # a bad value raises here, every time, and is never cached
-    _PARSED[(name, raw)] = value
+    if not _dynamo_compiling():
+        _PARSED[(name, raw)] = value
     return value
+
+
+def _dynamo_compiling() -> bool:
+    torch = sys.modules.get("torch")  # (setup.py reads settings, maybe before torch is installed)
+    return torch is not None and torch.compiler.is_dynamo_compiling()
 
 
 def get_or_default(name: str):

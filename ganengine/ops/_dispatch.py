@@ -25,6 +25,9 @@ import torch
 
 from ganengine import _ext, backends
 
+# folded to True while Dynamo traces (the caches below are not read there), False otherwise
+dynamo_compiling = torch.compiler.is_dynamo_compiling
+
 log = logging.getLogger("ganengine.dispatch")
 
 # auto order per device type; "torch" is always the last resort
@@ -90,10 +93,11 @@ _EXT_REASON: dict = {}  # (op, device type) -> ext_reason's answer: fixed once t
 def ext_reason(op: str, device: torch.device) -> str | None:
     """None if ganengine._C has a kernel for ``op`` on ``device``, else why not (asked per call of
     every op, once per backend: answered from a cache)."""
-    try:
-        return _EXT_REASON[(op, device.type)]
-    except KeyError:
-        pass
+    if not dynamo_compiling():  # (Dynamo neither reads nor fills the cache: see _serves)
+        try:
+            return _EXT_REASON[(op, device.type)]
+        except KeyError:
+            pass
     key = "CUDA" if device.type == "cuda" else "CPU"
     if not _ext.loaded():
         why = "ganengine._C is not built"
@@ -101,7 +105,8 @@ def ext_reason(op: str, device: torch.device) -> str | None:
         why = f"ganengine._C has no {key} kernel for {op}"
     else:
         why = None
-    _EXT_REASON[(op, device.type)] = why
+    if not dynamo_compiling():
+        _EXT_REASON[(op, device.type)] = why
     return why
 
 
@@ -130,11 +135,16 @@ def _fallback(op: str, wanted: str, reason: str) -> None:
 # (backend, device type, serves function) -> whether the backend serves that device type here: fixed
 # for a process (the extension, Triton's import and interpreter mode, CUDA's presence), and asked on
 # every call of every op (~1.5 us each for triton, which reads the environment); keyed on
-# backends.serves itself so that a test replacing it is seen
+# backends.serves itself so that a test replacing it is seen. Dynamo's trace asks backends.serves
+# itself: it guards on what it reads of a dict and on what it writes to one, and the op's eager run
+# (its real implementation, or its backward) changes both: one recompile per process, also under
+# dynamic=True.
 _SERVED: dict = {}
 
 
 def _serves(name: str, device: torch.device) -> bool:
+    if dynamo_compiling():
+        return backends.serves(name, device)
     key = (name, device.type, backends.serves)
     found = _SERVED.get(key)
     if found is None:
@@ -180,23 +190,27 @@ def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None], variant: s
         for name in auto_order(op, device.type, variant):
             why = reason_for(name)
             if why is None:
-                last_used[op] = name
-                return name
+                return _chose(op, name)
             declined.append(f"{name}: {why}")
         if declined and backends.debug():  # (never an error: auto asked for no backend in particular)
             msg = f"ganengine.{op}: auto falls back to 'torch' ({'; '.join(declined)})"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.debug(msg)
-        last_used[op] = "torch"
-        return "torch"
+        return _chose(op, "torch")
 
     why = reason_for(requested)
     if why is None:
-        last_used[op] = requested
-        return requested
+        return _chose(op, requested)
     _fallback(op, requested, why)
-    last_used[op] = "torch"
-    return "torch"
+    return _chose(op, "torch")
+
+
+def _chose(op: str, name: str) -> str:
+    """Record ``name`` as the backend of the last eager call of ``op``: not from Dynamo's trace,
+    which would guard on the dict's contents (a recompile once an eager call changes them)."""
+    if not dynamo_compiling():
+        last_used[op] = name
+    return name
 
 
 # ----------------------------------------------------------------------------- lean cpu entries
