@@ -151,6 +151,30 @@ def test_sagan_generator_and_discriminator():
     assert report["wrapped_conv+leaky_relu"] == 4 and report["sagan_self_attention"] == 2
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_ganengine_sagan_networks_without_attention_maps(fused):
+    """ganengine's own SAGAN networks call ``SelfAttn(x, return_attention)``, which returns
+    ``(out, None)`` for False (as the SAGAN model builds them): fuse() replaced it with a
+    SelfAttention2d probed on ``m(x)`` alone, whose ``forward(x, False)`` returns ``out``, and the
+    network unpacked the batch (a crash at batch 2, silently split images before that). Blocks
+    whose forward takes more than the input are declined now."""
+    from ganengine.models import SAGANDiscriminator, SAGANGenerator
+
+    torch.manual_seed(0)
+    for net, x in ((SAGANGenerator(image_size=64, z_dim=8, conv_dim=8, fused=fused), torch.randn(2, 8)),
+                   (SAGANDiscriminator(image_size=64, conv_dim=8, fused=fused), torch.randn(4, 3, 64, 64))):
+        net.return_attention = False
+        want = copy.deepcopy(net)(x)  # (a forward steps the power iteration and the BN statistics)
+        got, report = ganengine.fuse(net, return_report=True)
+        out = got(x)
+        assert isinstance(out, tuple) and len(out) == 3
+        for a, b in zip(out, want):  # (the unfused network returns its maps anyway: the reference's formula)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert "sagan_self_attention" not in report
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_models_built_with_their_optimiser_inside(inplace):
     """The junyanz models and StarGAN's Solver build the optimiser in __init__: assigning the

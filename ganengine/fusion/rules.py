@@ -24,6 +24,7 @@ the built-in ones of their kind.
 from __future__ import annotations
 
 import contextvars
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,7 +110,7 @@ def _attention(kind: str):
 
     def build(m):
         from ganengine.nn import attention as A
-        why = _why_not_plain(m)
+        why = _why_not_plain(m) or (_extra_forward_args(m) if kind == "sagan" else None)
         if why:
             return Decline(why)
         for name, child in m.named_modules():  # (said before the probe runs: it would call them)
@@ -119,6 +120,22 @@ def _attention(kind: str):
         new = A._build_sagan(m, KEEP_LAYOUT.get()) if kind == "sagan" else A._build_biggan(m)
         return new if new is not None else Decline("the fused block's output differs from the module's on a probe")
     return match, build
+
+
+def _extra_forward_args(m: nn.Module) -> str | None:
+    """Why SelfAttention2d cannot stand in for ``m``'s forward calls: ``m`` takes arguments besides
+    the input, which the probe, calling ``m(x)``, never tried, and which SelfAttention2d would read
+    as its own ``return_attention`` (ganengine's SAGAN ``SelfAttn(x, False)`` returns ``(out, None)``,
+    SelfAttention2d ``out``). (BigGAN's blocks take the reference's unused ``y``, as its does.)"""
+    try:
+        params = list(inspect.signature(m.forward).parameters.values())
+    except (TypeError, ValueError):
+        return "its forward's signature cannot be read"
+    if len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                               inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return None
+    return (f"its forward takes {', '.join(p.name for p in params)}; the fused block takes the input alone "
+            "(the probe could not try the other arguments)")
 
 
 def _match_conv3x3(m):
