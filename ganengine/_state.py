@@ -1,4 +1,5 @@
 """``restored(tensors)``: run something, then put the tensors' values back in place.
+``running_state(module)``: the tensors a forward may change in place (for ``restored``).
 ``version(t)``: a tensor's version counter (bumped by every in-place change), for staleness checks.
 
 Used wherever ganengine runs a network for its own purposes (export's trial call, evaluation and
@@ -21,6 +22,25 @@ def restored(tensors: Iterable[torch.Tensor]):
         with torch.no_grad():
             for t, v in saved:
                 t.copy_(v)
+
+
+def running_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    """What a forward may change in place: the buffers (running statistics, spectral-norm vectors),
+    the parameters without a gradient, and those a submodule names in ``running_parameters()``
+    (SAGAN's reference SpectralNorm keeps its u / v as Parameters and steps them on every forward;
+    a model's ``set_requires_grad(G, True)`` turns their requires_grad on with the rest)."""
+    out = list(module.buffers())
+    seen = {id(t) for t in out}
+    for m in module.modules():
+        for p in getattr(m, "running_parameters", lambda: ())():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    for p in module.parameters():
+        if not p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def version(t: torch.Tensor) -> int:

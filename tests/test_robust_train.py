@@ -17,6 +17,9 @@ from ganengine.train.engine import Terminated
 from tests._train_utils import one_thread, tiny_config  # noqa: F401  (fixture)
 
 
+_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "feature_extractor.py")
+
+
 def _steps(folder):
     return [s for s, _ in ckpt.list_checkpoints(str(folder))]
 
@@ -115,6 +118,30 @@ def test_sample_grids_leave_the_networks_state_alone(tmp_path, one_thread):
     sa, sb = (torch.load(ckpt.latest(str(tmp_path / n)), weights_only=True) for n in ("a", "b"))
     assert any("running_mean" in k for k in sa["networks"]["netG"])
     assert _same_state(sa["networks"], sb["networks"])
+
+
+@pytest.mark.parametrize("what", ["sample_every", "eval_every"])
+def test_sagan_grids_and_evaluation_leave_its_spectral_norm_vectors_alone(what, tmp_path, one_thread):
+    """SAGAN's reference SpectralNorm keeps u / v as Parameters (and set_requires_grad(G, True)
+    turns their requires_grad on): the grid and the evaluation restored the buffers only, so
+    --sample_every / --eval_every changed the training (u off by 0.1 after 2 steps) and --resume
+    differed from an uninterrupted run by the end-of-run grid (session 15)."""
+    from ganengine.train import TrainConfig
+
+    states = []
+    for n, every in (("a", 1), ("b", 0)):
+        extra = {what: every}
+        if what == "eval_every" and every:
+            extra["eval_options"] = dict(metrics="fid", num_samples=8, batch_size=8, max_real=16,
+                                         feature_extractor=f"{_FEATURES}:SmallFeatureExtractor")
+        cfg = TrainConfig(model="sagan", model_options=dict(g_conv_dim=8, d_conv_dim=8, z_dim=8), data_options={},
+                          run_dir=str(tmp_path / n), batch_size=4, max_steps=2, save_every=0, print_freq=1,
+                          progress=False, tensorboard="off", seed=5, deterministic=True,
+                          **({"sample_every": 0} if what == "eval_every" else {}), **extra)
+        train(cfg)
+        states.append(torch.load(ckpt.latest(str(tmp_path / n)), weights_only=True)["networks"])
+    assert any(k.endswith("weight_u") for k in states[0]["G"])
+    assert _same_state(*states)
 
 
 def test_epoch_count_past_the_schedule_refused_with_max_steps(tmp_path):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganengine._state import restored
+from ganengine._state import restored, running_state
 from ganengine.metrics.features import as_rgb, extract_features
 from ganengine.metrics.frechet import frechet_distance, intra_class_frechet_distance
 from ganengine.metrics.inception import FIDInceptionV3
@@ -190,9 +190,10 @@ def _cuda_devices(model) -> list:
 
 @contextlib.contextmanager
 def _model_state_kept(model, seed: int):
-    """Seeded draws that leave the training's RNG streams and the networks' buffers as they were."""
+    """Seeded draws that leave the training's RNG streams and the networks' buffers (and their
+    parameters without gradients: SAGAN's spectral-norm u / v) as they were."""
     with torch.random.fork_rng(devices=_cuda_devices(model)), \
-            restored([b for net in _networks(model) for b in net.buffers()]):
+            restored([t for net in _networks(model) for t in running_state(net)]):
         torch.manual_seed(seed)
         yield
 

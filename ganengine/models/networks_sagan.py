@@ -117,6 +117,10 @@ class SpectralNorm(nn.Module):
         self.module.register_parameter(self.name + "_v", v)
         self.module.register_parameter(self.name + "_bar", w_bar)
 
+    def running_parameters(self) -> tuple:
+        """u and v: Parameters (the reference's) that every forward writes (ganengine._state)."""
+        return tuple(getattr(self.module, self.name + s) for s in ("_u", "_v"))
+
     def normalized_weight(self) -> torch.Tensor:
         """``W / sigma`` after the power iteration (u and v written, in eval mode too)."""
         u = getattr(self.module, self.name + "_u")

@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from ganengine._state import restored
+from ganengine._state import restored, running_state
 from ganengine.models.base import GANModel, set_requires_grad
 
 EMA_OPTIONS = dict(ema=False, ema_decay=0.999, ema_start=0, use_ema=True)
@@ -40,8 +40,9 @@ def class_indices(label: torch.Tensor, n_classes: int, owner: str) -> torch.Tens
 
 
 def preserved_buffers(net: nn.Module):
-    """Run ``net`` (in training mode, say) and put its buffers back afterwards."""
-    return restored(net.buffers())
+    """Run ``net`` (in training mode, say) and put its buffers (and parameters without gradients,
+    such as SAGAN's spectral-norm u / v) back afterwards."""
+    return restored(running_state(net))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

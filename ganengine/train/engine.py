@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ganengine._state import restored, running_state
 from ganengine.data import build_dataset, make_loader
 from ganengine.data.sampler import mix
 from ganengine.train import checkpoint as ckpt
@@ -560,17 +561,12 @@ class Trainer:
             return None
         attrs = self.cfg.data_options.get("selected_attrs") or self.cfg.data_options.get("classes")  # row names
         devices = [self.device] if self.device.type == "cuda" else []
-        # (the networks' buffers as they were: a grid in train mode would move batch-norm statistics
-        # and spectral-norm vectors, so the run's state would depend on --sample_every, and a run
-        # extended with --resume would differ from an uninterrupted one by its end-of-run grid)
-        kept = [(b, b.clone()) for b in self.model.buffers()]
-        try:
-            with torch.random.fork_rng(devices=devices), self.ctx.autocast():
-                rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
-        finally:
-            with torch.no_grad():
-                for b, value in kept:
-                    b.copy_(value)
+        # (the networks' buffers and gradient-free parameters as they were: a grid in train mode
+        # would move batch-norm statistics and spectral-norm vectors (SAGAN's are Parameters), so
+        # the run's state would depend on --sample_every, and a run extended with --resume would
+        # differ from an uninterrupted one by its end-of-run grid)
+        with restored(running_state(self.model)), torch.random.fork_rng(devices=devices), self.ctx.autocast():
+            rows = visual_rows(self.cfg.model, self.model, self.sample_batch, attrs)
         if self.logger is None:
             return None
         return self.logger.images(self.step, [r.float() for r in rows],
