@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganengine.fusion.checks import any_global_hooks
+from ganengine.ops._eager import autocast_off
 from ganengine.ops.attention import acc_dtype, attention, attention_map, self_attention2d, stacked_conv1x1
 
 # SelfAttention2d with the map returned (SAGAN's ``Self_Attn`` returns ``(out, attention)``): up to
@@ -149,29 +150,36 @@ class SelfAttention2d(nn.Module):
         """``(out, attention)`` with one softmax: the map the caller gets is the one ``out`` is
         formed from (the reference's own formula, accumulated in fp32 / fp64 like the fused op).
         Differentiable to any order (plain torch ops)."""
-        b, c, h, w = x.shape
-        q, k, v = self._projections(x, plain)
-        qt = q.dtype
-        ct = acc_dtype(qt)
-        if qt != ct:   # (each .to is a call even when it has nothing to do: ~1 us at tiny maps)
-            q, k, v = q.to(ct), k.to(ct), v.to(ct)
-        p = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)
-        if h * w >= MAP_PATH_TRANSPOSED_FROM:
-            o = torch.bmm(p, v.transpose(1, 2)).transpose(1, 2)
-        else:
-            o = torch.bmm(v, p.transpose(1, 2))
-        xc, gamma = x, self.gamma      # gamma: (1,) in SAGAN, () in BigGAN: both broadcast
-        if xc.dtype != ct:
-            xc = xc.to(ct)
-        if gamma.dtype != ct:
-            gamma = gamma.to(ct)
-        out = torch.addcmul(xc, gamma, o.view(b, c, h, w))
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
-        return out, (p if qt == ct else p.to(qt))
+        q, k, v = self._projections(x, plain)  # (under autocast: the convs cast, the rest not)
+        return _map_and_out(q, k, v, x, self.gamma)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, return_attention={self.return_attention}"
+
+
+@autocast_off
+def _map_and_out(q, k, v, x, gamma):
+    """SelfAttention2d._one_softmax from the projections: the reference's formula in fp32 / fp64
+    (autocast off: it would run the products in bf16 / fp16 again)."""
+    b, c, h, w = x.shape
+    qt = q.dtype
+    ct = acc_dtype(qt)
+    if qt != ct:   # (each .to is a call even when it has nothing to do: ~1 us at tiny maps)
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    p = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)
+    if h * w >= MAP_PATH_TRANSPOSED_FROM:
+        o = torch.bmm(p, v.transpose(1, 2)).transpose(1, 2)
+    else:
+        o = torch.bmm(v, p.transpose(1, 2))
+    xc = x      # gamma: (1,) in SAGAN, () in BigGAN: both broadcast
+    if xc.dtype != ct:
+        xc = xc.to(ct)
+    if gamma.dtype != ct:
+        gamma = gamma.to(ct)
+    out = torch.addcmul(xc, gamma, o.view(b, c, h, w))
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out, (p if qt == ct else p.to(qt))
 
 
 class BigGANSelfAttention2d(nn.Module):

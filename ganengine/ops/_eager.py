@@ -19,6 +19,7 @@ numbers are the same either way: one body, one backward.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -57,11 +58,28 @@ def _autocast_off(run, ctx, grads):
     engine runs it on the caller's thread, autocast's state with it) must not have its ops cast
     again (CPU autocast runs reflection_pad2d in fp32: the conv3x3 backward's re-padded bf16 input
     came out fp32 beside a bf16 weight). Eager's own backward kernels run below autocast."""
+    return run_without_autocast(run, ctx, *grads)
+
+
+def run_without_autocast(fn, *args):
+    """``fn(*args)`` with autocast off on every device where it is on."""
     with contextlib.ExitStack() as stack:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
-        return run(ctx, *grads)
+        return fn(*args)
+
+
+def autocast_off(fn):
+    """``fn`` running with autocast off: a composition that picks its own dtypes (the torch
+    backends' fp32 accumulation of half inputs), which autocast would cast back (``torch.bmm``
+    to bf16 under CPU autocast). A custom op's body sees the caller's autocast state."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        if _any_autocast():
+            return run_without_autocast(fn, *args)
+        return fn(*args)
+    return wrapped
 
 
 def without_autocast(run):

@@ -120,6 +120,7 @@ def _chunk_rows(b: int, m: int) -> int:
     return max(1, _TORCH_CHUNK_ELEMS // max(1, b * m))
 
 
+@_eager.autocast_off
 def _torch_fwd(q, k, v, x, gamma):
     ct = acc_dtype(q.dtype)
     qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
@@ -140,6 +141,7 @@ def _torch_fwd(q, k, v, x, gamma):
     return out, o, lse
 
 
+@_eager.autocast_off
 def _torch_bwd(grad, q, k, v, lse, delta, gamma):
     # ``delta`` is not read: each chunk holds whole rows of P, so sum(P * dP) is formed from
     # the same dP as eager's softmax backward does (exact cancellation when P saturates)
@@ -584,6 +586,7 @@ def stacked_conv1x1(x: Tensor, weights: tuple, biases: tuple) -> Tensor | None:
     return F.conv2d(x, torch.cat(weights), bias)
 
 
+@_eager.autocast_off
 def attention_map(q: Tensor, k: Tensor) -> Tensor:
     """The (B, N, M) map softmax(q^T k) the reference returns, differentiable. Only built on
     request: ``out`` still comes from the fused op, so the (B, C, N) x (B, N, M) product

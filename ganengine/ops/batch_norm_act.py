@@ -469,9 +469,12 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
         if backend in ("cpu", "cuda"):
             try:
                 return (lean if lean is not None else _c_op())(x, w, b, rm, rv, nbt, momentum, eps, slope, flags)
-            except (TypeError, RuntimeError):
+            except (TypeError, RuntimeError) as exc:
                 # arguments the dispatcher could not even convert: say what is wrong in our words
                 _validate(op, x, w, b, rm, rv, training, eps, per_sample, nbt)
+                if torch._C._functorch.peek_interpreter_stack() is not None:  # (its tensors have no storage)
+                    raise RuntimeError(f"ganengine.{op}: torch.func transforms (grad, vjp, jacrev, vmap) are not "
+                                       "supported over the fused ops (README); use torch.autograd.grad") from exc
                 raise
         _validate(op, x, w, b, rm, rv, training, eps, per_sample, nbt)
         if backend == "torch":
