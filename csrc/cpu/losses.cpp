@@ -12,8 +12,11 @@
 // Deterministic two-stage reduction: every term is cut into fixed chunks of kChunk elements,
 // the chunks (of all terms together, one parallel_for) each write one partial sum, then the
 // partials are summed sequentially in chunk order. Chunk boundaries do not depend on the thread
-// count, so neither do the result bits. Accumulation in fp32 (fp64 for fp64 inputs); fp16/bf16
-// are converted to fp32 in blocks of kSub elements on the stack.
+// count, so neither do the result bits. Within a chunk, blocks of kSub elements are summed in
+// fp32 (fp64 for fp64 inputs) vector lanes, at most kSub / vector width elements a lane, and the
+// block sums in fp64, as are the chunk partials: a lane running through a whole chunk (about 1000
+// fp32 additions) had left the sum ~50x less accurate than torch's cascade sum (relative 1e-5 on
+// 32K-element maps). fp16/bf16 are converted to fp32 in the same blocks, on the stack.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -32,7 +35,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 32768;  // elements per partial sum (fixed: thread-count independent)
-constexpr int64_t kSub = 512;      // conversion block for fp16/bf16 (multiple of every vector width)
+constexpr int64_t kSub = 256;      // summation (and fp16/bf16 conversion) block: a multiple of every vector width
 constexpr int64_t kGrain = 4;      // chunks per thread at least: waking a thread for less costs more than it saves
 
 enum Mode : int64_t { BCE = 0, MSE = 1, HINGE_REAL = 2, HINGE_FAKE = 3, LINEAR = 4 };
@@ -163,28 +166,31 @@ inline acc_t block_sum(const acc_t* x, acc_t* g, int64_t n, acc_t t, acc_t scale
   return tail;
 }
 
-// one chunk [begin, end) of one term, in sub-blocks (converted for fp16/bf16)
+// one chunk [begin, end) of one term, in blocks of kSub (converted for fp16/bf16), each block's
+// sum added in fp64
 template <int MODE, bool GRAD, typename scalar_t, typename acc_t>
-acc_t adv_chunk(const scalar_t* x, scalar_t* g, int64_t begin, int64_t end, acc_t t, acc_t scale) {
-  Acc4<acc_t> acc;
-  acc_t tails = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    tails = block_sum<MODE, GRAD, acc_t>(x + begin, GRAD ? g + begin : nullptr, end - begin, t, scale, acc);
-  } else {
-    alignas(64) acc_t xb[kSub];
-    alignas(64) acc_t gb[kSub];
-    for (int64_t s = begin; s < end; s += kSub) {
-      const int64_t len = std::min(kSub, end - s);
+double adv_chunk(const scalar_t* x, scalar_t* g, int64_t begin, int64_t end, acc_t t, acc_t scale) {
+  double sum = 0;
+  alignas(64) acc_t xb[std::is_same_v<scalar_t, acc_t> ? 1 : kSub];
+  alignas(64) acc_t gb[std::is_same_v<scalar_t, acc_t> ? 1 : kSub];
+  for (int64_t s = begin; s < end; s += kSub) {
+    const int64_t len = std::min(kSub, end - s);
+    Acc4<acc_t> acc;
+    acc_t tail;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      tail = block_sum<MODE, GRAD, acc_t>(x + s, GRAD ? g + s : nullptr, len, t, scale, acc);
+    } else {
       at::vec::convert(x + s, xb, len);
-      tails += block_sum<MODE, GRAD, acc_t>(xb, gb, len, t, scale, acc);
+      tail = block_sum<MODE, GRAD, acc_t>(xb, gb, len, t, scale, acc);
       if constexpr (GRAD) at::vec::convert(gb, g + s, len);
     }
+    sum += static_cast<double>(acc.sum()) + static_cast<double>(tail);
   }
-  return acc.sum() + tails;
+  return sum;
 }
 
 template <typename scalar_t, typename acc_t>
-acc_t adv_chunk_dispatch(int64_t mode, bool grad, const scalar_t* x, scalar_t* g, int64_t b, int64_t e, acc_t t,
+double adv_chunk_dispatch(int64_t mode, bool grad, const scalar_t* x, scalar_t* g, int64_t b, int64_t e, acc_t t,
                          acc_t s) {
 #define GANENGINE_ADV_CASE(M)                                                        \
   case M:                                                                            \
@@ -223,23 +229,25 @@ inline acc_t l1_block(const acc_t* p, const acc_t* q, acc_t* g, int64_t n, acc_t
 }
 
 template <bool GRAD, typename scalar_t, typename acc_t>
-acc_t l1_chunk(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t begin, int64_t end, acc_t c) {
-  Vectorized<acc_t> acc(0);
-  acc_t tails = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    tails = l1_block<GRAD, acc_t>(p + begin, q + begin, GRAD ? g + begin : nullptr, end - begin, c, acc);
-  } else {
-    alignas(64) acc_t pb[kSub];
-    alignas(64) acc_t qb[kSub];
-    for (int64_t s = begin; s < end; s += kSub) {
-      const int64_t len = std::min(kSub, end - s);
+double l1_chunk(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t begin, int64_t end, acc_t c) {
+  double sum = 0;
+  alignas(64) acc_t pb[std::is_same_v<scalar_t, acc_t> ? 1 : kSub];
+  alignas(64) acc_t qb[std::is_same_v<scalar_t, acc_t> ? 1 : kSub];
+  for (int64_t s = begin; s < end; s += kSub) {  // (block sums in fp64: see the top of the file)
+    const int64_t len = std::min(kSub, end - s);
+    Vectorized<acc_t> acc(0);
+    acc_t tail;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      tail = l1_block<GRAD, acc_t>(p + s, q + s, GRAD ? g + s : nullptr, len, c, acc);
+    } else {
       at::vec::convert(p + s, pb, len);
       at::vec::convert(q + s, qb, len);
-      tails += l1_block<GRAD, acc_t>(pb, qb, pb, len, c, acc);  // g overwrites p's block after use
+      tail = l1_block<GRAD, acc_t>(pb, qb, pb, len, c, acc);  // g overwrites p's block after use
       if constexpr (GRAD) at::vec::convert(pb, g + s, len);
     }
+    sum += static_cast<double>(hsum<acc_t>(acc)) + static_cast<double>(tail);
   }
-  return hsum<acc_t>(acc) + tails;
+  return sum;
 }
 
 // Two preds against one shared target (CycleGAN: real_a serves cycle_a and idt_b, real_b
@@ -277,30 +285,34 @@ inline void l1_block2(const acc_t* p1, const acc_t* p2, const acc_t* q, acc_t* g
 
 template <bool GRAD, typename scalar_t, typename acc_t>
 void l1_chunk2(const scalar_t* p1, const scalar_t* p2, const scalar_t* q, scalar_t* g1, scalar_t* g2, int64_t begin,
-               int64_t end, acc_t c1, acc_t c2, acc_t& out1, acc_t& out2) {
-  Vectorized<acc_t> acc1(0), acc2(0);
-  acc_t tails1 = 0, tails2 = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    l1_block2<GRAD, acc_t>(p1 + begin, p2 + begin, q + begin, GRAD ? g1 + begin : nullptr,
-                           GRAD ? g2 + begin : nullptr, end - begin, c1, c2, acc1, acc2, tails1, tails2);
-  } else {
-    alignas(64) acc_t pb1[kSub];
-    alignas(64) acc_t pb2[kSub];
-    alignas(64) acc_t qb[kSub];
-    for (int64_t s = begin; s < end; s += kSub) {
-      const int64_t len = std::min(kSub, end - s);
+               int64_t end, acc_t c1, acc_t c2, double& out1, double& out2) {
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  alignas(64) acc_t pb1[same ? 1 : kSub];
+  alignas(64) acc_t pb2[same ? 1 : kSub];
+  alignas(64) acc_t qb[same ? 1 : kSub];
+  double sum1 = 0, sum2 = 0;
+  for (int64_t s = begin; s < end; s += kSub) {  // (block sums in fp64, each as l1_chunk's)
+    const int64_t len = std::min(kSub, end - s);
+    Vectorized<acc_t> acc1(0), acc2(0);
+    acc_t tail1 = 0, tail2 = 0;
+    if constexpr (same) {
+      l1_block2<GRAD, acc_t>(p1 + s, p2 + s, q + s, GRAD ? g1 + s : nullptr, GRAD ? g2 + s : nullptr, len, c1, c2,
+                             acc1, acc2, tail1, tail2);
+    } else {
       at::vec::convert(p1 + s, pb1, len);
       at::vec::convert(p2 + s, pb2, len);
       at::vec::convert(q + s, qb, len);
-      l1_block2<GRAD, acc_t>(pb1, pb2, qb, pb1, pb2, len, c1, c2, acc1, acc2, tails1, tails2);
+      l1_block2<GRAD, acc_t>(pb1, pb2, qb, pb1, pb2, len, c1, c2, acc1, acc2, tail1, tail2);
       if constexpr (GRAD) {
         at::vec::convert(pb1, g1 + s, len);
         at::vec::convert(pb2, g2 + s, len);
       }
     }
+    sum1 += static_cast<double>(hsum<acc_t>(acc1)) + static_cast<double>(tail1);
+    sum2 += static_cast<double>(hsum<acc_t>(acc2)) + static_cast<double>(tail2);
   }
-  out1 = hsum<acc_t>(acc1) + tails1;
-  out2 = hsum<acc_t>(acc2) + tails2;
+  out1 = sum1;
+  out2 = sum2;
 }
 
 template <typename acc_t>
@@ -367,20 +379,21 @@ std::vector<at::Tensor> prepare(at::TensorList ts, const char* fn, const char* w
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// terms[i] = scale[i] * (sum of term i's chunk partials), total = sum of terms; fixed order
+// terms[i] = scale[i] * (sum of term i's chunk partials), total = sum of terms; fixed order, in
+// fp64, each rounded once to acc_t at the end
 template <typename acc_t>
-void finish(const std::vector<acc_t>& partial, const Chunks& ch, const std::vector<acc_t>& scale, acc_t* total,
+void finish(const std::vector<double>& partial, const Chunks& ch, const std::vector<acc_t>& scale, acc_t* total,
             acc_t* terms) {
   const int64_t k = static_cast<int64_t>(scale.size());
-  acc_t sum = 0;
+  double sum = 0;
   for (int64_t i = 0; i < k; ++i) {
-    acc_t s = 0;
+    double s = 0;
     for (int64_t c = ch.first[i]; c < ch.first[i + 1]; ++c) s += partial[c];
-    s *= scale[i];
-    if (terms != nullptr) terms[i] = s;
+    s *= static_cast<double>(scale[i]);
+    if (terms != nullptr) terms[i] = static_cast<acc_t>(s);
     sum += s;
   }
-  *total = sum;
+  *total = static_cast<acc_t>(sum);
 }
 
 // ---------------------------------------------------------------- ops
@@ -410,7 +423,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> adv_fwd(at::TensorList xs_in, at
   const Chunks ch(numels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "losses_adv_fwd_cpu", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
-    std::vector<acc_t> partial(ch.total());
+    std::vector<double> partial(ch.total());
     std::vector<acc_t> scale(k);
     for (int64_t i = 0; i < k; ++i)
       scale[i] = static_cast<acc_t>(modes[i] == LINEAR ? scales[i] * targets[i] : scales[i]);
@@ -468,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> l1_fwd(at::TensorLis
   const Chunks uch(unit_numels);   // the parallel work: chunks of units
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "losses_l1_fwd_cpu", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
-    std::vector<acc_t> partial(ch.total());
+    std::vector<double> partial(ch.total());
     std::vector<acc_t> scale(scales.begin(), scales.end());
     auto gptr = [&](int64_t i) { return want_grad ? grads[i].data_ptr<scalar_t>() : nullptr; };
     at::parallel_for(0, uch.total(), kGrain, [&](int64_t cb, int64_t ce) {
@@ -484,8 +497,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> l1_fwd(at::TensorLis
         } else {
           const scalar_t* p1 = preds[i].data_ptr<scalar_t>();
           const scalar_t* p2 = preds[j].data_ptr<scalar_t>();
-          acc_t& o1 = partial[ch.first[i] + lc];
-          acc_t& o2 = partial[ch.first[j] + lc];
+          double& o1 = partial[ch.first[i] + lc];
+          double& o2 = partial[ch.first[j] + lc];
           if (want_grad) {
             l1_chunk2<true, scalar_t, acc_t>(p1, p2, q, gptr(i), gptr(j), b, e, scale[i], scale[j], o1, o2);
           } else {

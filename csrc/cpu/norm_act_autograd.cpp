@@ -172,8 +172,11 @@ void check_running(const at::Tensor& x, const at::Tensor& rm, const at::Tensor& 
 void running_update_kernel(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& rstd,
                            double momentum, double eps, int64_t hw) {
   at::NoGradGuard no_grad;
-  const at::Tensor var = at::where(rstd == 0, 0.0, rstd.to(at::kDouble).pow(-2) - eps).clamp_min(0) *
-                         (static_cast<double>(hw) / static_cast<double>(hw - 1));
+  // a zero rstd: an infinite variance (a plane whose sum of squares overflowed), or with eps = 0
+  // ATen's invstd for a zero variance
+  at::Tensor var = rstd.to(at::kDouble).pow(-2) - eps;
+  if (eps == 0) var = at::where(rstd == 0, 0.0, var);
+  var = var.clamp_min(0) * (static_cast<double>(hw) / static_cast<double>(hw - 1));
   rm.mul_(1 - momentum).add_(mean.mean(0).to(rm.scalar_type()), momentum);
   rv.mul_(1 - momentum).add_(var.mean(0).to(rv.scalar_type()), momentum);
 }

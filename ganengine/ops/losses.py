@@ -525,10 +525,13 @@ def _term_code(mode: str, is_real: bool, for_discriminator: bool, real_label: fl
     if isinstance(is_real, Tensor):
         raise TypeError("target_is_real must be a Python bool, not a Tensor")
     is_real = bool(is_real)
-    if mode == "vanilla":
-        return BCE, float(real_label if is_real else fake_label)
-    if mode == "lsgan":
-        return MSE, float(real_label if is_real else fake_label)
+    if mode in ("vanilla", "lsgan"):
+        name, label = ("real_label", real_label) if is_real else ("fake_label", fake_label)
+        try:
+            target = float(label)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a number (the {mode} target), got {label!r}") from None
+        return (BCE if mode == "vanilla" else MSE), target
     if mode == "hinge" and for_discriminator:
         return (HINGE_REAL if is_real else HINGE_FAKE), 0.0
     # wgangp, and hinge for the generator: -mean(x) towards "real", +mean(x) towards "fake"

@@ -373,8 +373,12 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     if running_mean is not None:
         with torch.no_grad():
             hw = h * w
-            # (a zero rstd is ATen's invstd for a zero variance with eps = 0)
-            var = torch.where(rstd == 0, 0.0, rstd.double().pow(-2) - eps).clamp_min(0) * (hw / (hw - 1))
+            # a zero rstd: an infinite variance (a plane whose sum of squares overflowed: inf, as
+            # eager's running_var), or with eps = 0 ATen's invstd for a zero variance
+            var = rstd.double().pow(-2) - eps
+            if eps == 0:
+                var = torch.where(rstd == 0, 0.0, var)
+            var = var.clamp_min(0) * (hw / (hw - 1))
             running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
     return y
