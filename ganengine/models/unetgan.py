@@ -67,8 +67,8 @@ def check_unconditional_options(o: dict) -> None:
     options of a checkpoint written by ganengine's earlier --unconditional land here too)."""
     if not o.get("unconditional"):
         return
-    old = (f" (a checkpoint with these options was written by the old unconditional generator, "
-           f"{OLD_UNCONDITIONAL_G}: it cannot be loaded as an unconditional U-Net GAN; retrain)")
+    old = (f" (if these options come from a checkpoint, it was written by the old unconditional generator, "
+           f"{OLD_UNCONDITIONAL_G}, and cannot be loaded as an unconditional U-Net GAN; retrain)")
     if not o.get("hier"):
         raise ValueError("UNetGAN: --unconditional needs --hier (the reference's unconditional generator gives "
                          "every block's self-modulated batch norm all of z; without hier it fails); leave --hier "
