@@ -45,7 +45,8 @@ def hooked(m: nn.Module) -> bool:
 
 
 def hook_kinds(m: nn.Module) -> list[str]:
-    """The kinds of hooks on ``m`` that could observe or change what it computes."""
+    """The kinds of hooks on ``m`` that could observe or change what it computes, or what its
+    ``state_dict()`` / ``load_state_dict()`` give and take (a rule's new module would not carry them)."""
     kinds = []
     if m._forward_pre_hooks:
         kinds.append("forward pre-hook")
@@ -55,7 +56,27 @@ def hook_kinds(m: nn.Module) -> list[str]:
         kinds.append("backward hook")
     if getattr(m, "_backward_pre_hooks", None):
         kinds.append("backward pre-hook")
-    return kinds
+    return kinds + state_dict_hook_kinds(m)
+
+
+# the module attributes holding state-dict hooks -> what the report calls them
+_STATE_DICT_HOOKS = (("_state_dict_pre_hooks", "state_dict pre-hook"), ("_state_dict_hooks", "state_dict hook"),
+                     ("_load_state_dict_pre_hooks", "load_state_dict pre-hook"),
+                     ("_load_state_dict_post_hooks", "load_state_dict post-hook"))
+
+
+def _spectral_norm_state_hook(hook) -> bool:
+    """One of the state-dict hooks torch.nn.utils.spectral_norm registers with its weight pre-hook
+    (they go with it: the rules that keep that pre-hook keep the module, and with it these)."""
+    hook = getattr(hook, "hook", hook)   # load pre-hooks are stored wrapped (_WrappedHook)
+    return type(hook).__module__ == "torch.nn.utils.spectral_norm"
+
+
+def state_dict_hook_kinds(m: nn.Module) -> list[str]:
+    """The state-dict hooks on ``m`` (besides spectral_norm's own): a module put in its place would
+    drop them, changing the model's state_dict keys and what loading a checkpoint runs."""
+    return [kind for attr, kind in _STATE_DICT_HOOKS
+            if any(not _spectral_norm_state_hook(h) for h in (getattr(m, attr, None) or {}).values())]
 
 
 def weight_prehooks_only(m: nn.Module) -> bool:
@@ -80,7 +101,20 @@ def hooks_reason(m: nn.Module) -> str | None:
     kinds = hook_kinds(m)
     if not kinds:
         return None
-    return f"{type(m).__name__} has a {' and a '.join(kinds)} (it would see the fused values)"
+    state = state_dict_hook_kinds(m)
+    why = ("it would see the fused values" if len(state) < len(kinds) else
+           f"the module put in its place would not carry {'them' if len(kinds) > 1 else 'it'}: "
+           "state_dict keys or checkpoint loading would change")
+    return f"{type(m).__name__} has a {' and a '.join(kinds)} ({why})"
+
+
+def compiled(m: nn.Module) -> bool:
+    """A torch.compile'd module (``OptimizedModule``): its forward is bound to the module it compiled,
+    and setting an attribute it does not have sets it on that module (the user's)."""
+    return type(m).__name__ == "OptimizedModule" and "_orig_mod" in m.__dict__.get("_modules", {})
+
+
+COMPILED_REASON = "a torch.compile'd module: fuse() the model first, then compile the fused one"
 
 
 def patched_forward(m: nn.Module) -> bool:

@@ -7,7 +7,9 @@ objects. ``fuse(model)`` (not in place) rewrites that copy: the caller's model k
 tree, and an optimiser built on ``model.parameters()`` before ``fuse()`` trains the fused model,
 because they are the same Parameters. (``copy.deepcopy`` with a memo would do the same for
 parameters but also copies every other attribute, and fails on non-leaf tensor attributes such
-as the ``weight`` that ``torch.nn.utils.spectral_norm`` keeps.)
+as the ``weight`` that ``torch.nn.utils.spectral_norm`` keeps.) A torch.compile'd module is not
+copied (shared as it is; fuse() declines it); a torch.fx GraphModule's copy compiles its own
+copy of the graph.
 
 ``retype(module, Mixin, **attrs)``: a module of class ``Fused<Base>`` (a subclass of ``Mixin`` and
 of the module's own class, made once per pair and cached) with the same ``__dict__``
@@ -19,7 +21,16 @@ be to pickle the original.
 """
 from __future__ import annotations
 
-from torch import nn
+import copy
+
+from torch import fx, nn
+
+try:  # (private: how torch keeps a hook bound to its module weakly; absent, there is nothing to rebind)
+    from torch.nn.modules.module import _WrappedHook
+except ImportError:  # pragma: no cover
+    _WrappedHook = None
+
+from ganengine.fusion import checks
 
 # the container attributes every nn.Module has (hooks, parameters, ...): copied, not shared
 _CONTAINERS = frozenset(nn.Module().__dict__) - {"training"}
@@ -34,11 +45,40 @@ def _copy_dict(d: dict) -> dict:
     return out
 
 
+def _rebind_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Hooks torch stored bound to ``old`` (``register_load_state_dict_pre_hook`` keeps a weak
+    reference to its module: ``_WrappedHook``) are bound to ``new`` in ``new``'s copied dicts: else
+    they would act on ``old``, and raise once it is gone ("the hook of a dead Module")."""
+    if _WrappedHook is None:
+        return
+    for key in _CONTAINERS:
+        hooks = new.__dict__.get(key)
+        if not isinstance(hooks, dict):
+            continue
+        for k, h in list(hooks.items()):
+            if isinstance(h, _WrappedHook) and h.with_module and h.module() is old:
+                hooks[k] = _WrappedHook(h.hook, new)
+
+
 def clone(module: nn.Module) -> nn.Module:
     """A new module object of the same class, with copied containers holding the same objects."""
     new = type(module).__new__(type(module))
     new.__dict__.update(_copy_dict(module.__dict__))
+    _rebind_hooks(new, module)
+    if isinstance(module, fx.GraphModule):
+        _own_graph(new, module)
     return new
+
+
+def _own_graph(new: fx.GraphModule, old: fx.GraphModule) -> None:
+    """GraphModule.__new__ makes a fresh class per instance, and its forward is generated onto that
+    class by recompile(): the copy's new class has none until the copy compiles its own graph (a
+    copy of the graph, owned by the copy: the graph's setter recompiles; the nodes name children
+    and attributes, which resolve on the copy's own tree)."""
+    try:
+        new.graph = copy.deepcopy(old.graph)
+    except Exception:   # a graph that cannot be copied: the copy compiles the shared one
+        new.recompile()
 
 
 def structural_copy(root: nn.Module) -> nn.Module:
@@ -47,9 +87,16 @@ def structural_copy(root: nn.Module) -> nn.Module:
     def visit(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
+        if checks.compiled(m):
+            # not copied (its forward stays bound to the module it compiled, so a copy would run
+            # the original) and not walked into: fuse() declines it, the copy shares it as it is
+            memo[id(m)] = m
+            return m
         new = clone(m)
         memo[id(m)] = new
-        new._modules = {name: (visit(c) if c is not None else None) for name, c in m._modules.items()}
+        # through __dict__: a class's own __setattr__ may send the name elsewhere
+        # (torch.compile's OptimizedModule sets unknown names on the user's module)
+        new.__dict__["_modules"] = {name: (visit(c) if c is not None else None) for name, c in m._modules.items()}
         return new
 
     out = visit(root)
@@ -173,6 +220,7 @@ def retype(module: nn.Module, mixin: type, **attrs) -> nn.Module:
     cls = fused_class(mixin, base)
     new = cls.__new__(cls)
     new.__dict__.update(_copy_dict(module.__dict__))
+    _rebind_hooks(new, module)
     for key, value in attrs.items():
         object.__setattr__(new, key, value)
     return new

@@ -22,7 +22,7 @@ def _skip(m: nn.Module) -> bool:
     forward already runs the fused ops over their children (PatchDiscriminator; a SelfAttention2d
     whose three convs are plain 1x1 convs: it runs them itself, as one C++ block or one stacked
     projection, which a conv rule on any of them would turn off)."""
-    if isinstance(m, FusedModule) or m.__dict__.get("_ganengine_fused_wrapper"):
+    if isinstance(m, FusedModule) or m.__dict__.get("_ganengine_fused_wrapper") or checks.compiled(m):
         return True
     if isinstance(m, SelfAttention2d) and m.runs_own_convs():
         return True
@@ -37,6 +37,14 @@ def _custom_forward(m: nn.Module) -> bool:
         return False
     fwd = getattr(cls, "forward", None)
     return fwd is not None and not (getattr(fwd, "__module__", "") or "").startswith("torch.")
+
+
+def _named_modules_outside_compiled(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``root.named_modules()`` without what lies inside a torch.compile'd module: fuse()'s copy
+    shares those with the caller's model (structural_copy), so nothing may be rewritten there."""
+    inside = [f"{name}." if name else "" for name, m in root.named_modules() if checks.compiled(m)]
+    return [(where, m) for where, m in root.named_modules()
+            if not checks.compiled(m) and not any(where.startswith(p) for p in inside)]
 
 
 class Fuser:
@@ -127,6 +135,9 @@ class Fuser:
             return self.done[id(m)]
         self.done[id(m)] = m
         self.keep.append(m)
+        if checks.compiled(m):   # (the copy shares it with the caller's model: see structural_copy)
+            self.report.decline("*", where, checks.COMPILED_REASON)
+            return m
         if _skip(m):
             return m
         self.children_rules(m, where, "early")
@@ -158,9 +169,9 @@ class Fuser:
 
     def run(self, root: nn.Module) -> nn.Module:
         why = checks.global_hooks()
-        if why is None and type(root).__name__ == "OptimizedModule" and hasattr(root, "_orig_mod"):
+        if why is None and checks.compiled(root):
             # (its forward is bound to the module it compiled: a fused copy of the tree would never run)
-            why = "a torch.compile'd module: fuse() the model first, then compile the fused one"
+            why = checks.COMPILED_REASON
         if why:
             self.report.decline("*", "", why)
             return root
@@ -180,7 +191,7 @@ class Fuser:
         swapped parametrization (their fused modules are not walked into)."""
         from torch.nn.utils import parametrize
 
-        for where, m in list(root.named_modules()):
+        for where, m in _named_modules_outside_compiled(root):
             if parametrize.is_parametrized(m) and not _skip(m):
                 for name, plist in m.parametrizations.items():
                     self.children_rules(plist, join(where, f"parametrizations.{name}"), "early")
