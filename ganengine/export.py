@@ -317,6 +317,8 @@ def to_onnx(model: nn.Module, example_input, path: str | os.PathLike, opset_vers
     """
     from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if opset_version < 15:
         raise ValueError(f"opset_version must be >= 15 (CastLike), got {opset_version}")
     inputs, present = _as_inputs(example_input)

@@ -205,6 +205,24 @@ _GENERATORS = ("G", "G_ema", "netG", "netG_A", "netG_B")
 _DISCRIMINATORS = ("D", "netD", "netD_A", "netD_B")
 
 
+# the sizes boschresearch/unetgan's Generator(unconditional=True) builds (its BigGAN.py G_arch);
+# BigGAN-PyTorch, the reference of the class-conditional G, has no unconditional generator
+UNETGAN_UNCONDITIONAL_SIZES = (128, 256)
+
+
+def _check_unetgan_unconditional_size(options: dict) -> None:
+    """An unconditional U-Net GAN generator at a size the reference cannot build is refused (as
+    SAGAN's export refuses networks no reference runs), not written as a file no reference loads."""
+    size = options.get("resolution")
+    if options.get("unconditional") and size not in UNETGAN_UNCONDITIONAL_SIZES:
+        sizes = " or ".join(str(s) for s in UNETGAN_UNCONDITIONAL_SIZES)
+        raise ValueError(f"--reference: this U-Net GAN was trained with --unconditional at --resolution {size}; "
+                         "the reference's unconditional generator (boschresearch/unetgan BigGAN.Generator("
+                         f"unconditional=True)) is built only at resolution {sizes}, so no reference can load it: "
+                         "expected a run trained at --resolution (--image_size) "
+                         f"{sizes}, or export without --reference (ganengine's keys)")
+
+
 def reference_arch(model, net_name: str) -> str:
     """The ``arch`` name of ``save_reference_checkpoint`` for the exported network."""
     if hasattr(model, "reference_arch"):
@@ -224,6 +242,8 @@ def reference_arch(model, net_name: str) -> str:
         arch = f"stackgan_stage{_opt(o, 'stage', 'STAGE', default=1)}_{'G' if is_g else 'D'}"
     elif name in _SYNTHESIS_ARCHS and (is_g or is_d):
         arch = _SYNTHESIS_ARCHS[name][0 if is_g else 1]
+        if name == "unetgan" and is_g:
+            _check_unetgan_unconditional_size(o)
     if arch is None:
         raise ValueError(f"no reference format known for network {net_name!r} of model {name!r} "
                          "(--reference writes the reference implementation's own checkpoint; "

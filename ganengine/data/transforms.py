@@ -40,8 +40,19 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def to_image(t: torch.Tensor) -> Image.Image:
-    """(C, H, W) tensor in [-1, 1] -> PIL RGB/L image."""
-    arr = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    """(C, H, W) tensor in [-1, 1] -> PIL RGB/L image.
+
+    Pixel values as the junyanz reference's ``util.tensor2im``: ``(x + 1) / 2 * 255`` in float32,
+    truncated (``astype(np.uint8)``), here clamped to [0, 255] first; so ``translate`` writes
+    the bytes the reference's test.py writes. One exception keeps ``to_image(to_tensor(img))``
+    equal to ``img``: a value that is exactly ``to_tensor``'s value of a level k
+    (``k / 127.5 - 1`` in float32) gives k, where the float32 formula can land just below k
+    (63 of the 256 levels) and truncation would give k - 1. Network outputs hit those 256 exact
+    values with probability ~0, except -1 and 1 (0 and 255 either way)."""
+    x = t.detach().float().cpu()
+    level = ((x + 1) / 2 * 255).clamp(0, 255).floor()  # tensor2im: truncation (non-negative here)
+    k = ((x + 1) * 127.5).round().clamp(0, 255)
+    arr = torch.where(k / 127.5 - 1 == x, k, level).to(torch.uint8)
     arr = arr.permute(1, 2, 0).numpy()
     if arr.shape[2] == 1:
         return Image.fromarray(arr[:, :, 0], "L")

@@ -12,6 +12,8 @@ well-conditioned inputs it agrees with the sqrtm formula to float64 rounding.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ganengine.metrics._convert import as_features
@@ -23,13 +25,45 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+# largest |entry| of a covariance used as given; larger ones are divided by a power of two first,
+# as R S_b R (about |S_a| |S_b| D^2) would overflow float64 long before the distance does
+_SAFE_COV = 2.0 ** 256
+
+
+def _even_power_scale(sigma: np.ndarray) -> int:
+    """k such that sigma / 4**k has its largest |entry| below 1 (0 when it is below _SAFE_COV)."""
+    big = float(np.abs(sigma).max()) if sigma.size else 0.0
+    if not big <= _SAFE_COV:
+        return (math.frexp(big)[1] + 1) // 2
+    return 0
+
+
 def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
-    """tr((sigma_a @ sigma_b)^{1/2}) for symmetric PSD matrices, in float64."""
+    """tr((sigma_a @ sigma_b)^{1/2}) for symmetric PSD matrices, in float64.
+
+    Covariances with entries above 2^256 are divided by 4^k first (exact: powers of two) and
+    the trace multiplied back by 2^(k_a + k_b) (tr((aA bB)^{1/2}) = sqrt(ab) tr((AB)^{1/2})),
+    so huge but finite features do not overflow the product; smaller ones are used as given."""
+    sigma_a, sigma_b = np.asarray(sigma_a, np.float64), np.asarray(sigma_b, np.float64)
+    for name, t in (("sigma_a", sigma_a), ("sigma_b", sigma_b)):
+        if not np.isfinite(t).all():
+            raise ValueError(f"trace_sqrt_product: {name} contains NaN or infinite values")
+    k_a, k_b = _even_power_scale(sigma_a), _even_power_scale(sigma_b)
+    if k_a:
+        sigma_a = np.ldexp(sigma_a, -2 * k_a)
+    if k_b:
+        sigma_b = np.ldexp(sigma_b, -2 * k_b)
     root_a = _psd_sqrt(sigma_a)
-    m = root_a @ sigma_b @ root_a
+    with np.errstate(over="ignore", invalid="ignore"):
+        m = root_a @ sigma_b @ root_a
+    if not np.isfinite(m).all():
+        raise ValueError("trace_sqrt_product: sigma_a^(1/2) @ sigma_b @ sigma_a^(1/2) overflows float64 "
+                         f"(largest |entry| of sigma_a {np.abs(sigma_a).max():.3g}, of sigma_b "
+                         f"{np.abs(sigma_b).max():.3g}): expected covariances of moderate size")
     m = 0.5 * (m + m.T)  # symmetric up to rounding; eigvalsh needs it exactly
     w = np.linalg.eigvalsh(m)
-    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+    value = float(np.sqrt(np.clip(w, 0.0, None)).sum())
+    return math.ldexp(value, k_a + k_b) if (k_a or k_b) else value
 
 
 def frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b) -> float:
@@ -45,7 +79,13 @@ def frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b) -> float:
         if not np.isfinite(t).all():
             raise ValueError(f"frechet_distance_from_stats: {name} contains NaN or infinite values")
     diff = mu_a - mu_b
-    value = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt_product(sigma_a, sigma_b)
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt_product(sigma_a, sigma_b)
+    if not np.isfinite(value):  # finite statistics whose distance overflows float64
+        raise ValueError("frechet_distance_from_stats: the distance overflows float64 (largest |entry| of "
+                         f"mu_a, mu_b {max(np.abs(mu_a).max(), np.abs(mu_b).max()):.3g}, of sigma_a, sigma_b "
+                         f"{max(np.abs(sigma_a).max(), np.abs(sigma_b).max()):.3g}): expected statistics of "
+                         "features of moderate size (the distance grows with the square of their scale)")
     # rounding can leave a tiny negative number for identical distributions
     return float(max(value, 0.0))
 
@@ -62,7 +102,13 @@ def frechet_distance(features_a, features_b) -> float:
             stats.append((f.mean, f.covariance()))
         else:
             arr = as_features(f, name)
-            stats.append((arr.mean(0), np.cov(arr, rowvar=False).reshape(arr.shape[1], arr.shape[1])))
+            with np.errstate(over="ignore", invalid="ignore"):
+                cov = np.cov(arr, rowvar=False).reshape(arr.shape[1], arr.shape[1])
+            if not np.isfinite(cov).all():  # finite features (as_features checks) too large to square
+                raise ValueError(f"frechet_distance: the covariance of {name} overflows float64 (largest "
+                                 f"|feature| {np.abs(arr).max():.3g}): expected features of moderate size "
+                                 "(e.g. Inception pool features, |x| of order 1-10)")
+            stats.append((arr.mean(0), cov))
     if stats[0][0].shape != stats[1][0].shape:
         raise ValueError("features_a and features_b must have the same feature dimension, got "
                          f"{stats[0][0].shape[0]} and {stats[1][0].shape[0]}")

@@ -27,6 +27,15 @@ def mmd2_unbiased(k_xx: np.ndarray, k_xy: np.ndarray, k_yy: np.ndarray) -> float
     return float(within - 2.0 * k_xy.sum() / (m * m))
 
 
+def _subset_values(a, b, m, rng, values, degree, gamma, coef0) -> None:
+    for i in range(values.shape[0]):
+        xa = a[rng.choice(a.shape[0], m, replace=False)]
+        xb = b[rng.choice(b.shape[0], m, replace=False)]
+        values[i] = mmd2_unbiased(polynomial_kernel(xa, xa, degree, gamma, coef0),
+                                  polynomial_kernel(xa, xb, degree, gamma, coef0),
+                                  polynomial_kernel(xb, xb, degree, gamma, coef0))
+
+
 def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset_size: int = 1000,
                               degree: int = 3, gamma: float | None = None, coef0: float = 1.0,
                               seed: int = 2020, return_std: bool = False):
@@ -45,11 +54,18 @@ def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset
     m = min(subset_size, a.shape[0], b.shape[0])
     rng = np.random.RandomState(seed)
     values = np.empty(subsets, dtype=np.float64)
-    for i in range(subsets):
-        xa = a[rng.choice(a.shape[0], m, replace=False)]
-        xb = b[rng.choice(b.shape[0], m, replace=False)]
-        values[i] = mmd2_unbiased(polynomial_kernel(xa, xa, degree, gamma, coef0),
-                                  polynomial_kernel(xa, xb, degree, gamma, coef0),
-                                  polynomial_kernel(xb, xb, degree, gamma, coef0))
-    mean = float(values.mean())
-    return (mean, float(values.std())) if return_std else mean
+    with np.errstate(over="ignore", invalid="ignore"):  # (an overflow is reported below)
+        _subset_values(a, b, m, rng, values, degree, gamma, coef0)
+        mean, std = float(values.mean()), float(values.std())
+        if np.isfinite(values).all() and not np.isfinite(std):  # (the squares overflow: values near 1e154+)
+            exponent = int(np.frexp(np.abs(values).max())[1])
+            std = float(np.ldexp(np.ldexp(values, -exponent).std(), exponent))  # (powers of two: exact)
+    if not (np.isfinite(values).all() and np.isfinite(mean) and (np.isfinite(std) or not return_std)):
+        # finite inputs (as_features checks) whose kernel values overflow float64: a NaN or inf here
+        # would be a silent wrong answer (KID is not scale-invariant, so nothing to rescale to)
+        big = max(float(np.abs(a).max()), float(np.abs(b).max()))
+        raise ValueError(f"kernel_inception_distance: the polynomial kernel of features_a and features_b "
+                         f"overflows float64 (largest |feature| {big:.3g}, degree {degree}): expected features "
+                         "of moderate size (e.g. Inception pool features, |x| of order 1-10); KID is not "
+                         "scale-invariant, so rescaled features give another value")
+    return (mean, std) if return_std else mean

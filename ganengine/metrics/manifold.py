@@ -18,8 +18,10 @@ memory stays bounded (about 256 MB of distances at a time) for 50k x 50k sets.
 """
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 
+import numpy as np
 import torch
 
 from ganengine.metrics._convert import as_count, as_features, check_same_dim
@@ -50,6 +52,26 @@ DensityCoverage = _keyed_tuple("DensityCoverage", "density coverage", "(density,
 
 def _tensor(features, name: str) -> torch.Tensor:
     return torch.from_numpy(as_features(features, name))
+
+
+# |feature| bounds inside which the Euclidean distances neither overflow nor lose their squares to
+# underflow (|a - b|^2 summed over D columns): inside them the features are used as given
+_SAFE_MAX, _SAFE_MIN = 2.0 ** 64, 2.0 ** -64
+
+
+def _common_scale(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets divided by one power of two when their largest |value| is outside
+    [2^-64, 2^64] (huge features: the squared distances overflow to inf, and ``inf <= inf``
+    holds; tiny ones: they underflow to 0), so that it lies in [0.5, 1). The metrics only
+    compare distances within one common scale, so they are scale-invariant, and dividing by a
+    power of two is exact (every distance is divided by the same power of two), so the answer
+    is the unscaled one. Features inside the bounds are returned as they are (bit-identical)."""
+    big = max(real.abs().max().item(), fake.abs().max().item())
+    if big == 0.0 or _SAFE_MIN <= big <= _SAFE_MAX:
+        return real, fake
+    _, exponent = math.frexp(big)  # big = m * 2**exponent, 0.5 <= m < 1
+    return (torch.from_numpy(np.ldexp(real.numpy(), -exponent)),
+            torch.from_numpy(np.ldexp(fake.numpy(), -exponent)))
 
 
 def _check_k(k, n_min: int, fn: str) -> int:
@@ -98,6 +120,7 @@ def precision_recall(real_features, fake_features, k: int = 3) -> PrecisionRecal
     real = _tensor(real_features, "real_features")
     fake = _tensor(fake_features, "fake_features")
     check_same_dim(real.numpy(), fake.numpy(), "real_features", "fake_features")
+    real, fake = _common_scale(real, fake)
     _check_k(k, min(real.shape[0], fake.shape[0]), "precision_recall")
     precision = _inside_any(fake, real, knn_radii(real, k)).double().mean().item()
     recall = _inside_any(real, fake, knn_radii(fake, k)).double().mean().item()
@@ -113,6 +136,7 @@ def density_coverage(real_features, fake_features, k: int = 5) -> DensityCoverag
     real = _tensor(real_features, "real_features")
     fake = _tensor(fake_features, "fake_features")
     check_same_dim(real.numpy(), fake.numpy(), "real_features", "fake_features")
+    real, fake = _common_scale(real, fake)
     _check_k(k, real.shape[0], "density_coverage")
     radii = knn_radii(real, k)
     count = torch.zeros(fake.shape[0], dtype=torch.float64)   # real balls containing each fake

@@ -29,6 +29,12 @@ def check_latent_options(owner: str, o: dict) -> None:
         raise ValueError(f"{owner}: lo_beta must be > 0, got {o['lo_beta']!r}")
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half / bfloat16 (the gradient penalty's squared norms overflow
+    fp16 under autocast), else as it is: a float64 model's penalty stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class SAGAN(GANModel):
     """Options are the reference's parameter.py flags (imsize, z_dim, g_conv_dim, d_conv_dim,
     adv_loss, lambda_gp, g_lr, d_lr, beta1, beta2) with its defaults, except adv_loss='hinge'."""
@@ -116,7 +122,7 @@ class SAGAN(GANModel):
             # runs on the bare D and its gradients are averaged over the processes here
             d_net = unwrap(self.D)
             with torch.autocast(real.device.type, enabled=False):  # squared gradient norms: fp32
-                d_loss_gp = GF.gradient_penalty(d_net, real.float(), fake.float(), weight=1.0)
+                d_loss_gp = GF.gradient_penalty(d_net, _at_least_fp32(real), _at_least_fp32(fake), weight=1.0)
             ctx.zero_grad(opt_D)
             ctx.backward(o["lambda_gp"] * d_loss_gp, "D")
             average_gradients(d_net, self.D)

@@ -32,6 +32,12 @@ from ganengine.models.networks_pytorch_gan import WGANGPDiscriminator, WGANGPGen
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half / bfloat16 (the gradient penalty's squared norms overflow
+    fp16 under autocast), else as it is: a float64 model's penalty stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class _BatchNormRepeat:
     """The running-statistics update of a second training-mode pass of ``net`` on the same batch,
     without the pass. Take it (``_BatchNormRepeat(net)``) before the first pass, call
@@ -174,7 +180,7 @@ class WGANGP(_Wasserstein):
     def _critic_loss(self, real, fake):
         adv = self._wasserstein(real, fake)
         with torch.autocast(real.device.type, enabled=False):  # the squared gradient norms in fp32
-            gp = GF.gradient_penalty(self.D, real.float(), fake.float(), weight=1.0)
+            gp = GF.gradient_penalty(self.D, _at_least_fp32(real), _at_least_fp32(fake), weight=1.0)
         return adv + self.options["lambda_gp"] * gp, {"GP": gp}
 
 

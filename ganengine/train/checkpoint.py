@@ -332,13 +332,51 @@ class RunLock:
         self.release()
 
 
+def _torch_save_file(path: str) -> bool | None:
+    """Whether ``path`` is in a format torch.save writes (a zip archive, or a legacy pickle,
+    which opens with the pickle protocol byte 0x80); None when it cannot be read."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    except OSError:
+        return None
+
+
+def _load_error(path: str, exc: Exception) -> str:
+    """The message for a checkpoint torch.load refused: a file that is no torch.save output at all
+    is said to be that (not torch's advice to retry with weights_only=False, which is wrong for it
+    and unsafe for an untrusted pickle); otherwise the first line of torch's reason, without it."""
+    expected = ("expected a ganengine training checkpoint (a step_*.pt / latest.pt file written by "
+                "`ganengine train`, or its run folder)")
+    if _torch_save_file(path) is False:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(24)
+        except OSError:
+            head = b""
+        what = f"it starts with {head!r}" if head else "it is empty"
+        return (f"{path!r} is not a checkpoint: it is neither a zip archive nor a pickle as torch.save writes "
+                f"({what}); {expected}")
+    reason = str(exc)
+    if "weights_only" in reason and "WeightsUnpickler error:" in reason:
+        # keep torch's reason (which object was refused), leave out its advice to load unsafely
+        detail = reason.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        reason = "the weights-only loader refused it: " + (detail[0].strip() if detail else "unsupported content")
+    else:
+        reason = reason.strip().splitlines()[0] if reason.strip() else ""
+    return (f"cannot load checkpoint {path!r} with weights_only=True ({type(exc).__name__}: {reason}); "
+            f"{expected}")
+
+
 def load(path: str, map_location="cpu") -> dict:
     path = resolve(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load checkpoint {path!r} with weights_only=True ({type(exc).__name__}: "
-                              f"{exc}). Is it a ganengine training checkpoint?") from exc
+        raise CheckpointError(_load_error(path, exc)) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a ganengine training checkpoint (no format={FORMAT!r}). "
                               "For a reference implementation's weights use ganengine.models.load_reference_checkpoint.")
