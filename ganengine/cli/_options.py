@@ -243,6 +243,75 @@ def _no_pool(value: str) -> int:
     return 0
 
 
+# the junyanz --dataset_mode each model reads its data as (its options.py / models set these defaults)
+_DATASET_MODES = {"pix2pix": "aligned", "cyclegan": "unaligned", "csgan": "unaligned"}
+_LAYOUTS = {"aligned": "the paired layout, A|B side by side in DATAROOT/PHASE",
+            "unaligned": "two unpaired folders, DATAROOT/PHASEA and DATAROOT/PHASEB"}
+
+
+def _dataset_mode(model: str):
+    def check(value: str) -> str:
+        mode = _DATASET_MODES[model]
+        if value != mode:
+            other = [m for m, want in _DATASET_MODES.items() if want == value]
+            if other:
+                hint = f" ({value} is {' and '.join(m + chr(39) + 's' for m in other)}: train that model for it)"
+            elif value in ("single", "colorization"):
+                hint = (" (the reference's single mode is for its test.py, as `ganengine translate`; colorization is "
+                        "for its colorization model, which ganengine does not have)")
+            else:
+                hint = ""
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: {model} reads {_LAYOUTS[mode]}, the reference's --dataset_mode {mode}; give {mode} or "
+                f"leave it out{hint}")
+        return value
+    return check
+
+
+def _gpu_ids(value: str) -> str:
+    """The reference's --gpu_ids (``-1`` for CPU, ``0``, ``0,1,2``) as a --device: ``cpu`` or
+    ``cuda:N``. Several ids (the reference's DataParallel) are refused: ganengine runs one
+    process per GPU under torchrun."""
+    ids = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        nums = [int(v) for v in ids]
+    except ValueError:
+        nums = None
+    if not nums or any(n < -1 for n in nums):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected -1 (CPU) or one GPU id such as 0, as the reference's "
+                                         "--gpu_ids")
+    if nums == [-1]:
+        return "cpu"
+    if len(nums) > 1 or -1 in nums:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: several GPUs (the reference's DataParallel) are one process per GPU here: "
+            f"CUDA_VISIBLE_DEVICES={','.join(str(n) for n in nums if n >= 0)} torchrun --nproc_per_node "
+            f"{len([n for n in nums if n >= 0])} -m ganengine train ... (--batch_size is per process there, the "
+            "reference's is split over the GPUs); give -1 (CPU) or one GPU id")
+    return f"cuda:{nums[0]}"
+
+
+def reference_device(args) -> str:
+    """--device after the reference's --gpu_ids (``ganengine train``): a refusal where both are
+    given and disagree, or the id names a GPU that is not there."""
+    device = getattr(args, "device", "auto") or "auto"
+    gpu = getattr(args, "gpu_ids", None)
+    if gpu is None:
+        return device
+    if device != "auto" and device != gpu.split(":")[0]:
+        raise ValueError(f"--gpu_ids {'-1' if gpu == 'cpu' else gpu.split(':')[1]} (device {gpu}) and --device "
+                         f"{device} disagree; give one of them")
+    if gpu.startswith("cuda"):
+        import torch
+
+        index, count = int(gpu.split(":")[1]), torch.cuda.device_count()
+        if index >= count:
+            seen = (f"only {count} CUDA device(s) are visible (ids 0..{count - 1})" if count
+                    else "no CUDA device is visible")
+            raise ValueError(f"--gpu_ids {index}: {seen}; give --gpu_ids -1 to train on the CPU")
+    return gpu
+
+
 def add_reference_aliases(parser: argparse.ArgumentParser, model: str) -> None:
     """The reference implementations' spellings of engine and data options for ``model``, where
     they map onto what ganengine does (``--num_iters`` / ``--celeba_crop_size`` are defined with
@@ -254,6 +323,12 @@ def add_reference_aliases(parser: argparse.ArgumentParser, model: str) -> None:
         g.add_argument("--epoch", dest="load_epoch", type=_load_epoch, default=None, metavar="latest",
                        help="which checkpoint --continue_train loads: latest only (checkpoints are per step; "
                             "--resume PATH for another)")
+        g.add_argument("--dataset_mode", type=_dataset_mode(model), default=None, metavar=_DATASET_MODES[model],
+                       help=f"{_DATASET_MODES[model]} only: {model} reads {_LAYOUTS[_DATASET_MODES[model]]} (the "
+                            "reference's scripts pass it)")
+        g.add_argument("--gpu_ids", type=_gpu_ids, default=None, metavar="ID",
+                       help="the reference's device choice: -1 = --device cpu, N = CUDA device N (one only: several "
+                            "GPUs are one process each under torchrun)")
     if model == "pix2pix":  # (the reference's scripts/train_pix2pix.sh passes --pool_size 0)
         g.add_argument("--pool_size", dest="pix2pix_pool_size", type=_no_pool, default=None, metavar="0",
                        help="0 only: pix2pix has no image pool (the reference's pix2pix model never uses one)")

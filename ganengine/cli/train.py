@@ -17,7 +17,7 @@ import time
 
 from ganengine.cli import _synthesis_models as _basic
 from ganengine.cli._options import (MODEL_NAMES, add_model_options, model_class, nonneg_int, positive_int,
-                                    str2bool)
+                                    reference_device, str2bool)
 
 DESCRIPTIONS = {
     "pix2pix": "pix2pix: paired image-to-image translation (DATAROOT/train/*.jpg, A|B side by side).",
@@ -424,6 +424,22 @@ def _check_stackgan(model_opts: dict, engine: dict, resume) -> None:
                          "Stage-I checkpoint), or --resume a Stage-II run")
 
 
+def _check_stage1_g(model_opts: dict) -> None:
+    """--stage1_g names a file (it is read while the model is built, where a missing one surfaced as
+    a failed write of the run folder)."""
+    stage1_g = model_opts.get("stage1_g")
+    if int(model_opts.get("stage", 1)) == 2 and stage1_g and not os.path.isfile(stage1_g):
+        expected = ("a trained Stage-I generator file: a reference netG_*.pth or a ganengine Stage-I training "
+                    "checkpoint (step_*.pt, best.pt)")
+        if os.path.isdir(stage1_g):
+            from ganengine.train.checkpoint import latest
+
+            newest = latest(stage1_g)
+            raise ValueError(f"--stage1_g {stage1_g!r} is a folder; it takes {expected}"
+                             + (f", e.g. --stage1_g {newest}" if newest else ""))
+        raise ValueError(f"--stage1_g {stage1_g!r}: no such file; it takes {expected}")
+
+
 def make_config(args):
     from ganengine.train import TrainConfig
 
@@ -431,6 +447,7 @@ def make_config(args):
     _check_model_numbers(model_opts)
     if args.model == "stackgan":  # (before any data is read; StackGAN has no --resume_iters)
         _check_stackgan(model_opts, engine, args.resume)
+        _check_stage1_g(model_opts)
     if args.model == "stargan" and "lr_schedule" not in model_opts and engine.get("max_steps") is not None:
         # --num_iters / --max_steps: the reference's iteration decay (a run trained before the option
         # existed had the epoch rule: resuming it says --lr_schedule differs; give --lr_schedule epochs)
@@ -462,7 +479,7 @@ def make_config(args):
         max_steps=engine.get("max_steps"), amp=args.amp, channels_last=args.channels_last, compile=("reduce-overhead" if args.cuda_graphs else args.compile) or False,
         seed=args.seed, deterministic=args.deterministic, resume=resume, sample_every=engine["sample_every"],
         save_every=engine["save_every"], print_freq=args.print_freq, keep_checkpoints=args.keep_checkpoints,
-        num_workers=args.num_threads, device=args.device, sync_bn=args.sync_bn, backend=args.backend,
+        num_workers=args.num_threads, device=reference_device(args), sync_bn=args.sync_bn, backend=args.backend,
         tensorboard=args.tensorboard, num_samples=args.num_samples, progress=not args.no_progress,
         eval_every=eval_every, eval_options=eval_opts)
     return cfg, notes

@@ -114,13 +114,26 @@ def _compile_mode(mode, device: torch.device) -> str | None:
 _SHAPE_ERRORS = ("Sizes of tensors must match", "Kernel size can't be greater", "Calculated padded input size",
                  "Output size is too small", "shapes cannot be multiplied", "must match the size of tensor",
                  "Padding size should be less than", "input image is smaller than kernel",
-                 "is smaller than the")  # (the last: ganengine's own conv checks)
+                 "is smaller than the",  # (ganengine's own conv checks)
+                 "; they must match")    # (ganengine's losses: CycleGAN's reconstruction vs its input)
+# a norm layer in training mode on a map the networks reduced to one value per channel
+_ONE_VALUE = {"Expected more than 1 value per channel": "a batch norm got one value per channel (a 1x1 map of "
+                                                        "one image)",
+              "Expected more than 1 spatial element": "an instance norm got a 1x1 map (one value per channel)",
+              "needs more than 1 spatial element": "an instance norm got a 1x1 map (one value per channel)"}
 
 
-def _explain(exc: BaseException, first_step: bool, shape) -> BaseException:
+def _size(shape) -> str:
+    return "x".join(map(str, shape[-2:])) if shape is not None else "these"
+
+
+def _explain(exc: BaseException, new_size: bool, shape, where: str = "") -> BaseException:
     """A clear ValueError for the runtime errors bad data settings cause, else ``exc`` itself:
-    images of several sizes in one batch (collate), and on the first step, a network that cannot
-    take the input size. A DataError from a DataLoader worker comes back wrapped in the worker's
+    images of several sizes in one batch (collate), and a network that cannot take the input size,
+    where the failing input's size is a new one (``new_size``: the first step, or a size no earlier
+    step of the run had, e.g. one tall photo with --preprocess scale_width; a size that already
+    trained is not the cause). ``shape``: the failing input's; ``where``: its images, when known
+    (said after the size). A DataError from a DataLoader worker comes back wrapped in the worker's
     traceback text: its last line is the message."""
     msg = str(exc)
     if "Original Traceback" in msg:
@@ -134,21 +147,43 @@ def _explain(exc: BaseException, first_step: bool, shape) -> BaseException:
         return ValueError("a batch holds images of different sizes (--preprocess none and scale_width keep each "
                           "image's own size): resize the images to one size, use --batch_size 1, or a --preprocess "
                           "that crops to --crop_size")
-    if first_step and type(exc) is ValueError and "Expected more than 1 value per channel" in msg:
-        # (batch norm in training mode on a 1x1 map of a batch of one: a size the networks reduce
-        # to nothing, typically a U-Net given a crop below 2^num_downs at the reference's batch 1)
-        size = "x".join(map(str, shape[-2:])) if shape is not None else "these"
+    if not new_size or type(exc) not in (RuntimeError, ValueError):
+        return exc
+    line = " ".join(msg.split())[:200]
+    one = next((what for key, what in _ONE_VALUE.items() if key in msg), None)
+    if one is not None:
+        # (typically a U-Net given a crop below 2^num_downs at the reference's batch 1)
         batch = f" at --batch_size {shape[0]}" if shape is not None else ""
-        return ValueError(f"the networks cannot take {size} inputs{batch}: a batch norm got one value per channel "
-                          "(a 1x1 map of one image). Pick a size they can (--crop_size, --load_size, --preprocess, "
-                          "--image_size; a U-Net needs a multiple of 2^num_downs) or a larger --batch_size "
-                          f"({' '.join(msg.split())[:200]})")
-    if first_step and type(exc) in (RuntimeError, ValueError) and any(p in msg for p in _SHAPE_ERRORS):
-        size = "x".join(map(str, shape[-2:])) if shape is not None else "these"
-        line = " ".join(msg.split())[:200]
-        return ValueError(f"the networks cannot take {size} inputs: pick a size they can (--crop_size, --load_size, "
-                          f"--preprocess, --image_size; a U-Net needs a multiple of 2^num_downs) ({line})")
+        more = " or a larger --batch_size" if "batch norm" in one else ""
+        return ValueError(f"the networks cannot take {_size(shape)} inputs{batch}{where}: {one}. Pick a size they can "
+                          "(--crop_size, --load_size, --preprocess, --image_size; a U-Net needs a multiple of "
+                          f"2^num_downs){more} ({line})")
+    if any(p in msg for p in _SHAPE_ERRORS):
+        return ValueError(f"the networks cannot take {_size(shape)} inputs{where}: pick a size they can (--crop_size, "
+                          "--load_size, --preprocess, --image_size; a U-Net needs a multiple of 2^num_downs; a ResNet "
+                          f"generator gives back its input's size only for multiples of 4) ({line})")
     return exc
+
+
+def _input_shapes(batch: dict | None) -> dict:
+    """The shapes of a batch's images (its 4-d tensors), by key."""
+    return {k: tuple(v.shape) for k, v in (batch or {}).items() if torch.is_tensor(v) and v.dim() == 4}
+
+
+def _failing_input(batch: dict | None, shapes: dict, trained_sizes: set) -> tuple:
+    """(shape, whether its size is new, where) of the input a size error is about: the first of a
+    size no step trained on (else the first), and its image files when the batch names them."""
+    new = [k for k, sh in shapes.items() if sh[-2:] not in trained_sizes]
+    key = (new or list(shapes) or [None])[0]
+    if key is None:
+        return None, False, ""
+    paths = (batch or {}).get(f"{key}_paths")
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    where = ""
+    if new and paths:
+        shown = ", ".join(repr(str(p)) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        where = f" ({key}: {shown}, where the steps before had other sizes)"
+    return shapes[key], bool(new), where
 
 
 class Terminated(KeyboardInterrupt):
@@ -357,6 +392,9 @@ class Trainer:
             **({"extra_per_rank": extra} if self.dist.world_size > 1 else {}),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size, "seed": self.seed,
+            # the epoch's length: a resume on a dataset that gained or lost images converts the position
+            # and the epoch schedules (_convert_position), as for another --batch_size
+            "dataset_size": self.sampler.n, "steps_per_epoch": self.steps_per_epoch,
             "schedule": self._schedule_options(),
             "rng": {"per_rank": rngs},
             "evaluation": dict(self.best) if self.best else {},
@@ -494,15 +532,30 @@ class Trainer:
         return reads
 
     def _convert_position(self, state: dict) -> None:
-        """The position in the epoch, for another --batch_size or process count than the checkpoint's:
-        the sampler deals one epoch order out to the processes, so after K batches of b images on
-        W processes the first K b W images of the order are done. Resumed with b', W': the first
-        whole batch past them (never an image twice in the epoch; fewer than b' W' skipped)."""
+        """The position in the epoch, for another --batch_size, process count or dataset size than the
+        checkpoint's: the sampler deals one epoch order out to the processes, so after K batches of b
+        images on W processes the first K b W images of the order are done. Resumed with b', W': the
+        first whole batch past them (never an image twice in the epoch; fewer than b' W' skipped). A
+        dataset that gained or lost images (another number of items per epoch) takes the same
+        conversion: K b W images of the epoch are done, and the epoch is over when they are as many
+        as the new epoch holds (its order is drawn anew for the new item count). Checkpoints without
+        a field (older ones) count as unchanged in it."""
         old_b = state.get("batch_size", self.cfg.batch_size)  # (older checkpoints: assumed unchanged)
         old_w = state.get("world_size", 1)
-        new_b, new_w = self.cfg.batch_size, self.dist.world_size
-        if (old_b, old_w) == (new_b, new_w):
+        old_n = state.get("dataset_size", self.sampler.n)
+        new_b, new_w, new_n = self.cfg.batch_size, self.dist.world_size, self.sampler.n
+        if (old_b, old_w, old_n) == (new_b, new_w, new_n):
             return
+        what_old, what_new = [], []
+        if (old_b, old_w) != (new_b, new_w):
+            what_old.append(f"--batch_size {old_b} on {old_w} process(es)")
+            what_new.append(f"--batch_size {new_b} on {new_w}")
+        if old_n != new_n:
+            old_spe = state.get("steps_per_epoch")
+            what_old.append(f"{old_n} images per epoch" + (f" ({old_spe} steps)" if old_spe is not None else ""))
+            what_new.append(f"{new_n} images per epoch ({self.steps_per_epoch} steps; the dataset "
+                            f"{'gained' if new_n > old_n else 'lost'} images)")
+        note = None
         if self.batch_in_epoch:  # (mid-epoch: the batch to continue at)
             done = self.batch_in_epoch * old_b * old_w
             per_step = new_b * new_w
@@ -510,18 +563,22 @@ class Trainer:
             skipped = position * per_step - done
             if position >= self.steps_per_epoch:
                 self.epoch, position, skipped = self.epoch + 1, 0, max(0, self.steps_per_epoch * per_step - done)
-            if self.dist.is_main:
-                print(f"ganengine: resuming a checkpoint of --batch_size {old_b} on {old_w} process(es) with "
-                      f"--batch_size {new_b} on {new_w}: {done} images of epoch {state['epoch']} were done; "
-                      f"continuing at batch {position} of epoch {self.epoch}"
-                      + (f" ({skipped} images of the epoch skipped)" if skipped else ""), file=sys.stderr)
+            note = (f"{done} images of epoch {state['epoch']} were done; continuing at batch {position} of epoch "
+                    f"{self.epoch}" + (f" ({skipped} images of the epoch skipped)" if skipped else ""))
             self.batch_in_epoch = position
+        elif old_n != new_n:  # (at an epoch boundary the position stands; the schedules and length change)
+            note = f"continuing at batch 0 of epoch {self.epoch}"
+        if note is not None and self.dist.is_main:
+            extra = ("; the epoch schedules and the run's length follow the new steps per epoch (the epoch's "
+                     "order is drawn anew)" if old_n != new_n else "")
+            print(f"ganengine: resuming a checkpoint of {' and '.join(what_old)} with {' and '.join(what_new)}: "
+                  f"{note}{extra}", file=sys.stderr)
         self._rebase_schedule()
 
     def _rebase_schedule(self) -> None:
-        """(_convert_position) Another --batch_size or process count than the checkpoint's gives
-        another number of steps per epoch: the epoch schedules (their rate is a function of step //
-        steps_per_epoch) and the run's length (epochs times steps per epoch) are re-based on the epoch
+        """(_convert_position) Another --batch_size, process count or dataset size than the
+        checkpoint's gives another number of steps per epoch: the epoch schedules (their rate is a
+        function of step // steps_per_epoch) and the run's length (epochs times steps per epoch) are re-based on the epoch
         and batch the position was converted to, so the rates and the epochs left are the
         uninterrupted run's. (Schedules over iterations, StarGAN's --num_iters decay, keep counting
         steps.)"""
@@ -655,16 +712,18 @@ class Trainer:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # (a job that ignores it keeps doing so)
                     prev_handlers[sig] = signal.signal(sig, self._on_signal)
-        first_step, shape = self.step, None
+        # the input sizes of the steps that trained: an error on a size none of them had (the first
+        # step's, or one tall photo's under --preprocess scale_width) is explained as that size's
+        first_step, batch, shapes, trained_sizes = self.step, None, {}, set()
         try:
             while self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 for batch in self.loader:
                     batch = _to_device(batch, self.device, cfg.channels_last)
-                    if shape is None:
-                        shape = next((v.shape for v in batch.values() if torch.is_tensor(v) and v.dim() == 4), None)
+                    shapes = _input_shapes(batch)
                     self.ctx.step_index = self.step
                     losses = self.model.train_step(batch, self.optimizers, self.ctx)
+                    trained_sizes.update(sh[-2:] for sh in shapes.values())
                     with warnings.catch_warnings():
                         # a skipped optimiser step (StarGAN's G between critic steps, an fp16
                         # overflow) is expected here; the schedule still follows the step count
@@ -693,7 +752,10 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     if sample_now:
+                        batch, shapes = self.sample_batch, _input_shapes(self.sample_batch)  # (held-out images)
                         self.write_samples()
+                        trained_sizes.update(sh[-2:] for sh in shapes.values())
+                        batch, shapes = None, {}
                     if eval_now:
                         results = self.evaluate()
                         if results is not None:
@@ -723,7 +785,9 @@ class Trainer:
                 self.interrupted_checkpoint = final
                 raise _interrupt(self._stop_signal)
         except (RuntimeError, ValueError) as exc:
-            clear = _explain(exc, self.step == first_step, shape)
+            shape, new, where = _failing_input(batch, shapes, trained_sizes)
+            first = self.step == first_step  # (there every input is new: no file to single out)
+            clear = _explain(exc, first or new, shape, "" if first else where)
             if clear is exc:
                 raise
             raise clear from exc
