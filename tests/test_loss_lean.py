@@ -210,12 +210,12 @@ GAN_BAD = [
     (TypeError, "floating-point", lambda x: GF.gan_loss(x.long(), True)),
     (ValueError, "is empty", lambda x: GF.gan_loss(x[:0], True)),
     (ValueError, "share a device", lambda x: GF.gan_loss([x, x.to("meta")], True)),
-    (ValueError, "could not convert", lambda x: GF.gan_loss(x, True, "vanilla", real_label="one")),
+    (ValueError, "real_label must be a number", lambda x: GF.gan_loss(x, True, "vanilla", real_label="one")),
     (ValueError, "mode must be one of", lambda x: GF.discriminator_loss(x, x, "bogus")),
     (TypeError, "fake_logits must be a Tensor", lambda x: GF.discriminator_loss(x, [x])),
     (ValueError, "real_logits is empty", lambda x: GF.discriminator_loss(x[:0], x)),
     (ValueError, "share a device", lambda x: GF.discriminator_loss(x, x.to("meta"))),
-    (TypeError, "real number", lambda x: GF.discriminator_loss(x, x, "vanilla", fake_label=[0.0])),
+    (TypeError, "fake_label must be a number", lambda x: GF.discriminator_loss(x, x, "vanilla", fake_label=[0.0])),
 ]
 
 

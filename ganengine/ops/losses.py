@@ -529,8 +529,9 @@ def _term_code(mode: str, is_real: bool, for_discriminator: bool, real_label: fl
         name, label = ("real_label", real_label) if is_real else ("fake_label", fake_label)
         try:
             target = float(label)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{name} must be a number (the {mode} target), got {label!r}") from None
+        except (TypeError, ValueError, RuntimeError) as exc:  # (the class float() raised: "a" ValueError)
+            raise (ValueError if isinstance(exc, ValueError) else TypeError)(
+                f"{name} must be a number (the {mode} target), got {label!r}") from None
         return (BCE if mode == "vanilla" else MSE), target
     if mode == "hinge" and for_discriminator:
         return (HINGE_REAL if is_real else HINGE_FAKE), 0.0
