@@ -184,10 +184,18 @@ def _ddp_worker(rank, world, port, runs, out_dir):
         for tag, argv in runs:
             cfg, _ = make_config(build_parser().parse_args(argv))
             trainer = Trainer(cfg)
+            steps = []  # this rank's own losses per step (the log averages them over the ranks)
+
+            def recording(*a, _step=trainer.model.train_step, **k):
+                out = _step(*a, **k)
+                steps.append({n: float(v) for n, v in out.items()})
+                return out
+            trainer.model.train_step = recording
             trainer.train()
             # parameters only: running statistics are rank-local buffers (broadcast_buffers=False)
             torch.save({n: {k: v.detach().clone() for k, v in net.named_parameters()}
                         for n, net in trainer.networks.items()}, os.path.join(out_dir, f"{tag}_rank{rank}.pt"))
+            torch.save(steps, os.path.join(out_dir, f"{tag}_losses_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -238,6 +246,15 @@ def test_ddp_gloo_two_processes_stay_in_sync_and_resume(tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2
     assert os.listdir(tmp_path / "bn" / "samples") == ["step_00000002.png"]  # rank 0 alone writes
     assert _same(r["cg_resumed"][0], r["cg_full"][0])
+    # the logged losses are the mean over the two processes (they were rank 0's own), row by row
+    for tag in ("full", "cg_full"):
+        per_rank = [torch.load(tmp_path / f"{tag}_losses_rank{k}.pt") for k in range(2)]
+        with open(tmp_path / tag / "loss_log.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 4 and per_rank[0] != per_rank[1]
+        for row, a, b in zip(rows, *per_rank):
+            for name in a:
+                assert float(row[name]) == pytest.approx((a[name] + b[name]) / 2, rel=1e-5, abs=1e-7), (tag, name)
     pools = torch.load(tmp_path / "cg_full" / "step_00000004.pt", weights_only=True)["extra_per_rank"]
     assert len(pools) == 2 and pools[0]["fake_A_pool"]["rng"] != pools[1]["fake_A_pool"]["rng"]
     assert pools[0]["fake_A_pool"]["rng"] != pools[0]["fake_B_pool"]["rng"]

@@ -102,6 +102,16 @@ def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
+    """Each value averaged over the processes (every rank passes as many, in the same order): the
+    logged losses are the global batch's, as one process with all the images would log them."""
+    if not info.enabled or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     if not info.enabled:
         return [obj]

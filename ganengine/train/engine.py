@@ -685,9 +685,12 @@ class Trainer:
             self._sums[k] = (total + v, n + 1)
 
     def _flush(self) -> dict[str, float]:
-        means = {k: float(total) / n for k, (total, n) in self._sums.items()}
+        """The mean of each loss since the last row, over the steps and (under DDP: a collective,
+        at the same step on every rank) over the processes."""
+        keys = list(self._sums)
+        means = D.mean_over_ranks([float(total) / n for total, n in self._sums.values()], self.dist)
         self._sums = {}
-        return means
+        return dict(zip(keys, means))
 
     def train(self) -> dict:
         cfg = self.cfg
