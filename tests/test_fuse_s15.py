@@ -193,3 +193,33 @@ def test_parametrizations_inside_a_compiled_submodule_are_left_alone():
     sn = inner[0].parametrizations.weight[0]
     ganengine.fuse(_Net(torch.compile(inner)))
     assert inner[0].parametrizations.weight[0] is sn
+
+
+# ----------------------------------------------------------------------------- a tab-indented continuation line
+_TAB_SOURCE = (
+    "import torch.nn as nn\n"
+    "class NetTab(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.conv = nn.Conv2d(3, 8, 3, padding=1)\n"
+    "        self.out = nn.Sequential(nn.BatchNorm2d(8,\n"
+    "\t                                       eps=1e-5), nn.ReLU())\n"
+    "    def forward(self, x):\n"
+    "        return self.out(self.conv(x))\n")
+
+
+def test_method_with_a_tab_indented_continuation_line_is_read(tmp_path, monkeypatch):
+    """boschresearch/unetgan's BigGAN.py has a continuation line indented with a tab: textwrap.dedent
+    found no common indent, the source did not parse, and fuse() declined its BatchNorm + ReLU
+    saying it could not read the source."""
+    (tmp_path / "tabsrc_s15.py").write_text(_TAB_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    mod = importlib.import_module("tabsrc_s15")
+    torch.manual_seed(0)
+    net = mod.NetTab()
+    fused, report = ganengine.fuse(net, return_report=True)
+    assert report["batch_norm+act"] == 1 and not list(report.declined)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), mod.NetTab.forward(net, x), rtol=1e-5, atol=1e-6)

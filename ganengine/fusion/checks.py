@@ -139,14 +139,20 @@ def function_ast(fn) -> ast.FunctionDef | None:
     """The AST of a plain Python function or method (None when its source cannot be read)."""
     fn = inspect.unwrap(fn)
     try:
-        src = textwrap.dedent(inspect.getsource(fn))
+        raw = inspect.getsource(fn)
     except (OSError, TypeError):
         return None
     try:
-        tree = ast.parse(src)
+        body = ast.parse(textwrap.dedent(raw)).body
     except SyntaxError:
-        return None
-    node = tree.body[0] if tree.body else None
+        # dedent finds no common indent when a continuation line is indented otherwise (a tab
+        # where the def has spaces: boschresearch/unetgan's BigGAN.py): parse it where it stands,
+        # under a block header, as the file's parser saw it inside its class
+        try:
+            body = ast.parse("if 1:\n" + raw).body[0].body
+        except SyntaxError:
+            return None
+    node = body[0] if body else None
     return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
 
 
