@@ -25,10 +25,11 @@ def restored(tensors: Iterable[torch.Tensor]):
 
 
 def running_state(module: torch.nn.Module) -> list[torch.Tensor]:
-    """What a forward may change in place: the buffers (running statistics, spectral-norm vectors),
-    the parameters without a gradient, and those a submodule names in ``running_parameters()``
-    (SAGAN's reference SpectralNorm keeps its u / v as Parameters and steps them on every forward;
-    a model's ``set_requires_grad(G, True)`` turns their requires_grad on with the rest)."""
+    """What a forward may change in place: the buffers (running statistics, spectral-norm vectors)
+    and the Parameters a submodule names in ``running_parameters()`` (SAGAN's reference
+    SpectralNorm keeps its u / v as Parameters and steps them on every forward; their requires_grad
+    says nothing: a model's ``set_requires_grad(G, True)`` turns it on with the rest, and an EMA
+    copy's frozen weights, which no forward changes, would be cloned for nothing)."""
     out = list(module.buffers())
     seen = {id(t) for t in out}
     for m in module.modules():
@@ -36,10 +37,6 @@ def running_state(module: torch.nn.Module) -> list[torch.Tensor]:
             if id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
-    for p in module.parameters():
-        if not p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
     return out
 
 

@@ -21,7 +21,6 @@ at run time: setup.py does that when it builds.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 _TRUE = ("1", "true", "yes", "on")
@@ -147,9 +146,11 @@ def get(name: str):
     return value
 
 
-def _dynamo_compiling() -> bool:
-    torch = sys.modules.get("torch")  # (setup.py reads settings, maybe before torch is installed)
-    return torch is not None and torch.compiler.is_dynamo_compiling()
+try:  # (setup.py reads settings, maybe before torch is installed)
+    from torch.compiler import is_dynamo_compiling as _dynamo_compiling
+except ImportError:  # pragma: no cover
+    def _dynamo_compiling() -> bool:
+        return False
 
 
 def get_or_default(name: str):

@@ -211,3 +211,16 @@ def test_to_image_truncates_as_the_reference_tensor2im():
     assert np.asarray(T.to_image(torch.tensor([[[-3.0, 3.0]]]))).tolist() == [[0, 255]]
     arr = np.arange(256, dtype=np.uint8).reshape(16, 16)
     assert np.array_equal(np.asarray(T.to_image(T.to_tensor(Image.fromarray(arr)))), arr)
+
+
+def test_truncated_checkpoint_is_called_damaged(tmp_path):
+    """A torch.save zip cut short (disk full, an interrupted copy) has no central directory:
+    it was reported as "not a checkpoint" (session 15 review); it is a damaged one."""
+    from ganengine.train import checkpoint as ckpt
+
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"format": ckpt.FORMAT, "x": torch.randn(10000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or damaged"):
+        ckpt.load(str(path))

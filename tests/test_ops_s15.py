@@ -149,3 +149,23 @@ def test_gan_loss_label_that_is_not_a_number_is_named(label, error):
         GF.gan_loss(torch.randn(2, 1, 4, 4), True, "lsgan", real_label=label)
     with pytest.raises(error, match="fake_label must be a number"):
         GF.discriminator_loss(torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), "vanilla", fake_label=label)
+
+
+def test_attention_map_path_compiles_whole_under_autocast():
+    """autocast_off first entered its contexts through an ExitStack, which Dynamo cannot trace:
+    SelfAttention2d(return_attention=True) under autocast broke torch.compile's graph (fullgraph
+    raised); plain ``with`` statements trace."""
+    torch._dynamo.reset()
+    m = gnn.SelfAttention2d(16, reduction=8)
+    x = torch.randn(2, 16, 4, 4)
+    f = torch.compile(lambda x: m(x, return_attention=True), backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, attn = f(x)
+        want, want_attn = m(x, return_attention=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(attn, want_attn)
+    from ganengine.ops.attention import attention_map
+
+    q = torch.randn(1, 2, 16)
+    assert attention_map(q=q, k=q).shape == (1, 16, 16)  # (keywords pass through the wrapper)
+    torch._dynamo.reset()

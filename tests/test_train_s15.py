@@ -216,3 +216,28 @@ def test_reference_dataset_mode_and_gpu_ids_are_refused_where_they_do_not_apply(
               "disagree")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     cli_error(capsys, _pix2pix(tmp_path, "--gpu_ids", "0"), "--gpu_ids 0", "no CUDA device", "--gpu_ids -1")
+
+
+def test_run_lock_taken_again_when_a_refused_run_removed_it(tmp_path, monkeypatch):
+    """A refused run's release() removes the folder it created (and its .lock) while still holding
+    the lock: a second trainer that had opened that .lock just before held a lock on a removed
+    file, and a third got the new one: two trainers in one folder. The second now locks again."""
+    import fcntl
+
+    from ganengine.train import checkpoint as ckpt
+
+    folder = str(tmp_path / "run")
+    first = ckpt.RunLock(folder).acquire()
+    real_flock = fcntl.flock
+
+    def flock_after_the_first_released(fd, op):
+        monkeypatch.setattr(ckpt.fcntl, "flock", real_flock)
+        first.release()  # (removes the folder: it created it and holds nothing else)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(ckpt.fcntl, "flock", flock_after_the_first_released)
+    second = ckpt.RunLock(folder).acquire()
+    assert os.fstat(second.fd).st_nlink == 1 and os.path.isdir(folder)
+    with pytest.raises(ckpt.CheckpointError, match="in use by another ganengine train"):
+        ckpt.RunLock(folder).acquire()
+    second.release()

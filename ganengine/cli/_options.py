@@ -9,6 +9,7 @@ fill in small-data defaults without overriding anything the user chose.
 from __future__ import annotations
 
 import argparse
+import os
 
 MODEL_NAMES = ("pix2pix", "cyclegan", "stargan", "stackgan", "csgan", "sagan", "biggan", "biggan_deep", "unetgan", "icgan",
                "dcgan", "wgan", "wgan_gp", "cgan", "acgan", "adcgan", "infogan")
@@ -283,10 +284,11 @@ def _gpu_ids(value: str) -> str:
     if nums == [-1]:
         return "cpu"
     if len(nums) > 1 or -1 in nums:
+        gpus = list(dict.fromkeys(n for n in nums if n >= 0))  # (in order, each once)
         raise argparse.ArgumentTypeError(
             f"{value!r}: several GPUs (the reference's DataParallel) are one process per GPU here: "
-            f"CUDA_VISIBLE_DEVICES={','.join(str(n) for n in nums if n >= 0)} torchrun --nproc_per_node "
-            f"{len([n for n in nums if n >= 0])} -m ganengine train ... (--batch_size is per process there, the "
+            f"CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))} torchrun --nproc_per_node "
+            f"{len(gpus)} -m ganengine train ... (--batch_size is per process there, the "
             "reference's is split over the GPUs); give -1 (CPU) or one GPU id")
     return f"cuda:{nums[0]}"
 
@@ -301,6 +303,10 @@ def reference_device(args) -> str:
     if device != "auto" and device != gpu.split(":")[0]:
         raise ValueError(f"--gpu_ids {'-1' if gpu == 'cpu' else gpu.split(':')[1]} (device {gpu}) and --device "
                          f"{device} disagree; give one of them")
+    if gpu.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # (torchrun: each process trains on its LOCAL_RANK's GPU; choose them with CUDA_VISIBLE_DEVICES)
+        raise ValueError(f"--gpu_ids {gpu.split(':')[1]} under torchrun: each process uses the GPU of its "
+                         "LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES and leave --gpu_ids out")
     if gpu.startswith("cuda"):
         import torch
 

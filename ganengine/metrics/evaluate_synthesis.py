@@ -190,8 +190,8 @@ def _cuda_devices(model) -> list:
 
 @contextlib.contextmanager
 def _model_state_kept(model, seed: int):
-    """Seeded draws that leave the training's RNG streams and the networks' buffers (and their
-    parameters without gradients: SAGAN's spectral-norm u / v) as they were."""
+    """Seeded draws that leave the training's RNG streams and the networks' running state
+    (buffers; SAGAN's spectral-norm u / v Parameters: ``_state.running_state``) as they were."""
     with torch.random.fork_rng(devices=_cuda_devices(model)), \
             restored([t for net in _networks(model) for t in running_state(net)]):
         torch.manual_seed(seed)

@@ -40,8 +40,8 @@ def class_indices(label: torch.Tensor, n_classes: int, owner: str) -> torch.Tens
 
 
 def preserved_buffers(net: nn.Module):
-    """Run ``net`` (in training mode, say) and put its buffers (and parameters without gradients,
-    such as SAGAN's spectral-norm u / v) back afterwards."""
+    """Run ``net`` (in training mode, say) and put its running state (buffers; SAGAN's
+    spectral-norm u / v Parameters: ``_state.running_state``) back afterwards."""
     return restored(running_state(net))
 
 

@@ -25,8 +25,6 @@ import torch
 
 from ganengine import _ext, backends
 
-# folded to True while Dynamo traces (the caches below are not read there), False otherwise
-dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 log = logging.getLogger("ganengine.dispatch")
 
@@ -90,14 +88,14 @@ class BackendFallbackError(RuntimeError):
 _EXT_REASON: dict = {}  # (op, device type) -> ext_reason's answer: fixed once the extension is loaded
 
 
+@torch.compiler.assume_constant_result  # (see _serves)
 def ext_reason(op: str, device: torch.device) -> str | None:
     """None if ganengine._C has a kernel for ``op`` on ``device``, else why not (asked per call of
     every op, once per backend: answered from a cache)."""
-    if not dynamo_compiling():  # (Dynamo neither reads nor fills the cache: see _serves)
-        try:
-            return _EXT_REASON[(op, device.type)]
-        except KeyError:
-            pass
+    try:
+        return _EXT_REASON[(op, device.type)]
+    except KeyError:
+        pass
     key = "CUDA" if device.type == "cuda" else "CPU"
     if not _ext.loaded():
         why = "ganengine._C is not built"
@@ -105,8 +103,7 @@ def ext_reason(op: str, device: torch.device) -> str | None:
         why = f"ganengine._C has no {key} kernel for {op}"
     else:
         why = None
-    if not dynamo_compiling():
-        _EXT_REASON[(op, device.type)] = why
+    _EXT_REASON[(op, device.type)] = why
     return why
 
 
@@ -135,16 +132,16 @@ def _fallback(op: str, wanted: str, reason: str) -> None:
 # (backend, device type, serves function) -> whether the backend serves that device type here: fixed
 # for a process (the extension, Triton's import and interpreter mode, CUDA's presence), and asked on
 # every call of every op (~1.5 us each for triton, which reads the environment); keyed on
-# backends.serves itself so that a test replacing it is seen. Dynamo's trace asks backends.serves
-# itself: it guards on what it reads of a dict and on what it writes to one, and the op's eager run
-# (its real implementation, or its backward) changes both: one recompile per process, also under
+# backends.serves itself so that a test replacing it is seen. These lookups are constants to
+# Dynamo (assume_constant_result: it calls them while it traces and keeps the answer, no guard;
+# for eager a mark on the function, no wrapper): traced, it guarded on what it read of the dict
+# and wrote to it, which the op's eager run then changed: one recompile per process, also under
 # dynamic=True.
 _SERVED: dict = {}
 
 
+@torch.compiler.assume_constant_result
 def _serves(name: str, device: torch.device) -> bool:
-    if dynamo_compiling():
-        return backends.serves(name, device)
     key = (name, device.type, backends.serves)
     found = _SERVED.get(key)
     if found is None:
@@ -205,11 +202,11 @@ def choose(op: str, x: torch.Tensor, verdicts: dict[str, str | None], variant: s
     return _chose(op, "torch")
 
 
+@torch.compiler.assume_constant_result
 def _chose(op: str, name: str) -> str:
-    """Record ``name`` as the backend of the last eager call of ``op``: not from Dynamo's trace,
-    which would guard on the dict's contents (a recompile once an eager call changes them)."""
-    if not dynamo_compiling():
-        last_used[op] = name
+    """Record ``name`` as the backend of the last call of ``op`` (a constant to Dynamo, which
+    otherwise guarded on the dict's contents: a recompile once an eager call changed them)."""
+    last_used[op] = name
     return name
 
 

@@ -18,7 +18,6 @@ numbers are the same either way: one body, one backward.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -61,13 +60,11 @@ def _autocast_off(run, ctx, grads):
     return run_without_autocast(run, ctx, *grads)
 
 
-def run_without_autocast(fn, *args):
-    """``fn(*args)`` with autocast off on every device where it is on."""
-    with contextlib.ExitStack() as stack:
-        for device in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
-        return fn(*args)
+def run_without_autocast(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with autocast off (both device types: plain ``with`` statements,
+    which Dynamo traces; an ExitStack of them broke torch.compile's graph)."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        return fn(*args, **kwargs)
 
 
 def autocast_off(fn):
@@ -75,10 +72,10 @@ def autocast_off(fn):
     backends' fp32 accumulation of half inputs), which autocast would cast back (``torch.bmm``
     to bf16 under CPU autocast). A custom op's body sees the caller's autocast state."""
     @functools.wraps(fn)
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         if _any_autocast():
-            return run_without_autocast(fn, *args)
-        return fn(*args)
+            return run_without_autocast(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
     return wrapped
 
 

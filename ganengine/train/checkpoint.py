@@ -291,21 +291,36 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if fcntl is None or self.fd is not None:
             return self
-        try:
-            self.created = not os.path.isdir(self.folder)
-            os.makedirs(self.folder, exist_ok=True)
-            fd = os.open(os.path.join(self.folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise CheckpointError(f"cannot use {self._what()} {self.folder!r} ({exc.strerror or exc}). Check that it "
-                                  f"is writable, or pick another {self.option}.") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        path = os.path.join(self.folder, ".lock")
+        for _ in range(100):
+            try:
+                self.created = not os.path.isdir(self.folder)
+                os.makedirs(self.folder, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # (the folder went between makedirs and open: a refused run's cleanup)
+                continue
+            except OSError as exc:
+                raise CheckpointError(f"cannot use {self._what()} {self.folder!r} ({exc.strerror or exc}). Check that "
+                                      f"it is writable, or pick another {self.option}.") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CheckpointError(f"{self._what()} {self.folder!r} is in use by another ganengine train (pid "
+                                      f"{holder}): two runs would overwrite each other's files. Use another "
+                                      f"{self.option.split(' / ')[-1]}, or wait for / stop that run.") from None
+            # the lock is the file now at `path`: one a refused run removed (release) after this
+            # process opened it locks nothing, so take the lock again on the new one
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise CheckpointError(f"{self._what()} {self.folder!r} is in use by another ganengine train (pid {holder}): "
-                                  "two runs would overwrite each other's files. Use another "
-                                  f"{self.option.split(' / ')[-1]}, or wait for / stop that run.") from None
+        else:
+            raise CheckpointError(f"cannot lock {self._what()} {self.folder!r}: its .lock file keeps being removed "
+                                  f"(another process?); pick another {self.option}.")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -333,16 +348,26 @@ class RunLock:
 
 
 def _torch_save_file(path: str) -> bool | None:
-    """Whether ``path`` is in a format torch.save writes (a zip archive, or a legacy pickle,
-    which opens with the pickle protocol byte 0x80); None when it cannot be read."""
-    import zipfile
-
+    """Whether ``path`` is in a format torch.save writes (a zip archive, also one cut short, which
+    opens with the zip signature; or a legacy pickle, which opens with the pickle protocol byte
+    0x80); None when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            head = f.read(2)
-        return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+            head = f.read(4)
     except OSError:
         return None
+    return head == _ZIP_SIGNATURE or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+_ZIP_SIGNATURE = b"PK\x03\x04"
+
+
+def _starts_with_zip_signature(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _ZIP_SIGNATURE
+    except OSError:
+        return False
 
 
 def _load_error(path: str, exc: Exception) -> str:
@@ -367,6 +392,11 @@ def _load_error(path: str, exc: Exception) -> str:
         reason = "the weights-only loader refused it: " + (detail[0].strip() if detail else "unsupported content")
     else:
         reason = reason.strip().splitlines()[0] if reason.strip() else ""
+        import zipfile
+
+        if _starts_with_zip_signature(path) and not zipfile.is_zipfile(path):  # (no central directory)
+            return (f"checkpoint {path!r} is truncated or damaged (a zip archive as torch.save writes, "
+                    f"cut short or corrupted: {type(exc).__name__}: {reason}); {expected}, whole")
     return (f"cannot load checkpoint {path!r} with weights_only=True ({type(exc).__name__}: {reason}); "
             f"{expected}")
 

@@ -618,7 +618,7 @@ class Trainer:
             return None
         attrs = self.cfg.data_options.get("selected_attrs") or self.cfg.data_options.get("classes")  # row names
         devices = [self.device] if self.device.type == "cuda" else []
-        # (the networks' buffers and gradient-free parameters as they were: a grid in train mode
+        # (the networks' running state as they were (_state.running_state): a grid in train mode
         # would move batch-norm statistics and spectral-norm vectors (SAGAN's are Parameters), so
         # the run's state would depend on --sample_every, and a run extended with --resume would
         # differ from an uninterrupted one by its end-of-run grid)
