@@ -39,7 +39,7 @@ def env_flag(name: str):
 
 
 def find_cuda_home() -> str | None:
-    """The CUDA toolkit root, also when `nvcc` on PATH is a wrapper script (see NOTES.md)."""
+    """The CUDA toolkit root, also when `nvcc` on PATH is a wrapper script (a wrapper's --dryrun names the real toolkit)."""
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = shutil.which("nvcc")

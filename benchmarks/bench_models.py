@@ -103,6 +103,8 @@ def build(name: str, opts: dict, size: int):
             if size not in (128, 256):
                 raise SystemExit(f"pix2pix's U-Nets take 256x256 (unet_256) or 128x128 (unet_128) images, not {size}")
             extra["netG"] = "unet_128" if size == 128 else "unet_256"
+    if model_name == "dcgan" and size != 64:  # (its reference networks: 64x64 only)
+        raise SystemExit(f"dcgan's reference networks (pytorch/examples) take 64x64 images only, not {size}")
     if model_name == "stargan":
         extra["image_size"] = size
     if model_name in SYNTHESIS and model_name != "dcgan":
