@@ -241,3 +241,24 @@ def test_run_lock_taken_again_when_a_refused_run_removed_it(tmp_path, monkeypatc
     with pytest.raises(ckpt.CheckpointError, match="in use by another ganengine train"):
         ckpt.RunLock(folder).acquire()
     second.release()
+
+
+def test_cuda_graphs_options_are_named(tmp_path, capsys):
+    """--cuda_graphs on a double-backward model was refused naming only --compile, and --cuda_graphs
+    with --compile max-autotune-no-cudagraphs silently became reduce-overhead."""
+    from ganengine.cli import main
+
+    base = ["train", "stargan"] + TINY_FLAGS["stargan"].split() + ["--checkpoints_dir", str(tmp_path), "--name", "r",
+                                                                   "--max_steps", "1", "--no_progress",
+                                                                   "--tensorboard", "off", "--device", "cpu"]
+    assert main(base + ["--cuda_graphs", "--compile", "max-autotune-no-cudagraphs"]) == 2
+    assert "--cuda_graphs is --compile reduce-overhead" in capsys.readouterr().err
+    from ganengine.cli import build_parser
+    from ganengine.cli.train import make_config
+
+    cfg, _ = make_config(build_parser().parse_args(base + ["--cuda_graphs"]))
+    from ganengine.train.engine import Trainer
+
+    cfg.device = "cpu"
+    with pytest.raises(ValueError, match="--cuda_graphs / --compile reduce-overhead"):
+        Trainer(cfg)

@@ -473,6 +473,9 @@ def make_config(args):
         if not os.path.isfile(resume):
             raise ValueError(f"--resume_iters {args.resume_iters}: {resume!r} does not exist (checkpoints of "
                              f"--name {name!r} are saved every --save_every steps; --resume alone takes the newest)")
+    if args.cuda_graphs and args.compile not in (None, "default", "reduce-overhead"):
+        raise ValueError(f"--cuda_graphs is --compile reduce-overhead: it cannot be given with --compile {args.compile} "
+                         "(another mode); give one of them")
     cfg = TrainConfig(
         model=args.model, model_options=model_opts, data_options=data_opts, run_dir=run_dir, log_dir=args.log_dir,
         batch_size=engine["batch_size"], n_epochs=engine["n_epochs"], n_epochs_decay=engine["n_epochs_decay"],
