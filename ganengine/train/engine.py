@@ -291,7 +291,7 @@ class Trainer:
         self.model.check_batch_size(cfg.batch_size)  # (before the run folder is touched)
         if cfg.compile and self.model.double_backward:
             flag = "--cuda_graphs / --compile reduce-overhead" if cfg.compile == "reduce-overhead" else "--compile"
-            raise ValueError(f"{flag} (torch.compile): {cfg.model} {self.model.double_backward}, a double backward, "
+            raise ValueError(f"{flag}: {cfg.model} {self.model.double_backward}, a double backward, "
                              f"which torch.compile's AOTAutograd cannot differentiate; train it without {flag}")
         if cfg.sample_every > 0 and hasattr(self.model, "check_sample_count"):  # (the grids: num_samples per call)
             self.model.check_sample_count(cfg.num_samples, "--num_samples (images per sample grid row)")
