@@ -319,6 +319,9 @@ def test_stackgan_batch_of_one_is_one_clear_line(tmp_path, capsys):
     assert "at least 2 images" in err and "--batch_size 2" in err and "Traceback" not in err
     # refused before anything was written: the fresh --name leaves no folder behind (it held a .lock)
     assert not (tmp_path / "b1").exists()
+    argv[argv.index("--checkpoints_dir") + 1] = str(tmp_path / "fresh" / "ck")  # nor a fresh --checkpoints_dir
+    assert main(argv) == 2
+    assert not (tmp_path / "fresh").exists()
 
 
 @pytest.mark.parametrize("model, flags", [("wgan", "--img_size 8 --latent_dim 4"), ("stackgan", None)])

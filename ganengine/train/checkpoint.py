@@ -280,6 +280,18 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
+def _missing_folders(folder: str) -> list[str]:
+    """``folder`` and its ancestors that do not exist yet, innermost first (what makedirs makes)."""
+    out, f = [], os.path.abspath(folder)
+    while not os.path.isdir(f):
+        out.append(f)
+        parent = os.path.dirname(f)
+        if parent == f:
+            break
+        f = parent
+    return out
+
+
 class RunLock:
     """An exclusive lock on a run folder for one trainer (``folder/.lock``, flock). A second
     trainer on the same folder gets a CheckpointError naming the holder's pid."""
@@ -287,6 +299,7 @@ class RunLock:
     def __init__(self, folder: str, option: str = "--checkpoints_dir / --name"):
         self.folder, self.fd, self.option = folder, None, option  # (the option naming the folder)
         self.created = False  # whether acquire() made the folder (release() then removes it if still empty)
+        self.made = []  # the folders acquire() made, innermost first (the folder, then e.g. --checkpoints_dir)
 
     def acquire(self) -> "RunLock":
         if fcntl is None or self.fd is not None:
@@ -294,7 +307,8 @@ class RunLock:
         path = os.path.join(self.folder, ".lock")
         for _ in range(100):
             try:
-                self.created = not os.path.isdir(self.folder)
+                self.made = _missing_folders(self.folder)
+                self.created = bool(self.made)
                 os.makedirs(self.folder, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # (the folder went between makedirs and open: a refused run's cleanup)
@@ -336,9 +350,11 @@ class RunLock:
             try:
                 os.ftruncate(fd, 0)
                 if self.created and os.listdir(self.folder) == [".lock"]:
-                    # a run refused before it wrote anything leaves no folder behind (still holding the lock)
+                    # a run refused before it wrote anything leaves no folder behind (still holding the
+                    # lock), nor the empty parents it made (a fresh --checkpoints_dir)
                     os.unlink(os.path.join(self.folder, ".lock"))
-                    os.rmdir(self.folder)
+                    for folder in self.made:
+                        os.rmdir(folder)  # (OSError once one is not empty: the rest stay)
             except OSError:
                 pass
             os.close(fd)  # (closing releases the flock)
