@@ -343,19 +343,6 @@ def _check_size(model, name: str, opts: dict, reader: _Reader, size: int, device
                      f"({why})")
 
 
-def _new_folders(path: str) -> list[str]:
-    """The folders of ``path`` (itself and its parents) that do not exist yet, deepest first."""
-    out = []
-    part = os.path.abspath(path)
-    while not os.path.exists(part):
-        out.append(part)
-        parent = os.path.dirname(part)
-        if parent == part:
-            break
-        part = parent
-    return out
-
-
 def _run(args) -> int:
     from ganengine.train.checkpoint import load_model
 
@@ -367,7 +354,9 @@ def _run(args) -> int:
     name, opts, data = state["model"], state["options"], state.get("data", {})
     _check_model(name, args)  # before the output folder is made
     model.to(device)
-    made = _new_folders(args.output)
+    from ganengine.train.checkpoint import missing_folders
+
+    made = missing_folders(args.output)
     written: list[str] = []
     try:
         _translate(args, model, name, opts, data, device, written)

@@ -280,10 +280,11 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
-def _missing_folders(folder: str) -> list[str]:
-    """``folder`` and its ancestors that do not exist yet, innermost first (what makedirs makes)."""
+def missing_folders(folder: str) -> list[str]:
+    """``folder`` and its ancestors that do not exist yet, innermost first (what makedirs makes;
+    what a refused run removes again: RunLock, ``ganengine translate``)."""
     out, f = [], os.path.abspath(folder)
-    while not os.path.isdir(f):
+    while not os.path.exists(f):
         out.append(f)
         parent = os.path.dirname(f)
         if parent == f:
@@ -307,7 +308,7 @@ class RunLock:
         path = os.path.join(self.folder, ".lock")
         for _ in range(100):
             try:
-                self.made = _missing_folders(self.folder)
+                self.made = missing_folders(self.folder)
                 self.created = bool(self.made)
                 os.makedirs(self.folder, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
