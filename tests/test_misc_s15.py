@@ -176,12 +176,13 @@ def test_gradient_penalty_of_a_float64_model(make):
 
 
 def test_gradient_penalty_inputs_widen_half_but_keep_float64():
-    from ganengine.models import sagan, stargan, wgan
+    from ganengine.models import base, sagan, stargan, wgan
 
-    for mod in (sagan, wgan, stargan):
-        assert mod._at_least_fp32(torch.zeros(1, dtype=torch.float16)).dtype == torch.float32
-        assert mod._at_least_fp32(torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.float32
-        assert mod._at_least_fp32(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    for mod in (sagan, wgan, stargan):  # (the three penalties' one helper)
+        assert mod.at_least_fp32 is base.at_least_fp32
+        assert mod.at_least_fp32(torch.zeros(1, dtype=torch.float16)).dtype == torch.float32
+        assert mod.at_least_fp32(torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.float32
+        assert mod.at_least_fp32(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- U-Net GAN --reference

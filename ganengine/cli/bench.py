@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ganengine.bench import machine, registry, report, runner
-    from ganengine.cli._io import writable_dir
+    from ganengine.cli._io import device_or_error, writable_dir
 
     if args.list:
         for case in registry.all_cases().values():
@@ -81,9 +81,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:  # --dtype and --device before anything is measured or the output folder is created
         runner.parse_dtype(args.dtype)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here: expected --device cpu "
-                             "(or leave --device out)")
+        device_or_error(device)
     except ValueError as exc:
         msg = str(exc).replace("dtype must be", "--dtype must be", 1)
         print(f"ganengine bench: error: {msg}", file=sys.stderr)

@@ -50,10 +50,8 @@ def _check_backend(backend: str, device: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ganengine.bench.profile import markdown, resolve_target, run_profile
-    from ganengine.cli._io import writable_dir
+    from ganengine.cli._io import device_or_error, writable_dir
     from ganengine.ops._dispatch import BackendFallbackError
 
     try:  # the options and the output folder, before the model is built and run
@@ -63,9 +61,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--warmup must be >= 0 (unprofiled steps first), got {args.warmup}")
         if args.top < 1:
             raise ValueError(f"--top must be >= 1 (rows in the operator table), got {args.top}")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here: expected --device cpu "
-                             "(or leave --device out)")
+        if args.device is not None:
+            device_or_error(args.device)
         _check_backend(args.backend, args.device)
         resolve_target(args.model)
         writable_dir(args.output, "--output")

@@ -76,6 +76,12 @@ def per_image_in_training_mode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net(x)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half / bfloat16 (the gradient penalty's squared norms overflow
+    fp16 under autocast), else as it is: a float64 model's penalty stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def set_requires_grad(nets: nn.Module | Iterable[nn.Module | None], requires_grad: bool) -> None:
     """The reference's set_requires_grad: freeze/unfreeze whole networks between phases."""
     if isinstance(nets, nn.Module):

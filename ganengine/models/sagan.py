@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, average_gradients, set_requires_grad
+from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, at_least_fp32, average_gradients,
+                                   set_requires_grad)
 from ganengine.models.networks_sagan import SAGANDiscriminator, SAGANGenerator
 from ganengine.models.synthesis_tools import latent_optimise, unwrap
 
@@ -27,12 +28,6 @@ def check_latent_options(owner: str, o: dict) -> None:
         raise ValueError(f"{owner}: lo_steps must be an int >= 1, got {o['lo_steps']!r}")
     if float(o["lo_beta"]) <= 0:
         raise ValueError(f"{owner}: lo_beta must be > 0, got {o['lo_beta']!r}")
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is half / bfloat16 (the gradient penalty's squared norms overflow
-    fp16 under autocast), else as it is: a float64 model's penalty stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class SAGAN(GANModel):
@@ -122,7 +117,7 @@ class SAGAN(GANModel):
             # runs on the bare D and its gradients are averaged over the processes here
             d_net = unwrap(self.D)
             with torch.autocast(real.device.type, enabled=False):  # squared gradient norms: fp32
-                d_loss_gp = GF.gradient_penalty(d_net, _at_least_fp32(real), _at_least_fp32(fake), weight=1.0)
+                d_loss_gp = GF.gradient_penalty(d_net, at_least_fp32(real), at_least_fp32(fake), weight=1.0)
             ctx.zero_grad(opt_D)
             ctx.backward(o["lambda_gp"] * d_loss_gp, "D")
             average_gradients(d_net, self.D)

@@ -16,14 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import ganengine.functional as GF
-from ganengine.models.base import DEFAULT_CONTEXT, GANModel, StepContext, iteration_decay_lambda, set_requires_grad
+from ganengine.models.base import (DEFAULT_CONTEXT, GANModel, StepContext, at_least_fp32, iteration_decay_lambda,
+                                   set_requires_grad)
 from ganengine.models.networks_stargan import StarGANDiscriminator, StarGANGenerator
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is half / bfloat16 (the gradient penalty's squared norms overflow
-    fp16 under autocast), else as it is: a float64 model's penalty stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class StarGAN(GANModel):
@@ -135,7 +130,7 @@ class StarGAN(GANModel):
             d_loss_fake = self.losses.gan_loss(out_src, False, "wgangp")
         # the penalty in fp32 even under AMP (its squared gradient norms overflow fp16)
         with torch.autocast(x_real.device.type, enabled=False):
-            d_loss_gp = GF.gradient_penalty(self.D, _at_least_fp32(x_real), _at_least_fp32(x_fake), weight=1.0)
+            d_loss_gp = GF.gradient_penalty(self.D, at_least_fp32(x_real), at_least_fp32(x_fake), weight=1.0)
         d_loss = d_loss_real + d_loss_fake + o["lambda_cls"] * d_loss_cls + o["lambda_gp"] * d_loss_gp
         ctx.zero_grad(opt_D)
         ctx.zero_grad(opt_G)

@@ -26,16 +26,10 @@ from torch import nn
 
 import ganengine.functional as GF
 from ganengine.models._common import check_finite_nonnegative
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext, at_least_fp32, set_requires_grad
 from ganengine.models.fused_rmsprop import FusedRMSprop
 from ganengine.models.networks_pytorch_gan import WGANGPDiscriminator, WGANGPGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is half / bfloat16 (the gradient penalty's squared norms overflow
-    fp16 under autocast), else as it is: a float64 model's penalty stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class _BatchNormRepeat:
@@ -180,7 +174,7 @@ class WGANGP(_Wasserstein):
     def _critic_loss(self, real, fake):
         adv = self._wasserstein(real, fake)
         with torch.autocast(real.device.type, enabled=False):  # the squared gradient norms in fp32
-            gp = GF.gradient_penalty(self.D, _at_least_fp32(real), _at_least_fp32(fake), weight=1.0)
+            gp = GF.gradient_penalty(self.D, at_least_fp32(real), at_least_fp32(fake), weight=1.0)
         return adv + self.options["lambda_gp"] * gp, {"GP": gp}
 
 

@@ -25,7 +25,6 @@ import torch
 
 from ganengine import _ext, backends
 
-
 log = logging.getLogger("ganengine.dispatch")
 
 # auto order per device type; "torch" is always the last resort

@@ -52,17 +52,13 @@ def plain_eager(*tensors) -> bool:
 _any_autocast = torch._C._is_any_autocast_enabled
 
 
-def _autocast_off(run, ctx, grads):
-    """``run(ctx, *grads)`` with autocast off: a backward called inside an autocast region (the
-    engine runs it on the caller's thread, autocast's state with it) must not have its ops cast
-    again (CPU autocast runs reflection_pad2d in fp32: the conv3x3 backward's re-padded bf16 input
-    came out fp32 beside a bf16 weight). Eager's own backward kernels run below autocast."""
-    return run_without_autocast(run, ctx, *grads)
-
-
 def run_without_autocast(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` with autocast off (both device types: plain ``with`` statements,
-    which Dynamo traces; an ExitStack of them broke torch.compile's graph)."""
+    which Dynamo traces; an ExitStack of them broke torch.compile's graph). A backward called
+    inside an autocast region (the engine runs it on the caller's thread, autocast's state with
+    it) must not have its ops cast again (CPU autocast runs reflection_pad2d in fp32: the conv3x3
+    backward's re-padded bf16 input came out fp32 beside a bf16 weight); eager's own backward
+    kernels run below autocast."""
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
         return fn(*args, **kwargs)
 
@@ -80,14 +76,14 @@ def autocast_off(fn):
 
 
 def without_autocast(run):
-    """A Function backward ``run(ctx, *grads)`` that runs with autocast off (see _autocast_off);
+    """A Function backward ``run(ctx, *grads)`` that runs with autocast off (run_without_autocast);
     ``run`` itself if it already does."""
     if getattr(run, "_autocast_off", False):
         return run
 
     def backward(ctx, *grads):
         if _any_autocast():
-            return _autocast_off(run, ctx, grads)
+            return run_without_autocast(run, ctx, *grads)
         return run(ctx, *grads)
     backward._autocast_off = True
     return backward

@@ -299,8 +299,8 @@ class RunLock:
 
     def __init__(self, folder: str, option: str = "--checkpoints_dir / --name"):
         self.folder, self.fd, self.option = folder, None, option  # (the option naming the folder)
-        self.created = False  # whether acquire() made the folder (release() then removes it if still empty)
-        self.made = []  # the folders acquire() made, innermost first (the folder, then e.g. --checkpoints_dir)
+        self.made = []  # the folders acquire() made, innermost first (the folder, then e.g. --checkpoints_dir):
+        # release() removes them again while the lock file is all they hold
 
     def acquire(self) -> "RunLock":
         if fcntl is None or self.fd is not None:
@@ -309,7 +309,6 @@ class RunLock:
         for _ in range(100):
             try:
                 self.made = missing_folders(self.folder)
-                self.created = bool(self.made)
                 os.makedirs(self.folder, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # (the folder went between makedirs and open: a refused run's cleanup)
@@ -350,7 +349,7 @@ class RunLock:
             fd, self.fd = self.fd, None
             try:
                 os.ftruncate(fd, 0)
-                if self.created and os.listdir(self.folder) == [".lock"]:
+                if self.made and os.listdir(self.folder) == [".lock"]:
                     # a run refused before it wrote anything leaves no folder behind (still holding the
                     # lock), nor the empty parents it made (a fresh --checkpoints_dir)
                     os.unlink(os.path.join(self.folder, ".lock"))
@@ -364,27 +363,22 @@ class RunLock:
         self.release()
 
 
-def _torch_save_file(path: str) -> bool | None:
-    """Whether ``path`` is in a format torch.save writes (a zip archive, also one cut short, which
-    opens with the zip signature; or a legacy pickle, which opens with the pickle protocol byte
-    0x80); None when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return None
-    return head == _ZIP_SIGNATURE or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
 _ZIP_SIGNATURE = b"PK\x03\x04"
 
 
-def _starts_with_zip_signature(path: str) -> bool:
+def _file_head(path: str, n: int = 24) -> bytes | None:
+    """The first ``n`` bytes of ``path``; None when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == _ZIP_SIGNATURE
+            return f.read(n)
     except OSError:
-        return False
+        return None
+
+
+def _torch_save_head(head: bytes) -> bool:
+    """Whether a file opening with ``head`` is in a format torch.save writes: a zip archive (also
+    one cut short: the signature) or a legacy pickle (the pickle protocol byte 0x80)."""
+    return head.startswith(_ZIP_SIGNATURE) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _load_error(path: str, exc: Exception) -> str:
@@ -393,12 +387,8 @@ def _load_error(path: str, exc: Exception) -> str:
     and unsafe for an untrusted pickle); otherwise the first line of torch's reason, without it."""
     expected = ("expected a ganengine training checkpoint (a step_*.pt / latest.pt file written by "
                 "`ganengine train`, or its run folder)")
-    if _torch_save_file(path) is False:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(24)
-        except OSError:
-            head = b""
+    head = _file_head(path)
+    if head is not None and not _torch_save_head(head):
         what = f"it starts with {head!r}" if head else "it is empty"
         return (f"{path!r} is not a checkpoint: it is neither a zip archive nor a pickle as torch.save writes "
                 f"({what}); {expected}")
@@ -411,7 +401,7 @@ def _load_error(path: str, exc: Exception) -> str:
         reason = reason.strip().splitlines()[0] if reason.strip() else ""
         import zipfile
 
-        if _starts_with_zip_signature(path) and not zipfile.is_zipfile(path):  # (no central directory)
+        if head is not None and head.startswith(_ZIP_SIGNATURE) and not zipfile.is_zipfile(path):  # (no central directory)
             return (f"checkpoint {path!r} is truncated or damaged (a zip archive as torch.save writes, "
                     f"cut short or corrupted: {type(exc).__name__}: {reason}); {expected}, whole")
     return (f"cannot load checkpoint {path!r} with weights_only=True ({type(exc).__name__}: {reason}); "
