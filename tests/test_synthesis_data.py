@@ -44,8 +44,9 @@ def test_phase_subfolder_is_used_when_present(folders):
     _png(str(folders / "train" / "a" / "0.png"))
     ds = ClassFolderDataset(str(folders), 8, phase="train")  # DATAROOT/train/<class>/
     assert ds.classes == ["a"] and len(ds) == 1
-    ds = ClassFolderDataset(str(folders), 8, phase="test")  # no DATAROOT/test: the root holds the classes
-    assert ds.classes == ["apple", "mango", "train", "zebra"]
+    # no DATAROOT/test: an error naming it (not the split folders read as classes)
+    with pytest.raises(DataError, match=r"test' does not exist.*split folder\(s\) train"):
+        ClassFolderDataset(str(folders), 8, phase="test")
 
 
 def test_bad_layouts_are_reported_before_training(tmp_path):

@@ -160,11 +160,14 @@ def check_metric_counts(args, metrics) -> None:
         raise ValueError(f"--kid_subset_size must be >= 2 (samples per KID subset), got {args.kid_subset_size}")
 
 
-def _default_phase(model_name: str, root: str) -> str:
+def _default_phase(model_name: str, root: str, data_options: dict | None = None) -> str:
     if model_name == "pix2pix":
         return "test" if os.path.isdir(os.path.join(root, "test")) else "val"
     if model_name == "cyclegan":
         return "test" if os.path.isdir(os.path.join(root, "testA")) else "val"
+    if (data_options or {}).get("domains"):  # StarGAN on RaFD-style folders: DATAROOT/test/, else val/
+        return "val" if not os.path.isdir(os.path.join(root, "test")) and os.path.isdir(os.path.join(root, "val")) \
+            else "test"
     return "test"
 
 
@@ -176,7 +179,7 @@ def make_eval_loader(model, data_options: dict, dataroot: str | None, phase: str
 
     name = model.MODEL_NAME
     root = dataroot or data_options.get("dataroot") or data.sample_root(name)
-    phase = phase or _default_phase(name, root)
+    phase = phase or _default_phase(name, root, data_options)
     options = {**(getattr(model, "options", {}) or {}), **data_options}
     options.update(dataroot=root, phase=phase, serial_batches=True, no_flip=True)
     from ganengine.data.images import missing_data_hint

@@ -287,6 +287,8 @@ def resolve(args) -> tuple[dict, dict, dict, list[str]]:
             setattr(args, k, v)
     model_opts = {k: getattr(args, k) for k in args._model_options if getattr(args, k, None) is not None}
     data = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
+    if data.get("dataroot"):  # (recorded absolute: sample / evaluate / translate may run from another folder)
+        data["dataroot"] = os.path.abspath(data["dataroot"])
     engine = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
     engine.setdefault("sample_every", 500)
     engine.setdefault("save_every", 5000)

@@ -6,9 +6,12 @@
 
 ``--checkpoint`` takes a training checkpoint or a run folder (its newest checkpoint). Images are
 read as the model's held-out data is (``ganengine sample`` / ``evaluate``): pix2pix, CycleGAN and
-CSGAN with the training's ``--preprocess`` resize (``--load_size``), the centre ``--crop_size`` crop
-and no flip, grayscale where that side has 1 channel; StarGAN with the centre crop then the resize
-to ``--image_size``. ``--size S`` resizes that preprocessed input to S x S (a size the networks
+CSGAN with the reference's test transform of the training's ``--preprocess`` (its test options set
+``--load_size`` to ``--crop_size``: ``resize_and_crop`` resizes the whole image to ``--crop_size``,
+``scale_width`` scales its width to it; ``--load_size`` is not used), any crop left
+(``crop``, ``scale_width_and_crop``) taken at the centre, no flip, grayscale where that side has 1
+channel; ``--aligned`` A|B pairs cut as the held-out dataset cuts them; StarGAN with the centre
+crop then the resize to ``--image_size``. ``--size S`` resizes that preprocessed input to S x S (a size the networks
 cannot take is refused). The results are written as PNG under the input file names. StarGAN without
 ``--target_attrs`` writes one row per image: the input and its translation to every domain, the
 reference test's create_labels from the image's own labels (those of the training data's attribute
@@ -36,8 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--input", help="an image or a folder of images (pix2pix, cyclegan, stargan)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--size", type=int, default=None,
-                   help="resize inputs to SIZE x SIZE after the training's preprocessing (resize and centre crop; "
-                        "default: the size that preprocessing gives, the training size)")
+                   help="resize inputs to SIZE x SIZE after the held-out preprocessing (the reference's test "
+                        "transform, see above; default: the size it gives, the training size)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are A|B pairs side by side (pix2pix test sets): translate the half the generator "
                         "takes (A; B with --direction BtoA; the other half with --reverse)")
@@ -109,19 +112,24 @@ class _Reader:
         from ganengine.data.images import _open
 
         img = _open(path).convert("RGB")
+        params_size = img.size
         if self.aligned:
+            from ganengine.data.paired import split_pair
+
             w, h = img.size
-            half = w // 2
-            if half < 1:
+            if w < 2:
                 raise UsageError(f"--aligned: {path!r} is {w}x{h}: an aligned pair holds A and B side by side "
                                  "(width 2*height)")
-            img = img.crop((0, 0, half, h)) if self.left else img.crop((half, 0, 2 * half, h))
+            # (the halves as the held-out dataset cuts them, and any crop where it crops A, as it does
+            # for both halves: an odd width's B as evaluate / sample read it)
+            a, b = split_pair(img, self.transform if self.name != "stargan" else None)
+            img, params_size = (a if self.left else b), a.size
         g = _generator()
         if self.name == "stargan":  # centre crop, resize (the reference's test transform)
             return T.stargan(img, self.crop, self.size or self.image_size, False, g)
         if self.nc == 1:
             img = img.convert("L")
-        x = T.apply(img, self.transform, T.get_params(img.size, self.transform, g))
+        x = T.apply(img, self.transform, T.get_params(params_size, self.transform, g))
         if self.size and tuple(x.shape[-2:]) != (self.size, self.size):
             x = T.to_tensor(T.to_image(x).resize((self.size, self.size), self.transform.resample))
         return x

@@ -54,7 +54,8 @@ def build_dataset(model: str, options, phase: str | None = None):
     Options read: dataroot (None: built-in sample data), phase, preprocess, load_size, crop_size,
     no_flip, direction, input_nc, output_nc, serial_batches, cache_images; StarGAN: dataset,
     selected_attrs, attr_path, image_size, crop_size (CelebA; default 178),
-    rafd_crop_size (RaFD folders; default crop_size, else 256); StackGAN: image_size, text_dim.
+    rafd_crop_size (RaFD folders; default crop_size, else 256), domains (recorded by training on
+    RaFD folders: that layout); StackGAN: image_size, text_dim.
     """
     root = _get(options, "dataroot") or sample_root(model)
     phase = phase or _get(options, "phase", "train")
@@ -87,9 +88,10 @@ def build_dataset(model: str, options, phase: str | None = None):
         size = _get(options, "image_size", 128)
         crops = {k: _get(options, k) for k in ("crop_size", "rafd_crop_size")}
         attr_path = _get(options, "attr_path")
-        if kind == "RaFD" or (kind == "auto" and attr_path is None
-                              and not os.path.isfile(os.path.join(root, "list_attr_celeba.txt"))
-                              and has_domain_folders(os.path.join(root, phase))):
+        # (a trained model's options record its domains: folder-per-domain data, whatever this split holds)
+        if kind == "RaFD" or _get(options, "domains") or (
+                kind == "auto" and attr_path is None and not os.path.isfile(os.path.join(root, "list_attr_celeba.txt"))
+                and has_domain_folders(os.path.join(root, phase))):
             return DomainFolderDataset(root, phase, stargan_crop_size(crops, True), size, flip, cache=cache)
         return CelebADataset(root, _get(options, "selected_attrs"), "train" if phase == "train" else "test",
                              stargan_crop_size(crops, False), size, attr_path, flip=flip, cache=cache)

@@ -15,7 +15,9 @@ Layout (DATAROOT)::
                              file list is the split, as the reference's filenames.pickle: images/
                              may hold more (CUB's test classes); names may omit the extension.
 
-Captions are embedded once, at start-up, by ``ganengine.data.text`` (offline hashing embedder).
+Text files are read as UTF-8 (``text.read_lines``: a file in another encoding, or a caption with no
+word, is reported naming its file and line). Captions are embedded once, at start-up, by
+``ganengine.data.text`` (offline hashing embedder, words of any script).
 Each item returns a random one of its image's embeddings, the image (resized to 76/64 of
 ``image_size``, random crop, flip, as in the reference) and a "wrong" image of another file
 for the matching-aware discriminator loss.
@@ -30,7 +32,7 @@ import torch
 from ganengine.data import transforms as T
 from ganengine.data.images import DataError, ImageStore, find_images
 from ganengine.data.sampler import SeededDataset
-from ganengine.data.text import CaptionEmbedder
+from ganengine.data.text import CaptionEmbedder, check_caption, read_lines
 
 
 def _read_captions(dataroot: str, names: list[str]) -> dict[str, list[str]]:
@@ -38,15 +40,15 @@ def _read_captions(dataroot: str, names: list[str]) -> dict[str, list[str]]:
     text_dir = os.path.join(dataroot, "text")
     caps: dict[str, list[str]] = defaultdict(list)
     if os.path.isfile(table):
-        with open(table, encoding="utf-8-sig") as f:  # (a BOM, as Windows editors write, is not a name)
-            for k, line in enumerate(f, start=1):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise DataError(f"{table}:{k}: expected 'file<TAB>caption', got {line[:60]!r}")
-                name, caption = line.split("\t", 1)
-                caps[name.strip()].append(caption.strip())
+        for k, line in enumerate(read_lines(table), start=1):  # (UTF-8; a BOM is not a name)
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise DataError(f"{table}:{k}: expected 'file<TAB>caption', got {line[:60]!r}")
+            name, caption = line.split("\t", 1)
+            check_caption(caption.strip(), f"{table}:{k}")
+            caps[name.strip()].append(caption.strip())
         unknown = sorted(set(caps) - set(names))
         if unknown:
             raise DataError(f"{table} has captions for {len(unknown)} file(s) not in {dataroot}/images "
@@ -55,8 +57,10 @@ def _read_captions(dataroot: str, names: list[str]) -> dict[str, list[str]]:
         for name in names:
             path = os.path.join(text_dir, os.path.splitext(name)[0] + ".txt")
             if os.path.isfile(path):
-                with open(path, encoding="utf-8-sig") as f:  # (a BOM, as Windows editors write, is not a name)
-                    caps[name] = [ln.strip() for ln in f if ln.strip()]
+                for k, line in enumerate(read_lines(path), start=1):
+                    if line.strip():
+                        check_caption(line.strip(), f"{path}:{k}")
+                        caps[name].append(line.strip())
     else:
         raise DataError(f"no captions for {dataroot!r}: expected captions.txt, a text/ folder or embeddings.pt "
                         "there (see `ganengine train stackgan --help` and docs/training.md).")
@@ -173,15 +177,14 @@ def read_cub_boxes(dataroot: str) -> dict | None:
         return None
     names, boxes = {}, {}
     for path, table, width in ((names_path, names, 2), (boxes_path, boxes, 5)):
-        with open(path, encoding="utf-8-sig") as f:
-            for k, line in enumerate(f, start=1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != width:
-                    raise DataError(f"{path}:{k}: expected {width} fields (CUB's format), got {len(parts)}: "
-                                    f"{line.strip()[:60]!r}")
-                table[parts[0]] = parts[1] if width == 2 else parts[1:]
+        for k, line in enumerate(read_lines(path), start=1):  # (UTF-8; a BOM is not an id)
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != width:
+                raise DataError(f"{path}:{k}: expected {width} fields (CUB's format), got {len(parts)}: "
+                                f"{line.strip()[:60]!r}")
+            table[parts[0]] = parts[1] if width == 2 else parts[1:]
     out = {}
     for image_id, name in names.items():
         box = boxes.get(image_id)

@@ -6,9 +6,11 @@ Layouts (items ``{"image": (C, S, S) in [-1, 1], "label": int64 class index, "pa
 
 * class per folder (ImageNet's and most class-conditional sets' layout)::
 
-      DATAROOT/<class>/*.png        (or DATAROOT/<phase>/<class>/*.png)
+      DATAROOT/<phase>/<class>/*.png     (or DATAROOT/<class>/*.png: the train split only)
 
-  sorted folder names are the class indices (``classes``);
+  sorted folder names are the class indices (``classes``); a missing DATAROOT/<phase>/ is an
+  error, not DATAROOT read instead, except for the train split of a DATAROOT without split
+  folders (train/, val/, test/);
 * BigGAN-PyTorch's HDF5 (``make_hdf5.py``): a file (DATAROOT, or DATAROOT/*.hdf5) with
   ``imgs`` (N, 3, H, W) uint8 and ``labels`` (N,) integers;
 * the built-in digits (``DATAROOT`` omitted): 1000 32x32 digits with their class in
@@ -52,13 +54,33 @@ def _mode(channels: int, option: str = "--channels") -> str:
     return "L" if channels == 1 else "RGB"
 
 
+SPLITS = ("train", "val", "test")  # split folder names, never taken for classes
+
+
+def _class_root(dataroot: str, phase: str) -> str:
+    """DATAROOT/PHASE where it exists, else DATAROOT itself as the train split (DATAROOT/<class>/):
+    another phase, or a DATAROOT holding split folders, would silently read other images (split
+    folders as classes: an evaluation against train + val)."""
+    split = os.path.join(dataroot, phase)
+    if os.path.isdir(split):
+        return split
+    if not os.path.isdir(dataroot):
+        raise DataError(f"class-per-folder root {dataroot!r} does not exist. Expected DATAROOT/<class>/*.png")
+    found = [d for d in SPLITS if os.path.isdir(os.path.join(dataroot, d))]
+    if phase == "train" and not found:
+        return dataroot
+    where = (f"{dataroot!r} holds the split folder(s) {', '.join(found)}: pick one with --phase" if found else
+             f"{dataroot!r} holds its classes directly (DATAROOT/<class>/), which is the train split: use --phase "
+             f"train, or add {split}/<class>/")
+    raise DataError(f"class-per-folder split {split!r} does not exist (--phase {phase} reads "
+                    f"DATAROOT/{phase}/<class>/*.png); {where}")
+
+
 class ClassFolderDataset(SeededDataset):
     def __init__(self, dataroot: str, image_size: int = 128, flip: bool = True, phase: str = "train", cache="auto",
                  channels: int = 3, channel_option: str = "--channels"):
         mode = _mode(channels, channel_option)  # the arguments first, then the files
-        root = os.path.join(dataroot, phase) if os.path.isdir(os.path.join(dataroot, phase)) else dataroot
-        if not os.path.isdir(root):
-            raise DataError(f"class-per-folder root {root!r} does not exist. Expected DATAROOT/<class>/*.png")
+        root = _class_root(dataroot, phase)
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         loose = [f for f in os.listdir(root) if is_image(f)]
         if not self.classes or loose:

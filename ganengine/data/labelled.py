@@ -27,6 +27,7 @@ import torch
 from ganengine.data import transforms as T
 from ganengine.data.images import DataError, ImageStore, find_images, is_image
 from ganengine.data.sampler import SeededDataset
+from ganengine.data.text import read_lines
 
 CELEBA_DEFAULT_ATTRS = ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young"]
 
@@ -35,14 +36,14 @@ def read_attr_file(attr_path: str) -> tuple[list[str], list[tuple[str, list[int]
     if not os.path.isfile(attr_path):
         raise DataError(f"attribute file {attr_path!r} does not exist. A CelebA-style dataset needs "
                         "DATAROOT/list_attr_celeba.txt (or pass --attr_path).")
-    with open(attr_path) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    numbered = [(k, ln.strip()) for k, ln in enumerate(read_lines(attr_path), start=1) if ln.strip()]
+    lines = [ln for _, ln in numbered]
     if len(lines) < 3:
         raise DataError(f"attribute file {attr_path!r} has {len(lines)} non-empty lines; expected a count line, "
                         "an attribute-name line and one line per image.")
     names = lines[1].split()
     rows = []
-    for k, line in enumerate(lines[2:], start=3):
+    for k, line in numbered[2:]:  # (k: the file's line number, blank lines counted)
         parts = line.split()
         if len(parts) != len(names) + 1:
             raise DataError(f"{attr_path}:{k}: expected a file name and {len(names)} values (one per attribute "
@@ -132,7 +133,8 @@ class DomainFolderDataset(SeededDataset):
                  flip: bool = True, cache="auto"):
         root = os.path.join(dataroot, phase)
         if not os.path.isdir(root):
-            raise DataError(f"folder-per-domain root {root!r} does not exist. Expected DATAROOT/{phase}/<domain>/images.")
+            raise DataError(f"folder-per-domain root {root!r} does not exist. Expected DATAROOT/{phase}/<domain>/images"
+                            + _other_phases(dataroot))
         self.domains = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.domains:
             raise DataError(f"{root!r} has no domain sub-folders. Put each domain's images in its own folder "
@@ -157,6 +159,13 @@ class DomainFolderDataset(SeededDataset):
         img = T.stargan(self.images[index], self.crop_size, self.image_size, self.flip, g)
         label = torch.nn.functional.one_hot(self.labels[index], self.c_dim).float()
         return {"image": img, "label": label, "paths": self.images.paths[index]}
+
+
+def _other_phases(dataroot: str) -> str:
+    """The end of a missing-split message: the splits DATAROOT has (for --phase), else '.'."""
+    found = sorted(d for d in os.listdir(dataroot) if has_domain_folders(os.path.join(dataroot, d))) \
+        if os.path.isdir(dataroot) else []
+    return f"; {dataroot!r} has the split(s) {', '.join(found)}: pick one with --phase." if found else "."
 
 
 def has_domain_folders(folder: str) -> bool:

@@ -19,6 +19,30 @@ def _check_pair(path: str, w: int, h: int) -> None:
                         "Fix or remove that file.")
 
 
+def _out_size(size: tuple[int, int], o: T.TransformOptions) -> tuple[int, int]:
+    """The (w, h) ``T.apply`` gives an image of ``size`` under ``o`` (whatever the crop position)."""
+    w, h = T._resized_size(*size, o)
+    if "crop" in o.preprocess:
+        w, h = min(w, o.crop_size), min(h, o.crop_size)
+    if o.preprocess == "none":  # (apply's rounding to a multiple of 4)
+        w, h = max(4, round(w / 4) * 4), max(4, round(h / 4) * 4)
+    return w, h
+
+
+def split_pair(ab, o: T.TransformOptions | None):
+    """The A and B halves of an A|B image, as the reference cuts them (A: the left w // 2 columns,
+    B: the right w - w // 2, one wider for an odd width), except where ``o`` would then bring A
+    and B to different sizes (``scale_width``; ``none`` for some widths: the reference's pair
+    would not collate, nor train at batch 1): there B's last column is left out, so both halves
+    keep one size. ``o`` None: the reference's cut. Used by the dataset and ``translate --aligned``."""
+    w, h = ab.size
+    half = w // 2
+    right = w
+    if o is not None and w % 2 and _out_size((half, h), o) != _out_size((w - half, h), o):
+        right = 2 * half
+    return ab.crop((0, 0, half, h)), ab.crop((half, 0, right, h))
+
+
 class AlignedDataset(SeededDataset):
     def __init__(self, dataroot: str, phase: str = "train", transform: T.TransformOptions | None = None,
                  direction: str = "AtoB", input_nc: int = 3, output_nc: int = 3, cache="auto",
@@ -47,13 +71,7 @@ class AlignedDataset(SeededDataset):
         ab = self.images[index]
         w, h = ab.size
         _check_pair(self.images.paths[index], w, h)  # (datasets too large to check every header up front)
-        half = w // 2
-        # an odd width: the reference's B is the right w - w // 2 columns (one wider than A); where the
-        # transform brings both to one size (resize_and_crop; a crop that fits A fits B) that is what
-        # ganengine takes too, elsewhere B's last column is left out so the halves keep one size (the
-        # reference's batch would not collate there)
-        right = w if self.transform.preprocess in ("resize_and_crop", "crop") else 2 * half
-        a, b = ab.crop((0, 0, half, h)), ab.crop((half, 0, right, h))
+        a, b = split_pair(ab, self.transform)  # (an odd width: see split_pair)
         params = T.get_params(a.size, self.transform, g)  # one set of parameters for both halves
         a_nc, b_nc = (self.input_nc, self.output_nc) if self.direction == "AtoB" else (self.output_nc, self.input_nc)
         if a_nc == 1:

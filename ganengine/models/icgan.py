@@ -18,6 +18,8 @@ flipped images), ``which_knn_balance nnclass_balance`` and k-means / subsampled 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ganengine.models.biggan import BIGGAN_DEFAULTS, BigGAN
@@ -86,6 +88,10 @@ class ICGAN(BigGAN):
                                  "feature file")
         elif "feature_file" in diff and self.options.get("feature_digest"):
             diff.pop("feature_file")  # (the same features, recorded digest and file's agree: a moved file)
+        if "dataroot" in diff:
+            old, new = diff["dataroot"]
+            if old and new and os.path.abspath(old) == new:  # (runs before dataroots were recorded absolute)
+                diff.pop("dataroot")
         return diff
 
     def set_bank(self, bank) -> None:

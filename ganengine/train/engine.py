@@ -165,6 +165,17 @@ def _explain(exc: BaseException, new_size: bool, shape, where: str = "") -> Base
     return exc
 
 
+def _same_size(items: list[dict]) -> list[dict]:
+    """The sample grid's items whose images have the first one's sizes: --preprocess none and
+    scale_width keep each image's own size, and the grid's rows are one batch, which a run at
+    --batch_size 1 (the reference's) must not be refused for."""
+    def sizes(item: dict) -> dict:
+        return {k: tuple(v.shape) for k, v in item.items() if torch.is_tensor(v) and v.dim() == 3}
+
+    first = sizes(items[0])
+    return [it for it in items if sizes(it) == first]
+
+
 def _input_shapes(batch: dict | None) -> dict:
     """The shapes of a batch's images (its 4-d tensors), by key."""
     return {k: tuple(v.shape) for k, v in (batch or {}).items() if torch.is_tensor(v) and v.dim() == 4}
@@ -463,7 +474,9 @@ class Trainer:
         if self.dist.is_main:
             # (the run continues with the options given now: a default that changed between
             # versions, e.g. the synthesis models' flips, shows here)
-            old_data = state.get("data") or {}
+            old_data = dict(state.get("data") or {})
+            if old_data.get("dataroot"):  # (recorded as typed before: relative to the folder resumed from)
+                old_data["dataroot"] = os.path.abspath(old_data["dataroot"])
             changed = _changed(old_data, json.loads(json.dumps(self.cfg.data_options or {})))
             if changed:
                 print("ganengine: resuming with data options that differ from the run's: " + ", ".join(
@@ -610,7 +623,7 @@ class Trainer:
         except Exception:
             pass
         n = min(self.cfg.num_samples, len(ds))
-        items = [ds[i * len(ds) // n] for i in range(n)]
+        items = _same_size([ds[i * len(ds) // n] for i in range(n)])
         batch = torch.utils.data.default_collate(items)
         return _to_device(batch, self.device, self.cfg.channels_last)
 
