@@ -271,11 +271,16 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
         const T r = ganengine::cpu::inv_std<T>(m2 * inv, eps);
         mp[nc] = m;
         rp[nc] = r;
-        const T a = r * g[ch], k = bt[ch] - m * a;
+        // the centred form, as the backward recomputes it (its activation mask then agrees with
+        // this sign bitwise): x * a + (b - m * a) cancels for a large mean / std (one pixel: noise
+        // scaled by 1 / sqrt(eps) where (x - m) is exactly 0)
+        const T gm = g[ch], bb = bt[ch];
         i = 0;
-        for (; i + Vec::size() <= P.HW; i += Vec::size())
-          vleaky(at::vec::fmadd(Vec::loadu(src + i), Vec(a), Vec(k)), vs).store(dst + i);
-        for (; i < P.HW; ++i) dst[i] = sleaky(src[i] * a + k, s);
+        for (; i + Vec::size() <= P.HW; i += Vec::size()) {
+          const Vec xh = (Vec::loadu(src + i) - Vec(m)) * Vec(r);
+          vleaky(at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs).store(dst + i);
+        }
+        for (; i < P.HW; ++i) dst[i] = sleaky((src[i] - m) * r * gm + bb, s);
       }
     });
     return;
@@ -283,7 +288,7 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
   // NHWC: one task per (n, block of channels), walking the rows of that image
   const int64_t CB = 64, nb = (P.C + CB - 1) / CB;
   at::parallel_for(0, P.N * nb, 1, [&](int64_t b, int64_t e) {
-    alignas(64) T sum[CB], m2[CB], a[CB], k[CB];
+    alignas(64) T sum[CB], m2[CB], r[CB], gm[CB], bb[CB];
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / nb, c0 = (t % nb) * CB, cn = std::min(CB, P.C - c0);
       const int64_t cv = cn - cn % Vec::size();  // vectorised part of the block
@@ -305,18 +310,20 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
         for (int64_t j = cv; j < cn; ++j) m2[j] += (row[j] - sum[j]) * (row[j] - sum[j]);
       }
       for (int64_t j = 0; j < cn; ++j) {
-        const T r = ganengine::cpu::inv_std<T>(m2[j] * inv, eps);
+        r[j] = ganengine::cpu::inv_std<T>(m2[j] * inv, eps);
         mp[n * P.C + c0 + j] = sum[j];
-        rp[n * P.C + c0 + j] = r;
-        a[j] = r * g[c0 + j];
-        k[j] = bt[c0 + j] - sum[j] * a[j];
+        rp[n * P.C + c0 + j] = r[j];
+        gm[j] = g[c0 + j];
+        bb[j] = bt[c0 + j];
       }
-      for (int64_t i = 0; i < P.HW; ++i) {
+      for (int64_t i = 0; i < P.HW; ++i) {  // (the centred form, as the NCHW branch above)
         const T* row = src + i * P.C;
         T* out = dst + i * P.C;
-        for (int64_t j = 0; j < cv; j += Vec::size())
-          vleaky(at::vec::fmadd(Vec::loadu(row + j), Vec::loadu(a + j), Vec::loadu(k + j)), vs).store(out + j);
-        for (int64_t j = cv; j < cn; ++j) out[j] = sleaky(row[j] * a[j] + k[j], s);
+        for (int64_t j = 0; j < cv; j += Vec::size()) {
+          const Vec xh = (Vec::loadu(row + j) - Vec::loadu(sum + j)) * Vec::loadu(r + j);
+          vleaky(at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs).store(out + j);
+        }
+        for (int64_t j = cv; j < cn; ++j) out[j] = sleaky((row[j] - sum[j]) * r[j] * gm[j] + bb[j], s);
       }
     }
   });

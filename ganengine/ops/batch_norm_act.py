@@ -198,6 +198,11 @@ def reference(x, w, b, stats, training, eps, apply, slope, per_sample):
 def _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample):
     """The reference composition a user would write (backend "torch")."""
     factor = _factor(op, rm, nbt, training, momentum)
+    if not training and rm is not None:
+        # (dense running statistics where they are only read: torch 2.14's CPU batch-norm backward
+        # gives a wrong dx and dweight for a channels_last x with strided ones, as for the weight below)
+        rm = rm if rm.is_contiguous() else rm.contiguous()
+        rv = rv if rv is None or rv.is_contiguous() else rv.contiguous()
     if per_sample:
         z = F.batch_norm(x, rm, rv, None, None, training, factor, eps)
         acc = stat_dtype(x.dtype)

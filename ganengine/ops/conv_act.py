@@ -601,7 +601,9 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     and pix2pix references; a module with running statistics keeps its separate norm layer).
     ``activation`` is "leaky_relu" (with ``negative_slope``), "relu" or "none". The conv
     ``bias`` cancels exactly in the normalisation: it is not added, and its gradient is exactly
-    zero (torch's is rounding noise around zero).
+    zero (torch's is rounding noise around zero). A one-pixel output map (H_out * W_out == 1)
+    normalises to exactly 0, so the output is ``act(norm_bias)`` on every backend, as
+    ``instance_norm_act`` (``F.instance_norm`` raises there).
     """
     # the lean route (ganengine_C::conv2d_in_act, as conv2d_act's above): it declines what it does
     # not serve (wrong shapes, dtypes or devices, a negative slope, an empty output map, autocast)

@@ -220,8 +220,15 @@ class EMA:
         slots = _slots(model)
         self._check_keys(slots, "the model's")
         groups = {role: defaultdict(lambda: ([], [])) for role in (_AVERAGE, _COPY, _KEEP)}
+        seen = set()
         for key, shadow in self.shadow.items():
             slot, live = slots[key]
+            # a tied tensor (one Parameter under several keys, e.g. out.weight = emb.weight) is one
+            # tensor of the target too: averaged once per update, not once per key (decay ** 2)
+            if self._target_slots is not None:
+                if id(shadow) in seen:
+                    continue
+                seen.add(id(shadow))
             if live.shape != shadow.shape:
                 raise ValueError(f"EMA: {key!r} has shape {tuple(live.shape)} in the model but "
                                  f"{tuple(shadow.shape)} in the average")
