@@ -19,8 +19,8 @@ def register(subparsers) -> None:
                         "for all ops and no models)")
     p.add_argument("--models", nargs="*", default=None, metavar="MODEL",
                    help="models whose training step to time (default: all; flag alone: all models)")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="auto | cpu | cuda (default: auto, cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | float64")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a couple of minutes on CPU)")
     p.add_argument("--output", default="bench_results", metavar="DIR", help="output folder (default: bench_results)")
@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             print(f"ganengine bench: error: {problem}", file=sys.stderr)
             return 2
+    if args.device == "auto":  # (the default: cuda when available, else cpu)
+        args.device = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:  # --dtype and --device before anything is measured or the output folder is created
         runner.parse_dtype(args.dtype)

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="compute FID/KID/L1/PSNR/SSIM/accuracy (translation) or FID/KID/IS/precision-recall/density-coverage/intra-FID (synthesis) of a checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder (its newest checkpoint)")
-    p.add_argument("--dataroot", default=None, help="data folder in the reference layout (default: built-in sample data)")
+    p.add_argument("--dataroot", default=None, help="data folder in the reference layout (default: the folder the "
+                   "checkpoint was trained on, else the built-in sample data)")
     p.add_argument("--phase", default=None, help="split to evaluate on (default: test, else val; synthesis: train)")
     p.add_argument("--metrics", default="fid", help="comma-separated subset of fid,kid,l1,psnr,ssim,acc; for a synthesis "
                    "checkpoint of fid,kid,is,pr,dc,intra_fid (default: fid)")

@@ -20,8 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default: 1)")
     p.add_argument("--output", default="profile_results", metavar="DIR",
                    help="output folder (default: profile_results)")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="auto | cpu | cuda (default: auto, cuda when available, else cpu)")
     p.add_argument("--backend", default="auto", help="ganengine backend: auto | torch | triton | cpu | cuda")
     p.add_argument("--quick", action="store_true", help="tiny model widths / shapes")
     p.add_argument("--top", type=int, default=25, help="rows in the operator table (default: 25)")
@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from ganengine.cli._io import device_or_error, writable_dir
     from ganengine.ops._dispatch import BackendFallbackError
 
+    if args.device == "auto":  # (the default: cuda when available, else cpu)
+        args.device = None
     try:  # the options and the output folder, before the model is built and run
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1 (profiled steps), got {args.steps}")

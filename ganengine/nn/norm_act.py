@@ -7,6 +7,7 @@ it (rules in ganengine/fusion/rules.py).
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -17,13 +18,49 @@ from ganengine.nn._adopt import act_repr, norm_with_activation
 from ganengine.ops.norm_act import ACTIVATIONS, instance_norm_act
 
 
+_ORDER = ("InstanceNormAct2d(num_features, affine=False, track_running_stats=False, eps=1e-5, momentum=0.1, "
+          "activation='leaky_relu', negative_slope=0.2)")
+
+
+def _is_bool(value) -> bool:
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
+def _check_args(affine, track_running_stats, eps, momentum) -> None:
+    """Fail loudly on arguments given in nn.InstanceNorm2d's positional order (num_features, eps,
+    momentum, affine, track_running_stats), which would otherwise build another norm silently."""
+    for name, value in (("affine", affine), ("track_running_stats", track_running_stats)):
+        if not _is_bool(value):
+            raise TypeError(
+                f"InstanceNormAct2d: {name} must be a bool, got {value!r} ({type(value).__name__}). The order is "
+                f"{_ORDER}: eps and momentum come after affine and track_running_stats (not in "
+                "nn.InstanceNorm2d's order); pass them by keyword, e.g. InstanceNormAct2d(64, eps=1e-5, affine=True)")
+    if _is_bool(eps) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"InstanceNormAct2d: eps must be a real number >= 0, got {eps!r} ({type(eps).__name__}). "
+                        f"The order is {_ORDER}; pass eps and momentum by keyword")
+    if not eps >= 0:
+        raise ValueError(f"InstanceNormAct2d: eps must be a real number >= 0, got {eps!r}")
+    if momentum is not None and (_is_bool(momentum) or not isinstance(momentum, numbers.Real)):
+        raise TypeError(f"InstanceNormAct2d: momentum must be a real number or None, got {momentum!r} "
+                        f"({type(momentum).__name__}). The order is {_ORDER}; pass eps and momentum by keyword")
+
+
 class InstanceNormAct2d(nn.InstanceNorm2d):
     """``activation(InstanceNorm2d(x))`` on the fused op.
 
-    Args are ``nn.InstanceNorm2d``'s plus ``activation`` ("leaky_relu", "relu", "none") and
-    ``negative_slope``. Training/eval behaviour follows ``nn.InstanceNorm2d`` exactly: input
-    statistics in training or when ``track_running_stats=False``, running statistics in eval; a
-    single pixel (H * W == 1) with input statistics raises its ValueError.
+    ``InstanceNormAct2d(num_features, affine=False, track_running_stats=False, eps=1e-5,
+    momentum=0.1, activation="leaky_relu", negative_slope=0.2)``: ``nn.InstanceNorm2d``'s
+    arguments, but **affine and track_running_stats come before eps and momentum** (unlike
+    ``nn.InstanceNorm2d(num_features, eps, momentum, affine, track_running_stats)``), plus
+    ``activation`` ("leaky_relu", "relu", "none") and ``negative_slope``. Pass all but
+    ``num_features`` by keyword; the types are checked so that a call in either order by position
+    that would mean something else fails with a TypeError/ValueError instead (affine and
+    track_running_stats: bool; eps: a real number >= 0; momentum: a real number or None).
+
+    Training/eval behaviour follows ``nn.InstanceNorm2d`` exactly: input statistics in training or
+    when ``track_running_stats=False``, running statistics in eval; a single pixel (H * W == 1)
+    with input statistics raises its ValueError.
 
     ``keep_layout`` (attribute): True (the default) keeps a channels_last input's layout in the
     output (no conversion, as the NHWC kernels allow); False gives ``nn.InstanceNorm2d``'s layout,
@@ -33,10 +70,11 @@ class InstanceNormAct2d(nn.InstanceNorm2d):
 
     keep_layout: bool = True
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = False, track_running_stats: bool = False,
+    def __init__(self, num_features: int, affine: bool = False, track_running_stats: bool = False,
+                 eps: float = 1e-5, momentum: float | None = 0.1,
                  activation: str = "leaky_relu", negative_slope: float = 0.2,
                  device=None, dtype=None):
+        _check_args(affine, track_running_stats, eps, momentum)
         if activation not in ACTIVATIONS:
             raise ValueError(f"InstanceNormAct2d: activation must be one of {ACTIVATIONS}, got {activation!r}")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,

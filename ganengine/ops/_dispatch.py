@@ -120,9 +120,12 @@ def triton_kernels(family: str):
 
 
 def _fallback(op: str, wanted: str, reason: str) -> None:
-    msg = f"ganengine.{op}: backend {wanted!r} cannot serve this call ({reason}); using 'torch'"
+    """Only on a fallback away from a requested backend (never on a served call)."""
+    msg = f"ganengine.{op}: backend {wanted!r} cannot serve this call ({reason})"
     if backends.is_strict():
-        raise BackendFallbackError(msg)
+        raise BackendFallbackError(f"{msg}; strict mode (ganengine.backends.strict() / GANENGINE_STRICT=1) "
+                                   "makes this an error instead of a fallback to 'torch'")
+    msg += "; using 'torch'"
     if backends.debug():
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     log.debug(msg)
