@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.models._common import check_finite_nonnegative
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext, at_least_fp32
 from ganengine.models.dcgan import bce
 from ganengine.models.networks_pytorch_gan import ACGANDiscriminator, ACGANGenerator, init_in_reference_order
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
 
 def _ce(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(scores.float(), labels)
+    return F.cross_entropy(at_least_fp32(scores), labels)
 
 
 class ACGAN(SynthesisGAN):

@@ -10,7 +10,7 @@ before D's step: no number changes).
 """
 from __future__ import annotations
 
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext, at_least_fp32
 from ganengine.models.networks_pytorch_gan import CGANDiscriminator, CGANGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
@@ -40,9 +40,9 @@ class CGAN(SynthesisGAN):
 
     def train_step(self, batch: dict, optimizers: dict, ctx: StepContext = DEFAULT_CONTEXT) -> dict:
         def g_loss(validity, gen_labels):
-            return self.losses.gan_loss(validity.float(), True, "lsgan"), {}
+            return self.losses.gan_loss(at_least_fp32(validity), True, "lsgan"), {}
 
         def d_loss(validity_real, labels, validity_fake, gen_labels):
-            return self.losses.discriminator_loss(validity_real.float(), validity_fake.float(), "lsgan"), {}
+            return self.losses.discriminator_loss(at_least_fp32(validity_real), at_least_fp32(validity_fake), "lsgan"), {}
 
         return self.conditional_step(batch, optimizers, ctx, True, g_loss, d_loss)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext, at_least_fp32, set_requires_grad
 from ganengine.models.networks_dcgan import DCGANDiscriminator, DCGANGenerator
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
@@ -28,7 +28,7 @@ def bce(prob: torch.Tensor, target: float) -> torch.Tensor:
     then (still on prob's graph), and the engine stops with the step and the last good checkpoint.
     On CUDA the kernel's device assert fires instead, as in the references (docs/training.md)."""
     with torch.autocast(prob.device.type, enabled=False):
-        prob = prob.float()
+        prob = at_least_fp32(prob)
         try:
             return F.binary_cross_entropy(prob, torch.full_like(prob, target))
         except RuntimeError as exc:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.models._common import check_finite_nonnegative
-from ganengine.models.base import DEFAULT_CONTEXT, StepContext, set_requires_grad
+from ganengine.models.base import DEFAULT_CONTEXT, StepContext, at_least_fp32, set_requires_grad
 from ganengine.models.networks_pytorch_gan import InfoGANDiscriminator, InfoGANGenerator, init_in_reference_order
 from ganengine.models.synthesis import EMA_OPTIONS, SynthesisGAN
 
@@ -138,7 +138,7 @@ class InfoGAN(SynthesisGAN):
         z, cat, code = self.sample_z(n), self.sample_categories(n), self.sample_code(n)
         with ctx.autocast():
             gen_imgs = self.G(z, self.one_hot(cat), code)
-            g_loss = self.losses.gan_loss(self._without_ddp(self.D)(gen_imgs)[0].float(), True, "lsgan")
+            g_loss = self.losses.gan_loss(at_least_fp32(self._without_ddp(self.D)(gen_imgs)[0]), True, "lsgan")
         ctx.backward(g_loss, "G")
         ctx.step(opt_G, "G")
         set_requires_grad(self.D, True)
@@ -149,7 +149,7 @@ class InfoGAN(SynthesisGAN):
         with ctx.autocast():
             real_pred = self.D(real)[0]
             fake_pred = self.D(gen_imgs.detach())[0]
-        d_loss = self.losses.discriminator_loss(real_pred.float(), fake_pred.float(), "lsgan")
+        d_loss = self.losses.discriminator_loss(at_least_fp32(real_pred), at_least_fp32(fake_pred), "lsgan")
         ctx.backward(d_loss, "D")
         ctx.step(opt_D, "D")
 
@@ -158,8 +158,9 @@ class InfoGAN(SynthesisGAN):
         cat, z, code = self.sample_categories(n), self.sample_z(n), self.sample_code(n)
         with ctx.autocast():
             _, pred_label, pred_code = self.D(self.G(z, self.one_hot(cat), code))
-        cat_loss = F.cross_entropy(pred_label.float(), cat)
-        con_loss = F.mse_loss(pred_code.float(), code)
+        cat_loss = F.cross_entropy(at_least_fp32(pred_label), cat)
+        pred_code = at_least_fp32(pred_code)  # (a float64 model's losses stay float64)
+        con_loss = F.mse_loss(pred_code, code.to(pred_code.dtype))
         info_loss = o["lambda_cat"] * cat_loss + o["lambda_con"] * con_loss
         ctx.backward(info_loss, "info")
         ctx.step(opt_info, "info")

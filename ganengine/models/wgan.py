@@ -96,10 +96,10 @@ class _Wasserstein(SynthesisGAN):
         the logged losses drift without bound. With N a power of two every partial sum is exact."""
         n = real.shape[0]
         if self.options["fused"] and n == fake.shape[0] and n & (n - 1) == 0:
-            scores = self.D(torch.cat([real, fake.to(real.dtype)])).float()
+            scores = at_least_fp32(self.D(torch.cat([real, fake.to(real.dtype)])))
             real_scores, fake_scores = scores[:real.shape[0]], scores[real.shape[0]:]
         else:
-            real_scores, fake_scores = self.D(real).float(), self.D(fake).float()
+            real_scores, fake_scores = at_least_fp32(self.D(real)), at_least_fp32(self.D(fake))
         return self.losses.gan_loss(real_scores, True, "wgangp") + self.losses.gan_loss(fake_scores, False, "wgangp")
 
     def _critic_loss(self, real, fake) -> tuple[torch.Tensor, dict]:
@@ -143,7 +143,7 @@ class _Wasserstein(SynthesisGAN):
             set_requires_grad(self.D, False)
             ctx.zero_grad(opt_G)
             with ctx.autocast():
-                g_loss = self.losses.gan_loss(self.D(fake_g if repeat else self.G(z)).float(), True, "wgangp")
+                g_loss = self.losses.gan_loss(at_least_fp32(self.D(fake_g if repeat else self.G(z))), True, "wgangp")
             ctx.backward(g_loss, "G")
             if repeat:  # (after G's backward: F.batch_norm saves the running statistics for it)
                 norms.update_again()
