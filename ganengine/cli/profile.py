@@ -14,8 +14,8 @@ def register(subparsers) -> None:
                     "profile.md and profile.json with the top operators by self time, grouped by "
                     "whether ganengine's fused ops or plain PyTorch ran them.")
     p.add_argument("model", metavar="MODEL",
-                   help="pix2pix | cyclegan | stargan | stackgan, or an op case/family "
-                        "(see `ganengine bench --list`)")
+                   help="a model (pix2pix | cyclegan | stargan | stackgan | dcgan | wgan | wgan_gp | cgan | acgan | "
+                        "adcgan | infogan) or an op case/family (see `ganengine bench --list`)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default: 1)")
     p.add_argument("--output", default="profile_results", metavar="DIR",
