@@ -16,7 +16,10 @@ while traced, the classes of the module, its submodules and the options objects 
 recording ``__getattribute__`` that notes the traced instances' reads from the tracing thread; no
 instance changes class) and the rewritten forward
 compares them per call with their values at trace time (``guard_ok``: one tuple compare); on a
-difference that call runs the class's own forward.
+difference that call runs the class's own forward. Tensors the module holds (plain tensor
+attributes, buffers, Parameters) are handed to the traced code as get_attr proxies (read per call;
+Python control flow on them raises, so it is declined) and only their type is compared
+(``type:`` / ``param:`` / ``buffer:`` guard names: a tensor set to None runs the own forward).
 
 Declined, with the reason in ``report.not_traced`` (the children keep their module rules):
 forwards fx cannot trace (data-dependent control flow, iterating a tensor, modules called that
@@ -27,7 +30,10 @@ assignments to attributes of the module or its submodules (seen in the source, w
 method's own first parameter, and while traced: run once at trace time, undone after it), method
 calls on non-module attributes, activation checkpointing / saved-tensor hooks and autograd
 Functions (fx keeps the ops inside and drops the recomputation or the custom backward), reads of
-attribute values the guard cannot compare, decorated forwards.
+attribute values the guard cannot compare, decorated forwards, type tests on the module's tensors
+(the proxy would answer), and draws from a host RNG (``random``, ``numpy.random``, a numpy
+Generator, ``secrets``: in the source, or Python's / numpy's global state moving while traced) or
+from torch's RNG on real values at trace time (the outcome would be frozen into the graph).
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ganengine.fusion import checks
 from ganengine.fusion.copying import FusedModule, retype
@@ -172,6 +179,66 @@ def _unrecorded_call(node: ast.Call, fn_globals: dict) -> str | None:
     return None
 
 
+# host random number generators: a draw in forward runs once, at trace time, and its outcome (the
+# branch taken, the number) is frozen into the graph; the graph would never draw again
+_HOST_RNG_MODULES = ("random", "secrets")
+
+
+def _host_rng(obj) -> bool:
+    """Whether ``obj`` (a module, function or object a forward's source names) is or belongs to a
+    host RNG: Python's ``random`` / ``secrets``, ``numpy.random`` (its functions, ``RandomState``,
+    ``Generator``, bit generators), a ``random.Random`` instance or its bound methods, ``os.urandom``."""
+    import random as _random
+
+    if isinstance(obj, types.ModuleType):
+        name = obj.__name__
+        return name in _HOST_RNG_MODULES or name == "numpy.random" or name.startswith("numpy.random.")
+    owner = getattr(obj, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType) and owner is not obj and _host_rng(owner):
+        return True
+    if isinstance(obj, _random.Random) or obj is os.urandom:
+        return True
+    mod = getattr(obj, "__module__", None)
+    if not isinstance(mod, str):
+        mod = getattr(type(obj), "__module__", "") or ""
+    return mod in _HOST_RNG_MODULES or mod == "numpy.random" or mod.startswith("numpy.random.")
+
+
+def _host_rng_call(node: ast.Call, fn_globals: dict) -> str | None:
+    """The dotted name of a host RNG that the call ``node`` reaches through names of the function's
+    globals (``random.random()``, ``np.random.rand()``, ``rng.normal()`` on a global numpy
+    Generator, ``randint()`` imported from random), else None."""
+    import builtins
+
+    chain, cur = [], node.func
+    while isinstance(cur, ast.Attribute):
+        chain.append(cur.attr)
+        cur = cur.value
+    if not isinstance(cur, ast.Name):
+        return None
+    chain.append(cur.id)
+    chain.reverse()
+    if cur.id in fn_globals:
+        obj = fn_globals[cur.id]
+    elif hasattr(builtins, cur.id):
+        obj = getattr(builtins, cur.id)
+    else:
+        return None
+    for i, part in enumerate(chain):
+        if i:
+            try:
+                obj = inspect.getattr_static(obj, part) if not isinstance(obj, types.ModuleType) \
+                    else getattr(obj, part)
+            except AttributeError:
+                return None
+        try:
+            if _host_rng(obj):
+                return ".".join(chain)
+        except Exception:   # an object whose attributes raise: not an RNG we know
+            return None
+    return None
+
+
 def source_reason(m: nn.Module) -> str | None:
     """Why fx would not record ``m.forward`` faithfully (None when it would)."""
     cls = type(m)
@@ -193,6 +260,16 @@ def source_reason(m: nn.Module) -> str | None:
                 if ck:
                     return (f"{where} calls {ck}() (fx would trace through it and drop the checkpoint: "
                             "no recomputation in backward)")
+                rng = _host_rng_call(node, fn_globals)
+                if rng:
+                    return (f"{where} calls {rng}(), a host random number generator (drawn once at trace time: "
+                            "the outcome would be frozen into the graph)")
+                if (isinstance(node.func, ast.Name) and node.func.id in ("type", "isinstance")
+                        and node.func.id not in fn_globals
+                        and any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == me
+                                and n.attr in tensor_attrs for a in node.args[:1] for n in ast.walk(a))):
+                    return (f"{where} calls {node.func.id}() on a tensor attribute of the module (fx traces it as a "
+                            "proxy: decided once at trace time)")
             if isinstance(node, (ast.With, ast.AsyncWith)):
                 return f"{where} has a `with` block (fx does not record grad-mode or autocast changes)"
             if isinstance(node, (ast.Global, ast.Nonlocal, ast.Yield, ast.YieldFrom, ast.Try)):
@@ -224,9 +301,52 @@ def source_reason(m: nn.Module) -> str | None:
 
 
 # ----------------------------------------------------------------------------- tracing
+class _Unfaithful(Exception):
+    """Raised from inside a trace that would not record the forward faithfully (the message says why)."""
+
+
 class _LeafTracer(fx.Tracer):
+    # registered buffers become get_attr proxies, as Parameters do (fx's default hands the forward the
+    # real tensor: `if self.flag:` / `.item()` on a buffer would be decided once, at trace time)
+    proxy_buffer_attributes = True
+
+    def __init__(self):
+        super().__init__()
+        self.unfaithful: str | None = None
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "get_attr":
+            return _TensorAttrProxy(node, self)
+        return super().proxy(node)
+
+
+_FX_DIR = os.path.join(os.path.dirname(torch.__file__), "fx") + os.sep
+
+
+class _TensorAttrProxy(fx.Proxy):
+    """The proxy of a tensor the module holds (a Parameter, a buffer, a plain tensor attribute). Code
+    outside torch that asks its type (``isinstance(self.style, torch.Tensor)``, ``torch.is_tensor``)
+    would get the proxy's answer, not the tensor's, once, at trace time: the trace is declined."""
+
+    @property
+    def __class__(self):
+        f = sys._getframe(1)
+        # torch's own helpers (torch.is_tensor, Parameter's __instancecheck__) ask for their caller
+        while f is not None and f.f_code.co_filename.startswith(_TORCH_DIR) \
+                and not f.f_code.co_filename.startswith(_FX_DIR):
+            f = f.f_back
+        fn = f.f_code.co_filename if f is not None else _FX_DIR
+        if fn.startswith(_FX_DIR) or fn.startswith(_FUSION_DIR):
+            return type(self)
+        tracer = self.tracer
+        why = (f"its forward tests the type of self.{self.node.target} (isinstance / is_tensor on a tensor that fx "
+               "traces as a proxy: decided once at trace time)")
+        if isinstance(tracer, _LeafTracer):
+            tracer.unfaithful = tracer.unfaithful or why
+        raise _Unfaithful(why)
 
 
 # ----------------------------------------------------------------------------- what a trace reads
@@ -273,6 +393,17 @@ class _Watch:
         self.ids: dict[int, str] = {}       # id of a watched object -> its path prefix ("", "conv.", "opt.")
         self.keep: list = []                # the watched objects (their ids stay theirs)
         self.classes: list[type] = []
+        self.tracer: _LeafTracer | None = None
+        self.proxies: dict[str, fx.Proxy] = {}   # path -> the get_attr proxy of a plain tensor attribute
+
+    def tensor_proxy(self, path: str) -> fx.Proxy:
+        """A plain tensor attribute read by the traced code: a get_attr node, read per call (fx would hand
+        the forward the real tensor, and `if self.use_skip:`, `is None`, `.item()` on it would be
+        decided once, at trace time)."""
+        p = self.proxies.get(path)
+        if p is None:
+            p = self.proxies[path] = self.tracer.create_proxy("get_attr", path, (), {})
+        return p
 
     def add(self, obj, prefix: str) -> bool:
         if id(obj) in self.ids:
@@ -324,9 +455,16 @@ def _make_hooks(cls: type, own: dict):
             if prefix is not None and name not in _UNWATCHED and _user_frame():
                 d = object.__getattribute__(self, "__dict__")
                 if name in d:
-                    w.read(self, prefix, name, d[name])
+                    value = d[name]
+                    w.read(self, prefix, name, value)
+                    if isinstance(value, torch.Tensor) and w.tracer is not None and prefix.count(".") < 8:
+                        return w.tensor_proxy(prefix + name)
                 elif name == "__dict__":      # vars(opt), opt.__dict__[...]: its fields are read unseen
                     w.log.whole.add(id(self))
+                elif name in (d.get("_parameters") or ()) or name in (d.get("_buffers") or ()):
+                    # a Parameter / buffer slot (fx proxies its tensor; a None is a Python value): its
+                    # type is watched (`if self.bias is not None:` decided at trace time)
+                    w.read(self, prefix, name, None)
         if get_own is not _MISSING:
             return get_own(self, name)
         return super(cls, self).__getattribute__(name)
@@ -464,6 +602,70 @@ class _Unrecorded:
 _MODULE_DICTS = ("_modules", "_buffers", "_parameters")
 
 
+def _rng_states() -> list:
+    """The global host random streams a forward may draw from at trace time (Python's ``random``,
+    numpy's global ``RandomState`` when numpy is loaded), to compare after the trace. (Not put back
+    here: another thread may have drawn meanwhile; fuse() restores them when it ends, as
+    torch.random.fork_rng does torch's. A draw from another thread during the trace makes the
+    forward declined: conservative.)"""
+    import random
+
+    states = [("Python's random", random.getstate, random.getstate())]
+    np = sys.modules.get("numpy")
+    if np is not None and hasattr(np, "random"):
+        states.append(("numpy.random", np.random.get_state, np.random.get_state()))
+    return states
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    if type(a).__module__ == "numpy":
+        np = sys.modules["numpy"]
+        return type(b) is type(a) and bool(np.array_equal(a, b))
+    return a == b
+
+
+def _rng_moved(states: list) -> str | None:
+    """The name of the first stream that moved since ``_rng_states()``."""
+    for name, get, before in states:
+        if not _same_state(get(), before):
+            return name
+    return None
+
+
+# torch's random ops: called on traced values they are graph nodes (a draw per call); called at trace
+# time on real values (`if torch.rand(1) < self.p:`, torchvision's RandomHorizontalFlip written into a
+# forward) they draw once and the outcome is frozen into the graph
+_TORCH_RANDOM = frozenset({
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "bernoulli_",
+    "multinomial", "normal", "normal_", "poisson", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
+    "log_normal_", "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "alpha_dropout_",
+    "feature_dropout", "feature_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_", "rrelu", "rrelu_",
+    "gumbel_softmax", "binomial", "_standard_gamma", "_sample_dirichlet"})
+
+
+def _has_proxy(args, kwargs) -> bool:
+    from torch.utils._pytree import tree_leaves
+
+    return any(isinstance(v, fx.Proxy) for v in tree_leaves((args, kwargs)))
+
+
+class _TraceTimeDraws(TorchFunctionMode):
+    """While tracing (this thread only: modes are per thread): notes a torch random op run on real
+    values, which draws at trace time instead of becoming a node of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn: str | None = None
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.drawn is None and getattr(func, "__name__", "") in _TORCH_RANDOM and not _has_proxy(args, kwargs):
+            self.drawn = f"torch's {func.__name__}"
+        return func(*args, **kwargs)
+
+
 # fx's tracer patches nn.Module.__call__ (and other globals) process-wide while it runs: two traces
 # at once in two threads restore each other's patches out of order and leave one in place, which
 # breaks every later trace in the process. Traces run one at a time.
@@ -484,19 +686,29 @@ def _trace_locked(m: nn.Module, training: bool, log: TraceLog | None) -> fx.Grap
     watch = None
     me = threading.get_ident()
     before = None
+    rng = _rng_states()
+    draws = _TraceTimeDraws()
+    tracer = _LeafTracer()
     try:
         m.train(training)
         if log is None:
-            return _LeafTracer().trace(m)
-        watch = _Watch(log)
-        for where, sub in m.named_modules():
-            if not watch.add(sub, f"{where}." if where else ""):
-                log.unrecorded = log.unrecorded or f"cannot watch what the trace reads of {type(sub).__name__}"
-        before = _ACTIVE.get(me)
-        _ACTIVE[me] = watch
-        with _Unrecorded(log):
-            return _LeafTracer().trace(m)
+            with draws:
+                graph = tracer.trace(m)
+        else:
+            watch = _Watch(log)
+            watch.tracer = tracer
+            for where, sub in m.named_modules():
+                if not watch.add(sub, f"{where}." if where else ""):
+                    log.unrecorded = log.unrecorded or f"cannot watch what the trace reads of {type(sub).__name__}"
+            before = _ACTIVE.get(me)
+            _ACTIVE[me] = watch
+            with _Unrecorded(log), draws:
+                graph = tracer.trace(m)
+        if tracer.unfaithful:   # (raised inside the trace, where the forward's own code may have caught it)
+            raise _Unfaithful(tracer.unfaithful)
+        return graph
     finally:
+        moved = _rng_moved(rng) or draws.drawn
         if watch is not None:
             if before is None:
                 _ACTIVE.pop(me, None)
@@ -525,6 +737,11 @@ def _trace_locked(m: nn.Module, training: bool, log: TraceLog | None) -> fx.Grap
                     npb.update(nonpersistent)
         for sub, mode in flags:
             sub.training = mode
+        if moved:
+            # raised from `finally`, after the clean-up: a draw at trace time is frozen into the graph
+            # whatever else happened
+            raise _Unfaithful(f"its forward draws from {moved} while traced (the draw would run once, at trace "
+                              "time, and its outcome be frozen into the graph)")
 
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), type(Ellipsis), torch.dtype, torch.device,
@@ -584,8 +801,24 @@ def watch_spec(log: TraceLog):
     for path in sorted(log.reads):
         owner, name = log.reads[path]
         value = owner.__dict__.get(name, _MISSING)
-        if value is _MISSING or isinstance(value, torch.Tensor):
-            continue   # a tensor attribute is a get_attr node: read per call
+        slot = value is _MISSING and isinstance(owner, nn.Module) and (
+            name in owner.__dict__.get("_parameters", ()) or name in owner.__dict__.get("_buffers", ()))
+        if value is _MISSING and not slot:
+            continue
+        if slot or isinstance(value, torch.Tensor):
+            # a tensor the graph reads per call (a get_attr node: its values, shape, dtype are read by the
+            # ops), or a Parameter / buffer slot holding None: its type is compared (a tensor set to None
+            # later, or None to a tensor, would make the graph's `is None` branch and ops wrong)
+            if not all(part.isidentifier() and not keyword.iskeyword(part) for part in path.split(".")):
+                return f"its forward reads the attribute {path!r}, whose name is not an identifier or is a Python keyword"
+            if slot:
+                kind = _PARAM_OF if name in owner.__dict__["_parameters"] else _BUFFER_OF
+                value = owner.__dict__["_parameters" if kind == _PARAM_OF else "_buffers"][name]
+            else:
+                kind = _TYPE_OF
+            names.append(kind + path)
+            expected.append(type(value))
+            continue
         if isinstance(value, (int, float, complex)) and not isinstance(value, bool):
             numeric.append(len(expected))          # 1, 1.0 and True are ==, not the same in arithmetic
         if isinstance(value, _SCALARS):
@@ -610,12 +843,29 @@ def watch_spec(log: TraceLog):
     return tuple(names), tuple(expected), tuple(numeric)
 
 
+# guard names for tensors: "type:style" -> type(m.style) (a plain tensor attribute); "param:conv.gain" /
+# "buffer:conv.mean" -> the type of what the Parameter / buffer slot holds (a tensor or None), read from
+# the slot dicts (nn.Module.__getattr__ costs ~1.5 us a call: it runs after a failed lookup)
+_TYPE_OF, _PARAM_OF, _BUFFER_OF = "type:", "param:", "buffer:"
+
+
+def _guard_item(n: str) -> str:
+    for kind, slots in ((_PARAM_OF, "_parameters"), (_BUFFER_OF, "_buffers")):
+        if n.startswith(kind):
+            *mods, name = n[len(kind):].split(".")
+            owner = "m" + "".join(f"._modules.get({part!r})" for part in mods)
+            return f"type({owner}.{slots}.get({name!r})), "
+    if n.startswith(_TYPE_OF):
+        return f"type(m.{n[len(_TYPE_OF):]}), "
+    return f"m.{n}, "
+
+
 def guard_getter(names: tuple):
-    """``m -> (m.a, m.conv.out_channels, ...)``: plain Python (torch.compile traces it; about as fast
-    as operator.attrgetter), or None when nothing is watched."""
+    """``m -> (m.a, m.conv.out_channels, type(m.style), ...)``: plain Python (torch.compile traces it;
+    about as fast as operator.attrgetter), or None when nothing is watched."""
     if not names:
         return None
-    src = f"def get(m):\n    return ({''.join(f'm.{n}, ' for n in names)})\n"
+    src = f"def get(m):\n    return ({''.join(_guard_item(n) for n in names)})\n"
     scope: dict = {}
     exec(compile(src, "<ganengine fused forward guard>", "exec"), scope)
     return scope["get"]
@@ -708,6 +958,8 @@ def rewrite(m: nn.Module, path: str, report: FuseReport) -> nn.Module | None:
             graph = _trace(m, True, log)
             if graph.python_code("self").src != _trace(m, False, log).python_code("self").src:
                 why = "its traced forward differs between training and eval mode"
+        except _Unfaithful as exc:
+            why = str(exc)
         except Exception as exc:  # TraceError, NameError (a module not installed as a child), ...
             msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             why = f"torch.fx could not trace it ({type(exc).__name__}: {msg})"

@@ -77,6 +77,17 @@ def _why_not_plain(*mods: nn.Module) -> str | None:
     return None
 
 
+def _parametrized(m: nn.Module, kind: type) -> bool:
+    """A ``kind`` module that ``register_parametrization`` retyped (torch swaps its class for a
+    generated ``Parametrized<Kind>`` subclass): it still sits at the pattern's position, so the rule
+    matches it and declines it with the reason, instead of passing it by in silence."""
+    return parametrize.is_parametrized(m) and type(m).__bases__ == (kind,)
+
+
+def _exact_or_parametrized(kind: type):
+    return lambda m: type(m) is kind or _parametrized(m, kind)
+
+
 def _is_act(m: nn.Module) -> bool:
     return type(m) in (nn.ReLU, nn.LeakyReLU)
 
@@ -220,7 +231,7 @@ def _build_computed_conv(m):
 
 
 def _match_norm(kind):
-    return lambda m: type(m) is kind
+    return _exact_or_parametrized(kind)
 
 
 def _build_instance_norm(m):
@@ -265,6 +276,9 @@ _NO_CUDA_ENTRY = ("conv2d_act's CUDA C++ entry does not serve this call under th
 
 def _build_conv_in_act(conv, norm, act):
     from ganengine.nn.conv_act import Conv2dInstanceNormAct
+    if parametrize.is_parametrized(conv) or parametrize.is_parametrized(norm):
+        # (the norm + activation pair is tried next; a parametrized conv is the conv_module rule's job)
+        return Decline(f"{type(conv if parametrize.is_parametrized(conv) else norm).__name__} is parametrized")
     if not _legal_zero_conv(conv) or not _own_weight(conv):
         return None
     if not conv_route_may_pay(conv):
@@ -337,9 +351,10 @@ def _build_conv_act(conv, act):
 
 
 def _preact_producer(m):
-    """What can take the activation of the block after it into its epilogue."""
-    return (type(m) in (nn.BatchNorm2d, nn.BatchNorm1d, nn.InstanceNorm2d) or _conv_like(m)
-            or recognise.batch_norm_like(m) or _is_conv_wrapper(m))
+    """What can take the activation of the block after it into its epilogue (a parametrized norm:
+    matched, to be declined with the reason)."""
+    return (any(_exact_or_parametrized(k)(m) for k in (nn.BatchNorm2d, nn.BatchNorm1d, nn.InstanceNorm2d))
+            or _conv_like(m) or recognise.batch_norm_like(m) or _is_conv_wrapper(m))
 
 
 def _build_pre_activation(producer, block, parents):
@@ -351,6 +366,8 @@ def _build_pre_activation(producer, block, parents):
     slot = preact.fold_slot(block, parents)
     if slot is None or isinstance(slot, Decline):
         return slot
+    if any(_parametrized(producer, k) for k in (nn.BatchNorm2d, nn.BatchNorm1d, nn.InstanceNorm2d)):
+        return Decline(_why_not_plain(producer))
     act = slot[2]
     if type(producer) in (nn.BatchNorm2d, nn.BatchNorm1d):
         out = _build_bn_act(producer, act)
@@ -407,10 +424,11 @@ RULES = (
     SequenceRule("reflection_pad+conv3x3", (lambda m: type(m) is nn.ReflectionPad2d and len(set(m.padding)) == 1,
                                             lambda m: type(m).__name__ == "Conv3x3"), _build_pad_conv3x3),
     SequenceRule("reflection_pad+conv", (_exact(nn.ReflectionPad2d), _exact_conv), _build_pad_conv),
-    SequenceRule("conv2d+instance_norm+act", (_exact_conv, _exact(nn.InstanceNorm2d), _is_act), _build_conv_in_act),
-    SequenceRule("instance_norm+act", (_exact(nn.InstanceNorm2d), _is_act), _build_norm_act),
-    SequenceRule("batch_norm+act", (_exact(nn.BatchNorm2d), _is_act), _build_bn_act),
-    SequenceRule("batch_norm1d+act", (_exact(nn.BatchNorm1d), _is_act), _build_bn_act),
+    SequenceRule("conv2d+instance_norm+act", (_exact_or_parametrized(nn.Conv2d), _exact_or_parametrized(nn.InstanceNorm2d),
+                                              _is_act), _build_conv_in_act),
+    SequenceRule("instance_norm+act", (_exact_or_parametrized(nn.InstanceNorm2d), _is_act), _build_norm_act),
+    SequenceRule("batch_norm+act", (_exact_or_parametrized(nn.BatchNorm2d), _is_act), _build_bn_act),
+    SequenceRule("batch_norm1d+act", (_exact_or_parametrized(nn.BatchNorm1d), _is_act), _build_bn_act),
     SequenceRule("batch_norm_like+act", (recognise.batch_norm_like, _is_act), _build_bn_like_act),
     SequenceRule("conv2d+leaky_relu", (_conv_like, _is_act), _build_conv_act),
     SequenceRule("wrapped_conv+leaky_relu", (_is_conv_wrapper, _is_act), _build_wrapped_conv_act),
