@@ -83,3 +83,58 @@ def test_conv_instance_norm_one_pixel_map_is_exactly_the_activated_bias(backend,
         y = GF.conv2d_instance_norm_act(x, w, None, 1, 0, torch.rand(20) + 0.5, nb, activation=act)
     expected = {"leaky_relu": F.leaky_relu(nb, 0.2), "relu": F.relu(nb), "none": nb}[act]
     assert torch.equal(y, expected.view(1, 20, 1, 1).expand(2, 20, 1, 1)), (y - expected.view(1, 20, 1, 1)).abs().max()
+
+
+# ----------------------------------------------------------------------------- relu and non-finite values
+def _relu_cases(dtype=torch.float32):
+    """(name, fn(x), eager fn(x)) over one (1, 3, 6, 6) input: each op with activation relu."""
+    torch.manual_seed(0)
+    w3 = (torch.randn(2, 3, 3, 3) * 0.3).to(dtype)
+    cases = [
+        ("instance_norm_act", lambda t: GF.instance_norm_act(t, activation="relu"),
+         lambda t: F.relu(F.instance_norm(t))),
+        ("conv2d_instance_norm_act", lambda t: GF.conv2d_instance_norm_act(t, w3, None, 1, 1, activation="relu"),
+         lambda t: F.relu(F.instance_norm(F.conv2d(t, w3, None, 1, 1)))),
+        ("batch_norm_act", lambda t: GF.batch_norm_act(t, training=True, activation="relu"),
+         lambda t: F.relu(F.batch_norm(t, None, None, training=True))),
+        ("conv2d_act", lambda t: GF.conv2d_act(t, w3, None, 1, 1, negative_slope=0.0),
+         lambda t: F.relu(F.conv2d(t, w3, None, 1, 1))),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", range(4), ids=lambda i: _relu_cases()[i][0])
+def test_relu_gradient_is_zero_where_inactive_even_for_an_inf_upstream_gradient(backend, case):
+    """relu's gradient is threshold_backward's: 0 where z <= 0 also for an inf upstream gradient
+    (g * slope with slope 0 gave NaN, spread over the plane by the norm's sums)."""
+    dtype = torch.float32  # (float64 takes the differentiable composition on the torch backend)
+    name, fn, ref = _relu_cases(dtype)[case]
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 6, 6, dtype=dtype)
+    xr = x.clone().requires_grad_()
+    y_ref = ref(xr)
+    g = torch.ones_like(y_ref)
+    idx = (y_ref == 0).nonzero()[0]
+    g[tuple(idx)] = float("inf")
+    (dx_ref,) = torch.autograd.grad(y_ref, xr, g)
+    assert torch.isfinite(dx_ref).all()
+    xo = x.clone().requires_grad_()
+    with on_backend(backend):  # (the backward too: it runs on the backend selected when it runs)
+        (dx,) = torch.autograd.grad(fn(xo), xo, g)
+    assert torch.isfinite(dx).all(), f"{name}: {dx.isnan().sum().item()} NaN of {dx.numel()}"
+    # (fp32 norm backward against eager's fp32: a few hundred u at most at these sizes)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_relu_of_a_minus_inf_preactivation_is_zero(backend):
+    """F.relu(-inf) is 0 (-inf * 0 would be NaN): a -inf norm bias, on every backend."""
+    x = torch.randn(2, 2, 3, 3)
+    bias = torch.tensor([float("-inf"), 0.5])
+    with on_backend(backend):
+        y = GF.instance_norm_act(x, torch.ones(2), bias, activation="relu")
+        yc = GF.conv2d_instance_norm_act(x, torch.randn(2, 2, 3, 3), None, 1, 1, None, bias, activation="relu")
+    for out in (y, yc):
+        assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0])), out[:, 0]
+        assert torch.isfinite(out).all()

@@ -83,18 +83,33 @@ using at::vec::Vectorized;
 
 using ganengine::cpu::hsum;
 
-// leaky(v) = v > 0 ? v : v * s, as a blend (and the scalar form for tails)
+// leaky(v) = v > 0 ? v : v * s, as a blend (and the scalar form for tails). s == 0 is relu, as
+// F.relu: 0 where v <= 0 (v * 0 would be NaN at -inf), a NaN kept
 template <typename T>
 inline Vectorized<T> vleaky(const Vectorized<T>& v, const Vectorized<T>& s) {
-  return Vectorized<T>::blendv(v * s, v, v > Vectorized<T>(T(0)));
+  const Vectorized<T> zero(T(0));
+  const Vectorized<T> neg = Vectorized<T>::blendv(v * s, zero, s == zero);
+  return Vectorized<T>::blendv(neg, v, (v > zero) | (v != v));
 }
 template <typename T>
-inline T sleaky(T v, T s) { return v > T(0) ? v : v * s; }
+inline T sleaky(T v, T s) {
+  if (v > T(0)) return v;
+  return s == T(0) ? (v <= T(0) ? T(0) : v) : v * s;
+}
 
-// g * (ref > 0 ? 1 : s)
+// the activation's gradient at ref: g * (ref > 0 ? 1 : s); relu (s == 0) as its
+// threshold_backward: 0 where ref <= 0 (also for an inf g, where g * 0 is NaN), g where ref is NaN
 template <typename T>
 inline Vectorized<T> vmask(const Vectorized<T>& g, const Vectorized<T>& ref, const Vectorized<T>& s) {
-  return Vectorized<T>::blendv(g * s, g, ref > Vectorized<T>(T(0)));
+  const Vectorized<T> zero(T(0));
+  const Vectorized<T> leaky = Vectorized<T>::blendv(g * s, g, ref > zero);
+  const Vectorized<T> relu = Vectorized<T>::blendv(g, zero, ref <= zero);
+  return Vectorized<T>::blendv(leaky, relu, s == zero);
+}
+template <typename T>
+inline T smask(T g, T ref, T s) {
+  if (s == T(0)) return ref <= T(0) ? T(0) : g;
+  return ref > T(0) ? g : g * s;
 }
 
 bool is_reduced(const at::Tensor& t) {
@@ -150,7 +165,7 @@ void act_grad(const at::Tensor& g, const at::Tensor& y, at::Tensor& gz, at::Tens
         }
         T tail = 0;
         for (; i < P.HW; ++i) {
-          const T v = yp[base + i] > T(0) ? gp[base + i] : gp[base + i] * s;
+          const T v = smask(gp[base + i], yp[base + i], s);
           op[base + i] = v;
           tail += v;
         }
@@ -182,7 +197,7 @@ void act_grad(const at::Tensor& g, const at::Tensor& y, at::Tensor& gz, at::Tens
           (Vec::loadu(acc + c) + v).store(acc + c);
         }
         for (; c < C; ++c) {
-          const T v = yp[base + c] > T(0) ? gp[base + c] : gp[base + c] * s;
+          const T v = smask(gp[base + c], yp[base + c], s);
           op[base + c] = v;
           acc[c] += v;
         }
@@ -386,7 +401,7 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         }
         for (; i < P.HW; ++i) {
           const T xh = (cs[i] - m) * r;
-          const T d = xh * gm + bb > T(0) ? gs[i] : gs[i] * s;
+          const T d = smask(gs[i], xh * gm + bb, s);
           sa += d;
           sb += d * xh;
         }
@@ -403,7 +418,7 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         }
         for (; i < P.HW; ++i) {
           const T xh = (cs[i] - m) * r;
-          const T d = xh * gm + bb > T(0) ? gs[i] : gs[i] * s;
+          const T d = smask(gs[i], xh * gm + bb, s);
           dp[base + i] = k * (d - ma - xh * mb);
         }
       }
@@ -435,7 +450,7 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         }
         for (int64_t j = cv; j < cn; ++j) {
           const T xh = (cs[j] - m[j]) * r[j];
-          const T d = xh * gm[j] + bb[j] > T(0) ? gs[j] : gs[j] * s;
+          const T d = smask(gs[j], xh * gm[j] + bb[j], s);
           sa[j] += d;
           sb[j] += d * xh;
         }
@@ -458,7 +473,7 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         }
         for (int64_t j = cv; j < cn; ++j) {
           const T xh = (cs[j] - m[j]) * r[j];
-          const T d = xh * gm[j] + bb[j] > T(0) ? gs[j] : gs[j] * s;
+          const T d = smask(gs[j], xh * gm[j] + bb[j], s);
           ds[j] = k[j] * (d - sa[j] - xh * sb[j]);
         }
       }

@@ -30,15 +30,36 @@ using cpu::AccOf;
 using cpu::hsum;
 using cpu::inv_std;
 
+// slope 0 is relu, as F.relu: 0 where z <= 0 (z * 0 would be NaN at -inf), a NaN kept
 template <typename acc_t>
 inline Vectorized<acc_t> activate(const Vectorized<acc_t>& z, const Vectorized<acc_t>& slope, bool act) {
   if (!act) return z;
-  return Vectorized<acc_t>::blendv(z * slope, z, z > Vectorized<acc_t>(0));
+  const Vectorized<acc_t> zero(0);
+  const Vectorized<acc_t> neg = Vectorized<acc_t>::blendv(z * slope, zero, slope == zero);
+  return Vectorized<acc_t>::blendv(neg, z, (z > zero) | (z != z));
 }
 
 template <typename acc_t>
 inline acc_t activate(acc_t z, acc_t slope, bool act) {
-  return (!act || z > 0) ? z : z * slope;
+  if (!act || z > 0) return z;
+  return slope == 0 ? (z <= 0 ? acc_t(0) : z) : z * slope;
+}
+
+// the activation's gradient: leaky relu's g * (z > 0 ? 1 : slope); relu's threshold_backward
+// (0 where z <= 0, also for an inf g where g * 0 is NaN; g where z is NaN)
+template <typename acc_t>
+inline Vectorized<acc_t> act_grad(const Vectorized<acc_t>& g, const Vectorized<acc_t>& z,
+                                  const Vectorized<acc_t>& slope) {
+  const Vectorized<acc_t> zero(0);
+  const Vectorized<acc_t> leaky = Vectorized<acc_t>::blendv(g * slope, g, z > zero);
+  const Vectorized<acc_t> relu = Vectorized<acc_t>::blendv(g, zero, z <= zero);
+  return Vectorized<acc_t>::blendv(leaky, relu, slope == zero);
+}
+
+template <typename acc_t>
+inline acc_t act_grad(acc_t g, acc_t z, acc_t slope) {
+  if (slope == 0) return z <= 0 ? acc_t(0) : g;
+  return z > 0 ? g : g * slope;
 }
 
 // Gives an acc_t view of n elements: the data itself for fp32/fp64, else a converted copy.
@@ -266,13 +287,13 @@ template <typename acc_t>
 inline void grad_sums(const acc_t* x, const acc_t* g, int64_t n, acc_t mean, acc_t rstd, acc_t w, acc_t b,
                       bool act, acc_t slope, acc_t& sum_g, acc_t& sum_gx) {
   using Vec = Vectorized<acc_t>;
-  const Vec vm(mean), vr(rstd), vw(w), vb(b), vsl(slope), zero(0);
+  const Vec vm(mean), vr(rstd), vw(w), vb(b), vsl(slope);
   Vec sg(0), sgx(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec xh = (Vec::loadu(x + i) - vm) * vr;
     Vec ga = Vec::loadu(g + i);
-    if (act) ga = Vec::blendv(ga * vsl, ga, at::vec::fmadd(xh, vw, vb) > zero);
+    if (act) ga = act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
     sg += ga;
     sgx = at::vec::fmadd(ga, xh, sgx);
   }
@@ -280,7 +301,7 @@ inline void grad_sums(const acc_t* x, const acc_t* g, int64_t n, acc_t mean, acc
   for (; i < n; ++i) {
     const acc_t xh = (x[i] - mean) * rstd;
     acc_t ga = g[i];
-    if (act && !(xh * w + b > 0)) ga *= slope;
+    if (act) ga = act_grad<acc_t>(ga, xh * w + b, slope);
     s += ga;
     sx += ga * xh;
   }
@@ -294,18 +315,18 @@ inline void grad_apply(const acc_t* x, const acc_t* g, acc_t* dx, int64_t n, acc
                        acc_t b, bool act, acc_t slope, acc_t mg, acc_t mgx) {
   using Vec = Vectorized<acc_t>;
   const acc_t k = rstd * w;
-  const Vec vm(mean), vr(rstd), vw(w), vb(b), vsl(slope), zero(0), vk(k), vmg(mg), vmgx(mgx);
+  const Vec vm(mean), vr(rstd), vw(w), vb(b), vsl(slope), vk(k), vmg(mg), vmgx(mgx);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec xh = (Vec::loadu(x + i) - vm) * vr;
     Vec ga = Vec::loadu(g + i);
-    if (act) ga = Vec::blendv(ga * vsl, ga, at::vec::fmadd(xh, vw, vb) > zero);
+    if (act) ga = act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
     (vk * (ga - vmg - xh * vmgx)).store(dx + i);
   }
   for (; i < n; ++i) {
     const acc_t xh = (x[i] - mean) * rstd;
     acc_t ga = g[i];
-    if (act && !(xh * w + b > 0)) ga *= slope;
+    if (act) ga = act_grad<acc_t>(ga, xh * w + b, slope);
     dx[i] = k * (ga - mg - xh * mgx);
   }
 }
@@ -356,13 +377,13 @@ void bwd_nhwc(const scalar_t* g, const scalar_t* x, scalar_t* dx, const acc_t* w
       for (; c + Vec::size() <= C; c += Vec::size()) {
         Vec xh = (Vec::loadu(xc + r * C + c) - Vec::loadu(mn + c)) * Vec::loadu(rs + c);
         Vec ga = Vec::loadu(gc + r * C + c);
-        if (p.act) ga = Vec::blendv(ga * Vec(slope), ga, at::vec::fmadd(xh, Vec::loadu(w + c), Vec::loadu(b + c)) > Vec(0));
+        if (p.act) ga = act_grad(ga, at::vec::fmadd(xh, Vec::loadu(w + c), Vec::loadu(b + c)), Vec(slope));
         emit_vec(r, c, xh, ga);
       }
       for (; c < C; ++c) {
         const acc_t xh = (xc[r * C + c] - mn[c]) * rs[c];
         acc_t ga = gc[r * C + c];
-        if (p.act && !(xh * w[c] + b[c] > 0)) ga *= slope;
+        if (p.act) ga = act_grad<acc_t>(ga, xh * w[c] + b[c], slope);
         emit_scalar(r, c, xh, ga);
       }
     }

@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include "acc_convert.cuh"
+#include "act.cuh"
 #include "batch_norm_act.cuh"
 
 namespace ganengine {
@@ -228,7 +229,7 @@ __global__ void fwd_apply_kernel(const T* __restrict__ x, T* __restrict__ y, con
     const A g = w ? w[n * s.wsN + c] : A(1), bb = b ? b[n * s.wsN + c] : A(0);
     const A scale = rstd * g, shift = training ? bb : bb - mean * scale;
     A z = (to_acc(x[off]) - mz) * scale + shift;
-    if (act && !(z > A(0))) z *= slope;
+    if (act) z = act_fwd(z, slope);
     y[off] = from_acc<T, A>(z);
   }
 }
@@ -242,7 +243,7 @@ __device__ __forceinline__ void grad_terms(const T* x, const T* g, int64_t off, 
   const A shift = training ? bc : bc - mean * scale;
   const A z = (xv - (training ? mean : A(0))) * scale + shift;
   ga = to_acc(g[off]);
-  if (act && !(z > A(0))) ga *= slope;
+  if (act) ga = act_bwd(ga, z, slope);
   xh = (xv - mean) * rstd;
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "acc_convert.cuh"
+#include "act.cuh"
 #include "conv_act.cuh"
 
 namespace ganengine {
@@ -17,7 +18,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPer = 4;
 
-template <typename A> __device__ __forceinline__ A leaky(A v, A slope) { return v > A(0) ? v : v * slope; }
+template <typename A> __device__ __forceinline__ A leaky(A v, A slope) { return act_fwd(v, slope); }
 
 // i = base + k * kThreads for k < kPer, base stepping by the grid stride: v[k] = load(i) for the
 // four elements first (four independent loads in flight), then store(i, v[k]). The 32-bit index
@@ -50,7 +51,7 @@ __global__ void bias_act_kernel(T* __restrict__ y, const T* __restrict__ b, I n,
 template <typename T, typename A, typename I>
 __global__ void act_grad_kernel(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gz, I n, A slope) {
   grid_stride<A>(
-      n, [&](I i) { return to_acc(y[i]) > A(0) ? to_acc(g[i]) : to_acc(g[i]) * slope; },
+      n, [&](I i) { return act_bwd(to_acc(g[i]), to_acc(y[i]), slope); },
       [&](I i, A v) { gz[i] = from_acc<T, A>(v); });
 }
 

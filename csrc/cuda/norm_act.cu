@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "acc_convert.cuh"
+#include "act.cuh"
 #include "norm_act.cuh"
 
 namespace ganengine {
@@ -80,7 +81,7 @@ template <typename A> __device__ __forceinline__ A inv_std(A var_eps) {
 }
 
 template <typename A> __device__ __forceinline__ A activate(A z, bool act, A slope) {
-  return (act && !(z > A(0))) ? z * slope : z;  // NaN stays NaN
+  return act ? act_fwd(z, slope) : z;  // (act.cuh: NaN stays NaN, relu 0 at -inf)
 }
 
 // block-wide merge; the result is valid in thread 0
@@ -260,7 +261,7 @@ template <typename T, typename A>
 __device__ __forceinline__ void grad_terms(A xv, A gv, A m, A r, A wc, A bc, bool act, A slope, A& xh, A& ga) {
   xh = (xv - m) * r;
   ga = gv;
-  if (act && !(xh * wc + bc > A(0))) ga *= slope;
+  if (act) ga = act_bwd(ga, xh * wc + bc, slope);
 }
 
 template <typename T, typename A, int V>

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch, _eager
 from ganengine.ops._conv_common import dense_copy
-from ganengine.ops.norm_act import check_param_dtype, inv_std
+from ganengine.ops.norm_act import act_grad, activate, check_param_dtype, inv_std
 
 ACTIVATIONS = ("relu", "leaky_relu", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -192,7 +192,7 @@ def reference(x, w, b, stats, training, eps, apply, slope, per_sample):
         z = z * _param_view(w.to(acc), x, per_sample)
     if b is not None:
         z = z + _param_view(b.to(acc), x, per_sample)
-    return F.leaky_relu(z, slope) if apply else z
+    return activate(z, slope) if apply else z
 
 
 def _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope, per_sample):
@@ -219,7 +219,7 @@ def _torch_path(op, x, w, b, rm, rv, nbt, training, momentum, eps, apply, slope,
         b = b if b is None or b.is_contiguous() else b.contiguous()
         z = F.batch_norm(x, rm, rv, w, b, training, factor, eps)
     if apply:
-        z = F.relu(z) if slope == 0.0 else F.leaky_relu(z, slope)
+        z = activate(z, slope)
     return z.to(x.dtype)
 
 
@@ -256,7 +256,7 @@ def _torch_bwd_parts(grad_y, x, w, b, stats, training, eps, apply, slope, per_sa
     if apply:
         z = xhat if wv is None else xhat * wv
         z = z if bv is None else z + bv
-        g = torch.where(z > 0, g, g * slope)
+        g = act_grad(g, z, slope)
     sdims = list(range(2, x.dim()))
     sg_nc = g.sum(dim=sdims) if sdims else g
     sgx_nc = (g * xhat).sum(dim=sdims) if sdims else g * xhat

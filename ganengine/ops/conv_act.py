@@ -61,6 +61,8 @@ from ganengine.ops.norm_act import check_param_dtype as _check_param_dtype
 from ganengine.ops.norm_act import param_dtype_ok
 from ganengine.ops.norm_act import inv_std as _inv_std  # ATen's zero-variance rule for eps = 0
 from ganengine.ops.norm_act import nhwc_variant as _nhwc_variant
+from ganengine.ops.norm_act import act_grad as _act_grad
+from ganengine.ops.norm_act import activate as _activate
 CONV_IMPLS = ("auto", "vendor", "igemm")
 _lean = _eager.lean_ok  # the tensors the lean C++ entries take
 _conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
@@ -130,12 +132,12 @@ def _empty_or(t_like, shape, fmt, wanted):
 
 # ----------------------------------------------------------------------------- torch backend
 def _torch_act_fwd(x, w, b, stride, padding, slope):
-    y = F.leaky_relu(_vendor_conv(x, w, b, stride, padding), slope)
+    y = _activate(_vendor_conv(x, w, b, stride, padding), slope)
     return y.contiguous(memory_format=out_format(x))
 
 
 def _torch_act_bwd(grad, x, w, y, stride, padding, slope, mask):
-    gz = torch.where(y > 0, grad, grad * slope).contiguous(memory_format=out_format(y))
+    gz = _act_grad(grad, y, slope).contiguous(memory_format=out_format(y))
     dx, dw = _conv_bwd(gz, x, w, stride, padding, mask)
     db = gz.sum(dim=(0, 2, 3), dtype=_acc(gz.dtype)).to(gz.dtype) if mask[2] else gz.new_empty((0,))
     return dx, dw, db
@@ -160,7 +162,7 @@ def _in_act_apply(c, gamma, beta, eps, slope):
         z = z * gamma.to(acc)[None, :, None, None]
     if beta is not None:
         z = z + beta.to(acc)[None, :, None, None]
-    y = F.leaky_relu(z, slope).to(c.dtype).contiguous(memory_format=out_format(c))
+    y = _activate(z, slope).to(c.dtype).contiguous(memory_format=out_format(c))
     return y, mean, rstd
 
 
@@ -180,7 +182,7 @@ def _in_act_grad(grad, c, mean, rstd, gamma, beta, slope):
     if beta is not None:
         z = z + beta.to(acc)[None, :, None, None]
     g = grad.to(acc)
-    dz = torch.where(z > 0, g, g * slope)
+    dz = _act_grad(g, z, slope)
     a = dz.sum(dim=(2, 3))
     b = (dz * xhat).sum(dim=(2, 3))
     hw = c.shape[2] * c.shape[3]
@@ -370,7 +372,7 @@ def _(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slo
 # ----------------------------------------------------------------------------- autograd
 def reference_conv2d_act(x, weight, bias, stride, padding, negative_slope):
     """The differentiable torch composition (double backward, and slope < 0)."""
-    return F.leaky_relu(F.conv2d(x, weight, bias, stride, padding), negative_slope)
+    return _activate(F.conv2d(x, weight, bias, stride, padding), negative_slope)
 
 
 def reference_conv2d_in_act(x, weight, bias, stride, padding, gamma, beta, eps, negative_slope):
@@ -382,7 +384,7 @@ def reference_conv2d_in_act(x, weight, bias, stride, padding, gamma, beta, eps, 
         z = z * gamma.to(acc)[None, :, None, None]
     if beta is not None:
         z = z + beta.to(acc)[None, :, None, None]
-    return F.leaky_relu(z, negative_slope).to(c.dtype)
+    return _activate(z, negative_slope).to(c.dtype)
 
 
 def _act_setup(ctx, inputs, output):

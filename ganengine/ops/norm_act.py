@@ -39,6 +39,19 @@ def act_slope(activation: str, negative_slope: float) -> tuple[bool, float]:
     return True, float(negative_slope)
 
 
+def activate(z: torch.Tensor, slope: float) -> torch.Tensor:
+    """leaky_relu(z, slope); slope 0 is F.relu (0 at -inf, where z * 0 is NaN)."""
+    return F.relu(z) if slope == 0.0 else F.leaky_relu(z, slope)
+
+
+def act_grad(g: torch.Tensor, z: torch.Tensor, slope: float) -> torch.Tensor:
+    """The activation's gradient at z: leaky relu's; slope 0 relu's threshold_backward (0 where
+    z <= 0, also for an inf g, where g * 0 is NaN; g where z is NaN), as the kernels."""
+    if slope == 0.0:
+        return torch.where(z <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    return torch.where(z > 0, g, g * slope)
+
+
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -70,7 +83,7 @@ def _torch_fwd(x, weight, bias, eps, activation, slope):
         z = z + bias.to(acc)[None, :, None, None]
     apply, s = act_slope(activation, slope)
     if apply:
-        z = F.leaky_relu(z, s) if s != 0.0 else F.relu(z)
+        z = activate(z, s)
     y = torch.empty_like(x)
     y.copy_(z)
     return y, mean, rstd
@@ -88,7 +101,7 @@ def _torch_bwd(grad_y, x, weight, bias, mean, rstd, activation, slope):
             z = z * weight.to(acc)[None, :, None, None]
         if bias is not None:
             z = z + bias.to(acc)[None, :, None, None]
-        g = torch.where(z > 0, g, g * s)
+        g = act_grad(g, z, s)
     db_nc = g.sum(dim=(2, 3))
     dw_nc = (g * xhat).sum(dim=(2, 3))
     hw = x.shape[2] * x.shape[3]
@@ -348,7 +361,7 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
             shift = shift + bias.to(acc)
         z = x.to(acc) * scale[None, :, None, None] + shift[None, :, None, None]
         apply, s = act_slope(activation, negative_slope)
-        return (F.leaky_relu(z, s) if apply else z).to(x.dtype)
+        return (activate(z, s) if apply else z).to(x.dtype)
 
     if running_mean is not None:
         if h * w == 1:
