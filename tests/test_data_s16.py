@@ -80,12 +80,16 @@ def test_sample_grid_keeps_one_size_so_batch_size_1_trains_on_mixed_sizes(tmp_pa
     assert grids and Image.open(tmp_path / "r" / "samples" / grids[0]).size[0] > 0
 
 
-def test_same_size_keeps_the_items_of_the_first_ones_size():
+def test_same_size_keeps_the_items_of_the_most_common_size():
     from ganengine.train.engine import _same_size
 
     items = [{"A": torch.zeros(3, 8, 8), "label": torch.tensor(k)} for k in range(2)]
     items.insert(1, {"A": torch.zeros(3, 8, 12), "label": torch.tensor(9)})
     assert [int(it["label"]) for it in _same_size(items)] == [0, 1]
+    items.insert(0, {"A": torch.zeros(3, 5, 5), "label": torch.tensor(7)})  # (an odd first image)
+    assert [int(it["label"]) for it in _same_size(items)] == [0, 1]
+    tie = [{"A": torch.zeros(3, 4, 4 + k)} for k in range(3)]
+    assert _same_size(tie) == tie[:1]
 
 
 # ----------------------------------------------------------------------------- 3. Unicode captions

@@ -73,7 +73,7 @@ def test_instance_norm_act_rejects_nn_instance_norm_order(args):
 
 @pytest.mark.parametrize("kwargs, exc, words", [
     ({"track_running_stats": 0.1}, TypeError, "track_running_stats must be a bool"),
-    ({"affine": 1}, TypeError, "affine must be a bool"),
+    ({"affine": 1e-5}, TypeError, "affine must be a bool"),
     ({"eps": True}, TypeError, "eps must be a real number"),
     ({"eps": "1e-5"}, TypeError, "eps must be a real number"),
     ({"eps": -1e-5}, ValueError, "eps must be a real number >= 0"),
@@ -239,3 +239,10 @@ def test_checkpoint_keys_documented():
     for key in sorted(keys):
         assert f'"{key}"' in block, ("INTERFACES.md", key)
         assert f"`{key}`" in para, ("training.md", key)
+
+
+def test_instance_norm_act_takes_the_flags_nn_instance_norm_takes():
+    """0 / 1, bool tensors and 0-dim tensors for eps stay accepted, as by nn.InstanceNorm2d."""
+    for kw in (dict(affine=1), dict(track_running_stats=0), dict(affine=torch.tensor(True)),
+               dict(eps=torch.tensor(1e-5)), dict(momentum=None)):
+        gnn.InstanceNormAct2d(4, **kw)

@@ -380,3 +380,29 @@ def test_a_meta_device_model_is_fused_and_loads_a_checkpoint():
     f.load_state_dict(r.state_dict())
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(f(x), r(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_reading_a_module_list_childs_parameters_is_still_traced():
+    """self.convs[0].weight: a Parameter slot under a numbered child, whose guard reads the module
+    dicts by key (the identifier check is for plain attributes only)."""
+    class ListRead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1)])
+            self.act = nn.LeakyReLU(0.2)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.act2 = nn.LeakyReLU(0.2)
+
+        def forward(self, x):
+            h = F.conv2d(x, self.convs[0].weight, self.convs[0].bias, padding=1)
+            return self.act2(self.conv2(self.act(h)))
+
+    torch.manual_seed(0)
+    m = ListRead()
+    fused, report = ganengine.fuse(m, return_report=True)
+    assert report.traced == [""], report.not_traced
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fused(x), m(x))
+    m.convs[0].bias = None  # (the slot's guard: the module's own forward from here)
+    fused.convs[0].bias = None
+    torch.testing.assert_close(fused(x), m(x))

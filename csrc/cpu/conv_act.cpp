@@ -23,6 +23,7 @@
 
 #include "conv_gemm.h"
 #include "conv_lean.h"
+#include "act.h"
 #include "vec_utils.h"
 
 #include <algorithm>
@@ -83,34 +84,9 @@ using at::vec::Vectorized;
 
 using ganengine::cpu::hsum;
 
-// leaky(v) = v > 0 ? v : v * s, as a blend (and the scalar form for tails). s == 0 is relu, as
-// F.relu: 0 where v <= 0 (v * 0 would be NaN at -inf), a NaN kept
-template <typename T>
-inline Vectorized<T> vleaky(const Vectorized<T>& v, const Vectorized<T>& s) {
-  const Vectorized<T> zero(T(0));
-  const Vectorized<T> neg = Vectorized<T>::blendv(v * s, zero, s == zero);
-  return Vectorized<T>::blendv(neg, v, (v > zero) | (v != v));
-}
-template <typename T>
-inline T sleaky(T v, T s) {
-  if (v > T(0)) return v;
-  return s == T(0) ? (v <= T(0) ? T(0) : v) : v * s;
-}
-
-// the activation's gradient at ref: g * (ref > 0 ? 1 : s); relu (s == 0) as its
-// threshold_backward: 0 where ref <= 0 (also for an inf g, where g * 0 is NaN), g where ref is NaN
-template <typename T>
-inline Vectorized<T> vmask(const Vectorized<T>& g, const Vectorized<T>& ref, const Vectorized<T>& s) {
-  const Vectorized<T> zero(T(0));
-  const Vectorized<T> leaky = Vectorized<T>::blendv(g * s, g, ref > zero);
-  const Vectorized<T> relu = Vectorized<T>::blendv(g, zero, ref <= zero);
-  return Vectorized<T>::blendv(leaky, relu, s == zero);
-}
-template <typename T>
-inline T smask(T g, T ref, T s) {
-  if (s == T(0)) return ref <= T(0) ? T(0) : g;
-  return ref > T(0) ? g : g * s;
-}
+// the activation (leaky relu by its slope; slope 0: relu) and its gradient: act.h
+using ganengine::cpu::slope_act;
+using ganengine::cpu::slope_act_grad;
 
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -124,8 +100,8 @@ void leaky_inplace(at::Tensor& y, double slope) {
   const T s = static_cast<T>(slope);
   at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
     int64_t i = b;
-    for (; i + Vec::size() <= e; i += Vec::size()) vleaky(Vec::loadu(p + i), Vec(s)).store(p + i);
-    for (; i < e; ++i) p[i] = sleaky(p[i], s);
+    for (; i + Vec::size() <= e; i += Vec::size()) slope_act(Vec::loadu(p + i), Vec(s)).store(p + i);
+    for (; i < e; ++i) p[i] = slope_act(p[i], s);
   });
 }
 
@@ -159,13 +135,13 @@ void act_grad(const at::Tensor& g, const at::Tensor& y, at::Tensor& gz, at::Tens
         Vec acc(T(0));
         int64_t i = 0;
         for (; i + Vec::size() <= P.HW; i += Vec::size()) {
-          Vec v = vmask(Vec::loadu(gp + base + i), Vec::loadu(yp + base + i), vs);
+          Vec v = slope_act_grad(Vec::loadu(gp + base + i), Vec::loadu(yp + base + i), vs);
           v.store(op + base + i);
           acc = acc + v;
         }
         T tail = 0;
         for (; i < P.HW; ++i) {
-          const T v = smask(gp[base + i], yp[base + i], s);
+          const T v = slope_act_grad(gp[base + i], yp[base + i], s);
           op[base + i] = v;
           tail += v;
         }
@@ -192,12 +168,12 @@ void act_grad(const at::Tensor& g, const at::Tensor& y, at::Tensor& gz, at::Tens
         const int64_t base = r * C;
         int64_t c = 0;
         for (; c + Vec::size() <= C; c += Vec::size()) {
-          Vec v = vmask(Vec::loadu(gp + base + c), Vec::loadu(yp + base + c), vs);
+          Vec v = slope_act_grad(Vec::loadu(gp + base + c), Vec::loadu(yp + base + c), vs);
           v.store(op + base + c);
           (Vec::loadu(acc + c) + v).store(acc + c);
         }
         for (; c < C; ++c) {
-          const T v = smask(gp[base + c], yp[base + c], s);
+          const T v = slope_act_grad(gp[base + c], yp[base + c], s);
           op[base + c] = v;
           acc[c] += v;
         }
@@ -293,9 +269,9 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
         i = 0;
         for (; i + Vec::size() <= P.HW; i += Vec::size()) {
           const Vec xh = (Vec::loadu(src + i) - Vec(m)) * Vec(r);
-          vleaky(at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs).store(dst + i);
+          slope_act(at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs).store(dst + i);
         }
-        for (; i < P.HW; ++i) dst[i] = sleaky((src[i] - m) * r * gm + bb, s);
+        for (; i < P.HW; ++i) dst[i] = slope_act((src[i] - m) * r * gm + bb, s);
       }
     });
     return;
@@ -336,9 +312,9 @@ void in_act_forward(const at::Tensor& c, at::Tensor& y, at::Tensor& mean, at::Te
         T* out = dst + i * P.C;
         for (int64_t j = 0; j < cv; j += Vec::size()) {
           const Vec xh = (Vec::loadu(row + j) - Vec::loadu(sum + j)) * Vec::loadu(r + j);
-          vleaky(at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs).store(out + j);
+          slope_act(at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs).store(out + j);
         }
-        for (int64_t j = cv; j < cn; ++j) out[j] = sleaky((row[j] - sum[j]) * r[j] * gm[j] + bb[j], s);
+        for (int64_t j = cv; j < cn; ++j) out[j] = slope_act((row[j] - sum[j]) * r[j] * gm[j] + bb[j], s);
       }
     }
   });
@@ -395,13 +371,13 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         int64_t i = 0;
         for (; i + Vec::size() <= P.HW; i += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + i) - Vec(m)) * Vec(r);
-          const Vec d = vmask(Vec::loadu(gs + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
+          const Vec d = slope_act_grad(Vec::loadu(gs + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
           va = va + d;
           vb = at::vec::fmadd(d, xh, vb);
         }
         for (; i < P.HW; ++i) {
           const T xh = (cs[i] - m) * r;
-          const T d = smask(gs[i], xh * gm + bb, s);
+          const T d = slope_act_grad(gs[i], xh * gm + bb, s);
           sa += d;
           sb += d * xh;
         }
@@ -413,12 +389,12 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         i = 0;
         for (; i + Vec::size() <= P.HW; i += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + i) - Vec(m)) * Vec(r);
-          const Vec d = vmask(Vec::loadu(gs + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
+          const Vec d = slope_act_grad(Vec::loadu(gs + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
           (Vec(k) * (d - Vec(ma) - xh * Vec(mb))).store(dp + base + i);
         }
         for (; i < P.HW; ++i) {
           const T xh = (cs[i] - m) * r;
-          const T d = smask(gs[i], xh * gm + bb, s);
+          const T d = slope_act_grad(gs[i], xh * gm + bb, s);
           dp[base + i] = k * (d - ma - xh * mb);
         }
       }
@@ -444,13 +420,13 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         const T* gs = gp + off + i * P.C;
         for (int64_t j = 0; j < cv; j += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + j) - Vec::loadu(m + j)) * Vec::loadu(r + j);
-          const Vec d = vmask(Vec::loadu(gs + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
+          const Vec d = slope_act_grad(Vec::loadu(gs + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
           (Vec::loadu(sa + j) + d).store(sa + j);
           at::vec::fmadd(d, xh, Vec::loadu(sb + j)).store(sb + j);
         }
         for (int64_t j = cv; j < cn; ++j) {
           const T xh = (cs[j] - m[j]) * r[j];
-          const T d = smask(gs[j], xh * gm[j] + bb[j], s);
+          const T d = slope_act_grad(gs[j], xh * gm[j] + bb[j], s);
           sa[j] += d;
           sb[j] += d * xh;
         }
@@ -468,12 +444,12 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         T* ds = dp + off + i * P.C;
         for (int64_t j = 0; j < cv; j += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + j) - Vec::loadu(m + j)) * Vec::loadu(r + j);
-          const Vec d = vmask(Vec::loadu(gs + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
+          const Vec d = slope_act_grad(Vec::loadu(gs + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
           (Vec::loadu(k + j) * (d - Vec::loadu(sa + j) - xh * Vec::loadu(sb + j))).store(ds + j);
         }
         for (int64_t j = cv; j < cn; ++j) {
           const T xh = (cs[j] - m[j]) * r[j];
-          const T d = smask(gs[j], xh * gm[j] + bb[j], s);
+          const T d = slope_act_grad(gs[j], xh * gm[j] + bb[j], s);
           ds[j] = k[j] * (d - sa[j] - xh * sb[j]);
         }
       }

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "stats_fp64.h"
+#include "act.h"
 #include "vec_utils.h"
 
 #include <algorithm>
@@ -30,37 +31,18 @@ using cpu::AccOf;
 using cpu::hsum;
 using cpu::inv_std;
 
-// slope 0 is relu, as F.relu: 0 where z <= 0 (z * 0 would be NaN at -inf), a NaN kept
+// the activation (leaky relu by its slope; slope 0: relu) and its gradient: act.h
 template <typename acc_t>
 inline Vectorized<acc_t> activate(const Vectorized<acc_t>& z, const Vectorized<acc_t>& slope, bool act) {
-  if (!act) return z;
-  const Vectorized<acc_t> zero(0);
-  const Vectorized<acc_t> neg = Vectorized<acc_t>::blendv(z * slope, zero, slope == zero);
-  return Vectorized<acc_t>::blendv(neg, z, (z > zero) | (z != z));
+  return act ? cpu::slope_act(z, slope) : z;
 }
 
 template <typename acc_t>
 inline acc_t activate(acc_t z, acc_t slope, bool act) {
-  if (!act || z > 0) return z;
-  return slope == 0 ? (z <= 0 ? acc_t(0) : z) : z * slope;
+  return act ? cpu::slope_act(z, slope) : z;
 }
 
-// the activation's gradient: leaky relu's g * (z > 0 ? 1 : slope); relu's threshold_backward
-// (0 where z <= 0, also for an inf g where g * 0 is NaN; g where z is NaN)
-template <typename acc_t>
-inline Vectorized<acc_t> act_grad(const Vectorized<acc_t>& g, const Vectorized<acc_t>& z,
-                                  const Vectorized<acc_t>& slope) {
-  const Vectorized<acc_t> zero(0);
-  const Vectorized<acc_t> leaky = Vectorized<acc_t>::blendv(g * slope, g, z > zero);
-  const Vectorized<acc_t> relu = Vectorized<acc_t>::blendv(g, zero, z <= zero);
-  return Vectorized<acc_t>::blendv(leaky, relu, slope == zero);
-}
-
-template <typename acc_t>
-inline acc_t act_grad(acc_t g, acc_t z, acc_t slope) {
-  if (slope == 0) return z <= 0 ? acc_t(0) : g;
-  return z > 0 ? g : g * slope;
-}
+using cpu::slope_act_grad;
 
 // Gives an acc_t view of n elements: the data itself for fp32/fp64, else a converted copy.
 template <typename scalar_t, typename acc_t>
@@ -293,7 +275,7 @@ inline void grad_sums(const acc_t* x, const acc_t* g, int64_t n, acc_t mean, acc
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec xh = (Vec::loadu(x + i) - vm) * vr;
     Vec ga = Vec::loadu(g + i);
-    if (act) ga = act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
+    if (act) ga = slope_act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
     sg += ga;
     sgx = at::vec::fmadd(ga, xh, sgx);
   }
@@ -301,7 +283,7 @@ inline void grad_sums(const acc_t* x, const acc_t* g, int64_t n, acc_t mean, acc
   for (; i < n; ++i) {
     const acc_t xh = (x[i] - mean) * rstd;
     acc_t ga = g[i];
-    if (act) ga = act_grad<acc_t>(ga, xh * w + b, slope);
+    if (act) ga = slope_act_grad<acc_t>(ga, xh * w + b, slope);
     s += ga;
     sx += ga * xh;
   }
@@ -320,13 +302,13 @@ inline void grad_apply(const acc_t* x, const acc_t* g, acc_t* dx, int64_t n, acc
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec xh = (Vec::loadu(x + i) - vm) * vr;
     Vec ga = Vec::loadu(g + i);
-    if (act) ga = act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
+    if (act) ga = slope_act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
     (vk * (ga - vmg - xh * vmgx)).store(dx + i);
   }
   for (; i < n; ++i) {
     const acc_t xh = (x[i] - mean) * rstd;
     acc_t ga = g[i];
-    if (act) ga = act_grad<acc_t>(ga, xh * w + b, slope);
+    if (act) ga = slope_act_grad<acc_t>(ga, xh * w + b, slope);
     dx[i] = k * (ga - mg - xh * mgx);
   }
 }
@@ -377,13 +359,13 @@ void bwd_nhwc(const scalar_t* g, const scalar_t* x, scalar_t* dx, const acc_t* w
       for (; c + Vec::size() <= C; c += Vec::size()) {
         Vec xh = (Vec::loadu(xc + r * C + c) - Vec::loadu(mn + c)) * Vec::loadu(rs + c);
         Vec ga = Vec::loadu(gc + r * C + c);
-        if (p.act) ga = act_grad(ga, at::vec::fmadd(xh, Vec::loadu(w + c), Vec::loadu(b + c)), Vec(slope));
+        if (p.act) ga = slope_act_grad(ga, at::vec::fmadd(xh, Vec::loadu(w + c), Vec::loadu(b + c)), Vec(slope));
         emit_vec(r, c, xh, ga);
       }
       for (; c < C; ++c) {
         const acc_t xh = (xc[r * C + c] - mn[c]) * rs[c];
         acc_t ga = gc[r * C + c];
-        if (p.act) ga = act_grad<acc_t>(ga, xh * w[c] + b[c], slope);
+        if (p.act) ga = slope_act_grad<acc_t>(ga, xh * w[c] + b[c], slope);
         emit_scalar(r, c, xh, ga);
       }
     }

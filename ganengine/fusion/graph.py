@@ -809,7 +809,9 @@ def watch_spec(log: TraceLog):
             # a tensor the graph reads per call (a get_attr node: its values, shape, dtype are read by the
             # ops), or a Parameter / buffer slot holding None: its type is compared (a tensor set to None
             # later, or None to a tensor, would make the graph's `is None` branch and ops wrong)
-            if not all(part.isidentifier() and not keyword.iskeyword(part) for part in path.split(".")):
+            # (a slot's guard reads the module dicts by key, `convs.0.bias` included; a plain attribute's
+            # is `m.<path>`, which needs identifiers)
+            if not slot and not all(part.isidentifier() and not keyword.iskeyword(part) for part in path.split(".")):
                 return f"its forward reads the attribute {path!r}, whose name is not an identifier or is a Python keyword"
             if slot:
                 kind = _PARAM_OF if name in owner.__dict__["_parameters"] else _BUFFER_OF

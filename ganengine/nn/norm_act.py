@@ -29,21 +29,24 @@ def _is_bool(value) -> bool:
 
 def _check_args(affine, track_running_stats, eps, momentum) -> None:
     """Fail loudly on arguments given in nn.InstanceNorm2d's positional order (num_features, eps,
-    momentum, affine, track_running_stats), which would otherwise build another norm silently."""
+    momentum, affine, track_running_stats), which would otherwise build another norm silently: a
+    float where a flag belongs, a bool where eps / momentum belong. (What nn.InstanceNorm2d takes
+    for the flags otherwise, bools, 0 / 1, a bool tensor, stays accepted.)"""
     for name, value in (("affine", affine), ("track_running_stats", track_running_stats)):
-        if not _is_bool(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not _is_bool(value):
             raise TypeError(
                 f"InstanceNormAct2d: {name} must be a bool, got {value!r} ({type(value).__name__}). The order is "
                 f"{_ORDER}: eps and momentum come after affine and track_running_stats (not in "
                 "nn.InstanceNorm2d's order); pass them by keyword, e.g. InstanceNormAct2d(64, eps=1e-5, affine=True)")
-    if _is_bool(eps) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"InstanceNormAct2d: eps must be a real number >= 0, got {eps!r} ({type(eps).__name__}). "
-                        f"The order is {_ORDER}; pass eps and momentum by keyword")
-    if not eps >= 0:
+    for name, value in (("eps", eps), ("momentum", momentum)):
+        if value is None and name == "momentum" or isinstance(value, torch.Tensor) and value.numel() == 1:
+            continue
+        if _is_bool(value) or not isinstance(value, numbers.Real):
+            what = "a real number >= 0" if name == "eps" else "a real number or None"
+            raise TypeError(f"InstanceNormAct2d: {name} must be {what}, got {value!r} ({type(value).__name__}). "
+                            f"The order is {_ORDER}; pass eps and momentum by keyword")
+    if not isinstance(eps, torch.Tensor) and not eps >= 0:
         raise ValueError(f"InstanceNormAct2d: eps must be a real number >= 0, got {eps!r}")
-    if momentum is not None and (_is_bool(momentum) or not isinstance(momentum, numbers.Real)):
-        raise TypeError(f"InstanceNormAct2d: momentum must be a real number or None, got {momentum!r} "
-                        f"({type(momentum).__name__}). The order is {_ORDER}; pass eps and momentum by keyword")
 
 
 class InstanceNormAct2d(nn.InstanceNorm2d):

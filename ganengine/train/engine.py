@@ -166,14 +166,15 @@ def _explain(exc: BaseException, new_size: bool, shape, where: str = "") -> Base
 
 
 def _same_size(items: list[dict]) -> list[dict]:
-    """The sample grid's items whose images have the first one's sizes: --preprocess none and
-    scale_width keep each image's own size, and the grid's rows are one batch, which a run at
-    --batch_size 1 (the reference's) must not be refused for."""
-    def sizes(item: dict) -> dict:
-        return {k: tuple(v.shape) for k, v in item.items() if torch.is_tensor(v) and v.dim() == 3}
+    """The sample grid's items whose images have the most common sizes (the first such item's on a
+    tie): --preprocess none and scale_width keep each image's own size, and the grid's rows are one
+    batch, which a run at --batch_size 1 (the reference's) must not be refused for."""
+    def sizes(item: dict) -> tuple:
+        return tuple(sorted((k, tuple(v.shape)) for k, v in item.items() if torch.is_tensor(v) and v.dim() == 3))
 
-    first = sizes(items[0])
-    return [it for it in items if sizes(it) == first]
+    keys = [sizes(it) for it in items]
+    common = max(keys, key=keys.count)   # (max keeps the first of equal counts)
+    return [it for it, k in zip(items, keys) if k == common]
 
 
 def _input_shapes(batch: dict | None) -> dict:
@@ -475,7 +476,7 @@ class Trainer:
             # (the run continues with the options given now: a default that changed between
             # versions, e.g. the synthesis models' flips, shows here)
             old_data = dict(state.get("data") or {})
-            if old_data.get("dataroot"):  # (recorded as typed before: relative to the folder resumed from)
+            if old_data.get("dataroot"):  # (recorded as typed before: taken as relative to this run's folder)
                 old_data["dataroot"] = os.path.abspath(old_data["dataroot"])
             changed = _changed(old_data, json.loads(json.dumps(self.cfg.data_options or {})))
             if changed:
