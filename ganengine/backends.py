@@ -13,6 +13,9 @@ manager, restores the previous one on exit); ``GANENGINE_BACKEND`` sets the defa
 per call from the tensor's device. A backend that cannot serve a call falls back to torch:
 silently by default, with a warning when ``GANENGINE_DEBUG=1``, and with an error in strict mode
 (``strict()`` or ``GANENGINE_STRICT=1``), which the tests use to prove a backend really ran.
+The setting is read when a kernel runs: a backward pass runs on the backend selected when the
+backward runs, so a ``with use_backend(...)`` block around the forward only leaves the backward to
+the setting outside it (put ``.backward()`` inside the block to run both on one backend).
 """
 from __future__ import annotations
 
