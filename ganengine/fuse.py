@@ -50,6 +50,7 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False,
         raise TypeError(f"fuse(inplace=...): expected a bool, got {type(inplace).__name__}")
     if not isinstance(keep_channels_last, bool):
         raise TypeError(f"fuse(keep_channels_last=...): expected a bool, got {type(keep_channels_last).__name__}")
+    from ganengine.fusion import graph
     from ganengine.fusion.copying import FusedModule, structural_copy
     from ganengine.fusion.engine import Fuser
     from ganengine.fusion.rules import KEEP_LAYOUT
@@ -58,7 +59,7 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False,
     target = module if inplace else structural_copy(module)
     devices = sorted({t.device.index or 0 for t in list(target.parameters()) + list(target.buffers()) if t.is_cuda})
     threads = torch.get_num_threads()
-    host_rng = _host_rng_state()
+    host_rng = graph.rng_states()   # (put back at the end: fuse() does not move a seeded run's streams)
     try:
         # the rules' probes run tiny tensors: one thread (several spin-wait on each other on a
         # busy machine: measured 10x slower); and they must not move the caller's RNG
@@ -69,7 +70,7 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False,
     finally:
         KEEP_LAYOUT.reset(layout)
         torch.set_num_threads(threads)
-        _restore_host_rng(host_rng)
+        graph.restore_rng_states(host_rng)
     if not inplace:  # a copy named the caller's spectral-norm group: it gets its own
         from ganengine.nn.spectral_norm import rebind_copied_groups
 
@@ -82,28 +83,6 @@ def fuse(module: nn.Module, inplace: bool = False, return_report: bool = False,
         module.__dict__.update(fused.__dict__)
         fused = module
     return (fused, report) if return_report else fused
-
-
-def _host_rng_state():
-    """Python's ``random`` and numpy's global RandomState (when numpy is loaded): fuse() puts them back
-    after its probes and traces, as torch.random.fork_rng does torch's (a seeded run's streams do not
-    move)."""
-    import random
-    import sys
-
-    np = sys.modules.get("numpy")
-    return random.getstate(), (np.random.get_state() if np is not None and hasattr(np, "random") else None)
-
-
-def _restore_host_rng(state) -> None:
-    import random
-    import sys
-
-    py, npstate = state
-    random.setstate(py)
-    np = sys.modules.get("numpy")
-    if npstate is not None and np is not None:
-        np.random.set_state(npstate)
 
 
 # ----------------------------------------------------------------------------- extension points

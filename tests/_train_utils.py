@@ -60,3 +60,16 @@ def cli_error(capsys, argv, *words):
     for word in words:
         assert word in line, (word, line)
     return line
+
+
+def float64_step(model, batch):
+    """One training step of ``model`` with its networks in float64 (noise drawn in float64 too)."""
+    for name in model.network_names:
+        getattr(model, name).double()
+    opts = model.make_optimizers()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return model.train_step(batch, opts)
+    finally:
+        torch.set_default_dtype(old)

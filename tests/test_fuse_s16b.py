@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 import ganengine
 from ganengine.fusion import graph as G
+from tests.test_fuse_guards import _count_graph_calls
 
 D = torch.float64
 
@@ -39,18 +40,6 @@ class _Block(nn.Module):
         super().__init__()
         self.c = nn.Conv2d(4, 8, 3, 1, 1)
         self.n = nn.BatchNorm2d(8)
-
-
-def _count_graph_calls(fused):
-    calls = []
-    fn = fused.__dict__["_ganengine_graph_fn"]
-
-    def counting(self, *a, **k):
-        calls.append(1)
-        return fn(self, *a, **k)
-
-    object.__setattr__(fused, "_ganengine_graph_fn", counting)
-    return calls
 
 
 # ----------------------------------------------------------------------------- defects 1 and 2

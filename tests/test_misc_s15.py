@@ -11,6 +11,7 @@ from PIL import Image
 from ganengine.bench import registry
 from ganengine.bench.registry import BenchCase, Workload
 from ganengine.cli import main
+from tests._train_utils import float64_step
 
 
 # ----------------------------------------------------------------------------- bench --traffic / --host
@@ -162,16 +163,7 @@ def _stargan():
 
 @pytest.mark.parametrize("make", [_sagan, _wgan_gp, _stargan], ids=["sagan", "wgan_gp", "stargan"])
 def test_gradient_penalty_of_a_float64_model(make):
-    model, batch = make()
-    for name in model.network_names:
-        getattr(model, name).double()
-    opts = model.make_optimizers()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # (z drawn in float64 too)
-    try:
-        out = model.train_step(batch, opts)
-    finally:
-        torch.set_default_dtype(old)
+    out = float64_step(*make())
     assert all(np.isfinite(float(v)) for v in out.values())
 
 

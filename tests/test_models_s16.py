@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ganengine.models import build_model
+from tests._train_utils import float64_step
 
 _CASES = {
     "wgan": dict(latent_dim=8, img_size=8, channels=1, n_critic=1),
@@ -18,16 +19,8 @@ _CASES = {
 def test_float64_model_losses_stay_float64(name):
     kw = _CASES[name]
     model = build_model(name, fused=False, fused_optimizer=False, **kw)
-    for net in model.network_names:
-        getattr(model, net).double()
     size = kw.get("img_size", 64)
     batch = {"image": torch.rand(4, 1, size, size, dtype=torch.float64) * 2 - 1, "label": torch.tensor([0, 1, 2, 0])}
-    opts = model.make_optimizers()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # (z drawn in float64 too)
-    try:
-        out = model.train_step(batch, opts)
-    finally:
-        torch.set_default_dtype(old)
+    out = float64_step(model, batch)
     losses = {k: v for k, v in out.items() if "loss" in k}
     assert losses and all(v.dtype == torch.float64 for v in losses.values()), {k: v.dtype for k, v in losses.items()}

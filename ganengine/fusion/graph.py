@@ -602,19 +602,25 @@ class _Unrecorded:
 _MODULE_DICTS = ("_modules", "_buffers", "_parameters")
 
 
-def _rng_states() -> list:
+def rng_states() -> list:
     """The global host random streams a forward may draw from at trace time (Python's ``random``,
-    numpy's global ``RandomState`` when numpy is loaded), to compare after the trace. (Not put back
-    here: another thread may have drawn meanwhile; fuse() restores them when it ends, as
-    torch.random.fork_rng does torch's. A draw from another thread during the trace makes the
-    forward declined: conservative.)"""
+    numpy's global ``RandomState`` when numpy is loaded): (name, get, set, state) each, to compare
+    after the trace (``_rng_moved``) and for fuse() to put back when it ends
+    (``restore_rng_states``), as torch.random.fork_rng does torch's. (Not put back after each
+    trace: another thread may have drawn meanwhile. A draw from another thread during the trace
+    makes the forward declined: conservative.)"""
     import random
 
-    states = [("Python's random", random.getstate, random.getstate())]
+    states = [("Python's random", random.getstate, random.setstate, random.getstate())]
     np = sys.modules.get("numpy")
     if np is not None and hasattr(np, "random"):
-        states.append(("numpy.random", np.random.get_state, np.random.get_state()))
+        states.append(("numpy.random", np.random.get_state, np.random.set_state, np.random.get_state()))
     return states
+
+
+def restore_rng_states(states: list) -> None:
+    for _, _, put, state in states:
+        put(state)
 
 
 def _same_state(a, b) -> bool:
@@ -627,8 +633,8 @@ def _same_state(a, b) -> bool:
 
 
 def _rng_moved(states: list) -> str | None:
-    """The name of the first stream that moved since ``_rng_states()``."""
-    for name, get, before in states:
+    """The name of the first stream that moved since ``rng_states()``."""
+    for name, get, _, before in states:
         if not _same_state(get(), before):
             return name
     return None
@@ -686,7 +692,7 @@ def _trace_locked(m: nn.Module, training: bool, log: TraceLog | None) -> fx.Grap
     watch = None
     me = threading.get_ident()
     before = None
-    rng = _rng_states()
+    rng = rng_states()
     draws = _TraceTimeDraws()
     tracer = _LeafTracer()
     try:
