@@ -19,16 +19,6 @@ def _check_pair(path: str, w: int, h: int) -> None:
                         "Fix or remove that file.")
 
 
-def _out_size(size: tuple[int, int], o: T.TransformOptions) -> tuple[int, int]:
-    """The (w, h) ``T.apply`` gives an image of ``size`` under ``o`` (whatever the crop position)."""
-    w, h = T._resized_size(*size, o)
-    if "crop" in o.preprocess:
-        w, h = min(w, o.crop_size), min(h, o.crop_size)
-    if o.preprocess == "none":  # (apply's rounding to a multiple of 4)
-        w, h = max(4, round(w / 4) * 4), max(4, round(h / 4) * 4)
-    return w, h
-
-
 def split_pair(ab, o: T.TransformOptions | None):
     """The A and B halves of an A|B image, as the reference cuts them (A: the left w // 2 columns,
     B: the right w - w // 2, one wider for an odd width), except where ``o`` would then bring A
@@ -38,7 +28,7 @@ def split_pair(ab, o: T.TransformOptions | None):
     w, h = ab.size
     half = w // 2
     right = w
-    if o is not None and w % 2 and _out_size((half, h), o) != _out_size((w - half, h), o):
+    if o is not None and w % 2 and T.output_size((half, h), o) != T.output_size((w - half, h), o):
         right = 2 * half
     return ab.crop((0, 0, half, h)), ab.crop((half, 0, right, h))
 

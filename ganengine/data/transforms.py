@@ -135,6 +135,19 @@ def _resized_size(w: int, h: int, o: TransformOptions) -> tuple[int, int]:
     return w, h
 
 
+def _multiple_of_4(w: int, h: int) -> tuple[int, int]:
+    # the reference's rounding under --preprocess none, so the U-Net/ResNet shapes work
+    return max(4, round(w / 4) * 4), max(4, round(h / 4) * 4)
+
+
+def output_size(size: tuple[int, int], o: TransformOptions) -> tuple[int, int]:
+    """The (w, h) ``apply`` gives an image of ``size`` under ``o``, whatever the crop position."""
+    w, h = _resized_size(*size, o)
+    if "crop" in o.preprocess:
+        w, h = min(w, o.crop_size), min(h, o.crop_size)
+    return _multiple_of_4(w, h) if o.preprocess == "none" else (w, h)
+
+
 def get_params(size: tuple[int, int], o: TransformOptions, g: torch.Generator) -> dict:
     """Random crop position and flip for an image of ``size`` (w, h), as the reference get_params."""
     w, h = _resized_size(*size, o)
@@ -156,8 +169,8 @@ def apply(img: Image.Image, o: TransformOptions, params: dict) -> torch.Tensor:
         cs = o.crop_size
         if nw > cs or nh > cs:
             img = img.crop((x, y, x + min(cs, nw), y + min(cs, nh)))
-    if o.preprocess == "none":  # the reference rounds to a multiple of 4 so the U-Net/ResNet shapes work
-        rw, rh = max(4, round(nw / 4) * 4), max(4, round(nh / 4) * 4)
+    if o.preprocess == "none":
+        rw, rh = _multiple_of_4(nw, nh)
         if (rw, rh) != (nw, nh):
             img = img.resize((rw, rh), Image.BICUBIC)
     if params.get("flip"):
