@@ -166,6 +166,45 @@ def test_threshold_picks_gemm_only_for_small_maps():
 
 
 @needs_ext
+def test_small_kernels_stay_on_onednn_where_its_fixed_cost_is_low():
+    """The GEMM form's small-call rules were measured on 4x4+ kernels, where oneDNN's fixed cost per
+    call is high; for 1x1, 2x2 and 3x3 kernels it is low and the GEMM form lost at every small size
+    (csrc/cpu/conv_route.cpp, kMinTaps): those calls run oneDNN, NCHW and channels_last, except a
+    3x3 with a 2^19+ element weight on at most 64 columns. 4x4, 5x5 and 7x7 tiny calls keep it."""
+    cl = torch.channels_last
+    cases = [  # (transposed, x shape, w shape, stride, padding, channels_last, expected GEMM)
+        (False, (1, 8, 8, 8), (8, 8, 1, 1), 1, 0, False, False),
+        (False, (1, 256, 8, 8), (256, 256, 1, 1), 1, 0, False, False),    # 64 columns, 64 K weight
+        (False, (1, 8, 8, 8), (8, 8, 3, 3), 1, 1, False, False),
+        (False, (1, 128, 8, 8), (128, 128, 3, 3), 1, 1, False, False),    # 147 K weight
+        (True, (1, 16, 8, 8), (16, 16, 3, 3), 1, 1, False, False),
+        (False, (1, 16, 8, 8), (16, 16, 2, 2), 2, 0, False, False),
+        (False, (4, 64, 8, 8), (64, 64, 3, 3), 1, 1, True, False),        # channels_last: no NHWC rule either
+        (False, (1, 16, 8, 8), (16, 16, 1, 1), 1, 0, True, False),
+        (False, (4, 256, 4, 4), (512, 256, 3, 3), 1, 1, False, True),     # 64 columns, 1.2 M weight
+        (False, (1, 8, 8, 8), (8, 8, 4, 4), 2, 1, False, True),           # 4x4: tiny, GEMM form
+        (False, (1, 8, 8, 8), (8, 8, 5, 5), 1, 2, False, True),
+        (False, (1, 3, 8, 8), (8, 3, 7, 7), 1, 3, False, True),
+        (False, (1, 8, 8, 8), (8, 8, 4, 4), 2, 1, True, True),
+    ]
+    for tr, xs, ws, s, p, last, gemm in cases:
+        x, w = torch.randn(xs), torch.randn(ws) * 0.05
+        if last:
+            x = x.contiguous(memory_format=cl)
+        with on_backend("cpu"), cv.gemm_policy("auto"), cv.winograd_policy("never"):
+            assert cv.uses_gemm(x, w, s, p, tr) == gemm, (tr, xs, ws, last)
+            # the route named is the one run: ATen's convolution appears exactly where oneDNN runs
+            with torch.autograd.profiler.profile() as prof:
+                y = GF.conv_transpose2d(x, w, None, s, p) if tr else GF.conv2d(x, w, None, s, p)
+        onednn = any("convolution" in e.name and "ganengine" not in e.name for e in prof.function_events)
+        assert onednn == (not gemm), (tr, xs, ws, last, sorted({e.name for e in prof.function_events}))
+        ref = F.conv_transpose2d(x.double(), w.double(), None, s, p) if tr else F.conv2d(x.double(), w.double(), None, s, p)
+        g0 = torch.zeros(ref.shape)
+        sc = conv_scales(x, w, g0, None, s, p, tr)
+        assert_below(y, ref, gamma(sc.n_y, torch.float32) * sc.y, name=str((xs, ws)))
+
+
+@needs_ext
 def test_policy_context_restores_and_checks():
     policy = _ext.op("conv_gemm_policy")
     with cv.gemm_policy("never"):

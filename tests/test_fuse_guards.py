@@ -282,8 +282,10 @@ def test_checkpoints_and_autograd_functions_are_not_traced(cls):
 
 # ----------------------------------------------------------------------------- Sequentials as lists
 def _seq():
-    return nn.Sequential(nn.Conv2d(C, C, 3, 1, 1), nn.InstanceNorm2d(C), nn.LeakyReLU(0.2),
-                         nn.Conv2d(C, C, 3, 1, 1), nn.BatchNorm2d(C), nn.ReLU())
+    # (5x5 convs: kernels with a faster route on the CPU, so conv + norm + act fuse; a small 3x3 conv has
+    # none and stays PyTorch's: csrc/cpu/conv_route.cpp, kMinTaps)
+    return nn.Sequential(nn.Conv2d(C, C, 5, 1, 2), nn.InstanceNorm2d(C), nn.LeakyReLU(0.2),
+                         nn.Conv2d(C, C, 5, 1, 2), nn.BatchNorm2d(C), nn.ReLU())
 
 
 class Gen(nn.Module):
@@ -422,7 +424,7 @@ class _Registered(nn.Module):
 class RegisteredBlock(_Registered):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(C, C, 3, 1, 1)
+        self.conv = nn.Conv2d(C, C, 4, 2, 1)  # (a kernel with a faster route: the pair fuses)
         self.act = nn.LeakyReLU(0.2)
         self.scale = 1.0
 
@@ -538,7 +540,7 @@ def _swap_in(mod, x):                         # a free helper: the source check 
 class SwapsWhileTraced(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(C, C, 3, 1, 1)
+        self.conv = nn.Conv2d(C, C, 5, 1, 2)
         self.act = nn.LeakyReLU(0.2)
         self.register_buffer("counter", torch.full((1,), 7.0))
 
@@ -557,7 +559,7 @@ def test_writes_routed_to_modules_and_buffers_are_undone():
 class KeywordAttr(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(C, C, 3, 1, 1)
+        self.conv = nn.Conv2d(C, C, 5, 1, 2)
         self.act = nn.LeakyReLU(0.2)
         setattr(self, "lambda", 0.5)
 
@@ -575,7 +577,7 @@ class ReadsOptions(nn.Module):
     def __init__(self, opt):
         super().__init__()
         self.opt = opt
-        self.conv = nn.Conv2d(C, C, 3, 1, 1)
+        self.conv = nn.Conv2d(C, C, 5, 1, 2)
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x):

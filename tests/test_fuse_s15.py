@@ -181,7 +181,7 @@ def test_refuse_lists_only_patterns_still_matched():
     assert not dict(r2) and not r2.declined
     norm = nn.InstanceNorm2d(8)
     norm.register_forward_hook(lambda *a: None)
-    once, r1 = ganengine.fuse(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), norm, nn.ReLU()), return_report=True)
+    once, r1 = ganengine.fuse(nn.Sequential(nn.Conv2d(3, 8, 5, 1, 2), norm, nn.ReLU()), return_report=True)
     _, r2 = ganengine.fuse(once, return_report=True)
     assert not dict(r2)
     assert {(d.rule, d.where) for d in r2.declined} == {("instance_norm+act", "1"), ("instance_norm", "1")}

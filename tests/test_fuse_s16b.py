@@ -379,7 +379,7 @@ def test_a_forward_reading_a_module_list_childs_parameters_is_still_traced():
             super().__init__()
             self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1)])
             self.act = nn.LeakyReLU(0.2)
-            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 5, padding=2)  # (a kernel with a faster route: conv + act fuse)
             self.act2 = nn.LeakyReLU(0.2)
 
         def forward(self, x):

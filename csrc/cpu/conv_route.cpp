@@ -19,6 +19,7 @@
 //                0.15x forward / 0.31x forward+backward, 1x16x16x16 -> 16 (2^18 MACs) 0.73x / 0.62x,
 //                1x3x32x32 -> 16 0.78x / 0.54x, transposed 1x16x8x8 -> 16 0.41x / 0.43x; losses
 //                from 2^19: 2x16x16x16 -> 16 1.41x forward, 1x3x64x64 -> 8 1.68x).
+//                All of these for kernels of kMinTaps+ taps only (4x4 and up: see kMinTaps below).
 //   Winograd4x4  benchmarks/bench_conv4x4.py: the engine's GEMMs are (K x Cv) @ (Cv x T) per
 //                transform point, and the weight transforms (twice per training step, plus one
 //                adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
@@ -60,6 +61,21 @@ constexpr int64_t kMinWeight = 1 << 16;
 constexpr int64_t kMaxColumnsBigWeight = 256;
 constexpr int64_t kBigWeight = 1 << 22;
 constexpr int64_t kTinyMacs = 1 << 18;
+// Every rule above and the NHWC rules below were measured on 4x4 (and 7x7) kernels, where oneDNN's
+// fixed cost per call is high (80-250 us forward, 450-1100 us with backward, 1 thread). For 1x1,
+// 2x2 and 3x3 kernels it is low (20-60 us / 150-400 us) and the GEMM form loses at every small
+// size measured (an ad-hoc interleaved sweep of ganengine.nn.Conv2d under both policies, 2026-12-07, 1 thread, thread time,
+// GEMM form / oneDNN, forward and forward+backward: 1x1 8 -> 8 at 8x8 1.64x / 1.24x, 256 -> 256
+// at 8x8 1.58x / 1.25x; 2x2 stride 2 16 -> 16 at 8x8 1.50x / 1.23x; 3x3 8 -> 8 at 8x8 1.24x /
+// 1.22x, 128 -> 128 at 8x8 1.35x / 1.15x, transposed 16 -> 16 1.09x / 1.03x; channels_last 3x3
+// 64 -> 64 at 8x8 batch 4 1.68x / 1.27x; against 4x4 stride 2 8 -> 8 at 8x8 0.43x / 0.53x, 5x5
+// 8 -> 8 0.74x / 0.57x, 7x7 3 -> 8 0.66x / 0.56x). So kernels of fewer than kMinTaps taps run
+// oneDNN, except a 3x3-class kernel with a weight of kMinWeightSmallKernel+ elements on at most
+// kMaxColumns columns, where reading the weight is the cost (3x3 256 -> 512 onto 4x4 at batch 4:
+// 0.66x / 0.77x; 512 -> 512 at 4x4 1.02x / 0.83x; 256 -> 256 at 8x8 1.22x / 0.94x: a training
+// step's forward+backward wins). 1x1 kernels never: oneDNN's 1x1 conv is itself one GEMM.
+constexpr int64_t kMinTaps = 16;
+constexpr int64_t kMinWeightSmallKernel = 1 << 19;
 
 // The NHWC form (channels_last x, conv_gemm.cpp) against oneDNN on channels_last, 4x4 stride 2
 // padding 1, fwd+bwd, 1 thread, CPU time, interleaved, under load (benchmarks/bench_conv.py
@@ -161,6 +177,9 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   if (pol == 2 || !conv_gemm::legal(x, w, transposed)) return false;
   if (pol == 1) return true;
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
+  const int64_t taps = w.size(2) * w.size(3);
+  if (taps < kMinTaps)  // (oneDNN's fixed cost is low for these kernels: see kMinTaps)
+    return taps > 1 && cols <= kMaxColumns && w.numel() >= kMinWeightSmallKernel;
   if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
   if (cols * w.numel() <= kTinyMacs) return true;  // (oneDNN's fixed cost is the whole cost there)
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;  // (use_gemm_nhwc, after Winograd's)
@@ -175,6 +194,7 @@ bool use_gemm_nhwc(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef str
                    bool transposed) {
   if (gemm_policy() != 0 || !conv_gemm::legal(x, w, transposed) || !x.is_contiguous(at::MemoryFormat::ChannelsLast))
     return false;
+  if (w.size(2) * w.size(3) < kMinTaps) return false;  // (measured on 4x4 kernels only: see kMinTaps)
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
   const int64_t c_in = transposed ? w.size(0) : w.size(1), c_out = transposed ? w.size(1) : w.size(0);
   return nhwc_gemm_pays(cols, cols / x.size(0), c_in, c_out, transposed);
