@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ganengine
 import ganengine.functional as GF
 import ganengine.nn as gnn
+from ganengine import _ext
 from ganengine.ops import _dispatch
 from ganengine.ops import batch_norm_act as ops
 from tests._backends import backend_params, on_backend, autograd_node_names
@@ -322,6 +323,31 @@ def test_large_channel_count(backend):
     with on_backend(backend):
         out = _run(fused_fn(False, None, None, act="relu"), (x, w, b), g)
     check_all(x, w, b, out, ref, g, True, 1e-5, False, name=backend)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout", [((67, 1030), "nchw"), ((3, 520, 5, 7), "nhwc"), ((40, 4099), "nchw")],
+                         ids=["N67xC1030", "nhwc-3x520x5x7", "N40xC4099"])
+def test_many_channel_rows_merge_across_units(shape, layout, training):
+    """The C++ kernels' channels-last / (N, C) path with many channels: rows split into several
+    units of 16+ rows each, whose partial statistics and gradient sums are merged across channels
+    at once (csrc/cpu/batch_norm_act.cpp, kMinRows, finalize_nhwc, combine_nhwc); C not a multiple
+    of the vector width (the scalar tail). Against the fp64 reference, forward, backward, running
+    statistics."""
+    if not ganengine.backends.serves("cpu", torch.device("cpu")):
+        pytest.skip("cpu backend not built")
+    x, w, b = make(shape, layout=layout)
+    c = shape[1]
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    rmr, rvr = rm.double(), rv.double()
+    g = torch.randn(shape)
+    ref = _run(lambda *a: reference(*a, rmr, rvr, training, 0.1, 1e-5, "leaky_relu", 0.2, False), (x, w, b), g)
+    with on_backend("cpu"):
+        out = _run(fused_fn(False, rm, rv, training=training), (x, w, b), g)
+    assert _dispatch.last_used["batch_norm_act"] == "cpu"
+    check_all(x, w, b, out, ref, g, training, 1e-5, False, rv_for_eval=None if training else rv, name="cpu")
+    if training:
+        check_running(x, rm, rv, rmr, rvr, 0.1)
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count():
@@ -678,6 +704,45 @@ def test_module_matches_batchnorm2d(backend, momentum, affine, track):
         torch.testing.assert_close(fused.state_dict()[key], value, atol=1e-6, rtol=1e-6)
     back = nn.BatchNorm2d(5, momentum=momentum, affine=affine, track_running_stats=track)
     back.load_state_dict(fused.state_dict())  # round trip
+
+
+def test_eval_without_activation_is_eagers_batch_norm_under_auto():
+    """An eval-mode fused batch norm without an activation is one ATen op with nothing to fuse: under
+    backend 'auto' it runs F.batch_norm itself (eager's bits, eager's host cost: fuse() puts
+    FusedBatchNorm2d where a lone nn.BatchNorm2d was); an explicit backend still runs its kernels, and
+    dtypes eager's batch norm would not take as given (fp32 statistics beside bf16 x) the fused op."""
+    from ganengine.nn.batch_norm_act import FusedBatchNorm1d, FusedBatchNorm2d
+    from ganengine.ops import _dispatch
+
+    for ref, shape in ((nn.BatchNorm2d(6), (2, 6, 5, 3)), (nn.BatchNorm1d(6), (4, 6)), (nn.BatchNorm1d(6), (3, 6, 7))):
+        with torch.no_grad():
+            ref.running_mean.normal_()
+            ref.running_var.uniform_(0.5, 2.0)
+            ref.weight.normal_()
+            ref.bias.normal_()
+        ref.eval()
+        fused = (FusedBatchNorm2d if isinstance(ref, nn.BatchNorm2d) else FusedBatchNorm1d).from_modules(ref, None).eval()
+        x = torch.randn(shape) * 3 + 1
+        if len(shape) == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _dispatch.last_used.pop("batch_norm_act", None)
+        with on_backend("auto"), torch.autograd.profiler.profile() as prof:
+            y = fused(x)
+        assert torch.equal(y, ref(x)) and y.stride() == ref(x).stride()
+        assert "batch_norm_act" not in _dispatch.last_used
+        assert not any("ganengine" in e.name for e in prof.function_events)
+        if _ext.loaded():
+            with on_backend("cpu"):
+                y = fused(x)
+            assert _dispatch.last_used["batch_norm_act"] == "cpu"
+            torch.testing.assert_close(y, ref(x), atol=2e-5, rtol=2e-5)
+    # (training mode and the activations keep the fused op, as before)
+    bf = FusedBatchNorm2d(4).eval()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    _dispatch.last_used.pop("batch_norm_act", None)
+    with on_backend("auto"):
+        y = bf(x)
+    assert y.dtype == torch.bfloat16 and "batch_norm_act" in _dispatch.last_used
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (5, 4, 7)], ids=["NC", "NCL"])

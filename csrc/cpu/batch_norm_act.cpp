@@ -50,6 +50,11 @@ using cpu::hsum;
 constexpr int64_t kUnit = 4096;         // elements per unit and channel (NCHW) / per unit (NHWC)
 constexpr int64_t kParallelMin = 32768;  // below this many elements one thread does it all
 constexpr int64_t kRow = 256;            // NCHW: a channel block's run in one image has >= kRow elements
+// NHWC: rows per unit at least. Each unit leaves C partial sums that the merge reads back: with one
+// row per unit (an (N, C) input with C >= 4096: BatchNorm1d(4096) in an MLP generator) those were
+// as many values as x itself, merged channel by channel with two divisions each (4x eager's forward
+// at (64, 4096), 1 thread). 16 rows keep the partials at 1/16 of x and several units to share.
+constexpr int64_t kMinRows = 16;
 
 enum class Act { None, Relu, Leaky };
 
@@ -65,7 +70,7 @@ struct Unit {
 
 // fixed units; `single_image` keeps every unit inside one image (per-sample sums need that)
 std::vector<Unit> make_units(const Geo& g, bool single_image) {
-  const int64_t target = g.nhwc ? std::max<int64_t>(1, kUnit / std::max<int64_t>(g.C, 1)) : kUnit;
+  const int64_t target = g.nhwc ? std::max<int64_t>(kMinRows, kUnit / std::max<int64_t>(g.C, 1)) : kUnit;
   std::vector<Unit> units;
   if (g.S >= target || single_image) {
     const int64_t k = std::max<int64_t>(1, (g.S + target - 1) / target);
@@ -469,6 +474,41 @@ struct Forward {
       m2 += tq + delta * delta * (count * cnt / tot);
       count = tot;
     }
+    finish(c, md, m2);
+  }
+
+  // NHWC: the same merge for every channel at once, vectorised across channels (a unit's partials
+  // are contiguous in c; the weights cnt / tot are the same for every channel): the same operations
+  // per channel, in the same unit order, as finalize's loop
+  void finalize_nhwc() {
+    using Vec = Vectorized<A>;
+    const int64_t C = g.C;
+    std::vector<A> md(C, A(0)), m2(C, A(0));
+    A count = 0;
+    for (int64_t u = 0; u < U(); ++u) {
+      const A cnt = static_cast<A>(units[u].count());
+      const A tot = count + cnt, a = cnt / tot, b = count * cnt / tot;
+      const A* tm = pm.data() + u * C;
+      const A* tq = pq.data() + u * C;
+      const Vec va(a), vb(b);
+      int64_t c = 0;
+      for (; c + Vec::size() <= C; c += Vec::size()) {
+        const Vec m = Vec::loadu(md.data() + c), delta = Vec::loadu(tm + c) - m;
+        (m + delta * va).store(md.data() + c);
+        (Vec::loadu(m2.data() + c) + (Vec::loadu(tq + c) + delta * delta * vb)).store(m2.data() + c);
+      }
+      for (; c < C; ++c) {
+        const A delta = tm[c] - md[c];
+        md[c] += delta * a;
+        m2[c] += tq[c] + delta * delta * b;
+      }
+      count = tot;
+    }
+    for (int64_t c = 0; c < C; ++c) finish(c, md[c], m2[c]);
+  }
+
+  // channel c's mean, rstd and unbiased variance from its merged statistics; then its coefficients
+  void finish(int64_t c, A md, A m2) {
     const A M = static_cast<A>(g.N * g.S);
     mean[c] = K[c] + md;
     if (cpu::stats_overflowed(mean[c], m2)) {
@@ -519,7 +559,7 @@ struct Forward {
         std::vector<A> buf;
         for (int64_t u = b; u < e; ++u) nhwc_stats(u, buf);
       });
-      for (int64_t c = 0; c < g.C; ++c) finalize(c);
+      finalize_nhwc();
       at::parallel_for(0, U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
         std::vector<A> b0, b1;
         for (int64_t u = b; u < e; ++u) nhwc_apply(u, b0, b1);
@@ -739,6 +779,36 @@ struct Backward {
     }
   }
 
+  // NHWC, sums per channel (not per sample): combine's sums over units for every channel at once,
+  // vectorised across channels, in the same unit order; then combine's per-channel tail
+  void combine_nhwc(A* dgw, A* dgb) {
+    using Vec = Vectorized<A>;
+    const int64_t C = g.C;
+    std::vector<A> s(C, A(0)), sx(C, A(0));
+    for (int64_t u = 0; u < U(); ++u) {
+      const A* a = psg.data() + u * C;
+      const A* b = psgx.data() + u * C;
+      int64_t c = 0;
+      for (; c + Vec::size() <= C; c += Vec::size()) {
+        (Vec::loadu(s.data() + c) + Vec::loadu(a + c)).store(s.data() + c);
+        (Vec::loadu(sx.data() + c) + Vec::loadu(b + c)).store(sx.data() + c);
+      }
+      for (; c < C; ++c) {
+        s[c] += a[c];
+        sx[c] += b[c];
+      }
+    }
+    const A M = static_cast<A>(g.N * g.S);
+    for (int64_t c = 0; c < C; ++c) {
+      dgb[c] = s[c];
+      dgw[c] = sx[c];
+      if (k.training) {
+        P[c] = k.rstd[c] * ((k.gw.p[c] * sx[c]) / M);
+        Q[c] = k.rstd[c] * ((k.gw.p[c] * s[c]) / M);
+      }
+    }
+  }
+
   void run(A* dgw, A* dgb) {
     psg.assign(U() * g.C, A(0));
     psgx.assign(U() * g.C, A(0));
@@ -751,7 +821,11 @@ struct Backward {
         std::vector<A> bx, bg, bd;
         for (int64_t u = b; u < e; ++u) nhwc_unit(u, first, bx, bg, bd);
       });
-      for (int64_t c = 0; c < g.C; ++c) combine(c, dgw, dgb);
+      if (k.per_sample) {
+        for (int64_t c = 0; c < g.C; ++c) combine(c, dgw, dgb);
+      } else {
+        combine_nhwc(dgw, dgb);
+      }
       if (!k.training) return;
       at::parallel_for(0, U(), grain_for(per_unit), [&](int64_t b, int64_t e) {
         std::vector<A> bx, bg, bd;

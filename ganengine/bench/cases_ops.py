@@ -337,22 +337,23 @@ def _gan_loss_module():
 # ----------------------------------------------------------------------------- batch_norm_act
 def _batch_norm_act(mod):
     # BN + ReLU at DCGAN / BigGAN / U-Net shapes: 64x512x4x4 (DCGAN G first block, batch 64),
-    # 64x256x8x8, 16x128x32x32 (BigGAN-128 G block), 1x64x128x128 (pix2pix U-Net, batch 1)
+    # 64x256x8x8, 16x128x32x32 (BigGAN-128 G block), 1x64x128x128 (pix2pix U-Net, batch 1); and
+    # BatchNorm1d after a wide Linear (InfoGAN / cGAN generators at batch 64: 1024 and 128*7*7 features)
     shapes = {
         "ref": [dict(n=64, c=512, h=4, w=4), dict(n=64, c=256, h=8, w=8), dict(n=16, c=128, h=32, w=32),
-                dict(n=1, c=64, h=128, w=128)],
+                dict(n=1, c=64, h=128, w=128), dict(n=64, c=1024), dict(n=64, c=6272)],
         "quick": [dict(n=16, c=64, h=8, w=8)],
         "tiny": [dict(n=2, c=4, h=4, w=4)],
     }
 
     def setup(p, device, dtype):
-        x = _randn((p["n"], p["c"], p["h"], p["w"]), device, dtype)
+        x = _randn((p["n"], p["c"], p["h"], p["w"]) if "h" in p else (p["n"], p["c"]), device, dtype)
         w = 1.0 + 0.1 * _randn((p["c"],), device, torch.float32)
         b = 0.1 * _randn((p["c"],), device, torch.float32)
         rm = torch.zeros(p["c"], device=device)
         rv = torch.ones(p["c"], device=device)
 
-        def reference(x, w, b, rm, rv):  # nn.BatchNorm2d (train) -> nn.ReLU
+        def reference(x, w, b, rm, rv):  # nn.BatchNorm2d / 1d (train) -> nn.ReLU
             return F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
 
         def fused(x, w, b, rm, rv):
@@ -361,7 +362,7 @@ def _batch_norm_act(mod):
         return Workload(args=(x, w, b, rm, rv), reference=reference, fused=fused, grad_args=(0, 1, 2))
 
     register(BenchCase(name="batch_norm_act", family="batch_norm_act", kind="op", setup=setup, shapes=shapes,
-                       description="BatchNorm2d (training, running statistics) + ReLU",
+                       description="BatchNorm2d / 1d (training, running statistics) + ReLU",
                        traffic_shape=dict(n=4, c=16, h=8, w=8)))
 
     def setup_cond(p, device, dtype):
@@ -382,7 +383,8 @@ def _batch_norm_act(mod):
         return Workload(args=(x, gain, bias, rm, rv), reference=reference, fused=fused, grad_args=(0, 1, 2))
 
     register(BenchCase(name="conditional_batch_norm_act", family="batch_norm_act", kind="op", setup=setup_cond,
-                       shapes=shapes, description="BigGAN class-conditional batch norm (per-sample gain/bias) + ReLU",
+                       shapes={k: [q for q in v if "h" in q] for k, v in shapes.items()},  # (4-D: BigGAN's ccbn)
+                       description="BigGAN class-conditional batch norm (per-sample gain/bias) + ReLU",
                        traffic_shape=dict(n=4, c=16, h=8, w=8)))
 
 

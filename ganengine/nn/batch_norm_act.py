@@ -11,16 +11,27 @@ different type, so ``fuse`` leaves it alone.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ganengine.nn._adopt import act_repr, norm_with_activation
 
+from ganengine.ops._dispatch import _requested_backend
 from ganengine.ops.batch_norm_act import ACTIVATIONS, batch_norm_act, conditional_batch_norm_act
 
 
 def _check_activation(owner: str, activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"{owner}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _plain_eval_call(x: torch.Tensor, w, rm: torch.Tensor, rv: torch.Tensor) -> bool:
+    """Whether an eval-mode call without an activation may run F.batch_norm: the backend left to
+    'auto' (an explicit backend runs its kernels, for tests and benchmarks), not under torch.compile
+    (its graph keeps the custom op), and dtypes eager's batch norm takes as they are (the fused op
+    also takes fp32 statistics beside fp16 / bf16 x)."""
+    return (type(x) is torch.Tensor and x.dtype == rm.dtype == rv.dtype and (w is None or w.dtype == x.dtype)
+            and not torch.compiler.is_compiling() and _requested_backend() == "auto")
 
 
 class _BatchNormActMixin:
@@ -38,11 +49,16 @@ class _BatchNormActMixin:
             return batch_norm_act(x, self.running_mean if track else None, self.running_var if track else None,
                                   self.weight, self.bias, True, momentum, self.eps, self.activation,
                                   self.negative_slope, num_batches_tracked=nbt)
-        # eval: running statistics when there are any, else the batch's
-        batch_stats = self.running_mean is None and self.running_var is None
-        return batch_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats,
-                              self.momentum if self.momentum is not None else 0.0, self.eps, self.activation,
-                              self.negative_slope)
+        # eval: running statistics when there are any, else the batch's (each Parameter / buffer read
+        # once: a read through nn.Module.__getattr__ costs about 1-2 us, at a tiny map a tenth of the call)
+        rm, rv, w, b = self.running_mean, self.running_var, self.weight, self.bias
+        batch_stats = rm is None and rv is None
+        if self.activation == "none" and rm is not None and rv is not None and _plain_eval_call(x, w, rm, rv):
+            # one ATen op with nothing to fuse: F.batch_norm itself, eager's numbers at eager's host cost
+            # (the fused op's call cost ~4 us more at a tiny map: BENCHMARKS.md, seventeenth session)
+            return F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
+        return batch_norm_act(x, rm, rv, w, b, batch_stats, self.momentum if self.momentum is not None else 0.0,
+                              self.eps, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={act_repr(self.activation, self.negative_slope)}"
