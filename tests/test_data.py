@@ -10,6 +10,7 @@ from ganengine.data import (AlignedDataset, CaptionedDataset, CelebADataset, Dat
                             ResumableSampler, SAMPLE_DIR, TransformOptions, UnalignedDataset, build_dataset,
                             make_loader, sample_root)
 from ganengine.data import transforms as T
+from ganengine.data.sampler import mix
 from ganengine.data.text import CaptionEmbedder, embed
 from tests._tolerance import assert_within_bound
 
@@ -123,6 +124,29 @@ def test_sampler_partitions_across_ranks():
         parts.append([i for i, _ in s])
     assert all(len(p) == 4 for p in parts)
     assert sorted(sum(parts, [])) == list(range(12))
+
+
+def test_ranks_see_one_process_items_and_item_seeds():
+    """N processes at batch b see, batch by batch, the (index, augmentation seed) pairs one process
+    at batch N*b sees: an item's crop / flip seed comes from its position in the whole epoch, not
+    in the process's share (docs/training.md, DDP); one process keeps its seeds as before."""
+    for n, world, b in ((12, 2, 3), (13, 3, 2), (7, 2, 2)):
+        one = ResumableSampler(n, world * b, shuffle=True, seed=5)
+        one.set_epoch(1)
+        single = list(one)
+        ranks = []
+        for rank in range(world):
+            s = ResumableSampler(n, b, shuffle=True, seed=5, rank=rank, world_size=world)
+            s.set_epoch(1)
+            ranks.append(list(s))
+        steps = min(len(single) // (world * b), min(len(r) for r in ranks) // b)
+        assert steps >= 1
+        for k in range(steps):
+            merged = sorted(sum((r[k * b:(k + 1) * b] for r in ranks), []))
+            assert merged == sorted(single[k * world * b:(k + 1) * world * b]), (n, world, b, k)
+    s = ResumableSampler(10, 3, shuffle=True, seed=7)
+    s.set_epoch(2)
+    assert [seed for _, seed in s][:3] == [mix(7, 2, 0, pos) for pos in range(3)]
 
 
 def test_loader_same_batches_with_and_without_workers():

@@ -1,7 +1,8 @@
 """Deterministic, resumable, distributed sampling.
 
 ``ResumableSampler`` yields ``(index, item_seed)`` pairs. The order of an epoch is a permutation
-drawn from ``(seed, epoch)`` and each item's augmentation seed from ``(seed, epoch, position)``,
+drawn from ``(seed, epoch)`` and each item's augmentation seed from ``(seed, epoch, position)``
+(its position in the whole epoch, the same at any number of processes),
 so a run restarted at (epoch, step) sees exactly the batches and crops the uninterrupted run saw,
 with any number of DataLoader workers. Like ``DistributedSampler``, each of ``world_size``
 processes takes every world_size-th index of the (padded) epoch, so ``--batch_size`` is per
@@ -64,8 +65,12 @@ class ResumableSampler(Sampler):
         if self.drop_last and len(mine) < self.batch_size:
             mine = (mine * math.ceil(self.batch_size / len(mine)))[: self.batch_size]
         count = self.batches_per_epoch * self.batch_size
+        # the item's seed from its position in the whole (padded) epoch, rank + pos * world_size, not
+        # in this process's share: an item gets the same crop / flip at any process count (N
+        # processes at batch b see the batches one process at N * b sees, item for item; one
+        # process: (seed, epoch, 0, pos), as ever)
         for pos in range(self.start_batch * self.batch_size, min(count, len(mine))):
-            yield mine[pos], mix(self.seed, self.epoch, self.rank, pos)
+            yield mine[pos], mix(self.seed, self.epoch, 0, self.rank + pos * self.world_size)
 
     def __len__(self) -> int:
         count = self.batches_per_epoch * self.batch_size
