@@ -231,6 +231,12 @@ class GANModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype latents are drawn in: the first floating Parameter's (a model moved to float64
+        draws float64 z; fp32 weights under autocast draw fp32, as the references do)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
 

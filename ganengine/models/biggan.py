@@ -108,7 +108,7 @@ class BigGAN(GANModel):
     # -- sampling --------------------------------------------------------------------------------
     def sample_z(self, n: int) -> torch.Tensor:
         """z ~ N(0, z_var^2) (the reference's ``normal_(0, z_var)``)."""
-        return torch.randn(n, unwrap(self.G).dim_z, device=self.device) * self.options["z_var"]
+        return torch.randn(n, unwrap(self.G).dim_z, device=self.device, dtype=self.latent_dtype) * self.options["z_var"]
 
     def latent_dim(self) -> int:
         return int(unwrap(self.G).dim_z)

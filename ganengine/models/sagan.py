@@ -76,7 +76,7 @@ class SAGAN(GANModel):
         return super().make_schedulers(optimizers, n_epochs, n_epochs_decay, steps_per_epoch, max_steps)
 
     def _z(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.options["z_dim"], device=self.device)
+        return torch.randn(n, self.options["z_dim"], device=self.device, dtype=self.latent_dtype)
 
     def _optimise(self, z, differentiable: bool):
         o = self.options

@@ -82,10 +82,11 @@ class SynthesisGAN(GANModel):
         return int(self.options["n_classes"]) if self.CONDITIONAL else None
 
     def sample_z(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n, latent_dim) N(0, 1) latents on the model's device (global RNG unless ``generator``)."""
+        """(n, latent_dim) N(0, 1) latents on the model's device, in its weights' dtype (global RNG unless
+        ``generator``)."""
         if generator is not None:
-            return torch.randn(n, self.latent_dim(), generator=generator).to(self.device)
-        return torch.randn(n, self.latent_dim(), device=self.device)
+            return torch.randn(n, self.latent_dim(), generator=generator, dtype=self.latent_dtype).to(self.device)
+        return torch.randn(n, self.latent_dim(), device=self.device, dtype=self.latent_dtype)
 
     def sample_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n,) uniform class indices (the references' ``np.random.randint(0, n_classes, n)``)."""
