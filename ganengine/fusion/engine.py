@@ -19,7 +19,8 @@ from ganengine.nn.attention import SelfAttention2d
 
 def _skip(m: nn.Module) -> bool:
     """Modules whose insides fuse leaves alone: already fused, or ganengine modules whose own
-    forward already runs the fused ops over their children (PatchDiscriminator; a SelfAttention2d
+    forward already runs the fused ops over their children (PatchDiscriminator: one built with
+    fused=False has its fused forward turned on instead, Fuser.patch_discriminator; a SelfAttention2d
     whose three convs are plain 1x1 convs: it runs them itself, as one C++ block or one stacked
     projection, which a conv rule on any of them would turn off)."""
     if isinstance(m, FusedModule) or m.__dict__.get("_ganengine_fused_wrapper") or checks.compiled(m):
@@ -27,6 +28,16 @@ def _skip(m: nn.Module) -> bool:
     if isinstance(m, SelfAttention2d) and m.runs_own_convs():
         return True
     return type(m).__module__ == "ganengine.nn.patch_discriminator"
+
+
+def _unfused_patch_discriminator(m: nn.Module) -> bool:
+    """A ganengine PatchDiscriminator built with ``fused=False``: skipped as the others (its
+    children are not rewritten), but its plain forward runs no fused op (Fuser.patch_discriminator)."""
+    return type(m).__module__ == "ganengine.nn.patch_discriminator" and not getattr(m, "fused", True)
+
+
+def _plain_call(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _custom_forward(m: nn.Module) -> bool:
@@ -139,6 +150,8 @@ class Fuser:
             self.report.decline("*", where, checks.COMPILED_REASON)
             return m
         if _skip(m):
+            if _unfused_patch_discriminator(m):
+                self.patch_discriminator(m, where)
             return m
         self.children_rules(m, where, "early")
         if isinstance(m, nn.Sequential):
@@ -162,6 +175,29 @@ class Fuser:
                 self.done[id(m)] = new
                 return new
         return m
+
+    def patch_discriminator(self, m: nn.Module, where: str) -> None:
+        """A PatchDiscriminator built with ``fused=False`` keeps its plain layers and runs
+        ``self.model(x)``; its own fused forward (what ``fused=True`` builds) runs the fused ops
+        over the same modules: turn it on (same modules, keys and tensors, the same numbers within
+        the fused ops' rounding) and report the groups it fuses (``fused_groups``)."""
+        model = m._modules.get("model")
+        rule = "patch_discriminator"
+        if checks.patched_forward(m):
+            self.report.decline(rule, where, "the PatchDiscriminator's forward is patched on the instance")
+            return
+        if type(model) is not nn.Sequential or checks.patched_forward(model) or not _plain_call(model):
+            # (the fused forward walks the children without calling `model`: its hooks would not run)
+            self.report.decline(rule, join(where, "model"),
+                                "its `model` is not a plain nn.Sequential without hooks, which the fused "
+                                "forward walks without calling it")
+            return
+        groups = m.fused_groups()
+        if not groups:
+            return
+        m.fused = True
+        for i, name in groups:
+            self.report.add(name, join(where, f"model.{i}"))
 
     def _alias_reason(self, m: nn.Module) -> str:
         return (f"the {type(m).__name__} is also held by the attribute `{self.aliased[id(m)]}` (not a submodule): "

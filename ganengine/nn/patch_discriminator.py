@@ -91,7 +91,9 @@ class PatchDiscriminator(nn.Module):
     in the current reference code, bias-free middle convs). Weights use PyTorch's default init
     like the reference constructor; ``init_weights()`` applies the reference normal(0, 0.02).
     ``fused=False``: the reference's forward, ``self.model(x)`` on the plain layers (the
-    benchmarks' eager baseline; the same keys and numbers).
+    benchmarks' eager baseline; the same keys and numbers). ``ganengine.fuse`` turns such an
+    instance's fused forward on (``fused`` True on the fused model: the ops ``fused=True`` builds
+    run, listed in its report, see ``fused_groups``; same modules, keys and tensors).
     """
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
@@ -146,8 +148,53 @@ class PatchDiscriminator(nn.Module):
         return (type(m) in (nn.Conv2d,) and m.groups == 1 and tuple(m.dilation) == (1, 1)
                 and m.padding_mode == "zeros" and not isinstance(m.padding, str) and plain(m))
 
+    # what each group the fused forward runs as one op is called in fuse()'s report (the names
+    # of the rules that fuse the same pattern in a plain nn.Sequential: ganengine/fusion/rules.py)
+    GROUP_RULES = {"conv_act": ("conv2d+leaky_relu",), "conv_act_identity": ("conv2d+leaky_relu",),
+                   "conv_instance_norm_act": ("conv2d+instance_norm+act",),
+                   "conv_batch_norm_act": ("conv2d", "batch_norm+act"), "conv": ("conv2d",)}
+
+    @classmethod
+    def _group(cls, mods: list, i: int) -> tuple[str | None, int]:
+        """(kind, length) of the group starting at ``mods[i]`` that the fused forward runs as
+        ganengine ops (a kind of GROUP_RULES), or (None, 1): ``mods[i]`` runs as a module."""
+        m = mods[i]
+        if not cls._fusable_conv(m):
+            return None, 1
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        nxt2 = mods[i + 2] if i + 2 < len(mods) else None
+        if type(nxt) is nn.LeakyReLU and nxt.negative_slope >= 0 and plain(nxt):
+            return "conv_act", 2
+        if (type(nxt) is nn.Identity and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0
+                and plain(nxt) and plain(nxt2)):
+            return "conv_act_identity", 3
+        if (type(nxt) is nn.InstanceNorm2d and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0
+                and nxt.running_mean is None and nxt.num_features == m.out_channels
+                and plain(nxt) and plain(nxt2)):
+            return "conv_instance_norm_act", 3
+        if (is_fusable_batch_norm(nxt) and type(nxt2) is nn.LeakyReLU and plain(nxt2)
+                and nxt.num_features == m.out_channels):
+            # pix2pix: batch norm + LeakyReLU in one op (in-place or not: the norm's output
+            # is a temporary nothing else sees)
+            return "conv_batch_norm_act", 3
+        return "conv", 1  # (the norm, if any, runs next as a module)
+
+    def fused_groups(self) -> list[tuple[int, str]]:
+        """``(index in self.model, rule name)`` for each op the fused forward (``fused=True``) runs
+        on ganengine's fused ops instead of the layers as modules (none while hooks are set on
+        every module: then all run as modules). ``ganengine.fuse`` reports these when it turns a
+        ``fused=False`` instance's fused forward on."""
+        mods, out, i = list(self.model), [], 0
+        while i < len(mods):
+            kind, span = self._group(mods, i)
+            if kind is not None:
+                out += [(i + k, rule) for k, rule in enumerate(self.GROUP_RULES[kind])]
+            i += span
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not getattr(self, "fused", True):
+        if not getattr(self, "fused", True) or (x.dim() == 3 and x.shape[0] == self.input_nc):
+            # (an unbatched (C, H, W) input, which nn.Conv2d takes: the layers as modules)
             return self.model(x)
         if x.dim() != 4 or x.shape[1] != self.input_nc:
             raise ValueError(f"PatchDiscriminator: expected input (N, {self.input_nc}, H, W), got {tuple(x.shape)}")
@@ -162,35 +209,18 @@ class PatchDiscriminator(nn.Module):
                 x = m(x)
         while i < len(mods):
             m = mods[i]
-            nxt = mods[i + 1] if i + 1 < len(mods) else None
-            nxt2 = mods[i + 2] if i + 2 < len(mods) else None
-            if self._fusable_conv(m):
-                if type(nxt) is nn.LeakyReLU and nxt.negative_slope >= 0 and plain(nxt):
-                    x = conv2d_act(x, m.weight, m.bias, m.stride, m.padding, nxt.negative_slope)
-                    i += 2
-                    continue
-                if (type(nxt) is nn.Identity and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0
-                        and plain(nxt) and plain(nxt2)):
-                    x = conv2d_act(x, m.weight, m.bias, m.stride, m.padding, nxt2.negative_slope)
-                    i += 3
-                    continue
-                if (type(nxt) is nn.InstanceNorm2d and type(nxt2) is nn.LeakyReLU and nxt2.negative_slope >= 0
-                        and nxt.running_mean is None and nxt.num_features == m.out_channels
-                        and plain(nxt) and plain(nxt2)):
-                    x = conv2d_instance_norm_act(x, m.weight, m.bias, m.stride, m.padding, nxt.weight, nxt.bias,
-                                                 nxt.eps, "leaky_relu", nxt2.negative_slope)
-                    i += 3
-                    continue
+            kind, span = self._group(mods, i)
+            if kind is None:
+                x = m(x)
+            elif kind == "conv_act" or kind == "conv_act_identity":
+                x = conv2d_act(x, m.weight, m.bias, m.stride, m.padding, mods[i + span - 1].negative_slope)
+            elif kind == "conv_instance_norm_act":
+                norm = mods[i + 1]
+                x = conv2d_instance_norm_act(x, m.weight, m.bias, m.stride, m.padding, norm.weight, norm.bias,
+                                             norm.eps, "leaky_relu", mods[i + 2].negative_slope)
+            else:
                 x = conv2d(x, m.weight, m.bias, m.stride, m.padding)
-                if (is_fusable_batch_norm(nxt) and type(nxt2) is nn.LeakyReLU and plain(nxt2)
-                        and nxt.num_features == m.out_channels):
-                    # pix2pix: batch norm + LeakyReLU in one op (in-place or not: the norm's output
-                    # is a temporary nothing else sees)
-                    x = batch_norm2d_act(nxt, x, "leaky_relu", nxt2.negative_slope)
-                    i += 3
-                    continue
-                i += 1  # (the norm, if any, runs next as a module)
-                continue
-            x = m(x)
-            i += 1
+                if kind == "conv_batch_norm_act":
+                    x = batch_norm2d_act(mods[i + 1], x, "leaky_relu", mods[i + 2].negative_slope)
+            i += span
         return x.contiguous() if nhwc else x

@@ -280,6 +280,46 @@ def check_param_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor, torc
                         f"{' or torch.float32' if x.dtype in _REDUCED else ''}, got {t.dtype} (as {torch_fn})")
 
 
+def _running_stats_act(x, weight, bias, running_mean, running_var, eps, activation, negative_slope):
+    """Eval with running statistics (``use_input_stats=False``): a per-channel affine map, then the
+    activation. What ``F.instance_norm`` does there is ``F.batch_norm`` in eval mode on a copy of x
+    reshaped to (1, N*C, H, W) with every parameter repeated N times; the same per-channel map is
+    ``F.batch_norm(x, ...)`` on x itself (one pass: no copy, no repeats), and the activation then
+    runs in place on that fresh output (batch norm's backward does not read its output), as
+    ``nn.LeakyReLU(inplace=True)`` after the norm: eager's numbers in eager's two passes.
+    A layout other than contiguous / channels_last is copied contiguous first, as F.instance_norm
+    does. ``F.batch_norm`` takes its parameters in one dtype, x's or float32 for a half / bfloat16 x, and
+    running statistics that need no gradient; anything else (mixed parameter dtypes, fp64 running
+    statistics for an fp32 x, running statistics requiring grad, a tensor eps, an empty x) takes
+    the composition below: the same map in the accumulation dtype, rounded once."""
+    apply, s = act_slope(activation, negative_slope)
+    pdt = running_mean.dtype
+    if (type(eps) in (float, int) and x.numel() != 0 and running_var.dtype == pdt
+            and (pdt == x.dtype or (pdt == torch.float32 and x.dtype in _REDUCED))
+            and (weight is None or weight.dtype == pdt) and (bias is None or bias.dtype == pdt)
+            and not (running_mean.requires_grad or running_var.requires_grad)):
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            # (another layout: ATen's batch norm would take its elementwise path, which computes a
+            # half / bfloat16 x's map in x's dtype for same-dtype parameters; F.instance_norm's copy)
+            x = x.contiguous()
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        if not apply:
+            return y
+        if s == 0.0:
+            return F.relu_(y)
+        # (in place only for a slope >= 0: autograd cannot invert a negative slope from the output)
+        return F.leaky_relu_(y, s) if s > 0.0 else F.leaky_relu(y, s)
+    acc = stat_dtype(x.dtype)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = -running_mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    z = x.to(acc) * scale[None, :, None, None] + shift[None, :, None, None]
+    return (activate(z, s) if apply else z).to(x.dtype)
+
+
 def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                       running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
                       use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5,
@@ -351,17 +391,7 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     if not use_input_stats:
         if running_mean is None:
             raise ValueError("instance_norm_act: use_input_stats=False needs running_mean and running_var")
-        # eval with running statistics: a per-channel affine map + activation
-        acc = stat_dtype(x.dtype)
-        scale = torch.rsqrt(running_var.to(acc) + eps)
-        if weight is not None:
-            scale = scale * weight.to(acc)
-        shift = -running_mean.to(acc) * scale
-        if bias is not None:
-            shift = shift + bias.to(acc)
-        z = x.to(acc) * scale[None, :, None, None] + shift[None, :, None, None]
-        apply, s = act_slope(activation, negative_slope)
-        return (activate(z, s) if apply else z).to(x.dtype)
+        return _running_stats_act(x, weight, bias, running_mean, running_var, eps, activation, negative_slope)
 
     if running_mean is not None:
         if h * w == 1:
