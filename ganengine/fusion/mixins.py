@@ -31,12 +31,13 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
     division goes to whichever is smaller, the weight or the output (ganengine/fusion/spectral.py)."""
     if sigma is not None:
         if side == "auto" and x.dim() == 4:
-            kh, kw = w.shape[-2:]
-            (sh, sw), (ph, pw) = tuple(m.stride), tuple(m.padding)
-            out = x.shape[0] * w.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-            side = "weight" if w.numel() <= out else "output"
+            side = _sigma_side(m, x, w)
         if x.dim() != 4 or side == "weight":
-            return _conv(m, x, w / sigma, m.bias, slope)
+            w = w / sigma
+            if x.dim() == 4 and (x.shape, x.dtype, x.device, w.shape) in m.__dict__.get("_ganengine_plain_calls", ()):
+                y = m._conv_forward(x, w, m.bias)  # (as below: a call _conv sent to PyTorch's conv)
+                return y if slope is None else F.leaky_relu(y, slope, inplace=True)
+            return _conv(m, x, w, m.bias, slope)
         y = _conv(m, x, w, None, None) / sigma
         if m.bias is not None:
             y = y + m.bias.view(1, -1, 1, 1)
@@ -47,6 +48,32 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
         y = m._conv_forward(x, w, m.bias)
         return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     return _conv(m, x, w, m.bias, slope)
+
+
+# Dividing the output instead of the weight adds, with a bias, one op forward (the bias add the
+# conv no longer does) and one backward (the bias gradient's reduction): at the host's cost of an
+# op (a few microseconds) this many elements of elementwise work
+_SIDE_OP_ELEMENTS = 4096
+
+
+def _sigma_side(m, x: torch.Tensor, w: torch.Tensor) -> str:
+    """Which side of a spectral-normed conv the division by sigma goes to: the smaller of the
+    weight and the output, counting the output side's extra bias pass and ops (without a bias
+    both sides are two ops forward). Cached per call shape on the module (pure Python
+    arithmetic, a few microseconds a call at the tiny sizes where it matters)."""
+    key = (x.shape, w.shape)
+    cache = m.__dict__.setdefault("_ganengine_sigma_sides", {})
+    side = cache.get(key)
+    if side is None:
+        kh, kw = w.shape[-2:]
+        (sh, sw), (ph, pw) = tuple(m.stride), tuple(m.padding)
+        out = x.shape[0] * w.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+        if m.bias is not None:
+            out = 2 * out + _SIDE_OP_ELEMENTS
+        side = "weight" if w.numel() <= out else "output"
+        if len(cache) < 64:
+            cache[key] = side
+    return side
 
 
 _OPS: tuple = ()

@@ -53,10 +53,48 @@ def _orthogonalise(x: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
     return x
 
 
+_vector_norm = torch.linalg.vector_norm
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.normalize(x, eps=eps)`` (p=2, dim=1) op for op: the ``vector_norm`` that ``x.norm(2.0,
+    1, keepdim=True)`` ends in (without torch.norm's Python dispatch), ``clamp_min``, and the
+    division (broadcast instead of ``expand_as``: the same quotient per element)."""
+    return x / _vector_norm(x, 2.0, 1, True).clamp_min(eps)
+
+
+def _biggan_sigma_one(m: nn.Module, weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``num_svs == 1`` (BigGAN's setting, no Gram-Schmidt): the reference's ops (``matmul`` of
+    2-D tensors is ``mm``; ``F.normalize`` as ``_normalize``), the same bits. In eval every
+    iteration starts from the same, unwritten ``u0``, so one iteration gives the reference's
+    vectors; without a graph to record, sigma reuses the iteration's ``v W^T`` (the same op on
+    the same inputs as the reference's differentiable one)."""
+    u0, eps, training = m._buffers["u0"], m.eps, m.training
+    wt = w.t()
+    with torch.no_grad():
+        for _ in range(m.num_itrs if training else 1):
+            v = _normalize(torch.mm(u0, w), eps)
+            t = torch.mm(v, wt)
+            u = _normalize(t, eps)
+            if training:
+                u0.copy_(u)
+    if weight.requires_grad and torch.is_grad_enabled():
+        sigma = torch.mm(torch.mm(v, wt), u.t()).squeeze()
+    else:
+        sigma = torch.mm(t, u.t()).squeeze()
+    if training:
+        with torch.no_grad():
+            m._buffers["sv0"].copy_(sigma)
+    return sigma
+
+
 def biggan_sigma(m: nn.Module) -> torch.Tensor:
-    w = m.weight.reshape(m.weight.size(0), -1)
+    weight = m.weight
+    w = weight.reshape(weight.size(0), -1)
     if getattr(m, "transpose", False):
         w = w.t()
+    if m.num_svs == 1:
+        return _biggan_sigma_one(m, weight, w)
     buffers = [getattr(m, f"u{i}") for i in range(m.num_svs)]
     svs: list[torch.Tensor] = []
     for _ in range(m.num_itrs):

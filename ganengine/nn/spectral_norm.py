@@ -9,7 +9,8 @@ the grouped refresh of a whole model's layers, and the ``ganengine.fuse`` rule.
   of ``module.weight``, u and v updated in place; eval: none), ``parametrize.cached()`` and
   ``remove_parametrizations`` work, checkpoints move both ways. The iteration runs on
   ganengine's backends (``ganengine.ops.spectral_norm``); on the torch backend it is
-  PyTorch's own composition, bit for bit.
+  PyTorch's own composition, bit for bit. Eval mode (nothing to iterate) is PyTorch's own
+  ``weight / vdot(u, mv(M, v))`` on every backend, bit for bit, at no more host time.
 * :class:`SpectralNormGroup` (``spectral_norm_group(model)``): before every forward of the
   model, one call refreshes every spectral-normed layer (power iteration, sigma and
   ``W / sigma``) in one grouped kernel per phase instead of about a dozen small kernels per
@@ -18,7 +19,8 @@ the grouped refresh of a whole model's layers, and the ``ganengine.fuse`` rule.
 * fuse rule: PyTorch's ``_SpectralNorm`` parametrization inside a module becomes
   :class:`SpectralNorm` sharing its ``_u``/``_v`` buffers (same keys, same Parameter objects,
   the same numbers on the torch backend). The hook-based ``torch.nn.utils.spectral_norm``
-  (``weight_orig`` + a forward pre-hook) has no parametrization and is left alone.
+  (``weight_orig`` + a forward pre-hook) has no parametrization: on a conv, fuse()'s conv_module
+  rule fuses the conv with the hook kept (docs/fuse.md).
 """
 from __future__ import annotations
 
@@ -81,8 +83,24 @@ class SpectralNorm(nn.Module):
                     return pending[2]
                 # the refresh already iterated u, v: the same weight again, now with a graph
                 return run_layer(weight, self._u, self._v, U_STEP, 0, self.eps, self.dim, "pytorch", in_place=True)[0]
-        steps = 2 * self.n_power_iterations if self.training else 0
-        return run_layer(weight, self._u, self._v, U_STEP, steps, self.eps, self.dim, "pytorch", in_place=True)[0]
+        if not self.training:
+            return self._eval_weight(weight)
+        return run_layer(weight, self._u, self._v, U_STEP, 2 * self.n_power_iterations, self.eps, self.dim,
+                         "pytorch", in_place=True)[0]
+
+    def _eval_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Eval mode (no iteration): PyTorch's own formula, op for op, on every backend:
+        ``sigma = vdot(u, mv(M, v))``, ``weight / sigma``. Nothing to iterate, so a native
+        kernel (and its autograd node) could only add host time to these three small ops; the
+        numbers are PyTorch's parametrization's, bit for bit. u and v are cloned, as PyTorch
+        does, only when a graph is recorded (they are then saved for backward, and a later
+        training-mode call updates them in place); without one nothing is saved, and a clone
+        would give the same bits."""
+        u, v = self._u, self._v
+        if weight.requires_grad and torch.is_grad_enabled():
+            u = u.clone(memory_format=torch.contiguous_format)
+            v = v.clone(memory_format=torch.contiguous_format)
+        return weight / torch.vdot(u, torch.mv(weight_matrix(weight, self.dim), v))
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value
@@ -152,10 +170,12 @@ class SpectralNormGroup:
     Every parametrization ``module.parametrizations[name]`` whose first entry is a spectral
     norm (ganengine's, or PyTorch's, which is swapped for ganengine's sharing its buffers) joins
     the group. ``refresh()`` runs, for all of them at once, what each would run on its next
-    access: the power iteration (training mode; u and v updated in place) or none (eval),
-    sigma and ``W / sigma``, one autograd node for the lot; each layer then returns its
-    precomputed weight on its next access. With ``attach=True`` (default) a forward pre-hook
-    on the model calls ``refresh()`` before every forward, so a training loop needs no change.
+    access: the power iteration (training mode; u and v updated in place), sigma and
+    ``W / sigma``, one autograd node for the lot; each layer then returns its precomputed
+    weight on its next access. Layers in eval mode are not refreshed: each computes PyTorch's
+    three-op eval formula itself on access (``SpectralNorm._eval_weight``; PyTorch's bits).
+    With ``attach=True`` (default) a forward pre-hook on the model calls ``refresh()`` before
+    every forward, so a training loop needs no change.
 
     The numbers are those of the per-layer path of the same backend. Differences from
     PyTorch's per-access semantics: a layer that a forward does not use still iterates once,
@@ -221,11 +241,13 @@ class SpectralNormGroup:
             sn._pending = None
             if parametrize._cache_enabled and (id(owner), tensor_name) in parametrize._cache:
                 continue
+            if not sn.training:
+                continue  # eval: each layer's own three ops (PyTorch's formula, SpectralNorm._eval_weight)
             weight = owner.parametrizations[tensor_name].original
             backend = choose_backend(weight, sn.dim)
             if backend == "torch":
                 continue
-            steps = 2 * sn.n_power_iterations if sn.training else 0
+            steps = 2 * sn.n_power_iterations
             key = (weight.device, weight.dtype, backend, steps, sn.eps)
             groups.setdefault(key, []).append((sn, weight))
         self.last_refresh = {}
