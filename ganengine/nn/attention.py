@@ -29,7 +29,9 @@ from torch import nn
 
 from ganengine.fusion.checks import any_global_hooks
 from ganengine.ops._eager import autocast_off
-from ganengine.ops.attention import acc_dtype, attention, attention_map, self_attention2d, stacked_conv1x1
+from ganengine.ops import _dispatch
+from ganengine.ops.attention import (_as, acc_dtype, attention, attention_map, composed_attend, composes,
+                                     records_graph, self_attention2d, stacked_conv1x1)
 
 # SelfAttention2d with the map returned (SAGAN's ``Self_Attn`` returns ``(out, attention)``): up to
 # this many positions N = H*W the block runs as ONE softmax over the map it must build anyway
@@ -39,6 +41,12 @@ from ganengine.ops.attention import acc_dtype, attention, attention_map, self_at
 # N = 16..256 (1.02-1.11x at SAGAN D's blocks, the map in the loss) where the flash pass + map ran
 # 0.86-0.95x; level at N = 512; at N = 1024 the flash pass + map 1.3-2.7x, the one-softmax block
 # 1.25-1.9x (docs/fuse.md, "SAGAN D and the small discriminators").
+# A call that records no autograd graph (no_grad / inference_mode, or nothing requiring grad: sampling,
+# evaluation) takes the one-softmax block at EVERY N on the CPU (backend "auto"), with o = V P^T:
+# forward only, the flash pass + map is two softmaxes where eager does one (1.44-2.06x the eager
+# block's forward at N = 576..1024, 1.16-1.35x at 4096), the one-softmax block 0.79-1.16x at
+# N = 256..4096 (the eager block's own ops, within the machine's noise; docs/attention.md
+# "Forward-only calls", /tmp/acc/fix17c/bench.py, 2026-12-07, one thread).
 MAP_PATH_MAX_POSITIONS = 256
 # In that path, from this many positions on o is formed as (P V^T)^T: the map's gradient from the
 # product is then contiguous and adds to a caller's map gradient without a strided copy (N = 256:
@@ -61,9 +69,19 @@ def _plain_1x1s(*convs: nn.Module) -> bool:
     return True
 
 
+def _weight_bias(conv: nn.Module):
+    """conv.weight, conv.bias of a plain conv (``_plain_1x1s``) without Module.__getattr__."""
+    p = conv._parameters
+    if "weight" in p and "bias" in p:
+        return p["weight"], p["bias"]
+    return conv.weight, conv.bias
+
+
 class SelfAttention2d(nn.Module):
     """SAGAN self-attention ``gamma * attn(x) + x`` without the N x N map (with it, one softmax over
-    the map, when the map is returned and N <= MAP_PATH_MAX_POSITIONS on the CPU).
+    the map, when the map is returned on the CPU and N <= MAP_PATH_MAX_POSITIONS or the call
+    records no autograd graph; forward-only calls without the map at 64 < N <= 1024 run the
+    plain composition: ops/attention.py ``composes``).
 
     Args:
         in_channels: C.
@@ -116,13 +134,24 @@ class SelfAttention2d(nn.Module):
             # the functional block: on the cpu backend one C++ call (ops/attention.py's lean entry;
             # the same three convolutions and kernels, so the same bits as the hooked-modules route),
             # elsewhere its Python route (the stacked projection into the core's Function)
-            out = self_attention2d(x, qc.weight, qc.bias, kc.weight, kc.bias, vc.weight, vc.bias, self.gamma)
+            # (weights read from the _parameters dicts: Module.__getattr__ costs ~1 us a name, 7 names a
+            # call; a plain conv's weight and bias are there, torch.func.functional_call's swaps too)
+            qw, qb = _weight_bias(qc)
+            kw, kb = _weight_bias(kc)
+            vw, vb = _weight_bias(vc)
+            gp = self._parameters
+            out = self_attention2d(x, qw, qb, kw, kb, vw, vb, gp["gamma"] if "gamma" in gp else self.gamma)
             return out if self.keep_layout or out.is_contiguous() else out.contiguous()
         b, c, h, w = x.shape
-        if want and x.is_cpu and h * w <= MAP_PATH_MAX_POSITIONS:
-            out, attn = self._one_softmax(x, plain)
-            return (out if self.keep_layout or out.is_contiguous() else out.contiguous()), attn
         q, k, v = self._projections(x, plain)
+        if want and x.is_cpu:
+            n = h * w
+            # forward only (no graph recorded): one softmax at any N, o = V P^T (the transposed
+            # form only pays for itself in the backward); with a graph: up to MAP_PATH_MAX_POSITIONS
+            graph = records_graph(q, k, v, x, self.gamma)
+            if n <= MAP_PATH_MAX_POSITIONS or not (graph or _dispatch._requested_backend() != "auto"):
+                out, attn = _map_and_out(q, k, v, x, self.gamma, graph and n >= MAP_PATH_TRANSPOSED_FROM)
+                return (out if self.keep_layout or out.is_contiguous() else out.contiguous()), attn
         out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
         if not (self.keep_layout or out.is_contiguous()):
             out = out.contiguous()
@@ -151,23 +180,25 @@ class SelfAttention2d(nn.Module):
         formed from (the reference's own formula, accumulated in fp32 / fp64 like the fused op).
         Differentiable to any order (plain torch ops)."""
         q, k, v = self._projections(x, plain)  # (under autocast: the convs cast, the rest not)
-        return _map_and_out(q, k, v, x, self.gamma)
+        n = x.shape[2] * x.shape[3]
+        return _map_and_out(q, k, v, x, self.gamma, n >= MAP_PATH_TRANSPOSED_FROM)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, return_attention={self.return_attention}"
 
 
 @autocast_off
-def _map_and_out(q, k, v, x, gamma):
+def _map_and_out(q, k, v, x, gamma, transposed: bool):
     """SelfAttention2d._one_softmax from the projections: the reference's formula in fp32 / fp64
-    (autocast off: it would run the products in bf16 / fp16 again)."""
+    (autocast off: it would run the products in bf16 / fp16 again). ``transposed``: o formed as
+    (P V^T)^T (see MAP_PATH_TRANSPOSED_FROM), else V P^T."""
     b, c, h, w = x.shape
     qt = q.dtype
     ct = acc_dtype(qt)
     if qt != ct:   # (each .to is a call even when it has nothing to do: ~1 us at tiny maps)
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
     p = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)
-    if h * w >= MAP_PATH_TRANSPOSED_FROM:
+    if transposed:
         o = torch.bmm(p, v.transpose(1, 2)).transpose(1, 2)
     else:
         o = torch.bmm(v, p.transpose(1, 2))
@@ -221,10 +252,13 @@ class BigGANSelfAttention2d(nn.Module):
         tc, pc, gc = self.theta, self.phi, self.g
         # plain 1x1 convs (not the reference's SN convs): theta | phi | g as one stacked conv
         # (ops/attention.py stacked_conv1x1) and phi | g pooled in one max_pool2d call
-        tpg = stacked_conv1x1(x, (tc.weight, pc.weight, gc.weight), (tc.bias, pc.bias, gc.bias)) \
-            if _plain_1x1s(tc, pc, gc) else None
+        if _plain_1x1s(tc, pc, gc):
+            (tw, tb), (pw, pb), (gw, gb) = _weight_bias(tc), _weight_bias(pc), _weight_bias(gc)
+            tpg = stacked_conv1x1(x, (tw, pw, gw), (tb, pb, gb))
+        else:
+            tpg = None
         if tpg is not None:
-            d, d_phi, d_g = tc.weight.shape[0], pc.weight.shape[0], gc.weight.shape[0]
+            d, d_phi, d_g = tw.shape[0], pw.shape[0], gw.shape[0]
             # split in two (its backward: one cat): theta, and phi | g for the one pool
             theta, pg = tpg.split_with_sizes((d, d_phi + d_g), 1)
             phi, g = F.max_pool2d(pg, [2, 2]).split_with_sizes((d_phi, d_g), 1)
@@ -233,8 +267,21 @@ class BigGANSelfAttention2d(nn.Module):
             theta = tc(x).flatten(2)
             phi = F.max_pool2d(pc(x), [2, 2]).flatten(2)
             g = F.max_pool2d(gc(x), [2, 2])
+        n, m, cg = theta.shape[2], phi.shape[2], g.shape[1]
+        gamma = self._parameters.get("gamma")
+        gamma = self.gamma if gamma is None else gamma
+        # forward only (no graph recorded; ops/attention.py ``composes``): the plain composition, and
+        # o after the attention (the reference's order) where that is fewer multiply-adds: the
+        # product on C/2 channels and o on N positions vs the product on C and o on M = N/4
+        # (3C < N); o first otherwise, as the flash route always does. (At N = 4096, N M = 2^22, outside
+        # the window, the flash op ran 0.48-1.04x the eager forward in one run, 1.09-1.32x in another:
+        # eager's map out of cache varies 10-26 ms at C = 16; the window was not extended.)
+        if cg * n * m + c * cg * n < c * n * m + c * cg * m and composes(n, m, theta, phi, g, x, gamma):
+            att = composed_attend(theta, phi, g.flatten(2))
+            out = self.o(_as(att, g.dtype).view(b, cg, h, w))
+            return torch.addcmul(x, gamma, out)
         value = self.o(g).flatten(2)   # o before attn: see module doc
-        return attention(theta, phi, value, x.flatten(2), self.gamma).view(b, c, h, w)
+        return attention(theta, phi, value, x.flatten(2), gamma).view(b, c, h, w)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}"

@@ -385,12 +385,83 @@ _CORE_KERNELS = ("attention_fwd", "attention_bwd")
 _BLOCK_KERNELS = ("attention", "attention_fwd", "attention_bwd")
 
 
+# ----------------------------------------------------------------------------- forward-only calls
+# A call that records no autograd graph (torch.no_grad / inference_mode, or no input requiring grad:
+# sampling, evaluation, a discriminator on detached images) needs none of the flash pass's saved
+# O(N C) state, and at mid sizes the plain composition (bmm, softmax, bmm: MKL GEMMs over the map)
+# beats the C++ flash forward, whose 64 x 256 tiles with d = C/8 = 2..32 keep the GEMMs thin.
+# Measured on the CPU, one thread, forward only under torch.no_grad, host time vs the eager SAGAN
+# block (/tmp/acc/fix17c/micro*.py, 2026-12-07; B = 1, 4; C = 16, 64, 256): the C++ forward
+# 1.04-1.37x at N = 256..1024 where the composition ran 0.72-1.04x; at N = 64 (N M = 4096) the C++
+# forward 0.58-0.94x vs 0.62-0.92x; at N >= 2048 (the map, 16 MB a image, out of cache) the C++
+# forward 0.45-0.99x vs 0.92-1.17x. So forward-only calls with 4096 < N M <= 2^20 positions pairs
+# (SAGAN: 64 < N <= 1024; BigGAN, M = N / 4: 128 < N <= 2048) on the CPU, backend "auto", take the
+# composition; it builds the (B, N, M) map for the call (4 MB a image at most), as the eager block
+# does. Graph-recording calls keep the flash op (forward + backward: 0.26-1.03x the eager block,
+# docs/attention.md "Forward-only calls").
+COMPOSED_FWD_MIN_PAIRS = 4096      # exclusive
+COMPOSED_FWD_MAX_PAIRS = 1 << 20   # inclusive
+
+
+def records_graph(*tensors) -> bool:
+    """Whether autograd records a graph for a call on these tensors (grad mode on and one of
+    them requires grad; None entries skipped)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if isinstance(t, Tensor) and t.requires_grad:
+            return True
+    return False
+
+
+def composes(n: int, m: int, *tensors) -> bool:
+    """Whether a call of the core on (N = n, M = m) positions with these tensors (q/x first) takes
+    the forward-only composition: CPU, backend "auto", no graph recorded, 4096 < N M <= 2^20,
+    a plain eager call (not compiling, tracing or under a dispatch mode: those see the custom ops)."""
+    return (COMPOSED_FWD_MIN_PAIRS < n * m <= COMPOSED_FWD_MAX_PAIRS and tensors[0].is_cpu
+            and not records_graph(*tensors) and _dispatch._requested_backend() == "auto"
+            and _eager.plain_eager(*tensors))
+
+
+@_eager.autocast_off
+def composed_forward(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor, return_attention: bool = False):
+    """``gamma * v softmax(q^T k)^T + x`` (and the map) as bmm, softmax, bmm, addcmul in fp32 / fp64
+    (the accumulation dtype of the fused op; autocast off): out has x's dtype and x's strides, the
+    map q's dtype. The eager block's own formula, for calls that record no graph (``composes``)."""
+    qt = q.dtype
+    ct = acc_dtype(qt)
+    if qt != ct:
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    p = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)      # (B, N, M)
+    o = torch.bmm(v, p.transpose(1, 2))                               # (B, C, N)
+    out = torch.addcmul(_as(x, ct), _as(gamma, ct), o)                # gamma (1,) or (): broadcasts
+    out = _like(x, _as(out, x.dtype))
+    _dispatch.last_used["attention"] = "torch"
+    return (out, _as(p, qt)) if return_attention else out
+
+
+@_eager.autocast_off
+def composed_attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``v softmax(q^T k)^T`` (B, C, N) in the accumulation dtype (bmm, softmax, bmm; autocast off):
+    the attention of ``composed_forward`` without the residual (BigGAN's forward-only route, which
+    applies its output conv after it where that is cheaper)."""
+    ct = acc_dtype(q.dtype)
+    q, k, v = _as(q, ct), _as(k, ct), _as(v, ct)
+    _dispatch.last_used["attention"] = "torch"
+    return torch.bmm(v, torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1).transpose(1, 2))
+
+
 # ----------------------------------------------------------------------------- public
 def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tensor:
     """``gamma * (v softmax(q^T k)^T) + x`` on channel-major (B, d, N) / (B, d, M) / (B, C, M) /
     (B, C, N) tensors, without the N x M map. The core under both attention modules."""
     if not isinstance(gamma, Tensor):
         gamma = torch.tensor(float(gamma), device=x.device)
+    if (isinstance(q, Tensor) and q.dim() == 3 and isinstance(k, Tensor) and k.dim() == 3
+            and composes(q.shape[2], k.shape[2], q, k, v, x, gamma)):
+        check_core(q, k, v, x, gamma)   # (the public errors first; a few us at these sizes)
+        if q.shape[0]:
+            return composed_forward(q, k, v, x, gamma)
     # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
     # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
     lean = _eager.lean_ok
@@ -490,7 +561,16 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     Weights are 1x1 conv weights: query/key (d, C, 1, 1), value (C, C, 1, 1); biases (d,) /
     (C,) or None; ``gamma`` a one-element tensor (the reference's ``(1,)`` parameter).
     """
-    if (not return_attention and isinstance(x, Tensor) and _eager.lean_ok(x) and x.is_cpu and isinstance(gamma, Tensor)
+    # forward-only calls (no graph recorded) on the CPU: the composition (``composes``) where it wins
+    # without the map, and always with it (the map is built anyway: one softmax, not two)
+    compose = (isinstance(x, Tensor) and x.dim() == 4 and x.is_cpu and isinstance(gamma, Tensor)
+               and (return_attention
+                    or COMPOSED_FWD_MIN_PAIRS < (x.shape[2] * x.shape[3]) ** 2 <= COMPOSED_FWD_MAX_PAIRS)
+               and not records_graph(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias,
+                                     gamma)
+               and _dispatch._requested_backend() == "auto")
+    if (not return_attention and not compose and isinstance(x, Tensor) and _eager.lean_ok(x) and x.is_cpu
+            and isinstance(gamma, Tensor)
             and isinstance(query_weight, Tensor)
             and isinstance(key_weight, Tensor) and isinstance(value_weight, Tensor)
             and isinstance(query_bias, (Tensor, type(None))) and isinstance(key_bias, (Tensor, type(None)))
@@ -534,7 +614,7 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
         _check_block_dtypes(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias)
         raise
     if qkv is not None:
-        if core_ok and not return_attention and _eager.plain_eager(qkv, x, gamma):
+        if core_ok and not return_attention and not compose and _eager.plain_eager(qkv, x, gamma):
             return _eager_stacked(qkv, x, gamma, d)[0].view(b, c, h, w)
         x3 = x.flatten(2)
         q, k, v = qkv.flatten(2).split_with_sizes((d, d, c), 1)
@@ -548,6 +628,9 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
         x3 = x.flatten(2)
     if not core_ok:
         check_core(q, k, v, x3, gamma)
+    if compose and _eager.plain_eager(x, query_weight, key_weight, value_weight, gamma):
+        res = composed_forward(q, k, v, x3, gamma, return_attention)
+        return (res[0].view(b, c, h, w), res[1]) if return_attention else res.view(b, c, h, w)
     out = _core(q, k, v, x3, gamma).view(b, c, h, w)
     return (out, attention_map(q, k)) if return_attention else out
 
