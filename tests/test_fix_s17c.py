@@ -1,6 +1,6 @@
 """Forward-only routes of the attention blocks (cost rule, session 17c): a call that records no
 autograd graph takes the eager block's own composition where it costs less host time than the
-C++ flash forward (ops/attention.py ``composes``: 4096 < N M <= 2^20 positions pairs), and a
+C++ flash forward (ops/attention.py ``composes``: 144 < N, N M <= 2^20 positions pairs), and a
 map-returning SelfAttention2d call forms ``out`` from the map it returns at every N (one softmax,
 not the flash pass plus the map). Graph-recording calls keep the flash op. Each route is checked
 against the fp64 eager formula within its error bound, and which route ran is read from the
@@ -80,8 +80,8 @@ def _check_out_and_map(mod, x, out, attn=None):
 
 
 # odd N (non-power-of-two H*W) inside the window, its edges, and above it
-WINDOW = [(12, 11), (17, 15), (16, 16), (31, 33)]          # N = 132, 255, 256, 1023: 4096 < N^2 <= 2^20
-OUTSIDE = [(8, 8), (33, 32)]                                 # N = 64 (N^2 = 4096), 1056 (> 2^20)
+WINDOW = [(13, 12), (17, 15), (16, 16), (31, 33)]          # N = 156, 255, 256, 1023: 144 < N, N^2 <= 2^20
+OUTSIDE = [(8, 8), (11, 11), (12, 12), (33, 32)]             # N = 64, 121, 144 (the edge), 1056 (N^2 > 2^20)
 
 
 @pytest.mark.parametrize("hw", WINDOW + OUTSIDE, ids=str)
@@ -91,7 +91,7 @@ def test_sagan_no_map_forward_only_route_and_numbers(hw):
     with torch.no_grad():
         out, names = _events(lambda: mod(x))
     n = hw[0] * hw[1]
-    assert _route(names) == ("composed" if 4096 < n * n <= (1 << 20) else "flash")
+    assert _route(names) == ("composed" if 144 < n and n * n <= (1 << 20) else "flash")
     assert not out.requires_grad
     _check_out_and_map(mod, x, out)
     # inference mode and "nothing requires grad" under grad mode are forward-only calls too
@@ -172,7 +172,7 @@ def test_composed_route_dtypes(dtype):
     """fp64: accumulates in fp64; bf16 (module and input): fp32 accumulation, out and map bf16."""
     mod, _ = _sagan(16)
     mod = mod.to(dtype)
-    x = torch.randn(1, 16, 12, 11, dtype=dtype)
+    x = torch.randn(1, 16, 13, 12, dtype=dtype)
     with torch.no_grad():
         out, names = _events(lambda: mod(x))
         out2, attn = mod(x, return_attention=True)
@@ -187,8 +187,8 @@ def test_composed_route_dtypes(dtype):
     # the map: softmax of fp32-accumulated scores, stored in dtype (u(dtype) relative; plus the
     # scores' error: bf16 q and k make that of the size of the scores' own rounding, so a loose
     # relative check on the rows, whose entries sum to 1)
-    torch.testing.assert_close(attn.double().sum(-1), torch.ones(1, 132, dtype=torch.float64),
-                               rtol=0, atol=132 * unit_roundoff(dtype))
+    torch.testing.assert_close(attn.double().sum(-1), torch.ones(1, 156, dtype=torch.float64),
+                               rtol=0, atol=156 * unit_roundoff(dtype))
 
 
 def test_channels_last_and_keep_layout():
@@ -265,7 +265,7 @@ def _check_biggan(mod, x, out):
 
 
 @pytest.mark.parametrize("c,hw,route", [(32, (16, 16), "composed"), (32, (18, 14), "composed"), (32, (8, 8), "flash"),
-                                        (32, (46, 46), "flash"), (128, (12, 12), "composed")], ids=str)
+                                        (32, (46, 46), "flash"), (128, (12, 12), "flash"), (128, (14, 12), "composed")], ids=str)
 def test_biggan_forward_only_route_and_numbers(c, hw, route):
     """N M = 16384 / 15876 (odd: 18x14 -> 9x7 keys; 3C < N there: o after the attention) and 5184
     (C = 128 at 12x12: 3C >= N, o first, through the core's composition): the composition; 1024
@@ -289,7 +289,7 @@ def test_core_forward_only_route_and_errors():
     """ops.attention.attention: the composition without a graph (N M in the window), the public
     errors still raised first; last_used records 'torch' for the composition."""
     torch.manual_seed(0)
-    q, k, v, x = torch.randn(2, 3, 130), torch.randn(2, 3, 127), torch.randn(2, 8, 127), torch.randn(2, 8, 130)
+    q, k, v, x = torch.randn(2, 3, 150), torch.randn(2, 3, 127), torch.randn(2, 8, 127), torch.randn(2, 8, 150)
     gamma = torch.tensor([0.6])
     with torch.no_grad():
         out, names = _events(lambda: A.attention(q, k, v, x, gamma))

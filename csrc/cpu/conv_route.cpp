@@ -70,10 +70,11 @@ constexpr int64_t kTinyMacs = 1 << 18;
 // 1.22x, 128 -> 128 at 8x8 1.35x / 1.15x, transposed 16 -> 16 1.09x / 1.03x; channels_last 3x3
 // 64 -> 64 at 8x8 batch 4 1.68x / 1.27x; against 4x4 stride 2 8 -> 8 at 8x8 0.43x / 0.53x, 5x5
 // 8 -> 8 0.74x / 0.57x, 7x7 3 -> 8 0.66x / 0.56x). So kernels of fewer than kMinTaps taps run
-// oneDNN, except a 3x3-class kernel with a weight of kMinWeightSmallKernel+ elements on at most
+// oneDNN, except a 3x3 kernel with a weight of kMinWeightSmallKernel+ elements on at most
 // kMaxColumns columns, where reading the weight is the cost (3x3 256 -> 512 onto 4x4 at batch 4:
 // 0.66x / 0.77x; 512 -> 512 at 4x4 1.02x / 0.83x; 256 -> 256 at 8x8 1.22x / 0.94x: a training
-// step's forward+backward wins). 1x1 kernels never: oneDNN's 1x1 conv is itself one GEMM.
+// step's forward+backward wins). Not 2x2 (a 2x2 stride-2 1024 -> 256 at 8x8, batch 4, lost in
+// forward: 1.08-1.13x, the review's measurement), nor 1x1: oneDNN's 1x1 conv is itself one GEMM.
 constexpr int64_t kMinTaps = 16;
 constexpr int64_t kMinWeightSmallKernel = 1 << 19;
 
@@ -179,7 +180,7 @@ bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, 
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
   const int64_t taps = w.size(2) * w.size(3);
   if (taps < kMinTaps)  // (oneDNN's fixed cost is low for these kernels: see kMinTaps)
-    return taps > 1 && cols <= kMaxColumns && w.numel() >= kMinWeightSmallKernel;
+    return taps == 9 && cols <= kMaxColumns && w.numel() >= kMinWeightSmallKernel;
   if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
   if (cols * w.numel() <= kTinyMacs) return true;  // (oneDNN's fixed cost is the whole cost there)
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;  // (use_gemm_nhwc, after Winograd's)

@@ -170,14 +170,14 @@ def _match_plain_conv(kind):
     return match
 
 
-def conv_route_may_pay(m: nn.Module) -> bool:
+def conv_route_may_pay(m: nn.Module, w: torch.Tensor | None = None) -> bool:
     """Whether the conv op could run this conv on its own route (GEMM form, Winograd 4x4) for
     some input size, asked of the op's rules themselves (ganengine.ops.conv.uses_gemm /
     uses_winograd, on stride-0 stand-in inputs: the smallest map for the GEMM form, a large one
     for Winograd). If not, every call would run PyTorch's conv behind the op: only its cost."""
     from ganengine.ops import conv as ops
 
-    w = m.weight
+    w = m.weight if w is None else w
     if w.is_meta:
         return True
     transposed = isinstance(m, nn.ConvTranspose2d)
@@ -193,7 +193,7 @@ def conv_route_may_pay(m: nn.Module) -> bool:
         return False
 
 
-def conv_act_may_pay(m: nn.Module) -> bool:
+def conv_act_may_pay(m: nn.Module, w: torch.Tensor | None = None) -> bool:
     """Whether conv2d_act pays for this plain conv on its weight's device. On CUDA: where its call is
     the CUDA C++ entry (auto takes the cuda backend first where the build has its kernels): cuDNN's
     convolution plus one epilogue kernel each way, one kernel and one pass over the output fewer
@@ -201,11 +201,34 @@ def conv_act_may_pay(m: nn.Module) -> bool:
     docs/conv_act.md); the Triton route costs more host time than eager there. Elsewhere: where the
     conv op has a route of its own (conv_route_may_pay). (fuse() decides on the device the model is
     on: fuse after moving it.)"""
-    w = m.weight
+    w = m.weight if w is None else w
     if w.is_cuda:
         from ganengine.ops import _dispatch, conv_act
         return _dispatch.cuda_entry("conv2d_act", "conv2d_act", conv_act._ACT_KERNELS) is not None
-    return conv_route_may_pay(m)
+    return conv_route_may_pay(m, w)
+
+
+def computed_conv_declined(m: nn.Module, with_act: bool) -> Decline | None:
+    """A computed-weight conv (a spectral / weight norm by hook or parametrization, a subclass
+    computing its weight): its fused module pays only where the conv op has a route of its own for
+    the conv (as a plain conv's), or for BigGAN's own SN, whose sigma it computes on cheaper ops
+    than the reference (docs/spectral_norm.md). Asked of the stored weight (reading ``m.weight`` of
+    a parametrized conv would run its power iteration)."""
+    from ganengine.fusion.spectral import biggan_like
+
+    if biggan_like(m):
+        return None
+    if parametrize.is_parametrized(m, "weight"):
+        w = getattr(m.parametrizations.weight, "original", None)  # (original0, 1, ...: a split one)
+    else:
+        w = m._parameters.get("weight")
+        w = m._parameters.get("weight_orig") if w is None else w
+    if not isinstance(w, torch.Tensor) or nn.parameter.is_lazy(w) or w.dim() != 4:
+        return None  # (cannot tell: the probe decides as before)
+    pays = conv_act_may_pay(m, w) if with_act else conv_route_may_pay(m, w)
+    if pays:
+        return None
+    return Decline(_NO_CUDA_ENTRY if (with_act and w.is_cuda) else _NO_ROUTE)
 
 
 def _build_plain_conv(m):
@@ -227,7 +250,7 @@ def _match_computed_conv(m):
 def _build_computed_conv(m):
     if type(m) in (nn.Conv2d, nn.ConvTranspose2d) and not _own_weight(m) and not m._forward_pre_hooks:
         return None  # an inner conv whose wrapper sets its weight: the wrapper's rule handles it
-    return recognise.build_conv(m)
+    return computed_conv_declined(m, False) or recognise.build_conv(m)
 
 
 def _match_norm(kind):
@@ -346,7 +369,7 @@ def _build_conv_act(conv, act):
         fused = Conv2dAct.from_modules(conv, act)
         fused.negative_slope = slope
         return [fused, nn.Identity()]
-    new = recognise.build_conv(conv, slope, act=act)
+    new = computed_conv_declined(conv, True) or recognise.build_conv(conv, slope, act=act)
     return new if isinstance(new, Decline) else [new, nn.Identity()]
 
 

@@ -80,7 +80,7 @@ def _weight_bias(conv: nn.Module):
 class SelfAttention2d(nn.Module):
     """SAGAN self-attention ``gamma * attn(x) + x`` without the N x N map (with it, one softmax over
     the map, when the map is returned on the CPU and N <= MAP_PATH_MAX_POSITIONS or the call
-    records no autograd graph; forward-only calls without the map at 64 < N <= 1024 run the
+    records no autograd graph; forward-only calls without the map at 144 < N <= 1024 run the
     plain composition: ops/attention.py ``composes``).
 
     Args:

@@ -184,6 +184,8 @@ class PatchDiscriminator(nn.Module):
         on ganengine's fused ops instead of the layers as modules (none while hooks are set on
         every module: then all run as modules). ``ganengine.fuse`` reports these when it turns a
         ``fused=False`` instance's fused forward on."""
+        if any_global_hooks():  # (as forward: every layer then runs as a module)
+            return []
         mods, out, i = list(self.model), [], 0
         while i < len(mods):
             kind, span = self._group(mods, i)

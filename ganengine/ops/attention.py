@@ -394,13 +394,16 @@ _BLOCK_KERNELS = ("attention", "attention_fwd", "attention_bwd")
 # block (/tmp/acc/fix17c/micro*.py, 2026-12-07; B = 1, 4; C = 16, 64, 256): the C++ forward
 # 1.04-1.37x at N = 256..1024 where the composition ran 0.72-1.04x; at N = 64 (N M = 4096) the C++
 # forward 0.58-0.94x vs 0.62-0.92x; at N >= 2048 (the map, 16 MB a image, out of cache) the C++
-# forward 0.45-0.99x vs 0.92-1.17x. So forward-only calls with 4096 < N M <= 2^20 positions pairs
-# (SAGAN: 64 < N <= 1024; BigGAN, M = N / 4: 128 < N <= 2048) on the CPU, backend "auto", take the
-# composition; it builds the (B, N, M) map for the call (4 MB a image at most), as the eager block
-# does. Graph-recording calls keep the flash op (forward + backward: 0.26-1.03x the eager block,
-# docs/attention.md "Forward-only calls").
-COMPOSED_FWD_MIN_PAIRS = 4096      # exclusive
-COMPOSED_FWD_MAX_PAIRS = 1 << 20   # inclusive
+# forward 0.45-0.99x vs 0.92-1.17x. Between N = 64 and 256 the review measured the crossover
+# (/tmp/acc/rev17/b6_sagan_low.py, r1_*.py): the C++ forward 0.70-0.86x at N = 81 / 121 where the
+# composition ran 0.96-1.08x; N = 144 0.99x vs 1.02x; N = 196 1.06x vs 1.00x. So forward-only calls
+# with N > 144 query positions and N M <= 2^20 position pairs (SAGAN: 144 < N <= 1024; BigGAN,
+# M = N / 4: 144 < N <= 2048) on the CPU, backend "auto", take the composition; it builds the
+# (B, N, M) map for the call (4 MB a image at most), as the eager block does. Graph-recording calls
+# keep the flash op (forward + backward: 0.26-1.03x the eager block, docs/attention.md
+# "Forward-only calls").
+COMPOSED_FWD_MIN_POSITIONS = 144   # exclusive, on N
+COMPOSED_FWD_MAX_PAIRS = 1 << 20   # inclusive, on N * M
 
 
 def records_graph(*tensors) -> bool:
@@ -416,9 +419,9 @@ def records_graph(*tensors) -> bool:
 
 def composes(n: int, m: int, *tensors) -> bool:
     """Whether a call of the core on (N = n, M = m) positions with these tensors (q/x first) takes
-    the forward-only composition: CPU, backend "auto", no graph recorded, 4096 < N M <= 2^20,
+    the forward-only composition: CPU, backend "auto", no graph recorded, 144 < N, N M <= 2^20,
     a plain eager call (not compiling, tracing or under a dispatch mode: those see the custom ops)."""
-    return (COMPOSED_FWD_MIN_PAIRS < n * m <= COMPOSED_FWD_MAX_PAIRS and tensors[0].is_cpu
+    return (n > COMPOSED_FWD_MIN_POSITIONS and n * m <= COMPOSED_FWD_MAX_PAIRS and tensors[0].is_cpu
             and not records_graph(*tensors) and _dispatch._requested_backend() == "auto"
             and _eager.plain_eager(*tensors))
 
@@ -565,7 +568,8 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     # without the map, and always with it (the map is built anyway: one softmax, not two)
     compose = (isinstance(x, Tensor) and x.dim() == 4 and x.is_cpu and isinstance(gamma, Tensor)
                and (return_attention
-                    or COMPOSED_FWD_MIN_PAIRS < (x.shape[2] * x.shape[3]) ** 2 <= COMPOSED_FWD_MAX_PAIRS)
+                    or COMPOSED_FWD_MIN_POSITIONS < x.shape[2] * x.shape[3]
+                    and (x.shape[2] * x.shape[3]) ** 2 <= COMPOSED_FWD_MAX_PAIRS)
                and not records_graph(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias,
                                      gamma)
                and _dispatch._requested_backend() == "auto")
