@@ -344,7 +344,7 @@ def test_a_parametrized_conv_before_an_instance_norm_is_reported():
     from torch.nn.utils import parametrizations as P
 
     torch.manual_seed(0)
-    m = nn.Sequential(P.spectral_norm(nn.Conv2d(4, 8, 3, 1, 1)), nn.InstanceNorm2d(8), nn.LeakyReLU(0.2))
+    m = nn.Sequential(P.spectral_norm(nn.Conv2d(4, 8, 5, 1, 2)), nn.InstanceNorm2d(8), nn.LeakyReLU(0.2))
     f, rep = ganengine.fuse(m, return_report=True)
     assert [(d.where, d.rule) for d in rep.declined] == [("0", "conv2d+instance_norm+act")]
     assert "parametrized" in rep.declined[0].reason
