@@ -74,3 +74,21 @@ def test_kernel_counts_are_taken_after_a_warm_up_call():
     (rec,) = [r for r in recs if r["mode"] == "forward"]
     assert rec["status"] == "ok", rec["reason"]
     assert rec["ganengine_kernels"] == steady == 1
+
+
+def test_gan_loss_module_backward_issues_no_more_kernels_than_eager():
+    """The module's forward+backward on the CUDA path: the forward kernel (loss and gradient) and
+    the scale by grad_output, against eager's mse_loss and mse_loss_backward. The CPU run reads
+    grad_output once to skip the scale when it is 1, a read the CUDA path does not make."""
+    import pytest
+
+    from ganengine import backends
+    from ganengine.bench import traffic_table
+
+    if not backends.triton_interpret() or "gan_loss_module" not in registry.all_cases():
+        pytest.skip("needs TRITON_INTERPRET=1 and the losses")
+    case = registry.all_cases()["gan_loss_module"]
+    (rec,) = [r for r in traffic_table.measure_case(case, params=host_cost.tiny_shape(case))
+              if r["mode"] == "forward_backward"]
+    assert rec["status"] == "ok", rec["reason"]
+    assert rec["ganengine_kernels"] <= rec["eager_kernels"] == 2

@@ -322,3 +322,16 @@ def test_traffic_record_counts_a_call_after_a_warm_up_call():
     fwd = recs["forward"]
     assert fwd["status"] == "ok", fwd["reason"]
     assert (fwd["eager_kernels"], fwd["ganengine_kernels"]) == (1, 1)
+
+
+def test_eager_counter_counts_a_scalar_read_apart_from_kernels():
+    """`.item()` is a device-to-host copy on a GPU, not a kernel (the profiler count leaves Memcpy
+    out): it was counted as one, so a loss's CPU-only "is grad_output 1?" read showed up as a
+    kernel of the CUDA path (gan_loss_module forward+backward: 3 against eager's 2)."""
+    x = torch.randn(8)
+    with EagerTraffic() as m:
+        y = x * 2
+        float(y.sum())
+        y.sum().item()
+    assert m.num_kernels == 3 and m.scalar_reads == 2
+    assert [r.op for r in m.records] == ["aten.mul.Tensor", "aten.sum.default", "aten.sum.default"]

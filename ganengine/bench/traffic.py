@@ -405,6 +405,10 @@ _NO_READ = {"ones_like", "zeros_like", "full_like", "rand_like", "randn_like", "
 # In-place ops that overwrite their destination without reading it.
 _OVERWRITE = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_",
               "exponential_", "index_put_"}
+# A read of one element to the host (`.item()`, `float(t)`): on a GPU a device-to-host copy, not a
+# kernel (the profiler count leaves Memcpy out too). Counted apart, in ``scalar_reads``: on CPU
+# tensors it also stands for reads the CUDA path skips (a loss's "is grad_output 1?" test).
+_SCALAR_READ = {"_local_scalar_dense"}
 
 
 @dataclasses.dataclass
@@ -429,6 +433,7 @@ class EagerTraffic(TorchDispatchMode):
         # ops of these namespaces are not counted (their kernels are counted by TritonTraffic)
         self.skip_namespaces = tuple(skip_namespaces)
         self.skipped: list[str] = []
+        self.scalar_reads = 0
 
     @property
     def read_bytes(self) -> int:
@@ -457,6 +462,9 @@ class EagerTraffic(TorchDispatchMode):
             self.skipped.append(str(func))
             return out
         if func.is_view or base in _NO_DATA or base in _ALLOC_ONLY:
+            return out
+        if base in _SCALAR_READ:
+            self.scalar_reads += 1
             return out
         written: list[torch.Tensor] = []
         read = 0
