@@ -88,21 +88,20 @@ _ACT_KINDS: tuple = ()
 
 
 def _act_kinds() -> tuple:
-    """(Conv2d, Conv3x3, InstanceNormAct2d, BATCH_NORM_ACT_CLASSES, batch_norm_act), imported once
+    """(Conv2d, Conv3x3, InstanceNormAct2d, BATCH_NORM_ACT_CLASSES), imported once
     (ganengine.nn imports this package; an import statement per call cost ~1 us each)."""
     global _ACT_KINDS
     if not _ACT_KINDS:
         from ganengine.nn import Conv2d, Conv3x3, InstanceNormAct2d
         from ganengine.nn.batch_norm_act import BATCH_NORM_ACT_CLASSES
-        from ganengine.ops.batch_norm_act import batch_norm_act
 
-        _ACT_KINDS = (Conv2d, Conv3x3, InstanceNormAct2d, BATCH_NORM_ACT_CLASSES, batch_norm_act)
+        _ACT_KINDS = (Conv2d, Conv3x3, InstanceNormAct2d, BATCH_NORM_ACT_CLASSES)
     return _ACT_KINDS
 
 
 def act_forward(m: nn.Module, activation: str, negative_slope: float, *inputs):
     """``act(m(*inputs))`` on one fused op (what the rewritten graphs call)."""
-    Conv2d, Conv3x3, InstanceNormAct2d, bn_classes, batch_norm_act = _ACT_KINDS or _act_kinds()
+    Conv2d, Conv3x3, InstanceNormAct2d, bn_classes = _ACT_KINDS or _act_kinds()
     kind = type(m)
     if checks.hooked(m):  # hooks registered since fuse() (it declined hooked modules): they see the call
         y = m(*inputs)
@@ -112,19 +111,7 @@ def act_forward(m: nn.Module, activation: str, negative_slope: float, *inputs):
     if kind is InstanceNormAct2d and m.activation == "none" and len(inputs) == 1:
         return m._norm_call(inputs[0], activation, negative_slope)  # forward() with another activation
     if kind in bn_classes and m.activation == "none" and len(inputs) == 1:
-        # _BatchNormActMixin.forward (ganengine/nn/batch_norm_act.py) with another activation; each
-        # Parameter / buffer read once (nn.Module.__getattr__ costs about 1-2 us a read)
-        x = inputs[0]
-        m._check_input_dim(x)
-        rm, rv, w, b, momentum = m.running_mean, m.running_var, m.weight, m.bias, m.momentum
-        if m.training:
-            track = m.track_running_stats
-            nbt = m.num_batches_tracked if track else None
-            momentum = momentum if (momentum is not None or nbt is not None) else 0.0
-            return batch_norm_act(x, rm if track else None, rv if track else None, w, b, True, momentum, m.eps,
-                                  activation, negative_slope, num_batches_tracked=nbt)
-        return batch_norm_act(x, rm, rv, w, b, rm is None and rv is None, momentum if momentum is not None else 0.0,
-                              m.eps, activation, negative_slope)
+        return m._bn_call(inputs[0], activation, negative_slope)  # forward() with another activation
     if kind in (Conv2d, Conv3x3) and len(inputs) == 1:
         return conv_apply(m, inputs[0], m.weight, 0.0 if activation == "relu" else float(negative_slope))
     # the child was swapped after fuse(): run it and the activation as they are

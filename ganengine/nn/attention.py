@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganengine.fusion.checks import any_global_hooks
+from ganengine.ops import _dispatch, _eager
 from ganengine.ops._eager import autocast_off
-from ganengine.ops import _dispatch
 from ganengine.ops.attention import (_as, acc_dtype, attention, attention_map, composed_attend, composes,
-                                     records_graph, self_attention2d, stacked_conv1x1)
+                                     self_attention2d, stacked_conv1x1)
 
 # SelfAttention2d with the map returned (SAGAN's ``Self_Attn`` returns ``(out, attention)``): up to
 # this many positions N = H*W the block runs as ONE softmax over the map it must build anyway
@@ -67,6 +67,13 @@ def _plain_1x1s(*convs: nn.Module) -> bool:
                 and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"):
             return False
     return True
+
+
+def _own_param(module: nn.Module, name: str):
+    """``module.<name>`` read from its parameters dict where it is one (a functional_call's swap
+    too), without Module.__getattr__ (~1 us a name); else the attribute (a parametrization)."""
+    p = module._parameters
+    return p[name] if name in p else getattr(module, name)
 
 
 def _weight_bias(conv: nn.Module):
@@ -139,20 +146,20 @@ class SelfAttention2d(nn.Module):
             qw, qb = _weight_bias(qc)
             kw, kb = _weight_bias(kc)
             vw, vb = _weight_bias(vc)
-            gp = self._parameters
-            out = self_attention2d(x, qw, qb, kw, kb, vw, vb, gp["gamma"] if "gamma" in gp else self.gamma)
+            out = self_attention2d(x, qw, qb, kw, kb, vw, vb, _own_param(self, "gamma"))
             return out if self.keep_layout or out.is_contiguous() else out.contiguous()
         b, c, h, w = x.shape
         q, k, v = self._projections(x, plain)
+        gamma = _own_param(self, "gamma")
         if want and x.is_cpu:
             n = h * w
             # forward only (no graph recorded): one softmax at any N, o = V P^T (the transposed
             # form only pays for itself in the backward); with a graph: up to MAP_PATH_MAX_POSITIONS
-            graph = records_graph(q, k, v, x, self.gamma)
+            graph = _eager.records_graph((q, k, v, x, gamma), forward_ad=False)
             if n <= MAP_PATH_MAX_POSITIONS or not (graph or _dispatch._requested_backend() != "auto"):
-                out, attn = _map_and_out(q, k, v, x, self.gamma, graph and n >= MAP_PATH_TRANSPOSED_FROM)
+                out, attn = _map_and_out(q, k, v, x, gamma, graph and n >= MAP_PATH_TRANSPOSED_FROM)
                 return (out if self.keep_layout or out.is_contiguous() else out.contiguous()), attn
-        out = attention(q, k, v, x.flatten(2), self.gamma).view(b, c, h, w)
+        out = attention(q, k, v, x.flatten(2), gamma).view(b, c, h, w)
         if not (self.keep_layout or out.is_contiguous()):
             out = out.contiguous()
         return (out, attention_map(q, k)) if want else out
@@ -268,8 +275,7 @@ class BigGANSelfAttention2d(nn.Module):
             phi = F.max_pool2d(pc(x), [2, 2]).flatten(2)
             g = F.max_pool2d(gc(x), [2, 2])
         n, m, cg = theta.shape[2], phi.shape[2], g.shape[1]
-        gamma = self._parameters.get("gamma")
-        gamma = self.gamma if gamma is None else gamma
+        gamma = _own_param(self, "gamma")
         # forward only (no graph recorded; ops/attention.py ``composes``): the plain composition, and
         # o after the attention (the reference's order) where that is fewer multiply-adds: the
         # product on C/2 channels and o on N positions vs the product on C and o on M = N/4

@@ -38,27 +38,30 @@ class _BatchNormActMixin:
     """forward() of nn.BatchNorm's rules on the fused op, and the fuse constructor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._bn_call(x, self.activation, self.negative_slope)
+
+    def _bn_call(self, x: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+        """forward() with another activation (fuse()'s rewritten graphs call it too). Each Parameter /
+        buffer is read once: a read through nn.Module.__getattr__ costs about 1-2 us, at a tiny map a
+        tenth of the call."""
         self._check_input_dim(x)
+        rm, rv, w, b, momentum = self.running_mean, self.running_var, self.weight, self.bias, self.momentum
         if self.training:
             # nn.BatchNorm: batch statistics; with track_running_stats the batch is counted in
             # num_batches_tracked (inside the op) and the running statistics updated with
             # momentum, or with 1 / num_batches_tracked when momentum is None
             track = self.track_running_stats
             nbt = self.num_batches_tracked if track else None
-            momentum = self.momentum if (self.momentum is not None or nbt is not None) else 0.0
-            return batch_norm_act(x, self.running_mean if track else None, self.running_var if track else None,
-                                  self.weight, self.bias, True, momentum, self.eps, self.activation,
-                                  self.negative_slope, num_batches_tracked=nbt)
-        # eval: running statistics when there are any, else the batch's (each Parameter / buffer read
-        # once: a read through nn.Module.__getattr__ costs about 1-2 us, at a tiny map a tenth of the call)
-        rm, rv, w, b = self.running_mean, self.running_var, self.weight, self.bias
-        batch_stats = rm is None and rv is None
-        if self.activation == "none" and rm is not None and rv is not None and _plain_eval_call(x, w, rm, rv):
+            momentum = momentum if (momentum is not None or nbt is not None) else 0.0
+            return batch_norm_act(x, rm if track else None, rv if track else None, w, b, True, momentum, self.eps,
+                                  activation, negative_slope, num_batches_tracked=nbt)
+        # eval: running statistics when there are any, else the batch's
+        if activation == "none" and rm is not None and rv is not None and _plain_eval_call(x, w, rm, rv):
             # one ATen op with nothing to fuse: F.batch_norm itself, eager's numbers at eager's host cost
             # (the fused op's call cost ~4 us more at a tiny map: BENCHMARKS.md, seventeenth session)
             return F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
-        return batch_norm_act(x, rm, rv, w, b, batch_stats, self.momentum if self.momentum is not None else 0.0,
-                              self.eps, self.activation, self.negative_slope)
+        return batch_norm_act(x, rm, rv, w, b, rm is None and rv is None, momentum if momentum is not None else 0.0,
+                              self.eps, activation, negative_slope)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={act_repr(self.activation, self.negative_slope)}"

@@ -135,13 +135,14 @@ def twin(name: str, forward, setup_context, backward):
     return apply
 
 
-def records_graph(tensors) -> bool:
-    """Whether a call on ``tensors`` (other arguments are skipped) needs its autograd.Function: grad
-    mode on and a tensor requiring grad, or forward-mode AD active (the Functions have no jvp and
-    refuse it, as the custom ops do). Otherwise the Function would only hand back its forward's
-    outputs, for ~10 us of host time."""
+def records_graph(tensors, forward_ad: bool = True) -> bool:
+    """Whether a call on ``tensors`` (other arguments are skipped) records an autograd graph: grad
+    mode on and a tensor requiring grad, or (``forward_ad``) forward-mode AD active: the Functions
+    have no jvp and refuse it, as the custom ops do; a caller whose graph-free path is plain torch
+    ops, which carry dual tensors, passes False. Where it is False an autograd.Function would only
+    hand back its forward's outputs, for ~10 us of host time."""
     return (grad_enabled() and any(type(t) in _TENSOR_TYPES and t.requires_grad for t in tensors)) \
-        or _forward_ad_level() >= 0
+        or (forward_ad and _forward_ad_level() >= 0)
 
 
 grad_enabled = torch.is_grad_enabled

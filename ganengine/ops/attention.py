@@ -406,23 +406,12 @@ COMPOSED_FWD_MIN_POSITIONS = 144   # exclusive, on N
 COMPOSED_FWD_MAX_PAIRS = 1 << 20   # inclusive, on N * M
 
 
-def records_graph(*tensors) -> bool:
-    """Whether autograd records a graph for a call on these tensors (grad mode on and one of
-    them requires grad; None entries skipped)."""
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        if isinstance(t, Tensor) and t.requires_grad:
-            return True
-    return False
-
-
 def composes(n: int, m: int, *tensors) -> bool:
     """Whether a call of the core on (N = n, M = m) positions with these tensors (q/x first) takes
     the forward-only composition: CPU, backend "auto", no graph recorded, 144 < N, N M <= 2^20,
     a plain eager call (not compiling, tracing or under a dispatch mode: those see the custom ops)."""
     return (n > COMPOSED_FWD_MIN_POSITIONS and n * m <= COMPOSED_FWD_MAX_PAIRS and tensors[0].is_cpu
-            and not records_graph(*tensors) and _dispatch._requested_backend() == "auto"
+            and not _eager.records_graph(tensors, forward_ad=False) and _dispatch._requested_backend() == "auto"
             and _eager.plain_eager(*tensors))
 
 
@@ -570,8 +559,8 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
                and (return_attention
                     or COMPOSED_FWD_MIN_POSITIONS < x.shape[2] * x.shape[3]
                     and (x.shape[2] * x.shape[3]) ** 2 <= COMPOSED_FWD_MAX_PAIRS)
-               and not records_graph(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias,
-                                     gamma)
+               and not _eager.records_graph((x, query_weight, query_bias, key_weight, key_bias, value_weight,
+                                             value_bias, gamma), forward_ad=False)
                and _dispatch._requested_backend() == "auto")
     if (not return_attention and not compose and isinstance(x, Tensor) and _eager.lean_ok(x) and x.is_cpu
             and isinstance(gamma, Tensor)
