@@ -321,3 +321,22 @@ def test_backward_inside_cpu_autocast(backend):
     assert y.dtype == torch.bfloat16
     for a, r in zip(*grads):
         assert torch.equal(a, r)
+
+
+def test_winograd_profitable_asks_the_router_once_per_shape_and_follows_its_thresholds(monkeypatch):
+    """fuse()'s 3x3 convs ask winograd_profitable every forward: the router's builtin costs 5-13 us
+    a call through the dispatcher, so the answer is kept per shape; a threshold change (the only
+    thing besides the shapes it depends on) drops the kept answers."""
+    asked = []
+    real = cm._winograd_pays
+    monkeypatch.setattr(cm, "_winograd_pays", lambda *a: asked.append(a) or real(*a))
+    cm._PAYS_CACHE.clear()
+    x, w = torch.Size((1, 64, 40, 40)), torch.Size((64, 64, 3, 3))
+    answers = [cm.winograd_profitable(x, w, 1) for _ in range(3)]
+    assert cm.winograd_profitable([1, 64, 40, 40], [64, 64, 3, 3], 1) == answers[0]  # (lists: the same key)
+    assert len(asked) == 1 and answers == [answers[0]] * 3
+    monkeypatch.setattr(cm, "MIN_CHANNELS", 0)
+    monkeypatch.setattr(cm, "MIN_TILES", 0)
+    assert cm.winograd_profitable(x, w, 1) is True and len(asked) == 2
+    monkeypatch.setattr(cm, "MIN_CHANNELS", 10 ** 6)
+    assert cm.winograd_profitable(x, w, 1) is False and len(asked) == 3

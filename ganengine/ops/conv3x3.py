@@ -70,6 +70,7 @@ def _set_threshold(name: str, value) -> None:
         args[_CONFIG_SLOT[name]] = value
         _ext.op("conv3x3_winograd_config")(*args)
     _PY_THRESHOLDS[name] = value
+    _PAYS_CACHE.clear()
 
 
 class _Module(types.ModuleType):
@@ -90,15 +91,34 @@ def winograd_tile() -> int:
 
 
 _PAYS: list = []  # [the raw ganengine_C::conv3x3_winograd_pays builtin, or None]
+# its answers by (x_shape, w_shape, padding, tile): the builtin's call through the dispatcher
+# costs 5-13 us (its int[] arguments parsed against the schema), a dict lookup ~0.5 us; the
+# thresholds change only through _set_threshold, which clears it
+_PAYS_CACHE: dict = {}
+_PAYS_CACHE_MAX = 1024
 
 
 def winograd_profitable(x_shape, w_shape, padding: int, tile: int = 2) -> bool:
-    """Whether the router sends an fp32 cpu call of these shapes to Winograd F(tile, 3) (one
-    C++ call: ganengine.fuse's modules ask it per forward)."""
+    """Whether the router sends an fp32 cpu call of these shapes to Winograd F(tile, 3) (ganengine.fuse's
+    modules ask it per forward: one C++ call per new shape, then a cached answer)."""
+    key = (x_shape, w_shape, padding, tile)   # (torch.Size hashes as the tuple it is)
+    try:
+        hit = _PAYS_CACHE.get(key)
+    except TypeError:  # (shapes given as lists)
+        key = (tuple(x_shape), tuple(w_shape), padding, tile)
+        hit = _PAYS_CACHE.get(key)
+    if hit is None:
+        hit = _PAYS_CACHE[key] = _winograd_pays(*key)
+        if len(_PAYS_CACHE) > _PAYS_CACHE_MAX:
+            _PAYS_CACHE.clear()
+    return hit
+
+
+def _winograd_pays(x_shape, w_shape, padding: int, tile: int) -> bool:
     if not _PAYS:
         _PAYS.append(_ext.op("conv3x3_winograd_pays").default._op if _routed() else None)
     if _PAYS[0] is not None:
-        return _PAYS[0](x_shape, w_shape, padding, tile)
+        return bool(_PAYS[0](x_shape, w_shape, padding, tile))
     n, c, h, w = x_shape
     tiles = n * -(-(h + 2 * padding - 2) // tile) * -(-(w + 2 * padding - 2) // tile)
     return min(c, w_shape[0]) >= _PY_THRESHOLDS["MIN_CHANNELS"] and tiles >= _PY_THRESHOLDS["MIN_TILES"]
