@@ -379,3 +379,31 @@ def test_benchmarks_md_norm_act_json_goes_beside_the_store(tmp_path, monkeypatch
     assert cmd[cmd.index("--json") + 1] == str(tmp_path / "out" / "bench_norm_act.json")
     default = mod.section_command(cmd, mod.ROOT / "docs" / "benchmarks_sections.json")
     assert default[default.index("--json") + 1] == "docs/bench_norm_act.json"
+
+
+def test_default_runner_times_the_route_a_users_call_takes():
+    """`ganengine bench` timed ganengine under the strict cpu backend only, so calls that backend
+    "auto" leaves on eager's own ops (eval batch norm without an activation, forward-only
+    attention, the attention map) were timed on a route no user's call takes. The default runner
+    is ganengine:auto now, in a non-strict scope; the native backends stay available by name."""
+    assert runner.default_runners(torch.device("cpu")) == ["eager", "compile", "ganengine:auto"]
+    assert runner.default_runners(torch.device("cpu"), with_compile=False) == ["eager", "ganengine:auto"]
+    assert runner.check_runner("ganengine:cpu") == "ganengine:cpu"
+    from ganengine import backends
+
+    seen = {}
+    for name in ("auto", "cpu"):
+        with runner.backend_scope(name):
+            seen[name] = (backends.current(), backends.is_strict(), os.environ["GANENGINE_STRICT"])
+    assert seen == {"auto": ("auto", False, "0"), "cpu": ("cpu", True, "1")}
+
+    from ganengine.nn import batch_norm_act as bn_mod
+
+    # the eval batch norm case: under ganengine:auto the fused module's call is F.batch_norm itself
+    case = registry.all_cases()["batch_norm2d_eval"]
+    work = case.setup(case.shape_list("quick")[0], torch.device("cpu"), torch.float32)
+    call = runner.make_call(case, work, "forward", "ganengine:auto")
+    with runner._scope_for(case, work, "ganengine:auto")(), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bn_mod, "batch_norm_act", lambda *a, **k: pytest.fail("the fused op ran under auto"))
+        call()

@@ -5,6 +5,9 @@ Runners:
                      ``fused=False``, i.e. the reference's plain nn modules, run on the torch
                      backend so that no ganengine kernel runs inside it)
   compile            ``torch.compile`` of the same reference code (op cases)
+  ganengine:auto     the ganengine function under backend "auto": the route a user's call takes
+                     (it may leave a call on eager's own ops where a fused kernel would only add
+                     host time: eval batch norm, forward-only attention)
   ganengine:<name>   the ganengine function under backend <name> in strict mode (a backend
                      that cannot serve the call is reported as skipped, never silently timed
                      as a fallback)
@@ -44,37 +47,39 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def default_runners(device: torch.device, with_compile: bool = True) -> list[str]:
-    """eager, compile, and every ganengine native backend that serves ``device`` here.
+    """eager, compile, ganengine:auto (what a user's call runs), and on CUDA every ganengine native
+    backend that serves the device (each kernel family's own figure).
 
-    The Triton interpreter on CPU is left out (it is a correctness tool, not a speed figure);
-    ask for it explicitly with ``ganengine:triton``.
+    On the CPU ``auto`` is the cpu backend wherever a fused kernel serves the call, so
+    ``ganengine:cpu`` is not timed a second time (ask for it with ``--runners``); the Triton
+    interpreter is left out (a correctness tool, not a speed figure): ``ganengine:triton``.
     """
-    names = ["eager"] + (["compile"] if with_compile else [])
-    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    for b in order:
-        if backends.serves(b, device):
-            names.append(f"ganengine:{b}")
+    names = ["eager"] + (["compile"] if with_compile else []) + ["ganengine:auto"]
+    if device.type == "cuda":
+        names += [f"ganengine:{b}" for b in ("triton", "cuda") if backends.serves(b, device)]
     return names
 
 
 def check_runner(name: str) -> str:
     if name in ("eager", "compile"):
         return name
-    if name.startswith("ganengine:") and name.split(":", 1)[1] in backends.NAMES:
+    if name.startswith("ganengine:") and name.split(":", 1)[1] in backends.CHOICES:
         return name
     raise ValueError(f"runner must be 'eager', 'compile' or 'ganengine:<backend>' with backend in "
-                     f"{backends.NAMES}, got {name!r}")
+                     f"{backends.CHOICES}, got {name!r}")
 
 
 @contextlib.contextmanager
 def backend_scope(name: str):
-    """Select backend ``name`` strictly, in this thread (use_backend) and in autograd's device
-    threads (they do not inherit context variables, so the environment is set too)."""
+    """Select backend ``name`` strictly ("auto": as a user's call, which has no backend to fall
+    back from), in this thread (use_backend) and in autograd's device threads (they do not
+    inherit context variables, so the environment is set too)."""
     saved = {k: os.environ.get(k) for k in ("GANENGINE_BACKEND", "GANENGINE_STRICT")}
+    strict = name != "auto"
     os.environ["GANENGINE_BACKEND"] = name
-    os.environ["GANENGINE_STRICT"] = "1"
+    os.environ["GANENGINE_STRICT"] = "1" if strict else "0"
     try:
-        with backends.use_backend(name), backends.strict():
+        with backends.use_backend(name), backends.strict(strict):
             yield
     finally:
         for k, v in saved.items():
@@ -170,7 +175,7 @@ def _record(case: BenchCase, params: dict, mode, runner, device, dtype) -> dict:
 
 
 def _scope_for(case: BenchCase, work: Workload, runner: str):
-    """The backend scope a runner's calls run in: ``ganengine:<b>`` -> backend b (strict);
+    """The backend scope a runner's calls run in: ``ganengine:<b>`` -> backend b (strict but auto);
     a model's ``eager`` (and ``compile``) baseline -> the torch backend, always: the plain model
     (``fused=False``) still reaches ganengine's C++ ops through the layers and losses it shares
     with the fused one (conv_act, batch_norm_act, the losses), and on the auto backend those would
