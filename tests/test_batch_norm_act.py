@@ -461,11 +461,79 @@ def test_opcheck(backend):
         y, stats = ops.batch_norm_act_fwd(x.detach(), w.detach(), b.detach(), None, None, 1e-5, 0.2, flags)
         torch.library.opcheck(ops.batch_norm_act_bwd,
                               (torch.randn_like(y), x.detach(), w.detach(), b.detach(), stats, 1e-5, 0.2, flags))
-        if backend == "cpu":
-            # the eager C++ op: schema (declared mutations), autograd registration, fake impl
-            args = (x, w, b, torch.zeros(3), torch.ones(3), torch.tensor(0), 0.1, 1e-5, 0.2, flags)
-            torch.library.opcheck(torch.ops.ganengine_C.batch_norm_act.default, args,
-                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    # (the eager C++ op, ganengine_C::batch_norm_act: test_raw_op_opcheck)
+
+
+_RAW_OP = pytest.mark.skipif(not (_ext.loaded() and _ext.has_kernel("batch_norm_act_fwd", "CPU")),
+                             reason="the C++ extension (ganengine_C::batch_norm_act) is not built")
+_ALL_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+                "test_aot_dispatch_dynamic")
+# per mode of the C++ op: (training, running statistics given, num_batches_tracked given, momentum)
+_RAW_MODES = {"train": (True, False, False, 0.1), "train_running": (True, True, True, 0.1),
+              "train_cumulative": (True, True, True, None), "eval": (False, True, False, 0.1)}
+
+
+def _raw_args(shape, layout, per_sample, mode):
+    """Arguments of ganengine_C::batch_norm_act (x, w, b requiring grad) for one mode of _RAW_MODES."""
+    training, running, count, momentum = _RAW_MODES[mode]
+    x, w, b = make(shape, layout=layout, per_sample=per_sample)
+    c = shape[1]
+    rm, rv = (torch.randn(c), torch.rand(c) + 0.5) if running else (None, None)
+    nbt = torch.tensor(3) if count else None
+    flags = (ops.TRAINING if training else 0) | ops.APPLY_ACT | (ops.PER_SAMPLE if per_sample else 0)
+    return (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv, nbt, momentum, 1e-5, 0.2, flags)
+
+
+@_RAW_OP
+@pytest.mark.parametrize("shape,layout", [((3, 4, 5, 6), "nchw"), ((3, 4, 5, 6), "nhwc"), ((5, 4), "nchw")],
+                         ids=["nchw", "channels_last", "nc"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["bn", "cond"])
+@pytest.mark.parametrize("mode", list(_RAW_MODES))
+def test_raw_op_opcheck(shape, layout, per_sample, mode):
+    """The eager C++ op passes every opcheck test: schema (declared mutations), autograd
+    registration, fake impl, and AOT dispatch with static and dynamic (symbolic) shapes, forward
+    and backward: its checks and its C++ autograd read SymInt sizes, and a traced momentum=None
+    update reads the batch count as a tensor."""
+    torch.manual_seed(0)
+    args = _raw_args(shape, layout, per_sample, mode)
+    torch.library.opcheck(torch.ops.ganengine_C.batch_norm_act.default, args, test_utils=_ALL_OPCHECK)
+
+
+@_RAW_OP
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_raw_op_traced_running_update(dynamic):
+    """Traced by AOT autograd, the C++ op with momentum=None updates num_batches_tracked and the
+    running statistics by the count it is given at run time (not one baked in at trace time), as
+    the eager op does: y and the gradients bit for bit (the same kernels), the running statistics
+    within the roundings of f * batch + (1 - f) * running in fp64 stored to fp32."""
+    from functorch.compile import aot_function, nop
+
+    op = torch.ops.ganengine_C.batch_norm_act.default
+    torch.manual_seed(0)
+    x, w, b, rm0, rv0, _, _, eps, slope, flags = _raw_args((3, 4, 5, 6), "nchw", True, "train_cumulative")
+    gy = torch.randn(x.shape)
+    xd, dims = x.detach().double(), [0, 2, 3]
+
+    def step(x, w, b, rm, rv, nbt):
+        return op(x, w, b, rm, rv, nbt, None, eps, slope, flags)
+
+    compiled = aot_function(step, nop, dynamic=dynamic)
+    for count in (3, 8):  # one trace, two counts: the factor 1 / (count + 1) is read at run time
+        runs = []
+        for fn in (step, compiled):
+            state = (rm0.clone(), rv0.clone(), torch.tensor(count))
+            y = fn(x, w, b, *state)
+            runs.append(((y, *torch.autograd.grad(y, (x, w, b), gy)), state))
+        (eager, (rm, rv, nbt)), (traced, (rm_t, rv_t, nbt_t)) = runs
+        assert all(torch.equal(a, e) for a, e in zip(traced, eager))
+        assert nbt_t.item() == nbt.item() == count + 1
+        # both sides: f * batch + (1 - f) * running, a 2-term sum in fp64 (scale: |terms|), each
+        # stored to fp32 (u(fp32) |want| per side)
+        f = 1.0 / (count + 1)
+        for got, want, run0, batch in ((rm_t, rm, rm0, xd.mean(dims)), (rv_t, rv, rv0, xd.var(dims))):
+            scale = f * batch.abs() + (1 - f) * run0.double().abs()
+            allowed = bound(scale, 2, torch.float64, c=2, out_dtype=torch.float32, ref=want.double(), out_round=2)
+            assert ((got.double() - want.double()).abs() <= allowed).all()
 
 
 

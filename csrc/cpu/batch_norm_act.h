@@ -56,10 +56,13 @@ inline at::Tensor like_layout(const at::Tensor& t, const at::Tensor& x) {
   return out;
 }
 
+// The argument checks below also run in the C++ autograd entry, where a tracer (torch.compile's
+// AOT dispatch with dynamic shapes) hands FakeTensors with symbolic sizes: they read sym_size /
+// sym_numel (a plain int compare on concrete tensors), never size() / numel() / sizes().
 inline void check_param(const c10::optional<at::Tensor>& t, const char* what, const at::Tensor& x, bool per_sample) {
   if (!t.has_value() || !t->defined()) return;
   const char* op = op_name(per_sample);
-  const int64_t N = x.size(0), C = x.size(1);
+  const c10::SymInt N = x.sym_size(0), C = x.sym_size(1);
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", what, " must be floating point, got ",
                    t->scalar_type());
   TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", what, " is on ", t->device(), " but x is on ", x.device());
@@ -70,12 +73,12 @@ inline void check_param(const c10::optional<at::Tensor>& t, const char* what, co
                      reduced ? " or Float" : "", ", got ", ps);
   }
   if (per_sample) {
-    bool ok = t->dim() >= 2 && t->size(0) == N && t->size(1) == C && t->numel() == N * C;
-    TORCH_CHECK_VALUE(ok, op, ": ", what, " must have shape (N, C) = (", N, ", ", C, ") for x of shape ", x.sizes(),
-                      ", got ", t->sizes());
+    bool ok = t->dim() >= 2 && t->sym_size(0) == N && t->sym_size(1) == C && t->sym_numel() == N * C;
+    TORCH_CHECK_VALUE(ok, op, ": ", what, " must have shape (N, C) = (", N, ", ", C, ") for x of shape ",
+                      x.sym_sizes(), ", got ", t->sym_sizes());
   } else {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, op, ": ", what, " must have shape (", C, ",) for ", C,
-                      " channels, got ", t->sizes());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->sym_size(0) == C, op, ": ", what, " must have shape (", C, ",) for ", C,
+                      " channels, got ", t->sym_sizes());
   }
 }
 
@@ -84,7 +87,7 @@ inline void check_forward_args(const at::Tensor& x, const c10::optional<at::Tens
                                const c10::optional<at::Tensor>& running_var, bool training, double eps,
                                bool per_sample, c10::DeviceType device) {
   const char* op = op_name(per_sample);
-  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be (N, C) or (N, C, *spatial), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be (N, C) or (N, C, *spatial), got shape ", x.sym_sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be fp16, bf16, fp32 or fp64, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.device().type() == device, op, ": x is on ", x.device(), ", this kernel serves ",
@@ -99,8 +102,8 @@ inline void check_forward_args(const at::Tensor& x, const c10::optional<at::Tens
     check_param(running_var, "running_var", x, false);
   }
   if (training) {
-    TORCH_CHECK_VALUE(x.numel() != x.size(1) || x.numel() == 0,
-                      "Expected more than 1 value per channel when training, got input size ", x.sizes());
+    TORCH_CHECK_VALUE(x.sym_numel() != x.sym_size(1) || x.sym_numel() == 0,
+                      "Expected more than 1 value per channel when training, got input size ", x.sym_sizes());
     TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
   } else {
     TORCH_CHECK(has_m, op, ": running_mean must be defined in evaluation mode (training=False)");
@@ -108,6 +111,7 @@ inline void check_forward_args(const at::Tensor& x, const c10::optional<at::Tens
   }
 }
 
+// (run by the kernels only, on concrete tensors: the backward's tracer sees the fake impl)
 inline void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& stats,
                                 c10::DeviceType device) {
   TORCH_CHECK_VALUE(x.dim() >= 2 && x.device().type() == device, "batch_norm_act backward: x must be a ",

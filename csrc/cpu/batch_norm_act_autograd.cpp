@@ -13,6 +13,11 @@
 //
 // Unlike instance_norm_act's entry, this op serves every call the Python layer sends it and its
 // argument checks (batch_norm_act.h) raise the public errors themselves.
+//
+// It also traces (torch.library.opcheck's aot_dispatch tests, static and dynamic shapes): the entry
+// and its backward read sizes as SymInts, and a tracer's tensors (FakeTensor, FunctionalTensor) are
+// never written through a pointer. The one value a trace cannot read, momentum=None's factor
+// 1 / num_batches_tracked, makes the traced call update the running statistics with ATen ops.
 #include "batch_norm_act.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -50,27 +55,34 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
   return op;
 }
 
-// nn.BatchNorm's exponential_average_factor; counts this batch in num_batches_tracked
-double resolve_factor(const OptT& running_mean, const OptT& nbt, bool training, std::optional<double> momentum,
-                      bool per_sample) {
+// a tracer's tensor (FakeTensor, FunctionalTensor: Python subclasses; functionalization's C++
+// wrapper): no memory behind it, and its writes must reach the tracer as ops
+bool traced(const at::Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+// nn.BatchNorm's exponential_average_factor; counts this batch in num_batches_tracked. nullopt: the
+// factor is 1 / a traced count (momentum=None under a tracer), which run_fwd applies with ATen ops.
+std::optional<double> resolve_factor(const OptT& running_mean, const OptT& nbt, bool training,
+                                     std::optional<double> momentum, bool per_sample) {
   const bool update = training && present(running_mean);
   if (update && present(nbt)) {
     const at::Tensor& t = *nbt;
-    TORCH_CHECK_VALUE(t.numel() == 1, op_name(per_sample), ": num_batches_tracked must hold one count, got shape ",
-                      t.sizes());
+    TORCH_CHECK_VALUE(t.sym_numel() == 1, op_name(per_sample),
+                      ": num_batches_tracked must hold one count, got shape ", t.sym_sizes());
     // (running_mean's device is x's: checked with the other tensors)
     TORCH_CHECK_VALUE(t.device() == running_mean->device(), op_name(per_sample), ": num_batches_tracked is on ",
                       t.device(), " but x is on ", running_mean->device());
-    double count;
-    if (t.is_cpu() && t.scalar_type() == at::kLong) {
+    if (t.is_cpu() && t.scalar_type() == at::kLong && !traced(t)) {
       int64_t* p = t.data_ptr<int64_t>();
-      count = static_cast<double>(++*p);
+      const double count = static_cast<double>(++*p);
       torch::autograd::impl::bump_version(t);
-    } else {
-      t.add_(1);
-      count = momentum.has_value() ? 0.0 : t.item<double>();
+      return momentum.has_value() ? *momentum : 1.0 / count;
     }
-    return momentum.has_value() ? *momentum : 1.0 / count;
+    t.add_(1);
+    if (momentum.has_value()) return *momentum;
+    if (traced(t)) return std::nullopt;
+    return 1.0 / t.item<double>();
   }
   if (!momentum.has_value()) {
     TORCH_CHECK_VALUE(!update, op_name(per_sample),
@@ -79,6 +91,26 @@ double resolve_factor(const OptT& running_mean, const OptT& nbt, bool training, 
     return 0.0;
   }
   return *momentum;
+}
+
+// running = f * batch + (1 - f) * running in fp64, as the forward kernel updates it (update_running)
+void running_update_aten(const at::Tensor& running, const at::Tensor& batch, const at::Tensor& f) {
+  running.copy_(batch.to(at::kDouble) * f + running.to(at::kDouble) * (1 - f));
+}
+
+// (y, stats) of the forward kernel, which updates the running statistics by `factor`; with
+// `traced_count` given (resolve_factor's nullopt) the factor is 1 / traced_count and ATen ops
+// update them after the kernel instead
+std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& x, const OptT& w, const OptT& b, const OptT& rm,
+                                           const OptT& rv, const OptT& traced_count, double factor, double eps,
+                                           double slope, int64_t flags) {
+  if (!present(traced_count)) return fwd_op().call(x, w, b, rm, rv, factor, eps, slope, flags);
+  auto out = fwd_op().call(x, w, b, {}, {}, 0.0, eps, slope, flags);  // (training: rm, rv are not read)
+  const at::Tensor& stats = std::get<1>(out);
+  const at::Tensor f = traced_count->reshape({}).to(at::kDouble).reciprocal();
+  running_update_aten(*rm, stats[0], f);
+  running_update_aten(*rv, stats[2], f);
+  return out;
 }
 
 void bump_running(const OptT& rm, const OptT& rv, bool training) {
@@ -92,21 +124,22 @@ at::Tensor reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                      bool training, double eps, bool apply_act, double slope, bool per_sample) {
   const auto acc = acc_type(x.scalar_type());
   const at::Tensor xf = x.to(acc);
-  std::vector<int64_t> cshape(x.dim(), 1), pshape(x.dim(), 1);
-  cshape[1] = pshape[1] = x.size(1);
-  if (per_sample) pshape[0] = x.size(0);
+  c10::SymDimVector cshape(x.dim(), 1), pshape(x.dim(), 1);
+  cshape[1] = pshape[1] = x.sym_size(1);
+  if (per_sample) pshape[0] = x.sym_size(0);
   at::Tensor z = training ? at::batch_norm(xf, {}, {}, {}, {}, true, 0.0, eps, false)
-                          : (xf - stats[0].to(acc).view(cshape)) * stats[1].to(acc).view(cshape);
-  if (w.defined()) z = z * w.to(acc).reshape(pshape);
-  if (b.defined()) z = z + b.to(acc).reshape(pshape);
+                          : (xf - stats[0].to(acc).view_symint(cshape)) * stats[1].to(acc).view_symint(cshape);
+  if (w.defined()) z = z * w.to(acc).reshape_symint(pshape);
+  if (b.defined()) z = z + b.to(acc).reshape_symint(pshape);
   if (apply_act) z = at::leaky_relu(z, slope);
   return z;
 }
 
 struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptT& w, const OptT& b, const OptT& rm,
-                            const OptT& rv, double factor, double eps, double slope, int64_t flags) {
-    auto out = fwd_op().call(x, w, b, rm, rv, factor, eps, slope, flags);
+                            const OptT& rv, const OptT& traced_count, double factor, double eps, double slope,
+                            int64_t flags) {
+    auto out = run_fwd(x, w, b, rm, rv, traced_count, factor, eps, slope, flags);
     bump_running(rm, rv, flags & kTraining);
     lean::save_xwb(ctx, x, w, b, {std::get<1>(out)});
     ctx->saved_data["eps"] = eps;
@@ -121,7 +154,7 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
     const double slope = ctx->saved_data["slope"].toDouble();
     const int64_t flags = ctx->saved_data["flags"].toInt();
     return lean::backward_xwb(
-        ctx, grads, s, /*num_args=*/9,
+        ctx, grads, s, /*num_args=*/10,
         [&](const variable_list& t) {
           return reference(t[0], t[1], t[2], t[3], flags & kTraining, eps, flags & kApplyAct, slope,
                            flags & kPerSample);
@@ -132,7 +165,7 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
         // the kernels return parameter gradients in the accumulation dtype, shaped (C) or (N, C)
         [](const at::Tensor& g, const at::Tensor& p) {
           at::Tensor out = g.scalar_type() == p.scalar_type() ? g : g.to(p.scalar_type());
-          return out.sizes() == p.sizes() ? out : out.reshape(p.sizes());
+          return out.sym_sizes() == p.sym_sizes() ? out : out.reshape_symint(p.sym_sizes());
         });
   }
 };
@@ -142,17 +175,18 @@ at::Tensor batch_norm_act_autograd(const at::Tensor& x, const OptT& w, const Opt
                                    int64_t flags) {
   const bool training = flags & kTraining;
   check_forward_args(x, w, b, rm, rv, training, eps, flags & kPerSample, x.device().type());
-  const double f = resolve_factor(rm, nbt, training, momentum, flags & kPerSample);
+  const std::optional<double> f = resolve_factor(rm, nbt, training, momentum, flags & kPerSample);
+  const OptT traced_count = f.has_value() ? OptT() : nbt;
   if (!lean::records_grad(x, w, b)) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      y = std::get<0>(fwd_op().call(x, w, b, rm, rv, f, eps, slope, flags));
+      y = std::get<0>(run_fwd(x, w, b, rm, rv, traced_count, f.value_or(0.0), eps, slope, flags));
     }
     bump_running(rm, rv, training);
     return y;
   }
-  return BatchNormActFn::apply(x, w, b, rm, rv, f, eps, slope, flags);
+  return BatchNormActFn::apply(x, w, b, rm, rv, traced_count, f.value_or(0.0), eps, slope, flags);
 }
 
 // backend keys without autograd (inference mode)
@@ -161,8 +195,8 @@ at::Tensor batch_norm_act_plain(const at::Tensor& x, const OptT& w, const OptT& 
                                 int64_t flags) {
   const bool training = flags & kTraining;
   check_forward_args(x, w, b, rm, rv, training, eps, flags & kPerSample, x.device().type());
-  const double f = resolve_factor(rm, nbt, training, momentum, flags & kPerSample);
-  return std::get<0>(fwd_op().call(x, w, b, rm, rv, f, eps, slope, flags));
+  const std::optional<double> f = resolve_factor(rm, nbt, training, momentum, flags & kPerSample);
+  return std::get<0>(run_fwd(x, w, b, rm, rv, f.has_value() ? OptT() : nbt, f.value_or(0.0), eps, slope, flags));
 }
 
 }  // namespace

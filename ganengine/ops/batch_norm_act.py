@@ -462,7 +462,8 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
     apply, slope = _act(activation, negative_slope)
     flags = (TRAINING if training else 0) | (APPLY_ACT if apply else 0) | (PER_SAMPLE if per_sample else 0)
     if not _is_compiling():
-        # (not make_fx's symbolic FakeTensors, whose sizes the C++ checks cannot read: _eager.lean_ok)
+        # (not make_fx's symbolic FakeTensors: the lean entries take concrete sizes, _eager.lean_ok; the
+        # C++ op itself traces, opcheck's aot_dispatch tests, but the torch composition serves them here)
         lean = (_dispatch.lean_op("batch_norm_act", _BN_KERNELS) if _eager.lean_ok(x) and x.is_cpu
                 else None)
         if lean is not None:
@@ -470,7 +471,7 @@ def _run(op, x, w, b, rm, rv, nbt, training, momentum, eps, activation, negative
         else:
             backend = _backend(op, x) if isinstance(x, torch.Tensor) else "torch"
             if backend in ("cpu", "cuda") and not _eager.lean_ok(x):
-                backend = "torch"  # (symbolic sizes, make_fx's: the C++ op's checks cannot read them)
+                backend = "torch"  # (symbolic sizes, make_fx's: as the lean route above)
         if backend in ("cpu", "cuda"):
             try:
                 return (lean if lean is not None else _c_op())(x, w, b, rm, rv, nbt, momentum, eps, slope, flags)
