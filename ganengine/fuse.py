@@ -90,13 +90,19 @@ def register_pair_rule(name: str, first: Callable[[nn.Module], bool], second: Ca
                        build: Callable[[nn.Module, nn.Module], Optional[nn.Module]], place: str = "first") -> None:
     """Add a rule for two consecutive children of an nn.Sequential: ``build(a, b)`` returns the
     fused module (owning the parameters of ``a`` for ``place="first"``, of ``b`` for "second")
-    or None to decline. Tried after the built-in sequence rules."""
+    or None to decline. Tried after the built-in sequence rules. A pair where either module has
+    hooks or a forward patched on the instance is declined with the reason before ``build``."""
     from ganengine.fusion import rules
 
     if place not in ("first", "second"):
         raise ValueError(f"register_pair_rule: place must be 'first' or 'second', got {place!r}")
 
     def build_pair(a, b):
+        why = _hooks_reason(a) or _hooks_reason(b)
+        if why:
+            from ganengine.fusion.recognise import Decline
+
+            return Decline(why)
         fused = build(a, b)
         if fused is None:
             return None
@@ -109,7 +115,33 @@ def register_module_rule(name: str, match: Callable[[nn.Module], bool],
                          build: Callable[[nn.Module], Optional[nn.Module]], after_pairs: bool = False) -> None:
     """Add a rule replacing one module: ``build(m)`` returns the replacement (same function, same
     keys) or None. ``after_pairs`` runs it after the sequence rules. Tried after the built-in
-    module rules of its stage."""
+    module rules of its stage. A matched module with hooks or a forward patched on the instance is
+    declined with the reason before ``build`` is asked (its replacement would not carry them)."""
     from ganengine.fusion import rules
 
-    rules.EXTRA_MODULE_RULES.append(rules.ModuleRule(name, match, build, "late" if after_pairs else "early"))
+    rules.EXTRA_MODULE_RULES.append(rules.ModuleRule(name, match, _declining_hooked(build),
+                                                     "late" if after_pairs else "early"))
+
+
+def _hooks_reason(m: nn.Module) -> str | None:
+    """Why a registered rule may not replace ``m``: hooks on it (forward / backward, state-dict) or a
+    forward patched on the instance, which its replacement would not carry; else None."""
+    from ganengine.fusion import checks
+
+    why = checks.hooks_reason(m)
+    if why is None and checks.patched_forward(m):
+        why = f"{type(m).__name__}'s forward was replaced on the instance"
+    return why
+
+
+def _declining_hooked(build: Callable[[nn.Module], Optional[nn.Module]]):
+    """``build`` behind the check every built-in rule makes (``_hooks_reason``): a hooked module is
+    declined with the reason, so its hooks keep firing on the module left in place."""
+    from ganengine.fusion.recognise import Decline
+
+    def guarded(m: nn.Module):
+        why = _hooks_reason(m)
+        return Decline(why) if why else build(m)
+
+    guarded.__name__ = getattr(build, "__name__", "build")
+    return guarded

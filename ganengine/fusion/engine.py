@@ -127,6 +127,10 @@ class Fuser:
                 if isinstance(out, Decline):
                     self.report.decline(rule.name, join(where, names[i]), out.reason)
                     continue
+                split = self._split_by(group, out)
+                if split is not None:
+                    self.report.decline(rule.name, join(where, names[i]), split)
+                    break
                 for n, old, new in zip(names[i:i + k], group, out):
                     if new is not old:   # a module kept (edited inside) keeps its children's modes
                         new.train(old.training)
@@ -136,6 +140,18 @@ class Fuser:
                 step = k
                 break
             i += step
+
+    def _split_by(self, group, out) -> str | None:
+        """Why a sequence rule's replacements would split a shared module, or None. A module that
+        several parents hold (or one parent in two places) and that the rule puts a new object in
+        place of would be two objects afterwards, one per place: a mode, momentum or hook set
+        through one place would miss the other. (An activation the rule folds away leaves an
+        Identity in this place only; the module itself is untouched wherever else it sits.)"""
+        for old, new in zip(group, out):
+            if new is not old and not isinstance(new, nn.Identity) and self.parents.get(id(old), 0) > 1:
+                return (f"the {type(old).__name__} is shared (held in {self.parents[id(old)]} places): a fused "
+                        "module here would split it into two objects")
+        return None
 
     # ------------------------------------------------------------------ the walk
     def walk(self, m: nn.Module, where: str, refuse_sequences: str | None = None,
