@@ -340,3 +340,9 @@ def test_cli_evaluate_is_repeatable_with_dropout(tmp_path, capsys):
         return json.loads(out.read_text())["l1"]
 
     assert l1(0) == l1(0) != l1(1)
+
+
+def test_cli_unknown_metric_names_the_option(tmp_path, capsys):
+    run = _save(tmp_path, _model("cyclegan"))
+    cli_error(capsys, ["evaluate", "--checkpoint", run, "--metrics", "bogus", "--device", "cpu"],
+              "--metrics must be a non-empty subset", "bogus")
