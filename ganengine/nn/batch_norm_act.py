@@ -34,6 +34,17 @@ def _plain_eval_call(x: torch.Tensor, w, rm: torch.Tensor, rv: torch.Tensor) -> 
             and not torch.compiler.is_compiling() and _requested_backend() == "auto")
 
 
+def _norm_tensors(m: nn.Module) -> tuple:
+    """(running_mean, running_var, weight, bias) read from the module's dicts (None where absent),
+    not through nn.Module.__getattr__ (~0.5-1 us a name: at a tiny map that put an eval call of the
+    fused module above nn.BatchNorm's); a parametrized or reassigned one through the attribute."""
+    bufs, params = m._buffers, m._parameters
+    try:
+        return bufs["running_mean"], bufs["running_var"], params["weight"], params["bias"]
+    except KeyError:
+        return m.running_mean, m.running_var, m.weight, m.bias
+
+
 class _BatchNormActMixin:
     """forward() of nn.BatchNorm's rules on the fused op, and the fuse constructor."""
 
@@ -42,10 +53,10 @@ class _BatchNormActMixin:
 
     def _bn_call(self, x: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
         """forward() with another activation (fuse()'s rewritten graphs call it too). Each Parameter /
-        buffer is read once: a read through nn.Module.__getattr__ costs about 1-2 us, at a tiny map a
-        tenth of the call."""
+        buffer is read once, from the module's dicts (_norm_tensors)."""
         self._check_input_dim(x)
-        rm, rv, w, b, momentum = self.running_mean, self.running_var, self.weight, self.bias, self.momentum
+        rm, rv, w, b = _norm_tensors(self)
+        momentum = self.momentum
         if self.training:
             # nn.BatchNorm: batch statistics; with track_running_stats the batch is counted in
             # num_batches_tracked (inside the op) and the running statistics updated with
