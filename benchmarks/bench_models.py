@@ -7,6 +7,7 @@ per-parameter Adam), eager, and (``--compile``) that step with every network wra
     python benchmarks/bench_models.py                       # CPU-sized defaults, table to stdout
     python benchmarks/bench_models.py --models cyclegan --size 256 --batch 1 --repeats 5
     python benchmarks/bench_models.py --reference-sizes     # the papers' resolutions and batches
+    python benchmarks/bench_models.py --quick               # `ganengine bench --quick`'s tiny models
 
 Each (model, variant) runs in its own process and builds the model from the same seed; after
 ``--warmup`` steps, ``--repeats`` timed steps; the table shows the medians and the speed-up over
@@ -27,6 +28,8 @@ import torch
 
 import ganengine
 from ganengine.bench import timing
+from ganengine.bench.cases_models import MODEL_SPECS
+from ganengine.bench.cases_models import make_batch as case_batch
 from ganengine.models import build_model
 
 # (model, options, image size, batch): reference setting and a size this 2-core CPU runs in seconds
@@ -56,10 +59,12 @@ ATTENTION = {
     "biggan": (dict(G_ch=96, D_ch=96, G_shared=True, hier=True, dim_z=120, shared_dim=128, num_D_steps=1), 128, 256),
     "biggan_deep": (dict(G_ch=128, D_ch=128, dim_z=128, shared_dim=128, num_D_steps=1), 128, 256),
     "unetgan": (dict(G_attn="0", D_attn="0", G_shared=True, hier=True, dim_z=128), 128, 50),
+    # IC-GAN's icgan_res64.json (docs/synthesis.md); features from a synthetic instance bank
+    "icgan": (MODEL_SPECS["icgan"]["ref"], 64, 256),
 }
 REFERENCE.update(ATTENTION)
-# the models trained on (image, class label) batches with the BigGAN-style options
-REFERENCE_COMPOSITION = ("sagan", "biggan", "biggan_deep", "unetgan")
+# the models whose image size is the option ``resolution`` (BigGAN's; SAGAN's ``imsize``)
+REFERENCE_COMPOSITION = ("sagan", "biggan", "biggan_deep", "unetgan", "icgan")
 CPU_DEFAULT = {
     "cyclegan": (dict(), 256, 1),
     "pix2pix": (dict(), 256, 1),
@@ -76,22 +81,28 @@ CPU_DEFAULT = {
                          n_classes=10), 64, 8),
     "unetgan": (dict(G_ch=16, D_ch=16, G_attn="0", D_attn="0", G_shared=True, hier=True, dim_z=120, n_classes=10),
                 64, 8),
+    # BigGAN's setting above plus the instances (docs/synthesis.md's IC-GAN speed figure: 64-d features)
+    "icgan": (dict(G_ch=32, D_ch=32, G_attn="32", D_attn="32", G_shared=True, hier=True, dim_z=120, shared_dim=128,
+                   num_D_steps=1, n_classes=10, G_shared_feat=True, shared_dim_feat=128, instance_sz=64), 64, 8),
 }
 
 
+def quick_table() -> dict:
+    """--quick: `ganengine bench --quick`'s model settings (ganengine/bench/cases_models.py
+    MODEL_SPECS "quick"; stackgan1 is its StackGAN, stage 1), as (options, image size, batch)."""
+    table = {}
+    for name in CPU_DEFAULT:
+        spec = MODEL_SPECS.get("stackgan" if name == "stackgan1" else name)
+        if spec is not None:
+            n, size = spec["batch"]["quick"]
+            table[name] = ({**spec["quick"], **(dict(stage=1) if name == "stackgan1" else {})}, size, n)
+    return table
+
+
 def make_batch(name: str, model, size: int, batch: int) -> dict:
-    img = lambda: torch.rand(batch, 3, size, size) * 2 - 1  # noqa: E731
-    if name in REFERENCE_COMPOSITION:
-        return {"image": img(), "label": torch.randint(0, model.options.get("n_classes", 1), (batch,))}
-    if name in ("cyclegan", "pix2pix", "csgan"):
-        return {"A": img(), "B": img()}
-    if name == "stargan":
-        return {"image": img(), "label": (torch.rand(batch, model.options["c_dim"]) > 0.5).float()}
-    if name in SYNTHESIS:
-        c = model.options.get("channels", model.options.get("nc"))
-        return {"image": torch.rand(batch, c, size, size) * 2 - 1,
-                "label": torch.randint(0, model.options.get("n_classes", 10), (batch,))}
-    return {"image": img(), "embedding": torch.randn(batch, model.options["text_dim"])}
+    """`ganengine bench`'s synthetic batch (docs/INTERFACES.md's layout; IC-GAN: with a synthetic
+    instance bank, the same for every variant)."""
+    return case_batch("stackgan" if name.startswith("stackgan") else name, model, batch, size, "cpu")
 
 
 def build(name: str, opts: dict, size: int):
@@ -112,7 +123,7 @@ def build(name: str, opts: dict, size: int):
     if model_name in REFERENCE_COMPOSITION:
         extra["imsize" if model_name == "sagan" else "resolution"] = size
     torch.manual_seed(0)
-    return build_model(model_name, **opts, **extra)
+    return build_model(model_name, **{**opts, **extra})  # (the --quick options name the size too)
 
 
 # variant -> (kernel backend, model options): "torch" is the reference's step (fused=False: the
@@ -175,6 +186,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(CPU_DEFAULT), choices=list(CPU_DEFAULT))
     p.add_argument("--reference-sizes", action="store_true", help="the reference resolutions and batch sizes")
+    p.add_argument("--quick", action="store_true",
+                   help="`ganengine bench --quick`'s tiny widths, images and batches (every model but stackgan2)")
     p.add_argument("--size", type=int, help="override the image size for every model")
     p.add_argument("--batch", type=int, help="override the batch size for every model")
     p.add_argument("--repeats", type=int, default=3)
@@ -196,7 +209,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         CLOCK[0] = time.thread_time
-    table = REFERENCE if args.reference_sizes else CPU_DEFAULT
+    if args.quick and args.reference_sizes:
+        p.error("--quick and --reference-sizes pick different settings: give one")
+    table = quick_table() if args.quick else REFERENCE if args.reference_sizes else CPU_DEFAULT
+    missing = [m for m in args.models if m not in table]
+    if missing:
+        p.error(f"--models {' '.join(missing)}: no {'--quick ' if args.quick else ''}setting; "
+                f"available: {' '.join(table)}")
     variants = ["torch", "ganengine"] + (["torch+fused-adam"] if args.split else []) + (["compile"] if args.compile else [])
     if not args.no_header:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "

@@ -16,27 +16,11 @@ from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# tiny versions of the models MODEL_SPECS has no quick size for: (options, batch builder)
-EXTRA = {
-    "sagan": dict(g_conv_dim=8, d_conv_dim=8, z_dim=8),
-    "biggan": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="16", dim_z=16, n_classes=3),
-    "biggan_deep": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=8, n_classes=3),
-    "unetgan": dict(resolution=32, G_ch=4, D_ch=4, G_attn="0", D_attn="0", dim_z=16, n_classes=3),
-    "csgan": dict(netG="resnet_6blocks", ngf=4, ndf=4, n_layers_D=2, crop_size=32),
-}
 QUICK = [n for n in MODEL_SPECS if n not in ("pix2pix", "stackgan")]  # (the larger two: the slow set)
 
 
 def _model_and_batch(name):
     torch.manual_seed(0)
-    if name in EXTRA:
-        model = build_model(name, **EXTRA[name])
-        if name == "csgan":
-            batch = {"A": torch.rand(1, 3, 32, 32) * 2 - 1, "B": torch.rand(1, 3, 32, 32) * 2 - 1}
-        else:
-            size = 64 if name == "sagan" else 32
-            batch = {"image": torch.rand(2, 3, size, size) * 2 - 1, "label": torch.tensor([1, 0])}
-        return model, batch
     spec = MODEL_SPECS[name]
     model = build_model(name, **spec["quick"])
     n, size = spec["batch"]["quick"]
@@ -67,7 +51,7 @@ def _check(name):
             assert abs(got[k] - want[k]) <= 1e-4 * (1 + abs(want[k])), (name, k, got[k], want[k])
 
 
-@pytest.mark.parametrize("name", QUICK + list(EXTRA))
+@pytest.mark.parametrize("name", QUICK)
 def test_training_step_on_every_backend(name):
     _check(name)
 
@@ -78,7 +62,7 @@ def test_training_step_on_every_backend_larger_models(name):
     _check(name)
 
 
-@pytest.mark.parametrize("name", QUICK + list(EXTRA))
+@pytest.mark.parametrize("name", QUICK)
 def test_unfused_model_is_plain_pytorch_with_the_same_losses(name, monkeypatch):
     """fused=False (the benchmarks' eager baseline) ran ganengine's losses (the C++ kernels on auto,
     a slower composition on the torch backend) and PatchDiscriminator's fused convs: it runs plain

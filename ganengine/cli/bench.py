@@ -7,6 +7,8 @@ import os
 import shlex
 import sys
 
+from ganengine.cli.profile import model_case_names
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,7 +20,8 @@ def register(subparsers) -> None:
                    help="op cases or families to run (default: all; give the flag with no names "
                         "for all ops and no models)")
     p.add_argument("--models", nargs="*", default=None, metavar="MODEL",
-                   help="models whose training step to time (default: all; flag alone: all models)")
+                   help="models whose training step to time: "
+                        f"{', '.join(model_case_names()) or 'see --list'} (default: all; flag alone: all models)")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
                    help="auto | cpu | cuda (default: auto, cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | float64")

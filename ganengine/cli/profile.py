@@ -14,8 +14,8 @@ def register(subparsers) -> None:
                     "profile.md and profile.json with the top operators by self time, grouped by "
                     "whether ganengine's fused ops or plain PyTorch ran them.")
     p.add_argument("model", metavar="MODEL",
-                   help="a model (pix2pix | cyclegan | stargan | stackgan | dcgan | wgan | wgan_gp | cgan | acgan | "
-                        "adcgan | infogan) or an op case/family (see `ganengine bench --list`)")
+                   help=f"a model ({' | '.join(model_case_names()) or 'see `ganengine bench --list`'}) or an "
+                        "op case/family (see `ganengine bench --list`)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default: 1)")
     p.add_argument("--output", default="profile_results", metavar="DIR",
@@ -26,6 +26,17 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model widths / shapes")
     p.add_argument("--top", type=int, default=25, help="rows in the operator table (default: 25)")
     p.set_defaults(func=run)
+
+
+def model_case_names() -> list[str]:
+    """The models with a benchmark case in this build (ganengine.bench.cases_models, one per model
+    of ganengine.models.MODELS): the help's list, never out of date. Empty where the bench package
+    cannot be imported (the help still names the op cases' listing)."""
+    try:
+        from ganengine.bench.cases_models import model_case_names as names
+    except ImportError:
+        return []
+    return names()
 
 
 def _check_backend(backend: str, device: str | None) -> None:
