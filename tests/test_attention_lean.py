@@ -335,15 +335,64 @@ def test_block_under_cpu_autocast_matches(custom_op_route):
     _assert_same(got, want, "autocast")
 
 
-def test_opcheck_schema_and_autograd_registration():
-    """The C++ ops return fresh tensors as their schemas say and carry their autograd (the fake /
-    aot tests do not apply: torch.compile stays on the Python custom op)."""
+_ALL_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+                "test_aot_dispatch_dynamic")
+
+
+def test_opcheck_core():
+    """The C++ core op passes every opcheck test: it returns fresh tensors as its schema says,
+    carries its autograd, and traces (AOT dispatch, static and dynamic shapes: its checks read
+    SymInt sizes)."""
     q, k, v, x, gamma = _core_inputs(2, 3, 7, 5, 6, torch.float32, "strided")
-    tests = ("test_schema", "test_autograd_registration")
     torch.library.opcheck(torch.ops.ganengine_C.attention.default,
-                          (q.requires_grad_(), k, v.requires_grad_(), x, gamma.requires_grad_()), test_utils=tests)
+                          (q.requires_grad_(), k, v.requires_grad_(), x, gamma.requires_grad_()),
+                          test_utils=_ALL_OPCHECK)
     torch.library.opcheck(torch.ops.ganengine_C.attention.default,
                           _core_inputs(1, 2, 4, 3, 5, torch.float16, "contiguous", x_dtype=torch.float32),
-                          test_utils=tests)
-    blk = _block_inputs(2, 8, 3, 3, 1, torch.float32, True, True)
-    torch.library.opcheck(torch.ops.ganengine_C.self_attention2d.default, tuple(blk), test_utils=("test_schema",))
+                          test_utils=_ALL_OPCHECK)
+
+
+# (layout, projection biases: all, none or mixed, dtype, every input requiring grad)
+_BLOCK_OPCHECK = [(False, True, torch.float32, True), (True, True, torch.float32, True),
+                  (False, False, torch.float32, True), (True, "mixed", torch.float32, True),
+                  (True, True, torch.bfloat16, True), (False, True, torch.float32, False)]
+
+
+@pytest.mark.parametrize("channels_last,bias,dtype,grad", _BLOCK_OPCHECK,
+                         ids=["nchw", "channels_last", "nobias", "mixed", "bf16", "nograd"])
+def test_opcheck_block(channels_last, bias, dtype, grad):
+    """The C++ block op (CompositeImplicitAutograd: ATen convs + the core) passes every opcheck
+    test, AOT dispatch with dynamic (symbolic) shapes included: its checks read SymInt sizes and
+    its split / view take them."""
+    blk = _block_inputs(2, 8, 3, 3, 1, dtype, bias, channels_last)
+    if grad:
+        blk = [t if t is None else t.requires_grad_() for t in blk]
+    torch.library.opcheck(torch.ops.ganengine_C.self_attention2d.default, tuple(blk), test_utils=_ALL_OPCHECK)
+
+
+def _traced_input_sizes(op, args):
+    """The sizes of the tensor inputs of ``op``'s forward graph as AOT autograd traces it with
+    dynamic shapes."""
+    from functorch.compile import aot_function
+
+    seen = []
+
+    def compiler(gm, _):
+        seen.append([tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm
+
+    aot_function(op, compiler, dynamic=True)(*args)
+    return seen[0]
+
+
+def test_dynamic_trace_keeps_sizes_symbolic():
+    """Traced with dynamic shapes, the C++ ops do not specialize the sizes of q, k, v, x (the
+    core) nor of x (the block): their checks read SymInts, where size() would guard each size to
+    its value and the compiled graph would serve that one shape only."""
+    q, k, v, x, gamma = _core_inputs(2, 3, 7, 5, 6, torch.float32, "strided")
+    core = _traced_input_sizes(torch.ops.ganengine_C.attention.default,
+                               (q.requires_grad_(), k, v.requires_grad_(), x, gamma.requires_grad_()))
+    blk = [t if t is None else t.requires_grad_() for t in _block_inputs(2, 8, 3, 3, 1, torch.float32, True, True)]
+    block = _traced_input_sizes(torch.ops.ganengine_C.self_attention2d.default, tuple(blk))
+    for shape in core[:4] + block[:1]:
+        assert all(isinstance(n, torch.SymInt) for n in shape), shape

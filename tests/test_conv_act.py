@@ -7,6 +7,7 @@ from torch import nn
 import ganengine
 import ganengine.functional as GF
 import ganengine.nn as gnn
+from ganengine import _ext
 from ganengine.backends import strict
 from ganengine.ops import _dispatch
 from ganengine.ops import conv_act as ops
@@ -245,6 +246,10 @@ def test_gradient_penalty_matches_torch():
         assert_normwise(a, r, cen, backward=True)
 
 
+_ALL_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+                "test_aot_dispatch_dynamic")
+
+
 @pytest.mark.parametrize("backend,impl", [("cpu", None), ("triton", "igemm"), ("triton", "vendor")],
                          ids=["cpu", "triton-igemm", "triton-vendor"])
 def test_opcheck(backend, impl, one_thread):
@@ -259,11 +264,60 @@ def test_opcheck(backend, impl, one_thread):
         torch.library.opcheck(ops.conv2d_in_act_fwd, (x, w, b, torch.rand(4).requires_grad_(), None,
                                                       [2, 2], [1, 1], 1e-5, 0.2))
         torch.library.opcheck(ops.conv2d_act_bwd, (y.abs(), x.detach(), w.detach(), y, [2, 2], [1, 1], 0.2,
-                                                   [True, True, True]), test_utils=("test_schema", "test_faketensor"))
+                                                   [True, True, True]), test_utils=_ALL_OPCHECK)
         _, c, mean, rstd = ops.conv2d_in_act_fwd(x.detach(), w.detach(), None, None, None, [2, 2], [1, 1], 1e-5, 0.2)
-        torch.library.opcheck(ops.conv2d_in_act_bwd, (y, x.detach(), w.detach(), c, mean, rstd, torch.rand(4), None,
-                                                      [2, 2], [1, 1], 0.2, [True, False]),
-                              test_utils=("test_schema", "test_faketensor"))
+        in_args = (y, x.detach(), w.detach(), c, mean, rstd)
+        torch.library.opcheck(ops.conv2d_in_act_bwd, (*in_args, torch.rand(4), torch.randn(4), [2, 2], [1, 1], 0.2,
+                                                      [True, False]), test_utils=_ALL_OPCHECK)
+        # without beta: the triton routes leave its gradient slot unwritten (new_empty; nothing reads
+        # it), which the aot tests compare between two calls
+        torch.library.opcheck(ops.conv2d_in_act_bwd, (*in_args, torch.rand(4), None, [2, 2], [1, 1], 0.2,
+                                                      [True, False]),
+                              test_utils=_ALL_OPCHECK if backend == "cpu" else _ALL_OPCHECK[:3])  # (no aot)
+
+
+_RAW_OPS = pytest.mark.skipif(
+    not (_ext.loaded() and _ext.has_kernel("conv2d_act", "CompositeExplicitAutograd")
+         and _ext.has_kernel("conv2d_in_act", "CompositeExplicitAutograd")),
+    reason="the C++ extension (ganengine_C::conv2d_act / conv2d_in_act) is not built")
+# (layout, conv bias, dtype) of the raw C++ entries' opchecks
+_RAW_CASES = [("nchw", True, torch.float32), ("channels_last", True, torch.float32),
+              ("nchw", False, torch.float32), ("channels_last", False, torch.bfloat16)]
+_RAW_IDS = ["nchw-bias-fp32", "channels_last-bias-fp32", "nchw-nobias-fp32", "channels_last-nobias-bf16"]
+
+
+def _raw_conv_args(layout, bias, dtype):
+    """x (2, 3, 7, 6), weight (4, 3, 4, 4), bias? of the raw entries, requiring grad."""
+    g = torch.Generator().manual_seed(7)
+    x = _layout(torch.randn(2, 3, 7, 6, generator=g).to(dtype), layout)
+    w = (torch.randn(4, 3, 4, 4, generator=g) * 0.3).to(dtype)
+    b = torch.randn(4, generator=g).to(dtype).requires_grad_() if bias else None
+    return x.requires_grad_(), w.requires_grad_(), b
+
+
+@_RAW_OPS
+@pytest.mark.parametrize("layout,bias,dtype", _RAW_CASES, ids=_RAW_IDS)
+def test_raw_conv2d_act_opcheck(layout, bias, dtype, one_thread):
+    """The eager C++ entry ganengine_C::conv2d_act passes every opcheck test, AOT dispatch with
+    dynamic (symbolic) shapes included: its checks read SymInt sizes."""
+    x, w, b = _raw_conv_args(layout, bias, dtype)
+    torch.library.opcheck(torch.ops.ganengine_C.conv2d_act.default, (x, w, b, [2, 2], [1, 1], 0.2),
+                          test_utils=_ALL_OPCHECK)
+
+
+@_RAW_OPS
+@pytest.mark.parametrize("layout,bias,dtype", _RAW_CASES, ids=_RAW_IDS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_raw_conv2d_in_act_opcheck(layout, bias, dtype, affine, one_thread):
+    """As test_raw_conv2d_act_opcheck for ganengine_C::conv2d_in_act (a bias requiring grad: its
+    zero gradient is shaped by the traced bias's sizes), with and without gamma / beta (fp32 for
+    a reduced x: the dtype rule of F.instance_norm)."""
+    x, w, b = _raw_conv_args(layout, bias, dtype)
+    gam = bet = None
+    if affine:
+        gam, bet = (torch.rand(4) + 0.5).requires_grad_(), torch.randn(4).requires_grad_()
+    torch.library.opcheck(torch.ops.ganengine_C.conv2d_in_act.default,
+                          (x, w, b, gam, bet, [2, 2], [1, 1], 1e-5, 0.2), test_utils=_ALL_OPCHECK)
 
 
 def test_torch_compile_fullgraph():

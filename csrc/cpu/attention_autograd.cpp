@@ -14,8 +14,8 @@
 // stacked_conv1x1 does), so their numbers are bitwise those of that route. Whatever they do
 // not serve they refuse BEFORE any work with TORCH_CHECK_NOT_IMPLEMENTED (Python's
 // NotImplementedError): the Python wrapper then takes its full route, which raises the public
-// errors. torch.compile stays on the Python custom op (a C++ Autograd op fails opcheck's
-// test_aot_dispatch_dynamic).
+// errors. torch.compile stays on the Python custom op; the C++ ops still trace (opcheck's
+// aot_dispatch tests, static and dynamic shapes): what a tracer reaches reads SymInt sizes.
 //
 // Backward: attention_bwd, except under create_graph=True (grad mode on inside backward): then
 // the gradients are formed with differentiable ATen ops (ops/attention.py _grads_differentiable,
@@ -66,9 +66,16 @@ at::ScalarType acc(at::ScalarType s) { return s == at::kDouble ? at::kDouble : a
 
 constexpr int64_t kInt32Limit = int64_t(1) << 31;  // the kernels' BLAS calls take int sizes
 
+// every size fits the kernels' int
+bool below_int32(std::initializer_list<c10::SymInt> sizes) {
+  return std::all_of(sizes.begin(), sizes.end(), [](const c10::SymInt& n) { return n < kInt32Limit; });
+}
+
 bool plain_cpu(const Tensor& t) { return t.defined() && t.is_cpu() && t.layout() == at::kStrided; }
 
-// what ops/attention.py's check_core accepts and the cpu kernels serve; anything else is refused
+// what ops/attention.py's check_core accepts and the cpu kernels serve; anything else is refused.
+// A tracer (torch.compile's AOT dispatch with dynamic shapes) reaches it with symbolic sizes: it
+// reads SymInts (size() would specialize them, numel() throws), plain int compares on concrete tensors.
 void check_core(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& x, const Tensor& gamma) {
   for (const Tensor* t : {&q, &k, &v, &x}) {
     TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(*t) && t->dim() == 3 && float_dtype(t->scalar_type()),
@@ -76,13 +83,13 @@ void check_core(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&
   }
   TORCH_CHECK_NOT_IMPLEMENTED(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                               "attention: not served by the C++ entry (dtypes)");
-  const int64_t B = q.size(0), d = q.size(1), N = q.size(2), M = k.size(2), C = v.size(1);
-  TORCH_CHECK_NOT_IMPLEMENTED(k.size(0) == B && k.size(1) == d && v.size(0) == B && v.size(2) == M &&
-                                  x.size(0) == B && x.size(1) == C && x.size(2) == N,
+  const c10::SymInt B = q.sym_size(0), d = q.sym_size(1), N = q.sym_size(2), M = k.sym_size(2), C = v.sym_size(1);
+  TORCH_CHECK_NOT_IMPLEMENTED(k.sym_size(0) == B && k.sym_size(1) == d && v.sym_size(0) == B && v.sym_size(2) == M &&
+                                  x.sym_size(0) == B && x.sym_size(1) == C && x.sym_size(2) == N,
                               "attention: not served by the C++ entry (shapes)");
-  TORCH_CHECK_NOT_IMPLEMENTED(B > 0 && d > 0 && N > 0 && M > 0 && C > 0 && std::max({N, M, C, d}) < kInt32Limit,
+  TORCH_CHECK_NOT_IMPLEMENTED(B > 0 && d > 0 && N > 0 && M > 0 && C > 0 && below_int32({N, M, C, d}),
                               "attention: not served by the C++ entry (sizes)");
-  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(gamma) && gamma.numel() == 1 && gamma.is_floating_point(),
+  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(gamma) && gamma.sym_numel() == 1 && gamma.is_floating_point(),
                               "attention: not served by the C++ entry (gamma)");
 }
 
@@ -93,7 +100,7 @@ inline Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type
 // ops/attention.py _like: ``value`` with ``template``'s strides in ``dtype``
 Tensor like(const Tensor& tmpl, at::ScalarType dtype, const Tensor& value) {
   Tensor out = at::empty_like(tmpl, tmpl.options().dtype(dtype));
-  if (out.strides() == value.strides() && value.scalar_type() == dtype) return value;
+  if (out.sym_strides() == value.sym_strides() && value.scalar_type() == dtype) return value;
   out.copy_(value);
   return out;
 }
@@ -168,7 +175,7 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
     if (nk) out[1] = dk;
     if (nv) out[2] = dv;
     if (ctx->needs_input_grad(3)) out[3] = gy;  // dx = grad_out (the residual)
-    if (ng) out[4] = cast(dgamma, gamma.scalar_type()).reshape(gamma.sizes());
+    if (ng) out[4] = cast(dgamma, gamma.scalar_type()).reshape_symint(gamma.sym_sizes());
     return out;
   }
 };
@@ -193,12 +200,16 @@ Tensor attention_plain(const Tensor& q, const Tensor& k, const Tensor& v, const 
 // ---------------------------------------------------------------------------------------- the block
 inline bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
-void check_weight(const Tensor& x, const Tensor& w, int64_t out_ch, const OptT& b) {
-  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(w) && w.dim() == 4 && w.size(0) == out_ch && w.size(1) == x.size(1) &&
-                                  w.size(2) == 1 && w.size(3) == 1 && w.scalar_type() == x.scalar_type(),
+// (the block's checks also run under a tracer, torch.compile's AOT dispatch with dynamic shapes,
+// whose FakeTensors have symbolic sizes: they read sym_size / sym_numel, plain int compares on
+// concrete tensors, never size() / numel())
+void check_weight(const Tensor& x, const Tensor& w, const c10::SymInt& out_ch, const OptT& b) {
+  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(w) && w.dim() == 4 && w.sym_size(0) == out_ch &&
+                                  w.sym_size(1) == x.sym_size(1) && w.sym_size(2) == 1 && w.sym_size(3) == 1 &&
+                                  w.scalar_type() == x.scalar_type(),
                               "self_attention2d: weight not served by the C++ entry");
   if (!present(b)) return;
-  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(*b) && b->dim() == 1 && b->size(0) == out_ch &&
+  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(*b) && b->dim() == 1 && b->sym_size(0) == out_ch &&
                                   b->scalar_type() == x.scalar_type(),
                               "self_attention2d: bias not served by the C++ entry");
 }
@@ -208,17 +219,17 @@ void check_weight(const Tensor& x, const Tensor& w, int64_t out_ch, const OptT& 
 // through the dispatcher (its Autograd kernel above)
 Tensor self_attention2d(const Tensor& x, const Tensor& qw, const OptT& qb, const Tensor& kw, const OptT& kb,
                         const Tensor& vw, const OptT& vb, const Tensor& gamma) {
-  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(x) && x.dim() == 4 && float_dtype(x.scalar_type()) && x.numel() > 0,
+  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(x) && x.dim() == 4 && float_dtype(x.scalar_type()) && x.sym_numel() > 0,
                               "self_attention2d: x not served by the C++ entry");
-  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(qw) && qw.dim() == 4 && qw.size(0) > 0,
+  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(qw) && qw.dim() == 4 && qw.sym_size(0) > 0,
                               "self_attention2d: query_weight not served by the C++ entry");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), d = qw.size(0);
+  const c10::SymInt B = x.sym_size(0), C = x.sym_size(1), H = x.sym_size(2), W = x.sym_size(3), d = qw.sym_size(0);
   check_weight(x, qw, d, qb);
   check_weight(x, kw, d, kb);
   check_weight(x, vw, C, vb);
-  TORCH_CHECK_NOT_IMPLEMENTED(std::max({H * W, C, d}) < kInt32Limit,
+  TORCH_CHECK_NOT_IMPLEMENTED(below_int32({H * W, C, d}),
                               "self_attention2d: sizes not served by the C++ entry");
-  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(gamma) && gamma.numel() == 1 && gamma.is_floating_point(),
+  TORCH_CHECK_NOT_IMPLEMENTED(plain_cpu(gamma) && gamma.sym_numel() == 1 && gamma.is_floating_point(),
                               "self_attention2d: gamma not served by the C++ entry");
   Tensor q, k, v;
   const bool all_biases = present(qb) && present(kb) && present(vb);
@@ -226,14 +237,14 @@ Tensor self_attention2d(const Tensor& x, const Tensor& qw, const OptT& qb, const
     // ops/attention.py stacked_conv1x1: one conv with the weights (and biases) stacked, split as
     // the Python route splits it (split_with_sizes: its backward is one cat)
     const OptT bias = all_biases ? OptT(at::cat({*qb, *kb, *vb})) : OptT();
-    const auto qkv = at::conv2d(x, at::cat({qw, kw, vw}), bias).flatten(2).split_with_sizes({d, d, C}, 1);
+    const auto qkv = at::conv2d(x, at::cat({qw, kw, vw}), bias).flatten(2).split_with_sizes_symint({d, d, C}, 1);
     q = qkv[0], k = qkv[1], v = qkv[2];
   } else {  // mixed biases: the three convs
     q = at::conv2d(x, qw, qb).flatten(2);
     k = at::conv2d(x, kw, kb).flatten(2);
     v = at::conv2d(x, vw, vb).flatten(2);
   }
-  return core_op().call(q, k, v, x.flatten(2), gamma).view({B, C, H, W});
+  return core_op().call(q, k, v, x.flatten(2), gamma).view_symint({B, C, H, W});
 }
 
 }  // namespace

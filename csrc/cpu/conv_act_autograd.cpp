@@ -14,8 +14,10 @@
 // bad shapes, dtypes or devices (the Python route raises the public errors), a negative slope
 // (the Python route runs the torch composition), autocast on (the Python route casts), empty
 // tensors. The wrapper catches only that refusal; any other error propagates. torch.compile stays
-// on the Python custom op. The checks and body are also plain functions (conv_lean.h), which the
-// Python fast entry ganengine._C.conv2d_act_entry (conv_py.cpp) calls for plain eager calls.
+// on the Python custom op; the C++ ops still trace (opcheck's aot_dispatch tests, static and
+// dynamic shapes: their checks and saved sizes are SymInts). The checks and body are also plain
+// functions (conv_lean.h), which the Python fast entry ganengine._C.conv2d_act_entry (conv_py.cpp)
+// calls for plain eager calls.
 //
 // Backward: conv_act_bwd (it needs only the sign of the saved output, valid for slope >= 0),
 // except under create_graph=True (grad mode on inside backward): then it differentiates the
@@ -92,27 +94,36 @@ bool beside(const at::Tensor& t, const at::Tensor& x) { return t.layout() == at:
 #define REFUSE_UNLESS(cond, what) \
   if (!(cond)) return what
 
+// the kernel fits in the padded input (else an empty output map, which the Python route decides);
+// x and w 4-d; SymInt sizes, as the checks below
+bool fits(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding) {
+  return x.sym_size(2) + 2 * padding[0] >= w.sym_size(2) && x.sym_size(3) + 2 * padding[1] >= w.sym_size(3);
+}
+
 // What the Python route sends to the cpu backend's kernels, with nothing to check or convert
 // first; anything else is refused (the Python route then raises its public error or handles the
 // case). Only reads metadata: no work is done before a refusal. Returns what is not served, or
-// nullptr.
+// nullptr. It also runs under a tracer (torch.compile's AOT dispatch with dynamic shapes: FakeTensors
+// with symbolic sizes), so it reads sym_size / sym_numel (plain int compares on concrete tensors).
 const char* refusal_impl(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                          at::IntArrayRef padding, double slope, bool cuda_ok) {
-  REFUSE_UNLESS(x.defined() && served_x(x, cuda_ok) && x.dim() == 4 && x.numel() > 0 && float_dtype(x.scalar_type()),
+  REFUSE_UNLESS(x.defined() && served_x(x, cuda_ok) && x.dim() == 4 && x.sym_numel() > 0 &&
+                    float_dtype(x.scalar_type()),
                 "x");
-  REFUSE_UNLESS(w.defined() && beside(w, x) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
-                    w.scalar_type() == x.scalar_type(),
+  REFUSE_UNLESS(w.defined() && beside(w, x) && w.dim() == 4 && w.sym_numel() > 0 &&
+                    w.sym_size(1) == x.sym_size(1) && w.scalar_type() == x.scalar_type(),
                 "weight");
   if (present(b)) {
     const at::Tensor& t = *b;
-    REFUSE_UNLESS(beside(t, x) && t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == x.scalar_type(),
+    REFUSE_UNLESS(beside(t, x) && t.dim() == 1 && t.sym_size(0) == w.sym_size(0) &&
+                      t.scalar_type() == x.scalar_type(),
                   "bias");
   }
   REFUSE_UNLESS(stride.size() == 2 && padding.size() == 2 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
                     padding[1] >= 0,
                 "stride, padding");
   // an empty output map: the Python route decides (a kernel larger than the padded input)
-  REFUSE_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
+  REFUSE_UNLESS(fits(x, w, padding), "output size");
   REFUSE_UNLESS(slope >= 0, "negative_slope");  // (a NaN slope too)
   REFUSE_UNLESS(!at::autocast::is_autocast_enabled(x.device().type()), "autocast");
   return nullptr;
@@ -214,16 +225,17 @@ const c10::TypedOperatorHandle<InBwdSig>& in_bwd_op() {
 #define REFUSE_IN_UNLESS(cond, what) \
   TORCH_CHECK_NOT_IMPLEMENTED(cond, "conv2d_instance_norm_act: not served by the C++ entry (", what, ")")
 
-// As check() above, for conv2d_instance_norm_act's arguments; metadata only. A gamma or beta of
-// another float dtype than x is served (the kernels read them in their working dtype and the
-// gradients are cast back, as the Python route does).
+// As check() above, for conv2d_instance_norm_act's arguments; metadata only, SymInt sizes (as
+// refusal_impl: a tracer's FakeTensors). A gamma or beta of another float dtype than x is served
+// (the kernels read them in their working dtype and the gradients are cast back, as the Python
+// route does).
 void check_in(const at::Tensor& x, const at::Tensor& w, const OptT& b, const OptT& gamma, const OptT& beta,
               at::IntArrayRef stride, at::IntArrayRef padding, double slope) {
-  REFUSE_IN_UNLESS(x.defined() && served_x(x, in_cuda()) && x.dim() == 4 && x.numel() > 0 &&
+  REFUSE_IN_UNLESS(x.defined() && served_x(x, in_cuda()) && x.dim() == 4 && x.sym_numel() > 0 &&
                        float_dtype(x.scalar_type()),
                    "x");
-  REFUSE_IN_UNLESS(w.defined() && beside(w, x) && w.dim() == 4 && w.numel() > 0 && w.size(1) == x.size(1) &&
-                       w.scalar_type() == x.scalar_type(),
+  REFUSE_IN_UNLESS(w.defined() && beside(w, x) && w.dim() == 4 && w.sym_numel() > 0 &&
+                       w.sym_size(1) == x.sym_size(1) && w.scalar_type() == x.scalar_type(),
                    "weight");
   const char* names[3] = {"bias", "norm_weight", "norm_bias"};
   const OptT* opts[3] = {&b, &gamma, &beta};
@@ -231,7 +243,7 @@ void check_in(const at::Tensor& x, const at::Tensor& w, const OptT& b, const Opt
     if (!present(*opts[i])) continue;
     const at::Tensor& t = **opts[i];
     // (the conv bias is not used; its dtype must still be x's, as conv2d would require)
-    REFUSE_IN_UNLESS(beside(t, x) && t.dim() == 1 && t.size(0) == w.size(0) && float_dtype(t.scalar_type()) &&
+    REFUSE_IN_UNLESS(beside(t, x) && t.dim() == 1 && t.sym_size(0) == w.sym_size(0) && float_dtype(t.scalar_type()) &&
                          (i > 0 || t.scalar_type() == x.scalar_type()),
                      names[i]);
   }
@@ -239,7 +251,7 @@ void check_in(const at::Tensor& x, const at::Tensor& w, const OptT& b, const Opt
                        padding[0] >= 0 && padding[1] >= 0,
                    "stride, padding");
   // an empty output map: the Python route runs the torch composition
-  REFUSE_IN_UNLESS(x.size(2) + 2 * padding[0] >= w.size(2) && x.size(3) + 2 * padding[1] >= w.size(3), "output size");
+  REFUSE_IN_UNLESS(fits(x, w, padding), "output size");
   REFUSE_IN_UNLESS(slope >= 0, "negative_slope");  // (a NaN slope too)
   REFUSE_IN_UNLESS(!at::autocast::is_autocast_enabled(x.device().type()), "autocast");
 }
@@ -277,7 +289,7 @@ struct ConvInActFn : public torch::autograd::Function<ConvInActFn> {
     const bool hb = present(b), hg = present(gamma), ht = present(beta);
     ctx->saved_data["edges"] = std::vector<int64_t>{hb ? 2 : -1, hg ? 2 + hb : -1, ht ? 2 + hb + hg : -1};
     if (hb) {
-      ctx->saved_data["bias_size"] = b->sizes().vec();
+      ctx->saved_data["bias_size"] = b->sym_sizes();  // (a traced bias's may be symbolic)
       ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b->scalar_type());
     }
     ctx->saved_data["stride"] = stride.vec();
@@ -302,8 +314,8 @@ struct ConvInActFn : public torch::autograd::Function<ConvInActFn> {
     const bool ng = e[1] >= 0 && ctx->needs_input_grad(e[1]);
     const bool nt = e[2] >= 0 && ctx->needs_input_grad(e[2]);
     if (nb) {  // exactly zero: the normalisation removes the bias (on x's device)
-      out[2] = at::zeros(ctx->saved_data["bias_size"].toIntVector(),
-                         x.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt())));
+      out[2] = at::zeros_symint(ctx->saved_data["bias_size"].toSymIntVector(),
+                                x.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt())));
     }
     if (at::GradMode::is_enabled()) {  // create_graph=True: the torch composition, differentiated
       std::vector<at::Tensor> inputs;
