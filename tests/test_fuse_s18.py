@@ -127,3 +127,22 @@ def test_a_user_pair_rule_declines_hooked_modules():
         assert any(d.rule == "a_tanh" and "forward hook" in d.reason for d in report.declined), report
     finally:
         rules.EXTRA_SEQUENCE_RULES[:] = before
+
+
+def test_a_shared_producer_keeps_the_next_blocks_activation():
+    """The pre_activation rule folded the block's leading ReLU into the producer's op (its slot
+    became Identity) before the engine declined the producer as shared: the fused model had lost
+    the ReLU (0.96 off). A shared producer is declined before the block is edited."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), bn, nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2)))
+    model = nn.Sequential(seq, nn.Sequential(bn, nn.Tanh())).eval()
+    for p in bn.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        fused, report = ganengine.fuse(copy.deepcopy(model), return_report=True)
+        assert type(fused[0][2][0]) is nn.ReLU
+        torch.testing.assert_close(fused(x), ref)
+    assert any(d.rule == "pre_activation" and "shared" in d.reason for d in report.declined), report

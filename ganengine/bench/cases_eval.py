@@ -117,33 +117,13 @@ def _spectral_norm_eval():
 
 
 # ----------------------------------------------------------------------------- self-attention
-class _ReferenceSelfAttn(nn.Module):
-    """The SAGAN reference's ``Self_Attn`` (heykeetae sagan_models.py): returns (out, attention)."""
-
-    def __init__(self, in_dim):
-        super().__init__()
-        self.query_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
-        self.key_conv = nn.Conv2d(in_dim, in_dim // 8, 1)
-        self.value_conv = nn.Conv2d(in_dim, in_dim, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))
-        self.softmax = nn.Softmax(dim=-1)
-
-    def forward(self, x):
-        b, c, w, h = x.size()
-        q = self.query_conv(x).view(b, -1, w * h).permute(0, 2, 1)
-        k = self.key_conv(x).view(b, -1, w * h)
-        attention = self.softmax(torch.bmm(q, k))
-        v = self.value_conv(x).view(b, -1, w * h)
-        out = torch.bmm(v, attention.permute(0, 2, 1)).view(b, c, w, h)
-        return self.gamma * out + x, attention
-
-
 def _self_attention_eval():
+    from ganengine.models.networks_sagan import SelfAttn
     from ganengine.nn.attention import SelfAttention2d
 
     def setup_for(with_map: bool):
         def setup(p, device, dtype):
-            ref = _ReferenceSelfAttn(p["c"])
+            ref = SelfAttn(p["c"])   # (unfused: the reference's Self_Attn code, heykeetae sagan_models.py)
             with torch.no_grad():
                 ref.gamma.fill_(0.5)  # (a trained block's gamma; the initial 0 would drop the attention)
             # what fuse() puts in place of Self_Attn: its convs and gamma, the map returned or not

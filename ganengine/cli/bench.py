@@ -28,8 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a couple of minutes on CPU)")
     p.add_argument("--output", default="bench_results", metavar="DIR", help="output folder (default: bench_results)")
     p.add_argument("--runners", nargs="+", default=None, metavar="RUNNER",
-                   help="eager, compile, ganengine:<backend> (default: eager, compile and every "
-                        "native backend serving the device)")
+                   help="eager, compile, ganengine:<backend> with backend auto, cpu, triton, cuda or torch "
+                        "(default: eager, compile, ganengine:auto, the route a user's call takes, and on "
+                        "CUDA ganengine:triton and ganengine:cuda)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile runner")
     p.add_argument("--modes", nargs="+", default=None, choices=("forward", "forward_backward"),
                    help="op modes (default: both)")

@@ -220,10 +220,7 @@ def run(args) -> int:
         return _evaluate_synthesis.run(args)
     try:
         _evaluate_synthesis.refuse_synthesis_options(args)
-        try:
-            metrics = parse_metrics(args.metrics)
-        except ValueError as exc:  # (the library's words name no option)
-            raise ValueError(f"--{exc}") from None
+        metrics = parse_metrics(args.metrics, "--metrics")
         check_metric_counts(args, metrics)
         if args.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")

@@ -108,6 +108,16 @@ def hooks_reason(m: nn.Module) -> str | None:
     return f"{type(m).__name__} has a {' and a '.join(kinds)} ({why})"
 
 
+def shared_reason(m: nn.Module, parents: dict) -> str | None:
+    """Why a rule may not put a new module in place of ``m``: several parents hold it (or one parent
+    in two places), so each place would get its own fused object and a mode, momentum or hook set
+    through one would miss the other. None where it is held once."""
+    n = parents.get(id(m), 0)
+    if n <= 1:
+        return None
+    return f"the {type(m).__name__} is shared (held in {n} places): a fused module here would split it into two objects"
+
+
 def compiled(m: nn.Module) -> bool:
     """A torch.compile'd module (``OptimizedModule``): its forward is bound to the module it compiled,
     and setting an attribute it does not have sets it on that module (the user's)."""

@@ -142,15 +142,15 @@ class Fuser:
             i += step
 
     def _split_by(self, group, out) -> str | None:
-        """Why a sequence rule's replacements would split a shared module, or None. A module that
-        several parents hold (or one parent in two places) and that the rule puts a new object in
-        place of would be two objects afterwards, one per place: a mode, momentum or hook set
-        through one place would miss the other. (An activation the rule folds away leaves an
-        Identity in this place only; the module itself is untouched wherever else it sits.)"""
+        """Why a sequence rule's replacements would split a shared module (checks.shared_reason), or
+        None. (An activation the rule folds away leaves an Identity in this place only; the module
+        itself is untouched wherever else it sits. A rule that edits inside a module checks before
+        its edit: pre_activation.)"""
         for old, new in zip(group, out):
-            if new is not old and not isinstance(new, nn.Identity) and self.parents.get(id(old), 0) > 1:
-                return (f"the {type(old).__name__} is shared (held in {self.parents[id(old)]} places): a fused "
-                        "module here would split it into two objects")
+            if new is not old and not isinstance(new, nn.Identity):
+                why = checks.shared_reason(old, self.parents)
+                if why:
+                    return why
         return None
 
     # ------------------------------------------------------------------ the walk

@@ -404,6 +404,9 @@ def _build_pre_activation(producer, block, parents):
         out = _build_wrapped_conv_act(producer, act)
     if out is None or isinstance(out, Decline):
         return out
+    shared = checks.shared_reason(producer, parents)  # (before the edit: the engine's check comes after)
+    if shared:
+        return Decline(shared)
     preact.apply(slot)
     return [out[0], block]
 

@@ -25,12 +25,13 @@ METRICS = ("fid", "kid", "l1", "psnr", "ssim", "acc")
 MODES = {"fid": "min", "kid": "min", "l1": "min", "psnr": "max", "ssim": "max", "acc": "max"}
 
 
-def parse_metrics(metrics) -> tuple[str, ...]:
-    """'fid,kid' or ['fid', 'kid'] -> ('fid', 'kid'), validated."""
+def parse_metrics(metrics, what: str = "metrics") -> tuple[str, ...]:
+    """'fid,kid' or ['fid', 'kid'] -> ('fid', 'kid'), validated (``what``: the name an error gives
+    the argument, e.g. the CLI's "--metrics")."""
     names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
     bad = [m for m in names if m not in METRICS]
     if bad or not names:
-        raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {metrics!r}")
+        raise ValueError(f"{what} must be a non-empty subset of {METRICS}, got {metrics!r}")
     return tuple(dict.fromkeys(names))
 
 

@@ -161,15 +161,16 @@ class SelfAttn(nn.Module):
     """The reference ``Self_Attn(in_dim, activation)``: returns ``(gamma * attn(x) + x, attention)``.
 
     Fused, it runs SelfAttention2d's forward over its own children (the same query / key / value
-    convs and gamma): the map it returns built once, one softmax, on one stacked q/k/v projection
-    (where the attention op plus a separate map computed QK^T and its softmax twice: 1.3-1.6x the
-    eager generator's eval forward); ``(out, None)`` without the map, on the flash-style op."""
+    convs and gamma, one stacked q/k/v projection): on the CPU the map it returns is built once,
+    with one softmax, when the call records no graph or N <= MAP_PATH_MAX_POSITIONS (a forward that
+    ran the attention op and then the map again cost 1.3-1.6x the eager generator's eval forward);
+    with a graph above that, and on CUDA, the flash-style op plus the map, as SelfAttention2d
+    (ganengine/nn/attention.py says why). ``(out, None)`` without the map."""
 
     # what SelfAttention2d.forward reads besides the children: the reference's contiguous output
     keep_layout = False
     return_attention = True
     _projections = SelfAttention2d._projections
-    _one_softmax = SelfAttention2d._one_softmax
 
     def __init__(self, in_dim: int, activation: str = "relu"):
         super().__init__()

@@ -182,21 +182,13 @@ class SelfAttention2d(nn.Module):
                 return qkv.flatten(2).split_with_sizes((qc.weight.shape[0], kc.weight.shape[0], vc.weight.shape[0]), 1)
         return qc(x).flatten(2), kc(x).flatten(2), vc(x).flatten(2)
 
-    def _one_softmax(self, x: torch.Tensor, plain: bool):
-        """``(out, attention)`` with one softmax: the map the caller gets is the one ``out`` is
-        formed from (the reference's own formula, accumulated in fp32 / fp64 like the fused op).
-        Differentiable to any order (plain torch ops)."""
-        q, k, v = self._projections(x, plain)  # (under autocast: the convs cast, the rest not)
-        n = x.shape[2] * x.shape[3]
-        return _map_and_out(q, k, v, x, self.gamma, n >= MAP_PATH_TRANSPOSED_FROM)
-
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, return_attention={self.return_attention}"
 
 
 @autocast_off
 def _map_and_out(q, k, v, x, gamma, transposed: bool):
-    """SelfAttention2d._one_softmax from the projections: the reference's formula in fp32 / fp64
+    """``(out, attention)`` with one softmax from the projections: the reference's formula in fp32 / fp64
     (autocast off: it would run the products in bf16 / fp16 again). ``transposed``: o formed as
     (P V^T)^T (see MAP_PATH_TRANSPOSED_FROM), else V P^T."""
     b, c, h, w = x.shape

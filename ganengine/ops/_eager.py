@@ -140,7 +140,9 @@ def records_graph(tensors, forward_ad: bool = True) -> bool:
     mode on and a tensor requiring grad, or (``forward_ad``) forward-mode AD active: the Functions
     have no jvp and refuse it, as the custom ops do; a caller whose graph-free path is plain torch
     ops, which carry dual tensors, passes False. Where it is False an autograd.Function would only
-    hand back its forward's outputs, for ~10 us of host time."""
+    hand back its forward's outputs, for ~10 us of host time. Only plain tensors and Parameters
+    count: a tensor subclass (FunctionalTensor under make_fx / AOT) takes the callers' graph-free
+    route, whose ops (torch's, or a custom op's) record their own autograd."""
     return (grad_enabled() and any(type(t) in _TENSOR_TYPES and t.requires_grad for t in tensors)) \
         or (forward_ad and _forward_ad_level() >= 0)
 
