@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.fusion.copying import FusedModule
-from ganengine.ops._conv_common import input_in_weight_layout
+from ganengine.ops._conv_common import any_autocast, input_in_weight_layout
 
 
 def _act_slope(activation: str, negative_slope: float):
@@ -29,6 +29,8 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
     when ``slope`` is None, no division when ``sigma`` is None) on the fused conv ops, honouring
     ``m.padding_mode`` ("zeros", or "reflect" for 3x3 stride-1 convs). With ``sigma``, the
     division goes to whichever is smaller, the weight or the output (ganengine/fusion/spectral.py)."""
+    if sigma is None and any_autocast() and _autocast_on(x):
+        return _plain_conv(m, x, w, m.bias, slope)
     if sigma is not None:
         if side == "auto" and x.dim() == 4:
             side = _sigma_side(m, x, w)
@@ -92,12 +94,25 @@ def _ops() -> tuple:
     return _OPS
 
 
+def _autocast_on(x) -> bool:
+    """Autocast on for x's device (asked only where torch._C._is_any_autocast_enabled()): every
+    fused conv route then runs ATen's convolution on operands it casts per call, at more host time
+    than the module's own forward, which casts as autocast does (the weight's cast cached)."""
+    return isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+
+
+def _plain_conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None, inplace: bool = True):
+    """PyTorch's own conv of the module (eager's call), then the activation."""
+    y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, m.stride, m.padding)
+    return y if slope is None else F.leaky_relu(y, slope, inplace=inplace)
+
+
 def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
+    # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W)); autocast: see _autocast_on
+    if x.dim() != 4 or (any_autocast() and _autocast_on(x)):
+        return _plain_conv(m, x, w, bias, slope, inplace=x.dim() == 4)
     conv2d, conv3x3, winograd_profitable, conv2d_act = _ops()
     stride, padding, mode = tuple(m.stride), tuple(m.padding), m.padding_mode
-    if x.dim() != 4:  # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W))
-        y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, stride, padding)
-        return y if slope is None else F.leaky_relu(y, slope)
     # under torch.compile the CPU routes' decisions (C++ builtins dynamo cannot trace) are not asked:
     # the compiler gets PyTorch's conv, and conv3x3's custom op for reflect padding; nor under
     # torch.jit.trace (export: the builtins return Python bools, which a trace cannot record)
@@ -238,6 +253,9 @@ class ConvTransposeMixin(ConvMixin):
             return super(ConvMixin, self).forward(x, output_size)
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
                                               list(self.kernel_size), 2, list(self.dilation))
+        if any_autocast() and _autocast_on(x):  # (nn.ConvTranspose2d.forward's call, on the fused weight)
+            return F.conv_transpose2d(x, w, self.bias, self.stride, self.padding, output_padding, self.groups,
+                                      self.dilation)
         return conv_transpose2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding,
                                 tuple(output_padding))
 

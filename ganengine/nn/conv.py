@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ganengine.ops._conv_common import input_in_weight_layout
+from ganengine.ops._conv_common import any_autocast, input_in_weight_layout, module_autocast
 from ganengine.ops.conv import conv2d, conv_transpose2d
 
 
@@ -32,6 +32,8 @@ class Conv2d(nn.Conv2d):
                              f"padding_mode={self.padding_mode!r}, padding={self.padding!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any_autocast() and module_autocast(x):  # (eager's call under autocast: _conv_common)
+            return super().forward(x)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight
@@ -58,6 +60,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                              f"groups={self.groups}, dilation={self.dilation}")
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if any_autocast() and module_autocast(x):  # (eager's call under autocast: _conv_common)
+            return super().forward(x, output_size)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.ConvTranspose2d takes it
             size = None if output_size is None else list(output_size)[-2:]  # ((C, H, W) as torch takes it)
             return self.forward(x.unsqueeze(0), size).squeeze(0)

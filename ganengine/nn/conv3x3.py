@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ganengine.ops._conv_common import input_in_weight_layout
+from ganengine.ops._conv_common import any_autocast, input_in_weight_layout, module_autocast
 from ganengine.ops.conv3x3 import conv3x3
 
 
@@ -31,6 +31,8 @@ class Conv3x3(nn.Conv2d):
                          padding_mode=padding_mode, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any_autocast() and module_autocast(x):  # (eager's call under autocast: _conv_common)
+            return super().forward(x)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight

@@ -8,10 +8,11 @@ Conv2d -> InstanceNorm2d -> LeakyReLU into ``Conv2dInstanceNormAct`` (ganengine/
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ganengine.nn._adopt import act_repr
-from ganengine.ops._conv_common import input_in_weight_layout
+from ganengine.ops._conv_common import any_autocast, input_in_weight_layout, module_autocast
 from ganengine.ops.conv import _out_size as conv_out_size
 from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
 
@@ -42,6 +43,10 @@ class Conv2dAct(nn.Conv2d):
         self.negative_slope = float(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any_autocast() and module_autocast(x):  # (eager's calls under autocast: _conv_common)
+            y = super().forward(x)
+            s = self.negative_slope
+            return torch.relu_(y) if s == 0 else F.leaky_relu(y, s, inplace=s > 0)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight

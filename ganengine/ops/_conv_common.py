@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ganengine import _ext
+from ganengine.ops import _dispatch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -129,6 +130,67 @@ def autocast_args(x, *tensors):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"x is {x.dtype} but {name} is {t.dtype}: they must match (outside autocast)")
     return [x, *tensors]
+
+
+# ----------------------------------------------------------------------------- autocast: eager's own call
+# Under autocast every route of the conv families runs ATen's convolution on operands cast to the
+# autocast dtype (the GEMM / Winograd kernels are fp32 only; the GPU backends are cuDNN), but the
+# route's casts are plain .to() calls, one per operand per call (on CUDA a cast kernel each),
+# where ATen's autocast caches a weight's cast for the region. Its ~50 us of Python checks and
+# dispatch plus those casts put a small layer at 1.3-1.5x eager's host time. So a plain call under
+# autocast runs ATen's op itself, as eager code calls it: eager's casts (cache included), numbers,
+# autograd and cost. Bad input still raises the route's own error (``eager_autocast_error``).
+any_autocast = torch._C._is_any_autocast_enabled  # (one C call: the fp32 calls' only cost of this path)
+_autocast_enabled = torch.is_autocast_enabled
+# the dtypes ATen's autocast casts to the autocast dtype; it keeps fp64, which autocast_args casts
+_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# what ATen raises for a bad argument: the caller's full route then raises its own (named) error
+eager_autocast_error = (RuntimeError, ValueError, TypeError, IndexError)
+
+
+def eager_autocast(x, weight, bias, vendor_entry: tuple | None = None) -> bool:
+    """Whether autocast is on for x's device and ATen's own convolution on these operands is what
+    the family's route would run, cast as it casts them: plain tensors (subclasses take the route,
+    whose dispatcher op honours them), x 4-d (ATen would also take an unbatched x, which the route
+    refuses), every operand of a dtype ATen's autocast casts; the requested backend 'auto', or on
+    a CUDA tensor a GPU one the family's vendor route serves (``vendor_entry``: the
+    (name, kernels, fast entry) of _dispatch.conv_routes). A backend named otherwise keeps its
+    route, as in fp32: its own kernels ('torch': the custom op's reference body), or its fallback
+    to 'torch' (a warning, or strict mode's error). Asked only where ``any_autocast()``; every
+    check a C call or two (at DCGAN's layers this is part of what is compared with eager)."""
+    if (type(x) not in _PLAIN or type(weight) not in _PLAIN or x.dtype not in _CASTS or weight.dtype not in _CASTS
+            or x.dim() != 4 or (bias is not None and (type(bias) not in _PLAIN or bias.dtype not in _CASTS))):
+        return False
+    if x.is_cpu:  # (is_cpu / is_cuda: a tenth of x.device.type's cost, which builds a device object)
+        return _autocast_enabled("cpu") and _dispatch._requested_backend() == "auto"
+    if not _autocast_enabled("cuda" if x.is_cuda else x.device.type):
+        return False
+    return _dispatch._requested_backend() == "auto" or _vendor_cuda(x, vendor_entry)
+
+
+def module_autocast(x) -> bool:
+    """Whether a drop-in conv module (gnn.Conv2d, ConvTranspose2d, Conv3x3, Conv2dAct) runs nn's own
+    forward for this call: autocast on for x's device and the backend left to 'auto' (asked only
+    where ``any_autocast()``). Its call is then eager's exactly (casts, weight-cast cache, fp64 kept,
+    layout, autograd), where even the public function's autocast shortcut adds ~8 us of checks to
+    a tiny layer; a named backend keeps its route, as in fp32."""
+    return (isinstance(x, torch.Tensor) and _autocast_enabled("cpu" if x.is_cpu else x.device.type)
+            and _dispatch._requested_backend() == "auto")
+
+
+def _vendor_cuda(x, vendor_entry) -> bool:
+    """Whether the requested backend runs the family's vendor route on CUDA tensor x."""
+    return bool(x.is_cuda and vendor_entry is not None
+                and _dispatch.conv_routes(*vendor_entry) & _dispatch.ROUTE_VENDOR_CUDA)
+
+
+def eager_autocast_backend(y, vendor_entry: tuple | None = None) -> str:
+    """What a call eager_autocast admitted records in _dispatch.last_used: the GPU backend the
+    family's vendor route stands for on CUDA (as the route records it), else 'torch'."""
+    if y.is_cpu or not _vendor_cuda(y, vendor_entry):
+        return "torch"
+    return _dispatch.conv_gpu(*vendor_entry)
 
 
 def check_fits(fn: str, x, weight, padding) -> None:

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 from ganengine import _ext
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, check_fits, conv_grads,
-                                        dynamo_compiling as _dynamo_compiling, fast_entry,
+from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, bias_grad, check_conv, check_fits,
+                                        conv_grads, dynamo_compiling as _dynamo_compiling, eager_autocast,
+                                        eager_autocast_backend, eager_autocast_error, fast_entry,
                                         grads_by_reference, out_format, pair, vendor_conv)
 
 _POLICIES = {"auto": 0, "always": 1, "never": 2}
@@ -255,6 +256,7 @@ def _plain_pair(v) -> bool:
 _KERNELS = ("conv_fwd", "conv_bwd")  # what the lean entry calls
 # ganengine._C.conv_entry (csrc/cpu/conv_py.cpp): the lean route's Python fast entry
 _entry = fast_entry("conv_entry")
+_VENDOR_ENTRY = ("conv", _KERNELS, "conv_entry")  # (conv_routes' arguments)
 
 
 def _dispatcher_entry(x, weight, bias, stride, padding, output_padding, transposed):
@@ -274,6 +276,24 @@ def _dispatcher_entry(x, weight, bias, stride, padding, output_padding, transpos
     return None
 
 
+def _autocast_call(x, weight, bias, stride, padding, output_padding, transposed: bool):
+    """Under autocast (_conv_common.eager_autocast; stride, padding, output_padding of plain
+    types): ATen's own convolution as eager code calls it (its casts, weight-cast cache and
+    autograd; the route would run the same convolution on the same casts, at 1.3-1.5x eager's host
+    time), in out_format(x). None where the route serves the call, or raises its public error
+    (what ATen refuses)."""
+    if not (eager_autocast(x, weight, bias, _VENDOR_ENTRY) and _plain_pair(stride) and _plain_pair(padding)
+            and (not transposed or _plain_pair(output_padding))):
+        return None
+    try:
+        y = (torch.conv_transpose2d(x, weight, bias, stride, padding, output_padding) if transposed
+             else torch.conv2d(x, weight, bias, stride, padding))
+    except eager_autocast_error:
+        return None
+    _dispatch.last_used["conv"] = "torch" if y.is_cpu else eager_autocast_backend(y, _VENDOR_ENTRY)
+    return y.contiguous(memory_format=out_format(x))
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
            padding=0) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, dilation 1, zero padding).
@@ -285,15 +305,18 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # declines what it does not serve before any work (None: the full route below serves the call or
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
+    # Under autocast, eager's own call first (_autocast_call).
     # (the compile check first: under dynamo the routes' first resolution is not traceable)
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and (
-            routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry")):
-        y = _entry(x, weight, bias, stride, padding, 0, False, routes)
-        if y is NotImplemented:
-            y = _dispatcher_entry(x, weight, bias, stride, padding, 0, False)
-        if y is not None:
-            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+        if any_autocast() and (y := _autocast_call(x, weight, bias, stride, padding, 0, False)) is not None:
             return y
+        if routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry"):
+            y = _entry(x, weight, bias, stride, padding, 0, False, routes)
+            if y is NotImplemented:
+                y = _dispatcher_entry(x, weight, bias, stride, padding, 0, False)
+            if y is not None:
+                _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
+                return y
     fn = "conv2d"
     check_conv(fn, x, weight, bias)
     stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)
@@ -311,15 +334,16 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
     # (as conv2d's)
-    # (the compile check first: under dynamo the routes' first resolution is not traceable)
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and (
-            routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry")):
-        y = _entry(x, weight, bias, stride, padding, output_padding, True, routes)
-        if y is NotImplemented:
-            y = _dispatcher_entry(x, weight, bias, stride, padding, output_padding, True)
-        if y is not None:
-            _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+        if any_autocast() and (y := _autocast_call(x, weight, bias, stride, padding, output_padding, True)) is not None:
             return y
+        if routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry"):
+            y = _entry(x, weight, bias, stride, padding, output_padding, True, routes)
+            if y is NotImplemented:
+                y = _dispatcher_entry(x, weight, bias, stride, padding, output_padding, True)
+            if y is not None:
+                _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
+                return y
     fn = "conv_transpose2d"
     check_conv(fn, x, weight, bias, transposed=True)
     stride, padding = pair(f"{fn}: stride", stride, 1), pair(f"{fn}: padding", padding, 0)

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 
 from ganengine import _ext, settings
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops._conv_common import (acc_dtype, autocast_args, bias_grad, check_conv, conv_grads,
-                                        dynamo_compiling as _dynamo_compiling, fast_entry,
+from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, bias_grad, check_conv, conv_grads,
+                                        dynamo_compiling as _dynamo_compiling, eager_autocast,
+                                        eager_autocast_backend, eager_autocast_error, fast_entry,
                                         grads_by_reference, out_format, pair)
 
 # the router's thresholds where ganengine._C is not built (then only the torch backend runs, and
@@ -93,7 +94,8 @@ def winograd_tile() -> int:
 _PAYS: list = []  # [the raw ganengine_C::conv3x3_winograd_pays builtin, or None]
 # its answers by (x_shape, w_shape, padding, tile): the builtin's call through the dispatcher
 # costs 5-13 us (its int[] arguments parsed against the schema), a dict lookup ~0.5 us; the
-# thresholds change only through _set_threshold, which clears it
+# thresholds change only through _set_threshold, which clears it (a direct call of the raw
+# ganengine_C::conv3x3_winograd_config op would not: use conv3x3.MIN_CHANNELS / MIN_TILES)
 _PAYS_CACHE: dict = {}
 _PAYS_CACHE_MAX = 1024
 
@@ -104,9 +106,12 @@ def winograd_profitable(x_shape, w_shape, padding: int, tile: int = 2) -> bool:
     key = (x_shape, w_shape, padding, tile)   # (torch.Size hashes as the tuple it is)
     try:
         hit = _PAYS_CACHE.get(key)
-    except TypeError:  # (shapes given as lists)
+    except TypeError:  # shapes given as lists, or symbolic (make_fx: SymInts do not hash)
         key = (tuple(x_shape), tuple(w_shape), padding, tile)
-        hit = _PAYS_CACHE.get(key)
+        try:
+            hit = _PAYS_CACHE.get(key)
+        except TypeError:
+            return _winograd_pays(*key)   # (asked, never kept)
     if hit is None:
         hit = _PAYS_CACHE[key] = _winograd_pays(*key)
         if len(_PAYS_CACHE) > _PAYS_CACHE_MAX:
@@ -264,6 +269,7 @@ _REFUSAL = "conv3x3: not served by the C++ entry"  # the prefix of the lean entr
 _KERNELS = ("conv3x3_fwd", "conv3x3_bwd")  # what the lean entry calls
 # ganengine._C.conv3x3_entry (csrc/cpu/conv_py.cpp): the lean route's Python fast entry
 _entry = fast_entry("conv3x3_entry")
+_VENDOR_ENTRY = ("conv3x3", _KERNELS, "conv3x3_entry")  # (conv_routes' arguments)
 
 
 def _dispatcher_entry(x, weight, bias, padding, padding_mode):
@@ -283,6 +289,27 @@ def _dispatcher_entry(x, weight, bias, padding, padding_mode):
     return None
 
 
+def _autocast_call(x, weight, bias, padding, padding_mode):
+    """Under autocast (_conv_common.eager_autocast; a 3x3 weight, an int padding, a mode the op
+    takes): eager's own call of nn.Conv2d(3, padding_mode=...) (F.pad's reflect padding, then
+    ATen's convolution with its casts, weight-cast cache and autograd; the route would run the same
+    ops on the same casts, at ~1.5x eager's host time), in out_format(x). None where the route
+    serves the call, or raises its public error (what ATen refuses)."""
+    if not (eager_autocast(x, weight, bias, _VENDOR_ENTRY) and type(padding) is int and padding >= 0
+            and (padding_mode == "zeros" or padding_mode == "reflect") and weight.dim() == 4
+            and weight.shape[2] == 3 and weight.shape[3] == 3):
+        return None
+    try:
+        if padding_mode == "reflect" and padding:
+            y = torch.conv2d(_nn_pad(x, (padding, padding, padding, padding), "reflect", None), weight, bias, 1, 0)
+        else:
+            y = torch.conv2d(x, weight, bias, 1, padding)
+    except eager_autocast_error:
+        return None
+    _dispatch.last_used["conv3x3"] = "torch" if y.is_cpu else eager_autocast_backend(y, _VENDOR_ENTRY)
+    return y.contiguous(memory_format=out_format(x))
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
             padding_mode: str = "zeros") -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` for 3x3 kernels, with
@@ -298,15 +325,19 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
     # On CUDA tensors the same entry serves the GPU backends' vendor route (conv_routes).
+    # Under autocast, eager's own call first (_autocast_call).
     # (the compile check first: under dynamo the routes' first resolution is not traceable)
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and (
-            routes := _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry")):
-        y = _entry(x, weight, bias, padding, padding_mode, routes)
-        if y is NotImplemented:
-            y = _dispatcher_entry(x, weight, bias, padding, padding_mode)
-        if y is not None:
-            _dispatch.last_used["conv3x3"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv3x3", _KERNELS, "conv3x3_entry")
+    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
+        if any_autocast() and (y := _autocast_call(x, weight, bias, padding, padding_mode)) is not None:
             return y
+        if routes := _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry"):
+            y = _entry(x, weight, bias, padding, padding_mode, routes)
+            if y is NotImplemented:
+                y = _dispatcher_entry(x, weight, bias, padding, padding_mode)
+            if y is not None:
+                _dispatch.last_used["conv3x3"] = ("cpu" if y.is_cpu
+                                                  else _dispatch.conv_gpu("conv3x3", _KERNELS, "conv3x3_entry"))
+                return y
     fn = "conv3x3"
     check_conv(fn, x, weight, bias)
     ws = weight.shape
