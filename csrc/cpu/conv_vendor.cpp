@@ -61,8 +61,9 @@ const char* operands(const at::Tensor& x, const at::Tensor& w, const OptT& b, in
 bool autocast_on(const at::Tensor& x) { return at::autocast::is_autocast_enabled(x.device().type()); }
 
 // ops/_conv_common.autocast_args under autocast: every operand .to() the autocast dtype (a plain
-// cast, as the Python route's: not ATen's autocast cache, which would keep a weight's first cast
-// for the whole autocast region, through an in-place update of the weight)
+// cast, as the Python route's, not ATen's autocast cache). Reached only where the public
+// functions' autocast shortcut does not apply (_conv_common.eager_autocast: fp64 operands, the
+// torch backend named; elsewhere ATen's own conv runs first, eager's casts, cache included)
 std::tuple<at::Tensor, at::Tensor, OptT> autocast_args(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
   const at::ScalarType dt = at::autocast::get_autocast_dtype(x.device().type());
   OptT bc = b;
