@@ -8,13 +8,12 @@ Conv2d -> InstanceNorm2d -> LeakyReLU into ``Conv2dInstanceNormAct`` (ganengine/
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ganengine.nn._adopt import act_repr
 from ganengine.ops._conv_common import any_autocast, input_in_weight_layout, module_autocast
 from ganengine.ops.conv import _out_size as conv_out_size
-from ganengine.ops.conv_act import conv2d_act, conv2d_instance_norm_act
+from ganengine.ops.conv_act import act_on_fresh, conv2d_act, conv2d_instance_norm_act
 
 
 def _check_supported(name: str, groups, dilation, padding_mode, padding) -> None:
@@ -44,9 +43,7 @@ class Conv2dAct(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any_autocast() and module_autocast(x):  # (eager's calls under autocast: _conv_common)
-            y = super().forward(x)
-            s = self.negative_slope
-            return torch.relu_(y) if s == 0 else F.leaky_relu(y, s, inplace=s > 0)
+            return act_on_fresh(super().forward(x), self.negative_slope)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight

@@ -563,10 +563,15 @@ def _act_autocast_call(x, weight, bias, stride, padding, negative_slope):
     except eager_autocast_error:
         return None
     _dispatch.last_used["conv2d_act"] = "torch"
-    y = y.contiguous(memory_format=out_format(x))
-    if negative_slope == 0:  # (relu's +0 below zero, as nn.ReLU)
+    return act_on_fresh(y.contiguous(memory_format=out_format(x)), negative_slope)
+
+
+def act_on_fresh(y: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """conv2d_act's activation on a conv's fresh output ``y``, as eager's modules apply it: ReLU for
+    slope 0 (relu's +0 below zero, as nn.ReLU), else LeakyReLU, in place where its backward allows
+    (a slope >= 0: leaky_relu_'s backward reads the output's sign)."""
+    if negative_slope == 0:
         return torch.relu_(y)
-    # (in place only with a slope >= 0: leaky_relu_'s backward reads the output's sign)
     return _leaky_relu_(y, negative_slope) if negative_slope > 0 else F.leaky_relu(y, negative_slope)
 
 
