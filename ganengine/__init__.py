@@ -1,11 +1,11 @@
 """ganengine: fused GPU/CPU kernels for GAN training, and the GANs built on them."""
 from ganengine import backends
-from ganengine.backends import use_backend
+from ganengine.backends import BackendFallbackError, use_backend
 from ganengine.fuse import fuse
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "use_backend", "fuse", "functional", "nn", "__version__"]
+__all__ = ["backends", "use_backend", "BackendFallbackError", "fuse", "functional", "nn", "__version__"]
 
 
 def _warn_bad_settings() -> None:

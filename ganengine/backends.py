@@ -31,6 +31,10 @@ from ganengine import _ext
 NAMES = ("torch", "triton", "cpu", "cuda")
 CHOICES = ("auto",) + NAMES
 
+class BackendFallbackError(RuntimeError):
+    """Raised in strict mode when the requested backend cannot serve a call (``strict()``)."""
+
+
 class _Setting:
     """A process-wide setting with nested, restorable scopes.
 

@@ -26,11 +26,18 @@ class GANLoss(nn.Module):
     fake label expanded to its shape (vanilla: BCE with logits, lsgan: MSE), or
     ``-mean``/``+mean`` for wgangp. ``gan_mode="hinge"`` adds the hinge loss; pass
     ``for_discriminator=False`` for the generator's -mean(x). ``real_label``/``fake_label`` are
-    buffers as in the reference, so its state_dicts load here.
+    buffers as in the reference, so its state_dicts load here. ``mode=`` (keyword) is another name
+    for ``gan_mode``, the name the functional losses use.
     """
 
-    def __init__(self, gan_mode: str = "lsgan", target_real_label: float = 1.0, target_fake_label: float = 0.0):
+    def __init__(self, gan_mode: str = "lsgan", target_real_label: float = 1.0, target_fake_label: float = 0.0,
+                 *, mode: str | None = None):
         super().__init__()
+        if mode is not None:  # the name GF.gan_loss / discriminator_loss use (ARCHITECTURE.md: GANLoss(mode))
+            if gan_mode != "lsgan" and gan_mode != mode:
+                raise TypeError(f"GANLoss: pass gan_mode or mode, not both (got gan_mode={gan_mode!r}, "
+                                f"mode={mode!r})")
+            gan_mode = mode
         if not isinstance(gan_mode, str) or gan_mode.lower() not in MODES:
             raise ValueError(f"gan_mode must be one of {MODES}, got {gan_mode!r}")
         self.gan_mode = gan_mode.lower()

@@ -80,8 +80,7 @@ AUTO_ORDER_BY_OP = {("gan_loss", "cuda"): ("cuda", "triton"), ("cycle_loss", "cu
 last_used: dict[str, str] = {}
 
 
-class BackendFallbackError(RuntimeError):
-    """Raised in strict mode when the requested backend cannot serve a call."""
+from ganengine.backends import BackendFallbackError  # noqa: E402 (defined there: public name)
 
 
 _EXT_REASON: dict = {}  # (op, device type) -> ext_reason's answer: fixed once the extension is loaded

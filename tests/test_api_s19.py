@@ -1,0 +1,30 @@
+"""Public names the contract (ARCHITECTURE.md) and README promise: GANLoss(mode=...), and the
+strict-mode error importable from the public modules."""
+import pytest
+import torch
+
+import ganengine
+from ganengine import nn as gnn
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "lsgan", "wgangp", "hinge"])
+def test_ganloss_mode_keyword_is_gan_mode(mode):
+    pred = torch.randn(2, 1, 5, 5)
+    a, b = gnn.GANLoss(mode=mode), gnn.GANLoss(gan_mode=mode)
+    assert a.gan_mode == b.gan_mode == mode
+    for real in (True, False):
+        torch.testing.assert_close(a(pred, real), b(pred, real), rtol=0, atol=0)
+
+
+def test_ganloss_mode_and_gan_mode_disagreeing_is_an_error():
+    with pytest.raises(TypeError, match="gan_mode or mode"):
+        gnn.GANLoss(gan_mode="vanilla", mode="hinge")
+    with pytest.raises(ValueError, match="gan_mode must be one of"):
+        gnn.GANLoss(mode="bogus")
+
+
+def test_backend_fallback_error_is_public():
+    from ganengine.ops import _dispatch
+    assert ganengine.BackendFallbackError is ganengine.backends.BackendFallbackError is _dispatch.BackendFallbackError
+    assert issubclass(ganengine.BackendFallbackError, RuntimeError)
+    assert "BackendFallbackError" in ganengine.__all__
