@@ -6,7 +6,7 @@ per-parameter Adam), eager, and (``--compile``) that step with every network wra
 
     python benchmarks/bench_models.py                       # CPU-sized defaults, table to stdout
     python benchmarks/bench_models.py --models cyclegan --size 256 --batch 1 --repeats 5
-    python benchmarks/bench_models.py --reference-sizes     # the papers' resolutions and batches
+    python benchmarks/bench_models.py --reference-sizes     # `ganengine bench --models`' reference settings
     python benchmarks/bench_models.py --quick               # `ganengine bench --quick`'s tiny models
 
 Each (model, variant) runs in its own process and builds the model from the same seed; after
@@ -32,16 +32,25 @@ from ganengine.bench.cases_models import MODEL_SPECS
 from ganengine.bench.cases_models import make_batch as case_batch
 from ganengine.models import build_model
 
-# (model, options, image size, batch): reference setting and a size this 2-core CPU runs in seconds
-REFERENCE = {
-    "cyclegan": (dict(), 256, 1),
-    "pix2pix": (dict(), 256, 1),
-    "stargan": (dict(n_critic=1), 128, 16),
-    "stackgan1": (dict(stage=1), 64, 64),
-    "stackgan2": (dict(stage=2), 256, 16),
-}
-# DCGAN and PyTorch-GAN's models run at their reference settings here too (MNIST-sized, seconds per
-# step); WGAN/WGAN-GP with n_critic 1 so that every timed step has the critic and the generator step
+
+def registry_setting(name: str, **extra) -> tuple[dict, int, int]:
+    """(options, image size, batch) of `ganengine bench`'s reference case of model ``name``
+    (ganengine/bench/cases_models.py MODEL_SPECS[name]: its "ref" options and batch), plus ``extra``."""
+    spec = MODEL_SPECS[name]
+    batch, size = spec["batch"]["ref"]
+    return ({**spec["ref"], **extra}, size, batch)
+
+
+# --reference-sizes: the registered cases' reference settings, one source of truth with
+# `ganengine bench --models` (the papers' resolutions and options; their batches where a 2-core
+# CPU steps them in seconds to a minute, the BigGAN family's 4-16 images otherwise: --batch for
+# the papers' 50-256). stackgan1 is the registry's StackGAN (stage 1); stackgan2 has no case there.
+REFERENCE = {name: registry_setting(name) for name in MODEL_SPECS if name != "stackgan"}
+REFERENCE["stackgan1"] = registry_setting("stackgan", stage=1)
+REFERENCE["stackgan2"] = (dict(stage=2), 256, 16)   # StackGAN-v1 stage II's reference setting (the script's own)
+# DCGAN and PyTorch-GAN's models run at their reference settings in the CPU-sized table too
+# (MNIST-sized, seconds per step); WGAN/WGAN-GP with n_critic 1 so that every timed step has the
+# critic and the generator step
 SYNTHESIS = {
     "dcgan": (dict(), 64, 64),
     "wgan": (dict(n_critic=1), 28, 64),
@@ -51,18 +60,6 @@ SYNTHESIS = {
     "adcgan": (dict(), 32, 64),
     "infogan": (dict(), 32, 64),
 }
-REFERENCE.update(SYNTHESIS)
-# attention / spectral-norm synthesis at the papers' settings
-ATTENTION = {
-    "csgan": (dict(), 256, 1),
-    "sagan": (dict(), 64, 64),
-    "biggan": (dict(G_ch=96, D_ch=96, G_shared=True, hier=True, dim_z=120, shared_dim=128, num_D_steps=1), 128, 256),
-    "biggan_deep": (dict(G_ch=128, D_ch=128, dim_z=128, shared_dim=128, num_D_steps=1), 128, 256),
-    "unetgan": (dict(G_attn="0", D_attn="0", G_shared=True, hier=True, dim_z=128), 128, 50),
-    # IC-GAN's icgan_res64.json (docs/synthesis.md); features from a synthetic instance bank
-    "icgan": (MODEL_SPECS["icgan"]["ref"], 64, 256),
-}
-REFERENCE.update(ATTENTION)
 # the models whose image size is the option ``resolution`` (BigGAN's; SAGAN's ``imsize``)
 REFERENCE_COMPOSITION = ("sagan", "biggan", "biggan_deep", "unetgan", "icgan")
 CPU_DEFAULT = {
@@ -185,7 +182,10 @@ def time_variants(name, opts, size, batch, variants, warmup, repeats, verbose=Fa
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(CPU_DEFAULT), choices=list(CPU_DEFAULT))
-    p.add_argument("--reference-sizes", action="store_true", help="the reference resolutions and batch sizes")
+    p.add_argument("--reference-sizes", action="store_true",
+                   help="`ganengine bench --models`' reference settings (ganengine/bench/cases_models.py MODEL_SPECS "
+                        "\"ref\"): the papers' resolutions and options; the BigGAN family at 4-16 images (--batch "
+                        "for the papers' batches)")
     p.add_argument("--quick", action="store_true",
                    help="`ganengine bench --quick`'s tiny widths, images and batches (every model but stackgan2)")
     p.add_argument("--size", type=int, help="override the image size for every model")

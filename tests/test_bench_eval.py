@@ -14,7 +14,7 @@ from tests._conv_bounds import conv_scales
 from tests._tolerance import assert_below, assert_within_bound, gamma, unit_roundoff
 
 NAMES = ("instance_norm_act_eval", "spectral_norm_eval", "self_attention_eval", "self_attention_map_eval",
-         "batch_norm2d_eval", "batch_norm1d_eval", "biggan_snconv_eval", "biggan_snconv_train")
+         "sagan_self_attn_eval", "batch_norm2d_eval", "batch_norm1d_eval", "biggan_snconv_eval", "biggan_snconv_train")
 F32 = torch.float32
 U = unit_roundoff(F32)
 

@@ -4,7 +4,9 @@ In eval mode, and for calls that record no autograd graph, several modules run e
 where a fused op would only add host time (BENCHMARKS.md, seventeenth session): these cases put
 those calls under the project's commands, the module a user (or ``ganengine.fuse``) puts in the
 model against the reference's own layer, both in the mode stated. Every case is forward only:
-the runners time "forward" under ``torch.no_grad``, as sampling and evaluation call it.
+the runners time "forward" under ``torch.no_grad``, as sampling and evaluation call it
+(``sagan_self_attn_train``, registered here beside its eval twin, is a training call, forward+backward:
+family "attention", with the op's own ``self_attention2d``).
 
   instance_norm_act_eval   StarGAN G: nn.InstanceNorm2d(affine, track_running_stats) + ReLU in
                            eval (sampling): 64 ch at 128^2 (first block), 256 ch at 32^2.
@@ -12,6 +14,13 @@ the runners time "forward" under ``torch.no_grad``, as sampling and evaluation c
                            gnn.spectral_norm vs torch's parametrization, eval (no iteration).
   self_attention_eval      SAGAN's Self_Attn under no_grad, N = 576 / 1024 positions (64 ch).
   self_attention_map_eval  the same call returning (out, attention), the reference's interface.
+  sagan_self_attn_eval / sagan_self_attn_train  ganengine's SAGAN generator block itself
+                           (ganengine.models.networks_sagan.SelfAttn, fused as the fused generator
+                           sets it) against the same block unfused (the reference's Self_Attn code),
+                           at the generator's two attention maps (128 ch at 16^2, 64 ch at 32^2):
+                           eval under no_grad returning (out, attention), as sampling calls it;
+                           training forward+backward, the map built and returned, the gradient
+                           through the output only (the generator's loss reads the image).
   batch_norm2d_eval / batch_norm1d_eval  FusedBatchNorm2d / 1d without activation (fuse()'s lone
                            nn.BatchNorm2d / 1d) in eval at DCGAN / BigGAN / U-Net / InfoGAN shapes.
   biggan_snconv_eval / biggan_snconv_train  a fuse()d BigGAN-PyTorch SNConv2d (BigGAN-128 G:
@@ -154,6 +163,49 @@ def _self_attention_eval():
     ))
 
 
+def _sagan_self_attn():
+    """The fused generator's own attention block against the unfused one (same module class, same
+    parameters): what ``fused=True`` changes in the SAGAN generator's two attention layers."""
+    from ganengine.models.networks_sagan import SelfAttn
+
+    def setup_for(training: bool):
+        def setup(p, device, dtype):
+            ref = SelfAttn(p["c"])
+            with torch.no_grad():
+                ref.gamma.fill_(0.5)  # (a trained block's gamma; the initial 0 would drop the attention)
+            fused = copy.deepcopy(ref)
+            fused.fused = True        # (what the generator's fused=True sets on it: networks_sagan._set_fused)
+            x = _randn((p["n"], p["c"], p["h"], p["w"]), device, dtype)
+            if training:  # the map is built and returned, the loss reads the image only
+                return _module_workload(x, _OutOnly(ref), _OutOnly(fused), device, dtype, training=True)
+            return _module_workload(x, ref, fused, device, dtype)
+        return setup
+
+    # SAGAN 64x64 G (conv_dim 64): attn1 on 128 ch at 16^2 (N = 256), attn2 on 64 ch at 32^2 (N = 1024);
+    # sampling at batch 16, training at the reference's batch 64 for attn1 and 16 for attn2 (CPU-sized).
+    # quick: N = 256 (the map path) and N = 576 (above MAP_PATH_MAX_POSITIONS: the op + the map with a graph)
+    quick = [dict(n=2, c=16, h=16, w=16), dict(n=2, c=16, h=24, w=24)]
+    tiny = [dict(n=1, c=16, h=4, w=4)]
+    register(BenchCase(
+        name="sagan_self_attn_eval", family=FAMILY, kind="op", setup=setup_for(False), modes=_FORWARD,
+        description="ganengine's SAGAN generator SelfAttn, fused vs unfused, eval under no_grad -> (out, attention)",
+        shapes={"ref": [dict(n=16, c=128, h=16, w=16), dict(n=16, c=64, h=32, w=32)], "quick": quick, "tiny": tiny},
+        traffic_shape=dict(n=1, c=16, h=8, w=8),
+        # on a CPU tensor under no_grad the fused block builds its map with the one-softmax eager
+        # composition on every backend (SelfAttn's docstring): no Triton kernel by design
+        triton_kernels=False,
+    ))
+    register(BenchCase(
+        name="sagan_self_attn_train", family="attention", kind="op", setup=setup_for(True), modes=("forward_backward",),
+        description="ganengine's SAGAN generator SelfAttn, fused vs unfused, training forward+backward "
+                    "(map returned, gradient through the output)",
+        shapes={"ref": [dict(n=64, c=128, h=16, w=16), dict(n=16, c=64, h=32, w=32)], "quick": quick, "tiny": tiny},
+        traffic_shape=dict(n=1, c=16, h=8, w=8),
+        # N <= MAP_PATH_MAX_POSITIONS on the CPU: the one-softmax composition, with a graph too
+        triton_kernels=False,
+    ))
+
+
 class _OutOnly(nn.Module):
     """A block returning (out, attention), called for its output only (a user's ``block(x)[0]``)."""
 
@@ -282,6 +334,7 @@ _PARTS = {
     "instance_norm_act_eval": _instance_norm_eval,
     "spectral_norm_eval": _spectral_norm_eval,
     "self_attention_eval": _self_attention_eval,
+    "sagan_self_attn": _sagan_self_attn,
     "batch_norm_eval": _batch_norm_eval,
     "biggan_snconv": _biggan_snconv,
 }

@@ -1,7 +1,7 @@
 """Registry of benchmark cases: one per op (forward, forward+backward) and per model step.
 
 An op family plugs in with one call (see ``cases_ops.py``; eval / forward-only module calls:
-``cases_eval.py``)::
+``cases_eval.py``; op cases under autocast: ``cases_autocast.py``)::
 
     register(OpCase(
         name="instance_norm_act", family="norm_act",
@@ -97,9 +97,10 @@ def load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from ganengine.bench import cases_eval, cases_models, cases_ops
+    from ganengine.bench import cases_autocast, cases_eval, cases_models, cases_ops
 
     cases_ops.register_all()
+    cases_autocast.register_all(dict(_CASES))   # op cases under torch.autocast (family "autocast")
     cases_eval.register_all()   # eval / forward-only module calls (family "eval")
     cases_models.register_all()
 

@@ -55,18 +55,38 @@ def machine_line(machine: dict) -> str:
             f"{load_txt}")
 
 
+# the ganengine runner `ganengine bench` times by default (runner.default_runners): the route a
+# user's call takes. Tables from before 2026-12-07 were measured with ganengine:cpu, the default then.
+DEFAULT_GANENGINE_RUNNER = "ganengine:auto"
+
+
+def runners_line(runners: list[str]) -> str:
+    """Which runners the table timed, and whether its ganengine runner is the default one (a table
+    read later, after the default changed, still says what it measured)."""
+    ours = [r for r in runners if r.startswith("ganengine:")]
+    line = f"Runners: {', '.join(runners)}."
+    if ours and DEFAULT_GANENGINE_RUNNER not in ours:
+        line += (f" The ganengine figures are {', '.join(ours)} (a named backend, strict), not "
+                 f"{DEFAULT_GANENGINE_RUNNER}, the route a user's call takes and `ganengine bench`'s default.")
+    elif ours:
+        line += f" {DEFAULT_GANENGINE_RUNNER} (the default) is the route a user's call takes."
+    return line
+
+
 def markdown(report: dict) -> str:
     """One table per (device, dtype): rows (case, shape, mode), a column per runner."""
     recs = report["records"]
     st = report["settings"]
     runners = st["runners"]
+    amp = f", under torch.autocast to {st['autocast']} (float32 inputs)" if st.get("autocast") else ""
     lines = [f"Machine: {machine_line(report['machine'])}.",
-             f"Settings: device {st['device']}, dtype {st['dtype']}, {st['size']} shapes, timer "
+             f"Settings: device {st['device']}, dtype {st['dtype']}{amp}, {st['size']} shapes, timer "
              f"{st['timer']}" + (f", {st['threads']} threads" if st.get("threads") else "") +
              ". Times are median ± half the interquartile range in ms; speedups are median ratios; "
              "peak memory is the extra memory of one call in MiB.", ""]
     if report.get("command"):
         lines.insert(1, f"Command: `{report['command']}`.")
+    lines.insert(len(lines) - 1, runners_line(runners))
     natives = [r for r in runners if r.startswith("ganengine:")]
     head = ["case", "shape", "mode"] + [f"{r} ms" for r in runners]
     with_compile = "compile" in runners

@@ -14,10 +14,18 @@ Runners:
 
 Modes: ``forward`` (under ``torch.no_grad``), ``forward_backward`` (forward + ``autograd.grad``
 with respect to every input that is trained, random upstream gradients), ``step`` (models).
+
+Autocast (``run(..., autocast="bf16")``; on the command line, the ``autocast`` family of
+cases_autocast.py, ``ganengine bench --ops autocast``): every runner's op call, the eager
+reference's and ganengine's alike, runs inside its own
+``torch.autocast(device, dtype)`` region (:func:`autocast_workload`), the region an AMP training
+step opens around its forward; the backward runs outside it, as autocast's documentation asks.
+Model steps are not timed so (their mixed precision is the trainer's ``--amp``, with its scaler).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import traceback
@@ -34,6 +42,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "float64": torch.float64, "fp64": torch.float64}
 
 
+# --autocast names -> the autocast dtype (CPU AMP users run bfloat16; CUDA: float16 or bfloat16)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                   "float16": torch.float16}
+
+
 class Skip(Exception):
     """A runner that does not apply to a case (reported with its reason, not as an error)."""
 
@@ -44,6 +57,37 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def parse_autocast(name: str | torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype ``name`` asks for (None: no autocast)."""
+    if name is None or isinstance(name, torch.dtype) and name in AUTOCAST_DTYPES.values():
+        return name
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} (or left out), got {name!r}")
+    return AUTOCAST_DTYPES[name]
+
+
+def under_autocast(fn: Callable, device_type: str, dtype: torch.dtype) -> Callable:
+    """``fn`` run inside a fresh ``torch.autocast(device_type, dtype)`` region per call: the region
+    an AMP step opens around its forward, so ATen's cache of a weight's cast lives for one call,
+    as it lives for one step (a region held across calls would keep it warm: unlike training)."""
+    def call(*args):
+        with torch.autocast(device_type, dtype=dtype):
+            return fn(*args)
+
+    call.autocast = (device_type, dtype)   # (what the region is: reports and tests read it)
+    return call
+
+
+def autocast_workload(work: Workload, device: torch.device | str, dtype: torch.dtype) -> Workload:
+    """``work`` with its reference and its fused function each under :func:`under_autocast`
+    (same region, same inputs); the backward of a forward_backward call stays outside it."""
+    if work.reference is None or work.fused is None:
+        raise Skip("autocast applies to op cases (a reference and a fused function)")
+    device_type = torch.device(device).type
+    return dataclasses.replace(work, reference=under_autocast(work.reference, device_type, dtype),
+                               fused=under_autocast(work.fused, device_type, dtype))
 
 
 def default_runners(device: torch.device, with_compile: bool = True) -> list[str]:
@@ -152,10 +196,13 @@ def _max_abs_err(a, b) -> float | None:
     return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(ta, tb))
 
 
-def child_call(case_name: str, params: dict, mode: str, runner: str, device: str, dtype: str):
+def child_call(case_name: str, params: dict, mode: str, runner: str, device: str, dtype: str,
+               autocast: str | None = None):
     """Rebuild one measurement's call in a fresh process (memory.cpu_peak_bytes_in_child)."""
     case = all_cases()[case_name]
     work = case.setup(params, torch.device(device), parse_dtype(dtype))
+    if autocast is not None:
+        work = autocast_workload(work, device, parse_autocast(autocast))
     call = make_call(case, work, mode, runner)
     scope = _scope_for(case, work, runner)
 
@@ -165,11 +212,16 @@ def child_call(case_name: str, params: dict, mode: str, runner: str, device: str
     return scoped
 
 
-def _record(case: BenchCase, params: dict, mode, runner, device, dtype) -> dict:
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _record(case: BenchCase, params: dict, mode, runner, device, dtype, autocast=None) -> dict:
     """One measurement's record with every field present (None until measured)."""
     return {"case": case.name, "family": case.family, "kind": case.kind, "mode": mode,
             "shape": params, "shape_label": shape_label(params), "device": device.type,
-            "dtype": str(dtype).replace("torch.", ""), "runner": runner, "status": "ok", "reason": None,
+            "dtype": _dtype_name(dtype), "autocast": _dtype_name(autocast), "runner": runner,
+            "status": "ok", "reason": None,
             "time_ms": None, "peak_mem_bytes": None, "max_abs_err": None, "first_call_s": None,
             "speedup_vs_eager": None, "speedup_vs_compile": None}
 
@@ -206,8 +258,9 @@ def run_group(case: BenchCase, params: dict, work: Workload, mode: str, runners:
     per round), so a change in machine load hits all of them alike and the ratios stay fair.
     """
     recs, live = [], []
+    region = getattr(work.fused, "autocast", None)   # (device type, dtype) of an autocast workload
     for runner in runners:
-        rec = _record(case, params, mode, runner, device, dtype)
+        rec = _record(case, params, mode, runner, device, dtype, region[1] if region else None)
         if runner == "ganengine:triton" and device.type == "cpu":
             rec["note"] = "Triton interpreter: a correctness path, its times are not performance figures"
         recs.append(rec)
@@ -245,7 +298,7 @@ def run_group(case: BenchCase, params: dict, work: Workload, mode: str, runners:
             rec["peak_mem_method"] = "cuda_allocator" if device.type == "cuda" else "rss_hwm"
             if rec["peak_mem_bytes"] is None and device.type == "cpu":
                 rec["peak_mem_bytes"] = memory.cpu_peak_bytes_in_child(
-                    child_call, (case.name, params, mode, rec["runner"], device.type, rec["dtype"]))
+                    child_call, (case.name, params, mode, rec["runner"], device.type, rec["dtype"], rec["autocast"]))
                 rec["peak_mem_method"] = "rss_child_process"
         except Exception as exc:
             _fail(rec, exc)
@@ -277,12 +330,15 @@ def run(cases: Iterable[BenchCase], device: str | torch.device = "cpu", dtype="f
         quick: bool = False, runners: list[str] | None = None, modes: list[str] | None = None,
         threads: int | None = None, repeats: int | None = None, warmup: int | None = None,
         budget_s: float | None = None, measure_memory: bool = True,
-        progress: Callable[[str], None] | None = None) -> dict:
-    """Benchmark ``cases``; returns ``{"settings": ..., "records": [...]}``."""
+        progress: Callable[[str], None] | None = None, autocast: str | torch.dtype | None = None) -> dict:
+    """Benchmark ``cases``; returns ``{"settings": ..., "records": [...]}``. ``autocast`` ("bf16",
+    "fp16"): every op call of every runner inside its own autocast region (module docstring)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available (use --device cpu)")
     dtype = parse_dtype(dtype)
+    amp = parse_autocast(autocast)
+    check_autocast(amp, dtype)
     if runners is not None and not list(runners):
         raise ValueError("no runner to measure (runners=[]): name at least one, or pass None for the defaults")
     # a name given twice is measured once (twice would be two records of one runner, with one timing)
@@ -299,10 +355,15 @@ def run(cases: Iterable[BenchCase], device: str | torch.device = "cpu", dtype="f
     with pinned_threads(n_threads) as used_threads:
         for case in cases:
             for params in case.shape_list(size):
+                if amp is not None and case.kind != "op":
+                    records.extend(_autocast_skips(case, params, runners, device, dtype, amp))
+                    continue
                 try:
                     work = case.setup(params, device, dtype)
+                    if amp is not None:
+                        work = autocast_workload(work, device, amp)
                 except Exception as exc:
-                    rec = _record(case, params, None, None, device, dtype)
+                    rec = _record(case, params, None, None, device, dtype, amp)
                     rec.update(status="error", reason=f"setup failed: {type(exc).__name__}: {exc}")
                     records.append(rec)
                     continue
@@ -314,8 +375,27 @@ def run(cases: Iterable[BenchCase], device: str | torch.device = "cpu", dtype="f
                     records.extend(run_group(case, params, work, mode, runners, device, dtype, cfg))
                 del work
     add_speedups(records)
-    settings = {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "size": size,
+    settings = {"device": device.type, "dtype": _dtype_name(dtype), "size": size,
                 "runners": runners, "threads": used_threads if device.type == "cpu" else None,
                 "timer": "triton.testing.do_bench" if device.type == "cuda" else "time.perf_counter",
-                **{k: v for k, v in cfg.items()}}
+                **{k: v for k, v in cfg.items()}, "autocast": _dtype_name(amp)}
     return {"settings": settings, "records": records}
+
+
+def check_autocast(amp: torch.dtype | None, dtype: torch.dtype) -> None:
+    """Autocast casts float32 inputs (what an AMP user's model holds): other input dtypes are a
+    usage error, said before anything is measured."""
+    if amp is not None and dtype != torch.float32:
+        raise ValueError(f"autocast runs float32 inputs under an autocast region: with autocast "
+                         f"{_dtype_name(amp)}, dtype must be float32, got {_dtype_name(dtype)}")
+
+
+def _autocast_skips(case, params, runners, device, dtype, amp) -> list[dict]:
+    """A model case under autocast: one skipped record per runner (the model is not built)."""
+    recs = []
+    for name in runners:
+        rec = _record(case, params, "step", name, device, dtype, amp)
+        rec.update(status="skipped", reason="autocast times op cases only: a model step's mixed precision "
+                                            "is the trainer's --amp (autocast plus its gradient scaler)")
+        recs.append(rec)
+    return recs

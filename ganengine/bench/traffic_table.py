@@ -47,6 +47,8 @@ def measure_case(case: BenchCase, dtype="float32", params: dict | None = None) -
     call after a warm-up call of each (the first call's lazy work is not what every call costs)."""
     dtype = parse_dtype(dtype)
     params = params or case.traffic_shape or case.shape_list("quick")[0]
+    if case.family == "autocast":
+        return _autocast_skipped(case, params, dtype)
     work = case.setup(params, torch.device("cpu"), dtype)
     args = work.args
     out = []
@@ -108,6 +110,17 @@ def measure_case(case: BenchCase, dtype="float32", params: dict | None = None) -
             rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
         out.append(rec)
     return out
+
+
+def _autocast_skipped(case: BenchCase, params: dict, dtype) -> list[dict]:
+    """The autocast family's records: not counted. The table runs the triton backend strictly,
+    which is not the route an autocast call takes (ATen's convolution under autocast is taken on
+    backend "auto" only), so its bytes and kernels would describe another call."""
+    why = ("autocast case: the traffic table times the triton backend strictly, not the route a call under "
+           "autocast takes (backend auto: ATen's convolution for the conv family)")
+    return [{"case": case.name, "family": case.family, "mode": mode, "shape": params,
+             "shape_label": shape_label(params), "dtype": str(dtype).replace("torch.", ""),
+             "status": "skipped", "reason": why} for mode in case.modes]
 
 
 def _kernel_table(tt: TritonTraffic) -> list[dict]:

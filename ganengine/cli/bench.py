@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
                    help="auto | cpu | cuda (default: auto, cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | float64")
+    p.add_argument("--autocast", default=None, choices=("bf16", "fp16"),
+                   help="run every op case's calls, eager's and ganengine's alike, each inside its own "
+                        "torch.autocast(device, dtype) region (float32 inputs; model steps are skipped)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a couple of minutes on CPU)")
     p.add_argument("--output", default="bench_results", metavar="DIR", help="output folder (default: bench_results)")
     p.add_argument("--runners", nargs="+", default=None, metavar="RUNNER",
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         args.device = None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:  # --dtype and --device before anything is measured or the output folder is created
-        runner.parse_dtype(args.dtype)
+        runner.check_autocast(runner.parse_autocast(args.autocast), runner.parse_dtype(args.dtype))
         device_or_error(device)
     except ValueError as exc:
         msg = str(exc).replace("dtype must be", "--dtype must be", 1)
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         writable_dir(args.output, "--output")
         result = runner.run(cases, device=device, dtype=args.dtype, quick=args.quick, runners=runners,
                             modes=args.modes, threads=args.threads, repeats=args.repeats,
-                            measure_memory=not args.no_memory,
+                            measure_memory=not args.no_memory, autocast=args.autocast,
                             progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     except ValueError as exc:
         print(f"ganengine bench: error: {exc}", file=sys.stderr)
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         from ganengine.bench import host_cost
 
         host = host_cost.measure(_at_dtype(_with_modes(cases, args.modes), args.dtype),
-                                 progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+                                 progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True),
+                                 autocast=args.autocast)
         host_dtype = str(runner.parse_dtype(args.dtype)).replace("torch.", "")
         for rec in host:
             rec["dtype"] = host_dtype
@@ -201,7 +205,7 @@ def _command_line(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value is not None:
             parts += [f"--{name}", *value]
-    for name in ("device", "threads", "repeats"):
+    for name in ("device", "threads", "repeats", "autocast"):
         if getattr(args, name) is not None:
             parts += [f"--{name}", str(getattr(args, name))]
     if args.dtype != "float32":
