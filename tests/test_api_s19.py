@@ -28,3 +28,18 @@ def test_backend_fallback_error_is_public():
     assert ganengine.BackendFallbackError is ganengine.backends.BackendFallbackError is _dispatch.BackendFallbackError
     assert issubclass(ganengine.BackendFallbackError, RuntimeError)
     assert "BackendFallbackError" in ganengine.__all__
+
+
+@pytest.mark.parametrize("model, option", [("stargan", "--c_dim"), ("acgan", "--n_classes"),
+                                           ("biggan", "--n_classes"), ("stackgan", "--text_dim")])
+def test_train_help_gives_one_default_for_options_from_the_data(model, option, capsys):
+    """An option whose value comes from the data says so once (no second, contradicting default)."""
+    import re
+
+    from ganengine.cli import main
+    with pytest.raises(SystemExit):
+        main(["train", model, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    text = out[out.rindex(f"{option} {option[2:].upper()}"):][:200]
+    assert "from the data; the reference's:" in text
+    assert len(re.findall(r"default:", text.split(" --", 1)[0])) == 1, text

@@ -181,7 +181,10 @@ def add_model_options(parser: argparse.ArgumentParser, defaults: dict, skip=(), 
         if name in skip or f"--{name}" in parser._option_string_actions:
             continue
         help_text = MODEL_HELP.get(name, name.replace("_", " "))
-        help_text = f"{help_text} (default: {default!r})".replace("%", "%%")
+        if help_text.endswith("default: from the data)"):  # the data's value wins (cli/train.py)
+            help_text = f"{help_text[:-1]}; the reference's: {default!r})".replace("%", "%%")
+        else:
+            help_text = f"{help_text} (default: {default!r})".replace("%", "%%")
         partner = PAIRED_OPTIONS.get(name)
         if partner and f"--{partner}" in parser._option_string_actions and not isinstance(default, bool):
             group.add_argument(f"--{name}", type=type(default) if isinstance(default, (int, float)) else scalar,
