@@ -269,11 +269,10 @@ def test_opcheck(backend, impl, one_thread):
         in_args = (y, x.detach(), w.detach(), c, mean, rstd)
         torch.library.opcheck(ops.conv2d_in_act_bwd, (*in_args, torch.rand(4), torch.randn(4), [2, 2], [1, 1], 0.2,
                                                       [True, False]), test_utils=_ALL_OPCHECK)
-        # without beta: the triton routes leave its gradient slot unwritten (new_empty; nothing reads
-        # it), which the aot tests compare between two calls
+        # without beta: its gradient slot is an empty (0,) tensor on every route (the triton routes
+        # once left a (C,) one unwritten, which the aot tests compared between two calls)
         torch.library.opcheck(ops.conv2d_in_act_bwd, (*in_args, torch.rand(4), None, [2, 2], [1, 1], 0.2,
-                                                      [True, False]),
-                              test_utils=_ALL_OPCHECK if backend == "cpu" else _ALL_OPCHECK[:3])  # (no aot)
+                                                      [True, False]), test_utils=_ALL_OPCHECK)
 
 
 _RAW_OPS = pytest.mark.skipif(

@@ -1,6 +1,7 @@
 // The Python fast entries of the conv family's lean routes: ganengine._C.conv3x3_entry,
 // .conv_entry and .conv2d_act_entry, called at the top of GF.conv3x3 / GF.conv2d /
-// GF.conv_transpose2d / GF.conv2d_act in plain eager mode.
+// GF.conv_transpose2d / GF.conv2d_act in plain eager mode (GF.conv2d / conv_transpose2d first ask
+// .conv_entry_default, conv_entry in the default state, see below).
 //
 // Why they exist: the dispatcher ops ganengine_C::conv3x3 / ::conv / ::conv2d_act cost more host
 // time per call than the generated ATen bindings the eager code calls (the torch.ops call parses
@@ -33,9 +34,16 @@
 //                   __torch_function__; FakeTensor is one), or a torch function mode on: the
 //                   caller goes through the dispatcher op, which honours them.
 // Any other error is the call's own and raises (c10 errors as the ATen bindings raise them).
+//
+// autocast_for(x): whether autocast is on for CPU or CUDA tensor x's device (None for anything else:
+// the caller asks torch._C._is_any_autocast_enabled). The public functions ask it before their
+// autocast shortcut: a METH_O call and a thread-local read, where _is_any_autocast_enabled (a
+// pybind11 function) cost ~0.1-0.2 us a call, a fifth of a tiny conv's Python (host_cost's
+// conv_small_kernels).
 // torch.compile and export never reach these (the Python callers check is_compiling, and the
 // torch backend skips them).
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -164,11 +172,9 @@ PyObject* conv3x3_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// conv_entry(x, weight, bias, stride, padding, output_padding, transposed[, routes])
-PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  int64_t routes;
-  if (!routes_arg(args, nargs, 7, "conv_entry", routes)) return nullptr;
+// conv_entry's body once ``routes`` is known: the output, None or NotImplemented (a new reference);
+// throws the call's own errors (the callers' HANDLE_TH_ERRORS convert them)
+PyObject* conv_call(PyObject* const* args, int64_t routes) {
   const Arg t = xwb(args);
   if (t == Arg::Decline) return declined();
   if (t == Arg::Dispatcher) return to_dispatcher();
@@ -193,7 +199,111 @@ PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                : conv_lean::run(x, w, b, stride, padding, output_padding, transposed);
   }
   return THPVariable_Wrap(std::move(y));
+}
+
+// conv_entry(x, weight, bias, stride, padding, output_padding, transposed[, routes])
+PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  int64_t routes;
+  if (!routes_arg(args, nargs, 7, "conv_entry", routes)) return nullptr;
+  return conv_call(args, routes);
   END_HANDLE_TH_ERRORS
+}
+
+// ---------------------------------------------------------------------------- the default state's entry
+// conv_entry_default(x, weight, bias, stride, padding, output_padding, transposed): conv_entry for a
+// CPU tensor in the state GF.conv2d / conv_transpose2d meet on nearly every call (backend 'auto',
+// autocast off for the CPU, the routes' Python state as conv_default_bind recorded it), which there
+// asked for that state per call in Python (the autocast probe, _dispatch.conv_routes, the
+// last_used record: ~0.5 us, at a tiny conv the whole difference to eager's host time). Served:
+// the output, recorded in _dispatch.last_used as "cpu" (the Python route's record); anything else,
+// None (nothing ran, nothing recorded): the caller asks its full eager route, in its order.
+// (the state is read from namespace dicts, a borrowed lookup each: ~4x cheaper than getattr)
+struct DefaultState {
+  PyObject* setting = nullptr;    // vars(backends._requested): its "value" None (GANENGINE_BACKEND unset) or "auto"
+  PyObject* env_data = nullptr;   // os.environ's own dict
+  PyObject* env_key = nullptr;    // GANENGINE_BACKEND as env_data's keys are
+  PyObject* guards = nullptr;     // ((namespace dict, name, value), ...): what the routes were resolved with
+  PyObject* last_used = nullptr;  // ops/_dispatch.last_used
+  int64_t routes = 0;             // the routes for CPU tensors in that state (0: not bound)
+};
+DefaultState g_default;  // (read and written with the GIL held)
+PyObject* s_value = nullptr;
+PyObject* s_conv = nullptr;
+PyObject* s_cpu = nullptr;
+
+// whether the Python state is the one bound: the requested backend 'auto' and every guard unchanged
+bool default_state() {
+  if (g_default.routes == 0) return false;
+  PyObject* value = PyDict_GetItemWithError(g_default.setting, s_value);  // (borrowed)
+  if (value == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  bool is_auto;
+  if (value == Py_None) {  // (then GANENGINE_BACKEND, read as _dispatch reads it: unset or empty is auto)
+    PyObject* raw = PyDict_GetItemWithError(g_default.env_data, g_default.env_key);
+    if (raw == nullptr && PyErr_Occurred()) PyErr_Clear();
+    const Py_ssize_t length = raw == nullptr ? 0 : PyObject_Length(raw);
+    if (length < 0) PyErr_Clear();
+    is_auto = length == 0;
+  } else {
+    is_auto = PyUnicode_Check(value) && PyUnicode_CompareWithASCIIString(value, "auto") == 0;
+  }
+  if (!is_auto) return false;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(g_default.guards); ++i) {
+    PyObject* guard = PyTuple_GET_ITEM(g_default.guards, i);
+    PyObject* now = PyDict_GetItemWithError(PyTuple_GET_ITEM(guard, 0), PyTuple_GET_ITEM(guard, 1));  // (borrowed)
+    if (now == nullptr) PyErr_Clear();
+    if (now != PyTuple_GET_ITEM(guard, 2)) return false;
+  }
+  return true;
+}
+
+PyObject* conv_entry_default(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!nargs_ok(nargs, 7, "conv_entry_default")) return nullptr;
+  if (!THPVariable_Check(args[0])) return declined();
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  if (!x.is_cpu() || at::autocast::is_autocast_enabled(at::kCPU) || !default_state()) return declined();
+  PyObject* y = conv_call(args, g_default.routes & (kLeanCpu | kVendorCpu));
+  if (y == Py_NotImplemented) {  // (a tensor subclass, a torch function mode: the full route's dispatcher op)
+    Py_DECREF(y);
+    return declined();
+  }
+  if (y != Py_None && PyDict_SetItem(g_default.last_used, s_conv, s_cpu) != 0) {
+    Py_DECREF(y);
+    return nullptr;
+  }
+  return y;
+  END_HANDLE_TH_ERRORS
+}
+
+// conv_default_bind(setting, env_data, env_key, guards, last_used, routes): records the default
+// state (see above: setting and the guards' first entries are namespace dicts); routes 0 unbinds
+PyObject* conv_default_bind(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!nargs_ok(nargs, 6, "conv_default_bind")) return nullptr;
+  int64_t routes;
+  if (!PyDict_Check(args[0]) || !PyDict_Check(args[1]) || !PyTuple_Check(args[3]) || !PyDict_Check(args[4]) ||
+      !int_arg(args[5], routes)) {
+    PyErr_SetString(PyExc_TypeError, "ganengine._C.conv_default_bind(setting: dict, env_data: dict, env_key, "
+                                     "guards: tuple, last_used: dict, routes: int)");
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[3]); ++i) {
+    PyObject* guard = PyTuple_GET_ITEM(args[3], i);
+    if (!PyTuple_Check(guard) || PyTuple_GET_SIZE(guard) != 3 || !PyDict_Check(PyTuple_GET_ITEM(guard, 0)) ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(guard, 1))) {
+      PyErr_SetString(PyExc_TypeError, "ganengine._C.conv_default_bind: each guard must be (dict, name, value)");
+      return nullptr;
+    }
+  }
+  PyObject* held[5] = {g_default.setting, g_default.env_data, g_default.env_key, g_default.guards,
+                       g_default.last_used};
+  for (int i = 0; i < 5; ++i) Py_INCREF(args[i]);
+  g_default = DefaultState{args[0], args[1], args[2], args[3], args[4], routes};
+  for (PyObject* o : held) Py_XDECREF(o);
+  Py_RETURN_NONE;
 }
 
 // conv2d_act_entry(x, weight, bias, stride, padding, negative_slope[, routes])
@@ -235,6 +345,16 @@ PyObject* conv2d_act_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// autocast_for(x) (see the top of the file)
+PyObject* autocast_for(PyObject*, PyObject* o) {
+  if (!THPVariable_Check(o)) Py_RETURN_NONE;
+  const at::Tensor& x = THPVariable_Unpack(o);
+  // (is_autocast_enabled throws for a device type autocast does not know, meta's)
+  if (!(x.is_cpu() || x.is_cuda())) Py_RETURN_NONE;
+  if (at::autocast::is_autocast_enabled(x.device().type())) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"conv3x3_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv3x3_entry)), METH_FASTCALL,
      "conv3x3_entry(x, weight, bias, padding, padding_mode[, routes]): GF.conv3x3's eager fast entry "
@@ -245,11 +365,23 @@ PyMethodDef methods[] = {
     {"conv2d_act_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv2d_act_entry)),
      METH_FASTCALL, "conv2d_act_entry(x, weight, bias, stride, padding, negative_slope[, routes]): GF.conv2d_act's "
      "eager fast entry"},
+    {"conv_entry_default", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv_entry_default)),
+     METH_FASTCALL, "conv_entry_default(x, weight, bias, stride, padding, output_padding, transposed): conv_entry "
+     "in the default state (csrc/cpu/conv_py.cpp)"},
+    {"conv_default_bind", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv_default_bind)),
+     METH_FASTCALL, "conv_default_bind(setting: dict, env_data, env_key, guards, last_used, routes): "
+     "conv_entry_default's state"},
+    {"autocast_for", autocast_for, METH_O,
+     "autocast_for(x): whether autocast is on for x's device (CPU or CUDA tensors; None otherwise)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 void add_entries(pybind11::module_& m) {
+  s_value = PyUnicode_InternFromString("value");
+  s_conv = PyUnicode_InternFromString("conv");
+  s_cpu = PyUnicode_InternFromString("cpu");
+  if (s_value == nullptr || s_conv == nullptr || s_cpu == nullptr) throw pybind11::error_already_set();
   if (PyModule_AddFunctions(m.ptr(), methods) != 0) throw pybind11::error_already_set();
   // conv3x3_entry / conv_entry take ``routes`` (ops/_dispatch.conv_routes asks: a build from before
   // it gets the Python route)

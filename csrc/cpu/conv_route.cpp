@@ -248,6 +248,19 @@ int64_t winograd4x4_tile(const at::Tensor& x, const at::Tensor& w, at::IntArrayR
                                                                                                               : 0;
 }
 
+// Whether the rules below all say oneDNN for this weight, whatever the input: a kernel of fewer than
+// kMinTaps taps (1x1, 2x2, 3x3: SAGAN's and BigGAN's convs) other than a 3x3 one of
+// kMinWeightSmallKernel+ elements, unless the GEMM policy is "always" (use_gemm's only other way
+// in; Winograd 4x4 takes 4x4 kernels only, the NHWC rules kMinTaps+ taps only). Asked first, so
+// these calls skip the rules' checks and the Winograd configuration's lock (at a tiny shape the
+// decision was part of what is compared with eager, host_cost's conv_small_kernels).
+bool small_kernel_onednn(const at::Tensor& w) {
+  if (w.dim() != 4) return false;
+  const int64_t taps = w.size(2) * w.size(3);
+  if (taps >= kMinTaps || (taps == 9 && w.numel() >= kMinWeightSmallKernel)) return false;
+  return gemm_policy_ref().load(std::memory_order_relaxed) != 1;
+}
+
 }  // namespace
 
 // auto / always / never (any case); anything else is auto here (settings.py reports it)
@@ -289,6 +302,7 @@ int64_t winograd3x3_tile() { return env_int("GANENGINE_WINOGRAD_TILE", 2) == 4 ?
 
 Decision decide(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                 bool transposed, at::IntArrayRef output_padding) {
+  if (small_kernel_onednn(w)) return {Route::OneDNN, 0};
   if (use_gemm(x, w, stride, padding, transposed)) return {Route::Gemm, 0};
   const int64_t tile = winograd4x4_tile(x, w, stride, padding, transposed, output_padding);
   if (tile > 0) return {Route::Winograd4x4, tile};

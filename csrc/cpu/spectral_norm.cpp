@@ -11,6 +11,12 @@
 //   without another pass (last V: v = s / m with s = M^T u, so u . M v = ||s||^2 / m; same for
 //   U), or directly when steps == 0 (eval). u_out / v_out are the vectors sigma was computed
 //   with; with write_state they are also copied into us / vs (the in-place buffer update).
+// spectral_norm_fwd_functional(weights, us, vs, first, steps, eps, write_state)
+//   The same outputs without the state write (us / vs are only read; write_state only says
+//   whether v is checked as a state vector). spectral_norm_fwd's Functionalize kernel runs it
+//   and hands u_out / v_out to functionalization as the new us / vs: AOTAutograd (torch.compile,
+//   opcheck's aot_dispatch tests) cannot functionalize a mutating op that returns lists by
+//   itself, and eager calls never reach that kernel (their cost is unchanged).
 // spectral_norm_bwd(grads, gsig, weights, u_out, v_out, sigma) -> dW[]
 //   dW = g / sigma + (gsig - <g, W> / sigma^2) u v^T  (u, v constants: PyTorch's graph).
 //
@@ -19,6 +25,8 @@
 // columns, norms are sequential, <g, W> sums fixed chunks of kChunk elements in order. So one
 // layer gives the same bits alone or in a group. fp32 and fp64 (accumulated in their own type).
 #include <ATen/ATen.h>
+#include <ATen/FunctionalTensorWrapper.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -320,9 +328,12 @@ void check_layer(const at::Tensor& w, const at::Tensor& u, const at::Tensor& v, 
               ",) vector of the weight's dtype");
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> sn_fwd(
-    at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t first, int64_t steps, double eps,
-    bool write_state) {
+using FwdOut = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+
+// write_back: copy u_out / v_out into us / vs where write_state asks for it (spectral_norm_fwd);
+// false: us / vs are only read (spectral_norm_fwd_functional)
+FwdOut sn_forward(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t first, int64_t steps,
+                  double eps, bool write_state, bool write_back) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(us.size()) == L && static_cast<int64_t>(vs.size()) == L,
               "spectral_norm_fwd: weights, us and vs must be non-empty lists of one length");
@@ -341,10 +352,89 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     at::Tensor u = us[i], v = vs[i];
     AT_DISPATCH_FLOATING_TYPES(dtype, "spectral_norm_fwd", [&] {
       sigma.data_ptr<scalar_t>()[i] =
-          layer_forward<scalar_t>(weights[i], u, v, w_sn[i], u_out[i], v_out[i], first, steps, eps, write_state);
+          layer_forward<scalar_t>(weights[i], u, v, w_sn[i], u_out[i], v_out[i], first, steps, eps,
+                                  write_state && write_back);
     });
   }
   return {w_sn, u_out, v_out, sigma};
+}
+
+FwdOut sn_fwd(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t first, int64_t steps, double eps,
+              bool write_state) {
+  return sn_forward(weights, us, vs, first, steps, eps, write_state, /*write_back=*/true);
+}
+
+FwdOut sn_fwd_functional(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t first, int64_t steps,
+                         double eps, bool write_state) {
+  return sn_forward(weights, us, vs, first, steps, eps, write_state, /*write_back=*/false);
+}
+
+using FwdSig = FwdOut(at::TensorList, at::TensorList, at::TensorList, int64_t, int64_t, double, bool);
+
+// ---------------------------------------------------------------------------- functionalization
+// The boilerplate of ATen's generated Functionalize kernels for an in-place op: unwrap the
+// arguments, run the out-of-place variant below functionalization, then replace the mutated
+// arguments' values with the new ones and commit them (AOTAutograd copies them back into the
+// real state buffers after the graph).
+namespace fn = at::functionalization::impl;
+
+std::vector<at::Tensor> unwrap(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) {
+    if (fn::isFunctionalTensor(t)) {
+      fn::sync(t);
+      out.push_back(fn::from_functional_tensor(t));
+    } else {
+      out.push_back(t);
+    }
+  }
+  return out;
+}
+
+bool all_functional(at::TensorList ts) {
+  return std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return fn::isFunctionalTensor(t); });
+}
+
+bool any_functional(at::TensorList ts) {
+  return std::any_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return fn::isFunctionalTensor(t); });
+}
+
+void write_state_into(at::TensorList state, const std::vector<at::Tensor>& values) {
+  for (size_t i = 0; i < state.size(); ++i) {
+    fn::replace_(state[i], values[i]);
+    fn::commit_update(state[i]);
+    fn::sync(state[i]);
+  }
+}
+
+FwdOut sn_fwd_functionalize(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t first,
+                            int64_t steps, double eps, bool write_state) {
+  const bool writes = write_state && steps > 0;  // (eval, steps 0, writes nothing)
+  if (writes && !(all_functional(us) && all_functional(vs))) {
+    // state outside functionalization: only with no functional argument at all (the generated
+    // kernels' rule), then the in-place op itself runs
+    TORCH_CHECK(!any_functional(weights) && !any_functional(us) && !any_functional(vs),
+                "spectral_norm_fwd: under functionalization the state vectors it writes (us, vs) must be "
+                "functional tensors when any other argument is");
+    at::AutoDispatchSkipFunctionalize guard;
+    return sn_fwd(weights, us, vs, first, steps, eps, write_state);
+  }
+  static const auto functional =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::spectral_norm_fwd_functional", "").typed<FwdSig>();
+  const std::vector<at::Tensor> w_ = unwrap(weights), u_ = unwrap(us), v_ = unwrap(vs);
+  FwdOut r;
+  {
+    at::AutoDispatchSkipFunctionalize guard;
+    r = functional.call(w_, u_, v_, first, steps, eps, write_state);
+  }
+  auto& [w_sn, u_out, v_out, sigma] = r;
+  if (writes) {
+    write_state_into(us, u_out);
+    write_state_into(vs, v_out);
+  }
+  return {fn::to_functional_tensor(w_sn), fn::to_functional_tensor(u_out), fn::to_functional_tensor(v_out),
+          fn::to_functional_tensor(sigma)};
 }
 
 template <typename T>
@@ -414,11 +504,18 @@ std::vector<at::Tensor> sn_bwd(at::TensorList grads, const at::Tensor& gsig, at:
 TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
   m.def("spectral_norm_fwd(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int first, int steps, float eps, "
         "bool write_state) -> (Tensor[], Tensor[], Tensor[], Tensor)");
+  m.def("spectral_norm_fwd_functional(Tensor[] weights, Tensor[] us, Tensor[] vs, int first, int steps, float eps, "
+        "bool write_state) -> (Tensor[], Tensor[], Tensor[], Tensor)");
   m.def("spectral_norm_bwd(Tensor[] grads, Tensor gsig, Tensor[] weights, Tensor[] u_out, Tensor[] v_out, "
         "Tensor sigma) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
   m.impl("spectral_norm_fwd", &ganengine::spectral_norm_cpu::sn_fwd);
+  m.impl("spectral_norm_fwd_functional", &ganengine::spectral_norm_cpu::sn_fwd_functional);
   m.impl("spectral_norm_bwd", &ganengine::spectral_norm_cpu::sn_bwd);
+}
+
+TORCH_LIBRARY_IMPL(ganengine_C, Functionalize, m) {
+  m.impl("spectral_norm_fwd", &ganengine::spectral_norm_cpu::sn_fwd_functionalize);
 }

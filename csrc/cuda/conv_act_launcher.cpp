@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_fwd(const
 }
 
 // -> (dx, dw, dgamma, dbeta): dgamma / dbeta (C) summed over the batch where gamma / beta exist
-// (else uninitialised, as the Python route's: nothing reads them), in the accumulation dtype
+// (else an empty (0,) tensor, as every backend's: no kernel), in the accumulation dtype
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& mean,
     const at::Tensor& rstd, const OptT& gamma, const OptT& beta, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -170,8 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_bwd(
   dx = m0 ? dx.contiguous(format_of(x)) : at::empty({0}, x.options());
   dw = m1 ? dw.contiguous(format_of(w)) : at::empty({0}, w.options());
   const bool hg = gamma.has_value() && gamma->defined(), hb = beta.has_value() && beta->defined();
-  const int64_t C = mean.size(1);
-  return {dx, dw, hg ? gsum.sum(0) : at::empty({C}, mean.options()), hb ? bsum.sum(0) : at::empty({C}, mean.options())};
+  return {dx, dw, hg ? gsum.sum(0) : at::empty({0}, mean.options()), hb ? bsum.sum(0) : at::empty({0}, mean.options())};
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.fusion.copying import FusedModule
-from ganengine.ops._conv_common import any_autocast, input_in_weight_layout
+from ganengine.ops._conv_common import input_in_weight_layout, module_autocast
 
 
 def _act_slope(activation: str, negative_slope: float):
@@ -29,7 +29,7 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
     when ``slope`` is None, no division when ``sigma`` is None) on the fused conv ops, honouring
     ``m.padding_mode`` ("zeros", or "reflect" for 3x3 stride-1 convs). With ``sigma``, the
     division goes to whichever is smaller, the weight or the output (ganengine/fusion/spectral.py)."""
-    if sigma is None and any_autocast() and _autocast_on(x):
+    if sigma is None and module_autocast(x):
         return _plain_conv(m, x, w, m.bias, slope)
     if sigma is not None:
         if side == "auto" and x.dim() == 4:
@@ -94,13 +94,6 @@ def _ops() -> tuple:
     return _OPS
 
 
-def _autocast_on(x) -> bool:
-    """Autocast on for x's device (asked only where torch._C._is_any_autocast_enabled()): every
-    fused conv route then runs ATen's convolution on operands it casts per call, at more host time
-    than the module's own forward, which casts as autocast does (the weight's cast cached)."""
-    return isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
-
-
 def _plain_conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None, inplace: bool = True):
     """PyTorch's own conv of the module (eager's call), then the activation."""
     y = m._conv_forward(x, w, bias) if hasattr(m, "_conv_forward") else F.conv2d(x, w, bias, m.stride, m.padding)
@@ -108,8 +101,9 @@ def _plain_conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None, 
 
 
 def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> torch.Tensor:
-    # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W)); autocast: see _autocast_on
-    if x.dim() != 4 or (any_autocast() and _autocast_on(x)):
+    # unbatched: PyTorch's own conv (the fused ops take (N, C, H, W)); autocast with backend 'auto':
+    # the module's own forward (_conv_common.module_autocast: a named backend keeps its route)
+    if x.dim() != 4 or module_autocast(x):
         return _plain_conv(m, x, w, bias, slope, inplace=x.dim() == 4)
     conv2d, conv3x3, winograd_profitable, conv2d_act = _ops()
     stride, padding, mode = tuple(m.stride), tuple(m.padding), m.padding_mode
@@ -117,7 +111,10 @@ def _conv(m, x: torch.Tensor, w: torch.Tensor, bias, slope: float | None) -> tor
     # the compiler gets PyTorch's conv, and conv3x3's custom op for reflect padding; nor under
     # torch.jit.trace (export: the builtins return Python bools, which a trace cannot record)
     compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    x = input_in_weight_layout(x, w)  # (eager's output layout)
+    xw = input_in_weight_layout(x, w)  # (eager's output layout)
+    if xw is None:  # (which only eager's call gives: _conv_common.input_in_weight_layout)
+        return _plain_conv(m, x, w, bias, slope)
+    x = xw
     if tuple(w.shape[-2:]) == (3, 3) and stride == (1, 1) and padding[0] == padding[1]:
         # Winograd where it pays (and for reflect padding, read in place); the activation, if
         # any, then runs in place on the conv's fresh output (nothing else holds it)
@@ -224,8 +221,11 @@ def conv_transpose_apply(m, x: torch.Tensor, w: torch.Tensor, sigma: torch.Tenso
     smaller of the weight and the output."""
     from ganengine.ops.conv import conv_transpose2d
 
-    if x.dim() != 4:
+    # (unbatched, or the output layout only eager's call gives: _conv_common.input_in_weight_layout;
+    # w / sigma keeps w's layout)
+    if x.dim() != 4 or (xw := input_in_weight_layout(x, w)) is None:
         return F.conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, m.output_padding, m.groups, 1, m.dilation)
+    x = xw
     op = tuple(m._output_padding(x, None, list(m.stride), list(m.padding), list(m.kernel_size), 2, list(m.dilation)))
     if side == "auto":
         (sh, sw), (ph, pw), (kh, kw) = tuple(m.stride), tuple(m.padding), tuple(w.shape[-2:])
@@ -253,11 +253,12 @@ class ConvTransposeMixin(ConvMixin):
             return super(ConvMixin, self).forward(x, output_size)
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
                                               list(self.kernel_size), 2, list(self.dilation))
-        if any_autocast() and _autocast_on(x):  # (nn.ConvTranspose2d.forward's call, on the fused weight)
+        if module_autocast(x) or (xw := input_in_weight_layout(x, w)) is None:
+            # (nn.ConvTranspose2d.forward's call on the fused weight: eager's under autocast, and the
+            # output layout only it gives, _conv_common.input_in_weight_layout)
             return F.conv_transpose2d(x, w, self.bias, self.stride, self.padding, output_padding, self.groups,
                                       self.dilation)
-        return conv_transpose2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding,
-                                tuple(output_padding))
+        return conv_transpose2d(xw, w, self.bias, self.stride, self.padding, tuple(output_padding))
 
     def _ganengine_act_forward(self, activation, negative_slope, x):  # not a graph head
         raise NotImplementedError

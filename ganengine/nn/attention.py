@@ -30,8 +30,8 @@ from torch import nn
 from ganengine.fusion.checks import any_global_hooks
 from ganengine.ops import _dispatch, _eager
 from ganengine.ops._eager import autocast_off
-from ganengine.ops.attention import (_as, acc_dtype, attention, attention_map, composed_attend, composes,
-                                     self_attention2d, stacked_conv1x1)
+from ganengine.ops.attention import (_as, acc_dtype, attention, attention_map, autocast_core, autocast_eager,
+                                     composed_attend, composes, self_attention2d, stacked_conv1x1)
 
 # SelfAttention2d with the map returned (SAGAN's ``Self_Attn`` returns ``(out, attention)``): up to
 # this many positions N = H*W the block runs as ONE softmax over the map it must build anyway
@@ -151,6 +151,9 @@ class SelfAttention2d(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self._projections(x, plain)
         gamma = _own_param(self, "gamma")
+        if want and autocast_eager(x, h * w, x):   # CPU autocast: eager's ops (ops/attention.py autocast_eager)
+            out, attn = autocast_core(q, k, v, x, gamma, True)
+            return (out if self.keep_layout or out.is_contiguous() else out.contiguous()), attn
         if want and x.is_cpu:
             n = h * w
             # forward only (no graph recorded): one softmax at any N, o = V P^T (the transposed

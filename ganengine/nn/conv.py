@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ganengine.ops._conv_common import any_autocast, input_in_weight_layout, module_autocast
+from ganengine.ops._conv_common import input_in_weight_layout, module_autocast
 from ganengine.ops.conv import conv2d, conv_transpose2d
 
 
@@ -32,12 +32,14 @@ class Conv2d(nn.Conv2d):
                              f"padding_mode={self.padding_mode!r}, padding={self.padding!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any_autocast() and module_autocast(x):  # (eager's call under autocast: _conv_common)
+        if module_autocast(x):  # (eager's call under autocast: _conv_common)
             return super().forward(x)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight
-        return conv2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding)
+        if (xw := input_in_weight_layout(x, w)) is None:  # (eager's output layout: only eager's call gives it)
+            return super().forward(x)
+        return conv2d(xw, w, self.bias, self.stride, self.padding)
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d) -> "Conv2d":
@@ -60,7 +62,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                              f"groups={self.groups}, dilation={self.dilation}")
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if any_autocast() and module_autocast(x):  # (eager's call under autocast: _conv_common)
+        if module_autocast(x):  # (eager's call under autocast: _conv_common)
             return super().forward(x, output_size)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.ConvTranspose2d takes it
             size = None if output_size is None else list(output_size)[-2:]  # ((C, H, W) as torch takes it)
@@ -70,8 +72,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
                                               list(self.kernel_size), 2, list(self.dilation))
         w = self.weight
-        return conv_transpose2d(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding,
-                                tuple(output_padding))
+        if (xw := input_in_weight_layout(x, w)) is None:  # (as Conv2d's)
+            return super().forward(x, output_size)
+        return conv_transpose2d(xw, w, self.bias, self.stride, self.padding, tuple(output_padding))
 
     @classmethod
     def from_module(cls, conv: nn.ConvTranspose2d) -> "ConvTranspose2d":

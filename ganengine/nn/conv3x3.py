@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ganengine.ops._conv_common import any_autocast, input_in_weight_layout, module_autocast
+from ganengine.ops._conv_common import input_in_weight_layout, module_autocast
 from ganengine.ops.conv3x3 import conv3x3
 
 
@@ -31,12 +31,14 @@ class Conv3x3(nn.Conv2d):
                          padding_mode=padding_mode, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any_autocast() and module_autocast(x):  # (eager's call under autocast: _conv_common)
+        if module_autocast(x):  # (eager's call under autocast: _conv_common)
             return super().forward(x)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight
-        return conv3x3(input_in_weight_layout(x, w), w, self.bias, self.padding[0], self.padding_mode)
+        if (xw := input_in_weight_layout(x, w)) is None:  # (eager's output layout: only eager's call gives it)
+            return super().forward(x)
+        return conv3x3(xw, w, self.bias, self.padding[0], self.padding_mode)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, padding: int | None = None, padding_mode: str | None = None) -> "Conv3x3":

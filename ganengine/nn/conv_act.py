@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ganengine.nn._adopt import act_repr
-from ganengine.ops._conv_common import any_autocast, input_in_weight_layout, module_autocast
+from ganengine.ops._conv_common import input_in_weight_layout, module_autocast
 from ganengine.ops.conv import _out_size as conv_out_size
 from ganengine.ops.conv_act import act_on_fresh, conv2d_act, conv2d_instance_norm_act
 
@@ -42,12 +42,14 @@ class Conv2dAct(nn.Conv2d):
         self.negative_slope = float(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any_autocast() and module_autocast(x):  # (eager's calls under autocast: _conv_common)
+        if module_autocast(x):  # (eager's calls under autocast: _conv_common)
             return act_on_fresh(super().forward(x), self.negative_slope)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w = self.weight
-        return conv2d_act(input_in_weight_layout(x, w), w, self.bias, self.stride, self.padding, self.negative_slope)
+        if (xw := input_in_weight_layout(x, w)) is None:  # (eager's output layout: only eager's call gives it)
+            return act_on_fresh(super().forward(x), self.negative_slope)
+        return conv2d_act(xw, w, self.bias, self.stride, self.padding, self.negative_slope)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, negative_slope={self.negative_slope}"

@@ -64,15 +64,36 @@ def suggests_channels_last(sizes, strides) -> bool:
     return True
 
 
-def input_in_weight_layout(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x`` as the module's convolution should read it: channels_last when the weight is (a model
-    moved to channels_last) and ``x`` is not. PyTorch's convolution writes its output channels_last
-    when the input or the weight is; the fused ops follow the input's layout, so a module hands
-    them x in the weight's layout to give eager's output layout (dropout after it draws its mask
-    in memory order; a .view() needs the layout). Eager's convolution makes the same copy."""
-    if w.is_contiguous() or x.dim() != 4 or not w.is_contiguous(memory_format=torch.channels_last):
+def input_in_weight_layout(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as a module's convolution should read it for eager's output layout. PyTorch's convolution
+    writes its output channels_last where the input or the weight suggests it (their strides' order,
+    ``suggest_memory_format``: a model moved to channels_last); the fused ops follow the input's
+    layout (``out_format``), so a module hands them x in channels_last where the weight suggests it
+    and x does not (dropout after it draws its mask in memory order; a .view() needs the layout).
+    A weight or input that is both layouts at once (a 1x1 kernel or map, one channel) is read by
+    its strides, as eager reads it: the DCGAN generator's N x nz x 1 x 1 noise in a channels_last
+    model gives a channels_last output, as eager's. Eager's convolution makes the same copy of x
+    (none where x is both layouts: then the same memory with channels_last strides). None where no
+    strides of x give it: one channel on a 1x1 map (N x 1 x 1 x 1 reads as NCHW in every order) with
+    a channels_last weight; the module then runs PyTorch's own convolution (a layer of N numbers)."""
+    if w.is_contiguous():
+        # (an NCHW weight, unless a 1x1 kernel or one input channel makes it both layouts: only
+        # then can its unit stride be the channels', see suggests_channels_last)
+        if w.dim() != 4 or w.stride(1) != 1 or not suggests_channels_last(w.shape, w.stride()):
+            return x
+    elif w.dim() != 4 or not (w.is_contiguous(memory_format=torch.channels_last)
+                              or suggests_channels_last(w.shape, w.stride())):
         return x
-    return x.contiguous(memory_format=torch.channels_last)
+    if x.dim() != 4:
+        return x
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.is_contiguous() and not (x.stride(1) == 1 and suggests_channels_last(x.shape, x.stride())):
+        # both layouts at once with NCHW strides: its memory is the NHWC order too, viewed so
+        # (views: no copy, and autograd's backward of a view)
+        n, c, h, w_ = x.shape
+        return x.view(n, h, w_, c).permute(0, 3, 1, 2) if c * h * w_ > 1 else None
+    return x
 
 
 def pair(name: str, v, minimum: int) -> list[int]:
@@ -141,6 +162,28 @@ def autocast_args(x, *tensors):
 # autocast runs ATen's op itself, as eager code calls it: eager's casts (cache included), numbers,
 # autograd and cost. Bad input still raises the route's own error (``eager_autocast_error``).
 any_autocast = torch._C._is_any_autocast_enabled  # (one C call: the fp32 calls' only cost of this path)
+
+
+def _autocast_unknown(x):
+    return None
+
+
+# autocast_for(x): whether autocast is on for CPU or CUDA tensor x's device, None for anything else
+# (then ask any_autocast()): the extension's METH_O function (csrc/cpu/conv_py.cpp), a thread-local
+# read at ~30 ns a call, where any_autocast, a pybind11 function, costs 0.1-0.2 us, a fifth of a tiny
+# conv's Python. The public functions ask
+#     (on := autocast_for(x)) or (on is None and any_autocast())
+# before their autocast shortcut (which then asks about x's device itself).
+autocast_for = getattr(_ext._C, "autocast_for", None) or _autocast_unknown
+
+
+def _autocast_for_traced(x):
+    return None
+
+
+# (dynamo cannot trace the builtin: it traces this instead, and the callers' any_autocast, as before)
+if autocast_for is not _autocast_unknown and hasattr(torch.compiler, "substitute_in_graph"):
+    torch.compiler.substitute_in_graph(autocast_for, skip_signature_check=True)(_autocast_for_traced)
 _autocast_enabled = torch.is_autocast_enabled
 # the dtypes ATen's autocast casts to the autocast dtype; it keeps fp64, which autocast_args casts
 _CASTS = (torch.float32, torch.float16, torch.bfloat16)
@@ -170,11 +213,14 @@ def eager_autocast(x, weight, bias, vendor_entry: tuple | None = None) -> bool:
 
 
 def module_autocast(x) -> bool:
-    """Whether a drop-in conv module (gnn.Conv2d, ConvTranspose2d, Conv3x3, Conv2dAct) runs nn's own
-    forward for this call: autocast on for x's device and the backend left to 'auto' (asked only
-    where ``any_autocast()``). Its call is then eager's exactly (casts, weight-cast cache, fp64 kept,
-    layout, autograd), where even the public function's autocast shortcut adds ~8 us of checks to
-    a tiny layer; a named backend keeps its route, as in fp32."""
+    """Whether a drop-in conv module (gnn.Conv2d, ConvTranspose2d, Conv3x3, Conv2dAct) or a conv
+    module of ganengine.fuse (fusion/mixins.py) runs nn's own forward for this call: autocast on for
+    x's device and the backend left to 'auto'. Its call is then eager's exactly (casts,
+    weight-cast cache, fp64 kept, layout, autograd), where even the public function's autocast
+    shortcut adds ~8 us of checks to a tiny layer; a named backend keeps its route, as in fp32.
+    Outside autocast (every fp32 call) one cheap ask (autocast_for)."""
+    if not ((on := autocast_for(x)) or (on is None and any_autocast())):
+        return False
     return (isinstance(x, torch.Tensor) and _autocast_enabled("cpu" if x.is_cpu else x.device.type)
             and _dispatch._requested_backend() == "auto")
 

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch, _eager
+from ganengine.ops._conv_common import any_autocast, autocast_for
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch backend: query rows per chunk are chosen so a score chunk stays near this many elements
@@ -409,10 +410,11 @@ COMPOSED_FWD_MAX_PAIRS = 1 << 20   # inclusive, on N * M
 def composes(n: int, m: int, *tensors) -> bool:
     """Whether a call of the core on (N = n, M = m) positions with these tensors (q/x first) takes
     the forward-only composition: CPU, backend "auto", no graph recorded, 144 < N, N M <= 2^20,
-    a plain eager call (not compiling, tracing or under a dispatch mode: those see the custom ops)."""
+    a plain eager call (not compiling, tracing or under a dispatch mode: those see the custom ops),
+    not under CPU autocast (``autocast_eager``: the core serves those calls with eager's ops)."""
     return (n > COMPOSED_FWD_MIN_POSITIONS and n * m <= COMPOSED_FWD_MAX_PAIRS and tensors[0].is_cpu
             and not _eager.records_graph(tensors, forward_ad=False) and _dispatch._requested_backend() == "auto"
-            and _eager.plain_eager(*tensors))
+            and not autocast_eager(tensors[0], n) and _eager.plain_eager(*tensors))
 
 
 @_eager.autocast_off
@@ -443,12 +445,80 @@ def composed_attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(v, torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1).transpose(1, 2))
 
 
+# ----------------------------------------------------------------------------- CPU autocast: eager's ops
+# Under CPU autocast (bfloat16 / float16) the eager block runs its two products as low-precision
+# GEMMs (oneDNN, on bf16 dot-product hardware ~2x fp32's rate) and a softmax of the low-precision
+# scores; the fused routes widen q, k, v to fp32 (the C++ flash kernels and the forward-only
+# composition are fp32 / fp64 only), so under autocast they ran 0.53-0.68x the eager block's
+# forward and 0.71-0.96x its forward + backward (SAGAN c = 64 / 128, N = 1024, one thread;
+# docs/attention.md "CPU autocast"). So a call under CPU autocast with the backend left to
+# "auto" and more than AUTOCAST_EAGER_MIN_POSITIONS query positions (below) runs eager's ops:
+# bmm, softmax, bmm in the autocast dtype (autocast casts them), the residual x + gamma o as one
+# addcmul with eager's type promotion (SAGAN's fp32 (1,) gamma makes a bf16 x's output fp32, as
+# eager's gamma * o + x does; BigGAN's 0-dim gamma keeps x's dtype): eager's numbers, output
+# dtypes, autograd and cost. A named backend keeps its route. (A bf16 flash kernel in C++ would
+# be the way to beat eager here.)
+# At up to AUTOCAST_EAGER_MIN_POSITIONS query positions the call is host-bound and the fused route
+# (the C++ entry: one call; fp32 products) stays cheaper than eager's ops under autocast (thread
+# time, one thread, B = 1 / 4, C = 16 / 64, forward and forward + backward: the fused route
+# 1.39-2.47x eager at N = 16..144 where eager's ops ran 1.34-2.01x; at N = 256 0.97-1.48x vs
+# 1.16-1.43x; at N = 576 0.44-1.10x vs 0.71-1.16x: /tmp/amptfix/sweep.py, 2026-12-07), and its
+# output is fp32 as eager's is for an fp32 x; a half / bf16 residual x takes eager's ops at every
+# N (eager's gamma * o + x promotes to fp32, the fused route keeps x's dtype).
+AUTOCAST_EAGER_MIN_POSITIONS = 144   # exclusive, on N
+
+
+def autocast_eager(t, n: int, residual=None) -> bool:
+    """Whether a call on CPU tensor ``t`` (q or x) with ``n`` query positions runs eager's ops
+    (above): CPU autocast on, backend "auto", and n > AUTOCAST_EAGER_MIN_POSITIONS or a half /
+    bf16 ``residual`` x. Outside autocast one thread-local read (``autocast_for``: every fp32
+    call's only cost)."""
+    if not ((on := autocast_for(t)) or (on is None and any_autocast())):
+        return False
+    return (t.is_cpu and torch.is_autocast_enabled("cpu") and _dispatch._requested_backend() == "auto"
+            and (n > AUTOCAST_EAGER_MIN_POSITIONS
+                 or (isinstance(residual, Tensor) and residual.dtype in (torch.float16, torch.bfloat16))))
+
+
+def autocast_core(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor, return_attention: bool = False):
+    """``x + gamma * v softmax(q^T k)^T`` (and the map) as eager's ops under the caller's autocast
+    (``autocast_eager``): the products in the autocast dtype, the residual with eager's type
+    promotion. x may be (B, C, N) or any shape whose flattening is (B, C, N); out has x's shape."""
+    p = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)      # (B, N, M)
+    o = torch.bmm(v, p.transpose(1, 2))                               # (B, C, N)
+    out = torch.addcmul(x, gamma, o.view(x.shape))                    # gamma (1,) or (): broadcasts
+    _dispatch.last_used["attention"] = "torch"
+    return (out, p) if return_attention else out
+
+
+def _autocast_block(x, qw, qb, kw, kb, vw, vb, gamma, return_attention: bool):
+    """The block as eager's ops under CPU autocast (``autocast_eager``), or None where the checked
+    route must decide (arguments it would refuse or reshape: its public errors)."""
+    if not (x.dim() == 4 and x.is_floating_point() and isinstance(gamma, Tensor) and gamma.numel() == 1
+            and gamma.device == x.device):
+        return None
+    b, c, h, w = x.shape
+    if not (b and h * w and _plain_block_args(c, qw, qb, kw, kb, vw, vb) and qw.shape[0]):
+        return None
+    d = qw.shape[0]
+    qkv = stacked_conv1x1(x, (qw, kw, vw), (qb, kb, vb))   # one conv (autocast casts it), else three
+    if qkv is not None:
+        q, k, v = qkv.flatten(2).split_with_sizes((d, d, c), 1)
+    else:
+        q, k, v = F.conv2d(x, qw, qb).flatten(2), F.conv2d(x, kw, kb).flatten(2), F.conv2d(x, vw, vb).flatten(2)
+    return autocast_core(q, k, v, x, gamma, return_attention)
+
+
 # ----------------------------------------------------------------------------- public
 def attention(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> Tensor:
     """``gamma * (v softmax(q^T k)^T) + x`` on channel-major (B, d, N) / (B, d, M) / (B, C, M) /
     (B, C, N) tensors, without the N x M map. The core under both attention modules."""
     if not isinstance(gamma, Tensor):
         gamma = torch.tensor(float(gamma), device=x.device)
+    if isinstance(q, Tensor) and q.dim() == 3 and autocast_eager(q, q.shape[2], x):
+        check_core(q, k, v, x, gamma)
+        if q.shape[0]:
+            return autocast_core(q, k, v, x, gamma)
     if (isinstance(q, Tensor) and q.dim() == 3 and isinstance(k, Tensor) and k.dim() == 3
             and composes(q.shape[2], k.shape[2], q, k, v, x, gamma)):
         check_core(q, k, v, x, gamma)   # (the public errors first; a few us at these sizes)
@@ -553,6 +623,12 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     Weights are 1x1 conv weights: query/key (d, C, 1, 1), value (C, C, 1, 1); biases (d,) /
     (C,) or None; ``gamma`` a one-element tensor (the reference's ``(1,)`` parameter).
     """
+    # (CPU autocast: eager's ops, see autocast_eager)
+    if isinstance(x, Tensor) and x.dim() == 4 and autocast_eager(x, x.shape[2] * x.shape[3], x):
+        res = _autocast_block(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias,
+                              gamma, return_attention)
+        if res is not None:
+            return res
     # forward-only calls (no graph recorded) on the CPU: the composition (``composes``) where it wins
     # without the map, and always with it (the map is built anyway: one softmax, not two)
     compose = (isinstance(x, Tensor) and x.dim() == 4 and x.is_cpu and isinstance(gamma, Tensor)

@@ -26,10 +26,12 @@ Eager calls on CPU tensors (backend auto or cpu) go to the lean entry (csrc/cpu/
 one C++ call that routes, runs, and records C++ autograd (ATen's own where the route is oneDNN),
 reached through the Python fast entry ganengine._C.conv_entry (csrc/cpu/conv_py.cpp: no
 dispatcher op of its own to enter) or, for tensor subclasses and torch function modes, the
-dispatcher op ganengine_C::conv. Eager calls on CUDA tensors (backend auto, triton or cuda) go to the
-same fast entry's vendor route (csrc/cpu/conv_vendor.cpp: the public function's checks, then ATen's
-convolution with its autograd, in C++: the GPU backends' route at the host cost of one binding
-call; ``_dispatch.conv_routes``). torch.compile / export use the custom ops below.
+dispatcher op ganengine_C::conv; in the default state (backend 'auto', autocast off) through
+ganengine._C.conv_entry_default, which asks for that state in C (_bind_default). Eager calls on
+CUDA tensors (backend auto, triton or cuda) go to the same fast entry's vendor route
+(csrc/cpu/conv_vendor.cpp: the public function's checks, then ATen's convolution with its autograd,
+in C++: the GPU backends' route at the host cost of one binding call; ``_dispatch.conv_routes``).
+torch.compile / export use the custom ops below.
 
 Layout: y and dx follow ``_conv_common.out_format(x)``.
 """
@@ -40,10 +42,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ganengine import _ext
+from ganengine import _ext, backends as _backends
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, bias_grad, check_conv, check_fits,
-                                        conv_grads, dynamo_compiling as _dynamo_compiling, eager_autocast,
+from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, autocast_for, bias_grad, check_conv,
+                                        check_fits, conv_grads, dynamo_compiling as _dynamo_compiling, eager_autocast,
                                         eager_autocast_backend, eager_autocast_error, fast_entry,
                                         grads_by_reference, out_format, pair, vendor_conv)
 
@@ -257,6 +259,43 @@ _KERNELS = ("conv_fwd", "conv_bwd")  # what the lean entry calls
 # ganengine._C.conv_entry (csrc/cpu/conv_py.cpp): the lean route's Python fast entry
 _entry = fast_entry("conv_entry")
 _VENDOR_ENTRY = ("conv", _KERNELS, "conv_entry")  # (conv_routes' arguments)
+# (per call, at a tiny shape part of what is compared with eager: torch.compiler read through the
+# torch module costs ~40 ns, y.is_cpu ~80 ns; autocast_for: _conv_common)
+_compiler = torch.compiler
+_last_used = _dispatch.last_used
+_LEAN_CPU = _dispatch.ROUTE_LEAN_CPU
+
+
+def _declines(*args):
+    return None
+
+
+# ganengine._C.conv_entry_default (csrc/cpu/conv_py.cpp): the fast entry for a CPU tensor in the
+# state nearly every call meets (backend 'auto', autocast off, the routes' Python state as
+# _bind_default recorded it), asking for that state in C; None for anything else (nothing ran), which
+# the route below then serves in its order. Per call it saves the autocast probe, conv_routes and the
+# last_used record in Python (~0.5 us: at host_cost's conv_small_kernels, 3x3 8 -> 8 at 8x8, the
+# whole difference to eager's host time).
+_default_entry = getattr(_ext._C, "conv_entry_default", None) or _declines
+_default_bound = False
+_AUTO = (None, "auto")  # (_dispatch._requested.value of backend 'auto')
+
+
+def _bind_default() -> None:
+    """Records for conv_entry_default the routes of backend 'auto' and what conv_routes resolved
+    them with (its function, lean_op, backends.serves: a test replacing one turns the entry off).
+    Asked by the route below once, under backend 'auto'; never again where GANENGINE_BACKEND names
+    another (then every call takes the route below, as before the entry)."""
+    global _default_bound
+    _default_bound = True
+    bind = getattr(_ext._C, "conv_default_bind", None)
+    if bind is None or type(_dispatch._ENV_DATA) is not dict or _dispatch._requested_backend() != "auto":
+        return
+    dispatch, backends = vars(_dispatch), vars(_backends)  # (the C side reads these namespaces' entries)
+    guards = ((dispatch, "conv_routes", _dispatch.conv_routes), (dispatch, "lean_op", _dispatch.lean_op),
+              (backends, "serves", _backends.serves))
+    bind(vars(_dispatch._requested), _dispatch._ENV_DATA, _dispatch._ENV_KEY, guards, _last_used,
+         _dispatch.conv_routes("conv", _KERNELS, "conv_entry"))
 
 
 def _dispatcher_entry(x, weight, bias, stride, padding, output_padding, transposed):
@@ -305,17 +344,23 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # declines what it does not serve before any work (None: the full route below serves the call or
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
-    # Under autocast, eager's own call first (_autocast_call).
+    # In the default state (backend 'auto', autocast off, CPU tensors) one C call asks for that state
+    # and serves the call (_default_entry). Under autocast, eager's own call first (_autocast_call).
     # (the compile check first: under dynamo the routes' first resolution is not traceable)
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
-        if any_autocast() and (y := _autocast_call(x, weight, bias, stride, padding, 0, False)) is not None:
+    if not (_dynamo_compiling() or _compiler._is_compiling_flag):
+        if (y := _default_entry(x, weight, bias, stride, padding, 0, False)) is not None:
+            return y
+        if (((on := autocast_for(x)) or (on is None and any_autocast()))
+                and (y := _autocast_call(x, weight, bias, stride, padding, 0, False)) is not None):
             return y
         if routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry"):
+            if not _default_bound and _dispatch._requested.value in _AUTO:
+                _bind_default()
             y = _entry(x, weight, bias, stride, padding, 0, False, routes)
             if y is NotImplemented:
                 y = _dispatcher_entry(x, weight, bias, stride, padding, 0, False)
             if y is not None:
-                _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
+                _last_used["conv"] = "cpu" if routes == _LEAN_CPU or y.is_cpu else _dispatch.conv_gpu(*_VENDOR_ENTRY)
                 return y
     fn = "conv2d"
     check_conv(fn, x, weight, bias)
@@ -334,15 +379,20 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dilation 1). On the cpu backend, fp32 calls on a small input map run as one GEMM followed
     by col2im. Twice differentiable."""
     # (as conv2d's)
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
-        if any_autocast() and (y := _autocast_call(x, weight, bias, stride, padding, output_padding, True)) is not None:
+    if not (_dynamo_compiling() or _compiler._is_compiling_flag):
+        if (y := _default_entry(x, weight, bias, stride, padding, output_padding, True)) is not None:
+            return y
+        if (((on := autocast_for(x)) or (on is None and any_autocast()))
+                and (y := _autocast_call(x, weight, bias, stride, padding, output_padding, True)) is not None):
             return y
         if routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry"):
+            if not _default_bound and _dispatch._requested.value in _AUTO:
+                _bind_default()
             y = _entry(x, weight, bias, stride, padding, output_padding, True, routes)
             if y is NotImplemented:
                 y = _dispatcher_entry(x, weight, bias, stride, padding, output_padding, True)
             if y is not None:
-                _dispatch.last_used["conv"] = "cpu" if y.is_cpu else _dispatch.conv_gpu("conv", _KERNELS, "conv_entry")
+                _last_used["conv"] = "cpu" if routes == _LEAN_CPU or y.is_cpu else _dispatch.conv_gpu(*_VENDOR_ENTRY)
                 return y
     fn = "conv_transpose2d"
     check_conv(fn, x, weight, bias, transposed=True)

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from ganengine import _ext, settings
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, bias_grad, check_conv, conv_grads,
-                                        dynamo_compiling as _dynamo_compiling, eager_autocast,
+from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, autocast_for, bias_grad, check_conv,
+                                        conv_grads, dynamo_compiling as _dynamo_compiling, eager_autocast,
                                         eager_autocast_backend, eager_autocast_error, fast_entry,
                                         grads_by_reference, out_format, pair)
 
@@ -270,6 +270,10 @@ _KERNELS = ("conv3x3_fwd", "conv3x3_bwd")  # what the lean entry calls
 # ganengine._C.conv3x3_entry (csrc/cpu/conv_py.cpp): the lean route's Python fast entry
 _entry = fast_entry("conv3x3_entry")
 _VENDOR_ENTRY = ("conv3x3", _KERNELS, "conv3x3_entry")  # (conv_routes' arguments)
+# (per call, as ops/conv.py's: torch.compiler through the torch module ~40 ns, y.is_cpu ~80 ns)
+_compiler = torch.compiler
+_last_used = _dispatch.last_used
+_LEAN_CPU = _dispatch.ROUTE_LEAN_CPU
 
 
 def _dispatcher_entry(x, weight, bias, padding, padding_mode):
@@ -327,16 +331,16 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # On CUDA tensors the same entry serves the GPU backends' vendor route (conv_routes).
     # Under autocast, eager's own call first (_autocast_call).
     # (the compile check first: under dynamo the routes' first resolution is not traceable)
-    if not (_dynamo_compiling() or torch.compiler._is_compiling_flag):
-        if any_autocast() and (y := _autocast_call(x, weight, bias, padding, padding_mode)) is not None:
+    if not (_dynamo_compiling() or _compiler._is_compiling_flag):
+        if (((on := autocast_for(x)) or (on is None and any_autocast()))
+                and (y := _autocast_call(x, weight, bias, padding, padding_mode)) is not None):
             return y
         if routes := _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry"):
             y = _entry(x, weight, bias, padding, padding_mode, routes)
             if y is NotImplemented:
                 y = _dispatcher_entry(x, weight, bias, padding, padding_mode)
             if y is not None:
-                _dispatch.last_used["conv3x3"] = ("cpu" if y.is_cpu
-                                                  else _dispatch.conv_gpu("conv3x3", _KERNELS, "conv3x3_entry"))
+                _last_used["conv3x3"] = "cpu" if routes == _LEAN_CPU or y.is_cpu else _dispatch.conv_gpu(*_VENDOR_ENTRY)
                 return y
     fn = "conv3x3"
     check_conv(fn, x, weight, bias)

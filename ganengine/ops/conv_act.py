@@ -11,7 +11,8 @@ Ops (namespace ``ganengine``):
   conv2d_in_act_bwd(grad_y, x, weight, c, mean, rstd, gamma?, beta?, stride, padding, slope, mask)
       -> (dx, dw, dgamma, dbeta)
 Entries of ``mask`` say which gradients are wanted; an unwanted one comes back as an empty
-tensor. "relu" is slope 0 and "none" is slope 1, so one kernel serves every activation.
+tensor, as do dgamma / dbeta for an absent gamma / beta (on every backend: nothing to read, no
+kernel to fill it). "relu" is slope 0 and "none" is slope 1, so one kernel serves every activation.
 
 Layout: outputs and dx are channels_last when x is (NHWC-dense and not NCHW-contiguous),
 NCHW-contiguous otherwise; dw follows weight the same way.
@@ -52,7 +53,7 @@ from ganengine.ops._conv_common import conv_grads as _conv_bwd
 from ganengine.ops._conv_common import conv_grads_bias as _conv_bwd_bias
 from ganengine.ops._conv_common import dense_copy
 from ganengine.ops._conv_common import dynamo_compiling as _dynamo_compiling
-from ganengine.ops._conv_common import any_autocast, eager_autocast, eager_autocast_error
+from ganengine.ops._conv_common import any_autocast, autocast_for, eager_autocast, eager_autocast_error
 from ganengine.ops._conv_common import fast_entry
 from ganengine.ops._conv_common import grads_by_reference as _grads_by_reference
 from ganengine.ops._conv_common import out_format
@@ -66,6 +67,7 @@ from ganengine.ops.norm_act import act_grad as _act_grad
 from ganengine.ops.norm_act import activate as _activate
 CONV_IMPLS = ("auto", "vendor", "igemm")
 _lean = _eager.lean_ok  # the tensors the lean C++ entries take
+_compiler = torch.compiler  # (read per call: through the torch module ~40 ns more, as ops/conv.py's)
 _conv_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar("ganengine_conv_impl", default=None)
 
 
@@ -192,10 +194,24 @@ def _in_act_grad(grad, c, mean, rstd, gamma, beta, slope):
     return dc.to(c.dtype).contiguous(memory_format=out_format(c)), a, b
 
 
+def _affine_grads(gsum, bsum, mean, gamma, beta):
+    """(dgamma, dbeta) from the per-instance sums: summed over the batch where gamma / beta exist
+    (a kernel each on a GPU), else an empty (0,) tensor (no kernel, nothing to read), as the C++
+    backends return them."""
+    return (gsum.sum(0) if gamma is not None else mean.new_empty((0,)),
+            bsum.sum(0) if beta is not None else mean.new_empty((0,)))
+
+
+def _affine_grad_fakes(mean, gamma, beta):
+    """The shapes _affine_grads returns: (C,) where the parameter exists, else (0,)."""
+    c = mean.shape[1]
+    return mean.new_empty((c if gamma is not None else 0,)), mean.new_empty((c if beta is not None else 0,))
+
+
 def _torch_in_bwd(grad, x, w, c, mean, rstd, gamma, beta, stride, padding, slope, mask):
     dc, a, b = _in_act_grad(grad, c, mean, rstd, gamma, beta, slope)
     dx, dw = _conv_bwd(dc, x, w, stride, padding, mask)
-    return dx, dw, b.sum(0), a.sum(0)
+    return (dx, dw, *_affine_grads(b, a, mean, gamma, beta))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -353,11 +369,9 @@ def _in_bwd_body(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: t
         dx = tk.conv2d_grad_input(dc, weight, x.shape, stride, padding, out_format(x)) if mask[0] else x.new_empty((0,))
         dw = tk.conv2d_grad_weight(dc, x, weight.shape, stride, padding).contiguous(
             memory_format=out_format(weight)) if mask[1] else weight.new_empty((0,))
-    # gamma's and beta's gradients are summed over the batch only where they exist (a kernel each
-    # on a GPU); otherwise nothing reads them
-    # (new_empty: no select view of mean to allocate from)
-    return (dx, dw, b.sum(0) if gamma is not None else mean.new_empty((mean.shape[1],)),
-            a.sum(0) if beta is not None else mean.new_empty((mean.shape[1],)))
+    # (_affine_grads inline: the CUDA path's host time per call; an absent one costs no kernel)
+    return (dx, dw, b.sum(0) if gamma is not None else mean.new_empty((0,)),
+            a.sum(0) if beta is not None else mean.new_empty((0,)))
 
 
 conv2d_in_act_bwd = torch.library.custom_op("ganengine::conv2d_in_act_bwd", mutates_args=())(_in_bwd_body)
@@ -365,9 +379,8 @@ conv2d_in_act_bwd = torch.library.custom_op("ganengine::conv2d_in_act_bwd", muta
 
 @conv2d_in_act_bwd.register_fake
 def _(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, negative_slope, mask):
-    ch = torch.empty_like(mean[0])
     return (_empty_or(x, x.shape, out_format(x), mask[0]), _empty_or(weight, weight.shape, out_format(weight), mask[1]),
-            ch, torch.empty_like(ch))
+            *_affine_grad_fakes(mean, gamma, beta))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -566,6 +579,29 @@ def _act_autocast_call(x, weight, bias, stride, padding, negative_slope):
     return act_on_fresh(y.contiguous(memory_format=out_format(x)), negative_slope)
 
 
+def _in_autocast_call(x, weight, bias, stride, padding, norm_weight, norm_bias, eps, slope):
+    """conv2d_instance_norm_act under autocast (as _act_autocast_call; the caller checked stride,
+    padding, eps and the norm parameters): eager's own calls, the convolution, F.instance_norm and
+    the activation, where the route casts per call and runs the same convolution (1.7-1.9x
+    eager's host time forward, 1.3-1.4x forward + backward at the tiny bench shape). The conv
+    bias's gradient is then eager's (rounding noise around zero, not the route's exact zero). In out_format(x); None where the route serves
+    the call (``slope`` None: an activation it names in its error; a negative slope) or raises its
+    public error (what ATen refuses), and for a one-pixel output map (F.instance_norm refuses it;
+    the route normalises it to exactly 0)."""
+    if slope is None or slope < 0 or not eager_autocast(x, weight, bias):
+        return None
+    try:
+        y = F.instance_norm(torch.conv2d(x, weight, bias, stride, padding), weight=norm_weight, bias=norm_bias,
+                            eps=eps)
+    except eager_autocast_error:
+        return None
+    _dispatch.last_used["conv2d_instance_norm_act"] = "torch"
+    y = y.contiguous(memory_format=out_format(x))
+    # (out of place, as eager's modules: F.instance_norm's output is a view, in place on it costs
+    # ~12 us of autograd's view handling; ReLU for slope 0: relu's +0 below zero)
+    return y if slope == 1 else torch.relu(y) if slope == 0 else F.leaky_relu(y, slope)
+
+
 def act_on_fresh(y: torch.Tensor, negative_slope: float) -> torch.Tensor:
     """conv2d_act's activation on a conv's fresh output ``y``, as eager's modules apply it: ReLU for
     slope 0 (relu's +0 below zero, as nn.ReLU), else LeakyReLU, in place where its backward allows
@@ -596,9 +632,10 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # the call's own: raised once.
     # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
     # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
-    if (not (_dynamo_compiling() or torch.compiler._is_compiling_flag) and _lean(x)
+    if (not (_dynamo_compiling() or _compiler._is_compiling_flag) and _lean(x)
             and _lean(weight) and (bias is None or _lean(bias))):
-        if any_autocast() and (y := _act_autocast_call(x, weight, bias, stride, padding, negative_slope)) is not None:
+        if (((on := autocast_for(x)) or (on is None and any_autocast()))
+                and (y := _act_autocast_call(x, weight, bias, stride, padding, negative_slope)) is not None):
             return y
         if x.is_cuda:  # the cuda backend's C++ entry, where chosen
             y = _act_cuda_entry(x, weight, bias, stride, padding, negative_slope)
@@ -644,6 +681,7 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     # before any work; the route below then serves the call or raises the public error
     # On CUDA tensors the same entry runs the cuda backend's kernels where that backend is chosen
     # (_dispatch.cuda_entry, with the instance norm's variant of the conv output's planes).
+    # Under autocast (backend "auto") eager's own calls serve it (_in_autocast_call).
     # (_eager.lean_ok, as conv2d_act's; norm_weight / norm_bias of a dtype F.instance_norm
     # refuses, which the entry would take, go to the route below and its public error)
     if (_lean(x) and _lean(weight) and (bias is None or _lean(bias))
@@ -654,6 +692,10 @@ def conv2d_instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.
             lean_slope = negative_slope if (type(negative_slope) is float or type(negative_slope) is int) else None
         else:
             lean_slope = 0.0 if activation == "relu" else 1.0 if activation == "none" else None
+        if (((on := autocast_for(x)) or (on is None and any_autocast()))
+                and (y := _in_autocast_call(x, weight, bias, stride, padding, norm_weight, norm_bias, eps,
+                                            lean_slope)) is not None):
+            return y
         op = None if lean_slope is None else _dispatch.entry(
             x, "conv2d_in_act", "conv2d_instance_norm_act", _IN_KERNELS, _in_variant, weight, stride, padding)
         if op is not None:
@@ -734,6 +776,5 @@ if _ext.loaded() and _ext.has_kernel("conv2d_in_act", "CompositeExplicitAutograd
 
     @torch.library.register_fake("ganengine_C::conv_in_act_bwd")
     def _(grad, x, weight, c, mean, rstd, gamma, beta, stride, padding, slope, mask):
-        ch = torch.empty_like(mean[0])
         return (_empty_or(x, x.shape, out_format(x), mask[0]),
-                _empty_or(weight, weight.shape, out_format(weight), mask[1]), ch, torch.empty_like(ch))
+                _empty_or(weight, weight.shape, out_format(weight), mask[1]), *_affine_grad_fakes(mean, gamma, beta))

@@ -390,10 +390,15 @@ def spectral_norm_op(weight: Tensor, u: Tensor, v: Tensor | None, first: int, st
 # fakes of the C++ kernels (the lean entry's C++ autograd calls them through the dispatcher: under a
 # FakeTensorMode they need their own, as the other families register theirs)
 if _ext.loaded() and _ext.has_kernel("spectral_norm_fwd", "CPU"):
-    @torch.library.register_fake("ganengine_C::spectral_norm_fwd")
-    def _(weights, us, vs, first, steps, eps, write_state):
+    def _sn_fwd_fake(weights, us, vs, first, steps, eps, write_state):
         return ([w.new_empty(w.shape) for w in weights], [u.new_empty(u.shape) for u in us],
                 [w.new_empty((w.numel() // w.shape[0],)) for w in weights], weights[0].new_empty((len(weights),)))
+
+    torch.library.register_fake("ganengine_C::spectral_norm_fwd")(_sn_fwd_fake)
+    # its out-of-place twin: spectral_norm_fwd's Functionalize kernel (csrc/cpu/spectral_norm.cpp)
+    # runs it under AOTAutograd and hands u_out / v_out over as the new state
+    if _ext.has_kernel("spectral_norm_fwd_functional", "CPU"):
+        torch.library.register_fake("ganengine_C::spectral_norm_fwd_functional")(_sn_fwd_fake)
 
     @torch.library.register_fake("ganengine_C::spectral_norm_bwd")
     def _(grads, gsig, weights, u_out, v_out, sigma):
