@@ -480,7 +480,9 @@ def test_a_loop_treating_each_descendant_as_one_module_keeps_sequential_fusion()
         assert not {"conv2d+instance_norm+act", "instance_norm+act", "batch_norm+act"} & set(report), (cls, dict(report))
 
 
-def test_an_unreadable_ancestor_refuses_only_its_own_children():
+def test_an_unreadable_parent_is_read_from_its_bytecode():
+    """Source unreadable (exec): its bytecode says how it uses its children (checks.bytecode_chain_use,
+    session 19): a child it only calls fuses, one it slices keeps its entries (tests/test_fix_s19.py)."""
     scope = {"nn": nn, "Gen": Gen, "_seq": _seq}
     exec("class Wrapper(nn.Module):\n"
          "    def __init__(self):\n"
@@ -488,11 +490,12 @@ def test_an_unreadable_ancestor_refuses_only_its_own_children():
          "        self.G = Gen()\n"
          "        self.direct = _seq()\n"
          "    def forward(self, x):\n"
-         "        return self.direct(self.G(x))\n", scope)
+         "        return self.direct(self.G(x)) + self.G.model[:2](x)\n", scope)
     fused, report = ganengine.fuse(scope["Wrapper"]().train(), return_report=True)
-    declined = {d.where for d in report.declined}
-    assert any(w.startswith("direct") for w in declined), declined
-    assert not any(w.startswith("G.") for w in declined), declined
+    declined = {d.where: d.reason for d in report.declined}
+    assert not any(w.startswith("direct") for w in declined), declined
+    assert any(w.startswith("G.model.") and "cannot read the source of Wrapper.forward" in r
+               and "slices self.G.model" in r for w, r in declined.items()), declined
     assert report.get("conv2d+instance_norm+act", 0) + report.get("instance_norm+act", 0) >= 1, dict(report)
 
 

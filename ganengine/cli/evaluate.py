@@ -63,6 +63,11 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu"):
     else:  # the same recipe, for builds without the training engine
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--checkpoint: no such file {path!r}")
+        from ganengine.models.checkpoints import damaged_message, damaged_record
+
+        bad = damaged_record(path)
+        if bad is not None:
+            raise ValueError(f"--checkpoint: {damaged_message(path, bad)}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != "ganengine-checkpoint":
             raise ValueError(f"--checkpoint {path!r} is not a ganengine training checkpoint "

@@ -5,9 +5,13 @@ Everything here answers conservatively: when in doubt, the caller declines and s
 from __future__ import annotations
 
 import ast
+import dis
 import functools
 import inspect
+import re
+import sys
 import textwrap
+import types
 
 import torch
 from torch import nn
@@ -341,10 +345,11 @@ def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
     init = _init_methods(cls)
     for name, fn in _methods(cls):
         tree = function_ast(fn)
-        if tree is None:
-            if len(chain) > 1:   # an ancestor further up: only its direct children are refused
-                continue
-            return f"cannot read the source of {cls.__name__}.{name} to see how it uses {dotted!r}"
+        if tree is None:   # (exec, `python -c`, a generated class, a .pyc-only install): ask its bytecode
+            why = bytecode_chain_use(fn, chain, after_fuse=name not in init)
+            if why:
+                return f"cannot read the source of {cls.__name__}.{name}, and its bytecode {why}"
+            continue
         me = self_name(tree)
         where = f"{cls.__name__}.{name}"
         parents = {}
@@ -391,6 +396,189 @@ def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
                 elif after_fuse and len(got) == len(chain) - 1 and not _only_called(node, parents, tree):
                     return (f"{where} reads a child of {'.'.join((me,) + got)} by a computed name (getattr, line "
                             f"{getattr(node, 'lineno', '?')} of the method) and uses it other than by calling it")
+    return None
+
+
+# ----------------------------------------------------------------------------- bytecode (no source)
+# When a class's source cannot be read (defined through exec, `python -c`, stdin, a generated
+# class, a .pyc-only install), its methods' bytecode still says how they use a child: the same
+# question as above, answered conservatively. A use this does not recognise as a plain call is
+# reported as a use of the child as a container.
+
+# instructions that only push (they read no value of the stack)
+_PUSH_ONLY = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_CONST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME",
+                        "LOAD_CLOSURE", "PUSH_NULL", "LOAD_ASSERTION_ERROR", "LOAD_BUILD_CLASS",
+                        "LOAD_SMALL_INT", "LOAD_CLASSDEREF"})
+# instructions that leave the stack alone
+_NO_STACK = frozenset({"NOP", "CACHE", "EXTENDED_ARG", "KW_NAMES", "RESUME", "PRECALL"})
+# instructions -> how many values they read off the stack (the rest are not followed)
+_POPS_FIXED = {"LOAD_ATTR": 1, "LOAD_METHOD": 1, "UNARY_NEGATIVE": 1, "UNARY_POSITIVE": 1, "UNARY_NOT": 1,
+               "UNARY_INVERT": 1, "BINARY_OP": 2, "BINARY_SUBSCR": 2, "COMPARE_OP": 2, "IS_OP": 2,
+               "CONTAINS_OP": 2, "BINARY_SLICE": 3, "GET_ITER": 1, "STORE_FAST": 1, "STORE_DEREF": 1, "STORE_ATTR": 2,
+               "STORE_SUBSCR": 3, "POP_TOP": 1,
+               # (building `*args` / `**kwargs`: they add the value on top to a list or dict below it)
+               "LIST_EXTEND": 1, "LIST_APPEND": 1, "DICT_MERGE": 1, "DICT_UPDATE": 1, "LIST_TO_TUPLE": 1}
+_POPS_N = {"BUILD_TUPLE", "BUILD_LIST", "BUILD_SET", "BUILD_SLICE", "BUILD_STRING"}
+# what a consuming instruction does with the child, in the report's words
+_CONSUMER_WORDS = {"BINARY_SUBSCR": "indexes or slices it", "BINARY_SLICE": "slices it", "STORE_SUBSCR": "indexes it",
+                   "GET_ITER": "iterates it", "STORE_FAST": "keeps it in a local variable",
+                   "STORE_DEREF": "keeps it in a variable", "STORE_ATTR": "sets an attribute of it",
+                   "BUILD_TUPLE": "collects it", "BUILD_LIST": "collects it", "BUILD_SET": "collects it",
+                   "RETURN_VALUE": "returns it", "CONTAINS_OP": "tests membership in it",
+                   "YIELD_VALUE": "yields it"}
+
+
+def _call_shape(ins) -> tuple[int, int] | None:
+    """For a call instruction: (how many values lie above the callable when it runs, how many
+    values it reads off the stack); None for any other instruction. ``CALL n``: the n arguments
+    above the callable, with NULL or a bound method's ``self`` next to it (below it up to 3.12,
+    above it from 3.13); ``CALL_FUNCTION_EX``: the argument tuple (and the keyword dict) above
+    (followed up to 3.12 only)."""
+    new_layout = sys.version_info >= (3, 13)
+    if ins.opname == "CALL":
+        return (ins.arg + 1 if new_layout else ins.arg), ins.arg + 2
+    if ins.opname == "CALL_FUNCTION_EX" and not new_layout:
+        return 1 + (ins.arg & 1), 3 + (ins.arg & 1)
+    return None
+
+
+def _stack_effect(ins) -> int:
+    return dis.stack_effect(ins.opcode, ins.arg) if ins.opcode >= dis.HAVE_ARGUMENT else dis.stack_effect(ins.opcode)
+
+
+def _value_use(start: int, instrs: list) -> str | None:
+    """None when the value the instruction at ``start`` left on top of the stack is called
+    (``CALL`` with it as the callable); else what the code does with it instead. Follows the
+    stack through the instructions that evaluate the call's arguments; a jump, or an instruction
+    it does not know, before the value is used is an answer too (it cannot tell)."""
+    above = 0   # values pushed on top of ours and not yet consumed
+    for ins in instrs[start + 1:]:
+        name = ins.opname
+        if name in _NO_STACK:
+            continue
+        call = _call_shape(ins)
+        if call is not None:
+            slot, pops = call
+            if above == slot:
+                return None
+            if above < pops:
+                return "passes it to a call"
+            above += 1 - pops
+            continue
+        if name in _PUSH_ONLY:
+            above += _stack_effect(ins)
+            continue
+        pops = _POPS_FIXED.get(name)
+        if name in _POPS_N:
+            pops = ins.arg
+        elif name == "BUILD_MAP":
+            pops = 2 * ins.arg
+        elif name == "BUILD_CONST_KEY_MAP":
+            pops = ins.arg + 1
+        elif name == "FORMAT_VALUE":
+            pops = 2 if ins.arg & 4 else 1   # (with a format spec)
+        if pops is None:
+            return _CONSUMER_WORDS.get(name, f"uses it in a way fuse() does not follow ({name})")
+        if above < pops:
+            return _CONSUMER_WORDS.get(name, f"uses it in {name}")
+        above += _stack_effect(ins)
+    return "uses it in a way fuse() does not follow"
+
+
+# loads of a variable that fuse() follows (any other instruction naming `self` is not followed)
+_SELF_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF"})
+_ATTR_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+# the instructions that name a local or closure variable
+_VARIABLE_OPS = frozenset(dis.haslocal) | frozenset(dis.hasfree)
+
+
+def _code_objects(code, me: str):
+    """``code`` and the code nested in it (comprehensions, lambdas, inner functions) that sees
+    ``me`` (as a free variable), each with the name it calls the instance by."""
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType) and me in const.co_freevars:
+            yield from _code_objects(const, me)
+
+
+def _bytecode_use(code, me: str, chain: tuple[str, ...], after_fuse: bool) -> str | None:
+    """What one code object does with ``me.<chain>`` other than calling it as one module (see
+    ``chain_only_called``), or None."""
+    dotted = ".".join((me,) + chain)
+    instrs = list(dis.get_instructions(code))
+    for i, ins in enumerate(instrs):
+        if ins.opcode not in _VARIABLE_OPS or (ins.argval != me and not (isinstance(ins.argval, tuple)
+                                                                         and me in ins.argval)):
+            continue   # (not the instance variable: a constant, attribute or global may share its name)
+        if ins.opname == "LOAD_CLOSURE" or ins.opname.startswith(("STORE_", "DELETE_", "MAKE_CELL", "COPY_FREE")):
+            continue
+        if ins.opname not in _SELF_LOADS:
+            return f"reads {me} with {ins.opname}, which fuse() does not follow"
+        got: tuple[str, ...] = ()
+        at = i
+        while True:
+            nxt = instrs[at + 1] if at + 1 < len(instrs) else None
+            if got == chain:
+                if nxt is not None and nxt.opname in _ATTR_LOADS:
+                    if nxt.argval in _WHOLE_MODULE_METHODS:
+                        break
+                    what = "the children of" if nxt.argval in _CHILD_ITERATORS else "the attribute"
+                    return f"reads {what} {dotted} ({nxt.argval}) ({_line(code, instrs, at)})"
+                use = _value_use(at, instrs)
+                if use:
+                    return f"{_naming(use, dotted)} ({_line(code, instrs, at)})"
+                break
+            # a strict prefix of the chain: `self`, `self.D` for `self.D.model`
+            if nxt is not None and nxt.opname in _ATTR_LOADS:
+                attr = nxt.argval
+                if attr == chain[len(got)]:
+                    got, at = got + (attr,), at + 1
+                    continue
+                if after_fuse and attr in _CHILD_ITERATORS and (
+                        attr in _DESCENDANT_ITERATORS or len(got) == len(chain) - 1):
+                    what = "modules" if attr in _DESCENDANT_ITERATORS else "children"
+                    return (f"iterates the {what} of {'.'.join((me,) + got)} ({attr}), which reach {dotted} "
+                            f"({_line(code, instrs, at)})")
+                break
+            if nxt is None or nxt.opname in ("STORE_ATTR", "DELETE_ATTR") or not after_fuse:
+                break
+            use = _value_use(at, instrs)
+            if use:   # (getattr(self, name), vars(self), a helper given `self`: could reach the child)
+                return (f"{_naming(use, '.'.join((me,) + got))}, which could reach {dotted} "
+                        f"({_line(code, instrs, at)})")
+            break
+    return None
+
+
+def _naming(use: str, what: str) -> str:
+    """``_value_use``'s words with the value named: "indexes or slices self.D.model"."""
+    return re.sub(r"\bit\b", what, use, count=1)
+
+
+def _line(code, instrs: list, at: int) -> str:
+    """Where the instruction at ``at`` comes from: "line 6 of <string>"."""
+    lines = (getattr(ins, "line_number", None) or (ins.starts_line if type(ins.starts_line) is int else None)
+             for ins in reversed(instrs[:at + 1]))
+    line = next((n for n in lines if n), "?")
+    return f"line {line} of {code.co_filename}"
+
+
+def bytecode_chain_use(fn, chain: tuple[str, ...], after_fuse: bool) -> str | None:
+    """``chain_only_called``'s question for a method whose source cannot be read, asked of its
+    bytecode (and of the code nested in it): None when every use of ``self.<chain>`` is a call
+    of it as one module (or a whole-module method) and nothing iterates the children on its way;
+    else what the code does with it."""
+    for f in {fn, inspect.unwrap(fn)}:
+        code = getattr(f, "__code__", None)
+        if code is None:
+            return "has no Python bytecode to read"
+        if code.co_argcount + code.co_posonlyargcount < 1:
+            continue   # no instance parameter (a staticmethod): it cannot name the child as `self.<...>`
+        me = code.co_varnames[0]
+        for sub in _code_objects(code, me):
+            why = _bytecode_use(sub, me, chain, after_fuse)
+            if why:
+                return why
     return None
 
 

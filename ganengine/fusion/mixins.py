@@ -32,9 +32,11 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
     if sigma is None and module_autocast(x):
         return _plain_conv(m, x, w, m.bias, slope)
     if sigma is not None:
-        if side == "auto" and x.dim() == 4:
+        if side == "auto" and x.dim() == 4 and not module_autocast(x):
             side = _sigma_side(m, x, w)
-        if x.dim() != 4 or side == "weight":
+        if x.dim() != 4 or side != "output":
+            # (under autocast eager's own ops, W / sigma then the module's conv: its dtype and numbers;
+            # dividing the output would add the fp32 bias to the low-precision conv output)
             w = w / sigma
             if x.dim() == 4 and (x.shape, x.dtype, x.device, w.shape) in m.__dict__.get("_ganengine_plain_calls", ()):
                 y = m._conv_forward(x, w, m.bias)  # (as below: a call _conv sent to PyTorch's conv)
@@ -42,7 +44,7 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
             return _conv(m, x, w, m.bias, slope)
         y = _conv(m, x, w, None, None) / sigma
         if m.bias is not None:
-            y = y + m.bias.view(1, -1, 1, 1)
+            y = y + _bias_like(m.bias, y)
         return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     if x.dim() == 4 and (x.shape, x.dtype, x.device, w.shape) in m.__dict__.get("_ganengine_plain_calls", ()):
         # a call _conv already sent to PyTorch's conv (its route is cached, see _route_pays):
@@ -50,6 +52,14 @@ def conv_apply(m, x: torch.Tensor, w: torch.Tensor, slope: float | None,
         y = m._conv_forward(x, w, m.bias)
         return y if slope is None else F.leaky_relu(y, slope, inplace=True)
     return _conv(m, x, w, m.bias, slope)
+
+
+def _bias_like(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The conv bias added to an output divided by sigma, in the output's dtype: under autocast
+    with a named backend (which keeps the fused route) the output is low precision, and the fp32
+    bias would promote the sum to fp32, where eager's conv adds the bias cast."""
+    b = bias.view(1, -1, 1, 1)
+    return b if b.dtype == y.dtype else b.to(y.dtype)
 
 
 # Dividing the output instead of the weight adds, with a bias, one op forward (the bias add the
@@ -223,8 +233,9 @@ def conv_transpose_apply(m, x: torch.Tensor, w: torch.Tensor, sigma: torch.Tenso
 
     # (unbatched, or the output layout only eager's call gives: _conv_common.input_in_weight_layout;
     # w / sigma keeps w's layout)
-    if x.dim() != 4 or (xw := input_in_weight_layout(x, w)) is None:
-        return F.conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, m.output_padding, m.groups, 1, m.dilation)
+    # (also under autocast: eager's own call, its dtype and numbers)
+    if x.dim() != 4 or module_autocast(x) or (xw := input_in_weight_layout(x, w)) is None:
+        return F.conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
     x = xw
     op = tuple(m._output_padding(x, None, list(m.stride), list(m.padding), list(m.kernel_size), 2, list(m.dilation)))
     if side == "auto":
@@ -235,7 +246,7 @@ def conv_transpose_apply(m, x: torch.Tensor, w: torch.Tensor, sigma: torch.Tenso
     if side == "weight":
         return conv_transpose2d(x, w / sigma, m.bias, m.stride, m.padding, op)
     y = conv_transpose2d(x, w, None, m.stride, m.padding, op) / sigma
-    return y if m.bias is None else y + m.bias.view(1, -1, 1, 1)
+    return y if m.bias is None else y + _bias_like(m.bias, y)
 
 
 class ConvTransposeMixin(ConvMixin):

@@ -26,6 +26,29 @@ from ganengine.models import networks_stargan as nsg
 # what ganengine's training checkpoints hold under "format" (ganengine/train/checkpoint.py writes them)
 TRAINING_CHECKPOINT_FORMAT = "ganengine-checkpoint"
 
+
+def damaged_record(path: str) -> str | None:
+    """The first record of the zip archive at ``path`` (torch.save's format) whose bytes fail
+    their CRC-32 check, e.g. ``"archive/data/67"``: payload bytes changed since they were written
+    (bit rot, a bad copy), which torch.load does not notice (it reads tensors without checking).
+    None for an intact archive, and for a file that is no zip archive or one cut short (torch.load
+    then fails, and the caller reports that). Reads the whole file once (about a millisecond per
+    few MB)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+
+
+def damaged_message(path: str, record: str) -> str:
+    """What a loader says of a checkpoint ``damaged_record`` found a bad record in."""
+    return (f"checkpoint {path!r} is damaged: its record {record!r} fails its CRC-32 check (its bytes changed "
+            "after it was written: bit rot, a bad copy or transfer); restore it from a good copy, or use an earlier "
+            "checkpoint")
+
 ARCHS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128", "patchgan", "pixel", "stargan_G", "stargan_D",
          "stackgan_stage1_G", "stackgan_stage1_D", "stackgan_stage2_G", "stackgan_stage2_D")
 

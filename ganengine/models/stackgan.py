@@ -175,7 +175,7 @@ def _stage1_state(path: str):
     or the Stage-I generator of a ganengine StackGAN training checkpoint (its state dict)."""
     import os
 
-    from ganengine.models.checkpoints import TRAINING_CHECKPOINT_FORMAT
+    from ganengine.models.checkpoints import TRAINING_CHECKPOINT_FORMAT, damaged_message, damaged_record
 
     if not os.path.isfile(path):
         return path  # (load_reference_checkpoint says so)
@@ -185,6 +185,9 @@ def _stage1_state(path: str):
         return path  # (load_reference_checkpoint says why)
     if not (isinstance(state, dict) and state.get("format") == TRAINING_CHECKPOINT_FORMAT):
         return state
+    bad = damaged_record(path)   # (ganengine's own checkpoint: its records' CRC-32 are checked as on resume)
+    if bad is not None:
+        raise ValueError(f"stage1_g: {damaged_message(path, bad)}")
     stage = (state.get("options") or {}).get("stage")
     if state.get("model") != "stackgan" or stage != 1:
         raise ValueError(f"stage1_g {path!r} is a ganengine training checkpoint of "

@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from ganengine.models.checkpoints import TRAINING_CHECKPOINT_FORMAT
+from ganengine.models.checkpoints import TRAINING_CHECKPOINT_FORMAT, damaged_message, damaged_record
 
 try:
     import fcntl
@@ -410,6 +410,9 @@ def _load_error(path: str, exc: Exception) -> str:
 
 def load(path: str, map_location="cpu") -> dict:
     path = resolve(path)
+    bad = damaged_record(path)   # (torch.load reads the payload without checking its CRC-32)
+    if bad is not None:
+        raise CheckpointError(damaged_message(path, bad))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
