@@ -526,16 +526,28 @@ def test_fused_optimizer_is_the_reference_adam(name, make):
         assert all(bool(o.defaults.get("fused")) == fused_opt for o in opts.values())
         groups = {id(p): g for o in opts.values() for g in o.param_groups for p in g["params"]}
         losses[fused_opt] = []
+        # the gradient each parameter was stepped with, read when its optimizer steps (a model may
+        # clear a network's gradients with set_to_none after its step: StarGAN's D)
+        stepped = {}
+
+        def snapshot(opt, args, kwargs):
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        stepped[id(p)] = p.grad.detach().clone()
+
+        handles = [o.register_step_pre_hook(snapshot) for o in opts.values()]
         for i in range(3):
             torch.manual_seed(100 + i)
             nets = [getattr(model, n) for n in model.network_names]
             with census(*nets, winograd=True) as c:
                 losses[fused_opt].append(model.train_step(batch, opts))
             if i == 0:
+                for h in handles:
+                    h.remove()
                 cen = c
                 params[fused_opt] = {k: v.detach().clone() for k, v in model.named_parameters()}
-                grads[fused_opt] = {k: (None if v.grad is None else v.grad.clone(), groups.get(id(v)))
-                                    for k, v in model.named_parameters()}
+                grads[fused_opt] = {k: (stepped.get(id(v)), groups.get(id(v))) for k, v in model.named_parameters()}
     # Adam's first step moves p by lr g / (|g| + eps) (m^ = g, sqrt(v^) = |g|) with a few ulps of
     # rounding (16 u lr); the two runs' gradients may differ by their normwise bound E_g (both
     # within it of the exact value, tests/_model_bounds.py): where |g| <= 2 E_g the direction is
