@@ -165,6 +165,9 @@ struct ConvActFn : public torch::autograd::Function<ConvActFn> {
           return at::leaky_relu(at::conv2d(t[0], t[1], lean::as_opt(t[2]), stride, padding), slope);
         },
         [&](const at::Tensor& gy, const variable_list& t) {
+          // below autograd, as the forward: else the weight's Autograd key sends the call through
+          // the boxed autograd-not-implemented fallback first
+          at::AutoDispatchBelowADInplaceOrView below;
           return bwd_op().call(gy, dense(t[0]), t[1], t[3], stride, padding, slope, c10::List<bool>({nx, nw, nb}));
         },
         [](const at::Tensor& g, const at::Tensor&) { return g; });
