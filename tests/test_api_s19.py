@@ -17,10 +17,15 @@ def test_ganloss_mode_keyword_is_gan_mode(mode):
 
 
 def test_ganloss_mode_and_gan_mode_disagreeing_is_an_error():
-    with pytest.raises(TypeError, match="gan_mode or mode"):
-        gnn.GANLoss(gan_mode="vanilla", mode="hinge")
-    with pytest.raises(ValueError, match="gan_mode must be one of"):
+    for gan_mode, mode in (("vanilla", "hinge"), ("lsgan", "vanilla")):  # lsgan is the default's value
+        with pytest.raises(TypeError, match="gan_mode or mode"):
+            gnn.GANLoss(gan_mode=gan_mode, mode=mode)
+    assert gnn.GANLoss("HINGE", mode="hinge").gan_mode == "hinge"  # the same mode twice, any case
+    assert gnn.GANLoss().gan_mode == "lsgan"
+    with pytest.raises(ValueError, match="^mode must be one of"):
         gnn.GANLoss(mode="bogus")
+    with pytest.raises(ValueError, match="^gan_mode must be one of"):
+        gnn.GANLoss("bogus")
 
 
 def test_backend_fallback_error_is_public():

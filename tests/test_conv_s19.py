@@ -143,6 +143,11 @@ def test_default_entry_serves_the_default_state_only(monkeypatch):
     with monkeypatch.context() as m:
         m.setenv("GANENGINE_BACKEND", "torch")
         assert served() is None
+    for spelling in ("auto", " AUTO ", "Auto", ""):  # settings.py's reading of 'auto' (and unset)
+        with monkeypatch.context() as m:
+            m.setenv("GANENGINE_BACKEND", spelling)
+            assert served() is not None, spelling
+            assert _dispatch.lean_op("conv", conv_ops._KERNELS) is not None, spelling
     for module, name in ((_dispatch, "conv_routes"), (_dispatch, "lean_op"), (ganengine.backends, "serves")):
         with monkeypatch.context() as m:
             real = getattr(module, name)

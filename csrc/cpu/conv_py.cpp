@@ -49,6 +49,7 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <cctype>
 
 #include "conv_lean.h"
 
@@ -232,6 +233,33 @@ PyObject* s_value = nullptr;
 PyObject* s_conv = nullptr;
 PyObject* s_cpu = nullptr;
 
+// whether a GANENGINE_BACKEND value (bytes from os.environ's own dict on POSIX, else str) names
+// 'auto' as settings.py reads it: unset, empty or blank, or "auto" in any case with blanks around it
+bool env_names_auto(PyObject* raw) {
+  if (raw == nullptr) return true;
+  const char* text = nullptr;
+  Py_ssize_t n = 0;
+  if (PyBytes_Check(raw)) {
+    text = PyBytes_AS_STRING(raw);
+    n = PyBytes_GET_SIZE(raw);
+  } else if (PyUnicode_Check(raw)) {
+    text = PyUnicode_AsUTF8AndSize(raw, &n);
+    if (text == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+  } else {
+    return false;
+  }
+  while (n > 0 && std::isspace(static_cast<unsigned char>(*text))) ++text, --n;
+  while (n > 0 && std::isspace(static_cast<unsigned char>(text[n - 1]))) --n;
+  if (n == 0) return true;
+  if (n != 4) return false;
+  for (Py_ssize_t i = 0; i < 4; ++i)
+    if (std::tolower(static_cast<unsigned char>(text[i])) != "auto"[i]) return false;
+  return true;
+}
+
 // whether the Python state is the one bound: the requested backend 'auto' and every guard unchanged
 bool default_state() {
   if (g_default.routes == 0) return false;
@@ -241,12 +269,10 @@ bool default_state() {
     return false;
   }
   bool is_auto;
-  if (value == Py_None) {  // (then GANENGINE_BACKEND, read as _dispatch reads it: unset or empty is auto)
+  if (value == Py_None) {  // (then GANENGINE_BACKEND, read as _dispatch / settings.py read it)
     PyObject* raw = PyDict_GetItemWithError(g_default.env_data, g_default.env_key);
     if (raw == nullptr && PyErr_Occurred()) PyErr_Clear();
-    const Py_ssize_t length = raw == nullptr ? 0 : PyObject_Length(raw);
-    if (length < 0) PyErr_Clear();
-    is_auto = length == 0;
+    is_auto = env_names_auto(raw);
   } else {
     is_auto = PyUnicode_Check(value) && PyUnicode_CompareWithASCIIString(value, "auto") == 0;
   }

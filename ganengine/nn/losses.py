@@ -27,19 +27,20 @@ class GANLoss(nn.Module):
     ``-mean``/``+mean`` for wgangp. ``gan_mode="hinge"`` adds the hinge loss; pass
     ``for_discriminator=False`` for the generator's -mean(x). ``real_label``/``fake_label`` are
     buffers as in the reference, so its state_dicts load here. ``mode=`` (keyword) is another name
-    for ``gan_mode``, the name the functional losses use.
+    for ``gan_mode``, the name the functional losses use (lsgan when neither is given).
     """
 
-    def __init__(self, gan_mode: str = "lsgan", target_real_label: float = 1.0, target_fake_label: float = 0.0,
+    def __init__(self, gan_mode: str | None = None, target_real_label: float = 1.0, target_fake_label: float = 0.0,
                  *, mode: str | None = None):
         super().__init__()
-        if mode is not None:  # the name GF.gan_loss / discriminator_loss use (ARCHITECTURE.md: GANLoss(mode))
-            if gan_mode != "lsgan" and gan_mode != mode:
-                raise TypeError(f"GANLoss: pass gan_mode or mode, not both (got gan_mode={gan_mode!r}, "
-                                f"mode={mode!r})")
-            gan_mode = mode
-        if not isinstance(gan_mode, str) or gan_mode.lower() not in MODES:
-            raise ValueError(f"gan_mode must be one of {MODES}, got {gan_mode!r}")
+        # gan_mode (the reference's name) or mode (the functional losses' name); lsgan when neither
+        given = {k: v for k, v in (("gan_mode", gan_mode), ("mode", mode)) if v is not None}
+        for name, value in given.items():
+            if not isinstance(value, str) or value.lower() not in MODES:
+                raise ValueError(f"{name} must be one of {MODES}, got {value!r}")
+        if len(given) == 2 and gan_mode.lower() != mode.lower():
+            raise TypeError(f"GANLoss: pass gan_mode or mode, not both (got gan_mode={gan_mode!r}, mode={mode!r})")
+        gan_mode = next(iter(given.values()), "lsgan")
         self.gan_mode = gan_mode.lower()
         self.register_buffer("real_label", torch.tensor(float(target_real_label)))
         self.register_buffer("fake_label", torch.tensor(float(target_fake_label)))

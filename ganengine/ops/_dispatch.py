@@ -252,7 +252,7 @@ def lean_op(name: str, kernels: tuple = ()):
     requested = _requested.value
     if requested is None:
         raw = _ENV_DATA.get(_ENV_KEY)
-        requested = _ENV_DECODE(raw) if raw else "auto"
+        requested = (_ENV_DECODE(raw).strip().lower() or "auto") if raw else "auto"  # (as settings.py)
     if requested == "auto" or requested == "cpu":
         try:
             return _LEAN[name]
@@ -359,7 +359,7 @@ def conv_routes(name: str, kernels: tuple, fast: str) -> int:
     requested = _requested.value
     if requested is None:
         raw = _ENV_DATA.get(_ENV_KEY)
-        requested = _ENV_DECODE(raw) if raw else "auto"
+        requested = (_ENV_DECODE(raw).strip().lower() or "auto") if raw else "auto"  # (as settings.py)
     try:
         found = _CONV_ROUTES[fast][requested]
         if found[0] is backends.serves and found[1] is lean_op:
