@@ -32,6 +32,7 @@ from ganengine.ops import attention as attn_ops
 from ganengine.ops import conv_act as conv_act_ops
 from tests._attention_bounds import self_attention_bounds
 from tests._tolerance import assert_below, unit_roundoff
+from tests.test_attention import _sagan_reference
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -55,13 +56,8 @@ def _block_args(c=16, b=2, h=12, w=13, seed=0):
 
 
 def _eager_block(x, qw, qb, kw, kb, vw, vb, gamma):
-    """heykeetae Self_Attn.forward (the bench case's reference)."""
-    b, c, h, w = x.shape
-    q = F.conv2d(x, qw, qb).view(b, -1, h * w).permute(0, 2, 1)
-    k = F.conv2d(x, kw, kb).view(b, -1, h * w)
-    attn = torch.softmax(torch.bmm(q, k), dim=-1)
-    v = F.conv2d(x, vw, vb).view(b, -1, h * w)
-    return gamma * torch.bmm(v, attn.permute(0, 2, 1)).view(b, c, h, w) + x
+    """heykeetae Self_Attn.forward's output (the bench case's reference)."""
+    return _sagan_reference(x, qw, qb, kw, kb, vw, vb, gamma)[0]
 
 
 def _op_dtypes(fn):

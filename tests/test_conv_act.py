@@ -16,6 +16,7 @@ from tests._chain_bounds import ChainBounds
 from tests._conv_bounds import conv_scales, cpu_winograd_route
 from tests._model_bounds import Census, assert_normwise, census
 from tests._tolerance import assert_below, gamma, unit_roundoff
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
 # (backend, triton conv implementation)
 BACKENDS = [("torch", None), ("cpu", None), ("triton", "igemm"), ("triton", "vendor")]
@@ -95,14 +96,6 @@ def _compare(out, grads, ref_out, ref_grads, bounds, backend="torch"):
         assert_below(g, r, errs[i], name=f"grad {i}", out_round=out_round(backend, g.dtype))
 
 
-@pytest.fixture
-def one_thread():
-    # hundreds of tiny calls: OpenMP start-up dominates, and on an oversubscribed machine it
-    # costs tens of ms per call
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SHAPES = [  # (N, C_in, H, W, C_out, stride, padding)

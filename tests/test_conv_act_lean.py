@@ -19,6 +19,7 @@ import ganengine.functional as GF
 from ganengine.ops import _dispatch
 from ganengine.ops import conv_act as ops
 from tests._backends import CudaEntryResolver, on_backend
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
 _HAS_ENTRY = ops._ext.loaded() and ops._ext.has_kernel("conv2d_act", "CompositeExplicitAutograd")
 pytestmark = pytest.mark.skipif(not _HAS_ENTRY, reason="ganengine._C without the conv2d_act entry")
@@ -177,13 +178,6 @@ def test_lean_without_grad_and_inference_mode():
     assert c.is_inference() and torch.equal(c, ref)
 
 
-@pytest.fixture
-def one_thread():
-    # hundreds of tiny calls: OpenMP start-up would dominate on an oversubscribed machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_lean_gradcheck_and_gradgradcheck(one_thread):

@@ -25,6 +25,7 @@ from ganengine.ops import _dispatch
 from ganengine.ops import conv as cv
 from ganengine.ops import conv3x3 as cm
 from tests._backends import on_backend
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
 _HAS_ENTRY = (_ext.loaded() and _ext.has_kernel("conv3x3", "CompositeImplicitAutograd")
               and _ext.has_kernel("conv", "CompositeImplicitAutograd"))
@@ -289,13 +290,6 @@ def custom_routes(monkeypatch):
         yield
 
 
-@pytest.fixture
-def one_thread():
-    # hundreds of tiny calls: OpenMP start-up would dominate on an oversubscribed machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.filterwarnings("ignore:Input #:UserWarning")

@@ -18,16 +18,11 @@ from ganengine import _ext
 from ganengine.backends import strict
 from ganengine.ops import conv_act as conv_ops
 from ganengine.ops import spectral_norm as sn_ops  # noqa: F401 (registers the raw kernels' fakes)
+from tests._train_utils import one_thread  # noqa: F401 (fixture)
 
 FULL_OPCHECK = tuple(ALL_TEST_UTILS)  # schema, autograd registration, fake, aot static / dynamic
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ============================================================================= conv2d_in_act_bwd
