@@ -115,8 +115,8 @@ class _Tagged(torch.Tensor):
                     reason="needs the extension's conv_entry_default")
 def test_default_entry_serves_the_default_state_only(monkeypatch):
     """conv_entry_default (what GF.conv2d / conv_transpose2d ask first) serves a plain CPU call with
-    backend 'auto' and autocast off, as conv_entry does, and records it; anything else it declines
-    (None, nothing recorded), so that the full route serves it in its order: autocast, a named
+    backend 'auto', as conv_entry does (under autocast: eager's own call), and records it; anything
+    else it declines (None, nothing recorded), so that the full route serves it in its order: a named
     backend (set or through GANENGINE_BACKEND), a tensor subclass, and a replaced conv_routes /
     lean_op / backends.serves (a test's: the routes it forces)."""
     torch.manual_seed(0)
@@ -135,8 +135,14 @@ def test_default_entry_serves_the_default_state_only(monkeypatch):
     assert torch.equal(y, want) and _dispatch.last_used == {"conv": "cpu"}
     with use_backend("auto"):
         assert served() is not None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert served() is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # eager's own call (its casts), recorded as "torch"
+        want_bf16 = F.conv2d(x, w, b, 1, 1)
+        y = served()
+        assert y is not None and y.dtype == torch.bfloat16 and torch.equal(y, want_bf16)
+        assert _dispatch.last_used == {"conv": "torch"}
+        assert entry(x.double(), w.double(), None, 1, 1, 0, False) is None  # (fp64: the route casts it)
+        assert entry(x, w, b, 1, 1, 0, False) is not None
+        assert entry(x, torch.randn(8, 3, 3, 3), b, 1, 1, 0, False) is None  # ATen refuses: the route's error
     with use_backend("torch"):
         assert served() is None
     assert entry(x.as_subclass(_Tagged), w, b, 1, 1, 0, False) is None

@@ -214,7 +214,7 @@ PyObject* conv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // ---------------------------------------------------------------------------- the default state's entry
 // conv_entry_default(x, weight, bias, stride, padding, output_padding, transposed): conv_entry for a
 // CPU tensor in the state GF.conv2d / conv_transpose2d meet on nearly every call (backend 'auto',
-// autocast off for the CPU, the routes' Python state as conv_default_bind recorded it), which there
+// the routes' Python state as conv_default_bind recorded it; under CPU autocast: autocast_call), which there
 // asked for that state per call in Python (the autocast probe, _dispatch.conv_routes, the
 // last_used record: ~0.5 us, at a tiny conv the whole difference to eager's host time). Served:
 // the output, recorded in _dispatch.last_used as "cpu" (the Python route's record); anything else,
@@ -232,6 +232,7 @@ DefaultState g_default;  // (read and written with the GIL held)
 PyObject* s_value = nullptr;
 PyObject* s_conv = nullptr;
 PyObject* s_cpu = nullptr;
+PyObject* s_torch = nullptr;
 
 // whether a GANENGINE_BACKEND value (bytes from os.environ's own dict on POSIX, else str) names
 // 'auto' as settings.py reads it: unset, empty or blank, or "auto" in any case with blanks around it
@@ -286,12 +287,50 @@ bool default_state() {
   return true;
 }
 
+// a dtype CPU autocast casts (fp64 it keeps, which the Python route casts)
+bool autocast_casts(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf;
+}
+
+// Under CPU autocast (in the default state): ATen's own convolution as eager code calls it (its
+// casts, weight-cast cache and autograd), in out_format(x), recorded as "torch": what the Python
+// route's _autocast_call (ops/conv.py) does, with the same conditions (plain tensors, x 4-d, every
+// operand of a dtype autocast casts, plain int pairs) and nothing ran where ATen refuses (None: the
+// route then raises its public error). Asked in Python, these checks cost ~5 us a call (1.1x
+// eager's host time at a tiny conv under autocast).
+PyObject* autocast_call(PyObject* const* args) {
+  if (xwb(args) != Arg::Ok) return declined();
+  std::array<int64_t, 2> stride, padding, output_padding;
+  if (!pair_arg(args[3], stride) || !pair_arg(args[4], padding) || !pair_arg(args[5], output_padding) ||
+      !PyBool_Check(args[6]))
+    return declined();
+  const bool transposed = args[6] == Py_True;
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& w = THPVariable_Unpack(args[1]);
+  const OptT b = opt(args[2]);
+  if (x.dim() != 4 || !autocast_casts(x) || !autocast_casts(w) || (b.has_value() && !autocast_casts(*b)))
+    return declined();
+  at::Tensor y;
+  try {
+    pybind11::gil_scoped_release no_gil;
+    y = transposed ? at::conv_transpose2d(x, w, b, stride, padding, output_padding)
+                   : at::conv2d(x, w, b, stride, padding);
+    y = y.contiguous(conv_common::out_format(x));
+  } catch (const std::exception&) {  // (c10::Error, and oneDNN's own errors: what Python sees as RuntimeError)
+    return declined();
+  }
+  if (PyDict_SetItem(g_default.last_used, s_conv, s_torch) != 0) return nullptr;
+  return THPVariable_Wrap(std::move(y));
+}
+
 PyObject* conv_entry_default(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (!nargs_ok(nargs, 7, "conv_entry_default")) return nullptr;
   if (!THPVariable_Check(args[0])) return declined();
   const at::Tensor& x = THPVariable_Unpack(args[0]);
-  if (!x.is_cpu() || at::autocast::is_autocast_enabled(at::kCPU) || !default_state()) return declined();
+  if (!x.is_cpu() || !default_state()) return declined();
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return autocast_call(args);
   PyObject* y = conv_call(args, g_default.routes & (kLeanCpu | kVendorCpu));
   if (y == Py_NotImplemented) {  // (a tensor subclass, a torch function mode: the full route's dispatcher op)
     Py_DECREF(y);
@@ -407,6 +446,7 @@ void add_entries(pybind11::module_& m) {
   s_value = PyUnicode_InternFromString("value");
   s_conv = PyUnicode_InternFromString("conv");
   s_cpu = PyUnicode_InternFromString("cpu");
+  s_torch = PyUnicode_InternFromString("torch");
   if (s_value == nullptr || s_conv == nullptr || s_cpu == nullptr) throw pybind11::error_already_set();
   if (PyModule_AddFunctions(m.ptr(), methods) != 0) throw pybind11::error_already_set();
   // conv3x3_entry / conv_entry take ``routes`` (ops/_dispatch.conv_routes asks: a build from before

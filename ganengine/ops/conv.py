@@ -329,7 +329,12 @@ def _autocast_call(x, weight, bias, stride, padding, output_padding, transposed:
              else torch.conv2d(x, weight, bias, stride, padding))
     except eager_autocast_error:
         return None
-    _dispatch.last_used["conv"] = "torch" if y.is_cpu else eager_autocast_backend(y, _VENDOR_ENTRY)
+    if y.is_cpu:
+        _dispatch.last_used["conv"] = "torch"
+        if not _default_bound and _dispatch._requested.value in _AUTO:
+            _bind_default()  # (then conv_entry_default serves these calls in C: its autocast_call)
+    else:
+        _dispatch.last_used["conv"] = eager_autocast_backend(y, _VENDOR_ENTRY)
     return y.contiguous(memory_format=out_format(x))
 
 
@@ -344,8 +349,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     # declines what it does not serve before any work (None: the full route below serves the call or
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
-    # In the default state (backend 'auto', autocast off, CPU tensors) one C call asks for that state
-    # and serves the call (_default_entry). Under autocast, eager's own call first (_autocast_call).
+    # In the default state (backend 'auto', CPU tensors) one C call asks for that state and serves the
+    # call (_default_entry; under autocast with eager's own call, as _autocast_call, which serves it
+    # where the C entry declines: the state not yet bound, a CUDA tensor).
     # (the compile check first: under dynamo the routes' first resolution is not traceable)
     if not (_dynamo_compiling() or _compiler._is_compiling_flag):
         if (y := _default_entry(x, weight, bias, stride, padding, 0, False)) is not None:
