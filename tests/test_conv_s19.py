@@ -336,3 +336,42 @@ def test_dcgan_generator_first_layer_channels_last():
         layouts.append((y.stride(), m[0].weight.grad.stride(), z.grad.is_contiguous(),
                         z.grad.is_contiguous(memory_format=CL)))
     assert layouts[1] == layouts[0]
+
+
+@pytest.mark.skipif(getattr(_ext._C, "conv_entry_default", None) is None or not _ext.has_kernel("conv_fwd", "CPU"),
+                    reason="needs the extension's conv_entry_default")
+def test_conv3x3_and_conv2d_act_under_autocast_take_the_c_entry(monkeypatch):
+    """Under CPU bf16 autocast with backend auto, conv3x3 (zero padding) and conv2d_act make their
+    convolution from conv_entry_default (checks in C), not their Python shortcuts: eager's bits,
+    dtype and layout, recorded under their own key; the Python shortcut still serves what the entry
+    declines (reflect padding)."""
+    from ganengine.ops import conv3x3 as c3_ops
+    from ganengine.ops import conv_act as ca_ops
+
+    def unused(*args, **kwargs):
+        raise AssertionError("the Python autocast shortcut ran")
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    w = (torch.randn(8, 8, 3, 3) * 0.2).requires_grad_()
+    b = torch.randn(8).requires_grad_()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want3 = F.conv2d(xl, w, b, 1, 1)
+            want_act = F.leaky_relu(F.conv2d(xl, w, b, 2, 1), 0.2)
+            with monkeypatch.context() as m:
+                m.setattr(c3_ops, "_autocast_call", unused)
+                m.setattr(ca_ops, "_act_autocast_call", unused)
+                _dispatch.last_used.clear()
+                got3 = ganengine.functional.conv3x3(xl, w, b, 1)
+                got_act = ganengine.functional.conv2d_act(xl, w, b, 2, 1, 0.2)
+                assert _dispatch.last_used == {"conv3x3": "torch", "conv2d_act": "torch"}
+            got_reflect = ganengine.functional.conv3x3(xl, w, b, 1, "reflect")  # (the Python shortcut)
+            want_reflect = F.conv2d(F.pad(xl, (1, 1, 1, 1), mode="reflect"), w, b)
+        for got, want in ((got3, want3), (got_act, want_act), (got_reflect, want_reflect)):
+            assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+            assert got.is_contiguous(memory_format=layout) == want.is_contiguous(memory_format=layout)
+        gw = torch.autograd.grad(got_act.float().sum(), w)[0]
+        ww = torch.autograd.grad(want_act.float().sum(), w)[0]
+        assert torch.equal(gw, ww)

@@ -299,7 +299,7 @@ bool autocast_casts(const at::Tensor& t) {
 // operand of a dtype autocast casts, plain int pairs) and nothing ran where ATen refuses (None: the
 // route then raises its public error). Asked in Python, these checks cost ~5 us a call (1.1x
 // eager's host time at a tiny conv under autocast).
-PyObject* autocast_call(PyObject* const* args) {
+PyObject* autocast_call(PyObject* const* args, PyObject* record) {
   if (xwb(args) != Arg::Ok) return declined();
   std::array<int64_t, 2> stride, padding, output_padding;
   if (!pair_arg(args[3], stride) || !pair_arg(args[4], padding) || !pair_arg(args[5], output_padding) ||
@@ -320,17 +320,24 @@ PyObject* autocast_call(PyObject* const* args) {
   } catch (const std::exception&) {  // (c10::Error, and oneDNN's own errors: what Python sees as RuntimeError)
     return declined();
   }
-  if (PyDict_SetItem(g_default.last_used, s_conv, s_torch) != 0) return nullptr;
+  if (PyDict_SetItem(g_default.last_used, record, s_torch) != 0) return nullptr;
   return THPVariable_Wrap(std::move(y));
 }
 
 PyObject* conv_entry_default(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!nargs_ok(nargs, 7, "conv_entry_default")) return nullptr;
+  // (an 8th argument, another family's last_used key: only its convolution under autocast, which
+  // conv3x3 / conv2d_act make as conv2d does; never the conv route)
+  if (nargs != 8 && !nargs_ok(nargs, 7, "conv_entry_default")) return nullptr;
+  if (nargs == 8 && !PyUnicode_CheckExact(args[7])) {
+    PyErr_SetString(PyExc_TypeError, "ganengine._C.conv_entry_default: the 8th argument is a last_used key (str)");
+    return nullptr;
+  }
   if (!THPVariable_Check(args[0])) return declined();
   const at::Tensor& x = THPVariable_Unpack(args[0]);
   if (!x.is_cpu() || !default_state()) return declined();
-  if (at::autocast::is_autocast_enabled(at::kCPU)) return autocast_call(args);
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return autocast_call(args, nargs == 8 ? args[7] : s_conv);
+  if (nargs == 8) return declined();
   PyObject* y = conv_call(args, g_default.routes & (kLeanCpu | kVendorCpu));
   if (y == Py_NotImplemented) {  // (a tensor subclass, a torch function mode: the full route's dispatcher op)
     Py_DECREF(y);

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ganengine import _ext, settings
 from ganengine.ops import _dispatch, _eager
+from ganengine.ops.conv import autocast_conv_entry as _autocast_conv_entry
 from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, autocast_for, bias_grad, check_conv,
                                         conv_grads, dynamo_compiling as _dynamo_compiling, eager_autocast,
                                         eager_autocast_backend, eager_autocast_error, fast_entry,
@@ -332,9 +333,13 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # Under autocast, eager's own call first (_autocast_call).
     # (the compile check first: under dynamo the routes' first resolution is not traceable)
     if not (_dynamo_compiling() or _compiler._is_compiling_flag):
-        if (((on := autocast_for(x)) or (on is None and any_autocast()))
-                and (y := _autocast_call(x, weight, bias, padding, padding_mode)) is not None):
-            return y
+        if (on := autocast_for(x)) or (on is None and any_autocast()):
+            if (padding_mode == "zeros" and type(padding) is int and padding >= 0
+                    and getattr(weight, "shape", ())[2:] == (3, 3)
+                    and (y := _autocast_conv_entry(x, weight, bias, 1, padding, "conv3x3")) is not None):
+                return y
+            if (y := _autocast_call(x, weight, bias, padding, padding_mode)) is not None:
+                return y
         if routes := _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry"):
             y = _entry(x, weight, bias, padding, padding_mode, routes)
             if y is NotImplemented:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ganengine import _ext, settings
 from ganengine.ops import _dispatch, _eager
+from ganengine.ops.conv import autocast_conv_entry as _autocast_conv_entry
 from ganengine.ops._conv_common import FLOATS as _FLOATS
 from ganengine.ops._conv_common import acc_dtype as _acc
 from ganengine.ops._conv_common import autocast_args as _autocast
@@ -634,9 +635,12 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
     if (not (_dynamo_compiling() or _compiler._is_compiling_flag) and _lean(x)
             and _lean(weight) and (bias is None or _lean(bias))):
-        if (((on := autocast_for(x)) or (on is None and any_autocast()))
-                and (y := _act_autocast_call(x, weight, bias, stride, padding, negative_slope)) is not None):
-            return y
+        if (on := autocast_for(x)) or (on is None and any_autocast()):
+            if ((type(negative_slope) is float or type(negative_slope) is int)
+                    and (y := _autocast_conv_entry(x, weight, bias, stride, padding, "conv2d_act")) is not None):
+                return act_on_fresh(y, negative_slope)
+            if (y := _act_autocast_call(x, weight, bias, stride, padding, negative_slope)) is not None:
+                return y
         if x.is_cuda:  # the cuda backend's C++ entry, where chosen
             y = _act_cuda_entry(x, weight, bias, stride, padding, negative_slope)
             if y is not None:
