@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops._conv_common import any_autocast, autocast_for
+from ganengine.ops._conv_common import module_autocast
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch backend: query rows per chunk are chosen so a score chunk stays near this many elements
@@ -471,11 +471,9 @@ AUTOCAST_EAGER_MIN_POSITIONS = 144   # exclusive, on N
 def autocast_eager(t, n: int, residual=None) -> bool:
     """Whether a call on CPU tensor ``t`` (q or x) with ``n`` query positions runs eager's ops
     (above): CPU autocast on, backend "auto", and n > AUTOCAST_EAGER_MIN_POSITIONS or a half /
-    bf16 ``residual`` x. Outside autocast one thread-local read (``autocast_for``: every fp32
+    bf16 ``residual`` x. Outside autocast one thread-local read (``module_autocast``: every fp32
     call's only cost)."""
-    if not ((on := autocast_for(t)) or (on is None and any_autocast())):
-        return False
-    return (t.is_cpu and torch.is_autocast_enabled("cpu") and _dispatch._requested_backend() == "auto"
+    return (module_autocast(t) and t.is_cpu  # (the conv modules' question: autocast on, backend auto)
             and (n > AUTOCAST_EAGER_MIN_POSITIONS
                  or (isinstance(residual, Tensor) and residual.dtype in (torch.float16, torch.bfloat16))))
 

@@ -284,9 +284,12 @@ _AUTO = (None, "auto")  # (_dispatch._requested.value of backend 'auto')
 def _bind_default() -> None:
     """Records for conv_entry_default the routes of backend 'auto' and what conv_routes resolved
     them with (its function, lean_op, backends.serves: a test replacing one turns the entry off).
-    Asked by the route below once, under backend 'auto'; never again where GANENGINE_BACKEND names
-    another (then every call takes the route below, as before the entry)."""
+    Asked by the route below until a call under backend 'auto' (use_backend's or the environment's)
+    binds; never again where GANENGINE_BACKEND names another (then every call takes the route below,
+    as before the entry). Callers ask ``not _default_bound`` first (a global read per call)."""
     global _default_bound
+    if _default_bound or _dispatch._requested.value not in _AUTO:
+        return
     _default_bound = True
     bind = getattr(_ext._C, "conv_default_bind", None)
     if bind is None or type(_dispatch._ENV_DATA) is not dict or _dispatch._requested_backend() != "auto":
@@ -304,7 +307,7 @@ def autocast_conv_entry(x, weight, bias, stride, padding, record: str):
     ``record``, in out_format(x); None where the entry declines (the caller's Python route then
     serves the call: its own _autocast_call or its route). Its checks in C, not Python: ~5 us a
     call, at a tiny layer 1.04-1.14x eager's host time."""
-    if not _default_bound and _dispatch._requested.value in _AUTO:
+    if not _default_bound:
         _bind_default()
     return _default_entry(x, weight, bias, stride, padding, 0, False, record)
 
@@ -342,7 +345,7 @@ def _autocast_call(x, weight, bias, stride, padding, output_padding, transposed:
         return None
     if y.is_cpu:
         _dispatch.last_used["conv"] = "torch"
-        if not _default_bound and _dispatch._requested.value in _AUTO:
+        if not _default_bound:
             _bind_default()  # (then conv_entry_default serves these calls in C: its autocast_call)
     else:
         _dispatch.last_used["conv"] = eager_autocast_backend(y, _VENDOR_ENTRY)
@@ -371,7 +374,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 and (y := _autocast_call(x, weight, bias, stride, padding, 0, False)) is not None):
             return y
         if routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry"):
-            if not _default_bound and _dispatch._requested.value in _AUTO:
+            if not _default_bound:
                 _bind_default()
             y = _entry(x, weight, bias, stride, padding, 0, False, routes)
             if y is NotImplemented:
@@ -403,7 +406,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 and (y := _autocast_call(x, weight, bias, stride, padding, output_padding, True)) is not None):
             return y
         if routes := _dispatch.conv_routes("conv", _KERNELS, "conv_entry"):
-            if not _default_bound and _dispatch._requested.value in _AUTO:
+            if not _default_bound:
                 _bind_default()
             y = _entry(x, weight, bias, stride, padding, output_padding, True, routes)
             if y is NotImplemented:
