@@ -130,16 +130,29 @@ def sagan_like(w: nn.Module) -> bool:
 
 
 def _l2n(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    return t / (t.norm() + eps)
+    """The reference's ``l2normalize``, ``t / (t.norm() + eps)``: ``Tensor.norm()`` (p="fro", no
+    dim) ends in ``linalg.vector_norm(t, 2)``, called here without its two Python layers (a few
+    microseconds a call at SAGAN's tiny layers); the same op on the same input, the same bits."""
+    return t / (_vector_norm(t) + eps)
 
 
 def sagan_sigma(w: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(the weight W, sigma): the wrapper's power iteration, u and v written through ``.data``
-    as it does (so the updates follow it in train and eval), sigma differentiable in W."""
-    m, name = w.module, w.name
-    u, v, bar = getattr(m, name + "_u"), getattr(m, name + "_v"), getattr(m, name + "_bar")
-    h = bar.shape[0]
-    for _ in range(w.power_iterations):
-        v.data = _l2n(torch.mv(torch.t(bar.view(h, -1).data), u.data))
-        u.data = _l2n(torch.mv(bar.view(h, -1).data, v.data))
-    return bar, u.dot(bar.view(h, -1).mv(v))
+    as it does (so the updates follow it in train and eval), sigma differentiable in W.
+
+    The reference's ops on the same values: its ``w.view(h, -1).data`` is one detached view here
+    (made once), its ``u.data`` / ``v.data`` operands are u and v themselves (Parameters without
+    gradient: nothing is recorded either way), and its last ``w.view(h, -1)`` (the graph's) is
+    made once; the tensors are read from the modules' dicts (``nn.Module.__getattr__`` is Python)."""
+    m, name = w._modules["module"], w.name
+    params = m._parameters
+    u, v, bar = params[name + "_u"], params[name + "_v"], params[name + "_bar"]
+    w2 = bar.view(bar.shape[0], -1)
+    its = w.power_iterations
+    if its:
+        w2d = w2.detach()
+        w2t = w2d.t()
+        for _ in range(its):
+            v.data = _l2n(torch.mv(w2t, u))
+            u.data = _l2n(torch.mv(w2d, v))
+    return bar, u.dot(w2.mv(v))

@@ -35,7 +35,9 @@ weights' gradients).
 Eager calls go through one ``torch.autograd.Function`` per group (cheap on the host), or, when
 the call records no graph (no_grad, eval, a D's weights frozen in the G step), straight to the
 same native forward; under ``torch.compile`` a functional custom op ``ganengine::spectral_norm``
-(fake impl, registered autograd) serves one layer at a time.
+(fake impl, registered autograd) serves one layer at a time; under a torch.func transform
+(functionalize, grad, vmap...) PyTorch's own composition (``functorch_layer``: no transform takes
+that autograd.Function).
 """
 from __future__ import annotations
 
@@ -174,6 +176,67 @@ def _reference_grads(weights, dims, u_outs, v_outs, grads, gsigs, needs):
     return out
 
 
+# ----------------------------------------------------------------------------- torch.func transforms
+# Under a torch.func transform (functionalize, grad, vjp, jacrev, jvp, vmap) an autograd.Function
+# needs the forward / setup_context split, and even then PyTorch has no functionalize rule for one
+# ("NYI: Functionalize rule for custom_function_call"); the split also costs eager ~15 us a call
+# (apply binds the arguments through inspect.signature). So calls made under a transform take
+# PyTorch's own composition, written functionally (the transforms see plain ops: functionalize,
+# grad, jvp and vmap all have rules for them), and eager keeps its one-node Function.
+functorch_active = torch._C._are_functorch_transforms_active
+
+
+def functorch_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: int, eps: float, dim: int,
+                    order: str, write_state: bool):
+    """(w_sn, u_new, v_new, sigma) of one layer with PyTorch's ops (the same bits as its
+    parametrization). Writing the state, PyTorch's own in-place iteration (``F.normalize(...,
+    out=u)``: what torch.func.grad lets a function do to a captured buffer); where a transform
+    has no rule for that (vmap: ``div.out``) the iteration in new tensors, then ``copy_``
+    (a batched state takes a batched update). Without a write, new tensors throughout."""
+    if write_state and steps > 0:
+        try:
+            return _torch_call(weight, u, v, first, steps, eps, dim, order, True)
+        except RuntimeError as e:
+            if "Batching rule" not in str(e) and "vmap" not in str(e):
+                raise
+    wmat = weight_matrix(weight, dim)
+    un, vn = u, v
+    with torch.no_grad():
+        side = first
+        for _ in range(steps):
+            if side == U_STEP:
+                un = F.normalize(torch.mv(wmat, vn), dim=0, eps=eps)
+            else:
+                vn = F.normalize(torch.mv(wmat.H, un), dim=0, eps=eps)
+            side ^= 1
+    sigma = torch_sigma(wmat, un, vn, order)
+    if write_state and steps > 0:
+        try:
+            with torch.no_grad():
+                u.copy_(un)
+                if v is not None:
+                    v.copy_(vn)
+        except RuntimeError as e:
+            raise RuntimeError(
+                "spectral_norm under torch.vmap: the power iteration writes its new u / v into the state buffers "
+                f"in place, but the weight is batched and its state (u {tuple(u.shape)}) is not, so B estimates "
+                "would go into one buffer: batch the buffers with the weights (functional_call with stacked "
+                "buffers), or call the module in eval mode (no iteration, nothing written)") from e
+    else:  # (the functional call's outputs are new tensors, as _torch_call's clones)
+        un = un.clone() if un is u else un
+        vn = vn.clone() if vn is v else vn
+    return weight / sigma, un, vn, sigma
+
+
+def functorch_apply(cfg, *weights):
+    """``SpectralNormFn.apply``'s outputs (L normalised weights, L sigmas, L u, L v) from
+    ``functorch_layer`` per layer (its callers outside this module apply it directly)."""
+    _, dims, us, vs, first, steps, eps, write_state = cfg
+    outs = [functorch_layer(w, u, v, first, steps, eps, d, "pytorch", write_state)
+            for w, d, u, v in zip(weights, dims, us, vs)]
+    return (*(o[0] for o in outs), *(o[3] for o in outs), *(o[1] for o in outs), *(o[2] for o in outs))
+
+
 # ----------------------------------------------------------------------------- backend choice
 @functools.lru_cache(maxsize=256)
 def _verdicts_cached(device: torch.device, dtype: torch.dtype, ndim: int, dim: int, contiguous: bool,
@@ -279,9 +342,10 @@ def native_forward(backend, weights, dims, us, vs, first, steps, eps, write_stat
     # (the C++ kernels too read dense state vectors; a V-first plan never reads v: u as placeholder)
     us = [u if u.is_contiguous() else u.contiguous() for u in us]
     vs = [u if v is None else (v if v.is_contiguous() else v.contiguous()) for v, u in zip(vs, us)]
-    w_sns, u_outs, v_outs, sigma = _ext.op("spectral_norm_fwd")(list(weights), list(us), list(vs), first, steps,
-                                                                float(eps), write_state)
-    return list(w_sns), list(u_outs), list(v_outs), sigma, None
+    # (the raw builtin, not the overload packet: ~1 us less; its lists come back as new lists)
+    w_sns, u_outs, v_outs, sigma = _ext.raw_op("spectral_norm_fwd")(
+        weights if type(weights) is list else list(weights), us, vs, first, steps, float(eps), write_state)
+    return w_sns, u_outs, v_outs, sigma, None
 
 
 def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, gsigs):
@@ -321,7 +385,9 @@ def native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, grads, g
         dw = K.backward(layout, full, gl, gs_vec, sigma, uout, vout, weights[0].dtype)
         dws = _split(dw, layout.offsets, 2, [w.shape for w in weights])
     else:
-        dws = _ext.op("spectral_norm_bwd")(full, gs_vec, list(weights), list(u_outs), list(v_outs), sigma)
+        dws = _ext.raw_op("spectral_norm_bwd")(full, gs_vec, weights if type(weights) is list else list(weights),
+                                               u_outs if type(u_outs) is list else list(u_outs),
+                                               v_outs if type(v_outs) is list else list(v_outs), sigma)
     for i in live:
         out[i] = dws[i]
     return out
@@ -340,7 +406,15 @@ class SpectralNormFn(torch.autograd.Function):
 
     ``apply(cfg, *weights)`` with cfg = (backend, dims, us, vs, first, steps, eps, write_state)
     returns L normalised weights, then L sigmas (weight dtype), then the L u and L v used
-    (not differentiable)."""
+    (not differentiable). Under a torch.func transform ``apply`` runs ``functorch_apply``
+    instead (see there): one more Python call per eager apply (~0.3 us), for every caller
+    (biggan_ops applies it directly)."""
+
+    @classmethod
+    def apply(cls, cfg, *weights):
+        if functorch_active():
+            return functorch_apply(cfg, *weights)
+        return _fn_apply(cfg, *weights)
 
     @staticmethod
     def forward(ctx, cfg, *weights):
@@ -367,6 +441,10 @@ class SpectralNormFn(torch.autograd.Function):
             dws = native_backward(backend, aux, weights, dims, u_outs, v_outs, sigma, g_w, g_s)
             dws = [d if need else None for d, need in zip(dws, needs)]
         return (None, *dws)
+
+
+# autograd.Function's own (C) apply, bound to SpectralNormFn: what the override above calls eagerly
+_fn_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, SpectralNormFn)
 
 
 # ----------------------------------------------------------------------------- custom ops (compile)
@@ -500,7 +578,7 @@ def _lean_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: 
                 write_state: bool):
     """(w_sn, u_new, v_new, sigma) from the C++ kernels directly, or None (not served here)."""
     op = _dispatch.lean_op("spectral_norm_fwd", _SN_KERNELS)
-    if op is None or not (isinstance(weight, Tensor) and weight.is_cpu and weight.dim() > 1):
+    if op is None or not (isinstance(weight, Tensor) and weight.is_cpu and weight.dim() > 1) or functorch_active():
         return None
     # u and v plain CPU tensors (the kernel reads them through their pointers and does not check
     # devices; a list is refused by the dispatcher, not with the public TypeError): else the full
@@ -533,6 +611,8 @@ def run_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: in
         lean = _lean_layer(weight, u, v, first, steps, eps, in_place and steps > 0)
         if lean is not None:
             return lean
+    if not compiling and functorch_active():  # (see functorch_layer)
+        return functorch_layer(weight, u, v, first, steps, eps, dim, order, in_place)
     if compiling:
         w_sn, u_new, v_new, sigma = spectral_norm_op(weight, u, v, first, steps, eps, dim)
         if in_place and steps > 0:
@@ -554,6 +634,10 @@ def run_layer(weight: Tensor, u: Tensor, v: Tensor | None, first: int, steps: in
 
 def run_group(weights, dims, us, vs, first: int, steps: int, eps: float, write_state: bool, backend: str):
     """Every layer of a group on one native backend in one autograd node: (w_sns, sigmas)."""
+    if functorch_active():  # (see functorch_layer: per layer, PyTorch's ops)
+        outs = functorch_apply((backend, list(dims), list(us), list(vs), first, steps, eps, write_state), *weights)
+        n = len(weights)
+        return list(outs[:n]), list(outs[n:2 * n])
     if not _eager.records_graph(weights):
         w_sns, _, _, sigma, _ = native_forward(backend, list(weights), list(dims), list(us), list(vs), first, steps,
                                                eps, write_state)
