@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unparsed = parser.parse_known_args(argv)
+    if unparsed and not getattr(args, "_takes_any", False):  # (parse_args's own error)
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -10,6 +10,7 @@ train ...; --batch_size is per process, as in the reference implementations.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -231,12 +232,15 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="model", metavar="MODEL", required=True)
     for name in MODEL_NAMES:
-        try:
-            defaults = dict(model_class(name).DEFAULTS)
-        except (ImportError, AttributeError):  # models not built in this install: data-only help
-            defaults = {}
         mp = sub.add_parser(name, help=DESCRIPTIONS[name].split(": ", 1)[1].split(" (")[0], description=DESCRIPTIONS[name] + " "
                             + __doc__.split("\n\n")[1].replace("\n", " "))
+        try:
+            defaults = dict(model_class(name).DEFAULTS)
+        except ImportError as exc:
+            # a broken install (or one being rebuilt): say why when this model is asked for, rather
+            # than answer its options with "unrecognized arguments"
+            mp.set_defaults(func=functools.partial(_unimportable, name, exc), _takes_any=True)
+            continue
         _add_data_options(mp, name, defaults)
         _add_run_options(mp, name)
         if name in _basic.MODELS:
@@ -246,6 +250,12 @@ def register(subparsers) -> None:
         model_opts = add_model_options(mp, defaults)
         mp.set_defaults(func=run, _model_options=model_opts)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _unimportable(name: str, exc: ImportError, args) -> int:
+    print(f"ganengine train {name}: error: the model cannot be imported ({type(exc).__name__}: {exc}); "
+          "reinstall or rebuild ganengine (README: make setup)", file=sys.stderr)
+    return 1
 
 
 def _given(args, name):

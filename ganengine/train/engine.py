@@ -236,6 +236,21 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--max_steps must be a whole number >= 1, got {cfg.max_steps!r}")
 
 
+def _say_unserved_backend(name: str, device: torch.device, main: bool) -> None:
+    """--backend NAME that cannot serve this run's device: the fused ops fall back to torch
+    (an error under GANENGINE_STRICT=1, at the first op); say so once, at the start, rather
+    than train and time another backend without a word."""
+    from ganengine import backends
+
+    name = name.strip().lower()
+    if name in ("auto", "torch") or backends.serves(name, device) or not main:
+        return
+    why = backends.status().get(name, "unavailable").removeprefix("unavailable: ")
+    then = ("GANENGINE_STRICT=1 is set: the first fused op will raise" if backends.is_strict()
+            else "the fused ops fall back to the torch backend")
+    print(f"ganengine: --backend {name} cannot serve {device.type} tensors here ({why}); {then}", file=sys.stderr)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -264,6 +279,7 @@ class Trainer:
             import ganengine
 
             ganengine.use_backend(cfg.backend)
+            _say_unserved_backend(cfg.backend, self.device, self.dist.is_main)
         _configure_determinism(cfg, self.device)
 
         # data first: a bad dataset is reported before any model is built
