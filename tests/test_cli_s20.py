@@ -41,3 +41,46 @@ def test_backend_that_cannot_serve_is_said_at_start(tmp_path, capsys):
 def test_backend_that_serves_says_nothing(tmp_path, capsys):
     assert _train(tmp_path, ["--backend", "cpu"]) == 0
     assert "cannot serve" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train", "dcgan"], ["sample", "--checkpoint", "x.pt"]])
+def test_seed_out_of_torch_range_names_the_option(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(command + ["--seed", "99999999999999999999"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seed" in err and "2**64 - 1" in err and "Overflow" not in err
+
+
+def test_evaluate_names_a_missing_dataroot_first(tmp_path, capsys):
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"not read: --dataroot is checked first")
+    code = main(["evaluate", "--checkpoint", str(ck), "--dataroot", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--dataroot" in err and "does not exist" in err and "Inception" not in err
+
+
+def test_resume_with_nothing_to_train_names_no_unwritten_log(tmp_path, capsys):
+    assert _train(tmp_path, ["--save_every", "1"]) == 0
+    ck = tmp_path / "run" / "step_00000001.pt"
+    capsys.readouterr()
+    for f in ("loss_log.csv",):
+        (tmp_path / "run" / f).unlink(missing_ok=True)
+    assert _train(tmp_path, ["--resume", str(ck)]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to train" in err and "loss log:   none written" in err
+
+
+def test_reference_checkpoint_errors_say_what_the_file_holds(tmp_path):
+    import torch
+
+    from ganengine.models.checkpoints import load_reference_checkpoint
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello world\n")
+    with pytest.raises(ValueError, match="not a file torch.save wrote"):
+        load_reference_checkpoint(str(text), "dcgan_G")
+    with pytest.raises(ValueError, match=r"state dicts under \['G', 'D'\]: pass one of them"):
+        load_reference_checkpoint({"G": {"w": torch.zeros(1)}, "D": {"w": torch.zeros(1)}}, "dcgan_G")
+    with pytest.raises(ValueError, match="entry 'step' is not a tensor but a int"):
+        load_reference_checkpoint({"w": torch.zeros(1), "step": 3}, "dcgan_G")

@@ -32,7 +32,7 @@ def test_reference_parameter_counts():
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "none"])
-@pytest.mark.parametrize("n_layers", [1, 2, 3])
+@pytest.mark.parametrize("n_layers", [0, 1, 2, 3])
 def test_keys_shapes_counts_match_reference(norm, n_layers):
     ref = NLayerDiscriminator(3, 8, n_layers, get_norm_layer(norm))
     ours = gnn.PatchDiscriminator(3, 8, n_layers, norm=norm)
@@ -46,7 +46,7 @@ BACKENDS = [("torch", None), ("cpu", None), ("triton", "igemm"), ("triton", "ven
 
 
 @pytest.mark.parametrize("backend,impl", BACKENDS, ids=["torch", "cpu", "triton-igemm", "triton-vendor"])
-@pytest.mark.parametrize("norm,n_layers", [("instance", 3), ("batch", 2), ("none", 1), ("instance", 1)])
+@pytest.mark.parametrize("norm,n_layers", [("instance", 3), ("batch", 2), ("none", 1), ("instance", 1), ("instance", 0)])
 def test_outputs_and_grads_match_reference(backend, impl, norm, n_layers):
     if not ganengine.backends.available()[backend]:
         pytest.skip(ganengine.backends.status()[backend])
@@ -149,7 +149,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="norm"):
         gnn.PatchDiscriminator(3, norm="group")
     with pytest.raises(ValueError, match="n_layers"):
-        gnn.PatchDiscriminator(3, n_layers=0)
+        gnn.PatchDiscriminator(3, n_layers=-1)
+    with pytest.raises(ValueError, match="n_layers"):
+        gnn.PatchDiscriminator(3, n_layers=2.0)
     with pytest.raises(ValueError, match="expected input"):
         gnn.PatchDiscriminator(3, 8, 1)(torch.randn(1, 4, 16, 16))
 

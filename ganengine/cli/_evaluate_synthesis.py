@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from ganengine.cli._options import seed_int
+
 
 # the synthesis-only options' defaults (None in the parser: an image-to-image evaluation refuses them
 # when given, rather than ignoring them)
@@ -24,7 +26,7 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("synthesis checkpoints (dcgan, wgan, ..., infogan, sagan, biggan, unetgan)")
     g.add_argument("--num_samples", type=int, default=None,
                    help=f"images to generate (default: {DEFAULTS['num_samples']}; papers report FID on 50000)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="seed of the latents; for image-to-image checkpoints, of the random ops the evaluation runs "
                         "(pix2pix's dropout without --eval, KID's subsets) (default: %(default)s)")
     g.add_argument("--is_splits", type=int, default=None,

@@ -165,6 +165,18 @@ def nonneg_int(value: str) -> int:
     return v
 
 
+def seed_int(value: str) -> int:
+    """A --seed: an integer torch.manual_seed takes (-2**63 .. 2**64 - 1)."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not -(1 << 63) <= v < (1 << 64):
+        raise argparse.ArgumentTypeError(f"expected an integer from -2**63 to 2**64 - 1 (what torch.manual_seed "
+                                         f"takes), got {v}")
+    return v
+
+
 def model_class(name: str):
     from ganengine import models
 

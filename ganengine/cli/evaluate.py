@@ -216,6 +216,9 @@ def run(args) -> int:
         if not os.path.exists(args.checkpoint):  # (said first: the metrics' checks depend on its kind)
             raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist (expected a training checkpoint .pt "
                              "or a run folder)")
+        if args.dataroot is not None and not os.path.exists(args.dataroot):  # (before the metrics' own needs)
+            raise ValueError(f"--dataroot {args.dataroot!r} does not exist (expected the data folder, or leave "
+                             "--dataroot out to evaluate on the data the model was trained on)")
         _check_counts(args)
         output_file(args)
     except ValueError as exc:

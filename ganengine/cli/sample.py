@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+from ganengine.cli._options import seed_int
+
 
 def _debug() -> bool:
     from ganengine.backends import debug
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
                    help="IC-GAN: the instance features file (default: the training's, as the checkpoint records it); "
                         "it must hold the features the model was trained with (moved or copied, not changed)")
     p.add_argument("--n", type=int, default=8, help="images per row (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="(default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max_rows", type=int, default=10, help="synthesis models: at most this many class rows "
                    "(default: %(default)s)")

@@ -18,7 +18,7 @@ import time
 
 from ganengine.cli import _synthesis_models as _basic
 from ganengine.cli._options import (MODEL_NAMES, add_model_options, model_class, nonneg_int, positive_int,
-                                    reference_device, str2bool)
+                                    reference_device, seed_int, str2bool)
 
 DESCRIPTIONS = {
     "pix2pix": "pix2pix: paired image-to-image translation (DATAROOT/train/*.jpg, A|B side by side).",
@@ -136,7 +136,7 @@ def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
                    help="continue a run: a checkpoint file, a run folder, or nothing for the newest checkpoint "
                         "of this --name. Networks, optimisers, schedulers, scalers, image pools, step and RNG "
                         "states are restored (bit-exact on CPU with --deterministic)")
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--seed", type=seed_int, default=None,
                    help="random seed (default: 0; with --resume the run's own, which another value may not change)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-exact reruns and resumes on CPU; slower on GPU)")
@@ -551,7 +551,8 @@ def run(args) -> int:
         print(f"ganengine: {done}\n"
               f"  checkpoint: {result['checkpoint']}\n"
               + (f"  samples:    {samples}\n" if os.path.isdir(samples) else "  samples:    none written\n")
-              + f"  loss log:   {os.path.join(result['log_dir'], 'loss_log.csv')}", file=sys.stderr)
+              + (f"  loss log:   {log}" if os.path.isfile(log := os.path.join(result["log_dir"], "loss_log.csv"))
+                 else "  loss log:   none written"), file=sys.stderr)
     return 0
 
 

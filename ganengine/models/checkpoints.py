@@ -138,7 +138,7 @@ def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"load_reference_checkpoint: {path!r} is not a checkpoint that can be read safely "
-                             f"with torch.load(weights_only=True): {exc}") from exc
+                             f"with torch.load(weights_only=True): {_load_failure(path, exc)}") from exc
     else:
         obj = path_or_state_dict
     if isinstance(obj, nn.Module):
@@ -152,9 +152,33 @@ def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
                          "`ganengine export --checkpoint PATH --format state_dict --reference`")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError("load_reference_checkpoint: expected a state dict (a mapping of names to tensors) as the "
-                         "reference code saves with torch.save(net.state_dict(), path); got "
-                         f"{type(obj).__name__}")
+                         "reference code saves with torch.save(net.state_dict(), path); got " + _not_a_state_dict(obj))
     return dict(obj)
+
+
+def _not_a_state_dict(obj) -> str:
+    """What ``obj`` is, in words, when it is not a state dict: a dict's first non-tensor entry, or the
+    state dicts it holds (several networks saved together: pass one of them)."""
+    if not isinstance(obj, dict):
+        return type(obj).__name__
+    nested = [k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor)
+                                                                            for t in v.values())]
+    if nested:
+        return (f"a dict holding state dicts under {nested[:8]}: pass one of them (e.g. "
+                f"checkpoint[{nested[0]!r}])")
+    key, value = next((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    return f"a dict whose entry {key!r} is not a tensor but a {type(value).__name__}"
+
+
+def _load_failure(path: str, exc: Exception) -> str:
+    """torch.load's failure in words: a file that is no torch.save output gets a bare KeyError /
+    UnpicklingError (``'101'``) from the legacy reader."""
+    import zipfile
+
+    if isinstance(exc, (KeyError, EOFError)) or type(exc).__name__ == "UnpicklingError":
+        if not zipfile.is_zipfile(path):
+            return f"it is not a file torch.save wrote (neither a zip archive nor a legacy pickle; {type(exc).__name__}: {exc})"
+    return str(exc)
 
 
 def _strip_prefixes(sd: dict) -> dict:

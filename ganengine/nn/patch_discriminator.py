@@ -102,8 +102,9 @@ class PatchDiscriminator(nn.Module):
         self.fused = bool(fused)
         if norm not in NORMS:
             raise ValueError(f"PatchDiscriminator: norm must be one of {NORMS}, got {norm!r}")
-        if not isinstance(n_layers, int) or n_layers < 1:
-            raise ValueError(f"PatchDiscriminator: n_layers must be an int >= 1, got {n_layers!r}")
+        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 0:
+            # (0 as the reference: conv + LeakyReLU, one stride-1 conv + norm + LeakyReLU, the 1-channel conv)
+            raise ValueError(f"PatchDiscriminator: n_layers must be an int >= 0, got {n_layers!r}")
         if input_nc < 1 or ndf < 1:
             raise ValueError(f"PatchDiscriminator: input_nc and ndf must be >= 1, got {input_nc}, {ndf}")
         self.input_nc, self.ndf, self.n_layers, self.norm = input_nc, ndf, n_layers, norm
