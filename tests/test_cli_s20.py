@@ -84,3 +84,20 @@ def test_reference_checkpoint_errors_say_what_the_file_holds(tmp_path):
         load_reference_checkpoint({"G": {"w": torch.zeros(1)}, "D": {"w": torch.zeros(1)}}, "dcgan_G")
     with pytest.raises(ValueError, match="entry 'step' is not a tensor but a int"):
         load_reference_checkpoint({"w": torch.zeros(1), "step": 3}, "dcgan_G")
+
+
+@pytest.mark.parametrize("value", ["no", "False", None, 1])
+def test_attention_flag_is_a_bool_as_eager_flags_are(value):
+    import torch
+
+    import ganengine.functional as GF
+    import ganengine.nn as gnn
+
+    m = gnn.SelfAttention2d(16)
+    x = torch.randn(1, 16, 4, 4)
+    with pytest.raises(TypeError, match="return_attention must be a bool"):
+        m(x, return_attention=value) if value is not None else gnn.SelfAttention2d(16, return_attention="x")
+    with pytest.raises(TypeError, match="self_attention2d: return_attention must be a bool"):
+        GF.self_attention2d(x, m.query_conv.weight, None, m.key_conv.weight, None, m.value_conv.weight, None, m.gamma,
+                            return_attention=value if value is not None else "x")
+    assert isinstance(m(x, return_attention=__import__("numpy").bool_(True)), tuple)

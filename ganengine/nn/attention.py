@@ -30,6 +30,7 @@ from torch import nn
 from ganengine.fusion.checks import any_global_hooks
 from ganengine.ops import _dispatch, _eager
 from ganengine.ops._eager import autocast_off
+from ganengine.ops._flags import flag
 from ganengine.ops.attention import (_as, acc_dtype, attention, attention_map, autocast_core, autocast_eager,
                                      composed_attend, composes, self_attention2d, stacked_conv1x1)
 
@@ -117,7 +118,7 @@ class SelfAttention2d(nn.Module):
         self.key_conv = nn.Conv2d(in_channels, d, kernel_size=1, **kw)
         self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1, **kw)
         self.gamma = nn.Parameter(torch.zeros(1, **kw))
-        self.return_attention = bool(return_attention)
+        self.return_attention = flag(return_attention, "SelfAttention2d", "return_attention")
 
     @classmethod
     def from_modules(cls, query_conv: nn.Module, key_conv: nn.Module, value_conv: nn.Module,
@@ -128,13 +129,15 @@ class SelfAttention2d(nn.Module):
         self.query_conv, self.key_conv, self.value_conv, self.gamma = query_conv, key_conv, value_conv, gamma
         self.in_channels = _in_channels(value_conv)
         self.reduction = 0  # unknown for wrapped modules
-        self.return_attention = bool(return_attention)
+        self.return_attention = flag(return_attention, "SelfAttention2d", "return_attention")
         return self
 
     def forward(self, x: torch.Tensor, return_attention: bool | None = None):
         if x.dim() != 4:
             raise ValueError(f"SelfAttention2d: expected a (B, C, H, W) input, got shape {tuple(x.shape)}")
-        want = self.return_attention if return_attention is None else return_attention
+        want = (self.return_attention if return_attention is None else return_attention
+                if return_attention is True or return_attention is False
+                else flag(return_attention, "SelfAttention2d", "return_attention"))
         qc, kc, vc = self.query_conv, self.key_conv, self.value_conv
         plain = _plain_1x1s(qc, kc, vc)
         if not want and plain:

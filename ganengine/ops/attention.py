@@ -49,6 +49,7 @@ from torch import Tensor
 from ganengine import _ext, backends
 from ganengine.ops import _dispatch, _eager
 from ganengine.ops._conv_common import module_autocast
+from ganengine.ops._flags import flag
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch backend: query rows per chunk are chosen so a score chunk stays near this many elements
@@ -621,6 +622,8 @@ def self_attention2d(x: Tensor, query_weight: Tensor, query_bias: Tensor | None,
     Weights are 1x1 conv weights: query/key (d, C, 1, 1), value (C, C, 1, 1); biases (d,) /
     (C,) or None; ``gamma`` a one-element tensor (the reference's ``(1,)`` parameter).
     """
+    if return_attention is not False and return_attention is not True:
+        return_attention = flag(return_attention, "self_attention2d", "return_attention")
     # (CPU autocast: eager's ops, see autocast_eager)
     if isinstance(x, Tensor) and x.dim() == 4 and autocast_eager(x, x.shape[2] * x.shape[3], x):
         res = _autocast_block(x, query_weight, query_bias, key_weight, key_bias, value_weight, value_bias,
