@@ -101,3 +101,13 @@ def test_attention_flag_is_a_bool_as_eager_flags_are(value):
         GF.self_attention2d(x, m.query_conv.weight, None, m.key_conv.weight, None, m.value_conv.weight, None, m.gamma,
                             return_attention=value if value is not None else "x")
     assert isinstance(m(x, return_attention=__import__("numpy").bool_(True)), tuple)
+
+
+@pytest.mark.parametrize("model,option,sample", [("sagan", "--g_conv_dim", "16"), ("icgan", "--sample_every", "100"),
+                                                 ("pix2pix", "--netG", "unet_128"), ("biggan", "--D_lr", "0.0004")])
+def test_help_names_the_sample_data_value_beside_the_reference_default(model, option, sample, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", model, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    after = text.split(f"{option} {option.lstrip('-').upper()} ", 1)[1]
+    assert f"sample data: {sample})" in after.split(" --", 1)[0]

@@ -141,9 +141,9 @@ def _add_run_options(p: argparse.ArgumentParser, model: str) -> None:
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-exact reruns and resumes on CPU; slower on GPU)")
     g.add_argument("--sample_every", type=nonneg_int, default=None,
-                   help="write a PNG sample grid every N steps, 0 = never (default: 500; sample data: 50)")
+                   help="write a PNG sample grid every N steps, 0 = never (default: 500)")
     g.add_argument("--save_every", type=nonneg_int, default=None,
-                   help="checkpoint every N steps, 0 = only at the end (default: 5000; sample data: 100)")
+                   help="checkpoint every N steps, 0 = only at the end (default: 5000)")
     g.add_argument("--keep_checkpoints", type=positive_int, default=3,
                    help="keep the newest N checkpoints (default: %(default)s)")
     g.add_argument("--print_freq", type=positive_int, default=10,
@@ -248,8 +248,28 @@ def register(subparsers) -> None:
         if name in _basic.MODELS + SYNTHESIS:
             _basic.add_eval_options(mp)
         model_opts = add_model_options(mp, defaults)
+        _note_sample_defaults(mp, SAMPLE.get(name, {}))
         mp.set_defaults(func=run, _model_options=model_opts)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _note_sample_defaults(parser: argparse.ArgumentParser, sample: dict) -> None:
+    """Each option the built-in sample data gives another value (no --dataroot: SAMPLE) says so in
+    its help, beside the reference's default: "(default: 64; sample data: 16)"."""
+    for action in parser._actions:
+        if action.dest not in sample or not action.option_strings or action.help in (None, argparse.SUPPRESS):
+            continue
+        if "sample data" in action.help or action.help.startswith("same as"):
+            continue
+        value = sample[action.dest]
+        value = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        text = action.help.rstrip()
+        if f"(default: {value})" in text or f"(default: {value!r})" in text:
+            continue   # (the same value)
+        if text.endswith(")") and "(default: " in text:
+            action.help = f"{text[:-1]}; sample data: {value})".replace("%(default)s", str(action.default))
+        else:
+            action.help = f"{text} (sample data: {value})"
 
 
 def _unimportable(name: str, exc: ImportError, args) -> int:
