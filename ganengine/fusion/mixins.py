@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ganengine.fusion.copying import FusedModule
+from ganengine.fusion.spectral import sagan_sigma
 from ganengine.ops._conv_common import input_in_weight_layout, module_autocast
 
 
@@ -216,10 +217,8 @@ class SpectralNormWrapperMixin(FusedModule):
         return f"fused: spectral-normed conv{act}, sigma on the smaller side"
 
     def forward(self, x):
-        from ganengine.fusion.spectral import sagan_sigma
-
         w, sigma = sagan_sigma(self)
-        m = self.module
+        m = self._modules["module"]   # (Module.__getattr__ costs ~0.7 us)
         if isinstance(m, torch.nn.ConvTranspose2d):
             return conv_transpose_apply(m, x, w, sigma, self._ganengine_sigma_side)
         return conv_apply(m, x, w, self._ganengine_slope, sigma, self._ganengine_sigma_side)
