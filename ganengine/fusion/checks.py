@@ -306,17 +306,117 @@ def _init_methods(cls: type) -> set[str]:
     return self_calls(cls, "__init__")[0]
 
 
-def _only_called(node: ast.AST, parents: dict, tree: ast.AST) -> bool:
+def _module_callers() -> tuple:
+    """torch functions that only call the module passed as their first argument, with that
+    parameter's name: handing the module over counts as a call of it.
+
+    * ``torch.nn.parallel.data_parallel(self.main, x, device_ids)`` (pytorch/examples' DCGAN) runs
+      ``self.main`` on replicas sharing its parameters and buffers: a fused Sequential replicates
+      (its modules hold only parameters, buffers and plain values) and runs the same;
+    * ``torch.utils.checkpoint.checkpoint(self.main, x, ...)`` runs it, then runs it again in
+      backward (both ``use_reentrant`` modes). The fused modules are, like the eager ones, functions
+      of their inputs and state with the same effects per call (batch norm running statistics
+      updated on each run, twice in all as eager), and they choose their kernels from shapes,
+      dtypes and devices, never by timing, so the recomputation saves the same tensors as the
+      first run (checkpoint's determinism check)."""
+    found = []
+    try:
+        from torch.nn.parallel.data_parallel import data_parallel
+        found.append((data_parallel, "module"))
+    except ImportError:  # pragma: no cover  (a torch without it, or a stand-in)
+        pass
+    try:
+        from torch.utils.checkpoint import checkpoint
+        found.append((checkpoint, "function"))
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+_MODULE_CALLERS = _module_callers()
+
+
+def global_value(names: tuple[str, ...], fn_globals: dict):
+    """The object ``a.b.c`` names, ``names`` being ``("a", "b", "c")`` and ``a`` a global of the
+    function (``_NOT_SET`` when it cannot be known without running code: an attribute of anything
+    but a module, a missing name). Modules' ``__dict__`` is read, never ``getattr`` (a module's
+    ``__getattr__`` could import or compute)."""
+    obj = fn_globals.get(names[0], _NOT_SET)
+    for name in names[1:]:
+        if not isinstance(obj, types.ModuleType):
+            return _NOT_SET
+        obj = vars(obj).get(name, _NOT_SET)
+    return obj
+
+
+def module_parameter(obj) -> str | None:
+    """The name of the module parameter when ``obj`` is one of the torch functions that only call
+    the module they are given (``_MODULE_CALLERS``); None otherwise."""
+    return next((param for f, param in _MODULE_CALLERS if obj is f), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _bound_names(tree: ast.AST) -> frozenset:
+    """Every name the method binds anywhere in it, nested code included (assignments, loop and
+    comprehension targets, parameters of inner functions and lambdas, imports, definitions)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node is not tree:
+            names.add(node.name)
+    return frozenset(names)
+
+
+def _ast_callee(func: ast.AST, fn, tree: ast.AST) -> object:
+    """The object a call's ``func`` expression names when it is a global of ``fn`` or an attribute
+    path through modules from one (``nn.parallel.data_parallel``); ``_NOT_SET`` otherwise (a name
+    the method binds anywhere, ``tree`` its AST, or a closure variable: its value is not known
+    before the call)."""
+    names = []
+    while isinstance(func, ast.Attribute):
+        names.append(func.attr)
+        func = func.value
+    code = getattr(fn, "__code__", None)
+    if not isinstance(func, ast.Name) or code is None:
+        return _NOT_SET
+    if func.id in _bound_names(tree) or func.id in code.co_freevars or func.id in code.co_cellvars:
+        return _NOT_SET
+    return global_value((func.id,) + tuple(reversed(names)), getattr(fn, "__globals__", {}))
+
+
+def _handed_to_module_caller(node: ast.AST, parents: dict, fn, tree: ast.AST) -> bool:
+    """``data_parallel(self.main, x, ...)`` (or ``module=self.main``; ``checkpoint(self.main, x)``):
+    ``node`` is the module argument of a call to a torch function that only calls it."""
+    up, keyword = parents.get(node), None
+    if isinstance(up, ast.keyword):
+        up, keyword = parents.get(up), up.arg
+    elif not (isinstance(up, ast.Call) and up.args[:1] == [node]):
+        return False
+    if not isinstance(up, ast.Call):
+        return False
+    param = module_parameter(_ast_callee(up.func, fn, tree))
+    return param is not None and keyword in (None, param)
+
+
+def _only_called(node: ast.AST, parents: dict, tree: ast.AST, fn=None) -> bool:
     """Whether the value of ``node`` is only called: ``node(...)``, ``node.forward(...)``, a whole-module
     method, or assigned to a local name that is itself only called (pix2pixHD's
-    ``model = getattr(self, 'model' + str(n)); model(x)``)."""
+    ``model = getattr(self, 'model' + str(n)); model(x)``), or handed to a torch function that only
+    calls it (``nn.parallel.data_parallel(self.main, x, ids)``, resolved through ``fn``'s globals)."""
     up = parents.get(node)
     if isinstance(up, ast.Call) and up.func is node or isinstance(up, ast.Expr):
         return True   # (called, or a value dropped: `self.model.train(mode)` as a statement)
+    if _handed_to_module_caller(node, parents, fn, tree):
+        return True
     if (isinstance(up, ast.Attribute) and up.attr in _WHOLE_MODULE_METHODS
             and isinstance(parents.get(up), ast.Call) and parents[up].func is up):
         # (`self.model.train()` returns the module itself: what is done with it counts too)
-        return up.attr not in _RETURNS_SELF or _only_called(parents[up], parents, tree)
+        return up.attr not in _RETURNS_SELF or _only_called(parents[up], parents, tree, fn)
     if isinstance(up, ast.FormattedValue) and up.value is node:
         return True   # (its repr in an f-string: it reads no entry's output)
     if (isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id in _TESTS
@@ -326,7 +426,8 @@ def _only_called(node: ast.AST, parents: dict, tree: ast.AST) -> bool:
             and isinstance(up.targets[0], ast.Name)):
         var = up.targets[0].id
         loads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load)]
-        return all(isinstance(parents.get(n), ast.Call) and parents[n].func is n for n in loads)
+        return all(isinstance(parents.get(n), ast.Call) and parents[n].func is n
+                   or _handed_to_module_caller(n, parents, fn, tree) for n in loads)
     return False
 
 
@@ -451,7 +552,7 @@ def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
                             f"which reach {me}.{dotted}")
                 continue
             if kind == "getattr":   # (a computed name: the value may be the module, or one on the way to it)
-                if after_fuse and _on_the_way(got, chain) and not _only_called(node, parents, tree):
+                if after_fuse and _on_the_way(got, chain) and not _only_called(node, parents, tree, inspect.unwrap(fn)):
                     return (f"{where} reads a child of {'.'.join((me,) + got)} by a computed name (getattr, line "
                             f"{getattr(node, 'lineno', '?')} of the method) and uses it other than by calling it")
                 continue
@@ -465,7 +566,7 @@ def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
                     continue
                 if name == "__init__" and len(chain) == 1 and _rebinds_itself(node, parents, chain[0], me):
                     continue
-                if _only_called(node, parents, tree):
+                if _only_called(node, parents, tree, inspect.unwrap(fn)):
                     continue
                 return (f"{where} uses {me}.{dotted} other than by calling it "
                         f"(line {getattr(node, 'lineno', '?')} of the method)")
@@ -621,6 +722,7 @@ class _Code:
         self.index = {ins.offset: i for i, ins in enumerate(self.instrs)}
         self.fn_globals = fn_globals
         self._callees = None
+        self._module_calls = None
         self._targets = None
         self._fates: dict = {}   # (start, above) -> fates (each method is asked once per Sequential)
 
@@ -750,6 +852,62 @@ class _Code:
                     if fates and all(f[0] == "called" and f[1] == fates[0][1] for f in fates):
                         self._callees[fates[0][1]] = ins.argval
         return self._callees.get(pc)
+
+    def module_parameter(self, pc: int) -> str | None:
+        """The module parameter's name when the call at ``pc`` calls one of the torch functions that
+        only call the module they are given (``_MODULE_CALLERS``), loaded as a global or an attribute
+        path through modules from one (``nn.parallel.data_parallel``): each LOAD_GLOBAL followed
+        through its attribute reads to the call that consumes it. None for any other call."""
+        if self._module_calls is None:
+            self._module_calls = {}
+            for i, ins in enumerate(self.instrs):
+                if ins.opname != "LOAD_GLOBAL":
+                    continue
+                obj, at, above = global_value((ins.argval,), self.fn_globals), i, _pushed_above(ins)
+                while obj is not _NOT_SET:
+                    fates = self.fates(at, above)
+                    if not fates or any(f[:2] != fates[0][:2] for f in fates):
+                        break   # (consumed in two places, or none: not followed)
+                    kind, at, detail = fates[0]
+                    if kind == "called":
+                        param = module_parameter(obj)
+                        if param is not None:
+                            self._module_calls[at] = param
+                        break
+                    if kind != "attr" or not isinstance(obj, types.ModuleType):
+                        break
+                    obj, above = vars(obj).get(detail, _NOT_SET), _pushed_above(self.instrs[at])
+        return self._module_calls.get(pc)
+
+    def passes_module(self, call: int, above: int) -> bool:
+        """Whether the argument ``above`` values deep when the call at ``call`` runs is the module
+        argument of one of ``_MODULE_CALLERS``: the first positional one, or the keyword of that
+        name (3.10's CALL_FUNCTION_KW and 3.13's CALL_KW: the names' tuple a constant on top; 3.11 /
+        3.12: KW_NAMES before the call). ``*args`` (CALL_FUNCTION_EX) is not followed."""
+        param = self.module_parameter(call)
+        ins = self.instrs[call]
+        if param is None or not ins.arg:
+            return False
+        if ins.opname in ("CALL_KW", "CALL_FUNCTION_KW"):
+            kw, deepest = self.constant_argument(call, 0), ins.arg
+            if not isinstance(kw, tuple):
+                return False
+        elif ins.opname in ("CALL", "CALL_FUNCTION", "CALL_METHOD"):
+            kw, deepest = self.keyword_names(call), ins.arg - 1
+        else:
+            return False
+        return above == deepest and (len(kw) < ins.arg or kw[0] == param)
+
+    def keyword_names(self, call: int) -> tuple:
+        """The keyword names of the call at ``call`` on 3.11 / 3.12 (a KW_NAMES just before it); ()
+        where there are none."""
+        k = call - 1
+        while k >= 0 and self.instrs[k].opname in ("CACHE", "PRECALL", "EXTENDED_ARG"):
+            k -= 1
+        if k >= 0 and self.instrs[k].opname == "KW_NAMES":
+            names = self.instrs[k].argval
+            return names if isinstance(names, tuple) else self.code.co_consts[self.instrs[k].arg]
+        return ()
 
     def constant_argument(self, call: int, depth: int):
         """The constant ``depth`` values below the top of the stack when the call at ``call`` runs,
@@ -911,6 +1069,8 @@ class _Walk:
         nargs = -1 if nargs is None else nargs
         fn = cx.callee(at)
         if fn in _TESTS and above == nargs - 1:
+            return None
+        if cx.passes_module(at, above):   # (`data_parallel(self.main, x, ids)`, `checkpoint(self.main, x)`)
             return None
         if fn == "super" and got == () and nargs == 2 and above == 0:
             nxt = next((ins for ins in cx.instrs[at + 1:] if ins.opname not in _NO_STACK), None)

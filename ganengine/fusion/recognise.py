@@ -358,18 +358,25 @@ def build_batch_norm_like(m: nn.Module, activation: str = "none", negative_slope
 
 
 def conditional_batch_norm_like(m: nn.Module) -> bool:
-    """Structure of BigGAN's ``ccbn``: two child modules (gain, bias: Linear or Embedding), no
-    parameters of its own, two (C,) buffers (mean, var), an ``eps``, forward(x, y)."""
+    """Structure of BigGAN's ``ccbn``: two child modules (gain, bias), no parameters of its own, two
+    (C,) buffers (mean, var), an ``eps``, forward(x, y). What the children are is the builder's
+    question (it declines, saying why, where it cannot make a y for them: the report then names
+    the module instead of passing over it)."""
     if not _user_class(m) or len(m._modules) != 2 or m._parameters or not isinstance(getattr(m, "eps", None), float):
         return False
     bufs = _vectors(m._buffers)
     if len(bufs) != 2 or len(m._buffers) != 2 or m._buffers[bufs[0]].shape != m._buffers[bufs[1]].shape:
         return False
-    return _forward_arity(type(m)) == 2 and all(_y_probe(c) is not None for c in m._modules.values())
+    return _forward_arity(type(m)) == 2
 
 
 def _y_probe(child: nn.Module):
-    """A function gen -> y for a Linear-like or Embedding child (None if neither)."""
+    """A function gen -> y for a Linear-like or Embedding child, or a plain Sequential starting with
+    one (U-Net GAN's self-modulated ``ccbn``: ``Sequential(Linear, ReLU, Linear)`` on the latent);
+    None otherwise. (The probe only makes a y: what the child computes is checked against the
+    original's forward by the builder.)"""
+    if checks.plain_sequential(child) and len(child) > 0:
+        return _y_probe(child[0])
     if isinstance(child, nn.Embedding):
         n = child.num_embeddings
         return lambda gen: torch.randint(0, n, (3,), generator=gen)
@@ -396,6 +403,10 @@ def build_conditional_batch_norm(m: nn.Module, activation: str = "none", negativ
     ref = m._buffers[mean]
     c = ref.shape[0]
     y_of = _y_probe(m._modules[gain_name])
+    if y_of is None or _y_probe(m._modules[bias_name]) is None:
+        odd = next(n for n in (gain_name, bias_name) if _y_probe(m._modules[n]) is None)
+        return Decline(f"its {odd} child ({type(m._modules[odd]).__name__}) is not a Linear, an Embedding or a "
+                       "Sequential starting with one: fuse() cannot make a y to check it on")
 
     def make(gen):
         y = y_of(gen).to(ref.device)
