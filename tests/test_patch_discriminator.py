@@ -46,7 +46,7 @@ BACKENDS = [("torch", None), ("cpu", None), ("triton", "igemm"), ("triton", "ven
 
 
 @pytest.mark.parametrize("backend,impl", BACKENDS, ids=["torch", "cpu", "triton-igemm", "triton-vendor"])
-@pytest.mark.parametrize("norm,n_layers", [("instance", 3), ("batch", 2), ("none", 1), ("instance", 1), ("instance", 0)])
+@pytest.mark.parametrize("norm,n_layers", [("instance", 3), ("batch", 2), ("none", 1), ("instance", 1), ("instance", 0), ("batch", 0)])
 def test_outputs_and_grads_match_reference(backend, impl, norm, n_layers):
     if not ganengine.backends.available()[backend]:
         pytest.skip(ganengine.backends.status()[backend])
@@ -91,7 +91,9 @@ def test_outputs_and_grads_match_reference(backend, impl, norm, n_layers):
         e_mean, e_var = batch_stat_bounds(c, e_c)
         for stat, e in (("running_mean", e_mean), ("running_var", e_var)):
             key = f"model.{i}.{stat}"
-            assert_below(ours.state_dict()[key], sd_ref[key], 2 * ref.model[i].momentum * e, name=key)
+            # (+ each side's rounding of the fp32 update itself: half an ulp of the result each)
+            rounding = torch.finfo(torch.float32).eps * sd_ref[key].abs().double()
+            assert_below(ours.state_dict()[key], sd_ref[key], 2 * ref.model[i].momentum * e + rounding, name=key)
         key = f"model.{i}.num_batches_tracked"
         assert torch.equal(ours.state_dict()[key], sd_ref[key]), key
 
