@@ -45,25 +45,22 @@ def _route(x, w, stride, padding, transposed=False):
 
 
 def _small_kernel_rule(x, w, stride, padding, transposed, policy):
-    """The router's rules for kernels of fewer than 16 taps (conv_route.cpp use_gemm: oneDNN,
-    except a 3x3 kernel of 2^19+ elements on at most 64 GEMM columns under 'auto', and every
-    legal fp32 call under 'always'; Winograd 4x4 and the NHWC rules take 16+ taps only)."""
+    """The router's rules for kernels of fewer than 16 taps (conv_route.cpp use_gemm: oneDNN under
+    'auto' (the 3x3 exception for 2^19+ element weights on at most 64 GEMM columns lost in forward
+    wherever measured and went in session 20), every legal fp32 call under 'always'; Winograd 4x4
+    and the NHWC rules take 16+ taps only)."""
     legal = x.dtype == torch.float32 and w.dtype == torch.float32
     if policy == "always":
         return 1 if legal else 0
     if policy == "never" or not legal:
         return 0
-    n, _, h, wd = x.shape
-    kh, kw = w.shape[2:]
-    cols = n * h * wd if transposed else (
-        n * ((h + 2 * padding[0] - kh) // stride[0] + 1) * ((wd + 2 * padding[1] - kw) // stride[1] + 1))
-    return 1 if (kh * kw == 9 and cols <= 64 and w.numel() >= 1 << 19) else 0
+    return 0
 
 
 SMALL_KERNEL_CASES = [  # (x shape, w shape, stride, padding, transposed)
     ((1, 8, 8, 8), (8, 8, 3, 3), (1, 1), (1, 1), False),         # host_cost's conv_small_kernels
-    ((4, 256, 4, 4), (512, 256, 3, 3), (1, 1), (1, 1), False),   # 2^20-element 3x3 on 64 columns: GEMM
-    ((1, 256, 8, 8), (256, 256, 3, 3), (1, 1), (1, 1), False),   # 2^19+ on 64 columns: GEMM
+    ((4, 256, 4, 4), (512, 256, 3, 3), (1, 1), (1, 1), False),   # 2^20-element 3x3 on 64 columns: oneDNN
+    ((1, 256, 8, 8), (256, 256, 3, 3), (1, 1), (1, 1), False),   # 2^19+ on 64 columns: oneDNN too
     ((2, 256, 8, 8), (256, 256, 3, 3), (1, 1), (1, 1), False),   # 128 columns: oneDNN
     ((1, 16, 8, 8), (16, 16, 2, 2), (2, 2), (0, 0), False),
     ((2, 32, 5, 7), (16, 32, 1, 1), (1, 1), (0, 0), False),

@@ -19,7 +19,8 @@
 //                0.15x forward / 0.31x forward+backward, 1x16x16x16 -> 16 (2^18 MACs) 0.73x / 0.62x,
 //                1x3x32x32 -> 16 0.78x / 0.54x, transposed 1x16x8x8 -> 16 0.41x / 0.43x; losses
 //                from 2^19: 2x16x16x16 -> 16 1.41x forward, 1x3x64x64 -> 8 1.68x).
-//                All of these for kernels of kMinTaps+ taps only (4x4 and up: see kMinTaps below).
+//                All of these for kernels of kMinTaps+ taps only (4x4 and up: see kMinTaps below), and
+//                each bounded by the GEMM's shape (kRowsPerColumn, kTinyUnfold below).
 //   Winograd4x4  benchmarks/bench_conv4x4.py: the engine's GEMMs are (K x Cv) @ (Cv x T) per
 //                transform point, and the weight transforms (twice per training step, plus one
 //                adjoint) cost about what the GEMMs cost at T ~ 100 tiles. Wins measured: PatchGAN's
@@ -61,6 +62,24 @@ constexpr int64_t kMinWeight = 1 << 16;
 constexpr int64_t kMaxColumnsBigWeight = 256;
 constexpr int64_t kBigWeight = 1 << 22;
 constexpr int64_t kTinyMacs = 1 << 18;
+// The GEMM form unfolds one operand (im2col of a conv's input, col2im of a transposed conv's output:
+// U = columns x w.size(1) x taps elements) and multiplies it with R = w.size(0) GEMM rows (a conv's
+// output channels, a transposed conv's input channels). The rules above were measured on convs with
+// many rows per column; with few, unfolding costs more than oneDNN saves. An ad-hoc interleaved
+// sweep (routefix, 2026-12-08, 1 thread, thread time, medians; 808 random cases the old rules sent
+// to the GEMM form, 4x4 and 3x3 kernels, plus 90 targeted ones; GEMM form / nn.Conv2d, forward /
+// forward+backward): PatchGAN's head 512 -> 1 on 6x6 (R = 1) 2.2-2.9x / 1.4-2.5x; 64 -> 64, 4x4
+// stride 2 from 4x4 maps, at batch 16 (64 columns) 1.3-1.6x / 1.2-1.5x, batch 8 (32) 1.15x / 1.3x,
+// batch 4 (16 = R / 4) 1.08x / 0.83-0.93x, batch 1 0.76-0.88x; 128 -> 128 at 64 columns (batch 16
+// from 4x4, batch 4 from 8x8) 1.0-1.24x / 1.1-1.2x, at 32 0.9-1.0x; 512 -> 64 4x4 stride 1 at 16
+// columns 0.77x / 0.73-0.86x; 256 -> 512 from 8x8 at batch 16 (256 columns = R / 2) 1.22-1.25x
+// forward. So the many-rows rules take columns <= R / kRowsPerColumn. The tiny-call rule is bounded
+// by U: heads on <= 2^14 unfolded elements win (64 -> 1 on 4x4: 0.54x; 128 -> 1: 0.73x), from 2^15
+// they lose (256 -> 8 on 4x4: 1.18x; 128 -> 2 on 6x6: 1.22x; 8 -> 2 from 12x12 at batch 8, U = 36864:
+// 2.0x); transposed convs win to 2^15 (1 -> 64 from 4x4: 0.37x) and lose at 2^16 (64 -> 64 from 2x2
+// at batch 16: 1.1-1.45x; 2 -> 128 from 6x6: 1.18x / 1.32x).
+constexpr int64_t kRowsPerColumn = 4;
+constexpr int64_t kTinyUnfold = 1 << 14, kTinyUnfoldTransposed = 1 << 15;
 // Every rule above and the NHWC rules below were measured on 4x4 (and 7x7) kernels, where oneDNN's
 // fixed cost per call is high (80-250 us forward, 450-1100 us with backward, 1 thread). For 1x1,
 // 2x2 and 3x3 kernels it is low (20-60 us / 150-400 us) and the GEMM form loses at every small
@@ -70,13 +89,13 @@ constexpr int64_t kTinyMacs = 1 << 18;
 // 1.22x, 128 -> 128 at 8x8 1.35x / 1.15x, transposed 16 -> 16 1.09x / 1.03x; channels_last 3x3
 // 64 -> 64 at 8x8 batch 4 1.68x / 1.27x; against 4x4 stride 2 8 -> 8 at 8x8 0.43x / 0.53x, 5x5
 // 8 -> 8 0.74x / 0.57x, 7x7 3 -> 8 0.66x / 0.56x). So kernels of fewer than kMinTaps taps run
-// oneDNN, except a 3x3 kernel with a weight of kMinWeightSmallKernel+ elements on at most
-// kMaxColumns columns, where reading the weight is the cost (3x3 256 -> 512 onto 4x4 at batch 4:
-// 0.66x / 0.77x; 512 -> 512 at 4x4 1.02x / 0.83x; 256 -> 256 at 8x8 1.22x / 0.94x: a training
-// step's forward+backward wins). Not 2x2 (a 2x2 stride-2 1024 -> 256 at 8x8, batch 4, lost in
-// forward: 1.08-1.13x, the review's measurement), nor 1x1: oneDNN's 1x1 conv is itself one GEMM.
+// oneDNN. (A 3x3 kernel with a 2^19+ element weight on at most 64 columns took the GEMM form until
+// 2026-12-08 for its forward+backward; it lost in forward: the routefix sweep, 1 thread, GEMM form /
+// nn.Conv2d, forward / forward+backward: 256 -> 512 onto 4x4 at batch 4 1.31x / 1.07x, stride 2
+// 512 -> 256 from 1x1 at batch 8 1.5-2.0x / 0.86x, 256 -> 512 from 4x4 at batch 2 1.4-1.8x / 0.88x.)
+// Nor 2x2 (a 2x2 stride-2 1024 -> 256 at 8x8, batch 4, lost in forward: 1.08-1.13x, the review's
+// measurement), nor 1x1: oneDNN's 1x1 conv is itself one GEMM.
 constexpr int64_t kMinTaps = 16;
-constexpr int64_t kMinWeightSmallKernel = 1 << 19;
 
 // The NHWC form (channels_last x, conv_gemm.cpp) against oneDNN on channels_last, 4x4 stride 2
 // padding 1, fwd+bwd, 1 thread, CPU time, interleaved, under load (benchmarks/bench_conv.py
@@ -172,31 +191,44 @@ std::atomic<int64_t>& min_tiles_ref() {
   return v;
 }
 
+// whether the GEMM form's unfolded matrix (cols x w.size(1) x taps elements) is tiny (see kRowsPerColumn)
+bool tiny_unfold(int64_t cols, const at::Tensor& w, bool transposed) {
+  return cols * w.size(1) * w.size(2) * w.size(3) <= (transposed ? kTinyUnfoldTransposed : kTinyUnfold);
+}
+
 bool use_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
               bool transposed) {
   const int64_t pol = gemm_policy();
   if (pol == 2 || !conv_gemm::legal(x, w, transposed)) return false;
   if (pol == 1) return true;
-  const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
   const int64_t taps = w.size(2) * w.size(3);
-  if (taps < kMinTaps)  // (oneDNN's fixed cost is low for these kernels: see kMinTaps)
-    return taps == 9 && cols <= kMaxColumns && w.numel() >= kMinWeightSmallKernel;
-  if (cols <= kMaxColumns && w.numel() >= kMinWeight) return true;
-  if (cols * w.numel() <= kTinyMacs) return true;  // (oneDNN's fixed cost is the whole cost there)
+  if (taps < kMinTaps) return false;  // (oneDNN's fixed cost is low for these kernels: see kMinTaps)
+  const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
+  const bool many_rows = cols * kRowsPerColumn <= w.size(0);  // (see kRowsPerColumn)
+  if (cols <= kMaxColumns && w.numel() >= kMinWeight && many_rows) return true;
+  // (oneDNN's fixed cost is the whole cost there; the unfolded bound was swept on the NCHW form only)
+  if (cols * w.numel() <= kTinyMacs && (conv_gemm::nhwc_form(x) || tiny_unfold(cols, w, transposed))) return true;
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;  // (use_gemm_nhwc, after Winograd's)
-  if (cols <= kMaxColumns || transposed || cols > kMaxColumnsBigWeight) return false;
+  if (cols <= kMaxColumns || transposed || cols > kMaxColumnsBigWeight || !many_rows) return false;
   return w.numel() >= kBigWeight ||
          (cols / x.size(0) <= kSmallMap && std::min(w.size(0), w.size(1)) >= kSmallMapChannels);
 }
 
-// the NHWC rules (nhwc_gemm_pays), asked after Winograd 4x4's, for NHWC-dense inputs (a channels_last
-// x, or one that is both layouts at once: a 1x1 map)
+// the NHWC rules (nhwc_gemm_pays), asked after Winograd 4x4's, for inputs the NHWC form runs (a
+// channels_last x) and 1x1 maps (both layouts at once; measured there: G's first transposed conv).
+// A one-channel x on a bigger map is both layouts too but runs the NCHW form, which these rules were
+// not measured on: there they hold only within the NCHW bounds (kRowsPerColumn, kTinyUnfold; the
+// routefix sweep: transposed 1 -> 64 from 6x6 at batch 16, 576 columns: 1.25x / 1.6-2.0x nn.Conv2d;
+// conv 1 -> 128 on 16x16, 169 columns, 2704 unfolded elements: 0.44x / 0.57-0.69x).
 bool use_gemm_nhwc(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
                    bool transposed) {
   if (gemm_policy() != 0 || !conv_gemm::legal(x, w, transposed) || !x.is_contiguous(at::MemoryFormat::ChannelsLast))
     return false;
   if (w.size(2) * w.size(3) < kMinTaps) return false;  // (measured on 4x4 kernels only: see kMinTaps)
   const int64_t cols = conv_gemm::columns(x, w, stride, padding, transposed);
+  if (!conv_gemm::nhwc_form(x) && x.size(2) * x.size(3) != 1 && cols * kRowsPerColumn > w.size(0) &&
+      !tiny_unfold(cols, w, transposed))
+    return false;
   const int64_t c_in = transposed ? w.size(0) : w.size(1), c_out = transposed ? w.size(1) : w.size(0);
   return nhwc_gemm_pays(cols, cols / x.size(0), c_in, c_out, transposed);
 }
@@ -249,15 +281,15 @@ int64_t winograd4x4_tile(const at::Tensor& x, const at::Tensor& w, at::IntArrayR
 }
 
 // Whether the rules below all say oneDNN for this weight, whatever the input: a kernel of fewer than
-// kMinTaps taps (1x1, 2x2, 3x3: SAGAN's and BigGAN's convs) other than a 3x3 one of
-// kMinWeightSmallKernel+ elements, unless the GEMM policy is "always" (use_gemm's only other way
-// in; Winograd 4x4 takes 4x4 kernels only, the NHWC rules kMinTaps+ taps only). Asked first, so
+// kMinTaps taps (1x1, 2x2, 3x3: SAGAN's and BigGAN's convs), unless the GEMM policy is "always"
+// (use_gemm's only other way in; Winograd 4x4 takes 4x4 kernels only, the NHWC rules kMinTaps+
+// taps only). Asked first, so
 // these calls skip the rules' checks and the Winograd configuration's lock (at a tiny shape the
 // decision was part of what is compared with eager, host_cost's conv_small_kernels).
 bool small_kernel_onednn(const at::Tensor& w) {
   if (w.dim() != 4) return false;
   const int64_t taps = w.size(2) * w.size(3);
-  if (taps >= kMinTaps || (taps == 9 && w.numel() >= kMinWeightSmallKernel)) return false;
+  if (taps >= kMinTaps) return false;
   return gemm_policy_ref().load(std::memory_order_relaxed) != 1;
 }
 
