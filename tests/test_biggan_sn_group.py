@@ -80,7 +80,7 @@ def test_native_groups_take_every_single_vector_layer(monkeypatch):
     net.b.eval()
     calls = []
     real = biggan_ops.sn_weights_native
-    monkeypatch.setattr(biggan_ops, "sn_weights_native", lambda ms: calls.append({id(m) for m in ms}) or real(ms))
+    monkeypatch.setattr(biggan_ops, "sn_weights_native", lambda ms, *a: calls.append({id(m) for m in ms}) or real(ms, *a))
     group = L.grouped_spectral_norms(net)
     assert sorted(calls, key=len) == [{id(net.b)}, {id(net.a), id(net.c), id(net.d), id(net.lone), id(net.e),
                                                     id(net.f)}]

@@ -15,7 +15,10 @@ Reference numerics kept exactly (what the equality tests check):
 * fused, a whole network at once (``layers_biggan.grouped_spectral_norms``): on the CPU every
   such layer in one call of ganengine's C++ spectral-norm op (``sn_weights_native``: the same
   GEMVs, sigma from the last half step, equal to rounding), elsewhere same-shaped small weights
-  batched (``sn_weights_grouped``).
+  batched (``sn_weights_grouped``); their buffer writes handed back, so that only the layers the
+  forward reaches are written (as the reference's per-call iteration does when a forward raises).
+* under a torch.func transform (functionalize, grad, vmap) the reference composition
+  (``unfused_under_transform``): no autograd.Function, no fused op, buffers written with ``out=``.
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ from torch import nn
 # a jit trace (ganengine.export) records an autograd.Function as a Python call that TorchScript
 # cannot save: the Functions below step aside for their plain-op forms while tracing
 _is_tracing = torch._C._is_tracing
+# under a torch.func transform (functionalize, grad, vmap) no autograd.Function runs (PyTorch has no
+# functionalize rule for one) and ganengine's fused ops decline: the networks then run the
+# reference composition (``unfused_under_transform``), a fused layer called alone its plain ops
+functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _jit_tracing() -> bool:
@@ -44,6 +51,16 @@ def _gram_schmidt(x, ys):
     return x
 
 
+def write_buffer(buf, value):
+    """``buf[:] = value`` (the reference's write); under a torch.func transform as an ``out=`` op,
+    the form ``torch.func.grad`` lets a function write a captured buffer with (it refuses
+    ``copy_``), the same bits (x * 1)."""
+    if functorch_active():
+        torch.mul(value.reshape(buf.shape), 1, out=buf)
+    else:
+        buf[:] = value
+
+
 def power_iteration(W, us, update: bool = True, eps: float = 1e-12):
     """One power-iteration pass for each singular vector in ``us`` (the buffers, written in place
     when ``update``). Returns (svs, new us, vs); ``svs`` carry the gradient with respect to W."""
@@ -55,7 +72,7 @@ def power_iteration(W, us, update: bool = True, eps: float = 1e-12):
             u = F.normalize(_gram_schmidt(torch.matmul(v, W.t()), new_us), eps=eps)
             new_us.append(u)
             if update:
-                us[i][:] = u
+                write_buffer(us[i], u)
         svs.append(torch.squeeze(torch.matmul(torch.matmul(v, W.t()), u.t())))
     return svs, new_us, vs
 
@@ -88,7 +105,7 @@ def sn_weight(weight, us, svs, training: bool, eps: float, num_itrs: int, transp
     W = weight.reshape(weight.size(0), -1)
     if transpose:
         W = W.t()
-    if fused and len(us) == 1:
+    if fused and len(us) == 1 and not functorch_active():  # (a transform: the reference's ops below)
         u_buf = us[0]
         with torch.no_grad():
             for _ in range(num_itrs if training else 1):
@@ -108,8 +125,31 @@ def sn_weight(weight, us, svs, training: bool, eps: float, num_itrs: int, transp
     if training:
         with torch.no_grad():
             for i, sv in enumerate(sv_list):
-                svs[i][:] = sv
+                write_buffer(svs[i], sv)
     return weight / sv_list[0]
+
+
+class unfused_under_transform:
+    """``with unfused_under_transform(net):`` around a fused network's forward: under a torch.func
+    transform every ``fused`` flag of ``net`` is False for the call (the reference composition,
+    which the transforms handle: ganengine's fused ops and autograd.Functions have no functionalize
+    or batching rules), then restored; eagerly (the check is one C call) nothing changes."""
+
+    def __init__(self, net: nn.Module):
+        self.saved = None
+        if getattr(net, "fused", False) and functorch_active():
+            self.saved = [(m, m.fused) for m in net.modules() if isinstance(getattr(m, "fused", None), bool)]
+            for m, _ in self.saved:
+                m.fused = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            for m, flag in self.saved:
+                m.fused = flag
+        return False
 
 
 # Grouping pays where the per-layer iteration is host-bound (about a dozen small ops per layer):
@@ -129,11 +169,23 @@ def sn_group_key(m):
             m.num_itrs if m.training else 1)
 
 
-def sn_weights_grouped(members: list) -> list:
+def _write_or_defer(layers, u_bufs, u_new, sv_bufs, sv_new, deferred):
+    """Training mode's buffer writes: now, or (``deferred`` a list) handed to the caller, which
+    writes only the layers its forward reached (layers_biggan.grouped_spectral_norms)."""
+    if deferred is not None:
+        deferred.append((layers, u_bufs, u_new, sv_bufs, sv_new))
+        return
+    with torch.no_grad():
+        torch._foreach_copy_(u_bufs, u_new)
+        torch._foreach_copy_(sv_bufs, sv_new)
+
+
+def sn_weights_grouped(members: list, deferred: list | None = None) -> list:
     """``sn_weight(..., fused=True)`` for layers of one ``sn_group_key``, their power iterations
     batched: the same GEMVs per layer as one ``bmm`` each (the same function to rounding), the
-    buffers written as there; returns each layer's ``weight / sigma`` (``_DivBySigma`` when the
-    weight takes a gradient)."""
+    buffers written as there (training mode; with ``deferred`` a list, the writes are appended
+    to it as (layers, u buffers, new u, sv buffers, new sv) instead); returns each layer's ``weight /
+    sigma`` (``_DivBySigma`` when the weight takes a gradient)."""
     m0 = members[0]
     training, eps, transpose = m0.training, m0.eps, m0.transpose
     u_bufs = [m.u0 for m in members]
@@ -146,11 +198,10 @@ def sn_weights_grouped(members: list) -> list:
             v = F.normalize(torch.bmm(u, W), dim=-1, eps=eps)
             wv = torch.bmm(v, W.transpose(1, 2))
             u = F.normalize(wv, dim=-1, eps=eps)
-            if training:
-                torch._foreach_copy_(u_bufs, list(u.unbind(0)))
         sigma = torch.bmm(wv, u.transpose(1, 2)).view(-1)  # (K,)
-        if training:
-            torch._foreach_copy_([m.sv0 for m in members], list(sigma.view(-1, 1).unbind(0)))
+    if training:  # (only the last iteration's u is kept: the earlier writes were overwritten)
+        _write_or_defer(members, u_bufs, list(u.unbind(0)), [m.sv0 for m in members],
+                        list(sigma.view(-1, 1).unbind(0)), deferred)
     grad = torch.is_grad_enabled()
     out = []
     for k, m in enumerate(members):
@@ -186,14 +237,15 @@ def native_sn_ops():
     return op, SpectralNormFn
 
 
-def sn_weights_native(members: list) -> list:
+def sn_weights_native(members: list, deferred: list | None = None) -> list:
     """``sn_weight(..., fused=True)`` for the layers of one ``sn_native_key``, every power
     iteration in one C++ call (ganengine.ops.spectral_norm, order "classic": v = normalize(u W),
     u = normalize(v W^T) per iteration, the reference's GEMVs; sigma = ||v W^T||^2 / max(||v
     W^T||, eps), equal to the reference's ``(v W^T) u^T`` up to rounding) and one autograd node
     for every weight that takes a gradient (backward ``g / sigma - (<g, W> / sigma^2) u v^T``
     per layer, one C++ call). The buffers are written as the reference writes them: ``u0`` and
-    ``sv0`` in training mode only. Eval-mode repetitions of ``num_itrs > 1`` (identical, as u is
+    ``sv0`` in training mode only (or, ``deferred`` a list, handed back as ``sn_weights_grouped``
+    does). Eval-mode repetitions of ``num_itrs > 1`` (identical, as u is
     not written back) run once."""
     from ganengine.ops.spectral_norm import V_STEP
 
@@ -218,9 +270,8 @@ def sn_weights_native(members: list) -> list:
             w_sns, u_outs, _, sigma = op(weights, us, us, V_STEP, steps, eps, False)
             sigmas = sigma.unbind(0)
         if training:
-            with torch.no_grad():
-                torch._foreach_copy_(us, list(u_outs))
-                torch._foreach_copy_([members[i].sv0 for i in idx], list(sigmas))
+            layers = members if len(idx) == len(members) else [members[i] for i in idx]
+            _write_or_defer(layers, us, list(u_outs), [m.sv0 for m in layers], list(sigmas), deferred)
         for i, w in zip(idx, w_sns):
             out[i] = w
     return out

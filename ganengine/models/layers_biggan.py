@@ -58,11 +58,15 @@ class SN:
 
     def W_(self) -> torch.Tensor:
         """The spectrally normalised weight (the reference's method name); the one
-        ``grouped_spectral_norms`` computed for this forward if there is one (used once)."""
+        ``grouped_spectral_norms`` computed for this forward if there is one (used once: its
+        buffer write is then due, see there)."""
         if not torch.compiler.is_compiling():  # (nothing is grouped under torch.compile)
             pending = self.__dict__.pop("_sn_pending", None)
             if pending is not None:
                 return pending
+            if _open_groups:  # a second call in a grouped forward: the first's write lands before it iterates
+                for group in _open_groups:
+                    group.write_taken(self)
         return sn_biggan.sn_weight(self.weight, self.u, self.sv, self.training, self.eps, self.num_itrs,
                                    self.transpose, fused=self.fused)
 
@@ -105,6 +109,11 @@ def is_sn(m: nn.Module) -> bool:
     return isinstance(m, SN)
 
 
+# the grouped_spectral_norms blocks open now that hold weights (SN.W_ looks here only when a layer
+# comes without a pending weight: normally an empty list)
+_open_groups: list = []
+
+
 class grouped_spectral_norms:
     """``with grouped_spectral_norms(net):`` around a fused network's forward: every fused SN
     layer of ``net`` with one singular vector gets its normalised weight up front. Where
@@ -117,11 +126,24 @@ class grouped_spectral_norms:
     these networks) iterates once, as the reference's per-call iteration; a second call of a
     layer in the same forward iterates again, as there. Weights not taken by the end of the
     forward are dropped. Nothing is grouped under torch.compile or for a network whose ``fused``
-    attribute is False (the reference composition)."""
+    attribute is False (the reference composition); under a torch.func transform the network
+    runs the reference composition for the call (``biggan_ops.unfused_under_transform``).
+
+    The buffer writes (``u0``, ``sv0``; training mode) are the reference's only for the layers
+    the forward reached: at the end of the block (raised or not) the layers whose weight was
+    taken get theirs; a layer never reached (the forward raised before it, in a bad ``y``, a
+    hook, or does not use it) keeps its state, as in the reference. On a forward that took every
+    weight that is one ``_foreach_copy_`` per buffer kind, as before, when the whole network is one
+    group (the C++ op's case; per group otherwise, as before). A layer's second call in the
+    forward first writes what is due. Between a layer's use and the end of the forward its
+    buffers still hold the values from before the forward."""
 
     def __init__(self, net: nn.Module):
-        self.members = []
+        self.members, self.unfused = [], None
         if not getattr(net, "fused", False) or torch.compiler.is_compiling():
+            return
+        if sn_biggan.functorch_active():
+            self.unfused = sn_biggan.unfused_under_transform(net)
             return
         groups: dict = {}
         native = sn_biggan.native_sn_ops() is not None
@@ -130,23 +152,66 @@ class grouped_spectral_norms:
                 key = (sn_biggan.sn_native_key(m) if native else None) or sn_biggan.sn_group_key(m)
                 if key is not None:
                     groups.setdefault(key, []).append(m)
-        for key, members in groups.items():
-            if key[0] == "native":
-                weights = sn_biggan.sn_weights_native(members)
-            elif len(members) > 1:
-                weights = sn_biggan.sn_weights_grouped(members)
-            else:
-                continue
-            self.members.extend(members)
-            for m, w in zip(members, weights):
-                m.__dict__["_sn_pending"] = w
+        self.writes = []
+        try:
+            for key, members in groups.items():
+                if key[0] == "native":
+                    weights = sn_biggan.sn_weights_native(members, self.writes)
+                elif len(members) > 1:
+                    weights = sn_biggan.sn_weights_grouped(members, self.writes)
+                else:
+                    continue
+                self.members.extend(members)
+                for m, w in zip(members, weights):
+                    m.__dict__["_sn_pending"] = w
+        except BaseException:  # (no block to exit: unmark the layers marked so far; nothing was written)
+            for m in self.members:
+                m.__dict__.pop("_sn_pending", None)
+            raise
+        if self.members:
+            self.written = self.ids = None  # (the ids of the layers written before the end; of all: built when needed)
+            _open_groups.append(self)
+
+    def write_taken(self, layer=None):
+        """Write the buffers of the layers whose weight was taken (not yet written); with
+        ``layer`` only if it is one of this block's (a second call of it)."""
+        if self.ids is None:
+            self.ids = {id(m) for m in self.members}
+        if layer is not None and id(layer) not in self.ids:
+            return
+        written = self.written = self.written or set()
+        done = [m for m in self.members if "_sn_pending" not in m.__dict__ and id(m) not in written]
+        written.update(id(m) for m in done)
+        self._write({id(m) for m in done})
+
+    def _write(self, ids):
+        """The buffer writes of the layers in ``ids`` (None: every layer)."""
+        for layers, u_bufs, u_new, sv_bufs, sv_new in self.writes:
+            if ids is not None:
+                keep = [k for k, m in enumerate(layers) if id(m) in ids]
+                if not keep:
+                    continue
+                if len(keep) < len(layers):
+                    u_bufs, u_new = [u_bufs[k] for k in keep], [u_new[k] for k in keep]
+                    sv_bufs, sv_new = [sv_bufs[k] for k in keep], [sv_new[k] for k in keep]
+            with torch.no_grad():
+                torch._foreach_copy_(u_bufs, u_new)
+                torch._foreach_copy_(sv_bufs, sv_new)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for m in self.members:
-            m.__dict__.pop("_sn_pending", None)
+        if self.members:
+            _open_groups.remove(self)
+            left = [m for m in self.members if m.__dict__.pop("_sn_pending", None) is not None]
+            if not left and self.written is None:  # (every weight taken: the whole group's writes)
+                self._write(None)
+            else:
+                ids = (self.ids or {id(m) for m in self.members}).difference(id(m) for m in left)
+                self._write(ids.difference(self.written or ()))
+        elif self.unfused is not None:
+            self.unfused.__exit__(*exc)
         return False
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganengine.models._common import check_positive
+from ganengine.models.biggan_ops import unfused_under_transform
 from ganengine.nn.attention import SelfAttention2d
 
 
@@ -63,6 +64,10 @@ class _DivBySigma(torch.autograd.Function):
 
 
 _is_tracing = torch._C._is_tracing
+# under a torch.func transform (functionalize, grad, vmap) no autograd.Function runs ("NYI:
+# Functionalize rule for custom_function_call"): ``w / sigma`` in plain ops there, sigma with its
+# gradient as in the reference (the same function; u and v as the forward left them)
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _jit_tracing() -> bool:
@@ -87,6 +92,20 @@ def _traced_normalized_weight(w, w2, u, power_iterations: int):
             u = l2normalize(torch.mv(w2, v))
         sigma = u.dot(w2.mv(v))
     return w / sigma
+
+
+def _transform_normalized_weight(w, w2, u, v, power_iterations: int):
+    """``normalized_weight`` under a torch.func transform: the same iteration written into u and v
+    with ``out=`` (torch.func.grad refuses ``copy_`` into a captured tensor), then the reference's
+    own ``w / (u . W v)`` in plain ops, sigma with its gradient (the same function as
+    ``_DivBySigma``; its backward reads u and v as this forward left them)."""
+    with torch.no_grad():
+        for _ in range(power_iterations):
+            t = torch.mv(w2.t(), u)
+            torch.div(t, t.norm() + 1e-12, out=v)
+            t = torch.mv(w2, v)
+            torch.div(t, t.norm() + 1e-12, out=u)
+    return w / u.dot(w2.mv(v))
 
 
 class SpectralNorm(nn.Module):
@@ -131,6 +150,8 @@ class SpectralNorm(nn.Module):
         w2 = w.reshape(height, -1)
         if _jit_tracing():
             return _traced_normalized_weight(w, w2, u, self.power_iterations)
+        if _functorch_active():
+            return _transform_normalized_weight(w, w2, u, v, self.power_iterations)
         with torch.no_grad():
             for _ in range(self.power_iterations):
                 v.copy_(l2normalize(torch.mv(w2.t(), u)))
@@ -240,6 +261,9 @@ class SAGANGenerator(nn.Module):
         _set_fused(self, fused)
 
     def forward(self, z):
+        if self.fused and _functorch_active():  # (a torch.func transform: the reference composition)
+            with unfused_under_transform(self):
+                return self.forward(z)
         z = z.view(z.size(0), z.size(1), 1, 1)
         out = _run(self.l1, z)
         out = _run(self.l2, out)
@@ -275,6 +299,9 @@ class SAGANDiscriminator(nn.Module):
         _set_fused(self, fused)
 
     def forward(self, x):
+        if self.fused and _functorch_active():  # (a torch.func transform: the reference composition)
+            with unfused_under_transform(self):
+                return self.forward(x)
         out = _run(self.l1, x)
         out = _run(self.l2, out)
         out = _run(self.l3, out)
