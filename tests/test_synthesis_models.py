@@ -666,7 +666,7 @@ def test_cli_trains_samples_and_reports_errors(tmp_path, capsys, one_thread):
 def test_cli_help_lists_the_reference_options(capsys):
     for model, flags in (("dcgan", ["--nz", "--ngf", "--ndf", "--lr", "--beta1", "--imageSize", "--batchSize"]),
                          ("wgan", ["--latent_dim", "--img_size", "--channels", "--n_critic", "--clip_value",
-                                   "(default: 5e-05)", "(default: 0.01)"]),
+                                   "(default: 5e-05; sample data: 0.0002)", "(default: 0.01)"]),
                          ("wgan_gp", ["--lambda_gp", "--b1", "--b2", "--n_critic"]),
                          ("infogan", ["--code_dim", "--n_classes", "--lambda_con"]),
                          ("adcgan", ["--lambda_adc", "--ema"])):

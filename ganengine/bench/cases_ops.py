@@ -314,19 +314,54 @@ def _losses(mod):
             traffic_shape=dict(n=1, h=32, w=32),
         ))
     _gan_loss_module()
+    _gan_loss_modes(mod)
+
+
+# The adversarial modes other than vanilla / lsgan, each against the reference's own expression: the
+# linear ones (wgangp, hinge for the generator: +-mean, nothing to fuse) must cost no more than eager's
+# mean(+neg), hinge for the discriminator no more than relu(1 -+ x).mean(). Tiny shape (64, 1, 1, 1):
+# a WGAN-GP / SNGAN critic's (N, 1) scores; ref adds the 30x30 PatchGAN maps.
+_MODE_SHAPES = {"ref": [dict(n=64, h=1, w=1), dict(n=1, h=30, w=30), dict(n=16, h=30, w=30)],
+                "quick": [dict(n=2, h=30, w=30)], "tiny": [dict(n=64, h=1, w=1)]}
+_MODE_CASES = {  # name: (gan_loss args after the map, the reference, description)
+    "gan_loss_wgangp_real": ((True, "wgangp"), lambda x: -x.mean(), "wgangp towards 'real' (-mean: WGAN-GP G step)"),
+    "gan_loss_wgangp_fake": ((False, "wgangp"), lambda x: x.mean(), "wgangp towards 'fake' (+mean: critic's fake term)"),
+    "gan_loss_hinge_g": ((True, "hinge", False), lambda x: -x.mean(), "hinge for the generator (-mean)"),
+    "gan_loss_hinge_d_real": ((True, "hinge"), lambda x: torch.relu(1.0 - x).mean(),
+                              "hinge for the discriminator, real term (relu(1 - x).mean())"),
+    "gan_loss_hinge_d_fake": ((False, "hinge"), lambda x: torch.relu(1.0 + x).mean(),
+                              "hinge for the discriminator, fake term (relu(1 + x).mean())"),
+}
+
+
+def _gan_loss_modes(mod):
+    if not hasattr(mod, "gan_loss"):
+        return
+    for name, (args, reference, description) in _MODE_CASES.items():
+        def setup(p, device, dtype, args=args, reference=reference):
+            logits = _randn((p["n"], 1, p["h"], p["w"]), device, dtype)
+            return Workload(args=(logits,), reference=reference, fused=lambda x: mod.gan_loss(x, *args),
+                            grad_args=(0,))
+
+        register(BenchCase(name=name, family="losses", kind="op", setup=setup, description=description,
+                           shapes=_MODE_SHAPES, traffic_shape=dict(n=16, h=30, w=30)))
+    _gan_loss_module_wgangp()
 
 
 class _ReferenceGANLoss(torch.nn.Module):
-    """The CycleGAN reference's GANLoss module (junyanz models/networks.py), lsgan / vanilla: the
-    label buffer expanded to the prediction's shape, then MSELoss / BCEWithLogitsLoss."""
+    """The CycleGAN reference's GANLoss module (junyanz models/networks.py): lsgan / vanilla, the
+    label buffer expanded to the prediction's shape, then MSELoss / BCEWithLogitsLoss; wgangp, -+mean."""
 
     def __init__(self, gan_mode):
         super().__init__()
+        self.gan_mode = gan_mode
         self.register_buffer("real_label", torch.tensor(1.0))
         self.register_buffer("fake_label", torch.tensor(0.0))
         self.loss = torch.nn.MSELoss() if gan_mode == "lsgan" else torch.nn.BCEWithLogitsLoss()
 
     def forward(self, prediction, target_is_real):
+        if self.gan_mode == "wgangp":  # (the reference's third mode)
+            return -prediction.mean() if target_is_real else prediction.mean()
         target = (self.real_label if target_is_real else self.fake_label).expand_as(prediction)
         return self.loss(prediction, target)
 
@@ -346,6 +381,23 @@ def _gan_loss_module():
         description="GANLoss('lsgan') module called with target_is_real=True (pix2pix / CycleGAN G step)",
         shapes={"ref": [dict(n=1, h=30, w=30)], "quick": [dict(n=2, h=30, w=30)], "tiny": [dict(n=1, h=4, w=4)]},
         traffic_shape=dict(n=2, h=30, w=30),
+    ))
+
+
+def _gan_loss_module_wgangp():
+    """GANLoss('wgangp') module, the WGAN-GP generator step, against the reference module's -mean."""
+    from ganengine.nn.losses import GANLoss
+
+    def setup(p, device, dtype):
+        logits = _randn((p["n"], 1, p["h"], p["w"]), device, dtype)
+        ref, fused = _ReferenceGANLoss("wgangp").to(device), GANLoss("wgangp").to(device)
+        return Workload(args=(logits,), reference=lambda x: ref(x, True), fused=lambda x: fused(x, True),
+                        grad_args=(0,))
+
+    register(BenchCase(
+        name="gan_loss_module_wgangp", family="losses", kind="op", setup=setup,
+        description="GANLoss('wgangp') module called with target_is_real=True (WGAN-GP G step: -mean)",
+        shapes=_MODE_SHAPES, traffic_shape=dict(n=16, h=30, w=30),
     ))
 
 

@@ -8,6 +8,8 @@ from torch import nn
 from ganengine._state import version
 from ganengine.ops.losses import MODES, cycle_loss, discriminator_loss, gan_loss
 
+_LABELLED = ("vanilla", "lsgan")  # the modes whose targets are the label buffers
+
 
 def _numpy_views(r: torch.Tensor, f: torch.Tensor):
     """(r, f, 0-d NumPy views of their memory, their addresses), or None where NumPy cannot view them
@@ -97,7 +99,9 @@ class GANLoss(nn.Module):
         return state
 
     def forward(self, prediction: torch.Tensor, target_is_real: bool, for_discriminator: bool = True) -> torch.Tensor:
-        real, fake = self._current()
+        # the labels apply to vanilla and lsgan only: wgangp and hinge (the WGAN-GP / hinge steps)
+        # skip reading the buffers, part of what a call costs next to the reference's -mean(x)
+        real, fake = self._current() if self.gan_mode in _LABELLED else (1.0, 0.0)
         return gan_loss(prediction, target_is_real, self.gan_mode, for_discriminator, real_label=real, fake_label=fake)
 
     def discriminator(self, real_prediction: torch.Tensor, fake_prediction: torch.Tensor) -> torch.Tensor:

@@ -478,6 +478,8 @@ def _entry(name: str, logits):
 
 
 _lean = _eager.lean_ok  # the tensors the lean C++ entries take
+_is_compiling = torch.compiler.is_compiling
+_last_used = _dispatch.last_used  # (one dict for the process: read, never rebound)
 
 
 def _plain_maps(logits) -> bool:
@@ -521,10 +523,25 @@ def _check_logits(x, name: str, fn: str) -> None:
         raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); the mean over an empty tensor is undefined")
 
 
+def _check_flag(value, name: str, fn: str) -> bool:
+    """A bool argument as a Python bool: a bool, NumPy's bool (a real boolean, e.g. a label flip drawn
+    as ``np.random.rand() < p``) or the int 0 / 1 (eager-style code passes 1 for True; served so far).
+    Anything else raises: by truthiness the string "False" (a CLI or config value) meant True and
+    None meant False; a tensor, a float or another int is rejected too."""
+    if type(value) is bool:
+        return value
+    t = type(value)
+    if t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"):  # (NumPy 2 names it bool)
+        return bool(value)
+    if t is int and (value == 0 or value == 1):
+        return value == 1
+    got = f"{t.__name__} {value!r}" if t in (str, int) else t.__name__
+    raise TypeError(f"{fn}: {name} must be a Python bool (True or False; NumPy bools and the ints 0 and 1 "
+                    f"are taken too), got {got}")
+
+
 def _term_code(mode: str, is_real: bool, for_discriminator: bool, real_label: float, fake_label: float):
-    if isinstance(is_real, Tensor):
-        raise TypeError("target_is_real must be a Python bool, not a Tensor")
-    is_real = bool(is_real)
+    """(loss code, target) of one term; the flags are bools (gan_loss checked them)."""
     if mode in ("vanilla", "lsgan"):
         name, label = ("real_label", real_label) if is_real else ("fake_label", fake_label)
         try:
@@ -574,23 +591,31 @@ def gan_loss(logits: Tensor | list[Tensor] | tuple[Tensor, ...], target_is_real:
     generators' outputs, ``[D_A(fake_B), D_B(fake_A)]``): the result is the sum of each map's
     mean loss, computed in one pass, one autograd node instead of one per map.
     """
-    # the lean route (see _ADV_KERNELS): target_is_real and for_discriminator of exactly the type
-    # bool (the dispatcher would also convert a tensor, which the full route rejects); CPU maps, and
-    # CUDA maps where the cuda backend is chosen (_entry)
+    # the flags: bools (a NumPy bool converted), anything else a TypeError naming the argument; the
+    # common case, two Python bools, pays two type tests
+    if type(target_is_real) is not bool or type(for_discriminator) is not bool:
+        target_is_real = _check_flag(target_is_real, "target_is_real", "gan_loss")
+        for_discriminator = _check_flag(for_discriminator, "for_discriminator", "gan_loss")
+    # the lean route (see _ADV_KERNELS): CPU maps, and CUDA maps where the cuda backend is chosen (_entry)
     # (_eager.lean_ok: plain tensors, or subclasses of concrete sizes; make_fx's symbolic
     # FakeTensors, whose sizes the entry's checks cannot read, take the full route)
-    if (type(target_is_real) is bool and type(for_discriminator) is bool
-            and (_lean(logits) if isinstance(logits, Tensor) else _plain_maps(logits)) and not torch.compiler.is_compiling()):
-        op = _entry("gan_loss", logits)
+    # (written out flat: at a (64, 1) critic output this Python is a third of a call, next to
+    # eager's -x.mean(); _entry's work, for the tensors _lean / _plain_maps let through)
+    plain = type(logits) is Tensor
+    single = plain or isinstance(logits, Tensor)
+    if (plain or (_lean(logits) if single else _plain_maps(logits))) and not _is_compiling():
+        x = logits if single else logits[0]
+        op = (_dispatch.lean_op("gan_loss", _ADV_KERNELS) if x.is_cpu
+              else _dispatch.entry(x, "gan_loss", "gan_loss", _ADV_KERNELS))
         if op is not None:
-            xs = (logits,) if isinstance(logits, Tensor) else logits
+            xs = (logits,) if single else logits
             try:
                 total = op(xs, mode, target_is_real, for_discriminator, real_label, fake_label)
             except RuntimeError as e:  # (NotImplementedError is one)
                 if not _lean_declined(e, _GAN_REFUSAL, xs, mode, real_label, fake_label):
                     raise
             else:
-                _dispatch.last_used["gan_loss"] = _entry_backend(xs)
+                _last_used["gan_loss"] = "cpu" if x.is_cpu else "cuda"  # (_entry_backend)
                 return total
     fn = "gan_loss"
     mode = _check_mode(mode)
