@@ -235,11 +235,11 @@ def _conv(mod):
         },
     ))
     # 3x3 stride-1 and 1x1 convs (SAGAN / BigGAN blocks, attention projections): the router leaves
-    # them to oneDNN below a 2^19-element weight (its fixed cost is low for these kernels), so the
-    # public function's cost at a tiny map is what this case watches
+    # them to oneDNN (its fixed cost is low for these kernels), so the public function's cost at a
+    # tiny map is what this case watches
     register(BenchCase(
         name="conv_small_kernels", family="conv", kind="op", setup=setup,
-        description="3x3 stride-1 / 1x1 convs (oneDNN below a 2^19-element weight; one GEMM above it on few columns)",
+        description="3x3 stride-1 / 1x1 convs (oneDNN: the public function's own cost)",
         shapes={
             "ref": [dict(transposed=False, n=4, ci=256, co=256, h=8, k=3, stride=1, padding=1),
                     dict(transposed=False, n=4, ci=256, co=512, h=4, k=3, stride=1, padding=1),
