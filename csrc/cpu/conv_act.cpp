@@ -6,7 +6,9 @@
 //   conv_act_fwd      conv (bias fused by oneDNN) -> LeakyReLU in place, one pass
 //   conv_act_bwd      one pass: g * (y > 0 ? 1 : slope) + per-channel bias gradient, then
 //                     at::convolution_backward for dx / dw. Needs only the output's sign,
-//                     so the output is what autograd saves (valid for slope >= 0).
+//                     so the output is what autograd saves (valid for slope >= 0). Its two
+//                     halves are its overloads conv_act_bwd.act / .conv: the C++ entry's
+//                     autograd drops the output between them, as eager's graph does.
 //   conv_in_act_fwd   conv (no bias: instance norm cancels it exactly) -> per-(n, c)
 //                     mean / rstd (two-pass, in cache) -> normalise + affine + act, one write
 //   conv_in_act_bwd   per-(n, c) sums of dz and dz * xhat, then one pass writing dc, then
@@ -98,9 +100,11 @@ void leaky_inplace(at::Tensor& y, double slope) {
   T* p = y.data_ptr<T>();
   const int64_t n = y.numel();
   const T s = static_cast<T>(slope);
-  at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
+  // (by value: read through captured references, p and s were reloaded after every store)
+  at::parallel_for(0, n, 32768, [p, s](int64_t b, int64_t e) {
+    const Vec vs(s);
     int64_t i = b;
-    for (; i + Vec::size() <= e; i += Vec::size()) slope_act(Vec::loadu(p + i), Vec(s)).store(p + i);
+    for (; i + Vec::size() <= e; i += Vec::size()) slope_act(Vec::loadu(p + i), vs).store(p + i);
     for (; i < e; ++i) p[i] = slope_act(p[i], s);
   });
 }
@@ -216,21 +220,25 @@ bool uniform_grad(const at::Tensor& g) {
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
-    at::IntArrayRef stride, at::IntArrayRef padding, double slope, c10::List<bool> mask) {
-  check_conv_args(x, w, stride, padding);
-  TORCH_CHECK(mask.size() == 3, "ganengine conv_act_bwd: output mask must have 3 entries");
-  const bool m0 = mask[0], m1 = mask[1], m2 = mask[2];
-  TORCH_CHECK(grad.sizes() == y.sizes(), "ganengine conv_act_bwd: grad has shape ", grad.sizes(),
-              " but the output has ", y.sizes());
+// A grad as the backward kernels read it, in the working dtype `work`: a stride-0 one (from .sum())
+// as its one value (GradIn's Uniform form: `uniform` says which), else dense in `fmt`
+at::Tensor grad_in(const at::Tensor& grad, at::ScalarType work, at::MemoryFormat fmt, bool uniform) {
+  if (!uniform) return grad.to(work).contiguous(fmt);
+  return grad.scalar_type() == work ? grad : grad.as_strided({1}, {1}).to(work);
+}
+
+// conv_act_bwd's two halves, also its overloads conv_act_bwd.act / .conv, for the C++
+// entry's autograd (conv_act_autograd.cpp), which drops the saved output and the incoming grad
+// between them, before the convolution's backward runs, as eager's graph frees LeakyReLU's.
+//
+// The activation's half: gz = grad * (y > 0 ? 1 : slope) in y's layout and dtype, and with `bias`
+// the bias gradient db (sum of gz per channel, y's dtype; else an empty (0,) tensor).
+std::tuple<at::Tensor, at::Tensor> act_half(const at::Tensor& grad, const at::Tensor& y, double slope, bool bias) {
   const auto fmt = format_of(y);
   const bool reduced = is_reduced(y);
   const auto work = reduced ? at::kFloat : y.scalar_type();
-  // a stride-0 grad (from .sum()) is read in place as one value (GradIn), in the working dtype
   const bool uniform = uniform_grad(grad);
-  at::Tensor g = !uniform ? grad.to(work).contiguous(fmt)
-                          : grad.scalar_type() == work ? grad : grad.as_strided({1}, {1}).to(work);
+  at::Tensor g = grad_in(grad, work, fmt, uniform);
   at::Tensor yd = y.to(work).contiguous(fmt);
   at::Tensor gz = at::empty_like(yd, yd.options(), fmt);
   at::Tensor db = at::empty({y.size(1)}, yd.options());
@@ -241,6 +249,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(
       act_grad<scalar_t, false>(g.data_ptr<scalar_t>(), yd, gz, db, slope);
   });
   if (reduced) gz = gz.to(y.scalar_type());
+  return {gz, bias ? db.to(y.scalar_type()) : at::empty({0}, y.options())};
+}
+
+// The convolution's half: dx, dw from gz (empty (0,) tensors where not asked), in x's / w's layout.
+std::tuple<at::Tensor, at::Tensor> conv_half(const at::Tensor& gz, const at::Tensor& x, const at::Tensor& w,
+                                             at::IntArrayRef stride, at::IntArrayRef padding, bool m0, bool m1) {
   std::vector<int64_t> outpad{0, 0};
   at::Tensor dx, dw;
   if (m0 || m1) {
@@ -250,7 +264,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(
   }
   dx = dx.defined() ? dx.contiguous(format_of(x)) : at::empty({0}, x.options());
   dw = dw.defined() ? dw.contiguous(format_of(w)) : at::empty({0}, w.options());
-  return {dx, dw, m2 ? db.to(y.scalar_type()) : at::empty({0}, y.options())};
+  return {dx, dw};
+}
+
+void check_act_grad_args(const at::Tensor& grad, const at::Tensor& y, const char* fn) {
+  TORCH_CHECK(y.dim() == 4, "ganengine ", fn, ": the output y must be 4-d, got ", y.sizes());
+  TORCH_CHECK(grad.sizes() == y.sizes(), "ganengine ", fn, ": grad has shape ", grad.sizes(),
+              " but the output has ", y.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
+    at::IntArrayRef stride, at::IntArrayRef padding, double slope, c10::List<bool> mask) {
+  check_conv_args(x, w, stride, padding);
+  TORCH_CHECK(mask.size() == 3, "ganengine conv_act_bwd: output mask must have 3 entries");
+  check_act_grad_args(grad, y, "conv_act_bwd");
+  auto [gz, db] = act_half(grad, y, slope, mask[2]);
+  auto [dx, dw] = conv_half(gz, x, w, stride, padding, mask[0], mask[1]);
+  return {dx, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_act_bwd_act(const at::Tensor& grad, const at::Tensor& y, double slope,
+                                                    bool bias) {
+  check_act_grad_args(grad, y, "conv_act_bwd.act");
+  return act_half(grad, y, slope, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_act_bwd_conv(const at::Tensor& gz, const at::Tensor& x, const at::Tensor& w,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     c10::List<bool> mask) {
+  check_conv_args(x, w, stride, padding);
+  TORCH_CHECK(mask.size() == 2, "ganengine conv_act_bwd.conv: output mask must have 2 entries (dx, dw)");
+  TORCH_CHECK(gz.dim() == 4 && gz.size(0) == x.size(0) && gz.size(1) == w.size(0),
+              "ganengine conv_act_bwd.conv: gz has shape ", gz.sizes(), ", not the output's of x ", x.sizes(),
+              " and weight ", w.sizes());
+  return conv_half(gz, x, w, stride, padding, mask[0], mask[1]);
 }
 
 // ------------------------------------------------------------------------ conv + instance norm
@@ -381,14 +429,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_fwd(
 }
 
 // dz = g * (z > 0 ? 1 : slope), z = xhat * gamma + beta; per (n, c): A = sum dz, B = sum dz*xhat;
-// dc = rstd * gamma * (dz - A / HW - xhat * B / HW). Writes dc and A, B as (N, C).
-template <typename T>
-void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tensor& mean,
+// dc = rstd * gamma * (dz - A / HW - xhat * B / HW). Writes dc and A, B as (N, C). The grad is read
+// through GradIn (a stride-0 grad in place, as conv_act's backward reads it).
+template <typename T, bool Uniform>
+void in_act_backward(const T* g_data, const at::Tensor& c, const at::Tensor& mean,
                      const at::Tensor& rstd, const at::Tensor& gamma, const at::Tensor& beta,
                      at::Tensor& dc, at::Tensor& A, at::Tensor& B, double slope) {
   using Vec = Vectorized<T>;
   const Plane P = plane_of(c);
-  const T* gp = grad.data_ptr<T>();
+  const GradIn<T, Uniform> gin(g_data);
   const T* cp = c.data_ptr<T>();
   T* dp = dc.data_ptr<T>();
   const T* mp = mean.data_ptr<T>();
@@ -399,24 +448,23 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
   const T s = static_cast<T>(slope), inv = T(1) / static_cast<T>(P.HW);
   const Vec vs(s);
   if (!P.nhwc()) {
-    at::parallel_for(0, P.N * P.C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, P.N * P.C, 1, [&, gin](int64_t b, int64_t e) {  // (gin by value: kept in registers)
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t ch = nc % P.C, base = (nc / P.C) * P.sn + ch * P.sc;
         const T m = mp[nc], r = rp[nc], gm = g[ch], bb = bt[ch];
         const T* cs = cp + base;
-        const T* gs = gp + base;
         Vec va(T(0)), vb(T(0));
         T sa = 0, sb = 0;
         int64_t i = 0;
         for (; i + Vec::size() <= P.HW; i += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + i) - Vec(m)) * Vec(r);
-          const Vec d = slope_act_grad(Vec::loadu(gs + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
+          const Vec d = slope_act_grad(gin.vec(base + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
           va = va + d;
           vb = at::vec::fmadd(d, xh, vb);
         }
         for (; i < P.HW; ++i) {
           const T xh = (cs[i] - m) * r;
-          const T d = slope_act_grad(gs[i], xh * gm + bb, s);
+          const T d = slope_act_grad(gin.at(base + i), xh * gm + bb, s);
           sa += d;
           sb += d * xh;
         }
@@ -428,12 +476,12 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
         i = 0;
         for (; i + Vec::size() <= P.HW; i += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + i) - Vec(m)) * Vec(r);
-          const Vec d = slope_act_grad(Vec::loadu(gs + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
+          const Vec d = slope_act_grad(gin.vec(base + i), at::vec::fmadd(xh, Vec(gm), Vec(bb)), vs);
           (Vec(k) * (d - Vec(ma) - xh * Vec(mb))).store(dp + base + i);
         }
         for (; i < P.HW; ++i) {
           const T xh = (cs[i] - m) * r;
-          const T d = slope_act_grad(gs[i], xh * gm + bb, s);
+          const T d = slope_act_grad(gin.at(base + i), xh * gm + bb, s);
           dp[base + i] = k * (d - ma - xh * mb);
         }
       }
@@ -441,7 +489,7 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
     return;
   }
   const int64_t CB = 64, nb = (P.C + CB - 1) / CB;
-  at::parallel_for(0, P.N * nb, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, P.N * nb, 1, [&, gin](int64_t b, int64_t e) {
     alignas(64) T sa[CB], sb[CB], m[CB], r[CB], gm[CB], bb[CB], k[CB];
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / nb, c0 = (t % nb) * CB, cn = std::min(CB, P.C - c0);
@@ -456,16 +504,16 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
       }
       for (int64_t i = 0; i < P.HW; ++i) {
         const T* cs = cp + off + i * P.C;
-        const T* gs = gp + off + i * P.C;
+        const int64_t gi = off + i * P.C;  // (the grad's index of this row)
         for (int64_t j = 0; j < cv; j += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + j) - Vec::loadu(m + j)) * Vec::loadu(r + j);
-          const Vec d = slope_act_grad(Vec::loadu(gs + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
+          const Vec d = slope_act_grad(gin.vec(gi + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
           (Vec::loadu(sa + j) + d).store(sa + j);
           at::vec::fmadd(d, xh, Vec::loadu(sb + j)).store(sb + j);
         }
         for (int64_t j = cv; j < cn; ++j) {
           const T xh = (cs[j] - m[j]) * r[j];
-          const T d = slope_act_grad(gs[j], xh * gm[j] + bb[j], s);
+          const T d = slope_act_grad(gin.at(gi + j), xh * gm[j] + bb[j], s);
           sa[j] += d;
           sb[j] += d * xh;
         }
@@ -479,16 +527,16 @@ void in_act_backward(const at::Tensor& grad, const at::Tensor& c, const at::Tens
       }
       for (int64_t i = 0; i < P.HW; ++i) {
         const T* cs = cp + off + i * P.C;
-        const T* gs = gp + off + i * P.C;
+        const int64_t gi = off + i * P.C;
         T* ds = dp + off + i * P.C;
         for (int64_t j = 0; j < cv; j += Vec::size()) {
           const Vec xh = (Vec::loadu(cs + j) - Vec::loadu(m + j)) * Vec::loadu(r + j);
-          const Vec d = slope_act_grad(Vec::loadu(gs + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
+          const Vec d = slope_act_grad(gin.vec(gi + j), at::vec::fmadd(xh, Vec::loadu(gm + j), Vec::loadu(bb + j)), vs);
           (Vec::loadu(k + j) * (d - Vec::loadu(sa + j) - xh * Vec::loadu(sb + j))).store(ds + j);
         }
         for (int64_t j = cv; j < cn; ++j) {
           const T xh = (cs[j] - m[j]) * r[j];
-          const T d = slope_act_grad(gs[j], xh * gm[j] + bb[j], s);
+          const T d = slope_act_grad(gin.at(gi + j), xh * gm[j] + bb[j], s);
           ds[j] = k[j] * (d - sa[j] - xh * sb[j]);
         }
       }
@@ -509,7 +557,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_bwd(
   const auto fmt = format_of(c);
   const bool reduced = is_reduced(c);
   const auto work = reduced ? at::kFloat : c.scalar_type();
-  at::Tensor g = grad.to(work).contiguous(fmt);
+  const bool uniform = uniform_grad(grad);  // (read in place: GradIn)
+  at::Tensor g = grad_in(grad, work, fmt, uniform);
   at::Tensor cd = c.to(work).contiguous(fmt);
   at::Tensor mw = mean.to(work).contiguous(), rw = rstd.to(work).contiguous();
   at::Tensor dc = at::empty_like(cd, cd.options(), fmt);
@@ -517,7 +566,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_bwd(
   const at::Tensor gm = gamma.has_value() ? *gamma : at::Tensor();
   const at::Tensor bt = beta.has_value() ? *beta : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(work, "conv_in_act_bwd", [&] {
-    in_act_backward<scalar_t>(g, cd, mw, rw, gm, bt, dc, A, B, slope);
+    if (uniform)
+      in_act_backward<scalar_t, true>(g.data_ptr<scalar_t>(), cd, mw, rw, gm, bt, dc, A, B, slope);
+    else
+      in_act_backward<scalar_t, false>(g.data_ptr<scalar_t>(), cd, mw, rw, gm, bt, dc, A, B, slope);
   });
   if (reduced) dc = dc.to(c.scalar_type()).contiguous(fmt);
   std::vector<int64_t> outpad{0, 0};
@@ -543,6 +595,9 @@ TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
   m.def("conv_act_fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, float slope) -> Tensor");
   m.def("conv_act_bwd(Tensor grad, Tensor x, Tensor weight, Tensor y, int[] stride, int[] padding, "
         "float slope, bool[] mask) -> (Tensor, Tensor, Tensor)");
+  m.def("conv_act_bwd.act(Tensor grad, Tensor y, float slope, bool bias) -> (Tensor, Tensor)");
+  m.def("conv_act_bwd.conv(Tensor gz, Tensor x, Tensor weight, int[] stride, int[] padding, bool[] mask) "
+        "-> (Tensor, Tensor)");
   m.def("conv_in_act_fwd(Tensor x, Tensor weight, Tensor? gamma, Tensor? beta, int[] stride, "
         "int[] padding, float eps, float slope) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv_in_act_bwd(Tensor grad, Tensor x, Tensor weight, Tensor c, Tensor mean, Tensor rstd, "
@@ -553,6 +608,8 @@ TORCH_LIBRARY_FRAGMENT(ganengine_C, m) {
 TORCH_LIBRARY_IMPL(ganengine_C, CPU, m) {
   m.impl("conv_act_fwd", &conv_act_fwd);
   m.impl("conv_act_bwd", &conv_act_bwd);
+  m.impl("conv_act_bwd.act", &conv_act_bwd_act);
+  m.impl("conv_act_bwd.conv", &conv_act_bwd_conv);
   m.impl("conv_in_act_fwd", &conv_in_act_fwd);
   m.impl("conv_in_act_bwd", &conv_in_act_bwd);
 }

@@ -19,8 +19,10 @@
 // functions (conv_lean.h), which the Python fast entry ganengine._C.conv2d_act_entry (conv_py.cpp)
 // calls for plain eager calls.
 //
-// Backward: conv_act_bwd (it needs only the sign of the saved output, valid for slope >= 0),
-// except under create_graph=True (grad mode on inside backward): then it differentiates the
+// Backward: conv_act_bwd's two halves, its overloads .act (the activation's and the bias's gradient:
+// it needs only the sign of the saved output, valid for slope >= 0) and .conv (the convolution's), with
+// the saved output and the incoming grad dropped between them (see save_all below), except under
+// create_graph=True (grad mode on inside backward): then it differentiates the
 // torch composition leaky_relu(conv2d(x, w, b)), so second derivatives (WGAN-GP, R1) are exact,
 // as the Python route does (the bookkeeping shared with the other lean entries: lean_autograd.h).
 //
@@ -33,12 +35,15 @@
 // lean_autograd.h's x/weight?/bias? shape, so its backward is written out below; the conv bias
 // cancels exactly in the normalisation and gets an exact zero gradient, as the Python route gives.
 #include <ATen/ATen.h>
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <utility>
 #include <vector>
 
 #include "conv_lean.h"
@@ -54,17 +59,26 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using FwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef, at::IntArrayRef,
                           double);
-using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                              const at::Tensor&, const at::Tensor&, at::IntArrayRef,
-                                                              at::IntArrayRef, double, c10::List<bool>);
 
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::conv_act_fwd", "").typed<FwdSig>();
   return op;
 }
 
-const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::conv_act_bwd", "").typed<BwdSig>();
+// the backward's two halves (conv_act.cpp): the activation's gradient (and the bias's), then the convolution's
+using ActBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, bool);
+using ConvBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      at::IntArrayRef, at::IntArrayRef, c10::List<bool>);
+
+const c10::TypedOperatorHandle<ActBwdSig>& act_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::conv_act_bwd", "act").typed<ActBwdSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<ConvBwdSig>& conv_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ganengine_C::conv_act_bwd", "conv").typed<ConvBwdSig>();
   return op;
 }
 
@@ -76,7 +90,15 @@ bool float_dtype(at::ScalarType s) {
 // whether this build registered CUDA kernels for each entry's ops (csrc/cuda/conv_act_launcher.cpp):
 // then the dispatcher entry calling them also serves CUDA tensors
 bool act_cuda() {
-  static const bool cuda = lean::cuda_kernels({"ganengine_C::conv_act_fwd", "ganengine_C::conv_act_bwd"});
+  // (by name and overload: lean::cuda_kernels reads default overloads only)
+  static const bool cuda = [] {
+    auto& d = c10::Dispatcher::singleton();
+    const std::pair<const char*, const char*> ops[] = {
+        {"ganengine_C::conv_act_fwd", ""}, {"ganengine_C::conv_act_bwd", "act"}, {"ganengine_C::conv_act_bwd", "conv"}};
+    for (const auto& [name, overload] : ops)
+      if (!d.findSchemaOrThrow(name, overload).hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return false;
+    return true;
+  }();
   return cuda;
 }
 bool in_cuda() {
@@ -135,6 +157,44 @@ at::Tensor dense(const at::Tensor& t) {
   return conv_common::dense_copy(t);
 }
 
+// The saved output y. Not a SavedVariable: save_for_backward would hold it until the node is done, through
+// the convolution's backward, whereas eager's graph frees LeakyReLU's saved output after its own backward
+// node (at 16x64x32x32 the extra live 4 MB made oneDNN's buffers fault in fresh pages on every call:
+// with a next layer's dense gradient, forward + backward ran 1.11x eager's; 0.95x now). So it lives in saved_data as its tensor_data (storage
+// and version counter shared, no autograd metadata: no reference cycle through its grad_fn, as
+// SavedVariable saves an output), and the backward takes it out where the graph is not kept. The version
+// check SavedVariable would make is made here. Under saved-tensor hooks (checkpointing, offloading) y is
+// saved as before, with x, weight and bias: the hooks own what is saved.
+constexpr const char* kY = "y";
+constexpr const char* kYVersion = "y_version";
+
+void save_all(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptT& b, const at::Tensor& y) {
+  if (at::SavedTensorDefaultHooks::get_hooks().has_value()) {
+    lean::save_xwb(ctx, x, w, b, {y});
+    return;
+  }
+  lean::save_xwb(ctx, x, w, b, {});
+  ctx->saved_data[kY] = y.tensor_data();
+  ctx->saved_data[kYVersion] = static_cast<int64_t>(y._version());
+}
+
+// y for this backward (`s`: the unpacked saved tensors), and out of the node unless the graph is kept
+// (retain_graph / create_graph)
+at::Tensor take_output(AutogradContext* ctx, const variable_list& s) {
+  if (s.size() == 4) return s[3];  // (saved under hooks)
+  auto it = ctx->saved_data.find(kY);
+  TORCH_CHECK(it != ctx->saved_data.end(), "conv2d_act: the saved output was already freed (backward through the "
+              "graph a second time: use retain_graph=True the first time)");
+  at::Tensor y = it->second.toTensor();
+  const int64_t saved = ctx->saved_data[kYVersion].toInt();
+  TORCH_CHECK(y._version() == saved,
+              "one of the variables needed for gradient computation has been modified by an inplace operation: [",
+              y.toString(), " ", y.sizes(), "], which is output 0 of ConvActFnBackward (conv2d_act), is at version ",
+              y._version(), "; expected version ", saved, " instead.");
+  if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase(it);
+  return y;
+}
+
 struct ConvActFn : public torch::autograd::Function<ConvActFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptT& b,
                             at::IntArrayRef stride, at::IntArrayRef padding, double slope) {
@@ -143,34 +203,54 @@ struct ConvActFn : public torch::autograd::Function<ConvActFn> {
       at::AutoDispatchBelowADInplaceOrView below;
       y = fwd_op().call(dense(x), w, b, stride, padding, slope);
     }
-    // the output, not the conv result: the fused backward needs only its sign
-    lean::save_xwb(ctx, x, w, b, {y});
+    // the output, not the conv result: the fused backward needs only its sign (save_all)
+    save_all(ctx, x, w, b, y);
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["slope"] = slope;
     return y;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
+  // grads by reference (CppNode passes its own list): the incoming grad is dropped as soon as the
+  // activation's gradient is made, as eager's LeakyReLU node drops it
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    auto s = ctx->get_saved_variables();  // x, weight, bias[, y] (raises on a freed graph first)
+    at::Tensor y = take_output(ctx, s);
+    s.resize(3);
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
     const double slope = ctx->saved_data["slope"].toDouble();
+    if (at::GradMode::is_enabled() || !grads[0].defined()) {
+      y.reset();
+      return lean::backward_xwb(
+          ctx, grads, s, 6,
+          [&](const variable_list& t) {  // create_graph=True: the torch composition, differentiated
+            return at::leaky_relu(at::conv2d(t[0], t[1], lean::as_opt(t[2]), stride, padding), slope);
+          },
+          // (not reached: grad mode is on, or there is no grad; the fused backward is below)
+          [](const at::Tensor&, const variable_list&) { return std::tuple<at::Tensor, at::Tensor, at::Tensor>(); },
+          [](const at::Tensor& g, const at::Tensor&) { return g; });
+    }
     // edges: x 0, weight 1, bias 2 when present (the weight is always present here)
+    variable_list out(6);
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1);
     const bool nb = s[2].defined() && ctx->needs_input_grad(2);
-    return lean::backward_xwb(
-        ctx, grads, s, 6,
-        [&](const variable_list& t) {  // create_graph=True: the torch composition, differentiated
-          return at::leaky_relu(at::conv2d(t[0], t[1], lean::as_opt(t[2]), stride, padding), slope);
-        },
-        [&](const at::Tensor& gy, const variable_list& t) {
-          // below autograd, as the forward: else the weight's Autograd key sends the call through
-          // the boxed autograd-not-implemented fallback first
-          at::AutoDispatchBelowADInplaceOrView below;
-          return bwd_op().call(gy, dense(t[0]), t[1], t[3], stride, padding, slope, c10::List<bool>({nx, nw, nb}));
-        },
-        [](const at::Tensor& g, const at::Tensor&) { return g; });
+    if (!nx && !nw && !nb) return out;
+    // below autograd, as the forward: else the weight's Autograd key sends the calls through the boxed
+    // autograd-not-implemented fallback first
+    at::AutoDispatchBelowADInplaceOrView below;
+    at::Tensor gz, db;
+    std::tie(gz, db) = act_bwd_op().call(grads[0], y, slope, nb);
+    grads[0].reset();  // (what eager's graph has freed by now: the incoming grad and the saved output)
+    y.reset();
+    if (nb) out[2] = db;
+    if (nx || nw) {
+      at::Tensor dx, dw;
+      std::tie(dx, dw) = conv_bwd_op().call(gz, dense(s[0]), s[1], stride, padding, c10::List<bool>({nx, nw}));
+      if (nx) out[0] = dx;
+      if (nw) out[1] = dw;
+    }
+    return out;
   }
 };
 

@@ -1,5 +1,6 @@
-// conv2d_act's cuda backend: the CUDA implementations of ganengine_C::conv_act_fwd / conv_act_bwd
-// (schemas in csrc/cpu/conv_act.cpp), the Triton backend's "vendor" route written in C++: ATen's
+// conv2d_act's cuda backend: the CUDA implementations of ganengine_C::conv_act_fwd / conv_act_bwd and
+// conv_act_bwd's two halves, its overloads .act / .conv (schemas in csrc/cpu/conv_act.cpp), the Triton
+// backend's "vendor" route written in C++: ATen's
 // convolution (cuDNN) without its bias, then one epilogue kernel adding the bias and applying the
 // activation in place (csrc/cuda/conv_act.cu); backward, one kernel for the activation's gradient
 // from the sign of the saved output, then ATen's convolution_backward, whose bias output is the
@@ -71,6 +72,19 @@ at::Tensor conv_act_fwd(const at::Tensor& x, const at::Tensor& w, const c10::opt
   return y;
 }
 
+// gz = grad * (y > 0 ? 1 : slope), in y's layout: one kernel (slope 1, the identity: grad made dense)
+at::Tensor act_grad(const at::Tensor& grad, const at::Tensor& y, double slope) {
+  const at::MemoryFormat fmt = format_of(y);
+  if (slope == 1.0) return grad.contiguous(fmt);  // the identity's gradient (a stride-0 grad becomes dense once)
+  const at::Tensor yd = y.contiguous(fmt);
+  const at::Tensor g = grad.contiguous(fmt);
+  at::Tensor gz = at::empty_like(yd, yd.options(), fmt);
+  check_launch(cuda::conv_act_grad(dtype_code(y.scalar_type()), g.data_ptr(), yd.data_ptr(), gz.data_ptr(),
+                                   gz.numel(), slope, c10::cuda::getCurrentCUDAStream()),
+               "activation gradient");
+  return gz;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(const at::Tensor& grad, const at::Tensor& x,
                                                             const at::Tensor& w, const at::Tensor& y,
                                                             at::IntArrayRef stride, at::IntArrayRef padding,
@@ -83,18 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(const at::Tensor& gr
               " but the output has ", y.sizes(), " and ", y.scalar_type(), " (both on x's device)");
   const bool m0 = mask[0], m1 = mask[1], m2 = mask[2];
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = format_of(y);
-  const at::Tensor yd = y.contiguous(fmt);
-  at::Tensor gz;
-  if (slope == 1.0) {
-    gz = grad.contiguous(fmt);  // the identity's gradient (a stride-0 grad becomes dense once)
-  } else {
-    const at::Tensor g = grad.contiguous(fmt);
-    gz = at::empty_like(yd, yd.options(), fmt);
-    check_launch(cuda::conv_act_grad(dtype_code(y.scalar_type()), g.data_ptr(), yd.data_ptr(), gz.data_ptr(),
-                                     gz.numel(), slope, c10::cuda::getCurrentCUDAStream()),
-                 "activation gradient");
-  }
+  const at::Tensor gz = act_grad(grad, y, slope);
   at::Tensor dx, dw, db;
   if (m0 || m1 || m2) {
     const std::vector<int64_t> bias_sizes{y.size(1)};
@@ -106,6 +109,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_bwd(const at::Tensor& gr
   dw = m1 ? dw.contiguous(format_of(w)) : at::empty({0}, w.options());
   db = m2 ? db.to(y.scalar_type()) : at::empty({0}, y.options());
   return {dx, dw, db};
+}
+
+// conv_act_bwd's two halves (its overloads .act / .conv: the C++ entry's autograd drops the saved output
+// and the incoming grad between them, as eager's graph does). The activation's: gz, and with `bias` the
+// bias gradient as ATen's convolution_backward makes it on cuDNN's route (gz.sum over N, H, W: the same
+// call on the same tensor, so the same bits and the same kernels as conv_act_bwd's, in another order).
+std::tuple<at::Tensor, at::Tensor> conv_act_bwd_act(const at::Tensor& grad, const at::Tensor& y, double slope,
+                                                    bool bias) {
+  TORCH_CHECK(y.is_cuda() && y.dim() == 4 && grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type() &&
+                  grad.device() == y.device(),
+              "ganengine conv_act_bwd.act (CUDA): grad has shape ", grad.sizes(), ", dtype ", grad.scalar_type(),
+              " and device ", grad.device(), " but the output y has ", y.sizes(), ", ", y.scalar_type(), " and ",
+              y.device(), " (a 4-d CUDA tensor)");
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor gz = act_grad(grad, y, slope);
+  at::Tensor db = bias ? gz.sum(at::IntArrayRef{0, 2, 3}) : at::empty({0}, y.options());
+  return {gz, db};
+}
+
+// The convolution's half: dx, dw (empty (0,) tensors where the mask says no), in x's / weight's layout.
+std::tuple<at::Tensor, at::Tensor> conv_act_bwd_conv(const at::Tensor& gz, const at::Tensor& x, const at::Tensor& w,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     c10::List<bool> mask) {
+  check_args(x, w, c10::nullopt, stride, padding);
+  TORCH_CHECK(mask.size() == 2, "ganengine conv_act_bwd.conv (CUDA): output mask must have 2 entries (dx, dw)");
+  TORCH_CHECK(gz.dim() == 4 && gz.size(0) == x.size(0) && gz.size(1) == w.size(0) && gz.device() == x.device(),
+              "ganengine conv_act_bwd.conv (CUDA): gz has shape ", gz.sizes(), " on ", gz.device(),
+              ", not the output's of x ", x.sizes(), " and weight ", w.sizes(), " on x's device");
+  const bool m0 = mask[0], m1 = mask[1];
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx, dw;
+  if (m0 || m1) {
+    std::tie(dx, dw, std::ignore) = at::convolution_backward(gz, x, w, at::OptionalIntArrayRef(), stride, padding,
+                                                             {1, 1}, false, {0, 0}, 1, {m0, m1, false});
+  }
+  dx = m0 ? dx.contiguous(format_of(x)) : at::empty({0}, x.options());
+  dw = m1 ? dw.contiguous(format_of(w)) : at::empty({0}, w.options());
+  return {dx, dw};
 }
 
 // ----------------------------------------------------------------------------- conv + instance norm
@@ -180,6 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_in_act_bwd(
 TORCH_LIBRARY_IMPL(ganengine_C, CUDA, m) {
   m.impl("conv_act_fwd", &ganengine::conv_act_cuda::conv_act_fwd);
   m.impl("conv_act_bwd", &ganengine::conv_act_cuda::conv_act_bwd);
+  m.impl("conv_act_bwd.act", &ganengine::conv_act_cuda::conv_act_bwd_act);
+  m.impl("conv_act_bwd.conv", &ganengine::conv_act_cuda::conv_act_bwd_conv);
   m.impl("conv_in_act_fwd", &ganengine::conv_act_cuda::conv_in_act_fwd);
   m.impl("conv_in_act_bwd", &ganengine::conv_act_cuda::conv_in_act_bwd);
 }

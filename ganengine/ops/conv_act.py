@@ -473,7 +473,9 @@ _in_eager = _eager.twin("ganengine::conv2d_in_act_fwd", _in_fwd_body, _in_setup,
 # eager calls reach it through ganengine._C.conv2d_act_entry (csrc/cpu/conv_py.cpp: without the
 # dispatcher op's own entry, ~1 us), tensor subclasses and torch function modes through the
 # dispatcher op ganengine_C::conv2d_act.
-_ACT_KERNELS = ("conv_act_fwd", "conv_act_bwd")  # what ganengine_C::conv2d_act calls
+# what ganengine_C::conv2d_act calls: the forward, and conv_act_bwd's two halves (its autograd drops the
+# saved output between them, as eager's graph does; conv_act_autograd.cpp)
+_ACT_KERNELS = ("conv_act_fwd", "conv_act_bwd.act", "conv_act_bwd.conv")
 # the message prefix of the C++ entry's refusals (conv_act_autograd.cpp, check()); a weight that
 # is not a Tensor, or a bias neither None nor a Tensor, is declined too (_dispatch.refused; stride,
 # padding and slope are handed over only when of plain types)
@@ -764,6 +766,17 @@ if _ext.loaded() and _ext.has_kernel("conv2d_act", "CompositeExplicitAutograd"):
         return (_empty_or(x, x.shape, out_format(x), mask[0]),
                 _empty_or(weight, weight.shape, out_format(weight), mask[1]),
                 _empty_or(y, (y.shape[1],), torch.contiguous_format, mask[2]))
+
+if _ext.loaded() and _ext.has_kernel("conv_act_bwd.act", "CPU"):
+    @torch.library.register_fake("ganengine_C::conv_act_bwd.act")
+    def _(grad, y, slope, bias):
+        gz = torch.empty_like(y, memory_format=out_format(y))
+        return gz, _empty_or(y, (y.shape[1],), torch.contiguous_format, bias)
+
+    @torch.library.register_fake("ganengine_C::conv_act_bwd.conv")
+    def _(gz, x, weight, stride, padding, mask):
+        return (_empty_or(x, x.shape, out_format(x), mask[0]),
+                _empty_or(weight, weight.shape, out_format(weight), mask[1]))
 
 if _ext.loaded() and _ext.has_kernel("conv2d_in_act", "CompositeExplicitAutograd"):
     @torch.library.register_fake("ganengine_C::conv2d_in_act")
