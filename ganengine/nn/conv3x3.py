@@ -17,6 +17,9 @@ from ganengine.ops._conv_common import input_in_weight_layout, module_autocast
 from ganengine.ops.conv3x3 import conv3x3
 
 
+_MISSING = object()
+
+
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=padding, padding_mode=...)``
     on the fused op. ``padding_mode``: "zeros" or "reflect". Keys: ``weight``, ``bias``."""
@@ -35,10 +38,15 @@ class Conv3x3(nn.Conv2d):
             return super().forward(x)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        w = self.weight
+        # (the tensors from _parameters: Module.__getattr__ costs ~0.7 us a name, a tenth of a tiny
+        # layer's call; a parametrization moves them out of it, then the attributes)
+        params = self._parameters
+        w, b = params.get("weight"), params.get("bias", _MISSING)
+        if w is None or b is _MISSING:
+            w, b = self.weight, self.bias
         if (xw := input_in_weight_layout(x, w)) is None:  # (eager's output layout: only eager's call gives it)
             return super().forward(x)
-        return conv3x3(xw, w, self.bias, self.padding[0], self.padding_mode)
+        return conv3x3(xw, w, b, self.padding[0], self.padding_mode)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, padding: int | None = None, padding_mode: str | None = None) -> "Conv3x3":
