@@ -3,7 +3,8 @@
 // NCHW-dense input: one task per (n, c) plane. The plane is read from memory once: the mean
 // pass brings it into cache, the centred M2 pass (corrected two-pass variance, no E[x^2]-E[x]^2)
 // and the apply pass re-read it from cache. fp16/bf16 planes are converted once into a
-// thread-local fp32 buffer. NHWC-dense input: per image, rows of C channels are processed in
+// thread-local fp32 buffer; planes shorter than two vectors go a run of planes per task, V planes
+// at a time in the lanes of a vector (fwd_nchw_tiny). NHWC-dense input: per image, rows of C channels are processed in
 // chunks of about 32 KB (per-chunk exact mean/M2, merged per image with Chan's formula in a
 // fixed order, so results do not depend on the thread count), vectorised along C.
 //
@@ -166,6 +167,132 @@ void fwd_nchw(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, ac
   });
 }
 
+// ------------------------------------------------------------------ tiny NCHW planes
+// Planes shorter than two vectors (2x2, 3x3 maps: a U-Net's innermost levels) leave the vector
+// loops above empty, and a task per plane paid hsum()s of zero vectors, a buffer and the loop
+// set-up for a handful of elements (~2.5x eager's time on many 2x2 planes; plain scalar loops per
+// plane were still ~2x: every plane's chain of adds, divisions and the sqrt waits on the last).
+// Here a task takes a run of planes, and each group of V planes (V = Vec::size()) is transposed
+// into HW vectors of V lanes, one plane per lane, so every step runs once for V planes: the same
+// corrected two-pass statistics as contiguous_stats (sum of x, then of d = x - mean and d^2, mean
+// shifted by mean(d)), in acc_t. Lanes past the run's end hold zeros and are not stored.
+template <typename acc_t>
+inline bool tiny_planes(int64_t HW) {
+  return HW < 2 * Vectorized<acc_t>::size();
+}
+
+// planes per task: about 16K elements, so small calls stay on one thread
+inline int64_t tiny_grain(int64_t HW) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1)); }
+
+// planes per conversion block (fp16/bf16): a few KB of acc_t
+inline int64_t tiny_block(int64_t HW) { return std::max<int64_t>(1, 1024 / std::max<int64_t>(HW, 1)); }
+
+template <typename scalar_t, typename acc_t, typename F>
+inline void for_tiny_blocks(int64_t begin, int64_t end, int64_t HW, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    f(begin, end);
+  } else {
+    const int64_t B = tiny_block(HW);
+    for (int64_t p0 = begin; p0 < end; p0 += B) f(p0, std::min(end, p0 + B));
+  }
+}
+
+// nv (<= V) planes of HW values at src -> dst[i * V + lane] (zeros past nv), and back
+template <typename acc_t>
+inline void to_lanes(const acc_t* src, int64_t nv, int64_t HW, acc_t* dst) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  if (nv < V) std::fill(dst, dst + HW * V, acc_t(0));
+  for (int64_t j = 0; j < nv; ++j)
+    for (int64_t i = 0; i < HW; ++i) dst[i * V + j] = src[j * HW + i];
+}
+
+template <typename acc_t>
+inline void from_lanes(const acc_t* src, int64_t nv, int64_t HW, acc_t* dst) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  for (int64_t j = 0; j < nv; ++j)
+    for (int64_t i = 0; i < HW; ++i) dst[j * HW + i] = src[i * V + j];
+}
+
+// the (per-lane) weight and bias of planes p0 .. p0 + nv
+template <typename acc_t>
+inline void lane_params(const acc_t* w, const acc_t* b, int64_t p0, int64_t nv, int64_t C, acc_t* wl, acc_t* bl) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  int64_t c = p0 % C;
+  for (int64_t j = 0; j < V; ++j) {
+    wl[j] = j < nv ? w[c] : acc_t(0);
+    bl[j] = j < nv ? b[c] : acc_t(0);
+    if (++c == C) c = 0;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_nchw_tiny(const scalar_t* x, scalar_t* y, const acc_t* w, const acc_t* b, acc_t* mean_out,
+                   acc_t* rstd_out, const Params& p) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t HW = p.HW;
+  const Vec L(static_cast<acc_t>(HW)), zero(acc_t(0)), one(acc_t(1)), veps(static_cast<acc_t>(p.eps));
+  const Vec vsl(static_cast<acc_t>(p.slope));
+  at::parallel_for(0, p.N * p.C, tiny_grain(HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf, ybuf;
+    alignas(64) acc_t xt[2 * V * V], yt[2 * V * V], wl[V], bl[V], ml[V], ql[V], rl[V];
+    for_tiny_blocks<scalar_t, acc_t>(begin, end, HW, [&](int64_t p0, int64_t p1) {
+      const acc_t* xs = as_acc<scalar_t, acc_t>(x + p0 * HW, (p1 - p0) * HW, xbuf);
+      acc_t* ys;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        ys = y + p0 * HW;
+      } else {
+        ybuf.resize((p1 - p0) * HW);
+        ys = ybuf.data();
+      }
+      for (int64_t q0 = p0; q0 < p1; q0 += V) {
+        const int64_t nv = std::min<int64_t>(V, p1 - q0);
+        const acc_t* xp = xs + (q0 - p0) * HW;
+        const bool direct = HW == 1 && nv == V;  // single pixels: memory already holds a plane per lane
+        if (!direct) to_lanes(xp, nv, HW, xt);
+        const acc_t* xl = direct ? xp : xt;
+        acc_t* yl = direct ? ys + (q0 - p0) * HW : yt;
+        Vec s(0);
+        for (int64_t i = 0; i < HW; ++i) s += Vec::loadu(xl + i * V);
+        Vec mean = s / L, q(0), e(0);
+        for (int64_t i = 0; i < HW; ++i) {
+          const Vec d = Vec::loadu(xl + i * V) - mean;
+          q = at::vec::fmadd(d, d, q);
+          e += d;
+        }
+        const Vec shift = e / L;
+        mean += shift;
+        // max(q - e * shift, 0), and q + e where q or e is NaN (keeps a NaN / inf, as contiguous_stats)
+        const Vec m2 = Vec::blendv(at::vec::maximum(q - e * shift, zero), q + e, (q != q) | (e != e));
+        mean.store(ml);
+        m2.store(ql);
+        for (int64_t j = 0; j < nv; ++j) {
+          if (cpu::stats_overflowed(ml[j], ql[j])) {  // redo in double, M2 rounded to fp32 (eager's rule)
+            double md, qd;
+            cpu::stats_double(xp + j * HW, 1, 0, HW, 1, md, qd);
+            ml[j] = static_cast<acc_t>(md);
+            ql[j] = static_cast<acc_t>(qd);
+          }
+        }
+        const Vec var = Vec::loadu(ql) / L, vm = Vec::loadu(ml);
+        Vec rstd = one / (var + veps).sqrt();
+        if (p.eps == 0.0) rstd = Vec::blendv(rstd, zero, var == zero);  // inv_std's rule
+        rstd.store(rl);
+        for (int64_t j = 0; j < nv; ++j) {
+          mean_out[q0 + j] = ml[j];
+          rstd_out[q0 + j] = rl[j];
+        }
+        lane_params(w, b, q0, nv, p.C, wl, bl);
+        const Vec sc = rstd * Vec::loadu(wl), bc = Vec::loadu(bl);
+        for (int64_t i = 0; i < HW; ++i)
+          activate(at::vec::fmadd(Vec::loadu(xl + i * V) - vm, sc, bc), vsl, p.act).store(yl + i * V);
+        if (!direct) from_lanes(yt, nv, HW, ys + (q0 - p0) * HW);
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) store_from_acc(ys, y + p0 * HW, (p1 - p0) * HW);
+    });
+  });
+}
+
 // ------------------------------------------------------------------ NHWC helpers
 // rows per chunk so that a chunk of C channels is about 32 KB of fp32
 inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)); }
@@ -313,6 +440,72 @@ inline void grad_apply(const acc_t* x, const acc_t* g, acc_t* dx, int64_t n, acc
   }
 }
 
+// tiny planes (see fwd_nchw_tiny): V planes at a time, one per lane; grad_sums / grad_apply's formulas
+template <typename scalar_t, typename acc_t>
+void bwd_nchw_tiny(const scalar_t* g, const scalar_t* x, scalar_t* dx, const acc_t* w, const acc_t* b,
+                   const acc_t* mean, const acc_t* rstd, acc_t* dw, acc_t* db, const Params& p) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t HW = p.HW;
+  const Vec L(static_cast<acc_t>(HW)), vsl(static_cast<acc_t>(p.slope));
+  at::parallel_for(0, p.N * p.C, tiny_grain(HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf, gbuf, dbuf;
+    alignas(64) acc_t xt[2 * V * V], gt[2 * V * V], dt[2 * V * V], wl[V], bl[V], ml[V], rl[V], sl[V], sxl[V];
+    for_tiny_blocks<scalar_t, acc_t>(begin, end, HW, [&](int64_t p0, int64_t p1) {
+      const int64_t cnt = (p1 - p0) * HW;
+      const acc_t* xs = as_acc<scalar_t, acc_t>(x + p0 * HW, cnt, xbuf);
+      const acc_t* gs = as_acc<scalar_t, acc_t>(g + p0 * HW, cnt, gbuf);
+      acc_t* ds;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        ds = dx + p0 * HW;
+      } else {
+        dbuf.resize(cnt);
+        ds = dbuf.data();
+      }
+      for (int64_t q0 = p0; q0 < p1; q0 += V) {
+        const int64_t nv = std::min<int64_t>(V, p1 - q0), o = (q0 - p0) * HW;
+        const bool direct = HW == 1 && nv == V;  // single pixels: memory already holds a plane per lane
+        if (!direct) {
+          to_lanes(xs + o, nv, HW, xt);
+          to_lanes(gs + o, nv, HW, gt);
+        }
+        const acc_t* xl = direct ? xs + o : xt;
+        const acc_t* gl = direct ? gs + o : gt;
+        acc_t* dl = direct ? ds + o : dt;
+        lane_params(w, b, q0, nv, p.C, wl, bl);
+        for (int64_t j = 0; j < V; ++j) {
+          ml[j] = j < nv ? mean[q0 + j] : acc_t(0);
+          rl[j] = j < nv ? rstd[q0 + j] : acc_t(0);
+        }
+        const Vec vm = Vec::loadu(ml), vr = Vec::loadu(rl), vw = Vec::loadu(wl), vb = Vec::loadu(bl);
+        Vec sg(0), sgx(0);
+        for (int64_t i = 0; i < HW; ++i) {
+          const Vec xh = (Vec::loadu(xl + i * V) - vm) * vr;
+          Vec ga = Vec::loadu(gl + i * V);
+          if (p.act) ga = slope_act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
+          sg += ga;
+          sgx = at::vec::fmadd(ga, xh, sgx);
+        }
+        sg.store(sl);
+        sgx.store(sxl);
+        for (int64_t j = 0; j < nv; ++j) {
+          db[q0 + j] = sl[j];
+          dw[q0 + j] = sxl[j];
+        }
+        const Vec k = vr * vw, mg = sg / L, mgx = sgx / L;
+        for (int64_t i = 0; i < HW; ++i) {
+          const Vec xh = (Vec::loadu(xl + i * V) - vm) * vr;
+          Vec ga = Vec::loadu(gl + i * V);
+          if (p.act) ga = slope_act_grad(ga, at::vec::fmadd(xh, vw, vb), vsl);
+          (k * (ga - mg - xh * mgx)).store(dl + i * V);
+        }
+        if (!direct) from_lanes(dt, nv, HW, ds + o);
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) store_from_acc(ds, dx + p0 * HW, cnt);
+    });
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void bwd_nchw(const scalar_t* g, const scalar_t* x, scalar_t* dx, const acc_t* w, const acc_t* b,
               const acc_t* mean, const acc_t* rstd, acc_t* dw, acc_t* db, const Params& p) {
@@ -449,7 +642,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_fwd_cpu(const at::Tensor
     using acc_t = typename AccOf<scalar_t>::type;
     auto w = param_vector<acc_t>(weight, p.C, acc_t(1));
     auto b = param_vector<acc_t>(bias, p.C, acc_t(0));
-    if (nchw) {
+    if (nchw && tiny_planes<acc_t>(p.HW)) {
+      fwd_nchw_tiny<scalar_t, acc_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w.data(), b.data(),
+                                     mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), p);
+    } else if (nchw) {
       fwd_nchw<scalar_t, acc_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w.data(), b.data(),
                                 mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), p);
     } else {
@@ -486,7 +682,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_bwd_cpu(const at::Tensor
     using acc_t = typename AccOf<scalar_t>::type;
     auto w = param_vector<acc_t>(weight, p.C, acc_t(1));
     auto b = param_vector<acc_t>(bias, p.C, acc_t(0));
-    if (nchw) {
+    if (nchw && tiny_planes<acc_t>(p.HW)) {
+      bwd_nchw_tiny<scalar_t, acc_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), w.data(),
+                                     b.data(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), dw.data_ptr<acc_t>(),
+                                     db.data_ptr<acc_t>(), p);
+    } else if (nchw) {
       bwd_nchw<scalar_t, acc_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), w.data(),
                                 b.data(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), dw.data_ptr<acc_t>(),
                                 db.data_ptr<acc_t>(), p);
