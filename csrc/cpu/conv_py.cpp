@@ -1,7 +1,8 @@
 // The Python fast entries of the conv family's lean routes: ganengine._C.conv3x3_entry,
 // .conv_entry and .conv2d_act_entry, called at the top of GF.conv3x3 / GF.conv2d /
 // GF.conv_transpose2d / GF.conv2d_act in plain eager mode (GF.conv2d / conv_transpose2d first ask
-// .conv_entry_default, conv_entry in the default state, see below).
+// .conv_entry_default, conv_entry in the default state, see below; GF.conv3x3 under CPU autocast
+// .conv3x3_autocast_entry, eager's own pad + conv in that state).
 //
 // Why they exist: the dispatcher ops ganengine_C::conv3x3 / ::conv / ::conv2d_act cost more host
 // time per call than the generated ATen bindings the eager code calls (the torch.ops call parses
@@ -108,6 +109,54 @@ Arg xwb(PyObject* const* args) {
 
 OptT opt(PyObject* o) { return o == Py_None ? OptT() : OptT(THPVariable_Unpack(o)); }
 
+// conv_entry's and conv_entry_default's arguments (x, weight, bias, stride, padding, output_padding,
+// transposed), read once by parse_conv for both (conv_call, autocast_call)
+struct ConvArgs {
+  const at::Tensor* x = nullptr;
+  const at::Tensor* w = nullptr;
+  OptT b;
+  std::array<int64_t, 2> stride, padding, output_padding;
+  bool transposed = false;
+};
+
+// Ok (``a`` filled), Decline (an argument of another type or value than the entry takes) or
+// Dispatcher (a tensor subclass, a torch function mode: xwb), in that order of the arguments
+Arg parse_conv(PyObject* const* args, ConvArgs& a) {
+  const Arg t = xwb(args);
+  if (t != Arg::Ok) return t;
+  if (!pair_arg(args[3], a.stride) || !pair_arg(args[4], a.padding) || !pair_arg(args[5], a.output_padding) ||
+      !PyBool_Check(args[6]))
+    return Arg::Decline;
+  a.transposed = args[6] == Py_True;
+  a.x = &THPVariable_Unpack(args[0]);
+  a.w = &THPVariable_Unpack(args[1]);
+  a.b = opt(args[2]);
+  return Arg::Ok;
+}
+
+// conv3x3_entry's and conv3x3_autocast_entry's arguments (x, weight, bias, padding, padding_mode)
+struct Conv3x3Args {
+  const at::Tensor* x = nullptr;
+  const at::Tensor* w = nullptr;
+  OptT b;
+  int64_t padding = 0;
+  bool reflect = false;  // padding_mode "reflect" (else "zeros")
+};
+
+// as parse_conv: padding an exact int, padding_mode "zeros" or "reflect" (compared without
+// encoding: a string that cannot be encoded declines, as any other mode)
+Arg parse_conv3x3(PyObject* const* args, Conv3x3Args& a) {
+  const Arg t = xwb(args);
+  if (t != Arg::Ok) return t;
+  if (!int_arg(args[3], a.padding) || !PyUnicode_Check(args[4])) return Arg::Decline;
+  a.reflect = PyUnicode_CompareWithASCIIString(args[4], "reflect") == 0;
+  if (!a.reflect && PyUnicode_CompareWithASCIIString(args[4], "zeros") != 0) return Arg::Decline;
+  a.x = &THPVariable_Unpack(args[0]);
+  a.w = &THPVariable_Unpack(args[1]);
+  a.b = opt(args[2]);
+  return Arg::Ok;
+}
+
 PyObject* declined() { Py_RETURN_NONE; }
 PyObject* to_dispatcher() { Py_RETURN_NOTIMPLEMENTED; }
 
@@ -147,27 +196,21 @@ PyObject* conv3x3_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   int64_t routes;
   if (!routes_arg(args, nargs, 5, "conv3x3_entry", routes)) return nullptr;
-  const Arg t = xwb(args);
+  Conv3x3Args a;
+  const Arg t = parse_conv3x3(args, a);
   if (t == Arg::Decline) return declined();
   if (t == Arg::Dispatcher) return to_dispatcher();
-  int64_t padding;
-  if (!int_arg(args[3], padding) || !PyUnicode_Check(args[4])) return declined();
-  // (compared without encoding: a string that cannot be encoded declines, as any other mode)
-  const bool reflect = PyUnicode_CompareWithASCIIString(args[4], "reflect") == 0;
-  if (!reflect && PyUnicode_CompareWithASCIIString(args[4], "zeros") != 0) return declined();
-  const at::Tensor& x = THPVariable_Unpack(args[0]);
-  const at::Tensor& w = THPVariable_Unpack(args[1]);
-  const OptT b = opt(args[2]);
+  const at::Tensor &x = *a.x, &w = *a.w;
   const Route r = route_for(x, routes);
   if (r == Route::None) return declined();
   const bool vendor = r == Route::Vendor;
-  if ((vendor ? conv_vendor::refusal3(x, w, b, padding, reflect) : conv_lean::refusal3(x, w, b, padding, reflect)) !=
-      nullptr)
+  if ((vendor ? conv_vendor::refusal3(x, w, a.b, a.padding, a.reflect)
+              : conv_lean::refusal3(x, w, a.b, a.padding, a.reflect)) != nullptr)
     return declined();
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = vendor ? conv_vendor::run3(x, w, b, padding, reflect) : conv_lean::run3(x, w, b, padding, reflect);
+    y = vendor ? conv_vendor::run3(x, w, a.b, a.padding, a.reflect) : conv_lean::run3(x, w, a.b, a.padding, a.reflect);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -176,28 +219,22 @@ PyObject* conv3x3_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // conv_entry's body once ``routes`` is known: the output, None or NotImplemented (a new reference);
 // throws the call's own errors (the callers' HANDLE_TH_ERRORS convert them)
 PyObject* conv_call(PyObject* const* args, int64_t routes) {
-  const Arg t = xwb(args);
+  ConvArgs a;
+  const Arg t = parse_conv(args, a);
   if (t == Arg::Decline) return declined();
   if (t == Arg::Dispatcher) return to_dispatcher();
-  std::array<int64_t, 2> stride, padding, output_padding;
-  if (!pair_arg(args[3], stride) || !pair_arg(args[4], padding) || !pair_arg(args[5], output_padding) ||
-      !PyBool_Check(args[6]))
-    return declined();
-  const bool transposed = args[6] == Py_True;
-  const at::Tensor& x = THPVariable_Unpack(args[0]);
-  const at::Tensor& w = THPVariable_Unpack(args[1]);
-  const OptT b = opt(args[2]);
+  const at::Tensor &x = *a.x, &w = *a.w;
   const Route r = route_for(x, routes);
   if (r == Route::None) return declined();
   const bool vendor = r == Route::Vendor;
-  if ((vendor ? conv_vendor::refusal(x, w, b, stride, padding, output_padding, transposed)
-              : conv_lean::refusal(x, w, b, stride, padding, output_padding, transposed)) != nullptr)
+  if ((vendor ? conv_vendor::refusal(x, w, a.b, a.stride, a.padding, a.output_padding, a.transposed)
+              : conv_lean::refusal(x, w, a.b, a.stride, a.padding, a.output_padding, a.transposed)) != nullptr)
     return declined();
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = vendor ? conv_vendor::run(x, w, b, stride, padding, output_padding, transposed)
-               : conv_lean::run(x, w, b, stride, padding, output_padding, transposed);
+    y = vendor ? conv_vendor::run(x, w, a.b, a.stride, a.padding, a.output_padding, a.transposed)
+               : conv_lean::run(x, w, a.b, a.stride, a.padding, a.output_padding, a.transposed);
   }
   return THPVariable_Wrap(std::move(y));
 }
@@ -233,6 +270,7 @@ PyObject* s_value = nullptr;
 PyObject* s_conv = nullptr;
 PyObject* s_cpu = nullptr;
 PyObject* s_torch = nullptr;
+PyObject* s_conv3x3 = nullptr;
 
 // whether a GANENGINE_BACKEND value (bytes from os.environ's own dict on POSIX, else str) names
 // 'auto' as settings.py reads it: unset, empty or blank, or "auto" in any case with blanks around it
@@ -293,6 +331,17 @@ bool autocast_casts(const at::Tensor& t) {
   return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf;
 }
 
+// every operand of a dtype CPU autocast casts
+bool autocast_operands(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  return autocast_casts(x) && autocast_casts(w) && (!b.has_value() || autocast_casts(*b));
+}
+
+// y, recorded in _dispatch.last_used[record] as "torch" (eager's own call); nullptr on an error
+PyObject* recorded(at::Tensor y, PyObject* record) {
+  if (PyDict_SetItem(g_default.last_used, record, s_torch) != 0) return nullptr;
+  return THPVariable_Wrap(std::move(y));
+}
+
 // Under CPU autocast (in the default state): ATen's own convolution as eager code calls it (its
 // casts, weight-cast cache and autograd), in out_format(x), recorded as "torch": what the Python
 // route's _autocast_call (ops/conv.py) does, with the same conditions (plain tensors, x 4-d, every
@@ -300,28 +349,20 @@ bool autocast_casts(const at::Tensor& t) {
 // route then raises its public error). Asked in Python, these checks cost ~5 us a call (1.1x
 // eager's host time at a tiny conv under autocast).
 PyObject* autocast_call(PyObject* const* args, PyObject* record) {
-  if (xwb(args) != Arg::Ok) return declined();
-  std::array<int64_t, 2> stride, padding, output_padding;
-  if (!pair_arg(args[3], stride) || !pair_arg(args[4], padding) || !pair_arg(args[5], output_padding) ||
-      !PyBool_Check(args[6]))
-    return declined();
-  const bool transposed = args[6] == Py_True;
-  const at::Tensor& x = THPVariable_Unpack(args[0]);
-  const at::Tensor& w = THPVariable_Unpack(args[1]);
-  const OptT b = opt(args[2]);
-  if (x.dim() != 4 || !autocast_casts(x) || !autocast_casts(w) || (b.has_value() && !autocast_casts(*b)))
-    return declined();
+  ConvArgs a;
+  if (parse_conv(args, a) != Arg::Ok) return declined();
+  const at::Tensor &x = *a.x, &w = *a.w;
+  if (x.dim() != 4 || !autocast_operands(x, w, a.b)) return declined();
   at::Tensor y;
   try {
     pybind11::gil_scoped_release no_gil;
-    y = transposed ? at::conv_transpose2d(x, w, b, stride, padding, output_padding)
-                   : at::conv2d(x, w, b, stride, padding);
+    y = a.transposed ? at::conv_transpose2d(x, w, a.b, a.stride, a.padding, a.output_padding)
+                     : at::conv2d(x, w, a.b, a.stride, a.padding);
     y = y.contiguous(conv_common::out_format(x));
   } catch (const std::exception&) {  // (c10::Error, and oneDNN's own errors: what Python sees as RuntimeError)
     return declined();
   }
-  if (PyDict_SetItem(g_default.last_used, record, s_torch) != 0) return nullptr;
-  return THPVariable_Wrap(std::move(y));
+  return recorded(std::move(y), record);
 }
 
 PyObject* conv_entry_default(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -348,6 +389,45 @@ PyObject* conv_entry_default(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     return nullptr;
   }
   return y;
+  END_HANDLE_TH_ERRORS
+}
+
+// conv3x3_autocast_entry(x, weight, bias, padding, padding_mode): GF.conv3x3 under CPU autocast in
+// the default state (conv_entry_default's, bound by ops/conv.py _bind_default): eager's own call of
+// CycleGAN's ReflectionPad2d(p) -> Conv2d(3x3) (or Conv2d(3x3, padding=p) for "zeros"), i.e.
+// F.conv2d(F.pad(x, (p,) * 4, mode="reflect"), w, b): ATen's reflection pad on x as it is (CPU
+// autocast's lists leave the pad in x's dtype), then at::conv2d with autocast's casts, weight-cast
+// cache and autograd; in out_format(x), recorded as last_used["conv3x3"] = "torch". The conditions of
+// the Python shortcut (ops/conv3x3.py _autocast_call): plain tensors, x 4-d, a 3x3 weight, an int
+// padding >= 0, every operand of a dtype autocast casts. None for anything else, the state not bound
+// or not the default one, autocast off, or what ATen refuses (a reflect padding not smaller than the
+// map: the public function's route raises its own error): nothing ran, nothing recorded. Asked in
+// Python, these checks cost ~2 us a call (1.15x eager's host time at a tiny layer).
+PyObject* conv3x3_autocast_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!nargs_ok(nargs, 5, "conv3x3_autocast_entry")) return nullptr;
+  if (!THPVariable_Check(args[0])) return declined();
+  if (!THPVariable_Unpack(args[0]).is_cpu() || !at::autocast::is_autocast_enabled(at::kCPU) || !default_state())
+    return declined();
+  Conv3x3Args a;
+  if (parse_conv3x3(args, a) != Arg::Ok) return declined();
+  const at::Tensor &x = *a.x, &w = *a.w;
+  const int64_t p = a.padding;
+  if (p < 0 || x.dim() != 4 || w.dim() != 4 || w.size(2) != 3 || w.size(3) != 3 || !autocast_operands(x, w, a.b))
+    return declined();
+  at::Tensor y;
+  try {
+    pybind11::gil_scoped_release no_gil;
+    // (reflection_pad2d: what F.pad(x, pad, "reflect") runs for a 4-d x, without at::pad's two
+    // composite layers; the same autograd node)
+    const std::array<int64_t, 2> one{1, 1}, zero{0, 0}, pp{p, p};
+    y = a.reflect && p > 0 ? at::conv2d(at::reflection_pad2d(x, {p, p, p, p}), w, a.b, one, zero)
+                           : at::conv2d(x, w, a.b, one, pp);
+    y = y.contiguous(conv_common::out_format(x));
+  } catch (const std::exception&) {  // (as autocast_call)
+    return declined();
+  }
+  return recorded(std::move(y), s_conv3x3);
   END_HANDLE_TH_ERRORS
 }
 
@@ -440,6 +520,9 @@ PyMethodDef methods[] = {
     {"conv_entry_default", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv_entry_default)),
      METH_FASTCALL, "conv_entry_default(x, weight, bias, stride, padding, output_padding, transposed): conv_entry "
      "in the default state (csrc/cpu/conv_py.cpp)"},
+    {"conv3x3_autocast_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv3x3_autocast_entry)),
+     METH_FASTCALL, "conv3x3_autocast_entry(x, weight, bias, padding, padding_mode): GF.conv3x3 under CPU autocast "
+     "in the default state (eager's reflection pad + conv2d; csrc/cpu/conv_py.cpp)"},
     {"conv_default_bind", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv_default_bind)),
      METH_FASTCALL, "conv_default_bind(setting: dict, env_data, env_key, guards, last_used, routes): "
      "conv_entry_default's state"},
@@ -454,7 +537,9 @@ void add_entries(pybind11::module_& m) {
   s_conv = PyUnicode_InternFromString("conv");
   s_cpu = PyUnicode_InternFromString("cpu");
   s_torch = PyUnicode_InternFromString("torch");
-  if (s_value == nullptr || s_conv == nullptr || s_cpu == nullptr) throw pybind11::error_already_set();
+  s_conv3x3 = PyUnicode_InternFromString("conv3x3");
+  if (s_value == nullptr || s_conv == nullptr || s_cpu == nullptr || s_torch == nullptr || s_conv3x3 == nullptr)
+    throw pybind11::error_already_set();
   if (PyModule_AddFunctions(m.ptr(), methods) != 0) throw pybind11::error_already_set();
   // conv3x3_entry / conv_entry take ``routes`` (ops/_dispatch.conv_routes asks: a build from before
   // it gets the Python route)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ganengine import _ext, settings
 from ganengine.ops import _dispatch, _eager
-from ganengine.ops.conv import autocast_conv_entry as _autocast_conv_entry
+from ganengine.ops import conv as _conv
 from ganengine.ops._conv_common import (acc_dtype, any_autocast, autocast_args, autocast_for, bias_grad, check_conv,
                                         conv_grads, dynamo_compiling as _dynamo_compiling, eager_autocast,
                                         eager_autocast_backend, eager_autocast_error, fast_entry,
@@ -277,6 +277,19 @@ _last_used = _dispatch.last_used
 _LEAN_CPU = _dispatch.ROUTE_LEAN_CPU
 
 
+def _declines(*args):
+    return None
+
+
+# ganengine._C.conv3x3_autocast_entry (csrc/cpu/conv_py.cpp): a CPU call under autocast in the
+# default state (backend 'auto', bound by ops/conv.py _bind_default), both padding modes: eager's own
+# F.conv2d(F.pad(x, (p,) * 4, mode="reflect"), w, b) (or the zero-padded conv2d) with every check in
+# C, recorded as last_used["conv3x3"] = "torch"; None for anything else (nothing ran), which
+# _autocast_call or the route then serves. Asked in Python, the same call cost 1.15x eager's host
+# time forward at a tiny layer (the checks, _requested_backend, out_format: ~2 us).
+_autocast_entry = getattr(_ext._C, "conv3x3_autocast_entry", None) or _declines
+
+
 def _dispatcher_entry(x, weight, bias, padding, padding_mode):
     """The lean route through the dispatcher op ganengine_C::conv3x3 (the one that honours tensor
     subclasses and torch function modes): y, or None where it declines."""
@@ -330,14 +343,18 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # raises the public error), or hands a tensor subclass / torch function mode to the dispatcher op
     # (NotImplemented). Any other error is the call's own: raised once.
     # On CUDA tensors the same entry serves the GPU backends' vendor route (conv_routes).
-    # Under autocast, eager's own call first (_autocast_call).
+    # Under autocast, eager's own call first: from C (_autocast_entry) in the default state, else
+    # from Python (_autocast_call: a CUDA tensor, the state not yet bound).
     # (the compile check first: under dynamo the routes' first resolution is not traceable)
     if not (_dynamo_compiling() or _compiler._is_compiling_flag):
         if (on := autocast_for(x)) or (on is None and any_autocast()):
-            if (padding_mode == "zeros" and type(padding) is int and padding >= 0
-                    and getattr(weight, "shape", ())[2:] == (3, 3)
-                    and (y := _autocast_conv_entry(x, weight, bias, 1, padding, "conv3x3")) is not None):
+            if (y := _autocast_entry(x, weight, bias, padding, padding_mode)) is not None:
                 return y
+            if not _conv._default_bound:  # (the first call under backend 'auto': bind the C entry's state)
+                _conv._bind_default()
+                if _conv._default_bound and (y := _autocast_entry(x, weight, bias, padding,
+                                                                   padding_mode)) is not None:
+                    return y
             if (y := _autocast_call(x, weight, bias, padding, padding_mode)) is not None:
                 return y
         if routes := _dispatch.conv_routes("conv3x3", _KERNELS, "conv3x3_entry"):
