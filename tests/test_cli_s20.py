@@ -25,20 +25,31 @@ def test_unimportable_model_names_the_import_error(monkeypatch, capsys):
     assert "pix2pix" in err and "cannot be imported" in err and "simulated partial install" in err
 
 
+@pytest.fixture
+def backend_restored():
+    """`ganengine train --backend X` in this process sets the backend process-wide (as the CLI's own
+    process wants): put the setting back for the tests that run after."""
+    from ganengine import backends
+
+    saved = (list(backends._requested._entries), backends._requested.value)
+    yield
+    backends._requested._entries, backends._requested.value = saved
+
+
 def _train(tmp_path, extra):
     argv = (["train", "dcgan"] + TINY_FLAGS.get("dcgan", "").split() + ["--checkpoints_dir", str(tmp_path), "--name",
             "run", "--max_steps", "1", "--no_progress", "--tensorboard", "off", "--device", "cpu"] + extra)
     return main(argv)
 
 
-def test_backend_that_cannot_serve_is_said_at_start(tmp_path, capsys):
+def test_backend_that_cannot_serve_is_said_at_start(tmp_path, capsys, backend_restored):
     # (the cuda backend never serves CPU tensors; --device cpu)
     assert _train(tmp_path, ["--backend", "cuda"]) == 0
     err = capsys.readouterr().err
     assert "--backend cuda cannot serve cpu tensors here" in err and "fall back to the torch backend" in err
 
 
-def test_backend_that_serves_says_nothing(tmp_path, capsys):
+def test_backend_that_serves_says_nothing(tmp_path, capsys, backend_restored):
     assert _train(tmp_path, ["--backend", "cpu"]) == 0
     assert "cannot serve" not in capsys.readouterr().err
 

@@ -368,7 +368,7 @@ PyObject* autocast_call(PyObject* const* args, PyObject* record) {
 PyObject* conv_entry_default(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   // (an 8th argument, another family's last_used key: only its convolution under autocast, which
-  // conv3x3 / conv2d_act make as conv2d does; never the conv route)
+  // conv2d_act makes as conv2d does; never the conv route; conv3x3 has its own entry)
   if (nargs != 8 && !nargs_ok(nargs, 7, "conv_entry_default")) return nullptr;
   if (nargs == 8 && !PyUnicode_CheckExact(args[7])) {
     PyErr_SetString(PyExc_TypeError, "ganengine._C.conv_entry_default: the 8th argument is a last_used key (str)");
