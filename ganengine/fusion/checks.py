@@ -457,7 +457,7 @@ def _item_use_ok(n: ast.Name, parents: dict, may_call: bool) -> bool:
     return False
 
 
-def _loop_items_only_called(attr: ast.Attribute, parents: dict, tree: ast.AST) -> bool:
+def _loop_items_only_called(attr: ast.Attribute, parents: dict, tree: ast.AST, entries: bool = False) -> bool:
     """``for sub in self.children(): sub(x)`` (SPADE's discriminator), ``for m in self.modules(): if
     isinstance(m, nn.BatchNorm2d): m.eval()`` (a freeze-BN helper): the iteration uses each module it
     yields as one module (``named_children()``: ``for name, sub in ...``; see ``_item_use_ok``)."""
@@ -470,7 +470,7 @@ def _loop_items_only_called(attr: ast.Attribute, parents: dict, tree: ast.AST) -
         target = target.elts[1]
     if not isinstance(target, ast.Name):
         return False
-    may_call = attr.attr not in _DESCENDANT_ITERATORS
+    may_call = not entries and attr.attr not in _DESCENDANT_ITERATORS   # (``entries``: the Sequential's own)
     loads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == target.id and isinstance(n.ctx, ast.Load)]
     return all(_item_use_ok(n, parents, may_call) for n in loads)
 
@@ -561,7 +561,8 @@ def chain_only_called(holder: nn.Module, chain: tuple[str, ...]) -> str | None:
                     continue  # assigned (in __init__) or deleted
                 up = parents.get(node)
                 if isinstance(up, ast.Attribute) and up.attr in _CHILD_ITERATORS:
-                    if after_fuse and not _loop_items_only_called(up, parents, tree):
+                    # (its own children are its entries: calling them one by one reads it as a list)
+                    if after_fuse and not _loop_items_only_called(up, parents, tree, entries=True):
                         return f"{where} iterates the children of {me}.{dotted} ({up.attr})"
                     continue
                 if name == "__init__" and len(chain) == 1 and _rebinds_itself(node, parents, chain[0], me):
@@ -1050,7 +1051,10 @@ class _Walk:
         if not self.after_fuse and attr in _CHILD_ITERATORS:
             return None   # (weight initialisation in __init__)
         if descend:
-            item = "descendant" if attr in _DESCENDANT_ITERATORS else "item"
+            # (the chain's own children are its entries: called one by one, with what comes out
+            # between them kept, they are read as a list: only tests and whole-module methods, as
+            # for every descendant)
+            item = "descendant" if full or attr in _DESCENDANT_ITERATORS else "item"
             var = self.children_loop(at, attr)
             if var is not None and not self.follow_var(var, item):
                 return None
